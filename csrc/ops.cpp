@@ -1,0 +1,48 @@
+// Op schemas for fastattn, declared once. Devices register implementations with
+// TORCH_LIBRARY_IMPL(fastattn, CPU|CUDA, m) in their own files; fake (meta) functions and
+// autograd are registered from Python in fastattn/ops.py.
+//
+// Conventions shared by every implementation (see csrc/common.h for helpers):
+//   q: (B, Hq, Sq, D)   k: (B, Hkv, Sk, D)   v: (B, Hkv, Sk, Dv)   any strides (last dim may be strided too)
+//   Hq % Hkv == 0 (GQA/MQA: query head h reads kv head h / (Hq / Hkv)).
+//   Varlen: cu_seqlens_q/k are int32 (N+1,); then B == 1, q is (1, Hq, total_q, D) and sequence n owns rows
+//     [cu_q[n], cu_q[n+1]) of q and [cu_k[n], cu_k[n+1]) of k/v. max_seqlen_* bound every sequence's length.
+//   attn_bias: optional additive bias, same dtype as q, already expanded to (B, Hq, Sq, Sk) with stride 0 on
+//     broadcast dims (a key-padding mask has strides (sB, 0, 0, 1)). -inf marks masked positions.
+//   Visibility of key j to query i (per sequence, lengths Sq/Sk of that sequence):
+//     off = bottom_right ? Sk - Sq : 0
+//     visible iff (window_left < 0 || j >= i + off - window_left) && (window_right < 0 || j <= i + off + window_right)
+//     Causal is window_right == 0.
+//   softcap > 0: s = softcap * tanh(s / softcap) applied to the scaled scores, before alibi and bias.
+//   alibi_slopes: optional fp32 (Hq,) or (B, Hq); adds -slope * |i + Sk - Sq - j| to the scores (flash-attn).
+//   Dropout: keep with probability 1 - dropout_p, scale kept values by 1/(1-dropout_p); the keep decision is a
+//     pure function of (seed, offset, b, h, i, j) so the backward regenerates it.
+//   Returns out: (B, Hq, Sq, Dv) in q.dtype, laid out in memory in the same order as q (BSHD memory if
+//     q.stride(1) < q.stride(2), else BHSD); lse: (B, Hq, Sq) float32, natural-log log-sum-exp of the scaled,
+//     biased scores. Rows with no visible key: out = 0 and lse = +inf (so the backward's exp(s - lse) is 0).
+//   bwd returns dq, dk, dv allocated like at::empty_like(q|k|v) (fake functions mirror this). `deterministic`
+//   on fwd is unused by kernels; it is there so autograd can hand it to bwd.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fastattn, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
+      "float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset, bool deterministic=False) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+      "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
+      "float dropout_p, int seed, int offset, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+namespace fastattn {
+bool cuda_built();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastattn C++ ops; importing this module registers torch.ops.fastattn.*";
+  m.def("cuda_built", &fastattn::cuda_built, "True when the CUDA kernels were compiled into this build");
+}

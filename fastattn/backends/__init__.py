@@ -1,0 +1,30 @@
+"""Backend registry. Each backend lives in its own file and declares what it supports (see base.py)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .base import FEATURES, Backend
+from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .reference import ReferenceBackend
+from .sdpa import SdpaBackend
+from .triton_backend import TritonBackend
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (
+    TritonBackend(), CudaBackend(), CpuBackend(), SdpaBackend(), ReferenceBackend())}
+
+# The order `auto` tries backends in, per device type; any other device uses "default".
+PREFERENCE: Dict[str, List[str]] = {
+    "cuda": ["triton", "cuda", "sdpa", "reference"],
+    "cpu": ["cpu", "sdpa", "reference"],
+    "default": ["sdpa", "reference"],
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"fastattn: unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    return BACKENDS[name]
+
+
+__all__ = ["BACKENDS", "PREFERENCE", "FEATURES", "Backend", "get_backend"]

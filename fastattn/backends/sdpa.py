@@ -1,0 +1,45 @@
+"""`sdpa`: PyTorch's own torch.nn.functional.scaled_dot_product_attention, for comparison and as a last resort.
+
+Bottom-right causal alignment and sliding windows are expressed as a bool mask; rows whose keys are all masked
+are unmasked for the call and their outputs zeroed, so they give 0 output and 0 gradient, never NaN."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..params import AttnParams
+from .base import Backend
+from .reference import visibility
+
+
+class SdpaBackend(Backend):
+    name = "sdpa"
+    description = "torch.nn.functional.scaled_dot_product_attention (PyTorch picks its own kernel)"
+    devices = frozenset({"cpu", "cuda", "mps", "xpu"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    head_dims = (1, 1024)
+    features = frozenset({"causal", "bottom_right", "window", "mask", "mask_grad", "dropout", "gqa", "grad",
+                          "dv_ne_d"})
+
+    def forward(self, p: AttnParams):
+        q, k, v = p.q, p.k, p.v
+        Sq, Sk = q.shape[2], k.shape[2]
+        bias = p.attn_bias
+        is_causal = False
+        vis = None
+        if p.causal and not p.has_window and bias is None and (not p.bottom_right or Sq == Sk) and Sq <= Sk:
+            is_causal = True  # SDPA's own top-left causal; every row sees key 0
+        else:
+            vis = visibility(Sq, Sk, p.window_left, p.window_right, p.bottom_right, q.device)
+        if vis is not None:
+            bias = torch.where(vis, 0.0, float("-inf")).to(q.dtype) if bias is None else bias.masked_fill(~vis, float("-inf"))
+        row_ok = None
+        if bias is not None:
+            row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)  # (B|1, H|1, Sq, 1)
+            bias = torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
+        kw = {"enable_gqa": True} if p.is_gqa else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p.dropout_p, is_causal=is_causal,
+                                             scale=p.scale, **kw)
+        if row_ok is not None:
+            out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out, None

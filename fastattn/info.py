@@ -1,0 +1,70 @@
+"""`python -m fastattn.info`: versions, devices, what was built, and each backend's availability."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def collect() -> dict:
+    import fastattn
+    from fastattn import ops
+    from fastattn.backends import BACKENDS
+
+    info = {
+        "fastattn": fastattn.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_devices": [],
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        info["triton"] = f"not importable ({type(e).__name__})"
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            info["cuda_devices"].append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    info["cpp_ops"] = "loaded" if ops.loaded() else f"not loaded: {ops.LOAD_ERROR}"
+    info["cpp_kernels"] = {k: ops.has_kernel(k) for k in ("CPU", "CUDA")}
+    info["cuda_compiled"] = ops.cuda_built()
+    info["backends"] = {}
+    for name, b in BACKENDS.items():
+        why = b.unavailable()
+        info["backends"][name] = {
+            "available": not why,
+            "why_not": why,
+            "devices": sorted(b.devices),
+            "dtypes": sorted(str(d)[6:] for d in b.dtypes),
+            "head_dims": list(b.head_dims),
+            "features": sorted(b.features),
+        }
+    return info
+
+
+def main() -> None:
+    info = collect()
+    w = 14
+    for key in ("fastattn", "python", "platform", "torch", "torch_cuda", "cudnn", "triton", "cpu_threads"):
+        print(f"{key:<{w}} {info[key]}")
+    print(f"{'cuda devices':<{w}} {', '.join(info['cuda_devices']) or 'none'}")
+    print(f"{'C++ ops':<{w}} {info['cpp_ops']}")
+    print(f"{'C++ kernels':<{w}} " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpp_kernels"].items())
+          + f"; CUDA compiled into _C: {'yes' if info['cuda_compiled'] else 'no'}")
+    print("\nbackends:")
+    for name, b in info["backends"].items():
+        state = "available" if b["available"] else "unavailable: " + "; ".join(b["why_not"])
+        print(f"  {name:<10} {state}")
+        print(f"  {'':<10} devices={','.join(b['devices'])} dtypes={','.join(b['dtypes'])} "
+              f"head_dims={b['head_dims'][0]}..{b['head_dims'][1]}")
+        print(f"  {'':<10} features={','.join(b['features']) or '-'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The C++ op stack seen from Python: loads `fastattn._C` (which registers torch.ops.fastattn.fwd/bwd from
+TORCH_LIBRARY in csrc/ops.cpp), and registers their fake functions and autograd, so the ops run under
+torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention`."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+from .params import AttnParams
+
+_C = None
+LOAD_ERROR: Optional[str] = None
+if importlib.util.find_spec("fastattn._C") is None:
+    LOAD_ERROR = "not built: no fastattn/_C*.so (install with `pip install --no-build-isolation -e .`)"
+else:
+    try:
+        from . import _C  # noqa: F811  (registers the ops)
+    except ImportError as e:  # typically built against another torch (ABI mismatch): rebuild
+        LOAD_ERROR = f"{type(e).__name__}: {e} (rebuild after a torch upgrade)"
+
+
+def loaded() -> bool:
+    return _C is not None
+
+
+def cuda_built() -> bool:
+    return _C is not None and bool(_C.cuda_built())
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """True when fastattn::fwd has an implementation registered for this dispatch key (CPU, CUDA)."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::fwd", dispatch_key)
+
+
+def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
+    """Mirror of alloc_out_like_q in csrc/common.h: out in q's memory order (BSHD or BHSD)."""
+    B, H, S, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return q.new_empty(B, S, H, dv).transpose(1, 2)  # (B, S, H, Dv) -> (B, H, S, Dv)
+    return q.new_empty(B, H, S, dv)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fastattn::fwd")
+    def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                  window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic=False):
+        B, H, S, _ = q.shape
+        return _out_like_q(q, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+
+    @torch.library.register_fake("fastattn::bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                  window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
+                  deterministic):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
+         deterministic) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
+        ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
+
+    def _backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias, cu_q, cu_k, alibi = ctx.saved_tensors
+        mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
+        dq, dk, dv = torch.ops.fastattn.bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br,
+                                            softcap, alibi, dropout_p, seed, offset, deterministic)
+        return (dq, dk, dv) + (None,) * 15
+
+    torch.library.register_autograd("fastattn::fwd", _backward, setup_context=_setup_context)
+
+
+def dropout_seed(p: AttnParams):
+    """(seed, offset) for the kernels' counter-based RNG, drawn from torch's default generator so results are
+    reproducible under torch.manual_seed. (0, 0) without dropout, so no host sync then."""
+    if p.dropout_p <= 0:
+        return 0, 0
+    s = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    return int(s[0]), int(s[1])
+
+
+def cpp_attention(p: AttnParams):
+    """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
+    seed, offset = dropout_seed(p)
+    return torch.ops.fastattn.fwd(p.q, p.k, p.v, p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
+                                  p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right, p.softcap,
+                                  p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic)

@@ -1,0 +1,231 @@
+"""Input validation and the normalised description of one attention call.
+
+Every public surface (SDPA-style, flash-attn-style, modules) turns its arguments into an `AttnParams`
+before any backend sees them, so that bad input raises one clear error naming the argument and shapes,
+and backends only ever see the canonical form:
+
+    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv)     any strides, no copies
+    attn_bias: None or additive bias in q.dtype expanded to (B, Hq, Sq, Sk) (stride 0 on broadcast dims)
+    visibility of key j to query i:  off = Sk - Sq if bottom_right else 0,
+        (window_left < 0 or j >= i + off - window_left) and (window_right < 0 or j <= i + off + window_right)
+    varlen: B == 1, cu_seqlens_q/k int32 (N+1,), q (1, Hq, total_q, D); the rules apply per sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class AttnParams:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    attn_bias: Optional[torch.Tensor] = None
+    mask_kind: Optional[str] = None  # None | "key_padding" (B,1,1,Sk) | "dense"
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    deterministic: bool = False
+    return_lse: bool = False
+    extras: dict = field(default_factory=dict)
+
+    # Derived facts the dispatcher and backends read.
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[-1]
+
+    @property
+    def causal(self) -> bool:
+        return self.window_right == 0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right > 0
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.q.shape[1] != self.k.shape[1]
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.attn_bias))
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.max_seqlen_q if self.is_varlen else self.q.shape[2]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.max_seqlen_k if self.is_varlen else self.k.shape[2]
+
+    def describe(self) -> str:
+        B, Hq, Sq, D = self.q.shape
+        parts = [f"q{tuple(self.q.shape)} k{tuple(self.k.shape)} v{tuple(self.v.shape)} {str(self.dtype)[6:]}",
+                 f"on {self.device.type}"]
+        if self.causal:
+            parts.append("causal " + ("bottom-right" if self.bottom_right else "top-left"))
+        elif self.has_window:
+            parts.append(f"window ({self.window_left}, {self.window_right})")
+        if self.mask_kind:
+            parts.append(f"{self.mask_kind} mask")
+        if self.is_varlen:
+            parts.append(f"varlen x{self.cu_seqlens_q.numel() - 1}")
+        if self.dropout_p:
+            parts.append(f"dropout {self.dropout_p}")
+        if self.softcap:
+            parts.append(f"softcap {self.softcap}")
+        if self.alibi_slopes is not None:
+            parts.append("alibi")
+        return ", ".join(parts)
+
+
+def _shape(t) -> str:
+    return "None" if t is None else f"{tuple(t.shape)}"
+
+
+def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: bool = False, same_batch: bool = True):
+    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen)."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fastattn: {name} must be a floating tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
+    rank = 3 if varlen else 4
+    for name, t in zip(names, (q, k, v)):
+        if t.dim() != rank:
+            lay = "(total, H, D)" if varlen else ("(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)")
+            raise ValueError(f"fastattn: {name} must be {rank}-D {lay}, got shape {_shape(t)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"fastattn: {nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"fastattn: {nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
+    ax_h, ax_s = (1, 2) if layout == "bhsd" else ((1, 0) if varlen else (2, 1))
+    shapes = f"{nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}"
+    if not varlen and k.shape[0] != v.shape[0]:
+        raise ValueError(f"fastattn: {nk} and {nv} batch sizes differ: {shapes}")
+    if not varlen and same_batch and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"fastattn: batch sizes differ: {shapes}")
+    if k.shape[ax_s] != v.shape[ax_s]:
+        raise ValueError(f"fastattn: {nk} and {nv} must have the same sequence length: {shapes}")
+    if k.shape[ax_h] != v.shape[ax_h]:
+        raise ValueError(f"fastattn: {nk} and {nv} must have the same number of heads: {shapes}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"fastattn: {nq} and {nk} must have the same head dim: {shapes}")
+    hq, hk = q.shape[ax_h], k.shape[ax_h]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"fastattn: query heads ({hq}) must be a multiple of key/value heads ({hk}): {shapes}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"fastattn: head dim must be positive: {shapes}")
+
+
+def check_dropout(p) -> float:
+    if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def default_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"fastattn: scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def normalize_mask(attn_mask, q, B: int, H: int, Sq: int, Sk: int):
+    """SDPA mask semantics -> (additive bias in q.dtype expanded to (B, H, Sq, Sk), kind).
+
+    bool: True = attend; float: added to the scores. Any shape broadcastable to (B, H, Sq, Sk)."""
+    if attn_mask is None:
+        return None, None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"fastattn: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"fastattn: attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"fastattn: attn_mask is on {attn_mask.device} but query is on {q.device}")
+    target = (B, H, Sq, Sk)
+    if attn_mask.dim() > 4 or attn_mask.dim() == 0:
+        raise ValueError(f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to (B, H, Sq, Sk) = {target}")
+    shape4 = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    for have, want in zip(shape4, target):
+        if have != 1 and have != want:
+            raise ValueError(
+                f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to (B, H, Sq, Sk) = {target}")
+    m = attn_mask.reshape(shape4)  # left-pad to 4-D, (b|1, h|1, sq|1, sk|1)
+    if m.dtype == torch.bool:
+        bias = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, float("-inf"))
+    else:
+        bias = m.to(q.dtype)
+    kind = "key_padding" if (shape4[1] == 1 and shape4[2] == 1) else "dense"
+    return bias.expand(target), kind
+
+
+def check_cu_seqlens(cu, name: str, total: int):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"fastattn: {name} must be a 1-D int32 tensor of length batch+1, got {cu.dtype} {_shape(cu)}")
+    if torch.compiler.is_compiling():
+        return  # value checks need a host sync; they ran in eager mode
+    c = cu.detach().cpu()
+    if int(c[0]) != 0:
+        raise ValueError(f"fastattn: {name}[0] must be 0, got {int(c[0])}")
+    if bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"fastattn: {name} must be non-decreasing, got {c.tolist()}")
+    if int(c[-1]) != total:
+        raise ValueError(f"fastattn: {name}[-1] = {int(c[-1])} must equal the packed length {total}")
+
+
+def check_alibi(alibi_slopes, B: int, H: int, device):
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise TypeError("fastattn: alibi_slopes must be a float32 tensor of shape (H,) or (B, H)")
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"fastattn: alibi_slopes must have shape ({H},) or ({B}, {H}), got {_shape(alibi_slopes)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"fastattn: alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+    return alibi_slopes
+
+
+def check_window(window_size):
+    try:
+        left, right = (int(x) for x in window_size)
+    except Exception:
+        raise ValueError(f"fastattn: window_size must be a pair (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"fastattn: window_size entries must be >= -1 (-1 = unlimited), got {window_size!r}")
+    return left, right
