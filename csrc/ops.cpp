@@ -3,7 +3,8 @@
 // autograd are registered from Python in fastattn/ops.py.
 //
 // Conventions shared by every implementation (see csrc/common.h for helpers):
-//   q: (B, Hq, Sq, D)   k: (B, Hkv, Sk, D)   v: (B, Hkv, Sk, Dv)   any strides (last dim may be strided too)
+//   q: (B, Hq, Sq, D)   k: (B, Hkv, Sk, D)   v: (B, Hkv, Sk, Dv)   any strides; the Python layer guarantees the
+//   last dim has stride 1 (it copies the rare input that does not).
 //   Hq % Hkv == 0 (GQA/MQA: query head h reads kv head h / (Hq / Hkv)).
 //   Varlen: cu_seqlens_q/k are int32 (N+1,); then B == 1, q is (1, Hq, total_q, D) and sequence n owns rows
 //     [cu_q[n], cu_q[n+1]) of q and [cu_k[n], cu_k[n+1]) of k/v. max_seqlen_* bound every sequence's length.

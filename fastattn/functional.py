@@ -10,7 +10,7 @@ import torch
 
 from . import dispatch
 from .params import (AttnParams, check_alibi, check_cu_seqlens, check_dropout, check_qkv, check_window,
-                     default_scale, normalize_mask)
+                     default_scale, last_dim_contiguous, normalize_mask)
 
 
 def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -25,6 +25,7 @@ def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         raise ValueError(f"fastattn: query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for "
                          f"grouped-query attention")
     bias, kind = normalize_mask(attn_mask, query, B, Hq, Sq, Sk)
+    query, key, value = last_dim_contiguous(query, key, value)
     return AttnParams(q=query, k=key, v=value, scale=default_scale(scale, D), attn_bias=bias, mask_kind=kind,
                       window_left=-1, window_right=0 if is_causal else -1, bottom_right=False,
                       dropout_p=check_dropout(dropout_p))
@@ -93,6 +94,7 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         # (total, H, D) -> (1, H, total, D) views
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q), max_seqlen_k=int(max_k))
+    qt, kt, vt = last_dim_contiguous(qt, kt, vt)
     alibi = check_alibi(alibi_slopes, (cu_q.numel() - 1) if varlen else B, Hq, q.device)
     return AttnParams(q=qt, k=kt, v=vt, scale=default_scale(softmax_scale, D), window_left=wl, window_right=wr,
                       bottom_right=True, softcap=float(softcap), alibi_slopes=alibi, dropout_p=check_dropout(dropout_p),

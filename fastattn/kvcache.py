@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .params import AttnParams, check_alibi, check_qkv, check_window, default_scale
+from .params import AttnParams, check_alibi, check_qkv, check_window, default_scale, last_dim_contiguous
 
 
 def _check_cache_seqlens(cache_seqlens, B, device):
@@ -131,7 +131,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             slopes = alibi.view(-1, Hq, 1, 1)
             bias = bias - slopes * (diag - j).abs().unsqueeze(1).float()  # (B, Hq, Sq, Skv)
         bias = bias.masked_fill(~vis.unsqueeze(1), float("-inf")).to(q.dtype).expand(B, Hq, Sq, Skv)
-    p = AttnParams(q=q.transpose(1, 2), k=K.transpose(1, 2), v=V.transpose(1, 2),  # (B, S, H, D) -> (B, H, S, D)
+    qt, kt, vt = last_dim_contiguous(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2))  # (B,S,H,D)->(B,H,S,D)
+    p = AttnParams(q=qt, k=kt, v=vt,
                    scale=default_scale(softmax_scale, D), attn_bias=bias,
                    mask_kind=None if bias is None else "dense", softcap=float(softcap),
                    return_lse=bool(return_softmax_lse), extras={"decode": True, "num_splits": int(num_splits)})

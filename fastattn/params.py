@@ -150,6 +150,11 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
         raise ValueError(f"fastattn: head dim must be positive: {shapes}")
 
 
+def last_dim_contiguous(*ts):
+    """Kernels need stride 1 along the head dim; copy the rare input that lacks it (differentiable)."""
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
+
+
 def check_dropout(p) -> float:
     if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
         raise ValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")

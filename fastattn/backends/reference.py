@@ -40,6 +40,9 @@ def naive_attention(q, k, v, scale, bias=None, window_left=-1, window_right=-1, 
     """Dense naive attention in the inputs' dtype. Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    if Sk == 0:  # no keys: every row is empty
+        zero = (q.sum() + k.sum() + v.sum()) * 0  # keeps the graph so gradients come back as zeros
+        return q.new_zeros(B, Hq, Sq, v.shape[-1]) + zero, q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
     if Hq != Hkv:  # GQA: each K/V head serves Hq // Hkv query heads
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Sk, D)
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Sk, Dv)
@@ -53,13 +56,10 @@ def naive_attention(q, k, v, scale, bias=None, window_left=-1, window_right=-1, 
     vis = visibility(Sq, Sk, window_left, window_right, bottom_right, q.device)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)  # (B, Hq, Sq, 1)
-    empty = torch.isneginf(m)  # rows with no visible key -> output 0, lse +inf
-    m = m.masked_fill(empty, 0)
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    p = p / l.masked_fill(empty, 1)
-    lse = (m.float() + l.float().log()).squeeze(-1).masked_fill(empty.squeeze(-1), float("inf"))
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)  # rows with no visible key -> output 0, lse +inf
+    s = s.masked_fill(empty, 0)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0)
+    lse = torch.logsumexp(s.float(), dim=-1).masked_fill(empty.squeeze(-1), float("inf"))
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     return torch.matmul(p, v), lse

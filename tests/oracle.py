@@ -1,0 +1,100 @@
+"""The float64 oracle and the tolerance rule, in one place for every backend.
+
+The oracle is written independently of fastattn (no fastattn imports): explicit index arithmetic for
+visibility, a gather for GQA, an explicit dropout mask. Run in float64 it is X_ref; run in the inputs'
+low precision it is X_base, "the naive algorithm run entirely in p" of the tolerance rule (shared/STYLE.md):
+
+    max|X_fast - X_ref| <= 2 * max|X_base - X_ref| + floor,   floor = eps(p) * max|X_ref|
+    fp32: max|X_fast - X_ref| <= 1e-5 * max|X_ref|
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
+
+
+def oracle_attention(q, k, v, *, scale, mask=None, window=(-1, -1), bottom_right=False, softcap=0.0,
+                     alibi_slopes=None, dropout_mask=None, dropout_p=0.0, dtype=torch.float64):
+    """Naive attention computed in `dtype`. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv).
+
+    mask: bool (True = attend) or float (additive), broadcastable to (B, Hq, Sq, Sk).
+    window: (left, right), -1 unlimited; causal is right = 0. bottom_right aligns the diagonal at Sk - Sq.
+    dropout_mask: bool (B, Hq, Sq, Sk) of kept probabilities (scaled by 1 / (1 - dropout_p)).
+    Rows with no visible key give 0."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    head = torch.arange(Hq, device=q.device) // (Hq // Hkv)  # kv head serving each query head
+    k, v = k[:, head], v[:, head]  # (B, Hq, Sk, D), (B, Hq, Sk, Dv)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Sq, device=q.device).view(Sq, 1)
+    j = torch.arange(Sk, device=q.device).view(1, Sk)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype).view(-1, Hq, 1, 1)
+        s = s - slopes * (i + Sk - Sq - j).abs().to(dtype)
+    diag = i + (Sk - Sq if bottom_right else 0)
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if window[0] >= 0:
+        allowed = allowed & (j >= diag - window[0])
+    if window[1] >= 0:
+        allowed = allowed & (j <= diag + window[1])
+    allowed = allowed.expand(B, Hq, Sq, Sk)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            s = s + mask.to(dtype)
+    s = s.masked_fill(~allowed, float("-inf"))
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)  # rows with no visible key
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(dtype) / (1.0 - dropout_p)
+    return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def floor_for(dtype, ref) -> float:
+    return EPS[dtype] * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
+
+
+def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5):
+    """Returns (ok, message). fast/ref/base are tensors of one output or gradient."""
+    fast, ref = fast.detach().double().cpu(), ref.detach().double().cpu()
+    if fast.shape != ref.shape:
+        return False, f"{name}: shape {tuple(fast.shape)} != expected {tuple(ref.shape)}"
+    if fast.numel() == 0:
+        return True, f"{name}: empty"
+    # Non-finite values are wrong unless the oracle has the same infinity (lse = +inf for rows with no key).
+    same_inf = torch.isinf(ref) & (fast == ref)
+    bad = ~torch.isfinite(fast) & ~same_inf
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        return False, f"{name}: {int(bad.sum())} non-finite values (first at {idx}) — unwritten or NaN output"
+    if (torch.isinf(ref) & ~same_inf).any():
+        return False, f"{name}: finite values where the oracle has +-inf (rows with no visible key)"
+    if base is not None:
+        base = base.detach().double().cpu()
+        base = base.masked_fill(torch.isinf(ref) & (base == ref), 0)
+    fast, ref = fast.masked_fill(same_inf, 0), ref.masked_fill(same_inf, 0)
+    diff = (fast - ref).abs()
+    err, mean = float(diff.max()), float(diff.mean())
+    scale_ref = float(ref.abs().max())
+    if dtype in (torch.float32, torch.float64):
+        tol = fp32_rel * max(scale_ref, 1e-6)
+        rule = f"{fp32_rel:g} * max|ref| ({scale_ref:.3g})"
+        base_err = float("nan")
+    else:
+        base_err = float((base - ref).abs().max())
+        tol = 2 * base_err + floor_for(dtype, ref)
+        rule = f"2 * base_err ({base_err:.3g}) + floor ({floor_for(dtype, ref):.3g})"
+    where = tuple(int(x) for x in torch.nonzero(diff == diff.max())[0].tolist())
+    msg = (f"{name}: max_err={err:.3g} (at {where}) mean_err={mean:.3g} tol={tol:.3g} = {rule}")
+    return err <= tol, msg
+
+
+def assert_rule(name, fast, ref, base, dtype, **kw):
+    ok, msg = check_rule(name, fast, ref, base, dtype, **kw)
+    print(msg)
+    assert ok, msg
