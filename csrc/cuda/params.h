@@ -1,0 +1,47 @@
+// Plain parameter structs handed from the C++ entry point (attention_cuda.cpp) to the kernels.
+// Strides are in elements and int64 so batch/head offsets never overflow. Tensors are viewed as
+// (B, H, S, D); in varlen mode B == 1 and cu_seqlens pick each sequence's rows, and blockIdx.z is the
+// sequence index instead of the batch index.
+#pragma once
+#include <cstdint>
+
+namespace fastattn {
+namespace cuda {
+
+struct AttnShape {
+  int batch;          // B, or the number of sequences in varlen mode
+  int h, h_kv;        // query heads, key/value heads (h % h_kv == 0)
+  int seqlen_q;       // Sq (max_seqlen_q in varlen mode)
+  int seqlen_k;       // Sk (max_seqlen_k in varlen mode)
+  int d, dv;          // real head dims (multiples of 8; the kernel's kHeadDim >= max(d, dv))
+  const int* cu_seqlens_q;  // nullptr unless varlen
+  const int* cu_seqlens_k;
+  float scale;        // softmax scale
+  float scale_log2;   // scale * log2(e): scores go through exp2
+  int window_left;    // -1 = unlimited; causal is window_right == 0
+  int window_right;
+  bool bottom_right;  // align the diagonal to the bottom-right corner (off = Sk - Sq)
+};
+
+// A (B, H, S, D) tensor with its element strides.
+struct TensorRef {
+  void* ptr;
+  int64_t batch_stride, head_stride, row_stride;
+};
+
+struct FwdParams : AttnShape {
+  TensorRef q, k, v, o;
+  float* lse;  // (B, H, Sq) contiguous fp32
+  int64_t lse_batch_stride, lse_head_stride;
+};
+
+struct BwdParams : AttnShape {
+  TensorRef q, k, v, o, dout, dq, dk, dv;
+  const float* lse;  // (B, H, Sq) contiguous fp32, from the forward
+  float* delta;      // (B, H, Sq) contiguous fp32 workspace: rowsum(dO * O)
+  int64_t lse_batch_stride, lse_head_stride;
+  int64_t batch_total, rows_q_total;  // q's stored batch size and rows per head (the delta pass walks them all)
+};
+
+}  // namespace cuda
+}  // namespace fastattn
