@@ -1,0 +1,102 @@
+"""A test that cannot fail is a defect: show that the matrix's checks catch planted bugs.
+
+Each planted backend is the reference backend with one deliberate defect, registered under a temporary name
+and run through the same `run_case` the matrix uses. Every defect must be reported."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.backends.reference import ReferenceBackend
+
+from cases import CASES
+from test_matrix import run_case
+
+CASE = {c.name: c for c in CASES}
+
+
+class Planted(ReferenceBackend):
+    def __init__(self, name, bug):
+        self.name, self.bug = name, bug
+
+    def forward(self, p):
+        if self.bug == "scale_1pct":
+            # bf16 keeps 8 bits: a 1% error in a 17-key row hides in its rounding, so plant 4% there.
+            p.scale *= 1.04 if p.dtype == torch.bfloat16 else 1.01
+        if self.bug == "ignore_mask":
+            p.attn_bias = None
+        if self.bug == "topleft_alignment":
+            p.bottom_right = False
+        if self.bug == "softcap_off":
+            p.softcap = 0.0
+        out, lse = super().forward(p)
+        if self.bug == "unwritten_element":
+            out = out.clone()
+            out.view(-1)[out.numel() // 2] = float("nan")  # what a poisoned, never-written element looks like
+        if self.bug == "dk_scaled":
+            out = _ScaleGradK.apply(out, p.k)
+        if self.bug == "lse_shifted":
+            lse = lse + 1e-3
+        return out, lse
+
+
+class _ScaleGradK(torch.autograd.Function):
+    """Identity on out, but adds 1% of k to dk: a backward-only defect."""
+
+    @staticmethod
+    def forward(ctx, out, k):
+        ctx.save_for_backward(k)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (k,) = ctx.saved_tensors
+        return g, 0.01 * k.abs().max() * torch.ones_like(k)
+
+
+PLANTS = [
+    ("scale_1pct", "basic", "out"),
+    ("ignore_mask", "mask_float_2d", "out"),
+    ("topleft_alignment", "flash_causal_br", "out"),
+    ("softcap_off", "flash_softcap", "out"),
+    ("unwritten_element", "hd40", "out"),
+    ("dk_scaled", "basic", "dk"),
+    ("lse_shifted", "flash_lse", "lse"),
+]
+
+
+@pytest.mark.parametrize("bug,case,field", PLANTS, ids=[p[0] for p in PLANTS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_planted_bug_is_caught(monkeypatch, bug, case, field, dtype):
+    if bug == "lse_shifted" and dtype != torch.float32:
+        pytest.skip("a 1e-3 lse shift is below bf16/fp16 rounding of the scores; checked in fp32")
+    name = f"planted_{bug}"
+    monkeypatch.setitem(fastattn.BACKENDS, name, Planted(name, bug))
+    results = run_case(name, CASE[case], dtype, "cpu")
+    failed = [m for ok, m in results if not ok]
+    print("\n".join(m for _, m in results))
+    assert any(m.startswith(field) for m in failed), f"planted bug {bug} was not caught: {results}"
+
+
+def test_clean_reference_passes_same_cases():
+    for _, case, _ in PLANTS:
+        for dtype in (torch.float32, torch.float16):
+            results = run_case("reference", CASE[case], dtype, "cpu")
+            assert all(ok for ok, _ in results), results
+
+
+class PlantedDropout(ReferenceBackend):
+    """Forward values from one dropout draw, gradients from another: a backward that regenerates the wrong mask."""
+    name = "planted_dropout"
+
+    def forward(self, p):
+        out1, lse = super().forward(p)
+        out2, _ = super().forward(p)
+        return out1.detach() + (out2 - out2.detach()), lse
+
+
+def test_planted_dropout_mask_mismatch_is_caught(monkeypatch):
+    import test_dropout_determinism as t
+
+    monkeypatch.setitem(fastattn.BACKENDS, "planted_dropout", PlantedDropout())
+    with pytest.raises(AssertionError, match="d[qkv]: max_err"):
+        t.test_dropout_backward_uses_forward_mask("planted_dropout", "cpu", torch.float32)
