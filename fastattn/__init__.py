@@ -13,6 +13,8 @@ from .backends import BACKENDS, get_backend
 from .dispatch import BackendUnavailableError, use_backend
 from .functional import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                          scaled_dot_product_attention)
+from . import nn  # noqa: E402  (fastattn.nn.MultiheadAttention)
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,4 @@ def available_backends(device: str = "cpu"):
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain", "use_backend", "available_backends", "get_backend", "BACKENDS", "BackendUnavailableError",
-           "__version__"]
+           "__version__", "nn", "patch", "unpatch"]

@@ -1,0 +1,4 @@
+"""Integrations with model libraries. Each submodule imports its library lazily:
+
+    import fastattn.integrations.transformers      # registers attn_implementation="fastattn" (transformers >= 5)
+"""

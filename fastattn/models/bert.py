@@ -1,0 +1,208 @@
+"""A compact BERT encoder on fastattn, in the style of nanoGPT: one file, a dataclass config, classes in reading order.
+
+Module and parameter names follow transformers' BertModel / BertForSequenceClassification, so their state_dict
+loads directly (load_hf_state_dict drops the few buffers old checkpoints carry). Padding becomes a key mask
+(B, 1, 1, S) that the kernels apply per key instead of a dense (B, H, S, S) bias.
+
+    model = BertForSequenceClassification.from_transformers(hf_model)
+    logits = model(input_ids, attention_mask)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import functional
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    num_labels: int = 2
+
+    @classmethod
+    def from_transformers(cls, hf_config) -> "BertConfig":
+        return cls(**{f.name: getattr(hf_config, f.name) for f in fields(cls) if hasattr(hf_config, f.name)})
+
+
+_ACT = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None):
+        S = input_ids.shape[1]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + \
+            self.position_embeddings(pos)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_pdrop = cfg.attention_probs_dropout_prob
+
+    def forward(self, x, key_mask):
+        B, S, C = x.shape
+        q = self.query(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, S, C) -> (B, nh, S, hd)
+        k = self.key(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        y = functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                                    dropout_p=self.attn_pdrop if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, S, C)  # (B, nh, S, hd) -> (B, S, C)
+
+
+class DenseNorm(nn.Module):
+    """dense -> dropout -> LayerNorm(+ residual): BERT's attention.output and output blocks."""
+
+    def __init__(self, cfg: BertConfig, d_in: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = DenseNorm(cfg, cfg.hidden_size)
+
+    def forward(self, x, key_mask):
+        return self.output(self.self(x, key_mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = _ACT[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = DenseNorm(cfg, cfg.intermediate_size)
+
+    def forward(self, x, key_mask):
+        x = self.attention(x, key_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x, key_mask):
+        for layer in self.layer:
+            x = layer(x, key_mask)
+        return x
+
+
+class Pooler(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))  # the [CLS] token
+
+
+class Bert(nn.Module):
+    """BertModel: forward(input_ids, attention_mask=None, token_type_ids=None) -> (last_hidden (B, S, C),
+    pooled (B, C)). attention_mask (B, S): 1 = real token, 0 = padding (left, right or anywhere)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = Pooler(cfg)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            key_mask = attention_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S): True = attend
+        x = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
+        return x, self.pooler(x)
+
+    def load_hf_state_dict(self, sd, strict: bool = True):
+        """Loads a transformers BertModel state_dict (keys with or without the "bert." prefix)."""
+        sd = {k.removeprefix("bert."): v for k, v in sd.items() if not k.endswith("position_ids")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("cls.", "classifier."))}
+        self.load_state_dict(sd, strict=strict)
+        return self
+
+    @classmethod
+    def from_transformers(cls, hf_model) -> "Bert":
+        """Builds the model from a transformers BertModel (same weights, dtype and device)."""
+        p = next(hf_model.parameters())
+        model = cls(BertConfig.from_transformers(hf_model.config)).to(device=p.device, dtype=p.dtype)
+        return model.load_hf_state_dict(hf_model.state_dict()).train(hf_model.training)
+
+
+class BertForSequenceClassification(nn.Module):
+    """forward(input_ids, attention_mask=None, token_type_ids=None) -> logits (B, num_labels)."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = Bert(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.dropout(pooled))
+
+    def load_hf_state_dict(self, sd, strict: bool = True):
+        """Loads a transformers BertForSequenceClassification state_dict."""
+        self.load_state_dict({k: v for k, v in sd.items() if not k.endswith("position_ids")}, strict=strict)
+        return self
+
+    @classmethod
+    def from_transformers(cls, hf_model) -> "BertForSequenceClassification":
+        p = next(hf_model.parameters())
+        model = cls(BertConfig.from_transformers(hf_model.config)).to(device=p.device, dtype=p.dtype)
+        return model.load_hf_state_dict(hf_model.state_dict()).train(hf_model.training)
+
+
+__all__ = ["Bert", "BertConfig", "BertForSequenceClassification"]

@@ -1,0 +1,196 @@
+"""Drop-in modules: fastattn.nn.MultiheadAttention, and patch/unpatch to swap it into existing models.
+
+MultiheadAttention subclasses torch.nn.MultiheadAttention, so the constructor, the parameters (in_proj_weight or
+q/k/v_proj_weight, in_proj_bias, out_proj, bias_k/bias_v) and therefore the state_dict keys are PyTorch's own: a
+checkpoint loads unchanged, and code that reads its attributes (nn.TransformerEncoderLayer does) keeps working.
+Only forward changes: attention runs through fastattn.scaled_dot_product_attention."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import functional
+
+
+def _keep_off_torch_fast_path(module, args):
+    """A no-op forward pre-hook. nn.TransformerEncoderLayer skips its fused fast path (which would read our weights
+    and never call our forward) whenever a submodule has hooks; this one is how we opt out of it."""
+    return None
+
+
+def _to_additive(mask: Tensor, dtype) -> Tensor:
+    """PyTorch MHA mask (bool: True = do NOT attend; float: added) -> float additive mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    r"""torch.nn.MultiheadAttention with fastattn underneath; same constructor, forward, masks and state_dict.
+
+    Args: as torch.nn.MultiheadAttention (embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim,
+    vdim, batch_first, device, dtype), plus keyword-only ``backend`` (a fastattn backend name; None = auto).
+
+    forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+            average_attn_weights=True, is_causal=False) -> (attn_output, attn_weights or None), as PyTorch:
+        key_padding_mask (N, S) or (S,): bool True = ignore that key, or float added to the scores.
+        attn_mask (L, S) or (N*num_heads, L, S): bool True = not allowed, or float added to the scores.
+        is_causal: a hint that attn_mask is the causal mask; it requires attn_mask (as PyTorch) and lets the
+            kernel apply causality itself instead of reading the mask.
+        dropout on the attention probabilities applies in training mode only.
+
+    Weights: like PyTorch, need_weights defaults to True. The fused kernels never form the probability matrix, so
+    need_weights=True runs the naive reference computation (softmax(QK^T)V, materialising (L, S) per head) and
+    returns its weights, averaged over heads unless average_attn_weights=False. Pass need_weights=False (as
+    nn.TransformerEncoderLayer does) to get the fused path.
+
+    Differences from PyTorch: query rows whose keys are all masked give output 0 (and weights 0) instead of NaN;
+    NestedTensor inputs are not supported.
+    """
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.register_forward_pre_hook(_keep_off_torch_fast_path)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"fastattn.nn.MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise ValueError("fastattn.nn.MultiheadAttention: NestedTensor inputs are not supported")
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"fastattn.nn.MultiheadAttention: query, key, value must all be 3-D (batched) or 2-D "
+                             f"(unbatched), got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("fastattn.nn.MultiheadAttention: is_causal=True is a hint that attn_mask is the causal "
+                               "mask and needs attn_mask (as in PyTorch); see "
+                               "nn.Transformer.generate_square_subsequent_mask")
+        # Work batch-first: (N, L, E).
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)  # (L, E) -> (1, L, E)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)  # (S,) -> (1, S)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (L, N, E) -> (N, L, E)
+        N, L, E = query.shape
+        S = key.shape[1]
+        H, Dh = self.num_heads, self.head_dim
+        if E != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"fastattn.nn.MultiheadAttention: expected query/key/value feature sizes "
+                             f"({self.embed_dim}, {self.kdim}, {self.vdim}), got ({E}, {key.shape[-1]}, "
+                             f"{value.shape[-1]})")
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
+            raise ValueError(f"fastattn.nn.MultiheadAttention: batch/sequence sizes disagree: query {tuple(query.shape)}, "
+                             f"key {tuple(key.shape)}, value {tuple(value.shape)} (batch-first view)")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
+            raise ValueError(f"fastattn.nn.MultiheadAttention: key_padding_mask must be ({N}, {S}) (or ({S},) "
+                             f"unbatched), got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
+                attn_mask = attn_mask.view(1, 1, L, S)  # (L, S) -> (1, 1, L, S)
+            elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (N * H, L, S):
+                attn_mask = attn_mask.view(N, H, L, S)  # (N*H, L, S) -> (N, H, L, S)
+            else:
+                raise ValueError(f"fastattn.nn.MultiheadAttention: attn_mask must be ({L}, {S}) or ({N * H}, {L}, "
+                                 f"{S}), got {tuple(attn_mask.shape)}")
+
+        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
+        extra = 0
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)  # (N, S+1, E)
+            v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
+            extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)  # (N, S'+1, E)
+            v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
+            extra += 1
+        Sk = k.shape[1]
+        q = q.view(N, L, H, Dh).transpose(1, 2)  # (N, L, E) -> (N, H, L, Dh)
+        k = k.view(N, Sk, H, Dh).transpose(1, 2)  # (N, Sk, E) -> (N, H, Sk, Dh)
+        v = v.view(N, Sk, H, Dh).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+
+        # Masks, in fastattn's SDPA convention (bool True = attend, or additive float), widened by `extra` keys.
+        kpm = None
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.view(N, 1, 1, S)  # (N, S) -> (N, 1, 1, S)
+            if extra:
+                kpm = F.pad(kpm, (0, extra), value=False if kpm.dtype == torch.bool else 0.0)
+        am = attn_mask
+        if am is not None and extra:
+            am = F.pad(am, (0, extra), value=False if am.dtype == torch.bool else 0.0)
+        # Trust the hint (as PyTorch does without a key_padding_mask): the kernel applies causality itself.
+        use_causal = is_causal and not need_weights and (key_padding_mask is None or extra == 0)
+        if use_causal:
+            am = None
+        mask = self._merge(am, kpm, q.dtype)
+
+        if need_weights:
+            out, weights = self._reference(q, k, v, mask, dropout_p)
+            weights = weights.mean(dim=1) if average_attn_weights else weights  # (N, H, L, Sk) -> (N, L, Sk)
+        else:
+            out = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                          is_causal=use_causal, backend=self.backend)
+            weights = None
+        out = out.transpose(1, 2).reshape(N, L, E)  # (N, H, L, Dh) -> (N, L, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(0)  # (1, L, E) -> (L, E)
+            weights = weights.squeeze(0) if weights is not None else None
+        elif not self.batch_first:
+            out = out.transpose(0, 1)  # (N, L, E) -> (L, N, E)
+        return out, weights
+
+    def _project(self, query, key, value):
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:  # self-attention: one GEMM, q/k/v are views of its output
+                return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(E, dim=-1)
+            w_q, w_k, w_v = self.in_proj_weight.split(E, dim=0)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.split(E)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    @staticmethod
+    def _merge(am, kpm, dtype):
+        """Two PyTorch-convention masks -> one fastattn mask (bool True = attend, or additive float), or None."""
+        masks = [m for m in (am, kpm) if m is not None]
+        if not masks:
+            return None
+        if all(m.dtype == torch.bool for m in masks):
+            keep = ~masks[0]
+            for m in masks[1:]:
+                keep = keep & ~m
+            return keep  # bool; a key-padding mask alone stays (N, 1, 1, S) so kernels can skip padded keys
+        bias = _to_additive(masks[0], dtype)
+        for m in masks[1:]:
+            bias = bias + _to_additive(m, dtype)
+        return bias
+
+    @staticmethod
+    def _reference(q, k, v, mask, dropout_p):
+        """Naive attention that also returns the probabilities (N, H, L, Sk); empty rows give 0, not NaN."""
+        s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (N, H, L, Sk)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        return torch.matmul(p, v), p
+
+
+from .patch import patch, unpatch  # noqa: E402  (re-exported: fastattn.nn.patch)
+
+__all__ = ["MultiheadAttention", "patch", "unpatch"]
