@@ -48,7 +48,26 @@ def collect() -> dict:
     return info
 
 
+def feature_table() -> str:
+    """Markdown feature-by-backend table drawn from the backends' declarations (README uses this)."""
+    from fastattn.backends import BACKENDS, FEATURES
+
+    names = list(BACKENDS)
+    rows = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    rows.append("| devices | " + " | ".join(", ".join(sorted(BACKENDS[n].devices - {"meta"})) for n in names) + " |")
+    rows.append("| dtypes | " + " | ".join(", ".join(sorted(str(d)[6:].replace("float", "fp").replace("bfp16", "bf16")
+                                                         for d in BACKENDS[n].dtypes)) for n in names) + " |")
+    rows.append("| head dims | " + " | ".join("{}–{}".format(*BACKENDS[n].head_dims) for n in names) + " |")
+    for f in sorted(FEATURES):
+        rows.append(f"| {f.replace('_', ' ')} | " + " | ".join("✓" if f in BACKENDS[n].features else "—"
+                                                              for n in names) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
+    if "--markdown" in sys.argv:
+        print(feature_table())
+        return
     info = collect()
     w = 14
     for key in ("fastattn", "python", "platform", "torch", "torch_cuda", "cudnn", "triton", "cpu_threads"):
