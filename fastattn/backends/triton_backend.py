@@ -1,7 +1,12 @@
-"""`triton`: fastattn's Triton kernels (fastattn/kernels/triton). On CPU tensors they run through Triton's
-interpreter when TRITON_INTERPRET=1 is set before triton is imported (how CI tests them)."""
+"""`triton`: fastattn's Triton kernels (fastattn/kernels/triton): FlashAttention-2-style fused forward and
+backward. On CPU tensors they run through Triton's interpreter when TRITON_INTERPRET=1 is set before triton is
+imported (how CI tests them; slow, for testing only).
+
+fp32 inputs use IEEE fp32 dot products (input_precision="ieee"), not TF32, so fp32 meets the 1e-5 rule.
+The backward computes dQ in its own pass (no atomics): it is always deterministic."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -20,10 +25,31 @@ class TritonBackend(Backend):
     devices = frozenset({"cuda", "cpu"} if interpreting() else {"cuda"})
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     head_dims = (16, 256)
-    features = frozenset()
+    min_capability = (8, 0)  # bf16 tensor cores; tested configs target sm80/sm90
+    features = frozenset({"causal", "bottom_right", "window", "mask", "dropout", "gqa", "varlen", "softcap", "alibi",
+                          "grad", "deterministic", "lse", "dv_ne_d"})
 
     def unavailable(self):
-        return ["Triton kernels not implemented yet"]
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        if not interpreting() and not torch.cuda.is_available():
+            return ["no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU, slowly)"]
+        return []
+
+    def extra_reasons(self, p: AttnParams):
+        r = []
+        if p.attn_bias is not None and p.is_varlen:
+            r.append("attn_mask together with varlen")
+        return r
 
     def forward(self, p: AttnParams):
-        raise NotImplementedError
+        from ..kernels.triton import op  # imports triton and registers torch.ops.fastattn.triton_fwd
+        from ..ops import dropout_seed
+        seed, offset = dropout_seed(p)
+        bias = p.attn_bias
+        if bias is not None and bias.stride(-1) != 1 and bias.stride(-1) != 0:
+            bias = bias.contiguous()  # rare: a transposed float mask
+        alibi = p.alibi_slopes.contiguous() if p.alibi_slopes is not None else None
+        return torch.ops.fastattn.triton_fwd(p.q, p.k, p.v, bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
+                                             p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
+                                             p.softcap, alibi, p.dropout_p, seed, offset, p.deterministic)

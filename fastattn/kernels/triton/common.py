@@ -1,0 +1,98 @@
+"""@triton.jit helpers shared by the forward and backward kernels.
+
+Conventions: scores are kept in log2 units (the softmax scale is folded with log2(e) so the kernels use exp2);
+lse is stored in natural log. `off` is the diagonal offset of the visibility rule (Sk - Sq when bottom-right
+aligned, else 0): key j is visible to query i iff
+    (not WINDOW_LEFT or j >= i + off - window_left) and (not WINDOW_RIGHT or j <= i + off + window_right).
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. PRECISION is "ieee" for fp32 inputs (the 1e-5 rule rules out TF32).
+    UPCAST is set for bf16 under TRITON_INTERPRET=1: triton 3.8's interpreter returns garbage from tl.dot on two
+    bf16 operands (fp16/fp32 are right), so there the already-rounded bf16 values are widened to fp32 first; the
+    result is the same product a GPU computes from those bf16 inputs."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def visible_range(m0, row_end, seqlen_k, off, window_left, window_right,
+                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [m0, row_end): every visible key lies in [lo, hi); key blocks starting in [full_lo, full_hi)
+    (BLOCK_N-aligned) are visible to every row and inside seqlen_k, so they need no mask at all. Blocks in
+    [lo, full_lo) and [full_lo... hi) outside the full range form the masked diagonal bands; keys outside [lo, hi)
+    are never visited. Also used by the dK/dV kernel with the roles of queries and keys swapped."""
+    lo = m0 * 0
+    hi = lo + seqlen_k
+    full_lo = lo
+    full_hi = (hi // BLOCK_N) * BLOCK_N
+    if WINDOW_LEFT:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(row_end - 1 + off - window_left, 0), BLOCK_N) * BLOCK_N
+    if WINDOW_RIGHT:
+        hi = tl.minimum(row_end + off + window_right, seqlen_k)
+        full_hi = (tl.maximum(tl.minimum(m0 + off + window_right + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)  # lo == hi: no visible key
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(full_hi, full_lo)  # full_hi <= hi always holds
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without inf/inf (no tl.tanh in every triton version / interpreter)
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def scores(qk, ii, jj, seqlen_q, seqlen_k, off, window_left, window_right,
+           qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
+           MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+           ALIBI: tl.constexpr, BIAS: tl.constexpr):
+    """Raw q.k (fp32; (BM, BN), or (BN, BM) in the dK/dV kernel) -> scores in log2 units, -inf where invisible, and d(score)/d(q.k)/scale (the
+    softcap's 1 - tanh^2; 1 without softcap). Order as flash-attn: scale, softcap, alibi, bias, mask.
+    BIAS: 0 none, 1 key-padding row vector (strides (sB, 0, 0, 1)), 2 a tile loaded through its strides.
+    ii, jj: query and key indices as 2-D tensors broadcastable to qk's shape (so either orientation works).
+    MASK: apply the visibility rule and the key bound (only the diagonal band and tail blocks need it)."""
+    if SOFTCAP:
+        t = tanh(qk * cap_in)
+        s = t * cap_out2
+        dcap = 1.0 - t * t
+    else:
+        s = qk * qk_scale2
+        dcap = 1.0
+    if ALIBI:
+        dist = ii + (seqlen_k - seqlen_q) - jj
+        s = s - slope2 * tl.abs(dist).to(tl.float32)
+    if BIAS == 1:
+        b = tl.load(Bias + jj * stride_bn, mask=jj < seqlen_k, other=0.0)
+        s = s + b.to(tl.float32) * 1.4426950408889634
+    elif BIAS == 2:
+        b = tl.load(Bias + ii * stride_bm + jj * stride_bn, mask=(ii < seqlen_q) & (jj < seqlen_k), other=0.0)
+        s = s + b.to(tl.float32) * 1.4426950408889634
+    if MASK:
+        vis = jj < seqlen_k
+        if WINDOW_LEFT:
+            vis = vis & (jj >= ii + off - window_left)
+        if WINDOW_RIGHT:
+            vis = vis & (jj <= ii + off + window_right)
+        s = tl.where(vis, s, float("-inf"))
+    return s, dcap
+
+
+@triton.jit
+def dropout_keep(seed, rng_base, ii, jj, rng_row_stride, dropout_p):
+    """Counter-based keep mask: Philox(seed, offset + linear index of (b, h, i, j)); the backward regenerates it.
+    rng_base already holds offset + the (b, h, sequence start) part of the index (int64)."""
+    idx = rng_base + ii.to(tl.int64) * rng_row_stride + jj
+    return tl.rand(seed, idx) >= dropout_p

@@ -1,0 +1,84 @@
+"""Block sizes: autotune configs for sm80/sm90 with prune predicates, and the single config the interpreter uses.
+
+The autotune key holds the *bucketed* lengths (next power of two) plus the head dims and feature switches, so a
+BERT batch with a new padded length reuses the tuned config instead of retuning. Triton caches compiled kernels
+on disk (~/.triton/cache, TRITON_CACHE_DIR) and reuses them across processes by default; autotune *results* are
+kept per process unless TRITON_CACHE_AUTOTUNING=1 (triton >= 3.2) is set."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+# Under TRITON_INTERPRET=1 every tl op is a numpy call: one small config, no tuning.
+INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=32)
+INTERP_DKDV = dict(BLOCK_M=32, BLOCK_N=32)
+INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=32)
+PRE_BLOCK_M = 64  # backward preprocess rows per program
+
+KEY = ["BUCKET_Q", "BUCKET_K", "HEAD_D", "HEAD_DV", "IS_VARLEN", "BOTTOM_RIGHT", "WINDOW_LEFT", "WINDOW_RIGHT",
+       "SOFTCAP", "ALIBI", "BIAS", "DROPOUT", "PRECISION"]
+
+
+def bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem() -> tuple:
+    """(capability, usable shared memory bytes per block) of the current CUDA device."""
+    if not torch.cuda.is_available():
+        return (0, 0), 0
+    cap = torch.cuda.get_device_capability()
+    try:
+        dev = torch.cuda.current_device()
+        smem = triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"]
+    except Exception:  # older drivers API: known values for sm90 / sm80 / consumer parts
+        smem = {(9, 0): 232448, (8, 0): 166912}.get(cap, 101376)
+    return cap, smem
+
+
+def _cfgs(block_ms, block_ns, stages):
+    # 4 warps for 64-row tiles, 8 for 128-row tiles (16 rows per warp, as FlashAttention-2)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if max(bm, bn) >= 128 else 4, num_stages=s)
+            for bm in block_ms for bn in block_ns for s in stages]
+
+
+FWD_CONFIGS = _cfgs((64, 128), (32, 64, 128), (2, 3, 4))
+DKDV_CONFIGS = _cfgs((32, 64), (64, 128), (2, 3))
+DQ_CONFIGS = _cfgs((64, 128), (32, 64), (2, 3))
+
+
+def _prune(configs, args, smem_elems, rows_key, cols_key):
+    cap, smem = _device_smem()
+    elt = args["Q"].element_size()
+    bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
+    keep = []
+    for c in configs:
+        bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        if st >= 4 and cap < (9, 0):  # deep pipelines only pay off with Hopper's larger shared memory
+            continue
+        if bm > max(64, args[rows_key]) or bn > max(32, args[cols_key]):  # tiles far larger than the sequence
+            continue
+        if smem and smem_elems(bm, bn, st, bd, bdv) * elt > smem:
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+def prune_fwd(configs, named_args, **kwargs):
+    # resident Q tile + num_stages buffered K and V tiles
+    return _prune(configs, {**named_args, **kwargs}, lambda bm, bn, st, bd, bdv: bm * bd + st * bn * (bd + bdv),
+                  "BUCKET_Q", "BUCKET_K")
+
+
+def prune_dkdv(configs, named_args, **kwargs):
+    # resident K and V tiles (BLOCK_N rows) + buffered Q and dO tiles (BLOCK_M rows)
+    return _prune(configs, {**named_args, **kwargs}, lambda bm, bn, st, bd, bdv: bn * (bd + bdv) + st * bm * (bd + bdv),
+                  "BUCKET_Q", "BUCKET_K")
+
+
+def prune_dq(configs, named_args, **kwargs):
+    return _prune(configs, {**named_args, **kwargs}, lambda bm, bn, st, bd, bdv: bm * (bd + bdv) + st * bn * (bd + bdv),
+                  "BUCKET_Q", "BUCKET_K")

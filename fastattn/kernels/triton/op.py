@@ -1,0 +1,217 @@
+"""Launchers for the Triton kernels and their registration as torch ops fastattn::triton_fwd / triton_bwd.
+
+On GPUs the ops are `torch.library.triton_op`s whose kernels are launched through `wrap_triton`, so
+torch.compile(fullgraph=True) traces into them. Under TRITON_INTERPRET=1 (CPU tensors) the kernels are Python
+objects that fake tensors cannot run, so the same functions are registered as opaque `custom_op`s with fake
+functions instead. Either way autograd is registered on triton_fwd, and the schemas mirror fastattn::fwd/bwd
+(csrc/ops.cpp): q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with any strides (last dim stride 1),
+out in q's memory order, lse fp32 (B, Hq, Sq) natural log with +inf for rows that see no key."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from . import configs as C
+from .bwd_dkdv import attn_bwd_dkdv
+from .bwd_dq import attn_bwd_dq
+from .bwd_preprocess import attn_bwd_preprocess
+from .fwd import attn_fwd
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+
+if not INTERPRET:
+    _fwd_tuned = triton.autotune(C.FWD_CONFIGS, key=C.KEY, prune_configs_by={"early_config_prune": C.prune_fwd})(attn_fwd)
+    _dkdv_tuned = triton.autotune(C.DKDV_CONFIGS, key=C.KEY,
+                                  prune_configs_by={"early_config_prune": C.prune_dkdv})(attn_bwd_dkdv)
+    _dq_tuned = triton.autotune(C.DQ_CONFIGS, key=C.KEY, prune_configs_by={"early_config_prune": C.prune_dq})(attn_bwd_dq)
+    from torch.library import wrap_triton as _wrap
+else:
+    def _wrap(kernel):
+        return kernel
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    """FASTATTN_POISON_OUTPUTS=1 (the tests) fills fresh outputs with NaN, as csrc/common.h alloc_output."""
+    if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
+    B, H, S, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return q.new_empty(B, S, H, dv).transpose(1, 2)  # (B, S, H, Dv) memory -> (B, H, S, Dv) view
+    return q.new_empty(B, H, S, dv)
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _meta(q, k, v, bias, alibi, cu_q, max_q, max_k, scale, wl, wr, br, softcap, dropout_p):
+    """Scalar arguments and compile-time switches shared by the three main kernels."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    varlen = cu_q is not None
+    if bias is None:
+        bias_kind, bstr = 0, (0, 0, 0, 0)
+    else:
+        bstr = tuple(bias.stride())
+        bias_kind = 1 if bstr[1] == 0 and bstr[2] == 0 else 2  # key padding (sB, 0, 0, sN): load one row per block
+    scal = dict(
+        stride_bb=bstr[0], stride_bh=bstr[1], stride_bm=bstr[2], stride_bn=bstr[3],
+        stride_ab=(alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0),
+        seqlen_q_arg=max_q if varlen else Sq, seqlen_k_arg=max_k if varlen else Sk, rows_q=Sq, rows_k=Sk,
+        head_ratio=Hq // Hkv,
+        qk_scale2=scale * LOG2E, cap_in=scale / softcap if softcap > 0 else 0.0, cap_out2=softcap * LOG2E,
+        window_left=wl, window_right=wr, dropout_p=dropout_p,
+        BUCKET_Q=C.bucket(max_q if varlen else Sq), BUCKET_K=C.bucket(max_k if varlen else Sk),
+    )
+    const = dict(
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)), HEAD_D=D,
+        HEAD_DV=Dv, IS_VARLEN=varlen, BOTTOM_RIGHT=bool(br), WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0,
+        SOFTCAP=softcap > 0, ALIBI=alibi is not None, BIAS=bias_kind, DROPOUT=dropout_p > 0,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,  # see common.mm: interpreter bf16 tl.dot bug
+    )
+    nb = cu_q.numel() - 1 if varlen else B
+    return scal, const, nb
+
+
+def _pick(tuned, raw, blocks, interp_blocks):
+    """(kernel, extra launch kwargs): explicit blocks (tests, debug counters) or the interpreter's single config
+    launch the raw kernel; otherwise the autotuner picks."""
+    if blocks is None and INTERPRET:
+        blocks = (interp_blocks["BLOCK_M"], interp_blocks["BLOCK_N"])
+    if blocks is not None:
+        return raw, dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1], num_warps=4, num_stages=2)
+    return tuned, {}
+
+
+def launch_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
+               *, blocks: Optional[Tuple[int, int]] = None, stats: Optional[torch.Tensor] = None):
+    """Forward. blocks=(BLOCK_M, BLOCK_N) bypasses autotuning; stats (int32 (2,)) counts visited key blocks
+    [masked, unmasked] (debug)."""
+    B, Hq, Sq, D = q.shape
+    out = _poison(_out_like_q(q, v.shape[-1]))
+    lse = _poison(q.new_empty(B, Hq, Sq, dtype=torch.float32))
+    if Sq == 0 or k.shape[2] == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    scal, const, nb = _meta(q, k, v, bias, alibi, cu_q, max_q, max_k, scale, wl, wr, br, softcap, dropout_p)
+    kernel, launch = _pick(_fwd_tuned if not INTERPRET else None, attn_fwd, blocks, C.INTERP_FWD)
+    rows = scal["seqlen_q_arg"]
+    grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), nb * Hq)  # noqa: E731
+    _wrap(kernel)[grid](
+        q, k, v, out, lse, bias, alibi, cu_q, cu_k, stats, *_strides3(q), *_strides3(k), *_strides3(v),
+        *_strides3(out), lse.stride(0), lse.stride(1), num_heads=Hq, seed=seed, rng_offset=offset,
+        DEBUG=stats is not None, **scal, **const, **launch)
+    return out, lse
+
+
+def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softcap, alibi,
+               dropout_p, seed, offset, *, blocks: Optional[Tuple[int, int]] = None,
+               stats: Optional[torch.Tensor] = None):
+    """Backward: preprocess (delta), dK/dV, dQ. blocks applies to both main kernels as (BLOCK_M, BLOCK_N);
+    stats (int32 (4,)) counts [dkdv masked, dkdv unmasked, dq masked, dq unmasked] visited blocks."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    dq = _poison(torch.empty_like(q))
+    dk = _poison(torch.empty_like(k))
+    dv = _poison(torch.empty_like(v))
+    if Sq == 0 or Sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    scal, const, nb = _meta(q, k, v, bias, alibi, cu_q, max_q, max_k, scale, wl, wr, br, softcap, dropout_p)
+    delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)  # rowsum(dO * O), like lse
+    _wrap(attn_bwd_preprocess)[(triton.cdiv(Sq, C.PRE_BLOCK_M), B * Hq)](
+        out, dout, delta, *_strides3(out), *_strides3(dout), Sq, Hq,
+        BLOCK_M=C.PRE_BLOCK_M, BLOCK_DV=const["BLOCK_DV"], HEAD_DV=Dv)
+    common = dict(seed=seed, rng_offset=offset, scale=scale, **scal, **const)
+    kv_stats = stats[:2] if stats is not None else None
+    q_stats = stats[2:] if stats is not None else None
+    kernel, launch = _pick(_dkdv_tuned if not INTERPRET else None, attn_bwd_dkdv, blocks, C.INTERP_DKDV)
+    cols = scal["seqlen_k_arg"]
+    grid = lambda META: (triton.cdiv(cols, META["BLOCK_N"]), nb * Hkv)  # noqa: E731
+    _wrap(kernel)[grid](
+        q, k, v, dout, lse, delta, dk, dv, bias, alibi, cu_q, cu_k, kv_stats,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
+        lse.stride(0), lse.stride(1), num_heads=Hq, num_kv_heads=Hkv, DEBUG=stats is not None, **common, **launch)
+    kernel, launch = _pick(_dq_tuned if not INTERPRET else None, attn_bwd_dq, blocks, C.INTERP_DQ)
+    rows = scal["seqlen_q_arg"]
+    grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), nb * Hq)  # noqa: E731
+    _wrap(kernel)[grid](
+        q, k, v, dout, lse, delta, dq, bias, alibi, cu_q, cu_k, q_stats,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
+        lse.stride(0), lse.stride(1), num_heads=Hq, DEBUG=stats is not None, **common, **launch)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library registration
+
+_define = (lambda name: torch.library.custom_op(name, mutates_args=())) if INTERPRET else \
+    (lambda name: torch.library.triton_op(name, mutates_args=()))
+
+
+@_define("fastattn::triton_fwd")
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor],
+               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
+               max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
+               softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
+               deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return launch_fwd(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                      window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset)
+
+
+@_define("fastattn::triton_bwd")
+def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, attn_bias: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+               cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
+               window_left: int, window_right: int, bottom_right: bool, softcap: float,
+               alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
+               deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # dQ has its own pass (no atomics), so the result is deterministic whatever `deterministic` says.
+    return launch_bwd(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset)
+
+
+if INTERPRET:  # opaque custom ops need fake functions; triton_op derives them by tracing the launchers
+    @triton_fwd.register_fake
+    def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                  window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic):
+        B, H, S, _ = q.shape
+        return _out_like_q(q, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+
+    @triton_bwd.register_fake
+    def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                  window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
+                  deterministic):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
+     deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
+    ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
+
+
+def _backward(ctx, dout, dlse):
+    # lse is returned for inspection (flash-attn's softmax_lse); its gradient is not propagated.
+    q, k, v, out, lse, bias, cu_q, cu_k, alibi = ctx.saved_tensors
+    mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
+    dq, dk, dv = torch.ops.fastattn.triton_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br,
+                                               softcap, alibi, dropout_p, seed, offset, deterministic)
+    return (dq, dk, dv) + (None,) * 15
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
