@@ -1,0 +1,495 @@
+// CPU split-KV decode: fastattn::decode_fwd (schema and conventions in csrc/ops.cpp).
+//
+// Work item = (sequence b, KV head hk, key split s). One item stacks the G = Hq / Hkv query heads of the group
+// times the Sq tokens as its M query rows, so each key/value row is read once per group, and walks one contiguous
+// slice of the row's visible keys in blocks of kBlockN with the online softmax (m_i, l_i, acc in fp32). Items run
+// under at::parallel_for, so batch 1 with few heads still fills every core through the splits. With one split the
+// item writes the result; otherwise it writes a normalised partial (out_s, lse_s) to fp32 scratch and a second
+// parallel pass merges the splits by log-sum-exp. Split boundaries depend only on (seqlens, num_splits), and the
+// merge order is fixed, so results are reproducible run to run (num_splits = 0 picks the count from the thread
+// count, which can change rounding between machines).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FA_DEC_X86 1
+#include <immintrin.h>
+#define FA_DEC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace fastattn::cpu::decode {
+namespace {
+
+constexpr int64_t kBlockN = 64;     // keys per online-softmax step
+constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct DecodeParams {
+  const void *q, *k, *v;
+  void* out;
+  float* lse;
+  const int32_t* seqlens;
+  const int32_t* block_table;  // nullptr: dense cache
+  const int32_t* batch_idx;    // nullptr: row b of a dense cache
+  const float* alibi;          // nullptr: no alibi
+  int64_t B, Hq, Hkv, Sq, D, Dv, group, page, splits;
+  int64_t q_sb, q_sh, q_sm, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, bt_sb, o_sb, o_sh, o_sm, alibi_sb;
+  float scale, softcap;
+  int64_t window_left, window_right;
+  float *out_part, *lse_part;  // (splits, B, Hq, Sq, Dv), (splits, B, Hq, Sq) when splits > 1
+};
+
+bool use_avx2() {
+#ifdef FA_DEC_X86
+  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return on;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------- block helpers, portable versions
+// S[r * ldS + j] = q_r . k_j for the M query rows (fp32, pre-scaled) and the n key rows of the block.
+template <typename T>
+void scores_scalar(const float* Qf, int64_t M, int64_t D, const T* const* krows, int64_t n, float* S, int64_t ldS) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) {
+      const float* q = Qf + r * D;
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(krows[j][d]);
+      S[r * ldS + j] = s;
+    }
+  }
+}
+
+// acc_r += sum_j P[r, j] v_j for the rows marked live.
+template <typename T>
+void pv_scalar(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, int64_t n,
+               int64_t Dv, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) {
+      const float p = P[r * ldP + j];
+      if (!live[r] || p == 0.f) continue;
+      float* a = acc + r * Dv;
+      for (int64_t d = 0; d < Dv; ++d) a[d] += p * static_cast<float>(vrows[j][d]);
+    }
+  }
+}
+
+// x = exp(x - m) in place; returns the sum.
+float exp_sum_scalar(float* x, int64_t n, float m) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
+  return s;
+}
+
+#ifdef FA_DEC_X86
+// ---------------------------------------------------------------- block helpers, AVX2 + FMA + F16C
+template <typename T>
+FA_DEC_AVX2 inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the high half of an fp32
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+FA_DEC_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for 8 lanes: x = n ln2 + f with |f| <= ln2/2 (ln2 split in two for accuracy), e^f by its degree-6 Taylor
+// polynomial (error ~2e-7 relative, below fp32 accumulation noise), 2^n through the exponent bits.
+// Lanes below -87.3 (incl. -inf) give 0.
+FA_DEC_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), f);
+  __m256 y = _mm256_set1_ps(1.f / 720);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 120));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 24));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 6));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+
+template <typename T>
+FA_DEC_AVX2 inline float dot(const float* q, const T* k, int64_t D) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k + d + 8), a1);
+  }
+  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
+  float s = hsum(_mm256_add_ps(a0, a1));
+  for (; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
+  return s;
+}
+
+template <typename T>
+FA_DEC_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, int64_t n, float* S,
+                             int64_t ldS) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) S[r * ldS + j] = dot(Qf + r * D, krows[j], D);
+  }
+}
+
+template <typename T>
+FA_DEC_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+                         int64_t n, int64_t Dv, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* v = vrows[j];
+    for (int64_t r = 0; r < M; ++r) {
+      const float p = P[r * ldP + j];
+      if (!live[r] || p == 0.f) continue;
+      float* a = acc + r * Dv;
+      const __m256 vp = _mm256_set1_ps(p);
+      int64_t d = 0;
+      for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(vp, load8(v + d), _mm256_loadu_ps(a + d)));
+      for (; d < Dv; ++d) a[d] += p * static_cast<float>(v[d]);
+    }
+  }
+}
+
+FA_DEC_AVX2 float exp_sum_avx2(float* x, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+    _mm256_storeu_ps(x + j, e);
+    s = _mm256_add_ps(s, e);
+  }
+  float tail[8];  // the tail goes through the same exp, so every element is computed alike
+  for (int64_t u = 0; u < 8; ++u) tail[u] = j + u < n ? x[j + u] : -kInf;
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), vm));
+  _mm256_storeu_ps(tail, e);
+  s = _mm256_add_ps(s, e);
+  for (int64_t u = 0; j + u < n; ++u) x[j + u] = tail[u];
+  return hsum(s);
+}
+#endif
+
+template <typename T>
+void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, int64_t n, float* S, int64_t ldS) {
+#ifdef FA_DEC_X86
+  if (use_avx2()) return scores_avx2<T>(Qf, M, D, krows, n, S, ldS);
+#endif
+  scores_scalar<T>(Qf, M, D, krows, n, S, ldS);
+}
+
+template <typename T>
+void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, int64_t n, int64_t Dv,
+        float* acc) {
+#ifdef FA_DEC_X86
+  if (use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, n, Dv, acc);
+#endif
+  pv_scalar<T>(P, ldP, live, M, vrows, n, Dv, acc);
+}
+
+float exp_sum(float* x, int64_t n, float m) {
+#ifdef FA_DEC_X86
+  if (use_avx2()) return exp_sum_avx2(x, n, m);
+#endif
+  return exp_sum_scalar(x, n, m);
+}
+
+// ---------------------------------------------------------------- one work item
+struct Scratch {
+  std::vector<float> Qf, S, acc, m_i, l_i, slope;
+  std::vector<uint8_t> live;
+  std::vector<const void*> krows, vrows;
+  Scratch(int64_t M, int64_t D, int64_t Dv)
+      : Qf(M * D), S(M * kBlockN), acc(M * Dv), m_i(M), l_i(M), slope(M), live(M), krows(kBlockN), vrows(kBlockN) {}
+};
+
+// Keys [start, end) of sequence b, KV head hk, for the M = G * Sq query rows of the group.
+template <typename T>
+void split_item(const DecodeParams& p, int64_t b, int64_t hk, int64_t split, Scratch& w) {
+  const int64_t M = p.group * p.Sq, D = p.D, Dv = p.Dv;
+  const int64_t len = p.seqlens[b], off = len - p.Sq;  // bottom-right alignment
+  const int64_t lo = p.window_left >= 0 ? std::max<int64_t>(off - p.window_left, 0) : 0;
+  const int64_t hi = std::max(len, lo);
+  const int64_t blocks = (hi - lo + kBlockN - 1) / kBlockN, per = (blocks + p.splits - 1) / p.splits;
+  const int64_t start = std::min(hi, lo + split * per * kBlockN), end = std::min(hi, start + per * kBlockN);
+
+  const T* q = static_cast<const T*>(p.q);
+  for (int64_t r = 0; r < M; ++r) {  // row r: head hk * G + r / Sq, token r % Sq
+    const int64_t h = hk * p.group + r / p.Sq, i = r % p.Sq;
+    const T* src = q + b * p.q_sb + h * p.q_sh + i * p.q_sm;
+    for (int64_t d = 0; d < D; ++d) w.Qf[r * D + d] = static_cast<float>(src[d]) * p.scale;
+    w.slope[r] = p.alibi ? p.alibi[b * p.alibi_sb + h] : 0.f;
+  }
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  std::fill(w.m_i.begin(), w.m_i.end(), -kInf);
+  std::fill(w.l_i.begin(), w.l_i.end(), 0.f);
+  const T* kbase = static_cast<const T*>(p.k) + hk * p.k_sh;
+  const T* vbase = static_cast<const T*>(p.v) + hk * p.v_sh;
+  const int64_t row = p.batch_idx ? p.batch_idx[b] : b;
+
+  for (int64_t j0 = start; j0 < end; j0 += kBlockN) {
+    const int64_t n = std::min(kBlockN, end - j0);
+    for (int64_t j = 0; j < n; ++j) {  // where each key of the block lives (page table or cache row)
+      const int64_t pos = j0 + j;
+      int64_t kofs, vofs;
+      if (p.block_table) {
+        const int64_t phys = p.block_table[b * p.bt_sb + pos / p.page], in = pos % p.page;
+        kofs = phys * p.k_sb + in * p.k_ss;
+        vofs = phys * p.v_sb + in * p.v_ss;
+      } else {
+        kofs = row * p.k_sb + pos * p.k_ss;
+        vofs = row * p.v_sb + pos * p.v_ss;
+      }
+      w.krows[j] = kbase + kofs;
+      w.vrows[j] = vbase + vofs;
+    }
+    float* S = w.S.data();
+    scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), n, S, kBlockN);
+    bool any = false;
+    for (int64_t r = 0; r < M; ++r) {
+      float* s = S + r * kBlockN;
+      const int64_t i = r % p.Sq;
+      // this row's visible keys inside the block: [a, e)
+      int64_t a = 0, e = n;
+      if (p.window_left >= 0) a = std::clamp<int64_t>(i + off - p.window_left - j0, 0, n);
+      if (p.window_right >= 0) e = std::clamp<int64_t>(i + off + p.window_right + 1 - j0, 0, n);
+      w.live[r] = a < e;
+      if (a >= e) continue;
+      if (p.softcap > 0.f) {
+        for (int64_t j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
+      }
+      if (p.alibi) {
+        for (int64_t j = a; j < e; ++j) s[j] -= w.slope[r] * static_cast<float>(std::llabs(i + off - j0 - j));
+      }
+      std::fill(s, s + a, -kInf);
+      std::fill(s + e, s + n, -kInf);
+      float m_blk = -kInf;
+      for (int64_t j = a; j < e; ++j) m_blk = std::max(m_blk, s[j]);
+      const float m_new = std::max(w.m_i[r], m_blk);
+      const float alpha = std::exp(w.m_i[r] - m_new);  // 0 on the first visible block (m_i = -inf)
+      w.l_i[r] = w.l_i[r] * alpha + exp_sum(s, n, m_new);
+      if (alpha != 1.f) {
+        for (int64_t d = 0; d < Dv; ++d) w.acc[r * Dv + d] *= alpha;
+      }
+      w.m_i[r] = m_new;
+      any = true;
+    }
+    if (any) pv<T>(S, kBlockN, w.live.data(), M, reinterpret_cast<const T* const*>(w.vrows.data()), n, Dv,
+                   w.acc.data());
+  }
+
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t h = hk * p.group + r / p.Sq, i = r % p.Sq;
+    const bool seen = w.l_i[r] > 0.f;
+    const float inv = seen ? 1.f / w.l_i[r] : 0.f;
+    const float lse = seen ? w.m_i[r] + std::log(w.l_i[r]) : (p.splits > 1 ? -kInf : kInf);
+    const float* a = w.acc.data() + r * Dv;
+    if (p.splits > 1) {
+      const int64_t prow = ((split * p.B + b) * p.Hq + h) * p.Sq + i;
+      p.lse_part[prow] = lse;
+      for (int64_t d = 0; d < Dv; ++d) p.out_part[prow * Dv + d] = a[d] * inv;
+    } else {
+      p.lse[(b * p.Hq + h) * p.Sq + i] = lse;
+      T* o = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sm;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(a[d] * inv);
+    }
+  }
+}
+
+// Merge the splits of query rows [begin, end) of (B, Hq, Sq): lse = logsumexp_s lse_s, out = sum_s e^(lse_s - lse) out_s.
+template <typename T>
+void combine_rows(const DecodeParams& p, int64_t begin, int64_t end) {
+  const int64_t rows = p.B * p.Hq * p.Sq;
+  std::vector<float> o(p.Dv);
+  for (int64_t rr = begin; rr < end; ++rr) {
+    float m = -kInf;
+    for (int64_t s = 0; s < p.splits; ++s) m = std::max(m, p.lse_part[s * rows + rr]);
+    const int64_t b = rr / (p.Hq * p.Sq), h = (rr / p.Sq) % p.Hq, i = rr % p.Sq;
+    T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sm;
+    if (m == -kInf) {  // no split saw a visible key
+      p.lse[rr] = kInf;
+      for (int64_t d = 0; d < p.Dv; ++d) out[d] = static_cast<T>(0.f);
+      continue;
+    }
+    std::fill(o.begin(), o.end(), 0.f);
+    float tot = 0.f;
+    for (int64_t s = 0; s < p.splits; ++s) {
+      const float wgt = std::exp(p.lse_part[s * rows + rr] - m);
+      if (wgt == 0.f) continue;
+      tot += wgt;
+      const float* src = p.out_part + (s * rows + rr) * p.Dv;
+      for (int64_t d = 0; d < p.Dv; ++d) o[d] += wgt * src[d];
+    }
+    p.lse[rr] = m + std::log(tot);
+    for (int64_t d = 0; d < p.Dv; ++d) out[d] = static_cast<T>(o[d] / tot);
+  }
+}
+
+template <typename T>
+void run(const DecodeParams& p) {
+  const int64_t items = p.B * p.Hkv * p.splits;
+  const int64_t M = p.group * p.Sq;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(M, p.D, p.Dv);
+    for (int64_t t = begin; t < end; ++t) {
+      split_item<T>(p, t / (p.Hkv * p.splits), (t / p.splits) % p.Hkv, t % p.splits, w);
+    }
+  });
+  if (p.splits > 1) {
+    at::parallel_for(0, p.B * p.Hq * p.Sq, 16, [&](int64_t begin, int64_t end) { combine_rows<T>(p, begin, end); });
+  }
+}
+
+// Enough items for ~4 per thread, but never splits shorter than kMinSplitKeys keys; at most 64.
+int64_t splits_heuristic(int64_t batch_kv_heads, int64_t max_keys) {
+  const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
+  if (batch_kv_heads >= target) return 1;
+  const int64_t by_len = std::max<int64_t>(1, max_keys / kMinSplitKeys);
+  return std::max<int64_t>(1, std::min<int64_t>({(target + batch_kv_heads - 1) / batch_kv_heads, by_len, 64}));
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                  const std::optional<at::Tensor>& block_table,
+                                                  const std::optional<at::Tensor>& cache_batch_idx, double scale,
+                                                  int64_t window_left, int64_t window_right, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
+  FA_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode_fwd: q must be (B, Hq, Sq, D) and the ",
+           "caches (Bc|num_blocks, Smax|page, Hkv, D), got q", q.sizes(), " k_cache", k_cache.sizes(), " v_cache",
+           v_cache.sizes());
+  const auto dt = q.scalar_type();
+  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+           "decode_fwd (cpu) takes float32, bfloat16 or float16, got ", dt);
+  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes differ: ",
+           dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
+    FA_CHECK(t->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", t->device());
+  }
+  for (const auto* t : {&q, &k_cache, &v_cache}) {
+    FA_CHECK(t->stride(3) == 1 || t->size(3) == 1, "decode_fwd: q and the caches need stride 1 along the head dim, ",
+             "got strides ", t->strides());
+  }
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
+  FA_CHECK(k_cache.size(3) == D, "decode_fwd: q head dim ", D, " != k_cache head dim ", k_cache.size(3));
+  FA_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) && v_cache.size(2) == Hkv,
+           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(), " must agree except in the last dim");
+  FA_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+  FA_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == B,
+           "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
+  FA_CHECK(softcap >= 0, "decode_fwd: softcap must be >= 0, got ", softcap);
+  FA_CHECK(num_splits >= 0, "decode_fwd: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  const at::Tensor lens = seqlens_k.contiguous();
+  const bool paged = block_table.has_value();
+  at::Tensor bt, bidx, alibi;
+  int64_t capacity = k_cache.size(1);
+  if (paged) {
+    FA_CHECK(!cache_batch_idx.has_value(), "decode_fwd: cache_batch_idx cannot be combined with block_table");
+    bt = block_table->contiguous();
+    FA_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B && bt.device().is_cpu(),
+             "decode_fwd: block_table must be int32 (", B, ", max_blocks) on cpu, got ", bt.scalar_type(), " ",
+             bt.sizes());
+    FA_CHECK(k_cache.size(1) > 0, "decode_fwd: paged cache with page size 0");
+    capacity = bt.size(1) * k_cache.size(1);
+  } else if (cache_batch_idx.has_value()) {
+    bidx = cache_batch_idx->contiguous();
+    FA_CHECK(bidx.scalar_type() == at::kInt && bidx.dim() == 1 && bidx.size(0) == B && bidx.device().is_cpu(),
+             "decode_fwd: cache_batch_idx must be int32 (", B, ") on cpu, got ", bidx.scalar_type(), " ", bidx.sizes());
+  } else {
+    FA_CHECK(k_cache.size(0) == B, "decode_fwd: k_cache batch ", k_cache.size(0), " != q batch ", B,
+             " (pass cache_batch_idx)");
+  }
+  const int32_t* L = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // nothing is read outside the cache: check every index the kernel follows
+    FA_CHECK(L[b] >= 0 && L[b] <= capacity, "decode_fwd: seqlens_k[", b, "] = ", L[b], " outside [0, ", capacity,
+             "] (cache capacity per row)");
+    if (paged) {
+      const int64_t pages = (L[b] + k_cache.size(1) - 1) / k_cache.size(1);
+      for (int64_t j = 0; j < pages; ++j) {
+        const int32_t e = bt.data_ptr<int32_t>()[b * bt.size(1) + j];
+        FA_CHECK(e >= 0 && e < k_cache.size(0), "decode_fwd: block_table[", b, ", ", j, "] = ", e, " outside [0, ",
+                 k_cache.size(0), ")");
+      }
+    } else if (bidx.defined()) {
+      const int32_t e = bidx.data_ptr<int32_t>()[b];
+      FA_CHECK(e >= 0 && e < k_cache.size(0), "decode_fwd: cache_batch_idx[", b, "] = ", e, " outside [0, ",
+               k_cache.size(0), ")");
+    }
+  }
+  if (alibi_slopes.has_value()) {
+    alibi = alibi_slopes->contiguous();
+    FA_CHECK(alibi.scalar_type() == at::kFloat && alibi.device().is_cpu() &&
+                 ((alibi.dim() == 1 && alibi.size(0) == Hq) || (alibi.dim() == 2 && alibi.size(0) == B &&
+                                                                alibi.size(1) == Hq)),
+             "decode_fwd: alibi_slopes must be float32 (", Hq, ") or (", B, ", ", Hq, "), got ", alibi.scalar_type(),
+             " ", alibi.sizes());
+  }
+
+  at::Tensor out = alloc_out_like_q(q, Dv);
+  at::Tensor lse = alloc_output({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (B == 0 || Hq == 0 || Sq == 0) return {out, lse};
+
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.seqlens = L;
+  p.block_table = paged ? bt.data_ptr<int32_t>() : nullptr;
+  p.batch_idx = bidx.defined() ? bidx.data_ptr<int32_t>() : nullptr;
+  p.alibi = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
+  p.alibi_sb = alibi.defined() && alibi.dim() == 2 ? Hq : 0;
+  p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Sq = Sq, p.D = D, p.Dv = Dv, p.group = Hq / Hkv;
+  p.page = paged ? k_cache.size(1) : 0;
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sm = q.stride(2);
+  p.k_sb = k_cache.stride(0), p.k_ss = k_cache.stride(1), p.k_sh = k_cache.stride(2);
+  p.v_sb = v_cache.stride(0), p.v_ss = v_cache.stride(1), p.v_sh = v_cache.stride(2);
+  p.bt_sb = paged ? bt.size(1) : 0;
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = window_left, p.window_right = window_right;
+  p.splits = num_splits > 0 ? num_splits : splits_heuristic(B * Hkv, capacity);
+  at::Tensor out_part, lse_part;
+  if (p.splits > 1) {
+    out_part = at::empty({p.splits, B, Hq, Sq, Dv}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({p.splits, B, Hq, Sq}, q.options().dtype(at::kFloat));
+    p.out_part = out_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  if (dt == at::kFloat) {
+    run<float>(p);
+  } else if (dt == at::kBFloat16) {
+    run<c10::BFloat16>(p);
+  } else {
+    run<c10::Half>(p);
+  }
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace fastattn::cpu::decode
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("decode_fwd", &fastattn::cpu::decode::decode_fwd_cpu); }

@@ -1,0 +1,315 @@
+"""Decode (issue 6): flash_attn_with_kvcache through every decode implementation available here — the Triton
+split-KV kernel (interpreter on CPU), the C++ CPU kernel when built, and the generic path — against the float64
+oracle; in-place append checked element by element; routing; bad input; the dense short-query route."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import decode
+from fastattn.kvcache import explain_kvcache
+from oracle import assert_rule, oracle_attention
+
+# ---------------------------------------------------------------- implementations available here
+# name -> backend= to request; the generic path is reached through a backend without a decode kernel.
+IMPLS = {"generic": "reference"}
+SKIPPED = {}
+for _name, _kern in decode.DECODE_KERNELS.items():
+    _why = _kern.unavailable() or ([] if "cpu" in _kern.devices else ["needs a CUDA device"])
+    if _why:
+        SKIPPED[_kern.name] = "; ".join(_why)
+    else:
+        IMPLS[_kern.name] = _name
+
+
+def test_report_skipped_implementations():
+    """Not a silent skip: say which decode kernels this machine cannot test, and why."""
+    for name, why in SKIPPED.items():
+        print(f"decode kernel {name} not tested here: {why}")
+    assert "generic" in IMPLS
+
+
+def rnd(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------- cases
+# lens: valid keys per row before the append (None: the whole cache); cap: keys per row the cache holds.
+CASES = {
+    "len1_mha_fp32": dict(B=1, Hq=2, Hkv=2, Sq=1, D=64, Dv=64, lens=[0], snew=1, cap=8, layout="dense",
+                          dtype=torch.float32),
+    "len17_gqa_ragged_bf16": dict(B=3, Hq=6, Hkv=2, Sq=1, D=40, Dv=40, lens=[16, 5, 0], snew=1, cap=17,
+                                  layout="dense", dtype=torch.bfloat16, noncontig=True),
+    "len300_mqa_paged16_causal_fp16": dict(B=2, Hq=4, Hkv=1, Sq=2, D=64, Dv=64, lens=[298, 151], snew=2, cap=304,
+                                           layout="paged16", dtype=torch.float16, causal=True),
+    "paged256_q4_window_dv48_fp32": dict(B=2, Hq=4, Hkv=2, Sq=4, D=32, Dv=48, lens=[296, 40], snew=4, cap=512,
+                                         layout="paged256", dtype=torch.float32, window=(100, 0)),
+    "batchidx_softcap_alibi_q3_bf16": dict(B=2, Hq=4, Hkv=2, Sq=3, D=80, Dv=80, lens=[200, 13], snew=3, cap=256,
+                                           layout="batch_idx", dtype=torch.bfloat16, causal=True, softcap=3.0,
+                                           alibi=True),
+    "len4096_gqa_bf16": dict(B=1, Hq=8, Hkv=2, Sq=1, D=128, Dv=128, lens=[4095], snew=1, cap=4096, layout="dense",
+                             dtype=torch.bfloat16),
+    "no_append_empty_row_fp32": dict(B=2, Hq=2, Hkv=1, Sq=1, D=16, Dv=16, lens=[0, 9], snew=0, cap=9,
+                                     layout="dense", dtype=torch.float32),
+    "whole_cache_paged16_fp16": dict(B=2, Hq=4, Hkv=2, Sq=1, D=96, Dv=96, lens=None, snew=0, cap=48,
+                                     layout="paged16", dtype=torch.float16),
+}
+
+
+def make_cache(c):
+    """Returns (k_cache, v_cache, extra kwargs, logical(kc) -> (B, cap, Hkv, D) per-row view of the cache)."""
+    B, Hkv, D, Dv, cap, dt = c["B"], c["Hkv"], c["D"], c["Dv"], c["cap"], c["dtype"]
+    if c["layout"].startswith("paged"):
+        page = int(c["layout"][5:])
+        nb = -(-cap // page)
+        nblocks = B * nb + 3  # spare pages nobody uses
+        kc, vc = rnd(nblocks, page, Hkv, D, dtype=dt), rnd(nblocks, page, Hkv, Dv, dtype=dt)
+        bt = torch.randperm(nblocks)[:B * nb].view(B, nb).int()  # shuffled physical pages
+        return kc, vc, {"block_table": bt}, lambda x: x[bt.long()].reshape(B, nb * page, *x.shape[2:])
+    if c["layout"] == "batch_idx":
+        kc, vc = rnd(B + 2, cap, Hkv, D, dtype=dt), rnd(B + 2, cap, Hkv, Dv, dtype=dt)
+        idx = torch.randperm(B + 2)[:B].int()
+        return kc, vc, {"cache_batch_idx": idx}, lambda x: x[idx.long()]
+    kc, vc = rnd(B, cap, Hkv, D, dtype=dt), rnd(B, cap, Hkv, Dv, dtype=dt)
+    return kc, vc, {}, lambda x: x
+
+
+def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
+    """Log-sum-exp of the visible scores (bottom-right) computed in dtype (float64: the reference; the inputs'
+    precision: the naive baseline of the tolerance rule), +inf for rows with no visible key.
+    q (1, Hq, Sq, D), k (1, Hkv, L, D)."""
+    q, k = q.to(dtype), k.to(dtype)
+    Hq, Sq, L = q.shape[1], q.shape[2], k.shape[2]
+    k = k[:, torch.arange(Hq) // (Hq // k.shape[1])]
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = torch.arange(Sq).view(Sq, 1), torch.arange(L).view(1, L)
+    if alibi is not None:
+        s = s - alibi.to(dtype).view(1, Hq, 1, 1) * (i + L - Sq - j).abs().to(dtype)
+    vis = torch.ones(Sq, L, dtype=torch.bool)
+    if window[0] >= 0:
+        vis &= j >= i + L - Sq - window[0]
+    if window[1] >= 0:
+        vis &= j <= i + L - Sq + window[1]
+    lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), dim=-1)
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def run_case(c, backend, num_splits=0):
+    B, Hq, Hkv, Sq, D, Dv, dt = c["B"], c["Hq"], c["Hkv"], c["Sq"], c["D"], c["Dv"], c["dtype"]
+    q = rnd(B, Sq, Hq, D + 8, dtype=dt)[..., :D] if c.get("noncontig") else rnd(B, Sq, Hq, D, dtype=dt)
+    kc, vc, kw, logical = make_cache(c)
+    lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32)
+    snew = c["snew"]
+    k_new = rnd(B, snew, Hkv, D, dtype=dt) if snew else None
+    v_new = rnd(B, snew, Hkv, Dv, dtype=dt) if snew else None
+    # the expected cache after the append, written element by element
+    want_k, want_v = logical(kc).clone(), logical(vc).clone()
+    kc0, vc0 = kc.clone(), vc.clone()
+    for b in range(B):
+        for t in range(snew):
+            want_k[b, int(lens[b]) + t] = k_new[b, t]
+            want_v[b, int(lens[b]) + t] = v_new[b, t]
+    window = tuple(c.get("window", (-1, -1)))
+    if c.get("causal"):
+        window = (window[0], 0)
+    alibi = torch.rand(Hq) * 0.5 if c.get("alibi") else None
+    softcap = c.get("softcap", 0.0)
+    before = dict(decode.COUNTS)
+    out, lse = fastattn.flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=lens, causal=c.get("causal", False),
+                                                window_size=c.get("window", (-1, -1)), softcap=softcap,
+                                                alibi_slopes=alibi, num_splits=num_splits, return_softmax_lse=True,
+                                                backend=backend, **kw)
+    used = {n: v - before.get(n, 0) for n, v in decode.COUNTS.items() if v != before.get(n, 0)}
+    # in-place append: the appended rows hold the new tokens, nothing else in the cache changed
+    assert torch.equal(logical(kc), want_k) and torch.equal(logical(vc), want_v)
+    if c["layout"].startswith("paged"):  # spare pages untouched
+        spare = torch.ones(kc.shape[0], dtype=torch.bool)
+        spare[kw["block_table"].long().flatten()] = False
+        assert torch.equal(kc[spare], kc0[spare]) and torch.equal(vc[spare], vc0[spare])
+    elif c["layout"] == "batch_idx":
+        spare = torch.ones(kc.shape[0], dtype=torch.bool)
+        spare[kw["cache_batch_idx"].long()] = False
+        assert torch.equal(kc[spare], kc0[spare]) and torch.equal(vc[spare], vc0[spare])
+    assert out.shape == (B, Sq, Hq, Dv) and lse.shape == (B, Hq, Sq)
+    K, V = logical(kc), logical(vc)
+    for b in range(B):
+        L = K.shape[1] if lens is None else int(lens[b]) + snew
+        qb = q[b:b + 1].transpose(1, 2)  # (1, Sq, Hq, D) -> (1, Hq, Sq, D)
+        kb, vb = K[b:b + 1, :L].transpose(1, 2), V[b:b + 1, :L].transpose(1, 2)
+        args = dict(scale=D ** -0.5, window=window, bottom_right=True, softcap=softcap, alibi_slopes=alibi)
+        ref = oracle_attention(qb, kb, vb, **args)
+        base = oracle_attention(qb, kb, vb, dtype=dt, **args) if dt != torch.float32 else None
+        assert_rule(f"out[{b}]", out[b:b + 1].transpose(1, 2), ref, base, dt)
+        lref = lse_reference(qb, kb, D ** -0.5, window, softcap, alibi)
+        lbase = lse_reference(qb, kb, D ** -0.5, window, softcap, alibi, dtype=dt) if base is not None else None
+        assert_rule(f"lse[{b}]", lse[b:b + 1], lref, lbase, dt)
+    return used
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_kvcache_matches_oracle(impl, case):
+    c = CASES[case]
+    if impl == "triton.decode_split" and c["D"] < 16:
+        pytest.skip("the Triton decode kernel takes head dims >= 16 (tl.dot); the router sends this to the generic path")
+    used = run_case(c, IMPLS[impl])
+    if impl == "generic":
+        assert not used, f"generic path expected, decode kernels ran: {used}"
+    else:
+        assert used == {impl: 1}, f"expected {impl} to serve the call, counters moved: {used}"
+
+
+@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_num_splits_do_not_change_results(impl, num_splits):
+    c = dict(B=2, Hq=4, Hkv=2, Sq=2, D=32, Dv=32, lens=[700, 97], snew=2, cap=720, layout="paged16",
+             dtype=torch.float32, window=(300, 0))
+    assert run_case(c, IMPLS[impl], num_splits=num_splits) == {impl: 1}
+
+
+@pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+def test_cpu_kernel_deterministic_and_opcheck():
+    q, kc, vc = rnd(1, 8, 1, 64).transpose(1, 2), rnd(1, 2000, 2, 64), rnd(1, 2000, 2, 64)  # q (1,1,8,64)->(1,8,1,64)
+    lens = torch.tensor([1999], dtype=torch.int32)
+    a = torch.ops.fastattn.decode_fwd(q, kc, vc, lens, None, None, 0.125, -1, -1, 0.0, None, 0)
+    b = torch.ops.fastattn.decode_fwd(q, kc, vc, lens, None, None, 0.125, -1, -1, 0.0, None, 0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.library.opcheck(torch.ops.fastattn.decode_fwd.default, (q, kc, vc, lens, None, None, 0.125, -1, -1, 0.0,
+                                                                  None, 3),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------- routing
+def _small_call():
+    q, kc, vc = rnd(2, 1, 4, 32), rnd(2, 40, 2, 32), rnd(2, 40, 2, 32)
+    return q, kc, vc, torch.tensor([3, 39], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+def test_explicit_backend_uses_its_decode_kernel(impl):
+    q, kc, vc, lens = _small_call()
+    ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend=IMPLS[impl])
+    assert ex.kernel == impl and "split-KV decode kernel" in str(ex), str(ex)
+    n0 = decode.COUNTS[impl]
+    fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=IMPLS[impl])
+    assert decode.COUNTS[impl] == n0 + 1
+    with fastattn.use_backend(IMPLS[impl]):
+        fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+    assert decode.COUNTS[impl] == n0 + 2
+
+
+def test_backend_without_kernel_and_autograd_take_the_generic_path():
+    q, kc, vc, lens = _small_call()
+    ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend="reference")
+    assert ex.kernel is None and "no split-KV decode kernel" in str(ex) and "chosen: reference" in str(ex), str(ex)
+    for impl, backend in IMPLS.items():
+        if impl == "generic":
+            continue
+        qg = q.clone().requires_grad_()
+        ex = explain_kvcache(qg, kc, vc, cache_seqlens=lens, backend=backend)
+        assert ex.kernel is None and "autograd" in str(ex), str(ex)
+    n0 = sum(decode.COUNTS.values())
+    out = fastattn.flash_attn_with_kvcache(q.clone().requires_grad_(), kc, vc, cache_seqlens=lens, backend="reference")
+    out.sum().backward()  # the generic path is differentiable
+    assert sum(decode.COUNTS.values()) == n0
+
+
+def test_auto_prefers_the_device_backends_kernel():
+    q, kc, vc, lens = _small_call()
+    ex = explain_kvcache(q, kc, vc, cache_seqlens=lens)
+    first = next((n for n in fastattn.backends.PREFERENCE["cpu"] if n in IMPLS.values() and n != "reference"), None)
+    if first is None:
+        assert ex.kernel is None, str(ex)
+    else:
+        assert ex.backend == first, str(ex)
+    print(ex)
+
+
+# ---------------------------------------------------------------- dense short-query route (HF GPT-2 decode)
+@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+def test_dense_short_query_route(impl):
+    from fastattn.functional import _sdpa_params
+
+    B, H, N, D = 2, 4, 77, 64
+    q, k, v = rnd(B, H, 1, D), rnd(B, H, N, D), rnd(B, H, N, D)
+    p = _sdpa_params(q, k, v, None, 0.0, False, None, False)
+    fn = decode.decode_route(p, IMPLS[impl])
+    assert fn is not None, str(decode.explain_dense(p, IMPLS[impl]))
+    out, lse = fn(p)
+    assert_rule("out", out, oracle_attention(q, k, v, scale=D ** -0.5), None, torch.float32)
+    assert torch.isfinite(lse).all()
+    # not a short-query call, or not one the kernels' bottom-right rule can express: no route
+    mask = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    assert decode.decode_route(_sdpa_params(q, k, v, mask, 0.0, False, None, False), IMPLS[impl]) is None
+    assert decode.decode_route(_sdpa_params(q, k, v, None, 0.0, True, None, False), IMPLS[impl]) is None  # top-left
+    assert decode.decode_route(_sdpa_params(rnd(B, H, 64, D), k, v, None, 0.0, False, None, False),
+                               IMPLS[impl]) is None
+    qg = q.clone().requires_grad_()
+    assert decode.decode_route(_sdpa_params(qg, k, v, None, 0.0, False, None, False), IMPLS[impl]) is None
+    assert decode.decode_route(p, "reference") is None
+
+
+# ---------------------------------------------------------------- bad input: clear errors, cache untouched
+BAD = {
+    "seqlens_beyond_capacity": (dict(cache_seqlens=torch.tensor([39, 2], dtype=torch.int32), snew=2),
+                                ValueError, "capacity"),
+    "negative_seqlens": (dict(cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32), snew=1), ValueError, "capacity"),
+    "seqlens_int64": (dict(cache_seqlens=torch.tensor([1, 2]), snew=1), ValueError, "int32"),
+    "block_table_out_of_range": (dict(paged=True, bt_bad=True, snew=1), ValueError, "block_table"),
+    "block_table_wrong_dtype": (dict(paged=True, bt_long=True, snew=1), ValueError, "block_table"),
+    "new_k_wrong_heads": (dict(k_shape=(2, 1, 3, 16), snew=1), ValueError, "new k"),
+    "new_k_v_length_differ": (dict(v_len=2, snew=1), ValueError, "new k"),
+    "new_k_wrong_dtype": (dict(k_dtype=torch.float64, snew=1), TypeError, "dtype"),
+    "only_k": (dict(only_k=True, snew=1), ValueError, "both k and v"),
+    "append_without_seqlens": (dict(cache_seqlens=None, snew=1), ValueError, "cache_seqlens"),
+    "batch_idx_repeated_on_append": (dict(batch_idx=[1, 1], snew=1), ValueError, "repeats"),
+    "batch_idx_out_of_range": (dict(batch_idx=[0, 4], snew=1), ValueError, "cache_batch_idx"),
+    "batch_idx_with_block_table": (dict(paged=True, batch_idx=[0, 1], snew=1), ValueError, "cache_batch_idx"),
+    "cache_heads_not_dividing": (dict(cache_heads=3, snew=0), ValueError, "multiple"),
+    "num_splits_negative": (dict(num_splits=-1, snew=1), ValueError, "num_splits"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_before_writing(name):
+    opts, exc, words = BAD[name]
+    B, Hq, D = 2, 4, 16
+    Hkv = opts.get("cache_heads", 2)
+    if opts.get("paged"):
+        kc, vc = rnd(6, 8, Hkv, D), rnd(6, 8, Hkv, D)
+        bt = torch.tensor([[0, 1], [2, 9 if opts.get("bt_bad") else 3]], dtype=torch.int32)
+        kw = {"block_table": bt.long() if opts.get("bt_long") else bt}
+    else:
+        kc, vc = rnd(4 if "batch_idx" in opts else B, 40, Hkv, D), rnd(4 if "batch_idx" in opts else B, 40, Hkv, D)
+        kw = {}
+    if "batch_idx" in opts:
+        kw["cache_batch_idx"] = torch.tensor(opts["batch_idx"], dtype=torch.int32)
+    snew = opts["snew"]
+    k = rnd(*opts.get("k_shape", (B, snew, 2, D))).to(opts.get("k_dtype", torch.float32))
+    v = rnd(B, opts.get("v_len", snew), 2, D)
+    if opts.get("only_k"):
+        v = None
+    if not snew:
+        k = v = None
+    lens = opts.get("cache_seqlens", torch.tensor([1, 2], dtype=torch.int32))
+    kc0, vc0 = kc.clone(), vc.clone()
+    with pytest.raises(exc, match=words):
+        fastattn.flash_attn_with_kvcache(rnd(B, 1, Hq, D), kc, vc, k=k, v=v, cache_seqlens=lens,
+                                         num_splits=opts.get("num_splits", 0), **kw)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "the cache changed although the call was refused"
+
+
+@pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+def test_cpu_op_checks_indices_itself():
+    """The op can be called directly: it checks every index it follows (no out-of-bounds read)."""
+    q, kc, vc = rnd(2, 4, 1, 16), rnd(2, 8, 2, 16), rnd(2, 8, 2, 16)
+    op = torch.ops.fastattn.decode_fwd
+    with pytest.raises(RuntimeError, match="seqlens_k"):
+        op(q, kc, vc, torch.tensor([9, 1], dtype=torch.int32), None, None, 0.25, -1, -1, 0.0, None, 0)
+    with pytest.raises(RuntimeError, match="block_table"):
+        op(q, kc, vc, torch.tensor([8, 9], dtype=torch.int32), torch.tensor([[0], [5]], dtype=torch.int32)[:, [0, 0]],
+           None, 0.25, -1, -1, 0.0, None, 0)
+    with pytest.raises(RuntimeError, match="cache_batch_idx"):
+        op(q, kc, vc, torch.tensor([1, 1], dtype=torch.int32), None, torch.tensor([0, 2], dtype=torch.int32), 0.25,
+           -1, -1, 0.0, None, 0)
