@@ -1,0 +1,181 @@
+"""What gets measured: benchmark cases, the presets that generate them, and the FLOP / byte conventions.
+
+A Case is one problem size in one mode. Shapes follow FlashAttention's benchmark: a fixed number of tokens per
+batch (batch = tokens // seqlen) and a fixed model width (heads = width // head_dim), so every point of a
+sequence-length sweep does comparable work per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd_bwd", "decode")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PAD_FRACTION = 0.25  # the padding cases pad ~25% of the tokens
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str            # fwd | bwd | fwd_bwd | decode
+    dtype: str           # fp16 | bf16 | fp32
+    batch: int
+    heads: int           # query heads
+    heads_kv: int        # key/value heads (< heads: GQA)
+    seqlen_q: int        # 1 for decode
+    seqlen_k: int        # the KV cache length for decode
+    head_dim: int
+    causal: bool = False
+    padding: bool = False  # key padding: sequence b keeps lengths()[b] tokens, the rest are padding
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def gqa(self) -> bool:
+        return self.heads_kv != self.heads
+
+    @property
+    def kind(self) -> str:
+        """The sweep this case belongs to (everything but the sequence length and batch)."""
+        parts = [self.mode, self.dtype, f"hd{self.head_dim}"]
+        if self.causal:
+            parts.append("causal")
+        if self.padding:
+            parts.append("pad")
+        if self.gqa:
+            parts.append(f"gqa{self.heads}/{self.heads_kv}")
+        return " ".join(parts)
+
+    @property
+    def label(self) -> str:
+        s = f"S={self.seqlen_k}" if self.mode == "decode" else f"S={self.seqlen_q}"
+        return f"{self.kind} B={self.batch} H={self.heads} {s}"
+
+    def lengths(self) -> List[int]:
+        """Valid tokens per sequence. Padding cases spread them linearly from 50% to 100% (mean 75%)."""
+        if not self.padding:
+            return [self.seqlen_k] * self.batch
+        S, B = self.seqlen_k, self.batch
+        if B == 1:
+            return [max(1, round(S * (1 - PAD_FRACTION)))]
+        return [max(1, round(S * (0.5 + 0.5 * b / (B - 1)))) for b in range(B)]
+
+    def small(self) -> "Case":
+        """The same kind of case at a size where a float64 reference is cheap (odd length on purpose)."""
+        sq = 1 if self.mode == "decode" else 97
+        return dataclasses.replace(self, batch=2 if self.padding else 1, heads=4 if self.gqa else 2,
+                                   heads_kv=1 if self.gqa else 2, seqlen_q=sq, seqlen_k=97)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(kind=self.kind, flops=flops(self), bytes_kv=kv_bytes(self))
+        return d
+
+
+def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool,
+                    mode: str = "fwd") -> float:
+    """FlashAttention's convention: forward 4·B·H·Sq·Sk·D (two matmuls, 2 FLOPs per multiply-add; softmax not
+    counted), halved for causal when Sq == Sk; backward 2.5x forward; forward+backward 3.5x."""
+    f = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+    if causal and seqlen_q == seqlen_k:
+        f /= 2
+    return f * {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+def flops(c: Case) -> float:
+    """Useful FLOPs of a case. Padding cases count only the valid tokens (sum of L_b^2), so a kernel that skips
+    padding (varlen) and one that computes it (a mask) are credited the same useful work."""
+    if c.padding:
+        return sum(attention_flops(1, c.heads, L, L, c.head_dim, c.causal, c.mode) for L in c.lengths())
+    return attention_flops(c.batch, c.heads, c.seqlen_q, c.seqlen_k, c.head_dim, c.causal, c.mode)
+
+
+def kv_bytes(c: Case) -> int:
+    """Bytes of K and V read once: the memory floor of decode (2·B·Hkv·Sk·D·bytes per element)."""
+    return 2 * c.batch * c.heads_kv * c.seqlen_k * c.head_dim * torch.empty(0, dtype=c.torch_dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------------- presets
+@dataclass
+class Preset:
+    seqlens: List[int]
+    headdims: List[int]
+    dtypes: List[str]
+    modes: List[str]                      # of fwd, bwd, fwd_bwd (the sweeps); decode is driven by decode_lens
+    tokens: int                           # batch * seqlen per point of a sweep
+    width: int                            # heads * head_dim
+    causal: Tuple[bool, ...] = (False, True)
+    extra_seqlens: List[int] = field(default_factory=list)  # where the padding and GQA variants run
+    decode_lens: List[int] = field(default_factory=list)
+    decode_shape: Tuple[int, int, int, int] = (1, 16, 4, 128)  # batch, heads, heads_kv, head_dim
+    gqa_group: int = 4
+    target_s: float = 0.3                 # CPU: seconds of timed repeats per measurement
+    model: bool = False                   # run the model-level benchmark too
+
+
+_TINY = dict(seqlens=[64, 128], headdims=[32], modes=["fwd", "fwd_bwd"], tokens=128, width=64, extra_seqlens=[64],
+             decode_lens=[128], decode_shape=(1, 4, 2, 32), gqa_group=2, target_s=0.005)
+
+PRESETS: Dict[str, Dict[str, Preset]] = {
+    "cpu": {
+        "tiny": Preset(dtypes=["fp32"], **_TINY),  # a smoke test (tests/test_benchmark.py), not a measurement
+        "quick": Preset(seqlens=[256, 1024, 4096], headdims=[64, 128], dtypes=["fp32"], modes=["fwd", "fwd_bwd"],
+                        tokens=4096, width=512, extra_seqlens=[1024], decode_lens=[1024, 4096],
+                        decode_shape=(1, 16, 4, 128), target_s=0.25),
+        "full": Preset(seqlens=[128, 256, 512, 1024, 2048, 4096], headdims=[32, 64, 128, 256],
+                       dtypes=["fp32", "bf16"], modes=["fwd", "bwd", "fwd_bwd"], tokens=4096, width=512,
+                       extra_seqlens=[512, 2048], decode_lens=[1024, 2048, 4096, 8192], target_s=0.5, model=True),
+    },
+    "cuda": {
+        "tiny": Preset(dtypes=["bf16"], **_TINY),
+        "quick": Preset(seqlens=[512, 1024, 2048, 4096, 8192, 16384], headdims=[64, 128], dtypes=["bf16"],
+                        modes=["fwd", "fwd_bwd"], tokens=16384, width=2048, extra_seqlens=[4096],
+                        decode_lens=[1024, 4096, 16384, 32768], decode_shape=(8, 32, 8, 128), model=True),
+        "full": Preset(seqlens=[512, 1024, 2048, 4096, 8192, 16384], headdims=[32, 64, 128, 256],
+                       dtypes=["bf16", "fp16"], modes=["fwd", "bwd", "fwd_bwd"], tokens=16384, width=2048,
+                       extra_seqlens=[2048, 8192], decode_lens=[1024, 2048, 4096, 8192, 16384, 32768],
+                       decode_shape=(8, 32, 8, 128), model=True),
+    },
+}
+
+
+def preset_for(name: str, device: str) -> Preset:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if name not in PRESETS[kind]:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS[kind])}")
+    return dataclasses.replace(PRESETS[kind][name])
+
+
+def sweep_case(p: Preset, mode: str, dtype: str, S: int, D: int, causal: bool, padding=False, gqa=False) -> Case:
+    heads = max(1, p.width // D)
+    heads_kv = max(1, heads // p.gqa_group) if gqa else heads
+    if gqa and heads % heads_kv:
+        heads_kv = heads
+    return Case(mode=mode, dtype=dtype, batch=max(1, p.tokens // S), heads=heads, heads_kv=heads_kv,
+                seqlen_q=S, seqlen_k=S, head_dim=D, causal=causal, padding=padding)
+
+
+def generate(p: Preset, modes: Optional[List[str]] = None) -> List[Case]:
+    """Every case of a preset: the main sweeps, then padding and GQA variants at extra_seqlens, then decode."""
+    modes = list(modes or p.modes + (["decode"] if p.decode_lens else []))
+    cases: List[Case] = []
+    for mode in (m for m in modes if m != "decode"):
+        for dtype in p.dtypes:
+            for D in p.headdims:
+                for causal in p.causal:
+                    cases += [sweep_case(p, mode, dtype, S, D, causal) for S in p.seqlens]
+                for S in p.extra_seqlens:
+                    if False in p.causal:  # padding is a BERT-style (bidirectional) case
+                        cases.append(sweep_case(p, mode, dtype, S, D, False, padding=True))
+                    if True in p.causal:   # GQA is a decoder-style (causal) case
+                        cases.append(sweep_case(p, mode, dtype, S, D, True, gqa=True))
+    if "decode" in modes:
+        B, H, Hkv, D = p.decode_shape
+        for dtype in p.dtypes:
+            cases += [Case(mode="decode", dtype=dtype, batch=B, heads=H, heads_kv=Hkv, seqlen_q=1, seqlen_k=S,
+                           head_dim=D) for S in p.decode_lens]
+    return list(dict.fromkeys(cases))

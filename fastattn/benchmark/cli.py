@@ -1,0 +1,184 @@
+"""`python -m fastattn.benchmark`: speed and memory of every fastattn backend against PyTorch SDPA (each kernel
+forced), FlexAttention and naive attention. See --help, and the package docstring for what is measured."""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import cases as C
+from . import env as E
+from . import impls as I
+from . import plots, probe, report, runner
+
+
+def _ints(s: str) -> List[int]:
+    out = []
+    for tok in s.split(","):
+        tok = tok.strip().lower()
+        if tok:
+            out.append(int(float(tok[:-1]) * 1024) if tok.endswith("k") else int(tok))
+    return out
+
+
+def _list(s: str) -> List[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastattn.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
+                   help="quick: the main sweeps in a few minutes; full: every head dim, dtype and mode; "
+                        "tiny: a smoke test (default quick)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--backends", type=_list, default=None,
+                   help="comma list of implementations or glob patterns, e.g. 'cpu,sdpa.flash,naive' or "
+                        "'fastattn.*'; a bare fastattn backend name includes its +varlen variant; 'naive' = "
+                        "fastattn.reference. --list shows the names")
+    p.add_argument("--seqlens", type=_ints, default=None,
+                   help="sequence lengths (and KV-cache lengths for decode), e.g. 512,1k,4k")
+    p.add_argument("--headdims", type=_ints, default=None, help="head dims, e.g. 64,128")
+    p.add_argument("--causal", choices=["true", "false", "both"], default=None)
+    p.add_argument("--dtype", type=_list, default=None, help=f"comma list of {', '.join(C.DTYPES)}")
+    p.add_argument("--mode", type=_list, default=None, help=f"comma list of {', '.join(C.MODES)}")
+    p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
+    p.add_argument("--model", choices=["on", "off"], default=None,
+                   help="model-level benchmark (BERT training step, GPT-2 generation); default: the preset's")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop measuring after this many seconds; the rest is listed as skipped")
+    p.add_argument("--target-s", type=float, default=None, help="CPU: seconds of timed repeats per measurement")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list", action="store_true", help="list implementations and cases, run nothing")
+    return p
+
+
+def select_impls(names: Optional[List[str]], device: str):
+    """(runnable implementations, {implementation: reasons} for those that cannot run on this device)."""
+    every = I.all_impls()
+    if names:
+        chosen = []
+        for tok in names:
+            tok = "fastattn.reference" if tok == "naive" else tok
+            hits = [n for n in every if fnmatch.fnmatch(n, tok) or n in (f"fastattn.{tok}", f"fastattn.{tok}+varlen")
+                    or n.startswith(tok + ".")]
+            if not hits:
+                raise SystemExit(f"--backends: {tok!r} matches nothing; known: {', '.join(every)}")
+            chosen += hits
+        every = {n: every[n] for n in dict.fromkeys(chosen)}
+    dev = device.split(":")[0]
+    runnable, not_run, crashes = [], {}, {}
+    for n, impl in every.items():
+        why = impl.unavailable(dev)
+        if not why and isinstance(impl, I.FastattnImpl):
+            if impl.backend not in crashes:
+                crashes[impl.backend] = probe.crash_reasons(impl.backend, device)
+            why = crashes[impl.backend]
+        if why:
+            not_run[n] = why
+        else:
+            runnable.append(impl)
+    return runnable, not_run
+
+
+def build_cases(args, device: str):
+    p = C.preset_for(args.preset, device)
+    if args.headdims:
+        p.headdims = args.headdims
+        p.decode_shape = p.decode_shape[:3] + (args.headdims[0],)
+    if args.seqlens:
+        p.extra_seqlens = [s for s in p.extra_seqlens if s in args.seqlens] or [args.seqlens[len(args.seqlens) // 2]]
+        p.seqlens = p.decode_lens = args.seqlens
+    if args.causal:
+        p.causal = {"true": (True,), "false": (False,), "both": (False, True)}[args.causal]
+    if args.dtype:
+        bad = [d for d in args.dtype if d not in C.DTYPES]
+        if bad:
+            raise SystemExit(f"--dtype: unknown {bad}; choose from {', '.join(C.DTYPES)}")
+        p.dtypes = args.dtype
+    modes = None
+    if args.mode:
+        bad = [m for m in args.mode if m not in C.MODES]
+        if bad:
+            raise SystemExit(f"--mode: unknown {bad}; choose from {', '.join(C.MODES)}")
+        modes = args.mode
+    if args.target_s is not None:
+        p.target_s = args.target_s
+    cases = C.generate(p, modes)
+    if args.headdims and (not modes or "decode" in modes):  # decode runs once per requested head dim
+        decode = [c for c in cases if c.mode == "decode"]
+        cases = [c for c in cases if c.mode != "decode"]
+        for D in args.headdims:
+            cases += [C.Case(**{**c.__dict__, "head_dim": D}) for c in decode]
+    return p, list(dict.fromkeys(cases))
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    preset, cases = build_cases(args, device)
+    t0 = time.monotonic()
+    impls, not_run = select_impls(args.backends, device)
+    if args.list:
+        print("implementations:")
+        for impl in impls:
+            print(f"  {impl.name:<24} {impl.description}")
+        for n, why in not_run.items():
+            print(f"  {n:<24} not run here: {'; '.join(why)}")
+        print(f"\n{len(cases)} cases:")
+        for c in cases:
+            print("  " + c.label)
+        return 0
+
+    env = E.collect(device)
+    print(f"fastattn benchmark: preset {args.preset} on {env.get('gpu') or env['cpu_model']} ({device}), "
+          f"torch {env['torch']}, {len(cases)} cases x {len(impls)} implementations", flush=True)
+    records = runner.run(cases, impls, device, target_s=preset.target_s, max_seconds=args.max_seconds,
+                         progress=not args.no_progress)
+    models = []
+    run_model = preset.model if args.model is None else args.model == "on"
+    if run_model:
+        from . import model
+        over = args.max_seconds is not None and time.monotonic() - t0 > args.max_seconds
+        models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5))
+    wall = time.monotonic() - t0
+
+    print()
+    print(report.table(records))
+    print("summary (geometric means over the cases each implementation ran):")
+    print(report.summary(records))
+    if not_run:
+        print("\nnot run on this device:")
+        print(report.not_run_text(not_run))
+    if models:
+        print("\nmodel level (same random-weight model, attention swapped via fastattn.use_backend):")
+        print(report.model_table(models))
+    settings = {"preset": args.preset, "device": device, "argv": sys.argv[1:] if argv is None else list(argv),
+                "target_s": preset.target_s, "wall_s": round(wall, 1), "max_seconds": args.max_seconds,
+                "flop_convention": "fwd 4*B*H*Sq*Sk*D (half for causal Sq==Sk; padding cases: sum over sequences "
+                                   "of valid L^2); bwd 2.5x; fwd_bwd 3.5x",
+                "memory": "peak extra bytes allocated during one call, over the level before it (see "
+                          "fastattn/benchmark/memory.py)"}
+    paths = report.write(args.out, env, records, not_run, models, settings)
+    written = list(paths.values())
+    if not args.no_plots:
+        pngs = plots.plot(records, args.out, title=f"{env.get('gpu') or env['cpu_model']}, torch {env['torch']}")
+        if pngs is None:
+            print("\nplots skipped: matplotlib is not installed (pip install matplotlib, or the 'bench' extra)")
+        else:
+            written += pngs
+    print(f"\nwrote {', '.join(os.path.relpath(p) for p in written)}")
+    print(f"wall time {wall:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The environment a benchmark ran in, stored next to its numbers so runs can be compared honestly."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+
+def _run(cmd, cwd=None) -> str:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - optional information
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect(device: str) -> dict:
+    import fastattn
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=repo)
+    dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)) if commit else False
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "device": device,
+        "fastattn": fastattn.__version__,
+        "git_commit": (commit + ("+dirty" if dirty else "")) if commit else None,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # CPU timings are only as good as the machine is idle: the 1-minute load average at the start.
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "available_backends": fastattn.available_backends(device.split(":")[0]),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        env["triton"] = f"not importable ({type(e).__name__})"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(torch.device(device))
+        env["gpu"] = p.name
+        env["gpu_capability"] = f"{p.major}.{p.minor}"
+        env["gpu_memory_gib"] = round(p.total_memory / 2 ** 30, 1)
+        env["gpu_sms"] = p.multi_processor_count
+        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).split("\n")[0] \
+            or None
+    return env

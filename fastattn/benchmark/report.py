@@ -1,0 +1,116 @@
+"""Writes a run's results: a table on stdout, results.json (environment + every record), results.csv."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import OrderedDict
+from typing import Dict, List
+
+CSV_FIELDS = ["label", "impl", "family", "status", "mode", "dtype", "batch", "heads", "heads_kv", "seqlen_q",
+              "seqlen_k", "head_dim", "causal", "padding", "flops", "time_ms", "min_ms", "tflops", "gbps",
+              "peak_mem_mb", "speedup_vs_naive", "speedup_vs_sdpa_best", "sdpa_best", "correct", "check", "reason"]
+
+
+def _fmt(x, spec: str, missing: str = "-") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return missing
+    return format(x, spec)
+
+
+def table(records: List[dict]) -> str:
+    """One block per case; one row per implementation (measured ones fastest first, then refusals)."""
+    cases: "OrderedDict[str, List[dict]]" = OrderedDict()
+    for r in records:
+        cases.setdefault(r["label"], []).append(r)
+    lines = []
+    head = f"  {'implementation':<24} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'peak MB':>8} {'x naive':>8} " \
+           f"{'x sdpa':>7}  check"
+    for label, rows in cases.items():
+        lines.append(label)
+        lines.append(head)
+        ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["time_ms"])
+        for r in ok:
+            flag = {True: "ok", False: "OFF: " + r.get("check", ""), None: "? " + r.get("check", "")}[r.get("correct")]
+            lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r.get('tflops'), '8.3f')} "
+                         f"{_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
+                         f"{_fmt(r.get('speedup_vs_naive'), '7.2f')}x {_fmt(r.get('speedup_vs_sdpa_best'), '6.2f')}x"
+                         f"  {flag}")
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"  {r['impl']:<24} {r['status']}: {r['reason'][:150]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(records: List[dict]) -> str:
+    """Geometric-mean speedups per implementation over the cases it ran, and refusal counts."""
+    per: Dict[str, dict] = OrderedDict()
+    for r in records:
+        s = per.setdefault(r["impl"], {"n": 0, "naive": [], "sdpa": [], "off": 0, "refused": 0, "other": 0})
+        if r["status"] == "ok":
+            s["n"] += 1
+            if r.get("speedup_vs_naive"):
+                s["naive"].append(r["speedup_vs_naive"])
+            if r.get("speedup_vs_sdpa_best"):
+                s["sdpa"].append(r["speedup_vs_sdpa_best"])
+            s["off"] += r.get("correct") is False
+        elif r["status"] == "refused":
+            s["refused"] += 1
+        else:
+            s["other"] += 1
+
+    def gm(xs):
+        return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+    lines = [f"  {'implementation':<24} {'ran':>4} {'refused':>8} {'failed':>7} {'geomean x naive':>16} "
+             f"{'geomean x sdpa-best':>20} {'wrong':>6}"]
+    for name, s in per.items():
+        lines.append(f"  {name:<24} {s['n']:>4} {s['refused']:>8} {s['other']:>7} {_fmt(gm(s['naive']), '15.2f')}x "
+                     f"{_fmt(gm(s['sdpa']), '19.2f')}x {s['off']:>6}")
+    return "\n".join(lines)
+
+
+def not_run_text(not_run: Dict[str, List[str]]) -> str:
+    return "\n".join(f"  {n:<24} {'; '.join(why)}" for n, why in not_run.items())
+
+
+def model_table(rows: List[dict]) -> str:
+    lines = [f"  {'model':<14} {'attention':<12} {'tokens/s':>10} {'ms':>9} {'x eager':>8}  shape"]
+    for r in rows:
+        if r.get("status") == "error":
+            lines.append(f"  {r['model']:<14} {r['attention']:<12} error: {r['reason']}")
+        else:
+            lines.append(f"  {r['model']:<14} {r['attention']:<12} {r['tokens_per_s']:>10.1f} {r['time_ms']:>9.1f} "
+                         f"{_fmt(r.get('speedup_vs_eager'), '7.2f')}x  {r['shape']}")
+    return "\n".join(lines)
+
+
+def flat(r: dict) -> dict:
+    row = {k: v for k, v in r.items() if k != "case"}
+    row.update({k: v for k, v in r["case"].items() if k not in ("kind",)})
+    return row
+
+
+def write(out_dir: str, env: dict, records: List[dict], not_run: Dict[str, List[str]], models: List[dict],
+          settings: dict) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv")}
+    with open(paths["json"], "w") as f:
+        json.dump({"env": env, "settings": settings, "not_run": not_run, "results": records, "models": models}, f,
+                  indent=1, default=str)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in flat(r).items()})
+    if models:
+        paths["models_csv"] = os.path.join(out_dir, "models.csv")
+        with open(paths["models_csv"], "w", newline="") as f:
+            fields = ["model", "attention", "tokens_per_s", "time_ms", "tokens", "speedup_vs_eager", "shape",
+                      "status", "reason"]
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(models)
+    return paths

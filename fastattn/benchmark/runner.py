@@ -1,0 +1,154 @@
+"""The measurement loop: every case x every implementation, each either measured or listed with its reason."""
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+
+from .cases import Case, flops, kv_bytes
+from .check import small_check
+from .impls import NAIVE, Impl, Refused
+from .inputs import make_inputs, step_for
+from .memory import peak_extra_bytes
+from .timing import bench
+
+
+class Progress:
+    """tqdm when installed, else a one-line counter on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.n, self.enabled, self._bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, desc: str):
+        self.n += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description_str(desc[:60])
+            self._bar.update(1)
+        else:
+            sys.stderr.write(f"\r[{self.n}/{self.total}] {desc[:70]:<70}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _probe(step):
+    """First call, with warnings kept: SDPA explains a refusal only through warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            step()
+        except Refused:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure becomes a listed reason
+            if _is_oom(e):
+                raise
+            why = [str(w.message).strip().replace("\n", " ") for w in caught
+                   if issubclass(w.category, UserWarning)]
+            raise Refused([_first_line(e)] + [w[:200] for w in why[:4]]) from None
+
+
+def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: Dict[tuple, tuple]) -> dict:
+    rec = {"impl": impl.name, "family": impl.family, "status": "ok", "reason": ""}
+    t_start = time.monotonic()
+    grad = case.mode in ("bwd", "fwd_bwd")
+    try:
+        runner = impl.build(case, inp, grad)
+        with runner.context():
+            step = step_for(runner, case.mode)
+            _probe(step)
+            key = (impl.name, case.kind)
+            if key not in checks:
+                try:
+                    checks[key] = small_check(impl, case, device)
+                except Refused as e:
+                    checks[key] = (None, "small check refused: " + str(e))
+                except Exception as e:  # noqa: BLE001
+                    checks[key] = (False, "small check raised " + _first_line(e))
+            rec["correct"], rec["check"] = checks[key]
+            t = bench(step, device, target_s)
+            rec.update(time_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, timing=t.method)
+            peak, how = peak_extra_bytes(step, device)
+            rec.update(peak_mem_mb=peak / 2 ** 20, memory=how)
+    except Refused as e:
+        rec.update(status="refused", reason=str(e))
+    except Exception as e:  # noqa: BLE001
+        rec.update(status="oom" if _is_oom(e) else "error", reason=_first_line(e))
+    rec["wall_s"] = round(time.monotonic() - t_start, 3)  # everything: compile, check, timing, memory
+    if rec["status"] == "ok":
+        s = rec["time_ms"] / 1e3
+        rec["tflops"] = flops(case) / s / 1e12
+        if case.mode == "decode":
+            rec["gbps"] = kv_bytes(case) / s / 1e9
+    return rec
+
+
+def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3,
+        max_seconds: Optional[float] = None, progress: bool = True) -> List[dict]:
+    """Measures every case with every implementation; returns one record per (case, implementation)."""
+    records: List[dict] = []
+    checks: Dict[tuple, tuple] = {}
+    bar = Progress(len(cases) * len(impls), enabled=progress)
+    start = time.monotonic()
+    try:
+        for case in cases:
+            inp = None
+            for impl in impls:
+                bar.update(f"{impl.name} {case.label}")
+                if max_seconds is not None and time.monotonic() - start > max_seconds:
+                    rec = {"impl": impl.name, "family": impl.family, "status": "skipped",
+                           "reason": f"time budget (--max-seconds {max_seconds:g}) used up"}
+                else:
+                    if inp is None:
+                        inp = make_inputs(case, device)
+                    rec = measure(impl, case, inp, device, target_s, checks)
+                rec.update(case=case.to_dict(), label=case.label)
+                records.append(rec)
+            del inp
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    finally:
+        bar.close()
+    add_speedups(records)
+    return records
+
+
+def add_speedups(records: List[dict]) -> None:
+    """Per case: speedup over naive attention and over the fastest PyTorch SDPA kernel measured."""
+    by_case: Dict[str, List[dict]] = {}
+    for r in records:
+        by_case.setdefault(r["label"], []).append(r)
+    for rows in by_case.values():
+        ok = [r for r in rows if r["status"] == "ok"]
+        naive = next((r["time_ms"] for r in ok if r["impl"] == NAIVE), None)
+        sdpa = [r for r in ok if r["family"] == "sdpa"]
+        best = min(sdpa, key=lambda r: r["time_ms"]) if sdpa else None
+        for r in ok:
+            r["speedup_vs_naive"] = naive / r["time_ms"] if naive else None
+            r["speedup_vs_sdpa_best"] = best["time_ms"] / r["time_ms"] if best else None
+            r["sdpa_best"] = best["impl"] if best else None

@@ -1,0 +1,157 @@
+"""The benchmark suite (fastattn/benchmark): FLOP convention, the CPU memory tracker, the correctness flag, and a
+tiny end-to-end run whose JSON/CSV must carry the expected fields. Speed itself is never asserted."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fastattn.benchmark import Case, CpuAllocTracker, attention_flops, flops, kv_bytes, peak_extra_bytes
+from fastattn.benchmark import cli, runner
+from fastattn.benchmark.check import small_check
+from fastattn.benchmark.impls import FastattnImpl, Impl
+from fastattn.benchmark.inputs import Runner, leaves_for
+
+MiB = 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and bytes
+def test_flop_convention():
+    base = 4 * 2 * 8 * 1024 * 1024 * 64
+    assert attention_flops(2, 8, 1024, 1024, 64, False) == base
+    assert attention_flops(2, 8, 1024, 1024, 64, True) == base / 2          # causal, Sq == Sk: half
+    assert attention_flops(2, 8, 512, 1024, 64, True) == base / 2           # Sq != Sk: not halved (Sq halves it)
+    assert attention_flops(2, 8, 1024, 1024, 64, False, "bwd") == 2.5 * base
+    assert attention_flops(2, 8, 1024, 1024, 64, True, "fwd_bwd") == 3.5 * base / 2
+
+
+def test_padding_flops_count_valid_tokens_only():
+    c = Case("fwd", "fp32", batch=3, heads=4, heads_kv=4, seqlen_q=100, seqlen_k=100, head_dim=32, padding=True)
+    L = c.lengths()
+    assert L == [50, 75, 100] and sum(L) / (3 * 100) == pytest.approx(0.75)
+    assert flops(c) == sum(4 * 4 * l * l * 32 for l in L)
+
+
+def test_decode_bytes():
+    c = Case("decode", "bf16", batch=2, heads=32, heads_kv=8, seqlen_q=1, seqlen_k=4096, head_dim=128)
+    assert kv_bytes(c) == 2 * 2 * 8 * 4096 * 128 * 2
+    assert flops(c) == 4 * 2 * 32 * 1 * 4096 * 128
+
+
+# ---------------------------------------------------------------------------------------------- memory tracker
+def test_cpu_tracker_measures_a_known_allocation():
+    with CpuAllocTracker() as t:
+        a = torch.empty(48 * MiB, dtype=torch.uint8).fill_(1)
+        del a
+        b = torch.empty(16 * MiB, dtype=torch.uint8)
+    print(f"peak {t.peak / MiB:.2f} MiB, still held {t.current / MiB:.2f} MiB, {t.events} events")
+    assert 48 * MiB <= t.peak <= 48 * MiB + MiB / 2
+    assert 16 * MiB <= t.current <= 16 * MiB + MiB / 2
+    del b
+
+
+def test_cpu_tracker_sees_simultaneous_not_sequential_peaks():
+    def together():
+        x = torch.ones(10 * MiB // 4)   # 10 MiB of fp32
+        y = torch.ones(10 * MiB // 4)
+        return float(x[0] + y[0])
+
+    def one_after_other():
+        x = torch.ones(10 * MiB // 4)
+        del x
+        y = torch.ones(10 * MiB // 4)
+        return float(y[0])
+
+    both, _ = peak_extra_bytes(together, "cpu")
+    seq, _ = peak_extra_bytes(one_after_other, "cpu")
+    print(f"together {both / MiB:.2f} MiB, one after the other {seq / MiB:.2f} MiB")
+    assert 20 * MiB <= both <= 21 * MiB
+    assert 10 * MiB <= seq <= 11 * MiB
+
+
+def test_peak_counts_the_returned_output_not_the_inputs():
+    x = torch.randn(4 * MiB // 4)  # 4 MiB allocated before: not counted
+    peak, how = peak_extra_bytes(lambda: x * 2, "cpu")
+    assert 4 * MiB <= peak <= 4 * MiB + MiB / 2, (peak, how)
+
+
+# ---------------------------------------------------------------------------------------------- correctness flag
+class _Skewed(Impl):
+    """Planted bug: naive attention whose output is 1% off. The benchmark must flag it."""
+    name, family = "skewed", "test"
+
+    def build(self, case, inp, grad):
+        q, k, v = leaves_for(inp, grad)
+        return Runner(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal) * 1.01,
+                      [q, k, v], inp.dout)
+
+
+def test_check_flags_a_wrong_output_and_passes_a_right_one():
+    c = Case("fwd_bwd", "fp32", batch=1, heads=2, heads_kv=2, seqlen_q=64, seqlen_k=64, head_dim=32, causal=True)
+    ok, detail = small_check(_Skewed(), c, "cpu")
+    assert not ok and "err" in detail, detail
+    ok, detail = small_check(FastattnImpl("reference"), c, "cpu")
+    assert ok, detail
+    pad = Case("fwd_bwd", "bf16", batch=2, heads=4, heads_kv=4, seqlen_q=64, seqlen_k=64, head_dim=32, padding=True)
+    ok, detail = small_check(FastattnImpl("sdpa"), pad, "cpu")
+    assert ok, detail
+
+
+def test_failing_implementation_is_listed_with_its_reason():
+    class Broken(Impl):
+        name, family = "broken", "test"
+
+        def build(self, case, inp, grad):
+            def fwd():
+                raise RuntimeError("kernel exploded\nsecond line")
+            return Runner(fwd, [], inp.dout)
+
+    c = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=16, seqlen_k=16, head_dim=16)
+    recs = runner.run([c], [Broken(), FastattnImpl("reference")], "cpu", target_s=0.001, progress=False)
+    by = {r["impl"]: r for r in recs}
+    assert by["broken"]["status"] == "refused" and "kernel exploded" in by["broken"]["reason"]
+    assert by["fastattn.reference"]["status"] == "ok" and by["fastattn.reference"]["correct"] is True
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_tiny_run_writes_json_and_csv(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["--preset", "tiny", "--device", "cpu", "--backends", "naive,sdpa.flash,sdpa.efficient,cpu",
+                   "--seqlens", "64", "--mode", "fwd,fwd_bwd,decode", "--causal", "false", "--out", str(out),
+                   "--no-progress", "--max-seconds", "45"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "implementation" in printed and "summary" in printed
+    data = json.loads((out / "results.json").read_text())
+    env = data["env"]
+    for key in ("torch", "triton", "cpu_model", "torch_threads", "git_commit", "device", "date", "load_average"):
+        assert key in env, key
+    assert data["settings"]["preset"] == "tiny"
+    # Each selected implementation is either measured/refused per case, or listed as not runnable with reasons.
+    seen = {r["impl"] for r in data["results"]}
+    for name in ("fastattn.reference", "sdpa.flash", "sdpa.efficient", "fastattn.cpu", "fastattn.cpu+varlen"):
+        assert name in seen or data["not_run"].get(name), name
+    assert data["not_run"]["sdpa.efficient"]  # no CPU kernel: listed with its reason
+    modes = {r["case"]["mode"] for r in data["results"]}
+    assert modes == {"fwd", "fwd_bwd", "decode"}
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    assert {r["impl"] for r in ok} >= {"fastattn.reference", "sdpa.flash"}
+    for r in data["results"]:
+        assert r["status"] in ("ok", "refused", "error", "oom", "skipped")
+        if r["status"] != "ok":
+            assert r["reason"], r
+    for r in ok:
+        assert r["time_ms"] > 0 and math.isfinite(r["tflops"]) and r["tflops"] > 0
+        assert r["peak_mem_mb"] >= 0 and r["correct"] in (True, False, None)
+        if r["impl"] in ("fastattn.reference", "sdpa.flash"):
+            assert r["correct"] is True, r["check"]
+        if r["impl"] == "fastattn.reference":
+            assert r["speedup_vs_naive"] == pytest.approx(1.0)
+        assert r["case"]["flops"] > 0
+        if r["case"]["mode"] == "decode":
+            assert r["gbps"] > 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["results"])
+    assert {"impl", "time_ms", "tflops", "peak_mem_mb", "speedup_vs_naive", "correct"} <= set(rows[0])
