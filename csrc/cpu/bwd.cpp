@@ -1,0 +1,244 @@
+// FlashAttention-2 backward on CPU, deterministic (no atomics; every output element is reduced by one task in
+// a fixed order, so results are bitwise identical for any thread count).
+//
+//   delta_i = rowsum(dO_i * O_i)                                         (preprocess)
+//   per tile: P = exp(S - lse), Pd = dropout(P), dV += Pd^T dO, dP = dO V^T,
+//             dS = P * (dropout(dP) - delta) [* (1 - tanh^2) with softcap], dK += dS^T Qs, dQ += scale dS K
+//
+// Two schedules, chosen from the shape only (never from the thread count, so the bits never depend on it):
+//   per-head  (many sequence x kv-head pairs): one task per (sequence, kv head) walks the key blocks and
+//             accumulates dQ of its query heads in an fp32 buffer: 5 gemms per tile, like FA2's atomics-free
+//             single-pass form.
+//   two-pass  (few pairs, e.g. one long head): dK/dV over (sequence, kv head, key block), then dQ over
+//             (sequence, query head, query block): 7 gemms per tile but all cores busy.
+#include <ATen/Parallel.h>
+
+#include "kernels.h"
+#include "rng.h"
+#include "tile.h"
+
+namespace fastattn::cpu {
+
+namespace {
+
+constexpr int64_t kPerHeadMinTasks = 8;
+
+// Per-tile backward: fills P (in S), returns Pd (dropped P; S itself without dropout) and leaves dS in dP.
+template <typename T>
+const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, Operand dO, const float* lse,
+                       const float* delta, Operand kt, Operand vt, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
+                       float* S, float* dP, float* Pd_buf, float* tanh_buf) {
+  const CpuParams& p = ctx.p;
+  const bool capped = p.softcap > 0.f;
+  ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, BLOCK_K, capped ? tanh_buf : nullptr);
+  // dP = dO V^T  (bq, bk)
+  gemm_rm(false, true, bq, bk, p.Dv, 1.f, dO.ptr, dO.ld, vt.ptr, vt.ld, 0.f, dP, BLOCK_K);
+  for (int64_t r = 0; r < bq; ++r) {
+    float* P_r = S + r * BLOCK_K;
+    float* dS_r = dP + r * BLOCK_K;
+    vec::exp_sum_row(P_r, bk, lse[r]);  // lse = +inf (no visible key) gives P = 0
+    const float d = delta[r];
+    if (drop) {
+      // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
+      float* Pd_r = Pd_buf + r * BLOCK_K;
+      std::copy(P_r, P_r + bk, Pd_r);
+      drop->apply_row(Pd_r, ctx.s.n, ctx.h, i0 + r, j0, bk);
+      for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
+    } else {
+      for (int64_t j = 0; j < bk; ++j) dS_r[j] = P_r[j] * (dS_r[j] - d);
+    }
+    if (capped) {
+      const float* t = tanh_buf + r * BLOCK_K;
+      for (int64_t j = 0; j < bk; ++j) dS_r[j] *= 1.f - t[j] * t[j];
+    }
+  }
+  return drop ? Pd_buf : S;
+}
+
+struct BwdBuffers {
+  float *qs, *dO, *k, *v, *S, *dP, *Pd, *tanh, *dk, *dv, *dq;
+  static int64_t size(const CpuParams& p) {
+    return Scratch::round(BLOCK_Q * p.D) * 2 + Scratch::round(BLOCK_Q * p.Dv) + Scratch::round(BLOCK_K * p.D) * 2 +
+           Scratch::round(BLOCK_K * p.Dv) * 2 + Scratch::round(BLOCK_Q * BLOCK_K) * 4;
+  }
+  explicit BwdBuffers(Scratch& b, const CpuParams& p) {
+    b.used = 0;
+    qs = b.take(BLOCK_Q * p.D);
+    dO = b.take(BLOCK_Q * p.Dv);
+    k = b.take(BLOCK_K * p.D);
+    v = b.take(BLOCK_K * p.Dv);
+    S = b.take(BLOCK_Q * BLOCK_K);
+    dP = b.take(BLOCK_Q * BLOCK_K);
+    Pd = b.take(BLOCK_Q * BLOCK_K);
+    tanh = b.take(BLOCK_Q * BLOCK_K);
+    dk = b.take(BLOCK_K * p.D);
+    dv = b.take(BLOCK_K * p.Dv);
+    dq = b.take(BLOCK_Q * p.D);
+  }
+};
+
+// Pointers of one (sequence, query head): q, dout, lse, delta at the sequence's first row.
+template <typename T>
+struct HeadRows {
+  const T *q, *dO;
+  const float *lse, *delta;
+  HeadRows(const CpuParams& p, const SeqInfo& s, int64_t h, const float* delta_all) {
+    q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + s.q0 * p.q_st.s;
+    dO = static_cast<const T*>(p.dout) + s.b * p.do_st.b + h * p.do_st.h + s.q0 * p.do_st.s;
+    const int64_t lrow = s.b * p.lse_sb + h * p.lse_sh + s.q0;
+    lse = p.lse + lrow;
+    delta = delta_all + lrow;
+  }
+};
+
+// dK, dV of key block [j0, j0+bk) of kv head hk, summed over its query heads and visible query blocks; with
+// dq_all (group, sq, D) also accumulates dQ (per-head schedule).
+template <typename T>
+void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
+                const float* delta_all, BwdBuffers& B, float* dq_all) {
+  const int64_t D = p.D, Dv = p.Dv, bk = std::min(BLOCK_K, s.sk - j0);
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + (s.k0 + j0) * p.k_st.s;
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + (s.k0 + j0) * p.v_st.s;
+  const Operand kt = operand<T>(k, p.k_st.s, p.k_st.d, bk, D, B.k);
+  const Operand vt = operand<T>(v, p.v_st.s, p.v_st.d, bk, Dv, B.v);
+  std::fill(B.dk, B.dk + bk * D, 0.f);
+  std::fill(B.dv, B.dv + bk * Dv, 0.f);
+  const Dropout drop(p.seed, p.offset, p.dropout_p);
+  const int64_t i_lo = vis.query_lo(j0), i_hi = vis.query_hi(j0 + bk - 1);
+  for (int64_t g = 0; g < p.group(); ++g) {
+    const int64_t h = hk * p.group() + g;
+    const ScoreCtx<T> ctx(p, s, vis, h);
+    const HeadRows<T> rows(p, s, h, delta_all);
+    for (int64_t i0 = i_lo; i0 < i_hi; i0 += BLOCK_Q) {
+      const int64_t bq = std::min(BLOCK_Q, i_hi - i0);
+      const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, p.scale);
+      const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
+      const float* Pd = grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0,
+                                     rows.delta + i0, kt, vt, i0, bq, j0, bk, B.S, B.dP, B.Pd, B.tanh);
+      gemm_rm(true, false, bk, Dv, bq, 1.f, Pd, BLOCK_K, dO.ptr, dO.ld, 1.f, B.dv, Dv);    // dV += Pd^T dO
+      gemm_rm(true, false, bk, D, bq, 1.f, B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, B.dk, D);   // dK += dS^T Qs
+      if (dq_all) {  // dQ += scale * dS K
+        gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, dq_all + (g * s.sq + i0) * D, D);
+      }
+    }
+  }
+  T* dk = static_cast<T*>(p.dk) + s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
+  T* dv = static_cast<T*>(p.dv) + s.b * p.dv_st.b + hk * p.dv_st.h + (s.k0 + j0) * p.dv_st.s;
+  for (int64_t r = 0; r < bk; ++r) {
+    vec::store_row<T>(B.dk + r * D, dk + r * p.dk_st.s, p.dk_st.d, D, 1.f);
+    vec::store_row<T>(B.dv + r * Dv, dv + r * p.dv_st.s, p.dv_st.d, Dv, 1.f);
+  }
+}
+
+// dQ of query block [i0, i0+bq) of head h over all visible keys (two-pass schedule).
+template <typename T>
+void dq_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t h, int64_t i0,
+              const float* delta_all, BwdBuffers& B) {
+  const int64_t D = p.D, Dv = p.Dv, bq = std::min(BLOCK_Q, s.sq - i0), hk = h / p.group();
+  const ScoreCtx<T> ctx(p, s, vis, h);
+  const HeadRows<T> rows(p, s, h, delta_all);
+  const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, p.scale);
+  const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
+  const Dropout drop(p.seed, p.offset, p.dropout_p);
+  std::fill(B.dq, B.dq + bq * D, 0.f);
+  const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
+  for (int64_t j0 = j_lo; j0 < j_hi; j0 += BLOCK_K) {
+    const int64_t bk = std::min(BLOCK_K, j_hi - j0);
+    const Operand kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, B.k);
+    const Operand vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, B.v);
+    grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0, rows.delta + i0, kt, vt, i0, bq,
+                 j0, bk, B.S, B.dP, B.Pd, B.tanh);
+    gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, B.dq, D);
+  }
+  T* dq = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + (s.q0 + i0) * p.dq_st.s;
+  for (int64_t r = 0; r < bq; ++r) vec::store_row<T>(B.dq + r * D, dq + r * p.dq_st.s, p.dq_st.d, D, 1.f);
+}
+
+// delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv.
+template <typename T>
+void compute_delta(const CpuParams& p, float* delta) {
+  const int64_t rows = p.B * p.Hq * p.Sq;
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % p.Sq, bh = t / p.Sq, h = bh % p.Hq, b = bh / p.Hq;
+      const T* o = static_cast<const T*>(p.out) + b * p.o_st.b + h * p.o_st.h + i * p.o_st.s;
+      const T* d = static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + i * p.do_st.s;
+      float acc = 0.f;
+      for (int64_t c = 0; c < p.Dv; ++c) {
+        acc += static_cast<float>(o[c * p.o_st.d]) * static_cast<float>(d[c * p.do_st.d]);
+      }
+      delta[b * p.lse_sb + h * p.lse_sh + i] = acc;
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
+  at::Tensor delta_t = at::empty({p.B * p.Hq * p.Sq}, at::kFloat);
+  float* delta = delta_t.data_ptr<float>();
+  compute_delta<T>(p, delta);
+  const int64_t scratch = BwdBuffers::size(p);
+  const int64_t G = p.group();
+
+  if (p.nseq * p.Hkv >= kPerHeadMinTasks) {
+    at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+      BlasSingleThread blas1;
+      Scratch buf(scratch);
+      BwdBuffers B(buf, p);
+      for (int64_t t = begin; t < end; ++t) {
+        const SeqInfo s = seq_info(p, t / p.Hkv);
+        const int64_t hk = t % p.Hkv;
+        const Visibility vis(p, s);
+        at::Tensor dq_t = at::zeros({G * s.sq * p.D}, at::kFloat);  // (group, sq, D) fp32 dQ accumulator
+        float* dq_all = dq_t.data_ptr<float>();
+        for (int64_t j0 = 0; j0 < s.sk; j0 += BLOCK_K) dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          T* dq = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
+          for (int64_t i = 0; i < s.sq; ++i) {
+            vec::store_row<T>(dq_all + (g * s.sq + i) * p.D, dq + i * p.dq_st.s, p.dq_st.d, p.D, 1.f);
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K, nqb = (max_sq + BLOCK_Q - 1) / BLOCK_Q;
+  at::parallel_for(0, p.nseq * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+    BlasSingleThread blas1;
+    Scratch buf(scratch);
+    BwdBuffers B(buf, p);
+    for (int64_t t = begin; t < end; ++t) {
+      // t = (n * Hkv + hk) * nkb + kb
+      const int64_t kb = t % nkb, nh = t / nkb;
+      const SeqInfo s = seq_info(p, nh / p.Hkv);
+      if (kb * BLOCK_K >= s.sk) continue;
+      const Visibility vis(p, s);
+      dkdv_block<T>(p, s, vis, nh % p.Hkv, kb * BLOCK_K, delta, B, nullptr);
+    }
+  });
+  at::parallel_for(0, p.nseq * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    BlasSingleThread blas1;
+    Scratch buf(scratch);
+    BwdBuffers B(buf, p);
+    for (int64_t t = begin; t < end; ++t) {
+      // t = (n * Hq + h) * nqb + qb
+      const int64_t qb = t % nqb, nh = t / nqb;
+      const SeqInfo s = seq_info(p, nh / p.Hq);
+      if (qb * BLOCK_Q >= s.sq) continue;
+      const Visibility vis(p, s);
+      dq_block<T>(p, s, vis, nh % p.Hq, qb * BLOCK_Q, delta, B);
+    }
+  });
+}
+
+template void bwd_kernel<float>(const CpuParams&, int64_t, int64_t);
+template void bwd_kernel<c10::BFloat16>(const CpuParams&, int64_t, int64_t);
+template void bwd_kernel<c10::Half>(const CpuParams&, int64_t, int64_t);
+
+}  // namespace fastattn::cpu

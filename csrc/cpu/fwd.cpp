@@ -1,0 +1,108 @@
+// FlashAttention-2 forward on CPU: one task per (sequence, query head, block of BLOCK_Q query rows); each task
+// streams the visible key blocks through an online softmax, holding only tile buffers (memory O(S)).
+#include <ATen/Parallel.h>
+
+#include "kernels.h"
+#include "rng.h"
+#include "tile.h"
+
+namespace fastattn::cpu {
+
+namespace {
+
+// Online-softmax update of one row with the new score row S_r (bk keys), turned into probabilities in place.
+// Returns the factor the accumulator row must be multiplied by (exp(m_old - m_new); 1 when unchanged).
+inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i) {
+  const float m_new = std::max(m_i, vec::max_row(S_r, bk));
+  if (m_new == kNegInf) {  // every key so far masked: P = 0, state unchanged
+    std::fill(S_r, S_r + bk, 0.f);
+    return 1.f;
+  }
+  const float alpha = m_i == m_new ? 1.f : std::exp(m_i - m_new);
+  const float row_sum = vec::exp_sum_row(S_r, bk, m_new);
+  l_i = l_i * alpha + row_sum;
+  m_i = m_new;
+  return alpha;
+}
+
+template <typename T>
+void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf) {
+  const SeqInfo s = seq_info(p, n);
+  const int64_t i0 = qb * BLOCK_Q;
+  if (i0 >= s.sq) return;
+  const int64_t bq = std::min(BLOCK_Q, s.sq - i0), D = p.D, Dv = p.Dv;
+  const int64_t hk = h / p.group();
+  const Visibility vis(p, s);
+  const ScoreCtx<T> ctx(p, s, vis, h);
+  buf.used = 0;
+  float* qs_buf = buf.take(BLOCK_Q * D);
+  float* k_buf = buf.take(BLOCK_K * D);
+  float* v_buf = buf.take(BLOCK_K * Dv);
+  float* S = buf.take(BLOCK_Q * BLOCK_K);
+  float* acc = buf.take(BLOCK_Q * Dv);
+  float* m = buf.take(BLOCK_Q);
+  float* l = buf.take(BLOCK_Q);
+
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
+  // Qs = scale * Q: folding the scale here saves a pass over every score tile.
+  const Operand qs = operand<T>(q, p.q_st.s, p.q_st.d, bq, D, qs_buf, p.scale);
+  std::fill(acc, acc + bq * Dv, 0.f);
+  std::fill(m, m + bq, kNegInf);
+  std::fill(l, l + bq, 0.f);
+  const bool dropout = p.dropout_p > 0.f;
+  const Dropout drop(p.seed, p.offset, p.dropout_p);
+
+  // Key blocks that any row of this query block sees (fully masked blocks are skipped).
+  const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
+  for (int64_t j0 = j_lo; j0 < j_hi; j0 += BLOCK_K) {
+    const int64_t bk = std::min(BLOCK_K, j_hi - j0);
+    const Operand kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
+    ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, BLOCK_K, nullptr);
+    for (int64_t r = 0; r < bq; ++r) {
+      float* S_r = S + r * BLOCK_K;
+      const float alpha = online_softmax_row(S_r, bk, m[r], l[r]);
+      if (alpha != 1.f) vec::scale_row(acc + r * Dv, Dv, alpha);
+      // l_i sums the undropped probabilities; dropout applies to what multiplies V.
+      if (dropout) drop.apply_row(S_r, s.n, h, i0 + r, j0, bk);
+    }
+    const Operand vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
+    gemm_rm(false, false, bq, Dv, bk, 1.f, S, BLOCK_K, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
+  }
+
+  T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
+  float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
+  for (int64_t r = 0; r < bq; ++r) {
+    // Rows with no visible key: out = 0, lse = +inf (the backward's exp(s - lse) is then 0).
+    const bool empty = l[r] == 0.f;
+    vec::store_row<T>(acc + r * Dv, out + r * p.o_st.s, p.o_st.d, Dv, empty ? 0.f : 1.f / l[r]);
+    lse[r] = empty ? kInf : m[r] + std::log(l[r]);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void fwd_kernel(const CpuParams& p, int64_t max_sq) {
+  const int64_t nqb = (max_sq + BLOCK_Q - 1) / BLOCK_Q;
+  const int64_t ntask = p.nseq * p.Hq * nqb;
+  const int64_t scratch = Scratch::round(BLOCK_Q * p.D) + Scratch::round(BLOCK_K * p.D) +
+                          Scratch::round(BLOCK_K * p.Dv) + Scratch::round(BLOCK_Q * BLOCK_K) +
+                          Scratch::round(BLOCK_Q * p.Dv) + 2 * Scratch::round(BLOCK_Q);
+  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+    BlasSingleThread blas1;
+    Scratch buf(scratch);
+    for (int64_t t = begin; t < end; ++t) {
+      // task t = (n * Hq + h) * nqb + qb
+      const int64_t qb = t % nqb, nh = t / nqb;
+      fwd_task<T>(p, nh / p.Hq, nh % p.Hq, qb, buf);
+    }
+  });
+}
+
+template void fwd_kernel<float>(const CpuParams&, int64_t);
+template void fwd_kernel<c10::BFloat16>(const CpuParams&, int64_t);
+template void fwd_kernel<c10::Half>(const CpuParams&, int64_t);
+
+}  // namespace fastattn::cpu

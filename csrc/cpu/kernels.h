@@ -1,0 +1,15 @@
+// Entry points of the CPU kernels (fwd.cpp, bwd.cpp), called from register.cpp with a filled CpuParams.
+#pragma once
+#include "params.h"
+
+namespace fastattn::cpu {
+
+// max_sq: the longest query sequence (Sq, or max over varlen sequences).
+template <typename T>
+void fwd_kernel(const CpuParams& p, int64_t max_sq);
+
+// Needs p.out, p.lse, p.dout and writes p.dq, p.dk, p.dv. Deterministic: bitwise identical for any thread count.
+template <typename T>
+void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
+
+}  // namespace fastattn::cpu

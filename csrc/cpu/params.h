@@ -1,0 +1,103 @@
+// Plain parameter struct for the CPU kernels, filled once from the op arguments (register.cpp), and the
+// per-sequence geometry (visibility bounds, key/query block ranges) shared by the forward and the backward.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastattn::cpu {
+
+// Strides in elements of a logical (B, H, S, D) tensor.
+struct Strides4 {
+  int64_t b = 0, h = 0, s = 0, d = 0;
+};
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+struct CpuParams {
+  // q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); out/dout (B, Hq, Sq, Dv); lse (B, Hq, Sq) fp32.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  Strides4 q_st, k_st, v_st, o_st;
+  int64_t lse_sb = 0, lse_sh = 0;  // lse is contiguous (B, Hq, Sq): stride over s is 1
+
+  // Backward only.
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides4 do_st, dq_st, dk_st, dv_st;
+
+  // attn_bias (B, Hq, Sq, Sk), q.dtype, stride 0 on broadcast dims; nullptr when absent.
+  const void* bias = nullptr;
+  Strides4 bias_st;  // d is the stride over keys
+  bool bias_key_padding = false;  // stride 0 over H and Sq: one bias row per batch
+
+  // alibi slopes fp32 (Hq,) or (N, Hq); nullptr when absent.
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0;
+
+  // Varlen: cu_seqlens int32 (N+1,), B == 1.
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+
+  int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
+  int64_t nseq = 0;  // B, or N for varlen
+  float scale = 1.f;
+  int64_t window_left = -1, window_right = -1;
+  bool bottom_right = false;
+  float softcap = 0.f;
+  float dropout_p = 0.f;
+  uint64_t seed = 0, offset = 0;
+
+  int64_t group() const { return Hq / Hkv; }
+};
+
+// One sequence: which tensor batch it lives in, where its rows start, and its lengths.
+struct SeqInfo {
+  int64_t b;       // tensor batch index (0 for varlen)
+  int64_t n;       // sequence index (== b unless varlen); used for alibi (N, Hq) and the dropout RNG
+  int64_t q0, k0;  // first row of the sequence in q / k
+  int64_t sq, sk;  // lengths
+};
+
+inline SeqInfo seq_info(const CpuParams& p, int64_t n) {
+  if (p.cu_q != nullptr) {
+    return {0, n, p.cu_q[n], p.cu_k[n], p.cu_q[n + 1] - p.cu_q[n], p.cu_k[n + 1] - p.cu_k[n]};
+  }
+  return {n, n, 0, 0, p.Sq, p.Sk};
+}
+
+// Visibility of key j to query i within a sequence (see csrc/ops.cpp):
+//   off = bottom_right ? sk - sq : 0;  j >= i + off - window_left (if >= 0);  j <= i + off + window_right (if >= 0).
+struct Visibility {
+  int64_t off, wl, wr, sq, sk;
+
+  Visibility(const CpuParams& p, const SeqInfo& s)
+      : off(p.bottom_right ? s.sk - s.sq : 0), wl(p.window_left), wr(p.window_right), sq(s.sq), sk(s.sk) {}
+
+  // Visible keys of row i are [key_lo(i), key_hi(i)) (may be empty).
+  int64_t key_lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(i + off - wl, 0, sk); }
+  int64_t key_hi(int64_t i) const { return wr < 0 ? sk : std::clamp<int64_t>(i + off + wr + 1, 0, sk); }
+  // Queries that see key j are [query_lo(j), query_hi(j)).
+  int64_t query_lo(int64_t j) const { return wr < 0 ? 0 : std::clamp<int64_t>(j - off - wr, 0, sq); }
+  int64_t query_hi(int64_t j) const { return wl < 0 ? sq : std::clamp<int64_t>(j - off + wl + 1, 0, sq); }
+  bool limited() const { return wl >= 0 || wr >= 0; }
+  // True when every (i, j) in [i0, i1) x [j0, j1) is visible, so the tile needs no element mask.
+  bool full(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    if (!limited()) return true;
+    // key_lo is increasing in i, key_hi too: the tightest rows are the first (for hi) and last (for lo).
+    return key_lo(i1 - 1) <= j0 && key_hi(i0) >= j1;
+  }
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,219 @@
+// CPU implementations of fastattn::fwd / fastattn::bwd (schemas and conventions in csrc/ops.cpp): argument
+// checks, CpuParams filling, dtype dispatch, and TORCH_LIBRARY_IMPL registration.
+#include <torch/library.h>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace fastattn::cpu {
+
+namespace {
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_q,
+                  const std::optional<at::Tensor>& cu_k, const std::optional<at::Tensor>& alibi) {
+  FA_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, S, D), got q", q.sizes(),
+           " k", k.sizes(), " v", v.sizes());
+  for (const auto* t : {&q, &k, &v}) {
+    FA_CHECK(t->device().is_cpu(), "cpu kernels got a tensor on ", t->device());
+  }
+  const auto dt = q.scalar_type();
+  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+           "cpu kernels take float32, bfloat16 or float16, got ", dt);
+  FA_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k, v dtypes differ: ", dt, ", ", k.scalar_type(),
+           ", ", v.scalar_type());
+  FA_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q", q.sizes(), " k", k.sizes(),
+           " v", v.sizes());
+  FA_CHECK(k.size(3) == q.size(3), "q and k head dims differ: q", q.sizes(), " k", k.sizes());
+  FA_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), "k and v must share heads and length: k", k.sizes(),
+           " v", v.sizes());
+  FA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "query heads ", q.size(1),
+           " must be a multiple of kv heads ", k.size(1));
+  if (attn_bias) {
+    const auto& b = *attn_bias;
+    FA_CHECK(b.dim() == 4 && b.size(0) == q.size(0) && b.size(1) == q.size(1) && b.size(2) == q.size(2) &&
+                 b.size(3) == k.size(2),
+             "attn_bias must be expanded to (B, Hq, Sq, Sk) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ",
+             k.size(2), "), got ", b.sizes());
+    FA_CHECK(b.scalar_type() == dt, "attn_bias dtype ", b.scalar_type(), " must match q dtype ", dt);
+    FA_CHECK(b.device().is_cpu(), "attn_bias must be on cpu, got ", b.device());
+  }
+  FA_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  if (cu_q) {
+    for (const auto* c : {&*cu_q, &*cu_k}) {
+      FA_CHECK(c->scalar_type() == at::kInt && c->dim() == 1 && c->numel() >= 2 && c->is_contiguous() &&
+                   c->device().is_cpu(),
+               "cu_seqlens must be contiguous 1-D int32 cpu tensors of length N+1, got ", c->scalar_type(), " ",
+               c->sizes());
+    }
+    FA_CHECK(cu_q->numel() == cu_k->numel(), "cu_seqlens_q and cu_seqlens_k lengths differ");
+    FA_CHECK(q.size(0) == 1, "varlen needs batch 1 (packed rows), got q", q.sizes());
+  }
+  if (alibi) {
+    const auto& a = *alibi;
+    FA_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && (a.dim() == 1 || a.dim() == 2) &&
+                 a.size(-1) == q.size(1),
+             "alibi_slopes must be contiguous float32 (Hq,) or (B, Hq), got ", a.scalar_type(), " ", a.sizes());
+  }
+}
+
+CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_q,
+                      const std::optional<at::Tensor>& cu_k, double scale, int64_t window_left, int64_t window_right,
+                      bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
+                      int64_t seed, int64_t offset) {
+  CpuParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_st = strides_of(q);
+  p.k_st = strides_of(k);
+  p.v_st = strides_of(v);
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Sq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Sk = k.size(2);
+  p.Dv = v.size(3);
+  p.lse_sb = p.Hq * p.Sq;
+  p.lse_sh = p.Sq;
+  if (attn_bias) {
+    p.bias = attn_bias->data_ptr();
+    p.bias_st = strides_of(*attn_bias);
+    p.bias_key_padding = p.bias_st.h == 0 && p.bias_st.s == 0;
+  }
+  if (cu_q) {
+    p.cu_q = cu_q->data_ptr<int32_t>();
+    p.cu_k = cu_k->data_ptr<int32_t>();
+    p.nseq = cu_q->numel() - 1;
+    FA_CHECK(p.cu_q[p.nseq] <= p.Sq && p.cu_k[p.nseq] <= p.Sk, "cu_seqlens end past the packed lengths (",
+             p.cu_q[p.nseq], " > ", p.Sq, " or ", p.cu_k[p.nseq], " > ", p.Sk, ")");
+  } else {
+    p.nseq = p.B;
+  }
+  if (alibi) {
+    FA_CHECK(alibi->dim() == 1 || alibi->size(0) == p.nseq, "alibi_slopes (B, Hq) must have B = ", p.nseq,
+             ", got ", alibi->sizes());
+    p.alibi = alibi->data_ptr<float>();
+    p.alibi_sb = alibi->dim() == 2 ? p.Hq : 0;
+  }
+  p.scale = static_cast<float>(scale);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  p.softcap = static_cast<float>(softcap);
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  return p;
+}
+
+// Longest (query, key) sequence: the tensor lengths, or the longest varlen sequences.
+std::pair<int64_t, int64_t> max_lengths(const CpuParams& p) {
+  if (p.cu_q == nullptr) return {p.Sq, p.Sk};
+  int64_t mq = 0, mk = 0;
+  for (int64_t n = 0; n < p.nseq; ++n) {
+    const SeqInfo s = seq_info(p, n);
+    FA_CHECK(s.sq >= 0 && s.sk >= 0, "cu_seqlens must be non-decreasing");
+    mq = std::max(mq, s.sq);
+    mk = std::max(mk, s.sk);
+  }
+  return {mq, mk};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& attn_bias,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double scale, int64_t window_left,
+                                           int64_t window_right, bool bottom_right, double softcap,
+                                           const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                           int64_t seed, int64_t offset, bool deterministic) {
+  check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
+  CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
+                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
+  at::Tensor out = alloc_out_like_q(q, p.Dv);
+  at::Tensor lse = alloc_output({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
+  if (p.cu_q != nullptr && p.Sq > 0) {
+    // Packed rows past the last sequence belong to no sequence: define them as empty rows.
+    out.narrow(2, p.cu_q[p.nseq], p.Sq - p.cu_q[p.nseq]).zero_();
+    lse.narrow(2, p.cu_q[p.nseq], p.Sq - p.cu_q[p.nseq]).fill_(kInf);
+  }
+  p.out = out.data_ptr();
+  p.o_st = strides_of(out);
+  p.lse = lse.data_ptr<float>();
+  const auto [mq, mk] = max_lengths(p);
+  (void)mk;
+  switch (q.scalar_type()) {
+    case at::kFloat: fwd_kernel<float>(p, mq); break;
+    case at::kBFloat16: fwd_kernel<c10::BFloat16>(p, mq); break;
+    default: fwd_kernel<c10::Half>(p, mq); break;
+  }
+  return {out, lse};
+}
+
+at::Tensor empty_like_poisoned(const at::Tensor& t) {
+  at::Tensor r = at::empty_like(t);
+  if (poison_outputs()) r.fill_(std::numeric_limits<float>::quiet_NaN());
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+    bool deterministic) {
+  check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
+  CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
+                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
+  FA_CHECK(dout.dim() == 4 && dout.size(0) == p.B && dout.size(1) == p.Hq && dout.size(2) == p.Sq &&
+               dout.size(3) == p.Dv && dout.scalar_type() == q.scalar_type(),
+           "dout must be (B, Hq, Sq, Dv) in q's dtype, got ", dout.scalar_type(), " ", dout.sizes());
+  FA_CHECK(out.sizes() == dout.sizes() && out.scalar_type() == q.scalar_type(), "out must match dout, got ",
+           out.sizes());
+  FA_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
+               lse.size(2) == p.Sq,
+           "lse must be float32 (B, Hq, Sq), got ", lse.scalar_type(), " ", lse.sizes());
+  // lse and delta are read as contiguous (B, Hq, Sq) rows; lse is small, so a copy is cheap when needed.
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = empty_like_poisoned(q), dk = empty_like_poisoned(k), dv = empty_like_poisoned(v);
+  if (p.cu_q != nullptr) {
+    // Packed rows past the last sequence get zero gradient.
+    if (p.Sq > p.cu_q[p.nseq]) dq.narrow(2, p.cu_q[p.nseq], p.Sq - p.cu_q[p.nseq]).zero_();
+    if (p.Sk > p.cu_k[p.nseq]) {
+      dk.narrow(2, p.cu_k[p.nseq], p.Sk - p.cu_k[p.nseq]).zero_();
+      dv.narrow(2, p.cu_k[p.nseq], p.Sk - p.cu_k[p.nseq]).zero_();
+    }
+  }
+  p.out = const_cast<void*>(out.data_ptr());
+  p.o_st = strides_of(out);
+  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.do_st = strides_of(dout);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = strides_of(dq);
+  p.dk_st = strides_of(dk);
+  p.dv_st = strides_of(dv);
+  const auto [mq, mk] = max_lengths(p);
+  switch (q.scalar_type()) {
+    case at::kFloat: bwd_kernel<float>(p, mq, mk); break;
+    case at::kBFloat16: bwd_kernel<c10::BFloat16>(p, mq, mk); break;
+    default: bwd_kernel<c10::Half>(p, mq, mk); break;
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("fwd", &fwd_cpu);
+  m.impl("bwd", &bwd_cpu);
+}
+
+}  // namespace fastattn::cpu

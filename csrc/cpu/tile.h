@@ -1,0 +1,130 @@
+// Tile building blocks shared by the forward and the backward: fp32 operands of a (rows, D) slice, the
+// tile gemm, and the score tile S = (scale*Q) K^T with softcap, alibi, bias and the visibility mask applied.
+#pragma once
+
+#include <type_traits>
+
+#include "params.h"
+#include "vec.h"
+
+namespace fastattn::cpu {
+
+// Tile sizes: BLOCK_Q query rows per task (forward, dQ) and BLOCK_K keys per inner step. Measured on
+// AVX2 with MKL (benchmarks/bench_cpu.py): large K blocks amortise the per-gemm overhead.
+constexpr int64_t BLOCK_Q = 64;
+constexpr int64_t BLOCK_K = 256;
+
+// Row-major fp32 matrices, C = alpha * op(A) op(B) + beta * C (see blas.cpp: the BLAS torch links, i.e.
+// MKL's sgemm on x86 wheels, found at run time; ATen's addmm otherwise).
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Keeps BLAS single-threaded on this thread for the guard's lifetime (our tasks are the parallelism; a
+// nested multi-threaded gemm would oversubscribe and could change the summation order).
+struct BlasSingleThread {
+  int prev;
+  BlasSingleThread();
+  ~BlasSingleThread();
+};
+
+// A (rows, cols) fp32 view: either straight into an fp32 input (unit last stride, row stride >= cols) or a
+// packed copy in a thread-local buffer (other dtypes, other strides, or when `mul` != 1).
+struct Operand {
+  const float* ptr;
+  int64_t ld;
+};
+
+template <typename T>
+inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* buf,
+                       float mul = 1.f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sd == 1 && ss >= cols && mul == 1.f) return {base, ss};
+  }
+  for (int64_t r = 0; r < rows; ++r) vec::load_row<T>(base + r * ss, sd, buf + r * cols, cols, mul);
+  return {buf, cols};
+}
+
+// Everything a score tile needs to know about its (sequence, head) besides the operands.
+template <typename T>
+struct ScoreCtx {
+  const CpuParams& p;
+  const SeqInfo& s;
+  const Visibility& vis;
+  int64_t h;
+  float slope;        // alibi slope of this (sequence, head); 0 without alibi
+  const T* bias_row0; // bias at (b, h, q0, k0): add i * bias_st.s + j * bias_st.d; nullptr without bias
+
+  ScoreCtx(const CpuParams& p_, const SeqInfo& s_, const Visibility& vis_, int64_t h_)
+      : p(p_), s(s_), vis(vis_), h(h_) {
+    slope = p.alibi ? p.alibi[s.n * p.alibi_sb + h] : 0.f;
+    bias_row0 = p.bias ? static_cast<const T*>(p.bias) + s.b * p.bias_st.b + h * p.bias_st.h +
+                             s.q0 * p.bias_st.s + s.k0 * p.bias_st.d
+                       : nullptr;
+  }
+
+  // S (bq, bk; ld ldS) = Qs K^T for query rows [i0, i0+bq) and keys [j0, j0+bk), then softcap (storing
+  // tanh in `tanh_out` when given, for the backward), alibi, bias and -inf outside the visible band.
+  void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
+              int64_t ldS, float* tanh_out) const {
+    gemm_rm(false, true, bq, bk, p.D, 1.f, qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
+    if (p.softcap > 0.f) {
+      const float c = p.softcap, inv_c = 1.f / p.softcap;
+      for (int64_t r = 0; r < bq; ++r) {
+        float* Sr = S + r * ldS;
+        float* tr = tanh_out ? tanh_out + r * ldS : nullptr;
+        for (int64_t j = 0; j < bk; ++j) {
+          const float t = std::tanh(Sr[j] * inv_c);
+          Sr[j] = c * t;
+          if (tr) tr[j] = t;
+        }
+      }
+    }
+    if (p.alibi) {
+      // -slope * |i + sk - sq - j|
+      for (int64_t r = 0; r < bq; ++r) {
+        float* Sr = S + r * ldS;
+        const int64_t d0 = i0 + r + s.sk - s.sq - j0;
+        for (int64_t j = 0; j < bk; ++j) Sr[j] -= slope * static_cast<float>(std::abs(d0 - j));
+      }
+    }
+    if (bias_row0) {
+      const int64_t sd = p.bias_st.d;
+      for (int64_t r = 0; r < bq; ++r) {
+        float* Sr = S + r * ldS;
+        const T* br = bias_row0 + (i0 + r) * p.bias_st.s + j0 * sd;
+        if (sd == 1) {
+          for (int64_t j = 0; j < bk; ++j) Sr[j] += static_cast<float>(br[j]);
+        } else {
+          for (int64_t j = 0; j < bk; ++j) Sr[j] += static_cast<float>(br[j * sd]);
+        }
+      }
+    }
+    if (!vis.full(i0, i0 + bq, j0, j0 + bk)) {
+      for (int64_t r = 0; r < bq; ++r) {
+        float* Sr = S + r * ldS;
+        const int64_t lo = vis.key_lo(i0 + r) - j0, hi = vis.key_hi(i0 + r) - j0;
+        for (int64_t j = 0; j < bk; ++j) {
+          if (j < lo || j >= hi) Sr[j] = kNegInf;
+        }
+      }
+    }
+  }
+};
+
+// Thread-local fp32 scratch (64-byte aligned through ATen's allocator).
+struct Scratch {
+  at::Tensor t;
+  float* base = nullptr;
+  int64_t used = 0;
+  explicit Scratch(int64_t n) : t(at::empty({n}, at::kFloat)), base(t.data_ptr<float>()) {}
+  // Carves n floats rounded up to 16 so every piece stays 64-byte aligned.
+  float* take(int64_t n) {
+    float* r = base + used;
+    used += (n + 15) / 16 * 16;
+    TORCH_INTERNAL_ASSERT(used <= t.numel());
+    return r;
+  }
+  static int64_t round(int64_t n) { return (n + 15) / 16 * 16; }
+};
+
+}  // namespace fastattn::cpu

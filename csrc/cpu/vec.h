@@ -1,0 +1,159 @@
+// Row helpers for the softmax and the tile packing, with an AVX2+FMA+F16C path chosen at run time
+// (GCC/Clang target attributes, so the build needs no -march flag and runs on any x86-64 or other CPU)
+// and a portable scalar path.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTATTN_X86 1
+#include <immintrin.h>
+#define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace fastattn::cpu::vec {
+
+inline bool use_avx2() {
+#ifdef FASTATTN_X86
+  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return on;
+#else
+  return false;
+#endif
+}
+
+#ifdef FASTATTN_X86
+// exp(x) for 8 lanes: Cody-Waite range reduction x = k ln2 + r, degree-6 polynomial on r (Cephes expf
+// coefficients, ~1 ulp), 2^k built in the exponent bits. x < -87 (incl. -inf) gives exactly 0.
+FA_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), zero_mask);
+}
+
+FA_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+FA_AVX2 inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+FA_AVX2 inline float max_row_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  float r = hmax8(m);
+  for (; j < n; ++j) r = std::max(r, x[j]);
+  return r;
+}
+
+// x = exp(x - m); returns the sum. The tail runs through the same vector exp (masked load) so every
+// element is computed the same way.
+FA_AVX2 inline float exp_sum_row_avx2(float* x, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+    _mm256_storeu_ps(x + j, e);
+    s = _mm256_add_ps(s, e);
+  }
+  if (j < n) {
+    alignas(32) float t[8];
+    for (int u = 0; u < 8; ++u) t[u] = j + u < n ? x[j + u] : -INFINITY;
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(t), vm));
+    _mm256_store_ps(t, e);
+    s = _mm256_add_ps(s, e);
+    for (int u = 0; j + u < n; ++u) x[j + u] = t[u];
+  }
+  return hsum8(s);
+}
+
+template <typename T>
+FA_AVX2 inline void load_row_avx2(const T* src, float* dst, int64_t n, float mul) {
+  const __m256 vmul = _mm256_set1_ps(mul);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 f;
+    if constexpr (std::is_same_v<T, float>) {
+      f = _mm256_loadu_ps(src + j);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+      f = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    } else {
+      f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    }
+    _mm256_storeu_ps(dst + j, _mm256_mul_ps(f, vmul));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]) * mul;
+}
+#endif
+
+inline float max_row(const float* x, int64_t n) {
+#ifdef FASTATTN_X86
+  if (use_avx2()) return max_row_avx2(x, n);
+#endif
+  float r = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) r = std::max(r, x[j]);
+  return r;
+}
+
+inline float exp_sum_row(float* x, int64_t n, float m) {
+#ifdef FASTATTN_X86
+  if (use_avx2()) return exp_sum_row_avx2(x, n, m);
+#endif
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - m);
+    s += x[j];
+  }
+  return s;
+}
+
+// dst[j] = float(src[j * stride]) * mul.
+template <typename T>
+inline void load_row(const T* src, int64_t stride, float* dst, int64_t n, float mul) {
+#ifdef FASTATTN_X86
+  if (stride == 1 && use_avx2()) return load_row_avx2<T>(src, dst, n, mul);
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]) * mul;
+}
+
+// dst[j * stride] = T(src[j] * mul).
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t stride, int64_t n, float mul) {
+  for (int64_t j = 0; j < n; ++j) dst[j * stride] = static_cast<T>(src[j] * mul);
+}
+
+inline void scale_row(float* x, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+}  // namespace fastattn::cpu::vec
