@@ -170,7 +170,7 @@ def test_num_splits_do_not_change_results(impl, num_splits):
 
 @pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
 def test_cpu_kernel_deterministic_and_opcheck():
-    q, kc, vc = rnd(1, 8, 1, 64).transpose(1, 2), rnd(1, 2000, 2, 64), rnd(1, 2000, 2, 64)  # q (1,1,8,64)->(1,8,1,64)
+    q, kc, vc = rnd(1, 1, 8, 64).transpose(1, 2), rnd(1, 2000, 2, 64), rnd(1, 2000, 2, 64)  # q (1,1,8,64)->(1,8,1,64)
     lens = torch.tensor([1999], dtype=torch.int32)
     a = torch.ops.fastattn.decode_fwd(q, kc, vc, lens, None, None, 0.125, -1, -1, 0.0, None, 0)
     b = torch.ops.fastattn.decode_fwd(q, kc, vc, lens, None, None, 0.125, -1, -1, 0.0, None, 0)
