@@ -46,7 +46,7 @@ def _cfgs(block_ms, block_ns, stages):
 
 
 FWD_CONFIGS = _cfgs((64, 128), (32, 64, 128), (2, 3, 4))
-DKDV_CONFIGS = _cfgs((32, 64), (64, 128), (2, 3))
+DKDV_CONFIGS = _cfgs((32, 64), (32, 64, 128), (2, 3))
 DQ_CONFIGS = _cfgs((64, 128), (32, 64), (2, 3))
 
 

@@ -1,0 +1,338 @@
+"""Triton-specific tests: block skipping (visited-block counters), head-dim padding, autotune bucketing/pruning,
+op registration under torch.compile, availability reasons. Correctness of every feature x dtype is in
+test_matrix.py; dropout and determinism in test_dropout_determinism.py. On CPU the kernels run through
+TRITON_INTERPRET=1 (tests/conftest.py); tests marked `gpu` need CUDA and run realistic sizes."""
+import math
+import os
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.backends.triton_backend import TritonBackend
+from fastattn.params import AttnParams
+from oracle import assert_rule, oracle_attention
+
+triton_ok = not fastattn.get_backend("triton").unavailable()
+pytestmark = pytest.mark.skipif(not triton_ok, reason="triton backend unavailable here: "
+                                + "; ".join(fastattn.get_backend("triton").unavailable()))
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (realistic sizes; compiled "
+                         "Triton rather than the interpreter)")
+
+
+def _op():
+    from fastattn.kernels.triton import op
+    return op
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block skipping: the kernels' debug counters must equal the counts derived from the visibility rule.
+
+def _visibility(Sq, Sk, wl, wr, br):
+    off = Sk - Sq if br else 0
+    i = torch.arange(Sq).view(Sq, 1)
+    j = torch.arange(Sk).view(1, Sk)
+    vis = torch.ones(Sq, Sk, dtype=torch.bool)
+    if wl >= 0:
+        vis &= j >= i + off - wl
+    if wr >= 0:
+        vis &= j <= i + off + wr
+    return vis
+
+
+def _expected_blocks(vis, BM, BN):
+    """[fwd/dq masked, fwd/dq unmasked, dkdv masked, dkdv unmasked] for one (sequence, query head).
+    A block is visited iff it holds a visible (i, j); it runs unmasked iff every in-range element is visible and
+    the block does not cross the other operand's end (keys for the forward/dQ, queries for dK/dV)."""
+    Sq, Sk = vis.shape
+    c = [0, 0, 0, 0]
+    for m0 in range(0, Sq, BM):
+        for n0 in range(0, Sk, BN):
+            blk = vis[m0:m0 + BM, n0:n0 + BN]
+            if not blk.any():
+                continue
+            c[1 if (blk.all() and n0 + BN <= Sk) else 0] += 1
+            c[3 if (blk.all() and m0 + BM <= Sq) else 2] += 1
+    return c
+
+
+SKIP_CASES = [  # (Sq, Sk, window_left, window_right, bottom_right)
+    (70, 70, -1, -1, False),   # no mask: only the key tail block is masked
+    (70, 70, -1, 0, False),    # causal square
+    (40, 100, -1, 0, False),   # causal top-left, Sq < Sk
+    (40, 100, -1, 0, True),    # causal bottom-right, Sq < Sk
+    (100, 40, -1, 0, True),    # bottom-right, Sq > Sk: the first 60 rows see no key
+    (96, 96, 20, 0, True),     # sliding window (left)
+    (80, 112, 9, 17, True),    # window both sides
+    (64, 64, 2, 1, False),     # narrow band around the diagonal
+]
+
+
+@pytest.mark.parametrize("Sq,Sk,wl,wr,br", SKIP_CASES)
+def test_block_skipping_counts_and_results(Sq, Sk, wl, wr, br):
+    op = _op()
+    BM, BN = 16, 16
+    B, Hq, Hkv, D = 1, 2, 1, 32
+    q = torch.randn(B, Hq, Sq, D, device=DEV)
+    k = torch.randn(B, Hkv, Sk, D, device=DEV)
+    v = torch.randn(B, Hkv, Sk, D, device=DEV)
+    scale = D ** -0.5
+    stats = torch.zeros(2, dtype=torch.int32, device=DEV)
+    out, lse = op.launch_fwd(q, k, v, None, None, None, 0, 0, scale, wl, wr, br, 0.0, None, 0.0, 0, 0,
+                             blocks=(BM, BN), stats=stats)
+    dout = torch.randn_like(out)
+    bstats = torch.zeros(4, dtype=torch.int32, device=DEV)
+    dq, dk, dv = op.launch_bwd(dout, q, k, v, out, lse, None, None, None, 0, 0, scale, wl, wr, br, 0.0, None,
+                               0.0, 0, 0, blocks=(BM, BN), stats=bstats)
+    exp = _expected_blocks(_visibility(Sq, Sk, wl, wr, br), BM, BN)
+    n = B * Hq
+    total = math.ceil(Sq / BM) * math.ceil(Sk / BN)
+    print(f"visited fwd {stats.tolist()} expected {[exp[0] * n, exp[1] * n]} of {total * n}")
+    assert stats.tolist() == [exp[0] * n, exp[1] * n]
+    assert bstats.tolist() == [exp[2] * n, exp[3] * n, exp[0] * n, exp[1] * n]
+    if wl >= 0 or wr >= 0:
+        assert exp[0] + exp[1] < total, "case should skip blocks"
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, scale=scale, window=(wl, wr), bottom_right=br)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    assert_rule("out", out, ref, None, torch.float32)
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
+        assert_rule(name, g, r, None, torch.float32)
+    empty = ~_visibility(Sq, Sk, wl, wr, br).any(-1)
+    assert torch.isinf(lse[..., empty.to(DEV)]).all() and torch.isfinite(lse[..., ~empty.to(DEV)]).all()
+
+
+def test_block_skipping_varlen_counts():
+    op = _op()
+    BM, BN = 16, 16
+    lens = [(17, 33), (50, 20), (1, 64), (40, 40)]
+    H, D = 2, 16
+    cu_q = torch.tensor([0] + [sum(a for a, _ in lens[:n + 1]) for n in range(len(lens))], dtype=torch.int32)
+    cu_k = torch.tensor([0] + [sum(b for _, b in lens[:n + 1]) for n in range(len(lens))], dtype=torch.int32)
+    q = torch.randn(1, H, int(cu_q[-1]), D, device=DEV)
+    k = torch.randn(1, H, int(cu_k[-1]), D, device=DEV)
+    v = torch.randn(1, H, int(cu_k[-1]), D, device=DEV)
+    stats = torch.zeros(2, dtype=torch.int32, device=DEV)
+    mq, mk = max(a for a, _ in lens), max(b for _, b in lens)
+    op.launch_fwd(q, k, v, None, cu_q.to(DEV), cu_k.to(DEV), mq, mk, 0.25, -1, 0, True, 0.0, None, 0.0, 0, 0,
+                  blocks=(BM, BN), stats=stats)
+    exp = [0, 0]
+    for a, b in lens:
+        e = _expected_blocks(_visibility(a, b, -1, 0, True), BM, BN)
+        exp = [exp[0] + e[0] * H, exp[1] + e[1] * H]
+    assert stats.tolist() == exp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Head-dim padding (BLOCK_D = next power of two, masked loads) with small blocks and strided inputs
+
+@pytest.mark.parametrize("D,Dv", [(24, 40), (72, 16), (100, 100), (160, 96)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_dim_padding(D, Dv, dtype):
+    op = _op()
+    B, H, Sq, Sk = 2, 3, 37, 45
+    # (B, S, H, D) memory seen as (B, H, S, D) views, with an extra slice so strides are not packed
+    q = torch.randn(B, Sq, H + 1, D, device=DEV).to(dtype)[:, :, 1:].transpose(1, 2)
+    k = torch.randn(B, Sk, H, D + 8, device=DEV).to(dtype)[..., :D].transpose(1, 2)
+    v = torch.randn(B, Sk, H, Dv, device=DEV).to(dtype).transpose(1, 2)
+    scale = D ** -0.5
+    out, lse = op.launch_fwd(q, k, v, None, None, None, 0, 0, scale, -1, 0, True, 0.0, None, 0.0, 0, 0,
+                             blocks=(16, 32))
+    assert out.stride(1) < out.stride(2), "out follows q's (B, S, H, D) memory order"
+    dout = torch.randn(out.shape, device=DEV).to(dtype)
+    grads = op.launch_bwd(dout, q, k, v, out, lse, None, None, None, 0, 0, scale, -1, 0, True, 0.0, None, 0.0, 0,
+                          0, blocks=(32, 16))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, scale=scale, window=(-1, 0), bottom_right=True)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base = oracle_attention(*base_leaves, scale=scale, window=(-1, 0), bottom_right=True, dtype=dtype)
+    base_grads = torch.autograd.grad(base, base_leaves, dout)
+    assert_rule("out", out, ref, base, dtype)
+    for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert_rule(name, g, r, bg, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout with GQA + varlen (the generic dropout tests use plain batches), determinism with dropout
+
+def test_dropout_varlen_gqa_backward_uses_forward_mask():
+    """V = identity exposes the kept mask (out = P∘M/(1-p)); the gradients must match the oracle with that mask."""
+    p_drop, Hq, Hkv, S = 0.2, 4, 2, 32
+    lens = [19, 32, 7]
+    cu = torch.tensor([0, 19, 51, 58], dtype=torch.int32, device=DEV)
+    q = torch.randn(58, Hq, S, device=DEV).requires_grad_()
+    k = torch.randn(58, Hkv, S, device=DEV).requires_grad_()
+    # key j of each sequence has value e_j, so out[i, :L] = P[i, :]∘M[i, :]/(1-p)
+    v = torch.cat([torch.eye(S, device=DEV)[:n] for n in lens]).unsqueeze(1).expand(58, Hkv, S).contiguous()
+    v.requires_grad_()
+    out = fastattn.flash_attn_varlen_func(q, k, v, cu, cu, 32, 32, dropout_p=p_drop, causal=True, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    start = 0
+    for n, L in enumerate(lens):
+        sl = slice(start, start + L)
+        start += L
+        o = out[sl].detach().transpose(0, 1).unsqueeze(0)  # (L, H, S) -> (1, H, L, S)
+        mask = o[..., :L] != 0
+        causal_vis = torch.ones(L, L, dtype=torch.bool, device=DEV).tril()
+        assert not (mask & ~causal_vis).any(), "dropout kept an invisible key"
+        leaves = [t[sl].detach().double().transpose(0, 1).unsqueeze(0).requires_grad_() for t in (q, k, v)]
+        ref = oracle_attention(*leaves, scale=S ** -0.5, window=(-1, 0), bottom_right=True,
+                               dropout_mask=mask | ~causal_vis, dropout_p=p_drop)
+        ref_grads = torch.autograd.grad(ref, leaves, dout[sl].double().transpose(0, 1).unsqueeze(0))
+        assert_rule(f"out[{n}]", out[sl].transpose(0, 1).unsqueeze(0), ref, None, torch.float32)
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            assert_rule(f"{name}[{n}]", g[sl].transpose(0, 1).unsqueeze(0), r, None, torch.float32)
+
+
+def test_backward_bitwise_deterministic_with_gqa_dropout_mask():
+    B, H, S, D = 2, 4, 45, 32
+    q = torch.randn(B, H, S, D, device=DEV, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(B, 1, S, D, device=DEV, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(B, 1, S, D, device=DEV, dtype=torch.float16, requires_grad=True)
+    mask = torch.rand(B, 1, 1, S, device=DEV) > 0.2
+    dout = torch.randn(B, H, S, D, device=DEV, dtype=torch.float16)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1, enable_gqa=True,
+                                                    backend="triton")
+        runs.append((out,) + torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autotune key bucketing and the prune predicate; registration; availability
+
+def test_autotune_key_buckets_lengths_and_prune_keeps_a_config():
+    from fastattn.kernels.triton import configs as C
+    assert C.bucket(65) == C.bucket(97) == C.bucket(128) == 128 and C.bucket(129) == 256 and C.bucket(3) == 16
+    assert "BUCKET_Q" in C.KEY and "BUCKET_K" in C.KEY
+    q = torch.empty(1, 1, 1, 256, dtype=torch.float16)
+    for prune, cfgs in ((C.prune_fwd, C.FWD_CONFIGS), (C.prune_dkdv, C.DKDV_CONFIGS), (C.prune_dq, C.DQ_CONFIGS)):
+        small = prune(cfgs, dict(Q=q, BUCKET_Q=16, BUCKET_K=16), BLOCK_D=256, BLOCK_DV=256)
+        big = prune(cfgs, dict(Q=q, BUCKET_Q=4096, BUCKET_K=4096), BLOCK_D=64, BLOCK_DV=64)
+        assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 32 for c in small)
+        assert len(big) >= len(small)
+        _, smem = C._device_smem()
+        if smem:  # on a GPU every kept hd256 config fits in shared memory
+            assert all(c.kwargs["BLOCK_N"] * 256 * 2 * 2 <= smem for c in small)
+
+
+def test_unavailable_reasons(monkeypatch):
+    b = TritonBackend()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "triton" else object())
+    assert b.unavailable() == ["triton is not installed"]
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert any("no CUDA device" in r for r in b.unavailable())
+
+
+def test_refuses_mask_with_varlen_and_mask_grad():
+    q = torch.randn(1, 2, 8, 16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    p = AttnParams(q=q, k=q, v=q, scale=0.25, attn_bias=torch.zeros(1, 2, 8, 8), mask_kind="dense",
+                   cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
+    assert "attn_mask together with varlen" in TritonBackend().reasons(p)
+    p = AttnParams(q=q, k=q, v=q, scale=0.25, attn_bias=torch.zeros(1, 2, 8, 8, requires_grad=True))
+    assert "mask grad not supported" in TritonBackend().reasons(p)
+
+
+def test_compile_fullgraph_traces_the_op():
+    """Interpreter: the ops are opaque custom_ops with fake functions (aot_eager checks fake + autograd tracing);
+    on a GPU they are triton_ops traced by inductor (see test_gpu_compile_inductor)."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 33, 2, 32, device=DEV, requires_grad=True) for _ in range(3))
+
+    def layer(q, k, v):
+        return fastattn.flash_attn_func(q, k, v, causal=True, softcap=3.0, backend="triton").sum(-1)
+
+    backend = "inductor" if DEV == "cuda" else "aot_eager"
+    eager = layer(q, k, v)
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    ge = torch.autograd.grad(eager.sum(), (q, k, v))
+    gc = torch.autograd.grad(compiled(q, k, v).sum(), (q, k, v))
+    for a, c in zip(ge, gc):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: realistic sizes through the autotuned kernels
+
+def _check_against_oracle(out, grads, q, k, v, dout, dtype, **kw):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, **kw)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base = oracle_attention(*base_leaves, dtype=dtype, **kw)
+    base_grads = torch.autograd.grad(base, base_leaves, dout)
+    assert_rule("out", out, ref, base, dtype)
+    for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert_rule(name, g, r, bg, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,causal", [(128, True), (64, False), (80, True), (256, False)])
+def test_gpu_realistic(dtype, D, causal):
+    B, Hq, Hkv, S = 2, 8, 2, 1543
+    q = torch.randn(B, S, Hq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    out = fastattn.flash_attn_func(q, k, v, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731  (B, S, H, D) -> (B, H, S, D)
+    _check_against_oracle(t(out), [t(g) for g in grads], t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5,
+                          window=(-1, 0 if causal else -1), bottom_right=True)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_varlen_bert_batch_and_bucketing():
+    from fastattn.kernels.triton import op
+    torch.manual_seed(0)
+    lens = torch.randint(30, 513, (16,)).tolist()
+    H, D, dtype = 12, 64, torch.float16
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lens), H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    out = fastattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for n, L in enumerate(lens[:4]):
+        sl = slice(int(cu[n]), int(cu[n + 1]))
+        t = lambda x: x[sl].transpose(0, 1).unsqueeze(0)  # noqa: E731  (L, H, D) -> (1, H, L, D)
+        _check_against_oracle(t(out), [t(g) for g in grads], t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5)
+    # a new max length in the same power-of-two bucket reuses the tuned config (no new autotune entry)
+    n_cached = len(op._fwd_tuned.cache)
+    fastattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens) - 1 if max(lens) > 257 else max(lens), max(lens),
+                                    backend="triton")
+    assert len(op._fwd_tuned.cache) == n_cached
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_compile_inductor_dropout_free_mask():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    mask = torch.rand(2, 1, 1, 1024, device="cuda") > 0.1
+
+    def layer(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton") * 2
+
+    eager = layer(q, k, v)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), eager)
+    ge = torch.autograd.grad(eager.float().sum(), (q, k, v))
+    gc = torch.autograd.grad(compiled(q, k, v).float().sum(), (q, k, v))
+    for a, c in zip(ge, gc):
+        torch.testing.assert_close(c, a)
