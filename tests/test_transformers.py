@@ -195,6 +195,26 @@ def test_greedy_generate_matches_eager(cache, padding, count_calls):
     assert len(set(want[:, 9:].flatten().tolist())) > 3, "degenerate test: the model repeats one token"
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_generate_fp32_picks_eager_argmax(cache, count_calls):
+    """float32 (the dtype the fused CPU/GPU kernels take): every token fastattn picks is eager's argmax, up to
+    1e-4 of the logit scale (exact token equality could flip on a near-tie), checked by teacher forcing."""
+    ref, fast = pair(GPT2LMHeadModel, gpt2_config())
+    ref = ref.float()
+    ids, mask = batch("left", S=9)
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    got = _generate(fast, ids, mask, **kw)
+    full_mask = torch.cat([mask, torch.ones(3, 12, dtype=mask.dtype)], dim=1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)  # generate()'s positions for left padding
+    with torch.no_grad():
+        logits = ref(got, attention_mask=full_mask, position_ids=pos).logits[:, 8:-1]  # predicts tokens 9..20
+    picked = logits.gather(-1, got[:, 9:, None]).squeeze(-1)
+    gap = (logits.max(-1).values - picked).max().item()
+    print(f"largest eager-logit gap of a fastattn token: {gap:.3g} (logit scale {logits.abs().max().item():.3g})")
+    assert gap <= 1e-4 * logits.abs().max().item()
+    assert len(set(got[:, 9:].flatten().tolist())) > 3
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 def test_decode_chunk_against_cache_matches_eager():
     """q of length > 1 against a cache holding earlier tokens, with left padding (dense fold of the diagonal)."""
