@@ -115,6 +115,19 @@ class Preset:
     gqa_group: int = 4
     target_s: float = 0.3                 # CPU: seconds of timed repeats per measurement
     model: bool = False                   # run the model-level benchmark too
+    train_seqlens: Optional[List[int]] = None   # bwd / fwd_bwd sweeps (None: seqlens)
+    train_headdims: Optional[List[int]] = None  # bwd / fwd_bwd head dims (None: headdims)
+    max_seconds: Optional[float] = None   # default measurement budget (--max-seconds overrides; 0 = none)
+    # Implementations this preset leaves out unless --backends names them: {name: reason} (listed in the report).
+    skip: Dict[str, str] = field(default_factory=dict)
+
+
+_CPU_QUICK_SKIP = {
+    "flex": "left out of the CPU quick preset: compiling flex_attention for CPU takes 10-30 s per variant here "
+            "(run --preset full, or name it: --backends flex)",
+    "fastattn.sdpa": "left out of the CPU quick preset: the same kernel as sdpa.flash, chosen by PyTorch "
+                     "(run --preset full, or name it: --backends fastattn.sdpa)",
+}
 
 
 _TINY = dict(seqlens=[64, 128], headdims=[32], modes=["fwd", "fwd_bwd"], tokens=128, width=64, extra_seqlens=[64],
@@ -123,9 +136,11 @@ _TINY = dict(seqlens=[64, 128], headdims=[32], modes=["fwd", "fwd_bwd"], tokens=
 PRESETS: Dict[str, Dict[str, Preset]] = {
     "cpu": {
         "tiny": Preset(dtypes=["fp32"], **_TINY),  # a smoke test (tests/test_benchmark.py), not a measurement
-        "quick": Preset(seqlens=[256, 1024, 4096], headdims=[64, 128], dtypes=["fp32"], modes=["fwd", "fwd_bwd"],
-                        tokens=4096, width=512, extra_seqlens=[1024], decode_lens=[1024, 4096],
-                        decode_shape=(1, 16, 4, 128), target_s=0.25),
+        # Sized for 2 busy cores: under 3 minutes at a load average of ~8 (other jobs), with max_seconds as a guard.
+        "quick": Preset(seqlens=[128, 512, 1024], headdims=[64, 128], dtypes=["fp32"], modes=["fwd", "fwd_bwd"],
+                        tokens=1024, width=256, extra_seqlens=[512], decode_lens=[1024, 4096],
+                        decode_shape=(1, 16, 4, 128), target_s=0.2, skip=_CPU_QUICK_SKIP,
+                        train_seqlens=[128, 512], train_headdims=[64], max_seconds=100),
         "full": Preset(seqlens=[128, 256, 512, 1024, 2048, 4096], headdims=[32, 64, 128, 256],
                        dtypes=["fp32", "bf16"], modes=["fwd", "bwd", "fwd_bwd"], tokens=4096, width=512,
                        extra_seqlens=[512, 2048], decode_lens=[1024, 2048, 4096, 8192], target_s=0.5, model=True),
@@ -134,7 +149,8 @@ PRESETS: Dict[str, Dict[str, Preset]] = {
         "tiny": Preset(dtypes=["bf16"], **_TINY),
         "quick": Preset(seqlens=[512, 1024, 2048, 4096, 8192, 16384], headdims=[64, 128], dtypes=["bf16"],
                         modes=["fwd", "fwd_bwd"], tokens=16384, width=2048, extra_seqlens=[4096],
-                        decode_lens=[1024, 4096, 16384, 32768], decode_shape=(8, 32, 8, 128), model=True),
+                        decode_lens=[1024, 4096, 16384, 32768], decode_shape=(8, 32, 8, 128), model=True,
+                        max_seconds=240),
         "full": Preset(seqlens=[512, 1024, 2048, 4096, 8192, 16384], headdims=[32, 64, 128, 256],
                        dtypes=["bf16", "fp16"], modes=["fwd", "bwd", "fwd_bwd"], tokens=16384, width=2048,
                        extra_seqlens=[2048, 8192], decode_lens=[1024, 2048, 4096, 8192, 16384, 32768],
@@ -160,22 +176,28 @@ def sweep_case(p: Preset, mode: str, dtype: str, S: int, D: int, causal: bool, p
 
 
 def generate(p: Preset, modes: Optional[List[str]] = None) -> List[Case]:
-    """Every case of a preset: the main sweeps, then padding and GQA variants at extra_seqlens, then decode."""
+    """Every case of a preset, per mode: the main sweeps with padding and GQA variants at extra_seqlens."""
     modes = list(modes or p.modes + (["decode"] if p.decode_lens else []))
+    # Order: forward sweeps, decode, then the training modes, so a run cut short by --max-seconds keeps the most.
+    modes.sort(key=lambda m: MODES.index(m) if m != "decode" else 0.5)
     cases: List[Case] = []
-    for mode in (m for m in modes if m != "decode"):
+    for mode in modes:
+        if mode == "decode":
+            B, H, Hkv, D = p.decode_shape
+            cases += [Case(mode="decode", dtype=dtype, batch=B, heads=H, heads_kv=Hkv, seqlen_q=1, seqlen_k=S,
+                           head_dim=D) for dtype in p.dtypes for S in p.decode_lens]
+            continue
+        train = mode in ("bwd", "fwd_bwd")
+        seqlens = (p.train_seqlens or p.seqlens) if train else p.seqlens
+        headdims = (p.train_headdims or p.headdims) if train else p.headdims
+        extra = [S for S in p.extra_seqlens if S in seqlens] or seqlens[len(seqlens) // 2:][:1]
         for dtype in p.dtypes:
-            for D in p.headdims:
+            for D in headdims:
                 for causal in p.causal:
-                    cases += [sweep_case(p, mode, dtype, S, D, causal) for S in p.seqlens]
-                for S in p.extra_seqlens:
+                    cases += [sweep_case(p, mode, dtype, S, D, causal) for S in seqlens]
+                for S in extra:
                     if False in p.causal:  # padding is a BERT-style (bidirectional) case
                         cases.append(sweep_case(p, mode, dtype, S, D, False, padding=True))
                     if True in p.causal:   # GQA is a decoder-style (causal) case
                         cases.append(sweep_case(p, mode, dtype, S, D, True, gqa=True))
-    if "decode" in modes:
-        B, H, Hkv, D = p.decode_shape
-        for dtype in p.dtypes:
-            cases += [Case(mode="decode", dtype=dtype, batch=B, heads=H, heads_kv=Hkv, seqlen_q=1, seqlen_k=S,
-                           head_dim=D) for S in p.decode_lens]
     return list(dict.fromkeys(cases))

@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["on", "off"], default=None,
                    help="model-level benchmark (BERT training step, GPT-2 generation); default: the preset's")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop measuring after this many seconds; the rest is listed as skipped")
+                   help="stop measuring after this many seconds, the rest listed as skipped (cheapest cases run "
+                        "first); default: the preset's (CPU quick 130, GPU quick 240), 0 = no limit")
     p.add_argument("--target-s", type=float, default=None, help="CPU: seconds of timed repeats per measurement")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -59,9 +60,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def select_impls(names: Optional[List[str]], device: str):
-    """(runnable implementations, {implementation: reasons} for those that cannot run on this device)."""
+def select_impls(names: Optional[List[str]], device: str, skip=None):
+    """(runnable implementations, {implementation: reasons} for those that cannot run on this device, or that the
+    preset leaves out when --backends is not given)."""
     every = I.all_impls()
+    left_out = {}
+    if not names and skip:
+        left_out = {n: [skip[n]] for n in every if n in skip}
+        every = {n: i for n, i in every.items() if n not in skip}
     if names:
         chosen = []
         for tok in names:
@@ -73,17 +79,14 @@ def select_impls(names: Optional[List[str]], device: str):
             chosen += hits
         every = {n: every[n] for n in dict.fromkeys(chosen)}
     dev = device.split(":")[0]
-    runnable, not_run, crashes = [], {}, {}
+    runnable, not_run = [], {}
     for n, impl in every.items():
         why = impl.unavailable(dev)
-        if not why and isinstance(impl, I.FastattnImpl):
-            if impl.backend not in crashes:
-                crashes[impl.backend] = probe.crash_reasons(impl.backend, device)
-            why = crashes[impl.backend]
         if why:
             not_run[n] = why
         else:
             runnable.append(impl)
+    not_run.update(left_out)
     return runnable, not_run
 
 
@@ -91,10 +94,12 @@ def build_cases(args, device: str):
     p = C.preset_for(args.preset, device)
     if args.headdims:
         p.headdims = args.headdims
+        p.train_headdims = None
         p.decode_shape = p.decode_shape[:3] + (args.headdims[0],)
     if args.seqlens:
         p.extra_seqlens = [s for s in p.extra_seqlens if s in args.seqlens] or [args.seqlens[len(args.seqlens) // 2]]
         p.seqlens = p.decode_lens = args.seqlens
+        p.train_seqlens = None
     if args.causal:
         p.causal = {"true": (True,), "false": (False,), "both": (False, True)}[args.causal]
     if args.dtype:
@@ -126,7 +131,11 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     preset, cases = build_cases(args, device)
     t0 = time.monotonic()
-    impls, not_run = select_impls(args.backends, device)
+    impls, not_run = select_impls(args.backends, device, preset.skip)
+    # Native kernels first run tiny calls in child processes, in the background: a crash there keeps the backend
+    # out of this process (it is listed with the reason) instead of taking the whole run down.
+    probes = None if args.list else probe.Probes(
+        {i.backend for i in impls if isinstance(i, I.FastattnImpl)}, device)
     if args.list:
         print("implementations:")
         for impl in impls:
@@ -141,28 +150,33 @@ def main(argv=None) -> int:
     env = E.collect(device)
     print(f"fastattn benchmark: preset {args.preset} on {env.get('gpu') or env['cpu_model']} ({device}), "
           f"torch {env['torch']}, {len(cases)} cases x {len(impls)} implementations", flush=True)
-    records = runner.run(cases, impls, device, target_s=preset.target_s, max_seconds=args.max_seconds,
-                         progress=not args.no_progress)
+    if not device.startswith("cuda") and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):
+        print(f"note: the CPU is busy (load average {env['load_average']} on {env['cpu_count']} cores): timings "
+              f"include waiting for other processes", flush=True)
+    budget = preset.max_seconds if args.max_seconds is None else (args.max_seconds or None)
+    records = runner.run(cases, impls, device, target_s=preset.target_s, max_seconds=budget,
+                         progress=not args.no_progress, not_run=not_run,
+                         gate=lambda impl: probes.reasons(impl.backend) if isinstance(impl, I.FastattnImpl) else [])
     models = []
     run_model = preset.model if args.model is None else args.model == "on"
     if run_model:
         from . import model
-        over = args.max_seconds is not None and time.monotonic() - t0 > args.max_seconds
+        over = budget is not None and time.monotonic() - t0 > budget
         models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5))
     wall = time.monotonic() - t0
 
     print()
-    print(report.table(records))
+    print(report.table(records, flops_unit="TFLOP/s" if device.startswith("cuda") else "GFLOP/s"))
     print("summary (geometric means over the cases each implementation ran):")
     print(report.summary(records))
     if not_run:
-        print("\nnot run on this device:")
+        print("\nnot run:")
         print(report.not_run_text(not_run))
     if models:
         print("\nmodel level (same random-weight model, attention swapped via fastattn.use_backend):")
         print(report.model_table(models))
     settings = {"preset": args.preset, "device": device, "argv": sys.argv[1:] if argv is None else list(argv),
-                "target_s": preset.target_s, "wall_s": round(wall, 1), "max_seconds": args.max_seconds,
+                "target_s": preset.target_s, "wall_s": round(wall, 1), "max_seconds": budget,
                 "flop_convention": "fwd 4*B*H*Sq*Sk*D (half for causal Sq==Sk; padding cases: sum over sequences "
                                    "of valid L^2); bwd 2.5x; fwd_bwd 3.5x",
                 "memory": "peak extra bytes allocated during one call, over the level before it (see "

@@ -43,12 +43,12 @@ class Inputs:
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # generated where used: no host-to-device copies
     dt = case.torch_dtype
     B, H, Hkv, Sq, Sk, D = case.batch, case.heads, case.heads_kv, case.seqlen_q, case.seqlen_k, case.head_dim
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+        return torch.randn(*shape, generator=g, device=device, dtype=dt)
 
     q, k, v, dout = rnd(B, H, Sq, D), rnd(B, Hkv, Sk, D), rnd(B, Hkv, Sk, D), rnd(B, H, Sq, D)
     lengths = torch.tensor(case.lengths(), dtype=torch.int32, device=device)

@@ -9,7 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-from typing import List
+import time
+from typing import Dict, Iterable, List
 
 import fastattn
 
@@ -62,21 +63,46 @@ def child(backend: str, device: str) -> None:
     print("PROBE-DONE", flush=True)
 
 
+class Probes:
+    """Probe children started in the background (they run while the benchmark sets up and measures the plain
+    PyTorch implementations); reasons(backend) waits for that backend's child."""
+
+    def __init__(self, backends: Iterable[str], device: str, timeout: float = 300):
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.done: Dict[str, List[str]] = {}
+        self.procs = {}
+        if os.environ.get("FASTATTN_BENCH_NO_PROBE") == "1":
+            return
+        for b in sorted(set(backends) - PURE_PYTORCH):
+            self.procs[b] = subprocess.Popen([sys.executable, "-m", "fastattn.benchmark.probe", b, device], text=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def reasons(self, backend: str) -> List[str]:
+        if backend in self.done or backend not in self.procs:
+            return self.done.get(backend, [])
+        p = self.procs[backend]
+        try:
+            stdout, _ = p.communicate(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            why = [f"tiny probe calls did not finish in {self.timeout:.0f} s in a child process (hang?)"]
+        else:
+            lines = stdout.strip().splitlines()
+            why = []
+            if not (lines and lines[-1] == "PROBE-DONE" and p.returncode == 0):
+                last = lines[-1] if lines else "start-up"
+                rc = p.returncode
+                how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+                why = [f"crashed ({how}) in a child-process probe during {last}; not run so the benchmark survives"]
+        self.done[backend] = why
+        return why
+
+
 def crash_reasons(backend: str, device: str, timeout: float = 300) -> List[str]:
     """Empty when the backend's tiny calls finish in a child process; otherwise why it is not safe to run."""
-    if backend in PURE_PYTORCH or os.environ.get("FASTATTN_BENCH_NO_PROBE") == "1":
-        return []
-    cmd = [sys.executable, "-m", "fastattn.benchmark.probe", backend, device]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [f"a tiny probe call did not finish in {timeout:.0f} s in a child process (hang?)"]
-    lines = r.stdout.strip().splitlines()
-    if lines and lines[-1] == "PROBE-DONE" and r.returncode == 0:
-        return []
-    last = lines[-1] if lines else "start-up"
-    how = f"signal {signal.Signals(-r.returncode).name}" if r.returncode < 0 else f"exit code {r.returncode}"
-    return [f"crashed ({how}) in a child-process probe during {last}; not run so the benchmark survives"]
+    return Probes([backend], device, timeout).reasons(backend)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
     return format(x, spec)
 
 
-def table(records: List[dict]) -> str:
+def table(records: List[dict], flops_unit: str = "TFLOP/s") -> str:
     """One block per case; one row per implementation (measured ones fastest first, then refusals)."""
     cases: "OrderedDict[str, List[dict]]" = OrderedDict()
     for r in records:
         cases.setdefault(r["label"], []).append(r)
     lines = []
-    head = f"  {'implementation':<24} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'peak MB':>8} {'x naive':>8} " \
+    per_s = 1e3 if flops_unit == "GFLOP/s" else 1.0
+    head = f"  {'implementation':<24} {'ms':>9} {flops_unit:>8} {'GB/s':>7} {'peak MB':>8} {'x naive':>8} " \
            f"{'x sdpa':>7}  check"
     for label, rows in cases.items():
         lines.append(label)
@@ -33,7 +34,7 @@ def table(records: List[dict]) -> str:
         ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["time_ms"])
         for r in ok:
             flag = {True: "ok", False: "OFF: " + r.get("check", ""), None: "? " + r.get("check", "")}[r.get("correct")]
-            lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r.get('tflops'), '8.3f')} "
+            lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r['tflops'] * per_s if r.get('tflops') else None, '8.3f')} "
                          f"{_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
                          f"{_fmt(r.get('speedup_vs_naive'), '7.2f')}x {_fmt(r.get('speedup_vs_sdpa_best'), '6.2f')}x"
                          f"  {flag}")
@@ -48,7 +49,8 @@ def summary(records: List[dict]) -> str:
     """Geometric-mean speedups per implementation over the cases it ran, and refusal counts."""
     per: Dict[str, dict] = OrderedDict()
     for r in records:
-        s = per.setdefault(r["impl"], {"n": 0, "naive": [], "sdpa": [], "off": 0, "refused": 0, "other": 0})
+        s = per.setdefault(r["impl"], {"n": 0, "naive": [], "sdpa": [], "off": 0, "refused": 0, "other": 0,
+                                       "skipped": 0})
         if r["status"] == "ok":
             s["n"] += 1
             if r.get("speedup_vs_naive"):
@@ -56,18 +58,19 @@ def summary(records: List[dict]) -> str:
             if r.get("speedup_vs_sdpa_best"):
                 s["sdpa"].append(r["speedup_vs_sdpa_best"])
             s["off"] += r.get("correct") is False
-        elif r["status"] == "refused":
-            s["refused"] += 1
+        elif r["status"] in ("refused", "skipped"):
+            s[r["status"]] += 1
         else:
             s["other"] += 1
 
     def gm(xs):
         return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
-    lines = [f"  {'implementation':<24} {'ran':>4} {'refused':>8} {'failed':>7} {'geomean x naive':>16} "
+    lines = [f"  {'implementation':<24} {'ran':>4} {'refused':>8} {'failed':>7} {'skipped':>8} {'geomean x naive':>16} "
              f"{'geomean x sdpa-best':>20} {'wrong':>6}"]
     for name, s in per.items():
-        lines.append(f"  {name:<24} {s['n']:>4} {s['refused']:>8} {s['other']:>7} {_fmt(gm(s['naive']), '15.2f')}x "
+        lines.append(f"  {name:<24} {s['n']:>4} {s['refused']:>8} {s['other']:>7} {s['skipped']:>8} "
+                     f"{_fmt(gm(s['naive']), '15.2f')}x "
                      f"{_fmt(gm(s['sdpa']), '19.2f')}x {s['off']:>6}")
     return "\n".join(lines)
 

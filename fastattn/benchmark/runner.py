@@ -5,7 +5,7 @@ import gc
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -13,7 +13,7 @@ from .cases import Case, flops, kv_bytes
 from .check import small_check
 from .impls import NAIVE, Impl, Refused
 from .inputs import make_inputs, step_for
-from .memory import peak_extra_bytes
+from .memory import CpuAllocTracker, peak_extra_bytes
 from .timing import bench
 
 
@@ -80,7 +80,18 @@ def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: D
         runner = impl.build(case, inp, grad)
         with runner.context():
             step = step_for(runner, case.mode)
-            _probe(step)
+            cpu = not device.startswith("cuda")
+            # CPU: the first call is also the memory measurement (PyTorch's CPU allocator caches nothing, so the
+            # first call allocates what every call does) and its duration sizes the repeats. GPU: a separate call
+            # after the first, so one-time allocations (workspaces, autotuning) stay out of the peak.
+            t_probe = time.perf_counter()
+            if cpu:
+                with CpuAllocTracker() as tracker:
+                    _probe(step)
+                rec.update(peak_mem_mb=tracker.peak / 2 ** 20, memory="torch.profiler allocation events")
+            else:
+                _probe(step)
+            t_probe = time.perf_counter() - t_probe
             key = (impl.name, case.kind)
             if key not in checks:
                 try:
@@ -90,10 +101,11 @@ def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: D
                 except Exception as e:  # noqa: BLE001
                     checks[key] = (False, "small check raised " + _first_line(e))
             rec["correct"], rec["check"] = checks[key]
-            t = bench(step, device, target_s)
+            if not cpu:
+                peak, how = peak_extra_bytes(step, device)
+                rec.update(peak_mem_mb=peak / 2 ** 20, memory=how)
+            t = bench(step, device, target_s, warm=t_probe if cpu else None)
             rec.update(time_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, timing=t.method)
-            peak, how = peak_extra_bytes(step, device)
-            rec.update(peak_mem_mb=peak / 2 ** 20, memory=how)
     except Refused as e:
         rec.update(status="refused", reason=str(e))
     except Exception as e:  # noqa: BLE001
@@ -108,18 +120,33 @@ def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: D
 
 
 def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3,
-        max_seconds: Optional[float] = None, progress: bool = True) -> List[dict]:
-    """Measures every case with every implementation; returns one record per (case, implementation)."""
+        max_seconds: Optional[float] = None, progress: bool = True, not_run: Optional[Dict[str, list]] = None,
+        gate: Optional[Callable[[Impl], List[str]]] = None) -> List[dict]:
+    """Measures every case with every implementation; returns one record per (case, implementation).
+
+    max_seconds: no new case starts after that (a started case finishes); the rest are listed as skipped.
+    gate(impl): reasons to drop an implementation before its first use (the crash probe); dropped ones go to
+    not_run."""
+    impls = list(impls)
     records: List[dict] = []
     checks: Dict[tuple, tuple] = {}
     bar = Progress(len(cases) * len(impls), enabled=progress)
     start = time.monotonic()
+    # Cheapest cases first: a run cut short by max_seconds loses the most expensive points, not whole sweeps.
+    order = sorted(cases, key=lambda c: (flops(c), cases.index(c)))
     try:
-        for case in cases:
+        for case in order:
             inp = None
-            for impl in impls:
+            over = max_seconds is not None and time.monotonic() - start > max_seconds
+            for impl in list(impls):
                 bar.update(f"{impl.name} {case.label}")
-                if max_seconds is not None and time.monotonic() - start > max_seconds:
+                why = gate(impl) if gate is not None else []
+                if why:
+                    impls.remove(impl)
+                    if not_run is not None:
+                        not_run[impl.name] = why
+                    continue
+                if over:
                     rec = {"impl": impl.name, "family": impl.family, "status": "skipped",
                            "reason": f"time budget (--max-seconds {max_seconds:g}) used up"}
                 else:
@@ -135,6 +162,8 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
     finally:
         bar.close()
     add_speedups(records)
+    rank = {c.label: i for i, c in enumerate(cases)}
+    records.sort(key=lambda r: rank[r["label"]])  # report in the preset's order (stable within a case)
     return records
 
 
