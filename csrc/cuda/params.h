@@ -36,7 +36,7 @@ struct FwdParams : AttnShape {
 };
 
 struct BwdParams : AttnShape {
-  TensorRef q, k, v, o, dout, dq, dk, dv;
+  TensorRef q, k, v, o, dout, grad_q, grad_k, grad_v;
   const float* lse;  // (B, H, Sq) contiguous fp32, from the forward
   float* delta;      // (B, H, Sq) contiguous fp32 workspace: rowsum(dO * O)
   int64_t lse_batch_stride, lse_head_stride;

@@ -109,7 +109,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
                                           int tid) {
   using Tile = SmemTile<kRows, kCols>;
   constexpr int kTotal = kRows * Tile::kChunks;
-#pragma unroll
+#pragma unroll 1  // issue-only loop: rolled, so its addresses are not kept live across the main loop
   for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int idx = it * kThreads + tid;
     if (kTotal % kThreads == 0 || idx < kTotal) {

@@ -32,12 +32,13 @@ struct BwdKVTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockN = 16 * kWarps / kSplitD;    // keys per block
-  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // queries per pipeline stage
+  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : kHeadDim <= 96 ? 32 : 16;  // queries per stage
   static constexpr int kColsPerWarp = kHeadDim / kSplitD;   // dK/dV columns each warp accumulates
   static constexpr int kStages = 2;                         // Q/dO double buffering
   using TileKV = SmemTile<kBlockN, kHeadDim>;
   using TileQ = SmemTile<kBlockM, kHeadDim>;
-  static constexpr int kSmemBytes = 2 * (2 * TileKV::kElems + 2 * kStages * TileQ::kElems);
+  static constexpr int kSmemBytes = 2 * (2 * TileKV::kElems + 2 * kStages * TileQ::kElems) +
+                                    4 * 2 * kStages * kBlockM;  // + lse and delta per stage
   static_assert(kSmemBytes <= kMaxSmemBytes, "dK/dV tile too large for sm_86/89 shared memory");
 };
 

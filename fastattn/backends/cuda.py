@@ -1,4 +1,9 @@
-"""`cuda`: fastattn's ahead-of-time compiled tensor-core kernels (csrc/cuda), through torch.ops.fastattn.fwd/bwd."""
+"""`cuda`: fastattn's ahead-of-time compiled tensor-core kernels (csrc/cuda), through torch.ops.fastattn.fwd/bwd.
+
+FlashAttention-2-style forward and a three-pass backward (delta, dK/dV, dQ) that uses no atomics, so every
+backward is bitwise reproducible and `deterministic` costs nothing. Head dims up to 256 run the 32/64/96/128/256
+kernel that fits (masked loads/stores); D or Dv not a multiple of 8, or inputs whose rows are not 16-byte
+aligned, are first copied into an aligned buffer by the C++ entry point."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +12,8 @@ from .. import ops
 from ..params import AttnParams
 from .base import Backend
 
+_GRID_LIMIT = 65535  # gridDim.y / gridDim.z: heads and batch entries (sequences in varlen mode)
+
 
 class CudaBackend(Backend):
     name = "cuda"
@@ -14,7 +21,8 @@ class CudaBackend(Backend):
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float16, torch.bfloat16})
     head_dims = (1, 256)
-    features = frozenset({"causal", "bottom_right", "gqa", "varlen", "grad", "lse"})
+    features = frozenset({"causal", "bottom_right", "window", "gqa", "varlen", "grad", "deterministic", "lse",
+                          "dv_ne_d"})
     min_capability = (8, 0)
 
     def unavailable(self):
@@ -27,6 +35,18 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             return ["no CUDA device available"]
         return []
+
+    def extra_reasons(self, p: AttnParams):
+        r = []
+        heads = p.q.shape[1]
+        batch = p.cu_seqlens_q.numel() - 1 if p.is_varlen else p.q.shape[0]
+        if heads > _GRID_LIMIT:
+            r.append(f"{heads} query heads exceed the kernel grid limit of {_GRID_LIMIT}")
+        if batch > _GRID_LIMIT:
+            r.append(f"batch {batch} exceeds the kernel grid limit of {_GRID_LIMIT}")
+        if max(p.seqlen_q, p.seqlen_k) >= 2**31:
+            r.append("sequence lengths must be < 2^31")
+        return r
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
