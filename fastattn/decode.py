@@ -152,7 +152,7 @@ class OpDecode(DecodeKernel):
     def unavailable(self):
         if not ops.loaded():
             return [f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"]
-        if not _has_op() or not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::decode_fwd", self.key):
+        if not _REGISTERED.get(self.key):
             return [f"no {self.key} kernel registered for fastattn::decode_fwd in this build"]
         return []
 
@@ -171,6 +171,11 @@ DECODE_KERNELS: Dict[str, DecodeKernel] = {
 
 def _has_op() -> bool:
     return ops.loaded() and hasattr(torch.ops.fastattn, "decode_fwd")
+
+
+# Looked up once (fastattn._C registered its kernels when .ops was imported): torch.compile cannot trace the query.
+_REGISTERED = {key: _has_op() and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::decode_fwd", key)
+               for key in ("CPU", "CUDA")}
 
 
 @dataclass
