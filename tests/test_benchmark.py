@@ -151,7 +151,36 @@ def test_tiny_run_writes_json_and_csv(tmp_path, capsys):
         assert r["case"]["flops"] > 0
         if r["case"]["mode"] == "decode":
             assert r["gbps"] > 0
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "tflops_fwd_fp32.png").stat().st_size > 0 and (out / "decode_fp32.png").exists()
+    except ImportError:
+        assert "plots skipped" in printed
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(data["results"])
     assert {"impl", "time_ms", "tflops", "peak_mem_mb", "speedup_vs_naive", "correct"} <= set(rows[0])
+
+
+# ---------------------------------------------------------------------------------------------- filters
+def test_backend_filters_and_case_filters():
+    impls, not_run = cli.select_impls(["naive", "sdpa.*", "cpu"], "cpu")
+    names = {i.name for i in impls} | set(not_run)
+    assert {"fastattn.reference", "sdpa.flash", "sdpa.math", "sdpa.efficient", "sdpa.cudnn", "fastattn.cpu",
+            "fastattn.cpu+varlen"} == names
+    assert "sdpa.efficient" in not_run and "sdpa.flash" not in not_run
+    with pytest.raises(SystemExit, match="matches nothing"):
+        cli.select_impls(["no_such_backend"], "cpu")
+    # The CPU quick preset leaves flex out, with a reason, unless --backends names it.
+    _, not_run = cli.select_impls(None, "cpu", {"flex": "too slow to compile"})
+    assert not_run["flex"] == ["too slow to compile"]
+
+    args = cli.parser().parse_args(["--preset", "quick", "--seqlens", "256,1k", "--headdims", "64", "--causal",
+                                    "true", "--mode", "fwd,decode", "--dtype", "bf16"])
+    _, cases = cli.build_cases(args, "cpu")
+    fwd = [c for c in cases if c.mode == "fwd"]
+    dec = [c for c in cases if c.mode == "decode"]
+    assert {c.seqlen_q for c in fwd} == {256, 1024} and all(c.causal and c.head_dim == 64 for c in fwd)
+    assert {c.seqlen_k for c in dec} == {256, 1024} and all(c.head_dim == 64 and c.seqlen_q == 1 for c in dec)
+    assert {c.dtype for c in cases} == {"bf16"} and any(c.gqa for c in fwd)
+    assert not any(c.mode in ("bwd", "fwd_bwd") for c in cases)

@@ -184,7 +184,9 @@ def main(argv=None) -> int:
     paths = report.write(args.out, env, records, not_run, models, settings)
     written = list(paths.values())
     if not args.no_plots:
-        pngs = plots.plot(records, args.out, title=f"{env.get('gpu') or env['cpu_model']}, torch {env['torch']}")
+        pngs = plots.plot(records, args.out, title=f"{env.get('gpu') or env['cpu_model']} ({device}), torch "
+                          f"{env['torch']}, fastattn {env.get('git_commit') or ''}"[:110],
+                          gflops=not device.startswith("cuda"))
         if pngs is None:
             print("\nplots skipped: matplotlib is not installed (pip install matplotlib, or the 'bench' extra)")
         else:

@@ -24,7 +24,7 @@ SHAPES: Dict[str, Dict[str, dict]] = {
     "cpu": {
         "quick": dict(bert_layers=2, bert_batch=2, bert_seq=256, gpt_layers=4, gpt_batch=1, gpt_prompt=128,
                       gpt_new=16, dtype="fp32"),
-        "full": dict(bert_layers=12, bert_batch=4, bert_seq=512, gpt_layers=12, gpt_batch=2, gpt_prompt=256,
+        "full": dict(bert_layers=4, bert_batch=2, bert_seq=512, gpt_layers=12, gpt_batch=1, gpt_prompt=256,
                      gpt_new=32, dtype="fp32"),
         "tiny": dict(bert_layers=1, bert_batch=1, bert_seq=32, gpt_layers=1, gpt_batch=1, gpt_prompt=16,
                      gpt_new=2, dtype="fp32"),
