@@ -89,7 +89,8 @@ def main():
         print(f"model: {args.model or 'tiny random BERT'}, attn_implementation={model.config._attn_implementation}")
         train = Encoded(tok, *make_task(args.train, args.seed))
         test = Encoded(tok, *make_task(args.test, args.seed + 1))
-        targs = TrainingArguments(output_dir=tmp, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        targs = TrainingArguments(output_dir=tmp, num_train_epochs=args.epochs,
+                                  per_device_train_batch_size=args.batch_size,
                                   per_device_eval_batch_size=64, learning_rate=lr, warmup_steps=10,
                                   logging_steps=10, report_to=[], save_strategy="no", seed=args.seed,
                                   use_cpu=not torch.cuda.is_available(), disable_tqdm=True,

@@ -88,8 +88,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                              f"({self.embed_dim}, {self.kdim}, {self.vdim}), got ({E}, {key.shape[-1]}, "
                              f"{value.shape[-1]})")
         if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
-            raise ValueError(f"fastattn.nn.MultiheadAttention: batch/sequence sizes disagree: query {tuple(query.shape)}, "
-                             f"key {tuple(key.shape)}, value {tuple(value.shape)} (batch-first view)")
+            raise ValueError(f"fastattn.nn.MultiheadAttention: batch/sequence sizes disagree: query "
+                             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)} "
+                             f"(batch-first view)")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
             raise ValueError(f"fastattn.nn.MultiheadAttention: key_padding_mask must be ({N}, {S}) (or ({S},) "
                              f"unbatched), got {tuple(key_padding_mask.shape)}")

@@ -64,7 +64,8 @@ MASKS = [dict(), dict(key_padding_mask=("kpm", "bool")), dict(key_padding_mask=(
 
 
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-@pytest.mark.parametrize("masks", MASKS, ids=lambda m: "+".join(f"{k[:3]}:{v[0]}-{v[1]}" for k, v in m.items()) or "none")
+@pytest.mark.parametrize("masks", MASKS,
+                         ids=lambda m: "+".join(f"{k[:3]}:{v[0]}-{v[1]}" for k, v in m.items()) or "none")
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_matches_torch(cfg_name, masks, need_weights):
     cfg = CONFIGS[cfg_name]

@@ -134,6 +134,18 @@ def test_mask_forms_skip_work():
     assert fa_hf.fastattn_mask(batch_size=3, q_length=23, kv_length=23, attention_mask=torch.ones_like(pad)) is None
     # Static-cache prefill: 40 slots, 23 new tokens from position 0 -> plain causal, keys past 23 cut.
     assert fa_hf.fastattn_mask(batch_size=3, q_length=23, kv_length=40, attention_mask=None) is None
+    # Earlier 5.x passes cache_position instead of q_length/q_offset.
+    m2 = fa_hf.fastattn_mask(batch_size=3, cache_position=torch.arange(23), kv_length=23, attention_mask=pad)
+    assert torch.equal(m, m2)
+    # Decode step against a static cache of 40 slots with 30 seen tokens: full-width key mask, future slots off.
+    m = fa_hf.fastattn_mask(batch_size=3, q_length=1, q_offset=30, kv_length=40, attention_mask=None,
+                            allow_is_causal_skip=False)
+    assert m.shape == (3, 1, 1, 40) and m[:, 0, 0, :31].all() and not m[:, 0, 0, 31:].any()
+    # Anything else (here a custom mask function) gets transformers' own dense mask, used as is.
+    mu = transformers.masking_utils
+    custom = mu.and_masks(mu.causal_mask_function, lambda b, h, q, k: k != 3)
+    kw = dict(batch_size=3, q_length=23, kv_length=23, attention_mask=pad, mask_function=custom)
+    assert torch.equal(fa_hf.fastattn_mask(**kw), mu.sdpa_mask(**kw))
 
 
 def test_set_attn_implementation_and_from_pretrained(tmp_path, count_calls):

@@ -54,24 +54,42 @@ def _standard_mask_function(fn) -> Optional[str]:
     return None
 
 
-def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                  mask_function=_mu.causal_mask_function, attention_mask: Optional[torch.Tensor] = None,
-                  local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
-                  allow_is_bidirectional_skip: bool = False, device="cpu", **kwargs):
-    """AttentionMaskInterface entry for "fastattn": see the module docstring for the three forms returned."""
+def _padding(attention_mask, kv_offset: int, kv_length: int, device):
+    """2-D mask (B, seen + new) -> bool (B, Sk) for the keys of this call (False past its end: static caches)."""
+    if attention_mask is None:
+        return None
+    am = attention_mask.to(device=device, dtype=torch.bool)
+    if am.shape[-1] < kv_offset + kv_length:
+        am = torch.nn.functional.pad(am, (0, kv_offset + kv_length - am.shape[-1]))
+    return am[:, kv_offset:kv_offset + kv_length]
+
+
+def fastattn_mask(batch_size: int, **kw):
+    """AttentionMaskInterface entry for "fastattn": see the module docstring for the three forms returned.
+
+    Takes transformers' keyword arguments as given (q_length/q_offset in recent 5.x, cache_position in earlier
+    5.x) and forwards them unchanged to transformers' sdpa_mask when it falls back to a dense mask."""
+    mask_function = kw.get("mask_function", _mu.causal_mask_function)
+    kv_length, kv_offset = kw["kv_length"], kw.get("kv_offset", 0)
+    attention_mask, local_size = kw.get("attention_mask"), kw.get("local_size")
+    allow_causal_skip = kw.get("allow_is_causal_skip", True)
+    allow_bidir_skip = kw.get("allow_is_bidirectional_skip", False)
+    cache_position = kw.get("cache_position")
+    if cache_position is not None:  # earlier 5.x: absolute positions of the queries
+        q_length, q_offset = cache_position.shape[0], cache_position[0]
+    else:
+        q_length, q_offset = kw["q_length"], kw.get("q_offset", 0)
+    device = kw.get("device") or (cache_position.device if cache_position is not None else
+                                  attention_mask.device if attention_mask is not None else "cpu")
+
     kind = _standard_mask_function(mask_function)
     windowed = local_size is not None and kv_length >= local_size
     # The caller asks for a materialised mask (e.g. to concatenate it): give transformers' dense one.
-    must_materialise = (kind == "causal" and not allow_is_causal_skip and q_length > 1) or \
-                       (kind == "bidirectional" and not allow_is_bidirectional_skip)
+    must_materialise = (kind == "causal" and not allow_causal_skip and q_length > 1) or \
+                       (kind == "bidirectional" and not allow_bidir_skip)
     if kind is None or windowed or must_materialise:
-        return _mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                             local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
-                             allow_is_bidirectional_skip=allow_is_bidirectional_skip, device=device, **kwargs)
-    padding = _mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is not None:
-        padding = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)  # (B, Sk)
+        return _mu.sdpa_mask(batch_size, **kw)
+    padding = _padding(attention_mask, kv_offset, kv_length, device)  # (B, Sk) or None
     if kind == "bidirectional":
         if padding is None or bool(padding.all()):
             return None
@@ -81,7 +99,7 @@ def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     if q_length == 1:
         # Decode: keep the full width (stable shapes for compiled static-cache decoding); the single query sees
         # every key up to its own position.
-        if allow_is_causal_skip and (padding is None or bool(padding.all())) and \
+        if allow_causal_skip and (padding is None or bool(padding.all())) and \
                 not isinstance(q_offset, torch.Tensor) and q_offset - kv_offset + 1 >= kv_length:
             return None
         j = torch.arange(kv_length, device=device)
@@ -93,7 +111,7 @@ def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
         return torch.zeros(batch_size, 1, 1, 1, dtype=torch.bool, device=device)  # nothing visible: all rows 0
     if padding is not None:
         padding = padding[:, :visible]  # (B, visible)
-    if allow_is_causal_skip and int(q_offset) == kv_offset and (padding is None or bool(padding.all())):
+    if allow_causal_skip and int(q_offset) == kv_offset and (padding is None or bool(padding.all())):
         return None  # queries and keys start together: plain top-left causal (keys past Sq are cut by attention)
     if padding is None:
         padding = torch.ones(batch_size, visible, dtype=torch.bool, device=device)

@@ -10,8 +10,6 @@ loads directly (load_hf_state_dict drops the few buffers old checkpoints carry).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
