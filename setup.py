@@ -95,8 +95,8 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "numpy"],
-        "transformers": ["transformers>=4.48"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "transformers>=5", "accelerate"],
+        "transformers": ["transformers>=5", "accelerate"],
         "bench": ["matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,
