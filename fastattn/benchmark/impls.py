@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+import fastattn.kvcache
 from fastattn.dispatch import BackendUnavailableError
 
 from .cases import Case
@@ -67,11 +68,21 @@ class FastattnImpl(Impl):
         if case.mode == "decode":
             if self.varlen:
                 raise Refused("varlen variant runs only on padding cases")
-            # flash-attn layout: q (B, 1, Hq, D), cache (B, Sk, Hkv, D); the whole cache is valid.
+            # flash-attn layout: q (B, 1, Hq, D), cache (B, Sk, Hkv, D), every row's cache full (cache_seqlens = Sk),
+            # as generation calls it.
             q = inp.q.transpose(1, 2).contiguous()
             kc, vc = inp.k.transpose(1, 2).contiguous(), inp.v.transpose(1, 2).contiguous()
-            fwd = lambda: fastattn.flash_attn_with_kvcache(q, kc, vc, backend=name)  # noqa: E731
-            return Runner(_first_call(fwd), [], inp.dout, to_bhsd=lambda t: t.transpose(1, 2))
+            lens = torch.full((case.batch,), case.seqlen_k, dtype=torch.int32, device=q.device)
+            fwd = lambda: fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=name)  # noqa: E731
+            notes = []
+            explain = getattr(fastattn.kvcache, "explain_kvcache", None)
+            if explain is not None:
+                try:
+                    ex = explain(q, kc, vc, cache_seqlens=lens, backend=name)
+                    notes.append(f"split-KV kernel {ex.kernel}" if ex.kernel else "generic path")
+                except Exception as e:  # noqa: BLE001 - the call itself reports real errors
+                    notes.append(f"explain_kvcache: {type(e).__name__}")
+            return Runner(_first_call(fwd), [], inp.dout, to_bhsd=lambda t: t.transpose(1, 2), notes=notes)
         if self.varlen:
             if not case.padding:
                 raise Refused("varlen variant runs only on padding cases")

@@ -10,7 +10,8 @@ from typing import Dict, List
 
 CSV_FIELDS = ["label", "impl", "family", "status", "mode", "dtype", "batch", "heads", "heads_kv", "seqlen_q",
               "seqlen_k", "head_dim", "causal", "padding", "flops", "time_ms", "min_ms", "tflops", "gbps",
-              "peak_mem_mb", "speedup_vs_naive", "speedup_vs_sdpa_best", "sdpa_best", "correct", "check", "reason"]
+              "peak_mem_mb", "speedup_vs_naive", "speedup_vs_sdpa_best", "sdpa_best", "correct", "check", "notes",
+              "reason", "wall_s"]
 
 
 def _fmt(x, spec: str, missing: str = "-") -> str:
@@ -34,6 +35,8 @@ def table(records: List[dict], flops_unit: str = "TFLOP/s") -> str:
         ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["time_ms"])
         for r in ok:
             flag = {True: "ok", False: "OFF: " + r.get("check", ""), None: "? " + r.get("check", "")}[r.get("correct")]
+            if r.get("notes"):
+                flag += f"  [{r['notes']}]"
             lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r['tflops'] * per_s if r.get('tflops') else None, '8.3f')} "
                          f"{_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
                          f"{_fmt(r.get('speedup_vs_naive'), '7.2f')}x {_fmt(r.get('speedup_vs_sdpa_best'), '6.2f')}x"

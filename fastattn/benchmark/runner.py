@@ -79,6 +79,8 @@ def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: D
     try:
         runner = impl.build(case, inp, grad)
         with runner.context():
+            if runner.notes:
+                rec["notes"] = "; ".join(runner.notes)
             step = step_for(runner, case.mode)
             cpu = not device.startswith("cuda")
             # CPU: the first call is also the memory measurement (PyTorch's CPU allocator caches nothing, so the
