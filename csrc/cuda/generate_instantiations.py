@@ -17,8 +17,8 @@ template cudaError_t run_{direction}<{ctype}, {hdim}>(const {params}& p, cudaStr
 """
 
 
-def main():
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instantiations")
+def main(out=None):
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "instantiations")
     os.makedirs(out, exist_ok=True)
     for old in os.listdir(out):
         if old.endswith(".cu"):
