@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -131,6 +132,19 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     preset, cases = build_cases(args, device)
     t0 = time.monotonic()
+    # SIGTERM (e.g. `timeout`) stops measuring like Ctrl-C: what was measured is still written.
+    old_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args, device, preset, cases, t0, argv)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run(args, device, preset, cases, t0, argv) -> int:
     impls, not_run = select_impls(args.backends, device, preset.skip)
     # Native kernels first run tiny calls in child processes, in the background: a crash there keeps the backend
     # out of this process (it is listed with the reason) instead of taking the whole run down.
@@ -162,7 +176,10 @@ def main(argv=None) -> int:
     if run_model:
         from . import model
         over = budget is not None and time.monotonic() - t0 > budget
-        models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5))
+        try:
+            models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5))
+        except KeyboardInterrupt:
+            print("model-level benchmark interrupted", file=sys.stderr)
     wall = time.monotonic() - t0
 
     print()

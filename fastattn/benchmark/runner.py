@@ -137,6 +137,7 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
     # Cheapest cases first: a run cut short by max_seconds loses the most expensive points, not whole sweeps.
     order = sorted(cases, key=lambda c: (flops(c), cases.index(c)))
     try:
+        interrupted = False
         for case in order:
             inp = None
             over = max_seconds is not None and time.monotonic() - start > max_seconds
@@ -148,13 +149,19 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
                     if not_run is not None:
                         not_run[impl.name] = why
                     continue
-                if over:
-                    rec = {"impl": impl.name, "family": impl.family, "status": "skipped",
-                           "reason": f"time budget (--max-seconds {max_seconds:g}) used up"}
+                rec = None
+                if interrupted or over:
+                    reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else \
+                        f"time budget (--max-seconds {max_seconds:g}) used up"
                 else:
-                    if inp is None:
-                        inp = make_inputs(case, device)
-                    rec = measure(impl, case, inp, device, target_s, checks)
+                    try:
+                        if inp is None:
+                            inp = make_inputs(case, device)
+                        rec = measure(impl, case, inp, device, target_s, checks)
+                    except KeyboardInterrupt:  # keep what was measured; the caller still writes the files
+                        interrupted, reason = True, "interrupted (Ctrl-C or SIGTERM)"
+                if rec is None:
+                    rec = {"impl": impl.name, "family": impl.family, "status": "skipped", "reason": reason}
                 rec.update(case=case.to_dict(), label=case.label)
                 records.append(rec)
             del inp
