@@ -8,8 +8,8 @@ aligned, else 0): key j is visible to query i iff
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # jit code may only read constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
