@@ -208,13 +208,14 @@ def _order(requested: str, device_type: str) -> List[str]:
     return list(PREFERENCE.get(device_type, PREFERENCE["default"]))
 
 
-def choose(c: DecodeCall, backend: Optional[str] = None) -> DecodeExplanation:
+def choose(c: DecodeCall, backend: Optional[str] = None, *, describe: bool = True) -> DecodeExplanation:
     """Which decode kernel serves c. Under auto: the first backend in PREFERENCE whose decode kernel takes it
-    (the prefill dispatcher would also prefer that backend); explicitly requested: that backend's kernel or none."""
+    (the prefill dispatcher would also prefer that backend); explicitly requested: that backend's kernel or none.
+    describe=False skips the call's description (the per-token hot path)."""
     from .dispatch import requested_backend  # lazy: dispatch imports this module
 
     requested = requested_backend(backend)
-    ex = DecodeExplanation(call=c.describe(), requested=requested)
+    ex = DecodeExplanation(call=c.describe() if describe else "", requested=requested)
     for name in _order(requested, c.device.type):
         kern = DECODE_KERNELS.get(name)
         if kern is None:
@@ -231,7 +232,7 @@ def choose(c: DecodeCall, backend: Optional[str] = None) -> DecodeExplanation:
 
 def run_decode(c: DecodeCall, backend: Optional[str] = None):
     """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32) from a decode kernel, or None when none takes the call."""
-    ex = choose(c, backend)
+    ex = choose(c, backend, describe=False)
     if ex.kernel is None:
         return None
     COUNTS[ex.kernel] += 1
@@ -263,7 +264,7 @@ def decode_route(p: AttnParams, backend_name: str) -> Optional[Callable[[AttnPar
     c = dense_call(p)
     if c is None:
         return None
-    ex = choose(c, backend_name)
+    ex = choose(c, backend_name, describe=False)
     if ex.kernel is None:
         return None
     kern = DECODE_KERNELS[ex.backend]

@@ -38,6 +38,43 @@ def _check_cache_seqlens(cache_seqlens, B, device):
     return cache_seqlens.to(device)
 
 
+def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
+    """Every index the append and the kernels follow lies inside the cache; one host sync for all of them."""
+    nblocks = k_cache.shape[0]
+    stats = []  # int64 scalars, read back together
+    if lens is not None:
+        stats += [lens.min(), lens.max()]
+    if cache_batch_idx is not None:
+        stats += [cache_batch_idx.min(), cache_batch_idx.max(),
+                  (cache_batch_idx.sort().values.diff() == 0).sum() if snew else cache_batch_idx.new_zeros(())]
+    if block_table is not None:
+        stats.append(((block_table < 0) | (block_table >= nblocks)).sum() if block_table.numel()
+                     else block_table.new_zeros(()))
+    if not stats:
+        return
+    vals = torch.stack([t.to(torch.int64) for t in stats]).tolist()
+    if lens is not None:
+        lo, hi = vals[:2]
+        vals = vals[2:]
+        if lo < 0 or hi + snew > capacity:
+            raise ValueError(f"fastattn: cache_seqlens (min {lo}, max {hi}) + new tokens ({snew}) must lie in "
+                             f"[0, {capacity}] (the cache capacity per row)")
+    if cache_batch_idx is not None:
+        lo, hi, repeats = vals[:3]
+        vals = vals[3:]
+        if lo < 0 or hi >= nblocks:
+            raise ValueError(f"fastattn: cache_batch_idx entries must lie in [0, {nblocks}) (k_cache batch), got "
+                             f"{cache_batch_idx.tolist()}")
+        if repeats:
+            raise ValueError(f"fastattn: cache_batch_idx {cache_batch_idx.tolist()} repeats a cache row; appending "
+                             "would write one row twice")
+    if block_table is not None and vals[0]:
+        bad = (block_table < 0) | (block_table >= nblocks)
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"fastattn: block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, {nblocks}) "
+                         f"(num_blocks of k_cache {tuple(k_cache.shape)})")
+
+
 @dataclass
 class _Plan:
     """A validated call: sizes, where the cache lives, and each row's lengths."""
@@ -75,7 +112,9 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     if not isinstance(softcap, (int, float)) or not softcap >= 0:
         raise ValueError(f"fastattn: softcap must be a number >= 0, got {softcap!r}")
-    compiling = torch.compiler.is_compiling()  # value checks need a host sync; they ran in eager mode
+    # Value checks read tensor contents: one host sync (below). Skipped while tracing (they ran in eager mode) and
+    # during CUDA graph capture (where a sync is illegal; replays reuse the captured, checked shapes).
+    compiling = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     paged = block_table is not None
     page = 0
     if paged:
@@ -96,10 +135,6 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
             if cache_batch_idx.dim() != 1:
                 raise ValueError(f"fastattn: cache_batch_idx must be int32 of shape ({B},), got "
                                  f"{tuple(cache_batch_idx.shape)}")
-            if not compiling and B and (int(cache_batch_idx.min()) < 0 or
-                                        int(cache_batch_idx.max()) >= k_cache.shape[0]):
-                raise ValueError(f"fastattn: cache_batch_idx entries must lie in [0, {k_cache.shape[0]}) "
-                                 f"(k_cache batch), got {cache_batch_idx.tolist()}")
         elif k_cache.shape[0] != B:
             raise ValueError(f"fastattn: k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
     lens = _check_cache_seqlens(cache_seqlens, B, q.device)
@@ -121,20 +156,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         snew = k.shape[1]
         if lens is None:
             raise ValueError("fastattn: appending k/v needs cache_seqlens (where to write)")
-        if not compiling and cache_batch_idx is not None and snew and \
-                torch.unique(cache_batch_idx).numel() != B:
-            raise ValueError(f"fastattn: cache_batch_idx {cache_batch_idx.tolist()} repeats a cache row; appending "
-                             "would write one row twice")
-    if lens is not None and not compiling and B:
-        if int(lens.min()) < 0 or int(lens.max()) + snew > capacity:
-            raise ValueError(f"fastattn: cache_seqlens (min {int(lens.min())}, max {int(lens.max())}) + new tokens "
-                             f"({snew}) must lie in [0, {capacity}] (the cache capacity per row)")
-    if paged and not compiling and block_table.numel():
-        bad = (block_table < 0) | (block_table >= k_cache.shape[0])
-        if bool(bad.any()):
-            b, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"fastattn: block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, "
-                             f"{k_cache.shape[0]}) (num_blocks of k_cache {tuple(k_cache.shape)})")
+    if not compiling and B:
+        _check_values(lens, snew, capacity, None if paged else cache_batch_idx, block_table, k_cache)
     wl, wr = check_window(window_size)
     if causal:
         wr = 0
