@@ -60,6 +60,7 @@ if _C is not None:
         (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
          deterministic) = inputs
         out, lse = output
+        ctx.mark_non_differentiable(lse)  # the kernels' backward takes no lse gradient: make that explicit
         ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
         ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
 
