@@ -223,7 +223,7 @@ _SM90_COMPILE = textwrap.dedent("""
 
     def build(fn, ptr, consts):
         src = ASTSource(fn, sig(fn, ptr, consts), constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
         ptx = k.asm["ptx"]
         assert "st.local" not in ptx and "ld.local" not in ptx, "register spills"
         print(fn.__name__, ptr, "ok")

@@ -37,13 +37,13 @@ def _tanh(x):
 
 
 @triton.jit
-def _kv_rows(BlockTable, bt_row, cache_row, offs_n, nmask, stride_b, stride_s, PAGED: tl.constexpr,
-             PAGE: tl.constexpr):
-    """Element offsets (int64) of keys offs_n of one sequence: through the page table, or in cache row cache_row."""
+def _kv_slots(BlockTable, bt_row, cache_row, offs_n, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """(block, slot) of keys offs_n of one sequence, both int64: the physical page and the position in it through
+    the page table, or the cache row and the position. Element offset = block * stride_b + slot * stride_s."""
     if PAGED:
         phys = tl.load(BlockTable + bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
-        return phys * stride_b + (offs_n % PAGE).to(tl.int64) * stride_s
-    return cache_row * stride_b + offs_n.to(tl.int64) * stride_s
+        return phys, (offs_n % PAGE).to(tl.int64)
+    return cache_row + offs_n.to(tl.int64) * 0, offs_n.to(tl.int64)
 
 
 @triton.jit
@@ -60,8 +60,8 @@ def _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, k_head,
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        k_rows = _kv_rows(BlockTable, bt_row, cache_row, offs_n, nmask, stride_kb, stride_ks, PAGED, PAGE)
-        kt = tl.load(K + k_head + k_rows[None, :] + offs_d[:, None],
+        blk, slot = _kv_slots(BlockTable, bt_row, cache_row, offs_n, nmask, PAGED, PAGE)
+        kt = tl.load(K + k_head + (blk * stride_kb + slot * stride_ks)[None, :] + offs_d[:, None],
                      mask=nmask[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # (D, BN)
         qk = _dot(q, kt, PRECISION, UPCAST)  # (BM, BN)
         if SOFTCAP:
@@ -83,8 +83,7 @@ def _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, k_head,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v_rows = _kv_rows(BlockTable, bt_row, cache_row, offs_n, nmask, stride_vb, stride_vs, PAGED, PAGE)
-        v = tl.load(V + v_head + v_rows[:, None] + offs_dv[None, :],
+        v = tl.load(V + v_head + (blk * stride_vb + slot * stride_vs)[:, None] + offs_dv[None, :],
                     mask=nmask[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)  # (BN, Dv)
         acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
@@ -253,7 +252,9 @@ def decode_fwd(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, sca
     alibi = alibi_slopes if alibi_slopes is not None else dummy
     stride_ab = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)
     log2e = LOG2E
-    kw = dict(num_warps=4, num_stages=2) if q.device.type == "cuda" else {}
+    # Memory-bound: a third pipeline stage hides more load latency where shared memory allows it.
+    stages = 3 if q.element_size() <= 2 and max(BLOCK_D, BLOCK_DV) <= 128 else 2
+    kw = dict(num_warps=4, num_stages=stages) if q.device.type == "cuda" else {}
     decode_split[(B * Hkv, num_splits)](
         q, k_cache, v_cache, seqlens_k, block_table if paged else dummy,
         cache_batch_idx if cache_batch_idx is not None else dummy, alibi, out, lse, out_p, lse_p,
