@@ -2,6 +2,8 @@
 // streams the visible key blocks through an online softmax, holding only tile buffers (memory O(S)).
 #include <ATen/Parallel.h>
 
+#include <memory>
+
 #include "kernels.h"
 #include "rng.h"
 #include "tile.h"
@@ -25,8 +27,40 @@ inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i) 
   return alpha;
 }
 
+// fp32 copies of one (sequence, kv head)'s K and V rows, kept across the tasks of a thread (consecutive tasks
+// are query blocks of the same head), so low-precision K/V are converted once per thread instead of once per
+// query block. Holds the contiguous row range [lo, hi). Memory: max_sk * (D + Dv) floats per thread.
+struct KVPack {
+  at::Tensor kt, vt;
+  float *k = nullptr, *v = nullptr;
+  int64_t head = -1, lo = 0, hi = 0;
+
+  KVPack(int64_t rows, const CpuParams& p)
+      : kt(at::empty({rows * p.D}, at::kFloat)), vt(at::empty({rows * p.Dv}, at::kFloat)),
+        k(kt.data_ptr<float>()), v(vt.data_ptr<float>()) {}
+
+  template <typename T>
+  void ensure(const CpuParams& p, int64_t head_id, const T* k_src, const T* v_src, int64_t a, int64_t b) {
+    auto convert = [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        vec::load_row<T>(k_src + r * p.k_st.s, p.k_st.d, k + r * p.D, p.D, 1.f);
+        vec::load_row<T>(v_src + r * p.v_st.s, p.v_st.d, v + r * p.Dv, p.Dv, 1.f);
+      }
+    };
+    if (head_id != head || b < lo || a > hi) {  // other head, or disjoint: start over
+      head = head_id;
+      convert(a, b);
+      lo = a;
+      hi = b;
+      return;
+    }
+    if (a < lo) convert(a, lo), lo = a;
+    if (b > hi) convert(hi, b), hi = b;
+  }
+};
+
 template <typename T>
-void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf) {
+void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf, KVPack* pack) {
   const SeqInfo s = seq_info(p, n);
   const int64_t i0 = qb * BLOCK_Q;
   if (i0 >= s.sq) return;
@@ -58,7 +92,15 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += BLOCK_K) {
     const int64_t bk = std::min(BLOCK_K, j_hi - j0);
-    const Operand kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
+    Operand kt, vt;
+    if (pack) {
+      pack->ensure<T>(p, n * p.Hkv + hk, k, v, j0, j0 + bk);
+      kt = {pack->k + j0 * D, D};
+      vt = {pack->v + j0 * Dv, Dv};
+    } else {
+      kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
+      vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
+    }
     ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, BLOCK_K, nullptr);
     for (int64_t r = 0; r < bq; ++r) {
       float* S_r = S + r * BLOCK_K;
@@ -67,7 +109,6 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
       // l_i sums the undropped probabilities; dropout applies to what multiplies V.
       if (dropout) drop.apply_row(S_r, s.n, h, i0 + r, j0, bk);
     }
-    const Operand vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
     gemm_rm(false, false, bq, Dv, bk, 1.f, S, BLOCK_K, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
   }
 
@@ -84,25 +125,29 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
 }  // namespace
 
 template <typename T>
-void fwd_kernel(const CpuParams& p, int64_t max_sq) {
+void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t nqb = (max_sq + BLOCK_Q - 1) / BLOCK_Q;
   const int64_t ntask = p.nseq * p.Hq * nqb;
   const int64_t scratch = Scratch::round(BLOCK_Q * p.D) + Scratch::round(BLOCK_K * p.D) +
                           Scratch::round(BLOCK_K * p.Dv) + Scratch::round(BLOCK_Q * BLOCK_K) +
                           Scratch::round(BLOCK_Q * p.Dv) + 2 * Scratch::round(BLOCK_Q);
+  // fp32 K/V with unit last stride are used in place; anything else goes through a per-thread KVPack.
+  const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.v_st.d == 1 &&
+                      p.v_st.s >= p.Dv;
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);
+    std::unique_ptr<KVPack> pack = direct ? nullptr : std::make_unique<KVPack>(max_sk, p);
     for (int64_t t = begin; t < end; ++t) {
       // task t = (n * Hq + h) * nqb + qb
       const int64_t qb = t % nqb, nh = t / nqb;
-      fwd_task<T>(p, nh / p.Hq, nh % p.Hq, qb, buf);
+      fwd_task<T>(p, nh / p.Hq, nh % p.Hq, qb, buf, pack.get());
     }
   });
 }
 
-template void fwd_kernel<float>(const CpuParams&, int64_t);
-template void fwd_kernel<c10::BFloat16>(const CpuParams&, int64_t);
-template void fwd_kernel<c10::Half>(const CpuParams&, int64_t);
+template void fwd_kernel<float>(const CpuParams&, int64_t, int64_t);
+template void fwd_kernel<c10::BFloat16>(const CpuParams&, int64_t, int64_t);
+template void fwd_kernel<c10::Half>(const CpuParams&, int64_t, int64_t);
 
 }  // namespace fastattn::cpu

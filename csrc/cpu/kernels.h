@@ -4,9 +4,9 @@
 
 namespace fastattn::cpu {
 
-// max_sq: the longest query sequence (Sq, or max over varlen sequences).
+// max_sq, max_sk: the longest query / key sequence (Sq, Sk, or the max over varlen sequences).
 template <typename T>
-void fwd_kernel(const CpuParams& p, int64_t max_sq);
+void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
 // Needs p.out, p.lse, p.dout and writes p.dq, p.dk, p.dv. Deterministic: bitwise identical for any thread count.
 template <typename T>

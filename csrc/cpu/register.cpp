@@ -145,11 +145,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr<float>();
   const auto [mq, mk] = max_lengths(p);
-  (void)mk;
   switch (q.scalar_type()) {
-    case at::kFloat: fwd_kernel<float>(p, mq); break;
-    case at::kBFloat16: fwd_kernel<c10::BFloat16>(p, mq); break;
-    default: fwd_kernel<c10::Half>(p, mq); break;
+    case at::kFloat: fwd_kernel<float>(p, mq, mk); break;
+    case at::kBFloat16: fwd_kernel<c10::BFloat16>(p, mq, mk); break;
+    default: fwd_kernel<c10::Half>(p, mq, mk); break;
   }
   return {out, lse};
 }

@@ -1,0 +1,96 @@
+"""Quick side-by-side: fastattn's `cpu` kernels vs torch.nn.functional.scaled_dot_product_attention on CPU.
+
+    python benchmarks/bench_cpu.py                       # default grid (B*H=8, S 512..2048, D 64/128)
+    python benchmarks/bench_cpu.py --seq 1024 --dim 64 --dtype bf16 --mask --reps 5
+
+Each cell times both implementations alternately in the same process (median of --reps runs after a warm-up)
+and prints torch_ms / ours_ms (> 1 means fastattn is faster). Forward and forward+backward. FLOPs follow
+shared/PERF.md (4*B*H*Sq*Sk*D forward, halved for causal; 3.5x for forward+backward). Speed is never
+asserted; on a shared machine repeat and compare the spread.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def bench_cell(B, H, S, D, dtype, causal, mask, reps, backward):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(backward) for _ in range(3))
+    attn_mask = None
+    if mask:  # dense float mask (B, 1, S, S), the case SDPA cannot fuse cheaply
+        attn_mask = torch.randn(B, 1, S, S, generator=g).to(dtype)
+    do = torch.randn(B, H, S, D, generator=g).to(dtype)
+    causal_flag = causal and not mask
+
+    def run(impl):
+        def f():
+            if backward:
+                out = impl(q, k, v, attn_mask=attn_mask, is_causal=causal_flag)
+                out.backward(do)
+                q.grad = k.grad = v.grad = None
+            else:
+                with torch.no_grad():
+                    impl(q, k, v, attn_mask=attn_mask, is_causal=causal_flag)
+        return f
+
+    ours = lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw)  # noqa: E731
+    # Alternate the two so background load hits both alike.
+    t_torch, t_ours = [], []
+    for _ in range(2):
+        t_torch.append(_time(run(F.scaled_dot_product_attention), reps))
+        t_ours.append(_time(run(ours), reps))
+    tt, to = min(t_torch), min(t_ours)
+    flops = 4 * B * H * S * S * D * (0.5 if causal_flag else 1.0) * (3.5 if backward else 1.0)
+    return tt, to, flops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--dim", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--mask", action="store_true", help="also time a dense float mask (no causal)")
+    ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={a.batch} H={a.heads}")
+    print(f"{'dtype':5} {'S':>5} {'D':>4} {'kind':7} {'pass':7} {'torch ms':>9} {'ours ms':>9} {'GFLOP/s':>8} "
+          f"{'speedup':>7}")
+    kinds = [("causal" if c else "full", bool(c), False) for c in a.causal] + ([("mask", False, True)] if a.mask else [])
+    for dt in a.dtype:
+        for S in a.seq:
+            for D in a.dim:
+                for kind, causal, mask in kinds:
+                    for backward in ([False] if a.no_bwd else [False, True]):
+                        tt, to, flops = bench_cell(a.batch, a.heads, S, D, DTYPES[dt], causal, mask, a.reps, backward)
+                        print(f"{dt:5} {S:5d} {D:4d} {kind:7} {'fwd+bwd' if backward else 'fwd':7} {tt:9.2f} "
+                              f"{to:9.2f} {flops / to / 1e6:8.1f} {tt / to:6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""CPU-kernel specifics (csrc/cpu) beyond the generated matrix: op registration (opcheck), bitwise determinism
+across thread counts for both backward schedules, dropout mask agreement between forward and backward,
+torch.compile, strided last dims, and the O(S) memory claim."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastattn
+from oracle import assert_rule, oracle_attention
+
+pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
+                                reason="fastattn._C without CPU kernels (extension not built)")
+
+
+def _fwd_args(q, k, v, bias=None, wl=-1, wr=-1, br=False, softcap=0.0, alibi=None, dropout_p=0.0, seed=0, off=0):
+    return (q, k, v, bias, None, None, 0, 0, 1.0 / math.sqrt(q.shape[-1]), wl, wr, br, softcap, alibi, dropout_p,
+            seed, off, False)
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, D, Dv=None, dtype=torch.float32, grad=True):
+    Dv = Dv or D
+    mk = lambda *s: torch.randn(*s, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return mk(B, Hq, Sq, D), mk(B, Hkv, Sk, D), mk(B, Hkv, Sk, Dv)
+
+
+def test_opcheck_fwd_bwd():
+    q, k, v = _qkv(1, 4, 2, 33, 47, 16, 24)
+    bias = torch.randn(1, 1, 33, 47).expand(1, 4, 33, 47)
+    for args in (_fwd_args(q, k, v), _fwd_args(q, k, v, bias=bias, wl=5, wr=0, br=True, softcap=3.0),
+                 _fwd_args(q, k, v, dropout_p=0.2, seed=7, off=3)):
+        torch.library.opcheck(torch.ops.fastattn.fwd.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.fastattn.fwd(*_fwd_args(q, k, v, wr=0))
+    dout = torch.randn_like(out)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, None, None, None, 0, 0, 0.25, -1, 0, False, 0.0,
+                None, 0.0, 0, 0, True)
+    torch.library.opcheck(torch.ops.fastattn.bwd.default, bwd_args)
+
+
+# (B, Hq, Hkv): B*Hkv >= 8 takes the per-head backward schedule, fewer the two-pass one.
+@pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 1)], ids=["per_head", "two_pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic_across_threads(shape, dtype):
+    B, Hq, Hkv = shape
+    q, k, v = _qkv(B, Hq, Hkv, 300, 333, 40, dtype=dtype)
+    dout = torch.randn(B, Hq, 300, 40, dtype=dtype)
+    old = torch.get_num_threads()
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        try:
+            out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1, enable_gqa=True,
+                                                        backend="cpu")
+            return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+        finally:
+            torch.set_num_threads(old)
+
+    results = []
+    for threads in (1, 2, 3, 1):
+        torch.manual_seed(99)
+        results.append(run(threads))
+    for other in results[1:]:
+        for a, b, name in zip(results[0], other, ("out", "dq", "dk", "dv")):
+            assert torch.equal(a, b), f"{name} differs between thread counts / runs"
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 2)], ids=["per_head", "two_pass"])
+def test_dropout_backward_regenerates_forward_mask(shape):
+    """V = identity exposes the forward's kept mask as out != 0; the backward must use that same mask."""
+    B, Hq, Hkv = shape
+    p_drop, Sq, Sk = 0.3, 37, 64
+    q = torch.randn(B, Hq, Sq, Sk, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, Sk, requires_grad=True)
+    v = torch.eye(Sk).expand(B, Hkv, Sk, Sk).contiguous().requires_grad_()
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, enable_gqa=True, backend="cpu")
+    mask = out.detach() != 0
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - p_drop)) < 0.03, f"keep rate {kept:.3f}"
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, scale=Sk ** -0.5, dropout_mask=mask, dropout_p=p_drop)
+    assert_rule("out", out, ref, None, torch.float32)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves, dout.double())):
+        assert_rule(name, g, r, None, torch.float32)
+
+
+def test_strided_last_dim_and_varlen_bias():
+    """Inputs whose last dim is strided (no hidden copies) and a key-padding bias on packed sequences."""
+    q = torch.randn(1, 3, 50, 48)[..., ::2].requires_grad_()  # (1, 3, 50, 24) with stride 2 over D
+    k = torch.randn(1, 3, 61, 48)[..., ::2].requires_grad_()
+    v = torch.randn(1, 3, 61, 40)[..., ::2].requires_grad_()  # Dv = 20
+    assert q.stride(-1) == 2 and k.stride(-1) == 2
+    out, lse = torch.ops.fastattn.fwd(*_fwd_args(q, k, v, wl=7, wr=3, br=True))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, scale=24 ** -0.5, window=(7, 3), bottom_right=True)
+    assert_rule("out", out, ref, None, torch.float32)
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    for name, a, r in zip(("dq", "dk", "dv"), g, torch.autograd.grad(ref, leaves, dout.double())):
+        assert_rule(name, a, r, None, torch.float32)
+    # varlen with a key-padding bias read through its strides: each sequence against the oracle
+    cu_q = torch.tensor([0, 5, 5, 30], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 20, 41], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (30, 41, 41))
+    kp = torch.randn(1, 1, 1, 41)
+    kp[..., 3] = float("-inf")
+    bias = kp.expand(1, 2, 30, 41)
+    out, lse = torch.ops.fastattn.fwd(q, k, v, bias, cu_q, cu_k, 25, 21, 0.25, -1, 0, True, 0.0, None, 0.0, 0, 0,
+                                      False)
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    for n in range(3):
+        sq, sk = slice(int(cu_q[n]), int(cu_q[n + 1])), slice(int(cu_k[n]), int(cu_k[n + 1]))
+        leaves = [t.detach()[:, :, s].double().requires_grad_() for t, s in ((q, sq), (k, sk), (v, sk))]
+        ref = oracle_attention(*leaves, scale=0.25, mask=bias[:, :, sq, sk], window=(-1, 0), bottom_right=True)
+        assert_rule(f"out[{n}]", out[:, :, sq], ref, None, torch.float32)
+        if ref.numel():
+            rg = torch.autograd.grad(ref, leaves, dout[:, :, sq].double(), allow_unused=True)
+            for name, a, r, s in zip(("dq", "dk", "dv"), g, rg, (sq, sk, sk)):
+                assert_rule(f"{name}[{n}]", a[:, :, s], r if r is not None else torch.zeros_like(a[:, :, s]),
+                            None, torch.float32)
+
+
+def test_compile_fullgraph_matches_eager():
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu") * 2
+
+    q, k, v = _qkv(1, 2, 2, 40, 40, 32, grad=False)
+    mod = Attn()
+    eager = mod(q, k, v)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # ~10-30 s on 2 cores: a 16k causal forward+backward
+def test_memory_linear_in_sequence_length():
+    """Single head, S = 16384, fwd+bwd: peak RSS growth stays under 1 GiB (the score matrix alone is 1 GiB
+    in fp32). Measured in a fresh process so other tests' allocations do not count."""
+    code = textwrap.dedent("""
+        import resource, torch, fastattn
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 1, 16384, 64, requires_grad=True) for _ in range(3))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu")
+        out.backward(torch.randn_like(out))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - before) * 1024)
+    """)
+    env = dict(os.environ, FASTATTN_POISON_OUTPUTS="0")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    extra = int(res.stdout.strip().splitlines()[-1])
+    print(f"peak RSS growth {extra / 2**20:.1f} MiB")
+    assert extra < 2**30, f"fwd+bwd at S=16384 grew RSS by {extra / 2**20:.0f} MiB"
