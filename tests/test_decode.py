@@ -321,6 +321,27 @@ def test_dense_short_query_route(impl):
     assert decode.decode_route(p, "reference") is None
 
 
+def _dispatcher_hooked():
+    import inspect
+
+    from fastattn import dispatch
+    return "decode_route" in inspect.getsource(dispatch.run)
+
+
+@pytest.mark.skipif(not _dispatcher_hooked(), reason="fastattn.dispatch.run does not call decode.decode_route yet")
+@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+def test_dispatcher_routes_short_queries(impl):
+    """Through the public SDPA surface: GPT-2-style decode (no mask, no grad) reaches the backend's decode kernel."""
+    B, H, N, D = 2, 4, 77, 64
+    q, k, v = rnd(B, H, 1, D), rnd(B, H, N, D), rnd(B, H, N, D)
+    n0 = decode.COUNTS[impl]
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend=IMPLS[impl])
+    assert decode.COUNTS[impl] == n0 + 1
+    assert_rule("out", out, oracle_attention(q, k, v, scale=D ** -0.5), None, torch.float32)
+    fastattn.scaled_dot_product_attention(q.clone().requires_grad_(), k, v, backend=IMPLS[impl]).sum().backward()
+    assert decode.COUNTS[impl] == n0 + 1  # autograd: the backend's normal forward
+
+
 # ---------------------------------------------------------------- bad input: clear errors, cache untouched
 BAD = {
     "seqlens_beyond_capacity": (dict(cache_seqlens=torch.tensor([39, 2], dtype=torch.int32), snew=2),
