@@ -145,9 +145,10 @@ class TritonDecode(DecodeKernel):
 class OpDecode(DecodeKernel):
     """torch.ops.fastattn.decode_fwd with a kernel registered for one dispatch key (csrc/cpu/decode.cpp, ...)."""
 
-    def __init__(self, backend: str, key: str, device: str):
+    def __init__(self, backend: str, key: str, device: str, max_rows: int):
         self.backend, self.key, self.name = backend, key, f"{backend}.decode_fwd"
         self.devices = frozenset({device})
+        self.max_rows = max_rows
 
     def unavailable(self):
         if not ops.loaded():
@@ -164,8 +165,9 @@ class OpDecode(DecodeKernel):
 
 DECODE_KERNELS: Dict[str, DecodeKernel] = {
     "triton": TritonDecode(),
-    "cpu": OpDecode("cpu", "CPU", "cpu"),
-    "cuda": OpDecode("cuda", "CUDA", "cuda"),
+    # CPU: past ~16 query rows per KV head the tiled prefill kernel (generic path) is faster (bench on 1 core).
+    "cpu": OpDecode("cpu", "CPU", "cpu", max_rows=16),
+    "cuda": OpDecode("cuda", "CUDA", "cuda", max_rows=128),
 }
 
 

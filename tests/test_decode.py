@@ -280,6 +280,9 @@ def test_backend_without_kernel_and_autograd_take_the_generic_path():
         qg = q.clone().requires_grad_()
         ex = explain_kvcache(qg, kc, vc, cache_seqlens=lens, backend=backend)
         assert ex.kernel is None and "autograd" in str(ex), str(ex)
+        long_q = rnd(2, decode.DECODE_KERNELS[backend].max_rows // 2 + 1, 4, 32)  # G = 2: rows just past the cap
+        ex = explain_kvcache(long_q, kc, vc, cache_seqlens=lens, backend=backend)
+        assert ex.kernel is None and "prefill kernel fits better" in str(ex), str(ex)
     n0 = sum(decode.COUNTS.values())
     out = fastattn.flash_attn_with_kvcache(q.clone().requires_grad_(), kc, vc, cache_seqlens=lens, backend="reference")
     out.sum().backward()  # the generic path is differentiable
