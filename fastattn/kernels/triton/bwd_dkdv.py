@@ -53,7 +53,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
 def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, Stats,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,

@@ -46,7 +46,7 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, lo, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
 def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Bias, Alibi, CuQ, CuK, Stats,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh,

@@ -67,18 +67,24 @@ def _prune(configs, args, smem_elems, rows_key, cols_key):
     return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
+# Shared-memory estimates in elements (a guide: the compiler's real use differs by config and dtype; configs that
+# still overflow are skipped by the autotuner as out-of-resources). The bm * bn term is the P / dS tile that is
+# staged through shared memory on its way into the second dot.
 def prune_fwd(configs, named_args, **kwargs):
     # resident Q tile + num_stages buffered K and V tiles
-    return _prune(configs, {**named_args, **kwargs}, lambda bm, bn, st, bd, bdv: bm * bd + st * bn * (bd + bdv),
+    return _prune(configs, {**named_args, **kwargs},
+                  lambda bm, bn, st, bd, bdv: bm * bd + st * bn * (bd + bdv) + bm * bn,
                   "BUCKET_Q", "BUCKET_K")
 
 
 def prune_dkdv(configs, named_args, **kwargs):
     # resident K and V tiles (BLOCK_N rows) + buffered Q and dO tiles (BLOCK_M rows)
-    return _prune(configs, {**named_args, **kwargs}, lambda bm, bn, st, bd, bdv: bn * (bd + bdv) + st * bm * (bd + bdv),
+    return _prune(configs, {**named_args, **kwargs},
+                  lambda bm, bn, st, bd, bdv: bn * (bd + bdv) + st * bm * (bd + bdv) + bm * bn,
                   "BUCKET_Q", "BUCKET_K")
 
 
 def prune_dq(configs, named_args, **kwargs):
-    return _prune(configs, {**named_args, **kwargs}, lambda bm, bn, st, bd, bdv: bm * (bd + bdv) + st * bn * (bd + bdv),
+    return _prune(configs, {**named_args, **kwargs},
+                  lambda bm, bn, st, bd, bdv: bm * (bd + bdv) + st * bn * (bd + bdv) + bm * bn,
                   "BUCKET_Q", "BUCKET_K")

@@ -55,7 +55,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, o
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
 def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
