@@ -107,7 +107,8 @@ class DecodeKernel:
             r.append("empty query")
         rows = (c.q.shape[1] // c.k_cache.shape[2]) * c.q.shape[2]
         if rows > self.max_rows:
-            r.append(f"{rows} query rows per KV head (Hq/Hkv x Sq) exceed {self.max_rows}: a prefill kernel fits better")
+            r.append(f"{rows} query rows per KV head (Hq/Hkv x Sq) exceed {self.max_rows}: "
+                     "a prefill kernel fits better")
         if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (c.q, c.k_cache, c.v_cache)):
             r.append("q or cache not contiguous along the head dim")
         return r

@@ -121,10 +121,10 @@ def run_case(c, backend, num_splits=0):
     alibi = torch.rand(Hq) * 0.5 if c.get("alibi") else None
     softcap = c.get("softcap", 0.0)
     before = dict(decode.COUNTS)
-    out, lse = fastattn.flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=lens, causal=c.get("causal", False),
-                                                window_size=c.get("window", (-1, -1)), softcap=softcap,
-                                                alibi_slopes=alibi, num_splits=num_splits, return_softmax_lse=True,
-                                                backend=backend, **kw)
+    out, lse = fastattn.flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=lens,
+                                                causal=c.get("causal", False), window_size=c.get("window", (-1, -1)),
+                                                softcap=softcap, alibi_slopes=alibi, num_splits=num_splits,
+                                                return_softmax_lse=True, backend=backend, **kw)
     used = {n: v - before.get(n, 0) for n, v in decode.COUNTS.items() if v != before.get(n, 0)}
     # in-place append: the appended rows hold the new tokens, nothing else in the cache changed
     assert torch.equal(logical(kc), want_k) and torch.equal(logical(vc), want_v)
@@ -157,7 +157,8 @@ def run_case(c, backend, num_splits=0):
 def test_kvcache_matches_oracle(impl, case):
     c = CASES[case]
     if impl == "triton.decode_split" and c["D"] < 16:
-        pytest.skip("the Triton decode kernel takes head dims >= 16 (tl.dot); the router sends this to the generic path")
+        pytest.skip("the Triton decode kernel takes head dims >= 16 (tl.dot); the router sends this call to the "
+                    "generic path")
     used = run_case(c, IMPLS[impl])
     if impl == "generic":
         assert not used, f"generic path expected, decode kernels ran: {used}"

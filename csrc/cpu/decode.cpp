@@ -332,7 +332,8 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
   }
 }
 
-// Merge the splits of query rows [begin, end) of (B, Hq, Sq): lse = logsumexp_s lse_s, out = sum_s e^(lse_s - lse) out_s.
+// Merge the splits of query rows [begin, end) of (B, Hq, Sq):
+// lse = logsumexp_s lse_s, out = sum_s e^(lse_s - lse) out_s.
 template <typename T>
 void combine_rows(const DecodeParams& p, int64_t begin, int64_t end) {
   const int64_t rows = p.B * p.Hq * p.Sq;
@@ -403,8 +404,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   const auto dt = q.scalar_type();
   FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
            "decode_fwd (cpu) takes float32, bfloat16 or float16, got ", dt);
-  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes differ: ",
-           dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes ",
+           "differ: ", dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
   for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
     FA_CHECK(t->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", t->device());
   }
@@ -416,7 +417,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
   FA_CHECK(k_cache.size(3) == D, "decode_fwd: q head dim ", D, " != k_cache head dim ", k_cache.size(3));
   FA_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) && v_cache.size(2) == Hkv,
-           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(), " must agree except in the last dim");
+           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(),
+           " must agree except in the last dim");
   FA_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: query heads ", Hq, " must be a multiple of kv heads ", Hkv);
   FA_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == B,
            "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
