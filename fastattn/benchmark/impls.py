@@ -37,6 +37,11 @@ class Impl:
         """Reasons it cannot run at all on this device; empty when it can."""
         return []
 
+    def applies(self, case: Case) -> bool:
+        """False for cases outside what this entry measures by definition (a varlen variant on unpadded
+        input): no row at all, rather than a refusal in every such case."""
+        return True
+
     def build(self, case: Case, inp: Inputs, grad: bool) -> Runner:
         raise NotImplementedError
 
@@ -62,6 +67,9 @@ class FastattnImpl(Impl):
         if self.varlen and "varlen" not in b.features:
             why.append("varlen not supported")
         return why
+
+    def applies(self, case):
+        return case.padding or not self.varlen
 
     def build(self, case, inp, grad):
         name = self.backend

@@ -132,7 +132,7 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
     impls = list(impls)
     records: List[dict] = []
     checks: Dict[tuple, tuple] = {}
-    bar = Progress(len(cases) * len(impls), enabled=progress)
+    bar = Progress(sum(i.applies(c) for c in cases for i in impls), enabled=progress)
     start = time.monotonic()
     # Cheapest cases first: a run cut short by max_seconds loses the most expensive points, not whole sweeps.
     order = sorted(cases, key=lambda c: (flops(c), cases.index(c)))
@@ -141,7 +141,7 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
         for case in order:
             inp = None
             over = max_seconds is not None and time.monotonic() - start > max_seconds
-            for impl in list(impls):
+            for impl in [i for i in impls if i.applies(case)]:
                 bar.update(f"{impl.name} {case.label}")
                 why = gate(impl) if gate is not None else []
                 if why:
