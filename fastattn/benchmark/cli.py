@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from . import cases as C
+from . import ceilings
 from . import env as E
 from . import impls as I
 from . import plots, probe, report, runner
@@ -164,6 +165,14 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     env = E.collect(device)
     print(f"fastattn benchmark: preset {args.preset} on {env.get('gpu') or env['cpu_model']} ({device}), "
           f"torch {env['torch']}, {len(cases)} cases x {len(impls)} implementations", flush=True)
+    try:
+        env["ceilings"] = ceilings.measure(device)
+        c = env["ceilings"]
+        print(f"ceilings measured now: matmul {c['matmul_tflops'] * (1 if device.startswith('cuda') else 1e3):.1f} "
+              f"{'TFLOP/s' if device.startswith('cuda') else 'GFLOP/s'} ({c['matmul']}), copy {c['copy_gbps']:.0f} GB/s "
+              f"({c['copy']}); torch threads {env['torch_threads']}, commit {env.get('git_commit')}", flush=True)
+    except Exception as e:  # noqa: BLE001 - context only
+        env["ceilings"] = {"error": f"{type(e).__name__}: {e}"}
     if not device.startswith("cuda") and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):
         print(f"note: the CPU is busy (load average {env['load_average']} on {env['cpu_count']} cores): timings "
               f"include waiting for other processes", flush=True)
@@ -183,7 +192,8 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     wall = time.monotonic() - t0
 
     print()
-    print(report.table(records, flops_unit="TFLOP/s" if device.startswith("cuda") else "GFLOP/s"))
+    print(report.table(records, flops_unit="TFLOP/s" if device.startswith("cuda") else "GFLOP/s",
+                       copy_gbps=env["ceilings"].get("copy_gbps")))
     print("summary (geometric means over the cases each implementation ran):")
     print(report.summary(records))
     if not_run:

@@ -20,7 +20,7 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
     return format(x, spec)
 
 
-def table(records: List[dict], flops_unit: str = "TFLOP/s") -> str:
+def table(records: List[dict], flops_unit: str = "TFLOP/s", copy_gbps=None) -> str:
     """One block per case; one row per implementation (measured ones fastest first, then refusals)."""
     cases: "OrderedDict[str, List[dict]]" = OrderedDict()
     for r in records:
@@ -37,6 +37,8 @@ def table(records: List[dict], flops_unit: str = "TFLOP/s") -> str:
             flag = {True: "ok", False: "OFF: " + r.get("check", ""), None: "? " + r.get("check", "")}[r.get("correct")]
             if r.get("notes"):
                 flag += f"  [{r['notes']}]"
+            if r.get("gbps") and copy_gbps:
+                flag += f"  ({100 * r['gbps'] / copy_gbps:.0f}% of copy bandwidth)"
             lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r['tflops'] * per_s if r.get('tflops') else None, '8.3f')} "
                          f"{_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
                          f"{_fmt(r.get('speedup_vs_naive'), '7.2f')}x {_fmt(r.get('speedup_vs_sdpa_best'), '6.2f')}x"
