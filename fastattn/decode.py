@@ -131,16 +131,11 @@ class TritonDecode(DecodeKernel):
             return [f"triton decode kernel not importable ({type(e).__name__}: {e})"]
         return []
 
-    def reasons(self, c):
-        r = super().reasons(c)
-        if not r and torch.compiler.is_compiling():
-            r.append("under torch.compile (the Triton decode launcher is not a registered op)")
-        return r
-
     def run(self, c):
-        from .kernels.triton.decode import decode_fwd
-        return decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table, c.cache_batch_idx, c.scale,
-                          c.window_left, c.window_right, c.softcap, c.alibi_slopes, c.num_splits)
+        from .kernels.triton import decode  # noqa: F401  (registers torch.ops.fastattn.triton_decode_fwd)
+        return torch.ops.fastattn.triton_decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
+                                                    c.cache_batch_idx, c.scale, c.window_left, c.window_right,
+                                                    c.softcap, c.alibi_slopes, c.num_splits)
 
 
 class OpDecode(DecodeKernel):

@@ -10,7 +10,9 @@ Cache layouts: dense (Bc, Smax, Hkv, D) picked by cache_batch_idx (or row b), or
 through block_table; any strides with stride 1 along D. Visibility follows csrc/ops.cpp (decode_fwd): per row,
 Sk = seqlens_k[b], bottom-right aligned (off = Sk - Sq). Scores are kept in log2 units; lse is stored in natural log.
 """
+import functools
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -187,13 +189,26 @@ def decode_combine(OutP, LseP, Out, Lse, stride_ob, stride_oh, stride_om, stride
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    def _wrap(kernel):
+        return kernel
+else:
+    from torch.library import wrap_triton as _wrap
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return INTERPRET
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sms(device.index if device.index is not None else torch.cuda.current_device())
     return min(os.cpu_count() or 4, 8)  # interpreter: a few "SMs" so the split path is exercised
 
 
@@ -224,8 +239,8 @@ def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
     return out
 
 
-def decode_fwd(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right,
-               softcap, alibi_slopes, num_splits):
+def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right,
+                  softcap, alibi_slopes, num_splits):
     """Same contract as torch.ops.fastattn.decode_fwd (csrc/ops.cpp). Inputs were validated by the caller
     (fastattn/kvcache.py or fastattn/decode.py): q (B, Hq, Sq, D), caches with stride 1 along D, seqlens_k int32."""
     B, Hq, Sq, D = q.shape
@@ -255,7 +270,7 @@ def decode_fwd(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, sca
     # Memory-bound: a third pipeline stage hides more load latency where shared memory allows it.
     stages = 3 if q.element_size() <= 2 and max(BLOCK_D, BLOCK_DV) <= 128 else 2
     kw = dict(num_warps=4, num_stages=stages) if q.device.type == "cuda" else {}
-    decode_split[(B * Hkv, num_splits)](
+    _wrap(decode_split)[(B * Hkv, num_splits)](
         q, k_cache, v_cache, seqlens_k, block_table if paged else dummy,
         cache_batch_idx if cache_batch_idx is not None else dummy, alibi, out, lse, out_p, lse_p,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -272,8 +287,31 @@ def decode_fwd(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, sca
         UPCAST=q.dtype == torch.bfloat16 and interpreting(), **kw)
     if split:
         rows = B * Hq * Sq
-        decode_combine[(rows,)](out_p, lse_p, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        _wrap(decode_combine)[(rows,)](out_p, lse_p, out, lse, out.stride(0), out.stride(1), out.stride(2),
                                 lse.stride(0), lse.stride(1), Hq, Sq, rows, num_splits,
                                 BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=BLOCK_DV,
                                 HEAD_DV=Dv, **({"num_warps": 4} if q.device.type == "cuda" else {}))
     return out, lse
+
+
+# torch.library registration, as fastattn/kernels/triton/op.py: a triton_op on GPUs (torch.compile traces into the
+# launcher), an opaque custom_op with a fake function under the interpreter.
+_define = (lambda name: torch.library.custom_op(name, mutates_args=())) if INTERPRET else \
+    (lambda name: torch.library.triton_op(name, mutates_args=()))
+
+
+@_define("fastattn::triton_decode_fwd")
+def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+               block_table: Optional[torch.Tensor], cache_batch_idx: Optional[torch.Tensor], scale: float,
+               window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+               num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left,
+                         window_right, softcap, alibi_slopes, num_splits)
+
+
+if INTERPRET:
+    @decode_fwd.register_fake
+    def _decode_fwd_fake(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left,
+                         window_right, softcap, alibi_slopes, num_splits):
+        B, H, S, _ = q.shape
+        return _out_like_q(q, v_cache.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
