@@ -125,7 +125,8 @@ def test_tiny_run_writes_json_and_csv(tmp_path, capsys):
     assert "implementation" in printed and "summary" in printed
     data = json.loads((out / "results.json").read_text())
     env = data["env"]
-    for key in ("torch", "triton", "cpu_model", "torch_threads", "git_commit", "device", "date", "load_average"):
+    for key in ("torch", "triton", "cpu_model", "torch_threads", "git_commit", "device", "date", "load_average",
+                "ceilings"):
         assert key in env, key
     assert data["settings"]["preset"] == "tiny"
     # Each selected implementation is either measured/refused per case, or listed as not runnable with reasons.

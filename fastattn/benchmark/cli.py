@@ -1,5 +1,13 @@
 """`python -m fastattn.benchmark`: speed and memory of every fastattn backend against PyTorch SDPA (each kernel
-forced), FlexAttention and naive attention. See --help, and the package docstring for what is measured."""
+forced), FlexAttention and naive attention, with a correctness check of everything timed. Prints a table and
+writes results.json (with the environment), results.csv and PNG plots to --out.
+
+examples:
+  python -m fastattn.benchmark                                  # quick preset on the default device
+  python -m fastattn.benchmark --preset full --out bench_full
+  python -m fastattn.benchmark --backends cpu,sdpa.flash,naive --seqlens 1k,4k --headdims 128 --causal true
+  python -m fastattn.benchmark --mode decode --seqlens 1k,8k,32k
+  python -m fastattn.benchmark --list                           # implementations (and why some cannot run), cases"""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                    help="model-level benchmark (BERT training step, GPT-2 generation); default: the preset's")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop measuring after this many seconds, the rest listed as skipped (cheapest cases run "
-                        "first); default: the preset's (CPU quick 130, GPU quick 240), 0 = no limit")
+                        "first); default: the preset's (CPU quick 100, GPU quick 240), 0 = no limit")
     p.add_argument("--target-s", type=float, default=None, help="CPU: seconds of timed repeats per measurement")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
