@@ -208,15 +208,16 @@ class FlexImpl(Impl):
 
 # ------------------------------------------------------------------------------------------------- registry
 def all_impls() -> Dict[str, Impl]:
-    """Every implementation known at run time, fastattn's backends first (naive last among them)."""
+    """Every implementation known at run time. PyTorch's come first in each case, so the crash probes of the native
+    fastattn backends (run in child processes) overlap with their measurements; naive is last."""
     out: Dict[str, Impl] = {}
-    names = [n for n in fastattn.BACKENDS if n != "reference"] + ["reference"]
-    for n in names:
-        out[f"fastattn.{n}"] = FastattnImpl(n)
-    for n in names:
-        if "varlen" in fastattn.get_backend(n).features and n != "reference":
-            out[f"fastattn.{n}+varlen"] = FastattnImpl(n, varlen=True)
     for kernel in SDPA_KERNELS:
         out[f"sdpa.{kernel}"] = SdpaImpl(kernel)
     out["flex"] = FlexImpl()
+    names = [n for n in fastattn.BACKENDS if n not in ("sdpa", "reference")]
+    for n in ["sdpa"] + names:
+        out[f"fastattn.{n}"] = FastattnImpl(n)
+        if "varlen" in fastattn.get_backend(n).features:
+            out[f"fastattn.{n}+varlen"] = FastattnImpl(n, varlen=True)
+    out[NAIVE] = FastattnImpl("reference")
     return out
