@@ -11,6 +11,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import os
 import signal
@@ -212,6 +213,7 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         print(report.model_table(models))
     settings = {"preset": args.preset, "device": device, "argv": sys.argv[1:] if argv is None else list(argv),
                 "target_s": preset.target_s, "wall_s": round(wall, 1), "max_seconds": budget,
+                "preset_params": dataclasses.asdict(preset),
                 "flop_convention": "fwd 4*B*H*Sq*Sk*D (half for causal Sq==Sk; padding cases: sum over sequences "
                                    "of valid L^2); bwd 2.5x; fwd_bwd 3.5x",
                 "memory": "peak extra bytes allocated during one call, over the level before it (see "
