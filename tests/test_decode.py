@@ -15,15 +15,21 @@ from fastattn.kvcache import explain_kvcache
 from oracle import assert_rule, oracle_attention
 
 # ---------------------------------------------------------------- implementations available here
-# name -> backend= to request; the generic path is reached through a backend without a decode kernel.
-IMPLS = {"generic": "reference"}
+# name -> (backend= to request, device of the tensors); the generic path is reached through a backend without a
+# decode kernel. Kernels run on the GPU when there is one (Triton), else on CPU (Triton through its interpreter).
+GPU = torch.cuda.is_available()
+IMPLS = {"generic": ("reference", "cpu")}
+if GPU:
+    IMPLS["generic.cuda"] = ("reference", "cuda")
 SKIPPED = {}
 for _name, _kern in decode.DECODE_KERNELS.items():
-    _why = _kern.unavailable() or ([] if "cpu" in _kern.devices else ["needs a CUDA device"])
+    _dev = "cuda" if GPU and "cuda" in _kern.devices else "cpu" if "cpu" in _kern.devices else None
+    _why = _kern.unavailable() or ([] if _dev else ["needs a CUDA device"])
     if _why:
         SKIPPED[_kern.name] = "; ".join(_why)
     else:
-        IMPLS[_kern.name] = _name
+        IMPLS[_kern.name] = (_name, _dev)
+KERNELS = [n for n in IMPLS if not n.startswith("generic")]
 
 
 def test_report_skipped_implementations():
@@ -33,8 +39,8 @@ def test_report_skipped_implementations():
     assert "generic" in IMPLS
 
 
-def rnd(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
+def rnd(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype).to(device)
 
 
 # ---------------------------------------------------------------- cases
@@ -60,21 +66,21 @@ CASES = {
 }
 
 
-def make_cache(c):
+def make_cache(c, dev):
     """Returns (k_cache, v_cache, extra kwargs, logical(kc) -> (B, cap, Hkv, D) per-row view of the cache)."""
     B, Hkv, D, Dv, cap, dt = c["B"], c["Hkv"], c["D"], c["Dv"], c["cap"], c["dtype"]
     if c["layout"].startswith("paged"):
         page = int(c["layout"][5:])
         nb = -(-cap // page)
         nblocks = B * nb + 3  # spare pages nobody uses
-        kc, vc = rnd(nblocks, page, Hkv, D, dtype=dt), rnd(nblocks, page, Hkv, Dv, dtype=dt)
-        bt = torch.randperm(nblocks)[:B * nb].view(B, nb).int()  # shuffled physical pages
+        kc, vc = rnd(nblocks, page, Hkv, D, dtype=dt, device=dev), rnd(nblocks, page, Hkv, Dv, dtype=dt, device=dev)
+        bt = torch.randperm(nblocks)[:B * nb].view(B, nb).int().to(dev)  # shuffled physical pages
         return kc, vc, {"block_table": bt}, lambda x: x[bt.long()].reshape(B, nb * page, *x.shape[2:])
     if c["layout"] == "batch_idx":
-        kc, vc = rnd(B + 2, cap, Hkv, D, dtype=dt), rnd(B + 2, cap, Hkv, Dv, dtype=dt)
-        idx = torch.randperm(B + 2)[:B].int()
+        kc, vc = rnd(B + 2, cap, Hkv, D, dtype=dt, device=dev), rnd(B + 2, cap, Hkv, Dv, dtype=dt, device=dev)
+        idx = torch.randperm(B + 2)[:B].int().to(dev)
         return kc, vc, {"cache_batch_idx": idx}, lambda x: x[idx.long()]
-    kc, vc = rnd(B, cap, Hkv, D, dtype=dt), rnd(B, cap, Hkv, Dv, dtype=dt)
+    kc, vc = rnd(B, cap, Hkv, D, dtype=dt, device=dev), rnd(B, cap, Hkv, Dv, dtype=dt, device=dev)
     return kc, vc, {}, lambda x: x
 
 
@@ -100,14 +106,16 @@ def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
-def run_case(c, backend, num_splits=0):
+def run_case(c, impl, num_splits=0):
+    backend, dev = IMPLS[impl]
     B, Hq, Hkv, Sq, D, Dv, dt = c["B"], c["Hq"], c["Hkv"], c["Sq"], c["D"], c["Dv"], c["dtype"]
-    q = rnd(B, Sq, Hq, D + 8, dtype=dt)[..., :D] if c.get("noncontig") else rnd(B, Sq, Hq, D, dtype=dt)
-    kc, vc, kw, logical = make_cache(c)
-    lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32)
+    q = (rnd(B, Sq, Hq, D + 8, dtype=dt, device=dev)[..., :D] if c.get("noncontig")
+         else rnd(B, Sq, Hq, D, dtype=dt, device=dev))
+    kc, vc, kw, logical = make_cache(c, dev)
+    lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=dev)
     snew = c["snew"]
-    k_new = rnd(B, snew, Hkv, D, dtype=dt) if snew else None
-    v_new = rnd(B, snew, Hkv, Dv, dtype=dt) if snew else None
+    k_new = rnd(B, snew, Hkv, D, dtype=dt, device=dev) if snew else None
+    v_new = rnd(B, snew, Hkv, Dv, dtype=dt, device=dev) if snew else None
     # the expected cache after the append, written element by element
     want_k, want_v = logical(kc).clone(), logical(vc).clone()
     kc0, vc0 = kc.clone(), vc.clone()
@@ -118,7 +126,7 @@ def run_case(c, backend, num_splits=0):
     window = tuple(c.get("window", (-1, -1)))
     if c.get("causal"):
         window = (window[0], 0)
-    alibi = torch.rand(Hq) * 0.5 if c.get("alibi") else None
+    alibi = (torch.rand(Hq) * 0.5).to(dev) if c.get("alibi") else None
     softcap = c.get("softcap", 0.0)
     before = dict(decode.COUNTS)
     out, lse = fastattn.flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=lens,
@@ -129,15 +137,16 @@ def run_case(c, backend, num_splits=0):
     # in-place append: the appended rows hold the new tokens, nothing else in the cache changed
     assert torch.equal(logical(kc), want_k) and torch.equal(logical(vc), want_v)
     if c["layout"].startswith("paged"):  # spare pages untouched
-        spare = torch.ones(kc.shape[0], dtype=torch.bool)
+        spare = torch.ones(kc.shape[0], dtype=torch.bool, device=dev)
         spare[kw["block_table"].long().flatten()] = False
         assert torch.equal(kc[spare], kc0[spare]) and torch.equal(vc[spare], vc0[spare])
     elif c["layout"] == "batch_idx":
-        spare = torch.ones(kc.shape[0], dtype=torch.bool)
+        spare = torch.ones(kc.shape[0], dtype=torch.bool, device=dev)
         spare[kw["cache_batch_idx"].long()] = False
         assert torch.equal(kc[spare], kc0[spare]) and torch.equal(vc[spare], vc0[spare])
     assert out.shape == (B, Sq, Hq, Dv) and lse.shape == (B, Hq, Sq)
-    K, V = logical(kc), logical(vc)
+    K, V, q, out, lse = (t.cpu() for t in (logical(kc), logical(vc), q, out, lse))  # the oracle runs on CPU
+    alibi = alibi.cpu() if alibi is not None else None
     for b in range(B):
         L = K.shape[1] if lens is None else int(lens[b]) + snew
         qb = q[b:b + 1].transpose(1, 2)  # (1, Sq, Hq, D) -> (1, Hq, Sq, D)
@@ -159,19 +168,19 @@ def test_kvcache_matches_oracle(impl, case):
     if impl == "triton.decode_split" and c["D"] < 16:
         pytest.skip("the Triton decode kernel takes head dims >= 16 (tl.dot); the router sends this call to the "
                     "generic path")
-    used = run_case(c, IMPLS[impl])
-    if impl == "generic":
+    used = run_case(c, impl)
+    if impl.startswith("generic"):
         assert not used, f"generic path expected, decode kernels ran: {used}"
     else:
         assert used == {impl: 1}, f"expected {impl} to serve the call, counters moved: {used}"
 
 
-@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("num_splits", [1, 5])
 def test_num_splits_do_not_change_results(impl, num_splits):
     c = dict(B=2, Hq=4, Hkv=2, Sq=2, D=32, Dv=32, lens=[700, 97], snew=2, cap=720, layout="paged16",
              dtype=torch.float32, window=(300, 0))
-    assert run_case(c, IMPLS[impl], num_splits=num_splits) == {impl: 1}
+    assert run_case(c, impl, num_splits=num_splits) == {impl: 1}
 
 
 @pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
@@ -186,16 +195,18 @@ def test_cpu_kernel_deterministic_and_opcheck():
     torch.library.opcheck(torch.ops.fastattn.decode_fwd.default, small, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+@pytest.mark.parametrize("impl", KERNELS)
 def test_compile_fullgraph_decode_step_with_append(impl):
     """A decode step (append + kernel) traces as one graph: the ops' fake functions and the routing are traceable."""
     torch._dynamo.reset()
-    q, kc, vc = rnd(2, 1, 4, 32), rnd(2, 50, 2, 32), rnd(2, 50, 2, 32)
-    kn, vn, lens = rnd(2, 1, 2, 32), rnd(2, 1, 2, 32), torch.tensor([10, 41], dtype=torch.int32)
+    backend, dev = IMPLS[impl]
+    q, kc, vc = (rnd(*s, device=dev) for s in ((2, 1, 4, 32), (2, 50, 2, 32), (2, 50, 2, 32)))
+    kn, vn = rnd(2, 1, 2, 32, device=dev), rnd(2, 1, 2, 32, device=dev)
+    lens = torch.tensor([10, 41], dtype=torch.int32, device=dev)
 
     def step(q, kc, vc, kn, vn, lens):
         return fastattn.flash_attn_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lens, causal=True,
-                                                backend=IMPLS[impl])
+                                                backend=backend)
 
     kc2, vc2 = kc.clone(), vc.clone()
     eager = step(q, kc, vc, kn, vn, lens)
@@ -266,20 +277,21 @@ def test_triton_decode_compiles_for_sm90_without_a_gpu():
 
 
 # ---------------------------------------------------------------- routing
-def _small_call():
-    q, kc, vc = rnd(2, 1, 4, 32), rnd(2, 40, 2, 32), rnd(2, 40, 2, 32)
-    return q, kc, vc, torch.tensor([3, 39], dtype=torch.int32)
+def _small_call(dev="cpu"):
+    q, kc, vc = rnd(2, 1, 4, 32, device=dev), rnd(2, 40, 2, 32, device=dev), rnd(2, 40, 2, 32, device=dev)
+    return q, kc, vc, torch.tensor([3, 39], dtype=torch.int32, device=dev)
 
 
-@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+@pytest.mark.parametrize("impl", KERNELS)
 def test_explicit_backend_uses_its_decode_kernel(impl):
-    q, kc, vc, lens = _small_call()
-    ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend=IMPLS[impl])
+    backend, dev = IMPLS[impl]
+    q, kc, vc, lens = _small_call(dev)
+    ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend=backend)
     assert ex.kernel == impl and "split-KV decode kernel" in str(ex), str(ex)
     n0 = decode.COUNTS[impl]
-    fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=IMPLS[impl])
+    fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=backend)
     assert decode.COUNTS[impl] == n0 + 1
-    with fastattn.use_backend(IMPLS[impl]):
+    with fastattn.use_backend(backend):
         fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
     assert decode.COUNTS[impl] == n0 + 2
 
@@ -288,25 +300,28 @@ def test_backend_without_kernel_and_autograd_take_the_generic_path():
     q, kc, vc, lens = _small_call()
     ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend="reference")
     assert ex.kernel is None and "no split-KV decode kernel" in str(ex) and "chosen: reference" in str(ex), str(ex)
-    for impl, backend in IMPLS.items():
-        if impl == "generic":
-            continue
+    for impl in KERNELS:
+        backend, dev = IMPLS[impl]
+        q, kc, vc, lens = _small_call(dev)
         qg = q.clone().requires_grad_()
         ex = explain_kvcache(qg, kc, vc, cache_seqlens=lens, backend=backend)
         assert ex.kernel is None and "autograd" in str(ex), str(ex)
-        long_q = rnd(2, decode.DECODE_KERNELS[backend].max_rows // 2 + 1, 4, 32)  # G = 2: rows just past the cap
+        long_q = rnd(2, decode.DECODE_KERNELS[backend].max_rows // 2 + 1, 4, 32, device=dev)  # G = 2: past the cap
         ex = explain_kvcache(long_q, kc, vc, cache_seqlens=lens, backend=backend)
         assert ex.kernel is None and "prefill kernel fits better" in str(ex), str(ex)
+    q, kc, vc, lens = _small_call()
     n0 = sum(decode.COUNTS.values())
     out = fastattn.flash_attn_with_kvcache(q.clone().requires_grad_(), kc, vc, cache_seqlens=lens, backend="reference")
     out.sum().backward()  # the generic path is differentiable
     assert sum(decode.COUNTS.values()) == n0
 
 
-def test_auto_prefers_the_device_backends_kernel():
-    q, kc, vc, lens = _small_call()
+@pytest.mark.parametrize("dev", ["cpu"] + (["cuda"] if GPU else []))
+def test_auto_prefers_the_device_backends_kernel(dev):
+    q, kc, vc, lens = _small_call(dev)
     ex = explain_kvcache(q, kc, vc, cache_seqlens=lens)
-    first = next((n for n in fastattn.backends.PREFERENCE["cpu"] if n in IMPLS.values() and n != "reference"), None)
+    served = {IMPLS[n][0] for n in KERNELS if IMPLS[n][1] == dev}
+    first = next((n for n in fastattn.backends.PREFERENCE[dev] if n in served), None)
     if first is None:
         assert ex.kernel is None, str(ex)
     else:
@@ -315,26 +330,27 @@ def test_auto_prefers_the_device_backends_kernel():
 
 
 # ---------------------------------------------------------------- dense short-query route (HF GPT-2 decode)
-@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+@pytest.mark.parametrize("impl", KERNELS)
 def test_dense_short_query_route(impl):
     from fastattn.functional import _sdpa_params
 
+    backend, dev = IMPLS[impl]
     B, H, N, D = 2, 4, 77, 64
-    q, k, v = rnd(B, H, 1, D), rnd(B, H, N, D), rnd(B, H, N, D)
+    q, k, v = rnd(B, H, 1, D, device=dev), rnd(B, H, N, D, device=dev), rnd(B, H, N, D, device=dev)
     p = _sdpa_params(q, k, v, None, 0.0, False, None, False)
-    fn = decode.decode_route(p, IMPLS[impl])
-    assert fn is not None, str(decode.explain_dense(p, IMPLS[impl]))
+    fn = decode.decode_route(p, backend)
+    assert fn is not None, str(decode.explain_dense(p, backend))
     out, lse = fn(p)
-    assert_rule("out", out, oracle_attention(q, k, v, scale=D ** -0.5), None, torch.float32)
+    assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
     assert torch.isfinite(lse).all()
     # not a short-query call, or not one the kernels' bottom-right rule can express: no route
-    mask = torch.ones(B, 1, 1, N, dtype=torch.bool)
-    assert decode.decode_route(_sdpa_params(q, k, v, mask, 0.0, False, None, False), IMPLS[impl]) is None
-    assert decode.decode_route(_sdpa_params(q, k, v, None, 0.0, True, None, False), IMPLS[impl]) is None  # top-left
-    assert decode.decode_route(_sdpa_params(rnd(B, H, 64, D), k, v, None, 0.0, False, None, False),
-                               IMPLS[impl]) is None
+    mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
+    assert decode.decode_route(_sdpa_params(q, k, v, mask, 0.0, False, None, False), backend) is None
+    assert decode.decode_route(_sdpa_params(q, k, v, None, 0.0, True, None, False), backend) is None  # top-left
+    assert decode.decode_route(_sdpa_params(rnd(B, H, 64, D, device=dev), k, v, None, 0.0, False, None, False),
+                               backend) is None
     qg = q.clone().requires_grad_()
-    assert decode.decode_route(_sdpa_params(qg, k, v, None, 0.0, False, None, False), IMPLS[impl]) is None
+    assert decode.decode_route(_sdpa_params(qg, k, v, None, 0.0, False, None, False), backend) is None
     assert decode.decode_route(p, "reference") is None
 
 
@@ -346,16 +362,17 @@ def _dispatcher_hooked():
 
 
 @pytest.mark.skipif(not _dispatcher_hooked(), reason="fastattn.dispatch.run does not call decode.decode_route yet")
-@pytest.mark.parametrize("impl", [n for n in IMPLS if n != "generic"])
+@pytest.mark.parametrize("impl", KERNELS)
 def test_dispatcher_routes_short_queries(impl):
     """Through the public SDPA surface: GPT-2-style decode (no mask, no grad) reaches the backend's decode kernel."""
+    backend, dev = IMPLS[impl]
     B, H, N, D = 2, 4, 77, 64
-    q, k, v = rnd(B, H, 1, D), rnd(B, H, N, D), rnd(B, H, N, D)
+    q, k, v = rnd(B, H, 1, D, device=dev), rnd(B, H, N, D, device=dev), rnd(B, H, N, D, device=dev)
     n0 = decode.COUNTS[impl]
-    out = fastattn.scaled_dot_product_attention(q, k, v, backend=IMPLS[impl])
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend)
     assert decode.COUNTS[impl] == n0 + 1
-    assert_rule("out", out, oracle_attention(q, k, v, scale=D ** -0.5), None, torch.float32)
-    fastattn.scaled_dot_product_attention(q.clone().requires_grad_(), k, v, backend=IMPLS[impl]).sum().backward()
+    assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
+    fastattn.scaled_dot_product_attention(q.clone().requires_grad_(), k, v, backend=backend).sum().backward()
     assert decode.COUNTS[impl] == n0 + 1  # autograd: the backend's normal forward
 
 
