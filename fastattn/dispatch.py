@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
+from .decode import decode_route, explain_dense
 from .params import AttnParams
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
@@ -48,6 +49,7 @@ class Explanation:
     chosen: Optional[str]
     refused: Dict[str, List[str]] = field(default_factory=dict)
     order: List[str] = field(default_factory=list)
+    decode: Optional[str] = None  # how a short-query call is routed to a split-KV decode kernel
 
     def __str__(self) -> str:
         lines = [f"call: {self.call}", f"requested: {self.requested}",
@@ -59,6 +61,8 @@ class Explanation:
                 lines.append(f"  {name}: refused — " + "; ".join(self.refused[name]))
             else:
                 lines.append(f"  {name}: not tried (a preferred backend took the call)")
+        if self.decode:
+            lines.append("decode route: " + self.decode.replace("\n", "\n  "))
         return "\n".join(lines)
 
 
@@ -80,6 +84,10 @@ def explain_params(p: AttnParams, backend: Optional[str] = None, *, full: bool =
             ex.chosen = name
             if not full:
                 return ex
+    if full and ex.chosen is not None:
+        dex = explain_dense(p, ex.chosen)
+        if dex is not None:
+            ex.decode = str(dex)
     if full:  # also report the backends auto never tries on this device
         for name in BACKENDS:
             if name not in order:
@@ -109,4 +117,8 @@ def run(p: AttnParams, backend: Optional[str] = None):
         out = p.q.new_zeros(B, Hq, Sq, Dv) + zero
         lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
         return out, lse
-    return select(p, backend).forward(p)
+    b = select(p, backend)
+    route = decode_route(p, b.name)  # short-query calls (e.g. one generated token) go to split-KV decode kernels
+    if route is not None:
+        return route(p)
+    return b.forward(p)
