@@ -142,16 +142,13 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     preset, cases = build_cases(args, device)
     t0 = time.monotonic()
-    # SIGTERM (e.g. `timeout`) stops measuring like Ctrl-C: what was measured is still written.
-    old_handler = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM (e.g. `timeout`) stop the measuring; what was measured is still reported and written.
+    old = {sig: signal.signal(sig, runner.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args, device, preset, cases, t0, argv)
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _run(args, device, preset, cases, t0, argv) -> int:
@@ -193,11 +190,11 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     run_model = preset.model if args.model is None else args.model == "on"
     if run_model:
         from . import model
-        over = budget is not None and time.monotonic() - t0 > budget
-        try:
+        over = budget is not None and time.monotonic() - t0 > budget or runner.STATE["stop"]
+        with runner.interruptible():
             models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5))
-        except KeyboardInterrupt:
-            print("model-level benchmark interrupted", file=sys.stderr)
+        if runner.STATE["stop"]:
+            print("(model-level benchmark interrupted or skipped)", file=sys.stderr)
     wall = time.monotonic() - t0
 
     print()

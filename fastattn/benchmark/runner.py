@@ -1,6 +1,7 @@
 """The measurement loop: every case x every implementation, each either measured or listed with its reason."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -45,6 +46,29 @@ class Progress:
             self._bar.close()
         elif self.enabled:
             sys.stderr.write("\n")
+
+
+# Stopping: Ctrl-C / SIGTERM set STATE["stop"]; they interrupt only code run under interruptible() (a measurement,
+# a probe wait, the model-level runs), so the bookkeeping between them always completes and results get written.
+STATE = {"stop": False, "interruptible": False}
+
+
+def request_stop(signum=None, frame=None):
+    """Signal handler for SIGINT/SIGTERM."""
+    STATE["stop"] = True
+    if STATE["interruptible"]:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible():
+    STATE["interruptible"] = True
+    try:
+        yield
+    except KeyboardInterrupt:
+        STATE["stop"] = True
+    finally:
+        STATE["interruptible"] = False
 
 
 def _first_line(e: BaseException) -> str:
@@ -134,33 +158,30 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
     checks: Dict[tuple, tuple] = {}
     bar = Progress(sum(i.applies(c) for c in cases for i in impls), enabled=progress)
     start = time.monotonic()
+    STATE["stop"] = False
     # Cheapest cases first: a run cut short by max_seconds loses the most expensive points, not whole sweeps.
     order = sorted(cases, key=lambda c: (flops(c), cases.index(c)))
     try:
-        interrupted = False
         for case in order:
             inp = None
             over = max_seconds is not None and time.monotonic() - start > max_seconds
             for impl in [i for i in impls if i.applies(case)]:
                 bar.update(f"{impl.name} {case.label}")
-                why = gate(impl) if gate is not None else []
-                if why:
-                    impls.remove(impl)
-                    if not_run is not None:
-                        not_run[impl.name] = why
-                    continue
                 rec = None
-                if interrupted or over:
-                    reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else \
-                        f"time budget (--max-seconds {max_seconds:g}) used up"
-                else:
-                    try:
+                if not (STATE["stop"] or over):
+                    with interruptible():
+                        why = gate(impl) if gate is not None else []
+                        if why:
+                            impls.remove(impl)
+                            if not_run is not None:
+                                not_run[impl.name] = why
+                            continue
                         if inp is None:
                             inp = make_inputs(case, device)
                         rec = measure(impl, case, inp, device, target_s, checks)
-                    except KeyboardInterrupt:  # keep what was measured; the caller still writes the files
-                        interrupted, reason = True, "interrupted (Ctrl-C or SIGTERM)"
                 if rec is None:
+                    reason = "interrupted (Ctrl-C or SIGTERM)" if STATE["stop"] else \
+                        f"time budget (--max-seconds {max_seconds:g}) used up"
                     rec = {"impl": impl.name, "family": impl.family, "status": "skipped", "reason": reason}
                 rec.update(case=case.to_dict(), label=case.label)
                 records.append(rec)
