@@ -6,17 +6,19 @@
 // visits all its heads before the next key: the cache layout (.., S, Hkv, D) puts a key's heads side by side, so
 // the item streams through memory instead of striding by Hkv * D per head (2-3x faster than one head per item),
 // and each key/value row is read once per group. Items run under at::parallel_for; the heuristic splits keys and
-// heads until every thread has a few items, so batch 1 fills every core. With one split the
-// item writes the result; otherwise it writes a normalised partial (out_s, lse_s) to fp32 scratch and a second
-// parallel pass merges the splits by log-sum-exp. Split boundaries depend only on (seqlens, num_splits), and the
-// merge order is fixed, so results are reproducible run to run (num_splits = 0 picks the count from the thread
-// count, which can change rounding between machines).
+// heads until every thread has a few items, so batch 1 fills every core. With one split the item writes the
+// result; otherwise it writes a normalised partial (out_s, lse_s) to fp32 scratch and the last split of its group
+// to finish merges the group by log-sum-exp (one parallel region, no barrier). Split boundaries depend only on
+// (seqlens, num_splits) and the merge order is fixed, so results are reproducible run to run (num_splits = 0
+// picks the count from the thread count, which can change rounding between machines).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -362,20 +364,26 @@ void combine_rows(const DecodeParams& p, int64_t begin, int64_t end) {
   }
 }
 
+// One parallel region: the item that finishes last among the splits of a (sequence, head chunk) merges them (a
+// counter per group), so no second pass and no barrier. The merge reads the partials in split order whoever runs
+// it, so the result does not depend on scheduling.
 template <typename T>
 void run(const DecodeParams& p) {
   const int64_t chunk = (p.Hkv + p.head_chunks - 1) / p.head_chunks;  // KV heads per item
-  const int64_t items = p.B * p.head_chunks * p.splits;
+  const int64_t groups = p.B * p.head_chunks, items = groups * p.splits;
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[groups]);
+  for (int64_t g = 0; g < groups; ++g) done[g].store(0, std::memory_order_relaxed);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     Scratch w(chunk * p.group * p.Sq, p.D, p.Dv);
     for (int64_t t = begin; t < end; ++t) {  // t = (b, head chunk c, split s), s fastest
-      const int64_t c = (t / p.splits) % p.head_chunks, hk0 = std::min(p.Hkv, c * chunk);
-      split_item<T>(p, t / (p.head_chunks * p.splits), hk0, std::min(p.Hkv, hk0 + chunk), t % p.splits, w);
+      const int64_t g = t / p.splits, b = g / p.head_chunks, c = g % p.head_chunks;
+      const int64_t hk0 = std::min(p.Hkv, c * chunk), hk1 = std::min(p.Hkv, hk0 + chunk);
+      split_item<T>(p, b, hk0, hk1, t % p.splits, w);
+      if (p.splits > 1 && done[g].fetch_add(1, std::memory_order_acq_rel) == p.splits - 1) {
+        combine_rows<T>(p, (b * p.Hq + hk0 * p.group) * p.Sq, (b * p.Hq + hk1 * p.group) * p.Sq);
+      }
     }
   });
-  if (p.splits > 1) {
-    at::parallel_for(0, p.B * p.Hq * p.Sq, 16, [&](int64_t begin, int64_t end) { combine_rows<T>(p, begin, end); });
-  }
 }
 
 // Work division: about 4 items per thread. Keys are split first (splits of at least kMinSplitKeys keys, at most
