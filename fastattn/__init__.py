@@ -15,6 +15,7 @@ from .functional import (explain, flash_attn_func, flash_attn_varlen_func, flash
                          scaled_dot_product_attention)
 from . import nn  # noqa: E402  (fastattn.nn.MultiheadAttention)
 from .patch import patch, unpatch
+from .kvcache import explain_kvcache  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,4 @@ def available_backends(device: str = "cpu"):
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain", "use_backend", "available_backends", "get_backend", "BACKENDS", "BackendUnavailableError",
-           "__version__", "nn", "patch", "unpatch"]
+           "__version__", "nn", "patch", "unpatch", "explain_kvcache"]
