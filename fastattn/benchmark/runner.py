@@ -185,10 +185,11 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
                     rec = {"impl": impl.name, "family": impl.family, "status": "skipped", "reason": reason}
                 rec.update(case=case.to_dict(), label=case.label)
                 records.append(rec)
-            del inp
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            if inp is not None:  # free this case's tensors before the next (gc is slow: only when needed)
+                del inp
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
     finally:
         bar.close()
     add_speedups(records)
