@@ -185,3 +185,25 @@ def test_backend_filters_and_case_filters():
     assert {c.seqlen_k for c in dec} == {256, 1024} and all(c.head_dim == 64 and c.seqlen_q == 1 for c in dec)
     assert {c.dtype for c in cases} == {"bf16"} and any(c.gqa for c in fwd)
     assert not any(c.mode in ("bwd", "fwd_bwd") for c in cases)
+
+
+def test_interruption_keeps_what_was_measured():
+    """Ctrl-C / SIGTERM during a measurement: that one and the rest are listed as skipped, earlier ones kept."""
+    class Interrupting(Impl):
+        name, family = "interrupting", "test"
+
+        def build(self, case, inp, grad):
+            def fwd():
+                runner.request_stop()  # what the signal handler does; raises inside a measurement
+                raise AssertionError("request_stop should have interrupted")
+            return Runner(fwd, [], inp.dout)
+
+    c = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=16, seqlen_k=16, head_dim=16)
+    c2 = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=32, seqlen_k=32, head_dim=16)
+    recs = runner.run([c, c2], [FastattnImpl("reference"), Interrupting()], "cpu", target_s=0.001, progress=False)
+    status = [(r["label"], r["impl"], r["status"]) for r in recs]
+    print(status)
+    assert status[0][2] == "ok"
+    assert [s[2] for s in status[1:]] == ["skipped"] * 3
+    assert all("interrupted" in r["reason"] for r in recs[1:])
+    runner.STATE["stop"] = False
