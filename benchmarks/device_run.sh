@@ -4,14 +4,15 @@
 #   install <= 240 s, GPU tests <= 120 s, the rest (>= ~200 s) for the benchmark (quick preset, --max-seconds;
 #   SIGTERM from `timeout` still writes what was measured).
 # Usage, from the repo root:  OUT=/some/dir bash benchmarks/device_run.sh
-# The device tool brings back at most 8 files from $OUT, 2 folders deep: the key files are copied to $OUT's top
-# level and everything else is packed into $OUT/device_run.tar.gz.
+# The device tool brings back at most 8 files from $OUT: device_run.log, results.json, results.csv,
+# tflops_fwd_bf16.png, bench_table.txt and device_run.tar.gz (every log, plot and CSV of the run).
 set -u
 OUT=${OUT:-./device_out}
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-570}
 mkdir -p "$OUT"
-W="$OUT/work"; mkdir -p "$W"
+# Working files live outside $OUT (the tool returns at most 8 files): only the key ones and a tarball go there.
+W=${WORK:-/tmp/fastattn_device_run}; rm -rf "$W"; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -53,5 +54,5 @@ step "pack"
 cp "$W/bench/results.json" "$W/bench/results.csv" "$OUT/" 2>/dev/null
 cp "$W/bench/tflops_fwd_bf16.png" "$OUT/" 2>/dev/null
 cp "$W/bench.txt" "$OUT/bench_table.txt" 2>/dev/null
-tar czf "$OUT/device_run.tar.gz" -C "$OUT" work
+tar czf "$OUT/device_run.tar.gz" -C "$(dirname "$W")" "$(basename "$W")"
 echo "done in $(( $(date +%s) - T0 )) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
