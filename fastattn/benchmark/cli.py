@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                    help="stop measuring after this many seconds, the rest listed as skipped (cheapest cases run "
                         "first); default: the preset's (CPU quick 100, GPU quick 240), 0 = no limit")
     p.add_argument("--target-s", type=float, default=None, help="CPU: seconds of timed repeats per measurement")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads(N) for the run (default: torch's). On a shared machine, fewer "
+                        "threads than cores avoids waiting for busy cores at every parallel region")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list implementations and cases, run nothing")
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     preset, cases = build_cases(args, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     # Ctrl-C and SIGTERM (e.g. `timeout`) stop the measuring; what was measured is still reported and written.
     old = {sig: signal.signal(sig, runner.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
