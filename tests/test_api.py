@@ -201,3 +201,12 @@ def test_kvcache_append_and_attend(paged):
         qb, kb, vb = (t[b:b + 1, :L].transpose(1, 2) for t, L in ((q, snew), (kc, n + snew), (vc, n + snew)))
         ref = oracle_attention(qb, kb, vb, scale=D ** -0.5, window=(-1, 0), bottom_right=True)
         assert_rule(f"out[{b}]", out[b:b + 1].transpose(1, 2), ref, None, torch.float32)
+
+
+def test_readme_feature_table_matches_declarations():
+    from fastattn.info import feature_table
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    assert feature_table() in text, "README's feature table is stale: paste `python -m fastattn.info --markdown`"
