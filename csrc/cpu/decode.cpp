@@ -24,11 +24,7 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FA_DEC_X86 1
-#include <immintrin.h>
-#define FA_DEC_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "vec.h"  // use_avx2, exp8, hsum8, load8, exp_sum_row: the same vector helpers as the prefill kernels
 
 namespace fastattn::cpu::decode {
 namespace {
@@ -52,15 +48,6 @@ struct DecodeParams {
   float *out_part, *lse_part;  // (splits, B, Hq, Sq, Dv), (splits, B, Hq, Sq) when splits > 1
 };
 
-bool use_avx2() {
-#ifdef FA_DEC_X86
-  static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return on;
-#else
-  return false;
-#endif
-}
 
 // ---------------------------------------------------------------- block helpers, portable versions
 // S[r * ldS + j] = q_r . k_j for the M query rows (fp32, pre-scaled) and the n keys of the block; row r reads
@@ -94,71 +81,26 @@ void pv_scalar(const float* P, int64_t ldP, const uint8_t* live, int64_t M, cons
   }
 }
 
-// x = exp(x - m) in place; returns the sum.
-float exp_sum_scalar(float* x, int64_t n, float m) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - m));
-  return s;
-}
 
-#ifdef FA_DEC_X86
+#ifdef FASTATTN_X86
 // ---------------------------------------------------------------- block helpers, AVX2 + FMA + F16C
-template <typename T>
-FA_DEC_AVX2 inline __m256 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // bf16 is the high half of an fp32
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-}
-
-FA_DEC_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// e^x for 8 lanes: x = n ln2 + f with |f| <= ln2/2 (ln2 split in two for accuracy), e^f by its degree-6 Taylor
-// polynomial (error ~2e-7 relative, below fp32 accumulation noise), 2^n through the exponent bits.
-// Lanes below -87.3 (incl. -inf) give 0.
-FA_DEC_AVX2 inline __m256 exp8(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), f);
-  __m256 y = _mm256_set1_ps(1.f / 720);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 120));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 24));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 6));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.5f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
-}
 
 template <typename T>
-FA_DEC_AVX2 inline float dot(const float* q, const T* k, int64_t D) {
+FA_AVX2 inline float dot(const float* q, const T* k, int64_t D) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(k + d + 8), a1);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), vec::load8(k + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), vec::load8(k + d + 8), a1);
   }
-  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), a0);
-  float s = hsum(_mm256_add_ps(a0, a1));
+  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), vec::load8(k + d), a0);
+  float s = vec::hsum8(_mm256_add_ps(a0, a1));
   for (; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
   return s;
 }
 
 template <typename T>
-FA_DEC_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
+FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
                              int64_t n, float* S, int64_t ldS) {
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t r = 0; r < M; ++r) S[r * ldS + j] = dot(Qf + r * D, krows[j] + koff[r], D);
@@ -166,7 +108,7 @@ FA_DEC_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* con
 }
 
 template <typename T>
-FA_DEC_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
                          const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t r = 0; r < M; ++r) {
@@ -176,36 +118,19 @@ FA_DEC_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64
       float* a = acc + r * Dv;
       const __m256 vp = _mm256_set1_ps(p);
       int64_t d = 0;
-      for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(vp, load8(v + d), _mm256_loadu_ps(a + d)));
+      for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(vp, vec::load8(v + d), _mm256_loadu_ps(a + d)));
       for (; d < Dv; ++d) a[d] += p * static_cast<float>(v[d]);
     }
   }
 }
 
-FA_DEC_AVX2 float exp_sum_avx2(float* x, int64_t n, float m) {
-  const __m256 vm = _mm256_set1_ps(m);
-  __m256 s = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
-    _mm256_storeu_ps(x + j, e);
-    s = _mm256_add_ps(s, e);
-  }
-  float tail[8];  // the tail goes through the same exp, so every element is computed alike
-  for (int64_t u = 0; u < 8; ++u) tail[u] = j + u < n ? x[j + u] : -kInf;
-  const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), vm));
-  _mm256_storeu_ps(tail, e);
-  s = _mm256_add_ps(s, e);
-  for (int64_t u = 0; j + u < n; ++u) x[j + u] = tail[u];
-  return hsum(s);
-}
 #endif
 
 template <typename T>
 void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff, int64_t n, float* S,
             int64_t ldS) {
-#ifdef FA_DEC_X86
-  if (use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS);
+#ifdef FASTATTN_X86
+  if (vec::use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS);
 #endif
   scores_scalar<T>(Qf, M, D, krows, koff, n, S, ldS);
 }
@@ -213,18 +138,12 @@ void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const 
 template <typename T>
 void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
         int64_t n, int64_t Dv, float* acc) {
-#ifdef FA_DEC_X86
-  if (use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+#ifdef FASTATTN_X86
+  if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 #endif
   pv_scalar<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 }
 
-float exp_sum(float* x, int64_t n, float m) {
-#ifdef FA_DEC_X86
-  if (use_avx2()) return exp_sum_avx2(x, n, m);
-#endif
-  return exp_sum_scalar(x, n, m);
-}
 
 // ---------------------------------------------------------------- one work item
 struct Scratch {
@@ -303,7 +222,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       for (int64_t j = a; j < e; ++j) m_blk = std::max(m_blk, s[j]);
       const float m_new = std::max(w.m_i[r], m_blk);
       const float alpha = std::exp(w.m_i[r] - m_new);  // 0 on the first visible block (m_i = -inf)
-      w.l_i[r] = w.l_i[r] * alpha + exp_sum(s, n, m_new);
+      w.l_i[r] = w.l_i[r] * alpha + vec::exp_sum_row(s, n, m_new);
       if (alpha != 1.f) {
         for (int64_t d = 0; d < Dv; ++d) w.acc[r * Dv + d] *= alpha;
       }

@@ -96,22 +96,24 @@ FA_AVX2 inline float exp_sum_row_avx2(float* x, int64_t n, float m) {
   return hsum8(s);
 }
 
+// 8 consecutive elements of fp32, bf16 (the high half of an fp32) or fp16 (F16C) as fp32 lanes.
+template <typename T>
+FA_AVX2 inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
 template <typename T>
 FA_AVX2 inline void load_row_avx2(const T* src, float* dst, int64_t n, float mul) {
   const __m256 vmul = _mm256_set1_ps(mul);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 f;
-    if constexpr (std::is_same_v<T, float>) {
-      f = _mm256_loadu_ps(src + j);
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-      f = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-    } else {
-      f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-    }
-    _mm256_storeu_ps(dst + j, _mm256_mul_ps(f, vmul));
-  }
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(load8(src + j), vmul));
   for (; j < n; ++j) dst[j] = static_cast<float>(src[j]) * mul;
 }
 #endif
