@@ -25,6 +25,26 @@ def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k, batch index) of sequence `seq`: varlen reads cu_seqlens (its tensors
+    have batch 1); dense sequences are batch entries sharing one length pair. `seq * 0` keeps every value a tensor
+    of one type in both branches."""
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + seq)
+        seqlen_q = tl.load(CuQ + seq + 1) - q_start
+        k_start = tl.load(CuK + seq)
+        seqlen_k = tl.load(CuK + seq + 1) - k_start
+        bb = seq * 0
+    else:
+        q_start = seq * 0
+        k_start = seq * 0
+        seqlen_q = seqlen_q_arg + seq * 0
+        seqlen_k = seqlen_k_arg + seq * 0
+        bb = seq
+    return q_start, k_start, seqlen_q, seqlen_k, bb
+
+
+@triton.jit
 def visible_range(m0, row_end, seqlen_k, off, window_left, window_right,
                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [m0, row_end): every visible key lies in [lo, hi); key blocks starting in [full_lo, full_hi)

@@ -5,7 +5,7 @@ middle (no mask work at all) and the right band + sequence tail (masked); invisi
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dropout_keep, mm, scores, visible_range
+from .common import LN2, LOG2E, dropout_keep, mm, scores, seq_bounds, visible_range
 
 
 @triton.jit
@@ -73,18 +73,7 @@ def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_heads  # batch index, or sequence index for varlen
     h = pid_bh % num_heads
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + seq)
-        seqlen_q = tl.load(CuQ + seq + 1) - q_start
-        k_start = tl.load(CuK + seq)
-        seqlen_k = tl.load(CuK + seq + 1) - k_start
-        bb = seq * 0  # varlen tensors have batch 1
-    else:
-        q_start = seq * 0
-        k_start = seq * 0
-        seqlen_q = seqlen_q_arg + seq * 0
-        seqlen_k = seqlen_k_arg + seq * 0
-        bb = seq
+    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen_q:
         bb64 = bb.to(tl.int64)
