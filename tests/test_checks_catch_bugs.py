@@ -33,24 +33,26 @@ class Planted(ReferenceBackend):
             out = out.clone()
             out.view(-1)[out.numel() // 2] = float("nan")  # what a poisoned, never-written element looks like
         if self.bug == "dk_scaled":
-            out = _ScaleGradK.apply(out, p.k)
+            out = _ScaleGradK.apply(out, p.k, 0.04 if p.dtype == torch.bfloat16 else 0.01)
         if self.bug == "lse_shifted":
             lse = lse + 1e-3
         return out, lse
 
 
 class _ScaleGradK(torch.autograd.Function):
-    """Identity on out, but adds 1% of k to dk: a backward-only defect."""
+    """Identity on out, but adds `frac` of max|k| to every dK element: a backward-only defect (4% in bf16,
+    whose 8-bit mantissa hides 1% at dK's magnitude, as with the scale plant)."""
 
     @staticmethod
-    def forward(ctx, out, k):
+    def forward(ctx, out, k, frac):
         ctx.save_for_backward(k)
+        ctx.frac = frac
         return out.clone()
 
     @staticmethod
     def backward(ctx, g):
         (k,) = ctx.saved_tensors
-        return g, 0.01 * k.abs().max() * torch.ones_like(k)
+        return g, ctx.frac * k.abs().max() * torch.ones_like(k), None
 
 
 PLANTS = [
