@@ -13,9 +13,11 @@ from .triton_backend import TritonBackend
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     TritonBackend(), CudaBackend(), CpuBackend(), SdpaBackend(), ReferenceBackend())}
 
-# The order `auto` tries backends in, per device type; any other device uses "default".
+# The order `auto` tries backends in, per device type; any other device uses "default". The `cuda` backend is
+# left out of auto until its kernels have passed the test matrix on a GPU (so far they are only compiled and
+# inspected); backend="cuda" runs it explicitly.
 PREFERENCE: Dict[str, List[str]] = {
-    "cuda": ["triton", "cuda", "sdpa", "reference"],
+    "cuda": ["triton", "sdpa", "reference"],
     "cpu": ["cpu", "sdpa", "reference"],
     "default": ["sdpa", "reference"],
 }
