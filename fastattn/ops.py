@@ -42,6 +42,28 @@ def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
     return q.new_empty(B, H, S, dv)
 
 
+def autograd_pair(bwd_op):
+    """(backward, setup_context) for a fwd op with fastattn::fwd's schema whose backward op has fastattn::bwd's
+    (the C++ ops and the Triton ops share it). lse is marked non-differentiable: no backward takes its gradient."""
+
+    def setup_context(ctx, inputs, output):
+        (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
+         deterministic) = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
+        ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias, cu_q, cu_k, alibi = ctx.saved_tensors
+        mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
+        dq, dk, dv = bwd_op()(dout, q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi,
+                              dropout_p, seed, offset, deterministic)
+        return (dq, dk, dv) + (None,) * 15
+
+    return backward, setup_context
+
+
 if _C is not None:
 
     @torch.library.register_fake("fastattn::fwd")
@@ -56,22 +78,8 @@ if _C is not None:
                   deterministic):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def _setup_context(ctx, inputs, output):
-        (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
-         deterministic) = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)  # the kernels' backward takes no lse gradient: make that explicit
-        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
-        ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
-
-    def _backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias, cu_q, cu_k, alibi = ctx.saved_tensors
-        mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
-        dq, dk, dv = torch.ops.fastattn.bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br,
-                                            softcap, alibi, dropout_p, seed, offset, deterministic)
-        return (dq, dk, dv) + (None,) * 15
-
-    torch.library.register_autograd("fastattn::fwd", _backward, setup_context=_setup_context)
+    _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.bwd)
+    torch.library.register_autograd("fastattn::fwd", _bwd, setup_context=_setup)
 
 
 def dropout_seed(p: AttnParams):

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from . import configs as C
+from ...ops import autograd_pair
 from .bwd_dkdv import attn_bwd_dkdv
 from .bwd_dq import attn_bwd_dq
 from .bwd_preprocess import attn_bwd_preprocess
@@ -197,21 +198,5 @@ if INTERPRET:  # opaque custom ops need fake functions; triton_op derives them b
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
-     deterministic) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
-    ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
-
-
-def _backward(ctx, dout, dlse):
-    # lse is returned for inspection (flash-attn's softmax_lse); its gradient is not propagated.
-    q, k, v, out, lse, bias, cu_q, cu_k, alibi = ctx.saved_tensors
-    mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
-    dq, dk, dv = torch.ops.fastattn.triton_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br,
-                                               softcap, alibi, dropout_p, seed, offset, deterministic)
-    return (dq, dk, dv) + (None,) * 15
-
-
-triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.triton_bwd)
+triton_fwd.register_autograd(_bwd, setup_context=_setup)
