@@ -159,11 +159,29 @@ class OpDecode(DecodeKernel):
                                              c.alibi_slopes, c.num_splits)
 
 
+class CudaOpDecode(OpDecode):
+    """csrc/cuda/decode_kernel.cuh: CUDA-core split-KV kernel reading the cache with 16-byte loads, so the cache's
+    base, row/slot/head strides and head dims must be multiples of 16 bytes; at most 8 query rows per KV head."""
+
+    def reasons(self, c: DecodeCall) -> List[str]:
+        r = super().reasons(c)
+        if r:
+            return r
+        vec = 16 // c.q.element_size()
+        for nm, t in (("k_cache", c.k_cache), ("v_cache", c.v_cache)):
+            if t.shape[-1] % vec:
+                r.append(f"{nm} head dim {t.shape[-1]} is not a multiple of {vec} ({str(t.dtype)[6:]}: 16-byte loads)")
+            elif t.data_ptr() % 16 or any(t.stride(i) % vec for i in range(3) if t.shape[i] > 1):
+                r.append(f"{nm} rows are not 16-byte aligned (strides {tuple(t.stride())})")
+        return r
+
+
 DECODE_KERNELS: Dict[str, DecodeKernel] = {
     "triton": TritonDecode(),
     # CPU: past ~16 query rows per KV head the tiled prefill kernel (generic path) is faster (bench on 1 core).
     "cpu": OpDecode("cpu", "CPU", "cpu", max_rows=16),
-    "cuda": OpDecode("cuda", "CUDA", "cuda", max_rows=128),
+    # CUDA: q rows live in registers; 8 rows already take ~240 of them (csrc/cuda/decode_kernel.cuh).
+    "cuda": CudaOpDecode("cuda", "CUDA", "cuda", max_rows=8),
 }
 
 
