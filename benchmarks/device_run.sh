@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session (H200, no network; Python 3.12, torch 2.11, triton 3.6): install, versions, GPU tests, benchmark.
 # Everything lands under $OUT (default ./device_out); the whole script stays under ~9.5 minutes:
-#   install <= 240 s, GPU tests <= 120 s, the rest (>= ~200 s) for the benchmark (quick preset, --max-seconds;
+#   install <= 240 s, GPU tests <= 170 s, the rest (>= ~150 s) for the benchmark (quick preset, --max-seconds;
 #   SIGTERM from `timeout` still writes what was measured).
 # Usage, from the repo root:  OUT=/some/dir bash benchmarks/device_run.sh
 # The device tool brings back at most 8 files from $OUT: device_run.log, results.json, results.csv,
@@ -38,6 +38,10 @@ timeout 75 $PY -m pytest tests -m gpu -x -q -p no:cacheprovider 2>&1 | tail -25 
 step "correctness matrix on cuda"
 timeout 45 $PY -m pytest tests/test_matrix.py -k cuda -x -q -p no:cacheprovider 2>&1 | tail -25 \
   | tee "$W/pytest_matrix_cuda.txt"
+
+step "decode kernels and dropout on cuda: test_decode.py, test_dropout_determinism.py"
+timeout 50 $PY -m pytest tests/test_decode.py tests/test_dropout_determinism.py -q -p no:cacheprovider 2>&1 \
+  | tail -25 | tee "$W/pytest_decode_dropout.txt"
 
 step "benchmark: python -m fastattn.benchmark --preset quick --device cuda"
 B=$(( $(left) - 40 ))
