@@ -336,3 +336,18 @@ def test_gpu_compile_inductor_dropout_free_mask():
     gc = torch.autograd.grad(compiled(q, k, v).float().sum(), (q, k, v))
     for a, c in zip(ge, gc):
         torch.testing.assert_close(c, a)
+
+
+def test_autotune_off_takes_one_surviving_config(monkeypatch):
+    """FASTATTN_TRITON_AUTOTUNE=0: the prune hook hands the autotuner exactly one config (so it never times any),
+    chosen among the prune predicate's survivors."""
+    from fastattn.kernels.triton import configs as C
+    from fastattn.kernels.triton import op
+    q = torch.empty(2, 4, 1000, 128, dtype=torch.float16)
+    args = dict(Q=q, BLOCK_D=128, BLOCK_DV=128, BUCKET_Q=1024, BUCKET_K=1024)
+    kept = C.prune_fwd(C.FWD_CONFIGS, args)
+    monkeypatch.setattr(op, "AUTOTUNE", True)
+    assert op._tuning(C.prune_fwd)["early_config_prune"] is C.prune_fwd
+    monkeypatch.setattr(op, "AUTOTUNE", False)
+    one = op._tuning(C.prune_fwd)["early_config_prune"](C.FWD_CONFIGS, args)
+    assert len(one) == 1 and one[0] in kept

@@ -8,6 +8,7 @@ functions instead. Either way autograd is registered on triton_fwd, and the sche
 out in q's memory order, lse fp32 (B, Hq, Sq) natural log with +inf for rows that see no key."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Optional, Tuple
@@ -25,11 +26,28 @@ from .fwd import attn_fwd
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
+# FASTATTN_TRITON_AUTOTUNE=0: no timing runs; each new key takes one config from the prune predicate's survivors
+# (the largest tile, preferring 3 stages) — fast first calls for tests and short jobs, at some cost in speed.
+AUTOTUNE = os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
+# Autotune timings are kept on disk next to Triton's kernel cache, so a new process does not retune (triton >= 3.2).
+_CACHE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _tuning(prune):
+    if AUTOTUNE:
+        return {"early_config_prune": prune}
+
+    def one(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        return [max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], -abs(c.num_stages - 3)))]
+    return {"early_config_prune": one}
+
+
 if not INTERPRET:
-    _fwd_tuned = triton.autotune(C.FWD_CONFIGS, key=C.KEY, prune_configs_by={"early_config_prune": C.prune_fwd})(attn_fwd)
-    _dkdv_tuned = triton.autotune(C.DKDV_CONFIGS, key=C.KEY,
-                                  prune_configs_by={"early_config_prune": C.prune_dkdv})(attn_bwd_dkdv)
-    _dq_tuned = triton.autotune(C.DQ_CONFIGS, key=C.KEY, prune_configs_by={"early_config_prune": C.prune_dq})(attn_bwd_dq)
+    _fwd_tuned = triton.autotune(C.FWD_CONFIGS, key=C.KEY, prune_configs_by=_tuning(C.prune_fwd), **_CACHE_KW)(attn_fwd)
+    _dkdv_tuned = triton.autotune(C.DKDV_CONFIGS, key=C.KEY, prune_configs_by=_tuning(C.prune_dkdv),
+                                  **_CACHE_KW)(attn_bwd_dkdv)
+    _dq_tuned = triton.autotune(C.DQ_CONFIGS, key=C.KEY, prune_configs_by=_tuning(C.prune_dq), **_CACHE_KW)(attn_bwd_dq)
     from torch.library import wrap_triton as _wrap
 else:
     def _wrap(kernel):
