@@ -45,6 +45,15 @@ def collect() -> dict:
             "head_dims": list(b.head_dims),
             "features": sorted(b.features),
         }
+    from fastattn.decode import DECODE_KERNELS
+    info["decode_kernels"] = {}
+    for name, k in DECODE_KERNELS.items():
+        why = k.unavailable()
+        info["decode_kernels"][k.name] = {
+            "backend": name, "available": not why, "why_not": why, "devices": sorted(k.devices),
+            "dtypes": sorted(str(d)[6:] for d in k.dtypes), "head_dims": list(k.head_dims),
+            "max_rows_per_kv_head": k.max_rows,
+        }
     return info
 
 
@@ -83,6 +92,13 @@ def main() -> None:
         print(f"  {'':<10} devices={','.join(b['devices'])} dtypes={','.join(b['dtypes'])} "
               f"head_dims={b['head_dims'][0]}..{b['head_dims'][1]}")
         print(f"  {'':<10} features={','.join(b['features']) or '-'}")
+    print("\nsplit-KV decode kernels (flash_attn_with_kvcache and short dense queries):")
+    for name, k in info["decode_kernels"].items():
+        state = "available" if k["available"] else "unavailable: " + "; ".join(k["why_not"])
+        print(f"  {name:<20} {state}")
+        print(f"  {'':<20} devices={','.join(k['devices'])} dtypes={','.join(k['dtypes'])} "
+              f"head_dims={k['head_dims'][0]}..{k['head_dims'][1]} query rows per kv head <= "
+              f"{k['max_rows_per_kv_head']}")
 
 
 if __name__ == "__main__":
