@@ -3,7 +3,8 @@
 Compiles representative kernel instantiations (csrc/cuda/instantiations) to cubin for sm_80 and sm_90 with
 nvcc and inspects them: ptxas must report no spills and no stack frame, and the SASS main loop of every
 attention kernel (the backward branch's body) must issue tensor-core MMAs (HMMA) fed by ldmatrix (LDSM) and
-cp.async copies (LDGSTS), with no local-memory traffic (LDL/STL) anywhere in the kernel."""
+cp.async copies (LDGSTS), with no local-memory traffic (LDL/STL) anywhere in the kernel. The dropout variants
+(separate instantiations, *_dropout.cu) get the same checks, plus: they run Philox, the plain kernels do not."""
 import filecmp
 import glob
 import importlib.util
@@ -19,9 +20,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 INST = os.path.join(CSRC, "cuda", "instantiations")
 ARCHS = ("sm_80", "sm_90")
-# The largest register footprints (fwd 256 and both backward kernels at 128/256), both dtypes covered.
-TUS = ("fwd_hdim128_fp16", "fwd_hdim256_bf16", "bwd_hdim128_bf16", "bwd_hdim256_fp16")
+# The largest register footprints (fwd 256 and both backward kernels at 128/256), both dtypes covered, without
+# and with dropout.
+TUS = ("fwd_hdim128_fp16", "fwd_hdim256_bf16", "bwd_hdim128_bf16", "bwd_hdim256_fp16",
+       "fwd_hdim128_fp16_dropout", "fwd_hdim256_bf16_dropout", "bwd_hdim128_bf16_dropout", "bwd_hdim256_fp16_dropout")
 KERNELS = {"fwd": ("fwd_kernel",), "bwd": ("bwd_dkdv_kernel", "bwd_dq_kernel")}
+# Philox4x32's first multiplier 0xD2511F53 (SASS prints the immediate signed: -0x2daee0ad).
+PHILOX_MUL = re.compile(r"IMAD\.WIDE\.U32\b.*(-0x2daee0ad|0xd2511f53)\b", re.I)
+
+
+def _expected_kernels(tu):
+    """Short names (see _short_name) of the attention kernels a TU must contain."""
+    suffix = "+dropout" if tu.endswith("_dropout") else ""
+    return [k + suffix for k in KERNELS[tu[:3]]]
+
+
+def _short_name(mangled):
+    """fwd_kernel / fwd_kernel+dropout from a mangled name: the kDropout template argument is `Lb1E`."""
+    name = re.match(r"_ZN8fastattn4cuda\d+(\w+?)I", mangled).group(1)
+    return name + "+dropout" if re.search(r"Lb1EE", mangled) else name
 
 
 def _cuda_home():
@@ -90,12 +107,12 @@ def compiled(tmp_path_factory):
 def _ptxas_reports(log):
     """{kernel short name: (registers, spill store bytes, spill load bytes, stack bytes)} from ptxas -v."""
     res = {}
-    for m in re.finditer(r"Compiling entry function '_ZN8fastattn4cuda\d+(\w+?)I.*?'(.*?)Used (\d+) registers",
+    for m in re.finditer(r"Compiling entry function '(_ZN8fastattn4cuda\d+\w+?I[^']*)'(.*?)Used (\d+) registers",
                          log, re.S):
         body = m.group(2)
         st = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", body)
         stack, sst, sld = (int(x) for x in st.groups()) if st else (0, 0, 0)
-        res[m.group(1)] = (int(m.group(3)), sst, sld, stack)
+        res[_short_name(m.group(1))] = (int(m.group(3)), sst, sld, stack)
     return res
 
 
@@ -103,9 +120,9 @@ def _sass_functions(sass):
     """{kernel short name: list of (address, instruction)} from cuobjdump -sass."""
     funcs, cur = {}, None
     for line in sass.splitlines():
-        m = re.match(r"\s*Function : _ZN8fastattn4cuda\d+(\w+?)I", line)
+        m = re.match(r"\s*Function : (_ZN8fastattn4cuda\d+\w+?I\S*)", line)
         if m:
-            cur = funcs.setdefault(m.group(1), [])
+            cur = funcs.setdefault(_short_name(m.group(1)), [])
             continue
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m and cur is not None:
@@ -130,7 +147,7 @@ def _loop_bodies(instrs):
 def test_no_spills(compiled, tu, arch):
     log, _ = compiled[(tu, arch)]
     reports = _ptxas_reports(log)
-    for name in KERNELS[tu[:3]]:
+    for name in _expected_kernels(tu):
         assert name in reports, f"{name} missing from ptxas output for {tu} {arch}:\n{log[-2000:]}"
     print(f"{tu} {arch}: " + ", ".join(f"{k} {v[0]} regs" for k, v in reports.items()))
     for name, (regs, sst, sld, stack) in reports.items():
@@ -144,8 +161,8 @@ def test_no_spills(compiled, tu, arch):
 def test_main_loop_uses_tensor_cores(compiled, tu, arch):
     _, sass = compiled[(tu, arch)]
     funcs = _sass_functions(sass)
-    dtype = "BF16" if tu.endswith("bf16") else "F16"
-    for name in KERNELS[tu[:3]]:
+    dtype = "BF16" if "_bf16" in tu else "F16"
+    for name in _expected_kernels(tu):
         assert name in funcs, f"{name} not in the SASS of {tu} {arch} (have {sorted(funcs)})"
         instrs = [i for _, i in funcs[name]]
         assert not [i for i in instrs if re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", i)], f"{name}: local memory"
@@ -166,3 +183,17 @@ def test_main_loop_uses_tensor_cores(compiled, tu, arch):
         assert n_ldsm > 0, f"{name}: main loop loads no fragments with ldmatrix (LDSM)"
         assert any("LDSM" in i and ".MT88" in i for i in body), f"{name}: no transposed ldmatrix in the main loop"
         assert any("LDGSTS" in i for i in instrs), f"{name}: no cp.async (LDGSTS)"
+
+
+@needs_toolchain
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tu", TUS)
+def test_philox_only_in_dropout_kernels(compiled, tu, arch):
+    """The dropout variants draw Philox numbers; the plain kernels compile it away (if constexpr)."""
+    funcs = _sass_functions(compiled[(tu, arch)][1])
+    for name in _expected_kernels(tu):
+        n_mul = sum(bool(PHILOX_MUL.search(i)) for _, i in funcs[name])
+        if name.endswith("+dropout"):
+            assert n_mul >= 10, f"{name} ({tu} {arch}): {n_mul} Philox multiplies, expected 10 per draw loop"
+        else:
+            assert n_mul == 0, f"{name} ({tu} {arch}): {n_mul} Philox multiplies in a kernel without dropout"

@@ -1,8 +1,9 @@
 // CUDA implementations of fastattn::fwd / fastattn::bwd (schemas and conventions in csrc/ops.cpp):
 // argument checks, layout preparation, the parameter structs, and dispatch to the kernel instantiations.
-// Supported: fp16/bf16, D and Dv <= 256, causal/sliding window in both alignments, GQA/MQA, varlen, lse.
+// Supported: fp16/bf16, D and Dv <= 256, causal/sliding window in both alignments, GQA/MQA, varlen, lse,
+// dropout (Philox counters of csrc/philox.h: the same mask as the CPU kernels for the same seed/offset/p).
 // Not supported (refused here and declared absent in fastattn/backends/cuda.py): attn_bias, softcap,
-// alibi, dropout. The backward is always deterministic (no atomics).
+// alibi. The backward is always deterministic (no atomics).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -63,11 +64,22 @@ at::Tensor empty_like_poisoned(const at::Tensor& t) {
 }
 
 void check_unsupported(const std::optional<at::Tensor>& attn_bias, double softcap,
-                       const std::optional<at::Tensor>& alibi_slopes, double dropout_p) {
+                       const std::optional<at::Tensor>& alibi_slopes) {
   FA_CHECK(!attn_bias.has_value(), "the CUDA kernels do not support attn_bias (use the triton, cpu or sdpa backend)");
   FA_CHECK(softcap == 0.0, "the CUDA kernels do not support softcap (got ", softcap, ")");
   FA_CHECK(!alibi_slopes.has_value(), "the CUDA kernels do not support alibi_slopes");
-  FA_CHECK(dropout_p == 0.0, "the CUDA kernels do not support dropout (got dropout_p=", dropout_p, ")");
+}
+
+// Dropout constants as the CPU kernels derive them (csrc/cpu/rng.h): p rounded to float, the Philox key from
+// (seed, offset). Returns whether the dropout kernels must run (the CPU's test: float p > 0).
+bool fill_dropout(cuda::DropoutParams& d, double dropout_p, int64_t seed, int64_t offset) {
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  const float pf = static_cast<float>(dropout_p);
+  FA_CHECK(pf < 1.f, "dropout_p=", dropout_p, " rounds to 1 in float32; use a value below 1 - 2^-25");
+  d.rng = Philox::from_seed(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  d.threshold = dropout_threshold(pf);
+  d.rescale = 1.f / (1.f - pf);
+  return pf > 0.f;
 }
 
 // Checks q, k, v and the varlen arguments, and fills the shape part of the params.
@@ -142,10 +154,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             int64_t window_right, bool bottom_right, double softcap,
                                             const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                                             int64_t seed, int64_t offset, bool deterministic) {
-  check_unsupported(attn_bias, softcap, alibi_slopes, dropout_p);
+  check_unsupported(attn_bias, softcap, alibi_slopes);
   FwdParams p{};
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
              bottom_right);
+  const bool dropout = fill_dropout(p.drop, dropout_p, seed, offset);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = alloc_out_like_q(q, v.size(3));
   at::Tensor lse = alloc_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -162,7 +175,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   if (p.seqlen_q > 0 && p.batch > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     FA_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-      FA_HEADDIM_SWITCH(kernel_head_dim(p), kD, [&] { C10_CUDA_CHECK((cuda::run_fwd<T, kD>(p, stream))); });
+      FA_HEADDIM_SWITCH(kernel_head_dim(p), kD, [&] {
+        FA_BOOL_SWITCH(dropout, kDrop, [&] { C10_CUDA_CHECK((cuda::run_fwd<T, kD, kDrop>(p, stream))); });
+      });
     });
   }
   finish_output(out, ok);
@@ -176,10 +191,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
     bool deterministic) {
-  check_unsupported(attn_bias, softcap, alibi_slopes, dropout_p);
+  check_unsupported(attn_bias, softcap, alibi_slopes);
   BwdParams p{};
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
              bottom_right);
+  const bool dropout = fill_dropout(p.drop, dropout_p, seed, offset);
   const auto expect_o = std::vector<int64_t>{q.size(0), q.size(1), q.size(2), v.size(3)};
   FA_CHECK(dout.sizes() == at::IntArrayRef(expect_o) && out.sizes() == at::IntArrayRef(expect_o),
            "dout ", dout.sizes(), " and out ", out.sizes(), " must be (B, H, Sq, Dv) = ", at::IntArrayRef(expect_o));
@@ -215,7 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (p.batch > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     FA_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-      FA_HEADDIM_SWITCH(kernel_head_dim(p), kD, [&] { C10_CUDA_CHECK((cuda::run_bwd<T, kD>(p, stream))); });
+      FA_HEADDIM_SWITCH(kernel_head_dim(p), kD, [&] {
+        FA_BOOL_SWITCH(dropout, kDrop, [&] { C10_CUDA_CHECK((cuda::run_bwd<T, kD, kDrop>(p, stream))); });
+      });
     });
   }
   finish_output(dq, dqk);

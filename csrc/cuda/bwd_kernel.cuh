@@ -5,7 +5,11 @@
 //      GQA group) that sees them; P^T = exp2(K Q^T * scale*log2e - lse*log2e) is recomputed from lse, and
 //      dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q all stay in registers.
 //   3. dQ: a block owns kBlockM queries and walks the key tiles they see: dQ += dS K, again in registers.
+// With dropout (kDropout instantiations; Z = keep / (1 - p), the forward's mask regenerated from its counters):
+// dV += (Z * P)^T dO and dS = P * (Z * dP - delta), where delta = rowsum(dO * O) already includes the dropout.
+// 1 / (1 - p) is applied to dP and, for dV, once at the end.
 #pragma once
+#include "dropout.cuh"
 #include "mask.cuh"
 #include "params.h"
 #include "traits.cuh"
@@ -38,7 +42,7 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const BwdParams p) {
   if (lane == 0) p.delta[(int64_t(b) * p.h + hh) * p.rows_q_total + i] = acc;
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDropout>
 __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_kernel(const BwdParams p) {
   using Tr = BwdKVTraits<kHeadDim>;
   using TileKV = typename Tr::TileKV;
@@ -120,11 +124,25 @@ __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_k
     float dst[kBlockM / 8][4];  // dP^T = V dO^T -> dS^T
     zero(dst);
     gemm_abt<T, kBlockM, kHeadDim, TileKV, TileQ>(dst, sV, key_row0, sdOs, 0, lane);
-    gemm_pb<T, kCols, kBlockM, TileQ>(dv, pt, sdOs, 0, col0, lane);
+    if constexpr (kDropout) {  // dS needs the undropped P, so dV waits until dS is formed
+      const uint32_t keep = keep_bits_k_rows<kBlockM / 8>(p.drop, hq, blockIdx.z, n0 + key_row0, m0, lane);
 #pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+      for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - dlt[8 * nt + 2 * t + (e & 1)]);
+        for (int e = 0; e < 4; ++e) {
+          const float zdp = (keep >> (4 * nt + e)) & 1u ? dst[nt][e] * p.drop.rescale : 0.f;
+          dst[nt][e] = pt[nt][e] * (zdp - dlt[8 * nt + 2 * t + (e & 1)]);
+        }
+      }
+      apply_keep(pt, keep);  // keep * P^T; dV gets the 1 / (1 - p) at the end
+      gemm_pb<T, kCols, kBlockM, TileQ>(dv, pt, sdOs, 0, col0, lane);
+    } else {
+      gemm_pb<T, kCols, kBlockM, TileQ>(dv, pt, sdOs, 0, col0, lane);
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - dlt[8 * nt + 2 * t + (e & 1)]);
+      }
     }
     gemm_pb<T, kCols, kBlockM, TileQ>(dk, dst, sQs, 0, col0, lane);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
@@ -132,9 +150,10 @@ __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_k
   cp_async_wait<0>();
   __syncthreads();  // sK / sV now stage dK / dV
 
-  const float scale2[2] = {p.scale, p.scale}, one2[2] = {1.f, 1.f};
+  const float dv_mul = kDropout ? p.drop.rescale : 1.f;
+  const float scale2[2] = {p.scale, p.scale}, dv_mul2[2] = {dv_mul, dv_mul};
   store_frag<TileKV>(sK, dk, scale2, key_row0, col0, lane);
-  store_frag<TileKV>(sV, dv, one2, key_row0, col0, lane);
+  store_frag<TileKV>(sV, dv, dv_mul2, key_row0, col0, lane);
   __syncthreads();
   store_tile<kBlockN, kHeadDim, kThreads>(row_ptr<T>(p.grad_k, seq.bb, h_kv, seq.row_k0 + n0), p.grad_k.row_stride, sK,
                                           seq.sk - n0, p.d, tid);
@@ -142,7 +161,7 @@ __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_k
                                           seq.sk - n0, p.dv, tid);
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDropout>
 __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kernel(const BwdParams p) {
   using Tr = BwdQTraits<kHeadDim>;
   using TileQ = typename Tr::TileQ;
@@ -217,10 +236,19 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
     float ds[kBlockN / 8][4];  // dP = dO V^T -> dS
     zero(ds);
     gemm_abt<T, kBlockN, kHeadDim, TileQ, TileKV>(ds, sdO, 16 * warp, sVs, 0, lane);
+    uint32_t keep = 0;  // drawn after the GEMMs: drawn before them, the dQ kernel spilled at D = 128/256
+    if constexpr (kDropout) keep = keep_bits_q_rows<kBlockN / 8>(p.drop, h, blockIdx.z, row0, n0, lane);
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ds[nt][e] = ps[nt][e] * (ds[nt][e] - dlt[e >> 1]);
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (kDropout) {
+          const float zdp = (keep >> (4 * nt + e)) & 1u ? ds[nt][e] * p.drop.rescale : 0.f;
+          ds[nt][e] = ps[nt][e] * (zdp - dlt[e >> 1]);
+        } else {
+          ds[nt][e] = ps[nt][e] * (ds[nt][e] - dlt[e >> 1]);
+        }
+      }
     }
     gemm_pb<T, kHeadDim, kBlockN, TileKV>(dq, ds, sKs, 0, 0, lane);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
@@ -236,13 +264,13 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
 }
 
 // Kernel TUs stay free of ATen headers (faster builds); errors go back to the caller to check.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDropout>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch_total * p.h * p.rows_q_total;
   if (rows > 0) bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   if (p.seqlen_k > 0) {
     using Tr = BwdKVTraits<kHeadDim>;
-    auto kernel = bwd_dkdv_kernel<T, kHeadDim>;
+    auto kernel = bwd_dkdv_kernel<T, kHeadDim, kDropout>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.h_kv, p.batch);
@@ -250,7 +278,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   }
   if (p.seqlen_q > 0) {
     using Tr = BwdQTraits<kHeadDim>;
-    auto kernel = bwd_dq_kernel<T, kHeadDim>;
+    auto kernel = bwd_dq_kernel<T, kHeadDim, kDropout>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h, p.batch);

@@ -1,8 +1,11 @@
 // FlashAttention-2 forward: a block owns kBlockM queries of one head and walks the key tiles that query tile
 // can see (causal/window tiles outside the band are never loaded). K/V tiles are double-buffered with
 // cp.async; S = Q K^T and O += P V run on tensor cores with P kept in registers; only tiles that cross the
-// band's edge or the sequence end pay for element masking.
+// band's edge or the sequence end pay for element masking. kDropout (a separate instantiation, so the plain
+// kernel carries none of it) zeroes dropped probabilities after the row sums: l_i sums the undropped P, the
+// dropout applies to what multiplies V, and 1 / (1 - p) is folded into the final 1 / l.
 #pragma once
+#include "dropout.cuh"
 #include "mask.cuh"
 #include "params.h"
 #include "softmax.cuh"
@@ -27,7 +30,7 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kNT][4], float scale_l
   }
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDropout>
 __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(const FwdParams p) {
   using Tr = FwdTraits<kHeadDim>;
   using TileQ = typename Tr::TileQ;
@@ -81,6 +84,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
     const int n0 = nb * kBlockN;
     scale_and_mask(s, p.scale_log2, mask, mask.partial(m0, kBlockM, n0, kBlockN), row0, n0, lane);
     softmax.update(s, acc);
+    if constexpr (kDropout) apply_keep(s, keep_bits_q_rows<kBlockN / 8>(p.drop, h, blockIdx.z, row0, n0, lane));
     gemm_pb<T, kHeadDim, kBlockN, TileKV>(acc, s, sV + stage * TileKV::kElems, 0, 0, lane);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
@@ -89,6 +93,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
 
   float inv_l[2], lse[2];
   softmax.finalize(inv_l, lse);
+  if constexpr (kDropout) inv_l[0] *= p.drop.rescale, inv_l[1] *= p.drop.rescale;
   store_frag<TileQ>(sQ, acc, inv_l, 16 * warp, 0, lane);
   if ((lane & 3) == 0) {
     float* lse_row = p.lse + seq.bb * p.lse_batch_stride + h * p.lse_head_stride + seq.row_q0;
@@ -104,11 +109,11 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
 }
 
 // Kernel TUs stay free of ATen headers (faster builds); errors go back to the caller to check.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDropout>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kHeadDim>;
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h, p.batch);
-  auto kernel = fwd_kernel<T, kHeadDim>;
+  auto kernel = fwd_kernel<T, kHeadDim, kDropout>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);

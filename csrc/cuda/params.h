@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../philox.h"
+
 namespace fastattn {
 namespace cuda {
 
@@ -23,6 +25,14 @@ struct AttnShape {
   bool bottom_right;  // align the diagonal to the bottom-right corner (off = Sk - Sq)
 };
 
+// Dropout, read only by the kDropout kernel variants (the keep rule is in csrc/philox.h). Filled on the host from
+// (seed, offset, dropout_p) exactly as the CPU kernels do, so both devices drop the same elements.
+struct DropoutParams {
+  Philox rng;          // key from splitmix64(seed, offset)
+  uint32_t threshold;  // drop iff draw < threshold
+  float rescale;       // 1 / (1 - dropout_p)
+};
+
 // A (B, H, S, D) tensor with its element strides.
 struct TensorRef {
   void* ptr;
@@ -33,6 +43,7 @@ struct FwdParams : AttnShape {
   TensorRef q, k, v, o;
   float* lse;  // (B, H, Sq) contiguous fp32
   int64_t lse_batch_stride, lse_head_stride;
+  DropoutParams drop;  // last, so the other members keep their offsets in the no-dropout kernels
 };
 
 struct BwdParams : AttnShape {
@@ -41,6 +52,7 @@ struct BwdParams : AttnShape {
   float* delta;      // (B, H, Sq) contiguous fp32 workspace: rowsum(dO * O)
   int64_t lse_batch_stride, lse_head_stride;
   int64_t batch_total, rows_q_total;  // q's stored batch size and rows per head (the delta pass walks them all)
+  DropoutParams drop;
 };
 
 }  // namespace cuda

@@ -3,6 +3,6 @@
 
 namespace fastattn {
 namespace cuda {
-template cudaError_t run_bwd<__nv_bfloat16, 96>(const BwdParams& p, cudaStream_t stream);
+template cudaError_t run_bwd<__nv_bfloat16, 96, false>(const BwdParams& p, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace fastattn

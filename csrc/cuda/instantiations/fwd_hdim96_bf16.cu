@@ -3,6 +3,6 @@
 
 namespace fastattn {
 namespace cuda {
-template cudaError_t run_fwd<__nv_bfloat16, 96>(const FwdParams& p, cudaStream_t stream);
+template cudaError_t run_fwd<__nv_bfloat16, 96, false>(const FwdParams& p, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace fastattn
