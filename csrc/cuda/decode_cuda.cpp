@@ -1,5 +1,6 @@
-// CUDA implementation of fastattn::decode_fwd (schema and conventions in csrc/ops.cpp): argument checks, the split
-// heuristic, the parameter struct, and dispatch to the split-KV kernels (decode_kernel.cuh).
+// CUDA implementation of fastattn::decode_fwd (schema and conventions in csrc/ops.cpp): the device guard and dispatch
+// to the split-KV kernels (decode_kernel.cuh); argument checks, the split heuristic and the parameter struct are in
+// decode_host.h (shared with the CPU emulation of the kernels in tests/cuda_emu).
 //
 // Takes fp16/bf16/fp32, head dims up to 256 that are multiples of 16 bytes (8 elements in 16 bits, 4 in fp32), caches
 // whose rows are 16-byte aligned, and at most 8 query rows per KV head (G * Sq). Unlike the CPU kernel it does not
@@ -15,41 +16,10 @@
 #include <limits>
 
 #include "common.h"
-#include "cuda/decode_launch.h"
+#include "cuda/decode_host.h"
 
 namespace fastattn {
 namespace {
-
-using cuda::DecodeParams;
-
-constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
-
-// Enough blocks for about two waves over the SMs, splits of at least kMinSplitKeys keys, at most 64 splits.
-int64_t split_heuristic(int64_t blocks, int64_t max_keys, int64_t sms) {
-  const int64_t target = 2 * sms;
-  if (blocks >= target) return 1;
-  const int64_t by_len = std::max<int64_t>(1, max_keys / kMinSplitKeys);
-  return std::clamp<int64_t>(std::min((target + blocks - 1) / blocks, by_len), 1, cuda::kDecodeMaxSplitsHost);
-}
-
-// The kernels read cache rows with 16-byte loads: base and every stride that moves between rows (page/row, slot,
-// kv head) must be multiples of 16 bytes.
-void check_cache_aligned(const at::Tensor& t, const char* name, int64_t vec) {
-  FA_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decode_fwd (cuda): ", name,
-           " must start on a 16-byte boundary");
-  for (int i = 0; i < 3; ++i) {
-    FA_CHECK(t.size(i) <= 1 || t.stride(i) % vec == 0, "decode_fwd (cuda): ", name, " strides ", t.strides(),
-             " must be multiples of ", vec, " elements (16 bytes)");
-  }
-  FA_CHECK(t.size(3) % vec == 0, "decode_fwd (cuda): ", name, " head dim ", t.size(3), " must be a multiple of ", vec,
-           " for ", t.scalar_type());
-}
-
-void check_index(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t dim, int64_t size0) {
-  FA_CHECK(t.scalar_type() == at::kInt && t.dim() == dim && t.size(0) == size0 && t.device() == q.device(),
-           "decode_fwd: ", name, " must be int32 with ", dim, " dims and ", size0, " rows on ", q.device(),
-           ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-}
 
 std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                                    const at::Tensor& v_cache, const at::Tensor& seqlens_k,
@@ -57,126 +27,23 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                    int64_t window_left, int64_t window_right, double softcap,
                                                    const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
-  FA_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode_fwd: q must be (B, Hq, Sq, D) and the ",
-           "caches (Bc|num_blocks, Smax|page, Hkv, D), got q", q.sizes(), " k_cache", k_cache.sizes(), " v_cache",
-           v_cache.sizes());
-  const auto dt = q.scalar_type();
-  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-           "decode_fwd (cuda) takes float32, bfloat16 or float16, got ", dt);
-  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes ",
-           "differ: ", dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
-  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
-    FA_CHECK(t->is_cuda() && t->device() == q.device(), "decode_fwd (cuda): every tensor must be on ", q.device(),
-             ", got one on ", t->device());
-  }
-  FA_CHECK(q.stride(3) == 1 || q.size(3) == 1, "decode_fwd: q needs stride 1 along the head dim, got strides ",
-           q.strides());
-  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
-  FA_CHECK(k_cache.size(3) == D, "decode_fwd: q head dim ", D, " != k_cache head dim ", k_cache.size(3));
-  FA_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) && v_cache.size(2) == Hkv,
-           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(),
-           " must agree except in the last dim");
-  FA_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: query heads ", Hq, " must be a multiple of kv heads ", Hkv);
-  FA_CHECK(D >= 1 && D <= 256 && Dv >= 1 && Dv <= 256, "decode_fwd (cuda): head dims must be in [1, 256], got D=", D,
-           " Dv=", Dv);
-  FA_CHECK((Hq / Hkv) * Sq <= cuda::kDecodeMaxRows, "decode_fwd (cuda): at most ", cuda::kDecodeMaxRows,
-           " query rows per kv head (Hq / Hkv * Sq), got ", (Hq / Hkv) * Sq, " (a prefill kernel fits better)");
-  FA_CHECK(B <= 65535 && Hkv <= 65535, "decode_fwd (cuda): at most 65535 batch entries and kv heads, got ", B, ", ",
-           Hkv);
-  const int64_t vec = 16 / q.element_size();
-  check_cache_aligned(k_cache, "k_cache", vec);
-  check_cache_aligned(v_cache, "v_cache", vec);
-  check_index(seqlens_k, "seqlens_k", q, 1, B);
-  FA_CHECK(softcap >= 0, "decode_fwd: softcap must be >= 0, got ", softcap);
-  FA_CHECK(num_splits >= 0, "decode_fwd: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
-  const bool paged = block_table.has_value();
-  at::Tensor bt, bidx, alibi;
-  int64_t capacity = k_cache.size(1);
-  if (paged) {
-    FA_CHECK(!cache_batch_idx.has_value(), "decode_fwd: cache_batch_idx cannot be combined with block_table");
-    bt = block_table->contiguous();
-    check_index(bt, "block_table", q, 2, B);
-    FA_CHECK(k_cache.size(1) > 0, "decode_fwd: paged cache with page size 0");
-    capacity = bt.size(1) * k_cache.size(1);
-  } else if (cache_batch_idx.has_value()) {
-    bidx = cache_batch_idx->contiguous();
-    check_index(bidx, "cache_batch_idx", q, 1, B);
-  } else {
-    FA_CHECK(k_cache.size(0) == B, "decode_fwd: k_cache batch ", k_cache.size(0), " != q batch ", B,
-             " (pass cache_batch_idx)");
-  }
-  FA_CHECK(capacity < (int64_t(1) << 31) - 4096, "decode_fwd (cuda): cache capacity ", capacity, " per row too large");
-  if (alibi_slopes.has_value()) {
-    alibi = alibi_slopes->contiguous();
-    FA_CHECK(alibi.scalar_type() == at::kFloat && alibi.device() == q.device() &&
-                 ((alibi.dim() == 1 && alibi.size(0) == Hq) ||
-                  (alibi.dim() == 2 && alibi.size(0) == B && alibi.size(1) == Hq)),
-             "decode_fwd: alibi_slopes must be float32 (", Hq, ") or (", B, ", ", Hq, ") on ", q.device(), ", got ",
-             alibi.scalar_type(), " ", alibi.sizes());
-  }
-
-  c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = alloc_out_like_q(q, Dv);
-  at::Tensor lse = alloc_output({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  if (B == 0 || Hq == 0 || Sq == 0) return {out, lse};
-  const at::Tensor lens = seqlens_k.contiguous();
-
-  DecodeParams p{};
-  p.q = q.data_ptr();
-  p.k = k_cache.data_ptr();
-  p.v = v_cache.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.seqlens = lens.data_ptr<int>();
-  p.block_table = paged ? bt.data_ptr<int>() : nullptr;
-  p.batch_idx = bidx.defined() ? bidx.data_ptr<int>() : nullptr;
-  p.alibi = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
-  p.alibi_sb = alibi.defined() && alibi.dim() == 2 ? Hq : 0;
-  p.batch = static_cast<int>(B);
-  p.h = static_cast<int>(Hq);
-  p.h_kv = static_cast<int>(Hkv);
-  p.seqlen_q = static_cast<int>(Sq);
-  p.d = static_cast<int>(D);
-  p.dv = static_cast<int>(Dv);
-  p.group = static_cast<int>(Hq / Hkv);
-  p.page = paged ? static_cast<int>(k_cache.size(1)) : 0;
-  p.max_blocks = paged ? static_cast<int>(bt.size(1)) : 0;
-  p.cache_rows = static_cast<int>(k_cache.size(0));
-  p.capacity = static_cast<int>(capacity);
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sm = q.stride(2);
-  p.k_sr = k_cache.stride(0), p.k_ss = k_cache.stride(1), p.k_sh = k_cache.stride(2);
-  p.v_sr = v_cache.stride(0), p.v_ss = v_cache.stride(1), p.v_sh = v_cache.stride(2);
-  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
-  constexpr double kLog2e = 1.4426950408889634;
-  p.q_mul = static_cast<float>(softcap > 0 ? scale / softcap : scale * kLog2e);
-  p.cap_out2 = static_cast<float>(softcap > 0 ? softcap * kLog2e : 0.0);
-  // A window wider than the cache is no window; clamping keeps the kernel's int arithmetic in range.
-  p.window_left = static_cast<int>(window_left < 0 || window_left > capacity ? -1 : window_left);
-  p.window_right = static_cast<int>(window_right < 0 || window_right > capacity + Sq ? -1 : window_right);
-  if (p.cache_rows == 0 || capacity == 0) {  // nothing cached anywhere: every row sees no key
-    out.zero_();
-    lse.fill_(std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
-  const int64_t splits = num_splits > 0 ? std::min<int64_t>(num_splits, cuda::kDecodeMaxSplitsHost)
-                                        : split_heuristic(B * Hkv, capacity, sms);
-  p.splits = static_cast<int>(splits);
-  at::Tensor out_part, lse_part;
-  if (splits > 1) {
-    out_part = at::empty({splits, B, Hq, Sq, Dv}, q.options().dtype(at::kFloat));
-    lse_part = at::empty({splits, B, Hq, Sq}, q.options().dtype(at::kFloat));
-    p.out_part = out_part.data_ptr<float>();
-    p.lse_part = lse_part.data_ptr<float>();
-  }
+  std::optional<c10::cuda::CUDAGuard> guard;
+  cuda::DecodePlan plan = cuda::plan_decode(
+      q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right, softcap,
+      alibi_slopes, num_splits, at::kCUDA, [&]() -> int64_t {
+        guard.emplace(q.device());
+        int sms = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+        return sms;
+      });
+  if (!plan.launch) return {plan.out, plan.lse};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t rows = (Hq / Hkv) * Sq;
+  const auto dt = q.scalar_type();
   auto launch = [&](auto type_tag) {
     using T = decltype(type_tag);
-    FA_DECODE_HEADDIM_SWITCH(std::max(D, Dv), kD, [&] {
-      FA_DECODE_ROWS_SWITCH(rows, kRows, [&] { C10_CUDA_CHECK((cuda::run_decode<T, kD, kRows>(p, stream))); });
+    FA_DECODE_HEADDIM_SWITCH(plan.head_dim, kD, [&] {
+      FA_DECODE_ROWS_SWITCH(plan.rows, kRows,
+                            [&] { C10_CUDA_CHECK((cuda::run_decode<T, kD, kRows>(plan.p, stream))); });
     });
   };
   if (dt == at::kFloat) {
@@ -186,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q, const at
   } else {
     launch(__nv_bfloat16());
   }
-  return {out, lse};
+  return {plan.out, plan.lse};
 }
 
 }  // namespace

@@ -343,18 +343,28 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_combine_kernel(const De
   if (lane == 0) p.lse[row] = seen ? base + logf(tot) : INFINITY;
 }
 
-// Kernel TUs stay free of ATen headers; errors go back to the caller to check.
-template <typename T, int kHeadDim, int kRows>
-cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
-  const dim3 grid(p.splits, p.h_kv, p.batch);
-  decode_split_kernel<T, kHeadDim, kRows><<<grid, kDecodeThreads, 0, stream>>>(p);
+// The launch geometry, shared by the CUDA launcher below and the CPU emulation harness (tests/cuda_emu):
+// launch(kernel, grid, block threads) is called for the split kernel and, with several splits, the combine kernel.
+template <typename T, int kHeadDim, int kRows, typename Launch>
+void launch_decode(const DecodeParams& p, Launch&& launch) {
+  launch(decode_split_kernel<T, kHeadDim, kRows>, dim3(p.splits, p.h_kv, p.batch), kDecodeThreads);
   if (p.splits > 1) {
     const int64_t rows = int64_t(p.batch) * p.h * p.seqlen_q;
     constexpr int kWarps = kDecodeThreads / 32;
-    decode_combine_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kDecodeThreads, 0, stream>>>(p);
+    launch(decode_combine_kernel<T>, dim3(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), kDecodeThreads);
   }
+}
+
+#ifndef FASTATTN_CUDA_EMULATE
+// Kernel TUs stay free of ATen headers; errors go back to the caller to check.
+template <typename T, int kHeadDim, int kRows>
+cudaError_t run_decode(const DecodeParams& p, cudaStream_t stream) {
+  launch_decode<T, kHeadDim, kRows>(p, [&](auto kernel, dim3 grid, int threads) {
+    kernel<<<grid, threads, 0, stream>>>(p);
+  });
   return cudaGetLastError();
 }
+#endif
 
 }  // namespace cuda
 }  // namespace fastattn

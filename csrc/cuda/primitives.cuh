@@ -12,6 +12,17 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+// FASTATTN_CUDA_EMULATE: the kernels compile as host C++ against tests/cuda_emu/emu.h (included first), which
+// runs them on the CPU; only the PTX below and the dynamic shared memory declaration differ.
+#ifdef FASTATTN_CUDA_EMULATE
+#ifndef FASTATTN_CUDA_EMU_H
+#error "FASTATTN_CUDA_EMULATE: include tests/cuda_emu/emu.h before the kernels"
+#endif
+#define FA_DYN_SMEM(name) unsigned char* const name = ::emu::g_dyn_smem
+#else
+#define FA_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 namespace fastattn {
 namespace cuda {
 
@@ -40,24 +51,46 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 
 // 16-byte async copy; with valid == false nothing is read and the 16 bytes are zero-filled.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::cp_async16(dst, src, valid);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::ldsm_x4(r, addr, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::ldsm_x4(r, addr, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 template <typename T>
@@ -65,20 +98,28 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::mma16816(c, a, b0, b1, false);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                         uint32_t b1) {
+#ifdef FASTATTN_CUDA_EMULATE
+  ::emu::mma16816(c, a, b0, b1, true);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two floats -> one register of two 16-bit values (lo in the low half, as mma expects).
