@@ -1,6 +1,7 @@
 """CUDA-specific GPU tests for the `cuda` backend (csrc/cuda). The shared matrix (test_matrix.py) already runs
 every declared feature on small odd shapes; here: realistic sizes against the float64 oracle (several key
-tiles, ragged tile ends, every kernel head dim), bitwise determinism of the backward, unaligned inputs, and a
+tiles, ragged tile ends, every kernel head dim), bitwise determinism of the backward, unaligned inputs, dropout
+(the CUDA keep mask is bitwise the CPU one for the same seed/offset; gradients with the forward's mask), and a
 compute-sanitizer memcheck/racecheck run on tiny shapes."""
 import os
 import shutil
@@ -105,6 +106,8 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         for causal in (False, True):
             out = fastattn.flash_attn_func(q, k, v, causal=causal, backend="cuda")
             out.sum().backward()
+            out = fastattn.flash_attn_func(q, k, v, dropout_p=0.3, causal=causal, backend="cuda")
+            out.sum().backward()
         cu = torch.tensor([0, 5, 5, 37], dtype=torch.int32, device="cuda")
         cuk = torch.tensor([0, 9, 12, 21], dtype=torch.int32, device="cuda")
         out = fastattn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cuk, 32, 9, causal=True, backend="cuda")
@@ -128,3 +131,77 @@ def test_compute_sanitizer(tool, tmp_path):
     print(log[-4000:])
     assert "sanitizer workload done" in log, f"workload did not finish under {tool}"
     assert r.returncode == 0 and "ERROR SUMMARY: 0 errors" in log, f"{tool} reported errors:\n{log[-4000:]}"
+
+
+# Dropout: V = identity makes out[..., i, j] = P_ij * keep_ij / (1 - p), so out != 0 is the keep mask (every
+# visible P is well above fp16's smallest subnormal at these sizes). Dv = Sk picks the kernel head dim.
+DROP_CASES = [  # (name, B, Hq, Hkv, Sq, Sk, D, causal): kernel head dims 64, 128, 256; several query/key tiles
+    ("d64_gqa", 2, 4, 2, 200, 37, 16, False),
+    ("d128_causal", 1, 3, 1, 150, 100, 40, True),
+    ("d256", 1, 2, 2, 97, 200, 64, False),
+]
+
+
+def _drop_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = (0.5 * torch.randn(B, Hq, Sq, D, generator=g)).to(device=device, dtype=dtype)
+    k = (0.5 * torch.randn(B, Hkv, Sk, D, generator=g)).to(device=device, dtype=dtype)
+    v = torch.eye(Sk).expand(B, Hkv, Sk, Sk).to(device=device, dtype=dtype).contiguous()
+    return q, k, v
+
+
+def _fwd(q, k, v, causal, p, seed, offset):
+    return torch.ops.fastattn.fwd(q, k, v, None, None, None, 0, 0, q.shape[-1] ** -0.5, -1, 0 if causal else -1,
+                                  False, 0.0, None, p, seed, offset, False)
+
+
+@pytest.mark.parametrize("case", DROP_CASES, ids=[c[0] for c in DROP_CASES])
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_dropout_mask_bitwise_equals_cpu(case, dtype):
+    """Same (seed, offset, p): the CUDA kernels drop exactly the elements the CPU kernels drop (csrc/philox.h)."""
+    _, B, Hq, Hkv, Sq, Sk, D, causal = case
+    q, k, v = _drop_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda")
+    for p, seed, offset in ((0.3, 2**62 - 5, 17), (0.75, 1, 0)):
+        out_cuda, lse_cuda = _fwd(q, k, v, causal, p, seed, offset)
+        out_cpu, lse_cpu = _fwd(q.float().cpu(), k.float().cpu(), v.float().cpu(), causal, p, seed, offset)
+        mask_cuda, mask_cpu = out_cuda.cpu() != 0, out_cpu != 0
+        assert 0.1 < mask_cpu.float().mean().item() < 0.9
+        assert torch.equal(mask_cuda, mask_cpu), f"{(mask_cuda != mask_cpu).sum().item()} keep decisions differ"
+        # kept values carry 1 / (1 - p); lse ignores dropout
+        torch.testing.assert_close(out_cuda.float().cpu(), out_cpu, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(lse_cuda.cpu(), lse_cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_dropout_mask_varlen_equals_cpu():
+    """Varlen: the counters use the sequence index and in-sequence positions on both devices."""
+    cu_q = torch.tensor([0, 70, 71, 201], dtype=torch.int32)  # sequences (Sq, Sk): (70, 40), (1, 9), (130, 33)
+    cu_k = torch.tensor([0, 40, 49, 82], dtype=torch.int32)
+    q, k, v = _drop_inputs(1, 2, 2, 201, 82, 32, torch.float16, "cuda")
+    args = (130, 40, 32 ** -0.5, -1, 0, False, 0.0, None, 0.4, 123, 45, False)  # causal, p = 0.4
+    out_cuda, _ = torch.ops.fastattn.fwd(q, k, v, None, cu_q.cuda(), cu_k.cuda(), *args)
+    out_cpu, _ = torch.ops.fastattn.fwd(q.float().cpu(), k.float().cpu(), v.float().cpu(), None, cu_q, cu_k, *args)
+    mask_cuda, mask_cpu = out_cuda.cpu() != 0, out_cpu != 0
+    assert mask_cpu.any()
+    assert torch.equal(mask_cuda, mask_cpu), f"{(mask_cuda != mask_cpu).sum().item()} keep decisions differ"
+
+
+@pytest.mark.parametrize("case", DROP_CASES, ids=[c[0] for c in DROP_CASES])
+def test_dropout_grads_vs_oracle(case):
+    """dQ, dK, dV with dropout against the float64 oracle run with the forward's mask (read off out): the dK/dV
+    and dQ kernels must regenerate that mask, in both of their tile layouts."""
+    _, B, Hq, Hkv, Sq, Sk, D, causal = case
+    dtype, p = torch.float16, 0.25
+    q, k, v = (t.requires_grad_() for t in _drop_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda", seed=1))
+    out, _ = _fwd(q, k, v, causal, p, 987654321, 3)
+    mask = out.detach() != 0
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    window = (-1, 0) if causal else (-1, -1)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, scale=D ** -0.5, window=window, dropout_mask=mask, dropout_p=p)
+    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base = oracle_attention(*base_leaves, scale=D ** -0.5, window=window, dropout_mask=mask, dropout_p=p, dtype=dtype)
+    assert_rule("out", out, ref, base, dtype)
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves, dout.double()),
+                             torch.autograd.grad(base, base_leaves, dout)):
+        assert_rule(name, g, r, b, dtype)

@@ -3,7 +3,10 @@
 FlashAttention-2-style forward and a three-pass backward (delta, dK/dV, dQ) that uses no atomics, so every
 backward is bitwise reproducible and `deterministic` costs nothing. Head dims up to 256 run the 32/64/96/128/256
 kernel that fits (masked loads/stores); D or Dv not a multiple of 8, or inputs whose rows are not 16-byte
-aligned, are first copied into an aligned buffer by the C++ entry point."""
+aligned, are first copied into an aligned buffer by the C++ entry point. Dropout runs separately compiled kernel
+variants (the plain kernels carry no RNG code) with the Philox counters of csrc/philox.h: for the same (seed,
+offset, dropout_p) the CUDA and CPU kernels drop exactly the same elements, and the backward regenerates the
+forward's mask instead of storing it."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +25,7 @@ class CudaBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16})
     head_dims = (1, 256)
     features = frozenset({"causal", "bottom_right", "window", "gqa", "varlen", "grad", "deterministic", "lse",
-                          "dv_ne_d"})
+                          "dv_ne_d", "dropout"})
     min_capability = (8, 0)
 
     def unavailable(self):
