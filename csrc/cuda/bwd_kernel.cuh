@@ -31,11 +31,16 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const BwdParams p) {
   const T* dout = row_ptr<const T>(p.dout, b, hh, i);
   float acc = 0.f;
   for (int c = lane * 8; c < p.dv; c += 32 * 8) {  // 16-byte chunks; dv is a multiple of 8
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + c), dv = *reinterpret_cast<const uint4*>(dout + c);
-    const T* oe = reinterpret_cast<const T*>(&ov);
-    const T* de = reinterpret_cast<const T*>(&dv);
+    // A union, not a T* into the uint4: reading a uint4 through T* breaks strict aliasing, and g++ -O2 (the CPU
+    // emulation in tests/cuda_emu) then really reads zeros.
+    union Chunk {
+      uint4 u;
+      T e[8];
+    } oc, dc;
+    oc.u = *reinterpret_cast<const uint4*>(o + c);
+    dc.u = *reinterpret_cast<const uint4*>(dout + c);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+    for (int e = 0; e < 8; ++e) acc += to_float(oc.e[e]) * to_float(dc.e[e]);
   }
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
