@@ -50,41 +50,58 @@ DKDV_CONFIGS = _cfgs((32, 64), (32, 64, 128), (2, 3))
 DQ_CONFIGS = _cfgs((64, 128), (32, 64), (2, 3))
 
 
-def _prune(configs, args, smem_elems, rows_key, cols_key):
+# Measured with benchmarks/triton_static.py (triton 3.8, sm_90 fp16/bf16 and sm_80, the arguments op.py passes;
+# benchmarks/results/triton-static-*): (kernel, BLOCK_D, BLOCK_M, BLOCK_N) tiles whose ptxas output spills
+# registers to local memory (LDL/STL in the SASS), which would cost every inner-loop iteration.
+SPILLS = {
+    "sm90": {("fwd", 256, 64, 64), ("fwd", 256, 64, 128), ("fwd", 256, 128, 128),  # 255 regs + 8..272 B spilled
+             ("dkdv", 128, 64, 64), ("dkdv", 128, 64, 128)},  # 255 regs + 24..88 B (dK, dV, S^T, dP^T in registers)
+    "sm80": {("fwd", 128, 128, 128),  # 255 regs + 8 B (2 stages), 64 B (3 stages)
+             ("dkdv", 128, 32, 64), ("dkdv", 128, 64, 64),  # 8 B, 132..308 B spilled
+             ("dkdv", 128, 32, 128), ("dkdv", 128, 64, 128),  # 3.8..15.9 KB spilled (ptxas gives up: ~32 regs)
+             ("dq", 128, 128, 64)},  # 3 stages: 255 regs + 16 B
+}
+
+
+def _prune(configs, args, smem_bytes, kind):
     cap, smem = _device_smem()
     elt = args["Q"].element_size()
     bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
+    rows, cols = args["BUCKET_Q"], args["BUCKET_K"]
     keep = []
     for c in configs:
         bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
         if st >= 4 and cap < (9, 0):  # deep pipelines only pay off with Hopper's larger shared memory
             continue
-        if bm > max(64, args[rows_key]) or bn > max(32, args[cols_key]):  # tiles far larger than the sequence
+        if bm > max(64, rows) or bn > max(32, cols):  # tiles far larger than the sequence
             continue
-        if smem and smem_elems(bm, bn, st, bd, bdv) * elt > smem:
+        if smem and smem_bytes(bm, bn, st, bd, bdv, elt) > smem:  # the autotuner would fail it at run time
+            continue
+        if (kind, bd, bm, bn) in SPILLS["sm90" if cap >= (9, 0) else "sm80"]:
+            continue
+        # wgmma works on 64-row slices per warpgroup: the dK/dV dots have BLOCK_N rows, so BLOCK_N = 32 compiles
+        # to mma.sync (HMMA, no HGMMA in the SASS) on sm_90. The forward and dQ dots have BLOCK_M >= 64 rows.
+        if kind == "dkdv" and cap >= (9, 0) and elt <= 2 and bn < 64:
             continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
-# Shared-memory estimates in elements (a guide: the compiler's real use differs by config and dtype; configs that
-# still overflow are skipped by the autotuner as out-of-resources). The bm * bn term is the P / dS tile that is
-# staged through shared memory on its way into the second dot.
+# Shared memory in bytes, as metadata.shared measured for every config (benchmarks/triton_static.py): Triton keeps
+# num_stages buffers of each pipelined tile (cp.async), the resident tile once; P / dS stay in registers.
 def prune_fwd(configs, named_args, **kwargs):
-    # resident Q tile + num_stages buffered K and V tiles
+    # resident Q tile + num_stages buffered K and V tiles (exact for sm_90 and sm_80, fp16/bf16, D 64-256)
     return _prune(configs, {**named_args, **kwargs},
-                  lambda bm, bn, st, bd, bdv: bm * bd + st * bn * (bd + bdv) + bm * bn,
-                  "BUCKET_Q", "BUCKET_K")
+                  lambda bm, bn, st, bd, bdv, elt: (bm * bd + st * bn * (bd + bdv)) * elt, "fwd")
 
 
 def prune_dkdv(configs, named_args, **kwargs):
-    # resident K and V tiles (BLOCK_N rows) + buffered Q and dO tiles (BLOCK_M rows)
+    # resident K and V tiles (BLOCK_N rows) + buffered Q and dO tiles (BLOCK_M rows) + buffered fp32 lse and delta
     return _prune(configs, {**named_args, **kwargs},
-                  lambda bm, bn, st, bd, bdv: bn * (bd + bdv) + st * bm * (bd + bdv) + bm * bn,
-                  "BUCKET_Q", "BUCKET_K")
+                  lambda bm, bn, st, bd, bdv, elt: (bn * (bd + bdv) + st * bm * (bd + bdv)) * elt + st * bm * 8, "dkdv")
 
 
 def prune_dq(configs, named_args, **kwargs):
+    # resident Q and dO tiles + buffered K and V tiles
     return _prune(configs, {**named_args, **kwargs},
-                  lambda bm, bn, st, bd, bdv: bm * (bd + bdv) + st * bn * (bd + bdv) + bm * bn,
-                  "BUCKET_Q", "BUCKET_K")
+                  lambda bm, bn, st, bd, bdv, elt: (bm * (bd + bdv) + st * bn * (bd + bdv)) * elt, "dq")
