@@ -2,6 +2,7 @@
 no GPU: the interpreter never runs Triton's compiler, so this is what catches code that only the compiled path
 rejects (non-constexpr globals, type mismatches across branches, shared-memory overflows). Slow (~1-3 min per
 kernel on 2 busy cores): marked `slow`; run with `pytest tests/test_triton_aot.py -m slow`."""
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,37 @@ def test_kernels_compile_for_gpu_targets(cap, variant):
                        timeout=1800)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tensor_cores_and_no_spills_at_head_dim_128(tmp_path):
+    """The largest config the prune predicate keeps (the one most at risk of spilling, and the autotuner's likely
+    pick on long sequences) for the forward, dK/dV and dQ kernels at head dim 128, fp16 and bf16, compiled with the
+    arguments op.py passes: on sm_90 its SASS must use wgmma (HGMMA) and touch no local memory (LDL/STL = register
+    spills); on sm_80 it must use mma.sync (HMMA). Compiles through benchmarks/triton_static.py (~1 min)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: ptxas really runs and logs registers / spills
+    r = subprocess.run([sys.executable, SCRIPT, "tensorcores"], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 12, r.stdout
+    bad = []
+    for x in results:
+        where = (f"{x['kind']} sm{x['cap']} {x['dtype']} {x['meta']} warps {x['num_warps']} stages "
+                 f"{x['num_stages']}: {x.get('error') or ''}regs {x.get('regs')} spill bytes {x.get('spill_stores')} "
+                 f"smem {x.get('smem')} HGMMA {x.get('HGMMA')} HMMA {x.get('HMMA')} LDL/STL {x.get('LDL')}/{x.get('STL')}")
+        print(where)
+        if "error" in x:
+            bad.append(where)
+        elif x["cap"] == 90 and not (x["HGMMA"] > 0 and x["HMMA"] == 0):
+            bad.append("no wgmma: " + where)
+        elif x["cap"] == 80 and x["HMMA"] == 0:
+            bad.append("no mma.sync: " + where)
+        elif x["LDL"] or x["STL"] or x["spill_stores"]:
+            bad.append("register spills: " + where)
+    assert not bad, "\n".join(bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,5 +113,30 @@ def _main(cap, variant):
     _compile(attn_bwd_preprocess, dict(BLOCK_M=64, BLOCK_DV=128, HEAD_DV=80), dt, cap, [], 4, 1)
 
 
+def _tensorcores():
+    """One JSON line per compile: the largest kept config of each main kernel, D=128, sm_90 / sm_80, fp16 / bf16."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("triton_static", os.path.join(ROOT, "benchmarks", "triton_static.py"))
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    sys.path.insert(0, ROOT)
+    from fastattn.kernels.triton import configs as C
+    lists = {"fwd": C.FWD_CONFIGS, "dkdv": C.DKDV_CONFIGS, "dq": C.DQ_CONFIGS}
+    for cap in (90, 80):
+        for dtype in ("fp16", "bf16"):
+            for kind, cfgs in lists.items():
+                kept = [cfgs[i] for i in ts.pruned_keep(kind, cap, dtype, 128, False)]
+                c = max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages,
+                                             c.kwargs["BLOCK_M"]))
+                res = ts.compile_job(dict(kind=kind, cap=cap, dtype=dtype, d=128, causal=False, cfg=cfgs.index(c),
+                                          meta=dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                                          kept=True))
+                res.pop("constexprs", None)
+                print(json.dumps(res), flush=True)
+
+
 if __name__ == "__main__":
-    _main(int(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "tensorcores":
+        _tensorcores()
+    else:
+        _main(int(sys.argv[1]), sys.argv[2])
