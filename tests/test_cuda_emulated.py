@@ -46,13 +46,16 @@ pytestmark = pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA toolkit heade
 def emu():
     """The emulated kernels, JIT-built once per source change (cached under the temp dir, ~1-3 min cold)."""
     from torch.utils import cpp_extension
-    build = os.path.join(tempfile.gettempdir(), f"fastattn_cuda_emu_{os.getuid()}")
+    build = os.environ.get("FASTATTN_CUDA_EMU_BUILD",
+                           os.path.join(tempfile.gettempdir(), f"fastattn_cuda_emu_{os.getuid()}"))
     os.makedirs(build, exist_ok=True)
-    sources = [os.path.join(EMU, f) for f in ("bind.cpp", "decode_emu.cpp")]
+    sources = [os.path.join(EMU, f) for f in ("bind.cpp", "decode_emu.cpp", "fwd_emu.cpp", "bwd_emu.cpp")]
     return cpp_extension.load(
         name="fastattn_cuda_emu", sources=sources, build_directory=build,
         extra_include_paths=[os.path.join(ROOT, "csrc"), EMU, CUDA_INCLUDE],
-        extra_cflags=["-O2", "-DFASTATTN_CUDA_EMULATE"], verbose=False)
+        # -fno-strict-aliasing: the kernels type-pun registers through reinterpret_cast as CUDA code does (nvcc
+        # does not exploit it; g++ -O2 would, e.g. reading bwd_delta_kernel's uint4 as __half gave zeros)
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-DFASTATTN_CUDA_EMULATE"], verbose=False)
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +175,186 @@ def test_decode_schedule_independent(sched):
 def test_decode_shared_memory_is_poisoned():
     """The emulator found the kernels' __shared__ statics (it fills them with NaN bytes before every block)."""
     assert emu().shared_statics() >= 5
+
+
+# ================================================================ FlashAttention-2 forward / backward
+# (csrc/cuda/fwd_kernel.cuh, bwd_kernel.cuh). window: (left, right), -1 unlimited; causal is right = 0.
+# seqlens: varlen ((sq, sk) per sequence). layout "bshd": q/k/v/dout stored (B, S, H, D) (the flash-attn surface).
+ATTN = {
+    "sq1_sk97_d32": dict(B=2, H=2, Hkv=2, Sq=1, Sk=97, D=32),
+    "gqa_sq97_sk17_causal_br_d40": dict(B=1, H=4, Hkv=2, Sq=97, Sk=17, D=40, window=(-1, 0), br=True),
+    "sq17_sk97_causal_tl_d64": dict(B=2, H=2, Hkv=1, Sq=17, Sk=97, D=64, window=(-1, 0), br=False),
+    "sq97_sk17_causal_tl_d64": dict(B=1, H=2, Hkv=2, Sq=97, Sk=17, D=64, window=(-1, 0), br=False),
+    "window_both_d80_bshd": dict(B=1, H=2, Hkv=2, Sq=97, Sk=97, D=80, window=(20, 5), br=True, layout="bshd"),
+    "causal_br_d96_sq65_sk130": dict(B=1, H=2, Hkv=1, Sq=65, Sk=130, D=96, window=(-1, 0), br=True),
+    "window_tl_d128_sq80_sk48": dict(B=1, H=2, Hkv=2, Sq=80, Sk=48, D=128, window=(10, 10), br=False),
+    "gqa_causal_d256_sq40_sk70": dict(B=1, H=2, Hkv=1, Sq=40, Sk=70, D=256, window=(-1, 0), br=True),
+    "d20_padded_dv48": dict(B=1, H=1, Hkv=1, Sq=33, Sk=65, D=20, Dv=48),
+    "varlen_empty_causal_d64": dict(H=2, Hkv=1, D=64, seqlens=((17, 33), (0, 5), (33, 0), (65, 17)),
+                                    window=(-1, 0), br=True),
+}
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _attn_inputs(c, dt):
+    H, Hkv, D = c["H"], c["Hkv"], c["D"]
+    Dv = c.get("Dv", D)
+    if "seqlens" in c:  # packed sequences: (1, H, total, D)
+        tq, tk = sum(s for s, _ in c["seqlens"]), sum(s for _, s in c["seqlens"])
+        q, k, v = torch.randn(1, H, tq, D, dtype=dt), torch.randn(1, Hkv, tk, D, dtype=dt), \
+            torch.randn(1, Hkv, tk, Dv, dtype=dt)
+        return q, k, v
+    B, Sq, Sk = c["B"], c["Sq"], c["Sk"]
+    if c.get("layout") == "bshd":
+        mk = lambda h, s, d: torch.randn(B, s, h, d, dtype=dt).transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
+    else:
+        mk = lambda h, s, d: torch.randn(B, h, s, d, dtype=dt)
+    return mk(H, Sq, D), mk(Hkv, Sk, D), mk(Hkv, Sk, Dv)
+
+
+def _cu(lens):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+
+
+def _emu_fwd_bwd(c, q, k, v, dout, dropout_p=0.0, seed=0, offset=0):
+    win, br, scale = c.get("window", (-1, -1)), c.get("br", True), c["D"] ** -0.5
+    if "seqlens" in c:
+        sq, sk = [s for s, _ in c["seqlens"]], [s for _, s in c["seqlens"]]
+        var = (_cu(sq), _cu(sk), max(sq), max(sk))
+    else:
+        var = (None, None, 0, 0)
+    out, lse = emu().fwd(q, k, v, *var, scale, win[0], win[1], br, dropout_p, seed, offset)
+    grads = emu().bwd(dout, q, k, v, out, lse, *var, scale, win[0], win[1], br, dropout_p, seed, offset)
+    return out, lse, grads
+
+
+def _oracle_fwd_bwd(c, q, k, v, dout, dtype, mask=None, dropout_p=0.0):
+    """Oracle (in dtype) out, lse and grads; varlen sequence by sequence. mask: dropout keep mask (B, H, Sq, Sk)
+    or, varlen, a list per sequence."""
+    from cases import _oracle_lse
+    win, br, scale = c.get("window", (-1, -1)), c.get("br", True), c["D"] ** -0.5
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    if "seqlens" in c:
+        outs, lses, (oq, ok) = [], [], (0, 0)
+        for n, (sq, sk) in enumerate(c["seqlens"]):
+            qs, ks, vs = leaves[0][:, :, oq:oq + sq], leaves[1][:, :, ok:ok + sk], leaves[2][:, :, ok:ok + sk]
+            m = None if mask is None else mask[n]
+            outs.append(oracle_attention(qs, ks, vs, scale=scale, window=win, bottom_right=br, dropout_mask=m,
+                                         dropout_p=dropout_p, dtype=dtype))
+            lses.append(_oracle_lse(qs, ks, scale, win, br, 0.0, None, dtype))
+            oq, ok = oq + sq, ok + sk
+        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    else:
+        out = oracle_attention(*leaves, scale=scale, window=win, bottom_right=br, dropout_mask=mask,
+                               dropout_p=dropout_p, dtype=dtype)
+        lse = _oracle_lse(leaves[0], leaves[1], scale, win, br, 0.0, None, dtype)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    return out.detach(), lse, grads
+
+
+def _check_attn(c, dt, q, k, v, dout, got, mask=None, dropout_p=0.0):
+    out, lse, grads = got
+    ref = _oracle_fwd_bwd(c, q, k, v, dout, torch.float64, mask, dropout_p)
+    base = _oracle_fwd_bwd(c, q, k, v, dout, dt, mask, dropout_p)
+    assert_rule("out", out, ref[0], base[0], dt)
+    assert_rule("lse", lse, ref[1], base[1], dt)
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref[2], base[2]):
+        assert_rule(name, g, r, b, dt)
+
+
+@pytest.mark.parametrize("dt", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(ATTN))
+def test_attention_kernels_match_oracle(case, dt):
+    c = ATTN[case]
+    q, k, v = _attn_inputs(c, dt)
+    dout = torch.randn(q.shape[:3] + (v.shape[3],), dtype=dt)
+    got = _emu_fwd_bwd(c, q, k, v, dout)
+    assert got[0].shape == dout.shape
+    _check_attn(c, dt, q, k, v, dout, got)
+
+
+@pytest.mark.parametrize("sched", ["reverse_warps", "delay_copies"])
+def test_attention_schedule_independent(sched):
+    """Bitwise the same results with the warps run last-to-first (a missing __syncthreads between warps sharing
+    shared memory shows) and with cp.async landing only at the wait_group that retires it (a read of a stage
+    before its wait shows)."""
+    c = ATTN["causal_br_d96_sq65_sk130"]
+    q, k, v = _attn_inputs(c, torch.float16)
+    dout = torch.randn(q.shape[:3] + (v.shape[3],), dtype=torch.float16)
+    a = _emu_fwd_bwd(c, q, k, v, dout)
+    emu().set_options(**{sched: True})
+    b = _emu_fwd_bwd(c, q, k, v, dout)
+    for x, y in zip((a[0], a[1]) + tuple(a[2]), (b[0], b[1]) + tuple(b[2])):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- dropout
+def _cpu_keep_masks(B, H, seqs, dropout_p, seed, offset):
+    """The CPU kernel's keep masks (torch.ops.fastattn.fwd), one (B, H, sq, sk) bool tensor per (sq, sk) in seqs
+    (several: a varlen call, B = 1). With V = identity, out = P * M / (1 - p) exposes M (no window: P > 0)."""
+    import fastattn  # noqa: F401  (loads fastattn._C, which registers the CPU kernels)
+    if not hasattr(torch.ops.fastattn, "fwd"):
+        pytest.skip("fastattn._C (the CPU kernels) not built: no reference dropout mask")
+    dv = max(sk for _, sk in seqs)
+    q = torch.randn(B, H, sum(sq for sq, _ in seqs), 16)
+    k = torch.randn(B, H, sum(sk for _, sk in seqs), 16)
+    v = torch.cat([torch.eye(sk, dv) for _, sk in seqs]).expand(B, H, -1, dv).contiguous()  # V_n = I (sk_n rows)
+    var = (None, None, 0, 0)
+    if len(seqs) > 1:
+        var = (_cu([s for s, _ in seqs]), _cu([s for _, s in seqs]), max(s for s, _ in seqs), dv)
+    out, _ = torch.ops.fastattn.fwd(q, k, v, None, *var, 0.05, -1, -1, True, 0.0, None, dropout_p, seed, offset,
+                                    False)
+    masks, row = [], 0
+    for sq, sk in seqs:
+        masks.append(out[:, :, row:row + sq, :sk] != 0)
+        row += sq
+    return masks
+
+
+@pytest.mark.parametrize("dt", LOW, ids=["fp16", "bf16"])
+def test_dropout_mask_is_the_cpu_kernels(dt):
+    """Same (seed, offset, p): the CUDA kernel drops exactly the elements the CPU kernel drops (72 keys: two key
+    tiles, one partial; 33 queries; GQA)."""
+    B, H, Hkv, Sq, Sk, D, p_drop, seed, offset = 2, 4, 2, 33, 72, 64, 0.25, 1234, 7
+    (want,) = _cpu_keep_masks(B, H, [(Sq, Sk)], p_drop, seed, offset)
+    q, k = torch.randn(B, H, Sq, D, dtype=dt), torch.randn(B, Hkv, Sk, D, dtype=dt)
+    v = torch.eye(Sk, dtype=dt).expand(B, Hkv, Sk, Sk).contiguous()
+    out, _ = emu().fwd(q, k, v, None, None, 0, 0, 0.05, -1, -1, True, p_drop, seed, offset)  # no P underflows
+    got = out != 0
+    assert 0.6 < got.float().mean().item() < 0.9
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {got.numel()} keep decisions differ"
+
+
+@pytest.mark.parametrize("case", ["gqa_sq97_sk17_causal_br_d40", "window_tl_d128_sq80_sk48",
+                                  "varlen_empty_causal_d64"])
+def test_dropout_fwd_bwd_match_oracle(case):
+    """Forward and gradients with dropout against the oracle run with the CPU kernel's mask."""
+    c, dt, p_drop, seed, offset = ATTN[case], torch.bfloat16, 0.2, 99, 3
+    q, k, v = _attn_inputs(c, dt)
+    dout = torch.randn(q.shape[:3] + (v.shape[3],), dtype=dt)
+    if "seqlens" in c:
+        mask = _cpu_keep_masks(1, c["H"], list(c["seqlens"]), p_drop, seed, offset)
+    else:
+        (mask,) = _cpu_keep_masks(c["B"], c["H"], [(c["Sq"], c["Sk"])], p_drop, seed, offset)
+    got = _emu_fwd_bwd(c, q, k, v, dout, p_drop, seed, offset)
+    _check_attn(c, dt, q, k, v, dout, got, mask, p_drop)
+
+
+# ================================================================ the emulator catches each bug class
+@pytest.mark.parametrize("name,error", [("divergent_shuffle", "divergent warp collective"),
+                                        ("partial_barrier", "divergent warp collective|__syncthreads"),
+                                        ("cp_async_outside", "outside every tensor")])
+def test_emulator_rejects_planted_bug(name, error):
+    with pytest.raises(RuntimeError, match=error):
+        emu().selftest(name)
+
+
+def test_emulator_poisons_unwritten_shared_memory():
+    out = emu().selftest("read_unwritten_shared")
+    assert (out[:64] == 1).all() and out[64:].isnan().all()
+
+
+def test_emulator_delayed_copies_expose_a_missing_wait():
+    assert torch.equal(emu().selftest("missing_wait"), torch.arange(128.0))  # copies land at once by default
+    emu().set_options(delay_copies=True)
+    assert emu().selftest("missing_wait").isnan().all()  # ... or only at their wait_group: none here

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_k
   using TileKV = typename Tr::TileKV;
   using TileQ = typename Tr::TileQ;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads, kCols = Tr::kColsPerWarp;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  FA_DYN_SMEM(smem_raw);  // extern __shared__ (a buffer under FASTATTN_CUDA_EMULATE)
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + TileKV::kElems;
   T* sQ = sV + TileKV::kElems;                  // kStages Q tiles
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
   using TileQ = typename Tr::TileQ;
   using TileKV = typename Tr::TileKV;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  FA_DYN_SMEM(smem_raw);  // extern __shared__ (a buffer under FASTATTN_CUDA_EMULATE)
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + TileQ::kElems;
   T* sK = sdO + TileQ::kElems;                 // kStages K tiles
@@ -268,6 +268,7 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
                                           seq.sq - m0, p.d, tid);
 }
 
+#ifndef FASTATTN_CUDA_EMULATE  // the CPU emulation (tests/cuda_emu) launches the kernels itself
 // Kernel TUs stay free of ATen headers (faster builds); errors go back to the caller to check.
 template <typename T, int kHeadDim, bool kDropout>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
@@ -291,6 +292,8 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   }
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace cuda
 }  // namespace fastattn

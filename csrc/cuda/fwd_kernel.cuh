@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
   using TileQ = typename Tr::TileQ;
   using TileKV = typename Tr::TileKV;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  FA_DYN_SMEM(smem_raw);  // extern __shared__ (a buffer under FASTATTN_CUDA_EMULATE)
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + TileQ::kElems;                     // kStages K tiles
   T* sV = sK + Tr::kStages * TileKV::kElems;      // kStages V tiles
@@ -108,6 +108,7 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
                                           seq.sq - m0, p.dv, tid);
 }
 
+#ifndef FASTATTN_CUDA_EMULATE  // the CPU emulation (tests/cuda_emu) launches the kernels itself
 // Kernel TUs stay free of ATen headers (faster builds); errors go back to the caller to check.
 template <typename T, int kHeadDim, bool kDropout>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
@@ -119,6 +120,8 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -2,6 +2,46 @@
 #include <torch/extension.h>
 
 #include "emu.h"
+#include "cuda/primitives.cuh"
+
+// Kernels with planted bugs of each class the emulator must catch (tests/test_cuda_emulated.py runs them).
+// In fastattn::cuda so that their __shared__ statics are found and poisoned like the real kernels'.
+namespace fastattn {
+namespace cuda {
+namespace emu_selftest {
+__global__ void divergent_shuffle(float* out) {
+  float x = threadIdx.x;
+  if ((threadIdx.x & 31) < 16) x = __shfl_xor_sync(0xffffffffu, x, 1);  // half the warp shuffles
+  out[threadIdx.x] = x;
+}
+__global__ void partial_barrier(float* out) {
+  if (threadIdx.x < 64) __syncthreads();  // warps 2 and 3 skip the barrier
+  out[threadIdx.x] = 1.f;
+}
+__global__ void read_unwritten_shared(float* out) {
+  __shared__ float s[128];
+  if (threadIdx.x < 64) s[threadIdx.x] = 1.f;  // half written
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x];  // the other half reads poison (NaN)
+}
+__global__ void cp_async_outside(float* out, const float* src) {
+  FA_DYN_SMEM(smem);
+  cp_async16(smem_u32(smem + 16 * threadIdx.x), src + 4 * threadIdx.x, true);  // src holds 128 floats: 4x too few
+  cp_async_commit();
+  cp_async_wait<0>();
+  out[threadIdx.x] = 0.f;
+}
+__global__ void missing_wait(float* out, const float* src) {
+  FA_DYN_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  if (threadIdx.x < 32) cp_async16(smem_u32(s + 4 * threadIdx.x), src + 4 * threadIdx.x, true);
+  cp_async_commit();
+  __syncthreads();  // no cp_async_wait<0>() before it: the copies may not have landed
+  out[threadIdx.x] = s[threadIdx.x];
+}
+}  // namespace emu_selftest
+}  // namespace cuda
+}  // namespace fastattn
 
 namespace fastattn {
 namespace emu_harness {
@@ -12,6 +52,17 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_emu(const at::Tensor& q, const at:
                                                   int64_t window_left, int64_t window_right, double softcap,
                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
                                                   int64_t sms);
+std::tuple<at::Tensor, at::Tensor> fwd_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double scale, int64_t window_left,
+                                           int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+                                           int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_emu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, int64_t offset);
 }  // namespace emu_harness
 }  // namespace fastattn
 
@@ -23,6 +74,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens_k"), py::arg("block_table"),
         py::arg("cache_batch_idx"), py::arg("scale"), py::arg("window_left"), py::arg("window_right"),
         py::arg("softcap"), py::arg("alibi_slopes"), py::arg("num_splits"), py::arg("sms") = 132);
+  m.def("fwd", &fastattn::emu_harness::fwd_emu,
+        "fastattn::fwd's CUDA kernel run by the CPU emulator (fp16/bf16, no bias/softcap/alibi, like the CUDA op)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("bottom_right"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
+  m.def("bwd", &fastattn::emu_harness::bwd_emu, "fastattn::bwd's CUDA kernels run by the CPU emulator",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("scale"), py::arg("window_left"), py::arg("window_right"), py::arg("bottom_right"),
+        py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
+  m.def("selftest", [](const std::string& name) {
+    namespace st = fastattn::cuda::emu_selftest;
+    at::Tensor out = at::full({128}, -1.f), src = at::arange(128, at::kFloat);
+    emu::clear_globals();
+    emu::add_global(src.data_ptr(), src.nbytes());
+    if (name == "divergent_shuffle") emu::launch(dim3(1), dim3(128), 0, st::divergent_shuffle, out.data_ptr<float>());
+    else if (name == "partial_barrier") emu::launch(dim3(1), dim3(128), 0, st::partial_barrier, out.data_ptr<float>());
+    else if (name == "read_unwritten_shared")
+      emu::launch(dim3(2), dim3(128), 0, st::read_unwritten_shared, out.data_ptr<float>());
+    else if (name == "cp_async_outside")
+      emu::launch(dim3(1), dim3(128), 2048, st::cp_async_outside, out.data_ptr<float>(), src.data_ptr<float>());
+    else if (name == "missing_wait")
+      emu::launch(dim3(1), dim3(128), 512, st::missing_wait, out.data_ptr<float>(), src.data_ptr<float>());
+    else throw std::invalid_argument("unknown selftest " + name);
+    return out;
+  }, "runs a kernel with a planted bug (divergent_shuffle, partial_barrier, read_unwritten_shared, "
+     "cp_async_outside, missing_wait); returns its output or raises the emulator's error");
   m.def("set_options", [](bool reverse_warps, bool delay_copies) {
     emu::options().reverse_warps = reverse_warps;
     emu::options().delay_copies = delay_copies;

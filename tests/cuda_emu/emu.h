@@ -420,11 +420,7 @@ inline void resume(Thread* t) {
 [[noreturn]] inline void fiber_entry() {
   Runtime& r = rt();
   r.body();
-  Thread* t = r.cur;
-  while (!t->groups.empty() || !t->open.empty()) {  // copies still in flight land eventually
-    cp_async_commit();
-    cp_async_wait(0);
-  }
+  Thread* t = r.cur;  // copies still in flight land when the block ends (not now: other lanes may still read)
   t->state = State::kDone;
   yield_to_scheduler();
   __builtin_unreachable();
@@ -530,7 +526,15 @@ inline void run_block() {
       done += t.state == State::kDone;
       waiting += t.state == State::kBarrier;
     }
-    if (done == n) return;
+    if (done == n) {
+      for (Thread& t : r.threads) {
+        for (const auto& g : t.groups) {
+          for (const Copy& c : g) do_copy(c);
+        }
+        for (const Copy& c : t.open) do_copy(c);
+      }
+      return;
+    }
     if (done > 0) {
       char buf[200];
       std::snprintf(buf, sizeof(buf),
