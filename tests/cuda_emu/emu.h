@@ -178,7 +178,9 @@ inline void yield_to_scheduler() { emu_fiber_switch(&rt().cur->sp, rt().sched_sp
 // ---------------------------------------------------------------- memory
 inline unsigned char* smem_at(uint32_t addr, size_t bytes, size_t align) {
   Runtime& r = rt();
-  if (addr % align != 0) fail("shared address " + std::to_string(addr) + " not " + std::to_string(align) + "-byte aligned");
+  if (addr % align != 0) {
+    fail("shared address " + std::to_string(addr) + " not " + std::to_string(align) + "-byte aligned");
+  }
   if (size_t(addr) + bytes > r.dyn_bytes) {
     fail("shared access [" + std::to_string(addr) + ", +" + std::to_string(bytes) + ") past the " +
          std::to_string(r.dyn_bytes) + " bytes of dynamic shared memory the launch requested");
@@ -192,7 +194,8 @@ inline void check_global(const void* p, size_t bytes, const char* what) {
     if (a >= g.first && a + bytes <= g.second) return;
   }
   char buf[160];
-  std::snprintf(buf, sizeof(buf), "%s reads %zu bytes at %p, outside every tensor passed to the launch", what, bytes, p);
+  std::snprintf(buf, sizeof(buf), "%s reads %zu bytes at %p, outside every tensor passed to the launch", what, bytes,
+                p);
   fail(buf);
 }
 
@@ -490,7 +493,9 @@ inline void run_warp(int w) {
     if (at_op == 0) return;
     char head[200];
     std::snprintf(head, sizeof(head), "block (%u,%u,%u) warp %d: ", r.block_idx.x, r.block_idx.y, r.block_idx.z, w);
-    if (nl != 32) throw std::runtime_error(std::string("CUDA emulation: ") + head + "warp collective in a partial warp");
+    if (nl != 32) {
+      throw std::runtime_error(std::string("CUDA emulation: ") + head + "warp collective in a partial warp");
+    }
     const Op op = lanes[0]->op;
     bool same = at_op == 32;
     for (int l = 0; l < 32 && same; ++l) same = lanes[l]->op == op && lanes[l]->mask == 0xffffffffu;
@@ -627,7 +632,9 @@ inline T __ldg(const T* p) {
 
 inline size_t __cvta_generic_to_shared(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(emu::g_dyn_smem);
-  if (a < base || a >= base + emu::kDynSmemMax) emu::fail("__cvta_generic_to_shared of an address outside dynamic shared memory");
+  if (a < base || a >= base + emu::kDynSmemMax) {
+    emu::fail("__cvta_generic_to_shared of an address outside dynamic shared memory");
+  }
   return a - base;
 }
 
