@@ -172,6 +172,19 @@ def test_decode_schedule_independent(sched):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_decode_refuses_caches_it_cannot_read():
+    """The op's own checks (decode_host.h): a cache without stride 1 along D (16-byte loads would read the wrong
+    elements) and a misaligned head dim raise instead of computing garbage."""
+    c = DECODE["dense_mha_ragged0_fp32"]
+    q, kc, vc, lens, kw, _, alibi = _decode_inputs(c)
+    tail = (lens, None, None, 0.125, -1, -1, 0.0, None, 1, 132)
+    wide_k = torch.randn(*kc.shape[:3], 2 * kc.shape[3]).to(kc.dtype)[..., ::2]  # stride 2 along D
+    with pytest.raises(RuntimeError, match="stride 1 along the head dim"):
+        emu().decode_fwd(q, wide_k, vc, *tail)
+    with pytest.raises(RuntimeError, match="multiple of"):
+        emu().decode_fwd(q[..., :-1], kc[..., :-1], vc, *tail)
+
+
 def test_decode_shared_memory_is_poisoned():
     """The emulator found the kernels' __shared__ statics (it fills them with NaN bytes before every block)."""
     assert emu().shared_statics() >= 5

@@ -27,6 +27,8 @@ inline int64_t split_heuristic(int64_t blocks, int64_t max_keys, int64_t sms) {
 // The kernels read cache rows with 16-byte loads: base and every stride that moves between rows (page/row, slot,
 // kv head) must be multiples of 16 bytes.
 inline void check_cache_aligned(const at::Tensor& t, const char* name, int64_t vec) {
+  FA_CHECK(t.stride(3) == 1 || t.size(3) == 1, "decode_fwd: ", name, " needs stride 1 along the head dim, got "
+           "strides ", t.strides());
   FA_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decode_fwd (cuda): ", name,
            " must start on a 16-byte boundary");
   for (int i = 0; i < 3; ++i) {
@@ -109,7 +111,9 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
     FA_CHECK(k_cache.size(0) == B, "decode_fwd: k_cache batch ", k_cache.size(0), " != q batch ", B,
              " (pass cache_batch_idx)");
   }
-  FA_CHECK(capacity < (int64_t(1) << 31) - 4096, "decode_fwd (cuda): cache capacity ", capacity, " per row too large");
+  // int32 positions in the kernel: i + off + window stays in range below 2^30 keys per row.
+  FA_CHECK(capacity < (int64_t(1) << 30), "decode_fwd (cuda): cache capacity ", capacity, " keys per row is too large "
+           "(at most 2^30)");
   if (alibi_slopes.has_value()) {
     alibi = alibi_slopes->contiguous();
     FA_CHECK(alibi.scalar_type() == at::kFloat && alibi.device() == q.device() &&
