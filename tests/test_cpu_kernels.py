@@ -160,3 +160,10 @@ def test_memory_linear_in_sequence_length():
     extra = int(res.stdout.strip().splitlines()[-1])
     print(f"peak RSS growth {extra / 2**20:.1f} MiB")
     assert extra < 2**30, f"fwd+bwd at S=16384 grew RSS by {extra / 2**20:.0f} MiB"
+
+
+def test_dropout_p_rounding_to_one_in_float32_is_refused():
+    """p = 1 - 1e-9 is < 1 as a double but 1.0f in the kernel: rescale would be inf. The op refuses it."""
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="rounds to 1 in float32"):
+        torch.ops.fastattn.fwd(q, q, q, None, None, None, 0, 0, 0.3, -1, -1, False, 0.0, None, 1 - 1e-9, 0, 0)

@@ -104,6 +104,8 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.bottom_right = bottom_right;
   p.softcap = static_cast<float>(softcap);
   FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  FA_CHECK(static_cast<float>(dropout_p) < 1.f, "dropout_p=", dropout_p,
+           " rounds to 1 in float32; use a value below 1 - 2^-25");
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);

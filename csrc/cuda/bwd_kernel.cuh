@@ -282,7 +282,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
     const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.h_kv, p.batch);
     kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   }
-  if (p.seqlen_q > 0) {
+  if (p.seqlen_q > 0 && p.h > 0) {  // Hq == 0 with Hkv > 0 passes the GQA check: a zero grid dim is an error
     using Tr = BwdQTraits<kHeadDim>;
     auto kernel = bwd_dq_kernel<T, kHeadDim, kDropout>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
