@@ -1,0 +1,256 @@
+// Host side of fastattn::fwd / fastattn::bwd on CUDA, free of CUDA runtime calls: argument checks, the kernels'
+// layout requirements (padding and copy-back), dropout constants and the parameter structs. attention_cuda.cpp adds
+// the device parts (compute capability, guard, stream, launch); tests/cuda_emu runs the same kernels on the CPU from
+// the same plan (device_type = CPU), so both see identical parameters.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/core/DeviceType.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+
+#include "common.h"
+#include "cuda/params.h"
+
+namespace fastattn {
+namespace cuda {
+namespace host {
+
+// The kernels read rows with 16-byte cp.async: last dim contiguous, head dim a multiple of 8, 16-byte
+// aligned base and row/head/batch strides a multiple of 8 elements (strides of size-1 dims never matter).
+inline bool kernel_ready(const at::Tensor& t) {
+  if (t.size(3) % 8 != 0 || t.stride(3) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i < 3; ++i) {
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  }
+  return true;
+}
+
+// t itself when the kernels can read it, else a copy with the head dim zero-padded to a multiple of 8.
+inline at::Tensor kernel_input(const at::Tensor& t) {
+  if (kernel_ready(t)) return t;
+  const int64_t d = t.size(3);
+  if (d % 8 != 0) return at::constant_pad_nd(t, {0, 8 - d % 8}).contiguous();  // (B, H, S, D8)
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
+inline int64_t round8(int64_t d) { return (d + 7) / 8 * 8; }
+
+// Kernel-writable stand-in for an output: out itself when ready, else a contiguous (B, H, S, round8(D)) buffer
+// that finish_output copies back.
+inline at::Tensor kernel_output(const at::Tensor& out) {
+  if (kernel_ready(out)) return out;
+  return at::empty({out.size(0), out.size(1), out.size(2), round8(out.size(3))}, out.options());
+}
+inline void finish_output(at::Tensor& out, const at::Tensor& buf) {
+  if (!buf.is_same(out)) out.copy_(buf.narrow(3, 0, out.size(3)));
+}
+
+inline TensorRef ref(const at::Tensor& t) { return TensorRef{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+inline at::Tensor empty_like_poisoned(const at::Tensor& t) {
+  at::Tensor r = at::empty_like(t);
+  if (poison_outputs()) r.fill_(std::numeric_limits<float>::quiet_NaN());
+  return r;
+}
+
+inline void check_unsupported(const std::optional<at::Tensor>& attn_bias, double softcap,
+                              const std::optional<at::Tensor>& alibi_slopes) {
+  FA_CHECK(!attn_bias.has_value(), "the CUDA kernels do not support attn_bias (use the triton, cpu or sdpa backend)");
+  FA_CHECK(softcap == 0.0, "the CUDA kernels do not support softcap (got ", softcap, ")");
+  FA_CHECK(!alibi_slopes.has_value(), "the CUDA kernels do not support alibi_slopes");
+}
+
+// Dropout constants as the CPU kernels derive them (csrc/cpu/rng.h): p rounded to float, the Philox key from
+// (seed, offset). Returns whether the dropout kernels must run (the CPU's test: float p > 0).
+inline bool fill_dropout(DropoutParams& d, double dropout_p, int64_t seed, int64_t offset) {
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  const float pf = static_cast<float>(dropout_p);
+  FA_CHECK(pf < 1.f, "dropout_p=", dropout_p, " rounds to 1 in float32; use a value below 1 - 2^-25");
+  d.rng = Philox::from_seed(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  d.threshold = dropout_threshold(pf);
+  d.rescale = 1.f / (1.f - pf);
+  return pf > 0.f;
+}
+
+// Checks q, k, v (on devices of device_type) and the varlen arguments, and fills the shape part of the params.
+// device_checked() runs once q, k, v are known to be 4-D fp16/bf16 tensors on one device: the CUDA op checks the
+// compute capability and sets up its device guard there.
+template <typename DeviceChecked>
+void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_sq,
+                int64_t max_sk, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                at::DeviceType device_type, DeviceChecked&& device_checked) {
+  FA_CHECK(q.device().type() == device_type && k.device().type() == device_type && v.device().type() == device_type,
+           "q, k, v must be ", c10::DeviceTypeName(device_type), " tensors");
+  FA_CHECK(q.device() == k.device() && q.device() == v.device(), "q, k, v must be on one device, got ", q.device(),
+           ", ", k.device(), ", ", v.device());
+  FA_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+           "the CUDA kernels take float16 or bfloat16, got ", q.scalar_type());
+  FA_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ: ",
+           q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  FA_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, S, D), got q ", q.sizes(),
+           " k ", k.sizes(), " v ", v.sizes());
+  device_checked();
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), D = q.size(3), Dv = v.size(3);
+  FA_CHECK(k.size(0) == B && v.size(0) == B, "batch sizes differ: q ", q.sizes(), " k ", k.sizes(), " v ",
+           v.sizes());
+  FA_CHECK(v.size(1) == Hkv && v.size(2) == k.size(2), "k and v shapes disagree: k ", k.sizes(), " v ", v.sizes());
+  FA_CHECK(k.size(3) == D, "q and k head dims differ: q ", q.sizes(), " k ", k.sizes());
+  FA_CHECK(Hkv > 0 && H % Hkv == 0, "query heads (", H, ") must be a multiple of key/value heads (", Hkv, ")");
+  FA_CHECK(D >= 1 && D <= 256 && Dv >= 1 && Dv <= 256, "head dims must be in [1, 256], got D=", D, " Dv=", Dv);
+  FA_CHECK(H <= 65535, "at most 65535 heads, got ", H);
+  const bool varlen = cu_q.has_value();
+  FA_CHECK(varlen == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  int64_t n_seq = B, sq = q.size(2), sk = k.size(2);
+  if (varlen) {
+    for (const at::Tensor* cu : {&*cu_q, &*cu_k}) {
+      FA_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous() && cu->device() == q.device(),
+               "cu_seqlens must be contiguous 1-D int32 tensors on ", q.device(), ", got ", cu->scalar_type(), " ",
+               cu->sizes(), " on ", cu->device());
+    }
+    FA_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 2, "cu_seqlens_q ", cu_q->sizes(),
+             " and cu_seqlens_k ", cu_k->sizes(), " must both have length batch + 1");
+    FA_CHECK(B == 1, "varlen q must be (1, H, total_q, D), got ", q.sizes());
+    FA_CHECK(max_sq >= 0 && max_sk >= 0, "max_seqlen_q/k must be >= 0, got ", max_sq, ", ", max_sk);
+    n_seq = cu_q->numel() - 1;
+    sq = max_sq;
+    sk = max_sk;
+  }
+  FA_CHECK(n_seq <= 65535, "at most 65535 sequences per call, got ", n_seq);
+  FA_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "sequence lengths must be < 2^31");
+  s.batch = static_cast<int>(n_seq);
+  s.h = static_cast<int>(H);
+  s.h_kv = static_cast<int>(Hkv);
+  s.seqlen_q = static_cast<int>(sq);
+  s.seqlen_k = static_cast<int>(sk);
+  s.d = static_cast<int>(round8(D));
+  s.dv = static_cast<int>(round8(Dv));
+  s.cu_seqlens_q = varlen ? cu_q->data_ptr<int>() : nullptr;
+  s.cu_seqlens_k = varlen ? cu_k->data_ptr<int>() : nullptr;
+  s.scale = static_cast<float>(scale);
+  s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // A window wider than both sequences is no window; clamping keeps the kernels' int arithmetic in range.
+  const int64_t wide = sq + sk + 1;
+  s.window_left = static_cast<int>(window_left < 0 || window_left >= wide ? -1 : window_left);
+  s.window_right = static_cast<int>(window_right < 0 || window_right >= wide ? -1 : window_right);
+  s.bottom_right = bottom_right;
+}
+
+// What a fwd call launches: parameters, the outputs, and the kernel-side tensors whose pointers the params hold.
+struct FwdPlan {
+  FwdParams p{};
+  at::Tensor out, lse;
+  at::Tensor q, k, v, o;  // kernel_input / kernel_output views; o is undefined when out is empty
+  bool dropout = false;   // run the kDropout variant
+  bool launch = false;    // false: nothing to compute (out is empty, or no query rows / sequences)
+  int head_dim = 0;       // max(d, dv) rounded to 8, for the head-dim switch
+};
+
+// Checks the arguments (q, k, v on devices of device_type; device_checked() as in fill_shape), allocates the outputs
+// and fills the plan. Once the kernels ran, finish(plan) copies padded outputs back.
+template <typename DeviceChecked>
+FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_seqlens_q,
+                 const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                 double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                 const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+                 at::DeviceType device_type, DeviceChecked&& device_checked) {
+  check_unsupported(attn_bias, softcap, alibi_slopes);
+  FwdPlan plan;
+  FwdParams& p = plan.p;
+  fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+             bottom_right, device_type, device_checked);
+  plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
+  plan.out = alloc_out_like_q(q, v.size(3));
+  plan.lse = alloc_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (plan.out.numel() == 0) return plan;
+  plan.q = kernel_input(q), plan.k = kernel_input(k), plan.v = kernel_input(v);
+  plan.o = kernel_output(plan.out);
+  p.q = ref(plan.q);
+  p.k = ref(plan.k);
+  p.v = ref(plan.v);
+  p.o = ref(plan.o);
+  p.lse = plan.lse.data_ptr<float>();
+  p.lse_batch_stride = plan.lse.stride(0);
+  p.lse_head_stride = plan.lse.stride(1);
+  plan.launch = p.seqlen_q > 0 && p.batch > 0;
+  plan.head_dim = std::max(p.d, p.dv);
+  return plan;
+}
+
+inline void finish(FwdPlan& plan) {
+  if (plan.o.defined()) finish_output(plan.out, plan.o);
+}
+
+struct BwdPlan {
+  BwdParams p{};
+  at::Tensor dq, dk, dv;
+  at::Tensor q, k, v, o, dout, lse, delta;  // kernel-side inputs and the delta scratch (undefined when empty)
+  at::Tensor grad_q, grad_k, grad_v;        // kernel_output stand-ins for dq, dk, dv
+  bool dropout = false;
+  bool launch = false;  // false: nothing to compute (empty q and k, or no sequences)
+  int head_dim = 0;
+};
+
+// As plan_fwd, for the backward: also checks dout, out and lse against q.
+template <typename DeviceChecked>
+BwdPlan plan_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias,
+                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+                 bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                 int64_t seed, int64_t offset, at::DeviceType device_type, DeviceChecked&& device_checked) {
+  check_unsupported(attn_bias, softcap, alibi_slopes);
+  BwdPlan plan;
+  BwdParams& p = plan.p;
+  fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+             bottom_right, device_type, device_checked);
+  plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
+  const auto expect_o = std::vector<int64_t>{q.size(0), q.size(1), q.size(2), v.size(3)};
+  FA_CHECK(dout.sizes() == at::IntArrayRef(expect_o) && out.sizes() == at::IntArrayRef(expect_o),
+           "dout ", dout.sizes(), " and out ", out.sizes(), " must be (B, H, Sq, Dv) = ", at::IntArrayRef(expect_o));
+  FA_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+           "dout and out must have q's dtype ", q.scalar_type(), ", got ", dout.scalar_type(), ", ",
+           out.scalar_type());
+  FA_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+               lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+           "lse must be float32 (B, H, Sq) = ", q.sizes().slice(0, 3), ", got ", lse.scalar_type(), " ", lse.sizes());
+  FA_CHECK(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+           "dout, out, lse must be on ", q.device());
+  plan.dq = empty_like_poisoned(q), plan.dk = empty_like_poisoned(k), plan.dv = empty_like_poisoned(v);
+  if (q.numel() == 0 && k.numel() == 0) return plan;
+  plan.q = kernel_input(q), plan.k = kernel_input(k), plan.v = kernel_input(v);
+  plan.o = kernel_input(out), plan.dout = kernel_input(dout), plan.lse = lse.contiguous();
+  plan.grad_q = kernel_output(plan.dq), plan.grad_k = kernel_output(plan.dk), plan.grad_v = kernel_output(plan.dv);
+  plan.delta = at::empty(plan.lse.sizes(), plan.lse.options());  // contiguous like lse (size-1 dims aside)
+  p.q = ref(plan.q);
+  p.k = ref(plan.k);
+  p.v = ref(plan.v);
+  p.o = ref(plan.o);
+  p.dout = ref(plan.dout);
+  p.grad_q = ref(plan.grad_q);
+  p.grad_k = ref(plan.grad_k);
+  p.grad_v = ref(plan.grad_v);
+  p.lse = plan.lse.data_ptr<float>();
+  p.delta = plan.delta.data_ptr<float>();
+  p.lse_batch_stride = plan.lse.stride(0);
+  p.lse_head_stride = plan.lse.stride(1);
+  p.rows_q_total = q.size(2);  // rows per (batch, head) in the tensors: the delta pass walks all of them
+  p.batch_total = q.size(0);
+  plan.launch = p.batch > 0;
+  plan.head_dim = std::max(p.d, p.dv);
+  return plan;
+}
+
+inline void finish(BwdPlan& plan) {
+  if (!plan.grad_q.defined()) return;
+  finish_output(plan.dq, plan.grad_q);
+  finish_output(plan.dk, plan.grad_k);
+  finish_output(plan.dv, plan.grad_v);
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace fastattn
