@@ -268,29 +268,39 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
                                           seq.sq - m0, p.d, tid);
 }
 
+// The launch geometry, shared by the CUDA launcher below and the CPU emulation (tests/cuda_emu): launch(kernel,
+// grid, block threads, dynamic shared bytes) -> cudaError_t for the delta, dK/dV and dQ kernels, in that order.
+template <typename T, int kHeadDim, bool kDropout, typename Launch>
+cudaError_t launch_bwd(const BwdParams& p, Launch&& launch) {
+  const int64_t rows = p.batch_total * p.h * p.rows_q_total;
+  cudaError_t err = cudaSuccess;
+  if (rows > 0) err = launch(bwd_delta_kernel<T>, dim3(static_cast<unsigned>((rows + 7) / 8)), 256, 0);
+  if (err == cudaSuccess && p.seqlen_k > 0) {
+    using Tr = BwdKVTraits<kHeadDim>;
+    const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.h_kv, p.batch);
+    err = launch(bwd_dkdv_kernel<T, kHeadDim, kDropout>, grid, Tr::kThreads, Tr::kSmemBytes);
+  }
+  // p.h > 0: Hq == 0 with Hkv > 0 passes the GQA check, and a zero grid dim is a launch error
+  if (err == cudaSuccess && p.seqlen_q > 0 && p.h > 0) {
+    using Tr = BwdQTraits<kHeadDim>;
+    const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h, p.batch);
+    err = launch(bwd_dq_kernel<T, kHeadDim, kDropout>, grid, Tr::kThreads, Tr::kSmemBytes);
+  }
+  return err;
+}
+
 #ifndef FASTATTN_CUDA_EMULATE  // the CPU emulation (tests/cuda_emu) launches the kernels itself
 // Kernel TUs stay free of ATen headers (faster builds); errors go back to the caller to check.
 template <typename T, int kHeadDim, bool kDropout>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
-  const int64_t rows = p.batch_total * p.h * p.rows_q_total;
-  if (rows > 0) bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
-  if (p.seqlen_k > 0) {
-    using Tr = BwdKVTraits<kHeadDim>;
-    auto kernel = bwd_dkdv_kernel<T, kHeadDim, kDropout>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.h_kv, p.batch);
-    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  }
-  if (p.seqlen_q > 0 && p.h > 0) {  // Hq == 0 with Hkv > 0 passes the GQA check: a zero grid dim is an error
-    using Tr = BwdQTraits<kHeadDim>;
-    auto kernel = bwd_dq_kernel<T, kHeadDim, kDropout>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h, p.batch);
-    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  }
-  return cudaGetLastError();
+  const cudaError_t err = launch_bwd<T, kHeadDim, kDropout>(p, [&](auto kernel, dim3 grid, int threads, int smem) {
+    // the delta kernel uses no dynamic shared memory and needs no opt-in
+    const cudaError_t e =
+        smem > 0 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) : cudaSuccess;
+    if (e == cudaSuccess) kernel<<<grid, threads, smem, stream>>>(p);
+    return e;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 #endif

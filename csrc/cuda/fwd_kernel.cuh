@@ -108,17 +108,25 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
                                           seq.sq - m0, p.dv, tid);
 }
 
+// The launch geometry, shared by the CUDA launcher below and the CPU emulation (tests/cuda_emu):
+// launch(kernel, grid, block threads, dynamic shared bytes) -> cudaError_t.
+template <typename T, int kHeadDim, bool kDropout, typename Launch>
+cudaError_t launch_fwd(const FwdParams& p, Launch&& launch) {
+  using Tr = FwdTraits<kHeadDim>;
+  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h, p.batch);
+  return launch(fwd_kernel<T, kHeadDim, kDropout>, grid, Tr::kThreads, Tr::kSmemBytes);
+}
+
 #ifndef FASTATTN_CUDA_EMULATE  // the CPU emulation (tests/cuda_emu) launches the kernels itself
 // Kernel TUs stay free of ATen headers (faster builds); errors go back to the caller to check.
 template <typename T, int kHeadDim, bool kDropout>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<kHeadDim>;
-  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h, p.batch);
-  auto kernel = fwd_kernel<T, kHeadDim, kDropout>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t err = launch_fwd<T, kHeadDim, kDropout>(p, [&](auto kernel, dim3 grid, int threads, int smem) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e == cudaSuccess) kernel<<<grid, threads, smem, stream>>>(p);
+    return e;
+  });
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 #endif
