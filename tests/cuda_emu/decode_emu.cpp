@@ -5,19 +5,11 @@
 #include "cuda/decode_host.h"
 // after the ATen headers (emu.h redefines __shared__ and adds CUDA's unqualified integer min/max)
 #include "emu.h"
+#include "harness.h"
 #include "cuda/decode_kernel.cuh"
 
 namespace fastattn {
 namespace emu_harness {
-
-namespace {
-void add_tensor(const at::Tensor& t) {
-  if (t.defined() && t.numel() > 0) {
-    // the whole storage: kernels may legally read any element of a strided view's storage
-    emu::add_global(t.storage().data(), t.storage().nbytes());
-  }
-}
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> decode_fwd_emu(const at::Tensor& q, const at::Tensor& k_cache,
                                                   const at::Tensor& v_cache, const at::Tensor& seqlens_k,

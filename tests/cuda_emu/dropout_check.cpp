@@ -48,11 +48,10 @@ int run(const Case& c) {
   fp.o = ref(o.data(), Hq, Sq, Dv); fp.lse = lse.data(); fp.lse_batch_stride = int64_t(Hq) * Sq; fp.lse_head_stride = Sq;
   emu::clear_globals();
   for (auto* x : {&q, &k, &v}) emu::add_global(x->data(), x->size() * 2);
-  {
-    using Tr = cuda::FwdTraits<kD>;
-    emu::launch(dim3((Sq + Tr::kBlockM - 1) / Tr::kBlockM, Hq, B), dim3(Tr::kThreads), Tr::kSmemBytes,
-                cuda::fwd_kernel<T, kD, kDrop>, fp);
-  }
+  cuda::launch_fwd<T, kD, kDrop>(fp, [&](auto kernel, dim3 grid, int threads, int smem) {  // run_fwd's geometry
+    emu::launch(grid, dim3(threads), smem, kernel, fp);
+    return cudaSuccess;
+  });
   // Reference: mask from the CPU Dropout struct; float64 forward and backward.
   cpu::Dropout cd(c.seed, c.off, c.p);
   long mism = 0, kept = 0, vis_total = 0;
@@ -110,7 +109,7 @@ int run(const Case& c) {
       }
     }
   }
-  // Backward kernels (geometry of run_bwd), dropout regenerated with c.bwd_off.
+  // Backward kernels (launch_bwd: the geometry of run_bwd), dropout regenerated with c.bwd_off.
   cuda::BwdParams bp{};
   shape(bp); drop(bp.drop, c.bwd_off);
   bp.q = fp.q; bp.k = fp.k; bp.v = fp.v; bp.o = fp.o; bp.dout = ref(dout.data(), Hq, Sq, Dv);
@@ -121,18 +120,10 @@ int run(const Case& c) {
   for (auto* x : {&q, &k, &v, &o, &dout}) emu::add_global(x->data(), x->size() * 2);
   emu::add_global(lse.data(), lse.size() * 4);
   emu::add_global(delta.data(), delta.size() * 4);
-  const int64_t rows = int64_t(B) * Hq * Sq;
-  emu::launch(dim3((rows + 7) / 8), dim3(256), 0, cuda::bwd_delta_kernel<T>, bp);
-  {
-    using Tr = cuda::BwdKVTraits<kD>;
-    emu::launch(dim3((Sk + Tr::kBlockN - 1) / Tr::kBlockN, Hkv, B), dim3(Tr::kThreads), Tr::kSmemBytes,
-                cuda::bwd_dkdv_kernel<T, kD, kDrop>, bp);
-  }
-  {
-    using Tr = cuda::BwdQTraits<kD>;
-    emu::launch(dim3((Sq + Tr::kBlockM - 1) / Tr::kBlockM, Hq, B), dim3(Tr::kThreads), Tr::kSmemBytes,
-                cuda::bwd_dq_kernel<T, kD, kDrop>, bp);
-  }
+  cuda::launch_bwd<T, kD, kDrop>(bp, [&](auto kernel, dim3 grid, int threads, int smem) {
+    emu::launch(grid, dim3(threads), smem, kernel, bp);
+    return cudaSuccess;
+  });
   auto cmp = [&](int w, const std::vector<T>& g, const std::vector<double>& r) {
     for (size_t x = 0; x < r.size(); ++x) { err[w] = std::max(err[w], std::abs(H(g[x]) - r[x])); mx[w] = std::max(mx[w], std::abs(r[x])); }
   };
