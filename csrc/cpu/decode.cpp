@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common.h"
+#include "decode_checks.h"
 
 #include "vec.h"  // use_avx2, exp8, hsum8, load8, exp_sum_row: the same vector helpers as the prefill kernels
 
@@ -325,14 +326,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
-  FA_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode_fwd: q must be (B, Hq, Sq, D) and the ",
-           "caches (Bc|num_blocks, Smax|page, Hkv, D), got q", q.sizes(), " k_cache", k_cache.sizes(), " v_cache",
-           v_cache.sizes());
+  decode_checks::check_ranks_dtypes(q, k_cache, v_cache, "cpu");
   const auto dt = q.scalar_type();
-  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-           "decode_fwd (cpu) takes float32, bfloat16 or float16, got ", dt);
-  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes ",
-           "differ: ", dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
   for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
     FA_CHECK(t->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", t->device());
   }
@@ -342,15 +337,10 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   }
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
-  FA_CHECK(k_cache.size(3) == D, "decode_fwd: q head dim ", D, " != k_cache head dim ", k_cache.size(3));
-  FA_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) && v_cache.size(2) == Hkv,
-           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(),
-           " must agree except in the last dim");
-  FA_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+  decode_checks::check_shapes(q, k_cache, v_cache);
   FA_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == B,
            "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
-  FA_CHECK(softcap >= 0, "decode_fwd: softcap must be >= 0, got ", softcap);
-  FA_CHECK(num_splits >= 0, "decode_fwd: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  decode_checks::check_scalars(softcap, num_splits);
   const at::Tensor lens = seqlens_k.contiguous();
   const bool paged = block_table.has_value();
   at::Tensor bt, bidx, alibi;

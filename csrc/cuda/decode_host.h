@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "cuda/decode_launch.h"
+#include "decode_checks.h"
 
 namespace fastattn {
 namespace cuda {
@@ -62,14 +63,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
                        const std::optional<at::Tensor>& cache_batch_idx, double scale, int64_t window_left,
                        int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                        int64_t num_splits, at::DeviceType device_type, Checked&& checked) {
-  FA_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode_fwd: q must be (B, Hq, Sq, D) and the ",
-           "caches (Bc|num_blocks, Smax|page, Hkv, D), got q", q.sizes(), " k_cache", k_cache.sizes(), " v_cache",
-           v_cache.sizes());
-  const auto dt = q.scalar_type();
-  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-           "decode_fwd (cuda) takes float32, bfloat16 or float16, got ", dt);
-  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes ",
-           "differ: ", dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  decode_checks::check_ranks_dtypes(q, k_cache, v_cache, "cuda");
   for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
     FA_CHECK(t->device().type() == device_type && t->device() == q.device(),
              "decode_fwd (cuda): every tensor must be on ", q.device(), ", got one on ", t->device());
@@ -78,11 +72,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
            q.strides());
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
-  FA_CHECK(k_cache.size(3) == D, "decode_fwd: q head dim ", D, " != k_cache head dim ", k_cache.size(3));
-  FA_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) && v_cache.size(2) == Hkv,
-           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(),
-           " must agree except in the last dim");
-  FA_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+  decode_checks::check_shapes(q, k_cache, v_cache);
   FA_CHECK(D >= 1 && D <= 256 && Dv >= 1 && Dv <= 256, "decode_fwd (cuda): head dims must be in [1, 256], got D=", D,
            " Dv=", Dv);
   FA_CHECK((Hq / Hkv) * Sq <= kDecodeMaxRows, "decode_fwd (cuda): at most ", kDecodeMaxRows,
@@ -93,8 +83,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
   check_cache_aligned(k_cache, "k_cache", vec);
   check_cache_aligned(v_cache, "v_cache", vec);
   check_index(seqlens_k, "seqlens_k", q, 1, B);
-  FA_CHECK(softcap >= 0, "decode_fwd: softcap must be >= 0, got ", softcap);
-  FA_CHECK(num_splits >= 0, "decode_fwd: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  decode_checks::check_scalars(softcap, num_splits);
   const bool paged = block_table.has_value();
   at::Tensor bt, bidx, alibi;  // copied into the plan below, which keeps them alive
   int64_t capacity = k_cache.size(1);

@@ -1,0 +1,40 @@
+// Argument checks of fastattn::decode_fwd that the CPU op (cpu/decode.cpp) and the CUDA op (cuda/decode_host.h) share
+// word for word; each backend runs its own device, layout and index checks between them.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "common.h"
+
+namespace fastattn {
+namespace decode_checks {
+
+// Ranks and dtypes; backend names the op's device in the dtype message ("cpu", "cuda").
+inline void check_ranks_dtypes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const char* backend) {
+  FA_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode_fwd: q must be (B, Hq, Sq, D) and the ",
+           "caches (Bc|num_blocks, Smax|page, Hkv, D), got q", q.sizes(), " k_cache", k_cache.sizes(), " v_cache",
+           v_cache.sizes());
+  const auto dt = q.scalar_type();
+  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "decode_fwd (", backend,
+           ") takes float32, bfloat16 or float16, got ", dt);
+  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "decode_fwd: q, k_cache, v_cache dtypes ",
+           "differ: ", dt, ", ", k_cache.scalar_type(), ", ", v_cache.scalar_type());
+}
+
+// Head dims, k/v cache agreement and the GQA head ratio (after check_ranks_dtypes).
+inline void check_shapes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const int64_t Hq = q.size(1), D = q.size(3), Hkv = k_cache.size(2);
+  FA_CHECK(k_cache.size(3) == D, "decode_fwd: q head dim ", D, " != k_cache head dim ", k_cache.size(3));
+  FA_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == k_cache.size(1) && v_cache.size(2) == Hkv,
+           "decode_fwd: k_cache", k_cache.sizes(), " and v_cache", v_cache.sizes(),
+           " must agree except in the last dim");
+  FA_CHECK(Hkv > 0 && Hq % Hkv == 0, "decode_fwd: query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+}
+
+inline void check_scalars(double softcap, int64_t num_splits) {
+  FA_CHECK(softcap >= 0, "decode_fwd: softcap must be >= 0, got ", softcap);
+  FA_CHECK(num_splits >= 0, "decode_fwd: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+}
+
+}  // namespace decode_checks
+}  // namespace fastattn
