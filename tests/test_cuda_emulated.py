@@ -339,7 +339,7 @@ def test_dropout_mask_is_the_cpu_kernels(dt):
 
 
 @pytest.mark.parametrize("case", ["gqa_sq97_sk17_causal_br_d40", "window_tl_d128_sq80_sk48",
-                                  "varlen_empty_causal_d64"])
+                                  "gqa_causal_d256_sq40_sk70", "varlen_empty_causal_d64"])
 def test_dropout_fwd_bwd_match_oracle(case):
     """Forward and gradients with dropout against the oracle run with the CPU kernel's mask."""
     c, dt, p_drop, seed, offset = ATTN[case], torch.bfloat16, 0.2, 99, 3
@@ -371,3 +371,15 @@ def test_emulator_delayed_copies_expose_a_missing_wait():
     assert torch.equal(emu().selftest("missing_wait"), torch.arange(128.0))  # copies land at once by default
     emu().set_options(delay_copies=True)
     assert emu().selftest("missing_wait").isnan().all()  # ... or only at their wait_group: none here
+
+
+def test_dropout_check_fails_with_another_mask():
+    """Control: the same comparison with the CPU mask of another offset must fail — the dropout checks above can
+    tell a wrong mask (e.g. a backward that regenerates a different one)."""
+    c, dt, p_drop, seed = ATTN["window_tl_d128_sq80_sk48"], torch.bfloat16, 0.2, 99
+    q, k, v = _attn_inputs(c, dt)
+    dout = torch.randn(q.shape[:3] + (v.shape[3],), dtype=dt)
+    (other,) = _cpu_keep_masks(c["B"], c["H"], [(c["Sq"], c["Sk"])], p_drop, seed, 4)
+    got = _emu_fwd_bwd(c, q, k, v, dout, p_drop, seed, 3)
+    with pytest.raises(AssertionError):
+        _check_attn(c, dt, q, k, v, dout, got, other, p_drop)
