@@ -84,11 +84,12 @@ def test_instantiations_match_generator(tmp_path):
     assert not mismatch and not errors, f"stale instantiations (rerun the generator): {mismatch + errors}"
 
 
-def _compile(tu, arch, out_dir):
+def _compile(tu, arch, out_dir, src_dir=INST):
+    """nvcc -cubin of src_dir/<tu>.cu for arch: (ptxas -v log, cuobjdump -sass text)."""
     cubin = os.path.join(out_dir, f"{tu}_{arch}.cubin")
     cmd = [os.path.join(CUDA_HOME, "bin", "nvcc"), "-cubin", f"-arch={arch}", "-O3", "--use_fast_math",
            "--expt-relaxed-constexpr", "-std=c++17", f"-I{CSRC}", "-Xptxas", "-v",
-           os.path.join(INST, tu + ".cu"), "-o", cubin]
+           os.path.join(src_dir, tu + ".cu"), "-o", cubin]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"nvcc failed for {tu} {arch}:\n{r.stderr[-4000:]}"
     sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout

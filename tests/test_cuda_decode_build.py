@@ -4,31 +4,20 @@ GPU and read back: every instantiation free of spills and local memory, and the 
 themselves in tests/test_decode.py."""
 import os
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_cuda_build import CSRC, CUDA_HOME, CUOBJDUMP, _loop_bodies, _ptxas_reports, _sass_functions
+from test_cuda_build import CSRC, CUDA_HOME, CUOBJDUMP, _compile, _loop_bodies, _ptxas_reports, _sass_functions
 
 ARCHS = ("sm_80", "sm_90")
 TUS = ("decode_f16", "decode_f32")  # bf16 is the f16 code with another unpack; f32 has the other lane layout
 HEAD_DIMS, ROWS = (32, 64, 128, 256), (1, 2, 4, 8)
+DECODE_SRC = os.path.join(CSRC, "cuda", "decode")
 
 needs_toolchain = pytest.mark.skipif(
     CUDA_HOME is None or CUOBJDUMP is None,
     reason="needs nvcc + CUDA headers (set CUDA_HOME) and cuobjdump (CUDA bin/ or the triton package)")
-
-
-def _compile(tu, arch, out_dir):
-    cubin = os.path.join(out_dir, f"{tu}_{arch}.cubin")
-    cmd = [os.path.join(CUDA_HOME, "bin", "nvcc"), "-cubin", f"-arch={arch}", "-O3", "--use_fast_math",
-           "--expt-relaxed-constexpr", "-std=c++17", f"-I{CSRC}", "-Xptxas", "-v",
-           os.path.join(CSRC, "cuda", "decode", tu + ".cu"), "-o", cubin]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"nvcc failed for {tu} {arch}:\n{r.stderr[-4000:]}"
-    sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return r.stderr, sass
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +25,7 @@ def compiled(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("decode_cubin"))
     jobs = [(tu, arch) for tu in TUS for arch in ARCHS]
     with ThreadPoolExecutor(max_workers=2) as ex:
-        return dict(zip(jobs, ex.map(lambda j: _compile(*j, out), jobs)))
+        return dict(zip(jobs, ex.map(lambda j: _compile(*j, out, DECODE_SRC), jobs)))
 
 
 def _instances(log):
