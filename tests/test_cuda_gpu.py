@@ -112,6 +112,15 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         cuk = torch.tensor([0, 9, 12, 21], dtype=torch.int32, device="cuda")
         out = fastattn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cuk, 32, 9, causal=True, backend="cuda")
         out.sum().backward()
+    # split-KV decode kernels (csrc/cuda/decode_kernel.cuh): paged cache with ragged lengths, GQA, 1 and 3 splits
+    for dt in (torch.float16, torch.float32):
+        kc = torch.randn(9, 16, 2, 64, device="cuda", dtype=dt)
+        vc = torch.randn(9, 16, 2, 64, device="cuda", dtype=dt)
+        bt = torch.randperm(9, device="cuda")[:8].view(2, 4).int()
+        lens = torch.tensor([50, 0], dtype=torch.int32, device="cuda")
+        qd = torch.randn(2, 4, 2, 64, device="cuda", dtype=dt)  # (B, Hq, Sq, D): 4 query rows per kv head
+        for splits in (1, 3):
+            torch.ops.fastattn.decode_fwd(qd, kc, vc, lens, bt, None, 0.125, -1, 0, 0.0, None, splits)
     torch.cuda.synchronize()
     print("sanitizer workload done")
 """)
