@@ -35,8 +35,8 @@ $PY -m fastattn.info 2>&1 | tee "$W/info.txt"
 
 # Correctness steps need no tuning: one heuristic Triton config per key instead of timing every config.
 TESTENV="env FASTATTN_TRITON_AUTOTUNE=0"
-step "GPU tests: pytest tests -m gpu"
-timeout 75 $TESTENV $PY -m pytest tests -m gpu -x -q -p no:cacheprovider 2>&1 | tail -25 | tee "$W/pytest_gpu.txt"
+step "GPU tests: pytest tests -m 'gpu and not slow'"
+timeout 75 $TESTENV $PY -m pytest tests -m "gpu and not slow" -x -q -p no:cacheprovider 2>&1 | tail -25 | tee "$W/pytest_gpu.txt"
 step "correctness matrix on cuda"
 timeout 45 $TESTENV $PY -m pytest tests/test_matrix.py -k cuda -x -q -p no:cacheprovider 2>&1 | tail -25 \
   | tee "$W/pytest_matrix_cuda.txt"
@@ -46,12 +46,21 @@ timeout 50 $TESTENV $PY -m pytest tests/test_decode.py tests/test_dropout_determ
   | tail -25 | tee "$W/pytest_decode_dropout.txt"
 
 step "benchmark: python -m fastattn.benchmark --preset quick --device cuda"
-B=$(( $(left) - 40 ))
+B=$(( $(left) - 130 ))  # ~100 s stay for the sanitizer step
 MS=$(( B - 75 )); [ "$MS" -lt 30 ] && MS=30
 if [ "$B" -gt 60 ]; then
   # --max-seconds bounds the measurements; the model-level part and the writing come after it.
   timeout "$B" $PY -m fastattn.benchmark --preset quick --device cuda --out "$W/bench" \
     --max-seconds "$MS" --no-progress 2>&1 | tee "$W/bench.txt" | tail -120
+else
+  echo "skipped: only $(left) s left"
+fi
+
+step "compute-sanitizer memcheck + racecheck on small shapes (what time is left)"
+S=$(( $(left) - 25 ))
+if [ "$S" -gt 30 ]; then
+  timeout "$S" $TESTENV $PY -m pytest tests/test_cuda_gpu.py -k compute_sanitizer -q -p no:cacheprovider 2>&1 \
+    | tail -15 | tee "$W/pytest_sanitizer.txt"
 else
   echo "skipped: only $(left) s left"
 fi
