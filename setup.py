@@ -62,7 +62,7 @@ def _extensions():
     ext_cls = CppExtension
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp") +
-                          glob.glob("csrc/cuda/instantiations/*.cu") + glob.glob("csrc/cuda/decode/*.cu"))
+                          glob.glob("csrc/cuda/instantiations/*.cu"))
         extra["nvcc"] = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
                          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                          "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",

@@ -117,13 +117,16 @@ def _ptxas_reports(log):
     return res
 
 
-def _sass_functions(sass):
-    """{kernel short name: list of (address, instruction)} from cuobjdump -sass."""
+def _sass_functions(sass, key=None):
+    """{kernel name: list of (address, instruction)} from cuobjdump -sass; names are short (instantiations of one
+    kernel pooled) unless key maps the mangled name otherwise (e.g. key=str keeps every instantiation apart)."""
+    key = key or _short_name
     funcs, cur = {}, None
     for line in sass.splitlines():
-        m = re.match(r"\s*Function : (_ZN8fastattn4cuda\d+\w+?I\S*)", line)
+        m = re.match(r"\s*Function : (\S+)", line)
         if m:
-            cur = funcs.setdefault(_short_name(m.group(1)), [])
+            fa = re.match(r"_ZN8fastattn4cuda\d+\w+?I\S*", m.group(1))
+            cur = funcs.setdefault(key(fa.group(0)), []) if fa else None
             continue
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if m and cur is not None:

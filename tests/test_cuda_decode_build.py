@@ -2,18 +2,16 @@
 GPU and read back: every instantiation free of spills and local memory, and the key loop reading the cache with
 16-byte loads (LDG.E.128) — the property the kernel's bandwidth rests on. Runs in CI; a GPU runs the kernels
 themselves in tests/test_decode.py."""
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_cuda_build import CSRC, CUDA_HOME, CUOBJDUMP, _compile, _loop_bodies, _ptxas_reports, _sass_functions
+from test_cuda_build import CUDA_HOME, CUOBJDUMP, _compile, _loop_bodies, _ptxas_reports, _sass_functions
 
 ARCHS = ("sm_80", "sm_90")
-TUS = ("decode_f16", "decode_f32")  # bf16 is the f16 code with another unpack; f32 has the other lane layout
+TUS = ("decode_fp16", "decode_fp32")  # bf16 is the f16 code with another unpack; f32 has the other lane layout
 HEAD_DIMS, ROWS = (32, 64, 128, 256), (1, 2, 4, 8)
-DECODE_SRC = os.path.join(CSRC, "cuda", "decode")
 
 needs_toolchain = pytest.mark.skipif(
     CUDA_HOME is None or CUOBJDUMP is None,
@@ -25,7 +23,7 @@ def compiled(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("decode_cubin"))
     jobs = [(tu, arch) for tu in TUS for arch in ARCHS]
     with ThreadPoolExecutor(max_workers=2) as ex:
-        return dict(zip(jobs, ex.map(lambda j: _compile(*j, out, DECODE_SRC), jobs)))
+        return dict(zip(jobs, ex.map(lambda j: _compile(*j, out), jobs)))
 
 
 def _instances(log):
@@ -57,23 +55,10 @@ def test_decode_kernels_do_not_spill(compiled, tu, arch):
 @pytest.mark.parametrize("tu", TUS)
 def test_decode_key_loop_uses_16_byte_loads(compiled, tu, arch):
     _, sass = compiled[(tu, arch)]
-    funcs = {}  # every decode_split_kernel instantiation's SASS (the helper keys by short name, so parse here)
-    cur = None
-    for line in sass.splitlines():
-        m = re.match(r"\s*Function : (_ZN8fastattn4cuda19decode_split_kernel\w+)", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        if re.match(r"\s*Function : ", line):
-            cur = None
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if m and cur is not None:
-            cur.append((int(m.group(1), 16), m.group(2)))
+    funcs = {name: ins for name, ins in _sass_functions(sass, key=str).items() if "decode_split_kernel" in name}
     assert len(funcs) == len(HEAD_DIMS) * len(ROWS), sorted(funcs)
     for name, instrs in funcs.items():
         flat = [i for _, i in instrs]
         assert not [i for i in flat if re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", i)], f"{name}: local memory"
         loops = [b for b in _loop_bodies(instrs) if any(re.search(r"\bLDG\.E\.128", i) for i in b)]
         assert loops, f"{name} ({tu} {arch}): no loop issues 16-byte global loads (LDG.E.128)"
-        assert _sass_functions(sass), "SASS parse found no fastattn functions"

@@ -1,5 +1,6 @@
 // Host-side view of the CUDA decode kernels (decode_kernel.cuh): the launcher, explicitly instantiated per dtype in
-// decode/*.cu, and the switch that turns the runtime head dim and query-row count into its template arguments.
+// instantiations/decode_*.cu (written by generate_instantiations.py), and the switch that turns the runtime head
+// dim and query-row count into its template arguments.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
