@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "emu.h"
+#include "harness.h"  // the harness entry points bound below
 #include "cuda/primitives.cuh"
 
 // Kernels with planted bugs of each class the emulator must catch (tests/test_cuda_emulated.py runs them).
@@ -41,29 +42,6 @@ __global__ void missing_wait(float* out, const float* src) {
 }
 }  // namespace emu_selftest
 }  // namespace cuda
-}  // namespace fastattn
-
-namespace fastattn {
-namespace emu_harness {
-std::tuple<at::Tensor, at::Tensor> decode_fwd_emu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
-                                                  const std::optional<at::Tensor>& block_table,
-                                                  const std::optional<at::Tensor>& cache_batch_idx, double scale,
-                                                  int64_t window_left, int64_t window_right, double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
-                                                  int64_t sms);
-std::tuple<at::Tensor, at::Tensor> fwd_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const std::optional<at::Tensor>& cu_seqlens_q,
-                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k, double scale, int64_t window_left,
-                                           int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
-                                           int64_t offset);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_emu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
-    bool bottom_right, double dropout_p, int64_t seed, int64_t offset);
-}  // namespace emu_harness
 }  // namespace fastattn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,4 +1,5 @@
-// What the emulation harnesses (decode_emu.cpp, fwd_emu.cpp, bwd_emu.cpp) share beyond the op's own host code.
+// What the emulation harnesses (decode_emu.cpp, fwd_emu.cpp, bwd_emu.cpp) share beyond the op's own host code, and
+// their entry points (declared once here, defined in those files, bound to Python in bind.cpp).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,6 +13,27 @@ namespace emu_harness {
 inline void add_tensor(const at::Tensor& t) {
   if (t.defined() && t.numel() > 0) emu::add_global(t.storage().data(), t.storage().nbytes());
 }
+
+// Same arguments and results as the CUDA ops (csrc/ops.cpp), on CPU tensors; sms: the SM count the split heuristic
+// plans for.
+std::tuple<at::Tensor, at::Tensor> decode_fwd_emu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                  const std::optional<at::Tensor>& block_table,
+                                                  const std::optional<at::Tensor>& cache_batch_idx, double scale,
+                                                  int64_t window_left, int64_t window_right, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
+                                                  int64_t sms);
+std::tuple<at::Tensor, at::Tensor> fwd_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double scale, int64_t window_left,
+                                           int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+                                           int64_t offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_emu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, int64_t offset);
 
 }  // namespace emu_harness
 }  // namespace fastattn
