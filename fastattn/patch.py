@@ -1,4 +1,17 @@
-"""fastattn.patch(model) / fastattn.unpatch(model): swap every torch.nn.MultiheadAttention for fastattn's, in place.
+"""Two supported ways to put fastattn under existing PyTorch code.
+
+1. The global swap, one line: every later call of torch.nn.functional.scaled_dot_product_attention (your code,
+   nn.MultiheadAttention's functional path, transformers' "sdpa" attention, CausalBias) runs fastattn's drop-in:
+
+       torch.nn.functional.scaled_dot_product_attention = fastattn.scaled_dot_product_attention
+       # undo: torch.nn.functional.scaled_dot_product_attention = fastattn.backends.sdpa.TORCH_SDPA
+
+   It is safe: fastattn's `sdpa` backend calls PyTorch's function captured at import (TORCH_SDPA), never the
+   patched name, so calls routed there (float64, mask gradients) do not recurse. Modules that bound the name
+   earlier (`from torch.nn.functional import scaled_dot_product_attention`) keep PyTorch's. What still differs from
+   PyTorch is listed in the README (API section).
+
+2. fastattn.patch(model) / fastattn.unpatch(model): swap every torch.nn.MultiheadAttention for fastattn's, in place.
 
 The swap changes each module's class to fastattn.nn.MultiheadAttention (a subclass with the same attributes), so
 parameters, buffers, hooks, devices and optimizer references stay exactly as they were; only forward changes.

@@ -1,7 +1,11 @@
 """`sdpa`: PyTorch's own torch.nn.functional.scaled_dot_product_attention, for comparison and as a last resort.
 
 Bottom-right causal alignment and sliding windows are expressed as a bool mask; rows whose keys are all masked
-are unmasked for the call and their outputs zeroed, so they give 0 output and 0 gradient, never NaN."""
+are unmasked for the call and their outputs zeroed, so they give 0 output and 0 gradient, never NaN.
+
+TORCH_SDPA is PyTorch's function itself (the C++ binding F.scaled_dot_product_attention is bound to), captured at
+import: after the global swap `F.scaled_dot_product_attention = fastattn.scaled_dot_product_attention` (see
+fastattn/patch.py) this backend still calls PyTorch, not fastattn again."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +14,8 @@ import torch.nn.functional as F
 from ..params import AttnParams
 from .base import Backend
 from .reference import visibility
+
+TORCH_SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", F.scaled_dot_product_attention)
 
 
 class SdpaBackend(Backend):
@@ -27,8 +33,11 @@ class SdpaBackend(Backend):
         bias = p.attn_bias
         is_causal = False
         vis = None
-        if p.causal and not p.has_window and bias is None and (not p.bottom_right or Sq == Sk) and Sq <= Sk:
-            is_causal = True  # SDPA's own top-left causal; every row sees key 0
+        if (p.causal and not p.has_window and bias is None and (not p.bottom_right or Sq == Sk) and Sq <= Sk
+                and p.scale > 0):
+            # SDPA's own top-left causal; every row sees key 0. Not with scale <= 0: PyTorch's CPU kernels
+            # (torch 2.14, fp64 included) return all-NaN for is_causal with such a scale; the mask below is right.
+            is_causal = True
         else:
             vis = visibility(Sq, Sk, p.window_left, p.window_right, p.bottom_right, q.device)
         if vis is not None:
@@ -38,8 +47,7 @@ class SdpaBackend(Backend):
             row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)  # (B|1, H|1, Sq, 1)
             bias = torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
         kw = {"enable_gqa": True} if p.is_gqa else {}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p.dropout_p, is_causal=is_causal,
-                                             scale=p.scale, **kw)
+        out = TORCH_SDPA(q, k, v, attn_mask=bias, dropout_p=p.dropout_p, is_causal=is_causal, scale=p.scale, **kw)
         if row_ok is not None:
             out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out, None
