@@ -11,6 +11,7 @@
 from . import ops  # noqa: F401  (loads the C++ ops when built)
 from .backends import BACKENDS, get_backend
 from .dispatch import BackendUnavailableError, use_backend
+from .params import InputTypeError, InputValueError
 from .functional import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                          scaled_dot_product_attention)
 from . import nn  # noqa: E402  (fastattn.nn.MultiheadAttention)
@@ -27,4 +28,4 @@ def available_backends(device: str = "cpu"):
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain", "use_backend", "available_backends", "get_backend", "BACKENDS", "BackendUnavailableError",
-           "__version__", "nn", "patch", "unpatch", "explain_kvcache"]
+           "InputValueError", "InputTypeError", "__version__", "nn", "patch", "unpatch", "explain_kvcache"]

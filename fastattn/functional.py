@@ -4,31 +4,104 @@ Each validates its arguments, builds an AttnParams (q/k/v as (B, H, S, D) views,
 to the dispatcher (fastattn/dispatch.py)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import dispatch
-from .params import (AttnParams, check_alibi, check_cu_seqlens, check_dropout, check_qkv, check_window,
-                     default_scale, last_dim_contiguous, normalize_mask)
+from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
+                     check_qkv, check_tensors, check_window, default_scale, last_dim_contiguous, normalize_mask)
+
+
+def _broadcast_size(sizes, what: str, shapes: str) -> int:
+    out = 1
+    for s in sizes:
+        if s != 1:
+            if out != 1 and out != s:
+                raise InputValueError(f"fastattn: {what} do not broadcast: {shapes}")
+            out = s
+    return out
+
+
+def _sdpa_shapes(query, key, value, enable_gqa):
+    """PyTorch's SDPA shape rules: q (N, ..., Hq, Sq, D), k (..., Hk, Sk, D), v (..., Hv, Sk, Dv), 2-D and up,
+    size-1 batch/head dims broadcast (heads also by GQA when enable_gqa). Returns q, k, v as (B, H, S, D) (broadcast
+    dims have stride 0: no copies, except merging several broadcast batch dims or GQA with k heads != v heads) and
+    the scores' shape (..., Hq, Sq, Sk) with the batch dims unflattened."""
+    rank = max(t.dim() for t in (query, key, value))
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise InputValueError(f"fastattn: {name} must have at least 2 dims (..., S, D): {shapes}")
+    if key.shape[-2] != value.shape[-2]:
+        raise InputValueError(f"fastattn: key and value must have the same sequence length: {shapes}")
+    if query.shape[-1] != key.shape[-1]:
+        raise InputValueError(f"fastattn: query and key must have the same head dim: {shapes}")
+    R = max(rank, 4)
+    q, k, v = (t[(None,) * (R - t.dim())] for t in (query, key, value))  # left-pad with size-1 dims (views)
+    batch = tuple(_broadcast_size(sizes, "batch sizes", shapes) for sizes in zip(q.shape[:-3], k.shape[:-3],
+                                                                                 v.shape[:-3]))
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if enable_gqa and (hk, hv) != (hq, hq):
+        # As PyTorch: key head j serves query heads [j*hq/hk, (j+1)*hq/hk), value heads likewise with hv.
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
+            raise InputValueError(f"fastattn: query heads ({hq}) must be a multiple of key and value heads "
+                                  f"({hk}, {hv}) with enable_gqa: {shapes}")
+        if hk == hv or 1 in (hk, hv):
+            hkv = max(hk, hv)  # a single k (or v) head serves every group: expanded below
+        else:  # k and v grouped differently: bring both to lcm(hk, hv) heads, which divides hq (copies; rare)
+            hkv = math.lcm(hk, hv)
+            k, v = k.repeat_interleave(hkv // hk, dim=-3), v.repeat_interleave(hkv // hv, dim=-3)
+    else:
+        hkv = _broadcast_size((hk, hv), "key and value heads", shapes)
+        if hq != hkv and 1 not in (hq, hkv):
+            hint = "; pass enable_gqa=True for grouped-query attention" if hkv and hq % hkv == 0 else ""
+            raise InputValueError(f"fastattn: query has {hq} heads but key/value have {hkv}{hint}: {shapes}")
+        if hq == 1:
+            hq = hkv  # q broadcasts over the key/value heads (stride 0); hkv == 1 is GQA with one k/v head
+    B = math.prod(batch)
+    Sq, Sk, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    # (..., H, S, D) -> (B, H, S, D); reshape keeps the stride-0 view unless broadcast batch dims must merge
+    q = q.expand(batch + (hq, Sq, D)).reshape(B, hq, Sq, D)
+    k = k.expand(batch + (hkv, Sk, D)).reshape(B, hkv, Sk, D)
+    v = v.expand(batch + (hkv, Sk, Dv)).reshape(B, hkv, Sk, Dv)
+    return q, k, v, batch + (hq, Sq, Sk), rank
 
 
 def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    if isinstance(query, torch.Tensor) and query.dim() == 3:
-        # SDPA also takes (N, L, E): treat N as heads of one batch, (1, N, L, E); a 3-D mask pads the same way.
-        query, key, value = (t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
-                             for t in (query, key, value))
-    check_qkv(query, key, value, layout="bhsd")
-    B, Hq, Sq, D = query.shape
-    Hkv, Sk = key.shape[1], key.shape[2]
-    if Hq != Hkv and not enable_gqa:
-        raise ValueError(f"fastattn: query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True for "
-                         f"grouped-query attention")
-    bias, kind = normalize_mask(attn_mask, query, B, Hq, Sq, Sk)
-    query, key, value = last_dim_contiguous(query, key, value)
-    return AttnParams(q=query, k=key, v=value, scale=default_scale(scale, D), attn_bias=bias, mask_kind=kind,
-                      window_left=-1, window_right=0 if is_causal else -1, bottom_right=False,
-                      dropout_p=check_dropout(dropout_p))
+    check_tensors(query, key, value)
+    hq, hk = query.shape[-3] if query.dim() > 2 else 1, key.shape[-3] if key.dim() > 2 else 1
+    if (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
+            and hk == value.shape[1] and (hq == hk or enable_gqa and hk > 0 and hq % hk == 0)
+            and query.shape[3] == key.shape[3] and key.shape[2] == value.shape[2]):
+        q, k, v, rank = query, key, value, 4  # the common case: nothing to broadcast
+        scores = tuple(q.shape[:3]) + (k.shape[2],)
+    else:
+        q, k, v, scores, rank = _sdpa_shapes(query, key, value, enable_gqa)
+    Sq, Sk = scores[-2], scores[-1]
+    bottom_right = causal_bias_alignment(attn_mask, is_causal, Sq, Sk)
+    if bottom_right is not None:  # a CausalBias: causal in its alignment, not a dense mask
+        attn_mask, is_causal = None, True
+    bias, kind = normalize_mask(attn_mask, q, scores)
+    if q.shape[-1] == 0:
+        # No features: every score is 0 (PyTorch's result, whatever the scale). One zero feature gives the same.
+        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))  # (B, H, S, 0) -> (B, H, S, 1)
+    q, k, v = last_dim_contiguous(q, k, v)
+    p = AttnParams(q=q, k=k, v=v, scale=default_scale(scale, q.shape[-1]), attn_bias=bias, mask_kind=kind,
+                   window_left=-1, window_right=0 if is_causal else -1, bottom_right=bool(bottom_right),
+                   dropout_p=check_dropout(dropout_p))
+    return p, scores[:-1] + (v.shape[-1],), rank
+
+
+def _nothing_to_compute(p: AttnParams):
+    """Zero heads or zero value features: an empty output, with (zero) gradients for every input as PyTorch."""
+    B, Hq, Sq, _ = p.q.shape
+    out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1])
+    if p.requires_grad:
+        out = out + sum(t.sum() for t in (p.q, p.k, p.v, p.attn_bias) if t is not None) * 0  # keeps the graph
+    return out
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -36,30 +109,37 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
 
     Args:
-        query: (B, Hq, Sq, D)   key: (B, Hkv, Sk, D)   value: (B, Hkv, Sk, Dv); any strides. 3-D (N, L, E)
-            inputs are accepted as in PyTorch. Hq must equal Hkv unless enable_gqa=True (then Hq % Hkv == 0).
-        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, Hq, Sq, Sk).
+        query: (N, ..., Hq, Sq, D)   key: (N, ..., Hkv, Sk, D)   value: (N, ..., Hkv, Sk, Dv); any strides, 2-D and up,
+            e.g. (B, H, S, D) or (N, L, E). Size-1 batch or head dims of any of them broadcast as in PyTorch (no
+            copies). Hq must equal Hkv (or one of them be 1) unless enable_gqa=True (then Hq % Hkv == 0).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (N, ..., Hq, Sq, Sk); or a
+            torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right), run as causal attention in
+            that alignment (never read as a dense mask).
         dropout_p: dropout on the attention probabilities, applied whenever > 0 (as in PyTorch's function).
-        is_causal: query i sees keys j <= i (top-left alignment, as PyTorch). May be combined with attn_mask.
+        is_causal: query i sees keys j <= i (top-left alignment, as PyTorch). May be combined with a tensor attn_mask.
         scale: defaults to 1/sqrt(D).
         backend: 'auto' (default) or a backend name; see fastattn.explain and `python -m fastattn.info`.
 
-    Returns: (B, Hq, Sq, Dv) in query's dtype. Rows whose keys are all masked give 0 (PyTorch may give NaN).
+    Returns: (N, ..., Hq, Sq, Dv) in query's dtype. Rows whose keys are all masked give 0 (PyTorch may give NaN).
+    Bad input raises fastattn.InputValueError / InputTypeError (ValueError / TypeError and RuntimeError).
 
     Equivalent PyTorch:
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
-    p = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    squeeze = isinstance(query, torch.Tensor) and query.dim() == 3
-    out, _ = dispatch.run(p, backend)
-    return out.squeeze(0) if squeeze else out
+    p, out_shape, rank = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if p.q.shape[1] == 0 or p.v.shape[-1] == 0:
+        out = _nothing_to_compute(p)
+    else:
+        out, _ = dispatch.run(p, backend)
+    final = out_shape[len(out_shape) - rank:]  # drops the size-1 dims that padded inputs below 4-D
+    return out if out.shape == final else out.reshape(final)  # (B, H, Sq, Dv) -> (N, ..., H, Sq, Dv), a view
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             backend: Optional[str] = None) -> dispatch.Explanation:
     """Which backend would run this SDPA-style call, and why each other one was refused. print() it."""
-    p = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p, _, _ = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return dispatch.explain_params(p, backend)
 
 
@@ -69,7 +149,7 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
     if causal:
         wr = 0
     if softcap is None or softcap < 0:
-        raise ValueError(f"fastattn: softcap must be >= 0, got {softcap!r}")
+        raise InputValueError(f"fastattn: softcap must be >= 0, got {softcap!r}")
     if varlen is None:
         check_qkv(q, k, v, layout="bshd", names=("q", "k", "v"))
         B, Sq, Hq, D = q.shape
@@ -81,14 +161,14 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0])
         check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0])
         if cu_q.numel() != cu_k.numel():
-            raise ValueError(f"fastattn: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} "
+            raise InputValueError(f"fastattn: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} "
                              f"must describe the same number of sequences")
         if cu_q.device != q.device or cu_k.device != q.device:
-            raise ValueError(f"fastattn: cu_seqlens must be on q's device {q.device}")
+            raise InputValueError(f"fastattn: cu_seqlens must be on q's device {q.device}")
         if not torch.compiler.is_compiling():
             lq, lk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
             if lq > max_q or lk > max_k:
-                raise ValueError(f"fastattn: max_seqlen_q={max_q}, max_seqlen_k={max_k} are smaller than the longest "
+                raise InputValueError(f"fastattn: max_seqlen_q={max_q}, max_seqlen_k={max_k} are smaller than the longest "
                                  f"sequences ({lq}, {lk})")
         B, Hq, D = 1, q.shape[1], q.shape[2]
         # (total, H, D) -> (1, H, total, D) views

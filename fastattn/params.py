@@ -13,12 +13,22 @@ and backends only ever see the canonical form:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class InputValueError(ValueError, RuntimeError):
+    """Bad argument values or shapes. Also a RuntimeError, which is what PyTorch's own functions raise for bad
+    input, so code written for either (`except ValueError` or `except RuntimeError`) catches it."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype; also a RuntimeError, like InputValueError."""
 
 
 @dataclass
@@ -114,40 +124,50 @@ def _shape(t) -> str:
     return "None" if t is None else f"{tuple(t.shape)}"
 
 
-def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: bool = False, same_batch: bool = True):
-    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen)."""
+def check_tensors(q, k, v, *, names=("query", "key", "value")):
+    """Types, dtypes and device of q, k, v (no shapes)."""
     nq, nk, nv = names
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"fastattn: {name} must be a floating tensor (fp16, bf16, fp32, fp64), got {t.dtype}")
+            raise InputTypeError(f"fastattn: {name} must be a floating tensor (fp16, bf16, fp32, fp64), "
+                                 f"got {t.dtype}")
+        if t.is_nested:
+            raise InputValueError(f"fastattn: {name} is a nested tensor; pass padded tensors (and a mask)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputTypeError(f"fastattn: {nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise InputValueError(f"fastattn: {nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, "
+                              f"{v.device}")
+
+
+def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: bool = False, same_batch: bool = True):
+    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen)."""
+    nq, nk, nv = names
+    check_tensors(q, k, v, names=names)
     rank = 3 if varlen else 4
     for name, t in zip(names, (q, k, v)):
         if t.dim() != rank:
             lay = "(total, H, D)" if varlen else ("(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)")
-            raise ValueError(f"fastattn: {name} must be {rank}-D {lay}, got shape {_shape(t)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"fastattn: {nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"fastattn: {nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
+            raise InputValueError(f"fastattn: {name} must be {rank}-D {lay}, got shape {_shape(t)}")
     ax_h, ax_s = (1, 2) if layout == "bhsd" else ((1, 0) if varlen else (2, 1))
     shapes = f"{nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}"
     if not varlen and k.shape[0] != v.shape[0]:
-        raise ValueError(f"fastattn: {nk} and {nv} batch sizes differ: {shapes}")
+        raise InputValueError(f"fastattn: {nk} and {nv} batch sizes differ: {shapes}")
     if not varlen and same_batch and not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"fastattn: batch sizes differ: {shapes}")
+        raise InputValueError(f"fastattn: batch sizes differ: {shapes}")
     if k.shape[ax_s] != v.shape[ax_s]:
-        raise ValueError(f"fastattn: {nk} and {nv} must have the same sequence length: {shapes}")
+        raise InputValueError(f"fastattn: {nk} and {nv} must have the same sequence length: {shapes}")
     if k.shape[ax_h] != v.shape[ax_h]:
-        raise ValueError(f"fastattn: {nk} and {nv} must have the same number of heads: {shapes}")
+        raise InputValueError(f"fastattn: {nk} and {nv} must have the same number of heads: {shapes}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"fastattn: {nq} and {nk} must have the same head dim: {shapes}")
+        raise InputValueError(f"fastattn: {nq} and {nk} must have the same head dim: {shapes}")
     hq, hk = q.shape[ax_h], k.shape[ax_h]
     if hk == 0 or hq % hk != 0:
-        raise ValueError(f"fastattn: query heads ({hq}) must be a multiple of key/value heads ({hk}): {shapes}")
+        raise InputValueError(f"fastattn: query heads ({hq}) must be a multiple of key/value heads ({hk}): {shapes}")
     if q.shape[-1] == 0:
-        raise ValueError(f"fastattn: head dim must be positive: {shapes}")
+        raise InputValueError(f"fastattn: head dim must be positive: {shapes}")
 
 
 def last_dim_contiguous(*ts):
@@ -157,7 +177,7 @@ def last_dim_contiguous(*ts):
 
 def check_dropout(p) -> float:
     if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
-        raise ValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")
+        raise InputValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")
     return float(p)
 
 
@@ -165,64 +185,99 @@ def default_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"fastattn: scale must be a finite number or None, got {scale!r}")
+        raise InputValueError(f"fastattn: scale must be a finite number or None, got {scale!r}")
     return float(scale)
 
 
-def normalize_mask(attn_mask, q, B: int, H: int, Sq: int, Sk: int):
-    """SDPA mask semantics -> (additive bias in q.dtype expanded to (B, H, Sq, Sk), kind).
+def causal_bias_alignment(attn_mask, is_causal: bool, Sq: int, Sk: int) -> Optional[bool]:
+    """For a torch.nn.attention.bias.CausalBias attn_mask: whether it aligns bottom-right (LOWER_RIGHT) or
+    top-left (UPPER_LEFT). None for anything else. Its lengths must be the call's; like PyTorch, it cannot be
+    combined with is_causal=True."""
+    if attn_mask is None or type(attn_mask) is torch.Tensor:  # the common case; also what torch.compile traces
+        return None
+    bias_mod = sys.modules.get("torch.nn.attention.bias")  # no CausalBias can exist before torch imports it
+    if bias_mod is None or not isinstance(attn_mask, bias_mod.CausalBias):
+        return None
+    if is_causal:
+        raise InputValueError("fastattn: a CausalBias attn_mask cannot be combined with is_causal=True "
+                              "(as in PyTorch); pass one or the other")
+    variant = bias_mod.CausalVariant
+    if attn_mask.variant not in (variant.UPPER_LEFT, variant.LOWER_RIGHT):
+        raise InputValueError(f"fastattn: CausalBias variant {attn_mask.variant!r} is not supported")
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (Sq, Sk):
+        raise InputValueError(f"fastattn: attn_mask is a CausalBias for (Sq, Sk) = ({attn_mask.seq_len_q}, "
+                              f"{attn_mask.seq_len_kv}) but query/key have ({Sq}, {Sk})")
+    return attn_mask.variant == variant.LOWER_RIGHT
 
-    bool: True = attend; float: added to the scores. Any shape broadcastable to (B, H, Sq, Sk)."""
+
+def _overrides_torch_function(t: torch.Tensor) -> bool:
+    """True for tensor subclasses that give torch functions their own meaning (CausalBias, NestedTensor, ...):
+    their storage is not what PyTorch's SDPA would read. Parameter, FakeTensor, DTensor and the like disable it."""
+    f = getattr(type(t).__torch_function__, "__func__", type(t).__torch_function__)
+    return f is not torch.Tensor.__torch_function__.__func__ and f is not torch._C._disabled_torch_function_impl
+
+
+def normalize_mask(attn_mask, q, target):
+    """SDPA mask semantics -> (additive bias in q.dtype expanded to `target` (..., H, Sq, Sk) and flattened to
+    (B, H, Sq, Sk), kind). bool: True = attend; float: added to the scores. Any shape that broadcasts to `target`
+    (extra leading dims of size 1 are dropped). CausalBias is not a dense mask: see causal_bias_alignment."""
     if attn_mask is None:
         return None, None
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"fastattn: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        raise InputTypeError(f"fastattn: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if type(attn_mask) is not torch.Tensor and (attn_mask.is_nested or _overrides_torch_function(attn_mask)):
+        raise InputTypeError(f"fastattn: attn_mask of type {type(attn_mask).__name__} is not supported: fastattn "
+                             f"reads masks as dense tensors; pass a bool or float torch.Tensor (or a CausalBias)")
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise TypeError(f"fastattn: attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+        raise InputTypeError(f"fastattn: attn_mask must be bool (True = attend) or floating (additive), "
+                             f"got {attn_mask.dtype}")
     if attn_mask.device != q.device:
-        raise ValueError(f"fastattn: attn_mask is on {attn_mask.device} but query is on {q.device}")
-    target = (B, H, Sq, Sk)
-    if attn_mask.dim() > 4 or attn_mask.dim() == 0:
-        raise ValueError(f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to (B, H, Sq, Sk) = {target}")
-    shape4 = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    for have, want in zip(shape4, target):
-        if have != 1 and have != want:
-            raise ValueError(
-                f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to (B, H, Sq, Sk) = {target}")
-    m = attn_mask.reshape(shape4)  # left-pad to 4-D, (b|1, h|1, sq|1, sk|1)
+        raise InputValueError(f"fastattn: attn_mask is on {attn_mask.device} but query is on {q.device}")
+    target = tuple(target)
+    shape = tuple(attn_mask.shape)
+    while len(shape) > len(target) and shape[0] == 1:
+        shape = shape[1:]
+    full = (1,) * (len(target) - len(shape)) + shape  # left-padded to target's rank
+    if attn_mask.dim() == 0 or len(shape) > len(target) or any(h != 1 and h != w for h, w in zip(full, target)):
+        raise InputValueError(f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to the "
+                              f"scores' shape (..., H, Sq, Sk) = {target}")
+    m = attn_mask.reshape(full)  # (b|1, ..., h|1, sq|1, sk|1)
     if m.dtype == torch.bool:
         bias = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, float("-inf"))
     else:
         bias = m.to(q.dtype)
-    kind = "key_padding" if (shape4[1] == 1 and shape4[2] == 1) else "dense"
-    return bias.expand(target), kind
+    kind = "key_padding" if (full[-3] == 1 and full[-2] == 1) else "dense"
+    bias = bias.expand(target)
+    if len(target) > 4:  # (..., H, Sq, Sk) -> (B, H, Sq, Sk): a view unless broadcast batch dims must merge (a copy)
+        bias = bias.reshape((math.prod(target[:-3]),) + target[-3:])
+    return bias, kind
 
 
 def check_cu_seqlens(cu, name: str, total: int):
     if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
+        raise InputTypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"fastattn: {name} must be a 1-D int32 tensor of length batch+1, got {cu.dtype} {_shape(cu)}")
+        raise InputValueError(f"fastattn: {name} must be a 1-D int32 tensor of length batch+1, got {cu.dtype} {_shape(cu)}")
     if torch.compiler.is_compiling():
         return  # value checks need a host sync; they ran in eager mode
     c = cu.detach().cpu()
     if int(c[0]) != 0:
-        raise ValueError(f"fastattn: {name}[0] must be 0, got {int(c[0])}")
+        raise InputValueError(f"fastattn: {name}[0] must be 0, got {int(c[0])}")
     if bool((c[1:] < c[:-1]).any()):
-        raise ValueError(f"fastattn: {name} must be non-decreasing, got {c.tolist()}")
+        raise InputValueError(f"fastattn: {name} must be non-decreasing, got {c.tolist()}")
     if int(c[-1]) != total:
-        raise ValueError(f"fastattn: {name}[-1] = {int(c[-1])} must equal the packed length {total}")
+        raise InputValueError(f"fastattn: {name}[-1] = {int(c[-1])} must equal the packed length {total}")
 
 
 def check_alibi(alibi_slopes, B: int, H: int, device):
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-        raise TypeError("fastattn: alibi_slopes must be a float32 tensor of shape (H,) or (B, H)")
+        raise InputTypeError("fastattn: alibi_slopes must be a float32 tensor of shape (H,) or (B, H)")
     if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
-        raise ValueError(f"fastattn: alibi_slopes must have shape ({H},) or ({B}, {H}), got {_shape(alibi_slopes)}")
+        raise InputValueError(f"fastattn: alibi_slopes must have shape ({H},) or ({B}, {H}), got {_shape(alibi_slopes)}")
     if alibi_slopes.device != device:
-        raise ValueError(f"fastattn: alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+        raise InputValueError(f"fastattn: alibi_slopes is on {alibi_slopes.device} but query is on {device}")
     return alibi_slopes
 
 
@@ -230,7 +285,7 @@ def check_window(window_size):
     try:
         left, right = (int(x) for x in window_size)
     except Exception:
-        raise ValueError(f"fastattn: window_size must be a pair (left, right), got {window_size!r}") from None
+        raise InputValueError(f"fastattn: window_size must be a pair (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:
-        raise ValueError(f"fastattn: window_size entries must be >= -1 (-1 = unlimited), got {window_size!r}")
+        raise InputValueError(f"fastattn: window_size entries must be >= -1 (-1 = unlimited), got {window_size!r}")
     return left, right

@@ -1,0 +1,253 @@
+"""fastattn.scaled_dot_product_attention as a drop-in for torch.nn.functional.scaled_dot_product_attention: CausalBias
+masks, PyTorch's broadcasting, zero-size heads/dims, more than one batch dim, the global swap, error classes, and
+the sdpa backend's causal call with scale <= 0. Each case is compared with PyTorch's own function on CPU (float64
+as the reference, outputs and gradients) and, where the shapes allow, with the float64 oracle."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fastattn
+from fastattn.backends.sdpa import TORCH_SDPA
+
+from oracle import assert_rule, oracle_attention
+
+BACKENDS = ["auto", "reference", "sdpa"]
+
+
+def rnd(*shape, dtype=torch.float32, grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+
+def mask_in(kw, dtype):
+    """kw with a float attn_mask in `dtype` (torch wants it in the inputs' dtype)."""
+    m = kw.get("attn_mask")
+    return {**kw, "attn_mask": m.to(dtype)} if type(m) is torch.Tensor and m.is_floating_point() else kw
+
+
+def check_like_torch(name, qkv, backend, dtype=torch.float32, **kw):
+    """fastattn in `dtype` against PyTorch's function in float64 (the reference) and in `dtype` (the base):
+    shape, type, output and every input gradient."""
+    ins = [t.detach().to(dtype).requires_grad_() for t in qkv]
+    ref_ins = [t.detach().double().requires_grad_() for t in qkv]
+    base_ins = [t.detach().to(dtype).requires_grad_() for t in qkv]
+    ref = TORCH_SDPA(*ref_ins, **mask_in(kw, torch.float64))
+    base = TORCH_SDPA(*base_ins, **mask_in(kw, dtype))
+    kw = mask_in(kw, dtype)
+    got = fastattn.scaled_dot_product_attention(*ins, backend=backend, **kw)
+    assert type(got) is torch.Tensor, type(got)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert_rule(f"{name} out", got, ref, base, dtype)
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    for n, g, r, b in zip("qkv", grads(got, ins, dout.to(dtype)), grads(ref, ref_ins, dout),
+                          grads(base, base_ins, dout.to(dtype))):
+        assert g is not None and g.shape == r.shape, (n, None if g is None else g.shape, r.shape)
+        assert_rule(f"{name} d{n}", g, r, b, dtype)
+    return got
+
+
+# ---------------------------------------------------------------- CausalBias: a causal alignment, never storage
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("Sq,Sk", [(9, 9), (5, 19), (19, 5)])
+def test_causal_bias_is_causal_attention_in_its_alignment(backend, variant, Sq, Sk):
+    B, H, D = 2, 3, 24
+    q, k, v = rnd(B, H, Sq, D), rnd(B, H, Sk, D), rnd(B, H, Sk, D)
+    make = causal_lower_right if variant == "lower_right" else causal_upper_left
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that lower-right with Sq > Sk "produces NaNs" (it gives 0 now)
+        bias = make(Sq, Sk)
+    out = check_like_torch(f"{variant} {Sq}x{Sk}", (q, k, v), backend, attn_mask=bias)
+    ref = oracle_attention(q, k, v, scale=D ** -0.5, window=(-1, 0), bottom_right=variant == "lower_right")
+    assert_rule("oracle", out, ref, None, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_bias_with_more_batch_dims_and_gqa(backend):
+    q, k, v = rnd(2, 2, 4, 7, 16), rnd(2, 2, 2, 11, 16), rnd(2, 2, 2, 11, 16)
+    check_like_torch("lower_right 5-D gqa", (q, k, v), backend, attn_mask=causal_lower_right(7, 11), enable_gqa=True)
+
+
+def test_causal_bias_refusals():
+    q, k, v = rnd(1, 2, 4, 8), rnd(1, 2, 6, 8), rnd(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="is_causal"):  # PyTorch raises ValueError here too
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(4, 6), is_causal=True)
+    with pytest.raises(ValueError, match=r"CausalBias for \(Sq, Sk\) = \(4, 4\)"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(4, 4))
+
+    class Scaled(torch.Tensor):  # any other mask object that gives torch functions its own meaning
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    odd = torch.zeros(4, 6).as_subclass(Scaled)
+    with pytest.raises(TypeError, match="Scaled is not supported"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=odd)
+    # A Parameter (a learnt additive bias) is a plain dense mask.
+    bias = torch.nn.Parameter(torch.randn(4, 6))
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="reference")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+
+
+# ---------------------------------------------------------------- broadcasting and batch dims, as PyTorch
+SHAPES = {  # q, k, v, kwargs
+    "k_v_batch_1": ((3, 4, 9, 16), (1, 4, 13, 16), (1, 4, 13, 16), {}),
+    "q_batch_1": ((1, 4, 9, 16), (3, 4, 13, 16), (3, 4, 13, 16), {}),
+    "k_v_head_1": ((2, 4, 9, 16), (2, 1, 13, 16), (2, 1, 13, 16), {}),
+    "q_head_1": ((2, 1, 9, 16), (2, 4, 13, 16), (2, 4, 13, 24), {}),
+    "k_head_1_v_head_4": ((2, 4, 9, 16), (2, 1, 13, 16), (2, 4, 13, 16), {}),
+    "k_batch_1_head_1_mask": ((3, 4, 9, 16), (1, 1, 13, 16), (1, 1, 13, 16),
+                              {"attn_mask": "bool"}),
+    "gqa_k_2_v_4_heads": ((2, 8, 9, 16), (2, 2, 13, 16), (2, 4, 13, 16), {"enable_gqa": True}),
+    "3d_kv_4d_q": ((2, 4, 9, 16), (4, 13, 16), (4, 13, 16), {}),
+    "5d": ((2, 3, 4, 9, 16), (2, 3, 4, 13, 16), (2, 3, 4, 13, 8), {"is_causal": True}),
+    "5d_broadcast": ((2, 3, 4, 9, 16), (1, 3, 1, 13, 16), (2, 1, 4, 13, 16), {"attn_mask": "float"}),
+    "6d_broadcast_gqa": ((2, 1, 3, 4, 9, 16), (1, 2, 3, 2, 13, 16), (2, 2, 1, 2, 13, 16), {"enable_gqa": True}),
+    "2d": ((9, 16), (13, 16), (13, 16), {"is_causal": True}),
+    "2d_q_3d_kv": ((9, 16), (3, 13, 16), (3, 13, 16), {}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_broadcasting_and_batch_dims_match_torch(backend, case):
+    qs, ks, vs, kw = SHAPES[case]
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bool":
+        m = torch.rand(3, 1, 9, 13) > 0.3
+        m[..., 0] = True  # rows stay non-empty (torch's all-masked rows differ by version)
+        kw["attn_mask"] = m
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(3, 1, 9, 13)
+    check_like_torch(case, (rnd(*qs), rnd(*ks), rnd(*vs)), backend, **kw)
+
+
+def test_broadcast_dims_reach_the_kernels_without_copies(monkeypatch):
+    seen = []
+    real = fastattn.dispatch.run
+    monkeypatch.setattr(fastattn.dispatch, "run", lambda p, b=None: seen.append(p) or real(p, b))
+    q = rnd(3, 4, 9, 16)
+    k, v = rnd(1, 4, 13, 16), rnd(1, 1, 13, 16)  # batch 1 for both, one value head
+    fastattn.scaled_dot_product_attention(q, k, v)
+    p = seen[-1]
+    assert p.k.shape == (3, 4, 13, 16) and p.k.stride(0) == 0 and p.k.data_ptr() == k.data_ptr()
+    assert p.v.shape == (3, 4, 13, 16) and p.v.stride(0) == 0 and p.v.stride(1) == 0
+    fastattn.scaled_dot_product_attention(q, rnd(3, 1, 13, 16), rnd(3, 1, 13, 16))
+    assert seen[-1].k.shape[1] == 1  # a single k/v head serves all query heads as GQA, not expanded
+    fastattn.scaled_dot_product_attention(rnd(2, 3, 4, 9, 16), rnd(2, 3, 4, 13, 16), rnd(2, 3, 4, 13, 16))
+    assert seen[-1].q.shape == (6, 4, 9, 16)  # batch dims flattened
+
+
+def test_bad_broadcasts_are_refused_like_torch():
+    bad = [((2, 4, 9, 16), (3, 4, 13, 16), (3, 4, 13, 16), {}, "batch"),
+           ((2, 4, 9, 16), (2, 3, 13, 16), (2, 3, 13, 16), {}, "heads"),
+           ((2, 4, 9, 16), (2, 2, 13, 16), (2, 2, 13, 16), {}, "enable_gqa"),
+           ((2, 4, 9, 16), (2, 3, 13, 16), (2, 3, 13, 16), {"enable_gqa": True}, "multiple"),
+           ((9, ), (13, 16), (13, 16), {}, "at least 2 dims"),
+           ((2, 4, 9, 16), (2, 4, 13, 16), (2, 4, 13, 16), {"attn_mask": torch.ones(2, 2, 9, 13)}, "attn_mask")]
+    for qs, ks, vs, kw, needle in bad:
+        args = rnd(*qs), rnd(*ks), rnd(*vs)
+        with pytest.raises(RuntimeError):  # PyTorch refuses each as well
+            TORCH_SDPA(*args, **kw)
+        with pytest.raises(RuntimeError, match=needle) as ei:
+            fastattn.scaled_dot_product_attention(*args, **kw)
+        assert isinstance(ei.value, ValueError)
+
+
+# ---------------------------------------------------------------- zero heads, zero head dim, zero value head dim
+ZERO = {
+    "no_heads": ((2, 0, 5, 8), (2, 0, 7, 8), (2, 0, 7, 8), {}),
+    "no_query_heads_gqa": ((2, 0, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8), {"enable_gqa": True}),
+    "head_dim_0": ((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 6), {}),
+    "head_dim_0_causal_mask": ((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 6), {"is_causal": True}),
+    "head_dim_0_float_mask": ((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 6), {"attn_mask": "float"}),
+    "value_head_dim_0": ((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 0), {}),
+    "both_dims_0": ((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 0), {}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ZERO))
+def test_zero_size_heads_and_dims_match_torch(backend, case):
+    qs, ks, vs, kw = ZERO[case]
+    if kw.get("attn_mask") == "float":
+        kw = {"attn_mask": torch.randn(5, 7)}
+    got = check_like_torch(case, (rnd(*qs), rnd(*ks), rnd(*vs)), backend, **kw)
+    if qs[-1] == 0 and vs[-1]:  # no features: every score is 0, so the output is softmax(mask) @ v, not 0
+        assert got.abs().sum() > 0
+
+
+def test_zero_head_dim_against_oracle():
+    q, k, v = rnd(2, 3, 5, 0), rnd(2, 3, 7, 0), rnd(2, 3, 7, 6)
+    for backend in BACKENDS:
+        got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+        # scale is irrelevant with no features (PyTorch's default 1/sqrt(0) would make the oracle's 0 * inf = NaN)
+        assert_rule(backend, got, oracle_attention(q, k, v, scale=1.0, window=(-1, 0)), None, torch.float32)
+
+
+# ---------------------------------------------------------------- the global swap
+def test_global_swap_runs_fastattn_without_recursion(monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fastattn.scaled_dot_product_attention(*args, **kwargs)
+
+    q, k, v = (rnd(2, 4, 9, 16, dtype=torch.float64) for _ in range(3))
+    want = TORCH_SDPA(q, k, v, is_causal=True)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).train()  # train: torch's functional path
+    x = torch.randn(2, 9, 32)
+    want_mha, _ = mha(x, x, x, need_weights=False)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fastattn.scaled_dot_product_attention)
+    # float64 routes to fastattn's `sdpa` backend, which must call PyTorch's own function, not the patched name
+    got = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert fastattn.explain(q, k, v, is_causal=True).chosen == "sdpa"
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    got_mha, _ = mha(x, x, x, need_weights=False)
+    assert calls, "nn.MultiheadAttention did not go through the swapped function"
+    torch.testing.assert_close(got_mha, want_mha, rtol=1e-5, atol=1e-5)
+    lr = causal_lower_right(9, 9)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=lr), want)
+
+
+# ---------------------------------------------------------------- error classes PyTorch users catch
+def test_bad_input_errors_are_runtime_errors_too():
+    q = rnd(2, 3, 4, 8)
+    cases = [
+        (lambda: fastattn.scaled_dot_product_attention(q, rnd(2, 3, 4, 8, dtype=torch.float64), rnd(2, 3, 4, 8)),
+         fastattn.InputTypeError, TypeError),
+        (lambda: fastattn.scaled_dot_product_attention(q, rnd(2, 3, 4, 7), rnd(2, 3, 4, 8)),
+         fastattn.InputValueError, ValueError),
+        (lambda: fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(4, 4, dtype=torch.int32)),
+         fastattn.InputTypeError, TypeError),
+        (lambda: fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5), fastattn.InputValueError, ValueError),
+        (lambda: fastattn.flash_attn_func(rnd(2, 4, 3, 8), rnd(2, 4, 2, 8), rnd(2, 4, 2, 8)),
+         fastattn.InputValueError, ValueError),
+    ]
+    for fn, cls, py in cases:
+        with pytest.raises(RuntimeError) as ei:
+            fn()
+        assert type(ei.value) is cls and isinstance(ei.value, py), repr(ei.value)
+
+
+# ---------------------------------------------------------------- sdpa backend: causal with scale <= 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [-0.5, 0.0, -0.0])
+@pytest.mark.parametrize("Sq,Sk", [(8, 8), (5, 12)])
+def test_sdpa_backend_causal_with_nonpositive_scale(dtype, scale, Sq, Sk):
+    q, k, v = rnd(1, 2, Sq, 16, dtype=dtype), rnd(1, 2, Sk, 16, dtype=dtype), rnd(1, 2, Sk, 16, dtype=dtype)
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, backend="sdpa")
+    ref = oracle_attention(q, k, v, scale=scale, window=(-1, 0))
+    assert_rule(f"scale {scale}", out, ref, None, dtype)
+    dout = torch.randn_like(out)
+    ref_g = grads(ref, (q, k, v), dout.double())
+    for n, g, r in zip("qkv", grads(out, (q, k, v), dout), ref_g):
+        assert_rule(f"d{n}", g, r, None, dtype)
