@@ -238,9 +238,16 @@ def normalize_mask(attn_mask, q, target):
     while len(shape) > len(target) and shape[0] == 1:
         shape = shape[1:]
     full = (1,) * (len(target) - len(shape)) + shape  # left-padded to target's rank
-    if attn_mask.dim() == 0 or len(shape) > len(target) or any(h != 1 and h != w for h, w in zip(full, target)):
-        raise InputValueError(f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to the "
-                              f"scores' shape (..., H, Sq, Sk) = {target}")
+
+    def msg():
+        return (f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to the scores' shape "
+                f"(..., H, Sq, Sk) = {target}")
+    if attn_mask.dim() == 0 or len(shape) > len(target):
+        raise InputValueError(msg())
+    for have, want in zip(full, target):
+        # torch._check_with, not `if`: with symbolic sizes (torch.export) it is a runtime assertion, not a guard.
+        # `have == want` first: s0 == s0 is decided statically.
+        torch._check_with(InputValueError, have == want or have == 1, msg)
     m = attn_mask.reshape(full)  # (b|1, ..., h|1, sq|1, sk|1)
     if m.dtype == torch.bool:
         bias = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, float("-inf"))

@@ -2,6 +2,8 @@
 masks, PyTorch's broadcasting, zero-size heads/dims, more than one batch dim, the global swap, error classes, and
 the sdpa backend's causal call with scale <= 0. Each case is compared with PyTorch's own function on CPU (float64
 as the reference, outputs and gradients) and, where the shapes allow, with the float64 oracle."""
+import ast
+import pathlib
 import warnings
 
 import pytest
@@ -109,14 +111,15 @@ SHAPES = {  # q, k, v, kwargs
     "5d": ((2, 3, 4, 9, 16), (2, 3, 4, 13, 16), (2, 3, 4, 13, 8), {"is_causal": True}),
     "5d_broadcast": ((2, 3, 4, 9, 16), (1, 3, 1, 13, 16), (2, 1, 4, 13, 16), {"attn_mask": "float"}),
     "6d_broadcast_gqa": ((2, 1, 3, 4, 9, 16), (1, 2, 3, 2, 13, 16), (2, 2, 1, 2, 13, 16), {"enable_gqa": True}),
+    "decode_k_v_batch_1_v_head_1": ((3, 4, 1, 16), (1, 4, 13, 16), (1, 1, 13, 16), {}),  # split-KV decode route
     "2d": ((9, 16), (13, 16), (13, 16), {"is_causal": True}),
     "2d_q_3d_kv": ((9, 16), (3, 13, 16), (3, 13, 16), {}),
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", [(b, torch.float32) for b in BACKENDS] + [("auto", torch.bfloat16)])
 @pytest.mark.parametrize("case", list(SHAPES))
-def test_broadcasting_and_batch_dims_match_torch(backend, case):
+def test_broadcasting_and_batch_dims_match_torch(backend, dtype, case):
     qs, ks, vs, kw = SHAPES[case]
     kw = dict(kw)
     if kw.get("attn_mask") == "bool":
@@ -125,7 +128,7 @@ def test_broadcasting_and_batch_dims_match_torch(backend, case):
         kw["attn_mask"] = m
     elif kw.get("attn_mask") == "float":
         kw["attn_mask"] = torch.randn(3, 1, 9, 13)
-    check_like_torch(case, (rnd(*qs), rnd(*ks), rnd(*vs)), backend, **kw)
+    check_like_torch(case, (rnd(*qs), rnd(*ks), rnd(*vs)), backend, dtype, **kw)
 
 
 def test_broadcast_dims_reach_the_kernels_without_copies(monkeypatch):
@@ -236,6 +239,24 @@ def test_bad_input_errors_are_runtime_errors_too():
         with pytest.raises(RuntimeError) as ei:
             fn()
         assert type(ei.value) is cls and isinstance(ei.value, py), repr(ei.value)
+
+
+def test_validation_raises_only_the_dual_classes():
+    # Every input check of the public functions raises InputValueError / InputTypeError: a plain ValueError or
+    # TypeError added here later (e.g. by a merge) would escape `except RuntimeError` written for PyTorch.
+    pkg = pathlib.Path(fastattn.__file__).parent
+    plain = []
+    for name in ("params.py", "functional.py"):
+        for node in ast.walk(ast.parse((pkg / name).read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):  # raise X(...)
+                cls = node.exc.func
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_check_with" and node.args:
+                cls = node.args[0]  # torch._check_with(X, cond, msg)
+            else:
+                continue
+            if isinstance(cls, ast.Name) and cls.id in ("ValueError", "TypeError"):
+                plain.append(f"{name}:{cls.lineno} {cls.id}")
+    assert not plain, plain
 
 
 # ---------------------------------------------------------------- sdpa backend: causal with scale <= 0
