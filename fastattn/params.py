@@ -239,15 +239,12 @@ def normalize_mask(attn_mask, q, target):
         shape = shape[1:]
     full = (1,) * (len(target) - len(shape)) + shape  # left-padded to target's rank
 
-    def msg():
-        return (f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to the scores' shape "
-                f"(..., H, Sq, Sk) = {target}")
-    if attn_mask.dim() == 0 or len(shape) > len(target):
-        raise InputValueError(msg())
-    for have, want in zip(full, target):
-        # torch._check_with, not `if`: with symbolic sizes (torch.export) it is a runtime assertion, not a guard.
-        # `have == want` first: s0 == s0 is decided statically.
-        torch._check_with(InputValueError, have == want or have == 1, msg)
+    # `have == want` first: with symbolic sizes s0 == s0 is decided statically. (torch._check_with would trade the
+    # guard for a runtime assertion, but torch.compile(fullgraph=True) cannot trace its message closure.)
+    if attn_mask.dim() == 0 or len(shape) > len(target) or not all(
+            have == want or have == 1 for have, want in zip(full, target)):
+        raise InputValueError(f"fastattn: attn_mask of shape {_shape(attn_mask)} is not broadcastable to the "
+                              f"scores' shape (..., H, Sq, Sk) = {target}")
     m = attn_mask.reshape(full)  # (b|1, ..., h|1, sq|1, sk|1)
     if m.dtype == torch.bool:
         bias = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill_(~m, float("-inf"))

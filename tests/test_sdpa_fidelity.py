@@ -272,3 +272,20 @@ def test_sdpa_backend_causal_with_nonpositive_scale(dtype, scale, Sq, Sk):
     ref_g = grads(ref, (q, k, v), dout.double())
     for n, g, r in zip("qkv", grads(out, (q, k, v), dout), ref_g):
         assert_rule(f"d{n}", g, r, None, dtype)
+
+
+# ---------------------------------------------------------------- the shape handling traces without graph breaks
+@pytest.mark.parametrize("case", ["bool_mask", "broadcast_5d", "causal_bias"])
+def test_sdpa_shape_handling_compiles_fullgraph(case):
+    torch._dynamo.reset()
+    if case == "bool_mask":
+        args, kw = (rnd(2, 4, 9, 16), rnd(2, 4, 13, 16), rnd(2, 4, 13, 16)), {"attn_mask": torch.rand(9, 13) > 0.2}
+    elif case == "broadcast_5d":
+        args, kw = (rnd(2, 3, 4, 9, 16), rnd(1, 3, 1, 13, 16), rnd(2, 1, 4, 13, 16)), {}
+    else:
+        args, kw = (rnd(2, 4, 9, 16), rnd(2, 4, 13, 16), rnd(2, 4, 13, 16)), {"attn_mask": causal_lower_right(9, 13)}
+
+    def f(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, **kw)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args))
