@@ -1,7 +1,7 @@
 """Public attention functions: an SDPA-compatible one and flash-attn-compatible ones.
 
-Each validates its arguments, builds an AttnParams (q/k/v as (B, H, S, D) views, never copies), and hands it
-to the dispatcher (fastattn/dispatch.py)."""
+Each validates its arguments, builds an AttnParams (q/k/v as (B, H, S, D) views; broadcast dims get stride 0; the
+only copies are the rare ones _sdpa_shapes names), and hands it to the dispatcher (fastattn/dispatch.py)."""
 from __future__ import annotations
 
 import math
@@ -15,12 +15,12 @@ from .params import (AttnParams, InputValueError, causal_bias_alignment, check_a
                      check_qkv, check_tensors, check_window, default_scale, last_dim_contiguous, normalize_mask)
 
 
-def _broadcast_size(sizes, what: str, shapes: str) -> int:
+def _broadcast_size(sizes, what: str, shapes) -> int:
     out = 1
     for s in sizes:
         if s != 1:
             if out != 1 and out != s:
-                raise InputValueError(f"fastattn: {what} do not broadcast: {shapes}")
+                raise InputValueError(f"fastattn: {what} do not broadcast: {shapes()}")
             out = s
     return out
 
@@ -31,14 +31,16 @@ def _sdpa_shapes(query, key, value, enable_gqa):
     dims have stride 0: no copies, except merging several broadcast batch dims or GQA with k heads != v heads) and
     the scores' shape (..., Hq, Sq, Sk) with the batch dims unflattened."""
     rank = max(t.dim() for t in (query, key, value))
-    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+
+    def shapes():  # for error messages only
+        return f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
-            raise InputValueError(f"fastattn: {name} must have at least 2 dims (..., S, D): {shapes}")
+            raise InputValueError(f"fastattn: {name} must have at least 2 dims (..., S, D): {shapes()}")
     if key.shape[-2] != value.shape[-2]:
-        raise InputValueError(f"fastattn: key and value must have the same sequence length: {shapes}")
+        raise InputValueError(f"fastattn: key and value must have the same sequence length: {shapes()}")
     if query.shape[-1] != key.shape[-1]:
-        raise InputValueError(f"fastattn: query and key must have the same head dim: {shapes}")
+        raise InputValueError(f"fastattn: query and key must have the same head dim: {shapes()}")
     R = max(rank, 4)
     q, k, v = (t[(None,) * (R - t.dim())] for t in (query, key, value))  # left-pad with size-1 dims (views)
     batch = tuple(_broadcast_size(sizes, "batch sizes", shapes) for sizes in zip(q.shape[:-3], k.shape[:-3],
@@ -48,7 +50,7 @@ def _sdpa_shapes(query, key, value, enable_gqa):
         # As PyTorch: key head j serves query heads [j*hq/hk, (j+1)*hq/hk), value heads likewise with hv.
         if hk == 0 or hv == 0 or hq % hk or hq % hv:
             raise InputValueError(f"fastattn: query heads ({hq}) must be a multiple of key and value heads "
-                                  f"({hk}, {hv}) with enable_gqa: {shapes}")
+                                  f"({hk}, {hv}) with enable_gqa: {shapes()}")
         if hk == hv or 1 in (hk, hv):
             hkv = max(hk, hv)  # a single k (or v) head serves every group: expanded below
         else:  # k and v grouped differently: bring both to lcm(hk, hv) heads, which divides hq (copies; rare)
@@ -58,7 +60,7 @@ def _sdpa_shapes(query, key, value, enable_gqa):
         hkv = _broadcast_size((hk, hv), "key and value heads", shapes)
         if hq != hkv and 1 not in (hq, hkv):
             hint = "; pass enable_gqa=True for grouped-query attention" if hkv and hq % hkv == 0 else ""
-            raise InputValueError(f"fastattn: query has {hq} heads but key/value have {hkv}{hint}: {shapes}")
+            raise InputValueError(f"fastattn: query has {hq} heads but key/value have {hkv}{hint}: {shapes()}")
         if hq == 1:
             hq = hkv  # q broadcasts over the key/value heads (stride 0); hkv == 1 is GQA with one k/v head
     B = math.prod(batch)
@@ -110,8 +112,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Args:
         query: (N, ..., Hq, Sq, D)   key: (N, ..., Hkv, Sk, D)   value: (N, ..., Hkv, Sk, Dv); any strides, 2-D and up,
-            e.g. (B, H, S, D) or (N, L, E). Size-1 batch or head dims of any of them broadcast as in PyTorch (no
-            copies). Hq must equal Hkv (or one of them be 1) unless enable_gqa=True (then Hq % Hkv == 0).
+            e.g. (B, H, S, D) or (N, L, E). Size-1 batch or head dims of any of them broadcast as in PyTorch (stride-0
+            views, no copies but the rare ones _sdpa_shapes names). Hq must equal Hkv (or one of them be 1) unless
+            enable_gqa=True (then Hq % Hkv == 0).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (N, ..., Hq, Sq, Sk); or a
             torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right), run as causal attention in
             that alignment (never read as a dense mask).
