@@ -16,7 +16,7 @@ from fastattn.backends.sdpa import TORCH_SDPA
 
 from oracle import assert_rule, oracle_attention
 
-BACKENDS = ["auto", "reference", "sdpa"]
+BACKENDS = ["auto", "reference", "sdpa"] + ([] if fastattn.get_backend("triton").unavailable() else ["triton"])
 
 
 def rnd(*shape, dtype=torch.float32, grad=True):
@@ -108,7 +108,7 @@ SHAPES = {  # q, k, v, kwargs
                               {"attn_mask": "bool"}),
     "gqa_k_2_v_4_heads": ((2, 8, 9, 16), (2, 2, 13, 16), (2, 4, 13, 16), {"enable_gqa": True}),
     "3d_kv_4d_q": ((2, 4, 9, 16), (4, 13, 16), (4, 13, 16), {}),
-    "5d": ((2, 3, 4, 9, 16), (2, 3, 4, 13, 16), (2, 3, 4, 13, 8), {"is_causal": True}),
+    "5d": ((2, 3, 4, 9, 16), (2, 3, 4, 13, 16), (2, 3, 4, 13, 24), {"is_causal": True}),
     "5d_broadcast": ((2, 3, 4, 9, 16), (1, 3, 1, 13, 16), (2, 1, 4, 13, 16), {"attn_mask": "float"}),
     "6d_broadcast_gqa": ((2, 1, 3, 4, 9, 16), (1, 2, 3, 2, 13, 16), (2, 2, 1, 2, 13, 16), {"enable_gqa": True}),
     "decode_k_v_batch_1_v_head_1": ((3, 4, 1, 16), (1, 4, 13, 16), (1, 1, 13, 16), {}),  # split-KV decode route
@@ -117,7 +117,8 @@ SHAPES = {  # q, k, v, kwargs
 }
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, torch.float32) for b in BACKENDS] + [("auto", torch.bfloat16)])
+@pytest.mark.parametrize("backend,dtype", [pytest.param(b, torch.float32, id=f"{b}-fp32") for b in BACKENDS]
+                         + [pytest.param("auto", torch.bfloat16, id="auto-bf16")])
 @pytest.mark.parametrize("case", list(SHAPES))
 def test_broadcasting_and_batch_dims_match_torch(backend, dtype, case):
     qs, ks, vs, kw = SHAPES[case]
@@ -179,6 +180,8 @@ ZERO = {
 @pytest.mark.parametrize("case", list(ZERO))
 def test_zero_size_heads_and_dims_match_torch(backend, case):
     qs, ks, vs, kw = ZERO[case]
+    if backend == "triton" and qs[-1] == 0:
+        pytest.skip("head dim 0 runs as head dim 1, below triton's 16 (auto then picks another backend)")
     if kw.get("attn_mask") == "float":
         kw = {"attn_mask": torch.randn(5, 7)}
     got = check_like_torch(case, (rnd(*qs), rnd(*ks), rnd(*vs)), backend, **kw)
@@ -188,7 +191,7 @@ def test_zero_size_heads_and_dims_match_torch(backend, case):
 
 def test_zero_head_dim_against_oracle():
     q, k, v = rnd(2, 3, 5, 0), rnd(2, 3, 7, 0), rnd(2, 3, 7, 6)
-    for backend in BACKENDS:
+    for backend in ("auto", "reference", "sdpa"):  # not triton: head dims from 16
         got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
         # scale is irrelevant with no features (PyTorch's default 1/sqrt(0) would make the oracle's 0 * inf = NaN)
         assert_rule(backend, got, oracle_attention(q, k, v, scale=1.0, window=(-1, 0)), None, torch.float32)
