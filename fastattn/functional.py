@@ -72,7 +72,8 @@ def _sdpa_shapes(query, key, value, enable_gqa):
     return q, k, v, batch + (hq, Sq, Sk), rank
 
 
-def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """-> (AttnParams, the output's shape with batch dims unflattened, the output's rank)."""
     check_tensors(query, key, value)
     hq, hk = query.shape[-3] if query.dim() > 2 else 1, key.shape[-3] if key.dim() > 2 else 1
     if (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
@@ -95,6 +96,10 @@ def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
                    window_left=-1, window_right=0 if is_causal else -1, bottom_right=bool(bottom_right),
                    dropout_p=check_dropout(dropout_p))
     return p, scores[:-1] + (v.shape[-1],), rank
+
+
+def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> AttnParams:
+    return _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
 
 
 def _nothing_to_compute(p: AttnParams):
@@ -130,7 +135,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
-    p, out_shape, rank = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p, out_shape, rank = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if p.q.shape[1] == 0 or p.v.shape[-1] == 0:
         out = _nothing_to_compute(p)
     else:
@@ -142,7 +147,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             backend: Optional[str] = None) -> dispatch.Explanation:
     """Which backend would run this SDPA-style call, and why each other one was refused. print() it."""
-    p, _, _ = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return dispatch.explain_params(p, backend)
 
 
