@@ -14,6 +14,9 @@ from .dispatch import BackendUnavailableError, use_backend
 from .params import InputTypeError, InputValueError
 from .functional import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                          scaled_dot_product_attention)
+from .packed import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_kvpacked_func,
+                     flash_attn_varlen_qkvpacked_func)
+from .padding import index_first_axis, pad_input, unpad_input
 from . import nn  # noqa: E402  (fastattn.nn.MultiheadAttention)
 from .patch import patch, unpatch
 from .kvcache import explain_kvcache  # noqa: E402
@@ -28,4 +31,6 @@ def available_backends(device: str = "cpu"):
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain", "use_backend", "available_backends", "get_backend", "BACKENDS", "BackendUnavailableError",
-           "InputValueError", "InputTypeError", "__version__", "nn", "patch", "unpatch", "explain_kvcache"]
+           "InputValueError", "InputTypeError", "__version__", "nn", "patch", "unpatch", "explain_kvcache",
+           "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+           "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input", "index_first_axis"]

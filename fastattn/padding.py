@@ -1,0 +1,72 @@
+"""flash-attn's bert_padding helpers: remove padding before a varlen call and put it back after.
+
+    x_unpad, indices, cu_seqlens, max_seqlen, seqused = unpad_input(x, attention_mask)   # x (B, S, ...)
+    out_unpad = flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    out = pad_input(out_unpad, indices, B, S)                                            # (B, S, ...), 0 at padding
+
+Return values as in the current flash-attn release (unpad_input returns five values, the last being the number of
+tokens each sequence uses). Plain index_select/index_copy, whose gradients autograd already has."""
+import torch
+import torch.nn.functional as F
+
+from .params import _shape
+
+
+def _check_indices(indices, name="indices"):
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
+        what = f"shape {_shape(indices)} {indices.dtype}" if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"fastattn: {name} must be a 1-D int64/int32 tensor, got {what}")
+
+
+def index_first_axis(input, indices):
+    """input[indices] along the first axis: input (N, ...), indices (nnz,) -> (nnz, ...). Differentiable in input."""
+    if not isinstance(input, torch.Tensor) or input.dim() < 2:
+        raise ValueError(f"fastattn: index_first_axis needs input of at least 2 dims (N, ...), got "
+                         f"{_shape(input) if isinstance(input, torch.Tensor) else type(input).__name__}")
+    _check_indices(indices)
+    return input.index_select(0, indices)
+
+
+def index_put_first_axis(values, indices, first_axis_dim: int):
+    """A zero (first_axis_dim, ...) tensor with rows `indices` set to values (nnz, ...). Differentiable in values."""
+    _check_indices(indices)
+    if not isinstance(values, torch.Tensor) or values.dim() < 2 or values.shape[0] != indices.shape[0]:
+        raise ValueError(f"fastattn: values must be (nnz, ...) with nnz = len(indices) = {indices.shape[0]}, got "
+                         f"{_shape(values) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    out = values.new_zeros((first_axis_dim, *values.shape[1:]))
+    return out.index_copy(0, indices, values)
+
+
+def unpad_input(hidden_states, attention_mask, unused_mask=None):
+    """hidden_states (B, S, ...), attention_mask (B, S) bool/int (nonzero = a token) ->
+    (hidden (total, ...), indices (total,) int64 into the flattened B*S axis, cu_seqlens (B+1,) int32,
+    max_seqlen_in_batch (int), seqused (B,) int32).
+
+    unused_mask (B, S): slots that are allocated but unused; they are kept in the unpadded tensor (and counted in
+    cu_seqlens) but not in seqused, which counts attention_mask's tokens only."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
+        raise ValueError(f"fastattn: hidden_states must be (B, S, ...), got "
+                         f"{_shape(hidden_states) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__}")
+    for name, m in (("attention_mask", attention_mask), ("unused_mask", unused_mask)):
+        if m is not None and (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(hidden_states.shape[:2])):
+            raise ValueError(f"fastattn: {name} must be (B, S) = {tuple(hidden_states.shape[:2])} like "
+                             f"hidden_states {_shape(hidden_states)}, got "
+                             f"{_shape(m) if isinstance(m, torch.Tensor) else type(m).__name__}")
+    keep = attention_mask.bool() if unused_mask is None else (attention_mask.bool() | unused_mask.bool())
+    seqlens = keep.sum(dim=-1, dtype=torch.int32)
+    seqused = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])  # (B, S, ...) -> (B*S, ...)
+    return index_first_axis(flat, indices), indices, cu_seqlens, max_seqlen, seqused
+
+
+def pad_input(hidden_states, indices, batch: int, seqlen: int):
+    """The inverse of unpad_input: hidden_states (total, ...) -> (batch, seqlen, ...), zeros where nothing was
+    kept. Differentiable in hidden_states."""
+    out = index_put_first_axis(hidden_states, indices, batch * seqlen)
+    return out.view(batch, seqlen, *out.shape[1:])  # (B*S, ...) -> (B, S, ...)
+
+
+__all__ = ["unpad_input", "pad_input", "index_first_axis", "index_put_first_axis"]
