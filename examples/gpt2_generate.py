@@ -2,22 +2,23 @@
 
 Three runs on the same weights and prompts (a left-padded batch): transformers' generate() with
 attn_implementation="eager", the same with "fastattn", and fastattn.models.GPT2 (a compact GPT-2 whose cache goes
-through fastattn.flash_attn_with_kvcache). Prints the generated text, whether the tokens agree, and tokens/s.
+through fastattn.flash_attn_with_kvcache). Prints the generated text, whether the tokens agree, and tokens/s in
+steady state (warm-up, then the median of --runs generate() calls; a single call is mostly noise).
 
 Offline by default: a tiny random GPT-2 (so the text is gibberish) and a byte-level BPE tokenizer trained on a few
 sentences on the fly. With --model PATH it uses a real checkpoint and its tokenizer from disk.
 
     python examples/gpt2_generate.py
     python examples/gpt2_generate.py --model ./gpt2 --new-tokens 64 --dtype bfloat16
-Needs transformers >= 5 and tokenizers (pip install 'fastattn[transformers]').
+Needs transformers >= 5 and tokenizers (pip install "transformers>=5" accelerate).
 """
 import argparse
 import copy
-import time
 
 import torch
 
 import fastattn.integrations.transformers  # noqa: F401  (registers attn_implementation="fastattn")
+from _timing import spread, steady, threads_line
 from fastattn.models import GPT2
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -35,22 +36,13 @@ def tiny_tokenizer():
                                    pad_token="<|endoftext|>")
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="folder with a GPT-2 checkpoint and tokenizer (default: tiny random GPT-2)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--runs", type=int, default=5, help="timed generate() calls after 2 warm-up calls (median shown)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -82,18 +74,24 @@ def main():
                           ("fastattn", lambda: fast.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]),
                           ("fastattn.models.GPT2", lambda: ours.generate(ids, mask, max_new_tokens=args.new_tokens,
                                                                          pad_token_id=tok.pad_token_id))):
-            run()  # warm-up
-            results[name] = timed(run)
+            sec, times, tokens = steady(run, runs=args.runs)
+            results[name] = (tokens, sec, times)
 
     print(f"model: {args.model or 'tiny random GPT-2 (gibberish text)'}, {args.dtype} on {args.device}, "
           f"batch {ids.shape[0]} (left-padded to {ids.shape[1]}), {args.new_tokens} new tokens each")
     for prompt, new in zip(PROMPTS, results["fastattn"][0]):
         print(f"  {prompt!r} -> {tok.decode(new, skip_special_tokens=True)!r}")
     base = results["eager"][0]
-    for name, (tokens, sec) in results.items():
+    print(f"timing: median of {args.runs} generate() calls after 2 warm-up calls, {threads_line(args.device)}")
+    for name, (tokens, sec, times) in results.items():
         same = "same tokens as eager" if torch.equal(tokens, base) else \
             f"{(tokens != base).any(1).sum().item()} rows differ from eager"
-        print(f"{name:>22}: {n_new / sec:9.1f} tokens/s  ({same})")
+        print(f"{name:>22}: {n_new / sec:9.1f} tokens/s  ({same}; {spread(times)} per call)")
+    step = results["eager"][1] / args.new_tokens
+    if step < (5e-3 if args.device == "cpu" else 1e-3):
+        print(f"note: one decode step takes {step * 1e3:.2f} ms for the whole batch: this model is too small for "
+              f"attention to matter, so per-call overhead (Python, dispatch, small GEMMs) decides tokens/s; "
+              f"a real checkpoint (--model) or --new-tokens 128 shows the kernels")
 
 
 if __name__ == "__main__":

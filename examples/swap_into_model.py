@@ -2,29 +2,43 @@
 
 Builds an nn.TransformerEncoder (or loads one saved with torch.save(model) via --model PATH), runs it on a
 right-padded batch, patches every nn.MultiheadAttention in place (weights kept, state_dict unchanged), checks that
-the outputs agree on real tokens, times both, and unpatches.
+the outputs agree on real tokens, times both in steady state (warm-up, then the median of --iters runs), and
+unpatches. The baseline is the same model on torch's plain path (nn.MultiheadAttention -> SDPA), which is what the
+patched model replaces; torch's fused "fast path" (nested tensors, inference only) is timed too, for reference.
 
     python examples/swap_into_model.py
     python examples/swap_into_model.py --seq 1024 --d-model 512 --device cuda --dtype float16
 """
 import argparse
-import time
+import contextlib
+import warnings
 
 import torch
 
 import fastattn
+from _timing import spread, steady, threads_line
 
 
-def bench(fn, iters):
-    fn()  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+@contextlib.contextmanager
+def torch_fastpath(enabled: bool):
+    """Turns torch's fused encoder/MHA inference path (and its nested-tensor conversion) on or off."""
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+
+
+def attention_share(model, seq: int) -> float:
+    """Fraction of the encoder's matmul FLOPs spent in attention (QK^T and PV), for Amdahl's bound on a speedup."""
+    attn = lin = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.TransformerEncoderLayer):
+            d, ff = m.self_attn.embed_dim, m.linear1.out_features
+            attn += 4 * seq * seq * d  # QK^T and PV, 2 FLOPs per multiply-add
+            lin += 2 * seq * (4 * d * d + 2 * d * ff)  # in/out projections and the feed-forward block
+    return attn / (attn + lin) if attn else float("nan")
 
 
 def main():
@@ -37,7 +51,7 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=7, help="timed runs after 2 warm-up runs; the median is shown")
     ap.add_argument("--backend", default=None, help="fastattn backend for the swapped modules (default: auto)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -60,11 +74,15 @@ def main():
 
     with torch.no_grad():
         run = lambda: model(x, src_key_padding_mask=pad)  # noqa: E731
-        before = run()
-        t_torch = bench(run, args.iters)
+        with torch_fastpath(False):
+            before = run()
+            t_torch, times_torch, _ = steady(run, runs=args.iters)
+        with torch_fastpath(True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
+            t_nested, _, _ = steady(run, runs=args.iters)
         replaced = fastattn.patch(model, backend=args.backend)
         after = run()
-        t_fast = bench(run, args.iters)
+        t_fast, times_fast, _ = steady(run, runs=args.iters)
         assert list(model.state_dict()) == keys, "patch changed the state_dict"
         fastattn.unpatch(model)
 
@@ -73,8 +91,18 @@ def main():
     print(f"patched {len(replaced)} modules: {', '.join(replaced)}")
     print(f"input ({args.batch}, {args.seq}, {d_model}) {args.dtype} on {args.device}, right-padded")
     print(f"max |fastattn - torch| on real tokens: {diff:.3g} (relative {diff / scale:.3g})")
-    print(f"torch: {t_torch * 1e3:8.2f} ms/forward   fastattn: {t_fast * 1e3:8.2f} ms/forward   "
-          f"speedup {t_torch / t_fast:.2f}x")
+    print(f"timing: median of {args.iters} runs after 2 warm-up runs, {threads_line(args.device)}")
+    print(f"  torch (nn.MultiheadAttention -> SDPA): {t_torch * 1e3:8.2f} ms/forward  ({spread(times_torch)})")
+    print(f"  fastattn.patch(model):                 {t_fast * 1e3:8.2f} ms/forward  ({spread(times_fast)})  "
+          f"speedup {t_torch / t_fast:.2f}x over torch SDPA")
+    print(f"  torch fused fast path (nested tensors, inference only, for reference): {t_nested * 1e3:8.2f} ms/forward")
+    share = attention_share(model, args.seq)
+    if share == share:  # not NaN: a TransformerEncoder we can count
+        print(f"attention is {share:.0%} of this model's matmul FLOPs, so even free attention would make the forward "
+              f"at most {1 / (1 - share):.2f}x faster")
+    if t_torch < (5e-3 if args.device == "cpu" else 1e-3):
+        print(f"note: a {t_torch * 1e3:.1f} ms forward is overhead-bound (Python, dispatch, small GEMMs): the "
+              f"speedup says little about the attention kernels; try --seq 1024 --d-model 512")
 
 
 if __name__ == "__main__":

@@ -122,13 +122,15 @@ def test_tiny_run_writes_json_and_csv(tmp_path, capsys):
                    "--no-progress", "--max-seconds", "45"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "implementation" in printed and "summary" in printed
+    assert "implementation" in printed and "summary" in printed and "verdict:" in printed
     data = json.loads((out / "results.json").read_text())
     env = data["env"]
     for key in ("torch", "triton", "cpu_model", "torch_threads", "git_commit", "device", "date", "load_average",
                 "ceilings"):
         assert key in env, key
     assert data["settings"]["preset"] == "tiny"
+    # The command as typed, not this machine's absolute path to __main__.py.
+    assert env["command"].startswith("python -m fastattn.benchmark --preset tiny") and "__main__" not in env["command"]
     # Each selected implementation is either measured/refused per case, or listed as not runnable with reasons.
     seen = {r["impl"] for r in data["results"]}
     for name in ("fastattn.reference", "sdpa.flash", "sdpa.efficient", "fastattn.cpu", "fastattn.cpu+varlen"):
@@ -154,7 +156,7 @@ def test_tiny_run_writes_json_and_csv(tmp_path, capsys):
             assert r["gbps"] > 0
     try:
         import matplotlib  # noqa: F401
-        assert (out / "tflops_fwd_fp32.png").stat().st_size > 0 and (out / "decode_fp32.png").exists()
+        assert (out / "gflops_fwd_fp32.png").stat().st_size > 0 and (out / "decode_fp32.png").exists()  # CPU: GFLOP/s
     except ImportError:
         assert "plots skipped" in printed
     with open(out / "results.csv") as f:

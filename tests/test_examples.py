@@ -34,7 +34,9 @@ def test_swap_into_model():
     assert "patched 2 modules: layers.0.self_attn, layers.1.self_attn" in out
     rel = float(re.search(r"relative ([0-9.e+-]+)\)", out).group(1))
     assert rel <= 1e-5
-    assert re.search(r"speedup [0-9.]+x", out)
+    assert re.search(r"speedup [0-9.]+x over torch SDPA", out)
+    assert re.search(r"median of \d+ runs after 2 warm-up runs, \d+ CPU thread", out), "steady-state timing, threads"
+    assert "attention is" in out and "of this model's matmul FLOPs" in out
 
 
 def test_bert_finetune():
@@ -43,6 +45,7 @@ def test_bert_finetune():
     assert "attn_implementation=fastattn" in out
     acc = float(re.search(r"held-out accuracy: ([0-9.]+)", out).group(1))
     assert acc >= 0.9, f"fine-tuning did not learn the built-in task (accuracy {acc})"
+    assert "mean train loss over all steps" in out and "last logged loss" in out, "Trainer's loss is a mean"
 
 
 def test_gpt2_generate():
@@ -51,3 +54,4 @@ def test_gpt2_generate():
     for name in ("fastattn", "fastattn.models.GPT2"):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + ":"))
         assert "same tokens as eager" in line and "tokens/s" in line, line
+    assert re.search(r"median of \d+ generate\(\) calls after 2 warm-up calls, \d+ CPU thread", out)

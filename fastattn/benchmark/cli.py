@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import fnmatch
 import os
+import shlex
 import signal
 import sys
 import time
@@ -41,6 +42,14 @@ def _list(s: str) -> List[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
 
+# torch's dtype names (and `half`/`float`) accepted for --dtype, mapped to the short names the cases use.
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def _dtypes(s: str) -> List[str]:
+    return [DTYPE_ALIASES.get(t.lower().removeprefix("torch."), t.lower()) for t in _list(s)]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastattn.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlens", type=_ints, default=None,
                    help="sequence lengths (and KV-cache lengths for decode), e.g. 512,1k,4k")
     p.add_argument("--headdims", type=_ints, default=None, help="head dims, e.g. 64,128")
-    p.add_argument("--causal", choices=["true", "false", "both"], default=None)
-    p.add_argument("--dtype", type=_list, default=None, help=f"comma list of {', '.join(C.DTYPES)}")
+    p.add_argument("--causal", choices=["true", "false", "both"], default=None,
+                   help="causal cases only (true), non-causal only (false) or both (default: the preset's)")
+    p.add_argument("--dtype", type=_dtypes, default=None,
+                   help=f"comma list of {', '.join(C.DTYPES)} (torch's names bfloat16, float16, float32 too)")
     p.add_argument("--mode", type=_list, default=None, help=f"comma list of {', '.join(C.MODES)}")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
     p.add_argument("--model", choices=["on", "off"], default=None,
@@ -68,8 +79,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch.set_num_threads(N) for the run (default: torch's). On a shared machine, fewer "
                         "threads than cores avoids waiting for busy cores at every parallel region")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots (JSON and CSV only)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display on stderr (default: a bar on a terminal, a line per tenth of the run "
+                        "otherwise)")
     p.add_argument("--list", action="store_true", help="list implementations and cases, run nothing")
     return p
 
@@ -174,6 +187,9 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         return 0
 
     env = E.collect(device)
+    # Portable: the command as a user would type it, not this interpreter's absolute path to __main__.py.
+    env["command"] = shlex.join(["python", "-m", "fastattn.benchmark", *(sys.argv[1:] if argv is None else argv)])
+    cpu = not device.startswith("cuda")
     print(f"fastattn benchmark: preset {args.preset} on {env.get('gpu') or env['cpu_model']} ({device}), "
           f"torch {env['torch']}, {len(cases)} cases x {len(impls)} implementations", flush=True)
     try:
@@ -184,9 +200,12 @@ def _run(args, device, preset, cases, t0, argv) -> int:
               f"({c['copy']}); torch threads {env['torch_threads']}, commit {env.get('git_commit')}", flush=True)
     except Exception as e:  # noqa: BLE001 - context only
         env["ceilings"] = {"error": f"{type(e).__name__}: {e}"}
-    if not device.startswith("cuda") and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):
+    if cpu and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):
         print(f"note: the CPU is busy (load average {env['load_average']} on {env['cpu_count']} cores): timings "
-              f"include waiting for other processes", flush=True)
+              f"include waiting for other processes; re-run with --threads 1 for steadier numbers", flush=True)
+    elif cpu and not args.threads and torch.get_num_threads() > 1:
+        print(f"note: timing with torch's default {torch.get_num_threads()} threads; on a shared machine "
+              f"--threads 1 gives steadier numbers (and a fair per-core comparison)", flush=True)
     budget = preset.max_seconds if args.max_seconds is None else (args.max_seconds or None)
     records = runner.run(cases, impls, device, target_s=preset.target_s, max_seconds=budget,
                          progress=not args.no_progress, not_run=not_run,
@@ -203,10 +222,13 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     wall = time.monotonic() - t0
 
     print()
-    print(report.table(records, flops_unit="TFLOP/s" if device.startswith("cuda") else "GFLOP/s",
-                       copy_gbps=env["ceilings"].get("copy_gbps")))
+    # CPU: no copy ceiling for decode; a cache-resident KV cache outruns the 64 MiB copy, so a percentage misleads.
+    print(report.table(records, flops_unit="GFLOP/s" if cpu else "TFLOP/s",
+                       copy_gbps=None if cpu else env["ceilings"].get("copy_gbps")))
     print("summary (geometric means over the cases each implementation ran):")
     print(report.summary(records))
+    print("\nverdict:")
+    print(report.verdicts(records))
     if not_run:
         print("\nnot run:")
         print(report.not_run_text(not_run))
@@ -223,9 +245,11 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     paths = report.write(args.out, env, records, not_run, models, settings)
     written = list(paths.values())
     if not args.no_plots:
-        pngs = plots.plot(records, args.out, title=f"{env.get('gpu') or env['cpu_model']} ({device}), torch "
-                          f"{env['torch']}, fastattn {env.get('git_commit') or ''}"[:110],
-                          gflops=not device.startswith("cuda"))
+        commit = (env.get("git_commit") or "")[:10]
+        threads = f", {env['torch_threads']} threads" if cpu else ""
+        pngs = plots.plot(records, args.out, title=f"{env.get('gpu') or env['cpu_model']} ({device}{threads}), "
+                          f"torch {env['torch']}, fastattn {commit}", gflops=cpu,
+                          copy_gbps=None if cpu else env["ceilings"].get("copy_gbps"))
         if pngs is None:
             print("\nplots skipped: matplotlib is not installed (pip install matplotlib, or the 'bench' extra)")
         else:

@@ -20,15 +20,31 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
     return format(x, spec)
 
 
+def _x(x, width: int) -> str:
+    """A speedup cell: '1.23x', or an em dash when there is no baseline in this run (e.g. naive filtered out)."""
+    return f"{format(x, f'{width - 1}.2f')}x" if x else f"{'—':>{width}}"
+
+
+def _copy_note(gbps, copy_gbps) -> str:
+    """Decode bandwidth against the copy ceiling. Only meaningful where the ceiling is one: a KV cache that fits a
+    cache level outruns a large DRAM copy (the CPU case: cli passes no ceiling there), so no percentage above 100."""
+    if not gbps or not copy_gbps:
+        return ""
+    pct = 100 * gbps / copy_gbps
+    return f"  ({pct:.0f}% of copy bandwidth)" if pct <= 100 else "  (above copy bandwidth: cache-resident KV)"
+
+
 def table(records: List[dict], flops_unit: str = "TFLOP/s", copy_gbps=None) -> str:
-    """One block per case; one row per implementation (measured ones fastest first, then refusals)."""
+    """One block per case; one row per implementation (measured ones fastest first, then refusals).
+
+    copy_gbps: the device copy ceiling that decode rows are compared with; None leaves the comparison out."""
     cases: "OrderedDict[str, List[dict]]" = OrderedDict()
     for r in records:
         cases.setdefault(r["label"], []).append(r)
     lines = []
     per_s = 1e3 if flops_unit == "GFLOP/s" else 1.0
     head = f"  {'implementation':<24} {'ms':>9} {flops_unit:>8} {'GB/s':>7} {'peak MB':>8} {'x naive':>8} " \
-           f"{'x sdpa':>7}  check"
+           f"{'x sdpa-best':>11}  check"
     for label, rows in cases.items():
         lines.append(label)
         lines.append(head)
@@ -37,17 +53,20 @@ def table(records: List[dict], flops_unit: str = "TFLOP/s", copy_gbps=None) -> s
             flag = {True: "ok", False: "OFF: " + r.get("check", ""), None: "? " + r.get("check", "")}[r.get("correct")]
             if r.get("notes"):
                 flag += f"  [{r['notes']}]"
-            if r.get("gbps") and copy_gbps:
-                flag += f"  ({100 * r['gbps'] / copy_gbps:.0f}% of copy bandwidth)"
+            flag += _copy_note(r.get("gbps"), copy_gbps)
             lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r['tflops'] * per_s if r.get('tflops') else None, '8.3f')} "
                          f"{_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
-                         f"{_fmt(r.get('speedup_vs_naive'), '7.2f')}x {_fmt(r.get('speedup_vs_sdpa_best'), '6.2f')}x"
+                         f"{_x(r.get('speedup_vs_naive'), 8)} {_x(r.get('speedup_vs_sdpa_best'), 11)}"
                          f"  {flag}")
         for r in rows:
             if r["status"] != "ok":
                 lines.append(f"  {r['impl']:<24} {r['status']}: {r['reason'][:150]}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _gm(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
 def summary(records: List[dict]) -> str:
@@ -68,15 +87,35 @@ def summary(records: List[dict]) -> str:
         else:
             s["other"] += 1
 
-    def gm(xs):
-        return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
     lines = [f"  {'implementation':<24} {'ran':>4} {'refused':>8} {'failed':>7} {'skipped':>8} {'geomean x naive':>16} "
              f"{'geomean x sdpa-best':>20} {'wrong':>6}"]
     for name, s in per.items():
         lines.append(f"  {name:<24} {s['n']:>4} {s['refused']:>8} {s['other']:>7} {s['skipped']:>8} "
-                     f"{_fmt(gm(s['naive']), '15.2f')}x "
-                     f"{_fmt(gm(s['sdpa']), '19.2f')}x {s['off']:>6}")
+                     f"{_x(_gm(s['naive']), 16)} {_x(_gm(s['sdpa']), 20)} {s['off']:>6}")
+    return "\n".join(lines)
+
+
+def verdicts(records: List[dict]) -> str:
+    """One line per implementation that ran: in how many of its cases it was the fastest, and its geometric-mean
+    speed relative to the best SDPA kernel of each case. Best first."""
+    by_case: Dict[str, List[dict]] = OrderedDict()
+    for r in records:
+        if r["status"] == "ok":
+            by_case.setdefault(r["label"], []).append(r)
+    stats: Dict[str, dict] = OrderedDict()
+    for rows in by_case.values():
+        fastest = min(rows, key=lambda r: r["time_ms"])["impl"]
+        for r in rows:
+            s = stats.setdefault(r["impl"], {"ran": 0, "won": 0, "sdpa": []})
+            s["ran"] += 1
+            s["won"] += r["impl"] == fastest
+            if r.get("speedup_vs_sdpa_best"):
+                s["sdpa"].append(r["speedup_vs_sdpa_best"])
+    lines = []
+    for name, s in sorted(stats.items(), key=lambda kv: -(_gm(kv[1]["sdpa"]) or 0)):
+        gm = _gm(s["sdpa"])
+        rel = f"{gm:.2f}x the best SDPA kernel (geomean over {len(s['sdpa'])})" if gm else "no SDPA kernel to compare"
+        lines.append(f"  {name:<24} fastest in {s['won']}/{s['ran']} cases, {rel}")
     return "\n".join(lines)
 
 

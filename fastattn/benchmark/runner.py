@@ -19,14 +19,18 @@ from .timing import bench
 
 
 class Progress:
-    """tqdm when installed, else a one-line counter on stderr."""
+    """On a terminal: tqdm when installed, else a counter redrawn in place with \\r. Elsewhere (a log file, a pipe,
+    CI) redrawing would pile every update onto one line, so it writes a plain line at each tenth of the run."""
 
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, stream=None):
         self.total, self.n, self.enabled, self._bar = total, 0, enabled, None
-        if enabled:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._next_line = 0  # non-TTY: the count at which the next line is written
+        if enabled and self.tty:
             try:
                 from tqdm import tqdm
-                self._bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, leave=False)
+                self._bar = tqdm(total=total, file=self.stream, unit="run", dynamic_ncols=True, leave=False)
             except ImportError:
                 pass
 
@@ -37,15 +41,19 @@ class Progress:
         if self._bar is not None:
             self._bar.set_description_str(desc[:60])
             self._bar.update(1)
-        else:
-            sys.stderr.write(f"\r[{self.n}/{self.total}] {desc[:70]:<70}")
-            sys.stderr.flush()
+        elif self.tty:
+            self.stream.write(f"\r[{self.n}/{self.total}] {desc[:70]:<70}")
+            self.stream.flush()
+        elif self.n >= self._next_line or self.n == self.total:
+            self.stream.write(f"[{self.n}/{self.total}] {desc[:100]}\n")
+            self.stream.flush()
+            self._next_line = self.n + max(1, self.total // 10)
 
     def close(self):
         if self._bar is not None:
             self._bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
+        elif self.enabled and self.tty:
+            self.stream.write("\n")
 
 
 # Stopping: Ctrl-C / SIGTERM set STATE["stop"]; they interrupt only code run under interruptible() (a measurement,
