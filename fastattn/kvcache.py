@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import decode, dispatch
+from . import decode, dispatch, rotary
 from .params import AttnParams, check_alibi, check_qkv, check_window, default_scale, last_dim_contiguous
 
 
@@ -102,7 +102,7 @@ class _Plan:
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
               softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad) -> _Plan:
-    for name, val in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad)):
+    for name, val in (("cache_leftpad", cache_leftpad),):  # rotary_cos/sin: fastattn/rotary.py
         if val is not None:
             raise NotImplementedError(f"fastattn: flash_attn_with_kvcache({name}=...) is not supported yet")
     check_qkv(q, k_cache, v_cache, layout="bshd", names=("q", "k_cache", "v_cache"), same_batch=False)
@@ -241,11 +241,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q[0]   x x x ...  x   x   .
         q[1]   x x x ...  x   x   x
 
+    rotary_cos/rotary_sin (seqlen_ro, rotary_dim / 2) rotate the new keys and q first (flash-attn's rule: rotary.py).
     Returns out (B, Sq, Hq, Dv), and softmax_lse (B, Hq, Sq) fp32 when return_softmax_lse. num_splits (0 = heuristic)
     is a performance hint for split-KV kernels and does not change results beyond rounding.
     """
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
+    q, k = rotary.apply_kvcache(plan, q, k, rotary_cos, rotary_sin, rotary_interleaved)  # checks, then copies
     scale = default_scale(softmax_scale, plan.D)
     if plan.snew:
         _append(plan, k, v, k_cache, v_cache, cache_batch_idx, block_table)
@@ -268,6 +270,7 @@ def explain_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary
     the backend the dispatcher picks there), and why. Validates like the real call; writes and computes nothing."""
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
+    rotary.check(rotary_cos, rotary_sin, q, k, plan.capacity)
     scale = default_scale(softmax_scale, plan.D)
     ex = decode.choose(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
                                     num_splits), backend)

@@ -246,7 +246,8 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     written = list(paths.values())
     if not args.no_plots:
         commit = (env.get("git_commit") or "")[:10]
-        threads = f", {env['torch_threads']} threads" if cpu else ""
+        n = env["torch_threads"]
+        threads = f", {n} thread{'s' if n != 1 else ''}" if cpu else ""
         pngs = plots.plot(records, args.out, title=f"{env.get('gpu') or env['cpu_model']} ({device}{threads}), "
                           f"torch {env['torch']}, fastattn {commit}", gflops=cpu,
                           copy_gbps=None if cpu else env["ceilings"].get("copy_gbps"))
