@@ -68,13 +68,20 @@ def test_kvpacked_gqa_bottom_right(backend, dtype):
 
 
 def _per_sequence(out_packed, grads_packed, q, k, v, g, cu_q, cu_k, dtype, name, **kw):
-    """Varlen check, one sequence at a time: packed (total, H, D) tensors sliced by cu_seqlens."""
+    """Varlen check: the oracle run one sequence at a time, its results packed like fastattn's (total, H, D), then
+    the rule applied to each whole packed tensor (as the matrix does: one scale per output, not per sequence)."""
+    bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # (L, H, D) -> (1, H, L, D)
+    thd = lambda t: t[0].transpose(0, 1)  # (1, H, L, D) -> (L, H, D)
+    refs, bases = [[], [], [], []], [[], [], [], []]  # out, dq, dk, dv pieces in packed order
     for n in range(len(cu_q) - 1):
         sq, sk = slice(cu_q[n], cu_q[n + 1]), slice(cu_k[n], cu_k[n + 1])
-        bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # (L, H, D) -> (1, H, L, D)
-        grads = [bhsd(grads_packed[0][sq]), bhsd(grads_packed[1][sk]), bhsd(grads_packed[2][sk])]
-        _check(f"{name}[{n}]", bhsd(out_packed[sq]), bhsd(q[sq]), bhsd(k[sk]), bhsd(v[sk]), bhsd(g[sq]), dtype, grads,
-               **kw)
+        args = (bhsd(q[sq]), bhsd(k[sk]), bhsd(v[sk]), bhsd(g[sq]))
+        for acc, dt in ((refs, torch.float64), (bases, dtype)):
+            for i, t in enumerate(_oracle_grads(*args, dt, **kw)):
+                acc[i].append(thd(t))
+    fast = (out_packed, *grads_packed)
+    for i, label in enumerate(("out", "dq", "dk", "dv")):
+        assert_rule(f"{name} {label}", fast[i], torch.cat(refs[i]), torch.cat(bases[i]), dtype)
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -82,7 +82,7 @@ def plot(records: List[dict], out_dir: str, title: str = "", gflops: bool = Fals
         panels = sorted({(r["case"]["head_dim"], r["case"]["causal"]) for r in rows})
         lengths = {r["case"]["seqlen_q"] for r in rows}
         for metric, ylabel, fname, what in (
-                ("tflops", f"{unit} (higher is better)", "gflops" if gflops else "tflops", f"attention throughput in {unit}"),
+                ("tflops", f"{unit} (higher is better)", unit[0].lower() + "flops", f"attention throughput in {unit}"),
                 ("peak_mem_mb", "peak extra MiB (lower is better)", "memory", "peak extra memory in MiB")):
             fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False,
                                      layout="constrained")
