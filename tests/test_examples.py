@@ -55,3 +55,4 @@ def test_gpt2_generate():
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + ":"))
         assert "same tokens as eager" in line and "tokens/s" in line, line
     assert re.search(r"median of \d+ generate\(\) calls after 2 warm-up calls, \d+ CPU thread", out)
+    assert "tiny model" in out and "overhead" in out, "the default model is overhead-bound and must say so"
