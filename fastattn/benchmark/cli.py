@@ -195,14 +195,16 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     try:
         env["ceilings"] = ceilings.measure(device)
         c = env["ceilings"]
-        print(f"ceilings measured now: matmul {c['matmul_tflops'] * (1 if device.startswith('cuda') else 1e3):.1f} "
-              f"{'TFLOP/s' if device.startswith('cuda') else 'GFLOP/s'} ({c['matmul']}), copy {c['copy_gbps']:.0f} GB/s "
-              f"({c['copy']}); torch threads {env['torch_threads']}, commit {env.get('git_commit')}", flush=True)
+        copy = c["copy"] if not cpu else c["copy"].replace("device-to-device", "in memory")
+        print(f"ceilings measured now: matmul {c['matmul_tflops'] * (1e3 if cpu else 1):.1f} "
+              f"{'GFLOP/s' if cpu else 'TFLOP/s'} ({c['matmul']}), copy {c['copy_gbps']:.0f} GB/s ({copy}); "
+              f"torch threads {env['torch_threads']}, commit {(env.get('git_commit') or '?')[:10]}", flush=True)
     except Exception as e:  # noqa: BLE001 - context only
         env["ceilings"] = {"error": f"{type(e).__name__}: {e}"}
     if cpu and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):
+        hint = "; re-run with --threads 1 for steadier numbers" if torch.get_num_threads() > 1 else ""
         print(f"note: the CPU is busy (load average {env['load_average']} on {env['cpu_count']} cores): timings "
-              f"include waiting for other processes; re-run with --threads 1 for steadier numbers", flush=True)
+              f"include waiting for other processes{hint}", flush=True)
     elif cpu and not args.threads and torch.get_num_threads() > 1:
         print(f"note: timing with torch's default {torch.get_num_threads()} threads; on a shared machine "
               f"--threads 1 gives steadier numbers (and a fair per-core comparison)", flush=True)
@@ -255,7 +257,8 @@ def _run(args, device, preset, cases, t0, argv) -> int:
             print("\nplots skipped: matplotlib is not installed (pip install matplotlib, or the 'bench' extra)")
         else:
             written += pngs
-    print(f"\nwrote {', '.join(os.path.relpath(p) for p in written)}")
+    short = [os.path.relpath(p) for p in written]
+    print(f"\nwrote {', '.join(r if not r.startswith('..') else p for r, p in zip(short, written))}")
     print(f"wall time {wall:.1f} s")
     return 0
 
