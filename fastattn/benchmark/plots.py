@@ -10,6 +10,7 @@ and the subtitle gives the batch x heads behind each length (the presets shrink 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections import defaultdict
 from typing import List, Optional
 
@@ -54,7 +55,10 @@ def _finish(plt, fig, axes, headline: str, subtitle: str, path: str):
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                    ncol=min(len(handles), 4), fontsize=7, frameon=False)
-    fig.suptitle(headline + ("\n" + subtitle if subtitle else ""), fontsize=9)
+    # Wrapped to the figure's width (about 14 characters per inch at 9 pt): a one-panel figure must not clip it.
+    width = max(20, int(fig.get_size_inches()[0] * 14))
+    lines = [headline] + [w for line in subtitle.splitlines() for w in textwrap.wrap(line, width)]
+    fig.suptitle("\n".join(lines), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -84,7 +88,7 @@ def plot(records: List[dict], out_dir: str, title: str = "", gflops: bool = Fals
         for metric, ylabel, fname, what in (
                 ("tflops", f"{unit} (higher is better)", unit[0].lower() + "flops", f"attention throughput in {unit}"),
                 ("peak_mem_mb", "peak extra MiB (lower is better)", "memory", "peak extra memory in MiB")):
-            fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False,
+            fig, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 4.6 * len(panels)), 4.6), squeeze=False,
                                      layout="constrained")
             for ax, (D, causal) in zip(axes[0], panels):
                 series = defaultdict(list)
