@@ -8,16 +8,16 @@ from typing import Optional
 import torch
 
 from .functional import flash_attn_func, flash_attn_varlen_func
-from .params import _shape
+from .params import InputTypeError, InputValueError, _shape
 
 
 def _unpack(t, name: str, n: int, axis: int, layout: str):
     """Views t.unbind(axis) after checking that t is a tensor with n entries on `axis` and the right rank."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
     rank = len(layout.split(","))
     if t.dim() != rank or t.shape[axis] != n:
-        raise ValueError(f"fastattn: {name} must be {rank}-D {layout} with {n} on dim {axis}, got shape {_shape(t)}")
+        raise InputValueError(f"fastattn: {name} must be {rank}-D {layout} with {n} on dim {axis}, got shape {_shape(t)}")
     return t.unbind(axis)
 
 

@@ -9,7 +9,7 @@ tokens each sequence uses). Plain index_select/index_copy, whose gradients autog
 import torch
 import torch.nn.functional as F
 
-from .params import _shape
+from .params import InputTypeError, InputValueError, _shape
 
 
 def _what(t) -> str:
@@ -19,13 +19,13 @@ def _what(t) -> str:
 def _check_indices(indices, name="indices"):
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
         dtype = f" {indices.dtype}" if isinstance(indices, torch.Tensor) else ""
-        raise ValueError(f"fastattn: {name} must be a 1-D int64/int32 tensor, got {_what(indices)}{dtype}")
+        raise InputValueError(f"fastattn: {name} must be a 1-D int64/int32 tensor, got {_what(indices)}{dtype}")
 
 
 def index_first_axis(input, indices):
     """input[indices] along the first axis: input (N, ...), indices (nnz,) -> (nnz, ...). Differentiable in input."""
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
-        raise ValueError(f"fastattn: index_first_axis needs input of at least 2 dims (N, ...), got {_what(input)}")
+        raise InputValueError(f"fastattn: index_first_axis needs input of at least 2 dims (N, ...), got {_what(input)}")
     _check_indices(indices)
     return input.index_select(0, indices)
 
@@ -34,7 +34,7 @@ def index_put_first_axis(values, indices, first_axis_dim: int):
     """A zero (first_axis_dim, ...) tensor with rows `indices` set to values (nnz, ...). Differentiable in values."""
     _check_indices(indices)
     if not isinstance(values, torch.Tensor) or values.dim() < 2 or values.shape[0] != indices.shape[0]:
-        raise ValueError(f"fastattn: values must be (nnz, ...) with nnz = len(indices) = {indices.shape[0]}, got "
+        raise InputValueError(f"fastattn: values must be (nnz, ...) with nnz = len(indices) = {indices.shape[0]}, got "
                          f"{_what(values)}")
     out = values.new_zeros((first_axis_dim, *values.shape[1:]))
     return out.index_copy(0, indices, values)
@@ -48,10 +48,10 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     unused_mask (B, S): slots that are allocated but unused; they are kept in the unpadded tensor (and counted in
     cu_seqlens) but not in seqused, which counts attention_mask's tokens only."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
-        raise ValueError(f"fastattn: hidden_states must be (B, S, ...), got {_what(hidden_states)}")
+        raise InputValueError(f"fastattn: hidden_states must be (B, S, ...), got {_what(hidden_states)}")
     for name, m in (("attention_mask", attention_mask), ("unused_mask", unused_mask)):
         if m is not None and (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(hidden_states.shape[:2])):
-            raise ValueError(f"fastattn: {name} must be (B, S) = {tuple(hidden_states.shape[:2])} like "
+            raise InputValueError(f"fastattn: {name} must be (B, S) = {tuple(hidden_states.shape[:2])} like "
                              f"hidden_states {_shape(hidden_states)}, got {_what(m)}")
     keep = attention_mask.bool() if unused_mask is None else (attention_mask.bool() | unused_mask.bool())
     seqlens = keep.sum(dim=-1, dtype=torch.int32)

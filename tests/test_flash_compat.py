@@ -126,7 +126,7 @@ def test_varlen_kvpacked_gqa(backend, dtype):
     (lambda: fa.flash_attn_qkvpacked_func([1, 2]), r"qkv must be a torch.Tensor"),
 ])
 def test_packed_bad_input(call, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((fastattn.InputValueError, fastattn.InputTypeError), match=match):  # ValueError/TypeError too
         call()
 
 
@@ -173,7 +173,7 @@ def test_index_first_axis_grad():
     (lambda: bert_padding.pad_input(torch.randn(3, 2), torch.tensor([0, 1]), 2, 2), r"nnz = len\(indices\) = 2"),
 ])
 def test_padding_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(fastattn.InputValueError, match=match):  # a ValueError and a RuntimeError, like torch's
         call()
 
 
