@@ -51,9 +51,17 @@ TORCH_LIBRARY(fastattn, m) {
 
 namespace fastattn {
 bool cuda_built();
+namespace cpu::mm {
+std::string describe();
+void force_fp32(bool on);
 }
+}  // namespace fastattn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn C++ ops; importing this module registers torch.ops.fastattn.*";
   m.def("cuda_built", &fastattn::cuda_built, "True when the CUDA kernels were compiled into this build");
+  m.def("cpu_matmul", &fastattn::cpu::mm::describe,
+        "CPU model, ISA found, and how the CPU kernels multiply bf16/fp16/fp32 tiles (probed once)");
+  m.def("cpu_matmul_force_fp32", &fastattn::cpu::mm::force_fp32,
+        "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
 }

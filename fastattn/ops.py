@@ -29,6 +29,14 @@ def cuda_built() -> bool:
     return _C is not None and bool(_C.cuda_built())
 
 
+def cpu_matmul() -> str:
+    """CPU model, ISA found, and how the CPU kernels multiply each dtype's tiles (probed once per process):
+    bf16/fp16 on the matrix units (oneDNN brgemm: AMX, AVX512-BF16, AVX512-FP16) or converted to fp32."""
+    if _C is None or not hasattr(_C, "cpu_matmul"):
+        return "C++ extension not loaded"
+    return str(_C.cpu_matmul())
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """True when fastattn::fwd has an implementation registered for this dispatch key (CPU, CUDA)."""
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::fwd", dispatch_key)

@@ -238,7 +238,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
 
   for (int64_t r = 0; r < M; ++r) {
     const int64_t h = hk0 * p.group + r / p.Sq, i = r % p.Sq;
-    const bool seen = w.l_i[r] > 0.f;
+    const bool seen = w.l_i[r] != 0.f;  // NaN (a NaN score) counts as seen so that it reaches the output
     const float inv = seen ? 1.f / w.l_i[r] : 0.f;
     const float lse = seen ? w.m_i[r] + std::log(w.l_i[r]) : (p.splits > 1 ? -kInf : kInf);
     const float* a = w.acc.data() + r * Dv;
@@ -262,9 +262,18 @@ void combine_rows(const DecodeParams& p, int64_t begin, int64_t end) {
   std::vector<float> o(p.Dv);
   for (int64_t rr = begin; rr < end; ++rr) {
     float m = -kInf;
-    for (int64_t s = 0; s < p.splits; ++s) m = std::max(m, p.lse_part[s * rows + rr]);
+    bool nan = false;
+    for (int64_t s = 0; s < p.splits; ++s) {
+      m = std::max(m, p.lse_part[s * rows + rr]);
+      nan |= std::isnan(p.lse_part[s * rows + rr]);
+    }
     const int64_t b = rr / (p.Hq * p.Sq), h = (rr / p.Sq) % p.Hq, i = rr % p.Sq;
     T* out = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sm;
+    if (nan) {  // a NaN score in some split poisons the row, as in PyTorch
+      p.lse[rr] = std::numeric_limits<float>::quiet_NaN();
+      for (int64_t d = 0; d < p.Dv; ++d) out[d] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
     if (m == -kInf) {  // no split saw a visible key
       p.lse[rr] = kInf;
       for (int64_t d = 0; d < p.Dv; ++d) out[d] = static_cast<T>(0.f);

@@ -16,7 +16,10 @@ namespace {
 // Returns the factor the accumulator row must be multiplied by (exp(m_old - m_new); 1 when unchanged).
 inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i) {
   const float m_new = std::max(m_i, vec::max_row(S_r, bk));
-  if (m_new == kNegInf) {  // every key so far masked: P = 0, state unchanged
+  if (m_new == kNegInf) {  // every key so far masked: P = 0, state unchanged (unless a NaN score poisons l)
+    for (int64_t j = 0; j < bk; ++j) {
+      if (std::isnan(S_r[j])) l_i = std::numeric_limits<float>::quiet_NaN();
+    }
     std::fill(S_r, S_r + bk, 0.f);
     return 1.f;
   }

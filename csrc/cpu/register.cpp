@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "lowp.h"
 
 namespace fastattn::cpu {
 
@@ -147,10 +148,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr<float>();
   const auto [mq, mk] = max_lengths(p);
+  // bf16/fp16 tiles go to the matrix units where mm::path found them usable, else through fp32 sgemm.
+  const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
   switch (q.scalar_type()) {
     case at::kFloat: fwd_kernel<float>(p, mq, mk); break;
-    case at::kBFloat16: fwd_kernel<c10::BFloat16>(p, mq, mk); break;
-    default: fwd_kernel<c10::Half>(p, mq, mk); break;
+    case at::kBFloat16: lowp ? fwd_lowp_kernel<c10::BFloat16>(p, mq, mk) : fwd_kernel<c10::BFloat16>(p, mq, mk); break;
+    default: lowp ? fwd_lowp_kernel<c10::Half>(p, mq, mk) : fwd_kernel<c10::Half>(p, mq, mk); break;
   }
   return {out, lse};
 }
@@ -202,10 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
   const auto [mq, mk] = max_lengths(p);
+  const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
   switch (q.scalar_type()) {
     case at::kFloat: bwd_kernel<float>(p, mq, mk); break;
-    case at::kBFloat16: bwd_kernel<c10::BFloat16>(p, mq, mk); break;
-    default: bwd_kernel<c10::Half>(p, mq, mk); break;
+    case at::kBFloat16: lowp ? bwd_lowp_kernel<c10::BFloat16>(p, mq, mk) : bwd_kernel<c10::BFloat16>(p, mq, mk); break;
+    default: lowp ? bwd_lowp_kernel<c10::Half>(p, mq, mk) : bwd_kernel<c10::Half>(p, mq, mk); break;
   }
   return {dq, dk, dv};
 }

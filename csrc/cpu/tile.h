@@ -67,6 +67,14 @@ struct ScoreCtx {
   void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
               int64_t ldS, float* tanh_out) const {
     gemm_rm(false, true, bq, bk, p.D, 1.f, qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
+    finish(i0, bq, j0, bk, S, ldS, tanh_out);
+  }
+
+  // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
+  bool transforms() const { return p.softcap > 0.f || p.alibi != nullptr || bias_row0 != nullptr; }
+
+  // Everything after the product, on scaled scores S: softcap, alibi, bias, visibility mask.
+  void finish(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float* tanh_out) const {
     if (p.softcap > 0.f) {
       const float c = p.softcap, inv_c = 1.f / p.softcap;
       for (int64_t r = 0; r < bq; ++r) {

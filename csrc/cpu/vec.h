@@ -31,10 +31,13 @@ inline bool use_avx2() {
 
 #ifdef FASTATTN_X86
 // exp(x) for 8 lanes: Cody-Waite range reduction x = k ln2 + r, degree-6 polynomial on r (Cephes expf
-// coefficients, ~1 ulp), 2^k built in the exponent bits. x < -87 (incl. -inf) gives exactly 0.
+// coefficients, ~1 ulp), 2^k built in the exponent bits. x < -87 (incl. -inf) gives exactly 0; NaN stays NaN
+// (a NaN score must poison its row, as in PyTorch).
 FA_AVX2 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_NLT_UQ);  // x >= lo or NaN
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const __m256 x_in = x;
   x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -48,7 +51,7 @@ FA_AVX2 inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), zero_mask);
+  return _mm256_blendv_ps(_mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), zero_mask), x_in, nan);
 }
 
 FA_AVX2 inline float hsum8(__m256 v) {

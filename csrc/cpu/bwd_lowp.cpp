@@ -1,0 +1,243 @@
+// FlashAttention-2 backward on the CPU's matrix units for bf16/fp16: the five products of a tile take the input
+// dtype and accumulate in fp32; P and dS are rounded to the input dtype for their products, as on GPUs.
+//
+//   per tile (bq query rows x bk keys):  S  = Q K^T                 (Q rows,    K^T VNNI)
+//                                        dP = dO V^T               (dO rows,   V^T VNNI)
+//                                        P = exp(S - lse), dS = P (dP - delta)   (fused AVX-512 row pass)
+//                                        dV^T += dO^T P            (dO^T rows, P as VNNI row pairs)
+//                                        dK^T += Q^T dS            (Q^T rows,  dS as VNNI row pairs)
+//                                        dQ   += dS K              (dS rows,   K VNNI)
+// Accumulating dV^T and dK^T (instead of dV, dK) lets P and dS be written once, row-major in pairs, rather
+// than transposed per tile; the head's Q^T and dO^T are transposed once per head instead.
+//
+// One task per (sequence, kv head), like bwd.cpp's per-head schedule: every output element is reduced by one
+// task in a fixed order, so the results are bitwise identical for any thread count. Heads are packed once per
+// task: K^T, V^T, K blocks (KVBlocks) and, per query head of the group, Q, Q^T, dO, dO^T blocks (QBlocks).
+#include <ATen/Parallel.h>
+
+#include "lowp.h"
+#include "rng.h"
+
+namespace fastattn::cpu {
+
+namespace {
+
+// Query-side operands of one (sequence, query head), on the global grid of BLOCK_Q rows; row counts padded to
+// even with zeros where they are a product's inner dimension.
+template <typename T>
+struct QBlocks {
+  int64_t Dp, Dvp, nqb;
+  at::Tensor buf;
+  T *qa, *qt, *da, *dt;  // Q (bq x Dp), Q^T (D x BLOCK_Q), dO (bq x Dvp), dO^T (Dv x BLOCK_Q) per block
+
+  QBlocks(const CpuParams& p, int64_t max_sq) : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)),
+                                                 nqb((max_sq + BLOCK_Q - 1) / BLOCK_Q) {
+    const int64_t per = BLOCK_Q * (Dp + p.D + Dvp + p.Dv);
+    buf = at::empty({std::max<int64_t>(nqb * per, 1) * int64_t(sizeof(T))}, at::kByte);
+    qa = reinterpret_cast<T*>(buf.data_ptr());
+    qt = qa + nqb * BLOCK_Q * Dp;
+    da = qt + nqb * BLOCK_Q * p.D;
+    dt = da + nqb * BLOCK_Q * Dvp;
+  }
+  T* qa_block(int64_t qb) const { return qa + qb * BLOCK_Q * Dp; }
+  T* qt_block(int64_t qb, int64_t D) const { return qt + qb * BLOCK_Q * D; }
+  T* da_block(int64_t qb) const { return da + qb * BLOCK_Q * Dvp; }
+  T* dt_block(int64_t qb, int64_t Dv) const { return dt + qb * BLOCK_Q * Dv; }
+
+  // (rows x cols) -> (cols x BLOCK_Q), columns rows..even(rows) zeroed.
+  static void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, T* dst) {
+    for (int64_t c = 0; c < cols; ++c) {
+      T* d = dst + c * BLOCK_Q;
+      for (int64_t r = 0; r < rows; ++r) d[r] = src[r * ss + c * sd];
+      if (rows & 1) d[rows] = T(0.f);
+    }
+  }
+
+  void pack(const CpuParams& p, int64_t sq, const T* q, const T* dO) {
+    for (int64_t qb = 0; qb * BLOCK_Q < sq; ++qb) {
+      const int64_t i0 = qb * BLOCK_Q, bq = std::min(BLOCK_Q, sq - i0);
+      const T* qr = q + i0 * p.q_st.s;
+      const T* dr = dO + i0 * p.do_st.s;
+      mm::copy_rows<T>(qr, p.q_st.s, p.q_st.d, bq, p.D, Dp, Dp, qa_block(qb));
+      mm::copy_rows<T>(dr, p.do_st.s, p.do_st.d, bq, p.Dv, Dvp, Dvp, da_block(qb));
+      transpose(qr, p.q_st.s, p.q_st.d, bq, p.D, qt_block(qb, p.D));
+      transpose(dr, p.do_st.s, p.do_st.d, bq, p.Dv, dt_block(qb, p.Dv));
+    }
+  }
+};
+
+struct TileBuffers {
+  float *S, *dP, *Pd, *tanh;
+  void *Pv, *dSv, *dSa;  // T tiles: P and dS as VNNI row pairs (BLOCK_Q/2 x BLOCK_K x 2), dS rows (ld BLOCK_K)
+  static int64_t size() { return 4 * Scratch::round(BLOCK_Q * BLOCK_K) + 3 * Scratch::round(BLOCK_Q * BLOCK_K / 2); }
+  explicit TileBuffers(Scratch& b) {
+    b.used = 0;
+    S = b.take(BLOCK_Q * BLOCK_K);
+    dP = b.take(BLOCK_Q * BLOCK_K);
+    Pd = b.take(BLOCK_Q * BLOCK_K);
+    tanh = b.take(BLOCK_Q * BLOCK_K);
+    Pv = b.take(BLOCK_Q * BLOCK_K / 2);
+    dSv = b.take(BLOCK_Q * BLOCK_K / 2);
+    dSa = b.take(BLOCK_Q * BLOCK_K / 2);
+  }
+};
+
+// Fills P (into S) and dS (into dP) for rows [0, bq) of a tile; returns the P that multiplies dO (Pd with
+// dropout, else S).
+template <typename T>
+const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, const float* lse, const float* delta,
+                       int64_t i0, int64_t bq, int64_t j0, int64_t bk, TileBuffers& B) {
+  const CpuParams& p = ctx.p;
+  for (int64_t r = 0; r < bq; ++r) {
+    float* P_r = B.S + r * BLOCK_K;
+    float* dS_r = B.dP + r * BLOCK_K;
+    if (!drop) {
+      vec512::grad_row(P_r, dS_r, bk, eff, lse[r], delta[r]);
+    } else {
+      // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
+      vec512::exp_lse_row(P_r, bk, eff, lse[r]);
+      float* Pd_r = B.Pd + r * BLOCK_K;
+      std::copy(P_r, P_r + bk, Pd_r);
+      drop->apply_row(Pd_r, ctx.s.n, ctx.h, i0 + r, j0, bk);
+      const float d = delta[r];
+      for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
+    }
+    if (p.softcap > 0.f) {
+      const float* t = B.tanh + r * BLOCK_K;
+      for (int64_t j = 0; j < bk; ++j) dS_r[j] *= 1.f - t[j] * t[j];
+    }
+  }
+  return drop ? B.Pd : B.S;
+}
+
+template <typename T>
+void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all, Scratch& buf, KVBlocks<T>& kv,
+               QBlocks<T>& qblk, float* dkt, float* dvt, float* dq) {
+  const SeqInfo s = seq_info(p, n);
+  if (s.sk == 0 && s.sq == 0) return;
+  const int64_t D = p.D, Dv = p.Dv, G = p.group();
+  const int64_t nkb = (s.sk + BLOCK_K - 1) / BLOCK_K;
+  const Visibility vis(p, s);
+  TileBuffers B(buf);
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
+  kv.ensure(p, s, n * p.Hkv + hk, k, v, 0, nkb);
+  std::fill(dkt, dkt + nkb * D * BLOCK_K, 0.f);
+  std::fill(dvt, dvt + nkb * Dv * BLOCK_K, 0.f);
+  const Dropout dropout(p.seed, p.offset, p.dropout_p);
+  const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
+  const bool vnni = mm::vnni<T>();
+
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    const ScoreCtx<T> ctx(p, s, vis, h);
+    const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + s.q0 * p.q_st.s;
+    const T* dO = static_cast<const T*>(p.dout) + s.b * p.do_st.b + h * p.do_st.h + s.q0 * p.do_st.s;
+    const int64_t lrow = s.b * p.lse_sb + h * p.lse_sh + s.q0;
+    const float* lse = p.lse + lrow;
+    const float* delta = delta_all + lrow;
+    qblk.pack(p, s.sq, q, dO);
+    std::fill(dq, dq + s.sq * D, 0.f);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * BLOCK_K, bk = std::min(BLOCK_K, s.sk - j0), bk_pad = mm::even(bk);
+      const int64_t i_lo = vis.query_lo(j0), i_hi = vis.query_hi(j0 + bk - 1);
+      for (int64_t qb = i_lo / BLOCK_Q; qb * BLOCK_Q < i_hi; ++qb) {
+        const int64_t i0 = qb * BLOCK_Q, bq = std::min(BLOCK_Q, s.sq - i0), bq_pad = mm::even(bq);
+        const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), i0, bq, kb, bk, B.S,
+                                         p.softcap > 0.f ? B.tanh : nullptr);
+        mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb), BLOCK_K, B.dP, BLOCK_K,
+                       false);  // dP = dO V^T
+        const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, j0, bk, B);
+        T* Pv = static_cast<T*>(B.Pv);
+        T* dSv = static_cast<T*>(B.dSv);
+        T* dSa = static_cast<T*>(B.dSa);
+        if (vnni) {
+          for (int64_t r = 0; r < bq; r += 2) {
+            const bool two = r + 1 < bq;
+            vec512::store_pair<T>(Pv + r * BLOCK_K, Pd + r * BLOCK_K, two ? Pd + (r + 1) * BLOCK_K : nullptr, bk);
+            vec512::store_pair<T>(dSv + r * BLOCK_K, B.dP + r * BLOCK_K,
+                                  two ? B.dP + (r + 1) * BLOCK_K : nullptr, bk);
+          }
+        } else {  // plain rows (ld BLOCK_K), a zero row when bq is odd
+          for (int64_t r = 0; r < bq_pad; ++r) {
+            if (r < bq) {
+              vec512::round_row<T>(Pd + r * BLOCK_K, bk, bk, Pv + r * BLOCK_K);
+              vec512::round_row<T>(B.dP + r * BLOCK_K, bk, bk, dSv + r * BLOCK_K);
+            } else {
+              std::fill(Pv + r * BLOCK_K, Pv + r * BLOCK_K + bk, T(0.f));
+              std::fill(dSv + r * BLOCK_K, dSv + r * BLOCK_K + bk, T(0.f));
+            }
+          }
+        }
+        for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * BLOCK_K, bk, bk_pad, dSa + r * BLOCK_K);
+        float* dvt_b = dvt + kb * Dv * BLOCK_K;
+        float* dkt_b = dkt + kb * D * BLOCK_K;
+        mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), BLOCK_Q, Pv, BLOCK_K, dvt_b, BLOCK_K, true);
+        mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), BLOCK_Q, dSv, BLOCK_K, dkt_b, BLOCK_K, true);
+        mm::mm_vnni<T>(bq, D, bk_pad, dSa, BLOCK_K, kv.k_block(kb, D), D, dq + i0 * D, D, true);
+      }
+    }
+    T* dq_out = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
+    for (int64_t i = 0; i < s.sq; ++i) vec::store_row<T>(dq + i * D, dq_out + i * p.dq_st.s, p.dq_st.d, D, p.scale);
+  }
+
+  // dK = scale * (dK^T)^T, dV = (dV^T)^T.
+  T* dk = static_cast<T*>(p.dk) + s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
+  T* dv = static_cast<T*>(p.dv) + s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
+  for (int64_t j = 0; j < s.sk; ++j) {
+    const float* kcol = dkt + (j / BLOCK_K) * D * BLOCK_K + j % BLOCK_K;
+    const float* vcol = dvt + (j / BLOCK_K) * Dv * BLOCK_K + j % BLOCK_K;
+    for (int64_t c = 0; c < D; ++c) dk[j * p.dk_st.s + c * p.dk_st.d] = T(kcol[c * BLOCK_K] * p.scale);
+    for (int64_t c = 0; c < Dv; ++c) dv[j * p.dv_st.s + c * p.dv_st.d] = T(vcol[c * BLOCK_K]);
+  }
+}
+
+// delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv.
+template <typename T>
+void compute_delta(const CpuParams& p, float* delta) {
+  at::parallel_for(0, p.B * p.Hq * p.Sq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % p.Sq, bh = t / p.Sq, h = bh % p.Hq, b = bh / p.Hq;
+      const T* o = static_cast<const T*>(p.out) + b * p.o_st.b + h * p.o_st.h + i * p.o_st.s;
+      const T* d = static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + i * p.do_st.s;
+      float acc = 0.f;
+      if (p.o_st.d == 1 && p.do_st.d == 1) {
+        acc = vec512::dot_row<T>(o, d, p.Dv);
+      } else {
+        for (int64_t c = 0; c < p.Dv; ++c) {
+          acc += static_cast<float>(o[c * p.o_st.d]) * static_cast<float>(d[c * p.do_st.d]);
+        }
+      }
+      delta[b * p.lse_sb + h * p.lse_sh + i] = acc;
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
+  at::Tensor delta_t = at::empty({p.B * p.Hq * p.Sq}, at::kFloat);
+  float* delta = delta_t.data_ptr<float>();
+  compute_delta<T>(p, delta);
+  const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K;
+  at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    Scratch buf(TileBuffers::size());
+    KVBlocks<T> kv(p, max_sk, true);
+    QBlocks<T> qblk(p, max_sq);
+    // fp32 accumulators: dK^T, dV^T per key block (D|Dv x BLOCK_K), dQ of one query head (max_sq x D).
+    at::Tensor acc = at::empty({std::max<int64_t>(nkb * BLOCK_K * (p.D + p.Dv) + max_sq * p.D, 1)}, at::kFloat);
+    float* dkt = acc.data_ptr<float>();
+    float* dvt = dkt + nkb * BLOCK_K * p.D;
+    float* dq = dvt + nkb * BLOCK_K * p.Dv;
+    for (int64_t t = begin; t < end; ++t) {
+      head_task<T>(p, t / p.Hkv, t % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
+    }
+    mm::release();
+  });
+}
+
+template void bwd_lowp_kernel<c10::BFloat16>(const CpuParams&, int64_t, int64_t);
+template void bwd_lowp_kernel<c10::Half>(const CpuParams&, int64_t, int64_t);
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,126 @@
+// FlashAttention-2 forward on the CPU's matrix units for bf16/fp16: the same tasks and online softmax as fwd.cpp,
+// but both products take the input dtype (S = Q K^T from Q and packed K^T; O += P V with P rounded to the input
+// dtype, as FlashAttention does on GPUs), accumulating in fp32. The softmax between them is one fused AVX-512
+// pass per row (scale, max, exp, row sum, rounding).
+#include <ATen/Parallel.h>
+
+#include <memory>
+
+#include "lowp.h"
+#include "rng.h"
+
+namespace fastattn::cpu {
+
+namespace {
+
+// Online-softmax step of one row: S_r (raw scores times `eff`) becomes P rounded into P_r; returns the factor
+// for the accumulator row. A row that has seen no visible key keeps m = -inf; a NaN score then poisons l.
+template <typename T>
+float softmax_row(float* S_r, int64_t bk, int64_t bk_pad, float eff, float& m_i, float& l_i, T* P_r,
+                  const Dropout* drop, int64_t n, int64_t h, int64_t i, int64_t j0) {
+  const float m_new = std::max(m_i, eff * vec512::max_row(S_r, bk));
+  if (m_new == kNegInf) {
+    if (has_nan(S_r, bk)) l_i = std::numeric_limits<float>::quiet_NaN();
+    std::fill(P_r, P_r + bk_pad, T(0.f));
+    return 1.f;
+  }
+  const float alpha = m_i == m_new ? 1.f : std::exp(m_i - m_new);
+  float row_sum;
+  if (drop) {  // l sums the undropped P; the dropped P multiplies V
+    row_sum = vec512::exp_row<T>(S_r, bk, bk_pad, eff, m_new, P_r, true);
+    drop->apply_row(S_r, n, h, i, j0, bk);
+    vec512::round_row<T>(S_r, bk, bk_pad, P_r);
+  } else if (std::is_same_v<T, c10::BFloat16> && vec512::native_bf16()) {
+    row_sum = vec512::exp_row_native(S_r, bk, bk_pad, eff, m_new, reinterpret_cast<c10::BFloat16*>(P_r));
+  } else {
+    row_sum = vec512::exp_row<T>(S_r, bk, bk_pad, eff, m_new, P_r, false);
+  }
+  l_i = l_i * alpha + row_sum;
+  m_i = m_new;
+  return alpha;
+}
+
+template <typename T>
+void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf, KVBlocks<T>& kv) {
+  const SeqInfo s = seq_info(p, n);
+  const int64_t i0 = qb * BLOCK_Q;
+  if (i0 >= s.sq) return;
+  const int64_t bq = std::min(BLOCK_Q, s.sq - i0), Dv = p.Dv, hk = h / p.group();
+  const Visibility vis(p, s);
+  const ScoreCtx<T> ctx(p, s, vis, h);
+  buf.used = 0;
+  float* S = buf.take(BLOCK_Q * BLOCK_K);
+  float* acc = buf.take(BLOCK_Q * Dv);
+  float* m = buf.take(BLOCK_Q);
+  float* l = buf.take(BLOCK_Q);
+  // T tiles carved from the fp32 scratch (2 T per float).
+  T* qa = reinterpret_cast<T*>(buf.take((BLOCK_Q * kv.Dp + 1) / 2));
+  T* P = reinterpret_cast<T*>(buf.take((BLOCK_Q * BLOCK_K + 1) / 2));
+
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
+  mm::copy_rows<T>(q, p.q_st.s, p.q_st.d, bq, p.D, kv.Dp, kv.Dp, qa);
+  std::fill(acc, acc + bq * Dv, 0.f);
+  std::fill(m, m + bq, kNegInf);
+  std::fill(l, l + bq, 0.f);
+  const Dropout dropout(p.seed, p.offset, p.dropout_p);
+  const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
+
+  // Key blocks on the global grid that any row of this query block sees (invisible blocks are skipped).
+  const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
+  if (j_lo < j_hi) {
+    const int64_t kb0 = j_lo / BLOCK_K, kb1 = (j_hi + BLOCK_K - 1) / BLOCK_K;
+    kv.ensure(p, s, n * p.Hkv + hk, k, v, kb0, kb1);
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const int64_t j0 = kb * BLOCK_K, bk = std::min(BLOCK_K, s.sk - j0), bk_pad = mm::even(bk);
+      const float eff = lowp_scores<T>(ctx, kv, qa, i0, bq, kb, bk, S, nullptr);
+      for (int64_t r = 0; r < bq; ++r) {
+        const float alpha = softmax_row<T>(S + r * BLOCK_K, bk, bk_pad, eff, m[r], l[r], P + r * BLOCK_K, drop,
+                                           s.n, h, i0 + r, j0);
+        if (alpha != 1.f) vec512::scale_row(acc + r * Dv, Dv, alpha);
+      }
+      mm::mm_vnni<T>(bq, Dv, bk_pad, P, BLOCK_K, kv.v_block(kb, Dv), Dv, acc, Dv, true);  // acc += P V
+    }
+  }
+
+  T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
+  float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
+  for (int64_t r = 0; r < bq; ++r) {
+    // Rows with no visible key: out = 0, lse = +inf (the backward's exp(s - lse) is then 0).
+    const bool empty = l[r] == 0.f;
+    const float inv = empty ? 0.f : 1.f / l[r];
+    if (p.o_st.d == 1) {
+      vec512::store_row<T>(acc + r * Dv, out + r * p.o_st.s, Dv, inv);
+    } else {
+      vec::store_row<T>(acc + r * Dv, out + r * p.o_st.s, p.o_st.d, Dv, inv);
+    }
+    lse[r] = empty ? kInf : m[r] + std::log(l[r]);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
+  const int64_t nqb = (max_sq + BLOCK_Q - 1) / BLOCK_Q;
+  const int64_t ntask = p.nseq * p.Hq * nqb;
+  const int64_t scratch = Scratch::round(BLOCK_Q * BLOCK_K) + Scratch::round(BLOCK_Q * p.Dv) +
+                          2 * Scratch::round(BLOCK_Q) + Scratch::round((BLOCK_Q * mm::even(p.D) + 1) / 2) +
+                          Scratch::round((BLOCK_Q * BLOCK_K + 1) / 2);
+  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+    Scratch buf(scratch);
+    KVBlocks<T> kv(p, max_sk, false);
+    for (int64_t t = begin; t < end; ++t) {
+      // task t = (n * Hq + h) * nqb + qb
+      const int64_t qb = t % nqb, nh = t / nqb;
+      fwd_task<T>(p, nh / p.Hq, nh % p.Hq, qb, buf, kv);
+    }
+    mm::release();
+  });
+}
+
+template void fwd_lowp_kernel<c10::BFloat16>(const CpuParams&, int64_t, int64_t);
+template void fwd_lowp_kernel<c10::Half>(const CpuParams&, int64_t, int64_t);
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,100 @@
+// Shared pieces of the matrix-unit path (bf16/fp16 tiles multiplied in their own dtype, fp32 accumulation;
+// fwd_lowp.cpp, bwd_lowp.cpp): per-thread VNNI packs of a head's K and V, and the score tile
+// S = Q K^T (raw products; the scale is folded into the softmax unless softcap/alibi/bias need scaled scores).
+#pragma once
+#include "mm.h"
+#include "tile.h"
+#include "vec512.h"
+
+namespace fastattn::cpu {
+
+// VNNI blocks of one (sequence, kv head)'s keys on the global grid of BLOCK_K keys, kept across the tasks of a
+// thread (consecutive tasks share the head) and packed on first use:
+//   kt block kb: K^T of keys [kb*BLOCK_K, +bk) as a (D x bk) right operand, ldb BLOCK_K  (S = Q K^T)
+//   v  block kb: V of those keys as a (bk x Dv) right operand, ldb Dv                    (O += P V)
+//   vt block kb (backward only): V^T as a (Dv x bk) right operand, ldb BLOCK_K            (dP = dO V^T)
+//   k  block kb (backward only): K as a (bk x D) right operand, ldb D                      (dQ += dS K)
+template <typename T>
+struct KVBlocks {
+  int64_t Dp, Dvp, nkb;
+  bool bwd;
+  at::Tensor buf;
+  T *kt, *v = nullptr, *vt = nullptr, *k = nullptr;
+  std::vector<char> done;
+  int64_t head = -1;
+
+  // bwd = false: kt and v blocks (forward); bwd = true: kt, vt and k blocks (backward).
+  KVBlocks(const CpuParams& p, int64_t max_sk, bool bwd_)
+      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), nkb((max_sk + BLOCK_K - 1) / BLOCK_K), bwd(bwd_) {
+    const int64_t per = BLOCK_K * (Dp + (bwd ? Dvp + p.D : p.Dv));
+    buf = at::empty({std::max<int64_t>(nkb * per, 1) * int64_t(sizeof(T))}, at::kByte);
+    kt = reinterpret_cast<T*>(buf.data_ptr());
+    if (bwd) {
+      vt = kt + nkb * BLOCK_K * Dp;
+      k = vt + nkb * BLOCK_K * Dvp;
+    } else {
+      v = kt + nkb * BLOCK_K * Dp;
+    }
+    done.assign(nkb, 0);
+  }
+
+  T* kt_block(int64_t kb) const { return kt + kb * BLOCK_K * Dp; }
+  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * BLOCK_K * Dv; }
+  T* vt_block(int64_t kb) const { return vt + kb * BLOCK_K * Dvp; }
+  T* k_block(int64_t kb, int64_t D) const { return k + kb * BLOCK_K * D; }
+
+  // Packs blocks [kb0, kb1) of head `head_id` (k_src, v_src at the sequence's first key) when not yet packed.
+  void ensure(const CpuParams& p, const SeqInfo& s, int64_t head_id, const T* k_src, const T* v_src, int64_t kb0,
+              int64_t kb1) {
+    if (head_id != head) {
+      std::fill(done.begin(), done.end(), 0);
+      head = head_id;
+    }
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      if (done[kb]) continue;
+      const int64_t j0 = kb * BLOCK_K, bk = std::min(BLOCK_K, s.sk - j0);
+      const T* kr = k_src + j0 * p.k_st.s;
+      const T* vr = v_src + j0 * p.v_st.s;
+      mm::pack_transposed<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, BLOCK_K, kt_block(kb));
+      if (bwd) {
+        mm::pack_transposed<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, BLOCK_K, vt_block(kb));
+        mm::pack_rows<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, p.D, k_block(kb, p.D));
+      } else {
+        mm::pack_rows<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
+      }
+      done[kb] = 1;
+    }
+  }
+};
+
+// Score tile of query rows [i0, +bq) (qa: (bq x Dp) T, ld Dp) against key block kb: S (bq x bk, ld BLOCK_K)
+// ready for the softmax, which multiplies it by the returned factor (the scale when it could be deferred,
+// else 1). Empty-row NaN detection stays with the caller.
+template <typename T>
+float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, int64_t i0, int64_t bq, int64_t kb,
+                  int64_t bk, float* S, float* tanh_out) {
+  const int64_t j0 = kb * BLOCK_K;
+  mm::mm_vnni<T>(bq, bk, kv.Dp, qa, kv.Dp, kv.kt_block(kb), BLOCK_K, S, BLOCK_K, false);
+  float eff = ctx.p.scale;
+  if (ctx.transforms() || !(eff > 0.f)) {
+    for (int64_t r = 0; r < bq; ++r) vec512::scale_row(S + r * BLOCK_K, bk, eff);
+    eff = 1.f;
+  }
+  ctx.finish(i0, bq, j0, bk, S, BLOCK_K, tanh_out);
+  return eff;
+}
+
+inline bool has_nan(const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) return true;
+  }
+  return false;
+}
+
+// fwd_lowp.cpp / bwd_lowp.cpp entry points (T: BFloat16 or Half; call only where mm::path(T) is kBrgemm).
+template <typename T>
+void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
+template <typename T>
+void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
+
+}  // namespace fastattn::cpu

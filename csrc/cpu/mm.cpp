@@ -1,0 +1,303 @@
+// The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
+#include "mm.h"
+
+#include <ATen/native/CPUBlas.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <string>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define FASTATTN_X86_CPUID 1
+#endif
+
+// libtorch >= 2.6 exports brgemm for bf16/fp16 with a VNNI flag; older headers lack these macros.
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+#define FASTATTN_HAS_BRGEMM 1
+#endif
+
+namespace fastattn::cpu::mm {
+
+namespace {
+
+struct Isa {
+  bool avx512 = false;  // F + BW + DQ + VL: what the softmax helpers (vec512.h) and oneDNN's bf16 kernels need
+  bool avx512_bf16 = false, avx512_fp16 = false, amx_bf16 = false, amx_fp16 = false, avx2 = false;
+};
+
+Isa detect_isa() {
+  Isa isa;
+#ifdef FASTATTN_X86_CPUID
+  unsigned a, b, c, d;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    isa.avx2 = b & (1u << 5);
+    isa.avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
+    isa.avx512_fp16 = d & (1u << 23);
+    isa.amx_bf16 = (d & (1u << 22)) && (d & (1u << 24));
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+    isa.avx512_bf16 = a & (1u << 5);
+    isa.amx_fp16 = a & (1u << 21);
+  }
+#endif
+  return isa;
+}
+
+const Isa& isa() {
+  static const Isa i = detect_isa();
+  return i;
+}
+
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto pos = line.find(':');
+      return pos == std::string::npos ? line : line.substr(pos + 2);
+    }
+  }
+  return "unknown";
+}
+
+struct Decision {
+  Path path = Path::kFp32;
+  bool vnni = true;
+  std::string why;
+};
+
+// Multiplies a small odd-shaped product whose exact result fp32 can hold (small integers) and compares, with B
+// in VNNI or plain row-major layout (oneDNN's kernels without native pairs, e.g. fp16 on AVX512-FP16 without
+// AMX-FP16, read B plainly).
+template <typename T>
+bool probe_exact(bool vnni, std::string& why) {
+  constexpr int64_t m = 7, n = 33, k = 38;
+  std::vector<T> a(m * k), b(k * n), bv(mm::even(k) * n);
+  std::vector<float> ref(m * n, 0.f), c(m * n, -1.f);
+  for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<T>(float((i * 7) % 9) - 4.f);
+  for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<T>(float((i * 5) % 11) - 5.f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t t = 0; t < k; ++t) ref[i * n + j] += float(a[i * k + t]) * float(b[t * n + j]);
+  for (int64_t t = 0; t < k; ++t)  // by hand (not pack_rows, which a test may plant a bug in)
+    for (int64_t j = 0; j < n; ++j) bv[vnni ? ((t / 2) * n + j) * 2 + t % 2 : t * n + j] = b[t * n + j];
+  mm_vnni<T>(m, n, k, a.data(), k, bv.data(), n, c.data(), n, false);
+  mm_vnni<T>(m, n, k, a.data(), k, bv.data(), n, c.data(), n, true);  // accumulate: 2 * ref
+  release();
+  for (int64_t i = 0; i < m * n; ++i) {
+    if (c[i] != 2.f * ref[i]) {
+      why = "brgemm probe gave a wrong product";
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
+Decision decide() {
+  Decision d;
+  const char* env = std::getenv("FASTATTN_CPU_MATMUL");
+  if (env != nullptr && std::strcmp(env, "fp32") == 0) {
+    d.why = "fp32 tiles forced by FASTATTN_CPU_MATMUL=fp32";
+    return d;
+  }
+#ifndef FASTATTN_HAS_BRGEMM
+  d.why = "this torch does not export cpublas::brgemm (needs torch >= 2.6)";
+  return d;
+#else
+  if (!isa().avx512) {
+    d.why = "no AVX-512 on this CPU";
+    return d;
+  }
+  if (!at::globalContext().userEnabledMkldnn()) {
+    d.why = "oneDNN disabled (torch.backends.mkldnn.enabled = False)";
+    return d;
+  }
+  try {
+    if (probe_exact<T>(true, d.why)) {
+      d.path = Path::kBrgemm;
+    } else if (probe_exact<T>(false, d.why)) {
+      d.path = Path::kBrgemm;
+      d.vnni = false;
+    }
+  } catch (const std::exception& e) {
+    d.why = std::string("brgemm refused: ") + e.what();
+    const auto nl = d.why.find('\n');
+    if (nl != std::string::npos) d.why.resize(nl);
+  }
+  if (d.path == Path::kBrgemm) {
+    const bool amx = std::is_same_v<T, c10::BFloat16> ? isa().amx_bf16 : isa().amx_fp16;
+    const bool dot = std::is_same_v<T, c10::BFloat16> ? isa().avx512_bf16 : isa().avx512_fp16;
+    d.why = amx ? "AMX tiles" : dot ? (std::is_same_v<T, c10::BFloat16> ? "AVX512-BF16 dot products"
+                                                                         : "AVX512-FP16")
+                                    : "oneDNN AVX-512 kernels";
+    d.why += d.vnni ? ", VNNI-packed B" : ", plain B";
+  }
+  return d;
+#endif
+}
+
+const Decision& decision(at::ScalarType dt) {
+  static const Decision bf16 = decide<c10::BFloat16>();
+  static const Decision fp16 = decide<c10::Half>();
+  static const Decision fp32{Path::kFp32, "sgemm"};
+  return dt == at::kBFloat16 ? bf16 : dt == at::kHalf ? fp16 : fp32;
+}
+
+std::atomic<bool> g_force_fp32{false};
+
+// FASTATTN_CPU_PLANT=vnni_swap (tests only, read once): swaps the two halves of every VNNI pair that pack_rows
+// writes, a packing bug the correctness checks must catch (tests/test_cpu_paths.py).
+bool plant_vnni_swap() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTATTN_CPU_PLANT");
+    return e != nullptr && std::strcmp(e, "vnni_swap") == 0;
+  }();
+  return on;
+}
+
+}  // namespace
+
+template <typename T>
+void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
+               T* dst);
+
+template <typename T>
+bool vnni() {
+  return decision(std::is_same_v<T, c10::BFloat16> ? at::kBFloat16 : at::kHalf).vnni;
+}
+
+Path path(at::ScalarType dt) { return g_force_fp32.load(std::memory_order_relaxed) ? Path::kFp32 : decision(dt).path; }
+
+void force_fp32(bool on) { g_force_fp32.store(on); }
+
+std::string describe() {
+  const Isa& i = isa();
+  std::string s = "CPU: " + cpu_model() + "; ISA:";
+  if (i.amx_bf16) s += " AMX-BF16";
+  if (i.amx_fp16) s += " AMX-FP16";
+  if (i.avx512_fp16) s += " AVX512-FP16";
+  if (i.avx512_bf16) s += " AVX512-BF16";
+  if (i.avx512) s += " AVX512";
+  if (i.avx2) s += " AVX2";
+  for (auto [name, dt] : {std::pair{"bf16", at::kBFloat16}, std::pair{"fp16", at::kHalf}}) {
+    const Decision& d = decision(dt);
+    s += std::string("; ") + name + ": " +
+         (d.path == Path::kBrgemm ? "matrix units (oneDNN brgemm, " + d.why + ")" : "fp32 tiles (" + d.why + ")");
+  }
+  s += "; fp32: sgemm";
+  return s;
+}
+
+template <typename T>
+void mm_vnni(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, float* c,
+             int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+#ifdef FASTATTN_HAS_BRGEMM
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/true);
+#else
+  TORCH_CHECK(false, "fastattn: brgemm is not available in this torch");
+#endif
+}
+
+void release() {
+#ifdef FASTATTN_HAS_BRGEMM
+  at::native::cpublas::brgemm_release(true);
+#endif
+}
+
+template <typename T>
+void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
+  if (!vnni<T>()) {  // plain: rows as they are, k padded to even with a zero row
+    copy_rows<T>(src, ss, sd, rows, cols, cols, ld, dst);
+    if (rows & 1) std::fill(dst + rows * ld, dst + rows * ld + cols, T(0.f));
+    return;
+  }
+  const bool swap = plant_vnni_swap();
+  for (int64_t r = 0; r < rows; r += 2) {
+    const T* s0 = src + r * ss;
+    T* d = dst + (r / 2) * ld * 2;
+    if (r + 1 < rows) {
+      const T* s1 = s0 + ss;
+      if (swap) std::swap(s0, s1);
+      for (int64_t j = 0; j < cols; ++j) {
+        d[2 * j] = s0[j * sd];
+        d[2 * j + 1] = s1[j * sd];
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        d[2 * j] = s0[j * sd];
+        d[2 * j + 1] = T(0.f);
+      }
+    }
+  }
+}
+
+template <typename T>
+void pack_transposed(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
+  static_assert(sizeof(T) == 2);
+  if (!vnni<T>()) {  // plain: dst (c, r) = src[r][c], k padded to even with a zero row
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = src[r * ss + c * sd];
+    if (cols & 1) std::fill(dst + cols * ld, dst + cols * ld + rows, T(0.f));
+    return;
+  }
+  // dst word (c / 2, r) = (src[r][c], src[r][c + 1]).
+  const int64_t cp = cols / 2;
+  if (sd == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint32_t* s = reinterpret_cast<const uint32_t*>(src + r * ss);
+      uint32_t* d = reinterpret_cast<uint32_t*>(dst) + r;
+      for (int64_t w = 0; w < cp; ++w) {
+        uint32_t word;
+        std::memcpy(&word, s + w, 4);  // src rows may be only 2-byte aligned
+        d[w * ld] = word;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t w = 0; w < cp; ++w) {
+        dst[(w * ld + r) * 2] = src[r * ss + 2 * w * sd];
+        dst[(w * ld + r) * 2 + 1] = src[r * ss + (2 * w + 1) * sd];
+      }
+  }
+  if (cols & 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      dst[(cp * ld + r) * 2] = src[r * ss + (cols - 1) * sd];
+      dst[(cp * ld + r) * 2 + 1] = T(0.f);
+    }
+  }
+}
+
+template <typename T>
+void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
+               T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst + r * ld;
+    const T* s = src + r * ss;
+    if (sd == 1) {
+      std::memcpy(d, s, cols * sizeof(T));
+    } else {
+      for (int64_t j = 0; j < cols; ++j) d[j] = s[j * sd];
+    }
+    for (int64_t j = cols; j < cols_pad; ++j) d[j] = T(0.f);
+  }
+}
+
+#define FA_MM_INSTANTIATE(T)                                                                                    \
+  template void mm_vnni<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, float*, int64_t,  \
+                           bool);                                                                             \
+  template void pack_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);                      \
+  template void pack_transposed<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);                \
+  template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*);    \
+  template bool vnni<T>();
+FA_MM_INSTANTIATE(c10::BFloat16)
+FA_MM_INSTANTIATE(c10::Half)
+#undef FA_MM_INSTANTIATE
+
+}  // namespace fastattn::cpu::mm

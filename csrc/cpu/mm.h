@@ -1,0 +1,56 @@
+// Tile products on the CPU's matrix units: bf16/fp16 operands, fp32 accumulation, through the batch-reduce GEMM
+// of oneDNN that libtorch exports (at::native::cpublas::brgemm). oneDNN generates the kernel for the CPU it runs
+// on: AMX tiles on Intel Sapphire Rapids and newer, AVX512-BF16 dot products (vdpbf16ps) on AMD Zen 4/5 and Intel
+// without AMX, AVX512-FP16 for fp16. Whether a dtype can take this path is probed once at run time (a small
+// product checked against an fp32 one); otherwise, or with FASTATTN_CPU_MATMUL=fp32, the kernels convert tiles
+// to fp32 and use sgemm (tile.h).
+//
+// The right operand B (k x n) is given in VNNI layout, the one the hardware's dot products read: pairs of
+// consecutive k rows interleaved, B_vnni[((kk / 2) * ldb + j) * 2 + kk % 2] = B[kk][j], with k padded to even.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace fastattn::cpu::mm {
+
+// How a dtype's tiles are multiplied on this machine (decided once per process).
+enum class Path { kFp32 = 0, kBrgemm = 1 };
+
+Path path(at::ScalarType dt);
+// Tests: force the fp32 tiles for every dtype in this process (FASTATTN_CPU_MATMUL=fp32 does it at start-up).
+void force_fp32(bool on);
+// One line for `python -m fastattn.info`: CPU model, ISA found, and the path of each dtype with its reason.
+std::string describe();
+
+// C (m x n, ldc) = [C +] A (m x k, lda, row-major) B (k x n, VNNI, ldb >= n); k even. T: BFloat16 or Half.
+template <typename T>
+void mm_vnni(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, float* c,
+             int64_t ldc, bool accumulate);
+
+// B's layout for T on this CPU: VNNI pairs (AMX, AVX512-BF16) or plain row-major (fp16 on AVX512-FP16 without
+// AMX-FP16, where oneDNN converts to fp32 itself); the pack functions below write whichever it is.
+template <typename T>
+bool vnni();
+
+// Frees the thread's matrix-unit state (AMX tile configuration); call once at the end of a parallel task range.
+void release();
+
+// B = src (rows x cols; row stride ss, column stride sd) in T's layout: k = rows padded to even with a zero
+// row, n = cols, ldb = ld (>= cols).
+template <typename T>
+void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst);
+
+// B = src^T for src (rows x cols) in T's layout: k = cols padded to even with zeros, n = rows, ldb = ld
+// (>= rows). In VNNI, pairs of a source row are 32-bit words, so this is a transpose of words.
+template <typename T>
+void pack_transposed(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst);
+
+// Row-major copy dst (rows x cols_pad, ld) of src with columns cols..cols_pad zeroed (a left operand).
+template <typename T>
+void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
+               T* dst);
+
+inline int64_t even(int64_t x) { return (x + 1) & ~int64_t(1); }
+
+}  // namespace fastattn::cpu::mm

@@ -1,0 +1,216 @@
+// AVX-512 row helpers for the matrix-unit path (fwd_lowp.cpp, bwd_lowp.cpp): the fused softmax pieces between
+// the two products and the fp32 -> bf16/fp16 roundings of P and dS. Only called where mm::path() chose brgemm,
+// which requires AVX-512 (F, BW, DQ, VL), so there is no scalar twin: target attributes keep the build free of
+// -march flags.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
+#define FA_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c")))
+#include <cpuid.h>
+#define FASTATTN_VEC512 1
+#endif
+
+namespace fastattn::cpu::vec512 {
+
+#ifdef FASTATTN_VEC512
+// Lanes [0, n) of 16 (n < 16 for row tails).
+FA_AVX512 inline __mmask16 tail(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// 2^t for 16 lanes: t = k + f (k integer, |f| <= 1/2), a degree-5 polynomial for 2^f (relative error 2.4e-7,
+// far below the bf16/fp16 rounding that P and dS get next) and vscalefps for 2^k. t < -125 (incl. -inf) gives
+// exactly 0 through the lane mask, never through a denormal: an underflowing result costs a microcode assist
+// (~100 cycles) per element on Intel, which made masked (causal) tiles 2x slower. NaN stays NaN: a NaN score
+// must poison its row, as in PyTorch.
+FA_AVX512 inline __m512 exp2_16(__m512 t) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);  // t >= -125 or NaN
+  t = _mm512_max_ps(_mm512_set1_ps(-125.f), t);  // NaN in the second operand is what max returns
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_set1_ps(1.3216948136687279e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.666753932833672e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5508337914943695e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022318422794342e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(keep, p, k);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 16 fp32 lanes rounded to bf16 (round to nearest even; NaN stays a quiet NaN) or fp16 (F16C rounding).
+template <typename T>
+FA_AVX512 inline void store16(T* dst, __m512 x, __mmask16 m) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <typename T>
+FA_AVX512 inline __m512 load16(const T* src, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, src);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src));
+  }
+}
+
+// max over x[0, n) (NaN lanes may be dropped here; exp16 keeps them, so a NaN still reaches the row sum).
+FA_AVX512 inline float max_row(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail(n - j), x + j));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+// P = exp(scale * x - m) rounded to T into p[0, n), zero-filling p[n, n_pad); returns the fp32 sum of the
+// unrounded P (the softmax denominator, as FlashAttention sums in fp32). With `keep_fp32`, x is overwritten
+// with the fp32 P (dropout then works on it).
+template <typename T>
+FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32) {
+  const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512 e = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm));
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+    if (keep_fp32) {
+      _mm512_mask_storeu_ps(x + j, t, e);
+    } else {
+      store16<T>(p + j, e, t);
+    }
+  }
+  for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
+  return _mm512_reduce_add_ps(sum);
+}
+
+// AVX512-BF16's one-instruction rounding (vcvtneps2bf16, round to nearest even like store16) where the CPU has it.
+inline bool native_bf16() {
+  static const bool on = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  }();
+  return on;
+}
+
+// exp_row for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
+FA_AVX512BF16 inline float exp_row_native(float* x, int64_t n, int64_t n_pad, float scale, float m,
+                                          c10::BFloat16* p) {
+  const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512 e = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm));
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+    _mm256_mask_storeu_epi16(p + j, t, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  for (int64_t j = n; j < n_pad; ++j) p[j] = c10::BFloat16(0.f);
+  return _mm512_reduce_add_ps(sum);
+}
+
+// p[0, n) = T(x[0, n)), p[n, n_pad) = 0.
+template <typename T>
+FA_AVX512 inline void round_row(const float* x, int64_t n, int64_t n_pad, T* p) {
+  for (int64_t j = 0; j < n; j += 16) store16<T>(p + j, _mm512_maskz_loadu_ps(tail(n - j), x + j), tail(n - j));
+  for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
+}
+
+// x[0, n) *= a.
+FA_AVX512 inline void scale_row(float* x, int64_t n, float a) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    _mm512_mask_storeu_ps(x + j, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + j), va));
+  }
+}
+
+// dst[0, n) = T(src[0, n) * a) (unit stride output rows).
+template <typename T>
+FA_AVX512 inline void store_row(const float* src, T* dst, int64_t n, float a) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + j), va);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(dst + j, t, y);
+    } else {
+      store16<T>(dst + j, y, t);
+    }
+  }
+}
+
+// Backward row: P = exp(eff * S - lse) into S, dS = P * (dP - delta) into dP (no dropout, no softcap).
+FA_AVX512 inline void grad_row(float* S, float* dP, int64_t n, float eff, float lse, float delta) {
+  const __m512 vs = _mm512_set1_ps(eff * kLog2e), vl = _mm512_set1_ps(-lse * kLog2e), vd = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512 P = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl));
+    _mm512_mask_storeu_ps(S + j, t, P);
+    _mm512_mask_storeu_ps(dP + j, t, _mm512_mul_ps(P, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP + j), vd)));
+  }
+}
+
+// P = exp(eff * S - lse) in place.
+FA_AVX512 inline void exp_lse_row(float* S, int64_t n, float eff, float lse) {
+  const __m512 vs = _mm512_set1_ps(eff * kLog2e), vl = _mm512_set1_ps(-lse * kLog2e);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    _mm512_mask_storeu_ps(S + j, t, exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl)));
+  }
+}
+
+// 16 lanes rounded to T, as the low 16 bits of 32-bit lanes.
+template <typename T>
+FA_AVX512 inline __m512i round16(__m512 x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  } else {
+    return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// Two rows r0, r1 (r1 null: zeros) of n fp32 as VNNI pairs: dst[2j] = T(r0[j]), dst[2j+1] = T(r1[j]).
+template <typename T>
+FA_AVX512 inline void store_pair(T* dst, const float* r0, const float* r1, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512i lo = round16<T>(_mm512_maskz_loadu_ps(t, r0 + j));
+    const __m512i hi = r1 ? round16<T>(_mm512_maskz_loadu_ps(t, r1 + j)) : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(dst + 2 * j, t, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+// sum_j a[j] * b[j] in fp32 over n elements of T (delta = rowsum(dO * O)).
+template <typename T>
+FA_AVX512 inline float dot_row(const T* a, const T* b, int64_t n) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    s = _mm512_fmadd_ps(load16<T>(a + j, t), load16<T>(b + j, t), s);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+#endif
+
+}  // namespace fastattn::cpu::vec512

@@ -1,0 +1,98 @@
+"""The CPU kernels' two ways to multiply bf16/fp16 tiles: on the matrix units (oneDNN brgemm: AMX tiles,
+AVX512-BF16 or AVX512-FP16 dot products, chosen by a run-time probe) or converted to fp32 (sgemm), the fallback
+for older CPUs. The correctness matrix (test_matrix.py) runs the path this machine picks; here the same cells run
+the fp32 fallback, the path choice is checked against the CPU's ISA, and a planted packing bug must fail."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastattn import ops
+from test_matrix import MATRIX, _id, run_case
+
+pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
+
+LOWP = (torch.bfloat16, torch.float16)
+REPORT = ops.cpu_matmul()
+
+
+def _flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def on_matrix_units(dtype) -> bool:
+    """What the probe chose for this dtype, read from the report (`bf16: matrix units (...)`)."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return f"{name}: matrix units" in REPORT
+
+
+CELLS = [c for c in MATRIX if c[0] == "cpu" and c[2] in LOWP]
+
+
+@pytest.fixture
+def fp32_tiles():
+    ops._C.cpu_matmul_force_fp32(True)
+    yield
+    ops._C.cpu_matmul_force_fp32(False)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=["fp32tiles-" + _id(c) for c in CELLS])
+def test_matrix_on_fp32_fallback(cell, fp32_tiles):
+    if not on_matrix_units(cell[2]):
+        pytest.skip(f"this CPU has no matrix-unit path for {cell[2]}, so test_matrix already ran the fp32 tiles "
+                    f"({REPORT})")
+    results = run_case(*cell)
+    for _, msg in results:
+        print(msg)
+    bad = [m for ok, m in results if not ok]
+    assert not bad, " | ".join(bad)
+
+
+def test_report_names_cpu_isa_and_paths():
+    print(REPORT)
+    assert REPORT.startswith("CPU: ") and "; ISA:" in REPORT
+    assert "bf16: " in REPORT and "fp16: " in REPORT and "fp32: sgemm" in REPORT
+
+
+@pytest.mark.parametrize("dtype,isa", [(torch.bfloat16, ("amx_bf16", "avx512_bf16")),
+                                       (torch.float16, ("amx_fp16", "avx512_fp16"))])
+def test_matrix_units_used_where_the_isa_has_them(dtype, isa):
+    """A CPU with native bf16/fp16 dot products must not silently run the slow fp32 tiles."""
+    if os.environ.get("FASTATTN_CPU_MATMUL") == "fp32":
+        pytest.skip("FASTATTN_CPU_MATMUL=fp32 forces the fallback in this run")
+    flags = _flags()
+    if not any(f in flags for f in isa) or "avx512f" not in flags:
+        pytest.skip(f"this CPU lacks {' and '.join(isa)}: the fp32 tiles are the right path for {dtype}")
+    assert on_matrix_units(dtype), REPORT
+
+
+_PLANT = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from test_matrix import MATRIX, run_case
+cells = [c for c in MATRIX if c[0] == "cpu" and c[2] == torch.bfloat16 and c[1].name in
+         ("basic", "causal_square_257", "gqa", "flash_window_left", "varlen_causal", "hd80")]
+bad = sum(not all(ok for ok, _ in run_case(*c)) for c in cells)
+print(f"{bad} of {len(cells)} cells failed")
+"""
+
+
+def test_planted_vnni_packing_bug_fails_the_matrix():
+    if not on_matrix_units(torch.bfloat16):
+        pytest.skip(f"bf16 does not run on the matrix units here ({REPORT})")
+    env = dict(os.environ, FASTATTN_CPU_PLANT="vnni_swap", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 of 6 cells failed" in r.stdout, r.stdout
