@@ -22,40 +22,40 @@ namespace fastattn::cpu {
 
 namespace {
 
-// Query-side operands of one (sequence, query head), on the global grid of BLOCK_Q rows; row counts padded to
+// Query-side operands of one (sequence, query head), on the global grid of QBLOCK rows; row counts padded to
 // even with zeros where they are a product's inner dimension.
 template <typename T>
 struct QBlocks {
   int64_t Dp, Dvp, nqb;
   at::Tensor buf;
-  T *qa, *qt, *da, *dt;  // Q (bq x Dp), Q^T (D x BLOCK_Q), dO (bq x Dvp), dO^T (Dv x BLOCK_Q) per block
+  T *qa, *qt, *da, *dt;  // Q (bq x Dp), Q^T (D x QBLOCK), dO (bq x Dvp), dO^T (Dv x QBLOCK) per block
 
   QBlocks(const CpuParams& p, int64_t max_sq) : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)),
-                                                 nqb((max_sq + BLOCK_Q - 1) / BLOCK_Q) {
-    const int64_t per = BLOCK_Q * (Dp + p.D + Dvp + p.Dv);
+                                                 nqb((max_sq + QBLOCK - 1) / QBLOCK) {
+    const int64_t per = QBLOCK * (Dp + p.D + Dvp + p.Dv);
     buf = at::empty({std::max<int64_t>(nqb * per, 1) * int64_t(sizeof(T))}, at::kByte);
     qa = reinterpret_cast<T*>(buf.data_ptr());
-    qt = qa + nqb * BLOCK_Q * Dp;
-    da = qt + nqb * BLOCK_Q * p.D;
-    dt = da + nqb * BLOCK_Q * Dvp;
+    qt = qa + nqb * QBLOCK * Dp;
+    da = qt + nqb * QBLOCK * p.D;
+    dt = da + nqb * QBLOCK * Dvp;
   }
-  T* qa_block(int64_t qb) const { return qa + qb * BLOCK_Q * Dp; }
-  T* qt_block(int64_t qb, int64_t D) const { return qt + qb * BLOCK_Q * D; }
-  T* da_block(int64_t qb) const { return da + qb * BLOCK_Q * Dvp; }
-  T* dt_block(int64_t qb, int64_t Dv) const { return dt + qb * BLOCK_Q * Dv; }
+  T* qa_block(int64_t qb) const { return qa + qb * QBLOCK * Dp; }
+  T* qt_block(int64_t qb, int64_t D) const { return qt + qb * QBLOCK * D; }
+  T* da_block(int64_t qb) const { return da + qb * QBLOCK * Dvp; }
+  T* dt_block(int64_t qb, int64_t Dv) const { return dt + qb * QBLOCK * Dv; }
 
-  // (rows x cols) -> (cols x BLOCK_Q), columns rows..even(rows) zeroed.
+  // (rows x cols) -> (cols x QBLOCK), columns rows..even(rows) zeroed.
   static void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, T* dst) {
     for (int64_t c = 0; c < cols; ++c) {
-      T* d = dst + c * BLOCK_Q;
+      T* d = dst + c * QBLOCK;
       for (int64_t r = 0; r < rows; ++r) d[r] = src[r * ss + c * sd];
       if (rows & 1) d[rows] = T(0.f);
     }
   }
 
   void pack(const CpuParams& p, int64_t sq, const T* q, const T* dO) {
-    for (int64_t qb = 0; qb * BLOCK_Q < sq; ++qb) {
-      const int64_t i0 = qb * BLOCK_Q, bq = std::min(BLOCK_Q, sq - i0);
+    for (int64_t qb = 0; qb * QBLOCK < sq; ++qb) {
+      const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, sq - i0);
       const T* qr = q + i0 * p.q_st.s;
       const T* dr = dO + i0 * p.do_st.s;
       mm::copy_rows<T>(qr, p.q_st.s, p.q_st.d, bq, p.D, Dp, Dp, qa_block(qb));
@@ -68,17 +68,17 @@ struct QBlocks {
 
 struct TileBuffers {
   float *S, *dP, *Pd, *tanh;
-  void *Pv, *dSv, *dSa;  // T tiles: P and dS as VNNI row pairs (BLOCK_Q/2 x BLOCK_K x 2), dS rows (ld BLOCK_K)
-  static int64_t size() { return 4 * Scratch::round(BLOCK_Q * BLOCK_K) + 3 * Scratch::round(BLOCK_Q * BLOCK_K / 2); }
+  void *Pv, *dSv, *dSa;  // T tiles: P and dS as VNNI row pairs (QBLOCK/2 x KBLOCK x 2), dS rows (ld KBLOCK)
+  static int64_t size() { return 4 * Scratch::round(QBLOCK * KBLOCK) + 3 * Scratch::round(QBLOCK * KBLOCK / 2); }
   explicit TileBuffers(Scratch& b) {
     b.used = 0;
-    S = b.take(BLOCK_Q * BLOCK_K);
-    dP = b.take(BLOCK_Q * BLOCK_K);
-    Pd = b.take(BLOCK_Q * BLOCK_K);
-    tanh = b.take(BLOCK_Q * BLOCK_K);
-    Pv = b.take(BLOCK_Q * BLOCK_K / 2);
-    dSv = b.take(BLOCK_Q * BLOCK_K / 2);
-    dSa = b.take(BLOCK_Q * BLOCK_K / 2);
+    S = b.take(QBLOCK * KBLOCK);
+    dP = b.take(QBLOCK * KBLOCK);
+    Pd = b.take(QBLOCK * KBLOCK);
+    tanh = b.take(QBLOCK * KBLOCK);
+    Pv = b.take(QBLOCK * KBLOCK / 2);
+    dSv = b.take(QBLOCK * KBLOCK / 2);
+    dSa = b.take(QBLOCK * KBLOCK / 2);
   }
 };
 
@@ -89,21 +89,21 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
                        int64_t i0, int64_t bq, int64_t j0, int64_t bk, TileBuffers& B) {
   const CpuParams& p = ctx.p;
   for (int64_t r = 0; r < bq; ++r) {
-    float* P_r = B.S + r * BLOCK_K;
-    float* dS_r = B.dP + r * BLOCK_K;
+    float* P_r = B.S + r * KBLOCK;
+    float* dS_r = B.dP + r * KBLOCK;
     if (!drop) {
       vec512::grad_row(P_r, dS_r, bk, eff, lse[r], delta[r]);
     } else {
       // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
       vec512::exp_lse_row(P_r, bk, eff, lse[r]);
-      float* Pd_r = B.Pd + r * BLOCK_K;
+      float* Pd_r = B.Pd + r * KBLOCK;
       std::copy(P_r, P_r + bk, Pd_r);
       drop->apply_row(Pd_r, ctx.s.n, ctx.h, i0 + r, j0, bk);
       const float d = delta[r];
       for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
     }
     if (p.softcap > 0.f) {
-      const float* t = B.tanh + r * BLOCK_K;
+      const float* t = B.tanh + r * KBLOCK;
       for (int64_t j = 0; j < bk; ++j) dS_r[j] *= 1.f - t[j] * t[j];
     }
   }
@@ -116,14 +116,14 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   const SeqInfo s = seq_info(p, n);
   if (s.sk == 0 && s.sq == 0) return;
   const int64_t D = p.D, Dv = p.Dv, G = p.group();
-  const int64_t nkb = (s.sk + BLOCK_K - 1) / BLOCK_K;
+  const int64_t nkb = (s.sk + KBLOCK - 1) / KBLOCK;
   const Visibility vis(p, s);
   TileBuffers B(buf);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
   kv.ensure(p, s, n * p.Hkv + hk, k, v, 0, nkb);
-  std::fill(dkt, dkt + nkb * D * BLOCK_K, 0.f);
-  std::fill(dvt, dvt + nkb * Dv * BLOCK_K, 0.f);
+  std::fill(dkt, dkt + nkb * D * KBLOCK, 0.f);
+  std::fill(dvt, dvt + nkb * Dv * KBLOCK, 0.f);
   const Dropout dropout(p.seed, p.offset, p.dropout_p);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
   const bool vnni = mm::vnni<T>();
@@ -139,13 +139,16 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
     qblk.pack(p, s.sq, q, dO);
     std::fill(dq, dq + s.sq * D, 0.f);
     for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t j0 = kb * BLOCK_K, bk = std::min(BLOCK_K, s.sk - j0), bk_pad = mm::even(bk);
-      const int64_t i_lo = vis.query_lo(j0), i_hi = vis.query_hi(j0 + bk - 1);
-      for (int64_t qb = i_lo / BLOCK_Q; qb * BLOCK_Q < i_hi; ++qb) {
-        const int64_t i0 = qb * BLOCK_Q, bq = std::min(BLOCK_Q, s.sq - i0), bq_pad = mm::even(bq);
+      const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
+      const int64_t i_lo = vis.query_lo(j0), i_hi = vis.query_hi(j0 + bk_block - 1);
+      for (int64_t qb = i_lo / QBLOCK; qb * QBLOCK < i_hi; ++qb) {
+        const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, s.sq - i0), bq_pad = mm::even(bq);
+        // Keys past what the tile's last row sees are invisible to all its rows: the tile stops there.
+        const int64_t bk = std::min(bk_block, mm::even(vis.key_hi(i0 + bq - 1) - j0)), bk_pad = mm::even(bk);
+        if (bk <= 0) continue;
         const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), i0, bq, kb, bk, B.S,
                                          p.softcap > 0.f ? B.tanh : nullptr);
-        mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb), BLOCK_K, B.dP, BLOCK_K,
+        mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb), KBLOCK, B.dP, KBLOCK,
                        false);  // dP = dO V^T
         const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, j0, bk, B);
         T* Pv = static_cast<T*>(B.Pv);
@@ -154,27 +157,27 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         if (vnni) {
           for (int64_t r = 0; r < bq; r += 2) {
             const bool two = r + 1 < bq;
-            vec512::store_pair<T>(Pv + r * BLOCK_K, Pd + r * BLOCK_K, two ? Pd + (r + 1) * BLOCK_K : nullptr, bk);
-            vec512::store_pair<T>(dSv + r * BLOCK_K, B.dP + r * BLOCK_K,
-                                  two ? B.dP + (r + 1) * BLOCK_K : nullptr, bk);
+            vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
+            vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK,
+                                  two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
           }
-        } else {  // plain rows (ld BLOCK_K), a zero row when bq is odd
+        } else {  // plain rows (ld KBLOCK), a zero row when bq is odd
           for (int64_t r = 0; r < bq_pad; ++r) {
             if (r < bq) {
-              vec512::round_row<T>(Pd + r * BLOCK_K, bk, bk, Pv + r * BLOCK_K);
-              vec512::round_row<T>(B.dP + r * BLOCK_K, bk, bk, dSv + r * BLOCK_K);
+              vec512::round_row<T>(Pd + r * KBLOCK, bk, bk, Pv + r * KBLOCK);
+              vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk, dSv + r * KBLOCK);
             } else {
-              std::fill(Pv + r * BLOCK_K, Pv + r * BLOCK_K + bk, T(0.f));
-              std::fill(dSv + r * BLOCK_K, dSv + r * BLOCK_K + bk, T(0.f));
+              std::fill(Pv + r * KBLOCK, Pv + r * KBLOCK + bk, T(0.f));
+              std::fill(dSv + r * KBLOCK, dSv + r * KBLOCK + bk, T(0.f));
             }
           }
         }
-        for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * BLOCK_K, bk, bk_pad, dSa + r * BLOCK_K);
-        float* dvt_b = dvt + kb * Dv * BLOCK_K;
-        float* dkt_b = dkt + kb * D * BLOCK_K;
-        mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), BLOCK_Q, Pv, BLOCK_K, dvt_b, BLOCK_K, true);
-        mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), BLOCK_Q, dSv, BLOCK_K, dkt_b, BLOCK_K, true);
-        mm::mm_vnni<T>(bq, D, bk_pad, dSa, BLOCK_K, kv.k_block(kb, D), D, dq + i0 * D, D, true);
+        for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
+        float* dvt_b = dvt + kb * Dv * KBLOCK;
+        float* dkt_b = dkt + kb * D * KBLOCK;
+        mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
+        mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
+        mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D), D, dq + i0 * D, D, true);
       }
     }
     T* dq_out = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
@@ -185,10 +188,10 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   T* dk = static_cast<T*>(p.dk) + s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
   T* dv = static_cast<T*>(p.dv) + s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
   for (int64_t j = 0; j < s.sk; ++j) {
-    const float* kcol = dkt + (j / BLOCK_K) * D * BLOCK_K + j % BLOCK_K;
-    const float* vcol = dvt + (j / BLOCK_K) * Dv * BLOCK_K + j % BLOCK_K;
-    for (int64_t c = 0; c < D; ++c) dk[j * p.dk_st.s + c * p.dk_st.d] = T(kcol[c * BLOCK_K] * p.scale);
-    for (int64_t c = 0; c < Dv; ++c) dv[j * p.dv_st.s + c * p.dv_st.d] = T(vcol[c * BLOCK_K]);
+    const float* kcol = dkt + (j / KBLOCK) * D * KBLOCK + j % KBLOCK;
+    const float* vcol = dvt + (j / KBLOCK) * Dv * KBLOCK + j % KBLOCK;
+    for (int64_t c = 0; c < D; ++c) dk[j * p.dk_st.s + c * p.dk_st.d] = T(kcol[c * KBLOCK] * p.scale);
+    for (int64_t c = 0; c < Dv; ++c) dv[j * p.dv_st.s + c * p.dv_st.d] = T(vcol[c * KBLOCK]);
   }
 }
 
@@ -220,16 +223,16 @@ void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   at::Tensor delta_t = at::empty({p.B * p.Hq * p.Sq}, at::kFloat);
   float* delta = delta_t.data_ptr<float>();
   compute_delta<T>(p, delta);
-  const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K;
+  const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK;
   at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(TileBuffers::size());
     KVBlocks<T> kv(p, max_sk, true);
     QBlocks<T> qblk(p, max_sq);
-    // fp32 accumulators: dK^T, dV^T per key block (D|Dv x BLOCK_K), dQ of one query head (max_sq x D).
-    at::Tensor acc = at::empty({std::max<int64_t>(nkb * BLOCK_K * (p.D + p.Dv) + max_sq * p.D, 1)}, at::kFloat);
+    // fp32 accumulators: dK^T, dV^T per key block (D|Dv x KBLOCK), dQ of one query head (max_sq x D).
+    at::Tensor acc = at::empty({std::max<int64_t>(nkb * KBLOCK * (p.D + p.Dv) + max_sq * p.D, 1)}, at::kFloat);
     float* dkt = acc.data_ptr<float>();
-    float* dvt = dkt + nkb * BLOCK_K * p.D;
-    float* dq = dvt + nkb * BLOCK_K * p.Dv;
+    float* dvt = dkt + nkb * KBLOCK * p.D;
+    float* dq = dvt + nkb * KBLOCK * p.Dv;
     for (int64_t t = begin; t < end; ++t) {
       head_task<T>(p, t / p.Hkv, t % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
     }

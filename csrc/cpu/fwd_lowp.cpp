@@ -43,19 +43,19 @@ float softmax_row(float* S_r, int64_t bk, int64_t bk_pad, float eff, float& m_i,
 template <typename T>
 void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf, KVBlocks<T>& kv) {
   const SeqInfo s = seq_info(p, n);
-  const int64_t i0 = qb * BLOCK_Q;
+  const int64_t i0 = qb * QBLOCK;
   if (i0 >= s.sq) return;
-  const int64_t bq = std::min(BLOCK_Q, s.sq - i0), Dv = p.Dv, hk = h / p.group();
+  const int64_t bq = std::min(QBLOCK, s.sq - i0), Dv = p.Dv, hk = h / p.group();
   const Visibility vis(p, s);
   const ScoreCtx<T> ctx(p, s, vis, h);
   buf.used = 0;
-  float* S = buf.take(BLOCK_Q * BLOCK_K);
-  float* acc = buf.take(BLOCK_Q * Dv);
-  float* m = buf.take(BLOCK_Q);
-  float* l = buf.take(BLOCK_Q);
+  float* S = buf.take(QBLOCK * KBLOCK);
+  float* acc = buf.take(QBLOCK * Dv);
+  float* m = buf.take(QBLOCK);
+  float* l = buf.take(QBLOCK);
   // T tiles carved from the fp32 scratch (2 T per float).
-  T* qa = reinterpret_cast<T*>(buf.take((BLOCK_Q * kv.Dp + 1) / 2));
-  T* P = reinterpret_cast<T*>(buf.take((BLOCK_Q * BLOCK_K + 1) / 2));
+  T* qa = reinterpret_cast<T*>(buf.take((QBLOCK * kv.Dp + 1) / 2));
+  T* P = reinterpret_cast<T*>(buf.take((QBLOCK * KBLOCK + 1) / 2));
 
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
@@ -70,17 +70,19 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   // Key blocks on the global grid that any row of this query block sees (invisible blocks are skipped).
   const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
   if (j_lo < j_hi) {
-    const int64_t kb0 = j_lo / BLOCK_K, kb1 = (j_hi + BLOCK_K - 1) / BLOCK_K;
+    const int64_t kb0 = j_lo / KBLOCK, kb1 = (j_hi + KBLOCK - 1) / KBLOCK;
     kv.ensure(p, s, n * p.Hkv + hk, k, v, kb0, kb1);
     for (int64_t kb = kb0; kb < kb1; ++kb) {
-      const int64_t j0 = kb * BLOCK_K, bk = std::min(BLOCK_K, s.sk - j0), bk_pad = mm::even(bk);
+      // Keys past j_hi are invisible to every row: the tile stops there (kept even unless at the end).
+      const int64_t j0 = kb * KBLOCK, bk = std::min({KBLOCK, s.sk - j0, mm::even(j_hi - j0)});
+      const int64_t bk_pad = mm::even(bk);
       const float eff = lowp_scores<T>(ctx, kv, qa, i0, bq, kb, bk, S, nullptr);
       for (int64_t r = 0; r < bq; ++r) {
-        const float alpha = softmax_row<T>(S + r * BLOCK_K, bk, bk_pad, eff, m[r], l[r], P + r * BLOCK_K, drop,
+        const float alpha = softmax_row<T>(S + r * KBLOCK, bk, bk_pad, eff, m[r], l[r], P + r * KBLOCK, drop,
                                            s.n, h, i0 + r, j0);
         if (alpha != 1.f) vec512::scale_row(acc + r * Dv, Dv, alpha);
       }
-      mm::mm_vnni<T>(bq, Dv, bk_pad, P, BLOCK_K, kv.v_block(kb, Dv), Dv, acc, Dv, true);  // acc += P V
+      mm::mm_vnni<T>(bq, Dv, bk_pad, P, KBLOCK, kv.v_block(kb, Dv), Dv, acc, Dv, true);  // acc += P V
     }
   }
 
@@ -103,11 +105,11 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
 
 template <typename T>
 void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
-  const int64_t nqb = (max_sq + BLOCK_Q - 1) / BLOCK_Q;
+  const int64_t nqb = (max_sq + QBLOCK - 1) / QBLOCK;
   const int64_t ntask = p.nseq * p.Hq * nqb;
-  const int64_t scratch = Scratch::round(BLOCK_Q * BLOCK_K) + Scratch::round(BLOCK_Q * p.Dv) +
-                          2 * Scratch::round(BLOCK_Q) + Scratch::round((BLOCK_Q * mm::even(p.D) + 1) / 2) +
-                          Scratch::round((BLOCK_Q * BLOCK_K + 1) / 2);
+  const int64_t scratch = Scratch::round(QBLOCK * KBLOCK) + Scratch::round(QBLOCK * p.Dv) +
+                          2 * Scratch::round(QBLOCK) + Scratch::round((QBLOCK * mm::even(p.D) + 1) / 2) +
+                          Scratch::round((QBLOCK * KBLOCK + 1) / 2);
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);
     KVBlocks<T> kv(p, max_sk, false);

@@ -8,11 +8,16 @@
 
 namespace fastattn::cpu {
 
-// VNNI blocks of one (sequence, kv head)'s keys on the global grid of BLOCK_K keys, kept across the tasks of a
+// Tiles of the matrix-unit path: QBLOCK query rows per task, KBLOCK keys per step. Longer key steps than the
+// fp32 path's halve the per-step costs (two brgemm kernel switches, the row rescales) and suit AMX's 16x32 tiles.
+constexpr int64_t QBLOCK = 64;
+constexpr int64_t KBLOCK = 512;
+
+// VNNI blocks of one (sequence, kv head)'s keys on the global grid of KBLOCK keys, kept across the tasks of a
 // thread (consecutive tasks share the head) and packed on first use:
-//   kt block kb: K^T of keys [kb*BLOCK_K, +bk) as a (D x bk) right operand, ldb BLOCK_K  (S = Q K^T)
+//   kt block kb: K^T of keys [kb*KBLOCK, +bk) as a (D x bk) right operand, ldb KBLOCK  (S = Q K^T)
 //   v  block kb: V of those keys as a (bk x Dv) right operand, ldb Dv                    (O += P V)
-//   vt block kb (backward only): V^T as a (Dv x bk) right operand, ldb BLOCK_K            (dP = dO V^T)
+//   vt block kb (backward only): V^T as a (Dv x bk) right operand, ldb KBLOCK            (dP = dO V^T)
 //   k  block kb (backward only): K as a (bk x D) right operand, ldb D                      (dQ += dS K)
 template <typename T>
 struct KVBlocks {
@@ -25,23 +30,23 @@ struct KVBlocks {
 
   // bwd = false: kt and v blocks (forward); bwd = true: kt, vt and k blocks (backward).
   KVBlocks(const CpuParams& p, int64_t max_sk, bool bwd_)
-      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), nkb((max_sk + BLOCK_K - 1) / BLOCK_K), bwd(bwd_) {
-    const int64_t per = BLOCK_K * (Dp + (bwd ? Dvp + p.D : p.Dv));
+      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), nkb((max_sk + KBLOCK - 1) / KBLOCK), bwd(bwd_) {
+    const int64_t per = KBLOCK * (Dp + (bwd ? Dvp + p.D : p.Dv));
     buf = at::empty({std::max<int64_t>(nkb * per, 1) * int64_t(sizeof(T))}, at::kByte);
     kt = reinterpret_cast<T*>(buf.data_ptr());
     if (bwd) {
-      vt = kt + nkb * BLOCK_K * Dp;
-      k = vt + nkb * BLOCK_K * Dvp;
+      vt = kt + nkb * KBLOCK * Dp;
+      k = vt + nkb * KBLOCK * Dvp;
     } else {
-      v = kt + nkb * BLOCK_K * Dp;
+      v = kt + nkb * KBLOCK * Dp;
     }
     done.assign(nkb, 0);
   }
 
-  T* kt_block(int64_t kb) const { return kt + kb * BLOCK_K * Dp; }
-  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * BLOCK_K * Dv; }
-  T* vt_block(int64_t kb) const { return vt + kb * BLOCK_K * Dvp; }
-  T* k_block(int64_t kb, int64_t D) const { return k + kb * BLOCK_K * D; }
+  T* kt_block(int64_t kb) const { return kt + kb * KBLOCK * Dp; }
+  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * KBLOCK * Dv; }
+  T* vt_block(int64_t kb) const { return vt + kb * KBLOCK * Dvp; }
+  T* k_block(int64_t kb, int64_t D) const { return k + kb * KBLOCK * D; }
 
   // Packs blocks [kb0, kb1) of head `head_id` (k_src, v_src at the sequence's first key) when not yet packed.
   void ensure(const CpuParams& p, const SeqInfo& s, int64_t head_id, const T* k_src, const T* v_src, int64_t kb0,
@@ -52,12 +57,12 @@ struct KVBlocks {
     }
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       if (done[kb]) continue;
-      const int64_t j0 = kb * BLOCK_K, bk = std::min(BLOCK_K, s.sk - j0);
+      const int64_t j0 = kb * KBLOCK, bk = std::min(KBLOCK, s.sk - j0);
       const T* kr = k_src + j0 * p.k_st.s;
       const T* vr = v_src + j0 * p.v_st.s;
-      mm::pack_transposed<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, BLOCK_K, kt_block(kb));
+      mm::pack_transposed<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, KBLOCK, kt_block(kb));
       if (bwd) {
-        mm::pack_transposed<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, BLOCK_K, vt_block(kb));
+        mm::pack_transposed<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, KBLOCK, vt_block(kb));
         mm::pack_rows<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, p.D, k_block(kb, p.D));
       } else {
         mm::pack_rows<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
@@ -67,20 +72,20 @@ struct KVBlocks {
   }
 };
 
-// Score tile of query rows [i0, +bq) (qa: (bq x Dp) T, ld Dp) against key block kb: S (bq x bk, ld BLOCK_K)
+// Score tile of query rows [i0, +bq) (qa: (bq x Dp) T, ld Dp) against key block kb: S (bq x bk, ld KBLOCK)
 // ready for the softmax, which multiplies it by the returned factor (the scale when it could be deferred,
 // else 1). Empty-row NaN detection stays with the caller.
 template <typename T>
 float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, int64_t i0, int64_t bq, int64_t kb,
                   int64_t bk, float* S, float* tanh_out) {
-  const int64_t j0 = kb * BLOCK_K;
-  mm::mm_vnni<T>(bq, bk, kv.Dp, qa, kv.Dp, kv.kt_block(kb), BLOCK_K, S, BLOCK_K, false);
+  const int64_t j0 = kb * KBLOCK;
+  mm::mm_vnni<T>(bq, bk, kv.Dp, qa, kv.Dp, kv.kt_block(kb), KBLOCK, S, KBLOCK, false);
   float eff = ctx.p.scale;
   if (ctx.transforms() || !(eff > 0.f)) {
-    for (int64_t r = 0; r < bq; ++r) vec512::scale_row(S + r * BLOCK_K, bk, eff);
+    for (int64_t r = 0; r < bq; ++r) vec512::scale_row(S + r * KBLOCK, bk, eff);
     eff = 1.f;
   }
-  ctx.finish(i0, bq, j0, bk, S, BLOCK_K, tanh_out);
+  ctx.finish(i0, bq, j0, bk, S, KBLOCK, tanh_out);
   return eff;
 }
 

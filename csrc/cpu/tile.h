@@ -110,10 +110,10 @@ struct ScoreCtx {
     if (!vis.full(i0, i0 + bq, j0, j0 + bk)) {
       for (int64_t r = 0; r < bq; ++r) {
         float* Sr = S + r * ldS;
-        const int64_t lo = vis.key_lo(i0 + r) - j0, hi = vis.key_hi(i0 + r) - j0;
-        for (int64_t j = 0; j < bk; ++j) {
-          if (j < lo || j >= hi) Sr[j] = kNegInf;
-        }
+        const int64_t lo = std::clamp<int64_t>(vis.key_lo(i0 + r) - j0, 0, bk);
+        const int64_t hi = std::clamp<int64_t>(vis.key_hi(i0 + r) - j0, lo, bk);
+        std::fill(Sr, Sr + lo, kNegInf);
+        std::fill(Sr + hi, Sr + bk, kNegInf);
       }
     }
   }
