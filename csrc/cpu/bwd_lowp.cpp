@@ -126,7 +126,6 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   std::fill(dvt, dvt + nkb * Dv * KBLOCK, 0.f);
   const Dropout dropout(p.seed, p.offset, p.dropout_p);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
-  const bool vnni = mm::vnni<T>();
 
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
@@ -154,23 +153,10 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         T* Pv = static_cast<T*>(B.Pv);
         T* dSv = static_cast<T*>(B.dSv);
         T* dSa = static_cast<T*>(B.dSa);
-        if (vnni) {
-          for (int64_t r = 0; r < bq; r += 2) {
-            const bool two = r + 1 < bq;
-            vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
-            vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK,
-                                  two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
-          }
-        } else {  // plain rows (ld KBLOCK), a zero row when bq is odd
-          for (int64_t r = 0; r < bq_pad; ++r) {
-            if (r < bq) {
-              vec512::round_row<T>(Pd + r * KBLOCK, bk, bk, Pv + r * KBLOCK);
-              vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk, dSv + r * KBLOCK);
-            } else {
-              std::fill(Pv + r * KBLOCK, Pv + r * KBLOCK + bk, T(0.f));
-              std::fill(dSv + r * KBLOCK, dSv + r * KBLOCK + bk, T(0.f));
-            }
-          }
+        for (int64_t r = 0; r < bq; r += 2) {
+          const bool two = r + 1 < bq;
+          vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
+          vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK, two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
         }
         for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
         float* dvt_b = dvt + kb * Dv * KBLOCK;

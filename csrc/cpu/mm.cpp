@@ -67,15 +67,15 @@ std::string cpu_model() {
 
 struct Decision {
   Path path = Path::kFp32;
-  bool vnni = true;
   std::string why;
 };
 
-// Multiplies a small odd-shaped product whose exact result fp32 can hold (small integers) and compares, with B
-// in VNNI or plain row-major layout (oneDNN's kernels without native pairs, e.g. fp16 on AVX512-FP16 without
-// AMX-FP16, read B plainly).
+// Multiplies a small odd-shaped product whose exact result fp32 can hold (small integers) and compares. oneDNN's
+// kernels without native pairs (fp16 on AVX512-FP16 without AMX-FP16) read B plainly, so the VNNI product is
+// wrong there: that kernel converts to fp32 itself and measured slower than our fp32 tiles (0.65-0.8x vs 1.0x
+// torch on a Xeon with AVX512-FP16, one thread), so the fp32 tiles are the right path then.
 template <typename T>
-bool probe_exact(bool vnni, std::string& why) {
+bool probe_exact(std::string& why) {
   constexpr int64_t m = 7, n = 33, k = 38;
   std::vector<T> a(m * k), b(k * n), bv(mm::even(k) * n);
   std::vector<float> ref(m * n, 0.f), c(m * n, -1.f);
@@ -85,13 +85,13 @@ bool probe_exact(bool vnni, std::string& why) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t t = 0; t < k; ++t) ref[i * n + j] += float(a[i * k + t]) * float(b[t * n + j]);
   for (int64_t t = 0; t < k; ++t)  // by hand (not pack_rows, which a test may plant a bug in)
-    for (int64_t j = 0; j < n; ++j) bv[vnni ? ((t / 2) * n + j) * 2 + t % 2 : t * n + j] = b[t * n + j];
+    for (int64_t j = 0; j < n; ++j) bv[((t / 2) * n + j) * 2 + t % 2] = b[t * n + j];
   mm_vnni<T>(m, n, k, a.data(), k, bv.data(), n, c.data(), n, false);
   mm_vnni<T>(m, n, k, a.data(), k, bv.data(), n, c.data(), n, true);  // accumulate: 2 * ref
   release();
   for (int64_t i = 0; i < m * n; ++i) {
     if (c[i] != 2.f * ref[i]) {
-      why = "brgemm probe gave a wrong product";
+      why = "oneDNN's brgemm here does not take VNNI pairs (no AMX-FP16 / AVX512-BF16)";
       return false;
     }
   }
@@ -119,12 +119,7 @@ Decision decide() {
     return d;
   }
   try {
-    if (probe_exact<T>(true, d.why)) {
-      d.path = Path::kBrgemm;
-    } else if (probe_exact<T>(false, d.why)) {
-      d.path = Path::kBrgemm;
-      d.vnni = false;
-    }
+    if (probe_exact<T>(d.why)) d.path = Path::kBrgemm;
   } catch (const std::exception& e) {
     d.why = std::string("brgemm refused: ") + e.what();
     const auto nl = d.why.find('\n');
@@ -136,7 +131,6 @@ Decision decide() {
     d.why = amx ? "AMX tiles" : dot ? (std::is_same_v<T, c10::BFloat16> ? "AVX512-BF16 dot products"
                                                                          : "AVX512-FP16")
                                     : "oneDNN AVX-512 kernels";
-    d.why += d.vnni ? ", VNNI-packed B" : ", plain B";
   }
   return d;
 #endif
@@ -162,15 +156,6 @@ bool plant_vnni_swap() {
 }
 
 }  // namespace
-
-template <typename T>
-void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
-               T* dst);
-
-template <typename T>
-bool vnni() {
-  return decision(std::is_same_v<T, c10::BFloat16> ? at::kBFloat16 : at::kHalf).vnni;
-}
 
 Path path(at::ScalarType dt) { return g_force_fp32.load(std::memory_order_relaxed) ? Path::kFp32 : decision(dt).path; }
 
@@ -213,11 +198,6 @@ void release() {
 
 template <typename T>
 void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
-  if (!vnni<T>()) {  // plain: rows as they are, k padded to even with a zero row
-    copy_rows<T>(src, ss, sd, rows, cols, cols, ld, dst);
-    if (rows & 1) std::fill(dst + rows * ld, dst + rows * ld + cols, T(0.f));
-    return;
-  }
   const bool swap = plant_vnni_swap();
   for (int64_t r = 0; r < rows; r += 2) {
     const T* s0 = src + r * ss;
@@ -241,12 +221,6 @@ void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols,
 template <typename T>
 void pack_transposed(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
   static_assert(sizeof(T) == 2);
-  if (!vnni<T>()) {  // plain: dst (c, r) = src[r][c], k padded to even with a zero row
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = src[r * ss + c * sd];
-    if (cols & 1) std::fill(dst + cols * ld, dst + cols * ld + rows, T(0.f));
-    return;
-  }
   // dst word (c / 2, r) = (src[r][c], src[r][c + 1]).
   const int64_t cp = cols / 2;
   if (sd == 1) {
@@ -294,8 +268,7 @@ void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols,
                            bool);                                                                             \
   template void pack_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);                      \
   template void pack_transposed<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);                \
-  template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*);    \
-  template bool vnni<T>();
+  template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
 FA_MM_INSTANTIATE(c10::BFloat16)
 FA_MM_INSTANTIATE(c10::Half)
 #undef FA_MM_INSTANTIATE

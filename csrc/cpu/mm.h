@@ -1,7 +1,7 @@
 // Tile products on the CPU's matrix units: bf16/fp16 operands, fp32 accumulation, through the batch-reduce GEMM
 // of oneDNN that libtorch exports (at::native::cpublas::brgemm). oneDNN generates the kernel for the CPU it runs
 // on: AMX tiles on Intel Sapphire Rapids and newer, AVX512-BF16 dot products (vdpbf16ps) on AMD Zen 4/5 and Intel
-// without AMX, AVX512-FP16 for fp16. Whether a dtype can take this path is probed once at run time (a small
+// without AMX; fp16 on AMX-FP16 (Granite Rapids). Whether a dtype can take this path is probed once at run time (a small
 // product checked against an fp32 one); otherwise, or with FASTATTN_CPU_MATMUL=fp32, the kernels convert tiles
 // to fp32 and use sgemm (tile.h).
 //
@@ -28,21 +28,16 @@ template <typename T>
 void mm_vnni(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, float* c,
              int64_t ldc, bool accumulate);
 
-// B's layout for T on this CPU: VNNI pairs (AMX, AVX512-BF16) or plain row-major (fp16 on AVX512-FP16 without
-// AMX-FP16, where oneDNN converts to fp32 itself); the pack functions below write whichever it is.
-template <typename T>
-bool vnni();
-
 // Frees the thread's matrix-unit state (AMX tile configuration); call once at the end of a parallel task range.
 void release();
 
-// B = src (rows x cols; row stride ss, column stride sd) in T's layout: k = rows padded to even with a zero
-// row, n = cols, ldb = ld (>= cols).
+// VNNI of B = src (rows x cols; row stride ss, column stride sd): k = rows padded to even with a zero row,
+// n = cols, ldb = ld (>= cols).
 template <typename T>
 void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst);
 
-// B = src^T for src (rows x cols) in T's layout: k = cols padded to even with zeros, n = rows, ldb = ld
-// (>= rows). In VNNI, pairs of a source row are 32-bit words, so this is a transpose of words.
+// VNNI of B = src^T for src (rows x cols): k = cols padded to even with zeros, n = rows, ldb = ld (>= rows).
+// Pairs of a source row are 32-bit words, so this is a transpose of words.
 template <typename T>
 void pack_transposed(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst);
 

@@ -17,6 +17,8 @@
 #define FA_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
+#include "vec512.h"
+
 namespace fastattn::cpu::vec {
 
 inline bool use_avx2() {
@@ -123,6 +125,7 @@ FA_AVX2 inline void load_row_avx2(const T* src, float* dst, int64_t n, float mul
 
 inline float max_row(const float* x, int64_t n) {
 #ifdef FASTATTN_X86
+  if (vec512::available()) return vec512::max_row(x, n);
   if (use_avx2()) return max_row_avx2(x, n);
 #endif
   float r = -INFINITY;
@@ -132,6 +135,7 @@ inline float max_row(const float* x, int64_t n) {
 
 inline float exp_sum_row(float* x, int64_t n, float m) {
 #ifdef FASTATTN_X86
+  if (vec512::available()) return vec512::exp_sum_row_f32(x, n, m);
   if (use_avx2()) return exp_sum_row_avx2(x, n, m);
 #endif
   float s = 0.f;
