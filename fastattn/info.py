@@ -34,6 +34,7 @@ def collect() -> dict:
     info["cpp_ops"] = "loaded" if ops.loaded() else f"not loaded: {ops.LOAD_ERROR}"
     info["cpp_kernels"] = {k: ops.has_kernel(k) for k in ("CPU", "CUDA")}
     info["cuda_compiled"] = ops.cuda_built()
+    info["cpu_matmul"] = ops.cpu_matmul()
     info["backends"] = {}
     for name, b in BACKENDS.items():
         why = b.unavailable()
@@ -85,6 +86,7 @@ def main() -> None:
     print(f"{'C++ ops':<{w}} {info['cpp_ops']}")
     print(f"{'C++ kernels':<{w}} " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpp_kernels"].items())
           + f"; CUDA compiled into _C: {'yes' if info['cuda_compiled'] else 'no'}")
+    print(f"{'CPU kernels':<{w}} " + "\n".join(info["cpu_matmul"].split("; ", 1)).replace("; ", f"\n{'':<{w}} "))
     print("\nbackends:")
     for name, b in info["backends"].items():
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["why_not"])

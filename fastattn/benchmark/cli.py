@@ -196,9 +196,13 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         env["ceilings"] = ceilings.measure(device)
         c = env["ceilings"]
         copy = c["copy"] if not cpu else c["copy"].replace("device-to-device", "in memory")
-        print(f"ceilings measured now: matmul {c['matmul_tflops'] * (1e3 if cpu else 1):.1f} "
-              f"{'GFLOP/s' if cpu else 'TFLOP/s'} ({c['matmul']}), copy {c['copy_gbps']:.0f} GB/s ({copy}); "
-              f"torch threads {env['torch_threads']}, commit {(env.get('git_commit') or '?')[:10]}", flush=True)
+        unit, mul = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1)
+        rates = ", ".join(f"{d} {t * mul:.0f}" for d, t in c["matmul_by_dtype"].items())
+        print(f"ceilings measured now: matmul {rates} {unit} ({c['matmul'].split(' ', 1)[1]}), copy "
+              f"{c['copy_gbps']:.0f} GB/s ({copy}); torch threads {env['torch_threads']}, commit "
+              f"{(env.get('git_commit') or '?')[:10]}", flush=True)
+        if cpu:
+            print(f"CPU paths: {env.get('cpu_matmul')}", flush=True)
     except Exception as e:  # noqa: BLE001 - context only
         env["ceilings"] = {"error": f"{type(e).__name__}: {e}"}
     if cpu and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):
@@ -226,7 +230,8 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     print()
     # CPU: no copy ceiling for decode; a cache-resident KV cache outruns the 64 MiB copy, so a percentage misleads.
     print(report.table(records, flops_unit="GFLOP/s" if cpu else "TFLOP/s",
-                       copy_gbps=None if cpu else env["ceilings"].get("copy_gbps")))
+                       copy_gbps=None if cpu else env["ceilings"].get("copy_gbps"),
+                       matmul_by_dtype=env["ceilings"].get("matmul_by_dtype")))
     print("summary (geometric means over the cases each implementation ran):")
     print(report.summary(records))
     print("\nverdict:")

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .. import ops
+
 
 def _run(cmd, cwd=None) -> str:
     try:
@@ -35,7 +37,7 @@ def collect(device: str) -> dict:
     dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)) if commit else False
     env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python", *[os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)]]),
         "device": device,
         "fastattn": fastattn.__version__,
         "git_commit": (commit + ("+dirty" if dirty else "")) if commit else None,
@@ -45,6 +47,8 @@ def collect(device: str) -> dict:
         "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_model": _cpu_model(),
+        # CPU model, ISA found (AMX, AVX512-BF16, AVX512-FP16, AVX2) and how the cpu kernels multiply each dtype.
+        "cpu_matmul": ops.cpu_matmul(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # CPU timings are only as good as the machine is idle: the 1-minute load average at the start.

@@ -34,17 +34,26 @@ def _copy_note(gbps, copy_gbps) -> str:
     return f"  ({pct:.0f}% of copy bandwidth)" if pct <= 100 else "  (above copy bandwidth: cache-resident KV)"
 
 
-def table(records: List[dict], flops_unit: str = "TFLOP/s", copy_gbps=None) -> str:
+def _ceil_pct(r: dict, matmul_by_dtype) -> str:
+    """Achieved FLOP rate as a percentage of this run's matmul rate in the row's dtype."""
+    peak = (matmul_by_dtype or {}).get(r.get("dtype"))
+    if not peak or not r.get("tflops"):
+        return f"{'-':>6}"
+    return f"{100 * r['tflops'] / peak:5.0f}%"
+
+
+def table(records: List[dict], flops_unit: str = "TFLOP/s", copy_gbps=None, matmul_by_dtype=None) -> str:
     """One block per case; one row per implementation (measured ones fastest first, then refusals).
 
-    copy_gbps: the device copy ceiling that decode rows are compared with; None leaves the comparison out."""
+    copy_gbps: the device copy ceiling that decode rows are compared with; None leaves the comparison out.
+    matmul_by_dtype: {dtype name: TFLOP/s} measured this run; the '% ceil' column divides by the row's dtype."""
     cases: "OrderedDict[str, List[dict]]" = OrderedDict()
     for r in records:
         cases.setdefault(r["label"], []).append(r)
     lines = []
     per_s = 1e3 if flops_unit == "GFLOP/s" else 1.0
-    head = f"  {'implementation':<24} {'ms':>9} {flops_unit:>8} {'GB/s':>7} {'peak MB':>8} {'x naive':>8} " \
-           f"{'x sdpa-best':>11}  check"
+    head = f"  {'implementation':<24} {'ms':>9} {flops_unit:>8} {'% ceil':>6} {'GB/s':>7} {'peak MB':>8} " \
+           f"{'x naive':>8} {'x sdpa-best':>11}  check"
     for label, rows in cases.items():
         lines.append(label)
         lines.append(head)
@@ -55,7 +64,7 @@ def table(records: List[dict], flops_unit: str = "TFLOP/s", copy_gbps=None) -> s
                 flag += f"  [{r['notes']}]"
             flag += _copy_note(r.get("gbps"), copy_gbps)
             lines.append(f"  {r['impl']:<24} {_fmt(r['time_ms'], '9.3f')} {_fmt(r['tflops'] * per_s if r.get('tflops') else None, '8.3f')} "
-                         f"{_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
+                         f"{_ceil_pct(r, matmul_by_dtype)} {_fmt(r.get('gbps'), '7.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
                          f"{_x(r.get('speedup_vs_naive'), 8)} {_x(r.get('speedup_vs_sdpa_best'), 11)}"
                          f"  {flag}")
         for r in rows:
