@@ -283,3 +283,14 @@ def test_crash_probe_child_does_not_autotune(monkeypatch):
     monkeypatch.setattr(probe.subprocess, "Popen", FakePopen)
     probe.Probes(["triton"], "cpu")
     assert got["FASTATTN_TRITON_AUTOTUNE"] == "0"
+
+
+def test_gpu_session_scripts_parse():
+    """benchmarks/device_run.sh runs once per rare GPU session: at least its syntax is checked on every run
+    (benchmarks/rehearse_gpu_stack.sh rehearses its control flow; too slow for CI)."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("device_run.sh", "rehearse_gpu_stack.sh"):
+        r = subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", script)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
