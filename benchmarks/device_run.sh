@@ -169,7 +169,8 @@ fi
 step "pack"
 tar czf "$OUT/device_run.tar.gz" -C "$(dirname "$W")" "$(basename "$W")" 2>/dev/null || echo "tar failed"
 if [ "$DRY" = 1 ]; then  # the device tool's limits on what comes back: 8 files, plain names, 2 folders deep
-  n=$(find "$OUT" -type f | wc -l); bad=$(find "$OUT" -mindepth 1 | sed "s|^$OUT/||" | grep -v -E '^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,2}$')
+  n=$(find "$OUT" -type f | wc -l)
+  bad=$(find "$OUT" -mindepth 1 | sed "s|^$OUT/||" | grep -v -E '^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,2}$')
   echo "DRY_RUN: $n files in \$OUT (limit 8)${bad:+; bad names: $bad}"
   [ "$n" -le 8 ] && [ -z "$bad" ] || echo "DRY_RUN: OUT LIMITS BROKEN"
 fi

@@ -72,7 +72,7 @@ run_step aot $PY -m pytest -p no:cacheprovider -q -ra -m slow tests/test_triton_
 run_step bench bash -c "$PY -m fastattn.benchmark --preset tiny --device cpu --out $R/bench --no-progress \
   --max-seconds 60 --stream $R/bench/stream.jsonl && test \$(wc -l < $R/bench/stream.jsonl) -ge 2 && \
   $PY -c 'from fastattn.benchmark import cli
-a = cli.parser().parse_args([\"--preset\", \"gpu-first\", \"--out\", \"x\", \"--max-seconds\", \"100\", \"--stream\", \"s\", \"--no-progress\"])
+a = cli.parser().parse_args(\"--preset gpu-first --out x --max-seconds 100 --stream s --no-progress\".split())
 p, cases = cli.build_cases(a, \"cuda\")
 print(len(cases), \"gpu-first cases, first:\", cases[0].label); assert len(cases) == 92'"
 
