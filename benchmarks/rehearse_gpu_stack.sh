@@ -17,8 +17,8 @@
 #              on the GPU machine; REHEARSE_CUDA=0 builds the CPU part only, much faster). The extension is
 #              fastattn/_C.cpython-312-*.so, beside the development stack's (another Python version): both stay.
 #   2 import   import fastattn, fastattn._C and `python -m fastattn.info`
-#   3 compile  torch.compile(fullgraph=True) tests (test_compile.py, the Triton and decode compile tests) and the
-#              Triton decode kernel compiled for sm_90
+#   3 compile  torch.compile(fullgraph=True) tests (test_compile.py, the Triton and decode compile tests), the
+#              Triton's decode kernel for sm_90.
 #   4 aot      the Triton kernels compiled for sm_90 / sm_80 with triton 3.6 (tests/test_triton_aot.py -m slow)
 #   5 bench    the benchmark CLI: --preset tiny on CPU with --stream, and the gpu-first preset's cases
 #   6 dry-run  benchmarks/device_run.sh with DRY_RUN=1 (the same steps and commands on CPU, short timeouts),
