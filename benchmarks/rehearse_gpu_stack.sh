@@ -63,7 +63,7 @@ EOF
 run_step build env FASTATTN_BUILD_CUDA=$([ "${REHEARSE_CUDA:-auto}" = 0 ] && echo 0 || echo auto) \
   FASTATTN_CUDA_ARCHS=9.0 MAX_JOBS=${MAX_JOBS:-2} $PY setup.py build_ext --inplace
 run_step import bash -c "$PY -c 'import fastattn, fastattn._C; print(fastattn.__file__, fastattn._C.__file__)' && \
-  $PY -m fastattn.info | tee /dev/stderr | grep -q 'C++ ops loaded'"
+  $PY -m fastattn.info | tee /dev/stderr | grep -E -q 'C\+\+ ops +loaded'"
 run_step compile $PY -m pytest -p no:cacheprovider -q -ra tests/test_compile.py \
   "tests/test_triton.py::test_compile_fullgraph_traces_the_op" "tests/test_triton.py::test_unavailable_reasons" \
   tests/test_decode.py -k "compile or unavailable"
