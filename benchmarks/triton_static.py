@@ -13,6 +13,8 @@ instructions in the SASS (HGMMA = wgmma, HMMA = mma.sync) and local-memory traff
     /work/venv/bin/python benchmarks/triton_static.py --quick    # fp16 + bf16 at D=128 only, non-causal
 
     /work/venv/bin/python benchmarks/triton_static.py --full     # every dtype x head dim x causal (~2x longer)
+    /work/venv/bin/python benchmarks/triton_static.py --picks    # only the config FASTATTN_TRITON_AUTOTUNE=0
+                                                                 # takes on sm_90, fp16/bf16/fp32 x D 64/128/256
 
 The default set is reduced to stay within ~15 minutes on 2 busy cores (see `selected`); the 4-stage configs are
 never compiled for sm_80 (the prune predicate drops them on Ampere by policy).
@@ -262,6 +264,24 @@ def jobs(quick: bool, full: bool = False) -> list:
     return out
 
 
+def pick_jobs() -> list:
+    """The one config FASTATTN_TRITON_AUTOTUNE=0 takes on an H200 (sm_90) per kernel, dtype and head dim: the
+    configs a cold first GPU session runs, which must not spill."""
+    sys.path.insert(0, ROOT)
+    from fastattn.kernels.triton import configs as C
+    out = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        for kind, cfgs in (("fwd", C.FWD_CONFIGS), ("dkdv", C.DKDV_CONFIGS), ("dq", C.DQ_CONFIGS)):
+            for d in (64, 128, 256):
+                kept = pruned_keep(kind, 90, dtype, d, False)
+                i = max(kept, key=lambda i: (cfgs[i].kwargs["BLOCK_M"] * cfgs[i].kwargs["BLOCK_N"],
+                                             -abs(cfgs[i].num_stages - 3)))  # as op._tuning with AUTOTUNE off
+                c = cfgs[i]
+                out.append(dict(kind=kind, cap=90, dtype=dtype, d=d, causal=False, cfg=i, meta=dict(c.kwargs),
+                                num_warps=c.num_warps, num_stages=c.num_stages, kept=True))
+    return out
+
+
 def _key(j: dict) -> str:
     return json.dumps([j[k] if k != "meta" else sorted(j.get(k, {}).items())
                        for k in ("kind", "cap", "dtype", "d", "causal", "cfg", "paged", "num_warps", "num_stages",
@@ -296,6 +316,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="D=128, non-causal only")
     ap.add_argument("--full", action="store_true", help="every dtype, head dim and causal flag")
+    ap.add_argument("--picks", action="store_true",
+                    help="only the config FASTATTN_TRITON_AUTOTUNE=0 takes on sm_90 (fp16/bf16/fp32, D 64/128/256)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse compiles from an existing triton_static.json (configs.py predicates changed only)")
     ap.add_argument("--procs", type=int, default=2)
@@ -304,12 +326,13 @@ def main():
     a = ap.parse_args()
     import triton
     t0 = time.time()
-    todo = jobs(a.quick, a.full)
+    todo = pick_jobs() if a.picks else jobs(a.quick, a.full)
     if a.limit:
         todo = todo[:a.limit]
     print(f"{len(todo)} compiles on {a.procs} processes", flush=True)
     date = time.strftime("%Y%m%d")
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"triton-static-{date}")
+    out = a.out or os.path.join(ROOT, "benchmarks", "results",
+                                f"triton-static-{'picks-' if a.picks else ''}{date}")
     os.makedirs(out, exist_ok=True)
     partial = os.path.join(out, "partial.jsonl")  # results as they come; a rerun skips jobs already there
     done = {}
@@ -337,9 +360,10 @@ def main():
                   flush=True)
     wall = time.time() - t0
     os.remove(partial)
-    order = {_key(j): i for i, j in enumerate(jobs(a.quick, a.full))}
+    order = {_key(j): i for i, j in enumerate(pick_jobs() if a.picks else jobs(a.quick, a.full))}
     results.sort(key=lambda r: order.get(_key(r), 0))
-    cmd = "/work/venv/bin/python benchmarks/triton_static.py" + (" --quick" if a.quick else "") + (" --full" if a.full else "")
+    cmd = "/work/venv/bin/python benchmarks/triton_static.py" + (" --quick" if a.quick else "") + (
+        " --full" if a.full else "") + (" --picks" if a.picks else "")
     meta = dict(triton=triton.__version__, date=date, wall_seconds_this_run=round(wall), procs=a.procs, command=cmd,
                 compile_seconds_sum=round(sum(r.get("seconds", 0) for r in results)),
                 call=f"q/k/v (B={B}, H={H}, S={S}, D) contiguous, no bias/dropout/softcap/alibi, bottom_right=True; "

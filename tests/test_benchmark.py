@@ -209,3 +209,88 @@ def test_interruption_keeps_what_was_measured():
     assert [s[2] for s in status[1:]] == ["skipped"] * 3
     assert all("interrupted" in r["reason"] for r in recs[1:])
     runner.STATE["stop"] = False
+
+
+# ---------------------------------------------------------------------------------------------- gpu-first preset
+def test_gpu_first_preset_is_ordered_by_importance_and_covers_the_first_session():
+    from fastattn.benchmark import cases as C
+    cases = C.generate(C.preset_for("gpu-first", "cuda"))
+    assert len(cases) == len(set(cases)) == 92
+    head = cases[:4]  # the headline: bf16 hd128 4k, fwd and fwd+bwd, causal and not
+    assert {(c.mode, c.causal) for c in head} == {(m, k) for m in ("fwd", "fwd_bwd") for k in (False, True)}
+    assert all(c.dtype == "bf16" and c.head_dim == 128 and c.seqlen_q == 4096 for c in head)
+    assert cases[4].mode == "decode" and cases[5].padding  # then a decode step and the padded BERT batch
+    sweeps = [c for c in cases if c.mode != "decode" and not c.padding]
+    assert {(c.dtype, c.head_dim, c.seqlen_q, c.mode, c.causal) for c in sweeps} == {
+        (dt, d, s, m, k) for dt in ("bf16", "fp16") for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
+        for m in ("fwd", "fwd_bwd") for k in (False, True)}
+    assert {(c.dtype, c.seqlen_k) for c in cases if c.mode == "decode"} == {
+        (dt, s) for dt in ("bf16", "fp16") for s in (4096, 8192, 16384, 32768)}
+    bert = [c for c in cases if c.padding]
+    assert {(c.dtype, c.mode) for c in bert} == {(dt, m) for dt in ("bf16", "fp16") for m in ("fwd", "fwd_bwd")}
+    assert all((c.batch, c.heads, c.seqlen_q, c.head_dim) == (32, 12, 512, 64) for c in bert)
+    # fp16 only after every bf16 headline and the bf16 hd64 sweep ends
+    first_fp16 = next(i for i, c in enumerate(cases) if c.dtype == "fp16")
+    assert all(c.dtype == "bf16" for c in cases[:first_fp16]) and first_fp16 == 29
+
+    # Options select from the list and keep its order; the preset is CUDA-only, with a clear error elsewhere.
+    args = cli.parser().parse_args(["--preset", "gpu-first", "--headdims", "128", "--dtype", "bf16", "--mode",
+                                    "fwd", "--causal", "true"])
+    _, sel = cli.build_cases(args, "cuda")
+    assert sel == [c for c in cases if c.head_dim == 128 and c.dtype == "bf16" and c.mode == "fwd" and c.causal]
+    with pytest.raises(SystemExit, match="gpu-first"):
+        cli.build_cases(cli.parser().parse_args(["--preset", "gpu-first"]), "cpu")
+
+
+def test_given_order_and_stream_keep_each_record_as_it_lands(tmp_path):
+    """order="given" runs the list as given (not cheapest first); on_record sees each record before the next
+    case starts, which is what --stream writes (so a killed run keeps what it measured)."""
+    big = Case("fwd", "fp32", batch=1, heads=2, heads_kv=2, seqlen_q=64, seqlen_k=64, head_dim=16)
+    small = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=16, seqlen_k=16, head_dim=16)
+    seen = []
+    recs = runner.run([big, small], [FastattnImpl("reference")], "cpu", target_s=0.001, progress=False,
+                      order="given", on_record=lambda r: seen.append(r["label"]))
+    assert seen == [big.label, small.label] == [r["label"] for r in recs]
+    seen.clear()
+    runner.run([big, small], [FastattnImpl("reference")], "cpu", target_s=0.001, progress=False,
+               on_record=lambda r: seen.append(r["label"]))
+    assert seen == [small.label, big.label]  # the default: fewest FLOPs first
+    with pytest.raises(ValueError, match="order"):
+        runner.run([small], [], "cpu", order="biggest")
+
+    stream = tmp_path / "s" / "stream.jsonl"
+    rc = cli.main(["--preset", "tiny", "--device", "cpu", "--backends", "naive", "--seqlens", "64", "--mode", "fwd",
+                   "--causal", "false", "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
+                   "--stream", str(stream)])
+    assert rc == 0
+    lines = [json.loads(x) for x in stream.read_text().splitlines()]
+    assert lines[0]["settings"]["preset"] == "tiny" and "triton_autotune" in lines[0]["settings"]
+    assert len(lines) > 1 and all(x["impl"] == "fastattn.reference" and x["status"] for x in lines[1:])
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert len(data["results"]) == len(lines) - 1 and "triton_autotune" in data["settings"]
+
+
+def test_crash_probe_child_does_not_autotune(monkeypatch):
+    from fastattn.benchmark import probe
+    got = {}
+
+    class FakePopen:
+        def __init__(self, argv, **kw):
+            got.update(kw["env"])
+
+    monkeypatch.delenv("FASTATTN_BENCH_NO_PROBE", raising=False)
+    monkeypatch.setenv("FASTATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(probe.subprocess, "Popen", FakePopen)
+    probe.Probes(["triton"], "cpu")
+    assert got["FASTATTN_TRITON_AUTOTUNE"] == "0"
+
+
+def test_gpu_session_scripts_parse():
+    """benchmarks/device_run.sh runs once per rare GPU session: at least its syntax is checked on every run
+    (benchmarks/rehearse_gpu_stack.sh rehearses its control flow; too slow for CI)."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("device_run.sh", "rehearse_gpu_stack.sh"):
+        r = subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", script)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr

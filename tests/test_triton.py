@@ -225,7 +225,7 @@ def test_autotune_key_buckets_lengths_and_prune_keeps_a_config():
 
 def test_unavailable_reasons(monkeypatch):
     b = TritonBackend()
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "triton" else object())
+    monkeypatch.setattr("fastattn.backends.triton_backend.TRITON_INSTALLED", False)
     assert b.unavailable() == ["triton is not installed"]
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -351,3 +351,33 @@ def test_autotune_off_takes_one_surviving_config(monkeypatch):
     monkeypatch.setattr(op, "AUTOTUNE", False)
     one = op._tuning(C.prune_fwd)["early_config_prune"](C.FWD_CONFIGS, args)
     assert len(one) == 1 and one[0] in kept
+
+
+def test_prune_drops_measured_spills(monkeypatch):
+    """On sm_90 (faked: the prune predicate only reads the capability and shared memory) neither autotuning nor
+    the FASTATTN_TRITON_AUTOTUNE=0 pick sees a tile measured to spill (configs.SPILLS, benchmarks/triton_static.py):
+    D=256 backward takes the 32x32 dK/dV tile and the 2-stage 128x32 dQ tile."""
+    from fastattn.kernels.triton import configs as C
+    from fastattn.kernels.triton import op
+    monkeypatch.setattr(C, "_device_smem", lambda: ((9, 0), 232448))
+    monkeypatch.setattr(op, "AUTOTUNE", False)
+    kinds = {"fwd": (C.prune_fwd, C.FWD_CONFIGS), "dkdv": (C.prune_dkdv, C.DKDV_CONFIGS),
+             "dq": (C.prune_dq, C.DQ_CONFIGS)}
+
+    def kept_and_pick(kind, dtype, D):
+        prune, cfgs = kinds[kind]
+        args = dict(Q=torch.empty(1, 1, 1, D, dtype=dtype), BUCKET_Q=4096, BUCKET_K=4096, BLOCK_D=D, BLOCK_DV=D)
+        kept = prune(cfgs, args)
+        (one,) = op._tuning(prune)["early_config_prune"](cfgs, args)
+        tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)  # noqa: E731
+        return [tile(c) for c in kept], tile(one)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for kind in kinds:
+            for D in (64, 128, 256):
+                kept, _ = kept_and_pick(kind, dtype, D)
+                assert not [t for t in kept if (kind, D) + t[:2] in C.SPILLS["sm90"] or (kind, D) + t in
+                            C.SPILLS["sm90"]], (kind, dtype, D, kept)
+        assert kept_and_pick("dkdv", dtype, 256)[1][:2] == (32, 32)
+        assert kept_and_pick("dq", dtype, 256)[1] == (128, 32, 2)
+        assert all(bn >= 64 for _, bn, _ in kept_and_pick("dkdv", dtype, 128)[0])  # wgmma tiles up to D=128

@@ -15,6 +15,11 @@ from ..params import AttnParams
 from .base import Backend
 
 
+# Looked up once at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec, and
+# torch.compile(fullgraph=True) reaches unavailable() through dispatch.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -30,7 +35,7 @@ class TritonBackend(Backend):
                           "grad", "deterministic", "lse", "dv_ne_d"})
 
     def unavailable(self):
-        if importlib.util.find_spec("triton") is None:
+        if not TRITON_INSTALLED:
             return ["triton is not installed"]
         if not interpreting() and not torch.cuda.is_available():
             return ["no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU, slowly)"]

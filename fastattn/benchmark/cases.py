@@ -120,6 +120,18 @@ class Preset:
     max_seconds: Optional[float] = None   # default measurement budget (--max-seconds overrides; 0 = none)
     # Implementations this preset leaves out unless --backends names them: {name: reason} (listed in the report).
     skip: Dict[str, str] = field(default_factory=dict)
+    # An explicit case list in order of importance, run in that order (not cheapest first), so a run cut short
+    # keeps the cases that matter most; the sweep fields above are then only the record of what it spans.
+    cases: Optional[List[Case]] = None
+
+
+def sweep_case(p: Preset, mode: str, dtype: str, S: int, D: int, causal: bool, padding=False, gqa=False) -> Case:
+    heads = max(1, p.width // D)
+    heads_kv = max(1, heads // p.gqa_group) if gqa else heads
+    if gqa and heads % heads_kv:
+        heads_kv = heads
+    return Case(mode=mode, dtype=dtype, batch=max(1, p.tokens // S), heads=heads, heads_kv=heads_kv,
+                seqlen_q=S, seqlen_k=S, head_dim=D, causal=causal, padding=padding)
 
 
 _CPU_QUICK_SKIP = {
@@ -128,6 +140,58 @@ _CPU_QUICK_SKIP = {
     "fastattn.sdpa": "left out of the CPU quick preset: the same kernel as sdpa.flash, chosen by PyTorch "
                      "(run --preset full, or name it: --backends fastattn.sdpa)",
 }
+
+
+_GPU_FIRST_SKIP = {
+    "flex": "left out of the gpu-first preset: a cold flex_attention compile takes 10-30 s per variant, most of "
+            "a first run's budget (name it: --backends flex)",
+    "fastattn.sdpa": "left out of the gpu-first preset: the kernel PyTorch picks among the sdpa.* rows "
+                     "(name it: --backends fastattn.sdpa)",
+    "fastattn.reference": "left out of the gpu-first preset: the same computation as sdpa.math "
+                          "(name it: --backends naive)",
+}
+
+
+def _gpu_first() -> Preset:
+    """The first GPU session's cases (benchmarks/device_run.sh), most important first: the bf16 headline shapes
+    (hd128 at 4k, fwd and fwd+bwd, causal or not, a decode step and a padded BERT batch), then the sweep ends and
+    hd64, then fp16, then the middle points. 92 cases; a cold run measures as far as its time allows."""
+    p = Preset(seqlens=[1024, 2048, 4096, 8192, 16384], headdims=[128, 64], dtypes=["bf16", "fp16"],
+               modes=["fwd", "fwd_bwd"], tokens=16384, width=2048, decode_lens=[4096, 8192, 16384, 32768],
+               decode_shape=(8, 32, 8, 128), skip=_GPU_FIRST_SKIP)
+    out: List[Case] = []
+
+    def sweep(dtype, D, seqlens):
+        out.extend(sweep_case(p, mode, dtype, S, D, causal) for S in seqlens for mode in ("fwd", "fwd_bwd")
+                   for causal in (False, True))
+
+    def decode(dtype, lens):
+        B, H, Hkv, D = p.decode_shape
+        out.extend(Case(mode="decode", dtype=dtype, batch=B, heads=H, heads_kv=Hkv, seqlen_q=1, seqlen_k=S,
+                        head_dim=D) for S in lens)
+
+    def bert(dtype, mode):  # BERT-base attention: 12 heads of 64, a padded batch of 32 x 512 (50-100% valid)
+        out.append(Case(mode=mode, dtype=dtype, batch=32, heads=12, heads_kv=12, seqlen_q=512, seqlen_k=512,
+                        head_dim=64, padding=True))
+
+    sweep("bf16", 128, [4096])
+    decode("bf16", [8192])
+    bert("bf16", "fwd_bwd")
+    sweep("bf16", 128, [1024, 16384])
+    sweep("bf16", 64, [4096, 1024, 16384])
+    decode("bf16", [32768, 4096])
+    bert("bf16", "fwd")
+    for D in (128, 64):
+        sweep("fp16", D, [4096, 1024, 16384])
+    decode("fp16", [8192, 32768, 4096])
+    bert("fp16", "fwd_bwd")
+    bert("fp16", "fwd")
+    for dtype in ("bf16", "fp16"):
+        for D in (128, 64):
+            sweep(dtype, D, [2048, 8192])
+        decode(dtype, [16384])
+    p.cases = list(dict.fromkeys(out))
+    return p
 
 
 _TINY = dict(seqlens=[64, 128], headdims=[32], modes=["fwd", "fwd_bwd"], tokens=128, width=64, extra_seqlens=[64],
@@ -155,6 +219,7 @@ PRESETS: Dict[str, Dict[str, Preset]] = {
                        dtypes=["bf16", "fp16"], modes=["fwd", "bwd", "fwd_bwd"], tokens=16384, width=2048,
                        extra_seqlens=[2048, 8192], decode_lens=[1024, 2048, 4096, 8192, 16384, 32768],
                        decode_shape=(8, 32, 8, 128), model=True),
+        "gpu-first": _gpu_first(),
     },
 }
 
@@ -166,17 +231,11 @@ def preset_for(name: str, device: str) -> Preset:
     return dataclasses.replace(PRESETS[kind][name])
 
 
-def sweep_case(p: Preset, mode: str, dtype: str, S: int, D: int, causal: bool, padding=False, gqa=False) -> Case:
-    heads = max(1, p.width // D)
-    heads_kv = max(1, heads // p.gqa_group) if gqa else heads
-    if gqa and heads % heads_kv:
-        heads_kv = heads
-    return Case(mode=mode, dtype=dtype, batch=max(1, p.tokens // S), heads=heads, heads_kv=heads_kv,
-                seqlen_q=S, seqlen_k=S, head_dim=D, causal=causal, padding=padding)
-
-
 def generate(p: Preset, modes: Optional[List[str]] = None) -> List[Case]:
-    """Every case of a preset, per mode: the main sweeps with padding and GQA variants at extra_seqlens."""
+    """Every case of a preset, per mode: the main sweeps with padding and GQA variants at extra_seqlens (or the
+    preset's explicit list, in its order)."""
+    if p.cases is not None:
+        return [c for c in p.cases if not modes or c.mode in modes]
     modes = list(modes or p.modes + (["decode"] if p.decode_lens else []))
     # Order: forward sweeps, decode, then the training modes, so a run cut short by --max-seconds keeps the most.
     modes.sort(key=lambda m: MODES.index(m) if m != "decode" else 0.5)

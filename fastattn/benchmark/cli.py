@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import json
 import os
 import shlex
 import signal
@@ -53,9 +54,10 @@ def _dtypes(s: str) -> List[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastattn.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
+    p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny", "gpu-first"],
                    help="quick: the main sweeps in a few minutes; full: every head dim, dtype and mode; "
-                        "tiny: a smoke test (default quick)")
+                        "tiny: a smoke test; gpu-first (CUDA): the shapes that matter most, most important first, "
+                        "for a short cold session (default quick)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--backends", type=_list, default=None,
                    help="comma list of implementations or glob patterns, e.g. 'cpu,sdpa.flash,naive' or "
@@ -79,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch.set_num_threads(N) for the run (default: torch's). On a shared machine, fewer "
                         "threads than cores avoids waiting for busy cores at every parallel region")
+    p.add_argument("--stream", default=None, metavar="PATH",
+                   help="also append each result to PATH as one JSON line the moment it is measured (the first line "
+                        "holds the settings), so a run that is killed keeps what it measured")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots (JSON and CSV only)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display on stderr (default: a bar on a terminal, a line per tenth of the run "
@@ -117,8 +122,36 @@ def select_impls(names: Optional[List[str]], device: str, skip=None):
     return runnable, not_run
 
 
+def _filter_explicit(p, args) -> list:
+    """A preset with an explicit case list (gpu-first) keeps its order: the options select from it."""
+    out = []
+    for c in p.cases:
+        S = c.seqlen_k if c.mode == "decode" else c.seqlen_q
+        if ((args.headdims and c.head_dim not in args.headdims) or (args.seqlens and S not in args.seqlens)
+                or (args.dtype and c.dtype not in args.dtype) or (args.mode and c.mode not in args.mode)
+                or (args.causal in ("true", "false") and c.mode != "decode" and c.causal != (args.causal == "true"))):
+            continue
+        out.append(c)
+    return out
+
+
 def build_cases(args, device: str):
-    p = C.preset_for(args.preset, device)
+    try:
+        p = C.preset_for(args.preset, device)
+    except ValueError as e:
+        raise SystemExit(f"--preset: {e} on {device}")
+    if args.dtype:
+        bad = [d for d in args.dtype if d not in C.DTYPES]
+        if bad:
+            raise SystemExit(f"--dtype: unknown {bad}; choose from {', '.join(C.DTYPES)}")
+    if args.mode:
+        bad = [m for m in args.mode if m not in C.MODES]
+        if bad:
+            raise SystemExit(f"--mode: unknown {bad}; choose from {', '.join(C.MODES)}")
+    if args.target_s is not None:
+        p.target_s = args.target_s
+    if p.cases is not None:
+        return p, _filter_explicit(p, args)
     if args.headdims:
         p.headdims = args.headdims
         p.train_headdims = None
@@ -130,18 +163,8 @@ def build_cases(args, device: str):
     if args.causal:
         p.causal = {"true": (True,), "false": (False,), "both": (False, True)}[args.causal]
     if args.dtype:
-        bad = [d for d in args.dtype if d not in C.DTYPES]
-        if bad:
-            raise SystemExit(f"--dtype: unknown {bad}; choose from {', '.join(C.DTYPES)}")
         p.dtypes = args.dtype
-    modes = None
-    if args.mode:
-        bad = [m for m in args.mode if m not in C.MODES]
-        if bad:
-            raise SystemExit(f"--mode: unknown {bad}; choose from {', '.join(C.MODES)}")
-        modes = args.mode
-    if args.target_s is not None:
-        p.target_s = args.target_s
+    modes = args.mode or None
     cases = C.generate(p, modes)
     if args.headdims and (not modes or "decode" in modes):  # decode runs once per requested head dim
         decode = [c for c in cases if c.mode == "decode"]
@@ -167,6 +190,27 @@ def main(argv=None) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+class _Stream:
+    """--stream: one JSON line per record, flushed as it lands (the settings and environment first)."""
+
+    def __init__(self, path: Optional[str], settings: dict, env: dict):
+        self.f = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.f = open(path, "w")
+            self.f.write(json.dumps({"settings": settings, "env": env}, default=str) + "\n")
+            self.f.flush()
+
+    def write(self, rec: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(rec, default=str) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
 
 
 def _run(args, device, preset, cases, t0, argv) -> int:
@@ -213,9 +257,19 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         print(f"note: timing with torch's default {torch.get_num_threads()} threads; on a shared machine "
               f"--threads 1 gives steadier numbers (and a fair per-core comparison)", flush=True)
     budget = preset.max_seconds if args.max_seconds is None else (args.max_seconds or None)
-    records = runner.run(cases, impls, device, target_s=preset.target_s, max_seconds=budget,
-                         progress=not args.no_progress, not_run=not_run,
-                         gate=lambda impl: probes.reasons(impl.backend) if isinstance(impl, I.FastattnImpl) else [])
+    # FASTATTN_TRITON_AUTOTUNE=0 times the heuristic Triton config, not the tuned one: the numbers say which.
+    autotune = os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
+    stream = _Stream(args.stream, dict(preset=args.preset, device=device, argv=sys.argv[1:] if argv is None else
+                                       list(argv), triton_autotune=autotune, order="given" if preset.cases else
+                                       "cheapest first"), env)
+    try:
+        records = runner.run(cases, impls, device, target_s=preset.target_s, max_seconds=budget,
+                             progress=not args.no_progress, not_run=not_run, order="given" if preset.cases else
+                             "cheapest", on_record=stream.write,
+                             gate=lambda impl: probes.reasons(impl.backend) if isinstance(impl, I.FastattnImpl)
+                             else [])
+    finally:
+        stream.close()
     models = []
     run_model = preset.model if args.model is None else args.model == "on"
     if run_model:
@@ -244,6 +298,7 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         print(report.model_table(models))
     settings = {"preset": args.preset, "device": device, "argv": sys.argv[1:] if argv is None else list(argv),
                 "target_s": preset.target_s, "wall_s": round(wall, 1), "max_seconds": budget,
+                "triton_autotune": autotune,
                 "preset_params": dataclasses.asdict(preset),
                 "flop_convention": "fwd 4*B*H*Sq*Sk*D (half for causal Sq==Sk; padding cases: sum over sequences "
                                    "of valid L^2); bwd 2.5x; fwd_bwd 3.5x",

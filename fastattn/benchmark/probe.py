@@ -74,9 +74,12 @@ class Probes:
         self.procs = {}
         if os.environ.get("FASTATTN_BENCH_NO_PROBE") == "1":
             return
+        # No autotuning in the child: it would time every Triton config for each tiny call, cold, for minutes,
+        # while the main run waits in reasons(); one heuristic config per kernel runs the same code paths.
+        env = dict(os.environ, FASTATTN_TRITON_AUTOTUNE="0")
         for b in sorted(set(backends) - PURE_PYTORCH):
             self.procs[b] = subprocess.Popen([sys.executable, "-m", "fastattn.benchmark.probe", b, device], text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
 
     def reasons(self, backend: str) -> List[str]:
         if backend in self.done or backend not in self.procs:

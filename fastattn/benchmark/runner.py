@@ -155,22 +155,27 @@ def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: D
 
 def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3,
         max_seconds: Optional[float] = None, progress: bool = True, not_run: Optional[Dict[str, list]] = None,
-        gate: Optional[Callable[[Impl], List[str]]] = None) -> List[dict]:
+        gate: Optional[Callable[[Impl], List[str]]] = None, order: str = "cheapest",
+        on_record: Optional[Callable[[dict], None]] = None) -> List[dict]:
     """Measures every case with every implementation; returns one record per (case, implementation).
 
     max_seconds: no new case starts after that (a started case finishes); the rest are listed as skipped.
     gate(impl): reasons to drop an implementation before its first use (the crash probe); dropped ones go to
-    not_run."""
+    not_run. order: "cheapest" (fewest FLOPs first) or "given" (the list's order: most important first).
+    on_record(rec): called with each record as soon as it exists (before the speedups are added)."""
+    if order not in ("cheapest", "given"):
+        raise ValueError(f"order must be 'cheapest' or 'given', got {order!r}")
     impls = list(impls)
     records: List[dict] = []
     checks: Dict[tuple, tuple] = {}
     bar = Progress(sum(i.applies(c) for c in cases for i in impls), enabled=progress)
     start = time.monotonic()
     STATE["stop"] = False
-    # Cheapest cases first: a run cut short by max_seconds loses the most expensive points, not whole sweeps.
-    order = sorted(cases, key=lambda c: (flops(c), cases.index(c)))
+    # Cheapest cases first (unless the caller ordered them by importance): a run cut short by max_seconds loses
+    # the most expensive points, not whole sweeps.
+    todo = sorted(cases, key=lambda c: (flops(c), cases.index(c))) if order == "cheapest" else list(cases)
     try:
-        for case in order:
+        for case in todo:
             inp = None
             over = max_seconds is not None and time.monotonic() - start > max_seconds
             for impl in [i for i in impls if i.applies(case)]:
@@ -193,6 +198,8 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
                     rec = {"impl": impl.name, "family": impl.family, "status": "skipped", "reason": reason}
                 rec.update(case=case.to_dict(), label=case.label)
                 records.append(rec)
+                if on_record is not None:
+                    on_record(rec)
             if inp is not None:  # free this case's tensors before the next (gc is slow: only when needed)
                 del inp
                 gc.collect()

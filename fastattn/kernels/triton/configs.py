@@ -51,11 +51,19 @@ DQ_CONFIGS = _cfgs((64, 128), (32, 64), (2, 3))
 
 
 # Measured with benchmarks/triton_static.py (triton 3.8, sm_90 fp16/bf16 and sm_80, the arguments op.py passes;
-# benchmarks/results/triton-static-*): (kernel, BLOCK_D, BLOCK_M, BLOCK_N) tiles whose ptxas output spills
-# registers to local memory (LDL/STL in the SASS), which would cost every inner-loop iteration.
+# benchmarks/results/triton-static-*): (kernel, BLOCK_D, BLOCK_M, BLOCK_N[, num_stages]) tiles whose ptxas output
+# spills registers to local memory (LDL/STL in the SASS), which would cost every inner-loop iteration. Without
+# num_stages the entry holds for every depth. Measured for fp16/bf16. fp32 (IEEE dots on the FMA units) spills on
+# sm_90 at D >= 64 whatever the tile (triton 3.8, causal): fwd D=64 128x128 6.5 KB, 64x64 2.7 KB, 64x32 0.9 KB;
+# fwd D=128 128x64 11 KB but 64x64 55 KB (ptxas gives up at 32 registers); dK/dV D=128 32x128 98 KB, D=64 32x32
+# 4 B. Smaller tiles do not fix it, so fp32 keeps the fp16 rules: a correctness dtype on GPUs, not a fast one.
 SPILLS = {
     "sm90": {("fwd", 256, 64, 64), ("fwd", 256, 64, 128), ("fwd", 256, 128, 128),  # 255 regs + 8..272 B spilled
-             ("dkdv", 128, 64, 64), ("dkdv", 128, 64, 128)},  # 255 regs + 24..88 B (dK, dV, S^T, dP^T in registers)
+             ("dkdv", 128, 64, 64), ("dkdv", 128, 64, 128),  # 255 regs + 24..88 B (dK, dV, S^T, dP^T in registers)
+             # D=256 backward (triton 3.8; 3.6 alike where checked): every wgmma dK/dV tile spills 2.5-2.7 KB, 64x32
+             # 364-416 B; only 32x32 (mma.sync) stays in registers. dQ: 64-wide tiles 8-112 B, 128x32 12 B at 3 stages.
+             ("dkdv", 256, 32, 64), ("dkdv", 256, 32, 128), ("dkdv", 256, 64, 32), ("dkdv", 256, 64, 64),
+             ("dkdv", 256, 64, 128), ("dq", 256, 64, 32), ("dq", 256, 64, 64), ("dq", 256, 128, 32, 3)},
     "sm80": {("fwd", 128, 128, 128),  # 255 regs + 8 B (2 stages), 64 B (3 stages)
              ("dkdv", 128, 32, 64), ("dkdv", 128, 64, 64),  # 8 B, 132..308 B spilled
              ("dkdv", 128, 32, 128), ("dkdv", 128, 64, 128),  # 3.8..15.9 KB spilled (ptxas gives up: ~32 regs)
@@ -77,11 +85,13 @@ def _prune(configs, args, smem_bytes, kind):
             continue
         if smem and smem_bytes(bm, bn, st, bd, bdv, elt) > smem:  # the autotuner would fail it at run time
             continue
-        if (kind, bd, bm, bn) in SPILLS["sm90" if cap >= (9, 0) else "sm80"]:
+        spills = SPILLS["sm90" if cap >= (9, 0) else "sm80"]
+        if (kind, bd, bm, bn) in spills or (kind, bd, bm, bn, st) in spills:
             continue
         # wgmma works on 64-row slices per warpgroup: the dK/dV dots have BLOCK_N rows, so BLOCK_N = 32 compiles
         # to mma.sync (HMMA, no HGMMA in the SASS) on sm_90. The forward and dQ dots have BLOCK_M >= 64 rows.
-        if kind == "dkdv" and cap >= (9, 0) and elt <= 2 and bn < 64:
+        # At D=256 every wgmma dK/dV tile spills (SPILLS): mma.sync without spills is the better choice there.
+        if kind == "dkdv" and cap >= (9, 0) and elt <= 2 and bn < 64 and bd <= 128:
             continue
         keep.append(c)
     return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
