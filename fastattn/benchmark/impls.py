@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn.backends.sdpa import TORCH_SDPA
 import fastattn.kvcache
 from fastattn.dispatch import BackendUnavailableError
 
@@ -54,12 +55,17 @@ class FastattnImpl(Impl):
         self.backend = backend
         self.varlen = varlen
         self.name = f"fastattn.{backend}" + ("+varlen" if varlen else "")
+        if backend == "auto":  # what a user gets without choosing: the dispatcher's pick for each case
+            self.description = "fastattn's default dispatch (backend='auto')"
+            return
         b = fastattn.get_backend(backend)
         self.description = b.description + (" (padding as packed varlen sequences)" if varlen else "")
         if backend == "reference":
             self.description = "naive attention: " + b.description
 
     def unavailable(self, device):
+        if self.backend == "auto":
+            return []
         b = fastattn.get_backend(self.backend)
         why = list(b.unavailable())
         if device not in b.devices:
@@ -156,7 +162,8 @@ class SdpaImpl(Impl):
             kw["enable_gqa"] = True
 
         # Refusals surface at the first call as RuntimeError plus warnings saying why (the harness keeps both).
-        fwd = lambda: F.scaled_dot_product_attention(q, k, v, **kw)  # noqa: E731
+        # PyTorch's own function even under a global swap of F.scaled_dot_product_attention for fastattn's.
+        fwd = lambda: TORCH_SDPA(q, k, v, **kw)  # noqa: E731
         return Runner(fwd, [q, k, v], inp.dout, context=self.context)
 
 
@@ -219,5 +226,6 @@ def all_impls() -> Dict[str, Impl]:
         out[f"fastattn.{n}"] = FastattnImpl(n)
         if "varlen" in fastattn.get_backend(n).features:
             out[f"fastattn.{n}+varlen"] = FastattnImpl(n, varlen=True)
+    out["fastattn.auto"] = FastattnImpl("auto")
     out[NAIVE] = FastattnImpl("reference")
     return out
