@@ -26,6 +26,9 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <map>
+#include <string>
+
 TORCH_LIBRARY(fastattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -53,6 +56,7 @@ namespace fastattn {
 bool cuda_built();
 namespace cpu::mm {
 std::string describe();
+std::map<std::string, std::string> report();
 void force_fp32(bool on);
 }
 }  // namespace fastattn
@@ -62,6 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &fastattn::cuda_built, "True when the CUDA kernels were compiled into this build");
   m.def("cpu_matmul", &fastattn::cpu::mm::describe,
         "CPU model, ISA found, and how the CPU kernels multiply bf16/fp16/fp32 tiles (probed once)");
+  m.def("cpu_matmul_report", &fastattn::cpu::mm::report,
+        "cpu_matmul as data: CPU model, each low-precision dtype's path (brgemm|fp32), ISA flags");
   m.def("cpu_matmul_force_fp32", &fastattn::cpu::mm::force_fp32,
         "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
 }

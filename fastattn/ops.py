@@ -37,6 +37,13 @@ def cpu_matmul() -> str:
     return str(_C.cpu_matmul())
 
 
+def cpu_matmul_report() -> dict:
+    """`cpu_matmul()` as data: {"cpu": model, "bf16"/"fp16": "brgemm" | "fp32", ISA flags: "1" | "0"}."""
+    if _C is None or not hasattr(_C, "cpu_matmul_report"):
+        return {}
+    return dict(_C.cpu_matmul_report())
+
+
 def has_kernel(dispatch_key: str) -> bool:
     """True when fastattn::fwd has an implementation registered for this dispatch key (CPU, CUDA)."""
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::fwd", dispatch_key)

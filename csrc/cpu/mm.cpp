@@ -161,6 +161,20 @@ Path path(at::ScalarType dt) { return g_force_fp32.load(std::memory_order_relaxe
 
 void force_fp32(bool on) { g_force_fp32.store(on); }
 
+std::map<std::string, std::string> report() {
+  const Isa& i = isa();
+  auto flag = [](bool b) { return std::string(b ? "1" : "0"); };
+  return {{"cpu", cpu_model()},
+          {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
+          {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
+          {"amx_bf16", flag(i.amx_bf16)},
+          {"amx_fp16", flag(i.amx_fp16)},
+          {"avx512_bf16", flag(i.avx512_bf16)},
+          {"avx512_fp16", flag(i.avx512_fp16)},
+          {"avx512", flag(i.avx512)},
+          {"avx2", flag(i.avx2)}};
+}
+
 std::string describe() {
   const Isa& i = isa();
   std::string s = "CPU: " + cpu_model() + "; ISA:";

@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <map>
+#include <string>
 
 namespace fastattn::cpu::mm {
 
@@ -22,6 +24,8 @@ Path path(at::ScalarType dt);
 void force_fp32(bool on);
 // One line for `python -m fastattn.info`: CPU model, ISA found, and the path of each dtype with its reason.
 std::string describe();
+// The same as data: {"cpu", "bf16"/"fp16": "brgemm"|"fp32", ISA flags "amx_bf16", ... : "1"|"0"}.
+std::map<std::string, std::string> report();
 
 // C (m x n, ldc) = [C +] A (m x k, lda, row-major) B (k x n, VNNI, ldb >= n); k even. T: BFloat16 or Half.
 template <typename T>

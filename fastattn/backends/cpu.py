@@ -16,6 +16,28 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
                 [] if ops.has_kernel("CPU") else ["no CPU kernel registered for fastattn::fwd in this build"])
 
 
+# How this CPU multiplies each dtype's tiles (probed once by the extension) and whether torch's own CPU SDPA has
+# the matrix units for it (PyTorch's flash kernel runs bf16/fp16 through the same oneDNN brgemm where AMX has it).
+_REPORT = ops.cpu_matmul_report()
+
+
+def _auto_rule() -> dict:
+    """{dtype: reason} for the classes of call where the `cpu` kernels measured slower than PyTorch's SDPA on this
+    CPU, so `auto` takes `sdpa` there. Measured (benchmarks/test_auto_rule.py checks it on the machine at hand;
+    benchmarks/results/ has the runs): with AMX, torch multiplies bf16 at ~7x its fp32 rate, so our fp32 tiles
+    ran bf16 at 0.24-0.34x torch; our brgemm path runs it at >= 1x. Where neither side has the matrix units for a
+    dtype, both convert to fp32 and ours is level or faster; where we have them, ours is level or faster."""
+    rule = {}
+    for dt, name, amx in ((torch.bfloat16, "bf16", "amx_bf16"), (torch.float16, "fp16", "amx_fp16")):
+        if _REPORT.get(name) == "fp32" and _REPORT.get(amx) == "1":
+            rule[dt] = (f"sdpa is faster for {name} on this CPU: PyTorch multiplies {name} on AMX while the cpu "
+                        f"kernels' tiles run in fp32 here (python -m fastattn.info says why)")
+    return rule
+
+
+_AUTO_RULE = _auto_rule()
+
+
 class CpuBackend(Backend):
     name = "cpu"
     description = "fused FlashAttention-2-style C++ kernels for CPU (csrc/cpu)"
@@ -29,6 +51,10 @@ class CpuBackend(Backend):
 
     def unavailable(self):
         return list(_UNAVAILABLE)
+
+    def auto_reasons(self, p: AttnParams):
+        why = _AUTO_RULE.get(p.dtype)
+        return [why] if why else []
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)

@@ -1,0 +1,77 @@
+"""`auto` is never slower than PyTorch on CPU: the `cpu` backend's auto rule (fastattn/backends/cpu.py,
+`_auto_rule`) checked against measurement on the machine at hand.
+
+    pytest benchmarks/test_auto_rule.py -s        # one thread, ~2 minutes
+
+For each class of call (dtype x forward / forward+backward x causal) it times PyTorch's SDPA, the `cpu` kernels
+and `auto` side by side in one process (one thread, CPU time, best of several runs, interleaved), prints the
+ratios with the CPU model and the path each dtype took, and asserts that `auto` is within 5% of PyTorch or
+faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
+(add the class, with the measurement), or the rule gives `sdpa` a class where `cpu` is faster. Timing-based, so
+it lives with the benchmarks, not in the CI suite; run it on a quiet machine."""
+import time
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import ops
+from fastattn.backends.sdpa import TORCH_SDPA
+
+pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
+
+B, H, S = 1, 8, 1024
+
+
+def _best(fn, reps=5):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def _call(impl, q, k, v, causal, grad, do):
+    def run():
+        if grad:
+            out = impl(q, k, v, is_causal=causal)
+            out.backward(do)
+            q.grad = k.grad = v.grad = None
+        else:
+            with torch.no_grad():
+                impl(q, k, v, is_causal=causal)
+    return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"\n{ops.cpu_matmul()}; torch {torch.__version__}, 1 thread, B={B} H={H} S={S}")
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_auto_not_slower_than_torch(dtype, grad, causal, D):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
+    do = torch.randn(B, H, S, D, generator=g).to(dtype)
+    impls = {"torch": TORCH_SDPA,
+             "cpu": lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw),
+             "auto": lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, **kw)}
+    t = {name: float("inf") for name in impls}
+    for _ in range(2):  # interleaved, so load that comes and goes hits all alike
+        for name, f in impls.items():
+            t[name] = min(t[name], _best(_call(f, q, k, v, causal, grad, do), reps=3 if grad else 5))
+    chosen = fastattn.explain(q, k, v, is_causal=causal).backend
+    print(f"{str(dtype)[6:]:8} {'fwd+bwd' if grad else 'fwd':7} {'causal' if causal else 'full':6} D={D:3}: "
+          f"cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
+    assert t["auto"] <= t["torch"] / 0.95, (
+        f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {dtype} {'fwd+bwd' if grad else 'fwd'} "
+        f"{'causal' if causal else 'full'} D={D}; cpu is {t['torch'] / t['cpu']:.2f}x: fix the auto rule")
