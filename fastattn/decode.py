@@ -246,13 +246,16 @@ def choose(c: DecodeCall, backend: Optional[str] = None, *, describe: bool = Tru
     return ex
 
 
+def run_chosen(ex: DecodeExplanation, c: DecodeCall):
+    """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32) from the decode kernel `choose` picked for c (ex.kernel set)."""
+    COUNTS[ex.kernel] += 1
+    return DECODE_KERNELS[ex.backend].run(c)
+
+
 def run_decode(c: DecodeCall, backend: Optional[str] = None):
     """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32) from a decode kernel, or None when none takes the call."""
     ex = choose(c, backend, describe=False)
-    if ex.kernel is None:
-        return None
-    COUNTS[ex.kernel] += 1
-    return DECODE_KERNELS[ex.backend].run(c)
+    return None if ex.kernel is None else run_chosen(ex, c)
 
 
 def dense_call(p: AttnParams) -> Optional[DecodeCall]:
