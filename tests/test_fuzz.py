@@ -9,7 +9,8 @@ softcap, alibi, and layouts — contiguous, transposed (BSHD memory behind BHSD 
 v: it must propagate as in PyTorch's SDPA (fully masked rows still give 0); those cases check the forward only.
 
 The seed is printed and in every failure message; replay a run with FASTATTN_FUZZ_SEED=<seed> (and
-FASTATTN_FUZZ_CASES=<n> if it was changed), one case with `-k "case17-"`."""
+FASTATTN_FUZZ_CASES=<n> if it was changed), one case with `-k "case17-"`. FASTATTN_FUZZ_BACKENDS=cpu restricts the
+backends drawn (tests/asan/run_asan.sh)."""
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ def _available(name):
 
 def draw(idx: int) -> FuzzCase:
     r = random.Random(SEED * 1_000_003 + idx)
-    names = [n for n in ("cpu", "sdpa", "reference") if _available(n)]
+    names = [n for n in os.environ.get("FASTATTN_FUZZ_BACKENDS", "cpu,sdpa,reference").split(",") if _available(n)]
     backend = "triton" if idx < N_TRITON and _available("triton") else r.choice(names)
     f = BACKENDS[backend].features
     lo, hi = BACKENDS[backend].head_dims

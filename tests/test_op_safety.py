@@ -153,3 +153,32 @@ def test_huge_window_means_unlimited():
     for wl, wr in ((2 ** 63 - 1, 2 ** 63 - 1), (2 ** 62, -1), (-1, 2 ** 40)):
         got, _ = torch.ops.fastattn.fwd(*args(wl, wr))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+_TRITON_BAD_VALUES = textwrap.dedent("""
+    import torch
+    from fastattn.kernels.triton import decode, op  # noqa: F401  (register the triton ops)
+    T = lambda *x: torch.tensor(x, dtype=torch.int32)
+    q = torch.randn(1, 2, 40, 16)
+    for cu_q, cu_k, mq, mk in (((-30, 10, 40), (0, 20, 40), 64, 64), ((0, 20, 1000), (0, 39, 2**31 - 1), 2000, 2**31 - 1),
+                               ((0, 30, 10, 40), (0, 5, 30, 40), 40, 40), ((0, 20, 40), (0, 20, 40), 3, 2)):
+        out, lse = torch.ops.fastattn.triton_fwd(q, q, q, None, T(*cu_q), T(*cu_k), mq, mk, 0.25, -1, 0, True, 0.0,
+                                                 None, 0.0, 0, 0, False)
+    qd, kc = torch.randn(2, 4, 1, 16), torch.randn(3, 8, 2, 16)
+    for lens, bt, bidx in ((T(99, -5), None, T(0, 1)), (T(16, 16), T(7, -3, 1, 2).view(2, 2), None),
+                           (T(4, 4), None, T(-1, 2**31 - 1))):
+        out, lse = torch.ops.fastattn.triton_decode_fwd(qd, kc, kc, lens, bt, bidx, 0.25, 2**62, -1, 0.0, None, 0)
+        assert torch.isfinite(out).all()
+    print("ok")
+""")
+
+
+def test_triton_kernels_clamp_bad_values():
+    """The Triton ops do not read index values on the host (a sync on GPUs): their kernels clamp varlen rows, cache
+    lengths, rows and pages into the tensors. Bad values (here through the interpreter) must not crash the process."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_BAD_VALUES], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, f"exit code {proc.returncode}:\n{proc.stderr[-3000:]}"
