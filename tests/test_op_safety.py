@@ -10,11 +10,13 @@ import textwrap
 
 import pytest
 
+import fastattn
 from fastattn import ops
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason=f"C++ extension not loaded ({ops.LOAD_ERROR})")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The child imports the package this process imported (the checkout, or the sanitized copy of tests/asan).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
 
 # name -> (op call as Python source over the names defined in _PRELUDE, words the error must contain).
 # fwd(...) / bwd(...) / dec(...) fill every other argument with a valid default.
@@ -22,6 +24,8 @@ CASES = {
     # fastattn::fwd, varlen: q/k/v (1, 2, 10, 8), valid cu = [0, 4, 10]
     "fwd_cu_q_first_negative": ("fwd(cu_q=T(-3, 4, 10))", "cu_seqlens_q[0] must be 0"),
     "fwd_cu_q_first_positive": ("fwd(cu_q=T(2, 4, 10))", "cu_seqlens_q[0] must be 0"),
+    # lengths 6 and 7 fit max_seqlen 7: only the first-value check stands between this call and row -3 of q
+    "fwd_cu_q_first_negative_consistent": ("fwd(cu_q=T(-3, 3, 10), mq=7)", "cu_seqlens_q[0] must be 0"),
     "fwd_cu_k_first_negative": ("fwd(cu_k=T(-100000, 4, 10))", "cu_seqlens_k[0] must be 0"),
     "fwd_cu_q_decreasing": ("fwd(cu_q=T(0, 8, 4, 10), cu_k=T(0, 2, 4, 10))", "non-decreasing"),
     "fwd_cu_k_decreasing": ("fwd(cu_q=T(0, 2, 4, 10), cu_k=T(0, 8, 4, 10))", "cu_seqlens_k must be non-decreasing"),
