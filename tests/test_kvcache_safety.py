@@ -56,7 +56,8 @@ REFUSALS = {
     "window_float": (dict(window_size=(2.5, 0)), TypeError, "window_size"),
     "window_huge": (dict(window_size=(2 ** 63, 0)), ValueError, "window_size"),
     "alibi_wrong_shape": (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
-    "rotary": (dict(rotary_cos=torch.ones(1)), NotImplementedError, "rotary_cos"),
+    "rotary_half_given": (dict(rotary_cos=torch.ones(1)), ValueError, "rotary_cos and rotary_sin"),
+    "cache_leftpad": (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), NotImplementedError, "cache_leftpad"),
 }
 
 
