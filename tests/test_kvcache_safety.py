@@ -139,3 +139,18 @@ def test_block_table_padded_with_minus_one(backend):
     bad = torch.tensor([[3, -2, -1], [0, 4, -1]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"block_table\[0, 1\] = -2"):
         fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_huge_window_means_unlimited(backend):
+    """window_size entries up to 2**63 - 1 (accepted) behave as -1: no overflow in a decode kernel's index math."""
+    if BACKENDS[backend].unavailable():
+        pytest.skip(f"backend {backend} not available here")
+    q, kc, vc = rnd(B, 1, HQ, D), rnd(B, 20, HKV, D), rnd(B, 20, HKV, D)
+    lens = torch.tensor([5, 17], dtype=torch.int32)
+    want = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=backend)
+    for window in ((2 ** 63 - 1, 2 ** 63 - 1), (-1, 2 ** 62), (2 ** 40, 0)):
+        got = fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, window_size=window, backend=backend)
+        ref = want if window[1] != 0 else fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
+                                                                           backend=backend)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
