@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
-                     check_int, check_qkv, check_softcap, check_tensors, check_window, default_scale,
+                     check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
                      last_dim_contiguous, normalize_mask)
 
 
@@ -183,6 +183,7 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         # (total, H, D) -> (1, H, total, D) views
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q), max_seqlen_k=int(max_k))
+    wl, wr = clamp_window(wl, wr, qt.shape[2] + kt.shape[2])
     qt, kt, vt = last_dim_contiguous(qt, kt, vt)
     alibi = check_alibi(alibi_slopes, (cu_q.numel() - 1) if varlen else B, Hq, q.device)
     return AttnParams(q=qt, k=kt, v=vt, scale=default_scale(softmax_scale, D), window_left=wl, window_right=wr,

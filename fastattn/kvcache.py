@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import decode, dispatch, rotary
-from .params import (AttnParams, check_alibi, check_qkv, check_softcap, check_window, default_scale,
+from .params import (AttnParams, check_alibi, check_qkv, check_softcap, check_window, clamp_window, default_scale,
                      last_dim_contiguous)
 
 
@@ -192,7 +192,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
             raise ValueError("fastattn: appending k/v needs cache_seqlens (where to write)")
     if not compiling and B:
         _check_values(lens, snew, capacity, None if paged else cache_batch_idx, block_table, k_cache, page)
-    wl, wr = check_window(window_size)
+    wl, wr = clamp_window(*check_window(window_size), capacity + Sq)
     if causal:
         wr = 0
     return _Plan(B=B, Sq=Sq, Hq=Hq, D=D, Hkv=Hkv, Dv=Dv, paged=paged, page=page, capacity=capacity, lens=lens,

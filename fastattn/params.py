@@ -319,6 +319,12 @@ def check_alibi(alibi_slopes, B: int, H: int, device):
     return alibi_slopes.contiguous()  # the kernels index it densely (a strided view is copied, it is tiny)
 
 
+def clamp_window(left: int, right: int, wide: int):
+    """A window entry wider than `wide` (at least every sequence's Sq + Sk) sees everything: make it -1, so no
+    backend's index arithmetic (i + Sk - Sq +- window, int64) can overflow on entries up to 2**63 - 1."""
+    return (-1 if left > wide else left), (-1 if right > wide else right)
+
+
 def check_window(window_size):
     try:
         left, right = window_size

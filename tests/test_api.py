@@ -233,3 +233,15 @@ def test_readme_feature_table_matches_declarations():
     for row in feature_table().splitlines():
         if not row.startswith("| devices"):
             assert row in text, f"README's feature table is stale ({row!r}): paste `python -m fastattn.info --markdown`"
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "cpu"])
+def test_huge_window_means_unlimited(backend):
+    """window_size entries up to 2**63 - 1 are accepted and see everything (no int64 overflow in any backend)."""
+    if fastattn.BACKENDS[backend].unavailable():
+        pytest.skip(f"backend {backend} not available here")
+    q, k, v = rnd(1, 6, 2, 8), rnd(1, 9, 2, 8), rnd(1, 9, 2, 8)
+    want = fastattn.flash_attn_func(q, k, v, backend=backend)
+    for window in ((2 ** 63 - 1, 2 ** 63 - 1), (2 ** 62, -1)):
+        torch.testing.assert_close(fastattn.flash_attn_func(q, k, v, window_size=window, backend=backend), want,
+                                   rtol=0, atol=0)

@@ -164,8 +164,8 @@ _TRITON_BAD_VALUES = textwrap.dedent("""
     from fastattn.kernels.triton import decode, op  # noqa: F401  (register the triton ops)
     T = lambda *x: torch.tensor(x, dtype=torch.int32)
     q = torch.randn(1, 2, 40, 16)
-    for cu_q, cu_k, mq, mk in (((-30, 10, 40), (0, 20, 40), 64, 64), ((0, 20, 1000), (0, 39, 2**31 - 1), 2000, 2**31 - 1),
-                               ((0, 30, 10, 40), (0, 5, 30, 40), 40, 40), ((0, 20, 40), (0, 20, 40), 3, 2)):
+    for cu_q, cu_k, mq, mk in (((-30, 10, 40), (0, 20, 40), 64, 64), ((0, 30, 10, 40), (0, 5, 30, 40), 40, 40),
+                               ((0, 20, 1000), (0, 39, 2**31 - 1), 2000, 2**31 - 1), ((0, 20, 40), (0, 20, 40), 3, 2)):
         out, lse = torch.ops.fastattn.triton_fwd(q, q, q, None, T(*cu_q), T(*cu_k), mq, mk, 0.25, -1, 0, True, 0.0,
                                                  None, 0.0, 0, 0, False)
     qd, kc = torch.randn(2, 4, 1, 16), torch.randn(3, 8, 2, 16)
