@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 
 from . import decode, dispatch, rotary
-from .params import (AttnParams, check_alibi, check_qkv, check_softcap, check_window, clamp_window, default_scale,
-                     last_dim_contiguous)
+from .params import (AttnParams, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
+                     default_scale, last_dim_contiguous)
 
 
 def _check_index(name: str, t, B: int, device):
