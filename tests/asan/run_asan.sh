@@ -4,7 +4,7 @@
 # the cpu backend's tests on it — the correctness matrix's cells except the two long ones, the kernel tests, the
 # op-level bad-input tests, the decode kernel, the cpu cases of the fuzz test — with libasan preloaded (Python itself
 # is not instrumented). Any invalid access or undefined behaviour aborts the run with a report. Opt-in (not part of
-# `pytest tests` unless FASTATTN_ASAN=1, see tests/test_asan.py): about 13 minutes on 2 cores, 12 of them the build.
+# `pytest tests` unless FASTATTN_ASAN=1, see tests/test_asan.py): about 18 minutes on 2 cores, 17 of them the build.
 #   usage: tests/asan/run_asan.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
