@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <utility>
+
 #include "common.h"
 
 namespace fastattn {
@@ -32,8 +35,17 @@ inline void check_shapes(const at::Tensor& q, const at::Tensor& k_cache, const a
 }
 
 inline void check_scalars(double softcap, int64_t num_splits) {
-  FA_CHECK(softcap >= 0, "decode_fwd: softcap must be >= 0, got ", softcap);
+  FA_CHECK(std::isfinite(softcap) && softcap >= 0, "decode_fwd: softcap must be finite and >= 0 (0 = off), got ",
+           softcap);
   FA_CHECK(num_splits >= 0, "decode_fwd: num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+}
+
+// Window entries are >= -1 (-1 = unlimited). Returns them with a window wider than `wide` keys (the cache capacity
+// plus the query rows) made unlimited: nothing visible changes, and i + off + window stays far from overflow.
+inline std::pair<int64_t, int64_t> check_window(int64_t window_left, int64_t window_right, int64_t wide) {
+  FA_CHECK(window_left >= -1 && window_right >= -1, "decode_fwd: window_left/window_right must be >= -1 ",
+           "(-1 = unlimited), got ", window_left, ", ", window_right);
+  return {window_left > wide ? -1 : window_left, window_right > wide ? -1 : window_right};
 }
 
 }  // namespace decode_checks

@@ -6,8 +6,13 @@
 //   q: (B, Hq, Sq, D)   k: (B, Hkv, Sk, D)   v: (B, Hkv, Sk, Dv)   any strides; the Python layer guarantees the
 //   last dim has stride 1 (it copies the rare input that does not).
 //   Hq % Hkv == 0 (GQA/MQA: query head h reads kv head h / (Hq / Hkv)).
-//   Varlen: cu_seqlens_q/k are int32 (N+1,); then B == 1, q is (1, Hq, total_q, D) and sequence n owns rows
-//     [cu_q[n], cu_q[n+1]) of q and [cu_k[n], cu_k[n+1]) of k/v. max_seqlen_* bound every sequence's length.
+//   Varlen: cu_seqlens_q/k are contiguous int32 (N+1,); then B == 1, q is (1, Hq, total_q, D) and sequence n owns
+//     rows [cu_q[n], cu_q[n+1]) of q and [cu_k[n], cu_k[n+1]) of k/v: cu[0] == 0, non-decreasing, cu[N] == total.
+//     max_seqlen_* bound every sequence's length. The CPU op checks these values; the CUDA op cannot without a
+//     host sync, so its kernels clamp each sequence's rows into the tensors (bad values: wrong results, never
+//     accesses outside the tensors) and the Python layer checks the values in eager mode.
+//   window_left/right >= -1 (-1 = unlimited); softcap finite and >= 0; dropout_p in [0, 1) also in float32;
+//   alibi_slopes contiguous. Every op checks its arguments itself: no argument reaches a kernel unchecked.
 //   attn_bias: optional additive bias, same dtype as q, already expanded to (B, Hq, Sq, Sk) with stride 0 on
 //     broadcast dims (a key-padding mask has strides (sB, 0, 0, 1)). -inf marks masked positions.
 //   Visibility of key j to query i (per sequence, lengths Sq/Sk of that sequence):

@@ -73,6 +73,14 @@ class DecodeCall:
             parts.append("alibi")
         return ", ".join(parts)
 
+    def windows(self) -> Tuple[int, int]:
+        """(window_left, window_right) with a window wider than the cache plus the queries made unlimited (-1), as
+        csrc/decode_checks.h does: the same visibility, and no int64 overflow in a kernel's i + off + window."""
+        cap = (self.block_table.shape[1] * self.k_cache.shape[1] if self.block_table is not None
+               else self.k_cache.shape[1])
+        wide = cap + self.q.shape[2]
+        return tuple(-1 if w > wide else w for w in (self.window_left, self.window_right))
+
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k_cache, self.v_cache))
 
@@ -154,9 +162,10 @@ class OpDecode(DecodeKernel):
         return []
 
     def run(self, c):
+        wl, wr = c.windows()
         return torch.ops.fastattn.decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
-                                             c.cache_batch_idx, c.scale, c.window_left, c.window_right, c.softcap,
-                                             c.alibi_slopes, c.num_splits)
+                                             c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes,
+                                             c.num_splits)
 
 
 class CudaOpDecode(OpDecode):
@@ -246,13 +255,16 @@ def choose(c: DecodeCall, backend: Optional[str] = None, *, describe: bool = Tru
     return ex
 
 
+def run_chosen(ex: DecodeExplanation, c: DecodeCall):
+    """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32) from the decode kernel `choose` picked for c (ex.kernel set)."""
+    COUNTS[ex.kernel] += 1
+    return DECODE_KERNELS[ex.backend].run(c)
+
+
 def run_decode(c: DecodeCall, backend: Optional[str] = None):
     """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32) from a decode kernel, or None when none takes the call."""
     ex = choose(c, backend, describe=False)
-    if ex.kernel is None:
-        return None
-    COUNTS[ex.kernel] += 1
-    return DECODE_KERNELS[ex.backend].run(c)
+    return None if ex.kernel is None else run_chosen(ex, c)
 
 
 def dense_call(p: AttnParams) -> Optional[DecodeCall]:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
-                     check_qkv, check_tensors, check_window, default_scale, last_dim_contiguous, normalize_mask)
+                     check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
+                     last_dim_contiguous, normalize_mask)
 
 
 def _broadcast_size(sizes, what: str, shapes) -> int:
@@ -156,8 +157,7 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
     wl, wr = check_window(window_size)
     if causal:
         wr = 0
-    if softcap is None or softcap < 0:
-        raise InputValueError(f"fastattn: softcap must be >= 0, got {softcap!r}")
+    softcap = check_softcap(softcap)
     if varlen is None:
         check_qkv(q, k, v, layout="bshd", names=("q", "k", "v"))
         B, Sq, Hq, D = q.shape
@@ -166,8 +166,9 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
     else:
         check_qkv(q, k, v, layout="bshd", names=("q", "k", "v"), varlen=True)
         cu_q, cu_k, max_q, max_k = varlen
-        check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0])
-        check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0])
+        max_q, max_k = check_int(max_q, "max_seqlen_q"), check_int(max_k, "max_seqlen_k")
+        cu_q = check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0])
+        cu_k = check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0])
         if cu_q.numel() != cu_k.numel():
             raise InputValueError(f"fastattn: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} "
                              f"must describe the same number of sequences")
@@ -182,6 +183,7 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         # (total, H, D) -> (1, H, total, D) views
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q), max_seqlen_k=int(max_k))
+    wl, wr = clamp_window(wl, wr, qt.shape[2] + kt.shape[2])
     qt, kt, vt = last_dim_contiguous(qt, kt, vt)
     alibi = check_alibi(alibi_slopes, (cu_q.numel() - 1) if varlen else B, Hq, q.device)
     return AttnParams(q=qt, k=kt, v=vt, scale=default_scale(softmax_scale, D), window_left=wl, window_right=wr,

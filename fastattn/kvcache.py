@@ -1,9 +1,11 @@
 """flash_attn_with_kvcache: attention against a KV cache, appending new keys/values in place.
 
-Order of work: validate everything (nothing is written before every check passed), append the new rows in place,
-then ask the decode router (fastattn/decode.py) for a split-KV kernel of the chosen backend that reads the cache in
-its own layout (dense or paged). When there is none, or the call does not qualify, the generic path runs: the cache
-is viewed or gathered as (B, Skv, Hkv, D) and each row's valid prefix, causality, window and alibi become one
+Order of work: validate every argument and index, ask the decode router (fastattn/decode.py) for a split-KV kernel
+of the chosen backend that reads the cache in its own layout (dense or paged), or else build the generic path's
+call and let the dispatcher pick its backend — every refusal happens before anything is written — then append the
+new rows in place and run. Should the run still fail (an error the checks did not foresee, out of memory), the
+overwritten slots are restored, so a failing call leaves every cache bit-for-bit untouched. The generic path views
+or gathers the cache as (B, Skv, Hkv, D) and turns each row's valid prefix, causality, window and alibi into one
 additive bias, so every backend that takes masks can serve it. `explain_kvcache` says which path runs and why."""
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from typing import Optional
 import torch
 
 from . import decode, dispatch, rotary
-from .params import AttnParams, check_alibi, check_qkv, check_window, default_scale, last_dim_contiguous
+from .params import (AttnParams, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
+                     default_scale, last_dim_contiguous)
 
 
 def _check_index(name: str, t, B: int, device):
@@ -38,8 +41,28 @@ def _check_cache_seqlens(cache_seqlens, B, device):
     return cache_seqlens.to(device)
 
 
-def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
-    """Every index the append and the kernels follow lies inside the cache; one host sync for all of them."""
+def _bad_pages(block_table, lens, snew, page, nblocks):
+    """Bool (B, max_blocks): block_table entries that break the rule. Pages a row uses (its valid keys after the
+    append; all of them without cache_seqlens) must lie in [0, num_blocks); pages past them may also be -1, the
+    vLLM / flash-attn padding, since no kernel reads them."""
+    valid = (block_table >= 0) & (block_table < nblocks)
+    if lens is None:
+        return ~valid
+    used = (lens.long() + snew + page - 1) // page  # (B,) pages holding valid keys
+    j = torch.arange(block_table.shape[1], device=block_table.device)
+    return ~valid & ((j.unsqueeze(0) < used.unsqueeze(1)) | (block_table != -1))  # (B, max_blocks)
+
+
+def _paged_slots(block_table, lens, snew, page):
+    """int64 (B, Snew) physical slots (page id * page size + offset) the append writes."""
+    pos = lens.long().unsqueeze(1) + torch.arange(snew, device=lens.device)  # (B, Snew) logical positions
+    blk = block_table.long().gather(1, pos // page)  # (B, Snew) physical page ids
+    return blk * page + pos % page
+
+
+def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, page):
+    """Every index the append and the kernels follow lies inside the cache, and no two rows append into one slot;
+    one host sync for all of them."""
     nblocks = k_cache.shape[0]
     stats = []  # int64 scalars, read back together
     if lens is not None:
@@ -47,9 +70,14 @@ def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
     if cache_batch_idx is not None:
         stats += [cache_batch_idx.min(), cache_batch_idx.max(),
                   (cache_batch_idx.sort().values.diff() == 0).sum() if snew else cache_batch_idx.new_zeros(())]
+    shared_slots = block_table is not None and snew and block_table.numel() and capacity >= snew
     if block_table is not None:
-        stats.append(((block_table < 0) | (block_table >= nblocks)).sum() if block_table.numel()
+        stats.append(_bad_pages(block_table, lens, snew, page, nblocks).sum() if block_table.numel()
                      else block_table.new_zeros(()))
+    if shared_slots:
+        # Clamped so that a bad length or page (reported first, below) cannot make this gather fail instead.
+        slots = _paged_slots(block_table.clamp(0, max(nblocks - 1, 0)), lens.clamp(0, capacity - snew), snew, page)
+        stats.append((slots.flatten().sort().values.diff() == 0).sum())
     if not stats:
         return
     vals = torch.stack([t.to(torch.int64) for t in stats]).tolist()
@@ -69,10 +97,17 @@ def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
             raise ValueError(f"fastattn: cache_batch_idx {cache_batch_idx.tolist()} repeats a cache row; appending "
                              "would write one row twice")
     if block_table is not None and vals[0]:
-        bad = (block_table < 0) | (block_table >= nblocks)
-        b, j = (int(x) for x in bad.nonzero()[0])
+        b, j = (int(x) for x in _bad_pages(block_table, lens, snew, page, nblocks).nonzero()[0])
         raise ValueError(f"fastattn: block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, {nblocks}) "
-                         f"(num_blocks of k_cache {tuple(k_cache.shape)})")
+                         f"(num_blocks of k_cache {tuple(k_cache.shape)}; -1 is allowed only past the pages a row "
+                         f"uses)")
+    if shared_slots and vals[1]:
+        slots = _paged_slots(block_table, lens, snew, page)  # (B, Snew)
+        flat = slots.flatten()
+        dup = int(flat[(flat.unsqueeze(0) == flat.unsqueeze(1)).sum(0) > 1][0])
+        rows = sorted({int(b) for b in (slots == dup).nonzero()[:, 0]})
+        raise ValueError(f"fastattn: rows {rows} of block_table append into the same cache slot (page {dup // page}, "
+                         f"offset {dup % page}); the last write would win")
 
 
 @dataclass
@@ -110,8 +145,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    if not isinstance(softcap, (int, float)) or not softcap >= 0:
-        raise ValueError(f"fastattn: softcap must be a number >= 0, got {softcap!r}")
+    softcap = check_softcap(softcap)
     # Value checks read tensor contents: one host sync (below). Skipped while tracing (they ran in eager mode) and
     # during CUDA graph capture (where a sync is illegal; replays reuse the captured, checked shapes).
     compiling = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -157,26 +191,43 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         if lens is None:
             raise ValueError("fastattn: appending k/v needs cache_seqlens (where to write)")
     if not compiling and B:
-        _check_values(lens, snew, capacity, None if paged else cache_batch_idx, block_table, k_cache)
-    wl, wr = check_window(window_size)
+        _check_values(lens, snew, capacity, None if paged else cache_batch_idx, block_table, k_cache, page)
+    wl, wr = clamp_window(*check_window(window_size), capacity + Sq)
     if causal:
         wr = 0
     return _Plan(B=B, Sq=Sq, Hq=Hq, D=D, Hkv=Hkv, Dv=Dv, paged=paged, page=page, capacity=capacity, lens=lens,
                  snew=snew, wl=wl, wr=wr, alibi=check_alibi(alibi_slopes, B, Hq, q.device))
 
 
-def _append(plan: _Plan, k, v, k_cache, v_cache, cache_batch_idx, block_table):
-    """Writes row b's new tokens at positions lens[b] .. lens[b] + Snew - 1 (in place, nothing else changes)."""
-    pos = plan.lens.long().unsqueeze(1) + torch.arange(plan.snew, device=k.device)  # (B, Snew)
+def _append_index(plan: _Plan, cache_batch_idx, block_table, device):
+    """(cache dim-0 index, dim-1 index), both int64 (B, Snew): where row b's new tokens go (positions lens[b] ..
+    lens[b] + Snew - 1). Validation guarantees the slots are distinct and inside the cache."""
+    pos = plan.lens.long().unsqueeze(1) + torch.arange(plan.snew, device=device)  # (B, Snew)
     if plan.paged:
-        blk = block_table.long().gather(1, pos // plan.page)  # (B, Snew) physical page ids
-        k_cache[blk, pos % plan.page] = k
-        v_cache[blk, pos % plan.page] = v
+        return block_table.long().gather(1, pos // plan.page), pos % plan.page  # physical page ids, offsets
+    rows = (cache_batch_idx.long() if cache_batch_idx is not None
+            else torch.arange(plan.B, device=device)).unsqueeze(1).expand(plan.B, plan.snew)
+    return rows, pos
+
+
+def _generic_kv(plan: _Plan, k_cache, v_cache, k, v, cache_batch_idx, block_table):
+    """The cache as (B, Skv, Hkv, D|Dv) for the generic path, built before the append: a view of a dense cache (the
+    append shows through it), or a row/page gather with each row's new tokens placed in the copy."""
+    B, Hkv, D, Dv = plan.B, plan.Hkv, plan.D, plan.Dv
+    if not plan.paged and cache_batch_idx is None:
+        return k_cache, v_cache
+    if plan.paged:
+        nb, page = block_table.shape[1], plan.page
+        bt = block_table.long().clamp(min=0)  # -1 padding past the used pages: read page 0, masked by the bias
+        K = k_cache[bt].reshape(B, nb * page, Hkv, D)  # (B, nb, page, Hkv, D) -> (B, Skv, Hkv, D)
+        V = v_cache[bt].reshape(B, nb * page, Hkv, Dv)
     else:
-        rows = (cache_batch_idx.long() if cache_batch_idx is not None
-                else torch.arange(plan.B, device=k.device)).unsqueeze(1).expand(plan.B, plan.snew)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
+        K, V = k_cache[cache_batch_idx.long()], v_cache[cache_batch_idx.long()]  # (B, Smax, Hkv, D|Dv) copies
+    if plan.snew and k is not None:  # explain_kvcache passes no new tokens: it writes and computes nothing
+        rows = torch.arange(B, device=K.device).unsqueeze(1)  # (B, 1)
+        pos = plan.lens.long().unsqueeze(1) + torch.arange(plan.snew, device=K.device)  # (B, Snew)
+        K, V = K.index_put((rows, pos), k), V.index_put((rows, pos), v)
+    return K, V
 
 
 def _decode_call(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap, num_splits):
@@ -187,18 +238,9 @@ def _decode_call(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_table,
                              num_splits=num_splits)
 
 
-def _generic_params(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                    return_lse, num_splits) -> AttnParams:
-    """The cache as (B, Skv, Hkv, D) (a view, a row gather or a page gather) plus one additive bias."""
-    B, Sq, Hq, D, Hkv, Dv = plan.B, plan.Sq, plan.Hq, plan.D, plan.Hkv, plan.Dv
-    if plan.paged:
-        nb, page = block_table.shape[1], plan.page
-        bt = block_table.long()
-        K = k_cache[bt].reshape(B, nb * page, Hkv, D)  # (B, nb, page, Hkv, D) -> (B, Skv, Hkv, D)
-        V = v_cache[bt].reshape(B, nb * page, Hkv, Dv)
-    else:
-        K = k_cache if cache_batch_idx is None else k_cache[cache_batch_idx.long()]
-        V = v_cache if cache_batch_idx is None else v_cache[cache_batch_idx.long()]
+def _generic_params(plan: _Plan, q, K, V, scale, softcap, return_lse, num_splits) -> AttnParams:
+    """K, V (B, Skv, Hkv, D|Dv) from _generic_kv plus one additive bias for lengths, window and alibi."""
+    B, Sq, Hq = plan.B, plan.Sq, plan.Hq
     Skv = K.shape[1]
     bias = None
     wl, wr, alibi = plan.wl, plan.wr, plan.alibi
@@ -222,6 +264,12 @@ def _generic_params(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_tab
                       mask_kind=None if bias is None else "dense", softcap=float(softcap),
                       return_lse=bool(return_lse),
                       extras={"decode": True, "num_splits": int(num_splits), "decode_route": False})
+
+
+def _append_and_run(idx, k, v, k_cache, v_cache, ex, call, p, backend):
+    k_cache[idx] = k  # in place; nothing else in the caches changes
+    v_cache[idx] = v
+    return decode.run_chosen(ex, call) if p is None else dispatch.run(p, backend)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -249,14 +297,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
     q, k = rotary.apply_kvcache(plan, q, k, rotary_cos, rotary_sin, rotary_interleaved)  # checks, then copies
     scale = default_scale(softmax_scale, plan.D)
-    if plan.snew:
-        _append(plan, k, v, k_cache, v_cache, cache_batch_idx, block_table)
-    res = decode.run_decode(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                                         num_splits), backend)
-    if res is None:
-        p = _generic_params(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                            return_softmax_lse, num_splits)
-        res = dispatch.run(p, backend)
+    # Every refusal before the first write: the decode kernel, or the generic path's backend, is chosen here.
+    call = _decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap, num_splits)
+    ex = decode.choose(call, backend, describe=False)
+    p = None
+    if ex.kernel is None:
+        K, V = _generic_kv(plan, k_cache, v_cache, k, v, cache_batch_idx, block_table)
+        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse, num_splits)
+        if p.q.shape[2] and p.k.shape[2] and plan.B:  # dispatch.run answers empty calls without a backend
+            dispatch.select(p, backend)
+    if not plan.snew:
+        res = decode.run_chosen(ex, call) if p is None else dispatch.run(p, backend)
+    else:
+        idx = _append_index(plan, cache_batch_idx, block_table, q.device)
+        if torch.compiler.is_compiling():  # no try/except in a traced graph: the checks above must do
+            res = _append_and_run(idx, k, v, k_cache, v_cache, ex, call, p, backend)
+        else:
+            old = k_cache[idx], v_cache[idx]  # (B, Snew, Hkv, D|Dv) copies of the slots about to be overwritten
+            try:
+                res = _append_and_run(idx, k, v, k_cache, v_cache, ex, call, p, backend)
+            except BaseException:
+                k_cache[idx], v_cache[idx] = old  # slots are distinct: this restores the caches bit for bit
+                raise
     out, lse = res
     out = out.transpose(1, 2)  # (B, Hq, Sq, Dv) -> (B, Sq, Hq, Dv)
     return (out, lse) if return_softmax_lse else out
@@ -275,7 +337,7 @@ def explain_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary
     ex = decode.choose(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
                                     num_splits), backend)
     if ex.kernel is None:
-        p = _generic_params(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                            return_softmax_lse, num_splits)
+        K, V = _generic_kv(plan, k_cache, v_cache, None, None, cache_batch_idx, block_table)
+        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse, num_splits)
         ex.generic = str(dispatch.explain_params(p, backend, full=False))
     return ex

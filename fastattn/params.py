@@ -13,6 +13,9 @@ and backends only ever see the canonical form:
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -175,10 +178,37 @@ def last_dim_contiguous(*ts):
     return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
 
 
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def check_dropout(p) -> float:
     if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
         raise InputValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")
+    if _float32(float(p)) >= 1.0:  # kernels keep p in float32: the 1 / (1 - p) rescale would be inf
+        raise InputValueError(f"fastattn: dropout_p={p!r} rounds to 1 in float32; use a value below 1 - 2**-25")
     return float(p)
+
+
+def check_softcap(softcap) -> float:
+    """softcap: a finite real number >= 0 (0 = off)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise InputTypeError(f"fastattn: softcap must be a number >= 0 (0 = off), got {type(softcap).__name__} "
+                        f"{softcap!r}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise InputValueError(f"fastattn: softcap must be finite and >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def check_int(x, name: str, lo: int = 0) -> int:
+    """An integer argument (int, numpy or 0-d integer tensor; floats are refused, not truncated) in [lo, 2**63)."""
+    try:
+        i = operator.index(x)
+    except TypeError:
+        raise InputTypeError(f"fastattn: {name} must be an integer, got {type(x).__name__} {x!r}") from None
+    if not lo <= i < 2 ** 63:
+        raise InputValueError(f"fastattn: {name} must be an integer in [{lo}, 2**63), got {i}")
+    return i
 
 
 def default_scale(scale, head_dim: int) -> float:
@@ -257,13 +287,16 @@ def normalize_mask(attn_mask, q, target):
     return bias, kind
 
 
-def check_cu_seqlens(cu, name: str, total: int):
+def check_cu_seqlens(cu, name: str, total: int) -> torch.Tensor:
+    """Checks cu_seqlens (int32 (N+1,), starting at 0, non-decreasing, ending at `total`); returns it contiguous
+    (the ops refuse strided ones)."""
     if not isinstance(cu, torch.Tensor):
         raise InputTypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise InputValueError(f"fastattn: {name} must be a 1-D int32 tensor of length batch+1, got {cu.dtype} {_shape(cu)}")
+    cu = cu.contiguous()
     if torch.compiler.is_compiling():
-        return  # value checks need a host sync; they ran in eager mode
+        return cu  # value checks need a host sync; they ran in eager mode
     c = cu.detach().cpu()
     if int(c[0]) != 0:
         raise InputValueError(f"fastattn: {name}[0] must be 0, got {int(c[0])}")
@@ -271,6 +304,7 @@ def check_cu_seqlens(cu, name: str, total: int):
         raise InputValueError(f"fastattn: {name} must be non-decreasing, got {c.tolist()}")
     if int(c[-1]) != total:
         raise InputValueError(f"fastattn: {name}[-1] = {int(c[-1])} must equal the packed length {total}")
+    return cu
 
 
 def check_alibi(alibi_slopes, B: int, H: int, device):
@@ -282,14 +316,26 @@ def check_alibi(alibi_slopes, B: int, H: int, device):
         raise InputValueError(f"fastattn: alibi_slopes must have shape ({H},) or ({B}, {H}), got {_shape(alibi_slopes)}")
     if alibi_slopes.device != device:
         raise InputValueError(f"fastattn: alibi_slopes is on {alibi_slopes.device} but query is on {device}")
-    return alibi_slopes
+    return alibi_slopes.contiguous()  # the kernels index it densely (a strided view is copied, it is tiny)
+
+
+def clamp_window(left: int, right: int, wide: int):
+    """A window entry wider than `wide` (at least every sequence's Sq + Sk) sees everything: make it -1, so no
+    backend's index arithmetic (i + Sk - Sq +- window, int64) can overflow on entries up to 2**63 - 1."""
+    return (-1 if left > wide else left), (-1 if right > wide else right)
 
 
 def check_window(window_size):
     try:
-        left, right = (int(x) for x in window_size)
+        left, right = window_size
     except Exception:
         raise InputValueError(f"fastattn: window_size must be a pair (left, right), got {window_size!r}") from None
-    if left < -1 or right < -1:
-        raise InputValueError(f"fastattn: window_size entries must be >= -1 (-1 = unlimited), got {window_size!r}")
+    try:
+        left, right = operator.index(left), operator.index(right)
+    except TypeError:
+        raise InputTypeError(f"fastattn: window_size entries must be integers (-1 = unlimited), got "
+                        f"{window_size!r}") from None
+    if not (-1 <= left < 2 ** 63 and -1 <= right < 2 ** 63):
+        raise InputValueError(f"fastattn: window_size entries must be integers in [-1, 2**63) (-1 = unlimited), got "
+                         f"{window_size!r}")
     return left, right

@@ -99,6 +99,13 @@ BAD = [
     (lambda: fastattn.flash_attn_with_kvcache(rnd(2, 1, 2, 8), rnd(2, 4, 2, 8), rnd(2, 4, 2, 8), k=rnd(2, 1, 2, 8), v=rnd(2, 1, 2, 8), cache_seqlens=torch.tensor([4, 1], dtype=torch.int32)), ValueError, "capacity"),
     (lambda: fastattn.flash_attn_with_kvcache(rnd(2, 1, 2, 8), rnd(3, 4, 2, 8), rnd(3, 4, 2, 8), cache_seqlens=torch.tensor([1, 1], dtype=torch.int32), cache_batch_idx=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "cache_batch_idx"),
     (lambda: fastattn.flash_attn_with_kvcache(rnd(2, 1, 2, 8), rnd(4, 2, 2, 8), rnd(4, 2, 2, 8), cache_seqlens=1, block_table=torch.tensor([[0, 5], [1, 2]], dtype=torch.int32)), ValueError, "block_table"),
+    # issue 16: named errors instead of schema errors, bare TypeErrors, silent truncation or one backend refusing
+    (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), softcap=float("nan")), ValueError, "softcap"),
+    (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), softcap="1"), TypeError, "softcap"),
+    (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), window_size=(2 ** 63, 0)), ValueError, "window_size"),
+    (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), window_size=(2.5, 0)), TypeError, "window_size"),
+    (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32), 6.5, 6), TypeError, "max_seqlen_q"),
+    (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), dropout_p=1 - 1e-9, backend="reference"), ValueError, "rounds to 1"),
 ]
 
 
@@ -108,6 +115,19 @@ def test_bad_input_errors(n):
     with pytest.raises(exc) as ei:
         fn()
     assert needle in str(ei.value), str(ei.value)
+
+
+def test_strided_cu_seqlens_and_alibi_are_accepted():
+    """Non-contiguous cu_seqlens and alibi_slopes (views) are copied by the Python layer, not refused by the ops."""
+    q, k, v = rnd(10, 2, 16), rnd(10, 2, 16), rnd(10, 2, 16)
+    cu = torch.tensor([0, 0, 4, 4, 10, 10], dtype=torch.int32)[::2]  # (3,) view with stride 2: [0, 4, 10]
+    slopes = torch.tensor([0.5, 9.0, 0.25, 9.0])[::2]  # (2,) view with stride 2
+    assert not cu.is_contiguous() and not slopes.is_contiguous()
+    want = fastattn.flash_attn_varlen_func(q, k, v, cu.contiguous(), cu.contiguous(), 6, 6, causal=True,
+                                           alibi_slopes=slopes.contiguous(), backend="reference")
+    for backend in [b for b in ("cpu", "reference") if not fastattn.BACKENDS[b].unavailable()]:
+        got = fastattn.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True, alibi_slopes=slopes, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- dispatch: explicit, context, env, explain
@@ -213,3 +233,15 @@ def test_readme_feature_table_matches_declarations():
     for row in feature_table().splitlines():
         if not row.startswith("| devices"):
             assert row in text, f"README's feature table is stale ({row!r}): paste `python -m fastattn.info --markdown`"
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "cpu"])
+def test_huge_window_means_unlimited(backend):
+    """window_size entries up to 2**63 - 1 are accepted and see everything (no int64 overflow in any backend)."""
+    if fastattn.BACKENDS[backend].unavailable():
+        pytest.skip(f"backend {backend} not available here")
+    q, k, v = rnd(1, 6, 2, 8), rnd(1, 9, 2, 8), rnd(1, 9, 2, 8)
+    want = fastattn.flash_attn_func(q, k, v, backend=backend)
+    for window in ((2 ** 63 - 1, 2 ** 63 - 1), (2 ** 62, -1)):
+        torch.testing.assert_close(fastattn.flash_attn_func(q, k, v, window_size=window, backend=backend), want,
+                                   rtol=0, atol=0)

@@ -353,6 +353,30 @@ def test_dropout_fwd_bwd_match_oracle(case):
     _check_attn(c, dt, q, k, v, dout, got, mask, p_drop)
 
 
+# ================================================================ bad varlen values stay inside the tensors
+BAD_CU = {  # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) over q, k with 40 rows
+    "first_negative": ([-30, 10, 40], [0, 20, 40], 64, 64),
+    "first_far_negative": ([0, 20, 40], [-(2 ** 30), 20, 40], 64, 64),
+    "decreasing": ([0, 30, 10, 40], [0, 5, 30, 40], 40, 40),
+    "past_the_end": ([0, 20, 1000], [0, 39, 2 ** 31 - 1], 2000, 2 ** 31 - 1),
+    "max_seqlen_too_small": ([0, 20, 40], [0, 20, 40], 5, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CU))
+def test_varlen_bad_cu_seqlens_stay_inside_the_tensors(name):
+    """The CUDA op does not read cu_seqlens on the host (that would sync every call): the kernels clamp each
+    sequence's rows into the tensors, so bad values give wrong rows, never accesses outside them (the emulator
+    fails any cp.async read outside the inputs; a stray write would corrupt this process)."""
+    cu_q, cu_k, mq, mk = BAD_CU[name]
+    T = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    q, k, v = (torch.randn(1, 2, 40, 64, dtype=torch.float16) for _ in range(3))
+    out, lse = emu().fwd(q, k, v, T(cu_q), T(cu_k), mq, mk, 0.125, -1, 0, True, 0.0, 0, 0)
+    dout = torch.randn_like(out)
+    dq, dk, dv = emu().bwd(dout, q, k, v, out, lse, T(cu_q), T(cu_k), mq, mk, 0.125, -1, 0, True, 0.0, 0, 0)
+    assert out.shape == q.shape and dq.shape == q.shape and dk.shape == k.shape
+
+
 # ================================================================ the emulator catches each bug class
 @pytest.mark.parametrize("name,error", [("divergent_shuffle", "divergent warp collective"),
                                         ("partial_barrier", "divergent warp collective|__syncthreads"),

@@ -1,6 +1,12 @@
 // CPU implementations of fastattn::fwd / fastattn::bwd (schemas and conventions in csrc/ops.cpp): argument
 // checks, CpuParams filling, dtype dispatch, and TORCH_LIBRARY_IMPL registration.
+//
+// Every invariant the kernels rely on is checked here, values included (cu_seqlens are read on the host): direct
+// torch.ops callers and torch.compile'd graphs reach the kernels without the Python layer's checks, and no
+// argument may make a kernel touch memory outside its tensors.
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "common.h"
 #include "kernels.h"
@@ -41,21 +47,50 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   FA_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   if (cu_q) {
-    for (const auto* c : {&*cu_q, &*cu_k}) {
-      FA_CHECK(c->scalar_type() == at::kInt && c->dim() == 1 && c->numel() >= 2 && c->is_contiguous() &&
-                   c->device().is_cpu(),
-               "cu_seqlens must be contiguous 1-D int32 cpu tensors of length N+1, got ", c->scalar_type(), " ",
-               c->sizes());
+    for (const auto& [c, name] : {std::pair{&*cu_q, "cu_seqlens_q"}, std::pair{&*cu_k, "cu_seqlens_k"}}) {
+      FA_CHECK(c->scalar_type() == at::kInt, name, " must be int32, got ", c->scalar_type());
+      FA_CHECK(c->dim() == 1 && c->numel() >= 2, name, " must be 1-D of length N+1 >= 2, got shape ", c->sizes());
+      FA_CHECK(c->device().is_cpu(), name, " must be on cpu, got ", c->device());
+      FA_CHECK(c->is_contiguous(), name, " must be contiguous, got strides ", c->strides());
     }
-    FA_CHECK(cu_q->numel() == cu_k->numel(), "cu_seqlens_q and cu_seqlens_k lengths differ");
+    FA_CHECK(cu_q->numel() == cu_k->numel(), "cu_seqlens_q ", cu_q->sizes(), " and cu_seqlens_k ", cu_k->sizes(),
+             " must have the same length N+1");
     FA_CHECK(q.size(0) == 1, "varlen needs batch 1 (packed rows), got q", q.sizes());
   }
   if (alibi) {
     const auto& a = *alibi;
-    FA_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && (a.dim() == 1 || a.dim() == 2) &&
-                 a.size(-1) == q.size(1),
-             "alibi_slopes must be contiguous float32 (Hq,) or (B, Hq), got ", a.scalar_type(), " ", a.sizes());
+    FA_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    FA_CHECK(a.device().is_cpu(), "alibi_slopes must be on cpu, got ", a.device());
+    FA_CHECK((a.dim() == 1 || a.dim() == 2) && a.size(-1) == q.size(1), "alibi_slopes must have shape (Hq,) or ",
+             "(B, Hq) with Hq = ", q.size(1), ", got ", a.sizes());
+    FA_CHECK(a.is_contiguous(), "alibi_slopes must be contiguous, got strides ", a.strides());
   }
+}
+
+// Varlen values: cu[0] == 0, non-decreasing, cu[N] == the packed length, max_seqlen >= the longest sequence.
+// Returns the longest sequence (what the kernels size their work by).
+int64_t check_cu_values(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
+                        const char* max_name) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.numel() - 1;
+  FA_CHECK(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  int64_t longest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    FA_CHECK(c[i + 1] >= c[i], name, " must be non-decreasing, got ", name, "[", i, "] = ", c[i], " > ", name, "[",
+             i + 1, "] = ", c[i + 1]);
+    longest = std::max<int64_t>(longest, c[i + 1] - c[i]);
+  }
+  FA_CHECK(c[n] == total, name, "[-1] = ", c[n], " must equal the packed length ", total);
+  FA_CHECK(max_seqlen >= longest, max_name, " = ", max_seqlen, " is smaller than the longest sequence (", longest,
+           ")");
+  return longest;
+}
+
+// Window entries are >= -1 (-1 = unlimited). One at least as wide as both tensors' lengths is no window: clamping it
+// to -1 changes nothing visible and keeps the kernels' i + off + window arithmetic far from overflow.
+int64_t check_window(int64_t w, int64_t wide, const char* name) {
+  FA_CHECK(w >= -1, name, " must be >= -1 (-1 = unlimited), got ", w);
+  return w >= wide ? -1 : w;
 }
 
 CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -88,8 +123,6 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.cu_q = cu_q->data_ptr<int32_t>();
     p.cu_k = cu_k->data_ptr<int32_t>();
     p.nseq = cu_q->numel() - 1;
-    FA_CHECK(p.cu_q[p.nseq] <= p.Sq && p.cu_k[p.nseq] <= p.Sk, "cu_seqlens end past the packed lengths (",
-             p.cu_q[p.nseq], " > ", p.Sq, " or ", p.cu_k[p.nseq], " > ", p.Sk, ")");
   } else {
     p.nseq = p.B;
   }
@@ -100,9 +133,11 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.alibi_sb = alibi->dim() == 2 ? p.Hq : 0;
   }
   p.scale = static_cast<float>(scale);
-  p.window_left = window_left;
-  p.window_right = window_right;
+  const int64_t wide = p.Sq + p.Sk + 1;  // every sequence is at most this long
+  p.window_left = check_window(window_left, wide, "window_left");
+  p.window_right = check_window(window_right, wide, "window_right");
   p.bottom_right = bottom_right;
+  FA_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0 = off), got ", softcap);
   p.softcap = static_cast<float>(softcap);
   FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   FA_CHECK(static_cast<float>(dropout_p) < 1.f, "dropout_p=", dropout_p,
@@ -113,17 +148,13 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return p;
 }
 
-// Longest (query, key) sequence: the tensor lengths, or the longest varlen sequences.
-std::pair<int64_t, int64_t> max_lengths(const CpuParams& p) {
-  if (p.cu_q == nullptr) return {p.Sq, p.Sk};
-  int64_t mq = 0, mk = 0;
-  for (int64_t n = 0; n < p.nseq; ++n) {
-    const SeqInfo s = seq_info(p, n);
-    FA_CHECK(s.sq >= 0 && s.sk >= 0, "cu_seqlens must be non-decreasing");
-    mq = std::max(mq, s.sq);
-    mk = std::max(mk, s.sk);
-  }
-  return {mq, mk};
+// Longest (query, key) sequence: the tensor lengths, or the longest varlen sequences (values checked).
+std::pair<int64_t, int64_t> max_lengths(const CpuParams& p, const std::optional<at::Tensor>& cu_q,
+                                        const std::optional<at::Tensor>& cu_k, int64_t max_seqlen_q,
+                                        int64_t max_seqlen_k) {
+  if (!cu_q) return {p.Sq, p.Sk};
+  return {check_cu_values(*cu_q, "cu_seqlens_q", p.Sq, max_seqlen_q, "max_seqlen_q"),
+          check_cu_values(*cu_k, "cu_seqlens_k", p.Sk, max_seqlen_k, "max_seqlen_k")};
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -137,17 +168,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
+  const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   at::Tensor out = alloc_out_like_q(q, p.Dv);
   at::Tensor lse = alloc_output({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
-  if (p.cu_q != nullptr && p.Sq > 0) {
-    // Packed rows past the last sequence belong to no sequence: define them as empty rows.
-    out.narrow(2, p.cu_q[p.nseq], p.Sq - p.cu_q[p.nseq]).zero_();
-    lse.narrow(2, p.cu_q[p.nseq], p.Sq - p.cu_q[p.nseq]).fill_(kInf);
-  }
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr<float>();
-  const auto [mq, mk] = max_lengths(p);
   // bf16/fp16 tiles go to the matrix units where mm::path found them usable, else through fp32 sgemm.
   const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
   switch (q.scalar_type()) {
@@ -174,6 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
+  const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}, std::pair{&lse, "lse"}}) {
+    FA_CHECK(t->device().is_cpu(), name, " must be on cpu, got ", t->device());
+  }
   FA_CHECK(dout.dim() == 4 && dout.size(0) == p.B && dout.size(1) == p.Hq && dout.size(2) == p.Sq &&
                dout.size(3) == p.Dv && dout.scalar_type() == q.scalar_type(),
            "dout must be (B, Hq, Sq, Dv) in q's dtype, got ", dout.scalar_type(), " ", dout.sizes());
@@ -185,14 +215,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   // lse and delta are read as contiguous (B, Hq, Sq) rows; lse is small, so a copy is cheap when needed.
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = empty_like_poisoned(q), dk = empty_like_poisoned(k), dv = empty_like_poisoned(v);
-  if (p.cu_q != nullptr) {
-    // Packed rows past the last sequence get zero gradient.
-    if (p.Sq > p.cu_q[p.nseq]) dq.narrow(2, p.cu_q[p.nseq], p.Sq - p.cu_q[p.nseq]).zero_();
-    if (p.Sk > p.cu_k[p.nseq]) {
-      dk.narrow(2, p.cu_k[p.nseq], p.Sk - p.cu_k[p.nseq]).zero_();
-      dv.narrow(2, p.cu_k[p.nseq], p.Sk - p.cu_k[p.nseq]).zero_();
-    }
-  }
   p.out = const_cast<void*>(out.data_ptr());
   p.o_st = strides_of(out);
   p.lse = const_cast<float*>(lse_c.data_ptr<float>());
@@ -204,7 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   p.dq_st = strides_of(dq);
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
-  const auto [mq, mk] = max_lengths(p);
   const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
   switch (q.scalar_type()) {
     case at::kFloat: bwd_kernel<float>(p, mq, mk); break;

@@ -104,22 +104,31 @@ void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at
   const bool varlen = cu_q.has_value();
   FA_CHECK(varlen == cu_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   int64_t n_seq = B, sq = q.size(2), sk = k.size(2);
+  // Varlen values (cu[0] == 0, non-decreasing, cu[N] == total rows, max_seqlen >= the longest sequence) are not
+  // read here: that would synchronise with the device on every call. The Python layer checks them in eager mode,
+  // and the kernels clamp every sequence's rows into the tensors (SeqInfo in mask.cuh), so bad values give wrong
+  // results, never accesses outside the tensors.
   if (varlen) {
-    for (const at::Tensor* cu : {&*cu_q, &*cu_k}) {
-      FA_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous() && cu->device() == q.device(),
-               "cu_seqlens must be contiguous 1-D int32 tensors on ", q.device(), ", got ", cu->scalar_type(), " ",
-               cu->sizes(), " on ", cu->device());
+    for (const auto& [cu, name] : {std::pair{&*cu_q, "cu_seqlens_q"}, std::pair{&*cu_k, "cu_seqlens_k"}}) {
+      FA_CHECK(cu->scalar_type() == at::kInt, name, " must be int32, got ", cu->scalar_type());
+      FA_CHECK(cu->dim() == 1 && cu->numel() >= 2, name, " must be 1-D of length batch + 1 >= 2, got shape ",
+               cu->sizes());
+      FA_CHECK(cu->device() == q.device(), name, " must be on ", q.device(), ", got ", cu->device());
+      FA_CHECK(cu->is_contiguous(), name, " must be contiguous, got strides ", cu->strides());
     }
-    FA_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 2, "cu_seqlens_q ", cu_q->sizes(),
-             " and cu_seqlens_k ", cu_k->sizes(), " must both have length batch + 1");
+    FA_CHECK(cu_q->numel() == cu_k->numel(), "cu_seqlens_q ", cu_q->sizes(), " and cu_seqlens_k ", cu_k->sizes(),
+             " must both have length batch + 1");
     FA_CHECK(B == 1, "varlen q must be (1, H, total_q, D), got ", q.sizes());
     FA_CHECK(max_sq >= 0 && max_sk >= 0, "max_seqlen_q/k must be >= 0, got ", max_sq, ", ", max_sk);
     n_seq = cu_q->numel() - 1;
-    sq = max_sq;
-    sk = max_sk;
+    // No sequence is longer than its tensor: a larger max_seqlen only sizes the grid, so clamp it (keeps it an int).
+    sq = std::min(max_sq, q.size(2));
+    sk = std::min(max_sk, k.size(2));
   }
   FA_CHECK(n_seq <= 65535, "at most 65535 sequences per call, got ", n_seq);
   FA_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "sequence lengths must be < 2^31");
+  FA_CHECK(window_left >= -1 && window_right >= -1, "window_left/window_right must be >= -1 (-1 = unlimited), got ",
+           window_left, ", ", window_right);
   s.batch = static_cast<int>(n_seq);
   s.h = static_cast<int>(H);
   s.h_kv = static_cast<int>(Hkv);
@@ -129,10 +138,12 @@ void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at
   s.dv = static_cast<int>(round8(Dv));
   s.cu_seqlens_q = varlen ? cu_q->data_ptr<int>() : nullptr;
   s.cu_seqlens_k = varlen ? cu_k->data_ptr<int>() : nullptr;
+  s.total_q = static_cast<int>(q.size(2));
+  s.total_k = static_cast<int>(k.size(2));
   s.scale = static_cast<float>(scale);
   s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  // A window wider than both sequences is no window; clamping keeps the kernels' int arithmetic in range.
-  const int64_t wide = sq + sk + 1;
+  // A window wider than both tensors is no window; clamping keeps the kernels' int arithmetic in range.
+  const int64_t wide = q.size(2) + k.size(2) + 1;
   s.window_left = static_cast<int>(window_left < 0 || window_left >= wide ? -1 : window_left);
   s.window_right = static_cast<int>(window_right < 0 || window_right >= wide ? -1 : window_right);
   s.bottom_right = bottom_right;

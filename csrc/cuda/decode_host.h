@@ -149,8 +149,9 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
   p.q_mul = static_cast<float>(softcap > 0 ? scale / softcap : scale * kLog2e);
   p.cap_out2 = static_cast<float>(softcap > 0 ? softcap * kLog2e : 0.0);
   // A window wider than the cache is no window; clamping keeps the kernel's int arithmetic in range.
-  p.window_left = static_cast<int>(window_left < 0 || window_left > capacity ? -1 : window_left);
-  p.window_right = static_cast<int>(window_right < 0 || window_right > capacity + Sq ? -1 : window_right);
+  const auto [wl, wr] = decode_checks::check_window(window_left, window_right, capacity + Sq);
+  p.window_left = static_cast<int>(wl);
+  p.window_right = static_cast<int>(wr);
   if (p.cache_rows == 0 || capacity == 0) {  // nothing cached anywhere: every row sees no key
     out.zero_();
     lse.fill_(std::numeric_limits<float>::infinity());

@@ -38,10 +38,13 @@ struct SeqInfo {
   int bb;
   __device__ __forceinline__ SeqInfo(const AttnShape& p, int b) {
     if (p.cu_seqlens_q != nullptr) {  // varlen: one batch entry, sequences are row ranges
-      row_q0 = p.cu_seqlens_q[b];
-      row_k0 = p.cu_seqlens_k[b];
-      sq = p.cu_seqlens_q[b + 1] - static_cast<int>(row_q0);
-      sk = p.cu_seqlens_k[b + 1] - static_cast<int>(row_k0);
+      // The host does not read cu_seqlens (no sync): clamp [cu[b], cu[b+1]) into the tensor's rows so that bad
+      // values give wrong results, never out-of-bounds accesses.
+      const int q0 = min(max(p.cu_seqlens_q[b], 0), p.total_q), k0 = min(max(p.cu_seqlens_k[b], 0), p.total_k);
+      row_q0 = q0;
+      row_k0 = k0;
+      sq = min(max(p.cu_seqlens_q[b + 1], q0), p.total_q) - q0;
+      sk = min(max(p.cu_seqlens_k[b + 1], k0), p.total_k) - k0;
       bb = 0;
     } else {
       row_q0 = row_k0 = 0;

@@ -18,6 +18,7 @@ struct AttnShape {
   int d, dv;          // real head dims (multiples of 8; the kernel's kHeadDim >= max(d, dv))
   const int* cu_seqlens_q;  // nullptr unless varlen
   const int* cu_seqlens_k;
+  int total_q, total_k;     // rows per (batch, head) in the q and k tensors: varlen sequences are clamped into them
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): scores go through exp2
   int window_left;    // -1 = unlimited; causal is window_right == 0

@@ -71,7 +71,8 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, Stats,
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
-    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
+    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k,
+                                                          IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 < seqlen_k:
         bb64 = bb.to(tl.int64)

@@ -25,15 +25,16 @@ def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, IS_VARLEN: tl.constexpr):
+def seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k, IS_VARLEN: tl.constexpr):
     """(q_start, k_start, seqlen_q, seqlen_k, batch index) of sequence `seq`: varlen reads cu_seqlens (its tensors
     have batch 1); dense sequences are batch entries sharing one length pair. `seq * 0` keeps every value a tensor
-    of one type in both branches."""
+    of one type in both branches. cu_seqlens values are not checked on the host (a sync): each sequence's rows are
+    clamped into the tensors' rows_q / rows_k, so bad values give wrong rows, never accesses outside them."""
     if IS_VARLEN:
-        q_start = tl.load(CuQ + seq)
-        seqlen_q = tl.load(CuQ + seq + 1) - q_start
-        k_start = tl.load(CuK + seq)
-        seqlen_k = tl.load(CuK + seq + 1) - k_start
+        q_start = tl.minimum(tl.maximum(tl.load(CuQ + seq), 0), rows_q)
+        seqlen_q = tl.minimum(tl.maximum(tl.load(CuQ + seq + 1), q_start), rows_q) - q_start
+        k_start = tl.minimum(tl.maximum(tl.load(CuK + seq), 0), rows_k)
+        seqlen_k = tl.minimum(tl.maximum(tl.load(CuK + seq + 1), k_start), rows_k) - k_start
         bb = seq * 0
     else:
         q_start = seq * 0

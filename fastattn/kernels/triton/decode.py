@@ -11,6 +11,7 @@ through block_table; any strides with stride 1 along D. Visibility follows csrc/
 Sk = seqlens_k[b], bottom-right aligned (off = Sk - Sq). Scores are kept in log2 units; lse is stored in natural log.
 """
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -39,17 +40,18 @@ def _tanh(x):
 
 
 @triton.jit
-def _kv_slots(BlockTable, bt_row, cache_row, offs_n, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
+def _kv_slots(BlockTable, bt_row, cache_row, cache_rows, offs_n, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
     """(block, slot) of keys offs_n of one sequence, both int64: the physical page and the position in it through
-    the page table, or the cache row and the position. Element offset = block * stride_b + slot * stride_s."""
+    the page table, or the cache row and the position. Element offset = block * stride_b + slot * stride_s.
+    Page ids are clamped into the cache (not checked on the host: a sync), so a bad table never reads outside it."""
     if PAGED:
         phys = tl.load(BlockTable + bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
-        return phys, (offs_n % PAGE).to(tl.int64)
+        return tl.minimum(tl.maximum(phys, 0), cache_rows - 1), (offs_n % PAGE).to(tl.int64)
     return cache_row + offs_n.to(tl.int64) * 0, offs_n.to(tl.int64)
 
 
 @triton.jit
-def _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, k_head, v_head,
+def _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, cache_rows, k_head, v_head,
                   stride_kb, stride_ks, stride_vb, stride_vs, start, end, ii, off, window_left, window_right,
                   qk_scale2, cap_in, cap_out2, slope2,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_D: tl.constexpr,
@@ -62,7 +64,7 @@ def _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, k_head,
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        blk, slot = _kv_slots(BlockTable, bt_row, cache_row, offs_n, nmask, PAGED, PAGE)
+        blk, slot = _kv_slots(BlockTable, bt_row, cache_row, cache_rows, offs_n, nmask, PAGED, PAGE)
         kt = tl.load(K + k_head + (blk * stride_kb + slot * stride_ks)[None, :] + offs_d[:, None],
                      mask=nmask[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)  # (D, BN)
         qk = _dot(q, kt, PRECISION, UPCAST)  # (BM, BN)
@@ -96,7 +98,7 @@ def _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, k_head,
 def decode_split(Q, K, V, SeqlensK, BlockTable, BatchIdx, Alibi, Out, Lse, OutP, LseP,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                  stride_btb, stride_ab, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-                 batch, num_heads, num_kv_heads, seqlen_q, group, num_splits,
+                 batch, num_heads, num_kv_heads, seqlen_q, group, num_splits, capacity, cache_rows,
                  qk_scale2, cap_in, cap_out2, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
@@ -109,7 +111,8 @@ def decode_split(Q, K, V, SeqlensK, BlockTable, BatchIdx, Alibi, Out, Lse, OutP,
     split = tl.program_id(1)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
-    seqlen_k = tl.load(SeqlensK + b)
+    # Indices are clamped into the cache (the host does not read them: a sync): bad ones give wrong rows, no stray read.
+    seqlen_k = tl.minimum(tl.maximum(tl.load(SeqlensK + b), 0), capacity)
     off = seqlen_k - seqlen_q  # bottom-right alignment
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < group * seqlen_q
@@ -133,14 +136,14 @@ def decode_split(Q, K, V, SeqlensK, BlockTable, BatchIdx, Alibi, Out, Lse, OutP,
     end = tl.minimum(hi, start + blocks_per_split * BLOCK_N)
 
     if BATCH_IDX:
-        cache_row = tl.load(BatchIdx + b).to(tl.int64)
+        cache_row = tl.minimum(tl.maximum(tl.load(BatchIdx + b), 0), cache_rows - 1).to(tl.int64)
     else:
         cache_row = b.to(tl.int64)
     bt_row = b.to(tl.int64) * stride_btb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row,
+    acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, K, V, BlockTable, bt_row, cache_row, cache_rows,
                                   hk.to(tl.int64) * stride_kh, hk.to(tl.int64) * stride_vh,
                                   stride_kb, stride_ks, stride_vb, stride_vs, start, end, ii, off,
                                   window_left, window_right, qk_scale2, cap_in, cap_out2, slope2,
@@ -239,16 +242,51 @@ def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
     return out
 
 
+def _check(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi, window_left, window_right,
+           softcap):
+    def need(ok, msg):
+        if not ok:
+            raise RuntimeError(f"fastattn: triton_decode_fwd: {msg}")
+
+    need(q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, f"q must be (B, Hq, Sq, D) and the caches "
+         f"4-D, got q{tuple(q.shape)} k_cache{tuple(k_cache.shape)} v_cache{tuple(v_cache.shape)}")
+    B, Hq, _, D = q.shape
+    Hkv = k_cache.shape[2]
+    need(k_cache.shape[3] == D and tuple(v_cache.shape[:3]) == tuple(k_cache.shape[:3]) and Hkv > 0 and Hq % Hkv == 0,
+         f"q{tuple(q.shape)}, k_cache{tuple(k_cache.shape)} and v_cache{tuple(v_cache.shape)} do not fit together")
+    need(q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    for name, t, dims in (("seqlens_k", seqlens_k, 1), ("block_table", block_table, 2),
+                          ("cache_batch_idx", cache_batch_idx, 1)):
+        if t is not None:
+            need(t.dtype == torch.int32 and t.dim() == dims and t.shape[0] == B and t.is_contiguous(),
+                 f"{name} must be contiguous int32 with {dims} dims and {B} rows, got {t.dtype} {tuple(t.shape)}")
+    need(block_table is None or cache_batch_idx is None, "cache_batch_idx cannot be combined with block_table")
+    need(block_table is not None or cache_batch_idx is not None or k_cache.shape[0] == B,
+         f"k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
+    need(block_table is None or k_cache.shape[1] > 0, "paged cache with page size 0")
+    need(alibi is None or (alibi.dtype == torch.float32 and alibi.is_contiguous() and
+                           tuple(alibi.shape) in ((Hq,), (B, Hq))), f"alibi_slopes must be contiguous float32 "
+         f"({Hq},) or ({B}, {Hq})")
+    need(window_left >= -1 and window_right >= -1, f"window must be >= -1, got ({window_left}, {window_right})")
+    need(math.isfinite(softcap) and softcap >= 0, f"softcap must be finite and >= 0, got {softcap}")
+
+
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right,
                   softcap, alibi_slopes, num_splits):
-    """Same contract as torch.ops.fastattn.decode_fwd (csrc/ops.cpp). Inputs were validated by the caller
-    (fastattn/kvcache.py or fastattn/decode.py): q (B, Hq, Sq, D), caches with stride 1 along D, seqlens_k int32."""
+    """Same contract as torch.ops.fastattn.decode_fwd (csrc/ops.cpp). Values were validated by the caller
+    (fastattn/kvcache.py or fastattn/decode.py); the shapes and dtypes the kernel indexes by are checked here, and
+    the kernel clamps every index into the cache, so a direct call cannot read outside it."""
+    _check(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, window_left, window_right,
+           softcap)
     B, Hq, Sq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     group = Hq // Hkv
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 0
     max_keys = block_table.shape[1] * page if paged else k_cache.shape[1]
+    # A window wider than the cache is no window (as csrc/decode_checks.h): keeps i + off + window from overflowing.
+    window_left = -1 if window_left > max_keys + Sq else window_left
+    window_right = -1 if window_right > max_keys + Sq else window_right
     if num_splits <= 0:
         num_splits = num_splits_heuristic(B * Hkv, max_keys, q.device, D)
     out = _out_like_q(q, Dv)
@@ -277,7 +315,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if paged else 0, stride_ab,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        B, Hq, Hkv, Sq, group, num_splits,
+        B, Hq, Hkv, Sq, group, num_splits, max_keys if k_cache.shape[0] else 0, k_cache.shape[0],
         scale * log2e, scale / softcap if softcap > 0 else 0.0, softcap * log2e, window_left, window_right,
         BLOCK_M=BLOCK_M, BLOCK_N=BN, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, HEAD_D=D, HEAD_DV=Dv,
         PAGED=paged, PAGE=max(page, 1), BATCH_IDX=cache_batch_idx is not None,

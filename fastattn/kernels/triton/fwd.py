@@ -73,7 +73,8 @@ def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_heads  # batch index, or sequence index for varlen
     h = pid_bh % num_heads
-    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, IS_VARLEN)
+    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k,
+                                                          IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen_q:
         bb64 = bb.to(tl.int64)
