@@ -225,7 +225,6 @@ def check_nonfinite(name, fast, strict, skip, base, dtype):
 
 
 CASES = [draw(i) for i in range(N_CASES + N_TRITON)]
-_XFAIL = pytest.mark.xfail(strict=False, reason="cpu kernels drop NaN lanes; fixed by the CPU kernel rewrite")
 # The sdpa backend calls torch's SDPA, whose CPU flash kernel (its default) returns finite rows for a NaN query or
 # (fp16/bf16) an Inf key where torch's math path and the oracle give NaN (torch 2.14): upstream behaviour.
 _XFAIL_SDPA = pytest.mark.xfail(strict=False, reason="torch's CPU flash SDPA kernel swallows some NaN/Inf")
@@ -233,8 +232,8 @@ _XFAIL_SDPA = pytest.mark.xfail(strict=False, reason="torch's CPU flash SDPA ker
 
 def _param(c):
     marks = []
-    if c.nonfinite is not None and c.backend in ("cpu", "sdpa"):
-        marks = [_XFAIL if c.backend == "cpu" else _XFAIL_SDPA]
+    if c.nonfinite is not None and c.backend == "sdpa":
+        marks = [_XFAIL_SDPA]
     return pytest.param(c, id=f"case{c.idx}-{c.backend}-{c.surface}", marks=marks)
 
 

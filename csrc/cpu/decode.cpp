@@ -420,7 +420,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
-  p.window_left = window_left, p.window_right = window_right;
+  // A window wider than the cache is no window; clamping keeps i + off + window far from overflow.
+  std::tie(p.window_left, p.window_right) = decode_checks::check_window(window_left, window_right, capacity + p.Sq);
   std::tie(p.splits, p.head_chunks) = work_heuristic(B, Hkv, capacity, num_splits);
   at::Tensor out_part, lse_part;
   if (p.splits > 1) {
