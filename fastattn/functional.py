@@ -151,6 +151,10 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     return dispatch.explain_params(p, backend)
 
 
+def _as_int(n):
+    return n if isinstance(n, (int, torch.SymInt)) else int(n)
+
+
 def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_lse, varlen=None):
     wl, wr = check_window(window_size)
@@ -181,7 +185,8 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         B, Hq, D = 1, q.shape[1], q.shape[2]
         # (total, H, D) -> (1, H, total, D) views
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q), max_seqlen_k=int(max_k))
+        # max_seqlen_* pass through as given: int() of a traced (symbolic) length would specialise the graph on it.
+        extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=_as_int(max_q), max_seqlen_k=_as_int(max_k))
     qt, kt, vt = last_dim_contiguous(qt, kt, vt)
     alibi = check_alibi(alibi_slopes, (cu_q.numel() - 1) if varlen else B, Hq, q.device)
     return AttnParams(q=qt, k=kt, v=vt, scale=default_scale(softmax_scale, D), window_left=wl, window_right=wr,

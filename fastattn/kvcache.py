@@ -1,8 +1,8 @@
 """flash_attn_with_kvcache: attention against a KV cache, appending new keys/values in place.
 
 Order of work: validate everything (nothing is written before every check passed), append the new rows in place,
-then ask the decode router (fastattn/decode.py) for a split-KV kernel of the chosen backend that reads the cache in
-its own layout (dense or paged). When there is none, or the call does not qualify, the generic path runs: the cache
+then ask the dispatcher (fastattn/dispatch.py `run_decode`) for a backend whose split-KV decode kernel reads the
+cache in its own layout (dense or paged). When there is none, or the call does not qualify, the generic path runs: the cache
 is viewed or gathered as (B, Skv, Hkv, D) and each row's valid prefix, causality, window and alibi become one
 additive bias, so every backend that takes masks can serve it. `explain_kvcache` says which path runs and why."""
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 
-from . import decode, dispatch, rotary
-from .params import AttnParams, check_alibi, check_qkv, check_window, default_scale, last_dim_contiguous
+from . import dispatch, rotary
+from .params import (AttnParams, DecodeCall, check_alibi, check_qkv, check_window, default_scale,
+                     last_dim_contiguous)
 
 
 def _check_index(name: str, t, B: int, device):
@@ -180,15 +181,15 @@ def _append(plan: _Plan, k, v, k_cache, v_cache, cache_batch_idx, block_table):
 
 
 def _decode_call(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap, num_splits):
-    return decode.DecodeCall(q=q.transpose(1, 2), k_cache=k_cache, v_cache=v_cache,  # q (B,Sq,H,D)->(B,H,Sq,D)
-                             seqlens_k=plan.seqlens_k(q.device), block_table=block_table,
-                             cache_batch_idx=cache_batch_idx, scale=scale, window_left=plan.wl,
-                             window_right=plan.wr, softcap=float(softcap), alibi_slopes=plan.alibi,
-                             num_splits=num_splits)
+    return DecodeCall(q=q.transpose(1, 2), k_cache=k_cache, v_cache=v_cache,  # q (B,Sq,H,D)->(B,H,Sq,D)
+                      seqlens_k=plan.seqlens_k(q.device), block_table=block_table,
+                      cache_batch_idx=cache_batch_idx, scale=scale, window_left=plan.wl,
+                      window_right=plan.wr, softcap=float(softcap), alibi_slopes=plan.alibi,
+                      num_splits=num_splits)
 
 
 def _generic_params(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                    return_lse, num_splits) -> AttnParams:
+                    return_lse) -> AttnParams:
     """The cache as (B, Skv, Hkv, D) (a view, a row gather or a page gather) plus one additive bias."""
     B, Sq, Hq, D, Hkv, Dv = plan.B, plan.Sq, plan.Hq, plan.D, plan.Hkv, plan.Dv
     if plan.paged:
@@ -220,8 +221,7 @@ def _generic_params(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_tab
     qt, kt, vt = last_dim_contiguous(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2))  # (B,S,H,D)->(B,H,S,D)
     return AttnParams(q=qt, k=kt, v=vt, scale=scale, attn_bias=bias,
                       mask_kind=None if bias is None else "dense", softcap=float(softcap),
-                      return_lse=bool(return_lse),
-                      extras={"decode": True, "num_splits": int(num_splits), "decode_route": False})
+                      return_lse=bool(return_lse))
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -251,12 +251,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     scale = default_scale(softmax_scale, plan.D)
     if plan.snew:
         _append(plan, k, v, k_cache, v_cache, cache_batch_idx, block_table)
-    res = decode.run_decode(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                                         num_splits), backend)
+    res = dispatch.run_decode(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
+                                           num_splits), backend)
     if res is None:
         p = _generic_params(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                            return_softmax_lse, num_splits)
-        res = dispatch.run(p, backend)
+                            return_softmax_lse)
+        res = dispatch.run(p, backend, route_decode=False)
     out, lse = res
     out = out.transpose(1, 2)  # (B, Hq, Sq, Dv) -> (B, Sq, Hq, Dv)
     return (out, lse) if return_softmax_lse else out
@@ -265,17 +265,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 def explain_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                     cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                    return_softmax_lse=False, *, backend: Optional[str] = None) -> decode.DecodeExplanation:
+                    return_softmax_lse=False, *, backend: Optional[str] = None) -> dispatch.Explanation:
     """Which path flash_attn_with_kvcache takes for these arguments (a split-KV kernel, or the generic path and
     the backend the dispatcher picks there), and why. Validates like the real call; writes and computes nothing."""
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
     rotary.check(rotary_cos, rotary_sin, q, k, plan.capacity)
     scale = default_scale(softmax_scale, plan.D)
-    ex = decode.choose(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                                    num_splits), backend)
+    ex = dispatch.explain_decode(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale,
+                                              softcap, num_splits), backend)
     if ex.kernel is None:
         p = _generic_params(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                            return_softmax_lse, num_splits)
-        ex.generic = str(dispatch.explain_params(p, backend, full=False))
+                            return_softmax_lse)
+        ex.generic = dispatch.explain_params(p, backend, full=False, route_decode=False)
     return ex

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .base import FEATURES, Backend
+from .base import FEATURES, Backend, DecodeKernel
+from .cpp_decode import CPU_DECODE
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .triton_backend import TritonBackend
+
+# The cpu backend's split-KV decode kernel (csrc/cpu/decode.cpp). The declaration belongs in CpuBackend's class body
+# (`decode = CPU_DECODE`, with `from .cpp_decode import CPU_DECODE`); it is set here until that file moves to it.
+if CpuBackend.decode is None:
+    CpuBackend.decode = CPU_DECODE
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     TritonBackend(), CudaBackend(), CpuBackend(), SdpaBackend(), ReferenceBackend())}
@@ -29,4 +35,4 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "PREFERENCE", "FEATURES", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "PREFERENCE", "FEATURES", "Backend", "DecodeKernel", "get_backend"]

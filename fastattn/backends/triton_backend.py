@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from ..params import AttnParams
-from .base import Backend
+from ..params import AttnParams, DecodeCall
+from .base import Backend, DecodeKernel
 
 
 # Looked up once at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec, and
@@ -24,6 +24,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class TritonDecode(DecodeKernel):
+    """fastattn/kernels/triton/decode.py: split-KV decode on the cache in its own layout (dense or paged)."""
+    name = "triton.decode_split"
+    head_dims = (16, 256)
+    max_rows = 128
+
+    def unavailable(self):
+        try:
+            from ..kernels.triton import decode  # noqa: F401  (imports triton: only when asked)
+        except Exception as e:  # noqa: BLE001  (no triton, or an incompatible one)
+            return [f"triton decode kernel not importable ({type(e).__name__}: {e})"]
+        return []
+
+    def run(self, c: DecodeCall):
+        from ..kernels.triton import decode  # noqa: F401  (registers torch.ops.fastattn.triton_decode_fwd)
+        return torch.ops.fastattn.triton_decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
+                                                    c.cache_batch_idx, c.scale, c.window_left, c.window_right,
+                                                    c.softcap, c.alibi_slopes, c.num_splits)
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = "fused Triton kernels (GPU; CPU through TRITON_INTERPRET=1)"
@@ -33,6 +53,7 @@ class TritonBackend(Backend):
     min_capability = (8, 0)  # bf16 tensor cores; tested configs target sm80/sm90
     features = frozenset({"causal", "bottom_right", "window", "mask", "dropout", "gqa", "varlen", "softcap", "alibi",
                           "grad", "deterministic", "lse", "dv_ne_d"})
+    decode = TritonDecode()
 
     def unavailable(self):
         if not TRITON_INSTALLED:
