@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
 from .backends.base import needed_features
@@ -58,6 +59,12 @@ def requested_backend(backend: Optional[str] = None) -> str:
     if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name
+
+
+def _is_zero(n) -> bool:
+    """n == 0 for a size; a data-dependent size (torch.export) that may be 0 counts as non-zero instead of
+    stopping the trace (the kernels take empty tensors)."""
+    return n == 0 if type(n) is int else guard_or_false(n == 0)
 
 
 def _order(device_type: str, requested: str) -> Tuple[str, ...]:
@@ -248,7 +255,7 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
         return None
     B, Hq, Sq, D = p.q.shape
     Sk = p.k.shape[2]
-    if Sq > MAX_ROUTE_Q or Sq == 0 or Sk == 0 or B == 0:
+    if Sq > MAX_ROUTE_Q or _is_zero(Sq) or _is_zero(Sk) or _is_zero(B):
         return None
     if (p.window_left >= 0 or p.window_right >= 0) and not p.bottom_right and Sq != Sk:
         return None
@@ -262,7 +269,7 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
     route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
     B, Hq, Sq, _ = p.q.shape
-    if Sq == 0 or p.k.shape[2] == 0 or B == 0:
+    if _is_zero(Sq) or _is_zero(p.k.shape[2]) or _is_zero(B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         zero = (p.q.sum() + p.k.sum() + p.v.sum()) * 0 if p.requires_grad else 0
         out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero

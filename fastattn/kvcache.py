@@ -39,9 +39,22 @@ def _check_cache_seqlens(cache_seqlens, B, device):
     return cache_seqlens.to(device)
 
 
-def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
-    """Every index the append and the kernels follow lies inside the cache; one host sync for all of them."""
-    nblocks = k_cache.shape[0]
+def _stats(lens, snew, cache_batch_idx, block_table, nblocks):
+    """[lens min, max][, batch_idx min, max, repeats][, bad block_table entries], or None when nothing to check.
+    CPU tensors are read directly (no host sync to save); device tensors with one sync for all of them."""
+    if lens is None and cache_batch_idx is None and block_table is None:
+        return None
+    if (lens if lens is not None else cache_batch_idx if cache_batch_idx is not None else block_table).is_cpu:
+        vals = []
+        if lens is not None:
+            ls = lens.tolist()
+            vals += [min(ls), max(ls)]
+        if cache_batch_idx is not None:
+            ix = cache_batch_idx.tolist()
+            vals += [min(ix), max(ix), len(ix) - len(set(ix)) if snew else 0]
+        if block_table is not None:
+            vals.append(int(((block_table < 0) | (block_table >= nblocks)).sum()) if block_table.numel() else 0)
+        return vals
     stats = []  # int64 scalars, read back together
     if lens is not None:
         stats += [lens.min(), lens.max()]
@@ -51,9 +64,15 @@ def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
     if block_table is not None:
         stats.append(((block_table < 0) | (block_table >= nblocks)).sum() if block_table.numel()
                      else block_table.new_zeros(()))
-    if not stats:
+    return torch.stack([t.to(torch.int64) for t in stats]).tolist()
+
+
+def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache):
+    """Every index the append and the kernels follow lies inside the cache."""
+    nblocks = k_cache.shape[0]
+    vals = _stats(lens, snew, cache_batch_idx, block_table, nblocks)
+    if vals is None:
         return
-    vals = torch.stack([t.to(torch.int64) for t in stats]).tolist()
     if lens is not None:
         lo, hi = vals[:2]
         vals = vals[2:]
