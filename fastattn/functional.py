@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
                      check_qkv, check_tensors, check_window, default_scale, last_dim_contiguous, normalize_mask)
 
@@ -235,8 +236,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out = out[0].transpose(0, 1)  # (1, H, total, Dv) -> (total, H, Dv)
     return (out, lse[0], None) if return_attn_probs else out
 
-
-from .kvcache import flash_attn_with_kvcache  # noqa: E402  (re-exported)
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain"]

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..ops import dropout_seed
 from ..params import AttnParams, DecodeCall
 from .base import Backend, DecodeKernel
 
@@ -69,8 +70,7 @@ class TritonBackend(Backend):
         return r
 
     def forward(self, p: AttnParams):
-        from ..kernels.triton import op  # imports triton and registers torch.ops.fastattn.triton_fwd
-        from ..ops import dropout_seed
+        from ..kernels.triton import op  # noqa: F401  (imports triton, registers torch.ops.fastattn.triton_fwd)
         seed, offset = dropout_seed(p)
         bias = p.attn_bias
         if bias is not None and bias.stride(-1) != 1 and bias.stride(-1) != 0:
