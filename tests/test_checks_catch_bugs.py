@@ -8,8 +8,8 @@ import torch
 import fastattn
 from fastattn.backends.reference import ReferenceBackend
 
-from cases import CASES
-from test_matrix import run_case
+from support.cases import CASES, run_case
+from support.checks import check_dropout_backward_uses_forward_mask
 
 CASE = {c.name: c for c in CASES}
 
@@ -97,8 +97,6 @@ class PlantedDropout(ReferenceBackend):
 
 
 def test_planted_dropout_mask_mismatch_is_caught(monkeypatch):
-    import test_dropout_determinism as t
-
     monkeypatch.setitem(fastattn.BACKENDS, "planted_dropout", PlantedDropout())
     with pytest.raises(AssertionError, match="d[qkv]: max_err"):
-        t.test_dropout_backward_uses_forward_mask("planted_dropout", "cpu", torch.float32)
+        check_dropout_backward_uses_forward_mask("planted_dropout", "cpu", torch.float32)

@@ -150,3 +150,19 @@ def test_no_function_level_imports_of_our_modules():
     found = {(a, b) for a, b in lazy if not any(b == p or b.startswith(p + ".") for p in LAZY_OK)}
     assert found <= KNOWN_LAZY, "imports inside functions (move them to the top): " + str(sorted(found - KNOWN_LAZY))
     assert KNOWN_LAZY <= found, "stale KNOWN_LAZY entries (fixed; delete them): " + str(sorted(KNOWN_LAZY - found))
+
+
+def test_tests_import_only_from_support():
+    """Test modules share helpers through tests/support, never by importing each other."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    local = {f[:-3] for f in os.listdir(tests_dir) if f.endswith(".py")} | {
+        d for d in os.listdir(tests_dir) if os.path.isdir(os.path.join(tests_dir, d)) and d != "support"}
+    bad = []
+    for f in sorted(os.listdir(tests_dir)):
+        if not f.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(tests_dir, f)).read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{f}: {n}" for n in names if n.split(".")[0] in local]
+    assert not bad, "\n".join(bad)

@@ -11,7 +11,7 @@ import torch
 import fastattn
 from fastattn.backends.triton_backend import TritonBackend
 from fastattn.params import AttnParams
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 triton_ok = not fastattn.get_backend("triton").unavailable()
 pytestmark = pytest.mark.skipif(not triton_ok, reason="triton backend unavailable here: "
