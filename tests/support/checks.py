@@ -27,3 +27,26 @@ def check_dropout_backward_uses_forward_mask(backend, device, dtype):
     assert_rule("out", out, ref, base, dtype)
     for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
         assert_rule(name, g, r, bg, dtype)
+
+
+def check_mask_grad(backend, device, dtype, mask_shape, causal):
+    """The gradient with respect to a float attn_mask (and q, k, v) against the float64 oracle, tolerance rule."""
+    B, H, Sq, Sk, D = 2, 3, 13, 21, 16
+    q, k, v = (torch.randn(B, H, s, D, device=device).to(dtype) for s in (Sq, Sk, Sk))
+    mask = torch.randn(*mask_shape, device=device).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    out = fastattn.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], is_causal=causal, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    window = (-1, 0) if causal else (-1, -1)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
+    ref = oracle_attention(*ref_leaves[:3], scale=D ** -0.5, mask=ref_leaves[3], window=window)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    base_grads = [None] * 4
+    if dtype != torch.float32:
+        base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mask)]
+        base = oracle_attention(*base_leaves[:3], scale=D ** -0.5, mask=base_leaves[3], window=window, dtype=dtype)
+        base_grads = torch.autograd.grad(base, base_leaves, dout)
+    assert grads[3] is not None and grads[3].shape == mask.shape
+    for name, g, r, bg in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, base_grads):
+        assert_rule(name, g, r, bg, dtype)
