@@ -36,6 +36,8 @@ _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fa
 
 MAX_ROUTE_Q = 8  # dense calls with at most this many query tokens go to a decode kernel
 _CACHE_LIMIT = 4096  # entries per cache; cleared when full (a key is a handful of small facts)
+# Largest query-rows limit of any decode kernel: rows past it are one key class (every kernel refuses them).
+_MAX_ROWS = max((b.decode.max_rows for b in BACKENDS.values() if b.decode is not None), default=0)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -316,7 +318,3 @@ def run_decode(c: DecodeCall, backend: Optional[str] = None):
 
 def _decode_candidates(c: DecodeCall, requested: str) -> Tuple[str, ...]:
     return tuple(n for n in _order(c.device.type, requested) if not BACKENDS[n].static_decode_reasons(c))
-
-
-# Largest query-rows limit of any decode kernel: rows past it are one key class (every kernel refuses them).
-_MAX_ROWS = max((b.decode.max_rows for b in BACKENDS.values() if b.decode is not None), default=0)
