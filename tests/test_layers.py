@@ -4,7 +4,8 @@ Layers, lowest first; a module may import its own layer or lower ones, never a h
     0 validation and params   fastattn.params
     1 backends                fastattn.ops, fastattn.backends.*, fastattn.kernels.*
     2 dispatch                fastattn.dispatch, fastattn.decode
-    3 public surfaces         fastattn (the package), functional, kvcache, nn, integrations.*, models.*
+    3 public surfaces         fastattn (the package), functional, kvcache (+ rotary), packed, padding, nn, patch,
+                              integrations.*, models.*, compat.*
     4 tools                   fastattn.benchmark.*, fastattn.info
 Imports inside functions of fastattn's own modules are not allowed (they hide cycles), except the Triton kernel
 modules, which import triton and are loaded only when a Triton backend runs."""
@@ -17,8 +18,9 @@ PKG_DIR = os.path.dirname(fastattn.__file__)
 LAYERS = [("fastattn.params",),
           ("fastattn.ops", "fastattn.backends", "fastattn.kernels"),
           ("fastattn.dispatch", "fastattn.decode"),
-          ("fastattn", "fastattn.functional", "fastattn.kvcache", "fastattn.nn", "fastattn.integrations",
-           "fastattn.models"),
+          ("fastattn", "fastattn.functional", "fastattn.kvcache", "fastattn.rotary", "fastattn.packed",
+           "fastattn.padding", "fastattn.nn", "fastattn.patch", "fastattn.integrations", "fastattn.models",
+           "fastattn.compat"),
           ("fastattn.benchmark", "fastattn.info")]
 LAZY_OK = ("fastattn.kernels.triton",)  # imports triton: loaded when a Triton backend runs
 # Function-level imports that remain in modules this change does not own; delete an entry when its import moves

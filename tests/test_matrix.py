@@ -4,7 +4,7 @@ Forward and gradients against the float64 oracle under the tolerance rule (tests
 import pytest
 import torch
 
-from support.cases import matrix, run_case
+from support.cases import cell_id, matrix, run_case
 from support.checks import check_mask_grad
 
 import fastattn
@@ -12,12 +12,7 @@ import fastattn
 MATRIX = matrix()
 
 
-def _id(x):
-    b, case, dt, dev = x
-    return f"{b}-{case.name}-{str(dt)[6:]}-{dev}"
-
-
-@pytest.mark.parametrize("cell", MATRIX, ids=[_id(x) for x in MATRIX])
+@pytest.mark.parametrize("cell", MATRIX, ids=[cell_id(x) for x in MATRIX])
 def test_matrix(cell):
     backend, case, dtype, device = cell
     results = run_case(backend, case, dtype, device)

@@ -298,3 +298,9 @@ def run_case(backend, case, dtype, device):
         for name, a, r, bb in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
             results.append(check_rule(name, a, r, bb, dtype))
     return results
+
+
+def cell_id(x):
+    """pytest id of a matrix cell (backend, case, dtype, device)."""
+    b, case, dt, dev = x
+    return f"{b}-{case.name}-{str(dt)[6:]}-{dev}"
