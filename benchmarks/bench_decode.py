@@ -2,7 +2,7 @@
 
 Columns, measured side by side and interleaved round by round (so background load hits every column alike):
   ours     the split-KV decode kernel on the cache in its own layout (B, S, Hkv, D):
-           CPU torch.ops.fastattn.decode_fwd (csrc/cpu/decode.cpp), GPU the Triton kernel (kernels/triton/decode.py)
+           CPU torch.ops.fastattn.decode_fwd (csrc/cpu/decode.cpp), GPU the Triton kernel (backends/triton/kernels/decode.py)
   api      fastattn.flash_attn_with_kvcache(...): validation + the router + the same kernel
   sdpa     torch.nn.functional.scaled_dot_product_attention, q (B, H, 1, D) against k/v (B, H, N, D)
   generic  fastattn.flash_attn_with_kvcache(..., backend="sdpa"): the generic path (length bias) on SDPA

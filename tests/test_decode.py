@@ -217,7 +217,7 @@ _SM90_COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastattn.kernels.triton import decode as d
+    from fastattn.backends.triton.kernels import decode as d
 
     def sig(fn, ptr, consts):
         out = {}

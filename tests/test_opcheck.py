@@ -23,7 +23,7 @@ def rnd(*shape, grad=False):
 
 @pytest.fixture(scope="module")
 def ops():
-    from fastattn.kernels.triton import decode, op  # noqa: F401  (registers the ops; imports triton)
+    from fastattn.backends.triton.kernels import decode, op  # noqa: F401  (registers the ops; imports triton)
     return torch.ops.fastattn
 
 

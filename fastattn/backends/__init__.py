@@ -9,7 +9,7 @@ from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
-from .triton_backend import TritonBackend
+from .triton import TritonBackend
 
 # The cpu backend's split-KV decode kernel (csrc/cpu/decode.cpp). The declaration belongs in CpuBackend's class body
 # (`decode = CPU_DECODE`, with `from .cpp_decode import CPU_DECODE`); it is set here until that file moves to it.

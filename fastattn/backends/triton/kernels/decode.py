@@ -294,7 +294,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     return out, lse
 
 
-# torch.library registration, as fastattn/kernels/triton/op.py: a triton_op on GPUs (torch.compile traces into the
+# torch.library registration, as kernels/op.py: a triton_op on GPUs (torch.compile traces into the
 # launcher), an opaque custom_op with a fake function under the interpreter.
 _define = (lambda name: torch.library.custom_op(name, mutates_args=())) if INTERPRET else \
     (lambda name: torch.library.triton_op(name, mutates_args=()))
