@@ -2,7 +2,7 @@
 
 Columns, measured side by side and interleaved round by round (so background load hits every column alike):
   ours     the split-KV decode kernel on the cache in its own layout (B, S, Hkv, D):
-           CPU torch.ops.fastattn.decode_fwd (csrc/cpu/decode.cpp), GPU the Triton kernel (kernels/triton/decode.py)
+           CPU torch.ops.fastattn.decode_fwd (csrc/cpu/decode.cpp), GPU the Triton kernel (backends/triton/kernels/decode.py)
   api      fastattn.flash_attn_with_kvcache(...): validation + the router + the same kernel
   sdpa     torch.nn.functional.scaled_dot_product_attention, q (B, H, 1, D) against k/v (B, H, N, D)
   generic  fastattn.flash_attn_with_kvcache(..., backend="sdpa"): the generic path (length bias) on SDPA
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn import decode
+from fastattn.params import DecodeCall
 
 
 def _timer(fn, inner, device):
@@ -53,10 +53,11 @@ def bench_shape(B, N, H, Hkv, D, dtype, rounds, device):
     qt = q.transpose(1, 2)  # (B, 1, H, D) -> (B, H, 1, D) view
     scale = D ** -0.5
     fns = {}
-    kern = decode.DECODE_KERNELS["cpu" if device == "cpu" else "triton"]
+    name = "cpu" if device == "cpu" else "triton"
+    kern = fastattn.BACKENDS[name].decode
     if not kern.unavailable():
-        fns["ours"] = lambda: kern.run(decode.DecodeCall(q=qt, k_cache=kc, v_cache=vc, seqlens_k=lens, scale=scale))
-        fns["api"] = lambda: fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=kern.backend)
+        fns["ours"] = lambda: kern.run(DecodeCall(q=qt, k_cache=kc, v_cache=vc, seqlens_k=lens, scale=scale))
+        fns["api"] = lambda: fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=name)
     fns["sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=rep > 1)
     fns["generic"] = lambda: fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend="sdpa")
     work = B * N * Hkv * D
@@ -96,7 +97,7 @@ def main():
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     H, Hkv = args.heads, args.kv_heads or args.heads
-    kern = decode.DECODE_KERNELS["cpu" if args.device == "cpu" else "triton"]
+    kern = fastattn.BACKENDS["cpu" if args.device == "cpu" else "triton"].decode
     why = kern.unavailable()
     print(f"torch {torch.__version__}, {args.device}" + (f" {torch.get_num_threads()} threads" if args.device == "cpu"
                                                          else f" {torch.cuda.get_device_name()}")

@@ -1,6 +1,6 @@
 """Static (no-GPU) report on what the Triton kernels compile to for sm_90 / sm_80.
 
-For every autotune config in fastattn/kernels/triton/configs.py (forward, dK/dV, dQ) and the split-KV decode kernel,
+For every autotune config in fastattn/backends/triton/kernels/configs.py (forward, dK/dV, dQ) and the split-KV decode kernel,
 compile for a GPU target with Triton's own compiler (no GPU, no TRITON_INTERPRET) using exactly the arguments the
 launchers in op.py / decode.py pass: the launchers are run on fake CUDA tensors with their `_wrap` replaced by a
 recorder, so constexprs (BLOCK_D, HEAD_D, feature switches, PRECISION, ...) and Triton's argument specialisation
@@ -70,8 +70,8 @@ def record(kind: str, dtype: str, d: int, causal: bool, rows: int = 8, paged: bo
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     sys.path.insert(0, ROOT)
-    from fastattn.kernels.triton import decode as dec
-    from fastattn.kernels.triton import op
+    from fastattn.backends.triton.kernels import decode as dec
+    from fastattn.backends.triton.kernels import op
     dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype])
     _Recorder.calls = []
     saved = op._wrap, dec._wrap
@@ -210,7 +210,7 @@ def compile_job(job: dict) -> dict:
 def pruned_keep(kind, cap, dtype, d, causal) -> list:
     """Indices of the configs the early_config_prune predicate keeps on that GPU (its _device_smem faked)."""
     sys.path.insert(0, ROOT)
-    from fastattn.kernels.triton import configs as C
+    from fastattn.backends.triton.kernels import configs as C
     calls = record("fwd" if kind == "fwd" else "bwd", dtype, d, causal)
     fn_name = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}[kind]
     _, named, configs = next(c for c in calls if c[0].__name__ == fn_name)
@@ -239,7 +239,7 @@ def selected(cap: int, dtype: str, kind: str, d: int, causal: bool, full: bool) 
 
 def jobs(quick: bool, full: bool = False) -> list:
     sys.path.insert(0, ROOT)
-    from fastattn.kernels.triton import configs as C
+    from fastattn.backends.triton.kernels import configs as C
     lists = {"fwd": C.FWD_CONFIGS, "dkdv": C.DKDV_CONFIGS, "dq": C.DQ_CONFIGS}
     out = []
     for cap in (90, 80):
@@ -268,7 +268,7 @@ def pick_jobs() -> list:
     """The one config FASTATTN_TRITON_AUTOTUNE=0 takes on an H200 (sm_90) per kernel, dtype and head dim: the
     configs a cold first GPU session runs, which must not spill."""
     sys.path.insert(0, ROOT)
-    from fastattn.kernels.triton import configs as C
+    from fastattn.backends.triton.kernels import configs as C
     out = []
     for dtype in ("fp16", "bf16", "fp32"):
         for kind, cfgs in (("fwd", C.FWD_CONFIGS), ("dkdv", C.DKDV_CONFIGS), ("dq", C.DQ_CONFIGS)):

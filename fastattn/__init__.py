@@ -17,9 +17,9 @@ from .functional import (explain, flash_attn_func, flash_attn_varlen_func, flash
 from .packed import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_kvpacked_func,
                      flash_attn_varlen_qkvpacked_func)
 from .padding import index_first_axis, pad_input, unpad_input
-from . import nn  # noqa: E402  (fastattn.nn.MultiheadAttention)
-from .patch import patch, unpatch
-from .kvcache import explain_kvcache  # noqa: E402
+from . import nn  # fastattn.nn.MultiheadAttention
+from .nn import patch, unpatch
+from .kvcache import explain_kvcache
 
 __version__ = "0.1.0"
 

@@ -1,22 +1,43 @@
 """Chooses the backend for a call: explicit `backend=` > `use_backend(...)` context > FASTATTN_BACKEND > auto.
 
-`auto` takes the first backend in PREFERENCE[device] whose `reasons(p)` is empty. An explicitly requested
-backend that cannot take the call raises with its reasons; nothing falls back silently."""
+`auto` takes the first backend in PREFERENCE[device] whose `reasons(p)` and `auto_reasons(p)` are empty. An
+explicitly requested backend that cannot take the call raises with its reasons; nothing falls back silently.
+
+Split-KV decode is part of the same choice, not a second one: a backend declares a decode kernel
+(backends/base.py `DecodeKernel`), and
+  * `run(p)` sends a dense short-query call (HF GPT-2 decode: q (B, H, 1, D) against k (B, H, N, D), no mask, no
+    grad) to the chosen backend's decode kernel when it takes the call — only the kernel changes, never the backend;
+  * `run_decode(c)` (flash_attn_with_kvcache) takes the first backend in the same order whose decode kernel takes
+    the cache in its own layout, or returns None (the caller then runs its generic path through `run`).
+`explain_params` / `explain_decode` build one `Explanation` type for both, with every backend's reasons.
+
+Per-call cost: what the declarations decide depends only on a few facts of a call (device, dtype, head counts and
+dims, a query-length class, the features used, the requested backend, grad mode: `_key`), so it is computed once
+per key and cached. A call then pays a dict lookup plus the backends' per-call checks (`extra_reasons`,
+`auto_reasons`, `extra_decode_reasons`). Descriptions and explanations are built only when asked for
+(fastattn.explain, explain_kvcache) or on refusal. While torch.compile traces, the cache is bypassed (the same
+decision is recomputed from the declarations, so the trace guards on shapes, not on a dict)."""
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
-from .decode import decode_route, explain_dense
-from .params import AttnParams
+from .backends.base import needed_features
+from .params import AttnParams, DecodeCall
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
+
+MAX_ROUTE_Q = 8  # dense calls with at most this many query tokens go to a decode kernel
+_CACHE_LIMIT = 4096  # entries per cache; cleared when full (a key is a handful of small facts)
+# Largest query-rows limit of any decode kernel: rows past it are one key class (every kernel refuses them).
+_MAX_ROWS = max((b.decode.max_rows for b in BACKENDS.values() if b.decode is not None), default=0)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -37,21 +58,48 @@ def use_backend(name: Optional[str]):
 
 def requested_backend(backend: Optional[str] = None) -> str:
     name = backend or _ctx_backend.get() or os.environ.get("FASTATTN_BACKEND") or "auto"
-    if name != "auto":
+    if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name
 
 
+def _is_zero(n) -> bool:
+    """n == 0 for a size; a data-dependent size (torch.export) that may be 0 counts as non-zero instead of
+    stopping the trace (the kernels take empty tensors)."""
+    return n == 0 if type(n) is int else guard_or_false(n == 0)
+
+
+def _order(device_type: str, requested: str) -> Tuple[str, ...]:
+    if requested != "auto":
+        return (requested,)
+    return tuple(PREFERENCE.get(device_type, PREFERENCE["default"]))
+
+
+# ------------------------------------------------------------------------------------------------- explanations
 @dataclass
 class Explanation:
+    """Which backend runs a call and why each other one did not. One type for both kinds of call:
+    kind "prefill" (fastattn.explain) and kind "decode" (explain_kvcache: a split-KV kernel, or the generic path)."""
     call: str
     requested: str
-    chosen: Optional[str]
+    chosen: Optional[str] = None  # the backend that runs the call (decode: whose kernel runs it)
     refused: Dict[str, List[str]] = field(default_factory=dict)
     order: List[str] = field(default_factory=list)
-    decode: Optional[str] = None  # how a short-query call is routed to a split-KV decode kernel
+    declined: Dict[str, List[str]] = field(default_factory=dict)  # able, but auto passed it over (auto_reasons)
+    kind: str = "prefill"
+    kernel: Optional[str] = None  # decode: the split-KV kernel that runs; None = the generic path
+    decode: Optional["Explanation"] = None  # prefill: how a short-query call is routed to a decode kernel
+    generic: Optional["Explanation"] = None  # decode: the generic path's dispatch, when it runs
+
+    @property
+    def backend(self) -> Optional[str]:
+        """Decode: the backend that owns the kernel that runs (None on the generic path)."""
+        return self.chosen if self.kernel else None
 
     def __str__(self) -> str:
+        return self._decode_str() if self.kind == "decode" else self._prefill_str()
+
+    def _prefill_str(self) -> str:
         lines = [f"call: {self.call}", f"requested: {self.requested}",
                  f"chosen: {self.chosen or 'none'}"]
         for name in self.order:
@@ -59,35 +107,52 @@ class Explanation:
                 lines.append(f"  {name}: takes the call")
             elif name in self.refused:
                 lines.append(f"  {name}: refused — " + "; ".join(self.refused[name]))
+            elif name in self.declined:
+                lines.append(f"  {name}: passed over by auto — " + "; ".join(self.declined[name]))
             else:
                 lines.append(f"  {name}: not tried (a preferred backend took the call)")
-        if self.decode:
-            lines.append("decode route: " + self.decode.replace("\n", "\n  "))
+        if self.decode is not None:
+            lines.append("decode route: " + str(self.decode).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+    def _decode_str(self) -> str:
+        lines = [f"call: {self.call}", f"requested: {self.requested}",
+                 "path: " + (f"split-KV decode kernel {self.kernel} (backend {self.chosen})" if self.kernel
+                             else "generic (cache viewed/gathered to (B, Skv, Hkv, D), lengths/window/alibi as one "
+                                  "additive bias, then the dispatcher)")]
+        for name, why in self.refused.items():
+            lines.append(f"  {name}: no decode kernel used — " + "; ".join(why))
+        if self.kernel:
+            lines.append(f"  {self.chosen}: takes the call with {self.kernel}")
+        if self.generic is not None:
+            lines.append("generic path dispatch:")
+            lines += ["  " + ln for ln in str(self.generic).splitlines()]
         return "\n".join(lines)
 
 
-def _order(p: AttnParams, requested: str) -> List[str]:
-    if requested != "auto":
-        return [requested]
-    return list(PREFERENCE.get(p.device.type, PREFERENCE["default"]))
-
-
-def explain_params(p: AttnParams, backend: Optional[str] = None, *, full: bool = True) -> Explanation:
+def explain_params(p: AttnParams, backend: Optional[str] = None, *, full: bool = True,
+                   route_decode: bool = True) -> Explanation:
+    """The dispatcher's decision for p, with every backend's reasons (full=False: stop at the chosen one)."""
     requested = requested_backend(backend)
-    order = _order(p, requested)
-    ex = Explanation(call=p.describe(), requested=requested, chosen=None, order=list(order))
+    order = _order(p.device.type, requested)
+    ex = Explanation(call=p.describe(), requested=requested, order=list(order))
     for name in order:
-        r = BACKENDS[name].reasons(p)
+        b = BACKENDS[name]
+        r = b.reasons(p)
         if r:
             ex.refused[name] = r
+            continue
+        a = b.auto_reasons(p) if requested == "auto" else []
+        if a:
+            ex.declined[name] = a
         elif ex.chosen is None:
             ex.chosen = name
             if not full:
                 return ex
-    if full and ex.chosen is not None:
-        dex = explain_dense(p, ex.chosen)
-        if dex is not None:
-            ex.decode = str(dex)
+    if full and ex.chosen is not None and route_decode:
+        c = dense_call(p)
+        if c is not None:
+            ex.decode = explain_decode(c, ex.chosen)
     if full:  # also report the backends auto never tries on this device
         for name in BACKENDS:
             if name not in order:
@@ -96,29 +161,166 @@ def explain_params(p: AttnParams, backend: Optional[str] = None, *, full: bool =
     return ex
 
 
-def select(p: AttnParams, backend: Optional[str] = None) -> Backend:
+def explain_decode(c: DecodeCall, backend: Optional[str] = None) -> Explanation:
+    """Which backend's split-KV decode kernel serves c: under auto, the first in PREFERENCE whose kernel takes it;
+    explicitly requested, that backend's kernel or none."""
+    requested = requested_backend(backend)
+    ex = Explanation(call=c.describe(), requested=requested, kind="decode")
+    for name in _order(c.device.type, requested):
+        ex.order.append(name)
+        why = BACKENDS[name].decode_reasons(c)
+        if why:
+            ex.refused[name] = why
+            continue
+        ex.chosen, ex.kernel = name, BACKENDS[name].decode.name
+        break
+    return ex
+
+
+def _refuse(p: AttnParams, backend: Optional[str]):
     ex = explain_params(p, backend, full=False)
-    if ex.chosen is None:
-        if ex.requested != "auto":
-            raise BackendUnavailableError(
-                f"fastattn: backend {ex.requested!r} cannot run this call ({ex.call}): "
-                + "; ".join(ex.refused[ex.requested]))
-        raise BackendUnavailableError("fastattn: no backend can run this call:\n" + str(ex))
-    return BACKENDS[ex.chosen]
+    if ex.requested != "auto":
+        raise BackendUnavailableError(
+            f"fastattn: backend {ex.requested!r} cannot run this call ({ex.call}): "
+            + "; ".join(ex.refused[ex.requested]))
+    raise BackendUnavailableError("fastattn: no backend can run this call:\n" + str(ex))
 
 
-def run(p: AttnParams, backend: Optional[str] = None):
-    """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel."""
+# ------------------------------------------------------------------------------------------------- the fast path
+@dataclass(frozen=True)
+class _Choice:
+    candidates: Tuple[str, ...]  # in order: backends the declarations admit
+    decodes: FrozenSet[str]  # those whose decode kernel the declarations admit for dense_call(p)
+
+
+_CHOICES: Dict[tuple, _Choice] = {}
+_DECODES: Dict[tuple, Tuple[str, ...]] = {}
+
+
+def _key(p: AttnParams, requested: str, route: bool) -> tuple:
+    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read."""
+    q, bias = p.q, p.attn_bias
+    qs = q.shape
+    sq = qs[2]
+    grad = p.requires_grad
+    return (requested, route, q.device, q.dtype, qs[0] == 0, qs[1], p.k.shape[1], qs[3], p.v.shape[3],
+            sq if sq <= MAX_ROUTE_Q else -1, p.seqlen_q == p.seqlen_k, p.window_left >= 0,
+            p.window_right if p.window_right <= 0 else 1, p.bottom_right, bias is not None,
+            grad and bias is not None and bias.requires_grad, p.dropout_p > 0, p.cu_seqlens_q is not None,
+            p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse)
+
+
+def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
+    need = needed_features(p)
+    cands = tuple(n for n in _order(p.device.type, requested) if not BACKENDS[n].static_reasons(p, need))
+    decodes = frozenset()
+    c = dense_call(p) if route and cands else None
+    if c is not None:
+        decodes = frozenset(n for n in cands if not BACKENDS[n].static_decode_reasons(c))
+    return _Choice(cands, decodes)
+
+
+def _choice(p: AttnParams, requested: str, route: bool) -> _Choice:
+    if torch.compiler.is_compiling():
+        return _decide(p, requested, route)
+    key = _key(p, requested, route)
+    ch = _CHOICES.get(key)
+    if ch is None:
+        if len(_CHOICES) >= _CACHE_LIMIT:
+            _CHOICES.clear()
+        ch = _CHOICES[key] = _decide(p, requested, route)
+    return ch
+
+
+def _pick(p: AttnParams, requested: str, candidates: Tuple[str, ...]) -> Optional[Backend]:
+    auto = requested == "auto"
+    for name in candidates:
+        b = BACKENDS[name]
+        if not b.extra_reasons(p) and not (auto and b.auto_reasons(p)):
+            return b
+    return None
+
+
+def select(p: AttnParams, backend: Optional[str] = None) -> Backend:
+    requested = requested_backend(backend)
+    b = _pick(p, requested, _choice(p, requested, False).candidates)
+    if b is None:
+        _refuse(p, backend)
+    return b
+
+
+def dense_call(p: AttnParams) -> Optional[DecodeCall]:
+    """A dense short-query call as a decode call on k/v viewed as a cache, or None when it is not one: masks,
+    dropout, varlen, autograd, many query tokens, or top-left causal/window with Sq != Sk (decode kernels align
+    bottom-right)."""
+    if p.attn_bias is not None or p.dropout_p > 0 or p.is_varlen or p.requires_grad:
+        return None
+    B, Hq, Sq, D = p.q.shape
+    Sk = p.k.shape[2]
+    if Sq > MAX_ROUTE_Q or _is_zero(Sq) or _is_zero(Sk) or _is_zero(B):
+        return None
+    if (p.window_left >= 0 or p.window_right >= 0) and not p.bottom_right and Sq != Sk:
+        return None
+    return DecodeCall(q=p.q, k_cache=p.k.transpose(1, 2), v_cache=p.v.transpose(1, 2),  # (B,H,S,D)->(B,S,H,D)
+                      seqlens_k=torch.full((B,), Sk, dtype=torch.int32, device=p.device), scale=p.scale,
+                      window_left=p.window_left, window_right=p.window_right, softcap=p.softcap,
+                      alibi_slopes=p.alibi_slopes)
+
+
+def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = True):
+    """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
+    route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
     B, Hq, Sq, _ = p.q.shape
-    Dv = p.v.shape[-1]
-    if p.q.shape[2] == 0 or p.k.shape[2] == 0 or B == 0:
+    if _is_zero(Sq) or _is_zero(p.k.shape[2]) or _is_zero(B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         zero = (p.q.sum() + p.k.sum() + p.v.sum()) * 0 if p.requires_grad else 0
-        out = p.q.new_zeros(B, Hq, Sq, Dv) + zero
+        out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
         lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
         return out, lse
-    b = select(p, backend)
-    route = decode_route(p, b.name)  # short-query calls (e.g. one generated token) go to split-KV decode kernels
-    if route is not None:
-        return route(p)
+    requested = requested_backend(backend)
+    ch = _choice(p, requested, route_decode)
+    b = _pick(p, requested, ch.candidates)
+    if b is None:
+        _refuse(p, backend)
+    if b.name in ch.decodes:  # short-query call (e.g. one generated token): the backend's split-KV kernel
+        c = dense_call(p)
+        if not b.extra_decode_reasons(c):
+            return b.decode.run(c)
     return b.forward(p)
+
+
+def _decode_key(c: DecodeCall, requested: str) -> tuple:
+    q = c.q
+    qs = q.shape
+    hkv = c.k_cache.shape[2]
+    return (requested, q.device, q.dtype, q.numel() == 0, qs[3], c.v_cache.shape[-1],
+            min((qs[1] // hkv) * qs[2], _MAX_ROWS + 1), c.requires_grad())
+
+
+def run_decode(c: DecodeCall, backend: Optional[str] = None):
+    """(out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32) from a decode kernel, or None when none takes the call."""
+    b = choose_decode(c, backend)
+    return None if b is None else b.decode.run(c)
+
+
+def choose_decode(c: DecodeCall, backend: Optional[str] = None) -> Optional[Backend]:
+    """The backend whose split-KV kernel takes c, or None (flash_attn_with_kvcache decides before it writes)."""
+    requested = requested_backend(backend)
+    if torch.compiler.is_compiling():
+        names = _decode_candidates(c, requested)
+    else:
+        key = _decode_key(c, requested)
+        names = _DECODES.get(key)
+        if names is None:
+            if len(_DECODES) >= _CACHE_LIMIT:
+                _DECODES.clear()
+            names = _DECODES[key] = _decode_candidates(c, requested)
+    for name in names:
+        b = BACKENDS[name]
+        if not b.extra_decode_reasons(c):
+            return b
+    return None
+
+
+def _decode_candidates(c: DecodeCall, requested: str) -> Tuple[str, ...]:
+    return tuple(n for n in _order(c.device.type, requested) if not BACKENDS[n].static_decode_reasons(c))

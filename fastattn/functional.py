@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
                      check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
                      last_dim_contiguous, normalize_mask)
@@ -152,6 +153,10 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     return dispatch.explain_params(p, backend)
 
 
+def _as_int(n):
+    return n if isinstance(n, (int, torch.SymInt)) else int(n)
+
+
 def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                   return_lse, varlen=None):
     wl, wr = check_window(window_size)
@@ -182,7 +187,8 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         B, Hq, D = 1, q.shape[1], q.shape[2]
         # (total, H, D) -> (1, H, total, D) views
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q), max_seqlen_k=int(max_k))
+        # max_seqlen_* pass through as given: int() of a traced (symbolic) length would specialise the graph on it.
+        extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=_as_int(max_q), max_seqlen_k=_as_int(max_k))
     wl, wr = clamp_window(wl, wr, qt.shape[2] + kt.shape[2])
     qt, kt, vt = last_dim_contiguous(qt, kt, vt)
     alibi = check_alibi(alibi_slopes, (cu_q.numel() - 1) if varlen else B, Hq, q.device)
@@ -232,8 +238,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out = out[0].transpose(0, 1)  # (1, H, total, Dv) -> (total, H, Dv)
     return (out, lse[0], None) if return_attn_probs else out
 
-
-from .kvcache import flash_attn_with_kvcache  # noqa: E402  (re-exported)
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain"]

@@ -6,11 +6,14 @@ import sys
 
 import torch
 
+import fastattn
+from fastattn import ops
+from fastattn.backends import BACKENDS, FEATURES
+
+_DECODE_ORDER = ("triton", "cpu", "cuda")  # the order the decode kernels have always been listed in
+
 
 def collect() -> dict:
-    import fastattn
-    from fastattn import ops
-    from fastattn.backends import BACKENDS
 
     info = {
         "fastattn": fastattn.__version__,
@@ -46,12 +49,14 @@ def collect() -> dict:
             "head_dims": list(b.head_dims),
             "features": sorted(b.features),
         }
-    from fastattn.decode import DECODE_KERNELS
     info["decode_kernels"] = {}
-    for name, k in DECODE_KERNELS.items():
+    with_decode = sorted((n for n, b in BACKENDS.items() if b.decode is not None),
+                         key=lambda n: _DECODE_ORDER.index(n) if n in _DECODE_ORDER else len(_DECODE_ORDER))
+    for name in with_decode:
+        k = BACKENDS[name].decode  # a backend's split-KV kernel: its own declarations, the backend's devices
         why = k.unavailable()
         info["decode_kernels"][k.name] = {
-            "backend": name, "available": not why, "why_not": why, "devices": sorted(k.devices),
+            "backend": name, "available": not why, "why_not": why, "devices": sorted(BACKENDS[name].devices),
             "dtypes": sorted(str(d)[6:] for d in k.dtypes), "head_dims": list(k.head_dims),
             "max_rows_per_kv_head": k.max_rows,
         }
@@ -60,7 +65,6 @@ def collect() -> dict:
 
 def feature_table() -> str:
     """Markdown feature-by-backend table drawn from the backends' declarations (README uses this)."""
-    from fastattn.backends import BACKENDS, FEATURES
 
     names = list(BACKENDS)
     rows = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]

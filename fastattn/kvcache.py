@@ -1,7 +1,7 @@
 """flash_attn_with_kvcache: attention against a KV cache, appending new keys/values in place.
 
-Order of work: validate every argument and index, ask the decode router (fastattn/decode.py) for a split-KV kernel
-of the chosen backend that reads the cache in its own layout (dense or paged), or else build the generic path's
+Order of work: validate every argument and index, ask the dispatcher (fastattn/dispatch.py `choose_decode`) for a
+backend whose split-KV kernel that reads the cache in its own layout (dense or paged), or else build the generic path's
 call and let the dispatcher pick its backend — every refusal happens before anything is written — then append the
 new rows in place and run. Should the run still fail (an error the checks did not foresee, out of memory), the
 overwritten slots are restored, so a failing call leaves every cache bit-for-bit untouched. The generic path views
@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from . import decode, dispatch, rotary
-from .params import (AttnParams, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
+from . import dispatch, rotary
+from .params import (AttnParams, DecodeCall, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
                      default_scale, last_dim_contiguous)
 
 
@@ -231,14 +231,14 @@ def _generic_kv(plan: _Plan, k_cache, v_cache, k, v, cache_batch_idx, block_tabl
 
 
 def _decode_call(plan: _Plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap, num_splits):
-    return decode.DecodeCall(q=q.transpose(1, 2), k_cache=k_cache, v_cache=v_cache,  # q (B,Sq,H,D)->(B,H,Sq,D)
-                             seqlens_k=plan.seqlens_k(q.device), block_table=block_table,
-                             cache_batch_idx=cache_batch_idx, scale=scale, window_left=plan.wl,
-                             window_right=plan.wr, softcap=float(softcap), alibi_slopes=plan.alibi,
-                             num_splits=num_splits)
+    return DecodeCall(q=q.transpose(1, 2), k_cache=k_cache, v_cache=v_cache,  # q (B,Sq,H,D)->(B,H,Sq,D)
+                      seqlens_k=plan.seqlens_k(q.device), block_table=block_table,
+                      cache_batch_idx=cache_batch_idx, scale=scale, window_left=plan.wl,
+                      window_right=plan.wr, softcap=float(softcap), alibi_slopes=plan.alibi,
+                      num_splits=num_splits)
 
 
-def _generic_params(plan: _Plan, q, K, V, scale, softcap, return_lse, num_splits) -> AttnParams:
+def _generic_params(plan: _Plan, q, K, V, scale, softcap, return_lse) -> AttnParams:
     """K, V (B, Skv, Hkv, D|Dv) from _generic_kv plus one additive bias for lengths, window and alibi."""
     B, Sq, Hq = plan.B, plan.Sq, plan.Hq
     Skv = K.shape[1]
@@ -262,14 +262,18 @@ def _generic_params(plan: _Plan, q, K, V, scale, softcap, return_lse, num_splits
     qt, kt, vt = last_dim_contiguous(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2))  # (B,S,H,D)->(B,H,S,D)
     return AttnParams(q=qt, k=kt, v=vt, scale=scale, attn_bias=bias,
                       mask_kind=None if bias is None else "dense", softcap=float(softcap),
-                      return_lse=bool(return_lse),
-                      extras={"decode": True, "num_splits": int(num_splits), "decode_route": False})
+                      return_lse=bool(return_lse))
 
 
-def _append_and_run(idx, k, v, k_cache, v_cache, ex, call, p, backend):
+def _run(chosen, call, p, backend):
+    """The decode kernel of the backend chosen for `call`, else the generic path on the prefill kernels."""
+    return chosen.decode.run(call) if p is None else dispatch.run(p, backend, route_decode=False)
+
+
+def _append_and_run(idx, k, v, k_cache, v_cache, chosen, call, p, backend):
     k_cache[idx] = k  # in place; nothing else in the caches changes
     v_cache[idx] = v
-    return decode.run_chosen(ex, call) if p is None else dispatch.run(p, backend)
+    return _run(chosen, call, p, backend)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -299,23 +303,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     scale = default_scale(softmax_scale, plan.D)
     # Every refusal before the first write: the decode kernel, or the generic path's backend, is chosen here.
     call = _decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap, num_splits)
-    ex = decode.choose(call, backend, describe=False)
+    chosen = dispatch.choose_decode(call, backend)
     p = None
-    if ex.kernel is None:
+    if chosen is None:
         K, V = _generic_kv(plan, k_cache, v_cache, k, v, cache_batch_idx, block_table)
-        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse, num_splits)
+        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
         if p.q.shape[2] and p.k.shape[2] and plan.B:  # dispatch.run answers empty calls without a backend
             dispatch.select(p, backend)
     if not plan.snew:
-        res = decode.run_chosen(ex, call) if p is None else dispatch.run(p, backend)
+        res = _run(chosen, call, p, backend)
     else:
         idx = _append_index(plan, cache_batch_idx, block_table, q.device)
         if torch.compiler.is_compiling():  # no try/except in a traced graph: the checks above must do
-            res = _append_and_run(idx, k, v, k_cache, v_cache, ex, call, p, backend)
+            res = _append_and_run(idx, k, v, k_cache, v_cache, chosen, call, p, backend)
         else:
             old = k_cache[idx], v_cache[idx]  # (B, Snew, Hkv, D|Dv) copies of the slots about to be overwritten
             try:
-                res = _append_and_run(idx, k, v, k_cache, v_cache, ex, call, p, backend)
+                res = _append_and_run(idx, k, v, k_cache, v_cache, chosen, call, p, backend)
             except BaseException:
                 k_cache[idx], v_cache[idx] = old  # slots are distinct: this restores the caches bit for bit
                 raise
@@ -327,17 +331,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 def explain_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                     cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                    return_softmax_lse=False, *, backend: Optional[str] = None) -> decode.DecodeExplanation:
+                    return_softmax_lse=False, *, backend: Optional[str] = None) -> dispatch.Explanation:
     """Which path flash_attn_with_kvcache takes for these arguments (a split-KV kernel, or the generic path and
     the backend the dispatcher picks there), and why. Validates like the real call; writes and computes nothing."""
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
     rotary.check(rotary_cos, rotary_sin, q, k, plan.capacity)
     scale = default_scale(softmax_scale, plan.D)
-    ex = decode.choose(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap,
-                                    num_splits), backend)
+    ex = dispatch.explain_decode(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale,
+                                              softcap, num_splits), backend)
     if ex.kernel is None:
         K, V = _generic_kv(plan, k_cache, v_cache, None, None, cache_batch_idx, block_table)
-        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse, num_splits)
-        ex.generic = str(dispatch.explain_params(p, backend, full=False))
+        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
+        ex.generic = dispatch.explain_params(p, backend, full=False, route_decode=False)
     return ex

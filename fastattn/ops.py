@@ -1,6 +1,6 @@
-"""The C++ op stack seen from Python: loads `fastattn._C` (which registers torch.ops.fastattn.fwd/bwd from
-TORCH_LIBRARY in csrc/ops.cpp), and registers their fake functions and autograd, so the ops run under
-torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention`."""
+"""The C++ op stack seen from Python: loads `fastattn._C` (which registers torch.ops.fastattn.fwd/bwd/decode_fwd
+from TORCH_LIBRARY in csrc/ops.cpp), and registers their fake functions and autograd (all of it here), so the ops
+run under torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention` and `cpp_decode`."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .params import AttnParams
+from .params import AttnParams, DecodeCall
 
 _C = None
 LOAD_ERROR: Optional[str] = None
@@ -44,9 +44,11 @@ def cpu_matmul_report() -> dict:
     return dict(_C.cpu_matmul_report())
 
 
-def has_kernel(dispatch_key: str) -> bool:
-    """True when fastattn::fwd has an implementation registered for this dispatch key (CPU, CUDA)."""
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::fwd", dispatch_key)
+def has_kernel(dispatch_key: str, op: str = "fwd") -> bool:
+    """True when fastattn::<op> has an implementation registered for this dispatch key (CPU, CUDA).
+    Backends call it once at import: torch.compile cannot trace the dispatcher query."""
+    return (_C is not None and hasattr(torch.ops.fastattn, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::" + op, dispatch_key))
 
 
 def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
@@ -96,6 +98,14 @@ if _C is not None:
     _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.bwd)
     torch.library.register_autograd("fastattn::fwd", _bwd, setup_context=_setup)
 
+if _C is not None and hasattr(torch.ops.fastattn, "decode_fwd"):
+
+    @torch.library.register_fake("fastattn::decode_fwd")
+    def _decode_fwd_fake(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left,
+                         window_right, softcap, alibi_slopes, num_splits):
+        B, H, S, _ = q.shape
+        return _out_like_q(q, v_cache.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+
 
 def dropout_seed(p: AttnParams):
     """(seed, offset) for the kernels' counter-based RNG, drawn from torch's default generator so results are
@@ -112,3 +122,10 @@ def cpp_attention(p: AttnParams):
     return torch.ops.fastattn.fwd(p.q, p.k, p.v, p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
                                   p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right, p.softcap,
                                   p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic)
+
+
+def cpp_decode(c: DecodeCall):
+    """Runs torch.ops.fastattn.decode_fwd on c (inference only). Returns (out (B,Hq,Sq,Dv), lse (B,Hq,Sq) fp32)."""
+    wl, wr = c.windows()
+    return torch.ops.fastattn.decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table, c.cache_batch_idx,
+                                         c.scale, wl, wr, c.softcap, c.alibi_slopes, c.num_splits)

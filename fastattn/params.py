@@ -9,6 +9,8 @@ and backends only ever see the canonical form:
     visibility of key j to query i:  off = Sk - Sq if bottom_right else 0,
         (window_left < 0 or j >= i + off - window_left) and (window_right < 0 or j <= i + off + window_right)
     varlen: B == 1, cu_seqlens_q/k int32 (N+1,), q (1, Hq, total_q, D); the rules apply per sequence.
+
+A `DecodeCall` is the same for a few query rows against a KV cache in its own layout (split-KV decode kernels).
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import numbers
 import operator
 import struct
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -54,7 +56,6 @@ class AttnParams:
     max_seqlen_k: int = 0
     deterministic: bool = False
     return_lse: bool = False
-    extras: dict = field(default_factory=dict)
 
     # Derived facts the dispatcher and backends read.
     @property
@@ -91,8 +92,8 @@ class AttnParams:
 
     @property
     def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (self.q, self.k, self.v, self.attn_bias))
+        return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad or (
+            self.attn_bias is not None and self.attn_bias.requires_grad))
 
     @property
     def seqlen_q(self) -> int:
@@ -121,6 +122,62 @@ class AttnParams:
         if self.alibi_slopes is not None:
             parts.append("alibi")
         return ", ".join(parts)
+
+
+@dataclass
+class DecodeCall:
+    """The canonical decode call (same contract as torch.ops.fastattn.decode_fwd, csrc/ops.cpp).
+
+    q (B, Hq, Sq, D) any strides with stride 1 along D; k_cache/v_cache (Bc, Smax, Hkv, D|Dv) or paged
+    (num_blocks, page, Hkv, D|Dv) with block_table int32 (B, max_blocks); cache_batch_idx int32 (B,) or None;
+    seqlens_k int32 (B,) valid keys per row (after the append); visibility bottom-right aligned per row."""
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    seqlens_k: torch.Tensor
+    block_table: Optional[torch.Tensor] = None
+    cache_batch_idx: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+    num_splits: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def describe(self) -> str:
+        B, Hq, Sq, D = self.q.shape
+        Hkv, Dv = self.k_cache.shape[2], self.v_cache.shape[3]
+        lay = (f"paged {self.k_cache.shape[0]}x{self.k_cache.shape[1]}" if self.block_table is not None
+               else f"dense cache {tuple(self.k_cache.shape[:2])}")
+        parts = [f"decode q(B={B}, Hq={Hq}, Sq={Sq}, D={D}) Hkv={Hkv} Dv={Dv} {str(self.q.dtype)[6:]} on "
+                 f"{self.device.type}", lay]
+        if self.cache_batch_idx is not None:
+            parts.append("cache_batch_idx")
+        if self.window_right == 0:
+            parts.append("causal")
+        if self.window_left >= 0 or self.window_right > 0:
+            parts.append(f"window ({self.window_left}, {self.window_right})")
+        if self.softcap > 0:
+            parts.append(f"softcap {self.softcap}")
+        if self.alibi_slopes is not None:
+            parts.append("alibi")
+        return ", ".join(parts)
+
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.q.requires_grad or self.k_cache.requires_grad
+                                            or self.v_cache.requires_grad)
+
+    def windows(self) -> Tuple[int, int]:
+        """(window_left, window_right) with a window wider than the cache plus the queries made unlimited (-1), as
+        csrc/decode_checks.h does: the same visibility, and no int64 overflow in a kernel's i + off + window."""
+        cap = (self.block_table.shape[1] * self.k_cache.shape[1] if self.block_table is not None
+               else self.k_cache.shape[1])
+        wide = cap + self.q.shape[2]
+        return tuple(-1 if w > wide else w for w in (self.window_left, self.window_right))
 
 
 def _shape(t) -> str:
@@ -155,22 +212,24 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
             lay = "(total, H, D)" if varlen else ("(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)")
             raise InputValueError(f"fastattn: {name} must be {rank}-D {lay}, got shape {_shape(t)}")
     ax_h, ax_s = (1, 2) if layout == "bhsd" else ((1, 0) if varlen else (2, 1))
-    shapes = f"{nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}"
-    if not varlen and k.shape[0] != v.shape[0]:
-        raise InputValueError(f"fastattn: {nk} and {nv} batch sizes differ: {shapes}")
-    if not varlen and same_batch and not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise InputValueError(f"fastattn: batch sizes differ: {shapes}")
-    if k.shape[ax_s] != v.shape[ax_s]:
-        raise InputValueError(f"fastattn: {nk} and {nv} must have the same sequence length: {shapes}")
-    if k.shape[ax_h] != v.shape[ax_h]:
-        raise InputValueError(f"fastattn: {nk} and {nv} must have the same number of heads: {shapes}")
-    if q.shape[-1] != k.shape[-1]:
-        raise InputValueError(f"fastattn: {nq} and {nk} must have the same head dim: {shapes}")
-    hq, hk = q.shape[ax_h], k.shape[ax_h]
-    if hk == 0 or hq % hk != 0:
-        raise InputValueError(f"fastattn: query heads ({hq}) must be a multiple of key/value heads ({hk}): {shapes}")
-    if q.shape[-1] == 0:
-        raise InputValueError(f"fastattn: head dim must be positive: {shapes}")
+    qs, ks, vs = q.shape, k.shape, v.shape
+    msg = None
+    if not varlen and ks[0] != vs[0]:
+        msg = f"{nk} and {nv} batch sizes differ"
+    elif not varlen and same_batch and not (qs[0] == ks[0] == vs[0]):
+        msg = "batch sizes differ"
+    elif ks[ax_s] != vs[ax_s]:
+        msg = f"{nk} and {nv} must have the same sequence length"
+    elif ks[ax_h] != vs[ax_h]:
+        msg = f"{nk} and {nv} must have the same number of heads"
+    elif qs[-1] != ks[-1]:
+        msg = f"{nq} and {nk} must have the same head dim"
+    elif ks[ax_h] == 0 or qs[ax_h] % ks[ax_h] != 0:
+        msg = f"query heads ({qs[ax_h]}) must be a multiple of key/value heads ({ks[ax_h]})"
+    elif qs[-1] == 0:
+        msg = "head dim must be positive"
+    if msg is not None:  # the shapes are formatted only for the error
+        raise InputValueError(f"fastattn: {msg}: {nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}")
 
 
 def last_dim_contiguous(*ts):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fastattn
 from fastattn.dispatch import BackendUnavailableError
 
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 
 def rnd(*shape, dtype=torch.float32):

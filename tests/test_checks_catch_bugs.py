@@ -2,14 +2,16 @@
 
 Each planted backend is the reference backend with one deliberate defect, registered under a temporary name
 and run through the same `run_case` the matrix uses. Every defect must be reported."""
+import dataclasses
+
 import pytest
 import torch
 
 import fastattn
 from fastattn.backends.reference import ReferenceBackend
 
-from cases import CASES
-from test_matrix import run_case
+from support.cases import CASES, run_case
+from support.checks import check_dropout_backward_uses_forward_mask, check_mask_grad
 
 CASE = {c.name: c for c in CASES}
 
@@ -97,8 +99,22 @@ class PlantedDropout(ReferenceBackend):
 
 
 def test_planted_dropout_mask_mismatch_is_caught(monkeypatch):
-    import test_dropout_determinism as t
-
     monkeypatch.setitem(fastattn.BACKENDS, "planted_dropout", PlantedDropout())
     with pytest.raises(AssertionError, match="d[qkv]: max_err"):
-        t.test_dropout_backward_uses_forward_mask("planted_dropout", "cpu", torch.float32)
+        check_dropout_backward_uses_forward_mask("planted_dropout", "cpu", torch.float32)
+
+
+class PlantedMaskGrad(ReferenceBackend):
+    """Declares mask_grad but lets no gradient reach the mask."""
+    name = "planted_mask_grad"
+
+    def forward(self, p):
+        if p.attn_bias is not None:
+            p = dataclasses.replace(p, attn_bias=p.attn_bias.detach())
+        return super().forward(p)
+
+
+def test_planted_mask_grad_is_caught(monkeypatch):
+    monkeypatch.setitem(fastattn.BACKENDS, "planted_mask_grad", PlantedMaskGrad())
+    with pytest.raises((AssertionError, RuntimeError)):
+        check_mask_grad("planted_mask_grad", "cpu", torch.float32, (2, 3, 13, 21), False)

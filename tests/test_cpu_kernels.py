@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastattn
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")

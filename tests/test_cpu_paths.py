@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastattn import ops
-from test_matrix import MATRIX, _id, run_case
+from support.cases import cell_id, matrix, run_case
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
@@ -35,7 +35,7 @@ def on_matrix_units(dtype) -> bool:
     return f"{name}: matrix units" in REPORT
 
 
-CELLS = [c for c in MATRIX if c[0] == "cpu" and c[2] in LOWP]
+CELLS = [c for c in matrix() if c[0] == "cpu" and c[2] in LOWP]
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def fp32_tiles():
     ops._C.cpu_matmul_force_fp32(False)
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=["fp32tiles-" + _id(c) for c in CELLS])
+@pytest.mark.parametrize("cell", CELLS, ids=["fp32tiles-" + cell_id(c) for c in CELLS])
 def test_matrix_on_fp32_fallback(cell, fp32_tiles):
     if not on_matrix_units(cell[2]):
         pytest.skip(f"this CPU has no matrix-unit path for {cell[2]}, so test_matrix already ran the fp32 tiles "
@@ -78,7 +78,8 @@ def test_matrix_units_used_where_the_isa_has_them(dtype, isa):
 _PLANT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
-from test_matrix import MATRIX, run_case
+from support.cases import matrix, run_case
+MATRIX = matrix()
 cells = [c for c in MATRIX if c[0] == "cpu" and c[2] == torch.bfloat16 and c[1].name in
          ("basic", "causal_square_257", "gqa", "flash_window_left", "varlen_causal", "hd80")]
 bad = sum(not all(ok for ok, _ in run_case(*c)) for c in cells)

@@ -7,15 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_cuda_build import CUDA_HOME, CUOBJDUMP, _compile, _loop_bodies, _ptxas_reports, _sass_functions
+from support.toolchain import _compile, _loop_bodies, _ptxas_reports, _sass_functions, needs_toolchain
 
 ARCHS = ("sm_80", "sm_90")
 TUS = ("decode_fp16", "decode_fp32")  # bf16 is the f16 code with another unpack; f32 has the other lane layout
 HEAD_DIMS, ROWS = (32, 64, 128, 256), (1, 2, 4, 8)
-
-needs_toolchain = pytest.mark.skipif(
-    CUDA_HOME is None or CUOBJDUMP is None,
-    reason="needs nvcc + CUDA headers (set CUDA_HOME) and cuobjdump (CUDA bin/ or the triton package)")
 
 
 @pytest.fixture(scope="module")

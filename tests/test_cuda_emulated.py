@@ -15,8 +15,8 @@ import tempfile
 import pytest
 import torch
 
-from oracle import assert_rule, oracle_attention
-from test_decode import lse_reference
+from support.cases import _oracle_lse
+from support.oracle import assert_rule, lse_reference, oracle_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
@@ -244,7 +244,6 @@ def _emu_fwd_bwd(c, q, k, v, dout, dropout_p=0.0, seed=0, offset=0):
 def _oracle_fwd_bwd(c, q, k, v, dout, dtype, mask=None, dropout_p=0.0):
     """Oracle (in dtype) out, lse and grads; varlen sequence by sequence. mask: dropout keep mask (B, H, Sq, Sk)
     or, varlen, a list per sequence."""
-    from cases import _oracle_lse
     win, br, scale = c.get("window", (-1, -1)), c.get("br", True), c["D"] ** -0.5
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     if "seqlens" in c:

@@ -12,9 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from cases import Case
-from oracle import assert_rule, oracle_attention
-from test_matrix import run_case
+from support.cases import Case, run_case
+from support.oracle import assert_rule, oracle_attention
 
 import fastattn
 

@@ -1,6 +1,7 @@
 """Decode (issue 6): flash_attn_with_kvcache through every decode implementation available here — the Triton
 split-KV kernel (interpreter on CPU), the C++ CPU kernel when built, and the generic path — against the float64
 oracle; in-place append checked element by element; routing; bad input; the dense short-query route."""
+import collections
 import os
 import subprocess
 import sys
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import decode
+from fastattn import dispatch
 from fastattn.kvcache import explain_kvcache
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, lse_reference, oracle_attention
 
 # ---------------------------------------------------------------- implementations available here
 # name -> (backend= to request, device of the tensors); the generic path is reached through a backend without a
@@ -22,21 +23,38 @@ IMPLS = {"generic": ("reference", "cpu")}
 if GPU:
     IMPLS["generic.cuda"] = ("reference", "cuda")
 SKIPPED = {}
-for _name, _kern in decode.DECODE_KERNELS.items():
-    _dev = "cuda" if GPU and "cuda" in _kern.devices else "cpu" if "cpu" in _kern.devices else None
-    _why = _kern.unavailable() or ([] if _dev else ["needs a CUDA device"])
+for _name, _b in fastattn.BACKENDS.items():
+    if _b.decode is None:
+        continue
+    _dev = "cuda" if GPU and "cuda" in _b.devices else "cpu" if "cpu" in _b.devices else None
+    _why = _b.unavailable() or _b.decode.unavailable() or ([] if _dev else ["needs a CUDA device"])
     if _why:
-        SKIPPED[_kern.name] = "; ".join(_why)
+        SKIPPED[_b.decode.name] = "; ".join(_why)
     else:
-        IMPLS[_kern.name] = (_name, _dev)
+        IMPLS[_b.decode.name] = (_name, _dev)
 KERNELS = [n for n in IMPLS if not n.startswith("generic")]
 
 
 def test_report_skipped_implementations():
-    """Not a silent skip: say which decode kernels this machine cannot test, and why."""
+    """Not a silent skip: say which decode kernels this machine cannot test, and why; every declared kernel is
+    either tested or reported."""
     for name, why in SKIPPED.items():
         print(f"decode kernel {name} not tested here: {why}")
-    assert "generic" in IMPLS
+    declared = {b.decode.name for b in fastattn.BACKENDS.values() if b.decode is not None}
+    assert declared and declared == set(SKIPPED) | set(KERNELS), (declared, SKIPPED, KERNELS)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Counts the calls each backend's decode kernel serves (the tests check routing through it)."""
+    calls = collections.Counter()
+    for b in fastattn.BACKENDS.values():
+        if b.decode is not None:
+            def spy(c, _name=b.decode.name, _run=b.decode.run):
+                calls[_name] += 1
+                return _run(c)
+            monkeypatch.setattr(b.decode, "run", spy)
+    return calls
 
 
 def rnd(*shape, dtype=torch.float32, device="cpu"):
@@ -84,29 +102,7 @@ def make_cache(c, dev):
     return kc, vc, {}, lambda x: x
 
 
-def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
-    """Log-sum-exp of the visible scores (bottom-right) computed in dtype (float64: the reference; the inputs'
-    precision: the naive baseline of the tolerance rule), +inf for rows with no visible key.
-    q (1, Hq, Sq, D), k (1, Hkv, L, D)."""
-    q, k = q.to(dtype), k.to(dtype)
-    Hq, Sq, L = q.shape[1], q.shape[2], k.shape[2]
-    k = k[:, torch.arange(Hq) // (Hq // k.shape[1])]
-    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    i, j = torch.arange(Sq).view(Sq, 1), torch.arange(L).view(1, L)
-    if alibi is not None:
-        s = s - alibi.to(dtype).view(1, Hq, 1, 1) * (i + L - Sq - j).abs().to(dtype)
-    vis = torch.ones(Sq, L, dtype=torch.bool)
-    if window[0] >= 0:
-        vis &= j >= i + L - Sq - window[0]
-    if window[1] >= 0:
-        vis &= j <= i + L - Sq + window[1]
-    lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), dim=-1)
-    return lse.masked_fill(torch.isneginf(lse), float("inf"))
-
-
-def run_case(c, impl, num_splits=0):
+def run_case(c, impl, calls, num_splits=0):
     backend, dev = IMPLS[impl]
     B, Hq, Hkv, Sq, D, Dv, dt = c["B"], c["Hq"], c["Hkv"], c["Sq"], c["D"], c["Dv"], c["dtype"]
     q = (rnd(B, Sq, Hq, D + 8, dtype=dt, device=dev)[..., :D] if c.get("noncontig")
@@ -128,12 +124,12 @@ def run_case(c, impl, num_splits=0):
         window = (window[0], 0)
     alibi = (torch.rand(Hq) * 0.5).to(dev) if c.get("alibi") else None
     softcap = c.get("softcap", 0.0)
-    before = dict(decode.COUNTS)
+    before = dict(calls)
     out, lse = fastattn.flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=lens,
                                                 causal=c.get("causal", False), window_size=c.get("window", (-1, -1)),
                                                 softcap=softcap, alibi_slopes=alibi, num_splits=num_splits,
                                                 return_softmax_lse=True, backend=backend, **kw)
-    used = {n: v - before.get(n, 0) for n, v in decode.COUNTS.items() if v != before.get(n, 0)}
+    used = {n: v - before.get(n, 0) for n, v in calls.items() if v != before.get(n, 0)}
     # in-place append: the appended rows hold the new tokens, nothing else in the cache changed
     assert torch.equal(logical(kc), want_k) and torch.equal(logical(vc), want_v)
     if c["layout"].startswith("paged"):  # spare pages untouched
@@ -163,12 +159,12 @@ def run_case(c, impl, num_splits=0):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_kvcache_matches_oracle(impl, case):
+def test_kvcache_matches_oracle(impl, case, decode_calls):
     c = CASES[case]
     if impl == "triton.decode_split" and c["D"] < 16:
         pytest.skip("the Triton decode kernel takes head dims >= 16 (tl.dot); the router sends this call to the "
                     "generic path")
-    used = run_case(c, impl)
+    used = run_case(c, impl, decode_calls)
     if impl.startswith("generic"):
         assert not used, f"generic path expected, decode kernels ran: {used}"
     else:
@@ -177,10 +173,10 @@ def test_kvcache_matches_oracle(impl, case):
 
 @pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("num_splits", [1, 5])
-def test_num_splits_do_not_change_results(impl, num_splits):
+def test_num_splits_do_not_change_results(impl, num_splits, decode_calls):
     c = dict(B=2, Hq=4, Hkv=2, Sq=2, D=32, Dv=32, lens=[700, 97], snew=2, cap=720, layout="paged16",
              dtype=torch.float32, window=(300, 0))
-    assert run_case(c, impl, num_splits=num_splits) == {impl: 1}
+    assert run_case(c, impl, decode_calls, num_splits=num_splits) == {impl: 1}
 
 
 @pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
@@ -196,7 +192,7 @@ def test_cpu_kernel_deterministic_and_opcheck():
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-def test_compile_fullgraph_decode_step_with_append(impl):
+def test_compile_fullgraph_decode_step_with_append(impl, decode_calls):
     """A decode step (append + kernel) traces as one graph: the ops' fake functions and the routing are traceable."""
     torch._dynamo.reset()
     backend, dev = IMPLS[impl]
@@ -210,9 +206,9 @@ def test_compile_fullgraph_decode_step_with_append(impl):
 
     kc2, vc2 = kc.clone(), vc.clone()
     eager = step(q, kc, vc, kn, vn, lens)
-    n0 = decode.COUNTS[impl]
+    n0 = decode_calls[impl]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kc2, vc2, kn, vn, lens)
-    assert decode.COUNTS[impl] > n0
+    assert decode_calls[impl] > n0
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
@@ -221,7 +217,7 @@ _SM90_COMPILE = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastattn.kernels.triton import decode as d
+    from fastattn.backends.triton.kernels import decode as d
 
     def sig(fn, ptr, consts):
         out = {}
@@ -283,20 +279,19 @@ def _small_call(dev="cpu"):
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-def test_explicit_backend_uses_its_decode_kernel(impl):
+def test_explicit_backend_uses_its_decode_kernel(impl, decode_calls):
     backend, dev = IMPLS[impl]
     q, kc, vc, lens = _small_call(dev)
     ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend=backend)
     assert ex.kernel == impl and "split-KV decode kernel" in str(ex), str(ex)
-    n0 = decode.COUNTS[impl]
     fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend=backend)
-    assert decode.COUNTS[impl] == n0 + 1
+    assert decode_calls == {impl: 1}
     with fastattn.use_backend(backend):
         fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
-    assert decode.COUNTS[impl] == n0 + 2
+    assert decode_calls == {impl: 2}
 
 
-def test_backend_without_kernel_and_autograd_take_the_generic_path():
+def test_backend_without_kernel_and_autograd_take_the_generic_path(decode_calls):
     q, kc, vc, lens = _small_call()
     ex = explain_kvcache(q, kc, vc, cache_seqlens=lens, backend="reference")
     assert ex.kernel is None and "no split-KV decode kernel" in str(ex) and "chosen: reference" in str(ex), str(ex)
@@ -306,14 +301,13 @@ def test_backend_without_kernel_and_autograd_take_the_generic_path():
         qg = q.clone().requires_grad_()
         ex = explain_kvcache(qg, kc, vc, cache_seqlens=lens, backend=backend)
         assert ex.kernel is None and "autograd" in str(ex), str(ex)
-        long_q = rnd(2, decode.DECODE_KERNELS[backend].max_rows // 2 + 1, 4, 32, device=dev)  # G = 2: past the cap
+        long_q = rnd(2, fastattn.BACKENDS[backend].decode.max_rows // 2 + 1, 4, 32, device=dev)  # G = 2: past the cap
         ex = explain_kvcache(long_q, kc, vc, cache_seqlens=lens, backend=backend)
         assert ex.kernel is None and "prefill kernel fits better" in str(ex), str(ex)
     q, kc, vc, lens = _small_call()
-    n0 = sum(decode.COUNTS.values())
     out = fastattn.flash_attn_with_kvcache(q.clone().requires_grad_(), kc, vc, cache_seqlens=lens, backend="reference")
     out.sum().backward()  # the generic path is differentiable
-    assert sum(decode.COUNTS.values()) == n0
+    assert not decode_calls
 
 
 @pytest.mark.parametrize("dev", ["cpu"] + (["cuda"] if GPU else []))
@@ -330,50 +324,50 @@ def test_auto_prefers_the_device_backends_kernel(dev):
 
 
 # ---------------------------------------------------------------- dense short-query route (HF GPT-2 decode)
-@pytest.mark.parametrize("impl", KERNELS)
-def test_dense_short_query_route(impl):
+def _sdpa(q, k, v, mask=None, causal=False):
     from fastattn.functional import _sdpa_params
+    return _sdpa_params(q, k, v, mask, 0.0, causal, None, False)
 
+
+def _routes(p, backend):
+    """Whether dispatch.run sends p to `backend`'s decode kernel (explain's decode section says so)."""
+    ex = dispatch.explain_params(p, backend)
+    return ex.decode is not None and ex.decode.kernel is not None
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_dense_short_query_route(impl, decode_calls):
     backend, dev = IMPLS[impl]
     B, H, N, D = 2, 4, 77, 64
     q, k, v = rnd(B, H, 1, D, device=dev), rnd(B, H, N, D, device=dev), rnd(B, H, N, D, device=dev)
-    p = _sdpa_params(q, k, v, None, 0.0, False, None, False)
-    fn = decode.decode_route(p, backend)
-    assert fn is not None, str(decode.explain_dense(p, backend))
-    out, lse = fn(p)
+    p = _sdpa(q, k, v)
+    assert _routes(p, backend), str(dispatch.explain_params(p, backend))
+    out, lse = dispatch.run(p, backend)
+    assert decode_calls == {impl: 1}
     assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
     assert torch.isfinite(lse).all()
     # not a short-query call, or not one the kernels' bottom-right rule can express: no route
     mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
-    assert decode.decode_route(_sdpa_params(q, k, v, mask, 0.0, False, None, False), backend) is None
-    assert decode.decode_route(_sdpa_params(q, k, v, None, 0.0, True, None, False), backend) is None  # top-left
-    assert decode.decode_route(_sdpa_params(rnd(B, H, 64, D, device=dev), k, v, None, 0.0, False, None, False),
-                               backend) is None
-    qg = q.clone().requires_grad_()
-    assert decode.decode_route(_sdpa_params(qg, k, v, None, 0.0, False, None, False), backend) is None
-    assert decode.decode_route(p, "reference") is None
+    for other in (_sdpa(q, k, v, mask), _sdpa(q, k, v, causal=True), _sdpa(rnd(B, H, 64, D, device=dev), k, v),
+                  _sdpa(q.clone().requires_grad_(), k, v)):
+        assert not _routes(other, backend), str(dispatch.explain_params(other, backend))
+        dispatch.run(other, backend)
+    assert not _routes(p, "reference")
+    dispatch.run(p, "reference")
+    assert decode_calls == {impl: 1}
 
 
-def _dispatcher_hooked():
-    import inspect
-
-    from fastattn import dispatch
-    return "decode_route" in inspect.getsource(dispatch.run)
-
-
-@pytest.mark.skipif(not _dispatcher_hooked(), reason="fastattn.dispatch.run does not call decode.decode_route yet")
 @pytest.mark.parametrize("impl", KERNELS)
-def test_dispatcher_routes_short_queries(impl):
+def test_dispatcher_routes_short_queries(impl, decode_calls):
     """Through the public SDPA surface: GPT-2-style decode (no mask, no grad) reaches the backend's decode kernel."""
     backend, dev = IMPLS[impl]
     B, H, N, D = 2, 4, 77, 64
     q, k, v = rnd(B, H, 1, D, device=dev), rnd(B, H, N, D, device=dev), rnd(B, H, N, D, device=dev)
-    n0 = decode.COUNTS[impl]
     out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend)
-    assert decode.COUNTS[impl] == n0 + 1
+    assert decode_calls == {impl: 1}
     assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
     fastattn.scaled_dot_product_attention(q.clone().requires_grad_(), k, v, backend=backend).sum().backward()
-    assert decode.COUNTS[impl] == n0 + 1  # autograd: the backend's normal forward
+    assert decode_calls == {impl: 1}  # autograd: the backend's normal forward
 
 
 # ---------------------------------------------------------------- bad input: clear errors, cache untouched

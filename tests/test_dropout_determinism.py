@@ -4,7 +4,7 @@ import torch
 
 import fastattn
 
-from oracle import assert_rule, oracle_attention
+from support.checks import check_dropout_backward_uses_forward_mask
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -43,26 +43,7 @@ def test_dropout_keep_rate_and_reproducible(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device,dtype", _backends("dropout"))
 def test_dropout_backward_uses_forward_mask(backend, device, dtype):
-    """With V = identity, out = P∘M/(1-p) exposes the forward's mask M; the gradients must match the oracle run
-    with that same mask, which fails if the backward regenerates a different one."""
-    p_drop, B, H, Sq, Sk = 0.25, 1, 2, 17, 32
-    q = torch.randn(B, H, Sq, Sk, device=device).to(dtype).requires_grad_()
-    k = torch.randn(B, H, Sk, Sk, device=device).to(dtype).requires_grad_()
-    v = torch.eye(Sk, device=device).expand(B, H, Sk, Sk).to(dtype).contiguous().requires_grad_()
-    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, backend=backend)
-    mask = out.detach() != 0  # (B, H, Sq, Sk): softmax probabilities are never exactly 0 here
-    assert 0.6 < mask.float().mean().item() < 0.9
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = oracle_attention(*leaves, scale=Sk ** -0.5, dropout_mask=mask, dropout_p=p_drop)
-    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
-    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    base = oracle_attention(*base_leaves, scale=Sk ** -0.5, dropout_mask=mask, dropout_p=p_drop, dtype=dtype)
-    base_grads = torch.autograd.grad(base, base_leaves, dout)
-    assert_rule("out", out, ref, base, dtype)
-    for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-        assert_rule(name, g, r, bg, dtype)
+    check_dropout_backward_uses_forward_mask(backend, device, dtype)
 
 
 @pytest.mark.parametrize("backend,device,dtype", _backends("deterministic"))

@@ -9,7 +9,7 @@ import fastattn
 from fastattn.compat import flash_attn as fa
 from fastattn.compat.flash_attn import bert_padding
 
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 DTYPES = [torch.float32, torch.bfloat16]
 

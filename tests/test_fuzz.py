@@ -24,7 +24,7 @@ import torch
 
 import fastattn
 from fastattn.backends import BACKENDS
-from oracle import check_rule, oracle_attention
+from support.oracle import check_rule, oracle_attention
 
 SEED = int(os.environ.get("FASTATTN_FUZZ_SEED", random.SystemRandom().randrange(2 ** 31)))
 N_CASES = int(os.environ.get("FASTATTN_FUZZ_CASES", "240"))

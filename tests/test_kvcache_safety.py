@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import fastattn
-from fastattn import decode, dispatch
+from fastattn import dispatch
 from fastattn.backends import BACKENDS
-from oracle import assert_rule, oracle_attention
+from fastattn.backends import BACKENDS
+from support.oracle import assert_rule, oracle_attention
 
 B, HQ, HKV, D, PAGE = 2, 4, 2, 16, 8
 
@@ -86,9 +87,9 @@ def test_failure_after_the_append_restores_the_caches(where, layout, monkeypatch
         raise Boom("planted kernel failure")
 
     if where == "decode_kernel":
-        if decode.DECODE_KERNELS["cpu"].unavailable():
-            pytest.skip(f"C++ CPU decode kernel unavailable: {decode.DECODE_KERNELS['cpu'].unavailable()}")
-        monkeypatch.setattr(decode.DECODE_KERNELS["cpu"], "run", boom)
+        if BACKENDS["cpu"].decode.unavailable():
+            pytest.skip(f"C++ CPU decode kernel unavailable: {BACKENDS['cpu'].decode.unavailable()}")
+        monkeypatch.setattr(BACKENDS["cpu"].decode, "run", boom)
         backend = "cpu"
     else:
         monkeypatch.setattr(BACKENDS["reference"], "forward", boom)

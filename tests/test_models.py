@@ -1,7 +1,7 @@
 """Reference models (fastattn.models) load transformers checkpoints by name and match transformers' eager models.
 
 Reference: the transformers eager model in float64 on the same weights. Ours runs in float32 and must meet the fp32
-rule on real tokens (tests/oracle.py). Greedy generation compares tokens in float64 (no argmax near-ties)."""
+rule on real tokens (tests/support/oracle.py). Greedy generation compares tokens in float64 (no argmax near-ties)."""
 import copy
 
 import pytest
@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
                                                           "whose checkpoints ours load (pip install transformers)")
 
 from fastattn.models import GPT2, Bert, BertForSequenceClassification, GPT2Config, KVCache  # noqa: E402
-from oracle import assert_rule  # noqa: E402
+from support.oracle import assert_rule  # noqa: E402
 
 V = 97
 

@@ -1,7 +1,7 @@
 """fastattn.nn.MultiheadAttention against torch.nn.MultiheadAttention, and fastattn.patch / unpatch.
 
 The reference is PyTorch's own module run in float64 on the same weights; ours runs in float32 and must meet the
-fp32 rule (1e-5 relative, tests/oracle.py). Masks are random but leave every query at least one key (PyTorch
+fp32 rule (1e-5 relative, tests/support/oracle.py). Masks are random but leave every query at least one key (PyTorch
 gives NaN for rows with none; we give 0, tested separately)."""
 import copy
 
@@ -10,7 +10,7 @@ import torch
 
 import fastattn
 from fastattn.nn import MultiheadAttention
-from oracle import assert_rule
+from support.oracle import assert_rule
 
 E, H = 48, 4  # head_dim 12
 CONFIGS = {

@@ -5,7 +5,7 @@ import torch
 
 import fastattn
 
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 
 def _tables(seqlen_ro, rotary_dim, base=10000.0):

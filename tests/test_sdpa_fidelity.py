@@ -14,7 +14,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import fastattn
 from fastattn.backends.sdpa import TORCH_SDPA
 
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 BACKENDS = ["auto", "reference", "sdpa"] + ([] if fastattn.get_backend("triton").unavailable() else ["triton"])
 

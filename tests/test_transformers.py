@@ -17,7 +17,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fa_hf  # noqa: E402
-from oracle import assert_rule  # noqa: E402
+from support.oracle import assert_rule  # noqa: E402
 from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, BertForSequenceClassification,  # noqa: E402
                           BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model)
 

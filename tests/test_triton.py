@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.backends.triton_backend import TritonBackend
+from fastattn.backends.triton import TritonBackend
 from fastattn.params import AttnParams
-from oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, oracle_attention
 
 triton_ok = not fastattn.get_backend("triton").unavailable()
 pytestmark = pytest.mark.skipif(not triton_ok, reason="triton backend unavailable here: "
@@ -22,7 +22,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 def _op():
-    from fastattn.kernels.triton import op
+    from fastattn.backends.triton.kernels import op
     return op
 
 
@@ -209,7 +209,7 @@ def test_backward_bitwise_deterministic_with_gqa_dropout_mask():
 # Autotune key bucketing and the prune predicate; registration; availability
 
 def test_autotune_key_buckets_lengths_and_prune_keeps_a_config():
-    from fastattn.kernels.triton import configs as C
+    from fastattn.backends.triton.kernels import configs as C
     assert C.bucket(65) == C.bucket(97) == C.bucket(128) == 128 and C.bucket(129) == 256 and C.bucket(3) == 16
     assert "BUCKET_Q" in C.KEY and "BUCKET_K" in C.KEY
     q = torch.empty(1, 1, 1, 256, dtype=torch.float16)
@@ -225,7 +225,7 @@ def test_autotune_key_buckets_lengths_and_prune_keeps_a_config():
 
 def test_unavailable_reasons(monkeypatch):
     b = TritonBackend()
-    monkeypatch.setattr("fastattn.backends.triton_backend.TRITON_INSTALLED", False)
+    monkeypatch.setattr("fastattn.backends.triton.TRITON_INSTALLED", False)
     assert b.unavailable() == ["triton is not installed"]
     monkeypatch.undo()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -298,7 +298,7 @@ def test_gpu_realistic(dtype, D, causal):
 @gpu
 @pytest.mark.gpu
 def test_gpu_varlen_bert_batch_and_bucketing():
-    from fastattn.kernels.triton import op
+    from fastattn.backends.triton.kernels import op
     torch.manual_seed(0)
     lens = torch.randint(30, 513, (16,)).tolist()
     H, D, dtype = 12, 64, torch.float16
@@ -341,8 +341,8 @@ def test_gpu_compile_inductor_dropout_free_mask():
 def test_autotune_off_takes_one_surviving_config(monkeypatch):
     """FASTATTN_TRITON_AUTOTUNE=0: the prune hook hands the autotuner exactly one config (so it never times any),
     chosen among the prune predicate's survivors."""
-    from fastattn.kernels.triton import configs as C
-    from fastattn.kernels.triton import op
+    from fastattn.backends.triton.kernels import configs as C
+    from fastattn.backends.triton.kernels import op
     q = torch.empty(2, 4, 1000, 128, dtype=torch.float16)
     args = dict(Q=q, BLOCK_D=128, BLOCK_DV=128, BUCKET_Q=1024, BUCKET_K=1024)
     kept = C.prune_fwd(C.FWD_CONFIGS, args)
@@ -357,8 +357,8 @@ def test_prune_drops_measured_spills(monkeypatch):
     """On sm_90 (faked: the prune predicate only reads the capability and shared memory) neither autotuning nor
     the FASTATTN_TRITON_AUTOTUNE=0 pick sees a tile measured to spill (configs.SPILLS, benchmarks/triton_static.py):
     D=256 backward takes the 32x32 dK/dV tile and the 2-stage 128x32 dQ tile."""
-    from fastattn.kernels.triton import configs as C
-    from fastattn.kernels.triton import op
+    from fastattn.backends.triton.kernels import configs as C
+    from fastattn.backends.triton.kernels import op
     monkeypatch.setattr(C, "_device_smem", lambda: ((9, 0), 232448))
     monkeypatch.setattr(op, "AUTOTUNE", False)
     kinds = {"fwd": (C.prune_fwd, C.FWD_CONFIGS), "dkdv": (C.prune_dkdv, C.DKDV_CONFIGS),

@@ -89,10 +89,10 @@ def _compile(fn, const, dt, cap, none, warps, stages):
 
 def _main(cap, variant):
     sys.path.insert(0, ROOT)
-    from fastattn.kernels.triton.bwd_dkdv import attn_bwd_dkdv
-    from fastattn.kernels.triton.bwd_dq import attn_bwd_dq
-    from fastattn.kernels.triton.bwd_preprocess import attn_bwd_preprocess
-    from fastattn.kernels.triton.fwd import attn_fwd
+    from fastattn.backends.triton.kernels.bwd_dkdv import attn_bwd_dkdv
+    from fastattn.backends.triton.kernels.bwd_dq import attn_bwd_dq
+    from fastattn.backends.triton.kernels.bwd_preprocess import attn_bwd_preprocess
+    from fastattn.backends.triton.kernels.fwd import attn_fwd
     base = dict(HEAD_D=80, HEAD_DV=80, BLOCK_D=128, BLOCK_DV=128, IS_VARLEN=False, BOTTOM_RIGHT=True,
                 WINDOW_LEFT=False, WINDOW_RIGHT=True, SOFTCAP=False, ALIBI=False, BIAS=0, DROPOUT=False,
                 PRECISION="tf32", UPCAST=False, DEBUG=False)
@@ -120,7 +120,7 @@ def _tensorcores():
     ts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ts)
     sys.path.insert(0, ROOT)
-    from fastattn.kernels.triton import configs as C
+    from fastattn.backends.triton.kernels import configs as C
     lists = {"fwd": C.FWD_CONFIGS, "dkdv": C.DKDV_CONFIGS, "dq": C.DQ_CONFIGS}
     for cap in (90, 80):
         for dtype in ("fp16", "bf16"):

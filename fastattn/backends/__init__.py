@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .base import FEATURES, Backend
+from .base import FEATURES, Backend, DecodeKernel
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
-from .triton_backend import TritonBackend
+from .triton import TritonBackend
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     TritonBackend(), CudaBackend(), CpuBackend(), SdpaBackend(), ReferenceBackend())}
@@ -29,4 +29,4 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "PREFERENCE", "FEATURES", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "PREFERENCE", "FEATURES", "Backend", "DecodeKernel", "get_backend"]

@@ -5,6 +5,16 @@ A backend is a class with class-level declarations (what it supports) and two me
   `forward(p: AttnParams)` -> (out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32 or None), differentiable.
 `reasons(p)` combines the declarations with `extra_reasons(p)`; the dispatcher takes the first preferred
 backend whose reasons are empty, and shows every backend's reasons when none can take a call.
+
+Split-KV decode (few query rows against a long KV cache) is a capability: a backend that has such a kernel sets
+`decode` to a `DecodeKernel` (its own dtypes, head dims and row limit; the backend's devices), and
+`decode_reasons(c)` checks a `DecodeCall` against it with the same rules as `reasons`.
+
+`auto_reasons(p)` is consulted only when the backend is being chosen by `auto`: a backend that can run a call
+but should not be picked for it automatically (another is faster there) says why; requested explicitly, it runs.
+
+The dispatcher caches `static_reasons` / `static_decode_reasons` on a key of the call's declared facts
+(fastattn/dispatch.py `_key`); `extra_reasons`, `extra_decode_reasons` and `auto_reasons` run on every call.
 """
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from typing import FrozenSet, List, Optional, Tuple
 
 import torch
 
-from ..params import AttnParams
+from ..params import AttnParams, DecodeCall
 
 # Features a backend may declare. The test matrix is generated from these.
 FEATURES = frozenset({
@@ -33,6 +43,65 @@ FEATURES = frozenset({
 })
 
 
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt)[6:]
+
+
+def needed_features(p: AttnParams) -> Tuple[str, ...]:
+    """The FEATURES a call uses, in a fixed order (also the refusal order of `reasons`)."""
+    need = []
+    if p.causal:
+        need.append("causal")
+        if p.bottom_right and (p.seqlen_q != p.seqlen_k or p.is_varlen):
+            need.append("bottom_right")
+    if p.has_window:
+        need.append("window")
+        if p.bottom_right:
+            need.append("bottom_right")
+    if p.attn_bias is not None:
+        need.append("mask")
+        if p.attn_bias.requires_grad and torch.is_grad_enabled():
+            need.append("mask_grad")
+    if p.dropout_p > 0:
+        need.append("dropout")
+    if p.is_gqa:
+        need.append("gqa")
+    if p.is_varlen:
+        need.append("varlen")
+    if p.softcap > 0:
+        need.append("softcap")
+    if p.alibi_slopes is not None:
+        need.append("alibi")
+    if p.requires_grad:
+        need.append("grad")
+        if p.deterministic:
+            need.append("deterministic")
+    if p.return_lse:
+        need.append("lse")
+    return tuple(dict.fromkeys(need))
+
+
+class DecodeKernel:
+    """A backend's split-KV decode kernel: what it takes beyond the backend's devices, and how to run it.
+
+    Contract: torch.ops.fastattn.decode_fwd (csrc/ops.cpp) on a DecodeCall -> (out (B, Hq, Sq, Dv),
+    lse (B, Hq, Sq) fp32). Inference only. max_rows bounds (Hq / Hkv) * Sq, the query rows of one program tile."""
+    name: str = "?"
+    dtypes: FrozenSet[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    head_dims: Tuple[int, int] = (1, 256)
+    max_rows: int = 1 << 30
+
+    def unavailable(self) -> List[str]:
+        return []
+
+    def extra_reasons(self, c: DecodeCall) -> List[str]:
+        """Checks that depend on more than the call's declared facts (alignment, data pointers)."""
+        return []
+
+    def run(self, c: DecodeCall):
+        raise NotImplementedError
+
+
 class Backend:
     name: str = "?"
     description: str = ""
@@ -41,6 +110,7 @@ class Backend:
     head_dims: Tuple[int, int] = (1, 256)   # inclusive range of D (and Dv)
     features: FrozenSet[str] = frozenset()
     min_capability: Optional[Tuple[int, int]] = None  # CUDA compute capability
+    decode: Optional[DecodeKernel] = None  # split-KV decode kernel, if the backend has one
 
     def unavailable(self) -> List[str]:
         return []
@@ -48,27 +118,33 @@ class Backend:
     def extra_reasons(self, p: AttnParams) -> List[str]:
         return []
 
+    def auto_reasons(self, p: AttnParams) -> List[str]:
+        """Why `auto` should pass this backend over for a call it can run (e.g. another is faster there).
+        Never consulted when the backend is requested explicitly."""
+        return []
+
     def forward(self, p: AttnParams):
         raise NotImplementedError
 
-    def supports(self, feature: str) -> bool:
-        return feature in self.features
+    def _declared(self, r: List[str], dev: str, dtype: torch.dtype, dtypes, head_dims, d: int, dv: int):
+        """The device, dtype and head-dim rules shared by prefill and decode admission."""
+        if dev not in self.devices:
+            r.append(f"device {dev} not supported (supports {', '.join(sorted(self.devices))})")
+        if dtype not in dtypes:
+            r.append(f"dtype {_dtype_name(dtype)} not supported (supports "
+                     f"{', '.join(sorted(_dtype_name(x) for x in dtypes))})")
+        lo, hi = head_dims
+        for nm, x in (("head dim", d), ("value head dim", dv)):
+            if not lo <= x <= hi:
+                r.append(f"{nm} {x} outside supported range [{lo}, {hi}]")
 
-    def reasons(self, p: AttnParams) -> List[str]:
-        """Human-readable reasons this backend cannot take the call; empty when it can."""
+    def static_reasons(self, p: AttnParams, need: Optional[Tuple[str, ...]] = None) -> List[str]:
+        """The reasons that follow from the declarations alone (what the dispatcher caches)."""
         r = list(self.unavailable())
         if r:
             return r
         dev = p.device.type
-        if dev not in self.devices:
-            r.append(f"device {dev} not supported (supports {', '.join(sorted(self.devices))})")
-        if p.dtype not in self.dtypes:
-            r.append(f"dtype {str(p.dtype)[6:]} not supported (supports "
-                     f"{', '.join(sorted(str(d)[6:] for d in self.dtypes))})")
-        lo, hi = self.head_dims
-        for nm, d in (("head dim", p.head_dim), ("value head dim", p.head_dim_v)):
-            if not lo <= d <= hi:
-                r.append(f"{nm} {d} outside supported range [{lo}, {hi}]")
+        self._declared(r, dev, p.dtype, self.dtypes, self.head_dims, p.head_dim, p.head_dim_v)
         if p.head_dim != p.head_dim_v and "dv_ne_d" not in self.features:
             r.append(f"value head dim {p.head_dim_v} != query head dim {p.head_dim}")
         if dev == "cuda" and self.min_capability is not None and torch.cuda.is_available():
@@ -76,38 +152,41 @@ class Backend:
             if cap < self.min_capability:
                 r.append(f"GPU capability {cap[0]}.{cap[1]} below required "
                          f"{self.min_capability[0]}.{self.min_capability[1]}")
-        need = []
-        if p.causal:
-            need.append("causal")
-            if p.bottom_right and p.seqlen_q != p.seqlen_k or p.bottom_right and p.is_varlen:
-                need.append("bottom_right")
-        if p.has_window:
-            need.append("window")
-            if p.bottom_right:
-                need.append("bottom_right")
-        if p.attn_bias is not None:
-            need.append("mask")
-            if p.attn_bias.requires_grad and torch.is_grad_enabled():
-                need.append("mask_grad")
-        if p.dropout_p > 0:
-            need.append("dropout")
-        if p.is_gqa:
-            need.append("gqa")
-        if p.is_varlen:
-            need.append("varlen")
-        if p.softcap > 0:
-            need.append("softcap")
-        if p.alibi_slopes is not None:
-            need.append("alibi")
-        if p.requires_grad:
-            need.append("grad")
-            if p.deterministic:
-                need.append("deterministic")
-        if p.return_lse:
-            need.append("lse")
-        for f in dict.fromkeys(need):
+        for f in needed_features(p) if need is None else need:
             if f not in self.features:
                 r.append(f"{f.replace('_', ' ')} not supported")
-        if not r:
-            r += self.extra_reasons(p)
         return r
+
+    def reasons(self, p: AttnParams) -> List[str]:
+        """Human-readable reasons this backend cannot take the call; empty when it can."""
+        return self.static_reasons(p) or self.extra_reasons(p)
+
+    def static_decode_reasons(self, c: DecodeCall) -> List[str]:
+        """Why this backend's decode kernel cannot take c, from the declarations alone; empty when it can."""
+        k = self.decode
+        if k is None:
+            return ["backend has no split-KV decode kernel"]
+        r = list(self.unavailable()) or list(k.unavailable())
+        if r:
+            return r
+        q = c.q
+        self._declared(r, q.device.type, q.dtype, k.dtypes, k.head_dims, q.shape[-1], c.v_cache.shape[-1])
+        if c.requires_grad():
+            r.append("autograd needed (decode kernels are inference-only)")
+        if q.numel() == 0:
+            r.append("empty query")
+        rows = (q.shape[1] // c.k_cache.shape[2]) * q.shape[2]
+        if rows > k.max_rows:
+            r.append(f"{rows} query rows per KV head (Hq/Hkv x Sq) exceed {k.max_rows}: "
+                     "a prefill kernel fits better")
+        return r
+
+    def extra_decode_reasons(self, c: DecodeCall) -> List[str]:
+        """Per-call decode checks: strides, and the kernel's own (alignment)."""
+        if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (c.q, c.k_cache, c.v_cache)):
+            return ["q or cache not contiguous along the head dim"]
+        return self.decode.extra_reasons(c)
+
+    def decode_reasons(self, c: DecodeCall) -> List[str]:
+        """Human-readable reasons this backend's split-KV decode kernel cannot take c; empty when it can."""
+        return self.static_decode_reasons(c) or self.extra_decode_reasons(c)

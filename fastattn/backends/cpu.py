@@ -10,6 +10,7 @@ import torch
 from .. import ops
 from ..params import AttnParams
 from .base import Backend
+from .cpp_decode import CPU_DECODE
 
 # Checked once at import: the dispatcher query cannot be traced by torch.compile (fullgraph would break).
 _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if not ops.loaded() else
@@ -48,6 +49,8 @@ class CpuBackend(Backend):
     # tests/test_cpu_kernels.py. Not declared: mask_grad (no gradient for attn_mask).
     features = frozenset({"causal", "bottom_right", "window", "mask", "dropout", "gqa", "varlen", "softcap",
                           "alibi", "grad", "deterministic", "lse", "dv_ne_d"})
+
+    decode = CPU_DECODE  # split-KV decode kernel (csrc/cpu/decode.cpp)
 
     def unavailable(self):
         return list(_UNAVAILABLE)

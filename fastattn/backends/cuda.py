@@ -14,8 +14,25 @@ import torch
 from .. import ops
 from ..params import AttnParams
 from .base import Backend
+from .cpp_decode import CUDA_DECODE
 
 _GRID_LIMIT = 65535  # gridDim.y / gridDim.z: heads and batch entries (sequences in varlen mode)
+
+
+def _unavailable():
+    if not ops.loaded():
+        return [f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"]
+    if not ops.cuda_built():
+        return ["fastattn._C was built without CUDA (FASTATTN_BUILD_CUDA=0, no nvcc, or CPU-only torch)"]
+    if not ops.has_kernel("CUDA"):
+        return ["no CUDA kernel registered for fastattn::fwd in this build"]
+    if not torch.cuda.is_available():
+        return ["no CUDA device available"]
+    return []
+
+
+# Checked once at import: the dispatcher query cannot be traced by torch.compile (fullgraph would break).
+_UNAVAILABLE = _unavailable()
 
 
 class CudaBackend(Backend):
@@ -27,17 +44,10 @@ class CudaBackend(Backend):
     features = frozenset({"causal", "bottom_right", "window", "gqa", "varlen", "grad", "deterministic", "lse",
                           "dv_ne_d", "dropout"})
     min_capability = (8, 0)
+    decode = CUDA_DECODE
 
     def unavailable(self):
-        if not ops.loaded():
-            return [f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"]
-        if not ops.cuda_built():
-            return ["fastattn._C was built without CUDA (FASTATTN_BUILD_CUDA=0, no nvcc, or CPU-only torch)"]
-        if not ops.has_kernel("CUDA"):
-            return ["no CUDA kernel registered for fastattn::fwd in this build"]
-        if not torch.cuda.is_available():
-            return ["no CUDA device available"]
-        return []
+        return list(_UNAVAILABLE)
 
     def extra_reasons(self, p: AttnParams):
         r = []

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .. import functional
+from ..backends import get_backend
 
 NAME = "fastattn"
 
@@ -184,9 +185,8 @@ def register(name: str = NAME, backend: Optional[str] = None) -> str:
     if not isinstance(name, str) or not name or "flash" in name or "/" in name or name.startswith("paged|"):
         raise ValueError(f"fastattn: attention implementation name {name!r} is invalid: transformers treats names "
                          f"containing 'flash' or '/' (and 'paged|' prefixes) specially")
-    if backend is not None:
-        from ..dispatch import requested_backend
-        requested_backend(backend)  # unknown names raise now
+    if backend is not None and backend != "auto":
+        get_backend(backend)  # unknown names raise now
     fn = fastattn_attention_forward if backend is None else functools.partial(fastattn_attention_forward,
                                                                               backend=backend)
     AttentionInterface.register(name, fn)

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 import fastattn
-from oracle import oracle_attention
+from .oracle import check_rule, oracle_attention
 
 LOW = (torch.float16, torch.bfloat16)
 TESTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -273,3 +273,34 @@ def run_oracle(case: Case, q, k, v, g, dtype=torch.float64):
                          softcap=case.softcap, alibi_slopes=g.get("alibi"), dtype=dtype)
     lse = _oracle_lse(qb, kb, scale, window, br, case.softcap, g.get("alibi"), dtype) if case.lse else None
     return (o.transpose(1, 2) if case.surface == "flash" else o), lse
+
+
+def run_case(backend, case, dtype, device):
+    """Runs one matrix cell; returns a list of (ok, message) for out, lse and each gradient."""
+    q, k, v, g = make_inputs(case, dtype, device)
+    want_grad = case.grad and "grad" in fastattn.get_backend(backend).features
+    leaves = [t.detach().clone().requires_grad_(want_grad) for t in (q, k, v)]
+    out, lse = run_fastattn(case, *leaves, g, backend)
+
+    ref_leaves = [t.detach().double().requires_grad_(want_grad) for t in (q, k, v)]
+    ref, ref_lse = run_oracle(case, *ref_leaves, g)
+    base_leaves = [t.detach().clone().requires_grad_(want_grad) for t in (q, k, v)]
+    base, base_lse = run_oracle(case, *base_leaves, g, dtype=dtype) if dtype in LOW else (ref, ref_lse)
+
+    results = [check_rule("out", out, ref, base, dtype)]
+    if case.lse:
+        results.append(check_rule("lse", lse, ref_lse, base_lse, dtype))
+    if want_grad:
+        dout = torch.randn_like(ref)
+        grads = torch.autograd.grad(out, leaves, dout.to(dtype).to(device))
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+        base_grads = (torch.autograd.grad(base, base_leaves, dout.to(dtype)) if dtype in LOW else ref_grads)
+        for name, a, r, bb in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+            results.append(check_rule(name, a, r, bb, dtype))
+    return results
+
+
+def cell_id(x):
+    """pytest id of a matrix cell (backend, case, dtype, device)."""
+    b, case, dt, dev = x
+    return f"{b}-{case.name}-{str(dt)[6:]}-{dev}"

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from . import configs as C
-from ...ops import autograd_pair
+from ....ops import autograd_pair
 from .bwd_dkdv import attn_bwd_dkdv
 from .bwd_dq import attn_bwd_dq
 from .bwd_preprocess import attn_bwd_preprocess

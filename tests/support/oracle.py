@@ -112,3 +112,25 @@ def assert_rule(name, fast, ref, base, dtype, **kw):
     ok, msg = check_rule(name, fast, ref, base, dtype, **kw)
     print(msg)
     assert ok, msg
+
+
+def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
+    """Log-sum-exp of the visible scores (bottom-right) computed in dtype (float64: the reference; the inputs'
+    precision: the naive baseline of the tolerance rule), +inf for rows with no visible key.
+    q (1, Hq, Sq, D), k (1, Hkv, L, D)."""
+    q, k = q.to(dtype), k.to(dtype)
+    Hq, Sq, L = q.shape[1], q.shape[2], k.shape[2]
+    k = k[:, torch.arange(Hq) // (Hq // k.shape[1])]
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = torch.arange(Sq).view(Sq, 1), torch.arange(L).view(1, L)
+    if alibi is not None:
+        s = s - alibi.to(dtype).view(1, Hq, 1, 1) * (i + L - Sq - j).abs().to(dtype)
+    vis = torch.ones(Sq, L, dtype=torch.bool)
+    if window[0] >= 0:
+        vis &= j >= i + L - Sq - window[0]
+    if window[1] >= 0:
+        vis &= j <= i + L - Sq + window[1]
+    lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), dim=-1)
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))

@@ -274,7 +274,7 @@ def _check(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi, 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right,
                   softcap, alibi_slopes, num_splits):
     """Same contract as torch.ops.fastattn.decode_fwd (csrc/ops.cpp). Values were validated by the caller
-    (fastattn/kvcache.py or fastattn/decode.py); the shapes and dtypes the kernel indexes by are checked here, and
+    (fastattn/kvcache.py or fastattn/dispatch.py); the shapes and dtypes the kernel indexes by are checked here, and
     the kernel clamps every index into the cache, so a direct call cannot read outside it."""
     _check(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, window_left, window_right,
            softcap)
@@ -332,7 +332,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     return out, lse
 
 
-# torch.library registration, as fastattn/kernels/triton/op.py: a triton_op on GPUs (torch.compile traces into the
+# torch.library registration, as kernels/op.py: a triton_op on GPUs (torch.compile traces into the
 # launcher), an opaque custom_op with a fake function under the interpreter.
 _define = (lambda name: torch.library.custom_op(name, mutates_args=())) if INTERPRET else \
     (lambda name: torch.library.triton_op(name, mutates_args=()))

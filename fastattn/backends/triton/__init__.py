@@ -1,4 +1,4 @@
-"""`triton`: fastattn's Triton kernels (fastattn/kernels/triton): FlashAttention-2-style fused forward and
+"""`triton`: fastattn's Triton kernels (fastattn/backends/triton/kernels): FlashAttention-2-style fused forward and
 backward. On CPU tensors they run through Triton's interpreter when TRITON_INTERPRET=1 is set before triton is
 imported (how CI tests them; slow, for testing only).
 
@@ -11,8 +11,9 @@ import os
 
 import torch
 
-from ..params import AttnParams
-from .base import Backend
+from ...ops import dropout_seed
+from ...params import AttnParams, DecodeCall
+from ..base import Backend, DecodeKernel
 
 
 # Looked up once at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec, and
@@ -24,6 +25,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class TritonDecode(DecodeKernel):
+    """kernels/decode.py: split-KV decode on the cache in its own layout (dense or paged)."""
+    name = "triton.decode_split"
+    head_dims = (16, 256)
+    max_rows = 128
+
+    def unavailable(self):
+        try:
+            from .kernels import decode  # noqa: F401  (imports triton: only when asked)
+        except Exception as e:  # noqa: BLE001  (no triton, or an incompatible one)
+            return [f"triton decode kernel not importable ({type(e).__name__}: {e})"]
+        return []
+
+    def run(self, c: DecodeCall):
+        from .kernels import decode  # noqa: F401  (registers torch.ops.fastattn.triton_decode_fwd)
+        return torch.ops.fastattn.triton_decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
+                                                    c.cache_batch_idx, c.scale, c.window_left, c.window_right,
+                                                    c.softcap, c.alibi_slopes, c.num_splits)
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = "fused Triton kernels (GPU; CPU through TRITON_INTERPRET=1)"
@@ -33,6 +54,7 @@ class TritonBackend(Backend):
     min_capability = (8, 0)  # bf16 tensor cores; tested configs target sm80/sm90
     features = frozenset({"causal", "bottom_right", "window", "mask", "dropout", "gqa", "varlen", "softcap", "alibi",
                           "grad", "deterministic", "lse", "dv_ne_d"})
+    decode = TritonDecode()
 
     def unavailable(self):
         if not TRITON_INSTALLED:
@@ -48,8 +70,7 @@ class TritonBackend(Backend):
         return r
 
     def forward(self, p: AttnParams):
-        from ..kernels.triton import op  # imports triton and registers torch.ops.fastattn.triton_fwd
-        from ..ops import dropout_seed
+        from .kernels import op  # noqa: F401  (imports triton, registers torch.ops.fastattn.triton_fwd)
         seed, offset = dropout_seed(p)
         bias = p.attn_bias
         if bias is not None and bias.stride(-1) != 1 and bias.stride(-1) != 0:

@@ -1,0 +1,115 @@
+"""Per-call latency of small attention calls: torch SDPA vs fastattn, side by side, one thread.
+
+For each call it times, interleaved round by round:
+  sdpa      torch.nn.functional.scaled_dot_product_attention on the same tensors (B, H, S, D)
+  fastattn  the fastattn public function
+  op        the backend entry point fastattn ends in for this call (the decode kernel's run(DecodeCall) or the
+            backend's forward(AttnParams)), on arguments prepared once, so it holds no fastattn Python work
+and reports fastattn / sdpa and the Python overhead = fastattn - op. Targets (issue 13): fastattn <= 1.3x SDPA,
+overhead <= 10 us. Small calls are what this measures: the kernels themselves take a few microseconds.
+
+    python benchmarks/bench_overhead.py            # ~1 min
+    python benchmarks/bench_overhead.py --quick    # a few seconds, noisier
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
+import fastattn  # noqa: E402
+from fastattn import dispatch  # noqa: E402
+from fastattn.functional import _sdpa_params  # noqa: E402
+from fastattn.params import DecodeCall  # noqa: E402
+
+
+def _op_for_sdpa(q, k, v, causal):
+    """The backend call fastattn.scaled_dot_product_attention ends in, with its arguments prepared once."""
+    p = _sdpa_params(q, k, v, None, 0.0, causal, None, False)
+    ex = dispatch.explain_params(p)
+    b = fastattn.BACKENDS[ex.chosen]
+    if ex.decode is not None and ex.decode.kernel is not None:
+        c = dispatch.dense_call(p)
+        return f"{ex.chosen}: {b.decode.name}", lambda: b.decode.run(c)
+    return f"{ex.chosen}: forward", lambda: b.forward(p)
+
+
+def cases():
+    """name -> (sdpa fn, fastattn fn, (op label, op fn))"""
+    out = {}
+    # GPT-2 decode step: q (1, 12, 1, 64) against a 128-token cache.
+    q, k, v = torch.randn(1, 12, 1, 64), torch.randn(1, 12, 128, 64), torch.randn(1, 12, 128, 64)
+    out["gpt2 decode, sdpa api (Sk=128)"] = (lambda: F.scaled_dot_product_attention(q, k, v),
+                                             lambda: fastattn.scaled_dot_product_attention(q, k, v),
+                                             _op_for_sdpa(q, k, v, False))
+    qf = q.transpose(1, 2).contiguous()  # (1, 1, 12, 64) flash layout
+    kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # (1, 128, 12, 64) cache
+    lens = torch.tensor([128], dtype=torch.int32)
+    ex = fastattn.explain_kvcache(qf, kc, vc, cache_seqlens=lens)
+    if ex.kernel is not None:
+        c = DecodeCall(q=qf.transpose(1, 2), k_cache=kc, v_cache=vc, seqlens_k=lens, scale=64 ** -0.5)
+        kern = fastattn.BACKENDS[ex.chosen].decode
+        op = (f"{ex.chosen}: {kern.name}", lambda: kern.run(c))
+    else:
+        op = ("generic path (no decode kernel)", None)
+    out["gpt2 decode, flash_attn_with_kvcache"] = (lambda: F.scaled_dot_product_attention(q, k, v),
+                                                   lambda: fastattn.flash_attn_with_kvcache(qf, kc, vc,
+                                                                                            cache_seqlens=lens),
+                                                   op)
+    # BERT-base batch: 8 sequences of 16 tokens.
+    qb, kb, vb = (torch.randn(8, 12, 16, 64) for _ in range(3))
+    out["bert batch (8,12,16,64)"] = (lambda: F.scaled_dot_product_attention(qb, kb, vb),
+                                      lambda: fastattn.scaled_dot_product_attention(qb, kb, vb),
+                                      _op_for_sdpa(qb, kb, vb, False))
+    # A short causal prompt.
+    qp, kp, vp = (torch.randn(1, 12, 32, 64) for _ in range(3))
+    out["causal prompt (1,12,32,64)"] = (lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True),
+                                         lambda: fastattn.scaled_dot_product_attention(qp, kp, vp, is_causal=True),
+                                         _op_for_sdpa(qp, kp, vp, True))
+    return out
+
+
+def _per_call_us(fn, inner):
+    t = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t) / inner * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds per call (default 30, --quick 7)")
+    ap.add_argument("--inner", type=int, default=200, help="calls per round")
+    args = ap.parse_args()
+    rounds = args.rounds or (7 if args.quick else 30)
+    inner = args.inner // 4 if args.quick else args.inner
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, CPU, 1 thread, fp32; median over {rounds} rounds of {inner} calls (us/call)")
+    print(f"{'call':<38} {'sdpa':>8} {'fastattn':>9} {'ratio':>6} {'op':>8} {'overhead':>9}  op")
+    for name, (sdpa, ours, (op_label, op)) in cases().items():
+        fns = {"sdpa": sdpa, "ours": ours}
+        if op is not None:
+            fns["op"] = op
+        for f in fns.values():  # warm-up: caches, first-call work
+            for _ in range(5):
+                f()
+        samples = {k: [] for k in fns}
+        for _ in range(rounds):  # interleaved, so drift hits every column alike
+            for k, f in fns.items():
+                samples[k].append(_per_call_us(f, inner))
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        op_us = med.get("op")
+        print(f"{name:<38} {med['sdpa']:8.1f} {med['ours']:9.1f} {med['ours'] / med['sdpa']:5.2f}x "
+              + (f"{op_us:8.1f} {med['ours'] - op_us:9.1f}" if op_us is not None else f"{'-':>8} {'-':>9}")
+              + f"  {op_label}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,0 @@
-"""Kernel packages that are not part of the C++ extension (currently: triton/). Imported lazily by backends."""

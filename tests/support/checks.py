@@ -1,0 +1,52 @@
+"""Checks that both a test module and a planted-bug test (test_checks_catch_bugs.py) run."""
+import torch
+
+import fastattn
+
+from .oracle import assert_rule, oracle_attention
+
+
+def check_dropout_backward_uses_forward_mask(backend, device, dtype):
+    """With V = identity, out = P∘M/(1-p) exposes the forward's mask M; the gradients must match the oracle run
+    with that same mask, which fails if the backward regenerates a different one."""
+    p_drop, B, H, Sq, Sk = 0.25, 1, 2, 17, 32
+    q = torch.randn(B, H, Sq, Sk, device=device).to(dtype).requires_grad_()
+    k = torch.randn(B, H, Sk, Sk, device=device).to(dtype).requires_grad_()
+    v = torch.eye(Sk, device=device).expand(B, H, Sk, Sk).to(dtype).contiguous().requires_grad_()
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, backend=backend)
+    mask = out.detach() != 0  # (B, H, Sq, Sk): softmax probabilities are never exactly 0 here
+    assert 0.6 < mask.float().mean().item() < 0.9
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = oracle_attention(*leaves, scale=Sk ** -0.5, dropout_mask=mask, dropout_p=p_drop)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base = oracle_attention(*base_leaves, scale=Sk ** -0.5, dropout_mask=mask, dropout_p=p_drop, dtype=dtype)
+    base_grads = torch.autograd.grad(base, base_leaves, dout)
+    assert_rule("out", out, ref, base, dtype)
+    for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert_rule(name, g, r, bg, dtype)
+
+
+def check_mask_grad(backend, device, dtype, mask_shape, causal):
+    """The gradient with respect to a float attn_mask (and q, k, v) against the float64 oracle, tolerance rule."""
+    B, H, Sq, Sk, D = 2, 3, 13, 21, 16
+    q, k, v = (torch.randn(B, H, s, D, device=device).to(dtype) for s in (Sq, Sk, Sk))
+    mask = torch.randn(*mask_shape, device=device).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    out = fastattn.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], is_causal=causal, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    window = (-1, 0) if causal else (-1, -1)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
+    ref = oracle_attention(*ref_leaves[:3], scale=D ** -0.5, mask=ref_leaves[3], window=window)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    base_grads = [None] * 4
+    if dtype != torch.float32:
+        base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mask)]
+        base = oracle_attention(*base_leaves[:3], scale=D ** -0.5, mask=base_leaves[3], window=window, dtype=dtype)
+        base_grads = torch.autograd.grad(base, base_leaves, dout)
+    assert grads[3] is not None and grads[3].shape == mask.shape
+    for name, g, r, bg in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, base_grads):
+        assert_rule(name, g, r, bg, dtype)

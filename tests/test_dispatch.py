@@ -1,0 +1,135 @@
+"""The dispatcher's fast path and its hooks: the cached decision equals the uncached one for every call shape and
+feature, describe()/explanations are built only on request or refusal, auto_reasons is consulted only under auto."""
+import itertools
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import dispatch
+from fastattn.backends import BACKENDS, PREFERENCE, Backend
+from fastattn.functional import _flash_params, _sdpa_params
+from fastattn.params import AttnParams
+
+
+def rnd(*shape, grad=False):
+    return torch.randn(*shape).requires_grad_(grad)
+
+
+def _variants():
+    """AttnParams that differ in one fact at a time (shape class, features, grad), all CPU."""
+    out = []
+    for Sq, Sk, Hkv in ((1, 40, 4), (1, 40, 2), (3, 3, 4), (8, 20, 4), (9, 20, 4), (20, 20, 2)):
+        for causal, grad, mask in itertools.product((False, True), (False, True), (False, True)):
+            q, k, v = rnd(2, 4, Sq, 16, grad=grad), rnd(2, Hkv, Sk, 16), rnd(2, Hkv, Sk, 16)
+            m = torch.rand(2, 1, 1, Sk) > 0.2 if mask else None
+            out.append(_sdpa_params(q, k, v, m, 0.0, causal, None, Hkv != 4))
+        for kw in (dict(softcap=2.0), dict(window_size=(3, 0)), dict(return_lse=True), dict(dropout_p=0.1),
+                   dict(causal=True), dict(alibi_slopes=torch.rand(4))):
+            q, k, v = rnd(2, Sq, 4, 16), rnd(2, Sk, Hkv, 16), rnd(2, Sk, Hkv, 16)
+            a = dict(dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                     alibi_slopes=None, deterministic=False, return_lse=False)
+            a.update(kw)
+            out.append(_flash_params(q, k, v, a["dropout_p"], a["softmax_scale"], a["causal"], a["window_size"],
+                                     a["softcap"], a["alibi_slopes"], a["deterministic"], a["return_lse"]))
+    q, k, v = rnd(2, 4, 16, 24), rnd(2, 4, 16, 24), rnd(2, 4, 16, 40)  # Dv != D
+    out.append(_sdpa_params(q, k, v, None, 0.0, False, None, False))
+    return out
+
+
+@pytest.mark.parametrize("requested", ["auto", "cpu", "sdpa", "reference"])
+def test_cached_decision_equals_uncached(requested, monkeypatch):
+    """A key that misses a fact the declarations read would hand one call another's cached decision."""
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    if BACKENDS[requested if requested != "auto" else "cpu"].unavailable():
+        pytest.skip(f"{requested} unavailable here: {BACKENDS[requested].unavailable()}")
+    variants = _variants()
+    for route in (True, False):
+        for p in variants + variants:  # the second pass is all cache hits
+            cached = dispatch._choice(p, requested, route)
+            fresh = dispatch._decide(p, requested, route)
+            assert cached == fresh, (p.describe(), route, cached, fresh)
+    assert 0 < len(dispatch._CHOICES) <= 2 * len(variants)
+
+
+def test_hot_path_builds_no_description(monkeypatch):
+    """describe() (and so every explanation) runs only when asked for or on refusal."""
+    def boom(self):
+        raise AssertionError("describe() on the per-call path")
+
+    q, k, v = rnd(1, 12, 1, 64), rnd(1, 12, 128, 64), rnd(1, 12, 128, 64)
+    qb = rnd(8, 12, 16, 64)
+    monkeypatch.setattr(AttnParams, "describe", boom)
+    for _ in range(3):
+        fastattn.scaled_dot_product_attention(q, k, v)
+        fastattn.scaled_dot_product_attention(qb, qb, qb, is_causal=True)
+        fastattn.flash_attn_func(qb.transpose(1, 2), qb.transpose(1, 2), qb.transpose(1, 2), causal=True)
+        fastattn.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=128)
+    monkeypatch.undo()
+    assert "call: q(1, 12, 1, 64)" in str(fastattn.explain(q, k, v))
+
+
+def test_cache_hit_skips_the_declaration_walk(monkeypatch):
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    calls = []
+    real = Backend.static_reasons
+    monkeypatch.setattr(Backend, "static_reasons", lambda self, p, need=None: calls.append(self.name) or
+                        real(self, p, need))
+    q = rnd(8, 12, 16, 64)
+    for _ in range(5):
+        fastattn.scaled_dot_product_attention(q, q, q)
+    assert len(calls) == len(PREFERENCE["cpu"]), calls  # the first call only
+
+
+def test_refusal_messages_unchanged():
+    q = rnd(1, 2, 4, 16)
+    with pytest.raises(fastattn.BackendUnavailableError,
+                       match=r"^fastattn: backend 'sdpa' cannot run this call \(q\(1, 4, 2, 16\) .*\): softcap not "
+                             r"supported$"):
+        fastattn.flash_attn_func(q, q, q, softcap=1.0, backend="sdpa")
+
+
+def test_env_and_context_changes_take_effect(monkeypatch):
+    q = rnd(1, 2, 4, 16)
+    monkeypatch.setenv("FASTATTN_BACKEND", "sdpa")
+    with pytest.raises(fastattn.BackendUnavailableError, match="'sdpa'"):
+        fastattn.flash_attn_func(q, q, q, softcap=1.0)
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+    fastattn.flash_attn_func(q, q, q, softcap=1.0)
+    with fastattn.use_backend("sdpa"), pytest.raises(fastattn.BackendUnavailableError, match="'sdpa'"):
+        fastattn.flash_attn_func(q, q, q, softcap=1.0)
+
+
+class _Declining(Backend):
+    """Takes every CPU call, but asks auto to pass it over for short sequences."""
+    name = "declining"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32})
+    features = BACKENDS["reference"].features
+    runs = 0
+
+    def auto_reasons(self, p):
+        return ["sdpa is faster below 64 keys"] if p.seqlen_k < 64 else []
+
+    def forward(self, p):
+        type(self).runs += 1
+        return BACKENDS["reference"].forward(p)
+
+
+def test_auto_reasons_only_under_auto(monkeypatch):
+    monkeypatch.setitem(BACKENDS, "declining", _Declining())
+    monkeypatch.setitem(PREFERENCE, "cpu", ["declining"] + PREFERENCE["cpu"])
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    _Declining.runs = 0
+    short, long_ = rnd(1, 2, 8, 16), rnd(1, 2, 80, 16)
+    ex = fastattn.explain(short, short, short)
+    assert ex.chosen != "declining" and ex.declined == {"declining": ["sdpa is faster below 64 keys"]}, str(ex)
+    assert "declining: passed over by auto — sdpa is faster below 64 keys" in str(ex), str(ex)
+    fastattn.scaled_dot_product_attention(short, short, short)
+    assert _Declining.runs == 0
+    assert fastattn.explain(long_, long_, long_).chosen == "declining"
+    fastattn.scaled_dot_product_attention(long_, long_, long_)
+    assert _Declining.runs == 1
+    assert fastattn.explain(short, short, short, backend="declining").chosen == "declining"
+    fastattn.scaled_dot_product_attention(short, short, short, backend="declining")
+    assert _Declining.runs == 2
