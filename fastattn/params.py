@@ -260,7 +260,11 @@ def check_softcap(softcap) -> float:
 
 
 def check_int(x, name: str, lo: int = 0) -> int:
-    """An integer argument (int, numpy or 0-d integer tensor; floats are refused, not truncated) in [lo, 2**63)."""
+    """An integer argument (int, numpy or 0-d integer tensor; floats are refused, not truncated) in [lo, 2**63).
+    Under torch.compile it passes through unchecked (the C++ ops check what their kernels rely on): reading a
+    symbolic size here would specialise the graph on its value."""
+    if torch.compiler.is_compiling():
+        return x
     try:
         i = operator.index(x)
     except TypeError:

@@ -161,7 +161,7 @@ def test_huge_window_means_unlimited():
 
 _TRITON_BAD_VALUES = textwrap.dedent("""
     import torch
-    from fastattn.kernels.triton import decode, op  # noqa: F401  (register the triton ops)
+    from fastattn.backends.triton.kernels import decode, op  # noqa: F401  (register the triton ops)
     T = lambda *x: torch.tensor(x, dtype=torch.int32)
     q = torch.randn(1, 2, 40, 16)
     for cu_q, cu_k, mq, mk in (((-30, 10, 40), (0, 20, 40), 64, 64), ((0, 30, 10, 40), (0, 5, 30, 40), 40, 40),

@@ -78,7 +78,7 @@ def _meta(q, k, v, bias, alibi, cu_q, max_q, max_k, scale, wl, wr, br, softcap, 
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     varlen = cu_q is not None
     if varlen:  # no sequence is longer than its tensor: a larger max_seqlen would only grow the grid
-        max_q, max_k = min(max(max_q, 0), Sq), min(max(max_k, 0), Sk)
+        max_q, max_k = torch.sym_min(torch.sym_max(max_q, 0), Sq), torch.sym_min(torch.sym_max(max_k, 0), Sk)
     if bias is None:
         bias_kind, bstr = 0, (0, 0, 0, 0)
     else:
