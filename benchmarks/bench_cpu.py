@@ -5,7 +5,7 @@
 
 Each cell times both implementations alternately in the same process (median of --reps runs after a warm-up)
 and prints torch_ms / ours_ms (> 1 means fastattn is faster). Forward and forward+backward. FLOPs follow
-shared/PERF.md (4*B*H*Sq*Sk*D forward, halved for causal; 3.5x for forward+backward). Speed is never
+FlashAttention's convention (4*B*H*Sq*Sk*D forward, halved for causal; 3.5x for forward+backward). Speed is never
 asserted; on a shared machine repeat and compare the spread.
 """
 from __future__ import annotations
@@ -18,17 +18,21 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn import ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+CLOCK = time.perf_counter  # --cpu-time: time.process_time (one thread on a shared machine: waiting is not counted)
 
 
 def _time(fn, reps: int) -> float:
     fn()  # warm-up
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return statistics.median(ts) * 1e3
 
 
@@ -75,10 +79,19 @@ def main():
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the process's CPU time (one thread on a busy machine), not wall time")
     a = ap.parse_args()
+    global CLOCK
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={a.batch} H={a.heads}")
+    if a.cpu_time:
+        if torch.get_num_threads() != 1:
+            raise SystemExit("--cpu-time needs --threads 1 (CPU time adds up over threads)")
+        CLOCK = time.process_time
+    print(ops.cpu_matmul())
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={a.batch} H={a.heads}, "
+          f"{'CPU' if a.cpu_time else 'wall'} time")
     print(f"{'dtype':5} {'S':>5} {'D':>4} {'kind':7} {'pass':7} {'torch ms':>9} {'ours ms':>9} {'GFLOP/s':>8} "
           f"{'speedup':>7}")
     kinds = [("causal" if c else "full", bool(c), False) for c in a.causal] + ([("mask", False, True)] if a.mask else [])

@@ -1,6 +1,6 @@
 """Correctness of every timed implementation, checked once per (implementation, kind of case) at a small size.
 
-The rule is the project's (shared/STYLE.md): for the output and every gradient,
+The rule is the project's (README, Tests): for the output and every gradient,
     max|fast - ref| <= 2 * max|base - ref| + eps(dtype) * max|ref|
 where ref is naive attention in float64 and base the same naive attention in the case's dtype; fp32 must be
 within 1e-5 relative (we allow the same 2x-base form too, which is never looser for fp32 CPU math). Padded query

@@ -2,7 +2,7 @@
 
 The oracle is written independently of fastattn (no fastattn imports): explicit index arithmetic for
 visibility, a gather for GQA, an explicit dropout mask. Run in float64 it is X_ref; run in the inputs'
-low precision it is X_base, "the naive algorithm run entirely in p" of the tolerance rule (shared/STYLE.md):
+low precision it is X_base, "the naive algorithm run entirely in p" of the tolerance rule (README, Tests):
 
     max|X_fast - X_ref| <= 2 * max|X_base - X_ref| + floor,   floor = eps(p) * max|X_ref|
     fp32: max|X_fast - X_ref| <= 1e-5 * max|X_ref|
