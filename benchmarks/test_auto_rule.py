@@ -69,7 +69,7 @@ def test_auto_not_slower_than_torch(dtype, grad, causal, D):
     for _ in range(2):  # interleaved, so load that comes and goes hits all alike
         for name, f in impls.items():
             t[name] = min(t[name], _best(_call(f, q, k, v, causal, grad, do), reps=3 if grad else 5))
-    chosen = fastattn.explain(q, k, v, is_causal=causal).backend
+    chosen = fastattn.explain(q, k, v, is_causal=causal).chosen
     print(f"{str(dtype)[6:]:8} {'fwd+bwd' if grad else 'fwd':7} {'causal' if causal else 'full':6} D={D:3}: "
           f"cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
     assert t["auto"] <= t["torch"] / 0.95, (

@@ -22,12 +22,18 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
 _REPORT = ops.cpu_matmul_report()
 
 
+# Measured classes where the cpu kernels are slower than PyTorch's own CPU SDPA, so `auto` takes `sdpa`
+# (benchmarks/results/cpu-1thread-20261130-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
+# Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
+#  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
+#  * bf16 inference on AMX, except GQA (torch expands K/V: ours 1.3-1.6x) and long causal calls (1.15-1.2x at
+#    S >= 1024): torch's forward is level or ahead at S <= 1024 (ours 0.5-0.9x), and its one-token decode too
+#    (our split-KV kernel converts bf16 to fp32: 0.4-0.64x). Training (forward+backward) is ours: 1.3-2.7x.
+_LONG = 1024 * 1024  # Sq * Sk from which the causal forward is ours
+
+
 def _auto_rule() -> dict:
-    """{dtype: reason} for the classes of call where the `cpu` kernels measured slower than PyTorch's SDPA on this
-    CPU, so `auto` takes `sdpa` there. Measured (benchmarks/test_auto_rule.py checks it on the machine at hand;
-    benchmarks/results/ has the runs): with AMX, torch multiplies bf16 at ~7x its fp32 rate, so our fp32 tiles
-    ran bf16 at 0.24-0.34x torch; our brgemm path runs it at >= 1x. Where neither side has the matrix units for a
-    dtype, both convert to fp32 and ours is level or faster; where we have them, ours is level or faster."""
+    """{dtype: reason} for the first class above, decided once from the extension's probe."""
     rule = {}
     for dt, name, amx in ((torch.bfloat16, "bf16", "amx_bf16"), (torch.float16, "fp16", "amx_fp16")):
         if _REPORT.get(name) == "fp32" and _REPORT.get(amx) == "1":
@@ -37,6 +43,9 @@ def _auto_rule() -> dict:
 
 
 _AUTO_RULE = _auto_rule()
+_BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
+_BF16_INFERENCE = ("sdpa is faster for bf16 inference on this CPU (PyTorch's flash kernel on AMX; measured 0.4-0.9x "
+                   "for the cpu kernels except GQA and long causal calls)")
 
 
 class CpuBackend(Backend):
@@ -57,7 +66,12 @@ class CpuBackend(Backend):
 
     def auto_reasons(self, p: AttnParams):
         why = _AUTO_RULE.get(p.dtype)
-        return [why] if why else []
+        if why:
+            return [why]
+        if (_BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad and not p.is_gqa
+                and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG)):
+            return [_BF16_INFERENCE]
+        return []
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)

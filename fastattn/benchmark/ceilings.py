@@ -20,8 +20,9 @@ def measure(device: str) -> dict:
     cuda = device.startswith("cuda")
     dt = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 1024
-    by_dtype = {str(d)[6:]: _matmul_tflops(n, d, device) for d in (torch.float32, torch.bfloat16, torch.float16)}
-    t_mm = 2 * n ** 3 / (by_dtype[str(dt)[6:]] * 1e12)
+    by_dtype = {name: _matmul_tflops(n, d, device) for name, d in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                                                    ("fp16", torch.float16))}
+    t_mm = 2 * n ** 3 / (by_dtype["bf16" if cuda else "fp32"] * 1e12)
     nbytes = (1 << 30) if cuda else (64 << 20)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
