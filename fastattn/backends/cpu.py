@@ -26,10 +26,13 @@ _REPORT = ops.cpu_matmul_report()
 # (benchmarks/results/cpu-1thread-20261130-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX, except GQA (torch expands K/V: ours 1.3-1.6x) and long causal calls (1.15-1.2x at
-#    S >= 1024): torch's forward is level or ahead at S <= 1024 (ours 0.5-0.9x), and its one-token decode too
-#    (our split-KV kernel converts bf16 to fp32: 0.4-0.64x). Training (forward+backward) is ours: 1.3-2.7x.
+#  * bf16 inference on AMX without a mask, except GQA prefill (torch expands K/V: ours 1.3-1.6x) and long causal
+#    calls (1.15-1.2x at S >= 1024): torch's forward is level or ahead at S <= 1024 (ours 0.5-0.9x), and on decode
+#    steps (our split-KV kernel converts bf16 to fp32: 0.4-0.64x). Training (forward+backward) is ours: 1.3-2.7x.
 _LONG = 1024 * 1024  # Sq * Sk from which the causal forward is ours
+_DECODE_ROWS = 16  # query rows up to which a call is a decode step (GQA included)
+# Not covered yet: masked bf16 inference (ours 0.5-0.8x, but the sdpa backend's dense float mask measured slower
+# still, 0.22x) and flash_attn_with_kvcache's split-KV kernel in bf16 (0.4-0.66x), which auto does not re-route.
 
 
 def _auto_rule() -> dict:
@@ -68,8 +71,9 @@ class CpuBackend(Backend):
         why = _AUTO_RULE.get(p.dtype)
         if why:
             return [why]
-        if (_BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad and not p.is_gqa
-                and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG)):
+        if (_BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad and p.attn_bias is None
+                and (p.seqlen_q <= _DECODE_ROWS
+                     or not p.is_gqa and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG))):
             return [_BF16_INFERENCE]
         return []
 

@@ -36,7 +36,7 @@ def _copy_note(gbps, copy_gbps) -> str:
 
 def _ceil_pct(r: dict, matmul_by_dtype) -> str:
     """Achieved FLOP rate as a percentage of this run's matmul rate in the row's dtype."""
-    peak = (matmul_by_dtype or {}).get(r.get("dtype"))
+    peak = (matmul_by_dtype or {}).get(r.get("dtype") or (r.get("case") or {}).get("dtype"))
     if not peak or not r.get("tflops"):
         return f"{'-':>6}"
     return f"{100 * r['tflops'] / peak:5.0f}%"
