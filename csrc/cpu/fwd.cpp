@@ -135,8 +135,8 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
                           Scratch::round(BLOCK_K * p.Dv) + Scratch::round(BLOCK_Q * BLOCK_K) +
                           Scratch::round(BLOCK_Q * p.Dv) + 2 * Scratch::round(BLOCK_Q);
   // fp32 K/V with unit last stride are used in place; anything else goes through a per-thread KVPack.
-  const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.v_st.d == 1 &&
-                      p.v_st.s >= p.Dv;
+  const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&
+                      p.v_st.d == 1 && p.v_st.s >= p.Dv && p.v_st.s <= kMaxLd;
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);

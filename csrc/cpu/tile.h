@@ -27,6 +27,8 @@ struct BlasSingleThread {
   ~BlasSingleThread();
 };
 
+constexpr int64_t kMaxLd = std::numeric_limits<int>::max();
+
 // A (rows, cols) fp32 view: either straight into an fp32 input (unit last stride, row stride >= cols) or a
 // packed copy in a thread-local buffer (other dtypes, other strides, or when `mul` != 1).
 struct Operand {
@@ -38,7 +40,8 @@ template <typename T>
 inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* buf,
                        float mul = 1.f) {
   if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1 && ss >= cols && mul == 1.f) return {base, ss};
+    // BLAS takes its leading dimension as int: rows further apart than that are packed instead.
+    if (sd == 1 && ss >= cols && ss <= kMaxLd && mul == 1.f) return {base, ss};
   }
   for (int64_t r = 0; r < rows; ++r) vec::load_row<T>(base + r * ss, sd, buf + r * cols, cols, mul);
   return {buf, cols};
