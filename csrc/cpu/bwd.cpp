@@ -156,16 +156,26 @@ void dq_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64
   for (int64_t r = 0; r < bq; ++r) vec::store_row<T>(B.dq + r * D, dq + r * p.dq_st.s, p.dq_st.d, D, 1.f);
 }
 
-// delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv.
+}  // namespace
+
+// delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv (kernels.h; both backward paths use it).
 template <typename T>
 void compute_delta(const CpuParams& p, float* delta) {
-  const int64_t rows = p.B * p.Hq * p.Sq;
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+#ifdef FASTATTN_VEC512
+  const bool vec = vec512::available() && p.o_st.d == 1 && p.do_st.d == 1;
+#endif
+  at::parallel_for(0, p.B * p.Hq * p.Sq, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t % p.Sq, bh = t / p.Sq, h = bh % p.Hq, b = bh / p.Hq;
       const T* o = static_cast<const T*>(p.out) + b * p.o_st.b + h * p.o_st.h + i * p.o_st.s;
       const T* d = static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + i * p.do_st.s;
       float acc = 0.f;
+#ifdef FASTATTN_VEC512
+      if (vec) {
+        delta[b * p.lse_sb + h * p.lse_sh + i] = vec512::dot_row<T>(o, d, p.Dv);
+        continue;
+      }
+#endif
       for (int64_t c = 0; c < p.Dv; ++c) {
         acc += static_cast<float>(o[c * p.o_st.d]) * static_cast<float>(d[c * p.do_st.d]);
       }
@@ -174,7 +184,9 @@ void compute_delta(const CpuParams& p, float* delta) {
   });
 }
 
-}  // namespace
+template void compute_delta<float>(const CpuParams&, float*);
+template void compute_delta<c10::BFloat16>(const CpuParams&, float*);
+template void compute_delta<c10::Half>(const CpuParams&, float*);
 
 template <typename T>
 void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {

@@ -15,6 +15,7 @@
 // task: K^T, V^T, K blocks (KVBlocks) and, per query head of the group, Q, Q^T, dO, dO^T blocks (QBlocks).
 #include <ATen/Parallel.h>
 
+#include "kernels.h"
 #include "lowp.h"
 #include "rng.h"
 
@@ -179,27 +180,6 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
     for (int64_t c = 0; c < D; ++c) dk[j * p.dk_st.s + c * p.dk_st.d] = T(kcol[c * KBLOCK] * p.scale);
     for (int64_t c = 0; c < Dv; ++c) dv[j * p.dv_st.s + c * p.dv_st.d] = T(vcol[c * KBLOCK]);
   }
-}
-
-// delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv.
-template <typename T>
-void compute_delta(const CpuParams& p, float* delta) {
-  at::parallel_for(0, p.B * p.Hq * p.Sq, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t % p.Sq, bh = t / p.Sq, h = bh % p.Hq, b = bh / p.Hq;
-      const T* o = static_cast<const T*>(p.out) + b * p.o_st.b + h * p.o_st.h + i * p.o_st.s;
-      const T* d = static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + i * p.do_st.s;
-      float acc = 0.f;
-      if (p.o_st.d == 1 && p.do_st.d == 1) {
-        acc = vec512::dot_row<T>(o, d, p.Dv);
-      } else {
-        for (int64_t c = 0; c < p.Dv; ++c) {
-          acc += static_cast<float>(o[c * p.o_st.d]) * static_cast<float>(d[c * p.do_st.d]);
-        }
-      }
-      delta[b * p.lse_sb + h * p.lse_sh + i] = acc;
-    }
-  });
 }
 
 }  // namespace

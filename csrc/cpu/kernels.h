@@ -8,6 +8,10 @@ namespace fastattn::cpu {
 template <typename T>
 void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
+// delta (B, Hq, Sq) fp32, laid out like lse: rowsum(dO * O) over Dv, the backward's preprocess.
+template <typename T>
+void compute_delta(const CpuParams& p, float* delta);
+
 // Needs p.out, p.lse, p.dout and writes p.dq, p.dk, p.dv. Deterministic: bitwise identical for any thread count.
 template <typename T>
 void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
