@@ -90,7 +90,7 @@ def main() -> None:
     print(f"{'C++ ops':<{w}} {info['cpp_ops']}")
     print(f"{'C++ kernels':<{w}} " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpp_kernels"].items())
           + f"; CUDA compiled into _C: {'yes' if info['cuda_compiled'] else 'no'}")
-    print(f"{'CPU kernels':<{w}} " + "\n".join(info["cpu_matmul"].split("; ", 1)).replace("; ", f"\n{'':<{w}} "))
+    print(f"{'CPU kernels':<{w}} " + f"\n{'':<{w}} ".join(info["cpu_matmul"].split("; ")))
     print("\nbackends:")
     for name, b in info["backends"].items():
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["why_not"])
