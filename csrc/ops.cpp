@@ -37,12 +37,12 @@
 TORCH_LIBRARY(fastattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset, bool deterministic=False) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
-      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
       "float dropout_p, int seed, int offset, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decode (inference, no autograd): few query tokens against a KV cache, split over the keys.

@@ -77,13 +77,9 @@ def _varlen_backends():
         b = fastattn.BACKENDS[name]
         if b.unavailable() or DEV not in b.devices:
             continue
-        marks = []
-        if name in ("cpu", "cuda"):
-            # Fixed by declaring `SymInt max_seqlen_q, SymInt max_seqlen_k` in csrc/ops.cpp's fwd/bwd schemas (the
-            # C++ kernels keep int64_t); strict, so the test reports when that lands.
-            marks = [pytest.mark.xfail(strict=True, reason="fastattn::fwd declares max_seqlen_q/k as int, so "
-                                                           "Dynamo specialises a traced call on their values")]
-        out.append(pytest.param(name, marks=marks))
+        # cpu/cuda: csrc/ops.cpp declares max_seqlen_q/k as SymInt (the C++ kernels keep int64_t), so a traced call
+        # does not specialise on their values.
+        out.append(pytest.param(name))
     return out
 
 
