@@ -17,9 +17,7 @@ namespace {
 inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i) {
   const float m_new = std::max(m_i, vec::max_row(S_r, bk));
   if (m_new == kNegInf) {  // every key so far masked: P = 0, state unchanged (unless a NaN score poisons l)
-    for (int64_t j = 0; j < bk; ++j) {
-      if (std::isnan(S_r[j])) l_i = std::numeric_limits<float>::quiet_NaN();
-    }
+    if (has_nan(S_r, bk)) l_i = std::numeric_limits<float>::quiet_NaN();
     std::fill(S_r, S_r + bk, 0.f);
     return 1.f;
   }
@@ -115,14 +113,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
     gemm_rm(false, false, bq, Dv, bk, 1.f, S, BLOCK_K, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
   }
 
-  T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
-  float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
-  for (int64_t r = 0; r < bq; ++r) {
-    // Rows with no visible key: out = 0, lse = +inf (the backward's exp(s - lse) is then 0).
-    const bool empty = l[r] == 0.f;
-    vec::store_row<T>(acc + r * Dv, out + r * p.o_st.s, p.o_st.d, Dv, empty ? 0.f : 1.f / l[r]);
-    lse[r] = empty ? kInf : m[r] + std::log(l[r]);
-  }
+  store_rows<T>(p, s, h, i0, bq, acc, m, l);
 }
 
 }  // namespace

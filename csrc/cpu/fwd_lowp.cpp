@@ -6,6 +6,7 @@
 
 #include <memory>
 
+#include "kernels.h"
 #include "lowp.h"
 #include "rng.h"
 
@@ -86,19 +87,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
     }
   }
 
-  T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
-  float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
-  for (int64_t r = 0; r < bq; ++r) {
-    // Rows with no visible key: out = 0, lse = +inf (the backward's exp(s - lse) is then 0).
-    const bool empty = l[r] == 0.f;
-    const float inv = empty ? 0.f : 1.f / l[r];
-    if (p.o_st.d == 1) {
-      vec512::store_row<T>(acc + r * Dv, out + r * p.o_st.s, Dv, inv);
-    } else {
-      vec::store_row<T>(acc + r * Dv, out + r * p.o_st.s, p.o_st.d, Dv, inv);
-    }
-    lse[r] = empty ? kInf : m[r] + std::log(l[r]);
-  }
+  store_rows<T>(p, s, h, i0, bq, acc, m, l);
 }
 
 }  // namespace

@@ -8,6 +8,12 @@ namespace fastattn::cpu {
 template <typename T>
 void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
+// The matrix-unit path (fwd_lowp.cpp, bwd_lowp.cpp): T is BFloat16 or Half; call only where mm::path(T) is kBrgemm.
+template <typename T>
+void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
+template <typename T>
+void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
+
 // delta (B, Hq, Sq) fp32, laid out like lse: rowsum(dO * O) over Dv, the backward's preprocess.
 template <typename T>
 void compute_delta(const CpuParams& p, float* delta);

@@ -89,17 +89,4 @@ float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, in
   return eff;
 }
 
-inline bool has_nan(const float* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    if (std::isnan(x[j])) return true;
-  }
-  return false;
-}
-
-// fwd_lowp.cpp / bwd_lowp.cpp entry points (T: BFloat16 or Half; call only where mm::path(T) is kBrgemm).
-template <typename T>
-void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
-template <typename T>
-void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
-
 }  // namespace fastattn::cpu

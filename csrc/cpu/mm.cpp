@@ -128,9 +128,7 @@ Decision decide() {
   if (d.path == Path::kBrgemm) {
     const bool amx = std::is_same_v<T, c10::BFloat16> ? isa().amx_bf16 : isa().amx_fp16;
     const bool dot = std::is_same_v<T, c10::BFloat16> ? isa().avx512_bf16 : isa().avx512_fp16;
-    d.why = amx ? "AMX tiles" : dot ? (std::is_same_v<T, c10::BFloat16> ? "AVX512-BF16 dot products"
-                                                                         : "AVX512-FP16")
-                                    : "oneDNN AVX-512 kernels";
+    d.why = amx ? "AMX tiles" : dot ? "AVX512 dot products" : "oneDNN AVX-512 kernels";
   }
   return d;
 #endif

@@ -10,7 +10,7 @@
 
 #include "common.h"
 #include "kernels.h"
-#include "lowp.h"
+#include "mm.h"
 
 namespace fastattn::cpu {
 

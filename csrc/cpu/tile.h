@@ -122,6 +122,27 @@ struct ScoreCtx {
   }
 };
 
+inline bool has_nan(const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(x[j])) return true;
+  }
+  return false;
+}
+
+// The forward's epilogue for query rows [i0, i0 + bq) of (sequence s, head h): out = acc / l, lse = m + log l;
+// rows with no visible key get out = 0, lse = +inf (the backward's exp(s - lse) is then 0).
+template <typename T>
+void store_rows(const CpuParams& p, const SeqInfo& s, int64_t h, int64_t i0, int64_t bq, const float* acc,
+                const float* m, const float* l) {
+  T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
+  float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
+  for (int64_t r = 0; r < bq; ++r) {
+    const bool empty = l[r] == 0.f;
+    vec::store_row<T>(acc + r * p.Dv, out + r * p.o_st.s, p.o_st.d, p.Dv, empty ? 0.f : 1.f / l[r]);
+    lse[r] = empty ? kInf : m[r] + std::log(l[r]);
+  }
+}
+
 // Thread-local fp32 scratch (64-byte aligned through ATen's allocator).
 struct Scratch {
   at::Tensor t;

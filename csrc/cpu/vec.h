@@ -158,6 +158,9 @@ inline void load_row(const T* src, int64_t stride, float* dst, int64_t n, float 
 // dst[j * stride] = T(src[j] * mul).
 template <typename T>
 inline void store_row(const float* src, T* dst, int64_t stride, int64_t n, float mul) {
+#ifdef FASTATTN_X86
+  if (stride == 1 && vec512::available()) return vec512::store_row<T>(src, dst, n, mul);
+#endif
   for (int64_t j = 0; j < n; ++j) dst[j * stride] = static_cast<T>(src[j] * mul);
 }
 
