@@ -28,6 +28,24 @@
 //     biased scores. Rows with no visible key: out = 0 and lse = +inf (so the backward's exp(s - lse) is 0).
 //   bwd returns dq, dk, dv allocated like at::empty_like(q|k|v) (fake functions mirror this). `deterministic`
 //   on fwd is unused by kernels; it is there so autograd can hand it to bwd.
+//
+// Block coordinates (attention over sequence shards, fastattn/blocks.py; context parallelism computes one call as
+// block pairs and merges them):
+//   q_start, k_start: optional int32 (N,) on q's device, contiguous, given together; N = B, or the number of varlen
+//     sequences. Query row i of sequence n sits at global position q_pos = q_start[n] + i, key j at
+//     k_pos = k_start[n] + j; values >= 0 and start + length < 2^31. With them every position rule is global:
+//       visibility: off = q_start[n] - k_start[n] in the rule above (bottom_right must be false):
+//         visible iff (wl < 0 || k_pos >= q_pos - wl) && (wr < 0 || k_pos <= q_pos + wr);
+//       alibi: -slope * |q_pos - k_pos|;
+//       dropout: the keep decision of (n, h, i, j) is keyed on (q_pos, k_pos) instead of (i, j) (csrc/philox.h).
+//     So any split of a call into blocks computes exactly the elements, masks and dropped elements of the unsplit
+//     call. Without them nothing changes (dropout keyed on (i, j); alibi aligned with Sk - Sq).
+//   out_fp32 (fwd): out is float32 (unrounded accumulator, same memory order), so a caller merging blocks rounds once.
+//   bwd_acc: bwd's computation, added in fp32 into dq_acc/dk_acc/dv_acc (float32, q's/k's/v's shapes, stride 1 on
+//     the last dim) instead of returned: a block's gradient is never rounded to q.dtype. `out` is q.dtype for bwd
+//     and bwd_acc (the caller passes the merged output, rounded once); lse the merged lse.
+//   The CUDA op cannot read q_start/k_start values without a host sync: the Python layer checks them in eager
+//   mode; bad values shift masks but never cause accesses outside the tensors.
 #include <torch/library.h>
 #include <torch/extension.h>
 
@@ -38,13 +56,20 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
-      "float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset, bool deterministic=False) "
-      "-> (Tensor out, Tensor lse)");
+      "float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset, bool deterministic=False, "
+      "Tensor? q_start=None, Tensor? k_start=None, bool out_fp32=False) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
-      "float dropout_p, int seed, int offset, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start=None, Tensor? k_start=None) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
+      "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
+      "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start, Tensor? k_start, "
+      "Tensor(a!) dq_acc, Tensor(b!) dk_acc, Tensor(c!) dv_acc) -> ()");
   // Decode (inference, no autograd): few query tokens against a KV cache, split over the keys.
   //   q (B, Hq, Sq, D) any strides; k_cache/v_cache in cache layout (Bc, Smax, Hkv, D|Dv), or paged
   //   (num_blocks, page_size, Hkv, D|Dv) with block_table int32 (B, max_blocks); cache_batch_idx int32 (B,)

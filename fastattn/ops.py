@@ -51,49 +51,63 @@ def has_kernel(dispatch_key: str, op: str = "fwd") -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::" + op, dispatch_key))
 
 
-def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
-    """Mirror of alloc_out_like_q in csrc/common.h: out in q's memory order (BSHD or BHSD)."""
+def _out_like_q(q: torch.Tensor, dv: int, dtype=None) -> torch.Tensor:
+    """Mirror of alloc_out_like_q in csrc/common.h: out in q's memory order (BSHD or BHSD), q's dtype unless given."""
     B, H, S, _ = q.shape
     if q.stride(1) < q.stride(2):
-        return q.new_empty(B, S, H, dv).transpose(1, 2)  # (B, S, H, Dv) -> (B, H, S, Dv)
-    return q.new_empty(B, H, S, dv)
+        return q.new_empty(B, S, H, dv, dtype=dtype).transpose(1, 2)  # (B, S, H, Dv) -> (B, H, S, Dv)
+    return q.new_empty(B, H, S, dv, dtype=dtype)
 
 
 def autograd_pair(bwd_op):
     """(backward, setup_context) for a fwd op with fastattn::fwd's schema whose backward op has fastattn::bwd's
-    (the C++ ops and the Triton ops share it). lse is marked non-differentiable: no backward takes its gradient."""
+    (the C++ ops and the Triton ops share it). lse is marked non-differentiable: no backward takes its gradient.
+    With out_fp32 the backward gets out rounded to q.dtype, as bwd's contract asks."""
 
     def setup_context(ctx, inputs, output):
         (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
-         deterministic) = inputs
+         deterministic, q_start, k_start, out_fp32) = _fwd_inputs(inputs)
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, alibi)
+        ctx.save_for_backward(q, k, v, out.to(q.dtype) if out_fp32 else out, lse, bias, cu_q, cu_k, alibi, q_start,
+                              k_start)
         ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
 
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias, cu_q, cu_k, alibi = ctx.saved_tensors
+        q, k, v, out, lse, bias, cu_q, cu_k, alibi, q_start, k_start = ctx.saved_tensors
         mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
-        dq, dk, dv = bwd_op()(dout, q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi,
-                              dropout_p, seed, offset, deterministic)
-        return (dq, dk, dv) + (None,) * 15
+        dq, dk, dv = bwd_op()(dout.to(q.dtype), q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br,
+                              softcap, alibi, dropout_p, seed, offset, deterministic, q_start, k_start)
+        return (dq, dk, dv) + (None,) * 18
 
     return backward, setup_context
+
+
+def _fwd_inputs(inputs):
+    """fwd's inputs with the trailing defaults filled in (a caller may stop after `deterministic`)."""
+    defaults = (False, None, None, False)  # deterministic, q_start, k_start, out_fp32
+    return tuple(inputs) + defaults[len(inputs) - 17:]
 
 
 if _C is not None:
 
     @torch.library.register_fake("fastattn::fwd")
     def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                  window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic=False):
+                  window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic=False,
+                  q_start=None, k_start=None, out_fp32=False):
         B, H, S, _ = q.shape
-        return _out_like_q(q, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+        out = _out_like_q(q, v.shape[-1], torch.float32 if out_fp32 else None)
+        return out, q.new_empty(B, H, S, dtype=torch.float32)
 
     @torch.library.register_fake("fastattn::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                   window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                  deterministic):
+                  deterministic, q_start=None, k_start=None):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("fastattn::bwd_acc")
+    def _bwd_acc_fake(*args):
+        return None
 
     _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.bwd)
     torch.library.register_autograd("fastattn::fwd", _bwd, setup_context=_setup)

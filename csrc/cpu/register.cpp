@@ -164,7 +164,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            int64_t max_seqlen_k, double scale, int64_t window_left,
                                            int64_t window_right, bool bottom_right, double softcap,
                                            const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                                           int64_t seed, int64_t offset, bool deterministic) {
+                                           int64_t seed, int64_t offset, bool deterministic,
+                                           const std::optional<at::Tensor>& q_start,
+                                           const std::optional<at::Tensor>& k_start, bool out_fp32) {
+  FA_CHECK(!q_start && !k_start && !out_fp32, "block coordinates and out_fp32: not yet implemented on cpu");
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
@@ -196,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-    bool deterministic) {
+    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
+  FA_CHECK(!q_start && !k_start, "block coordinates: not yet implemented on cpu");
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);

@@ -37,7 +37,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             int64_t max_seqlen_k, double scale, int64_t window_left,
                                             int64_t window_right, bool bottom_right, double softcap,
                                             const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                                            int64_t seed, int64_t offset, bool deterministic) {
+                                            int64_t seed, int64_t offset, bool deterministic,
+                                            const std::optional<at::Tensor>& q_start,
+                                            const std::optional<at::Tensor>& k_start, bool out_fp32) {
+  FA_CHECK(!q_start && !k_start && !out_fp32, "block coordinates and out_fp32: not yet implemented on cuda");
   std::optional<c10::cuda::CUDAGuard> guard;
   cuda::host::FwdPlan plan = cuda::host::plan_fwd(
       q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
@@ -60,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-    bool deterministic) {
+    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
+  FA_CHECK(!q_start && !k_start, "block coordinates: not yet implemented on cuda");
   std::optional<c10::cuda::CUDAGuard> guard;
   cuda::host::BwdPlan plan = cuda::host::plan_bwd(
       dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,

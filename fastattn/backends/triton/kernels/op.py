@@ -178,6 +178,11 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library registration
 
+def _refuse_blocks(q_start, k_start, out_fp32):
+    if q_start is not None or k_start is not None or out_fp32:
+        raise NotImplementedError("block coordinates and out_fp32: not yet implemented in the triton kernels")
+
+
 _define = (lambda name: torch.library.custom_op(name, mutates_args=())) if INTERPRET else \
     (lambda name: torch.library.triton_op(name, mutates_args=()))
 
@@ -187,7 +192,9 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Opt
                cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int,
                max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
                softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
-               deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+               deterministic: bool, q_start: Optional[torch.Tensor] = None, k_start: Optional[torch.Tensor] = None,
+               out_fp32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    _refuse_blocks(q_start, k_start, out_fp32)
     return launch_fwd(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                       window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset)
 
@@ -198,7 +205,9 @@ def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                window_left: int, window_right: int, bottom_right: bool, softcap: float,
                alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
-               deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               deterministic: bool, q_start: Optional[torch.Tensor] = None,
+               k_start: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _refuse_blocks(q_start, k_start, False)
     # dQ has its own pass (no atomics), so the result is deterministic whatever `deterministic` says.
     return launch_bwd(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset)
@@ -207,14 +216,16 @@ def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 if INTERPRET:  # opaque custom ops need fake functions; triton_op derives them by tracing the launchers
     @triton_fwd.register_fake
     def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                  window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic):
+                  window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic,
+                  q_start=None, k_start=None, out_fp32=False):
         B, H, S, _ = q.shape
-        return _out_like_q(q, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
+        out = _out_like_q(q, v.shape[-1])
+        return out.float() if out_fp32 else out, q.new_empty(B, H, S, dtype=torch.float32)
 
     @triton_bwd.register_fake
     def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                   window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                  deterministic):
+                  deterministic, q_start=None, k_start=None):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
