@@ -207,7 +207,7 @@ def _key(p: AttnParams, requested: str, route: bool) -> tuple:
             sq if sq <= MAX_ROUTE_Q else -1, p.seqlen_q == p.seqlen_k, p.window_left >= 0,
             p.window_right if p.window_right <= 0 else 1, p.bottom_right, bias is not None,
             grad and bias is not None and bias.requires_grad, p.dropout_p > 0, p.cu_seqlens_q is not None,
-            p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse)
+            p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse, p.q_start is not None)
 
 
 def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -253,7 +253,7 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
     """A dense short-query call as a decode call on k/v viewed as a cache, or None when it is not one: masks,
     dropout, varlen, autograd, many query tokens, or top-left causal/window with Sq != Sk (decode kernels align
     bottom-right)."""
-    if p.attn_bias is not None or p.dropout_p > 0 or p.is_varlen or p.requires_grad:
+    if p.attn_bias is not None or p.dropout_p > 0 or p.is_varlen or p.requires_grad or p.is_block:
         return None
     B, Hq, Sq, D = p.q.shape
     Sk = p.k.shape[2]

@@ -126,6 +126,8 @@ def dropout_seed(p: AttnParams):
     reproducible under torch.manual_seed. (0, 0) without dropout, so no host sync then."""
     if p.dropout_p <= 0:
         return 0, 0
+    if p.rng is not None:  # block calls: every block of one logical call shares the caller's (seed, offset)
+        return p.rng
     s = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
     return int(s[0]), int(s[1])
 
@@ -135,7 +137,17 @@ def cpp_attention(p: AttnParams):
     seed, offset = dropout_seed(p)
     return torch.ops.fastattn.fwd(p.q, p.k, p.v, p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
                                   p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right, p.softcap,
-                                  p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic)
+                                  p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic, p.q_start, p.k_start,
+                                  p.out_fp32)
+
+
+def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
+    """torch.ops.fastattn.bwd_acc on a block call: adds the block's fp32 grads into dq_acc/dk_acc/dv_acc."""
+    seed, offset = dropout_seed(p)
+    torch.ops.fastattn.bwd_acc(dout, p.q, p.k, p.v, out, lse, p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k,
+                               p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right,
+                               p.bottom_right, p.softcap, p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic,
+                               p.q_start, p.k_start, dq_acc, dk_acc, dv_acc)
 
 
 def cpp_decode(c: DecodeCall):

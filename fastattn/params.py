@@ -56,6 +56,12 @@ class AttnParams:
     max_seqlen_k: int = 0
     deterministic: bool = False
     return_lse: bool = False
+    # Block calls (fastattn/blocks.py): global positions of this block's first query/key per sequence, int32 (N,)
+    # (N = B, or the number of varlen sequences). They replace bottom_right; see csrc/ops.cpp.
+    q_start: Optional[torch.Tensor] = None
+    k_start: Optional[torch.Tensor] = None
+    out_fp32: bool = False  # out unrounded in float32 (block calls)
+    rng: Optional[Tuple[int, int]] = None  # dropout (seed, offset); None draws one per call
 
     # Derived facts the dispatcher and backends read.
     @property
@@ -85,6 +91,10 @@ class AttnParams:
     @property
     def is_gqa(self) -> bool:
         return self.q.shape[1] != self.k.shape[1]
+
+    @property
+    def is_block(self) -> bool:
+        return self.q_start is not None
 
     @property
     def is_varlen(self) -> bool:
@@ -121,6 +131,8 @@ class AttnParams:
             parts.append(f"softcap {self.softcap}")
         if self.alibi_slopes is not None:
             parts.append("alibi")
+        if self.is_block:
+            parts.append("block offsets" + (", fp32 out" if self.out_fp32 else ""))
         return ", ".join(parts)
 
 
@@ -165,6 +177,8 @@ class DecodeCall:
             parts.append(f"softcap {self.softcap}")
         if self.alibi_slopes is not None:
             parts.append("alibi")
+        if self.is_block:
+            parts.append("block offsets" + (", fp32 out" if self.out_fp32 else ""))
         return ", ".join(parts)
 
     def requires_grad(self) -> bool:

@@ -2,7 +2,8 @@
 
 A backend is a class with class-level declarations (what it supports) and two methods:
   `unavailable()` -> reasons it cannot run at all here (not built, no GPU, ...), empty when it can;
-  `forward(p: AttnParams)` -> (out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32 or None), differentiable.
+  `forward(p: AttnParams)` -> (out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32 or None), differentiable;
+  backends that declare "block" also implement `block_backward` (fastattn/blocks.py).
 `reasons(p)` combines the declarations with `extra_reasons(p)`; the dispatcher takes the first preferred
 backend whose reasons are empty, and shows every backend's reasons when none can take a call.
 
@@ -40,6 +41,7 @@ FEATURES = frozenset({
     "deterministic",  # bitwise reproducible backward
     "lse",            # returns log-sum-exp
     "dv_ne_d",        # value head dim different from query/key head dim
+    "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward
 })
 
 
@@ -78,6 +80,8 @@ def needed_features(p: AttnParams) -> Tuple[str, ...]:
             need.append("deterministic")
     if p.return_lse:
         need.append("lse")
+    if p.is_block:
+        need.append("block")
     return tuple(dict.fromkeys(need))
 
 
@@ -124,6 +128,11 @@ class Backend:
         return []
 
     def forward(self, p: AttnParams):
+        raise NotImplementedError
+
+    def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
+        """Backends declaring "block": adds the block's (dq, dk, dv) in fp32 into the fp32 accumulators, with P taken
+        against the given (merged) lse and delta = rowsum(dout * out) (out in q.dtype): fastattn::bwd_acc."""
         raise NotImplementedError
 
     def _declared(self, r: List[str], dev: str, dtype: torch.dtype, dtypes, head_dims, d: int, dv: int):

@@ -68,6 +68,8 @@ class CpuBackend(Backend):
         return list(_UNAVAILABLE)
 
     def auto_reasons(self, p: AttnParams):
+        if p.is_block:  # sdpa, the faster path these rules point to, cannot take block calls
+            return []
         why = _AUTO_RULE.get(p.dtype)
         if why:
             return [why]
@@ -79,3 +81,6 @@ class CpuBackend(Backend):
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
+
+    def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
+        ops.cpp_block_backward(p, dout, out, lse, dq_acc, dk_acc, dv_acc)

@@ -63,3 +63,6 @@ class CudaBackend(Backend):
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
+
+    def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
+        ops.cpp_block_backward(p, dout, out, lse, dq_acc, dk_acc, dv_acc)
