@@ -177,8 +177,6 @@ class DecodeCall:
             parts.append(f"softcap {self.softcap}")
         if self.alibi_slopes is not None:
             parts.append("alibi")
-        if self.is_block:
-            parts.append("block offsets" + (", fp32 out" if self.out_fp32 else ""))
         return ", ".join(parts)
 
     def requires_grad(self) -> bool:
