@@ -18,6 +18,7 @@ from .packed import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_
                      flash_attn_varlen_qkvpacked_func)
 from .padding import index_first_axis, pad_input, unpad_input
 from . import nn  # fastattn.nn.MultiheadAttention
+from . import blocks  # block calls with global offsets and the safe merge (context parallelism's kernel contract)
 from .nn import patch, unpatch
 from .kvcache import explain_kvcache
 
@@ -31,6 +32,6 @@ def available_backends(device: str = "cpu"):
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "explain", "use_backend", "available_backends", "get_backend", "BACKENDS", "BackendUnavailableError",
-           "InputValueError", "InputTypeError", "__version__", "nn", "patch", "unpatch", "explain_kvcache",
+           "InputValueError", "InputTypeError", "__version__", "nn", "blocks", "patch", "unpatch", "explain_kvcache",
            "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
            "flash_attn_varlen_kvpacked_func", "unpad_input", "pad_input", "index_first_axis"]

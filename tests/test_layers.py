@@ -5,7 +5,7 @@ Layers, lowest first; a module may import its own layer or lower ones, never a h
     1 backends                fastattn.ops, fastattn.backends.* (a backend's kernels live in its folder)
     2 dispatch                fastattn.dispatch
     3 public surfaces         fastattn (the package), functional, kvcache (+ rotary), packed, padding, nn, patch,
-                              integrations.*, models.*, compat.*
+                              blocks, distributed.*, integrations.*, models.*, compat.*
     4 tools                   fastattn.benchmark.*, fastattn.info
 Imports inside functions of fastattn's own modules are not allowed (they hide cycles), except the Triton kernel
 modules, which import triton and are loaded only when a Triton backend runs."""
@@ -19,8 +19,8 @@ LAYERS = [("fastattn.params",),
           ("fastattn.ops", "fastattn.backends"),
           ("fastattn.dispatch",),
           ("fastattn", "fastattn.functional", "fastattn.kvcache", "fastattn.rotary", "fastattn.packed",
-           "fastattn.padding", "fastattn.nn", "fastattn.patch", "fastattn.integrations", "fastattn.models",
-           "fastattn.compat"),
+           "fastattn.padding", "fastattn.nn", "fastattn.patch", "fastattn.blocks", "fastattn.distributed",
+           "fastattn.integrations", "fastattn.models", "fastattn.compat"),
           ("fastattn.benchmark", "fastattn.info")]
 LAZY_OK = ("fastattn.backends.triton.kernels",)  # imports triton: loaded when a Triton backend runs
 # Function-level imports that remain in modules this change does not own; delete an entry when its import moves
