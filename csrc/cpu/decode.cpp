@@ -26,6 +26,7 @@
 #include "decode_checks.h"
 
 #include "vec.h"  // use_avx2, exp8, hsum8, load8, exp_sum_row: the same vector helpers as the prefill kernels
+#include "vec512.h"  // load16, tail, available: AVX-512 where the CPU has it
 
 namespace fastattn::cpu::decode {
 namespace {
@@ -127,9 +128,86 @@ FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M
 
 #endif
 
+#ifdef FASTATTN_VEC512
+// ---------------------------------------------------------------- block helpers, AVX-512
+// One lane each: r[i] = sum of the 16 lanes of v[i] (a transposing tree, ~2 instructions per vector instead of a
+// full horizontal sum each).
+FA_AVX512 inline __m512 hsum16x16(const __m512* v) {
+  __m512 x[4];
+  for (int g = 0; g < 4; ++g) {  // x[g] lane L = [sum_L v[4g], sum_L v[4g+1], sum_L v[4g+2], sum_L v[4g+3]]
+    const __m512* a = v + 4 * g;
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    x[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Sum the four 128-bit lanes: pairs of lanes, then the two halves.
+  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of 16 keys at a time per row: 16 independent FMA chains over D, reduced together by hsum16x16.
+template <typename T>
+FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
+                             int64_t n, float* S, int64_t ldS) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n - j0);
+    for (int64_t r = 0; r < M; ++r) {
+      const float* q = Qf + r * D;
+      const T* k[16];
+      for (int64_t u = 0; u < 16; ++u) k[u] = krows[j0 + std::min<int64_t>(u, nk - 1)] + koff[r];  // tail: repeat
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = vec512::tail(D - d);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[u]);
+      }
+      _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), hsum16x16(acc));
+    }
+  }
+}
+
+// acc_r += sum_j P[r, j] v_j, one row at a time with up to 64 of its accumulators in registers.
+template <typename T>
+FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+  for (int64_t r = 0; r < M; ++r) {
+    if (!live[r]) continue;
+    const float* pr = P + r * ldP;
+    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      __mmask16 m[4];
+      for (int c = 0; c < 4; ++c) m[c] = vec512::tail(std::max<int64_t>(Dv - d0 - 16 * c, 0));
+      float* a = acc + r * Dv + d0;
+      __m512 a4[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) a4[c] = _mm512_maskz_loadu_ps(m[c], a + 16 * c);
+      for (int64_t j = 0; j < n; ++j) {
+        if (pr[j] == 0.f) continue;
+        const __m512 vp = _mm512_set1_ps(pr[j]);
+        const T* v = vrows[j] + voff[r] + d0;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) a4[c] = _mm512_fmadd_ps(vp, vec512::load16(v + 16 * c, m[c]), a4[c]);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(a + 16 * c, m[c], a4[c]);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff, int64_t n, float* S,
             int64_t ldS) {
+#ifdef FASTATTN_VEC512
+  if (vec512::available()) return scores_avx512<T>(Qf, M, D, krows, koff, n, S, ldS);
+#endif
 #ifdef FASTATTN_X86
   if (vec::use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS);
 #endif
@@ -139,6 +217,9 @@ void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const 
 template <typename T>
 void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
         int64_t n, int64_t Dv, float* acc) {
+#ifdef FASTATTN_VEC512
+  if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+#endif
 #ifdef FASTATTN_X86
   if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 #endif
