@@ -1,10 +1,7 @@
-"""Correctness of every timed implementation, checked once per (implementation, kind of case) at a small size.
-
-The rule is the project's (README, Tests): for the output and every gradient,
-    max|fast - ref| <= 2 * max|base - ref| + eps(dtype) * max|ref|
-where ref is naive attention in float64 and base the same naive attention in the case's dtype; fp32 must be
-within 1e-5 relative (we allow the same 2x-base form too, which is never looser for fp32 CPU math). Padded query
-rows are excluded (the loss ignores them; varlen does not compute them)."""
+"""Correctness of every timed implementation, checked once per (implementation, kind of case) at a small size,
+with the project's tolerance rule (tolerance.py, the same code the tests use) for the output and every gradient;
+ref is naive attention in float64 and base the same naive attention in the case's dtype. Padded query rows are
+excluded (the loss ignores them; varlen does not compute them)."""
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -15,8 +12,7 @@ from fastattn.backends.reference import naive_attention
 
 from .cases import Case
 from .inputs import Inputs, Runner, step_for
-
-EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
+from .tolerance import tolerance
 
 
 def _naive(case: Case, inp: Inputs, dtype, grad: bool):
@@ -56,11 +52,7 @@ def check(case: Case, inp: Inputs, runner: Runner) -> Tuple[bool, str]:
         if not torch.isfinite(g).all():
             return False, f"{name}: non-finite values"
         err = float((g - r).abs().max())
-        scale = float(r.abs().max())
-        if b is None:
-            tol = 1e-5 * max(scale, 1e-6)
-        else:
-            tol = 2 * float(((b * keep) - r).abs().max()) + EPS[dt] * max(scale, 1e-6)
+        tol, _ = tolerance(dt, float(r.abs().max()), None if b is None else float(((b * keep) - r).abs().max()))
         worst = max(worst, err / tol)
         if err > tol:
             ok = False
