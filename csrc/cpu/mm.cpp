@@ -1,5 +1,6 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
+#include "vec512.h"
 
 #include <ATen/native/CPUBlas.h>
 
@@ -230,16 +231,57 @@ void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols,
   }
 }
 
+#ifdef FASTATTN_VEC512
+// dst word (w0 + c, r0 + i) = src word (r0 + i, w0 + c) for a 16 x 16 block of 32-bit words: 16 row loads, a
+// transpose in registers (32-bit, 64-bit and 128-bit lane interleaves) and 16 contiguous stores, instead of 256
+// scattered 4-byte stores.
+FA_AVX512 inline void transpose_words16(const uint32_t* src, int64_t ss_words, uint32_t* dst, int64_t ld) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ss_words);
+  for (int i = 0; i < 16; i += 2) {  // t[i] lane L = rows i, i+1 at columns 4L, 4L+1; t[i+1]: 4L+2, 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // r[g + k] lane L = rows g..g+3 of column 4L + k
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
+    _mm512_storeu_si512(dst + (0 + k) * ld, _mm512_shuffle_i32x4(v0, v2, 0x88));
+    _mm512_storeu_si512(dst + (4 + k) * ld, _mm512_shuffle_i32x4(v0, v2, 0xDD));
+    _mm512_storeu_si512(dst + (8 + k) * ld, _mm512_shuffle_i32x4(v1, v3, 0x88));
+    _mm512_storeu_si512(dst + (12 + k) * ld, _mm512_shuffle_i32x4(v1, v3, 0xDD));
+  }
+}
+#endif
+
 template <typename T>
 void pack_transposed(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
   static_assert(sizeof(T) == 2);
   // dst word (c / 2, r) = (src[r][c], src[r][c + 1]).
   const int64_t cp = cols / 2;
+  int64_t r16 = 0, w16 = 0;  // rows and words done by 16 x 16 blocks
+#ifdef FASTATTN_VEC512
+  // Word-aligned rows only (src rows may be only 2-byte aligned): an odd row stride or base takes the loop below.
+  if (sd == 1 && ss % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0 && vec512::available()) {
+    r16 = rows / 16 * 16;
+    w16 = cp / 16 * 16;
+    const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t r0 = 0; r0 < r16; r0 += 16)
+      for (int64_t w0 = 0; w0 < w16; w0 += 16) transpose_words16(s + r0 * (ss / 2) + w0, ss / 2, d + w0 * ld + r0, ld);
+  }
+#endif
   if (sd == 1) {
     for (int64_t r = 0; r < rows; ++r) {
       const uint32_t* s = reinterpret_cast<const uint32_t*>(src + r * ss);
       uint32_t* d = reinterpret_cast<uint32_t*>(dst) + r;
-      for (int64_t w = 0; w < cp; ++w) {
+      for (int64_t w = r < r16 ? w16 : 0; w < cp; ++w) {  // what the blocks above did not cover
         uint32_t word;
         std::memcpy(&word, s + w, 4);  // src rows may be only 2-byte aligned
         d[w * ld] = word;
