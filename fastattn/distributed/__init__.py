@@ -1,0 +1,20 @@
+"""Context parallelism: attention over a sequence split across the ranks of a torch.distributed group.
+
+    from fastattn.distributed import CPConfig, cp_attention
+    cp = CPConfig(group=None, strategy="ring", balance="zigzag")      # default process group (gloo/NCCL)
+    q, k, v = (cp.shard(t, dim=1) for t in (q_full, k_full, v_full))   # this rank's tokens, zigzag order
+    out = cp_attention(q, k, v, cp=cp, causal=True)                    # this rank's rows of full attention
+    print(cp.explain(heads_q=16, heads_kv=4, causal=True))
+
+Strategies ring / allgather / ulysses (config.py), layouts zigzag / contiguous (layout.py), communicators over a
+ProcessGroup or simulated in one process (comm.py), loss normalised by global tokens (loss.py).
+"""
+from .api import cp_attention, ring_flash_attn_func, zigzag_ring_flash_attn_func
+from .comm import CountingComm, CPComm, CPCommError, LocalComm, TorchComm, run_local
+from .config import CPConfig, CPUnsupportedError
+from .layout import global_positions, shard, unshard, unshard_list
+from .loss import cp_cross_entropy, global_loss
+
+__all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPConfig",
+           "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "run_local",
+           "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss"]

@@ -1,0 +1,86 @@
+"""All-gather K/V attention ("llama3" style): no merge, so numerically the single-process computation.
+
+Forward: one all-gather of K|V (packed along the last dim: one collective), put in global order; each local query
+segment attends, in ONE block call, to the global key range it can see (causal / window trim it), at its global
+positions. Backward: the same K/V gathered again (memory over communication: nothing of size S is saved), one
+block backward per query segment accumulating dK/dV of the whole sequence in fp32, then one reduce-scatter (sum,
+in grad_comm_dtype) hands each rank its own rows.
+Counts: forward 1 all_gather; backward 1 all_gather + 1 reduce_scatter.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import layout
+from ._call import CallSpec, block_backward, block_forward, key_range, rows
+
+
+def _gather_kv(spec: CallSpec, k, v):
+    """-> (k_full, v_full) as (B, H, S, D) views, in global order."""
+    comm, d = spec.comm, spec.seq_dim
+    kv = torch.cat([k, v], dim=-1)  # (.., Dk + Dv): one collective for both
+    got = comm.all_gather(kv)  # (W, *kv.shape), shard order
+    full = layout.unshard_list(list(got.unbind(0)), d, spec.balance)
+    Dk = k.shape[-1]
+    return spec.bhsd(full[..., :Dk]), spec.bhsd(full[..., Dk:]), full
+
+
+def allgather_forward(spec: CallSpec, q, k, v):
+    comm = spec.comm
+    qv = spec.bhsd(q)
+    B, H, S, _ = qv.shape
+    q_segs = layout.segments(S, comm.world_size, comm.rank, spec.balance)
+    kf, vf, _ = _gather_kv(spec, k, v)
+    S_all = kf.shape[2]
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    ov = spec.bhsd(out)
+    lses = []
+    kw = spec.block_kw()
+    for qs in q_segs:
+        lo, hi = key_range(qs, spec.window, S_all)
+        o, lse = block_forward(rows(qv, qs), kf[:, :, lo:hi], vf[:, :, lo:hi], q_start=qs.start, k_start=lo, **kw)
+        rows(ov, qs).copy_(o)  # the one rounding
+        lses.append(lse)
+    return out, torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
+
+
+def allgather_backward(spec: CallSpec, dout, q, k, v, out, lse):
+    comm, d = spec.comm, spec.seq_dim
+    W = comm.world_size
+    qv, ov, dov = spec.bhsd(q), spec.bhsd(out), spec.bhsd(dout)
+    S = qv.shape[2]
+    q_segs = layout.segments(S, W, comm.rank, spec.balance)
+    kf, vf, full = _gather_kv(spec, k, v)
+    S_all, Dk = kf.shape[2], k.shape[-1]
+    dkv = torch.zeros(full.shape, dtype=torch.float32, device=full.device)  # K|V's layout, global order
+    dkf, dvf = spec.bhsd(dkv[..., :Dk]), spec.bhsd(dkv[..., Dk:])
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dqv = spec.bhsd(dq)
+    kw = spec.block_kw()
+    for qs in q_segs:
+        lo, hi = key_range(qs, spec.window, S_all)
+        block_backward(rows(dov, qs), rows(qv, qs), kf[:, :, lo:hi], vf[:, :, lo:hi], rows(ov, qs),
+                       lse.narrow(2, qs.local, qs.length).contiguous(), q_start=qs.start, k_start=lo,
+                       dq_acc=rows(dqv, qs), dk_acc=dkf[:, :, lo:hi], dv_acc=dvf[:, :, lo:hi], **kw)
+    # Back to shard order, one slot per rank: (B, S, .., Dk+Dv) -> (W, B, S/W, .., Dk+Dv) (seq dim d)
+    perm = layout.order(S_all, W, spec.balance, dkv.device)
+    sh = dkv.index_select(d, perm).to(spec.grad_comm_dtype)
+    sh = sh.unflatten(d, (W, S_all // W)).movedim(d, 0)
+    mine = comm.reduce_scatter(sh)  # (B, S/W, .., Dk+Dv) in k's layout
+    return dq.to(q.dtype), mine[..., :Dk].to(k.dtype), mine[..., Dk:].to(v.dtype)
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: CallSpec):
+        out, lse = allgather_forward(spec, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        return allgather_backward(ctx.spec, dout, q, k, v, out, lse) + (None,)

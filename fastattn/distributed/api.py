@@ -1,0 +1,133 @@
+"""Public context-parallel attention: `cp_attention` and flash-attn / ring-flash-attention compatible functions.
+
+Inputs are this rank's shards of the sequence, laid out as CPConfig.balance says (`CPConfig.shard`,
+`layout.shard`); the result is this rank's rows of attention over the WHOLE sequence: the same as one process
+attending over the gathered sequence (causal, sliding window, ALiBi and dropout at global positions).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import layout
+from ._call import CallSpec, dropout_rng
+from .allgather import AllGatherAttention
+from .config import CPConfig, CPUnsupportedError
+from .ring import RingAttention
+from .ulysses import UlyssesAttention
+
+_FUNCTIONS = {"ring": RingAttention, "allgather": AllGatherAttention, "ulysses": UlyssesAttention}
+
+
+def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p):
+    def shapes():
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} ({layout_})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"fastattn.distributed: {name} must be a 4-D tensor: {shapes()}")
+    if layout_ not in ("bshd", "bhsd"):
+        raise ValueError(f"fastattn.distributed: layout must be 'bshd' or 'bhsd', got {layout_!r}")
+    sd, hd = (1, 2) if layout_ == "bshd" else (2, 1)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"fastattn.distributed: q, k, v must share one dtype of float16/bfloat16/float32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"fastattn.distributed: batch sizes differ: {shapes()}")
+    if not (q.shape[sd] == k.shape[sd] == v.shape[sd]):
+        raise ValueError(f"fastattn.distributed: context parallelism is self-attention over one sharded sequence: "
+                         f"q, k and v need the same local length: {shapes()}")
+    if q.shape[sd] == 0:
+        raise ValueError(f"fastattn.distributed: empty local sequence: {shapes()}")
+    if k.shape[hd] != v.shape[hd] or k.shape[hd] == 0 or q.shape[hd] % k.shape[hd]:
+        raise ValueError(f"fastattn.distributed: query heads must be a multiple of the (equal) key and value heads: "
+                         f"{shapes()}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"fastattn.distributed: q and k head dims differ: {shapes()}")
+    layout.segments(q.shape[sd], cp.world_size, cp.rank, cp.balance)  # zigzag: even local length
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError(f"fastattn.distributed: window_size must be (left, right) with -1 = unlimited, got "
+                         f"{window_size}")
+    if alibi_slopes is not None:
+        H = q.shape[hd]
+        if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) not in ((H,), (q.shape[0], H)):
+            raise ValueError(f"fastattn.distributed: alibi_slopes must be float32 ({H},) or ({q.shape[0]}, {H}), "
+                             f"got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
+    if cp.check_shapes:
+        _check_across_ranks(q, k, v, cp)
+
+
+def _check_across_ranks(q, k, v, cp: CPConfig):
+    mine = torch.tensor([list(q.shape) + list(k.shape) + list(v.shape)], dtype=torch.int64, device=q.device)
+    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 12) -> (W, 12)
+    if any(g != got[0] for g in got):
+        per = "; ".join(f"rank {r}: q {g[0:4]}, k {g[4:8]}, v {g[8:12]}" for r, g in enumerate(got))
+        raise ValueError(f"fastattn.distributed: input shapes differ across the CP ranks: {per}")
+
+
+def _shared_rng(cp: CPConfig, device) -> Tuple[int, int]:
+    """One dropout (seed, offset) for every rank: each rank draws (keeping generators in step), rank 0's wins."""
+    seed, offset = dropout_rng()
+    got = cp.comm.all_gather(torch.tensor([int(seed), int(offset)], dtype=torch.int64, device=device))
+    return int(got[0, 0]), int(got[0, 1])
+
+
+def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: Optional[float] = None,
+                 dropout_p: float = 0.0, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                 return_lse: bool = False, layout: str = "bshd", rng: Optional[tuple] = None):
+    """Attention over the whole sequence, split over the CP group of `cp`.
+
+    q (B, S/W, Hq, D), k (B, S/W, Hkv, D), v (B, S/W, Hkv, Dv) with layout="bshd" (flash-attn's), or (B, H, S/W, D)
+    with layout="bhsd": this rank's shard in cp.balance's layout. Hq % Hkv == 0 is GQA/MQA (K/V never expanded
+    except as Ulysses needs, see CPConfig). causal / window_size=(left, right) / alibi_slopes (fp32 (Hq,) or
+    (B, Hq), bias -slope*|i - j|) use global positions. softcap > 0: softcap * tanh(scores / softcap).
+    dropout_p > 0 drops exactly the probabilities one process would with the same rng (seed, offset); rng=None
+    draws one (fastattn.blocks.dropout_rng) and shares rank 0's.
+    Returns out (q's layout and dtype), and with return_lse also lse fp32 (B, Hq, S/W) (+inf for rows that see no
+    key). Differentiable in q, k, v.
+    """
+    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p)
+    hd = 2 if layout == "bshd" else 1
+    plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)
+    if dropout_p > 0 and rng is None:
+        rng = _shared_rng(cp, q.device)
+    wl, wr = int(window_size[0]), int(window_size[1])
+    spec = CallSpec(comm=cp.comm, balance=cp.balance, layout=layout,
+                    scale=float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5,
+                    window=(wl, 0 if causal else wr), softcap=float(softcap), alibi_slopes=alibi_slopes,
+                    dropout_p=float(dropout_p), rng=rng if dropout_p > 0 else None, backend=cp.backend,
+                    grad_comm_dtype=cp.grad_comm_dtype, return_lse=return_lse, kv_repeat=plan.kv_repeat)
+    out, lse = _FUNCTIONS[plan.strategy].apply(q, k, v, spec)
+    return (out, lse) if return_lse else out
+
+
+def _flash_compat(balance, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, group):
+    cp = CPConfig(group=group, strategy="ring", balance=balance)
+    out, lse = cp_attention(q, k, v, cp=cp, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """ring-flash-attention's ring_flash_attn_func: q (B, S/W, Hq, D), k/v (B, S/W, Hkv, D), rank r holding
+    tokens [r*S/W, (r+1)*S/W) of the sequence (contiguous layout). group: a ProcessGroup, a CPComm or None (the
+    default group). return_attn_probs=True returns (out, lse (B, Hq, S/W) fp32, None). The ring is exact in
+    every case (fixed reduction order; `deterministic` is accepted for compatibility)."""
+    return _flash_compat("contiguous", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                         alibi_slopes, deterministic, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(-1, -1),
+                                softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                group=None):
+    """ring-flash-attention's zigzag_ring_flash_attn_func: as ring_flash_attn_func, but rank r holds chunks r and
+    2W-1-r of 2W (layout.shard(..., balance="zigzag")), which balances causal work across ranks."""
+    return _flash_compat("zigzag", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                         deterministic, return_attn_probs, group)
+
+
+__all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPUnsupportedError"]

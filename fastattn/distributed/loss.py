@@ -1,0 +1,37 @@
+"""Cross entropy under context parallelism: each rank holds some tokens of every sequence; normalise by the
+GLOBAL number of counted tokens, not the local one (a per-rank mean weights ranks with few counted tokens up).
+
+Shift the labels BEFORE sharding (labels[t] = input_ids[t + 1] on the whole sequence, the last one ignored):
+after sharding, a rank's next token usually lives on another rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import CPConfig
+
+
+def cp_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cp: CPConfig, *, ignore_index: int = -100,
+                     grad_average_world: int = 1) -> torch.Tensor:
+    """logits (..., V) and labels (...) of this rank's tokens. Returns local_sum / global_count, so that
+
+      - the SUM over CP ranks of the returned values is the global mean loss (`global_loss` for logging), and
+      - summing the parameter gradients over CP ranks (all_reduce SUM) gives the single-process gradients.
+    Data-parallel wrappers AVERAGE gradients over their ranks: pass grad_average_world = the number of ranks they
+    average over that also split the sequence (e.g. the flattened dp_shard x cp mesh size divided by dp) to scale
+    the loss up accordingly. One all-reduce of the token count (no gradient flows through it).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"fastattn.distributed: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         "must match in every dim but the last")
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),  # (..., V) -> (N, V)
+                            ignore_index=ignore_index, reduction="sum")
+    count = (labels != ignore_index).sum().to(torch.float32).reshape(1)
+    count = cp.comm.all_reduce(count)
+    return total * grad_average_world / count.clamp_min(1.0)[0]
+
+
+def global_loss(local: torch.Tensor, cp: CPConfig) -> torch.Tensor:
+    """The global mean loss from each rank's cp_cross_entropy value (detached; for logging)."""
+    return cp.comm.all_reduce(local.detach().float().reshape(1).clone())[0]

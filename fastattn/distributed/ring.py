@@ -1,0 +1,163 @@
+"""Ring attention: K/V travel around the CP group; each rank merges its queries' per-block (out, lse) in fp32.
+
+Step t = 0..W-1: rank r holds the K/V of rank src = (r - t) mod W. The hop that brings the next K/V is posted
+before the step's compute and waited after it; the last step posts none, so every rank runs exactly W-1 hops
+whatever it computes (a rank that skipped a hop would deadlock the others).
+
+Each shard is a list of layout segments (runs of consecutive global positions). A step computes every (query
+segment, key segment) pair that has a visible key, with the segments' global starts as q_start/k_start: the kernels
+then apply causal, sliding window, ALiBi and dropout exactly as for the whole sequence. For the zigzag layout this
+gives the classical schedule: at t > 0, src < r: both local query chunks x the first key chunk of src; src > r: the
+second local query chunk x both key chunks; the same work on every rank.
+
+Forward state is fp32 (out, lse) per query segment, merged with fastattn.blocks.merge_ (safe for empty rows) and
+rounded to the input dtype once. Backward: the merged global lse makes every block's gradient an independent sum,
+so dQ accumulates locally in fp32 and each K/V block's dK/dV accumulator travels with it (W hops, in
+grad_comm_dtype), arriving home after the last step.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import layout
+from ._call import CallSpec, block_backward, block_forward, merge_, rows, visible
+
+
+def _pairs(spec: CallSpec, q_segs, src: int, local_len: int):
+    """The visible (query segment, key segment) pairs of one step."""
+    k_segs = layout.segments(local_len, spec.comm.world_size, src, spec.balance)
+    return [(qs, ks) for qs in q_segs for ks in k_segs if visible(qs, ks, spec.window)]
+
+
+class _KVRing:
+    """The K/V buffers of the ring. Received K/V alternate between two scratch pairs and never land in the inputs
+    (k.contiguous() may BE the caller's k, saved for the backward)."""
+
+    def __init__(self, comm, k, v):
+        self.comm, self.held = comm, (k.contiguous(), v.contiguous())
+        W = comm.world_size
+        self.scratch = [(torch.empty_like(self.held[0]), torch.empty_like(self.held[1])) for _ in range(min(W - 1, 2))]
+
+    def post(self, t: int):
+        """Starts the hop of step t (none at the last step)."""
+        if t == self.comm.world_size - 1:
+            return None
+        nxt = self.scratch[t % 2]
+        return self.comm.ring_hop(self.held, nxt), nxt
+
+    def advance(self, pending):
+        if pending is not None:
+            pending[0].wait()  # also completes this hop's send: the buffer sent at step t-1 may receive at t+1
+            self.held = pending[1]
+
+
+def ring_forward(spec: CallSpec, q, k, v):
+    """q, k, v: this rank's shards in spec.layout. Returns out (q's layout and dtype) and lse fp32 (B, H, S)."""
+    comm = spec.comm
+    W, r = comm.world_size, comm.rank
+    qv = spec.bhsd(q)
+    B, H, S, _ = qv.shape
+    Dv = v.shape[-1]
+    q_segs = layout.segments(S, W, r, spec.balance)
+    ring = _KVRing(comm, k, v)
+    acc: List[Optional[tuple]] = [None] * len(q_segs)  # per query segment: (out fp32, lse fp32)
+    kw = spec.block_kw()
+    for t in range(W):
+        src = (r - t) % W
+        hop = ring.post(t)
+        kb, vb = spec.bhsd(ring.held[0]), spec.bhsd(ring.held[1])
+        for qs, ks in _pairs(spec, q_segs, src, S):
+            o, lse = block_forward(rows(qv, qs), rows(kb, ks), rows(vb, ks), q_start=qs.start, k_start=ks.start,
+                                   **kw)
+            i = q_segs.index(qs)
+            if acc[i] is None:
+                acc[i] = (o, lse)  # fresh fp32 tensors from the block call: the accumulator
+            else:
+                merge_(acc[i][0], acc[i][1], o, lse)
+        ring.advance(hop)
+    out = q.new_empty(q.shape[:-1] + (Dv,))
+    ov = spec.bhsd(out)
+    lses = []
+    for qs, a in zip(q_segs, acc):
+        if a is None:  # no visible key for the whole segment (e.g. a narrow window): out 0, lse +inf
+            rows(ov, qs).zero_()
+            lses.append(qv.new_full((B, H, qs.length), float("inf"), dtype=torch.float32))
+        else:
+            rows(ov, qs).copy_(a[0])  # the one rounding to the input dtype
+            lses.append(a[1])
+    return out, torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
+
+
+def ring_backward(spec: CallSpec, dout, q, k, v, out, lse):
+    """Gradients of ring_forward. dout, q, k, v, out in spec.layout; lse fp32 (B, H, S) as returned."""
+    comm = spec.comm
+    W, r = comm.world_size, comm.rank
+    qv, ov, dov = spec.bhsd(q), spec.bhsd(out), spec.bhsd(dout)
+    S = qv.shape[2]
+    q_segs = layout.segments(S, W, r, spec.balance)
+    lse_seg = {qs: lse.narrow(2, qs.local, qs.length).contiguous() for qs in q_segs}
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # q's layout, fp32
+    dqv = spec.bhsd(dq)
+    ring = _KVRing(comm, k, v)
+    # This step's dK/dV contribution (fp32), then added to the travelling accumulator of the same K/V block.
+    dkb = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dvb = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    gdt = spec.grad_comm_dtype
+    acc = send = None  # acc: the accumulator of the block held now; a pending hop carries it to rank r + 1
+    if W > 1:
+        acc = (torch.empty(k.shape, dtype=gdt, device=k.device), torch.empty(v.shape, dtype=gdt, device=v.device))
+        free = (torch.empty_like(acc[0]), torch.empty_like(acc[1]))
+    kw = spec.block_kw()
+    for t in range(W):
+        src = (r - t) % W
+        hop = ring.post(t)
+        kb, vb = spec.bhsd(ring.held[0]), spec.bhsd(ring.held[1])
+        if t > 0:
+            dkb.zero_()
+            dvb.zero_()
+        for qs, ks in _pairs(spec, q_segs, src, S):
+            block_backward(rows(dov, qs), rows(qv, qs), rows(kb, ks), rows(vb, ks), rows(ov, qs), lse_seg[qs],
+                           q_start=qs.start, k_start=ks.start, dq_acc=rows(dqv, qs),
+                           dk_acc=rows(spec.bhsd(dkb), ks), dv_acc=rows(spec.bhsd(dvb), ks), **kw)
+        if W == 1:
+            break
+        if t == 0:
+            acc[0].copy_(dkb)
+            acc[1].copy_(dvb)
+        else:
+            send.wait()  # the accumulator of block src, from rank r - 1 (it lands in `acc`)
+            _add(acc[0], dkb)
+            _add(acc[1], dvb)
+        send = comm.ring_hop(acc, free)  # on to rank r + 1, which holds block src at the next step
+        acc, free = free, acc
+        ring.advance(hop)
+    if W == 1:
+        return dq.to(q.dtype), dkb.to(k.dtype), dvb.to(v.dtype)
+    send.wait()  # the last hop brings this rank's own block home
+    return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
+
+
+def _add(acc: torch.Tensor, x: torch.Tensor):
+    if acc.dtype == torch.float32:
+        acc += x
+    else:  # a low-precision travelling accumulator: add in fp32, round once per hop
+        acc.copy_(acc.float() + x)
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: CallSpec):
+        out, lse = ring_forward(spec, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dq, dk, dv = ring_backward(ctx.spec, dout, q, k, v, out, lse)
+        return dq, dk, dv, None
