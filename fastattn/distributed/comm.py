@@ -31,6 +31,10 @@ class CPCommError(RuntimeError):
     """A collective could not complete: a peer failed, timed out, or called a different collective."""
 
 
+class PeerFailedError(CPCommError):
+    """This rank's collective was abandoned because another rank failed (the other rank's error says why)."""
+
+
 @runtime_checkable
 class Handle(Protocol):
     def wait(self) -> None: ...
@@ -210,7 +214,7 @@ class LocalComm:
         try:
             self._world.barrier.wait()
         except threading.BrokenBarrierError:
-            raise CPCommError(f"fastattn.distributed LocalComm: rank {self.rank}: a peer failed or did not reach "
+            raise PeerFailedError(f"fastattn.distributed LocalComm: rank {self.rank}: a peer failed or did not reach "
                               f"the collective within {self._world.timeout:g} s") from None
 
     def all_gather(self, x):
@@ -256,7 +260,7 @@ def run_local(world_size: int, fn: Callable, *args, timeout: float = LOCAL_TIMEO
         t.join(timeout + 30)
         if t.is_alive():
             raise CPCommError(f"fastattn.distributed run_local: {t.name} still running after {timeout + 30:g} s")
-    first = [e for e in errors if e is not None and not isinstance(e, CPCommError)] or [e for e in errors if e]
+    first = [e for e in errors if e is not None and not isinstance(e, PeerFailedError)] or [e for e in errors if e]
     if first:
         raise first[0]
     return results

@@ -1,0 +1,218 @@
+"""Shared by the distributed tests (tier 0 threads and tier 1 gloo processes): inputs, running CP, references and
+the acceptance rule of the CP tests:
+
+    e_X = max|X - X_ref| over out, lse, dq, dk, dv; X_ref = the float64 oracle on the whole sequence;
+    e_1 = the same error of single-process fastattn on the whole sequence (same dtype and backend), the larger of
+          the public call (flash_attn_func) and the block calls CP is built from (block_forward/block_backward at
+          positions 0: CP with W = 1): CP cannot beat the kernel it runs;
+    fp32: e_cp <= 2 * e_1 + 1e-6 * m;  bf16/fp16: out, lse e_cp <= 2 * e_1 + 1e-3 * m, grads 2.5 * e_1 + 1e-3 * m,
+    m = max(1, max|X_ref|): the floors are relative past magnitude 1 (gradients here reach ~50, where 1e-6 is
+    below one fp32 ulp), as the project's tolerance rule is.
+The ratio rule catches wrong math that a flat tolerance would hide (a flat 1e-2 passes a dropped block at S=512).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
+
+import torch
+
+import fastattn
+from fastattn.distributed import CPConfig, cp_attention, run_local, unshard_list
+from fastattn.distributed._call import block_backward, block_forward  # TEMPORARY: fastattn.blocks once on main
+from support.oracle import oracle_attention
+
+
+@dataclass(frozen=True)
+class Case:
+    W: int = 2
+    strategy: str = "ring"
+    balance: str = "zigzag"
+    dtype: torch.dtype = torch.float32
+    B: int = 2
+    H: int = 4
+    Hkv: int = 4
+    S: int = 48                      # global length
+    D: int = 16
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+    alibi: bool = False
+    softcap: float = 0.0
+    inputs: str = "randn"            # randn (x3: logits span tens) | staircase | large (logits ~ +-1e3)
+    layout: str = "bshd"
+    backend: str = "reference"
+    grad_comm_dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def id(self) -> str:
+        parts = [self.strategy, self.balance, f"W{self.W}", str(self.dtype).split(".")[-1], f"S{self.S}"]
+        parts += ["causal"] if self.causal else []
+        parts += [f"gqa{self.H}/{self.Hkv}"] if self.Hkv != self.H else []
+        parts += [f"win{self.window[0]},{self.window[1]}"] if self.window != (-1, -1) else []
+        parts += ["alibi"] if self.alibi else []
+        parts += [f"softcap{self.softcap:g}"] if self.softcap else []
+        parts += [self.inputs] if self.inputs != "randn" else []
+        parts += [self.layout] if self.layout != "bshd" else []
+        return "-".join(parts)
+
+
+def make_inputs(c: Case):
+    """Full-sequence q, k, v, dout in BSHD, fp32 (cast by the caller), from the case's seed (same on every rank)."""
+    g = torch.Generator().manual_seed(c.seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+    q, k, v = randn(c.B, c.S, c.H, c.D), randn(c.B, c.S, c.Hkv, c.D), randn(c.B, c.S, c.Hkv, c.D)
+    if c.inputs == "randn":
+        q, k = q * 3, k * 3
+    elif c.inputs == "staircase":
+        # Logits fall by ~8 per chunk of S/(2W) keys: every merge meets a block whose max differs by several units,
+        # so a merge that forgets to rescale one side is wrong by O(1) (uniform-ish inputs would hide it).
+        u = torch.ones(c.D) / math.sqrt(c.D)
+        chunk = c.S // (2 * c.W)
+        step = (torch.arange(c.S) // chunk).float().view(1, c.S, 1, 1)
+        q = q + 4.0 * u
+        k = k - step * (8.0 * math.sqrt(c.D) / 4.0) * u
+    elif c.inputs == "large":
+        q, k = q * 30, k * 30  # scores ~ 900 * N(0,1)/... : logsumexp ~ +-1e3, exp overflows without the max form
+    else:
+        raise ValueError(c.inputs)
+    dout = randn(c.B, c.S, c.H, c.D)
+    alibi = (torch.rand(c.H, generator=g) * 0.5 + 0.05) if c.alibi else None
+    return q, k, v, dout, alibi
+
+
+def _bhsd(x):
+    return x.transpose(1, 2)
+
+
+def to_layout(x, layout):
+    return x if layout == "bshd" else x.transpose(1, 2).contiguous()
+
+
+def from_layout(x, layout):
+    return x if layout == "bshd" else x.transpose(1, 2)
+
+
+def run_cp_rank(comm, c: Case, rng=None, dropout_p=0.0):
+    """One rank's part: shard, CP forward + backward. Returns (out, lse, dq, dk, dv) of this rank, all BSHD/BHS."""
+    q, k, v, dout, alibi = make_inputs(c)
+    cp = CPConfig(comm, strategy=c.strategy, balance=c.balance, backend=c.backend,
+                  grad_comm_dtype=c.grad_comm_dtype)
+    ql, kl, vl = (to_layout(cp.shard(t, 1).to(c.dtype), c.layout).requires_grad_() for t in (q, k, v))
+    before = [t.detach().clone() for t in (ql, kl, vl)]
+    out, lse = cp_attention(ql, kl, vl, cp=cp, causal=c.causal, window_size=c.window, softcap=c.softcap,
+                            alibi_slopes=alibi, return_lse=True, layout=c.layout, dropout_p=dropout_p, rng=rng)
+    out.backward(to_layout(cp.shard(dout, 1).to(c.dtype), c.layout))
+    for t, b in zip((ql, kl, vl), before):  # a ring that receives into its inputs corrupts the saved K/V
+        assert torch.equal(t.detach(), b), "cp_attention modified its inputs"
+    return tuple(from_layout(x.detach(), c.layout) if x.dim() == 4 else x
+                 for x in (out, lse, ql.grad, kl.grad, vl.grad))
+
+
+def gather_results(c: Case, per_rank):
+    """Rank results -> whole-sequence (out, lse, dq, dk, dv) in BSHD / (B, H, S)."""
+    return tuple(unshard_list([r[i] for r in per_rank], 2 if i == 1 else 1, c.balance) for i in range(5))
+
+
+def run_cp_local(c: Case, **kw):
+    return gather_results(c, run_local(c.W, run_cp_rank, c, **kw))
+
+
+def reference(c: Case, dropout_mask=None, dropout_p=0.0):
+    """Float64 oracle (out, lse, dq, dk, dv) on the whole sequence, from the inputs rounded to c.dtype."""
+    q, k, v, dout, alibi = make_inputs(c)
+    q, k, v = (t.to(c.dtype).double().requires_grad_() for t in (q, k, v))
+    wl, wr = c.window[0], 0 if c.causal else c.window[1]
+    scale = c.D ** -0.5
+    out = oracle_attention(_bhsd(q), _bhsd(k), _bhsd(v), scale=scale, window=(wl, wr), softcap=c.softcap,
+                           alibi_slopes=alibi, dropout_mask=dropout_mask, dropout_p=dropout_p)
+    out.backward(_bhsd(dout.double()))
+    lse = _oracle_lse(c, q.detach(), k.detach(), alibi, (wl, wr), scale)
+    return _bhsd(out).detach(), lse, q.grad, k.grad, v.grad
+
+
+def _oracle_lse(c, q, k, alibi, window, scale):
+    qh, kh = _bhsd(q), _bhsd(k).repeat_interleave(c.H // c.Hkv, dim=1)
+    s = qh @ kh.transpose(-1, -2) * scale
+    if c.softcap:
+        s = c.softcap * torch.tanh(s / c.softcap)
+    i, j = torch.arange(c.S).view(-1, 1), torch.arange(c.S).view(1, -1)
+    if alibi is not None:
+        s = s - alibi.double().view(1, -1, 1, 1) * (i - j).abs()
+    vis = torch.ones(c.S, c.S, dtype=torch.bool)
+    if window[0] >= 0:
+        vis &= j >= i - window[0]
+    if window[1] >= 0:
+        vis &= j <= i + window[1]
+    lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def single_process(c: Case):
+    """fastattn on the whole sequence, one process, same dtype and backend: (out, lse, dq, dk, dv)."""
+    q, k, v, dout, alibi = make_inputs(c)
+    q, k, v = (t.to(c.dtype).requires_grad_() for t in (q, k, v))
+    out, lse, _ = fastattn.flash_attn_func(q, k, v, causal=c.causal, window_size=c.window, softcap=c.softcap,
+                                           alibi_slopes=alibi, return_attn_probs=True, backend=c.backend)
+    out.backward(dout.to(c.dtype))
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+def single_block(c: Case):
+    """The block calls on the whole sequence (CP with one rank): (out, lse, dq, dk, dv)."""
+    q, k, v, dout, alibi = make_inputs(c)
+    q, k, v, dout = (_bhsd(t.to(c.dtype)) for t in (q, k, v, dout))
+    kw = dict(q_start=0, k_start=0, scale=c.D ** -0.5, window_size=(c.window[0], 0 if c.causal else c.window[1]),
+              softcap=c.softcap, alibi_slopes=alibi, backend=c.backend)
+    out, lse = block_forward(q, k, v, **kw)
+    out = out.to(c.dtype)
+    dq, dk, dv = block_backward(dout, q, k, v, out, lse, **kw)
+    return tuple(_bhsd(x) if x.dim() == 4 else x for x in (out, lse, dq.to(c.dtype), dk.to(c.dtype), dv.to(c.dtype)))
+
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+def errors(got, ref):
+    errs = []
+    for x, r in zip(got, ref):
+        x, r = x.detach().double(), r.detach().double()
+        both_inf = torch.isinf(r) & (x == r)
+        errs.append(float((x - r).abs().masked_fill(both_inf, 0).max()))
+    return errs
+
+
+def check_acceptance(c: Case, cp_res, one_res, ref, block_res=None) -> str:
+    """Asserts the rule of the module docstring; returns the table it printed."""
+    for name, x in zip(NAMES, cp_res):
+        bad = torch.isnan(x) | (torch.isinf(x) if name != "lse" else torch.isneginf(x))
+        assert not bad.any(), f"{c.id()}: {int(bad.sum())} NaN/Inf in CP {name}"
+    e_cp, e_1 = errors(cp_res, ref), errors(one_res, ref)
+    if block_res is not None:
+        e_1 = [max(a, b) for a, b in zip(e_1, errors(block_res, ref))]
+    lines, fails = [], []
+    for i, name in enumerate(NAMES):
+        r = ref[i].detach().double()
+        m = max(1.0, float(r.masked_fill(torch.isinf(r), 0).abs().max()))
+        if c.dtype == torch.float32:
+            tol = 2 * e_1[i] + 1e-6 * m
+        else:
+            tol = (2.0 if i < 2 else 2.5) * e_1[i] + 1e-3 * m
+        lines.append(f"  {name}: e_cp={e_cp[i]:.3g} e_1={e_1[i]:.3g} tol={tol:.3g}")
+        if not e_cp[i] <= tol:
+            fails.append(name)
+    table = f"{c.id()}\n" + "\n".join(lines)
+    print(table)
+    assert not fails, f"CP error above the acceptance rule for {fails}:\n{table}"
+    return table
+
+
+def check_case(c: Case, **kw):
+    cp_res = run_cp_local(c, **kw)
+    return check_acceptance(c, cp_res, single_process(c), reference(c), single_block(c))
+
+
+def with_(c: Case, **kw) -> Case:
+    return replace(c, **kw)
