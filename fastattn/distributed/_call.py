@@ -9,10 +9,7 @@ import torch
 from .comm import CPComm
 from .layout import Segment
 
-try:  # TEMPORARY: the shim stands in until fastattn.blocks lands on main (removed before merge)
-    from ..blocks import block_backward, block_forward, dropout_rng, merge_  # noqa: F401
-except ImportError:  # pragma: no cover
-    from ._blocks_shim import block_backward, block_forward, dropout_rng, merge_  # noqa: F401
+from ..blocks import block_backward, block_forward, dropout_rng, merge_  # noqa: F401  (re-exported to the strategies)
 
 
 @dataclass(frozen=True)
@@ -26,7 +23,7 @@ class CallSpec:
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     rng: Optional[tuple] = None       # one (seed, offset) for every block of the call, the same on every rank
-    backend: str = "auto"
+    backend: Optional[str] = None
     grad_comm_dtype: torch.dtype = torch.float32
     return_lse: bool = False
     kv_repeat: int = 1                # ulysses only

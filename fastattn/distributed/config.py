@@ -44,7 +44,8 @@ class CPConfig:
     grad_comm_dtype: dtype of the dK/dV accumulators that travel the ring (fp32: no rounding per hop; the inputs'
         dtype halves the backward's bytes but rounds at every hop) and of the reduce-scatter of allgather.
     kv_replication: ulysses may replicate K/V heads when H_kv is not divisible by W.
-    backend: the fastattn backend for the block calls ("auto" picks the first that supports the block contract).
+    backend: the fastattn backend of the block calls (None: fastattn's usual choice, FASTATTN_BACKEND /
+        use_backend included, among the backends that declare the block contract).
     check_shapes: before each call, all-gather the input shapes and fail on any mismatch across ranks (one small
         collective per call; a mismatch otherwise shows up as a communication error on some backends).
     """
@@ -53,7 +54,7 @@ class CPConfig:
     balance: str = "zigzag"
     grad_comm_dtype: torch.dtype = torch.float32
     kv_replication: bool = True
-    backend: str = "auto"
+    backend: Optional[str] = None
     check_shapes: bool = False
     comm: CPComm = field(init=False, repr=False, compare=False)
 

@@ -20,7 +20,7 @@ import torch
 
 import fastattn
 from fastattn.distributed import CPConfig, cp_attention, run_local, unshard_list
-from fastattn.distributed._call import block_backward, block_forward  # TEMPORARY: fastattn.blocks once on main
+from fastattn.blocks import block_backward, block_forward
 from support.oracle import oracle_attention
 
 
