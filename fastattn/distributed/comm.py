@@ -72,6 +72,10 @@ class CPComm(Protocol):
 # --------------------------------------------------------------------------------------------------------------
 # torch.distributed
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn): one place to follow renames.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 class _Works:
     def __init__(self, works):
         self.works = works
@@ -110,15 +114,15 @@ class TorchComm:
         return _Works(dist.batch_isend_irecv(ops))
 
     def all_gather(self, x):
-        x = x.contiguous()
-        out = x.new_empty((self.world_size,) + tuple(x.shape))
-        dist.all_gather_into_tensor(out, x, group=self.group)
-        return out
+        # Flat buffers: the *_single collectives concatenate along dim 0, and gloo checks that shape exactly.
+        out = x.new_empty(self.world_size * x.numel())
+        _all_gather(out, x.contiguous().view(-1), group=self.group)
+        return out.view((self.world_size,) + tuple(x.shape))  # (W * n,) -> (W, *s)
 
     def reduce_scatter(self, x):
-        out = x.new_empty(x.shape[1:])
-        dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=self.group)
-        return out
+        out = x.new_empty(x.numel() // self.world_size)
+        _reduce_scatter(out, x.contiguous().view(-1), op=dist.ReduceOp.SUM, group=self.group)
+        return out.view(x.shape[1:])  # (n,) -> (*s)
 
     def all_to_all(self, x):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)

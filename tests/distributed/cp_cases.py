@@ -216,3 +216,24 @@ def check_case(c: Case, **kw):
 
 def with_(c: Case, **kw) -> Case:
     return replace(c, **kw)
+
+
+def block_backends(device: str = "cpu", dropout: bool = False):
+    """Backends that take block calls on this device (dropout: also with dropout, keyed on positions), found by
+    trying a tiny call: a backend declaring 'block' may still refuse dropout (the reference uses torch's RNG)."""
+    import fastattn.blocks as blocks
+    from fastattn.backends import BACKENDS
+    found = []
+    for name, b in BACKENDS.items():
+        if "block" not in b.features or b.unavailable() or device not in b.devices:
+            continue
+        if name == "triton" and not torch.cuda.is_available():
+            continue  # the interpreter is far too slow for a CP matrix
+        q = torch.randn(1, 2, 8, 16)
+        try:
+            blocks.block_forward(q, q, q, q_start=8, k_start=0, backend=name, dropout_p=0.5 if dropout else 0.0,
+                                 rng=(1, 2) if dropout else None)
+        except Exception:  # noqa: BLE001 (a refusal: not a block backend for this test)
+            continue
+        found.append(name)
+    return found
