@@ -140,8 +140,3 @@ def _ulysses_check(hq: int, hkv: int, W: int, replication: bool, dropout: bool):
         return False, (f"replicating the {hkv} K/V heads {rep}x for W={W} gives {hkv * rep} heads, which do not "
                        f"divide the {hq} query heads")
     return True, ""
-
-
-def resolve(cp: Optional[CPConfig], group) -> CPConfig:
-    """cp as given, or a ring config on `group` (the flash-compatible functions take group=)."""
-    return cp if cp is not None else CPConfig(group=group, strategy="ring")

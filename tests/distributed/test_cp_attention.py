@@ -17,6 +17,7 @@ def test_matrix_fp32(case):
 
 
 FEATURES = [
+    Case(W=1, causal=True),                                                # one rank: no communication at all
     Case(W=3, causal=True, S=2 * 3 * 37),                                  # odd W, length not a block multiple
     Case(W=4, causal=True, window=(5, -1)),                                # sliding window across shards
     Case(W=4, window=(3, 7), balance="contiguous"),                        # two-sided window, non-causal
@@ -48,6 +49,7 @@ BF16 = [
     Case(W=2, strategy="allgather", causal=True, dtype=torch.bfloat16, S=64),
     Case(W=4, strategy="ulysses", causal=True, dtype=torch.bfloat16, S=64, Hkv=2),
     Case(W=4, causal=True, dtype=torch.bfloat16, S=64, grad_comm_dtype=torch.bfloat16),  # rounds per hop
+    Case(W=3, causal=True, dtype=torch.float16, S=60, window=(9, -1)),
 ]
 
 
