@@ -67,20 +67,5 @@ def allgather_backward(spec: CallSpec, dout, q, k, v, out, lse):
     sh = dkv.index_select(d, perm).to(spec.grad_comm_dtype)
     sh = sh.unflatten(d, (W, S_all // W)).movedim(d, 0)
     mine = comm.reduce_scatter(sh)  # (B, S/W, .., Dk+Dv) in k's layout
-    return dq.to(q.dtype), mine[..., :Dk].to(k.dtype), mine[..., Dk:].to(v.dtype)
-
-
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec: CallSpec):
-        out, lse = allgather_forward(spec, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        return allgather_backward(ctx.spec, dout, q, k, v, out, lse) + (None,)
+    # copy=True: dk and dv must not be views of one buffer (outputs of a custom op may not alias)
+    return dq.to(q.dtype), mine[..., :Dk].to(k.dtype, copy=True), mine[..., Dk:].to(v.dtype, copy=True)

@@ -12,12 +12,9 @@ import torch
 
 from . import layout
 from ._call import CallSpec, dropout_rng
-from .allgather import AllGatherAttention
 from .config import CPConfig, CPUnsupportedError
-from .ring import RingAttention
+from .ops import cp_attn
 from .ulysses import UlyssesAttention
-
-_FUNCTIONS = {"ring": RingAttention, "allgather": AllGatherAttention, "ulysses": UlyssesAttention}
 
 
 def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p):
@@ -91,7 +88,7 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
     _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p)
     hd = 2 if layout == "bshd" else 1
     plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)
-    if dropout_p > 0 and rng is None:
+    if dropout_p > 0 and rng is None:  # under torch.compile pass rng: drawing one here breaks the graph
         rng = _shared_rng(cp, q.device)
     wl, wr = int(window_size[0]), int(window_size[1])
     spec = CallSpec(comm=cp.comm, balance=cp.balance, layout=layout,
@@ -99,7 +96,13 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
                     window=(wl, 0 if causal else wr), softcap=float(softcap), alibi_slopes=alibi_slopes,
                     dropout_p=float(dropout_p), rng=rng if dropout_p > 0 else None, backend=cp.backend,
                     grad_comm_dtype=cp.grad_comm_dtype, return_lse=return_lse, kv_repeat=plan.kv_repeat)
-    out, lse = _FUNCTIONS[plan.strategy].apply(q, k, v, spec)
+    if plan.strategy == "ulysses":
+        if torch.compiler.is_compiling():
+            raise CPUnsupportedError("fastattn.distributed: strategy 'ulysses' has no custom op for torch.compile "
+                                     "yet; use strategy='ring' or 'allgather' in compiled code")
+        out, lse = UlyssesAttention.apply(q, k, v, spec)
+    else:  # one custom op with its autograd: opaque to torch.compile
+        out, lse = cp_attn(spec, q, k, v, plan.strategy)
     return (out, lse) if return_lse else out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Callable, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -309,6 +310,32 @@ class CountingComm:
     def all_reduce(self, x):
         self._count("all_reduce", [x])
         return self.inner.all_reduce(x)
+
+
+_COMMS: "weakref.WeakValueDictionary[str, CPComm]" = weakref.WeakValueDictionary()
+
+
+def comm_name(comm: CPComm) -> str:
+    """A name that finds `comm` in this process (lookup_comm): how a communicator travels through a custom op's
+    string argument. Registered on first use (the registry holds no reference)."""
+    name = getattr(comm, "_cp_op_name", None)
+    if name is None:
+        if isinstance(comm, TorchComm):
+            from torch.distributed.distributed_c10d import _get_process_group_name  # private: the name funcol uses
+            name = f"pg:{_get_process_group_name(comm.group)}"
+        else:
+            name = f"{type(comm).__name__}:{id(comm):x}"
+        comm._cp_op_name = name
+        _COMMS[name] = comm
+    return name
+
+
+def lookup_comm(name: str) -> CPComm:
+    comm = _COMMS.get(name)
+    if comm is None:
+        raise RuntimeError(f"fastattn.distributed: no communicator named {name!r} in this process (it was garbage "
+                           "collected, or the graph was built in another process)")
+    return comm
 
 
 def as_comm(group) -> CPComm:

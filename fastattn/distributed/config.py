@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from . import layout
-from .comm import CPComm, as_comm
+from .comm import CPComm, as_comm, comm_name
 
 STRATEGIES = ("auto", "ring", "allgather", "ulysses")
 
@@ -66,6 +66,7 @@ class CPConfig:
             raise ValueError(f"fastattn.distributed: grad_comm_dtype must be float32, float16 or bfloat16, got "
                              f"{self.grad_comm_dtype}")
         object.__setattr__(self, "comm", as_comm(self.group))
+        comm_name(self.comm)  # registered now, so that compiled code only reads the name
 
     @property
     def world_size(self) -> int:

@@ -144,20 +144,3 @@ def _add(acc: torch.Tensor, x: torch.Tensor):
         acc += x
     else:  # a low-precision travelling accumulator: add in fp32, round once per hop
         acc.copy_(acc.float() + x)
-
-
-class RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec: CallSpec):
-        out, lse = ring_forward(spec, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq, dk, dv = ring_backward(ctx.spec, dout, q, k, v, out, lse)
-        return dq, dk, dv, None

@@ -166,3 +166,17 @@ def test_cp_cross_entropy(balance):
     for r in res:
         torch.testing.assert_close(r[1], want)
     torch.testing.assert_close(unshard_list([r[2] for r in res], 1, balance), logits.grad)
+
+
+# --- the custom ops ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_custom_op_opcheck(strategy):
+    """Schema, fake function (shapes, strides, dtypes) and autograd registration of fastattn::cp_attn_fwd, on one
+    simulated rank (the compiled multi-rank run is in test_cp_gloo.py)."""
+    from fastattn.distributed.comm import comm_name
+    comm = run_local(1, lambda c: c)[0]
+    q = torch.randn(2, 8, 4, 16, requires_grad=True)
+    k, v = (torch.randn(2, 8, 2, 16, requires_grad=True) for _ in range(2))
+    args = (q, k, v, None, comm_name(comm), strategy, "zigzag", "bshd", 0.25, 3, 0, 0.0, 0.0, 0, 0, "float32", "")
+    torch.library.opcheck(torch.ops.fastattn.cp_attn_fwd.default, args)

@@ -38,3 +38,11 @@ def test_gloo_comm_counts(gloo_pool):
 def test_gloo_shape_mismatch_is_a_clear_error(gloo_pool):
     msgs = gloo_pool(2).run(TASKS, "shape_mismatch", True)
     assert all(m is not None and "differ across the CP ranks" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_gloo_torch_compile_fullgraph(gloo_pool, strategy):
+    for same, counts in gloo_pool(2).run(TASKS, "compiled_vs_eager", strategy):
+        assert same, "compiled CP attention differs from eager"
+        # each graph holds the CP attention as one op
+        assert counts == {"fwd": ["fastattn.cp_attn_fwd.default"], "bwd": ["fastattn.cp_attn_bwd.default"]}, counts
