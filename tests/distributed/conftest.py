@@ -114,7 +114,7 @@ class GlooPool:
         for q in self.tasks:
             q.put(None)
         for p in self.procs:
-            p.join(timeout=20)
+            p.join(timeout=5)
             if p.is_alive():
                 p.kill()
         self.dir.cleanup()

@@ -3,7 +3,8 @@ oracle on the whole sequence (acceptance rule in cp_cases.py): out, lse, dq, dk,
 import pytest
 import torch
 
-from cp_cases import Case, check_acceptance, check_case, reference, run_cp_local, single_block, single_process
+from cp_cases import (Case, block_backends, check_acceptance, check_case, reference, run_cp_local, single_block,
+                      single_process, with_)
 from fastattn.distributed import CountingComm, CPConfig, cp_attention, run_local
 
 MATRIX = [Case(strategy=s, balance=b, W=W, causal=causal, H=4, Hkv=2)
@@ -37,7 +38,20 @@ FEATURES = [
 ]
 
 
-@pytest.mark.parametrize("case", FEATURES, ids=Case.id)
+# The schedule logic runs on the reference backend above; these cases also run on every other backend that takes
+# block calls here (the C++ cpu backend once built with the block contract), which checks its positions too.
+BACKENDS = block_backends()
+
+
+def _on_backends(cases):
+    return [with_(c, backend=b) for b in BACKENDS for c in cases]
+
+
+def _id(c: Case) -> str:
+    return c.id() + ("" if c.backend == "reference" else f"-{c.backend}")
+
+
+@pytest.mark.parametrize("case", _on_backends(FEATURES), ids=_id)
 def test_features_fp32(case):
     check_case(case)
 
@@ -53,7 +67,7 @@ BF16 = [
 ]
 
 
-@pytest.mark.parametrize("case", BF16, ids=Case.id)
+@pytest.mark.parametrize("case", _on_backends(BF16), ids=_id)
 def test_bf16(case):
     check_case(case)
 

@@ -106,3 +106,17 @@ def test_local_missing_hop_times_out_with_message():
     with pytest.raises(CPCommError, match="waited 1 s for a ring hop"):
         run_local(2, body, timeout=1)
     assert not [t for t in threading.enumerate() if t.name.startswith("cp-rank") and t.is_alive()]
+
+
+@pytest.mark.parametrize("balance", ["zigzag", "contiguous"])
+def test_config_layout_helpers_unshard_over_comm(balance):
+    from fastattn.distributed import CPConfig
+    x = torch.randn(2, 24, 3)
+
+    def rank(comm):
+        cp = CPConfig(comm, balance=balance)
+        return cp.unshard(cp.shard(x, 1), 1), cp.global_positions(24)
+    res = run_local(3, rank)
+    for r, (full, pos) in enumerate(res):
+        assert torch.equal(full, x)
+        assert torch.equal(pos, layout.global_positions(24, 3, r, balance))
