@@ -9,7 +9,6 @@ import torch
 from .comm import CPComm
 from .layout import Segment
 
-from ..blocks import block_backward, block_forward, dropout_rng, merge_  # noqa: F401  (re-exported to the strategies)
 
 
 @dataclass(frozen=True)

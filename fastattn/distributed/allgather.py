@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import layout
-from ._call import CallSpec, block_backward, block_forward, key_range, rows
+from ..blocks import block_backward, block_forward
+from ._call import CallSpec, key_range, rows
 
 
 def _gather_kv(spec: CallSpec, k, v):
@@ -65,7 +66,7 @@ def allgather_backward(spec: CallSpec, dout, q, k, v, out, lse):
     # Back to shard order, one slot per rank: (B, S, .., Dk+Dv) -> (W, B, S/W, .., Dk+Dv) (seq dim d)
     perm = layout.order(S_all, W, spec.balance, dkv.device)
     sh = dkv.index_select(d, perm).to(spec.grad_comm_dtype)
-    sh = sh.unflatten(d, (W, S_all // W)).movedim(d, 0)
+    sh = sh.unflatten(d, (W, S_all // W)).movedim(d, 0)  # seq dim S -> (W, S/W), W to the front
     mine = comm.reduce_scatter(sh)  # (B, S/W, .., Dk+Dv) in k's layout
     # copy=True: dk and dv must not be views of one buffer (outputs of a custom op may not alias)
     return dq.to(q.dtype), mine[..., :Dk].to(k.dtype, copy=True), mine[..., Dk:].to(v.dtype, copy=True)

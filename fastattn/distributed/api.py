@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import layout
-from ._call import CallSpec, dropout_rng
+from ..blocks import dropout_rng
+from ._call import CallSpec
 from .config import CPConfig, CPUnsupportedError
 from .ops import cp_attn
 from .ulysses import UlyssesAttention

@@ -21,10 +21,10 @@ _BWD = {"ring": ring_backward, "allgather": allgather_backward}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _spec(comm: str, strategy, balance, layout, scale, window_left, window_right, softcap, alibi, dropout_p, seed,
-          offset, grad_comm_dtype, backend) -> CallSpec:
-    return CallSpec(comm=lookup_comm(comm), balance=balance, layout=layout, scale=scale, window=(window_left, window_right),
-                    softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p,
+def _spec(comm: str, balance, layout, scale, window_left, window_right, softcap, alibi, dropout_p, seed, offset,
+          grad_comm_dtype, backend) -> CallSpec:
+    return CallSpec(comm=lookup_comm(comm), balance=balance, layout=layout, scale=scale,
+                    window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p,
                     rng=(seed, offset) if dropout_p > 0 else None, grad_comm_dtype=_DTYPES[grad_comm_dtype],
                     backend=backend or None)
 
@@ -33,8 +33,8 @@ def _spec(comm: str, strategy, balance, layout, scale, window_left, window_right
 def cp_attn_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, strategy: str,
                 balance: str, layout: str, scale: float, window_left: int, window_right: int, softcap: float,
                 dropout_p: float, seed: int, offset: int, grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor]:
-    spec = _spec(comm, strategy, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                 seed, offset, grad_comm_dtype, backend)
+    spec = _spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+                 offset, grad_comm_dtype, backend)
     return _FWD[strategy](spec, q, k, v)
 
 
@@ -51,8 +51,8 @@ def cp_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
                 alibi_slopes: Optional[Tensor], comm: str, strategy: str, balance: str, layout: str, scale: float,
                 window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int, offset: int,
                 grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    spec = _spec(comm, strategy, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                 seed, offset, grad_comm_dtype, backend)
+    spec = _spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+                 offset, grad_comm_dtype, backend)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     return _BWD[strategy](spec, dout, q, k, v, out, lse)
 

@@ -22,7 +22,8 @@ from typing import List, Optional
 import torch
 
 from . import layout
-from ._call import CallSpec, block_backward, block_forward, merge_, rows, visible
+from ..blocks import block_backward, block_forward, merge_
+from ._call import CallSpec, rows, visible
 
 
 def _pairs(spec: CallSpec, q_segs, src: int, local_len: int):

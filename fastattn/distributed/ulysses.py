@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import layout
-from ._call import CallSpec, block_backward, block_forward
+from ..blocks import block_backward, block_forward
+from ._call import CallSpec
 
 
 def _to_heads(spec: CallSpec, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +97,7 @@ class UlyssesAttention(torch.autograd.Function):
         dv = _to_seq(spec, dv.transpose(1, 2).to(kv_dt if spec.kv_repeat > 1 else vdt))
         if spec.kv_repeat > 1:
             B, s, Hr, D = dk.shape
+            # (B, s, H_kv * rep, D) -> (B, s, H_kv, rep, D): a K/V head's gradient sums its replicas
             dk = dk.float().view(B, s, Hr // spec.kv_repeat, spec.kv_repeat, D).sum(3).to(kdt)
             dv = dv.float().view(B, s, Hr // spec.kv_repeat, spec.kv_repeat, -1).sum(3).to(vdt)
         return _user(spec, dq), _user(spec, dk), _user(spec, dv), None

@@ -13,8 +13,8 @@ The ratio rule catches wrong math that a flat tolerance would hide (a flat 1e-2 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Tuple
 
 import torch
 

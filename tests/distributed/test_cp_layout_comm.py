@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from fastattn.distributed import CountingComm, CPCommError, LocalComm, run_local
+from fastattn.distributed import CountingComm, CPCommError, run_local
 from fastattn.distributed import layout
 
 
