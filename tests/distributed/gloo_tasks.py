@@ -78,3 +78,13 @@ def _counting_backend(counts):
             return gm
         return count
     return aot_autograd(fw_compiler=compiler("fwd"), bw_compiler=compiler("bwd"))
+
+
+def mesh_cp(case: Case):
+    """CP over the "cp" dim of a 2-D (dp, cp) DeviceMesh: each cp group is a subgroup, so P2P peers must be mapped
+    to global ranks. Returns (dp index, cp rank, this rank's results)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    W = torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (W // case.W, case.W), mesh_dim_names=("dp", "cp"))
+    comm = TorchComm.from_mesh(mesh, "cp")
+    return mesh.get_local_rank("dp"), comm.rank, run_cp_rank(comm, case)

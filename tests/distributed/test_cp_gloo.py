@@ -46,3 +46,13 @@ def test_gloo_torch_compile_fullgraph(gloo_pool, strategy):
         assert same, "compiled CP attention differs from eager"
         # each graph holds the CP attention as one op
         assert counts == {"fwd": ["fastattn.cp_attn_fwd.default"], "bwd": ["fastattn.cp_attn_bwd.default"]}, counts
+
+
+def test_gloo_cp_on_a_device_mesh_dim(gloo_pool):
+    case = Case(W=2, causal=True, H=4, Hkv=2)
+    got = gloo_pool(4).run(TASKS, "mesh_cp", case)
+    ref, one, blk = reference(case), single_process(case), single_block(case)
+    for dp in (0, 1):
+        group = sorted((cp_rank, res) for d, cp_rank, res in got if d == dp)
+        assert [r for r, _ in group] == [0, 1]
+        check_acceptance(case, gather_results(case, [res for _, res in group]), one, ref, blk)
