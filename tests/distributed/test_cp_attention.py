@@ -1,5 +1,7 @@
 """Tier 0: CP attention on W simulated ranks (threads, LocalComm) against single-process fastattn and a float64
 oracle on the whole sequence (acceptance rule in cp_cases.py): out, lse, dq, dk, dv."""
+import threading
+
 import pytest
 import torch
 
@@ -135,3 +137,42 @@ def test_planted_bugs_fail(monkeypatch, bug):
     c = Case(W=4, causal=True, alibi=bug == "k_start off by one")
     with pytest.raises(AssertionError, match="acceptance rule"):
         check_acceptance(c, run_cp_local(c), single_process(c), reference(c), single_block(c))
+
+
+def test_ring_overlap_order(monkeypatch):
+    """Each step posts its K/V hop before the step's block calls and waits for it after them (the communication
+    hides behind the compute); in the backward the dK/dV hop of step t is waited for only after step t+1's compute.
+    Rank 1's events, W = 3: P = hop posted, W = hop waited, f / b = a block forward / backward call."""
+    import fastattn.distributed.ring as ring
+    from cp_cases import make_inputs
+    events = []
+
+    class Logged(CountingComm):
+        def ring_hop(self, send, recv):
+            h = self.inner.ring_hop(send, recv)
+            log = self.rank == 1
+            events.extend("P" if log else "")
+
+            class Handle:
+                def wait(_):
+                    h.wait()
+                    events.extend("W" if log else "")
+            return Handle()
+
+    for name in ("block_forward", "block_backward"):
+        def logged(*a, _real=getattr(ring, name), _tag=name[6], **kw):  # "f" or "b"
+            if threading.current_thread().name == "cp-rank1":
+                events.append(_tag)
+            return _real(*a, **kw)
+        monkeypatch.setattr(ring, name, logged)
+    c = Case(W=3, balance="contiguous")
+
+    def rank(comm):
+        q, k, v, dout, _ = make_inputs(c)
+        cp = CPConfig(comm, strategy="ring", balance="contiguous")
+        ql, kl, vl = (cp.shard(t, 1).requires_grad_() for t in (q, k, v))
+        cp_attention(ql, kl, vl, cp=cp).backward(cp.shard(dout, 1))
+    run_local(3, rank, wrap=Logged)
+    fwd = "PfW" "PfW" "f"                       # steps 0, 1: post, compute, wait; step 2: compute only
+    bwd = "PbPW" "PbWPW" "bWP" "W"              # t: [post K/V] compute [wait dKV] post dKV [wait K/V]; home hop
+    assert "".join(events) == fwd + bwd
