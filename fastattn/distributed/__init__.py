@@ -6,8 +6,9 @@
     out = cp_attention(q, k, v, cp=cp, causal=True)                    # this rank's rows of full attention
     print(cp.explain(heads_q=16, heads_kv=4, causal=True))
 
-Strategies ring / allgather / ulysses (config.py), layouts zigzag / contiguous (layout.py), communicators over a
-ProcessGroup or simulated in one process (comm.py), loss normalised by global tokens (loss.py).
+Strategies ring / allgather / ulysses (config.py; ring.py, allgather.py, ulysses.py), each one custom op for
+torch.compile (ops.py), layouts zigzag / contiguous (layout.py), communicators over a ProcessGroup or DeviceMesh dim
+or simulated in one process (comm.py), loss normalised by global tokens (loss.py). Kernels: fastattn.blocks.
 """
 from .api import cp_attention, ring_flash_attn_func, zigzag_ring_flash_attn_func
 from .comm import CountingComm, CPComm, CPCommError, LocalComm, TorchComm, run_local

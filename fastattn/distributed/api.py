@@ -14,8 +14,7 @@ from . import layout
 from ..blocks import dropout_rng
 from ._call import CallSpec
 from .config import CPConfig, CPUnsupportedError
-from .ops import cp_attn
-from .ulysses import UlyssesAttention
+from .ops import cp_attn, cp_ulysses
 
 
 def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p):
@@ -84,7 +83,8 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
     dropout_p > 0 drops exactly the probabilities one process would with the same rng (seed, offset); rng=None
     draws one (fastattn.blocks.dropout_rng) and shares rank 0's.
     Returns out (q's layout and dtype), and with return_lse also lse fp32 (B, Hq, S/W) (+inf for rows that see no
-    key). Differentiable in q, k, v.
+    key). Differentiable in q, k, v. Under torch.compile(fullgraph=True) the whole CP attention is one custom op
+    (fastattn.distributed.ops); with dropout there, pass rng (drawing one communicates, which breaks the graph).
     """
     _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p)
     hd = 2 if layout == "bshd" else 1
@@ -97,12 +97,10 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
                     window=(wl, 0 if causal else wr), softcap=float(softcap), alibi_slopes=alibi_slopes,
                     dropout_p=float(dropout_p), rng=rng if dropout_p > 0 else None, backend=cp.backend,
                     grad_comm_dtype=cp.grad_comm_dtype, return_lse=return_lse, kv_repeat=plan.kv_repeat)
+    # one custom op with its autograd per strategy: opaque to torch.compile
     if plan.strategy == "ulysses":
-        if torch.compiler.is_compiling():
-            raise CPUnsupportedError("fastattn.distributed: strategy 'ulysses' has no custom op for torch.compile "
-                                     "yet; use strategy='ring' or 'allgather' in compiled code")
-        out, lse = UlyssesAttention.apply(q, k, v, spec)
-    else:  # one custom op with its autograd: opaque to torch.compile
+        out, lse = cp_ulysses(spec, q, k, v)
+    else:
         out, lse = cp_attn(spec, q, k, v, plan.strategy)
     return (out, lse) if return_lse else out
 

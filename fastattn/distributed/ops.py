@@ -1,5 +1,7 @@
-"""Ring and all-gather CP attention as custom ops (fastattn::cp_attn_fwd / cp_attn_bwd) with fake functions and a
-registered autograd, so torch.compile(fullgraph=True) sees one opaque op instead of tracing the communication.
+"""CP attention as custom ops with fake functions and a registered autograd, so torch.compile(fullgraph=True) sees
+one opaque op instead of tracing the communication: fastattn::cp_attn_fwd / cp_attn_bwd (ring, all-gather) and
+fastattn::cp_ulysses_fwd / cp_ulysses_bwd (Ulysses; its forward also returns the head-sharded tensors its backward
+needs, so the backward does not redo the forward's all-to-alls).
 
 The communicator travels as a name (a string argument, comm.comm_name), which the op looks up in this process.
 Eager calls go through the same ops.
@@ -15,6 +17,7 @@ from ._call import CallSpec
 from .allgather import allgather_backward, allgather_forward
 from .comm import comm_name, lookup_comm
 from .ring import ring_backward, ring_forward
+from .ulysses import ulysses_backward, ulysses_forward
 
 _FWD = {"ring": ring_forward, "allgather": allgather_forward}
 _BWD = {"ring": ring_backward, "allgather": allgather_backward}
@@ -79,9 +82,91 @@ def _backward(ctx, dout, dlse):
 cp_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastattn::cp_ulysses_fwd", mutates_args=())
+def cp_ulysses_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, balance: str,
+                   layout: str, scale: float, window_left: int, window_right: int, softcap: float, kv_repeat: int,
+                   return_lse: bool, grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                    Tensor, Tensor, Tensor]:
+    spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
+                         return_lse, grad_comm_dtype, backend)
+    return ulysses_forward(spec, q, k, v)
+
+
+@cp_ulysses_fwd.register_fake
+def _(q, k, v, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap, kv_repeat, return_lse,
+      grad_comm_dtype, backend):
+    W = lookup_comm(comm).world_size
+    bshd = layout == "bshd"
+    B, s, Hq, Hkv = q.shape[0], q.shape[1 if bshd else 2], q.shape[2 if bshd else 1], k.shape[2 if bshd else 1]
+    h, hk = Hq // W, Hkv * kv_repeat // W
+    f32 = dict(dtype=torch.float32)
+    lse = q.new_empty((B, Hq, s), **f32) if return_lse else q.new_empty(0, **f32)
+    return (q.new_empty(q.shape[:-1] + (v.shape[-1],)), lse, q.new_empty(B, W * s, h, q.shape[-1]),
+            k.new_empty(B, W * s, hk, k.shape[-1]), v.new_empty(B, W * s, hk, v.shape[-1]),
+            q.new_empty(B, h, W * s, v.shape[-1]), q.new_empty((B, h, W * s), **f32))
+
+
+@torch.library.custom_op("fastattn::cp_ulysses_bwd", mutates_args=())
+def cp_ulysses_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor, lse_h: Tensor,
+                   alibi_slopes: Optional[Tensor], comm: str, balance: str, layout: str, scale: float,
+                   window_left: int, window_right: int, softcap: float, kv_repeat: int, return_lse: bool,
+                   grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
+                         return_lse, grad_comm_dtype, backend)
+    return ulysses_backward(spec, dout, qh, kh, vh, oh, lse_h)
+
+
+@cp_ulysses_bwd.register_fake
+def _(dout, qh, kh, vh, oh, lse_h, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap,
+      kv_repeat, *args):
+    W = lookup_comm(comm).world_size
+    B, S, h = qh.shape[:3]
+    hkv = kh.shape[2] * W // kv_repeat
+
+    def shaped(like, heads):  # (B, S/W, H, D) in bshd, (B, H, S/W, D) in bhsd
+        return like.new_empty((B, S // W, heads, like.shape[-1]) if layout == "bshd" else
+                              (B, heads, S // W, like.shape[-1]))
+    return shaped(qh, h * W), shaped(kh, hkv), shaped(vh, hkv)
+
+
+def _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi, kv_repeat, return_lse,
+                  grad_comm_dtype, backend) -> CallSpec:
+    return CallSpec(comm=lookup_comm(comm), balance=balance, layout=layout, scale=scale,
+                    window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi, kv_repeat=kv_repeat,
+                    return_lse=return_lse, grad_comm_dtype=_DTYPES[grad_comm_dtype], backend=backend or None)
+
+
+def _ulysses_setup_context(ctx, inputs, output):
+    out, lse, qh, kh, vh, oh, lse_h = output
+    ctx.save_for_backward(qh, kh, vh, oh, lse_h, inputs[3])
+    ctx.args = inputs[4:]  # comm name, balance, ...: everything after q, k, v, alibi_slopes
+    ctx.mark_non_differentiable(lse, qh, kh, vh, oh, lse_h)
+
+
+def _ulysses_backward(ctx, dout, *unused):
+    qh, kh, vh, oh, lse_h, alibi = ctx.saved_tensors
+    dq, dk, dv = cp_ulysses_bwd(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args)
+    return (dq, dk, dv, None) + (None,) * len(ctx.args)
+
+
+cp_ulysses_fwd.register_autograd(_ulysses_backward, setup_context=_ulysses_setup_context)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).split(".")[-1]
+
+
+def cp_ulysses(spec: CallSpec, q, k, v):
+    """Calls the Ulysses op for a CallSpec; returns (out, lse or None)."""
+    out, lse = cp_ulysses_fwd(q, k, v, spec.alibi_slopes, comm_name(spec.comm), spec.balance, spec.layout,
+                              spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.kv_repeat,
+                              spec.return_lse, _dtype_name(spec.grad_comm_dtype), spec.backend or "")[:2]
+    return out, lse if spec.return_lse else None
+
+
 def cp_attn(spec: CallSpec, q, k, v, strategy: str):
     """Calls the op for a CallSpec (ring or allgather)."""
     seed, offset = spec.rng if spec.rng is not None else (0, 0)
     return cp_attn_fwd(q, k, v, spec.alibi_slopes, comm_name(spec.comm), strategy, spec.balance, spec.layout,
                        spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.dropout_p, seed, offset,
-                       str(spec.grad_comm_dtype).split(".")[-1], spec.backend or "")
+                       _dtype_name(spec.grad_comm_dtype), spec.backend or "")

@@ -60,44 +60,41 @@ def _kv_heads(spec: CallSpec, x):
     return x if spec.kv_repeat == 1 else x.repeat_interleave(spec.kv_repeat, dim=2)
 
 
-class UlyssesAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec: CallSpec):
-        qh = _to_heads(spec, _bshd(spec, q))  # (B, S, h, D)
-        kh = _to_heads(spec, _kv_heads(spec, _bshd(spec, k)))
-        vh = _to_heads(spec, _kv_heads(spec, _bshd(spec, v)))
-        h = qh.shape[2]
-        o, lse = block_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), q_start=0, k_start=0,
-                               **spec.block_kw(_slopes(spec, h)))  # (B, h, S, Dv) fp32, (B, h, S)
-        oh = o.transpose(1, 2).to(q.dtype)  # (B, S, h, Dv): the one rounding
-        out = _user(spec, _to_seq(spec, oh))
-        ctx.save_for_backward(qh, kh, vh, oh, lse)
-        ctx.spec, ctx.dtypes = spec, (q.dtype, k.dtype, v.dtype)
-        if not spec.return_lse:
-            return out, None
-        lse_l = _to_seq(spec, lse.transpose(1, 2).unsqueeze(-1))  # (B, h, S) -> (B, S, h, 1) -> (B, S/W, H, 1)
-        lse_l = lse_l.squeeze(-1).transpose(1, 2).contiguous()  # (B, H, S/W)
-        ctx.mark_non_differentiable(lse_l)
-        return out, lse_l
+def ulysses_forward(spec: CallSpec, q, k, v):
+    """-> (out (q's layout and dtype), lse (B, H, S/W) fp32 or an empty tensor unless spec.return_lse, and what the
+    backward needs: qh, kh, vh (B, S, h, D) head-sharded in global order, oh (B, h, S, Dv) rounded, lse_h (B, h, S)).
+    Every returned tensor is fresh and contiguous (they are custom op outputs)."""
+    qh = _to_heads(spec, _bshd(spec, q))  # (B, S, h, D)
+    kh = _to_heads(spec, _kv_heads(spec, _bshd(spec, k)))
+    vh = _to_heads(spec, _kv_heads(spec, _bshd(spec, v)))
+    h = qh.shape[2]
+    o, lse_h = block_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), q_start=0, k_start=0,
+                             **spec.block_kw(_slopes(spec, h)))  # (B, h, S, Dv) fp32, (B, h, S)
+    oh = o.to(q.dtype)  # the one rounding
+    out = _user(spec, _to_seq(spec, oh.transpose(1, 2))).contiguous()
+    if spec.return_lse:
+        lse = _to_seq(spec, lse_h.transpose(1, 2).unsqueeze(-1))  # (B, h, S) -> (B, S, h, 1) -> (B, S/W, H, 1)
+        lse = lse.squeeze(-1).transpose(1, 2).contiguous()  # (B, S/W, H) -> (B, H, S/W)
+    else:
+        lse = lse_h.new_empty(0)
+    return out, lse, qh, kh, vh, oh, lse_h
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        spec = ctx.spec
-        qh, kh, vh, oh, lse = ctx.saved_tensors
-        qdt, kdt, vdt = ctx.dtypes
-        doh = _to_heads(spec, _bshd(spec, dout))
-        h = qh.shape[2]
-        dq, dk, dv = block_backward(doh.transpose(1, 2), qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2),
-                                    oh.transpose(1, 2), lse, q_start=0, k_start=0,
-                                    **spec.block_kw(_slopes(spec, h)))  # fp32 (B, h, S, D)
-        # dq is final: round before sending. dK/dV of replicated heads are summed after the trip: send them exact.
-        kv_dt = spec.grad_comm_dtype if spec.kv_repeat > 1 else kdt
-        dq = _to_seq(spec, dq.transpose(1, 2).to(qdt))
-        dk = _to_seq(spec, dk.transpose(1, 2).to(kv_dt))
-        dv = _to_seq(spec, dv.transpose(1, 2).to(kv_dt if spec.kv_repeat > 1 else vdt))
-        if spec.kv_repeat > 1:
-            B, s, Hr, D = dk.shape
-            # (B, s, H_kv * rep, D) -> (B, s, H_kv, rep, D): a K/V head's gradient sums its replicas
-            dk = dk.float().view(B, s, Hr // spec.kv_repeat, spec.kv_repeat, D).sum(3).to(kdt)
-            dv = dv.float().view(B, s, Hr // spec.kv_repeat, spec.kv_repeat, -1).sum(3).to(vdt)
-        return _user(spec, dq), _user(spec, dk), _user(spec, dv), None
+
+def ulysses_backward(spec: CallSpec, dout, qh, kh, vh, oh, lse_h):
+    """Gradients in the user's layout (contiguous): dq (B, S/W, Hq, D), dk, dv (B, S/W, Hkv, D) for bshd."""
+    doh = _to_heads(spec, _bshd(spec, dout))
+    h = qh.shape[2]
+    dq, dk, dv = block_backward(doh.transpose(1, 2), qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2),
+                                oh, lse_h, q_start=0, k_start=0, **spec.block_kw(_slopes(spec, h)))  # fp32 (B,h,S,D)
+    # dq is final: round before sending. dK/dV of replicated heads are summed after the trip: send them exact.
+    rep = spec.kv_repeat
+    kv_dt = spec.grad_comm_dtype if rep > 1 else kh.dtype
+    dq = _to_seq(spec, dq.transpose(1, 2).to(qh.dtype))
+    dk = _to_seq(spec, dk.transpose(1, 2).to(kv_dt))
+    dv = _to_seq(spec, dv.transpose(1, 2).to(kv_dt))
+    if rep > 1:
+        B, s, Hr = dk.shape[:3]
+        # (B, s, H_kv * rep, D) -> (B, s, H_kv, rep, D): a K/V head's gradient sums its replicas
+        dk = dk.float().view(B, s, Hr // rep, rep, -1).sum(3).to(kh.dtype)
+        dv = dv.float().view(B, s, Hr // rep, rep, -1).sum(3).to(vh.dtype)
+    return tuple(_user(spec, t).contiguous() for t in (dq, dk, dv))

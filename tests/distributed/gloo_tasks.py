@@ -74,7 +74,7 @@ def _counting_backend(counts):
 
     def compiler(key):
         def count(gm, example_inputs):
-            counts[key] = [str(n.target) for n in gm.graph.nodes if "cp_attn" in str(n.target)]
+            counts[key] = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("fastattn.cp_")]
             return gm
         return count
     return aot_autograd(fw_compiler=compiler("fwd"), bw_compiler=compiler("bwd"))

@@ -170,13 +170,18 @@ def test_cp_cross_entropy(balance):
 
 # --- the custom ops ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
 def test_custom_op_opcheck(strategy):
-    """Schema, fake function (shapes, strides, dtypes) and autograd registration of fastattn::cp_attn_fwd, on one
+    """Schema, fake function (shapes, strides, dtypes) and autograd registration of the CP ops, on one
     simulated rank (the compiled multi-rank run is in test_cp_gloo.py)."""
     from fastattn.distributed.comm import comm_name
     comm = run_local(1, lambda c: c)[0]
     q = torch.randn(2, 8, 4, 16, requires_grad=True)
     k, v = (torch.randn(2, 8, 2, 16, requires_grad=True) for _ in range(2))
-    args = (q, k, v, None, comm_name(comm), strategy, "zigzag", "bshd", 0.25, 3, 0, 0.0, 0.0, 0, 0, "float32", "")
-    torch.library.opcheck(torch.ops.fastattn.cp_attn_fwd.default, args)
+    if strategy == "ulysses":
+        op = torch.ops.fastattn.cp_ulysses_fwd.default
+        args = (q, k, v, None, comm_name(comm), "zigzag", "bshd", 0.25, 3, 0, 0.0, 1, True, "float32", "")
+    else:
+        op = torch.ops.fastattn.cp_attn_fwd.default
+        args = (q, k, v, None, comm_name(comm), strategy, "zigzag", "bshd", 0.25, 3, 0, 0.0, 0.0, 0, 0, "float32", "")
+    torch.library.opcheck(op, args)

@@ -40,12 +40,13 @@ def test_gloo_shape_mismatch_is_a_clear_error(gloo_pool):
     assert all(m is not None and "differ across the CP ranks" in m for m in msgs), msgs
 
 
-@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
 def test_gloo_torch_compile_fullgraph(gloo_pool, strategy):
+    op = "cp_ulysses" if strategy == "ulysses" else "cp_attn"
     for same, counts in gloo_pool(2).run(TASKS, "compiled_vs_eager", strategy):
         assert same, "compiled CP attention differs from eager"
         # each graph holds the CP attention as one op
-        assert counts == {"fwd": ["fastattn.cp_attn_fwd.default"], "bwd": ["fastattn.cp_attn_bwd.default"]}, counts
+        assert counts == {"fwd": [f"fastattn.{op}_fwd.default"], "bwd": [f"fastattn.{op}_bwd.default"]}, counts
 
 
 def test_gloo_cp_on_a_device_mesh_dim(gloo_pool):
