@@ -110,11 +110,14 @@ class GlooPool:
             q.put((os.path.abspath(path), name, args))
         return self._collect(name)
 
-    def close(self):
+    def stop(self):
         for q in self.tasks:
             q.put(None)
+
+    def close(self, deadline: float):
+        import time
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
         self.dir.cleanup()
@@ -138,8 +141,12 @@ def gloo_pool():
             _POOLS[world_size] = GlooPool(world_size)
         return _POOLS[world_size]
     yield get
+    import time
+    for pool in _POOLS.values():  # all pools wind down together
+        pool.stop()
+    deadline = time.monotonic() + 5
     for pool in _POOLS.values():
-        pool.close()
+        pool.close(deadline)
     _POOLS.clear()
 
 
