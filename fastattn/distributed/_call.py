@@ -52,6 +52,13 @@ def visible(qs: Segment, ks: Segment, window: Tuple[int, int]) -> bool:
     return True
 
 
+def fully_visible(qs: Segment, ks: Segment, window: Tuple[int, int]) -> bool:
+    """True when every query of qs sees every key of ks: the block needs no mask at all."""
+    wl, wr = window
+    return ((wr < 0 or ks.start + ks.length - 1 <= qs.start + wr)
+            and (wl < 0 or ks.start >= qs.start + qs.length - 1 - wl))
+
+
 def key_range(qs: Segment, window: Tuple[int, int], seq_len: int) -> Tuple[int, int]:
     """[lo, hi): the global key positions any query of qs can see."""
     wl, wr = window

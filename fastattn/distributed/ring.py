@@ -17,19 +17,53 @@ grad_comm_dtype), arriving home after the last step.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import layout
 from ..blocks import block_backward, block_forward, merge_
-from ._call import CallSpec, rows, visible
+from ._call import CallSpec, fully_visible, rows, visible
+from .layout import Segment
 
 
-def _pairs(spec: CallSpec, q_segs, src: int, local_len: int):
-    """The visible (query segment, key segment) pairs of one step."""
+class _Call(NamedTuple):
+    """One block call of a step: local query rows q against local key rows k (Segments). exact: at their global
+    positions with the window; otherwise a fused call of fully visible pairs, no mask, positions irrelevant.
+    parts: the query segments the call covers, in local order (each merges into its own accumulator)."""
+    q: Segment
+    k: Segment
+    exact: bool
+    parts: Tuple[Segment, ...]
+
+
+def _span(segs) -> Optional[Segment]:
+    """The segments as one run of local rows, or None when they are not adjacent."""
+    segs = sorted(segs, key=lambda s: s.local)
+    if any(a.local + a.length != b.local for a, b in zip(segs, segs[1:])):
+        return None
+    return Segment(segs[0].start, segs[0].local, sum(s.length for s in segs))
+
+
+def _calls(spec: CallSpec, q_segs, src: int, local_len: int) -> List[_Call]:
+    """The block calls of one step: every visible (query segment, key segment) pair at its global positions, or,
+    when all of them are fully visible, form a rectangle and nothing depends on positions (no ALiBi, no dropout),
+    one fused call (zigzag: 2 query chunks x 1 key chunk, or 1 x 2; non-causal zigzag: 2 x 2 in one call)."""
     k_segs = layout.segments(local_len, spec.comm.world_size, src, spec.balance)
-    return [(qs, ks) for qs in q_segs for ks in k_segs if visible(qs, ks, spec.window)]
+    pairs = [(qs, ks) for qs in q_segs for ks in k_segs if visible(qs, ks, spec.window)]
+    if len(pairs) > 1 and spec.alibi_slopes is None and spec.dropout_p == 0 and all(
+            fully_visible(qs, ks, spec.window) for qs, ks in pairs):
+        qset, kset = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+        q, k = _span(qset), _span(kset)
+        if len(pairs) == len(qset) * len(kset) and q is not None and k is not None:
+            return [_Call(q, k, False, tuple(sorted(qset, key=lambda s: s.local)))]
+    return [_Call(qs, ks, True, (qs,)) for qs, ks in pairs]
+
+
+def _call_kw(kw: dict, c: _Call) -> dict:
+    if c.exact:
+        return dict(kw, q_start=c.q.start, k_start=c.k.start)
+    return dict(kw, q_start=0, k_start=0, window_size=(-1, -1))  # fully visible: no mask, positions unused
 
 
 class _KVRing:
@@ -69,14 +103,16 @@ def ring_forward(spec: CallSpec, q, k, v):
         src = (r - t) % W
         hop = ring.post(t)
         kb, vb = spec.bhsd(ring.held[0]), spec.bhsd(ring.held[1])
-        for qs, ks in _pairs(spec, q_segs, src, S):
-            o, lse = block_forward(rows(qv, qs), rows(kb, ks), rows(vb, ks), q_start=qs.start, k_start=ks.start,
-                                   **kw)
-            i = q_segs.index(qs)
-            if acc[i] is None:
-                acc[i] = (o, lse)  # fresh fp32 tensors from the block call: the accumulator
-            else:
-                merge_(acc[i][0], acc[i][1], o, lse)
+        for c in _calls(spec, q_segs, src, S):
+            o, lse = block_forward(rows(qv, c.q), rows(kb, c.k), rows(vb, c.k), **_call_kw(kw, c))
+            for qs in c.parts:
+                at = qs.local - c.q.local
+                o_s, lse_s = o.narrow(2, at, qs.length), lse.narrow(2, at, qs.length)
+                i = q_segs.index(qs)
+                if acc[i] is None:
+                    acc[i] = (o_s, lse_s)  # fresh fp32 tensors from the block call: the accumulator
+                else:
+                    merge_(acc[i][0], acc[i][1], o_s, lse_s)
         ring.advance(hop)
     out = q.new_empty(q.shape[:-1] + (Dv,))
     ov = spec.bhsd(out)
@@ -98,7 +134,7 @@ def ring_backward(spec: CallSpec, dout, q, k, v, out, lse):
     qv, ov, dov = spec.bhsd(q), spec.bhsd(out), spec.bhsd(dout)
     S = qv.shape[2]
     q_segs = layout.segments(S, W, r, spec.balance)
-    lse_seg = {qs: lse.narrow(2, qs.local, qs.length).contiguous() for qs in q_segs}
+    lse_rows = {}  # contiguous copies of lse rows, per (local, length) of a call
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # q's layout, fp32
     dqv = spec.bhsd(dq)
     ring = _KVRing(comm, k, v)
@@ -118,10 +154,13 @@ def ring_backward(spec: CallSpec, dout, q, k, v, out, lse):
         if t > 0:
             dkb.zero_()
             dvb.zero_()
-        for qs, ks in _pairs(spec, q_segs, src, S):
-            block_backward(rows(dov, qs), rows(qv, qs), rows(kb, ks), rows(vb, ks), rows(ov, qs), lse_seg[qs],
-                           q_start=qs.start, k_start=ks.start, dq_acc=rows(dqv, qs),
-                           dk_acc=rows(spec.bhsd(dkb), ks), dv_acc=rows(spec.bhsd(dvb), ks), **kw)
+        for c in _calls(spec, q_segs, src, S):
+            key = (c.q.local, c.q.length)
+            if key not in lse_rows:
+                lse_rows[key] = lse.narrow(2, c.q.local, c.q.length).contiguous()
+            block_backward(rows(dov, c.q), rows(qv, c.q), rows(kb, c.k), rows(vb, c.k), rows(ov, c.q), lse_rows[key],
+                           dq_acc=rows(dqv, c.q), dk_acc=rows(spec.bhsd(dkb), c.k), dv_acc=rows(spec.bhsd(dvb), c.k),
+                           **_call_kw(kw, c))
         if W == 1:
             break
         if t == 0:

@@ -176,3 +176,30 @@ def test_ring_overlap_order(monkeypatch):
     fwd = "PfW" "PfW" "f"                       # steps 0, 1: post, compute, wait; step 2: compute only
     bwd = "PbPW" "PbWPW" "bWP" "W"              # t: [post K/V] compute [wait dKV] post dKV [wait K/V]; home hop
     assert "".join(events) == fwd + bwd
+
+
+@pytest.mark.parametrize("causal,alibi,balance,want", [
+    (True, False, "zigzag", 3 + 3),       # step 0: 3 diagonal-touching calls; steps 1-3: one fused call each
+    (True, True, "zigzag", 3 + 3 * 2),    # ALiBi depends on positions: every pair at its own positions
+    (False, False, "zigzag", 4),          # non-causal: each step's 2 x 2 chunk pairs in one call
+    (True, False, "contiguous", 2),       # rank 1 of 4: its diagonal block and rank 0's block; 2 steps skip work
+])
+def test_ring_block_calls_per_rank(monkeypatch, causal, alibi, balance, want):
+    import fastattn.distributed.ring as ring
+    from cp_cases import make_inputs
+    calls = []
+    real = ring.block_forward
+
+    def counted(*a, **kw):
+        if threading.current_thread().name == "cp-rank1":
+            calls.append(kw["q_start"])
+        return real(*a, **kw)
+    monkeypatch.setattr(ring, "block_forward", counted)
+    c = Case(W=4, causal=causal, balance=balance, alibi=alibi)
+    q, k, v, _, slopes = make_inputs(c)
+
+    def rank(comm):
+        cp = CPConfig(comm, strategy="ring", balance=balance)
+        cp_attention(*(cp.shard(t, 1) for t in (q, k, v)), cp=cp, causal=causal, alibi_slopes=slopes)
+    run_local(4, rank)
+    assert len(calls) == want, calls
