@@ -8,7 +8,8 @@ Each shard is a list of layout segments (runs of consecutive global positions). 
 segment, key segment) pair that has a visible key, with the segments' global starts as q_start/k_start: the kernels
 then apply causal, sliding window, ALiBi and dropout exactly as for the whole sequence. For the zigzag layout this
 gives the classical schedule: at t > 0, src < r: both local query chunks x the first key chunk of src; src > r: the
-second local query chunk x both key chunks; the same work on every rank.
+second local query chunk x both key chunks; the same work on every rank. Such a step's pairs are fully visible, so
+without ALiBi or dropout (the only position-dependent terms left) they run as ONE block call (_calls).
 
 Forward state is fp32 (out, lse) per query segment, merged with fastattn.blocks.merge_ (safe for empty rows) and
 rounded to the input dtype once. Backward: the merged global lse makes every block's gradient an independent sum,
