@@ -18,9 +18,10 @@ def cp_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cp: CPConfig, *
 
       - the SUM over CP ranks of the returned values is the global mean loss (`global_loss` for logging), and
       - summing the parameter gradients over CP ranks (all_reduce SUM) gives the single-process gradients.
-    Data-parallel wrappers AVERAGE gradients over their ranks: pass grad_average_world = the number of ranks they
-    average over that also split the sequence (e.g. the flattened dp_shard x cp mesh size divided by dp) to scale
-    the loss up accordingly. One all-reduce of the token count (no gradient flows through it).
+    When a data-parallel wrapper AVERAGES gradients over a mesh that includes the CP ranks (DDP or FSDP2 over the
+    flattened dp x cp mesh) instead of summing them over CP, pass grad_average_world=cp.world_size: the average
+    divides each sequence's gradient by its CP ranks as well, and this factor undoes that. One all-reduce of the
+    token count over the CP group (no gradient flows through it).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"fastattn.distributed: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
