@@ -43,6 +43,7 @@ class Case:
     layout: str = "bshd"
     backend: str = "reference"
     grad_comm_dtype: torch.dtype = torch.float32
+    device: str = "cpu"              # inputs are made on the CPU (same values everywhere) and moved here
     seed: int = 0
 
     def id(self) -> str:
@@ -54,6 +55,7 @@ class Case:
         parts += [f"softcap{self.softcap:g}"] if self.softcap else []
         parts += [self.inputs] if self.inputs != "randn" else []
         parts += [self.layout] if self.layout != "bshd" else []
+        parts += [self.device] if self.device != "cpu" else []
         return "-".join(parts)
 
 
@@ -100,14 +102,15 @@ def run_cp_rank(comm, c: Case, rng=None, dropout_p=0.0):
     q, k, v, dout, alibi = make_inputs(c)
     cp = CPConfig(comm, strategy=c.strategy, balance=c.balance, backend=c.backend,
                   grad_comm_dtype=c.grad_comm_dtype)
-    ql, kl, vl = (to_layout(cp.shard(t, 1).to(c.dtype), c.layout).requires_grad_() for t in (q, k, v))
+    alibi = alibi.to(c.device) if alibi is not None else None
+    ql, kl, vl = (to_layout(cp.shard(t, 1).to(c.device, c.dtype), c.layout).requires_grad_() for t in (q, k, v))
     before = [t.detach().clone() for t in (ql, kl, vl)]
     out, lse = cp_attention(ql, kl, vl, cp=cp, causal=c.causal, window_size=c.window, softcap=c.softcap,
                             alibi_slopes=alibi, return_lse=True, layout=c.layout, dropout_p=dropout_p, rng=rng)
-    out.backward(to_layout(cp.shard(dout, 1).to(c.dtype), c.layout))
+    out.backward(to_layout(cp.shard(dout, 1).to(c.device, c.dtype), c.layout))
     for t, b in zip((ql, kl, vl), before):  # a ring that receives into its inputs corrupts the saved K/V
         assert torch.equal(t.detach(), b), "cp_attention modified its inputs"
-    return tuple(from_layout(x.detach(), c.layout) if x.dim() == 4 else x
+    return tuple((from_layout(x.detach(), c.layout) if x.dim() == 4 else x).cpu()
                  for x in (out, lse, ql.grad, kl.grad, vl.grad))
 
 
@@ -153,23 +156,26 @@ def _oracle_lse(c, q, k, alibi, window, scale):
 def single_process(c: Case):
     """fastattn on the whole sequence, one process, same dtype and backend: (out, lse, dq, dk, dv)."""
     q, k, v, dout, alibi = make_inputs(c)
-    q, k, v = (t.to(c.dtype).requires_grad_() for t in (q, k, v))
+    q, k, v = (t.to(c.device, c.dtype).requires_grad_() for t in (q, k, v))
+    alibi = alibi.to(c.device) if alibi is not None else None
     out, lse, _ = fastattn.flash_attn_func(q, k, v, causal=c.causal, window_size=c.window, softcap=c.softcap,
                                            alibi_slopes=alibi, return_attn_probs=True, backend=c.backend)
-    out.backward(dout.to(c.dtype))
-    return out.detach(), lse, q.grad, k.grad, v.grad
+    out.backward(dout.to(c.device, c.dtype))
+    return tuple(x.detach().cpu() for x in (out, lse, q.grad, k.grad, v.grad))
 
 
 def single_block(c: Case):
     """The block calls on the whole sequence (CP with one rank): (out, lse, dq, dk, dv)."""
     q, k, v, dout, alibi = make_inputs(c)
-    q, k, v, dout = (_bhsd(t.to(c.dtype)) for t in (q, k, v, dout))
+    q, k, v, dout = (_bhsd(t.to(c.device, c.dtype)) for t in (q, k, v, dout))
+    alibi = alibi.to(c.device) if alibi is not None else None
     kw = dict(q_start=0, k_start=0, scale=c.D ** -0.5, window_size=(c.window[0], 0 if c.causal else c.window[1]),
               softcap=c.softcap, alibi_slopes=alibi, backend=c.backend)
     out, lse = block_forward(q, k, v, **kw)
     out = out.to(c.dtype)
     dq, dk, dv = block_backward(dout, q, k, v, out, lse, **kw)
-    return tuple(_bhsd(x) if x.dim() == 4 else x for x in (out, lse, dq.to(c.dtype), dk.to(c.dtype), dv.to(c.dtype)))
+    return tuple((_bhsd(x) if x.dim() == 4 else x).cpu()
+                 for x in (out, lse, dq.to(c.dtype), dk.to(c.dtype), dv.to(c.dtype)))
 
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
@@ -229,7 +235,7 @@ def block_backends(device: str = "cpu", dropout: bool = False):
             continue
         if name == "triton" and not torch.cuda.is_available():
             continue  # the interpreter is far too slow for a CP matrix
-        q = torch.randn(1, 2, 8, 16)
+        q = torch.randn(1, 2, 8, 16, device=device)
         try:
             blocks.block_forward(q, q, q, q_start=8, k_start=0, backend=name, dropout_p=0.5 if dropout else 0.0,
                                  rng=(1, 2) if dropout else None)

@@ -74,6 +74,19 @@ def test_bf16(case):
     check_case(case)
 
 
+GPU_BACKENDS = block_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device, or no CUDA backend takes block calls")
+@pytest.mark.parametrize("case", [with_(c, backend=b, device="cuda", S=2 * c.W * 48) for b in GPU_BACKENDS
+                                  for c in BF16[:5] + FEATURES[1:4]], ids=_id)
+def test_gpu_kernels_under_simulated_cp(case):
+    """The GPU kernels under CP on one device: W simulated ranks (threads) share it (design note: NCCL cannot run
+    two ranks on one GPU)."""
+    check_case(case)
+
+
 def test_lse_exact_and_no_nan_with_empty_block_rows():
     """Window 0 (each query sees only itself): nearly every block row is empty; out must be v, lse the score."""
     c = Case(W=4, causal=True, window=(0, 0))
