@@ -243,3 +243,57 @@ def block_backends(device: str = "cpu", dropout: bool = False):
             continue
         found.append(name)
     return found
+
+
+def install_keyed_dropout(monkeypatch):
+    """Gives the reference backend a dropout keyed on global positions (a hash of seed, offset, batch, head and the
+    query/key positions; not the kernels' Philox), so the CP dropout plumbing (one rng for every block, positions
+    per block) is tested even where no kernel takes block calls with dropout. Forward and block backward."""
+    import fastattn.backends.reference as R
+
+    def keep(p, positions, shape):
+        B, H, Sq, Sk = shape
+        (q_pos, k_pos), (seed, offset) = positions, p.rng
+        x = (q_pos.view(-1, 1, Sq, 1) * 1000003 + k_pos.view(-1, 1, 1, Sk) * 7919
+             + torch.arange(H).view(1, H, 1, 1) * 104729 + torch.arange(B).view(B, 1, 1, 1) * 15485863
+             + seed % 1000003 + offset % 997)
+        x = (x * 2654435761) % 2 ** 32
+        x = ((x ^ (x >> 13)) * 1274126177) % 2 ** 32
+        return ((x % 10000).float() / 10000 >= p.dropout_p).float() / (1 - p.dropout_p)
+
+    def probs(p):
+        q, k = p.q.float(), p.k.float()
+        pos = R._block_positions(p, slice(None), slice(None), None)
+        s, _ = R.scores(q, k, p.scale, None, p.window_left, p.window_right, False, p.softcap, p.alibi_slopes, pos)
+        return s, pos
+
+    def forward(self, p):
+        if not (p.is_block and p.dropout_p > 0):
+            return real_forward(self, p)
+        s, pos = probs(p)
+        lse = torch.logsumexp(s, -1)
+        P = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0) * keep(p, pos, s.shape)
+        v = p.v.float().repeat_interleave(p.q.shape[1] // p.v.shape[1], dim=1)
+        return P @ v, lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+    def block_backward(self, p, dout, out, lse, dq_acc, dk_acc, dv_acc):
+        if not (p.is_block and p.dropout_p > 0):
+            return real_bwd(self, p, dout, out, lse, dq_acc, dk_acc, dv_acc)
+        s, pos = probs(p)
+        g = p.q.shape[1] // p.k.shape[1]
+        P = torch.exp(s - lse.unsqueeze(-1)).masked_fill(torch.isinf(lse).unsqueeze(-1), 0)
+        m = keep(p, pos, s.shape)
+        do = dout.float()
+        ke, ve = (t.float().repeat_interleave(g, dim=1) for t in (p.k, p.v))
+        dv = (P * m).transpose(-1, -2) @ do
+        ds = P * ((do @ ve.transpose(-1, -2)) * m - (do * out.float()).sum(-1, keepdim=True))
+        dk = p.scale * ds.transpose(-1, -2) @ p.q.float()
+        B, Hkv = p.k.shape[:2]
+        dq_acc += p.scale * ds @ ke
+        dk_acc += dk.view(B, Hkv, g, *dk.shape[2:]).sum(2)  # (B, Hq, Sk, D) -> (B, Hkv, Sk, D): sum the group
+        dv_acc += dv.view(B, Hkv, g, *dv.shape[2:]).sum(2)
+
+    real_forward, real_bwd = R.ReferenceBackend.forward, R.ReferenceBackend.block_backward
+    monkeypatch.setattr(R.ReferenceBackend, "forward", forward)
+    monkeypatch.setattr(R.ReferenceBackend, "block_backward", block_backward)
+    monkeypatch.setattr(R.ReferenceBackend, "extra_reasons", lambda self, p: [])

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cp_cases import Case, block_backends, make_inputs
+from cp_cases import Case, block_backends, install_keyed_dropout, make_inputs
 from fastattn.blocks import block_backward, block_forward
 from fastattn.distributed import (CPCommError, CPConfig, CPUnsupportedError, cp_attention, cp_cross_entropy,
                                   global_loss, ring_flash_attn_func, run_local, unshard_list,
@@ -13,15 +13,18 @@ from support.oracle import oracle_attention
 DROPOUT_BACKENDS = block_backends(dropout=True)
 
 
-@pytest.mark.skipif(not DROPOUT_BACKENDS, reason="no backend here takes block calls with dropout (the reference "
-                    "backend's dropout is torch's RNG, not keyed on positions; the C++ cpu backend needs the block "
-                    "contract built in)")
-@pytest.mark.parametrize("backend", DROPOUT_BACKENDS or ["none"])
+@pytest.mark.parametrize("backend", DROPOUT_BACKENDS + ["reference-keyed"])
 @pytest.mark.parametrize("strategy,balance,W", [("ring", "zigzag", 4), ("ring", "contiguous", 3),
                                                 ("allgather", "zigzag", 2)])
-def test_dropout_equals_single_process_mask(backend, strategy, balance, W):
+def test_dropout_equals_single_process_mask(monkeypatch, backend, strategy, balance, W):
     """With v = identity (Dv = S), out[i, j] = P_ij * keep_ij / (1 - p): the zeros of the CP output are the dropped
-    elements, which must be exactly the single-process call's (same rng); values and gradients within rounding."""
+    elements, which must be exactly the single-process call's (same rng); values and gradients within rounding.
+    Runs on every backend that takes block calls with dropout (the kernels' position-keyed Philox), and on the
+    reference backend given a position-keyed dropout of the tests' own ("reference-keyed"), which checks the CP
+    plumbing (one rng for every block, positions per block) where no kernel does it yet."""
+    if backend == "reference-keyed":
+        install_keyed_dropout(monkeypatch)
+        backend = "reference"
     B, H, S, D, p = 1, 2, 8 * W, 16, 0.3
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, H, D, generator=g)
