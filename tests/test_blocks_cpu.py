@@ -4,7 +4,7 @@ every block pair computed with its offsets and merged by log-sum-exp in fp32, mu
 lse, the dropout keep mask (bitwise) and, through bwd_acc into fp32 accumulators, the gradients. Run on the
 matrix-unit path and on the fp32 tiles (fastattn._C.cpu_matmul_force_fp32), like tests/test_cpu_paths.py.
 
-The merge here is test-local (`merge`); fastattn/blocks.py's merge_ is tested with the library."""
+Blocks are merged with fastattn.blocks.merge_many (its own edge cases: tests/test_blocks.py)."""
 import random
 from types import SimpleNamespace as NS
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastattn import ops
+from fastattn.blocks import merge_many
 from support.oracle import check_rule
 from support.philox import keep_mask
 
@@ -47,15 +48,6 @@ def fwd(q, k, v, c, bias=None, cu=(None, None), ms=(0, 0), qs=None, ks=None, fp3
 def bwd_args(dout, q, k, v, out, lse, c, bias=None, cu=(None, None), ms=(0, 0), qs=None, ks=None):
     return (dout, q, k, v, out, lse, bias, cu[0], cu[1], ms[0], ms[1], c.scale, c.wl, c.wr, c.br and qs is None,
             c.softcap, c.alibi, c.p, c.seed, c.offset, False, qs, ks)
-
-
-def merge(parts):
-    """[(out fp32 (B, H, S, Dv), lse (B, H, S))] -> merged (out, lse); lse = +inf marks a block's empty row."""
-    lses = torch.stack([l.masked_fill(torch.isposinf(l), -INF) for _, l in parts])  # (n, B, H, S), -inf = empty
-    lse = torch.logsumexp(lses, 0)
-    w = torch.exp(lses - lse.masked_fill(torch.isneginf(lse), 0))  # 0 for empty blocks
-    out = sum(w_b.unsqueeze(-1) * o for w_b, (o, _) in zip(w, parts))
-    return out, lse.masked_fill(torch.isneginf(lse), INF)
 
 
 def oracle(q, k, v, c, qpos, kpos, bias=None, keep=None, dtype=torch.float64):
@@ -104,8 +96,7 @@ class Layout:
         self.kcuts = [cuts(sk, nk, rng, not self.dense) for _, sk in self.lens]
         if self.dense:  # one set of boundaries for every batch row
             self.qcuts, self.kcuts = [self.qcuts[0]] * self.n, [self.kcuts[0]] * self.n
-        self.cu_q = torch.tensor([0] + list(torch.tensor([l[0] for l in self.lens]).cumsum(0)), dtype=torch.int32)
-        self.cu_k = torch.tensor([0] + list(torch.tensor([l[1] for l in self.lens]).cumsum(0)), dtype=torch.int32)
+        self.cu_q, self.cu_k = torch.tensor([[0, 0]] + self.lens).cumsum(0, dtype=torch.int32).T.contiguous()
 
     def block(self, which, b):
         """(rows: slice or index tensor, cu (N+1,) int32 or None, max length, local starts (N,))."""
@@ -249,7 +240,7 @@ def test_blocks_merge_to_the_unsplit_call(name, dtype):
         parts.setdefault(a, []).append((o, l))
     out32, lse = torch.empty(ref32[0].shape), torch.empty(ref_lse.shape)
     for a, ps in parts.items():
-        o, l = merge(ps)
+        o, l = merge_many(*zip(*ps))
         qr = lay.block("q", a)[0]
         if isinstance(qr, slice):
             out32[:, :, qr], lse[:, :, qr] = o, l
