@@ -388,9 +388,11 @@ def test_bad_block_arguments_are_refused():
     for i, (acc, msg) in enumerate([
             (torch.zeros(q.shape, dtype=torch.bfloat16), "dq_acc must be float32, got BFloat16"),
             (torch.zeros(2, 1, 12, 8), r"dk_acc must have k's shape \[2, 1, 12, 16\], got \[2, 1, 12, 8\]"),
-            (torch.zeros(2, 1, 12, 32)[..., ::2], "dv_acc must have stride 1 on the last dim")]):
+            (torch.zeros(2, 1, 12, 32)[..., ::2], "dv_acc must have stride 1 on the last dim"),
+            (torch.zeros(1, 1, 1, 16).expand(2, 2, 8, 16), "dq_acc must not have elements sharing memory"),
+            (good[2], "dk_acc must not share memory with dv_acc")]):
         accs = list(good)
-        accs[i] = acc
+        accs[i % 3] = acc
         with pytest.raises(RuntimeError, match=msg):
             OPS.bwd_acc(*args, *accs)
     with pytest.raises(RuntimeError, match="bottom_right must be False"):

@@ -69,13 +69,13 @@ struct CpuParams {
 // One sequence: which tensor batch it lives in, where its rows start, its lengths, and the global positions of
 // its first query and key (block coordinates; 0 without them, so positions are the local i, j).
 struct SeqInfo {
-  int64_t b;             // tensor batch index (0 for varlen)
-  int64_t n;             // sequence index (== b unless varlen); used for alibi (N, Hq) and the dropout RNG
-  int64_t q0, k0;        // first row of the sequence in q / k
-  int64_t sq, sk;        // lengths
-  int64_t qpos0 = 0, kpos0 = 0;  // q_pos = qpos0 + i, k_pos = kpos0 + j (dropout counters)
-  int64_t off = 0;       // visibility diagonal: key j is on query i's diagonal when j == i + off
-  int64_t alibi_off = 0; // alibi distance |i + alibi_off - j| = |q_pos - k_pos| (flash-attn: sk - sq without blocks)
+  int64_t b;                     // tensor batch index (0 for varlen)
+  int64_t n;                     // sequence index (== b unless varlen); alibi (N, Hq) row and dropout counter
+  int64_t q0, k0;                // first row of the sequence in q / k
+  int64_t sq, sk;                // lengths
+  int64_t qpos0 = 0, kpos0 = 0;  // q_pos = qpos0 + i, k_pos = kpos0 + j (the dropout counters)
+  int64_t off = 0;               // visibility diagonal: key j is on query i's diagonal when j == i + off
+  int64_t alibi_off = 0;         // alibi distance |i + alibi_off - j| (= |q_pos - k_pos|; sk - sq without blocks)
 };
 
 // Offsets are resolved here, once per sequence: the tiles only ever see off / alibi_off / qpos0 / kpos0.

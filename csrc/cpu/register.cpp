@@ -4,6 +4,7 @@
 // Every invariant the kernels rely on is checked here, values included (cu_seqlens are read on the host): direct
 // torch.ops callers and torch.compile'd graphs reach the kernels without the Python layer's checks, and no
 // argument may make a kernel touch memory outside its tensors.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -348,6 +349,19 @@ void bwd_acc_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
     FA_CHECK(acc->device().is_cpu(), name, " must be on cpu, got ", acc->device());
     FA_CHECK(acc->stride(3) == 1 || acc->size(3) <= 1, name, " must have stride 1 on the last dim, got strides ",
              acc->strides());
+    // Every element is added to by exactly one task: shared elements (an expanded tensor) or an accumulator
+    // aliasing another argument would race or read back what the kernels wrote.
+    FA_CHECK(at::has_internal_overlap(*acc) != at::MemOverlap::Yes, name,
+             " must not have elements sharing memory (e.g. an expanded tensor), got strides ", acc->strides());
+    for (const auto& [other, other_name] :
+         {std::pair{&dq_acc, "dq_acc"}, std::pair{&dk_acc, "dk_acc"}, std::pair{&dv_acc, "dv_acc"},
+          std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&dout, "dout"},
+          std::pair{&out, "out"}, std::pair{&lse, "lse"}}) {
+      if (other == acc) continue;
+      const auto st = at::get_overlap_status(*acc, *other);
+      FA_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, name,
+               " must not share memory with ", other_name);
+    }
   }
   bwd_launch(c, q.scalar_type(), dq_acc, dk_acc, dv_acc, true);
 }
