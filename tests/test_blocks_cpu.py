@@ -20,19 +20,15 @@ pytestmark = pytest.mark.skipif(not ops.loaded(), reason=f"C++ extension not loa
 OPS = torch.ops.fastattn if ops.loaded() else None
 INF = float("inf")
 POS_LIMIT = 2 ** 31
-
-
-def _units(dtype):
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
-    return name is not None and f"{name}: matrix units" in ops.cpu_matmul()
+REPORT = ops.cpu_matmul() if ops.loaded() else ""
 
 
 @pytest.fixture(params=[(torch.float32, "sgemm"), (torch.bfloat16, "units"), (torch.bfloat16, "fp32tiles"),
                         (torch.float16, "units"), (torch.float16, "fp32tiles")], ids=lambda x: f"{x[0]}-{x[1]}"[6:])
 def dtype(request):
     dt, path = request.param
-    if path == "units" and not _units(dt):
-        pytest.skip(f"no matrix-unit path for {dt} on this CPU ({ops.cpu_matmul()}); the fp32tiles case covers it")
+    if path == "units" and f"{ {torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dt]}: matrix units" not in REPORT:
+        pytest.skip(f"no matrix-unit path for {dt} on this CPU ({REPORT}); the fp32tiles case covers it")
     ops._C.cpu_matmul_force_fp32(path == "fp32tiles")
     yield dt
     ops._C.cpu_matmul_force_fp32(False)
@@ -187,14 +183,12 @@ def oracle_all(lay, q, k, v, c, base, bias, keep, dout, dtype):
     if lay.dense:
         out, lse = oracle(q, k, v, c, qp, kp, bias, keep, dtype)
     else:
-        outs, lses = [], []
+        res = []
         for n in range(lay.n):
             qs, ks = slice(int(lay.cu_q[n]), int(lay.cu_q[n + 1])), slice(int(lay.cu_k[n]), int(lay.cu_k[n + 1]))
             cn = NS(**{**vars(c), "alibi": None if c.alibi is None else c.alibi[n:n + 1]})
-            o, l = oracle(q[:, :, qs], k[:, :, ks], v[:, :, ks], cn, qp[:, qs], kp[:, ks], None, None, dtype)
-            outs.append(o)
-            lses.append(l)
-        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+            res.append(oracle(q[:, :, qs], k[:, :, ks], v[:, :, ks], cn, qp[:, qs], kp[:, ks], None, None, dtype))
+        out, lse = (torch.cat(x, 2) for x in zip(*res))
     grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
     return (out.detach(), lse.detach()) + grads
 
@@ -262,9 +256,8 @@ def test_blocks_merge_to_the_unsplit_call(name, dtype):
         bq, bk, bv = take(acc[0], qr), take(acc[1], kr), take(acc[2], kr)
         OPS.bwd_acc(*bwd_args(take(dout, qr), take(q, qr), take(k, kr), take(v, kr), take(out, qr), take(lse, qr), c,
                               **bkw), bq, bk, bv)
-        put(acc[0], qr, bq)
-        put(acc[1], kr, bk)
-        put(acc[2], kr, bv)
+        for t, rows, b_ in zip(acc, (qr, kr, kr), (bq, bk, bv)):
+            put(t, rows, b_)
     grads = [a_ - i_ for a_, i_ in zip(acc, init)]
 
     keep = keep_of(q, k, c, base) if c.p else None
@@ -397,3 +390,17 @@ def test_bad_block_arguments_are_refused():
             OPS.bwd_acc(*args, *accs)
     with pytest.raises(RuntimeError, match="bottom_right must be False"):
         OPS.bwd(*args[:14], True, *args[15:])
+
+
+def test_opcheck_block_arguments():
+    """Schemas, fakes and bwd_acc's mutation annotations agree with the kernels (torch.library.opcheck)."""
+    q, k, v = torch.randn(2, 4, 33, 16), torch.randn(2, 2, 47, 16), torch.randn(2, 2, 47, 24)
+    c = NS(scale=0.25, wl=9, wr=0, br=False, softcap=0.0, alibi=None, p=0.2, seed=7, offset=3)
+    qs, ks = torch.tensor([40, 0], dtype=torch.int32), torch.tensor([30, 5], dtype=torch.int32)
+    fargs = (q, k, v, None, None, None, 0, 0, c.scale, c.wl, c.wr, False, 0.0, None, c.p, c.seed, c.offset, False,
+             qs, ks, True)
+    torch.library.opcheck(OPS.fwd.default, fargs, test_utils=("test_schema", "test_faketensor"))
+    out, lse = fwd(q, k, v, c, qs=qs, ks=ks)
+    args = bwd_args(torch.randn_like(out), q, k, v, out, lse, c, qs=qs, ks=ks)
+    torch.library.opcheck(OPS.bwd_acc.default, args + tuple(torch.randn(t.shape) for t in (q, k, v)),
+                          test_utils=("test_schema", "test_faketensor"))
