@@ -42,7 +42,7 @@ const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, 
       // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
       float* Pd_r = Pd_buf + r * BLOCK_K;
       std::copy(P_r, P_r + bk, Pd_r);
-      drop->apply_row(Pd_r, ctx.s.n, ctx.h, i0 + r, j0, bk);
+      drop->apply_row(Pd_r, ctx.s.n, ctx.h, ctx.s.qpos0 + i0 + r, ctx.s.kpos0 + j0, bk);
       for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
     } else {
       for (int64_t j = 0; j < bk; ++j) dS_r[j] = P_r[j] * (dS_r[j] - d);
@@ -122,11 +122,11 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
       }
     }
   }
-  T* dk = static_cast<T*>(p.dk) + s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
-  T* dv = static_cast<T*>(p.dv) + s.b * p.dv_st.b + hk * p.dv_st.h + (s.k0 + j0) * p.dv_st.s;
+  const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
+  const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + (s.k0 + j0) * p.dv_st.s;
   for (int64_t r = 0; r < bk; ++r) {
-    vec::store_row<T>(B.dk + r * D, dk + r * p.dk_st.s, p.dk_st.d, D, 1.f);
-    vec::store_row<T>(B.dv + r * Dv, dv + r * p.dv_st.s, p.dv_st.d, Dv, 1.f);
+    grad_row<T>(p, p.dk, dk0 + r * p.dk_st.s, p.dk_st.d, B.dk + r * D, D, 1.f);
+    grad_row<T>(p, p.dv, dv0 + r * p.dv_st.s, p.dv_st.d, B.dv + r * Dv, Dv, 1.f);
   }
 }
 
@@ -152,8 +152,8 @@ void dq_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64
                  j0, bk, B.S, B.dP, B.Pd, B.tanh);
     gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, B.dq, D);
   }
-  T* dq = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + (s.q0 + i0) * p.dq_st.s;
-  for (int64_t r = 0; r < bq; ++r) vec::store_row<T>(B.dq + r * D, dq + r * p.dq_st.s, p.dq_st.d, D, 1.f);
+  const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + (s.q0 + i0) * p.dq_st.s;
+  for (int64_t r = 0; r < bq; ++r) grad_row<T>(p, p.dq, dq0 + r * p.dq_st.s, p.dq_st.d, B.dq + r * D, D, 1.f);
 }
 
 }  // namespace
@@ -210,9 +210,9 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
         for (int64_t j0 = 0; j0 < s.sk; j0 += BLOCK_K) dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all);
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g;
-          T* dq = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
+          const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
           for (int64_t i = 0; i < s.sq; ++i) {
-            vec::store_row<T>(dq_all + (g * s.sq + i) * p.D, dq + i * p.dq_st.s, p.dq_st.d, p.D, 1.f);
+            grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, dq_all + (g * s.sq + i) * p.D, p.D, 1.f);
           }
         }
       }

@@ -99,7 +99,7 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
       vec512::exp_lse_row(P_r, bk, eff, lse[r]);
       float* Pd_r = B.Pd + r * KBLOCK;
       std::copy(P_r, P_r + bk, Pd_r);
-      drop->apply_row(Pd_r, ctx.s.n, ctx.h, i0 + r, j0, bk);
+      drop->apply_row(Pd_r, ctx.s.n, ctx.h, ctx.s.qpos0 + i0 + r, ctx.s.kpos0 + j0, bk);
       const float d = delta[r];
       for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
     }
@@ -109,6 +109,26 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
     }
   }
   return drop ? B.Pd : B.S;
+}
+
+// dk rows [0, sk) = scale * columns of dK^T, dv = columns of dV^T (both blocked by KBLOCK keys); Add: dk += ...
+template <typename O, bool Add>
+void transpose_out(const CpuParams& p, int64_t sk, const float* dkt, const float* dvt, O* dk, O* dv) {
+  const int64_t D = p.D, Dv = p.Dv;
+  for (int64_t j = 0; j < sk; ++j) {
+    const float* kcol = dkt + (j / KBLOCK) * D * KBLOCK + j % KBLOCK;
+    const float* vcol = dvt + (j / KBLOCK) * Dv * KBLOCK + j % KBLOCK;
+    O* kr = dk + j * p.dk_st.s;
+    O* vr = dv + j * p.dv_st.s;
+    for (int64_t c = 0; c < D; ++c) {
+      if constexpr (Add) kr[c * p.dk_st.d] += kcol[c * KBLOCK] * p.scale;
+      else kr[c * p.dk_st.d] = O(kcol[c * KBLOCK] * p.scale);
+    }
+    for (int64_t c = 0; c < Dv; ++c) {
+      if constexpr (Add) vr[c * p.dv_st.d] += vcol[c * KBLOCK];
+      else vr[c * p.dv_st.d] = O(vcol[c * KBLOCK]);
+    }
+  }
 }
 
 template <typename T>
@@ -167,18 +187,17 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D), D, dq + i0 * D, D, true);
       }
     }
-    T* dq_out = static_cast<T*>(p.dq) + s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
-    for (int64_t i = 0; i < s.sq; ++i) vec::store_row<T>(dq + i * D, dq_out + i * p.dq_st.s, p.dq_st.d, D, p.scale);
+    const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
+    for (int64_t i = 0; i < s.sq; ++i) grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, dq + i * D, D, p.scale);
   }
 
-  // dK = scale * (dK^T)^T, dV = (dV^T)^T.
-  T* dk = static_cast<T*>(p.dk) + s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
-  T* dv = static_cast<T*>(p.dv) + s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
-  for (int64_t j = 0; j < s.sk; ++j) {
-    const float* kcol = dkt + (j / KBLOCK) * D * KBLOCK + j % KBLOCK;
-    const float* vcol = dvt + (j / KBLOCK) * Dv * KBLOCK + j % KBLOCK;
-    for (int64_t c = 0; c < D; ++c) dk[j * p.dk_st.s + c * p.dk_st.d] = T(kcol[c * KBLOCK] * p.scale);
-    for (int64_t c = 0; c < Dv; ++c) dv[j * p.dv_st.s + c * p.dv_st.d] = T(vcol[c * KBLOCK]);
+  // dK = scale * (dK^T)^T, dV = (dV^T)^T: written as T, or added to bwd_acc's fp32 accumulators.
+  const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
+  const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
+  if (p.accumulate) {
+    transpose_out<float, true>(p, s.sk, dkt, dvt, static_cast<float*>(p.dk) + dk0, static_cast<float*>(p.dv) + dv0);
+  } else {
+    transpose_out<T, false>(p, s.sk, dkt, dvt, static_cast<T*>(p.dk) + dk0, static_cast<T*>(p.dv) + dv0);
   }
 }
 

@@ -108,7 +108,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
       const float alpha = online_softmax_row(S_r, bk, m[r], l[r]);
       if (alpha != 1.f) vec::scale_row(acc + r * Dv, Dv, alpha);
       // l_i sums the undropped probabilities; dropout applies to what multiplies V.
-      if (dropout) drop.apply_row(S_r, s.n, h, i0 + r, j0, bk);
+      if (dropout) drop.apply_row(S_r, s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0, bk);
     }
     gemm_rm(false, false, bq, Dv, bk, 1.f, S, BLOCK_K, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
   }

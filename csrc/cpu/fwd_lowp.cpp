@@ -18,7 +18,7 @@ namespace {
 // for the accumulator row. A row that has seen no visible key keeps m = -inf; a NaN score then poisons l.
 template <typename T>
 float softmax_row(float* S_r, int64_t bk, int64_t bk_pad, float eff, float& m_i, float& l_i, T* P_r,
-                  const Dropout* drop, int64_t n, int64_t h, int64_t i, int64_t j0) {
+                  const Dropout* drop, int64_t n, int64_t h, int64_t q_pos, int64_t k_pos0) {
   const float m_new = std::max(m_i, eff * vec512::max_row(S_r, bk));
   if (m_new == kNegInf) {
     if (has_nan(S_r, bk)) l_i = std::numeric_limits<float>::quiet_NaN();
@@ -29,7 +29,7 @@ float softmax_row(float* S_r, int64_t bk, int64_t bk_pad, float eff, float& m_i,
   float row_sum;
   if (drop) {  // l sums the undropped P; the dropped P multiplies V
     row_sum = vec512::exp_row<T>(S_r, bk, bk_pad, eff, m_new, P_r, true);
-    drop->apply_row(S_r, n, h, i, j0, bk);
+    drop->apply_row(S_r, n, h, q_pos, k_pos0, bk);
     vec512::round_row<T>(S_r, bk, bk_pad, P_r);
   } else if (std::is_same_v<T, c10::BFloat16> && vec512::native_bf16()) {
     row_sum = vec512::exp_row_native(S_r, bk, bk_pad, eff, m_new, reinterpret_cast<c10::BFloat16*>(P_r));
@@ -80,7 +80,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
       const float eff = lowp_scores<T>(ctx, kv, qa, i0, bq, kb, bk, S, nullptr);
       for (int64_t r = 0; r < bq; ++r) {
         const float alpha = softmax_row<T>(S + r * KBLOCK, bk, bk_pad, eff, m[r], l[r], P + r * KBLOCK, drop,
-                                           s.n, h, i0 + r, j0);
+                                           s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0);
         if (alpha != 1.f) vec512::scale_row(acc + r * Dv, Dv, alpha);
       }
       mm::mm_vnni<T>(bq, Dv, bk_pad, P, KBLOCK, kv.v_block(kb, Dv), Dv, acc, Dv, true);  // acc += P V

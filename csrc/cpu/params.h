@@ -47,6 +47,13 @@ struct CpuParams {
   const int32_t* cu_q = nullptr;
   const int32_t* cu_k = nullptr;
 
+  // Block coordinates int32 (N,): global position of each sequence's first query / key; nullptr when absent.
+  const int32_t* q_start = nullptr;
+  const int32_t* k_start = nullptr;
+  // fwd: out is float32 (the unrounded accumulator). bwd_acc: dq/dk/dv are float32 and the kernels add into them.
+  bool out_fp32 = false;
+  bool accumulate = false;
+
   int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0, Dv = 0;
   int64_t nseq = 0;  // B, or N for varlen
   float scale = 1.f;
@@ -59,28 +66,44 @@ struct CpuParams {
   int64_t group() const { return Hq / Hkv; }
 };
 
-// One sequence: which tensor batch it lives in, where its rows start, and its lengths.
+// One sequence: which tensor batch it lives in, where its rows start, its lengths, and the global positions of
+// its first query and key (block coordinates; 0 without them, so positions are the local i, j).
 struct SeqInfo {
-  int64_t b;       // tensor batch index (0 for varlen)
-  int64_t n;       // sequence index (== b unless varlen); used for alibi (N, Hq) and the dropout RNG
-  int64_t q0, k0;  // first row of the sequence in q / k
-  int64_t sq, sk;  // lengths
+  int64_t b;                     // tensor batch index (0 for varlen)
+  int64_t n;                     // sequence index (== b unless varlen); alibi (N, Hq) row and dropout counter
+  int64_t q0, k0;                // first row of the sequence in q / k
+  int64_t sq, sk;                // lengths
+  int64_t qpos0 = 0, kpos0 = 0;  // q_pos = qpos0 + i, k_pos = kpos0 + j (the dropout counters)
+  int64_t off = 0;               // visibility diagonal: key j is on query i's diagonal when j == i + off
+  int64_t alibi_off = 0;         // alibi distance |i + alibi_off - j| (= |q_pos - k_pos|; sk - sq without blocks)
 };
 
+// Offsets are resolved here, once per sequence: the tiles only ever see off / alibi_off / qpos0 / kpos0.
 inline SeqInfo seq_info(const CpuParams& p, int64_t n) {
-  if (p.cu_q != nullptr) {
-    return {0, n, p.cu_q[n], p.cu_k[n], p.cu_q[n + 1] - p.cu_q[n], p.cu_k[n + 1] - p.cu_k[n]};
+  SeqInfo s = p.cu_q != nullptr
+                  ? SeqInfo{0, n, p.cu_q[n], p.cu_k[n], p.cu_q[n + 1] - p.cu_q[n], p.cu_k[n + 1] - p.cu_k[n]}
+                  : SeqInfo{n, n, 0, 0, p.Sq, p.Sk};
+  if (p.q_start != nullptr) {
+    s.qpos0 = p.q_start[n];
+    s.kpos0 = p.k_start[n];
+    s.off = s.alibi_off = s.qpos0 - s.kpos0;
+  } else {
+    s.off = p.bottom_right ? s.sk - s.sq : 0;
+    s.alibi_off = s.sk - s.sq;
   }
-  return {n, n, 0, 0, p.Sq, p.Sk};
+  return s;
 }
 
 // Visibility of key j to query i within a sequence (see csrc/ops.cpp):
-//   off = bottom_right ? sk - sq : 0;  j >= i + off - window_left (if >= 0);  j <= i + off + window_right (if >= 0).
+//   off = q_start - k_start with block coordinates, else bottom_right ? sk - sq : 0;
+//   j >= i + off - window_left (if >= 0);  j <= i + off + window_right (if >= 0).
+// int64 throughout: |off| < 2^31 and windows < 2^31 (register.cpp), so i + off +- w cannot overflow, and the
+// clamps make any shift (negative, zero, past sk) a plain band move.
 struct Visibility {
   int64_t off, wl, wr, sq, sk;
 
   Visibility(const CpuParams& p, const SeqInfo& s)
-      : off(p.bottom_right ? s.sk - s.sq : 0), wl(p.window_left), wr(p.window_right), sq(s.sq), sk(s.sk) {}
+      : off(s.off), wl(p.window_left), wr(p.window_right), sq(s.sq), sk(s.sk) {}
 
   // Visible keys of row i are [key_lo(i), key_hi(i)) (may be empty).
   int64_t key_lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(i + off - wl, 0, sk); }

@@ -1,9 +1,10 @@
-// CPU implementations of fastattn::fwd / fastattn::bwd (schemas and conventions in csrc/ops.cpp): argument
-// checks, CpuParams filling, dtype dispatch, and TORCH_LIBRARY_IMPL registration.
+// CPU implementations of fastattn::fwd / fastattn::bwd / fastattn::bwd_acc (schemas and conventions in
+// csrc/ops.cpp): argument checks, CpuParams filling, dtype dispatch, and TORCH_LIBRARY_IMPL registration.
 //
 // Every invariant the kernels rely on is checked here, values included (cu_seqlens are read on the host): direct
 // torch.ops callers and torch.compile'd graphs reach the kernels without the Python layer's checks, and no
 // argument may make a kernel touch memory outside its tensors.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -86,18 +87,52 @@ int64_t check_cu_values(const at::Tensor& cu, const char* name, int64_t total, i
   return longest;
 }
 
-// Window entries are >= -1 (-1 = unlimited). One at least as wide as both tensors' lengths is no window: clamping it
-// to -1 changes nothing visible and keeps the kernels' i + off + window arithmetic far from overflow.
+// Window entries are >= -1 (-1 = unlimited). One at least `wide` is no window: clamping it to -1 changes nothing
+// visible and keeps the kernels' i + off + window arithmetic far from overflow. Without block coordinates
+// wide = Sq + Sk + 1 (|off| <= the lengths); with them the offset can be far larger than the lengths, so a finite
+// window can hide a whole block and only windows >= 2^31 (wider than any distance of positions in [0, 2^31))
+// may be clamped.
 int64_t check_window(int64_t w, int64_t wide, const char* name) {
   FA_CHECK(w >= -1, name, " must be >= -1 (-1 = unlimited), got ", w);
   return w >= wide ? -1 : w;
+}
+
+constexpr int64_t kPosLimit = int64_t(1) << 31;  // global positions lie in [0, 2^31)
+
+// q_start/k_start: both or neither; int32 (N,) on cpu, contiguous. Values are checked in check_start_values.
+void check_block_coords(const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
+                        int64_t nseq, bool varlen, bool bottom_right) {
+  FA_CHECK(q_start.has_value() == k_start.has_value(), "q_start and k_start must be given together (got only ",
+           q_start ? "q_start" : "k_start", ")");
+  if (!q_start) return;
+  FA_CHECK(!bottom_right, "bottom_right must be False with q_start/k_start: the offsets q_start - k_start place ",
+           "the diagonal");
+  for (const auto& [t, name] : {std::pair{&*q_start, "q_start"}, std::pair{&*k_start, "k_start"}}) {
+    FA_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
+    FA_CHECK(t->dim() == 1 && t->size(0) == nseq, name, " must have shape (N,) with N = ", nseq,
+             varlen ? " (number of varlen sequences)" : " (batch size)", ", got ", t->sizes());
+    FA_CHECK(t->device().is_cpu(), name, " must be on cpu, got ", t->device());
+    FA_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
+  }
+}
+
+// start[n] >= 0 and start[n] + length of sequence n < 2^31, for q_start against the query lengths and k_start
+// against the key lengths.
+void check_start_values(const at::Tensor& start, const char* name, const int32_t* cu, int64_t len) {
+  const int32_t* s = start.data_ptr<int32_t>();
+  for (int64_t n = 0; n < start.numel(); ++n) {
+    const int64_t l = cu ? cu[n + 1] - cu[n] : len;
+    FA_CHECK(s[n] >= 0 && s[n] + l < kPosLimit, name, "[", n, "] = ", s[n], " must be >= 0 with ", name, " + length (",
+             l, ") < 2^31");
+  }
 }
 
 CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_q,
                       const std::optional<at::Tensor>& cu_k, double scale, int64_t window_left, int64_t window_right,
                       bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
-                      int64_t seed, int64_t offset) {
+                      int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
+                      const std::optional<at::Tensor>& k_start) {
   CpuParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -132,8 +167,14 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.alibi = alibi->data_ptr<float>();
     p.alibi_sb = alibi->dim() == 2 ? p.Hq : 0;
   }
+  check_block_coords(q_start, k_start, p.nseq, cu_q.has_value(), bottom_right);
+  if (q_start) {
+    p.q_start = q_start->data_ptr<int32_t>();
+    p.k_start = k_start->data_ptr<int32_t>();
+  }
   p.scale = static_cast<float>(scale);
-  const int64_t wide = p.Sq + p.Sk + 1;  // every sequence is at most this long
+  // every sequence is at most Sq + Sk + 1 long; with block coordinates positions span [0, 2^31)
+  const int64_t wide = q_start ? kPosLimit : p.Sq + p.Sk + 1;
   p.window_left = check_window(window_left, wide, "window_left");
   p.window_right = check_window(window_right, wide, "window_right");
   p.bottom_right = bottom_right;
@@ -148,13 +189,31 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return p;
 }
 
-// Longest (query, key) sequence: the tensor lengths, or the longest varlen sequences (values checked).
+// Longest (query, key) sequence: the tensor lengths, or the longest varlen sequences (values checked); also checks
+// the block coordinates' values against each sequence's lengths.
 std::pair<int64_t, int64_t> max_lengths(const CpuParams& p, const std::optional<at::Tensor>& cu_q,
                                         const std::optional<at::Tensor>& cu_k, int64_t max_seqlen_q,
-                                        int64_t max_seqlen_k) {
-  if (!cu_q) return {p.Sq, p.Sk};
-  return {check_cu_values(*cu_q, "cu_seqlens_q", p.Sq, max_seqlen_q, "max_seqlen_q"),
-          check_cu_values(*cu_k, "cu_seqlens_k", p.Sk, max_seqlen_k, "max_seqlen_k")};
+                                        int64_t max_seqlen_k, const std::optional<at::Tensor>& q_start,
+                                        const std::optional<at::Tensor>& k_start) {
+  std::pair<int64_t, int64_t> r{p.Sq, p.Sk};
+  if (cu_q) {
+    r = {check_cu_values(*cu_q, "cu_seqlens_q", p.Sq, max_seqlen_q, "max_seqlen_q"),
+         check_cu_values(*cu_k, "cu_seqlens_k", p.Sk, max_seqlen_k, "max_seqlen_k")};
+  }
+  if (q_start) {
+    check_start_values(*q_start, "q_start", p.cu_q, p.Sq);
+    check_start_values(*k_start, "k_start", p.cu_k, p.Sk);
+  }
+  return r;
+}
+
+// out (B, Hq, Sq, Dv) like alloc_out_like_q (csrc/common.h: q's memory order), in float32 when out_fp32.
+at::Tensor alloc_out(const at::Tensor& q, int64_t dv, bool out_fp32) {
+  if (!out_fp32) return alloc_out_like_q(q, dv);
+  const auto opts = q.options().dtype(at::kFloat);
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
+  if (q.stride(1) < q.stride(2)) return alloc_output({B, S, H, dv}, opts).transpose(1, 2);  // (B,S,H,Dv)->(B,H,S,Dv)
+  return alloc_output({B, H, S, dv}, opts);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -167,12 +226,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            int64_t seed, int64_t offset, bool deterministic,
                                            const std::optional<at::Tensor>& q_start,
                                            const std::optional<at::Tensor>& k_start, bool out_fp32) {
-  FA_CHECK(!q_start && !k_start && !out_fp32, "block coordinates and out_fp32: not yet implemented on cpu");
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
-  const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  at::Tensor out = alloc_out_like_q(q, p.Dv);
+                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start);
+  const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start);
+  at::Tensor out = alloc_out(q, p.Dv, out_fp32);
+  p.out_fp32 = out_fp32;
   at::Tensor lse = alloc_output({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
@@ -193,18 +252,26 @@ at::Tensor empty_like_poisoned(const at::Tensor& t) {
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
-  FA_CHECK(!q_start && !k_start, "block coordinates: not yet implemented on cpu");
+// bwd and bwd_acc: everything but the gradient outputs, checked and filled.
+struct BwdCall {
+  CpuParams p;
+  int64_t mq = 0, mk = 0;
+  at::Tensor lse_c;  // keeps a contiguous copy of lse alive
+};
+
+BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias,
+                    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+                    int64_t window_right, bool bottom_right, double softcap,
+                    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+                    const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
-  CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset);
-  const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  BwdCall c;
+  CpuParams& p = c.p;
+  p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,
+                  softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start);
+  std::tie(c.mq, c.mk) = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start);
   for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}, std::pair{&lse, "lse"}}) {
     FA_CHECK(t->device().is_cpu(), name, " must be on cpu, got ", t->device());
   }
@@ -217,26 +284,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                lse.size(2) == p.Sq,
            "lse must be float32 (B, Hq, Sq), got ", lse.scalar_type(), " ", lse.sizes());
   // lse and delta are read as contiguous (B, Hq, Sq) rows; lse is small, so a copy is cheap when needed.
-  const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dq = empty_like_poisoned(q), dk = empty_like_poisoned(k), dv = empty_like_poisoned(v);
+  c.lse_c = lse.contiguous();
   p.out = const_cast<void*>(out.data_ptr());
   p.o_st = strides_of(out);
-  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.lse = const_cast<float*>(c.lse_c.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.do_st = strides_of(dout);
+  return c;
+}
+
+// Runs the backward into dq/dk/dv: q.dtype outputs, or (accumulate) fp32 accumulators the kernels add into.
+void bwd_launch(BwdCall& c, at::ScalarType dt, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                bool accumulate) {
+  CpuParams& p = c.p;
+  p.accumulate = accumulate;
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dq_st = strides_of(dq);
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
-  const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
-  switch (q.scalar_type()) {
+  const int64_t mq = c.mq, mk = c.mk;
+  const bool lowp = mm::path(dt) == mm::Path::kBrgemm;
+  switch (dt) {
     case at::kFloat: bwd_kernel<float>(p, mq, mk); break;
     case at::kBFloat16: lowp ? bwd_lowp_kernel<c10::BFloat16>(p, mq, mk) : bwd_kernel<c10::BFloat16>(p, mq, mk); break;
     default: lowp ? bwd_lowp_kernel<c10::Half>(p, mq, mk) : bwd_kernel<c10::Half>(p, mq, mk); break;
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
+  BwdCall c = bwd_prepare(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed,
+                          offset, q_start, k_start);
+  at::Tensor dq = empty_like_poisoned(q), dk = empty_like_poisoned(k), dv = empty_like_poisoned(v);
+  bwd_launch(c, q.scalar_type(), dq, dk, dv, false);
   return {dq, dk, dv};
+}
+
+// bwd's gradients added in fp32 into the caller's accumulators (block calls: no rounding per block).
+void bwd_acc_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias,
+                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+                 bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                 int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& q_start,
+                 const std::optional<at::Tensor>& k_start, const at::Tensor& dq_acc, const at::Tensor& dk_acc,
+                 const at::Tensor& dv_acc) {
+  BwdCall c = bwd_prepare(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed,
+                          offset, q_start, k_start);
+  for (const auto& [acc, like, name, like_name] :
+       {std::tuple{&dq_acc, &q, "dq_acc", "q"}, std::tuple{&dk_acc, &k, "dk_acc", "k"},
+        std::tuple{&dv_acc, &v, "dv_acc", "v"}}) {
+    FA_CHECK(acc->scalar_type() == at::kFloat, name, " must be float32, got ", acc->scalar_type());
+    FA_CHECK(acc->sizes() == like->sizes(), name, " must have ", like_name, "'s shape ", like->sizes(), ", got ",
+             acc->sizes());
+    FA_CHECK(acc->device().is_cpu(), name, " must be on cpu, got ", acc->device());
+    FA_CHECK(acc->stride(3) == 1 || acc->size(3) <= 1, name, " must have stride 1 on the last dim, got strides ",
+             acc->strides());
+    // Every element is added to by exactly one task: shared elements (an expanded tensor) or an accumulator
+    // aliasing another argument would race or read back what the kernels wrote.
+    FA_CHECK(at::has_internal_overlap(*acc) != at::MemOverlap::Yes, name,
+             " must not have elements sharing memory (e.g. an expanded tensor), got strides ", acc->strides());
+    for (const auto& [other, other_name] :
+         {std::pair{&dq_acc, "dq_acc"}, std::pair{&dk_acc, "dk_acc"}, std::pair{&dv_acc, "dv_acc"},
+          std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&dout, "dout"},
+          std::pair{&out, "out"}, std::pair{&lse, "lse"}}) {
+      if (other == acc) continue;
+      const auto st = at::get_overlap_status(*acc, *other);
+      FA_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, name,
+               " must not share memory with ", other_name);
+    }
+  }
+  bwd_launch(c, q.scalar_type(), dq_acc, dk_acc, dv_acc, true);
 }
 
 }  // namespace
@@ -244,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("bwd", &bwd_cpu);
+  m.impl("bwd_acc", &bwd_acc_cpu);
 }
 
 }  // namespace fastattn::cpu

@@ -8,8 +8,10 @@
 
 namespace fastattn::cpu {
 
-// Dropout for one tile row: multiplies p[0..len) (keys j0..j0+len of query row i) by keep/(1-p) in place.
-// Draws are grouped by 4 aligned global key indices (one Philox call each).
+// Dropout for one tile row: multiplies x[0..len) (keys at positions k_pos0..k_pos0+len of the query at position
+// q_pos) by keep/(1-p) in place. Positions are global (SeqInfo::qpos0 + i, kpos0 + j; the local i, j without block
+// coordinates), so a call split into blocks drops what the unsplit call drops. Draws are grouped by 4 aligned key
+// positions (one Philox call each).
 struct Dropout {
   Philox rng;
   uint32_t threshold;  // drop iff draw < threshold
@@ -20,16 +22,16 @@ struct Dropout {
         threshold(dropout_threshold(p)),
         rescale(1.f / (1.f - p)) {}
 
-  inline void apply_row(float* x, int64_t n, int64_t h, int64_t i, int64_t j0, int64_t len) const {
-    int64_t j = j0;
-    const int64_t end = j0 + len;
+  inline void apply_row(float* x, int64_t n, int64_t h, int64_t q_pos, int64_t k_pos0, int64_t len) const {
+    int64_t j = k_pos0;
+    const int64_t end = k_pos0 + len;
     while (j < end) {
       uint32_t r[4];
       const int64_t g = j >> 2;
-      rng.draw(uint32_t(g), uint32_t(i), uint32_t(h), uint32_t(n), r);
+      rng.draw(uint32_t(g), uint32_t(q_pos), uint32_t(h), uint32_t(n), r);
       const int64_t gend = std::min<int64_t>((g + 1) << 2, end);
       for (; j < gend; ++j) {
-        x[j - j0] = r[j & 3] >= threshold ? x[j - j0] * rescale : 0.f;
+        x[j - k_pos0] = r[j & 3] >= threshold ? x[j - k_pos0] * rescale : 0.f;
       }
     }
   }

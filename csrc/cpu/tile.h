@@ -91,10 +91,10 @@ struct ScoreCtx {
       }
     }
     if (p.alibi) {
-      // -slope * |i + sk - sq - j|
+      // -slope * |q_pos - k_pos| = -slope * |i + alibi_off - j|
       for (int64_t r = 0; r < bq; ++r) {
         float* Sr = S + r * ldS;
-        const int64_t d0 = i0 + r + s.sk - s.sq - j0;
+        const int64_t d0 = i0 + r + s.alibi_off - j0;
         for (int64_t j = 0; j < bk; ++j) Sr[j] -= slope * static_cast<float>(std::abs(d0 - j));
       }
     }
@@ -130,16 +130,34 @@ inline bool has_nan(const float* x, int64_t n) {
 }
 
 // The forward's epilogue for query rows [i0, i0 + bq) of (sequence s, head h): out = acc / l, lse = m + log l;
-// rows with no visible key get out = 0, lse = +inf (the backward's exp(s - lse) is then 0).
+// rows with no visible key get out = 0, lse = +inf (the backward's exp(s - lse) is then 0). out is T, or float32
+// with p.out_fp32 (block calls: the caller merges blocks in fp32 and rounds once).
 template <typename T>
 void store_rows(const CpuParams& p, const SeqInfo& s, int64_t h, int64_t i0, int64_t bq, const float* acc,
                 const float* m, const float* l) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.out_fp32) return store_rows<float>(p, s, h, i0, bq, acc, m, l);
+  }
   T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
   float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
   for (int64_t r = 0; r < bq; ++r) {
     const bool empty = l[r] == 0.f;
     vec::store_row<T>(acc + r * p.Dv, out + r * p.o_st.s, p.o_st.d, p.Dv, empty ? 0.f : 1.f / l[r]);
     lse[r] = empty ? kInf : m[r] + std::log(l[r]);
+  }
+}
+
+// The backward's write of one gradient row: dst[c * stride] = T(src[c] * mul), or with p.accumulate (bwd_acc) dst
+// is the caller's float32 accumulator and gets += src[c] * mul, never rounded to T. `at` is the row's offset in
+// elements from the base pointer (dq/dk/dv), so the element type is chosen here, once per row.
+template <typename T>
+inline void grad_row(const CpuParams& p, void* base, int64_t at, int64_t stride, const float* src, int64_t n,
+                     float mul) {
+  if (p.accumulate) {
+    float* d = static_cast<float*>(base) + at;
+    for (int64_t c = 0; c < n; ++c) d[c * stride] += src[c] * mul;
+  } else {
+    vec::store_row<T>(src, static_cast<T*>(base) + at, stride, n, mul);
   }
 }
 

@@ -58,9 +58,10 @@ class CpuBackend(Backend):
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
     head_dims = (1, 256)
     # Every feature below is implemented in csrc/cpu and exercised by tests/test_matrix.py and
-    # tests/test_cpu_kernels.py. Not declared: mask_grad (no gradient for attn_mask).
+    # tests/test_cpu_kernels.py ("block": tests/test_blocks_cpu.py and tests/test_blocks.py). Not declared:
+    # mask_grad (no gradient for attn_mask).
     features = frozenset({"causal", "bottom_right", "window", "mask", "dropout", "gqa", "varlen", "softcap",
-                          "alibi", "grad", "deterministic", "lse", "dv_ne_d"})
+                          "alibi", "grad", "deterministic", "lse", "dv_ne_d", "block"})
 
     decode = CPU_DECODE  # split-KV decode kernel (csrc/cpu/decode.cpp)
 
