@@ -69,8 +69,8 @@ def autograd_pair(bwd_op):
          deterministic, q_start, k_start, out_fp32) = _fwd_inputs(inputs)
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, out.to(q.dtype) if out_fp32 else out, lse, bias, cu_q, cu_k, alibi, q_start,
-                              k_start)
+        rounded = out.to(q.dtype) if out_fp32 and out.dtype != q.dtype else out
+        ctx.save_for_backward(q, k, v, rounded, lse, bias, cu_q, cu_k, alibi, q_start, k_start)
         ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
 
     def backward(ctx, dout, dlse):

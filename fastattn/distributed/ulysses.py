@@ -70,7 +70,7 @@ def ulysses_forward(spec: CallSpec, q, k, v):
     h = qh.shape[2]
     o, lse_h = block_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), q_start=0, k_start=0,
                              **spec.block_kw(_slopes(spec, h)))  # (B, h, S, Dv) fp32, (B, h, S)
-    oh = o.to(q.dtype)  # the one rounding
+    oh = o.to(q.dtype).contiguous()  # the one rounding; (B, h, S, Dv) contiguous whatever order the kernel wrote
     out = _user(spec, _to_seq(spec, oh.transpose(1, 2))).contiguous()
     if spec.return_lse:
         lse = _to_seq(spec, lse_h.transpose(1, 2).unsqueeze(-1))  # (B, h, S) -> (B, S, h, 1) -> (B, S/W, H, 1)

@@ -1,126 +1,16 @@
-"""Tier 1 harness: real gloo process groups, one spawned pool per world size, started once per test session.
-
-Each pool runs W worker processes (spawn: fork deadlocks gloo in a large session) with OMP_NUM_THREADS=1 and one
-torch thread, joined through a FileStore in a temp dir (no ports), with a 60 s process-group timeout. A test sends
-a function (module file, name, args) to every rank and gets the W results back. Around each task a worker arms
-faulthandler.dump_traceback_later, so a hang prints every thread's stack and ends the worker instead of the run.
-"""
+"""Tier 1 harness: real gloo process groups, one spawned pool per world size (tests/support/gloo.py), started once
+per test session."""
 from __future__ import annotations
-
-import os
-import sys
-import tempfile
 
 import pytest
 
-PG_TIMEOUT_S = 60
-TASK_TIMEOUT_S = 180  # generous: a loaded 2-core machine; a real hang fails on the 60 s process-group timeout first
+from tests.support.gloo import GlooPool
+
 POOL_SIZES = (2, 3, 4)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "distributed: starts gloo process groups (tests/distributed, tier 1)")
-
-
-def _worker(rank, world_size, store_path, tasks, results):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import faulthandler
-    import importlib.util
-    import traceback
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    try:
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=PG_TIMEOUT_S))
-        results.put((rank, "ready", None))
-    except BaseException:  # noqa: BLE001
-        results.put((rank, "error", traceback.format_exc()))
-        return
-    modules = {}
-    while True:
-        task = tasks.get()
-        if task is None:
-            break
-        path, name, args = task
-        faulthandler.dump_traceback_later(TASK_TIMEOUT_S - 10, exit=True)
-        try:
-            if path not in modules:
-                spec = importlib.util.spec_from_file_location(f"_cp_task_{len(modules)}", path)
-                mod = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(mod)
-                modules[path] = mod
-            res = getattr(modules[path], name)(*args)
-            results.put((rank, "ok", res))
-        except BaseException:  # noqa: BLE001
-            results.put((rank, "error", traceback.format_exc()))
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-    dist.destroy_process_group()
-
-
-class GlooPool:
-    def __init__(self, world_size: int):
-        import multiprocessing as mp
-        ctx = mp.get_context("spawn")
-        self.world_size = world_size
-        self.dir = tempfile.TemporaryDirectory(prefix=f"fastattn_gloo{world_size}_")
-        store = os.path.join(self.dir.name, "store")
-        self.tasks = [ctx.Queue() for _ in range(world_size)]
-        self.results = ctx.Queue()
-        env_before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # read by the children's torch import
-        try:
-            self.procs = [ctx.Process(target=_worker, args=(r, world_size, store, self.tasks[r], self.results),
-                                      daemon=True, name=f"gloo{world_size}-rank{r}") for r in range(world_size)]
-            for p in self.procs:
-                p.start()
-        finally:
-            if env_before is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = env_before
-        self._ready = False
-
-    def _collect(self, what: str):
-        import queue
-        got, errors = {}, []
-        while len(got) < self.world_size:
-            try:
-                rank, status, payload = self.results.get(timeout=TASK_TIMEOUT_S)
-            except queue.Empty:
-                dead = [p.name for p in self.procs if not p.is_alive()]
-                raise TimeoutError(f"gloo pool W={self.world_size}: no answer to {what} within {TASK_TIMEOUT_S} s "
-                                   f"(dead workers: {dead or 'none'}; their stacks are in the captured stderr)")
-            got[rank] = payload
-            if status == "error":
-                errors.append(f"rank {rank}:\n{payload}")
-        if errors:
-            raise RuntimeError(f"gloo pool W={self.world_size}: {what} failed\n" + "\n".join(errors))
-        return [got[r] for r in range(self.world_size)]
-
-    def run(self, path: str, name: str, *args):
-        if not self._ready:
-            self._collect("process group start")
-            self._ready = True
-        for q in self.tasks:
-            q.put((os.path.abspath(path), name, args))
-        return self._collect(name)
-
-    def stop(self):
-        for q in self.tasks:
-            q.put(None)
-
-    def close(self, deadline: float):
-        import time
-        for p in self.procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-        self.dir.cleanup()
 
 
 _POOLS: dict = {}
@@ -148,6 +38,3 @@ def gloo_pool():
     for pool in _POOLS.values():
         pool.close(deadline)
     _POOLS.clear()
-
-
-sys.path.insert(0, os.path.dirname(__file__))  # cp_cases for the workers' task modules, too

@@ -2,7 +2,7 @@
 every rank the same function; the test process compares the returned results."""
 import torch
 
-from cp_cases import Case, run_cp_rank
+from tests.support.cp_cases import Case, run_cp_rank
 from fastattn.distributed import CountingComm, CPConfig, TorchComm, cp_attention
 
 
@@ -11,7 +11,7 @@ def cp_case(case: Case):
 
 
 def comm_counts(case: Case):
-    from cp_cases import make_inputs
+    from tests.support.cp_cases import make_inputs
     comm = CountingComm(TorchComm())
     q, k, v, dout, _ = make_inputs(case)
     cp = CPConfig(comm, strategy=case.strategy, balance=case.balance)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cp_cases import Case, block_backends, install_keyed_dropout, make_inputs
+from tests.support.cp_cases import Case, block_backends, install_keyed_dropout, make_inputs
 from fastattn.blocks import block_backward, block_forward
 from fastattn.distributed import (CPCommError, CPConfig, CPUnsupportedError, cp_attention, cp_cross_entropy,
                                   global_loss, ring_flash_attn_func, run_local, unshard_list,

@@ -1,12 +1,12 @@
 """Tier 0: CP attention on W simulated ranks (threads, LocalComm) against single-process fastattn and a float64
-oracle on the whole sequence (acceptance rule in cp_cases.py): out, lse, dq, dk, dv."""
+oracle on the whole sequence (acceptance rule in tests/support/cp_cases.py): out, lse, dq, dk, dv."""
 import threading
 
 import pytest
 import torch
 
-from cp_cases import (Case, block_backends, check_acceptance, check_case, reference, run_cp_local, single_block,
-                      single_process, with_)
+from tests.support.cp_cases import (Case, block_backends, check_acceptance, check_case, reference, run_cp_local,
+                                    single_block, single_process, with_)
 from fastattn.distributed import CountingComm, CPConfig, cp_attention, run_local
 
 MATRIX = [Case(strategy=s, balance=b, W=W, causal=causal, H=4, Hkv=2)
@@ -99,7 +99,7 @@ def test_lse_exact_and_no_nan_with_empty_block_rows():
 # --- exact communication -------------------------------------------------------------------------------------
 
 def _counts(comm, c: Case, return_lse=True):
-    from cp_cases import make_inputs
+    from tests.support.cp_cases import make_inputs
     q, k, v, dout, _ = make_inputs(c)
     cp = CPConfig(comm, strategy=c.strategy, balance=c.balance, backend=c.backend)
     ql, kl, vl = (cp.shard(t, 1).requires_grad_() for t in (q, k, v))
@@ -157,7 +157,7 @@ def test_ring_overlap_order(monkeypatch):
     hides behind the compute); in the backward the dK/dV hop of step t is waited for only after step t+1's compute.
     Rank 1's events, W = 3: P = hop posted, W = hop waited, f / b = a block forward / backward call."""
     import fastattn.distributed.ring as ring
-    from cp_cases import make_inputs
+    from tests.support.cp_cases import make_inputs
     events = []
 
     class Logged(CountingComm):
@@ -199,7 +199,7 @@ def test_ring_overlap_order(monkeypatch):
 ])
 def test_ring_block_calls_per_rank(monkeypatch, causal, alibi, balance, want):
     import fastattn.distributed.ring as ring
-    from cp_cases import make_inputs
+    from tests.support.cp_cases import make_inputs
     calls = []
     real = ring.block_forward
 

@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from cp_cases import Case, check_acceptance, gather_results, reference, single_block, single_process
+from tests.support.cp_cases import (Case, check_acceptance, gather_results, reference, single_block,
+                                    single_process)
 
 pytestmark = pytest.mark.distributed
 TASKS = os.path.join(os.path.dirname(__file__), "gloo_tasks.py")

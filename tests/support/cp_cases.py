@@ -21,7 +21,7 @@ import torch
 import fastattn
 from fastattn.distributed import CPConfig, cp_attention, run_local, unshard_list
 from fastattn.blocks import block_backward, block_forward
-from support.oracle import oracle_attention
+from tests.support.oracle import oracle_attention
 
 
 @dataclass(frozen=True)
