@@ -98,12 +98,14 @@ def visible_range(m0, row_end, seqlen_k, off, window_left, window_right,
     full_lo = lo
     full_hi = (hi // BLOCK_N) * BLOCK_N
     if WINDOW_LEFT:
-        lo = tl.maximum(m0 + off - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
+        first = tl.maximum(m0 + off - window_left, 0)  # the first key row m0 sees
+        lo = (first // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(row_end - 1 + off - window_left, 0), BLOCK_N) * BLOCK_N
     if WINDOW_RIGHT:
         hi = tl.minimum(row_end + off + window_right, seqlen_k)
         full_hi = (tl.maximum(tl.minimum(m0 + off + window_right + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
+    if WINDOW_LEFT:  # the first visible key at or past the end: nothing visible, not even in lo's tile
+        hi = tl.where(first >= hi, lo, hi)
     hi = tl.maximum(hi, lo)  # lo == hi: no visible key
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(full_hi, full_lo)  # full_hi <= hi always holds
@@ -166,14 +168,15 @@ def dropout_keep(seed, rng_base, ii, jj, rng_row_stride, q0, k0, dropout_p, POS:
     the (b, h, sequence start) part of the index (int64).
     POS (block calls): a function of the global positions only, so any split of a call into blocks drops the same
     elements: the Philox counter is (k_pos, q_pos, low and high words of rng_base = offset + n * H + h) with
-    q_pos = q0 + i, k_pos = k0 + j; keep iff the top 31 bits of its first output are >= dropout_p * 2^31."""
+    q_pos = q0 + i, k_pos = k0 + j; keep iff the top 31 bits of its first output, as a uniform in [0, 1), are
+    >= dropout_p."""
     if POS:
         c0 = (k0 + jj + ii * 0).to(tl.uint32, bitcast=True)  # (ii * 0, jj * 0: every counter word a full tile)
         c1 = (q0 + ii + jj * 0).to(tl.uint32, bitcast=True)
         c2 = c0 * 0 + rng_base.to(tl.uint32)  # low 32 bits
         c3 = c0 * 0 + (rng_base >> 32).to(tl.uint32)
         r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-        return (r >> 1).to(tl.int32, bitcast=True) >= (dropout_p * 2147483648.0).to(tl.int32)
+        return (r >> 1).to(tl.int32, bitcast=True).to(tl.float32) * 4.656612873077393e-10 >= dropout_p
     else:
         idx = rng_base + ii.to(tl.int64) * rng_row_stride + jj
         return tl.rand(seed, idx) >= dropout_p
