@@ -231,6 +231,7 @@ FAR = [  # (q_start, k_start, window): off = q_start - k_start far beyond Sq + S
     (500, 480, (10, 4)),                # a band crossing the block pair: masked and unmasked tiles, skipped ones
     (480, 500, (-1, 3)),                # negative off, causal-like band
     (700, 620, (-1, 0)),                # off-diagonal block under causal: all visible but the tails
+    (516, 500, (0, 0)),                 # a diagonal on tile edges: one more or one less key moves a tile
 ]
 
 
