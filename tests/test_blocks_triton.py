@@ -304,14 +304,14 @@ def test_varlen_per_sequence_offsets(op):
 def test_dropout_same_mask_however_split(op):
     """v = identity exposes the keep mask (out[i, j] = P[i, j] M[i, j] / (1 - p)): the merged blocks drop exactly the
     elements the unsplit call with the same offsets and rng drops; out and grads match the oracle with that mask."""
-    B, H, Sq, Sk, D, p = 2, 2, 40, 48, 16, 0.3
-    q, k = rnd(B, H, Sq, D), rnd(B, H, Sk, D)
-    v = torch.eye(Sk, device=DEV).expand(B, H, Sk, Sk).contiguous()  # Dv = Sk
+    B, H, Hkv, Sq, Sk, D, p = 2, 2, 1, 32, 40, 16, 0.3  # GQA: dK/dV regenerates the mask of every query head
+    q, k = rnd(B, H, Sq, D), rnd(B, Hkv, Sk, D)
+    v = torch.eye(Sk, device=DEV).expand(B, Hkv, Sk, Sk).contiguous()  # Dv = Sk
     q0, k0, rng, scale = 3000, 2990, (12345, 678), 0.1
     kw = dict(scale=scale, wl=25, wr=0, dropout_p=p, rng=rng)
     out_u, lse_u = op.launch_fwd(q, k, v, None, None, None, 0, 0, scale, 25, 0, False, 0.0, None, p, *rng,
                                  i32(*[q0] * B), i32(*[k0] * B), True)
-    out_b, lse_b = block_forward(op, q, k, v, q0, k0, 2, 3, blocks=(16, 16), **kw)
+    out_b, lse_b = block_forward(op, q, k, v, q0, k0, 2, 2, blocks=(16, 16), **kw)
     keep_u, keep_b = out_u != 0, out_b != 0
     assert torch.equal(keep_b, keep_u), f"{int((keep_b != keep_u).sum())} keep decisions differ between splits"
     qpos, kpos = torch.arange(Sq) + q0, torch.arange(Sk) + k0
@@ -329,7 +329,7 @@ def test_dropout_same_mask_however_split(op):
     torch.testing.assert_close(out_b, out_u, rtol=2e-6, atol=2e-6)
     dout = torch.randn_like(out_u)
     acc = [torch.zeros(t.shape, device=DEV) for t in (q, k, v)]
-    block_backward(op, dout, q, k, v, out_b, lse_b, q0, k0, 2, 3, acc, **kw)
+    block_backward(op, dout, q, k, v, out_b, lse_b, q0, k0, 2, 2, acc, **kw)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = oracle(*leaves, qpos, kpos, scale=scale, window=(25, 0), keep=keep, dropout_p=p)
     for name, g, r in zip(("dq", "dk", "dv"), acc, torch.autograd.grad(ref, leaves, dout.double())):
@@ -347,8 +347,8 @@ def test_ops_opcheck_and_backend(op):
     acc = [torch.randn(t.shape, device=DEV) for t in (q, k, v)]
     bwd = (torch.randn_like(q), q, k, v, out, lse, None, None, None, 9, 12, 0.25, 4, 0, False, 0.0, None, 0.0, 0, 0,
            False, i32(20), i32(15), *acc)
-    torch.library.opcheck(torch.ops.fastattn.triton_bwd_acc.default, bwd, test_utils=("test_schema",
-                                                                                      "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastattn.triton_bwd_acc.default, bwd,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     assert "block" in TRITON.features
     p = AttnParams(q=q, k=k, v=v, scale=0.25, window_left=4, window_right=0, bottom_right=False, q_start=i32(20),
                    k_start=i32(15), out_fp32=True)
