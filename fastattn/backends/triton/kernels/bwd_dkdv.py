@@ -140,8 +140,9 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart
                    + offs_dv[None, :])
         dk_mask = nmask & (offs_d[None, :] < HEAD_D)
         dv_mask = nmask & (offs_dv[None, :] < HEAD_DV)
-        if ACCUMULATE:
+        if ACCUMULATE:  # one accumulator tile at a time: dK, dV and both loaded tiles would not fit in registers
             dk += tl.load(DK_ptrs, mask=dk_mask, other=0.0)
-            dv += tl.load(DV_ptrs, mask=dv_mask, other=0.0)
         tl.store(DK_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+        if ACCUMULATE:
+            dv += tl.load(DV_ptrs, mask=dv_mask, other=0.0)
         tl.store(DV_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)
