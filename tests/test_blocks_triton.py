@@ -45,10 +45,18 @@ def cuts(n, parts):
     return [(a, b - a) for a, b in zip(edges, edges[1:])]
 
 
+def pad_bias(kpad, q):
+    """Key padding (bool (B, Sk), True = attend) as the ops take it: q's dtype, (B, Hq, Sq, Sk) with strides
+    (sB, 0, 0, 1)."""
+    B, Hq, Sq, _ = q.shape
+    bias = torch.zeros(kpad.shape, device=DEV).masked_fill(~kpad, float("-inf")).to(q.dtype)
+    return bias.view(B, 1, 1, -1).expand(B, Hq, Sq, kpad.shape[1])
+
+
 def oracle(q, k, v, qpos, kpos, *, scale, window=(-1, -1), alibi=None, softcap=0.0, keep=None, dropout_p=0.0,
-           dtype=torch.float64):
+           kpad=None, dtype=torch.float64):
     """Attention of queries at global positions qpos against keys at kpos (int64 (Sq,), (Sk,)): visibility and ALiBi
-    from the positions, passed to the shared oracle as an additive mask."""
+    from the positions (and key padding), passed to the shared oracle as an additive mask."""
     d = kpos.view(1, -1) - qpos.view(-1, 1)  # k_pos - q_pos, (Sq, Sk)
     vis = torch.ones_like(d, dtype=torch.bool)
     if window[0] >= 0:
@@ -59,11 +67,13 @@ def oracle(q, k, v, qpos, kpos, *, scale, window=(-1, -1), alibi=None, softcap=0
     if alibi is not None:
         bias = -alibi.double().view(1, -1, 1, 1) * d.abs().double()  # (1, Hq, Sq, Sk)
     bias = bias.masked_fill(~vis, float("-inf"))
+    if kpad is not None:
+        bias = bias + torch.zeros(kpad.shape, dtype=torch.float64).masked_fill(~kpad, float("-inf"))[:, None, None]
     return oracle_attention(q, k, v, scale=scale, mask=bias, softcap=softcap, dropout_mask=keep,
                             dropout_p=dropout_p, dtype=dtype)
 
 
-def oracle_lse(q, k, qpos, kpos, *, scale, window=(-1, -1), alibi=None):
+def oracle_lse(q, k, qpos, kpos, *, scale, window=(-1, -1), alibi=None, kpad=None):
     Hq = q.shape[1]
     kk = k.double()[:, torch.arange(Hq) // (Hq // k.shape[1])]
     s = torch.einsum("bhid,bhjd->bhij", q.double(), kk) * scale
@@ -75,12 +85,15 @@ def oracle_lse(q, k, qpos, kpos, *, scale, window=(-1, -1), alibi=None):
         vis &= d >= -window[0]
     if window[1] >= 0:
         vis &= d <= window[1]
-    lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)
+    s = s.masked_fill(~vis, float("-inf"))
+    if kpad is not None:
+        s = s.masked_fill(~kpad[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
 def block_forward(op, q, k, v, q0, k0, qparts, kparts, *, scale, wl=-1, wr=-1, alibi=None, softcap=0.0,
-                  dropout_p=0.0, rng=(0, 0), blocks=None):
+                  dropout_p=0.0, rng=(0, 0), bias=None, blocks=None):
     """Every (query block, key block) pair with its offsets and out_fp32, merged in fp32. q0/k0: global position of
     row 0 of q and k (ints, same for every batch row)."""
     B, H, Sq, _ = q.shape
@@ -88,7 +101,8 @@ def block_forward(op, q, k, v, q0, k0, qparts, kparts, *, scale, wl=-1, wr=-1, a
     lse = torch.full((B, H, Sq), float("inf"), device=DEV)
     for qs, ql in cuts(Sq, qparts):
         for ks, kl in cuts(k.shape[2], kparts):
-            o, l = op.launch_fwd(q[:, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl], None, None, None, 0,
+            bb = bias[:, :, qs:qs + ql, ks:ks + kl] if bias is not None else None
+            o, l = op.launch_fwd(q[:, :, qs:qs + ql], k[:, :, ks:ks + kl], v[:, :, ks:ks + kl], bb, None, None, 0,
                                  0, scale, wl, wr, False, softcap, alibi, dropout_p, *rng, i32(*[q0 + qs] * B),
                                  i32(*[k0 + ks] * B), True, blocks=blocks)
             assert o.dtype == torch.float32
@@ -97,7 +111,7 @@ def block_forward(op, q, k, v, q0, k0, qparts, kparts, *, scale, wl=-1, wr=-1, a
 
 
 def block_backward(op, dout, q, k, v, out, lse, q0, k0, qparts, kparts, acc, *, scale, wl=-1, wr=-1, alibi=None,
-                   softcap=0.0, dropout_p=0.0, rng=(0, 0)):
+                   softcap=0.0, dropout_p=0.0, rng=(0, 0), bias=None):
     """triton_bwd_acc over every pair, with the merged global out (q's dtype) and lse."""
     B = q.shape[0]
     dq, dk, dv = acc
@@ -105,7 +119,8 @@ def block_backward(op, dout, q, k, v, out, lse, q0, k0, qparts, kparts, acc, *, 
         for ks, kl in cuts(k.shape[2], kparts):
             qb, kb = slice(qs, qs + ql), slice(ks, ks + kl)
             torch.ops.fastattn.triton_bwd_acc(
-                dout[:, :, qb], q[:, :, qb], k[:, :, kb], v[:, :, kb], out[:, :, qb], lse[:, :, qb], None, None, None,
+                dout[:, :, qb], q[:, :, qb], k[:, :, kb], v[:, :, kb], out[:, :, qb], lse[:, :, qb],
+                bias[:, :, qb, kb] if bias is not None else None, None, None,
                 0, 0, scale, wl, wr, False, softcap, alibi, dropout_p, *rng, False, i32(*[q0 + qs] * B),
                 i32(*[k0 + ks] * B), dq[:, :, qb], dk[:, :, kb], dv[:, :, kb])
     return acc
@@ -118,28 +133,30 @@ def rnd(*shape, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------------------------
 # Forward and backward block decomposition against the unsplit call and the oracle
 
-CASES = {  # name: (B, Hq, Hkv, Sq, Sk, window, alibi, softcap, parts (q, k))
-    "causal_bottom_right": (1, 2, 2, 40, 64, (-1, 0), False, 0.0, (2, 3)),
-    "window_gqa": (2, 4, 2, 48, 48, (9, 5), False, 0.0, (3, 2)),
-    "alibi_causal_softcap": (1, 2, 1, 56, 40, (-1, 0), True, 4.0, (2, 2)),  # Sq > Sk: the first 16 rows see nothing
+CASES = {  # name: (B, Hq, Hkv, Sq, Sk, window, alibi, softcap, key padding, parts (q, k))
+    "causal_bottom_right": (1, 2, 2, 40, 64, (-1, 0), False, 0.0, False, (2, 3)),
+    "window_gqa_key_padding": (2, 4, 2, 48, 48, (9, 5), False, 0.0, True, (3, 2)),
+    "alibi_causal_softcap": (1, 2, 1, 56, 40, (-1, 0), True, 4.0, False, (2, 2)),  # Sq > Sk: 16 rows see nothing
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
 def test_blocks_merge_to_the_unsplit_call_and_the_oracle(op, case, dtype):
-    B, Hq, Hkv, Sq, Sk, (wl, wr), use_alibi, softcap, (qp, kp) = CASES[case]
+    B, Hq, Hkv, Sq, Sk, (wl, wr), use_alibi, softcap, use_pad, (qp, kp) = CASES[case]
     D = 16
     q, k, v = rnd(B, Hq, Sq, D, dtype=dtype), rnd(B, Hkv, Sk, D, dtype=dtype), rnd(B, Hkv, Sk, D, dtype=dtype)
     alibi = torch.rand(Hq, device=DEV) * 0.3 if use_alibi else None
+    kpad = torch.rand(B, Sk, device=DEV) > 0.25 if use_pad else None
+    bias = pad_bias(kpad, q) if use_pad else None
     scale = D ** -0.5
     k0 = 1000  # bottom-right alignment as global positions: q_start = k_start + Sk - Sq (all >= 0)
     q0 = k0 + Sk - Sq
     out_b, lse_b = block_forward(op, q, k, v, q0, k0, qp, kp, scale=scale, wl=wl, wr=wr, alibi=alibi,
-                                 softcap=softcap, blocks=(16, 16))
+                                 softcap=softcap, bias=bias, blocks=(16, 16))
     # the unsplit call: the dense op (bottom-right; ALiBi aligned at Sk - Sq) rounded as usual, and as one block
-    out_u, lse_u = op.launch_fwd(q, k, v, None, None, None, 0, 0, scale, wl, wr, True, softcap, alibi, 0.0, 0, 0)
-    out_u32, lse_u32 = op.launch_fwd(q, k, v, None, None, None, 0, 0, scale, wl, wr, False, softcap, alibi, 0.0, 0, 0,
+    out_u, lse_u = op.launch_fwd(q, k, v, bias, None, None, 0, 0, scale, wl, wr, True, softcap, alibi, 0.0, 0, 0)
+    out_u32, lse_u32 = op.launch_fwd(q, k, v, bias, None, None, 0, 0, scale, wl, wr, False, softcap, alibi, 0.0, 0, 0,
                                      i32(*[q0] * B), i32(*[k0] * B), True)
     assert torch.equal(lse_u32, lse_u) and torch.equal(out_u32.to(dtype), out_u)  # one block == the dense call
     # fp16/bf16 round P to the input dtype before P @ V, against each block's own running max: the merged blocks
@@ -148,14 +165,14 @@ def test_blocks_merge_to_the_unsplit_call_and_the_oracle(op, case, dtype):
     torch.testing.assert_close(out_b, out_u32, rtol=0, atol=atol)
     torch.testing.assert_close(lse_b, lse_u32, rtol=2e-6, atol=2e-6)
     qpos, kpos = torch.arange(Sq) + q0, torch.arange(Sk) + k0
-    kw = dict(scale=scale, window=(wl, wr), alibi=alibi, softcap=softcap)
+    kw = dict(scale=scale, window=(wl, wr), alibi=alibi, softcap=softcap, kpad=kpad)
     ref = oracle(q, k, v, qpos, kpos, **kw)
     base = oracle(q, k, v, qpos, kpos, dtype=dtype, **kw) if dtype != torch.float32 else None
     assert_rule("out (blocks merged, rounded once)", out_b.to(dtype), ref, base, dtype)
-    empty = torch.isinf(oracle_lse(q, k, qpos, kpos, scale=scale, window=(wl, wr), alibi=alibi))
+    ref_lse = oracle_lse(q, k, qpos, kpos, scale=scale, window=(wl, wr), alibi=alibi, kpad=kpad)
+    empty = torch.isinf(ref_lse)
     assert torch.equal(torch.isinf(lse_b), empty) and (out_b[empty] == 0).all()  # rows that see no key at all
     if softcap == 0:
-        ref_lse = oracle_lse(q, k, qpos, kpos, scale=scale, window=(wl, wr), alibi=alibi)
         assert_rule("lse", lse_b, ref_lse, None, torch.float32, fp32_rel=1e-5 if dtype == torch.float32 else 1e-3)
 
     # backward: triton_bwd_acc over every pair with the merged output, added onto non-zero accumulators
@@ -164,9 +181,9 @@ def test_blocks_merge_to_the_unsplit_call_and_the_oracle(op, case, dtype):
     init = [torch.randn(t.shape, device=DEV) for t in (q, k, v)]
     acc = [t.clone() for t in init]
     block_backward(op, dout, q, k, v, out_g, lse_g, q0, k0, qp, kp, acc, scale=scale, wl=wl, wr=wr, alibi=alibi,
-                   softcap=softcap)
+                   softcap=softcap, bias=bias)
     grads_b = [a - i for a, i in zip(acc, init)]
-    grads_u = op.launch_bwd(dout, q, k, v, out_g, lse_g, None, None, None, 0, 0, scale, wl, wr, True, softcap,
+    grads_u = op.launch_bwd(dout, q, k, v, out_g, lse_g, bias, None, None, 0, 0, scale, wl, wr, True, softcap,
                             alibi, 0.0, 0, 0)  # the unsplit dense backward
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(oracle(*leaves, qpos, kpos, **kw), leaves, dout.double())
@@ -394,3 +411,6 @@ def test_bad_block_arguments_name_the_argument(op):
         bwd(z(q), torch.zeros(2, 2, 9, 16, device=DEV), z(v))
     with pytest.raises(InputValueError, match="dv_acc must have stride 1 on the last dim"):
         bwd(z(q), z(k), torch.zeros(2, 2, 16, 8, device=DEV).transpose(-1, -2))
+    with pytest.raises(InputValueError, match="triton_bwd_acc: out must be torch.float32"):
+        out = out.half()
+        bwd(z(q), z(k), z(v))

@@ -179,6 +179,18 @@ def launch_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softc
     return out, lse
 
 
+def _check_grad_io(op, dout, q, v, out, lse):
+    """The tensors the backward reads besides q/k/v: a wrong dtype would fail inside the kernel's dots."""
+    B, Hq, Sq = q.shape[:3]
+    for name, t in (("dout", dout), ("out", out)):
+        if t.dtype != q.dtype or tuple(t.shape) != (B, Hq, Sq, v.shape[-1]):
+            raise InputValueError(f"fastattn: {op}: {name} must be {q.dtype} {(B, Hq, Sq, v.shape[-1])} like q, "
+                                  f"got {t.dtype} {tuple(t.shape)}")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (B, Hq, Sq):
+        raise InputValueError(f"fastattn: {op}: lse must be float32 {(B, Hq, Sq)}, got {lse.dtype} "
+                              f"{tuple(lse.shape)}")
+
+
 def _check_acc(q, k, v, acc):
     for name, t, like, of in zip(("dq_acc", "dk_acc", "dv_acc"), acc, (q, k, v), "qkv"):
         def need(ok, msg):
@@ -202,6 +214,7 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     op_name = "triton_bwd" if acc is None else "triton_bwd_acc"
     has_start = _check_blocks(op_name, q, k, cu_q, cu_k, br, q_start, k_start)
+    _check_grad_io(op_name, dout, q, v, out, lse)
     if acc is None:
         dq = _poison(torch.empty_like(q))
         dk = _poison(torch.empty_like(k))
