@@ -5,6 +5,11 @@ elements however the call is split. On CPU the kernels run through TRITON_INTERP
 
 The merge here is a small test-local copy of the safe formula (fastattn/blocks.py merge_ is the library's), so these
 tests depend on the kernels only."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -414,3 +419,31 @@ def test_bad_block_arguments_name_the_argument(op):
     with pytest.raises(InputValueError, match="triton_bwd_acc: out must be torch.float32"):
         out = out.half()
         bwd(z(q), z(k), z(v))
+
+
+_BAD_VALUES = textwrap.dedent("""
+    import torch
+    from fastattn.backends.triton.kernels import op
+    check = op._check_blocks
+    op._check_blocks = lambda *a: check(*a[:-2], None, None) or True  # keep the checks, not the values (GPU-like)
+    T = lambda *x: torch.tensor(x, dtype=torch.int32)
+    q, alibi = torch.randn(2, 1, 24, 16), torch.rand(1)
+    for qs, ks in ((T(-5, 2**31 - 1), T(2**31 - 1, -2**31)), (T(-2**31, 0), T(2**31 - 1, 2**31 - 1))):
+        for wl, wr, p in ((3, 5, 0.2), (2**31 - 1, 2**31 - 1, 0.0)):
+            out, lse = op.launch_fwd(q, q, q, None, None, None, 0, 0, 0.25, wl, wr, False, 0.0, alibi, p, 1, 2, qs, ks)
+            g = op.launch_bwd(out, q, q, q, out, lse, None, None, None, 0, 0, 0.25, wl, wr, False, 0.0, alibi, p, 1,
+                              2, qs, ks)
+            assert all(torch.isfinite(t).all() for t in (out, *g))
+    print("ok")
+""")
+
+
+def test_bad_start_values_only_shift_masks():
+    """On GPUs q_start/k_start values are not read on the host: any int32 values must give finite results, never
+    accesses outside the tensors (a subprocess: an out-of-bounds access through the interpreter could crash)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _BAD_VALUES], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, f"exit code {proc.returncode}:\n{proc.stderr[-3000:]}"
