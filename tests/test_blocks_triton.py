@@ -73,14 +73,15 @@ def oracle(q, k, v, qpos, kpos, *, scale, window=(-1, -1), alibi=None, softcap=0
         bias = -alibi.double().view(1, -1, 1, 1) * d.abs().double()  # (1, Hq, Sq, Sk)
     bias = bias.masked_fill(~vis, float("-inf"))
     if kpad is not None:
-        bias = bias + torch.zeros(kpad.shape, dtype=torch.float64).masked_fill(~kpad, float("-inf"))[:, None, None]
+        pad = torch.zeros(kpad.shape, dtype=torch.float64, device=kpad.device).masked_fill(~kpad, float("-inf"))
+        bias = bias + pad[:, None, None]  # (B, Sk) -> (B, 1, 1, Sk)
     return oracle_attention(q, k, v, scale=scale, mask=bias, softcap=softcap, dropout_mask=keep,
                             dropout_p=dropout_p, dtype=dtype)
 
 
 def oracle_lse(q, k, qpos, kpos, *, scale, window=(-1, -1), alibi=None, kpad=None):
     Hq = q.shape[1]
-    kk = k.double()[:, torch.arange(Hq) // (Hq // k.shape[1])]
+    kk = k.double()[:, torch.arange(Hq, device=k.device) // (Hq // k.shape[1])]
     s = torch.einsum("bhid,bhjd->bhij", q.double(), kk) * scale
     d = kpos.view(1, -1) - qpos.view(-1, 1)
     if alibi is not None:
@@ -169,7 +170,7 @@ def test_blocks_merge_to_the_unsplit_call_and_the_oracle(op, case, dtype):
     atol = 2e-6 if dtype == torch.float32 else 2 * EPS[dtype] * float(out_u32.abs().max())
     torch.testing.assert_close(out_b, out_u32, rtol=0, atol=atol)
     torch.testing.assert_close(lse_b, lse_u32, rtol=2e-6, atol=2e-6)
-    qpos, kpos = torch.arange(Sq) + q0, torch.arange(Sk) + k0
+    qpos, kpos = torch.arange(Sq, device=DEV) + q0, torch.arange(Sk, device=DEV) + k0
     kw = dict(scale=scale, window=(wl, wr), alibi=alibi, softcap=softcap, kpad=kpad)
     ref = oracle(q, k, v, qpos, kpos, **kw)
     base = oracle(q, k, v, qpos, kpos, dtype=dtype, **kw) if dtype != torch.float32 else None
@@ -265,10 +266,10 @@ def test_far_offsets_windows_and_tile_skipping(op, q0, k0, window):
     stats = torch.zeros(2, dtype=torch.int32, device=DEV)
     out, lse = op.launch_fwd(q, k, v, None, None, None, 0, 0, 0.25, wl, wr, False, 0.0, None, 0.0, 0, 0, i32(q0),
                              i32(k0), True, blocks=(BM, BN), stats=stats)
-    qpos, kpos = torch.arange(Sq) + q0, torch.arange(Sk) + k0
+    qpos, kpos = torch.arange(Sq, device=DEV) + q0, torch.arange(Sk, device=DEV) + k0
     win = tuple(-1 if w >= 2 ** 31 else w for w in window)
     d = kpos.view(1, -1) - qpos.view(-1, 1)
-    vis = torch.ones(Sq, Sk, dtype=torch.bool)
+    vis = torch.ones(Sq, Sk, dtype=torch.bool, device=DEV)
     if win[0] >= 0:
         vis &= d >= -win[0]
     if win[1] >= 0:
@@ -308,7 +309,7 @@ def test_varlen_per_sequence_offsets(op):
                           0, qs, ks)
     for n, ((a, b), (q0, k0)) in enumerate(zip(lens, starts)):
         sq, sk = slice(int(cu_q[n]), int(cu_q[n + 1])), slice(int(cu_k[n]), int(cu_k[n + 1]))
-        qpos, kpos = torch.arange(a) + q0, torch.arange(b) + k0
+        qpos, kpos = torch.arange(a, device=DEV) + q0, torch.arange(b, device=DEV) + k0
         leaves = [t.detach().double().requires_grad_() for t in (q[:, :, sq], k[:, :, sk], v[:, :, sk])]
         ref = oracle(*leaves, qpos, kpos, scale=0.25, window=(wl, wr), alibi=alibi)
         assert_rule(f"out[{n}]", out[:, :, sq], ref, None, torch.float32)
@@ -336,7 +337,7 @@ def test_dropout_same_mask_however_split(op):
     out_b, lse_b = block_forward(op, q, k, v, q0, k0, 2, 2, blocks=(16, 16), **kw)
     keep_u, keep_b = out_u != 0, out_b != 0
     assert torch.equal(keep_b, keep_u), f"{int((keep_b != keep_u).sum())} keep decisions differ between splits"
-    qpos, kpos = torch.arange(Sq) + q0, torch.arange(Sk) + k0
+    qpos, kpos = torch.arange(Sq, device=DEV) + q0, torch.arange(Sk, device=DEV) + k0
     vis = (kpos.view(1, -1) <= qpos.view(-1, 1)) & (kpos.view(1, -1) >= qpos.view(-1, 1) - 25)
     rate = float(keep_u[..., vis].float().mean())
     assert abs(rate - (1 - p)) < 0.05, rate
