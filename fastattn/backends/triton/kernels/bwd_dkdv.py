@@ -69,7 +69,10 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart
                   ALIBI: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, HAS_START: tl.constexpr, ACCUMULATE: tl.constexpr, DEBUG: tl.constexpr):
     """HAS_START: block call (QStart/KStart, see common.py). ACCUMULATE: DK/DV are float32 accumulators that the
-    block's dK/dV are added to, unrounded (each element belongs to one program: no race)."""
+    block's dK/dV are added to, unrounded. Each element has one writer (this program), so the add is one exact
+    round-to-nearest fp32 addition in a fixed order (deterministic); it is issued as a relaxed atomic add (red.add:
+    no loaded accumulator tile in registers, where a load-add-store spilled at D=128 on sm_90; like every PTX f32
+    atomic it flushes subnormals to zero)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_kv_heads
@@ -140,9 +143,9 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart
                    + offs_dv[None, :])
         dk_mask = nmask & (offs_d[None, :] < HEAD_D)
         dv_mask = nmask & (offs_dv[None, :] < HEAD_DV)
-        if ACCUMULATE:  # one accumulator tile at a time: dK, dV and both loaded tiles would not fit in registers
-            dk += tl.load(DK_ptrs, mask=dk_mask, other=0.0)
-        tl.store(DK_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
-        if ACCUMULATE:
-            dv += tl.load(DV_ptrs, mask=dv_mask, other=0.0)
-        tl.store(DV_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)
+        if ACCUMULATE:  # see attn_bwd_dkdv's docstring
+            tl.atomic_add(DK_ptrs, dk, mask=dk_mask, sem="relaxed")
+            tl.atomic_add(DV_ptrs, dv, mask=dv_mask, sem="relaxed")
+        else:
+            tl.store(DK_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+            tl.store(DV_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)

@@ -61,7 +61,7 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Bias, Alibi, CuQ, CuK, QStart, KSta
                 BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 HAS_START: tl.constexpr, ACCUMULATE: tl.constexpr, DEBUG: tl.constexpr):
     """HAS_START: block call (QStart/KStart, see common.py). ACCUMULATE: DQ is a float32 accumulator that the
-    block's dQ is added to, unrounded (each element belongs to one program: no race)."""
+    block's dQ is added to, unrounded, by its single writer (a relaxed atomic add, as in attn_bwd_dkdv)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_heads
@@ -123,6 +123,7 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Bias, Alibi, CuQ, CuK, QStart, KSta
         DQ_ptrs = (DQ + bb64 * stride_dqb + h64 * stride_dqh + qs * stride_dqm + offs_m[:, None] * stride_dqm
                    + offs_d[None, :])
         dq_mask = rmask & (offs_d[None, :] < HEAD_D)
-        if ACCUMULATE:
-            dq += tl.load(DQ_ptrs, mask=dq_mask, other=0.0)
-        tl.store(DQ_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
+        if ACCUMULATE:  # one writer per element: an exact, deterministic add (see attn_bwd_dkdv)
+            tl.atomic_add(DQ_ptrs, dq, mask=dq_mask, sem="relaxed")
+        else:
+            tl.store(DQ_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
