@@ -417,6 +417,16 @@ def test_bad_block_arguments_name_the_argument(op):
         bwd(z(q), torch.zeros(2, 2, 9, 16, device=DEV), z(v))
     with pytest.raises(InputValueError, match="dv_acc must have stride 1 on the last dim"):
         bwd(z(q), z(k), torch.zeros(2, 2, 16, 8, device=DEV).transpose(-1, -2))
+    with pytest.raises(InputValueError, match="dk_acc must not have elements sharing memory"):
+        bwd(z(q), torch.zeros(2, 1, 8, 16, device=DEV).expand(2, 2, 8, 16), z(v))
+    shared = z(q)
+    with pytest.raises(InputValueError, match="dq_acc must not share memory with dv_acc"):
+        bwd(shared, z(k), shared)
+    with pytest.raises(InputValueError, match="dq_acc must not share memory with q"):
+        bwd(q, z(k), z(v))
+    packed = torch.zeros(2, 8, 3, 2, 16, device=DEV)  # (B, S, 3, H, D): interleaved, not overlapping
+    g = bwd(*(packed[:, :, i].transpose(1, 2) for i in range(3)))
+    assert all(torch.equal(a, b) for a, b in zip(g, bwd(z(q), z(k), z(v))))
     with pytest.raises(InputValueError, match="triton_bwd_acc: out must be torch.float32"):
         out = out.half()
         bwd(z(q), z(k), z(v))

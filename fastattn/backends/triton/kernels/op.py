@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 import triton
+from torch._subclasses import fake_tensor
 
 from . import configs as C
 from ....ops import autograd_pair
@@ -191,7 +192,20 @@ def _check_grad_io(op, dout, q, v, out, lse):
                               f"{tuple(lse.shape)}")
 
 
-def _check_acc(q, k, v, acc):
+def _dense_span(t: torch.Tensor):
+    """(first byte, end byte) of a tensor whose elements fill its span exactly (non-overlapping and dense, as
+    at::get_overlap_status requires before it compares two tensors), else None."""
+    if t.numel() == 0 or any(st < 0 for st in t.stride()):
+        return None
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return (t.data_ptr(), t.data_ptr() + extent * t.element_size()) if extent == t.numel() else None
+
+
+def _check_acc(q, k, v, acc, others):
+    """Accumulators: float32, q's/k's/v's shapes, stride 1 on the last dim; as csrc's bwd_acc, no element shared
+    inside one (an expanded tensor) and no memory shared with another argument: each element has one writer that
+    adds into it, and the kernels must not read back what they wrote. others: the other tensor arguments by name."""
+    real = not any(fake_tensor.is_fake(t) for t in acc)  # tracing (triton_op under torch.compile): shapes only
     for name, t, like, of in zip(("dq_acc", "dk_acc", "dv_acc"), acc, (q, k, v), "qkv"):
         def need(ok, msg):
             if not ok:
@@ -200,6 +214,17 @@ def _check_acc(q, k, v, acc):
         need(t.shape == like.shape, f"must have {of}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
         need(t.device == like.device, f"is on {t.device}, {of} on {like.device}")
         need(t.stride(-1) == 1 or t.shape[-1] <= 1, f"must have stride 1 on the last dim, got strides {t.stride()}")
+        if not real:
+            continue
+        need(torch._debug_has_internal_overlap(t) != 1,
+             f"must not have elements sharing memory (e.g. an expanded tensor), got strides {t.stride()}")
+        span = _dense_span(t)
+        for other_name, o in list(zip(("dq_acc", "dk_acc", "dv_acc"), acc)) + list(others.items()):
+            if o is None or other_name == name:
+                continue
+            other = _dense_span(o)
+            need(span is None or other is None or span[1] <= other[0] or other[1] <= span[0],
+                 f"must not share memory with {other_name}")
 
 
 def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softcap, alibi,
@@ -220,7 +245,7 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
         dk = _poison(torch.empty_like(k))
         dv = _poison(torch.empty_like(v))
     else:
-        _check_acc(q, k, v, acc)
+        _check_acc(q, k, v, acc, dict(q=q, k=k, v=v, dout=dout, out=out, lse=lse))
         dq, dk, dv = acc
     if Sq == 0 or Sk == 0:
         return (dq.zero_(), dk.zero_(), dv.zero_()) if acc is None else acc
