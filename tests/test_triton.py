@@ -66,6 +66,7 @@ SKIP_CASES = [  # (Sq, Sk, window_left, window_right, bottom_right)
     (96, 96, 20, 0, True),     # sliding window (left)
     (80, 112, 9, 17, True),    # window both sides
     (64, 64, 2, 1, False),     # narrow band around the diagonal
+    (100, 40, 5, -1, False),   # left window only, top-left, Sq > Sk: rows past 44 see nothing (no tile visited)
 ]
 
 

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cap,variant", [(90, "fp16"), (80, "bf16-all-features"), (90, "fp32-bias-debug")])
+@pytest.mark.parametrize("cap,variant", [(90, "fp16"), (80, "bf16-all-features"), (90, "fp32-bias-debug"),
+                                         (90, "bf16-block")])
 def test_kernels_compile_for_gpu_targets(cap, variant):
     try:
         import triton  # noqa: F401
@@ -63,12 +64,13 @@ def test_tensor_cores_and_no_spills_at_head_dim_128(tmp_path):
 # The subprocess: builds each kernel's signature from its parameter names and compiles it for the target.
 
 PTRS = {"Q": "q", "K": "q", "V": "q", "Out": "q", "DO": "q", "DK": "q", "DV": "q", "DQ": "q", "Bias": "q",
-        "Lse": "fp32", "Delta": "fp32", "Alibi": "fp32", "CuQ": "i32", "CuK": "i32", "Stats": "i32"}
+        "Lse": "fp32", "Delta": "fp32", "Alibi": "fp32", "CuQ": "i32", "CuK": "i32", "QStart": "i32", "KStart": "i32",
+        "Stats": "i32"}
 FLOATS = {"qk_scale2", "cap_in", "cap_out2", "dropout_p", "scale"}
 I64 = {"seed", "rng_offset"}
 
 
-def _compile(fn, const, dt, cap, none, warps, stages):
+def _compile(fn, const, dt, cap, none, warps, stages, fp32=()):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -78,7 +80,7 @@ def _compile(fn, const, dt, cap, none, warps, stages):
             sig[name] = "constexpr"
             cx[name] = const.get(name)
         elif name in PTRS:
-            sig[name] = "*" + (dt if PTRS[name] == "q" else PTRS[name])
+            sig[name] = "*" + ("fp32" if name in fp32 else dt if PTRS[name] == "q" else PTRS[name])
         else:
             sig[name] = "fp32" if name in FLOATS else ("i64" if name in I64 else "i32")
     t = time.time()
@@ -95,21 +97,28 @@ def _main(cap, variant):
     from fastattn.backends.triton.kernels.fwd import attn_fwd
     base = dict(HEAD_D=80, HEAD_DV=80, BLOCK_D=128, BLOCK_DV=128, IS_VARLEN=False, BOTTOM_RIGHT=True,
                 WINDOW_LEFT=False, WINDOW_RIGHT=True, SOFTCAP=False, ALIBI=False, BIAS=0, DROPOUT=False,
-                PRECISION="tf32", UPCAST=False, DEBUG=False)
-    none = ["Alibi", "CuQ", "CuK", "Stats", "Bias"]
+                PRECISION="tf32", UPCAST=False, HAS_START=False, ACCUMULATE=False, DEBUG=False)
+    none = ["Alibi", "CuQ", "CuK", "QStart", "KStart", "Stats", "Bias"]
+    fp32 = ()
     if variant == "fp16":
         dt, const = "fp16", base
     elif variant == "bf16-all-features":
         dt = "bf16"
         const = dict(base, IS_VARLEN=True, WINDOW_LEFT=True, SOFTCAP=True, ALIBI=True, DROPOUT=True)
+        none = ["QStart", "KStart", "Stats", "Bias"]
+    elif variant == "bf16-block":  # block calls: global offsets (int64 bands), keyed dropout, accumulating backward
+        dt = "bf16"
+        const = dict(base, IS_VARLEN=True, BOTTOM_RIGHT=False, WINDOW_LEFT=True, ALIBI=True, DROPOUT=True,
+                     HAS_START=True, ACCUMULATE=True)
         none = ["Stats", "Bias"]
+        fp32 = ("Out", "DQ", "DK", "DV")  # out_fp32 and the float32 accumulators
     else:
         dt = "fp32"
         const = dict(base, HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64, BIAS=2, DEBUG=True, PRECISION="ieee")
-        none = ["Alibi", "CuQ", "CuK"]
-    _compile(attn_fwd, dict(const, BLOCK_M=128, BLOCK_N=64), dt, cap, none, 8, 3)
-    _compile(attn_bwd_dkdv, dict(const, BLOCK_M=32, BLOCK_N=128), dt, cap, none, 8, 2)
-    _compile(attn_bwd_dq, dict(const, BLOCK_M=64, BLOCK_N=64), dt, cap, none, 4, 2)
+        none = ["Alibi", "CuQ", "CuK", "QStart", "KStart"]
+    _compile(attn_fwd, dict(const, BLOCK_M=128, BLOCK_N=64), dt, cap, none, 8, 3, fp32)
+    _compile(attn_bwd_dkdv, dict(const, BLOCK_M=32, BLOCK_N=128), dt, cap, none, 8, 2, fp32)
+    _compile(attn_bwd_dq, dict(const, BLOCK_M=64, BLOCK_N=64), dt, cap, none, 4, 2, fp32)
     _compile(attn_bwd_preprocess, dict(BLOCK_M=64, BLOCK_DV=128, HEAD_DV=80), dt, cap, [], 4, 1)
 
 

@@ -3,7 +3,12 @@ backward. On CPU tensors they run through Triton's interpreter when TRITON_INTER
 imported (how CI tests them; slow, for testing only).
 
 fp32 inputs use IEEE fp32 dot products (input_precision="ieee"), not TF32, so fp32 meets the 1e-5 rule.
-The backward computes dQ in its own pass (no atomics): it is always deterministic."""
+The backward computes dQ in its own pass (no atomics): it is always deterministic.
+
+Block calls ("block", fastattn/blocks.py): q_start/k_start global positions, fp32 out, and an accumulating
+backward (fastattn::triton_bwd_acc). Dropout there is keyed on (sequence, head, global query and key position), so
+every split of a call into blocks drops the same elements; it is Triton's own stream (not the CPU/CUDA Philox mask),
+and a call without block coordinates keeps its own linear-index stream (a different mask from a block call)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +17,7 @@ import os
 import torch
 
 from ...ops import dropout_seed
-from ...params import AttnParams, DecodeCall
+from ...params import AttnParams, DecodeCall, InputValueError
 from ..base import Backend, DecodeKernel
 
 
@@ -53,7 +58,7 @@ class TritonBackend(Backend):
     head_dims = (16, 256)
     min_capability = (8, 0)  # bf16 tensor cores; tested configs target sm80/sm90
     features = frozenset({"causal", "bottom_right", "window", "mask", "dropout", "gqa", "varlen", "softcap", "alibi",
-                          "grad", "deterministic", "lse", "dv_ne_d"})
+                          "grad", "deterministic", "lse", "dv_ne_d", "block"})
     decode = TritonDecode()
 
     def unavailable(self):
@@ -72,10 +77,29 @@ class TritonBackend(Backend):
     def forward(self, p: AttnParams):
         from .kernels import op  # noqa: F401  (imports triton, registers torch.ops.fastattn.triton_fwd)
         seed, offset = dropout_seed(p)
+        return torch.ops.fastattn.triton_fwd(p.q, p.k, p.v, self._bias(p), p.cu_seqlens_q, p.cu_seqlens_k,
+                                             p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right,
+                                             p.bottom_right, p.softcap, self._alibi(p), p.dropout_p, seed, offset,
+                                             p.deterministic, p.q_start, p.k_start, p.out_fp32)
+
+    def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
+        from .kernels import op  # noqa: F401  (registers torch.ops.fastattn.triton_bwd_acc)
+        if p.dropout_p > 0 and p.rng is None:  # a fresh seed would regenerate a different mask than the forward's
+            raise InputValueError("fastattn: block_backward with dropout needs the forward's rng (seed, offset)")
+        seed, offset = dropout_seed(p)
+        torch.ops.fastattn.triton_bwd_acc(dout, p.q, p.k, p.v, out, lse, self._bias(p), p.cu_seqlens_q,
+                                          p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
+                                          p.window_right, p.bottom_right, p.softcap, self._alibi(p), p.dropout_p,
+                                          seed, offset, p.deterministic, p.q_start, p.k_start, dq_acc, dk_acc,
+                                          dv_acc)
+
+    @staticmethod
+    def _bias(p: AttnParams):
         bias = p.attn_bias
         if bias is not None and bias.stride(-1) != 1 and bias.stride(-1) != 0:
             bias = bias.contiguous()  # rare: a transposed float mask
-        alibi = p.alibi_slopes.contiguous() if p.alibi_slopes is not None else None
-        return torch.ops.fastattn.triton_fwd(p.q, p.k, p.v, bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
-                                             p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
-                                             p.softcap, alibi, p.dropout_p, seed, offset, p.deterministic)
+        return bias
+
+    @staticmethod
+    def _alibi(p: AttnParams):
+        return p.alibi_slopes.contiguous() if p.alibi_slopes is not None else None

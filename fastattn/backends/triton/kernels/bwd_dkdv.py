@@ -4,17 +4,17 @@ Works in the transposed orientation (keys x queries) so dV += P^T dO and dK += d
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dropout_keep, mm, scores, seq_bounds, visible_range
+from .common import LOG2E, block_coords, dropout_keep, mm, scores, seq_bounds, visible_range
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, stride_dom, lo, hi, offs_n,
-                seqlen_q, seqlen_k, off, window_left, window_right, qk_scale2, cap_in, cap_out2, slope2,
-                Bias, stride_bm, stride_bn, seed, rng_base, rng_row_stride, dropout_p, Stats,
+                seqlen_q, seqlen_k, band_lo, band_hi, aoff, qk_scale2, cap_in, cap_out2, slope2,
+                Bias, stride_bm, stride_bn, seed, rng_base, rng_row_stride, q0, k0, dropout_p, Stats,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, DEBUG: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_START: tl.constexpr, DEBUG: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
@@ -27,15 +27,16 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, 
         qt = tl.load(Q_base + offs_m[None, :] * stride_qm + offs_d[:, None], mask=qmask, other=0.0)  # (D, BM)
         lse2 = tl.load(Lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
         qkt = mm(k, qt, PRECISION, UPCAST)  # (BN, BM)
-        st, dcapt = scores(qkt, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, off, window_left,
-                           window_right, qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
+        st, dcapt = scores(qkt, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, band_lo, band_hi, aoff,
+                           qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
                            MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, BIAS)
         pt = tl.exp2(st - lse2[None, :])  # P^T; rows with lse = +inf give 0
         do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=domask, other=0.0)  # (BM, Dv)
         delta = tl.load(Delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
         dpt = mm(v, tl.trans(do), PRECISION, UPCAST)  # (BN, BM)
         if DROPOUT:
-            keep = dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], rng_row_stride, dropout_p)
+            keep = dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], rng_row_stride, q0, k0, dropout_p,
+                                HAS_START)
             inv_keep = 1.0 / (1.0 - dropout_p)
             dv += mm(tl.where(keep, pt * inv_keep, 0.0).to(do.dtype), do, PRECISION, UPCAST)
             dpt = tl.where(keep, dpt * inv_keep, 0.0)
@@ -54,7 +55,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, 
 
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
-def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, Stats,
+def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart, KStart, Stats,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
                   stride_dvb, stride_dvh, stride_dvn, stride_lb, stride_lh,
@@ -66,23 +67,29 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, Stats,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                   ALIBI: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, DEBUG: tl.constexpr):
+                  UPCAST: tl.constexpr, HAS_START: tl.constexpr, ACCUMULATE: tl.constexpr, DEBUG: tl.constexpr):
+    """HAS_START: block call (QStart/KStart, see common.py). ACCUMULATE: DK/DV are float32 accumulators that the
+    block's dK/dV are added to, unrounded. Each element has one writer (this program), so the add is one exact
+    round-to-nearest fp32 addition in a fixed order (deterministic); it is issued as a relaxed atomic add (red.add:
+    no loaded accumulator tile in registers, where a load-add-store spilled at D=128 on sm_90; like every PTX f32
+    atomic it flushes subnormals to zero)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
-    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k,
-                                                          IS_VARLEN)
+    q_row0, k_row0, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k,
+                                                        IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 < seqlen_k:
         bb64 = bb.to(tl.int64)
         hk64 = hk.to(tl.int64)
-        off = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
+        off, aoff, band_lo, band_hi, q0, k0 = block_coords(QStart, KStart, seq, seqlen_q, seqlen_k, window_left,
+                                                           window_right, HAS_START, BOTTOM_RIGHT)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         nmask = offs_n[:, None] < seqlen_k
-        ks = k_start.to(tl.int64)
+        ks = k_row0.to(tl.int64)
         k = tl.load(K + bb64 * stride_kb + hk64 * stride_kh + ks * stride_kn + offs_n[:, None] * stride_kn
                     + offs_d[None, :], mask=nmask & (offs_d[None, :] < HEAD_D), other=0.0)
         v = tl.load(V + bb64 * stride_vb + hk64 * stride_vh + ks * stride_vn + offs_n[:, None] * stride_vn
@@ -93,8 +100,8 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, Stats,
         # Query rows that see these keys: the forward's rule with queries and keys swapped (off -> -off, the
         # left and right windows exchanged).
         lo, full_lo, full_hi, hi = visible_range(n0, col_end, seqlen_q, -off, window_right, window_left,
-                                                 WINDOW_RIGHT, WINDOW_LEFT, BLOCK_M)
-        qs = q_start.to(tl.int64)
+                                                 WINDOW_RIGHT, WINDOW_LEFT, BLOCK_M, HAS_START)
+        qs = q_row0.to(tl.int64)
         for g in range(0, head_ratio):  # the query heads sharing this kv head
             h64 = hk64 * head_ratio + g
             Q_base = Q + bb64 * stride_qb + h64 * stride_qh + qs * stride_qm
@@ -107,27 +114,38 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, Stats,
             Bias_base = Bias
             if BIAS > 0:
                 Bias_base = Bias + bb64 * stride_bb + h64 * stride_bh
-            rng_base = rng_offset + ((bb64 * num_heads + h64) * rows_q + qs) * rows_k + ks
+            if HAS_START:  # keyed on (sequence, head, positions): see dropout_keep
+                rng_base = rng_offset + seq.to(tl.int64) * num_heads + h64
+            else:
+                rng_base = rng_offset + ((bb64 * num_heads + h64) * rows_q + qs) * rows_k + ks
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, stride_dom,
-                                 lo, full_lo, offs_n, seqlen_q, seqlen_k, off, window_left, window_right,
+                                 lo, full_lo, offs_n, seqlen_q, seqlen_k, band_lo, band_hi, aoff,
                                  qk_scale2, cap_in, cap_out2, slope2, Bias_base, stride_bm, stride_bn,
-                                 seed, rng_base, rows_k, dropout_p, Stats,
+                                 seed, rng_base, rows_k, q0, k0, dropout_p, Stats,
                                  True, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, WINDOW_LEFT, WINDOW_RIGHT,
-                                 SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, DEBUG)
+                                 SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, HAS_START, DEBUG)
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, stride_dom,
-                                 full_lo, full_hi, offs_n, seqlen_q, seqlen_k, off, window_left, window_right,
+                                 full_lo, full_hi, offs_n, seqlen_q, seqlen_k, band_lo, band_hi, aoff,
                                  qk_scale2, cap_in, cap_out2, slope2, Bias_base, stride_bm, stride_bn,
-                                 seed, rng_base, rows_k, dropout_p, Stats,
+                                 seed, rng_base, rows_k, q0, k0, dropout_p, Stats,
                                  False, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, WINDOW_LEFT, WINDOW_RIGHT,
-                                 SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, DEBUG)
+                                 SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, HAS_START, DEBUG)
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, stride_dom,
-                                 full_hi, hi, offs_n, seqlen_q, seqlen_k, off, window_left, window_right,
+                                 full_hi, hi, offs_n, seqlen_q, seqlen_k, band_lo, band_hi, aoff,
                                  qk_scale2, cap_in, cap_out2, slope2, Bias_base, stride_bm, stride_bn,
-                                 seed, rng_base, rows_k, dropout_p, Stats,
+                                 seed, rng_base, rows_k, q0, k0, dropout_p, Stats,
                                  True, BLOCK_M, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, WINDOW_LEFT, WINDOW_RIGHT,
-                                 SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, DEBUG)
+                                 SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, HAS_START, DEBUG)
         dk = dk * scale
-        tl.store(DK + bb64 * stride_dkb + hk64 * stride_dkh + ks * stride_dkn + offs_n[:, None] * stride_dkn
-                 + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nmask & (offs_d[None, :] < HEAD_D))
-        tl.store(DV + bb64 * stride_dvb + hk64 * stride_dvh + ks * stride_dvn + offs_n[:, None] * stride_dvn
-                 + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=nmask & (offs_dv[None, :] < HEAD_DV))
+        DK_ptrs = (DK + bb64 * stride_dkb + hk64 * stride_dkh + ks * stride_dkn + offs_n[:, None] * stride_dkn
+                   + offs_d[None, :])
+        DV_ptrs = (DV + bb64 * stride_dvb + hk64 * stride_dvh + ks * stride_dvn + offs_n[:, None] * stride_dvn
+                   + offs_dv[None, :])
+        dk_mask = nmask & (offs_d[None, :] < HEAD_D)
+        dv_mask = nmask & (offs_dv[None, :] < HEAD_DV)
+        if ACCUMULATE:  # see attn_bwd_dkdv's docstring
+            tl.atomic_add(DK_ptrs, dk, mask=dk_mask, sem="relaxed")
+            tl.atomic_add(DV_ptrs, dv, mask=dv_mask, sem="relaxed")
+        else:
+            tl.store(DK_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+            tl.store(DV_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)

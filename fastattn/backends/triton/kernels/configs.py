@@ -18,7 +18,7 @@ INTERP_DQ = dict(BLOCK_M=32, BLOCK_N=32)
 PRE_BLOCK_M = 64  # backward preprocess rows per program
 
 KEY = ["BUCKET_Q", "BUCKET_K", "HEAD_D", "HEAD_DV", "IS_VARLEN", "BOTTOM_RIGHT", "WINDOW_LEFT", "WINDOW_RIGHT",
-       "SOFTCAP", "ALIBI", "BIAS", "DROPOUT", "PRECISION"]
+       "SOFTCAP", "ALIBI", "BIAS", "DROPOUT", "PRECISION", "HAS_START"]
 
 
 def bucket(n: int) -> int:

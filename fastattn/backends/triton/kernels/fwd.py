@@ -5,17 +5,17 @@ middle (no mask work at all) and the right band + sequence tail (masked); invisi
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dropout_keep, mm, scores, seq_bounds, visible_range
+from .common import LN2, LOG2E, block_coords, dropout_keep, mm, scores, seq_bounds, visible_range
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, offs_m, seqlen_q, seqlen_k, off,
-               window_left, window_right, qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
-               seed, rng_base, rng_row_stride, dropout_p, Stats,
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, offs_m, seqlen_q, seqlen_k,
+               band_lo, band_hi, aoff, qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
+               seed, rng_base, rng_row_stride, q0, k0, dropout_p, Stats,
                MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, DEBUG: tl.constexpr):
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_START: tl.constexpr, DEBUG: tl.constexpr):
     """Online softmax over key blocks [lo, hi): carries (acc, l_i, m_i) — unnormalised output, row sum, row max
     (log2 units). MASK=False blocks are fully visible and inside the sequence: no bound or visibility masks."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -29,7 +29,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, o
             vmask = vmask & (offs_n[:, None] < seqlen_k)
         kt = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kmask, other=0.0)  # (D, BN)
         qk = mm(q, kt, PRECISION, UPCAST)
-        s, _ = scores(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, off, window_left, window_right,
+        s, _ = scores(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, band_lo, band_hi, aoff,
                       qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
                       MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, BIAS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -42,7 +42,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, o
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # l_i keeps the undropped sum; 1 / (1 - p) is applied once at the end
-            keep = dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], rng_row_stride, dropout_p)
+            keep = dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], rng_row_stride, q0, k0, dropout_p,
+                                HAS_START)
             p = tl.where(keep, p, 0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=vmask, other=0.0)  # (BN, Dv)
         acc += mm(p.to(v.dtype), v, PRECISION, UPCAST)
@@ -56,7 +57,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, o
 
 
 @triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
-def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
+def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, QStart, KStart, Stats,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
              stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
@@ -67,26 +68,29 @@ def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
              BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-             DEBUG: tl.constexpr):
-    """BUCKET_Q/BUCKET_K (next powers of two of the lengths) only feed the autotune key."""
+             HAS_START: tl.constexpr, DEBUG: tl.constexpr):
+    """BUCKET_Q/BUCKET_K (next powers of two of the lengths) only feed the autotune key. HAS_START: block call,
+    QStart/KStart (int32 (N,)) hold the global positions of each sequence's first query and key (common.py); out
+    may then be float32 (out_fp32), which the store below writes unrounded."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_heads  # batch index, or sequence index for varlen
     h = pid_bh % num_heads
-    q_start, k_start, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k,
-                                                          IS_VARLEN)
+    q_row0, k_row0, seqlen_q, seqlen_k, bb = seq_bounds(CuQ, CuK, seq, seqlen_q_arg, seqlen_k_arg, rows_q, rows_k,
+                                                        IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen_q:
         bb64 = bb.to(tl.int64)
         h64 = h.to(tl.int64)
         hk64 = (h // head_ratio).to(tl.int64)
-        off = seqlen_k - seqlen_q if BOTTOM_RIGHT else seqlen_k * 0
+        off, aoff, band_lo, band_hi, q0, k0 = block_coords(QStart, KStart, seq, seqlen_q, seqlen_k, window_left,
+                                                           window_right, HAS_START, BOTTOM_RIGHT)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        Q_base = Q + bb64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qm
-        K_base = K + bb64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kn
-        V_base = V + bb64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vn
+        Q_base = Q + bb64 * stride_qb + h64 * stride_qh + q_row0.to(tl.int64) * stride_qm
+        K_base = K + bb64 * stride_kb + hk64 * stride_kh + k_row0.to(tl.int64) * stride_kn
+        V_base = V + bb64 * stride_vb + hk64 * stride_vh + k_row0.to(tl.int64) * stride_vn
         q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_D), other=0.0)
         slope2 = 0.0
@@ -95,29 +99,35 @@ def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
         Bias_base = Bias
         if BIAS > 0:
             Bias_base = Bias + bb64 * stride_bb + h64 * stride_bh
-        rng_base = rng_offset + ((bb64 * num_heads + h64) * rows_q + q_start) * rows_k + k_start
+        if HAS_START:  # keyed on (sequence, head, positions): see dropout_keep
+            rng_base = rng_offset + seq.to(tl.int64) * num_heads + h64
+        else:
+            rng_base = rng_offset + ((bb64 * num_heads + h64) * rows_q + q_row0) * rows_k + k_row0
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_end = tl.minimum(m0 + BLOCK_M, seqlen_q)
         lo, full_lo, full_hi, hi = visible_range(m0, row_end, seqlen_k, off, window_left, window_right,
-                                                 WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N)
+                                                 WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N, HAS_START)
         # masked left band, unmasked middle, masked right band and tail
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m,
-                                   seqlen_q, seqlen_k, off, window_left, window_right, qk_scale2, cap_in, cap_out2,
-                                   slope2, Bias_base, stride_bm, stride_bn, seed, rng_base, rows_k, dropout_p, Stats,
+                                   seqlen_q, seqlen_k, band_lo, band_hi, aoff, qk_scale2, cap_in, cap_out2,
+                                   slope2, Bias_base, stride_bm, stride_bn, seed, rng_base, rows_k, q0, k0, dropout_p,
+                                   Stats,
                                    True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, WINDOW_LEFT, WINDOW_RIGHT,
-                                   SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, DEBUG)
+                                   SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, HAS_START, DEBUG)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
-                                   seqlen_q, seqlen_k, off, window_left, window_right, qk_scale2, cap_in, cap_out2,
-                                   slope2, Bias_base, stride_bm, stride_bn, seed, rng_base, rows_k, dropout_p, Stats,
+                                   seqlen_q, seqlen_k, band_lo, band_hi, aoff, qk_scale2, cap_in, cap_out2,
+                                   slope2, Bias_base, stride_bm, stride_bn, seed, rng_base, rows_k, q0, k0, dropout_p,
+                                   Stats,
                                    False, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, WINDOW_LEFT, WINDOW_RIGHT,
-                                   SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, DEBUG)
+                                   SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, HAS_START, DEBUG)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m,
-                                   seqlen_q, seqlen_k, off, window_left, window_right, qk_scale2, cap_in, cap_out2,
-                                   slope2, Bias_base, stride_bm, stride_bn, seed, rng_base, rows_k, dropout_p, Stats,
+                                   seqlen_q, seqlen_k, band_lo, band_hi, aoff, qk_scale2, cap_in, cap_out2,
+                                   slope2, Bias_base, stride_bm, stride_bn, seed, rng_base, rows_k, q0, k0, dropout_p,
+                                   Stats,
                                    True, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_D, HEAD_DV, WINDOW_LEFT, WINDOW_RIGHT,
-                                   SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, DEBUG)
+                                   SOFTCAP, ALIBI, BIAS, DROPOUT, PRECISION, UPCAST, HAS_START, DEBUG)
         # rows with no visible key: out = 0, lse = +inf (the backward's exp(s - lse) is then 0)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -126,7 +136,7 @@ def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, Stats,
             out = out * (1.0 / (1.0 - dropout_p))
         lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
         rmask = offs_m < seqlen_q
-        O_base = Out + bb64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_om
+        O_base = Out + bb64 * stride_ob + h64 * stride_oh + q_row0.to(tl.int64) * stride_om
         tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
                  mask=rmask[:, None] & (offs_dv[None, :] < HEAD_DV))
-        tl.store(Lse + bb64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=rmask)
+        tl.store(Lse + bb64 * stride_lb + h64 * stride_lh + q_row0 + offs_m, lse, mask=rmask)
