@@ -47,8 +47,8 @@ inline void finish_output(at::Tensor& out, const at::Tensor& buf) {
   if (!buf.is_same(out)) out.copy_(buf.narrow(3, 0, out.size(3)));
 }
 
-// out_fp32: float32 out in q's memory order (as alloc_out_like_q in csrc/common.h does for q.dtype).
-inline at::Tensor alloc_out_like_q(const at::Tensor& q, int64_t dv, at::ScalarType dtype) {
+// fwd's out (B, H, S, Dv) in dtype (q's, or float32 for out_fp32), laid out like alloc_out_like_q (csrc/common.h).
+inline at::Tensor alloc_out(const at::Tensor& q, int64_t dv, at::ScalarType dtype) {
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
   const at::TensorOptions opts = q.options().dtype(dtype);
   if (q.stride(1) < q.stride(2)) return alloc_output({B, S, H, dv}, opts).transpose(1, 2);  // BSHD -> (B, H, S, Dv)
@@ -229,7 +229,7 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
              bottom_right, q_start, k_start, device_type, device_checked);
   plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
-  plan.out = out_fp32 ? alloc_out_like_q(q, v.size(3), at::kFloat) : alloc_out_like_q(q, v.size(3));
+  plan.out = alloc_out(q, v.size(3), out_fp32 ? at::kFloat : q.scalar_type());
   p.out_fp32 = out_fp32;
   plan.lse = alloc_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (plan.out.numel() == 0) return plan;
