@@ -1,6 +1,6 @@
-// fastattn::bwd's and bwd_acc's CUDA kernels (csrc/cuda/bwd_kernel.cuh: delta, dK/dV, dQ) run on the CPU by the emulator (emu.h),
-// with the parameters planned by the same host code as the CUDA op (csrc/cuda/attn_host.h) and launched with its
-// geometry (launch_bwd).
+// fastattn::bwd's and bwd_acc's CUDA kernels (csrc/cuda/bwd_kernel.cuh: delta, dK/dV, dQ) run on the CPU by the
+// emulator (emu.h), with the parameters planned by the same host code as the CUDA op (csrc/cuda/attn_host.h) and
+// launched with its geometry (launch_bwd).
 #include <ATen/ATen.h>
 
 #include <limits>
