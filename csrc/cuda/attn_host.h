@@ -1,4 +1,4 @@
-// Host side of fastattn::fwd / fastattn::bwd on CUDA, free of CUDA runtime calls: argument checks, the kernels'
+// Host side of fastattn::fwd / bwd / bwd_acc on CUDA, free of CUDA runtime calls: argument checks, the kernels'
 // layout requirements (padding and copy-back), dropout constants and the parameter structs. attention_cuda.cpp adds
 // the device parts (compute capability, guard, stream, launch); tests/cuda_emu runs the same kernels on the CPU from
 // the same plan (device_type = CPU), so both see identical parameters.
