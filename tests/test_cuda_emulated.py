@@ -6,56 +6,14 @@ layouts are really run here, without a GPU; divergent warp collectives, __syncth
 reaches, reads of unwritten shared memory (poisoned with NaN bytes before every block) and cp.async reads outside
 the input tensors fail loudly. What it cannot show: timing-dependent races between warps beyond the two schedules
 tried here, and the tensor cores' exact summation order (fp32 here)."""
-import functools
-import glob
-import os
-import shutil
-import tempfile
-
 import pytest
 import torch
 
 from support.cases import _oracle_lse
+from support.cuda_emu import emu, needs_cuda_headers
 from support.oracle import assert_rule, lse_reference, oracle_attention
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
-
-
-def _cuda_include():
-    """The CUDA toolkit's include dir (cuda_fp16.h / cuda_bf16.h / cuda_runtime.h), found like setup.py finds
-    CUDA_HOME, without needing nvcc: only the headers are used."""
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in cands:
-        if c and all(os.path.exists(os.path.join(c, "include", h)) for h in ("cuda_runtime.h", "cuda_fp16.h",
-                                                                             "cuda_bf16.h")):
-            return os.path.join(c, "include")
-    return None
-
-
-CUDA_INCLUDE = _cuda_include()
-pytestmark = pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA toolkit headers (cuda_runtime.h, cuda_fp16.h, "
-                                "cuda_bf16.h) not found: set CUDA_HOME; the emulated kernels compile against them")
-
-
-@functools.lru_cache(maxsize=None)
-def emu():
-    """The emulated kernels, JIT-built once per source change (cached under the temp dir, ~1-3 min cold)."""
-    from torch.utils import cpp_extension
-    build = os.environ.get("FASTATTN_CUDA_EMU_BUILD",
-                           os.path.join(tempfile.gettempdir(), f"fastattn_cuda_emu_{os.getuid()}"))
-    os.makedirs(build, exist_ok=True)
-    sources = [os.path.join(EMU, f) for f in ("bind.cpp", "decode_emu.cpp", "fwd_emu.cpp", "bwd_emu.cpp")]
-    return cpp_extension.load(
-        name="fastattn_cuda_emu", sources=sources, build_directory=build,
-        extra_include_paths=[os.path.join(ROOT, "csrc"), EMU, CUDA_INCLUDE],
-        # -fno-strict-aliasing: the kernels type-pun registers through reinterpret_cast as CUDA code does (nvcc
-        # does not exploit it; g++ -O2 would, e.g. reading bwd_delta_kernel's uint4 as __half gave zeros)
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-DFASTATTN_CUDA_EMULATE"], verbose=False)
+pytestmark = needs_cuda_headers
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-// Host side of fastattn::fwd / fastattn::bwd on CUDA, free of CUDA runtime calls: argument checks, the kernels'
+// Host side of fastattn::fwd / bwd / bwd_acc on CUDA, free of CUDA runtime calls: argument checks, the kernels'
 // layout requirements (padding and copy-back), dropout constants and the parameter structs. attention_cuda.cpp adds
 // the device parts (compute capability, guard, stream, launch); tests/cuda_emu runs the same kernels on the CPU from
 // the same plan (device_type = CPU), so both see identical parameters.
@@ -47,6 +47,38 @@ inline void finish_output(at::Tensor& out, const at::Tensor& buf) {
   if (!buf.is_same(out)) out.copy_(buf.narrow(3, 0, out.size(3)));
 }
 
+// fwd's out (B, H, S, Dv) in dtype (q's, or float32 for out_fp32), laid out like alloc_out_like_q (csrc/common.h).
+inline at::Tensor alloc_out(const at::Tensor& q, int64_t dv, at::ScalarType dtype) {
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
+  const at::TensorOptions opts = q.options().dtype(dtype);
+  if (q.stride(1) < q.stride(2)) return alloc_output({B, S, H, dv}, opts).transpose(1, 2);  // BSHD -> (B, H, S, Dv)
+  return alloc_output({B, H, S, dv}, opts);
+}
+
+// bwd_acc's float32 accumulators, added into by the kernels.
+struct AccTensors {
+  at::Tensor dq, dk, dv;
+};
+
+inline void check_acc(const at::Tensor& acc, const at::Tensor& like, const char* name, const char* like_name) {
+  FA_CHECK(acc.scalar_type() == at::kFloat, name, " must be float32, got ", acc.scalar_type());
+  FA_CHECK(acc.sizes() == like.sizes(), name, " must have ", like_name, "'s shape ", like.sizes(), ", got ",
+           acc.sizes());
+  FA_CHECK(acc.device() == like.device(), name, " must be on ", like.device(), ", got ", acc.device());
+  FA_CHECK(acc.size(3) <= 1 || acc.stride(3) == 1, name, " must have stride 1 on the last dim, got strides ",
+           acc.strides());
+}
+
+// Kernel-side accumulator: acc itself when the kernels can add into it in place (the layout kernel_ready asks), else
+// a zeroed contiguous (B, H, S, round8(D)) buffer that finish_acc adds back.
+inline at::Tensor acc_output(const at::Tensor& acc) {
+  if (kernel_ready(acc)) return acc;
+  return at::zeros({acc.size(0), acc.size(1), acc.size(2), round8(acc.size(3))}, acc.options());
+}
+inline void finish_acc(at::Tensor& acc, const at::Tensor& buf) {
+  if (!buf.is_same(acc)) acc.add_(buf.narrow(3, 0, acc.size(3)));
+}
+
 inline TensorRef ref(const at::Tensor& t) { return TensorRef{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 inline at::Tensor empty_like_poisoned(const at::Tensor& t) {
@@ -74,6 +106,23 @@ inline bool fill_dropout(DropoutParams& d, double dropout_p, int64_t seed, int64
   return pf > 0.f;
 }
 
+// q_start/k_start (block coordinates): both or neither, int32 (n_seq,) contiguous on q's device, bottom_right false.
+// Their values are not read here (no host sync): the kernels use them only to shift the mask and key the dropout
+// counters, never as addresses, so any values are memory-safe.
+inline void check_block_coords(const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
+                               int64_t n_seq, const at::Device& device, bool bottom_right) {
+  FA_CHECK(q_start.has_value() == k_start.has_value(), "q_start and k_start must be given together");
+  if (!q_start) return;
+  FA_CHECK(!bottom_right, "bottom_right must be False with q_start/k_start (their offset replaces the alignment)");
+  for (const auto& [t, name] : {std::pair{&*q_start, "q_start"}, std::pair{&*k_start, "k_start"}}) {
+    FA_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
+    FA_CHECK(t->dim() == 1 && t->numel() == n_seq, name, " must be 1-D of length ", n_seq,
+             " (the batch size, or the number of varlen sequences), got shape ", t->sizes());
+    FA_CHECK(t->device() == device, name, " must be on ", device, ", got ", t->device());
+    FA_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
+  }
+}
+
 // Checks q, k, v (on devices of device_type) and the varlen arguments, and fills the shape part of the params.
 // device_checked() runs once q, k, v are known to be 4-D fp16/bf16 tensors on one device: the CUDA op checks the
 // compute capability and sets up its device guard there.
@@ -81,6 +130,7 @@ template <typename DeviceChecked>
 void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_sq,
                 int64_t max_sk, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
                 at::DeviceType device_type, DeviceChecked&& device_checked) {
   FA_CHECK(q.device().type() == device_type && k.device().type() == device_type && v.device().type() == device_type,
            "q, k, v must be ", c10::DeviceTypeName(device_type), " tensors");
@@ -129,6 +179,7 @@ void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at
   FA_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "sequence lengths must be < 2^31");
   FA_CHECK(window_left >= -1 && window_right >= -1, "window_left/window_right must be >= -1 (-1 = unlimited), got ",
            window_left, ", ", window_right);
+  check_block_coords(q_start, k_start, n_seq, q.device(), bottom_right);
   s.batch = static_cast<int>(n_seq);
   s.h = static_cast<int>(H);
   s.h_kv = static_cast<int>(Hkv);
@@ -142,11 +193,14 @@ void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at
   s.total_k = static_cast<int>(k.size(2));
   s.scale = static_cast<float>(scale);
   s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  // A window wider than both tensors is no window; clamping keeps the kernels' int arithmetic in range.
-  const int64_t wide = q.size(2) + k.size(2) + 1;
+  // A window wider than both tensors is no window; clamping keeps the kernels' int arithmetic in range. With block
+  // coordinates the offset can exceed the lengths, so only a window >= 2^31 (wider than any two positions) is none.
+  const int64_t wide = q_start ? int64_t(1) << 31 : q.size(2) + k.size(2) + 1;
   s.window_left = static_cast<int>(window_left < 0 || window_left >= wide ? -1 : window_left);
   s.window_right = static_cast<int>(window_right < 0 || window_right >= wide ? -1 : window_right);
   s.bottom_right = bottom_right;
+  s.q_start = q_start ? q_start->data_ptr<int>() : nullptr;
+  s.k_start = k_start ? k_start->data_ptr<int>() : nullptr;
 }
 
 // What a fwd call launches: parameters, the outputs, and the kernel-side tensors whose pointers the params hold.
@@ -167,14 +221,16 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                  double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                  const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+                 const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start, bool out_fp32,
                  at::DeviceType device_type, DeviceChecked&& device_checked) {
   check_unsupported(attn_bias, softcap, alibi_slopes);
   FwdPlan plan;
   FwdParams& p = plan.p;
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-             bottom_right, device_type, device_checked);
+             bottom_right, q_start, k_start, device_type, device_checked);
   plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
-  plan.out = alloc_out_like_q(q, v.size(3));
+  plan.out = alloc_out(q, v.size(3), out_fp32 ? at::kFloat : q.scalar_type());
+  p.out_fp32 = out_fp32;
   plan.lse = alloc_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (plan.out.numel() == 0) return plan;
   plan.q = kernel_input(q), plan.k = kernel_input(k), plan.v = kernel_input(v);
@@ -212,12 +268,14 @@ BwdPlan plan_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
                  bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                 int64_t seed, int64_t offset, at::DeviceType device_type, DeviceChecked&& device_checked) {
+                 int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
+                 const std::optional<at::Tensor>& k_start, const AccTensors* acc, at::DeviceType device_type,
+                 DeviceChecked&& device_checked) {
   check_unsupported(attn_bias, softcap, alibi_slopes);
   BwdPlan plan;
   BwdParams& p = plan.p;
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-             bottom_right, device_type, device_checked);
+             bottom_right, q_start, k_start, device_type, device_checked);
   plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
   const auto expect_o = std::vector<int64_t>{q.size(0), q.size(1), q.size(2), v.size(3)};
   FA_CHECK(dout.sizes() == at::IntArrayRef(expect_o) && out.sizes() == at::IntArrayRef(expect_o),
@@ -230,11 +288,23 @@ BwdPlan plan_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
            "lse must be float32 (B, H, Sq) = ", q.sizes().slice(0, 3), ", got ", lse.scalar_type(), " ", lse.sizes());
   FA_CHECK(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
            "dout, out, lse must be on ", q.device());
-  plan.dq = empty_like_poisoned(q), plan.dk = empty_like_poisoned(k), plan.dv = empty_like_poisoned(v);
+  if (acc != nullptr) {
+    check_acc(acc->dq, q, "dq_acc", "q");
+    check_acc(acc->dk, k, "dk_acc", "k");
+    check_acc(acc->dv, v, "dv_acc", "v");
+    plan.dq = acc->dq, plan.dk = acc->dk, plan.dv = acc->dv;
+    p.accumulate = true;
+  } else {
+    plan.dq = empty_like_poisoned(q), plan.dk = empty_like_poisoned(k), plan.dv = empty_like_poisoned(v);
+  }
   if (q.numel() == 0 && k.numel() == 0) return plan;
   plan.q = kernel_input(q), plan.k = kernel_input(k), plan.v = kernel_input(v);
   plan.o = kernel_input(out), plan.dout = kernel_input(dout), plan.lse = lse.contiguous();
-  plan.grad_q = kernel_output(plan.dq), plan.grad_k = kernel_output(plan.dk), plan.grad_v = kernel_output(plan.dv);
+  if (acc != nullptr) {
+    plan.grad_q = acc_output(plan.dq), plan.grad_k = acc_output(plan.dk), plan.grad_v = acc_output(plan.dv);
+  } else {
+    plan.grad_q = kernel_output(plan.dq), plan.grad_k = kernel_output(plan.dk), plan.grad_v = kernel_output(plan.dv);
+  }
   plan.delta = at::empty(plan.lse.sizes(), plan.lse.options());  // contiguous like lse (size-1 dims aside)
   p.q = ref(plan.q);
   p.k = ref(plan.k);
@@ -257,9 +327,10 @@ BwdPlan plan_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
 
 inline void finish(BwdPlan& plan) {
   if (!plan.grad_q.defined()) return;
-  finish_output(plan.dq, plan.grad_q);
-  finish_output(plan.dk, plan.grad_k);
-  finish_output(plan.dv, plan.grad_v);
+  const auto back = plan.p.accumulate ? finish_acc : finish_output;
+  back(plan.dq, plan.grad_q);
+  back(plan.dk, plan.grad_k);
+  back(plan.dv, plan.grad_v);
 }
 
 }  // namespace host

@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_k
     zero(dst);
     gemm_abt<T, kBlockM, kHeadDim, TileKV, TileQ>(dst, sV, key_row0, sdOs, 0, lane);
     if constexpr (kDropout) {  // dS needs the undropped P, so dV waits until dS is formed
-      const uint32_t keep = keep_bits_k_rows<kBlockM / 8>(p.drop, hq, blockIdx.z, n0 + key_row0, m0, lane);
+      const uint32_t keep = keep_bits_k_rows<kBlockM / 8>(p.drop, hq, blockIdx.z, n0 + key_row0, m0, lane,
+                                                          block_start(p.q_start, seq.n), block_start(p.k_start, seq.n));
 #pragma unroll
       for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
@@ -157,6 +158,13 @@ __global__ void __launch_bounds__(BwdKVTraits<kHeadDim>::kThreads, 1) bwd_dkdv_k
 
   const float dv_mul = kDropout ? p.drop.rescale : 1.f;
   const float scale2[2] = {p.scale, p.scale}, dv_mul2[2] = {dv_mul, dv_mul};
+  if (p.accumulate) {  // bwd_acc, block-uniform: add the fp32 gradients straight from registers
+    store_frag_f32<true>(row_ptr<float>(p.grad_k, seq.bb, h_kv, seq.row_k0 + n0), p.grad_k.row_stride, dk, scale2,
+                         key_row0, col0, seq.sk - n0, p.d, lane);
+    store_frag_f32<true>(row_ptr<float>(p.grad_v, seq.bb, h_kv, seq.row_k0 + n0), p.grad_v.row_stride, dv, dv_mul2,
+                         key_row0, col0, seq.sk - n0, p.dv, lane);
+    return;
+  }
   store_frag<TileKV>(sK, dk, scale2, key_row0, col0, lane);
   store_frag<TileKV>(sV, dv, dv_mul2, key_row0, col0, lane);
   __syncthreads();
@@ -242,7 +250,10 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
     zero(ds);
     gemm_abt<T, kBlockN, kHeadDim, TileQ, TileKV>(ds, sdO, 16 * warp, sVs, 0, lane);
     uint32_t keep = 0;  // drawn after the GEMMs: drawn before them, the dQ kernel spilled at D = 128/256
-    if constexpr (kDropout) keep = keep_bits_q_rows<kBlockN / 8>(p.drop, h, blockIdx.z, row0, n0, lane);
+    if constexpr (kDropout) {
+      keep = keep_bits_q_rows<kBlockN / 8>(p.drop, h, blockIdx.z, row0, n0, lane, block_start(p.q_start, seq.n),
+                                           block_start(p.k_start, seq.n));
+    }
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
@@ -262,6 +273,11 @@ __global__ void __launch_bounds__(BwdQTraits<kHeadDim>::kThreads, 1) bwd_dq_kern
   __syncthreads();  // sQ now stages dQ
 
   const float scale2[2] = {p.scale, p.scale};
+  if (p.accumulate) {  // bwd_acc, block-uniform
+    store_frag_f32<true>(row_ptr<float>(p.grad_q, seq.bb, h, seq.row_q0), p.grad_q.row_stride, dq, scale2, row0, 0,
+                         seq.sq, p.d, lane);
+    return;
+  }
   store_frag<TileQ>(sQ, dq, scale2, 16 * warp, 0, lane);
   __syncthreads();
   store_tile<kBlockM, kHeadDim, kThreads>(row_ptr<T>(p.grad_q, seq.bb, h, seq.row_q0 + m0), p.grad_q.row_stride, sQ,

@@ -84,7 +84,10 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
     const int n0 = nb * kBlockN;
     scale_and_mask(s, p.scale_log2, mask, mask.partial(m0, kBlockM, n0, kBlockN), row0, n0, lane);
     softmax.update(s, acc);
-    if constexpr (kDropout) apply_keep(s, keep_bits_q_rows<kBlockN / 8>(p.drop, h, blockIdx.z, row0, n0, lane));
+    if constexpr (kDropout) {
+      apply_keep(s, keep_bits_q_rows<kBlockN / 8>(p.drop, h, blockIdx.z, row0, n0, lane, block_start(p.q_start, seq.n),
+                                                  block_start(p.k_start, seq.n)));
+    }
     gemm_pb<T, kHeadDim, kBlockN, TileKV>(acc, s, sV + stage * TileKV::kElems, 0, 0, lane);
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
@@ -94,7 +97,6 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
   float inv_l[2], lse[2];
   softmax.finalize(inv_l, lse);
   if constexpr (kDropout) inv_l[0] *= p.drop.rescale, inv_l[1] *= p.drop.rescale;
-  store_frag<TileQ>(sQ, acc, inv_l, 16 * warp, 0, lane);
   if ((lane & 3) == 0) {
     float* lse_row = p.lse + seq.bb * p.lse_batch_stride + h * p.lse_head_stride + seq.row_q0;
 #pragma unroll
@@ -103,6 +105,12 @@ __global__ void __launch_bounds__(FwdTraits<kHeadDim>::kThreads, 1) fwd_kernel(c
       if (i < seq.sq) lse_row[i] = lse[r];
     }
   }
+  if (p.out_fp32) {  // block-uniform: the accumulator goes out unrounded, straight from registers
+    store_frag_f32<false>(row_ptr<float>(p.o, seq.bb, h, seq.row_q0), p.o.row_stride, acc, inv_l, row0, 0, seq.sq,
+                          p.dv, lane);
+    return;
+  }
+  store_frag<TileQ>(sQ, acc, inv_l, 16 * warp, 0, lane);
   __syncthreads();
   store_tile<kBlockM, kHeadDim, kThreads>(row_ptr<T>(p.o, seq.bb, h, seq.row_q0 + m0), p.o.row_stride, sQ,
                                           seq.sq - m0, p.dv, tid);

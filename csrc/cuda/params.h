@@ -24,6 +24,11 @@ struct AttnShape {
   int window_left;    // -1 = unlimited; causal is window_right == 0
   int window_right;
   bool bottom_right;  // align the diagonal to the bottom-right corner (off = Sk - Sq)
+  // Block coordinates (csrc/ops.cpp): int32 (batch,) global positions of each sequence's first query / key, or
+  // nullptr. They set off = q_start - k_start (Mask) and key the dropout counters on global positions; they are
+  // never used as addresses, so any values are memory-safe.
+  const int* q_start;
+  const int* k_start;
 };
 
 // Dropout, read only by the kDropout kernel variants (the keep rule is in csrc/philox.h). Filled on the host from
@@ -44,15 +49,17 @@ struct FwdParams : AttnShape {
   TensorRef q, k, v, o;
   float* lse;  // (B, H, Sq) contiguous fp32
   int64_t lse_batch_stride, lse_head_stride;
+  bool out_fp32;       // o is float32: the accumulator is stored unrounded
   DropoutParams drop;  // last, so the other members keep their offsets in the no-dropout kernels
 };
 
 struct BwdParams : AttnShape {
-  TensorRef q, k, v, o, dout, grad_q, grad_k, grad_v;
+  TensorRef q, k, v, o, dout, grad_q, grad_k, grad_v;  // grad_*: T, or float32 accumulators with accumulate
   const float* lse;  // (B, H, Sq) contiguous fp32, from the forward
   float* delta;      // (B, H, Sq) contiguous fp32 workspace: rowsum(dO * O)
   int64_t lse_batch_stride, lse_head_stride;
   int64_t batch_total, rows_q_total;  // q's stored batch size and rows per head (the delta pass walks them all)
+  bool accumulate;  // bwd_acc: add the fp32 gradients into grad_* (float32) instead of storing them as T
   DropoutParams drop;
 };
 

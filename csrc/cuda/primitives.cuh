@@ -198,6 +198,35 @@ __device__ __forceinline__ void store_frag(T* smem, const float (&acc)[kNT][4], 
   }
 }
 
+// Writes (kAdd: adds to) a warp's 16 x (8 * kNT) accumulator block, times a per-row factor, unrounded into fp32
+// global memory: rows row0 + (0..15) and columns col0 + (0..8 kNT) of g, skipping rows >= rows_valid and columns >=
+// cols_valid (a multiple of 8). Column pairs as 8-byte accesses (g 8-byte aligned, row_stride even); every element
+// belongs to one thread, so the read-modify-write of kAdd needs no atomics. The fp32 outputs (out_fp32, bwd_acc).
+template <bool kAdd, int kNT>
+__device__ __forceinline__ void store_frag_f32(float* g, int64_t row_stride, const float (&acc)[kNT][4],
+                                               const float (&mul)[2], int row0, int col0, int rows_valid,
+                                               int cols_valid, int lane) {
+  const int gr = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    const int col = col0 + nt * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + gr + 8 * r;
+      if (row < rows_valid && col < cols_valid) {
+        float2* dst = reinterpret_cast<float2*>(g + row * row_stride + col);
+        float2 v = make_float2(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+        if constexpr (kAdd) {
+          const float2 old = *dst;
+          v.x += old.x;
+          v.y += old.y;
+        }
+        *dst = v;
+      }
+    }
+  }
+}
+
 // acc (16 x kN) += A[a_row0 : a_row0+16, 0:kK] @ B[b_row0 : b_row0+kN, 0:kK]^T, both operands in smem with
 // the contraction dim contiguous (Q K^T, K Q^T, dO V^T, V dO^T).
 template <typename T, int kN, int kK, typename TileA, typename TileB>

@@ -6,7 +6,9 @@ kernel that fits (masked loads/stores); D or Dv not a multiple of 8, or inputs w
 aligned, are first copied into an aligned buffer by the C++ entry point. Dropout runs separately compiled kernel
 variants (the plain kernels carry no RNG code) with the Philox counters of csrc/philox.h: for the same (seed,
 offset, dropout_p) the CUDA and CPU kernels drop exactly the same elements, and the backward regenerates the
-forward's mask instead of storing it."""
+forward's mask instead of storing it. Block calls ("block", fastattn/blocks.py): q_start/k_start shift the
+causal/window band per sequence (fully hidden tiles still skipped) and key dropout on global positions, out_fp32
+stores the unrounded accumulator, and fastattn::bwd_acc adds the fp32 gradients into the caller's buffers."""
 from __future__ import annotations
 
 import torch
@@ -42,7 +44,7 @@ class CudaBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16})
     head_dims = (1, 256)
     features = frozenset({"causal", "bottom_right", "window", "gqa", "varlen", "grad", "deterministic", "lse",
-                          "dv_ne_d", "dropout"})
+                          "dv_ne_d", "dropout", "block"})
     min_capability = (8, 0)
     decode = CUDA_DECODE
 
