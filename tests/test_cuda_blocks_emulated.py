@@ -3,15 +3,15 @@ test_cuda_emulated.py): q and k/v split into blocks, every block pair computed w
 (q_start/k_start) and out_fp32, the pairs merged in fp32 by log-sum-exp, must equal the unsplit call and the float64
 oracle (tolerance rule); bwd_acc over every pair with the merged out/lse must add up to the unsplit gradients. The
 dropout mask is keyed on global positions: checked against an independent Python Philox (and the CPU op's mask when
-the CPU kernels implement block coordinates). The merge is the test-side one of tests/support/block_merge.py
-(the library's is fastattn/blocks.py merge_)."""
+the CPU kernels implement block coordinates). The merge is tests/support/blocks.py reference_merge_, written apart
+from the library's fastattn/blocks.py merge_."""
 import pytest
 import torch
 
-from support.block_merge import INF, blocks, merge_
+from support.blocks import INF, cuts, reference_merge_
 from support.cuda_emu import emu, needs_cuda_headers
 from support.oracle import assert_rule, oracle_attention
-from support.philox_ref import keep_mask_at
+from support.philox import keep_mask_at
 
 pytestmark = needs_cuda_headers
 
@@ -59,7 +59,7 @@ def _block_calls(c):
     varlen = "seqlens" in c
     nq = max(len(r) for r, _, _, _ in seqs)
     nk = max(len(r) for _, r, _, _ in seqs)
-    qb, kb = blocks(nq, c["q_cuts"]), blocks(nk, c["k_cuts"])
+    qb, kb = cuts(nq, c["q_cuts"]), cuts(nk, c["k_cuts"])
     calls = []
     for a0, a1 in qb:
         for b0, b1 in kb:
@@ -142,7 +142,7 @@ def _run_blocks(c, q, k, v, dout, shift_k_start=0):
                          SEED, OFFSET, qs, ks + shift_k_start, True)
         assert o.dtype == torch.float32
         ob, lb = o_acc[:, :, qr], l_acc[:, :, qr]
-        merge_(ob, lb, o, l)
+        reference_merge_(ob, lb, o, l)
         o_acc[:, :, qr], l_acc[:, :, qr] = ob, lb
     out = o_acc.to(q.dtype)  # rounded once
     init = [torch.randn(t.shape) for t in (q, k, v)]  # bwd_acc must add to these

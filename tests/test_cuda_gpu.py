@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from support.block_merge import blocks, merge_
+from support.blocks import cuts, reference_merge_
 from support.cases import Case, run_case
 from support.oracle import assert_rule, oracle_attention
 
@@ -222,7 +222,7 @@ def test_dropout_grads_vs_oracle(case):
 
 # ---------------------------------------------------------------- block calls (issue #14)
 # The unsplit call (bottom-right or top-left) cut into query/key blocks at odd boundaries; every pair runs with its
-# global positions (q_start/k_start), out_fp32, and the pairs merge in fp32 (tests/support/block_merge.py). (name,
+# global positions (q_start/k_start), out_fp32, and the pairs merge in fp32 (tests/support/blocks.py reference_merge_). (name,
 # B, Hq, Hkv, Sq, Sk, D, window, bottom_right, q_cuts, k_cuts): several tiles per block, empty pairs included.
 BLOCK_CASES = [
     ("causal_br_gqa_d128", 2, 8, 2, 777, 1001, 128, (-1, 0), True, [200, 517], [301, 555, 803]),
@@ -236,7 +236,7 @@ def _block_pairs(Sq, Sk, q_cuts, k_cuts, base):
     shifted so that no position is negative."""
     shift = max(0, -base)
     return [(slice(a0, a1), slice(b0, b1), shift + base + a0, shift + b0)
-            for a0, a1 in blocks(Sq, q_cuts) for b0, b1 in blocks(Sk, k_cuts)]
+            for a0, a1 in cuts(Sq, q_cuts) for b0, b1 in cuts(Sk, k_cuts)]
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
@@ -261,7 +261,7 @@ def test_block_split_equals_unsplit(case, dtype):
         o, l = torch.ops.fastattn.fwd(q[:, :, qs], k[:, :, ks], v[:, :, ks], *common, False, 0.0, None, 0.0, 0, 0,
                                       False, T(q0), T(k0), True)
         ob, lb = o_acc[:, :, qs], l_acc[:, :, qs]  # views: merged in place
-        merge_(ob, lb, o, l)
+        reference_merge_(ob, lb, o, l)
     out = o_acc.to(dtype)
     acc = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
     for qs, ks, q0, k0 in pairs:

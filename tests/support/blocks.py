@@ -12,6 +12,8 @@ import torch
 
 from fastattn.blocks import block_backward, block_forward, merge_
 
+INF = float("inf")
+
 
 def bounds(n: int, parts: int, rnd: random.Random) -> List[int]:
     """[0, ..., n]: `parts` pieces at random boundaries (some may be empty)."""
@@ -55,3 +57,19 @@ def blockwise_backward(dout, q, k, v, out, lse, qb, kb, *, backend=None, init: O
                            lse[:, :, rows], q_start=Sk - Sq + qb[a], k_start=kb[b], attn_bias=bb,
                            dq_acc=dq[:, :, rows], dk_acc=dk[:, :, cols], dv_acc=dv[:, :, cols], backend=backend, **kw)
     return dq, dk, dv
+
+
+def cuts(n: int, at) -> List[tuple]:
+    """[(start, end)] covering range(n), cut at the given positions (those outside (0, n) ignored)."""
+    edges = [0] + [c for c in at if 0 < c < n] + [n]
+    return list(zip(edges, edges[1:]))
+
+
+def reference_merge_(o_acc, l_acc, o, l):
+    """An fp32 log-sum-exp merge written independently of fastattn.blocks.merge_ (logaddexp form), so kernel tests
+    that use it do not share a bug with the library. In place; lse = +inf marks an empty row (weight 0)."""
+    la, lb = (torch.where(x == INF, -INF, x) for x in (l_acc, l))
+    m = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isneginf(m), 0.0, m)  # both empty: weights exp(-inf) = 0, no NaN
+    o_acc.mul_(torch.exp(la - safe)[..., None]).add_(o * torch.exp(lb - safe)[..., None])
+    l_acc.copy_(torch.where(torch.isneginf(m), INF, m))

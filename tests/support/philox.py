@@ -40,3 +40,19 @@ def keep_mask(seed, offset, p, n, h, sq, sk, q0=0, k0=0):
                 draws[g] = philox4x32_10((g, q0 + i, h, n), key)
             m[i, j] = draws[g][(k0 + j) & 3] >= thr
     return m
+
+
+def keep_mask_at(seed, offset, p, n, h, q_pos, k_pos):
+    """bool (len(q_pos), len(k_pos)): the kept elements of sequence n, query head h at these global positions (any
+    positions, e.g. near 2**31 or not contiguous)."""
+    key = philox_key(seed % (1 << 64), offset % (1 << 64))
+    thr = int(float(torch.tensor(p, dtype=torch.float32)) * 2.0 ** 32)  # the kernels' float p
+    draws = {}
+    m = torch.zeros(len(q_pos), len(k_pos), dtype=torch.bool)
+    for a, qp in enumerate(q_pos):
+        for b, kp in enumerate(k_pos):
+            ctr = (kp >> 2, qp, h, n)
+            if ctr not in draws:
+                draws[ctr] = philox4x32_10(ctr, key)
+            m[a, b] = draws[ctr][kp & 3] >= thr
+    return m
