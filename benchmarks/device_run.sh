@@ -107,11 +107,12 @@ B_END=$(( BUDGET - BENCH_MIN - TAIL ))
 step "stage B in the background (pytest ${XDIST[*]:-without xdist}): Triton and inductor compiles, until t=$B_END"
 (
   K_B1="test_triton.py or test_compile.py or (matrix[triton- and not float32) or triton.decode_split"
-  K_B1="$K_B1 or triton-cuda or test_auto_prefers"
+  K_B1="$K_B1 or triton-cuda or test_auto_prefers or test_blocks_triton or (gpu_kernels_under_simulated_cp and triton)"
   [ "$DRY" = 1 ] && K_B1="test_triton.py or test_compile.py or matrix[triton-"  # on CPU: cut by the timeout
   echo "### B1: Triton and inductor tests, fp16/bf16 Triton matrix cells (-k \"$K_B1\")"
   tmo $(( B_END - $(now) )) "${PYTEST[@]}" "${XDIST[@]}" -m "not slow" -k "$K_B1" tests/test_triton.py \
-    tests/test_compile.py tests/test_matrix.py tests/test_decode.py tests/test_dropout_determinism.py
+    tests/test_compile.py tests/test_matrix.py tests/test_decode.py tests/test_dropout_determinism.py \
+    tests/test_blocks_triton.py tests/distributed/test_cp_attention.py
   echo "### B1 rc=$?"
   echo "### B2: fp32 Triton matrix cells with what is left"
   tmo $(( B_END - $(now) )) "${PYTEST[@]}" "${XDIST[@]}" -k "matrix[triton- and float32" tests/test_matrix.py
@@ -120,8 +121,12 @@ step "stage B in the background (pytest ${XDIST[*]:-without xdist}): Triton and 
 STAGE_B=$!
 
 step "stage A: the cuda backend (no Triton compiles): GPU tests, matrix cells, decode and dropout"
+# test_cuda_gpu.py includes the block-split checks (offsets, out_fp32, bwd_acc, dropout keyed on positions); the CP
+# matrix runs the cuda kernels under W simulated ranks on the one GPU.
 K_A="test_cuda_gpu.py or matrix[cuda- or cuda.decode_fwd or generic.cuda or cuda-cuda"
+K_A="$K_A or (gpu_kernels_under_simulated_cp and not triton)"
 tmo "$T_A" "${PYTEST[@]}" -m "not slow" -k "$K_A" tests/test_cuda_gpu.py tests/test_matrix.py tests/test_decode.py \
+  tests/distributed/test_cp_attention.py \
   tests/test_dropout_determinism.py > "$OUT/tests_cuda.txt" 2>&1
 summary "stage A" $? "$OUT/tests_cuda.txt"
 
