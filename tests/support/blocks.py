@@ -21,41 +21,44 @@ def bounds(n: int, parts: int, rnd: random.Random) -> List[int]:
     return [0] + cuts + [n]
 
 
+def _pairs(q, k, qb, kb):
+    """(query rows, key rows, {q_start, k_start}) of every block pair, positions as in the unsplit bottom-right call."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    for a in range(len(qb) - 1):
+        for b in range(len(kb) - 1):
+            yield (slice(qb[a], qb[a + 1]), slice(kb[b], kb[b + 1]),
+                   dict(q_start=Sk - Sq + qb[a], k_start=kb[b]))
+
+
+def _cut(bias, rows, cols):
+    return None if bias is None else bias[:, :, rows, cols]
+
+
 def blockwise_forward(q, k, v, qb, kb, *, backend=None, **kw):
     """(out fp32, lse) of the whole call from every block pair (q rows qb[a]:qb[a+1], keys kb[b]:kb[b+1]), merged
     with fastattn.blocks.merge_. kw: block_forward's keywords except q_start/k_start (bias: full (B, H, Sq, Sk))."""
     B, Hq, Sq, _ = q.shape
-    Sk = k.shape[2]
     out = torch.zeros(B, Hq, Sq, v.shape[-1], dtype=torch.float32)
     lse = torch.full((B, Hq, Sq), float("inf"))
     bias = kw.pop("attn_bias", None)
-    for a in range(len(qb) - 1):
-        rows = slice(qb[a], qb[a + 1])
-        for b in range(len(kb) - 1):
-            cols = slice(kb[b], kb[b + 1])
-            bb = None if bias is None else bias[:, :, rows, cols]
-            o, l = block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], q_start=Sk - Sq + qb[a],
-                                 k_start=kb[b], attn_bias=bb, backend=backend, **kw)
-            merge_(out[:, :, rows], lse[:, :, rows], o, l)
+    for rows, cols, starts in _pairs(q, k, qb, kb):
+        o, l = block_forward(q[:, :, rows], k[:, :, cols], v[:, :, cols], **starts, attn_bias=_cut(bias, rows, cols),
+                             backend=backend, **kw)
+        merge_(out[:, :, rows], lse[:, :, rows], o, l)
     return out, lse
 
 
 def blockwise_backward(dout, q, k, v, out, lse, qb, kb, *, backend=None, init: Optional[tuple] = None, **kw):
     """(dq, dk, dv) fp32 of the whole call from every block pair's block_backward into shared accumulators (given
     as `init`, which are added to; zeros otherwise). out (q.dtype) and lse are the merged ones."""
-    Sq, Sk = q.shape[2], k.shape[2]
     if init is None:
         init = tuple(torch.zeros(t.shape, dtype=torch.float32) for t in (q, k, v))
     dq, dk, dv = init
     bias = kw.pop("attn_bias", None)
-    for a in range(len(qb) - 1):
-        rows = slice(qb[a], qb[a + 1])
-        for b in range(len(kb) - 1):
-            cols = slice(kb[b], kb[b + 1])
-            bb = None if bias is None else bias[:, :, rows, cols]
-            block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows],
-                           lse[:, :, rows], q_start=Sk - Sq + qb[a], k_start=kb[b], attn_bias=bb,
-                           dq_acc=dq[:, :, rows], dk_acc=dk[:, :, cols], dv_acc=dv[:, :, cols], backend=backend, **kw)
+    for rows, cols, starts in _pairs(q, k, qb, kb):
+        block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows],
+                       lse[:, :, rows], **starts, attn_bias=_cut(bias, rows, cols), dq_acc=dq[:, :, rows],
+                       dk_acc=dk[:, :, cols], dv_acc=dv[:, :, cols], backend=backend, **kw)
     return dq, dk, dv
 
 

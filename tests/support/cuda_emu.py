@@ -1,12 +1,12 @@
 """The CUDA kernels (csrc/cuda) compiled as host C++ against the CPU emulator in tests/cuda_emu, for the emulated
 test files (test_cuda_emulated.py, test_cuda_blocks_emulated.py): emu() builds and loads it once per process."""
 import functools
-import glob
 import os
-import shutil
 import tempfile
 
 import pytest
+
+from .toolchain import cuda_home_candidates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
@@ -15,12 +15,7 @@ EMU = os.path.join(ROOT, "tests", "cuda_emu")
 def _cuda_include():
     """The CUDA toolkit's include dir (cuda_fp16.h / cuda_bf16.h / cuda_runtime.h), found like setup.py finds
     CUDA_HOME, without needing nvcc: only the headers are used."""
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in cands:
+    for c in cuda_home_candidates():
         if c and all(os.path.exists(os.path.join(c, "include", h)) for h in ("cuda_runtime.h", "cuda_fp16.h",
                                                                              "cuda_bf16.h")):
             return os.path.join(c, "include")

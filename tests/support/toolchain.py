@@ -19,13 +19,18 @@ def _short_name(mangled):
     return name + "+dropout" if re.search(r"Lb1EE", mangled) else name
 
 
-def _cuda_home():
+def cuda_home_candidates():
+    """Folders that may hold the CUDA toolkit, most specific first: $CUDA_HOME, $CUDA_PATH, nvcc's (its wrapper
+    may live elsewhere: realpath), /usr/local/cuda, /usr/local/cuda-* newest first (may contain None)."""
     cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
         cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in cands:
+    return cands + ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+
+
+def _cuda_home():
+    for c in cuda_home_candidates():
         if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.exists(
                 os.path.join(c, "include", "cuda_runtime.h")):
             return c
