@@ -24,7 +24,7 @@ import torch
 
 import fastattn
 from fastattn.backends import BACKENDS
-from support.oracle import check_rule, oracle_attention
+from support.oracle import check_rule, delta_error, oracle_attention
 
 SEED = int(os.environ.get("FASTATTN_FUZZ_SEED", random.SystemRandom().randrange(2 ** 31)))
 N_CASES = int(os.environ.get("FASTATTN_FUZZ_CASES", "240"))
@@ -268,10 +268,14 @@ def test_fuzz(case: FuzzCase):
         base_grads = torch.autograd.grad(base, bl, dout.to(c.dtype), **kw) if c.dtype in LOW else ref_grads
         # dq and dk cancel to exactly 0 for a row with one visible key: bound them by the largest gradient.
         mag = max(float(r.abs().max()) for r in ref_grads if r is not None and r.numel())
-        for name, a, r, b, leaf in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads, leaves):
+        inherent = (0.0, 0.0, 0.0)
+        if c.dtype in LOW:
+            inherent = delta_error(lambda q, k, v: run_oracle(c, q, k, v, g), leaves[0], leaves[1],
+                                            views[0], views[1], dout.to(c.dtype), out, ref, g["scale"]) + (0.0,)
+        for name, a, r, b, leaf, e in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads, leaves, inherent):
             z = torch.zeros_like(leaf, dtype=torch.float64)
             results.append(check_rule(name, z if a is None else a, z if r is None else r, z if b is None else b,
-                                      c.dtype, magnitude=mag))
+                                      c.dtype, magnitude=mag, inherent=e))
     bad = [m for ok, m in results if not ok]
     for _, m in results:
         print(m)

@@ -293,3 +293,24 @@ def test_sdpa_shape_handling_compiles_fullgraph(case):
         return fastattn.scaled_dot_product_attention(q, k, v, **kw)
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args))
+
+
+# ------------------------------------------------- a row whose every score is -inf by value (not by a mask)
+
+NEG_INF_BACKENDS = ["cpu", "reference", "sdpa"] + ([] if fastattn.get_backend("triton").unavailable() else ["triton"])
+
+
+@pytest.mark.parametrize("backend", NEG_INF_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Sq", [1, 3, 40])  # 1 and 3 take the CPU decode kernel, 40 the dense one
+def test_row_of_neg_inf_scores_gives_zero_like_torch(backend, dtype, Sq):
+    """A -inf in q meeting positive keys makes every score of that row -inf; PyTorch's SDPA (math and flash) gives 0
+    there, as for a fully masked row. Found by the fuzz test in the CPU decode kernel (exp(-inf - -inf) = NaN)."""
+    q, k, v = torch.randn(2, 3, Sq, 24), torch.randn(2, 3, 7, 24).abs() + 0.1, torch.randn(2, 3, 7, 24)
+    q[1, 2, Sq - 1, 5] = float("-inf")
+    ref = TORCH_SDPA(q.double(), k.double(), v.double())
+    assert ref[1, 2, Sq - 1].eq(0).all() and torch.isfinite(ref).all()  # torch's behaviour, which we follow
+    got = fastattn.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), backend=backend)
+    assert torch.isfinite(got).all(), f"{backend}: NaN/Inf at {(~torch.isfinite(got)).nonzero()[:3].tolist()}"
+    assert got[1, 2, Sq - 1].eq(0).all()
+    assert_rule("out", got, ref, TORCH_SDPA(q.to(dtype), k.to(dtype), v.to(dtype)), dtype)

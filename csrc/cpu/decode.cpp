@@ -303,6 +303,13 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       float m_blk = -kInf;
       for (int64_t j = a; j < e; ++j) m_blk = std::max(m_blk, s[j]);
       const float m_new = std::max(w.m_i[r], m_blk);
+      if (m_new == -kInf) {  // no finite score yet (-inf by value, e.g. a -inf in q): P = 0, as PyTorch's softmax
+        for (int64_t j = a; j < e; ++j) {
+          if (std::isnan(s[j])) w.l_i[r] = std::numeric_limits<float>::quiet_NaN();  // a NaN score still reaches out
+        }
+        w.live[r] = false;
+        continue;
+      }
       const float alpha = std::exp(w.m_i[r] - m_new);  // 0 on the first visible block (m_i = -inf)
       w.l_i[r] = w.l_i[r] * alpha + vec::exp_sum_row(s, n, m_new);
       if (alpha != 1.f) {

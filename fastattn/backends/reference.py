@@ -74,7 +74,9 @@ def naive_attention(q, k, v, scale, bias=None, window_left=-1, window_right=-1, 
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Sk == 0:  # no keys: every row is empty
-        zero = (q.sum() + k.sum() + v.sum()) * 0  # keeps the graph so gradients come back as zeros
+        # An empty slice's sum is an exact 0 that keeps the graph (gradients come back as zeros); q.sum() * 0
+        # would turn a NaN/Inf in q into NaN rows.
+        zero = q.narrow(-1, 0, 0).sum() + k.sum() + v.sum()
         return q.new_zeros(B, Hq, Sq, v.shape[-1]) + zero, q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
     if Hq != Hkv:
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Sk, Dv)

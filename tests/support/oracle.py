@@ -71,10 +71,11 @@ def floor_for(dtype, ref) -> float:
     return EPS[dtype] * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
 
 
-def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0):
+def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0, inherent=0.0):
     """Returns (ok, message). fast/ref/base are tensors of one output or gradient. magnitude: the size of the terms
     X is summed from when X itself can cancel to ~0 (a gradient with a single key is exactly 0, its rounding noise is
-    not); the relative bound and the floor then scale with max(max|X_ref|, magnitude)."""
+    not); the relative bound and the floor then scale with max(max|X_ref|, magnitude). inherent: the error the
+    error of the O a backward reads forces on dQ/dK (delta_error), added for fp16/bf16."""
     fast, ref = fast.detach().double().cpu(), ref.detach().double().cpu()
     if fast.shape != ref.shape:
         return False, f"{name}: shape {tuple(fast.shape)} != expected {tuple(ref.shape)}"
@@ -96,7 +97,7 @@ def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0):
     err, mean = float(diff.max()), float(diff.mean())
     scale_ref = max(float(ref.abs().max()), magnitude)
     base_err = float((base - ref).abs().max()) if dtype not in (torch.float32, torch.float64) else float("nan")
-    tol, rule = tolerance(dtype, scale_ref, base_err, fp32_rel)
+    tol, rule = tolerance(dtype, scale_ref, base_err, fp32_rel, inherent)
     where = tuple(int(x) for x in torch.nonzero(diff == diff.max())[0].tolist())
     msg = (f"{name}: max_err={err:.3g} (at {where}) mean_err={mean:.3g} tol={tol:.3g} = {rule}")
     return err <= tol, msg
@@ -128,3 +129,23 @@ def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
         vis &= j <= i + L - Sq + window[1]
     lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), dim=-1)
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def delta_error(attend, q, k, view_q, view_k, dout, out, out_ref, scale):
+    """max|error| of (dQ, dK) that the error of O forces on a FlashAttention-style backward, which forms
+    delta_i = sum_d dO_id O_id from the O it is given (O in the inputs' precision, with the forward's own error, which
+    the rule checks on its own): with Delta_i = sum_d dO_id (O - O_ref)_id, dS_ij gains -P_ij Delta_i, so dQ_i gains
+    -scale Delta_i (P K)_i and dK_j gains -scale sum_i P_ij Delta_i Q_i (first order, exact in float64).
+
+    attend(q, k, v) -> the float64 oracle's output in the caller's layout; q, k: the leaves, view_q/view_k: leaf ->
+    the view the call sees (q's view is laid out like out but for the last dim), so the errors come back summed onto
+    the leaves as their gradients are; dout: the upstream gradient as the kernel gets it; out: the O the backward
+    reads. Softcap's tanh' factor is left out (it is at most 1)."""
+    ql = q.detach().double().requires_grad_(True)
+    kl = k.detach().double().requires_grad_(True)
+    d = (dout.double() * (out.detach().double() - out_ref.detach().double())).sum(-1, keepdim=True)  # Delta_i
+    qv = view_q(ql)
+    pk = attend(qv.detach(), view_k(k.detach().double()), view_k(kl))  # (P K)_i, shaped like q's view
+    dq, = torch.autograd.grad(qv, ql, d * pk.detach())
+    dk, = torch.autograd.grad(pk, kl, d * qv.detach())  # sum_i P_ij Delta_i Q_i, summed as dK is
+    return scale * float(dq.abs().max()), scale * float(dk.abs().max())
