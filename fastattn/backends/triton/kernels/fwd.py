@@ -33,10 +33,9 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, o
                       qk_scale2, cap_in, cap_out2, slope2, Bias, stride_bm, stride_bn,
                       MASK, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, BIAS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK or BIAS > 0:  # a row may have seen only -inf so far: subtract 0 instead of -inf (no NaN)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
+        # A row may have seen only -inf so far (masked, or -inf by value: a -inf in q): subtract 0 instead of -inf
+        # (no NaN; such a row ends with l = 0 and gives 0, as PyTorch's softmax does).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
