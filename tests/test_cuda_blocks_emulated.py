@@ -295,7 +295,7 @@ def test_block_arguments_are_checked():
     I = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     for qs, ks, br, msg in [(I(0, 0), None, False, "given together"), (I(0, 0), I(0, 0), True, "bottom_right"),
                             (I(0, 0).long(), I(0, 0), False, "q_start must be int32"),
-                            (I(0, 0), I(0, 0, 0), False, "k_start must be 1-D of length 2"),
+                            (I(0, 0), I(0, 0, 0), False, r"k_start must have shape \(N,\) with N = 2 \(batch size\)"),
                             (I(0, 0, 0, 0)[::2], I(0, 0), False, "q_start must be contiguous")]:
         with pytest.raises(RuntimeError, match=msg):
             emu().fwd(q, k, v, None, None, 0, 0, 0.1, -1, 0, br, 0.0, 0, 0, qs, ks, True)
@@ -303,7 +303,10 @@ def test_block_arguments_are_checked():
     accs = [torch.zeros(t.shape) for t in (q, k, v)]
     for i, bad, msg in [(0, torch.zeros(q.shape, dtype=torch.float16), "dq_acc must be float32"),
                         (1, torch.zeros(2, 2, 15, 32), "dk_acc must have k's shape"),
-                        (2, torch.zeros(2, 2, 32, 16).transpose(2, 3), "dv_acc must have stride 1")]:
+                        (2, torch.zeros(2, 2, 32, 16).transpose(2, 3), "dv_acc must have stride 1"),
+                        # an expanded or aliased accumulator would race: every element must be its own memory
+                        (0, torch.zeros(1, 1, 1, 32).expand(q.shape), "dq_acc must not have elements sharing memory"),
+                        (2, accs[1], "dk_acc must not share memory with dv_acc")]:
         with pytest.raises(RuntimeError, match=msg):
             emu().bwd_acc(out, q, k, v, out, lse, None, None, 0, 0, 0.1, -1, 0, True, 0.0, 0, 0, None, None,
                           *[bad if j == i else a for j, a in enumerate(accs)])

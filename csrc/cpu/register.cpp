@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "block_checks.h"
 #include "common.h"
 #include "kernels.h"
 #include "mm.h"
@@ -99,23 +100,6 @@ int64_t check_window(int64_t w, int64_t wide, const char* name) {
 
 constexpr int64_t kPosLimit = int64_t(1) << 31;  // global positions lie in [0, 2^31)
 
-// q_start/k_start: both or neither; int32 (N,) on cpu, contiguous. Values are checked in check_start_values.
-void check_block_coords(const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
-                        int64_t nseq, bool varlen, bool bottom_right) {
-  FA_CHECK(q_start.has_value() == k_start.has_value(), "q_start and k_start must be given together (got only ",
-           q_start ? "q_start" : "k_start", ")");
-  if (!q_start) return;
-  FA_CHECK(!bottom_right, "bottom_right must be False with q_start/k_start: the offsets q_start - k_start place ",
-           "the diagonal");
-  for (const auto& [t, name] : {std::pair{&*q_start, "q_start"}, std::pair{&*k_start, "k_start"}}) {
-    FA_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
-    FA_CHECK(t->dim() == 1 && t->size(0) == nseq, name, " must have shape (N,) with N = ", nseq,
-             varlen ? " (number of varlen sequences)" : " (batch size)", ", got ", t->sizes());
-    FA_CHECK(t->device().is_cpu(), name, " must be on cpu, got ", t->device());
-    FA_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
-  }
-}
-
 // start[n] >= 0 and start[n] + length of sequence n < 2^31, for q_start against the query lengths and k_start
 // against the key lengths.
 void check_start_values(const at::Tensor& start, const char* name, const int32_t* cu, int64_t len) {
@@ -167,7 +151,7 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.alibi = alibi->data_ptr<float>();
     p.alibi_sb = alibi->dim() == 2 ? p.Hq : 0;
   }
-  check_block_coords(q_start, k_start, p.nseq, cu_q.has_value(), bottom_right);
+  block_checks::check_coords(q_start, k_start, p.nseq, cu_q.has_value(), q.device(), bottom_right);
   if (q_start) {
     p.q_start = q_start->data_ptr<int32_t>();
     p.k_start = k_start->data_ptr<int32_t>();
@@ -340,29 +324,7 @@ void bwd_acc_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   BwdCall c = bwd_prepare(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed,
                           offset, q_start, k_start);
-  for (const auto& [acc, like, name, like_name] :
-       {std::tuple{&dq_acc, &q, "dq_acc", "q"}, std::tuple{&dk_acc, &k, "dk_acc", "k"},
-        std::tuple{&dv_acc, &v, "dv_acc", "v"}}) {
-    FA_CHECK(acc->scalar_type() == at::kFloat, name, " must be float32, got ", acc->scalar_type());
-    FA_CHECK(acc->sizes() == like->sizes(), name, " must have ", like_name, "'s shape ", like->sizes(), ", got ",
-             acc->sizes());
-    FA_CHECK(acc->device().is_cpu(), name, " must be on cpu, got ", acc->device());
-    FA_CHECK(acc->stride(3) == 1 || acc->size(3) <= 1, name, " must have stride 1 on the last dim, got strides ",
-             acc->strides());
-    // Every element is added to by exactly one task: shared elements (an expanded tensor) or an accumulator
-    // aliasing another argument would race or read back what the kernels wrote.
-    FA_CHECK(at::has_internal_overlap(*acc) != at::MemOverlap::Yes, name,
-             " must not have elements sharing memory (e.g. an expanded tensor), got strides ", acc->strides());
-    for (const auto& [other, other_name] :
-         {std::pair{&dq_acc, "dq_acc"}, std::pair{&dk_acc, "dk_acc"}, std::pair{&dv_acc, "dv_acc"},
-          std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&dout, "dout"},
-          std::pair{&out, "out"}, std::pair{&lse, "lse"}}) {
-      if (other == acc) continue;
-      const auto st = at::get_overlap_status(*acc, *other);
-      FA_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, name,
-               " must not share memory with ", other_name);
-    }
-  }
+  block_checks::check_accumulators(dq_acc, dk_acc, dv_acc, q, k, v, dout, out, lse);
   bwd_launch(c, q.scalar_type(), dq_acc, dk_acc, dv_acc, true);
 }
 

@@ -10,6 +10,7 @@
 #include <limits>
 #include <optional>
 
+#include "block_checks.h"
 #include "common.h"
 #include "cuda/params.h"
 
@@ -60,15 +61,6 @@ struct AccTensors {
   at::Tensor dq, dk, dv;
 };
 
-inline void check_acc(const at::Tensor& acc, const at::Tensor& like, const char* name, const char* like_name) {
-  FA_CHECK(acc.scalar_type() == at::kFloat, name, " must be float32, got ", acc.scalar_type());
-  FA_CHECK(acc.sizes() == like.sizes(), name, " must have ", like_name, "'s shape ", like.sizes(), ", got ",
-           acc.sizes());
-  FA_CHECK(acc.device() == like.device(), name, " must be on ", like.device(), ", got ", acc.device());
-  FA_CHECK(acc.size(3) <= 1 || acc.stride(3) == 1, name, " must have stride 1 on the last dim, got strides ",
-           acc.strides());
-}
-
 // Kernel-side accumulator: acc itself when the kernels can add into it in place (the layout kernel_ready asks), else
 // a zeroed contiguous (B, H, S, round8(D)) buffer that finish_acc adds back.
 inline at::Tensor acc_output(const at::Tensor& acc) {
@@ -104,23 +96,6 @@ inline bool fill_dropout(DropoutParams& d, double dropout_p, int64_t seed, int64
   d.threshold = dropout_threshold(pf);
   d.rescale = 1.f / (1.f - pf);
   return pf > 0.f;
-}
-
-// q_start/k_start (block coordinates): both or neither, int32 (n_seq,) contiguous on q's device, bottom_right false.
-// Their values are not read here (no host sync): the kernels use them only to shift the mask and key the dropout
-// counters, never as addresses, so any values are memory-safe.
-inline void check_block_coords(const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
-                               int64_t n_seq, const at::Device& device, bool bottom_right) {
-  FA_CHECK(q_start.has_value() == k_start.has_value(), "q_start and k_start must be given together");
-  if (!q_start) return;
-  FA_CHECK(!bottom_right, "bottom_right must be False with q_start/k_start (their offset replaces the alignment)");
-  for (const auto& [t, name] : {std::pair{&*q_start, "q_start"}, std::pair{&*k_start, "k_start"}}) {
-    FA_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
-    FA_CHECK(t->dim() == 1 && t->numel() == n_seq, name, " must be 1-D of length ", n_seq,
-             " (the batch size, or the number of varlen sequences), got shape ", t->sizes());
-    FA_CHECK(t->device() == device, name, " must be on ", device, ", got ", t->device());
-    FA_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
-  }
 }
 
 // Checks q, k, v (on devices of device_type) and the varlen arguments, and fills the shape part of the params.
@@ -179,7 +154,9 @@ void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at
   FA_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31), "sequence lengths must be < 2^31");
   FA_CHECK(window_left >= -1 && window_right >= -1, "window_left/window_right must be >= -1 (-1 = unlimited), got ",
            window_left, ", ", window_right);
-  check_block_coords(q_start, k_start, n_seq, q.device(), bottom_right);
+  // Start values are not read (no host sync): the kernels use them only to shift the mask and key the dropout
+  // counters, never as addresses, so any values are memory-safe.
+  block_checks::check_coords(q_start, k_start, n_seq, varlen, q.device(), bottom_right);
   s.batch = static_cast<int>(n_seq);
   s.h = static_cast<int>(H);
   s.h_kv = static_cast<int>(Hkv);
@@ -289,9 +266,7 @@ BwdPlan plan_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   FA_CHECK(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
            "dout, out, lse must be on ", q.device());
   if (acc != nullptr) {
-    check_acc(acc->dq, q, "dq_acc", "q");
-    check_acc(acc->dk, k, "dk_acc", "k");
-    check_acc(acc->dv, v, "dv_acc", "v");
+    block_checks::check_accumulators(acc->dq, acc->dk, acc->dv, q, k, v, dout, out, lse);
     plan.dq = acc->dq, plan.dk = acc->dk, plan.dv = acc->dv;
     p.accumulate = true;
   } else {
