@@ -6,16 +6,24 @@
     out = cp_attention(q, k, v, cp=cp, causal=True)                    # this rank's rows of full attention
     print(cp.explain(heads_q=16, heads_kv=4, causal=True))
 
+    local = shard_batch(batch, cp, shift_labels=True)        # input_ids, labels, position_ids (global), masks
+    with context_parallel(cp):                               # the reference models and attn_implementation=
+        logits = model(local["input_ids"], position_ids=local["position_ids"])          # "fastattn_cp" read it
+
 Strategies ring / allgather / ulysses (config.py; ring.py, allgather.py, ulysses.py), each one custom op for
 torch.compile (ops.py), layouts zigzag / contiguous (layout.py), communicators over a ProcessGroup or DeviceMesh dim
-or simulated in one process (comm.py), loss normalised by global tokens (loss.py). Kernels: fastattn.blocks.
+or simulated in one process (comm.py), loss normalised by global tokens (loss.py), whole batches sharded alike
+(batch.py), the active config for code without a cp argument (context.py). Kernels: fastattn.blocks.
 """
 from .api import cp_attention, ring_flash_attn_func, zigzag_ring_flash_attn_func
+from .batch import pad_batch, shard_batch
 from .comm import CountingComm, CPComm, CPCommError, LocalComm, TorchComm, run_local
 from .config import CPConfig, CPUnsupportedError
+from .context import active_cp, context_parallel
 from .layout import global_positions, shard, unshard, unshard_list
 from .loss import cp_cross_entropy, global_loss
 
 __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPConfig",
            "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "run_local",
-           "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss"]
+           "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss",
+           "shard_batch", "pad_batch", "context_parallel", "active_cp"]

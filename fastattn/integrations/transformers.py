@@ -16,6 +16,10 @@ both. Our mask function returns the cheapest form the kernels can use:
     bool (B, 1|H, Sq, Sk)   anything else (sliding windows, packed sequences, custom mask functions, a mask the
                             model will concatenate): transformers' own dense SDPA mask, used as is, no extra causal.
 
+Context parallelism: attn_implementation="fastattn_cp" (cp_transformers.py, registered with "fastattn") runs
+each attention over a sequence sharded across the ranks of the CPConfig entered with
+`fastattn.distributed.context_parallel(cp)`.
+
 transformers 4.x is refused with an explanation (its BERT/GPT-2 do not route attention through these interfaces).
 """
 from __future__ import annotations
@@ -196,4 +200,9 @@ def register(name: str = NAME, backend: Optional[str] = None) -> str:
 
 register()
 
-__all__ = ["register", "fastattn_attention_forward", "fastattn_mask", "NAME"]
+from .cp_transformers import CP_NAME, fastattn_cp_attention_forward, fastattn_cp_mask, register_cp  # noqa: E402
+
+register_cp()
+
+__all__ = ["register", "fastattn_attention_forward", "fastattn_mask", "NAME", "register_cp",
+           "fastattn_cp_attention_forward", "fastattn_cp_mask", "CP_NAME"]

@@ -6,6 +6,12 @@ loads directly (load_hf_state_dict drops the few buffers old checkpoints carry).
 
     model = BertForSequenceClassification.from_transformers(hf_model)
     logits = model(input_ids, attention_mask)
+    hidden, _ = model.bert(cp.shard(input_ids, 1), cp=cp)    # context parallel: this rank's tokens and rows
+
+Context parallelism (`cp=` or an active `context_parallel` block): the encoder runs on this rank's shard of every
+sequence at its global positions, attention over the whole sequence through fastattn.distributed.cp_attention
+(non-causal: the contiguous layout is as balanced as zigzag here). Padding (a key mask) is refused under CP for now,
+and so is the pooler: the [CLS] row lives on one rank.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
+from ..distributed import active_cp, cp_attention
 
 
 @dataclass
@@ -50,13 +57,14 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids=None):
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
         S = input_ids.shape[1]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        pos = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).unsqueeze(0)  # (1, S)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + \
-            self.position_embeddings(pos)
+            self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -69,13 +77,16 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_pdrop = cfg.attention_probs_dropout_prob
 
-    def forward(self, x, key_mask):
+    def forward(self, x, key_mask, cp=None):
         B, S, C = x.shape
         q = self.query(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, S, C) -> (B, nh, S, hd)
         k = self.key(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
         v = self.value(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
-        y = functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                                    dropout_p=self.attn_pdrop if self.training else 0.0)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if cp is not None:  # key_mask is None here (Bert.forward refuses padding under CP)
+            y = cp_attention(q, k, v, cp=cp, dropout_p=dropout_p, layout="bhsd")
+        else:
+            y = functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
         return y.transpose(1, 2).reshape(B, S, C)  # (B, nh, S, hd) -> (B, S, C)
 
 
@@ -98,8 +109,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = DenseNorm(cfg, cfg.hidden_size)
 
-    def forward(self, x, key_mask):
-        return self.output(self.self(x, key_mask), x)
+    def forward(self, x, key_mask, cp=None):
+        return self.output(self.self(x, key_mask, cp), x)
 
 
 class Intermediate(nn.Module):
@@ -119,8 +130,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseNorm(cfg, cfg.intermediate_size)
 
-    def forward(self, x, key_mask):
-        x = self.attention(x, key_mask)
+    def forward(self, x, key_mask, cp=None):
+        x = self.attention(x, key_mask, cp)
         return self.output(self.intermediate(x), x)
 
 
@@ -129,9 +140,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x, key_mask):
+    def forward(self, x, key_mask, cp=None):
         for layer in self.layer:
-            x = layer(x, key_mask)
+            x = layer(x, key_mask, cp)
         return x
 
 
@@ -145,8 +156,11 @@ class Pooler(nn.Module):
 
 
 class Bert(nn.Module):
-    """BertModel: forward(input_ids, attention_mask=None, token_type_ids=None) -> (last_hidden (B, S, C),
-    pooled (B, C)). attention_mask (B, S): 1 = real token, 0 = padding (left, right or anywhere)."""
+    """BertModel: forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None) ->
+    (last_hidden (B, S, C), pooled (B, C)). attention_mask (B, S): 1 = real token, 0 = padding (left, right or
+    anywhere). cp (default: the active `context_parallel` config, if any): inputs are this rank's shards of
+    sequences of S * W tokens, position_ids default to their global positions, last_hidden holds this rank's rows
+    and pooled is None (the [CLS] row lives on one rank)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -155,12 +169,25 @@ class Bert(nn.Module):
         self.encoder = Encoder(cfg)
         self.pooler = Pooler(cfg)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        key_mask = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            key_mask = attention_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S): True = attend
-        x = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
-        return x, self.pooler(x)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):
+        cp = cp if cp is not None else active_cp()
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        if cp is not None:
+            S = input_ids.shape[1] * cp.world_size
+            if S > self.config.max_position_embeddings:
+                raise ValueError(f"fastattn Bert: {cp.world_size} ranks x {input_ids.shape[1]} local tokens = {S} "
+                                 f"exceed max_position_embeddings {self.config.max_position_embeddings}")
+            if attention_mask is not None:  # decided on every rank alike: one rank refusing alone would hang
+                padded = bool(cp.comm.all_reduce(torch.tensor([float(padded)], device=input_ids.device))[0] > 0)
+            if padded:
+                raise ValueError("fastattn Bert: padding (attention_mask with zeros on some rank) is not supported "
+                                 "under context parallelism yet: the key mask would have to travel with K/V; "
+                                 "pack or bucket sequences to equal lengths")
+            if position_ids is None:
+                position_ids = cp.global_positions(S, device=input_ids.device).view(1, -1)  # (1, S/W)
+        key_mask = attention_mask.bool()[:, None, None, :] if padded else None  # (B, S) -> (B, 1, 1, S): True = attend
+        x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), key_mask, cp)
+        return x, (self.pooler(x) if cp is None else None)
 
     def load_hf_state_dict(self, sd, strict: bool = True):
         """Loads a transformers BertModel state_dict (keys with or without the "bert." prefix)."""
@@ -188,6 +215,10 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        if active_cp() is not None:
+            raise ValueError("fastattn BertForSequenceClassification: not supported under context parallelism (the "
+                             "classifier reads the [CLS] row, which lives on one rank); run the encoder with "
+                             "Bert(..., cp=cp) and pool where the first token is (rank 0)")
         _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
         return self.classifier(self.dropout(pooled))
 

@@ -2,10 +2,13 @@
 
 Parameter names are those of transformers' GPT2LMHeadModel, so a checkpoint loads with a key copy plus a transpose
 of the four Conv1D weights (CONV1D_WEIGHTS). Attention runs through fastattn: flash_attn_func for whole
-sequences, flash_attn_with_kvcache (which appends to the cache in place) for generation.
+sequences, flash_attn_with_kvcache (which appends to the cache in place) for generation, and
+fastattn.distributed.cp_attention under context parallelism (`cp=` or an active `context_parallel` block: idx is
+this rank's shard of every sequence, embedded at its global positions; the logits are this rank's rows).
 
     model = GPT2.from_transformers(hf_model)                    # or GPT2(GPT2Config(...)).load_hf_state_dict(sd)
     tokens = model.generate(input_ids, attention_mask, max_new_tokens=20)
+    logits = model(cp.shard(input_ids, 1), cp=cp)               # context parallel: this rank's tokens and rows
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
+from ..distributed import active_cp, cp_attention
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -80,14 +84,16 @@ class CausalSelfAttention(nn.Module):
             (layer_idx + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
         self.layer_idx = layer_idx
 
-    def forward(self, x, cache: Optional[KVCache] = None):
+    def forward(self, x, cache: Optional[KVCache] = None, cp=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, C) -> (B, T, nh, hd)
         k = k.view(B, T, self.n_head, self.head_dim)
         v = v.view(B, T, self.n_head, self.head_dim)
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if cache is None:
+        if cp is not None:  # this rank's rows of attention over the whole sharded sequence
+            y = cp_attention(q, k, v, cp=cp, causal=True, softmax_scale=self.scale, dropout_p=dropout_p)
+        elif cache is None:
             y = functional.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=self.scale, causal=True)
         else:  # appends k, v at each row's cache_seqlens, then attends to the row's valid prefix (bottom-right)
             y = functional.flash_attn_with_kvcache(q, cache.k[self.layer_idx], cache.v[self.layer_idx], k=k, v=v,
@@ -118,8 +124,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, cp=None):
+        x = x + self.attn(self.ln_1(x), cache, cp)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,17 +151,31 @@ class GPT2(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, position_ids=None, cache: Optional[KVCache] = None):
+    def forward(self, idx, position_ids=None, cache: Optional[KVCache] = None, cp=None):
         """idx (B, T) -> logits (B, T, vocab). Without a cache the sequences are causal from position 0 (pad on
         the right). With a cache, idx are new tokens written at each row's cache.seqlens (which the caller
-        advances); position_ids default to those positions."""
+        advances); position_ids default to those positions.
+        cp: a fastattn.distributed.CPConfig (default: the active `context_parallel` one, if any): idx is this rank's
+        shard (cp.shard / shard_batch, cp.balance's layout) of sequences of T * W tokens, position_ids default to
+        its global positions, and the logits are this rank's rows of the single-process logits."""
         B, T = idx.shape
+        cp = cp if cp is not None else active_cp()
+        if cp is not None:
+            if cache is not None:
+                raise ValueError("fastattn GPT2: context parallelism is for training and prefill of sharded "
+                                 "sequences; a KV cache (generate) runs on one rank, outside context_parallel")
+            S = T * cp.world_size
+            if S > self.config.n_positions:
+                raise ValueError(f"fastattn GPT2: {cp.world_size} ranks x {T} local tokens = {S} exceed "
+                                 f"n_positions {self.config.n_positions}")
+            if position_ids is None:
+                position_ids = cp.global_positions(S, device=idx.device).view(1, T)  # (1, T): global positions
         if position_ids is None:
             start = cache.seqlens.long().view(B, 1) if cache is not None else 0
             position_ids = start + torch.arange(T, device=idx.device).view(1, T)  # (B|1, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, cp)
         return self.lm_head(self.transformer.ln_f(x))
 
     @torch.no_grad()

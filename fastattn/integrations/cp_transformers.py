@@ -1,0 +1,131 @@
+"""attn_implementation="fastattn_cp": transformers attention under context parallelism (registered on import of
+fastattn.integrations.transformers, in AttentionInterface AND AttentionMaskInterface like "fastattn").
+
+    import fastattn.integrations.transformers
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastattn_cp")
+    cp = CPConfig(group, balance="zigzag")
+    local = shard_batch(batch, cp, shift_labels=True)          # input_ids, labels, GLOBAL position_ids: (B, S/W)
+    with fastattn.distributed.context_parallel(cp):
+        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits   # (B, S/W, V)
+    loss = cp_cross_entropy(logits, local["labels"], cp)
+
+Each layer's attention is fastattn.distributed.cp_attention over the whole sequence (causal = the layer's
+is_causal), so the logits are this rank's rows of the single-process logits. Outside `context_parallel` both
+functions raise. Refused, on every rank alike (one rank refusing alone would leave its peers waiting in a
+collective): a padding mask with zeros, KV caches / generation, sliding windows, packed documents and other custom
+mask functions, and position_ids that are not the global positions of the shard (a model would embed the wrong
+positions silently).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import AttentionInterface
+from transformers import masking_utils as _mu
+
+from ..distributed import cp_attention, layout
+from ..distributed.context import require_cp
+
+CP_NAME = "fastattn_cp"
+_WHO = f'attn_implementation="{CP_NAME}"'
+
+
+def _refuse_together(cp, problem: Optional[str], device) -> None:
+    """Raises on every rank when any rank found a problem: one all-reduce of a flag."""
+    flag = cp.comm.all_reduce(torch.tensor([1.0 if problem else 0.0], device=device))
+    if float(flag[0]) > 0:
+        raise ValueError(f"fastattn {_WHO}: {problem}" if problem else
+                         f"fastattn {_WHO}: another context-parallel rank refused this call (its error says why)")
+
+
+def _segment_causal(q_length: int, cp, device) -> torch.Tensor:
+    """bool (S/W, S/W): causal within each run of consecutive global positions of this rank's shard, nothing across
+    runs. transformers builds exactly this local mask when the zigzag global position_ids make it see "packed
+    sequences" (a position jump between a rank's two chunks)."""
+    seg = torch.zeros(q_length, dtype=torch.long, device=device)
+    for n, s in enumerate(layout.segments(q_length, cp.world_size, cp.rank, cp.balance)):
+        seg[s.local:s.local + s.length] = n
+    i = torch.arange(q_length, device=device)
+    return (seg.view(-1, 1) == seg.view(1, -1)) & (i.view(1, -1) <= i.view(-1, 1))
+
+
+def _mask_problem(batch_size: int, cp, kw) -> Optional[str]:
+    mask_function = kw.get("mask_function", _mu.causal_mask_function)
+    cache_position = kw.get("cache_position")
+    if cache_position is not None:  # earlier 5.x
+        q_length, q_offset = cache_position.shape[0], int(cache_position[0])
+    else:
+        q_length, q_offset = kw["q_length"], kw.get("q_offset", 0)
+    kv_length, kv_offset = kw["kv_length"], kw.get("kv_offset", 0)
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = int(q_offset)
+    if q_offset or kv_offset or kv_length != q_length:
+        return (f"queries at offset {q_offset} against {kv_length} keys at offset {kv_offset}: a KV cache "
+                f"(generation) is not context parallel; generate on one rank with another implementation")
+    if kw.get("local_size") is not None:
+        return "sliding-window layers are not supported under context parallelism yet"
+    attention_mask = kw.get("attention_mask")
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        return ("padding (an attention_mask with zeros) is not supported under context parallelism yet: the key "
+                "mask would have to travel with K/V. For a causal model right padding needs no mask: drop "
+                "attention_mask and give the pads' labels -100 (pad_batch does)")
+    if mask_function in (_mu.causal_mask_function, _mu.bidirectional_mask_function):
+        return None
+    # Not the plain function: accept it only if it is what zigzag position_ids make transformers build.
+    dense = _mu.sdpa_mask(batch_size, **dict(kw, allow_is_causal_skip=False, allow_is_bidirectional_skip=False))
+    want = _segment_causal(q_length, cp, dense.device if dense is not None else "cpu")
+    if dense is not None and dense.dtype == torch.bool and bool((dense == want).all()):
+        return None
+    return ("the model built a custom mask (packed documents, position_ids that are not the global positions of "
+            "the shard, or a custom mask function), which cannot be split across ranks")
+
+
+def fastattn_cp_mask(batch_size: int, **kw):
+    """AttentionMaskInterface entry for "fastattn_cp": None (causality is the layer's, at global positions), or a
+    ValueError on every rank (see the module docstring)."""
+    cp = require_cp(f"fastattn {_WHO}")
+    device = kw.get("device") or "cpu"
+    _refuse_together(cp, _mask_problem(batch_size, cp, kw), device)
+    return None
+
+
+def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """AttentionInterface entry for "fastattn_cp": query (B, Hq, S/W, D), key/value (B, Hkv, S/W, D), this rank's
+    shard -> (output (B, S/W, Hq, D), None), this rank's rows of attention over the whole sequence."""
+    cp = require_cp(f"fastattn {_WHO}")
+    if attention_mask is not None:
+        raise ValueError(f"fastattn {_WHO}: got a materialised attention mask {tuple(attention_mask.shape)}; this "
+                         f"implementation takes none (its mask function returns None): was the model's mask built "
+                         f"for another attn_implementation?")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"fastattn {_WHO}: `softcap` is not supported yet; use attn_implementation='eager'")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"fastattn {_WHO}: {query.shape[2]} queries against {key.shape[2]} keys: context "
+                         f"parallelism is self-attention over one sharded sequence (no cache, no cross-attention)")
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and getattr(module, "layer_idx", 0) == 0:  # every layer gets the same ones
+        # the model embedded these: they must be the shard's global positions
+        want = cp.global_positions(query.shape[2] * cp.world_size, device=position_ids.device)
+        ok = position_ids.shape[-1] == want.shape[0] and bool((position_ids == want).all())
+        _refuse_together(cp, None if ok else (
+            f"position_ids {tuple(position_ids.shape)} are not the global positions of this rank's tokens "
+            f"({cp.balance} layout, rank {cp.rank} of {cp.world_size}): pass "
+            f"position_ids=shard_batch(batch, cp)['position_ids']"), query.device)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    out = cp_attention(query, key, value, cp=cp, causal=bool(is_causal), softmax_scale=scaling,
+                       dropout_p=float(dropout), layout="bhsd")
+    return out.transpose(1, 2).contiguous(), None  # (B, H, S/W, D) -> (B, S/W, H, D)
+
+
+def register_cp(name: str = CP_NAME) -> str:
+    """Registers the CP implementation under `name` in both of transformers' interfaces. Runs on import."""
+    AttentionInterface.register(name, fastattn_cp_attention_forward)
+    _mu.AttentionMaskInterface.register(name, fastattn_cp_mask)
+    return name
+
+
+__all__ = ["register_cp", "fastattn_cp_attention_forward", "fastattn_cp_mask", "CP_NAME"]
