@@ -40,13 +40,13 @@ def _seq_tensors(batch: Mapping[str, Any], seq_keys: Sequence[str], seq_dim: int
     S = batch[first].shape[seq_dim]
     for n in names:
         t = batch[n]
-        if t.shape[seq_dim] != S:
-            raise ValueError(f"fastattn.distributed.{who}: batch[{n!r}] {tuple(t.shape)} and batch[{first!r}] "
-                             f"{tuple(batch[first].shape)} differ in the sequence dim {seq_dim}")
         if n == "attention_mask" and t.dim() > 2:
             raise ValueError(f"fastattn.distributed.{who}: batch['attention_mask'] {tuple(t.shape)} is a "
                              f"{t.dim()}-D mask; context parallelism takes the 2-D (B, S) padding mask only (a "
                              f"dense (.., S, S) mask cannot be split by query and key rows alike)")
+        if t.shape[seq_dim] != S:
+            raise ValueError(f"fastattn.distributed.{who}: batch[{n!r}] {tuple(t.shape)} and batch[{first!r}] "
+                             f"{tuple(batch[first].shape)} differ in the sequence dim {seq_dim}")
     for n, t in batch.items():
         if n in names or n in keep or not isinstance(t, torch.Tensor) or t.dim() <= seq_dim:
             continue

@@ -31,12 +31,29 @@ CP_NAME = "fastattn_cp"
 _WHO = f'attn_implementation="{CP_NAME}"'
 
 
-def _refuse_together(cp, problem: Optional[str], device) -> None:
-    """Raises on every rank when any rank found a problem: one all-reduce of a flag."""
-    flag = cp.comm.all_reduce(torch.tensor([1.0 if problem else 0.0], device=device))
-    if float(flag[0]) > 0:
-        raise ValueError(f"fastattn {_WHO}: {problem}" if problem else
-                         f"fastattn {_WHO}: another context-parallel rank refused this call (its error says why)")
+# What a rank may refuse, by code: the codes travel (one all-gather), so every rank raises the same message.
+_PROBLEMS = {
+    1: "a KV cache (generation: queries at an offset, or more keys than queries) is not context parallel; generate "
+       "on one rank with another implementation",
+    2: "sliding-window layers are not supported under context parallelism yet",
+    3: "padding (an attention_mask with zeros) is not supported under context parallelism yet: the key mask would "
+       "have to travel with K/V. For a causal model right padding needs no mask: drop attention_mask and give the "
+       "pads' labels -100 (pad_batch does)",
+    4: "the model built a custom mask (packed documents, position_ids that are not the global positions of the "
+       "shard, or a custom mask function), which cannot be split across ranks",
+    5: "position_ids are not the global positions of the ranks' tokens (in the CPConfig's layout): pass "
+       "position_ids=shard_batch(batch, cp)['position_ids']",
+}
+
+
+def _refuse_together(cp, code: int, device) -> None:
+    """Raises the same ValueError on every rank when any rank found a problem (code > 0): one all-gather."""
+    got = cp.comm.all_gather(torch.tensor([code], dtype=torch.int64, device=device)).view(-1).tolist()  # (W,)
+    bad = [(r, c) for r, c in enumerate(got) if c]
+    if bad:
+        r, c = bad[0]
+        where = f"rank {r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+        raise ValueError(f"fastattn {_WHO}: {_PROBLEMS[c]} (found on {where} of {cp.world_size})")
 
 
 def _segment_causal(q_length: int, cp, device) -> torch.Tensor:
@@ -50,7 +67,8 @@ def _segment_causal(q_length: int, cp, device) -> torch.Tensor:
     return (seg.view(-1, 1) == seg.view(1, -1)) & (i.view(1, -1) <= i.view(-1, 1))
 
 
-def _mask_problem(batch_size: int, cp, kw) -> Optional[str]:
+def _mask_problem(batch_size: int, cp, kw) -> int:
+    """0, or the _PROBLEMS code of what this rank cannot compute."""
     mask_function = kw.get("mask_function", _mu.causal_mask_function)
     cache_position = kw.get("cache_position")
     if cache_position is not None:  # earlier 5.x
@@ -61,24 +79,20 @@ def _mask_problem(batch_size: int, cp, kw) -> Optional[str]:
     if isinstance(q_offset, torch.Tensor):
         q_offset = int(q_offset)
     if q_offset or kv_offset or kv_length != q_length:
-        return (f"queries at offset {q_offset} against {kv_length} keys at offset {kv_offset}: a KV cache "
-                f"(generation) is not context parallel; generate on one rank with another implementation")
+        return 1
     if kw.get("local_size") is not None:
-        return "sliding-window layers are not supported under context parallelism yet"
+        return 2
     attention_mask = kw.get("attention_mask")
     if attention_mask is not None and not bool(attention_mask.bool().all()):
-        return ("padding (an attention_mask with zeros) is not supported under context parallelism yet: the key "
-                "mask would have to travel with K/V. For a causal model right padding needs no mask: drop "
-                "attention_mask and give the pads' labels -100 (pad_batch does)")
+        return 3
     if mask_function in (_mu.causal_mask_function, _mu.bidirectional_mask_function):
-        return None
+        return 0
     # Not the plain function: accept it only if it is what zigzag position_ids make transformers build.
     dense = _mu.sdpa_mask(batch_size, **dict(kw, allow_is_causal_skip=False, allow_is_bidirectional_skip=False))
     want = _segment_causal(q_length, cp, dense.device if dense is not None else "cpu")
     if dense is not None and dense.dtype == torch.bool and bool((dense == want).all()):
-        return None
-    return ("the model built a custom mask (packed documents, position_ids that are not the global positions of "
-            "the shard, or a custom mask function), which cannot be split across ranks")
+        return 0
+    return 4
 
 
 def fastattn_cp_mask(batch_size: int, **kw):
@@ -110,10 +124,7 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         # the model embedded these: they must be the shard's global positions
         want = cp.global_positions(query.shape[2] * cp.world_size, device=position_ids.device)
         ok = position_ids.shape[-1] == want.shape[0] and bool((position_ids == want).all())
-        _refuse_together(cp, None if ok else (
-            f"position_ids {tuple(position_ids.shape)} are not the global positions of this rank's tokens "
-            f"({cp.balance} layout, rank {cp.rank} of {cp.world_size}): pass "
-            f"position_ids=shard_batch(batch, cp)['position_ids']"), query.device)
+        _refuse_together(cp, 0 if ok else 5, query.device)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     out = cp_attention(query, key, value, cp=cp, causal=bool(is_causal), softmax_scale=scaling,

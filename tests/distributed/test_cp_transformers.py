@@ -1,0 +1,148 @@
+"""Tier 0: attn_implementation="fastattn_cp" (transformers >= 5) on simulated ranks: tiny random GPT-2 / BERT from
+transformers, sharded with shard_batch inside context_parallel; the gathered logits and the summed parameter
+gradients meet the fp32 rule against the eager model in float64 on the whole sequence (tests/test_transformers.py's
+rule). Refusals happen on every rank alike, and outside context_parallel."""
+import copy
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="HuggingFace transformers is not installed")
+if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip(f"fastattn's transformers integration needs transformers >= 5, found {transformers.__version__}",
+                allow_module_level=True)
+
+import fastattn.integrations.transformers as fa_hf  # noqa: E402
+from fastattn.distributed import (CPConfig, context_parallel, cp_cross_entropy, run_local, shard_batch,  # noqa: E402
+                                  unshard_list)
+from support.oracle import assert_rule  # noqa: E402
+from transformers import AttentionInterface, BertModel, GPT2LMHeadModel  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+V, B, S = 97, 2, 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gpt2_config():
+    return transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True,
+                                   initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def bert_config():
+    return transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=40, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0, pad_token_id=0)
+
+
+def pair(cls, config):
+    """(eager float64 reference, fastattn_cp fp32 model), identical weights."""
+    ref = cls._from_config(copy.deepcopy(config), attn_implementation="eager")
+    fast = cls._from_config(copy.deepcopy(config), attn_implementation=fa_hf.CP_NAME)
+    fast.load_state_dict(ref.state_dict())
+    assert fast.config._attn_implementation == "fastattn_cp"
+    return ref.double(), fast
+
+
+def tokens(seed=0):
+    return torch.randint(3, V, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registered_in_both_interfaces():
+    assert AttentionInterface._global_mapping["fastattn_cp"] is fa_hf.fastattn_cp_attention_forward
+    assert AttentionMaskInterface._global_mapping["fastattn_cp"] is fa_hf.fastattn_cp_mask
+
+
+@pytest.mark.parametrize("W,strategy,balance", [(2, "ring", "zigzag"), (3, "ring", "zigzag"),
+                                                (4, "ulysses", "contiguous")])
+def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance):
+    ref, fast = pair(GPT2LMHeadModel, gpt2_config())
+    ids = tokens()
+    out = ref(input_ids=ids, labels=ids)
+    out.loss.backward()
+    calls = []
+
+    def rank(comm):
+        cp = CPConfig(comm, strategy=strategy, balance=balance)
+        m = copy.deepcopy(fast)
+        local = shard_batch({"input_ids": ids, "labels": ids}, cp, shift_labels=True)
+        with context_parallel(cp):
+            logits = m(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        cp_cross_entropy(logits, local["labels"], cp).backward()
+        return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    real = fa_hf.fastattn_cp_attention_forward
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    AttentionInterface._global_mapping["fastattn_cp"] = spy
+    try:
+        res = run_local(W, rank)
+    finally:
+        AttentionInterface._global_mapping["fastattn_cp"] = real
+    assert len(calls) == W * 2  # every layer of every rank went through fastattn_cp
+    assert_rule("logits", unshard_list([r[0] for r in res], 1, balance), out.logits, None, torch.float32)
+    for name, p in ref.named_parameters():
+        assert_rule(f"d {name}", sum(r[1][name] for r in res), p.grad, None, torch.float32)
+
+
+def test_bert_hidden_equal_eager():
+    ref, fast = pair(BertModel, bert_config())
+    ids = tokens(1)
+    want = ref(input_ids=ids).last_hidden_state
+
+    def rank(comm):
+        cp = CPConfig(comm, strategy="ring", balance="contiguous")
+        local = shard_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cp)
+        with context_parallel(cp), torch.no_grad():
+            return fast(**local).last_hidden_state
+    assert_rule("hidden", unshard_list(run_local(2, rank), 1, "contiguous"), want, None, torch.float32)
+
+
+def _refusal(comm, fast, ids, case):
+    cp = CPConfig(comm, balance="zigzag")
+    local = shard_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cp)
+    if case == "padding on rank 1":
+        mask = torch.ones_like(ids)
+        mask[0, S // 2 - 2:S // 2] = 0  # the middle: rank 1 of 2 in zigzag only
+        local["attention_mask"] = cp.shard(mask, 1)
+    elif case == "local position_ids":
+        del local["position_ids"]  # transformers then embeds 0..S/W-1 on every rank: wrong on both
+        del local["attention_mask"]
+    elif case == "cache":
+        local = shard_batch({"input_ids": ids[:, :8]}, cp)
+    try:
+        with context_parallel(cp), torch.no_grad():
+            out = fast(**local, use_cache=case == "cache")
+            if case == "cache":  # the first call fills a cache; the second would attend to it: refused
+                fast(**local, cache=out.cache, use_cache=True)
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("padding on rank 1", r"padding .* is not supported under context parallelism.* \(found on rank 1 of 2\)"),
+    ("local position_ids", r"position_ids are not the global positions .* \(found on rank 0 and 1 more of 2\)"),
+    ("cache", "a KV cache .* is not context parallel"),
+])
+def test_refused_on_every_rank(case, match):
+    """The refusal reaches every rank (one rank refusing alone would leave its peers waiting in a collective)."""
+    _, fast = pair(GPT2LMHeadModel, gpt2_config())
+    for msg in run_local(2, _refusal, fast, tokens(), case, timeout=20):
+        assert msg is not None and re.search(match, msg), msg
+
+
+def test_outside_context_parallel_is_an_error():
+    _, fast = pair(GPT2LMHeadModel, gpt2_config())
+    with pytest.raises(RuntimeError, match=r"fastattn_cp.* runs only inside `with fastattn.distributed."
+                                           r"context_parallel\(cp_config\):`"):
+        fast(input_ids=tokens())
