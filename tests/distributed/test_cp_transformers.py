@@ -61,9 +61,11 @@ def test_registered_in_both_interfaces():
     assert AttentionMaskInterface._global_mapping["fastattn_cp"] is fa_hf.fastattn_cp_mask
 
 
-@pytest.mark.parametrize("W,strategy,balance", [(2, "ring", "zigzag"), (3, "ring", "zigzag"),
-                                                (4, "ulysses", "contiguous")])
-def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance):
+# use_cache=False: with no cache transformers reads the zigzag position_ids' jump as "packed sequences" and builds a
+# segment mask, which fastattn_cp must recognise as the layout's own (with a cache it passes the plain function).
+@pytest.mark.parametrize("W,strategy,balance,use_cache", [(2, "ring", "zigzag", False), (3, "ring", "zigzag", True),
+                                                          (4, "ulysses", "contiguous", False)])
+def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance, use_cache):
     ref, fast = pair(GPT2LMHeadModel, gpt2_config())
     ids = tokens()
     out = ref(input_ids=ids, labels=ids)
@@ -75,7 +77,7 @@ def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance):
         m = copy.deepcopy(fast)
         local = shard_batch({"input_ids": ids, "labels": ids}, cp, shift_labels=True)
         with context_parallel(cp):
-            logits = m(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+            logits = m(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=use_cache).logits
         cp_cross_entropy(logits, local["labels"], cp).backward()
         return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
 
