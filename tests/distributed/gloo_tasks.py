@@ -88,3 +88,21 @@ def mesh_cp(case: Case):
     mesh = init_device_mesh("cpu", (W // case.W, case.W), mesh_dim_names=("dp", "cp"))
     comm = TorchComm.from_mesh(mesh, "cp")
     return mesh.get_local_rank("dp"), comm.rank, run_cp_rank(comm, case)
+
+
+def hf_gpt2_cp(config_kwargs: dict, state_dict: dict, ids, balance: str):
+    """attn_implementation="fastattn_cp" on a real process group: this rank's logits and loss (cp_cross_entropy) and
+    its parameter gradients (summed over ranks by the test)."""
+    import transformers
+    import fastattn.integrations.transformers  # noqa: F401  (registers fastattn_cp)
+    from fastattn.distributed import context_parallel, cp_cross_entropy, shard_batch
+    model = transformers.GPT2LMHeadModel._from_config(transformers.GPT2Config(**config_kwargs),
+                                                      attn_implementation="fastattn_cp")
+    model.load_state_dict(state_dict)
+    cp = CPConfig(TorchComm(), strategy="ring", balance=balance)
+    local = shard_batch({"input_ids": ids, "labels": ids}, cp, shift_labels=True)
+    with context_parallel(cp):
+        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
+    loss = cp_cross_entropy(logits, local["labels"], cp)
+    loss.backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}

@@ -148,3 +148,18 @@ def test_outside_context_parallel_is_an_error():
     with pytest.raises(RuntimeError, match=r"fastattn_cp.* runs only inside `with fastattn.distributed."
                                            r"context_parallel\(cp_config\):`"):
         fast(input_ids=tokens())
+
+
+@pytest.mark.distributed
+def test_gloo_gpt2_equals_eager(gloo_pool):
+    """The same on two gloo processes (the model's weights travel to the workers with the task)."""
+    import os
+    ref, fast = pair(GPT2LMHeadModel, gpt2_config())
+    ids = tokens(2)
+    out = ref(input_ids=ids, labels=ids)
+    out.loss.backward()
+    tasks = os.path.join(os.path.dirname(__file__), "gloo_tasks.py")
+    res = gloo_pool(2).run(tasks, "hf_gpt2_cp", gpt2_config().to_diff_dict(), fast.state_dict(), ids, "zigzag")
+    assert_rule("logits", unshard_list([r[0] for r in res], 1, "zigzag"), out.logits, None, torch.float32)
+    for name, p in ref.named_parameters():
+        assert_rule(f"d {name}", sum(r[1][name] for r in res), p.grad, None, torch.float32)
