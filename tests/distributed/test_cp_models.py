@@ -173,3 +173,16 @@ def test_bert_cp_padding_refused_on_every_rank():
             return str(e)
     for msg in run_local(2, rank, timeout=20):
         assert msg is not None and "padding" in msg and "not supported under context parallelism" in msg
+
+
+def test_bert_classifier_refused_under_cp():
+    from fastattn.models import BertForSequenceClassification
+    hf = transformers.BertForSequenceClassification._from_config(hf_bert().config, attn_implementation="eager")
+    model = BertForSequenceClassification.from_transformers(hf).eval()
+
+    def rank(comm):
+        with context_parallel(CPConfig(comm)):
+            with pytest.raises(ValueError, match=r"not supported under context parallelism \(the classifier reads "
+                                                 r"the \[CLS\] row"):
+                model(tokens()[:, :12])
+    run_local(2, rank)
