@@ -56,15 +56,31 @@ def _refuse_together(cp, code: int, device) -> None:
         raise ValueError(f"fastattn {_WHO}: {_PROBLEMS[c]} (found on {where} of {cp.world_size})")
 
 
-def _segment_causal(q_length: int, cp, device) -> torch.Tensor:
-    """bool (S/W, S/W): causal within each run of consecutive global positions of this rank's shard, nothing across
-    runs. transformers builds exactly this local mask when the zigzag global position_ids make it see "packed
-    sequences" (a position jump between a rank's two chunks)."""
-    seg = torch.zeros(q_length, dtype=torch.long, device=device)
-    for n, s in enumerate(layout.segments(q_length, cp.world_size, cp.rank, cp.balance)):
+# Query rows per step when checking a mask function: (B, rows, S/W) bools at a time, never (S/W)^2.
+_CHECK_ROWS = 1024
+
+
+def _is_layout_artifact(mask_function, batch_size: int, length: int, cp, device) -> bool:
+    """True when mask_function is causal within each run of consecutive global positions of this rank's shard and
+    blocks everything across runs: the local mask transformers builds when the zigzag global position_ids make it
+    see "packed sequences" (a position jump between a rank's two chunks). Evaluated by broadcasting indices, as
+    transformers' non-vmap path does, a block of query rows at a time."""
+    seg = torch.zeros(length, dtype=torch.long, device=device)
+    for n, s in enumerate(layout.segments(length, cp.world_size, cp.rank, cp.balance)):
         seg[s.local:s.local + s.length] = n
-    i = torch.arange(q_length, device=device)
-    return (seg.view(-1, 1) == seg.view(1, -1)) & (i.view(1, -1) <= i.view(-1, 1))
+    b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    kv = torch.arange(length, device=device)
+    for start in range(0, length, _CHECK_ROWS):
+        q = torch.arange(start, min(start + _CHECK_ROWS, length), device=device)
+        try:
+            got = mask_function(b, h, q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))  # (B|1, 1, rows, S/W)
+        except (RuntimeError, IndexError, TypeError):  # not an index-based function: not transformers' own
+            return False
+        want = (seg[q].view(-1, 1) == seg.view(1, -1)) & (kv.view(1, -1) <= q.view(-1, 1))  # (rows, S/W)
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or not bool((got == want).all()):
+            return False
+    return True
 
 
 def _mask_problem(batch_size: int, cp, kw) -> int:
@@ -87,10 +103,10 @@ def _mask_problem(batch_size: int, cp, kw) -> int:
         return 3
     if mask_function in (_mu.causal_mask_function, _mu.bidirectional_mask_function):
         return 0
-    # Not the plain function: accept it only if it is what zigzag position_ids make transformers build.
-    dense = _mu.sdpa_mask(batch_size, **dict(kw, allow_is_causal_skip=False, allow_is_bidirectional_skip=False))
-    want = _segment_causal(q_length, cp, dense.device if dense is not None else "cpu")
-    if dense is not None and dense.dtype == torch.bool and bool((dense == want).all()):
+    # Not the plain function: accept it only if it is what zigzag position_ids make transformers build (use_vmap:
+    # transformers' flag for user-supplied or/and mask functions, never the packed-sequence one).
+    if not kw.get("use_vmap") and _is_layout_artifact(mask_function, batch_size, q_length, cp,
+                                                      kw.get("device") or "cpu"):
         return 0
     return 4
 

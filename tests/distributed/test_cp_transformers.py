@@ -120,6 +120,8 @@ def _refusal(comm, fast, ids, case):
     elif case == "local position_ids":
         del local["position_ids"]  # transformers then embeds 0..S/W-1 on every rank: wrong on both
         del local["attention_mask"]
+    elif case == "packed documents":  # two documents, positions restarting: not one sequence to split
+        local = shard_batch({"input_ids": ids, "position_ids": torch.arange(S).remainder(S // 2).view(1, S)}, cp)
     elif case == "cache":
         local = shard_batch({"input_ids": ids[:, :8]}, cp)
     try:
@@ -135,6 +137,7 @@ def _refusal(comm, fast, ids, case):
     ("padding on rank 1", r"padding .* is not supported under context parallelism.* \(found on rank 1 of 2\)"),
     ("local position_ids", r"position_ids are not the global positions .* \(found on rank 0 and 1 more of 2\)"),
     ("cache", "a KV cache .* is not context parallel"),
+    ("packed documents", r"position_ids are not the global positions .* \(found on rank 0 and 1 more of 2\)"),
 ])
 def test_refused_on_every_rank(case, match):
     """The refusal reaches every rank (one rank refusing alone would leave its peers waiting in a collective)."""
