@@ -2,7 +2,8 @@
 
 Inputs are this rank's shards of the sequence, laid out as CPConfig.balance says (`CPConfig.shard`,
 `layout.shard`); the result is this rank's rows of attention over the WHOLE sequence: the same as one process
-attending over the gathered sequence (causal, sliding window, ALiBi and dropout at global positions).
+attending over the gathered sequence (causal, sliding window, ALiBi and dropout at global positions; key padding
+masks travel with their keys).
 """
 from __future__ import annotations
 
@@ -71,9 +72,26 @@ def _shared_rng(cp: CPConfig, device) -> Tuple[int, int]:
     return int(got[0, 0]), int(got[0, 1])
 
 
+def _key_bias(key_padding_mask, q, k, layout_: str):
+    """bool (B, S/W), True = a real key -> (B, S/W) bias in q's dtype: 0 for real keys, -inf for padding."""
+    if key_padding_mask is None:
+        return None
+    sd = 1 if layout_ == "bshd" else 2
+    want = (k.shape[0], k.shape[sd])
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or \
+            tuple(key_padding_mask.shape) != want:
+        got = (f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}" if isinstance(key_padding_mask,
+               torch.Tensor) else type(key_padding_mask).__name__)
+        raise ValueError(f"fastattn.distributed: key_padding_mask must be bool (B, S/W) = {want} (True = a real "
+                         f"key, this rank's shard in the config's layout), got {got}")
+    bias = torch.zeros(want, dtype=q.dtype, device=q.device)
+    return bias.masked_fill_(~key_padding_mask.to(q.device), float("-inf"))
+
+
 def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: Optional[float] = None,
                  dropout_p: float = 0.0, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                 return_lse: bool = False, layout: str = "bshd", rng: Optional[tuple] = None):
+                 return_lse: bool = False, layout: str = "bshd", rng: Optional[tuple] = None,
+                 key_padding_mask: Optional[torch.Tensor] = None):
     """Attention over the whole sequence, split over the CP group of `cp`.
 
     q (B, S/W, Hq, D), k (B, S/W, Hkv, D), v (B, S/W, Hkv, Dv) with layout="bshd" (flash-attn's), or (B, H, S/W, D)
@@ -85,8 +103,12 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
     Returns out (q's layout and dtype), and with return_lse also lse fp32 (B, Hq, S/W) (+inf for rows that see no
     key). Differentiable in q, k, v. Under torch.compile(fullgraph=True) the whole CP attention is one custom op
     (fastattn.distributed.ops); with dropout there, pass rng (drawing one communicates, which breaks the graph).
+    key_padding_mask: bool (B, S/W), True = a real key, this rank's shard (shard it like the inputs): padded keys
+    are invisible to every query, whichever rank holds them (the mask travels with its K/V, or is gathered once
+    for allgather / ulysses). A query that sees no real key gets 0 (lse +inf).
     """
     _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p)
+    key_bias = _key_bias(key_padding_mask, q, k, layout)
     hd = 2 if layout == "bshd" else 1
     plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)
     if dropout_p > 0 and rng is None:  # under torch.compile pass rng: drawing one here breaks the graph
@@ -99,9 +121,9 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
                     grad_comm_dtype=cp.grad_comm_dtype, return_lse=return_lse, kv_repeat=plan.kv_repeat)
     # one custom op with its autograd per strategy: opaque to torch.compile
     if plan.strategy == "ulysses":
-        out, lse = cp_ulysses(spec, q, k, v)
+        out, lse = cp_ulysses(spec, q, k, v, key_bias)
     else:
-        out, lse = cp_attn(spec, q, k, v, plan.strategy)
+        out, lse = cp_attn(spec, q, k, v, plan.strategy, key_bias)
     return (out, lse) if return_lse else out
 
 

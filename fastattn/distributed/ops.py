@@ -4,7 +4,8 @@ fastattn::cp_ulysses_fwd / cp_ulysses_bwd (Ulysses; its forward also returns the
 needs, so the backward does not redo the forward's all-to-alls).
 
 The communicator travels as a name (a string argument, comm.comm_name), which the op looks up in this process.
-Eager calls go through the same ops.
+Eager calls go through the same ops. key_bias (B, S/W) in the inputs' dtype (0 or -inf per key: key padding) is the
+last argument, optional.
 """
 from __future__ import annotations
 
@@ -35,15 +36,16 @@ def _spec(comm: str, balance, layout, scale, window_left, window_right, softcap,
 @torch.library.custom_op("fastattn::cp_attn_fwd", mutates_args=())
 def cp_attn_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, strategy: str,
                 balance: str, layout: str, scale: float, window_left: int, window_right: int, softcap: float,
-                dropout_p: float, seed: int, offset: int, grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor]:
+                dropout_p: float, seed: int, offset: int, grad_comm_dtype: str, backend: str,
+                key_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     spec = _spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
                  offset, grad_comm_dtype, backend)
-    return _FWD[strategy](spec, q, k, v)
+    return _FWD[strategy](spec, q, k, v, key_bias)
 
 
 @cp_attn_fwd.register_fake
 def _(q, k, v, alibi_slopes, comm, strategy, balance, layout, scale, window_left, window_right, softcap, dropout_p,
-      seed, offset, grad_comm_dtype, backend):
+      seed, offset, grad_comm_dtype, backend, key_bias=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == "bshd" else q.shape[:3]
     return out, q.new_empty((B, H, S), dtype=torch.float32)
@@ -53,11 +55,11 @@ def _(q, k, v, alibi_slopes, comm, strategy, balance, layout, scale, window_left
 def cp_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 alibi_slopes: Optional[Tensor], comm: str, strategy: str, balance: str, layout: str, scale: float,
                 window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int, offset: int,
-                grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     spec = _spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
                  offset, grad_comm_dtype, backend)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    return _BWD[strategy](spec, dout, q, k, v, out, lse)
+    return _BWD[strategy](spec, dout, q, k, v, out, lse, key_bias)
 
 
 @cp_attn_bwd.register_fake
@@ -67,16 +69,18 @@ def _(dout, q, k, v, out, lse, alibi_slopes, *args):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, alibi = inputs[:4]
+    key_bias = inputs[17] if len(inputs) > 17 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi)
-    ctx.args = inputs[4:]  # comm name, strategy, ...: everything after q, k, v, alibi_slopes
+    ctx.save_for_backward(q, k, v, out, lse, alibi, key_bias)
+    ctx.args = inputs[4:17]  # comm name, strategy, ..., backend: everything between alibi_slopes and key_bias
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi = ctx.saved_tensors
-    dq, dk, dv = cp_attn_bwd(dout, q, k, v, out, lse, alibi, *ctx.args)
-    return (dq, dk, dv, None) + (None,) * len(ctx.args)
+    q, k, v, out, lse, alibi, key_bias = ctx.saved_tensors
+    dq, dk, dv = cp_attn_bwd(dout, q, k, v, out, lse, alibi, *ctx.args, key_bias)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 cp_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -85,16 +89,16 @@ cp_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastattn::cp_ulysses_fwd", mutates_args=())
 def cp_ulysses_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, balance: str,
                    layout: str, scale: float, window_left: int, window_right: int, softcap: float, kv_repeat: int,
-                   return_lse: bool, grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                                    Tensor, Tensor, Tensor]:
+                   return_lse: bool, grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
                          return_lse, grad_comm_dtype, backend)
-    return ulysses_forward(spec, q, k, v)
+    return ulysses_forward(spec, q, k, v, key_bias)
 
 
 @cp_ulysses_fwd.register_fake
 def _(q, k, v, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap, kv_repeat, return_lse,
-      grad_comm_dtype, backend):
+      grad_comm_dtype, backend, key_bias=None):
     W = lookup_comm(comm).world_size
     bshd = layout == "bshd"
     B, s, Hq, Hkv = q.shape[0], q.shape[1 if bshd else 2], q.shape[2 if bshd else 1], k.shape[2 if bshd else 1]
@@ -110,10 +114,11 @@ def _(q, k, v, alibi_slopes, comm, balance, layout, scale, window_left, window_r
 def cp_ulysses_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor, lse_h: Tensor,
                    alibi_slopes: Optional[Tensor], comm: str, balance: str, layout: str, scale: float,
                    window_left: int, window_right: int, softcap: float, kv_repeat: int, return_lse: bool,
-                   grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                   grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
     spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
                          return_lse, grad_comm_dtype, backend)
-    return ulysses_backward(spec, dout, qh, kh, vh, oh, lse_h)
+    return ulysses_backward(spec, dout, qh, kh, vh, oh, lse_h, key_bias)
 
 
 @cp_ulysses_bwd.register_fake
@@ -138,15 +143,17 @@ def _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softc
 
 def _ulysses_setup_context(ctx, inputs, output):
     out, lse, qh, kh, vh, oh, lse_h = output
-    ctx.save_for_backward(qh, kh, vh, oh, lse_h, inputs[3])
-    ctx.args = inputs[4:]  # comm name, balance, ...: everything after q, k, v, alibi_slopes
+    key_bias = inputs[15] if len(inputs) > 15 else None
+    ctx.save_for_backward(qh, kh, vh, oh, lse_h, inputs[3], key_bias)
+    ctx.args = inputs[4:15]  # comm name, balance, ..., backend: everything between alibi_slopes and key_bias
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, qh, kh, vh, oh, lse_h)
 
 
 def _ulysses_backward(ctx, dout, *unused):
-    qh, kh, vh, oh, lse_h, alibi = ctx.saved_tensors
-    dq, dk, dv = cp_ulysses_bwd(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args)
-    return (dq, dk, dv, None) + (None,) * len(ctx.args)
+    qh, kh, vh, oh, lse_h, alibi, key_bias = ctx.saved_tensors
+    dq, dk, dv = cp_ulysses_bwd(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args, key_bias)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 cp_ulysses_fwd.register_autograd(_ulysses_backward, setup_context=_ulysses_setup_context)
@@ -156,17 +163,17 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).split(".")[-1]
 
 
-def cp_ulysses(spec: CallSpec, q, k, v):
+def cp_ulysses(spec: CallSpec, q, k, v, key_bias=None):
     """Calls the Ulysses op for a CallSpec; returns (out, lse or None)."""
     out, lse = cp_ulysses_fwd(q, k, v, spec.alibi_slopes, comm_name(spec.comm), spec.balance, spec.layout,
                               spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.kv_repeat,
-                              spec.return_lse, _dtype_name(spec.grad_comm_dtype), spec.backend or "")[:2]
+                              spec.return_lse, _dtype_name(spec.grad_comm_dtype), spec.backend or "", key_bias)[:2]
     return out, lse if spec.return_lse else None
 
 
-def cp_attn(spec: CallSpec, q, k, v, strategy: str):
+def cp_attn(spec: CallSpec, q, k, v, strategy: str, key_bias=None):
     """Calls the op for a CallSpec (ring or allgather)."""
     seed, offset = spec.rng if spec.rng is not None else (0, 0)
     return cp_attn_fwd(q, k, v, spec.alibi_slopes, comm_name(spec.comm), strategy, spec.balance, spec.layout,
                        spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.dropout_p, seed, offset,
-                       _dtype_name(spec.grad_comm_dtype), spec.backend or "")
+                       _dtype_name(spec.grad_comm_dtype), spec.backend or "", key_bias)

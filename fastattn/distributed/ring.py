@@ -15,6 +15,9 @@ Forward state is fp32 (out, lse) per query segment, merged with fastattn.blocks.
 rounded to the input dtype once. Backward: the merged global lse makes every block's gradient an independent sum,
 so dQ accumulates locally in fp32 and each K/V block's dK/dV accumulator travels with it (W hops, in
 grad_comm_dtype), arriving home after the last step.
+
+Key padding: a key bias (B, S/W) in the inputs' dtype (0 or -inf per key) travels with its K/V and becomes each block
+call's attn_bias (B, 1, 1, keys); it depends on keys only, so fused calls stay fused.
 """
 from __future__ import annotations
 
@@ -67,14 +70,22 @@ def _call_kw(kw: dict, c: _Call) -> dict:
     return dict(kw, q_start=0, k_start=0, window_size=(-1, -1))  # fully visible: no mask, positions unused
 
 
-class _KVRing:
-    """The K/V buffers of the ring. Received K/V alternate between two scratch pairs and never land in the inputs
-    (k.contiguous() may BE the caller's k, saved for the backward)."""
+def _bias(held, c: _Call) -> Optional[torch.Tensor]:
+    """The key bias of call c's keys as an attn_bias (B, 1, 1, keys), or None without key padding."""
+    if len(held) < 3:
+        return None
+    return held[2][:, None, None, c.k.local:c.k.local + c.k.length]  # (B, S/W) -> (B, 1, 1, keys)
 
-    def __init__(self, comm, k, v):
-        self.comm, self.held = comm, (k.contiguous(), v.contiguous())
+
+class _KVRing:
+    """The K/V buffers of the ring (and the key bias, when given). Received K/V alternate between two scratch sets
+    and never land in the inputs (k.contiguous() may BE the caller's k, saved for the backward)."""
+
+    def __init__(self, comm, k, v, key_bias=None):
+        self.comm = comm
+        self.held = (k.contiguous(), v.contiguous()) + (() if key_bias is None else (key_bias.contiguous(),))
         W = comm.world_size
-        self.scratch = [(torch.empty_like(self.held[0]), torch.empty_like(self.held[1])) for _ in range(min(W - 1, 2))]
+        self.scratch = [tuple(torch.empty_like(t) for t in self.held) for _ in range(min(W - 1, 2))]
 
     def post(self, t: int):
         """Starts the hop of step t (none at the last step)."""
@@ -89,15 +100,16 @@ class _KVRing:
             self.held = pending[1]
 
 
-def ring_forward(spec: CallSpec, q, k, v):
-    """q, k, v: this rank's shards in spec.layout. Returns out (q's layout and dtype) and lse fp32 (B, H, S)."""
+def ring_forward(spec: CallSpec, q, k, v, key_bias=None):
+    """q, k, v: this rank's shards in spec.layout; key_bias (B, S) or None. Returns out (q's layout and dtype) and
+    lse fp32 (B, H, S)."""
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     qv = spec.bhsd(q)
     B, H, S, _ = qv.shape
     Dv = v.shape[-1]
     q_segs = layout.segments(S, W, r, spec.balance)
-    ring = _KVRing(comm, k, v)
+    ring = _KVRing(comm, k, v, key_bias)
     acc: List[Optional[tuple]] = [None] * len(q_segs)  # per query segment: (out fp32, lse fp32)
     kw = spec.block_kw()
     for t in range(W):
@@ -105,7 +117,8 @@ def ring_forward(spec: CallSpec, q, k, v):
         hop = ring.post(t)
         kb, vb = spec.bhsd(ring.held[0]), spec.bhsd(ring.held[1])
         for c in _calls(spec, q_segs, src, S):
-            o, lse = block_forward(rows(qv, c.q), rows(kb, c.k), rows(vb, c.k), **_call_kw(kw, c))
+            o, lse = block_forward(rows(qv, c.q), rows(kb, c.k), rows(vb, c.k), attn_bias=_bias(ring.held, c),
+                                   **_call_kw(kw, c))
             for qs in c.parts:
                 at = qs.local - c.q.local
                 o_s, lse_s = o.narrow(2, at, qs.length), lse.narrow(2, at, qs.length)
@@ -128,7 +141,7 @@ def ring_forward(spec: CallSpec, q, k, v):
     return out, torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
 
 
-def ring_backward(spec: CallSpec, dout, q, k, v, out, lse):
+def ring_backward(spec: CallSpec, dout, q, k, v, out, lse, key_bias=None):
     """Gradients of ring_forward. dout, q, k, v, out in spec.layout; lse fp32 (B, H, S) as returned."""
     comm = spec.comm
     W, r = comm.world_size, comm.rank
@@ -138,7 +151,7 @@ def ring_backward(spec: CallSpec, dout, q, k, v, out, lse):
     lse_rows = {}  # contiguous copies of lse rows, per (local, length) of a call
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # q's layout, fp32
     dqv = spec.bhsd(dq)
-    ring = _KVRing(comm, k, v)
+    ring = _KVRing(comm, k, v, key_bias)
     # This step's dK/dV contribution (fp32), then added to the travelling accumulator of the same K/V block.
     dkb = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dvb = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -161,7 +174,7 @@ def ring_backward(spec: CallSpec, dout, q, k, v, out, lse):
                 lse_rows[key] = lse.narrow(2, c.q.local, c.q.length).contiguous()
             block_backward(rows(dov, c.q), rows(qv, c.q), rows(kb, c.k), rows(vb, c.k), rows(ov, c.q), lse_rows[key],
                            dq_acc=rows(dqv, c.q), dk_acc=rows(spec.bhsd(dkb), c.k), dv_acc=rows(spec.bhsd(dvb), c.k),
-                           **_call_kw(kw, c))
+                           attn_bias=_bias(ring.held, c), **_call_kw(kw, c))
         if W == 1:
             break
         if t == 0:

@@ -4,7 +4,8 @@ Rank j receives the whole sequence of head group j (query heads [j*H/W, (j+1)*H/
 ONE block call (no merge: per head, exactly the single-process computation) and sends each rank its rows back.
 GQA: K/V heads split the same way, so query groups land with their K/V head; when H_kv is not divisible by W each
 K/V head is first replicated (CPConfig.plan gives the factor) and the backward sums the replicas' gradients.
-Counts: forward 4 all-to-alls (q, k, v, out; +1 for lse when asked); backward 4 (dout, dq, dk, dv).
+Counts: forward 4 all-to-alls (q, k, v, out; +1 for lse when asked); backward 4 (dout, dq, dk, dv); a key bias
+(key padding) adds one all_gather to each.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from . import layout
 from ..blocks import block_backward, block_forward
 from ._call import CallSpec
+from .allgather import gather_key_bias
 
 
 def _to_heads(spec: CallSpec, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _kv_heads(spec: CallSpec, x):
     return x if spec.kv_repeat == 1 else x.repeat_interleave(spec.kv_repeat, dim=2)
 
 
-def ulysses_forward(spec: CallSpec, q, k, v):
+def ulysses_forward(spec: CallSpec, q, k, v, key_bias=None):
     """-> (out (q's layout and dtype), lse (B, H, S/W) fp32 or an empty tensor unless spec.return_lse, and what the
     backward needs: qh, kh, vh (B, S, h, D) head-sharded in global order, oh (B, h, S, Dv) rounded, lse_h (B, h, S)).
     Every returned tensor is fresh and contiguous (they are custom op outputs)."""
@@ -69,6 +71,7 @@ def ulysses_forward(spec: CallSpec, q, k, v):
     vh = _to_heads(spec, _kv_heads(spec, _bshd(spec, v)))
     h = qh.shape[2]
     o, lse_h = block_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), q_start=0, k_start=0,
+                             attn_bias=gather_key_bias(spec, key_bias),
                              **spec.block_kw(_slopes(spec, h)))  # (B, h, S, Dv) fp32, (B, h, S)
     oh = o.to(q.dtype).contiguous()  # the one rounding; (B, h, S, Dv) contiguous whatever order the kernel wrote
     out = _user(spec, _to_seq(spec, oh.transpose(1, 2))).contiguous()
@@ -80,12 +83,13 @@ def ulysses_forward(spec: CallSpec, q, k, v):
     return out, lse, qh, kh, vh, oh, lse_h
 
 
-def ulysses_backward(spec: CallSpec, dout, qh, kh, vh, oh, lse_h):
+def ulysses_backward(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, key_bias=None):
     """Gradients in the user's layout (contiguous): dq (B, S/W, Hq, D), dk, dv (B, S/W, Hkv, D) for bshd."""
     doh = _to_heads(spec, _bshd(spec, dout))
     h = qh.shape[2]
     dq, dk, dv = block_backward(doh.transpose(1, 2), qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2),
-                                oh, lse_h, q_start=0, k_start=0, **spec.block_kw(_slopes(spec, h)))  # fp32 (B,h,S,D)
+                                oh, lse_h, q_start=0, k_start=0, attn_bias=gather_key_bias(spec, key_bias),
+                                **spec.block_kw(_slopes(spec, h)))  # fp32 (B, h, S, D)
     # dq is final: round before sending. dK/dV of replicated heads are summed after the trip: send them exact.
     rep = spec.kv_repeat
     kv_dt = spec.grad_comm_dtype if rep > 1 else kh.dtype
