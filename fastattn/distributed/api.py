@@ -18,7 +18,7 @@ from .config import CPConfig, CPUnsupportedError
 from .ops import cp_attn, cp_ulysses
 
 
-def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p):
+def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False):
     def shapes():
         return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} ({layout_})"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -54,14 +54,16 @@ def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropo
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
     if cp.check_shapes:
-        _check_across_ranks(q, k, v, cp)
+        _check_across_ranks(q, k, v, cp, masked)
 
 
-def _check_across_ranks(q, k, v, cp: CPConfig):
-    mine = torch.tensor([list(q.shape) + list(k.shape) + list(v.shape)], dtype=torch.int64, device=q.device)
-    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 12) -> (W, 12)
+def _check_across_ranks(q, k, v, cp: CPConfig, masked: bool):
+    mine = torch.tensor([list(q.shape) + list(k.shape) + list(v.shape) + [int(masked)]], dtype=torch.int64,
+                        device=q.device)
+    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 13) -> (W, 13)
     if any(g != got[0] for g in got):
-        per = "; ".join(f"rank {r}: q {g[0:4]}, k {g[4:8]}, v {g[8:12]}" for r, g in enumerate(got))
+        per = "; ".join(f"rank {r}: q {g[0:4]}, k {g[4:8]}, v {g[8:12]}, key_padding_mask "
+                        f"{'given' if g[12] else 'None'}" for r, g in enumerate(got))
         raise ValueError(f"fastattn.distributed: input shapes differ across the CP ranks: {per}")
 
 
@@ -105,9 +107,10 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
     (fastattn.distributed.ops); with dropout there, pass rng (drawing one communicates, which breaks the graph).
     key_padding_mask: bool (B, S/W), True = a real key, this rank's shard (shard it like the inputs): padded keys
     are invisible to every query, whichever rank holds them (the mask travels with its K/V, or is gathered once
-    for allgather / ulysses). A query that sees no real key gets 0 (lse +inf).
+    for allgather / ulysses). A query that sees no real key gets 0 (lse +inf). Every rank passes one or none
+    (cp.check_shapes checks that too).
     """
-    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p)
+    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask is not None)
     key_bias = _key_bias(key_padding_mask, q, k, layout)
     hd = 2 if layout == "bshd" else 1
     plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)

@@ -98,9 +98,10 @@ def pad_batch(batch: Mapping[str, Any], cp: CPConfig, *, pad_values: Optional[Ma
               seq_keys: Sequence[str] = SEQ_KEYS, keep: Sequence[str] = (), seq_dim: int = 1) -> Dict[str, Any]:
     """Right-pads every sequence tensor of the batch to the next length shard_batch accepts (a multiple of 2W for
     zigzag, W for contiguous). Defaults (PAD_DEFAULTS, overridden by pad_values): input_ids 0, labels -100,
-    attention_mask 0, token_type_ids 0; position_ids continue each row. For causal models right padding never
-    reaches a real token and the pads' labels are ignored: drop the attention_mask then (CP attention takes no
-    key-padding mask yet). Returns the batch unchanged when no padding is needed."""
+    attention_mask 0, token_type_ids 0; position_ids continue each row. Without an attention_mask the pads stay
+    visible as keys: harmless for causal models (right padding never reaches a real token, and the pads' labels are
+    ignored); give bidirectional models an attention_mask, which then masks them (cp_attention's key padding mask).
+    Returns the batch unchanged when no padding is needed."""
     names, S = _seq_tensors(batch, seq_keys, seq_dim, keep, "pad_batch")
     pad = (-S) % (cp.world_size * layout.chunks_per_rank(cp.balance))
     if pad == 0:

@@ -10,11 +10,11 @@ fastattn.integrations.transformers, in AttentionInterface AND AttentionMaskInter
     loss = cp_cross_entropy(logits, local["labels"], cp)
 
 Each layer's attention is fastattn.distributed.cp_attention over the whole sequence (causal = the layer's
-is_causal), so the logits are this rank's rows of the single-process logits. Outside `context_parallel` both
-functions raise. Refused, on every rank alike (one rank refusing alone would leave its peers waiting in a
-collective): a padding mask with zeros, KV caches / generation, sliding windows, packed documents and other custom
-mask functions, and position_ids that are not the global positions of the shard (a model would embed the wrong
-positions silently).
+is_causal), so the logits are this rank's rows of the single-process logits. A 2-D padding mask (shard it with the
+batch) becomes the key padding mask that travels with its keys. Outside `context_parallel` both functions raise.
+Refused, on every rank alike (one rank refusing alone would leave its peers waiting in a collective): KV caches /
+generation, sliding windows, packed documents and other custom mask functions, and position_ids that are not the
+global positions of the shard (a model would embed the wrong positions silently).
 """
 from __future__ import annotations
 
@@ -36,9 +36,6 @@ _PROBLEMS = {
     1: "a KV cache (generation: queries at an offset, or more keys than queries) is not context parallel; generate "
        "on one rank with another implementation",
     2: "sliding-window layers are not supported under context parallelism yet",
-    3: "padding (an attention_mask with zeros) is not supported under context parallelism yet: the key mask would "
-       "have to travel with K/V. For a causal model right padding needs no mask: drop attention_mask and give the "
-       "pads' labels -100 (pad_batch does)",
     4: "the model built a custom mask (packed documents, position_ids that are not the global positions of the "
        "shard, or a custom mask function), which cannot be split across ranks",
     5: "position_ids are not the global positions of the ranks' tokens (in the CPConfig's layout): pass "
@@ -46,14 +43,18 @@ _PROBLEMS = {
 }
 
 
-def _refuse_together(cp, code: int, device) -> None:
-    """Raises the same ValueError on every rank when any rank found a problem (code > 0): one all-gather."""
-    got = cp.comm.all_gather(torch.tensor([code], dtype=torch.int64, device=device)).view(-1).tolist()  # (W,)
-    bad = [(r, c) for r, c in enumerate(got) if c]
+def _agree(cp, code: int, device, padded: bool = False) -> bool:
+    """One all-gather of every rank's (code, padded): raises the same ValueError on every rank when any rank found
+    a problem (code > 0); else returns whether any rank has padding (then every rank passes its key mask: the
+    ranks' calls must match)."""
+    mine = torch.tensor([code, int(padded)], dtype=torch.int64, device=device)
+    got = cp.comm.all_gather(mine).tolist()  # (W, 2)
+    bad = [(r, c) for r, (c, _) in enumerate(got) if c]
     if bad:
         r, c = bad[0]
         where = f"rank {r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
         raise ValueError(f"fastattn {_WHO}: {_PROBLEMS[c]} (found on {where} of {cp.world_size})")
+    return any(p for _, p in got)
 
 
 # Query rows per step when checking a mask function: (B, rows, S/W) bools at a time, never (S/W)^2.
@@ -98,9 +99,6 @@ def _mask_problem(batch_size: int, cp, kw) -> int:
         return 1
     if kw.get("local_size") is not None:
         return 2
-    attention_mask = kw.get("attention_mask")
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        return 3
     if mask_function in (_mu.causal_mask_function, _mu.bidirectional_mask_function):
         return 0
     # Not the plain function: accept it only if it is what zigzag position_ids make transformers build (use_vmap:
@@ -112,12 +110,21 @@ def _mask_problem(batch_size: int, cp, kw) -> int:
 
 
 def fastattn_cp_mask(batch_size: int, **kw):
-    """AttentionMaskInterface entry for "fastattn_cp": None (causality is the layer's, at global positions), or a
-    ValueError on every rank (see the module docstring)."""
+    """AttentionMaskInterface entry for "fastattn_cp": None (causality is the layer's, at global positions) or,
+    when some rank has padding, this rank's key mask bool (B, 1, 1, S/W); or a ValueError on every rank (see the
+    module docstring)."""
     cp = require_cp(f"fastattn {_WHO}")
     device = kw.get("device") or "cpu"
-    _refuse_together(cp, _mask_problem(batch_size, cp, kw), device)
-    return None
+    attention_mask = kw.get("attention_mask")
+    keys = None
+    if attention_mask is not None:
+        keys = attention_mask.to(device=device, dtype=torch.bool)[:, kw.get("kv_offset", 0):][:, :kw["kv_length"]]
+    padded = keys is not None and not bool(keys.all())
+    if not _agree(cp, _mask_problem(batch_size, cp, kw), device, padded):
+        return None
+    if keys is None or keys.shape[-1] != kw["kv_length"]:
+        keys = torch.ones(batch_size, kw["kv_length"], dtype=torch.bool, device=device)
+    return keys[:, None, None, :]  # (B, S/W) -> (B, 1, 1, S/W)
 
 
 def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -126,10 +133,15 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     """AttentionInterface entry for "fastattn_cp": query (B, Hq, S/W, D), key/value (B, Hkv, S/W, D), this rank's
     shard -> (output (B, S/W, Hq, D), None), this rank's rows of attention over the whole sequence."""
     cp = require_cp(f"fastattn {_WHO}")
+    key_padding_mask = None
     if attention_mask is not None:
-        raise ValueError(f"fastattn {_WHO}: got a materialised attention mask {tuple(attention_mask.shape)}; this "
-                         f"implementation takes none (its mask function returns None): was the model's mask built "
-                         f"for another attn_implementation?")
+        if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1) \
+                or attention_mask.shape[-1] != key.shape[2]:
+            raise ValueError(f"fastattn {_WHO}: got an attention mask {attention_mask.dtype} "
+                             f"{tuple(attention_mask.shape)}; this implementation takes only its own key mask "
+                             f"(B, 1, 1, {key.shape[2]}) bool: was the model's mask built for another "
+                             f"attn_implementation?")
+        key_padding_mask = attention_mask[:, 0, 0, :]  # (B, 1, 1, S/W) -> (B, S/W)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"fastattn {_WHO}: `softcap` is not supported yet; use attn_implementation='eager'")
     if query.shape[2] != key.shape[2]:
@@ -140,11 +152,11 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         # the model embedded these: they must be the shard's global positions
         want = cp.global_positions(query.shape[2] * cp.world_size, device=position_ids.device)
         ok = position_ids.shape[-1] == want.shape[0] and bool((position_ids == want).all())
-        _refuse_together(cp, 0 if ok else 5, query.device)
+        _agree(cp, 0 if ok else 5, query.device)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     out = cp_attention(query, key, value, cp=cp, causal=bool(is_causal), softmax_scale=scaling,
-                       dropout_p=float(dropout), layout="bhsd")
+                       dropout_p=float(dropout), layout="bhsd", key_padding_mask=key_padding_mask)
     return out.transpose(1, 2).contiguous(), None  # (B, H, S/W, D) -> (B, S/W, H, D)
 
 

@@ -10,8 +10,8 @@ loads directly (load_hf_state_dict drops the few buffers old checkpoints carry).
 
 Context parallelism (`cp=` or an active `context_parallel` block): the encoder runs on this rank's shard of every
 sequence at its global positions, attention over the whole sequence through fastattn.distributed.cp_attention
-(non-causal: the contiguous layout is as balanced as zigzag here). Padding (a key mask) is refused under CP for now,
-and so is the pooler: the [CLS] row lives on one rank.
+(non-causal: the contiguous layout is as balanced as zigzag here); a padding mask travels with its keys. The pooler
+is not computed under CP: the [CLS] row lives on one rank.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ class SelfAttention(nn.Module):
         k = self.key(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
         v = self.value(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if cp is not None:  # key_mask is None here (Bert.forward refuses padding under CP)
-            y = cp_attention(q, k, v, cp=cp, dropout_p=dropout_p, layout="bhsd")
+        if cp is not None:  # key_mask (B, 1, 1, S/W): this rank's keys, which travel with their K/V
+            y = cp_attention(q, k, v, cp=cp, dropout_p=dropout_p, layout="bhsd",
+                             key_padding_mask=None if key_mask is None else key_mask[:, 0, 0, :])
         else:
             y = functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
         return y.transpose(1, 2).reshape(B, S, C)  # (B, nh, S, hd) -> (B, S, C)
@@ -158,9 +159,9 @@ class Pooler(nn.Module):
 class Bert(nn.Module):
     """BertModel: forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None) ->
     (last_hidden (B, S, C), pooled (B, C)). attention_mask (B, S): 1 = real token, 0 = padding (left, right or
-    anywhere). cp (default: the active `context_parallel` config, if any): inputs are this rank's shards of
-    sequences of S * W tokens, position_ids default to their global positions, last_hidden holds this rank's rows
-    and pooled is None (the [CLS] row lives on one rank)."""
+    anywhere). cp (default: the active `context_parallel` config, if any): inputs (attention_mask included) are
+    this rank's shards of sequences of S * W tokens, position_ids default to their global positions, last_hidden
+    holds this rank's rows and pooled is None (the [CLS] row lives on one rank)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -171,18 +172,13 @@ class Bert(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):
         cp = cp if cp is not None else active_cp()
-        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        # Under CP every rank passes its mask, padded or not: the ranks' calls must match (the mask travels with K/V).
+        padded = attention_mask is not None and (cp is not None or not bool(attention_mask.bool().all()))
         if cp is not None:
             S = input_ids.shape[1] * cp.world_size
             if S > self.config.max_position_embeddings:
                 raise ValueError(f"fastattn Bert: {cp.world_size} ranks x {input_ids.shape[1]} local tokens = {S} "
                                  f"exceed max_position_embeddings {self.config.max_position_embeddings}")
-            if attention_mask is not None:  # decided on every rank alike: one rank refusing alone would hang
-                padded = bool(cp.comm.all_reduce(torch.tensor([float(padded)], device=input_ids.device))[0] > 0)
-            if padded:
-                raise ValueError("fastattn Bert: padding (attention_mask with zeros on some rank) is not supported "
-                                 "under context parallelism yet: the key mask would have to travel with K/V; "
-                                 "pack or bucket sequences to equal lengths")
             if position_ids is None:
                 position_ids = cp.global_positions(S, device=input_ids.device).view(1, -1)  # (1, S/W)
         key_mask = attention_mask.bool()[:, None, None, :] if padded else None  # (B, S) -> (B, 1, 1, S): True = attend

@@ -120,3 +120,16 @@ def test_custom_op_opcheck_with_key_bias(strategy):
         args = (q, k, v, None, comm_name(comm), strategy, "zigzag", "bshd", 0.25, 3, 0, 0.0, 0.0, 0, 0, "float32", "",
                 bias)
     torch.library.opcheck(op, args)
+
+
+def test_mask_on_some_ranks_only_is_a_clear_error_with_check_shapes():
+    def rank(comm):
+        cp = CPConfig(comm, check_shapes=True)
+        x = torch.randn(2, 4, 2, 8)
+        mask = torch.ones(2, 4, dtype=torch.bool) if comm.rank == 1 else None
+        try:
+            cp_attention(x, x, x, cp=cp, key_padding_mask=mask)
+        except ValueError as e:
+            return str(e)
+    for msg in run_local(2, rank, timeout=20):
+        assert msg is not None and "rank 0: q [2, 4, 2, 8], k [2, 4, 2, 8], v [2, 4, 2, 8], key_padding_mask None" in msg

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers", reason="HuggingFace transformers is not installed")
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -63,21 +64,32 @@ def test_registered_in_both_interfaces():
 
 # use_cache=False: with no cache transformers reads the zigzag position_ids' jump as "packed sequences" and builds a
 # segment mask, which fastattn_cp must recognise as the layout's own (with a cache it passes the plain function).
-@pytest.mark.parametrize("W,strategy,balance,use_cache", [(2, "ring", "zigzag", False), (3, "ring", "zigzag", True),
-                                                          (4, "ulysses", "contiguous", False)])
-def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance, use_cache):
+# padding: row 0 left-padded, row 1 right-padded; the key mask travels with its keys. Logits are compared on real
+# tokens and the loss reads only real tokens predicting real tokens (a pad query sees no real key: fastattn gives 0
+# where eager averages the masked values, which real tokens never see).
+@pytest.mark.parametrize("W,strategy,balance,use_cache,padding", [
+    (2, "ring", "zigzag", False, False), (3, "ring", "zigzag", True, False), (4, "ulysses", "contiguous", False, False),
+    (2, "ring", "zigzag", False, True), (4, "allgather", "zigzag", True, True)])
+def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance, use_cache, padding):
     ref, fast = pair(GPT2LMHeadModel, gpt2_config())
     ids = tokens()
-    out = ref(input_ids=ids, labels=ids)
-    out.loss.backward()
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, :7] = 0
+        mask[1, S - 10:] = 0
+    labels = torch.full_like(ids, -100)  # next-token labels, shifted here on the whole sequence
+    labels[:, :-1] = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
+    out = ref(input_ids=ids, attention_mask=mask)
+    F.cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1)).backward()  # (B*S, V)
     calls = []
 
     def rank(comm):
         cp = CPConfig(comm, strategy=strategy, balance=balance)
         m = copy.deepcopy(fast)
-        local = shard_batch({"input_ids": ids, "labels": ids}, cp, shift_labels=True)
+        batch = {"input_ids": ids, "labels": labels} | ({"attention_mask": mask} if padding else {})
+        local = shard_batch(batch, cp)
         with context_parallel(cp):
-            logits = m(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=use_cache).logits
+            logits = m(**{k: v for k, v in local.items() if k != "labels"}, use_cache=use_cache).logits
         cp_cross_entropy(logits, local["labels"], cp).backward()
         return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
 
@@ -92,32 +104,37 @@ def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance, use_cache):
     finally:
         AttentionInterface._global_mapping["fastattn_cp"] = real
     assert len(calls) == W * 2  # every layer of every rank went through fastattn_cp
-    assert_rule("logits", unshard_list([r[0] for r in res], 1, balance), out.logits, None, torch.float32)
+    real = mask.bool()
+    logits = unshard_list([r[0] for r in res], 1, balance)
+    assert_rule("logits", logits[real], out.logits[real], None, torch.float32)
     for name, p in ref.named_parameters():
         assert_rule(f"d {name}", sum(r[1][name] for r in res), p.grad, None, torch.float32)
 
 
-def test_bert_hidden_equal_eager():
+@pytest.mark.parametrize("padding", [False, True])
+def test_bert_hidden_equal_eager(padding):
     ref, fast = pair(BertModel, bert_config())
     ids = tokens(1)
-    want = ref(input_ids=ids).last_hidden_state
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, 14:17] = 0  # only in rank 1's shard (contiguous, W=2): rank 0 must pass its (all-true) mask too
+        mask[1, 20:] = 0
+    want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def rank(comm):
         cp = CPConfig(comm, strategy="ring", balance="contiguous")
-        local = shard_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cp)
+        local = shard_batch({"input_ids": ids, "attention_mask": mask}, cp)
         with context_parallel(cp), torch.no_grad():
             return fast(**local).last_hidden_state
-    assert_rule("hidden", unshard_list(run_local(2, rank), 1, "contiguous"), want, None, torch.float32)
+    real = mask.bool()
+    got = unshard_list(run_local(2, rank), 1, "contiguous")
+    assert_rule("hidden", got[real], want[real], None, torch.float32)
 
 
 def _refusal(comm, fast, ids, case):
     cp = CPConfig(comm, balance="zigzag")
     local = shard_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cp)
-    if case == "padding on rank 1":
-        mask = torch.ones_like(ids)
-        mask[0, S // 2 - 2:S // 2] = 0  # the middle: rank 1 of 2 in zigzag only
-        local["attention_mask"] = cp.shard(mask, 1)
-    elif case == "local position_ids":
+    if case == "local position_ids":
         del local["position_ids"]  # transformers then embeds 0..S/W-1 on every rank: wrong on both
         del local["attention_mask"]
     elif case == "packed documents":  # two documents, positions restarting: not one sequence to split
@@ -134,7 +151,6 @@ def _refusal(comm, fast, ids, case):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("padding on rank 1", r"padding .* is not supported under context parallelism.* \(found on rank 1 of 2\)"),
     ("local position_ids", r"position_ids are not the global positions .* \(found on rank 0 and 1 more of 2\)"),
     ("cache", "a KV cache .* is not context parallel"),
     ("packed documents", r"position_ids are not the global positions .* \(found on rank 0 and 1 more of 2\)"),
