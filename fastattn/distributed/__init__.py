@@ -4,6 +4,7 @@
     cp = CPConfig(group=None, strategy="ring", balance="zigzag")      # default process group (gloo/NCCL)
     q, k, v = (cp.shard(t, dim=1) for t in (q_full, k_full, v_full))   # this rank's tokens, zigzag order
     out = cp_attention(q, k, v, cp=cp, causal=True)                    # this rank's rows of full attention
+    out = cp_attention(q, k, v, cp=cp, key_padding_mask=cp.shard(mask, dim=1))   # padded keys travel masked
     print(cp.explain(heads_q=16, heads_kv=4, causal=True))
 
     local = shard_batch(batch, cp, shift_labels=True)        # input_ids, labels, position_ids (global), masks

@@ -33,12 +33,12 @@ _WHO = f'attn_implementation="{CP_NAME}"'
 
 # What a rank may refuse, by code: the codes travel (one all-gather), so every rank raises the same message.
 _PROBLEMS = {
-    1: "a KV cache (generation: queries at an offset, or more keys than queries) is not context parallel; generate "
-       "on one rank with another implementation",
+    1: "a KV cache (generation: queries at an offset, or a mask over other keys than the queries') is not context "
+       "parallel; generate on one rank with another implementation",
     2: "sliding-window layers are not supported under context parallelism yet",
-    4: "the model built a custom mask (packed documents, position_ids that are not the global positions of the "
+    3: "the model built a custom mask (packed documents, position_ids that are not the global positions of the "
        "shard, or a custom mask function), which cannot be split across ranks",
-    5: "position_ids are not the global positions of the ranks' tokens (in the CPConfig's layout): pass "
+    4: "position_ids are not the global positions of the ranks' tokens (in the CPConfig's layout): pass "
        "position_ids=shard_batch(batch, cp)['position_ids']",
 }
 
@@ -95,7 +95,9 @@ def _mask_problem(batch_size: int, cp, kw) -> int:
     kv_length, kv_offset = kw["kv_length"], kw.get("kv_offset", 0)
     if isinstance(q_offset, torch.Tensor):
         q_offset = int(q_offset)
-    if q_offset or kv_offset or kv_length != q_length:
+    attention_mask = kw.get("attention_mask")
+    if q_offset or kv_offset or kv_length != q_length or (attention_mask is not None and
+                                                          attention_mask.shape[-1] != kv_length):
         return 1
     if kw.get("local_size") is not None:
         return 2
@@ -106,7 +108,7 @@ def _mask_problem(batch_size: int, cp, kw) -> int:
     if not kw.get("use_vmap") and _is_layout_artifact(mask_function, batch_size, q_length, cp,
                                                       kw.get("device") or "cpu"):
         return 0
-    return 4
+    return 3
 
 
 def fastattn_cp_mask(batch_size: int, **kw):
@@ -116,13 +118,11 @@ def fastattn_cp_mask(batch_size: int, **kw):
     cp = require_cp(f"fastattn {_WHO}")
     device = kw.get("device") or "cpu"
     attention_mask = kw.get("attention_mask")
-    keys = None
-    if attention_mask is not None:
-        keys = attention_mask.to(device=device, dtype=torch.bool)[:, kw.get("kv_offset", 0):][:, :kw["kv_length"]]
-    padded = keys is not None and not bool(keys.all())
-    if not _agree(cp, _mask_problem(batch_size, cp, kw), device, padded):
+    keys = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)  # (B, S/W)
+    problem = _mask_problem(batch_size, cp, kw)
+    if not _agree(cp, problem, device, padded=keys is not None and not problem and not bool(keys.all())):
         return None
-    if keys is None or keys.shape[-1] != kw["kv_length"]:
+    if keys is None:  # another rank has padding: the ranks' calls must match
         keys = torch.ones(batch_size, kw["kv_length"], dtype=torch.bool, device=device)
     return keys[:, None, None, :]  # (B, S/W) -> (B, 1, 1, S/W)
 
@@ -152,7 +152,7 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         # the model embedded these: they must be the shard's global positions
         want = cp.global_positions(query.shape[2] * cp.world_size, device=position_ids.device)
         ok = position_ids.shape[-1] == want.shape[0] and bool((position_ids == want).all())
-        _agree(cp, 0 if ok else 5, query.device)
+        _agree(cp, 0 if ok else 4, query.device)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     out = cp_attention(query, key, value, cp=cp, causal=bool(is_causal), softmax_scale=scaling,

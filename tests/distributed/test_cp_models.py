@@ -130,8 +130,9 @@ def test_gpt2_cp_refusals():
 
 # --- BERT --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("W,strategy,balance,padding", [(2, "ring", "contiguous", False), (4, "ulysses", "zigzag", False),
-                                                        (3, "ring", "zigzag", True), (2, "allgather", "contiguous", True)])
+@pytest.mark.parametrize("W,strategy,balance,padding", [
+    (2, "ring", "contiguous", False), (4, "ulysses", "zigzag", False), (3, "ring", "zigzag", True),
+    (2, "allgather", "contiguous", True)])
 def test_bert_cp_hidden_and_grads_equal_single_process(W, strategy, balance, padding):
     """Padding: row 0 left-padded, row 1 right-padded (whole chunks of padding on some ranks); compared on real
     tokens, the loss reads real tokens only."""
@@ -143,7 +144,7 @@ def test_bert_cp_hidden_and_grads_equal_single_process(W, strategy, balance, pad
         mask[1, S - 9:] = 0
     real = mask.bool()
     tt = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(2))
-    probe = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(3)) * real[..., None]  # loss = <hidden, probe>
+    probe = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(3)) * real[..., None]  # loss: <hidden, probe>
     ref = copy.deepcopy(hf).double()
     want = ref(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
     (want * probe.double()).sum().backward()

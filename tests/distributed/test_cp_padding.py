@@ -132,4 +132,5 @@ def test_mask_on_some_ranks_only_is_a_clear_error_with_check_shapes():
         except ValueError as e:
             return str(e)
     for msg in run_local(2, rank, timeout=20):
-        assert msg is not None and "rank 0: q [2, 4, 2, 8], k [2, 4, 2, 8], v [2, 4, 2, 8], key_padding_mask None" in msg
+        assert msg is not None and "rank 0: q [2, 4, 2, 8], k [2, 4, 2, 8], v [2, 4, 2, 8], key_padding_mask None" \
+            in msg and "rank 1: q [2, 4, 2, 8], k [2, 4, 2, 8], v [2, 4, 2, 8], key_padding_mask given" in msg
