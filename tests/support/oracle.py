@@ -148,4 +148,5 @@ def delta_error(attend, q, k, view_q, view_k, dout, out, out_ref, scale):
     pk = attend(qv.detach(), view_k(k.detach().double()), view_k(kl))  # (P K)_i, shaped like q's view
     dq, = torch.autograd.grad(qv, ql, d * pk.detach())
     dk, = torch.autograd.grad(pk, kl, d * qv.detach())  # sum_i P_ij Delta_i Q_i, summed as dK is
-    return scale * float(dq.abs().max()), scale * float(dk.abs().max())
+    top = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731 (empty: Sq, Sk or a head dim is 0)
+    return scale * top(dq), scale * top(dk)
