@@ -8,6 +8,10 @@ For each call it times, interleaved round by round:
 and reports fastattn / sdpa and the Python overhead = fastattn - op. Targets (issue 13): fastattn <= 1.3x SDPA,
 overhead <= 10 us. Small calls are what this measures: the kernels themselves take a few microseconds.
 
+Times are this thread's CPU time (time.thread_time; torch runs on this one thread): on a shared, loaded machine
+wall time also counts the time slices other processes take, which swamps differences of a few microseconds.
+--wall times wall-clock instead.
+
     python benchmarks/bench_overhead.py            # ~1 min
     python benchmarks/bench_overhead.py --quick    # a few seconds, noisier
 """
@@ -75,11 +79,11 @@ def cases():
     return out
 
 
-def _per_call_us(fn, inner):
-    t = time.perf_counter()
+def _per_call_us(fn, inner, clock):
+    t = clock()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t) / inner * 1e6
+    return (clock() - t) / inner * 1e6
 
 
 def main():
@@ -87,11 +91,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per call (default 30, --quick 7)")
     ap.add_argument("--inner", type=int, default=200, help="calls per round")
+    ap.add_argument("--wall", action="store_true", help="wall-clock time instead of this thread's CPU time")
     args = ap.parse_args()
     rounds = args.rounds or (7 if args.quick else 30)
     inner = args.inner // 4 if args.quick else args.inner
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, CPU, 1 thread, fp32; median over {rounds} rounds of {inner} calls (us/call)")
+    clock = time.perf_counter if args.wall else time.thread_time
+    print(f"torch {torch.__version__}, CPU, 1 thread, fp32; median over {rounds} rounds of {inner} calls "
+          f"(us/call, {'wall clock' if args.wall else 'thread CPU time'})")
     print(f"{'call':<38} {'sdpa':>8} {'fastattn':>9} {'ratio':>6} {'op':>8} {'overhead':>9}  op")
     for name, (sdpa, ours, (op_label, op)) in cases().items():
         fns = {"sdpa": sdpa, "ours": ours}
@@ -103,7 +110,7 @@ def main():
         samples = {k: [] for k in fns}
         for _ in range(rounds):  # interleaved, so drift hits every column alike
             for k, f in fns.items():
-                samples[k].append(_per_call_us(f, inner))
+                samples[k].append(_per_call_us(f, inner, clock))
         med = {k: statistics.median(v) for k, v in samples.items()}
         op_us = med.get("op")
         print(f"{name:<38} {med['sdpa']:8.1f} {med['ours']:9.1f} {med['ours'] / med['sdpa']:5.2f}x "

@@ -56,8 +56,28 @@ def use_backend(name: Optional[str]):
         _ctx_backend.reset(tok)
 
 
+def _env_reader():
+    """() -> os.environ.get("FASTATTN_BACKEND"). Where os.environ keeps the encoded mapping it writes through
+    (CPython), that mapping is read with the key encoded once: os.environ.get encodes it on every call (~1 us)."""
+    env = os.environ
+    try:
+        data, key, decode = env._data, env.encodekey("FASTATTN_BACKEND"), env.decodevalue
+    except AttributeError:
+        return lambda: os.environ.get("FASTATTN_BACKEND")
+
+    def read():
+        if os.environ is not env:  # replaced wholesale (a test may): read the new one the slow way
+            return os.environ.get("FASTATTN_BACKEND")
+        v = data.get(key)
+        return None if v is None else decode(v)
+    return read
+
+
+_env_backend = _env_reader()
+
+
 def requested_backend(backend: Optional[str] = None) -> str:
-    name = backend or _ctx_backend.get() or os.environ.get("FASTATTN_BACKEND") or "auto"
+    name = backend or _ctx_backend.get() or _env_backend() or "auto"
     if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name
@@ -198,16 +218,20 @@ _DECODES: Dict[tuple, Tuple[str, ...]] = {}
 
 
 def _key(p: AttnParams, requested: str, route: bool) -> tuple:
-    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read."""
-    q, bias = p.q, p.attn_bias
-    qs = q.shape
-    sq = qs[2]
-    grad = p.requires_grad
-    return (requested, route, q.device, q.dtype, qs[0] == 0, qs[1], p.k.shape[1], qs[3], p.v.shape[3],
-            sq if sq <= MAX_ROUTE_Q else -1, p.seqlen_q == p.seqlen_k, p.window_left >= 0,
-            p.window_right if p.window_right <= 0 else 1, p.bottom_right, bias is not None,
-            grad and bias is not None and bias.requires_grad, p.dropout_p > 0, p.cu_seqlens_q is not None,
-            p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse, p.q_start is not None)
+    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read. Plain
+    field reads: this runs on every call."""
+    q, k, bias = p.q, p.k, p.attn_bias
+    B, Hq, Sq, D = q.shape
+    varlen = p.cu_seqlens_q is not None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or p.v.requires_grad
+                                        or bias is not None and bias.requires_grad)
+    wr = p.window_right
+    return (requested, route, q.device, q.dtype, B == 0, Hq, k.shape[1], D, p.v.shape[3],
+            Sq if Sq <= MAX_ROUTE_Q else -1,
+            p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == k.shape[2], p.window_left >= 0,
+            wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
+            p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
+            p.q_start is not None)
 
 
 def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -261,16 +285,22 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
         return None
     if (p.window_left >= 0 or p.window_right >= 0) and not p.bottom_right and Sq != Sk:
         return None
-    return DecodeCall(q=p.q, k_cache=p.k.transpose(1, 2), v_cache=p.v.transpose(1, 2),  # (B,H,S,D)->(B,S,H,D)
-                      seqlens_k=torch.full((B,), Sk, dtype=torch.int32, device=p.device), scale=p.scale,
-                      window_left=p.window_left, window_right=p.window_right, softcap=p.softcap,
-                      alibi_slopes=p.alibi_slopes)
+    return _as_decode(p)
+
+
+def _as_decode(p: AttnParams) -> DecodeCall:
+    """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again."""
+    q = p.q
+    return DecodeCall(q, p.k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
+                      torch.full((q.shape[0],), p.k.shape[2], dtype=torch.int32, device=q.device), None, None,
+                      p.scale, p.window_left, p.window_right, p.softcap, p.alibi_slopes)
 
 
 def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = True):
     """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
     route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
-    B, Hq, Sq, _ = p.q.shape
+    q = p.q
+    B, Hq, Sq, _ = q.shape
     if _is_zero(Sq) or _is_zero(p.k.shape[2]) or _is_zero(B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         zero = (p.q.sum() + p.k.sum() + p.v.sum()) * 0 if p.requires_grad else 0
@@ -283,7 +313,7 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     if b is None:
         _refuse(p, backend)
     if b.name in ch.decodes:  # short-query call (e.g. one generated token): the backend's split-KV kernel
-        c = dense_call(p)
+        c = _as_decode(p)
         if not b.extra_decode_reasons(c):
             return b.decode.run(c)
     return b.forward(p)
