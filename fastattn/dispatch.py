@@ -89,6 +89,13 @@ def _is_zero(n) -> bool:
     return n == 0 if type(n) is int else guard_or_false(n == 0)
 
 
+def _any_zero(a, b, c) -> bool:
+    """_is_zero(a) or _is_zero(b) or _is_zero(c), in one call for plain ints (every eager call)."""
+    if type(a) is int and type(b) is int and type(c) is int:
+        return not (a and b and c)
+    return _is_zero(a) or _is_zero(b) or _is_zero(c)
+
+
 def _order(device_type: str, requested: str) -> Tuple[str, ...]:
     if requested != "auto":
         return (requested,)
@@ -249,10 +256,13 @@ def _choice(p: AttnParams, requested: str, route: bool) -> _Choice:
         return _decide(p, requested, route)
     key = _key(p, requested, route)
     ch = _CHOICES.get(key)
-    if ch is None:
-        if len(_CHOICES) >= _CACHE_LIMIT:
-            _CHOICES.clear()
-        ch = _CHOICES[key] = _decide(p, requested, route)
+    return _remember(key, p, requested, route) if ch is None else ch
+
+
+def _remember(key: tuple, p: AttnParams, requested: str, route: bool) -> _Choice:
+    if len(_CHOICES) >= _CACHE_LIMIT:
+        _CHOICES.clear()
+    ch = _CHOICES[key] = _decide(p, requested, route)
     return ch
 
 
@@ -281,7 +291,7 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
         return None
     B, Hq, Sq, D = p.q.shape
     Sk = p.k.shape[2]
-    if Sq > MAX_ROUTE_Q or _is_zero(Sq) or _is_zero(Sk) or _is_zero(B):
+    if Sq > MAX_ROUTE_Q or _any_zero(Sq, Sk, B):
         return None
     if (p.window_left >= 0 or p.window_right >= 0) and not p.bottom_right and Sq != Sk:
         return None
@@ -290,10 +300,10 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
 
 def _as_decode(p: AttnParams) -> DecodeCall:
     """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again."""
-    q = p.q
-    return DecodeCall(q, p.k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
-                      torch.full((q.shape[0],), p.k.shape[2], dtype=torch.int32, device=q.device), None, None,
-                      p.scale, p.window_left, p.window_right, p.softcap, p.alibi_slopes)
+    q, k = p.q, p.k
+    return DecodeCall(q, k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
+                      q.new_full((q.shape[0],), k.shape[2], dtype=torch.int32), None, None, p.scale, p.window_left,
+                      p.window_right, p.softcap, p.alibi_slopes)
 
 
 def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = True):
@@ -301,14 +311,20 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
     q = p.q
     B, Hq, Sq, _ = q.shape
-    if _is_zero(Sq) or _is_zero(p.k.shape[2]) or _is_zero(B):
+    if _any_zero(Sq, p.k.shape[2], B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         zero = (p.q.sum() + p.k.sum() + p.v.sum()) * 0 if p.requires_grad else 0
         out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
         lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
         return out, lse
-    requested = requested_backend(backend)
-    ch = _choice(p, requested, route_decode)
+    requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # requested_backend, inlined
+    if requested != "auto" and requested not in BACKENDS:
+        get_backend(requested)  # unknown names raise here
+    if torch.compiler.is_compiling():
+        ch = _decide(p, requested, route_decode)
+    else:  # _choice, inlined
+        key = _key(p, requested, route_decode)
+        ch = _CHOICES.get(key) or _remember(key, p, requested, route_decode)
     b = _pick(p, requested, ch.candidates)
     if b is None:
         _refuse(p, backend)

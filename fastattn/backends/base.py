@@ -193,8 +193,8 @@ class Backend:
     def extra_decode_reasons(self, c: DecodeCall) -> List[str]:
         """Per-call decode checks: strides, and the kernel's own (alignment)."""
         q, k, v = c.q, c.k_cache, c.v_cache
-        if (q.stride(-1) != 1 and q.shape[-1] > 1 or k.stride(-1) != 1 and k.shape[-1] > 1
-                or v.stride(-1) != 1 and v.shape[-1] > 1):
+        if (q.stride()[-1] != 1 and q.shape[-1] > 1 or k.stride()[-1] != 1 and k.shape[-1] > 1
+                or v.stride()[-1] != 1 and v.shape[-1] > 1):
             return ["q or cache not contiguous along the head dim"]
         return self.decode.extra_reasons(c)
 
