@@ -225,15 +225,16 @@ _DECODES: Dict[tuple, Tuple[str, ...]] = {}
 
 
 def _key(p: AttnParams, requested: str, route: bool) -> tuple:
-    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read. Plain
-    field reads: this runs on every call."""
+    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read; plain
+    field reads, as this runs on every call. Empty calls (B, Sq or Sk = 0) never get here: run answers them first,
+    and select's callers skip them."""
     q, k, bias = p.q, p.k, p.attn_bias
-    B, Hq, Sq, D = q.shape
+    _, Hq, Sq, D = q.shape
     varlen = p.cu_seqlens_q is not None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or p.v.requires_grad
                                         or bias is not None and bias.requires_grad)
     wr = p.window_right
-    return (requested, route, q.device, q.dtype, B == 0, Hq, k.shape[1], D, p.v.shape[3],
+    return (requested, route, q.device, q.dtype, Hq, k.shape[1], D, p.v.shape[3],
             Sq if Sq <= MAX_ROUTE_Q else -1,
             p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == k.shape[2], p.window_left >= 0,
             wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
