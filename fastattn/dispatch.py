@@ -337,11 +337,11 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
 
 
 def _decode_key(c: DecodeCall, requested: str) -> tuple:
-    q = c.q
-    qs = q.shape
-    hkv = c.k_cache.shape[2]
-    return (requested, q.device, q.dtype, q.numel() == 0, qs[3], c.v_cache.shape[-1],
-            min((qs[1] // hkv) * qs[2], _MAX_ROWS + 1), c.requires_grad())
+    q, kc, vc = c.q, c.k_cache, c.v_cache
+    _, Hq, Sq, D = q.shape
+    rows = min((Hq // kc.shape[2]) * Sq, _MAX_ROWS + 1)  # past every kernel's limit, one class
+    return (requested, q.device, q.dtype, q.numel() == 0, D, vc.shape[3], rows,
+            torch.is_grad_enabled() and (q.requires_grad or kc.requires_grad or vc.requires_grad))
 
 
 def run_decode(c: DecodeCall, backend: Optional[str] = None):

@@ -35,7 +35,7 @@ def _check_cache_seqlens(cache_seqlens, B, device):
                          f"{type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
         return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
         raise ValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     # contiguous: kernels read it densely (the Triton decode kernel asks for it); a view of it is passed through
@@ -154,7 +154,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     check_qkv(q, k_cache, v_cache, layout="bshd", names=("q", "k_cache", "v_cache"), same_batch=False)
     B, Sq, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+    if type(num_splits) is not int and (isinstance(num_splits, bool) or not isinstance(num_splits, int)) \
+            or num_splits < 0:
         raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     softcap = check_softcap(softcap)
     # Value checks read tensor contents: one host sync (below). Skipped while tracing (they ran in eager mode) and

@@ -134,7 +134,8 @@ def dropout_seed(p: AttnParams):
 
 # The Python autograd kernel that register_autograd installs runs on every call, and without a gradient to record it
 # only re-dispatches below the Autograd key (torch/_library/autograd.py redispatch_no_grad): several microseconds
-# of Python per call. Inference calls go below Autograd directly, under the guard that function uses; same kernels, same outputs.
+# of Python per call. Inference calls go below Autograd directly, under the guard that function uses: the same
+# kernels and outputs.
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
