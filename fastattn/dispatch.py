@@ -16,7 +16,9 @@ dims, a query-length class, the features used, the requested backend, grad mode:
 per key and cached. A call then pays a dict lookup plus the backends' per-call checks (`extra_reasons`,
 `auto_reasons`, `extra_decode_reasons`). Descriptions and explanations are built only when asked for
 (fastattn.explain, explain_kvcache) or on refusal. While torch.compile traces, the cache is bypassed (the same
-decision is recomputed from the declarations, so the trace guards on shapes, not on a dict)."""
+decision is recomputed from the declarations, so the trace guards on shapes, not on a dict). Only decisions are
+cached, never a call's validation: value checks (cu_seqlens, cache indices) run on every call.
+tests/test_dispatch_cache.py shows each key field matters: blank any one and some call inherits another's decision."""
 from __future__ import annotations
 
 import contextlib

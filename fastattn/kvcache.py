@@ -63,7 +63,7 @@ def _paged_slots(block_table, lens, snew, page):
 
 def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, page):
     """Every index the append and the kernels follow lies inside the cache, and no two rows append into one slot;
-    one host sync for all of them."""
+    one host sync for all of them (none on CPU)."""
     nblocks = k_cache.shape[0]
     shared_slots = block_table is not None and snew and block_table.numel() and capacity >= snew
     if block_table is None and k_cache.is_cpu:

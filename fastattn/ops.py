@@ -1,6 +1,7 @@
 """The C++ op stack seen from Python: loads `fastattn._C` (which registers torch.ops.fastattn.fwd/bwd/decode_fwd
 from TORCH_LIBRARY in csrc/ops.cpp), and registers their fake functions and autograd (all of it here), so the ops
-run under torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention` and `cpp_decode`."""
+run under torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention` and `cpp_decode`;
+`cpp_attention` runs inference calls below the Autograd key, past the Python autograd kernel (see there)."""
 from __future__ import annotations
 
 import importlib.util
