@@ -325,3 +325,17 @@ def test_compile_after_warm_cache_matches_eager():
     compiled = torch.compile(fn, fullgraph=True, backend="eager")(q, k, v, qp, kp, vp)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_graph_does_not_depend_on_the_cache():
+    """The trace bypasses the cache: new entries made by eager calls afterwards do not recompile the graph."""
+    from torch._dynamo.testing import CompileCounter
+    cnt = CompileCounter()
+    fn = torch.compile(lambda q, k, v: sdpa(q, k, v), fullgraph=True, backend=cnt)
+    a = qkv(Sq=1, Sk=40)
+    fn(*a)
+    for kw in (dict(Sq=3, Sk=7), dict(Sq=32, D=8), dict(Hq=2, Sq=16)):  # eager calls: new cache entries
+        sdpa(*qkv(**kw))
+        sdpa(*qkv(**kw), backend="reference")
+    torch.testing.assert_close(fn(*a), sdpa(*a), rtol=1e-5, atol=1e-6)
+    assert cnt.frame_count == 1
