@@ -16,7 +16,9 @@ dims, a query-length class, the features used, the requested backend, grad mode:
 per key and cached. A call then pays a dict lookup plus the backends' per-call checks (`extra_reasons`,
 `auto_reasons`, `extra_decode_reasons`). Descriptions and explanations are built only when asked for
 (fastattn.explain, explain_kvcache) or on refusal. While torch.compile traces, the cache is bypassed (the same
-decision is recomputed from the declarations, so the trace guards on shapes, not on a dict)."""
+decision is recomputed from the declarations, so the trace guards on shapes, not on a dict). Only decisions are
+cached, never a call's validation: value checks (cu_seqlens, cache indices) run on every call.
+tests/test_dispatch_cache.py shows each key field matters: blank any one and some call inherits another's decision."""
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +58,28 @@ def use_backend(name: Optional[str]):
         _ctx_backend.reset(tok)
 
 
+def _env_reader():
+    """() -> os.environ.get("FASTATTN_BACKEND"). Where os.environ keeps the encoded mapping it writes through
+    (CPython), that mapping is read with the key encoded once: os.environ.get encodes it on every call (~1 us)."""
+    env = os.environ
+    try:
+        data, key, decode = env._data, env.encodekey("FASTATTN_BACKEND"), env.decodevalue
+    except AttributeError:
+        return lambda: os.environ.get("FASTATTN_BACKEND")
+
+    def read():
+        if os.environ is not env:  # replaced wholesale (a test may): read the new one the slow way
+            return os.environ.get("FASTATTN_BACKEND")
+        v = data.get(key)
+        return None if v is None else decode(v)
+    return read
+
+
+_env_backend = _env_reader()
+
+
 def requested_backend(backend: Optional[str] = None) -> str:
-    name = backend or _ctx_backend.get() or os.environ.get("FASTATTN_BACKEND") or "auto"
+    name = backend or _ctx_backend.get() or _env_backend() or "auto"
     if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name
@@ -67,6 +89,13 @@ def _is_zero(n) -> bool:
     """n == 0 for a size; a data-dependent size (torch.export) that may be 0 counts as non-zero instead of
     stopping the trace (the kernels take empty tensors)."""
     return n == 0 if type(n) is int else guard_or_false(n == 0)
+
+
+def _any_zero(a, b, c) -> bool:
+    """_is_zero(a) or _is_zero(b) or _is_zero(c), in one call for plain ints (every eager call)."""
+    if type(a) is int and type(b) is int and type(c) is int:
+        return not (a and b and c)
+    return _is_zero(a) or _is_zero(b) or _is_zero(c)
 
 
 def _order(device_type: str, requested: str) -> Tuple[str, ...]:
@@ -198,16 +227,21 @@ _DECODES: Dict[tuple, Tuple[str, ...]] = {}
 
 
 def _key(p: AttnParams, requested: str, route: bool) -> tuple:
-    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read."""
-    q, bias = p.q, p.attn_bias
-    qs = q.shape
-    sq = qs[2]
-    grad = p.requires_grad
-    return (requested, route, q.device, q.dtype, qs[0] == 0, qs[1], p.k.shape[1], qs[3], p.v.shape[3],
-            sq if sq <= MAX_ROUTE_Q else -1, p.seqlen_q == p.seqlen_k, p.window_left >= 0,
-            p.window_right if p.window_right <= 0 else 1, p.bottom_right, bias is not None,
-            grad and bias is not None and bias.requires_grad, p.dropout_p > 0, p.cu_seqlens_q is not None,
-            p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse, p.q_start is not None)
+    """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read; plain
+    field reads, as this runs on every call. Empty calls (B, Sq or Sk = 0) never get here: run answers them first,
+    and select's callers skip them."""
+    q, k, bias = p.q, p.k, p.attn_bias
+    _, Hq, Sq, D = q.shape
+    varlen = p.cu_seqlens_q is not None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or p.v.requires_grad
+                                        or bias is not None and bias.requires_grad)
+    wr = p.window_right
+    return (requested, route, q.device, q.dtype, Hq, k.shape[1], D, p.v.shape[3],
+            Sq if Sq <= MAX_ROUTE_Q else -1,
+            p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == k.shape[2], p.window_left >= 0,
+            wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
+            p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
+            p.q_start is not None)
 
 
 def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -225,10 +259,13 @@ def _choice(p: AttnParams, requested: str, route: bool) -> _Choice:
         return _decide(p, requested, route)
     key = _key(p, requested, route)
     ch = _CHOICES.get(key)
-    if ch is None:
-        if len(_CHOICES) >= _CACHE_LIMIT:
-            _CHOICES.clear()
-        ch = _CHOICES[key] = _decide(p, requested, route)
+    return _remember(key, p, requested, route) if ch is None else ch
+
+
+def _remember(key: tuple, p: AttnParams, requested: str, route: bool) -> _Choice:
+    if len(_CHOICES) >= _CACHE_LIMIT:
+        _CHOICES.clear()
+    ch = _CHOICES[key] = _decide(p, requested, route)
     return ch
 
 
@@ -257,44 +294,56 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
         return None
     B, Hq, Sq, D = p.q.shape
     Sk = p.k.shape[2]
-    if Sq > MAX_ROUTE_Q or _is_zero(Sq) or _is_zero(Sk) or _is_zero(B):
+    if Sq > MAX_ROUTE_Q or _any_zero(Sq, Sk, B):
         return None
     if (p.window_left >= 0 or p.window_right >= 0) and not p.bottom_right and Sq != Sk:
         return None
-    return DecodeCall(q=p.q, k_cache=p.k.transpose(1, 2), v_cache=p.v.transpose(1, 2),  # (B,H,S,D)->(B,S,H,D)
-                      seqlens_k=torch.full((B,), Sk, dtype=torch.int32, device=p.device), scale=p.scale,
-                      window_left=p.window_left, window_right=p.window_right, softcap=p.softcap,
-                      alibi_slopes=p.alibi_slopes)
+    return _as_decode(p)
+
+
+def _as_decode(p: AttnParams) -> DecodeCall:
+    """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again."""
+    q, k = p.q, p.k
+    return DecodeCall(q, k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
+                      q.new_full((q.shape[0],), k.shape[2], dtype=torch.int32), None, None, p.scale, p.window_left,
+                      p.window_right, p.softcap, p.alibi_slopes)
 
 
 def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = True):
     """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
     route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
-    B, Hq, Sq, _ = p.q.shape
-    if _is_zero(Sq) or _is_zero(p.k.shape[2]) or _is_zero(B):
+    q = p.q
+    B, Hq, Sq, _ = q.shape
+    if _any_zero(Sq, p.k.shape[2], B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         zero = (p.q.sum() + p.k.sum() + p.v.sum()) * 0 if p.requires_grad else 0
         out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
         lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
         return out, lse
-    requested = requested_backend(backend)
-    ch = _choice(p, requested, route_decode)
+    requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # requested_backend, inlined
+    if requested != "auto" and requested not in BACKENDS:
+        get_backend(requested)  # unknown names raise here
+    if torch.compiler.is_compiling():
+        ch = _decide(p, requested, route_decode)
+    else:  # _choice, inlined
+        key = _key(p, requested, route_decode)
+        ch = _CHOICES.get(key) or _remember(key, p, requested, route_decode)
     b = _pick(p, requested, ch.candidates)
     if b is None:
         _refuse(p, backend)
     if b.name in ch.decodes:  # short-query call (e.g. one generated token): the backend's split-KV kernel
-        c = dense_call(p)
+        c = _as_decode(p)
         if not b.extra_decode_reasons(c):
             return b.decode.run(c)
     return b.forward(p)
 
 
 def _decode_key(c: DecodeCall, requested: str) -> tuple:
-    q = c.q
-    qs = q.shape
-    hkv = c.k_cache.shape[2]
-    return (requested, q.device, q.dtype, q.numel() == 0, qs[3], c.v_cache.shape[-1],
-            min((qs[1] // hkv) * qs[2], _MAX_ROWS + 1), c.requires_grad())
+    q, kc, vc = c.q, c.k_cache, c.v_cache
+    _, Hq, Sq, D = q.shape
+    rows = min((Hq // kc.shape[2]) * Sq, _MAX_ROWS + 1)  # past every kernel's limit, one class
+    return (requested, q.device, q.dtype, q.numel() == 0, D, vc.shape[3], rows,
+            torch.is_grad_enabled() and (q.requires_grad or kc.requires_grad or vc.requires_grad))
 
 
 def run_decode(c: DecodeCall, backend: Optional[str] = None):

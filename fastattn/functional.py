@@ -75,21 +75,27 @@ def _sdpa_shapes(query, key, value, enable_gqa):
 
 
 def _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """-> (AttnParams, the output's shape with batch dims unflattened, the output's rank)."""
+    """-> (AttnParams, the output's shape with batch dims unflattened, the output's rank). The output shape is None
+    when the kernels' (B, H, Sq, Dv) is already it (4-D inputs with nothing to broadcast)."""
     check_tensors(query, key, value)
-    hq, hk = query.shape[-3] if query.dim() > 2 else 1, key.shape[-3] if key.dim() > 2 else 1
-    if (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
-            and hk == value.shape[1] and (hq == hk or enable_gqa and hk > 0 and hq % hk == 0)
-            and query.shape[3] == key.shape[3] and key.shape[2] == value.shape[2]):
-        q, k, v, rank = query, key, value, 4  # the common case: nothing to broadcast
-        scores = tuple(q.shape[:3]) + (k.shape[2],)
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]
+            and (qs[1] == ks[1] or enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0) and qs[3] == ks[3]
+            and ks[2] == vs[2]):
+        q, k, v, rank, out_shape = query, key, value, 4, None  # the common case: nothing to broadcast
+        scores = (qs[0], qs[1], qs[2], ks[2])
     else:
         q, k, v, scores, rank = _sdpa_shapes(query, key, value, enable_gqa)
-    Sq, Sk = scores[-2], scores[-1]
-    bottom_right = causal_bias_alignment(attn_mask, is_causal, Sq, Sk)
-    if bottom_right is not None:  # a CausalBias: causal in its alignment, not a dense mask
-        attn_mask, is_causal = None, True
-    bias, kind = normalize_mask(attn_mask, q, scores)
+        out_shape = scores[:-1] + (v.shape[-1],)
+    bias = kind = None
+    if attn_mask is not None:
+        bottom_right = causal_bias_alignment(attn_mask, is_causal, scores[-2], scores[-1])
+        if bottom_right is None:
+            bias, kind = normalize_mask(attn_mask, q, scores)
+        else:  # a CausalBias: causal in its alignment, not a dense mask
+            is_causal = True
+    else:
+        bottom_right = None
     if q.shape[-1] == 0:
         # No features: every score is 0 (PyTorch's result, whatever the scale). One zero feature gives the same.
         q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))  # (B, H, S, 0) -> (B, H, S, 1)
@@ -97,7 +103,7 @@ def _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
     p = AttnParams(q=q, k=k, v=v, scale=default_scale(scale, q.shape[-1]), attn_bias=bias, mask_kind=kind,
                    window_left=-1, window_right=0 if is_causal else -1, bottom_right=bool(bottom_right),
                    dropout_p=check_dropout(dropout_p))
-    return p, scores[:-1] + (v.shape[-1],), rank
+    return p, out_shape, rank
 
 
 def _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> AttnParams:
@@ -142,6 +148,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = _nothing_to_compute(p)
     else:
         out, _ = dispatch.run(p, backend)
+    if out_shape is None:
+        return out
     final = out_shape[len(out_shape) - rank:]  # drops the size-1 dims that padded inputs below 4-D
     return out if out.shape == final else out.reshape(final)  # (B, H, Sq, Dv) -> (N, ..., H, Sq, Dv), a view
 

@@ -35,10 +35,11 @@ def _check_cache_seqlens(cache_seqlens, B, device):
                          f"{type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
         return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
         raise ValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
-    return cache_seqlens.to(device)
+    # contiguous: kernels read it densely (the Triton decode kernel asks for it); a view of it is passed through
+    return (cache_seqlens if cache_seqlens.device == device else cache_seqlens.to(device)).contiguous()
 
 
 def _bad_pages(block_table, lens, snew, page, nblocks):
@@ -62,25 +63,36 @@ def _paged_slots(block_table, lens, snew, page):
 
 def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, page):
     """Every index the append and the kernels follow lies inside the cache, and no two rows append into one slot;
-    one host sync for all of them."""
+    one host sync for all of them (none on CPU)."""
     nblocks = k_cache.shape[0]
-    stats = []  # int64 scalars, read back together
-    if lens is not None:
-        stats += [lens.min(), lens.max()]
-    if cache_batch_idx is not None:
-        stats += [cache_batch_idx.min(), cache_batch_idx.max(),
-                  (cache_batch_idx.sort().values.diff() == 0).sum() if snew else cache_batch_idx.new_zeros(())]
     shared_slots = block_table is not None and snew and block_table.numel() and capacity >= snew
-    if block_table is not None:
-        stats.append(_bad_pages(block_table, lens, snew, page, nblocks).sum() if block_table.numel()
-                     else block_table.new_zeros(()))
-    if shared_slots:
-        # Clamped so that a bad length or page (reported first, below) cannot make this gather fail instead.
-        slots = _paged_slots(block_table.clamp(0, max(nblocks - 1, 0)), lens.clamp(0, capacity - snew), snew, page)
-        stats.append((slots.flatten().sort().values.diff() == 0).sum())
-    if not stats:
-        return
-    vals = torch.stack([t.to(torch.int64) for t in stats]).tolist()
+    if block_table is None and k_cache.is_cpu:
+        # CPU, dense cache: no host sync to save, and B Python ints cost less than tensor reductions.
+        vals = []
+        if lens is not None:
+            ls = lens.tolist()
+            vals += [min(ls), max(ls)]
+        if cache_batch_idx is not None:
+            ix = cache_batch_idx.tolist()
+            vals += [min(ix), max(ix), len(ix) - len(set(ix)) if snew else 0]
+    else:
+        stats = []  # int64 scalars, read back together
+        if lens is not None:
+            stats += [lens.min(), lens.max()]
+        if cache_batch_idx is not None:
+            stats += [cache_batch_idx.min(), cache_batch_idx.max(),
+                      (cache_batch_idx.sort().values.diff() == 0).sum() if snew else cache_batch_idx.new_zeros(())]
+        if block_table is not None:
+            stats.append(_bad_pages(block_table, lens, snew, page, nblocks).sum() if block_table.numel()
+                         else block_table.new_zeros(()))
+        if shared_slots:
+            # Clamped so that a bad length or page (reported first, below) cannot make this gather fail instead.
+            slots = _paged_slots(block_table.clamp(0, max(nblocks - 1, 0)), lens.clamp(0, capacity - snew), snew,
+                                 page)
+            stats.append((slots.flatten().sort().values.diff() == 0).sum())
+        if not stats:
+            return
+        vals = torch.stack([t.to(torch.int64) for t in stats]).tolist()
     if lens is not None:
         lo, hi = vals[:2]
         vals = vals[2:]
@@ -132,18 +144,18 @@ class _Plan:
         """int32 (B,) valid keys per row after the append."""
         if self.lens is None:
             return torch.full((self.B,), self.capacity, dtype=torch.int32, device=device)
-        return self.lens + self.snew
+        return self.lens + self.snew if self.snew else self.lens  # kernels only read it
 
 
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
               softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad) -> _Plan:
-    for name, val in (("cache_leftpad", cache_leftpad),):  # rotary_cos/sin: fastattn/rotary.py
-        if val is not None:
-            raise NotImplementedError(f"fastattn: flash_attn_with_kvcache({name}=...) is not supported yet")
+    if cache_leftpad is not None:  # rotary_cos/sin: fastattn/rotary.py
+        raise NotImplementedError("fastattn: flash_attn_with_kvcache(cache_leftpad=...) is not supported yet")
     check_qkv(q, k_cache, v_cache, layout="bshd", names=("q", "k_cache", "v_cache"), same_batch=False)
     B, Sq, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+    if type(num_splits) is not int and (isinstance(num_splits, bool) or not isinstance(num_splits, int)) \
+            or num_splits < 0:
         raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     softcap = check_softcap(softcap)
     # Value checks read tensor contents: one host sync (below). Skipped while tracing (they ran in eager mode) and

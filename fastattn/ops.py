@@ -1,6 +1,7 @@
 """The C++ op stack seen from Python: loads `fastattn._C` (which registers torch.ops.fastattn.fwd/bwd/decode_fwd
 from TORCH_LIBRARY in csrc/ops.cpp), and registers their fake functions and autograd (all of it here), so the ops
-run under torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention` and `cpp_decode`."""
+run under torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention` and `cpp_decode`;
+`cpp_attention` runs inference calls below the Autograd key, past the Python autograd kernel (see there)."""
 from __future__ import annotations
 
 import importlib.util
@@ -132,13 +133,29 @@ def dropout_seed(p: AttnParams):
     return int(s[0]), int(s[1])
 
 
+# The Python autograd kernel that register_autograd installs runs on every call, and without a gradient to record it
+# only re-dispatches below the Autograd key (torch/_library/autograd.py redispatch_no_grad): several microseconds
+# of Python per call. Inference calls go below Autograd directly, under the guard that function uses: the same
+# kernels and outputs.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
 def cpp_attention(p: AttnParams):
     """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
     seed, offset = dropout_seed(p)
-    return torch.ops.fastattn.fwd(p.q, p.k, p.v, p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
-                                  p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right, p.softcap,
-                                  p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic, p.q_start, p.k_start,
-                                  p.out_fp32)
+    q, k, v, bias, alibi = p.q, p.k, p.v, p.attn_bias, p.alibi_slopes
+    args = (q, k, v, bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
+            p.window_right, p.bottom_right, p.softcap, alibi, p.dropout_p, seed, offset, p.deterministic, p.q_start,
+            p.k_start, p.out_fp32)
+    # The autograd kernel's own test (any tensor input requires grad, in grad mode; the int tensors cannot), and
+    # while torch.compile traces, the op as registered.
+    if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                     or bias is not None and bias.requires_grad
+                                     or alibi is not None and alibi.requires_grad)
+            or _BELOW_AUTOGRAD is None or torch.compiler.is_compiling()):
+        return torch.ops.fastattn.fwd(*args)
+    with _BELOW_AUTOGRAD():
+        return torch.ops.fastattn.fwd(*args)
 
 
 def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:

@@ -186,6 +186,8 @@ class DecodeCall:
     def windows(self) -> Tuple[int, int]:
         """(window_left, window_right) with a window wider than the cache plus the queries made unlimited (-1), as
         csrc/decode_checks.h does: the same visibility, and no int64 overflow in a kernel's i + off + window."""
+        if self.window_left <= 0 and self.window_right <= 0:  # none, or causal: nothing to clamp
+            return self.window_left, self.window_right
         cap = (self.block_table.shape[1] * self.k_cache.shape[1] if self.block_table is not None
                else self.k_cache.shape[1])
         wide = cap + self.q.shape[2]
@@ -198,6 +200,10 @@ def _shape(t) -> str:
 
 def check_tensors(q, k, v, *, names=("query", "key", "value")):
     """Types, dtypes and device of q, k, v (no shapes)."""
+    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and not (q.is_nested or k.is_nested or v.is_nested) and q.device == k.device == v.device):
+        return  # the common case, in one expression; a failing call takes the checks below for its message
     nq, nk, nv = names
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
@@ -219,12 +225,13 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
     nq, nk, nv = names
     check_tensors(q, k, v, names=names)
     rank = 3 if varlen else 4
-    for name, t in zip(names, (q, k, v)):
-        if t.dim() != rank:
-            lay = "(total, H, D)" if varlen else ("(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)")
-            raise InputValueError(f"fastattn: {name} must be {rank}-D {lay}, got shape {_shape(t)}")
-    ax_h, ax_s = (1, 2) if layout == "bhsd" else ((1, 0) if varlen else (2, 1))
     qs, ks, vs = q.shape, k.shape, v.shape
+    if not len(qs) == len(ks) == len(vs) == rank:
+        for name, t in zip(names, (q, k, v)):
+            if t.dim() != rank:
+                lay = "(total, H, D)" if varlen else ("(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)")
+                raise InputValueError(f"fastattn: {name} must be {rank}-D {lay}, got shape {_shape(t)}")
+    ax_h, ax_s = (1, 2) if layout == "bhsd" else ((1, 0) if varlen else (2, 1))
     msg = None
     if not varlen and ks[0] != vs[0]:
         msg = f"{nk} and {nv} batch sizes differ"
@@ -246,7 +253,10 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
 
 def last_dim_contiguous(*ts):
     """Kernels need stride 1 along the head dim; copy the rare input that lacks it (differentiable)."""
-    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
+    for t in ts:
+        if t.stride(-1) != 1 and t.shape[-1] != 1:
+            return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
+    return ts
 
 
 def _float32(x: float) -> float:
@@ -254,6 +264,8 @@ def _float32(x: float) -> float:
 
 
 def check_dropout(p) -> float:
+    if type(p) is float and 0.0 <= p <= 0.5:  # the common case (0.0); far from the float32 rounding edge below
+        return p
     if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
         raise InputValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")
     if _float32(float(p)) >= 1.0:  # kernels keep p in float32: the 1 / (1 - p) rescale would be inf
@@ -263,6 +275,8 @@ def check_dropout(p) -> float:
 
 def check_softcap(softcap) -> float:
     """softcap: a finite real number >= 0 (0 = off)."""
+    if type(softcap) is float and 0.0 <= softcap < math.inf:  # the common case (0.0)
+        return softcap
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise InputTypeError(f"fastattn: softcap must be a number >= 0 (0 = off), got {type(softcap).__name__} "
                         f"{softcap!r}")
@@ -401,6 +415,10 @@ def clamp_window(left: int, right: int, wide: int):
 
 
 def check_window(window_size):
+    if type(window_size) is tuple and len(window_size) == 2:  # the common case: two Python ints
+        left, right = window_size
+        if type(left) is int and type(right) is int and -1 <= left < 2 ** 63 and -1 <= right < 2 ** 63:
+            return left, right
     try:
         left, right = window_size
     except Exception:

@@ -192,7 +192,9 @@ class Backend:
 
     def extra_decode_reasons(self, c: DecodeCall) -> List[str]:
         """Per-call decode checks: strides, and the kernel's own (alignment)."""
-        if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (c.q, c.k_cache, c.v_cache)):
+        q, k, v = c.q, c.k_cache, c.v_cache
+        if (q.stride()[-1] != 1 and q.shape[-1] > 1 or k.stride()[-1] != 1 and k.shape[-1] > 1
+                or v.stride()[-1] != 1 and v.shape[-1] > 1):
             return ["q or cache not contiguous along the head dim"]
         return self.decode.extra_reasons(c)
 

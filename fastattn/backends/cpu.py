@@ -47,6 +47,7 @@ def _auto_rule() -> dict:
 
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
+_RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set())  # the dtypes a rule reads
 _BF16_INFERENCE = ("sdpa is faster for bf16 inference on this CPU (PyTorch's flash kernel on AMX; measured 0.4-0.9x "
                    "for the cpu kernels except GQA and long causal calls)")
 
@@ -69,8 +70,8 @@ class CpuBackend(Backend):
         return list(_UNAVAILABLE)
 
     def auto_reasons(self, p: AttnParams):
-        if p.is_block:  # sdpa, the faster path these rules point to, cannot take block calls
-            return []
+        if p.q.dtype not in _RULE_DTYPES or p.is_block:  # sdpa, the faster path the rules point to, cannot take
+            return []                                     # block calls
         why = _AUTO_RULE.get(p.dtype)
         if why:
             return [why]
