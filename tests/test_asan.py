@@ -51,4 +51,11 @@ def test_cpu_kernels_under_asan_and_ubsan():
         pytest.fail(f"sanitized run still going after {TIMEOUT_S} s (about 3 min expected on 2 cores):\n"
                     f"{out[-3000:]}\n{err[-3000:]}")
     print(out[-5000:])
-    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{out[-3000:]}\n{err[-5000:]}"
+    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{out[-3000:]}\n{_report(err)}"
+
+
+def _report(err):
+    """The sanitizer's report when there is one (the Python traceback printed after it would push it out of a
+    plain tail), else the end of stderr."""
+    starts = [i for i in (err.find("ERROR: AddressSanitizer"), err.find("runtime error:")) if i >= 0]
+    return err[max(min(starts) - 300, 0):min(starts) + 6000] if starts else err[-5000:]

@@ -35,10 +35,11 @@ export PYTHONPATH="$DIR"
 export FASTATTN_FUZZ_CASES="${FASTATTN_FUZZ_CASES:-120}" FASTATTN_FUZZ_BACKENDS=cpu
 "$PY" -c "import sys, fastattn, fastattn.ops as o; assert fastattn.__file__.startswith(sys.argv[1]), fastattn.__file__
 assert o.loaded(), o.LOAD_ERROR; print('testing', fastattn.__file__)" "$DIR/"
-"$PY" -m pytest -q -p no:cacheprovider \
+# --capture=sys: pytest's default fd-level capture would swallow the sanitizer's report when it aborts the process.
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys \
   "$ROOT/tests/test_matrix.py" -k "cpu- and not long_1025 and not square_257" \
   "$@"
-"$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cpu_kernels.py" "$ROOT/tests/test_op_safety.py" \
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys "$ROOT/tests/test_cpu_kernels.py" "$ROOT/tests/test_op_safety.py" \
   "$ROOT/tests/test_fuzz.py" "$ROOT/tests/test_decode.py" "$ROOT/tests/test_kvcache_safety.py" \
   -k "not triton and not sm90 and not memory_linear" "$@"
 echo "asan run took $(( $(date +%s) - start )) s"
