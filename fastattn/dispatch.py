@@ -316,7 +316,8 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     B, Hq, Sq, _ = q.shape
     if _any_zero(Sq, p.k.shape[2], B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
-        zero = (p.q.sum() + p.k.sum() + p.v.sum()) * 0 if p.requires_grad else 0
+        # Sums of empty slices: exact zeros that keep the graph (q.sum() * 0 would be NaN for an Inf in q).
+        zero = sum(t.narrow(-1, 0, 0).sum() for t in (p.q, p.k, p.v)) if p.requires_grad else 0
         out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
         lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
         return out, lse

@@ -123,7 +123,7 @@ def test_auto_reasons_only_under_auto(monkeypatch):
     _Declining.runs = 0
     short, long_ = rnd(1, 2, 8, 16), rnd(1, 2, 80, 16)
     ex = fastattn.explain(short, short, short)
-    assert ex.chosen != "declining" and ex.declined == {"declining": ["sdpa is faster below 64 keys"]}, str(ex)
+    assert ex.chosen != "declining" and ex.declined["declining"] == ["sdpa is faster below 64 keys"], str(ex)
     assert "declining: passed over by auto — sdpa is faster below 64 keys" in str(ex), str(ex)
     fastattn.scaled_dot_product_attention(short, short, short)
     assert _Declining.runs == 0
@@ -133,3 +133,38 @@ def test_auto_reasons_only_under_auto(monkeypatch):
     assert fastattn.explain(short, short, short, backend="declining").chosen == "declining"
     fastattn.scaled_dot_product_attention(short, short, short, backend="declining")
     assert _Declining.runs == 2
+
+
+# ------------------------------------------------------------- the cpu backend's speed rule for tiny fp32 calls
+
+def _runs_on_cpu_kernels(fn) -> bool:
+    seen = []
+    real = BACKENDS["cpu"].forward
+    BACKENDS["cpu"].forward = lambda p: seen.append(1) or real(p)
+    try:
+        fn()
+    finally:
+        del BACKENDS["cpu"].forward
+    return bool(seen)
+
+
+def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
+    """auto leaves tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024) to PyTorch's SDPA, which is faster there, but never
+    a call sdpa would run through a dense mask or refuse (then the naive reference backend would take it)."""
+    t = rnd(2, 4, 16, 32)
+    bshd = lambda x: x.transpose(1, 2)  # noqa: E731 (B, H, S, D) -> (B, S, H, D)
+    assert fastattn.explain(t, t, t).chosen == "sdpa"
+    assert fastattn.explain(t, t, t, is_causal=True).chosen == "sdpa"
+    big = rnd(2, 4, 80, 32)
+    assert fastattn.explain(big, big, big).chosen == "cpu"
+    assert fastattn.explain(t, t, t, attn_mask=torch.ones(16, 16, dtype=torch.bool)).chosen == "cpu"
+    assert fastattn.explain(t, t, t, dropout_p=0.1).chosen == "cpu"  # dropout keeps the Philox stream
+    assert not _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(t), bshd(t), bshd(t), causal=True))
+    kept = {"softcap": dict(softcap=2.0), "alibi": dict(alibi_slopes=torch.rand(4)), "window": dict(window_size=(4, 0)),
+            "lse": dict(return_attn_probs=True), "deterministic": dict(deterministic=True)}
+    for name, kw in kept.items():
+        assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(t), bshd(t), bshd(t), causal=True, **kw)), \
+            f"{name}: a tiny call sdpa cannot run fused left the cpu kernels"
+    # bottom-right causal with Sq != Sk: sdpa would need a dense mask (grad: no decode-kernel route for 8 rows)
+    q = rnd(2, 4, 8, 32).requires_grad_()
+    assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(q), bshd(t), bshd(t), causal=True))

@@ -47,9 +47,25 @@ def _auto_rule() -> dict:
 
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
-_RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set())  # the dtypes a rule reads
-_BF16_INFERENCE = ("sdpa is faster for bf16 inference on this CPU (PyTorch's flash kernel on AMX; measured 0.4-0.9x "
-                   "for the cpu kernels except GQA and long causal calls)")
+_RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
+# Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
+# kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
+# SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
+_TINY_SK, _TINY_AREA = 64, 1024
+_FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: per-tile costs dominate the cpu "
+              "kernels; measured 0.5-0.8x)")
+
+
+def _sdpa_fused(p: AttnParams) -> bool:
+    """True when the sdpa backend takes p as PyTorch's own fused call: the calls the rules were measured on.
+    Anything else stays on the cpu kernels: sdpa would build a dense (Sq, Sk) mask (windows, bottom-right causal),
+    draw dropout from torch's RNG instead of the Philox stream, or refuse the call and leave it to the naive
+    reference backend (softcap, alibi, varlen, lse, deterministic). Plain field reads: this runs on every call a rule
+    fires for."""
+    if (p.attn_bias is not None or p.cu_seqlens_q is not None or p.softcap > 0 or p.alibi_slopes is not None
+            or p.return_lse or p.deterministic or p.dropout_p > 0 or p.window_left >= 0 or p.window_right > 0):
+        return False
+    return not (p.window_right == 0 and (p.bottom_right and p.q.shape[2] != p.k.shape[2] or p.scale <= 0))
 
 
 class CpuBackend(Backend):
@@ -73,13 +89,14 @@ class CpuBackend(Backend):
         if p.q.dtype not in _RULE_DTYPES or p.is_block:  # sdpa, the faster path the rules point to, cannot take
             return []                                     # block calls
         why = _AUTO_RULE.get(p.dtype)
-        if why:
-            return [why]
-        if (_BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad and p.attn_bias is None
-                and (p.seqlen_q <= _DECODE_ROWS
-                     or not p.is_gqa and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG))):
-            return [_BF16_INFERENCE]
-        return []
+        if why is None and p.dtype == torch.float32:
+            # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
+            if not torch.compiler.is_compiling() and p.seqlen_k <= _TINY_SK and p.seqlen_q * p.seqlen_k <= _TINY_AREA:
+                why = _FP32_TINY
+        elif (why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad
+              and (p.seqlen_q <= _DECODE_ROWS or not p.is_gqa and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG))):
+            why = _BF16_INFERENCE
+        return [why] if why and _sdpa_fused(p) else []
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
