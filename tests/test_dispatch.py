@@ -168,3 +168,20 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
     # bottom-right causal with Sq != Sk: sdpa would need a dense mask (grad: no decode-kernel route for 8 rows)
     q = rnd(2, 4, 8, 32).requires_grad_()
     assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(q), bshd(t), bshd(t), causal=True))
+
+
+def test_every_auto_rule_runs():
+    """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 inference on AMX)
+    must not fail where it fires (a NameError there once reached only the benchmark)."""
+    from fastattn.backends import cpu as cpu_backend
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for S, Sk in ((16, 16), (1, 300), (300, 300)):
+            q, k = rnd(1, 4, S, 64).to(dt), rnd(1, 4, Sk, 64).to(dt)
+            for causal in (False, True):
+                ex = fastattn.explain(q, k, k, is_causal=causal and S == Sk)
+                assert ex.chosen in ("cpu", "sdpa"), str(ex)
+                with torch.no_grad():
+                    fastattn.scaled_dot_product_attention(q, k, k, is_causal=causal and S == Sk)
+    if cpu_backend._BF16_AMX:  # the bf16 inference rule is for AMX machines
+        q = rnd(1, 4, 300, 64).bfloat16()
+        assert fastattn.explain(q, q, q).chosen == "sdpa"

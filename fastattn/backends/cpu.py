@@ -48,6 +48,8 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
+_BF16_INFERENCE = ("sdpa is faster for bf16 inference on this CPU (PyTorch's flash kernel on AMX; measured 0.4-0.9x "
+                   "for the cpu kernels except GQA and long causal calls)")
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
