@@ -294,3 +294,18 @@ def test_gpu_session_scripts_parse():
     for script in ("device_run.sh", "rehearse_gpu_stack.sh"):
         r = subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", script)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+def test_an_error_in_our_implementation_fails_the_run(tmp_path, monkeypatch, capsys):
+    """The quick benchmark is CI's first command: an exception from a fastattn implementation must fail it (a
+    NameError in a speed rule once showed only as 'error' rows with exit code 0)."""
+    from fastattn.backends import BACKENDS
+
+    def boom(p):
+        raise NameError("planted")  # what the real bug raised, from auto's speed rule
+    monkeypatch.setattr(type(BACKENDS["cpu"]), "auto_reasons", lambda self, p: boom(p))
+    rc = cli.main(["--preset", "tiny", "--device", "cpu", "--backends", "naive,auto", "--seqlens", "64", "--mode",
+                   "fwd", "--causal", "false", "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
+                   "--max-seconds", "30"])
+    assert rc == 1
+    assert "errors (a bug, see the table above) in: fastattn.auto" in capsys.readouterr().out

@@ -320,6 +320,11 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     short = [os.path.relpath(p) for p in written]
     print(f"\nwrote {', '.join(r if not r.startswith('..') else p for r, p in zip(short, written))}")
     print(f"wall time {wall:.1f} s")
+    # An exception from one of our own implementations is a bug, not a measurement: fail the run (CI runs this).
+    broken = sorted({r["impl"] for r in records if r["impl"].startswith("fastattn.") and r["status"] == "error"})
+    if broken:
+        print(f"\nerrors (a bug, see the table above) in: {', '.join(broken)}")
+        return 1
     return 0
 
 
