@@ -11,6 +11,7 @@ from .. import ops
 from ..params import AttnParams
 from .base import Backend
 from .cpp_decode import CPU_DECODE
+from .sdpa import native_causal
 
 # Checked once at import: the dispatcher query cannot be traced by torch.compile (fullgraph would break).
 _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if not ops.loaded() else
@@ -67,7 +68,7 @@ def _sdpa_fused(p: AttnParams) -> bool:
     if (p.attn_bias is not None or p.cu_seqlens_q is not None or p.softcap > 0 or p.alibi_slopes is not None
             or p.return_lse or p.deterministic or p.dropout_p > 0 or p.window_left >= 0 or p.window_right > 0):
         return False
-    return not (p.window_right == 0 and (p.bottom_right and p.q.shape[2] != p.k.shape[2] or p.scale <= 0))
+    return not p.causal or native_causal(p)
 
 
 class CpuBackend(Backend):

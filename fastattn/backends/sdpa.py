@@ -18,6 +18,15 @@ from .reference import visibility
 TORCH_SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", F.scaled_dot_product_attention)
 
 
+def native_causal(p: AttnParams) -> bool:
+    """SDPA's own (top-left) is_causal serves p: causal without window or mask, bottom-right only where Sq == Sk,
+    Sq <= Sk (every row sees key 0), and scale > 0: PyTorch's CPU kernels (torch 2.14, fp64 included) return all-NaN
+    for is_causal with scale <= 0. Otherwise forward builds the visibility as an additive mask."""
+    Sq, Sk = p.q.shape[2], p.k.shape[2]
+    return (p.causal and not p.has_window and p.attn_bias is None and (not p.bottom_right or Sq == Sk) and Sq <= Sk
+            and p.scale > 0)
+
+
 class SdpaBackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (PyTorch picks its own kernel)"
@@ -33,10 +42,7 @@ class SdpaBackend(Backend):
         bias = p.attn_bias
         is_causal = False
         vis = None
-        if (p.causal and not p.has_window and bias is None and (not p.bottom_right or Sq == Sk) and Sq <= Sk
-                and p.scale > 0):
-            # SDPA's own top-left causal; every row sees key 0. Not with scale <= 0: PyTorch's CPU kernels
-            # (torch 2.14, fp64 included) return all-NaN for is_causal with such a scale; the mask below is right.
+        if native_causal(p):
             is_causal = True
         else:
             vis = visibility(Sq, Sk, p.window_left, p.window_right, p.bottom_right, q.device)
