@@ -58,13 +58,19 @@ def _check_alibi(alibi_slopes, q, n_docs: int):
                          f"({n_docs}, {H}), got {got}")
 
 
-def _check_across_ranks(cp: CPConfig, q, k, v, cu: Optional[list]):
-    """One small all-gather: shapes (and the global cu_seqlens) must agree on every rank."""
+def _check_across_ranks(cp: CPConfig, q, k, v, cu: Optional[list], failed: bool):
+    """One small all-gather, before any other collective: shapes (and the global cu_seqlens) must agree on every
+    rank, and a rank that rejected its inputs makes every rank raise (so no peer waits in a collective)."""
     mine = list(q.shape) + list(k.shape) + list(v.shape)
     mine += [len(cu), sum(cu), sum(i * c for i, c in enumerate(cu)) % (2 ** 61)] if cu is not None else [0, 0, 0]
-    got = cp.comm.all_gather(torch.tensor([mine], dtype=torch.int64, device=q.device)).view(cp.world_size, -1)
-    got = got.tolist()  # (W, 1, 12) -> (W, 12)
-    if any(g != got[0] for g in got):
+    got = cp.comm.all_gather(torch.tensor([mine + [int(failed)]], dtype=torch.int64, device=q.device))
+    got = got.view(cp.world_size, -1).tolist()  # (W, 1, 13) -> (W, 13)
+    if failed:
+        return  # this rank raises its own error
+    bad = [r for r, g in enumerate(got) if g[-1]]
+    if bad:
+        raise ValueError(f"fastattn.distributed: CP rank(s) {bad} rejected their varlen inputs (see their error)")
+    if any(g[:-1] != got[0][:-1] for g in got):
         per = "; ".join(f"rank {r}: q {g[0:3]}, k {g[3:6]}, v {g[6:9]}" + (
             f", cu_seqlens (len {g[9]}, sum {g[10]})" if cu is not None else "") for r, g in enumerate(got))
         raise ValueError(f"fastattn.distributed: varlen inputs differ across the CP ranks (cu_seqlens must be the same "
@@ -116,19 +122,25 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
         raise CPUnsupportedError(f"fastattn.distributed: strategy={strategy!r} is not implemented for packed varlen "
                                  "documents; use 'ring' or 'allgather' (or 'auto')")
     if not torch.compiler.is_compiling():
-        lengths = layout.doc_lengths(cu_seqlens)
-        total = sum(lengths)
-        if total != W * q.shape[0]:
-            raise ValueError(f"fastattn.distributed: cu_seqlens ends at {total} but the {W} ranks hold "
-                             f"{W} x {q.shape[0]} = {W * q.shape[0]} tokens (q {tuple(q.shape)} on this rank): "
-                             "cu_seqlens must be the GLOBAL document boundaries of the packed sequence")
-        if sharding == "per_doc":
-            layout.check_docs_divisible(lengths, W, cp.balance)
-        else:
-            layout.segments(q.shape[0], W, cp.rank, cp.balance)  # zigzag: even local count
-        _check_alibi(alibi_slopes, q, len(lengths))
+        err, cu = None, None
+        try:
+            lengths = layout.doc_lengths(cu_seqlens)
+            cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
+            if cu[-1] != W * q.shape[0]:
+                raise ValueError(f"fastattn.distributed: cu_seqlens ends at {cu[-1]} but the {W} ranks hold "
+                                 f"{W} x {q.shape[0]} = {W * q.shape[0]} tokens (q {tuple(q.shape)} on this rank): "
+                                 "cu_seqlens must be the GLOBAL document boundaries of the packed sequence")
+            if sharding == "per_doc":
+                layout.check_docs_divisible(lengths, W, cp.balance)
+            else:
+                layout.segments(q.shape[0], W, cp.rank, cp.balance)  # zigzag: even local count
+            _check_alibi(alibi_slopes, q, len(lengths))
+        except ValueError as e:
+            err = e
         if cp.check_shapes:
-            _check_across_ranks(cp, q, k, v, [0] + torch.tensor(lengths).cumsum(0).tolist())
+            _check_across_ranks(cp, q, k, v, cu, err is not None)
+        if err is not None:
+            raise err
     out, lse = _call(cp, q, k, v, cu_seqlens, cu_seqlens, strategy, sharding, cp.balance, 0, 0, 0, causal,
                      softmax_scale, dropout_p, window_size, softcap, alibi_slopes, rng)
     return (out, lse) if return_lse else out
@@ -137,23 +149,38 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
 # --------------------------------------------------------------------------------------------------------------
 # ring-flash-attention compatible functions
 
+def _config(group, strategy: str, balance: str) -> CPConfig:
+    """The drop-ins' group: a ProcessGroup, a CPComm, None (the default group), or a CPConfig whose backend,
+    grad_comm_dtype and check_shapes apply (strategy and layout are the function's)."""
+    if isinstance(group, CPConfig):
+        return CPConfig(group.comm, strategy=strategy, balance=balance, grad_comm_dtype=group.grad_comm_dtype,
+                        backend=group.backend, check_shapes=group.check_shapes)
+    return CPConfig(group=group, strategy=strategy, balance=balance)
+
+
 def _per_doc_compat(balance, q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size, softcap,
                     alibi_slopes, return_attn_probs, group, fn):
-    cp = CPConfig(group=group, strategy="ring", balance=balance)
+    cp = _config(group, "ring", balance)
+    _check(q, k, v, window_size, dropout_p)
     if not torch.compiler.is_compiling():
-        local = layout.doc_lengths(cu_seqlens)
-        W, T = cp.world_size, q.shape[0] if isinstance(q, torch.Tensor) and q.dim() else -1
-        if sum(local) != T:
-            hint = (" (it ends at W x the local count: pass the LOCAL cu_seqlens, i.e. the global one // W)"
-                    if sum(local) == W * T else "")
-            raise ValueError(f"fastattn.distributed: {fn}: cu_seqlens ends at {sum(local)} but q holds {T} tokens "
-                             f"(q {tuple(q.shape)}): cu_seqlens is this rank's LOCAL one, the global cu_seqlens // "
-                             f"W={W}{hint}")
-        if balance == "zigzag" and any(L % 2 for L in local):
-            i, L = next((i, L) for i, L in enumerate(local) if L % 2)
-            raise ValueError(f"fastattn.distributed: {fn}: cu_seqlens: document {i} has local length {L} (global "
-                             f"{L * W}), not divisible by 2: zigzag needs every document length % 2W = {2 * W}; pad "
-                             f"the documents, or use llama3_flash_attn_varlen_func (any lengths, total % W)")
+        try:
+            local = layout.doc_lengths(cu_seqlens)
+            W, T = cp.world_size, q.shape[0]
+            if sum(local) != T:
+                hint = (" (it ends at W x the local count: pass the LOCAL cu_seqlens, i.e. the global one // W)"
+                        if sum(local) == W * T else "")
+                raise ValueError(f"fastattn.distributed: {fn}: cu_seqlens ends at {sum(local)} but q holds {T} "
+                                 f"tokens (q {tuple(q.shape)}): cu_seqlens is this rank's LOCAL one, the global "
+                                 f"cu_seqlens // W={W}{hint}")
+            if balance == "zigzag" and any(L % 2 for L in local):
+                i, L = next((i, L) for i, L in enumerate(local) if L % 2)
+                raise ValueError(f"fastattn.distributed: {fn}: cu_seqlens: document {i} has local length {L} (global "
+                                 f"{L * W}), not divisible by 2: zigzag needs every document length % 2W = {2 * W}; "
+                                 f"pad the documents, or use llama3_flash_attn_varlen_func (any lengths, total % W)")
+        except ValueError:
+            if cp.check_shapes:  # the peers learn it in their shape check instead of waiting in a collective
+                _check_across_ranks(cp, q, k, v, None, True)
+            raise
     out, lse = cp_varlen_attention(q, k, v, cu_seqlens * cp.world_size, cp=cp, sharding="per_doc", causal=causal,
                                    softmax_scale=softmax_scale, dropout_p=dropout_p, window_size=window_size,
                                    softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
@@ -169,7 +196,9 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, 
     q (T/W, Hq, D), k/v (T/W, Hkv, D). max_seqlen and deterministic are accepted and unused (lengths come from
     cu_seqlens; the ring is always deterministic). Unlike ring-flash-attention, softcap sits after window_size as
     in flash-attn (pass alibi_slopes by keyword), and window, ALiBi ((Hq,) or (N, Hq)), softcap, non-causal and
-    dropout are exact (see cp_varlen_attention). return_attn_probs=True: (out, lse fp32 (Hq, T/W), None)."""
+    dropout are exact (see cp_varlen_attention). return_attn_probs=True: (out, lse fp32 (Hq, T/W), None).
+    group: a ProcessGroup, a CPComm, None (the default group), or a CPConfig whose backend, grad_comm_dtype and
+    check_shapes apply (check_shapes: inputs compared across ranks first, so bad input on one rank raises on all)."""
     return _per_doc_compat("contiguous", q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, return_attn_probs, group, "ring_flash_attn_varlen_func")
 
@@ -228,7 +257,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     results); max_seqlen_q/k and deterministic are unused. alibi_slopes (Hq,) or (documents of cu_seqlens_q, Hq).
     Dropout is exact (one extra tiny all-gather finds the global index of the first local document).
     return_attn_probs=True: (out, lse fp32 (Hq, T/W), None)."""
-    cp = CPConfig(group=group, strategy="allgather", balance="contiguous")
+    cp = _config(group, "allgather", "contiguous")
     _check(q, k, v, window_size, dropout_p)
     W, r, T = cp.world_size, cp.rank, q.shape[0]
     if not isinstance(local_k_slice, slice) or local_k_slice.step not in (None, 1):
@@ -258,10 +287,18 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                     bad = (f"document {i}: queries at packed rows [{r * T + cqs[i]}, {r * T + cqs[i + 1]}) are not "
                            f"inside its keys [{k_lo + cks[i]}, {k_lo + cks[i + 1]})")
                     break
-        if bad:
-            raise ValueError(f"fastattn.distributed: llama3_flash_attn_varlen_func on rank {r} of {W}: {bad}; pass "
-                             "the outputs of llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, W)")
-        _check_alibi(alibi_slopes, q, len(cq))
+        try:
+            if bad:
+                raise ValueError(f"fastattn.distributed: llama3_flash_attn_varlen_func on rank {r} of {W}: {bad}; "
+                                 "pass the outputs of llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, "
+                                 "rank, W)")
+            _check_alibi(alibi_slopes, q, len(cq))
+        except ValueError:
+            if cp.check_shapes:
+                _check_across_ranks(cp, q, k, v, None, True)
+            raise
+        if cp.check_shapes:  # cu_seqlens_q/k differ per rank by design: shapes only
+            _check_across_ranks(cp, q, k, v, None, False)
         if dropout_p > 0:  # the call's sequence index must be the global document index (the dropout key)
             here = sum(1 for i in range(len(ck)) if k_lo + cks[i] >= r * T)  # documents starting in this slice
             counts = cp.comm.all_gather(torch.tensor([here], dtype=torch.int64, device=q.device)).view(-1).tolist()
