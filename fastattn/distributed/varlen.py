@@ -25,6 +25,7 @@ One custom op pair (fastattn::cp_varlen_fwd / cp_varlen_bwd) makes the whole cal
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -55,7 +56,7 @@ class Group(NamedTuple):
 
 class RankPlan(NamedTuple):
     groups: Tuple[Group, ...]
-    perm: Optional[List[int]]  # group-major row i is the caller's row perm[i]; None: the same order
+    perm: Optional[Tensor]  # int64 on the CPU: group-major row i is the caller's row perm[i]; None: the same order
 
 
 class Keys(NamedTuple):
@@ -66,6 +67,13 @@ class Keys(NamedTuple):
     cu: Tuple[int, ...]
     starts: Tuple[int, ...]
     index: Optional[Tensor]
+
+
+def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> Tensor:
+    """int64: starts[0] .. starts[0] + lengths[0] - 1, then the same for each following run, concatenated."""
+    st, ln = torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
+    first = torch.cumsum(ln, 0) - ln  # output index of each run's first element
+    return torch.repeat_interleave(st - first, ln) + torch.arange(int(ln.sum()))
 
 
 def _cumsum(lengths: Sequence[int]) -> Tuple[int, ...]:
@@ -81,15 +89,15 @@ def rank_plan(lengths: Sequence[int], world_size: int, rank: int, sharding: str,
     if sharding == "per_doc":
         pieces = layout.doc_pieces(lengths, world_size, rank, balance)
         per = layout.chunks_per_rank(balance)
-        groups, perm, row0 = [], [], 0
+        groups, row0 = [], 0
         for g in range(per):
             mine = pieces[g::per]  # piece g of every document (pieces alternate head, tail per document)
             cu = _cumsum([p.length for p in mine])
             groups.append(Group(row0, cu, tuple(p.pos for p in mine)))
-            for p in mine:
-                perm.extend(range(p.local, p.local + p.length))
             row0 += cu[-1]
-        return RankPlan(tuple(groups), perm if per > 1 else None)
+        grouped = [p for g in range(per) for p in pieces[g::per]]
+        perm = _ranges([p.local for p in grouped], [p.length for p in grouped]) if per > 1 else None
+        return RankPlan(tuple(groups), perm)
     if sharding != "stream":
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
     cu_docs = _cumsum(lengths)
@@ -106,16 +114,24 @@ def rank_plan(lengths: Sequence[int], world_size: int, rank: int, sharding: str,
     return RankPlan(tuple(groups), None)
 
 
-def global_index(plans: Sequence[RankPlan], cu_docs: Sequence[int], device) -> Tensor:
-    """int64: the packed row of every gathered row (ranks' group-major rows, in rank order)."""
-    rows = []
+def global_index(plans: Sequence[RankPlan], cu_docs: Sequence[int]) -> Tensor:
+    """int64 (CPU): the packed row of every gathered row (ranks' group-major rows, in rank order)."""
+    starts, lengths = [], []
     for plan in plans:
         for g in plan.groups:
             for n in range(len(g.starts)):
-                L = g.cu[n + 1] - g.cu[n]
-                if L:
-                    rows.append(torch.arange(cu_docs[n] + g.starts[n], cu_docs[n] + g.starts[n] + L))
-    return torch.cat(rows).to(device)
+                starts.append(cu_docs[n] + g.starts[n])
+                lengths.append(g.cu[n + 1] - g.cu[n])
+    return _ranges(starts, lengths)
+
+
+@lru_cache(maxsize=64)
+def _plans(lengths: Tuple[int, ...], world_size: int, sharding: str, balance: str):
+    """Every rank's plan and the gathered rows' packed index (None: identity), per document layout: a training run
+    sees few distinct cu_seqlens per step, and each layer's forward and backward reuse them."""
+    plans = tuple(rank_plan(lengths, world_size, j, sharding, balance) for j in range(world_size))
+    identity = sharding == "stream" and balance == "contiguous"
+    return plans, None if identity else global_index(plans, _cumsum(lengths))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,7 +207,7 @@ def ring_varlen_forward(spec: CallSpec, q, k, v, plans: Sequence[RankPlan]):
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     mine = plans[r]
-    perm = None if mine.perm is None else torch.tensor(mine.perm, device=q.device)
+    perm = None if mine.perm is None else mine.perm.to(q.device)
     qv = _bh(_to_groups(q, perm))
     ring = _KVRing(comm, _to_groups(k, perm), _to_groups(v, perm))
     seqs, kw = _Seqs(q.device), spec.block_kw()
@@ -218,7 +234,7 @@ def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequenc
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     mine = plans[r]
-    perm = None if mine.perm is None else torch.tensor(mine.perm, device=q.device)
+    perm = None if mine.perm is None else mine.perm.to(q.device)
     qv, ov, dov = (_bh(_to_groups(t, perm)) for t in (q, out, dout))
     lse_g = _to_groups(lse, perm, 1).unsqueeze(0)  # (H, T) -> (1, H, T)
     lse_rows = [lse_g.narrow(2, g.row0, g.rows).contiguous() for g in mine.groups]
@@ -279,7 +295,7 @@ def _gather_kv(comm, k, v, keys: Keys):
 
 
 def allgather_varlen_forward(spec: CallSpec, q, k, v, mine: RankPlan, keys: Keys):
-    perm = None if mine.perm is None else torch.tensor(mine.perm, device=q.device)
+    perm = None if mine.perm is None else mine.perm.to(q.device)
     qv = _bh(_to_groups(q, perm))
     full = _gather_kv(spec.comm, _to_groups(k, perm), _to_groups(v, perm), keys)
     Dk = k.shape[-1]
@@ -295,7 +311,7 @@ def allgather_varlen_forward(spec: CallSpec, q, k, v, mine: RankPlan, keys: Keys
 def allgather_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, mine: RankPlan, keys: Keys):
     comm = spec.comm
     W = comm.world_size
-    perm = None if mine.perm is None else torch.tensor(mine.perm, device=q.device)
+    perm = None if mine.perm is None else mine.perm.to(q.device)
     qv, ov, dov = (_bh(_to_groups(t, perm)) for t in (q, out, dout))
     lse_g = _to_groups(lse, perm, 1).unsqueeze(0)  # (H, T) -> (1, H, T)
     full = _gather_kv(comm, _to_groups(k, perm), _to_groups(v, perm), keys)
@@ -335,12 +351,10 @@ def plans_for(comm, T: int, cu_a: Tensor, cu_b: Tensor, sharding: str, balance: 
         starts = pad + tuple(r * T + cq[i] - (k_lo + ck[i]) for i in range(len(cq) - 1))
         plan = RankPlan((Group(0, pad + tuple(cq), starts),), None)
         return plan, Keys(k_lo, k_hi, pad + tuple(ck), (0,) * (doc_base + len(ck) - 1), None)
-    lengths = layout.doc_lengths(cu_a)
-    plans = [rank_plan(lengths, W, j, sharding, balance) for j in range(W)]
+    lengths = tuple(layout.doc_lengths(cu_a))
+    plans, index = _plans(lengths, W, sharding, balance)
     cu_docs = _cumsum(lengths)
-    identity = sharding == "stream" and balance == "contiguous"
-    keys = Keys(0, cu_docs[-1], cu_docs, (0,) * len(lengths),
-                None if identity else global_index(plans, cu_docs, device))
+    keys = Keys(0, cu_docs[-1], cu_docs, (0,) * len(lengths), None if index is None else index.to(device))
     return plans, keys
 
 

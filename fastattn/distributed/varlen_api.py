@@ -84,7 +84,7 @@ def _call(cp: CPConfig, q, k, v, cu_a, cu_b, strategy, sharding, balance, k_lo, 
     seed, offset = (int(rng[0]), int(rng[1])) if dropout_p > 0 else (0, 0)
     wl, wr = int(window_size[0]), 0 if causal else int(window_size[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    cu_a, cu_b = (c.to(q.device, torch.int64) for c in (cu_a, cu_b))
+    cu_a, cu_b = (c.to(torch.int64) for c in (cu_a, cu_b))  # read on the host by the op: left where they are
     return cp_varlen_fwd(q, k, v, cu_a, cu_b, alibi_slopes, comm_name(cp.comm), strategy, sharding, balance, k_lo,
                          k_hi, doc_base, scale, wl, wr, float(softcap), float(dropout_p), seed, offset,
                          _GDT[cp.grad_comm_dtype], cp.backend or "")
