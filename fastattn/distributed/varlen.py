@@ -180,6 +180,17 @@ def _pair_visible(qg: Group, kg: Group, window) -> bool:
     return False
 
 
+@lru_cache(maxsize=256)
+def _schedule(lengths: Tuple[int, ...], world_size: int, sharding: str, balance: str, window: Tuple[int, int],
+              rank: int) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
+    """Per ring step t: the (query group, key group) pairs of rank `rank` with a visible pair (the others skipped)."""
+    plans, _ = _plans(lengths, world_size, sharding, balance)
+    mine = plans[rank]
+    return tuple(tuple((i, j) for i, qg in enumerate(mine.groups)
+                       for j, kg in enumerate(plans[(rank - t) % world_size].groups) if _pair_visible(qg, kg, window))
+                 for t in range(world_size))
+
+
 def _call_kw(seqs: _Seqs, qg: Group, kcu, kstarts) -> dict:
     return dict(q_start=seqs(qg.starts), k_start=seqs(kstarts), cu_seqlens_q=seqs(qg.cu), cu_seqlens_k=seqs(kcu),
                 max_seqlen_q=_max_len(qg.cu), max_seqlen_k=_max_len(kcu))
@@ -203,7 +214,7 @@ def _assemble(q, v, groups, acc, perm):
 # --------------------------------------------------------------------------------------------------------------
 # ring
 
-def ring_varlen_forward(spec: CallSpec, q, k, v, plans: Sequence[RankPlan]):
+def ring_varlen_forward(spec: CallSpec, q, k, v, plans: Sequence[RankPlan], steps):
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     mine = plans[r]
@@ -216,21 +227,19 @@ def ring_varlen_forward(spec: CallSpec, q, k, v, plans: Sequence[RankPlan]):
         src = (r - t) % W
         hop = ring.post(t)
         kb, vb = _bh(ring.held[0]), _bh(ring.held[1])
-        for i, qg in enumerate(mine.groups):
-            for kg in plans[src].groups:
-                if not _pair_visible(qg, kg, spec.window):
-                    continue
-                o, lse = block_forward(_rows(qv, qg), _rows(kb, kg), _rows(vb, kg),
-                                       **_call_kw(seqs, qg, kg.cu, kg.starts), **kw)
-                if acc[i] is None:
-                    acc[i] = (o, lse)
-                else:
-                    merge_(acc[i][0], acc[i][1], o, lse)
+        for i, j in steps[t]:
+            qg, kg = mine.groups[i], plans[src].groups[j]
+            o, lse = block_forward(_rows(qv, qg), _rows(kb, kg), _rows(vb, kg),
+                                   **_call_kw(seqs, qg, kg.cu, kg.starts), **kw)
+            if acc[i] is None:
+                acc[i] = (o, lse)  # fresh fp32 tensors from the block call: the accumulator
+            else:
+                merge_(acc[i][0], acc[i][1], o, lse)
         ring.advance(hop)
     return _assemble(q, v, mine.groups, acc, perm)
 
 
-def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequence[RankPlan]):
+def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequence[RankPlan], steps):
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     mine = plans[r]
@@ -257,13 +266,11 @@ def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequenc
         if t > 0:
             dkb.zero_()
             dvb.zero_()
-        for i, qg in enumerate(mine.groups):
-            for kg in plans[src].groups:
-                if not _pair_visible(qg, kg, spec.window):
-                    continue
-                block_backward(_rows(dov, qg), _rows(qv, qg), _rows(kb, kg), _rows(vb, kg), _rows(ov, qg),
-                               lse_rows[i], dq_acc=_rows(dqv, qg), dk_acc=_rows(_bh(dkb), kg),
-                               dv_acc=_rows(_bh(dvb), kg), **_call_kw(seqs, qg, kg.cu, kg.starts), **kw)
+        for i, j in steps[t]:
+            qg, kg = mine.groups[i], plans[src].groups[j]
+            block_backward(_rows(dov, qg), _rows(qv, qg), _rows(kb, kg), _rows(vb, kg), _rows(ov, qg), lse_rows[i],
+                           dq_acc=_rows(dqv, qg), dk_acc=_rows(_bh(dkb), kg), dv_acc=_rows(_bh(dvb), kg),
+                           **_call_kw(seqs, qg, kg.cu, kg.starts), **kw)
         if W == 1:
             break
         if t == 0:
@@ -340,7 +347,7 @@ def allgather_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, mine: Ran
 
 def plans_for(comm, T: int, cu_a: Tensor, cu_b: Tensor, sharding: str, balance: str, k_lo: int, k_hi: int,
               doc_base: int, device):
-    """-> (per-rank plans (ring) or this rank's plan, Keys (allgather)).
+    """-> (per-rank plans (ring) or this rank's plan, Keys (allgather), the document lengths (None for llama3)).
     per_doc / stream: cu_a = the GLOBAL cu_seqlens. llama3: cu_a / cu_b = its local cu_seqlens_q / cu_seqlens_k, the
     keys packed rows [k_lo, k_hi), doc_base = global index of the first local document (dropout only)."""
     W, r = comm.world_size, comm.rank
@@ -350,12 +357,12 @@ def plans_for(comm, T: int, cu_a: Tensor, cu_b: Tensor, sharding: str, balance: 
         pad = (0,) * doc_base
         starts = pad + tuple(r * T + cq[i] - (k_lo + ck[i]) for i in range(len(cq) - 1))
         plan = RankPlan((Group(0, pad + tuple(cq), starts),), None)
-        return plan, Keys(k_lo, k_hi, pad + tuple(ck), (0,) * (doc_base + len(ck) - 1), None)
+        return plan, Keys(k_lo, k_hi, pad + tuple(ck), (0,) * (doc_base + len(ck) - 1), None), None
     lengths = tuple(layout.doc_lengths(cu_a))
     plans, index = _plans(lengths, W, sharding, balance)
     cu_docs = _cumsum(lengths)
     keys = Keys(0, cu_docs[-1], cu_docs, (0,) * len(lengths), None if index is None else index.to(device))
-    return plans, keys
+    return plans, keys, lengths
 
 
 def _spec(comm, scale, window_left, window_right, softcap, alibi, dropout_p, seed, offset, grad_comm_dtype,
@@ -367,9 +374,11 @@ def _spec(comm, scale, window_left, window_right, softcap, alibi, dropout_p, see
 
 
 def _run(fwd: bool, spec: CallSpec, tensors, q, strategy, cu_a, cu_b, sharding, balance, k_lo, k_hi, doc_base):
-    plans, keys = plans_for(spec.comm, q.shape[0], cu_a, cu_b, sharding, balance, k_lo, k_hi, doc_base, q.device)
+    plans, keys, lengths = plans_for(spec.comm, q.shape[0], cu_a, cu_b, sharding, balance, k_lo, k_hi, doc_base,
+                                     q.device)
     if strategy == "ring":
-        return (ring_varlen_forward if fwd else ring_varlen_backward)(spec, *tensors, plans)
+        steps = _schedule(lengths, spec.comm.world_size, sharding, balance, spec.window, spec.comm.rank)
+        return (ring_varlen_forward if fwd else ring_varlen_backward)(spec, *tensors, plans, steps)
     mine = plans if sharding == "llama3" else plans[spec.comm.rank]
     return (allgather_varlen_forward if fwd else allgather_varlen_backward)(spec, *tensors, mine, keys)
 

@@ -46,6 +46,15 @@ def _check(q, k, v, window_size, dropout_p):
         raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _check_softcap(softcap, fn: str):
+    """ring-flash-attention has no softcap: a positional call written for it lands alibi_slopes (or later
+    arguments) here. A clear error instead of a silent mix-up."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"fastattn.distributed: {fn}: softcap must be a float, got {type(softcap).__name__}; unlike "
+                        "ring-flash-attention this function takes softcap after window_size (flash-attn's order): "
+                        "pass alibi_slopes, deterministic, return_attn_probs and group by keyword")
+
+
 def _check_alibi(alibi_slopes, q, n_docs: int):
     if alibi_slopes is None:
         return
@@ -160,6 +169,7 @@ def _config(group, strategy: str, balance: str) -> CPConfig:
 
 def _per_doc_compat(balance, q, k, v, cu_seqlens, dropout_p, softmax_scale, causal, window_size, softcap,
                     alibi_slopes, return_attn_probs, group, fn):
+    _check_softcap(softcap, fn)
     cp = _config(group, "ring", balance)
     _check(q, k, v, window_size, dropout_p)
     if not torch.compiler.is_compiling():
@@ -257,6 +267,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     results); max_seqlen_q/k and deterministic are unused. alibi_slopes (Hq,) or (documents of cu_seqlens_q, Hq).
     Dropout is exact (one extra tiny all-gather finds the global index of the first local document).
     return_attn_probs=True: (out, lse fp32 (Hq, T/W), None)."""
+    _check_softcap(softcap, "llama3_flash_attn_varlen_func")
     cp = _config(group, "allgather", "contiguous")
     _check(q, k, v, window_size, dropout_p)
     W, r, T = cp.world_size, cp.rank, q.shape[0]

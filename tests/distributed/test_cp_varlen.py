@@ -2,6 +2,7 @@
 flash_attn_varlen_func and a float64 oracle per document (acceptance rule in tests/support/cp_cases.py), the
 ring-flash-attention drop-ins, per-document layouts, exact dropout, clear errors, communication counts, compile."""
 import os
+from functools import lru_cache
 
 import pytest
 import torch
@@ -219,6 +220,11 @@ def test_drop_in_errors():
         run_local(2, ring, cu_global)
     run_local(2, ring, cu_global // 2)  # the local one works
 
+    with pytest.raises(TypeError, match="softcap must be a float, got NoneType; unlike ring-flash-attention"):
+        # ring-flash-attention's positional order: (..., window_size, alibi_slopes, deterministic, ...)
+        run_local(2, lambda comm: ring_flash_attn_varlen_func(q, q, q, cu_global // 2, 8, 0.0, None, True, (-1, -1),
+                                                              None, False, False, comm))
+
     def zigzag(comm):
         return zigzag_ring_flash_attn_varlen_func(q, q, q, torch.tensor([0, 5, 16], dtype=torch.int32), 11,
                                                   group=comm, causal=True)
@@ -367,7 +373,8 @@ def _plant(monkeypatch, bug):
             tail = p.groups[-1]
             return p._replace(groups=p.groups[:-1] + (tail._replace(starts=tuple(x + 1 for x in tail.starts)),))
         monkeypatch.setattr(V, "rank_plan", plan)
-        monkeypatch.setattr(V, "_plans", V._plans.__wrapped__)  # uncached, so the planted plan is used
+        for name in ("_plans", "_schedule"):  # fresh caches for the test: planted plans are used, then dropped
+            monkeypatch.setattr(V, name, lru_cache(maxsize=64)(getattr(V, name).__wrapped__))
     elif bug == "zigzag pieces swapped":
         real_pieces = layout.doc_pieces
 
