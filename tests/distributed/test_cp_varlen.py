@@ -9,7 +9,7 @@ import torch
 
 from tests.support.cp_cases import (VarlenCase, block_backends, check_acceptance, check_varlen_case, gather_varlen,
                                     make_varlen_inputs, reference_varlen, run_varlen_local, single_block_varlen,
-                                    single_process_varlen, varlen_call, varlen_shard, varlen_unshard)
+                                    single_process_varlen, varlen_call, varlen_shard)
 from fastattn.distributed import (CountingComm, CPCommError, CPConfig, CPUnsupportedError, cp_varlen_attention,
                                   layout, llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
                                   ring_flash_attn_varlen_func, run_local, shard_varlen, unshard_varlen,
