@@ -82,6 +82,8 @@ BF16 = [
     VarlenCase(W=3, docs=(37, 128, 301, 47), sharding="stream", balance="contiguous", strategy="ring",
                causal=True, dtype=torch.bfloat16),
     VarlenCase(W=2, docs=(37, 128, 301, 46), api="llama3", causal=True, dtype=torch.bfloat16),
+    VarlenCase(W=4, docs=(37, 128, 301, 46), sharding="stream", strategy="allgather", window=(12, 3),
+               dtype=torch.float16),
 ]
 
 
@@ -161,6 +163,7 @@ DROPOUT_BACKENDS = block_backends(dropout=True)
     VarlenCase(W=3, docs=(37, 128, 301, 47), sharding="stream", balance="contiguous", strategy="allgather"),
     VarlenCase(W=2, docs=(37, 128, 301, 46), sharding="stream", strategy="ring", causal=True, window=(30, -1)),
     VarlenCase(W=3, docs=(37, 128, 301, 47), api="llama3", causal=True),
+    VarlenCase(W=2, docs=_divisible(2), api="zigzag", causal=True),
 ], ids=VarlenCase.id)
 def test_dropout_equals_single_process(monkeypatch, c):
     """With the same rng, CP drops exactly the elements the whole packed call drops (the document index and the
