@@ -11,6 +11,12 @@
     with context_parallel(cp):                               # the reference models and attn_implementation=
         logits = model(local["input_ids"], position_ids=local["position_ids"])          # "fastattn_cp" read it
 
+Packed varlen documents (flash-attn's cu_seqlens; varlen.py, varlen_api.py):
+    q, k, v = (shard_varlen(t, cu_seqlens, 0, W, rank, "zigzag") for t in (q_full, k_full, v_full))   # per document
+    out = cp_varlen_attention(q, k, v, cu_seqlens, cp=cp, causal=True)           # GLOBAL cu_seqlens
+    # ring-flash-attention drop-ins: ring_/zigzag_ring_flash_attn_varlen_func (LOCAL cu_seqlens = global // W),
+    # llama3_flash_attn_varlen_func + llama3_flash_attn_prepare_cu_seqlens (any document lengths, total % W)
+
 Strategies ring / allgather / ulysses (config.py; ring.py, allgather.py, ulysses.py), each one custom op for
 torch.compile (ops.py), layouts zigzag / contiguous (layout.py), communicators over a ProcessGroup or DeviceMesh dim
 or simulated in one process (comm.py), loss normalised by global tokens (loss.py), whole batches sharded alike
@@ -21,10 +27,16 @@ from .batch import pad_batch, shard_batch
 from .comm import CountingComm, CPComm, CPCommError, LocalComm, TorchComm, run_local
 from .config import CPConfig, CPUnsupportedError
 from .context import active_cp, context_parallel
-from .layout import global_positions, shard, unshard, unshard_list
+from .layout import (global_positions, shard, shard_varlen, unshard, unshard_list, unshard_varlen,
+                     unshard_varlen_list, varlen_positions)
 from .loss import cp_cross_entropy, global_loss
+from .varlen_api import (cp_varlen_attention, llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
+                         ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_func)
 
 __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPConfig",
            "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "run_local",
            "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss",
-           "shard_batch", "pad_batch", "context_parallel", "active_cp"]
+           "shard_batch", "pad_batch", "context_parallel", "active_cp",
+           "cp_varlen_attention", "ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func",
+           "llama3_flash_attn_varlen_func", "llama3_flash_attn_prepare_cu_seqlens", "shard_varlen", "unshard_varlen",
+           "unshard_varlen_list", "varlen_positions"]

@@ -106,3 +106,60 @@ def hf_gpt2_cp(config_kwargs: dict, state_dict: dict, ids, balance: str):
     loss = cp_cross_entropy(logits, local["labels"], cp)
     loss.backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+# --- packed varlen documents (test_cp_varlen.py) ------------------------------------------------------------------
+
+def varlen_case(case):
+    from tests.support.cp_cases import run_varlen_rank
+    return run_varlen_rank(TorchComm(), case)
+
+
+def varlen_bad_rank(check: bool):
+    """Rank 1 holds more tokens than cu_seqlens says. With check_shapes every rank raises at once (returns the
+    messages); without, rank 1 raises and rank 0's ring hop fails on the process-group timeout (not run here)."""
+    from fastattn.distributed import cp_varlen_attention
+    comm = TorchComm()
+    q = torch.randn(8 + 4 * comm.rank, 2, 8)
+    try:
+        cp_varlen_attention(q, q, q, torch.tensor([0, 8, 16], dtype=torch.int32),
+                            cp=CPConfig(comm, strategy="ring", check_shapes=check))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def varlen_compiled_vs_eager(api: str):
+    """torch.compile(fullgraph=True) of cp_varlen_attention / llama3 on a real process group: one opaque op, same
+    bits as eager."""
+    import torch._dynamo
+    from fastattn.distributed import cp_varlen_attention, llama3_flash_attn_prepare_cu_seqlens
+    from fastattn.distributed import llama3_flash_attn_varlen_func, shard_varlen
+    torch._dynamo.reset()
+    comm = TorchComm()
+    W, r = comm.world_size, comm.rank
+    cu = torch.tensor([0, 12, 40, 48], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(48, h, 8, generator=g) for h in (4, 2, 2)]
+    if api == "cp":
+        cp = CPConfig(comm, strategy="ring", balance="zigzag")
+        q, k, v = (shard_varlen(t, cu, 0, W, r, "zigzag").requires_grad_() for t in full)
+
+        def f(q, k, v):
+            return cp_varlen_attention(q, k, v, cu, cp=cp, causal=True, window_size=(5, -1)) * 2
+    else:
+        args = llama3_flash_attn_prepare_cu_seqlens(cu, True, r, W)
+        q, k, v = (t[r * 48 // W:(r + 1) * 48 // W].clone().requires_grad_() for t in full)
+
+        def f(q, k, v):
+            return llama3_flash_attn_varlen_func(q, k, v, *args[:4], 1, args[4], causal=True, group=comm) * 2
+    eager = f(q, k, v)
+    eager.sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    counts = {}
+    compiled = torch.compile(f, fullgraph=True, backend=_counting_backend(counts))(q, k, v)
+    compiled.sum().backward()
+    same = torch.equal(eager, compiled) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+    return same, counts

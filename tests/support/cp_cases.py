@@ -298,3 +298,191 @@ def install_keyed_dropout(monkeypatch):
     monkeypatch.setattr(R.ReferenceBackend, "forward", forward)
     monkeypatch.setattr(R.ReferenceBackend, "block_backward", block_backward)
     monkeypatch.setattr(R.ReferenceBackend, "extra_reasons", lambda self, p: [])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# packed varlen documents (tests/distributed/test_cp_varlen.py, gloo_tasks.varlen_case)
+
+@dataclass(frozen=True)
+class VarlenCase:
+    W: int = 2
+    docs: Tuple[int, ...] = (37, 128, 301, 46)   # global document lengths, packed in this order
+    api: str = "cp"                  # cp (cp_varlen_attention) | ring | zigzag | llama3 (the drop-in functions)
+    strategy: str = "ring"           # api="cp" only
+    sharding: str = "per_doc"        # api="cp" only: per_doc | stream
+    balance: str = "zigzag"          # api="cp" only
+    dtype: torch.dtype = torch.float32
+    H: int = 4
+    Hkv: int = 2
+    D: int = 16
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+    alibi: str = ""                  # "" | "H" (Hq,) slopes | "NH" (documents, Hq) slopes
+    softcap: float = 0.0
+    backend: str = "reference"
+    seed: int = 0
+
+    @property
+    def layout(self) -> Tuple[str, str]:
+        """(sharding, balance) the inputs are laid out in."""
+        return {"ring": ("per_doc", "contiguous"), "zigzag": ("per_doc", "zigzag"),
+                "llama3": ("stream", "contiguous")}.get(self.api, (self.sharding, self.balance))
+
+    @property
+    def cu(self) -> torch.Tensor:
+        return torch.tensor([0] + list(torch.tensor(self.docs).cumsum(0).tolist()), dtype=torch.int32)
+
+    def id(self) -> str:
+        parts = [self.api] + ([self.strategy, self.sharding, self.balance] if self.api == "cp" else [])
+        parts += [f"W{self.W}", str(self.dtype).split(".")[-1], "docs" + ",".join(map(str, self.docs))]
+        parts += ["causal"] if self.causal else []
+        parts += [f"gqa{self.H}/{self.Hkv}"] if self.Hkv != self.H else []
+        parts += [f"win{self.window[0]},{self.window[1]}"] if self.window != (-1, -1) else []
+        parts += [f"alibi{self.alibi}"] if self.alibi else []
+        parts += [f"softcap{self.softcap:g}"] if self.softcap else []
+        parts += [self.backend] if self.backend != "reference" else []
+        return "-".join(parts)
+
+
+def make_varlen_inputs(c: VarlenCase):
+    """Packed q, k, v, dout (T, H, D) fp32 and ALiBi slopes, from the case's seed (the same on every rank)."""
+    g = torch.Generator().manual_seed(c.seed)
+    T = sum(c.docs)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+    q, k, v = randn(T, c.H, c.D) * 3, randn(T, c.Hkv, c.D) * 3, randn(T, c.Hkv, c.D)
+    dout = randn(T, c.H, c.D)
+    shape = {"": None, "H": (c.H,), "NH": (len(c.docs), c.H)}[c.alibi]
+    alibi = None if shape is None else torch.rand(*shape, generator=g) * 0.5 + 0.05
+    return q, k, v, dout, alibi
+
+
+def varlen_shard(c: VarlenCase, x, rank: int, dim: int = 0):
+    from fastattn.distributed import layout
+    sharding, balance = c.layout
+    if sharding == "per_doc":
+        return layout.shard_varlen(x, c.cu, dim, c.W, rank, balance)
+    return layout.shard(x, dim, c.W, rank, balance)
+
+
+def varlen_unshard(c: VarlenCase, shards, dim: int = 0):
+    from fastattn.distributed import layout
+    sharding, balance = c.layout
+    if sharding == "per_doc":
+        return layout.unshard_varlen_list(shards, c.cu, dim, balance)
+    return layout.unshard_list(shards, dim, balance)
+
+
+def varlen_call(comm, c: VarlenCase, q, k, v, alibi, rng=None, dropout_p=0.0, check_shapes=False):
+    """The case's API on this rank's shards: (out, lse (H, T/W))."""
+    from fastattn.distributed import cp_varlen_attention
+    kw = dict(causal=c.causal, window_size=c.window, softcap=c.softcap, alibi_slopes=alibi, dropout_p=dropout_p)
+    if c.api == "cp":
+        cp = CPConfig(comm, strategy=c.strategy, balance=c.balance, backend=c.backend, check_shapes=check_shapes)
+        return cp_varlen_attention(q, k, v, c.cu, cp=cp, sharding=c.sharding, return_lse=True, rng=rng, **kw)
+    return _drop_in(comm, c, q, k, v, alibi, kw)
+
+
+def _drop_in(comm, c: VarlenCase, q, k, v, alibi, kw):
+    from fastattn.distributed import (llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
+                                      ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_func)
+    if c.api in ("ring", "zigzag"):
+        fn = ring_flash_attn_varlen_func if c.api == "ring" else zigzag_ring_flash_attn_varlen_func
+        local = c.cu // c.W
+        out, lse, none = fn(q, k, v, local, int((local[1:] - local[:-1]).max()), return_attn_probs=True,
+                            group=comm, **kw)
+    else:
+        cu_q, cu_k, mq, mk, ks = llama3_flash_attn_prepare_cu_seqlens(c.cu, c.causal, comm.rank, c.W)
+        if alibi is not None and alibi.dim() == 2:  # (documents, H) -> the documents of this rank's slice
+            first = int(torch.searchsorted(c.cu, ks.start, right=True)) - 1
+            kw = dict(kw, alibi_slopes=alibi[first:first + cu_q.numel() - 1])
+        out, lse, none = llama3_flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, 1, ks, return_attn_probs=True,
+                                                       group=comm, **kw)
+    assert none is None
+    return out, lse
+
+
+def run_varlen_rank(comm, c: VarlenCase, rng=None, dropout_p=0.0):
+    """One rank: shard, CP forward + backward. Returns (out, lse, dq, dk, dv) of this rank."""
+    from fastattn.dispatch import use_backend
+    q, k, v, dout, alibi = make_varlen_inputs(c)
+    ql, kl, vl = (varlen_shard(c, t, comm.rank).to(c.dtype).requires_grad_() for t in (q, k, v))
+    before = [t.detach().clone() for t in (ql, kl, vl)]
+    with use_backend(c.backend):  # the drop-ins have no backend argument: this thread's context, fwd and bwd
+        out, lse = varlen_call(comm, c, ql, kl, vl, alibi, rng=rng, dropout_p=dropout_p)
+        out.backward(varlen_shard(c, dout, comm.rank).to(c.dtype))
+    for t, b in zip((ql, kl, vl), before):
+        assert torch.equal(t.detach(), b), "CP varlen attention modified its inputs"
+    return tuple(x.detach() for x in (out, lse, ql.grad, kl.grad, vl.grad))
+
+
+def gather_varlen(c: VarlenCase, per_rank):
+    return tuple(varlen_unshard(c, [r[i] for r in per_rank], 1 if i == 1 else 0) for i in range(5))
+
+
+def run_varlen_local(c: VarlenCase, **kw):
+    return gather_varlen(c, run_local(c.W, run_varlen_rank, c, **kw))
+
+
+def _doc_kw(c: VarlenCase):
+    return dict(scale=c.D ** -0.5, window=(c.window[0], 0 if c.causal else c.window[1]), softcap=c.softcap)
+
+
+def reference_varlen(c: VarlenCase):
+    """Float64 oracle per document on the packed inputs rounded to c.dtype: (out, lse (H, T), dq, dk, dv)."""
+    q, k, v, dout, alibi = make_varlen_inputs(c)
+    q, k, v = (t.to(c.dtype).double().requires_grad_() for t in (q, k, v))
+    outs, lses = [], []
+    cu = c.cu.tolist()
+    wl, wr = _doc_kw(c)["window"]
+    for n in range(len(c.docs)):
+        a, b = cu[n], cu[n + 1]
+        slopes = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[n])
+        qd, kd, vd = (_bhsd(t[a:b].unsqueeze(0)) for t in (q, k, v))  # (L, H, D) -> (1, H, L, D)
+        outs.append(_bhsd(oracle_attention(qd, kd, vd, alibi_slopes=slopes, **_doc_kw(c)))[0])
+        s = qd.detach() @ kd.detach().repeat_interleave(c.H // c.Hkv, 1).transpose(-1, -2) * c.D ** -0.5
+        if c.softcap:
+            s = c.softcap * torch.tanh(s / c.softcap)
+        i, j = torch.arange(b - a).view(-1, 1), torch.arange(b - a).view(1, -1)
+        if slopes is not None:
+            s = s - slopes.double().view(1, -1, 1, 1) * (i - j).abs()
+        vis = torch.ones(b - a, b - a, dtype=torch.bool)
+        vis &= (j >= i - wl) if wl >= 0 else vis
+        vis &= (j <= i + wr) if wr >= 0 else vis
+        lse = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)[0]  # (H, L)
+        lses.append(lse.masked_fill(torch.isneginf(lse), float("inf")))
+    out = torch.cat(outs)
+    out.backward(dout.double())
+    return out.detach(), torch.cat(lses, 1), q.grad, k.grad, v.grad
+
+
+def single_process_varlen(c: VarlenCase):
+    """fastattn.flash_attn_varlen_func on the whole packed sequence, one process: (out, lse, dq, dk, dv)."""
+    q, k, v, dout, alibi = make_varlen_inputs(c)
+    q, k, v = (t.to(c.dtype).requires_grad_() for t in (q, k, v))
+    m = max(c.docs)
+    out, lse, _ = fastattn.flash_attn_varlen_func(q, k, v, c.cu, c.cu, m, m, causal=c.causal, window_size=c.window,
+                                                  softcap=c.softcap, alibi_slopes=alibi, return_attn_probs=True,
+                                                  backend=c.backend)
+    out.backward(dout.to(c.dtype))
+    return tuple(x.detach() for x in (out, lse, q.grad, k.grad, v.grad))
+
+
+def single_block_varlen(c: VarlenCase, rng=None, dropout_p=0.0):
+    """The varlen block calls on the whole packed sequence (CP with one rank): (out, lse, dq, dk, dv)."""
+    q, k, v, dout, alibi = make_varlen_inputs(c)
+    q, k, v, dout = (t.to(c.dtype).transpose(0, 1).unsqueeze(0) for t in (q, k, v, dout))  # (T, H, D) -> (1, H, T, D)
+    z = torch.zeros(len(c.docs), dtype=torch.int32)
+    kw = dict(q_start=z, k_start=z, cu_seqlens_q=c.cu, cu_seqlens_k=c.cu, scale=c.D ** -0.5,
+              window_size=(c.window[0], 0 if c.causal else c.window[1]), softcap=c.softcap, alibi_slopes=alibi,
+              backend=c.backend, dropout_p=dropout_p, rng=rng)
+    out, lse = block_forward(q, k, v, **kw)
+    out = out.to(c.dtype)
+    grads = block_backward(dout, q, k, v, out, lse, **kw)
+    return tuple(x[0].transpose(0, 1).to(c.dtype) if x.dim() == 4 else x[0] for x in (out, lse) + tuple(grads))
+
+
+def check_varlen_case(c: VarlenCase, **kw):
+    return check_acceptance(c, run_varlen_local(c, **kw), single_process_varlen(c), reference_varlen(c),
+                            single_block_varlen(c))
