@@ -167,3 +167,28 @@ def test_dropout_p_rounding_to_one_in_float32_is_refused():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="rounds to 1 in float32"):
         torch.ops.fastattn.fwd(q, q, q, None, None, None, 0, 0, 0.3, -1, -1, False, 0.0, None, 1 - 1e-9, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_several_tiles_each_way_with_key_padding(dtype, causal):
+    """Sq = 300, Sk = 1100: several query tiles and three key tiles for every tile shape the forward picks (fp32:
+    128 x 512 without a window, 64 x 256 with one; bf16: 64 x 512), so the online softmax rescales across key tiles;
+    a key-padding mask (one bias row per batch, added a chunk at a time) ends mid-tile. Forward and gradients
+    against the float64 oracle under the tolerance rule."""
+    torch.manual_seed(5)
+    q, k, v = _qkv(2, 2, 2, 300, 1100, 64, dtype=dtype)
+    keep = torch.arange(1100).view(1, 1100) < torch.tensor([1100, 700]).view(2, 1)  # (B, Sk), True = attend
+    mask = keep.view(2, 1, 1, 1100)  # (B, Sk) -> (B, 1, 1, Sk)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend="cpu")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    results = {}
+    for prec in (torch.float64, dtype):
+        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
+        o = oracle_attention(*leaves, scale=64 ** -0.5, mask=mask, window=(-1, 0 if causal else -1),
+                             bottom_right=False, dtype=prec)
+        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got = out if i == 0 else grads[i - 1]
+        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
