@@ -6,6 +6,8 @@
     out = cp_attention(q, k, v, cp=cp, causal=True)                    # this rank's rows of full attention
     out = cp_attention(q, k, v, cp=cp, key_padding_mask=cp.shard(mask, dim=1))   # padded keys travel masked
     print(cp.explain(heads_q=16, heads_kv=4, causal=True))
+    cp2 = CPConfig(group=mesh_2d)      # hybrid (USP): a DeviceMesh with dims "ulysses" and "ring" (or ulysses_group=,
+                                       # ring_group=); cp2.shard lays tokens out for it, the rest is the same
 
     local = shard_batch(batch, cp, shift_labels=True)        # input_ids, labels, position_ids (global), masks
     with context_parallel(cp):                               # the reference models and attn_implementation=
@@ -17,14 +19,15 @@ Packed varlen documents (flash-attn's cu_seqlens; varlen.py, varlen_api.py):
     # ring-flash-attention drop-ins: ring_/zigzag_ring_flash_attn_varlen_func (LOCAL cu_seqlens = global // W),
     # llama3_flash_attn_varlen_func + llama3_flash_attn_prepare_cu_seqlens (any document lengths, total % W)
 
-Strategies ring / allgather / ulysses (config.py; ring.py, allgather.py, ulysses.py), each one custom op for
-torch.compile (ops.py), layouts zigzag / contiguous (layout.py), communicators over a ProcessGroup or DeviceMesh dim
-or simulated in one process (comm.py), loss normalised by global tokens (loss.py), whole batches sharded alike
-(batch.py), the active config for code without a cp argument (context.py). Kernels: fastattn.blocks.
+Strategies ring / allgather / ulysses / hybrid (config.py; ring.py, allgather.py, ulysses.py, hybrid.py), each one
+custom op for torch.compile (ops.py), layouts zigzag / contiguous (layout.py), communicators over a ProcessGroup or
+DeviceMesh dim, a 2-D group for the hybrid, or simulated in one process (comm.py), loss normalised by global tokens
+(loss.py), whole batches sharded alike (batch.py), the active config for code without a cp argument (context.py).
+Kernels: fastattn.blocks.
 """
 from .api import cp_attention, ring_flash_attn_func, zigzag_ring_flash_attn_func
 from .batch import pad_batch, shard_batch
-from .comm import CountingComm, CPComm, CPCommError, LocalComm, TorchComm, run_local
+from .comm import CountingComm, CPComm, CPCommError, HybridComm, LocalComm, TorchComm, run_local
 from .config import CPConfig, CPUnsupportedError
 from .context import active_cp, context_parallel
 from .layout import (global_positions, shard, shard_varlen, unshard, unshard_list, unshard_varlen,
@@ -34,7 +37,8 @@ from .varlen_api import (cp_varlen_attention, llama3_flash_attn_prepare_cu_seqle
                          ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_func)
 
 __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPConfig",
-           "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "run_local",
+           "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "HybridComm",
+           "run_local",
            "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss",
            "shard_batch", "pad_batch", "context_parallel", "active_cp",
            "cp_varlen_attention", "ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func",

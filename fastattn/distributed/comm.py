@@ -6,7 +6,11 @@ same per-rank code runs over
   - `LocalComm`: W simulated ranks in ONE process, each rank's code in its own thread (`run_local`), exchanging
     tensors through queues and barriers. Tests use it for the bulk of the matrix; on a single GPU it is how the
     GPU kernels get CP coverage (NCCL cannot run two ranks on one device).
-  - `CountingComm`: wraps either and counts calls and bytes, so tests can assert exact communication.
+  - `CountingComm`: wraps either and counts calls and bytes, so tests can assert exact communication;
+  - `HybridComm`: the 2-D group of the hybrid strategy, a Ulysses group x a ring group (two of the above).
+
+torch.distributed may be missing from the torch build (`dist.is_available()` False): LocalComm still works, TorchComm
+raises a clear error.
 
 Rules that keep the ring from hanging (a rank that skips or reorders a hop deadlocks every other rank):
   - a hop posts its sends and receives together, in one batch_isend_irecv, even ranks sending first and odd ranks
@@ -19,7 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from typing import Callable, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -74,8 +78,9 @@ class CPComm(Protocol):
 # torch.distributed
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn): one place to follow renames.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# A torch built without distributed has neither (its torch.distributed is a stub): TorchComm refuses to start there.
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 class _Works:
     def __init__(self, works):
@@ -90,7 +95,10 @@ class TorchComm:
     """CPComm over a torch.distributed ProcessGroup (None = the default group) or one dim of a DeviceMesh."""
 
     def __init__(self, group: Optional["dist.ProcessGroup"] = None):
-        if not dist.is_available() or not dist.is_initialized():
+        if not dist.is_available():
+            raise RuntimeError("fastattn.distributed: this torch build has no torch.distributed "
+                               "(torch.distributed.is_available() is False); only LocalComm simulations can run")
+        if not dist.is_initialized():
             raise RuntimeError("fastattn.distributed: torch.distributed is not initialized; call "
                                "torch.distributed.init_process_group first (or use LocalComm for a simulation)")
         self.group = group if group is not None else dist.group.WORLD
@@ -243,20 +251,24 @@ class LocalComm:
         return x.copy_(total)
 
 
-def run_local(world_size: int, fn: Callable, *args, timeout: float = LOCAL_TIMEOUT_S, wrap=None, **kwargs):
+def run_local(world_size: int, fn: Callable, *args, timeout: float = LOCAL_TIMEOUT_S, wrap=None,
+              mesh: Optional[Tuple[int, int]] = None, **kwargs):
     """Runs fn(comm, *args, **kwargs) for W simulated ranks, each in its own thread; returns the W results in rank
     order. wrap(comm) -> comm can wrap each rank's communicator (e.g. CountingComm). An exception on any rank fails
-    the peers' pending collectives and is re-raised here (the first one, by rank)."""
-    comms = LocalComm.world(world_size, timeout)
+    the peers' pending collectives and is re-raised here (the first one, by rank).
+    mesh=(U, R), U * R = W: each rank's comm is a HybridComm of a U-rank Ulysses LocalComm and an R-rank ring
+    LocalComm (rank i = r * U + u), and wrap wraps each of the two."""
+    comms, worlds = _local_comms(world_size, timeout, wrap, mesh)
     results: list = [None] * world_size
     errors: list = [None] * world_size
 
     def body(r):
         try:
-            results[r] = fn(wrap(comms[r]) if wrap else comms[r], *args, **kwargs)
+            results[r] = fn(comms[r], *args, **kwargs)
         except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
             errors[r] = e
-            comms[r]._world.abort()
+            for w in worlds:  # a peer may wait in any of the groups
+                w.abort()
 
     threads = [threading.Thread(target=body, args=(r,), name=f"cp-rank{r}", daemon=True) for r in range(world_size)]
     for t in threads:
@@ -269,6 +281,85 @@ def run_local(world_size: int, fn: Callable, *args, timeout: float = LOCAL_TIMEO
     if first:
         raise first[0]
     return results
+
+
+def _local_comms(world_size: int, timeout: float, wrap, mesh):
+    """-> (each rank's communicator, every _LocalWorld of the simulation)."""
+    wrap = wrap or (lambda c: c)
+    if mesh is None:
+        comms = LocalComm.world(world_size, timeout)
+        return [wrap(c) for c in comms], [comms[0]._world]
+    U, R = mesh
+    if U < 1 or R < 1 or U * R != world_size:
+        raise ValueError(f"fastattn.distributed run_local: mesh=(U, R) = {mesh} must multiply to the world size "
+                         f"{world_size}")
+    uly = [LocalComm.world(U, timeout) for _ in range(R)]  # uly[r]: the Ulysses group of ring rank r
+    ring = [LocalComm.world(R, timeout) for _ in range(U)]  # ring[u]: the ring group of Ulysses rank u
+    comms = [HybridComm(wrap(uly[i // U][i % U]), wrap(ring[i % U][i // U])) for i in range(world_size)]
+    return comms, [g[0]._world for g in uly + ring]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the 2-D group of the hybrid strategy
+
+class HybridComm:
+    """The 2-D CP group of the hybrid (Ulysses x ring, "USP") strategy: `ulysses`, a group of U ranks (the
+    all-to-alls), and `ring`, a group of R ranks (the K/V hops), each a CPComm; W = U * R ranks in a grid: the U
+    ranks of this rank's Ulysses group share its ring rank r, the R ranks of its ring group its Ulysses rank u.
+    This rank is rank r * U + u of the flattened group (the order of its sequence shard, hybrid.py). The collectives
+    over all W ranks that the rest of the package uses (all_gather, reduce_scatter, all_reduce: shapes, unshard,
+    loss) compose the two groups'; ring hops and all-to-alls exist only along one dim (.ring / .ulysses)."""
+
+    def __init__(self, ulysses: CPComm, ring: CPComm):
+        for name, c in (("ulysses", ulysses), ("ring", ring)):
+            if not isinstance(c, CPComm) or isinstance(c, HybridComm):
+                raise TypeError(f"fastattn.distributed HybridComm: {name} must be a 1-D CPComm, got "
+                                f"{type(c).__name__}")
+        if isinstance(ulysses, TorchComm) and isinstance(ring, TorchComm):
+            _check_grid(ulysses, ring)
+        self.ulysses, self.ring = ulysses, ring
+        self.world_size = ulysses.world_size * ring.world_size
+        self.rank = ring.rank * ulysses.world_size + ulysses.rank
+
+    @classmethod
+    def from_mesh(cls, mesh, ulysses_dim: str = "ulysses", ring_dim: str = "ring") -> "HybridComm":
+        """The two dims of a 2-D DeviceMesh, named ulysses_dim and ring_dim (in either order)."""
+        names = tuple(mesh.mesh_dim_names or ())
+        if mesh.ndim != 2 or ulysses_dim not in names or ring_dim not in names:
+            raise ValueError(f"fastattn.distributed: a hybrid CP group from a DeviceMesh needs 2 dims named "
+                             f"{ulysses_dim!r} and {ring_dim!r}, got a {mesh.ndim}-D mesh with dims {names}")
+        return cls(TorchComm.from_mesh(mesh, ulysses_dim), TorchComm.from_mesh(mesh, ring_dim))
+
+    def _one_dim(self, what: str):
+        raise CPCommError(f"fastattn.distributed HybridComm: {what} runs along one dim of the 2-D group: call it on "
+                          ".ulysses or .ring")
+
+    def ring_hop(self, send, recv) -> Handle:
+        self._one_dim("a ring hop")
+
+    def all_to_all(self, x):
+        self._one_dim("an all-to-all")
+
+    def all_gather(self, x):
+        got = self.ring.all_gather(self.ulysses.all_gather(x))  # (*s) -> (U, *s) -> (R, U, *s)
+        return got.reshape((self.world_size,) + tuple(x.shape))  # (R, U, *s) -> (W, *s): slot r * U + u
+
+    def reduce_scatter(self, x):
+        U, R = self.ulysses.world_size, self.ring.world_size
+        mine = self.ring.reduce_scatter(x.reshape((R, U) + tuple(x.shape[1:])))  # (W, *s) -> (R, U, *s) -> (U, *s)
+        return self.ulysses.reduce_scatter(mine)  # (U, *s) -> (*s)
+
+    def all_reduce(self, x):
+        return self.ring.all_reduce(self.ulysses.all_reduce(x))
+
+
+def _check_grid(ulysses: TorchComm, ring: TorchComm):
+    """The two groups must cross in this rank only (otherwise the flattened ranks collide); checked locally."""
+    mine = set(dist.get_process_group_ranks(ulysses.group)) & set(dist.get_process_group_ranks(ring.group))
+    if len(mine) != 1:
+        raise ValueError(f"fastattn.distributed: the Ulysses and ring groups of a hybrid CP group must share only "
+                         f"this rank, they share global ranks {sorted(mine)}: build them from the two dims of one "
+                         f"2-D DeviceMesh")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,12 +430,13 @@ def lookup_comm(name: str) -> CPComm:
 
 
 def as_comm(group) -> CPComm:
-    """A CPComm from a CPComm (returned as is), a ProcessGroup, a 1-D DeviceMesh, or None (the default group)."""
+    """A CPComm from a CPComm (returned as is), a ProcessGroup, a 1-D DeviceMesh, a 2-D DeviceMesh with dims named
+    "ulysses" and "ring" (a HybridComm), or None (the default group)."""
     if isinstance(group, CPComm):
         return group
-    if group is None or isinstance(group, dist.ProcessGroup):
+    if group is None or isinstance(group, getattr(dist, "ProcessGroup", ())):
         return TorchComm(group)
     if type(group).__name__ == "DeviceMesh":
-        return TorchComm.from_mesh(group)
-    raise TypeError(f"fastattn.distributed: group must be a ProcessGroup, a 1-D DeviceMesh, a CPComm or None, "
+        return HybridComm.from_mesh(group) if group.ndim == 2 else TorchComm.from_mesh(group)
+    raise TypeError(f"fastattn.distributed: group must be a ProcessGroup, a DeviceMesh, a CPComm or None, "
                     f"got {type(group).__name__}")

@@ -1,7 +1,8 @@
 """CP attention as custom ops with fake functions and a registered autograd, so torch.compile(fullgraph=True) sees
 one opaque op instead of tracing the communication: fastattn::cp_attn_fwd / cp_attn_bwd (ring, all-gather) and
 fastattn::cp_ulysses_fwd / cp_ulysses_bwd (Ulysses; its forward also returns the head-sharded tensors its backward
-needs, so the backward does not redo the forward's all-to-alls).
+needs, so the backward does not redo the forward's all-to-alls) and fastattn::cp_hybrid_fwd / cp_hybrid_bwd (Ulysses
+x ring on a 2-D group; the same arguments and saved tensors as Ulysses, its all-to-alls over the Ulysses dim only).
 
 The communicator travels as a name (a string argument, comm.comm_name), which the op looks up in this process.
 Eager calls go through the same ops. key_bias (B, S/W) in the inputs' dtype (0 or -inf per key: key padding) is the
@@ -17,6 +18,7 @@ from torch import Tensor
 from ._call import CallSpec
 from .allgather import allgather_backward, allgather_forward
 from .comm import comm_name, lookup_comm
+from .hybrid import hybrid_backward, hybrid_forward
 from .ring import ring_backward, ring_forward
 from .ulysses import ulysses_backward, ulysses_forward
 
@@ -96,18 +98,31 @@ def cp_ulysses_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tenso
     return ulysses_forward(spec, q, k, v, key_bias)
 
 
-@cp_ulysses_fwd.register_fake
-def _(q, k, v, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap, kv_repeat, return_lse,
-      grad_comm_dtype, backend, key_bias=None):
-    W = lookup_comm(comm).world_size
-    bshd = layout == "bshd"
-    B, s, Hq, Hkv = q.shape[0], q.shape[1 if bshd else 2], q.shape[2 if bshd else 1], k.shape[2 if bshd else 1]
-    h, hk = Hq // W, Hkv * kv_repeat // W
-    f32 = dict(dtype=torch.float32)
-    lse = q.new_empty((B, Hq, s), **f32) if return_lse else q.new_empty(0, **f32)
-    return (q.new_empty(q.shape[:-1] + (v.shape[-1],)), lse, q.new_empty(B, W * s, h, q.shape[-1]),
-            k.new_empty(B, W * s, hk, k.shape[-1]), v.new_empty(B, W * s, hk, v.shape[-1]),
-            q.new_empty(B, h, W * s, v.shape[-1]), q.new_empty((B, h, W * s), **f32))
+def _a2a_size(comm: str) -> int:
+    """The ranks of the all-to-alls: the whole group for Ulysses, the Ulysses dim of a hybrid group."""
+    c = lookup_comm(comm)
+    return c.ulysses.world_size if hasattr(c, "ulysses") else c.world_size
+
+
+def _a2a_fwd_fake(oh_heads_first: bool):
+    """The fake of cp_ulysses_fwd (oh (B, h, S, Dv), as its block call returns it) or cp_hybrid_fwd (oh (B, S/R, h,
+    Dv), as its ring returns it)."""
+    def fake(q, k, v, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap, kv_repeat,
+             return_lse, grad_comm_dtype, backend, key_bias=None):
+        W = _a2a_size(comm)  # qh etc. hold W shards (W * s rows) of H/W heads
+        bshd = layout == "bshd"
+        B, s, Hq, Hkv = q.shape[0], q.shape[1 if bshd else 2], q.shape[2 if bshd else 1], k.shape[2 if bshd else 1]
+        h, hk, Dv = Hq // W, Hkv * kv_repeat // W, v.shape[-1]
+        f32 = dict(dtype=torch.float32)
+        lse = q.new_empty((B, Hq, s), **f32) if return_lse else q.new_empty(0, **f32)
+        return (q.new_empty(q.shape[:-1] + (Dv,)), lse, q.new_empty(B, W * s, h, q.shape[-1]),
+                k.new_empty(B, W * s, hk, k.shape[-1]), v.new_empty(B, W * s, hk, Dv),
+                q.new_empty((B, h, W * s, Dv) if oh_heads_first else (B, W * s, h, Dv)),
+                q.new_empty((B, h, W * s), **f32))
+    return fake
+
+
+cp_ulysses_fwd.register_fake(_a2a_fwd_fake(oh_heads_first=True))
 
 
 @torch.library.custom_op("fastattn::cp_ulysses_bwd", mutates_args=())
@@ -122,9 +137,9 @@ def cp_ulysses_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor,
 
 
 @cp_ulysses_bwd.register_fake
-def _(dout, qh, kh, vh, oh, lse_h, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap,
-      kv_repeat, *args):
-    W = lookup_comm(comm).world_size
+def _ulysses_bwd_fake(dout, qh, kh, vh, oh, lse_h, alibi_slopes, comm, balance, layout, scale, window_left,
+                      window_right, softcap, kv_repeat, *args):
+    W = _a2a_size(comm)
     B, S, h = qh.shape[:3]
     hkv = kh.shape[2] * W // kv_repeat
 
@@ -150,29 +165,61 @@ def _ulysses_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, qh, kh, vh, oh, lse_h)
 
 
-def _ulysses_backward(ctx, dout, *unused):
-    qh, kh, vh, oh, lse_h, alibi, key_bias = ctx.saved_tensors
-    dq, dk, dv = cp_ulysses_bwd(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args, key_bias)
-    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+def _a2a_backward(bwd_op):
+    def backward(ctx, dout, *unused):
+        qh, kh, vh, oh, lse_h, alibi, key_bias = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args, key_bias)
+        return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+    return backward
 
 
-cp_ulysses_fwd.register_autograd(_ulysses_backward, setup_context=_ulysses_setup_context)
+cp_ulysses_fwd.register_autograd(_a2a_backward(cp_ulysses_bwd), setup_context=_ulysses_setup_context)
+
+
+# The hybrid: Ulysses' signature and saved tensors (qh etc. hold this ring shard's U pieces of H/U heads).
+@torch.library.custom_op("fastattn::cp_hybrid_fwd", mutates_args=())
+def cp_hybrid_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, balance: str,
+                  layout: str, scale: float, window_left: int, window_right: int, softcap: float, kv_repeat: int,
+                  return_lse: bool, grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
+                         return_lse, grad_comm_dtype, backend)
+    return hybrid_forward(spec, q, k, v, key_bias)
+
+
+@torch.library.custom_op("fastattn::cp_hybrid_bwd", mutates_args=())
+def cp_hybrid_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor, lse_h: Tensor,
+                  alibi_slopes: Optional[Tensor], comm: str, balance: str, layout: str, scale: float,
+                  window_left: int, window_right: int, softcap: float, kv_repeat: int, return_lse: bool,
+                  grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
+                         return_lse, grad_comm_dtype, backend)
+    return hybrid_backward(spec, dout, qh, kh, vh, oh, lse_h, key_bias)
+
+
+cp_hybrid_fwd.register_fake(_a2a_fwd_fake(oh_heads_first=False))
+cp_hybrid_bwd.register_fake(_ulysses_bwd_fake)
+cp_hybrid_fwd.register_autograd(_a2a_backward(cp_hybrid_bwd), setup_context=_ulysses_setup_context)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).split(".")[-1]
 
 
-def cp_ulysses(spec: CallSpec, q, k, v, key_bias=None):
-    """Calls the Ulysses op for a CallSpec; returns (out, lse or None)."""
-    out, lse = cp_ulysses_fwd(q, k, v, spec.alibi_slopes, comm_name(spec.comm), spec.balance, spec.layout,
+def cp_ulysses(spec: CallSpec, q, k, v, key_bias=None, op=cp_ulysses_fwd):
+    """Calls the Ulysses op (or the hybrid's, which takes the same arguments) for a CallSpec; returns (out, lse or
+    None)."""
+    out, lse = op(q, k, v, spec.alibi_slopes, comm_name(spec.comm), spec.balance, spec.layout,
                               spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.kv_repeat,
                               spec.return_lse, _dtype_name(spec.grad_comm_dtype), spec.backend or "", key_bias)[:2]
     return out, lse if spec.return_lse else None
 
 
 def cp_attn(spec: CallSpec, q, k, v, strategy: str, key_bias=None):
-    """Calls the op for a CallSpec (ring or allgather)."""
+    """Calls the op of a strategy for a CallSpec: ring or allgather (cp_attn_fwd), hybrid (cp_hybrid_fwd)."""
+    if strategy == "hybrid":
+        return cp_ulysses(spec, q, k, v, key_bias, op=cp_hybrid_fwd)
     seed, offset = spec.rng if spec.rng is not None else (0, 0)
     return cp_attn_fwd(q, k, v, spec.alibi_slopes, comm_name(spec.comm), strategy, spec.balance, spec.layout,
                        spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.dropout_p, seed, offset,

@@ -141,8 +141,9 @@ def ring_forward(spec: CallSpec, q, k, v, key_bias=None):
     return out, torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
 
 
-def ring_backward(spec: CallSpec, dout, q, k, v, out, lse, key_bias=None):
-    """Gradients of ring_forward. dout, q, k, v, out in spec.layout; lse fp32 (B, H, S) as returned."""
+def ring_backward(spec: CallSpec, dout, q, k, v, out, lse, key_bias=None, kv_grad_dtype=None):
+    """Gradients of ring_forward. dout, q, k, v, out in spec.layout; lse fp32 (B, H, S) as returned. dK/dV are
+    returned in kv_grad_dtype (default k's and v's dtype; the hybrid sums replicated K/V heads' gradients later)."""
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     qv, ov, dov = spec.bhsd(q), spec.bhsd(out), spec.bhsd(dout)
@@ -187,10 +188,11 @@ def ring_backward(spec: CallSpec, dout, q, k, v, out, lse, key_bias=None):
         send = comm.ring_hop(acc, free)  # on to rank r + 1, which holds block src at the next step
         acc, free = free, acc
         ring.advance(hop)
+    kdt, vdt = (kv_grad_dtype, kv_grad_dtype) if kv_grad_dtype is not None else (k.dtype, v.dtype)
     if W == 1:
-        return dq.to(q.dtype), dkb.to(k.dtype), dvb.to(v.dtype)
+        return dq.to(q.dtype), dkb.to(kdt), dvb.to(vdt)
     send.wait()  # the last hop brings this rank's own block home
-    return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
+    return dq.to(q.dtype), acc[0].to(kdt), acc[1].to(vdt)
 
 
 def _add(acc: torch.Tensor, x: torch.Tensor):

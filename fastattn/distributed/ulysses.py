@@ -17,28 +17,41 @@ from ._call import CallSpec
 from .allgather import gather_key_bias
 
 
+def seq_to_heads(comm, x: torch.Tensor) -> torch.Tensor:
+    """The all-to-all (B, s, H, D) -> (B, n*s, H/n, D) over comm's n ranks: every rank's shard of this rank's head
+    group, concatenated in rank order (shard order, not global order)."""
+    n = comm.world_size
+    B, s, H, D = x.shape
+    x = x.reshape(B, s, n, H // n, D).movedim(2, 0)  # (B, s, H, D) -> (n, B, s, H/n, D): slot j to rank j
+    got = comm.all_to_all(x)  # got[j]: rank j's rows of my heads
+    return got.movedim(0, 1).reshape(B, n * s, H // n, D)  # (n, B, s, h, D) -> (B, n*s, h, D)
+
+
+def heads_to_seq(comm, x: torch.Tensor) -> torch.Tensor:
+    """Inverse of seq_to_heads: (B, n*s, H/n, D) in rank order -> (B, s, H, D) this rank's rows of every head."""
+    n = comm.world_size
+    B, S, h, D = x.shape
+    x = x.reshape(B, n, S // n, h, D).movedim(1, 0)  # (B, S, h, D) -> (n, B, S/n, h, D): slot j to rank j
+    got = comm.all_to_all(x)  # got[j]: my rows of rank j's heads
+    return got.movedim(0, 2).reshape(B, S // n, n * h, D)  # (n, B, s, h, D) -> (B, s, H, D)
+
+
 def _to_heads(spec: CallSpec, x: torch.Tensor) -> torch.Tensor:
     """(B, S/W, H, D) shard (bshd view) -> (B, S, H/W, D): the whole sequence of this rank's head group, global
     order."""
-    comm, W = spec.comm, spec.comm.world_size
-    B, s, H, D = x.shape
-    x = x.reshape(B, s, W, H // W, D).movedim(2, 0)  # (B, s, H, D) -> (W, B, s, H/W, D): slot j to rank j
-    got = comm.all_to_all(x)  # got[j]: rank j's rows of my heads
-    full = got.movedim(0, 1).reshape(B, W * s, H // W, D)  # (W, B, s, h, D) -> (B, S, h, D), shard order
+    full = seq_to_heads(spec.comm, x)  # shard order
     if spec.balance == "contiguous":
         return full
-    return full.index_select(1, torch.argsort(layout.order(W * s, W, spec.balance, x.device)))
+    W = spec.comm.world_size
+    return full.index_select(1, torch.argsort(layout.order(full.shape[1], W, spec.balance, x.device)))
 
 
 def _to_seq(spec: CallSpec, x: torch.Tensor) -> torch.Tensor:
     """Inverse of _to_heads: (B, S, H/W, D) global order -> (B, S/W, H, D) this rank's rows of every head."""
-    comm, W = spec.comm, spec.comm.world_size
-    B, S, h, D = x.shape
+    W, S = spec.comm.world_size, x.shape[1]
     if spec.balance != "contiguous":
         x = x.index_select(1, layout.order(S, W, spec.balance, x.device))  # global -> shard order
-    x = x.reshape(B, W, S // W, h, D).movedim(1, 0)  # (B, S, h, D) -> (W, B, S/W, h, D): slot j to rank j
-    got = comm.all_to_all(x)  # got[j]: my rows of rank j's heads
-    return got.movedim(0, 2).reshape(B, S // W, W * h, D)  # (W, B, s, h, D) -> (B, s, H, D)
+    return heads_to_seq(spec.comm, x)
 
 
 def _bshd(spec: CallSpec, x):
@@ -91,14 +104,23 @@ def ulysses_backward(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, key_bias=None)
                                 oh, lse_h, q_start=0, k_start=0, attn_bias=gather_key_bias(spec, key_bias),
                                 **spec.block_kw(_slopes(spec, h)))  # fp32 (B, h, S, D)
     # dq is final: round before sending. dK/dV of replicated heads are summed after the trip: send them exact.
-    rep = spec.kv_repeat
-    kv_dt = spec.grad_comm_dtype if rep > 1 else kh.dtype
     dq = _to_seq(spec, dq.transpose(1, 2).to(qh.dtype))
+    kv_dt = kv_grad_dtype(spec, kh.dtype)
     dk = _to_seq(spec, dk.transpose(1, 2).to(kv_dt))
     dv = _to_seq(spec, dv.transpose(1, 2).to(kv_dt))
-    if rep > 1:
-        B, s, Hr = dk.shape[:3]
-        # (B, s, H_kv * rep, D) -> (B, s, H_kv, rep, D): a K/V head's gradient sums its replicas
-        dk = dk.float().view(B, s, Hr // rep, rep, -1).sum(3).to(kh.dtype)
-        dv = dv.float().view(B, s, Hr // rep, rep, -1).sum(3).to(vh.dtype)
+    dk, dv = sum_replicas(spec, dk, kh.dtype), sum_replicas(spec, dv, vh.dtype)
     return tuple(_user(spec, t).contiguous() for t in (dq, dk, dv))
+
+
+def kv_grad_dtype(spec: CallSpec, dtype: torch.dtype) -> torch.dtype:
+    """The dtype dK/dV travel back in: exact (grad_comm_dtype) when replicas are summed after the trip."""
+    return spec.grad_comm_dtype if spec.kv_repeat > 1 else dtype
+
+
+def sum_replicas(spec: CallSpec, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, s, H_kv * rep, D) -> (B, s, H_kv, D) in dtype: a K/V head's gradient is the sum of its replicas'."""
+    rep = spec.kv_repeat
+    if rep == 1:
+        return g
+    B, s, Hr = g.shape[:3]
+    return g.float().view(B, s, Hr // rep, rep, -1).sum(3).to(dtype)  # (B, s, H_kv, rep, D) summed over rep
