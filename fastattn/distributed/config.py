@@ -13,7 +13,6 @@ Strategies (every one exact: the same attention as one process on the whole sequ
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -192,7 +191,10 @@ class CPConfig:
 
 def _kv_repeat(heads_kv: int, W: int) -> int:
     """Replication of each K/V head so that the K/V heads split evenly over W ranks, groups kept whole."""
-    return W // math.gcd(heads_kv, W)
+    a, b = W, heads_kv  # Euclid, not math.gcd: under torch.compile with dynamic shapes heads_kv is a SymInt, which
+    while b:            # dynamo cannot pass to math.gcd (a graph break, an error under fullgraph=True)
+        a, b = b, a % b
+    return W // a
 
 
 def _ulysses_check(hq: int, hkv: int, W: int, replication: bool, dropout: bool, name: str = "W"):

@@ -486,3 +486,32 @@ def single_block_varlen(c: VarlenCase, rng=None, dropout_p=0.0):
 def check_varlen_case(c: VarlenCase, **kw):
     return check_acceptance(c, run_varlen_local(c, **kw), single_process_varlen(c), reference_varlen(c),
                             single_block_varlen(c))
+# --- the hybrid strategy: Ulysses over U ranks x ring over R = W / U ranks (a 2-D group) ---------------------------
+
+@dataclass(frozen=True)
+class HybridCase(Case):
+    """A Case on a 2-D group, simulated by run_local(mesh=(U, R)) or built from a 2-D DeviceMesh (tier 1)."""
+    strategy: str = "hybrid"
+    U: int = 2
+
+    @property
+    def R(self) -> int:
+        return self.W // self.U
+
+    def id(self) -> str:
+        return super().id().replace(f"-W{self.W}-", f"-W{self.W}=U{self.U}xR{self.R}-", 1)
+
+
+def gather_hybrid_results(c: HybridCase, per_rank):
+    """Rank results (flattened rank order) -> whole-sequence (out, lse, dq, dk, dv) in BSHD / (B, H, S)."""
+    from fastattn.distributed import hybrid
+    return tuple(hybrid.unshard_list([r[i] for r in per_rank], 2 if i == 1 else 1, c.U, c.R, c.balance)
+                 for i in range(5))
+
+
+def run_hybrid_local(c: HybridCase, **kw):
+    return gather_hybrid_results(c, run_local(c.W, run_cp_rank, c, mesh=(c.U, c.R), **kw))
+
+
+def check_hybrid_case(c: HybridCase, **kw):
+    return check_acceptance(c, run_hybrid_local(c, **kw), single_process(c), reference(c), single_block(c))
