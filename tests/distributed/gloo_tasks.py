@@ -163,3 +163,15 @@ def varlen_compiled_vs_eager(api: str):
     compiled.sum().backward()
     same = torch.equal(eager, compiled) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
     return same, counts
+def hybrid_mesh_case(case, how: str):
+    """The hybrid strategy on a 2-D DeviceMesh with dims ("ring", "ulysses"): CPConfig(group=mesh) (how="mesh") or
+    CPConfig(ulysses_group=mesh["ulysses"], ring_group=mesh["ring"]) (how="groups"); each dim's group wrapped in a
+    CountingComm. Returns (flattened CP rank, (Ulysses calls, ring calls) of forward + backward, the rank's results)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from fastattn.distributed import HybridComm
+    mesh = init_device_mesh("cpu", (case.R, case.U), mesh_dim_names=("ring", "ulysses"))
+    cp = (CPConfig(group=mesh, strategy="hybrid") if how == "mesh" else
+          CPConfig(ulysses_group=mesh["ulysses"], ring_group=mesh["ring"]))
+    comm = HybridComm(CountingComm(cp.comm.ulysses), CountingComm(cp.comm.ring))
+    res = run_cp_rank(comm, case)
+    return cp.rank, (comm.ulysses.calls, comm.ring.calls), res

@@ -486,6 +486,8 @@ def single_block_varlen(c: VarlenCase, rng=None, dropout_p=0.0):
 def check_varlen_case(c: VarlenCase, **kw):
     return check_acceptance(c, run_varlen_local(c, **kw), single_process_varlen(c), reference_varlen(c),
                             single_block_varlen(c))
+
+
 # --- the hybrid strategy: Ulysses over U ranks x ring over R = W / U ranks (a 2-D group) ---------------------------
 
 @dataclass(frozen=True)
