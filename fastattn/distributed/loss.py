@@ -16,7 +16,8 @@ def cp_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cp: CPConfig, *
                      grad_average_world: int = 1) -> torch.Tensor:
     """logits (..., V) and labels (...) of this rank's tokens. Returns local_sum / global_count, so that
 
-      - the SUM over CP ranks of the returned values is the global mean loss (`global_loss` for logging), and
+      - the SUM over CP ranks of the returned values is the global mean loss (times grad_average_world;
+        `global_loss` for logging), and
       - summing the parameter gradients over CP ranks (all_reduce SUM) gives the single-process gradients.
     When a data-parallel wrapper AVERAGES gradients over a mesh that includes the CP ranks (DDP or FSDP2 over the
     flattened dp x cp mesh) instead of summing them over CP, pass grad_average_world=cp.world_size: the average
@@ -33,6 +34,8 @@ def cp_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, cp: CPConfig, *
     return total * grad_average_world / count.clamp_min(1.0)[0]
 
 
-def global_loss(local: torch.Tensor, cp: CPConfig) -> torch.Tensor:
-    """The global mean loss from each rank's cp_cross_entropy value (detached; for logging)."""
-    return cp.comm.all_reduce(local.detach().float().reshape(1).clone())[0]
+def global_loss(local: torch.Tensor, cp: CPConfig, *, grad_average_world: int = 1) -> torch.Tensor:
+    """The global mean loss from each rank's cp_cross_entropy value (detached; for logging). Pass the
+    grad_average_world given to cp_cross_entropy: its factor scales the gradients, not the loss to log (a logged
+    loss W times too large is the classic CP x DP logging bug)."""
+    return cp.comm.all_reduce(local.detach().float().reshape(1).clone())[0] / grad_average_world

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
-from ..distributed import active_cp, cp_attention
+from ._cp import active_cp, cp_attention
 
 
 @dataclass

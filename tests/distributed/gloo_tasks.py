@@ -175,3 +175,32 @@ def hybrid_mesh_case(case, how: str):
     comm = HybridComm(CountingComm(cp.comm.ulysses), CountingComm(cp.comm.ring))
     res = run_cp_rank(comm, case)
     return cp.rank, (comm.ulysses.calls, comm.ring.calls), res
+
+
+def fsdp_gpt2_cp(config_kwargs: dict, state_dict: dict, ids, grad_average_world: bool):
+    """The reference GPT-2 under FSDP2 (fully_shard per block and at the root) on the flattened ("dp", "cp") mesh of
+    4 processes (dp2 x cp2), ring CP attention over "cp". Each dp rank reads its half of the batch (its cp ranks the
+    same rows), shards it, and trains one step's backward with cp_cross_entropy; grad_average_world=False omits the
+    factor that undoes FSDP's average over the cp ranks (the planted bug). Returns (dp index, cp rank, this rank's
+    logits, the dp group's logged loss, every parameter's full gradient)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from fastattn.distributed import cp_cross_entropy, global_loss, shard_batch
+    from fastattn.models import GPT2, GPT2Config
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    dp_cp = mesh["dp", "cp"]._flatten("dp_cp")  # parameters sharded over dp x cp, gradients averaged over it
+    cp = CPConfig(group=mesh["cp"], strategy="ring")
+    model = GPT2(GPT2Config(**config_kwargs))
+    model.load_state_dict(state_dict)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=dp_cp)
+    fully_shard(model, mesh=dp_cp)
+    d = mesh.get_local_rank("dp")
+    rows = ids.chunk(2)[d]  # (B/2, S): this dp group's sequences
+    local = shard_batch({"input_ids": rows, "labels": rows}, cp, shift_labels=True)
+    logits = model(local["input_ids"], position_ids=local["position_ids"], cp=cp)
+    avg = cp.world_size if grad_average_world else 1
+    loss = cp_cross_entropy(logits, local["labels"], cp, grad_average_world=avg)
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # all-gathers the FSDP shards
+    return d, cp.rank, logits.detach(), global_loss(loss, cp, grad_average_world=avg), grads

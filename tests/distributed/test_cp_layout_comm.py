@@ -120,3 +120,59 @@ def test_config_layout_helpers_unshard_over_comm(balance):
     for r, (full, pos) in enumerate(res):
         assert torch.equal(full, x)
         assert torch.equal(pos, layout.global_positions(24, 3, r, balance))
+
+
+# --- a torch built without torch.distributed ---------------------------------------------------------------------
+
+_NO_DIST = """
+import sys, types, torch
+if {stub}:  # what a USE_DISTRIBUTED=0 build's torch.distributed holds: is_available() False, two stub classes
+    stub = types.ModuleType("torch.distributed")
+    stub.is_available = lambda: False
+    stub.ProcessGroup = stub.GroupName = type("_Stub", (), {{}})
+    sys.modules["torch.distributed"] = torch.distributed = stub
+else:  # fastattn.distributed cannot be imported at all
+    sys.modules["fastattn.distributed"] = None
+import fastattn
+from fastattn.models import GPT2, GPT2Config, Bert, BertConfig
+torch.manual_seed(0)
+gpt = GPT2(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+ids = torch.randint(0, 50, (1, 8))
+full = gpt(ids)
+Bert(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                max_position_embeddings=32)).eval()(ids)
+if {stub}:
+    from fastattn.distributed import CPConfig, run_local, unshard_list
+    try:
+        CPConfig()  # the default process group: TorchComm
+    except RuntimeError as e:
+        print(e)
+    res = run_local(2, lambda comm: gpt(CPConfig(comm).shard(ids, 1), cp=CPConfig(comm)))  # simulated ranks
+    print("cp max err", float((unshard_list(res, 1, "zigzag") - full).abs().max()))
+else:
+    from fastattn.models import _cp
+    try:
+        _cp.cp_attention()
+    except RuntimeError as e:
+        print(e)
+print("models ok")
+"""
+
+
+@pytest.mark.parametrize("stub", [True, False], ids=["distributed-unavailable", "fastattn.distributed-unimportable"])
+def test_import_without_torch_distributed(stub):
+    """fastattn, fastattn.models and (with a stub torch.distributed) fastattn.distributed import and run: TorchComm
+    refuses with a clear error, the simulated ranks still work; without fastattn.distributed the models run
+    without context parallelism. In a subprocess: the simulation replaces torch.distributed in sys.modules."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    got = subprocess.run([sys.executable, "-c", _NO_DIST.format(stub=stub)], cwd=root, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert got.returncode == 0 and "models ok" in got.stdout, got.stdout + got.stderr
+    if stub:
+        assert "this torch build has no torch.distributed" in got.stdout
+        assert float(got.stdout.split("cp max err")[1].split()[0]) < 1e-5
+    else:
+        assert "cp=) needs fastattn.distributed, which cannot be imported" in got.stdout
