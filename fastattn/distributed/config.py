@@ -127,6 +127,12 @@ class CPConfig:
             return hybrid.unshard_list(shards, dim, *self.mesh_shape, self.balance)
         return layout.unshard_list(shards, dim, self.balance)
 
+    def segments(self, local_len: int):
+        """This rank's shard as runs of consecutive global positions (layout.Segment), local_len tokens per rank."""
+        if self.is_2d:
+            return hybrid.segments(local_len, *self.mesh_shape, self.rank, self.balance)
+        return layout.segments(local_len, self.world_size, self.rank, self.balance)
+
     def global_positions(self, seq_len: int, device=None) -> torch.Tensor:
         if self.is_2d:
             return hybrid.global_positions(seq_len, *self.mesh_shape, self.rank, self.balance, device)

@@ -16,7 +16,7 @@ backward 2R-1); a key bias adds one all_gather over U to each.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -39,6 +39,19 @@ def global_positions(seq_len: int, ulysses: int, ring: int, rank: int, balance: 
     """int64 (S/W,): the global positions of flattened rank `rank`'s tokens."""
     s = seq_len // (ulysses * ring)
     return order(seq_len, ulysses, ring, balance, device)[rank * s:(rank + 1) * s]
+
+
+def segments(local_len: int, ulysses: int, ring: int, rank: int, balance: str) -> List[layout.Segment]:
+    """The runs of consecutive global positions of flattened rank `rank`'s shard (local_len tokens per rank): its
+    piece of each segment of its ring shard."""
+    r, u = divmod(rank, ulysses)
+    lo, hi = u * local_len, (u + 1) * local_len  # this piece's rows in the ring shard
+    out = []
+    for seg in layout.segments(ulysses * local_len, ring, r, balance):
+        a, b = max(lo, seg.local), min(hi, seg.local + seg.length)
+        if a < b:
+            out.append(layout.Segment(seg.start + a - seg.local, a - lo, b - a))
+    return out
 
 
 def shard(x: torch.Tensor, dim: int, ulysses: int, ring: int, rank: int, balance: str) -> torch.Tensor:

@@ -31,6 +31,10 @@ def test_layout_is_the_ring_layout_cut_into_ulysses_pieces(U, R, balance):
         r, u = divmod(i, U)
         assert torch.equal(shards[i], layout.shard(x, 1, R, r, balance).chunk(U, dim=1)[u])
         assert torch.equal(shards[i][0, :, 0], hybrid.global_positions(S, U, R, i, balance) * 10)
+        segs = hybrid.segments(S // W, U, R, i, balance)  # runs of consecutive positions, in local order
+        runs = torch.cat([torch.arange(g.start, g.start + g.length) for g in segs])
+        assert torch.equal(runs, shards[i][0, :, 0] // 10)
+        assert [g.local for g in segs] == [sum(h.length for h in segs[:j]) for j in range(len(segs))]
     for r in range(R):
         assert torch.equal(torch.cat(shards[r * U:(r + 1) * U], 1), layout.shard(x, 1, R, r, balance))
 
@@ -49,10 +53,10 @@ def test_config_layout_and_collectives():
         with pytest.raises(CPCommError, match="runs along one dim"):
             comm.ring_hop([mine], [mine.clone()])
         return (mine, cp.global_positions(S), cp.unshard(mine, 1), ag, rs, ar, cp.is_2d, cp.mesh_shape,
-                (comm.ulysses.rank, comm.ring.rank))
+                (comm.ulysses.rank, comm.ring.rank), cp.segments(S // 6))
     res = run_local(6, rank, mesh=(3, 2))
-    for i, (mine, pos, full, ag, rs, ar, is_2d, shape, ur) in enumerate(res):
-        assert ur == (i % 3, i // 3) and is_2d and shape == (3, 2)
+    for i, (mine, pos, full, ag, rs, ar, is_2d, shape, ur, segs) in enumerate(res):
+        assert ur == (i % 3, i // 3) and is_2d and shape == (3, 2) and segs == hybrid.segments(4, 3, 2, i, "zigzag")
         assert torch.equal(mine[0], pos) and torch.equal(pos, hybrid.global_positions(S, 3, 2, i, "zigzag"))
         assert torch.equal(full, x)
         assert ag.view(-1).tolist() == list(range(6))  # slot i: flattened rank i
@@ -318,3 +322,64 @@ def test_gloo_hybrid_on_a_2d_device_mesh(gloo_pool):
         check_acceptance(case, gather_hybrid_results(case, [by_rank[i] for i in range(4)]), one, ref, blk)
         for _, counts, _ in per_rank:  # forward + backward: 5 + 4 all-to-alls over U, 1 + 3 hops over R
             assert counts == ({"all_to_all": 9}, {"ring_hop": 4}), counts
+
+
+# --- the reference models ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("U,R,balance", [(2, 2, "zigzag"), (2, 3, "contiguous")])
+def test_gpt2_logits_and_grads_equal_single_process(U, R, balance):
+    """The reference GPT-2 with cp= a 2-D config: shard_batch lays the batch out for it, the model embeds the global
+    positions of its tokens; logits and gradients summed over the W ranks against float64 transformers."""
+    import copy
+    import torch.nn.functional as F
+    from test_cp_models import V, check_grads, grads_of, hf_gpt2, sum_grads, tokens
+    from support.oracle import assert_rule
+    from fastattn.distributed import cp_cross_entropy, shard_batch
+    from fastattn.models import GPT2
+    from fastattn.models.gpt2 import CONV1D_WEIGHTS
+    hf = hf_gpt2()
+    ids = tokens()
+    ref = copy.deepcopy(hf).double()
+    out = ref(ids, labels=ids)
+    out.loss.backward()
+    base = GPT2.from_transformers(hf)
+    F.cross_entropy(base(ids)[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)).backward()  # (B*(S-1), V)
+    model = GPT2.from_transformers(hf)
+
+    def rank(comm):
+        cp = CPConfig(comm, balance=balance)
+        m = copy.deepcopy(model)
+        local = shard_batch({"input_ids": ids, "labels": ids}, cp, shift_labels=True)
+        logits = m(local["input_ids"], position_ids=local["position_ids"], cp=cp)
+        cp_cross_entropy(logits, local["labels"], cp).backward()
+        return logits.detach(), grads_of(m)
+    res = run_local(U * R, rank, mesh=(U, R))
+    logits = hybrid.unshard_list([r[0] for r in res], 1, U, R, balance)
+    assert_rule("logits", logits, out.logits, None, torch.float32)
+    check_grads(sum_grads([r[1] for r in res]), grads_of(ref, CONV1D_WEIGHTS), grads_of(base))
+
+
+def test_transformers_fastattn_cp_under_the_hybrid():
+    """attn_implementation="fastattn_cp" inside context_parallel(a 2-D config), U=3 x R=2 zigzag: the middle Ulysses
+    rank's piece straddles two chunks (a position jump transformers turns into a packed-sequence mask, which the
+    integration must recognise as the layout's), against the eager model on the whole sequence."""
+    transformers = pytest.importorskip("transformers", reason="the integration under test is transformers'")
+    import fastattn.integrations.transformers  # noqa: F401  (registers fastattn_cp)
+    from fastattn.distributed import context_parallel, shard_batch
+    cfg = dict(vocab_size=97, n_embd=48, n_layer=2, n_head=6, n_positions=64)
+    model = transformers.GPT2LMHeadModel._from_config(transformers.GPT2Config(**cfg),
+                                                      attn_implementation="fastattn_cp").eval()
+    eager = transformers.GPT2LMHeadModel._from_config(transformers.GPT2Config(**cfg),
+                                                      attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 97, (2, 36), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = eager(ids).logits
+
+    def rank(comm):
+        cp = CPConfig(comm)
+        local = shard_batch({"input_ids": ids}, cp)
+        with context_parallel(cp), torch.no_grad():
+            return model(input_ids=local["input_ids"], position_ids=local["position_ids"], use_cache=False).logits
+    got = hybrid.unshard_list(run_local(6, rank, mesh=(3, 2)), 1, 3, 2, "zigzag")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
