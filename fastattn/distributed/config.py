@@ -37,7 +37,7 @@ class Plan(NamedTuple):
 
 @dataclass(frozen=True)
 class CPConfig:
-    """Context-parallel settings of one group.
+    """Context-parallel settings of one group (or of the two groups of a 2-D one, for the hybrid strategy).
 
     group: a ProcessGroup, a 1-D DeviceMesh, a CPComm (e.g. LocalComm, TorchComm.from_mesh(mesh, "cp")) or None
         (the default process group); or, for the hybrid strategy, a 2-D DeviceMesh with dims named "ulysses" and
@@ -51,7 +51,7 @@ class CPConfig:
         on a 2-D group the layout is the ring dim's, each ring shard cut into U pieces; hybrid.py).
     grad_comm_dtype: dtype of the dK/dV accumulators that travel the ring (fp32: no rounding per hop; the inputs'
         dtype halves the backward's bytes but rounds at every hop) and of the reduce-scatter of allgather.
-    kv_replication: ulysses may replicate K/V heads when H_kv is not divisible by W.
+    kv_replication: ulysses may replicate K/V heads when H_kv is not divisible by W (the hybrid: by U).
     backend: the fastattn backend of the block calls (None: fastattn's usual choice, FASTATTN_BACKEND /
         use_backend included, among the backends that declare the block contract).
     check_shapes: before each call, all-gather the input shapes and fail on any mismatch across ranks (one small
