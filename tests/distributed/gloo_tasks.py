@@ -163,6 +163,10 @@ def varlen_compiled_vs_eager(api: str):
     compiled.sum().backward()
     same = torch.equal(eager, compiled) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
     return same, counts
+
+
+# --- the hybrid strategy (test_cp_hybrid.py) and FSDP2 (test_cp_fsdp.py) -----------------------------------------
+
 def hybrid_mesh_case(case, how: str):
     """The hybrid strategy on a 2-D DeviceMesh with dims ("ring", "ulysses"): CPConfig(group=mesh) (how="mesh") or
     CPConfig(ulysses_group=mesh["ulysses"], ring_group=mesh["ring"]) (how="groups"); each dim's group wrapped in a
