@@ -332,7 +332,8 @@ class HybridComm:
 
     def _one_dim(self, what: str):
         raise CPCommError(f"fastattn.distributed HybridComm: {what} runs along one dim of the 2-D group: call it on "
-                          ".ulysses or .ring")
+                          ".ulysses or .ring (a 2-D CPConfig runs cp_attention's hybrid strategy only; other "
+                          "strategies and packed varlen documents need a CPConfig over one group)")
 
     def ring_hop(self, send, recv) -> Handle:
         self._one_dim("a ring hop")
