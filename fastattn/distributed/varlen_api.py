@@ -125,6 +125,9 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
     _check(q, k, v, window_size, dropout_p)
+    if cp.is_2d:
+        raise CPUnsupportedError("fastattn.distributed: packed varlen documents run on a 1-D CP group only (ring or "
+                                 "allgather); this config is 2-D (the hybrid strategy)")
     W = cp.world_size
     strategy = cp.strategy if cp.strategy != "auto" else ("ring" if sharding == "per_doc" else "allgather")
     if strategy not in ("ring", "allgather"):

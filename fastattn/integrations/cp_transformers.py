@@ -24,7 +24,7 @@ import torch
 from transformers import AttentionInterface
 from transformers import masking_utils as _mu
 
-from ..distributed import cp_attention, layout
+from ..distributed import cp_attention
 from ..distributed.context import require_cp
 
 CP_NAME = "fastattn_cp"
@@ -67,7 +67,7 @@ def _is_layout_artifact(mask_function, batch_size: int, length: int, cp, device)
     see "packed sequences" (a position jump between a rank's two chunks). Evaluated by broadcasting indices, as
     transformers' non-vmap path does, a block of query rows at a time."""
     seg = torch.zeros(length, dtype=torch.long, device=device)
-    for n, s in enumerate(layout.segments(length, cp.world_size, cp.rank, cp.balance)):
+    for n, s in enumerate(cp.segments(length)):  # the config's own layout (1-D or the hybrid's 2-D one)
         seg[s.local:s.local + s.length] = n
     b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)

@@ -445,3 +445,15 @@ def test_gloo_torch_compile_fullgraph(gloo_pool, api):
         assert same, "compiled varlen CP attention differs from eager"
         assert counts == {"fwd": ["fastattn.cp_varlen_fwd.default"], "bwd": ["fastattn.cp_varlen_bwd.default"]}, \
             counts
+
+
+def test_two_d_config_refused():
+    """Packed documents run on a 1-D group only: a 2-D (hybrid) config gets a clear refusal, never the hybrid's
+    communicator error."""
+    q = torch.randn(8, 2, 8)
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+
+    def call(comm):
+        return cp_varlen_attention(q, q, q, cu, cp=CPConfig(comm))
+    with pytest.raises(CPUnsupportedError, match="1-D CP group only"):
+        run_local(4, call, mesh=(2, 2))
