@@ -316,3 +316,45 @@ def test_row_of_neg_inf_scores_gives_zero_like_torch(backend, dtype, Sq, Sk):
     assert torch.isfinite(got).all(), f"{backend}: NaN/Inf at {(~torch.isfinite(got)).nonzero()[:3].tolist()}"
     assert got[1, 2, Sq - 1].eq(0).all()
     assert_rule("out", got, ref, TORCH_SDPA(q.to(dtype), k.to(dtype), v.to(dtype)), dtype)
+
+
+_PADDED = {  # what sits in the padded keys of batch 1 (the cpu kernels may skip them: csrc/cpu/key_end.cpp)
+    "finite": lambda q, k, v, do: k[1, :, 40:].mul_(50.0),
+    "nan_k": lambda q, k, v, do: k[1, 0, 45, 3].fill_(float("nan")),
+    "inf_v": lambda q, k, v, do: v[1, 1, 60, 0].fill_(float("inf")),
+    "overflow_k": lambda q, k, v, do: (q[1].abs_().add_(0.5), k[1, :, 50:].fill_(3e38)),  # finite inputs whose
+    # scores overflow to Inf there: Inf + -inf = NaN in PyTorch
+    "nan_q": lambda q, k, v, do: q[1, 1, 7, 2].fill_(float("nan")),
+    "inf_dout": lambda q, k, v, do: do[1, 0, 3, 1].fill_(float("inf")),
+    "nan_v_visible": lambda q, k, v, do: v[1, 0, 10, 0].fill_(float("nan")),  # NaN rows of O: delta = dO.O is NaN
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("what", list(_PADDED))
+def test_padded_keys_propagate_nan_like_torch(what, dtype):
+    """A key-padding mask whose batch 1 ends at key 40 of 96: the cpu kernels skip those keys only where every term
+    touching them is finite, so a NaN or Inf there (or scores that overflow) gives the NaN pattern PyTorch gives in
+    the output and every gradient, and finite padding gives PyTorch's numbers."""
+    torch.manual_seed(0)
+    q, k, v, do = torch.randn(2, 2, 33, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 33, 16)
+    _PADDED[what](q, k, v, do)
+    mask = (torch.arange(96) < torch.tensor([96, 40]).view(2, 1)).view(2, 1, 1, 96)  # (B, Sk) -> (B, 1, 1, Sk)
+    res = {}
+    for name, fn in (("torch", TORCH_SDPA), ("fastattn", lambda *a, **kw: fastattn.scaled_dot_product_attention(
+            *a, backend="cpu", **kw))):
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*ins, attn_mask=mask)
+        res[name] = (out, *torch.autograd.grad(out, ins, do.to(dtype)))
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got, want = res["fastattn"][i], res["torch"][i]
+        assert torch.equal(got.isnan(), want.isnan()), (
+            f"{what} {name}: NaN at {got.isnan().nonzero()[:3].tolist()}, torch at {want.isnan().nonzero()[:3].tolist()}")
+        fin = ~want.isnan()
+        assert torch.equal(got[fin].isinf(), want[fin].isinf()), f"{what} {name}: Inf pattern differs from torch"
+    if what == "finite":
+        base = res["torch"]
+        ref = [t.detach().double().requires_grad_() for t in (q.to(dtype), k.to(dtype), v.to(dtype))]
+        o = TORCH_SDPA(*ref, attn_mask=mask)
+        for i, (name, r) in enumerate(zip(("out", "dq", "dk", "dv"), (o, *torch.autograd.grad(o, ref, do.double())))):
+            assert_rule(name, res["fastattn"][i], r, base[i], dtype)

@@ -104,7 +104,9 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   std::fill(B.dk, B.dk + bk * D, 0.f);
   std::fill(B.dv, B.dv + bk * Dv, 0.f);
   const Dropout drop(p.seed, p.offset, p.dropout_p);
-  const int64_t i_lo = vis.query_lo(j0), i_hi = vis.query_hi(j0 + bk - 1);
+  // Queries that see a key of the block before the skipped padding (none when the block is all padding).
+  const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
+  const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk, s.kend) - 1) : 0;
   for (int64_t g = 0; g < p.group(); ++g) {
     const int64_t h = hk * p.group() + g;
     const ScoreCtx<T> ctx(p, s, vis, h);
@@ -143,7 +145,7 @@ void dq_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
   const Dropout drop(p.seed, p.offset, p.dropout_p);
   std::fill(B.dq, B.dq + bq * D, 0.f);
-  const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
+  const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += BLOCK_K) {
     const int64_t bk = std::min(BLOCK_K, j_hi - j0);
     const Operand kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, B.k);

@@ -160,11 +160,14 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
     std::fill(dq, dq + s.sq * D, 0.f);
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
-      const int64_t i_lo = vis.query_lo(j0), i_hi = vis.query_hi(j0 + bk_block - 1);
+      // Queries that see a key of the block before the skipped padding (none when the block is all padding).
+      const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
+      const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk_block, s.kend) - 1) : 0;
       for (int64_t qb = i_lo / QBLOCK; qb * QBLOCK < i_hi; ++qb) {
         const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, s.sq - i0), bq_pad = mm::even(bq);
         // Keys past what the tile's last row sees are invisible to all its rows: the tile stops there.
-        const int64_t bk = std::min(bk_block, mm::even(vis.key_hi(i0 + bq - 1) - j0)), bk_pad = mm::even(bk);
+        const int64_t key_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
+        const int64_t bk = std::min(bk_block, mm::even(key_hi - j0)), bk_pad = mm::even(bk);
         if (bk <= 0) continue;
         const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), i0, bq, kb, bk, B.S,
                                          p.softcap > 0.f ? B.tanh : nullptr);

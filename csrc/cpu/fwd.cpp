@@ -102,8 +102,8 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
   const bool dropout = p.dropout_p > 0.f;
   const Dropout drop(p.seed, p.offset, p.dropout_p);
 
-  // Key blocks that any row of this query block sees (fully masked blocks are skipped).
-  const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
+  // Key blocks that any row of this query block sees (fully masked blocks and skipped padding are left out).
+  const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += t.k) {
     const int64_t bk = std::min(t.k, j_hi - j0);
     Operand kt, vt;

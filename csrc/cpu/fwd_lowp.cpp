@@ -68,8 +68,9 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   const Dropout dropout(p.seed, p.offset, p.dropout_p);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
 
-  // Key blocks on the global grid that any row of this query block sees (invisible blocks are skipped).
-  const int64_t j_lo = vis.key_lo(i0), j_hi = vis.key_hi(i0 + bq - 1);
+  // Key blocks on the global grid that any row of this query block sees (invisible blocks and skipped padding are
+  // left out).
+  const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
   if (j_lo < j_hi) {
     const int64_t kb0 = j_lo / KBLOCK, kb1 = (j_hi + KBLOCK - 1) / KBLOCK;
     kv.ensure(p, s, n * p.Hkv + hk, k, v, kb0, kb1);

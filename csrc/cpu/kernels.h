@@ -1,5 +1,7 @@
 // Entry points of the CPU kernels (fwd.cpp, bwd.cpp), called from register.cpp with a filled CpuParams.
 #pragma once
+#include <vector>
+
 #include "params.h"
 
 namespace fastattn::cpu {
@@ -17,6 +19,11 @@ void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 // delta (B, Hq, Sq) fp32, laid out like lse: rowsum(dO * O) over Dv, the backward's preprocess.
 template <typename T>
 void compute_delta(const CpuParams& p, float* delta);
+
+// Per batch, where the keys a key-padding bias leaves visible end, or Sk where skipping the rest would not be exact
+// (key_end.cpp); empty when too few keys are padding, or p has no key-padding bias. backward: p.dout and p.out are
+// set and bounded too.
+std::vector<int64_t> key_padding_ends(const CpuParams& p, at::ScalarType dtype, bool backward);
 
 // Needs p.out, p.lse, p.dout and writes p.dq, p.dk, p.dv. Deterministic: bitwise identical for any thread count.
 template <typename T>

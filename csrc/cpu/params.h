@@ -38,6 +38,9 @@ struct CpuParams {
   const void* bias = nullptr;
   Strides4 bias_st;  // d is the stride over keys
   bool bias_key_padding = false;  // stride 0 over H and Sq: one bias row per batch
+  // Per batch, keys from key_end[b] on are padding the kernels skip (key_end.cpp: -inf bias, finite terms);
+  // nullptr when none are skipped.
+  const int64_t* key_end = nullptr;
 
   // alibi slopes fp32 (Hq,) or (N, Hq); nullptr when absent.
   const float* alibi = nullptr;
@@ -76,6 +79,7 @@ struct SeqInfo {
   int64_t qpos0 = 0, kpos0 = 0;  // q_pos = qpos0 + i, k_pos = kpos0 + j (the dropout counters)
   int64_t off = 0;               // visibility diagonal: key j is on query i's diagonal when j == i + off
   int64_t alibi_off = 0;         // alibi distance |i + alibi_off - j| (= |q_pos - k_pos|; sk - sq without blocks)
+  int64_t kend = 0;              // keys [kend, sk) are skipped padding (CpuParams::key_end); sk otherwise
 };
 
 // Offsets are resolved here, once per sequence: the tiles only ever see off / alibi_off / qpos0 / kpos0.
@@ -91,6 +95,7 @@ inline SeqInfo seq_info(const CpuParams& p, int64_t n) {
     s.off = p.bottom_right ? s.sk - s.sq : 0;
     s.alibi_off = s.sk - s.sq;
   }
+  s.kend = p.key_end != nullptr ? std::min(s.sk, p.key_end[s.b]) : s.sk;
   return s;
 }
 

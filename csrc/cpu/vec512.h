@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -70,6 +71,20 @@ FA_AVX512 inline __m512 load16(const T* src, __mmask16 m) {
   } else {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src));
   }
+}
+
+// max |x[0, n)| as fp32; NaN when any element is NaN.
+template <typename T>
+FA_AVX512 inline float max_abs_row(const T* x, int64_t n) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 a = _mm512_andnot_ps(sign, load16<T>(x + j, tail(n - j)));  // masked-off lanes load 0
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, a);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m);
 }
 
 // max over x[0, n) (NaN lanes may be dropped here; exp16 keeps them, so a NaN still reaches the row sum).
