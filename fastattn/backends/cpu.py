@@ -32,8 +32,9 @@ _REPORT = ops.cpu_matmul_report()
 #    steps (our split-KV kernel converts bf16 to fp32: 0.4-0.64x). Training (forward+backward) is ours: 1.3-2.7x.
 _LONG = 1024 * 1024  # Sq * Sk from which the causal forward is ours
 _DECODE_ROWS = 16  # query rows up to which a call is a decode step (GQA included)
-# Not covered yet: masked bf16 inference (ours 0.5-0.8x, but the sdpa backend's dense float mask measured slower
-# still, 0.22x) and flash_attn_with_kvcache's split-KV kernel in bf16 (0.4-0.66x), which auto does not re-route.
+# Not covered: masked bf16 inference stays here (key-padding batches, trailing padding skipped: 0.87-1.3x torch at
+# 12-42% padding; the sdpa backend would pass a dense float mask, measured 0.22x), and flash_attn_with_kvcache's
+# split-KV kernel in bf16 (0.4-0.66x), which auto does not re-route.
 
 
 def _auto_rule() -> dict:
