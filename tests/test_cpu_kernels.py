@@ -42,8 +42,9 @@ def test_opcheck_fwd_bwd():
     torch.library.opcheck(torch.ops.fastattn.bwd.default, bwd_args)
 
 
-# (B, Hq, Hkv): B*Hkv >= 8 takes the per-head backward schedule, fewer the two-pass one.
-@pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 1)], ids=["per_head", "two_pass"])
+# (B, Hq, Hkv): B*Hkv >= 8 runs one backward task per (sequence, kv head); fewer cut each head's keys into chunks
+# whose dQ partials are summed afterwards (csrc/cpu/bwd.cpp; the fp32-tile backward, bf16 on AMX has its own).
+@pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 1)], ids=["one_chunk", "key_chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic_across_threads(shape, dtype):
     B, Hq, Hkv = shape
@@ -69,7 +70,7 @@ def test_bitwise_deterministic_across_threads(shape, dtype):
             assert torch.equal(a, b), f"{name} differs between thread counts / runs"
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 2)], ids=["per_head", "two_pass"])
+@pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 2)], ids=["one_chunk", "key_chunks"])
 def test_dropout_backward_regenerates_forward_mask(shape):
     """V = identity exposes the forward's kept mask as out != 0; the backward must use that same mask."""
     B, Hq, Hkv = shape

@@ -5,12 +5,11 @@
 //   per tile: P = exp(S - lse), Pd = dropout(P), dV += Pd^T dO, dP = dO V^T,
 //             dS = P * (dropout(dP) - delta) [* (1 - tanh^2) with softcap], dK += dS^T Qs, dQ += scale dS K
 //
-// Two schedules, chosen from the shape only (never from the thread count, so the bits never depend on it):
-//   per-head  (many sequence x kv-head pairs): one task per (sequence, kv head) walks the key blocks and
-//             accumulates dQ of its query heads in an fp32 buffer: 5 gemms per tile, like FA2's atomics-free
-//             single-pass form.
-//   two-pass  (few pairs, e.g. one long head): dK/dV over (sequence, kv head, key block), then dQ over
-//             (sequence, query head, query block): 7 gemms per tile but all cores busy.
+// One schedule: a task per (sequence, kv head, chunk of key blocks) computes dK/dV of its keys and accumulates dQ of
+// its query heads in an fp32 buffer (5 gemms per tile, like FA2's atomics-free single-pass form). A head is cut into
+// chunks only when there are fewer than kMinTasks (sequence, kv head) pairs, so that a long single head still keeps
+// every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape alone,
+// never on the thread count, so the bits never do either.
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
@@ -21,7 +20,7 @@ namespace fastattn::cpu {
 
 namespace {
 
-constexpr int64_t kPerHeadMinTasks = 8;
+constexpr int64_t kMinTasks = 8;
 
 // Per-tile backward: fills P (in S), returns Pd (dropped P; S itself without dropout) and leaves dS in dP.
 template <typename T>
@@ -56,9 +55,9 @@ const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, 
 }
 
 struct BwdBuffers {
-  float *qs, *dO, *k, *v, *S, *dP, *Pd, *tanh, *dk, *dv, *dq;
+  float *qs, *dO, *k, *v, *S, *dP, *Pd, *tanh, *dk, *dv;
   static int64_t size(const CpuParams& p) {
-    return Scratch::round(BLOCK_Q * p.D) * 2 + Scratch::round(BLOCK_Q * p.Dv) + Scratch::round(BLOCK_K * p.D) * 2 +
+    return Scratch::round(BLOCK_Q * p.D) + Scratch::round(BLOCK_Q * p.Dv) + Scratch::round(BLOCK_K * p.D) * 2 +
            Scratch::round(BLOCK_K * p.Dv) * 2 + Scratch::round(BLOCK_Q * BLOCK_K) * 4;
   }
   explicit BwdBuffers(Scratch& b, const CpuParams& p) {
@@ -73,7 +72,6 @@ struct BwdBuffers {
     tanh = b.take(BLOCK_Q * BLOCK_K);
     dk = b.take(BLOCK_K * p.D);
     dv = b.take(BLOCK_K * p.Dv);
-    dq = b.take(BLOCK_Q * p.D);
   }
 };
 
@@ -91,8 +89,8 @@ struct HeadRows {
   }
 };
 
-// dK, dV of key block [j0, j0+bk) of kv head hk, summed over its query heads and visible query blocks; with
-// dq_all (group, sq, D) also accumulates dQ (per-head schedule).
+// dK, dV of key block [j0, j0+bk) of kv head hk, summed over its query heads and visible query blocks; also
+// accumulates dQ into dq_all (group, sq, D).
 template <typename T>
 void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
                 const float* delta_all, BwdBuffers& B, float* dq_all) {
@@ -119,9 +117,8 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
                                      rows.delta + i0, kt, vt, i0, bq, j0, bk, B.S, B.dP, B.Pd, B.tanh);
       gemm_rm(true, false, bk, Dv, bq, 1.f, Pd, BLOCK_K, dO.ptr, dO.ld, 1.f, B.dv, Dv);    // dV += Pd^T dO
       gemm_rm(true, false, bk, D, bq, 1.f, B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, B.dk, D);   // dK += dS^T Qs
-      if (dq_all) {  // dQ += scale * dS K
-        gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, dq_all + (g * s.sq + i0) * D, D);
-      }
+      // dQ += scale * dS K
+      gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, dq_all + (g * s.sq + i0) * D, D);
     }
   }
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
@@ -132,30 +129,26 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   }
 }
 
-// dQ of query block [i0, i0+bq) of head h over all visible keys (two-pass schedule).
+// dQ of kv head hk's query heads: the sum of the chunks' (group, sq, D) partials, added in chunk order.
 template <typename T>
-void dq_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t h, int64_t i0,
-              const float* delta_all, BwdBuffers& B) {
-  const int64_t D = p.D, Dv = p.Dv, bq = std::min(BLOCK_Q, s.sq - i0), hk = h / p.group();
-  const ScoreCtx<T> ctx(p, s, vis, h);
-  const HeadRows<T> rows(p, s, h, delta_all);
-  const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, p.scale);
-  const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
-  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
-  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  const Dropout drop(p.seed, p.offset, p.dropout_p);
-  std::fill(B.dq, B.dq + bq * D, 0.f);
-  const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
-  for (int64_t j0 = j_lo; j0 < j_hi; j0 += BLOCK_K) {
-    const int64_t bk = std::min(BLOCK_K, j_hi - j0);
-    const Operand kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, B.k);
-    const Operand vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, B.v);
-    grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0, rows.delta + i0, kt, vt, i0, bq,
-                 j0, bk, B.S, B.dP, B.Pd, B.tanh);
-    gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, B.dq, D);
+void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks) {
+  std::vector<float> row(chunks > 1 ? p.D : 0);
+  for (int64_t g = 0; g < p.group(); ++g) {
+    const int64_t h = hk * p.group() + g;
+    const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
+    for (int64_t i = 0; i < s.sq; ++i) {
+      const int64_t at = (g * s.sq + i) * p.D;
+      const float* src = parts[0] + at;
+      if (chunks > 1) {
+        std::copy(src, src + p.D, row.begin());
+        for (int64_t c = 1; c < chunks; ++c) {
+          for (int64_t d = 0; d < p.D; ++d) row[d] += parts[c][at + d];
+        }
+        src = row.data();
+      }
+      grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, src, p.D, 1.f);
+    }
   }
-  const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + (s.q0 + i0) * p.dq_st.s;
-  for (int64_t r = 0; r < bq; ++r) grad_row<T>(p, p.dq, dq0 + r * p.dq_st.s, p.dq_st.d, B.dq + r * D, D, 1.f);
 }
 
 }  // namespace
@@ -196,57 +189,42 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   float* delta = delta_t.data_ptr<float>();
   compute_delta<T>(p, delta);
   const int64_t scratch = BwdBuffers::size(p);
-  const int64_t G = p.group();
+  const int64_t G = p.group(), pairs = p.nseq * p.Hkv;
+  const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K;
+  const int64_t chunks = std::clamp<int64_t>((kMinTasks + pairs - 1) / pairs, 1, std::max<int64_t>(nkb, 1));
+  const int64_t per_chunk = (nkb + chunks - 1) / chunks;  // key blocks per chunk
+  // dQ partials of every (pair, chunk), (group, max_sq, D) each, summed in chunk order below; one chunk writes dQ
+  // from its task instead.
+  const int64_t part = G * max_sq * p.D;
+  at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * part}, at::kFloat) : at::Tensor();
+  float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
 
-  if (p.nseq * p.Hkv >= kPerHeadMinTasks) {
-    at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-      BlasSingleThread blas1;
-      Scratch buf(scratch);
-      BwdBuffers B(buf, p);
-      for (int64_t t = begin; t < end; ++t) {
-        const SeqInfo s = seq_info(p, t / p.Hkv);
-        const int64_t hk = t % p.Hkv;
-        const Visibility vis(p, s);
-        at::Tensor dq_t = at::zeros({G * s.sq * p.D}, at::kFloat);  // (group, sq, D) fp32 dQ accumulator
-        float* dq_all = dq_t.data_ptr<float>();
-        for (int64_t j0 = 0; j0 < s.sk; j0 += BLOCK_K) dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = hk * G + g;
-          const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
-          for (int64_t i = 0; i < s.sq; ++i) {
-            grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, dq_all + (g * s.sq + i) * p.D, p.D, 1.f);
-          }
-        }
-      }
-    });
-    return;
-  }
-
-  const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K, nqb = (max_sq + BLOCK_Q - 1) / BLOCK_Q;
-  at::parallel_for(0, p.nseq * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);
     BwdBuffers B(buf, p);
+    at::Tensor own_t = chunks > 1 ? at::Tensor() : at::empty({part}, at::kFloat);
     for (int64_t t = begin; t < end; ++t) {
-      // t = (n * Hkv + hk) * nkb + kb
-      const int64_t kb = t % nkb, nh = t / nkb;
-      const SeqInfo s = seq_info(p, nh / p.Hkv);
-      if (kb * BLOCK_K >= s.sk) continue;
+      // t = (n * Hkv + hk) * chunks + c
+      const int64_t c = t % chunks, pair = t / chunks;
+      const SeqInfo s = seq_info(p, pair / p.Hkv);
+      const int64_t hk = pair % p.Hkv;
       const Visibility vis(p, s);
-      dkdv_block<T>(p, s, vis, nh % p.Hkv, kb * BLOCK_K, delta, B, nullptr);
+      float* dq_all = chunks > 1 ? parts + t * part : own_t.data_ptr<float>();
+      std::fill(dq_all, dq_all + G * s.sq * p.D, 0.f);
+      const int64_t j_end = std::min(s.sk, (c + 1) * per_chunk * BLOCK_K);
+      for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
+        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all);
+      }
+      if (chunks == 1) write_dq<T>(p, s, hk, &dq_all, 1);
     }
   });
-  at::parallel_for(0, p.nseq * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-    BlasSingleThread blas1;
-    Scratch buf(scratch);
-    BwdBuffers B(buf, p);
-    for (int64_t t = begin; t < end; ++t) {
-      // t = (n * Hq + h) * nqb + qb
-      const int64_t qb = t % nqb, nh = t / nqb;
-      const SeqInfo s = seq_info(p, nh / p.Hq);
-      if (qb * BLOCK_Q >= s.sq) continue;
-      const Visibility vis(p, s);
-      dq_block<T>(p, s, vis, nh % p.Hq, qb * BLOCK_Q, delta, B);
+  if (chunks == 1) return;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> chunk_parts(chunks);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      for (int64_t c = 0; c < chunks; ++c) chunk_parts[c] = parts + (pair * chunks + c) * part;
+      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), chunks);
     }
   });
 }
