@@ -4,12 +4,27 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
 #include <utility>
 
 #include "common.h"
 
 namespace fastattn {
 namespace decode_checks {
+
+// kv_bhsd: the caches come in SDPA's (B, Hkv, S, D|Dv) layout (a dense call passed straight through, no copy). The op
+// reads them through the cache layout's view (B, S, Hkv, D|Dv); every check and the kernels see that view.
+inline at::Tensor cache_view(const at::Tensor& t, bool kv_bhsd) {
+  return kv_bhsd && t.dim() == 4 ? t.transpose(1, 2) : t;
+}
+
+// seqlens_k absent: every row attends all `capacity` keys it can hold, a length the kernels keep in int32.
+inline void check_whole_cache(const std::optional<at::Tensor>& seqlens_k, int64_t capacity) {
+  FA_CHECK(seqlens_k.has_value() || capacity <= std::numeric_limits<int32_t>::max(), "decode_fwd: without seqlens_k ",
+           "every row attends the whole cache, but its capacity ", capacity, " exceeds int32; pass seqlens_k");
+}
 
 // Ranks and dtypes; backend names the op's device in the dtype message ("cpu", "cuda").
 inline void check_ranks_dtypes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

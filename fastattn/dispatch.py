@@ -220,6 +220,7 @@ def _refuse(p: AttnParams, backend: Optional[str]):
 class _Choice:
     candidates: Tuple[str, ...]  # in order: backends the declarations admit
     decodes: FrozenSet[str]  # those whose decode kernel the declarations admit for dense_call(p)
+    direct: FrozenSet[str] = frozenset()  # of decodes: kernels that take p's k/v as they are (takes_sdpa_layout)
 
 
 _CHOICES: Dict[tuple, _Choice] = {}
@@ -251,7 +252,8 @@ def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
     c = dense_call(p) if route and cands else None
     if c is not None:
         decodes = frozenset(n for n in cands if not BACKENDS[n].static_decode_reasons(c))
-    return _Choice(cands, decodes)
+    direct = frozenset(n for n in decodes if getattr(BACKENDS[n].decode, "takes_sdpa_layout", False))
+    return _Choice(cands, decodes, direct)
 
 
 def _choice(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -301,9 +303,14 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
     return _as_decode(p)
 
 
-def _as_decode(p: AttnParams) -> DecodeCall:
-    """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again."""
+def _as_decode(p: AttnParams, direct: bool = False) -> DecodeCall:
+    """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again. direct (a kernel
+    that takes_sdpa_layout): the same call with k/v as they are and no lengths tensor (DecodeCall.kv_bhsd), which
+    saves two views and a tensor per call."""
     q, k = p.q, p.k
+    if direct:
+        return DecodeCall(q, k, p.v, None, None, None, p.scale, p.window_left, p.window_right, p.softcap,
+                          p.alibi_slopes, 0, True)
     return DecodeCall(q, k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
                       q.new_full((q.shape[0],), k.shape[2], dtype=torch.int32), None, None, p.scale, p.window_left,
                       p.window_right, p.softcap, p.alibi_slopes)
@@ -333,7 +340,7 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     if b is None:
         _refuse(p, backend)
     if b.name in ch.decodes:  # short-query call (e.g. one generated token): the backend's split-KV kernel
-        c = _as_decode(p)
+        c = _as_decode(p, b.name in ch.direct)
         if not b.extra_decode_reasons(c):
             return b.decode.run(c)
     return b.forward(p)

@@ -142,11 +142,16 @@ class DecodeCall:
 
     q (B, Hq, Sq, D) any strides with stride 1 along D; k_cache/v_cache (Bc, Smax, Hkv, D|Dv) or paged
     (num_blocks, page, Hkv, D|Dv) with block_table int32 (B, max_blocks); cache_batch_idx int32 (B,) or None;
-    seqlens_k int32 (B,) valid keys per row (after the append); visibility bottom-right aligned per row."""
+    seqlens_k int32 (B,) valid keys per row (after the append); visibility bottom-right aligned per row.
+
+    kv_bhsd=True: k_cache/v_cache are given in SDPA's (B, Hkv, S, D|Dv) layout instead (the same cache seen through
+    transpose(1, 2)) and seqlens_k may be None (every row sees the whole cache). Only the dispatcher builds such
+    calls (a dense call's k/v passed through without views or a lengths tensor: fastattn/dispatch.py `run`), and
+    only for kernels that declare `takes_sdpa_layout` (the C++ op takes both forms, csrc/ops.cpp)."""
     q: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-    seqlens_k: torch.Tensor
+    seqlens_k: Optional[torch.Tensor]
     block_table: Optional[torch.Tensor] = None
     cache_batch_idx: Optional[torch.Tensor] = None
     scale: float = 1.0
@@ -155,16 +160,26 @@ class DecodeCall:
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
     num_splits: int = 0
+    kv_bhsd: bool = False
 
     @property
     def device(self) -> torch.device:
         return self.q.device
 
+    @property
+    def kv_heads(self) -> int:
+        return self.k_cache.shape[1 if self.kv_bhsd else 2]
+
+    @property
+    def slots(self) -> int:
+        """Keys per cache row (dense) or per page (paged)."""
+        return self.k_cache.shape[2 if self.kv_bhsd else 1]
+
     def describe(self) -> str:
         B, Hq, Sq, D = self.q.shape
-        Hkv, Dv = self.k_cache.shape[2], self.v_cache.shape[3]
-        lay = (f"paged {self.k_cache.shape[0]}x{self.k_cache.shape[1]}" if self.block_table is not None
-               else f"dense cache {tuple(self.k_cache.shape[:2])}")
+        Hkv, Dv = self.kv_heads, self.v_cache.shape[3]
+        lay = (f"paged {self.k_cache.shape[0]}x{self.slots}" if self.block_table is not None
+               else f"dense cache {(self.k_cache.shape[0], self.slots)}")
         parts = [f"decode q(B={B}, Hq={Hq}, Sq={Sq}, D={D}) Hkv={Hkv} Dv={Dv} {str(self.q.dtype)[6:]} on "
                  f"{self.device.type}", lay]
         if self.cache_batch_idx is not None:
@@ -188,8 +203,7 @@ class DecodeCall:
         csrc/decode_checks.h does: the same visibility, and no int64 overflow in a kernel's i + off + window."""
         if self.window_left <= 0 and self.window_right <= 0:  # none, or causal: nothing to clamp
             return self.window_left, self.window_right
-        cap = (self.block_table.shape[1] * self.k_cache.shape[1] if self.block_table is not None
-               else self.k_cache.shape[1])
+        cap = self.block_table.shape[1] * self.slots if self.block_table is not None else self.slots
         wide = cap + self.q.shape[2]
         return tuple(-1 if w > wide else w for w in (self.window_left, self.window_right))
 

@@ -417,16 +417,23 @@ std::pair<int64_t, int64_t> work_heuristic(int64_t B, int64_t Hkv, int64_t max_k
   return {splits, chunks};
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at::Tensor& k_given,
+                                                  const at::Tensor& v_given,
+                                                  const std::optional<at::Tensor>& seqlens_k,
                                                   const std::optional<at::Tensor>& block_table,
                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
+                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
+                                                  bool kv_bhsd) {
+  const at::Tensor k_cache = decode_checks::cache_view(k_given, kv_bhsd);  // (B, S, Hkv, D) in either case
+  const at::Tensor v_cache = decode_checks::cache_view(v_given, kv_bhsd);
   decode_checks::check_ranks_dtypes(q, k_cache, v_cache, "cpu");
   const auto dt = q.scalar_type();
-  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
+  for (const auto* t : {&q, &k_cache, &v_cache}) {
     FA_CHECK(t->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", t->device());
+  }
+  if (seqlens_k.has_value()) {
+    FA_CHECK(seqlens_k->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", seqlens_k->device());
   }
   for (const auto* t : {&q, &k_cache, &v_cache}) {
     FA_CHECK(t->stride(3) == 1 || t->size(3) == 1, "decode_fwd: q and the caches need stride 1 along the head dim, ",
@@ -435,10 +442,12 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
   decode_checks::check_shapes(q, k_cache, v_cache);
-  FA_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == B,
-           "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
+  if (seqlens_k.has_value()) {
+    FA_CHECK(seqlens_k->scalar_type() == at::kInt && seqlens_k->dim() == 1 && seqlens_k->size(0) == B,
+             "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k->scalar_type(), " ",
+             seqlens_k->sizes());
+  }
   decode_checks::check_scalars(softcap, num_splits);
-  const at::Tensor lens = seqlens_k.contiguous();
   const bool paged = block_table.has_value();
   at::Tensor bt, bidx, alibi;
   int64_t capacity = k_cache.size(1);
@@ -458,7 +467,15 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
     FA_CHECK(k_cache.size(0) == B, "decode_fwd: k_cache batch ", k_cache.size(0), " != q batch ", B,
              " (pass cache_batch_idx)");
   }
-  const int32_t* L = lens.data_ptr<int32_t>();
+  decode_checks::check_whole_cache(seqlens_k, capacity);
+  at::Tensor lens;
+  std::vector<int32_t> whole;  // no seqlens_k: every row's length is the capacity
+  if (seqlens_k.has_value()) {
+    lens = seqlens_k->contiguous();
+  } else {
+    whole.assign(B, static_cast<int32_t>(capacity));
+  }
+  const int32_t* L = lens.defined() ? lens.data_ptr<int32_t>() : whole.data();
   for (int64_t b = 0; b < B; ++b) {  // nothing is read outside the cache: check every index the kernel follows
     FA_CHECK(L[b] >= 0 && L[b] <= capacity, "decode_fwd: seqlens_k[", b, "] = ", L[b], " outside [0, ", capacity,
              "] (cache capacity per row)");
