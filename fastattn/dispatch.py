@@ -227,19 +227,21 @@ _CHOICES: Dict[tuple, _Choice] = {}
 _DECODES: Dict[tuple, Tuple[str, ...]] = {}
 
 
-def _key(p: AttnParams, requested: str, route: bool) -> tuple:
+def _key(p: AttnParams, requested: str, route: bool, qs=None, ks=None) -> tuple:
     """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read; plain
-    field reads, as this runs on every call. Empty calls (B, Sq or Sk = 0) never get here: run answers them first,
-    and select's callers skip them."""
+    field reads, as this runs on every call (qs, ks: q's and k's shapes when the caller has them; each read of a
+    shape costs ~0.15 us). Empty calls (B, Sq or Sk = 0) never get here: run answers them first, and select's
+    callers skip them."""
     q, k, bias = p.q, p.k, p.attn_bias
-    _, Hq, Sq, D = q.shape
+    _, Hq, Sq, D = q.shape if qs is None else qs
+    _, Hkv, Sk, _ = k.shape if ks is None else ks
     varlen = p.cu_seqlens_q is not None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or p.v.requires_grad
                                         or bias is not None and bias.requires_grad)
     wr = p.window_right
-    return (requested, route, q.device, q.dtype, Hq, k.shape[1], D, p.v.shape[3],
+    return (requested, route, q.device, q.dtype, Hq, Hkv, D, p.v.shape[3],
             Sq if Sq <= MAX_ROUTE_Q else -1,
-            p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == k.shape[2], p.window_left >= 0,
+            p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == Sk, p.window_left >= 0,
             wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
             p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
             p.q_start is not None)
@@ -320,8 +322,9 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
     route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
     q = p.q
-    B, Hq, Sq, _ = q.shape
-    if _any_zero(Sq, p.k.shape[2], B):
+    qs, ks = q.shape, p.k.shape
+    B, Hq, Sq, _ = qs
+    if _any_zero(Sq, ks[2], B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         # Sums of empty slices: exact zeros that keep the graph (q.sum() * 0 would be NaN for an Inf in q).
         zero = sum(t.narrow(-1, 0, 0).sum() for t in (p.q, p.k, p.v)) if p.requires_grad else 0
@@ -334,7 +337,7 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     if torch.compiler.is_compiling():
         ch = _decide(p, requested, route_decode)
     else:  # _choice, inlined
-        key = _key(p, requested, route_decode)
+        key = _key(p, requested, route_decode, qs, ks)
         ch = _CHOICES.get(key) or _remember(key, p, requested, route_decode)
     b = _pick(p, requested, ch.candidates)
     if b is None:

@@ -38,6 +38,7 @@ class InputTypeError(TypeError, RuntimeError):
 
 @dataclass
 class AttnParams:
+    # functional._sdpa_call passes the first twelve fields positionally (cheaper): keep their order.
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -106,12 +107,12 @@ class AttnParams:
             self.attn_bias is not None and self.attn_bias.requires_grad))
 
     @property
-    def seqlen_q(self) -> int:
-        return self.max_seqlen_q if self.is_varlen else self.q.shape[2]
+    def seqlen_q(self) -> int:  # is_varlen spelled out: the backends' speed rules read these on every call
+        return self.max_seqlen_q if self.cu_seqlens_q is not None else self.q.shape[2]
 
     @property
     def seqlen_k(self) -> int:
-        return self.max_seqlen_k if self.is_varlen else self.k.shape[2]
+        return self.max_seqlen_k if self.cu_seqlens_q is not None else self.k.shape[2]
 
     def describe(self) -> str:
         B, Hq, Sq, D = self.q.shape
@@ -268,7 +269,7 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
 def last_dim_contiguous(*ts):
     """Kernels need stride 1 along the head dim; copy the rare input that lacks it (differentiable)."""
     for t in ts:
-        if t.stride(-1) != 1 and t.shape[-1] != 1:
+        if t.stride()[-1] != 1 and t.shape[-1] != 1:  # stride()[-1]: cheaper than stride(-1)
             return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
     return ts
 
