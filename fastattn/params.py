@@ -148,7 +148,8 @@ class DecodeCall:
     kv_bhsd=True: k_cache/v_cache are given in SDPA's (B, Hkv, S, D|Dv) layout instead (the same cache seen through
     transpose(1, 2)) and seqlens_k may be None (every row sees the whole cache). Only the dispatcher builds such
     calls (a dense call's k/v passed through without views or a lengths tensor: fastattn/dispatch.py `run`), and
-    only for kernels that declare `takes_sdpa_layout` (the C++ op takes both forms, csrc/ops.cpp)."""
+    only for kernels that declare `takes_sdpa_layout` (the C++ op takes both forms, csrc/ops.cpp).
+    Built positionally on the hot paths (dispatch._as_decode, kvcache._decode_call): keep the field order."""
     q: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
@@ -236,7 +237,8 @@ def check_tensors(q, k, v, *, names=("query", "key", "value")):
 
 
 def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: bool = False, same_batch: bool = True):
-    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen)."""
+    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen).
+    Returns their shapes (callers need not read them again: ~0.15 us a read)."""
     nq, nk, nv = names
     check_tensors(q, k, v, names=names)
     rank = 3 if varlen else 4
@@ -264,6 +266,7 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
         msg = "head dim must be positive"
     if msg is not None:  # the shapes are formatted only for the error
         raise InputValueError(f"fastattn: {msg}: {nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}")
+    return qs, ks, vs
 
 
 def last_dim_contiguous(*ts):
