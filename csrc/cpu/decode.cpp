@@ -158,16 +158,21 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
       const float* q = Qf + r * D;
-      const T* k[16];
-      for (int64_t u = 0; u < 16; ++u) k[u] = krows[j0 + std::min<int64_t>(u, nk - 1)] + koff[r];  // tail: repeat
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = vec512::tail(D - d);
-        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-#pragma GCC unroll 16
-        for (int u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[u]);
+      // Two passes of 8 keys: 16 key pointers at once do not fit the general registers (the compiler kept them in
+      // vector registers and moved one out before every load). Each key's sum runs over d in the same order.
+#pragma GCC unroll 2
+      for (int h = 0; h < 16; h += 8) {  // unrolled: acc stays in registers
+        const T* k[8];
+        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];  // tail: repeat
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = vec512::tail(D - d);
+          const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) acc[h + u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[h + u]);
+        }
       }
       _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), hsum16x16(acc));
     }
