@@ -7,6 +7,7 @@ Split-KV decode is part of the same choice, not a second one: a backend declares
 (backends/base.py `DecodeKernel`), and
   * `run(p)` sends a dense short-query call (HF GPT-2 decode: q (B, H, 1, D) against k (B, H, N, D), no mask, no
     grad) to the chosen backend's decode kernel when it takes the call — only the kernel changes, never the backend;
+    a kernel that `takes_sdpa_layout` (the C++ op) gets k/v as they are, without a lengths tensor (DecodeCall.kv_bhsd);
   * `run_decode(c)` (flash_attn_with_kvcache) takes the first backend in the same order whose decode kernel takes
     the cache in its own layout, or returns None (the caller then runs its generic path through `run`).
 `explain_params` / `explain_decode` build one `Explanation` type for both, with every backend's reasons.
