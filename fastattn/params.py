@@ -217,8 +217,9 @@ def _shape(t) -> str:
 def check_tensors(q, k, v, *, names=("query", "key", "value")):
     """Types, dtypes and device of q, k, v (no shapes)."""
     if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and not (q.is_nested or k.is_nested or v.is_nested) and q.device == k.device == v.device):
+            and q.dtype in FLOAT_DTYPES and k.dtype is q.dtype and v.dtype is q.dtype  # dtypes are singletons
+            and not (q.is_nested or k.is_nested or v.is_nested)
+            and (q.is_cpu and k.is_cpu and v.is_cpu or q.device == k.device == v.device)):  # is_cpu: no objects
         return  # the common case, in one expression; a failing call takes the checks below for its message
     nq, nk, nv = names
     for name, t in zip(names, (q, k, v)):
