@@ -8,8 +8,9 @@ For each call it times, interleaved round by round:
 and reports fastattn / sdpa and the Python overhead = fastattn - op. Targets (issue 13): fastattn <= 1.3x SDPA,
 overhead <= 10 us. Small calls are what this measures: the kernels themselves take a few microseconds.
 A kernel's own time varies from call to call by more than that overhead (a 200 us kernel by +-10 us here), so the
-last column, `python`, times fastattn and op once more with the C++ ops (torch.ops.fastattn.fwd / decode_fwd)
-answering from a stub that returns the real outputs of the first call: the difference is the Python work alone.
+last column, `python`, times fastattn and op once more with the kernels (the C++ ops torch.ops.fastattn.fwd /
+decode_fwd, and PyTorch's SDPA as the sdpa backend calls it) answering from a stub that returns the real outputs of
+the first call: the difference is the Python work alone.
 
 Times are this thread's CPU time (time.thread_time; torch runs on this one thread), the fastest of the rounds: on a
 shared, loaded machine wall time also counts the time slices other processes take, and a round's time only ever
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
 import fastattn  # noqa: E402
 from fastattn import dispatch  # noqa: E402
+from fastattn.backends import sdpa as sdpa_backend  # noqa: E402
 from fastattn.functional import _sdpa_params  # noqa: E402
 from fastattn.params import DecodeCall  # noqa: E402
 
@@ -85,10 +87,12 @@ def cases():
 
 
 class _Stub:
-    """Stands in for a torch.ops.fastattn op: runs it once, then returns those outputs without computing."""
+    """Stands in for a torch.ops.fastattn op (or its .default overload) or the sdpa backend's TORCH_SDPA: runs it
+    once, then returns those outputs without computing."""
 
     def __init__(self, op):
         self.op, self.out = op, None
+        self.default = self  # torch.ops.fastattn.<op>.default
 
     def __call__(self, *args, **kw):
         if self.out is None:
@@ -99,14 +103,15 @@ class _Stub:
 @contextlib.contextmanager
 def _kernels_stubbed():
     ns = torch.ops.fastattn
-    real = {n: getattr(ns, n) for n in ("fwd", "decode_fwd")}
-    for n, op in real.items():
-        setattr(ns, n, _Stub(op))
+    real = {(ns, n): getattr(ns, n) for n in ("fwd", "decode_fwd")}
+    real[(sdpa_backend, "TORCH_SDPA")] = sdpa_backend.TORCH_SDPA
+    for (owner, n), op in real.items():
+        setattr(owner, n, _Stub(op))
     try:
         yield
     finally:
-        for n, op in real.items():
-            setattr(ns, n, op)
+        for (owner, n), op in real.items():
+            setattr(owner, n, op)
 
 
 def _per_call_us(fn, inner, clock):

@@ -4,12 +4,36 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
 #include <utility>
 
 #include "common.h"
 
 namespace fastattn {
 namespace decode_checks {
+
+// kv_bhsd: the caches come in SDPA's (B, Hkv, S, D|Dv) layout (a dense call passed straight through, no copy). The op
+// reads them through the cache layout's view (B, S, Hkv, D|Dv); every check and the kernels see that view.
+inline at::Tensor cache_view(const at::Tensor& t, bool kv_bhsd) {
+  if (!kv_bhsd || t.dim() != 4) return t;
+  // The alias built directly: at::Tensor::transpose goes through the dispatcher and attaches autograd view metadata
+  // (~0.5 us a call, on every decode step); the op only reads this view and never returns it.
+  auto impl = t.unsafeGetTensorImpl()->shallow_copy_and_detach(/*version_counter=*/0,
+                                                                /*allow_tensor_metadata_change=*/true);
+  const auto sz = t.sizes();
+  const auto st = t.strides();
+  const int64_t sizes[4] = {sz[0], sz[2], sz[1], sz[3]}, strides[4] = {st[0], st[2], st[1], st[3]};  // 1 <-> 2
+  impl->set_sizes_and_strides(at::IntArrayRef(sizes), at::IntArrayRef(strides));
+  return at::Tensor(std::move(impl));
+}
+
+// seqlens_k absent: every row attends all `capacity` keys it can hold, a length the kernels keep in int32.
+inline void check_whole_cache(const std::optional<at::Tensor>& seqlens_k, int64_t capacity) {
+  FA_CHECK(seqlens_k.has_value() || capacity <= std::numeric_limits<int32_t>::max(), "decode_fwd: without seqlens_k ",
+           "every row attends the whole cache, but its capacity ", capacity, " exceeds int32; pass seqlens_k");
+}
 
 // Ranks and dtypes; backend names the op's device in the dtype message ("cpu", "cuda").
 inline void check_ranks_dtypes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -73,13 +73,16 @@ TORCH_LIBRARY(fastattn, m) {
   // Decode (inference, no autograd): few query tokens against a KV cache, split over the keys.
   //   q (B, Hq, Sq, D) any strides; k_cache/v_cache in cache layout (Bc, Smax, Hkv, D|Dv), or paged
   //   (num_blocks, page_size, Hkv, D|Dv) with block_table int32 (B, max_blocks); cache_batch_idx int32 (B,)
-  //   picks dense cache rows. seqlens_k int32 (B,): valid keys per row (after any append, done by the caller).
+  //   picks dense cache rows. seqlens_k int32 (B,): valid keys per row (after any append, done by the caller);
+  //   None: every row attends the whole cache (Smax, or max_blocks * page keys). kv_bhsd: the caches are given as
+  //   (Bc|num_blocks, Hkv, Smax|page, D|Dv) (SDPA's layout: a dense call's k/v pass straight through, no copy);
+  //   the op reads them as the view transpose(1, 2), any strides either way.
   //   Visibility per row as above with Sk = seqlens_k[b] and bottom-right alignment. num_splits 0 = heuristic.
   //   Returns out (B, Hq, Sq, Dv) like fwd, lse (B, Hq, Sq) fp32.
   m.def(
-      "decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+      "decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? block_table, "
       "Tensor? cache_batch_idx, float scale, int window_left, int window_right, float softcap, "
-      "Tensor? alibi_slopes, int num_splits) -> (Tensor out, Tensor lse)");
+      "Tensor? alibi_slopes, int num_splits, bool kv_bhsd=False) -> (Tensor out, Tensor lse)");
 }
 
 namespace fastattn {

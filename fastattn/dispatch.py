@@ -7,6 +7,7 @@ Split-KV decode is part of the same choice, not a second one: a backend declares
 (backends/base.py `DecodeKernel`), and
   * `run(p)` sends a dense short-query call (HF GPT-2 decode: q (B, H, 1, D) against k (B, H, N, D), no mask, no
     grad) to the chosen backend's decode kernel when it takes the call — only the kernel changes, never the backend;
+    a kernel that `takes_sdpa_layout` (the C++ op) gets k/v as they are, without a lengths tensor (DecodeCall.kv_bhsd);
   * `run_decode(c)` (flash_attn_with_kvcache) takes the first backend in the same order whose decode kernel takes
     the cache in its own layout, or returns None (the caller then runs its generic path through `run`).
 `explain_params` / `explain_decode` build one `Explanation` type for both, with every backend's reasons.
@@ -220,25 +221,28 @@ def _refuse(p: AttnParams, backend: Optional[str]):
 class _Choice:
     candidates: Tuple[str, ...]  # in order: backends the declarations admit
     decodes: FrozenSet[str]  # those whose decode kernel the declarations admit for dense_call(p)
+    direct: FrozenSet[str] = frozenset()  # of decodes: kernels that take p's k/v as they are (takes_sdpa_layout)
 
 
 _CHOICES: Dict[tuple, _Choice] = {}
 _DECODES: Dict[tuple, Tuple[str, ...]] = {}
 
 
-def _key(p: AttnParams, requested: str, route: bool) -> tuple:
+def _key(p: AttnParams, requested: str, route: bool, qs=None, ks=None) -> tuple:
     """Every fact the declarations (static_reasons, static_decode_reasons, dense_call's eligibility) read; plain
-    field reads, as this runs on every call. Empty calls (B, Sq or Sk = 0) never get here: run answers them first,
-    and select's callers skip them."""
+    field reads, as this runs on every call (qs, ks: q's and k's shapes when the caller has them; each read of a
+    shape costs ~0.15 us). Empty calls (B, Sq or Sk = 0) never get here: run answers them first, and select's
+    callers skip them."""
     q, k, bias = p.q, p.k, p.attn_bias
-    _, Hq, Sq, D = q.shape
+    _, Hq, Sq, D = q.shape if qs is None else qs
+    _, Hkv, Sk, _ = k.shape if ks is None else ks
     varlen = p.cu_seqlens_q is not None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or p.v.requires_grad
                                         or bias is not None and bias.requires_grad)
     wr = p.window_right
-    return (requested, route, q.device, q.dtype, Hq, k.shape[1], D, p.v.shape[3],
+    return (requested, route, q.device, q.dtype, Hq, Hkv, D, p.v.shape[3],
             Sq if Sq <= MAX_ROUTE_Q else -1,
-            p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == k.shape[2], p.window_left >= 0,
+            p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == Sk, p.window_left >= 0,
             wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
             p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
             p.q_start is not None)
@@ -251,7 +255,8 @@ def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
     c = dense_call(p) if route and cands else None
     if c is not None:
         decodes = frozenset(n for n in cands if not BACKENDS[n].static_decode_reasons(c))
-    return _Choice(cands, decodes)
+    direct = frozenset(n for n in decodes if getattr(BACKENDS[n].decode, "takes_sdpa_layout", False))
+    return _Choice(cands, decodes, direct)
 
 
 def _choice(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -301,9 +306,14 @@ def dense_call(p: AttnParams) -> Optional[DecodeCall]:
     return _as_decode(p)
 
 
-def _as_decode(p: AttnParams) -> DecodeCall:
-    """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again."""
+def _as_decode(p: AttnParams, direct: bool = False) -> DecodeCall:
+    """dense_call(p) for a p it accepts (run: the cached decision says so) without asking again. direct (a kernel
+    that takes_sdpa_layout): the same call with k/v as they are and no lengths tensor (DecodeCall.kv_bhsd), which
+    saves two views and a tensor per call."""
     q, k = p.q, p.k
+    if direct:
+        return DecodeCall(q, k, p.v, None, None, None, p.scale, p.window_left, p.window_right, p.softcap,
+                          p.alibi_slopes, 0, True)
     return DecodeCall(q, k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
                       q.new_full((q.shape[0],), k.shape[2], dtype=torch.int32), None, None, p.scale, p.window_left,
                       p.window_right, p.softcap, p.alibi_slopes)
@@ -313,8 +323,9 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
     route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
     q = p.q
-    B, Hq, Sq, _ = q.shape
-    if _any_zero(Sq, p.k.shape[2], B):
+    qs, ks = q.shape, p.k.shape
+    B, Hq, Sq, _ = qs
+    if _any_zero(Sq, ks[2], B):
         # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
         # Sums of empty slices: exact zeros that keep the graph (q.sum() * 0 would be NaN for an Inf in q).
         zero = sum(t.narrow(-1, 0, 0).sum() for t in (p.q, p.k, p.v)) if p.requires_grad else 0
@@ -327,13 +338,13 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     if torch.compiler.is_compiling():
         ch = _decide(p, requested, route_decode)
     else:  # _choice, inlined
-        key = _key(p, requested, route_decode)
+        key = _key(p, requested, route_decode, qs, ks)
         ch = _CHOICES.get(key) or _remember(key, p, requested, route_decode)
     b = _pick(p, requested, ch.candidates)
     if b is None:
         _refuse(p, backend)
     if b.name in ch.decodes:  # short-query call (e.g. one generated token): the backend's split-KV kernel
-        c = _as_decode(p)
+        c = _as_decode(p, b.name in ch.direct)
         if not b.extra_decode_reasons(c):
             return b.decode.run(c)
     return b.forward(p)

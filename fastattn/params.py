@@ -38,6 +38,7 @@ class InputTypeError(TypeError, RuntimeError):
 
 @dataclass
 class AttnParams:
+    # functional._sdpa_call passes the first twelve fields positionally (cheaper): keep their order.
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -106,12 +107,12 @@ class AttnParams:
             self.attn_bias is not None and self.attn_bias.requires_grad))
 
     @property
-    def seqlen_q(self) -> int:
-        return self.max_seqlen_q if self.is_varlen else self.q.shape[2]
+    def seqlen_q(self) -> int:  # is_varlen spelled out: the backends' speed rules read these on every call
+        return self.max_seqlen_q if self.cu_seqlens_q is not None else self.q.shape[2]
 
     @property
     def seqlen_k(self) -> int:
-        return self.max_seqlen_k if self.is_varlen else self.k.shape[2]
+        return self.max_seqlen_k if self.cu_seqlens_q is not None else self.k.shape[2]
 
     def describe(self) -> str:
         B, Hq, Sq, D = self.q.shape
@@ -142,11 +143,17 @@ class DecodeCall:
 
     q (B, Hq, Sq, D) any strides with stride 1 along D; k_cache/v_cache (Bc, Smax, Hkv, D|Dv) or paged
     (num_blocks, page, Hkv, D|Dv) with block_table int32 (B, max_blocks); cache_batch_idx int32 (B,) or None;
-    seqlens_k int32 (B,) valid keys per row (after the append); visibility bottom-right aligned per row."""
+    seqlens_k int32 (B,) valid keys per row (after the append); visibility bottom-right aligned per row.
+
+    kv_bhsd=True: k_cache/v_cache are given in SDPA's (B, Hkv, S, D|Dv) layout instead (the same cache seen through
+    transpose(1, 2)) and seqlens_k may be None (every row sees the whole cache). Only the dispatcher builds such
+    calls (a dense call's k/v passed through without views or a lengths tensor: fastattn/dispatch.py `run`), and
+    only for kernels that declare `takes_sdpa_layout` (the C++ op takes both forms, csrc/ops.cpp).
+    Built positionally on the hot paths (dispatch._as_decode, kvcache._decode_call): keep the field order."""
     q: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-    seqlens_k: torch.Tensor
+    seqlens_k: Optional[torch.Tensor]
     block_table: Optional[torch.Tensor] = None
     cache_batch_idx: Optional[torch.Tensor] = None
     scale: float = 1.0
@@ -155,16 +162,26 @@ class DecodeCall:
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
     num_splits: int = 0
+    kv_bhsd: bool = False
 
     @property
     def device(self) -> torch.device:
         return self.q.device
 
+    @property
+    def kv_heads(self) -> int:
+        return self.k_cache.shape[1 if self.kv_bhsd else 2]
+
+    @property
+    def slots(self) -> int:
+        """Keys per cache row (dense) or per page (paged)."""
+        return self.k_cache.shape[2 if self.kv_bhsd else 1]
+
     def describe(self) -> str:
         B, Hq, Sq, D = self.q.shape
-        Hkv, Dv = self.k_cache.shape[2], self.v_cache.shape[3]
-        lay = (f"paged {self.k_cache.shape[0]}x{self.k_cache.shape[1]}" if self.block_table is not None
-               else f"dense cache {tuple(self.k_cache.shape[:2])}")
+        Hkv, Dv = self.kv_heads, self.v_cache.shape[3]
+        lay = (f"paged {self.k_cache.shape[0]}x{self.slots}" if self.block_table is not None
+               else f"dense cache {(self.k_cache.shape[0], self.slots)}")
         parts = [f"decode q(B={B}, Hq={Hq}, Sq={Sq}, D={D}) Hkv={Hkv} Dv={Dv} {str(self.q.dtype)[6:]} on "
                  f"{self.device.type}", lay]
         if self.cache_batch_idx is not None:
@@ -188,8 +205,7 @@ class DecodeCall:
         csrc/decode_checks.h does: the same visibility, and no int64 overflow in a kernel's i + off + window."""
         if self.window_left <= 0 and self.window_right <= 0:  # none, or causal: nothing to clamp
             return self.window_left, self.window_right
-        cap = (self.block_table.shape[1] * self.k_cache.shape[1] if self.block_table is not None
-               else self.k_cache.shape[1])
+        cap = self.block_table.shape[1] * self.slots if self.block_table is not None else self.slots
         wide = cap + self.q.shape[2]
         return tuple(-1 if w > wide else w for w in (self.window_left, self.window_right))
 
@@ -201,8 +217,9 @@ def _shape(t) -> str:
 def check_tensors(q, k, v, *, names=("query", "key", "value")):
     """Types, dtypes and device of q, k, v (no shapes)."""
     if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and not (q.is_nested or k.is_nested or v.is_nested) and q.device == k.device == v.device):
+            and q.dtype in FLOAT_DTYPES and k.dtype is q.dtype and v.dtype is q.dtype  # dtypes are singletons
+            and not (q.is_nested or k.is_nested or v.is_nested)
+            and (q.is_cpu and k.is_cpu and v.is_cpu or q.device == k.device == v.device)):  # is_cpu: no objects
         return  # the common case, in one expression; a failing call takes the checks below for its message
     nq, nk, nv = names
     for name, t in zip(names, (q, k, v)):
@@ -221,7 +238,8 @@ def check_tensors(q, k, v, *, names=("query", "key", "value")):
 
 
 def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: bool = False, same_batch: bool = True):
-    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen)."""
+    """Checks types, ranks, devices, dtypes and dims of q, k, v. layout is 'bhsd' or 'bshd' (or 'thd' for varlen).
+    Returns their shapes (callers need not read them again: ~0.15 us a read)."""
     nq, nk, nv = names
     check_tensors(q, k, v, names=names)
     rank = 3 if varlen else 4
@@ -249,12 +267,13 @@ def check_qkv(q, k, v, *, layout: str, names=("query", "key", "value"), varlen: 
         msg = "head dim must be positive"
     if msg is not None:  # the shapes are formatted only for the error
         raise InputValueError(f"fastattn: {msg}: {nq} {_shape(q)}, {nk} {_shape(k)}, {nv} {_shape(v)}")
+    return qs, ks, vs
 
 
 def last_dim_contiguous(*ts):
     """Kernels need stride 1 along the head dim; copy the rare input that lacks it (differentiable)."""
     for t in ts:
-        if t.stride(-1) != 1 and t.shape[-1] != 1:
+        if t.stride()[-1] != 1 and t.shape[-1] != 1:  # stride()[-1]: cheaper than stride(-1)
             return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
     return ts
 

@@ -13,6 +13,7 @@ import torch
 import fastattn
 from fastattn import dispatch
 from fastattn.kvcache import explain_kvcache
+from support.cuda_emu import emu, needs_cuda_headers
 from support.oracle import assert_rule, lse_reference, oracle_attention
 
 # ---------------------------------------------------------------- implementations available here
@@ -433,3 +434,76 @@ def test_cpu_op_checks_indices_itself():
     with pytest.raises(RuntimeError, match="cache_batch_idx"):
         op(q, kc, vc, torch.tensor([1, 1], dtype=torch.int32), None, torch.tensor([0, 2], dtype=torch.int32), 0.25,
            -1, -1, 0.0, None, 0)
+
+
+# ---------------------------------------------------------------- the op's SDPA layout and whole-cache forms
+@pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+@pytest.mark.parametrize("layout", ["dense", "batch_idx", "paged"])
+def test_cpu_op_sdpa_layout_and_whole_cache(layout):
+    """decode_fwd(kv_bhsd=True) reads caches given as (Bc, Hkv, S, D) exactly as their transpose(1, 2) in the cache
+    layout, and seqlens_k=None as every row's whole capacity: the same bits as the explicit form, in every layout
+    (the window makes the lengths matter; Hkv != S, so a flag that is ignored mislays the dims)."""
+    op = torch.ops.fastattn.decode_fwd
+    B, Hq, Hkv, Sq, S, D, Dv = 2, 4, 2, 2, 24, 16, 8
+    q = rnd(B, Hq, Sq, D)
+    kb, vb = rnd(B + 1, Hkv, S, D), rnd(B + 1, Hkv, S, Dv)  # SDPA's layout, one spare row or page
+    bt = bidx = None
+    cap = S
+    if layout == "paged":
+        bt = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32)  # pages of S keys, a shared one
+        cap = 2 * S
+    elif layout == "batch_idx":
+        bidx = torch.tensor([2, 0], dtype=torch.int32)
+    else:
+        kb, vb = kb[:B], vb[:B]
+    kc, vc = kb.transpose(1, 2), vb.transpose(1, 2)  # (.., Hkv, S, D) -> (.., S, Hkv, D) views
+    full = torch.full((B,), cap, dtype=torch.int32)
+    lens = torch.tensor([cap - 5, 3], dtype=torch.int32)
+    for wl, wr in ((-1, -1), (7, 0)):
+        args = (bt, bidx, 0.25, wl, wr, 0.0, None, 3)
+        want = op(q, kc, vc, full, *args)
+        for got in (op(q, kb, vb, None, *args, True), op(q, kb, vb, full, *args, True), op(q, kc, vc, None, *args)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        want = op(q, kc, vc, lens, *args)
+        got = op(q, kb, vb, lens, *args, True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.library.opcheck(op.default, (q, kb, vb, None, bt, bidx, 0.25, 7, 0, 0.0, None, 3, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+def test_dense_route_passes_kv_through(monkeypatch):
+    """A dense short-query call reaches a kernel that takes_sdpa_layout with its own k/v (DecodeCall.kv_bhsd, no
+    lengths tensor): no views or tensors built per call, and the same bits as the cache-layout call dense_call
+    describes (GQA, several queries, a bottom-right window)."""
+    from fastattn.backends.cpp_decode import CPU_DECODE
+    from fastattn.params import AttnParams
+    q, k, v = rnd(2, 4, 3, 32), rnd(2, 2, 50, 32), rnd(2, 2, 50, 16)
+    for wl, wr in ((-1, -1), (9, 0)):
+        p = AttnParams(q=q, k=k, v=v, scale=0.2, window_left=wl, window_right=wr, bottom_right=True)
+        seen = []
+        real = CPU_DECODE.run
+        monkeypatch.setattr(CPU_DECODE, "run", lambda c: seen.append(c) or real(c))
+        out, lse = dispatch.run(p, "cpu")
+        monkeypatch.undo()
+        (c,) = seen
+        assert c.kv_bhsd and c.k_cache is k and c.v_cache is v and c.seqlens_k is None
+        assert c.kv_heads == 2 and c.slots == 50 and c.windows() == dispatch.dense_call(p).windows()
+        want, want_lse = CPU_DECODE.run(dispatch.dense_call(p))  # (B, S, H, D) views and a lengths tensor
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@needs_cuda_headers
+def test_cuda_op_sdpa_layout_and_whole_cache_emulated():
+    """The CUDA op's planning (decode_host.h) and kernel (seqlens nullptr = whole cache) run by the CPU emulator:
+    kv_bhsd and seqlens_k=None give the bits of the explicit cache-layout call."""
+    B, Hq, Hkv, Sq, S, D = 2, 4, 2, 1, 40, 32
+    q = rnd(B, Hq, Sq, D)
+    kb, vb = rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
+    kc, vc = kb.transpose(1, 2).contiguous(), vb.transpose(1, 2).contiguous()  # 16-byte aligned cache rows
+    kb, vb = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, Hkv, D) -> (B, Hkv, S, D) views
+    full = torch.full((B,), S, dtype=torch.int32)
+    args = (None, None, D ** -0.5, 5, 0, 0.0, None, 2, 132)
+    want = emu().decode_fwd(q, kc, vc, full, *args)
+    for got in (emu().decode_fwd(q, kb, vb, None, *args, True), emu().decode_fwd(q, kc, vc, None, *args)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -158,16 +158,21 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
       const float* q = Qf + r * D;
-      const T* k[16];
-      for (int64_t u = 0; u < 16; ++u) k[u] = krows[j0 + std::min<int64_t>(u, nk - 1)] + koff[r];  // tail: repeat
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = vec512::tail(D - d);
-        const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-#pragma GCC unroll 16
-        for (int u = 0; u < 16; ++u) acc[u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[u]);
+      // Two passes of 8 keys: 16 key pointers at once do not fit the general registers (the compiler kept them in
+      // vector registers and moved one out before every load). Each key's sum runs over d in the same order.
+#pragma GCC unroll 2
+      for (int h = 0; h < 16; h += 8) {  // unrolled: acc stays in registers
+        const T* k[8];
+        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];  // tail: repeat
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = vec512::tail(D - d);
+          const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) acc[h + u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[h + u]);
+        }
       }
       _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), hsum16x16(acc));
     }
@@ -224,6 +229,23 @@ void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* co
   if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 #endif
   pv_scalar<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+}
+
+
+// max of s[a, e) with the serial loop's semantics (m = std::max(m, s[j]): a NaN score is skipped) in eight
+// independent chains: the serial loop waits on each max's latency (4 cycles a key; ~10% of a decode step). The
+// result is the same value in any order (max is exact; a +-0 tie only flips a zero's sign, which changes no output).
+inline float row_max(const float* s, int64_t a, int64_t e) {
+  float m[8];
+  std::fill(m, m + 8, -kInf);
+  int64_t j = a;
+  for (; j + 8 <= e; j += 8) {
+    for (int u = 0; u < 8; ++u) m[u] = std::max(m[u], s[j + u]);
+  }
+  for (; j < e; ++j) m[0] = std::max(m[0], s[j]);
+  float r = m[0];
+  for (int u = 1; u < 8; ++u) r = std::max(r, m[u]);
+  return r;
 }
 
 
@@ -300,9 +322,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       }
       std::fill(s, s + a, -kInf);
       std::fill(s + e, s + n, -kInf);
-      float m_blk = -kInf;
-      for (int64_t j = a; j < e; ++j) m_blk = std::max(m_blk, s[j]);
-      const float m_new = std::max(w.m_i[r], m_blk);
+      const float m_new = std::max(w.m_i[r], row_max(s, a, e));
       if (m_new == -kInf) {  // no finite score yet (-inf by value, e.g. a -inf in q): P = 0, as PyTorch's softmax
         for (int64_t j = a; j < e; ++j) {
           if (std::isnan(s[j])) w.l_i[r] = std::numeric_limits<float>::quiet_NaN();  // a NaN score still reaches out
@@ -417,16 +437,23 @@ std::pair<int64_t, int64_t> work_heuristic(int64_t B, int64_t Hkv, int64_t max_k
   return {splits, chunks};
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at::Tensor& k_given,
+                                                  const at::Tensor& v_given,
+                                                  const std::optional<at::Tensor>& seqlens_k,
                                                   const std::optional<at::Tensor>& block_table,
                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
+                                                  const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
+                                                  bool kv_bhsd) {
+  const at::Tensor k_cache = decode_checks::cache_view(k_given, kv_bhsd);  // (B, S, Hkv, D) in either case
+  const at::Tensor v_cache = decode_checks::cache_view(v_given, kv_bhsd);
   decode_checks::check_ranks_dtypes(q, k_cache, v_cache, "cpu");
   const auto dt = q.scalar_type();
-  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
+  for (const auto* t : {&q, &k_cache, &v_cache}) {
     FA_CHECK(t->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", t->device());
+  }
+  if (seqlens_k.has_value()) {
+    FA_CHECK(seqlens_k->device().is_cpu(), "decode_fwd (cpu) got a tensor on ", seqlens_k->device());
   }
   for (const auto* t : {&q, &k_cache, &v_cache}) {
     FA_CHECK(t->stride(3) == 1 || t->size(3) == 1, "decode_fwd: q and the caches need stride 1 along the head dim, ",
@@ -435,10 +462,12 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), Dv = v_cache.size(3);
   decode_checks::check_shapes(q, k_cache, v_cache);
-  FA_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == B,
-           "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
+  if (seqlens_k.has_value()) {
+    FA_CHECK(seqlens_k->scalar_type() == at::kInt && seqlens_k->dim() == 1 && seqlens_k->size(0) == B,
+             "decode_fwd: seqlens_k must be int32 (", B, "), got ", seqlens_k->scalar_type(), " ",
+             seqlens_k->sizes());
+  }
   decode_checks::check_scalars(softcap, num_splits);
-  const at::Tensor lens = seqlens_k.contiguous();
   const bool paged = block_table.has_value();
   at::Tensor bt, bidx, alibi;
   int64_t capacity = k_cache.size(1);
@@ -458,7 +487,15 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
     FA_CHECK(k_cache.size(0) == B, "decode_fwd: k_cache batch ", k_cache.size(0), " != q batch ", B,
              " (pass cache_batch_idx)");
   }
-  const int32_t* L = lens.data_ptr<int32_t>();
+  decode_checks::check_whole_cache(seqlens_k, capacity);
+  at::Tensor lens;
+  std::vector<int32_t> whole;  // no seqlens_k: every row's length is the capacity
+  if (seqlens_k.has_value()) {
+    lens = seqlens_k->contiguous();
+  } else {
+    whole.assign(B, static_cast<int32_t>(capacity));
+  }
+  const int32_t* L = lens.defined() ? lens.data_ptr<int32_t>() : whole.data();
   for (int64_t b = 0; b < B; ++b) {  // nothing is read outside the cache: check every index the kernel follows
     FA_CHECK(L[b] >= 0 && L[b] <= capacity, "decode_fwd: seqlens_k[", b, "] = ", L[b], " outside [0, ", capacity,
              "] (cache capacity per row)");

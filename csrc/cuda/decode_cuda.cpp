@@ -22,15 +22,17 @@ namespace fastattn {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                   const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                   const at::Tensor& v_cache,
+                                                   const std::optional<at::Tensor>& seqlens_k,
                                                    const std::optional<at::Tensor>& block_table,
                                                    const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                    int64_t window_left, int64_t window_right, double softcap,
-                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
+                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
+                                                   bool kv_bhsd) {
   std::optional<c10::cuda::CUDAGuard> guard;
   cuda::DecodePlan plan = cuda::plan_decode(
       q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right, softcap,
-      alibi_slopes, num_splits, at::kCUDA, [&]() -> int64_t {
+      alibi_slopes, num_splits, kv_bhsd, at::kCUDA, [&]() -> int64_t {
         guard.emplace(q.device());
         int sms = 0;
         C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));

@@ -58,13 +58,15 @@ struct DecodePlan {
 // Checks the arguments (every tensor on a device of device_type), then calls checked() -> number of SMs (the
 // caller sets up its device guard there), allocates the outputs and fills the plan.
 template <typename Checked>
-DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_given, const at::Tensor& v_given,
+                       const std::optional<at::Tensor>& seqlens_k, const std::optional<at::Tensor>& block_table,
                        const std::optional<at::Tensor>& cache_batch_idx, double scale, int64_t window_left,
                        int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                       int64_t num_splits, at::DeviceType device_type, Checked&& checked) {
+                       int64_t num_splits, bool kv_bhsd, at::DeviceType device_type, Checked&& checked) {
+  const at::Tensor k_cache = decode_checks::cache_view(k_given, kv_bhsd);  // (rows, slots, Hkv, D) in either case
+  const at::Tensor v_cache = decode_checks::cache_view(v_given, kv_bhsd);
   decode_checks::check_ranks_dtypes(q, k_cache, v_cache, "cuda");
-  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens_k}) {
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache, seqlens_k.has_value() ? &*seqlens_k : &q}) {
     FA_CHECK(t->device().type() == device_type && t->device() == q.device(),
              "decode_fwd (cuda): every tensor must be on ", q.device(), ", got one on ", t->device());
   }
@@ -82,7 +84,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const int64_t vec = 16 / q.element_size();
   check_cache_aligned(k_cache, "k_cache", vec);
   check_cache_aligned(v_cache, "v_cache", vec);
-  check_index(seqlens_k, "seqlens_k", q, 1, B);
+  if (seqlens_k.has_value()) check_index(*seqlens_k, "seqlens_k", q, 1, B);
   decode_checks::check_scalars(softcap, num_splits);
   const bool paged = block_table.has_value();
   at::Tensor bt, bidx, alibi;  // copied into the plan below, which keeps them alive
@@ -103,6 +105,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
   // int32 positions in the kernel: i + off + window stays in range below 2^30 keys per row.
   FA_CHECK(capacity < (int64_t(1) << 30), "decode_fwd (cuda): cache capacity ", capacity, " keys per row is too large "
            "(at most 2^30)");
+  decode_checks::check_whole_cache(seqlens_k, capacity);
   if (alibi_slopes.has_value()) {
     alibi = alibi_slopes->contiguous();
     FA_CHECK(alibi.scalar_type() == at::kFloat && alibi.device() == q.device() &&
@@ -117,7 +120,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
   at::Tensor& out = plan.out = alloc_out_like_q(q, Dv);
   at::Tensor& lse = plan.lse = alloc_output({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (B == 0 || Hq == 0 || Sq == 0) return plan;
-  const at::Tensor lens = plan.lens = seqlens_k.contiguous();
+  if (seqlens_k.has_value()) plan.lens = seqlens_k->contiguous();  // undefined: every row sees the whole cache
 
   DecodeParams& p = plan.p;
   p.q = q.data_ptr();
@@ -125,7 +128,7 @@ DecodePlan plan_decode(const at::Tensor& q, const at::Tensor& k_cache, const at:
   p.v = v_cache.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.seqlens = lens.data_ptr<int>();
+  p.seqlens = plan.lens.defined() ? plan.lens.data_ptr<int>() : nullptr;
   p.block_table = paged ? bt.data_ptr<int>() : nullptr;
   p.batch_idx = bidx.defined() ? bidx.data_ptr<int>() : nullptr;
   p.alibi = alibi.defined() ? alibi.data_ptr<float>() : nullptr;

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, li = tid % kLanes, grp = tid / kLanes;
   const int M = p.group * p.seqlen_q;  // live query rows (<= kRows)
-  const int len = min(max(p.seqlens[b], 0), p.capacity);
+  const int len = p.seqlens ? min(max(p.seqlens[b], 0), p.capacity) : p.capacity;
   const int off = len - p.seqlen_q;  // bottom-right alignment
   // Keys any row of the group sees: [lo, hi); this split takes a run of whole kDecodeSplitUnit units of it.
   const int lo = p.window_left >= 0 ? max(off - p.window_left, 0) : 0;

@@ -15,7 +15,7 @@ struct DecodeParams {
   float* lse;     // (B, Hq, Sq) contiguous
   float* out_part;  // (splits, B, Hq, Sq, Dv) fp32 partial outputs, when splits > 1
   float* lse_part;  // (splits, B, Hq, Sq) fp32 partial lse (-inf: the split saw no key)
-  const int* seqlens;      // (B,) valid keys per row
+  const int* seqlens;      // (B,) valid keys per row, or nullptr (every row: capacity)
   const int* block_table;  // (B, max_blocks) page ids, or nullptr for a dense cache
   const int* batch_idx;    // (B,) dense cache row of each batch entry, or nullptr (row b)
   const float* alibi;      // (Hq,) or (B, Hq) slopes, or nullptr

@@ -11,6 +11,7 @@ from .base import DecodeKernel
 
 class CppDecode(DecodeKernel):
     """fastattn::decode_fwd with a kernel registered for one dispatch key (CPU, CUDA)."""
+    takes_sdpa_layout = True  # the op reads caches in SDPA's layout and without seqlens_k too (DecodeCall.kv_bhsd)
 
     def __init__(self, name: str, dispatch_key: str, max_rows: int):
         self.name, self.dispatch_key, self.max_rows = name, dispatch_key, max_rows

@@ -48,10 +48,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("decode_fwd", &fastattn::emu_harness::decode_fwd_emu,
         "decode_fwd's CUDA kernels run by the CPU emulator; same arguments as torch.ops.fastattn.decode_fwd, plus the "
-        "SM count the split heuristic assumes",
+        "SM count the split heuristic assumes (before kv_bhsd)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens_k"), py::arg("block_table"),
         py::arg("cache_batch_idx"), py::arg("scale"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("softcap"), py::arg("alibi_slopes"), py::arg("num_splits"), py::arg("sms") = 132);
+        py::arg("softcap"), py::arg("alibi_slopes"), py::arg("num_splits"), py::arg("sms") = 132,
+        py::arg("kv_bhsd") = false);
   m.def("fwd", &fastattn::emu_harness::fwd_emu,
         "fastattn::fwd's CUDA kernel run by the CPU emulator (fp16/bf16, no bias/softcap/alibi, like the CUDA op)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),

@@ -12,15 +12,16 @@ namespace fastattn {
 namespace emu_harness {
 
 std::tuple<at::Tensor, at::Tensor> decode_fwd_emu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                  const at::Tensor& v_cache,
+                                                  const std::optional<at::Tensor>& seqlens_k,
                                                   const std::optional<at::Tensor>& block_table,
                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
-                                                  int64_t sms) {
+                                                  int64_t sms, bool kv_bhsd) {
   cuda::DecodePlan plan =
       cuda::plan_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left,
-                        window_right, softcap, alibi_slopes, num_splits, at::kCPU, [&] { return sms; });
+                        window_right, softcap, alibi_slopes, num_splits, kv_bhsd, at::kCPU, [&] { return sms; });
   if (!plan.launch) return {plan.out, plan.lse};
   emu::clear_globals();
   for (const at::Tensor& t : {q, k_cache, v_cache, plan.lens, plan.bt, plan.bidx, plan.alibi}) add_tensor(t);

@@ -15,14 +15,15 @@ inline void add_tensor(const at::Tensor& t) {
 }
 
 // Same arguments and results as the CUDA ops (csrc/ops.cpp), on CPU tensors; sms: the SM count the split heuristic
-// plans for.
+// plans for (decode: before the op's last argument, kv_bhsd).
 std::tuple<at::Tensor, at::Tensor> decode_fwd_emu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                                  const at::Tensor& v_cache,
+                                                  const std::optional<at::Tensor>& seqlens_k,
                                                   const std::optional<at::Tensor>& block_table,
                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
-                                                  int64_t sms);
+                                                  int64_t sms, bool kv_bhsd);
 std::tuple<at::Tensor, at::Tensor> fwd_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& cu_seqlens_q,
                                            const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
