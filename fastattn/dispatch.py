@@ -255,7 +255,7 @@ def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
     c = dense_call(p) if route and cands else None
     if c is not None:
         decodes = frozenset(n for n in cands if not BACKENDS[n].static_decode_reasons(c))
-    direct = frozenset(n for n in decodes if getattr(BACKENDS[n].decode, "takes_sdpa_layout", False))
+    direct = frozenset(n for n in decodes if BACKENDS[n].decode.takes_sdpa_layout)
     return _Choice(cands, decodes, direct)
 
 

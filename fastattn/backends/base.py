@@ -94,6 +94,9 @@ class DecodeKernel:
     dtypes: FrozenSet[torch.dtype] = frozenset({torch.float16, torch.bfloat16, torch.float32})
     head_dims: Tuple[int, int] = (1, 256)
     max_rows: int = 1 << 30
+    # True when run() takes a DecodeCall with kv_bhsd=True (caches in SDPA's (B, Hkv, S, D) layout, seqlens_k None):
+    # the dispatcher then passes a dense call's k/v as they are.
+    takes_sdpa_layout: bool = False
 
     def unavailable(self) -> List[str]:
         return []
@@ -184,7 +187,7 @@ class Backend:
             r.append("autograd needed (decode kernels are inference-only)")
         if q.numel() == 0:
             r.append("empty query")
-        rows = (q.shape[1] // c.k_cache.shape[2]) * q.shape[2]
+        rows = (q.shape[1] // c.kv_heads) * q.shape[2]
         if rows > k.max_rows:
             r.append(f"{rows} query rows per KV head (Hq/Hkv x Sq) exceed {k.max_rows}: "
                      "a prefill kernel fits better")

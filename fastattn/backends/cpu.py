@@ -95,8 +95,10 @@ class CpuBackend(Backend):
         why = _AUTO_RULE.get(p.dtype)
         if why is None and p.dtype == torch.float32:
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
-            if not torch.compiler.is_compiling() and p.seqlen_k <= _TINY_SK and p.seqlen_q * p.seqlen_k <= _TINY_AREA:
-                why = _FP32_TINY
+            if not torch.compiler.is_compiling():  # (compared first: no guard on the symbolic lengths)
+                Sk = p.seqlen_k
+                if Sk <= _TINY_SK and p.seqlen_q * Sk <= _TINY_AREA:
+                    why = _FP32_TINY
         elif (why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad
               and (p.seqlen_q <= _DECODE_ROWS or not p.is_gqa and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG))):
             why = _BF16_INFERENCE

@@ -22,9 +22,10 @@ def native_causal(p: AttnParams) -> bool:
     """SDPA's own (top-left) is_causal serves p: causal without window or mask, bottom-right only where Sq == Sk,
     Sq <= Sk (every row sees key 0), and scale > 0: PyTorch's CPU kernels (torch 2.14, fp64 included) return all-NaN
     for is_causal with scale <= 0. Otherwise forward builds the visibility as an additive mask."""
+    if not p.causal or p.has_window or p.attn_bias is not None or not p.scale > 0:  # flags first: every call asks
+        return False
     Sq, Sk = p.q.shape[2], p.k.shape[2]
-    return (p.causal and not p.has_window and p.attn_bias is None and (not p.bottom_right or Sq == Sk) and Sq <= Sk
-            and p.scale > 0)
+    return (not p.bottom_right or Sq == Sk) and Sq <= Sk
 
 
 class SdpaBackend(Backend):
@@ -44,7 +45,7 @@ class SdpaBackend(Backend):
         vis = None
         if native_causal(p):
             is_causal = True
-        else:
+        elif p.window_left >= 0 or p.window_right >= 0:
             vis = visibility(Sq, Sk, p.window_left, p.window_right, p.bottom_right, q.device)
         if vis is not None:
             bias = torch.where(vis, 0.0, float("-inf")).to(q.dtype) if bias is None else bias.masked_fill(~vis, float("-inf"))
