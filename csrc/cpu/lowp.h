@@ -81,6 +81,10 @@ float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, in
   const int64_t j0 = kb * KBLOCK;
   mm::mm_vnni<T>(bq, bk, kv.Dp, qa, kv.Dp, kv.kt_block(kb), KBLOCK, S, KBLOCK, false);
   float eff = ctx.p.scale;
+  if (ctx.bias_only()) {  // the scale rides the bias pass
+    ctx.finish(i0, bq, j0, bk, S, KBLOCK, tanh_out, eff);
+    return 1.f;
+  }
   if (ctx.transforms() || !(eff > 0.f)) {
     for (int64_t r = 0; r < bq; ++r) vec512::scale_row(S + r * KBLOCK, bk, eff);
     eff = 1.f;

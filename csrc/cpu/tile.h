@@ -76,24 +76,36 @@ struct ScoreCtx {
   // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
   bool transforms() const { return p.softcap > 0.f || p.alibi != nullptr || bias_row0 != nullptr; }
 
-  // S += bias[i0:i0+bq, j0:j0+bk], converted to fp32 a chunk at a time (vectorized; a scalar bf16 loop cost ~30%
-  // of a masked bf16 forward). A bias broadcast over query rows (key padding) is converted once per chunk.
-  void add_bias(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS) const {
+  // S = S * mul + bias[i0:i0+bq, j0:j0+bk]: one fused AVX-512 pass per row, else converted to fp32 a chunk at a
+  // time (a bias broadcast over query rows, i.e. key padding, once per chunk). A scalar bf16 loop here cost ~30% of a
+  // masked bf16 forward.
+  void add_bias(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float mul) const {
+    const int64_t ss = p.bias_st.s, sd = p.bias_st.d;
+#ifdef FASTATTN_VEC512
+    if (sd == 1 && vec512::available()) {
+      for (int64_t r = 0; r < bq; ++r) vec512::fma_row<T>(S + r * ldS, bias_row0 + (i0 + r) * ss + j0, bk, mul);
+      return;
+    }
+#endif
     constexpr int64_t kChunk = 256;
     alignas(64) float b[kChunk];
-    const int64_t ss = p.bias_st.s, sd = p.bias_st.d;
     for (int64_t c0 = 0; c0 < bk; c0 += kChunk) {
       const int64_t w = std::min(kChunk, bk - c0);
       for (int64_t r = 0; r < bq; ++r) {
         if (r == 0 || ss != 0) vec::load_row<T>(bias_row0 + (i0 + r) * ss + (j0 + c0) * sd, sd, b, w, 1.f);
         float* Sr = S + r * ldS + c0;
-        for (int64_t j = 0; j < w; ++j) Sr[j] += b[j];
+        for (int64_t j = 0; j < w; ++j) Sr[j] = Sr[j] * mul + b[j];
       }
     }
   }
 
-  // Everything after the product, on scaled scores S: softcap, alibi, bias, visibility mask.
-  void finish(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float* tanh_out) const {
+  // Only a bias besides the visibility mask: the score scale can ride the bias pass (finish's `mul`).
+  bool bias_only() const { return bias_row0 != nullptr && p.softcap == 0.f && p.alibi == nullptr; }
+
+  // Everything after the product, on scaled scores S: softcap, alibi, bias, visibility mask. mul (bias_only()
+  // contexts): a scale still to apply, fused into the bias pass.
+  void finish(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float* tanh_out,
+              float mul = 1.f) const {
     if (p.softcap > 0.f) {
       const float c = p.softcap, inv_c = 1.f / p.softcap;
       for (int64_t r = 0; r < bq; ++r) {
@@ -114,7 +126,7 @@ struct ScoreCtx {
         for (int64_t j = 0; j < bk; ++j) Sr[j] -= slope * static_cast<float>(std::abs(d0 - j));
       }
     }
-    if (bias_row0) add_bias(i0, bq, j0, bk, S, ldS);
+    if (bias_row0) add_bias(i0, bq, j0, bk, S, ldS, mul);
     if (!vis.full(i0, i0 + bq, j0, j0 + bk)) {
       for (int64_t r = 0; r < bq; ++r) {
         float* Sr = S + r * ldS;

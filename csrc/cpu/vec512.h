@@ -73,6 +73,16 @@ FA_AVX512 inline __m512 load16(const T* src, __mmask16 m) {
   }
 }
 
+// x[0, n) = x * a + float(b[0, n)): a score row's scale and bias in one pass.
+template <typename T>
+FA_AVX512 inline void fma_row(float* x, const T* b, int64_t n, float a) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    _mm512_mask_storeu_ps(x + j, t, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), va, load16<T>(b + j, t)));
+  }
+}
+
 // max |x[0, n)| as fp32; NaN when any element is NaN.
 template <typename T>
 FA_AVX512 inline float max_abs_row(const T* x, int64_t n) {
