@@ -197,3 +197,33 @@ def test_several_tiles_each_way_with_key_padding(dtype, causal, mask_kind):
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         got = out if i == 0 else grads[i - 1]
         assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rows_whose_scores_climb_across_key_tiles(dtype):
+    """The matrix-unit forward's lazy rescaling (bf16 here; fp16 on AMX-FP16 machines, fp32 tiles elsewhere).
+    Scores that jump by ~100 from one key tile to the next (the matrix-unit forward must rescale: P against the
+    stale max would overflow), then rise by ~3 (within the lazy-rescale slack: P above 1 against a stale max), then
+    fall by ~150: forward and gradients against the float64 oracle."""
+    torch.manual_seed(3)
+    Sk, D = 1536, 16
+    level = torch.cat([torch.zeros(512), torch.full((512,), 100.0), torch.full((256,), 103.0),
+                       torch.full((256,), -50.0)])  # (Sk,) target scores of each key tile
+    q = torch.zeros(1, 2, 64, D)
+    q[..., 0] = 1.0
+    q[..., 1:] = 0.1 * torch.randn(1, 2, 64, D - 1)
+    k = 0.3 * torch.randn(1, 2, Sk, D)
+    k[..., 0] = (level + torch.randn(Sk)) * D ** 0.5  # score_j ~ level_j (+ small terms)
+    v = torch.randn(1, 2, Sk, D)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    results = {}
+    for prec in (torch.float64, dtype):
+        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
+        o = oracle_attention(*leaves, scale=D ** -0.5, dtype=prec)
+        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got = out if i == 0 else grads[i - 1]
+        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)

@@ -14,11 +14,34 @@ namespace fastattn::cpu {
 
 namespace {
 
+// How far (log2 units) a block's scores may rise above the running max m before the row is rescaled: P stays
+// below 2^8, far inside bf16/fp16 and fp32 range, and m need not be the exact max (out = acc / l and
+// lse = m + log l hold for any reference m), so most blocks skip their max pass (FlashAttention-4's lazy rescaling).
+constexpr float kLazyRescaleLog2 = 8.f;
+
+// P = exp(eff * S_r - m) rounded into P_r, with m the row's running max; returns the row sum, and in arg_max how far
+// above m the block reached (log2 units).
+template <typename T>
+float exp_block(float* S_r, int64_t bk, int64_t bk_pad, float eff, float m, T* P_r, float* arg_max) {
+  if (std::is_same_v<T, c10::BFloat16> && vec512::native_bf16()) {
+    return vec512::exp_row_native(S_r, bk, bk_pad, eff, m, reinterpret_cast<c10::BFloat16*>(P_r), arg_max);
+  }
+  return vec512::exp_row<T>(S_r, bk, bk_pad, eff, m, P_r, false, arg_max);
+}
+
 // Online-softmax step of one row: S_r (raw scores times `eff`) becomes P rounded into P_r; returns the factor
 // for the accumulator row. A row that has seen no visible key keeps m = -inf; a NaN score then poisons l.
 template <typename T>
 float softmax_row(float* S_r, int64_t bk, int64_t bk_pad, float eff, float& m_i, float& l_i, T* P_r,
                   const Dropout* drop, int64_t n, int64_t h, int64_t q_pos, int64_t k_pos0) {
+  if (!drop && m_i > kNegInf && m_i < kInf) {  // lazy: P against the running max, no max pass
+    float arg_max;
+    const float row_sum = exp_block<T>(S_r, bk, bk_pad, eff, m_i, P_r, &arg_max);
+    if (arg_max <= kLazyRescaleLog2) {  // (NaN scores: arg_max may drop them, row_sum keeps them)
+      l_i += row_sum;
+      return 1.f;
+    }
+  }
   const float m_new = std::max(m_i, eff * vec512::max_row(S_r, bk));
   if (m_new == kNegInf) {
     if (has_nan(S_r, bk)) l_i = std::numeric_limits<float>::quiet_NaN();
@@ -31,10 +54,8 @@ float softmax_row(float* S_r, int64_t bk, int64_t bk_pad, float eff, float& m_i,
     row_sum = vec512::exp_row<T>(S_r, bk, bk_pad, eff, m_new, P_r, true);
     drop->apply_row(S_r, n, h, q_pos, k_pos0, bk);
     vec512::round_row<T>(S_r, bk, bk_pad, P_r);
-  } else if (std::is_same_v<T, c10::BFloat16> && vec512::native_bf16()) {
-    row_sum = vec512::exp_row_native(S_r, bk, bk_pad, eff, m_new, reinterpret_cast<c10::BFloat16*>(P_r));
   } else {
-    row_sum = vec512::exp_row<T>(S_r, bk, bk_pad, eff, m_new, P_r, false);
+    row_sum = exp_block<T>(S_r, bk, bk_pad, eff, m_new, P_r, nullptr);
   }
   l_i = l_i * alpha + row_sum;
   m_i = m_new;

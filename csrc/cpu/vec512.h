@@ -108,14 +108,18 @@ FA_AVX512 inline float max_row(const float* x, int64_t n) {
 
 // P = exp(scale * x - m) rounded to T into p[0, n), zero-filling p[n, n_pad); returns the fp32 sum of the
 // unrounded P (the softmax denominator, as FlashAttention sums in fp32). With `keep_fp32`, x is overwritten
-// with the fp32 P (dropout then works on it).
+// with the fp32 P (dropout then works on it). With `arg_max`, also stores max (scale * x - m) * log2(e): how far
+// above m the row went, for a caller that passed a running max instead of the row's own.
 template <typename T>
-FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32) {
+FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32,
+                               float* arg_max = nullptr) {
   const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 sum = _mm512_setzero_ps();
+  __m512 sum = _mm512_setzero_ps(), amax = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 e = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm));
+    const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm);
+    amax = _mm512_mask_max_ps(amax, t, amax, arg);
+    const __m512 e = exp2_16(arg);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
     if (keep_fp32) {
       _mm512_mask_storeu_ps(x + j, t, e);
@@ -124,6 +128,7 @@ FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, 
     }
   }
   for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
+  if (arg_max) *arg_max = _mm512_reduce_max_ps(amax);
   return _mm512_reduce_add_ps(sum);
 }
 
@@ -156,18 +161,21 @@ inline bool native_bf16() {
   return on;
 }
 
-// exp_row for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
+// exp_row (without keep_fp32) for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
 FA_AVX512BF16 inline float exp_row_native(float* x, int64_t n, int64_t n_pad, float scale, float m,
-                                          c10::BFloat16* p) {
+                                          c10::BFloat16* p, float* arg_max = nullptr) {
   const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 sum = _mm512_setzero_ps();
+  __m512 sum = _mm512_setzero_ps(), amax = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 e = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm));
+    const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm);
+    amax = _mm512_mask_max_ps(amax, t, amax, arg);
+    const __m512 e = exp2_16(arg);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
     _mm256_mask_storeu_epi16(p + j, t, (__m256i)_mm512_cvtneps_pbh(e));
   }
   for (int64_t j = n; j < n_pad; ++j) p[j] = c10::BFloat16(0.f);
+  if (arg_max) *arg_max = _mm512_reduce_max_ps(amax);
   return _mm512_reduce_add_ps(sum);
 }
 
