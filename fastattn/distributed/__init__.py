@@ -13,6 +13,9 @@
     with context_parallel(cp):                               # the reference models and attn_implementation=
         logits = model(local["input_ids"], position_ids=local["position_ids"])          # "fastattn_cp" read it
 
+DTensor inputs (dtensor.py): q, k, v placed Shard(seq dim) on a 1-D CP mesh give DTensors back (cp= optional: from
+the mesh, contiguous token order); FastattnContextParallel(cp) is a ParallelStyle for parallelize_module.
+
 Packed varlen documents (flash-attn's cu_seqlens; varlen.py, varlen_api.py):
     q, k, v = (shard_varlen(t, cu_seqlens, 0, W, rank, "zigzag") for t in (q_full, k_full, v_full))   # per document
     out = cp_varlen_attention(q, k, v, cu_seqlens, cp=cp, causal=True)           # GLOBAL cu_seqlens
@@ -30,6 +33,7 @@ from .batch import pad_batch, shard_batch
 from .comm import CountingComm, CPComm, CPCommError, HybridComm, LocalComm, TorchComm, run_local
 from .config import CPConfig, CPUnsupportedError
 from .context import active_cp, context_parallel
+from .dtensor import FastattnContextParallel
 from .layout import (global_positions, shard, shard_varlen, unshard, unshard_list, unshard_varlen,
                      unshard_varlen_list, varlen_positions)
 from .loss import cp_cross_entropy, global_loss
@@ -40,7 +44,7 @@ __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func"
            "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "HybridComm",
            "run_local",
            "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss",
-           "shard_batch", "pad_batch", "context_parallel", "active_cp",
+           "shard_batch", "pad_batch", "context_parallel", "active_cp", "FastattnContextParallel",
            "cp_varlen_attention", "ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func",
            "llama3_flash_attn_varlen_func", "llama3_flash_attn_prepare_cu_seqlens", "shard_varlen", "unshard_varlen",
            "unshard_varlen_list", "varlen_positions"]

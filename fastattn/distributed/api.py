@@ -17,6 +17,11 @@ from ._call import CallSpec
 from .config import CPConfig, CPUnsupportedError
 from .ops import cp_attn, cp_ulysses
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch build without torch.distributed: no DTensor can reach cp_attention
+    _DTensor = ()
+
 
 def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False):
     def shapes():
@@ -90,10 +95,10 @@ def _key_bias(key_padding_mask, q, k, layout_: str):
     return bias.masked_fill_(~key_padding_mask.to(q.device), float("-inf"))
 
 
-def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: Optional[float] = None,
-                 dropout_p: float = 0.0, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                 return_lse: bool = False, layout: str = "bshd", rng: Optional[tuple] = None,
-                 key_padding_mask: Optional[torch.Tensor] = None):
+def cp_attention(q, k, v, *, cp: Optional[CPConfig] = None, causal: bool = False,
+                 softmax_scale: Optional[float] = None, dropout_p: float = 0.0, window_size=(-1, -1),
+                 softcap: float = 0.0, alibi_slopes=None, return_lse: bool = False, layout: str = "bshd",
+                 rng: Optional[tuple] = None, key_padding_mask: Optional[torch.Tensor] = None):
     """Attention over the whole sequence, split over the CP group of `cp`.
 
     q (B, S/W, Hq, D), k (B, S/W, Hkv, D), v (B, S/W, Hkv, Dv) with layout="bshd" (flash-attn's), or (B, H, S/W, D)
@@ -109,7 +114,17 @@ def cp_attention(q, k, v, *, cp: CPConfig, causal: bool = False, softmax_scale: 
     are invisible to every query, whichever rank holds them (the mask travels with its K/V, or is gathered once
     for allgather / ulysses). A query that sees no real key gets 0 (lse +inf). Every rank passes one or none
     (cp.check_shapes checks that too).
+    DTensor q, k, v placed (Shard(seq dim),) on a 1-D CP mesh return DTensors, cp optional (from the mesh,
+    contiguous layout): fastattn.distributed.dtensor.
     """
+    if isinstance(q, _DTensor) or isinstance(k, _DTensor) or isinstance(v, _DTensor):
+        from .dtensor import dtensor_cp_attention  # unwraps to the local shards and calls back here
+        return dtensor_cp_attention(q, k, v, cp=cp, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                    return_lse=return_lse, layout=layout, rng=rng, key_padding_mask=key_padding_mask)
+    if not isinstance(cp, CPConfig):
+        raise TypeError(f"fastattn.distributed.cp_attention: cp= must be a CPConfig for local tensors (DTensor "
+                        f"inputs may omit it), got {type(cp).__name__}")
     _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask is not None)
     key_bias = _key_bias(key_padding_mask, q, k, layout)
     hd = 2 if layout == "bshd" else 1

@@ -208,3 +208,129 @@ def fsdp_gpt2_cp(config_kwargs: dict, state_dict: dict, ids, grad_average_world:
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # all-gathers the FSDP shards
     return d, cp.rank, logits.detach(), global_loss(loss, cp, grad_average_world=avg), grads
+
+
+# --- DTensor inputs and the FastattnContextParallel ParallelStyle (test_cp_dtensor.py) ----------------------------
+
+def _cp_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("cp",))
+
+
+def dtensor_case(case: Case, how: str, plant: str = ""):
+    """cp_attention on DTensors q, k, v placed Shard(seq) on a 1-D "cp" mesh, forward + backward. how: "auto"
+    (cp=None: contiguous, strategy chosen), "contiguous" (a ring CPConfig over the mesh, balance="contiguous"),
+    "zigzag" (balance="zigzag", the DTensors made from the head-tail permuted sequence of torch's
+    _HeadTailLoadBalancer). plant: "zigzag_config" (a zigzag config on naturally ordered DTensors), "lse_placement"
+    (lse wrapped Shard(1) instead of Shard(2)). Returns (placements of out, lse, q.grad, k.grad, v.grad as strings,
+    the global tensors (out, lse, dq, dk, dv) in the DTensors' token order, BSHD / (B, H, S))."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    import fastattn.distributed.dtensor as fd
+    from tests.support.cp_cases import from_layout, make_inputs, to_layout
+    mesh = _cp_mesh()
+    sd = 1 if case.layout == "bshd" else 2
+    q, k, v, dout, _ = make_inputs(case)
+    if how == "zigzag":  # torch's head-tail order: what _context_parallel_shard(load_balancer=...) leaves
+        from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+        idx = _HeadTailLoadBalancer(case.S, case.W, "cpu")._generate_indices()[0].long()  # (S,)
+        q, k, v, dout = (t.index_select(1, idx) for t in (q, k, v, dout))
+    q, k, v, dout = (distribute_tensor(to_layout(t.to(case.dtype), case.layout), mesh, [Shard(sd)])
+                     for t in (q, k, v, dout))
+    for t in (q, k, v):
+        t.requires_grad_()
+    cp = None if how == "auto" else CPConfig(group=mesh, strategy="ring", balance=case.balance)
+    if plant == "zigzag_config":
+        cp = CPConfig(group=mesh, strategy="ring", balance="zigzag")
+    if plant == "lse_placement":
+        real = fd.local_map
+        fd.local_map = lambda f, out_placements, **kw: real(f, out_placements=(out_placements[0], (Shard(1),)), **kw)
+    try:
+        out, lse = cp_attention(q, k, v, cp=cp, causal=case.causal, return_lse=True, layout=case.layout)
+    finally:
+        if plant == "lse_placement":
+            fd.local_map = real
+    out.backward(dout)
+    res = (out, lse, q.grad, k.grad, v.grad)
+    placements = [str(tuple(x.placements)) if hasattr(x, "placements") else type(x).__name__ for x in res]
+    full = [x.full_tensor().detach() for x in res]  # every rank gets the whole tensors
+    return placements, [from_layout(x, case.layout) if x.dim() == 4 else x for x in full]
+
+
+def dtensor_errors():
+    """The clear errors of DTensor inputs on a 2-process "cp" mesh: {what: message or None}."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from fastattn.distributed import FastattnContextParallel, LocalComm
+    mesh = _cp_mesh()
+    x = torch.randn(1, 8, 2, 8)
+    got = {}
+
+    def err(what, fn):
+        try:
+            fn()
+            got[what] = None
+        except (ValueError, TypeError) as e:
+            got[what] = str(e)
+    rep = distribute_tensor(x, mesh, [Replicate()])
+    sh = distribute_tensor(x, mesh, [Shard(1)])
+    err("replicate", lambda: cp_attention(rep, rep, rep))
+    err("wrong_seq_dim", lambda: cp_attention(sh, sh, sh, layout="bhsd"))
+    err("mixed", lambda: cp_attention(sh, sh.to_local(), sh))
+    odd = distribute_tensor(torch.randn(1, 6, 2, 8), mesh, [Shard(1)])  # 6 tokens: zigzag needs 2W = 4 | S
+    err("zigzag_length", lambda: cp_attention(odd, odd, odd, cp=CPConfig(group=mesh, balance="zigzag")))
+    other = CPConfig(LocalComm.world(1)[0])  # a 1-rank communicator: not the mesh's
+    err("other_comm", lambda: cp_attention(sh, sh, sh, cp=other))
+    err("local_without_cp", lambda: cp_attention(x, x, x))
+    module = torch.nn.Identity()
+    torch.distributed.tensor.parallel.parallelize_module(module, mesh, FastattnContextParallel(seq_dim=1))
+    err("style_replicate", lambda: module(rep))
+    return got
+
+
+def dtensor_mesh_mismatch():
+    """4 processes, a (dp 2, cp 2) mesh: DTensors on mesh["cp"] with a CPConfig over mesh["dp"] (same size, other
+    ranks), and DTensors on the 2-D mesh. Returns the two messages (None where no error)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    x = torch.randn(1, 8, 2, 8)
+    got = []
+    for fn in (lambda: (lambda t: cp_attention(t, t, t, cp=CPConfig(group=mesh["dp"])))(
+                   distribute_tensor(x, mesh["cp"], [Shard(1)])),
+               lambda: (lambda t: cp_attention(t, t, t))(distribute_tensor(x, mesh, [Replicate(), Shard(1)]))):
+        try:
+            fn()
+            got.append(None)
+        except ValueError as e:
+            got.append(str(e))
+    return got
+
+
+def dtensor_style_gpt2(config_kwargs: dict, state_dict: dict, ids, dlogits, balance: str, plant: str = ""):
+    """The reference GPT-2 under parallelize_module(model, mesh, FastattnContextParallel(cp, use_local_output=False))
+    on a 1-D "cp" mesh: ids a DTensor Shard(1) (head-tail permuted for balance="zigzag", natural order with cp=None
+    for "contiguous"), forward + backward with dlogits. plant="no_context": the style's context_parallel replaced by
+    a no-op (attention over each rank's shard only). Returns (logits placements, the logits' global tensor in the
+    DTensor's token order, every parameter's gradient summed over the ranks)."""
+    import contextlib
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
+    import fastattn.distributed.dtensor as fd
+    from fastattn.distributed import FastattnContextParallel
+    from fastattn.models import GPT2, GPT2Config
+    mesh = _cp_mesh()
+    model = GPT2(GPT2Config(**config_kwargs))
+    model.load_state_dict(state_dict)
+    cp = None if balance == "contiguous" else CPConfig(group=mesh, strategy="ring", balance=balance)
+    real = fd.context_parallel
+    if plant == "no_context":
+        fd.context_parallel = lambda cp: contextlib.nullcontext()
+    try:
+        parallelize_module(model, mesh, FastattnContextParallel(cp, use_local_output=False))
+        logits = model(distribute_tensor(ids, mesh, [Shard(1)]))
+    finally:
+        fd.context_parallel = real
+    logits.backward(distribute_tensor(dlogits, mesh, [Shard(1)]))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in grads.values():
+        torch.distributed.all_reduce(g)  # each rank's tokens' share: the full gradient is the sum
+    return str(tuple(logits.placements)), logits.full_tensor().detach(), grads
