@@ -124,7 +124,9 @@ def dtensor_cp_attention(q, k, v, *, cp: Optional[CPConfig], layout: str = "bshd
     def local(ql, kl, vl, mask, alibi):
         return cp_attention(ql, kl, vl, cp=cp, layout=layout, key_padding_mask=mask, alibi_slopes=alibi,
                             return_lse=return_lse, **kw)
-    out_placements = (seq, (Shard(2),)) if return_lse else seq  # lse (B, Hq, S/W): the sequence is dim 2
+    # one PlacementType per output (a lone tuple of placements would read as one per output): lse (B, Hq, S/W) is
+    # sharded on dim 2
+    out_placements = (seq, (Shard(2),)) if return_lse else (seq,)
     fn = local_map(local, out_placements=out_placements, in_placements=(seq, seq, seq, mask_in, alibi_in),
                    device_mesh=mesh)
     return fn(q, k, v, key_padding_mask, alibi_slopes)

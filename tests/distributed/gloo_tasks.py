@@ -217,17 +217,24 @@ def _cp_mesh():
     return init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("cp",))
 
 
-def dtensor_case(case: Case, how: str, plant: str = ""):
+def dtensor_case(case: Case, how: str, plant: str = "", submesh: bool = False):
     """cp_attention on DTensors q, k, v placed Shard(seq) on a 1-D "cp" mesh, forward + backward. how: "auto"
     (cp=None: contiguous, strategy chosen), "contiguous" (a ring CPConfig over the mesh, balance="contiguous"),
     "zigzag" (balance="zigzag", the DTensors made from the head-tail permuted sequence of torch's
     _HeadTailLoadBalancer). plant: "zigzag_config" (a zigzag config on naturally ordered DTensors), "lse_placement"
-    (lse wrapped Shard(1) instead of Shard(2)). Returns (placements of out, lse, q.grad, k.grad, v.grad as strings,
-    the global tensors (out, lse, dq, dk, dv) in the DTensors' token order, BSHD / (B, H, S))."""
+    (lse wrapped Shard(1) instead of Shard(2)). submesh: the "cp" dim of a (dp, cp) mesh of all the processes.
+    Returns (placements of out, lse, q.grad, k.grad, v.grad and of out without return_lse, as strings, the global
+    tensors (out, lse, dq, dk, dv) in the DTensors' token order, BSHD / (B, H, S), and whether out without
+    return_lse has the same bits)."""
     from torch.distributed.tensor import Shard, distribute_tensor
     import fastattn.distributed.dtensor as fd
     from tests.support.cp_cases import from_layout, make_inputs, to_layout
-    mesh = _cp_mesh()
+    if submesh:
+        from torch.distributed.device_mesh import init_device_mesh
+        W = torch.distributed.get_world_size()
+        mesh = init_device_mesh("cpu", (W // case.W, case.W), mesh_dim_names=("dp", "cp"))["cp"]
+    else:
+        mesh = _cp_mesh()
     sd = 1 if case.layout == "bshd" else 2
     q, k, v, dout, _ = make_inputs(case)
     if how == "zigzag":  # torch's head-tail order: what _context_parallel_shard(load_balancer=...) leaves
@@ -249,11 +256,14 @@ def dtensor_case(case: Case, how: str, plant: str = ""):
     finally:
         if plant == "lse_placement":
             fd.local_map = real
+    with torch.no_grad():
+        alone = cp_attention(q, k, v, cp=cp, causal=case.causal, layout=case.layout)  # the default return_lse=False
     out.backward(dout)
-    res = (out, lse, q.grad, k.grad, v.grad)
+    res = (out, lse, q.grad, k.grad, v.grad, alone)
     placements = [str(tuple(x.placements)) if hasattr(x, "placements") else type(x).__name__ for x in res]
-    full = [x.full_tensor().detach() for x in res]  # every rank gets the whole tensors
-    return placements, [from_layout(x, case.layout) if x.dim() == 4 else x for x in full]
+    full = [x.full_tensor().detach() for x in res[:5]]  # every rank gets the whole tensors
+    same = isinstance(alone, type(out)) and torch.equal(alone.to_local(), out.to_local())
+    return placements, [from_layout(x, case.layout) if x.dim() == 4 else x for x in full], same
 
 
 def dtensor_errors():

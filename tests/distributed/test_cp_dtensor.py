@@ -22,12 +22,14 @@ def _head_tail_restore(S: int, W: int) -> torch.Tensor:
     return torch.argsort(order)
 
 
-def _run(gloo_pool, case: Case, how: str, plant: str = ""):
-    """Every rank's (placements, whole tensors); all ranks must agree. Returns rank 0's, in natural token order."""
-    per_rank = gloo_pool(case.W).run(TASKS, "dtensor_case", case, how, plant)
-    placements, full = per_rank[0]
-    for p, f in per_rank[1:]:
+def _run(gloo_pool, case: Case, how: str, plant: str = "", world: int = 0):
+    """Every rank's (placements, whole tensors); all ranks must agree, and out without return_lse must be out's
+    bits. Returns rank 0's, in natural token order. world > case.W: the "cp" dim of a (dp, cp) mesh."""
+    per_rank = gloo_pool(world or case.W).run(TASKS, "dtensor_case", case, how, plant, bool(world))
+    placements, full, _ = per_rank[0]
+    for p, f, same in per_rank:
         assert p == placements and all(torch.equal(a, b) for a, b in zip(f, full))
+        assert same, "cp_attention without return_lse differs from out with it"
     if how == "zigzag":
         restore = _head_tail_restore(case.S, case.W)
         full = [x.index_select(2 if x.dim() == 3 else 1, restore) for x in full]
@@ -45,14 +47,20 @@ CASES = [  # (case, how): cp=None (contiguous, strategy "auto": Ulysses here), a
 def _check(case, placements, full):
     sd = 1 if case.layout == "bshd" else 2
     # out and the gradients keep the inputs' placement, lse (B, H, S) is sharded on its sequence dim
-    want = [f"(Shard(dim={sd}),)", "(Shard(dim=2),)"] + [f"(Shard(dim={sd}),)"] * 3
-    assert placements == want, f"placements of (out, lse, dq, dk, dv): {placements}, want {want}"
+    want = [f"(Shard(dim={sd}),)", "(Shard(dim=2),)"] + [f"(Shard(dim={sd}),)"] * 4
+    assert placements == want, f"placements of (out, lse, dq, dk, dv, out alone): {placements}, want {want}"
     return check_acceptance(case, tuple(full), single_process(case), reference(case), single_block(case))
 
 
 @pytest.mark.parametrize("case,how", CASES, ids=[f"{how}-{c.id()}" for c, how in CASES])
 def test_dtensor_matches_single_process(gloo_pool, case, how):
     _check(case, *_run(gloo_pool, case, how))
+
+
+def test_dtensor_on_the_cp_dim_of_a_2d_mesh(gloo_pool):
+    """DTensors on mesh["cp"] of a (dp 2, cp 2) mesh of 4 processes, cp=None: the config comes from the sub-mesh."""
+    case = Case(W=2, strategy="auto", balance="contiguous", causal=True, H=4, Hkv=2)
+    _check(case, *_run(gloo_pool, case, "auto", world=4))
 
 
 @pytest.mark.parametrize("plant,match", [("zigzag_config", "acceptance rule"), ("lse_placement", "placements")])
