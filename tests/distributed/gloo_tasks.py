@@ -290,9 +290,23 @@ def dtensor_errors():
     other = CPConfig(LocalComm.world(1)[0])  # a 1-rank communicator: not the mesh's
     err("other_comm", lambda: cp_attention(sh, sh, sh, cp=other))
     err("local_without_cp", lambda: cp_attention(x, x, x))
-    module = torch.nn.Identity()
+    from fastattn.distributed import active_cp
+
+    class Probe(torch.nn.Module):  # returns its input and records the config active in its forward
+        def forward(self, x):
+            self.seen = active_cp()
+            if x.dim() == 1:
+                raise ValueError("Probe: a failing forward")
+            return x
+    module = Probe()
     torch.distributed.tensor.parallel.parallelize_module(module, mesh, FastattnContextParallel(seq_dim=1))
     err("style_replicate", lambda: module(rep))
+    err("forward_raises", lambda: module(torch.zeros(3)))
+    got["after_error"] = active_cp()  # the failed calls left no active config behind
+    y = module(sh)  # use_local_output=True (the default): this rank's shard, a plain tensor
+    got["local_output"] = (type(y).__name__, torch.equal(y, sh.to_local()))
+    got["inside"] = (module.seen.world_size, module.seen.balance) if module.seen is not None else None
+    got["after"] = active_cp()
     return got
 
 

@@ -82,6 +82,11 @@ def test_dtensor_errors(gloo_pool):
         assert "communicator (rank 0 of 1) differs" in got["other_comm"], got
         assert "cp= must be a CPConfig for local tensors" in got["local_without_cp"], got
         assert "input #0 must be placed (Shard(dim=1),)" in got["style_replicate"], got
+        # the style: the forward ran inside context_parallel (cp=None: the mesh's contiguous config), a local output
+        # by default, and no config stays active after the call, nor after calls that failed (in the input hook, in
+        # the forward)
+        assert got["inside"] == (2, "contiguous") and got["local_output"] == ("Tensor", True), got
+        assert got["after"] is None and got["after_error"] is None and "failing" in got["forward_raises"], got
 
 
 def test_dtensor_mesh_mismatch(gloo_pool):
