@@ -33,7 +33,12 @@ from .batch import pad_batch, shard_batch
 from .comm import CountingComm, CPComm, CPCommError, HybridComm, LocalComm, TorchComm, run_local
 from .config import CPConfig, CPUnsupportedError
 from .context import active_cp, context_parallel
-from .dtensor import FastattnContextParallel
+try:
+    from .dtensor import FastattnContextParallel
+except ImportError:  # a torch built without torch.distributed has no DTensor: the style refuses when built
+    def FastattnContextParallel(*args, **kwargs):
+        raise RuntimeError("fastattn.distributed.FastattnContextParallel: this torch build has no torch.distributed "
+                           "(no DTensor, no parallelize_module)")
 from .layout import (global_positions, shard, shard_varlen, unshard, unshard_list, unshard_varlen,
                      unshard_varlen_list, varlen_positions)
 from .loss import cp_cross_entropy, global_loss
