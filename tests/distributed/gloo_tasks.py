@@ -359,3 +359,25 @@ def dtensor_style_gpt2(config_kwargs: dict, state_dict: dict, ids, dlogits, bala
     for g in grads.values():
         torch.distributed.all_reduce(g)  # each rank's tokens' share: the full gradient is the sum
     return str(tuple(logits.placements)), logits.full_tensor().detach(), grads
+
+
+def dtensor_mask_alibi():
+    """key_padding_mask (a bool DTensor Shard(1), or this rank's local shard) and alibi_slopes (a Replicate DTensor)
+    through the DTensor path: (same bits as the local-tensor call with the same config, for the DTensor mask and the
+    local mask; whether the mask changed the output)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = _cp_mesh()
+    cp = CPConfig(group=mesh, strategy="ring", balance="contiguous")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 4, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 16, generator=g) > 0.3
+    slopes = torch.rand(4, generator=g)
+    qd, kd, vd = (distribute_tensor(t, mesh, [Shard(1)]) for t in (q, k, v))
+    md, sd = distribute_tensor(mask, mesh, [Shard(1)]), distribute_tensor(slopes, mesh, [Replicate()])
+    kw = dict(cp=cp, causal=True)
+    want = cp_attention(qd.to_local(), kd.to_local(), vd.to_local(), key_padding_mask=md.to_local(),
+                        alibi_slopes=slopes, **kw)
+    got = cp_attention(qd, kd, vd, key_padding_mask=md, alibi_slopes=sd, **kw).to_local()
+    got_local_mask = cp_attention(qd, kd, vd, key_padding_mask=md.to_local(), alibi_slopes=slopes, **kw).to_local()
+    unmasked = cp_attention(qd, kd, vd, alibi_slopes=sd, **kw).to_local()
+    return torch.equal(got, want), torch.equal(got_local_mask, want), not torch.equal(unmasked, want)

@@ -139,3 +139,10 @@ def test_parallel_style_without_the_context_is_caught(gloo_pool):
     ref, _, logits, _ = _gpt2_run(gloo_pool, "contiguous", plant="no_context")
     with pytest.raises(AssertionError):
         _close(logits, ref)
+
+
+def test_dtensor_key_padding_mask_and_alibi(gloo_pool):
+    """A bool DTensor key_padding_mask (Shard(1)) or a local one, and Replicate ALiBi slopes, reach the local call
+    unchanged (same bits as cp_attention on the local shards, whose masks and slopes tests/distributed checks)."""
+    for dtensor_mask, local_mask, mask_matters in gloo_pool(2).run(TASKS, "dtensor_mask_alibi"):
+        assert dtensor_mask and local_mask and mask_matters
