@@ -34,10 +34,6 @@ from .config import CPConfig
 from .context import context_parallel
 
 
-def is_dtensor(x) -> bool:
-    return isinstance(x, DTensor)
-
-
 def _mesh_desc(mesh: DeviceMesh) -> str:
     return f"DeviceMesh {mesh.mesh.tolist()} (dims {mesh.mesh_dim_names})"
 
@@ -201,4 +197,4 @@ def _wrap(output: Any, mesh: DeviceMesh, seq_dim: int):
     return output
 
 
-__all__ = ["FastattnContextParallel", "config_for_mesh", "dtensor_cp_attention", "is_dtensor"]
+__all__ = ["FastattnContextParallel", "config_for_mesh", "dtensor_cp_attention"]
