@@ -171,7 +171,7 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
 
 
 def test_every_auto_rule_runs():
-    """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 inference on AMX)
+    """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 decode on AMX)
     must not fail where it fires (a NameError there once reached only the benchmark)."""
     from fastattn.backends import cpu as cpu_backend
     for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -182,6 +182,10 @@ def test_every_auto_rule_runs():
                 assert ex.chosen in ("cpu", "sdpa"), str(ex)
                 with torch.no_grad():
                     fastattn.scaled_dot_product_attention(q, k, k, is_causal=causal and S == Sk)
-    if cpu_backend._BF16_AMX:  # the bf16 inference rule is for AMX machines
-        q = rnd(1, 4, 300, 64).bfloat16()
-        assert fastattn.explain(q, q, q).chosen == "sdpa"
+    if cpu_backend._BF16_AMX:  # the bf16 decode rule is for AMX machines
+        q, k = rnd(1, 4, 1, 64).bfloat16(), rnd(1, 4, 300, 64).bfloat16()
+        assert fastattn.explain(q, k, k).chosen == "sdpa"
+        assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
+        tiny = rnd(1, 4, 48, 64).bfloat16()
+        assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"
+        assert fastattn.explain(tiny.requires_grad_(), tiny, tiny).chosen == "cpu"  # training stays ours

@@ -27,11 +27,13 @@ _REPORT = ops.cpu_matmul_report()
 # (benchmarks/results/cpu-1thread-20261130-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX without a mask, except GQA prefill (torch expands K/V: ours 1.3-1.6x) and long causal
-#    calls (1.15-1.2x at S >= 1024): torch's forward is level or ahead at S <= 1024 (ours 0.5-0.9x), and on decode
-#    steps (our split-KV kernel converts bf16 to fp32: 0.4-0.64x). Training (forward+backward) is ours: 1.3-2.7x.
-_LONG = 1024 * 1024  # Sq * Sk from which the causal forward is ours
+#  * bf16 inference on AMX for decode steps (at most 16 query rows per call: the split-KV decode kernel converts
+#    bf16 to fp32, 0.4-0.66x) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17, 32, 64, B8 H12
+#    D64; 1.0-1.26x at S = 24, 48). Longer bf16 forwards are ours since the lazy rescaling and the fused mask pass
+#    (one thread, Intel Xeon AMX, H=8, S=128-1024, D=64/128: 0.97-1.43x non-causal, 1.13-1.60x causal; S=96
+#    0.97x / 1.61x), forward+backward 1.5-2.3x.
 _DECODE_ROWS = 16  # query rows up to which a call is a decode step (GQA included)
+_BF16_TINY_AREA = 4096
 # Not covered: masked bf16 inference stays here (key-padding batches, trailing padding skipped: 0.87-1.3x torch at
 # 12-42% padding; the sdpa backend would pass a dense float mask, measured 0.22x), and flash_attn_with_kvcache's
 # split-KV kernel in bf16 (0.4-0.66x), which auto does not re-route.
@@ -50,8 +52,8 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
-_BF16_INFERENCE = ("sdpa is faster for bf16 inference on this CPU (PyTorch's flash kernel on AMX; measured 0.4-0.9x "
-                   "for the cpu kernels except GQA and long causal calls)")
+_BF16_SHORT = ("sdpa is faster for bf16 decode steps and tiny calls on this CPU (PyTorch's flash kernel on AMX; "
+               "the cpu split-KV decode kernel converts bf16 to fp32: measured 0.4-0.66x; tiny calls 0.86-0.97x)")
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
@@ -99,9 +101,11 @@ class CpuBackend(Backend):
                 Sk = p.seqlen_k
                 if Sk <= _TINY_SK and p.seqlen_q * Sk <= _TINY_AREA:
                     why = _FP32_TINY
-        elif (why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad
-              and (p.seqlen_q <= _DECODE_ROWS or not p.is_gqa and not (p.causal and p.seqlen_q * p.seqlen_k >= _LONG))):
-            why = _BF16_INFERENCE
+        elif why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad:
+            Sq = p.seqlen_q
+            if Sq <= _DECODE_ROWS or not torch.compiler.is_compiling() and (
+                    p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA):
+                why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
     def forward(self, p: AttnParams):
