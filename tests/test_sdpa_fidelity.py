@@ -337,7 +337,8 @@ def test_padded_keys_propagate_nan_like_torch(what, dtype):
     touching them is finite, so a NaN or Inf there (or scores that overflow) gives the NaN pattern PyTorch gives in
     the output and every gradient, and finite padding gives PyTorch's numbers."""
     torch.manual_seed(0)
-    q, k, v, do = torch.randn(2, 2, 33, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 33, 16)
+    q, k, v = torch.randn(2, 2, 33, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16)
+    do = torch.randn(2, 2, 33, 16)
     _PADDED[what](q, k, v, do)
     mask = (torch.arange(96) < torch.tensor([96, 40]).view(2, 1)).view(2, 1, 1, 96)  # (B, Sk) -> (B, 1, 1, Sk)
     res = {}
@@ -349,7 +350,8 @@ def test_padded_keys_propagate_nan_like_torch(what, dtype):
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         got, want = res["fastattn"][i], res["torch"][i]
         assert torch.equal(got.isnan(), want.isnan()), (
-            f"{what} {name}: NaN at {got.isnan().nonzero()[:3].tolist()}, torch at {want.isnan().nonzero()[:3].tolist()}")
+            f"{what} {name}: NaN at {got.isnan().nonzero()[:3].tolist()}, "
+            f"torch at {want.isnan().nonzero()[:3].tolist()}")
         fin = ~want.isnan()
         assert torch.equal(got[fin].isinf(), want[fin].isinf()), f"{what} {name}: Inf pattern differs from torch"
     if what == "finite":

@@ -92,8 +92,9 @@ bool probe_exact(std::string& why) {
   release();
   for (int64_t i = 0; i < m * n; ++i) {
     if (c[i] != 2.f * ref[i]) {
-      why = std::is_same_v<T, c10::Half> ? "oneDNN's brgemm here does not take fp16 VNNI pairs (no AMX-FP16)"
-                                         : "oneDNN's brgemm here does not take bf16 VNNI pairs (no AMX-BF16 / AVX512-BF16)";
+      why = std::is_same_v<T, c10::Half>
+                ? "oneDNN's brgemm here does not take fp16 VNNI pairs (no AMX-FP16)"
+                : "oneDNN's brgemm here does not take bf16 VNNI pairs (no AMX-BF16 / AVX512-BF16)";
       return false;
     }
   }

@@ -19,8 +19,9 @@ from .ops import cp_attn, cp_ulysses
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
+    from .dtensor import dtensor_cp_attention
 except ImportError:  # a torch build without torch.distributed: no DTensor can reach cp_attention
-    _DTensor = ()
+    _DTensor, dtensor_cp_attention = (), None
 
 
 def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False):
@@ -118,10 +119,11 @@ def cp_attention(q, k, v, *, cp: Optional[CPConfig] = None, causal: bool = False
     contiguous layout): fastattn.distributed.dtensor.
     """
     if isinstance(q, _DTensor) or isinstance(k, _DTensor) or isinstance(v, _DTensor):
-        from .dtensor import dtensor_cp_attention  # unwraps to the local shards and calls back here
-        return dtensor_cp_attention(q, k, v, cp=cp, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-                                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                    return_lse=return_lse, layout=layout, rng=rng, key_padding_mask=key_padding_mask)
+        # unwraps to the local shards and calls cp_attention on them
+        return dtensor_cp_attention(cp_attention, q, k, v, cp=cp, causal=causal, softmax_scale=softmax_scale,
+                                    dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                                    alibi_slopes=alibi_slopes, return_lse=return_lse, layout=layout, rng=rng,
+                                    key_padding_mask=key_padding_mask)
     if not isinstance(cp, CPConfig):
         raise TypeError(f"fastattn.distributed.cp_attention: cp= must be a CPConfig for local tensors (DTensor "
                         f"inputs may omit it), got {type(cp).__name__}")

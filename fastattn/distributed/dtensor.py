@@ -86,14 +86,13 @@ def _check_placed(name: str, t, mesh: DeviceMesh, seq_dim: int, who: str, multip
                          f"divide by {multiple} so that every rank holds an equal shard")
 
 
-def dtensor_cp_attention(q, k, v, *, cp: Optional[CPConfig], layout: str = "bshd", key_padding_mask=None,
-                         alibi_slopes=None, return_lse: bool = False, **kw):
-    """cp_attention on DTensors q, k, v placed (Shard(seq_dim),) on one 1-D mesh (seq_dim 1 for "bshd", 2 for
-    "bhsd"): out as a DTensor with q's placement, lse (B, Hq, S) as a DTensor placed (Shard(2),). key_padding_mask:
-    a bool DTensor (B, S) placed (Shard(1),) or this rank's local (B, S/W) shard; alibi_slopes: a tensor or a
-    Replicate DTensor. Gradients of q, k, v are DTensors with their placements. See the module docstring for the
-    token order (cp=None: contiguous)."""
-    from .api import cp_attention  # api dispatches DTensors here: imported late, no cycle at import time
+def dtensor_cp_attention(attend, q, k, v, *, cp: Optional[CPConfig], layout: str = "bshd",
+                         key_padding_mask=None, alibi_slopes=None, return_lse: bool = False, **kw):
+    """attend (api.cp_attention, passed in: api dispatches DTensors here) on DTensors q, k, v placed
+    (Shard(seq_dim),) on one 1-D mesh (seq_dim 1 for "bshd", 2 for "bhsd"): out as a DTensor with q's placement,
+    lse (B, Hq, S) as a DTensor placed (Shard(2),). key_padding_mask: a bool DTensor (B, S) placed (Shard(1),) or
+    this rank's local (B, S/W) shard; alibi_slopes: a tensor or a Replicate DTensor. Gradients of q, k, v are
+    DTensors with their placements. See the module docstring for the token order (cp=None: contiguous)."""
     who = "fastattn.distributed.cp_attention"
     if layout not in ("bshd", "bhsd"):
         raise ValueError(f"{who}: layout must be 'bshd' or 'bhsd', got {layout!r}")
@@ -118,8 +117,8 @@ def dtensor_cp_attention(q, k, v, *, cp: Optional[CPConfig], layout: str = "bshd
         alibi_in = (Replicate(),)
 
     def local(ql, kl, vl, mask, alibi):
-        return cp_attention(ql, kl, vl, cp=cp, layout=layout, key_padding_mask=mask, alibi_slopes=alibi,
-                            return_lse=return_lse, **kw)
+        return attend(ql, kl, vl, cp=cp, layout=layout, key_padding_mask=mask, alibi_slopes=alibi,
+                      return_lse=return_lse, **kw)
     # one PlacementType per output (a lone tuple of placements would read as one per output): lse (B, Hq, S/W) is
     # sharded on dim 2
     out_placements = (seq, (Shard(2),)) if return_lse else (seq,)
