@@ -153,46 +153,68 @@ def ring_backward(spec: CallSpec, dout, q, k, v, out, lse, key_bias=None, kv_gra
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # q's layout, fp32
     dqv = spec.bhsd(dq)
     ring = _KVRing(comm, k, v, key_bias)
-    # This step's dK/dV contribution (fp32), then added to the travelling accumulator of the same K/V block.
-    dkb = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dvb = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    gdt = spec.grad_comm_dtype
-    acc = send = None  # acc: the accumulator of the block held now; a pending hop carries it to rank r + 1
-    if W > 1:
-        acc = (torch.empty(k.shape, dtype=gdt, device=k.device), torch.empty(v.shape, dtype=gdt, device=v.device))
-        free = (torch.empty_like(acc[0]), torch.empty_like(acc[1]))
+    grads = _GradRing(comm, k, v, spec.grad_comm_dtype)
+    dkb, dvb = spec.bhsd(grads.dk), spec.bhsd(grads.dv)
     kw = spec.block_kw()
     for t in range(W):
         src = (r - t) % W
         hop = ring.post(t)
         kb, vb = spec.bhsd(ring.held[0]), spec.bhsd(ring.held[1])
-        if t > 0:
-            dkb.zero_()
-            dvb.zero_()
+        grads.begin(t)
         for c in _calls(spec, q_segs, src, S):
             key = (c.q.local, c.q.length)
             if key not in lse_rows:
                 lse_rows[key] = lse.narrow(2, c.q.local, c.q.length).contiguous()
             block_backward(rows(dov, c.q), rows(qv, c.q), rows(kb, c.k), rows(vb, c.k), rows(ov, c.q), lse_rows[key],
-                           dq_acc=rows(dqv, c.q), dk_acc=rows(spec.bhsd(dkb), c.k), dv_acc=rows(spec.bhsd(dvb), c.k),
+                           dq_acc=rows(dqv, c.q), dk_acc=rows(dkb, c.k), dv_acc=rows(dvb, c.k),
                            attn_bias=_bias(ring.held, c), **_call_kw(kw, c))
         if W == 1:
             break
-        if t == 0:
-            acc[0].copy_(dkb)
-            acc[1].copy_(dvb)
-        else:
-            send.wait()  # the accumulator of block src, from rank r - 1 (it lands in `acc`)
-            _add(acc[0], dkb)
-            _add(acc[1], dvb)
-        send = comm.ring_hop(acc, free)  # on to rank r + 1, which holds block src at the next step
-        acc, free = free, acc
+        grads.send(t)
         ring.advance(hop)
     kdt, vdt = (kv_grad_dtype, kv_grad_dtype) if kv_grad_dtype is not None else (k.dtype, v.dtype)
-    if W == 1:
-        return dq.to(q.dtype), dkb.to(kdt), dvb.to(vdt)
-    send.wait()  # the last hop brings this rank's own block home
-    return dq.to(q.dtype), acc[0].to(kdt), acc[1].to(vdt)
+    dk, dv = grads.result()
+    return dq.to(q.dtype), dk.to(kdt), dv.to(vdt)
+
+
+class _GradRing:
+    """dK/dV accumulators that travel the ring with their K/V block. Each step's contribution to the held block goes
+    into dk / dv (fp32, zeroed by begin); send adds it to the accumulator of that block, which arrived from rank
+    r - 1, and passes it on to rank r + 1, which holds the block at the next step. After W steps this rank's own
+    block's accumulator is home (result)."""
+
+    def __init__(self, comm, k, v, comm_dtype):
+        self.comm = comm
+        self.dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        self.dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        self.acc = self.pending = None  # the accumulator of the block held now; a hop in flight
+        if comm.world_size > 1:
+            self.acc = (torch.empty(k.shape, dtype=comm_dtype, device=k.device),
+                        torch.empty(v.shape, dtype=comm_dtype, device=v.device))
+            self.free = (torch.empty_like(self.acc[0]), torch.empty_like(self.acc[1]))
+
+    def begin(self, t: int):
+        if t > 0:
+            self.dk.zero_()
+            self.dv.zero_()
+
+    def send(self, t: int):
+        if t == 0:
+            self.acc[0].copy_(self.dk)
+            self.acc[1].copy_(self.dv)
+        else:
+            self.pending.wait()  # the accumulator of the held block, from rank r - 1 (it lands in `acc`)
+            _add(self.acc[0], self.dk)
+            _add(self.acc[1], self.dv)
+        self.pending = self.comm.ring_hop(self.acc, self.free)
+        self.acc, self.free = self.free, self.acc
+
+    def result(self):
+        """(dK, dV) of this rank's own block: fp32 with one rank, else in the accumulators' dtype."""
+        if self.pending is None:
+            return self.dk, self.dv
+        self.pending.wait()  # the last hop brings this rank's own block home
+        return self.acc
 
 
 def _add(acc: torch.Tensor, x: torch.Tensor):

@@ -36,7 +36,7 @@ from ..blocks import block_backward, block_forward, merge_
 from ._call import CallSpec, visible
 from .comm import lookup_comm
 from .layout import Segment
-from .ring import _KVRing, _add
+from .ring import _GradRing, _KVRing
 
 SHARDINGS = ("per_doc", "stream")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -251,43 +251,24 @@ def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequenc
     dqv = _bh(dq)
     kg_, vg_ = _to_groups(k, perm), _to_groups(v, perm)
     ring = _KVRing(comm, kg_, vg_)
-    dkb = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # this step's dK/dV of the held block
-    dvb = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    gdt = spec.grad_comm_dtype
-    acc = send = None
-    if W > 1:
-        acc = (torch.empty(k.shape, dtype=gdt, device=k.device), torch.empty(v.shape, dtype=gdt, device=v.device))
-        free = (torch.empty_like(acc[0]), torch.empty_like(acc[1]))
+    grads = _GradRing(comm, k, v, spec.grad_comm_dtype)
+    dkb, dvb = _bh(grads.dk), _bh(grads.dv)
     seqs, kw = _Seqs(q.device), spec.block_kw()
     for t in range(W):
         src = (r - t) % W
         hop = ring.post(t)
         kb, vb = _bh(ring.held[0]), _bh(ring.held[1])
-        if t > 0:
-            dkb.zero_()
-            dvb.zero_()
+        grads.begin(t)
         for i, j in steps[t]:
             qg, kg = mine.groups[i], plans[src].groups[j]
             block_backward(_rows(dov, qg), _rows(qv, qg), _rows(kb, kg), _rows(vb, kg), _rows(ov, qg), lse_rows[i],
-                           dq_acc=_rows(dqv, qg), dk_acc=_rows(_bh(dkb), kg), dv_acc=_rows(_bh(dvb), kg),
+                           dq_acc=_rows(dqv, qg), dk_acc=_rows(dkb, kg), dv_acc=_rows(dvb, kg),
                            **_call_kw(seqs, qg, kg.cu, kg.starts), **kw)
         if W == 1:
             break
-        if t == 0:
-            acc[0].copy_(dkb)
-            acc[1].copy_(dvb)
-        else:
-            send.wait()  # the travelling accumulator of block src, from rank r - 1
-            _add(acc[0], dkb)
-            _add(acc[1], dvb)
-        send = comm.ring_hop(acc, free)
-        acc, free = free, acc
+        grads.send(t)
         ring.advance(hop)
-    if W == 1:
-        dk, dv = dkb, dvb
-    else:
-        send.wait()  # the last hop brings this rank's own block home
-        dk, dv = acc
+    dk, dv = grads.result()
     return tuple(_from_groups(g, perm).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
