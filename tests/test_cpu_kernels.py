@@ -174,16 +174,18 @@ def test_dropout_p_rounding_to_one_in_float32_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_several_tiles_each_way_with_key_padding(dtype, causal, mask_kind):
-    """Sq = 300, Sk = 1100: several query tiles and three key tiles for every tile shape the forward picks (fp32:
+    """Sq = 520, Sk = 1100: several query tiles and three key tiles for every tile shape the forward picks (fp32:
     128 x 512 without a window, 64 x 256 with one; bf16: 64 x 512), so the online softmax rescales across key tiles;
-    a key-padding mask (one bias row per batch) ends mid-tile; a dense float mask with strided keys takes the bias's
-    chunked path. Forward and gradients against the float64 oracle under the tolerance rule."""
+    fp32 without a window has the >= 4 query tiles per head that pack K for MKL once per (sequence, head), so a stale
+    pack from the previous head would show; a key-padding mask (one bias row per batch) ends mid-tile; a dense float
+    mask with strided keys takes the bias's chunked path. Forward and gradients against the float64 oracle under the
+    tolerance rule."""
     torch.manual_seed(5)
-    q, k, v = _qkv(2, 2, 2, 300, 1100, 64, dtype=dtype)
+    q, k, v = _qkv(2, 2, 2, 520, 1100, 64, dtype=dtype)
     keep = torch.arange(1100).view(1, 1100) < torch.tensor([1100, 700]).view(2, 1)  # (B, Sk), True = attend
     mask = keep.view(2, 1, 1, 1100)  # (B, Sk) -> (B, 1, 1, Sk)
     if mask_kind == "dense_strided":  # a float mask whose keys are not adjacent: the bias's chunked (non-AVX-512) path
-        mask_t = torch.randn(1100, 300).masked_fill(~keep[1].view(1100, 1), float("-inf")).to(dtype)
+        mask_t = torch.randn(1100, 520).masked_fill(~keep[1].view(1100, 1), float("-inf")).to(dtype)
         mask = mask_t.t()  # (Sk, Sq) -> (Sq, Sk), strides (1, Sq)
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend="cpu")
     dout = torch.randn_like(out)

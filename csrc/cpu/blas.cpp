@@ -30,6 +30,31 @@ sgemm_fn blas_sgemm() {
   return f;
 }
 
+// MKL's packed-GEMM entries (Fortran names, exported beside sgemm_).
+using pack_size_fn = size_t (*)(const char*, const int*, const int*, const int*);
+using pack_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, float*);
+using compute_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const int*,
+                            const float*, const int*, const float*, float*, const int*);
+struct PackedApi {
+  pack_size_fn size = nullptr;
+  pack_fn pack = nullptr;
+  compute_fn compute = nullptr;
+};
+
+const PackedApi& packed_api() {
+  static const PackedApi api = [] {
+    PackedApi a;
+    if (blas_sgemm() == nullptr || std::getenv("FASTATTN_CPU_NO_PACKED_GEMM") != nullptr) return a;
+    a.size = reinterpret_cast<pack_size_fn>(find_symbol("sgemm_pack_get_size"));
+    a.pack = reinterpret_cast<pack_fn>(find_symbol("sgemm_pack"));
+    a.compute = reinterpret_cast<compute_fn>(find_symbol("sgemm_compute"));
+    if (!a.size || !a.pack || !a.compute) a = PackedApi{};
+    return a;
+  }();
+  return api;
+}
+
 set_threads_fn mkl_threads_local() {
   static const set_threads_fn f = reinterpret_cast<set_threads_fn>(find_symbol("MKL_Set_Num_Threads_Local"));
   return f;
@@ -75,6 +100,33 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
   } else {
     at::addmm_out(C, C, A, B, beta, alpha);
   }
+}
+
+// Row-major S = Qs K^T is column-major S^T (bk x bq) = op(A) B with A = K's memory read transposed ('T', the
+// matrix MKL packs: m = bk, k = D) and B = Qs's memory ('N').
+bool packed_kt_available() { return packed_api().compute != nullptr; }
+
+int64_t packed_kt_floats(int64_t bk, int64_t D) {
+  const char id = 'A';
+  const int m = static_cast<int>(bk), n = 1, k = static_cast<int>(D);
+  return static_cast<int64_t>((packed_api().size(&id, &m, &n, &k) + sizeof(float) - 1) / sizeof(float));
+}
+
+void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst) {
+  const char id = 'A', trans = 'T';
+  const int m = static_cast<int>(bk), n = 1, kk = static_cast<int>(D), ld = static_cast<int>(std::max<int64_t>(ldk, 1));
+  const float one = 1.f;
+  packed_api().pack(&id, &trans, &m, &n, &kk, &one, k, &ld, dst);
+}
+
+void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
+                    int64_t ldS) {
+  if (bq == 0 || bk == 0) return;
+  const char ta = 'P', tb = 'N';
+  const int m = static_cast<int>(bk), n = static_cast<int>(bq), k = static_cast<int>(D);
+  const int lda = k, ldb = static_cast<int>(std::max<int64_t>(ldq, 1)), ldc = static_cast<int>(ldS);
+  const float zero = 0.f;
+  packed_api().compute(&ta, &tb, &m, &n, &k, packed, &lda, qs, &ldb, &zero, S, &ldc);
 }
 
 }  // namespace fastattn::cpu

@@ -73,8 +73,47 @@ struct KVPack {
   }
 };
 
+// Key tiles of one (sequence, kv head) packed for MKL (pack_kt), kept across a thread's tasks: its consecutive
+// tasks are the query blocks of one head, and each packs K^T once instead of once per query block. Only tiles
+// every query block shares are packed: full ones (bk = t.k) and the one ending at the last key; other tiles take
+// the plain product. Slots are allocated once and reused across heads
+// (a packed buffer must not move); each reserves MKL's size (~8 MB of address space, of which only the tile's
+// bk * D floats are written), so calls with more than kMaxTiles key tiles do not pack.
+struct KtCache {
+  static constexpr int64_t kMaxTiles = 64;
+  std::vector<at::Tensor> slot;
+  std::vector<int64_t> rows;  // bk packed in each slot; -1: empty
+  int64_t head = -1, floats = 0;
+
+  // The packed tile [j0, j0 + bk) of head `head_id` (its K rows at k_tile, stride ldk), or nullptr: take the plain
+  // product.
+  const float* get(const CpuParams& p, Tiles t, int64_t head_id, Operand k_tile, int64_t j0, int64_t bk,
+                   int64_t key_end) {
+    const int64_t idx = j0 / t.k;
+    if (j0 % t.k != 0 || idx >= kMaxTiles || (bk != t.k && j0 + bk != key_end)) return nullptr;
+    if (head_id != head) {
+      std::fill(rows.begin(), rows.end(), -1);
+      head = head_id;
+    }
+    if (idx >= static_cast<int64_t>(slot.size())) {
+      if (floats == 0) floats = packed_kt_floats(t.k, p.D);
+      while (static_cast<int64_t>(slot.size()) <= idx) {
+        slot.push_back(at::empty({floats}, at::kFloat));
+        rows.push_back(-1);
+      }
+    }
+    float* dst = slot[idx].data_ptr<float>();
+    if (rows[idx] != bk) {
+      pack_kt(k_tile.ptr, k_tile.ld, bk, p.D, dst);
+      rows[idx] = bk;
+    }
+    return dst;
+  }
+};
+
 template <typename T>
-void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scratch& buf, KVPack* pack) {
+void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scratch& buf, KVPack* pack,
+              KtCache* kt_cache) {
   const SeqInfo s = seq_info(p, n);
   const int64_t i0 = qb * t.q;
   if (i0 >= s.sq) return;
@@ -115,7 +154,13 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
       kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
     }
-    ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, t.k, nullptr);
+    const float* kt_packed =
+        kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, std::min(vis.key_hi(s.sq - 1), s.kend)) : nullptr;
+    if (kt_packed) {
+      ctx.scores_packed(qs.ptr, qs.ld, kt_packed, i0, bq, j0, bk, S, t.k);
+    } else {
+      ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, t.k, nullptr);
+    }
     for (int64_t r = 0; r < bq; ++r) {
       float* S_r = S + r * t.k;
       const float alpha = online_softmax_row(S_r, bk, m[r], l[r]);
@@ -142,14 +187,18 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // fp32 K/V with unit last stride are used in place; anything else goes through a per-thread KVPack.
   const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&
                       p.v_st.d == 1 && p.v_st.s >= p.Dv && p.v_st.s <= kMaxLd;
+  // Packed key tiles pay for 128 x 512 tiles when a head has >= 4 query blocks (measured, one thread, Intel Xeon:
+  // +3-7% at S = 512-2048); the window's 64 x 256 tiles and fewer query blocks measured no gain or a loss.
+  const bool pack_keys = t.k == 512 && nqb >= 4 && packed_kt_available();
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);
     std::unique_ptr<KVPack> pack = direct ? nullptr : std::make_unique<KVPack>(max_sk, p);
+    std::unique_ptr<KtCache> kt_cache = pack_keys ? std::make_unique<KtCache>() : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       // task = (n * Hq + h) * nqb + qb
       const int64_t qb = task % nqb, nh = task / nqb;
-      fwd_task<T>(p, t, nh / p.Hq, nh % p.Hq, qb, buf, pack.get());
+      fwd_task<T>(p, t, nh / p.Hq, nh % p.Hq, qb, buf, pack.get(), kt_cache.get());
     }
   });
 }

@@ -1,5 +1,6 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
+#include "tile.h"  // packed_kt_available
 #include "vec512.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -190,7 +191,7 @@ std::string describe() {
     s += std::string("; ") + name + ": " +
          (d.path == Path::kBrgemm ? "matrix units (oneDNN brgemm, " + d.why + ")" : "fp32 tiles (" + d.why + ")");
   }
-  s += "; fp32: sgemm";
+  s += packed_kt_available() ? "; fp32: sgemm (MKL, key tiles packed once per head)" : "; fp32: sgemm";
   return s;
 }
 

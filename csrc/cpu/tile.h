@@ -19,6 +19,18 @@ constexpr int64_t BLOCK_K = 256;
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// S (bq x bk, ldS; row-major) = Qs K^T with the key tile K (bk x D) packed once in MKL's packed-GEMM format and
+// reused by every query tile that meets it: sgemm repacks K on each call (~15% of the product at 128 x 512 x 128).
+// The same MKL kernels as gemm_rm (bitwise equal at D = 64, 72, 128; the last bit differs at D = 40); whether a tile
+// is packed depends on the shape only, so results stay the same across thread counts.
+// Available when the BLAS is MKL with sgemm_pack/sgemm_compute (torch's x86 wheels) and FASTATTN_CPU_NO_PACKED_GEMM
+// is unset. A packed buffer (packed_kt_floats) must not move once packed (MKL's rule).
+bool packed_kt_available();
+int64_t packed_kt_floats(int64_t bk, int64_t D);
+void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst);
+void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
+                    int64_t ldS);
+
 // Keeps BLAS single-threaded on this thread for the guard's lifetime (our tasks are the parallelism; a
 // nested multi-threaded gemm would oversubscribe and could change the summation order).
 struct BlasSingleThread {
@@ -71,6 +83,13 @@ struct ScoreCtx {
               int64_t ldS, float* tanh_out) const {
     gemm_rm(false, true, bq, bk, p.D, 1.f, qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
     finish(i0, bq, j0, bk, S, ldS, tanh_out);
+  }
+
+  // The same with the key tile given packed (pack_kt).
+  void scores_packed(const float* qs, int64_t ldq, const float* kt_packed, int64_t i0, int64_t bq, int64_t j0,
+                     int64_t bk, float* S, int64_t ldS) const {
+    gemm_packed_kt(kt_packed, bk, p.D, qs, ldq, bq, S, ldS);
+    finish(i0, bq, j0, bk, S, ldS, nullptr);
   }
 
   // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
