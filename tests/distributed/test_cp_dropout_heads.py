@@ -12,14 +12,15 @@ import torch
 
 import fastattn.distributed.hybrid as hyb
 import fastattn.distributed.ulysses as uly
+from fastattn.blocks import block_forward
 from fastattn.distributed import CPConfig, cp_attention, run_local, unshard_list
 from support.philox import keep_mask
-from tests.support.cp_cases import (Case, HybridCase, check_acceptance, install_keyed_dropout, make_inputs,
+from tests.support.cp_cases import (Case, HybridCase, block_backends, check_acceptance, install_keyed_dropout,
                                     reference, run_cp_local, run_hybrid_local, single_block)
 
 P, RNG = 0.25, (2024, 11)
-pytestmark = pytest.mark.skipif("cpu" not in __import__("tests.support.cp_cases", fromlist=["block_backends"])
-                                .block_backends(dropout=True), reason="no CPU kernels with block dropout (fastattn._C)")
+needs_cpu = pytest.mark.skipif("cpu" not in block_backends(dropout=True),
+                               reason="the CPU kernels (fastattn._C) are not built: no kernel takes block dropout")
 
 
 def _keep(c: Case) -> torch.Tensor:
@@ -48,19 +49,20 @@ HYBRID = [HybridCase(W=4, backend="cpu", causal=True),
           HybridCase(W=4, backend="cpu", H=4, Hkv=2, causal=True, dtype=torch.bfloat16)]
 
 
+@needs_cpu
 @pytest.mark.parametrize("c", CASES, ids=Case.id)
 def test_ulysses_dropout_equals_single_process(c):
     _check(c, run_cp_local)
 
 
+@needs_cpu
 @pytest.mark.parametrize("c", HYBRID, ids=HybridCase.id)
 def test_hybrid_dropout_equals_single_process(c):
     _check(c, run_hybrid_local)
 
 
 def test_auto_picks_ulysses_with_dropout():
-    """strategy='auto' no longer steers dropout calls to the ring; the reference backend with the tests' own
-    position- and head-keyed dropout (install_keyed_dropout) checks the plumbing on a backend without kernels."""
+    """strategy='auto' no longer steers dropout calls away from Ulysses."""
     def rank(comm):
         return CPConfig(comm).plan(heads_q=4, heads_kv=4, dropout=True).strategy
     assert run_local(2, rank) == ["ulysses"] * 2
@@ -69,13 +71,13 @@ def test_auto_picks_ulysses_with_dropout():
 @pytest.mark.parametrize("strategy,mesh", [("ulysses", None), ("hybrid", (2, 2))])
 def test_keyed_reference_dropout_plumbing(monkeypatch, strategy, mesh):
     """On the reference backend given a dropout keyed on (batch, global head, positions), the CP output's zeros
-    (v = identity) are exactly the single-process call's."""
+    (v = identity) are exactly the single-process call's: the plumbing (rng and head_start to every block call),
+    checked without the kernels."""
     install_keyed_dropout(monkeypatch)
     B, H, S = 1, 4, 16
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(B, S, H, 8, generator=g), torch.randn(B, S, H, 8, generator=g)
     v = torch.eye(S).view(1, S, 1, S).expand(B, S, H, S).contiguous()
-    from fastattn.blocks import block_forward
     o1, _ = block_forward(*(t.transpose(1, 2) for t in (q, k, v)), q_start=0, k_start=0, causal=True, dropout_p=P,
                           rng=RNG, backend="reference")
     W = 4 if mesh else 2
@@ -93,6 +95,7 @@ def test_keyed_reference_dropout_plumbing(monkeypatch, strategy, mesh):
 
 # --- the checks catch a rank that forgets its head offset ------------------------------------------------------
 
+@needs_cpu
 def test_planted_ulysses_without_head_start_fails(monkeypatch):
     real = uly._head_kw
     monkeypatch.setattr(uly, "_head_kw", lambda spec, h: dict(real(spec, h), head_start=0))
@@ -100,6 +103,7 @@ def test_planted_ulysses_without_head_start_fails(monkeypatch):
         _check(CASES[0], run_cp_local)
 
 
+@needs_cpu
 def test_planted_hybrid_without_head_start_fails(monkeypatch):
     real = hyb._ring_spec
     monkeypatch.setattr(hyb, "_ring_spec", lambda spec, h: replace(real(spec, h), head_start=0))
