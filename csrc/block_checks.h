@@ -1,4 +1,5 @@
-// Argument checks of the block contract (fwd/bwd/bwd_acc's q_start, k_start and bwd_acc's float32 accumulators)
+// Argument checks of the block contract (fwd/bwd/bwd_acc's q_start, k_start, head_start and bwd_acc's float32
+// accumulators)
 // that the CPU op (cpu/register.cpp) and the CUDA op (cuda/attn_host.h) share word for word. The start values are
 // each backend's business: the CPU op reads them (no sync there), the CUDA op never uses them as addresses.
 #pragma once
@@ -30,6 +31,13 @@ inline void check_coords(const std::optional<at::Tensor>& q_start, const std::op
     FA_CHECK(t->device() == device, name, " must be on ", device, ", got ", t->device());
     FA_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
   }
+}
+
+// head_start (fwd/bwd/bwd_acc): the first query head of this call in the unsplit call; the dropout counter takes
+// the global head head_start + h as a uint32, so every global head must lie in [0, 2^31).
+inline void check_head_start(int64_t head_start, int64_t heads_q) {
+  FA_CHECK(head_start >= 0 && head_start + heads_q <= (int64_t(1) << 31), "head_start must be >= 0 with head_start + ",
+           "Hq (", heads_q, ") <= 2^31, got head_start=", head_start);
 }
 
 // bwd_acc's accumulators dq_acc/dk_acc/dv_acc: float32, the shape of q/k/v, on q's device, stride 1 on the last dim,

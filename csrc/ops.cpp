@@ -22,7 +22,11 @@
 //   softcap > 0: s = softcap * tanh(s / softcap) applied to the scaled scores, before alibi and bias.
 //   alibi_slopes: optional fp32 (Hq,) or (B, Hq); adds -slope * |i + Sk - Sq - j| to the scores (flash-attn).
 //   Dropout: keep with probability 1 - dropout_p, scale kept values by 1/(1-dropout_p); the keep decision is a
-//     pure function of (seed, offset, b, h, i, j) so the backward regenerates it.
+//     pure function of (seed, offset, b, head_start + h, i, j) so the backward regenerates it.
+//   head_start (fwd, bwd, bwd_acc; last argument, default 0): the query heads of this call are heads
+//     head_start .. head_start + Hq - 1 of a larger (unsplit) call, and dropout is keyed by the global head
+//     head_start + h, so a call split over heads (Ulysses context parallelism) drops exactly the elements of the
+//     unsplit call. head_start >= 0 and head_start + Hq <= 2^31; nothing but the dropout counter reads it.
 //   Returns out: (B, Hq, Sq, Dv) in q.dtype, laid out in memory in the same order as q (BSHD memory if
 //     q.stride(1) < q.stride(2), else BHSD); lse: (B, Hq, Sq) float32, natural-log log-sum-exp of the scaled,
 //     biased scores. Rows with no visible key: out = 0 and lse = +inf (so the backward's exp(s - lse) is 0).
@@ -57,19 +61,20 @@ TORCH_LIBRARY(fastattn, m) {
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset, bool deterministic=False, "
-      "Tensor? q_start=None, Tensor? k_start=None, bool out_fp32=False) -> (Tensor out, Tensor lse)");
+      "Tensor? q_start=None, Tensor? k_start=None, bool out_fp32=False, int head_start=0) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
-      "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start=None, Tensor? k_start=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start=None, Tensor? k_start=None, "
+      "int head_start=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
       "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start, Tensor? k_start, "
-      "Tensor(a!) dq_acc, Tensor(b!) dk_acc, Tensor(c!) dv_acc) -> ()");
+      "Tensor(a!) dq_acc, Tensor(b!) dk_acc, Tensor(c!) dv_acc, int head_start=0) -> ()");
   // Decode (inference, no autograd): few query tokens against a KV cache, split over the keys.
   //   q (B, Hq, Sq, D) any strides; k_cache/v_cache in cache layout (Bc, Smax, Hkv, D|Dv), or paged
   //   (num_blocks, page_size, Hkv, D|Dv) with block_table int32 (B, max_blocks); cache_batch_idx int32 (B,)

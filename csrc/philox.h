@@ -1,12 +1,13 @@
 // Counter-based dropout RNG shared by the CPU and CUDA kernels: Philox4x32-10 (Salmon et al., "Parallel random
 // numbers: as easy as 1, 2, 3", SC 2011). The keep decision of element (n, h, i, j) (n = sequence index, h =
-// query head, i = query row and j = key within the sequence) is a pure function of (seed, offset, n, h, q_pos, k_pos)
+// query head, i = query row and j = key within the sequence) is a pure function of (seed, offset, n, hg, q_pos, k_pos)
 // with q_pos = q_start[n] + i, k_pos = k_start[n] + j (block coordinates, csrc/ops.cpp; q_pos = i, k_pos = j
-// without them):
-//   draw(c0 = k_pos >> 2, c1 = q_pos, c2 = h, c3 = n) -> keep iff r[k_pos & 3] >= dropout_threshold(p),
+// without them) and the global head hg = head_start + h (head_start: the op argument, 0 unless the call holds a
+// slice of a larger call's heads):
+//   draw(c0 = k_pos >> 2, c1 = q_pos, c2 = hg, c3 = n) -> keep iff r[k_pos & 3] >= dropout_threshold(p),
 // so the backward regenerates the forward's mask, neither thread counts nor tile sizes change it, a call split into
-// blocks drops exactly the elements of the unsplit call, and CPU and CUDA drop exactly the same elements for the
-// same (seed, offset, p).
+// blocks (over positions or over heads) drops exactly the elements of the unsplit call, and CPU and CUDA drop
+// exactly the same elements for the same (seed, offset, p).
 #pragma once
 #include <cstdint>
 

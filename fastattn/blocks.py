@@ -4,7 +4,10 @@ One attention call can be computed as block pairs — this block's queries again
 A block call names where its rows sit in the whole sequence (`q_start`, `k_start`: the global position of its first
 query and first key, per sequence), so every position rule is exact for any pair of blocks: causal and sliding
 windows (`k_pos <= q_pos`, ...), ALiBi (`-slope·|q_pos − k_pos|`) and dropout (the keep decision of an element is
-keyed on its global positions, so blocks drop exactly what the unsplit call drops). Blocks return their output
+keyed on its global positions, so blocks drop exactly what the unsplit call drops). A call may also hold a slice of
+the unsplit call's query heads (Ulysses context parallelism): `head_start` names the first of them, and dropout is
+keyed by the global head head_start + h, so a split over heads drops what the unsplit call drops too (K/V heads
+follow the local GQA grouping, Hq / Hkv query heads per K/V head). Blocks return their output
 unrounded in float32, merge in float32 (`merge_`, safe for rows that see no key), and round once; the backward of a
 block adds float32 gradients into caller-given accumulators against the merged output and lse.
 
@@ -22,6 +25,7 @@ The functions are not differentiable themselves: the caller (context parallelism
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,8 +67,9 @@ def _start(x: Start, name: str, n: int, lengths: torch.Tensor, device) -> torch.
 
 def block_params(q, k, v, *, q_start: Start, k_start: Start, scale=None, causal=False, window_size=(-1, -1),
                  softcap=0.0, alibi_slopes=None, attn_bias=None, dropout_p=0.0, rng=None, cu_seqlens_q=None,
-                 cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> AttnParams:
-    """Checks a block call and returns its AttnParams (q, k, v (B, H, S, D) views; see the module docstring)."""
+                 cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, head_start=0) -> AttnParams:
+    """Checks a block call and returns its AttnParams (q, k, v (B, H, S, D) views; see the module docstring).
+    head_start: q's heads are heads head_start.. of the unsplit call (the dropout key); an int >= 0."""
     check_qkv(q, k, v, layout="bhsd", names=("q", "k", "v"), same_batch=True)
     wl, wr = check_window(window_size)
     if causal:
@@ -110,17 +115,34 @@ def block_params(q, k, v, *, q_start: Start, k_start: Start, scale=None, causal=
     if dropout_p > 0 and rng is None:
         raise InputValueError("fastattn: a block call with dropout needs rng=(seed, offset) (fastattn.blocks."
                               "dropout_rng()): every block of one call must share it")
+    head_start = _check_head_start(head_start, Hq)
     return AttnParams(q=q, k=k, v=v, scale=default_scale(scale, q.shape[-1]), attn_bias=bias,
                       mask_kind=None if bias is None else "dense", window_left=wl, window_right=wr,
                       softcap=check_softcap(softcap), alibi_slopes=check_alibi(alibi_slopes, n, Hq, q.device),
                       dropout_p=dropout_p, q_start=qs, k_start=ks, out_fp32=True, rng=rng, return_lse=True,
-                      **varlen)
+                      head_start=head_start, **varlen)
+
+
+def _check_head_start(head_start, heads_q: int) -> int:
+    """head_start as an int >= 0 with head_start + Hq <= 2**31 (the kernels' dropout counter holds the global
+    head)."""
+    try:
+        if isinstance(head_start, (bool, torch.Tensor)):  # a tensor would sync with its device
+            raise TypeError
+        head_start = operator.index(head_start)  # int, numpy integers; not floats
+    except TypeError:
+        raise InputTypeError(f"fastattn: head_start must be an int (the first query head of this call in the "
+                             f"unsplit call), got {type(head_start).__name__}") from None
+    if head_start < 0 or head_start + heads_q > _POS_LIMIT:
+        raise InputValueError(f"fastattn: head_start must be >= 0 with head_start + Hq <= 2**31, got head_start="
+                              f"{head_start} with Hq={heads_q}")
+    return head_start
 
 
 def block_forward(q, k, v, *, q_start: Start, k_start: Start, backend: Optional[str] = None, **kw):
     """This block's queries against one block of keys, positions global. Returns (out fp32 (B, Hq, Sq, Dv),
     lse fp32 (B, Hq, Sq)); rows that see no key in this block: out 0, lse +inf. Keywords: scale, causal,
-    window_size, softcap, alibi_slopes, attn_bias, dropout_p, rng, cu_seqlens_q/k, max_seqlen_q/k."""
+    window_size, softcap, alibi_slopes, attn_bias, dropout_p, rng, cu_seqlens_q/k, max_seqlen_q/k, head_start."""
     p = block_params(q, k, v, q_start=q_start, k_start=k_start, **kw)
     B, Hq, Sq, _ = q.shape
     if Sq == 0 or k.shape[2] == 0 or B == 0:

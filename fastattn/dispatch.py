@@ -245,7 +245,7 @@ def _key(p: AttnParams, requested: str, route: bool, qs=None, ks=None) -> tuple:
             p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == Sk, p.window_left >= 0,
             wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
             p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
-            p.q_start is not None)
+            p.q_start is not None or (p.head_start != 0 and p.dropout_p > 0))  # needed_features' "block"
 
 
 def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:

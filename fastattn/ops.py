@@ -63,30 +63,31 @@ def _out_like_q(q: torch.Tensor, dv: int, dtype=None) -> torch.Tensor:
 def autograd_pair(bwd_op):
     """(backward, setup_context) for a fwd op with fastattn::fwd's schema whose backward op has fastattn::bwd's
     (the C++ ops and the Triton ops share it). lse is marked non-differentiable: no backward takes its gradient.
-    With out_fp32 the backward gets out rounded to q.dtype, as bwd's contract asks."""
+    With out_fp32 the backward gets out rounded to q.dtype, as bwd's contract asks; head_start (the dropout
+    counters' head offset) goes to the backward as it went to the forward."""
 
     def setup_context(ctx, inputs, output):
         (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
-         deterministic, q_start, k_start, out_fp32) = _fwd_inputs(inputs)
+         deterministic, q_start, k_start, out_fp32, head_start) = _fwd_inputs(inputs)
         out, lse = output
         ctx.mark_non_differentiable(lse)
         rounded = out.to(q.dtype) if out_fp32 and out.dtype != q.dtype else out
         ctx.save_for_backward(q, k, v, rounded, lse, bias, cu_q, cu_k, alibi, q_start, k_start)
-        ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic)
+        ctx.args = (mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic, head_start)
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, bias, cu_q, cu_k, alibi, q_start, k_start = ctx.saved_tensors
-        mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic = ctx.args
+        mq, mk, scale, wl, wr, br, softcap, dropout_p, seed, offset, deterministic, head_start = ctx.args
         dq, dk, dv = bwd_op()(dout.to(q.dtype), q, k, v, out, lse, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br,
-                              softcap, alibi, dropout_p, seed, offset, deterministic, q_start, k_start)
-        return (dq, dk, dv) + (None,) * 18
+                              softcap, alibi, dropout_p, seed, offset, deterministic, q_start, k_start, head_start)
+        return (dq, dk, dv) + (None,) * 19
 
     return backward, setup_context
 
 
 def _fwd_inputs(inputs):
     """fwd's inputs with the trailing defaults filled in (a caller may stop after `deterministic`)."""
-    defaults = (False, None, None, False)  # deterministic, q_start, k_start, out_fp32
+    defaults = (False, None, None, False, 0)  # deterministic, q_start, k_start, out_fp32, head_start
     return tuple(inputs) + defaults[len(inputs) - 17:]
 
 
@@ -95,7 +96,7 @@ if _C is not None:
     @torch.library.register_fake("fastattn::fwd")
     def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
                   window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic=False,
-                  q_start=None, k_start=None, out_fp32=False):
+                  q_start=None, k_start=None, out_fp32=False, head_start=0):
         B, H, S, _ = q.shape
         out = _out_like_q(q, v.shape[-1], torch.float32 if out_fp32 else None)
         return out, q.new_empty(B, H, S, dtype=torch.float32)
@@ -103,7 +104,7 @@ if _C is not None:
     @torch.library.register_fake("fastattn::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                   window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                  deterministic, q_start=None, k_start=None):
+                  deterministic, q_start=None, k_start=None, head_start=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("fastattn::bwd_acc")
@@ -146,7 +147,7 @@ def cpp_attention(p: AttnParams):
     q, k, v, bias, alibi = p.q, p.k, p.v, p.attn_bias, p.alibi_slopes
     args = (q, k, v, bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
             p.window_right, p.bottom_right, p.softcap, alibi, p.dropout_p, seed, offset, p.deterministic, p.q_start,
-            p.k_start, p.out_fp32)
+            p.k_start, p.out_fp32, p.head_start)
     # The autograd kernel's own test (any tensor input requires grad, in grad mode; the int tensors cannot), and
     # while torch.compile traces, the op as registered.
     if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
@@ -164,7 +165,7 @@ def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) ->
     torch.ops.fastattn.bwd_acc(dout, p.q, p.k, p.v, out, lse, p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k,
                                p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right,
                                p.bottom_right, p.softcap, p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic,
-                               p.q_start, p.k_start, dq_acc, dk_acc, dv_acc)
+                               p.q_start, p.k_start, dq_acc, dk_acc, dv_acc, p.head_start)
 
 
 def cpp_decode(c: DecodeCall):

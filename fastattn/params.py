@@ -63,6 +63,10 @@ class AttnParams:
     k_start: Optional[torch.Tensor] = None
     out_fp32: bool = False  # out unrounded in float32 (block calls)
     rng: Optional[Tuple[int, int]] = None  # dropout (seed, offset); None draws one per call
+    # The query heads of this call are heads head_start.. of a larger call split over heads (Ulysses context
+    # parallelism): dropout is keyed by head_start + h. Only backends declaring "block" honour it with dropout
+    # (base.needed_features); set by fastattn/blocks.py.
+    head_start: int = 0
 
     # Derived facts the dispatcher and backends read.
     @property
@@ -134,6 +138,8 @@ class AttnParams:
             parts.append("alibi")
         if self.is_block:
             parts.append("block offsets" + (", fp32 out" if self.out_fp32 else ""))
+        if self.head_start:
+            parts.append(f"head_start {self.head_start}")
         return ", ".join(parts)
 
 

@@ -101,7 +101,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   const Operand vt = operand<T>(v, p.v_st.s, p.v_st.d, bk, Dv, B.v);
   std::fill(B.dk, B.dk + bk * D, 0.f);
   std::fill(B.dv, B.dv + bk * Dv, 0.f);
-  const Dropout drop(p.seed, p.offset, p.dropout_p);
+  const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
   // Queries that see a key of the block before the skipped padding (none when the block is all padding).
   const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
   const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk, s.kend) - 1) : 0;

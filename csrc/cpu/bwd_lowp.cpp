@@ -145,7 +145,7 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   kv.ensure(p, s, n * p.Hkv + hk, k, v, 0, nkb);
   std::fill(dkt, dkt + nkb * D * KBLOCK, 0.f);
   std::fill(dvt, dvt + nkb * Dv * KBLOCK, 0.f);
-  const Dropout dropout(p.seed, p.offset, p.dropout_p);
+  const Dropout dropout(p.seed, p.offset, p.dropout_p, p.head_start);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
 
   for (int64_t g = 0; g < G; ++g) {

@@ -139,7 +139,7 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.f);
   const bool dropout = p.dropout_p > 0.f;
-  const Dropout drop(p.seed, p.offset, p.dropout_p);
+  const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
 
   // Key blocks that any row of this query block sees (fully masked blocks and skipped padding are left out).
   const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);

@@ -86,7 +86,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   std::fill(acc, acc + bq * Dv, 0.f);
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.f);
-  const Dropout dropout(p.seed, p.offset, p.dropout_p);
+  const Dropout dropout(p.seed, p.offset, p.dropout_p, p.head_start);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
 
   // Key blocks on the global grid that any row of this query block sees (invisible blocks and skipped padding are

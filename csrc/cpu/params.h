@@ -65,6 +65,7 @@ struct CpuParams {
   float softcap = 0.f;
   float dropout_p = 0.f;
   uint64_t seed = 0, offset = 0;
+  int64_t head_start = 0;  // dropout counters use the global query head head_start + h (csrc/ops.cpp)
 
   int64_t group() const { return Hq / Hkv; }
 };

@@ -116,7 +116,7 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const std::optional<at::Tensor>& cu_k, double scale, int64_t window_left, int64_t window_right,
                       bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi, double dropout_p,
                       int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
-                      const std::optional<at::Tensor>& k_start) {
+                      const std::optional<at::Tensor>& k_start, int64_t head_start) {
   CpuParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -170,6 +170,8 @@ CpuParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+  block_checks::check_head_start(head_start, p.Hq);
+  p.head_start = head_start;
   return p;
 }
 
@@ -209,10 +211,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                                            int64_t seed, int64_t offset, bool deterministic,
                                            const std::optional<at::Tensor>& q_start,
-                                           const std::optional<at::Tensor>& k_start, bool out_fp32) {
+                                           const std::optional<at::Tensor>& k_start, bool out_fp32,
+                                           int64_t head_start) {
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start);
+                            bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start,
+                            head_start);
   const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start);
   at::Tensor out = alloc_out(q, p.Dv, out_fp32);
   p.out_fp32 = out_fp32;
@@ -252,12 +256,13 @@ BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
                     int64_t window_right, bool bottom_right, double softcap,
                     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-                    const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
+                    const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
+                    int64_t head_start) {
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
   BwdCall c;
   CpuParams& p = c.p;
   p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,
-                  softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start);
+                  softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, head_start);
   std::tie(c.mq, c.mk) = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start);
   for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}, std::pair{&lse, "lse"}}) {
     FA_CHECK(t->device().is_cpu(), name, " must be on cpu, got ", t->device());
@@ -308,10 +313,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
+    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
+    int64_t head_start) {
   BwdCall c = bwd_prepare(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed,
-                          offset, q_start, k_start);
+                          offset, q_start, k_start, head_start);
   at::Tensor dq = empty_like_poisoned(q), dk = empty_like_poisoned(k), dv = empty_like_poisoned(v);
   bwd_launch(c, q.scalar_type(), dq, dk, dv, false);
   return {dq, dk, dv};
@@ -325,10 +331,10 @@ void bwd_acc_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
                  bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                  int64_t seed, int64_t offset, bool deterministic, const std::optional<at::Tensor>& q_start,
                  const std::optional<at::Tensor>& k_start, const at::Tensor& dq_acc, const at::Tensor& dk_acc,
-                 const at::Tensor& dv_acc) {
+                 const at::Tensor& dv_acc, int64_t head_start) {
   BwdCall c = bwd_prepare(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed,
-                          offset, q_start, k_start);
+                          offset, q_start, k_start, head_start);
   block_checks::check_accumulators(dq_acc, dk_acc, dv_acc, q, k, v, dout, out, lse);
   bwd_launch(c, q.scalar_type(), dq_acc, dk_acc, dv_acc, true);
 }

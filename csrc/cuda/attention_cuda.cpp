@@ -40,12 +40,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                                             int64_t seed, int64_t offset, bool deterministic,
                                             const std::optional<at::Tensor>& q_start,
-                                            const std::optional<at::Tensor>& k_start, bool out_fp32) {
+                                            const std::optional<at::Tensor>& k_start, bool out_fp32,
+                                            int64_t head_start) {
   std::optional<c10::cuda::CUDAGuard> guard;
   cuda::host::FwdPlan plan = cuda::host::plan_fwd(
       q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, out_fp32, at::kCUDA,
-      [&] { check_device(q, guard); });
+      bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, out_fp32, head_start,
+      at::kCUDA, [&] { check_device(q, guard); });
   if (plan.launch) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     FA_DTYPE_SWITCH(q.scalar_type(), T, [&] {
@@ -66,12 +67,12 @@ cuda::host::BwdPlan run_bwd_plan(
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
     const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
-    const cuda::host::AccTensors* acc) {
+    const cuda::host::AccTensors* acc, int64_t head_start) {
   std::optional<c10::cuda::CUDAGuard> guard;
   cuda::host::BwdPlan plan = cuda::host::plan_bwd(
       dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, acc, at::kCUDA,
-      [&] { check_device(q, guard); });
+      window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, acc, head_start,
+      at::kCUDA, [&] { check_device(q, guard); });
   if (plan.launch) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     FA_DTYPE_SWITCH(q.scalar_type(), T, [&] {
@@ -90,10 +91,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start) {
+    bool deterministic, const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
+    int64_t head_start) {
   cuda::host::BwdPlan plan = run_bwd_plan(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k,
                                           max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right,
-                                          softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, nullptr);
+                                          softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start, nullptr,
+                                          head_start);
   return {plan.dq, plan.dk, plan.dv};
 }
 
@@ -105,11 +108,11 @@ void bwd_acc_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
                   bool deterministic, const std::optional<at::Tensor>& q_start,
                   const std::optional<at::Tensor>& k_start, const at::Tensor& dq_acc, const at::Tensor& dk_acc,
-                  const at::Tensor& dv_acc) {
+                  const at::Tensor& dv_acc, int64_t head_start) {
   const cuda::host::AccTensors acc{dq_acc, dk_acc, dv_acc};
   run_bwd_plan(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start,
-               k_start, &acc);
+               k_start, &acc, head_start);
 }
 
 }  // namespace

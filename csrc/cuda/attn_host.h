@@ -87,14 +87,18 @@ inline void check_unsupported(const std::optional<at::Tensor>& attn_bias, double
 }
 
 // Dropout constants as the CPU kernels derive them (csrc/cpu/rng.h): p rounded to float, the Philox key from
-// (seed, offset). Returns whether the dropout kernels must run (the CPU's test: float p > 0).
-inline bool fill_dropout(DropoutParams& d, double dropout_p, int64_t seed, int64_t offset) {
+// (seed, offset), the head offset of the counters (head_start, checked against the heads_q query heads). Returns
+// whether the dropout kernels must run (the CPU's test: float p > 0).
+inline bool fill_dropout(DropoutParams& d, double dropout_p, int64_t seed, int64_t offset, int64_t head_start,
+                         int64_t heads_q) {
   FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   const float pf = static_cast<float>(dropout_p);
   FA_CHECK(pf < 1.f, "dropout_p=", dropout_p, " rounds to 1 in float32; use a value below 1 - 2^-25");
   d.rng = Philox::from_seed(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
   d.threshold = dropout_threshold(pf);
   d.rescale = 1.f / (1.f - pf);
+  block_checks::check_head_start(head_start, heads_q);
+  d.head_start = static_cast<uint32_t>(head_start);
   return pf > 0.f;
 }
 
@@ -199,13 +203,13 @@ FwdPlan plan_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                  const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
                  const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start, bool out_fp32,
-                 at::DeviceType device_type, DeviceChecked&& device_checked) {
+                 int64_t head_start, at::DeviceType device_type, DeviceChecked&& device_checked) {
   check_unsupported(attn_bias, softcap, alibi_slopes);
   FwdPlan plan;
   FwdParams& p = plan.p;
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
              bottom_right, q_start, k_start, device_type, device_checked);
-  plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
+  plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset, head_start, q.size(1));
   plan.out = alloc_out(q, v.size(3), out_fp32 ? at::kFloat : q.scalar_type());
   p.out_fp32 = out_fp32;
   plan.lse = alloc_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -246,14 +250,14 @@ BwdPlan plan_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
                  bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                  int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
-                 const std::optional<at::Tensor>& k_start, const AccTensors* acc, at::DeviceType device_type,
-                 DeviceChecked&& device_checked) {
+                 const std::optional<at::Tensor>& k_start, const AccTensors* acc, int64_t head_start,
+                 at::DeviceType device_type, DeviceChecked&& device_checked) {
   check_unsupported(attn_bias, softcap, alibi_slopes);
   BwdPlan plan;
   BwdParams& p = plan.p;
   fill_shape(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
              bottom_right, q_start, k_start, device_type, device_checked);
-  plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset);
+  plan.dropout = fill_dropout(p.drop, dropout_p, seed, offset, head_start, q.size(1));
   const auto expect_o = std::vector<int64_t>{q.size(0), q.size(1), q.size(2), v.size(3)};
   FA_CHECK(dout.sizes() == at::IntArrayRef(expect_o) && out.sizes() == at::IntArrayRef(expect_o),
            "dout ", dout.sizes(), " and out ", out.sizes(), " must be (B, H, Sq, Dv) = ", at::IntArrayRef(expect_o));

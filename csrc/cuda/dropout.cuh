@@ -15,21 +15,21 @@
 namespace fastattn {
 namespace cuda {
 
-// 4 bits: bit c = (draw c of counter (c0, c1, h, n)) >= threshold.
+// 4 bits: bit c = (draw c of counter (c0, c1, head_start + h, n)) >= threshold. h is the call's (local) head.
 __device__ __forceinline__ uint32_t keep_nibble(const DropoutParams& d, uint32_t c0, uint32_t c1, uint32_t h,
                                                 uint32_t n) {
   uint32_t r[4];
-  d.rng.draw(c0, c1, h, n, r);
+  d.rng.draw(c0, c1, d.head_start + h, n, r);
   return uint32_t(r[0] >= d.threshold) | uint32_t(r[1] >= d.threshold) << 1 | uint32_t(r[2] >= d.threshold) << 2 |
          uint32_t(r[3] >= d.threshold) << 3;
 }
 
-// Keep bit of the element at global positions (k_pos, q_pos): one draw, its result k_pos & 3 (selects, not an
-// indexed array: that would put r in local memory).
+// Keep bit of the element at global positions (k_pos, q_pos) of local head h: one draw, its result k_pos & 3
+// (selects, not an indexed array: that would put r in local memory).
 __device__ __forceinline__ uint32_t keep_bit(const DropoutParams& d, uint32_t k_pos, uint32_t q_pos, uint32_t h,
                                              uint32_t n) {
   uint32_t r[4];
-  d.rng.draw(k_pos >> 2, q_pos, h, n, r);
+  d.rng.draw(k_pos >> 2, q_pos, d.head_start + h, n, r);
   const uint32_t c = k_pos & 3u;
   return uint32_t((c == 0 ? r[0] : c == 1 ? r[1] : c == 2 ? r[2] : r[3]) >= d.threshold);
 }

@@ -32,11 +32,12 @@ struct AttnShape {
 };
 
 // Dropout, read only by the kDropout kernel variants (the keep rule is in csrc/philox.h). Filled on the host from
-// (seed, offset, dropout_p) exactly as the CPU kernels do, so both devices drop the same elements.
+// (seed, offset, dropout_p, head_start) exactly as the CPU kernels do, so both devices drop the same elements.
 struct DropoutParams {
-  Philox rng;          // key from splitmix64(seed, offset)
-  uint32_t threshold;  // drop iff draw < threshold
-  float rescale;       // 1 / (1 - dropout_p)
+  Philox rng;           // key from splitmix64(seed, offset)
+  uint32_t threshold;   // drop iff draw < threshold
+  float rescale;        // 1 / (1 - dropout_p)
+  uint32_t head_start;  // the counters' head is head_start + h (global query heads; < 2^31, checked on the host)
 };
 
 // A (B, H, S, D) tensor with its element strides.

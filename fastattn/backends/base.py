@@ -41,7 +41,8 @@ FEATURES = frozenset({
     "deterministic",  # bitwise reproducible backward
     "lse",            # returns log-sum-exp
     "dv_ne_d",        # value head dim different from query/key head dim
-    "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward
+    "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward, and
+                      # dropout keyed by the global head head_start + h (AttnParams.head_start)
 })
 
 
@@ -80,8 +81,8 @@ def needed_features(p: AttnParams) -> Tuple[str, ...]:
             need.append("deterministic")
     if p.return_lse:
         need.append("lse")
-    if p.is_block:
-        need.append("block")
+    if p.is_block or (p.head_start and p.dropout_p > 0):  # honouring head_start in the dropout key is block
+        need.append("block")                               # contract (a backend that cannot, e.g. sdpa, refuses)
     return tuple(dict.fromkeys(need))
 
 

@@ -7,7 +7,8 @@ aligned, are first copied into an aligned buffer by the C++ entry point. Dropout
 variants (the plain kernels carry no RNG code) with the Philox counters of csrc/philox.h: for the same (seed,
 offset, dropout_p) the CUDA and CPU kernels drop exactly the same elements, and the backward regenerates the
 forward's mask instead of storing it. Block calls ("block", fastattn/blocks.py): q_start/k_start shift the
-causal/window band per sequence (fully hidden tiles still skipped) and key dropout on global positions, out_fp32
+causal/window band per sequence (fully hidden tiles still skipped) and key dropout on global positions (and
+head_start + h on global query heads), out_fp32
 stores the unrounded accumulator, and fastattn::bwd_acc adds the fp32 gradients into the caller's buffers."""
 from __future__ import annotations
 

@@ -129,8 +129,10 @@ class ReferenceBackend(Backend):
                           "softcap", "alibi", "grad", "deterministic", "lse", "dv_ne_d", "block"})
 
     def extra_reasons(self, p: AttnParams):
-        if p.is_block and p.dropout_p > 0:
+        if p.dropout_p > 0 and p.is_block:
             return ["dropout in a block call (its dropout is torch's RNG, not keyed on positions)"]
+        if p.dropout_p > 0 and p.head_start:
+            return ["dropout with head_start (its dropout is torch's RNG, not keyed on heads)"]
         return []
 
     def forward(self, p: AttnParams):

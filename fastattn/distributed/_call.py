@@ -26,6 +26,8 @@ class CallSpec:
     grad_comm_dtype: torch.dtype = torch.float32
     return_lse: bool = False
     kv_repeat: int = 1                # ulysses only
+    head_start: int = 0               # global index of the first query head of the tensors the block calls get
+                                      # (a head-sharded group: the dropout key, fastattn/blocks.py)
 
     @property
     def seq_dim(self) -> int:
@@ -39,7 +41,7 @@ class CallSpec:
         """Keyword arguments of fastattn.blocks.block_forward/backward (positions added per call)."""
         return dict(scale=self.scale, causal=False, window_size=self.window, softcap=self.softcap,
                     alibi_slopes=self.alibi_slopes if alibi_slopes is None else alibi_slopes,
-                    dropout_p=self.dropout_p, rng=self.rng, backend=self.backend)
+                    dropout_p=self.dropout_p, rng=self.rng, backend=self.backend, head_start=self.head_start)
 
 
 def visible(qs: Segment, ks: Segment, window: Tuple[int, int]) -> bool:

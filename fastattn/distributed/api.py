@@ -2,8 +2,8 @@
 
 Inputs are this rank's shards of the sequence, laid out as CPConfig.balance says (`CPConfig.shard`,
 `layout.shard`); the result is this rank's rows of attention over the WHOLE sequence: the same as one process
-attending over the gathered sequence (causal, sliding window, ALiBi and dropout at global positions; key padding
-masks travel with their keys).
+attending over the gathered sequence (causal, sliding window, ALiBi and dropout at global positions, dropout also
+at global query heads on the head-sharded strategies; key padding masks travel with their keys).
 """
 from __future__ import annotations
 
@@ -106,8 +106,9 @@ def cp_attention(q, k, v, *, cp: Optional[CPConfig] = None, causal: bool = False
     with layout="bhsd": this rank's shard in cp.balance's layout. Hq % Hkv == 0 is GQA/MQA (K/V never expanded
     except as Ulysses needs, see CPConfig). causal / window_size=(left, right) / alibi_slopes (fp32 (Hq,) or
     (B, Hq), bias -slope*|i - j|) use global positions. softcap > 0: softcap * tanh(scores / softcap).
-    dropout_p > 0 drops exactly the probabilities one process would with the same rng (seed, offset); rng=None
-    draws one (fastattn.blocks.dropout_rng) and shares rank 0's.
+    dropout_p > 0 drops exactly the probabilities one process would with the same rng (seed, offset), on every
+    strategy (ulysses and hybrid key it on the global query head: head_start); rng=None draws one
+    (fastattn.blocks.dropout_rng) and shares rank 0's.
     Returns out (q's layout and dtype), and with return_lse also lse fp32 (B, Hq, S/W) (+inf for rows that see no
     key). Differentiable in q, k, v. Under torch.compile(fullgraph=True) the whole CP attention is one custom op
     (fastattn.distributed.ops); with dropout there, pass rng (drawing one communicates, which breaks the graph).

@@ -6,7 +6,8 @@ Strategies (every one exact: the same attention as one process on the whole sequ
   allgather: one all-gather of K/V, one block call of the local queries against the keys they see (no merge), a
              reduce-scatter of dK/dV. Memory for the whole K/V on every rank; communication not overlapped.
   ulysses:   all-to-all from sequence shards to head shards, ordinary full-sequence attention on H/W heads, and back.
-             Needs H % W == 0 (K/V heads are replicated when H_kv does not divide by W).
+             Needs H % W == 0 (K/V heads are replicated when H_kv does not divide by W). Dropout is exact: each
+             rank's block call keys it on its global query heads (head_start).
   hybrid:    ("USP") on a 2-D group of W = U x R ranks: Ulysses over the U ranks of one dim, then a ring over the R
              ranks of the other on the head-sharded pieces (hybrid.py has the token layout). Needs H % U == 0 only;
              the ring moves 1/U of the K/V per hop and runs R - 1 hops instead of W - 1.
@@ -140,11 +141,13 @@ class CPConfig:
 
     # strategy choice
     def plan(self, *, heads_q: int, heads_kv: int, dropout: bool = False) -> Plan:
-        """The strategy for these heads, with its reason; raises CPUnsupportedError for a refused combination."""
+        """The strategy for these heads, with its reason; raises CPUnsupportedError for a refused combination.
+        dropout does not change the choice (every strategy drops exactly what one process drops); it is accepted
+        so that callers can describe the whole call."""
         if self.is_2d:
-            return self._plan_2d(heads_q, heads_kv, dropout)
+            return self._plan_2d(heads_q, heads_kv)
         W = self.world_size
-        ulysses_ok, why_not = _ulysses_check(heads_q, heads_kv, W, self.kv_replication, dropout)
+        ulysses_ok, why_not = _ulysses_check(heads_q, heads_kv, W, self.kv_replication)
         if self.strategy == "ulysses":
             if not ulysses_ok:
                 raise CPUnsupportedError(f"fastattn.distributed: strategy='ulysses' refused: {why_not}")
@@ -162,9 +165,9 @@ class CPConfig:
         return Plan("ring", f"ulysses not possible ({why_not}); the ring has no head constraint and overlaps its "
                     f"K/V hops with compute")
 
-    def _plan_2d(self, hq: int, hkv: int, dropout: bool) -> Plan:
+    def _plan_2d(self, hq: int, hkv: int) -> Plan:
         U, R = self.mesh_shape
-        ok, why_not = _ulysses_check(hq, hkv, U, self.kv_replication, dropout, "U")
+        ok, why_not = _ulysses_check(hq, hkv, U, self.kv_replication, "U")
         if not ok:
             raise CPUnsupportedError(f"fastattn.distributed: strategy={self.strategy!r} on a 2-D group (ulysses U={U} "
                                      f"x ring R={R}) refused: the hybrid shards heads over U: {why_not}; a 1-D "
@@ -203,11 +206,9 @@ def _kv_repeat(heads_kv: int, W: int) -> int:
     return W // a
 
 
-def _ulysses_check(hq: int, hkv: int, W: int, replication: bool, dropout: bool, name: str = "W"):
-    """Whether heads split over W ranks (named `name` in the reason) for Ulysses; (ok, why not)."""
-    if dropout:
-        return False, ("dropout: the kernels key the dropout mask by the local head index, so head-sharded "
-                       "attention would not reproduce the single-process mask")
+def _ulysses_check(hq: int, hkv: int, W: int, replication: bool, name: str = "W"):
+    """Whether heads split over W ranks (named `name` in the reason) for Ulysses; (ok, why not). Dropout is no
+    reason: the block calls key it on the global query head (head_start), as one process does."""
     if hq % W:
         return False, f"the {hq} query heads are not divisible by {name}={W}"
     rep = _kv_repeat(hkv, W)

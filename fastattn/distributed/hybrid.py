@@ -9,7 +9,8 @@ those head-sharded ring shards as it does on R ranks (zigzag balances its causal
 gives each rank its rows of every head. Causal, windows, ALiBi and key padding use global positions as in the ring.
 
 GQA: as Ulysses over U (K/V heads replicated when H_kv does not divide by U; replicas' dK/dV summed after the trip).
-Dropout is refused (CPConfig.plan): the kernels key the mask by the local head index.
+Dropout: the ring's block calls get head_start = u * H/U (Ulysses rank u's first global query head), so with the
+positions they key the mask exactly as one process does.
 Counts: all-to-alls over U as Ulysses (forward 4, +1 for lse; backward 4), ring hops over R as the ring (forward R-1,
 backward 2R-1); a key bias adds one all_gather over U to each.
 """
@@ -67,14 +68,16 @@ def unshard_list(shards: Sequence[torch.Tensor], dim: int, ulysses: int, ring: i
 
 # --- attention ---------------------------------------------------------------------------------------------------
 
-def _ring_spec(spec: CallSpec) -> CallSpec:
-    """The ring's CallSpec: the ring group, head-sharded (B, S/R, h, D) tensors, this Ulysses rank's ALiBi slopes."""
+def _ring_spec(spec: CallSpec, h: int) -> CallSpec:
+    """The ring's CallSpec: the ring group, head-sharded (B, S/R, h, D) tensors, this Ulysses rank's ALiBi slopes
+    and first global query head (head_start, the dropout key)."""
     hc = spec.comm
+    u = hc.ulysses.rank
     a = spec.alibi_slopes
     if a is not None:
-        h = a.shape[-1] // hc.ulysses.world_size
-        a = a[..., hc.ulysses.rank * h:(hc.ulysses.rank + 1) * h]  # (H,) or (B, H): this rank's head group
-    return replace(spec, comm=hc.ring, layout="bshd", alibi_slopes=a, kv_repeat=1)
+        a = a[..., u * h:(u + 1) * h]  # (H,) or (B, H): this rank's head group
+    return replace(spec, comm=hc.ring, layout="bshd", alibi_slopes=a, kv_repeat=1,
+                   head_start=spec.head_start + u * h)
 
 
 def _ring_key_bias(spec: CallSpec, key_bias):
@@ -94,7 +97,7 @@ def hybrid_forward(spec: CallSpec, q, k, v, key_bias=None):
     qh = seq_to_heads(uly, _bshd(u, q))  # (B, S/W, H, D) -> (B, S/R, h, D)
     kh = seq_to_heads(uly, _kv_heads(u, _bshd(u, k)))
     vh = seq_to_heads(uly, _kv_heads(u, _bshd(u, v)))
-    oh, lse_h = ring_forward(_ring_spec(spec), qh, kh, vh, _ring_key_bias(spec, key_bias))
+    oh, lse_h = ring_forward(_ring_spec(spec, qh.shape[2]), qh, kh, vh, _ring_key_bias(spec, key_bias))
     lse_h = lse_h.contiguous()  # (B, h, S/R): may be a view of the ring's merge buffers
     out = _user(u, heads_to_seq(uly, oh)).contiguous()
     if spec.return_lse:
@@ -111,8 +114,8 @@ def hybrid_backward(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, key_bias=None):
     u = replace(spec, comm=uly)
     doh = seq_to_heads(uly, _bshd(u, dout))  # (B, S/W, H, Dv) -> (B, S/R, h, Dv)
     kv_dt = kv_grad_dtype(spec, kh.dtype)  # exact until the replicas are summed
-    dq, dk, dv = ring_backward(_ring_spec(spec), doh, qh, kh, vh, oh, lse_h, _ring_key_bias(spec, key_bias),
-                               kv_grad_dtype=kv_dt)  # (B, S/R, h, D)
+    dq, dk, dv = ring_backward(_ring_spec(spec, qh.shape[2]), doh, qh, kh, vh, oh, lse_h,
+                               _ring_key_bias(spec, key_bias), kv_grad_dtype=kv_dt)  # (B, S/R, h, D)
     dq = heads_to_seq(uly, dq)
     dk = sum_replicas(spec, heads_to_seq(uly, dk), kh.dtype)
     dv = sum_replicas(spec, heads_to_seq(uly, dv), vh.dtype)

@@ -6,7 +6,8 @@ x ring on a 2-D group; the same arguments and saved tensors as Ulysses, its all-
 
 The communicator travels as a name (a string argument, comm.comm_name), which the op looks up in this process.
 Eager calls go through the same ops. key_bias (B, S/W) in the inputs' dtype (0 or -inf per key: key padding) is the
-last argument, optional.
+last argument of the ring/all-gather ops, optional; the Ulysses and hybrid ops take (dropout_p, seed, offset) after
+it, defaulting to no dropout.
 """
 from __future__ import annotations
 
@@ -91,10 +92,11 @@ cp_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastattn::cp_ulysses_fwd", mutates_args=())
 def cp_ulysses_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, balance: str,
                    layout: str, scale: float, window_left: int, window_right: int, softcap: float, kv_repeat: int,
-                   return_lse: bool, grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
+                   return_lse: bool, grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None,
+                   dropout_p: float = 0.0, seed: int = 0, offset: int = 0
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
-                         return_lse, grad_comm_dtype, backend)
+                         return_lse, grad_comm_dtype, backend, dropout_p, seed, offset)
     return ulysses_forward(spec, q, k, v, key_bias)
 
 
@@ -108,7 +110,7 @@ def _a2a_fwd_fake(oh_heads_first: bool):
     """The fake of cp_ulysses_fwd (oh (B, h, S, Dv), as its block call returns it) or cp_hybrid_fwd (oh (B, S/R, h,
     Dv), as its ring returns it)."""
     def fake(q, k, v, alibi_slopes, comm, balance, layout, scale, window_left, window_right, softcap, kv_repeat,
-             return_lse, grad_comm_dtype, backend, key_bias=None):
+             return_lse, grad_comm_dtype, backend, key_bias=None, dropout_p=0.0, seed=0, offset=0):
         W = _a2a_size(comm)  # qh etc. hold W shards (W * s rows) of H/W heads
         bshd = layout == "bshd"
         B, s, Hq, Hkv = q.shape[0], q.shape[1 if bshd else 2], q.shape[2 if bshd else 1], k.shape[2 if bshd else 1]
@@ -129,10 +131,10 @@ cp_ulysses_fwd.register_fake(_a2a_fwd_fake(oh_heads_first=True))
 def cp_ulysses_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor, lse_h: Tensor,
                    alibi_slopes: Optional[Tensor], comm: str, balance: str, layout: str, scale: float,
                    window_left: int, window_right: int, softcap: float, kv_repeat: int, return_lse: bool,
-                   grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
+                   grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None, dropout_p: float = 0.0,
+                   seed: int = 0, offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
-                         return_lse, grad_comm_dtype, backend)
+                         return_lse, grad_comm_dtype, backend, dropout_p, seed, offset)
     return ulysses_backward(spec, dout, qh, kh, vh, oh, lse_h, key_bias)
 
 
@@ -150,10 +152,11 @@ def _ulysses_bwd_fake(dout, qh, kh, vh, oh, lse_h, alibi_slopes, comm, balance, 
 
 
 def _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi, kv_repeat, return_lse,
-                  grad_comm_dtype, backend) -> CallSpec:
+                  grad_comm_dtype, backend, dropout_p=0.0, seed=0, offset=0) -> CallSpec:
     return CallSpec(comm=lookup_comm(comm), balance=balance, layout=layout, scale=scale,
                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi, kv_repeat=kv_repeat,
-                    return_lse=return_lse, grad_comm_dtype=_DTYPES[grad_comm_dtype], backend=backend or None)
+                    return_lse=return_lse, grad_comm_dtype=_DTYPES[grad_comm_dtype], backend=backend or None,
+                    dropout_p=dropout_p, rng=(seed, offset) if dropout_p > 0 else None)
 
 
 def _ulysses_setup_context(ctx, inputs, output):
@@ -161,6 +164,7 @@ def _ulysses_setup_context(ctx, inputs, output):
     key_bias = inputs[15] if len(inputs) > 15 else None
     ctx.save_for_backward(qh, kh, vh, oh, lse_h, inputs[3], key_bias)
     ctx.args = inputs[4:15]  # comm name, balance, ..., backend: everything between alibi_slopes and key_bias
+    ctx.dropout = tuple(inputs[16:19])  # (dropout_p, seed, offset): the forward's, so the backward drops the same
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, qh, kh, vh, oh, lse_h)
 
@@ -168,7 +172,7 @@ def _ulysses_setup_context(ctx, inputs, output):
 def _a2a_backward(bwd_op):
     def backward(ctx, dout, *unused):
         qh, kh, vh, oh, lse_h, alibi, key_bias = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args, key_bias)
+        dq, dk, dv = bwd_op(dout, qh, kh, vh, oh, lse_h, alibi, *ctx.args, key_bias, *ctx.dropout)
         return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
     return backward
 
@@ -180,10 +184,11 @@ cp_ulysses_fwd.register_autograd(_a2a_backward(cp_ulysses_bwd), setup_context=_u
 @torch.library.custom_op("fastattn::cp_hybrid_fwd", mutates_args=())
 def cp_hybrid_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], comm: str, balance: str,
                   layout: str, scale: float, window_left: int, window_right: int, softcap: float, kv_repeat: int,
-                  return_lse: bool, grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
+                  return_lse: bool, grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None,
+                  dropout_p: float = 0.0, seed: int = 0, offset: int = 0
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
-                         return_lse, grad_comm_dtype, backend)
+                         return_lse, grad_comm_dtype, backend, dropout_p, seed, offset)
     return hybrid_forward(spec, q, k, v, key_bias)
 
 
@@ -191,10 +196,10 @@ def cp_hybrid_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor
 def cp_hybrid_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor, lse_h: Tensor,
                   alibi_slopes: Optional[Tensor], comm: str, balance: str, layout: str, scale: float,
                   window_left: int, window_right: int, softcap: float, kv_repeat: int, return_lse: bool,
-                  grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
+                  grad_comm_dtype: str, backend: str, key_bias: Optional[Tensor] = None, dropout_p: float = 0.0,
+                  seed: int = 0, offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     spec = _ulysses_spec(comm, balance, layout, scale, window_left, window_right, softcap, alibi_slopes, kv_repeat,
-                         return_lse, grad_comm_dtype, backend)
+                         return_lse, grad_comm_dtype, backend, dropout_p, seed, offset)
     return hybrid_backward(spec, dout, qh, kh, vh, oh, lse_h, key_bias)
 
 
@@ -210,9 +215,11 @@ def _dtype_name(dt: torch.dtype) -> str:
 def cp_ulysses(spec: CallSpec, q, k, v, key_bias=None, op=cp_ulysses_fwd):
     """Calls the Ulysses op (or the hybrid's, which takes the same arguments) for a CallSpec; returns (out, lse or
     None)."""
+    seed, offset = spec.rng if spec.rng is not None else (0, 0)
     out, lse = op(q, k, v, spec.alibi_slopes, comm_name(spec.comm), spec.balance, spec.layout,
-                              spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.kv_repeat,
-                              spec.return_lse, _dtype_name(spec.grad_comm_dtype), spec.backend or "", key_bias)[:2]
+                  spec.scale, spec.window[0], spec.window[1], spec.softcap, spec.kv_repeat,
+                  spec.return_lse, _dtype_name(spec.grad_comm_dtype), spec.backend or "", key_bias,
+                  spec.dropout_p, seed, offset)[:2]
     return out, lse if spec.return_lse else None
 
 

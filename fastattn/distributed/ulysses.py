@@ -2,6 +2,8 @@
 
 Rank j receives the whole sequence of head group j (query heads [j*H/W, (j+1)*H/W)), puts it in global order, runs
 ONE block call (no merge: per head, exactly the single-process computation) and sends each rank its rows back.
+The block call gets head_start = j*H/W, so dropout is keyed by the global query head and drops exactly what one
+process drops with the same rng.
 GQA: K/V heads split the same way, so query groups land with their K/V head; when H_kv is not divisible by W each
 K/V head is first replicated (CPConfig.plan gives the factor) and the backward sums the replicas' gradients.
 Counts: forward 4 all-to-alls (q, k, v, out; +1 for lse when asked); backward 4 (dout, dq, dk, dv); a key bias
@@ -62,6 +64,14 @@ def _user(spec: CallSpec, x):
     return x if spec.layout == "bshd" else x.transpose(1, 2)
 
 
+def _head_kw(spec: CallSpec, h: int) -> dict:
+    """block_kw of this rank's head group (h query heads): its ALiBi slopes and its first global query head (the
+    dropout key; K/V heads, replicated or not, follow the query heads)."""
+    kw = spec.block_kw(_slopes(spec, h))
+    kw["head_start"] = spec.head_start + spec.comm.rank * h
+    return kw
+
+
 def _slopes(spec: CallSpec, h: int):
     a = spec.alibi_slopes
     if a is None:
@@ -85,7 +95,7 @@ def ulysses_forward(spec: CallSpec, q, k, v, key_bias=None):
     h = qh.shape[2]
     o, lse_h = block_forward(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), q_start=0, k_start=0,
                              attn_bias=gather_key_bias(spec, key_bias),
-                             **spec.block_kw(_slopes(spec, h)))  # (B, h, S, Dv) fp32, (B, h, S)
+                             **_head_kw(spec, h))  # (B, h, S, Dv) fp32, (B, h, S)
     oh = o.to(q.dtype).contiguous()  # the one rounding; (B, h, S, Dv) contiguous whatever order the kernel wrote
     out = _user(spec, _to_seq(spec, oh.transpose(1, 2))).contiguous()
     if spec.return_lse:
@@ -102,7 +112,7 @@ def ulysses_backward(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, key_bias=None)
     h = qh.shape[2]
     dq, dk, dv = block_backward(doh.transpose(1, 2), qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2),
                                 oh, lse_h, q_start=0, k_start=0, attn_bias=gather_key_bias(spec, key_bias),
-                                **spec.block_kw(_slopes(spec, h)))  # fp32 (B, h, S, D)
+                                **_head_kw(spec, h))  # fp32 (B, h, S, D)
     # dq is final: round before sending. dK/dV of replicated heads are summed after the trip: send them exact.
     dq = _to_seq(spec, dq.transpose(1, 2).to(qh.dtype))
     kv_dt = kv_grad_dtype(spec, kh.dtype)

@@ -58,20 +58,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("bottom_right"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"),
-        py::arg("q_start") = py::none(), py::arg("k_start") = py::none(), py::arg("out_fp32") = false);
+        py::arg("q_start") = py::none(), py::arg("k_start") = py::none(), py::arg("out_fp32") = false,
+        py::arg("head_start") = 0);
   m.def("bwd", &fastattn::emu_harness::bwd_emu, "fastattn::bwd's CUDA kernels run by the CPU emulator",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
         py::arg("scale"), py::arg("window_left"), py::arg("window_right"), py::arg("bottom_right"),
         py::arg("dropout_p"), py::arg("seed"), py::arg("offset"), py::arg("q_start") = py::none(),
-        py::arg("k_start") = py::none());
+        py::arg("k_start") = py::none(), py::arg("head_start") = 0);
   m.def("bwd_acc", &fastattn::emu_harness::bwd_acc_emu,
         "fastattn::bwd_acc's CUDA kernels run by the CPU emulator: adds the fp32 gradients into dq_acc/dk_acc/dv_acc",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
         py::arg("scale"), py::arg("window_left"), py::arg("window_right"), py::arg("bottom_right"),
         py::arg("dropout_p"), py::arg("seed"), py::arg("offset"), py::arg("q_start"), py::arg("k_start"),
-        py::arg("dq_acc"), py::arg("dk_acc"), py::arg("dv_acc"));
+        py::arg("dq_acc"), py::arg("dk_acc"), py::arg("dv_acc"), py::arg("head_start") = 0);
   m.def("selftest", [](const std::string& name) {
     namespace st = fastattn::cuda::emu_selftest;
     at::Tensor out = at::full({128}, -1.f), src = at::arange(128, at::kFloat);

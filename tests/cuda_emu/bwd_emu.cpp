@@ -21,11 +21,12 @@ cuda::host::BwdPlan run(const at::Tensor& dout, const at::Tensor& q, const at::T
                         const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                         double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
                         int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
-                        const std::optional<at::Tensor>& k_start, const cuda::host::AccTensors* acc) {
+                        const std::optional<at::Tensor>& k_start, const cuda::host::AccTensors* acc,
+                        int64_t head_start) {
   cuda::host::BwdPlan plan = cuda::host::plan_bwd(
       dout, q, k, v, out, lse, std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
       window_left, window_right, bottom_right, 0.0, std::nullopt, dropout_p, seed, offset, q_start, k_start, acc,
-      at::kCPU, [] {});
+      head_start, at::kCPU, [] {});
   if (plan.launch) {
     // the delta kernel must write every row the dK/dV and dQ kernels read
     if (poison_outputs()) plan.delta.fill_(std::numeric_limits<float>::quiet_NaN());
@@ -53,10 +54,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_emu(
     const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
-    const std::optional<at::Tensor>& k_start) {
+    const std::optional<at::Tensor>& k_start, int64_t head_start) {
   cuda::host::BwdPlan plan = run(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale, window_left, window_right, bottom_right, dropout_p, seed, offset, q_start,
-                                 k_start, nullptr);
+                                 k_start, nullptr, head_start);
   return {plan.dq, plan.dk, plan.dv};
 }
 
@@ -66,10 +67,10 @@ void bwd_acc_emu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
                  double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
                  int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
                  const std::optional<at::Tensor>& k_start, const at::Tensor& dq_acc, const at::Tensor& dk_acc,
-                 const at::Tensor& dv_acc) {
+                 const at::Tensor& dv_acc, int64_t head_start) {
   const cuda::host::AccTensors acc{dq_acc, dk_acc, dv_acc};
   run(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, bottom_right, dropout_p, seed, offset, q_start, k_start, &acc);
+      window_right, bottom_right, dropout_p, seed, offset, q_start, k_start, &acc, head_start);
 }
 
 }  // namespace emu_harness

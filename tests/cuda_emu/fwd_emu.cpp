@@ -17,10 +17,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_emu(const at::Tensor& q, const at::Tensor
                                            int64_t max_seqlen_k, double scale, int64_t window_left,
                                            int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
                                            int64_t offset, const std::optional<at::Tensor>& q_start,
-                                           const std::optional<at::Tensor>& k_start, bool out_fp32) {
+                                           const std::optional<at::Tensor>& k_start, bool out_fp32,
+                                           int64_t head_start) {
   cuda::host::FwdPlan plan = cuda::host::plan_fwd(
       q, k, v, std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-      bottom_right, 0.0, std::nullopt, dropout_p, seed, offset, q_start, k_start, out_fp32, at::kCPU, [] {});
+      bottom_right, 0.0, std::nullopt, dropout_p, seed, offset, q_start, k_start, out_fp32, head_start, at::kCPU,
+      [] {});
   if (plan.launch) {
     emu::clear_globals();
     for (const at::Tensor& t : {plan.q, plan.k, plan.v}) add_tensor(t);

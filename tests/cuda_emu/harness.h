@@ -30,13 +30,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_emu(const at::Tensor& q, const at::Tensor
                                            int64_t max_seqlen_k, double scale, int64_t window_left,
                                            int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
                                            int64_t offset, const std::optional<at::Tensor>& q_start,
-                                           const std::optional<at::Tensor>& k_start, bool out_fp32);
+                                           const std::optional<at::Tensor>& k_start, bool out_fp32,
+                                           int64_t head_start);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_emu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
-    const std::optional<at::Tensor>& k_start);
+    const std::optional<at::Tensor>& k_start, int64_t head_start);
 // bwd_acc: bwd's kernels adding their fp32 gradients into dq_acc/dk_acc/dv_acc.
 void bwd_acc_emu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
@@ -44,7 +45,7 @@ void bwd_acc_emu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
                  double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
                  int64_t seed, int64_t offset, const std::optional<at::Tensor>& q_start,
                  const std::optional<at::Tensor>& k_start, const at::Tensor& dq_acc, const at::Tensor& dk_acc,
-                 const at::Tensor& dv_acc);
+                 const at::Tensor& dv_acc, int64_t head_start);
 
 }  // namespace emu_harness
 }  // namespace fastattn

@@ -172,10 +172,10 @@ def test_auto_explain_and_refusals():
         out = [cp.plan(heads_q=8, heads_kv=2), cp.explain(heads_q=8, heads_kv=1, causal=True),
                CPConfig(comm, balance="contiguous").explain(heads_q=8, heads_kv=8, causal=True),
                cp.explain(heads_q=9, heads_kv=9)]
-        for kw in (dict(heads_q=9, heads_kv=9), dict(heads_q=8, heads_kv=8, dropout=True)):
-            with pytest.raises(CPUnsupportedError) as e:
-                CPConfig(comm, strategy="hybrid").plan(**kw)
-            out.append(str(e.value))
+        with pytest.raises(CPUnsupportedError) as e:
+            CPConfig(comm, strategy="hybrid").plan(heads_q=9, heads_kv=9)
+        out.append(str(e.value))
+        out.append(CPConfig(comm, strategy="hybrid").plan(heads_q=8, heads_kv=8, dropout=True))
         with pytest.raises(ValueError, match="strategy='ring' runs on one group; this config has a 2-D group "
                                              r"\(ulysses U=2 x ring R=2\)"):
             CPConfig(comm, strategy="ring")
@@ -190,24 +190,13 @@ def test_auto_explain_and_refusals():
         e_auto and "K/V heads replicated 2x" in e_auto and "zigzag ring over R=2" in e_auto
     assert "ring rank 0 idle" in e_contig and "refused" in e_bad and "9 query heads are not divisible by U=2" in e_bad
     assert "9 query heads are not divisible by U=2" in r_heads and "a 1-D CPConfig over the flattened" in r_heads
-    assert "dropout: the kernels key the dropout mask by the local head index" in r_drop
+    assert r_drop.strategy == "hybrid"  # dropout is exact on the hybrid (head_start): no refusal
     assert both == (3, 4, "hybrid")
 
     def one_d(comm):
         with pytest.raises(ValueError, match="strategy='hybrid' needs a 2-D group"):
             CPConfig(comm, strategy="hybrid")
     run_local(2, one_d)
-
-
-def test_dropout_refused_with_the_reason():
-    """The kernels' Philox counter is (k_pos / 4, q_pos, LOCAL head, batch): a head-sharded call cannot reproduce
-    the single-process mask without a head offset in the kernel contract, so the Ulysses and hybrid strategies refuse
-    dropout (the ring and allgather ones run it exactly: test_cp_api)."""
-    def rank(comm):
-        x = torch.randn(1, 4, 4, 8)
-        with pytest.raises(CPUnsupportedError, match="local head index"):
-            cp_attention(x, x, x, cp=CPConfig(comm), dropout_p=0.1, rng=(1, 2))
-    run_local(4, rank, mesh=(2, 2))
 
 
 # --- torch.compile -----------------------------------------------------------------------------------------------
@@ -284,10 +273,9 @@ def _plant(monkeypatch, bug):
     elif bug == "slopes of another head group":
         real = hyb._ring_spec
 
-        def wrong(spec):
+        def wrong(spec, h):
             U, u = spec.comm.ulysses.world_size, spec.comm.ulysses.rank
-            h = spec.alibi_slopes.shape[-1] // U
-            return replace(real(spec), alibi_slopes=spec.alibi_slopes[((u + 1) % U) * h:((u + 1) % U + 1) * h])
+            return replace(real(spec, h), alibi_slopes=spec.alibi_slopes[((u + 1) % U) * h:((u + 1) % U + 1) * h])
         monkeypatch.setattr(hyb, "_ring_spec", wrong)
     elif bug == "replica gradients not summed":
         real = hyb.sum_replicas

@@ -164,13 +164,13 @@ def single_process(c: Case):
     return tuple(x.detach().cpu() for x in (out, lse, q.grad, k.grad, v.grad))
 
 
-def single_block(c: Case):
+def single_block(c: Case, rng=None, dropout_p=0.0):
     """The block calls on the whole sequence (CP with one rank): (out, lse, dq, dk, dv)."""
     q, k, v, dout, alibi = make_inputs(c)
     q, k, v, dout = (_bhsd(t.to(c.device, c.dtype)) for t in (q, k, v, dout))
     alibi = alibi.to(c.device) if alibi is not None else None
     kw = dict(q_start=0, k_start=0, scale=c.D ** -0.5, window_size=(c.window[0], 0 if c.causal else c.window[1]),
-              softcap=c.softcap, alibi_slopes=alibi, backend=c.backend)
+              softcap=c.softcap, alibi_slopes=alibi, backend=c.backend, dropout_p=dropout_p, rng=rng)
     out, lse = block_forward(q, k, v, **kw)
     out = out.to(c.dtype)
     dq, dk, dv = block_backward(dout, q, k, v, out, lse, **kw)
@@ -247,16 +247,17 @@ def block_backends(device: str = "cpu", dropout: bool = False):
 
 
 def install_keyed_dropout(monkeypatch):
-    """Gives the reference backend a dropout keyed on global positions (a hash of seed, offset, batch, head and the
-    query/key positions; not the kernels' Philox), so the CP dropout plumbing (one rng for every block, positions
+    """Gives the reference backend a dropout keyed on global positions (a hash of seed, offset, batch, global head
+    head_start + h and the query/key positions; not the kernels' Philox), so the CP dropout plumbing (one rng for every block, positions
     per block) is tested even where no kernel takes block calls with dropout. Forward and block backward."""
     import fastattn.backends.reference as R
 
     def keep(p, positions, shape):
         B, H, Sq, Sk = shape
         (q_pos, k_pos), (seed, offset) = positions, p.rng
+        heads = p.head_start + torch.arange(H)  # global query heads
         x = (q_pos.view(-1, 1, Sq, 1) * 1000003 + k_pos.view(-1, 1, 1, Sk) * 7919
-             + torch.arange(H).view(1, H, 1, 1) * 104729 + torch.arange(B).view(B, 1, 1, 1) * 15485863
+             + heads.view(1, H, 1, 1) * 104729 + torch.arange(B).view(B, 1, 1, 1) * 15485863
              + seed % 1000003 + offset % 997)
         x = (x * 2654435761) % 2 ** 32
         x = ((x ^ (x >> 13)) * 1274126177) % 2 ** 32

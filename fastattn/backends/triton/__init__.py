@@ -72,6 +72,9 @@ class TritonBackend(Backend):
         r = []
         if p.attn_bias is not None and p.is_varlen:
             r.append("attn_mask together with varlen")
+        if p.head_start and p.dropout_p > 0 and not p.is_block:
+            r.append("dropout with head_start outside a block call (the plain dropout stream is keyed on the "
+                     "call's linear element index)")
         return r
 
     def forward(self, p: AttnParams):
@@ -80,7 +83,7 @@ class TritonBackend(Backend):
         return torch.ops.fastattn.triton_fwd(p.q, p.k, p.v, self._bias(p), p.cu_seqlens_q, p.cu_seqlens_k,
                                              p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right,
                                              p.bottom_right, p.softcap, self._alibi(p), p.dropout_p, seed, offset,
-                                             p.deterministic, p.q_start, p.k_start, p.out_fp32)
+                                             p.deterministic, p.q_start, p.k_start, p.out_fp32, p.head_start)
 
     def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
         from .kernels import op  # noqa: F401  (registers torch.ops.fastattn.triton_bwd_acc)
@@ -91,7 +94,7 @@ class TritonBackend(Backend):
                                           p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
                                           p.window_right, p.bottom_right, p.softcap, self._alibi(p), p.dropout_p,
                                           seed, offset, p.deterministic, p.q_start, p.k_start, dq_acc, dk_acc,
-                                          dv_acc)
+                                          dv_acc, p.head_start)
 
     @staticmethod
     def _bias(p: AttnParams):

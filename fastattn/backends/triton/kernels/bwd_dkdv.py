@@ -54,7 +54,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
+@triton.jit(do_not_specialize=["seed", "rng_offset", "head_start"])  # a fresh seed or head_start: no recompile
 def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart, KStart, Stats,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
@@ -62,7 +62,7 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart
                   stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
                   seqlen_q_arg, seqlen_k_arg, rows_q, rows_k, num_heads, num_kv_heads, head_ratio,
                   scale, qk_scale2, cap_in, cap_out2, window_left, window_right, dropout_p, seed, rng_offset,
-                  BUCKET_Q, BUCKET_K,
+                  head_start, BUCKET_Q, BUCKET_K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -114,8 +114,8 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart
             Bias_base = Bias
             if BIAS > 0:
                 Bias_base = Bias + bb64 * stride_bb + h64 * stride_bh
-            if HAS_START:  # keyed on (sequence, head, positions): see dropout_keep
-                rng_base = rng_offset + seq.to(tl.int64) * num_heads + h64
+            if HAS_START:  # keyed on (sequence, global head, positions): see dropout_keep
+                rng_base = rng_offset + (seq.to(tl.int64) << 32) + head_start + h64  # global head
             else:
                 rng_base = rng_offset + ((bb64 * num_heads + h64) * rows_q + qs) * rows_k + ks
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qm, stride_dom,

@@ -47,14 +47,14 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, lo, 
     return dq
 
 
-@triton.jit(do_not_specialize=["seed", "rng_offset"])  # a fresh seed must not recompile
+@triton.jit(do_not_specialize=["seed", "rng_offset", "head_start"])  # a fresh seed or head_start: no recompile
 def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Bias, Alibi, CuQ, CuK, QStart, KStart, Stats,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh,
                 stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
                 seqlen_q_arg, seqlen_k_arg, rows_q, rows_k, num_heads, head_ratio,
                 scale, qk_scale2, cap_in, cap_out2, window_left, window_right, dropout_p, seed, rng_offset,
-                BUCKET_Q, BUCKET_K,
+                head_start, BUCKET_Q, BUCKET_K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -96,8 +96,8 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Bias, Alibi, CuQ, CuK, QStart, KSta
         Bias_base = Bias
         if BIAS > 0:
             Bias_base = Bias + bb64 * stride_bb + h64 * stride_bh
-        if HAS_START:  # keyed on (sequence, head, positions): see dropout_keep
-            rng_base = rng_offset + seq.to(tl.int64) * num_heads + h64
+        if HAS_START:  # keyed on (sequence, global head, positions): see dropout_keep
+            rng_base = rng_offset + (seq.to(tl.int64) << 32) + head_start + h64  # global head
         else:
             rng_base = rng_offset + ((bb64 * num_heads + h64) * rows_q + qs) * rows_k + ks
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

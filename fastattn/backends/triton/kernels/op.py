@@ -9,7 +9,9 @@ out in q's memory order, lse fp32 (B, Hq, Sq) natural log with +inf for rows tha
 
 Block calls (fastattn/blocks.py): q_start/k_start (int32 (N,)) put each sequence's queries and keys at global
 positions (kernels/common.py), out_fp32 returns the forward's fp32 accumulator unrounded, and
-fastattn::triton_bwd_acc adds the gradients into caller-given fp32 buffers."""
+fastattn::triton_bwd_acc adds the gradients into caller-given fp32 buffers. head_start (last argument of the three
+ops, default 0) keys dropout by the global query head head_start + h; with dropout it needs block coordinates (the
+plain dropout stream is keyed on the call's linear element index, which depends on its head count)."""
 from __future__ import annotations
 
 import inspect
@@ -154,14 +156,26 @@ def _check_blocks(op, q, k, cu_q, cu_k, br, q_start, k_start):
     return True
 
 
+def _check_head_start(op, head_start, heads_q, dropout_p, has_start):
+    """head_start as csrc/ops.cpp checks it, and (here only) block coordinates when dropout uses it."""
+    if isinstance(head_start, bool) or not isinstance(head_start, int) or head_start < 0 \
+            or head_start + heads_q > 2 ** 31:
+        raise InputValueError(f"fastattn: {op}: head_start must be an int >= 0 with head_start + Hq ({heads_q}) "
+                              f"<= 2^31, got {head_start!r}")
+    if head_start and dropout_p > 0 and not has_start:
+        raise InputValueError(f"fastattn: {op}: dropout with head_start={head_start} needs block coordinates "
+                              "(q_start/k_start): the plain dropout stream is keyed on the call's linear index")
+
+
 def launch_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
-               q_start=None, k_start=None, out_fp32=False, *, blocks: Optional[Tuple[int, int]] = None,
-               stats: Optional[torch.Tensor] = None):
-    """Forward. q_start/k_start: block coordinates (int32 (N,)); out_fp32: out in float32, unrounded.
-    blocks=(BLOCK_M, BLOCK_N) bypasses autotuning; stats (int32 (2,)) counts visited key blocks [masked, unmasked]
-    (debug)."""
+               q_start=None, k_start=None, out_fp32=False, head_start=0, *,
+               blocks: Optional[Tuple[int, int]] = None, stats: Optional[torch.Tensor] = None):
+    """Forward. q_start/k_start: block coordinates (int32 (N,)); out_fp32: out in float32, unrounded; head_start:
+    dropout keyed by the global head head_start + h. blocks=(BLOCK_M, BLOCK_N) bypasses autotuning; stats
+    (int32 (2,)) counts visited key blocks [masked, unmasked] (debug)."""
     B, Hq, Sq, D = q.shape
     has_start = _check_blocks("triton_fwd", q, k, cu_q, cu_k, br, q_start, k_start)
+    _check_head_start("triton_fwd", head_start, Hq, dropout_p, has_start)
     out = _poison(_out_like_q(q, v.shape[-1], torch.float32 if out_fp32 else None))
     lse = _poison(q.new_empty(B, Hq, Sq, dtype=torch.float32))
     if Sq == 0 or k.shape[2] == 0:
@@ -176,7 +190,7 @@ def launch_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softc
     _wrap(kernel)[grid](
         q, k, v, out, lse, bias, alibi, cu_q, cu_k, q_start, k_start, stats, *_strides3(q), *_strides3(k),
         *_strides3(v), *_strides3(out), lse.stride(0), lse.stride(1), num_heads=Hq, seed=seed, rng_offset=offset,
-        DEBUG=stats is not None, **scal, **const, **launch)
+        head_start=head_start, DEBUG=stats is not None, **scal, **const, **launch)
     return out, lse
 
 
@@ -228,17 +242,18 @@ def _check_acc(q, k, v, acc, others):
 
 
 def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softcap, alibi,
-               dropout_p, seed, offset, q_start=None, k_start=None, *,
+               dropout_p, seed, offset, q_start=None, k_start=None, head_start=0, *,
                acc: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                blocks: Optional[Tuple[int, int]] = None, stats: Optional[torch.Tensor] = None):
-    """Backward: preprocess (delta), dK/dV, dQ. q_start/k_start: block coordinates. acc = (dq_acc, dk_acc, dv_acc)
-    float32: the gradients are added into them unrounded (returned) instead of allocated in q's dtype.
-    blocks applies to both main kernels as (BLOCK_M, BLOCK_N); stats (int32 (4,)) counts [dkdv masked,
-    dkdv unmasked, dq masked, dq unmasked] visited blocks."""
+    """Backward: preprocess (delta), dK/dV, dQ. q_start/k_start: block coordinates; head_start as launch_fwd.
+    acc = (dq_acc, dk_acc, dv_acc) float32: the gradients are added into them unrounded (returned) instead of
+    allocated in q's dtype. blocks applies to both main kernels as (BLOCK_M, BLOCK_N); stats (int32 (4,)) counts
+    [dkdv masked, dkdv unmasked, dq masked, dq unmasked] visited blocks."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     op_name = "triton_bwd" if acc is None else "triton_bwd_acc"
     has_start = _check_blocks(op_name, q, k, cu_q, cu_k, br, q_start, k_start)
+    _check_head_start(op_name, head_start, Hq, dropout_p, has_start)
     _check_grad_io(op_name, dout, q, v, out, lse)
     if acc is None:
         dq = _poison(torch.empty_like(q))
@@ -257,7 +272,8 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
     _wrap(attn_bwd_preprocess)[(triton.cdiv(Sq, C.PRE_BLOCK_M), B * Hq)](
         out, dout, delta, *_strides3(out), *_strides3(dout), Sq, Hq,
         BLOCK_M=C.PRE_BLOCK_M, BLOCK_DV=const["BLOCK_DV"], HEAD_DV=Dv)
-    common = dict(seed=seed, rng_offset=offset, scale=scale, ACCUMULATE=acc is not None, **scal, **const)
+    common = dict(seed=seed, rng_offset=offset, head_start=head_start, scale=scale, ACCUMULATE=acc is not None,
+                  **scal, **const)
     kv_stats = stats[:2] if stats is not None else None
     q_stats = stats[2:] if stats is not None else None
     tuned = None if INTERPRET else (_dkdv_tuned if acc is None else _dkdv_acc_tuned)
@@ -292,10 +308,10 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Opt
                max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
                softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
                deterministic: bool, q_start: Optional[torch.Tensor] = None, k_start: Optional[torch.Tensor] = None,
-               out_fp32: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               out_fp32: bool = False, head_start: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     return launch_fwd(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                       window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                      q_start, k_start, out_fp32)
+                      q_start, k_start, out_fp32, head_start)
 
 
 @_define("fastattn::triton_bwd")
@@ -305,11 +321,12 @@ def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                window_left: int, window_right: int, bottom_right: bool, softcap: float,
                alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
                deterministic: bool, q_start: Optional[torch.Tensor] = None,
-               k_start: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               k_start: Optional[torch.Tensor] = None,
+               head_start: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # dQ has its own pass (no atomics), so the result is deterministic whatever `deterministic` says.
     return launch_bwd(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                      q_start, k_start)
+                      q_start, k_start, head_start)
 
 
 @_define("fastattn::triton_bwd_acc", mutates=("dq_acc", "dk_acc", "dv_acc"))
@@ -319,19 +336,19 @@ def triton_bwd_acc(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    window_left: int, window_right: int, bottom_right: bool, softcap: float,
                    alibi_slopes: Optional[torch.Tensor], dropout_p: float, seed: int, offset: int,
                    deterministic: bool, q_start: Optional[torch.Tensor], k_start: Optional[torch.Tensor],
-                   dq_acc: torch.Tensor, dk_acc: torch.Tensor, dv_acc: torch.Tensor) -> None:
+                   dq_acc: torch.Tensor, dk_acc: torch.Tensor, dv_acc: torch.Tensor, head_start: int = 0) -> None:
     """triton_bwd's gradients added into the float32 accumulators, never rounded to q's dtype (block calls: out is
     the merged output in q's dtype, lse the merged lse)."""
     launch_bwd(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start,
-               k_start, acc=(dq_acc, dk_acc, dv_acc))
+               k_start, head_start, acc=(dq_acc, dk_acc, dv_acc))
 
 
 if INTERPRET:  # opaque custom ops need fake functions; triton_op derives them by tracing the launchers
     @triton_fwd.register_fake
     def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
                   window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic,
-                  q_start=None, k_start=None, out_fp32=False):
+                  q_start=None, k_start=None, out_fp32=False, head_start=0):
         B, H, S, _ = q.shape
         out = _out_like_q(q, v.shape[-1], torch.float32 if out_fp32 else None)
         return out, q.new_empty(B, H, S, dtype=torch.float32)
@@ -339,7 +356,7 @@ if INTERPRET:  # opaque custom ops need fake functions; triton_op derives them b
     @triton_bwd.register_fake
     def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                   window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
-                  deterministic, q_start=None, k_start=None):
+                  deterministic, q_start=None, k_start=None, head_start=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @triton_bwd_acc.register_fake
