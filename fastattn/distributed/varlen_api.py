@@ -15,7 +15,7 @@ import torch
 from . import layout
 from .api import _shared_rng
 from .comm import comm_name
-from .config import CPConfig, CPUnsupportedError, Plan
+from .config import CPConfig, CPUnsupportedError, Plan, _ulysses_check
 from .varlen import SHARDINGS, cp_varlen_fwd
 from .varlen_ulysses import A2A_STRATEGIES, cp_varlen_a2a_fwd
 
@@ -108,15 +108,20 @@ def plan_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "p
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
     p = cp.plan(heads_q=heads_q, heads_kv=heads_kv, dropout=dropout)
-    if p.strategy in ("ring", "allgather") and cp.strategy == "auto" and cp.world_size > 1:
-        fallback = "ring" if sharding == "per_doc" else "allgather"
-        why = ("per-document shards: K/V travel the ring, its hops overlapped with compute" if fallback == "ring" else
-               "stream shards (documents cross ranks): one all-gather of K/V, one kernel call per rank, no merge")
-        return Plan(fallback, p.reason.split(";")[0] + f"; {why}")
-    if p.strategy == "ulysses" and cp.strategy == "auto":
-        return p._replace(reason=p.reason.replace("full-sequence kernel call", "varlen kernel call over the whole "
-                                                  "packed stream (GLOBAL cu_seqlens)"))
-    return p
+    if cp.is_2d or cp.strategy != "auto" or cp.world_size == 1:
+        return p  # requested, the hybrid, or one rank: as for dense sequences
+    W = cp.world_size
+    if p.strategy == "ulysses":
+        rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
+        return p._replace(reason=f"heads allow it (H={heads_q}, H_kv={heads_kv}, W={W}{rep}): one all-to-all each "
+                                 "way for q|k|v and for out, ONE varlen kernel call per rank over the whole packed "
+                                 "stream (GLOBAL cu_seqlens), no merge")
+    _, why_not = _ulysses_check(heads_q, heads_kv, W, cp.kv_replication, dropout)
+    if sharding == "per_doc":
+        return Plan("ring", f"ulysses not possible ({why_not}); per-document shards: K/V travel the ring, its hops "
+                            "overlapped with compute")
+    return Plan("allgather", f"ulysses not possible ({why_not}); stream shards (documents cross ranks): one "
+                             "all-gather of K/V, one kernel call per query chunk, no merge")
 
 
 def explain_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "per_doc", causal: bool = False,
