@@ -22,6 +22,7 @@ document order (per_doc zigzag: all head pieces, then all tail pieces; stream zi
 and are gathered in that order; outputs and gradients go back to the caller's order at the end.
 
 One custom op pair (fastattn::cp_varlen_fwd / cp_varlen_bwd) makes the whole call opaque to torch.compile.
+Ulysses and the hybrid (a 2-D group; its ring over R is ring_varlen_forward/backward here): varlen_ulysses.py.
 """
 from __future__ import annotations
 

@@ -69,9 +69,9 @@ def unshard_2d_list(shards: Sequence[Tensor], cu_seqlens, dim: int, ulysses: int
 
 
 @lru_cache(maxsize=64)
-def _orders(lengths: Tuple[int, ...], world_size: int, sharding: str, balance: str
+def _orders(lengths: Tuple[int, ...], world_size: int, sharding: str, balance: str, device: torch.device
             ) -> Optional[Tuple[Tensor, Tensor]]:
-    """(order, inverse) int64 on the CPU: order[i] = packed row of row i of the ranks' shards concatenated in rank
+    """(order, inverse) int64 on device, made once per document layout: order[i] = packed row of row i of the ranks' shards concatenated in rank
     order, inverse = its argsort; None when that is packed order already (stream, contiguous)."""
     if sharding == "per_doc":
         cu = [0]
@@ -82,7 +82,7 @@ def _orders(lengths: Tuple[int, ...], world_size: int, sharding: str, balance: s
         return None
     else:
         order = layout.order(sum(lengths), world_size, balance)
-    return order, torch.argsort(order)
+    return order.to(device), torch.argsort(order).to(device)
 
 
 # --- the all-to-alls: several tensors, one collective --------------------------------------------------------------
@@ -142,15 +142,15 @@ def _bh(x: Tensor) -> Tensor:
 
 
 def _reorder(x: Tensor, idx: Optional[Tensor]) -> Tensor:
-    return x if idx is None else x.index_select(0, idx.to(x.device))
+    return x if idx is None else x.index_select(0, idx)
 
 
 # --- Ulysses ---------------------------------------------------------------------------------------------------
 
-def _doc_kw(cu: Tensor, lengths: Sequence[int]) -> dict:
+def _doc_kw(cu: Tensor, lengths: Sequence[int], device) -> dict:
     """The block call over the whole packed stream: every document from its position 0, the GLOBAL cu_seqlens."""
-    z = torch.zeros(len(lengths), dtype=torch.int32, device=cu.device)
-    c = cu.to(torch.int32)
+    z = torch.zeros(len(lengths), dtype=torch.int32, device=device)
+    c = cu.to(device=device, dtype=torch.int32)
     m = max(lengths)
     return dict(q_start=z, k_start=z, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=m, max_seqlen_k=m)
 
@@ -158,12 +158,12 @@ def _doc_kw(cu: Tensor, lengths: Sequence[int]) -> dict:
 def _ulysses_fwd(spec: CallSpec, q, k, v, cu, sharding, balance, kv_repeat):
     comm = spec.comm
     lengths = tuple(layout.doc_lengths(cu))
-    orders = _orders(lengths, comm.world_size, sharding, balance)
+    orders = _orders(lengths, comm.world_size, sharding, balance, q.device)
     inv = None if orders is None else orders[1]
     qh, kh, vh = (_reorder(t, inv) for t in seq_to_heads(comm, [q, _kv_heads(k, kv_repeat), _kv_heads(v, kv_repeat)]))
     h = qh.shape[1]
     # head_start=comm.rank * h goes here once the kernels key dropout by the global head (CPConfig.plan refuses now)
-    o, lse = block_forward(_bh(qh), _bh(kh), _bh(vh), **_doc_kw(cu, lengths),
+    o, lse = block_forward(_bh(qh), _bh(kh), _bh(vh), **_doc_kw(cu, lengths, q.device),
                            **spec.block_kw(_slopes(spec.alibi_slopes, h, comm.rank)))  # (1, h, T, Dv), (1, h, T)
     oh = o[0].transpose(0, 1).to(q.dtype).contiguous()  # (1, h, T, Dv) -> (T, h, Dv): the one rounding
     lse_h = lse[0].contiguous()  # (h, T)
@@ -173,11 +173,11 @@ def _ulysses_fwd(spec: CallSpec, q, k, v, cu, sharding, balance, kv_repeat):
 def _ulysses_bwd(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, cu, sharding, balance, kv_dt):
     comm = spec.comm
     lengths = tuple(layout.doc_lengths(cu))
-    orders = _orders(lengths, comm.world_size, sharding, balance)
+    orders = _orders(lengths, comm.world_size, sharding, balance, qh.device)
     doh = _reorder(seq_to_heads(comm, [dout])[0], None if orders is None else orders[1])  # (T, h, Dv) packed order
     h = qh.shape[1]
     dq, dk, dv = block_backward(_bh(doh), _bh(qh), _bh(kh), _bh(vh), _bh(oh), lse_h.unsqueeze(0),
-                                **_doc_kw(cu, lengths),
+                                **_doc_kw(cu, lengths, qh.device),
                                 **spec.block_kw(_slopes(spec.alibi_slopes, h, comm.rank)))  # fp32 (1, h, T, D)
     order = None if orders is None else orders[0]
     return [_reorder(g[0].transpose(0, 1).to(dt), order) for g, dt in ((dq, qh.dtype), (dk, kv_dt), (dv, kv_dt))]

@@ -274,8 +274,8 @@ def _plant(monkeypatch, bug):
     elif bug == "cu_seqlens boundary off by one":
         real = VU._doc_kw
 
-        def doc_kw(cu, lengths):
-            kw = real(cu, lengths)
+        def doc_kw(cu, lengths, device):
+            kw = real(cu, lengths, device)
             c = kw["cu_seqlens_q"].clone()
             c[1] += 1
             return dict(kw, cu_seqlens_q=c, cu_seqlens_k=c)
