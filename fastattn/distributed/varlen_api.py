@@ -384,4 +384,5 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 
 __all__ = ["cp_varlen_attention", "plan_varlen", "explain_varlen", "ring_flash_attn_varlen_func",
-           "zigzag_ring_flash_attn_varlen_func", "llama3_flash_attn_varlen_func", "llama3_flash_attn_prepare_cu_seqlens"]
+           "zigzag_ring_flash_attn_varlen_func", "llama3_flash_attn_varlen_func",
+           "llama3_flash_attn_prepare_cu_seqlens"]

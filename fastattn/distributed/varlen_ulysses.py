@@ -71,8 +71,9 @@ def unshard_2d_list(shards: Sequence[Tensor], cu_seqlens, dim: int, ulysses: int
 @lru_cache(maxsize=64)
 def _orders(lengths: Tuple[int, ...], world_size: int, sharding: str, balance: str, device: torch.device
             ) -> Optional[Tuple[Tensor, Tensor]]:
-    """(order, inverse) int64 on device, made once per document layout: order[i] = packed row of row i of the ranks' shards concatenated in rank
-    order, inverse = its argsort; None when that is packed order already (stream, contiguous)."""
+    """(order, inverse) int64 on device, made once per document layout: order[i] = packed row of row i of the ranks'
+    shards concatenated in rank order, inverse = its argsort; None when that is packed order already (stream,
+    contiguous)."""
     if sharding == "per_doc":
         cu = [0]
         for n in lengths:

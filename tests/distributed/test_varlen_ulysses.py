@@ -2,11 +2,12 @@
 lse and gradients against single-process flash_attn_varlen_func and a float64 oracle per document (the acceptance
 rule of tests/support/cp_cases.py), auto / explain, refusals, exact communication, compile, planted bugs."""
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
-from tests.support.cp_cases import (VarlenCase, check_acceptance, check_varlen_case, gather_varlen,
+from tests.support.cp_cases import (VarlenCase, block_backends, check_acceptance, check_varlen_case, gather_varlen,
                                     make_varlen_inputs, reference_varlen, run_varlen_local, single_block_varlen,
                                     single_process_varlen, varlen_shard)
 from fastattn.distributed import CountingComm, CPConfig, CPUnsupportedError, LocalComm, cp_varlen_attention, run_local
@@ -49,7 +50,12 @@ BF16 = [
 ]
 
 
-@pytest.mark.parametrize("case", ULYSSES + FEATURES + BF16, ids=VarlenCase.id)
+KERNELS = [b for b in block_backends() if b != "reference"]  # the C++ cpu kernels here; CUDA/Triton on a GPU
+
+
+@pytest.mark.parametrize("case", ULYSSES + FEATURES + BF16 + [replace(c, backend=b) for b in KERNELS
+                                                                for c in (FEATURES[3], FEATURES[4], BF16[1])],
+                         ids=VarlenCase.id)
 def test_ulysses(case):
     check_varlen_case(case)
 
@@ -95,7 +101,8 @@ HYBRID = [  # (U, case); W = U * R
 ]
 
 
-@pytest.mark.parametrize("U,case", HYBRID, ids=lambda x: x.id() if isinstance(x, VarlenCase) else f"U{x}")
+@pytest.mark.parametrize("U,case", HYBRID + [(2, replace(HYBRID[1][1], backend=b)) for b in KERNELS],
+                         ids=lambda x: x.id() if isinstance(x, VarlenCase) else f"U{x}")
 def test_hybrid(U, case):
     check_hybrid(case, U)
 
@@ -168,6 +175,20 @@ def test_hybrid_layout_errors():
     with pytest.raises(ValueError, match=r"document 1 \(length 6\) not divisible by 4: per-document zigzag sharding "
                                          r"over W=2"):
         run_local(4, _call, (10, 6), cfg=dict(strategy="hybrid"), mesh=(2, 2))
+
+
+@pytest.mark.parametrize("W,mesh,strategy", [(2, None, "ulysses"), (4, (2, 2), "hybrid")])
+def test_check_shapes_mismatch_raises_on_every_rank(W, mesh, strategy):
+    """cp.check_shapes: one small all-gather (over both dims of a 2-D group) before any all-to-all; other
+    cu_seqlens on the last rank make every rank raise, none waits in a collective."""
+    def rank(comm):
+        try:
+            _call(comm, (8, 16, 8) if comm.rank < W - 1 else (16, 8, 8), cfg=dict(strategy=strategy,
+                                                                                  check_shapes=True))
+        except ValueError as e:
+            return str(e)
+    msgs = run_local(W, rank, mesh=mesh, timeout=20)
+    assert all(m and "varlen inputs differ across the CP ranks" in m for m in msgs), msgs
 
 
 # --- communication counts ---------------------------------------------------------------------------------------
