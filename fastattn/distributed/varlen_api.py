@@ -108,8 +108,15 @@ def plan_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "p
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
     p = cp.plan(heads_q=heads_q, heads_kv=heads_kv, dropout=dropout)
-    if cp.is_2d or cp.strategy != "auto" or cp.world_size == 1:
-        return p  # requested, the hybrid, or one rank: as for dense sequences
+    if cp.is_2d:
+        U, R = cp.mesh_shape
+        rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
+        return p._replace(reason=("requested: " if cp.strategy == "hybrid" else "") + (
+            f"a 2-D group: Ulysses over U={U} ({heads_q // U} of H={heads_q} query heads per rank{rep}), then the "
+            f"packed varlen ring over R={R} on the head-sharded ring shards ({cp.balance} {sharding} over R): one "
+            f"all-to-all each way over U for q|k|v and for out, {R - 1} K/V hops of 1/U of the heads"))
+    if cp.strategy != "auto" or cp.world_size == 1:
+        return p  # requested, or one rank: as for dense sequences
     W = cp.world_size
     if p.strategy == "ulysses":
         rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""

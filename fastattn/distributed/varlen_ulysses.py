@@ -192,6 +192,7 @@ def _ring_spec(spec: CallSpec) -> CallSpec:
     a = spec.alibi_slopes
     if a is not None:
         a = _slopes(a, a.shape[-1] // uly.world_size, uly.rank)
+    # with the kernels' head_start argument, dropout would pass head_start=uly.rank * h here (CPConfig.plan refuses now)
     return replace(spec, comm=spec.comm.ring, alibi_slopes=a)
 
 

@@ -138,7 +138,8 @@ def test_auto_plans_and_explain():
     text = explain_varlen(CPConfig(comms[0], strategy="ulysses"), heads_q=8, heads_kv=8, dropout=True)
     assert "refused: fastattn.distributed: strategy='ulysses' refused: dropout" in text, text
     two_d = run_local(4, lambda comm: explain_varlen(CPConfig(comm), heads_q=4, heads_kv=1), mesh=(2, 2))
-    assert all("(ulysses U=2 x ring R=2)" in t and "-> hybrid" in t and "replicated 2x" in t for t in two_d), two_d
+    assert all("(ulysses U=2 x ring R=2)" in t and "-> hybrid: a 2-D group" in t and "replicated 2x" in t
+               and "packed varlen ring over R=2" in t for t in two_d), two_d
 
 
 def test_auto_runs_ulysses():
