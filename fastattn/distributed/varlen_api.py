@@ -15,7 +15,7 @@ import torch
 from . import layout
 from .api import _shared_rng
 from .comm import comm_name
-from .config import CPConfig, CPUnsupportedError, Plan, _ulysses_check
+from .config import CPConfig, CPUnsupportedError, Plan
 from .varlen import SHARDINGS, cp_varlen_fwd
 from .varlen_ulysses import A2A_STRATEGIES, cp_varlen_a2a_fwd
 
@@ -100,6 +100,12 @@ def _call(cp: CPConfig, q, k, v, cu_a, cu_b, strategy, sharding, balance, k_lo, 
                          _GDT[cp.grad_comm_dtype], cp.backend or "")
 
 
+# Packed documents under Ulysses / the hybrid refuse dropout until their block calls pass head_start (the global
+# first query head, which keys the kernels' dropout); varlen_ulysses.py marks where.
+_DROPOUT = ("dropout: the kernels key the dropout mask by the local head index, so head-sharded packed documents "
+            "would not reproduce the single-process mask")
+
+
 def plan_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "per_doc",
                 dropout: bool = False) -> Plan:
     """The strategy cp_varlen_attention runs for these heads, with its reason (CPConfig.plan's choice; raises
@@ -107,28 +113,34 @@ def plan_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "p
     else the ring for per_doc sharding or the all-gather for stream sharding; a 2-D group runs the hybrid."""
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
-    p = cp.plan(heads_q=heads_q, heads_kv=heads_kv, dropout=dropout)
+    # The head split is CPConfig.plan's (dropout=False: the refusal below is this module's own, see _DROPOUT).
+    p = cp.plan(heads_q=heads_q, heads_kv=heads_kv)
     if cp.is_2d:
         U, R = cp.mesh_shape
+        if dropout:
+            raise CPUnsupportedError(f"fastattn.distributed: strategy={cp.strategy!r} on a 2-D group (ulysses U={U} "
+                                     f"x ring R={R}) refused: {_DROPOUT}")
         rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
         return p._replace(reason=("requested: " if cp.strategy == "hybrid" else "") + (
             f"a 2-D group: Ulysses over U={U} ({heads_q // U} of H={heads_q} query heads per rank{rep}), then the "
             f"packed varlen ring over R={R} on the head-sharded ring shards ({cp.balance} {sharding} over R): one "
             f"all-to-all each way over U for q|k|v and for out, {R - 1} K/V hops of 1/U of the heads"))
+    if cp.strategy == "ulysses" and dropout:
+        raise CPUnsupportedError(f"fastattn.distributed: strategy='ulysses' refused: {_DROPOUT}")
     if cp.strategy != "auto" or cp.world_size == 1:
         return p  # requested, or one rank: as for dense sequences
     W = cp.world_size
-    if p.strategy == "ulysses":
+    if p.strategy == "ulysses" and not dropout:
         rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
         return p._replace(reason=f"heads allow it (H={heads_q}, H_kv={heads_kv}, W={W}{rep}): one all-to-all each "
                                  "way for q|k|v and for out, ONE varlen kernel call per rank over the whole packed "
                                  "stream (GLOBAL cu_seqlens), no merge")
-    _, why_not = _ulysses_check(heads_q, heads_kv, W, cp.kv_replication, dropout)
+    # CPConfig.plan's reason: "ulysses not possible (<why>); the ring ...": its first part is kept
+    why = ("ulysses not possible (" + _DROPOUT + ")") if p.strategy == "ulysses" else p.reason.split("; the ring")[0]
     if sharding == "per_doc":
-        return Plan("ring", f"ulysses not possible ({why_not}); per-document shards: K/V travel the ring, its hops "
-                            "overlapped with compute")
-    return Plan("allgather", f"ulysses not possible ({why_not}); stream shards (documents cross ranks): one "
-                             "all-gather of K/V, one kernel call per query chunk, no merge")
+        return Plan("ring", f"{why}; per-document shards: K/V travel the ring, its hops overlapped with compute")
+    return Plan("allgather", f"{why}; stream shards (documents cross ranks): one all-gather of K/V, one kernel call "
+                             "per query chunk, no merge")
 
 
 def explain_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "per_doc", causal: bool = False,
