@@ -14,7 +14,7 @@ rank order, which is ring shard r in its local order for H/U heads (no permutati
 
 Both: K/V heads are replicated when H_kv does not divide by the all-to-all's ranks (CPConfig.plan's kv_repeat; the
 replicas' dK/dV travel back unrounded and are summed); ALiBi slopes ((H,) or (N, H)) are sliced to the rank's heads.
-Dropout is refused (CPConfig.plan): the kernels key the mask by the LOCAL head index.
+Dropout is refused (varlen_api.plan_varlen): the kernels key the mask by the LOCAL head index.
 Each all-to-all carries all its tensors at once, each viewed as bytes (q|k|v, out|lse, dout, dq|dk|dv): forward 2,
 backward 2; the hybrid adds the varlen ring's hops over R (R-1 forward, 2R-1 backward).
 One custom op pair (fastattn::cp_varlen_a2a_fwd / cp_varlen_a2a_bwd); the forward also returns the head-sharded
@@ -163,7 +163,7 @@ def _ulysses_fwd(spec: CallSpec, q, k, v, cu, sharding, balance, kv_repeat):
     inv = None if orders is None else orders[1]
     qh, kh, vh = (_reorder(t, inv) for t in seq_to_heads(comm, [q, _kv_heads(k, kv_repeat), _kv_heads(v, kv_repeat)]))
     h = qh.shape[1]
-    # head_start=comm.rank * h goes here once the kernels key dropout by the global head (CPConfig.plan refuses now)
+    # head_start=comm.rank * h goes here once the kernels take it (dropout: varlen_api.plan_varlen refuses it now)
     o, lse = block_forward(_bh(qh), _bh(kh), _bh(vh), **_doc_kw(cu, lengths, q.device),
                            **spec.block_kw(_slopes(spec.alibi_slopes, h, comm.rank)))  # (1, h, T, Dv), (1, h, T)
     oh = o[0].transpose(0, 1).to(q.dtype).contiguous()  # (1, h, T, Dv) -> (T, h, Dv): the one rounding
@@ -192,7 +192,7 @@ def _ring_spec(spec: CallSpec) -> CallSpec:
     a = spec.alibi_slopes
     if a is not None:
         a = _slopes(a, a.shape[-1] // uly.world_size, uly.rank)
-    # with the kernels' head_start argument, dropout would pass head_start=uly.rank * h here (CPConfig.plan refuses now)
+    # head_start=uly.rank * h goes here once the kernels take it (dropout: varlen_api.plan_varlen refuses it now)
     return replace(spec, comm=spec.comm.ring, alibi_slopes=a)
 
 
