@@ -22,6 +22,7 @@ document order (per_doc zigzag: all head pieces, then all tail pieces; stream zi
 and are gathered in that order; outputs and gradients go back to the caller's order at the end.
 
 One custom op pair (fastattn::cp_varlen_fwd / cp_varlen_bwd) makes the whole call opaque to torch.compile.
+Ulysses and the hybrid (a 2-D group; its ring over R is ring_varlen_forward/backward here): varlen_ulysses.py.
 """
 from __future__ import annotations
 
@@ -239,7 +240,10 @@ def ring_varlen_forward(spec: CallSpec, q, k, v, plans: Sequence[RankPlan], step
     return _assemble(q, v, mine.groups, acc, perm)
 
 
-def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequence[RankPlan], steps):
+def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequence[RankPlan], steps,
+                         kv_grad_dtype: Optional[torch.dtype] = None):
+    """-> dq, dk, dv in q's / k's / v's dtype, or dk, dv in kv_grad_dtype when given (the hybrid sums replicated
+    K/V heads' gradients after its all-to-all: unrounded until then)."""
     comm = spec.comm
     W, r = comm.world_size, comm.rank
     mine = plans[r]
@@ -269,7 +273,8 @@ def ring_varlen_backward(spec: CallSpec, dout, q, k, v, out, lse, plans: Sequenc
         grads.send(t)
         ring.advance(hop)
     dk, dv = grads.result()
-    return tuple(_from_groups(g, perm).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+    kv_dt = (kv_grad_dtype or k.dtype, kv_grad_dtype or v.dtype)
+    return tuple(_from_groups(g, perm).to(dt) for g, dt in ((dq, q.dtype), (dk, kv_dt[0]), (dv, kv_dt[1])))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -354,12 +359,13 @@ def _spec(comm, scale, window_left, window_right, softcap, alibi, dropout_p, see
                     backend=backend or None)
 
 
-def _run(fwd: bool, spec: CallSpec, tensors, q, strategy, cu_a, cu_b, sharding, balance, k_lo, k_hi, doc_base):
+def _run(fwd: bool, spec: CallSpec, tensors, q, strategy, cu_a, cu_b, sharding, balance, k_lo, k_hi, doc_base,
+         **kw):
     plans, keys, lengths = plans_for(spec.comm, q.shape[0], cu_a, cu_b, sharding, balance, k_lo, k_hi, doc_base,
                                      q.device)
     if strategy == "ring":
         steps = _schedule(lengths, spec.comm.world_size, sharding, balance, spec.window, spec.comm.rank)
-        return (ring_varlen_forward if fwd else ring_varlen_backward)(spec, *tensors, plans, steps)
+        return (ring_varlen_forward if fwd else ring_varlen_backward)(spec, *tensors, plans, steps, **kw)
     mine = plans if sharding == "llama3" else plans[spec.comm.rank]
     return (allgather_varlen_forward if fwd else allgather_varlen_backward)(spec, *tensors, mine, keys)
 

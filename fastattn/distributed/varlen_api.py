@@ -15,8 +15,9 @@ import torch
 from . import layout
 from .api import _shared_rng
 from .comm import comm_name
-from .config import CPConfig, CPUnsupportedError
+from .config import CPConfig, CPUnsupportedError, Plan
 from .varlen import SHARDINGS, cp_varlen_fwd
+from .varlen_ulysses import A2A_STRATEGIES, cp_varlen_a2a_fwd
 
 _GDT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -99,6 +100,63 @@ def _call(cp: CPConfig, q, k, v, cu_a, cu_b, strategy, sharding, balance, k_lo, 
                          _GDT[cp.grad_comm_dtype], cp.backend or "")
 
 
+# Packed documents under Ulysses / the hybrid refuse dropout until their block calls pass head_start (the global
+# first query head, which keys the kernels' dropout); varlen_ulysses.py marks where.
+_DROPOUT = ("dropout: the kernels key the dropout mask by the local head index, so head-sharded packed documents "
+            "would not reproduce the single-process mask")
+
+
+def plan_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "per_doc",
+                dropout: bool = False) -> Plan:
+    """The strategy cp_varlen_attention runs for these heads, with its reason (CPConfig.plan's choice; raises
+    CPUnsupportedError for a refused combination). auto: Ulysses when the heads allow it (as for dense sequences),
+    else the ring for per_doc sharding or the all-gather for stream sharding; a 2-D group runs the hybrid."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
+    # The head split is CPConfig.plan's (dropout=False: the refusal below is this module's own, see _DROPOUT).
+    p = cp.plan(heads_q=heads_q, heads_kv=heads_kv)
+    if cp.is_2d:
+        U, R = cp.mesh_shape
+        if dropout:
+            raise CPUnsupportedError(f"fastattn.distributed: strategy={cp.strategy!r} on a 2-D group (ulysses U={U} "
+                                     f"x ring R={R}) refused: {_DROPOUT}")
+        rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
+        return p._replace(reason=("requested: " if cp.strategy == "hybrid" else "") + (
+            f"a 2-D group: Ulysses over U={U} ({heads_q // U} of H={heads_q} query heads per rank{rep}), then the "
+            f"packed varlen ring over R={R} on the head-sharded ring shards ({cp.balance} {sharding} over R): one "
+            f"all-to-all each way over U for q|k|v and for out, {R - 1} K/V hops of 1/U of the heads"))
+    if cp.strategy == "ulysses" and dropout:
+        raise CPUnsupportedError(f"fastattn.distributed: strategy='ulysses' refused: {_DROPOUT}")
+    if cp.strategy != "auto" or cp.world_size == 1:
+        return p  # requested, or one rank: as for dense sequences
+    W = cp.world_size
+    if p.strategy == "ulysses" and not dropout:
+        rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
+        return p._replace(reason=f"heads allow it (H={heads_q}, H_kv={heads_kv}, W={W}{rep}): one all-to-all each "
+                                 "way for q|k|v and for out, ONE varlen kernel call per rank over the whole packed "
+                                 "stream (GLOBAL cu_seqlens), no merge")
+    # CPConfig.plan's reason: "ulysses not possible (<why>); the ring ...": its first part is kept
+    why = ("ulysses not possible (" + _DROPOUT + ")") if p.strategy == "ulysses" else p.reason.split("; the ring")[0]
+    if sharding == "per_doc":
+        return Plan("ring", f"{why}; per-document shards: K/V travel the ring, its hops overlapped with compute")
+    return Plan("allgather", f"{why}; stream shards (documents cross ranks): one all-gather of K/V, one kernel call "
+                             "per query chunk, no merge")
+
+
+def explain_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "per_doc", causal: bool = False,
+                   dropout: bool = False) -> str:
+    """Which strategy cp_varlen_attention runs for these heads and sharding, and why, or why it is refused."""
+    shape = f" (ulysses U={cp.mesh_shape[0]} x ring R={cp.mesh_shape[1]})" if cp.is_2d else ""
+    head = (f"fastattn.distributed: packed varlen documents, sharding={sharding!r}, W={cp.world_size}{shape}, "
+            f"strategy={cp.strategy!r}, balance={cp.balance!r}, H={heads_q}, H_kv={heads_kv}, causal={causal}, "
+            f"dropout={dropout}")
+    try:
+        p = plan_varlen(cp, heads_q=heads_q, heads_kv=heads_kv, sharding=sharding, dropout=dropout)
+    except CPUnsupportedError as e:
+        return f"{head}\n  refused: {e}"
+    return f"{head}\n  -> {p.strategy}: {p.reason}"
+
+
 def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "per_doc", causal: bool = False,
                         softmax_scale: Optional[float] = None, dropout_p: float = 0.0, window_size=(-1, -1),
                         softcap: float = 0.0, alibi_slopes=None, return_lse: bool = False,
@@ -112,50 +170,70 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
           length must divide by W (2W), else a ValueError names the documents.
       "stream": the packed stream split like a dense sequence (layout.shard(x, 0, W, r, cp.balance)); documents
           may cross ranks; only T % W (2W for zigzag) is needed.
-    cp.strategy: "ring" (K/V travel, merged in fp32), "allgather" (one all-gather, no merge) or "auto" (ring for
-    per_doc, allgather for stream); "ulysses" is not implemented for varlen (CPUnsupportedError).
+    On a 2-D group (U x R, the hybrid) the sharding is over the R ring ranks and each ring shard is cut into U
+    consecutive pieces: varlen_ulysses.shard_2d(x, cu_seqlens, 0, U, R, rank, sharding, balance).
+    cp.strategy: "ring" (K/V travel, merged in fp32), "allgather" (one all-gather, no merge), "ulysses" (all-to-all
+    to head shards, one varlen kernel call over the whole packed stream; H % W == 0, K/V heads replicated when
+    needed), "hybrid" (2-D group: Ulysses over U, the ring over R) or "auto" (plan_varlen / explain_varlen say
+    what runs: Ulysses when the heads allow it, else ring for per_doc, allgather for stream; the hybrid on 2-D).
     causal / window_size / alibi_slopes (fp32 (Hq,) or (N, Hq)) / softcap as flash_attn_varlen_func, at positions
     within each document. dropout_p > 0 drops exactly what one process drops with the same rng (seed, offset) on a
     backend whose block calls take dropout (the keep decision is keyed on document, head and in-document
-    positions); rng=None draws one and shares rank 0's. Returns out (T/W, Hq, Dv), and with return_lse also lse
-    fp32 (Hq, T/W). Differentiable in q, k, v; one custom op under torch.compile (fastattn::cp_varlen_fwd; value
-    checks of cu_seqlens run in eager mode only). With cp.check_shapes, shapes and cu_seqlens are compared across
-    ranks first (one small all-gather).
+    positions); rng=None draws one and shares rank 0's; ulysses and hybrid refuse dropout (CPUnsupportedError: the
+    kernels key it by the local head). Returns out (T/W, Hq, Dv), and with return_lse also lse fp32 (Hq, T/W).
+    Differentiable in q, k, v; one custom op under torch.compile (fastattn::cp_varlen_fwd, or cp_varlen_a2a_fwd for
+    ulysses / hybrid; value checks of cu_seqlens run in eager mode only). With cp.check_shapes, shapes and
+    cu_seqlens are compared across ranks first (one small all-gather).
     """
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
     _check(q, k, v, window_size, dropout_p)
-    if cp.is_2d:
-        raise CPUnsupportedError("fastattn.distributed: packed varlen documents run on a 1-D CP group only (ring or "
-                                 "allgather); this config is 2-D (the hybrid strategy)")
+
+    def plan():
+        return plan_varlen(cp, heads_q=q.shape[1], heads_kv=k.shape[1], sharding=sharding, dropout=dropout_p > 0)
     W = cp.world_size
-    strategy = cp.strategy if cp.strategy != "auto" else ("ring" if sharding == "per_doc" else "allgather")
-    if strategy not in ("ring", "allgather"):
-        raise CPUnsupportedError(f"fastattn.distributed: strategy={strategy!r} is not implemented for packed varlen "
-                                 "documents; use 'ring' or 'allgather' (or 'auto')")
     if not torch.compiler.is_compiling():
-        err, cu = None, None
+        err, cu, p = None, None, None
         try:
+            p = plan()
             lengths = layout.doc_lengths(cu_seqlens)
             cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
             if cu[-1] != W * q.shape[0]:
                 raise ValueError(f"fastattn.distributed: cu_seqlens ends at {cu[-1]} but the {W} ranks hold "
                                  f"{W} x {q.shape[0]} = {W * q.shape[0]} tokens (q {tuple(q.shape)} on this rank): "
                                  "cu_seqlens must be the GLOBAL document boundaries of the packed sequence")
+            # the layout's group: the ring dim of a 2-D group (each ring shard then cut into U pieces)
+            Wl, rl, Tl = (cp.mesh_shape[1], cp.rank // cp.mesh_shape[0], cp.mesh_shape[0] * q.shape[0]) \
+                if cp.is_2d else (W, cp.rank, q.shape[0])
             if sharding == "per_doc":
-                layout.check_docs_divisible(lengths, W, cp.balance)
+                layout.check_docs_divisible(lengths, Wl, cp.balance)
             else:
-                layout.segments(q.shape[0], W, cp.rank, cp.balance)  # zigzag: even local count
+                layout.segments(Tl, Wl, rl, cp.balance)  # zigzag: even local count
             _check_alibi(alibi_slopes, q, len(lengths))
-        except ValueError as e:
+        except ValueError as e:  # CPUnsupportedError included
             err = e
         if cp.check_shapes:
             _check_across_ranks(cp, q, k, v, cu, err is not None)
         if err is not None:
             raise err
-    out, lse = _call(cp, q, k, v, cu_seqlens, cu_seqlens, strategy, sharding, cp.balance, 0, 0, 0, causal,
-                     softmax_scale, dropout_p, window_size, softcap, alibi_slopes, rng)
+    else:
+        p = plan()
+    if p.strategy in A2A_STRATEGIES:
+        out, lse = _call_a2a(cp, q, k, v, cu_seqlens, p, sharding, causal, softmax_scale, window_size, softcap,
+                             alibi_slopes, return_lse)
+    else:
+        out, lse = _call(cp, q, k, v, cu_seqlens, cu_seqlens, p.strategy, sharding, cp.balance, 0, 0, 0, causal,
+                         softmax_scale, dropout_p, window_size, softcap, alibi_slopes, rng)
     return (out, lse) if return_lse else out
+
+
+def _call_a2a(cp: CPConfig, q, k, v, cu, p: Plan, sharding, causal, softmax_scale, window_size, softcap,
+              alibi_slopes, return_lse):
+    wl, wr = int(window_size[0]), 0 if causal else int(window_size[1])
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    return cp_varlen_a2a_fwd(q, k, v, cu.to(torch.int64), alibi_slopes, comm_name(cp.comm), p.strategy, sharding,
+                             cp.balance, scale, wl, wr, float(softcap), p.kv_repeat, bool(return_lse),
+                             _GDT[cp.grad_comm_dtype], cp.backend or "")[:2]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -324,5 +402,6 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     return (out, lse, None) if return_attn_probs else out
 
 
-__all__ = ["cp_varlen_attention", "ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func",
-           "llama3_flash_attn_varlen_func", "llama3_flash_attn_prepare_cu_seqlens"]
+__all__ = ["cp_varlen_attention", "plan_varlen", "explain_varlen", "ring_flash_attn_varlen_func",
+           "zigzag_ring_flash_attn_varlen_func", "llama3_flash_attn_varlen_func",
+           "llama3_flash_attn_prepare_cu_seqlens"]

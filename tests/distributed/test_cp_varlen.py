@@ -200,7 +200,8 @@ def _cp_call(comm, docs, T=None, check=False, **kw):
                                                        r"\(length 2\) not divisible by 4: .*contiguous .*W=4"),
     ((8, 8), dict(T=5), r"cu_seqlens ends at 16 but the 2 ranks hold 2 x 5 = 10 tokens"),
     ((8, 8), dict(sharding="rows"), "sharding must be one of"),
-    ((8, 8), dict(cfg=dict(strategy="ulysses")), "not implemented for packed varlen"),
+    ((8, 8), dict(cfg=dict(strategy="ulysses")), r"strategy='ulysses' refused: the 2 query heads are not divisible "
+                                                 r"by W=4"),
     ((8, 8), dict(alibi_slopes=torch.ones(3, 2)), r"alibi_slopes must be float32 \(2,\) or \(documents, 2\)"),
     ((7, 7), dict(sharding="stream", cfg=dict(balance="zigzag")), "zigzag layout needs an even local"),
 ])
@@ -208,7 +209,7 @@ def test_clear_errors(docs, kw, match):
     W = 4 if "W=4" in match else 2
     with pytest.raises(ValueError, match=match):
         run_local(W, _cp_call, docs, **kw)
-    if "ulysses" in str(kw):
+    if "ulysses" in str(kw):  # Ulysses itself: tests/distributed/test_varlen_ulysses.py
         with pytest.raises(CPUnsupportedError):
             run_local(W, _cp_call, docs, **kw)
 
@@ -448,13 +449,14 @@ def test_gloo_torch_compile_fullgraph(gloo_pool, api):
             counts
 
 
-def test_two_d_config_refused():
-    """Packed documents run on a 1-D group only: a 2-D (hybrid) config gets a clear refusal, never the hybrid's
-    communicator error."""
+def test_two_d_config_runs_the_hybrid_or_refuses():
+    """A 2-D (hybrid) config runs packed documents (tests/distributed/test_varlen_ulysses.py), and refuses what the
+    hybrid cannot do exactly with a clear error, never the hybrid's communicator error."""
     q = torch.randn(8, 2, 8)
     cu = torch.tensor([0, 16, 32], dtype=torch.int32)
 
-    def call(comm):
-        return cp_varlen_attention(q, q, q, cu, cp=CPConfig(comm))
-    with pytest.raises(CPUnsupportedError, match="1-D CP group only"):
-        run_local(4, call, mesh=(2, 2))
+    def call(comm, **kw):
+        return cp_varlen_attention(q, q, q, cu, cp=CPConfig(comm), **kw)
+    run_local(4, call, mesh=(2, 2))
+    with pytest.raises(CPUnsupportedError, match=r"on a 2-D group \(ulysses U=2 x ring R=2\) refused: .*dropout"):
+        run_local(4, call, mesh=(2, 2), dropout_p=0.1)
