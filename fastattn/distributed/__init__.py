@@ -16,7 +16,7 @@
 DTensor inputs (dtensor.py): q, k, v placed Shard(seq dim) on a 1-D CP mesh give DTensors back (cp= optional: from
 the mesh, contiguous token order); FastattnContextParallel(cp) is a ParallelStyle for parallelize_module.
 
-Packed varlen documents (flash-attn's cu_seqlens; varlen.py, varlen_api.py):
+Packed varlen documents (flash-attn's cu_seqlens; varlen.py, varlen_api.py; ulysses / hybrid: varlen_ulysses.py):
     q, k, v = (shard_varlen(t, cu_seqlens, 0, W, rank, "zigzag") for t in (q_full, k_full, v_full))   # per document
     out = cp_varlen_attention(q, k, v, cu_seqlens, cp=cp, causal=True)           # GLOBAL cu_seqlens
     # ring-flash-attention drop-ins: ring_/zigzag_ring_flash_attn_varlen_func (LOCAL cu_seqlens = global // W),
@@ -42,8 +42,10 @@ except ImportError:  # a torch built without torch.distributed has no DTensor: t
 from .layout import (global_positions, shard, shard_varlen, unshard, unshard_list, unshard_varlen,
                      unshard_varlen_list, varlen_positions)
 from .loss import cp_cross_entropy, global_loss
-from .varlen_api import (cp_varlen_attention, llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
-                         ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_func)
+from .varlen_api import (cp_varlen_attention, explain_varlen, llama3_flash_attn_prepare_cu_seqlens,
+                         llama3_flash_attn_varlen_func, plan_varlen, ring_flash_attn_varlen_func,
+                         zigzag_ring_flash_attn_varlen_func)
+from .varlen_ulysses import shard_2d as shard_varlen_2d, unshard_2d_list as unshard_varlen_2d_list
 
 __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPConfig",
            "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "HybridComm",
@@ -52,4 +54,5 @@ __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func"
            "shard_batch", "pad_batch", "context_parallel", "active_cp", "FastattnContextParallel",
            "cp_varlen_attention", "ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func",
            "llama3_flash_attn_varlen_func", "llama3_flash_attn_prepare_cu_seqlens", "shard_varlen", "unshard_varlen",
-           "unshard_varlen_list", "varlen_positions"]
+           "unshard_varlen_list", "varlen_positions", "plan_varlen", "explain_varlen", "shard_varlen_2d",
+           "unshard_varlen_2d_list"]
