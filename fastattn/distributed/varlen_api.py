@@ -87,11 +87,16 @@ def _check_across_ranks(cp: CPConfig, q, k, v, cu: Optional[list], failed: bool)
                          f"on every rank): {per}")
 
 
-def _call(cp: CPConfig, q, k, v, cu_a, cu_b, strategy, sharding, balance, k_lo, k_hi, doc_base, causal,
-          softmax_scale, dropout_p, window_size, softcap, alibi_slopes, rng):
+def _seed_offset(cp: CPConfig, q, dropout_p, rng):
+    """The call's (seed, offset): rng, or one drawn and shared from rank 0; (0, 0) without dropout."""
     if dropout_p > 0 and rng is None:  # under torch.compile pass rng: drawing one here breaks the graph
         rng = _shared_rng(cp, q.device)
-    seed, offset = (int(rng[0]), int(rng[1])) if dropout_p > 0 else (0, 0)
+    return (int(rng[0]), int(rng[1])) if dropout_p > 0 else (0, 0)
+
+
+def _call(cp: CPConfig, q, k, v, cu_a, cu_b, strategy, sharding, balance, k_lo, k_hi, doc_base, causal,
+          softmax_scale, dropout_p, window_size, softcap, alibi_slopes, rng):
+    seed, offset = _seed_offset(cp, q, dropout_p, rng)
     wl, wr = int(window_size[0]), 0 if causal else int(window_size[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     cu_a, cu_b = (c.to(torch.int64) for c in (cu_a, cu_b))  # read on the host by the op: left where they are
@@ -100,43 +105,33 @@ def _call(cp: CPConfig, q, k, v, cu_a, cu_b, strategy, sharding, balance, k_lo, 
                          _GDT[cp.grad_comm_dtype], cp.backend or "")
 
 
-# Packed documents under Ulysses / the hybrid refuse dropout until their block calls pass head_start (the global
-# first query head, which keys the kernels' dropout); varlen_ulysses.py marks where.
-_DROPOUT = ("dropout: the kernels key the dropout mask by the local head index, so head-sharded packed documents "
-            "would not reproduce the single-process mask")
-
-
 def plan_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str = "per_doc",
                 dropout: bool = False) -> Plan:
     """The strategy cp_varlen_attention runs for these heads, with its reason (CPConfig.plan's choice; raises
     CPUnsupportedError for a refused combination). auto: Ulysses when the heads allow it (as for dense sequences),
-    else the ring for per_doc sharding or the all-gather for stream sharding; a 2-D group runs the hybrid."""
+    else the ring for per_doc sharding or the all-gather for stream sharding; a 2-D group runs the hybrid.
+    dropout does not change the choice: every strategy drops exactly what one process drops (accepted for
+    CPConfig.plan's signature)."""
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
-    # The head split is CPConfig.plan's (dropout=False: the refusal below is this module's own, see _DROPOUT).
-    p = cp.plan(heads_q=heads_q, heads_kv=heads_kv)
+    p = cp.plan(heads_q=heads_q, heads_kv=heads_kv, dropout=dropout)  # the head split is CPConfig.plan's
     if cp.is_2d:
         U, R = cp.mesh_shape
-        if dropout:
-            raise CPUnsupportedError(f"fastattn.distributed: strategy={cp.strategy!r} on a 2-D group (ulysses U={U} "
-                                     f"x ring R={R}) refused: {_DROPOUT}")
         rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
         return p._replace(reason=("requested: " if cp.strategy == "hybrid" else "") + (
             f"a 2-D group: Ulysses over U={U} ({heads_q // U} of H={heads_q} query heads per rank{rep}), then the "
             f"packed varlen ring over R={R} on the head-sharded ring shards ({cp.balance} {sharding} over R): one "
             f"all-to-all each way over U for q|k|v and for out, {R - 1} K/V hops of 1/U of the heads"))
-    if cp.strategy == "ulysses" and dropout:
-        raise CPUnsupportedError(f"fastattn.distributed: strategy='ulysses' refused: {_DROPOUT}")
     if cp.strategy != "auto" or cp.world_size == 1:
         return p  # requested, or one rank: as for dense sequences
     W = cp.world_size
-    if p.strategy == "ulysses" and not dropout:
+    if p.strategy == "ulysses":
         rep = f", K/V heads replicated {p.kv_repeat}x" if p.kv_repeat > 1 else ""
         return p._replace(reason=f"heads allow it (H={heads_q}, H_kv={heads_kv}, W={W}{rep}): one all-to-all each "
                                  "way for q|k|v and for out, ONE varlen kernel call per rank over the whole packed "
                                  "stream (GLOBAL cu_seqlens), no merge")
     # CPConfig.plan's reason: "ulysses not possible (<why>); the ring ...": its first part is kept
-    why = ("ulysses not possible (" + _DROPOUT + ")") if p.strategy == "ulysses" else p.reason.split("; the ring")[0]
+    why = p.reason.split("; the ring")[0]
     if sharding == "per_doc":
         return Plan("ring", f"{why}; per-document shards: K/V travel the ring, its hops overlapped with compute")
     return Plan("allgather", f"{why}; stream shards (documents cross ranks): one all-gather of K/V, one kernel call "
@@ -154,7 +149,13 @@ def explain_varlen(cp: CPConfig, *, heads_q: int, heads_kv: int, sharding: str =
         p = plan_varlen(cp, heads_q=heads_q, heads_kv=heads_kv, sharding=sharding, dropout=dropout)
     except CPUnsupportedError as e:
         return f"{head}\n  refused: {e}"
-    return f"{head}\n  -> {p.strategy}: {p.reason}"
+    text = f"{head}\n  -> {p.strategy}: {p.reason}"
+    if dropout:
+        heads = (", each rank's block calls starting at its first global query head (head_start)"
+                 if p.strategy in A2A_STRATEGIES else "")
+        text += (f"\n  dropout: exact (the single-process mask of the same rng: keyed on the global document index, "
+                 f"query head and in-document positions{heads})")
+    return text
 
 
 def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "per_doc", causal: bool = False,
@@ -179,8 +180,9 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
     causal / window_size / alibi_slopes (fp32 (Hq,) or (N, Hq)) / softcap as flash_attn_varlen_func, at positions
     within each document. dropout_p > 0 drops exactly what one process drops with the same rng (seed, offset) on a
     backend whose block calls take dropout (the keep decision is keyed on document, head and in-document
-    positions); rng=None draws one and shares rank 0's; ulysses and hybrid refuse dropout (CPUnsupportedError: the
-    kernels key it by the local head). Returns out (T/W, Hq, Dv), and with return_lse also lse fp32 (Hq, T/W).
+    positions; ulysses and the hybrid also give each rank's block calls its first global query head); rng=None
+    draws one and shares rank 0's (under torch.compile pass rng). Returns out (T/W, Hq, Dv), and with return_lse
+    also lse fp32 (Hq, T/W).
     Differentiable in q, k, v; one custom op under torch.compile (fastattn::cp_varlen_fwd, or cp_varlen_a2a_fwd for
     ulysses / hybrid; value checks of cu_seqlens run in eager mode only). With cp.check_shapes, shapes and
     cu_seqlens are compared across ranks first (one small all-gather).
@@ -219,21 +221,22 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
     else:
         p = plan()
     if p.strategy in A2A_STRATEGIES:
-        out, lse = _call_a2a(cp, q, k, v, cu_seqlens, p, sharding, causal, softmax_scale, window_size, softcap,
-                             alibi_slopes, return_lse)
+        out, lse = _call_a2a(cp, q, k, v, cu_seqlens, p, sharding, causal, softmax_scale, dropout_p, window_size,
+                             softcap, alibi_slopes, return_lse, rng)
     else:
         out, lse = _call(cp, q, k, v, cu_seqlens, cu_seqlens, p.strategy, sharding, cp.balance, 0, 0, 0, causal,
                          softmax_scale, dropout_p, window_size, softcap, alibi_slopes, rng)
     return (out, lse) if return_lse else out
 
 
-def _call_a2a(cp: CPConfig, q, k, v, cu, p: Plan, sharding, causal, softmax_scale, window_size, softcap,
-              alibi_slopes, return_lse):
+def _call_a2a(cp: CPConfig, q, k, v, cu, p: Plan, sharding, causal, softmax_scale, dropout_p, window_size, softcap,
+              alibi_slopes, return_lse, rng):
+    seed, offset = _seed_offset(cp, q, dropout_p, rng)
     wl, wr = int(window_size[0]), 0 if causal else int(window_size[1])
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return cp_varlen_a2a_fwd(q, k, v, cu.to(torch.int64), alibi_slopes, comm_name(cp.comm), p.strategy, sharding,
                              cp.balance, scale, wl, wr, float(softcap), p.kv_repeat, bool(return_lse),
-                             _GDT[cp.grad_comm_dtype], cp.backend or "")[:2]
+                             _GDT[cp.grad_comm_dtype], cp.backend or "", float(dropout_p), seed, offset)[:2]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ rank order, which is ring shard r in its local order for H/U heads (no permutati
 
 Both: K/V heads are replicated when H_kv does not divide by the all-to-all's ranks (CPConfig.plan's kv_repeat; the
 replicas' dK/dV travel back unrounded and are summed); ALiBi slopes ((H,) or (N, H)) are sliced to the rank's heads.
-Dropout is refused (varlen_api.plan_varlen): the kernels key the mask by the LOCAL head index.
+Dropout: the block calls get head_start = the rank's first global query head (Ulysses: rank * H/W; the hybrid's ring:
+u * H/U), and every call lists the documents under their global index at in-document positions, so the kernels'
+mask, keyed on (document, global query head, positions), is what one process drops with the same (seed, offset);
+the backward op gets the forward's (dropout_p, seed, offset) and drops the same elements.
 Each all-to-all carries all its tensors at once, each viewed as bytes (q|k|v, out|lse, dout, dq|dk|dv): forward 2,
 backward 2; the hybrid adds the varlen ring's hops over R (R-1 forward, 2R-1 backward).
 One custom op pair (fastattn::cp_varlen_a2a_fwd / cp_varlen_a2a_bwd); the forward also returns the head-sharded
@@ -156,16 +159,21 @@ def _doc_kw(cu: Tensor, lengths: Sequence[int], device) -> dict:
     return dict(q_start=z, k_start=z, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=m, max_seqlen_k=m)
 
 
+def _head_kw(spec: CallSpec, h: int) -> dict:
+    """block_kw of this rank's head group (h query heads): its ALiBi slopes and its first global query head
+    (head_start, the dropout key; K/V heads, replicated or not, follow the query heads)."""
+    return dict(spec.block_kw(_slopes(spec.alibi_slopes, h, spec.comm.rank)),
+                head_start=spec.head_start + spec.comm.rank * h)
+
+
 def _ulysses_fwd(spec: CallSpec, q, k, v, cu, sharding, balance, kv_repeat):
     comm = spec.comm
     lengths = tuple(layout.doc_lengths(cu))
     orders = _orders(lengths, comm.world_size, sharding, balance, q.device)
     inv = None if orders is None else orders[1]
     qh, kh, vh = (_reorder(t, inv) for t in seq_to_heads(comm, [q, _kv_heads(k, kv_repeat), _kv_heads(v, kv_repeat)]))
-    h = qh.shape[1]
-    # head_start=comm.rank * h goes here once the kernels take it (dropout: varlen_api.plan_varlen refuses it now)
     o, lse = block_forward(_bh(qh), _bh(kh), _bh(vh), **_doc_kw(cu, lengths, q.device),
-                           **spec.block_kw(_slopes(spec.alibi_slopes, h, comm.rank)))  # (1, h, T, Dv), (1, h, T)
+                           **_head_kw(spec, qh.shape[1]))  # (1, h, T, Dv), (1, h, T)
     oh = o[0].transpose(0, 1).to(q.dtype).contiguous()  # (1, h, T, Dv) -> (T, h, Dv): the one rounding
     lse_h = lse[0].contiguous()  # (h, T)
     return qh, kh, vh, oh, lse_h, (None if orders is None else orders[0])
@@ -176,44 +184,42 @@ def _ulysses_bwd(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, cu, sharding, bala
     lengths = tuple(layout.doc_lengths(cu))
     orders = _orders(lengths, comm.world_size, sharding, balance, qh.device)
     doh = _reorder(seq_to_heads(comm, [dout])[0], None if orders is None else orders[1])  # (T, h, Dv) packed order
-    h = qh.shape[1]
     dq, dk, dv = block_backward(_bh(doh), _bh(qh), _bh(kh), _bh(vh), _bh(oh), lse_h.unsqueeze(0),
-                                **_doc_kw(cu, lengths, qh.device),
-                                **spec.block_kw(_slopes(spec.alibi_slopes, h, comm.rank)))  # fp32 (1, h, T, D)
+                                **_doc_kw(cu, lengths, qh.device), **_head_kw(spec, qh.shape[1]))  # fp32 (1, h, T, D)
     order = None if orders is None else orders[0]
     return [_reorder(g[0].transpose(0, 1).to(dt), order) for g, dt in ((dq, qh.dtype), (dk, kv_dt), (dv, kv_dt))]
 
 
 # --- hybrid ------------------------------------------------------------------------------------------------------
 
-def _ring_spec(spec: CallSpec) -> CallSpec:
-    """The varlen ring's CallSpec: the ring group, this Ulysses rank's ALiBi slopes."""
-    uly = spec.comm.ulysses
-    a = spec.alibi_slopes
-    if a is not None:
-        a = _slopes(a, a.shape[-1] // uly.world_size, uly.rank)
-    # head_start=uly.rank * h goes here once the kernels take it (dropout: varlen_api.plan_varlen refuses it now)
-    return replace(spec, comm=spec.comm.ring, alibi_slopes=a)
+def _ring_spec(spec: CallSpec, h: int) -> CallSpec:
+    """The varlen ring's CallSpec for this Ulysses rank's h query heads: the ring group, their ALiBi slopes and
+    their first global query head (head_start, the dropout key)."""
+    u = spec.comm.ulysses.rank
+    return replace(spec, comm=spec.comm.ring, alibi_slopes=_slopes(spec.alibi_slopes, h, u),
+                   head_start=spec.head_start + u * h)
 
 
 def _hybrid_fwd(spec: CallSpec, q, k, v, cu, sharding, balance, kv_repeat):
     qh, kh, vh = seq_to_heads(spec.comm.ulysses, [q, _kv_heads(k, kv_repeat), _kv_heads(v, kv_repeat)])  # ring shard
-    oh, lse_h = _run(True, _ring_spec(spec), (qh, kh, vh), qh, "ring", cu, cu, sharding, balance, 0, 0, 0)
+    oh, lse_h = _run(True, _ring_spec(spec, qh.shape[1]), (qh, kh, vh), qh, "ring", cu, cu, sharding, balance, 0, 0, 0)
     return qh, kh, vh, oh.contiguous(), lse_h.contiguous(), None
 
 
 def _hybrid_bwd(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, cu, sharding, balance, kv_dt):
     doh = seq_to_heads(spec.comm.ulysses, [dout])[0]  # (T/R, h, Dv): ring shard r
-    return list(_run(False, _ring_spec(spec), (doh, qh, kh, vh, oh, lse_h), qh, "ring", cu, cu, sharding, balance,
+    return list(_run(False, _ring_spec(spec, qh.shape[1]), (doh, qh, kh, vh, oh, lse_h), qh, "ring", cu, cu, sharding, balance,
                      0, 0, 0, kv_grad_dtype=kv_dt))
 
 
 # --- the op pair -------------------------------------------------------------------------------------------------
 
-def _spec(comm, alibi, scale, window_left, window_right, softcap, grad_comm_dtype, backend) -> CallSpec:
+def _spec(comm, alibi, scale, window_left, window_right, softcap, grad_comm_dtype, backend, dropout_p, seed,
+          offset) -> CallSpec:
     return CallSpec(comm=lookup_comm(comm), balance="contiguous", layout="thd", scale=scale,
                     window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi,
-                    grad_comm_dtype=_DTYPES[grad_comm_dtype], backend=backend or None)
+                    grad_comm_dtype=_DTYPES[grad_comm_dtype], backend=backend or None, dropout_p=dropout_p,
+                    rng=(seed, offset) if dropout_p > 0 else None)
 
 
 def _a2a_comm(spec: CallSpec, strategy: str):
@@ -223,12 +229,15 @@ def _a2a_comm(spec: CallSpec, strategy: str):
 @torch.library.custom_op("fastattn::cp_varlen_a2a_fwd", mutates_args=())
 def cp_varlen_a2a_fwd(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, alibi_slopes: Optional[Tensor], comm: str,
                       strategy: str, sharding: str, balance: str, scale: float, window_left: int, window_right: int,
-                      softcap: float, kv_repeat: int, return_lse: bool, grad_comm_dtype: str, backend: str
+                      softcap: float, kv_repeat: int, return_lse: bool, grad_comm_dtype: str, backend: str,
+                      dropout_p: float = 0.0, seed: int = 0, offset: int = 0
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out (T/W, Hq, Dv), lse (Hq, T/W) fp32 (empty unless return_lse), and for the backward qh, kh, vh (n*T/W,
     h, D) this rank's head group of the gathered rows (Ulysses: packed order; hybrid: ring shard order), oh in q's
-    dtype and lse_h (h, n*T/W) fp32 alike; n = the all-to-all's ranks."""
-    spec = _spec(comm, alibi_slopes, scale, window_left, window_right, softcap, grad_comm_dtype, backend)
+    dtype and lse_h (h, n*T/W) fp32 alike; n = the all-to-all's ranks. dropout_p > 0: (seed, offset) key the
+    mask, the same on every rank; the autograd backward passes the forward's to cp_varlen_a2a_bwd."""
+    spec = _spec(comm, alibi_slopes, scale, window_left, window_right, softcap, grad_comm_dtype, backend, dropout_p,
+                 seed, offset)
     fwd = _hybrid_fwd if strategy == "hybrid" else _ulysses_fwd
     qh, kh, vh, oh, lse_h, order = fwd(spec, q, k, v, cu, sharding, balance, kv_repeat)
     send = [_reorder(oh, order)] + ([_reorder(lse_h.t().unsqueeze(-1), order)] if return_lse else [])  # (n*s, h, 1)
@@ -239,7 +248,7 @@ def cp_varlen_a2a_fwd(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, alibi_slopes:
 
 @cp_varlen_a2a_fwd.register_fake
 def _(q, k, v, cu, alibi_slopes, comm, strategy, sharding, balance, scale, window_left, window_right, softcap,
-      kv_repeat, return_lse, grad_comm_dtype, backend):
+      kv_repeat, return_lse, grad_comm_dtype, backend, dropout_p=0.0, seed=0, offset=0):
     c = lookup_comm(comm)
     n = c.ulysses.world_size if strategy == "hybrid" else c.world_size
     s, Hq, D, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
@@ -254,8 +263,10 @@ def _(q, k, v, cu, alibi_slopes, comm, strategy, sharding, balance, scale, windo
 def cp_varlen_a2a_bwd(dout: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, oh: Tensor, lse_h: Tensor, cu: Tensor,
                       alibi_slopes: Optional[Tensor], comm: str, strategy: str, sharding: str, balance: str,
                       scale: float, window_left: int, window_right: int, softcap: float, kv_repeat: int,
-                      return_lse: bool, grad_comm_dtype: str, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    spec = _spec(comm, alibi_slopes, scale, window_left, window_right, softcap, grad_comm_dtype, backend)
+                      return_lse: bool, grad_comm_dtype: str, backend: str, dropout_p: float = 0.0, seed: int = 0,
+                      offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    spec = _spec(comm, alibi_slopes, scale, window_left, window_right, softcap, grad_comm_dtype, backend, dropout_p,
+                 seed, offset)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     # dq is final: rounded before the trip. Replicated K/V heads' dK/dV are summed after it: sent unrounded.
     kv_dt = spec.grad_comm_dtype if kv_repeat > 1 else kh.dtype
@@ -279,7 +290,7 @@ def _(dout, qh, kh, vh, oh, lse_h, cu, alibi_slopes, comm, strategy, sharding, b
 def _setup_context(ctx, inputs, output):
     out, lse, qh, kh, vh, oh, lse_h = output
     ctx.save_for_backward(qh, kh, vh, oh, lse_h, inputs[3], inputs[4])  # ..., cu, alibi_slopes
-    ctx.args = inputs[5:]  # comm name, strategy, ..., backend
+    ctx.args = inputs[5:]  # comm name, strategy, ..., backend, dropout_p, seed, offset: the backward drops the same
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, qh, kh, vh, oh, lse_h)
 
