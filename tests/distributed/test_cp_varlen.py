@@ -450,13 +450,14 @@ def test_gloo_torch_compile_fullgraph(gloo_pool, api):
 
 
 def test_two_d_config_runs_the_hybrid_or_refuses():
-    """A 2-D (hybrid) config runs packed documents (tests/distributed/test_varlen_ulysses.py), and refuses what the
-    hybrid cannot do exactly with a clear error, never the hybrid's communicator error."""
-    q = torch.randn(8, 2, 8)
+    """A 2-D (hybrid) config runs packed documents (tests/distributed/test_varlen_ulysses.py; dropout:
+    test_varlen_dropout.py), and refuses what the hybrid cannot do with a clear error, never the hybrid's
+    communicator error."""
     cu = torch.tensor([0, 16, 32], dtype=torch.int32)
 
-    def call(comm, **kw):
+    def call(comm, H=2, **kw):
+        q = torch.randn(8, H, 8)
         return cp_varlen_attention(q, q, q, cu, cp=CPConfig(comm), **kw)
     run_local(4, call, mesh=(2, 2))
-    with pytest.raises(CPUnsupportedError, match=r"on a 2-D group \(ulysses U=2 x ring R=2\) refused: .*dropout"):
-        run_local(4, call, mesh=(2, 2), dropout_p=0.1)
+    with pytest.raises(CPUnsupportedError, match=r"the 3 query heads are not divisible by U=2"):
+        run_local(4, call, 3, mesh=(2, 2))

@@ -1,6 +1,6 @@
 """Packed varlen documents under Ulysses (1-D group) and the hybrid (Ulysses x ring, 2-D group): every rank's rows,
 lse and gradients against single-process flash_attn_varlen_func and a float64 oracle per document (the acceptance
-rule of tests/support/cp_cases.py), auto / explain, refusals, exact communication, compile, planted bugs."""
+rule of tests/support/cp_cases.py), auto / explain, refusals, exact communication, compile, planted bugs. Dropout: test_varlen_dropout.py."""
 import os
 from dataclasses import replace
 
@@ -131,12 +131,12 @@ def test_auto_plans_and_explain():
     for sharding, fallback in (("per_doc", "ring"), ("stream", "allgather")):
         p = plan_varlen(cfg, heads_q=6, heads_kv=6, sharding=sharding)
         assert p.strategy == fallback and "the 6 query heads are not divisible by W=4" in p.reason, p
-        p = plan_varlen(cfg, heads_q=8, heads_kv=8, sharding=sharding, dropout=True)
-        assert p.strategy == fallback and "dropout" in p.reason
+        p = plan_varlen(cfg, heads_q=8, heads_kv=8, sharding=sharding, dropout=True)  # dropout: exact everywhere
+        assert p.strategy == "ulysses", p
     text = explain_varlen(cfg, heads_q=6, heads_kv=6, sharding="stream", causal=True)
     assert "sharding='stream'" in text and "-> allgather: ulysses not possible" in text, text
     text = explain_varlen(CPConfig(comms[0], strategy="ulysses"), heads_q=8, heads_kv=8, dropout=True)
-    assert "refused: fastattn.distributed: strategy='ulysses' refused: dropout" in text, text
+    assert "-> ulysses: requested" in text and "dropout: exact" in text and "head_start" in text, text
     two_d = run_local(4, lambda comm: explain_varlen(CPConfig(comm), heads_q=4, heads_kv=1), mesh=(2, 2))
     assert all("(ulysses U=2 x ring R=2)" in t and "-> hybrid: a 2-D group" in t and "replicated 2x" in t
                and "packed varlen ring over R=2" in t for t in two_d), two_d
@@ -157,13 +157,10 @@ def _call(comm, docs, H=2, cfg=None, **kw):
     return cp_varlen_attention(q, q, q, cu, cp=CPConfig(comm, **cfg), **kw)
 
 
-@pytest.mark.parametrize("W,mesh,kw,match", [
-    (2, None, dict(dropout_p=0.1), r"strategy='ulysses' refused: dropout: the kernels key the dropout mask by the "
-                                   r"local head index"),
+@pytest.mark.parametrize("W,mesh,kw,match", [  # dropout runs (tests/distributed/test_varlen_dropout.py)
     (4, None, dict(H=2), r"strategy='ulysses' refused: the 2 query heads are not divisible by W=4"),
-    (4, (2, 2), dict(dropout_p=0.1, cfg=dict(strategy="auto")), r"on a 2-D group \(ulysses U=2 x ring R=2\) "
-                                                                r"refused: .*dropout"),
     (4, (2, 2), dict(H=3, cfg=dict(strategy="hybrid")), r"the 3 query heads are not divisible by U=2"),
+    (4, (2, 2), dict(H=3, dropout_p=0.1, cfg=dict(strategy="auto")), r"the 3 query heads are not divisible by U=2"),
 ])
 def test_refusals(W, mesh, kw, match):
     with pytest.raises(CPUnsupportedError, match=match):
