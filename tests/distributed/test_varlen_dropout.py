@@ -205,3 +205,16 @@ def test_planted_backward_with_another_seed_fails(monkeypatch, c):
     monkeypatch.setattr(VU, "cp_varlen_a2a_bwd", lambda *a: real(*a[:-2], a[-2] + 1, a[-1]))
     with pytest.raises(AssertionError, match=r"acceptance rule for \['dq', 'dk', 'dv'\]"):
         check(c)
+
+
+def test_opcheck_with_dropout():
+    """torch.library.opcheck of the op pair with (dropout_p, seed, offset) given (schema, fake function, autograd
+    registration) at W = 1, GQA."""
+    from fastattn.distributed.comm import comm_name
+    c = replace(C("ulysses", 1, "per_doc"), docs=(6, 10))
+    q, k, v, _, _ = make_varlen_inputs(c)
+    comm = LocalComm.world(1)[0]  # held: the op finds it by name
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), c.cu.long(), None, comm_name(comm), "ulysses",
+            "per_doc", "zigzag", 0.25, -1, 0, 0.0, 1, True, "float32", BE, P, *RNG)
+    torch.library.opcheck(VU.cp_varlen_a2a_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                                  "test_autograd_registration"))
