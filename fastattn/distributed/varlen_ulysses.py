@@ -208,8 +208,8 @@ def _hybrid_fwd(spec: CallSpec, q, k, v, cu, sharding, balance, kv_repeat):
 
 def _hybrid_bwd(spec: CallSpec, dout, qh, kh, vh, oh, lse_h, cu, sharding, balance, kv_dt):
     doh = seq_to_heads(spec.comm.ulysses, [dout])[0]  # (T/R, h, Dv): ring shard r
-    return list(_run(False, _ring_spec(spec, qh.shape[1]), (doh, qh, kh, vh, oh, lse_h), qh, "ring", cu, cu, sharding, balance,
-                     0, 0, 0, kv_grad_dtype=kv_dt))
+    return list(_run(False, _ring_spec(spec, qh.shape[1]), (doh, qh, kh, vh, oh, lse_h), qh, "ring", cu, cu,
+                     sharding, balance, 0, 0, 0, kv_grad_dtype=kv_dt))
 
 
 # --- the op pair -------------------------------------------------------------------------------------------------

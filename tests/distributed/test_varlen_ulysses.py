@@ -1,6 +1,7 @@
 """Packed varlen documents under Ulysses (1-D group) and the hybrid (Ulysses x ring, 2-D group): every rank's rows,
 lse and gradients against single-process flash_attn_varlen_func and a float64 oracle per document (the acceptance
-rule of tests/support/cp_cases.py), auto / explain, refusals, exact communication, compile, planted bugs. Dropout: test_varlen_dropout.py."""
+rule of tests/support/cp_cases.py), auto / explain, refusals, exact communication, compile, planted bugs.
+Dropout: test_varlen_dropout.py."""
 import os
 from dataclasses import replace
 
