@@ -179,6 +179,38 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
   }
 }
 
+// bf16 scores on AVX512-BF16's dot products: vdpbf16ps multiplies 32 bf16 pairs and adds them pairwise into 16 fp32
+// lanes, so keys are read as bf16 with no conversion to fp32 (the conversions, not the products, bound the AVX-512
+// path: 2 shuffle-port uops per 16 elements). Qb: the M query rows in bf16, unscaled (the scale multiplies the sums).
+// bf16 denormals count as zero here (the instruction's rule), well inside bf16's tolerance.
+FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const c10::BFloat16* const* krows,
+                                  const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n - j0);
+    for (int64_t r = 0; r < M; ++r) {
+      const c10::BFloat16* q = Qb + r * D;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+      for (int h = 0; h < 16; h += 8) {  // two passes of 8 key pointers, as scores_avx512
+        const c10::BFloat16* k[8];
+        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];
+        for (int64_t d = 0; d < D; d += 32) {
+          const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
+          const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) {
+            acc[h + u] = _mm512_dpbf16_ps(acc[h + u], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k[u] + d));
+          }
+        }
+      }
+      _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), _mm512_mul_ps(hsum16x16(acc), vscale));
+    }
+  }
+}
+
 // acc_r += sum_j P[r, j] v_j, one row at a time with up to 64 of its accumulators in registers.
 template <typename T>
 FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
@@ -232,6 +264,22 @@ void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* co
 }
 
 
+// bf16 caches take scores_bf16_dp where the CPU has AVX512-BF16.
+template <typename T>
+bool bf16_dot_products() {
+#ifdef FASTATTN_VEC512
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return vec512::available() && vec512::native_bf16();
+#endif
+  return false;
+}
+
+inline void scores_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const void* const* krows, const int64_t* koff,
+                      int64_t n, float scale, float* S, int64_t ldS) {
+#ifdef FASTATTN_VEC512
+  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS);
+#endif
+}
+
 // max of s[a, e) with the serial loop's semantics (m = std::max(m, s[j]): a NaN score is skipped) in eight
 // independent chains: the serial loop waits on each max's latency (4 cycles a key; ~10% of a decode step). The
 // result is the same value in any order (max is exact; a +-0 tie only flips a zero's sign, which changes no output).
@@ -252,11 +300,12 @@ inline float row_max(const float* s, int64_t a, int64_t e) {
 // ---------------------------------------------------------------- one work item
 struct Scratch {
   std::vector<float> Qf, S, acc, m_i, l_i, slope;
+  std::vector<c10::BFloat16> Qb;  // bf16 queries for scores_bf16_dp
   std::vector<int64_t> koff, voff;  // per row: element offset of its KV head within a key's row
   std::vector<uint8_t> live;
   std::vector<const void*> krows, vrows;
   Scratch(int64_t M, int64_t D, int64_t Dv)
-      : Qf(M * D), S(M * kBlockN), acc(M * Dv), m_i(M), l_i(M), slope(M), koff(M), voff(M), live(M),
+      : Qf(M * D), S(M * kBlockN), Qb(M * D), acc(M * Dv), m_i(M), l_i(M), slope(M), koff(M), voff(M), live(M),
         krows(kBlockN), vrows(kBlockN) {}
 };
 
@@ -271,9 +320,13 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
   const int64_t start = std::min(hi, lo + split * per * kBlockN), end = std::min(hi, start + per * kBlockN);
 
   const T* q = static_cast<const T*>(p.q);
+  const bool dp = bf16_dot_products<T>();
   for (int64_t r = 0; r < M; ++r) {  // row r: query head hk0 * G + r / Sq (KV head h / G), token r % Sq
     const int64_t h = hk0 * p.group + r / p.Sq, i = r % p.Sq;
     const T* src = q + b * p.q_sb + h * p.q_sh + i * p.q_sm;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (dp) std::copy(src, src + D, w.Qb.begin() + r * D);
+    }
     for (int64_t d = 0; d < D; ++d) w.Qf[r * D + d] = static_cast<float>(src[d]) * p.scale;
     w.slope[r] = p.alibi ? p.alibi[b * p.alibi_sb + h] : 0.f;
     w.koff[r] = (h / p.group) * p.k_sh;
@@ -303,7 +356,11 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       w.vrows[j] = vbase + vofs;
     }
     float* S = w.S.data();
-    scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN);
+    if (dp) {
+      scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN);
+    } else {
+      scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN);
+    }
     bool any = false;
     for (int64_t r = 0; r < M; ++r) {
       float* s = S + r * kBlockN;
