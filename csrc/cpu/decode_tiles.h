@@ -1,0 +1,246 @@
+// Block helpers of the CPU decode kernel (decode.cpp): the scores S = q . k and the update acc += P V of one block
+// of keys for the M query rows of a work item, each row reading its KV head's slice of every key (krows[j] + koff[r]).
+// Portable, AVX2 and AVX-512 versions (bf16 keys on AVX512-BF16 dot products); scores / pv / scores_dp pick one.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "vec.h"     // use_avx2, hsum8, load8: the same vector helpers as the prefill kernels
+#include "vec512.h"  // load16, tail, available, native_bf16: AVX-512 where the CPU has it
+
+namespace fastattn::cpu::decode {
+namespace {
+
+// ---------------------------------------------------------------- block helpers, portable versions
+// S[r * ldS + j] = q_r . k_j for the M query rows (fp32, pre-scaled) and the n keys of the block; row r reads
+// its KV head at krows[j] + koff[r]. Key-major order: one key's heads are adjacent in memory.
+template <typename T>
+void scores_scalar(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff, int64_t n,
+                   float* S, int64_t ldS) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) {
+      const float* q = Qf + r * D;
+      const T* k = krows[j] + koff[r];
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
+      S[r * ldS + j] = s;
+    }
+  }
+}
+
+// acc_r += sum_j P[r, j] v_j (v_j of row r's KV head at vrows[j] + voff[r]) for the rows marked live.
+template <typename T>
+void pv_scalar(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+               const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) {
+      const float p = P[r * ldP + j];
+      if (!live[r] || p == 0.f) continue;
+      const T* v = vrows[j] + voff[r];
+      float* a = acc + r * Dv;
+      for (int64_t d = 0; d < Dv; ++d) a[d] += p * static_cast<float>(v[d]);
+    }
+  }
+}
+
+
+#ifdef FASTATTN_X86
+// ---------------------------------------------------------------- block helpers, AVX2 + FMA + F16C
+
+template <typename T>
+FA_AVX2 inline float dot(const float* q, const T* k, int64_t D) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains hide the FMA latency
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), vec::load8(k + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), vec::load8(k + d + 8), a1);
+  }
+  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), vec::load8(k + d), a0);
+  float s = vec::hsum8(_mm256_add_ps(a0, a1));
+  for (; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
+  return s;
+}
+
+template <typename T>
+FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
+                             int64_t n, float* S, int64_t ldS) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) S[r * ldS + j] = dot(Qf + r * D, krows[j] + koff[r], D);
+  }
+}
+
+template <typename T>
+FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < M; ++r) {
+      const float p = P[r * ldP + j];
+      if (!live[r] || p == 0.f) continue;
+      const T* v = vrows[j] + voff[r];
+      float* a = acc + r * Dv;
+      const __m256 vp = _mm256_set1_ps(p);
+      int64_t d = 0;
+      for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(vp, vec::load8(v + d), _mm256_loadu_ps(a + d)));
+      for (; d < Dv; ++d) a[d] += p * static_cast<float>(v[d]);
+    }
+  }
+}
+
+#endif
+
+#ifdef FASTATTN_VEC512
+// ---------------------------------------------------------------- block helpers, AVX-512
+// One lane each: r[i] = sum of the 16 lanes of v[i] (a transposing tree, ~2 instructions per vector instead of a
+// full horizontal sum each).
+FA_AVX512 inline __m512 hsum16x16(const __m512* v) {
+  __m512 x[4];
+  for (int g = 0; g < 4; ++g) {  // x[g] lane L = [sum_L v[4g], sum_L v[4g+1], sum_L v[4g+2], sum_L v[4g+3]]
+    const __m512* a = v + 4 * g;
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    x[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Sum the four 128-bit lanes: pairs of lanes, then the two halves.
+  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of 16 keys at a time per row: 16 independent FMA chains over D, reduced together by hsum16x16.
+template <typename T>
+FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
+                             int64_t n, float* S, int64_t ldS) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n - j0);
+    for (int64_t r = 0; r < M; ++r) {
+      const float* q = Qf + r * D;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+      // Two passes of 8 keys: 16 key pointers at once do not fit the general registers (the compiler kept them in
+      // vector registers and moved one out before every load). Each key's sum runs over d in the same order.
+#pragma GCC unroll 2
+      for (int h = 0; h < 16; h += 8) {  // unrolled: acc stays in registers
+        const T* k[8];
+        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];  // tail: repeat
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = vec512::tail(D - d);
+          const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) acc[h + u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[h + u]);
+        }
+      }
+      _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), hsum16x16(acc));
+    }
+  }
+}
+
+// bf16 scores on AVX512-BF16's dot products: vdpbf16ps multiplies 32 bf16 pairs and adds them pairwise into 16 fp32
+// lanes, so keys are read as bf16 with no conversion to fp32 (the conversions, not the products, bound the AVX-512
+// path: 2 shuffle-port uops per 16 elements). Qb: the M query rows in bf16, unscaled (the scale multiplies the sums).
+// bf16 denormals count as zero here (the instruction's rule), well inside bf16's tolerance.
+FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const c10::BFloat16* const* krows,
+                                  const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n - j0);
+    for (int64_t r = 0; r < M; ++r) {
+      const c10::BFloat16* q = Qb + r * D;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+      for (int h = 0; h < 16; h += 8) {  // two passes of 8 key pointers, as scores_avx512
+        const c10::BFloat16* k[8];
+        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];
+        for (int64_t d = 0; d < D; d += 32) {
+          const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
+          const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) {
+            acc[h + u] = _mm512_dpbf16_ps(acc[h + u], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k[u] + d));
+          }
+        }
+      }
+      _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), _mm512_mul_ps(hsum16x16(acc), vscale));
+    }
+  }
+}
+
+// acc_r += sum_j P[r, j] v_j, one row at a time with up to 64 of its accumulators in registers.
+template <typename T>
+FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+  for (int64_t r = 0; r < M; ++r) {
+    if (!live[r]) continue;
+    const float* pr = P + r * ldP;
+    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      __mmask16 m[4];
+      for (int c = 0; c < 4; ++c) m[c] = vec512::tail(std::max<int64_t>(Dv - d0 - 16 * c, 0));
+      float* a = acc + r * Dv + d0;
+      __m512 a4[4];
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) a4[c] = _mm512_maskz_loadu_ps(m[c], a + 16 * c);
+      for (int64_t j = 0; j < n; ++j) {
+        if (pr[j] == 0.f) continue;
+        const __m512 vp = _mm512_set1_ps(pr[j]);
+        const T* v = vrows[j] + voff[r] + d0;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) a4[c] = _mm512_fmadd_ps(vp, vec512::load16(v + 16 * c, m[c]), a4[c]);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(a + 16 * c, m[c], a4[c]);
+    }
+  }
+}
+#endif
+
+template <typename T>
+void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff, int64_t n, float* S,
+            int64_t ldS) {
+#ifdef FASTATTN_VEC512
+  if (vec512::available()) return scores_avx512<T>(Qf, M, D, krows, koff, n, S, ldS);
+#endif
+#ifdef FASTATTN_X86
+  if (vec::use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS);
+#endif
+  scores_scalar<T>(Qf, M, D, krows, koff, n, S, ldS);
+}
+
+template <typename T>
+void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
+        int64_t n, int64_t Dv, float* acc) {
+#ifdef FASTATTN_VEC512
+  if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+#endif
+#ifdef FASTATTN_X86
+  if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+#endif
+  pv_scalar<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+}
+
+
+// bf16 caches take scores_bf16_dp where the CPU has AVX512-BF16.
+template <typename T>
+bool bf16_dot_products() {
+#ifdef FASTATTN_VEC512
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return vec512::available() && vec512::native_bf16();
+#endif
+  return false;
+}
+
+inline void scores_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const void* const* krows, const int64_t* koff,
+                      int64_t n, float scale, float* S, int64_t ldS) {
+#ifdef FASTATTN_VEC512
+  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS);
+#endif
+}
+
+}  // namespace
+}  // namespace fastattn::cpu::decode
