@@ -10,7 +10,7 @@ buffer copies, waiting for the simulated peers). Issue 15's target: merge + book
 
 Caveats: the simulated ranks share one device, so "rest" includes waiting for the others (on a GPU their kernels
 serialise); timed regions synchronise the device, which removes the overlap of real runs. The kernel and merge
-columns are the meaningful ones.
+columns are the meaningful ones. Whether real hops hide behind compute: benchmarks/bench_cp_gloo.py (W gloo processes).
 """
 from __future__ import annotations
 

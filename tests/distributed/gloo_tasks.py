@@ -110,9 +110,21 @@ def hf_gpt2_cp(config_kwargs: dict, state_dict: dict, ids, balance: str):
 
 # --- packed varlen documents (test_cp_varlen.py) ------------------------------------------------------------------
 
-def varlen_case(case):
+def varlen_case(case, rng=None, dropout_p: float = 0.0, plant: str = ""):
+    """This rank's (out, lse, dq, dk, dv) of the packed-documents case, with dropout when dropout_p > 0 (rng: the
+    (seed, offset) every rank passes). plant="no_head_start": Ulysses block calls without this rank's head offset
+    (test_varlen_dropout_gloo.py's planted bug), restored after the call (the pool's workers live on)."""
     from tests.support.cp_cases import run_varlen_rank
-    return run_varlen_rank(TorchComm(), case)
+    from fastattn.distributed import varlen_ulysses as VU
+    real = VU._head_kw
+    if plant == "no_head_start":
+        VU._head_kw = lambda spec, h: dict(real(spec, h), head_start=0)
+    elif plant:
+        raise ValueError(f"varlen_case: unknown plant {plant!r}")
+    try:
+        return run_varlen_rank(TorchComm(), case, rng=rng, dropout_p=dropout_p)
+    finally:
+        VU._head_kw = real
 
 
 def varlen_bad_rank(check: bool):
