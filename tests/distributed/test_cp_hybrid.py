@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.support.compiled import compile_counting_ops
 from tests.support.cp_cases import (HybridCase, check_acceptance, check_hybrid_case, gather_hybrid_results,
                                     make_inputs, reference, run_hybrid_local, single_block, single_process)
 from fastattn.distributed import (CountingComm, CPCommError, CPConfig, CPUnsupportedError, cp_attention, hybrid,
@@ -204,8 +205,6 @@ def test_auto_explain_and_refusals():
 def _compiled(comm, strategy, dynamic):
     """torch.compile(fullgraph=True) of cp_attention with a key padding mask: the same bits as eager, and the CP
     attention one op in each graph."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     cp = CPConfig(comm, strategy=strategy)
     g = torch.Generator().manual_seed(0)
     q, k, v = (cp.shard(torch.randn(2, 48, h, 8, generator=g), 1).requires_grad_() for h in (4, 2, 2))
@@ -218,15 +217,7 @@ def _compiled(comm, strategy, dynamic):
     grads = [t.grad for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    ops = {}
-
-    def compiler(key):
-        def keep(gm, example_inputs):
-            ops[key] = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("fastattn.cp_")]
-            return make_boxed_func(gm)
-        return keep
-    fn = torch.compile(f, fullgraph=True, dynamic=dynamic,
-                       backend=aot_autograd(fw_compiler=compiler("fwd"), bw_compiler=compiler("bwd")))
+    fn, ops = compile_counting_ops(f, prefix="fastattn.cp_", dynamic=dynamic)
     out = fn(q, k, v, mask)
     out.sum().backward()
     return torch.equal(eager, out) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v))), ops

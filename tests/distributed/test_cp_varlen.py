@@ -7,6 +7,7 @@ from functools import lru_cache
 import pytest
 import torch
 
+from tests.support.compiled import compile_counting_ops
 from tests.support.cp_cases import (VarlenCase, block_backends, check_acceptance, check_varlen_case, gather_varlen,
                                     make_varlen_inputs, reference_varlen, run_varlen_local, single_block_varlen,
                                     single_process_varlen, varlen_call, varlen_shard)
@@ -312,8 +313,6 @@ def test_compile_fullgraph_one_op():
     """torch.compile(fullgraph=True) of a function calling cp_varlen_attention: one opaque custom op per graph,
     the same bits as eager (one simulated rank: dynamo compiles per thread, and the op is the same for any W)."""
     import torch._dynamo
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     from fastattn.distributed import LocalComm
     torch._dynamo.reset()
     c = VarlenCase(W=1, docs=(12, 20, 8), causal=True)
@@ -329,15 +328,8 @@ def test_compile_fullgraph_one_op():
     grads = [t.grad for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    seen = {}
-
-    def compiler(key):
-        def count(gm, example_inputs):
-            seen[key] = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("fastattn.")]
-            return make_boxed_func(gm)
-        return count
-    compiled = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=compiler("fwd"),
-                                                                     bw_compiler=compiler("bwd")))(q, k, v)
+    fn, seen = compile_counting_ops(f)
+    compiled = fn(q, k, v)
     compiled.backward(dout)
     assert seen == {"fwd": ["fastattn.cp_varlen_fwd.default"], "bwd": ["fastattn.cp_varlen_bwd.default"]}, seen
     assert torch.equal(eager, compiled) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))

@@ -16,6 +16,7 @@ from fastattn.distributed import varlen_ulysses as VU
 from fastattn.distributed.varlen_ulysses import shard_2d, unshard_2d_list
 from support.oracle import oracle_attention
 from support.philox import keep_mask
+from tests.support.compiled import compile_counting_ops
 from tests.support.cp_cases import (VarlenCase, block_backends, check_acceptance, errors, make_varlen_inputs,
                                     reference_varlen, run_varlen_local, single_block_varlen)
 
@@ -151,8 +152,6 @@ def test_compile_fullgraph_with_dropout():
     """torch.compile(fullgraph=True) with dropout and rng passed: one opaque op per graph, eager's bits (one
     simulated rank: dynamo compiles per thread)."""
     import torch._dynamo
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     torch._dynamo.reset()
     c = replace(C("ulysses", 1, "stream"), H=4, Hkv=2)
     cp = CPConfig(LocalComm.world(1)[0], strategy="ulysses", backend=BE)
@@ -166,15 +165,8 @@ def test_compile_fullgraph_with_dropout():
     grads = [t.grad for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    seen = {}
-
-    def compiler(key):
-        def count(gm, example_inputs):
-            seen[key] = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("fastattn.")]
-            return make_boxed_func(gm)
-        return count
-    compiled = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=compiler("fwd"),
-                                                                     bw_compiler=compiler("bwd")))(q, k, v)
+    fn, seen = compile_counting_ops(f)
+    compiled = fn(q, k, v)
     compiled.backward(dout)
     assert seen == {"fwd": ["fastattn.cp_varlen_a2a_fwd.default"], "bwd": ["fastattn.cp_varlen_a2a_bwd.default"]}
     assert torch.equal(eager, compiled) and all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.support.compiled import compile_counting_ops
 from tests.support.cp_cases import (VarlenCase, block_backends, check_acceptance, check_varlen_case, gather_varlen,
                                     make_varlen_inputs, reference_varlen, run_varlen_local, single_block_varlen,
                                     single_process_varlen, varlen_shard)
@@ -240,8 +241,6 @@ def test_compile_fullgraph_one_op():
     """torch.compile(fullgraph=True): one opaque custom op per graph (cp_varlen_a2a_fwd / _bwd), eager's bits (one
     simulated rank: dynamo compiles per thread, and the op is the same for any W)."""
     import torch._dynamo
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     torch._dynamo.reset()
     c = U_(W=1, docs=(12, 1, 19, 8), causal=True, alibi="H")
     cp = CPConfig(LocalComm.world(1)[0], strategy="ulysses", balance="zigzag", backend="reference")
@@ -258,15 +257,8 @@ def test_compile_fullgraph_one_op():
     grads = [t.grad for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    seen = {}
-
-    def compiler(key):
-        def count(gm, example_inputs):
-            seen[key] = [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("fastattn.")]
-            return make_boxed_func(gm)
-        return count
-    compiled, lse = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=compiler("fwd"),
-                                                                          bw_compiler=compiler("bwd")))(q, k, v)
+    fn, seen = compile_counting_ops(f)
+    compiled, lse = fn(q, k, v)
     compiled.backward(dout)
     assert seen == {"fwd": ["fastattn.cp_varlen_a2a_fwd.default"], "bwd": ["fastattn.cp_varlen_a2a_bwd.default"]}
     assert torch.equal(eager, compiled) and torch.equal(eager_lse, lse)
