@@ -39,8 +39,8 @@ class _ClsRow(torch.autograd.Function):
     """x (B, S/W, C), this rank's rows -> (B, C): row i of the rank that holds global position 0, on every rank
     (an all-reduce of that row and zeros elsewhere: exact). Backward: the ranks' gradients of the result summed
     (all_reduce's adjoint is all_reduce: dL/dy for L = the sum of the ranks' losses), placed on the owner's row
-    only. x itself is the input on every rank, so the result needs a gradient on all ranks alike: the backward is a
-    collective, and every rank must backpropagate through the result, or none."""
+    only (zeros on the others). x itself is the input on every rank, so the result needs a gradient on all ranks
+    alike: the backward is a collective, and every rank must backpropagate through the result, or none."""
 
     @staticmethod
     def forward(ctx, x, i, comm):
@@ -51,10 +51,11 @@ class _ClsRow(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = ctx.comm.all_reduce(grad.contiguous().clone())  # (B, C), the same on every rank
-        if ctx.i is None:
-            return None, None, None
-        gx = grad.new_zeros(ctx.shape)
-        gx[:, ctx.i] = grad
+        # Zeros, not None, on the other ranks: their encoder backward must still run (its attention backward is
+        # a collective their peers wait in), and None would skip the layers above the first attention.
+        gx = grad.new_zeros(ctx.shape)  # (B, S/W, C)
+        if ctx.i is not None:
+            gx[:, ctx.i] = grad
         return gx, None, None
 
 

@@ -66,12 +66,13 @@ def reference(hf, ids, mask, tt, labels, probe):
     (F.cross_entropy(out.logits, labels) + (out.hidden_states[-1] * probe.double()).sum()).backward()
     base = BertForSequenceClassification.from_transformers(hf)
     hidden, _ = base.bert(ids, mask, tt)
-    (F.cross_entropy(base(ids, mask, tt), labels) + (hidden * probe).sum()).backward()
+    (F.cross_entropy(base(ids, mask, tt), labels) + (hidden * probe).sum()).backward()  # probe 0: CE alone
     return out.logits.detach(), pooled.detach(), grads_of(ref), grads_of(base)
 
 
 def run_cp(model, W, strategy, balance, ids, mask, tt, labels, probe, *, via="arg", replicated=True, mesh=None):
-    """Per rank: (pooled, logits, gradients) of cp_replicated_loss(CE) + <hidden rows, probe rows>."""
+    """Per rank: (pooled, logits, gradients) of cp_replicated_loss(CE) + <hidden rows, probe rows> (probe None: CE
+    alone)."""
     def rank(comm):
         cp = CPConfig(comm, strategy=strategy, balance=balance)
         m = copy.deepcopy(model)
@@ -85,7 +86,8 @@ def run_cp(model, W, strategy, balance, ids, mask, tt, labels, probe, *, via="ar
             hidden, pooled = m.bert(*args, cp=cp)
             logits = m(*args, cp=cp)  # the classifier's own forward (runs the encoder again)
         ce = F.cross_entropy(logits, labels)
-        ((cp_replicated_loss(ce, cp) if replicated else ce) + (hidden * cp.shard(probe, 1)).sum()).backward()
+        loss = cp_replicated_loss(ce, cp) if replicated else ce
+        (loss if probe is None else loss + (hidden * cp.shard(probe, 1)).sum()).backward()
         return pooled.detach(), logits.detach(), grads_of(m)
     return run_local(W, rank, mesh=mesh)
 
@@ -94,6 +96,8 @@ def check(res, want_logits, want_pooled, ref_grads, base_grads):
     for r in res:  # every rank holds the whole batch's pooled output and logits
         assert_rule("pooled", r[0], want_pooled, None, torch.float32)
         assert_rule("logits", r[1], want_logits, None, torch.float32)
+    missing = [(rank, n) for rank, r in enumerate(res) for n, g in r[2].items() if g is None]
+    assert not missing, f"no gradient (None) on some ranks: {missing[:3]}"  # every rank's backward ran everywhere
     grads = {n: sum(r[2][n] for r in res) for n in res[0][2]}
     for name, g in grads.items():
         r, b = ref_grads[name], base_grads[name]
@@ -110,6 +114,18 @@ def test_pooled_logits_and_grads_equal_single_process(W, strategy, balance, padd
     want_logits, want_pooled, ref_grads, base_grads = reference(hf, ids, mask, tt, labels, probe)
     model = BertForSequenceClassification.from_transformers(hf)
     res = run_cp(model, W, strategy, balance, ids, mask, tt, labels, probe, via=via)
+    check(res, want_logits, want_pooled, ref_grads, base_grads)
+
+
+def test_classifier_loss_alone():
+    """No token-level term: the ranks without [CLS] get their encoder gradients only through the all-reduce's
+    backward (zeros on their rows), and must still run their encoder backward (its attention is a collective)."""
+    hf = hf_classifier()
+    ids, mask, tt, labels, probe = batch(True)
+    probe = torch.zeros_like(probe)
+    want_logits, want_pooled, ref_grads, base_grads = reference(hf, ids, mask, tt, labels, probe)
+    model = BertForSequenceClassification.from_transformers(hf)
+    res = run_cp(model, 3, "ring", "zigzag", ids, mask, tt, labels, None, via="context")
     check(res, want_logits, want_pooled, ref_grads, base_grads)
 
 
@@ -165,3 +181,28 @@ def test_cp_replicated_loss_refuses_non_scalar():
         with pytest.raises(ValueError, match=r"cp_replicated_loss takes a scalar loss, got shape \(3,\)"):
             cp_replicated_loss(torch.ones(3), CPConfig(comm))
     run_local(2, rank)
+
+
+@pytest.mark.distributed
+def test_gloo_classifier_equals_single_process(gloo_pool):
+    """The same on two gloo processes: the all-reduce (forward) and its adjoint (backward) on a real group."""
+    import dataclasses
+    import os
+    hf = hf_classifier()
+    ids, mask, tt, labels, _ = batch(True)
+    ref = copy.deepcopy(hf).double()
+    want = ref(ids, attention_mask=mask, labels=labels)
+    want.loss.backward()
+    base = BertForSequenceClassification.from_transformers(hf)
+    F.cross_entropy(base(ids, mask), labels).backward()
+    tasks = os.path.join(os.path.dirname(__file__), "gloo_tasks.py")
+    res = gloo_pool(2).run(tasks, "bert_classifier_cp", dataclasses.asdict(base.config), base.state_dict(), ids,
+                           mask, labels, "zigzag")
+    for logits, _ in res:
+        assert_rule("logits", logits, want.logits, None, torch.float32)
+    ref_grads, base_grads = grads_of(ref), grads_of(base)
+    for name in ref_grads:
+        r, b = ref_grads[name], base_grads[name]
+        base_rel = float((b.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+        assert_rule(f"d {name}", sum(g[1][name] for g in res), r, None, torch.float32,
+                    fp32_rel=max(1e-5, 2 * base_rel))
