@@ -3,6 +3,9 @@ GLOBAL number of counted tokens, not the local one (a per-rank mean weights rank
 
 Shift the labels BEFORE sharding (labels[t] = input_ids[t + 1] on the whole sequence, the last one ignored):
 after sharding, a rank's next token usually lives on another rank.
+
+A loss of values every rank holds whole (a classifier on BERT's pooled [CLS] row, shared by an all-reduce) is the
+same on every rank: cp_replicated_loss scales it by 1 / W so that the ranks' gradients sum to one process's.
 """
 from __future__ import annotations
 
@@ -39,3 +42,17 @@ def global_loss(local: torch.Tensor, cp: CPConfig, *, grad_average_world: int = 
     grad_average_world given to cp_cross_entropy: its factor scales the gradients, not the loss to log (a logged
     loss W times too large is the classic CP x DP logging bug)."""
     return cp.comm.all_reduce(local.detach().float().reshape(1).clone())[0] / grad_average_world
+
+
+def cp_replicated_loss(loss: torch.Tensor, cp: CPConfig, *, grad_average_world: int = 1) -> torch.Tensor:
+    """loss: a value every CP rank computes identically (e.g. cross entropy of BertForSequenceClassification's
+    logits, which every rank holds whole under CP). Returns loss * grad_average_world / W, the same contract as
+    cp_cross_entropy: the SUM over CP ranks of the returned values is the loss, and summing the parameter gradients
+    over CP ranks gives the single-process gradients. Without the 1 / W the layers after the shared row (pooler,
+    classifier) would get W times their gradient, and the [CLS] row's rank would receive the sum of W identical
+    gradients. Add it to a cp_cross_entropy term as is (both are per-rank shares of a global loss). No
+    communication."""
+    if loss.dim() != 0:
+        raise ValueError(f"fastattn.distributed: cp_replicated_loss takes a scalar loss, got shape "
+                         f"{tuple(loss.shape)} (reduce it first: the same reduction on every rank)")
+    return loss * (grad_average_world / cp.world_size)

@@ -12,8 +12,20 @@ fastattn.integrations.transformers, in AttentionInterface AND AttentionMaskInter
 Each layer's attention is fastattn.distributed.cp_attention over the whole sequence (causal = the layer's
 is_causal), so the logits are this rank's rows of the single-process logits. A 2-D padding mask (shard it with the
 batch) becomes the key padding mask that travels with its keys. Outside `context_parallel` both functions raise.
+
+Sliding-window layers (Mistral, Qwen2, Gemma2/3, Cohere2, ModernBERT, ...): the layer's `sliding_window` keyword, the
+one transformers' flash-attention path reads, becomes cp_attention's window_size exactly as that path maps it:
+(sliding_window - 1, sliding_window - 1), so a causal layer sees its sliding_window most recent keys (itself
+included: transformers' mask keeps key j for query i iff i - sliding_window < j <= i) and a bidirectional one
+(ModernBERT passes its config's sliding_window + 1) the keys within config.sliding_window either side; applied at
+global positions, across shards. The mask function checks that the mask transformers asked for is that sliding
+window (local_size = its width, evaluated on this rank's indices); chunked attention (Llama 4's
+attention_chunk_size, also a local_size) is refused. The window itself comes from the keyword, as in the flash path:
+a model that built a windowed mask but passed no sliding_window would get full attention (transformers' models that
+support flash attention pass it; tested: Qwen2, Mistral, ModernBERT).
+
 Refused, on every rank alike (one rank refusing alone would leave its peers waiting in a collective): KV caches /
-generation, sliding windows, packed documents and other custom mask functions, and position_ids that are not the
+generation, chunked attention, packed documents and other custom mask functions, and position_ids that are not the
 global positions of the shard (a model would embed the wrong positions silently).
 """
 from __future__ import annotations
@@ -35,7 +47,8 @@ _WHO = f'attn_implementation="{CP_NAME}"'
 _PROBLEMS = {
     1: "a KV cache (generation: queries at an offset, or a mask over other keys than the queries') is not context "
        "parallel; generate on one rank with another implementation",
-    2: "sliding-window layers are not supported under context parallelism yet",
+    2: "a windowed mask that is not a sliding window (chunked attention, or a custom function given local_size) "
+       "is not supported under context parallelism",
     3: "the model built a custom mask (packed documents, position_ids that are not the global positions of the "
        "shard, or a custom mask function), which cannot be split across ranks",
     4: "position_ids are not the global positions of the ranks' tokens (in the CPConfig's layout): pass "
@@ -61,25 +74,38 @@ def _agree(cp, code: int, device, padded: bool = False) -> bool:
 _CHECK_ROWS = 1024
 
 
-def _is_layout_artifact(mask_function, batch_size: int, length: int, cp, device) -> bool:
-    """True when mask_function is causal within each run of consecutive global positions of this rank's shard and
-    blocks everything across runs: the local mask transformers builds when the zigzag global position_ids make it
-    see "packed sequences" (a position jump between a rank's two chunks). Evaluated by broadcasting indices, as
-    transformers' non-vmap path does, a block of query rows at a time."""
+def _matches(mask_function, batch_size: int, length: int, cp, device, window=None, causal=True) -> bool:
+    """True when mask_function, on this rank's local indices, is transformers' own mask of this kind: causal (within
+    a sliding window of `window` keys, itself included: i - window < j <= i, when window is given) or bidirectional
+    within `window` (|i - j| <= window). A causal one may also be cut at the runs of consecutive global positions of
+    this rank's shard: the local mask transformers builds when the zigzag global position_ids make it see "packed
+    sequences" (a position jump between a rank's two chunks). Evaluated by broadcasting indices, as transformers'
+    non-vmap path does, a block of query rows at a time. Only the kind is checked: cp_attention applies it at
+    global positions."""
     seg = torch.zeros(length, dtype=torch.long, device=device)
     for n, s in enumerate(cp.segments(length)):  # the config's own layout (1-D or the hybrid's 2-D one)
         seg[s.local:s.local + s.length] = n
     b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     kv = torch.arange(length, device=device)
+    cut_ok = plain_ok = True  # which causal variant matches every block of rows so far
     for start in range(0, length, _CHECK_ROWS):
         q = torch.arange(start, min(start + _CHECK_ROWS, length), device=device)
         try:
             got = mask_function(b, h, q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))  # (B|1, 1, rows, S/W)
         except (RuntimeError, IndexError, TypeError):  # not an index-based function: not transformers' own
             return False
-        want = (seg[q].view(-1, 1) == seg.view(1, -1)) & (kv.view(1, -1) <= q.view(-1, 1))  # (rows, S/W)
-        if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or not bool((got == want).all()):
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.bool:
+            return False
+        d = q.view(-1, 1) - kv.view(1, -1)  # (rows, S/W): query index - key index
+        if not causal:
+            if not bool((got == (d.abs() <= window)).all()):
+                return False
+            continue
+        plain = (d >= 0) if window is None else (d >= 0) & (d < window)  # (rows, S/W)
+        plain_ok = plain_ok and window is not None and bool((got == plain).all())
+        cut_ok = cut_ok and bool((got == (plain & (seg[q].view(-1, 1) == seg.view(1, -1)))).all())
+        if not (plain_ok or cut_ok):
             return False
     return True
 
@@ -99,14 +125,25 @@ def _mask_problem(batch_size: int, cp, kw) -> int:
     if q_offset or kv_offset or kv_length != q_length or (attention_mask is not None and
                                                           attention_mask.shape[-1] != kv_length):
         return 1
-    if kw.get("local_size") is not None:
+    device = kw.get("device") or "cpu"
+    local_size = kw.get("local_size")
+    if local_size is not None:  # a sliding window (applied by the attention function) or chunked attention
+        config = kw.get("config")
+        chunk = getattr(config, "attention_chunk_size", None)
+        if kw.get("use_vmap") or (chunk is not None and chunk == local_size
+                                  and getattr(config, "sliding_window", None) != local_size):
+            return 2
+        # Without a position jump on this rank, the sliding causal function can look plain causal (a window wider
+        # than the shard): cp_attention still applies the layer's window at global positions.
+        if any(_matches(mask_function, batch_size, q_length, cp, device, local_size, causal)
+               for causal in (True, False)):
+            return 0
         return 2
     if mask_function in (_mu.causal_mask_function, _mu.bidirectional_mask_function):
         return 0
     # Not the plain function: accept it only if it is what zigzag position_ids make transformers build (use_vmap:
     # transformers' flag for user-supplied or/and mask functions, never the packed-sequence one).
-    if not kw.get("use_vmap") and _is_layout_artifact(mask_function, batch_size, q_length, cp,
-                                                      kw.get("device") or "cpu"):
+    if not kw.get("use_vmap") and _matches(mask_function, batch_size, q_length, cp, device):
         return 0
     return 3
 
@@ -125,6 +162,19 @@ def fastattn_cp_mask(batch_size: int, **kw):
     if keys is None:  # another rank has padding: the ranks' calls must match
         keys = torch.ones(batch_size, kw["kv_length"], dtype=torch.bool, device=device)
     return keys[:, None, None, :]  # (B, S/W) -> (B, 1, 1, S/W)
+
+
+def _window_size(sliding_window: Optional[int], causal: bool) -> tuple:
+    """The layer's `sliding_window` keyword -> cp_attention's (left, right), as transformers' flash-attention path
+    maps it: (sliding_window - 1, sliding_window - 1), the right side 0 for a causal layer (its future is masked
+    anyway); (-1, -1) without one. That path skips the window when the keys are no more than sliding_window: the same
+    mask, since no key is then further than sliding_window - 1 from a query."""
+    if sliding_window is None:
+        return (-1, -1)
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"fastattn {_WHO}: sliding_window must be a positive int (the number of keys a causal "
+                         f"query sees, itself included), got {sliding_window!r}")
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
 def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -156,7 +206,8 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     out = cp_attention(query, key, value, cp=cp, causal=bool(is_causal), softmax_scale=scaling,
-                       dropout_p=float(dropout), layout="bhsd", key_padding_mask=key_padding_mask)
+                       dropout_p=float(dropout), layout="bhsd", key_padding_mask=key_padding_mask,
+                       window_size=_window_size(kwargs.get("sliding_window"), bool(is_causal)))
     return out.transpose(1, 2).contiguous(), None  # (B, H, S/W, D) -> (B, S/W, H, D)
 
 

@@ -10,8 +10,11 @@ loads directly (load_hf_state_dict drops the few buffers old checkpoints carry).
 
 Context parallelism (`cp=` or an active `context_parallel` block): the encoder runs on this rank's shard of every
 sequence at its global positions, attention over the whole sequence through fastattn.distributed.cp_attention
-(non-causal: the contiguous layout is as balanced as zigzag here); a padding mask travels with its keys. The pooler
-is not computed under CP: the [CLS] row lives on one rank.
+(non-causal: the contiguous layout is as balanced as zigzag here); a padding mask travels with its keys. The [CLS]
+row (global position 0) lives on one rank: a differentiable all-reduce of it, zero on the other ranks, gives every
+rank the pooled output and the classifier's logits (`cls_hidden`). A loss computed from them is the same on every
+rank: scale it by 1 / W (fastattn.distributed.loss.cp_replicated_loss) so that gradients summed over the ranks are
+one process's.
 """
 from __future__ import annotations
 
@@ -22,6 +25,46 @@ import torch.nn.functional as F
 
 from .. import functional
 from ._cp import active_cp, cp_attention
+
+
+def _cls_local_index(cp, local_len: int):
+    """The local row of global position 0 on this rank, or None where another rank holds it (any layout)."""
+    for seg in cp.segments(local_len):
+        if seg.start == 0:
+            return seg.local
+    return None
+
+
+class _ClsRow(torch.autograd.Function):
+    """x (B, S/W, C), this rank's rows -> (B, C): row i of the rank that holds global position 0, on every rank
+    (an all-reduce of that row and zeros elsewhere: exact). Backward: the ranks' gradients of the result summed
+    (all_reduce's adjoint is all_reduce: dL/dy for L = the sum of the ranks' losses), placed on the owner's row
+    only (zeros on the others). x itself is the input on every rank, so the result needs a gradient on all ranks
+    alike: the backward is a collective, and every rank must backpropagate through the result, or none."""
+
+    @staticmethod
+    def forward(ctx, x, i, comm):
+        ctx.shape, ctx.i, ctx.comm = x.shape, i, comm
+        row = x[:, i].clone() if i is not None else x.new_zeros(x.shape[0], x.shape[2])  # (B, C)
+        return comm.all_reduce(row)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = ctx.comm.all_reduce(grad.contiguous().clone())  # (B, C), the same on every rank
+        # Zeros, not None, on the other ranks: their encoder backward must still run (its attention backward is
+        # a collective their peers wait in), and None would skip the layers above the first attention.
+        gx = grad.new_zeros(ctx.shape)  # (B, S/W, C)
+        if ctx.i is not None:
+            gx[:, ctx.i] = grad
+        return gx, None, None
+
+
+def cls_hidden(x: torch.Tensor, cp=None) -> torch.Tensor:
+    """x (B, S, C) -> (B, C): the hidden state at global position 0 ([CLS]). Under CP (x: this rank's rows) every
+    rank gets it from the rank that holds it; the gradient flows back to that rank's row only."""
+    if cp is None:
+        return x[:, 0]
+    return _ClsRow.apply(x, _cls_local_index(cp, x.shape[1]), cp.comm)
 
 
 @dataclass
@@ -152,8 +195,8 @@ class Pooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x):
-        return torch.tanh(self.dense(x[:, 0]))  # the [CLS] token
+    def forward(self, x, cp=None):
+        return torch.tanh(self.dense(cls_hidden(x, cp)))  # the [CLS] token (global position 0 under CP)
 
 
 class Bert(nn.Module):
@@ -161,7 +204,10 @@ class Bert(nn.Module):
     (last_hidden (B, S, C), pooled (B, C)). attention_mask (B, S): 1 = real token, 0 = padding (left, right or
     anywhere). cp (default: the active `context_parallel` config, if any): inputs (attention_mask included) are
     this rank's shards of sequences of S * W tokens, position_ids default to their global positions, last_hidden
-    holds this rank's rows and pooled is None (the [CLS] row lives on one rank)."""
+    holds this rank's rows and pooled (B, C) is the same on every rank: the [CLS] row's rank shares it through an
+    all-reduce (a collective in the backward too: every rank backpropagates through pooled, or none). A loss on
+    pooled is then the same on every rank: pass it through cp_replicated_loss (1 / W) before backward, so that
+    the gradients summed over ranks are one process's."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -183,7 +229,7 @@ class Bert(nn.Module):
                 position_ids = cp.global_positions(S, device=input_ids.device).view(1, -1)  # (1, S/W)
         key_mask = attention_mask.bool()[:, None, None, :] if padded else None  # (B, S) -> (B, 1, 1, S): True = attend
         x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), key_mask, cp)
-        return x, (self.pooler(x) if cp is None else None)
+        return x, self.pooler(x, cp)
 
     def load_hf_state_dict(self, sd, strict: bool = True):
         """Loads a transformers BertModel state_dict (keys with or without the "bert." prefix)."""
@@ -201,7 +247,12 @@ class Bert(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """forward(input_ids, attention_mask=None, token_type_ids=None) -> logits (B, num_labels)."""
+    """forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None) -> logits
+    (B, num_labels). Under CP (cp= or an active `context_parallel` block; inputs are this rank's shards, as for
+    Bert) every rank returns the whole batch's logits; the loss on them is the same on every rank:
+
+        loss = cp_replicated_loss(F.cross_entropy(logits, labels), cp)   # 1 / W each: summed grads = one process's
+    """
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -210,12 +261,8 @@ class BertForSequenceClassification(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        if active_cp() is not None:
-            raise ValueError("fastattn BertForSequenceClassification: not supported under context parallelism (the "
-                             "classifier reads the [CLS] row, which lives on one rank); run the encoder with "
-                             "Bert(..., cp=cp) and pool where the first token is (rank 0)")
-        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cp=cp)
         return self.classifier(self.dropout(pooled))
 
     def load_hf_state_dict(self, sd, strict: bool = True):
@@ -230,4 +277,4 @@ class BertForSequenceClassification(nn.Module):
         return model.load_hf_state_dict(hf_model.state_dict()).train(hf_model.training)
 
 
-__all__ = ["Bert", "BertConfig", "BertForSequenceClassification"]
+__all__ = ["Bert", "BertConfig", "BertForSequenceClassification", "cls_hidden"]

@@ -108,6 +108,23 @@ def hf_gpt2_cp(config_kwargs: dict, state_dict: dict, ids, balance: str):
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+
+def bert_classifier_cp(cfg_kwargs: dict, state_dict: dict, ids, mask, labels, balance: str):
+    """fastattn.models.BertForSequenceClassification on a real process group (test_cp_bert_pooler.py): every rank's
+    logits and its parameter gradients of cp_replicated_loss(cross entropy) (summed over ranks by the test)."""
+    import torch.nn.functional as F
+    from fastattn.distributed import shard_batch
+    from fastattn.distributed.loss import cp_replicated_loss
+    from fastattn.models import BertForSequenceClassification
+    from fastattn.models.bert import BertConfig
+    model = BertForSequenceClassification(BertConfig(**cfg_kwargs))
+    model.load_state_dict(state_dict)
+    cp = CPConfig(TorchComm(), strategy="ring", balance=balance)
+    local = shard_batch({"input_ids": ids, "attention_mask": mask}, cp)
+    logits = model(local["input_ids"], local["attention_mask"], position_ids=local["position_ids"], cp=cp)
+    cp_replicated_loss(F.cross_entropy(logits, labels), cp).backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
 # --- packed varlen documents (test_cp_varlen.py) ------------------------------------------------------------------
 
 def varlen_case(case, rng=None, dropout_p: float = 0.0, plant: str = ""):
