@@ -41,7 +41,7 @@ except ImportError:  # a torch built without torch.distributed has no DTensor: t
                            "(no DTensor, no parallelize_module)")
 from .layout import (global_positions, shard, shard_varlen, unshard, unshard_list, unshard_varlen,
                      unshard_varlen_list, varlen_positions)
-from .loss import cp_cross_entropy, global_loss
+from .loss import cp_cross_entropy, cp_replicated_loss, global_loss
 from .varlen_api import (cp_varlen_attention, explain_varlen, llama3_flash_attn_prepare_cu_seqlens,
                          llama3_flash_attn_varlen_func, plan_varlen, ring_flash_attn_varlen_func,
                          zigzag_ring_flash_attn_varlen_func)
@@ -50,7 +50,8 @@ from .varlen_ulysses import shard_2d as shard_varlen_2d, unshard_2d_list as unsh
 __all__ = ["cp_attention", "ring_flash_attn_func", "zigzag_ring_flash_attn_func", "CPConfig",
            "CPUnsupportedError", "CPComm", "CPCommError", "TorchComm", "LocalComm", "CountingComm", "HybridComm",
            "run_local",
-           "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "global_loss",
+           "shard", "unshard", "unshard_list", "global_positions", "cp_cross_entropy", "cp_replicated_loss",
+           "global_loss",
            "shard_batch", "pad_batch", "context_parallel", "active_cp", "FastattnContextParallel",
            "cp_varlen_attention", "ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func",
            "llama3_flash_attn_varlen_func", "llama3_flash_attn_prepare_cu_seqlens", "shard_varlen", "unshard_varlen",
