@@ -1,9 +1,10 @@
 """`auto` is never slower than PyTorch on CPU: the `cpu` backend's auto rule (fastattn/backends/cpu.py,
 `_auto_rule`) checked against measurement on the machine at hand.
 
-    pytest benchmarks/test_auto_rule.py -s        # one thread, ~2 minutes
+    pytest benchmarks/test_auto_rule.py -s        # one thread, ~1-2 minutes
 
-For each class of call (dtype x forward / forward+backward x causal) it times PyTorch's SDPA, the `cpu` kernels
+For each class of call (dtype x forward / forward+backward x causal x head dim, at B1 H8 S1024, and short forward
+calls at B4 H8 S128 / S512) it times PyTorch's SDPA, the `cpu` kernels
 and `auto` side by side in one process (one thread, CPU time, best of several runs, interleaved), prints the
 ratios with the CPU model and the path each dtype took, and asserts that `auto` is within 5% of PyTorch or
 faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
@@ -59,6 +60,19 @@ def one_thread():
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_auto_not_slower_than_torch(dtype, grad, causal, D):
+    _check_class(dtype, grad, causal, D, B, S)
+
+
+@pytest.mark.parametrize("S_short", [128, 512])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_auto_not_slower_than_torch_short(dtype, causal, D, S_short):
+    """Short inference calls (B=4, S=128 / 512): where per-call and per-tile costs weigh most."""
+    _check_class(dtype, False, causal, D, 4, S_short)
+
+
+def _check_class(dtype, grad, causal, D, B, S):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
     do = torch.randn(B, H, S, D, generator=g).to(dtype)
@@ -70,8 +84,9 @@ def test_auto_not_slower_than_torch(dtype, grad, causal, D):
         for name, f in impls.items():
             t[name] = min(t[name], _best(_call(f, q, k, v, causal, grad, do), reps=3 if grad else 5))
     chosen = fastattn.explain(q, k, v, is_causal=causal).chosen
-    print(f"{str(dtype)[6:]:8} {'fwd+bwd' if grad else 'fwd':7} {'causal' if causal else 'full':6} D={D:3}: "
+    print(f"{str(dtype)[6:]:8} {'fwd+bwd' if grad else 'fwd':7} {'causal' if causal else 'full':6} D={D:3} "
+          f"B={B} S={S:4}: "
           f"cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
     assert t["auto"] <= t["torch"] / 0.95, (
         f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {dtype} {'fwd+bwd' if grad else 'fwd'} "
-        f"{'causal' if causal else 'full'} D={D}; cpu is {t['torch'] / t['cpu']:.2f}x: fix the auto rule")
+        f"{'causal' if causal else 'full'} D={D} B={B} S={S}; cpu is {t['torch'] / t['cpu']:.2f}x: fix the auto rule")

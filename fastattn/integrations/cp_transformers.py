@@ -30,6 +30,7 @@ global positions of the shard (a model would embed the wrong positions silently)
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -177,6 +178,22 @@ def _window_size(sliding_window: Optional[int], causal: bool) -> tuple:
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
+_WARNED_POOLING = False
+
+
+def _warn_encoder_pooling() -> None:
+    """Once per process: an encoder under CP returns this rank's rows, and transformers' poolers and classification
+    heads (BertModel.pooler_output, ...ForSequenceClassification) read row 0 of what they get, which is the [CLS]
+    token only on the rank holding global position 0; fastattn cannot see the model's head from its attention."""
+    global _WARNED_POOLING
+    if not _WARNED_POOLING:
+        _WARNED_POOLING = True
+        warnings.warn(f"fastattn {_WHO}: a bidirectional (encoder) layer under context parallelism: hidden states are "
+                      f"this rank's rows, so a transformers pooler or classification head that reads token 0 sees the "
+                      f"[CLS] token only on the rank holding global position 0 (fastattn.models.Bert shares it with "
+                      f"every rank)", stacklevel=3)
+
+
 def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                   scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -205,6 +222,8 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
         _agree(cp, 0 if ok else 4, query.device)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        _warn_encoder_pooling()
     out = cp_attention(query, key, value, cp=cp, causal=bool(is_causal), softmax_scale=scaling,
                        dropout_p=float(dropout), layout="bhsd", key_padding_mask=key_padding_mask,
                        window_size=_window_size(kwargs.get("sliding_window"), bool(is_causal)))

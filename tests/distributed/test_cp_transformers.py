@@ -14,6 +14,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip(f"fastattn's transformers integration needs transformers >= 5, found {transformers.__version__}",
                 allow_module_level=True)
 
+import fastattn.integrations.cp_transformers as cp_hf  # noqa: E402
 import fastattn.integrations.transformers as fa_hf  # noqa: E402
 from fastattn.distributed import (CPConfig, context_parallel, cp_cross_entropy, run_local, shard_batch,  # noqa: E402
                                   unshard_list)
@@ -129,6 +130,21 @@ def test_bert_hidden_equal_eager(padding):
     real = mask.bool()
     got = unshard_list(run_local(2, rank), 1, "contiguous")
     assert_rule("hidden", got[real], want[real], None, torch.float32)
+
+
+def test_encoder_under_cp_warns_about_poolers(monkeypatch):
+    """A bidirectional layer under fastattn_cp warns (once per process) that transformers' poolers and classification
+    heads read this rank's row 0, the [CLS] token only on the rank holding global position 0."""
+    monkeypatch.setattr(cp_hf, "_WARNED_POOLING", False)
+    _, fast = pair(BertModel, bert_config())
+    ids = tokens(1)
+
+    def rank(comm):
+        cp = CPConfig(comm, strategy="ring", balance="contiguous")
+        with context_parallel(cp), torch.no_grad():
+            return fast(**shard_batch({"input_ids": ids}, cp)).last_hidden_state
+    with pytest.warns(UserWarning, match="pooler or classification head"):
+        run_local(2, rank)
 
 
 def _refusal(comm, fast, ids, case):
