@@ -24,3 +24,13 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"[seed {seed}]")
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models, or W simulated ranks as threads: OpenMP start-up and spinning
+    cost more than they save, 10x slower on a busy 2-core machine). Use: pytestmark = usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,12 +16,7 @@ from support.oracle import assert_rule  # noqa: E402
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_bert(cls=transformers.BertModel, **kw):

@@ -64,13 +64,7 @@ def batch(padding, B=3, S=23, seed=0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: OpenMP start-up and spinning cost more than they save (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

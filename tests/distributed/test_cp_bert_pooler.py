@@ -23,12 +23,7 @@ from support.oracle import assert_rule  # noqa: E402
 V, B, S, C, NUM_LABELS = 97, 3, 24, 64, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models, W threads: OpenMP only adds overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_classifier():

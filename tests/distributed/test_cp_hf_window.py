@@ -30,12 +30,7 @@ from transformers import masking_utils as mu  # noqa: E402
 V, B, S = 97, 2, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(kind: str, window: int):
