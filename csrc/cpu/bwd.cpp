@@ -21,17 +21,28 @@ namespace fastattn::cpu {
 namespace {
 
 constexpr int64_t kMinTasks = 8;
+constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before its K and V are packed
+
+// K and V of a key block packed for MKL (pack_kt), as the forward packs K: S = Qs K^T and dP = dO V^T have the
+// same form, and every query block of the key block reuses the packs. Null: the plain products.
+struct PackedKV {
+  const float *k = nullptr, *v = nullptr;
+};
 
 // Per-tile backward: fills P (in S), returns Pd (dropped P; S itself without dropout) and leaves dS in dP.
 template <typename T>
 const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, Operand dO, const float* lse,
-                       const float* delta, Operand kt, Operand vt, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
-                       float* S, float* dP, float* Pd_buf, float* tanh_buf) {
+                       const float* delta, Operand kt, Operand vt, PackedKV packed, int64_t i0, int64_t bq, int64_t j0,
+                       int64_t bk, float* S, float* dP, float* Pd_buf, float* tanh_buf) {
   const CpuParams& p = ctx.p;
   const bool capped = p.softcap > 0.f;
-  ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, BLOCK_K, capped ? tanh_buf : nullptr);
-  // dP = dO V^T  (bq, bk)
-  gemm_rm(false, true, bq, bk, p.Dv, 1.f, dO.ptr, dO.ld, vt.ptr, vt.ld, 0.f, dP, BLOCK_K);
+  if (packed.k) {
+    ctx.scores_packed(qs.ptr, qs.ld, packed.k, i0, bq, j0, bk, S, BLOCK_K, capped ? tanh_buf : nullptr);
+    gemm_packed_kt(packed.v, bk, p.Dv, dO.ptr, dO.ld, bq, dP, BLOCK_K);  // dP = dO V^T  (bq, bk)
+  } else {
+    ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, BLOCK_K, capped ? tanh_buf : nullptr);
+    gemm_rm(false, true, bq, bk, p.Dv, 1.f, dO.ptr, dO.ld, vt.ptr, vt.ld, 0.f, dP, BLOCK_K);  // dP = dO V^T
+  }
   for (int64_t r = 0; r < bq; ++r) {
     float* P_r = S + r * BLOCK_K;
     float* dS_r = dP + r * BLOCK_K;
@@ -93,7 +104,7 @@ struct HeadRows {
 // accumulates dQ into dq_all (group, sq, D).
 template <typename T>
 void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
-                const float* delta_all, BwdBuffers& B, float* dq_all) {
+                const float* delta_all, BwdBuffers& B, float* dq_all, float* kv_pack) {
   const int64_t D = p.D, Dv = p.Dv, bk = std::min(BLOCK_K, s.sk - j0);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + (s.k0 + j0) * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + (s.k0 + j0) * p.v_st.s;
@@ -105,6 +116,15 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   // Queries that see a key of the block before the skipped padding (none when the block is all padding).
   const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
   const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk, s.kend) - 1) : 0;
+  // Packing pays from a few query blocks on (the count depends on the shape only, so do the bits).
+  PackedKV packed;
+  if (kv_pack && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= kMinPackedBlocks) {
+    float* pk = kv_pack;
+    float* pv = kv_pack + packed_kt_floats(BLOCK_K, std::max(D, Dv));
+    pack_kt(kt.ptr, kt.ld, bk, D, pk);
+    pack_kt(vt.ptr, vt.ld, bk, Dv, pv);
+    packed = {pk, pv};
+  }
   for (int64_t g = 0; g < p.group(); ++g) {
     const int64_t h = hk * p.group() + g;
     const ScoreCtx<T> ctx(p, s, vis, h);
@@ -114,7 +134,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
       const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, p.scale);
       const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
       const float* Pd = grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0,
-                                     rows.delta + i0, kt, vt, i0, bq, j0, bk, B.S, B.dP, B.Pd, B.tanh);
+                                     rows.delta + i0, kt, vt, packed, i0, bq, j0, bk, B.S, B.dP, B.Pd, B.tanh);
       gemm_rm(true, false, bk, Dv, bq, 1.f, Pd, BLOCK_K, dO.ptr, dO.ld, 1.f, B.dv, Dv);    // dV += Pd^T dO
       gemm_rm(true, false, bk, D, bq, 1.f, B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, B.dk, D);   // dK += dS^T Qs
       // dQ += scale * dS K
@@ -204,6 +224,11 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     Scratch buf(scratch);
     BwdBuffers B(buf, p);
     at::Tensor own_t = chunks > 1 ? at::Tensor() : at::empty({part}, at::kFloat);
+    // Two MKL-packed tiles (K and V of the current key block); MKL sizes each ~8 MB of address space, of which
+    // only BLOCK_K * D floats are written.
+    at::Tensor pack_t = packed_kt_available()
+                            ? at::empty({2 * packed_kt_floats(BLOCK_K, std::max(p.D, p.Dv))}, at::kFloat)
+                            : at::Tensor();
     for (int64_t t = begin; t < end; ++t) {
       // t = (n * Hkv + hk) * chunks + c
       const int64_t c = t % chunks, pair = t / chunks;
@@ -214,7 +239,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       std::fill(dq_all, dq_all + G * s.sq * p.D, 0.f);
       const int64_t j_end = std::min(s.sk, (c + 1) * per_chunk * BLOCK_K);
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
-        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all);
+        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all, pack_t.defined() ? pack_t.data_ptr<float>() : nullptr);
       }
       if (chunks == 1) write_dq<T>(p, s, hk, &dq_all, 1);
     }

@@ -87,9 +87,9 @@ struct ScoreCtx {
 
   // The same with the key tile given packed (pack_kt).
   void scores_packed(const float* qs, int64_t ldq, const float* kt_packed, int64_t i0, int64_t bq, int64_t j0,
-                     int64_t bk, float* S, int64_t ldS) const {
+                     int64_t bk, float* S, int64_t ldS, float* tanh_out = nullptr) const {
     gemm_packed_kt(kt_packed, bk, p.D, qs, ldq, bq, S, ldS);
-    finish(i0, bq, j0, bk, S, ldS, nullptr);
+    finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
   // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
