@@ -21,10 +21,10 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 import fastattn.integrations.cp_transformers as cp_hf  # noqa: E402
 import fastattn.integrations.transformers as fa_hf  # noqa: E402
-from fastattn.distributed import (CPConfig, context_parallel, cp_cross_entropy, run_local, shard_batch,  # noqa: E402
+from fastattn.distributed import (CPConfig, context_parallel, run_local, shard_batch,  # noqa: E402
                                   unshard_list)
+from support.hf_cp import cp_lm_step, next_token_labels  # noqa: E402
 from support.oracle import assert_rule  # noqa: E402
-from transformers import AttentionInterface  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
 V, B, S = 97, 2, 24
@@ -65,34 +65,12 @@ def run(kind, window, W, strategy, balance, use_cache, padding):
         # then gives NaN, which reaches every token through the pad's K/V, so no reference exists.)
         mask[0, S - 2:] = 0
         mask[1, S - 4:] = 0
-    labels = torch.full_like(ids, -100)  # next-token labels, shifted here on the whole sequence
-    labels[:, :-1] = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
+    labels = next_token_labels(ids, mask)
     out = ref(input_ids=ids, attention_mask=mask)
     F.cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1)).backward()  # (B*S, V)
     seen = []
-
-    def rank(comm):
-        cp = CPConfig(comm, strategy=strategy, balance=balance)
-        m = copy.deepcopy(fast)
-        batch = {"input_ids": ids, "labels": labels} | ({"attention_mask": mask} if padding else {})
-        local = shard_batch(batch, cp)
-        with context_parallel(cp):
-            logits = m(**{k: v for k, v in local.items() if k != "labels"}, use_cache=use_cache).logits
-        cp_cross_entropy(logits, local["labels"], cp).backward()
-        return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
-
-    real_fn = fa_hf.fastattn_cp_attention_forward
-
-    def spy(module, *a, **kw):
-        seen.append((module.layer_idx, kw.get("sliding_window")))
-        return real_fn(module, *a, **kw)
-    AttentionInterface._global_mapping["fastattn_cp"] = spy
-    try:
-        res = run_local(W, rank)
-    finally:
-        AttentionInterface._global_mapping["fastattn_cp"] = real_fn
-    logits = unshard_list([r[0] for r in res], 1, balance)
-    grads = {n: sum(r[1][n] for r in res) for n in res[0][1]}
+    logits, grads = cp_lm_step(fast, ids, labels, mask if padding else None, W, strategy, balance, use_cache,
+                               lambda module, kw: seen.append((module.layer_idx, kw.get("sliding_window"))))
     return out.logits, ref, logits, grads, mask.bool(), seen
 
 

@@ -16,8 +16,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 import fastattn.integrations.cp_transformers as cp_hf  # noqa: E402
 import fastattn.integrations.transformers as fa_hf  # noqa: E402
-from fastattn.distributed import (CPConfig, context_parallel, cp_cross_entropy, run_local, shard_batch,  # noqa: E402
+from fastattn.distributed import (CPConfig, context_parallel, run_local, shard_batch,  # noqa: E402
                                   unshard_list)
+from support.hf_cp import cp_lm_step, next_token_labels  # noqa: E402
 from support.oracle import assert_rule  # noqa: E402
 from transformers import AttentionInterface, BertModel, GPT2LMHeadModel  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
@@ -73,38 +74,17 @@ def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance, use_cache, padd
     if padding:
         mask[0, :7] = 0
         mask[1, S - 10:] = 0
-    labels = torch.full_like(ids, -100)  # next-token labels, shifted here on the whole sequence
-    labels[:, :-1] = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100)
+    labels = next_token_labels(ids, mask)
     out = ref(input_ids=ids, attention_mask=mask)
     F.cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1)).backward()  # (B*S, V)
     calls = []
-
-    def rank(comm):
-        cp = CPConfig(comm, strategy=strategy, balance=balance)
-        m = copy.deepcopy(fast)
-        batch = {"input_ids": ids, "labels": labels} | ({"attention_mask": mask} if padding else {})
-        local = shard_batch(batch, cp)
-        with context_parallel(cp):
-            logits = m(**{k: v for k, v in local.items() if k != "labels"}, use_cache=use_cache).logits
-        cp_cross_entropy(logits, local["labels"], cp).backward()
-        return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
-
-    real = fa_hf.fastattn_cp_attention_forward
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-    AttentionInterface._global_mapping["fastattn_cp"] = spy
-    try:
-        res = run_local(W, rank)
-    finally:
-        AttentionInterface._global_mapping["fastattn_cp"] = real
+    logits, grads = cp_lm_step(fast, ids, labels, mask if padding else None, W, strategy, balance, use_cache,
+                               lambda module, kw: calls.append(1))
     assert len(calls) == W * 2  # every layer of every rank went through fastattn_cp
     real = mask.bool()
-    logits = unshard_list([r[0] for r in res], 1, balance)
     assert_rule("logits", logits[real], out.logits[real], None, torch.float32)
     for name, p in ref.named_parameters():
-        assert_rule(f"d {name}", sum(r[1][name] for r in res), p.grad, None, torch.float32)
+        assert_rule(f"d {name}", grads[name], p.grad, None, torch.float32)
 
 
 @pytest.mark.parametrize("padding", [False, True])

@@ -22,3 +22,17 @@ def compile_counting_ops(f: Callable, prefix: str = "fastattn.", dynamic: Option
         return keep
     backend = aot_autograd(fw_compiler=compiler("fwd"), bw_compiler=compiler("bwd"))
     return torch.compile(f, fullgraph=True, dynamic=dynamic, backend=backend), seen
+
+
+def eager_and_compiled(f: Callable, inputs: Tuple[torch.Tensor, ...], dout: torch.Tensor, **kw):
+    """f run eagerly, then through compile_counting_ops(f, **kw), each followed by backward(dout) into the inputs
+    (leaves that require grad). -> (eager out, eager grads, compiled out, compiled grads, seen)."""
+    eager = f(*inputs)
+    eager.backward(dout)
+    grads = [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    fn, seen = compile_counting_ops(f, **kw)
+    compiled = fn(*inputs)
+    compiled.backward(dout)
+    return eager, grads, compiled, [t.grad for t in inputs], seen
