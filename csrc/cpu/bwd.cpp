@@ -24,9 +24,13 @@ constexpr int64_t kMinTasks = 8;
 constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before its K and V are packed
 
 // K and V of a key block packed for MKL (pack_kt), as the forward packs K: S = Qs K^T and dP = dO V^T have the
-// same form, and every query block of the key block reuses the packs. Null: the plain products.
+// same form, and every query block of the key block reuses the packs. Null: the plain products (as buffers: no
+// packing on this machine).
 struct PackedKV {
   const float *k = nullptr, *v = nullptr;
+};
+struct PackBuffers {
+  float *k = nullptr, *v = nullptr;
 };
 
 // Per-tile backward: fills P (in S), returns Pd (dropped P; S itself without dropout) and leaves dS in dP.
@@ -104,7 +108,7 @@ struct HeadRows {
 // accumulates dQ into dq_all (group, sq, D).
 template <typename T>
 void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
-                const float* delta_all, BwdBuffers& B, float* dq_all, float* kv_pack) {
+                const float* delta_all, BwdBuffers& B, float* dq_all, PackBuffers pack_buf) {
   const int64_t D = p.D, Dv = p.Dv, bk = std::min(BLOCK_K, s.sk - j0);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + (s.k0 + j0) * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + (s.k0 + j0) * p.v_st.s;
@@ -118,12 +122,10 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk, s.kend) - 1) : 0;
   // Packing pays from a few query blocks on (the count depends on the shape only, so do the bits).
   PackedKV packed;
-  if (kv_pack && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= kMinPackedBlocks) {
-    float* pk = kv_pack;
-    float* pv = kv_pack + packed_kt_floats(BLOCK_K, std::max(D, Dv));
-    pack_kt(kt.ptr, kt.ld, bk, D, pk);
-    pack_kt(vt.ptr, vt.ld, bk, Dv, pv);
-    packed = {pk, pv};
+  if (pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= kMinPackedBlocks) {
+    pack_kt(kt.ptr, kt.ld, bk, D, pack_buf.k);
+    pack_kt(vt.ptr, vt.ld, bk, Dv, pack_buf.v);
+    packed = {pack_buf.k, pack_buf.v};
   }
   for (int64_t g = 0; g < p.group(); ++g) {
     const int64_t h = hk * p.group() + g;
@@ -226,9 +228,10 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     at::Tensor own_t = chunks > 1 ? at::Tensor() : at::empty({part}, at::kFloat);
     // Two MKL-packed tiles (K and V of the current key block); MKL sizes each ~8 MB of address space, of which
     // only BLOCK_K * D floats are written.
-    at::Tensor pack_t = packed_kt_available()
-                            ? at::empty({2 * packed_kt_floats(BLOCK_K, std::max(p.D, p.Dv))}, at::kFloat)
-                            : at::Tensor();
+    const int64_t pack_floats = packed_kt_available() ? packed_kt_floats(BLOCK_K, std::max(p.D, p.Dv)) : 0;
+    at::Tensor pack_t = pack_floats ? at::empty({2 * pack_floats}, at::kFloat) : at::Tensor();
+    float* pack_base = pack_floats ? pack_t.data_ptr<float>() : nullptr;
+    const PackBuffers pack_buf = pack_floats ? PackBuffers{pack_base, pack_base + pack_floats} : PackBuffers{};
     for (int64_t t = begin; t < end; ++t) {
       // t = (n * Hkv + hk) * chunks + c
       const int64_t c = t % chunks, pair = t / chunks;
@@ -239,7 +242,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       std::fill(dq_all, dq_all + G * s.sq * p.D, 0.f);
       const int64_t j_end = std::min(s.sk, (c + 1) * per_chunk * BLOCK_K);
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
-        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all, pack_t.defined() ? pack_t.data_ptr<float>() : nullptr);
+        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all, pack_buf);
       }
       if (chunks == 1) write_dq<T>(p, s, hk, &dq_all, 1);
     }

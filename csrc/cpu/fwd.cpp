@@ -143,6 +143,7 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
 
   // Key blocks that any row of this query block sees (fully masked blocks and skipped padding are left out).
   const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
+  const int64_t key_end = std::min(vis.key_hi(s.sq - 1), s.kend);  // where the last query block's keys end
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += t.k) {
     const int64_t bk = std::min(t.k, j_hi - j0);
     Operand kt, vt;
@@ -154,8 +155,7 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
       kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
     }
-    const float* kt_packed =
-        kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, std::min(vis.key_hi(s.sq - 1), s.kend)) : nullptr;
+    const float* kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end) : nullptr;
     if (kt_packed) {
       ctx.scores_packed(qs.ptr, qs.ld, kt_packed, i0, bq, j0, bk, S, t.k);
     } else {
