@@ -27,8 +27,8 @@ _REPORT = ops.cpu_matmul_report()
 # (benchmarks/results/cpu-1thread-20261130-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX for decode steps (at most 16 query rows per call: the split-KV decode kernel converts
-#    bf16 to fp32, 0.4-0.66x) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17, 32, 64, B8 H12
+#  * bf16 inference on AMX for decode steps (at most 16 query rows per call: the split-KV decode kernel, bound by
+#    reading K/V at short caches, 0.4-0.99x) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17, 32, 64, B8 H12
 #    D64; 1.0-1.26x at S = 24, 48), and short non-causal calls with head dim > 64 (Sk <= 512: 0.84-1.02x at D=128,
 #    S = 128-512, B*H = 4-32; D=64 there 1.04-1.10x). Longer bf16 forwards are ours since the lazy rescaling and the
 #    fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x non-causal, 1.31-1.47x causal;
@@ -38,7 +38,7 @@ _BF16_TINY_AREA = 4096
 _BF16_SHORT_WIDE_SK = 512  # non-causal bf16 inference with head dim > 64 up to this many keys
 # Not covered: masked bf16 inference stays here (key-padding batches, trailing padding skipped: 0.87-1.3x torch at
 # 12-42% padding; the sdpa backend would pass a dense float mask, measured 0.22x), and flash_attn_with_kvcache's
-# split-KV kernel in bf16 (0.4-0.66x), which auto does not re-route.
+# split-KV kernel in bf16 at short caches (0.82x at 512 keys, 1.5x at 2048), which auto does not re-route.
 
 
 def _auto_rule() -> dict:
