@@ -97,3 +97,36 @@ def test_planted_vnni_packing_bug_fails_the_matrix():
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "6 of 6 cells failed" in r.stdout, r.stdout
+
+
+# The bound on |lse - exact| each path's exponential keeps (csrc/cpu/vec512.h, kExpDegree): P is rounded to the
+# tile dtype before it multiplies V, so the matrix units take a polynomial only as exact as that rounding needs
+# (bf16: degree 3, relative error 7.5e-5; fp16: degree 4, 2.7e-6); the fp32 tiles keep degree 5 (2.4e-7). Each
+# bound is its polynomial's error with room for the fp32 sum and log (AVX2's exp included), beside the rounding of
+# lse itself (half an fp32 ulp).
+EXP_BOUND = {"matrix units": {torch.bfloat16: 1.5e-4, torch.float16: 6e-6}, "fp32 tiles": 1e-6}
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["machine_path", "fp32tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_softmax_exponential_accuracy(dtype, forced):
+    """lse against float64 on scores the tiles compute exactly (small integers times 1/8), so its error is the
+    exponential's and the row sum's alone: the output's own rounding would hide a P wrong by a fraction of a bf16
+    ulp (a 1% error in the polynomial's linear term passed the whole matrix). 600 keys: two key blocks on every
+    path, so the lazily rescaled rows are covered; 77 query rows: a row tail."""
+    if forced:
+        ops._C.cpu_matmul_force_fp32(True)
+    try:
+        path = "matrix units" if dtype != torch.float32 and on_matrix_units(dtype) and not forced else "fp32 tiles"
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randint(-2, 3, (2, 3, s, 64), generator=g).to(dtype) for s in (77, 600, 600))
+        with torch.no_grad():
+            _, lse = torch.ops.fastattn.fwd(q, k, v, None, None, None, 0, 0, 0.125, -1, -1, False, 0.0, None, 0.0,
+                                            0, 0, False)
+    finally:
+        ops._C.cpu_matmul_force_fp32(False)
+    exact = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.125, dim=-1)
+    bound = EXP_BOUND[path][dtype] if path == "matrix units" else EXP_BOUND[path]
+    err = ((lse.double() - exact).abs() - 2.0**-24 * exact.abs()).max().item()
+    print(f"{dtype} on {path}: max |lse error| beyond half an ulp {err:.2e} (bound {bound:.0e})")
+    assert err <= bound, f"{dtype} on {path}: lse off by {err:.2e} > {bound:.0e} beyond half an fp32 ulp"

@@ -93,10 +93,10 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
     float* P_r = B.S + r * KBLOCK;
     float* dS_r = B.dP + r * KBLOCK;
     if (!drop) {
-      vec512::grad_row(P_r, dS_r, bk, eff, lse[r], delta[r]);
+      vec512::grad_row<vec512::kExpDegree<T>>(P_r, dS_r, bk, eff, lse[r], delta[r]);
     } else {
       // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
-      vec512::exp_lse_row(P_r, bk, eff, lse[r]);
+      vec512::exp_lse_row<vec512::kExpDegree<T>>(P_r, bk, eff, lse[r]);
       float* Pd_r = B.Pd + r * KBLOCK;
       std::copy(P_r, P_r + bk, Pd_r);
       drop->apply_row(Pd_r, ctx.s.n, ctx.h, ctx.s.qpos0 + i0 + r, ctx.s.kpos0 + j0, bk);

@@ -25,24 +25,39 @@ namespace fastattn::cpu::vec512 {
 // Lanes [0, n) of 16 (n < 16 for row tails).
 FA_AVX512 inline __mmask16 tail(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// 2^t for 16 lanes: t = k + f (k integer, |f| <= 1/2), a degree-5 polynomial for 2^f (relative error 2.4e-7,
-// far below the bf16/fp16 rounding that P and dS get next) and vscalefps for 2^k. t < -125 (incl. -inf) gives
-// exactly 0 through the lane mask, never through a denormal: an underflowing result costs a microcode assist
-// (~100 cycles) per element on Intel, which made masked (causal) tiles 2x slower. NaN stays NaN: a NaN score
+// 2^f on |f| <= 1/2 by a minimax polynomial of degree Deg: relative error 7.5e-5 (3), 2.7e-6 (4), 2.3e-7 (5).
+template <int Deg>
+FA_AVX512 inline __m512 exp2_poly(__m512 f) {
+  static_assert(Deg >= 3 && Deg <= 5, "exp2_poly: degree 3, 4 or 5");
+  constexpr float c3[] = {5.5171769112348557e-2f, 2.426111251115799e-1f, 6.932609677314758e-1f, 9.999280571937561e-1f};
+  constexpr float c4[] = {9.570113383233547e-3f, 5.591786280274391e-2f, 2.40247443318367e-1f, 6.931217908859253e-1f,
+                          9.999992847442627e-1f};
+  constexpr float c5[] = {1.3216948136687279e-3f, 9.666753932833672e-3f, 5.5508337914943695e-2f,
+                          2.4022318422794342e-1f, 6.931469440460205e-1f, 1.f};
+  const float* c = Deg == 3 ? c3 : Deg == 4 ? c4 : c5;
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i <= Deg; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return p;
+}
+
+// 2^t for 16 lanes: t = k + f (k integer, |f| <= 1/2), exp2_poly for 2^f and vscalefps for 2^k. t < -125 (incl.
+// -inf) gives exactly 0 through the lane mask, never through a denormal: an underflowing result costs a microcode
+// assist (~100 cycles) per element on Intel, which made masked (causal) tiles 2x slower. NaN stays NaN: a NaN score
 // must poison its row, as in PyTorch.
+template <int Deg = 5>
 FA_AVX512 inline __m512 exp2_16(__m512 t) {
   const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);  // t >= -125 or NaN
   t = _mm512_max_ps(_mm512_set1_ps(-125.f), t);  // NaN in the second operand is what max returns
   const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, k);
-  __m512 p = _mm512_set1_ps(1.3216948136687279e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.666753932833672e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5508337914943695e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022318422794342e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(keep, p, k);
+  return _mm512_maskz_scalef_ps(keep, exp2_poly<Deg>(_mm512_sub_ps(t, k)), k);
 }
+
+// The degree of P's exponential for a tile of T: P is rounded to T before it multiplies V (and dS to T), so its
+// error need only stay well under T's rounding (bf16 2^-9 = 2.0e-3, fp16 2^-12 = 2.4e-4, relative): degree 3 for
+// bf16 (27x under), 4 for fp16 (90x under); fp32 keeps degree 5 (its 1e-5 tolerance). Each degree less is one
+// FMA of ~18 instructions per 16 scores; the softmax is ~40% of a bf16 forward on AMX.
+template <typename T>
+constexpr int kExpDegree = std::is_same_v<T, c10::BFloat16> ? 3 : std::is_same_v<T, c10::Half> ? 4 : 5;
 
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -106,30 +121,45 @@ FA_AVX512 inline float max_row(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
+// One 16-lane step of a softmax row: e = 2^(x * vs + vm) on lanes t (0 elsewhere), added to sum; amax keeps the
+// largest argument.
+template <int Deg>
+FA_AVX512 inline __m512 exp_step(const float* x, __mmask16 t, __m512 vs, __m512 vm, __m512& sum, __m512& amax) {
+  const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x), vs, vm);
+  amax = _mm512_mask_max_ps(amax, t, amax, arg);
+  const __m512 e = _mm512_maskz_mov_ps(t, exp2_16<Deg>(arg));
+  sum = _mm512_add_ps(sum, e);
+  return e;
+}
+
+// The lanes of the second half of a 32-lane step at column j of an n-column row (none past the end).
+FA_AVX512 inline __mmask16 tail_hi(int64_t n, int64_t j) { return n - j > 16 ? tail(n - j - 16) : __mmask16(0); }
+
 // P = exp(scale * x - m) rounded to T into p[0, n), zero-filling p[n, n_pad); returns the fp32 sum of the
 // unrounded P (the softmax denominator, as FlashAttention sums in fp32). With `keep_fp32`, x is overwritten
 // with the fp32 P (dropout then works on it). With `arg_max`, also stores max (scale * x - m) * log2(e): how far
-// above m the row went, for a caller that passed a running max instead of the row's own.
+// above m the row went, for a caller that passed a running max instead of the row's own. 32 lanes a step with two
+// sums: with one, the sum's add latency bounded the loop (measured 9% slower).
 template <typename T>
 FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32,
                                float* arg_max = nullptr) {
   const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 sum = _mm512_setzero_ps(), amax = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 t = tail(n - j);
-    const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm);
-    amax = _mm512_mask_max_ps(amax, t, amax, arg);
-    const __m512 e = exp2_16(arg);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
+    const __m512 e0 = exp_step<kExpDegree<T>>(x + j, t0, vs, vm, s0, a0);
+    const __m512 e1 = exp_step<kExpDegree<T>>(x + j + 16, t1, vs, vm, s1, a1);
     if (keep_fp32) {
-      _mm512_mask_storeu_ps(x + j, t, e);
+      _mm512_mask_storeu_ps(x + j, t0, e0);
+      _mm512_mask_storeu_ps(x + j + 16, t1, e1);
     } else {
-      store16<T>(p + j, e, t);
+      store16<T>(p + j, e0, t0);
+      store16<T>(p + j + 16, e1, t1);
     }
   }
   for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
-  if (arg_max) *arg_max = _mm512_reduce_max_ps(amax);
-  return _mm512_reduce_add_ps(sum);
+  if (arg_max) *arg_max = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
 // True where the CPU has AVX-512 F/BW/DQ/VL (checked once); the fp32 helpers of vec.h route here then.
@@ -142,14 +172,13 @@ inline bool available() {
 // x = exp(x - m) in place (fp32 tiles); returns the sum. Relative error 2.4e-7 (exp2_16).
 FA_AVX512 inline float exp_sum_row_f32(float* x, int64_t n, float m) {
   const __m512 vs = _mm512_set1_ps(kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 t = tail(n - j);
-    const __m512 e = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm));
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
-    _mm512_mask_storeu_ps(x + j, t, e);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = s0, a1 = s0;  // a0, a1: exp_step's argument max, unused here
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
+    _mm512_mask_storeu_ps(x + j, t0, exp_step<5>(x + j, t0, vs, vm, s0, a0));
+    _mm512_mask_storeu_ps(x + j + 16, t1, exp_step<5>(x + j + 16, t1, vs, vm, s1, a1));
   }
-  return _mm512_reduce_add_ps(sum);
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
 // AVX512-BF16's one-instruction rounding (vcvtneps2bf16, round to nearest even like store16) where the CPU has it.
@@ -164,19 +193,19 @@ inline bool native_bf16() {
 // exp_row (without keep_fp32) for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
 FA_AVX512BF16 inline float exp_row_native(float* x, int64_t n, int64_t n_pad, float scale, float m,
                                           c10::BFloat16* p, float* arg_max = nullptr) {
+  constexpr int Deg = kExpDegree<c10::BFloat16>;
   const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 sum = _mm512_setzero_ps(), amax = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 t = tail(n - j);
-    const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x + j), vs, vm);
-    amax = _mm512_mask_max_ps(amax, t, amax, arg);
-    const __m512 e = exp2_16(arg);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
-    _mm256_mask_storeu_epi16(p + j, t, (__m256i)_mm512_cvtneps_pbh(e));
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
+    const __m512 e0 = exp_step<Deg>(x + j, t0, vs, vm, s0, a0);
+    const __m512 e1 = exp_step<Deg>(x + j + 16, t1, vs, vm, s1, a1);
+    _mm256_mask_storeu_epi16(p + j, t0, (__m256i)_mm512_cvtneps_pbh(e0));
+    _mm256_mask_storeu_epi16(p + j + 16, t1, (__m256i)_mm512_cvtneps_pbh(e1));
   }
   for (int64_t j = n; j < n_pad; ++j) p[j] = c10::BFloat16(0.f);
-  if (arg_max) *arg_max = _mm512_reduce_max_ps(amax);
-  return _mm512_reduce_add_ps(sum);
+  if (arg_max) *arg_max = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
 // p[0, n) = T(x[0, n)), p[n, n_pad) = 0.
@@ -210,23 +239,26 @@ FA_AVX512 inline void store_row(const float* src, T* dst, int64_t n, float a) {
   }
 }
 
-// Backward row: P = exp(eff * S - lse) into S, dS = P * (dP - delta) into dP (no dropout, no softcap).
+// Backward row: P = exp(eff * S - lse) into S, dS = P * (dP - delta) into dP (no dropout, no softcap); Deg: the
+// tile dtype's kExpDegree.
+template <int Deg>
 FA_AVX512 inline void grad_row(float* S, float* dP, int64_t n, float eff, float lse, float delta) {
   const __m512 vs = _mm512_set1_ps(eff * kLog2e), vl = _mm512_set1_ps(-lse * kLog2e), vd = _mm512_set1_ps(delta);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 P = exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl));
+    const __m512 P = exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl));
     _mm512_mask_storeu_ps(S + j, t, P);
     _mm512_mask_storeu_ps(dP + j, t, _mm512_mul_ps(P, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP + j), vd)));
   }
 }
 
-// P = exp(eff * S - lse) in place.
+// P = exp(eff * S - lse) in place (Deg as grad_row's).
+template <int Deg>
 FA_AVX512 inline void exp_lse_row(float* S, int64_t n, float eff, float lse) {
   const __m512 vs = _mm512_set1_ps(eff * kLog2e), vl = _mm512_set1_ps(-lse * kLog2e);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    _mm512_mask_storeu_ps(S + j, t, exp2_16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl)));
+    _mm512_mask_storeu_ps(S + j, t, exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl)));
   }
 }
 
