@@ -20,22 +20,48 @@ struct Tiles {
   int64_t q, k;
 };
 
+// Whether rows try the lazy softmax (AVX-512 only; it needs P apart from S).
+inline bool lazy_softmax() {
+#ifdef FASTATTN_VEC512
+  return vec512::available();
+#else
+  return false;
+#endif
+}
+
 inline Tiles fwd_tiles(const CpuParams& p) {
   const bool windowed = p.window_left >= 0 || p.window_right >= 0;
   return windowed ? Tiles{BLOCK_Q, BLOCK_K} : Tiles{128, 512};
 }
 
-// Online-softmax update of one row with the new score row S_r (bk keys), turned into probabilities in place.
-// Returns the factor the accumulator row must be multiplied by (exp(m_old - m_new); 1 when unchanged).
-inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i) {
+// Online-softmax update of one row with the new score row S_r (bk keys): the probabilities go to P_r (which may
+// be S_r itself). Returns the factor the accumulator row must be multiplied by (exp(m_old - m_new); 1 when
+// unchanged). With AVX-512 (P_r apart from S_r) the row first tries P against the running max, with no max pass
+// (kLazyRescaleLog2); a NaN score then still poisons l through the row sum.
+inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i, float* P_r) {
+#ifdef FASTATTN_VEC512
+  if (P_r != S_r && m_i > kNegInf && m_i < kInf) {
+    float arg_max;
+    const float row_sum = vec512::exp_row<float>(S_r, bk, bk, 1.f, m_i, P_r, false, &arg_max);
+    if (arg_max <= kLazyRescaleLog2) {
+      l_i += row_sum;
+      return 1.f;
+    }
+  }
+#endif
   const float m_new = std::max(m_i, vec::max_row(S_r, bk));
   if (m_new == kNegInf) {  // every key so far masked: P = 0, state unchanged (unless a NaN score poisons l)
     if (has_nan(S_r, bk)) l_i = std::numeric_limits<float>::quiet_NaN();
-    std::fill(S_r, S_r + bk, 0.f);
+    std::fill(P_r, P_r + bk, 0.f);
     return 1.f;
   }
   const float alpha = m_i == m_new ? 1.f : std::exp(m_i - m_new);
+#ifdef FASTATTN_VEC512
+  const float row_sum = P_r != S_r ? vec512::exp_row<float>(S_r, bk, bk, 1.f, m_new, P_r, false)
+                                   : vec::exp_sum_row(S_r, bk, m_new);
+#else
   const float row_sum = vec::exp_sum_row(S_r, bk, m_new);
+#endif
   l_i = l_i * alpha + row_sum;
   m_i = m_new;
   return alpha;
@@ -126,6 +152,7 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
   float* k_buf = buf.take(t.k * D);
   float* v_buf = buf.take(t.k * Dv);
   float* S = buf.take(t.q * t.k);
+  float* P = lazy_softmax() ? buf.take(t.q * t.k) : S;  // apart from S: a lazy row that must rescale redoes P
   float* acc = buf.take(t.q * Dv);
   float* m = buf.take(t.q);
   float* l = buf.take(t.q);
@@ -162,13 +189,13 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
       ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, t.k, nullptr);
     }
     for (int64_t r = 0; r < bq; ++r) {
-      float* S_r = S + r * t.k;
-      const float alpha = online_softmax_row(S_r, bk, m[r], l[r]);
+      float* P_r = P + r * t.k;
+      const float alpha = online_softmax_row(S + r * t.k, bk, m[r], l[r], P_r);
       if (alpha != 1.f) vec::scale_row(acc + r * Dv, Dv, alpha);
       // l_i sums the undropped probabilities; dropout applies to what multiplies V.
-      if (dropout) drop.apply_row(S_r, s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0, bk);
+      if (dropout) drop.apply_row(P_r, s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0, bk);
     }
-    gemm_rm(false, false, bq, Dv, bk, 1.f, S, t.k, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
+    gemm_rm(false, false, bq, Dv, bk, 1.f, P, t.k, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
   }
 
   store_rows<T>(p, s, h, i0, bq, acc, m, l);
@@ -182,7 +209,7 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t nqb = (max_sq + t.q - 1) / t.q;
   const int64_t ntask = p.nseq * p.Hq * nqb;
   const int64_t scratch = Scratch::round(t.q * p.D) + Scratch::round(t.k * p.D) +
-                          Scratch::round(t.k * p.Dv) + Scratch::round(t.q * t.k) +
+                          Scratch::round(t.k * p.Dv) + (lazy_softmax() ? 2 : 1) * Scratch::round(t.q * t.k) +
                           Scratch::round(t.q * p.Dv) + 2 * Scratch::round(t.q);
   // fp32 K/V with unit last stride are used in place; anything else goes through a per-thread KVPack.
   const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&

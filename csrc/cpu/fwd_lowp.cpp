@@ -14,11 +14,6 @@ namespace fastattn::cpu {
 
 namespace {
 
-// How far (log2 units) a block's scores may rise above the running max m before the row is rescaled: P stays
-// below 2^8, far inside bf16/fp16 and fp32 range, and m need not be the exact max (out = acc / l and
-// lse = m + log l hold for any reference m), so most blocks skip their max pass (FlashAttention-4's lazy rescaling).
-constexpr float kLazyRescaleLog2 = 8.f;
-
 // P = exp(eff * S_r - m) rounded into P_r, with m the row's running max; returns the row sum, and in arg_max how far
 // above m the block reached (log2 units).
 template <typename T>

@@ -158,6 +158,11 @@ struct ScoreCtx {
   }
 };
 
+// How far (log2 units) a block's scores may rise above the running max m before the row is rescaled: P stays
+// below 2^8, far inside bf16/fp16 and fp32 range, and m need not be the exact max (out = acc / l and
+// lse = m + log l hold for any reference m), so most blocks skip their max pass (FlashAttention-4's lazy rescaling).
+constexpr float kLazyRescaleLog2 = 8.f;
+
 inline bool has_nan(const float* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     if (std::isnan(x[j])) return true;

@@ -25,16 +25,15 @@ namespace fastattn::cpu::vec512 {
 // Lanes [0, n) of 16 (n < 16 for row tails).
 FA_AVX512 inline __mmask16 tail(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// 2^f on |f| <= 1/2 by a minimax polynomial of degree Deg: relative error 7.5e-5 (3), 2.7e-6 (4), 2.3e-7 (5).
+// 2^f on |f| <= 1/2 by a minimax polynomial of degree Deg: relative error 2.7e-6 (4), 2.3e-7 (5).
 template <int Deg>
 FA_AVX512 inline __m512 exp2_poly(__m512 f) {
-  static_assert(Deg >= 3 && Deg <= 5, "exp2_poly: degree 3, 4 or 5");
-  constexpr float c3[] = {5.5171769112348557e-2f, 2.426111251115799e-1f, 6.932609677314758e-1f, 9.999280571937561e-1f};
+  static_assert(Deg == 4 || Deg == 5, "exp2_poly: degree 4 or 5");
   constexpr float c4[] = {9.570113383233547e-3f, 5.591786280274391e-2f, 2.40247443318367e-1f, 6.931217908859253e-1f,
                           9.999992847442627e-1f};
   constexpr float c5[] = {1.3216948136687279e-3f, 9.666753932833672e-3f, 5.5508337914943695e-2f,
                           2.4022318422794342e-1f, 6.931469440460205e-1f, 1.f};
-  const float* c = Deg == 3 ? c3 : Deg == 4 ? c4 : c5;
+  const float* c = Deg == 4 ? c4 : c5;
   __m512 p = _mm512_set1_ps(c[0]);
   for (int i = 1; i <= Deg; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return p;
@@ -53,18 +52,22 @@ FA_AVX512 inline __m512 exp2_16(__m512 t) {
 }
 
 // The degree of P's exponential for a tile of T: P is rounded to T before it multiplies V (and dS to T), so its
-// error need only stay well under T's rounding (bf16 2^-9 = 2.0e-3, fp16 2^-12 = 2.4e-4, relative): degree 3 for
-// bf16 (27x under), 4 for fp16 (90x under); fp32 keeps degree 5 (its 1e-5 tolerance). Each degree less is one
-// FMA of ~18 instructions per 16 scores; the softmax is ~40% of a bf16 forward on AMX.
+// error need only stay well under T's rounding (bf16 2^-9 = 2.0e-3, fp16 2^-12 = 2.4e-4, relative): degree 4
+// (2.7e-6) keeps it 90x under fp16's and the fp32 lse accurate to ~3e-6, as the blocks of a context-parallel call
+// need to merge to the unsplit call; degree 3 (7.5e-5) measured 2-4% faster on a bf16 forward but moved lse by
+// 1e-4. fp32 keeps degree 5 (its 1e-5 tolerance).
 template <typename T>
-constexpr int kExpDegree = std::is_same_v<T, c10::BFloat16> ? 3 : std::is_same_v<T, c10::Half> ? 4 : 5;
+constexpr int kExpDegree = std::is_same_v<T, float> ? 5 : 4;
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// 16 fp32 lanes rounded to bf16 (round to nearest even; NaN stays a quiet NaN) or fp16 (F16C rounding).
+// 16 fp32 lanes stored as fp32, or rounded to bf16 (round to nearest even; NaN stays a quiet NaN) or fp16 (F16C
+// rounding).
 template <typename T>
 FA_AVX512 inline void store16(T* dst, __m512 x, __mmask16 m) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, m, x);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const __m512i b = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
