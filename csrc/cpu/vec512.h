@@ -125,10 +125,12 @@ FA_AVX512 inline float max_row(const float* x, int64_t n) {
 }
 
 // One 16-lane step of a softmax row: e = 2^(x * vs + vm) on lanes t (0 elsewhere), added to sum; amax keeps the
-// largest argument.
-template <int Deg>
-FA_AVX512 inline __m512 exp_step(const float* x, __mmask16 t, __m512 vs, __m512 vm, __m512& sum, __m512& amax) {
-  const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x), vs, vm);
+// largest argument. With a bias row b (nullptr: none), the argument is x * vs + b * log2(e) + vm.
+template <int Deg, typename B = float>
+FA_AVX512 inline __m512 exp_step(const float* x, __mmask16 t, __m512 vs, __m512 vm, __m512& sum, __m512& amax,
+                                 const B* b = nullptr) {
+  const __m512 base = b ? _mm512_fmadd_ps(load16<B>(b, t), _mm512_set1_ps(kLog2e), vm) : vm;
+  const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x), vs, base);
   amax = _mm512_mask_max_ps(amax, t, amax, arg);
   const __m512 e = _mm512_maskz_mov_ps(t, exp2_16<Deg>(arg));
   sum = _mm512_add_ps(sum, e);
@@ -141,17 +143,19 @@ FA_AVX512 inline __mmask16 tail_hi(int64_t n, int64_t j) { return n - j > 16 ? t
 // P = exp(scale * x - m) rounded to T into p[0, n), zero-filling p[n, n_pad); returns the fp32 sum of the
 // unrounded P (the softmax denominator, as FlashAttention sums in fp32). With `keep_fp32`, x is overwritten
 // with the fp32 P (dropout then works on it). With `arg_max`, also stores max (scale * x - m) * log2(e): how far
-// above m the row went, for a caller that passed a running max instead of the row's own. 32 lanes a step with two
-// sums: with one, the sum's add latency bounded the loop (measured 9% slower).
+// above m the row went, for a caller that passed a running max instead of the row's own. With `bias`, x is
+// scale * x + bias (the bias pass fused into this one). 32 lanes a step with two sums: with one, the sum's add
+// latency bounded the loop (measured 9% slower).
 template <typename T>
 FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32,
-                               float* arg_max = nullptr) {
+                               float* arg_max = nullptr, const T* bias = nullptr) {
   const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
   for (int64_t j = 0; j < n; j += 32) {
     const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
-    const __m512 e0 = exp_step<kExpDegree<T>>(x + j, t0, vs, vm, s0, a0);
-    const __m512 e1 = exp_step<kExpDegree<T>>(x + j + 16, t1, vs, vm, s1, a1);
+    const T* b = bias ? bias + j : nullptr;
+    const __m512 e0 = exp_step<kExpDegree<T>>(x + j, t0, vs, vm, s0, a0, b);
+    const __m512 e1 = exp_step<kExpDegree<T>>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
     if (keep_fp32) {
       _mm512_mask_storeu_ps(x + j, t0, e0);
       _mm512_mask_storeu_ps(x + j + 16, t1, e1);
@@ -195,14 +199,16 @@ inline bool native_bf16() {
 
 // exp_row (without keep_fp32) for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
 FA_AVX512BF16 inline float exp_row_native(float* x, int64_t n, int64_t n_pad, float scale, float m,
-                                          c10::BFloat16* p, float* arg_max = nullptr) {
+                                          c10::BFloat16* p, float* arg_max = nullptr,
+                                          const c10::BFloat16* bias = nullptr) {
   constexpr int Deg = kExpDegree<c10::BFloat16>;
   const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
   for (int64_t j = 0; j < n; j += 32) {
     const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
-    const __m512 e0 = exp_step<Deg>(x + j, t0, vs, vm, s0, a0);
-    const __m512 e1 = exp_step<Deg>(x + j + 16, t1, vs, vm, s1, a1);
+    const c10::BFloat16* b = bias ? bias + j : nullptr;
+    const __m512 e0 = exp_step<Deg>(x + j, t0, vs, vm, s0, a0, b);
+    const __m512 e1 = exp_step<Deg>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
     _mm256_mask_storeu_epi16(p + j, t0, (__m256i)_mm512_cvtneps_pbh(e0));
     _mm256_mask_storeu_epi16(p + j + 16, t1, (__m256i)_mm512_cvtneps_pbh(e1));
   }
