@@ -112,22 +112,32 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
 }
 
 // dk rows [0, sk) = scale * columns of dK^T, dv = columns of dV^T (both blocked by KBLOCK keys); Add: dk += ...
+// 16 keys at a time go through a small row-major buffer: reading dK^T a column at a time touched one cache line per
+// element (rows KBLOCK floats apart).
 template <typename O, bool Add>
 void transpose_out(const CpuParams& p, int64_t sk, const float* dkt, const float* dvt, O* dk, O* dv) {
-  const int64_t D = p.D, Dv = p.Dv;
-  for (int64_t j = 0; j < sk; ++j) {
-    const float* kcol = dkt + (j / KBLOCK) * D * KBLOCK + j % KBLOCK;
-    const float* vcol = dvt + (j / KBLOCK) * Dv * KBLOCK + j % KBLOCK;
-    O* kr = dk + j * p.dk_st.s;
-    O* vr = dv + j * p.dv_st.s;
-    for (int64_t c = 0; c < D; ++c) {
-      if constexpr (Add) kr[c * p.dk_st.d] += kcol[c * KBLOCK] * p.scale;
-      else kr[c * p.dk_st.d] = O(kcol[c * KBLOCK] * p.scale);
+  constexpr int64_t J = 16;
+  static_assert(KBLOCK % J == 0, "a group of keys must not straddle two key blocks");
+  std::vector<float> rows(J * std::max(p.D, p.Dv));
+  auto put = [&](const float* t, int64_t C, int64_t j0, int64_t w, O* out, int64_t ss, int64_t sd, float mul) {
+    const float* blk = t + (j0 / KBLOCK) * C * KBLOCK + j0 % KBLOCK;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t u = 0; u < w; ++u) rows[u * C + c] = blk[c * KBLOCK + u];
     }
-    for (int64_t c = 0; c < Dv; ++c) {
-      if constexpr (Add) vr[c * p.dv_st.d] += vcol[c * KBLOCK];
-      else vr[c * p.dv_st.d] = O(vcol[c * KBLOCK]);
+    for (int64_t u = 0; u < w; ++u) {
+      O* o = out + (j0 + u) * ss;
+      const float* r = rows.data() + u * C;
+      if constexpr (Add) {
+        for (int64_t c = 0; c < C; ++c) o[c * sd] += r[c] * mul;
+      } else {
+        vec::store_row<O>(r, o, sd, C, mul);
+      }
     }
+  };
+  for (int64_t j0 = 0; j0 < sk; j0 += J) {
+    const int64_t w = std::min(J, sk - j0);
+    put(dkt, p.D, j0, w, dk, p.dk_st.s, p.dk_st.d, p.scale);
+    put(dvt, p.Dv, j0, w, dv, p.dv_st.s, p.dv_st.d, 1.f);
   }
 }
 
