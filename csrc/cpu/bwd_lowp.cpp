@@ -183,16 +183,26 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
                                          p.softcap > 0.f ? B.tanh : nullptr);
         mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb), KBLOCK, B.dP, KBLOCK,
                        false);  // dP = dO V^T
-        const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, j0, bk, B);
         T* Pv = static_cast<T*>(B.Pv);
         T* dSv = static_cast<T*>(B.dSv);
         T* dSa = static_cast<T*>(B.dSa);
-        for (int64_t r = 0; r < bq; r += 2) {
-          const bool two = r + 1 < bq;
-          vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
-          vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK, two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
+        if (!drop && p.softcap == 0.f) {  // P and dS straight from the scores into their rounded layouts
+          for (int64_t r = 0; r < bq; r += 2) {
+            const bool two = r + 1 < bq;
+            const int64_t o = r * KBLOCK, o1 = o + KBLOCK;
+            vec512::grad_pair<T, vec512::kExpDegree<T>>(B.S + o, two ? B.S + o1 : nullptr, B.dP + o, B.dP + o1, bk,
+                                                        bk_pad, eff, lse + i0 + r, delta + i0 + r, Pv + o, dSv + o,
+                                                        dSa + o, two ? dSa + o1 : nullptr);
+          }
+        } else {
+          const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, j0, bk, B);
+          for (int64_t r = 0; r < bq; r += 2) {
+            const bool two = r + 1 < bq;
+            vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
+            vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK, two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
+          }
+          for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
         }
-        for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
         float* dvt_b = dvt + kb * Dv * KBLOCK;
         float* dkt_b = dkt + kb * D * KBLOCK;
         mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);

@@ -295,6 +295,39 @@ FA_AVX512 inline void store_pair(T* dst, const float* r0, const float* r1, int64
   }
 }
 
+// Backward rows r0, r1 of a tile in one pass (r1 absent: S1 null, its lanes 0): P = exp(eff * S - lse) and
+// dS = P * (dP - delta) as grad_row computes them, rounded to T straight into the three layouts the products take:
+// P and dS as VNNI row pairs (Pv, dSv: as store_pair) and dS rows (dSa0, dSa1, zero-filled to n_pad: as
+// round_row). The fp32 P and dS never go back to memory (writing them and reading them twice more cost ~10% of a
+// bf16 backward).
+template <typename T, int Deg>
+FA_AVX512 inline void grad_pair(const float* S0, const float* S1, const float* dP0, const float* dP1, int64_t n,
+                                int64_t n_pad, float eff, const float lse[2], const float delta[2], T* Pv, T* dSv,
+                                T* dSa0, T* dSa1) {
+  const __m512 vs = _mm512_set1_ps(eff * kLog2e);
+  const __m512 vl0 = _mm512_set1_ps(-lse[0] * kLog2e), vd0 = _mm512_set1_ps(delta[0]);
+  const __m512 vl1 = _mm512_set1_ps(S1 ? -lse[1] * kLog2e : 0.f), vd1 = _mm512_set1_ps(S1 ? delta[1] : 0.f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512 P0 = exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S0 + j), vs, vl0));
+    const __m512 dS0 = _mm512_mul_ps(P0, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP0 + j), vd0));
+    __m512 P1 = _mm512_setzero_ps(), dS1 = P1;
+    if (S1) {
+      P1 = exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S1 + j), vs, vl1));
+      dS1 = _mm512_mul_ps(P1, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP1 + j), vd1));
+    }
+    const __m512i dS0r = round16<T>(dS0), dS1r = round16<T>(dS1);
+    _mm512_mask_storeu_epi32(Pv + 2 * j, t, _mm512_or_si512(round16<T>(P0), _mm512_slli_epi32(round16<T>(P1), 16)));
+    _mm512_mask_storeu_epi32(dSv + 2 * j, t, _mm512_or_si512(dS0r, _mm512_slli_epi32(dS1r, 16)));
+    _mm256_mask_storeu_epi16(dSa0 + j, t, _mm512_cvtepi32_epi16(dS0r));
+    if (dSa1) _mm256_mask_storeu_epi16(dSa1 + j, t, _mm512_cvtepi32_epi16(dS1r));
+  }
+  for (int64_t j = n; j < n_pad; ++j) {
+    dSa0[j] = T(0.f);
+    if (dSa1) dSa1[j] = T(0.f);
+  }
+}
+
 // sum_j a[j] * b[j] in fp32 over n elements of T (delta = rowsum(dO * O)).
 template <typename T>
 FA_AVX512 inline float dot_row(const T* a, const T* b, int64_t n) {
