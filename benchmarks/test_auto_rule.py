@@ -5,7 +5,7 @@
 
 For each class of call (dtype x forward / forward+backward x causal x head dim, at B1 H8 S1024, and short forward
 calls at B4 H8 S128 / S512) it times PyTorch's SDPA, the `cpu` kernels
-and `auto` side by side in one process (one thread, CPU time, best of several runs, interleaved), prints the
+and `auto` side by side in one process (one thread, CPU time, best of several batches, interleaved), prints the
 ratios with the CPU model and the path each dtype took, and asserts that `auto` is within 5% of PyTorch or
 faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
 (add the class, with the measurement), or the rule gives `sdpa` a class where `cpu` is faster. Timing-based, so
@@ -24,13 +24,21 @@ pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not buil
 B, H, S = 1, 8, 1024
 
 
-def _best(fn, reps=5):
+def _best(fn, reps=5, batch_s=0.02):
+    """Seconds per call: the best of `reps` batches, each the mean of enough back-to-back calls to fill batch_s.
+    One call at a time would reward luck on short calls: PyTorch's CPU flash kernel allocates its scratch on every
+    call and page-faults on it or not depending on the heap's state (~46 faults per call on average at B4 H8 S128
+    D128 bf16, perf stat), so the fastest single call of torch or of auto's hand-over to it differed by ~40 us
+    while their means over 2000 calls differed by 4 us."""
+    t0 = time.process_time()
     fn()
+    n = max(1, int(batch_s / max(time.process_time() - t0, 1e-6)))
     best = float("inf")
     for _ in range(reps):
         t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - t0) / n)
     return best
 
 
