@@ -189,10 +189,5 @@ def test_every_auto_rule_runs():
         tiny = rnd(1, 4, 48, 64).bfloat16()
         assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"
         assert fastattn.explain(tiny.requires_grad_(), tiny, tiny).chosen == "cpu"  # training stays ours
-        wide = rnd(2, 4, 256, 128).bfloat16()  # short non-causal, head dim > 64: sdpa; causal or longer: ours
-        assert fastattn.explain(wide, wide, wide).chosen == "sdpa"
-        assert fastattn.explain(wide, wide, wide, is_causal=True).chosen == "cpu"
-        long = rnd(1, 2, 600, 128).bfloat16()
-        assert fastattn.explain(long, long, long).chosen == "cpu"
-        narrow = rnd(2, 4, 256, 64).bfloat16()
-        assert fastattn.explain(narrow, narrow, narrow).chosen == "cpu"
+        wide = rnd(2, 4, 128, 128).bfloat16()  # short non-causal with head dim 128: ours since the faster softmax
+        assert fastattn.explain(wide, wide, wide).chosen == "cpu"

@@ -212,12 +212,34 @@ void release() {
 #endif
 }
 
+#ifdef FASTATTN_VEC512
+// d[2j] = s0[j], d[2j + 1] = s1[j] (0 without s1) for j < cols, 16 pairs a step as 32-bit words: the element loop
+// was ~10% of a short bf16 forward (S = 128, D = 128).
+template <typename T>
+FA_AVX512 void pack_pair_row(const T* s0, const T* s1, int64_t cols, T* d) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 t = vec512::tail(cols - j);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, s0 + j));
+    const __m512i hi = s1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, s1 + j)) : _mm512_setzero_si512();
+    _mm512_mask_storeu_epi32(d + 2 * j, t, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+#endif
+
 template <typename T>
 void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
   const bool swap = plant_vnni_swap();
   for (int64_t r = 0; r < rows; r += 2) {
     const T* s0 = src + r * ss;
     T* d = dst + (r / 2) * ld * 2;
+#ifdef FASTATTN_VEC512
+    if (sd == 1 && vec512::available()) {
+      const T* s1 = r + 1 < rows ? s0 + ss : nullptr;
+      if (swap && s1) std::swap(s0, s1);
+      pack_pair_row<T>(s0, s1, cols, d);
+      continue;
+    }
+#endif
     if (r + 1 < rows) {
       const T* s1 = s0 + ss;
       if (swap) std::swap(s0, s1);

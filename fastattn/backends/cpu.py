@@ -28,14 +28,14 @@ _REPORT = ops.cpu_matmul_report()
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
 #  * bf16 inference on AMX for decode steps (at most 16 query rows per call: the split-KV decode kernel, bound by
-#    reading K/V at short caches, 0.4-0.99x) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17, 32, 64, B8 H12
-#    D64; 1.0-1.26x at S = 24, 48), and short non-causal calls with head dim > 64 (Sk <= 512: 0.84-1.02x at D=128,
-#    S = 128-512, B*H = 4-32; D=64 there 1.04-1.10x). Longer bf16 forwards are ours since the lazy rescaling and the
-#    fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x non-causal, 1.31-1.47x causal;
-#    causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
+#    reading K/V at short caches, 0.4-0.99x) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17,
+#    32, 64, B8 H12 D64; 1.0-1.26x at S = 24, 48). Short non-causal calls with head dim > 64 went to sdpa too until
+#    the degree-4 exponential and vectorised VNNI packing (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after;
+#    S = 256 1.09x, S = 512 1.05-1.10x), where auto's hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
+#    since the lazy rescaling and the fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x
+#    non-causal, 1.31-1.47x causal; causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
 _DECODE_ROWS = 16  # query rows up to which a call is a decode step (GQA included)
 _BF16_TINY_AREA = 4096
-_BF16_SHORT_WIDE_SK = 512  # non-causal bf16 inference with head dim > 64 up to this many keys
 # Not covered: masked bf16 inference stays here (key-padding batches, trailing padding skipped: 0.87-1.3x torch at
 # 12-42% padding; the sdpa backend would pass a dense float mask, measured 0.22x), and flash_attn_with_kvcache's
 # split-KV kernel in bf16 at short caches (0.82x at 512 keys, 1.5x at 2048), which auto does not re-route.
@@ -54,9 +54,8 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
-_BF16_SHORT = ("sdpa is faster for bf16 decode steps, tiny calls and short non-causal calls with head dim > 64 on "
-               "this CPU (PyTorch's flash kernel on AMX; the cpu split-KV decode kernel: measured 0.4-0.66x; tiny "
-               "calls 0.86-0.97x; Sk <= 512 at D=128: 0.84-1.02x)")
+_BF16_SHORT = ("sdpa is faster for bf16 decode steps and tiny calls on this CPU (PyTorch's flash kernel on AMX; "
+               "the cpu split-KV decode kernel: measured 0.4-0.66x; tiny calls 0.86-0.97x)")
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
@@ -107,8 +106,7 @@ class CpuBackend(Backend):
         elif why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad:
             Sq = p.seqlen_q
             if Sq <= _DECODE_ROWS or not torch.compiler.is_compiling() and (
-                    p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA
-                    or not p.causal and p.head_dim > 64 and p.seqlen_k <= _BF16_SHORT_WIDE_SK):
+                    p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
