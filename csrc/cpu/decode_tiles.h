@@ -199,6 +199,55 @@ FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64
     }
   }
 }
+
+// pv_avx512 for bf16 values: 32 values a load, split into their even and odd elements (a bf16 is the high half of an
+// fp32: even = word << 16, odd = word & 0xffff0000) instead of two 16-value widening loads. The accumulators hold
+// even/odd order inside the key loop and natural order outside it (two permutes each way per 32 values); the
+// products and sums are those of pv_avx512, so the results are bitwise the same.
+FA_AVX512 void pv_bf16_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M,
+                              const c10::BFloat16* const* vrows, const int64_t* voff, int64_t n, int64_t Dv,
+                              float* acc) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t r = 0; r < M; ++r) {
+    if (!live[r]) continue;
+    const float* pr = P + r * ldP;
+    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      float* a = acc + r * Dv + d0;
+      __mmask16 m[4];
+      __mmask32 w[2];
+      __m512 E[2], O[2];
+      for (int g = 0; g < 2; ++g) {
+        const int64_t left = std::clamp<int64_t>(Dv - d0 - 32 * g, 0, 32);
+        w[g] = left == 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+        m[2 * g] = vec512::tail(std::min<int64_t>(left, 16));
+        m[2 * g + 1] = vec512::tail(std::max<int64_t>(left - 16, 0));
+        const __m512 n0 = _mm512_maskz_loadu_ps(m[2 * g], a + 32 * g);
+        const __m512 n1 = _mm512_maskz_loadu_ps(m[2 * g + 1], a + 32 * g + 16);
+        E[g] = _mm512_permutex2var_ps(n0, even, n1);
+        O[g] = _mm512_permutex2var_ps(n0, odd, n1);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        if (pr[j] == 0.f) continue;
+        const __m512 vp = _mm512_set1_ps(pr[j]);
+        const c10::BFloat16* v = vrows[j] + voff[r] + d0;
+#pragma GCC unroll 2
+        for (int g = 0; g < 2; ++g) {
+          const __m512i x = _mm512_maskz_loadu_epi16(w[g], v + 32 * g);
+          E[g] = _mm512_fmadd_ps(vp, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), E[g]);
+          O[g] = _mm512_fmadd_ps(vp, _mm512_castsi512_ps(_mm512_and_si512(x, high_half)), O[g]);
+        }
+      }
+      for (int g = 0; g < 2; ++g) {
+        _mm512_mask_storeu_ps(a + 32 * g, m[2 * g], _mm512_permutex2var_ps(E[g], lo, O[g]));
+        _mm512_mask_storeu_ps(a + 32 * g + 16, m[2 * g + 1], _mm512_permutex2var_ps(E[g], hi, O[g]));
+      }
+    }
+  }
+}
 #endif
 
 template <typename T>
@@ -217,6 +266,9 @@ template <typename T>
 void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
         int64_t n, int64_t Dv, float* acc) {
 #ifdef FASTATTN_VEC512
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (vec512::available()) return pv_bf16_avx512(P, ldP, live, M, vrows, voff, n, Dv, acc);
+  }
   if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 #endif
 #ifdef FASTATTN_X86
