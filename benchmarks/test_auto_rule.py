@@ -98,3 +98,40 @@ def _check_class(dtype, grad, causal, D, B, S):
     assert t["auto"] <= t["torch"] / 0.95, (
         f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {dtype} {'fwd+bwd' if grad else 'fwd'} "
         f"{'causal' if causal else 'full'} D={D} B={B} S={S}; cpu is {t['torch'] / t['cpu']:.2f}x: fix the auto rule")
+
+
+# Known short of 0.95x (one thread, Intel Xeon AMX, 2026-11-30): at these sizes a step takes 20-400 us, and both of
+# auto's routes pay its Python dispatch (~8-17 us, benchmarks/bench_overhead.py) on top of a kernel no faster than
+# torch's: MHA D=64 0.73-0.94x (cpu kernel) and 0.75-0.93x (hand-over to sdpa), bf16 GQA at 1024 keys 0.87-0.89x.
+_SHORT_DECODE = pytest.mark.xfail(reason="known gap: Python dispatch on a step no faster than torch's (see above)",
+                                  strict=False)
+
+
+@pytest.mark.parametrize("heads,D,Sk", [pytest.param((12, 12), 64, 512, marks=_SHORT_DECODE, id="mha-d64-512"),
+                                        pytest.param((12, 12), 64, 4096, marks=_SHORT_DECODE, id="mha-d64-4k"),
+                                        pytest.param((16, 4), 128, 1024, id="gqa-d128-1k"),
+                                        pytest.param((16, 4), 128, 8192, id="gqa-d128-8k")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_decode(dtype, heads, D, Sk):
+    """One-token decode steps through the SDPA surface (B=1, q (1, Hq, 1, D), a contiguous (1, Hkv, Sk, D) cache)."""
+    if dtype == torch.bfloat16 and Sk == 1024:
+        pytest.xfail("known gap: bf16 GQA decode at 1024 keys, 0.87-0.89x on either route (see _SHORT_DECODE)")
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, Hq, 1, D, generator=g).to(dtype)
+    k, v = (torch.randn(1, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
+    gqa = Hq != Hkv
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v, enable_gqa=gqa),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, backend="cpu"),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)}
+    t = {name: float("inf") for name in impls}
+    with torch.no_grad():
+        for _ in range(2):
+            for name, f in impls.items():
+                t[name] = min(t[name], _best(f))
+    chosen = fastattn.explain(q, k, v, enable_gqa=gqa).chosen
+    print(f"{str(dtype)[6:]:8} decode Hq={Hq} Hkv={Hkv} D={D:3} Sk={Sk:5}: cpu {t['torch'] / t['cpu']:.2f}x torch, "
+          f"auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
+    assert t["auto"] <= t["torch"] / 0.95, (
+        f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for a {dtype} decode step Hq={Hq} Hkv={Hkv} D={D} "
+        f"Sk={Sk}; cpu is {t['torch'] / t['cpu']:.2f}x: fix the auto rule")

@@ -185,6 +185,11 @@ def test_every_auto_rule_runs():
     if cpu_backend._BF16_AMX:  # the bf16 decode rule is for AMX machines
         q, k = rnd(1, 4, 1, 64).bfloat16(), rnd(1, 4, 300, 64).bfloat16()
         assert fastattn.explain(q, k, k).chosen == "sdpa"
+        long_gqa = rnd(1, 1, cpu_backend._BF16_GQA_DECODE_SK, 64).bfloat16()  # a long grouped step: ours
+        assert fastattn.explain(q, long_gqa, long_gqa, enable_gqa=True).chosen == "cpu"
+        assert fastattn.explain(q, long_gqa[:, :, 1:], long_gqa[:, :, 1:], enable_gqa=True).chosen == "sdpa"
+        assert fastattn.explain(q.expand(1, 4, 1, 64), long_gqa.expand(1, 4, -1, 64),
+                                long_gqa.expand(1, 4, -1, 64)).chosen == "sdpa"  # MHA at that length: sdpa
         assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
         tiny = rnd(1, 4, 48, 64).bfloat16()
         assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"

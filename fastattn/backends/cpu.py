@@ -35,6 +35,11 @@ _REPORT = ops.cpu_matmul_report()
 #    since the lazy rescaling and the fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x
 #    non-causal, 1.31-1.47x causal; causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
 _DECODE_ROWS = 16  # query rows up to which a call is a decode step (GQA included)
+# ...except grouped-query decode steps over this many keys, where the decode kernel reads each K/V row once for the
+# whole group: 1.19-1.20x torch at 4096 keys, 1.69-1.72x at 16384 (B1, Hq/Hkv = 16/4 and 32/8, D=128), 0.99x / 1.36x
+# at 12/4 D=64; below it 0.91-1.08x (3072 keys: 1.07x at D=128, 0.96x at D=64). Single-head-group (MHA) steps stay
+# with sdpa at every length (0.75-0.95x up to 8192 keys).
+_BF16_GQA_DECODE_SK = 4096
 _BF16_TINY_AREA = 4096
 # Not covered: masked bf16 inference stays here (key-padding batches, trailing padding skipped: 0.87-1.3x torch at
 # 12-42% padding; the sdpa backend would pass a dense float mask, measured 0.22x), and flash_attn_with_kvcache's
@@ -54,8 +59,9 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
-_BF16_SHORT = ("sdpa is faster for bf16 decode steps and tiny calls on this CPU (PyTorch's flash kernel on AMX; "
-               "the cpu split-KV decode kernel: measured 0.4-0.66x; tiny calls 0.86-0.97x)")
+_BF16_SHORT = ("sdpa is faster for bf16 decode steps (but grouped-query ones over 4096 keys) and tiny calls on "
+               "this CPU (PyTorch's flash kernel on AMX; the cpu split-KV decode kernel: measured 0.75-0.96x; tiny "
+               "calls 0.86-0.97x)")
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
@@ -105,8 +111,9 @@ class CpuBackend(Backend):
                     why = _FP32_TINY
         elif why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad:
             Sq = p.seqlen_q
-            if Sq <= _DECODE_ROWS or not torch.compiler.is_compiling() and (
-                    p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA):
+            compiling = torch.compiler.is_compiling()
+            if Sq <= _DECODE_ROWS and (compiling or not (p.is_gqa and p.seqlen_k >= _BF16_GQA_DECODE_SK)) or (
+                    not compiling and p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
