@@ -176,16 +176,10 @@ inline bool available() {
   return on;
 }
 
-// x = exp(x - m) in place (fp32 tiles); returns the sum. Relative error 2.4e-7 (exp2_16).
+// x = exp(x - m) in place (fp32 tiles); returns the sum. Relative error 2.4e-7 (exp2_16). exp_row reads each
+// lane before it writes it, so P may be x itself.
 FA_AVX512 inline float exp_sum_row_f32(float* x, int64_t n, float m) {
-  const __m512 vs = _mm512_set1_ps(kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = s0, a1 = s0;  // a0, a1: exp_step's argument max, unused here
-  for (int64_t j = 0; j < n; j += 32) {
-    const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
-    _mm512_mask_storeu_ps(x + j, t0, exp_step<5>(x + j, t0, vs, vm, s0, a0));
-    _mm512_mask_storeu_ps(x + j + 16, t1, exp_step<5>(x + j + 16, t1, vs, vm, s1, a1));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  return exp_row<float>(x, n, n, 1.f, m, x, false);
 }
 
 // AVX512-BF16's one-instruction rounding (vcvtneps2bf16, round to nearest even like store16) where the CPU has it.
