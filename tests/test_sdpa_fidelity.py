@@ -315,7 +315,12 @@ def test_row_of_neg_inf_scores_gives_zero_like_torch(backend, dtype, Sq, Sk):
     got = fastattn.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), backend=backend)
     assert torch.isfinite(got).all(), f"{backend}: NaN/Inf at {(~torch.isfinite(got)).nonzero()[:3].tolist()}"
     assert got[1, 2, Sq - 1].eq(0).all()
-    assert_rule("out", got, ref, TORCH_SDPA(q.to(dtype), k.to(dtype), v.to(dtype)), dtype)
+    # The fused backends against torch's own kernel in dtype (stricter than the rule's naive base). `reference` IS
+    # the naive computation run in dtype, the rule's base (against torch's fp32-accumulating kernel its bf16 scores
+    # missed 2x on ~1 seed in 300): for it this test checks the zero row, its numbers are test_matrix's job.
+    base = oracle_attention(q, k, v, scale=24 ** -0.5, dtype=dtype) if backend == "reference" else \
+        TORCH_SDPA(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert_rule("out", got, ref, base, dtype)
 
 
 _PADDED = {  # what sits in the padded keys of batch 1 (the cpu kernels may skip them: csrc/cpu/key_end.cpp)

@@ -158,10 +158,21 @@ class ReferenceBackend(Backend):
         return [(slice(cq[n], cq[n + 1]), slice(ck[n], ck[n + 1]), n) for n in range(len(cq) - 1)]
 
     def _forward(self, p: AttnParams):
+        if p.is_block and p.q.dtype in (torch.float16, torch.bfloat16):
+            # A block's backward (block_grads) recomputes P = exp(S - lse) in fp32 from the lse returned here, so
+            # that lse must come from fp32 scores too: from scores rounded to bf16 it is off by up to |S| * 2^-9,
+            # and every P of the row with it (dQ then missed the tolerance on ~1 seed in 250).
+            out, lse = self._forward_in(p, torch.float32)
+            return out.to(p.q.dtype), lse
+        return self._forward_in(p, None)
+
+    def _forward_in(self, p: AttnParams, dtype):
+        """naive_attention per sequence, on the inputs cast to dtype (None: their own)."""
+        q, k, v, bias = (t if t is None or dtype is None else t.to(dtype) for t in (p.q, p.k, p.v, p.attn_bias))
         kw = dict(window_left=p.window_left, window_right=p.window_right, bottom_right=p.bottom_right,
                   softcap=p.softcap, dropout_p=p.dropout_p)
         if not p.is_varlen:
-            return naive_attention(p.q, p.k, p.v, p.scale, p.attn_bias, alibi_slopes=p.alibi_slopes,
+            return naive_attention(q, k, v, p.scale, bias, alibi_slopes=p.alibi_slopes,
                                    positions=_block_positions(p, slice(None), slice(None), None), **kw)
         # Varlen: one naive call per packed sequence; q is (1, H, total_q, D).
         cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
@@ -171,7 +182,7 @@ class ReferenceBackend(Backend):
             al = p.alibi_slopes
             if al is not None and al.dim() == 2:
                 al = al[n]
-            o, lse = naive_attention(p.q[:, :, sl_q], p.k[:, :, sl_k], p.v[:, :, sl_k], p.scale,
+            o, lse = naive_attention(q[:, :, sl_q], k[:, :, sl_k], v[:, :, sl_k], p.scale,
                                      alibi_slopes=al, positions=_block_positions(p, sl_q, sl_k, n), **kw)
             outs.append(o)
             lses.append(lse)
