@@ -229,3 +229,43 @@ def test_rows_whose_scores_climb_across_key_tiles(dtype):
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         got = out if i == 0 else grads[i - 1]
         assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+
+
+def _padding_bias(kind, dtype):
+    """(B=2, 1, 1, Sk=300) masks of one row per batch; batch 1 ends at key 181 (the rest -inf or False): odd, so
+    the matrix-unit kernels' even tiles reach one key into the padding."""
+    keep = torch.arange(300).view(1, 300) < torch.tensor([300, 181]).view(2, 1)  # (B, Sk), True = attend
+    if kind == "bool":  # zero on every computed key: the kernels drop the bias
+        return keep.view(2, 1, 1, 300)
+    if kind == "all_visible":
+        return torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    bias = torch.zeros(2, 300).masked_fill(~keep, float("-inf"))
+    if kind == "last_visible":  # nonzero only on batch 1's last visible key: an off-by-one drops it
+        bias[1, 180] = 3.0
+    elif kind == "first":
+        bias[0, 0] = -2.0
+    elif kind == "left":  # left padding: -inf before the keys, nothing to skip at the end
+        bias[1] = bias[1].flip(0)
+    return bias.to(dtype).view(2, 1, 1, 300)
+
+
+@pytest.mark.parametrize("kind", ["bool", "all_visible", "last_visible", "first", "left"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_key_padding_bias_is_dropped_only_where_zero(kind, dtype):
+    """A key-padding bias that is 0 on every key the kernels compute (its -inf tail skipped) is dropped
+    (csrc/cpu/key_end.cpp: skip_key_padding); one that is nonzero anywhere there, even on the last visible key, or
+    whose -inf keys lead, is kept. Forward and gradients against the float64 oracle."""
+    torch.manual_seed(11)
+    q, k, v = _qkv(2, 2, 2, 70, 300, 32, dtype=dtype)
+    mask = _padding_bias(kind, dtype)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    results = {}
+    for prec in (torch.float64, dtype):
+        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
+        o = oracle_attention(*leaves, scale=32 ** -0.5, mask=mask, dtype=prec)
+        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got = out if i == 0 else grads[i - 1]
+        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)

@@ -109,17 +109,20 @@ struct HeadRows {
 template <typename T>
 void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
                 const float* delta_all, BwdBuffers& B, float* dq_all, PackBuffers pack_buf) {
-  const int64_t D = p.D, Dv = p.Dv, bk = std::min(BLOCK_K, s.sk - j0);
+  // Rows [0, bk_out) of dK/dV are written; keys [bk, bk_out) are skipped padding (zero gradients) and left out of
+  // the products, since without a bias (skip_key_padding) nothing else masks them.
+  const int64_t D = p.D, Dv = p.Dv, bk_out = std::min(BLOCK_K, s.sk - j0);
+  const int64_t bk = std::clamp<int64_t>(s.kend - j0, 0, bk_out);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + (s.k0 + j0) * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + (s.k0 + j0) * p.v_st.s;
   const Operand kt = operand<T>(k, p.k_st.s, p.k_st.d, bk, D, B.k);
   const Operand vt = operand<T>(v, p.v_st.s, p.v_st.d, bk, Dv, B.v);
-  std::fill(B.dk, B.dk + bk * D, 0.f);
-  std::fill(B.dv, B.dv + bk * Dv, 0.f);
+  std::fill(B.dk, B.dk + bk_out * D, 0.f);
+  std::fill(B.dv, B.dv + bk_out * Dv, 0.f);
   const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
   // Queries that see a key of the block before the skipped padding (none when the block is all padding).
-  const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
-  const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk, s.kend) - 1) : 0;
+  const int64_t i_lo = bk > 0 ? vis.query_lo(j0) : 0;
+  const int64_t i_hi = bk > 0 ? vis.query_hi(j0 + bk - 1) : 0;
   // Packing pays from a few query blocks on (the count depends on the shape only, so do the bits).
   PackedKV packed;
   if (pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= kMinPackedBlocks) {
@@ -145,7 +148,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   }
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
   const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + (s.k0 + j0) * p.dv_st.s;
-  for (int64_t r = 0; r < bk; ++r) {
+  for (int64_t r = 0; r < bk_out; ++r) {
     grad_row<T>(p, p.dk, dk0 + r * p.dk_st.s, p.dk_st.d, B.dk + r * D, D, 1.f);
     grad_row<T>(p, p.dv, dv0 + r * p.dv_st.s, p.dv_st.d, B.dv + r * Dv, Dv, 1.f);
   }

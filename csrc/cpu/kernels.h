@@ -25,6 +25,11 @@ void compute_delta(const CpuParams& p, float* delta);
 // set and bounded too.
 std::vector<int64_t> key_padding_ends(const CpuParams& p, at::ScalarType dtype, bool backward);
 
+// Sets p.key_end from key_padding_ends (into `ends`, which must outlive p), then drops p.bias when it is 0 on every
+// key the kernels still compute (a plain key-padding mask whose padding is skipped, or an all-visible one): the tiles
+// then run as without a mask instead of adding a row of zeros per tile.
+void skip_key_padding(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int64_t>& ends);
+
 // Needs p.out, p.lse, p.dout and writes p.dq, p.dk, p.dv. Deterministic: bitwise identical for any thread count.
 template <typename T>
 void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);

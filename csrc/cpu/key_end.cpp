@@ -80,7 +80,34 @@ std::vector<int64_t> ends(const CpuParams& p, bool backward) {
   return kend;
 }
 
+// The bias row of every batch is exactly 0 on keys [0, ends[b]) (all keys when ends is empty); -0 counts as 0, NaN
+// does not (it must reach the output).
+template <typename T>
+bool zero_below_ends(const CpuParams& p, const std::vector<int64_t>& ends) {
+  for (int64_t b = 0; b < p.B; ++b) {
+    const T* row = static_cast<const T*>(p.bias) + b * p.bias_st.b;
+    const int64_t end = ends.empty() ? p.Sk : ends[b];
+    for (int64_t j = 0; j < end; ++j) {
+      if (static_cast<float>(row[j * p.bias_st.d]) != 0.f) return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
+
+void skip_key_padding(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int64_t>& ends) {
+  ends = key_padding_ends(p, dtype, backward);
+  p.key_end = ends.empty() ? nullptr : ends.data();
+  if (!p.bias_key_padding || p.cu_q != nullptr) return;
+  const bool zero = dtype == at::kFloat      ? zero_below_ends<float>(p, ends)
+                    : dtype == at::kBFloat16 ? zero_below_ends<c10::BFloat16>(p, ends)
+                                             : zero_below_ends<c10::Half>(p, ends);
+  if (zero) {
+    p.bias = nullptr;
+    p.bias_key_padding = false;
+  }
+}
 
 std::vector<int64_t> key_padding_ends(const CpuParams& p, at::ScalarType dtype, bool backward) {
   if (!p.bias_key_padding || p.cu_q != nullptr || p.Sk == 0 || p.Sq == 0) return {};

@@ -92,6 +92,12 @@ float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, in
     eff = 1.f;
   }
   ctx.finish(i0, bq, j0, bk, S, KBLOCK, tanh_out);
+  // A tile cut at the skipped padding but kept even ends one key past it; with the bias dropped (skip_key_padding)
+  // nothing else masks that key. (A kept bias is -inf there, and deferred tiles always keep theirs.)
+  if (j0 + bk > ctx.s.kend && ctx.bias_row0 == nullptr) {
+    const int64_t lo = std::max<int64_t>(ctx.s.kend - j0, 0);
+    for (int64_t r = 0; r < bq; ++r) std::fill(S + r * KBLOCK + lo, S + r * KBLOCK + bk, kNegInf);
+  }
   return eff;
 }
 
