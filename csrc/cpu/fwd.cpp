@@ -162,10 +162,10 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
   // Qs = scale * Q: folding the scale here saves a pass over every score tile.
   const Operand qs = operand<T>(q, p.q_st.s, p.q_st.d, bq, D, qs_buf, p.scale);
-  std::fill(acc, acc + bq * Dv, 0.f);
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.f);
   const bool dropout = p.dropout_p > 0.f;
+  bool first = true;  // the first P V product writes acc (no fill, no rescale of it before)
   const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
 
   // Key blocks that any row of this query block sees (fully masked blocks and skipped padding are left out).
@@ -191,12 +191,14 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
     for (int64_t r = 0; r < bq; ++r) {
       float* P_r = P + r * t.k;
       const float alpha = online_softmax_row(S + r * t.k, bk, m[r], l[r], P_r);
-      if (alpha != 1.f) vec::scale_row(acc + r * Dv, Dv, alpha);
+      if (alpha != 1.f && !first) vec::scale_row(acc + r * Dv, Dv, alpha);
       // l_i sums the undropped probabilities; dropout applies to what multiplies V.
       if (dropout) drop.apply_row(P_r, s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0, bk);
     }
-    gemm_rm(false, false, bq, Dv, bk, 1.f, P, t.k, vt.ptr, vt.ld, 1.f, acc, Dv);  // acc += P V
+    gemm_rm(false, false, bq, Dv, bk, 1.f, P, t.k, vt.ptr, vt.ld, first ? 0.f : 1.f, acc, Dv);  // acc (+)= P V
+    first = false;
   }
+  if (first) std::fill(acc, acc + bq * Dv, 0.f);  // no key: empty rows
 
   store_rows<T>(p, s, h, i0, bq, acc, m, l);
 }
