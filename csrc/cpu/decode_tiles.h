@@ -82,7 +82,9 @@ FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M
       float* a = acc + r * Dv;
       const __m256 vp = _mm256_set1_ps(p);
       int64_t d = 0;
-      for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_fmadd_ps(vp, vec::load8(v + d), _mm256_loadu_ps(a + d)));
+      for (; d + 8 <= Dv; d += 8) {
+        _mm256_storeu_ps(a + d, _mm256_fmadd_ps(vp, vec::load8(v + d), _mm256_loadu_ps(a + d)));
+      }
       for (; d < Dv; ++d) a[d] += p * static_cast<float>(v[d]);
     }
   }
@@ -141,6 +143,35 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
   }
 }
 
+// Two query rows (q, q + D) that read the same KV head against keys krows[0, nk) (nk <= 16), 8 keys a pass: each
+// key chunk is loaded once for both rows (the loads, not the dot products, were the hot spots with one row). Every
+// score is summed in the order scores_bf16_dp's one-row loop uses, so the results are the same bits.
+FA_AVX512BF16 inline void scores_bf16_dp_pair(const c10::BFloat16* q, int64_t D, const c10::BFloat16* const* krows,
+                                              int64_t koff, int64_t nk, __m512 vscale, float* S, int64_t ldS) {
+  for (int64_t h = 0; h < nk; h += 8) {
+    __m512 acc[16];  // [u]: row 0 with key h + u; [8 + u]: row 1 with it
+#pragma GCC unroll 16
+    for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+    const c10::BFloat16* k[8];
+    for (int u = 0; u < 8; ++u) k[u] = krows[std::min<int64_t>(h + u, nk - 1)] + koff;
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
+      const __m512bh q0 = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
+      const __m512bh q1 = (__m512bh)_mm512_maskz_loadu_epi16(m, q + D + d);
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u) {
+        const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(m, k[u] + d);
+        acc[u] = _mm512_dpbf16_ps(acc[u], q0, kv);
+        acc[8 + u] = _mm512_dpbf16_ps(acc[8 + u], q1, kv);
+      }
+    }
+    const __m512 s = _mm512_mul_ps(hsum16x16(acc), vscale);
+    const __mmask16 w = vec512::tail(std::min<int64_t>(8, nk - h));
+    _mm512_mask_storeu_ps(S + h, w, s);                         // lanes 0-7: row 0
+    _mm512_mask_storeu_ps(S + ldS + h - 8, __mmask16(w << 8), s);  // lanes 8-15: row 1
+  }
+}
+
 // bf16 scores on AVX512-BF16's dot products: vdpbf16ps multiplies 32 bf16 pairs and adds them pairwise into 16 fp32
 // lanes, so keys are read as bf16 with no conversion to fp32 (the conversions, not the products, bound the AVX-512
 // path: 2 shuffle-port uops per 16 elements). Qb: the M query rows in bf16, unscaled (the scale multiplies the sums).
@@ -151,6 +182,11 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
+      if (r + 1 < M && koff[r + 1] == koff[r]) {  // two rows of one KV head (a GQA group)
+        scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS);
+        ++r;
+        continue;
+      }
       const c10::BFloat16* q = Qb + r * D;
       __m512 acc[16];
 #pragma GCC unroll 16

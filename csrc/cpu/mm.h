@@ -1,8 +1,8 @@
 // Tile products on the CPU's matrix units: bf16/fp16 operands, fp32 accumulation, through the batch-reduce GEMM
 // of oneDNN that libtorch exports (at::native::cpublas::brgemm). oneDNN generates the kernel for the CPU it runs
 // on: AMX tiles on Intel Sapphire Rapids and newer, AVX512-BF16 dot products (vdpbf16ps) on AMD Zen 4/5 and Intel
-// without AMX; fp16 on AMX-FP16 (Granite Rapids). Whether a dtype can take this path is probed once at run time (a small
-// product checked against an fp32 one); otherwise, or with FASTATTN_CPU_MATMUL=fp32, the kernels convert tiles
+// without AMX; fp16 on AMX-FP16 (Granite Rapids). Whether a dtype can take this path is probed once at run time (a
+// small product checked against an fp32 one); otherwise, or with FASTATTN_CPU_MATMUL=fp32, the kernels convert tiles
 // to fp32 and use sgemm (tile.h).
 //
 // The right operand B (k x n) is given in VNNI layout, the one the hardware's dot products read: pairs of
