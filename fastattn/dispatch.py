@@ -142,14 +142,17 @@ class Explanation:
             else:
                 lines.append(f"  {name}: not tried (a preferred backend took the call)")
         if self.decode is not None:
-            lines.append("decode route: " + str(self.decode).replace("\n", "\n  "))
+            lines.append("decode route: " + self.decode._decode_str(self.chosen).replace("\n", "\n  "))
         return "\n".join(lines)
 
-    def _decode_str(self) -> str:
+    def _decode_str(self, dense: Optional[str] = None) -> str:
+        """dense: the backend of the dense call this decode route belongs to (its prefill kernel is the other path)."""
+        generic = (f"{dense}'s prefill kernel on the call as given" if dense else
+                   "generic (cache viewed/gathered to (B, Skv, Hkv, D), lengths/window/alibi as one additive bias, "
+                   "then the dispatcher)")
         lines = [f"call: {self.call}", f"requested: {self.requested}",
                  "path: " + (f"split-KV decode kernel {self.kernel} (backend {self.chosen})" if self.kernel
-                             else "generic (cache viewed/gathered to (B, Skv, Hkv, D), lengths/window/alibi as one "
-                                  "additive bias, then the dispatcher)")]
+                             else generic)]
         for name, why in self.refused.items():
             lines.append(f"  {name}: no decode kernel used — " + "; ".join(why))
         if self.kernel:
@@ -182,7 +185,9 @@ def explain_params(p: AttnParams, backend: Optional[str] = None, *, full: bool =
     if full and ex.chosen is not None and route_decode:
         c = dense_call(p)
         if c is not None:
-            ex.decode = explain_decode(c, ex.chosen)
+            k = BACKENDS[ex.chosen].decode
+            ex.decode = explain_decode(_as_decode(p, True) if k is not None and k.takes_sdpa_layout else c,
+                                       ex.chosen)  # the call run() hands that kernel
     if full:  # also report the backends auto never tries on this device
         for name in BACKENDS:
             if name not in order:

@@ -478,7 +478,7 @@ def test_dense_route_passes_kv_through(monkeypatch):
     describes (GQA, several queries, a bottom-right window)."""
     from fastattn.backends.cpp_decode import CPU_DECODE
     from fastattn.params import AttnParams
-    q, k, v = rnd(2, 4, 3, 32), rnd(2, 2, 50, 32), rnd(2, 2, 50, 16)
+    q, k, v = rnd(2, 4, 2, 32), rnd(2, 2, 50, 32), rnd(2, 2, 50, 16)  # 4 query rows per KV head: the decode kernel
     for wl, wr in ((-1, -1), (9, 0)):
         p = AttnParams(q=q, k=k, v=v, scale=0.2, window_left=wl, window_right=wr, bottom_right=True)
         seen = []

@@ -196,3 +196,29 @@ def test_every_auto_rule_runs():
         assert fastattn.explain(tiny.requires_grad_(), tiny, tiny).chosen == "cpu"  # training stays ours
         wide = rnd(2, 4, 128, 128).bfloat16()  # short non-causal with head dim 128: ours since the faster softmax
         assert fastattn.explain(wide, wide, wide).chosen == "cpu"
+
+
+def test_multi_token_step_rules():
+    """Steps of 2-16 query tokens: fp32 ones go to sdpa under auto (both sides of each length boundary); bf16 ones on
+    AMX stay on the cpu kernels but for MHA steps of 3-4 tokens at head dim <= 64; a dense call past 4 query rows
+    per KV head takes the prefill kernel rather than the decode kernel, one-token steps keep the decode kernel."""
+    from fastattn.backends import cpu as cpu_backend
+
+    def chosen(Sq, Hq=4, Hkv=4, D=64, dt=torch.float32, **kw):
+        q, k = rnd(1, Hq, Sq, D).to(dt), rnd(1, Hkv, 300, D).to(dt)
+        return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, **kw)
+
+    assert chosen(1).chosen == "cpu" and chosen(17).chosen == "cpu"
+    assert chosen(2).chosen == "sdpa" and chosen(16).chosen == "sdpa"
+    q, k = rnd(1, 4, 8, 64).requires_grad_(), rnd(1, 4, 300, 64)
+    assert fastattn.explain(q, k, k).chosen == "cpu"  # training is not a step
+    if cpu_backend._BF16_AMX:
+        bf = torch.bfloat16
+        assert chosen(2, dt=bf).chosen == "cpu" and chosen(5, dt=bf).chosen == "cpu"
+        assert chosen(3, dt=bf).chosen == "sdpa" and chosen(4, dt=bf).chosen == "sdpa"
+        assert chosen(4, D=128, dt=bf).chosen == "cpu" and chosen(4, Hq=8, Hkv=2, dt=bf).chosen == "cpu"
+    # Decode kernel or prefill kernel (backend="cpu": the route, not the auto rule).
+    kernel = lambda *a, **kw: chosen(*a, backend="cpu", **kw).decode.kernel  # noqa: E731
+    assert kernel(4) == "cpu.decode_fwd" and kernel(5) is None
+    assert kernel(1, Hq=16, Hkv=1) == "cpu.decode_fwd" and kernel(2, Hq=4, Hkv=2) == "cpu.decode_fwd"
+    assert kernel(2, Hq=6, Hkv=2) is None

@@ -95,19 +95,22 @@ def _pairs():
     P.append(Pair("route_decode", C(dispatch.run, pd), C(dispatch.run, pd, route_decode=False)))
     P.append(Pair("device", C(sdpa, *qkv32), C(sdpa, *(t.to("meta") for t in qkv32))))
     P.append(Pair("dtype", C(sdpa, *qkv32), C(sdpa, *(t.double() for t in qkv32))))
-    # The CPU decode kernel takes up to 16 query rows per KV head ((Hq / Hkv) * Sq).
-    P.append(Pair("query heads", C(sdpa, *qkv(Hq=2, Sq=8, Sk=20)),
-                  C(sdpa, *qkv(Hq=8, Hkv=2, Sq=8, Sk=20), enable_gqa=True)))
-    P.append(Pair("kv heads", C(sdpa, *qkv(Hq=8, Sq=8, Sk=20)),
-                  C(sdpa, *qkv(Hq=8, Hkv=2, Sq=8, Sk=20), enable_gqa=True)))
+    # The CPU decode kernel takes up to 16 query rows per KV head ((Hq / Hkv) * Sq; one-token fp32 steps: fp32
+    # steps of 2-16 tokens go to sdpa under auto).
+    P.append(Pair("query heads", C(sdpa, *qkv(Hq=16, Hkv=1, Sq=1, Sk=20), enable_gqa=True),
+                  C(sdpa, *qkv(Hq=32, Hkv=1, Sq=1, Sk=20), enable_gqa=True)))
+    P.append(Pair("kv heads", C(sdpa, *qkv(Hq=32, Sq=1, Sk=20)),
+                  C(sdpa, *qkv(Hq=32, Hkv=1, Sq=1, Sk=20), enable_gqa=True)))
     d64 = qkv(Sq=32, D=64)  # cpu takes head dims up to 256
     P.append(Pair("head dim", C(sdpa, *d64), C(sdpa, *qkv(Sq=32, D=300, Dv=64))))
     P.append(Pair("value head dim", C(sdpa, *d64), C(sdpa, *qkv(Sq=32, D=64, Dv=300))))
     P.append(Pair("query length class", C(sdpa, *qkv(Sq=1, Sk=40)), C(sdpa, *qkv(Sq=12, Sk=40))))
     # Top-left causal or window with Sq != Sk: no decode kernel (they align bottom-right).
-    P.append(Pair("Sq == Sk", C(sdpa, *qkv(Sq=4, Sk=4), is_causal=True), C(sdpa, *qkv(Sq=4, Sk=6), is_causal=True)))
+    P.append(Pair("Sq == Sk", C(sdpa, *qkv(Sq=4, Sk=4), is_causal=True, backend="cpu"),
+                  C(sdpa, *qkv(Sq=4, Sk=6), is_causal=True, backend="cpu")))  # (auto: fp32 4-token steps to sdpa)
     a = qkv(Sq=2, Sk=5)
     P.append(Pair("window left", C(dispatch.run, _p(*a)), C(dispatch.run, _p(*a, window_left=3))))
+    a = qkv(Sq=1, Sk=5)  # one token (auto: fp32 steps of 2-16 tokens go to sdpa either way)
     P.append(Pair("causal", C(sdpa, *a), C(sdpa, *a, is_causal=True)))
     a = bshd(*qkv(Sq=16))
     P.append(Pair("causal or window right", C(flash, *a, window_size=(-1, 1)), C(flash, *a, causal=True),

@@ -42,7 +42,26 @@ class CudaCppDecode(CppDecode):
         return r
 
 
-# CPU: past ~16 query rows per KV head the tiled prefill kernel (generic path) is faster (bench on 1 core).
-CPU_DECODE = CppDecode("cpu.decode_fwd", "CPU", max_rows=16)
+class CpuCppDecode(CppDecode):
+    """csrc/cpu/decode.cpp: query rows against the cache with AVX-512 (AVX512-BF16 dot products for bf16), no matrix
+    units. A dense multi-token call (SDPA's layout, Sq >= 2) with more than DENSE_ROWS query rows per KV head goes to
+    the tiled prefill kernel instead: one thread, Intel Xeon AMX, ops timed alone against torch's SDPA at 128-2048
+    keys, the decode kernel read 0.51-0.68x (bf16) / 0.66-0.67x (fp32) at 8 rows of MHA D=64 and 0.32-0.42x at 16,
+    the prefill kernel 0.87-1.30x / 0.84-1.01x there (GQA 16/4 D=128, 12-16 rows: 1.57-2.88x against 1.10-1.47x);
+    up to 4 rows the decode kernel was the faster of the two (1.06-1.81x bf16 MHA at 2-4 rows). One-token steps keep
+    it at any group size (the prefill kernel read 0.34-0.81x there), and so do cache calls, whose other route reads
+    the cache through strided views."""
+    DENSE_ROWS = 4
+
+    def extra_reasons(self, c: DecodeCall) -> List[str]:
+        Sq = c.q.shape[2]
+        if c.kv_bhsd and Sq >= 2 and (c.q.shape[1] // c.k_cache.shape[1]) * Sq > self.DENSE_ROWS:
+            return [f"a dense call of {Sq} query tokens with more than {self.DENSE_ROWS} query rows per KV head: "
+                    f"the tiled prefill kernel is faster"]
+        return []
+
+
+# CPU: past 16 query rows per KV head the tiled prefill kernel (generic path) is faster (bench on 1 core).
+CPU_DECODE = CpuCppDecode("cpu.decode_fwd", "CPU", max_rows=16)
 # CUDA: q rows live in registers; 8 rows already take ~240 of them (csrc/cuda/decode_kernel.cuh).
 CUDA_DECODE = CudaCppDecode("cuda.decode_fwd", "CUDA", max_rows=8)

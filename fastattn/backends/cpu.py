@@ -27,14 +27,18 @@ _REPORT = ops.cpu_matmul_report()
 # (benchmarks/results/cpu-1thread-20261130-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX for decode steps (at most 16 query rows per call: the split-KV decode kernel, bound by
-#    reading K/V at short caches, 0.4-0.99x) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17,
+#  * bf16 inference on AMX for one-token decode steps (the split-KV decode kernel, bound by reading K/V at short
+#    caches, 0.4-0.99x), steps of 3-4 tokens without grouped-query heads at head dim <= 64 (the decode kernel with
+#    3-4 rows per head: 0.81x at 512 keys through the SDPA surface, where the hand-over read 0.89x; other steps of
+#    2-16 tokens stay here: two tokens 1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA
+#    at 8-16 tokens 0.95-1.14x against 0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17,
 #    32, 64, B8 H12 D64; 1.0-1.26x at S = 24, 48). Short non-causal calls with head dim > 64 went to sdpa too until
 #    the degree-4 exponential and vectorised VNNI packing (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after;
 #    S = 256 1.09x, S = 512 1.05-1.10x), where auto's hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
 #    since the lazy rescaling and the fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x
 #    non-causal, 1.31-1.47x causal; causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
-_DECODE_ROWS = 16  # query rows up to which a call is a decode step (GQA included)
+_DECODE_ROWS = 16  # query tokens up to which a call is a decode step
+_MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sdpa
 # ...except grouped-query decode steps over this many keys, where the decode kernel reads each K/V row once for the
 # whole group: 1.19-1.20x torch at 4096 keys, 1.69-1.72x at 16384 (B1, Hq/Hkv = 16/4 and 32/8, D=128), 0.99x / 1.36x
 # at 12/4 D=64; below it 0.91-1.08x (3072 keys: 1.07x at D=128, 0.96x at D=64). Single-head-group (MHA) steps stay
@@ -62,9 +66,14 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
-_BF16_SHORT = ("sdpa is faster for bf16 decode steps (but grouped-query ones over 4096 keys) and tiny calls on "
-               "this CPU (PyTorch's flash kernel on AMX; the cpu split-KV decode kernel: measured 0.75-0.96x; tiny "
-               "calls 0.86-0.97x)")
+_BF16_SHORT = ("sdpa is faster for bf16 one-token decode steps (but grouped-query ones over 4096 keys), "
+               "steps of 3-4 tokens without grouped-query heads at head dim <= 64, and tiny calls on this CPU "
+               "(PyTorch's flash kernel on AMX; the cpu kernels measured 0.75-0.96x, 0.81x and 0.74-0.97x)")
+# Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
+# thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
+# through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
+_FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens (the cpu kernels measured "
+               "0.71-1.09x)")
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
@@ -112,10 +121,13 @@ class CpuBackend(Backend):
                 Sk = p.seqlen_k
                 if Sk <= _TINY_SK and p.seqlen_q * Sk <= _TINY_AREA:
                     why = _FP32_TINY
+                elif 2 <= p.seqlen_q <= _DECODE_ROWS and not p.requires_grad:
+                    why = _FP32_STEPS
         elif why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad:
             Sq = p.seqlen_q
             compiling = torch.compiler.is_compiling()
-            if Sq <= _DECODE_ROWS and (compiling or not (p.is_gqa and p.seqlen_k >= _BF16_GQA_DECODE_SK)) or (
+            if Sq == 1 and (compiling or not (p.is_gqa and p.seqlen_k >= _BF16_GQA_DECODE_SK)) or (
+                    3 <= Sq <= _MHA_STEP_SQ and not p.is_gqa and p.head_dim <= 64) or (
                     not compiling and p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
