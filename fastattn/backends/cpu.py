@@ -24,7 +24,7 @@ _REPORT = ops.cpu_matmul_report()
 
 
 # Measured classes where the cpu kernels are slower than PyTorch's own CPU SDPA, so `auto` takes `sdpa`
-# (benchmarks/results/cpu-1thread-20261130-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
+# (benchmarks/results/cpu-1thread-20261201-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
 #  * bf16 inference on AMX for one-token decode steps (the split-KV decode kernel, bound by reading K/V at short
