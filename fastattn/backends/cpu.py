@@ -31,10 +31,12 @@ _REPORT = ops.cpu_matmul_report()
 #    caches, 0.4-0.99x), steps of 3-4 tokens without grouped-query heads at head dim <= 64 (the decode kernel with
 #    3-4 rows per head: 0.81x at 512 keys through the SDPA surface, where the hand-over read 0.89x; other steps of
 #    2-16 tokens stay here: two tokens 1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA
-#    at 8-16 tokens 0.95-1.14x against 0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096: 0.86-0.97x at S = 17,
-#    32, 64, B8 H12 D64; 1.0-1.26x at S = 24, 48). Short non-causal calls with head dim > 64 went to sdpa too until
-#    the degree-4 exponential and vectorised VNNI packing (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after;
-#    S = 256 1.09x, S = 512 1.05-1.10x), where auto's hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
+#    at 8-16 tokens 0.95-1.14x against 0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096:
+#    0.86-0.97x at S = 17, 32, 64, B8 H12 D64; 1.0-1.26x at S = 24, 48; since the first P V product writes the
+#    accumulator, 0.74-0.93x at B1 H8-12 and 1.0-1.15x from B*H = 16 up, left to sdpa as a whole). Short
+#    non-causal calls with head dim > 64 went to sdpa too until the degree-4 exponential and vectorised VNNI packing
+#    (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after; S = 256 1.09x, S = 512 1.05-1.10x), where auto's
+#    hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
 #    since the lazy rescaling and the fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x
 #    non-causal, 1.31-1.47x causal; causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
 _DECODE_ROWS = 16  # query tokens up to which a call is a decode step
