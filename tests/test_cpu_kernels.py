@@ -269,3 +269,18 @@ def test_key_padding_bias_is_dropped_only_where_zero(kind, dtype):
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         got = out if i == 0 else grads[i - 1]
         assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_query_rows_expanded_or_overlapping(dtype):
+    """Query rows that are one row expanded (stride 0) or overlap (row stride 8 < D = 64): the matrix-unit forward
+    copies them rather than hand the product a leading dimension below the row length (fwd_lowp.cpp, q_direct).
+    Forward against the float64 oracle."""
+    torch.manual_seed(4)
+    k, v = torch.randn(1, 2, 100, 64).to(dtype), torch.randn(1, 2, 100, 64).to(dtype)
+    base = torch.randn(4000).to(dtype)
+    for q in (torch.randn(1, 2, 1, 64).to(dtype).expand(1, 2, 130, 64),  # (B, H, 1, D) -> (B, H, Sq, D), stride 0
+              base.as_strided((1, 2, 130, 64), (0, 2000, 8, 1))):  # rows 8 elements apart
+        out = fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
+        ref = oracle_attention(q, k, v, scale=64 ** -0.5)
+        assert_rule("out", out, ref, oracle_attention(q, k, v, scale=64 ** -0.5, dtype=dtype), dtype)

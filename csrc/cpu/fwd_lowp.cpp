@@ -83,9 +83,10 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  // Q rows with unit stride and an even head dim are the product's operand as they are (the copy was ~3% of a
-  // short forward); otherwise a copy padded to even.
-  const bool q_direct = p.q_st.d == 1 && p.D == kv.Dp;
+  // Q rows with unit stride, an even head dim and rows apart (no expanded or overlapping rows, which a GEMM's
+  // leading dimension may not take) are the product's operand as they are (the copy was ~3% of a short forward);
+  // otherwise a copy padded to even.
+  const bool q_direct = p.q_st.d == 1 && p.D == kv.Dp && p.q_st.s >= p.D;
   if (!q_direct) mm::copy_rows<T>(q, p.q_st.s, p.q_st.d, bq, p.D, kv.Dp, kv.Dp, qa);
   const T* qs = q_direct ? q : qa;
   const int64_t ldq = q_direct ? p.q_st.s : kv.Dp;
