@@ -28,6 +28,21 @@ def _qkv(B, Hq, Hkv, Sq, Sk, D, Dv=None, dtype=torch.float32, grad=True):
     return mk(B, Hq, Sq, D), mk(B, Hkv, Sk, D), mk(B, Hkv, Sk, Dv)
 
 
+def _assert_fwd_bwd_rule(out, q, k, v, dtype, **oracle_kw):
+    """out and the gradients of q, k, v under a random dout against the float64 oracle, with the oracle run in dtype
+    as the rule's base (oracle_kw: scale, mask, window, ...)."""
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    results = {}
+    for prec in (torch.float64, dtype):
+        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
+        o = oracle_attention(*leaves, dtype=prec, **oracle_kw)
+        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got = out if i == 0 else grads[i - 1]
+        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+
+
 def test_opcheck_fwd_bwd():
     q, k, v = _qkv(1, 4, 2, 33, 47, 16, 24)
     bias = torch.randn(1, 1, 33, 47).expand(1, 4, 33, 47)
@@ -188,17 +203,8 @@ def test_several_tiles_each_way_with_key_padding(dtype, causal, mask_kind):
         mask_t = torch.randn(1100, 520).masked_fill(~keep[1].view(1100, 1), float("-inf")).to(dtype)
         mask = mask_t.t()  # (Sk, Sq) -> (Sq, Sk), strides (1, Sq)
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, backend="cpu")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    results = {}
-    for prec in (torch.float64, dtype):
-        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
-        o = oracle_attention(*leaves, scale=64 ** -0.5, mask=mask, window=(-1, 0 if causal else -1),
-                             bottom_right=False, dtype=prec)
-        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        got = out if i == 0 else grads[i - 1]
-        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+    _assert_fwd_bwd_rule(out, q, k, v, dtype, scale=64 ** -0.5, mask=mask, window=(-1, 0 if causal else -1),
+                         bottom_right=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -219,16 +225,7 @@ def test_rows_whose_scores_climb_across_key_tiles(dtype):
     v = torch.randn(1, 2, Sk, D)
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     out = fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    results = {}
-    for prec in (torch.float64, dtype):
-        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
-        o = oracle_attention(*leaves, scale=D ** -0.5, dtype=prec)
-        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        got = out if i == 0 else grads[i - 1]
-        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+    _assert_fwd_bwd_rule(out, q, k, v, dtype, scale=D ** -0.5)
 
 
 def _padding_bias(kind, dtype):
@@ -259,16 +256,7 @@ def test_key_padding_bias_is_dropped_only_where_zero(kind, dtype):
     q, k, v = _qkv(2, 2, 2, 70, 300, 32, dtype=dtype)
     mask = _padding_bias(kind, dtype)
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    results = {}
-    for prec in (torch.float64, dtype):
-        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
-        o = oracle_attention(*leaves, scale=32 ** -0.5, mask=mask, dtype=prec)
-        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        got = out if i == 0 else grads[i - 1]
-        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+    _assert_fwd_bwd_rule(out, q, k, v, dtype, scale=32 ** -0.5, mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
