@@ -78,6 +78,10 @@ CASES = {
                                            alibi=True),
     "len4096_gqa_bf16": dict(B=1, Hq=8, Hkv=2, Sq=1, D=128, Dv=128, lens=[4095], snew=1, cap=4096, layout="dense",
                              dtype=torch.bfloat16),
+    # rows of one KV head that see no key of a block (window 62: its second block starts two keys past token 0's
+    # last) next to rows that do: the grouped value products must leave the blind rows alone
+    "gqa4_q4_window62_bf16": dict(B=2, Hq=8, Hkv=2, Sq=4, D=64, Dv=64, lens=[300, 70], snew=4, cap=320,
+                                  layout="dense", dtype=torch.bfloat16, causal=True, window=(62, 0)),
     "no_append_empty_row_fp32": dict(B=2, Hq=2, Hkv=1, Sq=1, D=16, Dv=16, lens=[0, 9], snew=0, cap=9,
                                      layout="dense", dtype=torch.float32),
     "whole_cache_paged16_fp16": dict(B=2, Hq=4, Hkv=2, Sq=1, D=96, Dv=96, lens=None, snew=0, cap=48,

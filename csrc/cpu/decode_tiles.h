@@ -209,79 +209,157 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
   }
 }
 
-// acc_r += sum_j P[r, j] v_j, one row at a time with up to 64 of its accumulators in registers.
-template <typename T>
-FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
-                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
-  for (int64_t r = 0; r < M; ++r) {
-    if (!live[r]) continue;
-    const float* pr = P + r * ldP;
-    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
-      __mmask16 m[4];
-      for (int c = 0; c < 4; ++c) m[c] = vec512::tail(std::max<int64_t>(Dv - d0 - 16 * c, 0));
-      float* a = acc + r * Dv + d0;
-      __m512 a4[4];
+// acc_r += sum_j P[r, j] v_j for R rows of one KV head (voff) at a time over C chunks of 16 values: each value
+// load is shared by the R rows and R * C accumulators (8 or 16) are independent FMA chains (one row of 64 values
+// had 4 chains waiting on each other's latency). A key whose P is 0, or a row not live, leaves the accumulator as
+// it was (masked FMA): every row gets the same products and sums in the same order whatever R is.
+template <typename T, int R, int C>
+FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, const T* const* vrows, int64_t voff,
+                              int64_t n, int64_t Dv, float* acc) {
+  for (int64_t d0 = 0; d0 < Dv; d0 += 16 * C) {
+    __mmask16 m[C];
+    for (int c = 0; c < C; ++c) m[c] = vec512::tail(std::max<int64_t>(Dv - d0 - 16 * c, 0));
+    __m512 a[R][C];
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) a4[c] = _mm512_maskz_loadu_ps(m[c], a + 16 * c);
-      for (int64_t j = 0; j < n; ++j) {
-        if (pr[j] == 0.f) continue;
-        const __m512 vp = _mm512_set1_ps(pr[j]);
-        const T* v = vrows[j] + voff[r] + d0;
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) a[i][c] = _mm512_maskz_loadu_ps(m[c], acc + i * Dv + d0 + 16 * c);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = vrows[j] + voff + d0;
+      __m512 vv[C];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) vv[c] = vec512::load16(v + 16 * c, m[c]);
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) a4[c] = _mm512_fmadd_ps(vp, vec512::load16(v + 16 * c, m[c]), a4[c]);
+      for (int i = 0; i < R; ++i) {
+        const float p = P[i * ldP + j];
+        const __mmask16 k = live[i] && p != 0.f ? __mmask16(0xffff) : __mmask16(0);
+        const __m512 vp = _mm512_set1_ps(p);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) a[i][c] = _mm512_mask3_fmadd_ps(vp, vv[c], a[i][c], k);
       }
+    }
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(a + 16 * c, m[c], a4[c]);
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(acc + i * Dv + d0 + 16 * c, m[c], a[i][c]);
     }
   }
 }
 
-// pv_avx512 for bf16 values: 32 values a load, split into their even and odd elements (a bf16 is the high half of an
-// fp32: even = word << 16, odd = word & 0xffff0000) instead of two 16-value widening loads. The accumulators hold
-// even/odd order inside the key loop and natural order outside it (two permutes each way per 32 values); the
-// products and sums are those of pv_avx512, so the results are bitwise the same.
-FA_AVX512 void pv_bf16_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M,
-                              const c10::BFloat16* const* vrows, const int64_t* voff, int64_t n, int64_t Dv,
-                              float* acc) {
+// Rows in runs that read one KV head (voff equal): four at a time, then two, then one; 64 values a pass for four
+// rows, 128 for fewer (64 where the head has no more).
+template <typename T>
+FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+  for (int64_t r = 0; r < M;) {
+    int64_t run = 1;
+    while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
+    const float* p = P + r * ldP;
+    float* a = acc + r * Dv;
+    if (run == 4) {
+      pv_rows<T, 4, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    } else if (run >= 2) {
+      run = 2;
+      if (Dv > 64) pv_rows<T, 2, 8>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      else pv_rows<T, 2, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    } else if (live[r]) {  // head dim <= 64: 4 chains, as many as one row has
+      if (Dv > 64) pv_rows<T, 1, 8>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      else pv_rows<T, 1, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    }
+    r += run;
+  }
+}
+
+// pv_avx512 for bf16 values, R query rows of one KV head at a time (a GQA group shares each value load and its
+// widening) over C chunks of 32 values: 2 * R * C independent accumulators (8 or 16), where one row of 64 had 4 FMA
+// chains waiting on each other's latency. 32 values a load, split into their even and odd elements (a bf16 is the
+// high half of an fp32: even = word << 16, odd = word & 0xffff0000); the accumulators hold even/odd order inside the
+// key loop and natural order outside it. A key whose P is 0 (or a row not live) leaves the accumulator untouched
+// (masked FMA), so each row gets pv_avx512's products and sums in its order: the results are the same bits.
+template <int R, int C>
+FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* live,
+                                   const c10::BFloat16* const* vrows, int64_t voff, int64_t n, int64_t Dv,
+                                   float* acc) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t r = 0; r < M; ++r) {
-    if (!live[r]) continue;
-    const float* pr = P + r * ldP;
-    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
-      float* a = acc + r * Dv + d0;
-      __mmask16 m[4];
-      __mmask32 w[2];
-      __m512 E[2], O[2];
-      for (int g = 0; g < 2; ++g) {
-        const int64_t left = std::clamp<int64_t>(Dv - d0 - 32 * g, 0, 32);
-        w[g] = left == 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
-        m[2 * g] = vec512::tail(std::min<int64_t>(left, 16));
-        m[2 * g + 1] = vec512::tail(std::max<int64_t>(left - 16, 0));
+  for (int64_t d0 = 0; d0 < Dv; d0 += 32 * C) {
+    __mmask16 m[2 * C];
+    __mmask32 w[C];
+    __m512 E[R][C], O[R][C];
+    for (int g = 0; g < C; ++g) {
+      const int64_t left = std::clamp<int64_t>(Dv - d0 - 32 * g, 0, 32);
+      w[g] = left == 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+      m[2 * g] = vec512::tail(std::min<int64_t>(left, 16));
+      m[2 * g + 1] = vec512::tail(std::max<int64_t>(left - 16, 0));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const float* a = acc + i * Dv + d0;
+#pragma GCC unroll 4
+      for (int g = 0; g < C; ++g) {
         const __m512 n0 = _mm512_maskz_loadu_ps(m[2 * g], a + 32 * g);
         const __m512 n1 = _mm512_maskz_loadu_ps(m[2 * g + 1], a + 32 * g + 16);
-        E[g] = _mm512_permutex2var_ps(n0, even, n1);
-        O[g] = _mm512_permutex2var_ps(n0, odd, n1);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        if (pr[j] == 0.f) continue;
-        const __m512 vp = _mm512_set1_ps(pr[j]);
-        const c10::BFloat16* v = vrows[j] + voff[r] + d0;
-#pragma GCC unroll 2
-        for (int g = 0; g < 2; ++g) {
-          const __m512i x = _mm512_maskz_loadu_epi16(w[g], v + 32 * g);
-          E[g] = _mm512_fmadd_ps(vp, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), E[g]);
-          O[g] = _mm512_fmadd_ps(vp, _mm512_castsi512_ps(_mm512_and_si512(x, high_half)), O[g]);
-        }
-      }
-      for (int g = 0; g < 2; ++g) {
-        _mm512_mask_storeu_ps(a + 32 * g, m[2 * g], _mm512_permutex2var_ps(E[g], lo, O[g]));
-        _mm512_mask_storeu_ps(a + 32 * g + 16, m[2 * g + 1], _mm512_permutex2var_ps(E[g], hi, O[g]));
+        E[i][g] = _mm512_permutex2var_ps(n0, even, n1);
+        O[i][g] = _mm512_permutex2var_ps(n0, odd, n1);
       }
     }
+    for (int64_t j = 0; j < n; ++j) {
+      const c10::BFloat16* v = vrows[j] + voff + d0;
+      __m512 ve[C], vo[C];
+#pragma GCC unroll 4
+      for (int g = 0; g < C; ++g) {
+        const __m512i x = _mm512_maskz_loadu_epi16(w[g], v + 32 * g);
+        ve[g] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        vo[g] = _mm512_castsi512_ps(_mm512_and_si512(x, high_half));
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const float p = P[i * ldP + j];
+        const __mmask16 k = live[i] && p != 0.f ? __mmask16(0xffff) : __mmask16(0);
+        const __m512 vp = _mm512_set1_ps(p);
+#pragma GCC unroll 4
+        for (int g = 0; g < C; ++g) {
+          E[i][g] = _mm512_mask3_fmadd_ps(vp, ve[g], E[i][g], k);
+          O[i][g] = _mm512_mask3_fmadd_ps(vp, vo[g], O[i][g], k);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      float* a = acc + i * Dv + d0;
+#pragma GCC unroll 4
+      for (int g = 0; g < C; ++g) {
+        _mm512_mask_storeu_ps(a + 32 * g, m[2 * g], _mm512_permutex2var_ps(E[i][g], lo, O[i][g]));
+        _mm512_mask_storeu_ps(a + 32 * g + 16, m[2 * g + 1], _mm512_permutex2var_ps(E[i][g], hi, O[i][g]));
+      }
+    }
+  }
+}
+
+// Rows in runs that read one KV head (voff equal), as pv_avx512.
+FA_AVX512 void pv_bf16_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M,
+                              const c10::BFloat16* const* vrows, const int64_t* voff, int64_t n, int64_t Dv,
+                              float* acc) {
+  for (int64_t r = 0; r < M;) {
+    int64_t run = 1;
+    while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
+    const float* p = P + r * ldP;
+    float* a = acc + r * Dv;
+    if (run == 4) {
+      pv_bf16_rows<4, 2>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    } else if (run >= 2) {
+      run = 2;
+      if (Dv > 64) pv_bf16_rows<2, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      else pv_bf16_rows<2, 2>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    } else if (live[r]) {  // head dim <= 64: 4 chains, as many as one row has
+      if (Dv > 64) pv_bf16_rows<1, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      else pv_bf16_rows<1, 2>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    }
+    r += run;
   }
 }
 #endif
