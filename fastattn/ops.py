@@ -32,14 +32,17 @@ def cuda_built() -> bool:
 
 def cpu_matmul() -> str:
     """CPU model, ISA found, and how the CPU kernels multiply each dtype's tiles (probed once per process):
-    bf16/fp16 on the matrix units (oneDNN brgemm: AMX, AVX512-BF16, AVX512-FP16) or converted to fp32."""
+    bf16/fp16 on the matrix units (oneDNN brgemm: AMX, AVX512-BF16, AVX512-FP16) or converted to fp32. Without AMX
+    the choice is timed (the forward's score tile on both paths) and the rates are part of the reason."""
     if _C is None or not hasattr(_C, "cpu_matmul"):
         return "C++ extension not loaded"
     return str(_C.cpu_matmul())
 
 
 def cpu_matmul_report() -> dict:
-    """`cpu_matmul()` as data: {"cpu": model, "bf16"/"fp16": "brgemm" | "fp32", ISA flags: "1" | "0"}."""
+    """`cpu_matmul()` as data: {"cpu": model, "bf16"/"fp16": "brgemm" | "fp32", ISA flags (cpuid) and
+    "amx_bf16_usable"/"amx_fp16_usable" (oneDNN's view): "1" | "0", "bf16_brgemm_gflops", "bf16_fp32_gflops",
+    "fp16_...": the timed tile rates as integer strings ("0": not timed)}."""
     if _C is None or not hasattr(_C, "cpu_matmul_report"):
         return {}
     return dict(_C.cpu_matmul_report())

@@ -66,13 +66,46 @@ def test_report_names_cpu_isa_and_paths():
 @pytest.mark.parametrize("dtype,isa", [(torch.bfloat16, ("amx_bf16", "avx512_bf16")),
                                        (torch.float16, ("amx_fp16",))])
 def test_matrix_units_used_where_the_isa_has_them(dtype, isa):
-    """A CPU with native bf16/fp16 dot products must not silently run the slow fp32 tiles."""
-    if os.environ.get("FASTATTN_CPU_MATMUL") == "fp32":
-        pytest.skip("FASTATTN_CPU_MATMUL=fp32 forces the fallback in this run")
+    """A CPU with native bf16/fp16 dot products must not silently run the slower path: with AMX usable the matrix
+    units; without, whichever path the timed score tile found faster (brgemm by the 1.2x margin), its rates named."""
+    if os.environ.get("FASTATTN_CPU_MATMUL") in ("fp32", "brgemm"):
+        pytest.skip("FASTATTN_CPU_MATMUL forces a path in this run")
     flags = _flags()
     if not any(f in flags for f in isa) or "avx512f" not in flags:
         pytest.skip(f"this CPU lacks {' and '.join(isa)}: the fp32 tiles are the right path for {dtype}")
-    assert on_matrix_units(dtype), REPORT
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    data = ops.cpu_matmul_report()
+    if data[f"amx_{name}_usable"] == "1":
+        assert on_matrix_units(dtype), REPORT
+        return
+    brgemm, fp32 = float(data[f"{name}_brgemm_gflops"]), float(data[f"{name}_fp32_gflops"])
+    if brgemm == 0:  # timed only once the exactness probe passed
+        assert not on_matrix_units(dtype), (data, REPORT)
+        pytest.skip(f"oneDNN's brgemm cannot take {name} here ({REPORT})")
+    assert fp32 > 0, data
+    assert on_matrix_units(dtype) == (brgemm >= 1.2 * fp32), (data, REPORT)
+    assert f"{brgemm:.0f} GFLOP/s" in REPORT, REPORT
+
+
+def test_without_amx_the_path_is_timed():
+    """oneDNN held to AVX-512 without AMX (what it finds on AMD Zen 4/5): the bf16 path is timed, not assumed, and
+    `auto` sends no bf16 call to sdpa on the grounds that torch multiplies on AMX."""
+    code = ("import fastattn, torch; from fastattn import ops; from fastattn.backends import cpu; "
+            "d = ops.cpu_matmul_report(); print(d); print(ops.cpu_matmul()); "
+            "print('RULE', torch.bfloat16 in cpu._AUTO_RULE, cpu._BF16_AMX)")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", MKL_ENABLE_INSTRUCTIONS="AVX512",
+               OMP_NUM_THREADS="1")
+    env.pop("FASTATTN_CPU_MATMUL", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = eval(r.stdout.splitlines()[0])  # noqa: S307 - our own printed dict
+    if "avx512_bf16" not in _flags() or data.get("amx_bf16_usable") != "0":
+        pytest.skip(f"no AVX512-BF16 here, or this oneDNN ignores ONEDNN_MAX_CPU_ISA ({data})")
+    brgemm, fp32 = float(data["bf16_brgemm_gflops"]), float(data["bf16_fp32_gflops"])
+    assert brgemm > 0 and fp32 > 0, data
+    assert data["bf16"] == ("brgemm" if brgemm >= 1.2 * fp32 else "fp32"), data
+    assert "RULE False False" in r.stdout, r.stdout
 
 
 _PLANT = r"""

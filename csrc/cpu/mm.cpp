@@ -6,6 +6,9 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <vector>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -67,9 +70,14 @@ std::string cpu_model() {
   return "unknown";
 }
 
+struct Rates {
+  double brgemm = 0.0, fp32 = 0.0;  // GFLOP/s of the forward's score tile on each path (0: not measured)
+};
+
 struct Decision {
   Path path = Path::kFp32;
   std::string why;
+  Rates rates;  // measured where oneDNN has no AMX
 };
 
 // Multiplies a small odd-shaped product whose exact result fp32 can hold (small integers) and compares. oneDNN's
@@ -102,6 +110,45 @@ bool probe_exact(std::string& why) {
   return true;
 }
 
+// Without AMX the choice is measured, not assumed: oneDNN's bf16 kernels on AVX512-BF16 dot products ran at half the
+// fp32 sgemm's rate on an Intel Xeon whose oneDNN and MKL were held to AVX-512 without AMX (ONEDNN_MAX_CPU_ISA=
+// AVX512_CORE_BF16, MKL_ENABLE_INSTRUCTIONS=AVX512: 112 vs 220 GFLOP/s; the whole bf16 forward then 0.64-0.72x
+// torch's SDPA on brgemm, 1.16-1.24x on the fp32 tiles), while on CPUs whose dot products outrun their FMAs (AMD
+// Zen 4/5 issue them at twice the fp32 FMA rate) brgemm should win. The forward's score tile (64 x 512 x 128) is
+// timed once on both paths, one thread, best of five; brgemm must be kBrgemmMargin times faster to be chosen, so a
+// near tie (where timing noise could flip the choice, and with it the rounding, from run to run) keeps fp32.
+constexpr double kBrgemmMargin = 1.2;
+
+template <typename F>
+double best_seconds(F&& f) {
+  f();  // warm-up: kernel generation, first touch
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 4; ++i) f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 4);
+  }
+  return best;
+}
+
+template <typename T>
+Rates measure_tile_rates() {
+  constexpr int64_t m = 64, n = 512, k = 128;
+  std::vector<T> a(m * k), bv(k * n);
+  std::vector<float> af(m * k), bf(k * n), c(m * n);
+  for (int64_t i = 0; i < m * k; ++i) af[i] = float(i % 13) * 0.125f - 0.75f, a[i] = static_cast<T>(af[i]);
+  for (int64_t i = 0; i < k * n; ++i) bf[i] = float(i % 7) * 0.25f - 0.75f, bv[i] = static_cast<T>(bf[i]);
+  BlasSingleThread blas1;
+  const double flops = 2.0 * m * n * k;
+  Rates r;
+  r.brgemm = flops / best_seconds([&] { mm_vnni<T>(m, n, k, a.data(), k, bv.data(), n, c.data(), n, false); }) / 1e9;
+  release();
+  r.fp32 = flops / best_seconds([&] {
+    gemm_rm(false, false, m, n, k, 1.f, af.data(), k, bf.data(), n, 0.f, c.data(), n);
+  }) / 1e9;
+  return r;
+}
+
 template <typename T>
 Decision decide() {
   Decision d;
@@ -130,9 +177,25 @@ Decision decide() {
     if (nl != std::string::npos) d.why.resize(nl);
   }
   if (d.path == Path::kBrgemm) {
-    const bool amx = std::is_same_v<T, c10::BFloat16> ? isa().amx_bf16 : isa().amx_fp16;
+    // AMX as oneDNN sees it (cpuid may list AMX that the OS or ONEDNN_MAX_CPU_ISA leaves unusable): what torch's own
+    // flash kernel checks before it packs for the matrix units.
+    const bool amx = at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
     const bool dot = std::is_same_v<T, c10::BFloat16> ? isa().avx512_bf16 : isa().avx512_fp16;
-    d.why = amx ? "AMX tiles" : dot ? "AVX512 dot products" : "oneDNN AVX-512 kernels";
+    const char* how = amx ? "AMX tiles" : dot ? "AVX512 dot products" : "oneDNN AVX-512 kernels";
+    d.why = how;
+    const bool forced = env != nullptr && std::strcmp(env, "brgemm") == 0;
+    if (!amx) {
+      d.rates = measure_tile_rates<T>();
+      char buf[160];
+      std::snprintf(buf, sizeof(buf), "; measured %.0f GFLOP/s against the fp32 tiles' %.0f", d.rates.brgemm,
+                    d.rates.fp32);
+      if (forced || d.rates.brgemm >= kBrgemmMargin * d.rates.fp32) {
+        d.why = std::string(how) + buf + (forced ? ", forced by FASTATTN_CPU_MATMUL=brgemm" : "");
+      } else {
+        d.path = Path::kFp32;
+        d.why = std::string("no AMX; oneDNN's ") + how + buf;
+      }
+    }
   }
   return d;
 #endif
@@ -166,9 +229,25 @@ void force_fp32(bool on) { g_force_fp32.store(on); }
 std::map<std::string, std::string> report() {
   const Isa& i = isa();
   auto flag = [](bool b) { return std::string(b ? "1" : "0"); };
+  auto rate = [](double g) { return std::to_string(static_cast<int64_t>(g + 0.5)); };
+  const Decision &bf16 = decision(at::kBFloat16), &fp16 = decision(at::kHalf);
+#ifdef FASTATTN_HAS_BRGEMM
+  const bool amx_bf16_usable = at::native::cpublas::could_pack(at::kBFloat16);
+  const bool amx_fp16_usable = at::native::cpublas::could_pack(at::kHalf);
+#else
+  const bool amx_bf16_usable = false, amx_fp16_usable = false;
+#endif
   return {{"cpu", cpu_model()},
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
+          // oneDNN's view: AMX it will use (torch's flash kernel multiplies bf16/fp16 on AMX only then)
+          {"amx_bf16_usable", flag(amx_bf16_usable)},
+          {"amx_fp16_usable", flag(amx_fp16_usable)},
+          // measured tile rates where the choice was measured (no usable AMX), else "0"
+          {"bf16_brgemm_gflops", rate(bf16.rates.brgemm)},
+          {"bf16_fp32_gflops", rate(bf16.rates.fp32)},
+          {"fp16_brgemm_gflops", rate(fp16.rates.brgemm)},
+          {"fp16_fp32_gflops", rate(fp16.rates.fp32)},
           {"amx_bf16", flag(i.amx_bf16)},
           {"amx_fp16", flag(i.amx_fp16)},
           {"avx512_bf16", flag(i.avx512_bf16)},

@@ -2,8 +2,9 @@
 // of oneDNN that libtorch exports (at::native::cpublas::brgemm). oneDNN generates the kernel for the CPU it runs
 // on: AMX tiles on Intel Sapphire Rapids and newer, AVX512-BF16 dot products (vdpbf16ps) on AMD Zen 4/5 and Intel
 // without AMX; fp16 on AMX-FP16 (Granite Rapids). Whether a dtype can take this path is probed once at run time (a
-// small product checked against an fp32 one); otherwise, or with FASTATTN_CPU_MATMUL=fp32, the kernels convert tiles
-// to fp32 and use sgemm (tile.h).
+// small product checked against an fp32 one) and, where oneDNN has no AMX, timed against sgemm on the forward's score
+// tile (brgemm must be 1.2x faster); otherwise, or with FASTATTN_CPU_MATMUL=fp32, the kernels convert tiles to fp32
+// and use sgemm (tile.h). FASTATTN_CPU_MATMUL=brgemm takes brgemm wherever it is exact.
 //
 // The right operand B (k x n) is given in VNNI layout, the one the hardware's dot products read: pairs of
 // consecutive k rows interleaved, B_vnni[((kk / 2) * ldb + j) * 2 + kk % 2] = B[kk][j], with k padded to even.
@@ -24,7 +25,9 @@ Path path(at::ScalarType dt);
 void force_fp32(bool on);
 // One line for `python -m fastattn.info`: CPU model, ISA found, and the path of each dtype with its reason.
 std::string describe();
-// The same as data: {"cpu", "bf16"/"fp16": "brgemm"|"fp32", ISA flags "amx_bf16", ... : "1"|"0"}.
+// The same as data: {"cpu", "bf16"/"fp16": "brgemm"|"fp32", ISA flags "amx_bf16", ... : "1"|"0" (cpuid),
+// "amx_bf16_usable"/"amx_fp16_usable": "1"|"0" (oneDNN's view), "bf16_brgemm_gflops", "bf16_fp32_gflops", ...: the
+// timed tile rates ("0" where not timed)}.
 std::map<std::string, std::string> report();
 
 // C (m x n, ldc) = [C +] A (m x k, lda, row-major) B (k x n, VNNI, ldb >= n); k even. T: BFloat16 or Half.

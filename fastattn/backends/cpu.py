@@ -58,7 +58,9 @@ _BF16_TINY_AREA = 4096
 def _auto_rule() -> dict:
     """{dtype: reason} for the first class above, decided once from the extension's probe."""
     rule = {}
-    for dt, name, amx in ((torch.bfloat16, "bf16", "amx_bf16"), (torch.float16, "fp16", "amx_fp16")):
+    # AMX as oneDNN sees it: cpuid may list AMX that the OS (or ONEDNN_MAX_CPU_ISA) leaves unusable, and torch's
+    # flash kernel multiplies on the matrix units only where oneDNN can.
+    for dt, name, amx in ((torch.bfloat16, "bf16", "amx_bf16_usable"), (torch.float16, "fp16", "amx_fp16_usable")):
         if _REPORT.get(name) == "fp32" and _REPORT.get(amx) == "1":
             rule[dt] = (f"sdpa is faster for {name} on this CPU: PyTorch multiplies {name} on AMX while the cpu "
                         f"kernels' tiles run in fp32 here (python -m fastattn.info says why)")
@@ -66,7 +68,7 @@ def _auto_rule() -> dict:
 
 
 _AUTO_RULE = _auto_rule()
-_BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16") == "1"
+_BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
 _BF16_SHORT = ("sdpa is faster for bf16 one-token decode steps (but grouped-query ones over 4096 keys), "
                "steps of 3-4 tokens without grouped-query heads at head dim <= 64, and tiny calls on this CPU "
