@@ -247,6 +247,8 @@ def _run(args, device, preset, cases, t0, argv) -> int:
               f"{(env.get('git_commit') or '?')[:10]}", flush=True)
         if cpu:
             print(f"CPU paths: {env.get('cpu_matmul')}", flush=True)
+            if env.get("cpu_isa_env"):
+                print(f"CPU ISA settings: {env['cpu_isa_env']}", flush=True)
     except Exception as e:  # noqa: BLE001 - context only
         env["ceilings"] = {"error": f"{type(e).__name__}: {e}"}
     if cpu and (env.get("load_average") or 0) > 0.5 * (env["cpu_count"] or 1):

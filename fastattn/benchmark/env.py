@@ -54,6 +54,9 @@ def collect(device: str) -> dict:
         # CPU timings are only as good as the machine is idle: the 1-minute load average at the start.
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "available_backends": fastattn.available_backends(device.split(":")[0]),
+        # Settings that change which CPU paths run (oneDNN's and MKL's ISA caps, the forced tile path), when set.
+        "cpu_isa_env": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                                   "FASTATTN_CPU_MATMUL") if k in os.environ},
     }
     try:
         import triton
