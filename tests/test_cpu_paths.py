@@ -116,20 +116,40 @@ MATRIX = matrix()
 cells = [c for c in MATRIX if c[0] == "cpu" and c[2] == torch.bfloat16 and c[1].name in
          ("basic", "causal_square_257", "gqa", "flash_window_left", "varlen_causal", "hd80")]
 bad = sum(not all(ok for ok, _ in run_case(*c)) for c in cells)
+from fastattn import ops
+print(ops.cpu_matmul())
 print(f"{bad} of {len(cells)} cells failed")
 """
 
 
-def test_planted_vnni_packing_bug_fails_the_matrix():
-    if not on_matrix_units(torch.bfloat16):
-        pytest.skip(f"bf16 does not run on the matrix units here ({REPORT})")
-    env = dict(os.environ, FASTATTN_CPU_PLANT="vnni_swap", OMP_NUM_THREADS="1")
+def _brgemm_exact() -> bool:
+    """bf16 takes brgemm here, or could (exact, but timed slower than the fp32 tiles without AMX)."""
+    return on_matrix_units(torch.bfloat16) or float(ops.cpu_matmul_report().get("bf16_brgemm_gflops", 0)) > 0
+
+
+def _run_cells(**env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_MATMUL="brgemm", **env_extra)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "6 of 6 cells failed" in r.stdout, r.stdout
+    assert "bf16: matrix units" in r.stdout, r.stdout  # the cells ran on brgemm
+    return r.stdout
+
+
+def test_brgemm_path_holds_the_rule_even_where_not_chosen():
+    """FASTATTN_CPU_MATMUL=brgemm: the brgemm path stays correct on a machine whose timing chose the fp32 tiles
+    (there test_matrix runs only those)."""
+    if not _brgemm_exact():
+        pytest.skip(f"oneDNN's brgemm cannot take bf16 here ({REPORT})")
+    assert "0 of 6 cells failed" in _run_cells()
+
+
+def test_planted_vnni_packing_bug_fails_the_matrix():
+    if not _brgemm_exact():
+        pytest.skip(f"oneDNN's brgemm cannot take bf16 here ({REPORT})")
+    assert "6 of 6 cells failed" in _run_cells(FASTATTN_CPU_PLANT="vnni_swap")
 
 
 # The bound on |lse - exact| each path's exponential keeps (csrc/cpu/vec512.h, kExpDegree): P is rounded to the

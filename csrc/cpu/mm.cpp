@@ -112,11 +112,12 @@ bool probe_exact(std::string& why) {
 
 // Without AMX the choice is measured, not assumed: oneDNN's bf16 kernels on AVX512-BF16 dot products ran at half the
 // fp32 sgemm's rate on an Intel Xeon whose oneDNN and MKL were held to AVX-512 without AMX (ONEDNN_MAX_CPU_ISA=
-// AVX512_CORE_BF16, MKL_ENABLE_INSTRUCTIONS=AVX512: 112 vs 220 GFLOP/s; the whole bf16 forward then 0.64-0.72x
-// torch's SDPA on brgemm, 1.16-1.24x on the fp32 tiles), while on CPUs whose dot products outrun their FMAs (AMD
-// Zen 4/5 issue them at twice the fp32 FMA rate) brgemm should win. The forward's score tile (64 x 512 x 128) is
-// timed once on both paths, one thread, best of five; brgemm must be kBrgemmMargin times faster to be chosen, so a
-// near tie (where timing noise could flip the choice, and with it the rounding, from run to run) keeps fp32.
+// AVX512_CORE_BF16, MKL_ENABLE_INSTRUCTIONS=AVX512: 124 vs 238 GFLOP/s on this tile; the whole bf16 forward then
+// 0.64-0.72x torch's SDPA on brgemm, 1.16-1.24x on the fp32 tiles), while a core whose dot-product instruction
+// issues as fast as its FMA (two products a lane instead of one) should favour brgemm. The forward's score tile
+// (64 x 512 x 128) is timed once on both paths, one thread, best of five; brgemm must be kBrgemmMargin times faster
+// to be chosen, so a near tie (where timing noise could flip the choice, and with it the rounding, from run to run)
+// keeps fp32.
 constexpr double kBrgemmMargin = 1.2;
 
 template <typename F>
