@@ -247,36 +247,12 @@ FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, 
   }
 }
 
-// Rows in runs that read one KV head (voff equal): four at a time, then two, then one; 64 values a pass for four
-// rows, 128 for fewer (64 where the head has no more).
-template <typename T>
-FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
-                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
-  for (int64_t r = 0; r < M;) {
-    int64_t run = 1;
-    while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
-    const float* p = P + r * ldP;
-    float* a = acc + r * Dv;
-    if (run == 4) {
-      pv_rows<T, 4, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-    } else if (run >= 2) {
-      run = 2;
-      if (Dv > 64) pv_rows<T, 2, 8>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-      else pv_rows<T, 2, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-    } else if (live[r]) {  // head dim <= 64: 4 chains, as many as one row has
-      if (Dv > 64) pv_rows<T, 1, 8>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-      else pv_rows<T, 1, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-    }
-    r += run;
-  }
-}
-
-// pv_avx512 for bf16 values, R query rows of one KV head at a time (a GQA group shares each value load and its
+// pv_rows for bf16 values, R query rows of one KV head at a time (a GQA group shares each value load and its
 // widening) over C chunks of 32 values: 2 * R * C independent accumulators (8 or 16), where one row of 64 had 4 FMA
 // chains waiting on each other's latency. 32 values a load, split into their even and odd elements (a bf16 is the
 // high half of an fp32: even = word << 16, odd = word & 0xffff0000); the accumulators hold even/odd order inside the
 // key loop and natural order outside it. A key whose P is 0 (or a row not live) leaves the accumulator untouched
-// (masked FMA), so each row gets pv_avx512's products and sums in its order: the results are the same bits.
+// (masked FMA), so each row gets pv_rows' products and sums in its order: the results are the same bits.
 template <int R, int C>
 FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* live,
                                    const c10::BFloat16* const* vrows, int64_t voff, int64_t n, int64_t Dv,
@@ -340,24 +316,36 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
   }
 }
 
-// Rows in runs that read one KV head (voff equal), as pv_avx512.
-FA_AVX512 void pv_bf16_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M,
-                              const c10::BFloat16* const* vrows, const int64_t* voff, int64_t n, int64_t Dv,
-                              float* acc) {
+// The R-row kernel of T with V values a pass (64 or 128): pv_bf16_rows for bf16, pv_rows otherwise.
+template <typename T, int R, int V>
+FA_AVX512 inline void pv_kernel(const float* P, int64_t ldP, const uint8_t* live, const T* const* vrows,
+                                int64_t voff, int64_t n, int64_t Dv, float* acc) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    pv_bf16_rows<R, V / 32>(P, ldP, live, vrows, voff, n, Dv, acc);
+  } else {
+    pv_rows<T, R, V / 16>(P, ldP, live, vrows, voff, n, Dv, acc);
+  }
+}
+
+// Rows in runs that read one KV head (voff equal): four at a time, then two, then one; 64 values a pass for four
+// rows, 128 for fewer (64 where the head has no more).
+template <typename T>
+FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
   for (int64_t r = 0; r < M;) {
     int64_t run = 1;
     while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
     const float* p = P + r * ldP;
     float* a = acc + r * Dv;
     if (run == 4) {
-      pv_bf16_rows<4, 2>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      pv_kernel<T, 4, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
     } else if (run >= 2) {
       run = 2;
-      if (Dv > 64) pv_bf16_rows<2, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-      else pv_bf16_rows<2, 2>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      if (Dv > 64) pv_kernel<T, 2, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      else pv_kernel<T, 2, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
     } else if (live[r]) {  // head dim <= 64: 4 chains, as many as one row has
-      if (Dv > 64) pv_bf16_rows<1, 4>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-      else pv_bf16_rows<1, 2>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      if (Dv > 64) pv_kernel<T, 1, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      else pv_kernel<T, 1, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
     }
     r += run;
   }
@@ -380,9 +368,6 @@ template <typename T>
 void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
         int64_t n, int64_t Dv, float* acc) {
 #ifdef FASTATTN_VEC512
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (vec512::available()) return pv_bf16_avx512(P, ldP, live, M, vrows, voff, n, Dv, acc);
-  }
   if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 #endif
 #ifdef FASTATTN_X86
