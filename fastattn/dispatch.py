@@ -349,8 +349,11 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     if b is None:
         _refuse(p, backend)
     if b.name in ch.decodes:  # short-query call (e.g. one generated token): the backend's split-KV kernel
-        c = _as_decode(p, b.name in ch.direct)
-        if not b.extra_decode_reasons(c):
+        direct = b.name in ch.direct
+        c = _as_decode(p, direct)
+        # direct: c holds p's own q/k/v, unit-stride along the head dims (AttnParams' contract), so only the
+        # kernel's own checks remain (extra_decode_reasons would re-read three strides)
+        if not (b.decode.extra_reasons(c) if direct else b.extra_decode_reasons(c)):
             return b.decode.run(c)
     return b.forward(p)
 

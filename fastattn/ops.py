@@ -173,7 +173,9 @@ def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) ->
 
 def cpp_decode(c: DecodeCall):
     """Runs torch.ops.fastattn.decode_fwd on c (inference only). Returns (out (B,Hq,Sq,Dv), lse (B,Hq,Sq) fp32)."""
-    wl, wr = c.windows()
+    wl, wr = c.window_left, c.window_right
+    if wl > 0 or wr > 0:  # c.windows() inlined for the common case: no window (or causal), nothing to clamp
+        wl, wr = c.windows()
     # The overload itself: the packet's __call__ would resolve it on every call (~0.3 us).
     return torch.ops.fastattn.decode_fwd.default(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
                                                  c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes,

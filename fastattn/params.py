@@ -4,7 +4,8 @@ Every public surface (SDPA-style, flash-attn-style, modules) turns its arguments
 before any backend sees them, so that bad input raises one clear error naming the argument and shapes,
 and backends only ever see the canonical form:
 
-    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv)     any strides, no copies
+    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv)     any strides but stride 1 along the head dims
+        (last_dim_contiguous copies the rare input without it; the dispatcher relies on it), no other copies
     attn_bias: None or additive bias in q.dtype expanded to (B, Hq, Sq, Sk) (stride 0 on broadcast dims)
     visibility of key j to query i:  off = Sk - Sq if bottom_right else 0,
         (window_left < 0 or j >= i + off - window_left) and (window_right < 0 or j <= i + off + window_right)

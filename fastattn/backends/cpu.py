@@ -98,6 +98,13 @@ def _sdpa_fused(p: AttnParams) -> bool:
     return not p.causal or native_causal(p)
 
 
+def _lengths(p: AttnParams):
+    """(Sq, Sk): p.seqlen_q, p.seqlen_k in one call."""
+    if p.cu_seqlens_q is not None:
+        return p.max_seqlen_q, p.max_seqlen_k
+    return p.q.shape[2], p.k.shape[2]
+
+
 class CpuBackend(Backend):
     name = "cpu"
     description = "fused FlashAttention-2-style C++ kernels for CPU (csrc/cpu)"
@@ -116,23 +123,25 @@ class CpuBackend(Backend):
         return list(_UNAVAILABLE)
 
     def auto_reasons(self, p: AttnParams):
-        if p.q.dtype not in _RULE_DTYPES or p.is_block:  # sdpa, the faster path the rules point to, cannot take
-            return []                                     # block calls
-        why = _AUTO_RULE.get(p.dtype)
-        if why is None and p.dtype == torch.float32:
+        # Plain field reads (p.q.dtype, not p.dtype; q_start for is_block): this runs on every call.
+        dt = p.q.dtype
+        if dt not in _RULE_DTYPES or p.q_start is not None:  # sdpa, the faster path the rules point to, cannot
+            return []                                          # take block calls
+        why = _AUTO_RULE.get(dt)
+        if why is None and dt is torch.float32:
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
             if not torch.compiler.is_compiling():  # (compared first: no guard on the symbolic lengths)
-                Sk = p.seqlen_k
-                if Sk <= _TINY_SK and p.seqlen_q * Sk <= _TINY_AREA:
+                Sq, Sk = _lengths(p)
+                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA:
                     why = _FP32_TINY
-                elif 2 <= p.seqlen_q <= _DECODE_ROWS and not p.requires_grad:
+                elif 2 <= Sq <= _DECODE_ROWS and not p.requires_grad:
                     why = _FP32_STEPS
-        elif why is None and _BF16_AMX and p.dtype == torch.bfloat16 and not p.requires_grad:
-            Sq = p.seqlen_q
+        elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
-            if Sq == 1 and (compiling or not (p.is_gqa and p.seqlen_k >= _BF16_GQA_DECODE_SK)) or (
-                    3 <= Sq <= _MHA_STEP_SQ and not p.is_gqa and p.head_dim <= 64) or (
-                    not compiling and p.seqlen_k <= _TINY_SK and Sq * p.seqlen_k <= _BF16_TINY_AREA):
+            Sq, Sk = _lengths(p)
+            if Sq == 1 and (compiling or not (p.q.shape[1] != p.k.shape[1] and Sk >= _BF16_GQA_DECODE_SK)) or (
+                    3 <= Sq <= _MHA_STEP_SQ and p.q.shape[1] == p.k.shape[1] and p.q.shape[3] <= 64) or (
+                    not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
