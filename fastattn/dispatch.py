@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
@@ -79,8 +80,30 @@ def _env_reader():
 _env_backend = _env_reader()
 
 
+@torch.compiler.assume_constant_result
+def _dynamo_traces_contextvars() -> bool:
+    """Whether torch.compile's dynamo traces ContextVar.get (resolving it at trace time with a guard, as torch 2.14
+    does); torch 2.11's stops there ("Unsupported method call"). Asked at trace time only."""
+    return hasattr(sys.modules.get("torch._dynamo.variables"), "ContextVarVariable")
+
+
+@torch.compiler.assume_constant_result
+def _ambient_at_trace() -> Optional[str]:
+    """use_backend(...)'s or FASTATTN_BACKEND's backend, read when a graph is traced and kept in it, for a dynamo that
+    cannot trace ContextVar.get (a graph traced under use_backend("x") then keeps x; newer dynamo guards on it)."""
+    return _ctx_backend.get() or _env_backend()
+
+
+def _traced_request(backend: Optional[str]) -> str:
+    """The requested backend's name while torch.compile traces."""
+    if _dynamo_traces_contextvars():
+        return backend or _ctx_backend.get() or _env_backend() or "auto"
+    return backend or _ambient_at_trace() or "auto"
+
+
 def requested_backend(backend: Optional[str] = None) -> str:
-    name = backend or _ctx_backend.get() or _env_backend() or "auto"
+    name = (_traced_request(backend) if torch.compiler.is_compiling() else
+            backend or _ctx_backend.get() or _env_backend() or "auto")
     if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name
@@ -337,10 +360,12 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
         out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
         lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
         return out, lse
-    requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # requested_backend, inlined
+    compiling = torch.compiler.is_compiling()
+    # requested_backend, inlined
+    requested = _traced_request(backend) if compiling else backend or _ctx_backend.get() or _env_backend() or "auto"
     if requested != "auto" and requested not in BACKENDS:
         get_backend(requested)  # unknown names raise here
-    if torch.compiler.is_compiling():
+    if compiling:
         ch = _decide(p, requested, route_decode)
     else:  # _choice, inlined
         key = _key(p, requested, route_decode, qs, ks)

@@ -6,6 +6,7 @@ Each PAIR differs in one fact that changes the decision (checked: the two cold o
 backend that refuses more than the real ones do: `Picky` (declared per pair) is placed first in auto's order.
 test_planted_key_field_is_caught blanks one field of the cache keys at a time and shows that some pair then fails,
 so every field of dispatch._key and dispatch._decode_key is covered."""
+import importlib
 import threading
 from dataclasses import dataclass
 from functools import partial as C
@@ -350,3 +351,26 @@ def test_compiled_graph_does_not_depend_on_the_cache():
         sdpa(*qkv(**kw), backend="reference")
     torch.testing.assert_close(fn(*a), sdpa(*a), rtol=1e-5, atol=1e-6)
     assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("traces_contextvars", [True, False], ids=["contextvar-traced", "read-at-trace"])
+def test_compile_follows_use_backend(monkeypatch, traces_contextvars):
+    """Under torch.compile the backend named by use_backend(...) still decides. torch 2.11's dynamo cannot trace
+    ContextVar.get (the GPU machine's stack): there the name is read when the graph is traced; both ways are forced
+    here on whatever torch runs the suite (the contextvar-traced way only where this torch can trace it)."""
+    if traces_contextvars and not dispatch._dynamo_traces_contextvars():
+        importlib.import_module("torch._dynamo.variables")  # what the check looks for
+        if not dispatch._dynamo_traces_contextvars():
+            pytest.skip("this torch's dynamo cannot trace ContextVar.get")
+    monkeypatch.setattr(dispatch, "_dynamo_traces_contextvars",
+                        torch.compiler.assume_constant_result(lambda: traces_contextvars))
+    torch._dynamo.reset()  # a graph of this lambda compiled by the other case would be reused, not traced again
+    ran = []
+    ref = BACKENDS["reference"]
+    monkeypatch.setattr(type(ref), "forward", lambda self, p, _f=type(ref).forward: ran.append(1) or _f(self, p))
+    q, k, v = qkv(Sq=16)
+    fn = torch.compile(lambda q, k, v: sdpa(q, k, v), fullgraph=True, backend="eager")
+    with fastattn.use_backend("reference"):
+        out = fn(q, k, v)
+    assert ran, "the compiled call did not run on the backend use_backend named"
+    torch.testing.assert_close(out, sdpa(q, k, v, backend="reference"), rtol=1e-5, atol=1e-6)
