@@ -236,7 +236,9 @@ def test_decode_chunk_against_cache_matches_eager():
     for model in (ref, fast):
         with torch.no_grad():
             first = model(ids[:, :10], attention_mask=mask[:, :10], use_cache=True)
-            outs.append(model(ids[:, 10:], attention_mask=mask, past_key_values=first.past_key_values).logits)
+            # transformers 5.24 names the cache `cache` (past_key_values deprecated), 5.17 past_key_values only
+            cache = {"cache": first.cache} if hasattr(first, "cache") else {"past_key_values": first.past_key_values}
+            outs.append(model(ids[:, 10:], attention_mask=mask, **cache).logits)
     real = mask[:, 10:].bool()
     assert_rule("chunk logits", outs[1][real], outs[0][real], None, torch.float32)
 

@@ -229,6 +229,9 @@ def _compiled(comm, strategy, dynamic):
 def test_torch_compile_fullgraph_with_key_padding(strategy, W, mesh, dynamic):
     """dynamic=True: the head counts reach CPConfig.plan as SymInts (math.gcd refused them, a graph break: fullgraph
     failed for every strategy, as it does after any recompile with new shapes)."""
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14):  # each rank thread compiles at once
+        pytest.skip("torch < 2.14: dynamo segfaulted entering FakeTensorMode with rank threads compiling at once "
+                    "(torch 2.11); real ranks are processes (tests/distributed/test_cp_gloo.py compiles there)")
     torch._dynamo.reset()
     op = {"ulysses": "cp_ulysses", "hybrid": "cp_hybrid"}.get(strategy, "cp_attn")
     for same, ops in run_local(W, _compiled, strategy, dynamic, mesh=mesh):

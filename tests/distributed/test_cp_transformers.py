@@ -136,7 +136,9 @@ def _refusal(comm, fast, ids, case):
         with context_parallel(cp), torch.no_grad():
             out = fast(**local, use_cache=case == "cache")
             if case == "cache":  # the first call fills a cache; the second would attend to it: refused
-                fast(**local, cache=out.cache, use_cache=True)
+                # transformers 5.24 names it cache (past_key_values: deprecated), 5.17 past_key_values only
+                fast(**local, **({"cache": out.cache} if hasattr(out, "cache") else
+                                 {"past_key_values": out.past_key_values}), use_cache=True)
     except ValueError as e:
         return str(e)
 
