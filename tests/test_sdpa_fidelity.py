@@ -181,6 +181,9 @@ ZERO = {
 @pytest.mark.parametrize("case", list(ZERO))
 def test_zero_size_heads_and_dims_match_torch(backend, case):
     qs, ks, vs, kw = ZERO[case]
+    if ks[1] == 0 and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14):
+        pytest.skip("torch < 2.14's own SDPA, the reference here, dies of SIGFPE on zero key heads (seen on 2.11); "
+                    "fastattn answers zero heads itself and never hands them to it")
     if backend == "triton" and qs[-1] == 0:
         pytest.skip("head dim 0 runs as head dim 1, below triton's 16 (auto then picks another backend)")
     if kw.get("attn_mask") == "float":
