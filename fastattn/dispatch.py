@@ -101,9 +101,11 @@ def _traced_request(backend: Optional[str]) -> str:
     return backend or _ambient_at_trace() or "auto"
 
 
-def requested_backend(backend: Optional[str] = None) -> str:
-    name = (_traced_request(backend) if torch.compiler.is_compiling() else
-            backend or _ctx_backend.get() or _env_backend() or "auto")
+def requested_backend(backend: Optional[str] = None, compiling: Optional[bool] = None) -> str:
+    """compiling: torch.compiler.is_compiling() when the caller has asked already (asked here otherwise)."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    name = _traced_request(backend) if compiling else backend or _ctx_backend.get() or _env_backend() or "auto"
     if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name
@@ -399,8 +401,9 @@ def run_decode(c: DecodeCall, backend: Optional[str] = None):
 
 def choose_decode(c: DecodeCall, backend: Optional[str] = None) -> Optional[Backend]:
     """The backend whose split-KV kernel takes c, or None (flash_attn_with_kvcache decides before it writes)."""
-    requested = requested_backend(backend)
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    requested = requested_backend(backend, compiling)
+    if compiling:
         names = _decode_candidates(c, requested)
     else:
         key = _decode_key(c, requested)
