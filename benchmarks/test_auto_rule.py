@@ -102,10 +102,10 @@ def _check_class(dtype, grad, causal, D, B, S):
 
 # Known short of 0.95x (one thread, Intel Xeon AMX, 2026-11-30): at these sizes a step takes 20-400 us, and both of
 # auto's routes pay its Python dispatch on top of a kernel no faster than torch's: MHA D=64 0.73-0.94x (cpu kernel)
-# and 0.75-0.93x (hand-over to sdpa), bf16 GQA at 1024 keys 0.87-0.89x. That dispatch costs ~8 us warm but runs
-# cold here, each step's kernel having streamed 0.5-12 MB of cache through the L2: 30-45 us
-# (`python benchmarks/bench_overhead.py --cold`, 2026-12-01), against ~13 us for a minimal wrapper of the op. fp32
-# MHA D=64 at 512 keys, for one: the decode op 0.92-0.98x torch's SDPA alone, through the SDPA surface 0.72-0.76x.
+# and 0.75-0.93x (hand-over to sdpa), bf16 GQA at 1024 keys 0.87-0.89x. That dispatch costs 6-9 us warm but runs
+# cold here, each step's kernel having streamed 0.5-12 MB of cache through the L2: 13-22 us with the host quiet,
+# 35-65 us while it was busy (`python benchmarks/bench_overhead.py --cold`, 2026-12-01). fp32 MHA D=64 at 512
+# keys, for one: the decode op alone 0.92-1.03x torch's SDPA, the same op through the SDPA surface 0.72-0.84x.
 _SHORT_DECODE = pytest.mark.xfail(reason="known gap: Python dispatch on a step no faster than torch's (see above)",
                                   strict=False)
 
