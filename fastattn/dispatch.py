@@ -87,25 +87,26 @@ def _dynamo_traces_contextvars() -> bool:
     return hasattr(sys.modules.get("torch._dynamo.variables"), "ContextVarVariable")
 
 
-@torch.compiler.assume_constant_result
-def _ambient_at_trace() -> Optional[str]:
-    """use_backend(...)'s or FASTATTN_BACKEND's backend, read when a graph is traced and kept in it, for a dynamo that
-    cannot trace ContextVar.get (a graph traced under use_backend("x") then keeps x; newer dynamo guards on it)."""
+def _ambient() -> Optional[str]:
+    """The backend use_backend(...) or FASTATTN_BACKEND names, if any."""
     return _ctx_backend.get() or _env_backend()
+
+
+# _ambient read when a graph is traced and kept in it, for a dynamo that cannot trace ContextVar.get (a graph traced
+# under use_backend("x") then keeps x; newer dynamo guards on it). A function object of its own: the mark is on it.
+_ambient_at_trace = torch.compiler.assume_constant_result(lambda: _ambient())
 
 
 def _traced_request(backend: Optional[str]) -> str:
     """The requested backend's name while torch.compile traces."""
-    if _dynamo_traces_contextvars():
-        return backend or _ctx_backend.get() or _env_backend() or "auto"
-    return backend or _ambient_at_trace() or "auto"
+    return backend or (_ambient() if _dynamo_traces_contextvars() else _ambient_at_trace()) or "auto"
 
 
 def requested_backend(backend: Optional[str] = None, compiling: Optional[bool] = None) -> str:
     """compiling: torch.compiler.is_compiling() when the caller has asked already (asked here otherwise)."""
     if compiling is None:
         compiling = torch.compiler.is_compiling()
-    name = _traced_request(backend) if compiling else backend or _ctx_backend.get() or _env_backend() or "auto"
+    name = _traced_request(backend) if compiling else backend or _ambient() or "auto"
     if name != "auto" and name not in BACKENDS:
         get_backend(name)  # unknown names raise here
     return name

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.support import torch_older_than
 from tests.support.compiled import compile_counting_ops
 from tests.support.cp_cases import (HybridCase, check_acceptance, check_hybrid_case, gather_hybrid_results,
                                     make_inputs, reference, run_hybrid_local, single_block, single_process)
@@ -229,7 +230,7 @@ def _compiled(comm, strategy, dynamic):
 def test_torch_compile_fullgraph_with_key_padding(strategy, W, mesh, dynamic):
     """dynamic=True: the head counts reach CPConfig.plan as SymInts (math.gcd refused them, a graph break: fullgraph
     failed for every strategy, as it does after any recompile with new shapes)."""
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14):  # each rank thread compiles at once
+    if torch_older_than(2, 14):  # each rank thread compiles at once
         pytest.skip("torch < 2.14: dynamo segfaulted entering FakeTensorMode with rank threads compiling at once "
                     "(torch 2.11); real ranks are processes (tests/distributed/test_cp_gloo.py compiles there)")
     torch._dynamo.reset()
