@@ -18,10 +18,13 @@ per key and cached. A call then pays a dict lookup plus the backends' per-call c
 `auto_reasons`, `extra_decode_reasons`). Descriptions and explanations are built only when asked for
 (fastattn.explain, explain_kvcache) or on refusal. While torch.compile traces, the cache is bypassed (the same
 decision is recomputed from the declarations, so the trace guards on shapes, not on a dict). Only decisions are
-cached, never a call's validation: value checks (cu_seqlens, cache indices) run on every call.
+cached, never a call's validation: value checks (cu_seqlens, cache indices) run on every call. The SDPA function's
+lean path (fastattn/lean.py) goes one step further for plain CPU inference calls: `lean_route` hands it the chosen
+route as a callable, replayed for calls whose facts match and whose key length is in the same `length_class`.
 tests/test_dispatch_cache.py shows each key field matters: blank any one and some call inherits another's decision."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import contextvars
 import os
@@ -255,7 +258,7 @@ class _Choice:
     direct: FrozenSet[str] = frozenset()  # of decodes: kernels that take p's k/v as they are (takes_sdpa_layout)
 
 
-_CHOICES: Dict[tuple, _Choice] = {}
+_CHOICES: Dict[tuple, object] = {}  # a _Choice per _key; under LEAN keys, lean.py's routes and length classes
 _DECODES: Dict[tuple, Tuple[str, ...]] = {}
 
 
@@ -350,19 +353,9 @@ def _as_decode(p: AttnParams, direct: bool = False) -> DecodeCall:
                       p.window_right, p.softcap, p.alibi_slopes)
 
 
-def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = True):
-    """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
-    route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
-    q = p.q
-    qs, ks = q.shape, p.k.shape
-    B, Hq, Sq, _ = qs
-    if _any_zero(Sq, ks[2], B):
-        # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
-        # Sums of empty slices: exact zeros that keep the graph (q.sum() * 0 would be NaN for an Inf in q).
-        zero = sum(t.narrow(-1, 0, 0).sum() for t in (p.q, p.k, p.v)) if p.requires_grad else 0
-        out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
-        lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
-        return out, lse
+def _route(p: AttnParams, backend: Optional[str], route_decode: bool, qs, ks):
+    """(backend, DecodeCall or None) for a non-empty call: the backend that runs p, and the call its split-KV kernel
+    takes instead of its prefill kernel (None: the prefill kernel). qs, ks: p.q's and p.k's shapes."""
     compiling = torch.compiler.is_compiling()
     # requested_backend, inlined
     requested = _traced_request(backend) if compiling else backend or _ctx_backend.get() or _env_backend() or "auto"
@@ -382,8 +375,49 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
         # direct: c holds p's own q/k/v, unit-stride along the head dims (AttnParams' contract), so only the
         # kernel's own checks remain (extra_decode_reasons would re-read three strides)
         if not (b.decode.extra_reasons(c) if direct else b.extra_decode_reasons(c)):
-            return b.decode.run(c)
-    return b.forward(p)
+            return b, c
+    return b, None
+
+
+def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = True):
+    """Validated params -> (out, lse) from the chosen backend. Handles empty sequences before any kernel.
+    route_decode=False keeps a short-query call on the backend's prefill kernel (the kvcache generic path)."""
+    q = p.q
+    qs, ks = q.shape, p.k.shape
+    B, Hq, Sq, _ = qs
+    if _any_zero(Sq, ks[2], B):
+        # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
+        # Sums of empty slices: exact zeros that keep the graph (q.sum() * 0 would be NaN for an Inf in q).
+        zero = sum(t.narrow(-1, 0, 0).sum() for t in (p.q, p.k, p.v)) if p.requires_grad else 0
+        out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero
+        lse = p.q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
+        return out, lse
+    b, c = _route(p, backend, route_decode, qs, ks)
+    return b.forward(p) if c is None else b.decode.run(c)
+
+
+# ------------------------------------------------------------------------------------------------- lean routes
+# The SDPA surface's replayed routes (fastattn/lean.py) and the length classes they use live in _CHOICES under keys
+# that start with LEAN, so that clearing or replacing it (as tests do after changing a rule) drops them too.
+LEAN = object()
+
+
+def length_class(Sq: int, Sk: int) -> int:
+    """Which of the intervals between the key lengths the dispatcher and the backends declare (`length_breaks`) Sk
+    falls in: for Sq query tokens every per-call answer (auto_reasons, extra_reasons, the decode route) is the same
+    for all Sk of one class. The dispatcher's own: empty (0), Sk < Sq, Sk == Sq (_key's Sq == Sk)."""
+    breaks = _CHOICES.get((LEAN, Sq))
+    if breaks is None:
+        declared = (0, Sq - 1, Sq) + tuple(x for b in BACKENDS.values() for x in b.length_breaks(Sq))
+        breaks = _CHOICES[(LEAN, Sq)] = tuple(sorted(set(declared)))
+    return bisect.bisect_left(breaks, Sk)
+
+
+def lean_route(p: AttnParams, backend: Optional[str]):
+    """What run(p, backend) runs, as a `Lean` runner of (q, k, v) -> out for calls with p's facts (fastattn/lean.py),
+    or None where that backend or kernel has none."""
+    b, c = _route(p, backend, True, p.q.shape, p.k.shape)
+    return b.lean(p) if c is None else b.decode.lean(c)
 
 
 def _decode_key(c: DecodeCall, requested: str) -> tuple:

@@ -1,7 +1,9 @@
 """Public attention functions: an SDPA-compatible one and flash-attn-compatible ones.
 
 Each validates its arguments, builds an AttnParams (q/k/v as (B, H, S, D) views; broadcast dims get stride 0; the
-only copies are the rare ones _sdpa_shapes names), and hands it to the dispatcher (fastattn/dispatch.py)."""
+only copies are the rare ones _sdpa_shapes names), and hands it to the dispatcher (fastattn/dispatch.py). A plain
+CPU inference call of the SDPA function replays the route of an earlier call with the same facts instead
+(fastattn/lean.py)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, lean
 from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
                      check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
@@ -149,11 +151,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
+    lean_key = None
+    if attn_mask is None and dropout_p == 0.0:  # a plain call: the lean path's (fastattn/lean.py)
+        lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend)
+        if lean_key is not None:
+            route = dispatch._CHOICES.get(lean_key)
+            if route:
+                return route.run(query, key, value)
     p, out_shape, rank, nothing = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if nothing:
         out = _nothing_to_compute(p)
     else:
         out, _ = dispatch.run(p, backend)
+    if lean_key is not None and route is None:
+        lean.learn(lean_key, p, backend)
     if out_shape is None:
         return out
     final = out_shape[len(out_shape) - rank:]  # drops the size-1 dims that padded inputs below 4-D

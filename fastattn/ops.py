@@ -162,6 +162,23 @@ def cpp_attention(p: AttnParams):
         return torch.ops.fastattn.fwd(*args)
 
 
+def attention_runner(p: AttnParams):
+    """cpp_attention(p)'s output as a function of (q, k, v) for inference calls whose other arguments are p's (the
+    SDPA surface's lean path, fastattn/lean.py): plain calls only (no mask, varlen, alibi, dropout, block), below
+    Autograd as cpp_attention runs them. None for any other p, or where torch lacks that guard."""
+    if (_BELOW_AUTOGRAD is None or p.attn_bias is not None or p.cu_seqlens_q is not None or p.alibi_slopes is not None
+            or p.dropout_p > 0 or p.q_start is not None):
+        return None
+    fwd, below = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD
+    rest = (None, None, None, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
+            p.softcap, None, 0.0, 0, 0, p.deterministic, None, None, p.out_fp32, p.head_start)
+
+    def run(q, k, v):
+        with below():
+            return fwd(q, k, v, *rest)[0]
+    return run
+
+
 def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
     """torch.ops.fastattn.bwd_acc on a block call: adds the block's fp32 grads into dq_acc/dk_acc/dv_acc."""
     seed, offset = dropout_seed(p)
@@ -180,3 +197,17 @@ def cpp_decode(c: DecodeCall):
     return torch.ops.fastattn.decode_fwd.default(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
                                                  c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes,
                                                  c.num_splits, c.kv_bhsd)
+
+
+def decode_runner(c: DecodeCall):
+    """cpp_decode(c)'s output as a function of (q, k, v) for dense calls whose other arguments are c's (the lean
+    path, fastattn/lean.py): c in SDPA's layout without lengths (kv_bhsd) and without a window to clamp (the
+    clamped window would depend on the length). None for any other c."""
+    if not c.kv_bhsd or c.seqlens_k is not None or c.window_left > 0 or c.window_right > 0:
+        return None
+    op = torch.ops.fastattn.decode_fwd.default
+    rest = (None, None, None, c.scale, c.window_left, c.window_right, c.softcap, c.alibi_slopes, c.num_splits, True)
+
+    def run(q, k, v):
+        return op(q, k, v, *rest)[0]
+    return run

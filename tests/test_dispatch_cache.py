@@ -29,6 +29,7 @@ def no_tiny_rule(monkeypatch):
     """The pairs below are small fp32 calls that pin the declarations' decisions; the cpu backend's speed rule for
     tiny fp32 calls (tests/test_dispatch.py) would hand many of them to sdpa and blur what each pair changes."""
     monkeypatch.setattr(cpu_backend, "_TINY_AREA", 0)
+    monkeypatch.setattr(dispatch, "_CHOICES", {})  # no route learnt under this rule outlives the test (lean.py)
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
 
@@ -176,10 +177,20 @@ def spied(monkeypatch):
     def spy(obj, attr, tag):
         real = getattr(obj, attr)
         monkeypatch.setattr(obj, attr, lambda *a, **kw: _note(tag) or real(*a, **kw))
+
+    def spy_lean(obj, tag):  # the SDPA surface's lean path replays the Lean runner instead (fastattn/lean.py)
+        real = obj.lean
+
+        def lean(*a):
+            r = real(*a)
+            return r and r._replace(run=lambda *t: _note(tag) or r.run(*t))
+        monkeypatch.setattr(obj, "lean", lean)
     for b in BACKENDS.values():
         spy(b, "forward", ("forward", b.name))
+        spy_lean(b, ("forward", b.name))
         if b.decode is not None and not hasattr(b.decode, "_spied"):
             spy(b.decode, "run", ("decode", b.decode.name))
+            spy_lean(b.decode, ("decode", b.decode.name))
             monkeypatch.setattr(b.decode, "_spied", True, raising=False)
     monkeypatch.setattr(dispatch, "_CHOICES", {})
     monkeypatch.setattr(dispatch, "_DECODES", {})

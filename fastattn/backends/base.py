@@ -16,10 +16,13 @@ but should not be picked for it automatically (another is faster there) says why
 
 The dispatcher caches `static_reasons` / `static_decode_reasons` on a key of the call's declared facts
 (fastattn/dispatch.py `_key`); `extra_reasons`, `extra_decode_reasons` and `auto_reasons` run on every call.
+Those may read the lengths only at the key lengths `length_breaks` declares: the SDPA surface's lean path
+(fastattn/lean.py) replays one call's route for every key length between two breaks, through the `Lean` runner
+that `lean(p)` (or the decode kernel's `lean(c)`) returns.
 """
 from __future__ import annotations
 
-from typing import FrozenSet, List, Optional, Tuple
+from typing import Callable, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -44,6 +47,13 @@ FEATURES = frozenset({
     "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward, and
                       # dropout keyed by the global head head_start + h (AttnParams.head_start)
 })
+
+
+class Lean(NamedTuple):
+    """A route the SDPA surface replays (fastattn/lean.py): run(q, k, v) -> out does what the backend does for the
+    call it was made from, for any call with the same lean key (dtype, shapes but the key length's class, flags)."""
+    name: str  # the backend or decode kernel, as explain() names it
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -109,6 +119,10 @@ class DecodeKernel:
     def run(self, c: DecodeCall):
         raise NotImplementedError
 
+    def lean(self, c: DecodeCall) -> Optional[Lean]:
+        """run(c) as a Lean runner for calls like c (fastattn/lean.py), or None."""
+        return None
+
 
 class Backend:
     name: str = "?"
@@ -131,8 +145,17 @@ class Backend:
         Never consulted when the backend is requested explicitly."""
         return []
 
+    def length_breaks(self, Sq: int) -> Tuple[int, ...]:
+        """The key lengths at which this backend's per-call answers (extra_reasons, auto_reasons, its decode kernel's
+        extra_reasons) may change for calls of Sq query tokens: each answer is the same for all Sk in (b_i, b_i+1]."""
+        return ()
+
     def forward(self, p: AttnParams):
         raise NotImplementedError
+
+    def lean(self, p: AttnParams) -> Optional[Lean]:
+        """forward(p)'s output as a Lean runner for calls like p (fastattn/lean.py: plain inference calls), or None."""
+        return None
 
     def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
         """Backends declaring "block": adds the block's (dq, dk, dv) in fp32 into the fp32 accumulators, with P taken

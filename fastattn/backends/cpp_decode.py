@@ -6,7 +6,7 @@ from typing import List
 
 from .. import ops
 from ..params import DecodeCall
-from .base import DecodeKernel
+from .base import DecodeKernel, Lean
 
 
 class CppDecode(DecodeKernel):
@@ -25,6 +25,10 @@ class CppDecode(DecodeKernel):
 
     def run(self, c: DecodeCall):
         return ops.cpp_decode(c)
+
+    def lean(self, c: DecodeCall):
+        run = ops.decode_runner(c)
+        return None if run is None else Lean(self.name, run)
 
 
 class CudaCppDecode(CppDecode):

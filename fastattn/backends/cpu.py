@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from ..params import AttnParams
-from .base import Backend
+from .base import Backend, Lean
 from .cpp_decode import CPU_DECODE
 from .sdpa import native_causal
 
@@ -145,8 +145,17 @@ class CpuBackend(Backend):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
+    def length_breaks(self, Sq: int):
+        """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
+        Sq = max(Sq, 1)
+        return _TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq, _BF16_GQA_DECODE_SK - 1
+
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
+
+    def lean(self, p: AttnParams):
+        run = ops.attention_runner(p)
+        return None if run is None else Lean(self.name, run)
 
     def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
         ops.cpp_block_backward(p, dout, out, lse, dq_acc, dk_acc, dv_acc)

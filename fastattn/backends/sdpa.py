@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..params import AttnParams
-from .base import Backend
+from .base import Backend, Lean
 from .reference import visibility
 
 TORCH_SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", F.scaled_dot_product_attention)
@@ -36,6 +36,17 @@ class SdpaBackend(Backend):
     head_dims = (1, 1024)
     features = frozenset({"causal", "bottom_right", "window", "mask", "mask_grad", "dropout", "gqa", "grad",
                           "dv_ne_d"})
+
+    def length_breaks(self, Sq: int):
+        """native_causal's Sq <= Sk."""
+        return (Sq - 1,)
+
+    def lean(self, p: AttnParams):
+        """PyTorch's function on q, k, v as they come, where forward would call it without a mask of its own."""
+        if p.attn_bias is not None or p.dropout_p > 0 or p.has_window or p.causal and not native_causal(p):
+            return None
+        is_causal, scale, kw = p.causal, p.scale, {"enable_gqa": True} if p.is_gqa else {}
+        return Lean(self.name, lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, **kw))
 
     def forward(self, p: AttnParams):
         q, k, v = p.q, p.k, p.v

@@ -1,0 +1,220 @@
+"""The SDPA surface's lean path (fastattn/lean.py): a replayed route is the route a fresh decision takes for every
+key length, its outputs are the full path's bit for bit, and calls it must not take (autograd, masks, dropout,
+strides, subclasses, other backends) take the full path with its checks."""
+import random
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import dispatch, lean
+from fastattn.backends import BACKENDS
+from fastattn.backends import cpu as cpu_backend
+from fastattn.functional import _sdpa_params
+
+pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
+
+sdpa = fastattn.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+
+
+def _name(route):
+    return route.name if route else None
+
+
+def _route_mismatches(seed=0):
+    """(call, replayed route, fresh route) for every call whose lean key replays another route than a fresh decision
+    takes. Per class of call, the key lengths around every declared break and a few others, in random order, so each
+    class's route is learnt from one length and replayed for the rest."""
+    rng = random.Random(seed)
+    bad = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for (Hq, Hkv), D in (((12, 12), 64), ((16, 4), 128), ((8, 8), 128)):
+            for Sq in (1, 2, 3, 4, 5, 8, 16, 17, 64, 100):
+                k_all, v_all = (torch.empty(1, Hkv, 4200, D, dtype=dtype) for _ in range(2))
+                q = torch.empty(1, Hq, Sq, D, dtype=dtype)
+                dispatch.length_class(Sq, 1)
+                breaks = dispatch._CHOICES[(dispatch.LEAN, Sq)]
+                lengths = {max(1, min(4200, b + d)) for b in breaks for d in (-1, 0, 1)} | {
+                    rng.randrange(1, 4200) for _ in range(4)}
+                for causal in (False, True):
+                    order = sorted(lengths)
+                    rng.shuffle(order)
+                    for Sk in order:
+                        k, v = k_all[:, :, :Sk], v_all[:, :, :Sk]  # a cache's first Sk rows
+                        key = lean.key(q, k, v, causal, None, Hq != Hkv, None)
+                        assert key is not None
+                        p = _sdpa_params(q, k, v, None, 0.0, causal, None, Hq != Hkv)
+                        if key not in dispatch._CHOICES:
+                            lean.learn(key, p, None)
+                        replayed, fresh = _name(dispatch._CHOICES[key]), _name(dispatch.lean_route(p, None))
+                        if replayed != fresh:
+                            bad.append((f"{str(dtype)[6:]} Hq={Hq} Hkv={Hkv} D={D} Sq={Sq} Sk={Sk} causal={causal}",
+                                        replayed, fresh))
+    return bad
+
+
+def test_replayed_route_is_a_fresh_decision():
+    with torch.no_grad():
+        assert _route_mismatches() == []
+
+
+@pytest.mark.parametrize("drop", range(4))
+def test_planted_missing_break_is_caught(monkeypatch, drop):
+    """A length rule whose threshold is not declared (planted: one of the cpu backend's breaks left out) replays a
+    stale route for some key length; on this machine's rules, some of the four must show it."""
+    real = cpu_backend.CpuBackend.length_breaks
+    monkeypatch.setattr(cpu_backend.CpuBackend, "length_breaks",
+                        lambda self, Sq: real(self, Sq)[:drop] + real(self, Sq)[drop + 1:])
+    with torch.no_grad():
+        bad = _route_mismatches()
+    if drop == 3 and not cpu_backend._BF16_AMX:
+        pytest.skip("the bf16 grouped-query decode rule (its break) applies on AMX machines only")
+    assert bad, f"leaving out break {drop} changed no replayed route"
+
+
+_CALLS = [  # (dtype, B, Hq, Hkv, Sq, D, Sk, causal): the decode kernel, sdpa and the cpu prefill kernel
+    (torch.float32, 1, 12, 12, 1, 64, 300, False), (torch.float32, 2, 12, 12, 3, 64, 200, False),
+    (torch.float32, 1, 8, 2, 5, 128, 130, True), (torch.float32, 2, 4, 4, 96, 32, 96, True),
+    (torch.bfloat16, 1, 12, 12, 1, 64, 300, False), (torch.bfloat16, 1, 16, 4, 4, 128, 520, False),
+    (torch.bfloat16, 2, 4, 4, 70, 64, 90, False), (torch.float16, 1, 8, 8, 2, 64, 77, True),
+]
+
+
+@pytest.mark.parametrize("call", _CALLS, ids=lambda c: f"{str(c[0])[6:]}-B{c[1]}H{c[2]}/{c[3]}-Sq{c[4]}-D{c[5]}"
+                                                           f"-Sk{c[6]}{'-causal' if c[7] else ''}")
+def test_replay_equals_the_full_path(monkeypatch, call):
+    dtype, B, Hq, Hkv, Sq, D, Sk, causal = call
+    g = torch.Generator().manual_seed(Sq * 1000 + Sk)
+    q, k, v = (torch.randn(B, h, s, D, generator=g).to(dtype) for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    gqa = Hq != Hkv
+    with torch.no_grad():
+        full = dispatch.run(_sdpa_params(q, k, v, None, 0.0, causal, None, gqa))[0]
+        first = sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)  # learns the route
+        route = dispatch._CHOICES[lean.key(q, k, v, causal, None, gqa, None)]
+        assert route and route.name in (fastattn.explain(q, k, v, is_causal=causal, enable_gqa=gqa).chosen,
+                                        "cpu.decode_fwd")
+        monkeypatch.setattr(dispatch, "run", None)  # a replay never reaches the dispatcher
+        for _ in range(2):
+            assert torch.equal(sdpa(q, k, v, is_causal=causal, enable_gqa=gqa), full), route.name
+    assert torch.equal(first, full)
+
+
+def test_calls_off_the_lean_path():
+    q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    assert lean.key(q, k, v, False, None, False, None) is not None
+    off = {
+        "grad": (q.clone().requires_grad_(), k, v, False, None, False),
+        "head-dim stride": (torch.randn(1, 4, 8, 32)[..., ::2], k, v, False, None, False),
+        "subclass": (torch.nn.Parameter(q), k, v, False, None, False),
+        "3-D": (q[0], k[0], v[0], False, None, False),
+        "broadcast heads": (q[:, :1], k, v, False, None, False),
+        "value length": (q, k, torch.randn(1, 4, 9, 16), False, None, False),
+        "tensor is_causal": (q, k, v, torch.tensor(True), None, False),
+        "int scale": (q, k, v, False, 1, False),
+    }
+    for name, args in off.items():
+        assert lean.key(*args, None) is None, name
+    with torch.no_grad():
+        assert lean.key(q.clone().requires_grad_(), k, v, False, None, False, None) is not None  # no autograd
+
+
+def test_checks_still_run_on_a_learnt_key():
+    q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
+    with torch.no_grad():
+        sdpa(q, k, v)
+        sdpa(q, k, v)
+        assert dispatch._CHOICES[lean.key(q, k, v, False, None, False, None)]
+        with pytest.raises(fastattn.InputTypeError, match="must share a dtype"):
+            sdpa(q, k.double(), v)
+        with pytest.raises(fastattn.InputValueError, match="same sequence length"):
+            sdpa(q, k, torch.randn(1, 4, 2, 16))
+
+
+def test_requested_backend_and_masks_change_the_route(monkeypatch):
+    q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
+    ran = []
+    real = BACKENDS["reference"].forward
+    monkeypatch.setattr(BACKENDS["reference"], "forward", lambda p: ran.append(p) or real(p))
+    with torch.no_grad():
+        for _ in range(2):
+            sdpa(q, k, v)
+        assert ran == []
+        with fastattn.use_backend("reference"):
+            sdpa(q, k, v)
+        monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+        sdpa(q, k, v)
+        monkeypatch.delenv("FASTATTN_BACKEND")
+        sdpa(q, k, v, backend="reference")
+        assert len(ran) == 3
+        sdpa(q, k, v, attn_mask=torch.zeros(1, 1))  # a mask: the full path (auto's choice, not the reference)
+        assert len(ran) == 3
+
+
+def _pairs():
+    """(field, call a, call b): two calls whose lean keys differ in that field only and whose outcomes differ."""
+    def qkv(Sq=1, Sk=300, H=8, Hkv=8, D=16, Dv=16, dtype=torch.float32):
+        g = torch.Generator().manual_seed(Sq + Sk + H + Hkv + D + Dv)
+        return [torch.randn(1, h, s, d, generator=g).to(dtype) for h, s, d in ((H, Sq, D), (Hkv, Sk, D), (Hkv, Sk, Dv))]
+    return [("requested", (qkv(), {}), (qkv(), dict(backend="sdpa"))),
+            ("dtype", (qkv(), {}), (qkv(dtype=torch.float64), {})),
+            ("query shape", (qkv(D=16), {}), (qkv(D=32), {})),  # the default scale
+            ("key heads", (qkv(Sq=2), {}), (qkv(Sq=2, Hkv=2), dict(enable_gqa=True))),
+            ("value head dim", (qkv(), {}), (qkv(Dv=300), {})),
+            ("length class", (qkv(Sk=300), {}), (qkv(Sk=40), {})),
+            ("is_causal", (qkv(Sq=2, Sk=2), {}), (qkv(Sq=2, Sk=2), dict(is_causal=True))),
+            ("scale", (qkv(), {}), (qkv(), dict(scale=0.5)))]
+
+
+def _outcome(call):
+    args, kw = call
+    try:
+        return sdpa(*args, **kw)
+    except Exception as e:  # noqa: BLE001  (a refusal is an outcome to compare)
+        return type(e).__name__
+
+
+def _same(a, b):
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+
+
+def _cold(call):
+    dispatch._CHOICES.clear()
+    return _outcome(call)
+
+
+def _key_mismatches():
+    bad = []
+    with torch.no_grad():
+        for field, a, b in _pairs():
+            cold_a, cold_b = _cold(a), _cold(b)
+            assert not _same(cold_a, cold_b), f"pair {field!r} does not change the outcome"
+            for first, then, want in ((a, b, cold_b), (b, a, cold_a)):
+                dispatch._CHOICES.clear()
+                _outcome(first)
+                if not _same(_outcome(then), want):
+                    bad.append(field)
+    return bad
+
+
+def test_key_keeps_calls_apart():
+    assert _key_mismatches() == []
+
+
+def test_planted_key_field_is_caught(monkeypatch):
+    """Each field of the lean key but its tag, blanked in turn (planted), lets some call replay another's route."""
+    real = lean.key
+    n = len(real(*(torch.randn(1, 1, 1, 8) for _ in range(3)), False, None, False, None))
+    missed = []
+    for i in range(1, n):
+        def planted(*a, i=i):
+            k = real(*a)
+            return None if k is None else k[:i] + ("?",) + k[i + 1:]
+        monkeypatch.setattr(lean, "key", planted)
+        if not _key_mismatches():
+            missed.append(i)
+    assert missed == [], f"no pair notices lean key field(s) {missed} missing"
