@@ -406,11 +406,14 @@ def length_class(Sq: int, Sk: int) -> int:
     """Which of the intervals between the key lengths the dispatcher and the backends declare (`length_breaks`) Sk
     falls in: for Sq query tokens every per-call answer (auto_reasons, extra_reasons, the decode route) is the same
     for all Sk of one class. The dispatcher's own: empty (0), Sk < Sq, Sk == Sq (_key's Sq == Sk)."""
-    breaks = _CHOICES.get((LEAN, Sq))
-    if breaks is None:
-        declared = (0, Sq - 1, Sq) + tuple(x for b in BACKENDS.values() for x in b.length_breaks(Sq))
-        breaks = _CHOICES[(LEAN, Sq)] = tuple(sorted(set(declared)))
-    return bisect.bisect_left(breaks, Sk)
+    return bisect.bisect_left(_CHOICES.get((LEAN, Sq)) or length_breaks(Sq), Sk)
+
+
+def length_breaks(Sq: int) -> Tuple[int, ...]:
+    """length_class's breaks for Sq query tokens, remembered."""
+    declared = (0, Sq - 1, Sq) + tuple(x for b in BACKENDS.values() for x in b.length_breaks(Sq))
+    breaks = _CHOICES[(LEAN, Sq)] = tuple(sorted(set(declared)))
+    return breaks
 
 
 def lean_route(p: AttnParams, backend: Optional[str]):
