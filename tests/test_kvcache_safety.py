@@ -19,14 +19,17 @@ def rnd(*shape, dtype=torch.float32):
 
 
 def _call(layout, *, dtype=torch.float32, d=D, snew=1, **kw):
-    """(args, kwargs) of a small call with an append: dense, batch_idx (cache rows 3, 0) or paged (page 8)."""
+    """(args, kwargs) of a small call with an append: dense, dense_same_len (every row the same length: the append
+    is a slice copy), batch_idx (cache rows 3, 0) or paged (page 8)."""
     if layout == "paged":
         kc, vc = rnd(6, PAGE, HKV, d, dtype=dtype), rnd(6, PAGE, HKV, d, dtype=dtype)
         kw.setdefault("block_table", torch.tensor([[4, 1], [0, 5]], dtype=torch.int32))
     else:
         kc, vc = rnd(4, 16, HKV, d, dtype=dtype), rnd(4, 16, HKV, d, dtype=dtype)
-        if layout == "dense":
+        if layout.startswith("dense"):
             kc, vc = kc[:B], vc[:B]
+            if layout == "dense_same_len":
+                kw.setdefault("cache_seqlens", torch.tensor([7, 7], dtype=torch.int32))
         else:
             kw.setdefault("cache_batch_idx", torch.tensor([3, 0], dtype=torch.int32))
     kw.setdefault("cache_seqlens", torch.tensor([5, 9], dtype=torch.int32))
@@ -42,7 +45,7 @@ def _refused(args, kw, exc, words):
     assert torch.equal(args[1], kc0) and torch.equal(args[2], vc0), "the cache changed although the call failed"
 
 
-LAYOUTS = ["dense", "batch_idx", "paged"]
+LAYOUTS = ["dense", "dense_same_len", "batch_idx", "paged"]
 
 # name -> (call options, exception, message): refusals the dispatch decides (after validation, before the append).
 REFUSALS = {
