@@ -1,0 +1,104 @@
+"""A transformers model swapped to fastattn: GPT-2 greedy decoding with attn_implementation "sdpa" (PyTorch) and
+"fastattn", same random weights, same prompt, side by side in one process.
+
+    python benchmarks/bench_hf_decode.py --dtype fp32 bf16 --prompt 512      # ~2 min on one CPU thread
+
+Reports the milliseconds of the first token (the prompt's forward, causal attention over it, and one token) and of
+each new token after it (the time of generating --new tokens minus that of generating one), each with the part spent
+in the attention function transformers calls (timed around the AttentionInterface entry: the attention kernels with
+the Python around them), the fastest of --rounds interleaved rounds, and how many of the generated tokens the two implementations agree on before they first differ (all of
+them in fp32; in bf16 a rounding difference may flip the greedy choice between two near-tied logits of this
+random-weight model, after which the continuations differ). On a CPU the rest of the model (its
+matrix products) is most of each token, so the whole-token ratio sits within run-to-run noise of 1 and the
+attention ratio is the figure that compares the two. Speed is never asserted."""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
+import fastattn  # noqa: E402
+import fastattn.integrations.transformers as fa_hf  # noqa: E402  (registers "fastattn")
+from fastattn import ops  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _timed(name, fn, spent):
+    def run(*a, **kw):
+        t = time.process_time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent[name] += time.process_time() - t
+    return run
+
+
+def measure(dtype, prompt: int, new: int, layers: int, rounds: int):
+    from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    spent = collections.defaultdict(float)
+    mapping = AttentionInterface._global_mapping
+    saved = {k: mapping[k] for k in ("sdpa", "fastattn")}
+    mapping["sdpa"] = _timed("sdpa", sdpa_attention_forward, spent)
+    mapping["fastattn"] = _timed("fastattn", fa_hf.fastattn_attention_forward, spent)
+    try:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_head=12, n_embd=768,
+                                                 n_positions=max(1024, prompt + new))).to(dtype).eval()
+        ids = torch.randint(0, model.config.vocab_size, (1, prompt))
+        best, tokens = {}, {}
+        for impl in ("sdpa", "fastattn"):  # warm-up: first-call work (allocations, lazy inits) timed by neither
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        for _ in range(rounds):
+            for impl in ("sdpa", "fastattn"):  # interleaved: load that comes and goes hits both
+                model.set_attn_implementation(impl)
+                with torch.no_grad():
+                    spent.clear()
+                    t0 = time.process_time()
+                    model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+                    t1, a1 = time.process_time(), spent[impl]
+                    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                         pad_token_id=0)
+                    t2, a2 = time.process_time(), spent[impl] - a1
+                per_token = ((t2 - t1) - (t1 - t0)) / (new - 1) * 1e3
+                attn = (a2 - a1) / (new - 1) * 1e3
+                now = [(t1 - t0) * 1e3, a1 * 1e3, per_token, attn]  # the prompt (+1 token), then each new token
+                best[impl] = [min(x, y) for x, y in zip(best.get(impl, now), now)]
+                tokens[impl] = out[0, prompt:].tolist()
+        a, b = tokens["sdpa"], tokens["fastattn"]
+        return best, next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    finally:
+        mapping.update(saved)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (the cache length decoding starts from)")
+    ap.add_argument("--new", type=int, default=33, help="new tokens per generation")
+    ap.add_argument("--layers", type=int, default=12, help="GPT-2 layers (12: GPT-2 small)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{ops.cpu_matmul()}\ntorch {torch.__version__}, {args.threads} thread(s); GPT-2 {args.layers} layers, "
+          f"12 heads, D=64, batch 1, prompt {args.prompt}, {args.new} new tokens; fastest of {args.rounds} rounds "
+          f"(CPU time)")
+    groups = ("first token ms", "its attention", "new token ms", "its attention")
+    print(f"{'':6}" + "".join(f"{g:>24}" for g in groups) + "  tokens")
+    print(f"{'dtype':6}" + f"{'sdpa':>8}{'ours':>8}{'ratio':>8}" * 4 + "  agreed")
+    for name in args.dtype:
+        best, agreed = measure(DTYPES[name], args.prompt, args.new, args.layers, args.rounds)
+        cells = "".join(f"{s:8.2f}{f:8.2f}{s / f:7.3f}x" for s, f in zip(best["sdpa"], best["fastattn"]))
+        print(f"{name:6}{cells}  {agreed}/{args.new}")
+
+if __name__ == "__main__":
+    main()
