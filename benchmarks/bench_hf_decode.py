@@ -6,11 +6,11 @@
 Reports the milliseconds of the first token (the prompt's forward, causal attention over it, and one token) and of
 each new token after it (the time of generating --new tokens minus that of generating one), each with the part spent
 in the attention function transformers calls (timed around the AttentionInterface entry: the attention kernels with
-the Python around them), the fastest of --rounds interleaved rounds, and how many of the generated tokens the two implementations agree on before they first differ (all of
-them in fp32; in bf16 a rounding difference may flip the greedy choice between two near-tied logits of this
-random-weight model, after which the continuations differ). On a CPU the rest of the model (its
-matrix products) is most of each token, so the whole-token ratio sits within run-to-run noise of 1 and the
-attention ratio is the figure that compares the two. Speed is never asserted."""
+the Python around them), the fastest of --rounds interleaved rounds, and how many of the generated tokens the two
+implementations agree on before they first differ (all of them in fp32; in bf16 a rounding difference may flip the
+greedy choice between two near-tied logits of this random-weight model, after which the continuations differ). On a
+CPU the rest of the model (its matrix products) is most of each token, so the whole-token ratio sits within
+run-to-run noise of 1 and the attention ratio is the figure that compares the two. Speed is never asserted."""
 from __future__ import annotations
 
 import argparse

@@ -15,8 +15,8 @@ dispatch.lean_route on the first such call (its backend's or decode kernel's `Le
 keeps taking the full path). tests/test_lean.py checks the replayed route against a fresh decision for every key
 length around every declared break, and the outputs against the full path's.
 
-Validation still runs on every call: check_tensors' common case, and the shape checks are the key itself (a key's shapes passed
-them once; the key length matches v's or the call takes the full path)."""
+Validation still runs on every call: check_tensors' common case, and the shape checks are the key itself (a key's
+shapes passed them once; the key length matches v's or the call takes the full path)."""
 from __future__ import annotations
 
 import bisect
