@@ -151,7 +151,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
-    lean_key = None
+    lean_key = route = None
     if attn_mask is None and dropout_p == 0.0:  # a plain call: the lean path's (fastattn/lean.py)
         lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend)
         if lean_key is not None:
