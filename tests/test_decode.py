@@ -196,6 +196,26 @@ def test_cpu_kernel_deterministic_and_opcheck():
     torch.library.opcheck(torch.ops.fastattn.decode_fwd.default, small, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpu_kernel_head_alone_same_bits(dtype):
+    """A head's rows give the same bits whatever rows share its work item: the CPU kernel runs a GQA group's rows (and
+    a head's query tokens) together, four, two or one at a time, each row's sums in the order it has alone (the
+    design decode_tiles.h states). Fixed key splits (num_splits), as the splits change rounding."""
+    g = torch.Generator().manual_seed(3)
+    for (Hq, Hkv), Sq, D in (((7, 7), 1, 64), ((6, 6), 2, 128), ((8, 4), 1, 128), ((6, 2), 3, 64)):
+        q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
+        k, v = (torch.randn(1, Hkv, 300, D, generator=g).to(dtype) for _ in range(2))
+        full = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 0.125, -1, -1, 0.0, None, 2, True)
+        grp = Hq // Hkv
+        for h in range(Hq):
+            hk = h // grp
+            alone = torch.ops.fastattn.decode_fwd(q[:, h:h + 1], k[:, hk:hk + 1], v[:, hk:hk + 1], None, None, None,
+                                                  0.125, -1, -1, 0.0, None, 2, True)
+            assert torch.equal(full[0][:, h], alone[0][:, 0]) and torch.equal(full[1][:, h], alone[1][:, 0]), \
+                (Hq, Hkv, Sq, D, h)
+
+
 @pytest.mark.parametrize("impl", KERNELS)
 def test_compile_fullgraph_decode_step_with_append(impl, decode_calls):
     """A decode step (append + kernel) traces as one graph: the ops' fake functions and the routing are traceable."""

@@ -10,8 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python}"
-# One build folder per checkout: two checkouts running this at once must not share the package copy.
-DIR="${FASTATTN_ASAN_DIR:-${TMPDIR:-/tmp}/fastattn_asan_$(id -u)_$(pwd -P | cksum | cut -d' ' -f1)}"
+# One build folder per checkout, Python and torch: two checkouts running this at once must not share the package
+# copy, and a library built against another torch is not loadable (torch's JIT build would not rebuild it).
+STACK="$("$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__)')"
+TAG="$(printf '%s %s' "$(pwd -P)" "$STACK" | cksum | cut -d' ' -f1)"
+DIR="${FASTATTN_ASAN_DIR:-${TMPDIR:-/tmp}/fastattn_asan_$(id -u)_$TAG}"
 mkdir -p "$DIR"
 ASAN_LIB="$(${CC:-gcc} -print-file-name=libasan.so)"
 UBSAN_LIB="$(${CC:-gcc} -print-file-name=libubsan.so)"

@@ -2,9 +2,11 @@
 test files (test_cuda_emulated.py, test_cuda_blocks_emulated.py): emu() builds and loads it once per process."""
 import functools
 import os
+import sys
 import tempfile
 
 import pytest
+import torch
 
 from .toolchain import cuda_home_candidates
 
@@ -32,8 +34,10 @@ needs_cuda_headers = pytest.mark.skipif(
 def emu():
     """The emulated kernels, JIT-built once per source change (cached under the temp dir, ~1-3 min cold)."""
     from torch.utils import cpp_extension
+    # One folder per Python and torch: a module built for another is not loadable (and would not be rebuilt).
+    stack = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__.replace('+', '_')}"
     build = os.environ.get("FASTATTN_CUDA_EMU_BUILD",
-                           os.path.join(tempfile.gettempdir(), f"fastattn_cuda_emu_{os.getuid()}"))
+                           os.path.join(tempfile.gettempdir(), f"fastattn_cuda_emu_{os.getuid()}_{stack}"))
     os.makedirs(build, exist_ok=True)
     sources = [os.path.join(EMU, f) for f in ("bind.cpp", "decode_emu.cpp", "fwd_emu.cpp", "bwd_emu.cpp")]
     return cpp_extension.load(
