@@ -20,7 +20,8 @@ per key and cached. A call then pays a dict lookup plus the backends' per-call c
 decision is recomputed from the declarations, so the trace guards on shapes, not on a dict). Only decisions are
 cached, never a call's validation: value checks (cu_seqlens, cache indices) run on every call. The SDPA function's
 lean path (fastattn/lean.py) goes one step further for plain CPU inference calls: `lean_route` hands it the chosen
-route as a callable, replayed for calls whose facts match and whose key length is in the same `length_class`.
+route as a callable, replayed for calls whose facts match and whose key length is in the same class
+(between two of `length_breaks`).
 tests/test_dispatch_cache.py shows each key field matters: blank any one and some call inherits another's decision."""
 from __future__ import annotations
 
@@ -402,17 +403,15 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
 LEAN = object()
 
 
-def length_class(Sq: int, Sk: int) -> int:
-    """Which of the intervals between the key lengths the dispatcher and the backends declare (`length_breaks`) Sk
-    falls in: for Sq query tokens every per-call answer (auto_reasons, extra_reasons, the decode route) is the same
-    for all Sk of one class. The dispatcher's own: empty (0), Sk < Sq, Sk == Sq (_key's Sq == Sk)."""
-    return bisect.bisect_left(_CHOICES.get((LEAN, Sq)) or length_breaks(Sq), Sk)
-
-
 def length_breaks(Sq: int) -> Tuple[int, ...]:
-    """length_class's breaks for Sq query tokens, remembered."""
-    declared = (0, Sq - 1, Sq) + tuple(x for b in BACKENDS.values() for x in b.length_breaks(Sq))
-    breaks = _CHOICES[(LEAN, Sq)] = tuple(sorted(set(declared)))
+    """The sorted key lengths the dispatcher and the backends declare (`Backend.length_breaks`) for Sq query tokens,
+    remembered: every per-call answer (auto_reasons, extra_reasons, the decode route) is the same for all Sk between
+    two of them, (b_i, b_i+1] (lean.py keys on bisect_left(breaks, Sk), the class). The dispatcher's own: empty (0),
+    Sk < Sq, Sk == Sq (_key's Sq == Sk)."""
+    breaks = _CHOICES.get((LEAN, Sq))
+    if breaks is None:
+        declared = (0, Sq - 1, Sq) + tuple(x for b in BACKENDS.values() for x in b.length_breaks(Sq))
+        breaks = _CHOICES[(LEAN, Sq)] = tuple(sorted(set(declared)))
     return breaks
 
 

@@ -9,7 +9,7 @@ more than PyTorch's own SDPA (one C++ call), so auto's hand-over to `sdpa` read 
 Plain: q, k, v plain 4-D torch.Tensors on the CPU with nothing to broadcast (SDPA's common case), stride 1 along the
 head dim, no attn_mask, no dropout, no autograd, eager. Anything else takes the full path, as does every call the
 lean path has not seen the facts of. The facts (`key`): the requested backend, dtype, q's shape, k's and v's but the
-key length, whose class stands in for it (dispatch.length_class: the intervals between the key lengths at which the
+key length, whose class stands in for it (dispatch.length_breaks: the intervals between the key lengths at which the
 dispatcher or a backend declares its per-call answers may change), is_causal, scale. The route is
 dispatch.lean_route on the first such call (its backend's or decode kernel's `Lean` runner, or none: the key then
 keeps taking the full path). tests/test_lean.py checks the replayed route against a fresh decision for every key
@@ -56,7 +56,7 @@ def key(query, key, value, is_causal, scale, enable_gqa, backend) -> Optional[tu
             and ks[2] == vs[2] and query.stride()[-1] == 1 and key.stride()[-1] == 1 and value.stride()[-1] == 1):
         return None
     Sq = qs[2]
-    breaks = dispatch._CHOICES.get((dispatch.LEAN, Sq)) or dispatch.length_breaks(Sq)  # dispatch.length_class
+    breaks = dispatch._CHOICES.get((dispatch.LEAN, Sq)) or dispatch.length_breaks(Sq)  # the lookup inlined
     requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # dispatch._ambient
     # (k's batch and head dim, v's batch, heads and length, enable_gqa: fixed by q's and k's above)
     return dispatch.LEAN, requested, dt, qs, ks[1], vs[3], bisect.bisect_left(breaks, ks[2]), is_causal, scale

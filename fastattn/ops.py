@@ -144,13 +144,17 @@ def dropout_seed(p: AttnParams):
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
+def _fwd_rest(p: AttnParams, seed: int, offset: int) -> tuple:
+    """fastattn::fwd's arguments after q, k, v, in its schema's order (csrc/ops.cpp)."""
+    return (p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
+            p.window_right, p.bottom_right, p.softcap, p.alibi_slopes, p.dropout_p, seed, offset, p.deterministic,
+            p.q_start, p.k_start, p.out_fp32, p.head_start)
+
+
 def cpp_attention(p: AttnParams):
     """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
-    seed, offset = dropout_seed(p)
     q, k, v, bias, alibi = p.q, p.k, p.v, p.attn_bias, p.alibi_slopes
-    args = (q, k, v, bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
-            p.window_right, p.bottom_right, p.softcap, alibi, p.dropout_p, seed, offset, p.deterministic, p.q_start,
-            p.k_start, p.out_fp32, p.head_start)
+    args = (q, k, v) + _fwd_rest(p, *dropout_seed(p))
     # The autograd kernel's own test (any tensor input requires grad, in grad mode; the int tensors cannot), and
     # while torch.compile traces, the op as registered.
     if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
@@ -169,9 +173,7 @@ def attention_runner(p: AttnParams):
     if (_BELOW_AUTOGRAD is None or p.attn_bias is not None or p.cu_seqlens_q is not None or p.alibi_slopes is not None
             or p.dropout_p > 0 or p.q_start is not None):
         return None
-    fwd, below = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD
-    rest = (None, None, None, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
-            p.softcap, None, 0.0, 0, 0, p.deterministic, None, None, p.out_fp32, p.head_start)
+    fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)  # no tensor held
 
     def run(q, k, v):
         with below():
@@ -190,13 +192,17 @@ def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) ->
 
 def cpp_decode(c: DecodeCall):
     """Runs torch.ops.fastattn.decode_fwd on c (inference only). Returns (out (B,Hq,Sq,Dv), lse (B,Hq,Sq) fp32)."""
+    # The overload itself: the packet's __call__ would resolve it on every call (~0.3 us).
+    return torch.ops.fastattn.decode_fwd.default(c.q, c.k_cache, c.v_cache, *_decode_rest(c))
+
+
+def _decode_rest(c: DecodeCall) -> tuple:
+    """fastattn::decode_fwd's arguments after q, k_cache, v_cache, in its schema's order (csrc/ops.cpp)."""
     wl, wr = c.window_left, c.window_right
     if wl > 0 or wr > 0:  # c.windows() inlined for the common case: no window (or causal), nothing to clamp
         wl, wr = c.windows()
-    # The overload itself: the packet's __call__ would resolve it on every call (~0.3 us).
-    return torch.ops.fastattn.decode_fwd.default(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
-                                                 c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes,
-                                                 c.num_splits, c.kv_bhsd)
+    return (c.seqlens_k, c.block_table, c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes, c.num_splits,
+            c.kv_bhsd)
 
 
 def decode_runner(c: DecodeCall):
@@ -205,8 +211,7 @@ def decode_runner(c: DecodeCall):
     clamped window would depend on the length). None for any other c."""
     if not c.kv_bhsd or c.seqlens_k is not None or c.window_left > 0 or c.window_right > 0:
         return None
-    op = torch.ops.fastattn.decode_fwd.default
-    rest = (None, None, None, c.scale, c.window_left, c.window_right, c.softcap, c.alibi_slopes, c.num_splits, True)
+    op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)
 
     def run(q, k, v):
         return op(q, k, v, *rest)[0]

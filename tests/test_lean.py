@@ -37,8 +37,7 @@ def _route_mismatches(seed=0):
             for Sq in (1, 2, 3, 4, 5, 8, 16, 17, 64, 100):
                 k_all, v_all = (torch.empty(1, Hkv, 4200, D, dtype=dtype) for _ in range(2))
                 q = torch.empty(1, Hq, Sq, D, dtype=dtype)
-                dispatch.length_class(Sq, 1)
-                breaks = dispatch._CHOICES[(dispatch.LEAN, Sq)]
+                breaks = dispatch.length_breaks(Sq)
                 lengths = {max(1, min(4200, b + d)) for b in breaks for d in (-1, 0, 1)} | {
                     rng.randrange(1, 4200) for _ in range(4)}
                 for causal in (False, True):
