@@ -79,6 +79,12 @@ def cases():
                                                    lambda: fastattn.flash_attn_with_kvcache(qf, kc, vc,
                                                                                             cache_seqlens=lens),
                                                    op)
+    kn, vn = torch.randn(1, 1, 12, 64), torch.randn(1, 1, 12, 64)  # one new token, written at slot 127 each call
+    lens_before = torch.tensor([127], dtype=torch.int32)
+    out["same, appending one token"] = (lambda: F.scaled_dot_product_attention(q, k, v),
+                                        lambda: fastattn.flash_attn_with_kvcache(qf, kc, vc, kn, vn,
+                                                                                 cache_seqlens=lens_before),
+                                        op)
     # BERT-base batch: 8 sequences of 16 tokens.
     qb, kb, vb = (torch.randn(8, 12, 16, 64) for _ in range(3))
     out["bert batch (8,12,16,64)"] = (lambda: F.scaled_dot_product_attention(qb, kb, vb),

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import dispatch, rotary
+from . import dispatch, lean, rotary
 from .params import (AttnParams, DecodeCall, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
                      default_scale, last_dim_contiguous)
 
@@ -321,6 +321,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns out (B, Sq, Hq, Dv), and softmax_lse (B, Hq, Sq) fp32 when return_softmax_lse. num_splits (0 = heuristic)
     is a performance hint for split-KV kernels and does not change results beyond rounding.
     """
+    lean_key = route = None
+    if (block_table is None and cache_batch_idx is None and rotary_cos is None and alibi_slopes is None
+            and cache_leftpad is None):  # a dense decode step: the lean path's (fastattn/lean.py)
+        lean_key = lean.cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
+                                  softcap, num_splits, return_softmax_lse, backend)
+        if lean_key is not None:
+            route = dispatch._CHOICES.get(lean_key)
+            if route:
+                res = lean.cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_softmax_lse)
+                if res is not None:
+                    return res
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
     q, k = rotary.apply_kvcache(plan, q, k, rotary_cos, rotary_sin, rotary_interleaved)  # checks, then copies
@@ -334,6 +345,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
         if p.q.shape[2] and p.k.shape[2] and plan.B:  # dispatch.run answers empty calls without a backend
             dispatch.select(p, backend)
+    if lean_key is not None and route is None:
+        lean.learn_cache(lean_key, chosen, call)
     if not plan.snew:
         res = _run(chosen, call, p, backend)
     else:

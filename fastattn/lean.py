@@ -69,3 +69,86 @@ def learn(k: tuple, p, backend) -> None:
         dispatch._CHOICES.clear()
     empty = 0 in p.q.shape or 0 in p.k.shape or p.v.shape[3] == 0
     dispatch._CHOICES[k] = not empty and dispatch.lean_route(p, backend) or False
+
+
+# flash_attn_with_kvcache's lean path: a decode step against a dense cache (no block_table, cache_batch_idx, rotary,
+# alibi or cache_leftpad) replays the split-KV kernel the dispatcher chose for an earlier call with the same facts.
+# Its Python had cost ~10 us a call over the kernel (1.56x torch's SDPA time at 128 keys). The value checks stay per
+# call: cache_seqlens is read every time, and a call whose lengths fail them, or that appends into rows of different
+# lengths, takes the full path (for its error message, or the indexed append).
+_CACHE = object()  # second field of flash_attn_with_kvcache's lean keys
+
+
+def cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+              return_lse, backend) -> Optional[tuple]:
+    """The call's lean key, or None where the lean path does not apply (the caller has checked block_table,
+    cache_batch_idx, rotary_cos, alibi_slopes and cache_leftpad are None). The facts: the requested backend, dtype,
+    q's and the caches' shapes, the new k/v's, and the flags that reach the kernel."""
+    if not (type(q) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor and type(causal) is bool
+            and type(return_lse) is bool and type(num_splits) is int and type(softcap) is float
+            and (softmax_scale is None or type(softmax_scale) is float) and type(window_size) is tuple
+            and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int
+            and (k is None and v is None or type(k) is _Tensor and type(v) is _Tensor)) or _is_dynamo_compiling():
+        return None
+    dt = q.dtype
+    if not (dt in _FLOAT and k_cache.dtype is dt and v_cache.dtype is dt and q.is_cpu and k_cache.is_cpu
+            and v_cache.is_cpu and q.stride()[-1] == 1 and k_cache.stride()[-1] == 1 and v_cache.stride()[-1] == 1):
+        return None
+    grad = _is_grad_enabled()
+    if grad and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        return None
+    qs = q.shape
+    if type(cache_seqlens) is not int and not (type(cache_seqlens) is _Tensor and cache_seqlens.dtype is torch.int32
+                             and cache_seqlens.is_cpu and len(qs) == 4 and cache_seqlens.shape == (qs[0],)
+                             and cache_seqlens.stride()[0] == 1):
+        return None
+    new = None
+    if k is not None:
+        if not (k.dtype is dt and v.dtype is dt and k.is_cpu and v.is_cpu) or grad and (k.requires_grad
+                                                                                        or v.requires_grad):
+            return None
+        new = k.shape, v.shape
+    requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # dispatch._ambient
+    # (cache_seqlens and return_lse: read by cache_run on every call)
+    return (dispatch.LEAN, _CACHE, requested, dt, qs, k_cache.shape, v_cache.shape, new, causal, window_size, softcap,
+            softmax_scale, num_splits)
+
+
+def learn_cache(k: tuple, chosen, call) -> None:
+    """Remembers the kernel flash_attn_with_kvcache chose for calls with lean key k: chosen's split-KV kernel as a
+    cache runner, or False (the generic path, or an empty call: take the full path)."""
+    if len(dispatch._CHOICES) >= dispatch._CACHE_LIMIT:
+        dispatch._CHOICES.clear()
+    empty = call.q.numel() == 0 or call.k_cache.shape[1] == 0 or call.v_cache.shape[3] == 0
+    dispatch._CHOICES[k] = chosen is not None and not empty and chosen.decode.cache_lean(call) or False
+
+
+def cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_lse):
+    """flash_attn_with_kvcache on its learnt route, or None where this call's values send it down the full path."""
+    if type(cache_seqlens) is int:
+        lo = hi = cache_seqlens
+    else:
+        ls = cache_seqlens.tolist()
+        lo, hi = min(ls), max(ls)
+    snew = 0 if k is None else k.shape[1]
+    if lo < 0 or hi + snew > k_cache.shape[1] or snew and lo != hi:
+        return None
+    B = q.shape[0]
+    seqlens = (cache_seqlens if not snew and not type(cache_seqlens) is int
+               else torch.full((B,), lo + snew, dtype=torch.int32))  # int32 (B,) valid keys after the append
+    qt = q.transpose(1, 2)  # (B, Sq, Hq, D) -> (B, Hq, Sq, D)
+    if not snew:
+        out, lse = route.run(qt, k_cache, v_cache, seqlens)
+    else:
+        ks, vs = k_cache.narrow(1, lo, snew), v_cache.narrow(1, lo, snew)  # (B, Snew, Hkv, D|Dv) slots written
+        old = ks.clone(), vs.clone()
+        ks.copy_(k)
+        vs.copy_(v)
+        try:
+            out, lse = route.run(qt, k_cache, v_cache, seqlens)
+        except BaseException:
+            ks.copy_(old[0])  # the caches bit for bit as they were
+            vs.copy_(old[1])
+            raise
+    out = out.transpose(1, 2)  # (B, Hq, Sq, Dv) -> (B, Sq, Hq, Dv)
+    return (out, lse) if return_lse else out

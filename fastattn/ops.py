@@ -216,3 +216,16 @@ def decode_runner(c: DecodeCall):
     def run(q, k, v):
         return op(q, k, v, *rest)[0]
     return run
+
+
+def cache_runner(c: DecodeCall):
+    """cpp_decode(c) as a function of (q, k_cache, v_cache, seqlens_k) -> (out, lse) for dense cache calls whose
+    other arguments are c's (flash_attn_with_kvcache's lean path, fastattn/lean.py): c in the cache's own layout
+    without block_table, cache_batch_idx or alibi. None for any other c."""
+    if c.kv_bhsd or c.block_table is not None or c.cache_batch_idx is not None or c.alibi_slopes is not None:
+        return None
+    op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)[3:]  # after seqlens_k, block_table, batch idx
+
+    def run(q, k_cache, v_cache, seqlens_k):
+        return op(q, k_cache, v_cache, seqlens_k, None, None, *rest)
+    return run

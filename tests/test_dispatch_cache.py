@@ -178,19 +178,20 @@ def spied(monkeypatch):
         real = getattr(obj, attr)
         monkeypatch.setattr(obj, attr, lambda *a, **kw: _note(tag) or real(*a, **kw))
 
-    def spy_lean(obj, tag):  # the SDPA surface's lean path replays the Lean runner instead (fastattn/lean.py)
-        real = obj.lean
+    def spy_lean(obj, tag, attr="lean"):  # the lean paths replay the Lean runner instead (fastattn/lean.py)
+        real = getattr(obj, attr)
 
         def lean(*a):
             r = real(*a)
             return r and r._replace(run=lambda *t: _note(tag) or r.run(*t))
-        monkeypatch.setattr(obj, "lean", lean)
+        monkeypatch.setattr(obj, attr, lean)
     for b in BACKENDS.values():
         spy(b, "forward", ("forward", b.name))
         spy_lean(b, ("forward", b.name))
         if b.decode is not None and not hasattr(b.decode, "_spied"):
             spy(b.decode, "run", ("decode", b.decode.name))
             spy_lean(b.decode, ("decode", b.decode.name))
+            spy_lean(b.decode, ("decode", b.decode.name), "cache_lean")
             monkeypatch.setattr(b.decode, "_spied", True, raising=False)
     monkeypatch.setattr(dispatch, "_CHOICES", {})
     monkeypatch.setattr(dispatch, "_DECODES", {})

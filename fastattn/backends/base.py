@@ -51,7 +51,9 @@ FEATURES = frozenset({
 
 class Lean(NamedTuple):
     """A route the SDPA surface replays (fastattn/lean.py): run(q, k, v) -> out does what the backend does for the
-    call it was made from, for any call with the same lean key (dtype, shapes but the key length's class, flags)."""
+    call it was made from, for any call with the same lean key (dtype, shapes but the key length's class, flags).
+    flash_attn_with_kvcache's routes (DecodeKernel.cache_lean) take (q, k_cache, v_cache, seqlens_k) instead and
+    return (out, lse)."""
     name: str  # the backend or decode kernel, as explain() names it
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -121,6 +123,11 @@ class DecodeKernel:
 
     def lean(self, c: DecodeCall) -> Optional[Lean]:
         """run(c) as a Lean runner for calls like c (fastattn/lean.py), or None."""
+        return None
+
+    def cache_lean(self, c: DecodeCall) -> Optional[Lean]:
+        """run(c) for flash_attn_with_kvcache calls like c (fastattn/lean.py), as a `Lean` whose run takes
+        (q, k_cache, v_cache, seqlens_k) and returns (out, lse); or None."""
         return None
 
 

@@ -30,6 +30,10 @@ class CppDecode(DecodeKernel):
         run = ops.decode_runner(c)
         return None if run is None else Lean(self.name, run)
 
+    def cache_lean(self, c: DecodeCall):
+        run = ops.cache_runner(c)
+        return None if run is None else Lean(self.name, run)
+
 
 class CudaCppDecode(CppDecode):
     """csrc/cuda/decode_kernel.cuh: CUDA-core split-KV kernel reading the cache with 16-byte loads, so the cache's
