@@ -6,7 +6,9 @@ call and let the dispatcher pick its backend — every refusal happens before an
 new rows in place and run. Should the run still fail (an error the checks did not foresee, out of memory), the
 overwritten slots are restored, so a failing call leaves every cache bit-for-bit untouched. The generic path views
 or gathers the cache as (B, Skv, Hkv, D) and turns each row's valid prefix, causality, window and alibi into one
-additive bias, so every backend that takes masks can serve it. `explain_kvcache` says which path runs and why."""
+additive bias, so every backend that takes masks can serve it. `explain_kvcache` says which path runs and why.
+A dense decode step on the CPU whose facts an earlier call had replays that call's kernel instead (fastattn/lean.py
+`cache_run`: the same value checks, append and restore, without the rebuilding)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

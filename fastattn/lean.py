@@ -1,5 +1,6 @@
-"""The SDPA surface's lean path: a plain CPU inference call replays the route the dispatcher chose for an earlier
-call with the same facts, as one cached callable, instead of building params and asking the dispatcher again.
+"""The lean paths of the SDPA surface and of flash_attn_with_kvcache (`cache_key`, below). The SDPA surface's: a
+plain CPU inference call replays the route the dispatcher chose for an earlier call with the same facts, as one
+cached callable, instead of building params and asking the dispatcher again.
 
 Why: a step of generation (one or a few query tokens against a cache) takes 20-400 us on a CPU, and the Python
 around it ran cold there, each step's kernel having streamed the cache through the L2: the full path cost ~20 us
