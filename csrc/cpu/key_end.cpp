@@ -28,6 +28,13 @@ template <typename T>
 float max_abs(const void* base, const Strides4& st, int64_t b, int64_t H, int64_t r0, int64_t r1, int64_t C) {
   float m = 0.f;
   for (int64_t h = 0; h < H; ++h) {
+#ifdef FASTATTN_VEC512
+    if (st.d == 1 && st.s == C && vec512::available()) {  // the head's rows [r0, r1) are one run: one pass
+      const T* run = static_cast<const T*>(base) + b * st.b + h * st.h + r0 * C;
+      m = nan_max(m, vec512::max_abs_row<T>(run, (r1 - r0) * C));
+      continue;
+    }
+#endif
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = static_cast<const T*>(base) + b * st.b + h * st.h + r * st.s;
 #ifdef FASTATTN_VEC512

@@ -55,9 +55,13 @@ struct KVBlocks {
       std::fill(done.begin(), done.end(), 0);
       head = head_id;
     }
+    // Tiles read keys up to s.kend, kept even (lowp_scores' rule): skipped padding past that is not packed.
+    const int64_t end = std::min(s.sk, mm::even(s.kend));
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       if (done[kb]) continue;
-      const int64_t j0 = kb * KBLOCK, bk = std::min(KBLOCK, s.sk - j0);
+      const int64_t j0 = kb * KBLOCK, bk = std::min(KBLOCK, end - j0);
+      done[kb] = 1;
+      if (bk <= 0) continue;  // all skipped padding (the backward asks for every block)
       const T* kr = k_src + j0 * p.k_st.s;
       const T* vr = v_src + j0 * p.v_st.s;
       mm::pack_transposed<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, KBLOCK, kt_block(kb));
@@ -67,7 +71,6 @@ struct KVBlocks {
       } else {
         mm::pack_rows<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
       }
-      done[kb] = 1;
     }
   }
 };
