@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fastattn
+from fastattn import params
 from fastattn.backends.sdpa import TORCH_SDPA
 
 from support import torch_older_than
@@ -369,3 +370,42 @@ def test_padded_keys_propagate_nan_like_torch(what, dtype):
         o = TORCH_SDPA(*ref, attn_mask=mask)
         for i, (name, r) in enumerate(zip(("out", "dq", "dk", "dv"), (o, *torch.autograd.grad(o, ref, do.double())))):
             assert_rule(name, res["fastattn"][i], r, base[i], dtype)
+
+
+def _general_mask(attn_mask, q, target, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(params, "_mask_4d", lambda *a: None)
+        return params.normalize_mask(attn_mask, q, target)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 1, 1, 7), (1, 3, 5, 1), (1, 1, 1, 1), (2, 3, 1, 7)])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16], ids=["bool", "fp32", "bf16"])
+def test_mask_fast_path_equals_the_general_one(shape, dtype, monkeypatch):
+    """normalize_mask's 4-D fast path (params._mask_4d) gives the general path's bias (values, shape, dtype) and kind,
+    for masks in q's dtype and bool ones; masks of another float dtype, other ranks and subclasses take the general
+    path (the fast one declines them)."""
+    q = torch.randn(2, 3, 5, 4, dtype=torch.bfloat16)
+    target = (2, 3, 5, 7)
+    g = torch.Generator().manual_seed(len(shape) + sum(shape))
+    mask = torch.rand(shape, generator=g) > 0.4 if dtype is torch.bool else torch.randn(shape, generator=g).to(dtype)
+    fast = params._mask_4d(mask, q, target)
+    if dtype is torch.float32:  # not q's dtype: converted by the general path
+        assert fast is None
+        return
+    want = _general_mask(mask, q, target, monkeypatch)
+    assert fast is not None
+    assert fast[1] == want[1] and fast[0].shape == want[0].shape and fast[0].dtype == want[0].dtype
+    assert torch.equal(fast[0], want[0])
+    assert params._mask_4d(mask[0], q, target) is None  # 3-D: the general path
+    assert params._mask_4d(mask.as_subclass(torch.nn.Parameter), q, target) is None
+
+
+@pytest.mark.parametrize("dim", range(4))
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32], ids=["bool", "fp32"])
+def test_mask_that_does_not_broadcast_is_refused(dim, dtype):
+    """A 4-D mask with one dim neither the scores' nor 1 gets the clear error (on the fast path as on the other)."""
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    shape = [2, 3, 5, 7]
+    shape[dim] += 1
+    with pytest.raises(fastattn.InputValueError, match=r"attn_mask of shape .* is not broadcastable"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(shape, dtype=dtype))
