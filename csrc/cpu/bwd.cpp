@@ -50,8 +50,14 @@ const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, 
   for (int64_t r = 0; r < bq; ++r) {
     float* P_r = S + r * BLOCK_K;
     float* dS_r = dP + r * BLOCK_K;
-    vec::exp_sum_row(P_r, bk, lse[r]);  // lse = +inf (no visible key) gives P = 0
     const float d = delta[r];
+#ifdef FASTATTN_VEC512
+    if (!drop && !capped && vec512::available()) {  // P and dS in one pass
+      vec512::grad_row<vec512::kExpDegree<float>>(P_r, dS_r, bk, 1.f, lse[r], d);
+      continue;
+    }
+#endif
+    vec::exp_sum_row(P_r, bk, lse[r]);  // lse = +inf (no visible key) gives P = 0
     if (drop) {
       // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
       float* Pd_r = Pd_buf + r * BLOCK_K;
