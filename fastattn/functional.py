@@ -152,12 +152,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = torch.softmax(s, -1) @ value
     """
     lean_key = route = None
-    if attn_mask is None and dropout_p == 0.0:  # a plain call: the lean path's (fastattn/lean.py)
-        lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend)
+    if dropout_p == 0.0:  # a plain call: the lean path's (fastattn/lean.py)
+        lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
         if lean_key is not None:
             route = dispatch._CHOICES.get(lean_key)
             if route:
-                return route.run(query, key, value)
+                return route.run(query, key, value) if attn_mask is None else route.run(query, key, value, attn_mask)
     p, out_shape, rank, nothing = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if nothing:
         out = _nothing_to_compute(p)

@@ -8,10 +8,12 @@ more than PyTorch's own SDPA (one C++ call), so auto's hand-over to `sdpa` read 
 (benchmarks/test_auto_rule.py). This path costs a few microseconds.
 
 Plain: q, k, v plain 4-D torch.Tensors on the CPU with nothing to broadcast (SDPA's common case), stride 1 along the
-head dim, no attn_mask, no dropout, no autograd, eager. Anything else takes the full path, as does every call the
-lean path has not seen the facts of. The facts (`key`): the requested backend, dtype, q's shape, k's and v's but the
-key length, whose class stands in for it (dispatch.length_breaks: the intervals between the key lengths at which the
-dispatcher or a backend declares its per-call answers may change), is_causal, scale. The route is
+head dim, no dropout, no autograd, eager; no attn_mask, or a plain 4-D one, bool or in q's dtype (padding masks:
+the full path's Python for a masked call ran ~30 us cold, ~10% of a 250 us padded call). Anything else takes the
+full path, as does every call the lean path has not seen the facts of. The facts (`key`): the requested backend,
+dtype, q's shape, k's and v's but the key length, whose class stands in for it (dispatch.length_breaks: the
+intervals between the key lengths at which the dispatcher or a backend declares its per-call answers may change),
+is_causal, scale, and the mask's dims but its last. The route is
 dispatch.lean_route on the first such call (its backend's or decode kernel's `Lean` runner, or none: the key then
 keeps taking the full path). tests/test_lean.py checks the replayed route against a fresh decision for every key
 length around every declared break, and the outputs against the full path's.
@@ -38,10 +40,12 @@ _FLOAT = frozenset(FLOAT_DTYPES)
 _ctx_backend, _env_backend = dispatch._ctx_backend, dispatch._env_backend
 
 
-def key(query, key, value, is_causal, scale, enable_gqa, backend) -> Optional[tuple]:
-    """The call's lean key, or None where the lean path does not apply (the caller has checked attn_mask is None and
-    dropout_p == 0). One flat function: run between two kernels that stream the caches, each Python call it made
-    cost 1-3 us (cold), against ~0.3 us warm."""
+def key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=None) -> Optional[tuple]:
+    """The call's lean key, or None where the lean path does not apply (the caller has checked dropout_p == 0). One
+    flat function: run between two kernels that stream the caches, each Python call it made cost 1-3 us (cold),
+    against ~0.3 us warm. A mask: a plain 4-D CPU tensor, bool or in q's dtype, not requiring grad, whose last dim
+    is the key length or 1 (checked here, per call); its other dims join the key (the route itself does not depend
+    on them, but the full path checked them against q's once), so a mask that grows with the cache keeps one key."""
     if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and type(is_causal) is bool
             and type(enable_gqa) is bool and (scale is None or type(scale) is float)) or _is_dynamo_compiling():
         return None
@@ -56,11 +60,22 @@ def key(query, key, value, is_causal, scale, enable_gqa, backend) -> Optional[tu
             and (qs[1] == ks[1] or enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0) and qs[3] == ks[3]
             and ks[2] == vs[2] and query.stride()[-1] == 1 and key.stride()[-1] == 1 and value.stride()[-1] == 1):
         return None
+    mask = None
+    if attn_mask is not None:
+        if type(attn_mask) is not _Tensor or not attn_mask.is_cpu:
+            return None
+        mdt, ms = attn_mask.dtype, attn_mask.shape
+        if not (len(ms) == 4 and (mdt is torch.bool or mdt is dt and not (_is_grad_enabled() and
+                                                                          attn_mask.requires_grad))
+                and (ms[3] == ks[2] or ms[3] == 1)):
+            return None
+        mask = ms[0], ms[1], ms[2]  # checked against q's dims by the call that learnt the route
     Sq = qs[2]
     breaks = dispatch._CHOICES.get((dispatch.LEAN, Sq)) or dispatch.length_breaks(Sq)  # the lookup inlined
     requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # dispatch._ambient
     # (k's batch and head dim, v's batch, heads and length, enable_gqa: fixed by q's and k's above)
-    return dispatch.LEAN, requested, dt, qs, ks[1], vs[3], bisect.bisect_left(breaks, ks[2]), is_causal, scale
+    return (dispatch.LEAN, requested, dt, qs, ks[1], vs[3], bisect.bisect_left(breaks, ks[2]), is_causal, scale,
+            mask)
 
 
 def learn(k: tuple, p, backend) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .params import AttnParams, DecodeCall
+from .params import AttnParams, DecodeCall, bool_bias
 
 _C = None
 LOAD_ERROR: Optional[str] = None
@@ -168,17 +168,26 @@ def cpp_attention(p: AttnParams):
 
 def attention_runner(p: AttnParams):
     """cpp_attention(p)'s output as a function of (q, k, v) for inference calls whose other arguments are p's (the
-    SDPA surface's lean path, fastattn/lean.py): plain calls only (no mask, varlen, alibi, dropout, block), below
-    Autograd as cpp_attention runs them. None for any other p, or where torch lacks that guard."""
-    if (_BELOW_AUTOGRAD is None or p.attn_bias is not None or p.cu_seqlens_q is not None or p.alibi_slopes is not None
-            or p.dropout_p > 0 or p.q_start is not None):
+    SDPA surface's lean path, fastattn/lean.py): plain calls (no varlen, alibi, dropout, block), below Autograd as
+    cpp_attention runs them. With a mask (p from a 4-D bool or q-dtype attn_mask), a function of (q, k, v, mask)
+    that turns the mask into its bias as the full path does (params._mask_4d). None for any other p, or where torch
+    lacks that guard."""
+    if (_BELOW_AUTOGRAD is None or p.cu_seqlens_q is not None or p.alibi_slopes is not None or p.dropout_p > 0
+            or p.q_start is not None):
         return None
-    fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)  # no tensor held
+    fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
+    if p.attn_bias is None:
+        def run(q, k, v):
+            with below():
+                return fwd(q, k, v, None, *rest)[0]
+        return run
 
-    def run(q, k, v):
+    def run_masked(q, k, v, mask):
+        qs = q.shape
+        bias = bool_bias(mask, q) if mask.dtype is torch.bool else mask
         with below():
-            return fwd(q, k, v, *rest)[0]
-    return run
+            return fwd(q, k, v, bias.expand(qs[0], qs[1], qs[2], k.shape[2]), *rest)[0]  # (B, H, Sq, Sk)
+    return run_masked
 
 
 def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:

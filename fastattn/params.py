@@ -380,15 +380,17 @@ def _mask_4d(attn_mask, q, target):
     B, H, Sq, Sk = target
     if not ((b == B or b == 1) and (h == H or h == 1) and (sq == Sq or sq == 1) and (sk == Sk or sk == 1)):
         return None
-    if dt is torch.bool:
-        fill = _BOOL_BIAS.get((q.dtype, q.device))
-        if fill is None:
-            fill = _BOOL_BIAS[(q.dtype, q.device)] = (torch.zeros((), dtype=q.dtype, device=q.device),
-                                                      torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
-        bias = torch.where(attn_mask, *fill)  # (b, h, sq, sk) in q.dtype
-    else:
-        bias = attn_mask
+    bias = bool_bias(attn_mask, q) if dt is torch.bool else attn_mask
     return bias.expand(target), "key_padding" if h == 1 and sq == 1 else "dense"
+
+
+def bool_bias(attn_mask, q):
+    """A bool mask's additive bias in q's dtype: 0 where True (attend), -inf where False; its shape (eager only)."""
+    fill = _BOOL_BIAS.get((q.dtype, q.device))
+    if fill is None:
+        fill = _BOOL_BIAS[(q.dtype, q.device)] = (torch.zeros((), dtype=q.dtype, device=q.device),
+                                                  torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    return torch.where(attn_mask, *fill)
 
 
 def normalize_mask(attn_mask, q, target):

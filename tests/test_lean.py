@@ -1,10 +1,11 @@
 """The SDPA surface's lean path (fastattn/lean.py): a replayed route is the route a fresh decision takes for every
-key length, its outputs are the full path's bit for bit, and calls it must not take (autograd, masks, dropout,
-strides, subclasses, other backends) take the full path with its checks."""
+key length, its outputs are the full path's bit for bit (masks included), and calls it must not take (autograd,
+masks it does not read, dropout, strides, subclasses, other backends) take the full path with its checks."""
 import random
 
 import pytest
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
 from fastattn import dispatch, lean
@@ -122,6 +123,61 @@ def test_calls_off_the_lean_path():
         assert lean.key(q.clone().requires_grad_(), k, v, False, None, False, None) is not None  # no autograd
 
 
+def _masks(B, H, Sq, Sk, dtype, g):
+    """name -> a 4-D mask of the lean path's kinds for scores (B, H, Sq, Sk)."""
+    keep = torch.rand(B, 1, 1, Sk, generator=g) > 0.3
+    keep[..., 0] = True
+    return {"bool key padding": keep,
+            "float dense": torch.randn(B, H, Sq, Sk, generator=g).to(dtype),
+            "bool per query, broadcast batch": torch.rand(1, 1, Sq, Sk, generator=g) > 0.2,
+            "float per query, broadcast keys": torch.randn(B, 1, Sq, 1, generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Sq, causal", [(1, False), (37, False), (37, True)])
+def test_masked_replay_equals_the_full_path(monkeypatch, dtype, Sq, causal):
+    """Masked calls replay their route (a mask that grows with the cache keeps its key) with the full path's bits."""
+    g = torch.Generator().manual_seed(Sq)
+    B, H = 2, 4
+    q = torch.randn(B, H, Sq, 32, generator=g).to(dtype)
+    k_all, v_all = (torch.randn(B, H, 301, 32, generator=g).to(dtype) for _ in range(2))
+    with torch.no_grad():
+        for name, mask_all in _masks(B, H, Sq, 301, dtype, g).items():
+            dispatch._CHOICES.clear()
+            for Sk in (300, 301):
+                k, v = k_all[:, :, :Sk], v_all[:, :, :Sk]
+                mask = mask_all[..., :Sk] if mask_all.shape[3] > 1 else mask_all
+                key = lean.key(q, k, v, causal, None, False, None, mask)
+                assert key is not None, name
+                learnt = bool(dispatch._CHOICES.get(key))
+                assert learnt == (Sk == 301), f"{name}: a mask one key longer must keep the key"
+                got = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
+                with monkeypatch.context() as m:
+                    m.setattr(lean, "key", lambda *a: None)  # the full path
+                    want = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
+                assert torch.equal(got, want), f"{name} Sk={Sk}"
+
+
+def test_masks_off_the_lean_path():
+    q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    m = torch.zeros(1, 1, 8, 8)
+    assert lean.key(q, k, v, False, None, False, None, m) is not None
+    off = {"3-D": m[0], "another float dtype": m.double(), "int": m.int(), "subclass": torch.nn.Parameter(m),
+           "last dim neither Sk nor 1": torch.zeros(1, 1, 8, 9),
+           "causal bias": causal_lower_right(8, 8)}
+    for name, mask in off.items():
+        assert lean.key(q, k, v, False, None, False, None, mask) is None, name
+    with torch.enable_grad():
+        assert lean.key(q, k, v, False, None, False, None, m.clone().requires_grad_()) is None
+    with torch.no_grad():
+        sdpa(q, k, v, attn_mask=m)
+        sdpa(q, k, v, attn_mask=m)  # replayed
+        # Masks whose batch, heads or queries do not broadcast: their own keys, refused by the full path
+        for bad in ((2, 1, 8, 8), (1, 2, 8, 8), (1, 1, 7, 8)):
+            with pytest.raises(fastattn.InputValueError, match="not broadcastable"):
+                sdpa(q, k, v, attn_mask=torch.zeros(bad))
+
+
 def test_checks_still_run_on_a_learnt_key():
     q, k, v = (torch.randn(1, 4, 1, 16) for _ in range(3))
     with torch.no_grad():
@@ -166,7 +222,8 @@ def _pairs():
             ("value head dim", (qkv(), {}), (qkv(Dv=300), {})),
             ("length class", (qkv(Sk=300), {}), (qkv(Sk=40), {})),
             ("is_causal", (qkv(Sq=2, Sk=2), {}), (qkv(Sq=2, Sk=2), dict(is_causal=True))),
-            ("scale", (qkv(), {}), (qkv(), dict(scale=0.5)))]
+            ("scale", (qkv(), {}), (qkv(), dict(scale=0.5))),
+            ("mask", (qkv(), {}), (qkv(), dict(attn_mask=torch.randn(1, 1, 1, 300))))]
 
 
 def _outcome(call):

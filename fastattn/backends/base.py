@@ -51,7 +51,8 @@ FEATURES = frozenset({
 
 class Lean(NamedTuple):
     """A route the SDPA surface replays (fastattn/lean.py): run(q, k, v) -> out does what the backend does for the
-    call it was made from, for any call with the same lean key (dtype, shapes but the key length's class, flags).
+    call it was made from, for any call with the same lean key (dtype, shapes but the key length's class, flags);
+    run(q, k, v, attn_mask) for a call made with a mask (Backend.lean of a p with attn_bias).
     flash_attn_with_kvcache's routes (DecodeKernel.cache_lean) take (q, k_cache, v_cache, seqlens_k) instead and
     return (out, lse)."""
     name: str  # the backend or decode kernel, as explain() names it
@@ -161,7 +162,8 @@ class Backend:
         raise NotImplementedError
 
     def lean(self, p: AttnParams) -> Optional[Lean]:
-        """forward(p)'s output as a Lean runner for calls like p (fastattn/lean.py: plain inference calls), or None."""
+        """forward(p)'s output as a Lean runner for calls like p (fastattn/lean.py: plain inference calls; with
+        p.attn_bias, the runner takes the call's 4-D attn_mask as a fourth argument), or None."""
         return None
 
     def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
