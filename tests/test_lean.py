@@ -12,6 +12,7 @@ from fastattn import dispatch, lean
 from fastattn.backends import BACKENDS
 from fastattn.backends import cpu as cpu_backend
 from fastattn.functional import _sdpa_params
+from support.lean_keys import key_mismatches, unnoticed_fields
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
 
@@ -238,23 +239,8 @@ def _same(a, b):
     return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
 
 
-def _cold(call):
-    dispatch._CHOICES.clear()
-    return _outcome(call)
-
-
 def _key_mismatches():
-    bad = []
-    with torch.no_grad():
-        for field, a, b in _pairs():
-            cold_a, cold_b = _cold(a), _cold(b)
-            assert not _same(cold_a, cold_b), f"pair {field!r} does not change the outcome"
-            for first, then, want in ((a, b, cold_b), (b, a, cold_a)):
-                dispatch._CHOICES.clear()
-                _outcome(first)
-                if not _same(_outcome(then), want):
-                    bad.append(field)
-    return bad
+    return key_mismatches(_pairs(), _outcome, _same)
 
 
 def test_key_keeps_calls_apart():
@@ -263,14 +249,6 @@ def test_key_keeps_calls_apart():
 
 def test_planted_key_field_is_caught(monkeypatch):
     """Each field of the lean key but its tag, blanked in turn (planted), lets some call replay another's route."""
-    real = lean.key
-    n = len(real(*(torch.randn(1, 1, 1, 8) for _ in range(3)), False, None, False, None))
-    missed = []
-    for i in range(1, n):
-        def planted(*a, i=i):
-            k = real(*a)
-            return None if k is None else k[:i] + ("?",) + k[i + 1:]
-        monkeypatch.setattr(lean, "key", planted)
-        if not _key_mismatches():
-            missed.append(i)
+    n = len(lean.key(*(torch.randn(1, 1, 1, 8) for _ in range(3)), False, None, False, None))
+    missed = unnoticed_fields(monkeypatch, lean, "key", n, 1, _key_mismatches)
     assert missed == [], f"no pair notices lean key field(s) {missed} missing"

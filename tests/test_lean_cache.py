@@ -7,6 +7,7 @@ import torch
 import fastattn
 from fastattn import dispatch, kvcache, lean
 from fastattn.backends import BACKENDS
+from support.lean_keys import key_mismatches, unnoticed_fields
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
 
@@ -160,23 +161,8 @@ def _pairs():
             ("num_splits", _call(S=4000, lens=3999), _call(S=4000, lens=3999, num_splits=1))]
 
 
-def _cold(call):
-    dispatch._CHOICES.clear()
-    return _outcome(call)
-
-
 def _key_mismatches():
-    bad = []
-    with torch.no_grad():
-        for field, a, b in _pairs():
-            cold_a, cold_b = _cold(a), _cold(b)
-            assert not _same(cold_a, cold_b), f"pair {field!r} does not change the outcome"
-            for first, then, want in ((a, b, cold_b), (b, a, cold_a)):
-                dispatch._CHOICES.clear()
-                _outcome(first)
-                if not _same(_outcome(then), want):
-                    bad.append(field)
-    return bad
+    return key_mismatches(_pairs(), _outcome, _same)
 
 
 def test_key_keeps_calls_apart():
@@ -185,15 +171,7 @@ def test_key_keeps_calls_apart():
 
 def test_planted_key_field_is_caught(monkeypatch):
     """Each field of the lean key but its tags, blanked in turn (planted), lets some call replay another's route."""
-    real = lean.cache_key
     args, kw = _call()
-    n = len(real(*args, kw["cache_seqlens"], None, False, (-1, -1), 0.0, 0, False, None))
-    missed = []
-    for i in range(2, n):
-        def planted(*a, i=i):
-            k = real(*a)
-            return None if k is None else k[:i] + ("?",) + k[i + 1:]
-        monkeypatch.setattr(lean, "cache_key", planted)
-        if not _key_mismatches():
-            missed.append(i)
+    n = len(lean.cache_key(*args, kw["cache_seqlens"], None, False, (-1, -1), 0.0, 0, False, None))
+    missed = unnoticed_fields(monkeypatch, lean, "cache_key", n, 2, _key_mismatches)
     assert missed == [], f"no pair notices lean cache key field(s) {missed} missing"
