@@ -12,7 +12,6 @@ asserted."""
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import time
@@ -20,20 +19,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
-import fastattn.integrations.transformers as fa_hf  # noqa: E402  (registers "fastattn")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_timing, next to this file
 from fastattn import ops  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _timed(name, fn, spent):
-    def run(*a, **kw):
-        t = time.process_time()
-        try:
-            return fn(*a, **kw)
-        finally:
-            spent[name] += time.process_time() - t
-    return run
+from hf_timing import DTYPES, timed_attention  # noqa: E402
 
 
 def padded_batch(batch: int, seq: int, vocab: int):
@@ -47,14 +35,8 @@ def padded_batch(batch: int, seq: int, vocab: int):
 
 
 def measure(dtype, batch: int, seq: int, layers: int, rounds: int):
-    from transformers import AttentionInterface, BertConfig, BertModel
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    spent = collections.defaultdict(float)
-    mapping = AttentionInterface._global_mapping
-    saved = {k: mapping[k] for k in ("sdpa", "fastattn")}
-    mapping["sdpa"] = _timed("sdpa", sdpa_attention_forward, spent)
-    mapping["fastattn"] = _timed("fastattn", fa_hf.fastattn_attention_forward, spent)
-    try:
+    from transformers import BertConfig, BertModel
+    with timed_attention() as spent:
         torch.manual_seed(0)
         model = BertModel(BertConfig(num_hidden_layers=layers)).to(dtype).eval()
         ids, mask = padded_batch(batch, seq, model.config.vocab_size)
@@ -71,8 +53,6 @@ def measure(dtype, batch: int, seq: int, layers: int, rounds: int):
                     best[impl] = [min(x, y) for x, y in zip(best.get(impl, now), now)]
         valid = mask.bool()
         return best, (out["sdpa"].float() - out["fastattn"].float())[valid].abs().max().item()
-    finally:
-        mapping.update(saved)
 
 
 def main():

@@ -14,7 +14,6 @@ run-to-run noise of 1 and the attention ratio is the figure that compares the tw
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import time
@@ -22,35 +21,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
-import fastattn  # noqa: E402
-import fastattn.integrations.transformers as fa_hf  # noqa: E402  (registers "fastattn")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_timing, next to this file
 from fastattn import ops  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _timed(name, fn, spent):
-    def run(*a, **kw):
-        t = time.process_time()
-        try:
-            return fn(*a, **kw)
-        finally:
-            spent[name] += time.process_time() - t
-    return run
+from hf_timing import DTYPES, timed_attention  # noqa: E402
 
 
 def measure(dtype, prompt: int, new: int, layers: int, rounds: int):
-    from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    spent = collections.defaultdict(float)
-    mapping = AttentionInterface._global_mapping
-    saved = {k: mapping[k] for k in ("sdpa", "fastattn")}
-    mapping["sdpa"] = _timed("sdpa", sdpa_attention_forward, spent)
-    mapping["fastattn"] = _timed("fastattn", fa_hf.fastattn_attention_forward, spent)
-    try:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with timed_attention() as spent:
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_head=12, n_embd=768,
-                                                 n_positions=max(1024, prompt + new))).to(dtype).eval()
+                                           n_positions=max(1024, prompt + new))).to(dtype).eval()
         ids = torch.randint(0, model.config.vocab_size, (1, prompt))
         best, tokens = {}, {}
         for impl in ("sdpa", "fastattn"):  # warm-up: first-call work (allocations, lazy inits) timed by neither
@@ -75,8 +56,6 @@ def measure(dtype, prompt: int, new: int, layers: int, rounds: int):
                 tokens[impl] = out[0, prompt:].tolist()
         a, b = tokens["sdpa"], tokens["fastattn"]
         return best, next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    finally:
-        mapping.update(saved)
 
 
 def main():
