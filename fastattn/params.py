@@ -367,9 +367,11 @@ _BOOL_BIAS: dict = {}
 
 
 def _mask_4d(attn_mask, q, target):
-    """normalize_mask's common case, or None: a plain 4-D bool or q.dtype tensor on q's device whose dims are the
-    scores' or 1, in eager mode. Three torch calls where the general path makes six (~4 us warm a masked call)."""
-    if not (type(attn_mask) is torch.Tensor and len(target) == 4 and attn_mask.device == q.device) \
+    """normalize_mask's common case, or None: a plain 4-D bool or q.dtype CPU tensor, q on the CPU, the mask's dims
+    the scores' or 1, in eager mode. Three torch calls where the general path makes six (~4 us warm a masked call).
+    CPU only: there the Python is the cost, and bool_bias's cached tensors are never made inside a CUDA graph's
+    capture (where a fill is recorded, not run)."""
+    if not (type(attn_mask) is torch.Tensor and len(target) == 4 and q.is_cpu and attn_mask.is_cpu) \
             or torch.compiler.is_compiling():
         return None
     dt = attn_mask.dtype
@@ -385,7 +387,8 @@ def _mask_4d(attn_mask, q, target):
 
 
 def bool_bias(attn_mask, q):
-    """A bool mask's additive bias in q's dtype: 0 where True (attend), -inf where False; its shape (eager only)."""
+    """A bool mask's additive bias in q's dtype: 0 where True (attend), -inf where False; its shape (eager, CPU:
+    see _mask_4d)."""
     fill = _BOOL_BIAS.get((q.dtype, q.device))
     if fill is None:
         fill = _BOOL_BIAS[(q.dtype, q.device)] = (torch.zeros((), dtype=q.dtype, device=q.device),
