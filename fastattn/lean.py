@@ -108,20 +108,21 @@ def cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, w
         return None
     dt = q.dtype
     if not (dt in _FLOAT and k_cache.dtype is dt and v_cache.dtype is dt and q.is_cpu and k_cache.is_cpu
-            and v_cache.is_cpu and q.stride()[-1] == 1 and k_cache.stride()[-1] == 1 and v_cache.stride()[-1] == 1):
-        return None
+            and v_cache.is_cpu) or q.is_nested or k_cache.is_nested or v_cache.is_nested:
+        return None  # (nested tensors have no strides: the full path refuses them with its message)
     grad = _is_grad_enabled()
-    if grad and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+    if (q.stride()[-1] != 1 or k_cache.stride()[-1] != 1 or v_cache.stride()[-1] != 1
+            or grad and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)):
         return None
     qs = q.shape
-    if type(cache_seqlens) is not int and not (type(cache_seqlens) is _Tensor and cache_seqlens.dtype is torch.int32
-                             and cache_seqlens.is_cpu and len(qs) == 4 and cache_seqlens.shape == (qs[0],)
-                             and cache_seqlens.stride()[0] == 1):
+    if type(cache_seqlens) is not int and not (
+            type(cache_seqlens) is _Tensor and cache_seqlens.dtype is torch.int32 and cache_seqlens.is_cpu
+            and len(qs) == 4 and cache_seqlens.shape == (qs[0],) and cache_seqlens.stride()[0] == 1):
         return None
     new = None
     if k is not None:
-        if not (k.dtype is dt and v.dtype is dt and k.is_cpu and v.is_cpu) or grad and (k.requires_grad
-                                                                                        or v.requires_grad):
+        if (not (k.dtype is dt and v.dtype is dt and k.is_cpu and v.is_cpu) or k.is_nested or v.is_nested
+                or grad and (k.requires_grad or v.requires_grad)):
             return None
         new = k.shape, v.shape
     requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # dispatch._ambient
@@ -150,7 +151,7 @@ def cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_lse):
     if lo < 0 or hi + snew > k_cache.shape[1] or snew and lo != hi:
         return None
     B = q.shape[0]
-    seqlens = (cache_seqlens if not snew and not type(cache_seqlens) is int
+    seqlens = (cache_seqlens if not snew and type(cache_seqlens) is not int
                else torch.full((B,), lo + snew, dtype=torch.int32))  # int32 (B,) valid keys after the append
     qt = q.transpose(1, 2)  # (B, Sq, Hq, D) -> (B, Hq, Sq, D)
     if not snew:

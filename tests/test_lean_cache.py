@@ -119,7 +119,8 @@ def test_calls_off_the_lean_path(monkeypatch):
            ((q, kc, vc, k, v), dict(kw, return_softmax_lse=1)),
            ((q, kc, vc, k.double(), v), kw),
            ((q, kc, vc, k, None), kw),
-           ((q, kc, vc, k, v), dict(kw, alibi_slopes=torch.zeros(8)))]
+           ((q, kc, vc, k, v), dict(kw, alibi_slopes=torch.zeros(8))),
+           ((torch.nested.nested_tensor([q[0]]), kc, vc, k, v), kw)]  # no strides to read: refused by the full path
     for i, call in enumerate(off):
         _outcome(call)
         assert len(seen) == 2 + i, f"call {i} took the lean path"
