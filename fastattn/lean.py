@@ -62,7 +62,7 @@ def key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=None
         return None
     mask = None
     if attn_mask is not None:
-        if type(attn_mask) is not _Tensor or not attn_mask.is_cpu:
+        if type(attn_mask) is not _Tensor or not attn_mask.is_cpu or attn_mask.is_nested:
             return None
         mdt, ms = attn_mask.dtype, attn_mask.shape
         if not (len(ms) == 4 and (mdt is torch.bool or mdt is dt and not (_is_grad_enabled() and

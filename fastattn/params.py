@@ -372,7 +372,7 @@ def _mask_4d(attn_mask, q, target):
     CPU only: there the Python is the cost, and bool_bias's cached tensors are never made inside a CUDA graph's
     capture (where a fill is recorded, not run)."""
     if not (type(attn_mask) is torch.Tensor and len(target) == 4 and q.is_cpu and attn_mask.is_cpu) \
-            or torch.compiler.is_compiling():
+            or attn_mask.is_nested or torch.compiler.is_compiling():
         return None
     dt = attn_mask.dtype
     shape = attn_mask.shape
@@ -407,9 +407,10 @@ def normalize_mask(attn_mask, q, target):
         return fast
     if not isinstance(attn_mask, torch.Tensor):
         raise InputTypeError(f"fastattn: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if type(attn_mask) is not torch.Tensor and (attn_mask.is_nested or _overrides_torch_function(attn_mask)):
-        raise InputTypeError(f"fastattn: attn_mask of type {type(attn_mask).__name__} is not supported: fastattn "
-                             f"reads masks as dense tensors; pass a bool or float torch.Tensor (or a CausalBias)")
+    if attn_mask.is_nested or type(attn_mask) is not torch.Tensor and _overrides_torch_function(attn_mask):
+        kind = "a nested tensor" if attn_mask.is_nested else f"of type {type(attn_mask).__name__}"
+        raise InputTypeError(f"fastattn: attn_mask {kind} is not supported: fastattn reads masks as dense tensors; "
+                             f"pass a bool or float torch.Tensor (or a CausalBias)")
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
         raise InputTypeError(f"fastattn: attn_mask must be bool (True = attend) or floating (additive), "
                              f"got {attn_mask.dtype}")

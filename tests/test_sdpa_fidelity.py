@@ -409,3 +409,13 @@ def test_mask_that_does_not_broadcast_is_refused(dim, dtype):
     shape[dim] += 1
     with pytest.raises(fastattn.InputValueError, match=r"attn_mask of shape .* is not broadcastable"):
         fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(shape, dtype=dtype))
+
+
+def test_nested_mask_is_refused_clearly():
+    """A nested-tensor mask (which has no sizes to broadcast) gets fastattn's error naming attn_mask, not an internal
+    one from reading its shape (on the lean path's key as on the full path)."""
+    q = torch.randn(1, 2, 4, 8)
+    mask = torch.nested.nested_tensor([torch.ones(2, 4, 4, dtype=torch.bool)])
+    for _ in range(2):
+        with pytest.raises(fastattn.InputTypeError, match="attn_mask a nested tensor is not supported"):
+            fastattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
