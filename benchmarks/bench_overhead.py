@@ -46,9 +46,9 @@ from fastattn.functional import _sdpa_params  # noqa: E402
 from fastattn.params import DecodeCall  # noqa: E402
 
 
-def _op_for_sdpa(q, k, v, causal):
+def _op_for_sdpa(q, k, v, causal, mask=None):
     """The backend call fastattn.scaled_dot_product_attention ends in, with its arguments prepared once."""
-    p = _sdpa_params(q, k, v, None, 0.0, causal, None, False)
+    p = _sdpa_params(q, k, v, mask, 0.0, causal, None, False)
     ex = dispatch.explain_params(p)
     b = fastattn.BACKENDS[ex.chosen]
     if ex.decode is not None and ex.decode.kernel is not None:
@@ -90,6 +90,12 @@ def cases():
     out["bert batch (8,12,16,64)"] = (lambda: F.scaled_dot_product_attention(qb, kb, vb),
                                       lambda: fastattn.scaled_dot_product_attention(qb, kb, vb),
                                       _op_for_sdpa(qb, kb, vb, False))
+    # The same batch padded: a bool key-padding mask (B, 1, 1, S), the last 4 tokens of half the rows padding.
+    pad = torch.ones(8, 1, 1, 16, dtype=torch.bool)
+    pad[4:, ..., 12:] = False
+    out["bert batch, key padding mask"] = (lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad),
+                                           lambda: fastattn.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad),
+                                           _op_for_sdpa(qb, kb, vb, False, pad))
     # A short causal prompt.
     qp, kp, vp = (torch.randn(1, 12, 32, 64) for _ in range(3))
     out["causal prompt (1,12,32,64)"] = (lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True),

@@ -62,8 +62,17 @@ class SdpaBackend(Backend):
             bias = torch.where(vis, 0.0, float("-inf")).to(q.dtype) if bias is None else bias.masked_fill(~vis, float("-inf"))
         row_ok = None
         if bias is not None:
-            row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)  # (B|1, H|1, Sq, 1)
-            bias = torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
+            # Dims the mask repeats along (stride 0: broadcast over heads or queries, as a key-padding mask) go to
+            # torch at size 1, which it broadcasts itself: the row check and fix-up below then run on the mask,
+            # not on (B, H, Sq, Sk), and torch reads no dense bias (a (B, 1, 1, Sk) mask had cost 2-3x the call).
+            for d in range(bias.dim() - 1):
+                if bias.stride(d) == 0 and bias.shape[d] > 1:
+                    bias = bias.narrow(d, 0, 1)
+            row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)  # (B|1, H|1, Sq|1, 1)
+            if bias.is_cpu and bool(row_ok.all()):  # every row sees a key: nothing to fix (no host sync on CPU)
+                row_ok = None
+            else:
+                bias = torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
         kw = {"enable_gqa": True} if p.is_gqa else {}
         out = TORCH_SDPA(q, k, v, attn_mask=bias, dropout_p=p.dropout_p, is_causal=is_causal, scale=p.scale, **kw)
         if row_ok is not None:
