@@ -160,3 +160,29 @@ def test_auto_not_slower_than_torch_steps(request, dtype, Sq, heads, D):
                    "4 / 8 tokens 0.95-0.96x (hand-over) and 1.03-1.13x (cpu kernels): the lean key's ~7 us (cold) on "
                    "a ~120 us call", strict=False))
     _check_step(dtype, Sq, heads, D, 512, "step")
+
+
+@pytest.mark.parametrize("S_mask", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_masked(dtype, S_mask):
+    """Short inference calls with a bool key-padding mask (B=8, H=12, D=64, the last quarter of half the rows
+    padding; a BERT batch), SDPA surface: where the tiny-masked rule hands them to sdpa (the mask passed as it is)
+    and where the cpu kernels, which skip the padding, take over."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 12, S_mask, 64, generator=g).to(dtype) for _ in range(3))
+    pad = torch.ones(8, 1, 1, S_mask, dtype=torch.bool)
+    pad[4:, ..., S_mask * 3 // 4:] = False  # (B, 1, 1, Sk): True = a real key
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=pad),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad, backend="cpu"),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad)}
+    t = {name: float("inf") for name in impls}
+    with torch.no_grad():
+        for _ in range(2):
+            for name, f in impls.items():
+                t[name] = min(t[name], _best(f))
+    chosen = fastattn.explain(q, k, v, attn_mask=pad).chosen
+    what = f"{str(dtype)[6:]} key-padding mask B=8 H=12 D=64 S={S_mask}"
+    print(f"{what}: cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
+    assert t["auto"] <= t["torch"] / 0.95, (
+        f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {what}; cpu is {t['torch'] / t['cpu']:.2f}x: "
+        f"fix the auto rule")

@@ -149,15 +149,19 @@ def _runs_on_cpu_kernels(fn) -> bool:
 
 
 def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
-    """auto leaves tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024) to PyTorch's SDPA, which is faster there, but never
-    a call sdpa would run through a dense mask or refuse (then the naive reference backend would take it)."""
+    """auto leaves tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024) to PyTorch's SDPA, which is faster there, masked
+    inference calls included (the mask goes to torch at its own size), but never a call sdpa would run through a dense
+    mask of its own making or refuse (then the naive reference backend would take it)."""
     t = rnd(2, 4, 16, 32)
     bshd = lambda x: x.transpose(1, 2)  # noqa: E731 (B, H, S, D) -> (B, S, H, D)
     assert fastattn.explain(t, t, t).chosen == "sdpa"
     assert fastattn.explain(t, t, t, is_causal=True).chosen == "sdpa"
     big = rnd(2, 4, 80, 32)
     assert fastattn.explain(big, big, big).chosen == "cpu"
-    assert fastattn.explain(t, t, t, attn_mask=torch.ones(16, 16, dtype=torch.bool)).chosen == "cpu"
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    assert fastattn.explain(t, t, t, attn_mask=mask).chosen == "sdpa"
+    assert fastattn.explain(t.clone().requires_grad_(), t, t, attn_mask=mask).chosen == "cpu"  # the rule: inference
+    assert fastattn.explain(t, t, t, attn_mask=mask, is_causal=True).chosen == "cpu"  # sdpa: a mask of its own
     assert fastattn.explain(t, t, t, dropout_p=0.1).chosen == "cpu"  # dropout keeps the Philox stream
     assert not _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(t), bshd(t), bshd(t), causal=True))
     kept = {"softcap": dict(softcap=2.0), "alibi": dict(alibi_slopes=torch.rand(4)), "window": dict(window_size=(4, 0)),

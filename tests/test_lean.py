@@ -11,6 +11,7 @@ import fastattn
 from fastattn import dispatch, lean
 from fastattn.backends import BACKENDS
 from fastattn.backends import cpu as cpu_backend
+from fastattn.backends import sdpa as sdpa_backend
 from fastattn.functional import _sdpa_params
 from support.lean_keys import key_mismatches, unnoticed_fields
 
@@ -157,6 +158,36 @@ def test_masked_replay_equals_the_full_path(monkeypatch, dtype, Sq, causal):
                     m.setattr(lean, "key", lambda *a: None)  # the full path
                     want = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
                 assert torch.equal(got, want), f"{name} Sk={Sk}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tiny_masked_calls_replay_torch_with_the_full_paths_bits(monkeypatch, dtype):
+    """Tiny masked calls (auto's rule sends them to sdpa) replay PyTorch's call on the mask itself: the full path's
+    outputs bit for bit, a row that sees no key included (0, as the full path's fix-up gives)."""
+    g = torch.Generator().manual_seed(7)
+    B, H, S = 3, 4, 16
+    q, k, v = (torch.randn(B, H, S, 32, generator=g).to(dtype) for _ in range(3))
+    keep = torch.rand(B, 1, S, S, generator=g) > 0.3
+    keep[1, 0, 5] = False  # batch 1, query 5: no key
+    masks = {"bool": keep, "float": torch.randn(B, H, S, S, generator=g).to(dtype).masked_fill(~keep, float("-inf"))}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dispatch._CHOICES.clear()
+            sdpa(q, k, v, attn_mask=mask)  # learns
+            route = dispatch._CHOICES[lean.key(q, k, v, False, None, False, None, mask)]
+            assert route and route.name == fastattn.explain(q, k, v, attn_mask=mask).chosen == "sdpa", name
+            got = sdpa(q, k, v, attn_mask=mask)
+            with monkeypatch.context() as m:
+                m.setattr(lean, "key", lambda *a: None)  # the full path
+                want = sdpa(q, k, v, attn_mask=mask)
+            assert torch.equal(got, want), name
+            assert (got[1, :, 5] == 0).all(), name
+    with monkeypatch.context() as m:  # a torch that gave NaN for such rows: no replay, the full path's fix-up
+        m.setattr(sdpa_backend, "_zeroes_unseen_rows", lambda: False)
+        dispatch._CHOICES.clear()
+        with torch.no_grad():
+            sdpa(q, k, v, attn_mask=keep)
+            assert dispatch._CHOICES[lean.key(q, k, v, False, None, False, None, keep)] is False
 
 
 def test_masks_off_the_lean_path():

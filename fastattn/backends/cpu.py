@@ -47,8 +47,8 @@ _MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sd
 # with sdpa at every length (0.75-0.95x up to 8192 keys).
 _BF16_GQA_DECODE_SK = 4096
 _BF16_TINY_AREA = 4096
-# Not covered: masked bf16 inference stays here (key-padding batches, trailing padding skipped: 0.87-1.3x torch at
-# 12-42% padding; the sdpa backend would pass a dense float mask, measured 0.22x), and flash_attn_with_kvcache's
+# Not covered: masked bf16 inference past the tiny bounds stays here (key-padding batches, trailing padding skipped:
+# 0.87-1.3x torch at 12-42% padding, 1.12-1.25x at 64-128 tokens), and flash_attn_with_kvcache's
 # split-KV kernel in bf16 at short caches, which auto does not re-route: against torch on a contiguous (B, H, S, D)
 # cache 0.86x / 1.01x / 1.61x at 512 / 2048 / 8192 keys (GQA 16/4 D=128), 0.65x / 0.86x / 0.94x (MHA 12 D=64); the
 # generic path (torch on views of the flash-attn cache plus a bias) measured 0.2-0.5x, and torch on that same cache
@@ -84,6 +84,24 @@ _FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens (th
 _TINY_SK, _TINY_AREA = 64, 1024
 _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: per-tile costs dominate the cpu "
               "kernels; measured 0.5-0.8x)")
+
+
+# Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
+# cpu kernels with a key-padding mask measured 0.79-0.80x / 0.92x torch's SDPA (fp32, S = 16 / 32) and 0.88-0.94x /
+# 0.92-0.93x (bf16), B8 H12 D64, one thread, Intel Xeon AMX; level or ahead from S = 64 (1.08-1.15x).
+_MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * Sk <= 1024: the cpu kernels "
+                "measured 0.79-0.94x with a key-padding mask)")
+
+
+def _masked_tiny(p: AttnParams, dt) -> bool:
+    """A tiny inference call whose only feature is its mask, in a dtype the rule covers: sdpa passes the mask to
+    PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard)."""
+    if (p.requires_grad or p.causal or p.window_left >= 0 or p.window_right >= 0 or p.cu_seqlens_q is not None
+            or p.softcap > 0 or p.alibi_slopes is not None or p.return_lse or p.deterministic or p.dropout_p > 0
+            or not (dt is torch.float32 or dt is torch.bfloat16 and _BF16_AMX) or torch.compiler.is_compiling()):
+        return False
+    Sq, Sk = _lengths(p)
+    return Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA
 
 
 def _sdpa_fused(p: AttnParams) -> bool:
@@ -127,6 +145,8 @@ class CpuBackend(Backend):
         dt = p.q.dtype
         if dt not in _RULE_DTYPES or p.q_start is not None:  # sdpa, the faster path the rules point to, cannot
             return []                                          # take block calls
+        if p.attn_bias is not None:
+            return [_MASKED_TINY] if _masked_tiny(p, dt) else []
         why = _AUTO_RULE.get(dt)
         if why is None and dt is torch.float32:
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.

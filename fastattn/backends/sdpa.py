@@ -8,6 +8,9 @@ import: after the global swap `F.scaled_dot_product_attention = fastattn.scaled_
 fastattn/patch.py) this backend still calls PyTorch, not fastattn again."""
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -42,11 +45,20 @@ class SdpaBackend(Backend):
         return (Sq - 1,)
 
     def lean(self, p: AttnParams):
-        """PyTorch's function on q, k, v as they come, where forward would call it without a mask of its own."""
-        if p.attn_bias is not None or p.dropout_p > 0 or p.has_window or p.causal and not native_causal(p):
+        """PyTorch's function on q, k, v as they come, where forward would call it without a mask of its own; with a
+        mask (the call's 4-D attn_mask, a fourth argument), its bias at the mask's own size, as forward passes it."""
+        if p.dropout_p > 0 or p.has_window or p.causal and not native_causal(p):
             return None
         is_causal, scale, kw = p.causal, p.scale, {"enable_gqa": True} if p.is_gqa else {}
-        return Lean(self.name, lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, **kw))
+        if p.attn_bias is None:
+            return Lean(self.name, lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, **kw))
+
+        if not p.q.is_cpu or not _zeroes_unseen_rows():
+            return None
+        # The mask itself (bool, or the inputs' dtype): torch turns a bool mask into the bias forward passes, and
+        # zeroes rows that see no key as forward does (probed once). No tensor is made here: any small allocation
+        # between calls cost torch's own kernel 10-15 us at 16-32 tokens (its scratch then page-faults).
+        return Lean(self.name, lambda q, k, v, mask: TORCH_SDPA(q, k, v, attn_mask=mask, scale=scale, **kw))
 
     def forward(self, p: AttnParams):
         q, k, v = p.q, p.k, p.v
@@ -68,13 +80,32 @@ class SdpaBackend(Backend):
             for d in range(bias.dim() - 1):
                 if bias.stride(d) == 0 and bias.shape[d] > 1:
                     bias = bias.narrow(d, 0, 1)
-            row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)  # (B|1, H|1, Sq|1, 1)
-            if bias.is_cpu and bool(row_ok.all()):  # every row sees a key: nothing to fix (no host sync on CPU)
-                row_ok = None
-            else:
-                bias = torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device))
+            bias, row_ok = _rows_seen(bias)
         kw = {"enable_gqa": True} if p.is_gqa else {}
         out = TORCH_SDPA(q, k, v, attn_mask=bias, dropout_p=p.dropout_p, is_causal=is_causal, scale=p.scale, **kw)
-        if row_ok is not None:
-            out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out, None
+        return _zero_unseen(out, row_ok), None
+
+
+@functools.lru_cache(maxsize=None)
+def _zeroes_unseen_rows() -> bool:
+    """Whether PyTorch's CPU SDPA gives 0 (not NaN) for a query row whose keys are all masked, with a bool mask and
+    with a float -inf one (torch 2.11 and 2.14 do), as forward's fix-up does."""
+    q = torch.ones(1, 1, 2, 4)
+    keep = torch.tensor([True, True, False, False]).view(1, 1, 2, 2)  # row 1 sees nothing
+    with torch.no_grad():
+        outs = [TORCH_SDPA(q, q, q, attn_mask=m) for m in (keep, torch.zeros(keep.shape).masked_fill(~keep, -math.inf))]
+    return all(bool((o[0, 0, 1] == 0).all()) and bool(torch.isfinite(o).all()) for o in outs)
+
+
+def _rows_seen(bias):
+    """(bias, row_ok): row_ok (B|1, H|1, Sq|1, 1) True where a row of the additive bias sees a key, or None when every
+    row does (asked on CPU only, where it costs no host sync, and not while torch.compile traces); the bias with
+    unseen rows unmasked for the call (torch may give NaN there: _zero_unseen gives 0)."""
+    row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)
+    if bias.is_cpu and not torch.compiler.is_compiling() and bool(row_ok.all()):  # (traced: data-dependent)
+        return bias, None
+    return torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)), row_ok
+
+
+def _zero_unseen(out, row_ok):
+    return out if row_ok is None else torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
