@@ -43,20 +43,22 @@ def _route_mismatches(seed=0):
                 breaks = dispatch.length_breaks(Sq)
                 lengths = {max(1, min(4200, b + d)) for b in breaks for d in (-1, 0, 1)} | {
                     rng.randrange(1, 4200) for _ in range(4)}
-                for causal in (False, True):
+                pad = torch.ones(1, 1, 1, 4200, dtype=torch.bool)  # a key-padding mask (nothing padded)
+                for causal, masked in ((False, False), (True, False), (False, True)):
                     order = sorted(lengths)
                     rng.shuffle(order)
                     for Sk in order:
                         k, v = k_all[:, :, :Sk], v_all[:, :, :Sk]  # a cache's first Sk rows
-                        key = lean.key(q, k, v, causal, None, Hq != Hkv, None)
+                        mask = pad[..., :Sk] if masked else None
+                        key = lean.key(q, k, v, causal, None, Hq != Hkv, None, mask)
                         assert key is not None
-                        p = _sdpa_params(q, k, v, None, 0.0, causal, None, Hq != Hkv)
+                        p = _sdpa_params(q, k, v, mask, 0.0, causal, None, Hq != Hkv)
                         if key not in dispatch._CHOICES:
                             lean.learn(key, p, None)
                         replayed, fresh = _name(dispatch._CHOICES[key]), _name(dispatch.lean_route(p, None))
                         if replayed != fresh:
-                            bad.append((f"{str(dtype)[6:]} Hq={Hq} Hkv={Hkv} D={D} Sq={Sq} Sk={Sk} causal={causal}",
-                                        replayed, fresh))
+                            bad.append((f"{str(dtype)[6:]} Hq={Hq} Hkv={Hkv} D={D} Sq={Sq} Sk={Sk} causal={causal} "
+                                        f"masked={masked}", replayed, fresh))
     return bad
 
 
