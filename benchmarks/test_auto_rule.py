@@ -132,13 +132,18 @@ def _check_step(dtype, Sq, heads, D, Sk, kind):
     impls = {"torch": lambda: TORCH_SDPA(q, k, v, enable_gqa=gqa),
              "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, backend="cpu"),
              "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)}
+    _check_inference(impls, fastattn.explain(q, k, v, enable_gqa=gqa).chosen,
+                     f"{str(dtype)[6:]} {kind} Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}")
+
+
+def _check_inference(impls, chosen: str, what: str):
+    """Times the inference calls impls (torch, cpu, auto) side by side, interleaved, prints their ratios and asserts
+    auto is within 5% of torch or faster."""
     t = {name: float("inf") for name in impls}
     with torch.no_grad():
         for _ in range(2):
             for name, f in impls.items():
                 t[name] = min(t[name], _best(f))
-    chosen = fastattn.explain(q, k, v, enable_gqa=gqa).chosen
-    what = f"{str(dtype)[6:]} {kind} Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}"
     print(f"{what}: cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
     assert t["auto"] <= t["torch"] / 0.95, (
         f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {what}; cpu is {t['torch'] / t['cpu']:.2f}x: "
@@ -179,14 +184,5 @@ def test_auto_not_slower_than_torch_masked(request, dtype, S_mask):
     impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=pad),
              "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad, backend="cpu"),
              "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad)}
-    t = {name: float("inf") for name in impls}
-    with torch.no_grad():
-        for _ in range(2):
-            for name, f in impls.items():
-                t[name] = min(t[name], _best(f))
-    chosen = fastattn.explain(q, k, v, attn_mask=pad).chosen
-    what = f"{str(dtype)[6:]} key-padding mask B=8 H=12 D=64 S={S_mask}"
-    print(f"{what}: cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
-    assert t["auto"] <= t["torch"] / 0.95, (
-        f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {what}; cpu is {t['torch'] / t['cpu']:.2f}x: "
-        f"fix the auto rule")
+    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=pad).chosen,
+                     f"{str(dtype)[6:]} key-padding mask B=8 H=12 D=64 S={S_mask}")
