@@ -96,24 +96,24 @@ _MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * 
 def _masked_tiny(p: AttnParams, dt) -> bool:
     """A tiny inference call whose only feature is its mask, in a dtype the rule covers: sdpa passes the mask to
     PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard)."""
-    if (p.requires_grad or p.causal or p.window_left >= 0 or p.window_right >= 0 or p.cu_seqlens_q is not None
-            or p.softcap > 0 or p.alibi_slopes is not None or p.return_lse or p.deterministic or p.dropout_p > 0
-            or not (dt is torch.float32 or dt is torch.bfloat16 and _BF16_AMX) or torch.compiler.is_compiling()):
+    if (p.requires_grad or not (dt is torch.float32 or dt is torch.bfloat16 and _BF16_AMX)
+            or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True)):
         return False
     Sq, Sk = _lengths(p)
     return Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA
 
 
-def _sdpa_fused(p: AttnParams) -> bool:
+def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
     """True when the sdpa backend takes p as PyTorch's own fused call: the calls the rules were measured on.
     Anything else stays on the cpu kernels: sdpa would build a dense (Sq, Sk) mask (windows, bottom-right causal),
     draw dropout from torch's RNG instead of the Philox stream, or refuse the call and leave it to the naive
-    reference backend (softcap, alibi, varlen, lse, deterministic). Plain field reads: this runs on every call a rule
-    fires for."""
-    if (p.attn_bias is not None or p.cu_seqlens_q is not None or p.softcap > 0 or p.alibi_slopes is not None
-            or p.return_lse or p.deterministic or p.dropout_p > 0 or p.window_left >= 0 or p.window_right > 0):
+    reference backend (softcap, alibi, varlen, lse, deterministic). mask: the call's own mask is allowed (not with
+    causal: sdpa would fold the diagonal into it). Plain field reads: this runs on every call a rule fires for."""
+    if (p.attn_bias is not None and not mask or p.cu_seqlens_q is not None or p.softcap > 0
+            or p.alibi_slopes is not None or p.return_lse or p.deterministic or p.dropout_p > 0 or p.window_left >= 0
+            or p.window_right > 0):
         return False
-    return not p.causal or native_causal(p)
+    return not p.causal or native_causal(p)  # (native_causal refuses a mask)
 
 
 def _lengths(p: AttnParams):

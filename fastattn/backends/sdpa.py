@@ -46,7 +46,7 @@ class SdpaBackend(Backend):
 
     def lean(self, p: AttnParams):
         """PyTorch's function on q, k, v as they come, where forward would call it without a mask of its own; with a
-        mask (the call's 4-D attn_mask, a fourth argument), its bias at the mask's own size, as forward passes it."""
+        mask (the call's 4-D attn_mask, a fourth argument), on the mask itself, where that gives forward's result."""
         if p.dropout_p > 0 or p.has_window or p.causal and not native_causal(p):
             return None
         is_causal, scale, kw = p.causal, p.scale, {"enable_gqa": True} if p.is_gqa else {}
@@ -83,7 +83,9 @@ class SdpaBackend(Backend):
             bias, row_ok = _rows_seen(bias)
         kw = {"enable_gqa": True} if p.is_gqa else {}
         out = TORCH_SDPA(q, k, v, attn_mask=bias, dropout_p=p.dropout_p, is_causal=is_causal, scale=p.scale, **kw)
-        return _zero_unseen(out, row_ok), None
+        if row_ok is not None:
+            out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,12 +102,9 @@ def _zeroes_unseen_rows() -> bool:
 def _rows_seen(bias):
     """(bias, row_ok): row_ok (B|1, H|1, Sq|1, 1) True where a row of the additive bias sees a key, or None when every
     row does (asked on CPU only, where it costs no host sync, and not while torch.compile traces); the bias with
-    unseen rows unmasked for the call (torch may give NaN there: _zero_unseen gives 0)."""
+    unseen rows unmasked for the call (torch may give NaN there; forward then gives 0)."""
     row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)
     if bias.is_cpu and not torch.compiler.is_compiling() and bool(row_ok.all()):  # (traced: data-dependent)
         return bias, None
     return torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)), row_ok
 
-
-def _zero_unseen(out, row_ok):
-    return out if row_ok is None else torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
