@@ -97,6 +97,9 @@ std::string describe();
 std::map<std::string, std::string> report();
 void force_fp32(bool on);
 }
+namespace lean {
+void add_lean(pybind11::module_& m);  // lean_key.cpp: lean_init, lean_key
+}
 }  // namespace fastattn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -108,4 +111,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cpu_matmul as data: CPU model, each low-precision dtype's path (brgemm|fp32), ISA flags");
   m.def("cpu_matmul_force_fp32", &fastattn::cpu::mm::force_fp32,
         "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
+  fastattn::lean::add_lean(m);
 }

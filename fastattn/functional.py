@@ -18,6 +18,9 @@ from .params import (AttnParams, InputValueError, causal_bias_alignment, check_a
                      check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
                      last_dim_contiguous, normalize_mask)
 
+# The lean key is C++ (fastattn._C.lean_key), which dynamo cannot trace: asked first (True while it traces).
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+
 
 def _broadcast_size(sizes, what: str, shapes) -> int:
     out = 1
@@ -152,7 +155,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = torch.softmax(s, -1) @ value
     """
     lean_key = route = None
-    if dropout_p == 0.0:  # a plain call: the lean path's (fastattn/lean.py)
+    if dropout_p == 0.0 and not _is_dynamo_compiling():  # a plain call: the lean path's (fastattn/lean.py)
         lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
         if lean_key is not None:
             route = dispatch._CHOICES.get(lean_key)

@@ -1,0 +1,184 @@
+// fastattn._C.lean_key: the SDPA surface's lean key (fastattn/lean.py `key_py`, the reference) in C++.
+//
+// Why: the key runs between two kernels that stream a KV cache through the L2, so its Python ran cold there:
+// 2.4 us warm and 4-7 us cold a call (one thread, Intel Xeon; 12-head decode steps of 9-130 us), most of auto's
+// hand-over cost over PyTorch's own call. Here it reads the tensors' metadata directly, with no Python frame.
+//
+// Same key, same refusals (None: the call takes the full path) as key_py, which tests/test_lean_key.py checks
+// field by field on a matrix of calls; the caller has checked dropout_p == 0 and that dynamo is not tracing (it
+// cannot trace into this function). Fields: (LEAN, requested backend, dtype, q's shape, k's heads, v's head dim,
+// the key length's class among dispatch.length_breaks(Sq), is_causal, scale, the mask's dims but its last or None).
+#include <torch/extension.h>
+
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace fastattn::lean {
+namespace {
+
+// Set once by lean_init (strong references kept for the process's life).
+PyObject* g_tag = nullptr;        // dispatch.LEAN
+PyObject* g_dispatch = nullptr;   // the dispatch module: _CHOICES and length_breaks are read from it per call
+PyObject* g_ctx = nullptr;        // dispatch._ctx_backend (a ContextVar)
+PyObject* g_env = nullptr;        // dispatch._env_backend () -> str | None
+PyObject* g_auto = nullptr;       // "auto"
+PyObject* g_choices = nullptr;    // "_CHOICES"
+PyObject* g_breaks = nullptr;     // "length_breaks"
+
+bool float_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// A plain dense CPU tensor (not a subclass: FakeTensor, Parameter and others take the full path; torch's
+// THPVariable_CheckExact would let a Parameter through).
+const at::Tensor* plain_cpu(PyObject* o) {
+  if (THPVariableClass == nullptr || Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  return t.defined() && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() ? &t : nullptr;
+}
+
+// backend or _ctx_backend.get() or _env_backend() or "auto" (dispatch._ambient's order), a new reference.
+PyObject* requested(PyObject* backend) {
+  PyObject* v = Py_NewRef(backend);
+  for (int step = 0; step < 3; ++step) {
+    const int truth = PyObject_IsTrue(v);
+    if (truth != 0) {
+      if (truth < 0) Py_CLEAR(v);
+      return v;
+    }
+    Py_DECREF(v);
+    if (step == 0) {
+      if (PyContextVar_Get(g_ctx, Py_None, &v) < 0) return nullptr;
+    } else if (step == 1) {
+      if ((v = PyObject_CallNoArgs(g_env)) == nullptr) return nullptr;
+    }
+  }
+  return Py_NewRef(g_auto);
+}
+
+// bisect_left(dispatch.length_breaks(Sq), Sk) with length_breaks' memo (_CHOICES[(LEAN, Sq)]) read here; -1 on error.
+int64_t length_class(int64_t Sq, int64_t Sk) {
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  if (choices == nullptr) return -1;
+  PyObject* memo = Py_BuildValue("(OL)", g_tag, static_cast<long long>(Sq));
+  PyObject* breaks = memo && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, memo) : nullptr;  // borrowed
+  Py_XINCREF(breaks);
+  Py_XDECREF(memo);
+  Py_DECREF(choices);
+  if (breaks == nullptr) {
+    if (PyErr_Occurred()) return -1;
+    PyObject* fn = PyObject_GetAttr(g_dispatch, g_breaks);
+    breaks = fn ? PyObject_CallFunction(fn, "L", static_cast<long long>(Sq)) : nullptr;
+    Py_XDECREF(fn);
+    if (breaks == nullptr) return -1;
+  }
+  int64_t cls = -1;
+  if (PyTuple_Check(breaks)) {  // sorted: bisect_left is the count of breaks below Sk
+    cls = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(breaks); ++i) {
+      const long long b = PyLong_AsLongLong(PyTuple_GET_ITEM(breaks, i));
+      if (b == -1 && PyErr_Occurred()) {
+        cls = -1;
+        break;
+      }
+      cls += b < Sk;
+    }
+  } else {
+    PyErr_SetString(PyExc_TypeError, "fastattn.lean: dispatch.length_breaks must return a tuple");
+  }
+  Py_DECREF(breaks);
+  return cls;
+}
+
+// lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> tuple | None
+PyObject* key(PyObject* const* a, Py_ssize_t n) {
+  if (n < 7 || n > 8) {
+    PyErr_SetString(PyExc_TypeError, "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, mask])");
+    return nullptr;
+  }
+  if (g_tag == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_key: lean_init was not called");
+    return nullptr;
+  }
+  PyObject *causal = a[3], *scale = a[4], *gqa = a[5], *mask = n == 8 ? a[7] : Py_None;
+  if (!PyBool_Check(causal) || !PyBool_Check(gqa) || !(scale == Py_None || PyFloat_CheckExact(scale))) Py_RETURN_NONE;
+  const at::Tensor *q = plain_cpu(a[0]), *k = plain_cpu(a[1]), *v = plain_cpu(a[2]);
+  if (!q || !k || !v) Py_RETURN_NONE;
+  // check_tensors' common case (a call that fails it takes the full path, for its message); then inference
+  const at::ScalarType dt = q->scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if (!float_dtype(dt) || k->scalar_type() != dt || v->scalar_type() != dt ||
+      (grad && (q->requires_grad() || k->requires_grad() || v->requires_grad()))) {
+    Py_RETURN_NONE;
+  }
+  const auto qs = q->sizes(), ks = k->sizes(), vs = v->sizes();
+  if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4) Py_RETURN_NONE;
+  const bool heads_ok = qs[1] == ks[1] || (gqa == Py_True && ks[1] > 0 && qs[1] % ks[1] == 0);
+  if (!(qs[0] == ks[0] && ks[0] == vs[0] && ks[1] == vs[1] && heads_ok && qs[3] == ks[3] && ks[2] == vs[2] &&
+        q->stride(3) == 1 && k->stride(3) == 1 && v->stride(3) == 1)) {
+    Py_RETURN_NONE;
+  }
+  int64_t mdims[3] = {0, 0, 0};
+  const bool masked = mask != Py_None;
+  if (masked) {  // a plain 4-D mask, bool or in q's dtype, last dim Sk or 1 (checked per call)
+    const at::Tensor* m = plain_cpu(mask);
+    if (m == nullptr || m->dim() != 4) Py_RETURN_NONE;
+    const at::ScalarType mdt = m->scalar_type();
+    if (!(mdt == at::kBool || (mdt == dt && !(grad && m->requires_grad()))) ||
+        !(m->size(3) == ks[2] || m->size(3) == 1)) {
+      Py_RETURN_NONE;
+    }
+    for (int i = 0; i < 3; ++i) mdims[i] = m->size(i);  // checked against q's dims by the call that learnt the route
+  }
+  const int64_t cls = length_class(qs[2], ks[2]);
+  if (cls < 0) return nullptr;
+  PyObject* req = requested(a[6]);
+  if (req == nullptr) return nullptr;
+  PyObject* mask_dims = masked ? Py_BuildValue("(LLL)", static_cast<long long>(mdims[0]),
+                                                static_cast<long long>(mdims[1]), static_cast<long long>(mdims[2]))
+                               : Py_NewRef(Py_None);
+  if (mask_dims == nullptr) {
+    Py_DECREF(req);
+    return nullptr;
+  }
+  PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
+  // "O" takes a new reference, "N" steals one (req, mask_dims)
+  return Py_BuildValue("(ONO(LLLL)LLLOON)", g_tag, req, dtype, static_cast<long long>(qs[0]),
+                       static_cast<long long>(qs[1]), static_cast<long long>(qs[2]), static_cast<long long>(qs[3]),
+                       static_cast<long long>(ks[1]), static_cast<long long>(vs[3]), static_cast<long long>(cls),
+                       causal, scale, mask_dims);
+}
+
+PyObject* lean_key(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  try {
+    return key(a, n);
+  } catch (const std::exception&) {  // metadata a tensor does not have (no strides...): the full path says why
+    Py_RETURN_NONE;
+  }
+}
+
+PyMethodDef kMethods[] = {
+    {"lean_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lean_key)), METH_FASTCALL,
+     "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's key"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object ctx, pybind11::object env) {
+  TORCH_CHECK(PyContextVar_CheckExact(ctx.ptr()), "lean_init: ctx must be a contextvars.ContextVar");
+  for (PyObject** g : {&g_tag, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks}) Py_CLEAR(*g);
+  g_tag = tag.inc_ref().ptr();
+  g_dispatch = dispatch.inc_ref().ptr();
+  g_ctx = ctx.inc_ref().ptr();
+  g_env = env.inc_ref().ptr();
+  g_auto = PyUnicode_InternFromString("auto");
+  g_choices = PyUnicode_InternFromString("_CHOICES");
+  g_breaks = PyUnicode_InternFromString("length_breaks");
+}
+
+void add_lean(pybind11::module_& m) {
+  m.def("lean_init", &lean_init, "Binds lean_key to dispatch (its LEAN tag, _ctx_backend, _env_backend)");
+  TORCH_CHECK(PyModule_AddFunctions(m.ptr(), kMethods) == 0, "fastattn._C: adding lean_key failed");
+}
+
+}  // namespace fastattn::lean
