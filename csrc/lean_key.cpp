@@ -18,6 +18,7 @@ namespace {
 
 // Set once by lean_init (strong references kept for the process's life).
 PyObject* g_tag = nullptr;        // dispatch.LEAN
+PyObject* g_cache = nullptr;      // lean._CACHE (second field of flash_attn_with_kvcache's keys)
 PyObject* g_dispatch = nullptr;   // the dispatch module: _CHOICES and length_breaks are read from it per call
 PyObject* g_ctx = nullptr;        // dispatch._ctx_backend (a ContextVar)
 PyObject* g_env = nullptr;        // dispatch._env_backend () -> str | None
@@ -31,8 +32,12 @@ bool float_dtype(at::ScalarType t) {
 
 // A plain dense CPU tensor (not a subclass: FakeTensor, Parameter and others take the full path; torch's
 // THPVariable_CheckExact would let a Parameter through).
+bool plain_type(PyObject* o) {
+  return THPVariableClass != nullptr && Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(THPVariableClass);
+}
+
 const at::Tensor* plain_cpu(PyObject* o) {
-  if (THPVariableClass == nullptr || Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return nullptr;
+  if (!plain_type(o)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(o);
   return t.defined() && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() ? &t : nullptr;
 }
@@ -157,17 +162,110 @@ PyObject* lean_key(PyObject*, PyObject* const* a, Py_ssize_t n) {
   }
 }
 
+
+// A tensor's shape as a tuple of ints (equal to, and hashing as, its torch.Size).
+PyObject* shape(const at::Tensor& t) {
+  const auto s = t.sizes();
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(s.size()));
+  for (size_t i = 0; out && i < s.size(); ++i) {
+    PyObject* d = PyLong_FromLongLong(s[i]);
+    if (d == nullptr) {
+      Py_CLEAR(out);
+      break;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
+  }
+  return out;
+}
+
+
+// cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+// return_lse, backend) -> tuple | None: lean.cache_key_py's key (flash_attn_with_kvcache's lean path).
+PyObject* cache_key_impl(PyObject* const* a, Py_ssize_t n) {
+  if (n != 13) {
+    PyErr_SetString(PyExc_TypeError, "cache_key takes 13 arguments");
+    return nullptr;
+  }
+  if (g_tag == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.cache_key: lean_init was not called");
+    return nullptr;
+  }
+  PyObject *kn = a[3], *vn = a[4], *lens = a[5], *scale = a[6], *causal = a[7], *window = a[8], *softcap = a[9];
+  PyObject *splits = a[10], *lse = a[11];
+  const bool has_new = kn != Py_None || vn != Py_None;
+  if (!(PyBool_Check(causal) && PyBool_Check(lse) && PyLong_CheckExact(splits) && PyFloat_CheckExact(softcap) &&
+        (scale == Py_None || PyFloat_CheckExact(scale)) && PyTuple_CheckExact(window) &&
+        PyTuple_GET_SIZE(window) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(window, 0)) &&
+        PyLong_CheckExact(PyTuple_GET_ITEM(window, 1)) && (!has_new || (plain_type(kn) && plain_type(vn))))) {
+    Py_RETURN_NONE;
+  }
+  const at::Tensor *q = plain_cpu(a[0]), *kc = plain_cpu(a[1]), *vc = plain_cpu(a[2]);
+  if (!q || !kc || !vc) Py_RETURN_NONE;
+  const at::ScalarType dt = q->scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if (!float_dtype(dt) || kc->scalar_type() != dt || vc->scalar_type() != dt || q->dim() == 0 || kc->dim() == 0 ||
+      vc->dim() == 0 || q->stride(-1) != 1 || kc->stride(-1) != 1 || vc->stride(-1) != 1 ||
+      (grad && (q->requires_grad() || kc->requires_grad() || vc->requires_grad()))) {
+    Py_RETURN_NONE;
+  }
+  if (!PyLong_CheckExact(lens)) {  // else an int32 (B,) unit-stride CPU tensor, B = q's batch
+    if (!plain_type(lens)) Py_RETURN_NONE;
+    const at::Tensor& L = THPVariable_Unpack(lens);
+    if (!(L.scalar_type() == at::kInt && L.is_cpu() && L.layout() == at::kStrided && !L.is_nested() &&
+          q->dim() == 4 && L.dim() == 1 && L.size(0) == q->size(0) && L.stride(0) == 1)) {
+      Py_RETURN_NONE;
+    }
+  }
+  PyObject* shapes[5] = {shape(*q), shape(*kc), shape(*vc), nullptr, nullptr};
+  PyObject* out = nullptr;
+  if (has_new) {
+    const at::Tensor *k = plain_cpu(kn), *v = plain_cpu(vn);
+    if (!(k && v && k->scalar_type() == dt && v->scalar_type() == dt && !(grad && (k->requires_grad() ||
+                                                                                  v->requires_grad())))) {
+      for (PyObject* o : shapes) Py_XDECREF(o);
+      Py_RETURN_NONE;
+    }
+    shapes[3] = shape(*k);
+    shapes[4] = shape(*v);
+  }
+  PyObject* req = requested(a[12]);
+  if (req && shapes[0] && shapes[1] && shapes[2] && (!has_new || (shapes[3] && shapes[4]))) {
+    PyObject* fresh = has_new ? Py_BuildValue("(OO)", shapes[3], shapes[4]) : Py_NewRef(Py_None);
+    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
+    if (fresh) {
+      out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, req, dtype, shapes[0], shapes[1], shapes[2], fresh,
+                          causal, window, softcap, scale, splits);
+    }
+  }
+  Py_XDECREF(req);
+  for (PyObject* o : shapes) Py_XDECREF(o);
+  return out;
+}
+
+PyObject* cache_key(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  try {
+    return cache_key_impl(a, n);
+  } catch (const std::exception&) {  // metadata a tensor does not have: the full path says why
+    Py_RETURN_NONE;
+  }
+}
+
 PyMethodDef kMethods[] = {
     {"lean_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lean_key)), METH_FASTCALL,
      "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's key"},
+    {"cache_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cache_key)), METH_FASTCALL,
+     "cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits, "
+     "return_lse, backend): fastattn/lean.py's cache_key"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
-void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object ctx, pybind11::object env) {
+void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object cache, pybind11::object ctx,
+               pybind11::object env) {
   TORCH_CHECK(PyContextVar_CheckExact(ctx.ptr()), "lean_init: ctx must be a contextvars.ContextVar");
-  for (PyObject** g : {&g_tag, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks}) Py_CLEAR(*g);
+  for (PyObject** g : {&g_tag, &g_cache, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks}) Py_CLEAR(*g);
   g_tag = tag.inc_ref().ptr();
+  g_cache = cache.inc_ref().ptr();
   g_dispatch = dispatch.inc_ref().ptr();
   g_ctx = ctx.inc_ref().ptr();
   g_env = env.inc_ref().ptr();
@@ -177,7 +275,8 @@ void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object
 }
 
 void add_lean(pybind11::module_& m) {
-  m.def("lean_init", &lean_init, "Binds lean_key to dispatch (its LEAN tag, _ctx_backend, _env_backend)");
+  m.def("lean_init", &lean_init,
+        "Binds lean_key and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend and _env_backend");
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), kMethods) == 0, "fastattn._C: adding lean_key failed");
 }
 

@@ -79,12 +79,6 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
             mask)
 
 
-key = key_py
-if ops._C is not None and hasattr(ops._C, "lean_key"):  # an extension built before lean_key keeps key_py
-    ops._C.lean_init(dispatch, dispatch.LEAN, _ctx_backend, _env_backend)
-    key = ops._C.lean_key
-
-
 def learn(k: tuple, p, backend) -> None:
     """Remembers the route run(p, backend) took for calls with lean key k (False: none, take the full path; so for
     empty calls, which run answers itself)."""
@@ -102,11 +96,12 @@ def learn(k: tuple, p, backend) -> None:
 _CACHE = object()  # second field of flash_attn_with_kvcache's lean keys
 
 
-def cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
-              return_lse, backend) -> Optional[tuple]:
+def cache_key_py(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+                 return_lse, backend) -> Optional[tuple]:
     """The call's lean key, or None where the lean path does not apply (the caller has checked block_table,
     cache_batch_idx, rotary_cos, alibi_slopes and cache_leftpad are None). The facts: the requested backend, dtype,
-    q's and the caches' shapes, the new k/v's, and the flags that reach the kernel."""
+    q's and the caches' shapes, the new k/v's, and the flags that reach the kernel. The reference of
+    fastattn._C.cache_key, which `cache_key` is where the extension is built (as key_py and key)."""
     if not (type(q) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor and type(causal) is bool
             and type(return_lse) is bool and type(num_splits) is int and type(softcap) is float
             and (softmax_scale is None or type(softmax_scale) is float) and type(window_size) is tuple
@@ -136,6 +131,12 @@ def cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, w
     # (cache_seqlens and return_lse: read by cache_run on every call)
     return (dispatch.LEAN, _CACHE, requested, dt, qs, k_cache.shape, v_cache.shape, new, causal, window_size, softcap,
             softmax_scale, num_splits)
+
+
+key, cache_key = key_py, cache_key_py
+if ops._C is not None and hasattr(ops._C, "cache_key"):  # an extension built before them keeps the Python keys
+    ops._C.lean_init(dispatch, dispatch.LEAN, _CACHE, _ctx_backend, _env_backend)
+    key, cache_key = ops._C.lean_key, ops._C.cache_key
 
 
 def learn_cache(k: tuple, chosen, call) -> None:

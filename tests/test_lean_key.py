@@ -1,12 +1,13 @@
-"""fastattn._C.lean_key (csrc/lean_key.cpp), the SDPA surface's lean key in C++, against its reference
-fastattn.lean.key_py: the same key, or the same refusal (None), on a matrix of calls that covers every field and
-every refusal; and the matrix notices any one field of the key gone wrong (planted)."""
+"""fastattn._C.lean_key and cache_key (csrc/lean_key.cpp), the lean keys of the SDPA surface and of
+flash_attn_with_kvcache in C++, against their references fastattn.lean.key_py and cache_key_py: the same key, or the
+same refusal (None), on a matrix of calls that covers every field and every refusal; and the matrix notices any one
+field of the key gone wrong (planted)."""
 import pytest
 import torch
 
 from fastattn import dispatch, lean
 
-pytestmark = pytest.mark.skipif(lean.key is lean.key_py,
+pytestmark = pytest.mark.skipif(lean.key is lean.key_py or lean.cache_key is lean.cache_key_py,
                                 reason="fastattn._C was not built (or predates lean_key): lean.key is key_py itself")
 
 
@@ -69,15 +70,59 @@ def _calls():
     return calls
 
 
-def _mismatches(reference):
+def _cache_calls():
+    """(name, args of cache_key) covering each field's values and each refusal of cache_key_py."""
+    g = torch.Generator().manual_seed(1)
+
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+    q, kc, vc, k, v = t(2, 1, 4, 16), t(2, 64, 2, 16), t(2, 64, 2, 8), t(2, 1, 2, 16), t(2, 1, 2, 8)
+    lens = torch.tensor([5, 7], dtype=torch.int32)
+    base = (q, kc, vc, None, None, lens, None, True, (-1, -1), 0.0, 0, False, None)
+
+    def with_(**kw):
+        names = ("q", "kc", "vc", "k", "v", "lens", "scale", "causal", "window", "softcap", "splits", "lse", "backend")
+        return tuple(kw.get(n, a) for n, a in zip(names, base))
+    calls = [("plain", base), ("appending", with_(k=k, v=v)), ("int lengths", with_(lens=5))]
+    for dt in (torch.float16, torch.bfloat16, torch.float64, torch.int32):
+        calls.append((f"dtype {dt}", with_(q=q.to(dt), kc=kc.to(dt), vc=vc.to(dt))))
+    calls += [
+        ("kc dtype", with_(kc=kc.double())), ("vc dtype", with_(vc=vc.half())),
+        ("q shape", with_(q=t(2, 3, 4, 16))), ("kc shape", with_(kc=t(2, 80, 2, 16))), ("vc shape", with_(vc=t(2, 64, 2, 4))),
+        ("new shapes", with_(k=t(2, 2, 2, 16), v=t(2, 2, 2, 8))), ("new k only", with_(k=k)), ("new v only", with_(v=v)),
+        ("new dtype", with_(k=k.double(), v=v)), ("new grad", with_(k=k.clone().requires_grad_(), v=v)),
+        ("new subclass", with_(k=torch.nn.Parameter(k), v=v)), ("new meta", with_(k=k.to("meta"), v=v)),
+        ("scale", with_(scale=0.5)), ("int scale", with_(scale=1)), ("causal", with_(causal=False)),
+        ("int causal", with_(causal=1)), ("window", with_(window=(3, 0))), ("list window", with_(window=[-1, -1])),
+        ("window of 3", with_(window=(1, 2, 3))), ("bool window", with_(window=(True, 0))),
+        ("softcap", with_(softcap=5.0)), ("int softcap", with_(softcap=0)), ("splits", with_(splits=2)),
+        ("bool splits", with_(splits=False)), ("lse", with_(lse=True)), ("int lse", with_(lse=1)),
+        ("backend", with_(backend="cpu")), ("empty backend", with_(backend="")),
+        ("int64 lengths", with_(lens=lens.long())), ("strided lengths", with_(lens=torch.tensor([5, 0, 7, 0], dtype=torch.int32)[::2])),
+        ("short lengths", with_(lens=lens[:1])), ("2-D lengths", with_(lens=lens[None])), ("list lengths", with_(lens=[5, 7])),
+        ("bool lengths", with_(lens=True)), ("3-D q", with_(q=q[0], lens=lens[:1])), ("3-D q, int lengths", with_(q=q[0], lens=5)),
+        ("q stride", with_(q=t(2, 1, 4, 32)[..., ::2])), ("kc stride", with_(kc=t(2, 64, 2, 32)[..., ::2])),
+        ("vc stride", with_(vc=t(2, 64, 2, 16)[..., ::2])), ("q grad", with_(q=q.clone().requires_grad_())),
+        ("kc grad", with_(kc=kc.clone().requires_grad_())), ("subclass", with_(q=torch.nn.Parameter(q))),
+        ("meta", with_(vc=vc.to("meta"))), ("nested", with_(q=torch.nested.nested_tensor([q[0], q[1]]))),
+        ("sparse", with_(kc=kc.to_sparse())),
+    ]
+    return calls
+
+
+def _mismatches(reference, calls=_calls, ours=lambda *a: lean.key(*a)):
     """The calls whose C++ key differs from reference's (grad on and off)."""
     bad = []
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            for name, args in _calls():
-                if lean.key(*args) != reference(*args):
+            for name, args in calls():
+                if ours(*args) != reference(*args):
                     bad.append((name, grad))
     return bad
+
+
+def _cache_mismatches(reference):
+    return _mismatches(reference, _cache_calls, lambda *a: lean.cache_key(*a))
 
 
 def test_cpp_key_equals_reference():
@@ -121,3 +166,23 @@ def test_planted_refusal_is_caught():
     def planted(*args):
         return lean.key_py(*args) or ("taken",)
     assert len(_mismatches(planted)) >= 20
+
+
+def test_cpp_cache_key_equals_reference():
+    assert _cache_mismatches(lean.cache_key_py) == []
+    keys = [lean.cache_key(*args) for _, args in _cache_calls()]
+    assert sum(k is not None for k in keys) >= 15 and sum(k is None for k in keys) >= 20  # both kinds exercised
+
+
+@pytest.mark.parametrize("field", range(2, 13))
+def test_planted_cache_field_is_caught(field):
+    def planted(*args):
+        key = lean.cache_key_py(*args)
+        return None if key is None else key[:field] + ("?",) + key[field + 1:]
+    assert _cache_mismatches(planted) != []
+
+
+def test_planted_cache_refusal_is_caught():
+    def planted(*args):
+        return lean.cache_key_py(*args) or ("taken",)
+    assert len(_cache_mismatches(planted)) >= 20
