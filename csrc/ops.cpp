@@ -98,7 +98,7 @@ std::map<std::string, std::string> report();
 void force_fp32(bool on);
 }
 namespace lean {
-void add_lean(pybind11::module_& m);  // lean_key.cpp: lean_init, lean_key
+void add_lean(pybind11::module_& m);  // lean.cpp: lean_init, lean_key, cache_key, cache_append
 }
 }  // namespace fastattn
 

@@ -133,10 +133,21 @@ def cache_key_py(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal
             softmax_scale, num_splits)
 
 
-key, cache_key = key_py, cache_key_py
-if ops._C is not None and hasattr(ops._C, "cache_key"):  # an extension built before them keeps the Python keys
+def cache_append_py(k_cache, v_cache, k, v, lo: int):
+    """Slots [lo, lo + Snew) of every row of the caches take k, v; returns (the slots' old keys, old values, the int32
+    (B,) lengths after the append). The reference of fastattn._C.cache_append (one C++ call for these seven ops)."""
+    snew = k.shape[1]
+    ks, vs = k_cache.narrow(1, lo, snew), v_cache.narrow(1, lo, snew)  # (B, Snew, Hkv, D|Dv) slots written
+    old = ks.clone(), vs.clone()
+    ks.copy_(k)
+    vs.copy_(v)
+    return old[0], old[1], torch.full((k_cache.shape[0],), lo + snew, dtype=torch.int32)
+
+
+key, cache_key, cache_append = key_py, cache_key_py, cache_append_py
+if ops._C is not None and hasattr(ops._C, "cache_append"):  # an extension built before them keeps the Python ones
     ops._C.lean_init(dispatch, dispatch.LEAN, _CACHE, _ctx_backend, _env_backend)
-    key, cache_key = ops._C.lean_key, ops._C.cache_key
+    key, cache_key, cache_append = ops._C.lean_key, ops._C.cache_key, ops._C.cache_append
 
 
 def learn_cache(k: tuple, chosen, call) -> None:
@@ -158,22 +169,17 @@ def cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_lse):
     snew = 0 if k is None else k.shape[1]
     if lo < 0 or hi + snew > k_cache.shape[1] or snew and lo != hi:
         return None
-    B = q.shape[0]
-    seqlens = (cache_seqlens if not snew and type(cache_seqlens) is not int
-               else torch.full((B,), lo + snew, dtype=torch.int32))  # int32 (B,) valid keys after the append
     qt = q.transpose(1, 2)  # (B, Sq, Hq, D) -> (B, Hq, Sq, D)
     if not snew:
+        seqlens = (cache_seqlens if type(cache_seqlens) is not int
+                   else torch.full((q.shape[0],), lo, dtype=torch.int32))  # int32 (B,) valid keys
         out, lse = route.run(qt, k_cache, v_cache, seqlens)
     else:
-        ks, vs = k_cache.narrow(1, lo, snew), v_cache.narrow(1, lo, snew)  # (B, Snew, Hkv, D|Dv) slots written
-        old = ks.clone(), vs.clone()
-        ks.copy_(k)
-        vs.copy_(v)
+        old_k, old_v, seqlens = cache_append(k_cache, v_cache, k, v, lo)  # seqlens: lo + snew
         try:
             out, lse = route.run(qt, k_cache, v_cache, seqlens)
         except BaseException:
-            ks.copy_(old[0])  # the caches bit for bit as they were
-            vs.copy_(old[1])
+            cache_append(k_cache, v_cache, old_k, old_v, lo)  # the caches bit for bit as they were
             raise
     out = out.transpose(1, 2)  # (B, Hq, Sq, Dv) -> (B, Sq, Hq, Dv)
     return (out, lse) if return_lse else out

@@ -1,14 +1,14 @@
-"""fastattn._C.lean_key and cache_key (csrc/lean_key.cpp), the lean keys of the SDPA surface and of
+"""fastattn._C.lean_key and cache_key (csrc/lean.cpp), the lean keys of the SDPA surface and of
 flash_attn_with_kvcache in C++, against their references fastattn.lean.key_py and cache_key_py: the same key, or the
 same refusal (None), on a matrix of calls that covers every field and every refusal; and the matrix notices any one
-field of the key gone wrong (planted)."""
+field of the key gone wrong (planted); and cache_append (its append of new keys and values) against cache_append_py."""
 import pytest
 import torch
 
 from fastattn import dispatch, lean
 
-pytestmark = pytest.mark.skipif(lean.key is lean.key_py or lean.cache_key is lean.cache_key_py,
-                                reason="fastattn._C was not built (or predates lean_key): lean.key is key_py itself")
+pytestmark = pytest.mark.skipif(lean.cache_append is lean.cache_append_py,
+                                reason="fastattn._C was not built (or predates csrc/lean.cpp): lean.py runs its Python references")
 
 
 def _calls():
@@ -186,3 +186,42 @@ def test_planted_cache_refusal_is_caught():
     def planted(*args):
         return lean.cache_key_py(*args) or ("taken",)
     assert len(_cache_mismatches(planted)) >= 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,snew,lo", [(1, 1, 0), (2, 1, 63), (3, 4, 10), (2, 2, 0)])
+def test_cpp_cache_append_equals_reference(dtype, B, snew, lo):
+    """cache_append (C++) and cache_append_py write the same slots, return the same old slots and lengths; a cache
+    in SDPA's head-major layout read through a transposed view (strided slots) included."""
+    g = torch.Generator().manual_seed(B * 100 + snew * 10 + lo)
+    for layout in ("bshd", "bhsd view"):
+        caches = [torch.randn(B, 64, 2, d, generator=g).to(dtype) for d in (16, 8)]
+        if layout == "bhsd view":  # (B, H, S, D) storage seen as (B, S, H, D)
+            caches = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in caches]
+        k, v = (torch.randn(B, snew, 2, d, generator=g).to(dtype) for d in (16, 8))
+        ref = [c.clone() for c in caches]
+        got = lean.cache_append(*caches, k, v, lo)
+        want = lean.cache_append_py(*ref, k, v, lo)
+        assert all(torch.equal(a, b) for a, b in zip(caches + list(got), ref + list(want))), layout
+        assert got[2].dtype == torch.int32 and got[2].tolist() == [lo + snew] * B
+        lean.cache_append(*caches, got[0], got[1], lo)  # the restore
+        lean.cache_append_py(*ref, want[0], want[1], lo)
+        assert all(torch.equal(a, b) for a, b in zip(caches, ref))
+
+
+def test_cpp_cache_append_refuses_slots_outside():
+    kc, vc = torch.zeros(1, 8, 1, 4), torch.zeros(1, 8, 1, 4)
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match="outside caches"):
+        lean.cache_append(kc, vc, torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 7)
+    assert torch.equal(kc, before)
+
+
+def test_planted_append_is_caught():
+    """An append one slot off (planted) differs from the reference on the parity check's data."""
+    kc, vc = torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4)
+    k, v = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4)
+    a, b = [kc.clone(), vc.clone()], [kc.clone(), vc.clone()]
+    lean.cache_append(*a, k, v, 3)
+    lean.cache_append_py(*b, k, v, 4)  # planted: the wrong slot
+    assert not torch.equal(a[0], b[0])

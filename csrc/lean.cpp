@@ -1,4 +1,5 @@
-// fastattn._C.lean_key: the SDPA surface's lean key (fastattn/lean.py `key_py`, the reference) in C++.
+// The lean paths' C++ (fastattn/lean.py): lean_key, the SDPA surface's lean key (lean.key_py, the reference);
+// cache_key, flash_attn_with_kvcache's (lean.cache_key_py); cache_append, its append of the new keys and values.
 //
 // Why: the key runs between two kernels that stream a KV cache through the L2, so its Python ran cold there:
 // 2.4 us warm and 4-7 us cold a call (one thread, Intel Xeon; 12-head decode steps of 9-130 us), most of auto's
@@ -274,7 +275,25 @@ void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object
   g_breaks = PyUnicode_InternFromString("length_breaks");
 }
 
+// flash_attn_with_kvcache's lean append: slots [lo, lo + Snew) of every batch row of the caches (B, S, Hkv, D|Dv)
+// take k, v (B, Snew, Hkv, D|Dv); returns what they held (to restore the caches bit for bit if the kernel fails)
+// and the int32 (B,) lengths after the append. One call for the seven tensor ops the Python made (~1.5 us each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                            const at::Tensor& k, const at::Tensor& v, int64_t lo) {
+  const int64_t snew = k.size(1);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && lo >= 0 && lo + snew <= k_cache.size(1) &&
+                  v.size(1) == snew && lo + snew <= v_cache.size(1),
+              "cache_append: slots [", lo, ", ", lo + snew, ") outside caches ", k_cache.sizes(), " / ",
+              v_cache.sizes());
+  at::Tensor ks = k_cache.narrow(1, lo, snew), vs = v_cache.narrow(1, lo, snew);  // (B, Snew, Hkv, D|Dv) views
+  at::Tensor old_k = ks.clone(), old_v = vs.clone();
+  ks.copy_(k);
+  vs.copy_(v);
+  return {old_k, old_v, at::full({k_cache.size(0)}, lo + snew, k_cache.options().dtype(at::kInt))};
+}
+
 void add_lean(pybind11::module_& m) {
+  m.def("cache_append", &cache_append, "flash_attn_with_kvcache's lean append: (old k slots, old v slots, lengths)");
   m.def("lean_init", &lean_init,
         "Binds lean_key and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend and _env_backend");
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), kMethods) == 0, "fastattn._C: adding lean_key failed");
