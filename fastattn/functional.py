@@ -210,8 +210,8 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         if not torch.compiler.is_compiling():
             lq, lk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
             if lq > max_q or lk > max_k:
-                raise InputValueError(f"fastattn: max_seqlen_q={max_q}, max_seqlen_k={max_k} are smaller than the longest "
-                                 f"sequences ({lq}, {lk})")
+                raise InputValueError(f"fastattn: max_seqlen_q={max_q}, max_seqlen_k={max_k} are smaller than the "
+                                      f"longest sequences ({lq}, {lk})")
         B, Hq, D = 1, q.shape[1], q.shape[2]
         # (total, H, D) -> (1, H, total, D) views
         qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))

@@ -44,9 +44,10 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
     """The call's lean key, or None where the lean path does not apply (the caller has checked dropout_p == 0). The
     reference of fastattn._C.lean_key, which `key` is where the extension is built (the same key from the tensors'
     metadata in C++: this function cost 2.4 us warm, 4-7 us cold between two kernels that stream a cache). One
-    flat function: each Python call it made cost 1-3 us (cold), against ~0.3 us warm. A mask: a plain 4-D CPU tensor, bool or in q's dtype, not requiring grad, whose last dim
-    is the key length or 1 (checked here, per call); its other dims join the key (the route itself does not depend
-    on them, but the full path checked them against q's once), so a mask that grows with the cache keeps one key."""
+    flat function: each Python call it made cost 1-3 us (cold), against ~0.3 us warm. A mask: a plain 4-D CPU
+    tensor, bool or in q's dtype, not requiring grad, whose last dim is the key length or 1 (checked here, per call);
+    its other dims join the key (the route itself does not depend on them, but the full path checked them against
+    q's once), so a mask that grows with the cache keeps one key."""
     if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and type(is_causal) is bool
             and type(enable_gqa) is bool and (scale is None or type(scale) is float)) or _is_dynamo_compiling():
         return None

@@ -8,7 +8,8 @@ import torch
 from fastattn import dispatch, lean
 
 pytestmark = pytest.mark.skipif(lean.cache_append is lean.cache_append_py,
-                                reason="fastattn._C was not built (or predates csrc/lean.cpp): lean.py runs its Python references")
+                                reason="fastattn._C was not built (or predates csrc/lean.cpp): lean.py runs its "
+                                       "Python references")
 
 
 def _calls():
@@ -62,7 +63,8 @@ def _calls():
     masks = {"bool": torch.ones(2, 4, 3, 40, dtype=torch.bool), "float": t(1, 1, 3, 40), "row": t(1, 1, 1, 40),
              "last dim 1": t(1, 4, 3, 1), "other dtype": t(1, 1, 3, 40).double(), "3-D": t(1, 3, 40),
              "last dim": t(1, 1, 3, 39), "grad": t(1, 1, 3, 40).requires_grad_(),
-             "bool grad-free": torch.zeros(1, 1, 1, 40, dtype=torch.bool), "subclass": torch.nn.Parameter(t(1, 1, 3, 40)),
+             "bool grad-free": torch.zeros(1, 1, 1, 40, dtype=torch.bool),
+             "subclass": torch.nn.Parameter(t(1, 1, 3, 40)),
              "meta": t(1, 1, 3, 40).to("meta"), "int": torch.ones(1, 1, 3, 40, dtype=torch.int64),
              "list": [[1.0]], "strided": t(1, 1, 3, 80)[..., ::2]}
     for name, m in masks.items():
@@ -88,8 +90,9 @@ def _cache_calls():
         calls.append((f"dtype {dt}", with_(q=q.to(dt), kc=kc.to(dt), vc=vc.to(dt))))
     calls += [
         ("kc dtype", with_(kc=kc.double())), ("vc dtype", with_(vc=vc.half())),
-        ("q shape", with_(q=t(2, 3, 4, 16))), ("kc shape", with_(kc=t(2, 80, 2, 16))), ("vc shape", with_(vc=t(2, 64, 2, 4))),
-        ("new shapes", with_(k=t(2, 2, 2, 16), v=t(2, 2, 2, 8))), ("new k only", with_(k=k)), ("new v only", with_(v=v)),
+        ("q shape", with_(q=t(2, 3, 4, 16))), ("kc shape", with_(kc=t(2, 80, 2, 16))),
+        ("vc shape", with_(vc=t(2, 64, 2, 4))), ("new shapes", with_(k=t(2, 2, 2, 16), v=t(2, 2, 2, 8))),
+        ("new k only", with_(k=k)), ("new v only", with_(v=v)),
         ("new dtype", with_(k=k.double(), v=v)), ("new grad", with_(k=k.clone().requires_grad_(), v=v)),
         ("new subclass", with_(k=torch.nn.Parameter(k), v=v)), ("new meta", with_(k=k.to("meta"), v=v)),
         ("scale", with_(scale=0.5)), ("int scale", with_(scale=1)), ("causal", with_(causal=False)),
@@ -98,9 +101,11 @@ def _cache_calls():
         ("softcap", with_(softcap=5.0)), ("int softcap", with_(softcap=0)), ("splits", with_(splits=2)),
         ("bool splits", with_(splits=False)), ("lse", with_(lse=True)), ("int lse", with_(lse=1)),
         ("backend", with_(backend="cpu")), ("empty backend", with_(backend="")),
-        ("int64 lengths", with_(lens=lens.long())), ("strided lengths", with_(lens=torch.tensor([5, 0, 7, 0], dtype=torch.int32)[::2])),
-        ("short lengths", with_(lens=lens[:1])), ("2-D lengths", with_(lens=lens[None])), ("list lengths", with_(lens=[5, 7])),
-        ("bool lengths", with_(lens=True)), ("3-D q", with_(q=q[0], lens=lens[:1])), ("3-D q, int lengths", with_(q=q[0], lens=5)),
+        ("int64 lengths", with_(lens=lens.long())),
+        ("strided lengths", with_(lens=torch.tensor([5, 0, 7, 0], dtype=torch.int32)[::2])),
+        ("short lengths", with_(lens=lens[:1])), ("2-D lengths", with_(lens=lens[None])),
+        ("list lengths", with_(lens=[5, 7])), ("bool lengths", with_(lens=True)),
+        ("3-D q", with_(q=q[0], lens=lens[:1])), ("3-D q, int lengths", with_(q=q[0], lens=5)),
         ("q stride", with_(q=t(2, 1, 4, 32)[..., ::2])), ("kc stride", with_(kc=t(2, 64, 2, 32)[..., ::2])),
         ("vc stride", with_(vc=t(2, 64, 2, 16)[..., ::2])), ("q grad", with_(q=q.clone().requires_grad_())),
         ("kc grad", with_(kc=kc.clone().requires_grad_())), ("subclass", with_(q=torch.nn.Parameter(q))),
