@@ -2,14 +2,17 @@
 `_auto_rule`) checked against measurement on the machine at hand.
 
     pytest benchmarks/test_auto_rule.py -s        # one thread, ~1-2 minutes
+    FASTATTN_BENCH_THREADS=2 pytest benchmarks/test_auto_rule.py -s     # two threads (wall time)
 
 For each class of call (dtype x forward / forward+backward x causal x head dim, at B1 H8 S1024; short forward
 calls at B4 H8 S128 / S512; one-token decode steps; steps of 2-16 query tokens) it times PyTorch's SDPA, the `cpu`
-kernels and `auto` side by side in one process (one thread, CPU time, best of several batches, interleaved), prints the
+kernels and `auto` side by side in one process (one thread and CPU time, or FASTATTN_BENCH_THREADS threads and wall
+time; best of several batches, interleaved), prints the
 ratios with the CPU model and the path each dtype took, and asserts that `auto` is within 5% of PyTorch or
 faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
 (add the class, with the measurement), or the rule gives `sdpa` a class where `cpu` is faster. Timing-based, so
 it lives with the benchmarks, not in the CI suite; run it on a quiet machine."""
+import os
 import time
 
 import pytest
@@ -22,6 +25,9 @@ from fastattn.backends.sdpa import TORCH_SDPA
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
 B, H, S = 1, 8, 1024
+THREADS = int(os.environ.get("FASTATTN_BENCH_THREADS", "1"))
+# CPU time on one thread (immune to the host's other load); wall time on more, where CPU time would add the threads'.
+_CLOCK = time.process_time if THREADS == 1 else time.perf_counter
 
 
 def _best(fn, reps=5, batch_s=0.02):
@@ -30,15 +36,15 @@ def _best(fn, reps=5, batch_s=0.02):
     call and page-faults on it or not depending on the heap's state (~46 faults per call on average at B4 H8 S128
     D128 bf16, perf stat), so the fastest single call of torch or of auto's hand-over to it differed by ~40 us
     while their means over 2000 calls differed by 4 us."""
-    t0 = time.process_time()
+    t0 = _CLOCK()
     fn()
-    n = max(1, int(batch_s / max(time.process_time() - t0, 1e-6)))
+    n = max(1, int(batch_s / max(_CLOCK() - t0, 1e-6)))
     best = float("inf")
     for _ in range(reps):
-        t0 = time.process_time()
+        t0 = _CLOCK()
         for _ in range(n):
             fn()
-        best = min(best, (time.process_time() - t0) / n)
+        best = min(best, (_CLOCK() - t0) / n)
     return best
 
 
@@ -55,10 +61,10 @@ def _call(impl, q, k, v, causal, grad, do):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def threads():
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    print(f"\n{ops.cpu_matmul()}; torch {torch.__version__}, 1 thread, B={B} H={H} S={S}")
+    torch.set_num_threads(THREADS)
+    print(f"\n{ops.cpu_matmul()}; torch {torch.__version__}, {THREADS} thread(s), B={B} H={H} S={S}")
     yield
     torch.set_num_threads(n)
 

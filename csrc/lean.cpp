@@ -8,7 +8,9 @@
 // Same key, same refusals (None: the call takes the full path) as key_py, which tests/test_lean_key.py checks
 // field by field on a matrix of calls; the caller has checked dropout_p == 0 and that dynamo is not tracing (it
 // cannot trace into this function). Fields: (LEAN, requested backend, dtype, q's shape, k's heads, v's head dim,
-// the key length's class among dispatch.length_breaks(Sq), is_causal, scale, the mask's dims but its last or None).
+// the key length's class among dispatch.length_breaks(Sq), is_causal, scale, the mask's dims but its last or None,
+// whether calls run on one thread).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <torch/csrc/DynamicTypes.h>
@@ -149,10 +151,11 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
   }
   PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
   // "O" takes a new reference, "N" steals one (req, mask_dims)
-  return Py_BuildValue("(ONO(LLLL)LLLOON)", g_tag, req, dtype, static_cast<long long>(qs[0]),
+  PyObject* one_thread = at::get_num_threads() == 1 ? Py_True : Py_False;  // auto's step rules depend on it
+  return Py_BuildValue("(ONO(LLLL)LLLOONO)", g_tag, req, dtype, static_cast<long long>(qs[0]),
                        static_cast<long long>(qs[1]), static_cast<long long>(qs[2]), static_cast<long long>(qs[3]),
                        static_cast<long long>(ks[1]), static_cast<long long>(vs[3]), static_cast<long long>(cls),
-                       causal, scale, mask_dims);
+                       causal, scale, mask_dims, one_thread);
 }
 
 PyObject* lean_key(PyObject*, PyObject* const* a, Py_ssize_t n) {

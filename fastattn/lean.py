@@ -13,8 +13,8 @@ the full path's Python for a masked call ran ~30 us cold, ~10% of a 250 us padde
 full path, as does every call the lean path has not seen the facts of. The facts (`key`): the requested backend,
 dtype, q's shape, k's and v's but the key length, whose class stands in for it (dispatch.length_breaks: the
 intervals between the key lengths at which the dispatcher or a backend declares its per-call answers may change),
-is_causal, scale, and the mask's dims but its last. The route is
-dispatch.lean_route on the first such call (its backend's or decode kernel's `Lean` runner, or none: the key then
+is_causal, scale, the mask's dims but its last, and whether calls run on one thread (auto's rules for inference
+steps differ there). The route is dispatch.lean_route on the first such call (its backend's or decode kernel's `Lean` runner, or none: the key then
 keeps taking the full path). tests/test_lean.py checks the replayed route against a fresh decision for every key
 length around every declared break, and the outputs against the full path's.
 
@@ -32,6 +32,7 @@ from .params import FLOAT_DTYPES
 
 _Tensor = torch.Tensor
 _is_grad_enabled = torch.is_grad_enabled
+_get_num_threads = torch.get_num_threads
 # Dynamo's own question (it answers True while it traces). Other tracers (make_fx, non-strict export) run this
 # Python as it is, on FakeTensors that the type test below sends down the full path, or on real tensors, where a
 # replay records the same ops as the full path.
@@ -75,9 +76,10 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
     Sq = qs[2]
     breaks = dispatch._CHOICES.get((dispatch.LEAN, Sq)) or dispatch.length_breaks(Sq)  # the lookup inlined
     requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # dispatch._ambient
-    # (k's batch and head dim, v's batch, heads and length, enable_gqa: fixed by q's and k's above)
+    # (k's batch and head dim, v's batch, heads and length, enable_gqa: fixed by q's and k's above; the last field:
+    # auto's rules for inference steps differ on one thread and on more, backends/cpu.py)
     return (dispatch.LEAN, requested, dt, qs, ks[1], vs[3], bisect.bisect_left(breaks, ks[2]), is_causal, scale,
-            mask)
+            mask, _get_num_threads() == 1)
 
 
 def learn(k: tuple, p, backend) -> None:

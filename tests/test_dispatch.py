@@ -1,5 +1,6 @@
 """The dispatcher's fast path and its hooks: the cached decision equals the uncached one for every call shape and
 feature, describe()/explanations are built only on request or refusal, auto_reasons is consulted only under auto."""
+import contextlib
 import itertools
 
 import pytest
@@ -174,6 +175,17 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
     assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(q), bshd(t), bshd(t), causal=True))
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch on n threads inside (auto's rules for inference steps differ on one thread and on more)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
 def test_every_auto_rule_runs():
     """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 decode on AMX)
     must not fail where it fires (a NameError there once reached only the benchmark)."""
@@ -186,20 +198,28 @@ def test_every_auto_rule_runs():
                 assert ex.chosen in ("cpu", "sdpa"), str(ex)
                 with torch.no_grad():
                     fastattn.scaled_dot_product_attention(q, k, k, is_causal=causal and S == Sk)
-    if cpu_backend._BF16_AMX:  # the bf16 decode rule is for AMX machines
+    if cpu_backend._BF16_AMX:  # the bf16 decode rule is for AMX machines (and one thread)
         q, k = rnd(1, 4, 1, 64).bfloat16(), rnd(1, 4, 300, 64).bfloat16()
-        assert fastattn.explain(q, k, k).chosen == "sdpa"
-        long_gqa = rnd(1, 1, cpu_backend._BF16_GQA_DECODE_SK, 64).bfloat16()  # a long grouped step: ours
-        assert fastattn.explain(q, long_gqa, long_gqa, enable_gqa=True).chosen == "cpu"
-        assert fastattn.explain(q, long_gqa[:, :, 1:], long_gqa[:, :, 1:], enable_gqa=True).chosen == "sdpa"
-        assert fastattn.explain(q.expand(1, 4, 1, 64), long_gqa.expand(1, 4, -1, 64),
-                                long_gqa.expand(1, 4, -1, 64)).chosen == "sdpa"  # MHA at that length: sdpa
-        assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
-        tiny = rnd(1, 4, 48, 64).bfloat16()
-        assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"
-        assert fastattn.explain(tiny.requires_grad_(), tiny, tiny).chosen == "cpu"  # training stays ours
-        wide = rnd(2, 4, 128, 128).bfloat16()  # short non-causal with head dim 128: ours since the faster softmax
-        assert fastattn.explain(wide, wide, wide).chosen == "cpu"
+        with _threads(2):
+            assert fastattn.explain(q, k, k).chosen == "cpu"  # the decode kernel splits the keys across threads
+        with _threads(1):
+            _bf16_one_thread_rules(cpu_backend, q, k)
+
+
+def _bf16_one_thread_rules(cpu_backend, q, k):
+    """The bf16 rules on one thread (AMX): decode steps to sdpa but long grouped-query ones, tiny calls too."""
+    assert fastattn.explain(q, k, k).chosen == "sdpa"
+    long_gqa = rnd(1, 1, cpu_backend._BF16_GQA_DECODE_SK, 64).bfloat16()  # a long grouped step: ours
+    assert fastattn.explain(q, long_gqa, long_gqa, enable_gqa=True).chosen == "cpu"
+    assert fastattn.explain(q, long_gqa[:, :, 1:], long_gqa[:, :, 1:], enable_gqa=True).chosen == "sdpa"
+    assert fastattn.explain(q.expand(1, 4, 1, 64), long_gqa.expand(1, 4, -1, 64),
+                            long_gqa.expand(1, 4, -1, 64)).chosen == "sdpa"  # MHA at that length: sdpa
+    assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
+    tiny = rnd(1, 4, 48, 64).bfloat16()
+    assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"
+    assert fastattn.explain(tiny.requires_grad_(), tiny, tiny).chosen == "cpu"  # training stays ours
+    wide = rnd(2, 4, 128, 128).bfloat16()  # short non-causal with head dim 128: ours since the faster softmax
+    assert fastattn.explain(wide, wide, wide).chosen == "cpu"
 
 
 def test_multi_token_step_rules():
@@ -212,15 +232,21 @@ def test_multi_token_step_rules():
         q, k = rnd(1, Hq, Sq, D).to(dt), rnd(1, Hkv, 300, D).to(dt)
         return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, **kw)
 
-    assert chosen(1).chosen == "cpu" and chosen(17).chosen == "cpu"
-    assert chosen(2).chosen == "sdpa" and chosen(16).chosen == "sdpa"
-    q, k = rnd(1, 4, 8, 64).requires_grad_(), rnd(1, 4, 300, 64)
-    assert fastattn.explain(q, k, k).chosen == "cpu"  # training is not a step
-    if cpu_backend._BF16_AMX:
-        bf = torch.bfloat16
-        assert chosen(2, dt=bf).chosen == "cpu" and chosen(5, dt=bf).chosen == "cpu"
-        assert chosen(3, dt=bf).chosen == "sdpa" and chosen(4, dt=bf).chosen == "sdpa"
-        assert chosen(4, D=128, dt=bf).chosen == "cpu" and chosen(4, Hq=8, Hkv=2, dt=bf).chosen == "cpu"
+    with _threads(1):
+        assert chosen(1).chosen == "cpu" and chosen(17).chosen == "cpu"
+        assert chosen(2).chosen == "sdpa" and chosen(16).chosen == "sdpa"
+        q, k = rnd(1, 4, 8, 64).requires_grad_(), rnd(1, 4, 300, 64)
+        assert fastattn.explain(q, k, k).chosen == "cpu"  # training is not a step
+        if cpu_backend._BF16_AMX:
+            bf = torch.bfloat16
+            assert chosen(2, dt=bf).chosen == "cpu" and chosen(5, dt=bf).chosen == "cpu"
+            assert chosen(3, dt=bf).chosen == "sdpa" and chosen(4, dt=bf).chosen == "sdpa"
+            assert chosen(4, D=128, dt=bf).chosen == "cpu" and chosen(4, Hq=8, Hkv=2, dt=bf).chosen == "cpu"
+    with _threads(2):  # on more than one thread: fp32 steps of 5-16 tokens and bf16 MHA steps are the cpu kernels'
+        assert chosen(2).chosen == "sdpa" and chosen(4).chosen == "sdpa"
+        assert chosen(5).chosen == "cpu" and chosen(16).chosen == "cpu"
+        if cpu_backend._BF16_AMX:
+            assert chosen(3, dt=torch.bfloat16).chosen == "cpu" and chosen(4, dt=torch.bfloat16).chosen == "cpu"
     # Decode kernel or prefill kernel (backend="cpu": the route, not the auto rule).
     kernel = lambda *a, **kw: chosen(*a, backend="cpu", **kw).decode.kernel  # noqa: E731
     assert kernel(4) == "cpu.decode_fwd" and kernel(5) is None

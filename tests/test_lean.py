@@ -1,6 +1,7 @@
 """The SDPA surface's lean path (fastattn/lean.py): a replayed route is the route a fresh decision takes for every
 key length, its outputs are the full path's bit for bit (masks included), and calls it must not take (autograd,
 masks it does not read, dropout, strides, subclasses, other backends) take the full path with its checks."""
+import contextlib
 import random
 
 import pytest
@@ -62,9 +63,21 @@ def _route_mismatches(seed=0):
     return bad
 
 
-def test_replayed_route_is_a_fresh_decision():
-    with torch.no_grad():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_replayed_route_is_a_fresh_decision(threads):
+    """On one thread and on two (the step rules differ, backends/cpu.py)."""
+    with torch.no_grad(), _threads(threads):
         assert _route_mismatches() == []
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    was = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
 
 
 @pytest.mark.parametrize("drop", range(4))
@@ -74,7 +87,7 @@ def test_planted_missing_break_is_caught(monkeypatch, drop):
     real = cpu_backend.CpuBackend.length_breaks
     monkeypatch.setattr(cpu_backend.CpuBackend, "length_breaks",
                         lambda self, Sq: real(self, Sq)[:drop] + real(self, Sq)[drop + 1:])
-    with torch.no_grad():
+    with torch.no_grad(), _threads(1):  # (the bf16 decode rule that break 3 bounds is a one-thread rule)
         bad = _route_mismatches()
     if drop in (2, 3) and not cpu_backend._BF16_AMX:
         pytest.skip("the bf16 rules for tiny calls and grouped-query decode (breaks 2, 3) apply on AMX machines only")
@@ -257,15 +270,23 @@ def _pairs():
             ("length class", (qkv(Sk=300), {}), (qkv(Sk=40), {})),
             ("is_causal", (qkv(Sq=2, Sk=2), {}), (qkv(Sq=2, Sk=2), dict(is_causal=True))),
             ("scale", (qkv(), {}), (qkv(), dict(scale=0.5))),
-            ("mask", (qkv(), {}), (qkv(), dict(attn_mask=torch.randn(1, 1, 1, 300))))]
+            ("mask", (qkv(), {}), (qkv(), dict(attn_mask=torch.randn(1, 1, 1, 300)))),
+            # fp32 steps of 8 tokens: sdpa's on one thread, the cpu kernels' on two (backends/cpu.py)
+            ("one thread", (qkv(Sq=8, H=4, Hkv=4, D=64, Dv=64), dict(threads=1)),
+             (qkv(Sq=8, H=4, Hkv=4, D=64, Dv=64), dict(threads=2)))]
 
 
 def _outcome(call):
     args, kw = call
+    kw = dict(kw)
+    n = torch.get_num_threads()
+    torch.set_num_threads(kw.pop("threads", n))
     try:
         return sdpa(*args, **kw)
     except Exception as e:  # noqa: BLE001  (a refusal is an outcome to compare)
         return type(e).__name__
+    finally:
+        torch.set_num_threads(n)
 
 
 def _same(a, b):

@@ -116,13 +116,17 @@ def _cache_calls():
 
 
 def _mismatches(reference, calls=_calls, ours=lambda *a: lean.key(*a)):
-    """The calls whose C++ key differs from reference's (grad on and off)."""
-    bad = []
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            for name, args in calls():
-                if ours(*args) != reference(*args):
-                    bad.append((name, grad))
+    """The calls whose C++ key differs from reference's (grad on and off, one thread and two)."""
+    bad, n = [], torch.get_num_threads()
+    try:
+        for grad, threads in ((True, 1), (False, 1), (False, 2)):
+            torch.set_num_threads(threads)
+            with torch.set_grad_enabled(grad):
+                for name, args in calls():
+                    if ours(*args) != reference(*args):
+                        bad.append((name, grad, threads))
+    finally:
+        torch.set_num_threads(n)
     return bad
 
 
@@ -157,7 +161,7 @@ def test_length_classes_follow_replaced_choices(monkeypatch):
     assert (dispatch.LEAN, 5) in dispatch._CHOICES
 
 
-@pytest.mark.parametrize("field", range(1, 10))
+@pytest.mark.parametrize("field", range(1, 11))
 def test_planted_field_is_caught(field):
     """A reference with one key field changed (planted) differs from the C++ key on some call of the matrix."""
     def planted(*args):

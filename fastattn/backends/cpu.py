@@ -70,14 +70,21 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
-_BF16_SHORT = ("sdpa is faster for bf16 one-token decode steps (but grouped-query ones over 4096 keys), "
-               "steps of 3-4 tokens without grouped-query heads at head dim <= 64, and tiny calls on this CPU "
-               "(PyTorch's flash kernel on AMX; the cpu kernels measured 0.75-0.96x, 0.81x and 0.74-0.97x)")
+_BF16_SHORT = ("sdpa is faster for bf16 one-token decode steps (but grouped-query ones over 4096 keys) and steps "
+               "of 3-4 tokens without grouped-query heads at head dim <= 64 on one thread, and tiny calls, on this "
+               "CPU (PyTorch's flash kernel on AMX; the cpu kernels measured 0.75-0.96x, 0.81x and 0.74-0.97x)")
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
-_FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens (the cpu kernels measured "
-               "0.71-1.09x)")
+_FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens on one thread, 2-4 on more (the cpu "
+               "kernels measured 0.71-1.09x, 0.79-0.89x without grouped-query heads)")
+# On more than one thread (2026-12-01, Intel Xeon AMX, 2 threads, wall time, benchmarks/test_auto_rule.py with
+# FASTATTN_BENCH_THREADS=2) the split-KV decode kernel, which splits a step's keys across the threads, measured
+# 1.10-1.77x torch's SDPA on bf16 one-token steps (MHA 12 D=64 and GQA 16/4 D=128, 128-4096 keys; MHA 32 D=128
+# 0.98-1.65x) and 1.13-1.18x on bf16 MHA steps of 4 tokens, and the cpu kernels 1.01-1.17x on fp32 steps of 8-16
+# tokens (0.79-0.89x at 2-4 without grouped-query heads), where auto's hand-over to sdpa read 0.93-1.00x: those
+# classes are sdpa's on one thread only.
+_STEP_SQ_PARALLEL = 4  # fp32 steps up to this many tokens stay sdpa's on more than one thread
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
@@ -114,6 +121,12 @@ def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
             or p.window_right > 0):
         return False
     return not p.causal or native_causal(p)  # (native_causal refuses a mask)
+
+
+def _one_thread() -> bool:
+    """Whether calls run on one thread (torch.get_num_threads(), which the lean key and the route cache read too:
+    the rules above differ on one thread and on more)."""
+    return torch.get_num_threads() == 1
 
 
 def _lengths(p: AttnParams):
@@ -154,13 +167,15 @@ class CpuBackend(Backend):
                 Sq, Sk = _lengths(p)
                 if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA:
                     why = _FP32_TINY
-                elif 2 <= Sq <= _DECODE_ROWS and not p.requires_grad:
+                elif 2 <= Sq <= (_DECODE_ROWS if _one_thread() else _STEP_SQ_PARALLEL) and not p.requires_grad:
                     why = _FP32_STEPS
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
-            if Sq == 1 and (compiling or not (p.q.shape[1] != p.k.shape[1] and Sk >= _BF16_GQA_DECODE_SK)) or (
-                    3 <= Sq <= _MHA_STEP_SQ and p.q.shape[1] == p.k.shape[1] and p.q.shape[3] <= 64) or (
+            decode = Sq == 1 and (compiling or not (p.q.shape[1] != p.k.shape[1] and Sk >= _BF16_GQA_DECODE_SK))
+            mha_step = 3 <= Sq <= _MHA_STEP_SQ and p.q.shape[1] == p.k.shape[1] and p.q.shape[3] <= 64
+            # (compiling: the one-thread rule, the thread count not read into the graph)
+            if (decode or mha_step) and (compiling or _one_thread()) or (
                     not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
