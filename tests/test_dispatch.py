@@ -207,13 +207,12 @@ def test_every_auto_rule_runs():
 
 
 def _bf16_one_thread_rules(cpu_backend, q, k):
-    """The bf16 rules on one thread (AMX): decode steps to sdpa but long grouped-query ones, tiny calls too."""
+    """The bf16 rules on one thread (AMX): MHA decode steps to sdpa, grouped-query ones ours; tiny calls sdpa."""
     assert fastattn.explain(q, k, k).chosen == "sdpa"
-    long_gqa = rnd(1, 1, cpu_backend._BF16_GQA_DECODE_SK, 64).bfloat16()  # a long grouped step: ours
-    assert fastattn.explain(q, long_gqa, long_gqa, enable_gqa=True).chosen == "cpu"
-    assert fastattn.explain(q, long_gqa[:, :, 1:], long_gqa[:, :, 1:], enable_gqa=True).chosen == "sdpa"
-    assert fastattn.explain(q.expand(1, 4, 1, 64), long_gqa.expand(1, 4, -1, 64),
-                            long_gqa.expand(1, 4, -1, 64)).chosen == "sdpa"  # MHA at that length: sdpa
+    for Sk in (300, 5000):
+        gqa = rnd(1, 1, Sk, 64).bfloat16()
+        assert fastattn.explain(q, gqa, gqa, enable_gqa=True).chosen == "cpu"
+        assert fastattn.explain(q, gqa.expand(1, 4, -1, 64), gqa.expand(1, 4, -1, 64)).chosen == "sdpa"  # MHA
     assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
     tiny = rnd(1, 4, 48, 64).bfloat16()
     assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"

@@ -27,8 +27,8 @@ _REPORT = ops.cpu_matmul_report()
 # (benchmarks/results/cpu-1thread-20261201-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX for one-token decode steps (the split-KV decode kernel, bound by reading K/V at short
-#    caches, 0.4-0.99x), steps of 3-4 tokens without grouped-query heads at head dim <= 64 (the decode kernel with
+#  * bf16 inference on AMX, on one thread, for one-token MHA decode steps (the split-KV decode kernel, bound by
+#    reading K/V at short caches, 0.84-0.86x at 512 keys, D=64; grouped-query steps: below), steps of 3-4 tokens without grouped-query heads at head dim <= 64 (the decode kernel with
 #    3-4 rows per head: 0.81x at 512 keys through the SDPA surface, where the hand-over read 0.89x; other steps of
 #    2-16 tokens stay here: two tokens 1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA
 #    at 8-16 tokens 0.95-1.14x against 0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096:
@@ -41,11 +41,11 @@ _REPORT = ops.cpu_matmul_report()
 #    non-causal, 1.31-1.47x causal; causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
 _DECODE_ROWS = 16  # query tokens up to which a call is a decode step
 _MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sdpa
-# ...except grouped-query decode steps over this many keys, where the decode kernel reads each K/V row once for the
-# whole group: 1.19-1.20x torch at 4096 keys, 1.69-1.72x at 16384 (B1, Hq/Hkv = 16/4 and 32/8, D=128), 0.99x / 1.36x
-# at 12/4 D=64; below it 0.91-1.08x (3072 keys: 1.07x at D=128, 0.96x at D=64). Single-head-group (MHA) steps stay
-# with sdpa at every length (0.75-0.95x up to 8192 keys).
-_BF16_GQA_DECODE_SK = 4096
+# One-token bf16 steps with grouped-query heads are the decode kernel's at every length, where it reads each K/V row
+# once for the whole group: 0.97-1.29x torch at 256-3072 keys (one thread, 2026-12-01, after the C++ lean key; B1,
+# Hq/Hkv = 16/4, 32/8 at D=128 and 12/4, 32/8 at D=64; 1.19-1.72x at 4096-16384 keys), where the hand-over read
+# 0.95-0.99x; until then they went to sdpa below 4096 keys (0.91-1.08x). MHA steps stay with sdpa on one thread
+# (0.84-0.86x at 512 keys, D=64).
 _BF16_TINY_AREA = 4096
 # Not covered: masked bf16 inference past the tiny bounds stays here (key-padding batches, trailing padding skipped:
 # 0.87-1.3x torch at 12-42% padding, 1.12-1.25x at 64-128 tokens), and flash_attn_with_kvcache's
@@ -70,9 +70,9 @@ def _auto_rule() -> dict:
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
-_BF16_SHORT = ("sdpa is faster for bf16 one-token decode steps (but grouped-query ones over 4096 keys) and steps "
-               "of 3-4 tokens without grouped-query heads at head dim <= 64 on one thread, and tiny calls, on this "
-               "CPU (PyTorch's flash kernel on AMX; the cpu kernels measured 0.75-0.96x, 0.81x and 0.74-0.97x)")
+_BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without grouped-query heads (3-4: at head "
+               "dim <= 64) on one thread, and tiny calls, on this CPU (PyTorch's flash kernel on AMX; the cpu "
+               "kernels measured 0.84-0.86x, 0.81x and 0.74-0.97x)")
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -172,8 +172,9 @@ class CpuBackend(Backend):
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
-            decode = Sq == 1 and (compiling or not (p.q.shape[1] != p.k.shape[1] and Sk >= _BF16_GQA_DECODE_SK))
-            mha_step = 3 <= Sq <= _MHA_STEP_SQ and p.q.shape[1] == p.k.shape[1] and p.q.shape[3] <= 64
+            mha = p.q.shape[1] == p.k.shape[1]
+            decode = Sq == 1 and mha
+            mha_step = 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
             # (compiling: the one-thread rule, the thread count not read into the graph)
             if (decode or mha_step) and (compiling or _one_thread()) or (
                     not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA):
@@ -183,7 +184,7 @@ class CpuBackend(Backend):
     def length_breaks(self, Sq: int):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
-        return _TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq, _BF16_GQA_DECODE_SK - 1
+        return _TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
