@@ -6,22 +6,21 @@
 The batch pads its sequences as the benchmark suite's padded cases do (valid lengths spread from 50% to 100% of
 --seq, a 0/1 attention_mask). Reports the milliseconds of one forward and the part spent in the attention function
 transformers calls (timed around the AttentionInterface entry: the kernels with the Python around them), the
-fastest of --rounds interleaved rounds (CPU time), and the largest difference between the two models' outputs at
-the valid tokens (fp32 near 1e-6; bf16 a few rounding steps of the hidden states' magnitude). Speed is never
-asserted."""
+fastest of --rounds interleaved rounds (CPU time; wall time with --threads > 1), and the largest difference between
+the two models' outputs at the valid tokens (fp32 near 1e-6; bf16 a few rounding steps of the hidden states'
+magnitude). Speed is never asserted."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_timing, next to this file
 from fastattn import ops  # noqa: E402
-from hf_timing import DTYPES, timed_attention  # noqa: E402
+from hf_timing import DTYPES, clock, timed_attention, use_threads  # noqa: E402
 
 
 def padded_batch(batch: int, seq: int, vocab: int):
@@ -46,9 +45,9 @@ def measure(dtype, batch: int, seq: int, layers: int, rounds: int):
                 model.set_attn_implementation(impl)
                 with torch.no_grad():
                     spent.clear()
-                    t0 = time.process_time()
+                    t0 = clock()
                     out[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                    now = [(time.process_time() - t0) * 1e3, spent[impl] * 1e3]
+                    now = [(clock() - t0) * 1e3, spent[impl] * 1e3]
                 if _:
                     best[impl] = [min(x, y) for x, y in zip(best.get(impl, now), now)]
         valid = mask.bool()
@@ -64,10 +63,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    clock_name = use_threads(args.threads)
     print(f"{ops.cpu_matmul()}\ntorch {torch.__version__}, {args.threads} thread(s); BERT {args.layers} layers, "
           f"12 heads, D=64, batch {args.batch} x {args.seq} tokens padded to 50-100%; fastest of {args.rounds} "
-          f"rounds (CPU time)")
+          f"rounds ({clock_name})")
     print(f"{'':6}{'forward ms':>24}{'its attention':>24}")
     print(f"{'dtype':6}" + f"{'sdpa':>8}{'ours':>8}{'ratio':>8}" * 2 + "  max |diff|")
     for name in args.dtype:

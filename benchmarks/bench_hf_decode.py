@@ -6,9 +6,10 @@
 Reports the milliseconds of the first token (the prompt's forward, causal attention over it, and one token) and of
 each new token after it (the time of generating --new tokens minus that of generating one), each with the part spent
 in the attention function transformers calls (timed around the AttentionInterface entry: the attention kernels with
-the Python around them), the fastest of --rounds interleaved rounds, and how many of the generated tokens the two
-implementations agree on before they first differ (all of them in fp32; in bf16 a rounding difference may flip the
-greedy choice between two near-tied logits of this random-weight model, after which the continuations differ). On a
+the Python around them), the fastest of --rounds interleaved rounds (CPU time; wall time with --threads > 1), and
+how many of the generated tokens the two implementations agree on before they first differ (all of them in fp32; in
+bf16 a rounding difference may flip the greedy choice between two near-tied logits of this random-weight model,
+after which the continuations differ). On a
 CPU the rest of the model (its matrix products) is most of each token, so the whole-token ratio sits within
 run-to-run noise of 1 and the attention ratio is the figure that compares the two. Speed is never asserted."""
 from __future__ import annotations
@@ -16,14 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_timing, next to this file
 from fastattn import ops  # noqa: E402
-from hf_timing import DTYPES, timed_attention  # noqa: E402
+from hf_timing import DTYPES, clock, timed_attention, use_threads  # noqa: E402
 
 
 def measure(dtype, prompt: int, new: int, layers: int, rounds: int):
@@ -43,12 +43,12 @@ def measure(dtype, prompt: int, new: int, layers: int, rounds: int):
                 model.set_attn_implementation(impl)
                 with torch.no_grad():
                     spent.clear()
-                    t0 = time.process_time()
+                    t0 = clock()
                     model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-                    t1, a1 = time.process_time(), spent[impl]
+                    t1, a1 = clock(), spent[impl]
                     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                          pad_token_id=0)
-                    t2, a2 = time.process_time(), spent[impl] - a1
+                    t2, a2 = clock(), spent[impl] - a1
                 per_token = ((t2 - t1) - (t1 - t0)) / (new - 1) * 1e3
                 attn = (a2 - a1) / (new - 1) * 1e3
                 now = [(t1 - t0) * 1e3, a1 * 1e3, per_token, attn]  # the prompt (+1 token), then each new token
@@ -67,10 +67,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    clock_name = use_threads(args.threads)
     print(f"{ops.cpu_matmul()}\ntorch {torch.__version__}, {args.threads} thread(s); GPT-2 {args.layers} layers, "
           f"12 heads, D=64, batch 1, prompt {args.prompt}, {args.new} new tokens; fastest of {args.rounds} rounds "
-          f"(CPU time)")
+          f"({clock_name})")
     groups = ("first token ms", "its attention", "new token ms", "its attention")
     print(f"{'':6}" + "".join(f"{g:>24}" for g in groups) + "  tokens")
     print(f"{'dtype':6}" + f"{'sdpa':>8}{'ours':>8}{'ratio':>8}" * 4 + "  agreed")
