@@ -1,6 +1,5 @@
 """The dispatcher's fast path and its hooks: the cached decision equals the uncached one for every call shape and
 feature, describe()/explanations are built only on request or refusal, auto_reasons is consulted only under auto."""
-import contextlib
 import itertools
 
 import pytest
@@ -11,6 +10,7 @@ from fastattn import dispatch
 from fastattn.backends import BACKENDS, PREFERENCE, Backend
 from fastattn.functional import _flash_params, _sdpa_params
 from fastattn.params import AttnParams
+from support import torch_threads
 
 
 def rnd(*shape, grad=False):
@@ -175,17 +175,6 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
     assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(q), bshd(t), bshd(t), causal=True))
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """torch on n threads inside (auto's rules for inference steps differ on one thread and on more)."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
-
-
 def test_every_auto_rule_runs():
     """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 decode on AMX)
     must not fail where it fires (a NameError there once reached only the benchmark)."""
@@ -200,9 +189,9 @@ def test_every_auto_rule_runs():
                     fastattn.scaled_dot_product_attention(q, k, k, is_causal=causal and S == Sk)
     if cpu_backend._BF16_AMX:  # the bf16 decode rule is for AMX machines (and one thread)
         q, k = rnd(1, 4, 1, 64).bfloat16(), rnd(1, 4, 300, 64).bfloat16()
-        with _threads(2):
+        with torch_threads(2):
             assert fastattn.explain(q, k, k).chosen == "cpu"  # the decode kernel splits the keys across threads
-        with _threads(1):
+        with torch_threads(1):
             _bf16_one_thread_rules(cpu_backend, q, k)
 
 
@@ -231,7 +220,7 @@ def test_multi_token_step_rules():
         q, k = rnd(1, Hq, Sq, D).to(dt), rnd(1, Hkv, 300, D).to(dt)
         return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, **kw)
 
-    with _threads(1):
+    with torch_threads(1):
         assert chosen(1).chosen == "cpu" and chosen(17).chosen == "cpu"
         assert chosen(2).chosen == "sdpa" and chosen(16).chosen == "sdpa"
         q, k = rnd(1, 4, 8, 64).requires_grad_(), rnd(1, 4, 300, 64)
@@ -241,7 +230,7 @@ def test_multi_token_step_rules():
             assert chosen(2, dt=bf).chosen == "cpu" and chosen(5, dt=bf).chosen == "cpu"
             assert chosen(3, dt=bf).chosen == "sdpa" and chosen(4, dt=bf).chosen == "sdpa"
             assert chosen(4, D=128, dt=bf).chosen == "cpu" and chosen(4, Hq=8, Hkv=2, dt=bf).chosen == "cpu"
-    with _threads(2):  # on more than one thread: fp32 steps of 5-16 tokens and bf16 MHA steps are the cpu kernels'
+    with torch_threads(2):  # on more than one thread: fp32 steps of 5-16 tokens and bf16 MHA steps are the cpu kernels'
         assert chosen(2).chosen == "sdpa" and chosen(4).chosen == "sdpa"
         assert chosen(5).chosen == "cpu" and chosen(16).chosen == "cpu"
         if cpu_backend._BF16_AMX:

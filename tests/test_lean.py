@@ -1,7 +1,6 @@
 """The SDPA surface's lean path (fastattn/lean.py): a replayed route is the route a fresh decision takes for every
 key length, its outputs are the full path's bit for bit (masks included), and calls it must not take (autograd,
 masks it does not read, dropout, strides, subclasses, other backends) take the full path with its checks."""
-import contextlib
 import random
 
 import pytest
@@ -14,6 +13,7 @@ from fastattn.backends import BACKENDS
 from fastattn.backends import cpu as cpu_backend
 from fastattn.backends import sdpa as sdpa_backend
 from fastattn.functional import _sdpa_params
+from support import torch_threads
 from support.lean_keys import key_mismatches, unnoticed_fields
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
@@ -66,18 +66,8 @@ def _route_mismatches(seed=0):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_replayed_route_is_a_fresh_decision(threads):
     """On one thread and on two (the step rules differ, backends/cpu.py)."""
-    with torch.no_grad(), _threads(threads):
+    with torch.no_grad(), torch_threads(threads):
         assert _route_mismatches() == []
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    was = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
 
 
 @pytest.mark.parametrize("drop", range(3))
@@ -87,7 +77,7 @@ def test_planted_missing_break_is_caught(monkeypatch, drop):
     real = cpu_backend.CpuBackend.length_breaks
     monkeypatch.setattr(cpu_backend.CpuBackend, "length_breaks",
                         lambda self, Sq: real(self, Sq)[:drop] + real(self, Sq)[drop + 1:])
-    with torch.no_grad(), _threads(1):
+    with torch.no_grad(), torch_threads(1):
         bad = _route_mismatches()
     if drop == 2 and not cpu_backend._BF16_AMX:
         pytest.skip("the bf16 rule for tiny calls (break 2) applies on AMX machines only")
@@ -279,14 +269,11 @@ def _pairs():
 def _outcome(call):
     args, kw = call
     kw = dict(kw)
-    n = torch.get_num_threads()
-    torch.set_num_threads(kw.pop("threads", n))
-    try:
-        return sdpa(*args, **kw)
-    except Exception as e:  # noqa: BLE001  (a refusal is an outcome to compare)
-        return type(e).__name__
-    finally:
-        torch.set_num_threads(n)
+    with torch_threads(kw.pop("threads", torch.get_num_threads())):
+        try:
+            return sdpa(*args, **kw)
+        except Exception as e:  # noqa: BLE001  (a refusal is an outcome to compare)
+            return type(e).__name__
 
 
 def _same(a, b):

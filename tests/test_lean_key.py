@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastattn import dispatch, lean
+from support import torch_threads
 
 pytestmark = pytest.mark.skipif(lean.cache_append is lean.cache_append_py,
                                 reason="fastattn._C was not built (or predates csrc/lean.cpp): lean.py runs its "
@@ -117,16 +118,12 @@ def _cache_calls():
 
 def _mismatches(reference, calls=_calls, ours=lambda *a: lean.key(*a)):
     """The calls whose C++ key differs from reference's (grad on and off, one thread and two)."""
-    bad, n = [], torch.get_num_threads()
-    try:
-        for grad, threads in ((True, 1), (False, 1), (False, 2)):
-            torch.set_num_threads(threads)
-            with torch.set_grad_enabled(grad):
-                for name, args in calls():
-                    if ours(*args) != reference(*args):
-                        bad.append((name, grad, threads))
-    finally:
-        torch.set_num_threads(n)
+    bad = []
+    for grad, threads in ((True, 1), (False, 1), (False, 2)):
+        with torch_threads(threads), torch.set_grad_enabled(grad):
+            for name, args in calls():
+                if ours(*args) != reference(*args):
+                    bad.append((name, grad, threads))
     return bad
 
 
@@ -161,20 +158,28 @@ def test_length_classes_follow_replaced_choices(monkeypatch):
     assert (dispatch.LEAN, 5) in dispatch._CHOICES
 
 
+def _blanked(reference, field):
+    """reference with key field `field` changed (planted)."""
+    def planted(*args):
+        key = reference(*args)
+        return None if key is None else key[:field] + ("?",) + key[field + 1:]
+    return planted
+
+
+def _taking(reference):
+    """reference without its refusals (planted): every call gets a key."""
+    return lambda *args: reference(*args) or ("taken",)
+
+
 @pytest.mark.parametrize("field", range(1, 11))
 def test_planted_field_is_caught(field):
     """A reference with one key field changed (planted) differs from the C++ key on some call of the matrix."""
-    def planted(*args):
-        key = lean.key_py(*args)
-        return None if key is None else key[:field] + ("?",) + key[field + 1:]
-    assert _mismatches(planted) != []
+    assert _mismatches(_blanked(lean.key_py, field)) != []
 
 
 def test_planted_refusal_is_caught():
     """A reference that takes every call (no refusals) differs from the C++ key on the matrix's refused calls."""
-    def planted(*args):
-        return lean.key_py(*args) or ("taken",)
-    assert len(_mismatches(planted)) >= 20
+    assert len(_mismatches(_taking(lean.key_py))) >= 20
 
 
 def test_cpp_cache_key_equals_reference():
@@ -185,16 +190,11 @@ def test_cpp_cache_key_equals_reference():
 
 @pytest.mark.parametrize("field", range(2, 13))
 def test_planted_cache_field_is_caught(field):
-    def planted(*args):
-        key = lean.cache_key_py(*args)
-        return None if key is None else key[:field] + ("?",) + key[field + 1:]
-    assert _cache_mismatches(planted) != []
+    assert _cache_mismatches(_blanked(lean.cache_key_py, field)) != []
 
 
 def test_planted_cache_refusal_is_caught():
-    def planted(*args):
-        return lean.cache_key_py(*args) or ("taken",)
-    assert len(_cache_mismatches(planted)) >= 20
+    assert len(_cache_mismatches(_taking(lean.cache_key_py))) >= 20
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
