@@ -30,8 +30,9 @@ _REPORT = ops.cpu_matmul_report()
 #  * bf16 inference on AMX, on one thread, for one-token MHA decode steps (the split-KV decode kernel, bound by
 #    reading K/V at short caches, 0.84-0.86x at 512 keys, D=64; grouped-query steps: below), steps of 3-4 tokens
 #    without grouped-query heads at head dim <= 64 (the decode kernel with 3-4 rows per head: 0.81x at 512 keys
-#    through the SDPA surface, where the hand-over read 0.89x; other steps of 2-16 tokens stay here: two tokens 1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA
-#    at 8-16 tokens 0.95-1.14x against 0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096:
+#    through the SDPA surface, where the hand-over read 0.89x; other steps of 2-16 tokens stay here: two tokens
+#    1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA at 8-16 tokens 0.95-1.14x against
+#    0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096:
 #    0.86-0.97x at S = 17, 32, 64, B8 H12 D64; 1.0-1.26x at S = 24, 48; since the first P V product writes the
 #    accumulator, 0.74-0.93x at B1 H8-12 and 1.0-1.15x from B*H = 16 up, left to sdpa as a whole). Short
 #    non-causal calls with head dim > 64 went to sdpa too until the degree-4 exponential and vectorised VNNI packing
