@@ -174,6 +174,25 @@ def test_auto_not_slower_than_torch_steps(request, dtype, Sq, heads, D):
     _check_step(dtype, Sq, heads, D, 512, "step")
 
 
+@pytest.mark.parametrize("B,Hq,S", [(8, 12, 16), (8, 12, 32), (8, 12, 48), (1, 12, 32), (2, 8, 32), (1, 16, 64)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_tiny(request, dtype, B, Hq, S):
+    """Tiny inference calls (S <= 64, D=64, no mask; a BERT batch of short sentences, a short prompt), SDPA surface:
+    the tiny rules hand fp32 ones, and bf16 ones of fewer than 16 batch x heads on one thread, to sdpa."""
+    if dtype == torch.float32 and S <= 32:
+        request.applymarker(pytest.mark.xfail(
+            reason="known gap (Intel Xeon AMX, 2026-12-01, one and two threads): both routes under 0.95x at times, "
+                   "the hand-over 0.91-0.98x (~1 us of Python on a 10-150 us call), the cpu kernels 0.86-1.01x",
+            strict=False))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, Hq, S, 64, generator=g).to(dtype) for _ in range(3))
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu"),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v)}
+    _check_inference(impls, fastattn.explain(q, k, v).chosen, f"{str(dtype)[6:]} tiny B={B} H={Hq} S={S} D=64")
+
+
 @pytest.mark.parametrize("S_mask", [16, 32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_auto_not_slower_than_torch_masked(request, dtype, S_mask):

@@ -196,7 +196,8 @@ def test_every_auto_rule_runs():
 
 
 def _bf16_one_thread_rules(cpu_backend, q, k):
-    """The bf16 rules on one thread (AMX): MHA decode steps to sdpa, grouped-query ones ours; tiny calls sdpa."""
+    """The bf16 rules on one thread (AMX): MHA decode steps to sdpa, grouped-query ones ours; tiny calls of fewer
+    than 16 batch x heads sdpa."""
     assert fastattn.explain(q, k, k).chosen == "sdpa"
     for Sk in (300, 5000):
         gqa = rnd(1, 1, Sk, 64).bfloat16()
@@ -205,6 +206,9 @@ def _bf16_one_thread_rules(cpu_backend, q, k):
     assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
     tiny = rnd(1, 4, 48, 64).bfloat16()
     assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"
+    many = rnd(4, 4, 48, 64).bfloat16()  # batch x heads 16: the cpu kernels
+    assert fastattn.explain(many, many, many).chosen == "cpu"
+    assert fastattn.explain(many[:, :3], many[:, :3], many[:, :3]).chosen == "sdpa"  # 12
     assert fastattn.explain(tiny.requires_grad_(), tiny, tiny).chosen == "cpu"  # training stays ours
     wide = rnd(2, 4, 128, 128).bfloat16()  # short non-causal with head dim 128: ours since the faster softmax
     assert fastattn.explain(wide, wide, wide).chosen == "cpu"

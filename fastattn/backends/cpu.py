@@ -32,9 +32,12 @@ _REPORT = ops.cpu_matmul_report()
 #    without grouped-query heads at head dim <= 64 (the decode kernel with 3-4 rows per head: 0.81x at 512 keys
 #    through the SDPA surface, where the hand-over read 0.89x; other steps of 2-16 tokens stay here: two tokens
 #    1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA at 8-16 tokens 0.95-1.14x against
-#    0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096:
-#    0.86-0.97x at S = 17, 32, 64, B8 H12 D64; 1.0-1.26x at S = 24, 48; since the first P V product writes the
-#    accumulator, 0.74-0.93x at B1 H8-12 and 1.0-1.15x from B*H = 16 up, left to sdpa as a whole). Short
+#    0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096) of fewer than 16 batch x heads
+#    (0.93-1.01x at B1 H8-12, S = 32; until 2026-12-01 every tiny call, when B8 H12 had read 0.86-0.97x at S = 17,
+#    32, 64 and 1.0-1.26x at S = 24, 48; since then, with the lean path, one thread, 1.10-1.50x from B*H = 16 up:
+#    B8 H12 D64 1.12-2.17x at S = 17-64 (0.93-1.23x at S = 16, torch's scratch faulting or not), B2-4 H8-12 S32
+#    1.05-1.11x, against 0.96-1.01x for the hand-over; on two threads every tiny bf16 call is ours: 1.20-2.03x at
+#    B8 H12, 1.25-1.52x at B1-2 H8-16, where the hand-over read 0.97x). Short
 #    non-causal calls with head dim > 64 went to sdpa too until the degree-4 exponential and vectorised VNNI packing
 #    (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after; S = 256 1.09x, S = 512 1.05-1.10x), where auto's
 #    hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
@@ -48,6 +51,7 @@ _MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sd
 # 0.95-0.99x; until then they went to sdpa below 4096 keys (0.91-1.08x). MHA steps stay with sdpa on one thread
 # (0.84-0.86x at 512 keys, D=64).
 _BF16_TINY_AREA = 4096
+_BF16_TINY_HEADS = 16  # tiny bf16 calls of fewer batch x heads than this: sdpa
 # Not covered: masked bf16 inference past the tiny bounds stays here (key-padding batches, trailing padding skipped:
 # 0.87-1.3x torch at 12-42% padding, 1.12-1.25x at 64-128 tokens), and flash_attn_with_kvcache's
 # split-KV kernel in bf16 at short caches, which auto does not re-route: against torch on a contiguous (B, H, S, D)
@@ -72,8 +76,8 @@ _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
 _BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without grouped-query heads (3-4: at head "
-               "dim <= 64) on one thread, and tiny calls, on this CPU (PyTorch's flash kernel on AMX; the cpu "
-               "kernels measured 0.84-0.86x, 0.81x and 0.74-0.97x)")
+               "dim <= 64) and tiny calls of fewer than 16 batch x heads, on one thread on this CPU (PyTorch's "
+               "flash kernel on AMX; the cpu kernels measured 0.84-0.86x, 0.81x and 0.93-1.01x)")
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -176,9 +180,10 @@ class CpuBackend(Backend):
             mha = p.q.shape[1] == p.k.shape[1]
             decode = Sq == 1 and mha
             mha_step = 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
+            tiny = (not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA
+                    and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS)
             # (compiling: the one-thread rule, the thread count not read into the graph)
-            if (decode or mha_step) and (compiling or _one_thread()) or (
-                    not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA):
+            if (decode or mha_step or tiny) and (compiling or _one_thread()):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
