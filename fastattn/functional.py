@@ -240,9 +240,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq) fp32, None): the probabilities themselves are
     never materialised (flash-attn returns them only for testing).
     """
+    plain = route = None
+    if not _is_dynamo_compiling():  # a plain call: the lean path's (fastattn/lean.py)
+        plain = lean.flash_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               deterministic, return_attn_probs, backend)
+        if plain is not None:
+            route = dispatch._CHOICES.get(plain[0])
+            if route:
+                return route.run(plain[1], plain[2], plain[3]).transpose(1, 2)  # (B, H, Sq, Dv) -> (B, Sq, H, Dv)
     p = _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
     out, lse = dispatch.run(p, backend)
+    if plain is not None and route is None:
+        lean.learn(plain[0], p, backend)
     out = out.transpose(1, 2)  # (B, H, Sq, Dv) -> (B, Sq, H, Dv)
     return (out, lse, None) if return_attn_probs else out
 
