@@ -221,11 +221,15 @@ def _shape(t) -> str:
     return "None" if t is None else f"{tuple(t.shape)}"
 
 
+_STRIDED = torch.strided
+
+
 def check_tensors(q, k, v, *, names=("query", "key", "value")):
     """Types, dtypes and device of q, k, v (no shapes)."""
     if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
             and q.dtype in FLOAT_DTYPES and k.dtype is q.dtype and v.dtype is q.dtype  # dtypes are singletons
             and not (q.is_nested or k.is_nested or v.is_nested)
+            and q.layout is _STRIDED and k.layout is _STRIDED and v.layout is _STRIDED
             and (q.is_cpu and k.is_cpu and v.is_cpu or q.device == k.device == v.device)):  # is_cpu: no objects
         return  # the common case, in one expression; a failing call takes the checks below for its message
     nq, nk, nv = names
@@ -237,6 +241,9 @@ def check_tensors(q, k, v, *, names=("query", "key", "value")):
                                  f"got {t.dtype}")
         if t.is_nested:
             raise InputValueError(f"fastattn: {name} is a nested tensor; pass padded tensors (and a mask)")
+        if t.layout is not _STRIDED:
+            raise InputTypeError(f"fastattn: {name} must be a dense (strided) tensor, got layout {t.layout} "
+                                 f"(shape {_shape(t)}); call .to_dense() first")
     if not (q.dtype == k.dtype == v.dtype):
         raise InputTypeError(f"fastattn: {nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -106,6 +106,10 @@ BAD = [
     (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), rnd(1, 4, 2, 8), window_size=(2.5, 0)), TypeError, "window_size"),
     (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32), 6.5, 6), TypeError, "max_seqlen_q"),
     (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), dropout_p=1 - 1e-9, backend="reference"), ValueError, "rounds to 1"),
+    # sparse / mkldnn inputs: named, not a RuntimeError from deep inside ("unsupported memory format option")
+    (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8).to_sparse(), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8)), TypeError, "query must be a dense"),
+    (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8).to_mkldnn()), TypeError, "value must be a dense"),
+    (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8).to_sparse(), rnd(1, 4, 2, 8)), TypeError, "k must be a dense"),
 ]
 
 
