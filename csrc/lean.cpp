@@ -158,14 +158,6 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
                        causal, scale, mask_dims, one_thread);
 }
 
-PyObject* lean_key(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  try {
-    return key(a, n);
-  } catch (const std::exception&) {  // metadata a tensor does not have (no strides...): the full path says why
-    Py_RETURN_NONE;
-  }
-}
-
 
 // A tensor's shape as a tuple of ints (equal to, and hashing as, its torch.Size).
 PyObject* shape(const at::Tensor& t) {
@@ -185,7 +177,7 @@ PyObject* shape(const at::Tensor& t) {
 
 // cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
 // return_lse, backend) -> tuple | None: lean.cache_key_py's key (flash_attn_with_kvcache's lean path).
-PyObject* cache_key_impl(PyObject* const* a, Py_ssize_t n) {
+PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
   if (n != 13) {
     PyErr_SetString(PyExc_TypeError, "cache_key takes 13 arguments");
     return nullptr;
@@ -246,18 +238,21 @@ PyObject* cache_key_impl(PyObject* const* a, Py_ssize_t n) {
   return out;
 }
 
-PyObject* cache_key(PyObject*, PyObject* const* a, Py_ssize_t n) {
+// A key function as a METH_FASTCALL entry: a C++ exception (metadata a tensor does not have, such as strides) is no
+// key, so the call takes the full path, which says why.
+template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
+PyObject* guarded(PyObject*, PyObject* const* a, Py_ssize_t n) {
   try {
-    return cache_key_impl(a, n);
-  } catch (const std::exception&) {  // metadata a tensor does not have: the full path says why
+    return Key(a, n);
+  } catch (const std::exception&) {
     Py_RETURN_NONE;
   }
 }
 
 PyMethodDef kMethods[] = {
-    {"lean_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lean_key)), METH_FASTCALL,
+    {"lean_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<key>)), METH_FASTCALL,
      "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's key"},
-    {"cache_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cache_key)), METH_FASTCALL,
+    {"cache_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<cache_key>)), METH_FASTCALL,
      "cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits, "
      "return_lse, backend): fastattn/lean.py's cache_key"},
     {nullptr, nullptr, 0, nullptr}};

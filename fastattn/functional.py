@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, lean
+from .lean import tracing  # asked before the lean keys
 from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
                      check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
                      last_dim_contiguous, normalize_mask)
 
-# The lean key is C++ (fastattn._C.lean_key), which dynamo cannot trace: asked first (True while it traces).
-_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _broadcast_size(sizes, what: str, shapes) -> int:
@@ -155,7 +154,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = torch.softmax(s, -1) @ value
     """
     lean_key = route = None
-    if dropout_p == 0.0 and not _is_dynamo_compiling():  # a plain call: the lean path's (fastattn/lean.py)
+    if dropout_p == 0.0 and not tracing():  # a plain call: the lean path's (fastattn/lean.py)
         lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
         if lean_key is not None:
             route = dispatch._CHOICES.get(lean_key)
@@ -241,7 +240,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     never materialised (flash-attn returns them only for testing).
     """
     plain = route = None
-    if not _is_dynamo_compiling():  # a plain call: the lean path's (fastattn/lean.py)
+    if not tracing():  # a plain call: the lean path's (fastattn/lean.py)
         plain = lean.flash_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                deterministic, return_attn_probs, backend)
         if plain is not None:

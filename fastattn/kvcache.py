@@ -17,10 +17,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import dispatch, lean, rotary
+from .lean import tracing  # asked before the lean keys
 from .params import (AttnParams, DecodeCall, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
                      default_scale, last_dim_contiguous)
 
-_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _check_index(name: str, t, B: int, device):
@@ -327,7 +327,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     lean_key = route = None
     if (block_table is None and cache_batch_idx is None and rotary_cos is None and alibi_slopes is None
-            and cache_leftpad is None and not _is_dynamo_compiling()):  # a dense decode step: the lean path's
+            and cache_leftpad is None and not tracing()):  # a dense decode step: the lean path's
         # (fastattn/lean.py; its key is C++, which dynamo cannot trace)
         lean_key = lean.cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
                                   softcap, num_splits, return_softmax_lse, backend)

@@ -34,24 +34,24 @@ from .params import FLOAT_DTYPES
 _Tensor = torch.Tensor
 _is_grad_enabled = torch.is_grad_enabled
 _get_num_threads = torch.get_num_threads
-# Dynamo's own question (it answers True while it traces). Other tracers (make_fx, non-strict export) run this
-# Python as it is, on FakeTensors that the type test below sends down the full path, or on real tensors, where a
-# replay records the same ops as the full path.
-_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+# Callers ask this before any key below (key and cache_key are C++, which dynamo cannot trace): dynamo's own question,
+# True while it traces. Other tracers (make_fx, non-strict export) run the keys as they are, on FakeTensors that the
+# type tests send down the full path, or on real tensors, where a replay records the same ops as the full path.
+tracing = torch.compiler.is_dynamo_compiling
 _FLOAT = frozenset(FLOAT_DTYPES)
 _ctx_backend, _env_backend = dispatch._ctx_backend, dispatch._env_backend
 
 
 def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=None) -> Optional[tuple]:
-    """The call's lean key, or None where the lean path does not apply (the caller has checked dropout_p == 0). The
-    reference of fastattn._C.lean_key, which `key` is where the extension is built (the same key from the tensors'
-    metadata in C++: this function cost 2.4 us warm, 4-7 us cold between two kernels that stream a cache). One
-    flat function: each Python call it made cost 1-3 us (cold), against ~0.3 us warm. A mask: a plain 4-D CPU
-    tensor, bool or in q's dtype, not requiring grad, whose last dim is the key length or 1 (checked here, per call);
-    its other dims join the key (the route itself does not depend on them, but the full path checked them against
-    q's once), so a mask that grows with the cache keeps one key."""
+    """The call's lean key, or None where the lean path does not apply (the caller has checked dropout_p == 0 and
+    `tracing`). The reference of fastattn._C.lean_key, which `key` is where the extension is built (the same key
+    from the tensors' metadata in C++: this function cost 2.4 us warm, 4-7 us cold between two kernels that stream
+    a cache). One flat function: each Python call it made cost 1-3 us (cold), against ~0.3 us warm. A mask: a
+    plain 4-D CPU tensor, bool or in q's dtype, not requiring grad, whose last dim is the key length or 1 (checked
+    here, per call); its other dims join the key (the route itself does not depend on them, but the full path
+    checked them against q's once), so a mask that grows with the cache keeps one key."""
     if not (type(query) is _Tensor and type(key) is _Tensor and type(value) is _Tensor and type(is_causal) is bool
-            and type(enable_gqa) is bool and (scale is None or type(scale) is float)) or _is_dynamo_compiling():
+            and type(enable_gqa) is bool and (scale is None or type(scale) is float)):
         return None
     dt = query.dtype
     # check_tensors' common case (a call that fails it takes the full path, for its message); then CPU, inference
@@ -130,7 +130,7 @@ def cache_key_py(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal
             and type(return_lse) is bool and type(num_splits) is int and type(softcap) is float
             and (softmax_scale is None or type(softmax_scale) is float) and type(window_size) is tuple
             and len(window_size) == 2 and type(window_size[0]) is int and type(window_size[1]) is int
-            and (k is None and v is None or type(k) is _Tensor and type(v) is _Tensor)) or _is_dynamo_compiling():
+            and (k is None and v is None or type(k) is _Tensor and type(v) is _Tensor)):
         return None
     dt = q.dtype
     if not (dt in _FLOAT and k_cache.dtype is dt and v_cache.dtype is dt and q.is_cpu and k_cache.is_cpu
