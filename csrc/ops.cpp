@@ -97,6 +97,10 @@ std::string describe();
 std::map<std::string, std::string> report();
 void force_fp32(bool on);
 }
+namespace cpu {
+std::string mask_band(const at::Tensor& bias);
+void mask_band_enable(bool on);
+}
 namespace lean {
 void add_lean(pybind11::module_& m);  // lean.cpp: lean_init, lean_key, cache_key, cache_append
 }
@@ -111,5 +115,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cpu_matmul as data: CPU model, each low-precision dtype's path (brgemm|fp32), ISA flags");
   m.def("cpu_matmul_force_fp32", &fastattn::cpu::mm::force_fp32,
         "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
+  m.def("cpu_mask_band", &fastattn::cpu::mask_band,
+        "Tests: the band the CPU kernels read a (B, H, Sq, Sk) float mask as ('causal', 'causal bottom-right', "
+        "'key padding', or '' for none), from its values alone");
+  m.def("cpu_mask_band_enable", &fastattn::cpu::mask_band_enable,
+        "Tests: read full masks as causal bands in this process while on (the default)");
   fastattn::lean::add_lean(m);
 }

@@ -25,6 +25,15 @@ void compute_delta(const CpuParams& p, float* delta);
 // set and bounded too.
 std::vector<int64_t> key_padding_ends(const CpuParams& p, at::ScalarType dtype, bool backward);
 
+// Every term touching keys [k0, Sk) of batch b is finite and far from overflow (bounds on Q, those K/V rows, and
+// with `backward` dO and O), so -inf scores there give P = 0 and dS = 0 exactly and the kernels may skip them.
+bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, bool backward);
+
+// A full mask (bias) that is a causal mask (top-left or bottom-right) or none, times one key-padding row per batch,
+// of 0 and -inf only: p then runs as that causal call with its key-padding row (mask_band.cpp), so the kernels
+// skip the blocks the mask hides. Left as it is when any term there could be NaN or Inf (terms_bounded).
+void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward);
+
 // Sets p.key_end from key_padding_ends (into `ends`, which must outlive p), then drops p.bias when it is 0 on every
 // key the kernels still compute (a plain key-padding mask whose padding is skipped, or an all-visible one): the tiles
 // then run as without a mask instead of adding a row of zeros per tile.

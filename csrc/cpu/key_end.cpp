@@ -103,6 +103,14 @@ bool zero_below_ends(const CpuParams& p, const std::vector<int64_t>& ends) {
 
 }  // namespace
 
+bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, bool backward) {
+  switch (dtype) {
+    case at::kFloat: return exact_to_skip<float>(p, b, k0, backward);
+    case at::kBFloat16: return exact_to_skip<c10::BFloat16>(p, b, k0, backward);
+    default: return exact_to_skip<c10::Half>(p, b, k0, backward);
+  }
+}
+
 void skip_key_padding(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int64_t>& ends) {
   ends = key_padding_ends(p, dtype, backward);
   p.key_end = ends.empty() ? nullptr : ends.data();

@@ -224,6 +224,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr<float>();
+  read_mask_band(p, q.scalar_type(), false);
   std::vector<int64_t> key_end;  // p.key_end points here
   skip_key_padding(p, q.scalar_type(), false, key_end);
   // bf16/fp16 tiles go to the matrix units where mm::path found them usable, else through fp32 sgemm.
@@ -282,6 +283,7 @@ BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   p.lse = const_cast<float*>(c.lse_c.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.do_st = strides_of(dout);
+  read_mask_band(p, q.scalar_type(), true);
   skip_key_padding(p, q.scalar_type(), true, c.key_end);
   return c;
 }
