@@ -371,6 +371,11 @@ def _overrides_torch_function(t: torch.Tensor) -> bool:
 
 # (dtype, device) -> 0-d tensors 0 and -inf of that dtype: a bool mask becomes its bias in one torch.where.
 _BOOL_BIAS: dict = {}
+# dtype -> (integer dtype of its width, the bits of -inf as that integer): True -> 1 - 1 = 0 -> +0.0, False -> -1 ->
+# all ones, and-ed down to -inf's bits. Three integer passes ran ~12x faster than torch.where's (0.6 against 7.6 ms
+# for a (2, 1, 1024, 1024) mask to bf16, one thread), bitwise the same.
+_NEG_INF_BITS = {torch.float32: (torch.int32, -0x800000), torch.bfloat16: (torch.int16, -0x80),
+                 torch.float16: (torch.int16, -0x400)}
 
 
 def _mask_4d(attn_mask, q, target):
@@ -396,6 +401,9 @@ def _mask_4d(attn_mask, q, target):
 def bool_bias(attn_mask, q):
     """A bool mask's additive bias in q's dtype: 0 where True (attend), -inf where False; its shape (eager, CPU:
     see _mask_4d)."""
+    bits = _NEG_INF_BITS.get(q.dtype)
+    if bits is not None and attn_mask.numel() >= 4096:  # below that torch.where's one call costs less
+        return attn_mask.to(bits[0]).sub_(1).bitwise_and_(bits[1]).view(q.dtype)
     fill = _BOOL_BIAS.get((q.dtype, q.device))
     if fill is None:
         fill = _BOOL_BIAS[(q.dtype, q.device)] = (torch.zeros((), dtype=q.dtype, device=q.device),
