@@ -372,8 +372,8 @@ def _overrides_torch_function(t: torch.Tensor) -> bool:
 # (dtype, device) -> 0-d tensors 0 and -inf of that dtype: a bool mask becomes its bias in one torch.where.
 _BOOL_BIAS: dict = {}
 # dtype -> (integer dtype of its width, the bits of -inf as that integer): True -> 1 - 1 = 0 -> +0.0, False -> -1 ->
-# all ones, and-ed down to -inf's bits. Three integer passes ran ~12x faster than torch.where's (0.6 against 7.6 ms
-# for a (2, 1, 1024, 1024) mask to bf16, one thread), bitwise the same.
+# all ones, and-ed down to -inf's bits. Bitwise torch.where's result in three integer passes without branches: a
+# (2, 1, 1024, 1024) mask to bf16, one thread, 0.58 ms against 1.04 (causal) and 7.9 (random).
 _NEG_INF_BITS = {torch.float32: (torch.int32, -0x800000), torch.bfloat16: (torch.int16, -0x80),
                  torch.float16: (torch.int16, -0x400)}
 
