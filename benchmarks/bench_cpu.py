@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py                       # default grid (B*H=8, S 512..2048, D 64/128)
     python benchmarks/bench_cpu.py --seq 1024 --dim 64 --dtype bf16 --mask --reps 5
+    python benchmarks/bench_cpu.py --batch 2 --causal-mask --causal 1   # a causal bool mask beside is_causal
 
 Each cell times both implementations alternately in the same process (median of --reps runs after a warm-up)
 and prints torch_ms / ours_ms (> 1 means fastattn is faster). Forward and forward+backward. FLOPs follow
@@ -40,8 +41,12 @@ def bench_cell(B, H, S, D, dtype, causal, mask, reps, backward):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(backward) for _ in range(3))
     attn_mask = None
-    if mask:  # dense float mask (B, 1, S, S), the case SDPA cannot fuse cheaply
+    if mask == "float":  # dense float mask (B, 1, S, S), the case SDPA cannot fuse cheaply
         attn_mask = torch.randn(B, 1, S, S, generator=g).to(dtype)
+    elif mask == "causal":  # causal and key padding as one bool (B, 1, S, S) mask, as transformers' sdpa masks
+        keep = torch.ones(B, S, dtype=torch.bool)
+        keep[B - 1, S - S // 4:] = B == 1  # a quarter of the last sequence's keys padding (B > 1)
+        attn_mask = (torch.ones(S, S, dtype=torch.bool).tril() & keep.view(B, 1, S)).unsqueeze(1)  # (B, 1, S, S)
     do = torch.randn(B, H, S, D, generator=g).to(dtype)
     causal_flag = causal and not mask
 
@@ -63,7 +68,7 @@ def bench_cell(B, H, S, D, dtype, causal, mask, reps, backward):
         t_torch.append(_time(run(F.scaled_dot_product_attention), reps))
         t_ours.append(_time(run(ours), reps))
     tt, to = min(t_torch), min(t_ours)
-    flops = 4 * B * H * S * S * D * (0.5 if causal_flag else 1.0) * (3.5 if backward else 1.0)
+    flops = 4 * B * H * S * S * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
     return tt, to, flops
 
 
@@ -76,6 +81,8 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--mask", action="store_true", help="also time a dense float mask (no causal)")
+    ap.add_argument("--causal-mask", action="store_true",
+                    help="also time a causal bool (B, 1, S, S) mask with key padding (FLOPs counted as causal)")
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
@@ -94,7 +101,8 @@ def main():
           f"{'CPU' if a.cpu_time else 'wall'} time")
     print(f"{'dtype':5} {'S':>5} {'D':>4} {'kind':7} {'pass':7} {'torch ms':>9} {'ours ms':>9} {'GFLOP/s':>8} "
           f"{'speedup':>7}")
-    kinds = [("causal" if c else "full", bool(c), False) for c in a.causal] + ([("mask", False, True)] if a.mask else [])
+    kinds = [("causal" if c else "full", bool(c), None) for c in a.causal] + ([("mask", False, "float")] if a.mask else [])
+    kinds += [("cmask", True, "causal")] if a.causal_mask else []
     for dt in a.dtype:
         for S in a.seq:
             for D in a.dim:
