@@ -1,7 +1,9 @@
-"""Full masks read as the causal band (csrc/cpu/mask_band.cpp): which (B, 1, Sq, Sk) masks the CPU kernels read as a
-causal band with a key-padding row and which they leave alone (from the values alone: fastattn._C.cpu_mask_band);
-that a call so read equals the explicit causal call with its key-padding row bitwise; forward and gradients against
-the float64 oracle; NaN and Inf where the mask hides them reach the output as before; a planted bug caught."""
+"""Full masks' structure read by the CPU kernels (csrc/cpu/mask_band.cpp). Causal bands: which (B, 1, Sq, Sk) masks
+are read as a causal band with a key-padding row and which are left alone (from the values alone:
+fastattn._C.cpu_mask_band); that a call so read equals the explicit causal call with its key-padding row bitwise.
+-inf edges of any other full mask (sliding windows, packed documents, one mask per head): each row's range
+(fastattn._C.cpu_mask_rows). Forward and gradients against the float64 oracle on both; NaN and Inf where the mask
+hides them reach the output as before; a planted bug in each caught."""
 import math
 import os
 import subprocess
@@ -161,32 +163,103 @@ def test_nan_and_inf_hidden_by_the_mask_still_reach_the_output(where):
         assert out[1, 0, :50, 3].isnan().all()
 
 
+def edged_mask(kind, B, Sq, Sk):
+    """Bool (B, 1, Sq, Sk) masks with -inf edges but no causal band: "window" (causal, 24 keys back, bottom-right),
+    "documents" (three packed documents, causal within each; the last query rows see nothing when Sq > Sk), "prefix"
+    (the first 20 keys and a causal band after them, per batch a different prefix)."""
+    i, j = torch.arange(Sq).view(Sq, 1), torch.arange(Sk).view(1, Sk)
+    if kind == "window":
+        keep = (j <= i + Sk - Sq) & (j >= i + Sk - Sq - 24)
+        return keep.expand(B, 1, Sq, Sk)
+    if kind == "documents":
+        doc_q, doc_k = (i * 3) // max(Sq, 1), (j * 3) // max(Sk, 1)
+        keep = (doc_q == doc_k) & (j * Sq <= i * Sk + Sq)  # causal within each document, scaled to Sk
+        return keep.expand(B, 1, Sq, Sk)
+    keep = torch.stack([(j < 20 + 7 * b) | (j <= i) for b in range(B)])  # (B, Sq, Sk)
+    return keep.unsqueeze(1)
+
+
+@pytest.mark.parametrize("kind", ["window", "documents", "prefix"])
+def test_mask_rows_are_the_edges(kind):
+    """Each row's [lo, hi) is its first and one past its last key not -inf ({Sk, 0} for a row all -inf), over the
+    mask's own batch and head dims; the rows' keys outside it are all -inf."""
+    keep = edged_mask(kind, 2, 90, 130)
+    shared = keep if kind == "prefix" else keep[:1]  # one mask for both batches: read once
+    rows = _C.cpu_mask_rows(as_bias(shared, torch.bfloat16).expand(2, 3, 90, 130))
+    assert rows.shape == (1 if kind != "prefix" else 2, 1, 90, 2)
+    for b in range(rows.shape[0]):
+        for i in range(90):
+            seen = keep[b, 0, i].nonzero().flatten()
+            want = [130, 0] if seen.numel() == 0 else [seen[0].item(), seen[-1].item() + 1]
+            assert rows[b, 0, i].tolist() == want, (b, i)
+    per_head = as_bias(keep, torch.float32).expand(2, 3, 90, 130).contiguous()  # one copy per head: read per head
+    assert _C.cpu_mask_rows(per_head).shape == (2, 3, 90, 2)
+
+
+@pytest.mark.parametrize("kind,Sq,Sk", [("window", 150, 150), ("window", 70, 300), ("documents", 200, 200),
+                                        ("documents", 120, 90), ("prefix", 160, 160)])
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_edged_masks_hold_the_rule(kind, Sq, Sk, per_head, dtype):
+    """Masks whose -inf edges the kernels skip (the rows' ranges cover the hidden keys' 1/16 at least), shared by the
+    heads or one copy per head, odd sizes, grouped heads: forward and gradients against the float64 oracle."""
+    torch.manual_seed(Sq + Sk)
+    q, k, v = _qkv(2, 4, 2, Sq, Sk, 40, dtype)
+    keep = edged_mask(kind, 2, Sq, Sk)
+    if per_head:
+        keep = keep.expand(2, 4, Sq, Sk).clone()
+        keep[:, 1::2] = causal = keep_mask(2, Sq, Sk, "causal bottom-right", "none").expand(2, 2, Sq, Sk)
+        assert band_of(as_bias(causal[:, :1], dtype)) != ""  # odd heads: a band, but not read per head
+    assert band_of(as_bias(keep[:, :1], dtype)) == ""
+    _assert_fwd_bwd_rule(q, k, v, keep, dtype)
+
+
+def test_nan_beyond_the_edges_still_reaches_the_output():
+    """A NaN key outside some rows' range: the bounds refuse the ranges and the full mask gives what it gave
+    before, NaN where NaN (rows that do not see the key are NaN too: PyTorch adds -inf to their NaN score)."""
+    torch.manual_seed(6)
+    q, k, v = _qkv(1, 2, 2, 96, 96, 32, torch.bfloat16)
+    k[0, 1, 80, 0] = float("nan")
+    keep = edged_mask("window", 1, 96, 96)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="cpu")
+    _C.cpu_mask_band_enable(False)
+    try:
+        full = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="cpu")
+    finally:
+        _C.cpu_mask_band_enable(True)
+    torch.testing.assert_close(out, full, rtol=0, atol=0, equal_nan=True)
+    assert out[0, 1, :40].isnan().all()
+
+
 _PLANT = r"""
 import sys, torch
 sys.path.insert(0, "tests")
-from test_mask_band import _assert_fwd_bwd_rule, _qkv, as_bias, band_of, keep_mask
-keep = keep_mask(2, 96, 96, "causal", "none")
-keep[1, 0, 60, 5:9] = False  # holes in one row
-print("read as", repr(band_of(as_bias(keep, torch.float32))))
-q, k, v = _qkv(2, 2, 2, 96, 96, 32, torch.float32)
-try:
-    _assert_fwd_bwd_rule(q, k, v, keep, torch.float32)
-    print("rule held")
-except AssertionError as e:
-    print("rule failed:", str(e)[:200])
+from test_mask_band import _assert_fwd_bwd_rule, _qkv, as_bias, band_of, edged_mask, keep_mask
+holes = keep_mask(2, 96, 96, "causal", "none")
+holes[1, 0, 60, 5:9] = False  # holes in one row
+print("read as", repr(band_of(as_bias(holes, torch.float32))))
+for name, keep in (("holes", holes), ("window", edged_mask("window", 1, 1100, 1100))):  # past one key tile
+    q, k, v = _qkv(keep.shape[0], 2, 2, keep.shape[2], keep.shape[3], 32, torch.float32)
+    try:
+        _assert_fwd_bwd_rule(q, k, v, keep, torch.float32)
+        print(name, "rule held")
+    except AssertionError as e:
+        print(name, "rule failed:", str(e)[:200])
 """
 
 
-@pytest.mark.parametrize("plant", ["", "band_rows"])
-def test_planted_band_bug_fails_the_rule(plant):
-    """FASTATTN_CPU_PLANT=band_rows compares rows on their -inf tails only: a causal mask with holes is then read as
-    plain causal, and the oracle check must fail; without the plant the same mask is no band and holds."""
+@pytest.mark.parametrize("plant", ["", "band_rows", "mask_keys"])
+def test_planted_mask_bugs_fail_the_rule(plant):
+    """FASTATTN_CPU_PLANT=band_rows compares rows on their -inf tails only, so a causal mask with holes is read as
+    plain causal; =mask_keys counts a -inf run ending inside a 64-key chunk to the chunk's end (the window mask's
+    rows lose visible keys; 1100 keys, so the fp32 tiles' 512-key grid cannot hide it). The oracle check must fail
+    on the masks each plant breaks; without a plant both hold (and the mask with holes is no band)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_PLANT=plant)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0, r.stderr[-2000:]
-    if plant:
-        assert "read as 'causal'" in r.stdout and "rule failed" in r.stdout, r.stdout
-    else:
-        assert "read as ''" in r.stdout and "rule held" in r.stdout, r.stdout
+    assert ("read as 'causal'" if plant == "band_rows" else "read as ''") in r.stdout, r.stdout
+    assert ("holes rule failed" if plant == "band_rows" else "holes rule held") in r.stdout, r.stdout
+    # (band_rows reads the window, -inf past the diagonal, as plain causal too)
+    assert ("window rule failed" if plant else "window rule held") in r.stdout, r.stdout

@@ -142,6 +142,8 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
     const HeadRows<T> rows(p, s, h, delta_all);
     for (int64_t i0 = i_lo; i0 < i_hi; i0 += BLOCK_Q) {
       const int64_t bq = std::min(BLOCK_Q, i_hi - i0);
+      const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
+      if (m_hi <= j0 || m_lo >= j0 + bk) continue;  // the bias's -inf edges hide the tile from every row
       const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, p.scale);
       const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
       const float* Pd = grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0,

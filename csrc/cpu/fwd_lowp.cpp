@@ -98,9 +98,11 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   // a pass of its own over S (that pass was ~15% of a masked bf16 forward).
   const bool fuse_bias = !drop && ctx.bias_only() && p.bias_st.d == 1;
 
-  // Key blocks on the global grid that any row of this query block sees (invisible blocks and skipped padding are
-  // left out).
-  const int64_t j_lo = vis.key_lo(i0), j_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
+  // Key blocks on the global grid that any row of this query block sees (invisible blocks, skipped padding and keys
+  // a bias's -inf edges hide from every row are left out).
+  const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
+  const int64_t j_lo = std::max(vis.key_lo(i0), m_lo);
+  const int64_t j_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
   bool first = true;  // the first P V product writes acc (no fill, no rescale of it before)
   if (j_lo < j_hi) {
     const int64_t kb0 = j_lo / KBLOCK, kb1 = (j_hi + KBLOCK - 1) / KBLOCK;

@@ -89,7 +89,82 @@ Band find_band(const void* bias, at::ScalarType dtype, const Strides4& st, int64
   }
 }
 
+// FASTATTN_CPU_PLANT=mask_keys (tests only, read once): a -inf run that ends inside a chunk is counted to the
+// chunk's end, so rows' ranges lose up to 63 visible keys at each edge: a bug the correctness checks must catch.
+bool plant_mask_keys() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTATTN_CPU_PLANT");
+    return e != nullptr && std::strcmp(e, "mask_keys") == 0;
+  }();
+  return on;
+}
+
+// Length of the run of -inf (bitwise) that starts row[0] (from_end: that ends row[Sk - 1]): memcmp a chunk at a time
+// against neg_inf (at least kChunk long), so a row whose first entry is finite costs one compare.
+template <typename T>
+int64_t neg_inf_run(const T* row, int64_t Sk, const T* neg_inf, bool from_end) {
+  constexpr int64_t kChunk = 64;
+  static const bool plant = plant_mask_keys();
+  int64_t n = 0;
+  while (n < Sk) {
+    const int64_t w = std::min(kChunk, Sk - n);
+    const T* at = from_end ? row + Sk - n - w : row + n;
+    if (std::memcmp(at, neg_inf, w * sizeof(T)) == 0) {
+      n += w;
+      continue;
+    }
+    if (plant) return n + w;
+    for (int64_t c = 0; c < w; ++c) {  // the run ends inside this chunk
+      const T* x = from_end ? at + w - 1 - c : at + c;
+      if (std::memcmp(x, neg_inf, sizeof(T)) != 0) return n + c;
+    }
+  }
+  return Sk;
+}
+
+// Per (batch slice, head slice, row): [lo, hi) between the row's leading and trailing -inf runs ({Sk, 0} for a row
+// all -inf); returns the scores the runs hold.
+template <typename T>
+int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int32_t* out) {
+  const Strides4& st = p.bias_st;
+  const std::vector<T> neg_inf(std::min<int64_t>(p.Sk, 64), T(kNegInf));
+  int64_t hidden = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t h = 0; h < nh; ++h) {
+      for (int64_t i = 0; i < p.Sq; ++i, out += 2) {
+        const T* row = static_cast<const T*>(p.bias) + b * st.b + h * st.h + i * st.s;
+        const int64_t lead = neg_inf_run(row, p.Sk, neg_inf.data(), false);
+        const int64_t trail = lead == p.Sk ? 0 : neg_inf_run(row, p.Sk, neg_inf.data(), true);
+        out[0] = static_cast<int32_t>(lead == p.Sk ? p.Sk : lead);
+        out[1] = static_cast<int32_t>(lead == p.Sk ? 0 : p.Sk - trail);
+        hidden += lead + trail;
+      }
+    }
+  }
+  return hidden;
+}
+
 }  // namespace
+
+void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int32_t>& store) {
+  const Strides4& st = p.bias_st;
+  if (!g_enabled.load(std::memory_order_relaxed) || p.bias == nullptr || p.bias_key_padding || p.cu_q != nullptr ||
+      p.q_start != nullptr || st.d != 1 || st.s == 0 || p.Sq == 0 || p.Sk == 0 || p.Sk > INT32_MAX) {
+    return;
+  }
+  const int64_t nb = st.b == 0 ? 1 : p.B, nh = st.h == 0 ? 1 : p.Hq;
+  store.resize(2 * nb * nh * p.Sq);
+  const int64_t hidden = dtype == at::kFloat      ? row_ranges<float>(p, nb, nh, store.data())
+                         : dtype == at::kBFloat16 ? row_ranges<c10::BFloat16>(p, nb, nh, store.data())
+                                                  : row_ranges<c10::Half>(p, nb, nh, store.data());
+  if (hidden * 16 < nb * nh * p.Sq * p.Sk) return;  // too little to skip for the bounds' pass
+  for (int64_t b = 0; b < p.B; ++b) {
+    if (!terms_bounded(p, dtype, b, 0, backward)) return;
+  }
+  p.mask_keys = store.data();
+  p.mask_keys_sb = st.b == 0 ? 0 : nh * p.Sq;
+  p.mask_keys_sh = st.h == 0 ? 0 : p.Sq;
+}
 
 void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward) {
   // Masks beside varlen, block coordinates, alibi or a window keep their own path (rare; not worth the cases).
@@ -124,6 +199,29 @@ std::string mask_band(const at::Tensor& bias) {
     case Band::kKeyPadding: return "key padding";
     default: return "";
   }
+}
+
+at::Tensor mask_rows(const at::Tensor& bias) {
+  TORCH_CHECK(bias.dim() == 4, "mask_rows: bias must be 4-D (B, H, Sq, Sk), got ", bias.sizes());
+  const auto dt = bias.scalar_type();
+  TORCH_CHECK(bias.device().is_cpu() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
+              "mask_rows: bias must be a float32/bfloat16/float16 CPU tensor, got ", dt, " on ", bias.device());
+  CpuParams p;
+  p.bias = bias.data_ptr();
+  p.bias_st = strides_of(bias);
+  p.B = bias.size(0);
+  p.Hq = bias.size(1);
+  p.Sq = bias.size(2);
+  p.Sk = bias.size(3);
+  if (p.bias_st.d != 1 || p.bias_st.s == 0 || p.Sq == 0 || p.Sk == 0) return at::empty({0}, at::kInt);
+  const int64_t nb = p.bias_st.b == 0 ? 1 : p.B, nh = p.bias_st.h == 0 ? 1 : p.Hq;
+  at::Tensor out = at::empty({nb, nh, p.Sq, 2}, at::kInt);
+  switch (dt) {
+    case at::kFloat: row_ranges<float>(p, nb, nh, out.data_ptr<int32_t>()); break;
+    case at::kBFloat16: row_ranges<c10::BFloat16>(p, nb, nh, out.data_ptr<int32_t>()); break;
+    default: row_ranges<c10::Half>(p, nb, nh, out.data_ptr<int32_t>()); break;
+  }
+  return out;
 }
 
 void mask_band_enable(bool on) { g_enabled.store(on); }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 namespace fastattn::cpu {
 
@@ -41,6 +42,10 @@ struct CpuParams {
   // Per batch, keys from key_end[b] on are padding the kernels skip (key_end.cpp: -inf bias, finite terms);
   // nullptr when none are skipped.
   const int64_t* key_end = nullptr;
+  // A full bias's -inf edges (mask_band.cpp: mask_key_ranges): row i of batch b, head h sees keys only within
+  // [mask_keys[at], mask_keys[at + 1]), at = 2 * (b * mask_keys_sb + h * mask_keys_sh + i); nullptr without.
+  const int32_t* mask_keys = nullptr;
+  int64_t mask_keys_sb = 0, mask_keys_sh = 0;
 
   // alibi slopes fp32 (Hq,) or (N, Hq); nullptr when absent.
   const float* alibi = nullptr;
@@ -98,6 +103,20 @@ inline SeqInfo seq_info(const CpuParams& p, int64_t n) {
   }
   s.kend = p.key_end != nullptr ? std::min(s.sk, p.key_end[s.b]) : s.sk;
   return s;
+}
+
+// The keys any row of [i0, i1) of (batch b, head h) may see under the bias's -inf edges: [lo, hi), {0, sk} without
+// p.mask_keys; empty (lo >= hi) when every row is all -inf.
+inline std::pair<int64_t, int64_t> mask_key_range(const CpuParams& p, const SeqInfo& s, int64_t h, int64_t i0,
+                                                  int64_t i1) {
+  if (p.mask_keys == nullptr) return {0, s.sk};
+  const int32_t* r = p.mask_keys + 2 * (s.b * p.mask_keys_sb + h * p.mask_keys_sh);
+  int32_t lo = INT32_MAX, hi = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    lo = std::min(lo, r[2 * i]);
+    hi = std::max(hi, r[2 * i + 1]);
+  }
+  return {lo, hi};
 }
 
 // Visibility of key j to query i within a sequence (see csrc/ops.cpp):
