@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu.py                       # default grid (B*H=8, S 512..2048, D 64/128)
     python benchmarks/bench_cpu.py --seq 1024 --dim 64 --dtype bf16 --mask --reps 5
-    python benchmarks/bench_cpu.py --batch 2 --causal-mask --causal 1   # a causal bool mask beside is_causal
+    python benchmarks/bench_cpu.py --batch 2 --causal 1 --mask-kinds causal window documents   # structured masks
 
 Each cell times both implementations alternately in the same process (median of --reps runs after a warm-up)
 and prints torch_ms / ours_ms (> 1 means fastattn is faster). Forward and forward+backward. FLOPs follow
@@ -37,16 +37,37 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts) * 1e3
 
 
+STRUCTURED = {
+    "causal": "causal and key padding as one bool mask, as transformers' sdpa masks (a quarter of the last "
+              "sequence's keys padding when B > 1)",
+    "window": "causal, 256 keys back (a sliding window as a dense bool mask)",
+    "documents": "four packed documents of 300, 800, 400 and the rest of the keys, causal within each",
+}
+
+
+def structured_mask(kind: str, B: int, S: int) -> torch.Tensor:
+    """A bool (B, 1, S, S) mask (True = attend) of one of the STRUCTURED kinds."""
+    i, j = torch.arange(S).view(S, 1), torch.arange(S).view(1, S)
+    keep = j <= i  # (S, S)
+    if kind == "window":
+        keep = keep & (j >= i - 256)
+    elif kind == "documents":
+        doc = torch.bucketize(torch.arange(S), torch.tensor([300, 1100, 1500]), right=True)  # (S,) document of each
+        keep = keep & (doc.view(S, 1) == doc.view(1, S))
+    real = torch.ones(B, 1, S, dtype=torch.bool)
+    if kind == "causal" and B > 1:
+        real[B - 1, :, S - S // 4:] = False
+    return (keep & real).unsqueeze(1)  # (B, 1, S) & (S, S) -> (B, S, S) -> (B, 1, S, S)
+
+
 def bench_cell(B, H, S, D, dtype, causal, mask, reps, backward):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(backward) for _ in range(3))
     attn_mask = None
     if mask == "float":  # dense float mask (B, 1, S, S), the case SDPA cannot fuse cheaply
         attn_mask = torch.randn(B, 1, S, S, generator=g).to(dtype)
-    elif mask == "causal":  # causal and key padding as one bool (B, 1, S, S) mask, as transformers' sdpa masks
-        keep = torch.ones(B, S, dtype=torch.bool)
-        keep[B - 1, S - S // 4:] = B == 1  # a quarter of the last sequence's keys padding (B > 1)
-        attn_mask = (torch.ones(S, S, dtype=torch.bool).tril() & keep.view(B, 1, S)).unsqueeze(1)  # (B, 1, S, S)
+    elif mask:
+        attn_mask = structured_mask(mask, B, S)
     do = torch.randn(B, H, S, D, generator=g).to(dtype)
     causal_flag = causal and not mask
 
@@ -68,7 +89,10 @@ def bench_cell(B, H, S, D, dtype, causal, mask, reps, backward):
         t_torch.append(_time(run(F.scaled_dot_product_attention), reps))
         t_ours.append(_time(run(ours), reps))
     tt, to = min(t_torch), min(t_ours)
-    flops = 4 * B * H * S * S * D * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
+    seen = 0.5 if causal else 1.0  # a structured mask's FLOPs: the scores it leaves visible
+    if mask in STRUCTURED:
+        seen = attn_mask.float().mean().item()
+    flops = 4 * B * H * S * S * D * seen * (3.5 if backward else 1.0)
     return tt, to, flops
 
 
@@ -81,8 +105,9 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--mask", action="store_true", help="also time a dense float mask (no causal)")
-    ap.add_argument("--causal-mask", action="store_true",
-                    help="also time a causal bool (B, 1, S, S) mask with key padding (FLOPs counted as causal)")
+    ap.add_argument("--mask-kinds", nargs="*", default=[], choices=list(STRUCTURED),
+                    help="also time these bool (B, 1, S, S) masks (FLOPs: the scores they leave visible): "
+                         + "; ".join(f"{k}: {v}" for k, v in STRUCTURED.items()))
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
@@ -102,7 +127,8 @@ def main():
     print(f"{'dtype':5} {'S':>5} {'D':>4} {'kind':7} {'pass':7} {'torch ms':>9} {'ours ms':>9} {'GFLOP/s':>8} "
           f"{'speedup':>7}")
     kinds = [("causal" if c else "full", bool(c), None) for c in a.causal] + ([("mask", False, "float")] if a.mask else [])
-    kinds += [("cmask", True, "causal")] if a.causal_mask else []
+    label = {"causal": "cmask", "window": "window", "documents": "docs"}
+    kinds += [(label[kind], False, kind) for kind in a.mask_kinds]
     for dt in a.dtype:
         for S in a.seq:
             for D in a.dim:
