@@ -120,8 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Tests: the band the CPU kernels read a (B, H, Sq, Sk) float mask as ('causal', 'causal bottom-right', "
         "'key padding', or '' for none), from its values alone");
   m.def("cpu_mask_rows", &fastattn::cpu::mask_rows,
-        "Tests: each row's [lo, hi) between its leading and trailing -inf runs, (B|1, H|1, Sq, 2) int32 over the "
-        "mask's unbroadcast batch and head dims ({Sk, 0} for a row all -inf); empty where the kernels would not read it");
+        "Tests: each row's [lo, hi) between its leading and trailing -inf runs, (B|1, H|1, Sq|1, 2) int32 over the "
+        "mask's unbroadcast dims ({Sk, 0} for a row all -inf); empty where the kernels would not read it");
   m.def("cpu_mask_band_enable", &fastattn::cpu::mask_band_enable,
         "Tests: read full masks' structure (causal bands, -inf edges) in this process while on (the default)");
   fastattn::lean::add_lean(m);

@@ -196,6 +196,26 @@ def test_mask_rows_are_the_edges(kind):
     assert _C.cpu_mask_rows(per_head).shape == (2, 3, 90, 2)
 
 
+def test_mask_rows_of_a_key_padding_row():
+    """A bias broadcast over query rows (a key-padding mask) has one range per batch: left padding's -inf run leads."""
+    keep = keep_mask(2, 1, 300, "key padding", "left")  # (2, 1, 1, 300), batch 1's first 75 keys padding
+    rows = _C.cpu_mask_rows(as_bias(keep, torch.float32).expand(2, 4, 50, 300))  # stride 0 over heads and rows
+    assert rows.tolist() == [[[[0, 300]]], [[[75, 300]]]]
+
+
+@pytest.mark.parametrize("Sq", [1, 90, 333])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_left_padded_key_padding_holds_the_rule(Sq, causal, dtype):
+    """A (B, 1, 1, Sk) key-padding mask with left padding (its leading -inf keys skipped by their range), with and
+    without a causal band (bottom-right: the padded keys lead every row): forward and gradients against the oracle."""
+    torch.manual_seed(Sq)
+    Sk = 333
+    q, k, v = _qkv(2, 4, 2, Sq, Sk, 40, dtype)
+    keep = keep_mask(2, Sq, Sk, "causal bottom-right" if causal else "key padding", "left")
+    _assert_fwd_bwd_rule(q, k, v, keep if causal else keep[:, :, :1], dtype)
+
+
 @pytest.mark.parametrize("kind,Sq,Sk", [("window", 150, 150), ("window", 70, 300), ("documents", 200, 200),
                                         ("documents", 120, 90), ("prefix", 160, 160)])
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])

@@ -30,8 +30,8 @@ inline bool lazy_softmax() {
 }
 
 inline Tiles fwd_tiles(const CpuParams& p) {
-  // A mask's -inf edges bound each query block's keys like a window: the smaller tiles waste less past them.
-  const bool windowed = p.window_left >= 0 || p.window_right >= 0 || p.mask_keys != nullptr;
+  // A full mask's -inf edges bound each query block's keys like a window: the smaller tiles waste less past them.
+  const bool windowed = p.window_left >= 0 || p.window_right >= 0 || (p.mask_keys != nullptr && p.mask_keys_ss != 0);
   return windowed ? Tiles{BLOCK_Q, BLOCK_K} : Tiles{128, 512};
 }
 

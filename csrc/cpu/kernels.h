@@ -34,9 +34,10 @@ bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t 
 // skip the blocks the mask hides. Left as it is when any term there could be NaN or Inf (terms_bounded).
 void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward);
 
-// For a full bias that read_mask_band left (no band), each row's keys between its leading and trailing -inf runs
-// (into `store`, which must outlive p; p.mask_keys), where those runs hold at least 1/16 of the scores and the terms
-// are bounded: the kernels then skip the tiles outside every row's range.
+// For a bias (after read_mask_band: a full mask that is no band, or a key-padding row), each row's keys between its
+// leading and trailing -inf runs (into `store`, which must outlive p; p.mask_keys), where those runs hold at least
+// 1/16 of the scores and the terms are bounded: the kernels then skip the tiles outside every row's range (a
+// key-padding row's leading padding; key_end.cpp its trailing padding, a row no longer added where it ends in 0s).
 void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int32_t>& store);
 
 // Sets p.key_end from key_padding_ends (into `ends`, which must outlive p), then drops p.bias when it is 0 on every

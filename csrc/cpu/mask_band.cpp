@@ -122,16 +122,16 @@ int64_t neg_inf_run(const T* row, int64_t Sk, const T* neg_inf, bool from_end) {
   return Sk;
 }
 
-// Per (batch slice, head slice, row): [lo, hi) between the row's leading and trailing -inf runs ({Sk, 0} for a row
-// all -inf); returns the scores the runs hold.
+// Per (batch slice, head slice, row; one row for a bias broadcast over rows): [lo, hi) between the row's leading and
+// trailing -inf runs ({Sk, 0} for a row all -inf); returns the scores the runs hold.
 template <typename T>
-int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int32_t* out) {
+int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int64_t nrows, int32_t* out) {
   const Strides4& st = p.bias_st;
   const std::vector<T> neg_inf(std::min<int64_t>(p.Sk, 64), T(kNegInf));
   int64_t hidden = 0;
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t h = 0; h < nh; ++h) {
-      for (int64_t i = 0; i < p.Sq; ++i, out += 2) {
+      for (int64_t i = 0; i < nrows; ++i, out += 2) {
         const T* row = static_cast<const T*>(p.bias) + b * st.b + h * st.h + i * st.s;
         const int64_t lead = neg_inf_run(row, p.Sk, neg_inf.data(), false);
         const int64_t trail = lead == p.Sk ? 0 : neg_inf_run(row, p.Sk, neg_inf.data(), true);
@@ -148,22 +148,23 @@ int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int32_t* out) {
 
 void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int32_t>& store) {
   const Strides4& st = p.bias_st;
-  if (!g_enabled.load(std::memory_order_relaxed) || p.bias == nullptr || p.bias_key_padding || p.cu_q != nullptr ||
-      p.q_start != nullptr || st.d != 1 || st.s == 0 || p.Sq == 0 || p.Sk == 0 || p.Sk > INT32_MAX) {
+  if (!g_enabled.load(std::memory_order_relaxed) || p.bias == nullptr || p.cu_q != nullptr || p.q_start != nullptr ||
+      st.d != 1 || p.Sq == 0 || p.Sk == 0 || p.Sk > INT32_MAX) {
     return;
   }
-  const int64_t nb = st.b == 0 ? 1 : p.B, nh = st.h == 0 ? 1 : p.Hq;
-  store.resize(2 * nb * nh * p.Sq);
-  const int64_t hidden = dtype == at::kFloat      ? row_ranges<float>(p, nb, nh, store.data())
-                         : dtype == at::kBFloat16 ? row_ranges<c10::BFloat16>(p, nb, nh, store.data())
-                                                  : row_ranges<c10::Half>(p, nb, nh, store.data());
-  if (hidden * 16 < nb * nh * p.Sq * p.Sk) return;  // too little to skip for the bounds' pass
+  const int64_t nb = st.b == 0 ? 1 : p.B, nh = st.h == 0 ? 1 : p.Hq, nrows = st.s == 0 ? 1 : p.Sq;
+  store.resize(2 * nb * nh * nrows);
+  const int64_t hidden = dtype == at::kFloat      ? row_ranges<float>(p, nb, nh, nrows, store.data())
+                         : dtype == at::kBFloat16 ? row_ranges<c10::BFloat16>(p, nb, nh, nrows, store.data())
+                                                  : row_ranges<c10::Half>(p, nb, nh, nrows, store.data());
+  if (hidden * 16 < nb * nh * nrows * p.Sk) return;  // too little to skip for the bounds' pass
   for (int64_t b = 0; b < p.B; ++b) {
     if (!terms_bounded(p, dtype, b, 0, backward)) return;
   }
   p.mask_keys = store.data();
-  p.mask_keys_sb = st.b == 0 ? 0 : nh * p.Sq;
-  p.mask_keys_sh = st.h == 0 ? 0 : p.Sq;
+  p.mask_keys_sb = st.b == 0 ? 0 : nh * nrows;
+  p.mask_keys_sh = st.h == 0 ? 0 : nrows;
+  p.mask_keys_ss = st.s == 0 ? 0 : 1;
 }
 
 void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward) {
@@ -213,13 +214,14 @@ at::Tensor mask_rows(const at::Tensor& bias) {
   p.Hq = bias.size(1);
   p.Sq = bias.size(2);
   p.Sk = bias.size(3);
-  if (p.bias_st.d != 1 || p.bias_st.s == 0 || p.Sq == 0 || p.Sk == 0) return at::empty({0}, at::kInt);
+  if (p.bias_st.d != 1 || p.Sq == 0 || p.Sk == 0) return at::empty({0}, at::kInt);
   const int64_t nb = p.bias_st.b == 0 ? 1 : p.B, nh = p.bias_st.h == 0 ? 1 : p.Hq;
-  at::Tensor out = at::empty({nb, nh, p.Sq, 2}, at::kInt);
+  const int64_t nrows = p.bias_st.s == 0 ? 1 : p.Sq;
+  at::Tensor out = at::empty({nb, nh, nrows, 2}, at::kInt);
   switch (dt) {
-    case at::kFloat: row_ranges<float>(p, nb, nh, out.data_ptr<int32_t>()); break;
-    case at::kBFloat16: row_ranges<c10::BFloat16>(p, nb, nh, out.data_ptr<int32_t>()); break;
-    default: row_ranges<c10::Half>(p, nb, nh, out.data_ptr<int32_t>()); break;
+    case at::kFloat: row_ranges<float>(p, nb, nh, nrows, out.data_ptr<int32_t>()); break;
+    case at::kBFloat16: row_ranges<c10::BFloat16>(p, nb, nh, nrows, out.data_ptr<int32_t>()); break;
+    default: row_ranges<c10::Half>(p, nb, nh, nrows, out.data_ptr<int32_t>()); break;
   }
   return out;
 }

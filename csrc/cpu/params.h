@@ -42,10 +42,11 @@ struct CpuParams {
   // Per batch, keys from key_end[b] on are padding the kernels skip (key_end.cpp: -inf bias, finite terms);
   // nullptr when none are skipped.
   const int64_t* key_end = nullptr;
-  // A full bias's -inf edges (mask_band.cpp: mask_key_ranges): row i of batch b, head h sees keys only within
-  // [mask_keys[at], mask_keys[at + 1]), at = 2 * (b * mask_keys_sb + h * mask_keys_sh + i); nullptr without.
+  // A bias's -inf edges (mask_band.cpp: mask_key_ranges): row i of batch b, head h sees keys only within
+  // [mask_keys[at], mask_keys[at + 1]), at = 2 * (b * mask_keys_sb + h * mask_keys_sh + i * mask_keys_ss)
+  // (mask_keys_ss = 0: one row for all, a key-padding bias); nullptr without.
   const int32_t* mask_keys = nullptr;
-  int64_t mask_keys_sb = 0, mask_keys_sh = 0;
+  int64_t mask_keys_sb = 0, mask_keys_sh = 0, mask_keys_ss = 0;
 
   // alibi slopes fp32 (Hq,) or (N, Hq); nullptr when absent.
   const float* alibi = nullptr;
@@ -111,6 +112,7 @@ inline std::pair<int64_t, int64_t> mask_key_range(const CpuParams& p, const SeqI
                                                   int64_t i1) {
   if (p.mask_keys == nullptr) return {0, s.sk};
   const int32_t* r = p.mask_keys + 2 * (s.b * p.mask_keys_sb + h * p.mask_keys_sh);
+  if (p.mask_keys_ss == 0) return {r[0], r[1]};
   int32_t lo = INT32_MAX, hi = 0;
   for (int64_t i = i0; i < i1; ++i) {
     lo = std::min(lo, r[2 * i]);
