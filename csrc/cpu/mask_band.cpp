@@ -123,12 +123,11 @@ int64_t neg_inf_run(const T* row, int64_t Sk, const T* neg_inf, bool from_end) {
 }
 
 // Per (batch slice, head slice, row; one row for a bias broadcast over rows): [lo, hi) between the row's leading and
-// trailing -inf runs ({Sk, 0} for a row all -inf); returns the scores the runs hold.
+// trailing -inf runs ({Sk, 0} for a row all -inf).
 template <typename T>
-int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int64_t nrows, int32_t* out) {
+void row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int64_t nrows, int32_t* out) {
   const Strides4& st = p.bias_st;
   const std::vector<T> neg_inf(std::min<int64_t>(p.Sk, 64), T(kNegInf));
-  int64_t hidden = 0;
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t h = 0; h < nh; ++h) {
       for (int64_t i = 0; i < nrows; ++i, out += 2) {
@@ -137,8 +136,24 @@ int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int64_t nrows, in
         const int64_t trail = lead == p.Sk ? 0 : neg_inf_run(row, p.Sk, neg_inf.data(), true);
         out[0] = static_cast<int32_t>(lead == p.Sk ? p.Sk : lead);
         out[1] = static_cast<int32_t>(lead == p.Sk ? 0 : p.Sk - trail);
-        hidden += lead + trail;
       }
+    }
+  }
+}
+
+// The keys every row of a 64-row block (the tiles' query rows) leaves out, summed over blocks times their rows.
+int64_t block_hidden(const int32_t* ranges, int64_t slices, int64_t nrows, int64_t Sk) {
+  constexpr int64_t kRows = 64;
+  int64_t hidden = 0;
+  for (int64_t sl = 0; sl < slices; ++sl) {
+    for (int64_t i0 = 0; i0 < nrows; i0 += kRows) {
+      const int64_t i1 = std::min(nrows, i0 + kRows);
+      int64_t lo = Sk, hi = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        lo = std::min<int64_t>(lo, ranges[2 * (sl * nrows + i)]);
+        hi = std::max<int64_t>(hi, ranges[2 * (sl * nrows + i) + 1]);
+      }
+      hidden += (i1 - i0) * (Sk - std::max<int64_t>(hi - lo, 0));
     }
   }
   return hidden;
@@ -149,15 +164,19 @@ int64_t row_ranges(const CpuParams& p, int64_t nb, int64_t nh, int64_t nrows, in
 void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int32_t>& store) {
   const Strides4& st = p.bias_st;
   if (!g_enabled.load(std::memory_order_relaxed) || p.bias == nullptr || p.cu_q != nullptr || p.q_start != nullptr ||
-      st.d != 1 || p.Sq == 0 || p.Sk == 0 || p.Sk > INT32_MAX) {
+      p.alibi != nullptr || st.d != 1 || p.Sq == 0 || p.Sk == 0 || p.Sk > INT32_MAX) {
     return;
   }
   const int64_t nb = st.b == 0 ? 1 : p.B, nh = st.h == 0 ? 1 : p.Hq, nrows = st.s == 0 ? 1 : p.Sq;
   store.resize(2 * nb * nh * nrows);
-  const int64_t hidden = dtype == at::kFloat      ? row_ranges<float>(p, nb, nh, nrows, store.data())
-                         : dtype == at::kBFloat16 ? row_ranges<c10::BFloat16>(p, nb, nh, nrows, store.data())
-                                                  : row_ranges<c10::Half>(p, nb, nh, nrows, store.data());
-  if (hidden * 16 < nb * nh * nrows * p.Sk) return;  // too little to skip for the bounds' pass
+  switch (dtype) {
+    case at::kFloat: row_ranges<float>(p, nb, nh, nrows, store.data()); break;
+    case at::kBFloat16: row_ranges<c10::BFloat16>(p, nb, nh, nrows, store.data()); break;
+    default: row_ranges<c10::Half>(p, nb, nh, nrows, store.data()); break;
+  }
+  // Tiles skip what every row of a 64-row query block leaves out: too little of that is not worth the bounds' pass
+  // (nor, in fp32, the smaller tiles).
+  if (block_hidden(store.data(), nb * nh, nrows, p.Sk) * 16 < nb * nh * nrows * p.Sk) return;
   for (int64_t b = 0; b < p.B; ++b) {
     if (!terms_bounded(p, dtype, b, 0, backward)) return;
   }
