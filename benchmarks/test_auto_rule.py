@@ -214,3 +214,27 @@ def test_auto_not_slower_than_torch_masked(request, dtype, S_mask):
              "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad)}
     _check_inference(impls, fastattn.explain(q, k, v, attn_mask=pad).chosen,
                      f"{str(dtype)[6:]} key-padding mask B=8 H=12 D=64 S={S_mask}")
+
+
+@pytest.mark.parametrize("kind", ["causal", "window", "documents", "left padding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
+    """Inference calls with a bool mask that has structure (B=2, H=8, S=512, D=64, SDPA surface, torch given the same
+    mask): causal with key padding as one (B, 1, S, S) mask, a causal sliding window, packed documents (bench_cpu's
+    --mask-kinds), and a (B, 1, 1, S) key-padding row with left padding. The cpu kernels read the mask's structure
+    (csrc/cpu/mask_band.cpp); before that, a causal mask with padding read 0.94-0.95x torch here (bf16, B4 S1024)."""
+    from bench_cpu import structured_mask  # pytest puts benchmarks/ (no __init__.py) on sys.path
+
+    Bm, Hm, Sm = 2, 8, 512
+    if kind == "left padding":
+        mask = torch.ones(Bm, 1, 1, Sm, dtype=torch.bool)
+        mask[1, ..., :Sm // 2] = False  # half of batch 1's keys, leading
+    else:
+        mask = structured_mask(kind, Bm, Sm)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(Bm, Hm, Sm, 64, generator=g).to(dtype) for _ in range(3))
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=mask),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu"),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask).chosen,
+                     f"{str(dtype)[6:]} {kind} mask B={Bm} H={Hm} S={Sm} D=64")

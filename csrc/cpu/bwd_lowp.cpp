@@ -181,7 +181,7 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         if (bk <= 0) continue;
         const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
         if (m_hi <= j0 || m_lo >= j0 + bk) continue;  // the bias's -inf edges hide the tile from every row
-        const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), qblk.Dp, i0, bq, kb, bk, B.S,
+        const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), qblk.Dp, i0, bq, kb, 0, bk, B.S,
                                          p.softcap > 0.f ? B.tanh : nullptr);
         mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb), KBLOCK, B.dP, KBLOCK,
                        false);  // dP = dO V^T

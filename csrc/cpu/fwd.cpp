@@ -169,11 +169,11 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
   bool first = true;  // the first P V product writes acc (no fill, no rescale of it before)
   const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
 
-  // Key blocks that any row of this query block sees (fully masked blocks and skipped padding are left out, and the
-  // keys a bias's -inf edges hide from every row, on the t.k grid so packed key tiles stay reusable).
+  // Key blocks that any row of this query block sees (fully masked blocks, skipped padding and the keys a bias's
+  // -inf edges hide from every row are left out; tiles off the t.k grid take the plain product, not packed tiles).
   const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
-  const int64_t j_lo = std::max(vis.key_lo(i0), m_lo / t.k * t.k);
-  const int64_t j_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, (m_hi + t.k - 1) / t.k * t.k});
+  const int64_t j_lo = std::max(vis.key_lo(i0), m_lo);
+  const int64_t j_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
   const int64_t key_end = std::min(vis.key_hi(s.sq - 1), s.kend);  // where the last query block's keys end
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += t.k) {
     const int64_t bk = std::min(t.k, j_hi - j0);

@@ -108,11 +108,14 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
     const int64_t kb0 = j_lo / KBLOCK, kb1 = (j_hi + KBLOCK - 1) / KBLOCK;
     kv.ensure(p, s, n * p.Hkv + hk, k, v, kb0, kb1);
     for (int64_t kb = kb0; kb < kb1; ++kb) {
-      // Keys past j_hi are invisible to every row: the tile stops there (kept even unless at the end).
-      const int64_t j0 = kb * KBLOCK, bk = std::min({KBLOCK, s.sk - j0, mm::even(j_hi - j0)});
+      // Keys before j_lo are invisible to every row: the first tile starts there, on a multiple of 64 keys in its
+      // block (few tile widths for the brgemm kernels; even, as V's VNNI pairs run over keys). Keys past j_hi are
+      // invisible too: the tile stops there (kept even unless at the end).
+      const int64_t c0 = kb == kb0 ? (j_lo - kb * KBLOCK) / 64 * 64 : 0;
+      const int64_t j0 = kb * KBLOCK + c0, bk = std::min({KBLOCK - c0, s.sk - j0, mm::even(j_hi - j0)});
       const int64_t bk_pad = mm::even(bk);
       const bool fused = fuse_bias && vis.full(i0, i0 + bq, j0, j0 + bk);
-      const float eff = lowp_scores<T>(ctx, kv, qs, ldq, i0, bq, kb, bk, S, nullptr, fused);
+      const float eff = lowp_scores<T>(ctx, kv, qs, ldq, i0, bq, kb, c0, bk, S, nullptr, fused);
       const T* bias0 = fused ? ctx.bias_row0 + i0 * p.bias_st.s + j0 : nullptr;  // row r at + r * bias_st.s
       for (int64_t r = 0; r < bq; ++r) {
         const float alpha = softmax_row<T>(S + r * KBLOCK, bk, bk_pad, eff, m[r], l[r], P + r * KBLOCK, drop,
@@ -120,7 +123,8 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
                                            fused ? bias0 + r * p.bias_st.s : nullptr);
         if (alpha != 1.f && !first) vec512::scale_row(acc + r * Dv, Dv, alpha);
       }
-      mm::mm_vnni<T>(bq, Dv, bk_pad, P, KBLOCK, kv.v_block(kb, Dv), Dv, acc, Dv, !first);  // acc (+)= P V
+      // acc (+)= P V, V's rows from key c0 of the block (VNNI pairs of rows: + c0 Dv)
+      mm::mm_vnni<T>(bq, Dv, bk_pad, P, KBLOCK, kv.v_block(kb, Dv) + c0 * Dv, Dv, acc, Dv, !first);
       first = false;
     }
   }

@@ -75,15 +75,15 @@ struct KVBlocks {
   }
 };
 
-// Score tile of query rows [i0, +bq) (qa: (bq x Dp) T, ld lda) against key block kb: S (bq x bk, ld KBLOCK)
-// ready for the softmax, which multiplies it by the returned factor (the scale when it could be deferred,
-// else 1). defer_bias (a bias-only context on a fully visible tile): the raw products alone; the softmax adds the
-// bias. Empty-row NaN detection stays with the caller.
+// Score tile of query rows [i0, +bq) (qa: (bq x Dp) T, ld lda) against keys [kb * KBLOCK + c0, +bk) of key block
+// kb: S (bq x bk, ld KBLOCK) ready for the softmax, which multiplies it by the returned factor (the scale when it
+// could be deferred, else 1). defer_bias (a bias-only context on a fully visible tile): the raw products alone; the
+// softmax adds the bias. Empty-row NaN detection stays with the caller.
 template <typename T>
 float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, int64_t lda, int64_t i0, int64_t bq,
-                  int64_t kb, int64_t bk, float* S, float* tanh_out, bool defer_bias = false) {
-  const int64_t j0 = kb * KBLOCK;
-  mm::mm_vnni<T>(bq, bk, kv.Dp, qa, lda, kv.kt_block(kb), KBLOCK, S, KBLOCK, false);
+                  int64_t kb, int64_t c0, int64_t bk, float* S, float* tanh_out, bool defer_bias = false) {
+  const int64_t j0 = kb * KBLOCK + c0;
+  mm::mm_vnni<T>(bq, bk, kv.Dp, qa, lda, kv.kt_block(kb) + 2 * c0, KBLOCK, S, KBLOCK, false);  // column c0: + 2 c0
   float eff = ctx.p.scale;
   if (defer_bias) return eff;
   if (ctx.bias_only()) {  // the scale rides the bias pass
