@@ -126,7 +126,8 @@ def main():
           f"{'CPU' if a.cpu_time else 'wall'} time")
     print(f"{'dtype':5} {'S':>5} {'D':>4} {'kind':7} {'pass':7} {'torch ms':>9} {'ours ms':>9} {'GFLOP/s':>8} "
           f"{'speedup':>7}")
-    kinds = [("causal" if c else "full", bool(c), None) for c in a.causal] + ([("mask", False, "float")] if a.mask else [])
+    kinds = [("causal" if c else "full", bool(c), None) for c in a.causal]
+    kinds += [("mask", False, "float")] if a.mask else []
     label = {"causal": "cmask", "window": "window", "documents": "docs"}
     kinds += [(label[kind], False, kind) for kind in a.mask_kinds]
     for dt in a.dtype:

@@ -175,16 +175,18 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
       const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk_block, s.kend) - 1) : 0;
       for (int64_t qb = i_lo / QBLOCK; qb * QBLOCK < i_hi; ++qb) {
         const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, s.sq - i0), bq_pad = mm::even(bq);
-        // Keys past what the tile's last row sees are invisible to all its rows: the tile stops there.
-        const int64_t key_hi = std::min(vis.key_hi(i0 + bq - 1), s.kend);
-        const int64_t bk = std::min(bk_block, mm::even(key_hi - j0)), bk_pad = mm::even(bk);
-        if (bk <= 0) continue;
+        // Keys before what the tile's first row sees, or the bias's -inf edges leave to its rows, are invisible to
+        // all of them: the tile starts there, on a multiple of 64 keys in the block (as the forward's), and stops
+        // past what its last row sees. Its keys are [t0, t0 + bk), columns [c0, c0 + bk) of the block.
         const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
-        if (m_hi <= j0 || m_lo >= j0 + bk) continue;  // the bias's -inf edges hide the tile from every row
-        const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), qblk.Dp, i0, bq, kb, 0, bk, B.S,
+        const int64_t c0 = std::max<int64_t>(std::max(vis.key_lo(i0), m_lo) - j0, 0) / 64 * 64, t0 = j0 + c0;
+        const int64_t key_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
+        const int64_t bk = std::min(bk_block - c0, mm::even(key_hi - t0)), bk_pad = mm::even(bk);
+        if (bk <= 0) continue;
+        const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), qblk.Dp, i0, bq, kb, c0, bk, B.S,
                                          p.softcap > 0.f ? B.tanh : nullptr);
-        mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb), KBLOCK, B.dP, KBLOCK,
-                       false);  // dP = dO V^T
+        mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb) + 2 * c0, KBLOCK, B.dP, KBLOCK,
+                       false);  // dP = dO V^T (V^T from column c0)
         T* Pv = static_cast<T*>(B.Pv);
         T* dSv = static_cast<T*>(B.dSv);
         T* dSa = static_cast<T*>(B.dSa);
@@ -197,7 +199,7 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
                                                         dSa + o, two ? dSa + o1 : nullptr);
           }
         } else {
-          const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, j0, bk, B);
+          const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, t0, bk, B);
           for (int64_t r = 0; r < bq; r += 2) {
             const bool two = r + 1 < bq;
             vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
@@ -205,11 +207,12 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
           }
           for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
         }
-        float* dvt_b = dvt + kb * Dv * KBLOCK;
-        float* dkt_b = dkt + kb * D * KBLOCK;
+        float* dvt_b = dvt + kb * Dv * KBLOCK + c0;  // the tile's columns of the block's dV^T, dK^T
+        float* dkt_b = dkt + kb * D * KBLOCK + c0;
         mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
         mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
-        mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D), D, dq + i0 * D, D, true);
+        // dQ += dS K, K's rows from key c0 of the block (VNNI pairs of rows: + c0 D)
+        mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq + i0 * D, D, true);
       }
     }
     const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
