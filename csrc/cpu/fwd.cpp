@@ -223,14 +223,15 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // Packed key tiles pay for 128 x 512 tiles when a head has >= 4 query blocks (measured, one thread, Intel Xeon:
   // +3-7% at S = 512-2048); the window's 64 x 256 tiles and fewer query blocks measured no gain or a loss.
   const bool pack_keys = t.k == 512 && nqb >= 4 && packed_kt_available();
+  const std::vector<int64_t> units = dealt_units(p.nseq * p.Hq);
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);
     std::unique_ptr<KVPack> pack = direct ? nullptr : std::make_unique<KVPack>(max_sk, p);
     std::unique_ptr<KtCache> kt_cache = pack_keys ? std::make_unique<KtCache>() : nullptr;
     for (int64_t task = begin; task < end; ++task) {
-      // task = (n * Hq + h) * nqb + qb
-      const int64_t qb = task % nqb, nh = task / nqb;
+      // task = u * nqb + qb, unit units[u] = n * Hq + h
+      const int64_t qb = task % nqb, nh = units[task / nqb];
       fwd_task<T>(p, t, nh / p.Hq, nh % p.Hq, qb, buf, pack.get(), kt_cache.get());
     }
   });

@@ -142,12 +142,13 @@ void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t scratch = Scratch::round(QBLOCK * KBLOCK) + Scratch::round(QBLOCK * p.Dv) +
                           2 * Scratch::round(QBLOCK) + Scratch::round((QBLOCK * mm::even(p.D) + 1) / 2) +
                           Scratch::round((QBLOCK * KBLOCK + 1) / 2);
+  const std::vector<int64_t> units = dealt_units(p.nseq * p.Hq);
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);
     KVBlocks<T> kv(p, max_sk, false);
     for (int64_t t = begin; t < end; ++t) {
-      // task t = (n * Hq + h) * nqb + qb
-      const int64_t qb = t % nqb, nh = t / nqb;
+      // task t = (u * nqb + qb), unit units[u] = n * Hq + h
+      const int64_t qb = t % nqb, nh = units[t / nqb];
       fwd_task<T>(p, nh / p.Hq, nh % p.Hq, qb, buf, kv);
     }
     mm::release();

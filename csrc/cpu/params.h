@@ -2,10 +2,12 @@
 // per-sequence geometry (visibility bounds, key/query block ranges) shared by the forward and the backward.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace fastattn::cpu {
 
@@ -119,6 +121,20 @@ inline std::pair<int64_t, int64_t> mask_key_range(const CpuParams& p, const SeqI
     hi = std::max(hi, r[2 * i + 1]);
   }
   return {lo, hi};
+}
+
+// The forward's (sequence, query head) units in the order that deals them round-robin to at::parallel_for's
+// contiguous chunks, one per thread: thread t runs units t, t + T, ... (exactly when T divides the count), so work
+// that differs by sequence (padding, varlen lengths) is shared evenly, and each unit's query blocks stay together
+// (one packing of its keys). In order on one thread.
+inline std::vector<int64_t> dealt_units(int64_t units) {
+  const int64_t T = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(units, 1));
+  std::vector<int64_t> order;
+  order.reserve(units);
+  for (int64_t r = 0; r < T; ++r) {
+    for (int64_t u = r; u < units; u += T) order.push_back(u);
+  }
+  return order;
 }
 
 // Visibility of key j to query i within a sequence (see csrc/ops.cpp):
