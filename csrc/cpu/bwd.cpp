@@ -232,6 +232,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * part}, at::kFloat) : at::Tensor();
   float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
 
+  const std::vector<int64_t> dealt = dealt_units(pairs);  // (sequence, kv head) pairs, dealt to the threads
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);
@@ -244,12 +245,12 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     float* pack_base = pack_floats ? pack_t.data_ptr<float>() : nullptr;
     const PackBuffers pack_buf = pack_floats ? PackBuffers{pack_base, pack_base + pack_floats} : PackBuffers{};
     for (int64_t t = begin; t < end; ++t) {
-      // t = (n * Hkv + hk) * chunks + c
-      const int64_t c = t % chunks, pair = t / chunks;
+      // t = u * chunks + c, pair dealt[u] = n * Hkv + hk; dQ partials stay at (pair * chunks + c)
+      const int64_t c = t % chunks, pair = dealt[t / chunks];
       const SeqInfo s = seq_info(p, pair / p.Hkv);
       const int64_t hk = pair % p.Hkv;
       const Visibility vis(p, s);
-      float* dq_all = chunks > 1 ? parts + t * part : own_t.data_ptr<float>();
+      float* dq_all = chunks > 1 ? parts + (pair * chunks + c) * part : own_t.data_ptr<float>();
       std::fill(dq_all, dq_all + G * s.sq * p.D, 0.f);
       const int64_t j_end = std::min(s.sk, (c + 1) * per_chunk * BLOCK_K);
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {

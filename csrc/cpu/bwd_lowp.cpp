@@ -237,6 +237,7 @@ void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   float* delta = delta_t.data_ptr<float>();
   compute_delta<T>(p, delta);
   const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK;
+  const std::vector<int64_t> pairs = dealt_units(p.nseq * p.Hkv);  // (sequence, kv head), dealt to the threads
   at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(TileBuffers::size());
     KVBlocks<T> kv(p, max_sk, true);
@@ -247,7 +248,7 @@ void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     float* dvt = dkt + nkb * KBLOCK * p.D;
     float* dq = dvt + nkb * KBLOCK * p.Dv;
     for (int64_t t = begin; t < end; ++t) {
-      head_task<T>(p, t / p.Hkv, t % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
+      head_task<T>(p, pairs[t] / p.Hkv, pairs[t] % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
     }
     mm::release();
   });
