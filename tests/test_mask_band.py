@@ -141,6 +141,19 @@ def test_banded_masks_hold_the_rule(band, Sq, Sk, pad, kind, dtype):
     _assert_fwd_bwd_rule(q, k, v, keep if kind == "bool" else as_bias(keep, dtype), dtype)
 
 
+def _with_and_without_reading(q, k, v, mask):
+    """The cpu backend's output on `mask` with the kernels reading its structure and without; asserts them bitwise
+    equal, NaN where NaN (the bounds refused the reading); returns the first."""
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
+    _C.cpu_mask_band_enable(False)
+    try:
+        full = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
+    finally:
+        _C.cpu_mask_band_enable(True)
+    torch.testing.assert_close(out, full, rtol=0, atol=0, equal_nan=True)
+    return out
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_and_inf_hidden_by_the_mask_still_reach_the_output(where):
     """A NaN in q or k, or an Inf in v, at a key or row the causal mask hides from some rows: the bounds refuse the
@@ -150,13 +163,7 @@ def test_nan_and_inf_hidden_by_the_mask_still_reach_the_output(where):
     q, k, v = _qkv(2, 2, 2, 64, 64, 32, torch.float32)
     {"q": q, "k": k, "v": v}[where][1, 0, 50, 3] = float("nan") if where != "v" else float("inf")
     mask = keep_mask(2, 64, 64, "causal", "right")
-    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
-    _C.cpu_mask_band_enable(False)
-    try:
-        full = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
-    finally:
-        _C.cpu_mask_band_enable(True)
-    torch.testing.assert_close(out, full, rtol=0, atol=0, equal_nan=True)
+    out = _with_and_without_reading(q, k, v, mask)
     if where == "q":  # row 50's own NaN
         assert out[1, 0, 50].isnan().all() and not out[1, 0, :50].isnan().any()
     else:  # rows that do not see key 50 still NaN: the band was not read
@@ -241,13 +248,7 @@ def test_nan_beyond_the_edges_still_reaches_the_output():
     q, k, v = _qkv(1, 2, 2, 96, 96, 32, torch.bfloat16)
     k[0, 1, 80, 0] = float("nan")
     keep = edged_mask("window", 1, 96, 96)
-    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="cpu")
-    _C.cpu_mask_band_enable(False)
-    try:
-        full = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="cpu")
-    finally:
-        _C.cpu_mask_band_enable(True)
-    torch.testing.assert_close(out, full, rtol=0, atol=0, equal_nan=True)
+    out = _with_and_without_reading(q, k, v, keep)
     assert out[0, 1, :40].isnan().all()
 
 

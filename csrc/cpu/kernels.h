@@ -29,16 +29,14 @@ std::vector<int64_t> key_padding_ends(const CpuParams& p, at::ScalarType dtype, 
 // with `backward` dO and O), so -inf scores there give P = 0 and dS = 0 exactly and the kernels may skip them.
 bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, bool backward);
 
-// A full mask (bias) that is a causal mask (top-left or bottom-right) or none, times one key-padding row per batch,
-// of 0 and -inf only: p then runs as that causal call with its key-padding row (mask_band.cpp), so the kernels
-// skip the blocks the mask hides. Left as it is when any term there could be NaN or Inf (terms_bounded).
-void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward);
-
-// For a bias (after read_mask_band: a full mask that is no band, or a key-padding row), each row's keys between its
-// leading and trailing -inf runs (into `store`, which must outlive p; p.mask_keys), where those runs hold at least
-// 1/16 of the scores and the terms are bounded: the kernels then skip the tiles outside every row's range (a
-// key-padding row's leading padding; key_end.cpp its trailing padding, a row no longer added where it ends in 0s).
-void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int32_t>& store);
+// Everything the kernels read from a call's bias before they run, in this order: a causal band (read_mask_band),
+// the rows' -inf edges (mask_key_ranges), trailing key padding (skip_key_padding). p points into `store`, which must
+// outlive it. backward: p.dout and p.out are set (their bounds count too).
+struct MaskStore {
+  std::vector<int32_t> keys;  // p.mask_keys
+  std::vector<int64_t> ends;  // p.key_end
+};
+void read_mask(CpuParams& p, at::ScalarType dtype, bool backward, MaskStore& store);
 
 // Sets p.key_end from key_padding_ends (into `ends`, which must outlive p), then drops p.bias when it is 0 on every
 // key the kernels still compute (a plain key-padding mask whose padding is skipped, or an all-visible one): the tiles

@@ -1,11 +1,13 @@
-// Reading a full mask as the causal band (kernels.h: read_mask_band). Models hand SDPA (B, 1, Sq, Sk) masks that are
-// a causal mask and a key-padding row (transformers' sdpa masks, nn.Transformer's square subsequent mask), which
-// torch's CPU kernels, and ours before this, add tile by tile over every key. Read once here (two memcmp per row,
-// stopping at the first row that differs), such a mask becomes the causal call with its key-padding row: the tiles
-// skip the blocks above the diagonal (key_end.cpp then the trailing padding) and add one bias row per batch.
+// Reading a full mask's structure (kernels.h: read_mask). Models hand SDPA (B, 1, Sq, Sk) masks that are a causal
+// mask and a key-padding row (transformers' sdpa masks, nn.Transformer's square subsequent mask), sliding windows or
+// packed documents, which torch's CPU kernels, and ours before this, add tile by tile over every key.
+// - A causal band: read once (two memcmp per row, stopping at the first row that differs), such a mask becomes the
+//   causal call with its key-padding row: the tiles skip the blocks above the diagonal and add one bias row.
+// - Any other mask: each row's keys between its leading and trailing -inf runs, so the tiles outside every row's
+//   range are skipped (the mask still added inside it).
 //
-// Exact: on the keys the causal call leaves out the mask is -inf, so there P = exp(s - inf - m) = 0 and dS = 0 as long
-// as every term is finite (terms_bounded); otherwise the mask stays and a NaN reaches the output as in PyTorch.
+// Exact: on the keys left out the mask is -inf, so there P = exp(s - inf - m) = 0 and dS = 0 as long as every term
+// is finite (terms_bounded); otherwise the mask stays as it is and a NaN reaches the output as in PyTorch.
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -21,14 +23,14 @@ std::atomic<bool> g_enabled{true};
 
 enum class Band { kNone, kCausal, kCausalBottomRight, kKeyPadding };
 
-// FASTATTN_CPU_PLANT=band_rows (tests only, read once): compares only the rows' -inf tails, not their visible part,
-// so a causal mask with holes is read as plain causal: a bug the correctness checks must catch.
-bool plant_band_rows() {
-  static const bool on = [] {
-    const char* e = std::getenv("FASTATTN_CPU_PLANT");
-    return e != nullptr && std::strcmp(e, "band_rows") == 0;
-  }();
-  return on;
+// FASTATTN_CPU_PLANT (tests only) names this file's planted bug, a bug the correctness checks must catch:
+//   band_rows: rows_match compares only the rows' -inf tails, not their visible part, so a causal mask with holes
+//              is read as plain causal;
+//   mask_keys: neg_inf_run counts a -inf run that ends inside a chunk to the chunk's end, so rows' ranges lose up to
+//              63 visible keys at each edge.
+bool planted(const char* name) {
+  static const char* env = std::getenv("FASTATTN_CPU_PLANT");  // read once
+  return env != nullptr && std::strcmp(env, name) == 0;
 }
 
 // The key-padding row candidate: only 0 and -inf (NaN, +inf or any other value keeps the mask as it is).
@@ -46,7 +48,7 @@ bool zero_or_neg_inf(const T* row, int64_t Sk) {
 template <typename T>
 bool rows_match(const T* base, int64_t ss, int64_t Sq, int64_t Sk, bool causal, int64_t off, const T* neg_inf) {
   const T* pad = base + (Sq - 1) * ss;
-  const bool check_visible = !plant_band_rows();
+  const bool check_visible = !planted("band_rows");
   for (int64_t i = 0; i < Sq; ++i) {
     const T* row = base + i * ss;
     const int64_t hi = causal ? std::clamp<int64_t>(i + off + 1, 0, Sk) : Sk;
@@ -89,22 +91,12 @@ Band find_band(const void* bias, at::ScalarType dtype, const Strides4& st, int64
   }
 }
 
-// FASTATTN_CPU_PLANT=mask_keys (tests only, read once): a -inf run that ends inside a chunk is counted to the
-// chunk's end, so rows' ranges lose up to 63 visible keys at each edge: a bug the correctness checks must catch.
-bool plant_mask_keys() {
-  static const bool on = [] {
-    const char* e = std::getenv("FASTATTN_CPU_PLANT");
-    return e != nullptr && std::strcmp(e, "mask_keys") == 0;
-  }();
-  return on;
-}
-
 // Length of the run of -inf (bitwise) that starts row[0] (from_end: that ends row[Sk - 1]): memcmp a chunk at a time
 // against neg_inf (at least kChunk long), so a row whose first entry is finite costs one compare.
 template <typename T>
 int64_t neg_inf_run(const T* row, int64_t Sk, const T* neg_inf, bool from_end) {
   constexpr int64_t kChunk = 64;
-  static const bool plant = plant_mask_keys();
+  static const bool plant = planted("mask_keys");
   int64_t n = 0;
   while (n < Sk) {
     const int64_t w = std::min(kChunk, Sk - n);
@@ -159,8 +151,10 @@ int64_t block_hidden(const int32_t* ranges, int64_t slices, int64_t nrows, int64
   return hidden;
 }
 
-}  // namespace
-
+// For a bias (after read_mask_band: a full mask that is no band, or a key-padding row), each row's keys between its
+// leading and trailing -inf runs (into `store`, which must outlive p; p.mask_keys), where those runs hold at least
+// 1/16 of the scores and the terms are bounded: the kernels then skip the tiles outside every row's range (a
+// key-padding row's leading padding; key_end.cpp its trailing padding).
 void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vector<int32_t>& store) {
   const Strides4& st = p.bias_st;
   if (!g_enabled.load(std::memory_order_relaxed) || p.bias == nullptr || p.cu_q != nullptr || p.q_start != nullptr ||
@@ -192,6 +186,9 @@ void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vec
   p.mask_keys_ss = st.s == 0 ? 0 : 1;
 }
 
+// A full mask that is a causal mask (top-left or bottom-right) or none, times one key-padding row per batch, of 0
+// and -inf only: p then runs as that causal call with its key-padding row, so the kernels skip the blocks the mask
+// hides. Left as it is when any term there could be NaN or Inf (terms_bounded).
 void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward) {
   // Masks beside varlen, block coordinates, alibi or a window keep their own path (rare; not worth the cases).
   if (!g_enabled.load(std::memory_order_relaxed) || p.bias == nullptr || p.bias_key_padding || p.cu_q != nullptr ||
@@ -211,6 +208,14 @@ void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward) {
     p.window_right = 0;
     p.bottom_right = band == Band::kCausalBottomRight;
   }
+}
+
+}  // namespace
+
+void read_mask(CpuParams& p, at::ScalarType dtype, bool backward, MaskStore& store) {
+  read_mask_band(p, dtype, backward);
+  mask_key_ranges(p, dtype, backward, store.keys);
+  skip_key_padding(p, dtype, backward, store.ends);
 }
 
 std::string mask_band(const at::Tensor& bias) {

@@ -123,10 +123,10 @@ inline std::pair<int64_t, int64_t> mask_key_range(const CpuParams& p, const SeqI
   return {lo, hi};
 }
 
-// The forward's (sequence, query head) units in the order that deals them round-robin to at::parallel_for's
-// contiguous chunks, one per thread: thread t runs units t, t + T, ... (exactly when T divides the count), so work
-// that differs by sequence (padding, varlen lengths) is shared evenly, and each unit's query blocks stay together
-// (one packing of its keys). In order on one thread.
+// A kernel's units of work (the forward's (sequence, query head), the backward's (sequence, kv head)) in the order
+// that deals them round-robin to at::parallel_for's contiguous chunks, one per thread: thread t runs units t, t + T,
+// ... (exactly when T divides the count), so work that differs by sequence (padding, masks, varlen lengths) is shared
+// evenly, and each unit's tasks stay together (one packing of its keys). In order on one thread.
 inline std::vector<int64_t> dealt_units(int64_t units) {
   const int64_t T = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(units, 1));
   std::vector<int64_t> order;

@@ -224,11 +224,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr<float>();
-  read_mask_band(p, q.scalar_type(), false);
-  std::vector<int32_t> mask_keys;  // p.mask_keys points here
-  mask_key_ranges(p, q.scalar_type(), false, mask_keys);
-  std::vector<int64_t> key_end;  // p.key_end points here
-  skip_key_padding(p, q.scalar_type(), false, key_end);
+  MaskStore mask;  // p.mask_keys and p.key_end point here
+  read_mask(p, q.scalar_type(), false, mask);
   // bf16/fp16 tiles go to the matrix units where mm::path found them usable, else through fp32 sgemm.
   const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
   switch (q.scalar_type()) {
@@ -250,8 +247,7 @@ struct BwdCall {
   CpuParams p;
   int64_t mq = 0, mk = 0;
   at::Tensor lse_c;  // keeps a contiguous copy of lse alive
-  std::vector<int64_t> key_end;  // p.key_end points here
-  std::vector<int32_t> mask_keys;  // p.mask_keys points here
+  MaskStore mask;  // p.mask_keys and p.key_end point here
 };
 
 BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -286,9 +282,7 @@ BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   p.lse = const_cast<float*>(c.lse_c.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.do_st = strides_of(dout);
-  read_mask_band(p, q.scalar_type(), true);
-  mask_key_ranges(p, q.scalar_type(), true, c.mask_keys);
-  skip_key_padding(p, q.scalar_type(), true, c.key_end);
+  read_mask(p, q.scalar_type(), true, c.mask);
   return c;
 }
 
