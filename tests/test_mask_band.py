@@ -171,6 +171,21 @@ def test_nan_and_inf_hidden_by_the_mask_still_reach_the_output(where):
         assert out[1, 0, :50, 3].isnan().all()
 
 
+@pytest.mark.parametrize("band,Sq,Sk,key", [("causal", 64, 64, 1), ("causal bottom-right", 30, 70, 41),
+                                            ("key padding", 64, 64, 15)])
+def test_nan_at_the_first_hidden_key_still_reaches_the_output(band, Sq, Sk, key):
+    """The bounds cover only the keys some row skips: above row 0's diagonal for a band, the leading padding (16 keys
+    of batch 1, left) for a key-padding row. A NaN key at the edge of that range, hidden from row 0 or from every row
+    of batch 1, still makes those rows NaN (an off-by-one in the range would read the mask and drop it)."""
+    torch.manual_seed(3)
+    q, k, v = _qkv(2, 2, 2, Sq, Sk, 32, torch.float32)
+    k[1, 0, key, 0] = float("nan")
+    keep = keep_mask(2, Sq, Sk, band, "left" if band == "key padding" else "none")
+    mask = keep[..., -1:, :] if band == "key padding" else keep  # (B, 1, 1, Sk): a key-padding row
+    out = _with_and_without_reading(q, k, v, mask)
+    assert out[1, 0, 0].isnan().all() and (band != "key padding" or out[1, 0].isnan().all())
+
+
 def edged_mask(kind, B, Sq, Sk):
     """Bool (B, 1, Sq, Sk) masks with -inf edges but no causal band: "window" (causal, 24 keys back, bottom-right),
     "documents" (three packed documents, causal within each; the last query rows see nothing when Sq > Sk), "prefix"

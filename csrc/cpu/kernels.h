@@ -25,9 +25,10 @@ void compute_delta(const CpuParams& p, float* delta);
 // set and bounded too.
 std::vector<int64_t> key_padding_ends(const CpuParams& p, at::ScalarType dtype, bool backward);
 
-// Every term touching keys [k0, Sk) of batch b is finite and far from overflow (bounds on Q, those K/V rows, and
-// with `backward` dO and O), so -inf scores there give P = 0 and dS = 0 exactly and the kernels may skip them.
-bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, bool backward);
+// Every term touching keys [k0, k1) of batch b is finite and far from overflow (bounds on Q, those K/V rows, and
+// with `backward` dO and O), so -inf scores there give P = 0 and dS = 0 exactly and the kernels may skip them. The
+// pass reads those K/V rows: bound only the keys skipped (a decode step's whole cost is one read of K and V).
+bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, int64_t k1, bool backward);
 
 // Everything the kernels read from a call's bias before they run, in this order: a causal band (read_mask_band),
 // the rows' -inf edges (mask_key_ranges), trailing key padding (skip_key_padding). p points into `store`, which must

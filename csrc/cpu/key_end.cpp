@@ -57,12 +57,14 @@ int64_t last_visible_key(const CpuParams& p, int64_t b) {
   return j;
 }
 
-// Every term touching keys [kend, Sk) of batch b is finite and far from overflow (NaN bounds compare false).
+// Every term touching keys [k0, k1) of batch b is finite and far from overflow (NaN bounds compare false); true for
+// no keys.
 template <typename T>
-bool exact_to_skip(const CpuParams& p, int64_t b, int64_t kend, bool backward) {
+bool exact_to_skip(const CpuParams& p, int64_t b, int64_t k0, int64_t k1, bool backward) {
+  if (k0 >= k1) return true;
   const double q = max_abs<T>(p.q, p.q_st, b, p.Hq, 0, p.Sq, p.D);
-  const double k = max_abs<T>(p.k, p.k_st, b, p.Hkv, kend, p.Sk, p.D);
-  const double v = max_abs<T>(p.v, p.v_st, b, p.Hkv, kend, p.Sk, p.Dv);
+  const double k = max_abs<T>(p.k, p.k_st, b, p.Hkv, k0, k1, p.D);
+  const double v = max_abs<T>(p.v, p.v_st, b, p.Hkv, k0, k1, p.Dv);
   bool ok = q * k * double(p.D) * std::abs(double(p.scale)) < kSafeBound && v < kSafeBound;
   if (ok && backward) {
     const double d = max_abs<T>(p.dout, p.do_st, b, p.Hq, 0, p.Sq, p.Dv);
@@ -82,7 +84,7 @@ std::vector<int64_t> ends(const CpuParams& p, bool backward) {
   }
   if (cut * kMinFraction < p.B * p.Sk) return {};
   for (int64_t b = 0; b < p.B; ++b) {
-    if (kend[b] < p.Sk && !exact_to_skip<T>(p, b, kend[b], backward)) kend[b] = p.Sk;
+    if (kend[b] < p.Sk && !exact_to_skip<T>(p, b, kend[b], p.Sk, backward)) kend[b] = p.Sk;
   }
   return kend;
 }
@@ -103,11 +105,11 @@ bool zero_below_ends(const CpuParams& p, const std::vector<int64_t>& ends) {
 
 }  // namespace
 
-bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, bool backward) {
+bool terms_bounded(const CpuParams& p, at::ScalarType dtype, int64_t b, int64_t k0, int64_t k1, bool backward) {
   switch (dtype) {
-    case at::kFloat: return exact_to_skip<float>(p, b, k0, backward);
-    case at::kBFloat16: return exact_to_skip<c10::BFloat16>(p, b, k0, backward);
-    default: return exact_to_skip<c10::Half>(p, b, k0, backward);
+    case at::kFloat: return exact_to_skip<float>(p, b, k0, k1, backward);
+    case at::kBFloat16: return exact_to_skip<c10::BFloat16>(p, b, k0, k1, backward);
+    default: return exact_to_skip<c10::Half>(p, b, k0, k1, backward);
   }
 }
 

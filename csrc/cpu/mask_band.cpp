@@ -177,8 +177,18 @@ void mask_key_ranges(CpuParams& p, at::ScalarType dtype, bool backward, std::vec
     for (int64_t r = 0; r < nb * nh; ++r) leads = leads || (store[2 * r] > 0 && store[2 * r] < store[2 * r + 1]);
     if (!leads) return;
   }
+  // Bounds on the keys some row skips, [0, the largest lo) and [the smallest hi, Sk), not on all of them.
   for (int64_t b = 0; b < p.B; ++b) {
-    if (!terms_bounded(p, dtype, b, 0, backward)) return;
+    const int32_t* r = store.data() + 2 * (st.b == 0 ? 0 : b) * nh * nrows;
+    int64_t lo = 0, hi = p.Sk;
+    for (int64_t i = 0; i < nh * nrows; ++i) {
+      lo = std::max<int64_t>(lo, r[2 * i]);
+      hi = std::min<int64_t>(hi, r[2 * i + 1]);
+    }
+    const bool ok = lo >= hi ? terms_bounded(p, dtype, b, 0, p.Sk, backward)
+                             : terms_bounded(p, dtype, b, 0, lo, backward) &&
+                                   terms_bounded(p, dtype, b, hi, p.Sk, backward);
+    if (!ok) return;
   }
   p.mask_keys = store.data();
   p.mask_keys_sb = st.b == 0 ? 0 : nh * nrows;
@@ -197,8 +207,12 @@ void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward) {
   }
   const Band band = find_band(p.bias, dtype, p.bias_st, p.B, p.Sq, p.Sk);
   if (band == Band::kNone) return;
+  // The band skips the keys above the diagonal, [off + 1, Sk) at most (row 0's); a key-padding row skips none (its
+  // -inf keys are computed, or skipped with bounds of their own: mask_key_ranges, key_end.cpp).
+  const int64_t k0 = band == Band::kKeyPadding ? p.Sk : std::clamp<int64_t>(band == Band::kCausal ? 1 : p.Sk - p.Sq + 1,
+                                                                            0, p.Sk);
   for (int64_t b = 0; b < p.B; ++b) {
-    if (!terms_bounded(p, dtype, b, 0, backward)) return;
+    if (!terms_bounded(p, dtype, b, k0, p.Sk, backward)) return;
   }
   // The last row, broadcast over query rows: one key-padding row per batch.
   p.bias = static_cast<const char*>(p.bias) + (p.Sq - 1) * p.bias_st.s * at::elementSize(dtype);
