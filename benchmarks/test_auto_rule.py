@@ -238,3 +238,28 @@ def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
              "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
     _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask).chosen,
                      f"{str(dtype)[6:]} {kind} mask B={Bm} H={Hm} S={Sm} D=64")
+
+
+@pytest.mark.parametrize("heads,D", [((12, 12), 64), ((16, 4), 128)], ids=["mha-d64", "gqa16/4-d128"])
+@pytest.mark.parametrize("Sq", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_masked_steps(dtype, Sq, heads, D):
+    """Masked inference steps (B=4 sequences left-padded to 1024 keys, 0 / 1/8 / 1/4 / 1/2 of them padding, a bool
+    (B, 1, 1, Sk) mask; a batched generate() step of one or four tokens), SDPA surface: the masked-step rule hands
+    one-token steps (bf16; fp32 without grouped-query heads) and fp32 steps of 2-4 tokens on more than one thread to
+    sdpa, where the cpu kernels run a 64-row tile over every key."""
+    Hq, Hkv = heads
+    Bm, Sk = 4, 1024
+    mask = torch.ones(Bm, 1, 1, Sk, dtype=torch.bool)  # (B, 1, 1, Sk): True = a real key
+    for b, pad in enumerate((0, Sk // 8, Sk // 4, Sk // 2)):
+        mask[b, ..., :pad] = False
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(Bm, Hq, Sq, D, generator=g).to(dtype)
+    k, v = (torch.randn(Bm, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
+    gqa = Hq != Hkv
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=gqa),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa,
+                                                                  backend="cpu"),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)}
+    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask, enable_gqa=gqa).chosen,
+                     f"{str(dtype)[6:]} masked step Sq={Sq} B={Bm} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk} left padding")

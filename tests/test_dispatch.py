@@ -244,3 +244,26 @@ def test_multi_token_step_rules():
     assert kernel(4) == "cpu.decode_fwd" and kernel(5) is None
     assert kernel(1, Hq=16, Hkv=1) == "cpu.decode_fwd" and kernel(2, Hq=4, Hkv=2) == "cpu.decode_fwd"
     assert kernel(2, Hq=6, Hkv=2) is None
+
+
+def test_masked_step_rules():
+    """Masked inference steps (a bool key-padding mask, 300 keys): one-token steps go to sdpa in bf16 on AMX and in
+    fp32 (grouped-query ones on more than one thread); fp32 steps of 2-4 tokens on more than one thread; everything
+    else, training and masks sdpa would not run fused, stays on the cpu kernels."""
+    from fastattn.backends import cpu as cpu_backend
+
+    def chosen(Sq, Hq=4, Hkv=4, dt=torch.float32, grad=False, **kw):
+        q, k = rnd(2, Hq, Sq, 64).to(dt).requires_grad_(grad), rnd(2, Hkv, 300, 64).to(dt)
+        mask = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
+        mask[1, ..., :100] = False
+        return fastattn.explain(q, k, k, attn_mask=mask, enable_gqa=Hq != Hkv, **kw).chosen
+
+    for threads in (1, 2):
+        with torch_threads(threads):
+            assert chosen(1) == "sdpa" and chosen(1, Hq=8, Hkv=2) == ("cpu" if threads == 1 else "sdpa")
+            assert chosen(1, grad=True) == "cpu" and chosen(1, is_causal=True) == "cpu"  # training; sdpa's own mask
+            assert chosen(4) == ("cpu" if threads == 1 else "sdpa") and chosen(5) == "cpu"
+            assert chosen(1, dt=torch.float16) == "cpu"  # fp16: no rule
+            bf16 = "sdpa" if cpu_backend._BF16_AMX else "cpu"
+            assert chosen(1, dt=torch.bfloat16) == bf16 and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == bf16
+            assert chosen(2, dt=torch.bfloat16) == "cpu"

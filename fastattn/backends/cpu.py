@@ -52,12 +52,13 @@ _MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sd
 # (0.84-0.86x at 512 keys, D=64).
 _BF16_TINY_AREA = 4096
 _BF16_TINY_HEADS = 16  # tiny bf16 calls of fewer batch x heads than this: sdpa
-# Not covered: masked bf16 inference past the tiny bounds stays here (key-padding batches, trailing padding skipped:
-# 0.87-1.3x torch at 12-42% padding, 1.12-1.25x at 64-128 tokens), and flash_attn_with_kvcache's
-# split-KV kernel in bf16 at short caches, which auto does not re-route: against torch on a contiguous (B, H, S, D)
-# cache 0.86x / 1.01x / 1.61x at 512 / 2048 / 8192 keys (GQA 16/4 D=128), 0.65x / 0.86x / 0.94x (MHA 12 D=64); the
-# generic path (torch on views of the flash-attn cache plus a bias) measured 0.2-0.5x, and torch on that same cache
-# layout is slower than this kernel from 2048 keys (0.89x / 2.4x / 2.8x and 0.74x / 1.33x / 1.92x).
+# Not covered: masked bf16 inference of two tokens and more past the tiny bounds stays here (key-padding batches,
+# trailing padding skipped: 0.87-1.3x torch at 12-42% padding, 1.12-1.25x at 64-128 tokens), and
+# flash_attn_with_kvcache's split-KV kernel in bf16 at short caches, which auto does not re-route: against torch on a
+# contiguous (B, H, S, D) cache 0.86x / 1.01x / 1.61x at 512 / 2048 / 8192 keys (GQA 16/4 D=128), 0.65x / 0.86x /
+# 0.94x (MHA 12 D=64); the generic path (torch on views of the flash-attn cache plus a bias) measured 0.2-0.5x, and
+# torch on that same cache layout is slower than this kernel from 2048 keys (0.89x / 2.4x / 2.8x and 0.74x / 1.33x /
+# 1.92x).
 
 
 def _auto_rule() -> dict:
@@ -115,6 +116,30 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     return Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA
 
 
+# Masked inference steps (a mask the only feature, key padding): the cpu kernels run a one-token step as a 64-row
+# tile over every key (the split-KV decode kernel takes no mask), measured against torch's SDPA with the same mask
+# (2026-12-01, Intel Xeon AMX, B4 H12 D64 / B4 H16-4 D128, 1024 keys, 0-1/2 of them left padding): one token bf16
+# 0.56-0.97x (one thread) and 0.61-0.75x (two), fp32 MHA 0.93-0.97x / 0.88-0.92x, fp32 grouped-query 1.01-1.12x on
+# one thread (ours) and 0.85-0.90x on two; fp32 steps of 2-4 tokens on two threads 0.81-1.02x (one thread
+# 0.95-1.16x: ours). The hand-over read 0.98-1.08x. Two tokens and more in bf16 are ours (1.16-2.64x).
+_MASKED_STEPS = ("sdpa is faster for masked inference steps of one token (bf16; fp32 without grouped-query heads or "
+                 "on more than one thread) and fp32 masked steps of 2-4 tokens on more than one thread (the cpu "
+                 "kernels measured 0.56-0.97x)")
+
+
+def _masked_step(p: AttnParams, dt) -> bool:
+    """A masked inference step of the _MASKED_STEPS classes, in a dtype the rule covers (eager only, as
+    _masked_tiny: the thread count and lengths would make graphs guard)."""
+    if p.requires_grad or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True):
+        return False
+    Sq = _lengths(p)[0]
+    if dt is torch.bfloat16:
+        return _BF16_AMX and Sq == 1
+    if dt is torch.float32:
+        return Sq == 1 and p.q.shape[1] == p.k.shape[1] or not _one_thread() and Sq <= _STEP_SQ_PARALLEL
+    return False
+
+
 def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
     """True when the sdpa backend takes p as PyTorch's own fused call: the calls the rules were measured on.
     Anything else stays on the cpu kernels: sdpa would build a dense (Sq, Sk) mask (windows, bottom-right causal),
@@ -164,7 +189,7 @@ class CpuBackend(Backend):
         if dt not in _RULE_DTYPES or p.q_start is not None:  # sdpa, the faster path the rules point to, cannot
             return []                                          # take block calls
         if p.attn_bias is not None:
-            return [_MASKED_TINY] if _masked_tiny(p, dt) else []
+            return [_MASKED_TINY] if _masked_tiny(p, dt) else [_MASKED_STEPS] if _masked_step(p, dt) else []
         why = _AUTO_RULE.get(dt)
         if why is None and dt is torch.float32:
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
