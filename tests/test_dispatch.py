@@ -234,9 +234,11 @@ def test_multi_token_step_rules():
             assert chosen(2, dt=bf).chosen == "cpu" and chosen(5, dt=bf).chosen == "cpu"
             assert chosen(3, dt=bf).chosen == "sdpa" and chosen(4, dt=bf).chosen == "sdpa"
             assert chosen(4, D=128, dt=bf).chosen == "cpu" and chosen(4, Hq=8, Hkv=2, dt=bf).chosen == "cpu"
-    with torch_threads(2):  # on more than one thread: fp32 steps of 5-16 tokens and bf16 MHA steps are the cpu kernels'
+    with torch_threads(2):  # more than one thread: fp32 steps of 5-16 tokens (13-16 grouped-query), bf16 MHA steps: cpu
         assert chosen(2).chosen == "sdpa" and chosen(4).chosen == "sdpa"
         assert chosen(5).chosen == "cpu" and chosen(16).chosen == "cpu"
+        assert chosen(5, Hq=8, Hkv=2).chosen == "sdpa" and chosen(12, Hq=8, Hkv=2).chosen == "sdpa"  # grouped-query:
+        assert chosen(13, Hq=8, Hkv=2).chosen == "cpu"                                                 # up to 12
         if cpu_backend._BF16_AMX:
             assert chosen(3, dt=torch.bfloat16).chosen == "cpu" and chosen(4, dt=torch.bfloat16).chosen == "cpu"
     # Decode kernel or prefill kernel (backend="cpu": the route, not the auto rule).

@@ -52,8 +52,9 @@ _MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sd
 # (0.84-0.86x at 512 keys, D=64).
 _BF16_TINY_AREA = 4096
 _BF16_TINY_HEADS = 16  # tiny bf16 calls of fewer batch x heads than this: sdpa
-# Not covered: masked bf16 inference of two tokens and more past the tiny bounds stays here (key-padding batches,
-# trailing padding skipped: 0.87-1.3x torch at 12-42% padding, 1.12-1.25x at 64-128 tokens), and
+# Not covered: masked inference of two tokens and more past the tiny bounds stays here (key-padding batches, left or
+# right padding up to 1/8 or 1/2 of the keys, B4 H12 D64 / B2 H16 D128, 96-1024 tokens, 2026-12-01 evening, ad-hoc:
+# bf16 0.99-1.80x torch on one thread, 0.95-1.87x on two; fp32 1.06-1.54x / 1.15-1.66x), and
 # flash_attn_with_kvcache's split-KV kernel in bf16 at short caches, which auto does not re-route: against torch on a
 # contiguous (B, H, S, D) cache 0.86x / 1.01x / 1.61x at 512 / 2048 / 8192 keys (GQA 16/4 D=128), 0.65x / 0.86x /
 # 0.94x (MHA 12 D=64); the generic path (torch on views of the flash-attn cache plus a bias) measured 0.2-0.5x, and
@@ -82,8 +83,9 @@ _BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
-_FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens on one thread, 2-4 on more (the cpu "
-               "kernels measured 0.71-1.09x, 0.79-0.89x without grouped-query heads)")
+_FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens on one thread, 2-4 on more (2-12 with "
+               "grouped-query heads; the cpu kernels measured 0.71-1.09x, 0.79-0.89x without grouped-query heads on "
+               "more than one thread, 0.79-1.08x with them at 5-12 tokens)")
 # On more than one thread (2026-12-01, Intel Xeon AMX, 2 threads, wall time, benchmarks/test_auto_rule.py with
 # FASTATTN_BENCH_THREADS=2) the split-KV decode kernel, which splits a step's keys across the threads, measured
 # 1.10-1.77x torch's SDPA on bf16 one-token steps (MHA 12 D=64 and GQA 16/4 D=128, 128-4096 keys; MHA 32 D=128
@@ -91,6 +93,11 @@ _FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens on 
 # tokens (0.79-0.89x at 2-4 without grouped-query heads), where auto's hand-over to sdpa read 0.93-1.00x: those
 # classes are sdpa's on one thread only.
 _STEP_SQ_PARALLEL = 4  # fp32 steps up to this many tokens stay sdpa's on more than one thread
+# ... and up to this many with grouped-query heads: two threads, 2026-12-01 evening, 5-12 tokens against 512 / 2048
+# keys, GQA 16/4, 32/8 D=128 and 12/4 D=64, the cpu kernels (the prefill kernel: more than 4 rows per KV head) read
+# 0.79-1.08x (0.87-0.94x at 512 keys for D=128), the hand-over 0.95-1.01x; MHA steps there read 0.93-1.10x on the cpu
+# kernels and stay ours, as do steps of 16 tokens (0.99-1.15x).
+_STEP_SQ_PARALLEL_GQA = 12
 # Tiny fp32 calls (Sk <= 64 and Sq * Sk <= 1024, e.g. a BERT batch of 16 tokens, a 32-token causal prompt): the
 # kernels' per-tile costs (sgemm calls on 16-row tiles, buffers, the epilogue) dominate; measured 0.5-0.8x of torch's
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
@@ -153,6 +160,13 @@ def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
     return not p.causal or native_causal(p)  # (native_causal refuses a mask)
 
 
+def _fp32_step_limit(p: AttnParams) -> int:
+    """The most query tokens of an fp32 inference step that auto hands to sdpa (from 2 up)."""
+    if _one_thread():
+        return _DECODE_ROWS
+    return _STEP_SQ_PARALLEL if p.q.shape[1] == p.k.shape[1] else _STEP_SQ_PARALLEL_GQA
+
+
 def _one_thread() -> bool:
     """Whether calls run on one thread (torch.get_num_threads(), which the lean key reads too: the rules above
     differ on one thread and on more)."""
@@ -197,7 +211,7 @@ class CpuBackend(Backend):
                 Sq, Sk = _lengths(p)
                 if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA:
                     why = _FP32_TINY
-                elif 2 <= Sq <= (_DECODE_ROWS if _one_thread() else _STEP_SQ_PARALLEL) and not p.requires_grad:
+                elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _FP32_STEPS
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
