@@ -247,9 +247,9 @@ def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_auto_not_slower_than_torch_masked_steps(dtype, Sq, heads, D):
     """Masked inference steps (B=4 sequences left-padded to 1024 keys, 0 / 1/8 / 1/4 / 1/2 of them padding, a bool
-    (B, 1, 1, Sk) mask; a batched generate() step of one or four tokens), SDPA surface: the masked-step rule hands
-    one-token steps (bf16; fp32 without grouped-query heads) and fp32 steps of 2-4 tokens on more than one thread to
-    sdpa, where the cpu kernels run a 64-row tile over every key."""
+    (B, 1, 1, Sk) mask; a batched generate() step of one or four tokens), SDPA surface: one-token steps run on the
+    split-KV decode kernel with the mask (bf16 MHA ones on one thread handed to sdpa), the step rules hand fp32
+    steps of four tokens to sdpa."""
     Hq, Hkv = heads
     Bm, Sk = 4, 1024
     mask = torch.ones(Bm, 1, 1, Sk, dtype=torch.bool)  # (B, 1, 1, Sk): True = a real key

@@ -83,11 +83,15 @@ TORCH_LIBRARY(fastattn, m) {
   //   (Bc|num_blocks, Hkv, Smax|page, D|Dv) (SDPA's layout: a dense call's k/v pass straight through, no copy);
   //   the op reads them as the view transpose(1, 2), any strides either way.
   //   Visibility per row as above with Sk = seqlens_k[b] and bottom-right alignment. num_splits 0 = heuristic.
+  //   attn_bias (last, default None): an additive bias as fwd's, (B, Hq, Sq, Smax) over a dense cache's slots (no
+  //   block_table or cache_batch_idx), added after softcap and alibi (a dense call's attn_mask); the CPU kernel
+  //   takes it, the CUDA kernel refuses it.
   //   Returns out (B, Hq, Sq, Dv) like fwd, lse (B, Hq, Sq) fp32.
   m.def(
       "decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens_k, Tensor? block_table, "
       "Tensor? cache_batch_idx, float scale, int window_left, int window_right, float softcap, "
-      "Tensor? alibi_slopes, int num_splits, bool kv_bhsd=False) -> (Tensor out, Tensor lse)");
+      "Tensor? alibi_slopes, int num_splits, bool kv_bhsd=False, Tensor? attn_bias=None) "
+      "-> (Tensor out, Tensor lse)");
 }
 
 namespace fastattn {

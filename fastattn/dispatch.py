@@ -327,10 +327,10 @@ def select(p: AttnParams, backend: Optional[str] = None) -> Backend:
 
 
 def dense_call(p: AttnParams) -> Optional[DecodeCall]:
-    """A dense short-query call as a decode call on k/v viewed as a cache, or None when it is not one: masks,
-    dropout, varlen, autograd, many query tokens, or top-left causal/window with Sq != Sk (decode kernels align
-    bottom-right)."""
-    if p.attn_bias is not None or p.dropout_p > 0 or p.is_varlen or p.requires_grad or p.is_block:
+    """A dense short-query call as a decode call on k/v viewed as a cache, or None when it is not one: dropout,
+    varlen, autograd, many query tokens, or top-left causal/window with Sq != Sk (decode kernels align
+    bottom-right). A mask rides along as the call's attn_bias, for the kernels that declare `takes_bias`."""
+    if p.dropout_p > 0 or p.is_varlen or p.requires_grad or p.is_block:
         return None
     B, Hq, Sq, D = p.q.shape
     Sk = p.k.shape[2]
@@ -348,10 +348,10 @@ def _as_decode(p: AttnParams, direct: bool = False) -> DecodeCall:
     q, k = p.q, p.k
     if direct:
         return DecodeCall(q, k, p.v, None, None, None, p.scale, p.window_left, p.window_right, p.softcap,
-                          p.alibi_slopes, 0, True)
+                          p.alibi_slopes, 0, True, p.attn_bias)
     return DecodeCall(q, k.transpose(1, 2), p.v.transpose(1, 2),  # (B, H, S, D) -> (B, S, H, D) views
                       q.new_full((q.shape[0],), k.shape[2], dtype=torch.int32), None, None, p.scale, p.window_left,
-                      p.window_right, p.softcap, p.alibi_slopes)
+                      p.window_right, p.softcap, p.alibi_slopes, 0, False, p.attn_bias)
 
 
 def _route(p: AttnParams, backend: Optional[str], route_decode: bool, qs, ks):

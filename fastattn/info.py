@@ -58,7 +58,7 @@ def collect() -> dict:
         info["decode_kernels"][k.name] = {
             "backend": name, "available": not why, "why_not": why, "devices": sorted(BACKENDS[name].devices),
             "dtypes": sorted(str(d)[6:] for d in k.dtypes), "head_dims": list(k.head_dims),
-            "max_rows_per_kv_head": k.max_rows,
+            "max_rows_per_kv_head": k.max_rows, "takes_mask": k.takes_bias,
         }
     return info
 
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"  {name:<20} {state}")
         print(f"  {'':<20} devices={','.join(k['devices'])} dtypes={','.join(k['dtypes'])} "
               f"head_dims={k['head_dims'][0]}..{k['head_dims'][1]} query rows per kv head <= "
-              f"{k['max_rows_per_kv_head']}")
+              f"{k['max_rows_per_kv_head']}" + (", takes a dense call's mask" if k["takes_mask"] else ""))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ if _C is not None and hasattr(torch.ops.fastattn, "decode_fwd"):
 
     @torch.library.register_fake("fastattn::decode_fwd")
     def _decode_fwd_fake(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left,
-                         window_right, softcap, alibi_slopes, num_splits, kv_bhsd=False):
+                         window_right, softcap, alibi_slopes, num_splits, kv_bhsd=False, attn_bias=None):
         B, H, S, _ = q.shape
         return _out_like_q(q, v_cache.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
 
@@ -210,8 +210,9 @@ def _decode_rest(c: DecodeCall) -> tuple:
     wl, wr = c.window_left, c.window_right
     if wl > 0 or wr > 0:  # c.windows() inlined for the common case: no window (or causal), nothing to clamp
         wl, wr = c.windows()
-    return (c.seqlens_k, c.block_table, c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes, c.num_splits,
+    rest = (c.seqlens_k, c.block_table, c.cache_batch_idx, c.scale, wl, wr, c.softcap, c.alibi_slopes, c.num_splits,
             c.kv_bhsd)
+    return rest if c.attn_bias is None else rest + (c.attn_bias,)
 
 
 def decode_runner(c: DecodeCall):
@@ -221,10 +222,17 @@ def decode_runner(c: DecodeCall):
     if not c.kv_bhsd or c.seqlens_k is not None or c.window_left > 0 or c.window_right > 0:
         return None
     op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)
+    if c.attn_bias is None:
+        def run(q, k, v):
+            return op(q, k, v, *rest)[0]
+        return run
+    rest = rest[:-1]  # no tensor held: the mask comes with each call
 
-    def run(q, k, v):
-        return op(q, k, v, *rest)[0]
-    return run
+    def run_masked(q, k, v, mask):  # the mask as the full path turns it into its bias (attention_runner's)
+        qs = q.shape
+        bias = bool_bias(mask, q) if mask.dtype is torch.bool else mask
+        return op(q, k, v, *rest, bias.expand(qs[0], qs[1], qs[2], k.shape[2]))[0]  # (B, Hq, Sq, Sk)
+    return run_masked
 
 
 def cache_runner(c: DecodeCall):

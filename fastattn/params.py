@@ -170,6 +170,9 @@ class DecodeCall:
     alibi_slopes: Optional[torch.Tensor] = None
     num_splits: int = 0
     kv_bhsd: bool = False
+    # A dense call's additive bias (its attn_mask as fwd takes it), expanded to (B, Hq, Sq, Smax) over the cache's
+    # slots; only on dense caches without cache_batch_idx, and only for kernels that declare `takes_bias`.
+    attn_bias: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:
@@ -201,11 +204,14 @@ class DecodeCall:
             parts.append(f"softcap {self.softcap}")
         if self.alibi_slopes is not None:
             parts.append("alibi")
+        if self.attn_bias is not None:
+            parts.append("attn_mask")
         return ", ".join(parts)
 
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and (self.q.requires_grad or self.k_cache.requires_grad
-                                            or self.v_cache.requires_grad)
+                                            or self.v_cache.requires_grad
+                                            or self.attn_bias is not None and self.attn_bias.requires_grad)
 
     def windows(self) -> Tuple[int, int]:
         """(window_left, window_right) with a window wider than the cache plus the queries made unlimited (-1), as

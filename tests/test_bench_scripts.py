@@ -37,3 +37,7 @@ def test_bench_hf_decode_runs_and_agrees():
     best, agreed = _load("bench_hf_decode").measure(torch.float32, prompt=8, new=3, layers=1, rounds=1)
     assert set(best) == {"sdpa", "fastattn"} and all(len(v) == 4 and v[1] > 0 for v in best.values())
     assert agreed == 3
+    # batched and left-padded, grouped-query heads: the masked steps (decode kernel with the mask) agree too
+    best, agreed = _load("bench_hf_decode").measure(torch.float32, prompt=12, new=3, layers=1, rounds=1, batch=3,
+                                                    gqa=True)
+    assert agreed == 3 and all(v[3] > 0 for v in best.values())

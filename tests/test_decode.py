@@ -377,15 +377,20 @@ def test_dense_short_query_route(impl, decode_calls):
     assert decode_calls == {impl: 1}
     assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
     assert torch.isfinite(lse).all()
+    # a mask: only for kernels that take one (tests/test_decode_mask.py checks the results)
+    masked = _sdpa(q, k, v, torch.rand(B, 1, 1, N, device=dev) > 0.2)
+    takes = fastattn.BACKENDS[backend].decode.takes_bias
+    assert _routes(masked, backend) == takes, str(dispatch.explain_params(masked, backend))
+    dispatch.run(masked, backend)
+    assert decode_calls == {impl: 1 + takes}
     # not a short-query call, or not one the kernels' bottom-right rule can express: no route
-    mask = torch.ones(B, 1, 1, N, dtype=torch.bool, device=dev)
-    for other in (_sdpa(q, k, v, mask), _sdpa(q, k, v, causal=True), _sdpa(rnd(B, H, 64, D, device=dev), k, v),
+    for other in (_sdpa(q, k, v, causal=True), _sdpa(rnd(B, H, 64, D, device=dev), k, v),
                   _sdpa(q.clone().requires_grad_(), k, v)):
         assert not _routes(other, backend), str(dispatch.explain_params(other, backend))
         dispatch.run(other, backend)
     assert not _routes(p, "reference")
     dispatch.run(p, "reference")
-    assert decode_calls == {impl: 1}
+    assert decode_calls == {impl: 1 + takes}
 
 
 @pytest.mark.parametrize("impl", KERNELS)

@@ -249,23 +249,31 @@ def test_multi_token_step_rules():
 
 
 def test_masked_step_rules():
-    """Masked inference steps (a bool key-padding mask, 300 keys): one-token steps go to sdpa in bf16 on AMX and in
-    fp32 (grouped-query ones on more than one thread); fp32 steps of 2-4 tokens on more than one thread; everything
-    else, training and masks sdpa would not run fused, stays on the cpu kernels."""
+    """Masked inference steps (a bool key-padding mask, 300 keys) fall under the step rules: fp32 steps of 2-16
+    tokens on one thread, 2-4 on more (2-12 grouped-query) go to sdpa, bf16 one-token MHA steps on one thread on
+    AMX; one-token steps otherwise take the split-KV decode kernel with the mask; training and masks sdpa would not
+    run fused stay on the cpu kernels."""
     from fastattn.backends import cpu as cpu_backend
 
-    def chosen(Sq, Hq=4, Hkv=4, dt=torch.float32, grad=False, **kw):
+    def explain(Sq, Hq=4, Hkv=4, dt=torch.float32, grad=False, **kw):
         q, k = rnd(2, Hq, Sq, 64).to(dt).requires_grad_(grad), rnd(2, Hkv, 300, 64).to(dt)
         mask = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
         mask[1, ..., :100] = False
-        return fastattn.explain(q, k, k, attn_mask=mask, enable_gqa=Hq != Hkv, **kw).chosen
+        return fastattn.explain(q, k, k, attn_mask=mask, enable_gqa=Hq != Hkv, **kw)
+
+    def chosen(*a, **kw):
+        return explain(*a, **kw).chosen
 
     for threads in (1, 2):
         with torch_threads(threads):
-            assert chosen(1) == "sdpa" and chosen(1, Hq=8, Hkv=2) == ("cpu" if threads == 1 else "sdpa")
-            assert chosen(1, grad=True) == "cpu" and chosen(1, is_causal=True) == "cpu"  # training; sdpa's own mask
-            assert chosen(4) == ("cpu" if threads == 1 else "sdpa") and chosen(5) == "cpu"
-            assert chosen(1, dt=torch.float16) == "cpu"  # fp16: no rule
-            bf16 = "sdpa" if cpu_backend._BF16_AMX else "cpu"
-            assert chosen(1, dt=torch.bfloat16) == bf16 and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == bf16
-            assert chosen(2, dt=torch.bfloat16) == "cpu"
+            ex = explain(1)
+            assert ex.chosen == "cpu" and ex.decode.kernel == "cpu.decode_fwd", str(ex)  # the mask rides along
+            assert chosen(1, Hq=8, Hkv=2) == "cpu"
+            assert chosen(2) == "sdpa" and chosen(4) == "sdpa"
+            assert chosen(5) == ("sdpa" if threads == 1 else "cpu") and chosen(17) == "cpu"
+            assert chosen(8, Hq=8, Hkv=2) == "sdpa" and chosen(13, Hq=8, Hkv=2) == ("sdpa" if threads == 1 else "cpu")
+            assert chosen(4, grad=True) == "cpu" and chosen(4, is_causal=True) == "cpu"  # training; sdpa's own mask
+            assert chosen(1, dt=torch.float16) == "cpu" and chosen(4, dt=torch.float16) == "cpu"  # fp16: no rule
+            mha_bf16 = "sdpa" if cpu_backend._BF16_AMX and threads == 1 else "cpu"
+            assert chosen(1, dt=torch.bfloat16) == mha_bf16 and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu"
+            assert chosen(2, dt=torch.bfloat16) == "cpu" and chosen(4, dt=torch.bfloat16) == "cpu"

@@ -43,8 +43,10 @@ struct DecodeParams {
   const int32_t* block_table;  // nullptr: dense cache
   const int32_t* batch_idx;    // nullptr: row b of a dense cache
   const float* alibi;          // nullptr: no alibi
+  const void* bias;            // nullptr: no bias; else (B, Hq, Sq, Smax) over a dense cache's slots, q's dtype
   int64_t B, Hq, Hkv, Sq, D, Dv, group, page, splits, head_chunks;
   int64_t q_sb, q_sh, q_sm, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, bt_sb, o_sb, o_sh, o_sm, alibi_sb;
+  int64_t bias_sb, bias_sh, bias_sm, bias_sk;
   float scale, softcap;
   int64_t window_left, window_right;
   float *out_part, *lse_part;  // (splits, B, Hq, Sq, Dv), (splits, B, Hq, Sq) when splits > 1
@@ -70,15 +72,28 @@ inline float row_max(const float* s, int64_t a, int64_t e) {
 
 // ---------------------------------------------------------------- one work item
 struct Scratch {
-  std::vector<float> Qf, S, acc, m_i, l_i, slope;
+  std::vector<float> Qf, S, acc, m_i, l_i, slope, bias;  // bias: one row's block of the bias in fp32
   std::vector<c10::BFloat16> Qb;  // bf16 queries for scores_bf16_dp
   std::vector<int64_t> koff, voff;  // per row: element offset of its KV head within a key's row
   std::vector<uint8_t> live;
   std::vector<const void*> krows, vrows;
   Scratch(int64_t M, int64_t D, int64_t Dv)
-      : Qf(M * D), S(M * kBlockN), Qb(M * D), acc(M * Dv), m_i(M), l_i(M), slope(M), koff(M), voff(M), live(M),
+      : Qf(M * D), S(M * kBlockN), Qb(M * D), acc(M * Dv), m_i(M), l_i(M), slope(M), bias(kBlockN), koff(M),
+        voff(M), live(M),
         krows(kBlockN), vrows(kBlockN) {}
 };
+
+// s[a, e) += the bias of keys j0 + [a, e) of the row at `row` (fp32 copy in `f`, converted once for rows that
+// share it: a key-padding mask is broadcast over heads and tokens, so `last` skips the conversion for the rest).
+template <typename T>
+void add_bias(const DecodeParams& p, const T* row, int64_t j0, int64_t a, int64_t e, float* s, float* f,
+              const T*& last) {
+  if (row != last) {
+    for (int64_t j = a; j < e; ++j) f[j] = static_cast<float>(row[(j0 + j) * p.bias_sk]);
+    last = row;
+  }
+  for (int64_t j = a; j < e; ++j) s[j] += f[j];
+}
 
 // Keys [start, end) of sequence b for the M = (hk1 - hk0) * G * Sq query rows of KV heads [hk0, hk1).
 template <typename T>
@@ -133,6 +148,8 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN);
     }
     bool any = false;
+    const T* last_bias = nullptr;  // the bias row whose block w.bias holds (its [a, e) of the previous row)
+    int64_t last_a = 0, last_e = 0;
     for (int64_t r = 0; r < M; ++r) {
       float* s = S + r * kBlockN;
       const int64_t i = r % p.Sq;
@@ -147,6 +164,13 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       }
       if (p.alibi) {
         for (int64_t j = a; j < e; ++j) s[j] -= w.slope[r] * static_cast<float>(std::llabs(i + off - j0 - j));
+      }
+      if (p.bias) {
+        const int64_t h = hk0 * p.group + r / p.Sq;
+        const T* row = static_cast<const T*>(p.bias) + b * p.bias_sb + h * p.bias_sh + i * p.bias_sm;
+        if (a != last_a || e != last_e) last_bias = nullptr;  // the copy holds [last_a, last_e) only
+        last_a = a, last_e = e;
+        add_bias<T>(p, row, j0, a, e, s, w.bias.data(), last_bias);
       }
       std::fill(s, s + a, -kInf);
       std::fill(s + e, s + n, -kInf);
@@ -272,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
                                                   const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
-                                                  bool kv_bhsd) {
+                                                  bool kv_bhsd, const std::optional<at::Tensor>& attn_bias) {
   const at::Tensor k_cache = decode_checks::cache_view(k_given, kv_bhsd);  // (B, S, Hkv, D) in either case
   const at::Tensor v_cache = decode_checks::cache_view(v_given, kv_bhsd);
   decode_checks::check_ranks_dtypes(q, k_cache, v_cache, "cpu");
@@ -349,6 +373,16 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
              " ", alibi.sizes());
   }
 
+  if (attn_bias.has_value()) {  // a dense call's mask over the cache's slots: every index below stays inside it
+    const at::Tensor& m = *attn_bias;
+    FA_CHECK(!paged && !bidx.defined(), "decode_fwd: attn_bias needs a dense cache without cache_batch_idx");
+    FA_CHECK(m.scalar_type() == dt && m.device().is_cpu(), "decode_fwd: attn_bias must be ", dt, " on cpu, got ",
+             m.scalar_type(), " on ", m.device());
+    FA_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Sq && m.size(3) == capacity,
+             "decode_fwd: attn_bias must be expanded to (B, Hq, Sq, Smax) = (", B, ", ", Hq, ", ", Sq, ", ",
+             capacity, "), got ", m.sizes());
+  }
+
   at::Tensor out = alloc_out_like_q(q, Dv);
   at::Tensor lse = alloc_output({B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (B == 0 || Hq == 0 || Sq == 0) return {out, lse};
@@ -364,6 +398,11 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   p.batch_idx = bidx.defined() ? bidx.data_ptr<int32_t>() : nullptr;
   p.alibi = alibi.defined() ? alibi.data_ptr<float>() : nullptr;
   p.alibi_sb = alibi.defined() && alibi.dim() == 2 ? Hq : 0;
+  if (attn_bias.has_value()) {
+    p.bias = attn_bias->data_ptr();
+    p.bias_sb = attn_bias->stride(0), p.bias_sh = attn_bias->stride(1), p.bias_sm = attn_bias->stride(2);
+    p.bias_sk = attn_bias->stride(3);
+  }
   p.B = B, p.Hq = Hq, p.Hkv = Hkv, p.Sq = Sq, p.D = D, p.Dv = Dv, p.group = Hq / Hkv;
   p.page = paged ? k_cache.size(1) : 0;
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sm = q.stride(2);

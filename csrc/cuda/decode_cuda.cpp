@@ -28,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& cache_batch_idx, double scale,
                                                    int64_t window_left, int64_t window_right, double softcap,
                                                    const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
-                                                   bool kv_bhsd) {
+                                                   bool kv_bhsd, const std::optional<at::Tensor>& attn_bias) {
+  FA_CHECK(!attn_bias.has_value(), "decode_fwd (cuda) takes no attn_bias (the CPU kernel does)");
   std::optional<c10::cuda::CUDAGuard> guard;
   cuda::DecodePlan plan = cuda::plan_decode(
       q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right, softcap,

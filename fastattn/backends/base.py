@@ -111,6 +111,9 @@ class DecodeKernel:
     # True when run() takes a DecodeCall with kv_bhsd=True (caches in SDPA's (B, Hkv, S, D) layout, seqlens_k None):
     # the dispatcher then passes a dense call's k/v as they are.
     takes_sdpa_layout: bool = False
+    # True when run() takes a DecodeCall with an attn_bias (a dense call's mask): the dispatcher then routes masked
+    # short-query calls to it as well.
+    takes_bias: bool = False
 
     def unavailable(self) -> List[str]:
         return []
@@ -218,6 +221,8 @@ class Backend:
         self._declared(r, q.device.type, q.dtype, k.dtypes, k.head_dims, q.shape[-1], c.v_cache.shape[-1])
         if c.requires_grad():
             r.append("autograd needed (decode kernels are inference-only)")
+        if c.attn_bias is not None and not k.takes_bias:
+            r.append("attn_mask given (this decode kernel takes none)")
         if q.numel() == 0:
             r.append("empty query")
         rows = (q.shape[1] // c.kv_heads) * q.shape[2]

@@ -60,6 +60,7 @@ class CpuCppDecode(CppDecode):
     it at any group size (the prefill kernel read 0.34-0.81x there), and so do cache calls, whose other route reads
     the cache through strided views."""
     DENSE_ROWS = 4
+    takes_bias = True  # a dense call's mask, added to the scores of every key (csrc/cpu/decode.cpp add_bias)
 
     def extra_reasons(self, c: DecodeCall) -> List[str]:
         Sq = c.q.shape[2]

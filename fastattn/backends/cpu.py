@@ -5,6 +5,8 @@ per tile (ATen addmm without it), AVX2 exp/conversions chosen at run time, Philo
 backward, and a deterministic backward (bitwise identical for any thread count)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import ops
@@ -123,28 +125,31 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     return Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA
 
 
-# Masked inference steps (a mask the only feature, key padding): the cpu kernels run a one-token step as a 64-row
-# tile over every key (the split-KV decode kernel takes no mask), measured against torch's SDPA with the same mask
-# (2026-12-01, Intel Xeon AMX, B4 H12 D64 / B4 H16-4 D128, 1024 keys, 0-1/2 of them left padding): one token bf16
-# 0.56-0.97x (one thread) and 0.61-0.75x (two), fp32 MHA 0.93-0.97x / 0.88-0.92x, fp32 grouped-query 1.01-1.12x on
-# one thread (ours) and 0.85-0.90x on two; fp32 steps of 2-4 tokens on two threads 0.81-1.02x (one thread
-# 0.95-1.16x: ours). The hand-over read 0.98-1.08x. Two tokens and more in bf16 are ours (1.16-2.64x).
-_MASKED_STEPS = ("sdpa is faster for masked inference steps of one token (bf16; fp32 without grouped-query heads or "
-                 "on more than one thread) and fp32 masked steps of 2-4 tokens on more than one thread (the cpu "
-                 "kernels measured 0.56-0.97x)")
-
-
-def _masked_step(p: AttnParams, dt) -> bool:
-    """A masked inference step of the _MASKED_STEPS classes, in a dtype the rule covers (eager only, as
-    _masked_tiny: the thread count and lengths would make graphs guard)."""
+# Masked inference steps (a mask the only feature, e.g. a batched generate() step with padding): the split-KV decode
+# kernel takes the mask as a bias (csrc/cpu/decode.cpp), so they run the kernels unmasked steps run. Before it did, a
+# masked one-token step ran as a 64-row tile over every key (0.56-0.97x torch's SDPA with the same mask). Measured
+# since (2026-12-01, Intel Xeon AMX, B1 / B4, 512-4096 keys, 0-1/2 left padding, MHA 12 D=64, GQA 16/4 and 32/8
+# D=128): one token bf16 MHA 0.84-1.04x on one thread (sdpa's, as unmasked), 1.05-1.23x on two; grouped-query
+# 1.12-1.57x / 1.26-2.01x; fp32 0.99-3.53x / 1.05-3.15x. fp32 steps of 2-8 tokens read 0.93-1.09x on one thread and
+# 0.67-1.01x on two (2-4 tokens; 8 with grouped-query heads 0.87-1.00x), where the hand-over read 0.91-1.03x: the
+# fp32 step rule holds for them. bf16 MHA steps of 3-4 tokens, sdpa's unmasked, are ours masked (1.03-1.20x on one
+# thread, where the hand-over read 0.99x).
+def _masked_step(p: AttnParams, dt) -> Optional[str]:
+    """The step rule a masked inference step falls under (_FP32_STEPS; _BF16_SHORT's one-token steps), or None
+    (eager only, as _masked_tiny: the thread count and lengths would make graphs guard)."""
     if p.requires_grad or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True):
-        return False
+        return None
     Sq = _lengths(p)[0]
-    if dt is torch.bfloat16:
-        return _BF16_AMX and Sq == 1
     if dt is torch.float32:
-        return Sq == 1 and p.q.shape[1] == p.k.shape[1] or not _one_thread() and Sq <= _STEP_SQ_PARALLEL
-    return False
+        return _FP32_STEPS if 2 <= Sq <= _fp32_step_limit(p) else None
+    if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
+        return _BF16_SHORT
+    return None
+
+
+def _bf16_mha_step(p: AttnParams, Sq) -> bool:
+    """A bf16 step of _BF16_SHORT's: one token, or 3-4 at head dim <= 64, without grouped-query heads."""
+    return p.q.shape[1] == p.k.shape[1] and (Sq == 1 or 3 <= Sq <= _MHA_STEP_SQ and p.q.shape[3] <= 64)
 
 
 def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
@@ -203,7 +208,8 @@ class CpuBackend(Backend):
         if dt not in _RULE_DTYPES or p.q_start is not None:  # sdpa, the faster path the rules point to, cannot
             return []                                          # take block calls
         if p.attn_bias is not None:
-            return [_MASKED_TINY] if _masked_tiny(p, dt) else [_MASKED_STEPS] if _masked_step(p, dt) else []
+            why = _MASKED_TINY if _masked_tiny(p, dt) else _masked_step(p, dt)
+            return [why] if why else []
         why = _AUTO_RULE.get(dt)
         if why is None and dt is torch.float32:
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
@@ -216,13 +222,10 @@ class CpuBackend(Backend):
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
-            mha = p.q.shape[1] == p.k.shape[1]
-            decode = Sq == 1 and mha
-            mha_step = 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
             tiny = (not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA
                     and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS)
             # (compiling: the one-thread rule, the thread count not read into the graph)
-            if (decode or mha_step or tiny) and (compiling or _one_thread()):
+            if (_bf16_mha_step(p, Sq) or tiny) and (compiling or _one_thread()):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
