@@ -17,11 +17,16 @@ NEG_INF = float("-inf")
 def _bias(kind, B, Hq, Sq, S, dtype, g):
     """An additive bias (B, Hq, Sq, S) in dtype, stride 0 where it broadcasts: "padding" (a bool key-padding row,
     left padding in batch 1, right in batch 2, broadcast over heads and tokens), "float" (random values, a third
-    of them -inf, per head and token), "empty" (padding, with every key of batch 0 hidden)."""
+    of them -inf, per head and token), "per row" (one value a row, broadcast over the keys), "empty" (padding, with
+    every key of batch 0 hidden)."""
     if kind == "float":
         b = torch.randn(B, Hq, Sq, S, generator=g)
         b[torch.rand(B, Hq, Sq, S, generator=g) < 0.33] = NEG_INF
         return b.to(dtype)
+    if kind == "per row":  # one value per (batch, head, token), broadcast over the keys (stride 0); one row -inf
+        b = torch.randn(B, Hq, Sq, 1, generator=g)
+        b[0, -1, -1] = NEG_INF
+        return b.to(dtype).expand(B, Hq, Sq, S)  # (B, Hq, Sq, 1) -> (B, Hq, Sq, S)
     keep = torch.ones(B, 1, 1, S, dtype=torch.bool)  # (B, 1, 1, S): True = a real key
     keep[1 % B, ..., : S // 3] = False
     keep[2 % B, ..., S - S // 4:] = False
@@ -60,6 +65,7 @@ CASES = {  # (B, Hq, Hkv, Sq, S, D, mask kind, window, softcap, alibi, splits, k
     "mha_q4_empty_rows": (3, 2, 2, 4, 65, 32, "empty", (-1, -1), 0.0, False, 0, False),
     # one bias row shared by rows whose visible keys in a block differ (causal over 4 tokens, a window of 70)
     "gqa_q4_padding_window": (3, 4, 2, 4, 200, 32, "padding", (70, 0), 0.0, False, 0, True),
+    "gqa_q2_per_row_splits": (2, 4, 2, 2, 300, 64, "per row", (-1, -1), 0.0, False, 2, True),
     "gqa_q1_float_splits_views": (2, 8, 4, 1, 1000, 128, "float", (-1, -1), 0.0, False, 4, False),
 }
 
