@@ -7,7 +7,7 @@ import torch
 
 import fastattn
 from fastattn import ops
-from support.oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, lse_reference, oracle_attention
 
 pytestmark = pytest.mark.skipif(not ops.loaded() or not ops.has_kernel("CPU", "decode_fwd"),
                                 reason="C++ CPU decode kernel not built in fastattn._C")
@@ -34,27 +34,6 @@ def _bias(kind, B, Hq, Sq, S, dtype, g):
         keep[0] = False
     bias = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, NEG_INF)
     return bias.expand(B, Hq, Sq, S)  # (B, 1, 1, S) -> (B, Hq, Sq, S), stride 0 over heads and tokens
-
-
-def _lse_oracle(q, k, bias, scale, window, softcap, alibi):
-    """Log-sum-exp of the visible biased scores in float64 (bottom-right windows), +inf for rows with none."""
-    q, k = q.double(), k.double()
-    Hq, Sq, S = q.shape[1], q.shape[2], k.shape[2]
-    k = k[:, torch.arange(Hq) // (Hq // k.shape[1])]
-    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    i, j = torch.arange(Sq).view(Sq, 1), torch.arange(S).view(1, S)
-    if alibi is not None:
-        s = s - alibi.double().view(1, Hq, 1, 1) * (i + S - Sq - j).abs().double()
-    s = s + bias.double()
-    diag = i + S - Sq
-    if window[0] >= 0:
-        s = s.masked_fill(j < diag - window[0], NEG_INF)
-    if window[1] >= 0:
-        s = s.masked_fill(j > diag + window[1], NEG_INF)
-    lse = torch.logsumexp(s, dim=-1)
-    return lse.masked_fill(torch.isneginf(lse), float("inf"))
 
 
 CASES = {  # (B, Hq, Hkv, Sq, S, D, mask kind, window, softcap, alibi, splits, kv_bhsd)
@@ -87,7 +66,7 @@ def test_decode_op_with_bias_matches_oracle(case, dtype):
     ref = oracle_attention(q, k, v, **kw)
     base = None if dtype is torch.float32 else oracle_attention(q, k, v, dtype=dtype, **kw)
     assert_rule("out", out, ref, base, dtype)
-    assert_rule("lse", lse, _lse_oracle(q, k, bias, scale, window, softcap, slopes), None, torch.float32)
+    assert_rule("lse", lse, lse_reference(q, k, scale, window, softcap, slopes, bias=bias), None, torch.float32)
     if kind == "empty":  # every key of batch 0 hidden: out 0, lse +inf (the fwd op's convention)
         assert (out[0] == 0).all() and (lse[0] == float("inf")).all()
 

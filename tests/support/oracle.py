@@ -109,10 +109,10 @@ def assert_rule(name, fast, ref, base, dtype, **kw):
     assert ok, msg
 
 
-def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
+def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64, bias=None):
     """Log-sum-exp of the visible scores (bottom-right) computed in dtype (float64: the reference; the inputs'
     precision: the naive baseline of the tolerance rule), +inf for rows with no visible key.
-    q (1, Hq, Sq, D), k (1, Hkv, L, D)."""
+    q (B, Hq, Sq, D), k (B, Hkv, L, D); bias: additive, broadcastable to (B, Hq, Sq, L), after softcap and alibi."""
     q, k = q.to(dtype), k.to(dtype)
     Hq, Sq, L = q.shape[1], q.shape[2], k.shape[2]
     k = k[:, torch.arange(Hq) // (Hq // k.shape[1])]
@@ -122,6 +122,8 @@ def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64):
     i, j = torch.arange(Sq).view(Sq, 1), torch.arange(L).view(1, L)
     if alibi is not None:
         s = s - alibi.to(dtype).view(1, Hq, 1, 1) * (i + L - Sq - j).abs().to(dtype)
+    if bias is not None:
+        s = s + bias.to(dtype)
     vis = torch.ones(Sq, L, dtype=torch.bool)
     if window[0] >= 0:
         vis &= j >= i + L - Sq - window[0]
