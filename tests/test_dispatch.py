@@ -150,6 +150,7 @@ def _runs_on_cpu_kernels(fn) -> bool:
 
 
 def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
+    from fastattn.backends import cpu as cpu_backend
     """auto leaves tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024) to PyTorch's SDPA, which is faster there, masked
     inference calls included (the mask goes to torch at its own size), but never a call sdpa would run through a dense
     mask of its own making or refuse (then the naive reference backend would take it)."""
@@ -162,6 +163,14 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
     mask = torch.ones(16, 16, dtype=torch.bool)
     assert fastattn.explain(t, t, t, attn_mask=mask).chosen == "sdpa"
     assert fastattn.explain(t.clone().requires_grad_(), t, t, attn_mask=mask).chosen == "cpu"  # the rule: inference
+    if cpu_backend._BF16_AMX:  # bf16 (on AMX): Sq * Sk <= 1024 on one thread, <= 256 on more
+        b16, b32 = rnd(2, 4, 16, 32).bfloat16(), rnd(2, 4, 32, 32).bfloat16()
+        pad = torch.ones(2, 1, 1, 32, dtype=torch.bool)  # (B, 1, 1, Sk)
+        with torch_threads(1):
+            assert fastattn.explain(b32, b32, b32, attn_mask=pad).chosen == "sdpa"
+        with torch_threads(2):
+            assert fastattn.explain(b32, b32, b32, attn_mask=pad).chosen == "cpu"
+            assert fastattn.explain(b16, b16, b16, attn_mask=pad[..., :16]).chosen == "sdpa"
     assert fastattn.explain(t, t, t, attn_mask=mask, is_causal=True).chosen == "cpu"  # sdpa: a mask of its own
     assert fastattn.explain(t, t, t, dropout_p=0.1).chosen == "cpu"  # dropout keeps the Philox stream
     assert not _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(t), bshd(t), bshd(t), causal=True))

@@ -111,8 +111,13 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
 # cpu kernels with a key-padding mask measured 0.79-0.80x / 0.92x torch's SDPA (fp32, S = 16 / 32) and 0.88-0.94x /
 # 0.92-0.93x (bf16), B8 H12 D64, one thread, Intel Xeon AMX; level or ahead from S = 64 (1.08-1.15x).
-_MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * Sk <= 1024: the cpu kernels "
-                "measured 0.79-0.94x with a key-padding mask)")
+_MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * Sk <= 1024; bf16 on more than one "
+                "thread Sq * Sk <= 256: the cpu kernels measured 0.75-0.94x with a key-padding mask)")
+# bf16 on more than one thread (2026-12-01 evening, two threads, B2-16 H8-12 D64, a quarter of half the rows'
+# keys padding): the cpu kernels 0.75-0.78x at 16 tokens, 1.03-1.48x at 24-32 (the hand-over 0.93-1.02x); on one
+# thread 0.75-0.87x at 16 and 0.87-1.03x at 32 (torch's kernel is at its best at 32 and 64 keys; 1.06-1.63x at
+# 20-28), so one thread keeps the fp32 bound.
+_MASKED_TINY_AREA_BF16_PARALLEL = 256
 
 
 def _masked_tiny(p: AttnParams, dt) -> bool:
@@ -122,7 +127,8 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
             or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True)):
         return False
     Sq, Sk = _lengths(p)
-    return Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA
+    area = _MASKED_TINY_AREA_BF16_PARALLEL if dt is torch.bfloat16 and not _one_thread() else _TINY_AREA
+    return Sk <= _TINY_SK and Sq * Sk <= area
 
 
 # Masked inference steps (a mask the only feature, e.g. a batched generate() step with padding): the split-KV decode
@@ -232,7 +238,7 @@ class CpuBackend(Backend):
     def length_breaks(self, Sq: int):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
-        return _TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq
+        return _TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
