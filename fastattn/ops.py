@@ -183,11 +183,18 @@ def attention_runner(p: AttnParams):
         return run
 
     def run_masked(q, k, v, mask):
-        qs = q.shape
-        bias = bool_bias(mask, q) if mask.dtype is torch.bool else mask
+        bias = _lean_bias(q, k, mask)
         with below():
-            return fwd(q, k, v, bias.expand(qs[0], qs[1], qs[2], k.shape[2]), *rest)[0]  # (B, H, Sq, Sk)
+            return fwd(q, k, v, bias, *rest)[0]
     return run_masked
+
+
+def _lean_bias(q, k, mask):
+    """A lean call's 4-D bool or q-dtype mask as the bias the ops take, expanded to (B, Hq, Sq, Sk) (as the full
+    path turns it, params._mask_4d)."""
+    qs = q.shape
+    bias = bool_bias(mask, q) if mask.dtype is torch.bool else mask
+    return bias.expand(qs[0], qs[1], qs[2], k.shape[2])  # (B|1, Hq|1, Sq|1, Sk|1) -> (B, Hq, Sq, Sk)
 
 
 def cpp_block_backward(p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
@@ -228,10 +235,8 @@ def decode_runner(c: DecodeCall):
         return run
     rest = rest[:-1]  # no tensor held: the mask comes with each call
 
-    def run_masked(q, k, v, mask):  # the mask as the full path turns it into its bias (attention_runner's)
-        qs = q.shape
-        bias = bool_bias(mask, q) if mask.dtype is torch.bool else mask
-        return op(q, k, v, *rest, bias.expand(qs[0], qs[1], qs[2], k.shape[2]))[0]  # (B, Hq, Sq, Sk)
+    def run_masked(q, k, v, mask):
+        return op(q, k, v, *rest, _lean_bias(q, k, mask))[0]
     return run_masked
 
 

@@ -153,11 +153,6 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
     return None
 
 
-def _bf16_mha_step(p: AttnParams, Sq) -> bool:
-    """A bf16 step of _BF16_SHORT's: one token, or 3-4 at head dim <= 64, without grouped-query heads."""
-    return p.q.shape[1] == p.k.shape[1] and (Sq == 1 or 3 <= Sq <= _MHA_STEP_SQ and p.q.shape[3] <= 64)
-
-
 def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
     """True when the sdpa backend takes p as PyTorch's own fused call: the calls the rules were measured on.
     Anything else stays on the cpu kernels: sdpa would build a dense (Sq, Sk) mask (windows, bottom-right causal),
@@ -228,10 +223,13 @@ class CpuBackend(Backend):
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
+            mha = p.q.shape[1] == p.k.shape[1]
+            decode = Sq == 1 and mha
+            mha_step = 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
             tiny = (not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA
                     and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS)
             # (compiling: the one-thread rule, the thread count not read into the graph)
-            if (_bf16_mha_step(p, Sq) or tiny) and (compiling or _one_thread()):
+            if (decode or mha_step or tiny) and (compiling or _one_thread()):
                 why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
