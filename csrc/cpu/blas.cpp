@@ -112,11 +112,10 @@ int64_t packed_kt_floats(int64_t bk, int64_t D) {
   return static_cast<int64_t>((packed_api().size(&id, &m, &n, &k) + sizeof(float) - 1) / sizeof(float));
 }
 
-void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst) {
+void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
   const char id = 'A', trans = 'T';
   const int m = static_cast<int>(bk), n = 1, kk = static_cast<int>(D), ld = static_cast<int>(std::max<int64_t>(ldk, 1));
-  const float one = 1.f;
-  packed_api().pack(&id, &trans, &m, &n, &kk, &one, k, &ld, dst);
+  packed_api().pack(&id, &trans, &m, &n, &kk, &alpha, k, &ld, dst);
 }
 
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,

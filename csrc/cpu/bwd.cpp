@@ -132,7 +132,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   // Packing pays from a few query blocks on (the count depends on the shape only, so do the bits).
   PackedKV packed;
   if (pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= kMinPackedBlocks) {
-    pack_kt(kt.ptr, kt.ld, bk, D, pack_buf.k);
+    pack_kt(kt.ptr, kt.ld, bk, D, pack_buf.k, qk_alpha<T>(p.scale));
     pack_kt(vt.ptr, vt.ld, bk, Dv, pack_buf.v);
     packed = {pack_buf.k, pack_buf.v};
   }
@@ -144,12 +144,13 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
       const int64_t bq = std::min(BLOCK_Q, i_hi - i0);
       const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
       if (m_hi <= j0 || m_lo >= j0 + bk) continue;  // the bias's -inf edges hide the tile from every row
-      const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, p.scale);
+      const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, q_mul<T>(p.scale));
       const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
       const float* Pd = grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0,
                                      rows.delta + i0, kt, vt, packed, i0, bq, j0, bk, B.S, B.dP, B.Pd, B.tanh);
       gemm_rm(true, false, bk, Dv, bq, 1.f, Pd, BLOCK_K, dO.ptr, dO.ld, 1.f, B.dv, Dv);    // dV += Pd^T dO
-      gemm_rm(true, false, bk, D, bq, 1.f, B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, B.dk, D);   // dK += dS^T Qs
+      // dK += scale dS^T Q  (qs = q_mul Q)
+      gemm_rm(true, false, bk, D, bq, qk_alpha<T>(p.scale), B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, B.dk, D);
       // dQ += scale * dS K
       gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, dq_all + (g * s.sq + i0) * D, D);
     }

@@ -115,7 +115,7 @@ struct KtCache {
   // The packed tile [j0, j0 + bk) of head `head_id` (its K rows at k_tile, stride ldk), or nullptr: take the plain
   // product.
   const float* get(const CpuParams& p, Tiles t, int64_t head_id, Operand k_tile, int64_t j0, int64_t bk,
-                   int64_t key_end) {
+                   int64_t key_end, float alpha) {
     const int64_t idx = j0 / t.k;
     if (j0 % t.k != 0 || idx >= kMaxTiles || (bk != t.k && j0 + bk != key_end)) return nullptr;
     if (head_id != head) {
@@ -131,7 +131,7 @@ struct KtCache {
     }
     float* dst = slot[idx].data_ptr<float>();
     if (rows[idx] != bk) {
-      pack_kt(k_tile.ptr, k_tile.ld, bk, p.D, dst);
+      pack_kt(k_tile.ptr, k_tile.ld, bk, p.D, dst, alpha);
       rows[idx] = bk;
     }
     return dst;
@@ -161,8 +161,8 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  // Qs = scale * Q: folding the scale here saves a pass over every score tile.
-  const Operand qs = operand<T>(q, p.q_st.s, p.q_st.d, bq, D, qs_buf, p.scale);
+  // Qs = q_mul * Q (the rest of the scale is the score product's alpha): never a pass over a score tile.
+  const Operand qs = operand<T>(q, p.q_st.s, p.q_st.d, bq, D, qs_buf, q_mul<T>(p.scale));
   std::fill(m, m + bq, kNegInf);
   std::fill(l, l + bq, 0.f);
   const bool dropout = p.dropout_p > 0.f;
@@ -186,7 +186,7 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
       kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
     }
-    const float* kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end) : nullptr;
+    const float* kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end, qk_alpha<T>(p.scale)) : nullptr;
     if (kt_packed) {
       ctx.scores_packed(qs.ptr, qs.ld, kt_packed, i0, bq, j0, bk, S, t.k);
     } else {

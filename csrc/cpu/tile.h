@@ -19,7 +19,7 @@ constexpr int64_t BLOCK_K = 256;
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// S (bq x bk, ldS; row-major) = Qs K^T with the key tile K (bk x D) packed once in MKL's packed-GEMM format and
+// S (bq x bk, ldS; row-major) = Qs (alpha K)^T with the key tile K (bk x D) packed (times pack_kt's alpha) once in MKL's packed-GEMM format and
 // reused by every query tile that meets it: sgemm repacks K on each call (~15% of the product at 128 x 512 x 128).
 // The same MKL kernels as gemm_rm (bitwise equal at D = 64, 72, 128; the last bit differs at D = 40); whether a tile
 // is packed depends on the shape only, so results stay the same across thread counts.
@@ -27,7 +27,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
 // is unset. A packed buffer (packed_kt_floats) must not move once packed (MKL's rule).
 bool packed_kt_available();
 int64_t packed_kt_floats(int64_t bk, int64_t D);
-void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst);
+void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha = 1.f);
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
                     int64_t ldS);
 
@@ -59,6 +59,19 @@ inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int6
   return {buf, cols};
 }
 
+// Where the score scale of S = scale * Q K^T goes, per input dtype: fp32 Q rows are multiplied in place and the
+// scale rides the product as its alpha (free in sgemm; a copy of Q per tile measured ~2% of the fp32 forward and
+// backward), while other dtypes are converted to fp32 anyway, with the scale folded into that copy. qk_alpha * q_mul
+// = scale. Packed key tiles (pack_kt) carry the alpha.
+template <typename T>
+constexpr float q_mul(float scale) {
+  return std::is_same_v<T, float> ? 1.f : scale;
+}
+template <typename T>
+constexpr float qk_alpha(float scale) {
+  return std::is_same_v<T, float> ? scale : 1.f;
+}
+
 // Everything a score tile needs to know about its (sequence, head) besides the operands.
 template <typename T>
 struct ScoreCtx {
@@ -77,15 +90,16 @@ struct ScoreCtx {
                        : nullptr;
   }
 
-  // S (bq, bk; ld ldS) = Qs K^T for query rows [i0, i0+bq) and keys [j0, j0+bk), then softcap (storing
+  // S (bq, bk; ld ldS) = scale Q K^T for query rows [i0, i0+bq) and keys [j0, j0+bk) (qs: Q times q_mul<T>, the
+  // product's alpha the rest of the scale), then softcap (storing
   // tanh in `tanh_out` when given, for the backward), alibi, bias and -inf outside the visible band.
   void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
               int64_t ldS, float* tanh_out) const {
-    gemm_rm(false, true, bq, bk, p.D, 1.f, qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
+    gemm_rm(false, true, bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
     finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
-  // The same with the key tile given packed (pack_kt).
+  // The same with the key tile given packed (pack_kt, with alpha qk_alpha<T>).
   void scores_packed(const float* qs, int64_t ldq, const float* kt_packed, int64_t i0, int64_t bq, int64_t j0,
                      int64_t bk, float* S, int64_t ldS, float* tanh_out = nullptr) const {
     gemm_packed_kt(kt_packed, bk, p.D, qs, ldq, bq, S, ldS);
