@@ -155,12 +155,20 @@ FA_AVX512 inline float max_abs_row(const T* x, int64_t n) {
 }
 
 // max over x[0, n) (NaN lanes may be dropped here; exp16 keeps them, so a NaN still reaches the row sum).
+// Four running maxima: with one, vmaxps's latency bound the loop (4 cycles a vector; the pass measured ~1/3 of
+// the exp pass after it, now ~1/8).
 FA_AVX512 inline float max_row(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16) {
-    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail(n - j), x + j));
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + j));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + j + 16));
+    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + j + 32));
+    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + j + 48));
   }
-  return _mm512_reduce_max_ps(m);
+  for (; j < n; j += 16) m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(ninf, tail(n - j), x + j));
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
 // One 16-lane step of a softmax row: e = 2^(x * vs + vm) on lanes t (0 elsewhere), added to sum; amax keeps the
