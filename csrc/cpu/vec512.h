@@ -26,35 +26,37 @@ namespace fastattn::cpu::vec512 {
 // Lanes [0, n) of 16 (n < 16 for row tails).
 FA_AVX512 inline __mmask16 tail(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// 2^f on |f| <= 1/2 by a minimax polynomial of degree Deg: relative error 2.7e-6 (4), 2.3e-7 (5).
+// 2^f on 0 <= f < 1 by a polynomial of degree Deg fitted to the relative error with p(0) = 1 exactly (so a row's
+// top score gives P = 1, and a one-key row returns V exactly): relative error 3.0e-6 (4), 1.4e-7 (5).
 template <int Deg>
 FA_AVX512 inline __m512 exp2_poly(__m512 f) {
   static_assert(Deg == 4 || Deg == 5, "exp2_poly: degree 4 or 5");
-  constexpr float c4[] = {9.570113383233547e-3f, 5.591786280274391e-2f, 2.40247443318367e-1f, 6.931217908859253e-1f,
-                          9.999992847442627e-1f};
-  constexpr float c5[] = {1.3216948136687279e-3f, 9.666753932833672e-3f, 5.5508337914943695e-2f,
-                          2.4022318422794342e-1f, 6.931469440460205e-1f, 1.f};
+  constexpr float c4[] = {0.013426518067717552f, 0.052242740988731384f, 0.24128007888793945f, 0.6930448412895203f,
+                          1.f};
+  constexpr float c5[] = {0.0018671181751415133f, 0.009017054922878742f, 0.05579989403486252f,
+                          0.24016445875167847f, 0.6931512951850891f, 1.f};
   const float* c = Deg == 4 ? c4 : c5;
   __m512 p = _mm512_set1_ps(c[0]);
   for (int i = 1; i <= Deg; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return p;
 }
 
-// 2^t for 16 lanes: t = k + f (k integer, |f| <= 1/2), exp2_poly for 2^f and vscalefps for 2^k. t < -125 (incl.
-// -inf) gives exactly 0 through the lane mask, never through a denormal: an underflowing result costs a microcode
-// assist (~100 cycles) per element on Intel, which made masked (causal) tiles 2x slower. NaN stays NaN: a NaN score
-// must poison its row, as in PyTorch.
+// 2^t for 16 lanes: f = t - floor(t) in one vreduceps, exp2_poly for 2^f and vscalefps for 2^floor(t) (it floors
+// its exponent operand itself; rounding to nearest took a vrndscaleps and a subtraction, ~3-5% of a bf16 forward).
+// t < -125 (incl. -inf) gives exactly 0 through the lane mask, never through a denormal: an underflowing result
+// costs a microcode assist (~100 cycles) per element on Intel, which made masked (causal) tiles 2x slower. NaN
+// stays NaN: a NaN score must poison its row, as in PyTorch.
 template <int Deg = 5>
 FA_AVX512 inline __m512 exp2_16(__m512 t) {
   const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);  // t >= -125 or NaN
   t = _mm512_max_ps(_mm512_set1_ps(-125.f), t);  // NaN in the second operand is what max returns
-  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_maskz_scalef_ps(keep, exp2_poly<Deg>(_mm512_sub_ps(t, k)), k);
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_maskz_scalef_ps(keep, exp2_poly<Deg>(f), t);
 }
 
 // The degree of P's exponential for a tile of T: P is rounded to T before it multiplies V (and dS to T), so its
 // error need only stay well under T's rounding (bf16 2^-9 = 2.0e-3, fp16 2^-12 = 2.4e-4, relative): degree 4
-// (2.7e-6) keeps it 90x under fp16's and the fp32 lse accurate to ~3e-6, as the blocks of a context-parallel call
+// (3.0e-6) keeps it 80x under fp16's and the fp32 lse accurate to ~3e-6, as the blocks of a context-parallel call
 // need to merge to the unsplit call; degree 3 (7.5e-5) measured 2-4% faster on a bf16 forward but moved lse by
 // 1e-4. fp32 keeps degree 5 (its 1e-5 tolerance).
 template <typename T>
@@ -233,7 +235,7 @@ inline bool available() {
   return on;
 }
 
-// x = exp(x - m) in place (fp32 tiles); returns the sum. Relative error 2.4e-7 (exp2_16). exp_row reads each
+// x = exp(x - m) in place (fp32 tiles); returns the sum. Relative error 1.4e-7 (exp2_16). exp_row reads each
 // lane before it writes it, so P may be x itself.
 FA_AVX512 inline float exp_sum_row_f32(float* x, int64_t n, float m) {
   return exp_row<float>(x, n, n, 1.f, m, x, false);
