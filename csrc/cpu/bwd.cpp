@@ -96,6 +96,15 @@ struct BwdBuffers {
   }
 };
 
+// Where dQ of one (sequence, kv head)'s query heads accumulates: row i of group member g at
+// base + g * head + i * ld. Either an fp32 buffer (group, sq, D), or, for fp32 outputs with unit last stride and one
+// chunk, dQ itself (no buffer, no copy; the same products in the same order, so the same bits).
+struct DqRows {
+  float* base;
+  int64_t head, ld;
+  float* row(int64_t g, int64_t i) const { return base + g * head + i * ld; }
+};
+
 // Pointers of one (sequence, query head): q, dout, lse, delta at the sequence's first row.
 template <typename T>
 struct HeadRows {
@@ -110,11 +119,11 @@ struct HeadRows {
   }
 };
 
-// dK, dV of key block [j0, j0+bk) of kv head hk, summed over its query heads and visible query blocks; also
-// accumulates dQ into dq_all (group, sq, D).
+// dK, dV of key block [j0, j0+bk) of kv head hk, summed over its query heads and visible query blocks (in the
+// fp32 outputs themselves with `in_place`, else in B.dk/B.dv, then written); also accumulates dQ into dq.
 template <typename T>
 void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
-                const float* delta_all, BwdBuffers& B, float* dq_all, PackBuffers pack_buf) {
+                const float* delta_all, BwdBuffers& B, DqRows dq, PackBuffers pack_buf, bool in_place) {
   // Rows [0, bk_out) of dK/dV are written; keys [bk, bk_out) are skipped padding (zero gradients) and left out of
   // the products, since without a bias (skip_key_padding) nothing else masks them.
   const int64_t D = p.D, Dv = p.Dv, bk_out = std::min(BLOCK_K, s.sk - j0);
@@ -123,8 +132,15 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + (s.k0 + j0) * p.v_st.s;
   const Operand kt = operand<T>(k, p.k_st.s, p.k_st.d, bk, D, B.k);
   const Operand vt = operand<T>(v, p.v_st.s, p.v_st.d, bk, Dv, B.v);
-  std::fill(B.dk, B.dk + bk_out * D, 0.f);
-  std::fill(B.dv, B.dv + bk_out * Dv, 0.f);
+  const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
+  const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + (s.k0 + j0) * p.dv_st.s;
+  float* dk_acc = in_place ? static_cast<float*>(p.dk) + dk0 : B.dk;
+  float* dv_acc = in_place ? static_cast<float*>(p.dv) + dv0 : B.dv;
+  const int64_t ldk = in_place ? p.dk_st.s : D, ldv = in_place ? p.dv_st.s : Dv;
+  for (int64_t r = 0; r < bk_out; ++r) {
+    std::fill(dk_acc + r * ldk, dk_acc + r * ldk + D, 0.f);
+    std::fill(dv_acc + r * ldv, dv_acc + r * ldv + Dv, 0.f);
+  }
   const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
   // Queries that see a key of the block before the skipped padding (none when the block is all padding).
   const int64_t i_lo = bk > 0 ? vis.query_lo(j0) : 0;
@@ -148,15 +164,14 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
       const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
       const float* Pd = grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0,
                                      rows.delta + i0, kt, vt, packed, i0, bq, j0, bk, B.S, B.dP, B.Pd, B.tanh);
-      gemm_rm(true, false, bk, Dv, bq, 1.f, Pd, BLOCK_K, dO.ptr, dO.ld, 1.f, B.dv, Dv);    // dV += Pd^T dO
+      gemm_rm(true, false, bk, Dv, bq, 1.f, Pd, BLOCK_K, dO.ptr, dO.ld, 1.f, dv_acc, ldv);    // dV += Pd^T dO
       // dK += scale dS^T Q  (qs = q_mul Q)
-      gemm_rm(true, false, bk, D, bq, qk_alpha<T>(p.scale), B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, B.dk, D);
+      gemm_rm(true, false, bk, D, bq, qk_alpha<T>(p.scale), B.dP, BLOCK_K, qs.ptr, qs.ld, 1.f, dk_acc, ldk);
       // dQ += scale * dS K
-      gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, dq_all + (g * s.sq + i0) * D, D);
+      gemm_rm(false, false, bq, D, bk, p.scale, B.dP, BLOCK_K, kt.ptr, kt.ld, 1.f, dq.row(g, i0), dq.ld);
     }
   }
-  const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + (s.k0 + j0) * p.dk_st.s;
-  const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + (s.k0 + j0) * p.dv_st.s;
+  if (in_place) return;
   for (int64_t r = 0; r < bk_out; ++r) {
     grad_row<T>(p, p.dk, dk0 + r * p.dk_st.s, p.dk_st.d, B.dk + r * D, D, 1.f);
     grad_row<T>(p, p.dv, dv0 + r * p.dv_st.s, p.dv_st.d, B.dv + r * Dv, Dv, 1.f);
@@ -233,12 +248,17 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * part}, at::kFloat) : at::Tensor();
   float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
 
+  // fp32 gradients with unit last stride (rows BLAS can address) accumulate in place: no fp32 buffers to zero and
+  // copy out per key block and per head.
+  auto lda_ok = [](int64_t ld, int64_t cols) { return ld >= cols && ld <= kMaxLd; };
+  const bool in_place = std::is_same_v<T, float> && !p.accumulate && p.dk_st.d == 1 && p.dv_st.d == 1 &&
+                        p.dq_st.d == 1 && lda_ok(p.dk_st.s, p.D) && lda_ok(p.dv_st.s, p.Dv) && lda_ok(p.dq_st.s, p.D);
   const std::vector<int64_t> dealt = dealt_units(pairs);  // (sequence, kv head) pairs, dealt to the threads
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
     Scratch buf(scratch);
     BwdBuffers B(buf, p);
-    at::Tensor own_t = chunks > 1 ? at::Tensor() : at::empty({part}, at::kFloat);
+    at::Tensor own_t = chunks > 1 || in_place ? at::Tensor() : at::empty({part}, at::kFloat);
     // Two MKL-packed tiles (K and V of the current key block); MKL sizes each ~8 MB of address space, of which
     // only BLOCK_K * D floats are written.
     const int64_t pack_floats = packed_kt_available() ? packed_kt_floats(BLOCK_K, std::max(p.D, p.Dv)) : 0;
@@ -251,13 +271,22 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       const SeqInfo s = seq_info(p, pair / p.Hkv);
       const int64_t hk = pair % p.Hkv;
       const Visibility vis(p, s);
-      float* dq_all = chunks > 1 ? parts + (pair * chunks + c) * part : own_t.data_ptr<float>();
-      std::fill(dq_all, dq_all + G * s.sq * p.D, 0.f);
+      DqRows dq;
+      if (chunks > 1) {
+        dq = {parts + (pair * chunks + c) * part, s.sq * p.D, p.D};
+      } else if (in_place) {
+        dq = {static_cast<float*>(p.dq) + s.b * p.dq_st.b + hk * G * p.dq_st.h + s.q0 * p.dq_st.s, p.dq_st.h, p.dq_st.s};
+      } else {
+        dq = {own_t.data_ptr<float>(), s.sq * p.D, p.D};
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < s.sq; ++i) std::fill(dq.row(g, i), dq.row(g, i) + p.D, 0.f);
+      }
       const int64_t j_end = std::min(s.sk, (c + 1) * per_chunk * BLOCK_K);
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
-        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq_all, pack_buf);
+        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq, pack_buf, in_place);
       }
-      if (chunks == 1) write_dq<T>(p, s, hk, &dq_all, 1);
+      if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1);
     }
   });
   if (chunks == 1) return;
