@@ -275,7 +275,8 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       if (chunks > 1) {
         dq = {parts + (pair * chunks + c) * part, s.sq * p.D, p.D};
       } else if (in_place) {
-        dq = {static_cast<float*>(p.dq) + s.b * p.dq_st.b + hk * G * p.dq_st.h + s.q0 * p.dq_st.s, p.dq_st.h, p.dq_st.s};
+        float* dq0 = static_cast<float*>(p.dq) + s.b * p.dq_st.b + hk * G * p.dq_st.h + s.q0 * p.dq_st.s;
+        dq = {dq0, p.dq_st.h, p.dq_st.s};
       } else {
         dq = {own_t.data_ptr<float>(), s.sq * p.D, p.D};
       }

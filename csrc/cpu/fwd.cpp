@@ -186,7 +186,8 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
       kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
     }
-    const float* kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end, qk_alpha<T>(p.scale)) : nullptr;
+    const float* kt_packed =
+        kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end, qk_alpha<T>(p.scale)) : nullptr;
     if (kt_packed) {
       ctx.scores_packed(qs.ptr, qs.ld, kt_packed, i0, bq, j0, bk, S, t.k);
     } else {

@@ -19,12 +19,12 @@ constexpr int64_t BLOCK_K = 256;
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// S (bq x bk, ldS; row-major) = Qs (alpha K)^T with the key tile K (bk x D) packed (times pack_kt's alpha) once in MKL's packed-GEMM format and
-// reused by every query tile that meets it: sgemm repacks K on each call (~15% of the product at 128 x 512 x 128).
-// The same MKL kernels as gemm_rm (bitwise equal at D = 64, 72, 128; the last bit differs at D = 40); whether a tile
-// is packed depends on the shape only, so results stay the same across thread counts.
-// Available when the BLAS is MKL with sgemm_pack/sgemm_compute (torch's x86 wheels) and FASTATTN_CPU_NO_PACKED_GEMM
-// is unset. A packed buffer (packed_kt_floats) must not move once packed (MKL's rule).
+// S (bq x bk, ldS; row-major) = Qs (alpha K)^T with the key tile K (bk x D) packed, times pack_kt's alpha, once in
+// MKL's packed-GEMM format and reused by every query tile that meets it: sgemm repacks K on each call (~15% of the
+// product at 128 x 512 x 128). The same MKL kernels as gemm_rm (bitwise equal at D = 64, 72, 128; the last bit
+// differs at D = 40); whether a tile is packed depends on the shape only, so results stay the same across thread
+// counts. Available when the BLAS is MKL with sgemm_pack/sgemm_compute (torch's x86 wheels) and
+// FASTATTN_CPU_NO_PACKED_GEMM is unset. A packed buffer (packed_kt_floats) must not move once packed (MKL's rule).
 bool packed_kt_available();
 int64_t packed_kt_floats(int64_t bk, int64_t D);
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha = 1.f);
@@ -91,8 +91,8 @@ struct ScoreCtx {
   }
 
   // S (bq, bk; ld ldS) = scale Q K^T for query rows [i0, i0+bq) and keys [j0, j0+bk) (qs: Q times q_mul<T>, the
-  // product's alpha the rest of the scale), then softcap (storing
-  // tanh in `tanh_out` when given, for the backward), alibi, bias and -inf outside the visible band.
+  // product's alpha the rest of the scale), then softcap (storing tanh in `tanh_out` when given, for the backward),
+  // alibi, bias and -inf outside the visible band.
   void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
               int64_t ldS, float* tanh_out) const {
     gemm_rm(false, true, bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
