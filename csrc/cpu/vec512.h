@@ -294,9 +294,22 @@ FA_AVX512 inline void scale_row(float* x, int64_t n, float a) {
   }
 }
 
+// store_row for bf16 with vcvtneps2bf16 (call only where native_bf16()): one instruction for store16's eight.
+FA_AVX512BF16 inline void store_row_native(const float* src, c10::BFloat16* dst, int64_t n, float a) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail(n - j);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + j), va);
+    _mm256_mask_storeu_epi16(dst + j, t, (__m256i)_mm512_cvtneps_pbh(y));
+  }
+}
+
 // dst[0, n) = T(src[0, n) * a) (unit stride output rows).
 template <typename T>
 FA_AVX512 inline void store_row(const float* src, T* dst, int64_t n, float a) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (native_bf16()) return store_row_native(src, dst, n, a);
+  }
   const __m512 va = _mm512_set1_ps(a);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
