@@ -250,6 +250,11 @@ inline bool native_bf16() {
   return on;
 }
 
+// store16 for bf16 with vcvtneps2bf16 (call only where native_bf16()): one instruction for the emulated eight.
+FA_AVX512BF16 __attribute__((always_inline)) inline void store16_native(c10::BFloat16* dst, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
 // One 32-column step of exp_row_native (t0, t1: the halves' lane masks; constant all-ones masks fold away).
 FA_AVX512BF16 __attribute__((always_inline)) inline void exp_native_step(
     float* x, int64_t j, __mmask16 t0, __mmask16 t1, __m512 vs, __m512 vm, __m512& s0, __m512& s1, __m512& a0,
@@ -258,8 +263,8 @@ FA_AVX512BF16 __attribute__((always_inline)) inline void exp_native_step(
   const c10::BFloat16* b = bias ? bias + j : nullptr;
   const __m512 e0 = exp_step<Deg>(x + j, t0, vs, vm, s0, a0, b);
   const __m512 e1 = exp_step<Deg>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
-  _mm256_mask_storeu_epi16(p + j, t0, (__m256i)_mm512_cvtneps_pbh(e0));
-  _mm256_mask_storeu_epi16(p + j + 16, t1, (__m256i)_mm512_cvtneps_pbh(e1));
+  store16_native(p + j, e0, t0);
+  store16_native(p + j + 16, e1, t1);
 }
 
 // exp_row (without keep_fp32) for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
@@ -294,13 +299,12 @@ FA_AVX512 inline void scale_row(float* x, int64_t n, float a) {
   }
 }
 
-// store_row for bf16 with vcvtneps2bf16 (call only where native_bf16()): one instruction for store16's eight.
+// store_row for bf16 with store16_native (call only where native_bf16()).
 FA_AVX512BF16 inline void store_row_native(const float* src, c10::BFloat16* dst, int64_t n, float a) {
   const __m512 va = _mm512_set1_ps(a);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + j), va);
-    _mm256_mask_storeu_epi16(dst + j, t, (__m256i)_mm512_cvtneps_pbh(y));
+    store16_native(dst + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + j), va), t);
   }
 }
 
