@@ -169,7 +169,12 @@ def test_masked_replay_equals_the_full_path(monkeypatch, dtype, Sq, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_tiny_masked_calls_replay_torch_with_the_full_paths_bits(monkeypatch, dtype):
     """Tiny masked calls (auto's rule sends them to sdpa) replay PyTorch's call on the mask itself: the full path's
-    outputs bit for bit, a row that sees no key included (0, as the full path's fix-up gives)."""
+    outputs bit for bit, a row that sees no key included (0, as the full path's fix-up gives). bf16 takes the rule
+    of AMX machines, where it holds, so that the replay is tested on every CPU (without AMX the rule leaves bf16 to the
+    cpu kernels: see test_dispatch)."""
+    if dtype is torch.bfloat16:
+        monkeypatch.setattr(cpu_backend, "_BF16_AMX", True)
+        monkeypatch.setattr(cpu_backend, "_RULE_DTYPES", cpu_backend._RULE_DTYPES | {torch.bfloat16})
     g = torch.Generator().manual_seed(7)
     B, H, S = 3, 4, 16
     q, k, v = (torch.randn(B, H, S, 32, generator=g).to(dtype) for _ in range(3))
