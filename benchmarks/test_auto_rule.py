@@ -111,7 +111,10 @@ def _check_class(dtype, grad, causal, D, B, S):
 # SDPA surface's lean path (fastattn/lean.py) that Python cost 13-22 us cold and MHA D=64 read 0.73-0.94x (cpu kernel)
 # / 0.75-0.93x (hand-over to sdpa); with it in Python, 0.92-0.93x / 0.88-0.90x at 512 keys; with its key in C++
 # (csrc/lean.cpp), 2026-12-01: fp32 MHA D=64 0.96x / 1.03x at 512 / 4096 keys (the cpu kernel), bf16 (handed to sdpa)
-# 0.92-0.94x / 0.98x. On two threads these classes read 1.07-1.19x (the decode kernel splits the keys).
+# 0.92-0.94x / 0.98x. On two threads these classes read 1.07-1.19x (the decode kernel splits the keys). AMD EPYC
+# (Zen 4, 2026-12-02, one thread): fp32 MHA D=64 1.37-1.64x at 512 keys, 0.78-1.02x at 4096 keys (a 25 MB cache
+# streamed from memory at 16-18 GB/s by either kernel, run-to-run spread of the shared host's memory bandwidth; the
+# same class masked, B4 at 1024 keys: 0.82-1.32x); bf16 every class 6.9-31x (torch multiplies bf16 without AMX there).
 _SHORT_DECODE = pytest.mark.xfail(reason="known gap: Python dispatch on a step no faster than torch's (see above)",
                                   strict=False)
 

@@ -40,9 +40,9 @@ def cpu_matmul() -> str:
 
 
 def cpu_matmul_report() -> dict:
-    """`cpu_matmul()` as data: {"cpu": model, "bf16"/"fp16": "brgemm" | "fp32", ISA flags (cpuid) and
-    "amx_bf16_usable"/"amx_fp16_usable" (oneDNN's view): "1" | "0", "bf16_brgemm_gflops", "bf16_fp32_gflops",
-    "fp16_...": the timed tile rates as integer strings ("0": not timed)}."""
+    """`cpu_matmul()` as data: {"cpu": model, "vendor": cpuid's ("GenuineIntel", "AuthenticAMD"), "bf16"/"fp16":
+    "brgemm" | "fp32", ISA flags (cpuid) and "amx_bf16_usable"/"amx_fp16_usable" (oneDNN's view): "1" | "0",
+    "bf16_brgemm_gflops", "bf16_fp32_gflops", "fp16_...": the timed tile rates as integer strings ("0": not timed)}."""
     if _C is None or not hasattr(_C, "cpu_matmul_report"):
         return {}
     return dict(_C.cpu_matmul_report())

@@ -149,7 +149,14 @@ def _runs_on_cpu_kernels(fn) -> bool:
     return bool(seen)
 
 
-def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused():
+@pytest.fixture
+def intel_rules(monkeypatch):
+    """The fp32 rules as measured on the Intel Xeon, whatever this CPU's vendor (test_amd_fp32_rules: the EPYC's)."""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_AMD", False)
+
+
+def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused(intel_rules):
     from fastattn.backends import cpu as cpu_backend
     """auto leaves tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024) to PyTorch's SDPA, which is faster there, masked
     inference calls included (the mask goes to torch at its own size), but never a call sdpa would run through a dense
@@ -223,7 +230,7 @@ def _bf16_one_thread_rules(cpu_backend, q, k):
     assert fastattn.explain(wide, wide, wide).chosen == "cpu"
 
 
-def test_multi_token_step_rules():
+def test_multi_token_step_rules(intel_rules):
     """Steps of 2-16 query tokens: fp32 ones go to sdpa under auto (both sides of each length boundary); bf16 ones on
     AMX stay on the cpu kernels but for MHA steps of 3-4 tokens at head dim <= 64; a dense call past 4 query rows
     per KV head takes the prefill kernel rather than the decode kernel, one-token steps keep the decode kernel."""
@@ -257,7 +264,7 @@ def test_multi_token_step_rules():
     assert kernel(2, Hq=6, Hkv=2) is None
 
 
-def test_masked_step_rules():
+def test_masked_step_rules(intel_rules):
     """Masked inference steps (a bool key-padding mask, 300 keys) fall under the step rules: fp32 steps of 2-16
     tokens on one thread, 2-4 on more (2-12 grouped-query) go to sdpa, bf16 one-token MHA steps on one thread on
     AMX; one-token steps otherwise take the split-KV decode kernel with the mask; training and masks sdpa would not
@@ -286,3 +293,27 @@ def test_masked_step_rules():
             mha_bf16 = "sdpa" if cpu_backend._BF16_AMX and threads == 1 else "cpu"
             assert chosen(1, dt=torch.bfloat16) == mha_bf16 and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu"
             assert chosen(2, dt=torch.bfloat16) == "cpu" and chosen(4, dt=torch.bfloat16) == "cpu"
+
+
+def test_amd_fp32_rules(monkeypatch):
+    """On AMD CPUs (measured on an EPYC, Zen 4) fp32 MHA inference steps stay on the cpu kernels at any thread count,
+    grouped-query steps keep the step rule, and tiny calls, masked or not, go to sdpa on one thread only."""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_AMD", True)
+    pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
+    pad[1, ..., :100] = False
+
+    def chosen(Sq, Hq=4, Hkv=4, Sk=300, mask=None):
+        q, k = rnd(2, Hq, Sq, 64), rnd(2, Hkv, Sk, 64)
+        return fastattn.explain(q, k, k, attn_mask=mask, enable_gqa=Hq != Hkv).chosen
+
+    for threads in (1, 2):
+        with torch_threads(threads):
+            assert chosen(2) == "cpu" and chosen(4) == "cpu" and chosen(4, mask=pad) == "cpu"  # MHA steps
+            assert chosen(2, Hq=8, Hkv=2) == "sdpa" and chosen(4, Hq=8, Hkv=2, mask=pad) == "sdpa"  # grouped-query
+            tiny = "sdpa" if threads == 1 else "cpu"
+            assert chosen(16, Sk=16) == tiny and chosen(16, Sk=16, mask=pad[..., :16]) == tiny
+    with torch_threads(1):
+        assert chosen(12, Hq=8, Hkv=2) == "sdpa"  # the one-thread limit, 16 tokens
+    with torch_threads(2):
+        assert chosen(12, Hq=8, Hkv=2) == "sdpa" and chosen(13, Hq=8, Hkv=2) == "cpu"  # up to 12 on more threads

@@ -267,9 +267,10 @@ def _pairs():
             ("is_causal", (qkv(Sq=2, Sk=2), {}), (qkv(Sq=2, Sk=2), dict(is_causal=True))),
             ("scale", (qkv(), {}), (qkv(), dict(scale=0.5))),
             ("mask", (qkv(), {}), (qkv(), dict(attn_mask=torch.randn(1, 1, 1, 300)))),
-            # fp32 steps of 8 tokens: sdpa's on one thread, the cpu kernels' on two (backends/cpu.py)
-            ("one thread", (qkv(Sq=8, H=4, Hkv=4, D=64, Dv=64), dict(threads=1)),
-             (qkv(Sq=8, H=4, Hkv=4, D=64, Dv=64), dict(threads=2)))]
+            # fp32 grouped-query steps of 14 tokens: sdpa's on one thread, the cpu kernels' on two (backends/cpu.py;
+            # on Intel and AMD CPUs alike)
+            ("one thread", (qkv(Sq=14, H=4, Hkv=2, D=64, Dv=64), dict(threads=1, enable_gqa=True)),
+             (qkv(Sq=14, H=4, Hkv=2, D=64, Dv=64), dict(threads=2, enable_gqa=True)))]
 
 
 def _outcome(call):

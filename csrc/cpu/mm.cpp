@@ -70,6 +70,21 @@ std::string cpu_model() {
   return "unknown";
 }
 
+// cpuid's vendor string ("GenuineIntel", "AuthenticAMD"; "unknown" elsewhere): the auto rules were measured per
+// vendor, because torch's fp32 SDPA multiplies through MKL, whose kernels differ by vendor (fastattn/backends/cpu.py).
+std::string cpu_vendor() {
+#ifdef FASTATTN_X86_CPUID
+  unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    char v[13];
+    std::memcpy(v, &b, 4), std::memcpy(v + 4, &d, 4), std::memcpy(v + 8, &c, 4);  // the order cpuid spells it in
+    v[12] = '\0';
+    return v;
+  }
+#endif
+  return "unknown";
+}
+
 struct Rates {
   double brgemm = 0.0, fp32 = 0.0;  // GFLOP/s of the forward's score tile on each path (0: not measured)
 };
@@ -239,6 +254,7 @@ std::map<std::string, std::string> report() {
   const bool amx_bf16_usable = false, amx_fp16_usable = false;
 #endif
   return {{"cpu", cpu_model()},
+          {"vendor", cpu_vendor()},
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
           // oneDNN's view: AMX it will use (torch's flash kernel multiplies bf16/fp16 on AMX only then)
