@@ -102,6 +102,7 @@ std::map<std::string, std::string> report();
 void force_fp32(bool on);
 }
 namespace cpu {
+void fp32_gemm_force(int engine);
 std::string mask_band(const at::Tensor& bias);
 at::Tensor mask_rows(const at::Tensor& bias);
 void mask_band_enable(bool on);
@@ -120,6 +121,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cpu_matmul as data: CPU model, each low-precision dtype's path (brgemm|fp32), ISA flags");
   m.def("cpu_matmul_force_fp32", &fastattn::cpu::mm::force_fp32,
         "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
+  m.def("cpu_fp32_gemm_force", &fastattn::cpu::fp32_gemm_force,
+        "Tests: the fp32 products' engine in this process (0: as timed at start-up, 1: sgemm, 2: oneDNN brgemm)");
   m.def("cpu_mask_band", &fastattn::cpu::mask_band,
         "Tests: the band the CPU kernels read a (B, H, Sq, Sk) float mask as ('causal', 'causal bottom-right', "
         "'key padding', or '' for none), from its values alone");

@@ -1,8 +1,19 @@
 // The tile gemm. torch's x86 wheels link MKL statically into libtorch_cpu and export its Fortran `sgemm_`
 // (what ATen's own cpublas::gemm calls, but that wrapper is not exported to extensions), so we look it up
 // at run time; builds without it (other BLAS, other platforms) use at::addmm_out on tile views instead.
+//
+// The fp32 engine: where oneDNN's fp32 batch-reduce GEMM (at::native::cpublas::brgemm, torch >= 2.6) times faster
+// than sgemm on the forward's tiles, the row-major products without transposes and the packed key tiles run on it
+// instead (fp32_engine below).
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <vector>
 
 #include "tile.h"
 
@@ -21,6 +32,25 @@ void* find_symbol(const char* name) {
   }
   return f;
 }
+
+sgemm_fn blas_sgemm();
+void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+}  // namespace
+
+double best_seconds(const std::function<void()>& f) {
+  f();  // warm-up: kernel generation, first touch
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 4; ++i) f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 4);
+  }
+  return best;
+}
+
+namespace {
 
 sgemm_fn blas_sgemm() {
   static const sgemm_fn f = [] {
@@ -60,7 +90,111 @@ set_threads_fn mkl_threads_local() {
   return f;
 }
 
+// ---------------------------------------------------------------- the fp32 engine
+// oneDNN's kernels for the CPU at hand against MKL's: on an AMD EPYC (Zen 4) brgemm ran the forward's tiles (scores
+// 128x512x128, P V 128x128x512, and the windowed 64x256 ones) at 112-117 GFLOP/s against sgemm's 95-101, on the
+// Intel Xeon level with it (147-168 against 149-166; benchmarks/bench_gemm_tiles.py, one thread). So the two tiles
+// are timed once (best of five, one thread) and brgemm is kept only kBrgemmMargin times faster: a near tie keeps
+// sgemm, so timing noise cannot flip the rounding from run to run.
+constexpr double kBrgemmMargin = 1.08;
+
+struct Fp32Engine {
+  bool brgemm = false;
+  std::string why;
+};
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+void brgemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
+
+// GFLOP/s of the score and P V tiles (row-major, no transposes) on one engine.
+template <typename F>
+double tile_rate(F&& product) {
+  constexpr int64_t m = 128, n = 512, k = 128;
+  std::vector<float> a(m * n), b(n * n), c(m * n);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = float(i % 13) * 0.125f - 0.75f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = float(i % 7) * 0.25f - 0.75f;
+  auto both = [&] {
+    product(m, n, k, a.data(), k, b.data(), n, c.data(), n, false);  // S = Qs K^T's shape
+    product(m, k, n, a.data(), n, b.data(), k, c.data(), k, true);   // acc += P V's
+  };
+  return 4.0 * m * n * k / best_seconds(both) / 1e9;
+}
+#endif
+
+Fp32Engine decide_fp32_engine() {
+  Fp32Engine e;
+  const char* env = std::getenv("FASTATTN_CPU_FP32_GEMM");
+  if (blas_sgemm() == nullptr) {
+    e.why = "sgemm (no BLAS found: ATen's addmm)";
+    return e;
+  }
+#ifndef CPUBLAS_BRGEMM_F32F32F32
+  e.why = "sgemm (MKL; this torch exports no fp32 brgemm)";
+  return e;
+#else
+  if (env != nullptr && std::strcmp(env, "sgemm") == 0) {
+    e.why = "sgemm (MKL; forced by FASTATTN_CPU_FP32_GEMM=sgemm)";
+    return e;
+  }
+  try {
+    BlasSingleThread blas1;
+    const double mkl = tile_rate([](int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                                    int64_t ldb, float* c, int64_t ldc, bool acc) {
+      blas_gemm_rm(false, false, m, n, k, 1.f, a, lda, b, ldb, acc ? 1.f : 0.f, c, ldc);
+    });
+    const double dnnl = tile_rate(brgemm_f32);
+    const bool forced = env != nullptr && std::strcmp(env, "brgemm") == 0;
+    e.brgemm = forced || dnnl >= kBrgemmMargin * mkl;
+    char buf[200];
+    std::snprintf(buf, sizeof(buf), "%s (measured oneDNN's brgemm %.0f GFLOP/s against MKL's sgemm %.0f%s)",
+                  e.brgemm ? "brgemm" : "sgemm", dnnl, mkl, forced ? ", forced by FASTATTN_CPU_FP32_GEMM" : "");
+    e.why = buf;
+  } catch (const std::exception& ex) {
+    e.why = std::string("sgemm (MKL; brgemm refused: ") + ex.what();
+    const auto nl = e.why.find('\n');
+    if (nl != std::string::npos) e.why.resize(nl);
+    e.why += ")";
+  }
+  return e;
+#endif
+}
+
+const Fp32Engine& fp32_engine() {
+  static const Fp32Engine e = decide_fp32_engine();
+  return e;
+}
+
+// FASTATTN_CPU_PLANT=kt_swap (tests only, read once): brgemm's packed key tiles swap neighbouring keys, a packing bug
+// the correctness checks must catch (tests/test_cpu_fp32_engine.py).
+bool plant_kt_swap() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTATTN_CPU_PLANT");
+    return e != nullptr && std::strcmp(e, "kt_swap") == 0;
+  }();
+  return on;
+}
+
+std::atomic<int> g_fp32_gemm_force{0};  // tests: 0 the decided engine, 1 sgemm, 2 brgemm
+
+bool on_brgemm() {
+  const int f = g_fp32_gemm_force.load(std::memory_order_relaxed);
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  return f == 2 || (f == 0 && fp32_engine().brgemm);
+#else
+  return false;
+#endif
+}
+
 }  // namespace
+
+std::string fp32_gemm_describe() { return fp32_engine().why; }
+
+bool fp32_gemm_brgemm() { return on_brgemm(); }
+
+void fp32_gemm_force(int engine) { g_fp32_gemm_force.store(engine, std::memory_order_relaxed); }
 
 BlasSingleThread::BlasSingleThread() : prev(0) {
   if (auto f = mkl_threads_local()) prev = f(1);
@@ -72,6 +206,20 @@ BlasSingleThread::~BlasSingleThread() {
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (!trans_a && !trans_b && alpha == 1.f && (beta == 0.f || beta == 1.f) && k > 0 && on_brgemm()) {
+    brgemm_f32(m, n, k, a, lda, b, ldb, c, ldc, beta == 1.f);
+    return;
+  }
+#endif
+  blas_gemm_rm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+namespace {
+
+// gemm_rm on the BLAS (sgemm; ATen's addmm without one).
+void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (sgemm_fn f = blas_sgemm()) {
     // Column-major BLAS sees a row-major (r x c, ld) matrix as its (c x r) transpose, so row-major
     // C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands and m, n.
@@ -102,17 +250,29 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
   }
 }
 
+}  // namespace
+
 // Row-major S = Qs K^T is column-major S^T (bk x bq) = op(A) B with A = K's memory read transposed ('T', the
 // matrix MKL packs: m = bk, k = D) and B = Qs's memory ('N').
-bool packed_kt_available() { return packed_api().compute != nullptr; }
+// On brgemm the packed tile is alpha K^T itself, row-major (D x bk): brgemm reads B (k x n) row-major.
+bool packed_kt_available() { return on_brgemm() || packed_api().compute != nullptr; }
 
 int64_t packed_kt_floats(int64_t bk, int64_t D) {
+  if (on_brgemm()) return bk * D;
   const char id = 'A';
   const int m = static_cast<int>(bk), n = 1, k = static_cast<int>(D);
   return static_cast<int64_t>((packed_api().size(&id, &m, &n, &k) + sizeof(float) - 1) / sizeof(float));
 }
 
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
+  if (on_brgemm()) {
+    const bool plant = plant_kt_swap();
+    for (int64_t j = 0; j < bk; ++j) {
+      const int64_t src = plant && (j ^ 1) < bk ? j ^ 1 : j;
+      for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = alpha * k[src * ldk + d];
+    }
+    return;
+  }
   const char id = 'A', trans = 'T';
   const int m = static_cast<int>(bk), n = 1, kk = static_cast<int>(D), ld = static_cast<int>(std::max<int64_t>(ldk, 1));
   packed_api().pack(&id, &trans, &m, &n, &kk, &alpha, k, &ld, dst);
@@ -121,6 +281,12 @@ void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, flo
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
                     int64_t ldS) {
   if (bq == 0 || bk == 0) return;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (on_brgemm()) {
+    brgemm_f32(bq, bk, D, qs, ldq, packed, bk, S, ldS, false);
+    return;
+  }
+#endif
   const char ta = 'P', tb = 'N';
   const int m = static_cast<int>(bk), n = static_cast<int>(bq), k = static_cast<int>(D);
   const int lda = k, ldb = static_cast<int>(std::max<int64_t>(ldq, 1)), ldc = static_cast<int>(ldS);

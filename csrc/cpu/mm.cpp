@@ -1,6 +1,6 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
-#include "tile.h"  // packed_kt_available
+#include "tile.h"  // packed_kt_available, fp32_gemm_describe, best_seconds
 #include "vec512.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -135,18 +135,6 @@ bool probe_exact(std::string& why) {
 // keeps fp32.
 constexpr double kBrgemmMargin = 1.2;
 
-template <typename F>
-double best_seconds(F&& f) {
-  f();  // warm-up: kernel generation, first touch
-  double best = 1e30;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < 4; ++i) f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 4);
-  }
-  return best;
-}
-
 template <typename T>
 Rates measure_tile_rates() {
   constexpr int64_t m = 64, n = 512, k = 128;
@@ -255,6 +243,7 @@ std::map<std::string, std::string> report() {
 #endif
   return {{"cpu", cpu_model()},
           {"vendor", cpu_vendor()},
+          {"fp32", fp32_gemm_brgemm() ? "brgemm" : "sgemm"},
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
           // oneDNN's view: AMX it will use (torch's flash kernel multiplies bf16/fp16 on AMX only then)
@@ -287,7 +276,8 @@ std::string describe() {
     s += std::string("; ") + name + ": " +
          (d.path == Path::kBrgemm ? "matrix units (oneDNN brgemm, " + d.why + ")" : "fp32 tiles (" + d.why + ")");
   }
-  s += packed_kt_available() ? "; fp32: sgemm (MKL, key tiles packed once per head)" : "; fp32: sgemm";
+  s += "; fp32: " + fp32_gemm_describe();
+  if (packed_kt_available()) s += ", key tiles packed once per head";
   return s;
 }
 

@@ -25,9 +25,10 @@ Path path(at::ScalarType dt);
 void force_fp32(bool on);
 // One line for `python -m fastattn.info`: CPU model, ISA found, and the path of each dtype with its reason.
 std::string describe();
-// The same as data: {"cpu" (model), "vendor" (cpuid: "GenuineIntel", "AuthenticAMD", ...), "bf16"/"fp16":
-// "brgemm"|"fp32", ISA flags "amx_bf16", ... : "1"|"0" (cpuid), "amx_bf16_usable"/"amx_fp16_usable": "1"|"0"
-// (oneDNN's view), "bf16_brgemm_gflops", "bf16_fp32_gflops", ...: the timed tile rates ("0" where not timed)}.
+// The same as data: {"cpu" (model), "vendor" (cpuid: "GenuineIntel", "AuthenticAMD", ...), "fp32": "sgemm"|"brgemm"
+// (the fp32 engine), "bf16"/"fp16": "brgemm"|"fp32", ISA flags "amx_bf16", ... : "1"|"0" (cpuid),
+// "amx_bf16_usable"/"amx_fp16_usable": "1"|"0" (oneDNN's view), "bf16_brgemm_gflops", "bf16_fp32_gflops", ...: the
+// timed tile rates ("0" where not timed)}.
 std::map<std::string, std::string> report();
 
 // C (m x n, ldc) = [C +] A (m x k, lda, row-major) B (k x n, VNNI, ldb >= n); k even. T: BFloat16 or Half.

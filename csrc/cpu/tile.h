@@ -2,6 +2,8 @@
 // tile gemm, and the score tile S = (scale*Q) K^T with softcap, alibi, bias and the visibility mask applied.
 #pragma once
 
+#include <functional>
+#include <string>
 #include <type_traits>
 
 #include "params.h"
@@ -30,6 +32,15 @@ int64_t packed_kt_floats(int64_t bk, int64_t D);
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha = 1.f);
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
                     int64_t ldS);
+
+// The fp32 engine (blas.cpp): "sgemm (...)" or "brgemm (...)" with the timing that chose it, for `info`; whether
+// gemm_rm's plain products and the packed key tiles run on oneDNN's brgemm; tests force one (0: as decided, 1:
+// sgemm, 2: brgemm). The choice is made once per process (the shape alone decides a product's path after that).
+std::string fp32_gemm_describe();
+bool fp32_gemm_brgemm();
+void fp32_gemm_force(int engine);
+// Seconds per call of f: the best of five batches of four after a warm-up call (the engines' start-up timings).
+double best_seconds(const std::function<void()>& f);
 
 // Keeps BLAS single-threaded on this thread for the guard's lifetime (our tasks are the parallelism; a
 // nested multi-threaded gemm would oversubscribe and could change the summation order).

@@ -1,0 +1,82 @@
+"""The CPU kernels' two engines for fp32 products: MKL's sgemm or oneDNN's fp32 batch-reduce GEMM (brgemm), timed
+once at start-up (csrc/cpu/blas.cpp). test_matrix runs the engine this machine chose; here the fp32 cells run on each
+engine forced, with cells long enough for the packed key tiles (four query blocks and more), and a planted packing
+bug must fail them."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastattn import ops
+from support.cases import Case, cell_id, matrix, run_case
+
+pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
+
+ENGINES = {1: "sgemm", 2: "brgemm"}
+# Packed key tiles: 128 x 512 tiles (no window) and >= 4 query blocks per head, forward and backward.
+LONG = [Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64),
+        Case("packed_gqa_hd40", B=2, Hq=4, Hkv=2, Sq=530, Sk=700, D=40, mask="float_kpad")]
+CELLS = [c for c in matrix() if c[0] == "cpu" and c[2] == torch.float32] + \
+        [("cpu", c, torch.float32, "cpu") for c in LONG]
+
+
+@pytest.fixture(params=sorted(ENGINES), ids=lambda e: ENGINES[e])
+def engine(request):
+    ops._C.cpu_fp32_gemm_force(request.param)
+    try:
+        got = ops.cpu_matmul_report().get("fp32")
+        if got != ENGINES[request.param]:
+            pytest.skip(f"this torch has no fp32 brgemm: the engine stays {got} ({ops.cpu_matmul()})")
+        yield ENGINES[request.param]
+    finally:
+        ops._C.cpu_fp32_gemm_force(0)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=[cell_id(c) for c in CELLS])
+def test_matrix_on_each_fp32_engine(cell, engine):
+    results = run_case(*cell)
+    bad = [m for ok, m in results if not ok]
+    assert not bad, f"{engine}: " + " | ".join(bad)
+
+
+def test_report_names_the_fp32_engine():
+    """info names the engine and, where both were timed, brgemm is chosen exactly when 1.08x faster."""
+    report = ops.cpu_matmul()
+    print(report)
+    assert "fp32: sgemm" in report or "fp32: brgemm" in report, report
+    chosen = ops.cpu_matmul_report()["fp32"]
+    assert chosen in ENGINES.values()
+    timed = re.search(r"fp32: \w+ \(measured oneDNN's brgemm (\d+) GFLOP/s against MKL's sgemm (\d+)", report)
+    if timed and "forced" not in report:
+        dnnl, mkl = float(timed.group(1)), float(timed.group(2))
+        if abs(dnnl / mkl - 1.08) > 0.02:  # the printed rates are rounded
+            assert chosen == ("brgemm" if dnnl >= 1.08 * mkl else "sgemm"), report
+
+
+_PLANT = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from support.cases import Case, run_case
+from fastattn import ops
+cells = [Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64), Case("packed_1k", B=1, Hq=1, Hkv=1, Sq=1000,
+         Sk=1000, D=32, grad=False)]
+bad = sum(not all(ok for ok, _ in run_case("cpu", c, torch.float32, "cpu")) for c in cells)
+print(ops.cpu_matmul_report()["fp32"], f"{bad} of {len(cells)} cells failed")
+"""
+
+
+@pytest.mark.parametrize("plant", ["", "kt_swap"], ids=["clean", "planted"])
+def test_planted_key_packing_bug_fails_on_brgemm(plant):
+    """brgemm's packed key tiles with neighbouring keys swapped (FASTATTN_CPU_PLANT=kt_swap) fail every cell; the same
+    cells pass clean."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_FP32_GEMM="brgemm", FASTATTN_CPU_PLANT=plant)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    if not r.stdout.startswith("brgemm"):
+        pytest.skip(f"this torch has no fp32 brgemm ({r.stdout.strip()})")
+    assert ("2 of 2" if plant else "0 of 2") + " cells failed" in r.stdout, r.stdout
