@@ -296,8 +296,8 @@ def test_masked_step_rules(intel_rules):
 
 
 def test_amd_fp32_rules(monkeypatch):
-    """On AMD CPUs (measured on an EPYC, Zen 4) fp32 MHA inference steps stay on the cpu kernels at any thread count,
-    grouped-query steps keep the step rule, and tiny calls, masked or not, go to sdpa on one thread only."""
+    """On AMD CPUs (measured on an EPYC, Zen 4) fp32 inference steps and tiny calls, masked or not, stay on the cpu
+    kernels at any thread count."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
@@ -309,11 +309,7 @@ def test_amd_fp32_rules(monkeypatch):
 
     for threads in (1, 2):
         with torch_threads(threads):
-            assert chosen(2) == "cpu" and chosen(4) == "cpu" and chosen(4, mask=pad) == "cpu"  # MHA steps
-            assert chosen(2, Hq=8, Hkv=2) == "sdpa" and chosen(4, Hq=8, Hkv=2, mask=pad) == "sdpa"  # grouped-query
-            tiny = "sdpa" if threads == 1 else "cpu"
-            assert chosen(16, Sk=16) == tiny and chosen(16, Sk=16, mask=pad[..., :16]) == tiny
-    with torch_threads(1):
-        assert chosen(12, Hq=8, Hkv=2) == "sdpa"  # the one-thread limit, 16 tokens
-    with torch_threads(2):
-        assert chosen(12, Hq=8, Hkv=2) == "sdpa" and chosen(13, Hq=8, Hkv=2) == "cpu"  # up to 12 on more threads
+            for Sq in (2, 4, 8, 16):
+                assert chosen(Sq) == "cpu" and chosen(Sq, mask=pad) == "cpu", Sq  # MHA steps
+                assert chosen(Sq, Hq=8, Hkv=2) == "cpu" and chosen(Sq, Hq=8, Hkv=2, mask=pad) == "cpu", Sq  # GQA
+            assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "cpu"  # tiny

@@ -87,7 +87,7 @@ _BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
 _FP32_STEPS = ("sdpa is faster for fp32 inference steps of 2-16 query tokens on one thread, 2-4 on more (2-12 with "
                "grouped-query heads; the cpu kernels measured 0.71-1.09x, 0.79-0.89x without grouped-query heads on "
-               "more than one thread, 0.79-1.08x with them at 5-12 tokens; on AMD CPUs grouped-query steps only)")
+               "more than one thread, 0.79-1.08x with them at 5-12 tokens; not on AMD CPUs)")
 # On more than one thread (2026-12-01, Intel Xeon AMX, 2 threads, wall time, benchmarks/test_auto_rule.py with
 # FASTATTN_BENCH_THREADS=2) the split-KV decode kernel, which splits a step's keys across the threads, measured
 # 1.10-1.77x torch's SDPA on bf16 one-token steps (MHA 12 D=64 and GQA 16/4 D=128, 128-4096 keys; MHA 32 D=128
@@ -105,15 +105,15 @@ _STEP_SQ_PARALLEL_GQA = 12
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
 _TINY_SK, _TINY_AREA = 64, 1024
 _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: per-tile costs dominate the cpu "
-              "kernels; measured 0.5-0.8x; on AMD CPUs on one thread only)")
+              "kernels; measured 0.5-0.8x; not on AMD CPUs)")
 
 
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
 # cpu kernels with a key-padding mask measured 0.79-0.80x / 0.92x torch's SDPA (fp32, S = 16 / 32) and 0.88-0.94x /
 # 0.92-0.93x (bf16), B8 H12 D64, one thread, Intel Xeon AMX; level or ahead from S = 64 (1.08-1.15x).
 _MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * Sk <= 1024; bf16 on more than one "
-                "thread Sq * Sk <= 256; fp32 on AMD CPUs on one thread only: the cpu kernels measured 0.75-0.94x "
-                "with a key-padding mask)")
+                "thread Sq * Sk <= 256; fp32 not on AMD CPUs: the cpu kernels measured 0.75-0.94x with a "
+                "key-padding mask)")
 # bf16 on more than one thread (2026-12-01 evening, two threads, B2-16 H8-12 D64, a quarter of half the rows'
 # keys padding): the cpu kernels 0.75-0.78x at 16 tokens, 1.03-1.48x at 24-32 (the hand-over 0.93-1.02x); on one
 # thread 0.75-0.87x at 16 and 0.87-1.03x at 32 (torch's kernel is at its best at 32 and 64 keys; 1.06-1.63x at
@@ -170,28 +170,27 @@ def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
 # AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX; 2026-12-02, benchmarks/test_auto_rule.py on one and two threads):
 # the fp32 rules above were measured on the Intel Xeon, where torch's fp32 SDPA runs MKL's kernels for Intel. On the
 # EPYC its short fp32 calls are slower, and the cpu kernels measured: MHA steps of 2-4 tokens 1.27-2.16x torch (one
-# thread) and 1.42-2.15x (two; masked 4-token steps 1.30-2.12x), where the hand-over to sdpa read 0.80-1.05x; on two
-# threads tiny calls 1.25-1.93x and tiny masked ones 1.57-1.87x (the hand-over 0.96-1.01x). So there MHA steps and,
-# on more than one thread, tiny calls stay ours. Grouped-query steps keep the rule (one thread: the cpu kernels
-# 0.94-1.00x at 2-4 tokens; two: masked 4-token steps at D=128 0.74x, the hand-over 0.92x), and so do tiny calls on
-# one thread (the cpu kernels 0.88-1.10x, the hand-over 0.96-1.04x). bf16 and fp16 have no short-call rule there: the
-# cpu kernels measured 1.5-30x torch on every class (torch multiplies them without AMX; fastattn.info's paths).
+# thread) and 1.42-2.15x (two; masked 4-token steps 1.30-2.12x), where the hand-over to sdpa read 0.80-1.05x;
+# grouped-query steps 0.94-1.00x on sgemm and, since the fp32 products run on oneDNN's brgemm there (csrc/cpu/blas.cpp),
+# 1.01-1.57x (masked 4-token steps at D=128 1.55x), the hand-over 0.80-1.18x; on two threads tiny calls 1.25-1.93x and
+# tiny masked ones 1.57-1.87x (the hand-over 0.96-1.01x), on one 0.84-1.10x on sgemm and 0.99-1.37x on brgemm (the
+# hand-over 0.89-1.25x). So there every fp32 step and every tiny call stays ours. bf16 and fp16 have no short-call
+# rule there either: the cpu kernels measured 1.5-30x torch on every class (torch multiplies them without AMX).
 _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 
 
 def _fp32_step_limit(p: AttnParams) -> int:
     """The most query tokens of an fp32 inference step that auto hands to sdpa (from 2 up; 1: none)."""
-    mha = p.q.shape[1] == p.k.shape[1]
-    if _AMD and mha:
+    if _AMD:
         return 1
     if _one_thread():
         return _DECODE_ROWS
-    return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
+    return _STEP_SQ_PARALLEL if p.q.shape[1] == p.k.shape[1] else _STEP_SQ_PARALLEL_GQA
 
 
 def _fp32_tiny_rule() -> bool:
-    """Whether the tiny fp32 rules (_FP32_TINY, _MASKED_TINY) hold here: not on AMD on more than one thread."""
-    return not _AMD or _one_thread()
+    """Whether the tiny fp32 rules (_FP32_TINY, _MASKED_TINY) hold here: not on AMD."""
+    return not _AMD
 
 
 def _one_thread() -> bool:
