@@ -33,25 +33,6 @@ void* find_symbol(const char* name) {
   return f;
 }
 
-sgemm_fn blas_sgemm();
-void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
-
-}  // namespace
-
-double best_seconds(const std::function<void()>& f) {
-  f();  // warm-up: kernel generation, first touch
-  double best = 1e30;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < 4; ++i) f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 4);
-  }
-  return best;
-}
-
-namespace {
-
 sgemm_fn blas_sgemm() {
   static const sgemm_fn f = [] {
     if (std::getenv("FASTATTN_CPU_NO_BLAS") != nullptr) return sgemm_fn(nullptr);
@@ -90,6 +71,39 @@ set_threads_fn mkl_threads_local() {
   return f;
 }
 
+// gemm_rm on the BLAS (sgemm; ATen's addmm without one).
+void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (sgemm_fn f = blas_sgemm()) {
+    // Column-major BLAS sees a row-major (r x c, ld) matrix as its (c x r) transpose, so row-major
+    // C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands and m, n.
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LDA = static_cast<int>(std::max<int64_t>(ldb, 1)), LDB = static_cast<int>(std::max<int64_t>(lda, 1));
+    const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    if (K == 0) {  // BLAS may skip scaling C when K == 0; do it ourselves
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+      return;
+    }
+    f(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  // A view (m, k) of a: stored (k, m) when transposed.
+  at::Tensor A = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  at::Tensor B = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (beta == 0.f) {
+    at::mm_out(C, A, B);
+    if (alpha != 1.f) C.mul_(alpha);
+  } else {
+    at::addmm_out(C, C, A, B, beta, alpha);
+  }
+}
+
 // ---------------------------------------------------------------- the fp32 engine
 // oneDNN's kernels for the CPU at hand against MKL's: on an AMD EPYC (Zen 4) brgemm ran the forward's tiles (scores
 // 128x512x128, P V 128x128x512, and the windowed 64x256 ones) at 112-117 GFLOP/s against sgemm's 95-101, on the
@@ -126,7 +140,6 @@ double tile_rate(F&& product) {
 
 Fp32Engine decide_fp32_engine() {
   Fp32Engine e;
-  const char* env = std::getenv("FASTATTN_CPU_FP32_GEMM");
   if (blas_sgemm() == nullptr) {
     e.why = "sgemm (no BLAS found: ATen's addmm)";
     return e;
@@ -135,6 +148,7 @@ Fp32Engine decide_fp32_engine() {
   e.why = "sgemm (MKL; this torch exports no fp32 brgemm)";
   return e;
 #else
+  const char* env = std::getenv("FASTATTN_CPU_FP32_GEMM");
   if (env != nullptr && std::strcmp(env, "sgemm") == 0) {
     e.why = "sgemm (MKL; forced by FASTATTN_CPU_FP32_GEMM=sgemm)";
     return e;
@@ -179,20 +193,29 @@ bool plant_kt_swap() {
 
 std::atomic<int> g_fp32_gemm_force{0};  // tests: 0 the decided engine, 1 sgemm, 2 brgemm
 
-bool on_brgemm() {
-  const int f = g_fp32_gemm_force.load(std::memory_order_relaxed);
+}  // namespace
+
+double best_seconds(const std::function<void()>& f) {
+  f();  // warm-up: kernel generation, first touch
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 4; ++i) f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 4);
+  }
+  return best;
+}
+
+std::string fp32_gemm_describe() { return fp32_engine().why; }
+
+bool fp32_gemm_brgemm() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
+  const int f = g_fp32_gemm_force.load(std::memory_order_relaxed);
   return f == 2 || (f == 0 && fp32_engine().brgemm);
 #else
   return false;
 #endif
 }
-
-}  // namespace
-
-std::string fp32_gemm_describe() { return fp32_engine().why; }
-
-bool fp32_gemm_brgemm() { return on_brgemm(); }
 
 void fp32_gemm_force(int engine) { g_fp32_gemm_force.store(engine, std::memory_order_relaxed); }
 
@@ -207,7 +230,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (!trans_a && !trans_b && alpha == 1.f && (beta == 0.f || beta == 1.f) && k > 0 && on_brgemm()) {
+  if (!trans_a && !trans_b && alpha == 1.f && (beta == 0.f || beta == 1.f) && k > 0 && fp32_gemm_brgemm()) {
     brgemm_f32(m, n, k, a, lda, b, ldb, c, ldc, beta == 1.f);
     return;
   }
@@ -215,57 +238,20 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
   blas_gemm_rm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-namespace {
-
-// gemm_rm on the BLAS (sgemm; ATen's addmm without one).
-void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_fn f = blas_sgemm()) {
-    // Column-major BLAS sees a row-major (r x c, ld) matrix as its (c x r) transpose, so row-major
-    // C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands and m, n.
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int LDA = static_cast<int>(std::max<int64_t>(ldb, 1)), LDB = static_cast<int>(std::max<int64_t>(lda, 1));
-    const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    if (K == 0) {  // BLAS may skip scaling C when K == 0; do it ourselves
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
-      return;
-    }
-    f(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  // A view (m, k) of a: stored (k, m) when transposed.
-  at::Tensor A = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
-                         : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
-  at::Tensor B = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
-                         : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
-  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (beta == 0.f) {
-    at::mm_out(C, A, B);
-    if (alpha != 1.f) C.mul_(alpha);
-  } else {
-    at::addmm_out(C, C, A, B, beta, alpha);
-  }
-}
-
-}  // namespace
-
 // Row-major S = Qs K^T is column-major S^T (bk x bq) = op(A) B with A = K's memory read transposed ('T', the
 // matrix MKL packs: m = bk, k = D) and B = Qs's memory ('N').
 // On brgemm the packed tile is alpha K^T itself, row-major (D x bk): brgemm reads B (k x n) row-major.
-bool packed_kt_available() { return on_brgemm() || packed_api().compute != nullptr; }
+bool packed_kt_available() { return fp32_gemm_brgemm() || packed_api().compute != nullptr; }
 
 int64_t packed_kt_floats(int64_t bk, int64_t D) {
-  if (on_brgemm()) return bk * D;
+  if (fp32_gemm_brgemm()) return bk * D;
   const char id = 'A';
   const int m = static_cast<int>(bk), n = 1, k = static_cast<int>(D);
   return static_cast<int64_t>((packed_api().size(&id, &m, &n, &k) + sizeof(float) - 1) / sizeof(float));
 }
 
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
-  if (on_brgemm()) {
+  if (fp32_gemm_brgemm()) {
     const bool plant = plant_kt_swap();
     for (int64_t j = 0; j < bk; ++j) {
       const int64_t src = plant && (j ^ 1) < bk ? j ^ 1 : j;
@@ -282,7 +268,7 @@ void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs,
                     int64_t ldS) {
   if (bq == 0 || bk == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (on_brgemm()) {
+  if (fp32_gemm_brgemm()) {
     brgemm_f32(bq, bk, D, qs, ldq, packed, bk, S, ldS, false);
     return;
   }
