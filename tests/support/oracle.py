@@ -71,11 +71,26 @@ def floor_for(dtype, ref) -> float:
     return EPS[dtype] * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
 
 
-def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0, inherent=0.0):
+# PyTorch's own CPU SDPA (the `sdpa` backend) rounds P and dS to fp16/bf16 for its backward products and sums dK/dV
+# per block in that precision: its dK/dV error reached 2.04x the naive backward's (beyond the floor) in a CI draw and
+# up to 1.8x in 1280 more (B2 H4, 17-257 keys, GQA 4:1, causal or not). fastattn's own kernels stay at 2 (the cpu
+# backend measured at most 1.54x); torch's gradients get this factor, which a wrapping bug (a wrong head, scale or
+# mask; errors of order 1) still exceeds by far.
+TORCH_CPU_GRAD_FACTOR = 3.0
+
+
+def base_factor(backend, device, dtype, grad_name) -> float:
+    """The rule's multiple of the naive error for one result: 2, but TORCH_CPU_GRAD_FACTOR for the sdpa backend's
+    dK and dV from a CPU tensor in fp16/bf16 (the error is torch's, not a fastattn kernel's)."""
+    torch_cpu = backend == "sdpa" and str(device).startswith("cpu") and dtype in (torch.float16, torch.bfloat16)
+    return TORCH_CPU_GRAD_FACTOR if torch_cpu and grad_name in ("dk", "dv") else 2.0
+
+
+def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0, inherent=0.0, factor=2.0):
     """Returns (ok, message). fast/ref/base are tensors of one output or gradient. magnitude: the size of the terms
     X is summed from when X itself can cancel to ~0 (a gradient with a single key is exactly 0, its rounding noise is
     not); the relative bound and the floor then scale with max(max|X_ref|, magnitude). inherent: the error the
-    error of the O a backward reads forces on dQ/dK (delta_error), added for fp16/bf16."""
+    error of the O a backward reads forces on dQ/dK (delta_error), added for fp16/bf16. factor: base_factor's."""
     fast, ref = fast.detach().double().cpu(), ref.detach().double().cpu()
     if fast.shape != ref.shape:
         return False, f"{name}: shape {tuple(fast.shape)} != expected {tuple(ref.shape)}"
@@ -97,7 +112,7 @@ def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0, in
     err, mean = float(diff.max()), float(diff.mean())
     scale_ref = max(float(ref.abs().max()), magnitude)
     base_err = float((base - ref).abs().max()) if dtype not in (torch.float32, torch.float64) else float("nan")
-    tol, rule = tolerance(dtype, scale_ref, base_err, fp32_rel, inherent)
+    tol, rule = tolerance(dtype, scale_ref, base_err, fp32_rel, inherent, factor)
     where = tuple(int(x) for x in torch.nonzero(diff == diff.max())[0].tolist())
     msg = (f"{name}: max_err={err:.3g} (at {where}) mean_err={mean:.3g} tol={tol:.3g} = {rule}")
     return err <= tol, msg
