@@ -12,15 +12,23 @@ import torch
 
 from fastattn import ops
 from support.cases import Case, cell_id, matrix, run_case
+from support.checks import check_dropout_backward_uses_forward_mask
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
 ENGINES = {1: "sgemm", 2: "brgemm"}
-# Packed key tiles: 128 x 512 tiles (no window) and >= 4 query blocks per head, forward and backward.
+# Packed key tiles: >= 4 query blocks (of 64 rows) meet a key block, over the group's heads, forward and backward;
+# on brgemm the backward's transposed form (csrc/cpu/bwd.cpp) runs there, with each feature it carries.
 LONG = [Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64),
-        Case("packed_gqa_hd40", B=2, Hq=4, Hkv=2, Sq=530, Sk=700, D=40, mask="float_kpad")]
+        Case("packed_gqa_hd40", B=2, Hq=4, Hkv=2, Sq=530, Sk=700, D=40, mask="float_kpad"),
+        Case("packed_cap_alibi_causal", surface="flash", B=1, Hq=2, Hkv=1, Sq=300, Sk=300, D=48, causal=True,
+             softcap=5.0, alibi="h"),
+        Case("packed_window_noncontig_dv", surface="flash", B=1, Hq=2, Hkv=2, Sq=400, Sk=450, D=80, Dv=32,
+             window=(180, 40), noncontig=True),
+        Case("packed_varlen_causal", surface="varlen", Hq=2, Hkv=2, D=64, causal=True,
+             seqlens=((300, 280), (5, 9), (260, 400)))]
 CELLS = [c for c in matrix() if c[0] == "cpu" and c[2] == torch.float32] + \
-        [("cpu", c, torch.float32, "cpu") for c in LONG]
+        [("cpu", c, dt, "cpu") for c in LONG for dt in (torch.float32, torch.float16)]
 
 
 @pytest.fixture(params=sorted(ENGINES), ids=lambda e: ENGINES[e])
@@ -40,6 +48,11 @@ def test_matrix_on_each_fp32_engine(cell, engine):
     results = run_case(*cell)
     bad = [m for ok, m in results if not ok]
     assert not bad, f"{engine}: " + " | ".join(bad)
+
+
+def test_dropout_on_each_fp32_engine(engine):
+    """The backward regenerates the forward's dropout mask in packed key blocks too (the transposed form on brgemm)."""
+    check_dropout_backward_uses_forward_mask("cpu", "cpu", torch.float32, Sq=200)
 
 
 def test_report_names_the_fp32_engine():

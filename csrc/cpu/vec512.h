@@ -228,6 +228,35 @@ FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, 
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
+// dst (cols x rows, ld ldd) = src (rows x cols, ld lds) transposed, for rows, cols <= 16: three shuffle stages
+// in registers (pairs of rows interleaved, then 4-row groups per 128-bit lane, then lanes gathered), rows past
+// `rows` read as zeros and only the valid part stored.
+FA_AVX512 inline void transpose16(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  const __mmask16 cm = tail(cols);
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + i * lds) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {  // per lane L: rows i, i+1 interleaved at columns 4L, 4L+1 (lo), 4L+2, 4L+3 (hi)
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int m = 0; m < 16; m += 4) {  // r[m + c], lane L: column 4L + c of rows m..m+3
+    r[m] = _mm512_shuffle_ps(t[m], t[m + 2], 0x44);
+    r[m + 1] = _mm512_shuffle_ps(t[m], t[m + 2], 0xEE);
+    r[m + 2] = _mm512_shuffle_ps(t[m + 1], t[m + 3], 0x44);
+    r[m + 3] = _mm512_shuffle_ps(t[m + 1], t[m + 3], 0xEE);
+  }
+  const __mmask16 rm = tail(rows);
+  for (int c = 0; c < 4; ++c) {  // column 4L + c = lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
+    const __m512 u = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 w = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE), x = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    const __m512 col[4] = {_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD),
+                           _mm512_shuffle_f32x4(w, x, 0x88), _mm512_shuffle_f32x4(w, x, 0xDD)};
+    for (int L = 0; L < 4; ++L) {
+      if (4 * L + c < cols) _mm512_mask_storeu_ps(dst + (4 * L + c) * ldd, rm, col[L]);
+    }
+  }
+}
+
 // True where the CPU has AVX-512 F/BW/DQ/VL (checked once); the fp32 helpers of vec.h route here then.
 inline bool available() {
   static const bool on = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
