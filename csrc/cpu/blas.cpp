@@ -252,9 +252,9 @@ int64_t packed_kt_floats(int64_t bk, int64_t D) {
 
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
   if (fp32_gemm_brgemm()) {
-    const bool plant = plant_kt_swap();
+    if (!plant_kt_swap()) return vec::transpose<float>(k, ldk, 1, bk, D, dst, bk, alpha);
     for (int64_t j = 0; j < bk; ++j) {
-      const int64_t src = plant && (j ^ 1) < bk ? j ^ 1 : j;
+      const int64_t src = (j ^ 1) < bk ? j ^ 1 : j;
       for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = alpha * k[src * ldk + d];
     }
     return;

@@ -11,11 +11,12 @@
 // every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape alone,
 // never on the thread count, so the bits never do either.
 //
-// On the brgemm fp32 engine (blas.cpp), which multiplies row-major operands without transposes or an alpha, key
-// blocks that are packed take bwd_lowp.cpp's form: dV^T += dO^T Pd and dK^T += Q^T dS', with the tile's Q and dO
-// transposed (64 x D each, fewer elements than P and dS' at 64 x 256) and dS' = scale dS, so that dK and dQ need no
-// alpha (V packed times the scale gives dP' = scale dP; delta' = scale delta). AMD EPYC (Zen 4), one thread: fp32
-// forward+backward at S = 2048 6-13% faster than with dV, dK, dQ on sgemm. On sgemm the plain form stays.
+// On the brgemm fp32 engine (blas.cpp), which multiplies row-major operands without transposes or an alpha, every
+// key block is packed (K^T, V^T) and takes bwd_lowp.cpp's form: dV^T += dO^T Pd and dK^T += Q^T dS', with the
+// tile's Q and dO transposed (64 x D each, fewer elements than P and dS' at 64 x 256) and dS' = scale dS, so that dK
+// and dQ need no alpha (V packed times the scale gives dP' = scale dP; delta' = scale delta). AMD EPYC (Zen 4), one
+// thread: fp32 forward+backward at S = 2048 6-13% faster than with dV, dK, dQ on sgemm. On sgemm the plain form
+// stays.
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
@@ -27,7 +28,7 @@ namespace fastattn::cpu {
 namespace {
 
 constexpr int64_t kMinTasks = 8;
-constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before its K and V are packed
+constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before MKL packs its K and V
 
 // K and V of a key block packed for MKL (pack_kt), as the forward packs K: S = Qs K^T and dP = dO V^T have the
 // same form, and every query block of the key block reuses the packs. Null: the plain products (as buffers: no
@@ -153,9 +154,10 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   // Queries that see a key of the block before the skipped padding (none when the block is all padding).
   const int64_t i_lo = bk > 0 ? vis.query_lo(j0) : 0;
   const int64_t i_hi = bk > 0 ? vis.query_hi(j0 + bk - 1) : 0;
-  // Packing pays from a few query blocks on (the count depends on the shape only, so do the bits), and so does the
-  // transposed form (top of file): with one or two query blocks it measured 2% slower (B8 H4 S128 D64).
-  const bool pack = pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= kMinPackedBlocks;
+  // MKL's packing pays from a few query blocks on (the count depends on the shape only, so do the bits); brgemm's
+  // (a transposed copy) and the transposed form it allows pay from one: B8 H4 S128 fp32 forward+backward 1-11% faster.
+  const int64_t min_blocks = fp32_gemm_brgemm() ? 1 : kMinPackedBlocks;
+  const bool pack = pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= min_blocks;
   const bool tr = pack && fp32_gemm_brgemm();
   const float ds_mul = tr ? p.scale : 1.f;
   PackedKV packed;

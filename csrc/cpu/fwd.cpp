@@ -222,8 +222,12 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&
                       p.v_st.d == 1 && p.v_st.s >= p.Dv && p.v_st.s <= kMaxLd;
   // Packed key tiles pay for 128 x 512 tiles when a head has >= 4 query blocks (measured, one thread, Intel Xeon:
-  // +3-7% at S = 512-2048); the window's 64 x 256 tiles and fewer query blocks measured no gain or a loss.
-  const bool pack_keys = t.k == 512 && nqb >= 4 && packed_kt_available();
+  // +3-7% at S = 512-2048); the window's 64 x 256 tiles and fewer query blocks measured no gain or a loss. brgemm's
+  // pack (a transposed copy, which its product needs anyway) pays from one query block without a band: B8 H4 S128
+  // fp32 forward 4-10% faster on the AMD EPYC, but 7% slower causal (the whole tile packed for rows seeing half).
+  const bool band = p.window_left >= 0 || p.window_right >= 0;
+  const int64_t min_qb = fp32_gemm_brgemm() && !band ? 1 : 4;
+  const bool pack_keys = t.k == 512 && nqb >= min_qb && packed_kt_available();
   const std::vector<int64_t> units = dealt_units(p.nseq * p.Hq);
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;

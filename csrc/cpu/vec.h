@@ -162,23 +162,24 @@ inline void load_row(const T* src, int64_t stride, float* dst, int64_t n, float 
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]) * mul;
 }
 
-// dst (cols x rows, ld ldd; fp32) = src (rows x cols; row r at r * ss, column c at c * sd) transposed and converted,
-// 16 x 16 blocks at a time (AVX-512 registers for fp32 rows with unit stride).
+// dst (cols x rows, ld ldd; fp32) = mul * src (rows x cols; row r at r * ss, column c at c * sd) transposed and
+// converted, 16 x 16 blocks at a time (AVX-512 registers for fp32 rows with unit stride).
 template <typename T>
-inline void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+inline void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+                      float mul = 1.f) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const int64_t nr = std::min<int64_t>(16, rows - r0), nc = std::min<int64_t>(16, cols - c0);
 #ifdef FASTATTN_X86
       if constexpr (std::is_same_v<T, float>) {
         if (sd == 1 && vec512::available()) {
-          vec512::transpose16(src + r0 * ss + c0, ss, nr, nc, dst + c0 * ldd + r0, ldd);
+          vec512::transpose16(src + r0 * ss + c0, ss, nr, nc, dst + c0 * ldd + r0, ldd, mul);
           continue;
         }
       }
 #endif
       for (int64_t c = c0; c < c0 + nc; ++c) {
-        for (int64_t r = r0; r < r0 + nr; ++r) dst[c * ldd + r] = static_cast<float>(src[r * ss + c * sd]);
+        for (int64_t r = r0; r < r0 + nr; ++r) dst[c * ldd + r] = static_cast<float>(src[r * ss + c * sd]) * mul;
       }
     }
   }
