@@ -264,6 +264,21 @@ void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, flo
   packed_api().pack(&id, &trans, &m, &n, &kk, &alpha, k, &ld, dst);
 }
 
+void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs, int64_t ldq, const float* k,
+                 int64_t ldk, float* S, int64_t ldS) {
+  if (bq == 0 || bk == 0) return;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (fp32_gemm_brgemm()) {
+    thread_local std::vector<float> kt;  // this tile's keys packed as pack_kt packs them
+    kt.resize(bk * D);
+    pack_kt(k, ldk, bk, D, kt.data(), alpha);
+    brgemm_f32(bq, bk, D, qs, ldq, kt.data(), bk, S, ldS, false);
+    return;
+  }
+#endif
+  gemm_rm(false, true, bq, bk, D, alpha, qs, ldq, k, ldk, 0.f, S, ldS);
+}
+
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
                     int64_t ldS) {
   if (bq == 0 || bk == 0) return;

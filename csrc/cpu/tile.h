@@ -33,6 +33,13 @@ void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, flo
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
                     int64_t ldS);
 
+// S (bq x bk, ldS) = alpha Qs K^T with K (bk x D, ldk) as given: on brgemm the tile is packed here as pack_kt packs
+// it, so a tile's scores have the same bits whether its keys were packed once or not (the backward recomputes the
+// forward's scores, and P = exp(S - lse) must see the same S: a last-bit difference between the two showed in the
+// context-parallel tests' large-magnitude fp32 cases); on sgemm, gemm_rm with the transposed K.
+void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs, int64_t ldq, const float* k,
+                 int64_t ldk, float* S, int64_t ldS);
+
 // The fp32 engine (blas.cpp): "sgemm (...)" or "brgemm (...)" with the timing that chose it, for `info`; whether
 // gemm_rm's plain products and the packed key tiles run on oneDNN's brgemm; tests force one (0: as decided, 1:
 // sgemm, 2: brgemm). The choice is made once per process (the shape alone decides a product's path after that).
@@ -106,7 +113,7 @@ struct ScoreCtx {
   // alibi, bias and -inf outside the visible band.
   void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
               int64_t ldS, float* tanh_out) const {
-    gemm_rm(false, true, bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, 0.f, S, ldS);
+    gemm_scores(bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, S, ldS);
     finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
