@@ -17,8 +17,9 @@ from support.checks import check_dropout_backward_uses_forward_mask
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
 ENGINES = {1: "sgemm", 2: "brgemm"}
-# Packed key tiles: >= 4 query blocks (of 64 rows) meet a key block, over the group's heads, forward and backward;
-# on brgemm the backward's transposed form (csrc/cpu/bwd.cpp) runs there, with each feature it carries.
+# Long enough for MKL's packed key tiles (>= 4 query blocks of 64 rows meet a key block, over the group's heads),
+# forward and backward; on brgemm (which packs from one block) they carry each feature through the backward's
+# transposed form (csrc/cpu/bwd.cpp).
 LONG = [Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64),
         Case("packed_gqa_hd40", B=2, Hq=4, Hkv=2, Sq=530, Sk=700, D=40, mask="float_kpad"),
         Case("packed_cap_alibi_causal", surface="flash", B=1, Hq=2, Hkv=1, Sq=300, Sk=300, D=48, causal=True,

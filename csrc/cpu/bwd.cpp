@@ -41,7 +41,7 @@ struct PackBuffers {
 };
 
 // Per-tile backward: fills P (in S), returns Pd (dropped P; S itself without dropout) and leaves dS' = ds_mul dS in
-// dP (packed V carries ds_mul already).
+// dP (packed V carries ds_mul already; ds_mul != 1 only in the transposed form, whose blocks are always packed).
 template <typename T>
 const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, Operand dO, const float* lse,
                        const float* delta, Operand kt, Operand vt, PackedKV packed, int64_t i0, int64_t bq, int64_t j0,

@@ -9,7 +9,7 @@ from .oracle import assert_rule, oracle_attention
 def check_dropout_backward_uses_forward_mask(backend, device, dtype, Sq=17):
     """With V = identity, out = P∘M/(1-p) exposes the forward's mask M; the gradients must match the oracle run
     with that same mask, which fails if the backward regenerates a different one. Sq: query rows (from 193 on, the
-    cpu backend's key blocks meet four query blocks and are packed)."""
+    cpu backend's key blocks meet four query blocks, so MKL packs them too; brgemm packs from one)."""
     p_drop, B, H, Sk = 0.25, 1, 2, 32
     q = torch.randn(B, H, Sq, Sk, device=device).to(dtype).requires_grad_()
     k = torch.randn(B, H, Sk, Sk, device=device).to(dtype).requires_grad_()
