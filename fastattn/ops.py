@@ -1,7 +1,8 @@
 """The C++ op stack seen from Python: loads `fastattn._C` (which registers torch.ops.fastattn.fwd/bwd/decode_fwd
 from TORCH_LIBRARY in csrc/ops.cpp), and registers their fake functions and autograd (all of it here), so the ops
 run under torch.compile(fullgraph=True). The CPU and CUDA backends both call `cpp_attention` and `cpp_decode`;
-`cpp_attention` runs inference calls below the Autograd key, past the Python autograd kernel (see there)."""
+`cpp_attention` runs eager calls past the registered Python autograd kernel (call_fwd: inference below the Autograd
+key, training through an autograd.Function with the same backward)."""
 from __future__ import annotations
 
 import importlib.util
@@ -94,6 +95,53 @@ def _fwd_inputs(inputs):
     return tuple(inputs) + defaults[len(inputs) - 17:]
 
 
+# The Python autograd kernel that register_autograd installs runs on every call, and without a gradient to record it
+# only re-dispatches below the Autograd key (torch/_library/autograd.py redispatch_no_grad): several microseconds
+# of Python per call. With one, its forward rebuilds the op's arguments from the schema (utils.fill_defaults, which
+# reads schema.arguments, a fresh list of 22 Argument objects, once per argument): 118 us of a 16-token
+# forward+backward's 253 us on one EPYC Zen 4 thread (torch 2.14.1; PyTorch's own SDPA: 52 us), the same on a GPU,
+# where it would outlast the kernels. Eager calls therefore go below the Autograd key directly: inference calls
+# under the guard redispatch_no_grad uses, calls that record a gradient through `eager_function`'s
+# autograd.Function, whose setup_context and backward are the registered ones (autograd_pair). While torch.compile
+# traces, the op as registered.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def eager_function(fwd_op, bwd_op):
+    """A torch.autograd.Function for eager calls of fwd_op (fastattn::fwd's schema, every argument given), whose
+    forward runs the op below the Autograd key and whose setup_context and backward are autograd_pair(bwd_op)'s:
+    the graph, the saved tensors and the gradients of the op as registered, without its Python autograd kernel."""
+    backward, setup_context = autograd_pair(bwd_op)
+
+    class EagerFwd(torch.autograd.Function):
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply binds the latter's arguments
+        # through inspect.signature (27 us a call)
+        @staticmethod
+        def forward(ctx, *args):
+            with _BELOW_AUTOGRAD():
+                output = fwd_op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+    EagerFwd.backward = staticmethod(torch.autograd.function.once_differentiable(backward))
+    return EagerFwd
+
+
+def call_fwd(op, function, args: tuple):
+    """op(*args) (fastattn::fwd's schema, all 22 arguments) the fastest way that keeps its autograd: through
+    `function` (eager_function(op, ...)) when a tensor input records a gradient, below the Autograd key when none
+    does, and as registered while torch.compile traces or where torch lacks the guard."""
+    if torch.compiler.is_compiling() or _BELOW_AUTOGRAD is None:
+        return op(*args)
+    q, k, v, bias, alibi = args[0], args[1], args[2], args[3], args[13]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or bias is not None and bias.requires_grad
+                                    or alibi is not None and alibi.requires_grad):
+        return function.apply(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
+
+
 if _C is not None:
 
     @torch.library.register_fake("fastattn::fwd")
@@ -116,6 +164,7 @@ if _C is not None:
 
     _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.bwd)
     torch.library.register_autograd("fastattn::fwd", _bwd, setup_context=_setup)
+    _EagerFwd = eager_function(torch.ops.fastattn.fwd.default, lambda: torch.ops.fastattn.bwd)
 
 if _C is not None and hasattr(torch.ops.fastattn, "decode_fwd"):
 
@@ -137,13 +186,6 @@ def dropout_seed(p: AttnParams):
     return int(s[0]), int(s[1])
 
 
-# The Python autograd kernel that register_autograd installs runs on every call, and without a gradient to record it
-# only re-dispatches below the Autograd key (torch/_library/autograd.py redispatch_no_grad): several microseconds
-# of Python per call. Inference calls go below Autograd directly, under the guard that function uses: the same
-# kernels and outputs.
-_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
-
-
 def _fwd_rest(p: AttnParams, seed: int, offset: int) -> tuple:
     """fastattn::fwd's arguments after q, k, v, in its schema's order (csrc/ops.cpp)."""
     return (p.attn_bias, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left,
@@ -153,17 +195,7 @@ def _fwd_rest(p: AttnParams, seed: int, offset: int) -> tuple:
 
 def cpp_attention(p: AttnParams):
     """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
-    q, k, v, bias, alibi = p.q, p.k, p.v, p.attn_bias, p.alibi_slopes
-    args = (q, k, v) + _fwd_rest(p, *dropout_seed(p))
-    # The autograd kernel's own test (any tensor input requires grad, in grad mode; the int tensors cannot), and
-    # while torch.compile traces, the op as registered.
-    if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                     or bias is not None and bias.requires_grad
-                                     or alibi is not None and alibi.requires_grad)
-            or _BELOW_AUTOGRAD is None or torch.compiler.is_compiling()):
-        return torch.ops.fastattn.fwd(*args)
-    with _BELOW_AUTOGRAD():
-        return torch.ops.fastattn.fwd(*args)
+    return call_fwd(torch.ops.fastattn.fwd.default, _EagerFwd, (p.q, p.k, p.v) + _fwd_rest(p, *dropout_seed(p)))
 
 
 def attention_runner(p: AttnParams):

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ...ops import dropout_seed
+from ...ops import call_fwd, dropout_seed
 from ...params import AttnParams, DecodeCall, InputValueError
 from ..base import Backend, DecodeKernel
 
@@ -78,12 +78,12 @@ class TritonBackend(Backend):
         return r
 
     def forward(self, p: AttnParams):
-        from .kernels import op  # noqa: F401  (imports triton, registers torch.ops.fastattn.triton_fwd)
+        from .kernels import op  # imports triton, registers torch.ops.fastattn.triton_fwd
         seed, offset = dropout_seed(p)
-        return torch.ops.fastattn.triton_fwd(p.q, p.k, p.v, self._bias(p), p.cu_seqlens_q, p.cu_seqlens_k,
-                                             p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right,
-                                             p.bottom_right, p.softcap, self._alibi(p), p.dropout_p, seed, offset,
-                                             p.deterministic, p.q_start, p.k_start, p.out_fp32, p.head_start)
+        return call_fwd(torch.ops.fastattn.triton_fwd.default, op.EAGER_FWD,
+                        (p.q, p.k, p.v, self._bias(p), p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k,
+                         p.scale, p.window_left, p.window_right, p.bottom_right, p.softcap, self._alibi(p),
+                         p.dropout_p, seed, offset, p.deterministic, p.q_start, p.k_start, p.out_fp32, p.head_start))
 
     def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
         from .kernels import op  # noqa: F401  (registers torch.ops.fastattn.triton_bwd_acc)

@@ -24,7 +24,7 @@ import triton
 from torch._subclasses import fake_tensor
 
 from . import configs as C
-from ....ops import autograd_pair
+from ....ops import autograd_pair, eager_function
 from ....params import InputValueError
 from .bwd_dkdv import attn_bwd_dkdv
 from .bwd_dq import attn_bwd_dq
@@ -366,3 +366,5 @@ if INTERPRET:  # opaque custom ops need fake functions; triton_op derives them b
 
 _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.triton_bwd)
 triton_fwd.register_autograd(_bwd, setup_context=_setup)
+# Eager calls' autograd without the registered Python autograd kernel's per-call cost (fastattn/ops.py, call_fwd).
+EAGER_FWD = eager_function(torch.ops.fastattn.triton_fwd.default, lambda: torch.ops.fastattn.triton_bwd)

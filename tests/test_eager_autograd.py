@@ -1,0 +1,66 @@
+"""The eager autograd path of the forward ops (fastattn/ops.py, eager_function and call_fwd): eager calls that record
+a gradient go through an autograd.Function instead of the Python autograd kernel that torch.library.register_autograd
+installs (whose forward rebuilt the op's 22 arguments from the schema, ~120 us a call). It must build the same graph:
+the same outputs and gradients, bit for bit, as the op as registered, on every backend that uses it."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import ops
+
+BACKENDS = [name for name in ("cpu", "triton")
+            if not fastattn.BACKENDS[name].unavailable() and "cpu" in fastattn.BACKENDS[name].devices]
+
+
+def _registered(op, function, args):
+    """call_fwd's stand-in that calls the op as registered (its Python autograd kernel)."""
+    return op(*args)
+
+
+def _module_of(backend):
+    """The module whose call_fwd the backend's forward calls (the name it imported)."""
+    import fastattn.backends.triton as triton_backend
+    return ops if backend == "cpu" else triton_backend
+
+
+def _run(backend, q, k, v, do, **kw):
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend, **kw)
+    node = type(out.grad_fn).__name__
+    out.backward(do)
+    grads = tuple(t.grad for t in (q, k, v))
+    for t in (q, k, v):
+        t.grad = None
+    return out.detach(), grads, node
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True, "enable_gqa": True}, {"dropout_p": 0.3}],
+                         ids=["plain", "causal-gqa", "dropout"])
+def test_eager_path_matches_registered_op(monkeypatch, backend, kw):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 37, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2 if kw.get("enable_gqa") else 4, 29, 16, generator=g).requires_grad_() for _ in range(2))
+    do = torch.randn(2, 4, 37, 16, generator=g)
+    torch.manual_seed(0)  # the dropout seed comes from torch's generator
+    out, grads, node = _run(backend, q, k, v, do, **kw)
+    assert node == "EagerFwdBackward", f"{backend}: eager call with grad recorded {node}, not the eager Function"
+    monkeypatch.setattr(_module_of(backend), "call_fwd", _registered)
+    torch.manual_seed(0)
+    ref_out, ref_grads, ref_node = _run(backend, q, k, v, do, **kw)
+    assert ref_node != node, "the stand-in did not take the registered op"
+    assert torch.equal(out, ref_out)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert torch.equal(a, b), f"{backend}: d{name} differs from the registered op's"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_inference_and_double_backward(backend):
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        assert fastattn.scaled_dot_product_attention(q, k, v, backend=backend).grad_fn is None
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    # No double backward: an error, where the op as registered only warns (its backward op has no autograd kernel)
+    # and differentiates its gradient as a constant.
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        dq.sum().backward()
