@@ -5,10 +5,10 @@
     FASTATTN_BENCH_THREADS=2 pytest benchmarks/test_auto_rule.py -s     # two threads (wall time)
 
 For each class of call (dtype x forward / forward+backward x causal x head dim, at B1 H8 S1024; short forward
-calls at B4 H8 S128 / S512; one-token decode steps; steps of 2-16 query tokens) it times PyTorch's SDPA, the `cpu`
-kernels and `auto` side by side in one process (one thread and CPU time, or FASTATTN_BENCH_THREADS threads and wall
-time; best of several batches, interleaved), prints the
-ratios with the CPU model and the path each dtype took, and asserts that `auto` is within 5% of PyTorch or
+calls at B4 H8 S128 / S512; small fp32 training calls; one-token decode steps; steps of 2-16 query tokens) it times
+PyTorch's SDPA, the `cpu` kernels and `auto` side by side in one process (one thread and CPU time, or
+FASTATTN_BENCH_THREADS threads and wall time; best of several batches, interleaved), prints the ratios with the CPU
+model and the path each dtype took, and asserts that `auto` is within 5% of PyTorch or
 faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
 (add the class, with the measurement), or the rule gives `sdpa` a class where `cpu` is faster. Timing-based, so
 it lives with the benchmarks, not in the CI suite; run it on a quiet machine."""
@@ -87,10 +87,27 @@ def test_auto_not_slower_than_torch_short(dtype, causal, D, S_short):
     _check_class(dtype, False, causal, D, 4, S_short)
 
 
-def _check_class(dtype, grad, causal, D, B, S):
+@pytest.mark.parametrize("B_small,Hq,S_small,D", [(1, 1, 128, 64), (1, 1, 192, 64), (1, 1, 256, 64), (1, 1, 384, 64),
+                                                  (1, 12, 16, 64), (1, 12, 32, 64), (1, 12, 64, 64), (4, 12, 16, 64),
+                                                  (1, 4, 96, 64), (1, 4, 128, 128), (8, 12, 32, 64), (8, 12, 64, 64)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_auto_not_slower_than_torch_small_training(request, causal, B_small, Hq, S_small, D):
+    """Small fp32 training calls (forward+backward, B1-8 H1-12 S16-384): where the small-training rule hands them to
+    sdpa (the cpu kernels' fixed cost per call) and where the cpu kernels take over."""
+    q = torch.empty(B_small, Hq, S_small, D, requires_grad=True)
+    if fastattn.explain(q, q, q, is_causal=causal).chosen == "sdpa":
+        request.applymarker(pytest.mark.xfail(
+            reason="handed to torch's own call through the lean path (~3 us over it); torch's fp32 forward+backward "
+                   "at these sizes varies ~10-25% from one batch of calls to the next (B1 H12 S16: 183-253 us in one "
+                   "process, AMD EPYC, 2026-12-02), so the ratio here reads 0.79-1.12x around 1", strict=False))
+    _check_class(torch.float32, True, causal, D, B_small, S_small, Hq)
+
+
+def _check_class(dtype, grad, causal, D, B, S, Hq=H):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
-    do = torch.randn(B, H, S, D, generator=g).to(dtype)
+    q, k, v = (torch.randn(B, Hq, S, D, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
+    do = torch.randn(B, Hq, S, D, generator=g).to(dtype)
     impls = {"torch": TORCH_SDPA,
              "cpu": lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw),
              "auto": lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, **kw)}
@@ -100,11 +117,12 @@ def _check_class(dtype, grad, causal, D, B, S):
             t[name] = min(t[name], _best(_call(f, q, k, v, causal, grad, do), reps=3 if grad else 5))
     chosen = fastattn.explain(q, k, v, is_causal=causal).chosen
     print(f"{str(dtype)[6:]:8} {'fwd+bwd' if grad else 'fwd':7} {'causal' if causal else 'full':6} D={D:3} "
-          f"B={B} S={S:4}: "
+          f"B={B} H={Hq} S={S:4}: "
           f"cpu {t['torch'] / t['cpu']:.2f}x torch, auto ({chosen}) {t['torch'] / t['auto']:.2f}x torch")
     assert t["auto"] <= t["torch"] / 0.95, (
         f"auto ({chosen}) is {t['torch'] / t['auto']:.2f}x torch for {dtype} {'fwd+bwd' if grad else 'fwd'} "
-        f"{'causal' if causal else 'full'} D={D} B={B} S={S}; cpu is {t['torch'] / t['cpu']:.2f}x: fix the auto rule")
+        f"{'causal' if causal else 'full'} D={D} B={B} H={Hq} S={S}; cpu is {t['torch'] / t['cpu']:.2f}x: "
+        f"fix the auto rule")
 
 
 # Known short of 0.95x (one thread, Intel Xeon AMX): at these sizes a step takes 20-400 us on a kernel no faster than

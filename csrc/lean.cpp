@@ -8,8 +8,8 @@
 // Same key, same refusals (None: the call takes the full path) as key_py, which tests/test_lean_key.py checks
 // field by field on a matrix of calls; the caller has checked dropout_p == 0 and that dynamo is not tracing (it
 // cannot trace into this function). Fields: (LEAN, requested backend, dtype, q's shape, k's heads, v's head dim,
-// the key length's class among dispatch.length_breaks(Sq), is_causal, scale, the mask's dims but its last or None,
-// whether calls run on one thread).
+// the key length's class among dispatch.length_breaks(Sq) (with a gradient to record, -1 - the key length), is_causal,
+// scale, the mask's dims but its last or None, whether calls run on one thread).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -112,13 +112,12 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
   if (!PyBool_Check(causal) || !PyBool_Check(gqa) || !(scale == Py_None || PyFloat_CheckExact(scale))) Py_RETURN_NONE;
   const at::Tensor *q = plain_cpu(a[0]), *k = plain_cpu(a[1]), *v = plain_cpu(a[2]);
   if (!q || !k || !v) Py_RETURN_NONE;
-  // check_tensors' common case (a call that fails it takes the full path, for its message); then inference
+  // check_tensors' common case (a call that fails it takes the full path, for its message)
   const at::ScalarType dt = q->scalar_type();
   const bool grad = at::GradMode::is_enabled();
-  if (!float_dtype(dt) || k->scalar_type() != dt || v->scalar_type() != dt ||
-      (grad && (q->requires_grad() || k->requires_grad() || v->requires_grad()))) {
-    Py_RETURN_NONE;
-  }
+  if (!float_dtype(dt) || k->scalar_type() != dt || v->scalar_type() != dt) Py_RETURN_NONE;
+  // a gradient to record: lean.learn keeps only a hand-over to PyTorch's SDPA for such calls
+  const bool records = grad && (q->requires_grad() || k->requires_grad() || v->requires_grad());
   const auto qs = q->sizes(), ks = k->sizes(), vs = v->sizes();
   if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4) Py_RETURN_NONE;
   const bool heads_ok = qs[1] == ks[1] || (gqa == Py_True && ks[1] > 0 && qs[1] % ks[1] == 0);
@@ -138,8 +137,9 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
     }
     for (int i = 0; i < 3; ++i) mdims[i] = m->size(i);  // checked against q's dims by the call that learnt the route
   }
-  const int64_t cls = length_class(qs[2], ks[2]);
-  if (cls < 0) return nullptr;
+  // the key length itself when recording (auto's rule for small training calls bounds B * Hq * Sq * Sk * D)
+  const int64_t cls = records ? -1 - ks[2] : length_class(qs[2], ks[2]);
+  if (!records && cls < 0) return nullptr;
   PyObject* req = requested(a[6]);
   if (req == nullptr) return nullptr;
   PyObject* mask_dims = masked ? Py_BuildValue("(LLL)", static_cast<long long>(mdims[0]),

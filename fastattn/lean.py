@@ -8,13 +8,14 @@ more than PyTorch's own SDPA (one C++ call), so auto's hand-over to `sdpa` read 
 (benchmarks/test_auto_rule.py). This path costs a few microseconds.
 
 Plain: q, k, v plain 4-D torch.Tensors on the CPU with nothing to broadcast (SDPA's common case), stride 1 along the
-head dim, no dropout, no autograd, eager; no attn_mask, or a plain 4-D one, bool or in q's dtype (padding masks:
-the full path's Python for a masked call ran ~30 us cold, ~10% of a 250 us padded call). Anything else takes the
-full path, as does every call the lean path has not seen the facts of. The facts (`key`): the requested backend,
-dtype, q's shape, k's and v's but the key length, whose class stands in for it (dispatch.length_breaks: the
-intervals between the key lengths at which the dispatcher or a backend declares its per-call answers may change),
-is_causal, scale, the mask's dims but its last, and whether calls run on one thread (auto's rules for inference
-steps differ there). The route is dispatch.lean_route on the first such call (its backend's or decode kernel's
+head dim, no dropout, eager; no autograd, except where the route is a hand-over to PyTorch's SDPA (`learn`: small
+training calls, whose full path cost ~25 us over torch's own call); no attn_mask, or a plain 4-D one, bool or in q's
+dtype (padding masks: the full path's Python for a masked call ran ~30 us cold, ~10% of a 250 us padded call).
+Anything else takes the full path, as does every call the lean path has not seen the facts of. The facts (`key`):
+the requested backend, dtype, q's shape, k's and v's but the key length, whose class stands in for it
+(dispatch.length_breaks: the intervals between the key lengths at which the dispatcher or a backend declares its
+per-call answers may change; with a gradient to record, -1 - the length), is_causal, scale, the mask's dims but its
+last, and whether calls run on one thread (auto's rules for inference steps differ there). The route is dispatch.lean_route on the first such call (its backend's or decode kernel's
 `Lean` runner, or none: the key then keeps taking the full path). tests/test_lean.py checks the replayed route
 against a fresh decision for every key length around every declared break, and the outputs against the full
 path's.
@@ -54,11 +55,11 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
             and type(enable_gqa) is bool and (scale is None or type(scale) is float)):
         return None
     dt = query.dtype
-    # check_tensors' common case (a call that fails it takes the full path, for its message); then CPU, inference
+    # check_tensors' common case (a call that fails it takes the full path, for its message); then CPU
     if not (dt in _FLOAT and key.dtype is dt and value.dtype is dt and query.is_cpu and key.is_cpu and value.is_cpu
-            and not (query.is_nested or key.is_nested or value.is_nested)) or _is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad):
+            and not (query.is_nested or key.is_nested or value.is_nested)):
         return None
+    grad = _is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     qs, ks, vs = query.shape, key.shape, value.shape
     if not (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]
             and (qs[1] == ks[1] or enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0) and qs[3] == ks[3]
@@ -75,21 +76,27 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
             return None
         mask = ms[0], ms[1], ms[2]  # checked against q's dims by the call that learnt the route
     Sq = qs[2]
-    breaks = dispatch._CHOICES.get((dispatch.LEAN, Sq)) or dispatch.length_breaks(Sq)  # the lookup inlined
+    if grad:  # the key length itself, negative (classes are not): auto's rule for small training calls bounds
+        length = -1 - ks[2]  # B * Hq * Sq * Sk * D
+    else:
+        breaks = dispatch._CHOICES.get((dispatch.LEAN, Sq)) or dispatch.length_breaks(Sq)  # the lookup inlined
+        length = bisect.bisect_left(breaks, ks[2])
     requested = backend or _ctx_backend.get() or _env_backend() or "auto"  # dispatch._ambient
     # (k's batch and head dim, v's batch, heads and length, enable_gqa: fixed by q's and k's above; the last field:
-    # auto's rules for inference steps differ on one thread and on more, backends/cpu.py)
-    return (dispatch.LEAN, requested, dt, qs, ks[1], vs[3], bisect.bisect_left(breaks, ks[2]), is_causal, scale,
-            mask, _get_num_threads() == 1)
+    # auto's rules differ on one thread and on more, backends/cpu.py)
+    return (dispatch.LEAN, requested, dt, qs, ks[1], vs[3], length, is_causal, scale, mask, _get_num_threads() == 1)
 
 
 def learn(k: tuple, p, backend) -> None:
     """Remembers the route run(p, backend) took for calls with lean key k (False: none, take the full path; so for
-    empty calls, which run answers itself)."""
+    empty calls, which run answers itself). A call that records a gradient (its key's length field is negative)
+    keeps only a hand-over to PyTorch's SDPA, whose own autograd records it; the other routes run their ops below
+    the Autograd key."""
     if len(dispatch._CHOICES) >= dispatch._CACHE_LIMIT:
         dispatch._CHOICES.clear()
     empty = 0 in p.q.shape or 0 in p.k.shape or p.v.shape[3] == 0
-    dispatch._CHOICES[k] = not empty and dispatch.lean_route(p, backend) or False
+    route = not empty and dispatch.lean_route(p, backend) or False
+    dispatch._CHOICES[k] = route if route and (route.name == "sdpa" or not p.requires_grad) else False
 
 
 # flash_attn_func's lean path: the SDPA surface's, on the (B, H, S, D) views of its (B, S, H, D) tensors, under keys of

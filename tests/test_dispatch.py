@@ -191,6 +191,32 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused(intel_rules)
     assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(q), bshd(t), bshd(t), causal=True))
 
 
+def test_small_fp32_training_calls_go_to_sdpa():
+    """auto hands small unmasked fp32 training calls to sdpa (W = B * Hq * Sq * Sk * D up to 2^21 on one thread, 2^17
+    on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
+    inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
+    kernels."""
+    def explain(B, H, S, grad=True, **kw):
+        q = rnd(B, H, S, 64).requires_grad_(grad)
+        return fastattn.explain(q, q, q, **kw)
+
+    def chosen(*a, **kw):
+        return explain(*a, **kw).chosen
+
+    with torch_threads(1):
+        ex = explain(1, 2, 128)  # W = 2^21
+        assert ex.chosen == "sdpa" and "small fp32 training" in str(ex), str(ex)
+        assert chosen(1, 2, 128, is_causal=True) == "sdpa" and chosen(1, 1, 256) == "sdpa"  # one head: 2^22
+        assert chosen(1, 4, 128) == "cpu" and chosen(1, 1, 272) == "cpu"
+        assert chosen(1, 2, 128, grad=False) == "cpu"  # inference
+        assert chosen(1, 2, 128, dropout_p=0.1) == "cpu"  # dropout keeps the Philox stream
+        q = rnd(1, 2, 128, 64).bfloat16().requires_grad_()
+        assert fastattn.explain(q, q, q).chosen == "cpu" or "small fp32 training" not in str(fastattn.explain(q, q, q))
+    with torch_threads(2):
+        assert chosen(1, 2, 32) == "sdpa" and chosen(1, 2, 48) == "cpu"  # 2^17
+        assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu"
+
+
 def test_every_auto_rule_runs():
     """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 decode on AMX)
     must not fail where it fires (a NameError there once reached only the benchmark)."""
@@ -243,7 +269,7 @@ def test_multi_token_step_rules(intel_rules):
     with torch_threads(1):
         assert chosen(1).chosen == "cpu" and chosen(17).chosen == "cpu"
         assert chosen(2).chosen == "sdpa" and chosen(16).chosen == "sdpa"
-        q, k = rnd(1, 4, 8, 64).requires_grad_(), rnd(1, 4, 300, 64)
+        q, k = rnd(1, 4, 8, 64).requires_grad_(), rnd(1, 4, 4096, 64)  # (past the small training calls' bound)
         assert fastattn.explain(q, k, k).chosen == "cpu"  # training is not a step
         if cpu_backend._BF16_AMX:
             bf = torch.bfloat16

@@ -123,7 +123,6 @@ def test_calls_off_the_lean_path():
     q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
     assert lean.key(q, k, v, False, None, False, None) is not None
     off = {
-        "grad": (q.clone().requires_grad_(), k, v, False, None, False),
         "head-dim stride": (torch.randn(1, 4, 8, 32)[..., ::2], k, v, False, None, False),
         "subclass": (torch.nn.Parameter(q), k, v, False, None, False),
         "3-D": (q[0], k[0], v[0], False, None, False),
@@ -135,7 +134,45 @@ def test_calls_off_the_lean_path():
     for name, args in off.items():
         assert lean.key(*args, None) is None, name
     with torch.no_grad():
-        assert lean.key(q.clone().requires_grad_(), k, v, False, None, False, None) is not None  # no autograd
+        assert lean.key(q.clone().requires_grad_(), k, v, False, None, False, None)[6] >= 0  # no autograd: a class
+    assert lean.key(q.clone().requires_grad_(), k, v, False, None, False, None)[6] == -1 - 8  # a gradient: -1 - Sk
+    assert lean.key(q, k, v, False, None, False, None, torch.zeros(1, 1, 8, 8).requires_grad_()) is None  # mask grad
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_calls_replay_only_a_hand_over_to_sdpa(monkeypatch, causal):
+    """A call that records a gradient replays its route only when it is PyTorch's own SDPA (auto's rule for small
+    fp32 training calls), whose autograd records it: the same outputs and gradients, bit for bit, as torch's call
+    and as the full path's. On the cpu kernels (bigger calls, or backend="cpu") it keeps taking the full path, whose
+    op records the gradient."""
+    g = torch.Generator().manual_seed(3)
+    small = [torch.randn(1, 2, 40, 16, generator=g) for _ in range(4)]  # W = B * Hq * Sq * Sk * D < 2^21: sdpa
+    big = [torch.randn(1, 8, 300, 64, generator=g) for _ in range(4)]  # the cpu kernels
+
+    def call(tensors, **kw):
+        q, k, v = (t.clone().requires_grad_() for t in tensors[:3])
+        out = sdpa(q, k, v, is_causal=causal, **kw)
+        out.backward(tensors[3])
+        return out.detach(), q.grad, k.grad, v.grad, lean.key(q, k, v, causal, None, False, kw.get("backend"))
+
+    with torch_threads(1):
+        dispatch._CHOICES.clear()
+        first = call(small)
+        route = dispatch._CHOICES[first[-1]]
+        assert route and route.name == "sdpa"
+        with monkeypatch.context() as m:
+            m.setattr(dispatch, "run", None)  # a replay never reaches the dispatcher
+            replayed = call(small)
+        q, k, v = (t.clone().requires_grad_() for t in small[:3])
+        out = sdpa_backend.TORCH_SDPA(q, k, v, is_causal=causal)
+        out.backward(small[3])
+        for a, b, c in zip(first[:4], replayed[:4], (out.detach(), q.grad, k.grad, v.grad)):
+            assert torch.equal(a, c) and torch.equal(b, c)
+        for tensors, kw in ((big, {}), (small, dict(backend="cpu"))):
+            done = call(tensors, **kw)
+            assert dispatch._CHOICES[done[-1]] is False, kw
+            again = call(tensors, **kw)  # the full path again: the op's autograd
+            assert all(torch.equal(a, b) for a, b in zip(done[:4], again[:4]))
 
 
 def _masks(B, H, Sq, Sk, dtype, g):
@@ -277,21 +314,31 @@ def _pairs():
             ("mask", (qkv(), {}), (qkv(), dict(attn_mask=torch.randn(1, 1, 1, 300)))),
             # fp32 grouped-query steps of 14 tokens: sdpa's on one thread, the cpu kernels' on two (backends/cpu.py)
             ("one thread", (thread_pair, dict(threads=1, enable_gqa=True)),
-             (thread_pair, dict(threads=2, enable_gqa=True)))]
+             (thread_pair, dict(threads=2, enable_gqa=True))),
+            # the cpu kernels' without a gradient to record, sdpa's with one (a small training call)
+            ("length: records a gradient", (qkv(Sq=40, Sk=40, H=2, Hkv=2), {}),
+             (qkv(Sq=40, Sk=40, H=2, Hkv=2), dict(grad=True)))]
 
 
 def _outcome(call):
+    """(output, whether it records a gradient), or the refusal's exception name."""
     args, kw = call
     kw = dict(kw)
-    with torch_threads(kw.pop("threads", torch.get_num_threads())):
+    grad = kw.pop("grad", False)
+    if grad:
+        args = [t.clone().requires_grad_() for t in args]
+    with torch_threads(kw.pop("threads", torch.get_num_threads())), torch.set_grad_enabled(grad):
         try:
-            return sdpa(*args, **kw)
+            out = sdpa(*args, **kw)
+            return out.detach(), out.requires_grad
         except Exception as e:  # noqa: BLE001  (a refusal is an outcome to compare)
             return type(e).__name__
 
 
 def _same(a, b):
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return torch.equal(a[0], b[0]) and a[1] == b[1]
+    return a == b
 
 
 def _key_mismatches():

@@ -106,6 +106,28 @@ _STEP_SQ_PARALLEL_GQA = 12
 _TINY_SK, _TINY_AREA = 64, 1024
 _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: per-tile costs dominate the cpu "
               "kernels; measured 0.5-0.8x; not on AMD CPUs)")
+# Small fp32 training calls (a gradient to record): forward+backward through the cpu kernels costs a fixed ~70 us
+# more than PyTorch's (two op calls with 22-24 arguments, the autograd Function, the backward's buffers), which
+# outweighs their faster tiles below a few million multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
+# eager autograd path, one thread, fp32 D=64/128, causal or not, W = B * Hq * Sq * Sk * D): B*H = 1-96 at S = 16-128
+# 0.36-0.95x up to W = 2^21 (B*H = 12: 0.72-0.93x at S = 16-32, D=64), 0.98-1.45x above it, except one head (B*H =
+# 1), 0.70-0.95x up to W = 2^22 (S = 192) and 1.03-1.55x from S = 256; on two threads (wall time) one head read
+# 0.57-0.88x at S = 16-192 and B*H = 4 0.98x at S = 16, every other class 1.02-1.95x. Not measured on Intel CPUs,
+# where torch's fp32 calls are faster still: the rule holds there too.
+_GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
+_FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21 on one thread, "
+                    "2^17 on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward, ~70 us over "
+                    "PyTorch's, outweighs their tiles; measured 0.36-0.95x)")
+
+
+def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
+    """A training call small enough for _FP32_SMALL_GRAD."""
+    q = p.q
+    heads = q.shape[0] * q.shape[1]
+    work = heads * Sq * Sk * q.shape[3]
+    if heads == 1 and work <= _GRAD_WORK_ONE_HEAD:
+        return True
+    return work <= (_GRAD_WORK if _one_thread() else _GRAD_WORK_PARALLEL)
 
 
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
@@ -240,6 +262,8 @@ class CpuBackend(Backend):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _FP32_STEPS
+                elif p.requires_grad and _small_grad(p, Sq, Sk):
+                    why = _FP32_SMALL_GRAD
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
