@@ -15,8 +15,9 @@ Anything else takes the full path, as does every call the lean path has not seen
 the requested backend, dtype, q's shape, k's and v's but the key length, whose class stands in for it
 (dispatch.length_breaks: the intervals between the key lengths at which the dispatcher or a backend declares its
 per-call answers may change; with a gradient to record, -1 - the length), is_causal, scale, the mask's dims but its
-last, and whether calls run on one thread (auto's rules for inference steps differ there). The route is dispatch.lean_route on the first such call (its backend's or decode kernel's
-`Lean` runner, or none: the key then keeps taking the full path). tests/test_lean.py checks the replayed route
+last, and whether calls run on one thread (auto's rules for inference steps differ there). The route is
+dispatch.lean_route on the first such call (its backend's or decode kernel's `Lean` runner, or none: the key then
+keeps taking the full path). tests/test_lean.py checks the replayed route
 against a fresh decision for every key length around every declared break, and the outputs against the full
 path's.
 
