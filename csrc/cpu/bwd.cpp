@@ -167,10 +167,8 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
     packed = {pack_buf.k, pack_buf.v};
   }
   if (tr) {  // the columns of keys [0, bk_out) only: a whole (D, BLOCK_K) fill was 9% of a 16-key backward
-    for (int64_t d = 0; d < std::max(D, Dv); ++d) {
-      if (d < D) std::fill(B.dkt + d * BLOCK_K, B.dkt + d * BLOCK_K + bk_out, 0.f);
-      if (d < Dv) std::fill(B.dvt + d * BLOCK_K, B.dvt + d * BLOCK_K + bk_out, 0.f);
-    }
+    for (int64_t d = 0; d < D; ++d) std::fill(B.dkt + d * BLOCK_K, B.dkt + d * BLOCK_K + bk_out, 0.f);
+    for (int64_t d = 0; d < Dv; ++d) std::fill(B.dvt + d * BLOCK_K, B.dvt + d * BLOCK_K + bk_out, 0.f);
   } else {
     for (int64_t r = 0; r < bk_out; ++r) {
       std::fill(dk_acc + r * ldk, dk_acc + r * ldk + D, 0.f);
