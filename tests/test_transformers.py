@@ -211,10 +211,13 @@ def test_greedy_generate_matches_eager(cache, padding, count_calls):
 def test_greedy_generate_fp32_picks_eager_argmax(cache, count_calls):
     """float32 (the dtype the fused CPU/GPU kernels take): every token fastattn picks is eager's argmax, up to
     1e-4 of the logit scale (exact token equality could flip on a near-tie), checked by teacher forcing."""
-    ref, fast = pair(GPT2LMHeadModel, gpt2_config())
-    ref = ref.float()
     ids, mask = batch("left", S=9)
     kw = {"cache_implementation": "static"} if cache == "static" else {}
+    for _ in range(8):  # fresh weights until eager's tokens vary (see test_greedy_generate_matches_eager)
+        ref, fast = pair(GPT2LMHeadModel, gpt2_config())
+        ref = ref.float()
+        if len(set(_generate(ref, ids, mask, **kw)[:, 9:].flatten().tolist())) > 3:
+            break
     got = _generate(fast, ids, mask, **kw)
     full_mask = torch.cat([mask, torch.ones(3, 12, dtype=mask.dtype)], dim=1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)  # generate()'s positions for left padding
@@ -224,7 +227,7 @@ def test_greedy_generate_fp32_picks_eager_argmax(cache, count_calls):
     gap = (logits.max(-1).values - picked).max().item()
     print(f"largest eager-logit gap of a fastattn token: {gap:.3g} (logit scale {logits.abs().max().item():.3g})")
     assert gap <= 1e-4 * logits.abs().max().item()
-    assert len(set(got[:, 9:].flatten().tolist())) > 3
+    assert len(set(got[:, 9:].flatten().tolist())) > 3, "degenerate test: the model repeats one token"
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
