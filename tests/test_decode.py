@@ -88,6 +88,9 @@ CASES = {
     # last) next to rows that do: the grouped value products must leave the blind rows alone
     "gqa4_q4_window62_bf16": dict(B=2, Hq=8, Hkv=2, Sq=4, D=64, Dv=64, lens=[300, 70], snew=4, cap=320,
                                   layout="dense", dtype=torch.bfloat16, causal=True, window=(62, 0)),
+    # head dims that are not multiples of 8: the vector block helpers' scalar tails (d % 8 and Dv % 8 columns)
+    "odd_dims_q2_dv21_fp32": dict(B=2, Hq=3, Hkv=3, Sq=2, D=33, Dv=21, lens=[70, 129], snew=2, cap=136,
+                                  layout="dense", dtype=torch.float32),
     "no_append_empty_row_fp32": dict(B=2, Hq=2, Hkv=1, Sq=1, D=16, Dv=16, lens=[0, 9], snew=0, cap=9,
                                      layout="dense", dtype=torch.float32),
     "whole_cache_paged16_fp16": dict(B=2, Hq=4, Hkv=2, Sq=1, D=96, Dv=96, lens=None, snew=0, cap=48,
