@@ -77,11 +77,38 @@ struct Scratch {
   std::vector<int64_t> koff, voff;  // per row: element offset of its KV head within a key's row
   std::vector<uint8_t> live;
   std::vector<const void*> krows, vrows;
+  // widened blocks (widen_blocks): the block's keys and values of the item's KV heads in fp32, (n, heads, D)
+  std::vector<float> Kf, Vf;
+  std::vector<const float*> kfrows, vfrows;
+  std::vector<int64_t> kfoff, vfoff;
   Scratch(int64_t M, int64_t D, int64_t Dv)
       : Qf(M * D), S(M * kBlockN), Qb(M * D), acc(M * Dv), m_i(M), l_i(M), slope(M), bias(kBlockN), koff(M),
         voff(M), live(M),
-        krows(kBlockN), vrows(kBlockN) {}
+        krows(kBlockN), vrows(kBlockN), kfrows(kBlockN), vfrows(kBlockN), kfoff(M), vfoff(M) {}
 };
+
+// Whether a bf16 / fp16 cache's blocks are widened to fp32 once per block for a work item whose rows share KV
+// heads (rows per KV head G * Sq > 1): on AVX2 each 8-value conversion costs as much as its FMA (256-bit ops split
+// in two on AMD Zen 1), and the block helpers would repeat it for every row reading the head (bf16 MHA steps of 4
+// tokens 0.75-0.78x PyTorch's SDPA, AMD EPYC Zen 1, one thread, 2026-12-02). The fp32 copies are exact, so the
+// scores and outputs are the same bits either way. AVX-512 CPUs convert 16 values an instruction and are left as
+// measured.
+template <typename T>
+bool widen_blocks(const DecodeParams& p) {
+  return !std::is_same_v<T, float> && p.group * p.Sq > 1 && !vec512::available();
+}
+
+// Rows [0, n) of the block, KV heads [hk0, hk0 + nkv), widened to fp32 as (n, nkv, d) in `dst`.
+template <typename T>
+void widen_block(const void* const* rows, int64_t n, int64_t hk0, int64_t nkv, int64_t sh, int64_t d, float* dst,
+                 const float** frows) {
+  for (int64_t j = 0; j < n; ++j) {
+    frows[j] = dst + j * nkv * d;
+    for (int64_t hk = 0; hk < nkv; ++hk) {
+      vec::load_row(static_cast<const T*>(rows[j]) + (hk0 + hk) * sh, 1, dst + (j * nkv + hk) * d, d, 1.f);
+    }
+  }
+}
 
 // s[a, e) += the bias of keys j0 + [a, e) of the row at `row` (fp32 copy in `f`, converted once for rows that
 // share it: a key-padding mask is broadcast over heads and tokens, so `last` skips the conversion for the rest).
@@ -107,6 +134,12 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
 
   const T* q = static_cast<const T*>(p.q);
   const bool dp = bf16_dot_products<T>();
+  const bool widen = !dp && widen_blocks<T>(p);
+  const int64_t nkv = hk1 - hk0;
+  if (widen) {
+    w.Kf.resize(kBlockN * nkv * D);
+    w.Vf.resize(kBlockN * nkv * Dv);
+  }
   for (int64_t r = 0; r < M; ++r) {  // row r: query head hk0 * G + r / Sq (KV head h / G), token r % Sq
     const int64_t h = hk0 * p.group + r / p.Sq, i = r % p.Sq;
     const T* src = q + b * p.q_sb + h * p.q_sh + i * p.q_sm;
@@ -117,6 +150,8 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
     w.slope[r] = p.alibi ? p.alibi[b * p.alibi_sb + h] : 0.f;
     w.koff[r] = (h / p.group) * p.k_sh;
     w.voff[r] = (h / p.group) * p.v_sh;
+    w.kfoff[r] = (h / p.group - hk0) * D;  // within a widened key's (nkv, D)
+    w.vfoff[r] = (h / p.group - hk0) * Dv;
   }
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   std::fill(w.m_i.begin(), w.m_i.end(), -kInf);
@@ -142,8 +177,14 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       w.vrows[j] = vbase + vofs;
     }
     float* S = w.S.data();
+    if (widen) {
+      widen_block<T>(w.krows.data(), n, hk0, nkv, p.k_sh, D, w.Kf.data(), w.kfrows.data());
+      widen_block<T>(w.vrows.data(), n, hk0, nkv, p.v_sh, Dv, w.Vf.data(), w.vfrows.data());
+    }
     if (dp) {
       scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN);
+    } else if (widen) {
+      scores<float>(w.Qf.data(), M, D, w.kfrows.data(), w.kfoff.data(), n, S, kBlockN);
     } else {
       scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN);
     }
@@ -190,7 +231,9 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       w.m_i[r] = m_new;
       any = true;
     }
-    if (any) {
+    if (any && widen) {
+      pv<float>(S, kBlockN, w.live.data(), M, w.vfrows.data(), w.vfoff.data(), n, Dv, w.acc.data());
+    } else if (any) {
       pv<T>(S, kBlockN, w.live.data(), M, reinterpret_cast<const T* const*>(w.vrows.data()), w.voff.data(), n, Dv,
             w.acc.data());
     }
