@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tile.h"
+#include "vec.h"  // vec512::available: the rule below differs without AVX-512
 
 namespace fastattn::cpu {
 
@@ -110,6 +111,11 @@ void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
 // Intel Xeon level with it (147-168 against 149-166; benchmarks/bench_gemm_tiles.py, one thread). So the two tiles
 // are timed once (best of five, one thread) and brgemm is kept only kBrgemmMargin times faster: a near tie keeps
 // sgemm, so timing noise cannot flip the rounding from run to run.
+// Without AVX-512 the tiles alone mislead: on an AMD EPYC Zen 1 (AVX2) they tie within the timing noise (brgemm
+// 22-42 GFLOP/s, sgemm 35-42, one probe to the next on a busy host) while the whole kernel ran faster on brgemm in
+// every class timed (one thread, 2026-12-02, FASTATTN_CPU_FP32_GEMM forced, alternating: forward S = 1024 7-8%,
+// forward+backward S = 512 4-6%, B4 S128 6-8%, grouped-query steps of 4-8 tokens 1.2-1.45x). There brgemm is kept
+// whenever it runs, without a timing to flip.
 constexpr double kBrgemmMargin = 1.08;
 
 struct Fp32Engine {
@@ -161,10 +167,12 @@ Fp32Engine decide_fp32_engine() {
     });
     const double dnnl = tile_rate(brgemm_f32);
     const bool forced = env != nullptr && std::strcmp(env, "brgemm") == 0;
-    e.brgemm = forced || dnnl >= kBrgemmMargin * mkl;
+    const bool avx2_only = !vec512::available();
+    e.brgemm = forced || avx2_only || dnnl >= kBrgemmMargin * mkl;
     char buf[200];
     std::snprintf(buf, sizeof(buf), "%s (measured oneDNN's brgemm %.0f GFLOP/s against MKL's sgemm %.0f%s)",
-                  e.brgemm ? "brgemm" : "sgemm", dnnl, mkl, forced ? ", forced by FASTATTN_CPU_FP32_GEMM" : "");
+                  e.brgemm ? "brgemm" : "sgemm", dnnl, mkl,
+                  forced ? ", forced by FASTATTN_CPU_FP32_GEMM" : avx2_only ? "; no AVX-512: brgemm kept" : "");
     e.why = buf;
   } catch (const std::exception& ex) {
     e.why = std::string("sgemm (MKL; brgemm refused: ") + ex.what();
