@@ -154,6 +154,7 @@ def intel_rules(monkeypatch):
     """The fp32 rules as measured on the Intel Xeon, whatever this CPU's vendor (test_amd_fp32_rules: the EPYC's)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", False)
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
 
 
 def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused(intel_rules):
@@ -326,6 +327,7 @@ def test_amd_fp32_rules(monkeypatch):
     kernels at any thread count."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
     pad[1, ..., :100] = False
 
@@ -339,3 +341,30 @@ def test_amd_fp32_rules(monkeypatch):
                 assert chosen(Sq) == "cpu" and chosen(Sq, mask=pad) == "cpu", Sq  # MHA steps
                 assert chosen(Sq, Hq=8, Hkv=2) == "cpu" and chosen(Sq, Hq=8, Hkv=2, mask=pad) == "cpu", Sq  # GQA
             assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "cpu"  # tiny
+
+
+def test_avx2_only_rules(monkeypatch):
+    """On CPUs without AVX-512 (measured on an AMD EPYC Zen 1) MHA inference steps of 2-16 tokens go to sdpa in fp32
+    and bf16 (masked: bf16 only), and tiny fp32 calls with a mask; grouped-query steps, one-token steps, training,
+    fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count."""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
+    monkeypatch.setattr(cpu_backend, "_RULE_DTYPES", cpu_backend._RULE_DTYPES | {torch.bfloat16})
+    pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
+    pad[1, ..., :100] = False
+
+    def chosen(Sq, Hq=4, Hkv=4, Sk=300, mask=None, dt=torch.float32, grad=False):
+        q, k = rnd(2, Hq, Sq, 64).to(dt).requires_grad_(grad), rnd(2, Hkv, Sk, 64).to(dt)
+        return fastattn.explain(q, k, k, attn_mask=None if mask is None else mask, enable_gqa=Hq != Hkv).chosen
+
+    for threads in (1, 2):
+        with torch_threads(threads):
+            for Sq in (2, 4, 8, 16):
+                assert chosen(Sq) == "sdpa" and chosen(Sq, dt=torch.bfloat16) == "sdpa", Sq  # MHA steps
+                assert chosen(Sq, mask=pad) == "cpu" and chosen(Sq, mask=pad, dt=torch.bfloat16) == "sdpa", Sq
+                assert chosen(Sq, Hq=8, Hkv=2) == "cpu" and chosen(Sq, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu", Sq
+                assert chosen(Sq, dt=torch.float16) == "cpu", Sq
+                assert chosen(Sq, Hq=16, Hkv=16, Sk=2048, grad=True) == "cpu", Sq  # (past the small-training rule)
+            assert chosen(1) == "cpu" and chosen(1, dt=torch.bfloat16) == "cpu" and chosen(17) == "cpu"
+            assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "sdpa"  # tiny

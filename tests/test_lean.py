@@ -22,6 +22,7 @@ def intel_rules(monkeypatch):
     """The auto rules as measured on the Intel Xeon, whatever this CPU's vendor: the AMD ones hand no fp32 call to
     sdpa, and the lean path's length breaks and thread-count routes are tested where rules fire."""
     monkeypatch.setattr(cpu_backend, "_AMD", False)
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
 

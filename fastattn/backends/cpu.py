@@ -78,7 +78,8 @@ def _auto_rule() -> dict:
 
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
-_RULE_DTYPES = frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX else set()) | {torch.float32}  # rules read
+_RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _REPORT.get("avx512") == "0" else set())
+                | {torch.float32})  # the dtypes the rules read
 _BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without grouped-query heads (3-4: at head "
                "dim <= 64) and tiny calls of fewer than 16 batch x heads, on one thread on this CPU (PyTorch's "
                "flash kernel on AMX; the cpu kernels measured 0.84-0.86x, 0.81x and 0.93-1.01x)")
@@ -134,8 +135,8 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
 # cpu kernels with a key-padding mask measured 0.79-0.80x / 0.92x torch's SDPA (fp32, S = 16 / 32) and 0.88-0.94x /
 # 0.92-0.93x (bf16), B8 H12 D64, one thread, Intel Xeon AMX; level or ahead from S = 64 (1.08-1.15x).
 _MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * Sk <= 1024; bf16 on more than one "
-                "thread Sq * Sk <= 256; fp32 not on AMD CPUs: the cpu kernels measured 0.75-0.94x with a "
-                "key-padding mask)")
+                "thread Sq * Sk <= 256; fp32 not on AMD CPUs with AVX-512: the cpu kernels measured 0.75-0.94x "
+                "with a key-padding mask)")
 # bf16 on more than one thread (2026-12-01 evening, two threads, B2-16 H8-12 D64, a quarter of half the rows'
 # keys padding): the cpu kernels 0.75-0.78x at 16 tokens, 1.03-1.48x at 24-32 (the hand-over 0.93-1.02x); on one
 # thread 0.75-0.87x at 16 and 0.87-1.03x at 32 (torch's kernel is at its best at 32 and 64 keys; 1.06-1.63x at
@@ -146,7 +147,8 @@ _MASKED_TINY_AREA_BF16_PARALLEL = 256
 def _masked_tiny(p: AttnParams, dt) -> bool:
     """A tiny inference call whose only feature is its mask, in a dtype the rule covers: sdpa passes the mask to
     PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard)."""
-    if (p.requires_grad or not (dt is torch.float32 and _fp32_tiny_rule() or dt is torch.bfloat16 and _BF16_AMX)
+    if (p.requires_grad or not (dt is torch.float32 and (_fp32_tiny_rule() or _AVX2_ONLY)
+                                or dt is torch.bfloat16 and _BF16_AMX)
             or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True)):
         return False
     Sq, Sk = _lengths(p)
@@ -171,6 +173,8 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
     Sq = _lengths(p)[0]
     if dt is torch.float32:
         return _FP32_STEPS if 2 <= Sq <= _fp32_step_limit(p) else None
+    if dt is torch.bfloat16 and _avx2_mha_step(p):
+        return _AVX2_STEPS
     if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
         return _BF16_SHORT
     return None
@@ -199,6 +203,25 @@ def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
 # hand-over 0.89-1.25x). So there every fp32 step and every tiny call stays ours. bf16 and fp16 have no short-call
 # rule there either: the cpu kernels measured 1.5-30x torch on every class (torch multiplies them without AMX).
 _AMD = _REPORT.get("vendor") == "AuthenticAMD"
+# x86 CPUs without AVX-512 (AMD EPYC Zen 1, AVX2 + FMA, 2026-12-02, one thread, benchmarks/test_auto_rule.py after the
+# AVX2 decode helpers and brgemm there): MHA inference steps of 2-16 query tokens read 0.89-0.94x torch's SDPA in fp32
+# at 4-16 tokens (0.97-1.13x at 2) and 0.80-0.90x in bf16 (masked bf16 4-token steps 0.75-0.82x; masked fp32 ones
+# 1.20x), where grouped-query steps read 1.19-1.42x (fp32) and 1.02-1.20x (bf16), one-token steps 0.99-1.01x (fp32
+# MHA) and 3-6x (bf16: torch widens every key per call); tiny fp32 calls with a key-padding mask 0.84-0.89x (S = 16),
+# without one 0.94-1.19x. So there MHA steps of 2-16 tokens (fp32 and bf16 unmasked, bf16 masked) and tiny masked fp32
+# calls are sdpa's; the rest stays ours.
+_AVX2_ONLY = _REPORT.get("avx512") == "0"
+_AVX2_STEPS = ("sdpa is faster for fp32 and bf16 inference steps of 2-16 query tokens without grouped-query heads on "
+               "CPUs without AVX-512 (measured 0.80-0.94x on an AMD EPYC Zen 1; grouped-query steps stay here)")
+
+
+def _avx2_mha_step(p: AttnParams) -> bool:
+    """An inference step of 2-16 query tokens against more than 64 keys (a tiny call is no step: B8 H12 S16 fp32
+    read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS)."""
+    if not _AVX2_ONLY or p.requires_grad or p.q.shape[1] != p.k.shape[1] or torch.compiler.is_compiling():
+        return False
+    Sq, Sk = _lengths(p)
+    return 2 <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
 
 
 def _fp32_step_limit(p: AttnParams) -> int:
@@ -262,8 +285,12 @@ class CpuBackend(Backend):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _FP32_STEPS
+                elif _avx2_mha_step(p):
+                    why = _AVX2_STEPS
                 elif p.requires_grad and _small_grad(p, Sq, Sk):
                     why = _FP32_SMALL_GRAD
+        elif why is None and dt is torch.bfloat16 and _avx2_mha_step(p):
+            why = _AVX2_STEPS
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
