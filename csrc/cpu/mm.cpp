@@ -50,6 +50,8 @@ Isa detect_isa() {
     isa.amx_fp16 = a & (1u << 21);
   }
 #endif
+  if (isa_cap() < 2) isa.avx512 = isa.avx512_bf16 = isa.avx512_fp16 = isa.amx_bf16 = isa.amx_fp16 = false;
+  if (isa_cap() < 1) isa.avx2 = false;
   return isa;
 }
 
@@ -271,6 +273,8 @@ std::string describe() {
   if (i.avx512_bf16) s += " AVX512-BF16";
   if (i.avx512) s += " AVX512";
   if (i.avx2) s += " AVX2";
+  if (!i.avx2) s += " none (scalar helpers)";
+  if (isa_cap() < 2) s += std::string(" (held there by FASTATTN_CPU_ISA=") + std::getenv("FASTATTN_CPU_ISA") + ")";
   for (auto [name, dt] : {std::pair{"bf16", at::kBFloat16}, std::pair{"fp16", at::kHalf}}) {
     const Decision& d = decision(dt);
     s += std::string("; ") + name + ": " +

@@ -24,7 +24,7 @@ namespace fastattn::cpu::vec {
 inline bool use_avx2() {
 #ifdef FASTATTN_X86
   static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
+                         __builtin_cpu_supports("f16c") && isa_cap() >= 1;
   return on;
 #else
   return false;

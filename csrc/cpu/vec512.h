@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -19,6 +20,19 @@
 #include <cpuid.h>
 #define FASTATTN_VEC512 1
 #endif
+
+namespace fastattn::cpu {
+// FASTATTN_CPU_ISA=avx2 or =scalar (read once) holds the vector paths picked at run time below what the CPU has, so
+// that one machine can test every path (tests/test_cpu_isa_cap.py): 2 no cap, 1 AVX2 at most, 0 scalar only.
+inline int isa_cap() {
+  static const int cap = [] {
+    const char* e = std::getenv("FASTATTN_CPU_ISA");
+    if (e == nullptr) return 2;
+    return std::strcmp(e, "avx2") == 0 ? 1 : std::strcmp(e, "scalar") == 0 ? 0 : 2;
+  }();
+  return cap;
+}
+}  // namespace fastattn::cpu
 
 namespace fastattn::cpu::vec512 {
 
@@ -264,7 +278,7 @@ FA_AVX512 inline void transpose16(const float* src, int64_t lds, int64_t rows, i
 // True where the CPU has AVX-512 F/BW/DQ/VL (checked once); the fp32 helpers of vec.h route here then.
 inline bool available() {
   static const bool on = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && isa_cap() >= 2;
   return on;
 }
 
