@@ -23,6 +23,7 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
 # How this CPU multiplies each dtype's tiles (probed once by the extension) and whether torch's own CPU SDPA has
 # the matrix units for it (PyTorch's flash kernel runs bf16/fp16 through the same oneDNN brgemm where AMX has it).
 _REPORT = ops.cpu_matmul_report()
+_AVX2_ONLY = _REPORT.get("avx512") == "0"  # an x86 CPU without AVX-512 (its rules: _AVX2_STEPS below)
 
 
 # Measured classes where the cpu kernels are slower than PyTorch's own CPU SDPA, so `auto` takes `sdpa`
@@ -78,7 +79,7 @@ def _auto_rule() -> dict:
 
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
-_RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _REPORT.get("avx512") == "0" else set())
+_RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_ONLY else set())
                 | {torch.float32})  # the dtypes the rules read
 _BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without grouped-query heads (3-4: at head "
                "dim <= 64) and tiny calls of fewer than 16 batch x heads, on one thread on this CPU (PyTorch's "
@@ -210,7 +211,6 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # MHA) and 3-6x (bf16: torch widens every key per call); tiny fp32 calls with a key-padding mask 0.84-0.89x (S = 16),
 # without one 0.94-1.19x. So there MHA steps of 2-16 tokens (fp32 and bf16 unmasked, bf16 masked) and tiny masked fp32
 # calls are sdpa's; the rest stays ours.
-_AVX2_ONLY = _REPORT.get("avx512") == "0"
 _AVX2_STEPS = ("sdpa is faster for fp32 and bf16 inference steps of 2-16 query tokens without grouped-query heads on "
                "CPUs without AVX-512 (measured 0.80-0.94x on an AMD EPYC Zen 1; grouped-query steps stay here)")
 
