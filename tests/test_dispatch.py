@@ -192,11 +192,13 @@ def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused(intel_rules)
     assert _runs_on_cpu_kernels(lambda: fastattn.flash_attn_func(bshd(q), bshd(t), bshd(t), causal=True))
 
 
-def test_small_fp32_training_calls_go_to_sdpa():
+def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
     """auto hands small unmasked fp32 training calls to sdpa (W = B * Hq * Sq * Sk * D up to 2^21 on one thread, 2^17
     on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
     inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
-    kernels."""
+    kernels. (CPUs with AVX-512; without it 2^21 on more threads too: test_avx2_only_rules.)"""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     def explain(B, H, S, grad=True, **kw):
         q = rnd(B, H, S, 64).requires_grad_(grad)
         return fastattn.explain(q, q, q, **kw)
@@ -346,7 +348,8 @@ def test_amd_fp32_rules(monkeypatch):
 def test_avx2_only_rules(monkeypatch):
     """On CPUs without AVX-512 (measured on an AMD EPYC Zen 1) MHA inference steps of 2-16 tokens go to sdpa in fp32
     and bf16 (masked: bf16 only), and tiny fp32 calls with a mask; grouped-query steps, one-token steps, training,
-    fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count."""
+    fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count; bf16 grouped-query steps of 2-8 tokens
+    at head dim 64 go to sdpa on more than one thread."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
@@ -363,8 +366,12 @@ def test_avx2_only_rules(monkeypatch):
             for Sq in (2, 4, 8, 16):
                 assert chosen(Sq) == "sdpa" and chosen(Sq, dt=torch.bfloat16) == "sdpa", Sq  # MHA steps
                 assert chosen(Sq, mask=pad) == "cpu" and chosen(Sq, mask=pad, dt=torch.bfloat16) == "sdpa", Sq
-                assert chosen(Sq, Hq=8, Hkv=2) == "cpu" and chosen(Sq, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu", Sq
+                assert chosen(Sq, Hq=8, Hkv=2) == "cpu", Sq  # fp32 GQA steps
+                gqa_bf16 = "sdpa" if threads > 1 and Sq <= 8 else "cpu"  # (head dim 64)
+                assert chosen(Sq, Hq=8, Hkv=2, dt=torch.bfloat16) == gqa_bf16, (threads, Sq)
                 assert chosen(Sq, dt=torch.float16) == "cpu", Sq
                 assert chosen(Sq, Hq=16, Hkv=16, Sk=2048, grad=True) == "cpu", Sq  # (past the small-training rule)
             assert chosen(1) == "cpu" and chosen(1, dt=torch.bfloat16) == "cpu" and chosen(17) == "cpu"
             assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "sdpa"  # tiny
+            # small training calls: 2^21 on every thread count
+            assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == "sdpa" and chosen(128, Sk=128, grad=True) == "cpu"

@@ -129,7 +129,7 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     work = heads * Sq * Sk * q.shape[3]
     if heads == 1 and work <= _GRAD_WORK_ONE_HEAD:
         return True
-    return work <= (_GRAD_WORK if _one_thread() else _GRAD_WORK_PARALLEL)
+    return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY else _GRAD_WORK_PARALLEL)
 
 
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
@@ -210,17 +210,24 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # 1.20x), where grouped-query steps read 1.19-1.42x (fp32) and 1.02-1.20x (bf16), one-token steps 0.99-1.01x (fp32
 # MHA) and 3-6x (bf16: torch widens every key per call); tiny fp32 calls with a key-padding mask 0.84-0.89x (S = 16),
 # without one 0.94-1.19x. So there MHA steps of 2-16 tokens (fp32 and bf16 unmasked, bf16 masked) and tiny masked fp32
-# calls are sdpa's; the rest stays ours.
+# calls are sdpa's; the rest stays ours. On two threads (wall time, the same day) bf16 grouped-query steps read 0.82-0.92x
+# too at 2 tokens and at 4-8 tokens with head dim 64 (GQA 12/4; 16/4 at D = 128 1.05-1.12x from 4 tokens), and small
+# fp32 training calls past the parallel bound 0.76-0.94x (B1 H12 S16-32): there they take those rules as well.
 _AVX2_STEPS = ("sdpa is faster for fp32 and bf16 inference steps of 2-16 query tokens without grouped-query heads on "
-               "CPUs without AVX-512 (measured 0.80-0.94x on an AMD EPYC Zen 1; grouped-query steps stay here)")
+               "CPUs without AVX-512 (bf16 with them too on more than one thread at 2 tokens, or 4-8 at head dim <= "
+               "64; measured 0.80-0.94x on an AMD EPYC Zen 1)")
 
 
-def _avx2_mha_step(p: AttnParams) -> bool:
+def _avx2_mha_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
     """An inference step of 2-16 query tokens against more than 64 keys (a tiny call is no step: B8 H12 S16 fp32
-    read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS)."""
-    if not _AVX2_ONLY or p.requires_grad or p.q.shape[1] != p.k.shape[1] or torch.compiler.is_compiling():
+    read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS); gqa_bf16: with them too on more
+    than one thread, at 2 tokens or at up to 8 with head dim <= 64."""
+    if not _AVX2_ONLY or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
+    if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread()
+                                             and (Sq == 2 or Sq <= 8 and p.q.shape[3] <= 64)):
+        return False
     return 2 <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
 
 
@@ -289,7 +296,7 @@ class CpuBackend(Backend):
                     why = _AVX2_STEPS
                 elif p.requires_grad and _small_grad(p, Sq, Sk):
                     why = _FP32_SMALL_GRAD
-        elif why is None and dt is torch.bfloat16 and _avx2_mha_step(p):
+        elif why is None and dt is torch.bfloat16 and _avx2_mha_step(p, gqa_bf16=True):
             why = _AVX2_STEPS
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
