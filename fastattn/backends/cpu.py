@@ -174,7 +174,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
     Sq = _lengths(p)[0]
     if dt is torch.float32:
         return _FP32_STEPS if 2 <= Sq <= _fp32_step_limit(p) else None
-    if dt is torch.bfloat16 and _avx2_mha_step(p):
+    if dt is torch.bfloat16 and _avx2_step(p):
         return _AVX2_STEPS
     if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
         return _BF16_SHORT
@@ -218,7 +218,7 @@ _AVX2_STEPS = ("sdpa is faster for fp32 and bf16 inference steps of 2-16 query t
                "64; measured 0.80-0.94x on an AMD EPYC Zen 1)")
 
 
-def _avx2_mha_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
+def _avx2_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
     """An inference step of 2-16 query tokens against more than 64 keys (a tiny call is no step: B8 H12 S16 fp32
     read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS); gqa_bf16: with them too on more
     than one thread, at 2 tokens or at up to 8 with head dim <= 64."""
@@ -292,11 +292,11 @@ class CpuBackend(Backend):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _FP32_STEPS
-                elif _avx2_mha_step(p):
+                elif _avx2_step(p):
                     why = _AVX2_STEPS
                 elif p.requires_grad and _small_grad(p, Sq, Sk):
                     why = _FP32_SMALL_GRAD
-        elif why is None and dt is torch.bfloat16 and _avx2_mha_step(p, gqa_bf16=True):
+        elif why is None and dt is torch.bfloat16 and _avx2_step(p, gqa_bf16=True):
             why = _AVX2_STEPS
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
             compiling = torch.compiler.is_compiling()
