@@ -72,7 +72,7 @@ inline float dot_tail(const float* q, const T* k, int64_t d, int64_t D) {
 template <typename T>
 FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
                          int64_t n, float* S, int64_t ldS) {
-  const int64_t Dv8 = D & ~int64_t{7};
+  const int64_t D8 = D & ~int64_t{7};
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     const int64_t nk = std::min<int64_t>(8, n - j0);
     for (int64_t r = 0; r < M; ++r) {
@@ -82,7 +82,7 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
       __m256 acc[8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < Dv8; d += 8) {
+      for (int64_t d = 0; d < D8; d += 8) {
         const __m256 qv = _mm256_loadu_ps(q + d);
 #pragma GCC unroll 8
         for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, vec::load8(k[u] + d), acc[u]);
@@ -90,7 +90,7 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
       alignas(32) float t[8];
       _mm256_store_ps(t, hsum8x8(acc));
       float* s = S + r * ldS + j0;
-      for (int u = 0; u < nk; ++u) s[u] = Dv8 == D ? t[u] : t[u] + dot_tail(q, k[u], Dv8, D);
+      for (int u = 0; u < nk; ++u) s[u] = D8 == D ? t[u] : t[u] + dot_tail(q, k[u], D8, D);
     }
   }
 }
