@@ -196,9 +196,11 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
     """auto hands small unmasked fp32 training calls to sdpa (W = B * Hq * Sq * Sk * D up to 2^21 on one thread, 2^17
     on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
     inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
-    kernels. (CPUs with AVX-512; without it 2^21 on more threads too: test_avx2_only_rules.)"""
+    kernels. One head without a causal band takes 3 * 2^22 on one thread of an Intel CPU. (CPUs with AVX-512;
+    without it 2^21 on more threads too: test_avx2_only_rules.)"""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
+    monkeypatch.setattr(cpu_backend, "_AMD", False)
     def explain(B, H, S, grad=True, **kw):
         q = rnd(B, H, S, 64).requires_grad_(grad)
         return fastattn.explain(q, q, q, **kw)
@@ -210,14 +212,18 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
         ex = explain(1, 2, 128)  # W = 2^21
         assert ex.chosen == "sdpa" and "small fp32 training" in str(ex), str(ex)
         assert chosen(1, 2, 128, is_causal=True) == "sdpa" and chosen(1, 1, 256) == "sdpa"  # one head: 2^22
-        assert chosen(1, 4, 128) == "cpu" and chosen(1, 1, 272) == "cpu"
+        assert chosen(1, 4, 128) == "cpu" and chosen(1, 1, 272, is_causal=True) == "cpu"
+        assert chosen(1, 1, 384) == "sdpa" and chosen(1, 1, 448) == "cpu"  # one head, no causal band: 3 * 2^22
+        monkeypatch.setattr(cpu_backend, "_AMD", True)
+        assert chosen(1, 1, 272) == "cpu" and chosen(1, 1, 256) == "sdpa"  # not on AMD CPUs
+        monkeypatch.setattr(cpu_backend, "_AMD", False)
         assert chosen(1, 2, 128, grad=False) == "cpu"  # inference
         assert chosen(1, 2, 128, dropout_p=0.1) == "cpu"  # dropout keeps the Philox stream
         q = rnd(1, 2, 128, 64).bfloat16().requires_grad_()
         assert fastattn.explain(q, q, q).chosen == "cpu" or "small fp32 training" not in str(fastattn.explain(q, q, q))
     with torch_threads(2):
         assert chosen(1, 2, 32) == "sdpa" and chosen(1, 2, 48) == "cpu"  # 2^17
-        assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu"
+        assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu" and chosen(1, 1, 384) == "cpu"
 
 
 def test_every_auto_rule_runs():
@@ -353,6 +359,7 @@ def test_avx2_only_rules(monkeypatch):
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
+    monkeypatch.setattr(cpu_backend, "_BF16_AMX", False)  # (no AVX-512, no AMX: the AMX bf16 rules are not these)
     monkeypatch.setattr(cpu_backend, "_RULE_DTYPES", cpu_backend._RULE_DTYPES | {torch.bfloat16})
     pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
     pad[1, ..., :100] = False

@@ -114,12 +114,16 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # eager autograd path, one thread, fp32 D=64/128, causal or not, W = B * Hq * Sq * Sk * D): B*H = 1-96 at S = 16-128
 # 0.36-0.95x up to W = 2^21 (B*H = 12: 0.72-0.93x at S = 16-32, D=64), 0.98-1.45x above it, except one head (B*H =
 # 1), 0.70-0.95x up to W = 2^22 (S = 192) and 1.03-1.55x from S = 256; on two threads (wall time) one head read
-# 0.57-0.88x at S = 16-192 and B*H = 4 0.98x at S = 16, every other class 1.02-1.95x. Not measured on Intel CPUs,
-# where torch's fp32 calls are faster still: the rule holds there too.
+# 0.57-0.88x at S = 16-192 and B*H = 4 0.98x at S = 16, every other class 1.02-1.95x. On an Intel Xeon (AMX; one
+# thread, 2026-12-02, fp32 on brgemm) one head without a causal band reads below the line further up: 0.84-0.95x at
+# W = 2^22-1.2 * 2^23 (S = 256-384 at D=64, S = 256 at D=128), 1.01-1.09x from 2^24 (0.96x at S = 384, D=128), while
+# causal heads read 1.01-1.42x from 2^23: there one head takes the bound 3 * 2^22 when not causal.
 _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
+_GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, one thread, no causal band or window
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21 on one thread, "
-                    "2^17 on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward, ~70 us over "
-                    "PyTorch's, outweighs their tiles; measured 0.36-0.95x)")
+                    "2^17 on more, 2^22 for one head (3 * 2^22 without a causal band on one Intel thread): the cpu "
+                    "kernels' fixed cost per forward+backward, ~70 us over PyTorch's, outweighs their tiles; measured "
+                    "0.36-0.95x)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -128,6 +132,9 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     heads = q.shape[0] * q.shape[1]
     work = heads * Sq * Sk * q.shape[3]
     if heads == 1 and work <= _GRAD_WORK_ONE_HEAD:
+        return True
+    if (heads == 1 and work <= _GRAD_WORK_ONE_HEAD_FULL and not _AMD and _one_thread()
+            and p.window_left < 0 and p.window_right < 0):
         return True
     return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY else _GRAD_WORK_PARALLEL)
 
