@@ -30,8 +30,10 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
 bool packed_kt_available();
 int64_t packed_kt_floats(int64_t bk, int64_t D);
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha = 1.f);
+// On brgemm a packed tile may be wider than the bk keys used (ldp: its row length; 0 = bk): a causal diagonal tile
+// packed whole once serves the query blocks that see part of it. MKL's packed format takes ldp = 0 only.
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
-                    int64_t ldS);
+                    int64_t ldS, int64_t ldp = 0);
 
 // S (bq x bk, ldS) = alpha Qs K^T with K (bk x D, ldk) as given: on brgemm the tile is packed here as pack_kt packs
 // it, so a tile's scores have the same bits whether its keys were packed once or not (the backward recomputes the
@@ -119,8 +121,8 @@ struct ScoreCtx {
 
   // The same with the key tile given packed (pack_kt, with alpha qk_alpha<T>).
   void scores_packed(const float* qs, int64_t ldq, const float* kt_packed, int64_t i0, int64_t bq, int64_t j0,
-                     int64_t bk, float* S, int64_t ldS, float* tanh_out = nullptr) const {
-    gemm_packed_kt(kt_packed, bk, p.D, qs, ldq, bq, S, ldS);
+                     int64_t bk, float* S, int64_t ldS, float* tanh_out = nullptr, int64_t ldp = 0) const {
+    gemm_packed_kt(kt_packed, bk, p.D, qs, ldq, bq, S, ldS, ldp);
     finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
