@@ -2,9 +2,9 @@
 // (what ATen's own cpublas::gemm calls, but that wrapper is not exported to extensions), so we look it up
 // at run time; builds without it (other BLAS, other platforms) use at::addmm_out on tile views instead.
 //
-// The fp32 engine: where oneDNN's fp32 batch-reduce GEMM (at::native::cpublas::brgemm, torch >= 2.6) times faster
-// than sgemm on the forward's tiles, the row-major products without transposes and the packed key tiles run on it
-// instead (fp32_engine below).
+// The fp32 engine: unless sgemm times clearly faster than oneDNN's fp32 batch-reduce GEMM
+// (at::native::cpublas::brgemm, torch >= 2.6) on the forward's tiles, the row-major products without transposes and
+// the packed key tiles run on brgemm instead (fp32_engine below).
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
@@ -108,15 +108,19 @@ void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
 // ---------------------------------------------------------------- the fp32 engine
 // oneDNN's kernels for the CPU at hand against MKL's: on an AMD EPYC (Zen 4) brgemm ran the forward's tiles (scores
 // 128x512x128, P V 128x128x512, and the windowed 64x256 ones) at 112-117 GFLOP/s against sgemm's 95-101, on the
-// Intel Xeon level with it (147-168 against 149-166; benchmarks/bench_gemm_tiles.py, one thread). So the two tiles
-// are timed once (best of five, one thread) and brgemm is kept only kBrgemmMargin times faster: a near tie keeps
-// sgemm, so timing noise cannot flip the rounding from run to run.
+// Intel Xeon level with it (147-168 against 149-166; benchmarks/bench_gemm_tiles.py, one thread). On the Xeon the
+// whole kernel ran faster on brgemm all the same (one thread, 2026-12-02, FASTATTN_CPU_FP32_GEMM forced: forward
+// B1 H8 S1024 1.13-1.22x torch against sgemm's 1.06-1.13x, causal 1.54-1.63x against 1.37-1.45x with the diagonal
+// tiles packed once, B4 S128-512 short calls 5-10% faster): no transposes in the backward (bwd.cpp), key tiles
+// packed once for any tile shape (fwd.cpp). So the two tiles are timed once (best of five, one thread) and sgemm is
+// taken only when kSgemmMargin times faster: a near tie keeps brgemm, and timing noise cannot flip the rounding
+// from run to run.
 // Without AVX-512 the tiles alone mislead: on an AMD EPYC Zen 1 (AVX2) they tie within the timing noise (brgemm
 // 22-42 GFLOP/s, sgemm 35-42, one probe to the next on a busy host) while the whole kernel ran faster on brgemm in
 // every class timed (one thread, 2026-12-02, FASTATTN_CPU_FP32_GEMM forced, alternating: forward S = 1024 7-8%,
 // forward+backward S = 512 4-6%, B4 S128 6-8%, grouped-query steps of 4-8 tokens 1.2-1.45x). There brgemm is kept
 // whenever it runs, without a timing to flip.
-constexpr double kBrgemmMargin = 1.08;
+constexpr double kSgemmMargin = 1.08;
 
 struct Fp32Engine {
   bool brgemm = false;
@@ -168,7 +172,7 @@ Fp32Engine decide_fp32_engine() {
     const double dnnl = tile_rate(brgemm_f32);
     const bool forced = env != nullptr && std::strcmp(env, "brgemm") == 0;
     const bool avx2_only = !vec512::available();
-    e.brgemm = forced || avx2_only || dnnl >= kBrgemmMargin * mkl;
+    e.brgemm = forced || avx2_only || mkl < kSgemmMargin * dnnl;
     char buf[200];
     std::snprintf(buf, sizeof(buf), "%s (measured oneDNN's brgemm %.0f GFLOP/s against MKL's sgemm %.0f%s)",
                   e.brgemm ? "brgemm" : "sgemm", dnnl, mkl,
@@ -288,14 +292,15 @@ void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs
 }
 
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,
-                    int64_t ldS) {
+                    int64_t ldS, int64_t ldp) {
   if (bq == 0 || bk == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if (fp32_gemm_brgemm()) {
-    brgemm_f32(bq, bk, D, qs, ldq, packed, bk, S, ldS, false);
+    brgemm_f32(bq, bk, D, qs, ldq, packed, ldp > 0 ? ldp : bk, S, ldS, false);
     return;
   }
 #endif
+  TORCH_CHECK(ldp == 0 || ldp == bk, "gemm_packed_kt: MKL's packed tile holds exactly bk = ", bk, " keys, not ", ldp);
   const char ta = 'P', tb = 'N';
   const int m = static_cast<int>(bk), n = static_cast<int>(bq), k = static_cast<int>(D);
   const int lda = k, ldb = static_cast<int>(std::max<int64_t>(ldq, 1)), ldc = static_cast<int>(ldS);
