@@ -151,10 +151,12 @@ def _runs_on_cpu_kernels(fn) -> bool:
 
 @pytest.fixture
 def intel_rules(monkeypatch):
-    """The fp32 rules as measured on the Intel Xeon, whatever this CPU's vendor (test_amd_fp32_rules: the EPYC's)."""
+    """The fp32 rules as measured on the Intel Xeon with fp32 on sgemm, whatever this CPU's vendor and engine
+    (test_amd_fp32_rules: the EPYC's; test_intel_brgemm_fp32_rules: the Xeon's on brgemm)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", False)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
+    monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", False)
 
 
 def test_tiny_fp32_calls_go_to_sdpa_only_where_sdpa_runs_them_fused(intel_rules):
@@ -196,8 +198,8 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
     """auto hands small unmasked fp32 training calls to sdpa (W = B * Hq * Sq * Sk * D up to 2^21 on one thread, 2^17
     on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
     inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
-    kernels. One head without a causal band takes 3 * 2^22 on one thread of an Intel CPU. (CPUs with AVX-512;
-    without it 2^21 on more threads too: test_avx2_only_rules.)"""
+    kernels. One head without a causal band takes 3 * 2^22 on one thread of an Intel CPU; on more threads Intel CPUs
+    keep 2^21. (CPUs with AVX-512; without it 2^21 on more threads too: test_avx2_only_rules.)"""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     monkeypatch.setattr(cpu_backend, "_AMD", False)
@@ -221,7 +223,10 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
         assert chosen(1, 2, 128, dropout_p=0.1) == "cpu"  # dropout keeps the Philox stream
         q = rnd(1, 2, 128, 64).bfloat16().requires_grad_()
         assert fastattn.explain(q, q, q).chosen == "cpu" or "small fp32 training" not in str(fastattn.explain(q, q, q))
-    with torch_threads(2):
+    with torch_threads(2):  # Intel: 2^21 on every thread count; AMD: 2^17 on more than one
+        assert chosen(1, 2, 128) == "sdpa" and chosen(1, 4, 128) == "cpu"
+        assert chosen(1, 1, 256) == "sdpa" and chosen(1, 1, 384) == "cpu"
+        monkeypatch.setattr(cpu_backend, "_AMD", True)
         assert chosen(1, 2, 32) == "sdpa" and chosen(1, 2, 48) == "cpu"  # 2^17
         assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu" and chosen(1, 1, 384) == "cpu"
 
@@ -328,6 +333,42 @@ def test_masked_step_rules(intel_rules):
             mha_bf16 = "sdpa" if cpu_backend._BF16_AMX and threads == 1 else "cpu"
             assert chosen(1, dt=torch.bfloat16) == mha_bf16 and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu"
             assert chosen(2, dt=torch.bfloat16) == "cpu" and chosen(4, dt=torch.bfloat16) == "cpu"
+
+
+def test_intel_brgemm_fp32_rules(monkeypatch):
+    """On an Intel CPU whose fp32 tiles run on brgemm (measured on the Xeon): fp32 steps go to sdpa at 2 tokens, MHA at
+    head dim > 64 at 2-16, grouped-query at head dim > 64 up to 4 on one thread; on more, MHA up to 8 (16 at head dim
+    > 64) and grouped-query up to 12; tiny calls stay on the cpu kernels, tiny masked and tiny training ones on one
+    thread only."""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_AMD", False)
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
+    monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
+    pad = torch.ones(2, 1, 1, 16, dtype=torch.bool)  # (B, 1, 1, Sk)
+    pad[1, ..., :4] = False
+
+    def explain(Sq, Hq=4, Hkv=4, D=64, Sk=300, **kw):
+        q, k = rnd(2, Hq, Sq, D), rnd(2, Hkv, Sk, D)
+        return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, **kw)
+
+    def chosen(*a, **kw):
+        return explain(*a, **kw).chosen
+
+    with torch_threads(1):
+        assert "brgemm tiles" in str(explain(2))
+        assert chosen(2) == "sdpa" and chosen(3) == "cpu" and chosen(16) == "cpu"  # head dim 64
+        assert chosen(2, Hq=8, Hkv=2) == "sdpa" and chosen(3, Hq=8, Hkv=2) == "cpu"
+        assert chosen(16, D=128) == "sdpa" and chosen(17, D=128) == "cpu"  # MHA, head dim > 64
+        assert chosen(4, Hq=8, Hkv=2, D=128) == "sdpa" and chosen(5, Hq=8, Hkv=2, D=128) == "cpu"
+        assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, attn_mask=pad) == "cpu"  # tiny, tiny masked
+        assert chosen(4, attn_mask=torch.ones(2, 1, 1, 300, dtype=torch.bool)) == "cpu"  # masked steps: the same
+        tiny_grad = rnd(8, 12, 32, 64).requires_grad_()  # (past the small training calls' bound)
+        assert fastattn.explain(tiny_grad, tiny_grad, tiny_grad).chosen == "cpu"
+    with torch_threads(2):
+        assert chosen(8) == "sdpa" and chosen(9) == "cpu" and chosen(16, D=128) == "sdpa"
+        assert chosen(12, Hq=8, Hkv=2) == "sdpa" and chosen(13, Hq=8, Hkv=2) == "cpu"
+        assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, attn_mask=pad) == "sdpa"
+        assert fastattn.explain(tiny_grad, tiny_grad, tiny_grad).chosen == "sdpa"  # tiny training calls
 
 
 def test_amd_fp32_rules(monkeypatch):

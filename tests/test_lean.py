@@ -23,6 +23,7 @@ def intel_rules(monkeypatch):
     sdpa, and the lean path's length breaks and thread-count routes are tested where rules fire."""
     monkeypatch.setattr(cpu_backend, "_AMD", False)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
+    monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", False)  # (sgemm's rules hand the most calls to sdpa)
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
 

@@ -117,13 +117,15 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # 0.57-0.88x at S = 16-192 and B*H = 4 0.98x at S = 16, every other class 1.02-1.95x. On an Intel Xeon (AMX; one
 # thread, 2026-12-02, fp32 on brgemm) one head without a causal band reads below the line further up: 0.84-0.95x at
 # W = 2^22-1.2 * 2^23 (S = 256-384 at D=64, S = 256 at D=128), 1.01-1.09x from 2^24 (0.96x at S = 384, D=128), while
-# causal heads read 1.01-1.42x from 2^23: there one head takes the bound 3 * 2^22 when not causal.
+# causal heads read 1.01-1.42x from 2^23: there one head takes the bound 3 * 2^22 when not causal. On two threads
+# there B1 H12 S16 and B4 H12 S16 read 0.74-0.84x (hand-over 0.92-1.00x), B1 H12 S32 0.98-1.03x: Intel CPUs keep the
+# one-thread bound 2^21 on every thread count (the parallel bound 2^17 is the AMD EPYC's).
 _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
 _GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, one thread, no causal band or window
-_FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21 on one thread, "
-                    "2^17 on more, 2^22 for one head (3 * 2^22 without a causal band on one Intel thread): the cpu "
-                    "kernels' fixed cost per forward+backward, ~70 us over PyTorch's, outweighs their tiles; measured "
-                    "0.36-0.95x)")
+_FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21; 2^17 on more "
+                    "than one thread of an AMD CPU; 2^22 for one head, 3 * 2^22 without a causal band on one Intel "
+                    "thread): the cpu kernels' fixed cost per forward+backward, ~70 us over PyTorch's, outweighs "
+                    "their tiles; measured 0.36-0.95x)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -136,7 +138,7 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     if (heads == 1 and work <= _GRAD_WORK_ONE_HEAD_FULL and not _AMD and _one_thread()
             and p.window_left < 0 and p.window_right < 0):
         return True
-    return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY else _GRAD_WORK_PARALLEL)
+    return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY or not _AMD else _GRAD_WORK_PARALLEL)
 
 
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
@@ -155,7 +157,7 @@ _MASKED_TINY_AREA_BF16_PARALLEL = 256
 def _masked_tiny(p: AttnParams, dt) -> bool:
     """A tiny inference call whose only feature is its mask, in a dtype the rule covers: sdpa passes the mask to
     PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard)."""
-    if (p.requires_grad or not (dt is torch.float32 and (_fp32_tiny_rule() or _AVX2_ONLY)
+    if (p.requires_grad or not (dt is torch.float32 and (_fp32_tiny_rule(masked_or_grad=True) or _AVX2_ONLY)
                                 or dt is torch.bfloat16 and _BF16_AMX)
             or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True)):
         return False
@@ -180,7 +182,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
         return None
     Sq = _lengths(p)[0]
     if dt is torch.float32:
-        return _FP32_STEPS if 2 <= Sq <= _fp32_step_limit(p) else None
+        return (_FP32_BRGEMM_STEPS if _FP32_BRGEMM else _FP32_STEPS) if 2 <= Sq <= _fp32_step_limit(p) else None
     if dt is torch.bfloat16 and _avx2_step(p):
         return _AVX2_STEPS
     if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
@@ -211,15 +213,32 @@ def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
 # hand-over 0.89-1.25x). So there every fp32 step and every tiny call stays ours. bf16 and fp16 have no short-call
 # rule there either: the cpu kernels measured 1.5-30x torch on every class (torch multiplies them without AMX).
 _AMD = _REPORT.get("vendor") == "AuthenticAMD"
+# Intel CPUs whose fp32 tiles run on oneDNN's brgemm (csrc/cpu/blas.cpp: a near tie with sgemm keeps it), measured on
+# the Intel Xeon (AMX), 2026-12-02, on the step, tiny and masked classes of benchmarks/test_auto_rule.py (steps: B1, 512
+# keys; the cpu kernels and the hand-over to sdpa against torch, median of 3-5 interleaved rounds). One thread: steps at
+# head dim 64 of 3-16 tokens 0.98-1.28x torch (2 tokens 0.85-0.95x), grouped-query 16/4 at D=128 0.98-1.26x from 5
+# tokens (0.75-0.94x at 2-4), MHA at D=128 0.79-0.97x at every length; tiny calls 0.99-1.30x, tiny masked 1.03-1.04x;
+# the hand-over 0.93-0.98x throughout. Two threads (wall time): MHA D=64 0.76-0.96x up to 8 tokens, 1.02-1.05x at 12-16;
+# MHA D=128 0.62-0.95x at every length; grouped-query 0.46-0.99x up to 8, 1.10-1.15x at 12-16; tiny calls 0.98-1.15x
+# against the hand-over's 0.90-0.99x; tiny masked 0.86-0.97x against 0.97-1.00x; tiny training calls (B8 H12 S32
+# D64 forward+backward) 1.16-1.19x on one thread, 0.91-0.96x on two, where the hand-over read 0.95-1.02x. (On sgemm the
+# rules above stand: two threads MHA 8 tokens 0.97-1.01x, tiny calls 0.91-1.06x.)
+_FP32_BRGEMM = _REPORT.get("fp32") == "brgemm"
+_STEP_SQ_BRGEMM_WIDE_GQA = 4  # one thread, grouped-query heads, head dim > 64: sdpa up to 4 tokens
+_STEP_SQ_PARALLEL_BRGEMM = 8  # more than one thread, MHA, head dim <= 64: sdpa up to 8 tokens
+_FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brgemm tiles: MHA at head dim > 64 "
+                      "(2-16 tokens), 2 tokens at head dim 64 (on more than one thread: MHA up to 8, grouped-query "
+                      "up to 12), grouped-query at head dim > 64 up to 4 tokens; measured 0.46-0.97x, the cpu "
+                      "kernels 0.98-1.30x on the rest and tiny calls")
 # x86 CPUs without AVX-512 (AMD EPYC Zen 1, AVX2 + FMA, 2026-12-02, one thread, benchmarks/test_auto_rule.py after the
 # AVX2 decode helpers and brgemm there): MHA inference steps of 2-16 query tokens read 0.89-0.94x torch's SDPA in fp32
 # at 4-16 tokens (0.97-1.13x at 2) and 0.80-0.90x in bf16 (masked bf16 4-token steps 0.75-0.82x; masked fp32 ones
-# 1.20x), where grouped-query steps read 1.19-1.42x (fp32) and 1.02-1.20x (bf16), one-token steps 0.99-1.01x (fp32
-# MHA) and 3-6x (bf16: torch widens every key per call); tiny fp32 calls with a key-padding mask 0.84-0.89x (S = 16),
-# without one 0.94-1.19x. So there MHA steps of 2-16 tokens (fp32 and bf16 unmasked, bf16 masked) and tiny masked fp32
-# calls are sdpa's; the rest stays ours. On two threads (wall time, the same day) bf16 grouped-query steps read 0.82-0.92x
-# too at 2 tokens and at 4-8 tokens with head dim 64 (GQA 12/4; 16/4 at D = 128 1.05-1.12x from 4 tokens), and small
-# fp32 training calls past the parallel bound 0.76-0.94x (B1 H12 S16-32): there they take those rules as well.
+# 1.20x), where grouped-query steps read 1.19-1.42x (fp32) and 1.02-1.20x (bf16), one-token steps 0.99-1.01x (fp32 MHA)
+# and 3-6x (bf16: torch widens every key per call); tiny fp32 calls with a key-padding mask 0.84-0.89x (S = 16), without
+# one 0.94-1.19x. So there MHA steps of 2-16 tokens (fp32 and bf16 unmasked, bf16 masked) and tiny masked fp32 calls are
+# sdpa's; the rest stays ours. On two threads (wall time, the same day) bf16 grouped-query steps read 0.82-0.92x too at
+# 2 tokens and at 4-8 tokens with head dim 64 (GQA 12/4; 16/4 at D = 128 1.05-1.12x from 4 tokens), and small fp32
+# training calls past the parallel bound 0.76-0.94x (B1 H12 S16-32): there they take those rules as well.
 _AVX2_STEPS = ("sdpa is faster for fp32 and bf16 inference steps of 2-16 query tokens without grouped-query heads on "
                "CPUs without AVX-512 (bf16 with them too on more than one thread at 2 tokens, or 4-8 at head dim <= "
                "64; measured 0.80-0.94x on an AMD EPYC Zen 1)")
@@ -242,14 +261,24 @@ def _fp32_step_limit(p: AttnParams) -> int:
     """The most query tokens of an fp32 inference step that auto hands to sdpa (from 2 up; 1: none)."""
     if _AMD:
         return 1
+    mha, wide = p.q.shape[1] == p.k.shape[1], p.q.shape[3] > 64
+    if _FP32_BRGEMM:  # _FP32_BRGEMM_STEPS
+        if mha and wide:
+            return _DECODE_ROWS
+        if _one_thread():
+            return _STEP_SQ_BRGEMM_WIDE_GQA if wide else 2
+        return _STEP_SQ_PARALLEL_BRGEMM if mha else _STEP_SQ_PARALLEL_GQA
     if _one_thread():
         return _DECODE_ROWS
-    return _STEP_SQ_PARALLEL if p.q.shape[1] == p.k.shape[1] else _STEP_SQ_PARALLEL_GQA
+    return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
 
 
-def _fp32_tiny_rule() -> bool:
-    """Whether the tiny fp32 rules (_FP32_TINY, _MASKED_TINY) hold here: not on AMD."""
-    return not _AMD
+def _fp32_tiny_rule(masked_or_grad: bool = False) -> bool:
+    """Whether the tiny fp32 rules (_FP32_TINY; _MASKED_TINY) hold here: not on AMD; with the fp32 tiles on brgemm
+    only for masked or training calls on more than one thread (_FP32_BRGEMM_STEPS)."""
+    if _AMD:
+        return False
+    return not _FP32_BRGEMM or masked_or_grad and not _one_thread()
 
 
 def _one_thread() -> bool:
@@ -295,10 +324,10 @@ class CpuBackend(Backend):
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
             if not torch.compiler.is_compiling():  # (compared first: no guard on the symbolic lengths)
                 Sq, Sk = _lengths(p)
-                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule():
+                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule(p.requires_grad):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
-                    why = _FP32_STEPS
+                    why = _FP32_BRGEMM_STEPS if _FP32_BRGEMM else _FP32_STEPS
                 elif _avx2_step(p):
                     why = _AVX2_STEPS
                 elif p.requires_grad and _small_grad(p, Sq, Sk):
