@@ -156,10 +156,12 @@ _MASKED_TINY_AREA_BF16_PARALLEL = 256
 
 def _masked_tiny(p: AttnParams, dt) -> bool:
     """A tiny inference call whose only feature is its mask, in a dtype the rule covers: sdpa passes the mask to
-    PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard)."""
-    if (p.requires_grad or not (dt is torch.float32 and (_fp32_tiny_rule(masked_or_grad=True) or _AVX2_ONLY)
-                                or dt is torch.bfloat16 and _BF16_AMX)
-            or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True)):
+    PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard, and
+    the fp32 rule reads the thread count, which a graph cannot)."""
+    if (p.requires_grad or torch.compiler.is_compiling()
+            or not (dt is torch.float32 and (_fp32_tiny_rule(masked_or_grad=True) or _AVX2_ONLY)
+                    or dt is torch.bfloat16 and _BF16_AMX)
+            or not _sdpa_fused(p, mask=True)):
         return False
     Sq, Sk = _lengths(p)
     area = _MASKED_TINY_AREA_BF16_PARALLEL if dt is torch.bfloat16 and not _one_thread() else _TINY_AREA
