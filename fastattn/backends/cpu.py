@@ -107,7 +107,8 @@ _STEP_SQ_PARALLEL_GQA = 12
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
 _TINY_SK, _TINY_AREA = 64, 1024
 _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: per-tile costs dominate the cpu "
-              "kernels; measured 0.5-0.8x; not on AMD CPUs)")
+              "kernels; measured 0.5-0.8x; not on AMD CPUs; with the fp32 tiles on brgemm only training calls on "
+              "more than one thread, 0.91-0.96x there)")
 # Small fp32 training calls (a gradient to record): forward+backward through the cpu kernels costs a fixed ~70 us
 # more than PyTorch's (two op calls with 22-24 arguments, the autograd Function, the backward's buffers), which
 # outweighs their faster tiles below a few million multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
