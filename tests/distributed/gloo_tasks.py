@@ -10,6 +10,14 @@ def cp_case(case: Case):
     return run_cp_rank(TorchComm(), case)
 
 
+def fp32_engine():
+    """The worker's fp32 engine and the FASTATTN_CPU_FP32_GEMM it was started with."""
+    import os
+
+    from fastattn import ops
+    return ops.cpu_matmul_report().get("fp32"), os.environ.get("FASTATTN_CPU_FP32_GEMM")
+
+
 def comm_counts(case: Case):
     from tests.support.cp_cases import make_inputs
     comm = CountingComm(TorchComm())

@@ -28,6 +28,16 @@ def test_gloo_matches_single_process(gloo_pool, case):
     check_acceptance(case, gather_results(case, per_rank), single_process(case), reference(case), single_block(case))
 
 
+def test_gloo_workers_take_the_parents_fp32_engine(gloo_pool):
+    """Every worker multiplies fp32 on the test process's engine (tests/support/gloo.py), so its results can be
+    compared bitwise with the single-process reference."""
+    from tests.support.gloo import parent_fp32_engine
+    engine = parent_fp32_engine()
+    if engine is None:
+        pytest.skip("no C++ extension: no fp32 engine to share")
+    assert gloo_pool(2).run(TASKS, "fp32_engine") == [(engine, engine)] * 2
+
+
 def test_gloo_comm_counts(gloo_pool):
     W = 4
     for fwd, bwd in gloo_pool(W).run(TASKS, "comm_counts", Case(W=W, causal=True)):

@@ -2,7 +2,10 @@
 by its module name, and a conftest's module name ("conftest") is ambiguous once several conftests are loaded.
 
 Each pool runs W worker processes (spawn: fork deadlocks gloo in a large session) with OMP_NUM_THREADS=1 and one
-torch thread, joined through a FileStore in a temp dir (no ports), with a 60 s process-group timeout. A test sends
+torch thread, joined through a FileStore in a temp dir (no ports), with a 60 s process-group timeout. The workers
+take the test process's fp32 engine (FASTATTN_CPU_FP32_GEMM, csrc/cpu/blas.cpp): each process otherwise times
+sgemm against brgemm at start-up on its own, and where the two tie a busy host can part them, so a worker would
+round differently from the single-process reference it is compared with bitwise. A test sends
 a function (module file, name, args) to every rank and gets the W results back. Around each task a worker arms
 faulthandler.dump_traceback_later, so a hang prints every thread's stack and ends the worker instead of the run; a
 worker that dies fails the waiting test at once (its exit code in the message) instead of after the task limit.
@@ -57,6 +60,15 @@ def _worker(rank, world_size, store_path, tasks, results):
     dist.destroy_process_group()
 
 
+def parent_fp32_engine():
+    """This process's fp32 engine ("sgemm" or "brgemm"), or None without the C++ extension."""
+    from fastattn import ops
+    if not ops.loaded():
+        return None
+    engine = ops.cpu_matmul_report().get("fp32")
+    return engine if engine in ("sgemm", "brgemm") else None
+
+
 class GlooPool:
     def __init__(self, world_size: int):
         import multiprocessing as mp
@@ -66,18 +78,23 @@ class GlooPool:
         store = os.path.join(self.dir.name, "store")
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
-        env_before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # read by the children's torch import
+        pinned = {"OMP_NUM_THREADS": "1"}  # read by the children's torch import
+        engine = parent_fp32_engine()
+        if engine:
+            pinned["FASTATTN_CPU_FP32_GEMM"] = engine
+        env_before = {name: os.environ.get(name) for name in pinned}
+        os.environ.update(pinned)
         try:
             self.procs = [ctx.Process(target=_worker, args=(r, world_size, store, self.tasks[r], self.results),
                                       daemon=True, name=f"gloo{world_size}-rank{r}") for r in range(world_size)]
             for p in self.procs:
                 p.start()
         finally:
-            if env_before is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = env_before
+            for name, value in env_before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         self._ready = False
 
     def _collect(self, what: str):
