@@ -134,11 +134,11 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     q = p.q
     heads = q.shape[0] * q.shape[1]
     work = heads * Sq * Sk * q.shape[3]
-    if heads == 1 and work <= _GRAD_WORK_ONE_HEAD:
-        return True
-    if (heads == 1 and work <= _GRAD_WORK_ONE_HEAD_FULL and not _AMD and _one_thread()
-            and p.window_left < 0 and p.window_right < 0):
-        return True
+    if heads == 1:
+        unbanded = p.window_left < 0 and p.window_right < 0
+        bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD and _one_thread() else _GRAD_WORK_ONE_HEAD
+        if work <= bound:
+            return True
     return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY or not _AMD else _GRAD_WORK_PARALLEL)
 
 
@@ -185,7 +185,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
         return None
     Sq = _lengths(p)[0]
     if dt is torch.float32:
-        return (_FP32_BRGEMM_STEPS if _FP32_BRGEMM else _FP32_STEPS) if 2 <= Sq <= _fp32_step_limit(p) else None
+        return _fp32_steps_reason() if 2 <= Sq <= _fp32_step_limit(p) else None
     if dt is torch.bfloat16 and _avx2_step(p):
         return _AVX2_STEPS
     if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
@@ -276,6 +276,11 @@ def _fp32_step_limit(p: AttnParams) -> int:
     return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
 
 
+def _fp32_steps_reason() -> str:
+    """Why _fp32_step_limit's steps go to sdpa: the brgemm rule's reason or the sgemm one's."""
+    return _FP32_BRGEMM_STEPS if _FP32_BRGEMM else _FP32_STEPS
+
+
 def _fp32_tiny_rule(masked_or_grad: bool = False) -> bool:
     """Whether the tiny fp32 rules (_FP32_TINY; _MASKED_TINY) hold here: not on AMD; with the fp32 tiles on brgemm
     only for masked or training calls on more than one thread (_FP32_BRGEMM_STEPS)."""
@@ -330,7 +335,7 @@ class CpuBackend(Backend):
                 if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule(p.requires_grad):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
-                    why = _FP32_BRGEMM_STEPS if _FP32_BRGEMM else _FP32_STEPS
+                    why = _fp32_steps_reason()
                 elif _avx2_step(p):
                     why = _AVX2_STEPS
                 elif p.requires_grad and _small_grad(p, Sq, Sk):
