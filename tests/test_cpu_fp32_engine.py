@@ -97,3 +97,33 @@ def test_planted_key_packing_bug_fails_on_brgemm(plant):
     if not r.stdout.startswith("brgemm"):
         pytest.skip(f"this torch has no fp32 brgemm ({r.stdout.strip()})")
     assert ("2 of 2" if plant else "0 of 2") + " cells failed" in r.stdout, r.stdout
+
+
+# Large logits (D=256, scale 1.33: scores up to ~80, where an fp32 ulp is 7.6e-6) with the forward's tiles unpacked
+# (3 query blocks of 128) and the backward's packed (5 of 64 over a group of 3): P = exp(S - lse) in the backward is as
+# accurate as the naive computation only if its scores round as the forward's did.
+def test_backward_scores_round_as_the_forwards(engine):
+    """dV's error stays within 3x the naive fp32 computation's (1.0x on either engine; 6.3x on sgemm, 1.7e-5 of
+    max|dV|, while its packed key tiles carried the scale and its unpacked products applied it afterwards)."""
+    from support.oracle import oracle_attention
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(1, 6, 257, 256, generator=g)
+    k, v = (torch.randn(1, 2, 32, 256, generator=g) for _ in range(2))
+    do = torch.randn(1, 6, 257, 256, generator=g, dtype=torch.float64)
+    scale = 1.33
+    dv = {}
+    for name in ("cpu", "naive", "oracle"):
+        leaves = [t.clone().double() if name == "oracle" else t.clone() for t in (q, k, v)]
+        for t in leaves:
+            t.requires_grad_(True)
+        if name == "cpu":
+            import fastattn
+            out = fastattn.scaled_dot_product_attention(*leaves, scale=scale, enable_gqa=True, backend="cpu")
+        else:
+            rep = [leaves[0]] + [t.repeat_interleave(3, dim=1) for t in leaves[1:]]  # (1, 2, 32, 256) -> (1, 6, ...)
+            out = oracle_attention(*rep, scale=scale, dtype=torch.float64 if name == "oracle" else torch.float32)
+        out.backward(do.to(out.dtype))
+        dv[name] = leaves[2].grad.double()
+    err = {name: float((dv[name] - dv["oracle"]).abs().max()) for name in ("cpu", "naive")}
+    print(engine, {n: f"{e / float(dv['oracle'].abs().max()):.2e}" for n, e in err.items()})
+    assert err["cpu"] <= 3 * err["naive"], (engine, err)

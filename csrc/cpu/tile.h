@@ -79,17 +79,20 @@ inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int6
   return {buf, cols};
 }
 
-// Where the score scale of S = scale * Q K^T goes, per input dtype: fp32 Q rows are multiplied in place and the
-// scale rides the product as its alpha (free in sgemm; a copy of Q per tile measured ~2% of the fp32 forward and
-// backward), while other dtypes are converted to fp32 anyway, with the scale folded into that copy. qk_alpha * q_mul
-// = scale. Packed key tiles (pack_kt) carry the alpha.
+// Where the score scale of S = scale * Q K^T goes: qk_alpha * q_mul = scale. Other dtypes than fp32 are converted
+// to fp32 anyway, with the scale folded into that copy of Q. fp32 Q rows on brgemm are multiplied in place and the
+// scale rides the key tiles, which every score product there packs (pack_kt's alpha). On sgemm, where a tile is
+// packed (alpha in the pack) or not (alpha after the product) by counts that differ between the forward and the
+// backward, the scale goes into a copy of Q instead (~2% of the fp32 forward and backward): with it split two ways,
+// the backward's scores missed the forward's lse by rounding and P = exp(S - lse) with them (a fuzz case, D=256,
+// scores ~80: dV 1.0e-5 of max|dV| against brgemm's 1.5e-6, dQ 2.0e-5 against 0.7e-5; test_cpu_fp32_engine).
 template <typename T>
-constexpr float q_mul(float scale) {
-  return std::is_same_v<T, float> ? 1.f : scale;
+inline float q_mul(float scale) {
+  return std::is_same_v<T, float> && fp32_gemm_brgemm() ? 1.f : scale;
 }
 template <typename T>
-constexpr float qk_alpha(float scale) {
-  return std::is_same_v<T, float> ? scale : 1.f;
+inline float qk_alpha(float scale) {
+  return std::is_same_v<T, float> && fp32_gemm_brgemm() ? scale : 1.f;
 }
 
 // Everything a score tile needs to know about its (sequence, head) besides the operands.
