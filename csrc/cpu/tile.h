@@ -83,7 +83,7 @@ inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int6
 // to fp32 anyway, with the scale folded into that copy of Q. fp32 Q rows on brgemm are multiplied in place and the
 // scale rides the key tiles, which every score product there packs (pack_kt's alpha). On sgemm, where a tile is
 // packed (alpha in the pack) or not (alpha after the product) by counts that differ between the forward and the
-// backward, the scale goes into a copy of Q instead (~2% of the fp32 forward and backward): with it split two ways,
+// backward, the scale goes into a copy of Q instead (the forward ~4% slower there): with it split two ways,
 // the backward's scores missed the forward's lse by rounding and P = exp(S - lse) with them (a fuzz case, D=256,
 // scores ~80: dV 1.0e-5 of max|dV| against brgemm's 1.5e-6, dQ 2.0e-5 against 0.7e-5; test_cpu_fp32_engine).
 template <typename T>
