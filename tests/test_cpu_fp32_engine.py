@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
+import fastattn
 from fastattn import ops
 from support.cases import Case, cell_id, matrix, run_case
 from support.checks import check_dropout_backward_uses_forward_mask
+from support.oracle import oracle_attention
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
@@ -105,7 +107,6 @@ def test_planted_key_packing_bug_fails_on_brgemm(plant):
 def test_backward_scores_round_as_the_forwards(engine):
     """dV's error stays within 3x the naive fp32 computation's (1.0x on either engine; 6.3x on sgemm, 1.7e-5 of
     max|dV|, while its packed key tiles carried the scale and its unpacked products applied it afterwards)."""
-    from support.oracle import oracle_attention
     g = torch.Generator().manual_seed(22)
     q = torch.randn(1, 6, 257, 256, generator=g)
     k, v = (torch.randn(1, 2, 32, 256, generator=g) for _ in range(2))
@@ -117,7 +118,6 @@ def test_backward_scores_round_as_the_forwards(engine):
         for t in leaves:
             t.requires_grad_(True)
         if name == "cpu":
-            import fastattn
             out = fastattn.scaled_dot_product_attention(*leaves, scale=scale, enable_gqa=True, backend="cpu")
         else:
             rep = [leaves[0]] + [t.repeat_interleave(3, dim=1) for t in leaves[1:]]  # (1, 2, 32, 256) -> (1, 6, ...)
