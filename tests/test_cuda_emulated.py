@@ -203,25 +203,34 @@ def _emu_fwd_bwd(c, q, k, v, dout, dropout_p=0.0, seed=0, offset=0):
     return out, lse, grads
 
 
+def _sequences(c, q, k, v):
+    """(n, q, k, v) of each sequence: the call itself, or varlen's packed (1, H, total, D) sequence by sequence."""
+    if "seqlens" not in c:
+        yield 0, q, k, v
+        return
+    oq = ok = 0
+    for n, (sq, sk) in enumerate(c["seqlens"]):
+        yield n, q[:, :, oq:oq + sq], k[:, :, ok:ok + sk], v[:, :, ok:ok + sk]
+        oq, ok = oq + sq, ok + sk
+
+
+def _oracle_out(c, q, k, v, dtype=torch.float64, mask=None, dropout_p=0.0):
+    """The oracle's output (in dtype) on q, k, v as given, gradients flowing (delta_error differentiates it). mask:
+    dropout keep mask (B, H, Sq, Sk) or, varlen, a list per sequence."""
+    win, br, scale = c.get("window", (-1, -1)), c.get("br", True), c["D"] ** -0.5
+    outs = [oracle_attention(qs, ks, vs, scale=scale, window=win, bottom_right=br, dtype=dtype, dropout_p=dropout_p,
+                             dropout_mask=mask if mask is None or "seqlens" not in c else mask[n])
+            for n, qs, ks, vs in _sequences(c, q, k, v)]
+    return torch.cat(outs, 2)
+
+
 def _oracle_fwd_bwd(c, q, k, v, dout, dtype, mask=None, dropout_p=0.0):
-    """Oracle (in dtype) out, lse and grads; varlen sequence by sequence. mask: dropout keep mask (B, H, Sq, Sk)
-    or, varlen, a list per sequence."""
+    """Oracle (in dtype) out, lse and grads; varlen sequence by sequence (mask as _oracle_out's)."""
     win, br, scale = c.get("window", (-1, -1)), c.get("br", True), c["D"] ** -0.5
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    if "seqlens" in c:
-        outs, lses, (oq, ok) = [], [], (0, 0)
-        for n, (sq, sk) in enumerate(c["seqlens"]):
-            qs, ks, vs = leaves[0][:, :, oq:oq + sq], leaves[1][:, :, ok:ok + sk], leaves[2][:, :, ok:ok + sk]
-            m = None if mask is None else mask[n]
-            outs.append(oracle_attention(qs, ks, vs, scale=scale, window=win, bottom_right=br, dropout_mask=m,
-                                         dropout_p=dropout_p, dtype=dtype))
-            lses.append(_oracle_lse(qs, ks, scale, win, br, 0.0, None, dtype))
-            oq, ok = oq + sq, ok + sk
-        out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
-    else:
-        out = oracle_attention(*leaves, scale=scale, window=win, bottom_right=br, dropout_mask=mask,
-                               dropout_p=dropout_p, dtype=dtype)
-        lse = _oracle_lse(leaves[0], leaves[1], scale, win, br, 0.0, None, dtype)
+    out = _oracle_out(c, *leaves, dtype=dtype, mask=mask, dropout_p=dropout_p)
+    lse = torch.cat([_oracle_lse(qs, ks, scale, win, br, 0.0, None, dtype) for _, qs, ks, _ in
+                     _sequences(c, *leaves)], 2)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return out.detach(), lse, grads
 
@@ -431,18 +440,6 @@ def draw_decode(idx: int):
     if r.random() < 0.2:
         c["alibi"] = r.choice(["per_head", "per_batch"])
     return c, r.choice([0, 1, 3, 7, 64]), r.choice([132, 16, 1])
-
-
-def _oracle_out(c, q, k, v):
-    """The float64 oracle's output on q, k, v as given (gradients flow: delta_error differentiates it)."""
-    kw = dict(scale=c["D"] ** -0.5, window=c.get("window", (-1, -1)), bottom_right=c.get("br", True))
-    if "seqlens" not in c:
-        return oracle_attention(q, k, v, **kw)
-    outs, oq, ok = [], 0, 0
-    for sq, sk in c["seqlens"]:  # packed (1, H, total, D): sequence by sequence
-        outs.append(oracle_attention(q[:, :, oq:oq + sq], k[:, :, ok:ok + sk], v[:, :, ok:ok + sk], **kw))
-        oq, ok = oq + sq, ok + sk
-    return torch.cat(outs, 2)
 
 
 @pytest.mark.parametrize("idx", range(FUZZ_CASES), ids=lambda i: f"case{i}-")
