@@ -190,25 +190,56 @@ def test_backend_filters_and_case_filters():
 
 
 def test_interruption_keeps_what_was_measured():
-    """Ctrl-C / SIGTERM during a measurement: that one and the rest are listed as skipped, earlier ones kept."""
+    """Ctrl-C / SIGTERM during a case: that case (its implementations are timed together, interleaved, on the CPU)
+    and the rest are listed as skipped, earlier cases kept."""
     class Interrupting(Impl):
         name, family = "interrupting", "test"
 
         def build(self, case, inp, grad):
             def fwd():
-                runner.request_stop()  # what the signal handler does; raises inside a measurement
-                raise AssertionError("request_stop should have interrupted")
+                if case.seqlen_q == 32:
+                    runner.request_stop()  # what the signal handler does; raises inside a measurement
+                    raise AssertionError("request_stop should have interrupted")
+                return inp.q
             return Runner(fwd, [], inp.dout)
 
     c = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=16, seqlen_k=16, head_dim=16)
     c2 = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=32, seqlen_k=32, head_dim=16)
-    recs = runner.run([c, c2], [FastattnImpl("reference"), Interrupting()], "cpu", target_s=0.001, progress=False)
+    c3 = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=48, seqlen_k=48, head_dim=16)
+    recs = runner.run([c, c2, c3], [FastattnImpl("reference"), Interrupting()], "cpu", target_s=0.001,
+                      progress=False)
     status = [(r["label"], r["impl"], r["status"]) for r in recs]
     print(status)
-    assert status[0][2] == "ok"
-    assert [s[2] for s in status[1:]] == ["skipped"] * 3
-    assert all("interrupted" in r["reason"] for r in recs[1:])
+    assert [s[2] for s in status[:2]] == ["ok"] * 2 and all(r["time_ms"] > 0 for r in recs[:2])
+    assert [s[2] for s in status[2:]] == ["skipped"] * 4  # c2's reference was prepared, but its timing never ran
+    assert all("interrupted" in r["reason"] for r in recs[2:])
     runner.STATE["stop"] = False
+
+
+def test_cpu_timings_interleave_the_implementations():
+    """On the CPU a case's implementations are timed in rounds that alternate between them (a spell of load on a
+    shared machine then falls on each alike), each with its own number of calls, medians per implementation."""
+    order = []
+
+    class Logged(Impl):
+        family = "test"
+
+        def __init__(self, name):
+            self.name = name
+
+        def build(self, case, inp, grad):
+            def fwd():
+                order.append(self.name)
+                return inp.q
+            return Runner(fwd, [], inp.dout)
+
+    c = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=16, seqlen_k=16, head_dim=16)
+    recs = runner.run([c], [Logged("a"), Logged("b")], "cpu", target_s=0.001, progress=False)
+    assert all(r["status"] == "ok" and r["reps"] >= 3 and "interleaved" in r["timing"] for r in recs)
+    timed = order[order.index("b") + 1:]  # after each one's probe (the first call) and small check
+    timed = [n for n in timed if n in "ab"]
+    switches = sum(x != y for x, y in zip(timed, timed[1:]))
+    assert switches >= 4, timed  # alternating rounds, not a's block then b's
 
 
 # ---------------------------------------------------------------------------------------------- gpu-first preset

@@ -6,7 +6,7 @@ import gc
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ from .check import small_check
 from .impls import NAIVE, Impl, Refused
 from .inputs import make_inputs, step_for
 from .memory import CpuAllocTracker, peak_extra_bytes
-from .timing import bench
+from .timing import Timed, bench, bench_cpu_interleaved
 
 
 class Progress:
@@ -104,10 +104,13 @@ def _probe(step):
             raise Refused([_first_line(e)] + [w[:200] for w in why[:4]]) from None
 
 
-def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: Dict[tuple, tuple]) -> dict:
+def prepare(impl: Impl, case: Case, inp, device: str, checks: Dict[tuple, tuple]) -> Tuple[dict, Optional[Timed]]:
+    """Everything of one measurement but the timing: build, first call (and on the CPU its memory), the small
+    correctness check, the GPU's peak memory. Returns the record and the step to time (None once it failed)."""
     rec = {"impl": impl.name, "family": impl.family, "status": "ok", "reason": ""}
     t_start = time.monotonic()
     grad = case.mode in ("bwd", "fwd_bwd")
+    timed = None
     try:
         runner = impl.build(case, inp, grad)
         with runner.context():
@@ -138,19 +141,44 @@ def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: D
             if not cpu:
                 peak, how = peak_extra_bytes(step, device)
                 rec.update(peak_mem_mb=peak / 2 ** 20, memory=how)
-            t = bench(step, device, target_s, warm=t_probe if cpu else None)
-            rec.update(time_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, timing=t.method)
+        timed = Timed(step, t_probe, runner.context)
     except Refused as e:
         rec.update(status="refused", reason=str(e))
     except Exception as e:  # noqa: BLE001
         rec.update(status="oom" if _is_oom(e) else "error", reason=_first_line(e))
-    rec["wall_s"] = round(time.monotonic() - t_start, 3)  # everything: compile, check, timing, memory
-    if rec["status"] == "ok":
+    rec["wall_s"] = round(time.monotonic() - t_start, 3)  # everything: compile, check, memory (finish: + timing)
+    return rec, timed
+
+
+def finish(rec: dict, timed: Timed, case: Case, timing_s: float) -> dict:
+    """The record of a prepared measurement with its timing (or the error its timed calls raised)."""
+    if timed.error is not None:
+        e = timed.error
+        rec.update(status="oom" if _is_oom(e) else "error", reason=_first_line(e))
+    else:
+        t = timed.timing
+        rec.update(time_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, timing=t.method)
         s = rec["time_ms"] / 1e3
         rec["tflops"] = flops(case) / s / 1e12
         if case.mode == "decode":
             rec["gbps"] = kv_bytes(case) / s / 1e9
+    rec["wall_s"] = round(rec["wall_s"] + timing_s, 3)
     return rec
+
+
+def measure(impl: Impl, case: Case, inp, device: str, target_s: float, checks: Dict[tuple, tuple]) -> dict:
+    """One implementation on one case, timed alone (the GPU's way; run() interleaves a CPU case's timings)."""
+    rec, timed = prepare(impl, case, inp, device, checks)
+    if timed is None:
+        return rec
+    t0 = time.monotonic()
+    try:
+        with timed.context():
+            cpu = not device.startswith("cuda")
+            timed.timing = bench(timed.fn, device, target_s, warm=timed.estimate_s if cpu else None)
+    except Exception as e:  # noqa: BLE001
+        timed.error = e
+    return finish(rec, timed, case, time.monotonic() - t0)
 
 
 def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3,
@@ -174,13 +202,18 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
     # Cheapest cases first (unless the caller ordered them by importance): a run cut short by max_seconds loses
     # the most expensive points, not whole sweeps.
     todo = sorted(cases, key=lambda c: (flops(c), cases.index(c))) if order == "cheapest" else list(cases)
+    # CPU: a case's implementations are prepared one by one, then timed together in interleaved rounds
+    # (timing.bench_cpu_interleaved); an interruption before their timing ends leaves the case's records skipped.
+    # GPU: each is timed alone, right after its preparation (do_bench; a GPU is not shared with other tenants).
+    cpu = not device.startswith("cuda")
     try:
         for case in todo:
             inp = None
             over = max_seconds is not None and time.monotonic() - start > max_seconds
+            pending = []  # (impl, record or None, Timed or None) in order
             for impl in [i for i in impls if i.applies(case)]:
                 bar.update(f"{impl.name} {case.label}")
-                rec = None
+                rec = timed = None
                 if not (STATE["stop"] or over):
                     with interruptible():
                         why = gate(impl) if gate is not None else []
@@ -191,7 +224,21 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
                             continue
                         if inp is None:
                             inp = make_inputs(case, device)
-                        rec = measure(impl, case, inp, device, target_s, checks)
+                        if cpu:
+                            rec, timed = prepare(impl, case, inp, device, checks)
+                        else:
+                            rec = measure(impl, case, inp, device, target_s, checks)
+                pending.append((impl, rec, timed))
+            timing_s = 0.0
+            items = [t for _, _, t in pending if t is not None]
+            if items and not STATE["stop"]:
+                t0 = time.monotonic()
+                with interruptible():
+                    bench_cpu_interleaved(items, target_s)
+                timing_s = (time.monotonic() - t0) / len(items)  # each record's share of the rounds
+            for impl, rec, timed in pending:
+                if rec is not None and timed is not None:
+                    rec = finish(rec, timed, case, timing_s) if timed.timing or timed.error else None
                 if rec is None:
                     reason = "interrupted (Ctrl-C or SIGTERM)" if STATE["stop"] else \
                         f"time budget (--max-seconds {max_seconds:g}) used up"

@@ -2,13 +2,15 @@
 
 GPU: triton.testing.do_bench (median; it flushes the L2 cache between calls), or CUDA events when Triton is
 missing. CPU: time.perf_counter around each call after warm-up; the number of repeats adapts so the timed
-calls take about `target_s` (at least `min_reps`), and the median is reported."""
+calls take about `target_s` (at least `min_reps`), and the median is reported. `bench_cpu_interleaved` times
+several callables that way in rounds, so that load on a shared CPU falls on all of them alike."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, ContextManager, List, Optional, Sequence
 
 import torch
 
@@ -32,14 +34,59 @@ def bench_cpu(fn: Callable[[], object], target_s: float = 0.3, min_reps: int = 3
         t0 = time.perf_counter()
         fn()
         estimate_s = time.perf_counter() - t0
-    first = estimate_s
-    reps = int(min(max_reps, max(min_reps, target_s / max(first, 1e-6))))
+    reps = _reps(target_s, estimate_s, min_reps, max_reps)
     times: List[float] = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times) * 1e3, min(times) * 1e3, reps, "perf_counter median")
+
+
+def _reps(target_s: float, estimate_s: float, min_reps: int = 3, max_reps: int = 200) -> int:
+    return int(min(max_reps, max(min_reps, target_s / max(estimate_s, 1e-6))))
+
+
+@dataclass
+class Timed:
+    """One callable of an interleaved measurement: fn, the context entered around each of its batches (e.g.
+    SDPA's sdpa_kernel choice), the duration of a call already made (it sizes the repeats); after
+    bench_cpu_interleaved, `timing` or the exception a call raised."""
+    fn: Callable[[], object]
+    estimate_s: float
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+    timing: Optional[Timing] = None
+    error: Optional[Exception] = None
+
+
+ROUNDS = 8
+
+
+def bench_cpu_interleaved(items: Sequence[Timed], target_s: float = 0.3, rounds: int = ROUNDS) -> None:
+    """bench_cpu for several callables at once: each still makes its own number of timed calls (about target_s of
+    them, at least 3), spread evenly over `rounds` rounds that visit the callables in turn, so a spell of load on a
+    shared CPU (seconds long on the 2-vCPU VMs this was measured on) lands on every callable's calls alike instead of
+    on one callable's whole block. Timed one block after another, the quick preset read the same kernel 0.81x and
+    0.88x torch in two cases on one such VM, 1.50x and 1.14x in the interleaved rounds of an A/B script. A callable
+    that raises is left out of the later rounds, with its exception in `error`."""
+    reps = [_reps(target_s, t.estimate_s) for t in items]
+    times: List[List[float]] = [[] for _ in items]
+    for r in range(rounds):
+        for i, t in enumerate(items):
+            n = (r + 1) * reps[i] // rounds - r * reps[i] // rounds  # reps[i] calls over the rounds, evenly
+            if n == 0 or t.error is not None:
+                continue
+            try:
+                with t.context():
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        t.fn()
+                        times[i].append(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - the caller lists it as the implementation's failure
+                t.error = e
+    for t, ts in zip(items, times):
+        if t.error is None:
+            t.timing = Timing(statistics.median(ts) * 1e3, min(ts) * 1e3, len(ts), "perf_counter median, interleaved")
 
 
 def bench_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
