@@ -113,14 +113,16 @@ void blas_gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
 // B1 H8 S1024 1.13-1.22x torch against sgemm's 1.06-1.13x, causal 1.54-1.63x against 1.37-1.45x with the diagonal
 // tiles packed once, B4 S128-512 short calls 5-10% faster): no transposes in the backward (bwd.cpp), key tiles
 // packed once for any tile shape (fwd.cpp). So the two tiles are timed once (best of five, one thread) and sgemm is
-// taken only when kSgemmMargin times faster: a near tie keeps brgemm, and timing noise cannot flip the rounding
-// from run to run.
+// taken only when kSgemmMargin times faster: a near tie keeps brgemm. At 1.08 timing noise still flipped it on a
+// noisy ~2 GHz Xeon host (2026-12-02 late: MKL/brgemm tile ratios 0.98-1.04 in most processes, 1.083 in 1 of 20, and
+// 1.09 / 1.14 in 2 of 40 with the two engines' batches alternated; those processes ran sgemm's slower kernels, with
+// other bits); no CPU measured so far has sgemm's tiles 1.25x ahead.
 // Without AVX-512 the tiles alone mislead: on an AMD EPYC Zen 1 (AVX2) they tie within the timing noise (brgemm
 // 22-42 GFLOP/s, sgemm 35-42, one probe to the next on a busy host) while the whole kernel ran faster on brgemm in
 // every class timed (one thread, 2026-12-02, FASTATTN_CPU_FP32_GEMM forced, alternating: forward S = 1024 7-8%,
 // forward+backward S = 512 4-6%, B4 S128 6-8%, grouped-query steps of 4-8 tokens 1.2-1.45x). There brgemm is kept
 // whenever it runs, without a timing to flip.
-constexpr double kSgemmMargin = 1.08;
+constexpr double kSgemmMargin = 1.25;
 
 struct Fp32Engine {
   bool brgemm = false;
