@@ -198,8 +198,9 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
     """auto hands small unmasked fp32 training calls to sdpa (W = B * Hq * Sq * Sk * D up to 2^21 on one thread, 2^17
     on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
     inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
-    kernels. One head without a causal band takes 3 * 2^22 on one thread of an Intel CPU; on more threads Intel CPUs
-    keep 2^21. (CPUs with AVX-512; without it 2^21 on more threads too: test_avx2_only_rules.)"""
+    kernels. One head without a causal band takes 3 * 2^22 on an Intel CPU; on more threads Intel CPUs keep 2^21
+    (one head 2^22 with a causal band). (CPUs with AVX-512; without it 2^21 on more threads too:
+    test_avx2_only_rules.)"""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     monkeypatch.setattr(cpu_backend, "_AMD", False)
@@ -225,7 +226,8 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
         assert fastattn.explain(q, q, q).chosen == "cpu" or "small fp32 training" not in str(fastattn.explain(q, q, q))
     with torch_threads(2):  # Intel: 2^21 on every thread count; AMD: 2^17 on more than one
         assert chosen(1, 2, 128) == "sdpa" and chosen(1, 4, 128) == "cpu"
-        assert chosen(1, 1, 256) == "sdpa" and chosen(1, 1, 384) == "cpu"
+        assert chosen(1, 1, 256, is_causal=True) == "sdpa" and chosen(1, 1, 272, is_causal=True) == "cpu"
+        assert chosen(1, 1, 384) == "sdpa" and chosen(1, 1, 448) == "cpu"  # one head, no causal band: 3 * 2^22
         monkeypatch.setattr(cpu_backend, "_AMD", True)
         assert chosen(1, 2, 32) == "sdpa" and chosen(1, 2, 48) == "cpu"  # 2^17
         assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu" and chosen(1, 1, 384) == "cpu"

@@ -120,12 +120,15 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # W = 2^22-1.2 * 2^23 (S = 256-384 at D=64, S = 256 at D=128), 1.01-1.09x from 2^24 (0.96x at S = 384, D=128), while
 # causal heads read 1.01-1.42x from 2^23: there one head takes the bound 3 * 2^22 when not causal. On two threads
 # there B1 H12 S16 and B4 H12 S16 read 0.74-0.84x (hand-over 0.92-1.00x), B1 H12 S32 0.98-1.03x: Intel CPUs keep the
-# one-thread bound 2^21 on every thread count (the parallel bound 2^17 is the AMD EPYC's).
+# one-thread bound 2^21 on every thread count (the parallel bound 2^17 is the AMD EPYC's). One head without a causal
+# band on two threads (Intel Xeon AMX, 2026-12-03, median of 48 interleaved rounds): S = 256 at D=128 0.74x, S = 320
+# at D=64 0.87x, S = 384 at D=64 0.96-1.04x (hand-over 0.97-0.99x), from S = 448 at D=64 1.21-1.28x: the one-thread
+# bound 3 * 2^22 holds there too (S = 320 at D=128, just past it, read 0.86x; S = 384 1.06x).
 _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
-_GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, one thread, no causal band or window
+_GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, no causal band or window
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21; 2^17 on more "
-                    "than one thread of an AMD CPU; 2^22 for one head, 3 * 2^22 without a causal band on one Intel "
-                    "thread): the cpu kernels' fixed cost per forward+backward, ~70 us over PyTorch's, outweighs "
+                    "than one thread of an AMD CPU; 2^22 for one head, 3 * 2^22 without a causal band on an Intel "
+                    "CPU): the cpu kernels' fixed cost per forward+backward, ~70 us over PyTorch's, outweighs "
                     "their tiles; measured 0.36-0.95x)")
 
 
@@ -136,7 +139,7 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     work = heads * Sq * Sk * q.shape[3]
     if heads == 1:
         unbanded = p.window_left < 0 and p.window_right < 0
-        bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD and _one_thread() else _GRAD_WORK_ONE_HEAD
+        bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD else _GRAD_WORK_ONE_HEAD
         if work <= bound:
             return True
     return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY or not _AMD else _GRAD_WORK_PARALLEL)
