@@ -218,7 +218,8 @@ def test_interruption_keeps_what_was_measured():
 
 def test_cpu_timings_interleave_the_implementations():
     """On the CPU a case's implementations are timed in rounds that alternate between them (a spell of load on a
-    shared machine then falls on each alike), each with its own number of calls, medians per implementation."""
+    shared machine then falls on each alike), each with its own number of calls, medians per implementation; the
+    rounds' orders differ, so each implementation runs right after each of the others."""
     order = []
 
     class Logged(Impl):
@@ -234,12 +235,13 @@ def test_cpu_timings_interleave_the_implementations():
             return Runner(fwd, [], inp.dout)
 
     c = Case("fwd", "fp32", batch=1, heads=1, heads_kv=1, seqlen_q=16, seqlen_k=16, head_dim=16)
-    recs = runner.run([c], [Logged("a"), Logged("b")], "cpu", target_s=0.001, progress=False)
+    recs = runner.run([c], [Logged("a"), Logged("b"), Logged("c")], "cpu", target_s=0.001, progress=False)
     assert all(r["status"] == "ok" and r["reps"] >= 3 and "interleaved" in r["timing"] for r in recs)
-    timed = order[order.index("b") + 1:]  # after each one's probe (the first call) and small check
-    timed = [n for n in timed if n in "ab"]
-    switches = sum(x != y for x, y in zip(timed, timed[1:]))
-    assert switches >= 4, timed  # alternating rounds, not a's block then b's
+    timed = order[order.index("c") + 1:]  # after each one's probe (the first call) and small check
+    timed = [n for n in timed if n in "abc"]
+    switches = [(x, y) for x, y in zip(timed, timed[1:]) if x != y]
+    assert len(switches) >= 4, timed  # alternating rounds, not a's block then b's
+    assert set(switches) == {(x, y) for x in "abc" for y in "abc" if x != y}, timed  # every predecessor
 
 
 # ---------------------------------------------------------------------------------------------- gpu-first preset

@@ -67,12 +67,16 @@ def bench_cpu_interleaved(items: Sequence[Timed], target_s: float = 0.3, rounds:
     them, at least 3), spread evenly over `rounds` rounds that visit the callables in turn, so a spell of load on a
     shared CPU (seconds long on the 2-vCPU VMs this was measured on) lands on every callable's calls alike instead of
     on one callable's whole block. Timed one block after another, the quick preset read the same kernel 0.81x and
-    0.88x torch in two cases on one such VM, 1.50x and 1.14x in the interleaved rounds of an A/B script. A callable
+    0.88x torch in two cases on one such VM, 1.50x and 1.14x in the interleaved rounds of an A/B script. Each round
+    takes its own order (rotated, reversed every other round), so a callable does not always run just after the
+    same other one: in one fixed order the cpu kernels always ran just before auto's hand-over to torch's SDPA in
+    benchmarks/test_auto_rule.py and it read 0.89-0.94x torch's very call, 0.96-1.01x in every order. A callable
     that raises is left out of the later rounds, with its exception in `error`."""
     reps = [_reps(target_s, t.estimate_s) for t in items]
     times: List[List[float]] = [[] for _ in items]
     for r in range(rounds):
-        for i, t in enumerate(items):
+        for i in _round_order(len(items), r):
+            t = items[i]
             n = (r + 1) * reps[i] // rounds - r * reps[i] // rounds  # reps[i] calls over the rounds, evenly
             if n == 0 or t.error is not None:
                 continue
@@ -87,6 +91,13 @@ def bench_cpu_interleaved(items: Sequence[Timed], target_s: float = 0.3, rounds:
     for t, ts in zip(items, times):
         if t.error is None:
             t.timing = Timing(statistics.median(ts) * 1e3, min(ts) * 1e3, len(ts), "perf_counter median, interleaved")
+
+
+def _round_order(k: int, r: int) -> List[int]:
+    """Round r's order of k callables: rotated by r // 2, reversed in odd rounds (a callable's predecessor is then
+    one of its neighbours either side in turn; with three callables, each of the other two alike)."""
+    order = [(i + r // 2) % k for i in range(k)] if k else []
+    return order[::-1] if r % 2 else order
 
 
 def bench_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
