@@ -272,3 +272,41 @@ def test_query_rows_expanded_or_overlapping(dtype):
         out = fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
         ref = oracle_attention(q, k, v, scale=64 ** -0.5)
         assert_rule("out", out, ref, oracle_attention(q, k, v, scale=64 ** -0.5, dtype=dtype), dtype)
+
+
+# (B, Hkv, G, Sq, Sk, D, Dv, (B, S, H, D) layout, key padding, softcap, fp32 out): packed but the last
+_PACKED_GQA = [(1, 2, 4, 1, 300, 64, 64, True, False, 0.0, False),  # one token, 4 rows a KV head, in place
+               (2, 1, 8, 16, 513, 128, 128, True, True, 0.0, False),  # 128 rows; q and out copied
+               (1, 3, 2, 5, 65, 40, 24, True, False, 5.0, False),
+               (2, 2, 3, 13, 1030, 72, 72, False, True, 0.0, True),
+               (1, 2, 4, 2, 7, 8, 8, False, False, 0.0, False),
+               (1, 2, 2, 17, 200, 64, 64, False, False, 0.0, False)]  # one token past the bound: not packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_packed_gqa_rows_are_their_own_heads(dtype):
+    """Calls of at most 16 query tokens with grouped-query heads and no band run each KV head's G query heads as one
+    head of G * Sq rows (register.cpp, pack_gqa): in place for (B, H, S, D) queries and outputs, through copies for
+    (B, S, H, D) ones. Each row's products and sums are its own head's, so out and lse must be the same bits, in the
+    same layout, as the call with K and V repeated per query head (nothing to pack), across group sizes, lengths
+    around the tiles, head dims, key padding, softcap and an fp32 out; out also against the float64 oracle."""
+    torch.manual_seed(8)
+    for B, Hkv, G, Sq, Sk, D, Dv, bshd, padded, softcap, out_fp32 in _PACKED_GQA:
+        Hq = Hkv * G
+        q = torch.randn(B, Sq, Hq, D).to(dtype).transpose(1, 2) if bshd else torch.randn(B, Hq, Sq, D).to(dtype)
+        k, v = torch.randn(B, Hkv, Sk, D).to(dtype), torch.randn(B, Hkv, Sk, Dv).to(dtype)
+        bias = None
+        if padded:
+            keep = torch.rand(B, 1, 1, Sk) > 0.3
+            keep[..., 0] = True
+            bias = torch.zeros(B, 1, 1, Sk).masked_fill(~keep, float("-inf")).to(dtype).expand(B, Hq, Sq, Sk)
+        rest = (None, None, 0, 0, D ** -0.5, -1, -1, False, softcap, None, 0.0, 0, 0, False, None, None, out_fp32, 0)
+        out, lse = torch.ops.fastattn.fwd(q, k, v, bias, *rest)
+        kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # (B, Hkv, Sk, .) -> (B, Hq, Sk, .)
+        out_mha, lse_mha = torch.ops.fastattn.fwd(q, kr, vr, bias, *rest)
+        case = (B, Hkv, G, Sq, Sk, D, Dv, bshd, padded, softcap, out_fp32)
+        assert torch.equal(out, out_mha) and out.stride() == out_mha.stride(), case
+        assert torch.equal(lse, lse_mha), case
+        kw = dict(scale=D ** -0.5, mask=bias, softcap=softcap)
+        assert_rule("out", out.to(dtype), oracle_attention(q, k, v, **kw),
+                    oracle_attention(q, k, v, dtype=dtype, **kw), dtype)
