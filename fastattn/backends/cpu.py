@@ -34,7 +34,8 @@ _AVX2_ONLY = _REPORT.get("avx512") == "0"  # an x86 CPU without AVX-512 (its rul
 #    reading K/V at short caches, 0.84-0.86x at 512 keys, D=64; grouped-query steps: below), steps of 3-4 tokens
 #    without grouped-query heads at head dim <= 64 (the decode kernel with 3-4 rows per head: 0.81x at 512 keys
 #    through the SDPA surface, where the hand-over read 0.89x; other steps of 2-16 tokens stay here: two tokens
-#    1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them), MHA at 8-16 tokens 0.95-1.14x against
+#    1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them; 1.8-3.6x since their heads run packed
+#    as rows, csrc/cpu/register.cpp), MHA at 8-16 tokens 0.95-1.14x against
 #    0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096) of fewer than 16 batch x heads
 #    (0.93-1.01x at B1 H8-12, S = 32; until 2026-12-01 every tiny call, when B8 H12 had read 0.86-0.97x at S = 17,
 #    32, 64 and 1.0-1.26x at S = 24, 48; since then, with the lean path, one thread, 1.10-1.50x from B*H = 16 up:
@@ -228,14 +229,17 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # MHA D=128 0.62-0.95x at every length; grouped-query 0.46-0.99x up to 8, 1.10-1.15x at 12-16; tiny calls 0.98-1.15x
 # against the hand-over's 0.90-0.99x; tiny masked 0.86-0.97x against 0.97-1.00x; tiny training calls (B8 H12 S32
 # D64 forward+backward) 1.16-1.19x on one thread, 0.91-0.96x on two, where the hand-over read 0.95-1.02x. (On sgemm the
-# rules above stand: two threads MHA 8 tokens 0.97-1.01x, tiny calls 0.91-1.06x.)
+# rules above stand: two threads MHA 8 tokens 0.97-1.01x, tiny calls 0.91-1.06x.) Since grouped-query steps run
+# their query heads packed as rows (csrc/cpu/register.cpp, pack_gqa; 2026-12-03, B1, GQA 16/4 and 32/8 at D=128, 12/4
+# at D=64, 512 / 2048 keys, ad-hoc, the packing off and on in one run) the cpu kernels read, one thread, 1.05-1.41x
+# from 4 tokens (0.88-1.23x before) and 0.90-1.22x at 2 (0.72-0.94x); two threads 1.05-1.61x from 4 tokens (0.75-1.33x
+# before), 0.88-1.05x at 2 (0.50-0.61x); 3 tokens (300-2048 keys) 0.93-1.53x, through auto 0.97-1.52x: grouped-query
+# steps go to sdpa at 2 tokens only, on any thread count.
 _FP32_BRGEMM = _REPORT.get("fp32") == "brgemm"
-_STEP_SQ_BRGEMM_WIDE_GQA = 4  # one thread, grouped-query heads, head dim > 64: sdpa up to 4 tokens
 _STEP_SQ_PARALLEL_BRGEMM = 8  # more than one thread, MHA, head dim <= 64: sdpa up to 8 tokens
 _FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brgemm tiles: MHA at head dim > 64 "
-                      "(2-16 tokens), 2 tokens at head dim 64 (on more than one thread: MHA up to 8, grouped-query "
-                      "up to 12), grouped-query at head dim > 64 up to 4 tokens; measured 0.46-0.97x, the cpu "
-                      "kernels 0.98-1.30x on the rest and tiny calls")
+                      "(2-16 tokens), 2 tokens otherwise (on more than one thread MHA up to 8); measured 0.46-0.97x, "
+                      "the cpu kernels 0.98-1.30x on the rest and tiny calls")
 # x86 CPUs without AVX-512 (AMD EPYC Zen 1, AVX2 + FMA, 2026-12-02, one thread, benchmarks/test_auto_rule.py after the
 # AVX2 decode helpers and brgemm there): MHA inference steps of 2-16 query tokens read 0.89-0.94x torch's SDPA in fp32
 # at 4-16 tokens (0.97-1.13x at 2) and 0.80-0.90x in bf16 (masked bf16 4-token steps 0.75-0.82x; masked fp32 ones
@@ -271,9 +275,7 @@ def _fp32_step_limit(p: AttnParams) -> int:
     if _FP32_BRGEMM:  # _FP32_BRGEMM_STEPS
         if mha and wide:
             return _DECODE_ROWS
-        if _one_thread():
-            return _STEP_SQ_BRGEMM_WIDE_GQA if wide else 2
-        return _STEP_SQ_PARALLEL_BRGEMM if mha else _STEP_SQ_PARALLEL_GQA
+        return _STEP_SQ_PARALLEL_BRGEMM if mha and not _one_thread() else 2
     if _one_thread():
         return _DECODE_ROWS
     return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
