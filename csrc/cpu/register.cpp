@@ -241,7 +241,7 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
   }
   int64_t os = packed_row_stride(out);
   if (os < 0) {
-    out_rows = at::empty(out.sizes(), out.options());  // (B, Hq, Sq, Dv), contiguous
+    out_rows = alloc_output(out.sizes(), out.options());  // (B, Hq, Sq, Dv), contiguous; poisoned as out is
     p.out = out_rows.data_ptr();
     p.o_st = strides_of(out_rows);
     os = p.o_st.s;
