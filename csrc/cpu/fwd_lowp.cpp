@@ -101,8 +101,8 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
   // Key blocks on the global grid that any row of this query block sees (invisible blocks, skipped padding and keys
   // a bias's -inf edges hide from every row are left out).
   const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
-  const int64_t j_lo = std::max(vis.key_lo(i0), m_lo);
-  const int64_t j_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
+  const int64_t j_lo = std::max(vis.rows_key_lo(i0, i0 + bq), m_lo);
+  const int64_t j_hi = std::min({vis.rows_key_hi(i0, i0 + bq), s.kend, m_hi});
   bool first = true;  // the first P V product writes acc (no fill, no rescale of it before)
   if (j_lo < j_hi) {
     const int64_t kb0 = j_lo / KBLOCK, kb1 = (j_hi + KBLOCK - 1) / KBLOCK;
@@ -116,11 +116,10 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
       const int64_t bk_pad = mm::even(bk);
       const bool fused = fuse_bias && vis.full(i0, i0 + bq, j0, j0 + bk);
       const float eff = lowp_scores<T>(ctx, kv, qs, ldq, i0, bq, kb, c0, bk, S, nullptr, fused);
-      const T* bias0 = fused ? ctx.bias_row0 + i0 * p.bias_st.s + j0 : nullptr;  // row r at + r * bias_st.s
       for (int64_t r = 0; r < bq; ++r) {
         const float alpha = softmax_row<T>(S + r * KBLOCK, bk, bk_pad, eff, m[r], l[r], P + r * KBLOCK, drop,
                                            s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0,
-                                           fused ? bias0 + r * p.bias_st.s : nullptr);
+                                           fused ? ctx.bias_row(i0 + r) + j0 : nullptr);
         if (alpha != 1.f && !first) vec512::scale_row(acc + r * Dv, Dv, alpha);
       }
       // acc (+)= P V, V's rows from key c0 of the block (VNNI pairs of rows: + c0 Dv)

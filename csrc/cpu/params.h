@@ -74,8 +74,18 @@ struct CpuParams {
   float dropout_p = 0.f;
   uint64_t seed = 0, offset = 0;
   int64_t head_start = 0;  // dropout counters use the global query head head_start + h (csrc/ops.cpp)
+  // Packed grouped-query heads (register.cpp pack_gqa; forward only): query row i of a packed head is token
+  // i % q_period of query head (i / q_period) of its group. 0: not packed, row i is token i. bias_sg and
+  // mask_keys_sg: the strides between a group's query heads in the bias and in mask_keys (their h strides then step
+  // from group to group).
+  int64_t q_period = 0, bias_sg = 0, mask_keys_sg = 0;
 
   int64_t group() const { return Hq / Hkv; }
+  // Query row i's offset from its head's row 0 in a tensor whose rows are `row` and query heads `head` apart: i *
+  // row, or packed (q_period) the row of token i % q_period in the group's query head i / q_period.
+  int64_t row_offset(int64_t i, int64_t row, int64_t head) const {
+    return q_period > 0 ? i / q_period * head + i % q_period * row : i * row;
+  }
 };
 
 // One sequence: which tensor batch it lives in, where its rows start, its lengths, and the global positions of
@@ -101,8 +111,9 @@ inline SeqInfo seq_info(const CpuParams& p, int64_t n) {
     s.kpos0 = p.k_start[n];
     s.off = s.alibi_off = s.qpos0 - s.kpos0;
   } else {
-    s.off = p.bottom_right ? s.sk - s.sq : 0;
-    s.alibi_off = s.sk - s.sq;
+    const int64_t tokens = p.q_period > 0 ? p.q_period : s.sq;  // packed rows: the step's own query count
+    s.off = p.bottom_right ? s.sk - tokens : 0;
+    s.alibi_off = s.sk - tokens;
   }
   s.kend = p.key_end != nullptr ? std::min(s.sk, p.key_end[s.b]) : s.sk;
   return s;
@@ -114,11 +125,12 @@ inline std::pair<int64_t, int64_t> mask_key_range(const CpuParams& p, const SeqI
                                                   int64_t i1) {
   if (p.mask_keys == nullptr) return {0, s.sk};
   const int32_t* r = p.mask_keys + 2 * (s.b * p.mask_keys_sb + h * p.mask_keys_sh);
-  if (p.mask_keys_ss == 0) return {r[0], r[1]};
+  if (p.mask_keys_ss == 0 && p.mask_keys_sg == 0) return {r[0], r[1]};
   int32_t lo = INT32_MAX, hi = 0;
   for (int64_t i = i0; i < i1; ++i) {
-    lo = std::min(lo, r[2 * i]);
-    hi = std::max(hi, r[2 * i + 1]);
+    const int64_t at = 2 * p.row_offset(i, p.mask_keys_ss, p.mask_keys_sg);
+    lo = std::min(lo, r[at]);
+    hi = std::max(hi, r[at + 1]);
   }
   return {lo, hi};
 }
@@ -141,25 +153,39 @@ inline std::vector<int64_t> dealt_units(int64_t units) {
 //   off = q_start - k_start with block coordinates, else bottom_right ? sk - sq : 0;
 //   j >= i + off - window_left (if >= 0);  j <= i + off + window_right (if >= 0).
 // int64 throughout: |off| < 2^31 and windows < 2^31 (register.cpp), so i + off +- w cannot overflow, and the
-// clamps make any shift (negative, zero, past sk) a plain band move.
+// clamps make any shift (negative, zero, past sk) a plain band move. Packed grouped-query rows (p.q_period > 0,
+// forward only) are token i % q_period: the key_* functions take a row, the rows_* ones a run of rows.
 struct Visibility {
-  int64_t off, wl, wr, sq, sk;
+  int64_t off, wl, wr, sq, sk, period;
 
   Visibility(const CpuParams& p, const SeqInfo& s)
-      : off(s.off), wl(p.window_left), wr(p.window_right), sq(s.sq), sk(s.sk) {}
+      : off(s.off), wl(p.window_left), wr(p.window_right), sq(p.q_period > 0 ? p.q_period : s.sq), sk(s.sk),
+        period(p.q_period) {}
 
+  // The token of row i.
+  int64_t token(int64_t i) const { return period > 0 ? i % period : i; }
   // Visible keys of row i are [key_lo(i), key_hi(i)) (may be empty).
-  int64_t key_lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(i + off - wl, 0, sk); }
-  int64_t key_hi(int64_t i) const { return wr < 0 ? sk : std::clamp<int64_t>(i + off + wr + 1, 0, sk); }
-  // Queries that see key j are [query_lo(j), query_hi(j)).
+  int64_t key_lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(token(i) + off - wl, 0, sk); }
+  int64_t key_hi(int64_t i) const { return wr < 0 ? sk : std::clamp<int64_t>(token(i) + off + wr + 1, 0, sk); }
+  // Queries that see key j are [query_lo(j), query_hi(j)) (the backward's: rows are tokens there).
   int64_t query_lo(int64_t j) const { return wr < 0 ? 0 : std::clamp<int64_t>(j - off - wr, 0, sq); }
   int64_t query_hi(int64_t j) const { return wl < 0 ? sq : std::clamp<int64_t>(j - off + wl + 1, 0, sq); }
   bool limited() const { return wl >= 0 || wr >= 0; }
+  // The first and last token among rows [i0, i1) (i0 < i1): key_lo and key_hi increase with the token, so the
+  // rows' tightest and widest bounds are these tokens'. Packed rows wrap from the last token to token 0.
+  std::pair<int64_t, int64_t> tokens(int64_t i0, int64_t i1) const {
+    if (period == 0) return {i0, i1 - 1};
+    const int64_t t0 = i0 % period, t1 = (i1 - 1) % period;
+    return i1 - i0 < period && t0 <= t1 ? std::pair{t0, t1} : std::pair<int64_t, int64_t>{0, period - 1};
+  }
+  // Keys any row of [i0, i1) sees lie in [rows_key_lo, rows_key_hi).
+  int64_t rows_key_lo(int64_t i0, int64_t i1) const { return key_lo(tokens(i0, i1).first); }
+  int64_t rows_key_hi(int64_t i0, int64_t i1) const { return key_hi(tokens(i0, i1).second); }
   // True when every (i, j) in [i0, i1) x [j0, j1) is visible, so the tile needs no element mask.
   bool full(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
     if (!limited()) return true;
-    // key_lo is increasing in i, key_hi too: the tightest rows are the first (for hi) and last (for lo).
-    return key_lo(i1 - 1) <= j0 && key_hi(i0) >= j1;
+    const auto [t0, t1] = tokens(i0, i1);  // the tightest rows: the last token for lo, the first for hi
+    return key_lo(t1) <= j0 && key_hi(t0) >= j1;
   }
 };
 

@@ -204,20 +204,20 @@ at::Tensor alloc_out(const at::Tensor& q, int64_t dv, bool out_fp32) {
 
 // Packed grouped-query heads (FlashAttention-3's PackGQA): a call of at most kPackGqaTokens query tokens runs the
 // G = Hq / Hkv query heads of each KV head as one head of G * Sq rows (row g * Sq + i: query head hk * G + g, token
-// i), so the query tiles fill and each K/V tile is read once per group instead of G times. Taken where every row
-// sees the same keys whatever its head and token: no window or causal band, no alibi, no dropout (its counters
-// follow the head), no varlen or block coordinates, and a bias only if broadcast over heads and queries (key
-// padding), and where each thread still gets a KV head. Measured (Intel Xeon AMX, B1, GQA 16/4 and 32/8 at D=128,
-// 12/4 at D=64, 512 / 2048 keys, steps of 2-16 tokens, README): bf16 1.32-2.31x torch's SDPA before, 1.76-3.62x
-// after on one thread (two: 1.20-1.59x, 1.89-3.37x); fp32 0.72-1.23x before, 0.90-1.41x after (two: 0.50-1.33x,
-// 0.88-1.61x); at 32 tokens and more, no gain. Each row's products and sums are those of its own head's rows, so
-// the output is the same bits either way.
+// i; CpuParams::q_period), so the query tiles fill and each K/V tile is read once per group instead of G times.
+// A row's band is its token's (params.h Visibility) and its bias row its own head's and token's (row_offset), so
+// causal steps, windows and any mask pack; not alibi or dropout (their terms follow the head), varlen or block
+// coordinates, and only where each thread still gets a KV head. Measured (Intel Xeon AMX, B1, GQA 16/4 and 32/8 at
+// D=128, 12/4 at D=64, 512 / 2048 keys, steps of 2-16 tokens, one thread, README): bf16 1.32-2.31x torch's SDPA
+// before, 1.76-3.62x after, with transformers' causal mask 1.10-2.01x before, 1.46-2.66x after; fp32 0.72-1.23x
+// before, 0.90-1.41x after, causal 0.55-1.11x, 1.01-1.61x; at 32 tokens and more, no gain. Each row's products and
+// sums are those of its own head's rows, so the output is the same bits either way (but where a mask's -inf edges
+// differ by head: a tile starts at the first key any of its rows sees).
 constexpr int64_t kPackGqaTokens = 16;
 
 bool packs_gqa(const CpuParams& p) {
   return p.group() > 1 && p.Sq <= kPackGqaTokens && p.cu_q == nullptr && p.q_start == nullptr &&
-         p.alibi == nullptr && p.dropout_p == 0.f && p.window_left < 0 && p.window_right < 0 &&
-         (p.bias == nullptr || p.bias_key_padding) &&
+         p.alibi == nullptr && p.dropout_p == 0.f &&
          p.nseq * p.Hkv >= at::get_num_threads();  // fewer heads than threads would leave threads idle
 }
 
@@ -248,7 +248,12 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
   }
   p.q_st = {p.q_st.b, G * p.q_st.h, qs, p.q_st.d};  // (B, Hq, Sq, D) -> (B, Hkv, G * Sq, D)
   p.o_st = {p.o_st.b, G * p.o_st.h, os, p.o_st.d};  // (B, Hq, Sq, Dv) -> (B, Hkv, G * Sq, Dv)
+  p.bias_sg = p.bias_st.h;  // a bias's and mask_keys' heads: (B, Hq, ...) -> (B, Hkv, G, ...)
+  p.bias_st.h *= G;
+  p.mask_keys_sg = p.mask_keys_sh;
+  p.mask_keys_sh *= G;
   p.Hq = p.Hkv;
+  p.q_period = p.Sq;
   p.Sq *= G;
   p.lse_sh = p.Sq;  // lse (B, Hq, Sq) contiguous -> (B, Hkv, G * Sq); lse_sb unchanged
 }
@@ -275,12 +280,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   p.out = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse = lse.data_ptr<float>();
+  MaskStore mask;  // p.mask_keys and p.key_end point here
+  read_mask(p, q.scalar_type(), false, mask);  // first: a causal mask read as a band may then be packed
   at::Tensor q_rows, out_rows;  // packed GQA's copies, where q's or out's heads are not Sq rows apart
   const bool packed = packs_gqa(p);
   if (packed) pack_gqa(p, q, out, q_rows, out_rows);
   const int64_t sq = packed ? p.Sq : mq;
-  MaskStore mask;  // p.mask_keys and p.key_end point here
-  read_mask(p, q.scalar_type(), false, mask);
   // bf16/fp16 tiles go to the matrix units where mm::path found them usable, else through fp32 sgemm.
   const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm;
   switch (q.scalar_type()) {

@@ -103,7 +103,7 @@ struct ScoreCtx {
   const Visibility& vis;
   int64_t h;
   float slope;        // alibi slope of this (sequence, head); 0 without alibi
-  const T* bias_row0; // bias at (b, h, q0, k0): add i * bias_st.s + j * bias_st.d; nullptr without bias
+  const T* bias_row0; // bias at (b, h, q0, k0): row i at bias_row(i), key j at + j * bias_st.d; nullptr without
 
   ScoreCtx(const CpuParams& p_, const SeqInfo& s_, const Visibility& vis_, int64_t h_)
       : p(p_), s(s_), vis(vis_), h(h_) {
@@ -129,6 +129,9 @@ struct ScoreCtx {
     finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
+  // Query row i's bias row (key 0).
+  const T* bias_row(int64_t i) const { return bias_row0 + p.row_offset(i, p.bias_st.s, p.bias_sg); }
+
   // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
   bool transforms() const { return p.softcap > 0.f || p.alibi != nullptr || bias_row0 != nullptr; }
 
@@ -136,10 +139,10 @@ struct ScoreCtx {
   // time (a bias broadcast over query rows, i.e. key padding, once per chunk). A scalar bf16 loop here cost ~30% of a
   // masked bf16 forward.
   void add_bias(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float mul) const {
-    const int64_t ss = p.bias_st.s, sd = p.bias_st.d;
+    const int64_t sd = p.bias_st.d;
 #ifdef FASTATTN_VEC512
     if (sd == 1 && vec512::available()) {
-      for (int64_t r = 0; r < bq; ++r) vec512::fma_row<T>(S + r * ldS, bias_row0 + (i0 + r) * ss + j0, bk, mul);
+      for (int64_t r = 0; r < bq; ++r) vec512::fma_row<T>(S + r * ldS, bias_row(i0 + r) + j0, bk, mul);
       return;
     }
 #endif
@@ -147,8 +150,11 @@ struct ScoreCtx {
     alignas(64) float b[kChunk];
     for (int64_t c0 = 0; c0 < bk; c0 += kChunk) {
       const int64_t w = std::min(kChunk, bk - c0);
+      const T* loaded = nullptr;  // rows that share a bias row (key padding) convert it once
       for (int64_t r = 0; r < bq; ++r) {
-        if (r == 0 || ss != 0) vec::load_row<T>(bias_row0 + (i0 + r) * ss + (j0 + c0) * sd, sd, b, w, 1.f);
+        const T* row = bias_row(i0 + r);
+        if (row != loaded) vec::load_row<T>(row + (j0 + c0) * sd, sd, b, w, 1.f);
+        loaded = row;
         float* Sr = S + r * ldS + c0;
         for (int64_t j = 0; j < w; ++j) Sr[j] = Sr[j] * mul + b[j];
       }
