@@ -319,3 +319,34 @@ def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
              "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)}
     _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask, enable_gqa=gqa).chosen,
                      f"{str(dtype)[6:]} masked step Sq={Sq} B={Bm} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk} left padding")
+
+
+@pytest.mark.parametrize("kind", ["causal", "tree"])
+@pytest.mark.parametrize("heads,D", [((16, 4), 128), ((12, 4), 64)], ids=["gqa16/4-d128", "gqa12/4-d64"])
+@pytest.mark.parametrize("Sq", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_row_masked_gqa_steps(request, dtype, Sq, heads, D, kind):
+    """Grouped-query inference steps with a mask that differs by query (B=1, 512 keys, a bool (1, 1, Sq, Sk) mask,
+    SDPA surface): transformers' bottom-right causal mask of a speculative or chunked step, which the cpu kernels
+    read as a band, and a random tree-attention mask (a fifth of the keys hidden). Their query heads run packed as
+    rows (csrc/cpu/register.cpp, pack_gqa); fp32 ones go to sdpa (the fp32 step rule), bf16 ones stay ours."""
+    if dtype == torch.float32:
+        request.applymarker(pytest.mark.xfail(
+            reason="known gap (Intel Xeon AMX, 2026-12-03, one thread): the hand-over to sdpa 0.94-0.98x, the cpu "
+                   "kernels 0.83-1.07x at 512 keys (1.07-1.61x with the causal mask, 0.90-1.39x with the tree mask "
+                   "in an ad-hoc run over 512 and 2048 keys); as the other fp32 steps", strict=False))
+    Hq, Hkv = heads
+    Sk = 512
+    g = torch.Generator().manual_seed(0)
+    if kind == "causal":
+        mask = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)[None, None]  # (Sq, Sk) -> (1, 1, Sq, Sk)
+    else:
+        mask = torch.rand(1, 1, Sq, Sk, generator=g) > 0.2
+    q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
+    k, v = (torch.randn(1, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=True),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                                  backend="cpu"),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)}
+    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask, enable_gqa=True).chosen,
+                     f"{str(dtype)[6:]} {kind}-masked step Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}")
