@@ -184,12 +184,16 @@ def _check_step(dtype, Sq, heads, D, Sk, kind):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
     k, v = (torch.randn(1, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
-    gqa = Hq != Hkv
-    impls = {"torch": lambda: TORCH_SDPA(q, k, v, enable_gqa=gqa),
-             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, backend="cpu"),
-             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)}
-    _check_inference(impls, fastattn.explain(q, k, v, enable_gqa=gqa).chosen,
-                     f"{str(dtype)[6:]} {kind} Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}")
+    _check_sdpa(q, k, v, f"{str(dtype)[6:]} {kind} Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}", enable_gqa=Hq != Hkv)
+
+
+def _check_sdpa(q, k, v, what: str, **kw):
+    """_check_inference on torch's SDPA, the cpu kernels and auto, each called with q, k, v and the SDPA keywords
+    kw (attn_mask, enable_gqa)."""
+    impls = {"torch": lambda: TORCH_SDPA(q, k, v, **kw),
+             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu", **kw),
+             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, **kw)}
+    _check_inference(impls, fastattn.explain(q, k, v, **kw).chosen, what)
 
 
 def _check_inference(impls, chosen: str, what: str):
@@ -239,10 +243,7 @@ def test_auto_not_slower_than_torch_tiny(request, dtype, B, Hq, S):
             strict=False))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, Hq, S, 64, generator=g).to(dtype) for _ in range(3))
-    impls = {"torch": lambda: TORCH_SDPA(q, k, v),
-             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu"),
-             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v)}
-    _check_inference(impls, fastattn.explain(q, k, v).chosen, f"{str(dtype)[6:]} tiny B={B} H={Hq} S={S} D=64")
+    _check_sdpa(q, k, v, f"{str(dtype)[6:]} tiny B={B} H={Hq} S={S} D=64")
 
 
 @pytest.mark.parametrize("S_mask", [16, 32, 64, 128])
@@ -261,11 +262,7 @@ def test_auto_not_slower_than_torch_masked(request, dtype, S_mask):
     q, k, v = (torch.randn(8, 12, S_mask, 64, generator=g).to(dtype) for _ in range(3))
     pad = torch.ones(8, 1, 1, S_mask, dtype=torch.bool)
     pad[4:, ..., S_mask * 3 // 4:] = False  # (B, 1, 1, Sk): True = a real key
-    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=pad),
-             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad, backend="cpu"),
-             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=pad)}
-    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=pad).chosen,
-                     f"{str(dtype)[6:]} key-padding mask B=8 H=12 D=64 S={S_mask}")
+    _check_sdpa(q, k, v, f"{str(dtype)[6:]} key-padding mask B=8 H=12 D=64 S={S_mask}", attn_mask=pad)
 
 
 @pytest.mark.parametrize("kind", ["causal", "window", "documents", "left padding"])
@@ -285,11 +282,7 @@ def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
         mask = structured_mask(kind, Bm, Sm)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(Bm, Hm, Sm, 64, generator=g).to(dtype) for _ in range(3))
-    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=mask),
-             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu"),
-             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
-    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask).chosen,
-                     f"{str(dtype)[6:]} {kind} mask B={Bm} H={Hm} S={Sm} D=64")
+    _check_sdpa(q, k, v, f"{str(dtype)[6:]} {kind} mask B={Bm} H={Hm} S={Sm} D=64", attn_mask=mask)
 
 
 @pytest.mark.parametrize("heads,D", [((12, 12), 64), ((16, 4), 128)], ids=["mha-d64", "gqa16/4-d128"])
@@ -312,13 +305,8 @@ def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(Bm, Hq, Sq, D, generator=g).to(dtype)
     k, v = (torch.randn(Bm, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
-    gqa = Hq != Hkv
-    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=gqa),
-             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa,
-                                                                  backend="cpu"),
-             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)}
-    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask, enable_gqa=gqa).chosen,
-                     f"{str(dtype)[6:]} masked step Sq={Sq} B={Bm} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk} left padding")
+    _check_sdpa(q, k, v, f"{str(dtype)[6:]} masked step Sq={Sq} B={Bm} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk} left padding",
+                attn_mask=mask, enable_gqa=Hq != Hkv)
 
 
 @pytest.mark.parametrize("kind", ["causal", "tree"])
@@ -344,9 +332,5 @@ def test_auto_not_slower_than_torch_row_masked_gqa_steps(request, dtype, Sq, hea
         mask = torch.rand(1, 1, Sq, Sk, generator=g) > 0.2
     q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
     k, v = (torch.randn(1, Hkv, Sk, D, generator=g).to(dtype) for _ in range(2))
-    impls = {"torch": lambda: TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=True),
-             "cpu": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
-                                                                  backend="cpu"),
-             "auto": lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)}
-    _check_inference(impls, fastattn.explain(q, k, v, attn_mask=mask, enable_gqa=True).chosen,
-                     f"{str(dtype)[6:]} {kind}-masked step Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}")
+    _check_sdpa(q, k, v, f"{str(dtype)[6:]} {kind}-masked step Sq={Sq} Hq={Hq} Hkv={Hkv} D={D} Sk={Sk}",
+                attn_mask=mask, enable_gqa=True)
