@@ -340,7 +340,7 @@ def test_masked_step_rules(intel_rules):
 def test_intel_brgemm_fp32_rules(monkeypatch):
     """On an Intel CPU whose fp32 tiles run on brgemm (measured on the Xeon): fp32 steps go to sdpa at 2 tokens, MHA at
     head dim > 64 at 2-16; on more than one thread MHA up to 8 (16 at head dim > 64), grouped-query steps (their heads
-    packed as rows) still at 2 only, but at 2-16 with a mask that differs by query; tiny calls stay on the cpu
+    packed as rows) still at 2 only, but at 2-16 with a mask beyond key padding; tiny calls stay on the cpu
     kernels, tiny masked and tiny training ones on one thread only."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", False)
@@ -366,7 +366,8 @@ def test_intel_brgemm_fp32_rules(monkeypatch):
         assert chosen(4, attn_mask=torch.ones(2, 1, 1, 300, dtype=torch.bool)) == "cpu"  # masked steps: the same
         rows = torch.ones(4, 300, dtype=torch.bool).tril(296)  # (Sq, Sk): a causal step's mask
         assert chosen(4, Hq=8, Hkv=2, attn_mask=rows) == "sdpa" and chosen(4, attn_mask=rows) == "cpu"
-        assert chosen(16, Hq=8, Hkv=2, attn_mask=torch.zeros(1, 300).expand(16, 300)) == "cpu"  # one row for all
+        assert chosen(16, Hq=8, Hkv=2, attn_mask=torch.ones(2, 8, 1, 300, dtype=torch.bool)) == "sdpa"  # per head
+        assert chosen(16, Hq=8, Hkv=2, attn_mask=torch.zeros(1, 300)) == "cpu"  # key padding: one row for all
         tiny_grad = rnd(8, 12, 32, 64).requires_grad_()  # (past the small training calls' bound)
         assert fastattn.explain(tiny_grad, tiny_grad, tiny_grad).chosen == "cpu"
     with torch_threads(2):

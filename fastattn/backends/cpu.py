@@ -237,12 +237,12 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # steps go to sdpa at 2 tokens only, on any thread count. With a mask that differs by query (2026-12-03, the same
 # shapes, 4-16 tokens (3-16 at 1024 keys), one thread, the packing of banded and masked calls off and on in one run):
 # transformers' causal mask (read as a band) 0.69-1.11x before, 1.07-1.61x packed; a random mask (tree attention)
-# 0.72-1.14x before, 0.85-1.39x packed (0.85-1.14x at 512-1024 keys): those go to sdpa up to 16 tokens, as the call
-# cannot tell the two apart without reading the mask.
+# 0.72-1.14x before, 0.85-1.39x packed (0.85-1.14x at 512-1024 keys): steps with a mask beyond key padding go to
+# sdpa up to 16 tokens, as the rule cannot tell the two apart without reading the mask.
 _FP32_BRGEMM = _REPORT.get("fp32") == "brgemm"
 _STEP_SQ_PARALLEL_BRGEMM = 8  # more than one thread, MHA, head dim <= 64: sdpa up to 8 tokens
 _FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brgemm tiles: MHA at head dim > 64 "
-                      "and grouped-query heads with a mask that differs by query (2-16 tokens), 2 tokens otherwise "
+                      "and grouped-query heads with a mask beyond key padding (2-16 tokens), 2 tokens otherwise "
                       "(on more than one thread MHA up to 8); measured 0.46-0.97x (masks 0.85-1.14x at 512-1024 "
                       "keys), the cpu kernels 0.98-1.30x on the rest and tiny calls")
 # x86 CPUs without AVX-512 (AMD EPYC Zen 1, AVX2 + FMA, 2026-12-02, one thread, benchmarks/test_auto_rule.py after the
@@ -278,7 +278,7 @@ def _fp32_step_limit(p: AttnParams) -> int:
         return 1
     mha, wide = p.q.shape[1] == p.k.shape[1], p.q.shape[3] > 64
     if _FP32_BRGEMM:  # _FP32_BRGEMM_STEPS
-        if mha and wide or not mha and _row_mask(p):
+        if mha and wide or not mha and _dense_mask(p):
             return _DECODE_ROWS
         return _STEP_SQ_PARALLEL_BRGEMM if mha and not _one_thread() else 2
     if _one_thread():
@@ -286,10 +286,10 @@ def _fp32_step_limit(p: AttnParams) -> int:
     return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
 
 
-def _row_mask(p: AttnParams) -> bool:
-    """Whether p's mask differs from query to query (a causal or tree mask, not key padding): a field read."""
-    m = p.attn_bias
-    return m is not None and m.dim() >= 2 and m.shape[-2] > 1 and m.stride(-2) != 0
+def _dense_mask(p: AttnParams) -> bool:
+    """Whether p's mask is more than key padding, i.e. differs by query or head (a causal or tree mask): from the
+    mask's dims, as the lean key (fastattn/lean.py) sees them, not its values."""
+    return p.mask_kind == "dense"
 
 
 def _fp32_steps_reason() -> str:
