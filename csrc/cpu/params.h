@@ -159,15 +159,14 @@ struct Visibility {
   int64_t off, wl, wr, sq, sk, period;
 
   Visibility(const CpuParams& p, const SeqInfo& s)
-      : off(s.off), wl(p.window_left), wr(p.window_right), sq(p.q_period > 0 ? p.q_period : s.sq), sk(s.sk),
-        period(p.q_period) {}
+      : off(s.off), wl(p.window_left), wr(p.window_right), sq(s.sq), sk(s.sk), period(p.q_period) {}
 
   // The token of row i.
   int64_t token(int64_t i) const { return period > 0 ? i % period : i; }
   // Visible keys of row i are [key_lo(i), key_hi(i)) (may be empty).
   int64_t key_lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(token(i) + off - wl, 0, sk); }
   int64_t key_hi(int64_t i) const { return wr < 0 ? sk : std::clamp<int64_t>(token(i) + off + wr + 1, 0, sk); }
-  // Queries that see key j are [query_lo(j), query_hi(j)) (the backward's: rows are tokens there).
+  // Queries that see key j are [query_lo(j), query_hi(j)) (the backward's, never packed: rows are tokens there).
   int64_t query_lo(int64_t j) const { return wr < 0 ? 0 : std::clamp<int64_t>(j - off - wr, 0, sq); }
   int64_t query_hi(int64_t j) const { return wl < 0 ? sq : std::clamp<int64_t>(j - off + wl + 1, 0, sq); }
   bool limited() const { return wl >= 0 || wr >= 0; }

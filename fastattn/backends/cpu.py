@@ -278,18 +278,13 @@ def _fp32_step_limit(p: AttnParams) -> int:
         return 1
     mha, wide = p.q.shape[1] == p.k.shape[1], p.q.shape[3] > 64
     if _FP32_BRGEMM:  # _FP32_BRGEMM_STEPS
-        if mha and wide or not mha and _dense_mask(p):
+        # mask_kind "dense": a mask beyond key padding, by its dims (what the lean key replays), not its values
+        if mha and wide or not mha and p.mask_kind == "dense":
             return _DECODE_ROWS
         return _STEP_SQ_PARALLEL_BRGEMM if mha and not _one_thread() else 2
     if _one_thread():
         return _DECODE_ROWS
     return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
-
-
-def _dense_mask(p: AttnParams) -> bool:
-    """Whether p's mask is more than key padding, i.e. differs by query or head (a causal or tree mask): from the
-    mask's dims, as the lean key (fastattn/lean.py) sees them, not its values."""
-    return p.mask_kind == "dense"
 
 
 def _fp32_steps_reason() -> str:
