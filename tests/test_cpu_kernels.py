@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastattn
-from support.oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, lse_reference, oracle_attention
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")
@@ -354,3 +354,45 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
         kw = dict(scale=D ** -0.5, mask=bias, softcap=softcap, window=(wl, wr), bottom_right=br)
         assert_rule("out", out.to(dtype), oracle_attention(q, k, v, **kw),
                     oracle_attention(q, k, v, dtype=dtype, **kw), dtype)
+
+
+@pytest.mark.parametrize("level", [1e4, 1e10], ids=["1e4", "1e10"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_scores_subtract_the_max_first(dtype, level):
+    """Rows whose scores spread over ~`level` (one key far ahead: a saturated, one-hot row). The kernels form exp's
+    argument with the row max subtracted first, as PyTorch's softmax (csrc/cpu/vec512.h, exact_arg), so the max
+    key gets P = 1 exactly and lse = m. The fused fma(s, log2 e, -m log2 e) rounds m * log2(e): at 1e4 fp32 lse and
+    dV were ~1e-3 off (torch: 5e-8), and from ~1e9 every row came out NaN. Forward, lse and dV of the prefill
+    kernels (64 rows over 300 keys: several key tiles, the lazy rescaling), and the split-KV decode kernel with its
+    three key splits merged by their lse, against the float64 oracle. dQ and dK of a one-hot row are 0 in the
+    oracle; the kernels' are the rounding of delta = rowsum(dO * O) against dP (every FlashAttention backward's):
+    only checked finite. (fp16 cannot hold such scores: its naive baseline overflows.)"""
+    torch.manual_seed(5)
+    D, Sk, scale = 16, 300, 0.25
+    c = math.sqrt(level / 4)  # q = c everywhere, k_j = c * u_j: score_j = c^2 * u_j * D * scale = level * u_j
+    q = torch.full((1, 2, 64, D), c)
+    k = c * torch.randn(1, 2, Sk, 1).expand(1, 2, Sk, D)
+    v = torch.randn(1, 2, Sk, D)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse, _ = fastattn.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), return_attn_probs=True,
+                                           backend="cpu")  # (B, H, S, D) -> (B, S, H, D) views
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = {}
+    for prec in (torch.float64, dtype):
+        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
+        o = oracle_attention(*leaves, scale=scale, dtype=prec).transpose(1, 2)  # (B, H, S, D) -> (B, S, H, D)
+        ref[prec] = (o, torch.autograd.grad(o, leaves[2], dout.to(prec))[0],
+                     lse_reference(q.detach(), k.detach(), scale, (-1, -1), 0.0, None, dtype=prec))
+    for i, (name, got) in enumerate((("out", out), ("dv", grads[2]), ("lse", lse))):
+        assert_rule(name, got, ref[torch.float64][i], ref[dtype][i], dtype)
+    assert all(g.isfinite().all() for g in grads[:2]), "dq / dk not finite"
+    # Decode: one query token against the cache (B, Sk, H, D), keys split in three.
+    q1, kc, vc = q.detach()[:, :, :1].transpose(1, 2), k.detach().transpose(1, 2), v.detach().transpose(1, 2)
+    out1, lse1 = fastattn.flash_attn_with_kvcache(q1, kc, vc, cache_seqlens=Sk, num_splits=3, return_softmax_lse=True,
+                                                  backend="cpu")
+    for prec in (torch.float64, dtype):
+        o = oracle_attention(q1.transpose(1, 2), k.detach(), v.detach(), scale=scale, dtype=prec).transpose(1, 2)
+        ref[prec] = (o, lse_reference(q1.transpose(1, 2), k.detach(), scale, (-1, -1), 0.0, None, dtype=prec))
+    assert_rule("decode out", out1, ref[torch.float64][0], ref[dtype][0], dtype)
+    assert_rule("decode lse", lse1, ref[torch.float64][1], ref[dtype][1], dtype)

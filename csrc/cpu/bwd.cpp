@@ -61,7 +61,7 @@ const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, 
     const float d = ds_mul * delta[r];
 #ifdef FASTATTN_VEC512
     if (!drop && !capped && vec512::available()) {  // P and dS in one pass
-      vec512::grad_row<vec512::kExpDegree<float>>(P_r, dS_r, bk, 1.f, lse[r], d);
+      vec512::grad_row<float>(P_r, dS_r, bk, 1.f, lse[r], d);
       continue;
     }
 #endif

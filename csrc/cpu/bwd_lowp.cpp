@@ -93,10 +93,10 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
     float* P_r = B.S + r * KBLOCK;
     float* dS_r = B.dP + r * KBLOCK;
     if (!drop) {
-      vec512::grad_row<vec512::kExpDegree<T>>(P_r, dS_r, bk, eff, lse[r], delta[r]);
+      vec512::grad_row<T>(P_r, dS_r, bk, eff, lse[r], delta[r]);
     } else {
       // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
-      vec512::exp_lse_row<vec512::kExpDegree<T>>(P_r, bk, eff, lse[r]);
+      vec512::exp_lse_row<T>(P_r, bk, eff, lse[r]);
       float* Pd_r = B.Pd + r * KBLOCK;
       std::copy(P_r, P_r + bk, Pd_r);
       drop->apply_row(Pd_r, ctx.s.n, ctx.h, ctx.s.qpos0 + i0 + r, ctx.s.kpos0 + j0, bk);
@@ -194,9 +194,8 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
           for (int64_t r = 0; r < bq; r += 2) {
             const bool two = r + 1 < bq;
             const int64_t o = r * KBLOCK, o1 = o + KBLOCK;
-            vec512::grad_pair<T, vec512::kExpDegree<T>>(B.S + o, two ? B.S + o1 : nullptr, B.dP + o, B.dP + o1, bk,
-                                                        bk_pad, eff, lse + i0 + r, delta + i0 + r, Pv + o, dSv + o,
-                                                        dSa + o, two ? dSa + o1 : nullptr);
+            vec512::grad_pair<T>(B.S + o, two ? B.S + o1 : nullptr, B.dP + o, B.dP + o1, bk, bk_pad, eff,
+                                 lse + i0 + r, delta + i0 + r, Pv + o, dSv + o, dSa + o, two ? dSa + o1 : nullptr);
           }
         } else {
           const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, t0, bk, B);

@@ -78,6 +78,20 @@ constexpr int kExpDegree = std::is_same_v<T, float> ? 5 : 4;
 
 constexpr float kLog2e = 1.44269504088896341f;
 
+// The exponent's argument, 2^arg = exp(x * scale + b - m), in one of two forms. Fused: fma(x, scale * log2(e), b *
+// log2(e) - m * log2(e)), one instruction, but m * log2(e) is rounded: P of the whole row is off by a factor 2^c,
+// |c| ~ |m| * 2^-24. The row sum cancels c in the output, not in lse = m + log l, so a backward's P = exp(s - lse)
+// carried it (fp32 dV 1.6e-3 off at scores ~1e4, where torch's subtracting kernel is exact), and from |m| ~ 1e9 c
+// overflowed to NaN rows. Exact: ((x * scale + b) - m) * log2(e), rounded step by step, the max subtracted first as
+// in PyTorch's softmax (the row's max scores give 2^0 = 1 exactly). fp32 rows always take it (two more instructions
+// per 16 scores); bf16/fp16 rows from |m| >= kExactArgFrom, where |c| nears a tenth of their own rounding.
+constexpr float kExactArgFrom = 2048.f;
+
+template <typename T>
+inline bool exact_arg(float m) {
+  return std::is_same_v<T, float> || !(std::fabs(m) < kExactArgFrom);  // (a NaN m: exact, NaN either way)
+}
+
 // 16 fp32 lanes stored as fp32, or rounded to bf16 (round to nearest even; NaN stays a quiet NaN) or fp16 (F16C
 // rounding).
 template <typename T>
@@ -187,13 +201,20 @@ FA_AVX512 inline float max_row(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
-// One 16-lane step of a softmax row: e = 2^(x * vs + vm) on lanes t (0 elsewhere), added to sum; amax keeps the
-// largest argument. With a bias row b (nullptr: none), the argument is x * vs + b * log2(e) + vm.
-template <int Deg, typename B = float>
+// One 16-lane step of a softmax row: e = 2^arg on lanes t (0 elsewhere), added to sum; amax keeps the largest
+// argument. Fused (vs = scale * log2(e), vm = -m * log2(e)): arg = x * vs + b * log2(e) + vm; Exact (vs = scale,
+// vm = m): arg = ((x * vs + b) - vm) * log2(e). b: a bias row (nullptr: none).
+template <int Deg, bool Exact, typename B = float>
 FA_AVX512 inline __m512 exp_step(const float* x, __mmask16 t, __m512 vs, __m512 vm, __m512& sum, __m512& amax,
                                  const B* b = nullptr) {
-  const __m512 base = b ? _mm512_fmadd_ps(load16<B>(b, t), _mm512_set1_ps(kLog2e), vm) : vm;
-  const __m512 arg = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, x), vs, base);
+  const __m512 xv = _mm512_maskz_loadu_ps(t, x);
+  __m512 arg;
+  if constexpr (Exact) {
+    const __m512 s = b ? _mm512_fmadd_ps(xv, vs, load16<B>(b, t)) : _mm512_mul_ps(xv, vs);
+    arg = _mm512_mul_ps(_mm512_sub_ps(s, vm), _mm512_set1_ps(kLog2e));
+  } else {
+    arg = _mm512_fmadd_ps(xv, vs, b ? _mm512_fmadd_ps(load16<B>(b, t), _mm512_set1_ps(kLog2e), vm) : vm);
+  }
   amax = _mm512_mask_max_ps(amax, t, amax, arg);
   const __m512 e = _mm512_maskz_mov_ps(t, exp2_16<Deg>(arg));
   sum = _mm512_add_ps(sum, e);
@@ -210,14 +231,14 @@ FA_AVX512 inline __mmask16 tail_hi(int64_t n, int64_t j) { return n - j > 16 ? t
 // scale * x + bias (the bias pass fused into this one). 32 lanes a step with two sums: with one, the sum's add
 // latency bounded the loop (measured 9% slower).
 // One 32-column step of exp_row (t0, t1: the two halves' lane masks; constant all-ones masks fold away).
-template <typename T>
+template <typename T, bool Exact>
 FA_AVX512 __attribute__((always_inline)) inline void exp_row_step(float* x, int64_t j, __mmask16 t0, __mmask16 t1,
                                                                   __m512 vs, __m512 vm, __m512& s0, __m512& s1,
                                                                   __m512& a0, __m512& a1, T* p, bool keep_fp32,
                                                                   const T* bias) {
   const T* b = bias ? bias + j : nullptr;
-  const __m512 e0 = exp_step<kExpDegree<T>>(x + j, t0, vs, vm, s0, a0, b);
-  const __m512 e1 = exp_step<kExpDegree<T>>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
+  const __m512 e0 = exp_step<kExpDegree<T>, Exact>(x + j, t0, vs, vm, s0, a0, b);
+  const __m512 e1 = exp_step<kExpDegree<T>, Exact>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
   if (keep_fp32) {
     _mm512_mask_storeu_ps(x + j, t0, e0);
     _mm512_mask_storeu_ps(x + j + 16, t1, e1);
@@ -227,19 +248,26 @@ FA_AVX512 __attribute__((always_inline)) inline void exp_row_step(float* x, int6
   }
 }
 
-template <typename T>
-FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32,
-                               float* arg_max = nullptr, const T* bias = nullptr) {
-  const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
+template <typename T, bool Exact>
+FA_AVX512 inline float exp_row_as(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32,
+                                  float* arg_max, const T* bias) {
+  const __m512 vs = _mm512_set1_ps(Exact ? scale : scale * kLog2e), vm = _mm512_set1_ps(Exact ? m : -m * kLog2e);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {  // whole steps with constant masks (~8% of the loop, see grad_pair)
-    exp_row_step<T>(x, j, __mmask16(0xffff), __mmask16(0xffff), vs, vm, s0, s1, a0, a1, p, keep_fp32, bias);
+    exp_row_step<T, Exact>(x, j, __mmask16(0xffff), __mmask16(0xffff), vs, vm, s0, s1, a0, a1, p, keep_fp32, bias);
   }
-  if (j < n) exp_row_step<T>(x, j, tail(n - j), tail_hi(n, j), vs, vm, s0, s1, a0, a1, p, keep_fp32, bias);
+  if (j < n) exp_row_step<T, Exact>(x, j, tail(n - j), tail_hi(n, j), vs, vm, s0, s1, a0, a1, p, keep_fp32, bias);
   for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
   if (arg_max) *arg_max = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+template <typename T>
+FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, float m, T* p, bool keep_fp32,
+                               float* arg_max = nullptr, const T* bias = nullptr) {
+  return exact_arg<T>(m) ? exp_row_as<T, true>(x, n, n_pad, scale, m, p, keep_fp32, arg_max, bias)
+                         : exp_row_as<T, false>(x, n, n_pad, scale, m, p, keep_fp32, arg_max, bias);
 }
 
 // dst (cols x rows, ld ldd) = mul * src (rows x cols, ld lds) transposed, for rows, cols <= 16: three shuffle
@@ -303,31 +331,39 @@ FA_AVX512BF16 __attribute__((always_inline)) inline void store16_native(c10::BFl
 }
 
 // One 32-column step of exp_row_native (t0, t1: the halves' lane masks; constant all-ones masks fold away).
+template <bool Exact>
 FA_AVX512BF16 __attribute__((always_inline)) inline void exp_native_step(
     float* x, int64_t j, __mmask16 t0, __mmask16 t1, __m512 vs, __m512 vm, __m512& s0, __m512& s1, __m512& a0,
     __m512& a1, c10::BFloat16* p, const c10::BFloat16* bias) {
   constexpr int Deg = kExpDegree<c10::BFloat16>;
   const c10::BFloat16* b = bias ? bias + j : nullptr;
-  const __m512 e0 = exp_step<Deg>(x + j, t0, vs, vm, s0, a0, b);
-  const __m512 e1 = exp_step<Deg>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
+  const __m512 e0 = exp_step<Deg, Exact>(x + j, t0, vs, vm, s0, a0, b);
+  const __m512 e1 = exp_step<Deg, Exact>(x + j + 16, t1, vs, vm, s1, a1, b ? b + 16 : nullptr);
   store16_native(p + j, e0, t0);
   store16_native(p + j + 16, e1, t1);
+}
+
+template <bool Exact>
+FA_AVX512BF16 inline float exp_row_native_as(float* x, int64_t n, int64_t n_pad, float scale, float m,
+                                             c10::BFloat16* p, float* arg_max, const c10::BFloat16* bias) {
+  const __m512 vs = _mm512_set1_ps(Exact ? scale : scale * kLog2e), vm = _mm512_set1_ps(Exact ? m : -m * kLog2e);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {  // whole steps with constant masks (~8% of this loop, see grad_pair)
+    exp_native_step<Exact>(x, j, __mmask16(0xffff), __mmask16(0xffff), vs, vm, s0, s1, a0, a1, p, bias);
+  }
+  if (j < n) exp_native_step<Exact>(x, j, tail(n - j), tail_hi(n, j), vs, vm, s0, s1, a0, a1, p, bias);
+  for (int64_t j = n; j < n_pad; ++j) p[j] = c10::BFloat16(0.f);
+  if (arg_max) *arg_max = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
 // exp_row (without keep_fp32) for bf16 rounding with vcvtneps2bf16 (call only where native_bf16()).
 FA_AVX512BF16 inline float exp_row_native(float* x, int64_t n, int64_t n_pad, float scale, float m,
                                           c10::BFloat16* p, float* arg_max = nullptr,
                                           const c10::BFloat16* bias = nullptr) {
-  const __m512 vs = _mm512_set1_ps(scale * kLog2e), vm = _mm512_set1_ps(-m * kLog2e);
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, a0 = _mm512_set1_ps(-INFINITY), a1 = a0;
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {  // whole steps with constant masks (~8% of this loop, see grad_pair)
-    exp_native_step(x, j, __mmask16(0xffff), __mmask16(0xffff), vs, vm, s0, s1, a0, a1, p, bias);
-  }
-  if (j < n) exp_native_step(x, j, tail(n - j), tail_hi(n, j), vs, vm, s0, s1, a0, a1, p, bias);
-  for (int64_t j = n; j < n_pad; ++j) p[j] = c10::BFloat16(0.f);
-  if (arg_max) *arg_max = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  return exact_arg<c10::BFloat16>(m) ? exp_row_native_as<true>(x, n, n_pad, scale, m, p, arg_max, bias)
+                                     : exp_row_native_as<false>(x, n, n_pad, scale, m, p, arg_max, bias);
 }
 
 // p[0, n) = T(x[0, n)), p[n, n_pad) = 0.
@@ -373,27 +409,54 @@ FA_AVX512 inline void store_row(const float* src, T* dst, int64_t n, float a) {
   }
 }
 
-// Backward row: P = exp(eff * S - lse) into S, dS = P * (dP - delta) into dP (no dropout, no softcap); Deg: the
-// tile dtype's kExpDegree.
-template <int Deg>
-FA_AVX512 inline void grad_row(float* S, float* dP, int64_t n, float eff, float lse, float delta) {
-  const __m512 vs = _mm512_set1_ps(eff * kLog2e), vl = _mm512_set1_ps(-lse * kLog2e), vd = _mm512_set1_ps(delta);
+// The backward's P = exp(eff * s - lse) = 2^arg for 16 scores s, arg in exp_step's two forms (the forward's lse
+// was formed in the same one): vs, vl from lse_scale and lse_term.
+template <bool Exact>
+FA_AVX512 inline __m512 lse_arg(__m512 s, __m512 vs, __m512 vl) {
+  if constexpr (Exact) return _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(s, vs), vl), _mm512_set1_ps(kLog2e));
+  return _mm512_fmadd_ps(s, vs, vl);
+}
+
+template <bool Exact>
+FA_AVX512 inline __m512 lse_scale(float eff) { return _mm512_set1_ps(Exact ? eff : eff * kLog2e); }
+
+template <bool Exact>
+FA_AVX512 inline __m512 lse_term(float lse) { return _mm512_set1_ps(Exact ? lse : -lse * kLog2e); }
+
+// Backward row: P = exp(eff * S - lse) into S, dS = P * (dP - delta) into dP (no dropout, no softcap); T: the tile
+// dtype (its kExpDegree and exact_arg).
+template <typename T, bool Exact>
+FA_AVX512 inline void grad_row_as(float* S, float* dP, int64_t n, float eff, float lse, float delta) {
+  const __m512 vs = lse_scale<Exact>(eff), vl = lse_term<Exact>(lse), vd = _mm512_set1_ps(delta);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 P = exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl));
+    const __m512 P = exp2_16<kExpDegree<T>>(lse_arg<Exact>(_mm512_maskz_loadu_ps(t, S + j), vs, vl));
     _mm512_mask_storeu_ps(S + j, t, P);
     _mm512_mask_storeu_ps(dP + j, t, _mm512_mul_ps(P, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP + j), vd)));
   }
 }
 
-// P = exp(eff * S - lse) in place (Deg as grad_row's).
-template <int Deg>
-FA_AVX512 inline void exp_lse_row(float* S, int64_t n, float eff, float lse) {
-  const __m512 vs = _mm512_set1_ps(eff * kLog2e), vl = _mm512_set1_ps(-lse * kLog2e);
+template <typename T>
+FA_AVX512 inline void grad_row(float* S, float* dP, int64_t n, float eff, float lse, float delta) {
+  if (exact_arg<T>(lse)) return grad_row_as<T, true>(S, dP, n, eff, lse, delta);
+  grad_row_as<T, false>(S, dP, n, eff, lse, delta);
+}
+
+// P = exp(eff * S - lse) in place (T as grad_row's).
+template <typename T, bool Exact>
+FA_AVX512 inline void exp_lse_row_as(float* S, int64_t n, float eff, float lse) {
+  const __m512 vs = lse_scale<Exact>(eff), vl = lse_term<Exact>(lse);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    _mm512_mask_storeu_ps(S + j, t, exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S + j), vs, vl)));
+    const __m512 arg = lse_arg<Exact>(_mm512_maskz_loadu_ps(t, S + j), vs, vl);
+    _mm512_mask_storeu_ps(S + j, t, exp2_16<kExpDegree<T>>(arg));
   }
+}
+
+template <typename T>
+FA_AVX512 inline void exp_lse_row(float* S, int64_t n, float eff, float lse) {
+  if (exact_arg<T>(lse)) return exp_lse_row_as<T, true>(S, n, eff, lse);
+  exp_lse_row_as<T, false>(S, n, eff, lse);
 }
 
 // 16 lanes rounded to T, as the low 16 bits of 32-bit lanes.
@@ -421,15 +484,16 @@ FA_AVX512 inline void store_pair(T* dst, const float* r0, const float* r1, int64
 }
 
 // One 16-column step of grad_pair (t: the columns' lane mask; a constant all-ones mask folds away).
-template <typename T, int Deg>
+template <typename T, bool Exact>
 FA_AVX512 __attribute__((always_inline)) inline void grad_pair_step(
     const float* S0, const float* S1, const float* dP0, const float* dP1, int64_t j, __mmask16 t, __m512 vs,
     __m512 vl0, __m512 vd0, __m512 vl1, __m512 vd1, T* Pv, T* dSv, T* dSa0, T* dSa1) {
-  const __m512 P0 = exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S0 + j), vs, vl0));
+  constexpr int Deg = kExpDegree<T>;
+  const __m512 P0 = exp2_16<Deg>(lse_arg<Exact>(_mm512_maskz_loadu_ps(t, S0 + j), vs, vl0));
   const __m512 dS0 = _mm512_mul_ps(P0, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP0 + j), vd0));
   __m512 P1 = _mm512_setzero_ps(), dS1 = P1;
   if (S1) {
-    P1 = exp2_16<Deg>(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, S1 + j), vs, vl1));
+    P1 = exp2_16<Deg>(lse_arg<Exact>(_mm512_maskz_loadu_ps(t, S1 + j), vs, vl1));
     dS1 = _mm512_mul_ps(P1, _mm512_sub_ps(_mm512_maskz_loadu_ps(t, dP1 + j), vd1));
   }
   const __m512i dS0r = round16<T>(dS0), dS1r = round16<T>(dS1);
@@ -445,22 +509,32 @@ FA_AVX512 __attribute__((always_inline)) inline void grad_pair_step(
 // round_row). The fp32 P and dS never go back to memory (writing them and reading them twice more cost ~10% of a
 // bf16 backward). Whole steps run with a constant mask (masked loads and stores with a mask known at run time only
 // cost ~8% of a bf16 forward's exp pass loop, measured there).
-template <typename T, int Deg>
-FA_AVX512 inline void grad_pair(const float* S0, const float* S1, const float* dP0, const float* dP1, int64_t n,
-                                int64_t n_pad, float eff, const float lse[2], const float delta[2], T* Pv, T* dSv,
-                                T* dSa0, T* dSa1) {
-  const __m512 vs = _mm512_set1_ps(eff * kLog2e);
-  const __m512 vl0 = _mm512_set1_ps(-lse[0] * kLog2e), vd0 = _mm512_set1_ps(delta[0]);
-  const __m512 vl1 = _mm512_set1_ps(S1 ? -lse[1] * kLog2e : 0.f), vd1 = _mm512_set1_ps(S1 ? delta[1] : 0.f);
+template <typename T, bool Exact>
+FA_AVX512 inline void grad_pair_as(const float* S0, const float* S1, const float* dP0, const float* dP1, int64_t n,
+                                   int64_t n_pad, float eff, const float lse[2], const float delta[2], T* Pv, T* dSv,
+                                   T* dSa0, T* dSa1) {
+  const __m512 vs = lse_scale<Exact>(eff);
+  const __m512 vl0 = lse_term<Exact>(lse[0]), vd0 = _mm512_set1_ps(delta[0]);
+  const __m512 vl1 = S1 ? lse_term<Exact>(lse[1]) : _mm512_setzero_ps(), vd1 = _mm512_set1_ps(S1 ? delta[1] : 0.f);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    grad_pair_step<T, Deg>(S0, S1, dP0, dP1, j, __mmask16(0xffff), vs, vl0, vd0, vl1, vd1, Pv, dSv, dSa0, dSa1);
+    grad_pair_step<T, Exact>(S0, S1, dP0, dP1, j, __mmask16(0xffff), vs, vl0, vd0, vl1, vd1, Pv, dSv, dSa0, dSa1);
   }
-  if (j < n) grad_pair_step<T, Deg>(S0, S1, dP0, dP1, j, tail(n - j), vs, vl0, vd0, vl1, vd1, Pv, dSv, dSa0, dSa1);
+  if (j < n) grad_pair_step<T, Exact>(S0, S1, dP0, dP1, j, tail(n - j), vs, vl0, vd0, vl1, vd1, Pv, dSv, dSa0, dSa1);
   for (int64_t j = n; j < n_pad; ++j) {
     dSa0[j] = T(0.f);
     if (dSa1) dSa1[j] = T(0.f);
   }
+}
+
+template <typename T>
+FA_AVX512 inline void grad_pair(const float* S0, const float* S1, const float* dP0, const float* dP1, int64_t n,
+                                int64_t n_pad, float eff, const float lse[2], const float delta[2], T* Pv, T* dSv,
+                                T* dSa0, T* dSa1) {
+  if (exact_arg<T>(lse[0]) || (S1 && exact_arg<T>(lse[1]))) {
+    return grad_pair_as<T, true>(S0, S1, dP0, dP1, n, n_pad, eff, lse, delta, Pv, dSv, dSa0, dSa1);
+  }
+  grad_pair_as<T, false>(S0, S1, dP0, dP1, n, n_pad, eff, lse, delta, Pv, dSv, dSa0, dSa1);
 }
 
 // sum_j a[j] * b[j] in fp32 over n elements of T (delta = rowsum(dO * O)).
