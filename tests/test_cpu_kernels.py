@@ -396,3 +396,15 @@ def test_large_scores_subtract_the_max_first(dtype, level):
         ref[prec] = (o, lse_reference(q1.transpose(1, 2), k.detach(), scale, (-1, -1), 0.0, None, dtype=prec))
     assert_rule("decode out", out1, ref[torch.float64][0], ref[dtype][0], dtype)
     assert_rule("decode lse", lse1, ref[torch.float64][1], ref[dtype][1], dtype)
+
+
+def test_large_scores_check_catches_the_fused_form():
+    """FASTATTN_CPU_PLANT=fused_arg gives every row the fused argument (csrc/cpu/vec512.h, exact_arg): the
+    large-score test above must fail where the exact form matters (fp32 at 1e4: lse and dV; 1e10: NaN rows)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_PLANT="fused_arg")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "test_large_scores_subtract_the_max_first and fp32"], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    print(r.stdout[-3000:], r.stderr[-2000:])
+    assert "2 failed" in r.stdout, r.stdout[-3000:]

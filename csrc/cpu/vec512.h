@@ -87,9 +87,20 @@ constexpr float kLog2e = 1.44269504088896341f;
 // per 16 scores); bf16/fp16 rows from |m| >= kExactArgFrom, where |c| nears a tenth of their own rounding.
 constexpr float kExactArgFrom = 2048.f;
 
+// FASTATTN_CPU_PLANT=fused_arg (tests only, read once): every row takes the fused form, the bug the large-score
+// check must catch (tests/test_cpu_kernels.py).
+inline bool plant_fused_arg() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTATTN_CPU_PLANT");
+    return e != nullptr && std::strcmp(e, "fused_arg") == 0;
+  }();
+  return on;
+}
+
 template <typename T>
 inline bool exact_arg(float m) {
-  return std::is_same_v<T, float> || !(std::fabs(m) < kExactArgFrom);  // (a NaN m: exact, NaN either way)
+  // (a NaN m: exact, NaN either way)
+  return (std::is_same_v<T, float> || !(std::fabs(m) < kExactArgFrom)) && !plant_fused_arg();
 }
 
 // 16 fp32 lanes stored as fp32, or rounded to bf16 (round to nearest even; NaN stays a quiet NaN) or fp16 (F16C
