@@ -176,9 +176,7 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
 
   // Key blocks that any row of this query block sees (fully masked blocks, skipped padding and the keys a bias's
   // -inf edges hide from every row are left out; tiles off the t.k grid take the plain product, not packed tiles).
-  const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
-  const int64_t j_lo = std::max(vis.rows_key_lo(i0, i0 + bq), m_lo);
-  const int64_t j_hi = std::min({vis.rows_key_hi(i0, i0 + bq), s.kend, m_hi});
+  const auto [j_lo, j_hi] = block_keys(p, s, vis, h, i0, i0 + bq);
   const int64_t key_end = std::min(vis.key_hi(s.sq - 1), s.kend);  // where the last query block's keys end
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += t.k) {
     const int64_t bk = std::min(t.k, j_hi - j0);

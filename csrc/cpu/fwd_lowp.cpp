@@ -100,9 +100,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
 
   // Key blocks on the global grid that any row of this query block sees (invisible blocks, skipped padding and keys
   // a bias's -inf edges hide from every row are left out).
-  const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
-  const int64_t j_lo = std::max(vis.rows_key_lo(i0, i0 + bq), m_lo);
-  const int64_t j_hi = std::min({vis.rows_key_hi(i0, i0 + bq), s.kend, m_hi});
+  const auto [j_lo, j_hi] = block_keys(p, s, vis, h, i0, i0 + bq);
   bool first = true;  // the first P V product writes acc (no fill, no rescale of it before)
   if (j_lo < j_hi) {
     const int64_t kb0 = j_lo / KBLOCK, kb1 = (j_hi + KBLOCK - 1) / KBLOCK;

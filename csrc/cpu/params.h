@@ -177,9 +177,6 @@ struct Visibility {
     const int64_t t0 = i0 % period, t1 = (i1 - 1) % period;
     return i1 - i0 < period && t0 <= t1 ? std::pair{t0, t1} : std::pair<int64_t, int64_t>{0, period - 1};
   }
-  // Keys any row of [i0, i1) sees lie in [rows_key_lo, rows_key_hi).
-  int64_t rows_key_lo(int64_t i0, int64_t i1) const { return key_lo(tokens(i0, i1).first); }
-  int64_t rows_key_hi(int64_t i0, int64_t i1) const { return key_hi(tokens(i0, i1).second); }
   // True when every (i, j) in [i0, i1) x [j0, j1) is visible, so the tile needs no element mask.
   bool full(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
     if (!limited()) return true;
@@ -187,6 +184,16 @@ struct Visibility {
     return key_lo(t1) <= j0 && key_hi(t0) >= j1;
   }
 };
+
+// Keys [lo, hi) that any of query rows [i0, i1) (i0 < i1) of head h may see: the rows' band (their first token's
+// lower bound, their last's upper one), a mask's -inf edges (mask_key_range) and the sequence's key end. The forward
+// kernels walk only these keys.
+inline std::pair<int64_t, int64_t> block_keys(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t h,
+                                              int64_t i0, int64_t i1) {
+  const auto [t0, t1] = vis.tokens(i0, i1);
+  const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i1);
+  return {std::max(vis.key_lo(t0), m_lo), std::min({vis.key_hi(t1), s.kend, m_hi})};
+}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
