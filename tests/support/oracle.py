@@ -66,6 +66,15 @@ def oracle_attention(q, k, v, *, scale, mask=None, window=(-1, -1), bottom_right
     return torch.einsum("bhij,bhjd->bhid", p, v)
 
 
+def bias_terms(params, name: str) -> float:
+    """check_rule's magnitude for the gradient of parameter `name` (params: name -> parameter of the reference
+    model, gradients filled). A linear bias's gradient sums the per-token terms dY_t its weight's gradient weighs by
+    the inputs (sum_t dY_t against sum_t dY_t x_t^T) and may cancel where the weight's does not, e.g. a key bias
+    under RoPE: its terms are the weight gradient's size. 0 for any other parameter."""
+    weight = params.get(name[:-len("bias")] + "weight") if name.endswith(".bias") else None
+    return float(weight.grad.abs().max()) if weight is not None and weight.grad is not None else 0.0
+
+
 def floor_for(dtype, ref) -> float:
     """Rounding noise of p at the result's magnitude: one ulp (eps) at the largest |X_ref|."""
     return EPS[dtype] * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
