@@ -347,12 +347,10 @@ void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols,
 }
 
 #ifdef FASTATTN_VEC512
-// dst word (w0 + c, r0 + i) = src word (r0 + i, w0 + c) for a 16 x 16 block of 32-bit words: 16 row loads, a
-// transpose in registers (32-bit, 64-bit and 128-bit lane interleaves) and 16 contiguous stores, instead of 256
-// scattered 4-byte stores.
-FA_AVX512 inline void transpose_words16(const uint32_t* src, int64_t ss_words, uint32_t* dst, int64_t ld) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ss_words);
+// r[c] = column c of the 16 x 16 block of 32-bit words whose row i is r[i]: a transpose in registers (32-bit,
+// 64-bit and 128-bit lane interleaves).
+FA_AVX512 inline void transpose_regs16(__m512i* r) {
+  __m512i t[16];
   for (int i = 0; i < 16; i += 2) {  // t[i] lane L = rows i, i+1 at columns 4L, 4L+1; t[i+1]: 4L+2, 4L+3
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
@@ -367,13 +365,61 @@ FA_AVX512 inline void transpose_words16(const uint32_t* src, int64_t ss_words, u
     const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
     const __m512i v2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
     const __m512i v3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
-    _mm512_storeu_si512(dst + (0 + k) * ld, _mm512_shuffle_i32x4(v0, v2, 0x88));
-    _mm512_storeu_si512(dst + (4 + k) * ld, _mm512_shuffle_i32x4(v0, v2, 0xDD));
-    _mm512_storeu_si512(dst + (8 + k) * ld, _mm512_shuffle_i32x4(v1, v3, 0x88));
-    _mm512_storeu_si512(dst + (12 + k) * ld, _mm512_shuffle_i32x4(v1, v3, 0xDD));
+    t[0 + k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
   }
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+
+// dst word (w0 + c, r0 + i) = src word (r0 + i, w0 + c) for a 16 x 16 block of 32-bit words: 16 row loads, a
+// transpose in registers and 16 contiguous stores, instead of 256 scattered 4-byte stores.
+FA_AVX512 inline void transpose_words16(const uint32_t* src, int64_t ss_words, uint32_t* dst, int64_t ld) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ss_words);
+  transpose_regs16(r);
+  for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * ld, r[c]);
+}
+
+// dst (c, i) = src (i, c) for a block of nr <= 16 rows and nc <= 16 columns of 16-bit elements (row stride ss):
+// widened to 32-bit words, transposed in registers, narrowed back; bits copied as they are.
+FA_AVX512 inline void transpose_halves16(const uint16_t* src, int64_t ss, int64_t nr, int64_t nc, uint16_t* dst,
+                                         int64_t ld) {
+  const __mmask16 cm = vec512::tail(nc), rm = vec512::tail(nr);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < nr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, src + i * ss)) : _mm512_setzero_si512();
+  }
+  transpose_regs16(r);
+  for (int c = 0; c < nc; ++c) _mm256_mask_storeu_epi16(dst + c * ld, rm, _mm512_cvtepi32_epi16(r[c]));
 }
 #endif
+
+template <typename T>
+void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
+  static_assert(sizeof(T) == 2);
+#ifdef FASTATTN_VEC512
+  if (sd == 1 && vec512::available()) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        transpose_halves16(s + r0 * ss + c0, ss, std::min<int64_t>(16, rows - r0), std::min<int64_t>(16, cols - c0),
+                           d + c0 * ld + r0, ld);
+      }
+    }
+  } else
+#endif
+  {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = src[r * ss + c * sd];
+    }
+  }
+  if (rows & 1) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + rows] = T(0.f);
+  }
+}
 
 template <typename T>
 void pack_transposed(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst) {
@@ -437,7 +483,8 @@ void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols,
                            bool);                                                                             \
   template void pack_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);                      \
   template void pack_transposed<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);                \
-  template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
+  template void copy_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T*);              \
+  template void transpose<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*);
 FA_MM_INSTANTIATE(c10::BFloat16)
 FA_MM_INSTANTIATE(c10::Half)
 #undef FA_MM_INSTANTIATE

@@ -54,6 +54,11 @@ template <typename T>
 void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad, int64_t ld,
                T* dst);
 
+// dst (cols x ld) = src^T for src (rows x cols; row stride ss, column stride sd): dst[c * ld + r] = src[r][c], with
+// column `rows` zeroed where rows is odd (a left operand whose inner dimension is padded to even).
+template <typename T>
+void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t ld, T* dst);
+
 inline int64_t even(int64_t x) { return (x + 1) & ~int64_t(1); }
 
 }  // namespace fastattn::cpu::mm

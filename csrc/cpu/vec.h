@@ -163,7 +163,7 @@ inline void load_row(const T* src, int64_t stride, float* dst, int64_t n, float 
 }
 
 // dst (cols x rows, ld ldd; fp32) = mul * src (rows x cols; row r at r * ss, column c at c * sd) transposed and
-// converted, 16 x 16 blocks at a time (AVX-512 registers for fp32 rows with unit stride).
+// converted, 16 x 16 blocks at a time (AVX-512 registers for rows with unit stride).
 template <typename T>
 inline void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                       float mul = 1.f) {
@@ -171,11 +171,9 @@ inline void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const int64_t nr = std::min<int64_t>(16, rows - r0), nc = std::min<int64_t>(16, cols - c0);
 #ifdef FASTATTN_X86
-      if constexpr (std::is_same_v<T, float>) {
-        if (sd == 1 && vec512::available()) {
-          vec512::transpose16(src + r0 * ss + c0, ss, nr, nc, dst + c0 * ldd + r0, ldd, mul);
-          continue;
-        }
+      if (sd == 1 && vec512::available()) {
+        vec512::transpose16<T>(src + r0 * ss + c0, ss, nr, nc, dst + c0 * ldd + r0, ldd, mul);
+        continue;
       }
 #endif
       for (int64_t c = c0; c < c0 + nc; ++c) {

@@ -281,16 +281,17 @@ FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, 
                          : exp_row_as<T, false>(x, n, n_pad, scale, m, p, keep_fp32, arg_max, bias);
 }
 
-// dst (cols x rows, ld ldd) = mul * src (rows x cols, ld lds) transposed, for rows, cols <= 16: three shuffle
-// stages in registers (pairs of rows interleaved, then 4-row groups per 128-bit lane, then lanes gathered), rows
-// past `rows` read as zeros and only the valid part stored.
-FA_AVX512 inline void transpose16(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+// dst (cols x rows, ld ldd; fp32) = mul * src (rows x cols of T, ld lds) transposed, for rows, cols <= 16: three
+// shuffle stages in registers (pairs of rows interleaved, then 4-row groups per 128-bit lane, then lanes gathered),
+// rows past `rows` read as zeros and only the valid part stored.
+template <typename T>
+FA_AVX512 inline void transpose16(const T* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                                   float mul) {
   __m512 r[16], t[16];
   const __mmask16 cm = tail(cols);
   const __m512 vmul = _mm512_set1_ps(mul);
   for (int i = 0; i < 16; ++i) {
-    r[i] = i < rows ? _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, src + i * lds), vmul) : _mm512_setzero_ps();
+    r[i] = i < rows ? _mm512_mul_ps(load16<T>(src + i * lds, cm), vmul) : _mm512_setzero_ps();
   }
   for (int i = 0; i < 16; i += 2) {  // per lane L: rows i, i+1 interleaved at columns 4L, 4L+1 (lo), 4L+2, 4L+3 (hi)
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
