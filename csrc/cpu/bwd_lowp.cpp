@@ -130,6 +130,20 @@ void transpose_out(const CpuParams& p, int64_t sk, const float* dkt, const float
   }
 }
 
+// Zeroes the columns of keys [0, sk) in dK^T or dV^T blocks (C x KBLOCK each): the tiles add to and transpose_out
+// reads no others, and at 128 keys clearing whole blocks had been 8% of a bf16 forward+backward.
+inline void zero_keys(float* t, int64_t C, int64_t sk) {
+  for (int64_t j0 = 0; j0 < sk; j0 += KBLOCK) {
+    float* blk = t + (j0 / KBLOCK) * C * KBLOCK;
+    const int64_t w = std::min(KBLOCK, sk - j0);
+    if (w == KBLOCK) {
+      std::fill(blk, blk + C * KBLOCK, 0.f);
+    } else {
+      for (int64_t c = 0; c < C; ++c) std::fill(blk + c * KBLOCK, blk + c * KBLOCK + w, 0.f);
+    }
+  }
+}
+
 template <typename T>
 void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all, Scratch& buf, KVBlocks<T>& kv,
                QBlocks<T>& qblk, float* dkt, float* dvt, float* dq) {
@@ -142,8 +156,8 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
   kv.ensure(p, s, n * p.Hkv + hk, k, v, 0, nkb);
-  std::fill(dkt, dkt + nkb * D * KBLOCK, 0.f);
-  std::fill(dvt, dvt + nkb * Dv * KBLOCK, 0.f);
+  zero_keys(dkt, D, s.sk);
+  zero_keys(dvt, Dv, s.sk);
   const Dropout dropout(p.seed, p.offset, p.dropout_p, p.head_start);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
 
