@@ -136,11 +136,7 @@ inline void zero_keys(float* t, int64_t C, int64_t sk) {
   for (int64_t j0 = 0; j0 < sk; j0 += KBLOCK) {
     float* blk = t + (j0 / KBLOCK) * C * KBLOCK;
     const int64_t w = std::min(KBLOCK, sk - j0);
-    if (w == KBLOCK) {
-      std::fill(blk, blk + C * KBLOCK, 0.f);
-    } else {
-      for (int64_t c = 0; c < C; ++c) std::fill(blk + c * KBLOCK, blk + c * KBLOCK + w, 0.f);
-    }
+    for (int64_t c = 0; c < C; ++c) std::fill(blk + c * KBLOCK, blk + c * KBLOCK + w, 0.f);
   }
 }
 

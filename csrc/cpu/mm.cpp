@@ -347,38 +347,12 @@ void pack_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols,
 }
 
 #ifdef FASTATTN_VEC512
-// r[c] = column c of the 16 x 16 block of 32-bit words whose row i is r[i]: a transpose in registers (32-bit,
-// 64-bit and 128-bit lane interleaves).
-FA_AVX512 inline void transpose_regs16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // t[i] lane L = rows i, i+1 at columns 4L, 4L+1; t[i+1]: 4L+2, 4L+3
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // r[g + k] lane L = rows g..g+3 of column 4L + k
-    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
-    const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
-    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
-    t[0 + k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    t[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-    t[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    t[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-  }
-  for (int c = 0; c < 16; ++c) r[c] = t[c];
-}
-
 // dst word (w0 + c, r0 + i) = src word (r0 + i, w0 + c) for a 16 x 16 block of 32-bit words: 16 row loads, a
 // transpose in registers and 16 contiguous stores, instead of 256 scattered 4-byte stores.
 FA_AVX512 inline void transpose_words16(const uint32_t* src, int64_t ss_words, uint32_t* dst, int64_t ld) {
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ss_words);
-  transpose_regs16(r);
+  vec512::transpose_regs16(r);
   for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * ld, r[c]);
 }
 
@@ -391,7 +365,7 @@ FA_AVX512 inline void transpose_halves16(const uint16_t* src, int64_t ss, int64_
   for (int i = 0; i < 16; ++i) {
     r[i] = i < nr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, src + i * ss)) : _mm512_setzero_si512();
   }
-  transpose_regs16(r);
+  vec512::transpose_regs16(r);
   for (int c = 0; c < nc; ++c) _mm256_mask_storeu_epi16(dst + c * ld, rm, _mm512_cvtepi32_epi16(r[c]));
 }
 #endif

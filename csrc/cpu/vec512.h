@@ -281,38 +281,45 @@ FA_AVX512 inline float exp_row(float* x, int64_t n, int64_t n_pad, float scale, 
                          : exp_row_as<T, false>(x, n, n_pad, scale, m, p, keep_fp32, arg_max, bias);
 }
 
-// dst (cols x rows, ld ldd; fp32) = mul * src (rows x cols of T, ld lds) transposed, for rows, cols <= 16: three
-// shuffle stages in registers (pairs of rows interleaved, then 4-row groups per 128-bit lane, then lanes gathered),
-// rows past `rows` read as zeros and only the valid part stored.
+// r[c] = column c of the 16 x 16 block of 32-bit words whose row i is r[i]: three shuffle stages in registers (pairs
+// of rows interleaved, then 4-row groups per 128-bit lane, then lanes gathered).
+FA_AVX512 inline void transpose_regs16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i] lane L = rows i, i+1 at columns 4L, 4L+1; t[i+1]: 4L+2, 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // r[g + k] lane L = rows g..g+3 of column 4L + k
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4L + k gathers lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
+    t[0 + k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+  for (int c = 0; c < 16; ++c) r[c] = t[c];
+}
+
+// dst (cols x rows, ld ldd; fp32) = mul * src (rows x cols of T, ld lds) transposed, for rows, cols <= 16 (rows past
+// `rows` read as zeros, only the valid part stored).
 template <typename T>
 FA_AVX512 inline void transpose16(const T* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                                   float mul) {
-  __m512 r[16], t[16];
-  const __mmask16 cm = tail(cols);
+  __m512i r[16];
+  const __mmask16 cm = tail(cols), rm = tail(rows);
   const __m512 vmul = _mm512_set1_ps(mul);
   for (int i = 0; i < 16; ++i) {
-    r[i] = i < rows ? _mm512_mul_ps(load16<T>(src + i * lds, cm), vmul) : _mm512_setzero_ps();
+    r[i] = _mm512_castps_si512(i < rows ? _mm512_mul_ps(load16<T>(src + i * lds, cm), vmul) : _mm512_setzero_ps());
   }
-  for (int i = 0; i < 16; i += 2) {  // per lane L: rows i, i+1 interleaved at columns 4L, 4L+1 (lo), 4L+2, 4L+3 (hi)
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int m = 0; m < 16; m += 4) {  // r[m + c], lane L: column 4L + c of rows m..m+3
-    r[m] = _mm512_shuffle_ps(t[m], t[m + 2], 0x44);
-    r[m + 1] = _mm512_shuffle_ps(t[m], t[m + 2], 0xEE);
-    r[m + 2] = _mm512_shuffle_ps(t[m + 1], t[m + 3], 0x44);
-    r[m + 3] = _mm512_shuffle_ps(t[m + 1], t[m + 3], 0xEE);
-  }
-  const __mmask16 rm = tail(rows);
-  for (int c = 0; c < 4; ++c) {  // column 4L + c = lane L of r[c], r[4 + c], r[8 + c], r[12 + c]
-    const __m512 u = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
-    const __m512 w = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE), x = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
-    const __m512 col[4] = {_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD),
-                           _mm512_shuffle_f32x4(w, x, 0x88), _mm512_shuffle_f32x4(w, x, 0xDD)};
-    for (int L = 0; L < 4; ++L) {
-      if (4 * L + c < cols) _mm512_mask_storeu_ps(dst + (4 * L + c) * ldd, rm, col[L]);
-    }
-  }
+  transpose_regs16(r);
+  for (int c = 0; c < cols; ++c) _mm512_mask_storeu_ps(dst + c * ldd, rm, _mm512_castsi512_ps(r[c]));
 }
 
 // True where the CPU has AVX-512 F/BW/DQ/VL (checked once); the fp32 helpers of vec.h route here then.

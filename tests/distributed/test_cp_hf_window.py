@@ -24,7 +24,7 @@ import fastattn.integrations.transformers as fa_hf  # noqa: E402
 from fastattn.distributed import (CPConfig, context_parallel, run_local, shard_batch,  # noqa: E402
                                   unshard_list)
 from support.hf_cp import cp_lm_step, next_token_labels  # noqa: E402
-from support.oracle import assert_rule, bias_terms  # noqa: E402
+from support.oracle import assert_param_grads, assert_rule  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
 V, B, S = 97, 2, 24
@@ -76,9 +76,7 @@ def run(kind, window, W, strategy, balance, use_cache, padding):
 
 def check(want, ref, logits, grads, real):
     assert_rule("logits", logits[real], want[real], None, torch.float32)
-    params = dict(ref.named_parameters())  # a bias's gradient is checked at its terms' size
-    for name, p in params.items():
-        assert_rule(f"d {name}", grads[name], p.grad, None, torch.float32, magnitude=bias_terms(params, name))
+    assert_param_grads(ref, grads)
 
 
 # window 5: smaller than every shard (12, 8 or 6 tokens), crossing shard and zigzag chunk boundaries; window 9 is
@@ -195,10 +193,7 @@ def test_modernbert_bidirectional_window_equals_eager(W, strategy, balance, padd
     res = run_local(W, rank)
     real = mask.bool()
     assert_rule("hidden", unshard_list([r[0] for r in res], 1, balance)[real], want[real], None, torch.float32)
-    params = dict(ref.named_parameters())  # a bias's gradient is checked at its terms' size
-    for name, p in params.items():
-        assert_rule(f"d {name}", sum(r[1][name] for r in res), p.grad, None, torch.float32,
-                    magnitude=bias_terms(params, name))
+    assert_param_grads(ref, {name: sum(r[1][name] for r in res) for name, _ in ref.named_parameters()})
 
 
 def test_planted_bidirectional_off_by_one_fails(monkeypatch):

@@ -19,7 +19,7 @@ import fastattn.integrations.transformers as fa_hf  # noqa: E402
 from fastattn.distributed import (CPConfig, context_parallel, run_local, shard_batch,  # noqa: E402
                                   unshard_list)
 from support.hf_cp import cp_lm_step, next_token_labels  # noqa: E402
-from support.oracle import assert_rule, bias_terms  # noqa: E402
+from support.oracle import assert_param_grads, assert_rule  # noqa: E402
 from transformers import AttentionInterface, BertModel, GPT2LMHeadModel  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
@@ -83,9 +83,7 @@ def test_gpt2_logits_and_grads_equal_eager(W, strategy, balance, use_cache, padd
     assert len(calls) == W * 2  # every layer of every rank went through fastattn_cp
     real = mask.bool()
     assert_rule("logits", logits[real], out.logits[real], None, torch.float32)
-    params = dict(ref.named_parameters())  # a bias's gradient is checked at its terms' size
-    for name, p in params.items():
-        assert_rule(f"d {name}", grads[name], p.grad, None, torch.float32, magnitude=bias_terms(params, name))
+    assert_param_grads(ref, grads)
 
 
 @pytest.mark.parametrize("padding", [False, True])
@@ -174,7 +172,4 @@ def test_gloo_gpt2_equals_eager(gloo_pool):
     tasks = os.path.join(os.path.dirname(__file__), "gloo_tasks.py")
     res = gloo_pool(2).run(tasks, "hf_gpt2_cp", gpt2_config().to_diff_dict(), fast.state_dict(), ids, "zigzag")
     assert_rule("logits", unshard_list([r[0] for r in res], 1, "zigzag"), out.logits, None, torch.float32)
-    params = dict(ref.named_parameters())  # a bias's gradient is checked at its terms' size
-    for name, p in params.items():
-        assert_rule(f"d {name}", sum(r[1][name] for r in res), p.grad, None, torch.float32,
-                    magnitude=bias_terms(params, name))
+    assert_param_grads(ref, {name: sum(r[1][name] for r in res) for name, _ in ref.named_parameters()})

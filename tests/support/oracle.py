@@ -133,6 +133,14 @@ def assert_rule(name, fast, ref, base, dtype, **kw):
     assert ok, msg
 
 
+def assert_param_grads(ref, grads) -> None:
+    """Each fp32 gradient grads[name] against the float64 reference model ref's p.grad, a linear bias's at its
+    terms' size (bias_terms)."""
+    params = dict(ref.named_parameters())
+    for name, p in params.items():
+        assert_rule(f"d {name}", grads[name], p.grad, None, torch.float32, magnitude=bias_terms(params, name))
+
+
 def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64, bias=None):
     """Log-sum-exp of the visible scores (bottom-right) computed in dtype (float64: the reference; the inputs'
     precision: the naive baseline of the tolerance rule), +inf for rows with no visible key.
