@@ -9,6 +9,11 @@
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#define FASTATTN_X86_CPUID 1
+#endif
+
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -57,7 +62,13 @@ struct PackedApi {
 const PackedApi& packed_api() {
   static const PackedApi api = [] {
     PackedApi a;
-    if (blas_sgemm() == nullptr || std::getenv("FASTATTN_CPU_NO_PACKED_GEMM") != nullptr) return a;
+    // Intel CPUs only: there MKL's packed products round as its plain ones (tile.h), as the backward needs to
+    // round its scores as the forward did. On an AMD EPYC Zen 4 (2026-12-03), where MKL runs other kernels, the
+    // fp32 backward with packed key blocks after an unpacked forward put dV 3.2x as far from float64 as the naive
+    // computation's (1.5x with packing off; tests/test_cpu_fp32_engine.py, D = 256).
+    if (blas_sgemm() == nullptr || std::getenv("FASTATTN_CPU_NO_PACKED_GEMM") != nullptr ||
+        cpu_vendor() != "GenuineIntel")
+      return a;
     a.size = reinterpret_cast<pack_size_fn>(find_symbol("sgemm_pack_get_size"));
     a.pack = reinterpret_cast<pack_fn>(find_symbol("sgemm_pack"));
     a.compute = reinterpret_cast<compute_fn>(find_symbol("sgemm_compute"));
@@ -208,6 +219,19 @@ bool plant_kt_swap() {
 std::atomic<int> g_fp32_gemm_force{0};  // tests: 0 the decided engine, 1 sgemm, 2 brgemm
 
 }  // namespace
+
+std::string cpu_vendor() {
+#ifdef FASTATTN_X86_CPUID
+  unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    char v[13];
+    std::memcpy(v, &b, 4), std::memcpy(v + 4, &d, 4), std::memcpy(v + 8, &c, 4);  // the order cpuid spells it in
+    v[12] = '\0';
+    return v;
+  }
+#endif
+  return "unknown";
+}
 
 double best_seconds(const std::function<void()>& f) {
   f();  // warm-up: kernel generation, first touch

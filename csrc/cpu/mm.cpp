@@ -72,21 +72,6 @@ std::string cpu_model() {
   return "unknown";
 }
 
-// cpuid's vendor string ("GenuineIntel", "AuthenticAMD"; "unknown" elsewhere): the auto rules were measured per
-// vendor, because torch's fp32 SDPA multiplies through MKL, whose kernels differ by vendor (fastattn/backends/cpu.py).
-std::string cpu_vendor() {
-#ifdef FASTATTN_X86_CPUID
-  unsigned a, b, c, d;
-  if (__get_cpuid(0, &a, &b, &c, &d)) {
-    char v[13];
-    std::memcpy(v, &b, 4), std::memcpy(v + 4, &d, 4), std::memcpy(v + 8, &c, 4);  // the order cpuid spells it in
-    v[12] = '\0';
-    return v;
-  }
-#endif
-  return "unknown";
-}
-
 struct Rates {
   double brgemm = 0.0, fp32 = 0.0;  // GFLOP/s of the forward's score tile on each path (0: not measured)
 };

@@ -25,8 +25,9 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
 // MKL's packed-GEMM format and reused by every query tile that meets it: sgemm repacks K on each call (~15% of the
 // product at 128 x 512 x 128). The same MKL kernels as gemm_rm (bitwise equal at D = 64, 72, 128; the last bit
 // differs at D = 40); whether a tile is packed depends on the shape only, so results stay the same across thread
-// counts. Available when the BLAS is MKL with sgemm_pack/sgemm_compute (torch's x86 wheels) and
-// FASTATTN_CPU_NO_PACKED_GEMM is unset. A packed buffer (packed_kt_floats) must not move once packed (MKL's rule).
+// counts. Available when the BLAS is MKL with sgemm_pack/sgemm_compute (torch's x86 wheels), the CPU is Intel's
+// (cpu_vendor) and FASTATTN_CPU_NO_PACKED_GEMM is unset. A packed buffer (packed_kt_floats) must not move once
+// packed (MKL's rule).
 bool packed_kt_available();
 int64_t packed_kt_floats(int64_t bk, int64_t D);
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha = 1.f);
@@ -46,6 +47,10 @@ void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs
 // gemm_rm's plain products and the packed key tiles run on oneDNN's brgemm; tests force one (0: as decided, 1:
 // sgemm, 2: brgemm). The choice is made once per process (the shape alone decides a product's path after that).
 std::string fp32_gemm_describe();
+// cpuid's vendor string ("GenuineIntel", "AuthenticAMD"; "unknown" elsewhere). MKL's kernels differ by vendor: the
+// packed key tiles above are MKL's on Intel CPUs only, and the auto rules were measured per vendor, because torch's
+// fp32 SDPA multiplies through MKL too (fastattn/backends/cpu.py).
+std::string cpu_vendor();
 bool fp32_gemm_brgemm();
 void fp32_gemm_force(int engine);
 // Seconds per call of f: the best of five batches of four after a warm-up call (the engines' start-up timings).
