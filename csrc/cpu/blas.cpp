@@ -305,7 +305,7 @@ void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, flo
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 // S (bq x bk, ldS) = Qs Kt for Kt (D x bk, ldb) on brgemm, the head dim taken in chunks of at most kScoreChain
 // summed one after another: brgemm accumulates each score in one FMA chain over the whole head dim, and on an AMD
-// EPYC Zen 4 (2026-12-03) a 256-long chain put the fp32 forward's output 1.4-3.1x (median 1.9x) as far from float64
+// EPYC Zen 4 (2026-12-03) a 256-long chain put the fp32 forward's output 1.2-3.1x (median 1.9x) as far from float64
 // as torch's matmul-softmax-matmul (D = 256; 1.0x at D = 64 and 128), past the 2x the fuzz allows. Every score tile,
 // forward and backward, is made here, so the backward's scores still round as the forward's.
 namespace {
