@@ -25,7 +25,7 @@ import torch
 
 import fastattn
 from fastattn.backends import BACKENDS
-from support.oracle import base_factor, check_rule, delta_error, oracle_attention
+from support.oracle import base_factor, base_fp32_rel, check_rule, delta_error, oracle_attention
 
 SEED = int(os.environ.get("FASTATTN_FUZZ_SEED", random.SystemRandom().randrange(2 ** 31)))
 N_CASES = int(os.environ.get("FASTATTN_FUZZ_CASES", "240"))
@@ -283,7 +283,8 @@ def test_fuzz(case: FuzzCase):
             z = torch.zeros_like(leaf, dtype=torch.float64)
             results.append(check_rule(name, z if a is None else a, z if r is None else r, z if b is None else b,
                                       c.dtype, magnitude=mag, inherent=e,
-                                      factor=base_factor(c.backend, "cpu", c.dtype, name)))
+                                      factor=base_factor(c.backend, "cpu", c.dtype, name),
+                                      fp32_rel=base_fp32_rel(c.backend, "cpu", name)))
     bad = [m for ok, m in results if not ok]
     for _, m in results:
         print(m)

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 import fastattn
-from .oracle import base_factor, check_rule, oracle_attention
+from .oracle import base_factor, base_fp32_rel, check_rule, oracle_attention
 
 LOW = (torch.float16, torch.bfloat16)
 TESTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -296,7 +296,8 @@ def run_case(backend, case, dtype, device):
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
         base_grads = (torch.autograd.grad(base, base_leaves, dout.to(dtype)) if dtype in LOW else ref_grads)
         for name, a, r, bb in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-            results.append(check_rule(name, a, r, bb, dtype, factor=base_factor(backend, device, dtype, name)))
+            results.append(check_rule(name, a, r, bb, dtype, factor=base_factor(backend, device, dtype, name),
+                                      fp32_rel=base_fp32_rel(backend, device, name)))
     return results
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattn.benchmark.tolerance import EPS, tolerance
+from fastattn.benchmark.tolerance import EPS, FP32_REL, tolerance
 
 
 def oracle_attention(q, k, v, *, scale, mask=None, window=(-1, -1), bottom_right=False, softcap=0.0,
@@ -88,6 +88,20 @@ def floor_for(dtype, ref) -> float:
 TORCH_CPU_GRAD_FACTOR = 3.0
 
 
+# In fp32 its CPU backward errs past the fp32 rule's 1e-5 too: dQ 1.9e-5 of max|dQ| at D=256, causal (AMD EPYC Zen 4,
+# FASTATTN_FUZZ_SEED=4242 case 198, against a tolerance of 1.5e-5 with the naive fp32 backward's error and the inherent
+# term), and up to 2.1e-5 (dV) in 40 draws at D=128-256 against torch's float64 SDPA. torch's fp32 gradients are held
+# to this relative bound instead, which a wrapping bug (errors of order 1) still exceeds by far.
+TORCH_CPU_FP32_REL = 4e-5
+
+
+def base_fp32_rel(backend, device, grad_name) -> float:
+    """check_rule's fp32_rel for one result: FP32_REL, but TORCH_CPU_FP32_REL for the sdpa backend's gradients from a
+    CPU tensor (the error is torch's, as base_factor's)."""
+    torch_cpu = backend == "sdpa" and str(device).startswith("cpu") and grad_name in ("dq", "dk", "dv")
+    return TORCH_CPU_FP32_REL if torch_cpu else FP32_REL
+
+
 def base_factor(backend, device, dtype, grad_name) -> float:
     """The rule's multiple of the naive error for one result: 2, but TORCH_CPU_GRAD_FACTOR for the sdpa backend's
     dK and dV from a CPU tensor in fp16/bf16 (the error is torch's, not a fastattn kernel's)."""
@@ -95,7 +109,7 @@ def base_factor(backend, device, dtype, grad_name) -> float:
     return TORCH_CPU_GRAD_FACTOR if torch_cpu and grad_name in ("dk", "dv") else 2.0
 
 
-def check_rule(name, fast, ref, base, dtype, *, fp32_rel=1e-5, magnitude=0.0, inherent=0.0, factor=2.0):
+def check_rule(name, fast, ref, base, dtype, *, fp32_rel=FP32_REL, magnitude=0.0, inherent=0.0, factor=2.0):
     """Returns (ok, message). fast/ref/base are tensors of one output or gradient. magnitude: the size of the terms
     X is summed from when X itself can cancel to ~0 (a gradient with a single key is exactly 0, its rounding noise is
     not); the relative bound and the floor then scale with max(max|X_ref|, magnitude). inherent: the error the
