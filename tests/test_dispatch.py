@@ -382,15 +382,16 @@ def test_intel_brgemm_fp32_rules(monkeypatch):
 
 def test_amd_fp32_rules(monkeypatch):
     """On AMD CPUs (measured on an EPYC, Zen 4) fp32 inference steps and tiny calls, masked or not, stay on the cpu
-    kernels at any thread count."""
+    kernels at any thread count, except one-token MHA steps at head dim <= 64 against 1024 keys or more on one thread
+    (_FP32_DECODE_AMD), masked or not."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
     pad[1, ..., :100] = False
 
-    def chosen(Sq, Hq=4, Hkv=4, Sk=300, mask=None):
-        q, k = rnd(2, Hq, Sq, 64), rnd(2, Hkv, Sk, 64)
+    def chosen(Sq, Hq=4, Hkv=4, Sk=300, mask=None, D=64, grad=False):
+        q, k = rnd(2, Hq, Sq, D).requires_grad_(grad), rnd(2, Hkv, Sk, D)
         return fastattn.explain(q, k, k, attn_mask=mask, enable_gqa=Hq != Hkv).chosen
 
     for threads in (1, 2):
@@ -399,6 +400,14 @@ def test_amd_fp32_rules(monkeypatch):
                 assert chosen(Sq) == "cpu" and chosen(Sq, mask=pad) == "cpu", Sq  # MHA steps
                 assert chosen(Sq, Hq=8, Hkv=2) == "cpu" and chosen(Sq, Hq=8, Hkv=2, mask=pad) == "cpu", Sq  # GQA
             assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "cpu"  # tiny
+            long_pad = torch.ones(2, 1, 1, 1024, dtype=torch.bool)  # (B, 1, 1, Sk)
+            long_pad[1, ..., :100] = False
+            decode = "sdpa" if threads == 1 else "cpu"
+            assert chosen(1, Sk=1024) == decode and chosen(1, Sk=1024, mask=long_pad) == decode, threads
+            assert chosen(1, Sk=1023) == "cpu" and chosen(1, Sk=1023, mask=long_pad[..., :1023]) == "cpu"
+            assert chosen(1, Hq=8, Hkv=2, Sk=1024) == "cpu" and chosen(1, Sk=1024, D=80) == "cpu"
+            if threads == 1:  # a training call (past the small-training rule's bound): not a step
+                assert chosen(1, Hq=16, Hkv=16, Sk=4096, grad=True) == "cpu"
 
 
 def test_avx2_only_rules(monkeypatch):

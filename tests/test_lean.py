@@ -79,6 +79,15 @@ def test_replayed_route_is_a_fresh_decision(threads):
         assert _route_mismatches() == []
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_replayed_route_is_a_fresh_decision_on_amd_rules(monkeypatch, threads):
+    """The same under the AMD EPYC Zen 4's rules (the fp32 one-token MHA rule's 1024-key bound, one thread)."""
+    monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
+    with torch.no_grad(), torch_threads(threads):
+        assert _route_mismatches() == []
+
+
 @pytest.mark.parametrize("drop", range(4))
 def test_planted_missing_break_is_caught(monkeypatch, drop):
     """A length rule whose threshold is not declared (planted: one of the cpu backend's breaks left out) replays a
