@@ -40,4 +40,5 @@ def test_bench_hf_decode_runs_and_agrees():
     # batched and left-padded, grouped-query heads: the masked steps (decode kernel with the mask) agree too
     best, agreed = _load("bench_hf_decode").measure(torch.float32, prompt=12, new=3, layers=1, rounds=1, batch=3,
                                                     gqa=True)
-    assert agreed == 3 and all(v[3] > 0 for v in best.values())
+    # (v[1], the attention timed in the prompt's call: v[3], a difference of two timings, fell below 0 once under load)
+    assert agreed == 3 and all(v[1] > 0 for v in best.values())
