@@ -5,12 +5,11 @@
     FASTATTN_BENCH_THREADS=2 pytest benchmarks/test_auto_rule.py -s     # two threads (wall time)
 
 For each class of call (dtype x forward / forward+backward x causal x head dim, at B1 H8 S1024; short forward
-calls at B4 H8 S128 / S512; small fp32 training calls; one-token decode steps; steps of 2-16 query tokens) it times
-PyTorch's SDPA, the `cpu` kernels and `auto` side by side in one process (one thread and CPU time, or
-FASTATTN_BENCH_THREADS threads and wall time; a batch of calls of each in turn, in 15 rounds, and the median over the
-rounds of each round's ratio), prints the ratios with the CPU model and the path each dtype took, and asserts that
-`auto` is within 5% of PyTorch or
-faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
+calls at B4 H8 S128 / S512; small fp32 training calls; one-token decode steps, on one cache and on many in turn;
+steps of 2-16 query tokens) it times PyTorch's SDPA, the `cpu` kernels and `auto` side by side in one process (one
+thread and CPU time, or FASTATTN_BENCH_THREADS threads and wall time; a batch of calls of each in turn, in 15 rounds,
+and the median over the rounds of each round's ratio), prints the ratios with the CPU model and the path each dtype
+took, and asserts that `auto` is within 5% of PyTorch or faster. A failure means the rule is wrong for this CPU: either `cpu` is slower for a class the rule leaves to it
 (add the class, with the measurement), or the rule gives `sdpa` a class where `cpu` is faster. Timing-based, so
 it lives with the benchmarks, not in the CI suite; run it on a quiet machine."""
 import itertools
