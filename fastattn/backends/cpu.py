@@ -249,11 +249,12 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # eight runs of nine (1.02x in one, on a busy host; the fastest rounds 0.78-0.90x), where the hand-over read
 # 0.95-1.07x; at 512 keys 0.83-1.11x run to run (the hand-over 0.95-1.03x), 1.03x at 256, 1.14x at 128. Both read the
 # cache at 10-16 GB/s, under a plain read's 22. Software prefetching in the decode helpers (8-128 keys ahead) and
-# 256-key blocks did not close it. Two threads 0.75-1.07x at 512-4096 keys run to run (1.01x / 1.07x at 1024 / 4096
-# in the longest run, the hand-over 1.00-1.01x), head dim 80-96 0.97-1.2x, 128 1.6x (torch's kernel is slower there),
-# grouped-query 12/4 at D=64 1.03-1.12x: those stay ours. The same steps on one cache, which then stays in the L3, read
-# 1.2-1.4x at 512-2048 keys (a warm B4 masked step at 1024 keys 1.15x, where the hand-over reads 0.96x): the rule
-# gives up those for the cold cache of a real model's steps.
+# 256-key blocks did not close it. Two threads: 0.75-1.07x at 512-4096 keys run to run (0.83x / 0.87x at 4096 / 512 in
+# test_auto_rule.py's from-memory class, 1.01x / 1.07x at 1024 / 4096 in the longest ad-hoc run; the hand-over
+# 0.97-1.01x), and a warm masked B4 step at 1024 keys 2.05x: no rule there. Head dim 80-96 read 0.97-1.2x, 128 1.6x
+# (torch's kernel is slower there), grouped-query 12/4 at D=64 1.03-1.12x: those stay ours. The same steps on one
+# cache, which then stays in the L3, read 1.2-1.4x at 512-2048 keys (a warm B4 masked step at 1024 keys 0.99-1.15x,
+# where the hand-over reads 0.94-1.04x): the rule gives up those for the cold cache of a real model's steps.
 _DECODE_SK_AMD = 1024
 _FP32_DECODE_AMD = ("sdpa is faster for fp32 one-token steps without grouped-query heads at head dim <= 64 against "
                     "1024 keys or more, on one thread of this AMD CPU (the decode kernel measured 0.80-0.93x with the "
