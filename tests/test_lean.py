@@ -88,17 +88,20 @@ def test_replayed_route_is_a_fresh_decision_on_amd_rules(monkeypatch, threads):
         assert _route_mismatches() == []
 
 
-@pytest.mark.parametrize("drop", range(4))
+@pytest.mark.parametrize("drop", range(5))
 def test_planted_missing_break_is_caught(monkeypatch, drop):
     """A length rule whose threshold is not declared (planted: one of the cpu backend's breaks left out) replays a
-    stale route for some key length; on this machine's rules, each of the four must show it (on one thread; the
-    masked bf16 bound of break 3 on two)."""
+    stale route for some key length; on this machine's rules, each of the five must show it (on one thread; the
+    masked bf16 bound of break 3 on two; break 4, the fp32 one-token rule's, under the AMD EPYC Zen 4's rules)."""
     real = cpu_backend.CpuBackend.length_breaks
     monkeypatch.setattr(cpu_backend.CpuBackend, "length_breaks",
                         lambda self, Sq: real(self, Sq)[:drop] + real(self, Sq)[drop + 1:])
+    if drop == 4:
+        monkeypatch.setattr(cpu_backend, "_AMD", True)
+        monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
     with torch.no_grad(), torch_threads(2 if drop == 3 else 1):
         bad = _route_mismatches()
-    if drop >= 2 and not cpu_backend._BF16_AMX:
+    if drop in (2, 3) and not cpu_backend._BF16_AMX:
         pytest.skip(f"the bf16 rule for tiny calls (break {drop}) applies on AMX machines only")
     assert bad, f"leaving out break {drop} changed no replayed route"
 

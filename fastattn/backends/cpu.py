@@ -184,8 +184,7 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
 # thread, where the hand-over read 0.99x).
 def _masked_step(p: AttnParams, dt) -> Optional[str]:
     """The step rule a masked inference step falls under (_FP32_STEPS, _FP32_DECODE_AMD; _BF16_SHORT's one-token
-    steps), or None
-    (eager only, as _masked_tiny: the thread count and lengths would make graphs guard)."""
+    steps), or None (eager only, as _masked_tiny: the thread count and lengths would make graphs guard)."""
     if p.requires_grad or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True):
         return None
     Sq, Sk = _lengths(p)
@@ -221,8 +220,8 @@ def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
 # 1.01-1.57x (masked 4-token steps at D=128 1.55x), the hand-over 0.80-1.18x; on two threads tiny calls 1.25-1.93x and
 # tiny masked ones 1.57-1.87x (the hand-over 0.96-1.01x), on one 0.84-1.10x on sgemm and 0.99-1.37x on brgemm (the
 # hand-over 0.89-1.25x). So there every fp32 step and every tiny call stays ours, except long one-token MHA steps at
-# head dim <= 64 (_FP32_DECODE_AMD below). bf16 and fp16 have no short-call
-# rule there either: the cpu kernels measured 1.5-30x torch on every class (torch multiplies them without AMX).
+# head dim <= 64 (_FP32_DECODE_AMD below). bf16 and fp16 have no short-call rule there either: the cpu kernels
+# measured 1.5-30x torch on every class (torch multiplies them without AMX).
 _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # Intel CPUs whose fp32 tiles run on oneDNN's brgemm (csrc/cpu/blas.cpp: a near tie with sgemm keeps it), measured on
 # the Intel Xeon (AMX), 2026-12-02, on the step, tiny and masked classes of benchmarks/test_auto_rule.py (steps: B1, 512
