@@ -79,11 +79,16 @@ def test_replayed_route_is_a_fresh_decision(threads):
         assert _route_mismatches() == []
 
 
+def _amd_rules(monkeypatch):
+    """The AMD EPYC Zen 4's rules (AVX-512, fp32 tiles on brgemm) in place of intel_rules'."""
+    monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_replayed_route_is_a_fresh_decision_on_amd_rules(monkeypatch, threads):
     """The same under the AMD EPYC Zen 4's rules (the fp32 one-token MHA rule's 1024-key bound, one thread)."""
-    monkeypatch.setattr(cpu_backend, "_AMD", True)
-    monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
+    _amd_rules(monkeypatch)
     with torch.no_grad(), torch_threads(threads):
         assert _route_mismatches() == []
 
@@ -97,8 +102,7 @@ def test_planted_missing_break_is_caught(monkeypatch, drop):
     monkeypatch.setattr(cpu_backend.CpuBackend, "length_breaks",
                         lambda self, Sq: real(self, Sq)[:drop] + real(self, Sq)[drop + 1:])
     if drop == 4:
-        monkeypatch.setattr(cpu_backend, "_AMD", True)
-        monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
+        _amd_rules(monkeypatch)
     with torch.no_grad(), torch_threads(2 if drop == 3 else 1):
         bad = _route_mismatches()
     if drop in (2, 3) and not cpu_backend._BF16_AMX:

@@ -95,18 +95,22 @@ TORCH_CPU_GRAD_FACTOR = 3.0
 TORCH_CPU_FP32_REL = 4e-5
 
 
+def _torch_cpu(backend, device) -> bool:
+    """Whether the result is PyTorch's own CPU SDPA's (the sdpa backend on a CPU tensor), not a fastattn kernel's."""
+    return backend == "sdpa" and str(device).startswith("cpu")
+
+
 def base_fp32_rel(backend, device, grad_name) -> float:
     """check_rule's fp32_rel for one result: FP32_REL, but TORCH_CPU_FP32_REL for the sdpa backend's gradients from a
     CPU tensor (the error is torch's, as base_factor's)."""
-    torch_cpu = backend == "sdpa" and str(device).startswith("cpu") and grad_name in ("dq", "dk", "dv")
-    return TORCH_CPU_FP32_REL if torch_cpu else FP32_REL
+    return TORCH_CPU_FP32_REL if _torch_cpu(backend, device) and grad_name in ("dq", "dk", "dv") else FP32_REL
 
 
 def base_factor(backend, device, dtype, grad_name) -> float:
     """The rule's multiple of the naive error for one result: 2, but TORCH_CPU_GRAD_FACTOR for the sdpa backend's
     dK and dV from a CPU tensor in fp16/bf16 (the error is torch's, not a fastattn kernel's)."""
-    torch_cpu = backend == "sdpa" and str(device).startswith("cpu") and dtype in (torch.float16, torch.bfloat16)
-    return TORCH_CPU_GRAD_FACTOR if torch_cpu and grad_name in ("dk", "dv") else 2.0
+    low = dtype in (torch.float16, torch.bfloat16)
+    return TORCH_CPU_GRAD_FACTOR if _torch_cpu(backend, device) and low and grad_name in ("dk", "dv") else 2.0
 
 
 def check_rule(name, fast, ref, base, dtype, *, fp32_rel=FP32_REL, magnitude=0.0, inherent=0.0, factor=2.0):
