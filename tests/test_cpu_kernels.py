@@ -408,3 +408,44 @@ def test_large_scores_check_catches_the_fused_form():
                        text=True, timeout=300)
     print(r.stdout[-3000:], r.stderr[-2000:])
     assert "2 failed" in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_heads_sharing_a_mask_run_as_their_own(dtype, threads, monkeypatch):
+    """A full mask shared by every query head ((B, 1, Sq, Sk); fwd.cpp fwd_chunk_heads, taken on AMD CPUs and here
+    on any, FASTATTN_CPU_HEAD_CHUNKS=1) runs a chunk of heads through each key tile in turn, each with its own K/V
+    packs, so the tile's mask rows stay in cache. Each head's tiles and their order are those of a head alone, so out
+    and lse must be the same bits as with the mask repeated per head (which runs heads one by one): MHA and
+    grouped-query heads, lengths off the tiles, a float mask, one with -inf edges (read per row, shared by the
+    heads), dropout; out also against the float64 oracle."""
+    monkeypatch.setenv("FASTATTN_CPU_HEAD_CHUNKS", "1")
+    torch.manual_seed(11)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, Hq, Hkv, Sq, Sk, D, edges, dropout_p in [(1, 8, 8, 300, 700, 64, False, 0.0),
+                                                        (2, 8, 2, 130, 1100, 32, False, 0.0),
+                                                        (1, 6, 3, 257, 513, 80, True, 0.0),
+                                                        (2, 4, 1, 200, 600, 16, True, 0.0),
+                                                        (1, 16, 4, 150, 400, 32, False, 0.0),
+                                                        (1, 8, 4, 140, 520, 64, False, 0.2)]:
+            q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype=dtype, grad=False)
+            mask = torch.randn(B, 1, Sq, Sk)
+            if edges:  # each row sees keys [lo, hi): the bias's -inf edges bound its tiles
+                j = torch.arange(Sk)
+                lo = torch.randint(0, Sk // 3, (B, 1, Sq, 1))
+                mask = mask.masked_fill((j < lo) | (j >= lo + Sk // 2), float("-inf"))
+            mask = mask.to(dtype)
+            args = (None, None, 0, 0, D ** -0.5, -1, -1, False, 0.0, None, dropout_p, 5, 0, False)
+            shared = mask.expand(B, Hq, Sq, Sk)  # (B, 1, Sq, Sk) -> (B, Hq, Sq, Sk), head stride 0
+            out, lse = torch.ops.fastattn.fwd(q, k, v, shared, *args)
+            per_head = mask.repeat(1, Hq, 1, 1)  # (B, 1, Sq, Sk) -> (B, Hq, Sq, Sk), a copy per head
+            out_1, lse_1 = torch.ops.fastattn.fwd(q, k, v, per_head, *args)
+            case = (dtype, threads, B, Hq, Hkv, Sq, Sk, D, edges, dropout_p)
+            assert torch.equal(out, out_1) and torch.equal(lse, lse_1), case
+            if dropout_p == 0.0:
+                assert_rule("out", out, oracle_attention(q, k, v, scale=D ** -0.5, mask=mask),
+                            oracle_attention(q, k, v, dtype=dtype, scale=D ** -0.5, mask=mask), dtype)
+    finally:
+        torch.set_num_threads(prev)

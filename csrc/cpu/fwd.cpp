@@ -2,7 +2,11 @@
 // streams the visible key blocks through an online softmax, holding only tile buffers (memory O(S)).
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <cstdlib>
 #include <memory>
+#include <optional>
+#include <tuple>
 
 #include "kernels.h"
 #include "rng.h"
@@ -39,17 +43,20 @@ inline Tiles fwd_tiles(const CpuParams& p) {
 // Online-softmax update of one row with the new score row S_r (bk keys): the probabilities go to P_r (which may
 // be S_r itself). Returns the factor the accumulator row must be multiplied by (exp(m_old - m_new); 1 when
 // unchanged). With AVX-512 (P_r apart from S_r) the row first tries P against the running max, with no max pass
-// (kLazyRescaleLog2); a NaN score then still poisons l through the row sum.
-inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i, float* P_r) {
+// (kLazyRescaleLog2); a NaN score then still poisons l through the row sum. bias_r (AVX-512 rows only; nullptr:
+// none): a bias row the score pass left to this one, added in the lazy exp pass (else before the max pass).
+inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i, float* P_r,
+                                const float* bias_r = nullptr) {
 #ifdef FASTATTN_VEC512
   if (P_r != S_r && m_i > kNegInf && m_i < kInf) {
     float arg_max;
-    const float row_sum = vec512::exp_row<float>(S_r, bk, bk, 1.f, m_i, P_r, false, &arg_max);
+    const float row_sum = vec512::exp_row<float>(S_r, bk, bk, 1.f, m_i, P_r, false, &arg_max, bias_r);
     if (arg_max <= kLazyRescaleLog2) {
       l_i += row_sum;
       return 1.f;
     }
   }
+  if (bias_r) vec512::fma_row<float>(S_r, bias_r, bk, 1.f);
 #endif
   const float m_new = std::max(m_i, vec::max_row(S_r, bk));
   if (m_new == kNegInf) {  // every key so far masked: P = 0, state unchanged (unless a NaN score poisons l)
@@ -143,43 +150,66 @@ struct KtCache {
   }
 };
 
+// Tile buffers that the query blocks of one task share (each block keeps its own Q rows and softmax state).
+struct TileBufs {
+  float *k, *v, *S, *P;
+};
+
+// The forward of one (sequence, query head, query block): its scaled Q rows and online-softmax state (m, l, acc),
+// fed one key tile at a time (step), then stored (store). A task of one head runs it alone; a task of a chunk of
+// heads that share a bias (FwdOrder) steps each head through the same key tile in turn, so the tile's bias rows
+// come from cache for all but the first.
 template <typename T>
-void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scratch& buf, KVPack* pack,
-              KtCache* kt_cache) {
-  const SeqInfo s = seq_info(p, n);
-  const int64_t i0 = qb * t.q;
-  if (i0 >= s.sq) return;
-  const int64_t bq = std::min(t.q, s.sq - i0), D = p.D, Dv = p.Dv;
-  const int64_t hk = h / p.group();
-  const Visibility vis(p, s);
-  const ScoreCtx<T> ctx(p, s, vis, h);
-  buf.used = 0;
-  float* qs_buf = buf.take(t.q * D);
-  float* k_buf = buf.take(t.k * D);
-  float* v_buf = buf.take(t.k * Dv);
-  float* S = buf.take(t.q * t.k);
-  float* P = lazy_softmax() ? buf.take(t.q * t.k) : S;  // apart from S: a lazy row that must rescale redoes P
-  float* acc = buf.take(t.q * Dv);
-  float* m = buf.take(t.q);
-  float* l = buf.take(t.q);
-
-  const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
-  const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
-  const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  // Qs = q_mul * Q (the rest of the scale is the score product's alpha): never a pass over a score tile.
-  const Operand qs = operand<T>(q, p.q_st.s, p.q_st.d, bq, D, qs_buf, q_mul<T>(p.scale));
-  std::fill(m, m + bq, kNegInf);
-  std::fill(l, l + bq, 0.f);
-  const bool dropout = p.dropout_p > 0.f;
+struct QueryBlock {
+  const CpuParams& p;
+  const Tiles t;
+  const int64_t n, h, hk, i0;
+  const SeqInfo s;
+  const Visibility vis;
+  const ScoreCtx<T> ctx;  // refers to s and vis: a QueryBlock is built in place and never moved
+  const TileBufs bufs;
+  KVPack* pack;
+  KtCache* kt_cache;
+  int64_t bq = 0, j_lo = 0, j_hi = 0, key_end = 0;
+  const T *k = nullptr, *v = nullptr;
+  Operand qs{nullptr, 0};
+  float *acc = nullptr, *m = nullptr, *l = nullptr;
   bool first = true;  // the first P V product writes acc (no fill, no rescale of it before)
-  const Dropout drop(p.seed, p.offset, p.dropout_p, p.head_start);
+  bool fuse_bias = false;
+  const Dropout drop;
 
-  // Key blocks that any row of this query block sees (fully masked blocks, skipped padding and the keys a bias's
-  // -inf edges hide from every row are left out; tiles off the t.k grid take the plain product, not packed tiles).
-  const auto [j_lo, j_hi] = block_keys(p, s, vis, h, i0, i0 + bq);
-  const int64_t key_end = std::min(vis.key_hi(s.sq - 1), s.kend);  // where the last query block's keys end
-  for (int64_t j0 = j_lo; j0 < j_hi; j0 += t.k) {
-    const int64_t bk = std::min(t.k, j_hi - j0);
+  QueryBlock(const CpuParams& p_, Tiles t_, int64_t n_, int64_t h_, int64_t qb, Scratch& buf, TileBufs bufs_,
+             KVPack* pack_, KtCache* kt_cache_)
+      : p(p_), t(t_), n(n_), h(h_), hk(h_ / p_.group()), i0(qb * t_.q), s(seq_info(p_, n_)), vis(p_, s),
+        ctx(p_, s, vis, h_), bufs(bufs_), pack(pack_), kt_cache(kt_cache_),
+        drop(p_.seed, p_.offset, p_.dropout_p, p_.head_start) {
+    if (empty()) return;
+    bq = std::min(t.q, s.sq - i0);
+    float* qs_buf = buf.take(t.q * p.D);
+    acc = buf.take(t.q * p.Dv);
+    m = buf.take(t.q);
+    l = buf.take(t.q);
+    const T* q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + (s.q0 + i0) * p.q_st.s;
+    k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
+    v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
+    // Qs = q_mul * Q (the rest of the scale is the score product's alpha): never a pass over a score tile.
+    qs = operand<T>(q, p.q_st.s, p.q_st.d, bq, p.D, qs_buf, q_mul<T>(p.scale));
+    std::fill(m, m + bq, kNegInf);
+    std::fill(l, l + bq, 0.f);
+    // A bias alone (a float mask) on fully visible tiles is added in the softmax's exp pass (as fwd_lowp.cpp does)
+    // instead of a pass of its own over S.
+    fuse_bias = std::is_same_v<T, float> && lazy_softmax() && ctx.bias_only() && p.bias_st.d == 1;
+    // Key blocks that any row of this query block sees (fully masked blocks, skipped padding and the keys a bias's
+    // -inf edges hide from every row are left out; tiles off the t.k grid take the plain product, not packed tiles).
+    std::tie(j_lo, j_hi) = block_keys(p, s, vis, h, i0, i0 + bq);
+    key_end = std::min(vis.key_hi(s.sq - 1), s.kend);  // where the last query block's keys end
+  }
+
+  bool empty() const { return i0 >= s.sq; }
+
+  // Keys [j0, min(j0 + t.k, j_hi)).
+  void step(int64_t j0) {
+    const int64_t bk = std::min(t.k, j_hi - j0), D = p.D, Dv = p.Dv;
     Operand kt, vt;
     if (pack) {  // converted as far as a packed tile reads (later query blocks need those keys too)
       const int64_t kv_end = kt_cache ? std::max(j0 + bk, std::min(j0 + t.k, key_end)) : j0 + bk;
@@ -187,42 +217,97 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h, int64_t qb, Scr
       kt = {pack->k + j0 * D, D};
       vt = {pack->v + j0 * Dv, Dv};
     } else {
-      kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, k_buf);
-      vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, v_buf);
+      kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, bufs.k);
+      vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, bufs.v);
     }
     const KtCache::Tile kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end,
                                                              qk_alpha<T>(p.scale))
                                              : KtCache::Tile{nullptr, 0};
+    float *S = bufs.S, *P = bufs.P;
+    const bool fused = fuse_bias && vis.full(i0, i0 + bq, j0, j0 + bk);
     if (kt_packed.ptr) {
-      ctx.scores_packed(qs.ptr, qs.ld, kt_packed.ptr, i0, bq, j0, bk, S, t.k, nullptr, kt_packed.ld);
+      ctx.scores_packed(qs.ptr, qs.ld, kt_packed.ptr, i0, bq, j0, bk, S, t.k, nullptr, kt_packed.ld, fused);
     } else {
-      ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, t.k, nullptr);
+      ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, t.k, nullptr, fused);
     }
     for (int64_t r = 0; r < bq; ++r) {
       float* P_r = P + r * t.k;
-      const float alpha = online_softmax_row(S + r * t.k, bk, m[r], l[r], P_r);
+      const float* bias_r = nullptr;
+      if constexpr (std::is_same_v<T, float>) bias_r = fused ? ctx.bias_row(i0 + r) + j0 : nullptr;
+      const float alpha = online_softmax_row(S + r * t.k, bk, m[r], l[r], P_r, bias_r);
       if (alpha != 1.f && !first) vec::scale_row(acc + r * Dv, Dv, alpha);
       // l_i sums the undropped probabilities; dropout applies to what multiplies V.
-      if (dropout) drop.apply_row(P_r, s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0, bk);
+      if (p.dropout_p > 0.f) drop.apply_row(P_r, s.n, h, s.qpos0 + i0 + r, s.kpos0 + j0, bk);
     }
     gemm_rm(false, false, bq, Dv, bk, 1.f, P, t.k, vt.ptr, vt.ld, first ? 0.f : 1.f, acc, Dv);  // acc (+)= P V
     first = false;
   }
-  if (first) std::fill(acc, acc + bq * Dv, 0.f);  // no key: empty rows
 
-  store_rows<T>(p, s, h, i0, bq, acc, m, l);
+  void store() {
+    if (first) std::fill(acc, acc + bq * p.Dv, 0.f);  // no key: empty rows
+    store_rows<T>(p, s, h, i0, bq, acc, m, l);
+  }
+};
+
+// Query block qb of heads [h0, h0 + heads) of sequence n (packs[g], kt_caches[g]: head h0 + g's). Heads of a chunk
+// see the same key blocks (fwd_chunk_heads: a bias shared by every head, no per-head -inf edges).
+template <typename T>
+void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h0, int64_t heads, int64_t qb, Scratch& buf,
+              KVPack* const* packs, KtCache* const* kt_caches) {
+  buf.used = 0;
+  TileBufs bufs;
+  bufs.k = buf.take(t.k * p.D);
+  bufs.v = buf.take(t.k * p.Dv);
+  bufs.S = buf.take(t.q * t.k);
+  bufs.P = lazy_softmax() ? buf.take(t.q * t.k) : bufs.S;  // apart from S: a lazy row that must rescale redoes P
+  std::array<std::optional<QueryBlock<T>>, kMaxChunkHeads> blocks;
+  for (int64_t g = 0; g < heads; ++g) blocks[g].emplace(p, t, n, h0 + g, qb, buf, bufs, packs[g], kt_caches[g]);
+  const QueryBlock<T>& lead = *blocks[0];
+  if (lead.empty()) return;
+  for (int64_t j0 = lead.j_lo; j0 < lead.j_hi; j0 += t.k) {
+    for (int64_t g = 0; g < heads; ++g) blocks[g]->step(j0);
+  }
+  for (int64_t g = 0; g < heads; ++g) blocks[g]->store();
 }
 
 }  // namespace
+
+// More than 1 only for a bias that every query head shares and reads by row, whose -inf edges (if read) are the same
+// for every head, and that is at least 16x the K/V a head reads (bias_bytes >= 16 kv_bytes: what a chunk saves
+// against the K/V its heads then evict): up to kMaxChunkHeads heads (a divisor of Hq that groups whole kv-head groups
+// or lies within one) whose K/V stay within kChunkBytes, leaving at least two tasks per thread. Measured on an AMD
+// EPYC (Zen 4, 1 MB L2 a core; B1 H8, a (1, 1, S, S) float mask, the chunks switched on and off in one process): at
+// S=2048, D=64 the forward 6-9% faster (fp32 4 heads, bf16 8; one thread) and 5% (fp32, two threads); D=32 S=1024
+// 9%; at 8x (S=2048 D=128, S=1024 D=64) no gain or 5-14% slower on two threads. On an Intel Xeon (2 MB L2) an
+// earlier trial of the order (the heads' query blocks in turn, fp32 D=64) read 1-3% slower, so chunks are taken on
+// AMD only. FASTATTN_CPU_HEAD_CHUNKS=0 never takes them; =1 (tests) takes the largest chunk wherever heads share such
+// a bias, on any CPU, whatever the sizes. No result depends on it: each head's tiles and their order are the same in
+// any chunk.
+int64_t fwd_chunk_heads(const CpuParams& p, int64_t nqb, int64_t kv_bytes, int64_t bias_bytes) {
+  static const bool amd = cpu_vendor() == "AuthenticAMD";
+  const char* env = std::getenv("FASTATTN_CPU_HEAD_CHUNKS");
+  const bool forced = env != nullptr && env[0] == '1';
+  if (env != nullptr ? !forced : !amd) return 1;
+  if (p.bias == nullptr || p.bias_st.h != 0 || p.bias_st.s == 0 || p.Hq == 1 || p.q_period > 0) return 1;
+  if ((p.mask_keys != nullptr && p.mask_keys_sh != 0) || (!forced && bias_bytes < 16 * kv_bytes)) return 1;
+  constexpr int64_t kChunkBytes = 4 << 20;
+  const int64_t group = p.group(), threads = at::get_num_threads();
+  for (int64_t g = std::min<int64_t>(p.Hq, kMaxChunkHeads); g > 1; --g) {
+    if (p.Hq % g != 0 || (g % group != 0 && group % g != 0)) continue;
+    if (forced) return g;
+    if (std::max<int64_t>(1, g / group) * kv_bytes > kChunkBytes) continue;
+    if (p.nseq * (p.Hq / g) * nqb >= 2 * threads) return g;
+  }
+  return 1;
+}
 
 template <typename T>
 void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const Tiles t = fwd_tiles(p);
   const int64_t nqb = (max_sq + t.q - 1) / t.q;
-  const int64_t ntask = p.nseq * p.Hq * nqb;
-  const int64_t scratch = Scratch::round(t.q * p.D) + Scratch::round(t.k * p.D) +
-                          Scratch::round(t.k * p.Dv) + (lazy_softmax() ? 2 : 1) * Scratch::round(t.q * t.k) +
-                          Scratch::round(t.q * p.Dv) + 2 * Scratch::round(t.q);
+  const int64_t per_head = Scratch::round(t.q * p.D) + Scratch::round(t.q * p.Dv) + 2 * Scratch::round(t.q);
+  const int64_t scratch = Scratch::round(t.k * p.D) + Scratch::round(t.k * p.Dv) +
+                          (lazy_softmax() ? 2 : 1) * Scratch::round(t.q * t.k) + per_head;
   // fp32 K/V with unit last stride are used in place; anything else goes through a per-thread KVPack.
   const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&
                       p.v_st.d == 1 && p.v_st.s >= p.Dv && p.v_st.s <= kMaxLd;
@@ -237,16 +322,25 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const bool band = p.window_left >= 0 || p.window_right >= 0;
   const int64_t min_qb = fp32_gemm_brgemm() && !band ? 1 : 4;
   const bool pack_keys = packed_kt_available() && (t.k == 512 ? nqb >= min_qb : fp32_gemm_brgemm() && nqb >= 2);
-  const std::vector<int64_t> units = dealt_units(p.nseq * p.Hq);
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+  const int64_t kv_bytes = 4 * max_sk * (p.D + p.Dv);  // fp32 tiles
+  const FwdOrder order(p, nqb, fwd_chunk_heads(p, nqb, kv_bytes, int64_t(sizeof(T)) * max_sq * max_sk));
+  at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
-    Scratch buf(scratch);
-    std::unique_ptr<KVPack> pack = direct ? nullptr : std::make_unique<KVPack>(max_sk, p);
-    std::unique_ptr<KtCache> kt_cache = pack_keys ? std::make_unique<KtCache>() : nullptr;
-    for (int64_t task = begin; task < end; ++task) {
-      // task = u * nqb + qb, unit units[u] = n * Hq + h
-      const int64_t qb = task % nqb, nh = units[task / nqb];
-      fwd_task<T>(p, t, nh / p.Hq, nh % p.Hq, qb, buf, pack.get(), kt_cache.get());
+    Scratch buf(scratch + (order.heads - 1) * per_head);
+    std::vector<std::unique_ptr<KVPack>> packs(order.slots);
+    std::vector<std::unique_ptr<KtCache>> kt_caches(order.slots);
+    std::array<KVPack*, kMaxChunkHeads> head_packs{};
+    std::array<KtCache*, kMaxChunkHeads> head_caches{};
+    for (int64_t i = begin; i < end; ++i) {
+      const FwdOrder::Task task = order.at(i);
+      for (int64_t g = 0; g < order.heads; ++g) {
+        const int64_t slot = order.slot(task.h0 + g);
+        if (!direct && !packs[slot]) packs[slot] = std::make_unique<KVPack>(max_sk, p);
+        if (pack_keys && !kt_caches[slot]) kt_caches[slot] = std::make_unique<KtCache>();
+        head_packs[g] = packs[slot].get();
+        head_caches[g] = kt_caches[slot].get();
+      }
+      fwd_task<T>(p, t, task.n, task.h0, order.heads, task.qb, buf, head_packs.data(), head_caches.data());
     }
   });
 }

@@ -135,18 +135,21 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
 template <typename T>
 void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t nqb = (max_sq + QBLOCK - 1) / QBLOCK;
-  const int64_t ntask = p.nseq * p.Hq * nqb;
   const int64_t scratch = Scratch::round(QBLOCK * KBLOCK) + Scratch::round(QBLOCK * p.Dv) +
                           2 * Scratch::round(QBLOCK) + Scratch::round((QBLOCK * mm::even(p.D) + 1) / 2) +
                           Scratch::round((QBLOCK * KBLOCK + 1) / 2);
-  const std::vector<int64_t> units = dealt_units(p.nseq * p.Hq);
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+  const int64_t kv_bytes = int64_t(sizeof(T)) * max_sk * (mm::even(p.D) + p.Dv);
+  const FwdOrder order(p, nqb, fwd_chunk_heads(p, nqb, kv_bytes, int64_t(sizeof(T)) * max_sq * max_sk));
+  at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);
-    KVBlocks<T> kv(p, max_sk, false);
-    for (int64_t t = begin; t < end; ++t) {
-      // task t = (u * nqb + qb), unit units[u] = n * Hq + h
-      const int64_t qb = t % nqb, nh = units[t / nqb];
-      fwd_task<T>(p, nh / p.Hq, nh % p.Hq, qb, buf, kv);
+    std::vector<std::unique_ptr<KVBlocks<T>>> kv(order.slots);
+    for (int64_t i = begin; i < end; ++i) {
+      const FwdOrder::Task task = order.at(i);
+      for (int64_t h = task.h0; h < task.h0 + order.heads; ++h) {  // a chunk's heads: the bias rows stay in cache
+        const int64_t slot = order.slot(h);
+        if (!kv[slot]) kv[slot] = std::make_unique<KVBlocks<T>>(p, max_sk, false);
+        fwd_task<T>(p, task.n, h, task.qb, buf, *kv[slot]);
+      }
     }
     mm::release();
   });

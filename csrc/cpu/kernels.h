@@ -10,6 +10,10 @@ namespace fastattn::cpu {
 template <typename T>
 void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
+// Query heads per forward task (FwdOrder in params.h; fwd.cpp): more than 1 only where heads share a bias read by row.
+// nqb: query blocks per head; kv_bytes: one kv head's K/V as the tiles read them; bias_bytes: one head's bias.
+int64_t fwd_chunk_heads(const CpuParams& p, int64_t nqb, int64_t kv_bytes, int64_t bias_bytes);
+
 // The matrix-unit path (fwd_lowp.cpp, bwd_lowp.cpp): T is BFloat16 or Half; call only where mm::path(T) is kBrgemm.
 template <typename T>
 void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);

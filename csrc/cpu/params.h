@@ -149,6 +149,35 @@ inline std::vector<int64_t> dealt_units(int64_t units) {
   return order;
 }
 
+// The most query heads a forward task takes (FwdOrder).
+constexpr int64_t kMaxChunkHeads = 8;
+
+// The forward's tasks in order: (sequence, chunk of `heads` query heads, query block), a unit of work being a
+// (sequence, chunk), dealt as dealt_units deals them, its query blocks in a row (each thread packs a head's K/V
+// once). heads = 1 unless the heads share a bias that is read by row (fwd_chunk_heads): a task then takes the
+// chunk's heads through each key tile in turn, so the tile's bias rows come from cache for all but the first head
+// (the bias had been read from memory once per head), and a thread keeps the chunk's packed K/V, one per slot.
+struct FwdOrder {
+  struct Task {
+    int64_t n, h0, qb;
+  };
+  int64_t nqb, heads, chunks, group, slots;
+  std::vector<int64_t> units;
+
+  FwdOrder(const CpuParams& p, int64_t nqb_, int64_t heads_)
+      : nqb(nqb_), heads(heads_), chunks(p.Hq / heads_), group(p.group()),
+        slots(std::max<int64_t>(1, heads_ / p.group())), units(dealt_units(p.nseq * chunks)) {}
+
+  int64_t count() const { return static_cast<int64_t>(units.size()) * nqb; }
+  // task t = u * nqb + qb, unit units[u] = n * chunks + chunk
+  Task at(int64_t t) const {
+    const int64_t u = units[t / nqb];
+    return {u / chunks, u % chunks * heads, t % nqb};
+  }
+  // Which of a thread's K/V packs serves query head h.
+  int64_t slot(int64_t h) const { return h / group % slots; }
+};
+
 // Visibility of key j to query i within a sequence (see csrc/ops.cpp):
 //   off = q_start - k_start with block coordinates, else bottom_right ? sk - sq : 0;
 //   j >= i + off - window_left (if >= 0);  j <= i + off + window_right (if >= 0).

@@ -121,17 +121,20 @@ struct ScoreCtx {
   // S (bq, bk; ld ldS) = scale Q K^T for query rows [i0, i0+bq) and keys [j0, j0+bk) (qs: Q times q_mul<T>, the
   // product's alpha the rest of the scale), then softcap (storing tanh in `tanh_out` when given, for the backward),
   // alibi, bias and -inf outside the visible band.
+  // product_only: the scaled product alone, for a caller that adds a bias_only() context's bias itself on a fully
+  // visible tile (nothing else left to finish).
   void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
-              int64_t ldS, float* tanh_out) const {
+              int64_t ldS, float* tanh_out, bool product_only = false) const {
     gemm_scores(bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, S, ldS);
-    finish(i0, bq, j0, bk, S, ldS, tanh_out);
+    if (!product_only) finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
   // The same with the key tile given packed (pack_kt, with alpha qk_alpha<T>).
   void scores_packed(const float* qs, int64_t ldq, const float* kt_packed, int64_t i0, int64_t bq, int64_t j0,
-                     int64_t bk, float* S, int64_t ldS, float* tanh_out = nullptr, int64_t ldp = 0) const {
+                     int64_t bk, float* S, int64_t ldS, float* tanh_out = nullptr, int64_t ldp = 0,
+                     bool product_only = false) const {
     gemm_packed_kt(kt_packed, bk, p.D, qs, ldq, bq, S, ldS, ldp);
-    finish(i0, bq, j0, bk, S, ldS, tanh_out);
+    if (!product_only) finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
   // Query row i's bias row (key 0).
