@@ -1,5 +1,6 @@
-// FlashAttention-2 forward on CPU: one task per (sequence, query head, block of query rows); each task
-// streams the visible key blocks through an online softmax, holding only tile buffers (memory O(S)).
+// FlashAttention-2 forward on CPU: one task per (sequence, query head, block of query rows), or per chunk of query
+// heads that share a bias (FwdOrder); each streams the visible key blocks through an online softmax, holding only
+// tile buffers (memory O(S)).
 #include <ATen/Parallel.h>
 
 #include <array>
