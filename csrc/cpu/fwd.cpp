@@ -285,12 +285,12 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h0, int64_t heads,
 // a bias, on any CPU, whatever the sizes. No result depends on it: each head's tiles and their order are the same in
 // any chunk.
 int64_t fwd_chunk_heads(const CpuParams& p, int64_t nqb, int64_t kv_bytes, int64_t bias_bytes) {
+  // A bias with head stride 0 has its -inf edges read once for all heads too (mask_band.cpp: mask_keys_sh = 0).
+  if (p.bias == nullptr || p.bias_st.h != 0 || p.bias_st.s == 0 || p.Hq == 1 || p.q_period > 0) return 1;
   static const bool amd = cpu_vendor() == "AuthenticAMD";
   const char* env = std::getenv("FASTATTN_CPU_HEAD_CHUNKS");
   const bool forced = env != nullptr && env[0] == '1';
-  if (env != nullptr ? !forced : !amd) return 1;
-  if (p.bias == nullptr || p.bias_st.h != 0 || p.bias_st.s == 0 || p.Hq == 1 || p.q_period > 0) return 1;
-  if ((p.mask_keys != nullptr && p.mask_keys_sh != 0) || (!forced && bias_bytes < 16 * kv_bytes)) return 1;
+  if ((env != nullptr ? !forced : !amd) || (!forced && bias_bytes < 16 * kv_bytes)) return 1;
   constexpr int64_t kChunkBytes = 4 << 20;
   const int64_t group = p.group(), threads = at::get_num_threads();
   for (int64_t g = std::min<int64_t>(p.Hq, kMaxChunkHeads); g > 1; --g) {
@@ -330,16 +330,17 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     Scratch buf(scratch + (order.heads - 1) * per_head);
     std::vector<std::unique_ptr<KVPack>> packs(order.slots);
     std::vector<std::unique_ptr<KtCache>> kt_caches(order.slots);
+    for (int64_t slot = 0; slot < order.slots; ++slot) {
+      if (!direct) packs[slot] = std::make_unique<KVPack>(max_sk, p);
+      if (pack_keys) kt_caches[slot] = std::make_unique<KtCache>();
+    }
     std::array<KVPack*, kMaxChunkHeads> head_packs{};
     std::array<KtCache*, kMaxChunkHeads> head_caches{};
     for (int64_t i = begin; i < end; ++i) {
       const FwdOrder::Task task = order.at(i);
       for (int64_t g = 0; g < order.heads; ++g) {
-        const int64_t slot = order.slot(task.h0 + g);
-        if (!direct && !packs[slot]) packs[slot] = std::make_unique<KVPack>(max_sk, p);
-        if (pack_keys && !kt_caches[slot]) kt_caches[slot] = std::make_unique<KtCache>();
-        head_packs[g] = packs[slot].get();
-        head_caches[g] = kt_caches[slot].get();
+        head_packs[g] = packs[order.slot(task.h0 + g)].get();
+        head_caches[g] = kt_caches[order.slot(task.h0 + g)].get();
       }
       fwd_task<T>(p, t, task.n, task.h0, order.heads, task.qb, buf, head_packs.data(), head_caches.data());
     }

@@ -143,12 +143,11 @@ void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);
     std::vector<std::unique_ptr<KVBlocks<T>>> kv(order.slots);
+    for (auto& slot : kv) slot = std::make_unique<KVBlocks<T>>(p, max_sk, false);
     for (int64_t i = begin; i < end; ++i) {
       const FwdOrder::Task task = order.at(i);
       for (int64_t h = task.h0; h < task.h0 + order.heads; ++h) {  // a chunk's heads: the bias rows stay in cache
-        const int64_t slot = order.slot(h);
-        if (!kv[slot]) kv[slot] = std::make_unique<KVBlocks<T>>(p, max_sk, false);
-        fwd_task<T>(p, task.n, h, task.qb, buf, *kv[slot]);
+        fwd_task<T>(p, task.n, h, task.qb, buf, *kv[order.slot(h)]);
       }
     }
     mm::release();
