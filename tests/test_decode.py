@@ -14,7 +14,7 @@ import fastattn
 from fastattn import dispatch
 from fastattn.kvcache import explain_kvcache
 from support.cuda_emu import emu, needs_cuda_headers
-from support.oracle import assert_rule, lse_reference, oracle_attention
+from support.oracle import assert_rule, lse_magnitude, lse_reference, oracle_attention
 
 # ---------------------------------------------------------------- implementations available here
 # name -> (backend= to request, device of the tensors); the generic path is reached through a backend without a
@@ -167,7 +167,7 @@ def run_case(c, impl, calls, num_splits=0):
         assert_rule(f"out[{b}]", out[b:b + 1].transpose(1, 2), ref, base, dt)
         lref = lse_reference(qb, kb, D ** -0.5, window, softcap, alibi)
         lbase = lse_reference(qb, kb, D ** -0.5, window, softcap, alibi, dtype=dt) if base is not None else None
-        assert_rule(f"lse[{b}]", lse[b:b + 1], lref, lbase, dt)
+        assert_rule(f"lse[{b}]", lse[b:b + 1], lref, lbase, dt, magnitude=lse_magnitude(qb, kb, D ** -0.5))
     return used
 
 

@@ -159,6 +159,17 @@ def assert_param_grads(ref, grads) -> None:
         assert_rule(f"d {name}", grads[name], p.grad, None, torch.float32, magnitude=bias_terms(params, name))
 
 
+def lse_magnitude(q, k, scale) -> float:
+    """check_rule's magnitude for a log-sum-exp: the size of the terms of a score, scale·max Σ_d |q_d k_d|.
+    With one visible key the lse is that score, which can cancel to ~0 while its rounding noise does not.
+    q (B, Hq, Sq, D), k (B, Hkv, L, D)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return 0.0
+    q, k = q.detach().double().cpu().abs(), k.detach().double().cpu().abs()
+    k = k[:, torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])]  # (B, Hkv, L, D) -> (B, Hq, L, D)
+    return float(torch.einsum("bhid,bhjd->bhij", q, k).max()) * scale
+
+
 def lse_reference(q, k, scale, window, softcap, alibi, dtype=torch.float64, bias=None):
     """Log-sum-exp of the visible scores (bottom-right) computed in dtype (float64: the reference; the inputs'
     precision: the naive baseline of the tolerance rule), +inf for rows with no visible key.
