@@ -122,6 +122,24 @@ void add_bias(const DecodeParams& p, const T* row, int64_t j0, int64_t a, int64_
   for (int64_t j = a; j < e; ++j) s[j] += f[j];
 }
 
+// Software prefetch (to L2) of keys [a, e) of a dense cache's KV heads [hk0, hk1), K and V rows. The item computes
+// between its blocks (softmax, P V) with no demand loads, so the hardware stream prefetcher idles there; a block's
+// keys fetched one block ahead read a cold cache 7-17% faster on one thread (fp32 MHA, AMD EPYC Zen 4, 2026-12-04).
+template <typename T>
+void prefetch_block(const DecodeParams& p, const T* kbase, const T* vbase, int64_t row, int64_t hk0, int64_t hk1,
+                    int64_t a, int64_t e) {
+  constexpr int64_t kLine = 64;
+  const int64_t kbytes = p.D * static_cast<int64_t>(sizeof(T)), vbytes = p.Dv * static_cast<int64_t>(sizeof(T));
+  for (int64_t hk = hk0; hk < hk1; ++hk) {
+    for (int64_t pos = a; pos < e; ++pos) {
+      const char* k = reinterpret_cast<const char*>(kbase + row * p.k_sb + pos * p.k_ss + hk * p.k_sh);
+      const char* v = reinterpret_cast<const char*>(vbase + row * p.v_sb + pos * p.v_ss + hk * p.v_sh);
+      for (int64_t c = 0; c < kbytes; c += kLine) __builtin_prefetch(k + c, 0, 2);
+      for (int64_t c = 0; c < vbytes; c += kLine) __builtin_prefetch(v + c, 0, 2);
+    }
+  }
+}
+
 // Keys [start, end) of sequence b for the M = (hk1 - hk0) * G * Sq query rows of KV heads [hk0, hk1).
 template <typename T>
 void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int64_t split, Scratch& w) {
@@ -176,6 +194,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       w.krows[j] = kbase + kofs;
       w.vrows[j] = vbase + vofs;
     }
+    if (!p.block_table) prefetch_block<T>(p, kbase, vbase, row, hk0, hk1, j0 + n, std::min(end, j0 + n + kBlockN));
     float* S = w.S.data();
     if (widen) {
       widen_block<T>(w.krows.data(), n, hk0, nkv, p.k_sh, D, w.Kf.data(), w.kfrows.data());
