@@ -100,6 +100,7 @@ namespace cpu::mm {
 std::string describe();
 std::map<std::string, std::string> report();
 void force_fp32(bool on);
+double tile_gflops(const std::string& dtype);
 }
 namespace cpu {
 void fp32_gemm_force(int engine);
@@ -119,6 +120,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU model, ISA found, and how the CPU kernels multiply bf16/fp16/fp32 tiles (probed once)");
   m.def("cpu_matmul_report", &fastattn::cpu::mm::report,
         "cpu_matmul as data: CPU model, each low-precision dtype's path (brgemm|fp32), ISA flags");
+  m.def("cpu_tile_gflops", &fastattn::cpu::mm::tile_gflops,
+        "GFLOP/s of the CPU kernels' own tile product for a dtype ('float32', 'bfloat16', 'float16') on all torch "
+        "threads, measured now");
   m.def("cpu_matmul_force_fp32", &fastattn::cpu::mm::force_fp32,
         "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
   m.def("cpu_fp32_gemm_force", &fastattn::cpu::fp32_gemm_force,

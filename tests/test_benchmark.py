@@ -129,6 +129,12 @@ def test_tiny_run_writes_json_and_csv(tmp_path, capsys):
                 "ceilings"):
         assert key in env, key
     assert data["settings"]["preset"] == "tiny"
+    # CPU ceilings: per dtype the faster of torch's square matmul and the cpu kernels' own tiles (MKL's fp32 sgemm
+    # trails oneDNN's tiles on AMD, fp16 matmul reads ~1 GFLOP/s without AVX512-FP16: a '% ceil' past 100 otherwise)
+    c = env["ceilings"]
+    for d in ("fp32", "bf16", "fp16"):
+        assert c["tile_by_dtype"][d] > 0, d
+        assert c["matmul_by_dtype"][d] == max(c["matmul_square_by_dtype"][d], c["tile_by_dtype"][d]), d
     # The command as typed, not this machine's absolute path to __main__.py.
     assert env["command"].startswith("python -m fastattn.benchmark --preset tiny") and "__main__" not in env["command"]
     # Each selected implementation is either measured/refused per case, or listed as not runnable with reasons.

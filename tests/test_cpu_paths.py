@@ -63,6 +63,15 @@ def test_report_names_cpu_isa_and_paths():
     assert "bf16: " in REPORT and "fp16: " in REPORT and ("fp32: sgemm" in REPORT or "fp32: brgemm" in REPORT)
 
 
+def test_tile_rate_probe():
+    """ops.cpu_tile_gflops (the benchmark's CPU ceiling) times the path each dtype takes, and names a bad dtype."""
+    rates = {dt: ops.cpu_tile_gflops(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    print(rates)
+    assert all(r > 0 for r in rates.values()), rates
+    with pytest.raises(RuntimeError, match="float64"):
+        ops._C.cpu_tile_gflops("float64")
+
+
 @pytest.mark.parametrize("dtype,isa", [(torch.bfloat16, ("amx_bf16", "avx512_bf16")),
                                        (torch.float16, ("amx_fp16",))])
 def test_matrix_units_used_where_the_isa_has_them(dtype, isa):

@@ -3,8 +3,10 @@
 #include "tile.h"  // packed_kt_available, fp32_gemm_describe, best_seconds
 #include "vec512.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -247,6 +249,57 @@ std::map<std::string, std::string> report() {
           {"avx512_fp16", flag(i.avx512_fp16)},
           {"avx512", flag(i.avx512)},
           {"avx2", flag(i.avx2)}};
+}
+
+namespace {
+// Rounds of `reps` tile products on every thread at once: the best round's wall time, after one warm-up round.
+template <typename F>
+double best_parallel_round(int64_t threads, int64_t reps, F&& product) {
+  double best = 1e30;
+  for (int round = 0; round < 6; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      BlasSingleThread blas1;
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t i = 0; i < reps; ++i) product(t);
+      }
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (round > 0) best = std::min(best, s);
+  }
+  return best;
+}
+
+template <typename T>
+double tile_gflops_as(bool brgemm) {
+  constexpr int64_t m = 64, n = 512, k = 128;  // the forward's score tile, as measure_tile_rates
+  const int64_t threads = at::get_num_threads();
+  // one set of operands per thread: (m, k) and (k, n) in T (VNNI pairs: the values do not matter) and in fp32
+  using Rows = std::vector<std::vector<T>>;
+  using Rowsf = std::vector<std::vector<float>>;
+  Rows a(threads, std::vector<T>(m * k, T(0.5f))), b(threads, std::vector<T>(k * n, T(0.25f)));
+  Rowsf af(threads, std::vector<float>(m * k, 0.5f)), bf(threads, std::vector<float>(k * n, 0.25f));
+  Rowsf c(threads, std::vector<float>(m * n));
+  auto product = [&](int64_t t) {
+    if (brgemm) {
+      mm_vnni<T>(m, n, k, a[t].data(), k, b[t].data(), n, c[t].data(), n, false);
+    } else {
+      gemm_rm(false, false, m, n, k, 1.f, af[t].data(), k, bf[t].data(), n, 0.f, c[t].data(), n);
+    }
+  };
+  const double one = best_parallel_round(threads, 1, product);  // sizes the rounds to ~5 ms
+  const int64_t reps = std::clamp<int64_t>(static_cast<int64_t>(5e-3 / std::max(one, 1e-7)), 4, 4096);
+  const double s = best_parallel_round(threads, reps, product);
+  if (brgemm) at::parallel_for(0, threads, 1, [](int64_t, int64_t) { release(); });
+  return 2.0 * m * n * k * reps * threads / s / 1e9;
+}
+}  // namespace
+
+double tile_gflops(const std::string& dtype) {
+  if (dtype == "float32") return tile_gflops_as<float>(false);
+  if (dtype == "bfloat16") return tile_gflops_as<c10::BFloat16>(path(at::kBFloat16) == Path::kBrgemm);
+  if (dtype == "float16") return tile_gflops_as<c10::Half>(path(at::kHalf) == Path::kBrgemm);
+  TORCH_CHECK(false, "fastattn: tile_gflops takes 'float32', 'bfloat16' or 'float16', got '", dtype, "'");
 }
 
 std::string describe() {

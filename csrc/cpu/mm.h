@@ -31,6 +31,12 @@ std::string describe();
 // timed tile rates ("0" where not timed)}.
 std::map<std::string, std::string> report();
 
+// GFLOP/s of the kernels' own tile product for dtype ('float32', 'bfloat16', 'float16'): the forward's score tile
+// (64 x 512 x 128) on the path the dtype takes (brgemm in it, or fp32 tiles on the fp32 engine), measured now on all
+// at::get_num_threads() threads at once (the best round's wall time). The benchmark's matmul ceiling where torch's
+// square matmul trails it (MKL's sgemm on AMD).
+double tile_gflops(const std::string& dtype);
+
 // C (m x n, ldc) = [C +] A (m x k, lda, row-major) B (k x n, VNNI, ldb >= n); k even. T: BFloat16 or Half.
 template <typename T>
 void mm_vnni(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, float* c,

@@ -242,7 +242,12 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         copy = c["copy"] if not cpu else c["copy"].replace("device-to-device", "in memory")
         unit, mul = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1)
         rates = ", ".join(f"{d} {t * mul:.0f}" for d, t in c["matmul_by_dtype"].items())
-        print(f"ceilings measured now: matmul {rates} {unit} ({c['matmul'].split(' ', 1)[1]}), copy "
+        shape = c["matmul"].split(" ", 1)[1]
+        if cpu:  # the faster of torch's square matmul and the cpu kernels' tiles, each shown
+            parts = "; ".join(f"{d} {c['matmul_square_by_dtype'][d] * mul:.0f} / {c['tile_by_dtype'][d] * mul:.0f}"
+                              for d in c["matmul_by_dtype"])
+            shape = f"the faster of a {shape} matmul and the cpu kernels' {c['tile']}: {parts}"
+        print(f"ceilings measured now: matmul {rates} {unit} ({shape}), copy "
               f"{c['copy_gbps']:.0f} GB/s ({copy}); torch threads {env['torch_threads']}, commit "
               f"{(env.get('git_commit') or '?')[:10]}", flush=True)
         if cpu:
