@@ -51,7 +51,7 @@ def cpu_matmul_report() -> dict:
 
 def cpu_tile_gflops(dtype: torch.dtype) -> float:
     """GFLOP/s of the CPU kernels' own tile product for dtype (the forward's 64 x 512 x 128 score tile on the path
-    the dtype takes: brgemm in it, or fp32 tiles) on all of torch's threads at once, measured now (~0.03 s).
+    the dtype takes: brgemm in it, or fp32 tiles) on all of torch's threads at once, measured now (~0.05 s).
     0.0 without the C++ extension."""
     if _C is None or not hasattr(_C, "cpu_tile_gflops"):
         return 0.0

@@ -252,53 +252,45 @@ std::map<std::string, std::string> report() {
 }
 
 namespace {
-// Rounds of `reps` tile products on every thread at once: the best round's wall time, after one warm-up round.
-template <typename F>
-double best_parallel_round(int64_t threads, int64_t reps, F&& product) {
-  double best = 1e30;
-  for (int round = 0; round < 6; ++round) {
-    const auto t0 = std::chrono::steady_clock::now();
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      BlasSingleThread blas1;
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t i = 0; i < reps; ++i) product(t);
-      }
-    });
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (round > 0) best = std::min(best, s);
-  }
-  return best;
-}
-
+// The score tile (as measure_tile_rates) on every thread at once, reps products each: T = float on the fp32 engine,
+// else brgemm in T (VNNI operands: the values do not matter). best_seconds of one parallel region, GFLOP/s.
 template <typename T>
-double tile_gflops_as(bool brgemm) {
-  constexpr int64_t m = 64, n = 512, k = 128;  // the forward's score tile, as measure_tile_rates
+double tile_gflops_as() {
+  constexpr int64_t m = 64, n = 512, k = 128;
   const int64_t threads = at::get_num_threads();
-  // one set of operands per thread: (m, k) and (k, n) in T (VNNI pairs: the values do not matter) and in fp32
-  using Rows = std::vector<std::vector<T>>;
-  using Rowsf = std::vector<std::vector<float>>;
-  Rows a(threads, std::vector<T>(m * k, T(0.5f))), b(threads, std::vector<T>(k * n, T(0.25f)));
-  Rowsf af(threads, std::vector<float>(m * k, 0.5f)), bf(threads, std::vector<float>(k * n, 0.25f));
-  Rowsf c(threads, std::vector<float>(m * n));
-  auto product = [&](int64_t t) {
-    if (brgemm) {
-      mm_vnni<T>(m, n, k, a[t].data(), k, b[t].data(), n, c[t].data(), n, false);
-    } else {
-      gemm_rm(false, false, m, n, k, 1.f, af[t].data(), k, bf[t].data(), n, 0.f, c[t].data(), n);
-    }
+  std::vector<std::vector<T>> a(threads, std::vector<T>(m * k, T(0.5f))), b(threads, std::vector<T>(k * n, T(0.25f)));
+  std::vector<std::vector<float>> c(threads, std::vector<float>(m * n));
+  auto region = [&](int64_t reps) {
+    return best_seconds([&] {
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        BlasSingleThread blas1;
+        for (int64_t t = begin; t < end; ++t) {
+          for (int64_t i = 0; i < reps; ++i) {
+            if constexpr (std::is_same_v<T, float>) {
+              gemm_rm(false, false, m, n, k, 1.f, a[t].data(), k, b[t].data(), n, 0.f, c[t].data(), n);
+            } else {
+              mm_vnni<T>(m, n, k, a[t].data(), k, b[t].data(), n, c[t].data(), n, false);
+            }
+          }
+        }
+        if constexpr (!std::is_same_v<T, float>) release();
+      });
+    });
   };
-  const double one = best_parallel_round(threads, 1, product);  // sizes the rounds to ~5 ms
-  const int64_t reps = std::clamp<int64_t>(static_cast<int64_t>(5e-3 / std::max(one, 1e-7)), 4, 4096);
-  const double s = best_parallel_round(threads, reps, product);
-  if (brgemm) at::parallel_for(0, threads, 1, [](int64_t, int64_t) { release(); });
-  return 2.0 * m * n * k * reps * threads / s / 1e9;
+  // regions of ~2 ms, so that the parallel region's own cost stays small
+  const int64_t reps = std::clamp<int64_t>(static_cast<int64_t>(2e-3 / std::max(region(1), 1e-7)), 4, 4096);
+  return 2.0 * m * n * k * reps * threads / region(reps) / 1e9;
 }
 }  // namespace
 
 double tile_gflops(const std::string& dtype) {
-  if (dtype == "float32") return tile_gflops_as<float>(false);
-  if (dtype == "bfloat16") return tile_gflops_as<c10::BFloat16>(path(at::kBFloat16) == Path::kBrgemm);
-  if (dtype == "float16") return tile_gflops_as<c10::Half>(path(at::kHalf) == Path::kBrgemm);
+  if (dtype == "float32") return tile_gflops_as<float>();
+  if (dtype == "bfloat16") {
+    return path(at::kBFloat16) == Path::kBrgemm ? tile_gflops_as<c10::BFloat16>() : tile_gflops_as<float>();
+  }
+  if (dtype == "float16") {
+    return path(at::kHalf) == Path::kBrgemm ? tile_gflops_as<c10::Half>() : tile_gflops_as<float>();
+  }
   TORCH_CHECK(false, "fastattn: tile_gflops takes 'float32', 'bfloat16' or 'float16', got '", dtype, "'");
 }
 
