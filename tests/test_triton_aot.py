@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cap,variant", [(90, "fp16"), (80, "bf16-all-features"), (90, "fp32-bias-debug"),
-                                         (90, "bf16-block")])
+                                         (90, "bf16-block"), (90, "fp32-compiled")])
 def test_kernels_compile_for_gpu_targets(cap, variant):
     try:
         import triton  # noqa: F401
@@ -65,12 +65,12 @@ def test_tensor_cores_and_no_spills_at_head_dim_128(tmp_path):
 
 PTRS = {"Q": "q", "K": "q", "V": "q", "Out": "q", "DO": "q", "DK": "q", "DV": "q", "DQ": "q", "Bias": "q",
         "Lse": "fp32", "Delta": "fp32", "Alibi": "fp32", "CuQ": "i32", "CuK": "i32", "QStart": "i32", "KStart": "i32",
-        "Stats": "i32"}
+        "Stats": "i32", "SeqlensK": "i32", "BlockTable": "i32", "BatchIdx": "i32", "OutP": "fp32", "LseP": "fp32"}
 FLOATS = {"qk_scale2", "cap_in", "cap_out2", "dropout_p", "scale"}
 I64 = {"seed", "rng_offset"}
 
 
-def _compile(fn, const, dt, cap, none, warps, stages, fp32=()):
+def _compile(fn, const, dt, cap, none, warps, stages, fp32=(), floats="fp32"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -82,7 +82,7 @@ def _compile(fn, const, dt, cap, none, warps, stages, fp32=()):
         elif name in PTRS:
             sig[name] = "*" + ("fp32" if name in fp32 else dt if PTRS[name] == "q" else PTRS[name])
         else:
-            sig[name] = "fp32" if name in FLOATS else ("i64" if name in I64 else "i32")
+            sig[name] = floats if name in FLOATS else ("i64" if name in I64 else "i32")
     t = time.time()
     k = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", cap, 32),
                        options=dict(num_warps=warps, num_stages=stages))
@@ -99,7 +99,7 @@ def _main(cap, variant):
                 WINDOW_LEFT=False, WINDOW_RIGHT=True, SOFTCAP=False, ALIBI=False, BIAS=0, DROPOUT=False,
                 PRECISION="tf32", UPCAST=False, HAS_START=False, ACCUMULATE=False, DEBUG=False)
     none = ["Alibi", "CuQ", "CuK", "QStart", "KStart", "Stats", "Bias"]
-    fp32 = ()
+    fp32, floats = (), "fp32"
     if variant == "fp16":
         dt, const = "fp16", base
     elif variant == "bf16-all-features":
@@ -112,13 +112,22 @@ def _main(cap, variant):
                      HAS_START=True, ACCUMULATE=True)
         none = ["Stats", "Bias"]
         fp32 = ("Out", "DQ", "DK", "DV")  # out_fp32 and the float32 accumulators
+    elif variant == "fp32-compiled":  # torch.compile's launch: inductor types the float arguments fp64
+        dt, floats = "fp32", "fp64"
+        const = dict(base, HEAD_D=32, HEAD_DV=32, BLOCK_D=32, BLOCK_DV=32, SOFTCAP=True, DROPOUT=True,
+                     PRECISION="ieee")
+        from fastattn.backends.triton.kernels.decode import decode_split
+        _compile(decode_split, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=32, HEAD_D=32, HEAD_DV=32,
+                                    PAGED=False, PAGE=1, BATCH_IDX=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
+                                    SOFTCAP=True, ALIBI=False, SPLIT=True, PRECISION="ieee", UPCAST=False),
+                 dt, cap, ["BlockTable", "BatchIdx", "Alibi"], 4, 2, floats=floats)
     else:
         dt = "fp32"
         const = dict(base, HEAD_D=64, HEAD_DV=64, BLOCK_D=64, BLOCK_DV=64, BIAS=2, DEBUG=True, PRECISION="ieee")
         none = ["Alibi", "CuQ", "CuK", "QStart", "KStart"]
-    _compile(attn_fwd, dict(const, BLOCK_M=128, BLOCK_N=64), dt, cap, none, 8, 3, fp32)
-    _compile(attn_bwd_dkdv, dict(const, BLOCK_M=32, BLOCK_N=128), dt, cap, none, 8, 2, fp32)
-    _compile(attn_bwd_dq, dict(const, BLOCK_M=64, BLOCK_N=64), dt, cap, none, 4, 2, fp32)
+    _compile(attn_fwd, dict(const, BLOCK_M=128, BLOCK_N=64), dt, cap, none, 8, 3, fp32, floats)
+    _compile(attn_bwd_dkdv, dict(const, BLOCK_M=32, BLOCK_N=128), dt, cap, none, 8, 2, fp32, floats)
+    _compile(attn_bwd_dq, dict(const, BLOCK_M=64, BLOCK_N=64), dt, cap, none, 4, 2, fp32, floats)
     _compile(attn_bwd_preprocess, dict(BLOCK_M=64, BLOCK_DV=128, HEAD_DV=80), dt, cap, [], 4, 1)
 
 

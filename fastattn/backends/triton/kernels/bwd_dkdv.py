@@ -4,7 +4,7 @@ Works in the transposed orientation (keys x queries) so dV += P^T dO and dK += d
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_coords, dropout_keep, mm, scores, seq_bounds, visible_range
+from .common import LOG2E, block_coords, dropout_keep, f32, mm, scores, seq_bounds, visible_range
 
 
 @triton.jit
@@ -73,6 +73,8 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Bias, Alibi, CuQ, CuK, QStart
     round-to-nearest fp32 addition in a fixed order (deterministic); it is issued as a relaxed atomic add (red.add:
     no loaded accumulator tile in registers, where a load-add-store spilled at D=128 on sm_90; like every PTX f32
     atomic it flushes subnormals to zero)."""
+    scale, qk_scale2, cap_in, cap_out2 = f32(scale), f32(qk_scale2), f32(cap_in), f32(cap_out2)
+    dropout_p = f32(dropout_p)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_kv_heads

@@ -3,7 +3,7 @@ dQ gets its own pass (recomputing P) instead of atomics from the dK/dV kernel, s
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_coords, dropout_keep, mm, scores, seq_bounds, visible_range
+from .common import LOG2E, block_coords, dropout_keep, f32, mm, scores, seq_bounds, visible_range
 
 
 @triton.jit
@@ -62,6 +62,8 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Bias, Alibi, CuQ, CuK, QStart, KSta
                 HAS_START: tl.constexpr, ACCUMULATE: tl.constexpr, DEBUG: tl.constexpr):
     """HAS_START: block call (QStart/KStart, see common.py). ACCUMULATE: DQ is a float32 accumulator that the
     block's dQ is added to, unrounded, by its single writer (a relaxed atomic add, as in attn_bwd_dkdv)."""
+    scale, qk_scale2, cap_in, cap_out2 = f32(scale), f32(qk_scale2), f32(cap_in), f32(cap_out2)
+    dropout_p = f32(dropout_p)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_heads

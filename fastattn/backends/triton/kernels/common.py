@@ -17,6 +17,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def f32(x):
+    """A float argument as fp32. torch.compile (inductor's launch of a user-defined kernel) types Python float
+    arguments fp64, and one fp64 scalar turns every product it touches fp64: the loop-carried accumulators then
+    change type and the kernel fails to compile (seen on an H200, torch 2.11 / triton 3.6). Eager launches pass
+    fp32, for which this is a no-op."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation. PRECISION is "ieee" for fp32 inputs (the 1e-5 rule rules out TF32).
     UPCAST is set for bf16 under TRITON_INTERPRET=1: triton 3.8's interpreter returns garbage from tl.dot on two

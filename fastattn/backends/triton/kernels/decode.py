@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import f32
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -107,6 +109,7 @@ def decode_split(Q, K, V, SeqlensK, BlockTable, BatchIdx, Alibi, Out, Lse, OutP,
                  UPCAST: tl.constexpr):
     """One program: sequence b, KV head hk, key split `split`. Tile row r is query head hk * G + r // Sq, token
     r % Sq. SPLIT: write partials (OutP (splits, B, Hq, Sq, Dv), LseP (splits, B, Hq, Sq) fp32), else the result."""
+    qk_scale2, cap_in, cap_out2 = f32(qk_scale2), f32(cap_in), f32(cap_out2)  # fp64 under torch.compile
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // num_kv_heads

@@ -5,7 +5,7 @@ middle (no mask work at all) and the right band + sequence tail (masked); invisi
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, block_coords, dropout_keep, mm, scores, seq_bounds, visible_range
+from .common import LN2, LOG2E, block_coords, dropout_keep, f32, mm, scores, seq_bounds, visible_range
 
 
 @triton.jit
@@ -71,6 +71,7 @@ def attn_fwd(Q, K, V, Out, Lse, Bias, Alibi, CuQ, CuK, QStart, KStart, Stats,
     """BUCKET_Q/BUCKET_K (next powers of two of the lengths) only feed the autotune key. HAS_START: block call,
     QStart/KStart (int32 (N,)) hold the global positions of each sequence's first query and key (common.py); out
     may then be float32 (out_fp32), which the store below writes unrounded."""
+    qk_scale2, cap_in, cap_out2, dropout_p = f32(qk_scale2), f32(cap_in), f32(cap_out2), f32(dropout_p)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seq = pid_bh // num_heads  # batch index, or sequence index for varlen
