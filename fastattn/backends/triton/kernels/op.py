@@ -15,8 +15,8 @@ plain dropout stream is keyed on the call's linear element index, which depends 
 from __future__ import annotations
 
 import inspect
-import math
 import os
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -66,6 +66,20 @@ if not INTERPRET:
 else:
     def _wrap(kernel):
         return kernel
+
+
+# Triton's Autotuner keeps per-call state on itself (its nargs, set and cleared around each launch): two threads
+# launching one tuned kernel at once (context-parallel ranks as threads, a threaded server) failed inside triton
+# 3.6 ("'NoneType' object is not a mapping", seen on an H200). Launches are asynchronous, so the lock is held for
+# the host side of a launch only (and for a first call's compile or tuning, which other threads would wait for).
+_LAUNCH_LOCK = threading.Lock()
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if INTERPRET:  # no autotuner there; the interpreter runs the kernel in this call
+        return _wrap(kernel)[grid](*args, **kwargs)
+    with _LAUNCH_LOCK:
+        return _wrap(kernel)[grid](*args, **kwargs)
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
@@ -187,7 +201,7 @@ def launch_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, softc
     kernel, launch = _pick(_fwd_tuned if not INTERPRET else None, attn_fwd, blocks, C.INTERP_FWD)
     rows = scal["seqlen_q_arg"]
     grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), nb * Hq)  # noqa: E731
-    _wrap(kernel)[grid](
+    _launch(kernel, grid,
         q, k, v, out, lse, bias, alibi, cu_q, cu_k, q_start, k_start, stats, *_strides3(q), *_strides3(k),
         *_strides3(v), *_strides3(out), lse.stride(0), lse.stride(1), num_heads=Hq, seed=seed, rng_offset=offset,
         head_start=head_start, DEBUG=stats is not None, **scal, **const, **launch)
@@ -269,7 +283,7 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
     scal, const, nb = _meta(q, k, v, bias, alibi, cu_q, max_q, max_k, scale, wl, wr, br, softcap, dropout_p,
                             has_start)
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)  # rowsum(dO * O), like lse
-    _wrap(attn_bwd_preprocess)[(triton.cdiv(Sq, C.PRE_BLOCK_M), B * Hq)](
+    _launch(attn_bwd_preprocess, (triton.cdiv(Sq, C.PRE_BLOCK_M), B * Hq),
         out, dout, delta, *_strides3(out), *_strides3(dout), Sq, Hq,
         BLOCK_M=C.PRE_BLOCK_M, BLOCK_DV=const["BLOCK_DV"], HEAD_DV=Dv)
     common = dict(seed=seed, rng_offset=offset, head_start=head_start, scale=scale, ACCUMULATE=acc is not None,
@@ -280,7 +294,7 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
     kernel, launch = _pick(tuned, attn_bwd_dkdv, blocks, C.INTERP_DKDV)
     cols = scal["seqlen_k_arg"]
     grid = lambda META: (triton.cdiv(cols, META["BLOCK_N"]), nb * Hkv)  # noqa: E731
-    _wrap(kernel)[grid](
+    _launch(kernel, grid,
         q, k, v, dout, lse, delta, dk, dv, bias, alibi, cu_q, cu_k, q_start, k_start, kv_stats,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
         lse.stride(0), lse.stride(1), num_heads=Hq, num_kv_heads=Hkv, DEBUG=stats is not None, **common, **launch)
@@ -288,7 +302,7 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
     kernel, launch = _pick(tuned, attn_bwd_dq, blocks, C.INTERP_DQ)
     rows = scal["seqlen_q_arg"]
     grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), nb * Hq)  # noqa: E731
-    _wrap(kernel)[grid](
+    _launch(kernel, grid,
         q, k, v, dout, lse, delta, dq, bias, alibi, cu_q, cu_k, q_start, k_start, q_stats,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
         lse.stride(0), lse.stride(1), num_heads=Hq, DEBUG=stats is not None, **common, **launch)
