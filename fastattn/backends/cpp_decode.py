@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
 from .. import ops
 from ..params import DecodeCall
 from .base import DecodeKernel, Lean
@@ -35,6 +37,16 @@ class CppDecode(DecodeKernel):
         return None if run is None else Lean(self.name, run)
 
 
+def _misaligned(t) -> bool:
+    """Whether t's first element is off a 16-byte boundary. While torch.compile traces, neither data_ptr() nor
+    storage_offset() can be read (dynamo refuses both): the answer is then "aligned", and a misaligned cache under
+    torch.compile meets the op's own check (csrc/cuda/decode_host.h check_cache_aligned), which raises naming it,
+    instead of the generic path."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.data_ptr() % 16 != 0
+
+
 class CudaCppDecode(CppDecode):
     """csrc/cuda/decode_kernel.cuh: CUDA-core split-KV kernel reading the cache with 16-byte loads, so the cache's
     base, row/slot/head strides and head dims must be multiples of 16 bytes; at most 8 query rows per KV head."""
@@ -45,7 +57,7 @@ class CudaCppDecode(CppDecode):
         for nm, t in (("k_cache", c.k_cache), ("v_cache", c.v_cache)):
             if t.shape[-1] % vec:
                 r.append(f"{nm} head dim {t.shape[-1]} is not a multiple of {vec} ({str(t.dtype)[6:]}: 16-byte loads)")
-            elif t.data_ptr() % 16 or any(t.stride(i) % vec for i in range(3) if t.shape[i] > 1):
+            elif _misaligned(t) or any(t.stride(i) % vec for i in range(3) if t.shape[i] > 1):
                 r.append(f"{nm} rows are not 16-byte aligned (strides {tuple(t.stride())})")
         return r
 
