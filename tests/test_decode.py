@@ -178,11 +178,25 @@ def test_kvcache_matches_oracle(impl, case, decode_calls):
     if impl == "triton.decode_split" and c["D"] < 16:
         pytest.skip("the Triton decode kernel takes head dims >= 16 (tl.dot); the router sends this call to the "
                     "generic path")
+    if impl == "cuda.decode_fwd" and _cuda_kernel_refuses(c):
+        # then the generic path runs on the dense `cuda` backend, which takes neither a mask (ragged cache
+        # lengths) nor fp32: the explicit request must refuse, naming why, before it writes to the cache
+        with pytest.raises(fastattn.BackendUnavailableError, match="backend 'cuda' cannot run this call"):
+            run_case(c, impl, decode_calls)
+        assert not decode_calls
+        return
     used = run_case(c, impl, decode_calls)
     if impl.startswith("generic"):
         assert not used, f"generic path expected, decode kernels ran: {used}"
     else:
         assert used == {impl: 1}, f"expected {impl} to serve the call, counters moved: {used}"
+
+
+def _cuda_kernel_refuses(c) -> bool:
+    """Whether csrc/cuda/decode_kernel.cuh cannot take case c: more than 8 query rows per KV head, or head dims
+    that are not whole 16-byte vectors."""
+    vec = 16 // torch.empty(0, dtype=c["dtype"]).element_size()
+    return (c["Hq"] // c["Hkv"]) * c["Sq"] > 8 or c["D"] % vec or c["Dv"] % vec
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -369,25 +383,41 @@ def _routes(p, backend):
     return ex.decode is not None and ex.decode.kernel is not None
 
 
+def _dense_dtype(backend):
+    """fp32 where the dense backend takes it, else fp16 (the `cuda` backend): a dense call reaches a decode kernel
+    only through a backend that could run the call itself."""
+    return torch.float32 if torch.float32 in fastattn.BACKENDS[backend].dtypes else torch.float16
+
+
+def _check_out(out, q, k, v, dt):
+    qc, kc, vc = q.cpu(), k.cpu(), v.cpu()
+    base = oracle_attention(qc, kc, vc, scale=q.shape[-1] ** -0.5, dtype=dt) if dt != torch.float32 else None
+    assert_rule("out", out, oracle_attention(qc, kc, vc, scale=q.shape[-1] ** -0.5), base, dt)
+
+
 @pytest.mark.parametrize("impl", KERNELS)
 def test_dense_short_query_route(impl, decode_calls):
     backend, dev = IMPLS[impl]
-    B, H, N, D = 2, 4, 77, 64
-    q, k, v = rnd(B, H, 1, D, device=dev), rnd(B, H, N, D, device=dev), rnd(B, H, N, D, device=dev)
+    B, H, N, D, dt = 2, 4, 77, 64, _dense_dtype(backend)
+    q, k, v = (rnd(*s, dtype=dt, device=dev) for s in ((B, H, 1, D), (B, H, N, D), (B, H, N, D)))
     p = _sdpa(q, k, v)
     assert _routes(p, backend), str(dispatch.explain_params(p, backend))
     out, lse = dispatch.run(p, backend)
     assert decode_calls == {impl: 1}
-    assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
+    _check_out(out, q, k, v, dt)
     assert torch.isfinite(lse).all()
     # a mask: only for kernels that take one (tests/test_decode_mask.py checks the results)
     masked = _sdpa(q, k, v, torch.rand(B, 1, 1, N, device=dev) > 0.2)
     takes = fastattn.BACKENDS[backend].decode.takes_bias
     assert _routes(masked, backend) == takes, str(dispatch.explain_params(masked, backend))
-    dispatch.run(masked, backend)
+    if "mask" in fastattn.BACKENDS[backend].features:
+        dispatch.run(masked, backend)
+    else:  # the `cuda` backend: neither its decode kernel nor its dense kernel takes a mask
+        with pytest.raises(fastattn.BackendUnavailableError, match="mask not supported"):
+            dispatch.run(masked, backend)
     assert decode_calls == {impl: 1 + takes}
     # not a short-query call, or not one the kernels' bottom-right rule can express: no route
-    for other in (_sdpa(q, k, v, causal=True), _sdpa(rnd(B, H, 64, D, device=dev), k, v),
+    for other in (_sdpa(q, k, v, causal=True), _sdpa(rnd(B, H, 64, D, dtype=dt, device=dev), k, v),
                   _sdpa(q.clone().requires_grad_(), k, v)):
         assert not _routes(other, backend), str(dispatch.explain_params(other, backend))
         dispatch.run(other, backend)
@@ -400,11 +430,11 @@ def test_dense_short_query_route(impl, decode_calls):
 def test_dispatcher_routes_short_queries(impl, decode_calls):
     """Through the public SDPA surface: GPT-2-style decode (no mask, no grad) reaches the backend's decode kernel."""
     backend, dev = IMPLS[impl]
-    B, H, N, D = 2, 4, 77, 64
-    q, k, v = rnd(B, H, 1, D, device=dev), rnd(B, H, N, D, device=dev), rnd(B, H, N, D, device=dev)
+    B, H, N, D, dt = 2, 4, 77, 64, _dense_dtype(backend)
+    q, k, v = (rnd(*s, dtype=dt, device=dev) for s in ((B, H, 1, D), (B, H, N, D), (B, H, N, D)))
     out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend)
     assert decode_calls == {impl: 1}
-    assert_rule("out", out, oracle_attention(q.cpu(), k.cpu(), v.cpu(), scale=D ** -0.5), None, torch.float32)
+    _check_out(out, q, k, v, dt)
     fastattn.scaled_dot_product_attention(q.clone().requires_grad_(), k, v, backend=backend).sum().backward()
     assert decode_calls == {impl: 1}  # autograd: the backend's normal forward
 
@@ -545,3 +575,15 @@ def test_cuda_op_sdpa_layout_and_whole_cache_emulated():
     want = emu().decode_fwd(q, kc, vc, full, *args)
     for got in (emu().decode_fwd(q, kb, vb, None, *args, True), emu().decode_fwd(q, kc, vc, None, *args)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_cuda_kernel_alignment_check_traces():
+    """The CUDA decode kernel's 16-byte alignment check (backends/cpp_decode.py) also answers while torch.compile
+    traces, where data_ptr() cannot be read (a decode step under torch.compile stopped there on an H200): eager
+    reads the pointer; a trace assumes alignment and leaves the check to the op."""
+    from fastattn.backends.cpp_decode import _misaligned
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: t.sum() * 0 + int(_misaligned(t)), fullgraph=True, backend="eager")
+    base = torch.zeros(64)
+    assert int(f(base[1:])) == 0
+    assert [_misaligned(base[i:]) for i in (0, 1, 4)] == [False, True, False]  # fp32: 4 elements to 16 bytes
