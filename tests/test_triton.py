@@ -3,7 +3,6 @@ op registration under torch.compile, availability reasons. Correctness of every 
 test_matrix.py; dropout and determinism in test_dropout_determinism.py. On CPU the kernels run through
 TRITON_INTERPRET=1 (tests/conftest.py); tests marked `gpu` need CUDA and run realistic sizes."""
 import math
-import os
 
 import pytest
 import torch
@@ -235,12 +234,12 @@ def test_unavailable_reasons(monkeypatch):
 
 
 def test_refuses_mask_with_varlen_and_mask_grad():
-    q = torch.randn(1, 2, 8, 16)
-    cu = torch.tensor([0, 8], dtype=torch.int32)
-    p = AttnParams(q=q, k=q, v=q, scale=0.25, attn_bias=torch.zeros(1, 2, 8, 8), mask_kind="dense",
+    q = torch.randn(1, 2, 8, 16, device=DEV)  # on the backend's device: only these reasons remain
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEV)
+    p = AttnParams(q=q, k=q, v=q, scale=0.25, attn_bias=torch.zeros(1, 2, 8, 8, device=DEV), mask_kind="dense",
                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8)
     assert "attn_mask together with varlen" in TritonBackend().reasons(p)
-    p = AttnParams(q=q, k=q, v=q, scale=0.25, attn_bias=torch.zeros(1, 2, 8, 8, requires_grad=True))
+    p = AttnParams(q=q, k=q, v=q, scale=0.25, attn_bias=torch.zeros(1, 2, 8, 8, device=DEV, requires_grad=True))
     assert "mask grad not supported" in TritonBackend().reasons(p)
 
 
@@ -314,8 +313,9 @@ def test_gpu_varlen_bert_batch_and_bucketing():
         _check_against_oracle(t(out), [t(g) for g in grads], t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5)
     # a new max length in the same power-of-two bucket reuses the tuned config (no new autotune entry)
     n_cached = len(op._fwd_tuned.cache)
-    fastattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens) - 1 if max(lens) > 257 else max(lens), max(lens),
-                                    backend="triton")
+    from fastattn.backends.triton.kernels.configs import bucket
+    m2 = max(lens) + 1 if bucket(max(lens) + 1) == bucket(max(lens)) else max(lens)  # >= the longest (checked)
+    fastattn.flash_attn_varlen_func(q, k, v, cu, cu, m2, m2, backend="triton")
     assert len(op._fwd_tuned.cache) == n_cached
 
 
@@ -382,3 +382,69 @@ def test_prune_drops_measured_spills(monkeypatch):
         assert kept_and_pick("dkdv", dtype, 256)[1][:2] == (32, 32)
         assert kept_and_pick("dq", dtype, 256)[1] == (128, 32, 2)
         assert all(bn >= 64 for _, bn, _ in kept_and_pick("dkdv", dtype, 128)[0])  # wgmma tiles up to D=128
+
+
+def test_tuned_launches_hold_the_launch_lock(monkeypatch):
+    """Compiled launches go through op._launch under one lock: triton's Autotuner is not thread-safe (two
+    context-parallel ranks as threads failed inside it on an H200). The interpreter has no autotuner: no lock."""
+    from fastattn.backends.triton.kernels import op
+    held = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: held.append((grid, op._LAUNCH_LOCK.locked()))
+
+    monkeypatch.setattr(op, "_wrap", lambda k: k)
+    monkeypatch.setattr(op, "INTERPRET", False)
+    op._launch(Kernel(), (1, 2), 3, x=4)
+    monkeypatch.setattr(op, "INTERPRET", True)
+    op._launch(Kernel(), (5,))
+    assert held == [((1, 2), True), ((5,), False)] and not op._LAUNCH_LOCK.locked()
+
+
+def test_prune_counts_the_mask_tile(monkeypatch):
+    """A mask tile takes shared memory too: on an H200 the FASTATTN_TRITON_AUTOTUNE=0 pick for an fp32 D=64 call
+    with a bool mask (128x128, 3 stages) needed 246016 B of 232448 and failed to launch. The prune predicate now
+    drops it; without a mask the same tile still fits."""
+    from fastattn.backends.triton.kernels import configs as C
+    from fastattn.backends.triton.kernels import op
+    monkeypatch.setattr(C, "_device_smem", lambda: ((9, 0), 232448))
+    monkeypatch.setattr(op, "AUTOTUNE", False)
+    args = dict(Q=torch.empty(1, 1, 1, 64), BUCKET_Q=2048, BUCKET_K=2048, BLOCK_D=64, BLOCK_DV=64)
+    tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)  # noqa: E731
+    pick = lambda a: tile(op._tuning(C.prune_fwd)["early_config_prune"](C.FWD_CONFIGS, a)[0])  # noqa: E731
+    assert pick(args) == (128, 128, 3)
+    masked = dict(args, Bias=torch.empty(1, 1, 1, 1, dtype=torch.bool))
+    assert (128, 128, 3) not in [tile(c) for c in C.prune_fwd(C.FWD_CONFIGS, masked)]
+    bm, bn, st = pick(masked)
+    assert (bm * 64 + st * bn * 128) * 4 + bm * bn + 256 <= 232448, (bm, bn, st)
+
+
+def test_gpu_auto_hands_pytorch_fused_calls_to_sdpa():
+    """On a GPU `auto` passes the Triton kernels over for every call PyTorch's SDPA runs fused (measured slower than
+    cuDNN on an H200: backends/triton CUDA_HANDOVER) and keeps them for what SDPA cannot run fused."""
+    import dataclasses
+    from fastattn.backends.triton import gpu_handover, hands_over
+    from fastattn.functional import _sdpa_params
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 12, 16)
+    mask = torch.rand(1, 1, 8, 8) > 0.3
+    plain = _sdpa_params(q, q, q, None, 0.0, False, None, False)
+    fused = [plain, _sdpa_params(q, q, q, None, 0.0, True, None, False), _sdpa_params(q, q, q, mask, 0.0, False, None,
+                                                                                      False),
+             _sdpa_params(q, k, k, None, 0.0, False, None, False)]
+    assert all(hands_over(p) for p in fused)
+    kept = [_sdpa_params(q, q, q, mask, 0.0, True, None, False),  # causal folded into a mask
+            _sdpa_params(q, q, q, None, 0.1, False, None, False),  # dropout: the Philox stream
+            dataclasses.replace(plain, softcap=5.0), dataclasses.replace(plain, return_lse=True),
+            dataclasses.replace(plain, window_left=3, window_right=0), dataclasses.replace(plain, deterministic=True),
+            dataclasses.replace(plain, alibi_slopes=torch.ones(2)),
+            dataclasses.replace(plain, q_start=torch.zeros(1, dtype=torch.int32),
+                                k_start=torch.zeros(1, dtype=torch.int32))]
+    assert not any(hands_over(p) for p in kept)
+    assert not gpu_handover(plain)  # a CPU call: the interpreter's, never handed over
+    if torch.cuda.is_available() and triton_ok:
+        qc = q.cuda().half()
+        ex = fastattn.explain(qc, qc, qc)
+        assert ex.chosen == "sdpa" and any("faster on this GPU" in r for r in ex.declined.get("triton", [])), str(ex)
+        capped = dataclasses.replace(_sdpa_params(qc, qc, qc, None, 0.0, False, None, False), softcap=5.0)
+        assert fastattn.dispatch.explain_params(capped).chosen == "triton"

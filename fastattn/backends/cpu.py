@@ -13,7 +13,7 @@ from .. import ops
 from ..params import AttnParams
 from .base import Backend, Lean
 from .cpp_decode import CPU_DECODE
-from .sdpa import native_causal
+from .sdpa import pytorch_fused as _sdpa_fused
 
 # Checked once at import: the dispatcher query cannot be traced by torch.compile (fullgraph would break).
 _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if not ops.loaded() else
@@ -197,19 +197,6 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
     if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
         return _BF16_SHORT
     return None
-
-
-def _sdpa_fused(p: AttnParams, mask: bool = False) -> bool:
-    """True when the sdpa backend takes p as PyTorch's own fused call: the calls the rules were measured on.
-    Anything else stays on the cpu kernels: sdpa would build a dense (Sq, Sk) mask (windows, bottom-right causal),
-    draw dropout from torch's RNG instead of the Philox stream, or refuse the call and leave it to the naive
-    reference backend (softcap, alibi, varlen, lse, deterministic). mask: the call's own mask is allowed (not with
-    causal: sdpa would fold the diagonal into it). Plain field reads: this runs on every call a rule fires for."""
-    if (p.attn_bias is not None and not mask or p.cu_seqlens_q is not None or p.softcap > 0
-            or p.alibi_slopes is not None or p.return_lse or p.deterministic or p.dropout_p > 0 or p.window_left >= 0
-            or p.window_right > 0):
-        return False
-    return not p.causal or native_causal(p)  # (native_causal refuses a mask)
 
 
 # AMD EPYC (Zen 4: AVX-512, AVX512-BF16, no AMX; 2026-12-02, benchmarks/test_auto_rule.py on one and two threads):

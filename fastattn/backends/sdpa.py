@@ -31,6 +31,19 @@ def native_causal(p: AttnParams) -> bool:
     return (not p.bottom_right or Sq == Sk) and Sq <= Sk
 
 
+def pytorch_fused(p: AttnParams, mask: bool = False) -> bool:
+    """True when this backend takes p as PyTorch's own fused call, the calls `auto`'s hand-over rules were measured
+    on (backends/cpu.py, backends/triton): no dense (Sq, Sk) mask built here (windows, bottom-right causal), no
+    dropout from torch's RNG in place of fastattn's Philox stream, and nothing this backend refuses (softcap, alibi,
+    varlen, lse, deterministic: the naive reference would get the call). mask: the call's own mask is allowed (not
+    with causal: forward would fold the diagonal into it). Plain field reads: this runs on every call it is asked for."""
+    if (p.attn_bias is not None and not mask or p.cu_seqlens_q is not None or p.softcap > 0
+            or p.alibi_slopes is not None or p.return_lse or p.deterministic or p.dropout_p > 0 or p.window_left >= 0
+            or p.window_right > 0):
+        return False
+    return not p.causal or native_causal(p)  # (native_causal refuses a mask)
+
+
 class SdpaBackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (PyTorch picks its own kernel)"

@@ -19,6 +19,27 @@ import torch
 from ...ops import call_fwd, dropout_seed
 from ...params import AttnParams, DecodeCall, InputValueError
 from ..base import Backend, DecodeKernel
+from ..sdpa import pytorch_fused
+
+# On a GPU `auto` hands every call PyTorch's SDPA runs as one fused kernel to `sdpa`: on an H200 (torch 2.11 cu130,
+# cuDNN 9.19, benchmarks/results/gpu-h200-20261204/) PyTorch's pick there, cuDNN, ran every one of the 30 bf16
+# gpu-first cases measured faster than these kernels: prefill (fwd and fwd+bwd, hd 64/128, S 1k-16k, causal or not)
+# 1.23-2.92x, a padded BERT batch 4.7x, one-token decode 1.9-15x (fp16 and fp32 were not reached). The hand-over
+# is PyTorch's own speed by construction, on any GPU. These kernels keep the calls SDPA cannot run fused: softcap,
+# ALiBi, varlen, lse, windows, bottom-right causal with Sq != Sk, causal with a mask, dropout on the Philox stream,
+# deterministic, block calls (backends/sdpa.py pytorch_fused).
+CUDA_HANDOVER = ("sdpa: PyTorch's own fused kernel is faster on this GPU (H200, bf16: cuDNN 1.2-2.9x these Triton "
+                 "kernels on prefill, 1.9-15x on decode, measured 2026-12-04)")
+
+
+def gpu_handover(p: AttnParams) -> bool:
+    """Whether `auto` hands p to sdpa (CUDA_HANDOVER): a CUDA call that hands_over."""
+    return p.q.is_cuda and hands_over(p)
+
+
+def hands_over(p: AttnParams) -> bool:
+    """A call PyTorch runs as its own fused call (its own mask allowed), not a block call: on a device."""
+    return p.q_start is None and pytorch_fused(p, mask=True)
 
 
 # Looked up once at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec, and
@@ -76,6 +97,13 @@ class TritonBackend(Backend):
             r.append("dropout with head_start outside a block call (the plain dropout stream is keyed on the "
                      "call's linear element index)")
         return r
+
+    def auto_reasons(self, p: AttnParams):
+        return [CUDA_HANDOVER] if gpu_handover(p) else []
+
+    def length_breaks(self, Sq: int):
+        """gpu_handover's native causal rule changes at Sk = Sq (backends/sdpa.py native_causal)."""
+        return (Sq - 1,)
 
     def forward(self, p: AttnParams):
         from .kernels import op  # imports triton, registers torch.ops.fastattn.triton_fwd
