@@ -13,9 +13,10 @@ from .triton import TritonBackend
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     TritonBackend(), CudaBackend(), CpuBackend(), SdpaBackend(), ReferenceBackend())}
 
-# The order `auto` tries backends in, per device type; any other device uses "default". The `cuda` backend is
-# left out of auto until its kernels have passed the test matrix on a GPU (so far they are only compiled and
-# inspected); backend="cuda" runs it explicitly.
+# The order `auto` tries backends in, per device type; any other device uses "default". On CUDA `triton` passes
+# over every call PyTorch's SDPA runs fused (its auto_reasons: measured slower than cuDNN on an H200). The `cuda`
+# backend passed the test matrix on that H200 but ran at 0.25-0.38x cuDNN (0.33-0.98x the Triton kernels), so auto
+# leaves it out; backend="cuda" runs it explicitly.
 PREFERENCE: Dict[str, List[str]] = {
     "cuda": ["triton", "sdpa", "reference"],
     "cpu": ["cpu", "sdpa", "reference"],
