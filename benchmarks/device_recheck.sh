@@ -11,20 +11,11 @@
 #   then  PyTorch's SDPA pick per dtype, and the benchmark: fwd, fp16 and fp32, hd 64/128, S 2k, causal or not
 #
 # Usage, from the repo root:  OUT=/some/dir bash benchmarks/device_recheck.sh   (DRY_RUN=1: on CPU, no install)
-set -u
-OUT=${OUT:-./device_out}
-PY=${PYTHON:-python3}
-DRY=${DRY_RUN:-0}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+. "$(dirname "$0")/device_lib.sh"  # OUT, PY, DRY; now, left, step
 W=${WORK:-/tmp/fastattn_device_recheck}; rm -rf "$W"; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export FASTATTN_TRITON_AUTOTUNE=${FASTATTN_TRITON_AUTOTUNE:-0}
 BUDGET=${BUDGET_S:-230}
-T0=$(date +%s)
-now() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( BUDGET - $(now) )); }
-step() { echo; echo "=== $* (t=$(now) s, $(left) s left) ==="; }
 exec > >(tee "$OUT/recheck.log") 2>&1
 TEE_PID=$!
 PYTEST=($PY -m pytest -p no:cacheprovider -v -ra --tb=short)  # -v: a line per test as it ends (kept if cut)

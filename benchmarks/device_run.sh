@@ -22,12 +22,7 @@
 # DRY_RUN=1 (benchmarks/rehearse_gpu_stack.sh, no GPU): the same control flow and commands on CPU with short
 # timeouts: no pip install (the rehearsal builds in place), the benchmark on --device cpu --preset tiny, and the
 # files in $OUT checked against the tool's limits at the end.
-set -u
-OUT=${OUT:-./device_out}
-PY=${PYTHON:-python3}
-DRY=${DRY_RUN:-0}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+. "$(dirname "$0")/device_lib.sh"  # OUT, PY, DRY; now, left, step
 W=${WORK:-/tmp/fastattn_device_run}; rm -rf "$W"; mkdir -p "$W"  # working files: only the key ones go to $OUT
 export PYTHONUNBUFFERED=1 FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 # Cold cache: one heuristic Triton config per kernel key instead of compiling and timing every config.
@@ -39,10 +34,6 @@ else
   BENCH="--device cuda --preset gpu-first"
 fi
 TAIL=25  # seconds kept for packing at the end
-T0=$(date +%s)
-now() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( BUDGET - $(now) )); }
-step() { echo; echo "=== $* (t=$(now) s, $(left) s left) ==="; }
 exec > >(tee "$OUT/device_run.log") 2>&1
 TEE_PID=$!  # bash does not wait for a process substitution: the end waits for it, or the log's end is lost
 

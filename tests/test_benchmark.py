@@ -325,12 +325,12 @@ def test_crash_probe_child_does_not_autotune(monkeypatch):
 
 
 def test_gpu_session_scripts_parse():
-    """benchmarks/device_run.sh runs once per rare GPU session: at least its syntax is checked on every run
-    (benchmarks/rehearse_gpu_stack.sh rehearses its control flow; too slow for CI)."""
+    """benchmarks/device_run.sh (and device_recheck.sh) run once per rare GPU session: at least their syntax is
+    checked on every run (benchmarks/rehearse_gpu_stack.sh rehearses device_run.sh's control flow; too slow for CI)."""
     import os
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for script in ("device_run.sh", "rehearse_gpu_stack.sh"):
+    for script in ("device_run.sh", "device_recheck.sh", "device_lib.sh", "rehearse_gpu_stack.sh"):
         r = subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", script)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
 
