@@ -24,11 +24,11 @@ from ..sdpa import pytorch_fused
 # On a GPU `auto` hands every call PyTorch's SDPA runs as one fused kernel to `sdpa`: on an H200 (torch 2.11 cu130,
 # cuDNN 9.19, benchmarks/results/gpu-h200-20261204/) PyTorch's pick there, cuDNN, ran every one of the 30 gpu-first
 # cases measured (29 bf16, one fp16) faster than these kernels: prefill (fwd and fwd+bwd, hd 64/128, S 1k-16k, causal
-# or not) 1.23-2.92x, a padded BERT batch 4.2-4.7x, one-token decode 1.9-15x; a second run's fp16 forward at S 2k,
-# 1.38-1.49x (fp32 not reached: PyTorch picks its mem-efficient kernel there). The hand-over
-# is PyTorch's own speed by construction, on any GPU. These kernels keep the calls SDPA cannot run fused: softcap,
-# ALiBi, varlen, lse, windows, bottom-right causal with Sq != Sk, causal with a mask, dropout on the Philox stream,
-# deterministic, block calls (backends/sdpa.py pytorch_fused).
+# or not) 1.23-2.92x, a padded BERT batch 4.2-4.7x, one-token decode 1.9-15x; a second run's fp16 forward at S 2k
+# 1.38-1.49x (fp32 not reached; PyTorch picks its mem-efficient kernel there). The hand-over is PyTorch's own speed
+# by construction, on any GPU. These kernels keep the calls SDPA cannot run fused: softcap, ALiBi, varlen, lse,
+# windows, bottom-right causal with Sq != Sk, causal with a mask, dropout on the Philox stream, deterministic, block
+# calls (backends/sdpa.py pytorch_fused).
 CUDA_HANDOVER = ("sdpa: PyTorch's own fused kernel is faster on this GPU (H200, bf16/fp16: cuDNN 1.2-2.9x these Triton "
                  "kernels on prefill, 1.9-15x on decode, measured 2026-12-04)")
 
@@ -39,7 +39,8 @@ def gpu_handover(p: AttnParams) -> bool:
 
 
 def hands_over(p: AttnParams) -> bool:
-    """A call PyTorch runs as its own fused call (its own mask allowed), not a block call: on a device."""
+    """Whether p is a call PyTorch runs as its own fused call (its own mask allowed) and not a block call: what
+    gpu_handover gives to sdpa when p is on a GPU."""
     return p.q_start is None and pytorch_fused(p, mask=True)
 
 
