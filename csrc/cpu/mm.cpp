@@ -124,21 +124,31 @@ bool probe_exact(std::string& why) {
 // keeps fp32.
 constexpr double kBrgemmMargin = 1.2;
 
+// The forward's score tile, the product every tile rate here times (measure_tile_rates, tile_gflops).
+constexpr int64_t kTileM = 64, kTileN = 512, kTileK = 128;
+constexpr double kTileFlops = 2.0 * kTileM * kTileN * kTileK;
+
+// One score-tile product c = a b: T = float on the fp32 engine (gemm_rm), else brgemm on VNNI operands in T.
+template <typename T>
+void score_tile(const T* a, const T* b, float* c) {
+  if constexpr (std::is_same_v<T, float>) {
+    gemm_rm(false, false, kTileM, kTileN, kTileK, 1.f, a, kTileK, b, kTileN, 0.f, c, kTileN);
+  } else {
+    mm_vnni<T>(kTileM, kTileN, kTileK, a, kTileK, b, kTileN, c, kTileN, false);
+  }
+}
+
 template <typename T>
 Rates measure_tile_rates() {
-  constexpr int64_t m = 64, n = 512, k = 128;
-  std::vector<T> a(m * k), bv(k * n);
-  std::vector<float> af(m * k), bf(k * n), c(m * n);
-  for (int64_t i = 0; i < m * k; ++i) af[i] = float(i % 13) * 0.125f - 0.75f, a[i] = static_cast<T>(af[i]);
-  for (int64_t i = 0; i < k * n; ++i) bf[i] = float(i % 7) * 0.25f - 0.75f, bv[i] = static_cast<T>(bf[i]);
+  std::vector<T> a(kTileM * kTileK), bv(kTileK * kTileN);
+  std::vector<float> af(a.size()), bf(bv.size()), c(kTileM * kTileN);
+  for (size_t i = 0; i < a.size(); ++i) af[i] = float(i % 13) * 0.125f - 0.75f, a[i] = static_cast<T>(af[i]);
+  for (size_t i = 0; i < bv.size(); ++i) bf[i] = float(i % 7) * 0.25f - 0.75f, bv[i] = static_cast<T>(bf[i]);
   BlasSingleThread blas1;
-  const double flops = 2.0 * m * n * k;
   Rates r;
-  r.brgemm = flops / best_seconds([&] { mm_vnni<T>(m, n, k, a.data(), k, bv.data(), n, c.data(), n, false); }) / 1e9;
+  r.brgemm = kTileFlops / best_seconds([&] { score_tile<T>(a.data(), bv.data(), c.data()); }) / 1e9;
   release();
-  r.fp32 = flops / best_seconds([&] {
-    gemm_rm(false, false, m, n, k, 1.f, af.data(), k, bf.data(), n, 0.f, c.data(), n);
-  }) / 1e9;
+  r.fp32 = kTileFlops / best_seconds([&] { score_tile<float>(af.data(), bf.data(), c.data()); }) / 1e9;
   return r;
 }
 
@@ -252,26 +262,20 @@ std::map<std::string, std::string> report() {
 }
 
 namespace {
-// The score tile (as measure_tile_rates) on every thread at once, reps products each: T = float on the fp32 engine,
-// else brgemm in T (VNNI operands: the values do not matter). best_seconds of one parallel region, GFLOP/s.
+// The score tile on every thread at once, reps products each: T = float on the fp32 engine, else brgemm in T (VNNI
+// operands: the values do not matter). best_seconds of one parallel region, GFLOP/s.
 template <typename T>
 double tile_gflops_as() {
-  constexpr int64_t m = 64, n = 512, k = 128;
   const int64_t threads = at::get_num_threads();
-  std::vector<std::vector<T>> a(threads, std::vector<T>(m * k, T(0.5f))), b(threads, std::vector<T>(k * n, T(0.25f)));
-  std::vector<std::vector<float>> c(threads, std::vector<float>(m * n));
+  std::vector<std::vector<T>> a(threads, std::vector<T>(kTileM * kTileK, T(0.5f)));
+  std::vector<std::vector<T>> b(threads, std::vector<T>(kTileK * kTileN, T(0.25f)));
+  std::vector<std::vector<float>> c(threads, std::vector<float>(kTileM * kTileN));
   auto region = [&](int64_t reps) {
     return best_seconds([&] {
       at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
         BlasSingleThread blas1;
         for (int64_t t = begin; t < end; ++t) {
-          for (int64_t i = 0; i < reps; ++i) {
-            if constexpr (std::is_same_v<T, float>) {
-              gemm_rm(false, false, m, n, k, 1.f, a[t].data(), k, b[t].data(), n, 0.f, c[t].data(), n);
-            } else {
-              mm_vnni<T>(m, n, k, a[t].data(), k, b[t].data(), n, c[t].data(), n, false);
-            }
-          }
+          for (int64_t i = 0; i < reps; ++i) score_tile<T>(a[t].data(), b[t].data(), c[t].data());
         }
         if constexpr (!std::is_same_v<T, float>) release();
       });
@@ -279,7 +283,7 @@ double tile_gflops_as() {
   };
   // regions of ~2 ms, so that the parallel region's own cost stays small
   const int64_t reps = std::clamp<int64_t>(static_cast<int64_t>(2e-3 / std::max(region(1), 1e-7)), 4, 4096);
-  return 2.0 * m * n * k * reps * threads / region(reps) / 1e9;
+  return kTileFlops * reps * threads / region(reps) / 1e9;
 }
 }  // namespace
 
