@@ -11,18 +11,16 @@
 #   then  PyTorch's SDPA pick per dtype, and the benchmark: fwd, fp16 and fp32, hd 64/128, S 2k, causal or not
 #
 # Usage, from the repo root:  OUT=/some/dir bash benchmarks/device_recheck.sh   (DRY_RUN=1: on CPU, no install)
-. "$(dirname "$0")/device_lib.sh"  # OUT, PY, DRY; now, left, step
+. "$(dirname "$0")/device_lib.sh"  # OUT, PY, DRY; now, left, step, tmo, log_to, log_close
 W=${WORK:-/tmp/fastattn_device_recheck}; rm -rf "$W"; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export FASTATTN_TRITON_AUTOTUNE=${FASTATTN_TRITON_AUTOTUNE:-0}
 BUDGET=${BUDGET_S:-230}
-exec > >(tee "$OUT/recheck.log") 2>&1
-TEE_PID=$!
+log_to "$OUT/recheck.log"
 PYTEST=($PY -m pytest -p no:cacheprovider -v -ra --tb=short)  # -v: a line per test as it ends (kept if cut)
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=90)
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${PYTEST_WORKERS:-8}")
-tmo() { local s=$1; shift; if [ "$s" -lt 10 ]; then echo "skipped: only $s s left for: $*"; return 124; fi
-        timeout -s INT -k 10 "$s" "$@"; }
+TMO_MIN=10 TMO_KILL=10  # short steps: tmo runs a step from 10 s left, kills 10 s after its SIGINT
 ends() { echo "$(grep -c -E ' PASSED' "$1") passed, $(grep -c -E ' (FAILED|ERROR)' "$1") failed/errors so far:"
          grep -E '^(FAILED|ERROR|SKIPPED)|^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$1" | tail -n 40; }
 
@@ -75,5 +73,4 @@ else
   echo "skipped: only $(left) s left"
 fi
 echo "done in $(now) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
-exec >&- 2>&-
-for _ in $(seq 40); do kill -0 "$TEE_PID" 2>/dev/null || break; sleep 0.25; done
+log_close

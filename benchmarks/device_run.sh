@@ -22,7 +22,7 @@
 # DRY_RUN=1 (benchmarks/rehearse_gpu_stack.sh, no GPU): the same control flow and commands on CPU with short
 # timeouts: no pip install (the rehearsal builds in place), the benchmark on --device cpu --preset tiny, and the
 # files in $OUT checked against the tool's limits at the end.
-. "$(dirname "$0")/device_lib.sh"  # OUT, PY, DRY; now, left, step
+. "$(dirname "$0")/device_lib.sh"  # OUT, PY, DRY; now, left, step, tmo, log_to, log_close
 W=${WORK:-/tmp/fastattn_device_run}; rm -rf "$W"; mkdir -p "$W"  # working files: only the key ones go to $OUT
 export PYTHONUNBUFFERED=1 FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 # Cold cache: one heuristic Triton config per kernel key instead of compiling and timing every config.
@@ -34,8 +34,7 @@ else
   BENCH="--device cuda --preset gpu-first"
 fi
 TAIL=25  # seconds kept for packing at the end
-exec > >(tee "$OUT/device_run.log") 2>&1
-TEE_PID=$!  # bash does not wait for a process substitution: the end waits for it, or the log's end is lost
+log_to "$OUT/device_run.log"
 
 # pytest: the summary of failures, errors and skips with reasons, the slowest tests, and (with pytest-timeout)
 # a per-test limit so one hanging test cannot eat the budget.
@@ -43,9 +42,6 @@ PYTEST=($PY -m pytest -p no:cacheprovider -q -ra --tb=short --durations=10)
 HAS_TO=; $PY -c "import pytest_timeout" 2>/dev/null && HAS_TO=1 && PYTEST+=(--timeout=150)
 to() { [ -n "$HAS_TO" ] && echo "--timeout=$1"; }  # a later --timeout overrides the 150 s
 XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n "$NB")
-# timeout sends SIGINT (pytest prints its summary), then SIGKILL 20 s later
-tmo() { local s=$1; shift; if [ "$s" -lt 15 ]; then echo "skipped: only $s s left for: $*"; return 124; fi
-        timeout -s INT -k 20 "$s" "$@"; }
 summary() { echo "--- $1: rc=$2 (0 passed, 1 failures, 5 nothing selected, 124/130 timed out); its end:"
             grep -v -E '^(\.|s|F|E|x)+ *(\[ *[0-9]+%\])?$' "$3" | tail -n "${4:-30}"; }
 
@@ -173,5 +169,4 @@ if [ "$DRY" = 1 ]; then  # the device tool's limits on what comes back: 8 files,
   [ "$n" -le 8 ] && [ -z "$bad" ] || echo "DRY_RUN: OUT LIMITS BROKEN"
 fi
 echo "done in $(now) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
-exec >&- 2>&-
-for _ in $(seq 40); do kill -0 "$TEE_PID" 2>/dev/null || break; sleep 0.25; done  # tee drains, at most 10 s
+log_close
