@@ -402,6 +402,32 @@ def test_tuned_launches_hold_the_launch_lock(monkeypatch):
     assert held == [((1, 2), True), ((5,), False)] and not op._LAUNCH_LOCK.locked()
 
 
+def test_launcher_wraps_only_while_torch_traces(monkeypatch):
+    """kernels/launch.py as compiled on a GPU: an eager triton_op call (torch's wrap switch off) launches the kernel
+    itself, skipping wrap_triton's bookkeeping (~65 us per tuned launch); while torch traces (the switch on) the
+    launch goes through wrap_triton so inductor sees the kernel. Loaded as a GPU process would, without
+    TRITON_INTERPRET."""
+    import importlib.util
+    from torch._library.triton import set_wrap_triton_enabled
+    from triton.runtime.jit import JITFunction
+
+    from fastattn.backends.triton.kernels import launch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("fastattn_launch_as_on_gpu", launch.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def kernel(x):
+        pass
+    k = JITFunction(kernel)
+    with set_wrap_triton_enabled(False):
+        assert mod.launcher(k) is k
+    with set_wrap_triton_enabled(True):
+        wrapped = mod.launcher(k)
+        assert wrapped is not k and wrapped.kernel is k
+    assert launch.launcher(k) is k  # this process interprets: the ops are plain custom ops, never wrapped
+
+
 def test_prune_counts_the_mask_tile(monkeypatch):
     """A mask tile takes shared memory too: on an H200 the FASTATTN_TRITON_AUTOTUNE=0 pick for an fp32 D=64 call
     with a bool mask (128x128, 3 stages) needed 246016 B of 232448 and failed to launch. The prune predicate now

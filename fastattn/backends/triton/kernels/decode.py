@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import f32
+from .launch import launcher as _wrap
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -196,11 +197,6 @@ def decode_combine(OutP, LseP, Out, Lse, stride_ob, stride_oh, stride_om, stride
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    def _wrap(kernel):
-        return kernel
-else:
-    from torch.library import wrap_triton as _wrap
 
 
 def interpreting() -> bool:

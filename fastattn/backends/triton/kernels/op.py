@@ -1,11 +1,11 @@
 """Launchers for the Triton kernels and their registration as torch ops fastattn::triton_fwd / triton_bwd.
 
-On GPUs the ops are `torch.library.triton_op`s whose kernels are launched through `wrap_triton`, so
-torch.compile(fullgraph=True) traces into them. Under TRITON_INTERPRET=1 (CPU tensors) the kernels are Python
-objects that fake tensors cannot run, so the same functions are registered as opaque `custom_op`s with fake
-functions instead. Either way autograd is registered on triton_fwd, and the schemas mirror fastattn::fwd/bwd/bwd_acc
-(csrc/ops.cpp): q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with any strides (last dim stride 1),
-out in q's memory order, lse fp32 (B, Hq, Sq) natural log with +inf for rows that see no key.
+On GPUs the ops are `torch.library.triton_op`s whose kernels are launched through `wrap_triton` while torch traces
+them (kernels/launch.py), so torch.compile(fullgraph=True) traces into them. Under TRITON_INTERPRET=1 (CPU tensors)
+the kernels are Python objects that fake tensors cannot run, so the same functions are registered as opaque
+`custom_op`s with fake functions instead. Either way autograd is registered on triton_fwd, and the schemas mirror
+fastattn::fwd/bwd/bwd_acc (csrc/ops.cpp): q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with any strides
+(last dim stride 1), out in q's memory order, lse fp32 (B, Hq, Sq) natural log with +inf for rows that see no key.
 
 Block calls (fastattn/blocks.py): q_start/k_start (int32 (N,)) put each sequence's queries and keys at global
 positions (kernels/common.py), out_fp32 returns the forward's fp32 accumulator unrounded, and
@@ -24,6 +24,7 @@ import triton
 from torch._subclasses import fake_tensor
 
 from . import configs as C
+from .launch import launcher as _wrap
 from ....ops import autograd_pair, eager_function
 from ....params import InputValueError
 from .bwd_dkdv import attn_bwd_dkdv
@@ -62,10 +63,6 @@ if not INTERPRET:
                                       restore_value=["DK", "DV"], **_CACHE_KW)(attn_bwd_dkdv)
     _dq_acc_tuned = triton.autotune(C.DQ_CONFIGS, key=C.KEY, prune_configs_by=_tuning(C.prune_dq),
                                     restore_value=["DQ"], **_CACHE_KW)(attn_bwd_dq)
-    from torch.library import wrap_triton as _wrap
-else:
-    def _wrap(kernel):
-        return kernel
 
 
 # Triton's Autotuner keeps per-call state on itself (its nargs, set and cleared around each launch): two threads
