@@ -24,6 +24,7 @@
 #   6 dry-run  benchmarks/device_run.sh with DRY_RUN=1 (the same steps and commands on CPU, short timeouts),
 #              then checks its outputs: every pytest printed a summary (the stage cut by its timeout too),
 #              results streamed, the log complete, the files in $OUT within the device tool's limits
+#   7 dry-run-speed  the same for benchmarks/device_speed.sh (the next session's speed call)
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -90,5 +91,14 @@ check "benchmark results streamed and written" \
 check "the files in \$OUT fit the device tool's limits" "! grep -q 'OUT LIMITS BROKEN' '$R/out/device_run.log'"
 check "the tarball is there" "[ -s '$R/out/device_run.tar.gz' ]"
 [ "$ok" = 1 ] || fail dry-run-checks
+
+run_step dry-run-speed env DRY_RUN=1 OUT="$R/out_speed" WORK="$R/work_speed" PYTHON="$PY" bash benchmarks/device_speed.sh
+check "speed.log is complete" "tail -n 1 '$R/out_speed/speed.log' | grep -q '^done in'"
+check "host time printed every call's row (busy and quiet)" \
+  "[ \$(grep -c '^prefill triton' '$R/out_speed/host_time_busy.txt' '$R/out_speed/host_time.txt' | grep -c ':1') = 2 ]"
+check "the split sweep printed its rows" "grep -q '^  cpu ' '$R/out_speed/decode_splits.txt'"
+check "benchmark results streamed" "[ \$(wc -l < '$R/out_speed/tuned.jsonl') -ge 2 ]"
+check "at most 8 files in \$OUT" "[ \$(ls '$R/out_speed' | wc -l) -le 8 ]"
+[ "$ok" = 1 ] || fail dry-run-speed-checks
 
 echo; echo "=== rehearsal passed in $(( $(date +%s) - T0 )) s:"; printf '  %s\n' "${TIMES[@]}"

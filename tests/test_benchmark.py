@@ -325,14 +325,34 @@ def test_crash_probe_child_does_not_autotune(monkeypatch):
 
 
 def test_gpu_session_scripts_parse():
-    """benchmarks/device_run.sh (and device_recheck.sh) run once per rare GPU session: at least their syntax is
-    checked on every run (benchmarks/rehearse_gpu_stack.sh rehearses device_run.sh's control flow; too slow for CI)."""
+    """benchmarks/device_run.sh (device_recheck.sh, device_speed.sh) run once per rare GPU session: at least their
+    syntax is checked on every run (benchmarks/rehearse_gpu_stack.sh rehearses their control flow; too slow for CI)."""
     import os
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for script in ("device_run.sh", "device_recheck.sh", "device_lib.sh", "rehearse_gpu_stack.sh"):
+    for script in ("device_run.sh", "device_recheck.sh", "device_speed.sh", "device_lib.sh", "rehearse_gpu_stack.sh"):
         r = subprocess.run(["bash", "-n", os.path.join(root, "benchmarks", script)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("script,args,rows", [
+    ("gpu_host_time.py", ["--calls", "3", "--profile", "3"], ["decode auto (cache_seqlens)", "decode triton (no cache_",
+                                                              "prefill triton (1,8,512,64)", "--- cProfile"]),
+    ("gpu_decode_splits.py", ["--splits", "0,1,3"], ["keys 256", "  cpu     0:", "3:"]),
+])
+def test_gpu_session_python_scripts_run_on_cpu(script, args, rows):
+    """The Python scripts device_speed.sh runs on the GPU have a CPU path (stubbed Triton launches, the cpu decode
+    kernel): it runs here, so a GPU minute is not lost to an import or a typo; every row prints, none wrong."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it before triton
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), *args], capture_output=True,
+                       text=True, env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert all(row in r.stdout for row in rows), r.stdout
+    assert "failed" not in r.stdout and "WRONG" not in r.stdout, r.stdout
 
 
 def test_an_error_in_our_implementation_fails_the_run(tmp_path, monkeypatch, capsys):
