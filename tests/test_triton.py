@@ -428,6 +428,53 @@ def test_launcher_wraps_only_while_torch_traces(monkeypatch):
     assert launch.launcher(k) is k  # this process interprets: the ops are plain custom ops, never wrapped
 
 
+def test_decode_skips_the_op_only_in_plain_eager_calls(monkeypatch):
+    """TritonDecode.run calls the launcher itself in plain eager calls (the op's dispatch cost ~15-45 us) and the
+    registered op otherwise: under a dispatch or torch-function mode, or with a tensor subclass. Both routes give
+    the same bits, and each is taken where it should be."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastattn.backends.triton import _plain_eager
+    from fastattn.backends.triton.kernels import decode  # noqa: F401  (registers triton_decode_fwd)
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    t = torch.zeros(2)
+    assert _plain_eager(t, None) and not _plain_eager(t, t.as_subclass(Sub))
+    with Passing():
+        assert not _plain_eager(t)
+    with TorchFunctionMode():
+        assert not _plain_eager(t)
+
+    through_op = []
+    op = torch.ops.fastattn.triton_decode_fwd
+
+    class Spy:  # the packet as torch's machinery reads it (.default), counting calls
+        default = op.default
+
+        def __call__(self, *a):
+            through_op.append(1)
+            return op(*a)
+    monkeypatch.setattr(torch.ops.fastattn, "triton_decode_fwd", Spy())
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 4, 32, generator=g)  # (B, Sq, Hq, D)
+    kc, vc = (torch.randn(2, 40, 2, 32, generator=g) for _ in range(2))  # (B, Sk, Hkv, D)
+    lens = torch.tensor([40, 17], dtype=torch.int32)
+    call = lambda: fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, backend="triton")  # noqa: E731
+    eager = call()
+    assert not through_op, "a plain eager call runs the launcher itself"
+    with Passing():
+        moded = call()
+    assert len(through_op) == 1, "under a dispatch mode the call must go through the registered op"
+    assert torch.equal(eager, moded)
+
+
 def test_prune_counts_the_mask_tile(monkeypatch):
     """A mask tile takes shared memory too: on an H200 the FASTATTN_TRITON_AUTOTUNE=0 pick for an fp32 D=64 call
     with a bool mask (128x128, 3 stages) needed 246016 B of 232448 and failed to launch. The prune predicate now

@@ -67,10 +67,21 @@ class TritonDecode(DecodeKernel):
         return []
 
     def run(self, c: DecodeCall):
-        from .kernels import decode  # noqa: F401  (registers torch.ops.fastattn.triton_decode_fwd)
-        return torch.ops.fastattn.triton_decode_fwd(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table,
-                                                    c.cache_batch_idx, c.scale, c.window_left, c.window_right,
-                                                    c.softcap, c.alibi_slopes, c.num_splits)
+        from .kernels import decode  # registers torch.ops.fastattn.triton_decode_fwd
+        args = (c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table, c.cache_batch_idx, c.scale, c.window_left,
+                c.window_right, c.softcap, c.alibi_slopes, c.num_splits)
+        if _plain_eager(c.q, c.k_cache, c.v_cache, c.seqlens_k, c.block_table, c.cache_batch_idx, c.alibi_slopes):
+            return decode.launch_decode(*args)  # what the op runs, without its dispatch (no autograd to register)
+        return torch.ops.fastattn.triton_decode_fwd(*args)
+
+
+def _plain_eager(*tensors) -> bool:
+    """No torch.compile tracing, no dispatch or torch-function mode (fake tensors, export, DTensor's machinery) and
+    plain tensors: nothing the op's registration would do differently from its Python function. Skipping the op's
+    dispatch saves ~15 us a call on torch 2.14 and ~45 us on 2.11 (measured on CPU, Triton launch stubbed)."""
+    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and all(t is None or type(t) is torch.Tensor for t in tensors))
 
 
 class TritonBackend(Backend):

@@ -208,14 +208,22 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_INTERP_SMS = min(os.cpu_count() or 4, 8)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sms(device.index if device.index is not None else torch.cuda.current_device())
-    return min(os.cpu_count() or 4, 8)  # interpreter: a few "SMs" so the split path is exercised
+    return _INTERP_SMS  # interpreter: a few "SMs" so the split path is exercised
+
+
+def _pow2(n: int) -> int:
+    """triton.next_power_of_2 for n >= 1 in plain Python (that one costs 1-2 us a call: a few per launch)."""
+    return 1 << (n - 1).bit_length()
 
 
 def block_n(head_dim: int) -> int:
-    return 64 if triton.next_power_of_2(head_dim) <= 128 else 32
+    return 64 if _pow2(head_dim) <= 128 else 32
 
 
 def num_splits_heuristic(batch_kv_heads: int, max_keys: int, device: torch.device, head_dim: int) -> int:
@@ -226,7 +234,7 @@ def num_splits_heuristic(batch_kv_heads: int, max_keys: int, device: torch.devic
     if batch_kv_heads >= target:
         return 1
     by_len = max(1, max_keys // (4 * bn))
-    return max(1, min(triton.cdiv(target, batch_kv_heads), by_len, 64))
+    return max(1, min(-(-target // batch_kv_heads), by_len, 64))
 
 
 def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
@@ -243,31 +251,34 @@ def _out_like_q(q: torch.Tensor, dv: int) -> torch.Tensor:
 
 def _check(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi, window_left, window_right,
            softcap):
-    def need(ok, msg):
+    def need(ok, msg):  # msg: a callable, so that checks that pass format nothing (~10 us a call saved)
         if not ok:
-            raise RuntimeError(f"fastattn: triton_decode_fwd: {msg}")
+            raise RuntimeError(f"fastattn: triton_decode_fwd: {msg()}")
 
-    need(q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, f"q must be (B, Hq, Sq, D) and the caches "
-         f"4-D, got q{tuple(q.shape)} k_cache{tuple(k_cache.shape)} v_cache{tuple(v_cache.shape)}")
+    need(q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, lambda: f"q must be (B, Hq, Sq, D) and the "
+         f"caches 4-D, got q{tuple(q.shape)} k_cache{tuple(k_cache.shape)} v_cache{tuple(v_cache.shape)}")
     B, Hq, _, D = q.shape
     Hkv = k_cache.shape[2]
     need(k_cache.shape[3] == D and tuple(v_cache.shape[:3]) == tuple(k_cache.shape[:3]) and Hkv > 0 and Hq % Hkv == 0,
-         f"q{tuple(q.shape)}, k_cache{tuple(k_cache.shape)} and v_cache{tuple(v_cache.shape)} do not fit together")
-    need(q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+         lambda: f"q{tuple(q.shape)}, k_cache{tuple(k_cache.shape)} and v_cache{tuple(v_cache.shape)} do not fit "
+                 f"together")
+    need(q.dtype == k_cache.dtype == v_cache.dtype,
+         lambda: f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     for name, t, dims in (("seqlens_k", seqlens_k, 1), ("block_table", block_table, 2),
                           ("cache_batch_idx", cache_batch_idx, 1)):
         if t is not None:
             need(t.dtype == torch.int32 and t.dim() == dims and t.shape[0] == B and t.is_contiguous(),
-                 f"{name} must be contiguous int32 with {dims} dims and {B} rows, got {t.dtype} {tuple(t.shape)}")
-    need(block_table is None or cache_batch_idx is None, "cache_batch_idx cannot be combined with block_table")
+                 lambda: f"{name} must be contiguous int32 with {dims} dims and {B} rows, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    need(block_table is None or cache_batch_idx is None, lambda: "cache_batch_idx cannot be combined with block_table")
     need(block_table is not None or cache_batch_idx is not None or k_cache.shape[0] == B,
-         f"k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
-    need(block_table is None or k_cache.shape[1] > 0, "paged cache with page size 0")
+         lambda: f"k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
+    need(block_table is None or k_cache.shape[1] > 0, lambda: "paged cache with page size 0")
     need(alibi is None or (alibi.dtype == torch.float32 and alibi.is_contiguous() and
-                           tuple(alibi.shape) in ((Hq,), (B, Hq))), f"alibi_slopes must be contiguous float32 "
-         f"({Hq},) or ({B}, {Hq})")
-    need(window_left >= -1 and window_right >= -1, f"window must be >= -1, got ({window_left}, {window_right})")
-    need(math.isfinite(softcap) and softcap >= 0, f"softcap must be finite and >= 0, got {softcap}")
+                           tuple(alibi.shape) in ((Hq,), (B, Hq))),
+         lambda: f"alibi_slopes must be contiguous float32 ({Hq},) or ({B}, {Hq})")
+    need(window_left >= -1 and window_right >= -1, lambda: f"window must be >= -1, got ({window_left}, {window_right})")
+    need(math.isfinite(softcap) and softcap >= 0, lambda: f"softcap must be finite and >= 0, got {softcap}")
 
 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left, window_right,
@@ -290,9 +301,9 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         num_splits = num_splits_heuristic(B * Hkv, max_keys, q.device, D)
     out = _out_like_q(q, Dv)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    BLOCK_M = max(16, triton.next_power_of_2(group * Sq))
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_DV = max(16, triton.next_power_of_2(Dv))
+    BLOCK_M = max(16, _pow2(group * Sq))
+    BLOCK_D = max(16, _pow2(D))
+    BLOCK_DV = max(16, _pow2(Dv))
     BN = block_n(max(D, Dv))
     split = num_splits > 1
     if split:
@@ -326,7 +337,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         rows = B * Hq * Sq
         _wrap(decode_combine)[(rows,)](out_p, lse_p, out, lse, out.stride(0), out.stride(1), out.stride(2),
                                 lse.stride(0), lse.stride(1), Hq, Sq, rows, num_splits,
-                                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=BLOCK_DV,
+                                BLOCK_S=max(2, _pow2(num_splits)), BLOCK_DV=BLOCK_DV,
                                 HEAD_DV=Dv, **({"num_warps": 4} if q.device.type == "cuda" else {}))
     return out, lse
 
