@@ -185,6 +185,8 @@ class Explanation:
                              else generic)]
         for name, why in self.refused.items():
             lines.append(f"  {name}: no decode kernel used — " + "; ".join(why))
+        for name, why in self.declined.items():
+            lines.append(f"  {name}: its decode kernel passed over by auto — " + "; ".join(why))
         if self.kernel:
             lines.append(f"  {self.chosen}: takes the call with {self.kernel}")
         if self.generic is not None:

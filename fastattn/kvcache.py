@@ -6,7 +6,9 @@ call and let the dispatcher pick its backend — every refusal happens before an
 new rows in place and run. Should the run still fail (an error the checks did not foresee, out of memory), the
 overwritten slots are restored, so a failing call leaves every cache bit-for-bit untouched. The generic path views
 or gathers the cache as (B, Skv, Hkv, D) and turns each row's valid prefix, causality, window and alibi into one
-additive bias, so every backend that takes masks can serve it. `explain_kvcache` says which path runs and why.
+additive bias, so every backend that takes masks can serve it (no bias where every row has the same length and
+nothing else limits what a query sees: a view of each row's first L keys). On a GPU, `auto` sends such a step to
+the generic path and so to PyTorch's own SDPA (GPU_STEP_HANDOVER). `explain_kvcache` says which path runs and why.
 A dense decode step on the CPU whose facts an earlier call had replays that call's kernel instead (fastattn/lean.py
 `cache_run`: the same value checks, append and restore, without the rebuilding)."""
 from __future__ import annotations
@@ -239,11 +241,46 @@ def _append_index(plan: _Plan, cache_batch_idx, block_table, device):
     return rows, pos
 
 
+def _prefix_len(plan: _Plan) -> int:
+    """L when every query attends to exactly the first L keys of its row, L the same for every row (after the
+    append): no window, no alibi, causal only with one query token (which sees all L then); else -1. Such a call
+    is plain attention over a view of the cache, with no bias."""
+    if plan.alibi is not None or plan.wl >= 0 or (plan.wr >= 0 and plan.Sq != 1):
+        return -1
+    if plan.lens is None:
+        return plan.capacity
+    return plan.same_len + plan.snew if plan.same_len >= 0 else -1
+
+
+# On a GPU `auto` hands a step that is PyTorch's own SDPA call to `sdpa`, as it does on the SDPA surface
+# (backends/triton CUDA_HANDOVER): on an H200 (benchmarks/results/gpu-h200-20261204) cuDNN ran one-token steps over
+# full caches (B8, GQA 32/8, hd 128, 4k-32k keys) 1.9-15x faster than the Triton split-KV kernel and 3.6-5.1x faster
+# than the CUDA C++ one.
+GPU_STEP_HANDOVER = ("sdpa: a step that is PyTorch's own SDPA call (every row the same length, no window, alibi, "
+                     "softcap or lse) runs on PyTorch's fused kernel on a GPU (cuDNN 1.9-15x the split-KV kernels "
+                     "on an H200, 2026-12-04)")
+STEP_HANDOVER_DEVICES = ("cuda",)  # (the tests add "cpu" to run the hand-over's path here)
+
+
+def _gpu_step(plan: _Plan, q, k_cache, v_cache, k, v, cache_batch_idx, block_table, scale, softcap, return_lse,
+              backend) -> Optional[AttnParams]:
+    """The generic path's call for a CUDA step that auto hands to `sdpa` (GPU_STEP_HANDOVER), or None."""
+    if q.device.type not in STEP_HANDOVER_DEVICES or not plan.B or _prefix_len(plan) <= 0 \
+            or dispatch.requested_backend(backend) != "auto":
+        return None
+    K, V = _generic_kv(plan, k_cache, v_cache, k, v, cache_batch_idx, block_table)
+    p = _generic_params(plan, q, K, V, scale, softcap, return_lse)
+    return p if p.q.shape[2] and dispatch.select(p, backend).name == "sdpa" else None
+
+
 def _generic_kv(plan: _Plan, k_cache, v_cache, k, v, cache_batch_idx, block_table):
     """The cache as (B, Skv, Hkv, D|Dv) for the generic path, built before the append: a view of a dense cache (the
     append shows through it), or a row/page gather with each row's new tokens placed in the copy."""
     B, Hkv, D, Dv = plan.B, plan.Hkv, plan.D, plan.Dv
     if not plan.paged and cache_batch_idx is None:
+        L = _prefix_len(plan)
+        if 0 <= L < plan.capacity:  # every row L keys long: their first L, so no bias is needed
+            return k_cache[:, :L], v_cache[:, :L]  # (B, L, Hkv, D|Dv) views
         return k_cache, v_cache
     if plan.paged:
         nb, page = block_table.shape[1], plan.page
@@ -272,7 +309,7 @@ def _generic_params(plan: _Plan, q, K, V, scale, softcap, return_lse) -> AttnPar
     Skv = K.shape[1]
     bias = None
     wl, wr, alibi = plan.wl, plan.wr, plan.alibi
-    if plan.lens is not None or wl >= 0 or wr >= 0 or alibi is not None:
+    if _prefix_len(plan) < 0:  # else K, V are each row's visible keys already (_generic_kv)
         seqk = plan.seqlens_k(q.device).long()
         i = torch.arange(Sq, device=q.device).view(1, Sq, 1)
         j = torch.arange(Skv, device=q.device).view(1, 1, Skv)
@@ -343,9 +380,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     scale = default_scale(softmax_scale, plan.D)
     # Every refusal before the first write: the decode kernel, or the generic path's backend, is chosen here.
     call = _decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale, softcap, num_splits)
-    chosen = dispatch.choose_decode(call, backend)
-    p = None
-    if chosen is None:
+    p = _gpu_step(plan, q, k_cache, v_cache, k, v, cache_batch_idx, block_table, scale, softcap,
+                  return_softmax_lse, backend)
+    chosen = None if p is not None else dispatch.choose_decode(call, backend)
+    if chosen is None and p is None:
         K, V = _generic_kv(plan, k_cache, v_cache, k, v, cache_batch_idx, block_table)
         p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
         if p.q.shape[2] and p.k.shape[2] and plan.B:  # dispatch.run answers empty calls without a backend
@@ -384,8 +422,14 @@ def explain_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary
     scale = default_scale(softmax_scale, plan.D)
     ex = dispatch.explain_decode(_decode_call(plan, q, k_cache, v_cache, cache_batch_idx, block_table, scale,
                                               softcap, num_splits), backend)
+    p = _gpu_step(plan, q, k_cache, v_cache, None, None, cache_batch_idx, block_table, scale, softcap,
+                  return_softmax_lse, backend)
+    if p is not None and ex.kernel is not None:
+        ex.declined[ex.chosen] = [GPU_STEP_HANDOVER]
+        ex.chosen = ex.kernel = None
     if ex.kernel is None:
-        K, V = _generic_kv(plan, k_cache, v_cache, None, None, cache_batch_idx, block_table)
-        p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
+        if p is None:
+            K, V = _generic_kv(plan, k_cache, v_cache, None, None, cache_batch_idx, block_table)
+            p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
         ex.generic = dispatch.explain_params(p, backend, full=False, route_decode=False)
     return ex

@@ -95,6 +95,11 @@ CASES = {
                                      layout="dense", dtype=torch.float32),
     "whole_cache_paged16_fp16": dict(B=2, Hq=4, Hkv=2, Sq=1, D=96, Dv=96, lens=None, snew=0, cap=48,
                                      layout="paged16", dtype=torch.float16),
+    # every row one length: the generic path views each row's first L keys, no bias (kvcache._prefix_len)
+    "same_len_b3_causal_fp32": dict(B=3, Hq=4, Hkv=2, Sq=1, D=64, Dv=64, lens=[37] * 3, snew=1, cap=64,
+                                    layout="dense", dtype=torch.float32, causal=True),
+    "same_len_q3_bf16": dict(B=2, Hq=2, Hkv=1, Sq=3, D=32, Dv=32, lens=[20, 20], snew=3, cap=40, layout="dense",
+                             dtype=torch.bfloat16),
 }
 
 
