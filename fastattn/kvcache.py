@@ -165,6 +165,11 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     qs, ks, vs = check_qkv(q, k_cache, v_cache, layout="bshd", names=("q", "k_cache", "v_cache"), same_batch=False)
     B, Sq, Hq, D = qs
     Hkv, Dv = ks[2], vs[3]
+    if k_cache.stride(3) != 1 and D > 1 or v_cache.stride(3) != 1 and Dv > 1:
+        # flash-attn's rule too. The kernels read rows with stride 1, and the generic path would copy such a cache
+        # before the append writes into it (the new keys would be missing from its result).
+        raise ValueError(f"fastattn: k_cache and v_cache need stride 1 along the head dim (the last), got strides "
+                         f"{tuple(k_cache.stride())} and {tuple(v_cache.stride())}")
     if type(num_splits) is not int and (isinstance(num_splits, bool) or not isinstance(num_splits, int)) \
             or num_splits < 0:
         raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")

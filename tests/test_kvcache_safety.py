@@ -102,6 +102,16 @@ def test_failure_after_the_append_restores_the_caches(where, layout, monkeypatch
     _refused(args, kw, Boom, "planted")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cache_strided_along_the_head_dim_refused(layout):
+    """flash-attn's rule: a cache with a gap between head-dim elements is refused. Before, the kernels declined it
+    and the generic path copied it before the append wrote into it: the answer missed the new keys (0.7 off)."""
+    args, kw = _call(layout, d=2 * D)
+    q, kc, vc = args
+    _refused((q[..., ::2], kc[..., ::2], vc[..., ::2]), dict(kw, k=kw["k"][..., ::2], v=kw["v"][..., ::2]),
+             ValueError, "stride 1 along the head dim")
+
+
 def test_two_rows_appending_into_one_slot_refused():
     # Rows 0 and 1 (both len 5) map their first page to page 4: both would write page 4 offsets 5 and 6.
     bt = torch.tensor([[4, 1], [4, 5]], dtype=torch.int32)
