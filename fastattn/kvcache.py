@@ -249,7 +249,7 @@ def _append_index(plan: _Plan, cache_batch_idx, block_table, device):
 def _prefix_len(plan: _Plan) -> int:
     """L when every query attends to exactly the first L keys of its row, L the same for every row (after the
     append): no window, no alibi, causal only with one query token (which sees all L then); else -1. Such a call
-    is plain attention over a view of the cache, with no bias."""
+    is plain attention over each row's first L keys (a view of a dense cache), with no bias."""
     if plan.alibi is not None or plan.wl >= 0 or (plan.wr >= 0 and plan.Sq != 1):
         return -1
     if plan.lens is None:

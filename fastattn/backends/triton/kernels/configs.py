@@ -21,8 +21,13 @@ KEY = ["BUCKET_Q", "BUCKET_K", "HEAD_D", "HEAD_DV", "IS_VARLEN", "BOTTOM_RIGHT",
        "SOFTCAP", "ALIBI", "BIAS", "DROPOUT", "PRECISION", "HAS_START"]
 
 
+def pow2(n: int) -> int:
+    """triton.next_power_of_2 for n >= 1 in plain Python (that one costs 1-2 us a call, several per launch)."""
+    return 1 << (n - 1).bit_length()
+
+
 def bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 16))
+    return pow2(max(int(n), 16))
 
 
 @functools.lru_cache(maxsize=None)

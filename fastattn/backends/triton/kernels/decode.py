@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import f32
+from .configs import pow2
 from .launch import launcher as _wrap
 
 LOG2E = 1.4426950408889634
@@ -217,13 +218,8 @@ def _num_sms(device: torch.device) -> int:
     return _INTERP_SMS  # interpreter: a few "SMs" so the split path is exercised
 
 
-def _pow2(n: int) -> int:
-    """triton.next_power_of_2 for n >= 1 in plain Python (that one costs 1-2 us a call: a few per launch)."""
-    return 1 << (n - 1).bit_length()
-
-
 def block_n(head_dim: int) -> int:
-    return 64 if _pow2(head_dim) <= 128 else 32
+    return 64 if pow2(head_dim) <= 128 else 32
 
 
 def num_splits_heuristic(batch_kv_heads: int, max_keys: int, device: torch.device, head_dim: int) -> int:
@@ -301,9 +297,9 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         num_splits = num_splits_heuristic(B * Hkv, max_keys, q.device, D)
     out = _out_like_q(q, Dv)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    BLOCK_M = max(16, _pow2(group * Sq))
-    BLOCK_D = max(16, _pow2(D))
-    BLOCK_DV = max(16, _pow2(Dv))
+    BLOCK_M = max(16, pow2(group * Sq))
+    BLOCK_D = max(16, pow2(D))
+    BLOCK_DV = max(16, pow2(Dv))
     BN = block_n(max(D, Dv))
     split = num_splits > 1
     if split:
@@ -337,7 +333,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         rows = B * Hq * Sq
         _wrap(decode_combine)[(rows,)](out_p, lse_p, out, lse, out.stride(0), out.stride(1), out.stride(2),
                                 lse.stride(0), lse.stride(1), Hq, Sq, rows, num_splits,
-                                BLOCK_S=max(2, _pow2(num_splits)), BLOCK_DV=BLOCK_DV,
+                                BLOCK_S=max(2, pow2(num_splits)), BLOCK_DV=BLOCK_DV,
                                 HEAD_DV=Dv, **({"num_warps": 4} if q.device.type == "cuda" else {}))
     return out, lse
 

@@ -121,7 +121,7 @@ def _meta(q, k, v, bias, alibi, cu_q, max_q, max_k, scale, wl, wr, br, softcap, 
         BUCKET_Q=C.bucket(max_q if varlen else Sq), BUCKET_K=C.bucket(max_k if varlen else Sk),
     )
     const = dict(
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(Dv)), HEAD_D=D,
+        BLOCK_D=max(16, C.pow2(D)), BLOCK_DV=max(16, C.pow2(Dv)), HEAD_D=D,
         HEAD_DV=Dv, IS_VARLEN=varlen, BOTTOM_RIGHT=bool(br), WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0,
         SOFTCAP=softcap > 0, ALIBI=alibi is not None, BIAS=bias_kind, DROPOUT=dropout_p > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
