@@ -4,9 +4,10 @@ The first GPU run (benchmarks/results/gpu-h200-20261204) had the CUDA C++ decode
 cache (a quarter of the copy rate) with the heuristic's 5 splits for B8 x 8 KV heads (about two waves of blocks over
 132 SMs). Memory-bound kernels want more bytes in flight than two waves of these blocks give, so this times each
 backend's kernel op directly (no dispatch: torch.ops.fastattn.decode_fwd / triton_decode_fwd, the cache full) for
-num_splits in a list, and prints GB/s of K/V read beside PyTorch's SDPA on the same cache.
+num_splits in a list, and prints GB/s of K/V read beside PyTorch's SDPA on the same cache, at batch 8 (the first
+run's) and 1 (where PyTorch's kernels have few blocks to spread: `auto` hands such steps to PyTorch on a GPU).
 
-    python benchmarks/gpu_decode_splits.py [--keys 4096,32768] [--splits 0,1,2,4,5,8,12,16,24,32,48,64]
+    python benchmarks/gpu_decode_splits.py [--keys 4096,32768] [--splits 0,1,2,4,5,8,12,16,24,32,48,64] [--batch 8,1]
 
 0 is the heuristic's pick. Timing: triton.testing.do_bench (median, the L2 flushed before each call). Without CUDA
 it runs the cpu backend's kernel on a small cache with perf_counter (a rehearsal of the script, not a measurement).
@@ -54,15 +55,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", default="4096,32768", help="cache lengths")
     ap.add_argument("--splits", default="0,1,2,4,5,8,12,16,24,32,48,64", help="num_splits values (0: heuristic)")
+    ap.add_argument("--batch", default="8,1", help="batch sizes (the first run measured 8; generation often has 1)")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    B, Hq, Hkv, D = (8, 32, 8, 128) if dev == "cuda" else (1, 8, 2, 64)
+    Hq, Hkv, D = (32, 8, 128) if dev == "cuda" else (8, 2, 64)
     keys = [int(k) for k in a.keys.split(",")] if dev == "cuda" else [256]
     splits = [int(s) for s in a.splits.split(",")]
     dt = torch.bfloat16
     print(f"device {torch.cuda.get_device_name(0) if dev == 'cuda' else 'cpu (a rehearsal)'}, torch {torch.__version__}"
-          f", bf16 B{B} Hq{Hq} Hkv{Hkv} D{D}, one query token")
-    for S in keys:
+          f", bf16 Hq{Hq} Hkv{Hkv} D{D}, one query token")
+    for B, S in [(int(b), S) for b in a.batch.split(",") for S in keys]:
         g = torch.Generator(device=dev).manual_seed(0)
         q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt, generator=g)
         kc = torch.randn(B, S, Hkv, D, device=dev, dtype=dt, generator=g)  # (B, S, Hkv, D): flash-attn's layout
@@ -72,7 +74,7 @@ def main():
         kt, vt = kc.transpose(1, 2), vc.transpose(1, 2)  # (B, S, Hkv, D) -> (B, Hkv, S, D) views
         ref = F.scaled_dot_product_attention(q, kt, vt, enable_gqa=True)
         ms = bench_ms(lambda: F.scaled_dot_product_attention(q, kt, vt, enable_gqa=True), dev)
-        print(f"\nkeys {S}: K/V {gb * 1e3:.0f} MB; torch sdpa {ms:.3f} ms ({gb / ms * 1e3:.0f} GB/s)")
+        print(f"\nB {B}, keys {S}: K/V {gb * 1e3:.0f} MB; torch sdpa {ms:.3f} ms ({gb / ms * 1e3:.0f} GB/s)")
         for name, op in kernels(dev).items():
             row = []
             for n in splits:

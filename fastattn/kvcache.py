@@ -260,7 +260,8 @@ def _prefix_len(plan: _Plan) -> int:
 # On a GPU `auto` hands a step that is PyTorch's own SDPA call to `sdpa`, as it does on the SDPA surface
 # (backends/triton CUDA_HANDOVER): on an H200 (benchmarks/results/gpu-h200-20261204) cuDNN ran one-token steps over
 # full caches (B8, GQA 32/8, hd 128, 4k-32k keys) 1.9-15x faster than the Triton split-KV kernel and 3.6-5.1x faster
-# than the CUDA C++ one.
+# than the CUDA C++ one. Elsewhere (B1, other heads) the hand-over is PyTorch's own speed by construction, which is
+# the rule; benchmarks/gpu_decode_splits.py measures B1 beside the kernels on the next GPU run.
 GPU_STEP_HANDOVER = ("sdpa: a step that is PyTorch's own SDPA call (every row the same length, no window, alibi, "
                      "softcap or lse) runs on PyTorch's fused kernel on a GPU (cuDNN 1.9-15x the split-KV kernels "
                      "on an H200, 2026-12-04)")

@@ -338,7 +338,7 @@ def test_gpu_session_scripts_parse():
 @pytest.mark.parametrize("script,args,rows", [
     ("gpu_host_time.py", ["--calls", "3", "--profile", "3"], ["decode auto (cache_seqlens)", "decode triton (no cache_",
                                                               "prefill triton (1,8,512,64)", "--- cProfile"]),
-    ("gpu_decode_splits.py", ["--splits", "0,1,3"], ["keys 256", "  cpu     0:", "3:"]),
+    ("gpu_decode_splits.py", ["--splits", "0,1,3"], ["B 8, keys 256", "B 1, keys 256", "  cpu     0:", "3:"]),
 ])
 def test_gpu_session_python_scripts_run_on_cpu(script, args, rows):
     """The Python scripts device_speed.sh runs on the GPU have a CPU path (stubbed Triton launches, the cpu decode
