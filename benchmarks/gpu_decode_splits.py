@@ -9,15 +9,14 @@ run's) and 1 (where PyTorch's kernels have few blocks to spread: `auto` hands su
 
     python benchmarks/gpu_decode_splits.py [--keys 4096,32768] [--splits 0,1,2,4,5,8,12,16,24,32,48,64] [--batch 8,1]
 
-0 is the heuristic's pick. Timing: triton.testing.do_bench (median, the L2 flushed before each call). Without CUDA
-it runs the cpu backend's kernel on a small cache with perf_counter (a rehearsal of the script, not a measurement).
+0 is the heuristic's pick. Timing: fastattn.benchmark.timing (do_bench's median, the L2 flushed before each call).
+Without CUDA it runs the cpu backend's kernel on a small cache (a rehearsal of the script, not a measurement).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, installed or not
 
@@ -25,17 +24,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastattn  # noqa: E402, F401  (registers the ops)
+from fastattn.benchmark.timing import bench_cpu, bench_cuda  # noqa: E402
 
 
 def bench_ms(fn, dev):
-    if dev == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    fn()
-    t = time.perf_counter()
-    for _ in range(5):
-        fn()
-    return (time.perf_counter() - t) / 5 * 1e3
+    """Median ms: the benchmark suite's timers (do_bench on a GPU), shortened for a sweep."""
+    t = bench_cuda(fn, warmup_ms=10, rep_ms=40) if dev == "cuda" else bench_cpu(fn, target_s=0.02, max_reps=20)
+    return t.median_ms
 
 
 def kernels(dev):

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .common import f32
 from .configs import pow2
-from .launch import launcher as _wrap
+from .launch import INTERPRET, define as _define, launcher as _wrap
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -197,9 +197,6 @@ def decode_combine(OutP, LseP, Out, Lse, stride_ob, stride_oh, stride_om, stride
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
 
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def interpreting() -> bool:
     return INTERPRET
 
@@ -338,12 +335,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     return out, lse
 
 
-# torch.library registration, as kernels/op.py: a triton_op on GPUs (torch.compile traces into the
-# launcher), an opaque custom_op with a fake function under the interpreter.
-_define = (lambda name: torch.library.custom_op(name, mutates_args=())) if INTERPRET else \
-    (lambda name: torch.library.triton_op(name, mutates_args=()))
-
-
+# torch.library registration (kernels/launch.py define)
 @_define("fastattn::triton_decode_fwd")
 def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
                block_table: Optional[torch.Tensor], cache_batch_idx: Optional[torch.Tensor], scale: float,

@@ -24,7 +24,7 @@ import triton
 from torch._subclasses import fake_tensor
 
 from . import configs as C
-from .launch import launcher as _wrap
+from .launch import INTERPRET, define as _define, launcher as _wrap
 from ....ops import autograd_pair, eager_function
 from ....params import InputValueError
 from .bwd_dkdv import attn_bwd_dkdv
@@ -32,7 +32,6 @@ from .bwd_dq import attn_bwd_dq
 from .bwd_preprocess import attn_bwd_preprocess
 from .fwd import attn_fwd
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 # FASTATTN_TRITON_AUTOTUNE=0: no timing runs; each new key takes one config from the prune predicate's survivors
@@ -307,10 +306,7 @@ def launch_bwd(dout, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, w
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# torch.library registration
-
-_define = (lambda name, mutates=(): torch.library.custom_op(name, mutates_args=mutates)) if INTERPRET else \
-    (lambda name, mutates=(): torch.library.triton_op(name, mutates_args=mutates))
+# torch.library registration (kernels/launch.py define)
 
 
 @_define("fastattn::triton_fwd")
