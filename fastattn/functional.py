@@ -7,7 +7,7 @@ CPU inference call of the SDPA function replays the route of an earlier call wit
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +171,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return out
     final = out_shape[len(out_shape) - rank:]  # drops the size-1 dims that padded inputs below 4-D
     return out if out.shape == final else out.reshape(final)  # (B, H, Sq, Dv) -> (N, ..., H, Sq, Dv), a view
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+              softcap=0.0, bottom_right=False, return_lse=False, *, backend: Optional[str] = None):
+    """The SDPA call with flash-attn's extras, for the model integrations: 4-D (B, H, S, D) inputs and SDPA's
+    arguments, plus softcap (softcap * tanh(scores / softcap) on the scaled scores, before attn_mask is added, as
+    Gemma 2), causality aligned bottom-right when bottom_right (query i sees keys j <= i + Sk - Sq), and the lse.
+
+    Returns out (B, Hq, Sq, Dv), or (out, lse (B, Hq, Sq) float32, not differentiable) with return_lse; rows that see
+    no key give out 0 and lse +inf."""
+    p, _, rank, nothing = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if rank != 4:
+        raise InputValueError(f"fastattn: attention takes 4-D (B, H, S, D) inputs, got query {tuple(query.shape)}, "
+                              f"key {tuple(key.shape)}, value {tuple(value.shape)}")
+    p.softcap = check_softcap(softcap)
+    p.bottom_right = p.bottom_right or (bool(bottom_right) and bool(is_causal))
+    p.return_lse = bool(return_lse)
+    if nothing:  # no heads or no value features: nothing for an lse to weigh
+        out = _nothing_to_compute(p)
+        lse = out.new_full(out.shape[:3], math.inf, dtype=torch.float32)
+    else:
+        out, lse = dispatch.run(p, backend)
+    return (out, lse) if return_lse else out
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,

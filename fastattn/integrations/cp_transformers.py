@@ -39,6 +39,7 @@ from transformers import masking_utils as _mu
 
 from ..distributed import cp_attention
 from ..distributed.context import require_cp
+from .hf_kwargs import UNSUPPORTED, refuse_unsupported
 
 CP_NAME = "fastattn_cp"
 _WHO = f'attn_implementation="{CP_NAME}"'
@@ -199,6 +200,7 @@ def fastattn_cp_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """AttentionInterface entry for "fastattn_cp": query (B, Hq, S/W, D), key/value (B, Hkv, S/W, D), this rank's
     shard -> (output (B, S/W, Hq, D), None), this rank's rows of attention over the whole sequence."""
+    refuse_unsupported(kwargs, _WHO, tuple(UNSUPPORTED))
     cp = require_cp(f"fastattn {_WHO}")
     key_padding_mask = None
     if attention_mask is not None:

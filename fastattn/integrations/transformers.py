@@ -16,6 +16,9 @@ both. Our mask function returns the cheapest form the kernels can use:
     bool (B, 1|H, Sq, Sk)   anything else (sliding windows, packed sequences, custom mask functions, a mask the
                             model will concatenate): transformers' own dense SDPA mask, used as is, no extra causal.
 
+The attention function also takes what some models pass beyond SDPA's arguments: attention sinks (`s_aux`, GPT-OSS;
+`sinks`), `softcap` (Gemma 2) and `position_bias` (T5); keywords no kernel implements raise (hf_kwargs.py).
+
 Context parallelism: attn_implementation="fastattn_cp" (cp_transformers.py, registered with "fastattn") runs
 each attention over a sequence sharded across the ranks of the CPConfig entered with
 `fastattn.distributed.context_parallel(cp)`.
@@ -32,6 +35,7 @@ import torch
 
 from .. import functional
 from ..backends import get_backend
+from .hf_kwargs import refuse_unsupported
 
 NAME = "fastattn"
 
@@ -123,6 +127,49 @@ def fastattn_mask(batch_size: int, **kw):
     return padding[:, None, None, :]  # (B, visible) -> (B, 1, 1, visible)
 
 
+def sink_logits(kwargs, query: torch.Tensor) -> Optional[torch.Tensor]:
+    """Attention sinks' logits as (B|1, Hq, Sq|1), or None: `s_aux` (Hq,) as GPT-OSS passes its learned sinks, or
+    `sinks` (B, Hq, Sq, 1) per token. A sink is one more logit in each row's softmax whose value is zero: it only
+    takes probability mass (the eager models concatenate it to the scores and drop its column after the softmax)."""
+    s_aux, sinks = kwargs.get("s_aux"), kwargs.get("sinks")
+    B, Hq, Sq, _ = query.shape
+    if s_aux is not None and sinks is not None:
+        raise ValueError("fastattn: got both `s_aux` and `sinks`; a model passes one of them")
+    if s_aux is not None:
+        if not isinstance(s_aux, torch.Tensor) or s_aux.dim() != 1 or s_aux.shape[0] != Hq:
+            raise ValueError(f"fastattn: `s_aux` must be a tensor of one logit per query head ({Hq},), got "
+                             f"{tuple(getattr(s_aux, 'shape', ()))}")
+        return s_aux.view(1, Hq, 1)  # (Hq,) -> (1, Hq, 1)
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or sinks.dim() != 4 or sinks.shape[-1] != 1 or \
+            any(n not in (1, want) for n, want in zip(sinks.shape[:3], (B, Hq, Sq))) or sinks.shape[1] != Hq:
+        raise ValueError(f"fastattn: `sinks` must be (B|1, {Hq}, Sq|1, 1) for query {tuple(query.shape)}, got "
+                         f"{tuple(getattr(sinks, 'shape', ()))}")
+    return sinks[..., 0]  # (B|1, Hq, Sq|1, 1) -> (B|1, Hq, Sq|1)
+
+
+def _with_sink_key(key, value, mask, sinks, query):
+    """A sink as one more key in front: k = 0 and v = 0, its score (0) plus the sink's logit through a float mask,
+    seen by every row (causality aligned bottom-right keeps it visible: it sits one key before the first one).
+    Differentiable in every input, the sinks included (the lse route's lse is not)."""
+    Hq = query.shape[1]
+    key = torch.nn.functional.pad(key, (0, 0, 1, 0))  # (B, Hkv, Sk, D) -> (B, Hkv, 1 + Sk, D)
+    value = torch.nn.functional.pad(value, (0, 0, 1, 0))  # (B, Hkv, Sk, Dv) -> (B, Hkv, 1 + Sk, Dv)
+    Sk = key.shape[2] - 1
+    if mask is None:
+        base = query.new_zeros(1, 1, 1, Sk)
+    elif mask.dtype == torch.bool:
+        base = query.new_zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    else:
+        base = mask.to(query.dtype)
+    base = base.reshape((1,) * (4 - base.dim()) + tuple(base.shape))  # (.., Sq|1, Sk) -> (B|1, H|1, Sq|1, Sk)
+    sink = sinks.to(query.dtype)[..., None]  # (B|1, Hq, Sq|1) -> (B|1, Hq, Sq|1, 1)
+    rows = (max(base.shape[0], sink.shape[0]), Hq, max(base.shape[2], sink.shape[2]))
+    mask = torch.cat([sink.expand(*rows, 1), base.expand(*rows, Sk)], dim=-1)  # (B|1, Hq, Sq|1, 1 + Sk)
+    return key, value, mask
+
+
 def fastattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                scaling: Optional[float] = None, is_causal: Optional[bool] = None, *,
@@ -131,10 +178,11 @@ def fastattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
     query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) views -> (output (B, Sq, Hq, D), None). `scaling` is always
     used as given (GPT-2 may divide it by layer index + 1); dropout applies whenever > 0 (transformers passes 0
-    outside training); causality is `is_causal` when given, else module.is_causal."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("fastattn's transformers integration does not support `softcap` yet; use "
-                         "attn_implementation='eager'")
+    outside training); causality is `is_causal` when given, else module.is_causal. Also takes `softcap` (Gemma 2),
+    attention sinks (`s_aux`, GPT-OSS; `sinks`) and `position_bias` (T5); raises for the UNSUPPORTED ones."""
+    refuse_unsupported(kwargs, "attn_implementation='fastattn'", ("indices", "block_indices"))
+    softcap = float(kwargs.get("softcap") or 0.0)
+    sinks = sink_logits(kwargs, query)
     if kwargs.get("output_attentions", False):
         warnings.warn("attn_implementation='fastattn' never forms attention probabilities; output_attentions "
                       "returns None. Use attn_implementation='eager' to get them.", stacklevel=2)
@@ -145,23 +193,21 @@ def fastattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     mask, causal = attention_mask, False
     position_bias = kwargs.get("position_bias")
 
+    # Below, `causal` is aligned bottom-right: query i sees keys j <= i + Sk - Sq of the keys the call keeps.
     if mask is None:
         causal = bool(is_causal) and Sq > 1
         if causal and Sk > Sq:  # top-left causal: keys past Sq are in every query's future
             key, value = key[:, :, :Sq], value[:, :, :Sq]
+        elif causal and Sk < Sq:  # top-left differs from bottom-right here: give it as a mask
+            mask = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril()[None, None]  # (1, 1, Sq, Sk)
+            causal = False
     elif mask.dim() == 4 and mask.shape[-2] == 1 and mask.dtype == torch.bool:
         # Key mask (B, 1, 1, L): cut keys to L, causal aligned bottom-right against L.
         L = mask.shape[-1]
         if L > Sk:
             raise ValueError(f"fastattn: attention mask covers {L} keys but the layer has {Sk}")
         key, value = key[:, :, :L], value[:, :, :L]
-        if is_causal and Sq > 1:
-            if Sq == L:
-                causal = True  # top-left == bottom-right; the kernel combines causality with the key mask
-            else:  # Sq != L (chunked prefill against a cache): fold the bottom-right diagonal into the mask
-                i = torch.arange(Sq, device=mask.device).view(Sq, 1)
-                j = torch.arange(L, device=mask.device).view(1, L)
-                mask = mask & (j <= i + (L - Sq))  # (B, 1, Sq, L)
+        causal = bool(is_causal) and Sq > 1
     else:
         # Dense mask (transformers' own, or a user's 4-D mask): complete as given; it may cover fewer keys.
         L = mask.shape[-1]
@@ -172,14 +218,29 @@ def fastattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
         if causal:
+            n = key.shape[2]
             i = torch.arange(Sq, device=bias.device).view(Sq, 1)
-            j = torch.arange(key.shape[2], device=bias.device).view(1, -1)
-            bias = bias.masked_fill(j > i, float("-inf"))
+            j = torch.arange(n, device=bias.device).view(1, -1)
+            bias = bias.masked_fill(j > i + (n - Sq), float("-inf"))
             causal = False
         mask = bias
 
-    out = functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=float(dropout),
-                                                  is_causal=causal, scale=scaling, enable_gqa=gqa, backend=backend)
+    args = dict(dropout_p=float(dropout), scale=scaling, enable_gqa=gqa, backend=backend)
+    if sinks is not None and torch.is_grad_enabled() and \
+            any(t.requires_grad for t in (query, key, value, sinks) + ((mask,) if mask is not None else ())):
+        key, value, mask = _with_sink_key(key, value, mask, sinks, query)
+        sinks = None
+    plain = sinks is None and softcap == 0.0 and (not causal or key.shape[2] == Sq)
+    if plain:  # the SDPA function itself (its lean path replays the route of plain CPU calls)
+        out = functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, **args)
+    elif sinks is None:
+        out = functional.attention(query, key, value, mask, is_causal=causal, softcap=softcap, bottom_right=True,
+                                   **args)
+    else:  # inference with sinks: out * l / (l + exp(sink)) = out * sigmoid(lse - sink), from the kernel's lse
+        out, lse = functional.attention(query, key, value, mask, is_causal=causal, softcap=softcap,
+                                        bottom_right=True, return_lse=True, **args)
+        keep = torch.sigmoid(lse - sinks.float())  # (B, Hq, Sq) fp32
+        out = (out.float() * keep[..., None]).to(out.dtype)
     return out.transpose(1, 2).contiguous(), None  # (B, H, Sq, D) -> (B, Sq, H, D)
 
 
