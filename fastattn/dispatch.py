@@ -25,7 +25,6 @@ route as a callable, replayed for calls whose facts match and whose key length i
 tests/test_dispatch_cache.py shows each key field matters: blank any one and some call inherits another's decision."""
 from __future__ import annotations
 
-import bisect
 import contextlib
 import contextvars
 import os
@@ -38,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
 from .backends.base import needed_features
-from .params import AttnParams, DecodeCall
+from .params import AttnParams, DecodeCall, forward_ad
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
 
@@ -282,7 +281,8 @@ def _key(p: AttnParams, requested: str, route: bool, qs=None, ks=None) -> tuple:
             p.max_seqlen_q == p.max_seqlen_k if varlen else Sq == Sk, p.window_left >= 0,
             wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
             p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
-            p.q_start is not None or (p.head_start != 0 and p.dropout_p > 0))  # needed_features' "block"
+            p.q_start is not None or (p.head_start != 0 and p.dropout_p > 0),  # needed_features' "block"
+            forward_ad(q, k, p.v, bias))
 
 
 def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -440,6 +440,8 @@ def run_decode(c: DecodeCall, backend: Optional[str] = None):
 
 def choose_decode(c: DecodeCall, backend: Optional[str] = None) -> Optional[Backend]:
     """The backend whose split-KV kernel takes c, or None (flash_attn_with_kvcache decides before it writes)."""
+    if forward_ad(c.q, c.k_cache, c.v_cache):  # no decode kernel carries tangents: the generic path, whose dispatcher picks one that does
+        return None
     compiling = torch.compiler.is_compiling()
     requested = requested_backend(backend, compiling)
     if compiling:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -228,6 +229,20 @@ def _shape(t) -> str:
 
 
 _STRIDED = torch.strided
+
+
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def forward_ad(*tensors) -> bool:
+    """Whether forward-mode AD carries a tangent on one of `tensors`: a dual tensor of torch.autograd.forward_ad, or
+    one that torch.func.jvp / jacfwd / hessian wrapped (conservatively, any functorch-wrapped tensor while a level is
+    open). With no tensors: whether a forward-AD level is open at all (torch keeps one for every thread). The fused
+    kernels' ops have no forward-mode rule: under it they would give a zero tangent, silently."""
+    if getattr(_fwad, "_current_level", -1) < 0:
+        return False
+    return not tensors or any(t is not None and (_functorch_wrapped(t) or _fwad.unpack_dual(t).tangent is not None)
+                              for t in tensors)
 
 
 def check_tensors(q, k, v, *, names=("query", "key", "value")):

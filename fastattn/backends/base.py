@@ -26,7 +26,7 @@ from typing import Callable, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..params import AttnParams, DecodeCall
+from ..params import AttnParams, DecodeCall, forward_ad
 
 # Features a backend may declare. The test matrix is generated from these.
 FEATURES = frozenset({
@@ -44,6 +44,7 @@ FEATURES = frozenset({
     "deterministic",  # bitwise reproducible backward
     "lse",            # returns log-sum-exp
     "dv_ne_d",        # value head dim different from query/key head dim
+    "forward_ad",     # forward-mode AD (torch.func.jvp, jacfwd, forward_ad.dual_level): tangents carried
     "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward, and
                       # dropout keyed by the global head head_start + h (AttnParams.head_start)
 })
@@ -94,6 +95,8 @@ def needed_features(p: AttnParams) -> Tuple[str, ...]:
             need.append("deterministic")
     if p.return_lse:
         need.append("lse")
+    if forward_ad(p.q, p.k, p.v, p.attn_bias):
+        need.append("forward_ad")
     if p.is_block or (p.head_start and p.dropout_p > 0):  # honouring head_start in the dropout key is block
         need.append("block")                               # contract (a backend that cannot, e.g. sdpa, refuses)
     return tuple(dict.fromkeys(need))
