@@ -92,6 +92,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"fastattn.nn.MultiheadAttention: batch/sequence sizes disagree: query "
                              f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)} "
                              f"(batch-first view)")
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+                # torch's module asserts the same; read as additive, an int mask would add +1 to the "padded" keys
+                raise TypeError(f"fastattn.nn.MultiheadAttention: {name} must be bool (True = do not attend) or "
+                                f"floating (added to the scores), got {m.dtype} {tuple(m.shape)}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
             raise ValueError(f"fastattn.nn.MultiheadAttention: key_padding_mask must be ({N}, {S}) (or ({S},) "
                              f"unbatched), got {tuple(key_padding_mask.shape)}")

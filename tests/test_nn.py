@@ -179,6 +179,11 @@ def test_bad_inputs_raise_clearly():
         m(x, x, x, attn_mask=torch.zeros(5, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="feature sizes"):
         m(x, torch.randn(2, 6, E + 1), x)
+    # integer masks: torch refuses them; read as additive they would add +1 where they mean "pad"
+    with pytest.raises(TypeError, match="key_padding_mask must be bool .* torch.int64"):
+        m(x, x, x, key_padding_mask=torch.tensor([[0, 0, 0, 0, 1, 1]] * 2))
+    with pytest.raises(TypeError, match="attn_mask must be bool .* torch.uint8"):
+        m(x, x, x, attn_mask=torch.ones(6, 6, dtype=torch.uint8).triu(1))
 
 
 def _encoder(batch_first=True):
