@@ -14,7 +14,7 @@ A dense decode step on the CPU whose facts an earlier call had replays that call
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -130,6 +130,32 @@ def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, p
     return lo_hi
 
 
+@torch.library.custom_op("fastattn::kvcache_check", mutates_args=())
+def _kvcache_check(lens: Optional[torch.Tensor], snew: int, capacity: int, cache_batch_idx: Optional[torch.Tensor],
+                   block_table: Optional[torch.Tensor], k_cache: torch.Tensor, page: int) -> List[torch.Tensor]:
+    """_check_values as one op for torch.compile (it reads tensor contents, which a traced graph cannot), returning
+    copies of the index tensors it checked (those given, in this order) for everything after it to read: the append
+    and the kernels then depend on it, so no graph can write or read through an index before it is checked. During
+    CUDA graph capture (a host sync is illegal there) the values pass unchecked, as in eager mode."""
+    capturing = k_cache.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and (lens is None or lens.numel()):
+        _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, page)
+    return [t.clone() for t in (lens, cache_batch_idx, block_table) if t is not None]
+
+
+@_kvcache_check.register_fake
+def _(lens, snew, capacity, cache_batch_idx, block_table, k_cache, page):
+    return [torch.empty_like(t) for t in (lens, cache_batch_idx, block_table) if t is not None]
+
+
+def _traced_checks(plan, cache_batch_idx, block_table, k_cache):
+    """(lens, cache_batch_idx, block_table) as _kvcache_check returns them (None where not given)."""
+    given = [t is not None for t in (plan.lens, cache_batch_idx, block_table)]
+    checked = iter(_kvcache_check(plan.lens, plan.snew, plan.capacity, None if plan.paged else cache_batch_idx,
+                                  block_table, k_cache, plan.page))
+    return tuple(next(checked) if g else None for g in given)
+
+
 @dataclass
 class _Plan:
     """A validated call: sizes, where the cache lives, and each row's lengths (built positionally: keep the order)."""
@@ -174,8 +200,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
             or num_splits < 0:
         raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     softcap = check_softcap(softcap)
-    # Value checks read tensor contents: one host sync (below). Skipped while tracing (they ran in eager mode) and
-    # during CUDA graph capture (where a sync is illegal; replays reuse the captured, checked shapes).
+    # Value checks read tensor contents: one host sync (below). While compiling they run as an op instead
+    # (_kvcache_check, from flash_attn_with_kvcache), and not during CUDA graph capture (a sync is illegal there).
     compiling = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     paged = block_table is not None
     page = 0
@@ -382,6 +408,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                     return res
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
+    if plan.B and torch.compiler.is_compiling():  # the value checks, as an op everything after it depends on
+        plan.lens, cache_batch_idx, block_table = _traced_checks(plan, cache_batch_idx, block_table, k_cache)
     q, k = rotary.apply_kvcache(plan, q, k, rotary_cos, rotary_sin, rotary_interleaved)  # checks, then copies
     scale = default_scale(softmax_scale, plan.D)
     # Every refusal before the first write: the decode kernel, or the generic path's backend, is chosen here.
@@ -400,7 +428,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         res = _run(chosen, call, p, backend)
     else:
         idx = _append_index(plan, cache_batch_idx, block_table, q.device)
-        if torch.compiler.is_compiling():  # no try/except in a traced graph: the checks above must do
+        if torch.compiler.is_compiling():  # no try/except in a traced graph: _kvcache_check ran before
             res = _append_and_run(idx, k, v, k_cache, v_cache, chosen, call, p, backend)
         else:
             old = k_cache[idx], v_cache[idx]  # (B, Snew, Hkv, D|Dv): the slots about to be overwritten

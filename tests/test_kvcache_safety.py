@@ -78,6 +78,48 @@ def test_refused_call_leaves_caches_untouched(name, layout):
     _refused(args, kw, exc, words)
 
 
+i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+# name -> (layout, bad call options, message): values a compiled graph must check as eager mode does (same shapes
+# as the good call that compiled it, so the graph is reused).
+BAD_VALUES = {
+    "seqlens_negative": ("dense", dict(cache_seqlens=i32(-1, 0)), "cache_seqlens"),
+    "seqlens_past_capacity": ("dense", dict(cache_seqlens=i32(15, 16)), "cache_seqlens"),
+    "batch_idx_out_of_range": ("batch_idx", dict(cache_batch_idx=i32(3, 4)), "cache_batch_idx"),
+    "batch_idx_repeated": ("batch_idx", dict(cache_batch_idx=i32(0, 0)), "repeats"),
+    "page_minus_one_used": ("paged", dict(block_table=i32([4, 1], [-1, 5])), "block_table"),
+    "page_past_num_blocks": ("paged", dict(block_table=i32([4, 1], [6, 5])), "block_table"),
+    "pages_shared_slot": ("paged", dict(block_table=i32([4, 1], [4, 5]), cache_seqlens=i32(5, 5)), "same cache slot"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+def test_compiled_call_checks_values(name):
+    """torch.compile(fullgraph=True): the value checks run inside the graph (fastattn::kvcache_check) before the
+    append, with eager mode's message; a negative length once wrapped to the last slot, silently."""
+    layout, bad, words = BAD_VALUES[name]
+    f = torch.compile(fastattn.flash_attn_with_kvcache, fullgraph=True, backend="aot_eager")
+    args, kw = _call(layout)
+    f(*args, **kw)
+    args, kw = _call(layout, **bad)
+    kc0, vc0 = args[1].clone(), args[2].clone()
+    with pytest.raises(ValueError, match=words):
+        f(*args, **kw)
+    assert torch.equal(args[1], kc0) and torch.equal(args[2], vc0), "the cache changed although the call failed"
+
+
+def test_compiled_inductor_checks_values():
+    """The same under inductor, whose generated code would index with the bad length (a negative one wraps)."""
+    f = torch.compile(fastattn.flash_attn_with_kvcache, fullgraph=True)
+    args, kw = _call("dense")
+    want = fastattn.flash_attn_with_kvcache(args[0], args[1].clone(), args[2].clone(), **kw)
+    assert_rule("compiled out", f(*args, **kw), want, None, torch.float32)
+    args, kw = _call("dense", cache_seqlens=i32(-1, 0))
+    kc0 = args[1].clone()
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        f(*args, **kw)
+    assert torch.equal(args[1], kc0)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("where", ["decode_kernel", "generic_backend"])
 def test_failure_after_the_append_restores_the_caches(where, layout, monkeypatch):
