@@ -284,6 +284,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
               "cache_append: slots [", lo, ", ", lo + snew, ") outside caches ", k_cache.sizes(), " / ",
               v_cache.sizes());
   at::Tensor ks = k_cache.narrow(1, lo, snew), vs = v_cache.narrow(1, lo, snew);  // (B, Snew, Hkv, D|Dv) views
+  // Everything copy_ could refuse halfway (after k's slots were written) or take silently (broadcast, a dtype
+  // conversion), checked before the first write.
+  for (const auto& [t, slots, name] : {std::tuple{&k, &ks, "k"}, std::tuple{&v, &vs, "v"}}) {
+    TORCH_CHECK(t->sizes() == slots->sizes() && t->scalar_type() == slots->scalar_type() &&
+                    t->device() == slots->device(),
+                "cache_append: ", name, " must be ", slots->scalar_type(), " ", slots->sizes(), " on ",
+                slots->device(), " (the slots it fills), got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
+  }
   at::Tensor old_k = ks.clone(), old_v = vs.clone();
   ks.copy_(k);
   vs.copy_(v);

@@ -50,6 +50,7 @@
 //     and bwd_acc (the caller passes the merged output, rounded once); lse the merged lse.
 //   The CUDA op cannot read q_start/k_start values without a host sync: the Python layer checks them in eager
 //   mode; bad values shift masks but never cause accesses outside the tensors.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 #include <torch/extension.h>
 
@@ -93,6 +94,10 @@ TORCH_LIBRARY(fastattn, m) {
       "Tensor? alibi_slopes, int num_splits, bool kv_bhsd=False, Tensor? attn_bias=None) "
       "-> (Tensor out, Tensor lse)");
 }
+
+// decode_fwd is inference-only: without an Autograd kernel torch would only warn and leave the inputs' gradients
+// None; this one makes a backward through it raise.
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) { m.impl("decode_fwd", torch::autograd::autogradNotImplementedFallback()); }
 
 namespace fastattn {
 bool cuda_built();

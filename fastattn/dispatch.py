@@ -388,8 +388,8 @@ def run(p: AttnParams, backend: Optional[str] = None, *, route_decode: bool = Tr
     q = p.q
     qs, ks = q.shape, p.k.shape
     B, Hq, Sq, _ = qs
-    if _any_zero(Sq, ks[2], B):
-        # Nothing to attend to: rows with no keys give 0 (grads flow as zeros), lse +inf.
+    if _any_zero(Sq, ks[2], B * Hq):
+        # Nothing to attend to (or no query heads): rows with no keys give 0 (grads flow as zeros), lse +inf.
         # Sums of empty slices: exact zeros that keep the graph (q.sum() * 0 would be NaN for an Inf in q).
         zero = sum(t.narrow(-1, 0, 0).sum() for t in (p.q, p.k, p.v)) if p.requires_grad else 0
         out = p.q.new_zeros(B, Hq, Sq, p.v.shape[-1]) + zero

@@ -82,6 +82,10 @@ def autograd_pair(bwd_op):
     def setup_context(ctx, inputs, output):
         (q, k, v, bias, cu_q, cu_k, mq, mk, scale, wl, wr, br, softcap, alibi, dropout_p, seed, offset,
          deterministic, q_start, k_start, out_fp32, head_start) = _fwd_inputs(inputs)
+        for t, name in ((bias, "attn_bias"), (alibi, "alibi_slopes")):
+            if t is not None and t.requires_grad:  # the backward ops return no gradient for them
+                raise RuntimeError(f"fastattn: the fused kernels give no gradient for {name}; the public functions "
+                                   f"route a differentiable mask to a backend with 'mask_grad'")
         out, lse = output
         ctx.mark_non_differentiable(lse)
         rounded = out.to(q.dtype) if out_fp32 and out.dtype != q.dtype else out
@@ -151,12 +155,22 @@ def call_fwd(op, function, args: tuple):
         return op(*args)
 
 
+def _same_device(q, **tensors) -> None:
+    """A fake function's check: every tensor argument on q's device. One argument on `meta` sends a real call to
+    the fake functions (the Meta key), which would hand back uninitialised outputs on q's device."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == q.device, lambda: f"fastattn: {name} is on {t.device} but q is on {q.device}")
+
+
 if _C is not None:
 
     @torch.library.register_fake("fastattn::fwd")
     def _fwd_fake(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
                   window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic=False,
                   q_start=None, k_start=None, out_fp32=False, head_start=0):
+        _same_device(q, k=k, v=v, attn_bias=attn_bias, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                     alibi_slopes=alibi_slopes, q_start=q_start, k_start=k_start)
         B, H, S, _ = q.shape
         out = _out_like_q(q, v.shape[-1], torch.float32 if out_fp32 else None)
         return out, q.new_empty(B, H, S, dtype=torch.float32)
@@ -165,10 +179,14 @@ if _C is not None:
     def _bwd_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                   window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
                   deterministic, q_start=None, k_start=None, head_start=0):
+        _same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, attn_bias=attn_bias, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, q_start=q_start, k_start=k_start)
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("fastattn::bwd_acc")
-    def _bwd_acc_fake(*args):
+    def _bwd_acc_fake(dout, q, *args):
+        _same_device(q, **{f"tensor argument {i + 2}": t for i, t in enumerate(args) if isinstance(t, torch.Tensor)},
+                     dout=dout)
         return None
 
     _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.bwd)
@@ -180,6 +198,8 @@ if _C is not None and hasattr(torch.ops.fastattn, "decode_fwd"):
     @torch.library.register_fake("fastattn::decode_fwd")
     def _decode_fwd_fake(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, scale, window_left,
                          window_right, softcap, alibi_slopes, num_splits, kv_bhsd=False, attn_bias=None):
+        _same_device(q, k_cache=k_cache, v_cache=v_cache, seqlens_k=seqlens_k, block_table=block_table,
+                     cache_batch_idx=cache_batch_idx, alibi_slopes=alibi_slopes, attn_bias=attn_bias)
         B, H, S, _ = q.shape
         return _out_like_q(q, v_cache.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
 

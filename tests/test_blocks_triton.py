@@ -462,3 +462,40 @@ def test_bad_start_values_only_shift_masks():
     proc = subprocess.run([sys.executable, "-c", _BAD_VALUES], capture_output=True, text=True, env=env, cwd=root,
                           timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, f"exit code {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+
+def test_accumulator_overlap_rule_against_brute_force():
+    """op.py's _may_share / _strides_disjoint (the mirror of csrc/block_checks.h) on random views of one buffer
+    against the elements they address: never "disjoint" where they meet, exact for shifted copies of one view."""
+    from fastattn.backends.triton.kernels import op as triton_op
+    g = torch.Generator().manual_seed(0)
+    buf = torch.zeros(1 << 12)
+
+    def view():
+        sizes = [int(torch.randint(1, 4, (), generator=g)) for _ in range(3)]
+        strides = [int(torch.randint(0, 40, (), generator=g)) for _ in range(3)]
+        return sizes, strides
+
+    def cells(t):
+        idx = torch.arange(buf.numel()).as_strided(t.shape, t.stride(), t.storage_offset())
+        return set(idx.flatten().tolist())
+
+    exact = 0
+    for _ in range(3000):
+        sizes, strides = view()
+        a = buf.as_strided(sizes, strides, int(torch.randint(0, 200, (), generator=g)))
+        if bool(torch.randint(0, 2, (), generator=g)):
+            b = buf.as_strided(sizes, strides, int(torch.randint(0, 200, (), generator=g)))  # a shifted
+        else:
+            sizes_b, strides_b = view()
+            b = buf.as_strided(sizes_b, strides_b, int(torch.randint(0, 200, (), generator=g)))
+        meet = bool(cells(a) & cells(b))
+        own = len(cells(a)) == a.numel()
+        if not triton_op._may_share(a, b):
+            assert not meet, (a.shape, a.stride(), a.storage_offset(), b.shape, b.stride(), b.storage_offset())
+        if a.shape == b.shape and a.stride() == b.stride() and triton_op._strides_disjoint(a):
+            assert triton_op._may_share(a, b) == meet
+            exact += 1
+        if triton_op._strides_disjoint(a):
+            assert own, (a.shape, a.stride())
+    assert exact > 300  # the exact branch was exercised

@@ -74,6 +74,17 @@ CASES = {
     "decode_batch_idx_negative": ("dec(bidx=T(-1, 0))", "cache_batch_idx[0] = -1"),
     "decode_softcap_nan": ("dec(softcap=float('nan'))", "softcap must be finite"),
     "decode_num_splits_negative": ("dec(splits=-1)", "num_splits"),
+    # head dims of zero reach no GEMM (oneDNN asked for 80 GiB); one argument on `meta` reaches no fake function
+    # that would hand back uninitialised outputs; gradients the ops cannot give are refused, not left None
+    "fwd_head_dim_zero": ("fwd(q=torch.randn(1, 2, 10, 0), k=torch.randn(1, 2, 10, 0))", "head dim must be positive"),
+    "bwd_value_head_dim_zero": ("bwd(v=torch.randn(1, 2, 10, 0))", "value head dim must be positive"),
+    "fwd_bias_on_meta": ("fwd(bias=torch.zeros(1, 2, 10, 10, device='meta'))", "attn_bias is on meta"),
+    "fwd_alibi_on_meta": ("fwd(alibi=torch.ones(2, device='meta'))", "alibi_slopes is on meta"),
+    "decode_seqlens_on_meta": ("dec(lens=T(3, 8).to('meta'))", "seqlens_k is on meta"),
+    "fwd_bias_requires_grad": ("fwd(cu_q=None, cu_k=None, bias=torch.zeros(1, 2, 10, 10, requires_grad=True))",
+                               "no gradient for attn_bias"),
+    "fwd_alibi_requires_grad": ("fwd(alibi=torch.ones(2, requires_grad=True))", "no gradient for alibi_slopes"),
+    "decode_backward": ("dec(grad=True)[0].sum().backward()", "derivative for fastattn::decode_fwd is not implemented"),
 }
 
 _PRELUDE = textwrap.dedent("""
@@ -91,15 +102,15 @@ _PRELUDE = textwrap.dedent("""
         return torch.ops.fastattn.fwd(q, k, v, bias, cu_q, cu_k, mq, mk, 0.3, wl, wr, True, softcap, alibi,
                                       dropout, 0, 0, False)
 
-    def bwd(cu_q=CU, cu_k=CU, mq=6, mk=6, wl=-1, lse=None, dout=None):
-        out = torch.zeros(1, 2, 10, 8)
+    def bwd(cu_q=CU, cu_k=CU, mq=6, mk=6, wl=-1, lse=None, dout=None, v=Q):
+        out = torch.zeros(1, 2, 10, v.shape[-1])
         lse = torch.zeros(1, 2, 10) if lse is None else lse
-        dout = torch.zeros(1, 2, 10, 8) if dout is None else dout
-        return torch.ops.fastattn.bwd(dout, Q, Q, Q, out, lse, None, cu_q, cu_k, mq, mk, 0.3, wl, -1, True, 0.0,
+        dout = torch.zeros(out.shape) if dout is None else dout
+        return torch.ops.fastattn.bwd(dout, Q, Q, v, out, lse, None, cu_q, cu_k, mq, mk, 0.3, wl, -1, True, 0.0,
                                       None, 0.0, 0, 0, False)
 
-    def dec(lens=T(3, 8), paged=False, bt=None, bidx=None, softcap=0.0, splits=0):
-        q = torch.randn(2, 4, 1, 16)
+    def dec(lens=T(3, 8), paged=False, bt=None, bidx=None, softcap=0.0, splits=0, grad=False):
+        q = torch.randn(2, 4, 1, 16, requires_grad=grad)
         kc = torch.randn(3, 4, 2, 16) if paged else torch.randn(2, 8, 2, 16)
         return torch.ops.fastattn.decode_fwd(q, kc, kc, lens, bt, bidx, 0.25, -1, -1, softcap, None, splits)
 
@@ -144,6 +155,33 @@ def test_op_refuses_bad_argument(name, results):
     words = CASES[name][1]
     assert rec["raised"] == "RuntimeError", f"{name}: expected a RuntimeError naming {words!r}, got {rec}"
     assert words in rec["msg"], f"{name}: {rec['msg']!r} does not say {words!r}"
+
+
+def test_empty_heads_and_huge_num_splits():
+    """Calls that must not crash or allocate without bound (in a child process: a SIGFPE would end the run): no
+    query heads (the CPU task order divided by Hq / Hkv), and num_splits far past the key blocks (B * splits
+    overflowed int64; 2^40 asked for 512 TiB), which stops at one split per block, bit for bit that call."""
+    src = textwrap.dedent("""
+        import torch, fastattn
+        T = lambda *x: torch.tensor(x, dtype=torch.int32)
+        for dt in (torch.float32, torch.bfloat16):
+            q, k = torch.randn(1, 0, 4, 8, dtype=dt), torch.randn(1, 1, 4, 8, dtype=dt)
+            out, lse = torch.ops.fastattn.fwd(q, k, k, None, None, None, 0, 0, 0.3, -1, -1, False, 0.0, None,
+                                              0.0, 0, 0, False)
+            assert out.shape == (1, 0, 4, 8) and lse.shape == (1, 0, 4)
+            o = fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), backend="cpu")
+            assert o.shape == (1, 4, 0, 8)
+        q, kc = torch.randn(2, 4, 1, 16), torch.randn(2, 300, 2, 16)
+        dec = lambda s: torch.ops.fastattn.decode_fwd(q, kc, kc, T(300, 17), None, None, 0.25, -1, -1, 0.0, None, s)
+        want = dec(5)  # 300 keys: five blocks of 64
+        for s in (6, 2 ** 40, 2 ** 62):
+            got = dec(s)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), s
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
 
 
 def test_huge_window_means_unlimited():

@@ -338,11 +338,13 @@ void run(const DecodeParams& p) {
 }
 
 // Work division: about 4 items per thread. Keys are split first (splits of at least kMinSplitKeys keys, at most
-// 64; num_splits > 0 fixes the count), then KV heads are divided into chunks if items are still short. Only the
+// 64; num_splits > 0 fixes the count, up to one split per key block), then KV heads are divided into chunks if items are still short. Only the
 // key splits change rounding; head chunks do not change any result.
 std::pair<int64_t, int64_t> work_heuristic(int64_t B, int64_t Hkv, int64_t max_keys, int64_t num_splits) {
   const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
-  int64_t splits = num_splits;
+  // A split past the last key block would be empty: num_splits (a hint) stops there, which also bounds the
+  // partial buffers (B * splits rows) whatever the caller asks.
+  int64_t splits = std::min<int64_t>(num_splits, std::max<int64_t>(1, (max_keys + kBlockN - 1) / kBlockN));
   if (splits <= 0) {
     const int64_t by_len = std::max<int64_t>(1, max_keys / kMinSplitKeys);
     splits = std::max<int64_t>(1, std::min<int64_t>({(target + B - 1) / B, by_len, 64}));

@@ -34,6 +34,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   FA_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ: q", q.sizes(), " k", k.sizes(),
            " v", v.sizes());
   FA_CHECK(k.size(3) == q.size(3), "q and k head dims differ: q", q.sizes(), " k", k.sizes());
+  FA_CHECK(q.size(3) > 0, "head dim must be positive (q and k), got q", q.sizes(), " k", k.sizes());
   FA_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2), "k and v must share heads and length: k", k.sizes(),
            " v", v.sizes());
   FA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "query heads ", q.size(1),
@@ -270,6 +271,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& k_start, bool out_fp32,
                                            int64_t head_start) {
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
+  if (q.size(1) == 0) {  // no query heads: empty outputs (the task order divides by Hq / Hkv)
+    return {alloc_out(q, v.size(3), out_fp32), at::empty({q.size(0), 0, q.size(2)}, q.options().dtype(at::kFloat))};
+  }
   CpuParams p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start,
                             head_start);
@@ -320,6 +324,8 @@ BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const std::optional<at::Tensor>& q_start, const std::optional<at::Tensor>& k_start,
                     int64_t head_start) {
   check_inputs(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, alibi_slopes);
+  FA_CHECK(v.size(3) > 0, "value head dim must be positive for a backward (there is no output to differentiate), ",
+           "got v", v.sizes());
   BwdCall c;
   CpuParams& p = c.p;
   p = make_params(q, k, v, attn_bias, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right, bottom_right,

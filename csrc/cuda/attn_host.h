@@ -128,6 +128,7 @@ void fill_shape(AttnShape& s, const at::Tensor& q, const at::Tensor& k, const at
   FA_CHECK(v.size(1) == Hkv && v.size(2) == k.size(2), "k and v shapes disagree: k ", k.sizes(), " v ", v.sizes());
   FA_CHECK(k.size(3) == D, "q and k head dims differ: q ", q.sizes(), " k ", k.sizes());
   FA_CHECK(Hkv > 0 && H % Hkv == 0, "query heads (", H, ") must be a multiple of key/value heads (", Hkv, ")");
+  FA_CHECK(H > 0, "q must have at least one head (a grid of no blocks cannot launch), got q ", q.sizes());
   FA_CHECK(D >= 1 && D <= 256 && Dv >= 1 && Dv <= 256, "head dims must be in [1, 256], got D=", D, " Dv=", Dv);
   FA_CHECK(H <= 65535, "at most 65535 heads, got ", H);
   const bool varlen = cu_q.has_value();

@@ -290,14 +290,15 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     # A window wider than the cache is no window (as csrc/decode_checks.h): keeps i + off + window from overflowing.
     window_left = -1 if window_left > max_keys + Sq else window_left
     window_right = -1 if window_right > max_keys + Sq else window_right
+    BN = block_n(max(D, Dv))
     if num_splits <= 0:
         num_splits = num_splits_heuristic(B * Hkv, max_keys, q.device, D)
+    num_splits = min(num_splits, max(1, -(-max_keys // BN)))  # (a hint) splits past the last key block are empty
     out = _out_like_q(q, Dv)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     BLOCK_M = max(16, pow2(group * Sq))
     BLOCK_D = max(16, pow2(D))
     BLOCK_DV = max(16, pow2(Dv))
-    BN = block_n(max(D, Dv))
     split = num_splits > 1
     if split:
         out_p = torch.empty(num_splits, B, Hq, Sq, Dv, dtype=torch.float32, device=q.device)
