@@ -222,13 +222,11 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         check_qkv(q, k, v, layout="bshd", names=("q", "k", "v"), varlen=True)
         cu_q, cu_k, max_q, max_k = varlen
         max_q, max_k = check_int(max_q, "max_seqlen_q"), check_int(max_k, "max_seqlen_k")
-        cu_q = check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0])
-        cu_k = check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0])
+        cu_q = check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0], q.device)
+        cu_k = check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0], q.device)
         if cu_q.numel() != cu_k.numel():
             raise InputValueError(f"fastattn: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} "
                              f"must describe the same number of sequences")
-        if cu_q.device != q.device or cu_k.device != q.device:
-            raise InputValueError(f"fastattn: cu_seqlens must be on q's device {q.device}")
         if not torch.compiler.is_compiling():
             lq, lk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
             if lq > max_q or lk > max_k:

@@ -40,6 +40,8 @@ def _check_cache_seqlens(cache_seqlens, B, device):
         raise ValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
                          f"{type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens < 2 ** 31:  # (torch.full would fail on the int32 conversion, naming nothing)
+            raise ValueError(f"fastattn: cache_seqlens={cache_seqlens} must lie in [0, the cache capacity]")
         return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
         raise ValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "

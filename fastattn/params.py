@@ -320,7 +320,7 @@ def _float32(x: float) -> float:
 def check_dropout(p) -> float:
     if type(p) is float and 0.0 <= p <= 0.5:  # the common case (0.0); far from the float32 rounding edge below
         return p
-    if not isinstance(p, (int, float)) or not (0.0 <= float(p) < 1.0):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):  # numpy scalars too
         raise InputValueError(f"fastattn: dropout_p must be a number in [0, 1), got {p!r}")
     if _float32(float(p)) >= 1.0:  # kernels keep p in float32: the 1 / (1 - p) rescale would be inf
         raise InputValueError(f"fastattn: dropout_p={p!r} rounds to 1 in float32; use a value below 1 - 2**-25")
@@ -357,8 +357,10 @@ def check_int(x, name: str, lo: int = 0) -> int:
 def default_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InputValueError(f"fastattn: scale must be a finite number or None, got {scale!r}")
+    if not isinstance(scale, numbers.Real):  # Python and NumPy numbers (as PyTorch's function takes)
+        raise InputTypeError(f"fastattn: scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise InputValueError(f"fastattn: scale must be finite, got {scale!r}")
     return float(scale)
 
 
@@ -476,13 +478,15 @@ def normalize_mask(attn_mask, q, target):
     return bias, kind
 
 
-def check_cu_seqlens(cu, name: str, total: int) -> torch.Tensor:
-    """Checks cu_seqlens (int32 (N+1,), starting at 0, non-decreasing, ending at `total`); returns it contiguous
-    (the ops refuse strided ones)."""
+def check_cu_seqlens(cu, name: str, total: int, device=None) -> torch.Tensor:
+    """Checks cu_seqlens (int32 (N+1,) on `device` when given, starting at 0, non-decreasing, ending at `total`);
+    returns it contiguous (the ops refuse strided ones)."""
     if not isinstance(cu, torch.Tensor):
         raise InputTypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise InputValueError(f"fastattn: {name} must be a 1-D int32 tensor of length batch+1, got {cu.dtype} {_shape(cu)}")
+    if device is not None and cu.device != device:  # before its values are read (a meta one has none)
+        raise InputValueError(f"fastattn: {name} must be on q's device {device}, got {cu.device}")
     cu = cu.contiguous()
     if torch.compiler.is_compiling():
         return cu  # value checks need a host sync; they ran in eager mode

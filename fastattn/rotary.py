@@ -70,4 +70,11 @@ def apply_kvcache(plan, q, k, rotary_cos, rotary_sin, interleaved: bool):
     pos_k = start + torch.arange(plan.snew, device=q.device)  # (B, Snew)
     local = plan.wl >= 0 or plan.wr >= 0  # causal sets wr = 0
     pos_q = start + torch.arange(plan.Sq, device=q.device) if local else start.expand(plan.B, plan.Sq)  # (B, Sq)
+    if local and plan.Sq > plan.snew and plan.B and not torch.compiler.is_compiling():
+        # q's rows run past the new keys (whose positions the cache checks bound): their positions must have a row
+        # of cos/sin too (flash-attn would read past it). One host sync, in this rare case only.
+        last = int(pos_q[:, -1].max())
+        if last >= rotary_cos.shape[0]:
+            raise ValueError(f"fastattn: q's last row sits at position {last} (cache_seqlens + {plan.Sq} query "
+                             f"rows - 1), past rotary_cos/rotary_sin's {rotary_cos.shape[0]} positions")
     return apply(q, rotary_cos, rotary_sin, pos_q, interleaved), apply(k, rotary_cos, rotary_sin, pos_k, interleaved)

@@ -110,6 +110,11 @@ BAD = [
     (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8).to_sparse(), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8)), TypeError, "query must be a dense"),
     (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8).to_mkldnn()), TypeError, "value must be a dense"),
     (lambda: fastattn.flash_attn_func(rnd(1, 4, 2, 8), rnd(1, 4, 2, 8).to_sparse(), rnd(1, 4, 2, 8)), TypeError, "k must be a dense"),
+    # named before any value is read or any tensor is built from it
+    (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 10], dtype=torch.int32, device="meta"), torch.tensor([0, 4, 10], dtype=torch.int32), 6, 6), ValueError, "cu_seqlens_q must be on q's device cpu"),
+    (lambda: fastattn.flash_attn_with_kvcache(rnd(2, 1, 2, 8), rnd(2, 4, 2, 8), rnd(2, 4, 2, 8), cache_seqlens=2 ** 31), ValueError, "cache_seqlens=2147483648"),
+    (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), scale="0.3"), TypeError, "scale must be a real number"),
+    (lambda: fastattn.scaled_dot_product_attention(rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), rnd(1, 2, 4, 8), scale=float("inf")), ValueError, "scale must be finite"),
 ]
 
 
@@ -119,6 +124,27 @@ def test_bad_input_errors(n):
     with pytest.raises(exc) as ei:
         fn()
     assert needle in str(ei.value), str(ei.value)
+
+
+def test_numpy_scalars_are_numbers():
+    """scale and dropout_p as NumPy scalars, as PyTorch's function takes them."""
+    np = pytest.importorskip("numpy")
+    q = rnd(1, 2, 5, 8)
+    want = fastattn.scaled_dot_product_attention(q, q, q, scale=float(np.float32(0.3)))
+    assert torch.equal(fastattn.scaled_dot_product_attention(q, q, q, scale=np.float32(0.3)), want)
+    assert fastattn.scaled_dot_product_attention(q, q, q, dropout_p=np.float64(0.1)).shape == q.shape
+
+
+def test_kvcache_rotary_rows_past_cos_refused():
+    """A causal call with more query rows than new keys rotates q at positions up to cache_seqlens + Sq - 1: past
+    rotary_cos's rows they are refused by name (it was a bare IndexError), the cache untouched."""
+    kc, vc = rnd(1, 8, 2, 8), rnd(1, 8, 2, 8)
+    kc0 = kc.clone()
+    with pytest.raises(ValueError, match="past rotary_cos/rotary_sin's 8 positions"):
+        fastattn.flash_attn_with_kvcache(rnd(1, 2, 2, 8), kc, vc, k=rnd(1, 1, 2, 8), v=rnd(1, 1, 2, 8),
+                                         rotary_cos=torch.ones(8, 4), rotary_sin=torch.zeros(8, 4),
+                                         cache_seqlens=torch.tensor([7], dtype=torch.int32), causal=True)
+    assert torch.equal(kc, kc0)
 
 
 def test_strided_cu_seqlens_and_alibi_are_accepted():
