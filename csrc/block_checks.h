@@ -64,18 +64,37 @@ inline bool strides_disjoint(const at::Tensor& t) {
   return true;
 }
 
-// Whether delta = sum of e_d * stride_d with |e_d| < size_d over dims[0, n) (strides_disjoint's order: each stride
-// above the reach of the ones before, so of e_d only floor(delta / stride_d) and the next can leave a remainder
-// the smaller dims reach).
-inline bool reaches(const std::vector<std::pair<int64_t, int64_t>>& dims, size_t n, int64_t delta) {
+// Index differences between two views with the same strides: per dim (stride, lowest, highest) e_d = i_d - j_d.
+using Diffs = std::vector<std::tuple<int64_t, int64_t, int64_t>>;
+
+// Whether delta = sum of e_d * stride_d over dims[0, n) with each e_d in its range. dims by stride, each stride
+// above what the smaller ones reach (decided_by_strides), so of e_d only floor(delta / stride_d) and the next can
+// leave a remainder the smaller dims reach.
+inline bool reaches(const Diffs& dims, size_t n, int64_t delta) {
   if (n == 0) return delta == 0;
-  const auto [stride, size] = dims[n - 1];
+  const auto [stride, lo, hi] = dims[n - 1];
   int64_t e = delta / stride;
   if (delta % stride != 0 && delta < 0) --e;  // floor
   for (const int64_t c : {e, e + 1}) {
-    if (c > -size && c < size && reaches(dims, n - 1, delta - c * stride)) return true;
+    if (c >= lo && c <= hi && reaches(dims, n - 1, delta - c * stride)) return true;
   }
   return false;
+}
+
+// a's and b's index differences (same strides, any sizes), or nothing where the strides do not decide them.
+inline std::optional<Diffs> decided_by_strides(const at::Tensor& a, const at::Tensor& b) {
+  Diffs dims;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    const int64_t lo = 1 - b.size(d), hi = a.size(d) - 1;
+    if (lo != 0 || hi != 0) dims.emplace_back(a.stride(d), lo, hi);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, lo, hi] : dims) {
+    if (stride <= reach) return std::nullopt;
+    reach += stride * std::max(-lo, hi);
+  }
+  return dims;
 }
 
 // [first, end) bytes t's elements lie in (its strides are non-negative); empty for an empty tensor.
@@ -87,9 +106,9 @@ inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
   return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size())};
 }
 
-// Whether a and b may share memory: ATen's answer where it has one; for non-dense views of one storage, exactly
-// where one is the other shifted (same shape, strides and dtype, as dK/dV views of one packed buffer), else whether
-// their byte spans meet (which refuses some interleaved views that would not collide).
+// Whether a and b may share memory: ATen's answer where it has one; for non-dense views of one storage with the
+// same strides and dtype (dK/dV column ranges of one packed buffer, any head dims), exactly where the strides
+// decide it; else whether their byte spans meet (which refuses some interleaved views that would not collide).
 inline bool may_share(const at::Tensor& a, const at::Tensor& b) {
   const auto st = at::get_overlap_status(a, b);
   if (st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial) return true;
@@ -97,10 +116,8 @@ inline bool may_share(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   const int64_t elt = a.element_size();
   const int64_t delta = reinterpret_cast<intptr_t>(b.data_ptr()) - reinterpret_cast<intptr_t>(a.data_ptr());
-  if (a.sizes() == b.sizes() && a.strides() == b.strides() && b.element_size() == elt && delta % elt == 0 &&
-      strides_disjoint(a)) {
-    const auto dims = dims_by_stride(a);
-    return reaches(dims, dims.size(), delta / elt);
+  if (a.dim() == b.dim() && a.strides() == b.strides() && b.element_size() == elt && delta % elt == 0) {
+    if (const auto dims = decided_by_strides(a, b)) return reaches(*dims, dims->size(), delta / elt);
   }
   const auto [a0, a1] = byte_span(a);
   const auto [b0, b1] = byte_span(b);

@@ -406,11 +406,21 @@ def test_bad_block_arguments_are_refused():
     with pytest.raises(RuntimeError, match="dq_acc must not share memory with k"):
         kbuf = torch.randn(2, 3, 12, 16)
         OPS.bwd_acc(*bwd_args(torch.ones_like(out), q, kbuf[:, :1], v, out, lse, c, qs=qs, ks=ks),
-                    kbuf[:, 1:, :8], good[1], good[2])
+                    kbuf[:, :2, 4:], good[1], good[2])  # head 0, rows 4-11: k's
     narrow = torch.zeros(2, 2, 8, 32)[..., 4:20]  # (2, 2, 8, 16), not dense, each element its own
     kv = torch.zeros(2, 12, 2, 1, 16)  # dK and dV interleaved in one packed buffer (B, S, 2, Hkv, D), as CP's
     OPS.bwd_acc(*args, narrow, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))
     assert narrow.abs().sum() > 0 and kv[:, :, 0].abs().sum() > 0 and kv[:, :, 1].abs().sum() > 0
+    # dK | dV column ranges of one buffer with Dv != D (CP's all-gather backward): accepted, each gets its own
+    q8, v8 = torch.randn(2, 2, 8, 16), torch.randn(2, 1, 12, 8)
+    o8, l8 = fwd(q8, k, v8, c, qs=qs, ks=ks)
+    dkv = torch.zeros(2, 1, 12, 24)
+    OPS.bwd_acc(*bwd_args(torch.ones_like(o8), q8, k, v8, o8, l8, c, qs=qs, ks=ks), torch.zeros(q8.shape),
+                dkv[..., :16], dkv[..., 16:])
+    assert dkv[..., :16].abs().sum() > 0 and dkv[..., 16:].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="dk_acc must not share memory with dv_acc"):
+        OPS.bwd_acc(*bwd_args(torch.ones_like(o8), q8, k, v8, o8, l8, c, qs=qs, ks=ks), torch.zeros(q8.shape),
+                    dkv[..., :16], dkv[..., 15:23])
     with pytest.raises(RuntimeError, match="bottom_right must be False"):
         OPS.bwd(*args[:14], True, *args[15:])
 

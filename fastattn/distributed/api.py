@@ -13,6 +13,7 @@ import torch
 
 from . import layout
 from ..blocks import dropout_rng
+from ..params import check_softcap, default_scale
 from ._call import CallSpec
 from .config import CPConfig, CPUnsupportedError
 from .ops import cp_attn, cp_ulysses
@@ -24,7 +25,28 @@ except ImportError:  # a torch build without torch.distributed: no DTensor can r
     _DTensor, dtensor_cp_attention = (), None
 
 
-def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False):
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False,
+           key_padding_mask=None, softcap=0.0, softmax_scale=None):
+    """Every local check before the first collective. With cp.check_shapes the ranks then compare their inputs in
+    one all-gather, and a rank that refused its own makes every rank raise (no peer is left waiting in a
+    collective); without it, a rank that refuses raises alone."""
+    err = None
+    try:
+        _check_local(q, k, v, cp, layout_, window_size, alibi_slopes, dropout_p, key_padding_mask, softcap,
+                     softmax_scale)
+    except (ValueError, TypeError) as e:  # CPUnsupportedError and fastattn's input errors included
+        err = e
+    if cp.check_shapes:
+        _check_across_ranks(q, k, v, cp, masked, err is not None)
+    if err is not None:
+        raise err
+
+
+def _check_local(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, key_padding_mask,
+                 softcap, softmax_scale):
     def shapes():
         return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} ({layout_})"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -36,6 +58,11 @@ def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropo
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"fastattn.distributed: q, k, v must share one dtype of float16/bfloat16/float32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v), ("alibi_slopes", alibi_slopes), ("key_padding_mask", key_padding_mask)):
+        if isinstance(t, torch.Tensor) and t.device != q.device:  # (the ring would send uninitialised buffers)
+            raise ValueError(f"fastattn.distributed: {name} is on {t.device} but q is on {q.device}")
+    if q.device.type == "meta":
+        raise ValueError("fastattn.distributed: q, k, v are on the meta device: there are no values to exchange")
     if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
         raise ValueError(f"fastattn.distributed: batch sizes differ: {shapes()}")
     if not (q.shape[sd] == k.shape[sd] == v.shape[sd]):
@@ -59,18 +86,29 @@ def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropo
                              f"got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
-    if cp.check_shapes:
-        _check_across_ranks(q, k, v, cp, masked)
+    check_softcap(softcap)  # here, not in the first block call: the ring has started a K/V hop by then
+    default_scale(softmax_scale, q.shape[-1])
+    _key_bias(key_padding_mask, q, k, layout_)  # (its checks; the call builds it again)
 
 
-def _check_across_ranks(q, k, v, cp: CPConfig, masked: bool):
-    mine = torch.tensor([list(q.shape) + list(k.shape) + list(v.shape) + [int(masked)]], dtype=torch.int64,
-                        device=q.device)
-    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 13) -> (W, 13)
-    if any(g != got[0] for g in got):
+def _check_across_ranks(q, k, v, cp: CPConfig, masked: bool, failed: bool):
+    def dims(t):  # 4 ints whatever t is (a rank with a bad input still sends as many)
+        s = list(t.shape)[:4] if isinstance(t, torch.Tensor) else []
+        return s + [-1] * (4 - len(s))
+    dt = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
+    mine = torch.tensor([dims(q) + dims(k) + dims(v) + [int(masked), dt, int(failed)]], dtype=torch.int64,
+                        device=q.device if isinstance(q, torch.Tensor) and q.device.type != "meta" else "cpu")
+    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 15) -> (W, 15)
+    if failed:
+        return  # this rank raises its own error
+    bad = [r for r, g in enumerate(got) if g[14]]
+    if bad:
+        raise ValueError(f"fastattn.distributed: CP rank(s) {bad} rejected their inputs (see their error)")
+    if any(g[:14] != got[0][:14] for g in got):
         per = "; ".join(f"rank {r}: q {g[0:4]}, k {g[4:8]}, v {g[8:12]}, key_padding_mask "
-                        f"{'given' if g[12] else 'None'}" for r, g in enumerate(got))
-        raise ValueError(f"fastattn.distributed: input shapes differ across the CP ranks: {per}")
+                        f"{'given' if g[12] else 'None'}, dtype {_DTYPES[g[13]] if g[13] >= 0 else '?'}"
+                        for r, g in enumerate(got))
+        raise ValueError(f"fastattn.distributed: inputs differ across the CP ranks: {per}")
 
 
 def _shared_rng(cp: CPConfig, device) -> Tuple[int, int]:
@@ -128,7 +166,8 @@ def cp_attention(q, k, v, *, cp: Optional[CPConfig] = None, causal: bool = False
     if not isinstance(cp, CPConfig):
         raise TypeError(f"fastattn.distributed.cp_attention: cp= must be a CPConfig for local tensors (DTensor "
                         f"inputs may omit it), got {type(cp).__name__}")
-    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask is not None)
+    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask is not None,
+           key_padding_mask, softcap, softmax_scale)
     key_bias = _key_bias(key_padding_mask, q, k, layout)
     hd = 2 if layout == "bshd" else 1
     plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)

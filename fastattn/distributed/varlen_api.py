@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import layout
+from ..params import check_softcap, default_scale
 from .api import _shared_rng
 from .comm import comm_name
 from .config import CPConfig, CPUnsupportedError, Plan
@@ -22,7 +23,7 @@ from .varlen_ulysses import A2A_STRATEGIES, cp_varlen_a2a_fwd
 _GDT = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _check(q, k, v, window_size, dropout_p):
+def _check(q, k, v, window_size, dropout_p, softcap=0.0, softmax_scale=None, alibi_slopes=None):
     def shapes():
         return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -45,6 +46,13 @@ def _check(q, k, v, window_size, dropout_p):
                          f"{window_size}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t in (("k", k), ("v", v), ("alibi_slopes", alibi_slopes)):
+        if isinstance(t, torch.Tensor) and t.device != q.device:  # (the ring would send uninitialised buffers)
+            raise ValueError(f"fastattn.distributed: {name} is on {t.device} but q is on {q.device}")
+    if q.device.type == "meta":
+        raise ValueError("fastattn.distributed: q, k, v are on the meta device: there are no values to exchange")
+    check_softcap(softcap)  # before any collective: the ring has started a K/V hop by the first block call
+    default_scale(softmax_scale, q.shape[-1])
 
 
 def _check_softcap(softcap, fn: str):
@@ -189,7 +197,8 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
     """
     if sharding not in SHARDINGS:
         raise ValueError(f"fastattn.distributed: sharding must be one of {SHARDINGS}, got {sharding!r}")
-    _check(q, k, v, window_size, dropout_p)
+    if torch.compiler.is_compiling():  # (eagerly: below, where a rank that refuses tells the others)
+        _check(q, k, v, window_size, dropout_p, softcap, softmax_scale, alibi_slopes)
 
     def plan():
         return plan_varlen(cp, heads_q=q.shape[1], heads_kv=k.shape[1], sharding=sharding, dropout=dropout_p > 0)
@@ -197,6 +206,7 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
     if not torch.compiler.is_compiling():
         err, cu, p = None, None, None
         try:
+            _check(q, k, v, window_size, dropout_p, softcap, softmax_scale, alibi_slopes)
             p = plan()
             lengths = layout.doc_lengths(cu_seqlens)
             cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
@@ -212,7 +222,7 @@ def cp_varlen_attention(q, k, v, cu_seqlens, *, cp: CPConfig, sharding: str = "p
             else:
                 layout.segments(Tl, Wl, rl, cp.balance)  # zigzag: even local count
             _check_alibi(alibi_slopes, q, len(lengths))
-        except ValueError as e:  # CPUnsupportedError included
+        except (ValueError, TypeError) as e:  # CPUnsupportedError and fastattn's input errors included
             err = e
         if cp.check_shapes:
             _check_across_ranks(cp, q, k, v, cu, err is not None)

@@ -239,24 +239,36 @@ def _strides_disjoint(t: torch.Tensor) -> bool:
 
 
 def _reaches(dims, delta: int) -> bool:
-    """csrc/block_checks.h reaches: delta = sum of e_d * stride_d with |e_d| < size_d (floor or the next)."""
+    """csrc/block_checks.h reaches: delta = sum of e_d * stride_d with lo_d <= e_d <= hi_d (floor or the next)."""
     if not dims:
         return delta == 0
-    st, n = dims[-1]
+    st, lo, hi = dims[-1]
     e = delta // st
-    return any(-n < c < n and _reaches(dims[:-1], delta - c * st) for c in (e, e + 1))
+    return any(lo <= c <= hi and _reaches(dims[:-1], delta - c * st) for c in (e, e + 1))
+
+
+def _decided_by_strides(a: torch.Tensor, b: torch.Tensor):
+    """csrc/block_checks.h decided_by_strides: [(stride, lowest, highest index difference)] by stride, or None."""
+    dims = sorted((st, 1 - nb, na - 1) for st, na, nb in zip(a.stride(), a.shape, b.shape) if na > 1 or nb > 1)
+    reach = 0
+    for st, lo, hi in dims:
+        if st <= reach:
+            return None
+        reach += st * max(-lo, hi)
+    return dims
 
 
 def _may_share(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """csrc/block_checks.h may_share for views of one storage: exactly where one is the other shifted (same shape,
-    strides and dtype), else whether their byte spans meet (refuses some interleaved views that would not collide).
+    """csrc/block_checks.h may_share for views of one storage: exactly where the strides decide it (same strides and
+    dtype, any sizes), else whether their byte spans meet (refuses some interleaved views that would not collide).
     Ahead of it, torch's own test answers for dense tensors."""
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or not a.numel() or not b.numel():
         return False
     elt, delta = a.element_size(), b.data_ptr() - a.data_ptr()
-    if a.shape == b.shape and a.stride() == b.stride() and b.element_size() == elt and delta % elt == 0 \
-            and _strides_disjoint(a):
-        return _reaches(_dims(a), delta // elt)
+    if a.dim() == b.dim() and a.stride() == b.stride() and b.element_size() == elt and delta % elt == 0:
+        dims = _decided_by_strides(a, b)
+        if dims is not None:
+            return _reaches(dims, delta // elt)
     sa, sb = _span(a), _span(b)
     return sa[0] < sb[1] and sb[0] < sa[1]
 
