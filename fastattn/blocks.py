@@ -180,6 +180,25 @@ def block_backward(dout, q, k, v, out, lse, *, q_start: Start, k_start: Start, d
     return tuple(accs)
 
 
+def _check_merge(out_acc, lse_acc, out_b, lse_b) -> None:
+    """merge_'s arguments: fp32 accumulators (a bf16 one rounds every merge), no broadcasting (a one-head block would
+    silently fill every head of the accumulator), one device."""
+    ts = {"out_acc": out_acc, "lse_acc": lse_acc, "out_b": out_b, "lse_b": lse_b}
+    for name, t in ts.items():
+        if not isinstance(t, torch.Tensor):
+            raise InputTypeError(f"fastattn: merge_: {name} must be a tensor, got {type(t).__name__}")
+    if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
+        raise InputValueError(f"fastattn: merge_ accumulates in float32: out_acc is {out_acc.dtype}, lse_acc "
+                              f"{lse_acc.dtype}")
+    if out_b.shape != out_acc.shape or lse_b.shape != lse_acc.shape or lse_acc.shape != out_acc.shape[:-1]:
+        raise InputValueError(f"fastattn: merge_ needs out_b {tuple(out_b.shape)} == out_acc {tuple(out_acc.shape)} "
+                              f"and lse_b {tuple(lse_b.shape)} == lse_acc {tuple(lse_acc.shape)} == out_acc's "
+                              f"without its last dim")
+    if len({t.device for t in ts.values()}) > 1:
+        raise InputValueError(f"fastattn: merge_'s tensors must share a device, got "
+                              f"{ {n: str(t.device) for n, t in ts.items()} }")
+
+
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Merges a block's (out_b, lse_b) into the running (out_acc, lse_acc), in place, in fp32.
 
@@ -187,7 +206,8 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, ls
     accumulator starts as (zeros, +inf). With m = max of the two lse (empty rows as -inf): w = exp(lse - m) for each
     side (one of them is 1), lse' = m + log(w_a + w_b), out' = (w_a out_a + w_b out_b) / (w_a + w_b): no overflow
     for any finite lse, no NaN from empty rows (the textbook sigmoid form gives NaN or a zeroed row there). NaN in
-    either input propagates."""
+    either input propagates. out_acc (..., Sq, Dv) and lse_acc (..., Sq) float32; the block's of the same shapes."""
+    _check_merge(out_acc, lse_acc, out_b, lse_b)
     a = torch.where(lse_acc == _INF, -_INF, lse_acc)
     b = torch.where(lse_b == _INF, -_INF, lse_b.to(torch.float32))
     m = torch.maximum(a, b)

@@ -36,8 +36,12 @@ def index_put_first_axis(values, indices, first_axis_dim: int):
     if not isinstance(values, torch.Tensor) or values.dim() < 2 or values.shape[0] != indices.shape[0]:
         raise InputValueError(f"fastattn: values must be (nnz, ...) with nnz = len(indices) = {indices.shape[0]}, got "
                          f"{_what(values)}")
+    if not torch.compiler.is_compiling() and indices.numel() and \
+            not 0 <= int(indices.min()) <= int(indices.max()) < first_axis_dim:
+        raise InputValueError(f"fastattn: indices must lie in [0, {first_axis_dim}) (batch * seqlen), got "
+                              f"{int(indices.min())}..{int(indices.max())}")
     out = values.new_zeros((first_axis_dim, *values.shape[1:]))
-    return out.index_copy(0, indices, values)
+    return out.index_copy(0, indices.long(), values)  # (index_copy takes int64 only; flash-attn's takes int32 too)
 
 
 def unpad_input(hidden_states, attention_mask, unused_mask=None):
@@ -49,6 +53,8 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     cu_seqlens) but not in seqused, which counts attention_mask's tokens only."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
         raise InputValueError(f"fastattn: hidden_states must be (B, S, ...), got {_what(hidden_states)}")
+    if attention_mask is None:
+        raise InputValueError("fastattn: unpad_input needs attention_mask (B, S) (nonzero = a token), got None")
     for name, m in (("attention_mask", attention_mask), ("unused_mask", unused_mask)):
         if m is not None and (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(hidden_states.shape[:2])):
             raise InputValueError(f"fastattn: {name} must be (B, S) = {tuple(hidden_states.shape[:2])} like "

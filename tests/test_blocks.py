@@ -82,6 +82,15 @@ def test_merge_sentinels_large_logits_and_order():
         assert torch.allclose(o, r[0][0], atol=1e-6) and torch.allclose(l, r[0][1], atol=1e-5)
 
 
+def test_merge_refuses_what_would_be_silently_wrong():
+    """bf16 accumulators (every merge rounded) and broadcasting (a one-head block into every head)."""
+    o, l = torch.zeros(1, 2, 3, 4), torch.full((1, 2, 3), math.inf)
+    with pytest.raises(fastattn.InputValueError, match="accumulates in float32"):
+        merge_(o.bfloat16(), l.bfloat16(), torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3))
+    with pytest.raises(fastattn.InputValueError, match=r"out_b \(1, 1, 3, 4\) == out_acc \(1, 2, 3, 4\)"):
+        merge_(o, l, torch.ones(1, 1, 3, 4), torch.zeros(1, 1, 3))
+
+
 def test_merge_propagates_nan():
     o, l = torch.zeros(1, 1, 2, 3), torch.full((1, 1, 2), math.inf)
     merge_(o, l, torch.ones(1, 1, 2, 3), torch.tensor([[[float("nan"), 0.0]]]))

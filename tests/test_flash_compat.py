@@ -157,6 +157,13 @@ def test_unpad_unused_mask_counts_in_cu_seqlens_not_seqused():
     assert cu.tolist() == [0, 3, 6] and used.tolist() == [2, 1] and max_len == 3 and idx.tolist() == [0, 1, 2, 4, 5, 6]
 
 
+def test_pad_input_takes_int32_indices():
+    """flash-attn's pad_input takes int32 indices (its index_first_axis does too)."""
+    h = torch.randn(3, 2)
+    idx = torch.tensor([0, 2, 3])
+    assert torch.equal(bert_padding.pad_input(h, idx.int(), 2, 2), bert_padding.pad_input(h, idx, 2, 2))
+
+
 def test_index_first_axis_grad():
     x = torch.randn(6, 2, 3, requires_grad=True)
     idx = torch.tensor([4, 0, 2])
@@ -171,6 +178,8 @@ def test_index_first_axis_grad():
     (lambda: bert_padding.index_first_axis(torch.randn(5), torch.tensor([1])), r"at least 2 dims"),
     (lambda: bert_padding.pad_input(torch.randn(3, 2), torch.tensor([[1, 2, 3]]), 2, 2), r"indices must be a 1-D"),
     (lambda: bert_padding.pad_input(torch.randn(3, 2), torch.tensor([0, 1]), 2, 2), r"nnz = len\(indices\) = 2"),
+    (lambda: bert_padding.pad_input(torch.randn(2, 2), torch.tensor([0, 7]), 2, 2), r"indices must lie in \[0, 4\)"),
+    (lambda: bert_padding.unpad_input(torch.randn(2, 5, 3), None), r"needs attention_mask"),
 ])
 def test_padding_bad_input(call, match):
     with pytest.raises(fastattn.InputValueError, match=match):  # a ValueError and a RuntimeError, like torch's
