@@ -61,20 +61,20 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
-      "float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset, bool deterministic=False, "
+      "float softcap, Tensor? alibi_slopes, float dropout_p, SymInt seed, SymInt offset, bool deterministic=False, "
       "Tensor? q_start=None, Tensor? k_start=None, bool out_fp32=False, int head_start=0) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
-      "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start=None, Tensor? k_start=None, "
+      "float dropout_p, SymInt seed, SymInt offset, bool deterministic, Tensor? q_start=None, Tensor? k_start=None, "
       "int head_start=0) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "bwd_acc(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap, Tensor? alibi_slopes, "
-      "float dropout_p, int seed, int offset, bool deterministic, Tensor? q_start, Tensor? k_start, "
+      "float dropout_p, SymInt seed, SymInt offset, bool deterministic, Tensor? q_start, Tensor? k_start, "
       "Tensor(a!) dq_acc, Tensor(b!) dk_acc, Tensor(c!) dv_acc, int head_start=0) -> ()");
   // Decode (inference, no autograd): few query tokens against a KV cache, split over the keys.
   //   q (B, Hq, Sq, D) any strides; k_cache/v_cache in cache layout (Bc, Smax, Hkv, D|Dv), or paged

@@ -37,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
 from .backends.base import needed_features
-from .params import AttnParams, DecodeCall, forward_ad
+from .params import AttnParams, DecodeCall, forward_ad, func_transform
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
 
@@ -282,7 +282,7 @@ def _key(p: AttnParams, requested: str, route: bool, qs=None, ks=None) -> tuple:
             wr if wr <= 0 else 1, p.bottom_right, bias is not None, grad and bias is not None and bias.requires_grad,
             p.dropout_p > 0, varlen, p.softcap > 0, p.alibi_slopes is not None, grad, p.deterministic, p.return_lse,
             p.q_start is not None or (p.head_start != 0 and p.dropout_p > 0),  # needed_features' "block"
-            forward_ad(q, k, p.v, bias))
+            forward_ad(q, k, p.v, bias), func_transform(q, k, p.v, bias))
 
 
 def _decide(p: AttnParams, requested: str, route: bool) -> _Choice:
@@ -440,7 +440,7 @@ def run_decode(c: DecodeCall, backend: Optional[str] = None):
 
 def choose_decode(c: DecodeCall, backend: Optional[str] = None) -> Optional[Backend]:
     """The backend whose split-KV kernel takes c, or None (flash_attn_with_kvcache decides before it writes)."""
-    if forward_ad(c.q, c.k_cache, c.v_cache):  # no decode kernel carries tangents: the generic path, whose dispatcher picks one that does
+    if forward_ad(c.q, c.k_cache, c.v_cache) or func_transform(c.q, c.k_cache, c.v_cache):  # none runs there: the generic path, whose dispatcher picks one that does
         return None
     compiling = torch.compiler.is_compiling()
     requested = requested_backend(backend, compiling)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, ops
-from .params import FLOAT_DTYPES, forward_ad
+from .params import FLOAT_DTYPES, forward_ad, functorch_level
 
 _Tensor = torch.Tensor
 _is_grad_enabled = torch.is_grad_enabled
@@ -41,11 +41,12 @@ _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 def tracing() -> bool:
     """Callers ask this before any key below: True while dynamo traces (key and cache_key are C++, which dynamo
-    cannot trace) and while a forward-mode AD level is open (a replayed route runs a kernel that carries no tangent;
-    the full path's dispatcher looks for tangents and picks a backend that carries them). Other tracers (make_fx, non-strict export) run the keys as they are, on
+    cannot trace), while a forward-mode AD level is open (a replayed route runs a kernel that carries no tangent;
+    the full path's dispatcher looks for tangents and picks a backend that carries them) and inside any torch.func
+    transform (a route may run an autograd.Function that functorch cannot take). Other tracers (make_fx, non-strict export) run the keys as they are, on
     FakeTensors that the type tests send down the full path, or on real tensors, where a replay records the same
     ops as the full path."""
-    return _is_dynamo_compiling() or forward_ad()
+    return _is_dynamo_compiling() or forward_ad() or functorch_level() is not None
 _FLOAT = frozenset(FLOAT_DTYPES)
 _ctx_backend, _env_backend = dispatch._ctx_backend, dispatch._env_backend
 

@@ -232,6 +232,16 @@ _STRIDED = torch.strided
 
 
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
+def func_transform(*tensors) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) wraps one of `tensors`, in eager mode. The fused ops'
+    autograd is an autograd.Function without the separate setup_context functorch requires (torch.library's own
+    has none either). While torch.compile traces this cannot be asked; such calls fail there, loudly."""
+    if torch.compiler.is_compiling() or functorch_level() is None:
+        return False
+    return any(t is not None and _functorch_wrapped(t) for t in tensors)
 
 
 def forward_ad(*tensors) -> bool:
@@ -241,8 +251,10 @@ def forward_ad(*tensors) -> bool:
     kernels' ops have no forward-mode rule: under it they would give a zero tangent, silently."""
     if getattr(_fwad, "_current_level", -1) < 0:
         return False
-    return not tensors or any(t is not None and (_functorch_wrapped(t) or _fwad.unpack_dual(t).tangent is not None)
-                              for t in tensors)
+    if len(tensors) == 0 or torch.compiler.is_compiling():  # (a trace cannot look at tangents: assume one)
+        return True
+    return any(t is not None and (_functorch_wrapped(t) or _fwad.unpack_dual(t).tangent is not None)
+               for t in tensors)
 
 
 def check_tensors(q, k, v, *, names=("query", "key", "value")):

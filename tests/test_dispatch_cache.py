@@ -88,6 +88,11 @@ def _no_grad(fn, *args, **kw):
         return fn(*args, **kw)
 
 
+def _vmapped(fn, *args, **kw):
+    """fn(*args) under torch.func.vmap over a new leading dim of size 1 (inside, the same shapes)."""
+    return torch.func.vmap(lambda *xs: fn(*xs, **kw))(*(t[None] for t in args))
+
+
 def _forward_ad(fn, q, *args, **kw):
     """fn(q, ...) with a tangent on q."""
     with torch.autograd.forward_ad.dual_level():
@@ -147,6 +152,7 @@ def _pairs():
     P.append(Pair("grad mode", C(_no_grad, sdpa, *ag), C(sdpa, *ag)))
     a = qkv(Sq=32)
     P.append(Pair("forward AD", C(sdpa, *a), C(_forward_ad, sdpa, *a)))
+    P.append(Pair("torch.func transform", C(sdpa, *a), C(_vmapped, sdpa, *a)))
     a = qkv(B=2, Sq=16)
     z = torch.zeros(2, dtype=torch.int32)
     P.append(Pair("block", C(dispatch.select, _p(*a), "sdpa"), C(dispatch.select, _p(*a, q_start=z, k_start=z),

@@ -26,7 +26,7 @@ from typing import Callable, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..params import AttnParams, DecodeCall, forward_ad
+from ..params import AttnParams, DecodeCall, forward_ad, func_transform
 
 # Features a backend may declare. The test matrix is generated from these.
 FEATURES = frozenset({
@@ -45,6 +45,7 @@ FEATURES = frozenset({
     "lse",            # returns log-sum-exp
     "dv_ne_d",        # value head dim different from query/key head dim
     "forward_ad",     # forward-mode AD (torch.func.jvp, jacfwd, forward_ad.dual_level): tangents carried
+    "func_transform",  # runs under torch.func transforms (grad, vmap, jacrev, ...), in eager mode
     "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward, and
                       # dropout keyed by the global head head_start + h (AttnParams.head_start)
 })
@@ -62,6 +63,12 @@ class Lean(NamedTuple):
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt)[6:]
+
+
+def shown(n) -> str:
+    """A size for a reason's text. While torch.compile traces it is not printed: formatting a symbolic size would
+    specialise the graph on its value (one graph per query length)."""
+    return "N" if torch.compiler.is_compiling() else str(n)
 
 
 def needed_features(p: AttnParams) -> Tuple[str, ...]:
@@ -97,6 +104,8 @@ def needed_features(p: AttnParams) -> Tuple[str, ...]:
         need.append("lse")
     if forward_ad(p.q, p.k, p.v, p.attn_bias):
         need.append("forward_ad")
+    if func_transform(p.q, p.k, p.v, p.attn_bias):
+        need.append("func_transform")
     if p.is_block or (p.head_start and p.dropout_p > 0):  # honouring head_start in the dropout key is block
         need.append("block")                               # contract (a backend that cannot, e.g. sdpa, refuses)
     return tuple(dict.fromkeys(need))
@@ -230,7 +239,7 @@ class Backend:
             r.append("empty query")
         rows = (q.shape[1] // c.kv_heads) * q.shape[2]
         if rows > k.max_rows:
-            r.append(f"{rows} query rows per KV head (Hq/Hkv x Sq) exceed {k.max_rows}: "
+            r.append(f"{shown(rows)} query rows per KV head (Hq/Hkv x Sq) exceed {k.max_rows}: "
                      "a prefill kernel fits better")
         return r
 

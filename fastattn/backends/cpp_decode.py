@@ -8,7 +8,7 @@ import torch
 
 from .. import ops
 from ..params import DecodeCall
-from .base import DecodeKernel, Lean
+from .base import DecodeKernel, Lean, shown
 
 
 class CppDecode(DecodeKernel):
@@ -77,8 +77,8 @@ class CpuCppDecode(CppDecode):
     def extra_reasons(self, c: DecodeCall) -> List[str]:
         Sq = c.q.shape[2]
         if c.kv_bhsd and Sq >= 2 and (c.q.shape[1] // c.k_cache.shape[1]) * Sq > self.DENSE_ROWS:
-            return [f"a dense call of {Sq} query tokens with more than {self.DENSE_ROWS} query rows per KV head: "
-                    f"the tiled prefill kernel is faster"]
+            return [f"a dense call of {shown(Sq)} query tokens with more than {self.DENSE_ROWS} query rows per KV "
+                    f"head: the tiled prefill kernel is faster"]
         return []
 
 

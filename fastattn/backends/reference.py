@@ -126,7 +126,8 @@ class ReferenceBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
     head_dims = (1, 1 << 16)
     features = frozenset({"causal", "bottom_right", "window", "mask", "mask_grad", "dropout", "gqa", "varlen",
-                          "softcap", "alibi", "grad", "deterministic", "lse", "dv_ne_d", "block", "forward_ad"})
+                          "softcap", "alibi", "grad", "deterministic", "lse", "dv_ne_d", "block", "forward_ad",
+                          "func_transform"})
 
     def extra_reasons(self, p: AttnParams):
         if p.dropout_p > 0 and p.is_block:

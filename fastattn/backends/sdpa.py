@@ -51,7 +51,7 @@ class SdpaBackend(Backend):
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
     head_dims = (1, 1024)
     features = frozenset({"causal", "bottom_right", "window", "mask", "mask_grad", "dropout", "gqa", "grad",
-                          "dv_ne_d"})
+                          "dv_ne_d", "func_transform"})
 
     def length_breaks(self, Sq: int):
         """native_causal's Sq <= Sk."""

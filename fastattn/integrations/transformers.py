@@ -92,6 +92,9 @@ def fastattn_mask(batch_size: int, **kw):
                                   attention_mask.device if attention_mask is not None else "cpu")
 
     kind = _standard_mask_function(mask_function)
+    # While torch.compile traces, no shortcut may read tensor values (`padding.all()`, a tensor q_offset): the
+    # forms below stay the same, only the cases that would drop the mask on its values keep it.
+    compiling = torch.compiler.is_compiling()
     windowed = local_size is not None and kv_length >= local_size
     # The caller asks for a materialised mask (e.g. to concatenate it): give transformers' dense one.
     must_materialise = (kind == "causal" and not allow_causal_skip and q_length > 1) or \
@@ -100,7 +103,7 @@ def fastattn_mask(batch_size: int, **kw):
         return _mu.sdpa_mask(batch_size, **kw)
     padding = _padding(attention_mask, kv_offset, kv_length, device)  # (B, Sk) or None
     if kind == "bidirectional":
-        if padding is None or bool(padding.all()):
+        if padding is None or not compiling and bool(padding.all()):
             return None
         return padding[:, None, None, :]  # (B, Sk) -> (B, 1, 1, Sk)
 
@@ -108,19 +111,22 @@ def fastattn_mask(batch_size: int, **kw):
     if q_length == 1:
         # Decode: keep the full width (stable shapes for compiled static-cache decoding); the single query sees
         # every key up to its own position.
-        if allow_causal_skip and (padding is None or bool(padding.all())) and \
+        if allow_causal_skip and (padding is None or not compiling and bool(padding.all())) and \
                 not isinstance(q_offset, torch.Tensor) and q_offset - kv_offset + 1 >= kv_length:
             return None
         j = torch.arange(kv_length, device=device)
         keep = (j <= (q_offset - kv_offset)).unsqueeze(0)  # (1, Sk)
         keep = keep if padding is None else keep & padding
         return keep.expand(batch_size, kv_length)[:, None, None, :]  # (B, Sk) -> (B, 1, 1, Sk)
+    if compiling and isinstance(q_offset, torch.Tensor):  # where the keys stop depends on its value
+        return _mu.sdpa_mask(batch_size, **kw)
     visible = min(int(q_offset) - kv_offset + q_length, kv_length)  # keys at or past this are everyone's future
     if visible <= 0:
         return torch.zeros(batch_size, 1, 1, 1, dtype=torch.bool, device=device)  # nothing visible: all rows 0
     if padding is not None:
         padding = padding[:, :visible]  # (B, visible)
-    if allow_causal_skip and int(q_offset) == kv_offset and (padding is None or bool(padding.all())):
+    if allow_causal_skip and int(q_offset) == kv_offset and (padding is None or not compiling and
+                                                             bool(padding.all())):
         return None  # queries and keys start together: plain top-left causal (keys past Sq are cut by attention)
     if padding is None:
         padding = torch.ones(batch_size, visible, dtype=torch.bool, device=device)

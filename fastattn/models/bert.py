@@ -219,7 +219,9 @@ class Bert(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):
         cp = cp if cp is not None else active_cp()
         # Under CP every rank passes its mask, padded or not: the ranks' calls must match (the mask travels with K/V).
-        padded = attention_mask is not None and (cp is not None or not bool(attention_mask.bool().all()))
+        # While torch.compile traces, the mask is kept whatever its values (reading them would break the graph).
+        padded = attention_mask is not None and (cp is not None or torch.compiler.is_compiling()
+                                                 or not bool(attention_mask.bool().all()))
         if cp is not None:
             S = input_ids.shape[1] * cp.world_size
             if S > self.config.max_position_embeddings:

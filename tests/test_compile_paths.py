@@ -1,0 +1,85 @@
+"""torch.compile(fullgraph=True) on paths that had broken the graph or recompiled on every length: attention dropout
+on the fused CPU ops (the seed a SymInt), masks whose values the model code read (transformers' mask function and
+the reference BERT), reason texts that printed a symbolic query length (one graph per length, then the recompile
+limit), and torch.func.grad with a mask (the fused ops' autograd cannot run under functorch: sdpa takes it).
+aot_eager: the tracing is what is tested; inductor's code generation is test_compile.py's."""
+import pytest
+import torch
+import torch._dynamo.testing
+
+import fastattn
+from support.oracle import assert_rule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.skipif(bool(fastattn.get_backend("cpu").unavailable()), reason="the cpu backend is not built")
+def test_dropout_on_the_fused_ops():
+    q, k, v = (torch.randn(2, 4, 32, 16, requires_grad=True) for _ in range(3))
+    out = _compiled(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.25,
+                                                                          backend="cpu"))(q, k, v)
+    out.sum().backward()
+    ref = fastattn.scaled_dot_product_attention(q, k, v)
+    kept = (out != 0).float().mean().item()  # v's rows are random: a dropped probability zeroes nothing by itself
+    assert out.shape == ref.shape and torch.isfinite(out).all() and q.grad is not None
+    assert 0.5 < (out.abs().mean() / ref.abs().mean()).item() < 2.0 and kept > 0.9
+
+
+def test_reference_bert_with_a_mask():
+    from fastattn.models import Bert, BertConfig
+    model = Bert(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=32, max_position_embeddings=32)).eval()
+    ids = torch.randint(0, 50, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask)
+        got = _compiled(lambda i, m: model(i, attention_mask=m))(ids, mask)
+    want, got = (x[0] if isinstance(x, tuple) else x for x in (want, got))
+    assert_rule("bert", got[mask.bool()], want[mask.bool()], None, torch.float32)
+
+
+def test_transformers_model_with_a_mask():
+    transformers = pytest.importorskip("transformers", reason="HuggingFace transformers is not installed")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("fastattn's transformers integration needs transformers >= 5")
+    import fastattn.integrations.transformers  # noqa: F401  (registers "fastattn")
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="fastattn").eval()
+    ids = torch.randint(0, 50, (3, 9))
+    for mask in (torch.ones(3, 9, dtype=torch.long), torch.tensor([[1] * 9, [0] * 3 + [1] * 6, [0] * 7 + [1] * 2])):
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask).logits
+            got = _compiled(lambda i, m: model(i, attention_mask=m).logits)(ids, mask)
+        assert_rule("gpt2 logits", got[mask.bool()], want[mask.bool()], None, torch.float32)
+
+
+def test_query_lengths_share_graphs():
+    """GQA 8/2, 1..11 query tokens against 40 keys (chunked prefill, speculative steps): a handful of graphs, not
+    one per length (torch's own SDPA: 2)."""
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                      fullgraph=True, backend=cnt)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    for sq in range(1, 12):
+        f(torch.randn(1, 8, sq, 16), k, v)
+    assert cnt.frame_count <= 4
+
+
+def test_func_grad_with_a_mask():
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 12, 16), torch.randn(2, 4, 12, 16)
+    m = torch.rand(2, 1, 9, 12) > 0.3
+    m[..., 0] = True
+    got = torch.func.grad(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=m).square().sum(),
+                          argnums=(0, 1, 2))(q, k, v)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=m).square()
+                               .sum(), (qd, kd, vd))
+    for name, a, b in zip("qkv", got, want):
+        assert_rule(f"d{name}", a, b, None, torch.float32)
