@@ -7,6 +7,7 @@ at global query heads on the head-sharded strategies; key padding masks travel w
 """
 from __future__ import annotations
 
+import zlib
 from typing import Optional, Tuple
 
 import torch
@@ -29,7 +30,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False,
-           key_padding_mask=None, softcap=0.0, softmax_scale=None):
+           key_padding_mask=None, softcap=0.0, softmax_scale=None, causal: bool = False):
     """Every local check before the first collective. With cp.check_shapes the ranks then compare their inputs in
     one all-gather, and a rank that refused its own makes every rank raise (no peer is left waiting in a
     collective); without it, a rank that refuses raises alone."""
@@ -40,9 +41,21 @@ def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropo
     except (ValueError, TypeError) as e:  # CPUnsupportedError and fastattn's input errors included
         err = e
     if cp.check_shapes:
-        _check_across_ranks(q, k, v, cp, masked, err is not None)
+        settings = 0 if err is not None else _settings(cp, layout_, causal, window_size, softcap, softmax_scale,
+                                                        dropout_p, alibi_slopes)
+        _check_across_ranks(q, k, v, cp, masked, err is not None, settings)
     if err is not None:
         raise err
+
+
+def _settings(cp: CPConfig, layout_, causal, window_size, softcap, softmax_scale, dropout_p, alibi_slopes) -> int:
+    """The call's settings as one int for check_shapes: a rank with other ones would compute something else, or
+    wait in another collective (a different strategy)."""
+    parts = [cp.strategy, cp.balance, layout_, bool(causal), [int(w) for w in window_size], float(softcap),
+             softmax_scale, float(dropout_p)]
+    if alibi_slopes is not None:
+        parts.append(alibi_slopes.detach().cpu().flatten().tolist())
+    return zlib.crc32(repr(parts).encode())
 
 
 def _check_local(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, key_padding_mask,
@@ -91,19 +104,23 @@ def _check_local(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes,
     _key_bias(key_padding_mask, q, k, layout_)  # (its checks; the call builds it again)
 
 
-def _check_across_ranks(q, k, v, cp: CPConfig, masked: bool, failed: bool):
+def _check_across_ranks(q, k, v, cp: CPConfig, masked: bool, failed: bool, settings: int = 0):
     def dims(t):  # 4 ints whatever t is (a rank with a bad input still sends as many)
         s = list(t.shape)[:4] if isinstance(t, torch.Tensor) else []
         return s + [-1] * (4 - len(s))
     dt = _DTYPES.index(q.dtype) if isinstance(q, torch.Tensor) and q.dtype in _DTYPES else -1
-    mine = torch.tensor([dims(q) + dims(k) + dims(v) + [int(masked), dt, int(failed)]], dtype=torch.int64,
+    mine = torch.tensor([dims(q) + dims(k) + dims(v) + [int(masked), dt, int(failed), settings]], dtype=torch.int64,
                         device=q.device if isinstance(q, torch.Tensor) and q.device.type != "meta" else "cpu")
-    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 15) -> (W, 15)
+    got = cp.comm.all_gather(mine).view(cp.world_size, -1).tolist()  # (W, 1, 16) -> (W, 16)
     if failed:
         return  # this rank raises its own error
     bad = [r for r, g in enumerate(got) if g[14]]
     if bad:
         raise ValueError(f"fastattn.distributed: CP rank(s) {bad} rejected their inputs (see their error)")
+    if any(g[15] != got[0][15] for g in got):
+        raise ValueError("fastattn.distributed: the call's settings differ across the CP ranks (strategy, balance, "
+                         "layout, causal, window_size, softcap, softmax_scale, dropout_p or alibi_slopes): every "
+                         "rank must make the same call on its own shard")
     if any(g[:14] != got[0][:14] for g in got):
         per = "; ".join(f"rank {r}: q {g[0:4]}, k {g[4:8]}, v {g[8:12]}, key_padding_mask "
                         f"{'given' if g[12] else 'None'}, dtype {_DTYPES[g[13]] if g[13] >= 0 else '?'}"
@@ -167,7 +184,7 @@ def cp_attention(q, k, v, *, cp: Optional[CPConfig] = None, causal: bool = False
         raise TypeError(f"fastattn.distributed.cp_attention: cp= must be a CPConfig for local tensors (DTensor "
                         f"inputs may omit it), got {type(cp).__name__}")
     _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask is not None,
-           key_padding_mask, softcap, softmax_scale)
+           key_padding_mask, softcap, softmax_scale, causal)
     key_bias = _key_bias(key_padding_mask, q, k, layout)
     hd = 2 if layout == "bshd" else 1
     plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)

@@ -69,6 +69,29 @@ def test_one_rank_refusing_makes_every_rank_raise():
     assert "softcap must be finite" in got[1] and "rank(s) [1] rejected their inputs" in got[0], got
 
 
+def test_settings_differing_across_ranks_raise():
+    """check_shapes also compares the call's settings: other ones on one rank computed something else silently
+    (balance, causal, ALiBi slopes) or waited in another collective (strategy)."""
+    def rank(comm, what):
+        one = comm.rank == 1
+        kw = dict(strategy="ring", balance="zigzag")
+        call = dict(causal=True, alibi_slopes=torch.tensor([0.5, 0.25]))
+        if one and what in ("strategy", "balance"):
+            kw[what] = dict(strategy="allgather", balance="contiguous")[what]
+        if one and what == "causal":
+            call["causal"] = False
+        if one and what == "alibi":
+            call["alibi_slopes"] = torch.tensor([0.5, 0.5])
+        try:
+            cp_attention(*_qkv(), cp=CPConfig(comm, check_shapes=True, **kw), **call)
+        except ValueError as e:
+            return str(e)
+        return "ran"
+    for what in ("strategy", "balance", "causal", "alibi"):
+        assert all("settings differ across the CP ranks" in m for m in run_local(2, rank, what)), what
+    assert run_local(2, rank, "none") == ["ran", "ran"]
+
+
 @pytest.mark.parametrize("strategy", ["ring", "allgather"])
 def test_refused_softcap_leaves_the_group_usable(strategy):
     """softcap is checked before the first collective: the ring once refused it in its first block call, with a K/V
