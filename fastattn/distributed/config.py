@@ -55,8 +55,10 @@ class CPConfig:
     kv_replication: ulysses may replicate K/V heads when H_kv is not divisible by W (the hybrid: by U).
     backend: the fastattn backend of the block calls (None: fastattn's usual choice, FASTATTN_BACKEND /
         use_backend included, among the backends that declare the block contract).
-    check_shapes: before each call, all-gather the input shapes and fail on any mismatch across ranks (one small
-        collective per call; a mismatch otherwise shows up as a communication error on some backends).
+    check_shapes: before each call, all-gather the input shapes, dtypes and the call's settings (strategy, balance,
+        causal, window, softcap, scale, dropout, ALiBi slopes) and fail on any mismatch across ranks, or on every
+        rank where one rank refused its inputs (one small collective per call; a mismatch otherwise shows up as a
+        communication error or a hang on some backends, or as a silently different result).
     """
     group: Any = None
     strategy: str = "auto"
