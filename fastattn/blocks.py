@@ -25,6 +25,7 @@ The functions are not differentiable themselves: the caller (context parallelism
 """
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Optional, Sequence, Tuple, Union
 
@@ -53,8 +54,12 @@ def _start(x: Start, name: str, n: int, lengths: torch.Tensor, device) -> torch.
             raise InputValueError(f"fastattn: {name} must be an int or an integer tensor of shape ({n},) (one start "
                                   f"per sequence), got {x.dtype} {tuple(x.shape)}")
         t = x.to(device=device, dtype=torch.int32).contiguous()
-    elif isinstance(x, int) and not isinstance(x, bool):
-        t = torch.full((n,), min(max(x, 0), _POS_LIMIT - 1), dtype=torch.int32, device=device)
+    elif isinstance(x, numbers.Integral) and not isinstance(x, bool):  # NumPy ints too, as head_start
+        x = operator.index(x)
+        if x >= _POS_LIMIT:  # (before any tensor is built from it: int64 may overflow too)
+            raise InputValueError(f"fastattn: {name} and {name} + sequence length must lie in [0, 2**31), got "
+                                  f"{name} {x}")
+        t = torch.full((n,), max(x, 0), dtype=torch.int32, device=device)
     else:
         raise InputTypeError(f"fastattn: {name} must be an int or an integer tensor, got {type(x).__name__}")
     if not torch.compiler.is_compiling():
@@ -110,6 +115,10 @@ def block_params(q, k, v, *, q_start: Start, k_start: Start, scale=None, causal=
                 from None
     q, k, v = last_dim_contiguous(q, k, v)
     if rng is not None:
+        if not (isinstance(rng, (tuple, list)) and len(rng) == 2 and
+                all(isinstance(r, (numbers.Integral, torch.SymInt)) and not isinstance(r, bool) for r in rng)):
+            raise InputTypeError(f"fastattn: rng must be a (seed, offset) pair of ints (fastattn.blocks."
+                                 f"dropout_rng()), got {rng!r}")
         rng = (int(rng[0]), int(rng[1]))
     dropout_p = check_dropout(dropout_p)
     if dropout_p > 0 and rng is None:

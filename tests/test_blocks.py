@@ -271,3 +271,12 @@ def test_bad_block_arguments_are_refused():
         with pytest.raises(RuntimeError, match="q_start"):
             torch.ops.fastattn.fwd(q, q, q, None, None, None, 0, 0, 0.25, -1, -1, False, 0.0, None, 0.0, 0, 0, False,
                                    torch.zeros(3, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+
+
+def test_bad_rng_and_start_named():
+    q = torch.randn(1, 2, 4, 8)
+    for rng in ((1,), "ab", (None, 0)):
+        with pytest.raises(fastattn.InputTypeError, match="rng must be a"):
+            block_forward(q, q, q, q_start=0, k_start=0, dropout_p=0.1, rng=rng)
+    with pytest.raises(fastattn.InputValueError, match=r"q_start \+ sequence length must lie in \[0, 2\*\*31\)"):
+        block_forward(q, q, q, q_start=2 ** 70, k_start=0)
