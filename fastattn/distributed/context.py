@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from typing import Iterator, Optional
 
 from .config import CPConfig
 
 _ACTIVE: contextvars.ContextVar[Optional[CPConfig]] = contextvars.ContextVar("fastattn_cp", default=None)
+# Blocks open in any thread. While none is, active_cp answers without reading the ContextVar, which dynamo in torch
+# 2.11 cannot trace (a model compiled outside any CP block then keeps one graph; a plain int is guarded on).
+_OPEN = 0
+_OPEN_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -20,16 +25,21 @@ def context_parallel(cp: CPConfig) -> Iterator[CPConfig]:
     """Makes `cp` the active config of this thread for the block (nested blocks restore the outer one)."""
     if not isinstance(cp, CPConfig):
         raise TypeError(f"fastattn.distributed.context_parallel: expected a CPConfig, got {type(cp).__name__}")
+    global _OPEN
     token = _ACTIVE.set(cp)
+    with _OPEN_LOCK:
+        _OPEN += 1
     try:
         yield cp
     finally:
         _ACTIVE.reset(token)
+        with _OPEN_LOCK:
+            _OPEN -= 1
 
 
 def active_cp() -> Optional[CPConfig]:
     """The config of the innermost `context_parallel` block of this thread, or None outside any."""
-    return _ACTIVE.get()
+    return _ACTIVE.get() if _OPEN else None
 
 
 def require_cp(who: str) -> CPConfig:
