@@ -43,27 +43,6 @@ inline void check_head_start(int64_t head_start, int64_t heads_q) {
            "Hq (", heads_q, ") <= 2^31, got head_start=", head_start);
 }
 
-// Whether t's elements have memory of their own, judged from its strides alone: its dims of size > 1 ordered by
-// stride, each stride at least the span of the dims before it. Sufficient, not necessary: ATen's own test answers
-// only for dense tensors ("too hard" otherwise), and a layout this one cannot clear is refused.
-inline std::vector<std::pair<int64_t, int64_t>> dims_by_stride(const at::Tensor& t) {  // (stride, size), size > 1
-  std::vector<std::pair<int64_t, int64_t>> dims;
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (t.size(i) > 1) dims.emplace_back(t.stride(i), t.size(i));
-  }
-  std::sort(dims.begin(), dims.end());
-  return dims;
-}
-
-inline bool strides_disjoint(const at::Tensor& t) {
-  int64_t span = 1;  // elements the dims so far reach, from the first
-  for (const auto& [stride, size] : dims_by_stride(t)) {
-    if (stride < span) return false;
-    span += stride * (size - 1);
-  }
-  return true;
-}
-
 // Index differences between two views with the same strides: per dim (stride, lowest, highest) e_d = i_d - j_d.
 using Diffs = std::vector<std::tuple<int64_t, int64_t, int64_t>>;
 
@@ -85,8 +64,7 @@ inline bool reaches(const Diffs& dims, size_t n, int64_t delta) {
 inline std::optional<Diffs> decided_by_strides(const at::Tensor& a, const at::Tensor& b) {
   Diffs dims;
   for (int64_t d = 0; d < a.dim(); ++d) {
-    const int64_t lo = 1 - b.size(d), hi = a.size(d) - 1;
-    if (lo != 0 || hi != 0) dims.emplace_back(a.stride(d), lo, hi);
+    if (a.size(d) > 1 || b.size(d) > 1) dims.emplace_back(a.stride(d), 1 - b.size(d), a.size(d) - 1);
   }
   std::sort(dims.begin(), dims.end());
   int64_t reach = 0;
@@ -96,6 +74,11 @@ inline std::optional<Diffs> decided_by_strides(const at::Tensor& a, const at::Te
   }
   return dims;
 }
+
+// Whether t's elements have memory of their own, judged from its strides alone: its dims of size > 1 ordered by
+// stride, each stride beyond what the dims before it reach (t against itself, above). Sufficient, not necessary:
+// ATen's own test answers only for dense tensors ("too hard" otherwise), and a layout this cannot clear is refused.
+inline bool strides_disjoint(const at::Tensor& t) { return decided_by_strides(t, t).has_value(); }
 
 // [first, end) bytes t's elements lie in (its strides are non-negative); empty for an empty tensor.
 inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {

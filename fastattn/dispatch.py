@@ -440,8 +440,8 @@ def run_decode(c: DecodeCall, backend: Optional[str] = None):
 
 def choose_decode(c: DecodeCall, backend: Optional[str] = None) -> Optional[Backend]:
     """The backend whose split-KV kernel takes c, or None (flash_attn_with_kvcache decides before it writes)."""
-    if forward_ad(c.q, c.k_cache, c.v_cache) or func_transform(c.q, c.k_cache, c.v_cache):  # none runs there: the generic path, whose dispatcher picks one that does
-        return None
+    if forward_ad(c.q, c.k_cache, c.v_cache) or func_transform(c.q, c.k_cache, c.v_cache):
+        return None  # no decode kernel runs there: the generic path, whose dispatcher picks a backend that does
     compiling = torch.compiler.is_compiling()
     requested = requested_backend(backend, compiling)
     if compiling:

@@ -153,8 +153,8 @@ def _(lens, snew, capacity, cache_batch_idx, block_table, k_cache, page):
 def _traced_checks(plan, cache_batch_idx, block_table, k_cache):
     """(lens, cache_batch_idx, block_table) as _kvcache_check returns them (None where not given)."""
     given = [t is not None for t in (plan.lens, cache_batch_idx, block_table)]
-    checked = iter(_kvcache_check(plan.lens, plan.snew, plan.capacity, None if plan.paged else cache_batch_idx,
-                                  block_table, k_cache, plan.page))
+    checked = iter(_kvcache_check(plan.lens, plan.snew, plan.capacity, cache_batch_idx, block_table, k_cache,
+                                  plan.page))
     return tuple(next(checked) if g else None for g in given)
 
 

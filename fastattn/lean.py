@@ -43,9 +43,9 @@ def tracing() -> bool:
     """Callers ask this before any key below: True while dynamo traces (key and cache_key are C++, which dynamo
     cannot trace), while a forward-mode AD level is open (a replayed route runs a kernel that carries no tangent;
     the full path's dispatcher looks for tangents and picks a backend that carries them) and inside any torch.func
-    transform (a route may run an autograd.Function that functorch cannot take). Other tracers (make_fx, non-strict export) run the keys as they are, on
-    FakeTensors that the type tests send down the full path, or on real tensors, where a replay records the same
-    ops as the full path."""
+    transform (a route may run an autograd.Function that functorch cannot take). Other tracers (make_fx, non-strict
+    export) run the keys as they are, on FakeTensors that the type tests send down the full path, or on real
+    tensors, where a replay records the same ops as the full path."""
     return _is_dynamo_compiling() or forward_ad() or functorch_level() is not None
 _FLOAT = frozenset(FLOAT_DTYPES)
 _ctx_backend, _env_backend = dispatch._ctx_backend, dispatch._env_backend

@@ -184,9 +184,12 @@ if _C is not None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("fastattn::bwd_acc")
-    def _bwd_acc_fake(dout, q, *args):
-        _same_device(q, **{f"tensor argument {i + 2}": t for i, t in enumerate(args) if isinstance(t, torch.Tensor)},
-                     dout=dout)
+    def _bwd_acc_fake(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed, offset,
+                      deterministic, q_start, k_start, dq_acc, dk_acc, dv_acc, head_start=0):
+        _same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, attn_bias=attn_bias, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, q_start=q_start, k_start=k_start,
+                     dq_acc=dq_acc, dk_acc=dk_acc, dv_acc=dv_acc)
         return None
 
     _bwd, _setup = autograd_pair(lambda: torch.ops.fastattn.bwd)

@@ -338,8 +338,8 @@ void run(const DecodeParams& p) {
 }
 
 // Work division: about 4 items per thread. Keys are split first (splits of at least kMinSplitKeys keys, at most
-// 64; num_splits > 0 fixes the count, up to one split per key block), then KV heads are divided into chunks if items are still short. Only the
-// key splits change rounding; head chunks do not change any result.
+// 64; num_splits > 0 fixes the count, up to one split per key block), then KV heads are divided into chunks if
+// items are still short. Only the key splits change rounding; head chunks do not change any result.
 std::pair<int64_t, int64_t> work_heuristic(int64_t B, int64_t Hkv, int64_t max_keys, int64_t num_splits) {
   const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
   // A split past the last key block would be empty: num_splits (a hint) stops there, which also bounds the

@@ -29,8 +29,8 @@ except ImportError:  # a torch build without torch.distributed: no DTensor can r
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, masked: bool = False,
-           key_padding_mask=None, softcap=0.0, softmax_scale=None, causal: bool = False):
+def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, key_padding_mask=None,
+           softcap=0.0, softmax_scale=None, causal: bool = False):
     """Every local check before the first collective. With cp.check_shapes the ranks then compare their inputs in
     one all-gather, and a rank that refused its own makes every rank raise (no peer is left waiting in a
     collective); without it, a rank that refuses raises alone."""
@@ -43,7 +43,7 @@ def _check(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropo
     if cp.check_shapes:
         settings = 0 if err is not None else _settings(cp, layout_, causal, window_size, softcap, softmax_scale,
                                                         dropout_p, alibi_slopes)
-        _check_across_ranks(q, k, v, cp, masked, err is not None, settings)
+        _check_across_ranks(q, k, v, cp, key_padding_mask is not None, err is not None, settings)
     if err is not None:
         raise err
 
@@ -56,6 +56,19 @@ def _settings(cp: CPConfig, layout_, causal, window_size, softcap, softmax_scale
     if alibi_slopes is not None:
         parts.append(alibi_slopes.detach().cpu().flatten().tolist())
     return zlib.crc32(repr(parts).encode())
+
+
+def check_placement_and_scalars(q, softcap, softmax_scale, **tensors) -> None:
+    """What cp_attention and cp_varlen_attention check alike before their first collective: every tensor on q's
+    device and none on `meta` (the ring would send uninitialised buffers), softcap and scale (refused inside the
+    ring's first block call, they left a K/V hop in flight that the next call read)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(f"fastattn.distributed: {name} is on {t.device} but q is on {q.device}")
+    if q.device.type == "meta":
+        raise ValueError("fastattn.distributed: q, k, v are on the meta device: there are no values to exchange")
+    check_softcap(softcap)
+    default_scale(softmax_scale, q.shape[-1])
 
 
 def _check_local(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes, dropout_p, key_padding_mask,
@@ -71,11 +84,6 @@ def _check_local(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes,
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"fastattn.distributed: q, k, v must share one dtype of float16/bfloat16/float32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    for name, t in (("k", k), ("v", v), ("alibi_slopes", alibi_slopes), ("key_padding_mask", key_padding_mask)):
-        if isinstance(t, torch.Tensor) and t.device != q.device:  # (the ring would send uninitialised buffers)
-            raise ValueError(f"fastattn.distributed: {name} is on {t.device} but q is on {q.device}")
-    if q.device.type == "meta":
-        raise ValueError("fastattn.distributed: q, k, v are on the meta device: there are no values to exchange")
     if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
         raise ValueError(f"fastattn.distributed: batch sizes differ: {shapes()}")
     if not (q.shape[sd] == k.shape[sd] == v.shape[sd]):
@@ -99,9 +107,9 @@ def _check_local(q, k, v, cp: CPConfig, layout_: str, window_size, alibi_slopes,
                              f"got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
-    check_softcap(softcap)  # here, not in the first block call: the ring has started a K/V hop by then
-    default_scale(softmax_scale, q.shape[-1])
-    _key_bias(key_padding_mask, q, k, layout_)  # (its checks; the call builds it again)
+    _check_key_mask(key_padding_mask, k, layout_)
+    check_placement_and_scalars(q, softcap, softmax_scale, k=k, v=v, alibi_slopes=alibi_slopes,
+                                key_padding_mask=key_padding_mask)
 
 
 def _check_across_ranks(q, k, v, cp: CPConfig, masked: bool, failed: bool, settings: int = 0):
@@ -135,19 +143,28 @@ def _shared_rng(cp: CPConfig, device) -> Tuple[int, int]:
     return int(got[0, 0]), int(got[0, 1])
 
 
-def _key_bias(key_padding_mask, q, k, layout_: str):
-    """bool (B, S/W), True = a real key -> (B, S/W) bias in q's dtype: 0 for real keys, -inf for padding."""
+def _key_mask_shape(k, layout_: str) -> Tuple[int, int]:
+    return k.shape[0], k.shape[1 if layout_ == "bshd" else 2]  # (B, S/W)
+
+
+def _check_key_mask(key_padding_mask, k, layout_: str) -> None:
     if key_padding_mask is None:
-        return None
-    sd = 1 if layout_ == "bshd" else 2
-    want = (k.shape[0], k.shape[sd])
+        return
+    want = _key_mask_shape(k, layout_)
     if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or \
             tuple(key_padding_mask.shape) != want:
         got = (f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}" if isinstance(key_padding_mask,
                torch.Tensor) else type(key_padding_mask).__name__)
         raise ValueError(f"fastattn.distributed: key_padding_mask must be bool (B, S/W) = {want} (True = a real "
                          f"key, this rank's shard in the config's layout), got {got}")
-    bias = torch.zeros(want, dtype=q.dtype, device=q.device)
+
+
+def _key_bias(key_padding_mask, q, k, layout_: str):
+    """bool (B, S/W), True = a real key (checked by _check) -> (B, S/W) bias in q's dtype: 0 for real keys, -inf
+    for padding."""
+    if key_padding_mask is None:
+        return None
+    bias = torch.zeros(_key_mask_shape(k, layout_), dtype=q.dtype, device=q.device)
     return bias.masked_fill_(~key_padding_mask.to(q.device), float("-inf"))
 
 
@@ -183,8 +200,8 @@ def cp_attention(q, k, v, *, cp: Optional[CPConfig] = None, causal: bool = False
     if not isinstance(cp, CPConfig):
         raise TypeError(f"fastattn.distributed.cp_attention: cp= must be a CPConfig for local tensors (DTensor "
                         f"inputs may omit it), got {type(cp).__name__}")
-    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask is not None,
-           key_padding_mask, softcap, softmax_scale, causal)
+    _check(q, k, v, cp, layout, window_size, alibi_slopes, dropout_p, key_padding_mask, softcap, softmax_scale,
+           causal)
     key_bias = _key_bias(key_padding_mask, q, k, layout)
     hd = 2 if layout == "bshd" else 1
     plan = cp.plan(heads_q=q.shape[hd], heads_kv=k.shape[hd], dropout=dropout_p > 0)

@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 
 from . import layout
-from ..params import check_softcap, default_scale
-from .api import _shared_rng
+from .api import _shared_rng, check_placement_and_scalars
 from .comm import comm_name
 from .config import CPConfig, CPUnsupportedError, Plan
 from .varlen import SHARDINGS, cp_varlen_fwd
@@ -46,13 +45,7 @@ def _check(q, k, v, window_size, dropout_p, softcap=0.0, softmax_scale=None, ali
                          f"{window_size}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastattn.distributed: dropout_p must be in [0, 1), got {dropout_p}")
-    for name, t in (("k", k), ("v", v), ("alibi_slopes", alibi_slopes)):
-        if isinstance(t, torch.Tensor) and t.device != q.device:  # (the ring would send uninitialised buffers)
-            raise ValueError(f"fastattn.distributed: {name} is on {t.device} but q is on {q.device}")
-    if q.device.type == "meta":
-        raise ValueError("fastattn.distributed: q, k, v are on the meta device: there are no values to exchange")
-    check_softcap(softcap)  # before any collective: the ring has started a K/V hop by the first block call
-    default_scale(softmax_scale, q.shape[-1])
+    check_placement_and_scalars(q, softcap, softmax_scale, k=k, v=v, alibi_slopes=alibi_slopes)
 
 
 def _check_softcap(softcap, fn: str):

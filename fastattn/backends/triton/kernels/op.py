@@ -224,20 +224,6 @@ def _span(t: torch.Tensor):
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
-def _dims(t: torch.Tensor):
-    return sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)  # (stride, size), size > 1
-
-
-def _strides_disjoint(t: torch.Tensor) -> bool:
-    """csrc/block_checks.h strides_disjoint: dims of size > 1 by stride, each stride >= the span of those before."""
-    span = 1
-    for st, n in _dims(t):
-        if st < span:
-            return False
-        span += st * (n - 1)
-    return True
-
-
 def _reaches(dims, delta: int) -> bool:
     """csrc/block_checks.h reaches: delta = sum of e_d * stride_d with lo_d <= e_d <= hi_d (floor or the next)."""
     if not dims:
@@ -256,6 +242,11 @@ def _decided_by_strides(a: torch.Tensor, b: torch.Tensor):
             return None
         reach += st * max(-lo, hi)
     return dims
+
+
+def _strides_disjoint(t: torch.Tensor) -> bool:
+    """csrc/block_checks.h strides_disjoint: t against itself."""
+    return _decided_by_strides(t, t) is not None
 
 
 def _may_share(a: torch.Tensor, b: torch.Tensor) -> bool:
