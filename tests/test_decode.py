@@ -244,6 +244,31 @@ def test_cpu_kernel_head_alone_same_bits(dtype):
                 (Hq, Hkv, Sq, D, h)
 
 
+@pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpu_kernel_cache_layouts_same_bits(dtype):
+    """SDPA's head-major cache (B, Hkv, S, D) gives each KV head its own work item, flash-attn's key-major one
+    (B, S, Hkv, D) puts a chunk of heads in one (csrc/cpu/decode.cpp, work_heuristic): with the key splits fixed, the
+    two layouts give the same bits, on one thread and on two (head chunks change no result)."""
+    g = torch.Generator().manual_seed(7)
+    threads = torch.get_num_threads()
+    try:
+        for (Hq, Hkv), Sq, D, S in (((12, 12), 1, 64, 700), ((16, 4), 1, 128, 300), ((6, 2), 3, 40, 257)):
+            q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
+            k, v = (torch.randn(1, Hkv, S, D, generator=g).to(dtype) for _ in range(2))  # (B, Hkv, S, D)
+            kk, vk = (t.transpose(1, 2).contiguous() for t in (k, v))  # (B, Hkv, S, D) -> (B, S, Hkv, D)
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                for splits in (1, 3):
+                    hm = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 0.125, -1, -1, 0.0, None, splits,
+                                                       True)
+                    km = torch.ops.fastattn.decode_fwd(q, kk, vk, None, None, None, 0.125, -1, -1, 0.0, None,
+                                                       splits)
+                    assert torch.equal(hm[0], km[0]) and torch.equal(hm[1], km[1]), (Hq, Hkv, Sq, D, n, splits)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("impl", KERNELS)
 def test_compile_fullgraph_decode_step_with_append(impl, decode_calls):
     """A decode step (append + kernel) traces as one graph: the ops' fake functions and the routing are traceable."""

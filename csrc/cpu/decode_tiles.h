@@ -68,7 +68,9 @@ inline float dot_tail(const float* q, const T* k, int64_t d, int64_t D) {
 
 // Scores of 8 keys at a time per row: 8 independent FMA chains over D (the FMA latency hidden across keys, not
 // within one), reduced together by hsum8x8. One dot product at a time with its own horizontal sum spent more on
-// the sums than on the products at D = 64 (0.65-0.76x PyTorch on MHA decode steps, AMD EPYC Zen 1).
+// the sums than on the products at D = 64 (0.65-0.76x PyTorch on MHA decode steps, AMD EPYC Zen 1). Key by key as
+// scores_avx512 (on AMD EPYC Zen 4 held to AVX2 by FASTATTN_CPU_ISA=avx2, fp32 MHA D=64 steps from memory, one
+// thread: 0.89-0.96x PyTorch's SDPA chunk by chunk, 1.48x key by key; not measured on an AVX2-only CPU).
 template <typename T>
 FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
                          int64_t n, float* S, int64_t ldS) {
@@ -82,10 +84,11 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
       __m256 acc[8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D8; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
 #pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qv, vec::load8(k[u] + d), acc[u]);
+      for (int u = 0; u < 8; ++u) {  // key by key, one ascending run of memory (see scores_avx512)
+        for (int64_t d = 0; d < D8; d += 8) {
+          acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), vec::load8(k[u] + d), acc[u]);
+        }
       }
       alignas(32) float t[8];
       _mm256_store_ps(t, hsum8x8(acc));
@@ -167,10 +170,16 @@ FA_AVX512 inline __m512 hsum16x16(const __m512* v) {
                        _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Scores of 16 keys at a time per row: 16 independent FMA chains over D, reduced together by hsum16x16.
-template <typename T>
-FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
-                             int64_t n, float* S, int64_t ldS) {
+// Scores of 16 keys at a time per row: 16 independent FMA chains over D, reduced together by hsum16x16. The row's
+// q sits in registers (C chunks of 16, up to 128 values a pass) and each key's row is read from start to end
+// before the next key's. Reading 8 keys' rows chunk by chunk instead (one q load shared by the 8 keys) interleaves
+// 8 runs of memory, which the hardware prefetchers follow worse than one ascending run: with one KV head per item
+// (work_heuristic) that order read a cache coming from memory 0.78-0.80x as fast as PyTorch's SDPA, key by key
+// 0.95-1.10x (fp32 MHA D=64 one-token steps, one thread, AMD EPYC Zen 4, 2026-12-05). Each key's sum runs over d in
+// the same order either way, so the scores are the same bits.
+template <typename T, int C>
+FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
+                               int64_t n, float* S, int64_t ldS) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
@@ -178,22 +187,40 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
-      // Two passes of 8 keys: 16 key pointers at once do not fit the general registers (the compiler kept them in
-      // vector registers and moved one out before every load). Each key's sum runs over d in the same order.
-#pragma GCC unroll 2
-      for (int h = 0; h < 16; h += 8) {  // unrolled: acc stays in registers
-        const T* k[8];
-        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];  // tail: repeat
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = vec512::tail(D - d);
-          const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+      for (int64_t d0 = 0; d0 < D; d0 += 16 * C) {
+        __mmask16 m[C];
+        __m512 qv[C];
 #pragma GCC unroll 8
-          for (int u = 0; u < 8; ++u) acc[h + u] = _mm512_fmadd_ps(qv, vec512::load16(k[u] + d, m), acc[h + u]);
+        for (int c = 0; c < C; ++c) {
+          m[c] = vec512::tail(std::max<int64_t>(D - d0 - 16 * c, 0));
+          qv[c] = _mm512_maskz_loadu_ps(m[c], q + d0 + 16 * c);
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 16; h += 8) {  // two passes of 8 keys: 16 key pointers do not fit the general registers
+          const T* k[8];
+          for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r] + d0;
+#pragma GCC unroll 8
+          for (int u = 0; u < 8; ++u) {
+#pragma GCC unroll 8
+            for (int c = 0; c < C; ++c) {
+              acc[h + u] = _mm512_fmadd_ps(qv[c], vec512::load16(k[u] + 16 * c, m[c]), acc[h + u]);
+            }
+          }
         }
       }
       _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), hsum16x16(acc));
     }
   }
+}
+
+// scores_avx512_c with as few q chunks as the head dim needs (a chunk past D is masked off: zeros).
+template <typename T>
+FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
+                             int64_t n, float* S, int64_t ldS) {
+  if (D <= 16) return scores_avx512_c<T, 1>(Qf, M, D, krows, koff, n, S, ldS);
+  if (D <= 32) return scores_avx512_c<T, 2>(Qf, M, D, krows, koff, n, S, ldS);
+  if (D <= 64) return scores_avx512_c<T, 4>(Qf, M, D, krows, koff, n, S, ldS);
+  return scores_avx512_c<T, 8>(Qf, M, D, krows, koff, n, S, ldS);
 }
 
 // Two query rows (q, q + D) that read the same KV head against keys krows[0, nk) (nk <= 16), 8 keys a pass: each
