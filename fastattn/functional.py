@@ -203,6 +203,26 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     return dispatch.explain_params(p, backend)
 
 
+def _no_probs(out):
+    """The S_dmask slot of return_attn_probs: an empty tensor (flash-attn's when it returns no probabilities)."""
+    return out.new_empty(0)
+
+
+def _rows_used(q, k, cu_q, cu_k):
+    """(cu_seqlens_q[-1], cu_seqlens_k[-1]) where q or k packs more rows than its sequences use (a batch padded to a
+    fixed size, which flash-attn takes: the rows past the last sequence are ignored), else None. Eager only: a
+    compiled call's totals must match (the ops check them)."""
+    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) for t in (q, k, cu_q, cu_k)):
+        return None
+    if cu_q.dim() != 1 or cu_k.dim() != 1 or not cu_q.numel() or not cu_k.numel() or q.dim() != 3 or k.dim() != 3 \
+            or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32 or cu_q.device != cu_k.device:
+        return None  # check_qkv / check_cu_seqlens name the problem
+    nq, nk = (int(x) for x in torch.stack([cu_q[-1], cu_k[-1]]).tolist())  # one host sync
+    if (nq, nk) == (q.shape[0], k.shape[0]) or not (0 <= nq <= q.shape[0] and 0 <= nk <= k.shape[0]):
+        return None
+    return nq, nk
+
+
 def _as_int(n):
     return n if isinstance(n, (int, torch.SymInt)) else int(n)
 
@@ -257,8 +277,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                                                1 1
     window_size=(left, right): query i sees keys in [i + Sk - Sq - left, i + Sk - Sq + right]; -1 = unlimited.
     softcap > 0: scores become softcap * tanh(scores / softcap). alibi_slopes: fp32 (Hq,) or (B, Hq).
-    return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq) fp32, None): the probabilities themselves are
-    never materialised (flash-attn returns them only for testing).
+    return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq) fp32, S_dmask): S_dmask is an empty tensor, as
+    flash-attn's without dropout; the probabilities themselves are never materialised (flash-attn returns them only
+    with dropout, for testing), so code that reads them fails loudly rather than on wrong values.
     """
     plain = route = None
     if not tracing():  # a plain call: the lean path's (fastattn/lean.py)
@@ -274,7 +295,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if plain is not None and route is None:
         lean.learn(plain[0], p, backend)
     out = out.transpose(1, 2)  # (B, H, Sq, Dv) -> (B, Sq, H, Dv)
-    return (out, lse, None) if return_attn_probs else out
+    return (out, lse, _no_probs(out)) if return_attn_probs else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -285,16 +306,31 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens_q/k int32 (N+1,) cumulative
     lengths starting at 0; sequence n is rows [cu[n], cu[n+1]). Returns (total_q, Hq, Dv); with
-    return_attn_probs, (out, softmax_lse (Hq, total_q), None). Causal/window align bottom-right per sequence.
+    return_attn_probs, (out, softmax_lse (Hq, total_q), S_dmask) (S_dmask empty: see flash_attn_func).
+    Causal/window align bottom-right per sequence.
+    Rows past cu_seqlens_q[-1] / cu_seqlens_k[-1] (a batch padded to a fixed size) take no part: their output is 0,
+    their lse +inf (eager mode; under torch.compile the totals must equal the row counts).
     """
     if block_table is not None:
         raise NotImplementedError("fastattn: flash_attn_varlen_func(block_table=...) (paged KV) is not supported; "
                                   "use flash_attn_with_kvcache")
+    used = _rows_used(q, k, cu_seqlens_q, cu_seqlens_k)
+    if used is not None:  # padded packing: rows past the last sequence take no part (as in flash-attn)
+        nq, nk = used
+        res = flash_attn_varlen_func(q[:nq], k[:nk], v[:nk], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                     deterministic, return_attn_probs, backend=backend)
+        out = res[0] if return_attn_probs else res
+        out = F.pad(out, (0, 0, 0, 0, 0, q.shape[0] - nq))  # (nq, H, Dv) -> (total_q, H, Dv), zeros
+        if not return_attn_probs:
+            return out
+        lse = F.pad(res[1], (0, q.shape[0] - nq), value=math.inf)  # no key seen: +inf, as empty rows
+        return out, lse, _no_probs(out)
     p = _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     out, lse = dispatch.run(p, backend)
     out = out[0].transpose(0, 1)  # (1, H, total, Dv) -> (total, H, Dv)
-    return (out, lse[0], None) if return_attn_probs else out
+    return (out, lse[0], _no_probs(out)) if return_attn_probs else out
 
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",

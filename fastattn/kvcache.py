@@ -20,32 +20,32 @@ import torch
 
 from . import dispatch, lean, rotary
 from .lean import tracing  # asked before the lean keys
-from .params import (AttnParams, DecodeCall, check_alibi, check_qkv, check_softcap, check_window, clamp_window,
-                     default_scale, last_dim_contiguous)
+from .params import (AttnParams, DecodeCall, InputTypeError, InputValueError, check_alibi, check_qkv, check_softcap,
+                     check_window, clamp_window, default_scale, last_dim_contiguous)
 
 
 
 def _check_index(name: str, t, B: int, device):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() < 1 or t.shape[0] != B:
-        raise ValueError(f"fastattn: {name} must be an int32 tensor with batch {B} first, got "
-                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        raise InputValueError(f"fastattn: {name} must be an int32 tensor with batch {B} first, got "
+                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     if t.device != device:
-        raise ValueError(f"fastattn: {name} is on {t.device} but q is on {device}")
+        raise InputValueError(f"fastattn: {name} is on {t.device} but q is on {device}")
 
 
 def _check_cache_seqlens(cache_seqlens, B, device):
     if cache_seqlens is None:
         return None
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
-        raise ValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
-                         f"{type(cache_seqlens).__name__}")
+        raise InputValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
+                              f"{type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
         if not 0 <= cache_seqlens < 2 ** 31:  # (torch.full would fail on the int32 conversion, naming nothing)
-            raise ValueError(f"fastattn: cache_seqlens={cache_seqlens} must lie in [0, the cache capacity]")
+            raise InputValueError(f"fastattn: cache_seqlens={cache_seqlens} must lie in [0, the cache capacity]")
         return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
-        raise ValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
-                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        raise InputValueError(f"fastattn: cache_seqlens must be an int or an int32 tensor of shape ({B},), got "
+                              f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     # contiguous: kernels read it densely (the Triton decode kernel asks for it); a view of it is passed through
     return (cache_seqlens if cache_seqlens.device == device else cache_seqlens.to(device)).contiguous()
 
@@ -106,20 +106,20 @@ def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, p
         lo, hi = lo_hi = vals[:2]
         vals = vals[2:]
         if lo < 0 or hi + snew > capacity:
-            raise ValueError(f"fastattn: cache_seqlens (min {lo}, max {hi}) + new tokens ({snew}) must lie in "
-                             f"[0, {capacity}] (the cache capacity per row)")
+            raise InputValueError(f"fastattn: cache_seqlens (min {lo}, max {hi}) + new tokens ({snew}) must lie in "
+                                  f"[0, {capacity}] (the cache capacity per row)")
     if cache_batch_idx is not None:
         lo, hi, repeats = vals[:3]
         vals = vals[3:]
         if lo < 0 or hi >= nblocks:
-            raise ValueError(f"fastattn: cache_batch_idx entries must lie in [0, {nblocks}) (k_cache batch), got "
+            raise InputValueError(f"fastattn: cache_batch_idx entries must lie in [0, {nblocks}) (k_cache batch), got "
                              f"{cache_batch_idx.tolist()}")
         if repeats:
-            raise ValueError(f"fastattn: cache_batch_idx {cache_batch_idx.tolist()} repeats a cache row; appending "
-                             "would write one row twice")
+            raise InputValueError(f"fastattn: cache_batch_idx {cache_batch_idx.tolist()} repeats a cache row; "
+                                  "appending would write one row twice")
     if block_table is not None and vals[0]:
         b, j = (int(x) for x in _bad_pages(block_table, lens, snew, page, nblocks).nonzero()[0])
-        raise ValueError(f"fastattn: block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, {nblocks}) "
+        raise InputValueError(f"fastattn: block_table[{b}, {j}] = {int(block_table[b, j])} is outside [0, {nblocks}) "
                          f"(num_blocks of k_cache {tuple(k_cache.shape)}; -1 is allowed only past the pages a row "
                          f"uses)")
     if shared_slots and vals[1]:
@@ -127,8 +127,8 @@ def _check_values(lens, snew, capacity, cache_batch_idx, block_table, k_cache, p
         flat = slots.flatten()
         dup = int(flat[(flat.unsqueeze(0) == flat.unsqueeze(1)).sum(0) > 1][0])
         rows = sorted({int(b) for b in (slots == dup).nonzero()[:, 0]})
-        raise ValueError(f"fastattn: rows {rows} of block_table append into the same cache slot (page {dup // page}, "
-                         f"offset {dup % page}); the last write would win")
+        raise InputValueError(f"fastattn: rows {rows} of block_table append into the same cache slot (page "
+                              f"{dup // page}, offset {dup % page}); the last write would win")
     return lo_hi
 
 
@@ -196,11 +196,11 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     if k_cache.stride(3) != 1 and D > 1 or v_cache.stride(3) != 1 and Dv > 1:
         # flash-attn's rule too. The kernels read rows with stride 1, and the generic path would copy such a cache
         # before the append writes into it (the new keys would be missing from its result).
-        raise ValueError(f"fastattn: k_cache and v_cache need stride 1 along the head dim (the last), got strides "
-                         f"{tuple(k_cache.stride())} and {tuple(v_cache.stride())}")
+        raise InputValueError(f"fastattn: k_cache and v_cache need stride 1 along the head dim (the last), got strides "
+                              f"{tuple(k_cache.stride())} and {tuple(v_cache.stride())}")
     if type(num_splits) is not int and (isinstance(num_splits, bool) or not isinstance(num_splits, int)) \
             or num_splits < 0:
-        raise ValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+        raise InputValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     softcap = check_softcap(softcap)
     # Value checks read tensor contents: one host sync (below). While compiling they run as an op instead
     # (_kvcache_check, from flash_attn_with_kvcache), and not during CUDA graph capture (a sync is illegal there).
@@ -210,48 +210,51 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     if paged:
         _check_index("block_table", block_table, B, q.device)
         if block_table.dim() != 2:
-            raise ValueError(f"fastattn: block_table must be int32 of shape ({B}, max_blocks), got "
-                             f"{tuple(block_table.shape)}")
+            raise InputValueError(f"fastattn: block_table must be int32 of shape ({B}, max_blocks), got "
+                                  f"{tuple(block_table.shape)}")
         if cache_batch_idx is not None:
-            raise ValueError("fastattn: cache_batch_idx cannot be combined with block_table")
+            raise InputValueError("fastattn: cache_batch_idx cannot be combined with block_table")
         page = ks[1]
         if page == 0:
-            raise ValueError(f"fastattn: paged k_cache {tuple(k_cache.shape)} has page size 0")
+            raise InputValueError(f"fastattn: paged k_cache {tuple(k_cache.shape)} has page size 0")
         capacity = block_table.shape[1] * page
     else:
         capacity = ks[1]
         if cache_batch_idx is not None:
             _check_index("cache_batch_idx", cache_batch_idx, B, q.device)
             if cache_batch_idx.dim() != 1:
-                raise ValueError(f"fastattn: cache_batch_idx must be int32 of shape ({B},), got "
-                                 f"{tuple(cache_batch_idx.shape)}")
+                raise InputValueError(f"fastattn: cache_batch_idx must be int32 of shape ({B},), got "
+                                      f"{tuple(cache_batch_idx.shape)}")
         elif ks[0] != B:
-            raise ValueError(f"fastattn: k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
+            raise InputValueError(f"fastattn: k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
     lens = _check_cache_seqlens(cache_seqlens, B, q.device)
     snew = 0
     if (k is None) != (v is None):
-        raise ValueError("fastattn: pass both k and v to append, or neither")
+        raise InputValueError("fastattn: pass both k and v to append, or neither")
     if k is not None:
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
+                raise InputTypeError(f"fastattn: {name} must be a torch.Tensor, got {type(t).__name__}")
         if k.dim() != 4 or v.dim() != 4 or k.shape[0] != B or k.shape[2] != Hkv or k.shape[3] != D or \
                 tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.shape[3] != Dv:
-            raise ValueError(f"fastattn: new k {tuple(k.shape)} / v {tuple(v.shape)} must be ({B}, Snew, {Hkv}, "
-                             f"{D}) / ({B}, Snew, {Hkv}, {Dv})")
+            raise InputValueError(f"fastattn: new k {tuple(k.shape)} / v {tuple(v.shape)} must be ({B}, Snew, {Hkv}, "
+                                  f"{D}) / ({B}, Snew, {Hkv}, {Dv})")
         if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
-            raise TypeError(f"fastattn: new k/v dtype {k.dtype}/{v.dtype} must match the cache's {k_cache.dtype}")
+            raise InputTypeError(f"fastattn: new k/v dtype {k.dtype}/{v.dtype} must match the cache's {k_cache.dtype}")
         if k.device != k_cache.device or v.device != k_cache.device:
-            raise ValueError(f"fastattn: new k/v are on {k.device}/{v.device} but the cache is on {k_cache.device}")
+            raise InputValueError(f"fastattn: new k/v are on {k.device}/{v.device} but the cache is on "
+                                  f"{k_cache.device}")
         snew = k.shape[1]
         if lens is None:
-            raise ValueError("fastattn: appending k/v needs cache_seqlens (where to write)")
+            raise InputValueError("fastattn: appending k/v needs cache_seqlens (where to write)")
     same_len = -1
     if not compiling and B:
         lo_hi = _check_values(lens, snew, capacity, None if paged else cache_batch_idx, block_table, k_cache, page)
         if lo_hi is not None and lo_hi[0] == lo_hi[1] and not paged and cache_batch_idx is None:
             same_len = lo_hi[0]
-    wl, wr = clamp_window(*check_window(window_size), capacity + Sq)
+    # flash-attn's rule: an entry reaching the cache's capacity is no window (-1). It hides no key (the rows see at
+    # most `capacity` keys) but makes a call non-local, which decides where rotary places q (rotary.py).
+    wl, wr = clamp_window(*check_window(window_size), capacity - 1)
     if causal:
         wr = 0
     # Positional, in _Plan's field order: binding fourteen keywords would cost ~0.6 us more on every call.
@@ -375,6 +378,12 @@ def _append_and_run(idx, k, v, k_cache, v_cache, chosen, call, p, backend):
     return _run(chosen, call, p, backend)
 
 
+def _larger_cache(q, k_cache, v_cache) -> bool:
+    """Whether dense caches hold more rows than q's batch (and agree with each other)."""
+    return (all(isinstance(t, torch.Tensor) and not t.is_nested and t.dim() == 4 for t in (q, k_cache, v_cache))
+            and k_cache.shape[0] == v_cache.shape[0] > q.shape[0])
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -382,10 +391,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             backend: Optional[str] = None):
     """flash-attn's flash_attn_with_kvcache.
 
-    q: (B, Sq, Hq, D). k_cache/v_cache: (B_cache, Smax, Hkv, D|Dv), or paged (num_blocks, page_size, Hkv, D|Dv)
-    with block_table int32 (B, max_blocks) (any page size). k, v: optional new (B, Snew, Hkv, D|Dv), written in
-    place into the cache at positions cache_seqlens[b] .. cache_seqlens[b] + Snew - 1. cache_seqlens: int or int32
-    (B,) valid lengths before the append (None: the whole cache). cache_batch_idx: int32 (B,) rows of the cache.
+    q: (B, Sq, Hq, D). k_cache/v_cache: (B_cache, Smax, Hkv, D|Dv) (rows 0..B-1 without cache_batch_idx), or
+    paged (num_blocks, page_size, Hkv, D|Dv) with block_table int32 (B, max_blocks) (any page size). k, v: optional
+    new (B, Snew, Hkv, D|Dv), written in place into the cache at positions cache_seqlens[b] .. cache_seqlens[b] +
+    Snew - 1. cache_seqlens: int or int32 (B,) valid lengths before the append (None: the whole cache).
+    cache_batch_idx: int32 (B,) rows of the cache.
     Attention covers each row's valid prefix (after the append); causal/window align bottom-right to it:
 
         keys   0 1 2 ... L-3 L-2 L-1          (L = cache_seqlens[b] + Snew, Sq = 2, causal)
@@ -408,6 +418,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 res = lean.cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_softmax_lse)
                 if res is not None:
                     return res
+    if cache_batch_idx is None and block_table is None and _larger_cache(q, k_cache, v_cache):
+        # flash-attn reads rows 0..B-1 of a cache allocated for a larger batch; the append writes through the views
+        k_cache, v_cache = k_cache[:q.shape[0]], v_cache[:q.shape[0]]  # (B_cache, Smax, Hkv, D) -> (B, ...) views
+        lean_key = None  # the key describes the whole caches: learn no route for these views under it
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
     if plan.B and torch.compiler.is_compiling():  # the value checks, as an op everything after it depends on

@@ -27,7 +27,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """flash-attn's flash_attn_qkvpacked_func: qkv (B, S, 3, H, D) -> out (B, S, H, D).
 
     Same as flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ...); the gradient is one (B, S, 3, H, D)
-    tensor. return_attn_probs=True returns (out, softmax_lse (B, H, S), None)."""
+    tensor. return_attn_probs=True returns (out, softmax_lse (B, H, S), S_dmask (empty))."""
     q, k, v = _unpack(qkv, "qkv", 3, 2, "(B, S, 3, H, D)")  # each (B, S, H, D), strided views
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, backend=backend)

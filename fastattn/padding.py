@@ -69,6 +69,31 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     return index_first_axis(flat, indices), indices, cu_seqlens, max_seqlen, seqused
 
 
+def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
+    """Rows that each pack several sequences back to back from slot 0: attention_mask_in_length (B, S) int lists
+    row b's sequence lengths in order (zeros after them), e.g. [[2, 3, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]]. Returns
+    (hidden (total, ...), indices (total,) int64 into the flattened B*S axis, cu_seqlens (N+1,) int32 over the N
+    sequences in row order, max_seqlen_in_batch (int)): flash-attn's function of that name."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 2:
+        raise InputValueError(f"fastattn: hidden_states must be (B, S, ...), got {_what(hidden_states)}")
+    m = attention_mask_in_length
+    if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(hidden_states.shape[:2]) or m.is_floating_point():
+        raise InputValueError(f"fastattn: attention_mask_in_length must be an integer (B, S) = "
+                              f"{tuple(hidden_states.shape[:2])} tensor, got {_what(m)}")
+    S = m.shape[1]
+    used = m.sum(dim=-1)  # (B,): slots each row's sequences fill
+    if not torch.compiler.is_compiling() and m.numel() and (bool((m < 0).any()) or bool((used > S).any())):
+        raise InputValueError(f"fastattn: attention_mask_in_length must hold lengths >= 0 summing to at most the "
+                              f"row length {S} per row, got row sums {used.tolist()}")
+    keep = torch.arange(S, device=m.device).unsqueeze(0) < used.unsqueeze(1)  # (B, S): the filled slots
+    seqlens = m.flatten()[m.flatten() != 0].to(torch.int32)  # (N,) in row order
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])  # (B, S, ...) -> (B*S, ...)
+    return index_first_axis(flat, indices), indices, cu_seqlens, max_seqlen
+
+
 def pad_input(hidden_states, indices, batch: int, seqlen: int):
     """The inverse of unpad_input: hidden_states (total, ...) -> (batch, seqlen, ...), zeros where nothing was
     kept. Differentiable in hidden_states."""
@@ -76,4 +101,53 @@ def pad_input(hidden_states, indices, batch: int, seqlen: int):
     return out.view(batch, seqlen, *out.shape[1:])  # (B*S, ...) -> (B, S, ...)
 
 
-__all__ = ["unpad_input", "pad_input", "index_first_axis", "index_put_first_axis"]
+class IndexFirstAxis(torch.autograd.Function):
+    """flash-attn's autograd.Function form of index_first_axis: IndexFirstAxis.apply(input, indices)."""
+
+    @staticmethod
+    def forward(ctx, input, indices):
+        ctx.save_for_backward(indices)
+        ctx.first_axis_dim = input.shape[0] if isinstance(input, torch.Tensor) else 0
+        return index_first_axis(input, indices)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (indices,) = ctx.saved_tensors
+        return index_put_first_axis(grad_output, indices, ctx.first_axis_dim), None
+
+
+class IndexPutFirstAxis(torch.autograd.Function):
+    """flash-attn's autograd.Function form of index_put_first_axis: IndexPutFirstAxis.apply(values, indices, n)."""
+
+    @staticmethod
+    def forward(ctx, values, indices, first_axis_dim):
+        ctx.save_for_backward(indices)
+        return index_put_first_axis(values, indices, first_axis_dim)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (indices,) = ctx.saved_tensors
+        return grad_output.index_select(0, indices), None, None
+
+
+class IndexFirstAxisResidual(torch.autograd.Function):
+    """(input[indices], input detached): the second output carries a residual path whose gradient the first's is
+    added into (flash-attn's index_first_axis_residual)."""
+
+    @staticmethod
+    def forward(ctx, input, indices):
+        out = index_first_axis(input, indices)
+        ctx.save_for_backward(indices)
+        return out, input.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_residual):
+        (indices,) = ctx.saved_tensors
+        return grad_residual.index_add(0, indices.long(), grad_output), None
+
+
+index_first_axis_residual = IndexFirstAxisResidual.apply
+
+__all__ = ["unpad_input", "pad_input", "index_first_axis", "index_put_first_axis",
+           "unpad_input_for_concatenated_sequences", "IndexFirstAxis", "IndexPutFirstAxis", "IndexFirstAxisResidual",
+           "index_first_axis_residual"]

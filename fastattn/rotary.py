@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .params import _shape
+from .params import InputTypeError, InputValueError, _shape
 
 
 def check(rotary_cos, rotary_sin, q, k, capacity: int) -> int:
@@ -21,27 +21,27 @@ def check(rotary_cos, rotary_sin, q, k, capacity: int) -> int:
     if rotary_cos is None and rotary_sin is None:
         return 0
     if rotary_cos is None or rotary_sin is None:
-        raise ValueError("fastattn: pass both rotary_cos and rotary_sin, or neither")
+        raise InputValueError("fastattn: pass both rotary_cos and rotary_sin, or neither")
     for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
-            raise ValueError(f"fastattn: {name} must be a floating tensor (seqlen_ro, rotary_dim / 2), got "
-                             f"{_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise InputValueError(f"fastattn: {name} must be a floating tensor (seqlen_ro, rotary_dim / 2), got "
+                                  f"{_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
         if t.device != q.device:
-            raise ValueError(f"fastattn: {name} is on {t.device} but q is on {q.device}")
+            raise InputValueError(f"fastattn: {name} is on {t.device} but q is on {q.device}")
     if rotary_cos.shape != rotary_sin.shape:
-        raise ValueError(f"fastattn: rotary_cos {_shape(rotary_cos)} and rotary_sin {_shape(rotary_sin)} must have "
-                         f"the same shape")
+        raise InputValueError(f"fastattn: rotary_cos {_shape(rotary_cos)} and rotary_sin {_shape(rotary_sin)} must "
+                              f"have the same shape")
     if k is None:
-        raise ValueError("fastattn: rotary_cos/rotary_sin rotate the new keys: pass k and v to append (as flash-attn "
-                         "requires)")
+        raise InputValueError("fastattn: rotary_cos/rotary_sin rotate the new keys: pass k and v to append (as "
+                              "flash-attn requires)")
     seqlen_ro, rotary_dim = rotary_cos.shape[0], 2 * rotary_cos.shape[1]
     head_dim = q.shape[-1]
     if rotary_dim == 0 or rotary_dim > head_dim:
-        raise ValueError(f"fastattn: rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must lie in [2, head dim "
-                         f"{head_dim}]; rotary_cos {_shape(rotary_cos)}")
+        raise InputValueError(f"fastattn: rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must lie in [2, head dim "
+                              f"{head_dim}]; rotary_cos {_shape(rotary_cos)}")
     if seqlen_ro < capacity:
-        raise ValueError(f"fastattn: rotary_cos/rotary_sin cover {seqlen_ro} positions but the cache holds "
-                         f"{capacity} per row: seqlen_ro must be >= the cache length")
+        raise InputValueError(f"fastattn: rotary_cos/rotary_sin cover {seqlen_ro} positions but the cache holds "
+                              f"{capacity} per row: seqlen_ro must be >= the cache length")
     return rotary_dim
 
 
@@ -75,6 +75,6 @@ def apply_kvcache(plan, q, k, rotary_cos, rotary_sin, interleaved: bool):
         # of cos/sin too (flash-attn would read past it). One host sync, in this rare case only.
         last = int(pos_q[:, -1].max())
         if last >= rotary_cos.shape[0]:
-            raise ValueError(f"fastattn: q's last row sits at position {last} (cache_seqlens + {plan.Sq} query "
-                             f"rows - 1), past rotary_cos/rotary_sin's {rotary_cos.shape[0]} positions")
+            raise InputValueError(f"fastattn: q's last row sits at position {last} (cache_seqlens + {plan.Sq} query "
+                                  f"rows - 1), past rotary_cos/rotary_sin's {rotary_cos.shape[0]} positions")
     return apply(q, rotary_cos, rotary_sin, pos_q, interleaved), apply(k, rotary_cos, rotary_sin, pos_k, interleaved)

@@ -93,7 +93,7 @@ BAD = [
     (lambda: fastattn.flash_attn_func(rnd(2, 4, 3, 8), rnd(2, 4, 3, 8), rnd(2, 4, 3, 8), window_size=(-2, 0)), ValueError, "window_size"),
     (lambda: fastattn.flash_attn_func(rnd(2, 4, 3, 8), rnd(2, 4, 3, 8), rnd(2, 4, 3, 8), alibi_slopes=torch.ones(2)), ValueError, "alibi_slopes"),
     (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 10]), torch.tensor([0, 4, 10], dtype=torch.int32), 6, 6), ValueError, "cu_seqlens_q"),
-    (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32), 6, 6), ValueError, "cu_seqlens_q"),
+    (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 11], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32), 6, 6), ValueError, "cu_seqlens_q"),
     (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 6, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 5, 10], dtype=torch.int32), 6, 6), ValueError, "non-decreasing"),
     (lambda: fastattn.flash_attn_varlen_func(rnd(10, 2, 8), rnd(10, 2, 8), rnd(10, 2, 8), torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32), 3, 6), ValueError, "max_seqlen"),
     (lambda: fastattn.flash_attn_with_kvcache(rnd(2, 1, 2, 8), rnd(2, 4, 2, 8), rnd(2, 4, 2, 8), k=rnd(2, 1, 2, 8), v=rnd(2, 1, 2, 8), cache_seqlens=torch.tensor([4, 1], dtype=torch.int32)), ValueError, "capacity"),

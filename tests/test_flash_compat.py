@@ -42,7 +42,7 @@ def test_qkvpacked(backend, dtype):
     qkv = torch.randn(B, S, 3, H, D).to(dtype).requires_grad_()
     out, lse, probs = fa.flash_attn_qkvpacked_func(qkv, causal=True, window_size=(20, -1), return_attn_probs=True,
                                                    backend=backend)
-    assert out.shape == (B, S, H, D) and lse.shape == (B, H, S) and probs is None
+    assert out.shape == (B, S, H, D) and lse.shape == (B, H, S) and probs.numel() == 0  # flash-attn: empty
     g = torch.randn_like(out)
     out.backward(g)
     assert qkv.grad.shape == qkv.shape
