@@ -70,14 +70,22 @@ def scores(q, k, scale, bias=None, window_left=-1, window_right=-1, bottom_right
 
 def naive_attention(q, k, v, scale, bias=None, window_left=-1, window_right=-1, bottom_right=False,
                     softcap=0.0, alibi_slopes=None, dropout_p=0.0, positions=None):
-    """Dense naive attention in the inputs' dtype. Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
+    """Dense naive attention, computed in at least fp32 as PyTorch's math SDPA does (fp16/bf16 inputs are widened,
+    the output rounded once: fp16 scores past 65504 had turned rows into NaN). Returns (out (B,H,Sq,Dv) in the
+    inputs' dtype, lse (B,H,Sq) fp32)."""
+    dtype = q.dtype
+    wt = torch.promote_types(dtype, torch.float32)
+    if wt != dtype:
+        q, k, v = (t.to(wt) for t in (q, k, v))
+        bias = None if bias is None else bias.to(wt)
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Sk == 0:  # no keys: every row is empty
         # An empty slice's sum is an exact 0 that keeps the graph (gradients come back as zeros); q.sum() * 0
         # would turn a NaN/Inf in q into NaN rows.
         zero = q.narrow(-1, 0, 0).sum() + k.sum() + v.sum()
-        return q.new_zeros(B, Hq, Sq, v.shape[-1]) + zero, q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
+        out = q.new_zeros(B, Hq, Sq, v.shape[-1]) + zero
+        return out.to(dtype), q.new_full((B, Hq, Sq), float("inf"), dtype=torch.float32)
     if Hq != Hkv:
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Sk, Dv)
     s, _ = scores(q, k, scale, bias, window_left, window_right, bottom_right, softcap, alibi_slopes, positions)
@@ -87,7 +95,7 @@ def naive_attention(q, k, v, scale, bias=None, window_left=-1, window_right=-1, 
     lse = torch.logsumexp(s.float(), dim=-1).masked_fill(empty.squeeze(-1), float("inf"))
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
-    return torch.matmul(p, v), lse
+    return torch.matmul(p, v).to(dtype), lse
 
 
 def block_grads(dout, q, k, v, out, lse, scale, bias=None, window_left=-1, window_right=-1, softcap=0.0,
