@@ -180,18 +180,14 @@ def test_auto_not_slower_than_torch_decode(dtype, heads, D, Sk):
 @pytest.mark.parametrize("heads,D", [((12, 12), 64), ((16, 4), 128)], ids=["mha-d64", "gqa16/4-d128"])
 @pytest.mark.parametrize("Sk", [512, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_not_slower_than_torch_decode_from_memory(request, dtype, Sk, heads, D):
+def test_auto_not_slower_than_torch_decode_from_memory(dtype, Sk, heads, D):
     """One-token decode steps as a model's generate() makes them: each call on the next of L layers' caches (B=1,
     contiguous (1, Hkv, Sk, D), ~96 MB in all, past the L3), so every cache comes from memory, as it does when a
     layer's weights and the other layers' caches pass between two steps of one layer. The steps above reuse one
     cache, which can stay in the L3: there the decode kernel read 1.2-1.4x torch where from memory it read 0.80-0.93x
-    from 1024 keys (fp32 MHA D=64, one thread, AMD EPYC Zen 4; _FP32_DECODE_AMD)."""
+    from 1024 keys (fp32 MHA D=64, one thread, AMD EPYC Zen 4, until 2026-12-05: its items walked every head at
+    once and its dot products read 8 keys' rows chunk by chunk; since then 1.02-1.17x)."""
     Hq, Hkv = heads
-    if dtype == torch.float32 and Hq == Hkv and cpu_backend._AMD and (THREADS > 1 or Sk < cpu_backend._DECODE_SK_AMD):
-        request.applymarker(pytest.mark.xfail(
-            reason="near the line (AMD EPYC Zen 4, 2026-12-03): one thread, at 512 keys (under _FP32_DECODE_AMD's "
-                   "bound) the decode kernel read 0.88-1.37x run to run; two threads (no rule) 0.75-1.07x, the "
-                   "hand-over 0.97-1.01x", strict=False))
     g = torch.Generator().manual_seed(0)
     per_layer = 2 * Hkv * Sk * D * torch.finfo(dtype).bits // 8
     q = torch.randn(1, Hq, 1, D, generator=g).to(dtype)
@@ -321,17 +317,12 @@ def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
 @pytest.mark.parametrize("heads,D", [((12, 12), 64), ((16, 4), 128)], ids=["mha-d64", "gqa16/4-d128"])
 @pytest.mark.parametrize("Sq", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
+def test_auto_not_slower_than_torch_masked_steps(dtype, Sq, heads, D):
     """Masked inference steps (B=4 sequences left-padded to 1024 keys, 0 / 1/8 / 1/4 / 1/2 of them padding, a bool
     (B, 1, 1, Sk) mask; a batched generate() step of one or four tokens), SDPA surface: one-token steps run on the
     split-KV decode kernel with the mask (bf16 MHA ones on one thread handed to sdpa), the step rules hand fp32
     steps of four tokens to sdpa (on Intel CPUs)."""
     Hq, Hkv = heads
-    if dtype == torch.float32 and Sq == 1 and Hq == Hkv and THREADS == 1 and cpu_backend._AMD:
-        request.applymarker(pytest.mark.xfail(
-            reason="known gap (AMD EPYC, 2026-12-02): a 25 MB cache streamed from memory by either kernel, the decode "
-                   "kernel 0.70-1.32x torch run to run (the host's memory bandwidth; see _SHORT_DECODE); handed to "
-                   "sdpa since 2026-12-03 (_FP32_DECODE_AMD), 1.04x in one run", strict=False))
     Bm, Sk = 4, 1024
     mask = torch.ones(Bm, 1, 1, Sk, dtype=torch.bool)  # (B, 1, 1, Sk): True = a real key
     for b, pad in enumerate((0, Sk // 8, Sk // 4, Sk // 2)):

@@ -381,9 +381,9 @@ def test_intel_brgemm_fp32_rules(monkeypatch):
 
 
 def test_amd_fp32_rules(monkeypatch):
-    """On AMD CPUs (measured on an EPYC, Zen 4) fp32 inference steps and tiny calls, masked or not, stay on the cpu
-    kernels at any thread count, except one-token MHA steps at head dim <= 64 against 1024 keys or more on one thread
-    (_FP32_DECODE_AMD), masked or not."""
+    """On AMD CPUs (measured on an EPYC, Zen 4) fp32 inference steps, one-token steps and tiny calls, masked or not,
+    stay on the cpu kernels at any thread count (one-token MHA steps at head dim <= 64 from 1024 keys went to sdpa on
+    one thread until the decode kernel's 2026-12-05 changes)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
@@ -402,8 +402,7 @@ def test_amd_fp32_rules(monkeypatch):
             assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "cpu"  # tiny
             long_pad = torch.ones(2, 1, 1, 1024, dtype=torch.bool)  # (B, 1, 1, Sk)
             long_pad[1, ..., :100] = False
-            decode = "sdpa" if threads == 1 else "cpu"
-            assert chosen(1, Sk=1024) == decode and chosen(1, Sk=1024, mask=long_pad) == decode, threads
+            assert chosen(1, Sk=1024) == "cpu" and chosen(1, Sk=1024, mask=long_pad) == "cpu", threads
             assert chosen(1, Sk=1023) == "cpu" and chosen(1, Sk=1023, mask=long_pad[..., :1023]) == "cpu"
             assert chosen(1, Hq=8, Hkv=2, Sk=1024) == "cpu" and chosen(1, Sk=1024, D=80) == "cpu"
             if threads == 1:  # a training call (past the small-training rule's bound): not a step

@@ -183,13 +183,11 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
 # fp32 step rule holds for them. bf16 MHA steps of 3-4 tokens, sdpa's unmasked, are ours masked (1.03-1.20x on one
 # thread, where the hand-over read 0.99x).
 def _masked_step(p: AttnParams, dt) -> Optional[str]:
-    """The step rule a masked inference step falls under (_FP32_STEPS, _FP32_DECODE_AMD; _BF16_SHORT's one-token
-    steps), or None (eager only, as _masked_tiny: the thread count and lengths would make graphs guard)."""
+    """The step rule a masked inference step falls under (_FP32_STEPS; _BF16_SHORT's one-token steps), or None
+    (eager only, as _masked_tiny: the thread count and lengths would make graphs guard)."""
     if p.requires_grad or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True):
         return None
-    Sq, Sk = _lengths(p)
-    if dt is torch.float32 and _fp32_decode_amd(p, Sq, Sk):
-        return _FP32_DECODE_AMD
+    Sq, _ = _lengths(p)
     if dt is torch.float32:
         return _fp32_steps_reason() if 2 <= Sq <= _fp32_step_limit(p) else None
     if dt is torch.bfloat16 and _avx2_step(p):
@@ -207,7 +205,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
 # 1.01-1.57x (masked 4-token steps at D=128 1.55x), the hand-over 0.80-1.18x; on two threads tiny calls 1.25-1.93x and
 # tiny masked ones 1.57-1.87x (the hand-over 0.96-1.01x), on one 0.84-1.10x on sgemm and 0.99-1.37x on brgemm (the
 # hand-over 0.89-1.25x). So there every fp32 step and every tiny call stays ours, except long one-token MHA steps at
-# head dim <= 64 (_FP32_DECODE_AMD below). bf16 and fp16 have no short-call rule there either: the cpu kernels
+# head dim <= 64 (until 2026-12-05: below). bf16 and fp16 have no short-call rule there either: the cpu kernels
 # measured 1.5-30x torch on every class (torch multiplies them without AMX).
 _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # Intel CPUs whose fp32 tiles run on oneDNN's brgemm (csrc/cpu/blas.cpp: a near tie with sgemm keeps it), measured on
@@ -229,28 +227,13 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # transformers' causal mask (read as a band) 0.69-1.11x before, 1.07-1.61x packed; a random mask (tree attention)
 # 0.72-1.14x before, 0.85-1.39x packed (0.85-1.14x at 512-1024 keys): steps with a mask beyond key padding go to
 # sdpa up to 16 tokens, as the rule cannot tell the two apart without reading the mask.
-# One-token fp32 MHA steps on the AMD EPYC with AVX-512 (Zen 4, 2026-12-03 night, B1 H12 D=64, ad-hoc: each step on
-# one of 5-160 layers' caches in turn, 128 MB in all, so that every cache comes from memory as in a model's generate();
-# torch and the decode kernel interleaved, median of 12-30 rounds): one thread 0.80-0.93x torch at 1024-4096 keys in
-# eight runs of nine (1.02x in one, on a busy host; the fastest rounds 0.78-0.90x), where the hand-over read
-# 0.95-1.07x; at 512 keys 0.83-1.11x run to run (the hand-over 0.95-1.03x), 1.03x at 256, 1.14x at 128. Both read the
-# cache at 10-16 GB/s, under a plain read's 22. Software prefetching in the decode helpers (8-128 keys ahead) and
-# 256-key blocks did not close it. Two threads: 0.75-1.07x at 512-4096 keys run to run (0.83x / 0.87x at 4096 / 512 in
-# test_auto_rule.py's from-memory class, 1.01x / 1.07x at 1024 / 4096 in the longest ad-hoc run; the hand-over
-# 0.97-1.01x), and a warm masked B4 step at 1024 keys 2.05x: no rule there. Head dim 80-96 read 0.97-1.2x, 128 1.6x
-# (torch's kernel is slower there), grouped-query 12/4 at D=64 1.03-1.12x: those stay ours. The same steps on one
-# cache, which then stays in the L3, read 1.2-1.4x at 512-2048 keys (a warm B4 masked step at 1024 keys 0.99-1.15x,
-# where the hand-over reads 0.94-1.04x): the rule gives up those for the cold cache of a real model's steps.
-_DECODE_SK_AMD = 1024
-_FP32_DECODE_AMD = ("sdpa is faster for fp32 one-token steps without grouped-query heads at head dim <= 64 against "
-                    "1024 keys or more, on one thread of this AMD CPU (the decode kernel measured 0.80-0.93x with the "
-                    "cache read from memory, as in a model's generate())")
-
-
-def _fp32_decode_amd(p: AttnParams, Sq: int, Sk: int) -> bool:
-    """A one-token fp32 inference step _FP32_DECODE_AMD covers (eager only: callers skip graphs)."""
-    return (_AMD and not _AVX2_ONLY and Sq == 1 and Sk >= _DECODE_SK_AMD and not p.requires_grad
-            and p.q.shape[1] == p.k.shape[1] and p.q.shape[3] <= 64 and _one_thread())
+# One-token fp32 MHA steps on the AMD EPYC with AVX-512 (Zen 4): from 2026-12-03 to 2026-12-05 those at head dim <= 64
+# against 1024 keys or more went to sdpa on one thread (the decode kernel read 0.80-0.93x torch with the cache coming
+# from memory, as in a model's generate(): its work items walked every head's rows at once, and its key dot products
+# read 8 keys' rows chunk by chunk). Since the kernel gives each head of SDPA's layout its own item and reads each
+# key's row start to end (csrc/cpu/decode.cpp, decode_tiles.h; 2026-12-05, benchmarks/bench_decode_memory.py and
+# test_auto_rule.py's from-memory class, one thread): 1.02-1.17x at 512-4096 keys (1.22x on one cache in the L3),
+# where the hand-over read 0.96-1.00x: no rule there.
 
 
 _FP32_BRGEMM = _REPORT.get("fp32") == "brgemm"
@@ -361,8 +344,6 @@ class CpuBackend(Backend):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _fp32_steps_reason()
-                elif _fp32_decode_amd(p, Sq, Sk):
-                    why = _FP32_DECODE_AMD
                 elif _avx2_step(p):
                     why = _AVX2_STEPS
                 elif p.requires_grad and _small_grad(p, Sq, Sk):
@@ -385,8 +366,7 @@ class CpuBackend(Backend):
     def length_breaks(self, Sq: int):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
-        return (_TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq,
-                _DECODE_SK_AMD - 1)
+        return (_TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq)
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
