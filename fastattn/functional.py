@@ -203,6 +203,12 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     return dispatch.explain_params(p, backend)
 
 
+def _bshd(out):
+    """out contiguous in flash-attn's layout, as flash-attn returns it (callers .view() it): the fused kernels write
+    it so already; a backend that computes (B, H, S, D) (reference, sdpa) gets one copy."""
+    return out if out.is_contiguous() else out.contiguous()
+
+
 def _no_probs(out):
     """The S_dmask slot of return_attn_probs: an empty tensor (flash-attn's when it returns no probabilities)."""
     return out.new_empty(0)
@@ -294,7 +300,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out, lse = dispatch.run(p, backend)
     if plain is not None and route is None:
         lean.learn(plain[0], p, backend)
-    out = out.transpose(1, 2)  # (B, H, Sq, Dv) -> (B, Sq, H, Dv)
+    out = _bshd(out.transpose(1, 2))  # (B, H, Sq, Dv) -> (B, Sq, H, Dv)
     return (out, lse, _no_probs(out)) if return_attn_probs else out
 
 
@@ -329,7 +335,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     p = _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     out, lse = dispatch.run(p, backend)
-    out = out[0].transpose(0, 1)  # (1, H, total, Dv) -> (total, H, Dv)
+    out = _bshd(out[0].transpose(0, 1))  # (1, H, total, Dv) -> (total, H, Dv)
     return (out, lse[0], _no_probs(out)) if return_attn_probs else out
 
 

@@ -188,3 +188,19 @@ def test_reference_fp16_scores_do_not_overflow():
         assert torch.isfinite(out).all()
         assert_rule("out", out, ref, oracle_attention(q, k, v, scale=scale, softcap=softcap, dtype=torch.float32),
                     torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "cpu"])
+def test_outputs_are_contiguous_as_flash_attns(backend):
+    """flash-attn returns contiguous (B, S, H, D) / (total, H, D) outputs and callers .view() them; the reference and
+    sdpa backends compute (B, H, S, D), whose transpose was a non-contiguous view."""
+    if backend not in fastattn.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not available here")
+    q = torch.randn(2, 5, 3, 8)
+    out = fa.flash_attn_func(q, q, q, causal=True, backend=backend)
+    assert out.is_contiguous() and out.view(2, 5, 24).shape == (2, 5, 24)
+    if backend == "sdpa":
+        return  # no varlen there
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    out = fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 3, 3, backend=backend)
+    assert out.is_contiguous() and out.view(5, 24).shape == (5, 24)
