@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from . import dispatch, lean
 from .lean import tracing  # asked before the lean keys
 from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
-from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens, check_dropout,
-                     check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window, default_scale,
-                     last_dim_contiguous, normalize_mask)
+from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens_padded,
+                     check_dropout, check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window,
+                     default_scale, last_dim_contiguous, normalize_mask)
 
 
 
@@ -214,21 +214,6 @@ def _no_probs(out):
     return out.new_empty(0)
 
 
-def _rows_used(q, k, cu_q, cu_k):
-    """(cu_seqlens_q[-1], cu_seqlens_k[-1]) where q or k packs more rows than its sequences use (a batch padded to a
-    fixed size, which flash-attn takes: the rows past the last sequence are ignored), else None. Eager only: a
-    compiled call's totals must match (the ops check them)."""
-    if torch.compiler.is_compiling() or not all(isinstance(t, torch.Tensor) for t in (q, k, cu_q, cu_k)):
-        return None
-    if cu_q.dim() != 1 or cu_k.dim() != 1 or not cu_q.numel() or not cu_k.numel() or q.dim() != 3 or k.dim() != 3 \
-            or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32 or cu_q.device != cu_k.device:
-        return None  # check_qkv / check_cu_seqlens name the problem
-    nq, nk = (int(x) for x in torch.stack([cu_q[-1], cu_k[-1]]).tolist())  # one host sync
-    if (nq, nk) == (q.shape[0], k.shape[0]) or not (0 <= nq <= q.shape[0] and 0 <= nk <= k.shape[0]):
-        return None
-    return nq, nk
-
-
 def _as_int(n):
     return n if isinstance(n, (int, torch.SymInt)) else int(n)
 
@@ -248,8 +233,10 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         check_qkv(q, k, v, layout="bshd", names=("q", "k", "v"), varlen=True)
         cu_q, cu_k, max_q, max_k = varlen
         max_q, max_k = check_int(max_q, "max_seqlen_q"), check_int(max_k, "max_seqlen_k")
-        cu_q = check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0], q.device)
-        cu_k = check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0], q.device)
+        cu_q, end_q = check_cu_seqlens_padded(cu_q, "cu_seqlens_q", q.shape[0], q.device)
+        cu_k, end_k = check_cu_seqlens_padded(cu_k, "cu_seqlens_k", k.shape[0], q.device)
+        if end_q is not None:  # rows past the last sequence (a batch padded to a fixed size) take no part
+            q, k, v = q[:end_q], k[:end_k], v[:end_k]
         if cu_q.numel() != cu_k.numel():
             raise InputValueError(f"fastattn: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} "
                              f"must describe the same number of sequences")
@@ -320,23 +307,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("fastattn: flash_attn_varlen_func(block_table=...) (paged KV) is not supported; "
                                   "use flash_attn_with_kvcache")
-    used = _rows_used(q, k, cu_seqlens_q, cu_seqlens_k)
-    if used is not None:  # padded packing: rows past the last sequence take no part (as in flash-attn)
-        nq, nk = used
-        res = flash_attn_varlen_func(q[:nq], k[:nk], v[:nk], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                     deterministic, return_attn_probs, backend=backend)
-        out = res[0] if return_attn_probs else res
-        out = F.pad(out, (0, 0, 0, 0, 0, q.shape[0] - nq))  # (nq, H, Dv) -> (total_q, H, Dv), zeros
-        if not return_attn_probs:
-            return out
-        lse = F.pad(res[1], (0, q.shape[0] - nq), value=math.inf)  # no key seen: +inf, as empty rows
-        return out, lse, _no_probs(out)
     p = _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, varlen=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     out, lse = dispatch.run(p, backend)
-    out = _bshd(out[0].transpose(0, 1))  # (1, H, total, Dv) -> (total, H, Dv)
-    return (out, lse[0], _no_probs(out)) if return_attn_probs else out
+    out = _bshd(out[0].transpose(0, 1))  # (1, H, used, Dv) -> (used, H, Dv)
+    pad = q.shape[0] - out.shape[0]  # rows past cu_seqlens_q[-1]: no part in the attention
+    if pad:
+        out = F.pad(out, (0, 0, 0, 0, 0, pad))  # (used, H, Dv) -> (total_q, H, Dv), zeros
+    if not return_attn_probs:
+        return out
+    lse = F.pad(lse[0], (0, pad), value=math.inf) if pad else lse[0]  # no key seen: +inf, as empty rows
+    return out, lse, _no_probs(out)
 
 
 __all__ = ["scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",

@@ -225,8 +225,8 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
             if cache_batch_idx.dim() != 1:
                 raise InputValueError(f"fastattn: cache_batch_idx must be int32 of shape ({B},), got "
                                       f"{tuple(cache_batch_idx.shape)}")
-        elif ks[0] != B:
-            raise InputValueError(f"fastattn: k_cache batch {k_cache.shape[0]} != q batch {B} (pass cache_batch_idx)")
+        elif ks[0] < B:  # more rows: flash-attn reads rows 0..B-1 (the caller narrows the caches to them)
+            raise InputValueError(f"fastattn: k_cache batch {k_cache.shape[0]} < q batch {B} (pass cache_batch_idx)")
     lens = _check_cache_seqlens(cache_seqlens, B, q.device)
     snew = 0
     if (k is None) != (v is None):
@@ -378,12 +378,6 @@ def _append_and_run(idx, k, v, k_cache, v_cache, chosen, call, p, backend):
     return _run(chosen, call, p, backend)
 
 
-def _larger_cache(q, k_cache, v_cache) -> bool:
-    """Whether dense caches hold more rows than q's batch (and agree with each other)."""
-    return (all(isinstance(t, torch.Tensor) and not t.is_nested and t.dim() == 4 for t in (q, k_cache, v_cache))
-            and k_cache.shape[0] == v_cache.shape[0] > q.shape[0])
-
-
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -418,12 +412,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 res = lean.cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_softmax_lse)
                 if res is not None:
                     return res
-    if cache_batch_idx is None and block_table is None and _larger_cache(q, k_cache, v_cache):
-        # flash-attn reads rows 0..B-1 of a cache allocated for a larger batch; the append writes through the views
-        k_cache, v_cache = k_cache[:q.shape[0]], v_cache[:q.shape[0]]  # (B_cache, Smax, Hkv, D) -> (B, ...) views
-        lean_key = None  # the key describes the whole caches: learn no route for these views under it
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
+    if not plan.paged and cache_batch_idx is None and k_cache.shape[0] > plan.B:
+        # a cache allocated for a larger batch: rows 0..B-1, appended through the views
+        k_cache, v_cache = k_cache[:plan.B], v_cache[:plan.B]  # (B_cache, Smax, Hkv, D) -> (B, ...) views
+        lean_key = None  # the key describes the whole caches: learn no route for these views under it
     if plan.B and torch.compiler.is_compiling():  # the value checks, as an op everything after it depends on
         plan.lens, cache_batch_idx, block_table = _traced_checks(plan, cache_batch_idx, block_table, k_cache)
     q, k = rotary.apply_kvcache(plan, q, k, rotary_cos, rotary_sin, rotary_interleaved)  # checks, then copies

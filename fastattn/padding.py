@@ -60,13 +60,18 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
             raise InputValueError(f"fastattn: {name} must be (B, S) = {tuple(hidden_states.shape[:2])} like "
                              f"hidden_states {_shape(hidden_states)}, got {_what(m)}")
     keep = attention_mask.bool() if unused_mask is None else (attention_mask.bool() | unused_mask.bool())
-    seqlens = keep.sum(dim=-1, dtype=torch.int32)
     seqused = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
+    return (*_gather(hidden_states, keep, keep.sum(dim=-1, dtype=torch.int32)), seqused)
+
+
+def _gather(hidden_states, keep, seqlens):
+    """(hidden_states' kept slots (total, ...), their indices (total,) into the flattened B*S axis, cu_seqlens (N+1,)
+    int32 of the sequences' lengths `seqlens` (N,), their max): keep (B, S) bool marks the slots, in row order."""
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
     max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
     cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
     flat = hidden_states.reshape(-1, *hidden_states.shape[2:])  # (B, S, ...) -> (B*S, ...)
-    return index_first_axis(flat, indices), indices, cu_seqlens, max_seqlen, seqused
+    return index_first_axis(flat, indices), indices, cu_seqlens, max_seqlen
 
 
 def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
@@ -86,12 +91,7 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
         raise InputValueError(f"fastattn: attention_mask_in_length must hold lengths >= 0 summing to at most the "
                               f"row length {S} per row, got row sums {used.tolist()}")
     keep = torch.arange(S, device=m.device).unsqueeze(0) < used.unsqueeze(1)  # (B, S): the filled slots
-    seqlens = m.flatten()[m.flatten() != 0].to(torch.int32)  # (N,) in row order
-    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
-    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])  # (B, S, ...) -> (B*S, ...)
-    return index_first_axis(flat, indices), indices, cu_seqlens, max_seqlen
+    return _gather(hidden_states, keep, m.flatten()[m.flatten() != 0].to(torch.int32))  # lengths (N,) in row order
 
 
 def pad_input(hidden_states, indices, batch: int, seqlen: int):
@@ -106,9 +106,10 @@ class IndexFirstAxis(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, indices):
+        out = index_first_axis(input, indices)  # checks both
         ctx.save_for_backward(indices)
-        ctx.first_axis_dim = input.shape[0] if isinstance(input, torch.Tensor) else 0
-        return index_first_axis(input, indices)
+        ctx.first_axis_dim = input.shape[0]
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -493,6 +493,12 @@ def normalize_mask(attn_mask, q, target):
 def check_cu_seqlens(cu, name: str, total: int, device=None) -> torch.Tensor:
     """Checks cu_seqlens (int32 (N+1,) on `device` when given, starting at 0, non-decreasing, ending at `total`);
     returns it contiguous (the ops refuse strided ones)."""
+    return check_cu_seqlens_padded(cu, name, total, device, padded=False)[0]
+
+
+def check_cu_seqlens_padded(cu, name: str, total: int, device=None, padded: bool = True):
+    """check_cu_seqlens, the end allowed short of `total` when padded (rows past it are padding, as flash-attn
+    takes them): returns (cu, its end), the end None while compiling (its value is not read then)."""
     if not isinstance(cu, torch.Tensor):
         raise InputTypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -501,15 +507,17 @@ def check_cu_seqlens(cu, name: str, total: int, device=None) -> torch.Tensor:
         raise InputValueError(f"fastattn: {name} must be on q's device {device}, got {cu.device}")
     cu = cu.contiguous()
     if torch.compiler.is_compiling():
-        return cu  # value checks need a host sync; they ran in eager mode
+        return cu, None  # value checks need a host sync; they ran in eager mode
     c = cu.detach().cpu()
     if int(c[0]) != 0:
         raise InputValueError(f"fastattn: {name}[0] must be 0, got {int(c[0])}")
     if bool((c[1:] < c[:-1]).any()):
         raise InputValueError(f"fastattn: {name} must be non-decreasing, got {c.tolist()}")
-    if int(c[-1]) != total:
-        raise InputValueError(f"fastattn: {name}[-1] = {int(c[-1])} must equal the packed length {total}")
-    return cu
+    end = int(c[-1])
+    if end > total or end != total and not padded:
+        raise InputValueError(f"fastattn: {name}[-1] = {end} must equal the packed length {total}"
+                              + (" or lie below it (padding rows)" if padded else ""))
+    return cu, end
 
 
 def check_alibi(alibi_slopes, B: int, H: int, device):
