@@ -231,7 +231,9 @@ def test_cpu_kernel_head_alone_same_bits(dtype):
     a head's query tokens) together, four, two or one at a time, each row's sums in the order it has alone (the
     design decode_tiles.h states). Fixed key splits (num_splits), as the splits change rounding."""
     g = torch.Generator().manual_seed(3)
-    for (Hq, Hkv), Sq, D in (((7, 7), 1, 64), ((6, 6), 2, 128), ((8, 4), 1, 128), ((6, 2), 3, 64)):
+    # (6, 2) with 3 tokens: 9 rows a KV head, run as 4 + 4 + 1 together and 2 + 1 alone; a row alone at D <= 64
+    # takes pv_avx2 on AVX-512 CPUs (D = 36: its scalar tail too), the others pv_rows
+    for (Hq, Hkv), Sq, D in (((7, 7), 1, 64), ((6, 6), 2, 128), ((8, 4), 1, 128), ((6, 2), 3, 64), ((6, 2), 3, 36)):
         q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
         k, v = (torch.randn(1, Hkv, 300, D, generator=g).to(dtype) for _ in range(2))
         full = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 0.125, -1, -1, 0.0, None, 2, True)
