@@ -50,7 +50,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     nn.TransformerEncoderLayer does) to get the fused path.
 
     Differences from PyTorch: query rows whose keys are all masked give output 0 (and weights 0) instead of NaN;
-    NestedTensor inputs are not supported.
+    NestedTensor inputs only as nn.TransformerEncoder passes them (self-attention, no masks); with is_causal=True and
+    need_weights=False the hint is trusted even beside a key_padding_mask (PyTorch then reads attn_mask instead: the
+    two differ only when attn_mask is not the causal mask); torch.jit.script refuses the module (unpatch first).
     """
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):
@@ -64,8 +66,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"fastattn.nn.MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")
-            if t.is_nested:
-                raise ValueError("fastattn.nn.MultiheadAttention: NestedTensor inputs are not supported")
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        average_attn_weights, is_causal)
+        self_attention = query is key and key is value  # before the transposes below make new tensors
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(f"fastattn.nn.MultiheadAttention: query, key, value must all be 3-D (batched) or 2-D "
@@ -109,7 +113,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 raise ValueError(f"fastattn.nn.MultiheadAttention: attn_mask must be ({L}, {S}) or ({N * H}, {L}, "
                                  f"{S}), got {tuple(attn_mask.shape)}")
 
-        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
+        q, k, v = self._project(query, key, value, self_attention)  # (N, L, E), (N, S, E), (N, S, E)
         extra = 0
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)  # (N, S+1, E)
@@ -147,19 +151,36 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             out = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                           is_causal=use_causal, backend=self.backend)
             weights = None
-        out = out.transpose(1, 2).reshape(N, L, E)  # (N, H, L, Dh) -> (N, L, E)
+        if batched and not self.batch_first:  # contiguous in the caller's layout, as PyTorch returns it
+            out = out.permute(2, 0, 1, 3).reshape(L, N, E)  # (N, H, L, Dh) -> (L, N, H, Dh) -> (L, N, E)
+        else:
+            out = out.transpose(1, 2).reshape(N, L, E)  # (N, H, L, Dh) -> (N, L, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)  # (1, L, E) -> (L, E)
             weights = weights.squeeze(0) if weights is not None else None
-        elif not self.batch_first:
-            out = out.transpose(0, 1)  # (N, L, E) -> (L, N, E)
         return out, weights
 
-    def _project(self, query, key, value):
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                        is_causal):
+        """NestedTensor self-attention, as nn.TransformerEncoder passes it (eval, no_grad, src_key_padding_mask, no
+        mask; it does so to modules patched or built before the encoder): padded, run with a key-padding mask,
+        returned nested in the same lengths, so padded rows stay out of the encoder's output (0 there, as PyTorch)."""
+        if not (query is key and key is value and query.is_nested and self.batch_first and attn_mask is None
+                and key_padding_mask is None and not is_causal and not need_weights and query.dim() == 3):
+            raise ValueError("fastattn.nn.MultiheadAttention: NestedTensor inputs are supported only as "
+                             "nn.TransformerEncoder passes them: self-attention (query is key is value), batch_first, "
+                             "need_weights=False, no attn_mask, key_padding_mask or is_causal")
+        lengths = [t.shape[0] for t in query.unbind()]
+        x = query.to_padded_tensor(0.0)  # (N, max L, E)
+        pad = torch.arange(x.shape[1], device=x.device)[None] >= torch.tensor(lengths, device=x.device)[:, None]
+        out, _ = self.forward(x, x, x, key_padding_mask=pad, need_weights=False)  # (N, max L, E)
+        return torch.nested.nested_tensor([out[i, :n] for i, n in enumerate(lengths)]), None
+
+    def _project(self, query, key, value, self_attention):
         E = self.embed_dim
         if self._qkv_same_embed_dim:
-            if query is key and key is value:  # self-attention: one GEMM, q/k/v are views of its output
+            if self_attention:  # one GEMM, q/k/v are views of its output
                 return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(E, dim=-1)
             w_q, w_k, w_v = self.in_proj_weight.split(E, dim=0)
         else:
@@ -203,11 +224,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 #
 # The swap changes each module's class to fastattn.nn.MultiheadAttention (a subclass with the same attributes), so
 # parameters, buffers, hooks, devices and optimizer references stay exactly as they were; only forward changes.
-# nn.TransformerEncoder(Layer) would otherwise bypass forward through its fused inference fast path, which reads
+# nn.TransformerEncoderLayer would otherwise bypass forward through its fused inference fast path, which reads
 # self_attn's weights directly: the swapped module carries a no-op forward pre-hook (the layer skips its fast path
-# when hooks are present) and each TransformerEncoder containing it gets use_nested_tensor=False (restored by
-# unpatch).
-_NESTED_FLAG = "_fastattn_saved_use_nested_tensor"
+# when hooks are present). nn.TransformerEncoder's nested-tensor path stays on: the layers then run PyTorch's
+# Python path on nested tensors and the swapped module takes them (MultiheadAttention._forward_nested).
 
 
 def patch(model: torch.nn.Module, backend: Optional[str] = None) -> List[str]:
@@ -230,11 +250,6 @@ def patch(model: torch.nn.Module, backend: Optional[str] = None) -> List[str]:
             replaced.append(name)
         elif isinstance(mod, MultiheadAttention) and backend is not None:
             mod.backend = backend
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False) and \
-                any(isinstance(m, MultiheadAttention) for m in mod.modules()):
-            setattr(mod, _NESTED_FLAG, True)
-            mod.use_nested_tensor = False
     return replaced
 
 
@@ -250,10 +265,6 @@ def unpatch(model: torch.nn.Module) -> List[str]:
             mod.__dict__.pop("backend", None)
             mod.__class__ = torch.nn.MultiheadAttention
             restored.append(name)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.TransformerEncoder) and getattr(mod, _NESTED_FLAG, False):
-            mod.use_nested_tensor = True
-            delattr(mod, _NESTED_FLAG)
     return restored
 
 

@@ -16,10 +16,10 @@
 
 The swap changes each module's class to fastattn.nn.MultiheadAttention (a subclass with the same attributes), so
 parameters, buffers, hooks, devices and optimizer references stay exactly as they were; only forward changes.
-nn.TransformerEncoder(Layer) would otherwise bypass forward through its fused inference fast path, which reads
+nn.TransformerEncoderLayer would otherwise bypass forward through its fused inference fast path, which reads
 self_attn's weights directly: the swapped module carries a no-op forward pre-hook (the layer skips its fast path
-when hooks are present) and each TransformerEncoder containing it gets use_nested_tensor=False (restored by
-unpatch)."""
+when hooks are present). nn.TransformerEncoder's nested-tensor path (eval, no_grad, src_key_padding_mask) stays on:
+the swapped module takes the nested tensors it passes, so padded positions come out 0, as in PyTorch."""
 from .nn import patch, unpatch
 
 __all__ = ["patch", "unpatch"]

@@ -203,7 +203,7 @@ def test_patch_transformer_encoder_round_trip(monkeypatch):
         names = fastattn.patch(model)
         assert names == ["layers.0.self_attn", "layers.1.self_attn"]
         assert all(type(layer.self_attn) is MultiheadAttention for layer in model.layers)
-        assert not model.use_nested_tensor
+        assert model.use_nested_tensor  # its nested path runs our forward (padded rows 0, as PyTorch's)
         calls = []
         real_sdpa = fastattn.functional.scaled_dot_product_attention
         monkeypatch.setattr(fastattn.functional, "scaled_dot_product_attention",
@@ -220,9 +220,33 @@ def test_patch_transformer_encoder_round_trip(monkeypatch):
         assert model.use_nested_tensor and not model.layers[0].self_attn._forward_pre_hooks
         again = model(x, src_key_padding_mask=kpm)
         ref_causal = model(x, mask=causal, is_causal=True)
-    assert_rule("patched", after[real], before[real], None, torch.float32)
+    assert_rule("patched", after, before, None, torch.float32)
+    assert torch.equal(after[~real], torch.zeros_like(after[~real]))
     assert_rule("unpatched", again[real], before[real], None, torch.float32)
     assert_rule("patched causal", after_causal, ref_causal, None, torch.float32)
+
+
+def test_layer_patched_before_its_encoder():
+    """A layer patched (or built with fastattn) before nn.TransformerEncoder copies it: the encoder, in eval and
+    no_grad with a padding mask, passes our module nested tensors. Same output as PyTorch's, padded rows 0; other
+    nested calls are refused with the reason."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=64, dropout=0.0, batch_first=True)
+    ref = torch.nn.TransformerEncoder(copy.deepcopy(layer), num_layers=2, enable_nested_tensor=True).eval()
+    fastattn.patch(layer)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 9, E)
+    kpm = torch.zeros(3, 9, dtype=torch.bool)
+    kpm[0, 5:] = True
+    kpm[2, 1:] = True
+    with torch.no_grad():
+        out, expected = model(x, src_key_padding_mask=kpm), ref(x, src_key_padding_mask=kpm)
+        assert_rule("nested", out, expected, None, torch.float32)
+        assert torch.equal(out[kpm], torch.zeros_like(out[kpm]))
+        nested = torch.nested.nested_tensor([x[0, :5], x[1]])
+        with pytest.raises(ValueError, match="NestedTensor inputs are supported only as nn.TransformerEncoder"):
+            model.layers[0].self_attn(nested, nested, nested)  # need_weights defaults to True: torch refuses too
 
 
 def test_patch_full_transformer_training_and_backend():
@@ -253,3 +277,23 @@ def test_patch_leaves_subclasses_alone():
     model.add_module("attn", Custom(E, H))
     assert fastattn.patch(model) == [] and type(model.attn) is Custom
     assert fastattn.unpatch(model) == []
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_output_contiguous_and_self_attention_one_projection(batch_first, monkeypatch):
+    """The output is contiguous in the caller's layout (PyTorch's is: callers .view() it), and self-attention
+    projects q, k, v in one GEMM in either layout (the batch-first transposes make new tensors: `query is key` is
+    read before them)."""
+    m = MultiheadAttention(E, H, batch_first=batch_first).eval()
+    x = torch.randn(5, 3, E)
+    shapes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, w, b=None: shapes.append(tuple(w.shape)) or
+                        linear(a, w, b))
+    out, _ = m(x, x, x, need_weights=False)
+    monkeypatch.undo()
+    assert out.shape == x.shape and out.is_contiguous()
+    assert shapes == [(3 * E, E), (E, E)]
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=batch_first).eval().requires_grad_(False)
+    ref.load_state_dict(m.state_dict())
+    assert_rule("layout", out, ref(x, x, x, need_weights=False)[0], None, torch.float32)
