@@ -129,6 +129,25 @@ def _nothing_to_compute(p: AttnParams):
     return out
 
 
+_any_autocast = torch._C._is_any_autocast_enabled  # 0.1 us; asked first on every call
+
+
+def _autocast(query, key, value, attn_mask):
+    """PyTorch's autocast rule for its SDPA ("lower precision fp"): inside torch.autocast on the inputs' device,
+    fp32/fp16/bf16 query, key, value and float mask run in the autocast dtype (fp64 stays). Without it, a model
+    whose rotary embedding returns fp32 q and k beside a bf16 v (Llama and most RoPE models under autocast) had
+    its call refused for mixed dtypes."""
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev):
+        return query, key, value, attn_mask
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        low = type(t) is torch.Tensor and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return t.to(dt) if low and t.dtype != dt else t  # (a CausalBias mask is no tensor to cast)
+    return cast(query), cast(key), cast(value), None if attn_mask is None else cast(attn_mask)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, backend: Optional[str] = None):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -148,11 +167,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Returns: (N, ..., Hq, Sq, Dv) in query's dtype. Rows whose keys are all masked give 0 (PyTorch may give NaN).
     Bad input raises fastattn.InputValueError / InputTypeError (ValueError / TypeError and RuntimeError).
+    Inside torch.autocast, inputs are cast as PyTorch casts its SDPA's (fp32/fp16/bf16 to the autocast dtype).
 
     Equivalent PyTorch:
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
+    if _any_autocast() and isinstance(query, torch.Tensor):
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     lean_key = route = None
     if dropout_p == 0.0 and not tracing():  # a plain call: the lean path's (fastattn/lean.py)
         lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
@@ -180,7 +202,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     Gemma 2), causality aligned bottom-right when bottom_right (query i sees keys j <= i + Sk - Sq), and the lse.
 
     Returns out (B, Hq, Sq, Dv), or (out, lse (B, Hq, Sq) float32, not differentiable) with return_lse; rows that see
-    no key give out 0 and lse +inf."""
+    no key give out 0 and lse +inf. Autocast as scaled_dot_product_attention."""
+    if _any_autocast() and isinstance(query, torch.Tensor):
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     p, _, rank, nothing = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if rank != 4:
         raise InputValueError(f"fastattn: attention takes 4-D (B, H, S, D) inputs, got query {tuple(query.shape)}, "
@@ -199,6 +223,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             backend: Optional[str] = None) -> dispatch.Explanation:
     """Which backend would run this SDPA-style call, and why each other one was refused. print() it."""
+    if _any_autocast() and isinstance(query, torch.Tensor):
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     p = _sdpa_params(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return dispatch.explain_params(p, backend)
 

@@ -10,11 +10,16 @@ interface makes transformers pass attention_mask=None (padding and causality sil
 both. Our mask function returns the cheapest form the kernels can use:
 
     None                    no mask: causal (top-left, as SDPA) when the layer is causal and Sq > 1, else full.
-    bool (B, 1, 1, L)       a key mask: key j is visible iff j < L and mask[b, 0, 0, j]; keys past L are cut off
-                            (static caches, prefill of a pre-allocated cache); a causal layer aligns its diagonal
-                            bottom-right against L (query i sits at L - Sq + i). Padding costs one bias row.
+    bool (B, 1, 1, L)       a key mask for a causal mask function, marked by stride 0 in its size-1 dims (_key_mask):
+                            key j is visible iff j < L and mask[b, 0, 0, j]; keys past L are cut off (static caches,
+                            prefill of a pre-allocated cache); a causal layer aligns its diagonal bottom-right against
+                            L (query i sits at L - Sq + i). Padding costs one bias row.
+    bool (B, 1, 1, Sk)      a bidirectional mask function's padding: complete as given, as every mask not marked.
     bool (B, 1|H, Sq, Sk)   anything else (sliding windows, packed sequences, custom mask functions, a mask the
                             model will concatenate): transformers' own dense SDPA mask, used as is, no extra causal.
+
+A mask the attention function gets that is not marked (a user's 4-D mask, another mask function's) is read as SDPA
+reads it: complete, never made causal by the layer's flag, and it must cover the layer's keys.
 
 The attention function also takes what some models pass beyond SDPA's arguments: attention sinks (`s_aux`, GPT-OSS;
 `sinks`), `softcap` (Gemma 2) and `position_bias` (T5); keywords no kernel implements raise (hf_kwargs.py).
@@ -35,7 +40,7 @@ import torch
 
 from .. import functional
 from ..backends import get_backend
-from .hf_kwargs import refuse_unsupported
+from .hf_kwargs import refuse_models_without_interface, refuse_unsupported
 
 NAME = "fastattn"
 
@@ -73,11 +78,27 @@ def _padding(attention_mask, kv_offset: int, kv_length: int, device):
     return am[:, kv_offset:kv_offset + kv_length]
 
 
+def _key_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> the key mask (B, 1, 1, L), marked as this mask function's own by stride 0 in its two size-1
+    dims: the attention function reads causality from the layer for these alone. Another (B, 1, 1, L) bool mask (a
+    user's, a bidirectional one, transformers' own) is complete as given, as SDPA reads it. Contiguous, so that the
+    .contiguous() generate() applies to masks for static caches keeps it as it is (and the mark with it)."""
+    keep = keep.contiguous()  # (B, L)
+    return keep.as_strided((keep.shape[0], 1, 1, keep.shape[1]), (keep.shape[1], 0, 0, 1))  # (B, L) -> (B, 1, 1, L)
+
+
+def _is_key_mask(mask: torch.Tensor) -> bool:
+    return mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[1] == mask.shape[2] == 1 and \
+        mask.stride(1) == 0 and mask.stride(2) == 0
+
+
 def fastattn_mask(batch_size: int, **kw):
     """AttentionMaskInterface entry for "fastattn": see the module docstring for the three forms returned.
 
     Takes transformers' keyword arguments as given (q_length/q_offset in recent 5.x, cache_position in earlier
     5.x) and forwards them unchanged to transformers' sdpa_mask when it falls back to a dense mask."""
+    if not torch.compiler.is_compiling():
+        refuse_models_without_interface("attn_implementation='fastattn'")
     mask_function = kw.get("mask_function", _mu.causal_mask_function)
     kv_length, kv_offset = kw["kv_length"], kw.get("kv_offset", 0)
     attention_mask, local_size = kw.get("attention_mask"), kw.get("local_size")
@@ -117,12 +138,12 @@ def fastattn_mask(batch_size: int, **kw):
         j = torch.arange(kv_length, device=device)
         keep = (j <= (q_offset - kv_offset)).unsqueeze(0)  # (1, Sk)
         keep = keep if padding is None else keep & padding
-        return keep.expand(batch_size, kv_length)[:, None, None, :]  # (B, Sk) -> (B, 1, 1, Sk)
+        return _key_mask(keep.expand(batch_size, kv_length))  # (B, Sk) -> (B, 1, 1, Sk)
     if compiling and isinstance(q_offset, torch.Tensor):  # where the keys stop depends on its value
         return _mu.sdpa_mask(batch_size, **kw)
     visible = min(int(q_offset) - kv_offset + q_length, kv_length)  # keys at or past this are everyone's future
-    if visible <= 0:
-        return torch.zeros(batch_size, 1, 1, 1, dtype=torch.bool, device=device)  # nothing visible: all rows 0
+    if visible <= 0:  # nothing visible: all rows 0
+        return _key_mask(torch.zeros(batch_size, 1, dtype=torch.bool, device=device))  # (B, 1) -> (B, 1, 1, 1)
     if padding is not None:
         padding = padding[:, :visible]  # (B, visible)
     if allow_causal_skip and int(q_offset) == kv_offset and (padding is None or not compiling and
@@ -130,7 +151,7 @@ def fastattn_mask(batch_size: int, **kw):
         return None  # queries and keys start together: plain top-left causal (keys past Sq are cut by attention)
     if padding is None:
         padding = torch.ones(batch_size, visible, dtype=torch.bool, device=device)
-    return padding[:, None, None, :]  # (B, visible) -> (B, 1, 1, visible)
+    return _key_mask(padding)  # (B, visible) -> (B, 1, 1, visible)
 
 
 def sink_logits(kwargs, query: torch.Tensor) -> Optional[torch.Tensor]:
@@ -207,18 +228,17 @@ def fastattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         elif causal and Sk < Sq:  # top-left differs from bottom-right here: give it as a mask
             mask = torch.ones(Sq, Sk, dtype=torch.bool, device=query.device).tril()[None, None]  # (1, 1, Sq, Sk)
             causal = False
-    elif mask.dim() == 4 and mask.shape[-2] == 1 and mask.dtype == torch.bool:
-        # Key mask (B, 1, 1, L): cut keys to L, causal aligned bottom-right against L.
+    elif _is_key_mask(mask):
+        # fastattn_mask's key mask (B, 1, 1, L): cut keys to L, causal aligned bottom-right against L.
         L = mask.shape[-1]
         if L > Sk:
             raise ValueError(f"fastattn: attention mask covers {L} keys but the layer has {Sk}")
         key, value = key[:, :, :L], value[:, :, :L]
         causal = bool(is_causal) and Sq > 1
-    else:
-        # Dense mask (transformers' own, or a user's 4-D mask): complete as given; it may cover fewer keys.
-        L = mask.shape[-1]
-        if L < Sk:
-            key, value = key[:, :, :L], value[:, :, :L]
+    elif mask.shape[-1] not in (Sk, 1):
+        # Dense mask (transformers' own, or a user's): complete as given, no causality added (as SDPA)
+        raise ValueError(f"fastattn: attention mask {tuple(mask.shape)} does not cover the layer's {Sk} keys "
+                         f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
     if position_bias is not None:  # additive bias (T5-style models); fold the mask into it
         bias = position_bias[..., :key.shape[2]]
         if mask is not None:
