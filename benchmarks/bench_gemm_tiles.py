@@ -1,13 +1,14 @@
 """The fp32 tile products of the CPU forward on MKL's sgemm and on oneDNN's fp32 batch-reduce GEMM, one thread.
 
-The `cpu` backend's fp32 path multiplies its tiles with the BLAS torch ships (MKL sgemm; K tiles packed once per head).
-libtorch also exports oneDNN's batch-reduce GEMM for fp32 (`at::native::cpublas::brgemm`, torch >= 2.6); this
-script times both on the forward's shapes (scores S = Q K^T: 128 x 512 x 128; O += P V: 128 x 128 x 512; and the
-windowed tiles, 64 x 256) so the choice of sgemm rests on a measurement. brgemm is reached through a small C++
+The `cpu` backend's fp32 path multiplies its tiles on whichever of MKL's sgemm and oneDNN's fp32 batch-reduce GEMM
+(`at::native::cpublas::brgemm`, torch >= 2.6) it timed faster at start-up (csrc/cpu/blas.cpp: brgemm unless sgemm is
+1.25x faster); this script times both on the forward's shapes (scores S = Q K^T: 128 x 512 x 128; O += P V: 128 x
+128 x 512; and the windowed tiles, 64 x 256), the measurement behind that choice. brgemm is reached through a small C++
 function built inline (needs a C++ compiler; ~30 s the first time).
 
     python benchmarks/bench_gemm_tiles.py
 """
+import argparse
 import time
 
 import torch
@@ -67,6 +68,7 @@ def _mm_gflops(M, N, K, reps, accumulate):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, no options
     torch.set_num_threads(1)
     ext = load_inline("fastattn_bench_brgemm", cpp_sources=_SRC, functions=["brgemm_gflops", "sgemm_gflops"],
                       extra_cflags=["-O3"])

@@ -9,11 +9,11 @@ registers and spills (the `ptxas -v` log of the very ptxas run Triton does), sha
 whether the prune predicate keeps the config on an H200 (sm_90, 227 KiB) / A100 (sm_80, 163 KiB), the tensor-core
 instructions in the SASS (HGMMA = wgmma, HMMA = mma.sync) and local-memory traffic (LDL/STL).
 
-    /work/venv/bin/python benchmarks/triton_static.py            # full set, 2 processes
-    /work/venv/bin/python benchmarks/triton_static.py --quick    # fp16 + bf16 at D=128 only, non-causal
+    python benchmarks/triton_static.py            # full set, 2 processes
+    python benchmarks/triton_static.py --quick    # fp16 + bf16 at D=128 only, non-causal
 
-    /work/venv/bin/python benchmarks/triton_static.py --full     # every dtype x head dim x causal (~2x longer)
-    /work/venv/bin/python benchmarks/triton_static.py --picks    # only the config FASTATTN_TRITON_AUTOTUNE=0
+    python benchmarks/triton_static.py --full     # every dtype x head dim x causal (~2x longer)
+    python benchmarks/triton_static.py --picks    # only the config FASTATTN_TRITON_AUTOTUNE=0
                                                                  # takes on sm_90, fp16/bf16/fp32 x D 64/128/256
 
 The default set is reduced to stay within ~15 minutes on 2 busy cores (see `selected`); the 4-stage configs are
@@ -362,7 +362,7 @@ def main():
     os.remove(partial)
     order = {_key(j): i for i, j in enumerate(pick_jobs() if a.picks else jobs(a.quick, a.full))}
     results.sort(key=lambda r: order.get(_key(r), 0))
-    cmd = "/work/venv/bin/python benchmarks/triton_static.py" + (" --quick" if a.quick else "") + (
+    cmd = "python benchmarks/triton_static.py" + (" --quick" if a.quick else "") + (
         " --full" if a.full else "") + (" --picks" if a.picks else "")
     meta = dict(triton=triton.__version__, date=date, wall_seconds_this_run=round(wall), procs=a.procs, command=cmd,
                 compile_seconds_sum=round(sum(r.get("seconds", 0) for r in results)),

@@ -5,8 +5,8 @@ explicitly requested backend that cannot take the call raises with its reasons; 
 
 Split-KV decode is part of the same choice, not a second one: a backend declares a decode kernel
 (backends/base.py `DecodeKernel`), and
-  * `run(p)` sends a dense short-query call (HF GPT-2 decode: q (B, H, 1, D) against k (B, H, N, D), no mask, no
-    grad) to the chosen backend's decode kernel when it takes the call — only the kernel changes, never the backend;
+  * `run(p)` sends a dense short-query call (HF GPT-2 decode: q (B, H, <= 8, D) against k (B, H, N, D), no grad;
+    a mask rides along for the kernels that take one) to the chosen backend's decode kernel when it takes the call — only the kernel changes, never the backend;
     a kernel that `takes_sdpa_layout` (the C++ op) gets k/v as they are, without a lengths tensor (DecodeCall.kv_bhsd);
   * `run_decode(c)` (flash_attn_with_kvcache) takes the first backend in the same order whose decode kernel takes
     the cache in its own layout, or returns None (the caller then runs its generic path through `run`).

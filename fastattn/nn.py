@@ -1,5 +1,16 @@
 """Drop-in modules: fastattn.nn.MultiheadAttention, and patch/unpatch to swap it into existing models.
 
+Two supported ways to put fastattn under existing PyTorch code:
+1. The global swap, one line: every later call of torch.nn.functional.scaled_dot_product_attention (your code,
+   nn.MultiheadAttention's functional path, transformers' "sdpa" attention, CausalBias) runs fastattn's drop-in:
+       torch.nn.functional.scaled_dot_product_attention = fastattn.scaled_dot_product_attention
+       # undo: torch.nn.functional.scaled_dot_product_attention = fastattn.backends.sdpa.TORCH_SDPA
+   fastattn's `sdpa` backend calls PyTorch's function captured at import (TORCH_SDPA), never the patched name, so
+   calls routed there (float64, mask gradients) do not recurse. Modules that bound the name earlier (`from
+   torch.nn.functional import scaled_dot_product_attention`) keep PyTorch's.
+2. fastattn.patch(model) / fastattn.unpatch(model): swap every torch.nn.MultiheadAttention for the one below, in
+   place (the bottom of this file).
+
 MultiheadAttention subclasses torch.nn.MultiheadAttention, so the constructor, the parameters (in_proj_weight or
 q/k/v_proj_weight, in_proj_bias, out_proj, bias_k/bias_v) and therefore the state_dict keys are PyTorch's own: a
 checkpoint loads unchanged, and code that reads its attributes (nn.TransformerEncoderLayer does) keeps working.

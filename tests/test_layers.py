@@ -19,7 +19,7 @@ LAYERS = [("fastattn.params",),
           ("fastattn.ops", "fastattn.backends"),
           ("fastattn.dispatch",),
           ("fastattn", "fastattn.functional", "fastattn.kvcache", "fastattn.rotary", "fastattn.packed",
-           "fastattn.padding", "fastattn.nn", "fastattn.patch", "fastattn.blocks", "fastattn.distributed",
+           "fastattn.padding", "fastattn.nn", "fastattn.blocks", "fastattn.distributed",
            "fastattn.integrations", "fastattn.models", "fastattn.compat"),
           ("fastattn.benchmark", "fastattn.info")]
 LAZY_OK = ("fastattn.backends.triton.kernels",)  # imports triton: loaded when a Triton backend runs

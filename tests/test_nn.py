@@ -297,3 +297,12 @@ def test_output_contiguous_and_self_attention_one_projection(batch_first, monkey
     ref = torch.nn.MultiheadAttention(E, H, batch_first=batch_first).eval().requires_grad_(False)
     ref.load_state_dict(m.state_dict())
     assert_rule("layout", out, ref(x, x, x, need_weights=False)[0], None, torch.float32)
+
+
+def test_patch_is_the_function_after_any_import():
+    """fastattn.patch is the function whatever is imported: a module fastattn/patch.py had rebound the name on
+    `import fastattn.patch` (after which fastattn.patch(model) raised 'module' object is not callable)."""
+    import importlib
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("fastattn.patch")
+    assert callable(fastattn.patch) and fastattn.patch is fastattn.nn.patch

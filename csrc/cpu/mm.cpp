@@ -165,7 +165,7 @@ Decision decide() {
   return d;
 #else
   if (!isa().avx512) {
-    d.why = "no AVX-512 on this CPU";
+    d.why = isa_cap() < 2 ? "AVX-512 held off by FASTATTN_CPU_ISA" : "no AVX-512 on this CPU";
     return d;
   }
   if (!at::globalContext().userEnabledMkldnn()) {

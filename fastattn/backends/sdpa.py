@@ -5,7 +5,7 @@ are unmasked for the call and their outputs zeroed, so they give 0 output and 0 
 
 TORCH_SDPA is PyTorch's function itself (the C++ binding F.scaled_dot_product_attention is bound to), captured at
 import: after the global swap `F.scaled_dot_product_attention = fastattn.scaled_dot_product_attention` (see
-fastattn/patch.py) this backend still calls PyTorch, not fastattn again."""
+fastattn/nn.py) this backend still calls PyTorch, not fastattn again."""
 from __future__ import annotations
 
 import functools

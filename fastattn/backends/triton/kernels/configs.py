@@ -2,8 +2,8 @@
 
 The autotune key holds the *bucketed* lengths (next power of two) plus the head dims and feature switches, so a
 BERT batch with a new padded length reuses the tuned config instead of retuning. Triton caches compiled kernels
-on disk (~/.triton/cache, TRITON_CACHE_DIR) and reuses them across processes by default; autotune *results* are
-kept per process unless TRITON_CACHE_AUTOTUNING=1 (triton >= 3.2) is set."""
+on disk (~/.triton/cache, TRITON_CACHE_DIR) and reuses them across processes by default; autotune results are cached
+on disk too where triton.autotune takes `cache_results` (triton >= 3.2; op.py passes it)."""
 from __future__ import annotations
 
 import functools
