@@ -130,6 +130,7 @@ def _nothing_to_compute(p: AttnParams):
 
 
 _any_autocast = torch._C._is_any_autocast_enabled  # 0.1 us; asked first on every call
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
 
 
 def _autocast(query, key, value, attn_mask):
@@ -138,7 +139,7 @@ def _autocast(query, key, value, attn_mask):
     whose rotary embedding returns fp32 q and k beside a bf16 v (Llama and most RoPE models under autocast) had
     its call refused for mixed dtypes."""
     dev = query.device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):  # (meta has no autocast state)
         return query, key, value, attn_mask
     dt = torch.get_autocast_dtype(dev)
 

@@ -61,6 +61,8 @@ def test_sdpa_autocast_casts_as_pytorch():
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert fastattn.explain(q, k, v, attn_mask=mask).chosen  # explain takes the same cast
         wide = fastattn.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        meta = q.to("meta")  # a device without autocast state: left as it is
+        assert fastattn.scaled_dot_product_attention(meta, meta, meta).dtype == torch.float32
     assert got.dtype == want.dtype == torch.bfloat16 and wide.dtype == torch.float64
     plain = fastattn.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v, attn_mask=mask.bfloat16())
     assert torch.equal(got, plain)
