@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "vec.h"     // use_avx2, hsum8, load8: the same vector helpers as the prefill kernels
@@ -135,13 +136,13 @@ FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M
     }
   }
   if (Dv8 == Dv) return;
-  for (int64_t r = 0; r < M; ++r) {  // the last Dv % 8 columns
+  for (int64_t r = 0; r < M; ++r) {  // the last Dv % 8 columns, fused as pv_rows' masked FMAs (same bits in any build)
     if (!live[r]) continue;
     for (int64_t j = 0; j < n; ++j) {
       const float p = P[r * ldP + j];
       if (p == 0.f) continue;
       const T* v = vrows[j] + voff[r];
-      for (int64_t d = Dv8; d < Dv; ++d) acc[r * Dv + d] += p * static_cast<float>(v[d]);
+      for (int64_t d = Dv8; d < Dv; ++d) acc[r * Dv + d] = std::fma(p, static_cast<float>(v[d]), acc[r * Dv + d]);
     }
   }
 }
