@@ -367,4 +367,72 @@ def test_an_error_in_our_implementation_fails_the_run(tmp_path, monkeypatch, cap
                    "fwd", "--causal", "false", "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
                    "--max-seconds", "30"])
     assert rc == 1
-    assert "errors (a bug, see the table above) in: fastattn.auto" in capsys.readouterr().out
+    assert "errors (a bug, see above) in: fastattn.auto" in capsys.readouterr().out
+
+
+_SMALL = ["--preset", "tiny", "--device", "cpu", "--seqlens", "64", "--mode", "fwd", "--causal", "false",
+          "--no-progress", "--no-plots", "--max-seconds", "30"]
+
+
+def test_a_wrong_result_or_a_probe_crash_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A fastattn implementation whose output is off by 1% (flagged OFF in the table) and one whose start-up probe
+    crashed (a segfault in a native kernel) each fail the run, as an exception does: CI reads only the exit status."""
+    from fastattn.benchmark import impls as I, probe
+    build = I.FastattnImpl.build
+
+    def off(self, case, inp, grad):
+        r = build(self, case, inp, grad)
+        f = r.forward
+        r.forward = lambda: f() * 1.01
+        return r
+    monkeypatch.setattr(I.FastattnImpl, "build", off)
+    rc = cli.main(_SMALL + ["--backends", "naive,cpu", "--out", str(tmp_path / "w")])
+    assert rc == 1 and "wrong results (a bug, see above) in: fastattn.cpu" in capsys.readouterr().out
+    monkeypatch.setattr(I.FastattnImpl, "build", build)
+    monkeypatch.setattr(probe.Probes, "reasons", lambda self, b: [f"crashed (signal SIGSEGV) {probe.CRASHED} during x"])
+    rc = cli.main(_SMALL + ["--backends", "naive,cpu", "--out", str(tmp_path / "c")])
+    assert rc == 1 and "crashed in the probe (a bug, see above) in: fastattn.cpu" in capsys.readouterr().out
+
+
+def test_a_stop_during_set_up_is_kept(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM while the ceilings are measured (10-30 s on a CPU) stops the run: nothing more is measured,
+    the run says so in its exit status (130), and the probe children, in their own session, are not reported as
+    crashed (a terminal's Ctrl-C had killed them and they read as crashes)."""
+    from fastattn.benchmark import ceilings
+    measure = ceilings.measure
+
+    def stopped(device):
+        out = measure(device)
+        runner.request_stop()  # what the signal handler does
+        return out
+    monkeypatch.setattr(ceilings, "measure", stopped)
+    rc = cli.main(_SMALL + ["--backends", "naive,cpu", "--out", str(tmp_path / "s")])
+    runner.STATE["stop"] = False
+    data = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert rc == 130 and data["results"] and all(r["status"] == "skipped" for r in data["results"])
+    assert not any("crashed" in " ".join(why) for why in data.get("not_run", {}).values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seqlens", "0"], "--seqlens: every value must be positive"),
+    (["--headdims", "0"], "--headdims: every value must be positive"),
+    (["--threads", "0"], "--threads: must be at least 1"),
+    (["--device", "foo"], "--device: cpu or cuda"),
+    (["--max-seconds", "-1"], "--max-seconds: must be >= 0"),
+])
+def test_bad_arguments_are_refused_before_measuring(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--preset", "tiny", "--out", str(tmp_path / "o")] + argv)
+
+
+def test_unwritable_output_and_nothing_to_run_are_refused_early(tmp_path, capsys):
+    """An --out that is a file, a --stream that is a folder: refused before the ceilings (they had raised after all the
+    measuring, with nothing written). Only GPU backends named on a CPU: exit 2 with the reasons, nothing measured."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        cli.main(["--preset", "tiny", "--out", str(f)])
+    with pytest.raises(SystemExit, match="is a folder; give a file path"):
+        cli.main(["--preset", "tiny", "--out", str(tmp_path / "o"), "--stream", str(tmp_path)])
+    rc = cli.main(_SMALL + ["--backends", "cuda,sdpa.cudnn", "--out", str(tmp_path / "g")])
+    assert rc == 2 and "no implementation can run here" in capsys.readouterr().out

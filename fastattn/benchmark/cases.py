@@ -199,7 +199,8 @@ _TINY = dict(seqlens=[64, 128], headdims=[32], modes=["fwd", "fwd_bwd"], tokens=
 
 PRESETS: Dict[str, Dict[str, Preset]] = {
     "cpu": {
-        "tiny": Preset(dtypes=["fp32"], **_TINY),  # a smoke test (tests/test_benchmark.py), not a measurement
+        # a smoke test (tests/test_benchmark.py), not a measurement; flex's CPU compiles would take most of it
+        "tiny": Preset(dtypes=["fp32"], skip={"flex": _CPU_QUICK_SKIP["flex"].replace("quick", "tiny")}, **_TINY),
         # Sized for 2 busy cores: under 3 minutes at a load average of ~8 (other jobs), with max_seconds as a guard.
         # bf16 too: on CPUs with AMX or AVX512-BF16 it is the fast dtype, and the one a drop-in must not slow down.
         "quick": Preset(seqlens=[128, 512, 1024], headdims=[64, 128], dtypes=["fp32", "bf16"],

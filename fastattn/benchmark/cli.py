@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -76,14 +77,14 @@ def parser() -> argparse.ArgumentParser:
                    help="model-level benchmark (BERT training step, GPT-2 generation); default: the preset's")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop measuring after this many seconds, the rest listed as skipped (cheapest cases run "
-                        "first); default: the preset's (CPU quick 100, GPU quick 240), 0 = no limit")
+                        "first); default: the preset's (CPU quick 180, GPU quick 240), 0 = no limit")
     p.add_argument("--target-s", type=float, default=None, help="CPU: seconds of timed repeats per measurement")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch.set_num_threads(N) for the run (default: torch's). On a shared machine, fewer "
                         "threads than cores avoids waiting for busy cores at every parallel region")
     p.add_argument("--stream", default=None, metavar="PATH",
-                   help="also append each result to PATH as one JSON line the moment it is measured (the first line "
-                        "holds the settings), so a run that is killed keeps what it measured")
+                   help="also write each result to PATH (rewritten from the start) as one JSON line the moment it is "
+                        "measured (the first line holds the settings), so a run that is killed keeps what it measured")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots (JSON and CSV only)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display on stderr (default: a bar on a terminal, a line per tenth of the run "
@@ -174,8 +175,38 @@ def build_cases(args, device: str):
     return p, list(dict.fromkeys(cases))
 
 
+def _check_args(args) -> None:
+    """Values argparse's types let through that would fail deep in the run (or be ignored): refused up front."""
+    for name in ("seqlens", "headdims"):
+        bad = [n for n in getattr(args, name) or [] if n <= 0]
+        if bad:
+            raise SystemExit(f"--{name}: every value must be positive, got {bad}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads: must be at least 1, got {args.threads}")
+    if args.target_s is not None and not args.target_s > 0:
+        raise SystemExit(f"--target-s: must be positive, got {args.target_s}")
+    if args.max_seconds is not None and args.max_seconds < 0:
+        raise SystemExit(f"--max-seconds: must be >= 0 (0 = no limit), got {args.max_seconds}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise SystemExit(f"--device: cpu or cuda[:N], got {args.device!r}")
+    if args.list:
+        return
+    # The output folder and the stream file are checked before minutes of measuring, not after them.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out!r} is a file, not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out!r}: cannot create the folder ({e.strerror})") from None
+    if not os.access(args.out, os.W_OK):
+        raise SystemExit(f"--out {args.out!r}: the folder is not writable")
+    if args.stream and os.path.isdir(args.stream):
+        raise SystemExit(f"--stream {args.stream!r} is a folder; give a file path")
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    _check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -183,7 +214,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.monotonic()
-    # Ctrl-C and SIGTERM (e.g. `timeout`) stop the measuring; what was measured is still reported and written.
+    # Ctrl-C and SIGTERM (e.g. `timeout`) stop the measuring; what was measured is still reported and written. A
+    # signal during the set-up (the ceilings take 10-30 s on a CPU) counts too: the flag is cleared here, once.
+    runner.STATE["stop"] = False
     old = {sig: signal.signal(sig, runner.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args, device, preset, cases, t0, argv)
@@ -230,6 +263,10 @@ def _run(args, device, preset, cases, t0, argv) -> int:
             print("  " + c.label)
         return 0
 
+    if not impls:
+        print("no implementation can run here:")
+        print(report.not_run_text(not_run))
+        return 2
     env = E.collect(device)
     # Portable: the command as a user would type it, not this interpreter's absolute path to __main__.py.
     env["command"] = shlex.join(["python", "-m", "fastattn.benchmark", *(sys.argv[1:] if argv is None else argv)])
@@ -239,10 +276,10 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     try:
         env["ceilings"] = ceilings.measure(device)
         c = env["ceilings"]
-        copy = c["copy"] if not cpu else c["copy"].replace("device-to-device", "in memory")
+        copy = c["copy"]
         unit, mul = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1)
         rates = ", ".join(f"{d} {t * mul:.0f}" for d, t in c["matmul_by_dtype"].items())
-        shape = c["matmul"].split(" ", 1)[1]
+        shape = c["matmul"].split(" ")[1]
         if cpu:  # the faster of torch's square matmul and the cpu kernels' tiles, each shown
             parts = "; ".join(f"{d} {c['matmul_square_by_dtype'][d] * mul:.0f} / {c['tile_by_dtype'][d] * mul:.0f}"
                               for d in c["matmul_by_dtype"])
@@ -277,6 +314,7 @@ def _run(args, device, preset, cases, t0, argv) -> int:
                              else [])
     finally:
         stream.close()
+        probes.close()
     models = []
     run_model = preset.model if args.model is None else args.model == "on"
     if run_model:
@@ -327,12 +365,19 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     short = [os.path.relpath(p) for p in written]
     print(f"\nwrote {', '.join(r if not r.startswith('..') else p for r, p in zip(short, written))}")
     print(f"wall time {wall:.1f} s")
-    # An exception from one of our own implementations is a bug, not a measurement: fail the run (CI runs this).
-    broken = sorted({r["impl"] for r in records if r["impl"].startswith("fastattn.") and r["status"] == "error"})
-    if broken:
-        print(f"\nerrors (a bug, see the table above) in: {', '.join(broken)}")
+    # An exception, a wrong result or a crash of one of our own implementations is a bug, not a measurement: fail the
+    # run (CI runs this). An interrupted run says so in its status too (130, as a shell reports Ctrl-C).
+    ours = [r for r in records if r["impl"].startswith("fastattn.")]
+    broken = sorted({r["impl"] for r in ours if r["status"] == "error"})
+    wrong = sorted({r["impl"] for r in ours if r["status"] == "ok" and r.get("correct") is False})
+    crashed = sorted(n for n, why in not_run.items() if n.startswith("fastattn.") and any(probe.CRASHED in w
+                                                                                           for w in why))
+    for what, names in (("errors", broken), ("wrong results", wrong), ("crashed in the probe", crashed)):
+        if names:
+            print(f"\n{what} (a bug, see above) in: {', '.join(names)}")
+    if broken or wrong or crashed:
         return 1
-    return 0
+    return 130 if runner.STATE["stop"] else 0
 
 
 if __name__ == "__main__":

@@ -20,14 +20,22 @@ def _run(cmd, cwd=None) -> str:
 
 
 def _cpu_model() -> str:
+    """The model name with cpuid's family and model where /proc/cpuinfo has them ("AMD EPYC" names Zen 1 and Zen 4
+    alike; "family 25 model 17" tells them apart)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def collect(device: str) -> dict:

@@ -63,6 +63,9 @@ def child(backend: str, device: str) -> None:
     print("PROBE-DONE", flush=True)
 
 
+CRASHED = "in a child-process probe"  # in every crash and hang reason (cli's exit status reads it)
+
+
 class Probes:
     """Probe children started in the background (they run while the benchmark sets up and measures the plain
     PyTorch implementations); reasons(backend) waits for that backend's child."""
@@ -78,8 +81,11 @@ class Probes:
         # while the main run waits in reasons(); one heuristic config per kernel runs the same code paths.
         env = dict(os.environ, FASTATTN_TRITON_AUTOTUNE="0")
         for b in sorted(set(backends) - PURE_PYTORCH):
+            # Their own session: a terminal's Ctrl-C (or `timeout`) signals the run's process group, and a child
+            # killed by it would read as a crash of the backend.
             self.procs[b] = subprocess.Popen([sys.executable, "-m", "fastattn.benchmark.probe", b, device], text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                             start_new_session=True)
 
     def reasons(self, backend: str) -> List[str]:
         if backend in self.done or backend not in self.procs:
@@ -90,17 +96,27 @@ class Probes:
         except subprocess.TimeoutExpired:
             p.kill()
             p.communicate()
-            why = [f"tiny probe calls did not finish in {self.timeout:.0f} s in a child process (hang?)"]
+            why = [f"tiny probe calls did not finish in {self.timeout:.0f} s {CRASHED} (hang?)"]
         else:
             lines = stdout.strip().splitlines()
-            why = []
-            if not (lines and lines[-1] == "PROBE-DONE" and p.returncode == 0):
+            rc = p.returncode
+            if lines and lines[-1] == "PROBE-DONE" and rc == 0:
+                why = []
+            elif rc in (-signal.SIGINT, -signal.SIGTERM):  # sent from outside (the session is its own)
+                why = ["its probe was stopped by SIGINT/SIGTERM from outside (not a crash); not run"]
+            else:
                 last = lines[-1] if lines else "start-up"
-                rc = p.returncode
                 how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-                why = [f"crashed ({how}) in a child-process probe during {last}; not run so the benchmark survives"]
+                why = [f"crashed ({how}) {CRASHED} during {last}; not run so the benchmark survives"]
         self.done[backend] = why
         return why
+
+    def close(self) -> None:
+        """Ends the children still running (a run stopped early)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def crash_reasons(backend: str, device: str, timeout: float = 300) -> List[str]:

@@ -198,7 +198,6 @@ def run(cases: List[Case], impls: List[Impl], device: str, target_s: float = 0.3
     checks: Dict[tuple, tuple] = {}
     bar = Progress(sum(i.applies(c) for c in cases for i in impls), enabled=progress)
     start = time.monotonic()
-    STATE["stop"] = False
     # Cheapest cases first (unless the caller ordered them by importance): a run cut short by max_seconds loses
     # the most expensive points, not whole sweeps.
     todo = sorted(cases, key=lambda c: (flops(c), cases.index(c))) if order == "cheapest" else list(cases)
