@@ -436,3 +436,16 @@ def test_unwritable_output_and_nothing_to_run_are_refused_early(tmp_path, capsys
         cli.main(["--preset", "tiny", "--out", str(tmp_path / "o"), "--stream", str(tmp_path)])
     rc = cli.main(_SMALL + ["--backends", "cuda,sdpa.cudnn", "--out", str(tmp_path / "g")])
     assert rc == 2 and "no implementation can run here" in capsys.readouterr().out
+
+
+def test_a_rerun_leaves_none_of_the_last_runs_files(tmp_path):
+    """Plots and models.csv of an earlier run into the same --out are cleared (a rerun with fewer cases, --no-plots
+    or no model level had left them beside its own results); files that are not ours stay."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("gflops_fwd_bf16.png", "decode_fp16.png", "models.csv", "notes.txt", "gflops_fwd_bf16.png.bak"):
+        (out / name).write_text("old")
+    rc = cli.main(_SMALL + ["--backends", "naive", "--out", str(out)])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gflops_fwd_bf16.png.bak", "notes.txt", "results.csv",
+                                                    "results.json"]

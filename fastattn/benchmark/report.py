@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from typing import Dict, List
 
@@ -149,9 +150,17 @@ def flat(r: dict) -> dict:
     return row
 
 
+# Files of ours a run may leave in its folder (plots.py's names, models.csv): cleared before a run writes there, so
+# a rerun with fewer cases, --no-plots or no model level leaves none of the last run's beside its own.
+_OURS = re.compile(r"(?:(?:tflops|gflops|memory)_[a-z_]+_(?:fp32|bf16|fp16)|decode_(?:fp32|bf16|fp16))\.png|models\.csv")
+
+
 def write(out_dir: str, env: dict, records: List[dict], not_run: Dict[str, List[str]], models: List[dict],
           settings: dict) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if _OURS.fullmatch(name):
+            os.remove(os.path.join(out_dir, name))
     paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "results.csv")}
     with open(paths["json"], "w") as f:
         json.dump({"env": env, "settings": settings, "not_run": not_run, "results": records, "models": models}, f,
