@@ -8,13 +8,10 @@ import pytest
 import torch
 
 import fastattn
+from support.hf import require_transformers_5
 from support.oracle import assert_rule
 
-transformers = pytest.importorskip("transformers", reason="HuggingFace transformers is not installed "
-                                                          "(pip install 'fastattn[transformers]')")
-if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip(f"fastattn's transformers integration needs transformers >= 5, found {transformers.__version__}",
-                allow_module_level=True)
+transformers = require_transformers_5()
 
 import fastattn.integrations.transformers as fa_hf  # noqa: E402
 

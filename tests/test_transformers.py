@@ -9,11 +9,9 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="HuggingFace transformers is not installed "
-                                                          "(pip install 'fastattn[transformers]')")
-if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip(f"fastattn's transformers integration needs transformers >= 5, found {transformers.__version__}",
-                allow_module_level=True)
+from support.hf import require_transformers_5
+
+transformers = require_transformers_5()
 
 import fastattn  # noqa: E402
 import fastattn.integrations.transformers as fa_hf  # noqa: E402

@@ -276,7 +276,6 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     try:
         env["ceilings"] = ceilings.measure(device)
         c = env["ceilings"]
-        copy = c["copy"]
         unit, mul = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1)
         rates = ", ".join(f"{d} {t * mul:.0f}" for d, t in c["matmul_by_dtype"].items())
         shape = c["matmul"].split(" ")[1]
@@ -285,7 +284,7 @@ def _run(args, device, preset, cases, t0, argv) -> int:
                               for d in c["matmul_by_dtype"])
             shape = f"the faster of a {shape} matmul and the cpu kernels' {c['tile']}: {parts}"
         print(f"ceilings measured now: matmul {rates} {unit} ({shape}), copy "
-              f"{c['copy_gbps']:.0f} GB/s ({copy}); torch threads {env['torch_threads']}, commit "
+              f"{c['copy_gbps']:.0f} GB/s ({c['copy']}); torch threads {env['torch_threads']}, commit "
               f"{(env.get('git_commit') or '?')[:10]}", flush=True)
         if cpu:
             print(f"CPU paths: {env.get('cpu_matmul')}", flush=True)
@@ -370,8 +369,7 @@ def _run(args, device, preset, cases, t0, argv) -> int:
     ours = [r for r in records if r["impl"].startswith("fastattn.")]
     broken = sorted({r["impl"] for r in ours if r["status"] == "error"})
     wrong = sorted({r["impl"] for r in ours if r["status"] == "ok" and r.get("correct") is False})
-    crashed = sorted(n for n, why in not_run.items() if n.startswith("fastattn.") and any(probe.CRASHED in w
-                                                                                           for w in why))
+    crashed = sorted(i.name for i in impls if isinstance(i, I.FastattnImpl) and i.backend in probes.failed)
     for what, names in (("errors", broken), ("wrong results", wrong), ("crashed in the probe", crashed)):
         if names:
             print(f"\n{what} (a bug, see above) in: {', '.join(names)}")

@@ -63,9 +63,6 @@ def child(backend: str, device: str) -> None:
     print("PROBE-DONE", flush=True)
 
 
-CRASHED = "in a child-process probe"  # in every crash and hang reason (cli's exit status reads it)
-
-
 class Probes:
     """Probe children started in the background (they run while the benchmark sets up and measures the plain
     PyTorch implementations); reasons(backend) waits for that backend's child."""
@@ -74,6 +71,7 @@ class Probes:
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.done: Dict[str, List[str]] = {}
+        self.failed = set()  # backends whose child crashed or hung (a bug: cli's exit status)
         self.procs = {}
         if os.environ.get("FASTATTN_BENCH_NO_PROBE") == "1":
             return
@@ -96,7 +94,8 @@ class Probes:
         except subprocess.TimeoutExpired:
             p.kill()
             p.communicate()
-            why = [f"tiny probe calls did not finish in {self.timeout:.0f} s {CRASHED} (hang?)"]
+            why = [f"tiny probe calls did not finish in {self.timeout:.0f} s in a child process (hang?)"]
+            self.failed.add(backend)
         else:
             lines = stdout.strip().splitlines()
             rc = p.returncode
@@ -107,7 +106,8 @@ class Probes:
             else:
                 last = lines[-1] if lines else "start-up"
                 how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-                why = [f"crashed ({how}) {CRASHED} during {last}; not run so the benchmark survives"]
+                why = [f"crashed ({how}) in a child-process probe during {last}; not run so the benchmark survives"]
+                self.failed.add(backend)
         self.done[backend] = why
         return why
 

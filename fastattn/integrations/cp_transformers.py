@@ -39,8 +39,7 @@ from transformers import masking_utils as _mu
 
 from ..distributed import cp_attention
 from ..distributed.context import require_cp
-from .hf_kwargs import refuse_models_without_interface
-from .hf_kwargs import UNSUPPORTED, refuse_unsupported
+from .hf_kwargs import UNSUPPORTED, refuse_models_without_interface, refuse_unsupported
 
 CP_NAME = "fastattn_cp"
 _WHO = f'attn_implementation="{CP_NAME}"'
@@ -155,8 +154,7 @@ def fastattn_cp_mask(batch_size: int, **kw):
     """AttentionMaskInterface entry for "fastattn_cp": None (causality is the layer's, at global positions) or,
     when some rank has padding, this rank's key mask bool (B, 1, 1, S/W); or a ValueError on every rank (see the
     module docstring)."""
-    if not torch.compiler.is_compiling():
-        refuse_models_without_interface(_WHO)
+    refuse_models_without_interface(_WHO)
     cp = require_cp(f"fastattn {_WHO}")
     device = kw.get("device") or "cpu"
     attention_mask = kw.get("attention_mask")

@@ -2,6 +2,10 @@
 implements: a call that sets one raises instead of silently dropping it (a model would run, and answer wrong)."""
 from __future__ import annotations
 
+import sys
+
+import torch
+
 UNSUPPORTED = {"indices": "top-k sparse attention (DeepSeek V3.2's indexer)",
                "block_indices": "block-sparse attention",
                "s_aux": "attention sinks", "sinks": "attention sinks",
@@ -27,7 +31,8 @@ def refuse_models_without_interface(who: str) -> None:
     add our compact masks (None, a key mask) to their scores as numbers: causality and padding silently lost. The
     caller is the first frame outside transformers.masking_utils; eager calls only (frames cannot be read under
     torch.compile; the first eager call has refused)."""
-    import sys
+    if torch.compiler.is_compiling():
+        return
     frame = sys._getframe(2)  # past this function and the mask function
     for _ in range(8):
         if frame is None:

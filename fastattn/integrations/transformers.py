@@ -97,8 +97,7 @@ def fastattn_mask(batch_size: int, **kw):
 
     Takes transformers' keyword arguments as given (q_length/q_offset in recent 5.x, cache_position in earlier
     5.x) and forwards them unchanged to transformers' sdpa_mask when it falls back to a dense mask."""
-    if not torch.compiler.is_compiling():
-        refuse_models_without_interface("attn_implementation='fastattn'")
+    refuse_models_without_interface("attn_implementation='fastattn'")
     mask_function = kw.get("mask_function", _mu.causal_mask_function)
     kv_length, kv_offset = kw["kv_length"], kw.get("kv_offset", 0)
     attention_mask, local_size = kw.get("attention_mask"), kw.get("local_size")
