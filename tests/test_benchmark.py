@@ -98,6 +98,52 @@ def test_check_flags_a_wrong_output_and_passes_a_right_one():
     assert ok, detail
 
 
+class _OffPastRow(Impl):
+    """Right on the small case (97 rows) and on most rows, wrong on query rows from 200 on, in the output or only
+    in dQ: as a kernel (or a route auto takes only for long calls) that errs only at the timed size."""
+    family = "test"
+
+    def __init__(self, where: str):
+        self.where, self.name = where, f"{where}-off-past-row"
+
+    def build(self, case, inp, grad):
+        q, k, v = leaves_for(inp, grad)
+        where = self.where
+
+        class Skew(torch.autograd.Function):  # rows 200.. of the output (forward) or of dQ (backward), 1% off
+            @staticmethod
+            def forward(ctx, x):
+                return torch.cat([x[:, :, :200], x[:, :, 200:] * 1.01], dim=2) if where == "out" else x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                return torch.cat([g[:, :, :200], g[:, :, 200:] * 1.01], dim=2) if where == "dq" else g
+
+        def fwd():
+            if where == "dq":
+                return torch.nn.functional.scaled_dot_product_attention(Skew.apply(q), k, v, is_causal=case.causal)
+            return Skew.apply(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal))
+        return Runner(fwd, [q, k, v], inp.dout)
+
+
+@pytest.mark.parametrize("mode,where", [("fwd", "out"), ("fwd_bwd", "out"), ("fwd_bwd", "dq")])
+def test_check_at_the_timed_size_flags_an_error_the_small_case_misses(mode, where):
+    c = Case(mode, "fp32", batch=1, heads=2, heads_kv=2, seqlen_q=512, seqlen_k=512, head_dim=32, causal=True)
+    recs = runner.run([c], [_OffPastRow(where), FastattnImpl("reference")], "cpu", target_s=0.001, progress=False)
+    by = {r["impl"]: r for r in recs}
+    bad, good = by[f"{where}-off-past-row"], by["fastattn.reference"]
+    assert bad["correct"] is False and f"timed size: {where} err" in bad["check"], bad["check"]
+    assert "small case: max err/tol" in bad["check"], bad["check"]  # the small case alone passes it
+    assert good["correct"] is True and "timed size: max err/tol" in good["check"], good["check"]
+
+
+def test_sampled_rows_keep_both_ends():
+    from fastattn.benchmark.check import sample_rows
+    assert sample_rows(32) is None
+    rows = sample_rows(1000)
+    assert rows[0] == 0 and rows[-1] == 999 and len(rows) == 32 and bool((rows[1:] > rows[:-1]).all())
+
+
 def test_failing_implementation_is_listed_with_its_reason():
     class Broken(Impl):
         name, family = "broken", "test"

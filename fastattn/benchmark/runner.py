@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .cases import Case, flops, kv_bytes
-from .check import small_check
+from .check import sized_check, small_check
 from .impls import NAIVE, Impl, Refused
 from .inputs import make_inputs, step_for
 from .memory import CpuAllocTracker, peak_extra_bytes
@@ -105,8 +105,8 @@ def _probe(step):
 
 
 def prepare(impl: Impl, case: Case, inp, device: str, checks: Dict[tuple, tuple]) -> Tuple[dict, Optional[Timed]]:
-    """Everything of one measurement but the timing: build, first call (and on the CPU its memory), the small
-    correctness check, the GPU's peak memory. Returns the record and the step to time (None once it failed)."""
+    """Everything of one measurement but the timing: build, first call (and on the CPU its memory), the
+    correctness checks (the small case's, once per kind; the timed call's on sampled rows), the GPU's peak memory. Returns the record and the step to time (None once it failed)."""
     rec = {"impl": impl.name, "family": impl.family, "status": "ok", "reason": ""}
     t_start = time.monotonic()
     grad = case.mode in ("bwd", "fwd_bwd")
@@ -137,7 +137,15 @@ def prepare(impl: Impl, case: Case, inp, device: str, checks: Dict[tuple, tuple]
                     checks[key] = (None, "small check refused: " + str(e))
                 except Exception as e:  # noqa: BLE001
                     checks[key] = (False, "small check raised " + _first_line(e))
-            rec["correct"], rec["check"] = checks[key]
+            small_ok, small_detail = checks[key]
+            try:
+                sized_ok, sized_detail = sized_check(case, inp, runner)
+            except Exception as e:  # noqa: BLE001
+                sized_ok, sized_detail = False, "raised " + _first_line(e)
+            # Wrong if either check is; the timed call's own check passing vouches for it when the small one was
+            # refused.
+            rec["correct"] = False if False in (small_ok, sized_ok) else sized_ok
+            rec["check"] = f"timed size: {sized_detail}; small case: {small_detail}"
             if not cpu:
                 peak, how = peak_extra_bytes(step, device)
                 rec.update(peak_mem_mb=peak / 2 ** 20, memory=how)
