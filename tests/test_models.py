@@ -111,6 +111,22 @@ def test_gpt2_loads_conv1d_checkpoint_keys():
         GPT2(GPT2Config.from_transformers(hf.config)).load_hf_state_dict({"wte.weight": sd["transformer.wte.weight"]})
 
 
+def test_gpt2_untied_embeddings_load_as_transformers_keeps_them():
+    """tie_word_embeddings=False: wte and lm_head stay two weights (the head had overwritten the embedding); a tied
+    model given an untied checkpoint refuses it."""
+    hf = hf_gpt2(tie_word_embeddings=False)
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    ours = GPT2.from_transformers(hf)
+    assert ours.lm_head.weight is not ours.transformer.wte.weight
+    ids, _ = batch("none")
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double()(ids).logits
+        assert_rule("logits", ours(ids), ref, None, torch.float32)
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        GPT2(GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64)).load_hf_state_dict(
+            hf.state_dict())
+
+
 def test_gpt2_cache_matches_full_forward():
     hf = hf_gpt2()
     ours = GPT2.from_transformers(hf)

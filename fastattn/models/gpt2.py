@@ -40,6 +40,7 @@ class GPT2Config:
     resid_pdrop: float = 0.1
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True  # lm_head shares wte's weight, as GPT-2's checkpoints (transformers' name)
 
     @classmethod
     def from_transformers(cls, hf_config) -> "GPT2Config":
@@ -141,7 +142,8 @@ class GPT2(nn.Module):
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
 
     @staticmethod
@@ -233,7 +235,14 @@ class GPT2(nn.Module):
             if any(k.endswith(w) for w in CONV1D_WEIGHTS):
                 val = val.t()  # Conv1D stores (in, out); nn.Linear wants (out, in)
             new[k] = val
-        new.setdefault("lm_head.weight", new.get("transformer.wte.weight"))
+        if self.config.tie_word_embeddings:
+            wte = new.get("transformer.wte.weight")
+            head = new.setdefault("lm_head.weight", wte)
+            if wte is not None and head is not None and head is not wte and not torch.equal(head, wte):
+                # One shared Parameter would take whichever key loads last: the embedding or the head lost.
+                raise ValueError("fastattn GPT2: the checkpoint's lm_head.weight differs from transformer.wte.weight "
+                                 "(untied embeddings) but this model ties them; build it with "
+                                 "GPT2Config(tie_word_embeddings=False)")
         missing = set(own) - set(new)
         unexpected = set(new) - set(own)
         if strict and (missing or unexpected):
