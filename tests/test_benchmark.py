@@ -498,3 +498,20 @@ def test_a_rerun_leaves_none_of_the_last_runs_files(tmp_path):
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["gflops_fwd_bf16.png.bak", "notes.txt", "results.csv",
                                                     "results.json"]
+
+
+def test_model_level_rows_include_auto_and_compare_with_sdpa(monkeypatch):
+    """The model-level table measures what a user gets (auto) and reads each row against PyTorch's SDPA too."""
+    from fastattn.benchmark import model
+    rate = {"sdpa": 20.0, "reference": 10.0}
+
+    def fake(name):
+        return lambda device, s, backend, target_s: {"model": name, "attention": backend,
+                                                     "tokens_per_s": rate.get(backend, 30.0), "time_ms": 1.0}
+    monkeypatch.setattr(model, "bert_train", fake("bert_train"))
+    monkeypatch.setattr(model, "gpt2_generate", fake("gpt2_generate"))
+    rows = model.run("cpu", "tiny")
+    names = [r["attention"] for r in rows if r["model"] == "bert_train"]
+    assert names[0] == "auto" and names[-2:] == ["sdpa", "reference"] and len(rows) == 2 * len(names)
+    auto = rows[0]
+    assert auto["speedup_vs_sdpa"] == 1.5 and auto["speedup_vs_eager"] == 3.0

@@ -4,8 +4,9 @@
   GPT-2-shaped greedy generation with a KV cache (prefill + new tokens): new tokens/s
 
 Both use fastattn.models (reference BERT / GPT-2 whose attention calls fastattn's functional API), so "attention =
-X" means every attention call runs on fastattn backend X via fastattn.use_backend: each available fastattn kernel
-backend, `sdpa` (PyTorch SDPA, its own kernel choice) and `reference` (eager: naive softmax(QK^T)V). Dropout is 0
+X" means every attention call runs on fastattn backend X via fastattn.use_backend: `auto` (what a user gets without
+choosing), each available fastattn kernel backend, `sdpa` (PyTorch SDPA, its own kernel choice: the baseline a
+drop-in must not fall behind) and `reference` (eager: naive softmax(QK^T)V). Dropout is 0
 so every backend can take the calls. On CPU the models are cut to fewer layers (see SHAPES) to fit the quick
 preset; the shapes are recorded with the numbers."""
 from __future__ import annotations
@@ -42,9 +43,9 @@ DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def attention_backends(device: str) -> List[str]:
-    """fastattn's kernel backends available here, then sdpa, then reference (eager)."""
+    """auto, fastattn's kernel backends available here, then sdpa, then reference (eager)."""
     kinds = [n for n in fastattn.available_backends(device) if n not in ("sdpa", "reference")]
-    return kinds + ["sdpa", "reference"]
+    return ["auto"] + kinds + ["sdpa", "reference"]
 
 
 def _sync(device):
@@ -114,9 +115,12 @@ def run(device: str, preset: str, target_s: float = 0.5, backends: List[str] = N
                 rows.append({"model": fn.__name__, "attention": b, "status": "error",
                              "reason": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"})
     for model in {r["model"] for r in rows}:
-        eager = next((r.get("tokens_per_s") for r in rows if r["model"] == model and r["attention"] == "reference"),
-                     None)
+        def rate(backend):
+            return next((r.get("tokens_per_s") for r in rows if r["model"] == model and r["attention"] == backend),
+                        None)
+        eager, sdpa = rate("reference"), rate("sdpa")
         for r in rows:
-            if r["model"] == model and r.get("tokens_per_s") and eager:
-                r["speedup_vs_eager"] = r["tokens_per_s"] / eager
+            if r["model"] == model and r.get("tokens_per_s"):
+                r["speedup_vs_eager"] = r["tokens_per_s"] / eager if eager else None
+                r["speedup_vs_sdpa"] = r["tokens_per_s"] / sdpa if sdpa else None
     return rows

@@ -134,13 +134,14 @@ def not_run_text(not_run: Dict[str, List[str]]) -> str:
 
 
 def model_table(rows: List[dict]) -> str:
-    lines = [f"  {'model':<14} {'attention':<12} {'tokens/s':>10} {'ms':>9} {'x eager':>8}  shape"]
+    lines = [f"  {'model':<14} {'attention':<12} {'tokens/s':>10} {'ms':>9} {'x sdpa':>7} {'x eager':>8}  shape"]
     for r in rows:
         if r.get("status") == "error":
             lines.append(f"  {r['model']:<14} {r['attention']:<12} error: {r['reason']}")
         else:
             lines.append(f"  {r['model']:<14} {r['attention']:<12} {r['tokens_per_s']:>10.1f} {r['time_ms']:>9.1f} "
-                         f"{_fmt(r.get('speedup_vs_eager'), '7.2f')}x  {r['shape']}")
+                         f"{_fmt(r.get('speedup_vs_sdpa'), '6.2f')}x {_fmt(r.get('speedup_vs_eager'), '7.2f')}x  "
+                         f"{r['shape']}")
     return "\n".join(lines)
 
 
@@ -173,8 +174,8 @@ def write(out_dir: str, env: dict, records: List[dict], not_run: Dict[str, List[
     if models:
         paths["models_csv"] = os.path.join(out_dir, "models.csv")
         with open(paths["models_csv"], "w", newline="") as f:
-            fields = ["model", "attention", "tokens_per_s", "time_ms", "tokens", "speedup_vs_eager", "shape",
-                      "status", "reason"]
+            fields = ["model", "attention", "tokens_per_s", "time_ms", "tokens", "speedup_vs_sdpa", "speedup_vs_eager",
+                      "shape", "status", "reason"]
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(models)
