@@ -180,3 +180,43 @@ def test_gpt2_generate_eos_and_errors():
         ours.generate(ids, mask, max_new_tokens=100)
     with pytest.raises(ValueError, match="real token"):
         ours.generate(ids, torch.zeros_like(mask))
+
+
+def test_bert_loader_takes_pooler_less_models_and_refuses_what_it_cannot_compute():
+    """A masked-LM's BertModel has no pooler (it was refused for missing keys); decoder configs (causal, cross-
+    attention) and unknown activations are refused by name instead of loading and computing something else."""
+    hf = hf_bert(transformers.BertForMaskedLM).bert
+    assert hf.pooler is None
+    ours = Bert.from_transformers(hf)
+    ids, mask = batch("right")
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double()(ids, attention_mask=mask).last_hidden_state
+        hidden, pooled = ours(ids, mask)
+    assert pooled is None
+    assert_rule("hidden", hidden[mask.bool()], ref[mask.bool()], None, torch.float32)
+    for kw, match in ((dict(is_decoder=True), "is_decoder"), (dict(hidden_act="gelu_10"), "gelu_10")):
+        with pytest.raises(ValueError, match=match):
+            Bert.from_transformers(hf_bert(**kw))
+    with pytest.raises(ValueError, match="max_position_embeddings 64"):
+        ours(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_bert_classifier_dropout_as_transformers():
+    hf = hf_bert(transformers.BertForSequenceClassification, classifier_dropout=0.5)
+    assert BertForSequenceClassification.from_transformers(hf).dropout.p == hf.dropout.p == 0.5
+    assert BertForSequenceClassification.from_transformers(hf_bert(transformers.BertForSequenceClassification)
+                                                           ).dropout.p == 0.1
+
+
+def test_gpt2_generate_under_autocast_and_edge_lengths():
+    """Under autocast the projections return bf16: the cache generate allocates holds that dtype (it was fp32 and
+    the kvcache call refused the mix); max_new_tokens=0 gives (B, 0); a prompt past n_positions is refused."""
+    ours = GPT2.from_transformers(hf_gpt2())
+    ids, mask = batch("left")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours.generate(ids, mask, max_new_tokens=4)
+        logits = ours(ids[:1, -5:])
+    assert got.shape == (3, 4) and logits.dtype == torch.bfloat16
+    assert ours.generate(ids, mask, max_new_tokens=0).shape == (3, 0)
+    with pytest.raises(ValueError, match="n_positions 64"):
+        ours(torch.zeros(1, 65, dtype=torch.long))

@@ -19,6 +19,8 @@ one process's.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,14 +83,27 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     num_labels: int = 2
+    classifier_dropout: Optional[float] = None  # None: hidden_dropout_prob (transformers' rule)
 
     @classmethod
     def from_transformers(cls, hf_config) -> "BertConfig":
+        # This is BERT's bidirectional encoder: a decoder configuration (causal self-attention, cross-attention)
+        # would load without a missing weight and compute something else.
+        for flag in ("is_decoder", "add_cross_attention"):
+            if getattr(hf_config, flag, False):
+                raise ValueError(f"fastattn Bert: config.{flag}=True is not supported (the reference BERT is the "
+                                 f"bidirectional encoder only)")
         return cls(**{f.name: getattr(hf_config, f.name) for f in fields(cls) if hasattr(hf_config, f.name)})
 
 
 _ACT = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu}
+
+
+def _act(name: str):
+    if name not in _ACT:
+        raise ValueError(f"fastattn Bert: unsupported hidden_act {name!r}; supported: {', '.join(_ACT)}")
+    return _ACT[name]
 
 
 class Embeddings(nn.Module):
@@ -161,7 +176,7 @@ class Intermediate(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = _ACT[cfg.hidden_act]
+        self.act = _act(cfg.hidden_act)
 
     def forward(self, x):
         return self.act(self.dense(x))
@@ -201,20 +216,20 @@ class Pooler(nn.Module):
 
 class Bert(nn.Module):
     """BertModel: forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None) ->
-    (last_hidden (B, S, C), pooled (B, C)). attention_mask (B, S): 1 = real token, 0 = padding (left, right or
-    anywhere). cp (default: the active `context_parallel` config, if any): inputs (attention_mask included) are
+    (last_hidden (B, S, C), pooled (B, C), None when built with add_pooling_layer=False). attention_mask (B, S):
+    1 = real token, 0 = padding (left, right or anywhere). cp (default: the active `context_parallel` config, if any): inputs (attention_mask included) are
     this rank's shards of sequences of S * W tokens, position_ids default to their global positions, last_hidden
     holds this rank's rows and pooled (B, C) is the same on every rank: the [CLS] row's rank shares it through an
     all-reduce (a collective in the backward too: every rank backpropagates through pooled, or none). A loss on
     pooled is then the same on every rank: pass it through cp_replicated_loss (1 / W) before backward, so that
     the gradients summed over ranks are one process's."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
-        self.pooler = Pooler(cfg)
+        self.pooler = Pooler(cfg) if add_pooling_layer else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):
         cp = cp if cp is not None else active_cp()
@@ -222,6 +237,9 @@ class Bert(nn.Module):
         # While torch.compile traces, the mask is kept whatever its values (reading them would break the graph).
         padded = attention_mask is not None and (cp is not None or torch.compiler.is_compiling()
                                                  or not bool(attention_mask.bool().all()))
+        if position_ids is None and cp is None and input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"fastattn Bert: {input_ids.shape[1]} tokens exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         if cp is not None:
             S = input_ids.shape[1] * cp.world_size
             if S > self.config.max_position_embeddings:
@@ -231,7 +249,7 @@ class Bert(nn.Module):
                 position_ids = cp.global_positions(S, device=input_ids.device).view(1, -1)  # (1, S/W)
         key_mask = attention_mask.bool()[:, None, None, :] if padded else None  # (B, S) -> (B, 1, 1, S): True = attend
         x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), key_mask, cp)
-        return x, self.pooler(x, cp)
+        return x, (self.pooler(x, cp) if self.pooler is not None else None)
 
     def load_hf_state_dict(self, sd, strict: bool = True):
         """Loads a transformers BertModel state_dict (keys with or without the "bert." prefix)."""
@@ -242,9 +260,12 @@ class Bert(nn.Module):
 
     @classmethod
     def from_transformers(cls, hf_model) -> "Bert":
-        """Builds the model from a transformers BertModel (same weights, dtype and device)."""
+        """Builds the model from a transformers BertModel (same weights, dtype and device; without a pooler when the
+        model has none, as the masked-LM and token-classification heads' BertModel)."""
         p = next(hf_model.parameters())
-        model = cls(BertConfig.from_transformers(hf_model.config)).to(device=p.device, dtype=p.dtype)
+        pooled = getattr(hf_model, "pooler", None) is not None
+        model = cls(BertConfig.from_transformers(hf_model.config), add_pooling_layer=pooled)
+        model = model.to(device=p.device, dtype=p.dtype)
         return model.load_hf_state_dict(hf_model.state_dict()).train(hf_model.training)
 
 
@@ -260,7 +281,8 @@ class BertForSequenceClassification(nn.Module):
         super().__init__()
         self.config = cfg
         self.bert = Bert(cfg)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):

@@ -97,6 +97,8 @@ class CausalSelfAttention(nn.Module):
         elif cache is None:
             y = functional.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=self.scale, causal=True)
         else:  # appends k, v at each row's cache_seqlens, then attends to the row's valid prefix (bottom-right)
+            dt = cache.k[self.layer_idx].dtype  # under autocast the projections' dtype may differ from the cache's
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
             y = functional.flash_attn_with_kvcache(q, cache.k[self.layer_idx], cache.v[self.layer_idx], k=k, v=v,
                                                    cache_seqlens=cache.seqlens, softmax_scale=self.scale,
                                                    causal=True)
@@ -173,6 +175,8 @@ class GPT2(nn.Module):
             if position_ids is None:
                 position_ids = cp.global_positions(S, device=idx.device).view(1, T)  # (1, T): global positions
         if position_ids is None:
+            if cache is None and T > self.config.n_positions:
+                raise ValueError(f"fastattn GPT2: {T} tokens exceed n_positions {self.config.n_positions}")
             start = cache.seqlens.long().view(B, 1) if cache is not None else 0
             position_ids = start + torch.arange(T, device=idx.device).view(1, T)  # (B|1, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
@@ -187,6 +191,10 @@ class GPT2(nn.Module):
         real token); each row's real tokens are packed to the front of its cache, so padding costs nothing.
         Returns the new tokens (B, max_new_tokens); after eos_token_id a row emits pad_token_id."""
         B, T = idx.shape
+        if max_new_tokens < 0:
+            raise ValueError(f"fastattn GPT2.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return idx.new_empty(B, 0)
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
         keep = attention_mask.bool()
@@ -201,7 +209,10 @@ class GPT2(nn.Module):
         packed = torch.gather(idx, 1, order).masked_fill(torch.arange(T, device=idx.device) >= lens[:, None],
                                                          pad_token_id)
         w = self.lm_head.weight
-        cache = KVCache.empty(self.config, B, T + max_new_tokens, w.device, w.dtype)
+        dtype = w.dtype  # under autocast the cache holds what the projections return, as transformers' cache does
+        if torch.is_autocast_enabled(w.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.get_autocast_dtype(w.device.type)
+        cache = KVCache.empty(self.config, B, T + max_new_tokens, w.device, dtype)
         logits = self(packed, cache=cache)  # prefill: causal from 0, pads sit after each row's real tokens
         cache.seqlens = lens.to(torch.int32)  # later appends overwrite the pads
         nxt = logits[torch.arange(B, device=idx.device), lens - 1].argmax(-1)  # (B,)
