@@ -2,8 +2,10 @@
 
 Three runs on the same weights and prompts (a left-padded batch): transformers' generate() with
 attn_implementation="eager", the same with "fastattn", and fastattn.models.GPT2 (a compact GPT-2 whose cache goes
-through fastattn.flash_attn_with_kvcache). Prints the generated text, whether the tokens agree, and tokens/s in
-steady state (warm-up, then the median of --runs generate() calls; a single call is mostly noise).
+through fastattn.flash_attn_with_kvcache), each generating exactly --new-tokens tokens (end-of-text suppressed
+until then, as transformers' min_new_tokens does). Prints the generated text, whether the tokens agree, and tokens/s
+in steady state (warm-up, then the median of --runs rounds that run each generate() once, alternating, so that load
+on a shared machine falls on all three alike; a single call is mostly noise).
 
 Offline by default: a tiny random GPT-2 (so the text is gibberish) and a byte-level BPE tokenizer trained on a few
 sentences on the fly. With --model PATH it uses a real checkpoint and its tokenizer from disk.
@@ -18,7 +20,7 @@ import copy
 import torch
 
 import fastattn.integrations.transformers  # noqa: F401  (registers attn_implementation="fastattn")
-from _timing import spread, steady, threads_line
+from _timing import interleaved, spread, threads_line
 from fastattn.models import GPT2
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -44,6 +46,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--runs", type=int, default=5, help="timed generate() calls after 2 warm-up calls (median shown)")
     args = ap.parse_args()
+    if args.new_tokens < 1 or args.runs < 1:
+        ap.error(f"--new-tokens and --runs must be at least 1, got {args.new_tokens} and {args.runs}")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
 
@@ -65,24 +69,30 @@ def main():
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True).to(args.device)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    limit = getattr(eager.config, "n_positions", None)
+    if limit is not None and ids.shape[1] + args.new_tokens > limit:
+        ap.error(f"--new-tokens {args.new_tokens}: the {ids.shape[1]}-token prompts plus the new tokens exceed the "
+                 f"model's {limit} positions (at most {limit - ids.shape[1]})")
     n_new = args.new_tokens * ids.shape[0]
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id)
-    results = {}
     with torch.no_grad():
-        for name, run in (("eager", lambda: eager.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]),
-                          ("fastattn", lambda: fast.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]),
-                          ("fastattn.models.GPT2", lambda: ours.generate(ids, mask, max_new_tokens=args.new_tokens,
-                                                                         pad_token_id=tok.pad_token_id))):
-            sec, times, tokens = steady(run, runs=args.runs)
-            results[name] = (tokens, sec, times)
+        results = interleaved({
+            "eager": lambda: eager.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:],
+            "fastattn": lambda: fast.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:],
+            "fastattn.models.GPT2": lambda: ours.generate(ids, mask, max_new_tokens=args.new_tokens,
+                                                          min_new_tokens=args.new_tokens,
+                                                          eos_token_id=tok.eos_token_id,
+                                                          pad_token_id=tok.pad_token_id)}, runs=args.runs)
+    results = {name: (tokens, sec, times) for name, (sec, times, tokens) in results.items()}
 
     print(f"model: {args.model or 'tiny random GPT-2 (gibberish text)'}, {args.dtype} on {args.device}, "
           f"batch {ids.shape[0]} (left-padded to {ids.shape[1]}), {args.new_tokens} new tokens each")
     for prompt, new in zip(PROMPTS, results["fastattn"][0]):
         print(f"  {prompt!r} -> {tok.decode(new, skip_special_tokens=True)!r}")
     base = results["eager"][0]
-    print(f"timing: median of {args.runs} generate() calls after 2 warm-up calls, {threads_line(args.device)}")
+    print(f"timing: median of {args.runs} generate() calls after 2 warm-up calls (rounds alternating the three), "
+          f"{threads_line(args.device)}")
     for name, (tokens, sec, times) in results.items():
         same = "same tokens as eager" if torch.equal(tokens, base) else \
             f"{(tokens != base).any(1).sum().item()} rows differ from eager"

@@ -1,8 +1,10 @@
 """Swap fastattn into an existing PyTorch model with one call: fastattn.patch(model).
 
 Builds an nn.TransformerEncoder (or loads one saved with torch.save(model) via --model PATH), runs it on a
-right-padded batch, patches every nn.MultiheadAttention in place (weights kept, state_dict unchanged), checks that
-the outputs agree on real tokens, times both in steady state (warm-up, then the median of --iters runs), and
+right-padded batch, patches every nn.MultiheadAttention in place (weights kept, state_dict unchanged), checks the
+outputs on real tokens against the same model in float64 (the patched model's error may be at most twice torch's
+plus a rounding floor: the project's tolerance rule), times both in steady state (warm-up, then the median of
+--iters rounds that run each once, alternating, so that load on a shared machine falls on both alike), and
 unpatches. The baseline is the same model on torch's plain path (nn.MultiheadAttention -> SDPA), which is what the
 patched model replaces; torch's fused "fast path" (nested tensors, inference only) is timed too, for reference.
 
@@ -11,12 +13,15 @@ patched model replaces; torch's fused "fast path" (nested tensors, inference onl
 """
 import argparse
 import contextlib
+import copy
 import warnings
 
 import torch
 
 import fastattn
-from _timing import spread, steady, threads_line
+from _timing import interleaved, spread, threads_line
+
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
 @contextlib.contextmanager
@@ -31,7 +36,8 @@ def torch_fastpath(enabled: bool):
 
 
 def attention_share(model, seq: int) -> float:
-    """Fraction of the encoder's matmul FLOPs spent in attention (QK^T and PV), for Amdahl's bound on a speedup."""
+    """Fraction of the encoder's matmul FLOPs spent in attention (QK^T and PV): how much of the forward's arithmetic
+    the swap can touch (the softmax and mask work of torch's masked path is not counted, so not a bound on time)."""
     attn = lin = 0
     for m in model.modules():
         if isinstance(m, torch.nn.TransformerEncoderLayer):
@@ -54,6 +60,9 @@ def main():
     ap.add_argument("--iters", type=int, default=7, help="timed runs after 2 warm-up runs; the median is shown")
     ap.add_argument("--backend", default=None, help="fastattn backend for the swapped modules (default: auto)")
     args = ap.parse_args()
+    for name in ("batch", "seq", "d_model", "heads", "layers", "iters"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
 
@@ -72,34 +81,49 @@ def main():
     real = ~pad
     keys = list(model.state_dict())
 
-    with torch.no_grad():
-        run = lambda: model(x, src_key_padding_mask=pad)  # noqa: E731
+    torch_model = copy.deepcopy(model)  # stays unpatched: the baseline, timed beside the patched model
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
         with torch_fastpath(False):
-            before = run()
-            t_torch, times_torch, _ = steady(run, runs=args.iters)
-        with torch_fastpath(True), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
-            t_nested, _, _ = steady(run, runs=args.iters)
+            ref = copy.deepcopy(model).double()(x.double(), src_key_padding_mask=pad)  # the float64 oracle
         replaced = fastattn.patch(model, backend=args.backend)
-        after = run()
-        t_fast, times_fast, _ = steady(run, runs=args.iters)
         assert list(model.state_dict()) == keys, "patch changed the state_dict"
+
+        def plain(m):  # torch's plain path (its fused fast path off), as a training-mode model would run
+            def f():
+                with torch_fastpath(False):
+                    return m(x, src_key_padding_mask=pad)
+            return f
+
+        def nested():
+            with torch_fastpath(True):
+                return torch_model(x, src_key_padding_mask=pad)
+        res = interleaved({"torch": plain(torch_model), "fastattn": plain(model), "nested": nested},
+                          runs=args.iters)
         fastattn.unpatch(model)
 
-    diff = (after[real].float() - before[real].float()).abs().max().item()
-    scale = before[real].float().abs().max().item()
+    (t_torch, times_torch, before), (t_fast, times_fast, after) = res["torch"][:3], res["fastattn"][:3]
+    t_nested = res["nested"][0]
+    scale = ref[real].abs().max().item()
+    err_torch = (before[real].double() - ref[real]).abs().max().item()
+    err_fast = (after[real].double() - ref[real]).abs().max().item()
+    bound = 2 * err_torch + EPS[dtype] * scale
     print(f"patched {len(replaced)} modules: {', '.join(replaced)}")
     print(f"input ({args.batch}, {args.seq}, {d_model}) {args.dtype} on {args.device}, right-padded")
-    print(f"max |fastattn - torch| on real tokens: {diff:.3g} (relative {diff / scale:.3g})")
-    print(f"timing: median of {args.iters} runs after 2 warm-up runs, {threads_line(args.device)}")
+    print(f"error against the float64 model on real tokens: fastattn {err_fast:.3g}, torch {err_torch:.3g} "
+          f"(relative {err_fast / scale:.3g} / {err_torch / scale:.3g}): "
+          + ("agree (within 2x torch's error + rounding floor)" if err_fast <= bound else
+             f"DIFFER: fastattn's error exceeds {bound:.3g}"))
+    print(f"timing: median of {args.iters} rounds after 2 warm-up runs, each round running every variant once "
+          f"(alternating order), {threads_line(args.device)}")
     print(f"  torch (nn.MultiheadAttention -> SDPA): {t_torch * 1e3:8.2f} ms/forward  ({spread(times_torch)})")
     print(f"  fastattn.patch(model):                 {t_fast * 1e3:8.2f} ms/forward  ({spread(times_fast)})  "
           f"speedup {t_torch / t_fast:.2f}x over torch SDPA")
     print(f"  torch fused fast path (nested tensors, inference only, for reference): {t_nested * 1e3:8.2f} ms/forward")
     share = attention_share(model, args.seq)
     if share == share:  # not NaN: a TransformerEncoder we can count
-        print(f"attention is {share:.0%} of this model's matmul FLOPs, so even free attention would make the forward "
-              f"at most {1 / (1 - share):.2f}x faster")
+        print(f"attention (QK^T and PV) is {share:.0%} of this model's matmul FLOPs; the rest of the forward is the "
+              f"same code in both (softmax and mask work not counted)")
     if t_torch < (5e-3 if args.device == "cpu" else 1e-3):
         print(f"note: a {t_torch * 1e3:.1f} ms forward is overhead-bound (Python, dispatch, small GEMMs): the "
               f"speedup says little about the attention kernels; try --seq 1024 --d-model 512")

@@ -32,11 +32,10 @@ def need(*modules):
 def test_swap_into_model():
     out = run_example("swap_into_model.py")
     assert "patched 2 modules: layers.0.self_attn, layers.1.self_attn" in out
-    rel = float(re.search(r"relative ([0-9.e+-]+)\)", out).group(1))
-    assert rel <= 1e-5
+    assert re.search(r"error against the float64 model on real tokens: .*: agree \(within", out)
     assert re.search(r"speedup [0-9.]+x over torch SDPA", out)
-    assert re.search(r"median of \d+ runs after 2 warm-up runs, \d+ CPU thread", out), "steady-state timing, threads"
-    assert "attention is" in out and "of this model's matmul FLOPs" in out
+    assert re.search(r"median of \d+ rounds after 2 warm-up runs, .*\d+ CPU thread", out), "interleaved timing"
+    assert "attention (QK^T and PV) is" in out and "of this model's matmul FLOPs" in out
 
 
 def test_bert_finetune():
@@ -54,5 +53,5 @@ def test_gpt2_generate():
     for name in ("fastattn", "fastattn.models.GPT2"):
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name + ":"))
         assert "same tokens as eager" in line and "tokens/s" in line, line
-    assert re.search(r"median of \d+ generate\(\) calls after 2 warm-up calls, \d+ CPU thread", out)
+    assert re.search(r"median of \d+ generate\(\) calls after 2 warm-up calls .*, \d+ CPU thread", out)
     assert "tiny model" in out and "overhead" in out, "the default model is overhead-bound and must say so"

@@ -220,3 +220,22 @@ def test_gpt2_generate_under_autocast_and_edge_lengths():
     assert ours.generate(ids, mask, max_new_tokens=0).shape == (3, 0)
     with pytest.raises(ValueError, match="n_positions 64"):
         ours(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_gpt2_generate_min_new_tokens_as_transformers():
+    """eos is not chosen before min_new_tokens, as transformers' rule: with eos made the likeliest token after a
+    step, both suppress it for the first 6 and stop at it after (before, only transformers suppressed it)."""
+    hf = hf_gpt2().double()
+    ids, mask = batch("left", S=8)
+    free = GPT2.from_transformers(hf).generate(ids, mask, max_new_tokens=10)
+    # Bias the head so that eos (id 2) wins wherever a given common token would: eos becomes likely, not certain.
+    common = int(free[:, 1:].flatten().mode().values)
+    with torch.no_grad():
+        hf.lm_head.weight[2] = hf.lm_head.weight[common] * 1.5
+    ours = GPT2.from_transformers(hf)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=6, do_sample=False,
+                       pad_token_id=0, eos_token_id=2)[:, 8:]
+    got = ours.generate(ids, mask, max_new_tokens=10, min_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    got = got[:, :want.shape[1]]  # transformers stops once every row is done
+    assert got.tolist() == want.tolist()
+    assert (want[:, :6] != 2).all() and (want == 2).any(), "degenerate test: eos never came up"

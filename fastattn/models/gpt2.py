@@ -186,10 +186,11 @@ class GPT2(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens: int = 20, eos_token_id: Optional[int] = None,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, min_new_tokens: int = 0):
         """Greedy decoding with a KV cache. idx (B, T) may be left- or right-padded (attention_mask (B, T), 1 =
         real token); each row's real tokens are packed to the front of its cache, so padding costs nothing.
-        Returns the new tokens (B, max_new_tokens); after eos_token_id a row emits pad_token_id."""
+        Returns the new tokens (B, max_new_tokens); after eos_token_id a row emits pad_token_id. min_new_tokens:
+        eos_token_id is not chosen before that many new tokens (transformers' min_new_tokens)."""
         B, T = idx.shape
         if max_new_tokens < 0:
             raise ValueError(f"fastattn GPT2.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -215,7 +216,12 @@ class GPT2(nn.Module):
         cache = KVCache.empty(self.config, B, T + max_new_tokens, w.device, dtype)
         logits = self(packed, cache=cache)  # prefill: causal from 0, pads sit after each row's real tokens
         cache.seqlens = lens.to(torch.int32)  # later appends overwrite the pads
-        nxt = logits[torch.arange(B, device=idx.device), lens - 1].argmax(-1)  # (B,)
+        def pick(last, step):  # greedy choice from the last position's logits (B, vocab)
+            if eos_token_id is not None and step < min_new_tokens:
+                last = last.clone()
+                last[:, eos_token_id] = float("-inf")
+            return last.argmax(-1)  # (B,)
+        nxt = pick(logits[torch.arange(B, device=idx.device), lens - 1], 0)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             nxt = nxt.masked_fill(done, pad_token_id)
@@ -228,7 +234,7 @@ class GPT2(nn.Module):
                 break
             logits = self(nxt.view(B, 1), cache=cache)  # (B, 1, vocab)
             cache.seqlens = cache.seqlens + 1
-            nxt = logits[:, -1].argmax(-1)
+            nxt = pick(logits[:, -1], step + 1)
         res = torch.stack(out, dim=1)
         if res.shape[1] < max_new_tokens:
             res = F.pad(res, (0, max_new_tokens - res.shape[1]), value=pad_token_id)
