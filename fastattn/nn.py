@@ -18,6 +18,7 @@ Only forward changes: attention runs through fastattn.scaled_dot_product_attenti
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -245,7 +246,8 @@ def patch(model: torch.nn.Module, backend: Optional[str] = None) -> List[str]:
     """Replaces every torch.nn.MultiheadAttention inside `model` (the model itself included) by
     fastattn.nn.MultiheadAttention, in place, keeping weights. Returns the qualified names replaced ("" = model).
 
-    Subclasses of nn.MultiheadAttention with their own forward are left alone (their forward may differ).
+    Subclasses of nn.MultiheadAttention with their own forward are left alone (their forward may differ). A model
+    with no nn.MultiheadAttention gets a warning (transformers models: use attn_implementation="fastattn").
     backend: a fastattn backend name for the swapped modules (None = auto). Undo with fastattn.unpatch(model)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastattn.patch: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -261,6 +263,14 @@ def patch(model: torch.nn.Module, backend: Optional[str] = None) -> List[str]:
             replaced.append(name)
         elif isinstance(mod, MultiheadAttention) and backend is not None:
             mod.backend = backend
+    if not replaced and not any(isinstance(m, MultiheadAttention) for m in model.modules()):
+        # A silent no-op would leave the user believing the model runs on fastattn.
+        hint = ""
+        if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+            hint = ("; transformers models compute attention in their own modules: load them with "
+                    "attn_implementation=\"fastattn\" (after import fastattn.integrations.transformers)")
+        warnings.warn(f"fastattn.patch: no torch.nn.MultiheadAttention in this {type(model).__name__}, nothing "
+                      f"was replaced{hint}", UserWarning, stacklevel=2)
     return replaced
 
 

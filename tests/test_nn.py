@@ -4,6 +4,7 @@ The reference is PyTorch's own module run in float64 on the same weights; ours r
 fp32 rule (1e-5 relative, tests/support/oracle.py). Masks are random but leave every query at least one key (PyTorch
 gives NaN for rows with none; we give 0, tested separately)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -275,8 +276,23 @@ def test_patch_leaves_subclasses_alone():
 
     model = torch.nn.Sequential(torch.nn.Linear(E, E))
     model.add_module("attn", Custom(E, H))
-    assert fastattn.patch(model) == [] and type(model.attn) is Custom
+    with pytest.warns(UserWarning, match="no torch.nn.MultiheadAttention in this Sequential, nothing was replaced"):
+        assert fastattn.patch(model) == [] and type(model.attn) is Custom
     assert fastattn.unpatch(model) == []
+
+
+def test_patch_on_a_model_without_multihead_attention_says_so():
+    """A silent no-op left users believing a transformers model ran on fastattn."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers to build a model without MHA")
+    cfg = transformers.BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=8)
+    with pytest.warns(UserWarning, match='attn_implementation="fastattn"'):
+        assert fastattn.patch(transformers.BertModel(cfg)) == []
+    model = torch.nn.TransformerEncoderLayer(E, H, batch_first=True)
+    fastattn.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patched already: nothing new to replace, and no warning
+        assert fastattn.patch(model) == []
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
