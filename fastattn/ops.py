@@ -9,6 +9,8 @@ import importlib.util
 from typing import Optional
 
 import torch
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from .params import AttnParams, DecodeCall, bool_bias
 
@@ -214,8 +216,18 @@ def dropout_seed(p: AttnParams):
         return 0, 0
     if p.rng is not None:  # block calls: every block of one logical call shares the caller's (seed, offset)
         return p.rng
-    s = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
-    return int(s[0]), int(s[1])
+    if not torch.compiler.is_compiling() and _values_ignored():  # (dynamo does not trace the mode queries)
+        return 0, 0
+    # Not int(): under torch.export these are symbols of a traced draw (a fresh seed per call of the program).
+    seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    return seed, offset
+
+
+def _values_ignored() -> bool:
+    """Inside a plain FakeTensorMode (shape and memory estimators): no tensor has values and nothing records the
+    call, so the seed's value cannot matter, and reading a drawn one would raise."""
+    mode = detect_fake_mode()
+    return mode is not None and mode.shape_env is None and get_proxy_mode() is None
 
 
 def _fwd_rest(p: AttnParams, seed: int, offset: int) -> tuple:

@@ -58,3 +58,31 @@ def test_deterministic_backward_is_bitwise_reproducible(backend, device, dtype):
     for g in grads[1:]:
         for a, b in zip(grads[0], g):
             assert torch.equal(a, b)
+
+
+def test_exported_dropout_draws_a_fresh_mask_per_call_reproducibly():
+    """torch.export (non-strict, torch's default) of a call with dropout: the seed is a traced draw, not a constant
+    (it had failed: the seed was turned into a Python int, a guard on a data-dependent value), so the program draws
+    a new mask each call, the same as eager under the same torch.manual_seed."""
+    class Attn(torch.nn.Module):
+        def forward(self, q):
+            return fastattn.scaled_dot_product_attention(q, q, q, dropout_p=0.3, is_causal=True)
+
+    q = torch.randn(2, 3, 17, 8)
+    prog = torch.export.export(Attn(), (q,)).module()
+    assert not torch.equal(prog(q), prog(q))
+    torch.manual_seed(5)
+    got = prog(q)
+    torch.manual_seed(5)
+    assert torch.equal(got, Attn()(q))
+
+
+def test_fake_tensor_mode_runs_dropout_and_float_masks():
+    """Shape and memory estimators run models under FakeTensorMode: a dropout call (its seed) and the sdpa backend's
+    float mask (its fully-masked-row check) read tensor values and raised there; torch's SDPA returns fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    with FakeTensorMode():
+        q = torch.randn(2, 4, 16, 32)
+        outs = [fastattn.scaled_dot_product_attention(q, q, q, dropout_p=0.1),
+                fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(2, 4, 16, 16), backend="sdpa")]
+    assert all(isinstance(o, FakeTensor) and o.shape == q.shape for o in outs)

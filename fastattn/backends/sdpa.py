@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..params import AttnParams
 from .base import Backend, Lean
@@ -117,7 +118,8 @@ def _rows_seen(bias):
     row does (asked on CPU only, where it costs no host sync, and not while torch.compile traces); the bias with
     unseen rows unmasked for the call (torch may give NaN there; forward then gives 0)."""
     row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)
-    if bias.is_cpu and not torch.compiler.is_compiling() and bool(row_ok.all()):  # (traced: data-dependent)
+    # Traced or fake (torch.export, FakeTensorMode): no values to read, keep the data-independent form.
+    if bias.is_cpu and not torch.compiler.is_compiling() and not isinstance(bias, FakeTensor) and bool(row_ok.all()):
         return bias, None
     return torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)), row_ok
 
