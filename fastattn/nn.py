@@ -246,9 +246,10 @@ def patch(model: torch.nn.Module, backend: Optional[str] = None) -> List[str]:
     """Replaces every torch.nn.MultiheadAttention inside `model` (the model itself included) by
     fastattn.nn.MultiheadAttention, in place, keeping weights. Returns the qualified names replaced ("" = model).
 
-    Subclasses of nn.MultiheadAttention with their own forward are left alone (their forward may differ). A model
-    with no nn.MultiheadAttention gets a warning (transformers models: use attn_implementation="fastattn").
-    backend: a fastattn backend name for the swapped modules (None = auto). Undo with fastattn.unpatch(model)."""
+    Subclasses of nn.MultiheadAttention are left alone (their forward or attributes may differ). A model with no
+    nn.MultiheadAttention gets a warning (transformers models: use attn_implementation="fastattn").
+    backend: a fastattn backend name for the swapped modules (None = auto; modules already on fastattn keep theirs
+    unless one is given). Undo with fastattn.unpatch(model)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastattn.patch: model must be a torch.nn.Module, got {type(model).__name__}")
     if backend is not None:

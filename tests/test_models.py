@@ -239,3 +239,15 @@ def test_gpt2_generate_min_new_tokens_as_transformers():
     got = got[:, :want.shape[1]]  # transformers stops once every row is done
     assert got.tolist() == want.tolist()
     assert (want[:, :6] != 2).all() and (want == 2).any(), "degenerate test: eos never came up"
+
+
+def test_bert_pad_token_row_gets_no_gradient_as_transformers():
+    """A token-level loss over every position: transformers' [PAD] embedding row (padding_idx) gets no gradient;
+    ours trained it (fine-tuning diverged from transformers')."""
+    hf = hf_bert()
+    ours = Bert.from_transformers(hf).train()
+    ids, mask = batch("right")  # padded positions hold token 0, the pad token
+    hidden, _ = ours(ids, mask)
+    hidden.square().sum().backward()
+    grad = ours.embeddings.word_embeddings.weight.grad
+    assert grad[0].abs().max() == 0 and grad[ids[0, 0]].abs().max() > 0

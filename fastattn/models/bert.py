@@ -84,6 +84,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     num_labels: int = 2
     classifier_dropout: Optional[float] = None  # None: hidden_dropout_prob (transformers' rule)
+    pad_token_id: Optional[int] = 0  # its embedding row gets no gradient, as in transformers
 
     @classmethod
     def from_transformers(cls, hf_config) -> "BertConfig":
@@ -109,7 +110,7 @@ def _act(name: str):
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
