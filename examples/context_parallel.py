@@ -3,6 +3,9 @@
     torchrun --nproc-per-node 2 examples/context_parallel.py [--steps 5] [--strategy ring|allgather|ulysses]
     python examples/context_parallel.py            # the same with 2 simulated ranks (threads) in one process
 
+The sequence (64 tokens) is cut into 2W zigzag chunks, so W must divide 32 (1, 2, 4, 8, 16 or 32 ranks; ulysses
+also splits the 4 heads: 1, 2 or 4).
+
 Every rank holds S/W tokens of every sequence (shard_batch: zigzag order, rank r has chunks r and 2W-1-r of 2W;
 labels shifted on the whole sequence first), the model embeds them at their GLOBAL positions and runs attention with
 cp_attention (which sees the whole sequence) because it is given `cp=`, and the loss is normalised by the global
