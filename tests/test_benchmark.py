@@ -515,3 +515,22 @@ def test_model_level_rows_include_auto_and_compare_with_sdpa(monkeypatch):
     assert names[0] == "auto" and names[-2:] == ["sdpa", "reference"] and len(rows) == 2 * len(names)
     auto = rows[0]
     assert auto["speedup_vs_sdpa"] == 1.5 and auto["speedup_vs_eager"] == 3.0
+
+
+def test_model_level_follows_backends_and_dtype(tmp_path, monkeypatch):
+    """--backends and --dtype narrow the model level as they narrow the op level (they were ignored there); sdpa
+    and eager stay, as the baselines its columns read against."""
+    from fastattn.benchmark import model
+    seen = []
+
+    def fake(name):
+        def f(device, s, backend, target_s):
+            seen.append((name, backend, s["dtype"]))
+            return {"model": name, "attention": backend, "tokens_per_s": 1.0, "time_ms": 1.0,
+                    "shape": f"layers=1 {s['dtype']}"}
+        return f
+    monkeypatch.setattr(model, "bert_train", fake("bert_train"))
+    monkeypatch.setattr(model, "gpt2_generate", fake("gpt2_generate"))
+    rc = cli.main(_SMALL + ["--backends", "cpu", "--dtype", "bf16", "--model", "on", "--out", str(tmp_path)])
+    assert rc == 0
+    assert sorted({b for _, b, _ in seen}) == ["cpu", "reference", "sdpa"] and {d for *_, d in seen} == {"bf16"}

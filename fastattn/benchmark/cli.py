@@ -320,7 +320,10 @@ def _run(args, device, preset, cases, t0, argv) -> int:
         from . import model
         over = budget is not None and time.monotonic() - t0 > budget or runner.STATE["stop"]
         with runner.interruptible():
-            models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5))
+            # --backends and --dtype narrow the model level too (fastattn backends; sdpa and eager stay as baselines).
+            named = [i.backend for i in impls if isinstance(i, I.FastattnImpl)] if args.backends else None
+            models = [] if over else model.run(device, args.preset, target_s=max(preset.target_s, 0.5),
+                                               backends=named, dtypes=args.dtype or None)
         if runner.STATE["stop"]:
             print("(model-level benchmark interrupted or skipped)", file=sys.stderr)
     wall = time.monotonic() - t0

@@ -104,23 +104,36 @@ def gpt2_generate(device: str, s: dict, backend: str, target_s: float) -> dict:
             "tokens_per_s": B * N / med, "shape": f"layers={cfg.n_layer} B={B} prompt={T} new={N} {s['dtype']}"}
 
 
-def run(device: str, preset: str, target_s: float = 0.5, backends: List[str] = None) -> List[dict]:
-    s = SHAPES["cuda" if device.startswith("cuda") else "cpu"].get(preset) or SHAPES["cpu"]["quick"]
+def run(device: str, preset: str, target_s: float = 0.5, backends: List[str] = None,
+        dtypes: List[str] = None) -> List[dict]:
+    """Both models with attention on each backend (default: attention_backends; sdpa and reference, the baselines
+    of x sdpa and x eager, are always added), in each dtype (default: the preset's)."""
+    base = SHAPES["cuda" if device.startswith("cuda") else "cpu"].get(preset) or SHAPES["cpu"]["quick"]
+    backends = list(dict.fromkeys((backends or attention_backends(device.split(":")[0])) + ["sdpa", "reference"]))
     rows = []
-    for fn in (bert_train, gpt2_generate):
-        for b in backends or attention_backends(device.split(":")[0]):
-            try:
-                rows.append(fn(device, s, b, target_s))
-            except Exception as e:  # noqa: BLE001 - listed with the reason, not dropped
-                rows.append({"model": fn.__name__, "attention": b, "status": "error",
-                             "reason": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"})
-    for model in {r["model"] for r in rows}:
+    for dtype in dtypes or [base["dtype"]]:
+        s = dict(base, dtype=dtype)
+        for fn in (bert_train, gpt2_generate):
+            for b in backends:
+                try:
+                    rows.append(fn(device, s, b, target_s))
+                except Exception as e:  # noqa: BLE001 - listed with the reason, not dropped
+                    rows.append({"model": fn.__name__, "attention": b, "status": "error", "shape": dtype,
+                                 "reason": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"})
+
+    def key(r):  # the model and its dtype (the shape string's last word)
+        words = (r.get("shape") or "").split()
+        return r["model"], words[-1] if words else None
+
+    for model in set(map(key, rows)):
+        def same(r):
+            return key(r) == model
+
         def rate(backend):
-            return next((r.get("tokens_per_s") for r in rows if r["model"] == model and r["attention"] == backend),
-                        None)
+            return next((r.get("tokens_per_s") for r in rows if same(r) and r["attention"] == backend), None)
         eager, sdpa = rate("reference"), rate("sdpa")
         for r in rows:
-            if r["model"] == model and r.get("tokens_per_s"):
+            if same(r) and r.get("tokens_per_s"):
                 r["speedup_vs_eager"] = r["tokens_per_s"] / eager if eager else None
                 r["speedup_vs_sdpa"] = r["tokens_per_s"] / sdpa if sdpa else None
     return rows
