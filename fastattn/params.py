@@ -233,13 +233,25 @@ _STRIDED = torch.strided
 
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+_functorch_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+@torch.compiler.assume_constant_result
+def _transform_open_at_trace() -> bool:
+    """Whether a torch.func transform is open while dynamo traces: run as plain Python at trace time and kept in the
+    graph (dynamo stops at the two calls above, and traces peek_interpreter_stack into an object that is never
+    None). A graph traced inside a transform is only ever run inside it."""
+    return _functorch_stack() is not None
 
 
 def func_transform(*tensors) -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) wraps one of `tensors`, in eager mode. The fused ops'
-    autograd is an autograd.Function without the separate setup_context functorch requires (torch.library's own
-    has none either). While torch.compile traces this cannot be asked; such calls fail there, loudly."""
-    if torch.compiler.is_compiling() or functorch_level() is None:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) wraps one of `tensors`. The fused ops' autograd is
+    an autograd.Function without the separate setup_context functorch requires (torch.library's own has none
+    either). While torch.compile traces, the tensors cannot be asked: any open transform counts (the graph is
+    traced inside it)."""
+    if torch.compiler.is_compiling():
+        return _transform_open_at_trace()
+    if functorch_level() is None:
         return False
     return any(t is not None and _functorch_wrapped(t) for t in tensors)
 

@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) on paths that had broken the graph or recompiled on every length: attention dropout
 on the fused CPU ops (the seed a SymInt), masks whose values the model code read (transformers' mask function and
 the reference BERT), reason texts that printed a symbolic query length (one graph per length, then the recompile
-limit), and torch.func.grad with a mask (the fused ops' autograd cannot run under functorch: sdpa takes it).
+limit), and torch.func.grad with a mask (the fused ops' autograd cannot run under functorch: sdpa takes it), eager
+and, for grad, vmap(grad) and jacrev, in a graph traced inside the transform.
 aot_eager: the tracing is what is tested; inductor's code generation is test_compile.py's."""
 import pytest
 import torch
@@ -85,3 +86,41 @@ def test_func_grad_with_a_mask():
                                .sum(), (qd, kd, vd))
     for name, a, b in zip("qkv", got, want):
         assert_rule(f"d{name}", a, b, None, torch.float32)
+
+
+def _transformed(name, f):
+    """torch.func.grad of f's sum with respect to q, k and v, as `name` wraps it (vmap over a leading batch)."""
+    g = torch.func.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))
+    if name == "jacrev":
+        return torch.func.jacrev(f, argnums=(0, 1, 2))
+    return torch.func.vmap(g) if name == "vmap_grad" else g
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("transform", ["grad", "vmap_grad", "jacrev"])
+def test_compiled_func_transforms(transform, masked):
+    """A graph traced inside torch.func.grad / vmap(grad) / jacrev takes a backend whose autograd functorch can run
+    (before: the fused ops' autograd.Function raised in dynamo). fp32 inputs, which auto gives the fused cpu backend
+    outside a transform; checked against PyTorch's SDPA under the same transform in float64."""
+    g = torch.Generator().manual_seed(1)
+    Sq, Sk = (3, 4) if transform == "jacrev" else (9, 12)
+    q, k, v = (torch.randn(2, 2, S, 8, generator=g) for S in (Sq, Sk, Sk))
+    m = torch.rand(2, 1, Sq, Sk, generator=g) > 0.3 if masked else None
+    if masked:
+        m[..., 0] = True
+    if transform == "vmap_grad":
+        q, k, v = (torch.stack([t, t.flip(-1)]) for t in (q, k, v))  # (2, B, H, S, D): two calls under vmap
+    got = _compiled(_transformed(transform, lambda q, k, v: fastattn.scaled_dot_product_attention(
+        q, k, v, attn_mask=m)))(q, k, v)
+    want = _transformed(transform, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=m))(q.double(), k.double(), v.double())
+    for name, a, b in zip("qkv", got, want):
+        assert_rule(f"{transform} d{name}", a, b, None, torch.float32)
+
+
+@pytest.mark.skipif(bool(fastattn.get_backend("cpu").unavailable()), reason="the cpu backend is not built")
+def test_compiled_func_grad_refuses_a_fused_backend_by_name():
+    q, k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    f = _compiled(torch.func.grad(lambda q: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu").sum()))
+    with pytest.raises(Exception, match="func transform not supported"):
+        f(q)

@@ -45,7 +45,7 @@ FEATURES = frozenset({
     "lse",            # returns log-sum-exp
     "dv_ne_d",        # value head dim different from query/key head dim
     "forward_ad",     # forward-mode AD (torch.func.jvp, jacfwd, forward_ad.dual_level): tangents carried
-    "func_transform",  # runs under torch.func transforms (grad, vmap, jacrev, ...), in eager mode
+    "func_transform",  # runs under torch.func transforms (grad, vmap, jacrev, ...), eager and compiled
     "block",          # block calls: q_start/k_start global positions, fp32 out, accumulating backward, and
                       # dropout keyed by the global head head_start + h (AttnParams.head_start)
 })
