@@ -37,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
 from .backends.base import needed_features
-from .params import AttnParams, DecodeCall, forward_ad, func_transform
+from .params import AttnParams, DecodeCall, forward_ad, func_transform, symbolic
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
 
@@ -330,13 +330,15 @@ def select(p: AttnParams, backend: Optional[str] = None) -> Backend:
 
 def dense_call(p: AttnParams) -> Optional[DecodeCall]:
     """A dense short-query call as a decode call on k/v viewed as a cache, or None when it is not one: dropout,
-    varlen, autograd, many query tokens, or top-left causal/window with Sq != Sk (decode kernels align
-    bottom-right). A mask rides along as the call's attn_bias, for the kernels that declare `takes_bias`."""
+    varlen, autograd, many query tokens or a symbolic query length (torch.compile/export with a dynamic Sq: the
+    prefill kernel takes any length, and no class guards the graph), or top-left causal/window with Sq != Sk (decode
+    kernels align bottom-right). A mask rides along as the call's attn_bias, for the kernels that declare
+    `takes_bias`."""
     if p.dropout_p > 0 or p.is_varlen or p.requires_grad or p.is_block:
         return None
     B, Hq, Sq, D = p.q.shape
     Sk = p.k.shape[2]
-    if Sq > MAX_ROUTE_Q or _any_zero(Sq, Sk, B):
+    if symbolic(Sq) or Sq > MAX_ROUTE_Q or _any_zero(Sq, Sk, B):
         return None
     if (p.window_left >= 0 or p.window_right >= 0) and not p.bottom_right and Sq != Sk:
         return None

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch.autograd import forward_ad as _fwad
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -361,6 +362,17 @@ def check_softcap(softcap) -> float:
     if not (math.isfinite(softcap) and softcap >= 0):
         raise InputValueError(f"fastattn: softcap must be finite and >= 0 (0 = off), got {softcap!r}")
     return float(softcap)
+
+
+def symbolic(n) -> bool:
+    """Whether a size is symbolic: a dynamic dim while torch.compile or torch.export traces. Rules that put calls in
+    classes by length (the short-query route to a decode kernel, auto's speed rules) leave such a call in its
+    general class instead of comparing it: a comparison guards the graph on the class (export refuses a guard that
+    narrows a Dim's range; compile recompiles on each side of it). has_static_value, not type(): dynamo answers
+    type(n) is int and isinstance(n, torch.SymInt) False for its symbolic sizes."""
+    if type(n) is int and not torch.compiler.is_compiling():  # eager: one type test
+        return False
+    return not has_static_value(n)
 
 
 def check_int(x, name: str, lo: int = 0) -> int:

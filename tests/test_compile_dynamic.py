@@ -167,3 +167,105 @@ def test_export_with_data_dependent_batch():
     for B in (3, 6):
         a = args(B)
         _close(ep.module()(*a), _SelectedRows()(*a))
+
+
+# ------------------------------------------------------------------------------------ a dynamic query length
+# The dispatcher's query-length classes (the short-query route to a decode kernel at <= 8 tokens, the CPU decode
+# kernel's 4-row rule, auto's step rules) compared the symbolic length: export refused the guard that narrowed S
+# ("Constraints violated (S)! ... 9 <= L['q'].size()[2] <= 64"), compile made one graph per class. A symbolic
+# length now takes the general prefill route, and each test here failed before.
+_LENGTHS = (2, 3, 4, 5, 8, 9, 16, 17, 40, 64)  # both sides of the old class bounds (4 rows, 8 tokens)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)
+
+
+def _sdpa(**kw):
+    return lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def _flash_causal(q, k, v):
+    return fastattn.flash_attn_func(q, k, v, causal=True)  # (B, S, H, D): the length is dim 1
+
+
+_CASES = {  # name: (function, query length's dim, whether k/v share it, dtype)
+    "query only": (_sdpa(), 2, False, torch.float32),
+    "self-attention": (_sdpa(), 2, True, torch.float32),
+    "self-attention causal": (_sdpa(is_causal=True), 2, True, torch.float32),
+    "gqa causal": (_sdpa(is_causal=True, enable_gqa=True), 2, True, torch.float32),
+    "query only causal, fp64 (sdpa)": (_sdpa(is_causal=True), 2, False, torch.float64),
+    "flash_attn_func causal, query only": (_flash_causal, 1, False, torch.float32),
+}
+
+
+def _qkv(case, S, B=2):
+    _, dim, shared, dtype = _CASES[case]
+    Sk = S if shared else 16
+    shapes = [[B, 4, S, 16], [B, 2 if case == "gqa causal" else 4, Sk, 16]]
+    if dim == 1:
+        shapes = [[s[0], s[2], s[1], s[3]] for s in shapes]  # (B, H, S, D) -> (B, S, H, D)
+    return rnd(*shapes[0]).to(dtype), rnd(*shapes[1]).to(dtype), rnd(*shapes[1]).to(dtype)
+
+
+@pytest.mark.parametrize("example", [3, 9, 40])
+@pytest.mark.parametrize("case", list(_CASES))
+def test_export_with_dynamic_query_length(case, example):
+    fn, dim, shared, _ = _CASES[case]
+    S = torch.export.Dim("S", min=2, max=64)
+    dyn = ({dim: S}, {dim: S} if shared else None, {dim: S} if shared else None)
+    ep = torch.export.export(_Attention(fn), _qkv(case, example), dynamic_shapes=dyn)
+    for L in _LENGTHS:
+        a = _qkv(case, L)
+        _close(ep.module()(*a), fn(*a))
+
+
+def test_export_model_with_dynamic_batch_and_length():
+    """GPT-2 (fastattn.models, flash_attn_func inside) exported for inference with a dynamic batch and length."""
+    from fastattn.models import GPT2, GPT2Config
+    model = GPT2(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4)).to(DEV).eval()
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=64)
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.randint(0, 64, (2, 9), device=DEV),),
+                                 dynamic_shapes=({0: batch, 1: seq},))
+        for B, T in ((1, 2), (3, 4), (2, 8), (5, 9), (2, 40)):
+            ids = torch.randint(0, 64, (B, T), device=DEV)
+            torch.testing.assert_close(ep.module()(ids), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_export_bf16_step_rule_on_amx_cpus(monkeypatch):
+    """auto's bf16 step rules on CPUs with AMX (one-token and 3-4-token MHA steps go to sdpa) leave a dynamic length
+    alone (simulated here: the rule's flags set as an AMX CPU sets them)."""
+    cpu = pytest.importorskip("fastattn.backends.cpu")
+    if DEV != "cpu" or fastattn.get_backend("cpu").unavailable():
+        pytest.skip("the cpu backend's rule")
+    monkeypatch.setattr(cpu, "_BF16_AMX", True)
+    monkeypatch.setattr(cpu, "_RULE_DTYPES", cpu._RULE_DTYPES | {torch.bfloat16})
+    fn = _sdpa(is_causal=True)
+    S = torch.export.Dim("S", min=2, max=64)
+
+    def qkv(L):
+        return tuple(rnd(1, 4, L, 16).bfloat16() for _ in range(3))
+    ep = torch.export.export(_Attention(fn), qkv(9), dynamic_shapes=({2: S},) * 3)
+    for L in (2, 3, 4, 5, 9):
+        a = qkv(L)
+        torch.testing.assert_close(ep.module()(*a), fn(*a), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_mark_dynamic_short_queries_compile_once(shared):
+    """Inference with lengths 2-12 marked dynamic: one graph (before: three, at 2-4, 5-8 and 9+ tokens)."""
+    cnt = _counter()
+    fn = torch.compile(_sdpa(), backend=cnt, fullgraph=True)
+    with torch.no_grad():
+        for S in range(2, 13):
+            q, k, v = rnd(1, 4, S, 32), rnd(1, 4, S if shared else 40, 32), rnd(1, 4, S if shared else 40, 32)
+            for t in (q, k, v) if shared else (q,):
+                torch._dynamo.mark_dynamic(t, 2)
+            _close(fn(q, k, v), fastattn.scaled_dot_product_attention(q, k, v))
+    assert cnt.frame_count == 1, cnt.frame_count

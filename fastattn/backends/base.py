@@ -25,8 +25,9 @@ from __future__ import annotations
 from typing import Callable, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..params import AttnParams, DecodeCall, forward_ad, func_transform
+from ..params import AttnParams, DecodeCall, forward_ad, func_transform, symbolic
 
 # Features a backend may declare. The test matrix is generated from these.
 FEATURES = frozenset({
@@ -71,12 +72,19 @@ def shown(n) -> str:
     return "N" if torch.compiler.is_compiling() else str(n)
 
 
+def _unequal(Sq, Sk) -> bool:
+    """Sq != Sk; traced with symbolic lengths, unless the trace knows them equal (no guard on it)."""
+    if symbolic(Sq) or symbolic(Sk):
+        return not statically_known_true(Sq == Sk)
+    return Sq != Sk
+
+
 def needed_features(p: AttnParams) -> Tuple[str, ...]:
     """The FEATURES a call uses, in a fixed order (also the refusal order of `reasons`)."""
     need = []
     if p.causal:
         need.append("causal")
-        if p.bottom_right and (p.seqlen_q != p.seqlen_k or p.is_varlen):
+        if p.bottom_right and (_unequal(p.seqlen_q, p.seqlen_k) or p.is_varlen):
             need.append("bottom_right")
     if p.has_window:
         need.append("window")

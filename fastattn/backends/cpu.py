@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..params import AttnParams
+from ..params import AttnParams, symbolic
 from .base import Backend, Lean
 from .cpp_decode import CPU_DECODE
 from .sdpa import pytorch_fused as _sdpa_fused
@@ -356,8 +356,9 @@ class CpuBackend(Backend):
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
             mha = p.q.shape[1] == p.k.shape[1]
-            decode = Sq == 1 and mha
-            mha_step = 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
+            short = not symbolic(Sq)  # a dynamic-length graph is no step: comparing Sq would guard it
+            decode = short and Sq == 1 and mha
+            mha_step = short and 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
             tiny = (not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA
                     and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS)
             # (compiling: the one-thread rule, the thread count not read into the graph)

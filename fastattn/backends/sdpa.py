@@ -14,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..params import AttnParams
+from ..params import AttnParams, symbolic
 from .base import Backend, Lean
 from .reference import visibility
 
@@ -29,6 +30,8 @@ def native_causal(p: AttnParams) -> bool:
     if not p.causal or p.has_window or p.attn_bias is not None or not p.scale > 0:  # flags first: every call asks
         return False
     Sq, Sk = p.q.shape[2], p.k.shape[2]
+    if symbolic(Sq) or symbolic(Sk):  # traced: only where the lengths' relation is known (no guard; else the mask)
+        return statically_known_true(Sq == Sk if p.bottom_right else Sq <= Sk)
     return (not p.bottom_right or Sq == Sk) and Sq <= Sk
 
 
