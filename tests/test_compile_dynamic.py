@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) with dynamic sizes: lengths and batch marked dynamic or made dynamic automatically
-(the second distinct size), varlen max_seqlen, a decode loop, and torch.export with a dynamic batch.
+(the second distinct size), varlen max_seqlen, a decode loop, and torch.export with a dynamic batch, a dynamic query
+length (below: the short-query classes) and unbounded Dims.
 
 Every test counts compilations (torch._dynamo.testing.CompileCounterWithBackend): a per-call Python detail that
 specialises on a size (int(), a Python comparison, a counter incremented in traced code) shows as a recompile."""
@@ -8,6 +9,7 @@ import torch
 import torch._dynamo.testing
 
 import fastattn
+from fastattn.params import AttnParams
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # aot_eager traces the ops' fake functions with symbolic sizes (what inductor sees) without compiling kernels.
@@ -269,3 +271,21 @@ def test_mark_dynamic_short_queries_compile_once(shared):
                 torch._dynamo.mark_dynamic(t, 2)
             _close(fn(q, k, v), fastattn.scaled_dot_product_attention(q, k, v))
     assert cnt.frame_count == 1, cnt.frame_count
+
+
+class _CudaLimits(torch.nn.Module):
+    """The cuda backend's per-call limits (grid: heads, batch; lengths < 2^31) on a call traced here (no GPU needed:
+    extra_reasons reads only sizes)."""
+
+    def forward(self, q, k, v):
+        return q * len(fastattn.BACKENDS["cuda"].extra_reasons(AttnParams(q, k, v, 1.0)))
+
+
+def test_cuda_limits_leave_unbounded_dims_alone():
+    """An export with unbounded Dims on the batch and length: comparing them with the limits guarded the graph
+    (the op checks the limits itself)."""
+    B, S = torch.export.Dim("B"), torch.export.Dim("S")
+    ep = torch.export.export(_CudaLimits(), (rnd(2, 2, 9, 8), rnd(2, 2, 16, 8), rnd(2, 2, 16, 8)),
+                             dynamic_shapes=({0: B, 2: S}, {0: B}, {0: B}))
+    q = rnd(3, 2, 5, 8)
+    assert torch.equal(ep.module()(q, rnd(3, 2, 16, 8), rnd(3, 2, 16, 8)), q * 0)

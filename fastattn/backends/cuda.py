@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..params import AttnParams
+from ..params import AttnParams, symbolic
 from .base import Backend
 from .cpp_decode import CUDA_DECODE
 
@@ -38,6 +38,12 @@ def _unavailable():
 _UNAVAILABLE = _unavailable()
 
 
+def _over(n, limit: int) -> bool:
+    """n > limit for a plain size. A symbolic one (a dynamic dim, traced) is not compared: that would guard the
+    graph, which an export with an unbounded Dim refuses; the op checks these limits itself (csrc/cuda/attn_host.h)."""
+    return not symbolic(n) and n > limit
+
+
 class CudaBackend(Backend):
     name = "cuda"
     description = "FlashAttention-2-style CUDA C++ kernels on tensor cores (csrc/cuda), sm_80+"
@@ -56,11 +62,11 @@ class CudaBackend(Backend):
         r = []
         heads = p.q.shape[1]
         batch = p.cu_seqlens_q.numel() - 1 if p.is_varlen else p.q.shape[0]
-        if heads > _GRID_LIMIT:
+        if _over(heads, _GRID_LIMIT):
             r.append(f"{heads} query heads exceed the kernel grid limit of {_GRID_LIMIT}")
-        if batch > _GRID_LIMIT:
+        if _over(batch, _GRID_LIMIT):
             r.append(f"batch {batch} exceeds the kernel grid limit of {_GRID_LIMIT}")
-        if max(p.seqlen_q, p.seqlen_k) >= 2**31:
+        if _over(p.seqlen_q, 2**31 - 1) or _over(p.seqlen_k, 2**31 - 1):
             r.append("sequence lengths must be < 2^31")
         return r
 
