@@ -445,6 +445,8 @@ def choose_decode(c: DecodeCall, backend: Optional[str] = None) -> Optional[Back
     if forward_ad(c.q, c.k_cache, c.v_cache) or func_transform(c.q, c.k_cache, c.v_cache):
         return None  # no decode kernel runs there: the generic path, whose dispatcher picks a backend that does
     compiling = torch.compiler.is_compiling()
+    if compiling and symbolic(c.q.shape[2]):
+        return None  # a dynamic query length: the generic path (the kernels' row limits would guard the graph)
     requested = requested_backend(backend, compiling)
     if compiling:
         names = _decode_candidates(c, requested)

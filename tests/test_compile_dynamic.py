@@ -273,6 +273,32 @@ def test_mark_dynamic_short_queries_compile_once(shared):
     assert cnt.frame_count == 1, cnt.frame_count
 
 
+class _CacheStep(torch.nn.Module):
+    """Several new query tokens against a KV cache (chunked prefill, speculative decoding)."""
+
+    def forward(self, q, k_cache, v_cache, lens):
+        return fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True)
+
+
+def test_kvcache_dynamic_query_length():
+    """flash_attn_with_kvcache with a dynamic number of query tokens: exported, and compiled once (before: the
+    decode kernels' row limits guarded the length, export refused and compile made a graph per side, at 16 rows)."""
+    kc, vc = rnd(2, 64, 4, 16), rnd(2, 64, 4, 16)
+    lens = torch.tensor([20, 30], dtype=torch.int32, device=DEV)
+    step = _CacheStep()
+    ep = torch.export.export(step, (rnd(2, 9, 4, 16), kc, vc, lens),
+                             dynamic_shapes=({1: torch.export.Dim("S", min=2, max=32)}, None, None, None))
+    cnt = _counter()
+    fn = torch.compile(step, backend=cnt, fullgraph=True)
+    for S in (2, 3, 5, 8, 9, 16, 17, 32):
+        q = rnd(2, S, 4, 16)
+        want = step(q, kc, vc, lens)
+        _close(ep.module()(q, kc, vc, lens), want)
+        torch._dynamo.mark_dynamic(q, 1)
+        _close(fn(q, kc, vc, lens), want)
+    assert cnt.frame_count == 1, cnt.frame_count
+
+
 class _CudaLimits(torch.nn.Module):
     """The cuda backend's per-call limits (grid: heads, batch; lengths < 2^31) on a call traced here (no GPU needed:
     extra_reasons reads only sizes)."""
