@@ -364,13 +364,17 @@ def check_softcap(softcap) -> float:
     return float(softcap)
 
 
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling  # (is_compiling costs 3x as much)
+
+
 def symbolic(n) -> bool:
     """Whether a size is symbolic: a dynamic dim while torch.compile or torch.export traces. Rules that put calls in
     classes by length (the short-query route to a decode kernel, auto's speed rules) leave such a call in its
     general class instead of comparing it: a comparison guards the graph on the class (export refuses a guard that
-    narrows a Dim's range; compile recompiles on each side of it). has_static_value, not type(): dynamo answers
-    type(n) is int and isinstance(n, torch.SymInt) False for its symbolic sizes."""
-    if type(n) is int and not torch.compiler.is_compiling():  # eager: one type test
+    narrows a Dim's range; compile recompiles on each side of it). has_static_value, not type(), while dynamo
+    traces: it answers type(n) is int for its symbolic sizes too (other tracers, non-strict export, hand over
+    SymInts)."""
+    if type(n) is int and not _is_dynamo_compiling():  # eager: ~60 ns
         return False
     return not has_static_value(n)
 
