@@ -90,7 +90,8 @@ def test_func_grad_with_a_mask():
 
 
 def _transformed(name, f):
-    """torch.func.grad of f's sum with respect to q, k and v, as `name` wraps it (vmap over a leading batch)."""
+    """`name` applied to f(q, k, v): "grad" of its sum with respect to q, k and v, "vmap_grad" that grad vmapped
+    over a leading dim, "jacrev" its Jacobians."""
     g = torch.func.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))
     if name == "jacrev":
         return torch.func.jacrev(f, argnums=(0, 1, 2))
