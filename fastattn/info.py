@@ -9,6 +9,7 @@ import torch
 import fastattn
 from fastattn import ops
 from fastattn.backends import BACKENDS, FEATURES
+from fastattn.backends.cpu import environment_notes
 
 _DECODE_ORDER = ("triton", "cpu", "cuda")  # the order the decode kernels have always been listed in
 
@@ -38,6 +39,7 @@ def collect() -> dict:
     info["cpp_kernels"] = {k: ops.has_kernel(k) for k in ("CPU", "CUDA")}
     info["cuda_compiled"] = ops.cuda_built()
     info["cpu_matmul"] = ops.cpu_matmul()
+    info["environment"] = environment_notes()
     info["backends"] = {}
     for name, b in BACKENDS.items():
         why = b.unavailable()
@@ -91,6 +93,8 @@ def main() -> None:
     print(f"{'C++ kernels':<{w}} " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpp_kernels"].items())
           + f"; CUDA compiled into _C: {'yes' if info['cuda_compiled'] else 'no'}")
     print(f"{'CPU kernels':<{w}} " + f"\n{'':<{w}} ".join(info["cpu_matmul"].split("; ")))
+    for note in info["environment"]:
+        print(f"{'WARNING':<{w}} {note}")
     print("\nbackends:")
     for name, b in info["backends"].items():
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["why_not"])

@@ -44,3 +44,18 @@ def test_kernels_held_below_the_native_isa(cap):
         r = _run(cap, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET[i:i + 3])
         assert r.returncode == 0, f"{SUBSET[i]} held at {cap}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
         assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+def test_unknown_switch_values_and_the_planted_bug_switch_are_named():
+    """The C++ kernels take a misspelt value (FASTATTN_CPU_ISA=AVX2) as unset, and FASTATTN_CPU_PLANT (the tests'
+    planted bugs) makes results wrong on purpose: both were silent; import warns and `info` lists them."""
+    env = dict(os.environ, FASTATTN_CPU_ISA="AVX2", FASTATTN_CPU_PLANT="kt_swap", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fastattn.info"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "FASTATTN_CPU_ISA='AVX2' is not one of avx2, scalar and is ignored" in r.stderr
+    assert "WARNING" in r.stdout and "FASTATTN_CPU_PLANT='kt_swap' is set" in r.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTATTN_CPU")}
+    r = subprocess.run([sys.executable, "-W", "error", "-c", "import fastattn"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
