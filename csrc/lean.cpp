@@ -295,7 +295,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
   }
   at::Tensor old_k = ks.clone(), old_v = vs.clone();
   ks.copy_(k);
-  vs.copy_(v);
+  try {  // what the checks cannot see (e.g. an inference-mode v_cache outside inference mode) refuses v's write
+    vs.copy_(v);
+  } catch (...) {
+    ks.copy_(old_k);  // k's slots as they were: a failing call leaves both caches untouched
+    throw;
+  }
   return {old_k, old_v, at::full({k_cache.size(0)}, lo + snew, k_cache.options().dtype(at::kInt))};
 }
 

@@ -144,6 +144,26 @@ def test_failure_after_the_append_restores_the_caches(where, layout, monkeypatch
     _refused(args, kw, Boom, "planted")
 
 
+@pytest.mark.parametrize("learnt", [False, True])
+def test_a_v_cache_that_refuses_the_write_leaves_k_untouched(learnt, monkeypatch):
+    """An inference-mode v_cache used outside inference mode refuses its append after k's slots were written (no
+    check can see it beforehand): on the learnt route (C++ cache_append) k's slots stayed written; the full path
+    restored them."""
+    monkeypatch.setattr(dispatch, "_CHOICES", {})
+    B, S, H, D = 2, 16, 2, 8
+    q, kn, vn = (torch.randn(B, 1, H, D) for _ in range(3))
+    if learnt:
+        fastattn.flash_attn_with_kvcache(q, torch.zeros(B, S, H, D), torch.zeros(B, S, H, D), k=kn, v=vn,
+                                         cache_seqlens=4)  # learns the route
+    k_cache = torch.randn(B, S, H, D)
+    with torch.inference_mode():
+        v_cache = torch.randn(B, S, H, D)
+    k0 = k_cache.clone()
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, k=kn, v=vn, cache_seqlens=4)
+    assert torch.equal(k_cache, k0)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cache_strided_along_the_head_dim_refused(layout):
     """flash-attn's rule: a cache with a gap between head-dim elements is refused. Before, the kernels declined it
