@@ -17,7 +17,7 @@ from .lean import tracing  # asked before the lean keys
 from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens_padded,
                      check_dropout, check_int, check_qkv, check_softcap, check_tensors, check_window, clamp_window,
-                     default_scale, last_dim_contiguous, normalize_mask)
+                     default_scale, last_dim_contiguous, no_values, normalize_mask)
 
 
 
@@ -267,7 +267,7 @@ def _flash_params(q, k, v, dropout_p, softmax_scale, causal, window_size, softca
         if cu_q.numel() != cu_k.numel():
             raise InputValueError(f"fastattn: cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} "
                              f"must describe the same number of sequences")
-        if not torch.compiler.is_compiling():
+        if not no_values(cu_q, cu_k):
             lq, lk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
             if lq > max_q or lk > max_k:
                 raise InputValueError(f"fastattn: max_seqlen_q={max_q}, max_seqlen_k={max_k} are smaller than the "

@@ -21,7 +21,7 @@ import torch
 from . import dispatch, lean, rotary
 from .lean import tracing  # asked before the lean keys
 from .params import (AttnParams, DecodeCall, InputTypeError, InputValueError, check_alibi, check_qkv, check_softcap,
-                     check_window, clamp_window, default_scale, last_dim_contiguous)
+                     check_window, clamp_window, default_scale, last_dim_contiguous, no_values)
 
 
 
@@ -203,8 +203,9 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         raise InputValueError(f"fastattn: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
     softcap = check_softcap(softcap)
     # Value checks read tensor contents: one host sync (below). While compiling they run as an op instead
-    # (_kvcache_check, from flash_attn_with_kvcache), and not during CUDA graph capture (a sync is illegal there).
-    compiling = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    # (_kvcache_check, from flash_attn_with_kvcache), and not during CUDA graph capture (a sync is illegal there)
+    # nor on fake tensors (FakeTensorMode: no values).
+    compiling = no_values(q, cache_seqlens) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     paged = block_table is not None
     page = 0
     if paged:

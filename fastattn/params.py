@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch.autograd import forward_ad as _fwad
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -379,6 +380,13 @@ def symbolic(n) -> bool:
     return not has_static_value(n)
 
 
+def no_values(*tensors) -> bool:
+    """Whether tensor values cannot be read here: torch.compile or torch.export traces, or fake tensors (a plain
+    FakeTensorMode, as shape and memory estimators run models). Checks and shortcuts that read values (a mask that
+    is all True, sequence lengths) are skipped then; the computation takes the general form."""
+    return torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in tensors)
+
+
 def check_int(x, name: str, lo: int = 0) -> int:
     """An integer argument (int, numpy or 0-d integer tensor; floats are refused, not truncated) in [lo, 2**63).
     Under torch.compile it passes through unchecked (the C++ ops check what their kernels rely on): reading a
@@ -526,7 +534,7 @@ def check_cu_seqlens(cu, name: str, total: int, device=None) -> torch.Tensor:
 
 def check_cu_seqlens_padded(cu, name: str, total: int, device=None, padded: bool = True):
     """check_cu_seqlens, the end allowed short of `total` when padded (rows past it are padding, as flash-attn
-    takes them): returns (cu, its end), the end None while compiling (its value is not read then)."""
+    takes them): returns (cu, its end), the end None while compiling or fake (its value is not read then)."""
     if not isinstance(cu, torch.Tensor):
         raise InputTypeError(f"fastattn: {name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -534,7 +542,7 @@ def check_cu_seqlens_padded(cu, name: str, total: int, device=None, padded: bool
     if device is not None and cu.device != device:  # before its values are read (a meta one has none)
         raise InputValueError(f"fastattn: {name} must be on q's device {device}, got {cu.device}")
     cu = cu.contiguous()
-    if torch.compiler.is_compiling():
+    if no_values(cu):
         return cu, None  # value checks need a host sync; they ran in eager mode
     c = cu.detach().cpu()
     if int(c[0]) != 0:

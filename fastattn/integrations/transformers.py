@@ -40,6 +40,7 @@ import torch
 
 from .. import functional
 from ..backends import get_backend
+from ..params import no_values
 from .hf_kwargs import refuse_models_without_interface, refuse_unsupported
 
 NAME = "fastattn"
@@ -114,7 +115,7 @@ def fastattn_mask(batch_size: int, **kw):
     kind = _standard_mask_function(mask_function)
     # While torch.compile traces, no shortcut may read tensor values (`padding.all()`, a tensor q_offset): the
     # forms below stay the same, only the cases that would drop the mask on its values keep it.
-    compiling = torch.compiler.is_compiling()
+    compiling = no_values(attention_mask, cache_position)  # (fake tensors have no values either)
     windowed = local_size is not None and kv_length >= local_size
     # The caller asks for a materialised mask (e.g. to concatenate it): give transformers' dense one.
     must_materialise = (kind == "causal" and not allow_causal_skip and q_length > 1) or \

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import functional
+from ..params import no_values
 from ._cp import active_cp, cp_attention
 
 
@@ -235,8 +236,8 @@ class Bert(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cp=None):
         cp = cp if cp is not None else active_cp()
         # Under CP every rank passes its mask, padded or not: the ranks' calls must match (the mask travels with K/V).
-        # While torch.compile traces, the mask is kept whatever its values (reading them would break the graph).
-        padded = attention_mask is not None and (cp is not None or torch.compiler.is_compiling()
+        # While torch.compile traces (or on fake tensors), the mask is kept whatever its values (none to read).
+        padded = attention_mask is not None and (cp is not None or no_values(attention_mask)
                                                  or not bool(attention_mask.bool().all()))
         if position_ids is None and cp is None and input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"fastattn Bert: {input_ids.shape[1]} tokens exceed max_position_embeddings "
