@@ -73,8 +73,11 @@ def main():
                                                  dropout=0.1, batch_first=True)
         model = torch.nn.TransformerEncoder(layer, num_layers=args.layers)  # torch may use its nested fast path
     model = model.to(args.device, dtype).eval()
-    d_model = next(m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)).embed_dim
-    x = torch.randn(args.batch, args.seq, d_model, device=args.device, dtype=dtype)
+    mha = next(m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    d_model, batch_first = mha.embed_dim, mha.batch_first
+    x = torch.randn(args.batch, args.seq, d_model, device=args.device, dtype=dtype)  # (B, S, E)
+    if not batch_first:
+        x = x.transpose(0, 1)  # (B, S, E) -> (S, B, E): the layout the model takes
     pad = torch.zeros(args.batch, args.seq, dtype=torch.bool, device=args.device)
     for b in range(args.batch):  # right padding: row b keeps a different number of real tokens
         pad[b, args.seq - b * args.seq // (2 * args.batch):] = True
@@ -82,10 +85,11 @@ def main():
     keys = list(model.state_dict())
 
     torch_model = copy.deepcopy(model)  # stays unpatched: the baseline, timed beside the patched model
+    was_patched = fastattn.unpatch(torch_model)  # a model saved after patch() holds fastattn modules already
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
         with torch_fastpath(False):
-            ref = copy.deepcopy(model).double()(x.double(), src_key_padding_mask=pad)  # the float64 oracle
+            ref = copy.deepcopy(torch_model).double()(x.double(), src_key_padding_mask=pad)  # the float64 oracle
         replaced = fastattn.patch(model, backend=args.backend)
         assert list(model.state_dict()) == keys, "patch changed the state_dict"
 
@@ -103,13 +107,19 @@ def main():
         fastattn.unpatch(model)
 
     (t_torch, times_torch, before), (t_fast, times_fast, after) = res["torch"][:3], res["fastattn"][:3]
+    if not batch_first:  # (S, B, E) -> (B, S, E), to index real tokens by the (B, S) mask
+        before, after, ref = (t.transpose(0, 1) for t in (before, after, ref))
     t_nested = res["nested"][0]
     scale = ref[real].abs().max().item()
     err_torch = (before[real].double() - ref[real]).abs().max().item()
     err_fast = (after[real].double() - ref[real]).abs().max().item()
     bound = 2 * err_torch + EPS[dtype] * scale
-    print(f"patched {len(replaced)} modules: {', '.join(replaced)}")
-    print(f"input ({args.batch}, {args.seq}, {d_model}) {args.dtype} on {args.device}, right-padded")
+    print(f"patched {len(replaced)} modules: {', '.join(replaced) or 'none'}" + (
+        f" (the loaded model held {len(was_patched)} fastattn modules: the baseline runs them unpatched)"
+        if was_patched else ""))
+    print(f"input ({args.batch}, {args.seq}, {d_model}) {args.dtype} on {args.device}, "
+          + ("right-padded" if pad.any() else "no padding (one row, full length)")
+          + ("" if batch_first else ", sequence first (batch_first=False)"))
     print(f"error against the float64 model on real tokens: fastattn {err_fast:.3g}, torch {err_torch:.3g} "
           f"(relative {err_fast / scale:.3g} / {err_torch / scale:.3g}): "
           + ("agree (within 2x torch's error + rounding floor)" if err_fast <= bound else

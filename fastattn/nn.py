@@ -266,12 +266,13 @@ def patch(model: torch.nn.Module, backend: Optional[str] = None) -> List[str]:
             mod.backend = backend
     if not replaced and not any(isinstance(m, MultiheadAttention) for m in model.modules()):
         # A silent no-op would leave the user believing the model runs on fastattn.
-        hint = ""
+        subclasses = sum(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+        hint = f" ({subclasses} subclass(es) of it, left alone)" if subclasses else ""
         if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-            hint = ("; transformers models compute attention in their own modules: load them with "
+            hint += ("; transformers models compute attention in their own modules: load them with "
                     "attn_implementation=\"fastattn\" (after import fastattn.integrations.transformers)")
-        warnings.warn(f"fastattn.patch: no torch.nn.MultiheadAttention in this {type(model).__name__}, nothing "
-                      f"was replaced{hint}", UserWarning, stacklevel=2)
+        warnings.warn(f"fastattn.patch: no torch.nn.MultiheadAttention in this {type(model).__name__}, nothing was "
+                      f"replaced{hint}", UserWarning, stacklevel=2)
     return replaced
 
 

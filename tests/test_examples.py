@@ -38,6 +38,20 @@ def test_swap_into_model():
     assert "attention (QK^T and PV) is" in out and "of this model's matmul FLOPs" in out
 
 
+def test_swap_into_model_loads_a_sequence_first_patched_model(tmp_path):
+    """--model PATH with batch_first=False (it crashed on the (B, S, E) input) saved after patch() (it timed fastattn
+    against itself as "torch"): the input follows the model's layout and the baseline runs unpatched."""
+    import torch
+    import fastattn
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=False)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    fastattn.patch(model)
+    torch.save(model, tmp_path / "enc.pt")
+    out = run_example("swap_into_model.py", "--model", str(tmp_path / "enc.pt"), "--seq", "32", "--iters", "2")
+    assert "held 2 fastattn modules: the baseline runs them unpatched" in out
+    assert "sequence first (batch_first=False)" in out and ": agree (within" in out
+
+
 def test_bert_finetune():
     need("transformers", "accelerate")
     out = run_example("bert_finetune.py")

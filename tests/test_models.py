@@ -218,6 +218,8 @@ def test_gpt2_generate_under_autocast_and_edge_lengths():
         logits = ours(ids[:1, -5:])
     assert got.shape == (3, 4) and logits.dtype == torch.bfloat16
     assert ours.generate(ids, mask, max_new_tokens=0).shape == (3, 0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        ours.generate(ids, mask, max_new_tokens=2, min_new_tokens=1)  # transformers reads eos from its config
     with pytest.raises(ValueError, match="n_positions 64"):
         ours(torch.zeros(1, 65, dtype=torch.long))
 

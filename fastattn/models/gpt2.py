@@ -194,6 +194,9 @@ class GPT2(nn.Module):
         B, T = idx.shape
         if max_new_tokens < 0:
             raise ValueError(f"fastattn GPT2.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if min_new_tokens > 0 and eos_token_id is None:
+            raise ValueError("fastattn GPT2.generate: min_new_tokens holds back eos_token_id, which is not given "
+                             "(this model has no generation config to take it from)")
         if max_new_tokens == 0:
             return idx.new_empty(B, 0)
         if attention_mask is None:

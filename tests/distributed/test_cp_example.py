@@ -1,4 +1,4 @@
-"""The context-parallel GPT-2 example trains with the same losses as one process: simulated ranks (tier 0) and
+"""The context-parallel GPT-2 example trains with the same losses and gradients as one process: simulated ranks (tier 0) and
 two gloo processes (tier 1)."""
 import importlib.util
 import os
@@ -21,8 +21,9 @@ def _example():
 def _assert_equal_losses(history):
     print(history)
     assert len(history) == 3
-    for cp_loss, ref_loss in history:
+    for cp_loss, ref_loss, _ in history:
         assert abs(cp_loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert history[0][2] <= 1e-5  # the gradients summed over the ranks against one process's (same weights)
     assert history[-1][1] < history[0][1]  # it trains
 
 
