@@ -37,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
 from .backends.base import needed_features
-from .params import AttnParams, DecodeCall, forward_ad, func_transform, symbolic
+from .params import AttnParams, DecodeCall, InputValueError, forward_ad, func_transform, symbolic
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
 
@@ -118,7 +118,13 @@ def requested_backend(backend: Optional[str] = None, compiling: Optional[bool] =
 def _is_zero(n) -> bool:
     """n == 0 for a size; a data-dependent size (torch.export) that may be 0 counts as non-zero instead of
     stopping the trace (the kernels take empty tensors)."""
-    return n == 0 if type(n) is int else guard_or_false(n == 0)
+    if type(n) is int:
+        return n == 0
+    if isinstance(n, torch.Tensor):  # torch.jit.trace hands sizes over as tensors: its graph would freeze them
+        raise InputValueError("fastattn: torch.jit.trace cannot record this call (its choices depend on sizes the "
+                              "trace would freeze); use torch.compile or torch.export, or for the SDPA surface "
+                              "backend 'auto' (which records PyTorch's SDPA under torch.jit.trace)")
+    return guard_or_false(n == 0)
 
 
 def _any_zero(a, b, c) -> bool:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, lean
+from .backends.sdpa import TORCH_SDPA
 from .lean import tracing  # asked before the lean keys
 from .kvcache import flash_attn_with_kvcache  # noqa: F401  (re-exported)
 from .params import (AttnParams, InputValueError, causal_bias_alignment, check_alibi, check_cu_seqlens_padded,
@@ -149,6 +150,20 @@ def _autocast(query, key, value, attn_mask):
     return cast(query), cast(key), cast(value), None if attn_mask is None else cast(attn_mask)
 
 
+def _jit_traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+    """The SDPA call under torch.jit.trace (TorchScript): fastattn's dispatch branches on sizes, which a trace would
+    freeze into the graph, so `auto` records PyTorch's own SDPA, whose trace runs at any shape; a named fused
+    backend refuses."""
+    name = dispatch.requested_backend(backend, compiling=False)
+    if name not in ("auto", "sdpa"):
+        raise InputValueError(f"fastattn: torch.jit.trace cannot record backend={name!r} (its choices depend on "
+                              f"sizes the trace would freeze); trace with backend 'auto' or 'sdpa' (PyTorch's SDPA), "
+                              f"or use torch.compile / torch.export")
+    kw = {"enable_gqa": True} if enable_gqa else {}
+    return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                      **kw)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, backend: Optional[str] = None):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -174,6 +189,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
+    if torch.jit.is_tracing():
+        return _jit_traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     if _any_autocast() and isinstance(query, torch.Tensor):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     lean_key = route = None

@@ -126,3 +126,24 @@ def test_compiled_func_grad_refuses_a_fused_backend_by_name():
     f = _compiled(torch.func.grad(lambda q: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu").sum()))
     with pytest.raises(Exception, match="func transform not supported"):
         f(q)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated in torch 2.14
+def test_jit_trace_records_pytorchs_sdpa_and_refuses_what_it_cannot_record():
+    """torch.jit.trace (TorchScript) failed with an AssertionError from a size check: the SDPA surface on auto now
+    records PyTorch's SDPA (a trace that runs at other shapes, also through a patched encoder); calls whose choices
+    depend on sizes refuse by name."""
+    import copy
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    ref = copy.deepcopy(enc)
+    fastattn.patch(enc)
+    traced = torch.jit.trace(enc, (torch.randn(2, 12, 32),))
+    x = torch.randn(3, 20, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), ref(x), rtol=1e-5, atol=1e-5)
+    q = torch.randn(2, 10, 4, 16)
+    with pytest.raises(fastattn.InputValueError, match="torch.jit.trace cannot record"):
+        torch.jit.trace(lambda t: fastattn.flash_attn_func(t, t, t, causal=True), (q,))
+    with pytest.raises(fastattn.InputValueError, match="backend='cpu'"):
+        torch.jit.trace(lambda t: fastattn.scaled_dot_product_attention(t, t, t, backend="cpu"), (q,))
