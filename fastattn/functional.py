@@ -191,6 +191,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if torch.jit.is_tracing():
         return _jit_traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    if isinstance(query, torch.fx.Proxy):  # torch.fx.symbolic_trace: one call of this function in the graph
+        return query.tracer.create_proxy("call_function", scaled_dot_product_attention, (query, key, value), dict(
+            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+            backend=backend))
     if _any_autocast() and isinstance(query, torch.Tensor):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     lean_key = route = None

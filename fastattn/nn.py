@@ -75,6 +75,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if isinstance(query, torch.fx.Proxy):  # torch.fx.symbolic_trace: one call of this module, as torch's MHA
+            tracer = query.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (query, key, value), dict(
+                key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights, is_causal=is_causal))
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"fastattn.nn.MultiheadAttention: {name} must be a Tensor, got {type(t).__name__}")

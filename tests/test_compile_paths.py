@@ -147,3 +147,29 @@ def test_jit_trace_records_pytorchs_sdpa_and_refuses_what_it_cannot_record():
         torch.jit.trace(lambda t: fastattn.flash_attn_func(t, t, t, causal=True), (q,))
     with pytest.raises(fastattn.InputValueError, match="backend='cpu'"):
         torch.jit.trace(lambda t: fastattn.scaled_dot_product_attention(t, t, t, backend="cpu"), (q,))
+
+
+def test_fx_symbolic_trace_keeps_each_call_as_one_node():
+    """torch.fx.symbolic_trace (quantize_fx and other FX passes) refused a Proxy as query; a patched model that FX
+    traced before patch() refused it too. The SDPA surface is one call_function node and the patched
+    MultiheadAttention one call_module node (a leaf, as torch's own), and the graph runs fastattn."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = torch.nn.Linear(32, 2)
+
+        def forward(self, x):
+            y = self.attn(x, x, x, need_weights=False)[0]
+            q = y.view(2, 7, 4, 8).transpose(1, 2)  # (B, S, E) -> (B, H, S, D)
+            return self.fc(y), fastattn.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    net = Net().eval()
+    fastattn.patch(net)
+    gm = torch.fx.symbolic_trace(net)
+    nodes = [(n.op, n.target) for n in gm.graph.nodes]
+    assert ("call_module", "attn") in nodes and ("call_function", fastattn.scaled_dot_product_attention) in nodes
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        for got, want in zip(gm(x), net(x)):
+            assert torch.equal(got, want)
