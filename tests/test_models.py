@@ -225,22 +225,20 @@ def test_gpt2_generate_under_autocast_and_edge_lengths():
 
 
 def test_gpt2_generate_min_new_tokens_as_transformers():
-    """eos is not chosen before min_new_tokens, as transformers' rule: with eos made the likeliest token after a
-    step, both suppress it for the first 6 and stop at it after (before, only transformers suppressed it)."""
+    """eos is not chosen before min_new_tokens, as transformers' rule (before, only transformers held it back): with
+    eos made every step's likeliest token, both pick other tokens for the first 6 steps and eos at the 7th."""
     hf = hf_gpt2().double()
+    with torch.no_grad():  # the final hidden state's dimension 0 is 50 everywhere, and only eos (id 2) reads it
+        hf.transformer.ln_f.weight[0], hf.transformer.ln_f.bias[0] = 0.0, 50.0
+        hf.lm_head.weight[:, 0] = 0.0  # (tied: wte's column 0 too, the same in both models)
+        hf.lm_head.weight[2, 0] = 1.0
     ids, mask = batch("left", S=8)
-    free = GPT2.from_transformers(hf).generate(ids, mask, max_new_tokens=10)
-    # Bias the head so that eos (id 2) wins wherever a given common token would: eos becomes likely, not certain.
-    common = int(free[:, 1:].flatten().mode().values)
-    with torch.no_grad():
-        hf.lm_head.weight[2] = hf.lm_head.weight[common] * 1.5
     ours = GPT2.from_transformers(hf)
     want = hf.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=6, do_sample=False,
                        pad_token_id=0, eos_token_id=2)[:, 8:]
     got = ours.generate(ids, mask, max_new_tokens=10, min_new_tokens=6, eos_token_id=2, pad_token_id=0)
-    got = got[:, :want.shape[1]]  # transformers stops once every row is done
-    assert got.tolist() == want.tolist()
-    assert (want[:, :6] != 2).all() and (want == 2).any(), "degenerate test: eos never came up"
+    assert want.shape[1] == 7 and (want[:, :6] != 2).all() and (want[:, 6] == 2).all(), want
+    assert got[:, :7].tolist() == want.tolist() and (got[:, 7:] == 0).all()
 
 
 def test_bert_pad_token_row_gets_no_gradient_as_transformers():
