@@ -336,8 +336,8 @@ def select(p: AttnParams, backend: Optional[str] = None) -> Backend:
 
 def dense_call(p: AttnParams) -> Optional[DecodeCall]:
     """A dense short-query call as a decode call on k/v viewed as a cache, or None when it is not one: dropout,
-    varlen, autograd, many query tokens or a symbolic query length (torch.compile/export with a dynamic Sq: the
-    prefill kernel takes any length, and no class guards the graph), or top-left causal/window with Sq != Sk (decode
+    varlen, autograd, many query tokens or a symbolic query length (torch.export with a dynamic Sq: the prefill
+    kernel takes any length, and no class guards the program; params.symbolic), or top-left causal/window with Sq != Sk (decode
     kernels align bottom-right). A mask rides along as the call's attn_bias, for the kernels that declare
     `takes_bias`."""
     if p.dropout_p > 0 or p.is_varlen or p.requires_grad or p.is_block:

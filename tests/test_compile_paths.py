@@ -63,9 +63,8 @@ def test_transformers_model_with_a_mask():
 
 
 def test_query_lengths_share_graphs():
-    """GQA 8/2, 1..11 query tokens against 40 keys (chunked prefill, speculative steps): two graphs, as torch's own
-    SDPA (the static first length, then a dynamic one; before, the dynamic graph guarded on the short-query
-    classes: four)."""
+    """GQA 8/2, 1..11 query tokens against 40 keys (chunked prefill, speculative steps): at most four graphs (the
+    static first length, then one per short-query class: the decode route keeps its speed under torch.compile)."""
     cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True),
@@ -73,7 +72,7 @@ def test_query_lengths_share_graphs():
     k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     for sq in range(1, 12):
         f(torch.randn(1, 8, sq, 16), k, v)
-    assert cnt.frame_count <= 2, cnt.frame_count
+    assert cnt.frame_count <= 4, cnt.frame_count
 
 
 def test_func_grad_with_a_mask():

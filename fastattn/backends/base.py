@@ -73,7 +73,7 @@ def shown(n) -> str:
 
 
 def _unequal(Sq, Sk) -> bool:
-    """Sq != Sk; traced with symbolic lengths, unless the trace knows them equal (no guard on it)."""
+    """Sq != Sk; exported with symbolic lengths, unless the trace knows them equal (no guard on it)."""
     if symbolic(Sq) or symbolic(Sk):
         return not statically_known_true(Sq == Sk)
     return Sq != Sk

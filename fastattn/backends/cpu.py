@@ -377,7 +377,7 @@ class CpuBackend(Backend):
             compiling = torch.compiler.is_compiling()
             Sq, Sk = _lengths(p)
             mha = p.q.shape[1] == p.k.shape[1]
-            short = not symbolic(Sq)  # a dynamic-length graph is no step: comparing Sq would guard it
+            short = not symbolic(Sq)  # an exported dynamic length is no step: comparing Sq would guard it
             decode = short and Sq == 1 and mha
             mha_step = short and 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
             tiny = (not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA

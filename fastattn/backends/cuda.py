@@ -39,7 +39,7 @@ _UNAVAILABLE = _unavailable()
 
 
 def _over(n, limit: int) -> bool:
-    """n > limit for a plain size. A symbolic one (a dynamic dim, traced) is not compared: that would guard the
+    """n > limit for a plain size. A symbolic one (a dynamic dim, exported) is not compared: that would guard the
     graph, which an export with an unbounded Dim refuses; the op checks these limits itself (csrc/cuda/attn_host.h)."""
     return not symbolic(n) and n > limit
 

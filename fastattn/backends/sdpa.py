@@ -30,7 +30,7 @@ def native_causal(p: AttnParams) -> bool:
     if not p.causal or p.has_window or p.attn_bias is not None or not p.scale > 0:  # flags first: every call asks
         return False
     Sq, Sk = p.q.shape[2], p.k.shape[2]
-    if symbolic(Sq) or symbolic(Sk):  # traced: only where the lengths' relation is known (no guard; else the mask)
+    if symbolic(Sq) or symbolic(Sk):  # exported: only where the lengths' relation is known (no guard; else the mask)
         return statically_known_true(Sq == Sk if p.bottom_right else Sq <= Sk)
     return (not p.bottom_right or Sq == Sk) and Sq <= Sk
 
