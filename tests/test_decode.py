@@ -225,18 +225,28 @@ def test_cpu_kernel_deterministic_and_opcheck():
 
 
 @pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+@pytest.mark.parametrize("lone_row", ["stream", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_cpu_kernel_head_alone_same_bits(dtype):
+def test_cpu_kernel_head_alone_same_bits(dtype, lone_row, monkeypatch):
     """A head's rows give the same bits whatever rows share its work item: the CPU kernel runs a GQA group's rows (and
     a head's query tokens) together, four, two or one at a time, each row's sums in the order it has alone (the
-    design decode_tiles.h states). Fixed key splits (num_splits), as the splits change rounding."""
+    design decode_tiles.h states). Fixed key splits (num_splits), as the splits change rounding. Both ways of running
+    a row alone on its KV head (FASTATTN_CPU_LONE_ROW: streamed key rows and 8-lane P V, AMD's default, or the 16-lane
+    chunk kernels, Intel's) on any CPU, and the two give the same bits."""
     g = torch.Generator().manual_seed(3)
     # (6, 2) with 3 tokens: 9 rows a KV head, run as 4 + 4 + 1 together and 2 + 1 alone; a row alone at D <= 64
-    # takes pv_avx2 on AVX-512 CPUs (D = 36: its scalar tail too), the others pv_rows
-    for (Hq, Hkv), Sq, D in (((7, 7), 1, 64), ((6, 6), 2, 128), ((8, 4), 1, 128), ((6, 2), 3, 64), ((6, 2), 3, 36)):
+    # takes pv_avx2 ("stream") or pv_rows on one row ("chunks") on AVX-512 CPUs (D = 36: pv_avx2's scalar tail too),
+    # the others pv_rows; (7, 7) one token: each item one row, scores_avx512_row ("stream") or the chunk loop
+    other = {"stream": "chunks", "chunks": "stream"}[lone_row]
+    for (Hq, Hkv), Sq, D in (((7, 7), 1, 64), ((6, 6), 2, 128), ((8, 4), 1, 128), ((6, 2), 3, 64), ((6, 2), 3, 36),
+                             ((5, 5), 1, 36)):
         q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
         k, v = (torch.randn(1, Hkv, 300, D, generator=g).to(dtype) for _ in range(2))
+        monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", other)
+        full_other = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 0.125, -1, -1, 0.0, None, 2, True)
+        monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", lone_row)
         full = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 0.125, -1, -1, 0.0, None, 2, True)
+        assert torch.equal(full[0], full_other[0]) and torch.equal(full[1], full_other[1]), (Hq, Hkv, Sq, D)
         grp = Hq // Hkv
         for h in range(Hq):
             hk = h // grp
@@ -247,11 +257,14 @@ def test_cpu_kernel_head_alone_same_bits(dtype):
 
 
 @pytest.mark.skipif("cpu.decode_fwd" not in IMPLS, reason="C++ CPU decode kernel not built in fastattn._C")
+@pytest.mark.parametrize("lone_row", ["stream", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_cpu_kernel_cache_layouts_same_bits(dtype):
+def test_cpu_kernel_cache_layouts_same_bits(dtype, lone_row, monkeypatch):
     """SDPA's head-major cache (B, Hkv, S, D) gives each KV head its own work item, flash-attn's key-major one
     (B, S, Hkv, D) puts a chunk of heads in one (csrc/cpu/decode.cpp, work_heuristic): with the key splits fixed, the
-    two layouts give the same bits, on one thread and on two (head chunks change no result)."""
+    two layouts give the same bits, on one thread and on two (head chunks change no result), whichever way a row
+    alone on its KV head runs (FASTATTN_CPU_LONE_ROW)."""
+    monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", lone_row)
     g = torch.Generator().manual_seed(7)
     threads = torch.get_num_threads()
     try:

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -25,6 +27,7 @@
 #include "common.h"
 #include "decode_checks.h"
 
+#include "tile.h"          // cpu_vendor
 #include "decode_tiles.h"  // scores, pv, scores_dp: the block helpers
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
 
@@ -50,7 +53,20 @@ struct DecodeParams {
   float scale, softcap;
   int64_t window_left, window_right;
   float *out_part, *lse_part;  // (splits, B, Hq, Sq, Dv), (splits, B, Hq, Sq) when splits > 1
+  bool lone_stream;  // lone_row_stream(): how the AVX-512 helpers run a row alone on its KV head
 };
+
+// Whether a row alone on its KV head at head dim <= 64 streams each key's row (scores_avx512_row, 8-lane pv_avx2;
+// faster on the AMD EPYC Zen 4) or takes the 16-lane chunk kernels (faster on the Intel Xeon; decode_tiles.h,
+// pv_avx512, has both measurements). Same bits either way. FASTATTN_CPU_LONE_ROW=stream|chunks picks one on any CPU
+// (tests run both); read per call, as the other test switches.
+bool lone_row_stream() {
+  static const bool amd = cpu_vendor() == "AuthenticAMD";
+  const char* env = std::getenv("FASTATTN_CPU_LONE_ROW");
+  if (env != nullptr && std::strcmp(env, "stream") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "chunks") == 0) return false;
+  return amd;
+}
 
 
 // max of s[a, e) with the serial loop's semantics (m = std::max(m, s[j]): a NaN score is skipped) in eight
@@ -203,9 +219,10 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
     if (dp) {
       scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN);
     } else if (widen) {
-      scores<float>(w.Qf.data(), M, D, w.kfrows.data(), w.kfoff.data(), n, S, kBlockN);
+      scores<float>(w.Qf.data(), M, D, w.kfrows.data(), w.kfoff.data(), n, S, kBlockN, p.lone_stream);
     } else {
-      scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN);
+      scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN,
+                p.lone_stream);
     }
     bool any = false;
     const T* last_bias = nullptr;  // the bias row whose block w.bias holds (its [a, e) of the previous row)
@@ -251,10 +268,10 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       any = true;
     }
     if (any && widen) {
-      pv<float>(S, kBlockN, w.live.data(), M, w.vfrows.data(), w.vfoff.data(), n, Dv, w.acc.data());
+      pv<float>(S, kBlockN, w.live.data(), M, w.vfrows.data(), w.vfoff.data(), n, Dv, w.acc.data(), p.lone_stream);
     } else if (any) {
       pv<T>(S, kBlockN, w.live.data(), M, reinterpret_cast<const T* const*>(w.vrows.data()), w.voff.data(), n, Dv,
-            w.acc.data());
+            w.acc.data(), p.lone_stream);
     }
   }
 
@@ -484,6 +501,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
+  p.lone_stream = lone_row_stream();
   // A window wider than the cache is no window; clamping keeps i + off + window far from overflow.
   std::tie(p.window_left, p.window_right) = decode_checks::check_window(window_left, window_right, capacity + p.Sq);
   std::tie(p.splits, p.head_chunks) = work_heuristic(B, Hkv, capacity, num_splits,

@@ -218,7 +218,8 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
 // on SDPA's layout: the keys stream from memory once): 8 keys a pass, each key's row read start to end by a loop over
 // d, q reloaded from L1. The unrolled chunk loop with q in registers read such a cache 0.94-0.98x as fast as
 // PyTorch's SDPA, this loop 1.02-1.17x (fp32 MHA D=64, one thread, AMD EPYC Zen 4, 2026-12-05; at D=128 the chunk
-// loop stays ahead, 1.99x against 1.69x); the same bits either way (test_cpu_kernel_head_alone_same_bits).
+// loop stays ahead, 1.99x against 1.69x); the same bits either way (test_cpu_kernel_head_alone_same_bits). Taken
+// where lone_stream (decode.cpp): on an Intel Xeon the chunk loop is the faster one (see pv_avx512).
 template <typename T>
 FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krows, int64_t koff, int64_t n,
                                  float* S) {
@@ -246,8 +247,8 @@ FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krow
 // scores_avx512_c with as few q chunks as the head dim needs (a chunk past D is masked off: zeros).
 template <typename T>
 FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
-                             int64_t n, float* S, int64_t ldS) {
-  if (M == 1 && D <= 64) return scores_avx512_row<T>(Qf, D, krows, koff[0], n, S);
+                             int64_t n, float* S, int64_t ldS, bool lone_stream) {
+  if (M == 1 && D <= 64 && lone_stream) return scores_avx512_row<T>(Qf, D, krows, koff[0], n, S);
   if (D <= 16) return scores_avx512_c<T, 1>(Qf, M, D, krows, koff, n, S, ldS);
   if (D <= 32) return scores_avx512_c<T, 2>(Qf, M, D, krows, koff, n, S, ldS);
   if (D <= 64) return scores_avx512_c<T, 4>(Qf, M, D, krows, koff, n, S, ldS);
@@ -439,21 +440,23 @@ FA_AVX512 inline void pv_kernel(const float* P, int64_t ldP, const uint8_t* live
 }
 
 // Rows in runs that read one KV head (voff equal): four at a time, then two, then one; 64 values a pass for four
-// rows, 128 for fewer (64 where the head has no more). A row alone on a head of at most 64 values takes pv_avx2's
-// 8 chains of 8 lanes: fp32 MHA one-token steps on SDPA's layout, caches from memory, read 1.32-1.48x PyTorch's
-// SDPA that way against 1.09-1.15x with pv_rows' 4 chains of 16 (D = 48 and 64, one thread, AMD EPYC Zen 4,
+// rows, 128 for fewer (64 where the head has no more). Where lone_stream, a row alone on a head of at most 64 values
+// takes pv_avx2's 8 chains of 8 lanes: fp32 MHA one-token steps on SDPA's layout, caches from memory, read 1.32-1.48x
+// PyTorch's SDPA that way against 1.09-1.15x with pv_rows' 4 chains of 16 (D = 48 and 64, one thread, AMD EPYC Zen 4,
 // 2026-12-05; fp16 +10%, D = 32 and bf16 level; the same loop in 16 lanes, plain or masked loads, read as pv_rows:
-// the lane width, not the loop, makes the difference). Both sum each value over the keys in order, one FMA each:
-// the same bits.
+// the lane width, not the loop, makes the difference). On an Intel Xeon (AMX, one thread, 2026-12-05, the two ways
+// switched in one process, caches from memory) the reverse: the 16-lane kernels with scores_avx512_c read fp32 MHA
+// D=64 0.98x / 1.17x torch at 512 / 2048 keys against 0.86-0.89x / 1.01x, D=48 0.95x against 0.89x, bf16 0.77x
+// against 0.75x, fp16 1.49x against 1.32x. Both sum each value over the keys in order, one FMA each: the same bits.
 template <typename T>
 FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
-                         const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc, bool lone_stream) {
   for (int64_t r = 0; r < M;) {
     int64_t run = 1;
     while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
     const float* p = P + r * ldP;
     float* a = acc + r * Dv;
-    if (run == 1 && Dv <= 64) {
+    if (run == 1 && Dv <= 64 && lone_stream) {
       pv_avx2<T>(p, ldP, live + r, 1, vrows, voff + r, n, Dv, a);
     } else if (run == 4) {
       pv_kernel<T, 4, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
@@ -461,6 +464,8 @@ FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64
       run = 2;
       if (Dv > 64) pv_kernel<T, 2, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
       else pv_kernel<T, 2, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+    } else if (live[r] && Dv <= 64) {
+      pv_kernel<T, 1, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
     } else if (live[r]) {
       pv_kernel<T, 1, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
     }
@@ -471,9 +476,9 @@ FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64
 
 template <typename T>
 void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff, int64_t n, float* S,
-            int64_t ldS) {
+            int64_t ldS, bool lone_stream) {
 #ifdef FASTATTN_VEC512
-  if (vec512::available()) return scores_avx512<T>(Qf, M, D, krows, koff, n, S, ldS);
+  if (vec512::available()) return scores_avx512<T>(Qf, M, D, krows, koff, n, S, ldS, lone_stream);
 #endif
 #ifdef FASTATTN_X86
   if (vec::use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS);
@@ -483,9 +488,9 @@ void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const 
 
 template <typename T>
 void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
-        int64_t n, int64_t Dv, float* acc) {
+        int64_t n, int64_t Dv, float* acc, bool lone_stream) {
 #ifdef FASTATTN_VEC512
-  if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+  if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc, lone_stream);
 #endif
 #ifdef FASTATTN_X86
   if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
