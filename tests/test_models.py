@@ -222,6 +222,15 @@ def test_gpt2_generate_under_autocast_and_edge_lengths():
         ours.generate(ids, mask, max_new_tokens=2, min_new_tokens=1)  # transformers reads eos from its config
     with pytest.raises(ValueError, match="n_positions 64"):
         ours(torch.zeros(1, 65, dtype=torch.long))
+    # a cache longer than the position table: tokens past it are refused by name, the cache untouched (the
+    # embedding raised a bare IndexError); within it the same call runs
+    cache = KVCache.empty(ours.config, 2, 80, "cpu", torch.float32)
+    cache.seqlens = torch.tensor([10, 62], dtype=torch.int32)
+    before = [t.clone() for t in cache.k]
+    with pytest.raises(ValueError, match=r"cache.seqlens up to 62 \+ 3 new tokens = 65 positions exceed n_positions 64"):
+        ours(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.k))
+    assert ours(torch.zeros(2, 2, dtype=torch.long), cache=cache).shape == (2, 2, ours.config.vocab_size)
 
 
 def test_gpt2_generate_min_new_tokens_as_transformers():

@@ -177,6 +177,14 @@ class GPT2(nn.Module):
         if position_ids is None:
             if cache is None and T > self.config.n_positions:
                 raise ValueError(f"fastattn GPT2: {T} tokens exceed n_positions {self.config.n_positions}")
+            if cache is not None and cache.k[0].shape[1] + T > self.config.n_positions:
+                # a cache longer than the position table (or one this call overflows) could put a token past it:
+                # the embedding would raise a bare IndexError (a device assert on CUDA). Checked only then, as the
+                # maximum costs a host sync.
+                last = int(cache.seqlens.max()) + T
+                if last > self.config.n_positions:
+                    raise ValueError(f"fastattn GPT2: cache.seqlens up to {last - T} + {T} new tokens = {last} "
+                                     f"positions exceed n_positions {self.config.n_positions}")
             start = cache.seqlens.long().view(B, 1) if cache is not None else 0
             position_ids = start + torch.arange(T, device=idx.device).view(1, T)  # (B|1, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
