@@ -67,7 +67,9 @@ def test_sdpa_autocast_casts_as_pytorch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         traced = compiled(q, k, v)
     assert traced.dtype == torch.bfloat16
-    assert torch.equal(traced, fastattn.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v, is_causal=True))
+    # against the same compiled function on inputs cast by hand: eager calls may take another route (auto's bf16 rules
+    # on AMX read the thread count and tiny sizes only outside a graph), whose bits differ
+    assert torch.equal(traced, compiled(q.bfloat16(), k.bfloat16(), v))
 
 
 def test_rope_model_under_autocast():
