@@ -3,14 +3,18 @@ layout (1, Hkv, Sk, D), ~96 MB in all, past the L3), so every cache comes from m
 round (each round takes the implementations in a rotated order, so background load hits every column alike):
   cpu   fastattn.scaled_dot_product_attention(..., backend="cpu"): the split-KV decode kernel (csrc/cpu/decode.cpp)
   auto  fastattn.scaled_dot_product_attention(...): whatever auto picks (printed)
+  cpu[v] with --switch NAME=v1,v2,...: the cpu column once per value v of an environment switch the CPU kernels read
+        on every call (FASTATTN_CPU_LONE_ROW, FASTATTN_CPU_HEAD_CHUNKS), set just before that column's calls: builds
+        compared in one process, round by round, which separate runs on a shared host cannot do
 Prints torch's time per layer and each column as torch's time over its own (median of the per-round ratios; > 1:
 faster than torch's SDPA). Speed is never asserted here (benchmarks/test_auto_rule.py holds the rule).
 
-    python benchmarks/bench_decode_memory.py [--threads 1] [--rounds 24]
+    python benchmarks/bench_decode_memory.py [--threads 1] [--rounds 24] [--switch FASTATTN_CPU_LONE_ROW=stream,chunks]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -44,7 +48,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--mb", type=int, default=96, help="cache bytes over all layers (MB)")
+    ap.add_argument("--switch", default=None, metavar="NAME=v1,v2",
+                    help="add a cpu column per value of this environment switch (read by the kernels per call)")
     a = ap.parse_args()
+    if a.switch and ("=" not in a.switch or not all(a.switch.split("=", 1))):
+        ap.error(f"--switch wants NAME=v1,v2,..., got {a.switch!r}")
+    switch, values = (a.switch.split("=", 1)[0], a.switch.split("=", 1)[1].split(",")) if a.switch else (None, [])
     torch.set_num_threads(a.threads)
     print(ops.cpu_matmul())  # the CPU model, its ISA and the path each dtype takes
     print(f"torch {torch.__version__}, {a.threads} thread(s)")
@@ -59,15 +68,32 @@ def main() -> None:
 
         def layers(f):
             return lambda: [f(q, k, v, **kw) for k, v in caches]
-        impls = {"torch": layers(sdpa),
-                 "cpu": layers(lambda *x, **k: fastattn.scaled_dot_product_attention(*x, backend="cpu", **k)),
-                 "auto": layers(fastattn.scaled_dot_product_attention)}
+        cpu = layers(lambda *x, **k: fastattn.scaled_dot_product_attention(*x, backend="cpu", **k))
+        impls = {"torch": layers(sdpa), "cpu": cpu, "auto": layers(fastattn.scaled_dot_product_attention)}
+        for v in values:
+            impls[f"cpu[{v}]"] = _with_env(switch, v, cpu)
         with torch.no_grad():
             x = _ratios(impls, a.rounds)
         chosen = fastattn.explain(q, *caches[0], **kw).chosen
+        cols = "".join(f", cpu[{v}] {x[f'cpu[{v}]']:.2f}x" for v in values)
         print(f"{str(dtype)[6:]:8} Hq={Hq:2} Hkv={Hkv:2} D={D:3} Sk={Sk:4} ({len(caches):3} layers): torch "
               f"{x['torch_s'] / len(caches) * 1e6:7.1f} us/layer; cpu {x['cpu']:.2f}x, auto ({chosen}) "
-              f"{x['auto']:.2f}x", flush=True)
+              f"{x['auto']:.2f}x{cols}", flush=True)
+
+
+def _with_env(name: str, value: str, f):
+    """f run with the environment variable name set to value (restored after: the plain columns see the caller's)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return f()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
 
 
 if __name__ == "__main__":

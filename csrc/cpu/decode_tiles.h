@@ -444,10 +444,12 @@ FA_AVX512 inline void pv_kernel(const float* P, int64_t ldP, const uint8_t* live
 // takes pv_avx2's 8 chains of 8 lanes: fp32 MHA one-token steps on SDPA's layout, caches from memory, read 1.32-1.48x
 // PyTorch's SDPA that way against 1.09-1.15x with pv_rows' 4 chains of 16 (D = 48 and 64, one thread, AMD EPYC Zen 4,
 // 2026-12-05; fp16 +10%, D = 32 and bf16 level; the same loop in 16 lanes, plain or masked loads, read as pv_rows:
-// the lane width, not the loop, makes the difference). On an Intel Xeon (AMX, one thread, 2026-12-05, the two ways
-// switched in one process, caches from memory) the reverse: the 16-lane kernels with scores_avx512_c read fp32 MHA
-// D=64 0.98x / 1.17x torch at 512 / 2048 keys against 0.86-0.89x / 1.01x, D=48 0.95x against 0.89x, bf16 0.77x
-// against 0.75x, fp16 1.49x against 1.32x. Both sum each value over the keys in order, one FMA each: the same bits.
+// the lane width, not the loop, makes the difference). On an Intel Xeon (AMX, 2026-12-05, the two ways switched
+// per call in one process, caches from memory) the reverse: the 16-lane kernels with scores_avx512_c read, one
+// thread, fp32 MHA D=64 1.01-1.05x / 1.16-1.17x torch at 512 / 2048 keys against 0.90-0.92x / 1.02-1.05x, D=48 1.00x
+// against 0.91x, D=32 0.98x against 0.92x, bf16 0.71-0.84x against 0.70-0.79x, fp16 1.54x against 1.31x; two threads
+// fp32 +6-8%, fp16 +19%, bf16 level (+-10% run to run). Both sum each value over the keys in order, one FMA each:
+// the same bits.
 template <typename T>
 FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
                          const int64_t* voff, int64_t n, int64_t Dv, float* acc, bool lone_stream) {
