@@ -47,6 +47,14 @@ def tracing() -> bool:
     export) run the keys as they are, on FakeTensors that the type tests send down the full path, or on real
     tensors, where a replay records the same ops as the full path."""
     return _is_dynamo_compiling() or forward_ad() or functorch_level() is not None
+
+
+def fx_node(fn, proxy, args, kwargs):
+    """Under torch.fx.symbolic_trace (proxy: a torch.fx.Proxy argument): the call of fn as one call_function node of
+    the graph, as torch's own functional ops record (the surfaces read sizes and strides a Proxy does not have)."""
+    return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+
 _FLOAT = frozenset(FLOAT_DTYPES)
 _ctx_backend, _env_backend = dispatch._ctx_backend, dispatch._env_backend
 

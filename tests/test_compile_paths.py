@@ -172,3 +172,42 @@ def test_fx_symbolic_trace_keeps_each_call_as_one_node():
     with torch.no_grad():
         for got, want in zip(gm(x), net(x)):
             assert torch.equal(got, want)
+
+
+def test_fx_symbolic_trace_flash_surfaces_are_one_node_each():
+    """The flash-attn surfaces under torch.fx.symbolic_trace: each call one call_function node of the public
+    function (they read sizes and strides, which a Proxy lacks: each raised inside fastattn), return_attn_probs'
+    tuple indexed in the graph, flash_attn_with_kvcache's cache writes done when the graph runs; the graph's results
+    are the eager ones."""
+    from fastattn import packed
+
+    class Net(torch.nn.Module):
+        def forward(self, q, qkv, kv, flat, flat_qkv, cu, kc, vc, new, lens):
+            a = fastattn.flash_attn_func(q, q, q, causal=True)
+            b = fastattn.flash_attn_func(q, q, q, return_attn_probs=True)[1]  # lse, through a getitem node
+            c = fastattn.flash_attn_varlen_func(flat, flat, flat, cu, cu, 5, 5, causal=True)
+            d = packed.flash_attn_qkvpacked_func(qkv, causal=True)
+            e = packed.flash_attn_kvpacked_func(q, kv)
+            f = packed.flash_attn_varlen_qkvpacked_func(flat_qkv, cu, 5)
+            g = packed.flash_attn_varlen_kvpacked_func(flat, flat_qkv[:, 1:], cu, cu, 5, 5)
+            h = fastattn.flash_attn_with_kvcache(q, kc, vc, k=new, v=new, cache_seqlens=lens, causal=True)
+            return a, b, c, d, e, f, g, h
+
+    gm = torch.fx.symbolic_trace(Net())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    for fn in (fastattn.flash_attn_func, fastattn.flash_attn_varlen_func, packed.flash_attn_qkvpacked_func,
+               packed.flash_attn_kvpacked_func, packed.flash_attn_varlen_qkvpacked_func,
+               packed.flash_attn_varlen_kvpacked_func, fastattn.flash_attn_with_kvcache):
+        assert fn in targets, fn
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 5, 4, 16, generator=g)
+    args = [q, torch.randn(2, 5, 3, 4, 16, generator=g), torch.randn(2, 5, 2, 4, 16, generator=g),
+            torch.randn(8, 4, 16, generator=g), torch.randn(8, 3, 4, 16, generator=g),
+            torch.tensor([0, 3, 8], dtype=torch.int32), torch.zeros(2, 12, 4, 16), torch.zeros(2, 12, 4, 16),
+            torch.randn(2, 5, 4, 16, generator=g), torch.tensor([2, 7], dtype=torch.int32)]
+    eager_args = [t.clone() for t in args]
+    with torch.no_grad():
+        got, want = gm(*args), Net()(*eager_args)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert torch.equal(args[6], eager_args[6]) and args[6].abs().sum() > 0  # the graph wrote the new keys
