@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .backends import BACKENDS, PREFERENCE, Backend, get_backend
 from .backends.base import needed_features
-from .params import AttnParams, DecodeCall, InputValueError, forward_ad, func_transform, symbolic
+from .params import AttnParams, DecodeCall, InputValueError, forward_ad, func_transform, symbolic, trace_constant
 
 _ctx_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_backend", default=None)
 
@@ -83,7 +82,7 @@ def _env_reader():
 _env_backend = _env_reader()
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _dynamo_traces_contextvars() -> bool:
     """Whether torch.compile's dynamo traces ContextVar.get (resolving it at trace time with a guard, as torch 2.14
     does); torch 2.11's stops there ("Unsupported method call"). Asked at trace time only."""
@@ -97,7 +96,7 @@ def _ambient() -> Optional[str]:
 
 # _ambient read when a graph is traced and kept in it, for a dynamo that cannot trace ContextVar.get (a graph traced
 # under use_backend("x") then keeps x; newer dynamo guards on it). A function object of its own: the mark is on it.
-_ambient_at_trace = torch.compiler.assume_constant_result(lambda: _ambient())
+_ambient_at_trace = trace_constant(lambda: _ambient())
 
 
 def _traced_request(backend: Optional[str]) -> str:
@@ -124,6 +123,7 @@ def _is_zero(n) -> bool:
         raise InputValueError("fastattn: torch.jit.trace cannot record this call (its choices depend on sizes the "
                               "trace would freeze); use torch.compile or torch.export, or for the SDPA surface "
                               "backend 'auto' (which records PyTorch's SDPA under torch.jit.trace)")
+    from torch.fx.experimental.symbolic_shapes import guard_or_false  # a symbolic size: a trace loaded it
     return guard_or_false(n == 0)
 
 

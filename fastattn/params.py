@@ -25,8 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch.autograd import forward_ad as _fwad
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.experimental.symbolic_shapes import has_static_value
+from torch._subclasses.fake_tensor import FakeTensor  # (import torch loads it already)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -238,7 +237,15 @@ functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: No
 _functorch_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
-@torch.compiler.assume_constant_result
+def trace_constant(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo, which was ~0.7 s of `import fastattn`'s
+    ~1 s: on torch 2.11-2.14 that decorator only sets this mark, which dynamo reads when a trace meets fn
+    (tests/test_compile_paths.py checks that torch's decorator still sets nothing else)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@trace_constant
 def _transform_open_at_trace() -> bool:
     """Whether a torch.func transform is open while dynamo traces: run as plain Python at trace time and kept in the
     graph (dynamo stops at the two calls above, and traces peek_interpreter_stack into an object that is never
@@ -377,6 +384,7 @@ def symbolic(n) -> bool:
     dynamo traces: it answers type(n) is int for its symbolic sizes too (non-strict export hands over SymInts)."""
     if type(n) is int and not _is_dynamo_compiling():  # eager: ~60 ns
         return False
+    from torch.fx.experimental.symbolic_shapes import has_static_value  # (loaded by any trace; not at import)
     return not has_static_value(n) and torch.compiler.is_exporting()
 
 

@@ -211,3 +211,19 @@ def test_fx_symbolic_trace_flash_surfaces_are_one_node_each():
     for x, y in zip(got, want):
         assert torch.equal(x, y)
     assert torch.equal(args[6], eager_args[6]) and args[6].abs().sum() > 0  # the graph wrote the new keys
+
+
+def test_import_leaves_dynamo_unloaded_and_marks_as_torch_does():
+    """`import fastattn` and eager calls load neither torch._dynamo nor the symbolic-shapes module (~0.9 s of a
+    ~1 s import before; both load with the first trace), and params.trace_constant marks a function exactly as
+    torch.compiler.assume_constant_result does (if a torch release changes that decorator, this fails)."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, fastattn; q = torch.randn(1, 2, 5, 8); fastattn.scaled_dot_product_attention(q, q, q);"
+            "fastattn.flash_attn_func(q, q, q); print([m for m in ('torch._dynamo', "
+            "'torch.fx.experimental.symbolic_shapes') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+    from fastattn.params import trace_constant
+    ours, theirs = trace_constant(lambda: 0), torch.compiler.assume_constant_result(lambda: 0)
+    assert vars(ours) == vars(theirs) == {"_dynamo_marked_constant": True}

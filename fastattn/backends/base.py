@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Callable, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..params import AttnParams, DecodeCall, forward_ad, func_transform, symbolic
 
@@ -75,6 +74,7 @@ def shown(n) -> str:
 def _unequal(Sq, Sk) -> bool:
     """Sq != Sk; exported with symbolic lengths, unless the trace knows them equal (no guard on it)."""
     if symbolic(Sq) or symbolic(Sk):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true  # (loaded by the trace)
         return not statically_known_true(Sq == Sk)
     return Sq != Sk
 

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..params import AttnParams, symbolic
 from .base import Backend, Lean
@@ -31,6 +30,7 @@ def native_causal(p: AttnParams) -> bool:
         return False
     Sq, Sk = p.q.shape[2], p.k.shape[2]
     if symbolic(Sq) or symbolic(Sk):  # exported: only where the lengths' relation is known (no guard; else the mask)
+        from torch.fx.experimental.symbolic_shapes import statically_known_true  # (loaded by the trace)
         return statically_known_true(Sq == Sk if p.bottom_right else Sq <= Sk)
     return (not p.bottom_right or Sq == Sk) and Sq <= Sk
 
