@@ -184,7 +184,7 @@ def test_auto_not_slower_than_torch_decode(dtype, heads, D, Sk):
 # MHA D=64 (the kernel's: the bf16 decode rule is one-thread) read 0.86-1.06x on the kernel over the day as the host's
 # memory came and went, and the hand-over to sdpa, tried as a two-thread rule, 0.93-0.96x in the same runs (a third
 # route, torch itself, is the line): no rule is better there; marked at both lengths.
-_BF16_FROM_MEMORY_512 = pytest.mark.xfail(reason="known gap on the Intel Xeon AMX (see above)", strict=False)
+_BF16_FROM_MEMORY = pytest.mark.xfail(reason="known gap on the Intel Xeon AMX (see above)", strict=False)
 
 
 @pytest.mark.parametrize("heads,D", [((12, 12), 64), ((16, 4), 128)], ids=["mha-d64", "gqa16/4-d128"])
@@ -202,7 +202,7 @@ def test_auto_not_slower_than_torch_decode_from_memory(request, dtype, Sk, heads
     1.31x -> 1.54x, bf16 +1-11% (2026-12-05, the two switched per call in one process)."""
     Hq, Hkv = heads
     if dtype == torch.bfloat16 and (Sk == 512 and THREADS == 1 or THREADS > 1 and Hq == Hkv):
-        request.applymarker(_BF16_FROM_MEMORY_512)
+        request.applymarker(_BF16_FROM_MEMORY)
     g = torch.Generator().manual_seed(0)
     per_layer = 2 * Hkv * Sk * D * torch.finfo(dtype).bits // 8
     q = torch.randn(1, Hq, 1, D, generator=g).to(dtype)
@@ -343,7 +343,7 @@ def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
     if dtype == torch.bfloat16 and Sq == 1 and Hq == Hkv and THREADS > 1:
         request.applymarker(pytest.mark.xfail(
             reason="known gap (Intel Xeon AMX, two threads, 2026-12-05): the kernel 0.94-1.03x, the hand-over to sdpa "
-                   "0.94x in the same run (see _BF16_FROM_MEMORY_512)", strict=False))
+                   "0.94x in the same run (see _BF16_FROM_MEMORY)", strict=False))
     Bm, Sk = 4, 1024
     mask = torch.ones(Bm, 1, 1, Sk, dtype=torch.bool)  # (B, 1, 1, Sk): True = a real key
     for b, pad in enumerate((0, Sk // 8, Sk // 4, Sk // 2)):

@@ -192,9 +192,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if torch.jit.is_tracing():
         return _jit_traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     if isinstance(query, torch.fx.Proxy):  # torch.fx.symbolic_trace: one call of this function in the graph
-        return fx_node(scaled_dot_product_attention, query, (query, key, value), dict(
-            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-            backend=backend))
+        return fx_node(scaled_dot_product_attention, query, locals())
     if _any_autocast() and isinstance(query, torch.Tensor):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     lean_key = route = None
@@ -322,9 +320,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     flash-attn's without dropout; the probabilities themselves are never materialised (flash-attn returns them only
     with dropout, for testing), so code that reads them fails loudly rather than on wrong values.
     """
-    if isinstance(q, torch.fx.Proxy):
-        return fx_node(flash_attn_func, q, (q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                                            alibi_slopes, deterministic, return_attn_probs), dict(backend=backend))
+    if isinstance(q, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node
+        return fx_node(flash_attn_func, q, locals())
     plain = route = None
     if not tracing():  # a plain call: the lean path's (fastattn/lean.py)
         plain = lean.flash_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -355,11 +352,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Rows past cu_seqlens_q[-1] / cu_seqlens_k[-1] (a batch padded to a fixed size) take no part: their output is 0,
     their lse +inf (eager mode; under torch.compile the totals must equal the row counts).
     """
-    if isinstance(q, torch.fx.Proxy):
-        return fx_node(flash_attn_varlen_func, q, (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                                   deterministic, return_attn_probs, block_table),
-                       dict(backend=backend))
+    if isinstance(q, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node
+        return fx_node(flash_attn_varlen_func, q, locals())
     if block_table is not None:
         raise NotImplementedError("fastattn: flash_attn_varlen_func(block_table=...) (paged KV) is not supported; "
                                   "use flash_attn_with_kvcache")

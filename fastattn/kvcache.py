@@ -402,12 +402,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     is a performance hint for split-KV kernels and does not change results beyond rounding.
     """
     if isinstance(q, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node (it writes the caches when it runs)
-        return fx_node(flash_attn_with_kvcache, q, (q, k_cache, v_cache), dict(
-            k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
-            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
-            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-            rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes, num_splits=num_splits,
-            return_softmax_lse=return_softmax_lse, backend=backend))
+        return fx_node(flash_attn_with_kvcache, q, locals())
     lean_key = route = None
     if (block_table is None and cache_batch_idx is None and rotary_cos is None and alibi_slopes is None
             and cache_leftpad is None and not tracing()):  # a dense decode step: the lean path's

@@ -49,10 +49,11 @@ def tracing() -> bool:
     return _is_dynamo_compiling() or forward_ad() or functorch_level() is not None
 
 
-def fx_node(fn, proxy, args, kwargs):
+def fx_node(fn, proxy, arguments: dict):
     """Under torch.fx.symbolic_trace (proxy: a torch.fx.Proxy argument): the call of fn as one call_function node of
-    the graph, as torch's own functional ops record (the surfaces read sizes and strides a Proxy does not have)."""
-    return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+    the graph, as torch's own functional ops record (the surfaces read sizes and strides a Proxy does not have).
+    arguments: every parameter of fn by name (the surface's locals() before anything else is bound)."""
+    return proxy.tracer.create_proxy("call_function", fn, (), arguments)
 
 
 _FLOAT = frozenset(FLOAT_DTYPES)

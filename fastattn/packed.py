@@ -30,9 +30,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     Same as flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ...); the gradient is one (B, S, 3, H, D)
     tensor. return_attn_probs=True returns (out, softmax_lse (B, H, S), S_dmask (empty))."""
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node
-        return fx_node(flash_attn_qkvpacked_func, qkv, (qkv, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                        alibi_slopes, deterministic, return_attn_probs),
-                       dict(backend=backend))
+        return fx_node(flash_attn_qkvpacked_func, qkv, locals())
     q, k, v = _unpack(qkv, "qkv", 3, 2, "(B, S, 3, H, D)")  # each (B, S, H, D), strided views
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, backend=backend)
@@ -46,9 +44,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     Same as flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], ...), GQA/MQA and bottom-right causal alignment
     included."""
     if isinstance(q, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node
-        return fx_node(flash_attn_kvpacked_func, q, (q, kv, dropout_p, softmax_scale, causal, window_size, softcap,
-                                                     alibi_slopes, deterministic, return_attn_probs),
-                       dict(backend=backend))
+        return fx_node(flash_attn_kvpacked_func, q, locals())
     k, v = _unpack(kv, "kv", 2, 2, "(B, Sk, 2, Hkv, D)")  # each (B, Sk, Hkv, D), strided views
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, backend=backend)
@@ -60,10 +56,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     """flash-attn's flash_attn_varlen_qkvpacked_func: qkv (total, 3, H, D), cu_seqlens int32 (N+1,) ->
     out (total, H, D). Queries and keys share cu_seqlens and max_seqlen."""
     if isinstance(qkv, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node
-        return fx_node(flash_attn_varlen_qkvpacked_func, qkv, (qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                                               causal, window_size, softcap, alibi_slopes,
-                                                               deterministic, return_attn_probs),
-                       dict(backend=backend))
+        return fx_node(flash_attn_varlen_qkvpacked_func, qkv, locals())
     q, k, v = _unpack(qkv, "qkv", 3, 1, "(total, 3, H, D)")  # each (total, H, D), strided views
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
@@ -77,10 +70,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     """flash-attn's flash_attn_varlen_kvpacked_func: q (total_q, Hq, D), kv (total_k, 2, Hkv, D) ->
     out (total_q, Hq, D)."""
     if isinstance(q, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node
-        return fx_node(flash_attn_varlen_kvpacked_func, q, (q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                            max_seqlen_k, dropout_p, softmax_scale, causal,
-                                                            window_size, softcap, alibi_slopes, deterministic,
-                                                            return_attn_probs), dict(backend=backend))
+        return fx_node(flash_attn_varlen_kvpacked_func, q, locals())
     k, v = _unpack(kv, "kv", 2, 1, "(total_k, 2, Hkv, D)")  # each (total_k, Hkv, D), strided views
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,

@@ -233,6 +233,11 @@ std::string cpu_vendor() {
   return "unknown";
 }
 
+bool amd_cpu() {
+  static const bool amd = cpu_vendor() == "AuthenticAMD";
+  return amd;
+}
+
 double best_seconds(const std::function<void()>& f) {
   f();  // warm-up: kernel generation, first touch
   double best = 1e30;

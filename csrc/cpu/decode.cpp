@@ -27,7 +27,7 @@
 #include "common.h"
 #include "decode_checks.h"
 
-#include "tile.h"          // cpu_vendor
+#include "tile.h"          // amd_cpu
 #include "decode_tiles.h"  // scores, pv, scores_dp: the block helpers
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
 
@@ -61,11 +61,10 @@ struct DecodeParams {
 // pv_avx512, has both measurements). Same bits either way. FASTATTN_CPU_LONE_ROW=stream|chunks picks one on any CPU
 // (tests run both); read per call, as the other test switches.
 bool lone_row_stream() {
-  static const bool amd = cpu_vendor() == "AuthenticAMD";
   const char* env = std::getenv("FASTATTN_CPU_LONE_ROW");
   if (env != nullptr && std::strcmp(env, "stream") == 0) return true;
   if (env != nullptr && std::strcmp(env, "chunks") == 0) return false;
-  return amd;
+  return amd_cpu();
 }
 
 

@@ -287,10 +287,9 @@ void fwd_task(const CpuParams& p, Tiles t, int64_t n, int64_t h0, int64_t heads,
 int64_t fwd_chunk_heads(const CpuParams& p, int64_t nqb, int64_t kv_bytes, int64_t bias_bytes) {
   // A bias with head stride 0 has its -inf edges read once for all heads too (mask_band.cpp: mask_keys_sh = 0).
   if (p.bias == nullptr || p.bias_st.h != 0 || p.bias_st.s == 0 || p.Hq == 1 || p.q_period > 0) return 1;
-  static const bool amd = cpu_vendor() == "AuthenticAMD";
   const char* env = std::getenv("FASTATTN_CPU_HEAD_CHUNKS");
   const bool forced = env != nullptr && env[0] == '1';
-  if ((env != nullptr ? !forced : !amd) || (!forced && bias_bytes < 16 * kv_bytes)) return 1;
+  if ((env != nullptr ? !forced : !amd_cpu()) || (!forced && bias_bytes < 16 * kv_bytes)) return 1;
   constexpr int64_t kChunkBytes = 4 << 20;
   const int64_t group = p.group(), threads = at::get_num_threads();
   for (int64_t g = std::min<int64_t>(p.Hq, kMaxChunkHeads); g > 1; --g) {

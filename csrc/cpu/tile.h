@@ -51,6 +51,7 @@ std::string fp32_gemm_describe();
 // packed key tiles above are MKL's on Intel CPUs only, and the auto rules were measured per vendor, because torch's
 // fp32 SDPA multiplies through MKL too (fastattn/backends/cpu.py).
 std::string cpu_vendor();
+bool amd_cpu();  // cpu_vendor() == "AuthenticAMD", asked once: the kernel paths measured per vendor
 bool fp32_gemm_brgemm();
 void fp32_gemm_force(int engine);
 // Seconds per call of f: the best of five batches of four after a warm-up call (the engines' start-up timings).

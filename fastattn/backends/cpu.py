@@ -24,7 +24,8 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
                 [] if ops.has_kernel("CPU") else ["no CPU kernel registered for fastattn::fwd in this build"])
 
 
-# The C++ kernels read these switches once, at import, and take any other value as unset: say so instead.
+# The C++ kernels read these switches (the ISA, matmul and fp32-gemm ones once, at import; the others on every call)
+# and take any other value as unset: say so instead.
 _SWITCHES = {"FASTATTN_CPU_ISA": ("avx2", "scalar"), "FASTATTN_CPU_MATMUL": ("fp32", "brgemm"),
              "FASTATTN_CPU_FP32_GEMM": ("sgemm", "brgemm"), "FASTATTN_CPU_HEAD_CHUNKS": ("0", "1"),
              "FASTATTN_CPU_LONE_ROW": ("stream", "chunks")}

@@ -13,9 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 
-from ..params import AttnParams, symbolic
+from ..params import AttnParams, no_values, symbolic
 from .base import Backend, Lean
 from .reference import visibility
 
@@ -122,7 +121,7 @@ def _rows_seen(bias):
     unseen rows unmasked for the call (torch may give NaN there; forward then gives 0)."""
     row_ok = (bias > float("-inf")).any(dim=-1, keepdim=True)
     # Traced or fake (torch.export, FakeTensorMode): no values to read, keep the data-independent form.
-    if bias.is_cpu and not torch.compiler.is_compiling() and not isinstance(bias, FakeTensor) and bool(row_ok.all()):
+    if bias.is_cpu and not no_values(bias) and bool(row_ok.all()):
         return bias, None
     return torch.where(row_ok, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)), row_ok
 
