@@ -4,8 +4,8 @@ round (each round takes the implementations in a rotated order, so background lo
   cpu   fastattn.scaled_dot_product_attention(..., backend="cpu"): the split-KV decode kernel (csrc/cpu/decode.cpp)
   auto  fastattn.scaled_dot_product_attention(...): whatever auto picks (printed)
   cpu[v] with --switch NAME=v1,v2,...: the cpu column once per value v of an environment switch the CPU kernels read
-        on every call (FASTATTN_CPU_LONE_ROW, FASTATTN_CPU_HEAD_CHUNKS), set just before that column's calls: builds
-        compared in one process, round by round, which separate runs on a shared host cannot do
+        on every call (FASTATTN_CPU_LONE_ROW, FASTATTN_CPU_PREFETCH, FASTATTN_CPU_HEAD_CHUNKS), set just before that
+        column's calls: builds compared in one process, round by round, which separate runs on a shared host cannot do
 Prints torch's time per layer and each column as torch's time over its own (median of the per-round ratios; > 1:
 faster than torch's SDPA). Speed is never asserted here (benchmarks/test_auto_rule.py holds the rule).
 

@@ -36,6 +36,7 @@ namespace {
 
 constexpr int64_t kBlockN = 64;     // keys per online-softmax step
 constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
+constexpr int64_t kAheadKeys = 64;  // how far ahead Fetch::stream fetches rows (~100 ns of memory latency covered)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct DecodeParams {
@@ -53,7 +54,8 @@ struct DecodeParams {
   float scale, softcap;
   int64_t window_left, window_right;
   float *out_part, *lse_part;  // (splits, B, Hq, Sq, Dv), (splits, B, Hq, Sq) when splits > 1
-  bool lone_stream;  // lone_row_stream(): how the AVX-512 helpers run a row alone on its KV head
+  Stream stream;  // how the block helpers read the cache (lone_row_stream, fetch_mode)
+  bool fetch_blocks;  // prefetch_block each next block (fetch_mode)
 };
 
 // Whether a row alone on its KV head at head dim <= 64 streams each key's row (scores_avx512_row, 8-lane pv_avx2;
@@ -65,6 +67,26 @@ bool lone_row_stream() {
   if (env != nullptr && std::strcmp(env, "stream") == 0) return true;
   if (env != nullptr && std::strcmp(env, "chunks") == 0) return false;
   return amd_cpu();
+}
+
+// How a dense cache's keys and values are fetched ahead of the block helpers (none changes a result):
+//   stream  the helpers fetch each row kAheadKeys keys ahead as they read one (decode_tiles.h, fetch_ahead);
+//   block   prefetch_block: the next block's rows, all at the start of each block;
+//   none    the hardware prefetchers alone.
+// Intel Xeon (AMX), one thread, caches from memory as in generate() (benchmarks/bench_decode_memory.py --switch
+// FASTATTN_CPU_PREFETCH=none,block,stream, 2026-12-05), none / block / stream: bf16 MHA D=64 at 4096 keys 0.83x /
+// 1.06x / 1.29x PyTorch's SDPA, bf16 GQA 16/4 D=128 1.21x / 1.55x / 1.83x, fp32 MHA D=64 1.16x / 1.23x / 1.33x, fp32
+// GQA 2.24x / 2.41x / 2.83x, fp16 1.56x / 1.61x / 1.78x; one cache reused (in the L2) stream reads as none and block
+// 10-16% slower (its burst of fetches stalls the block it precedes). 64 keys ahead read best of 32-256. Not measured
+// on an AMD CPU, which keeps `none`, what it was measured with (prefetch_block was compiled to nothing until now, see
+// prefetch_l2). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
+enum class Fetch { none, block, stream };
+Fetch fetch_mode() {
+  const char* env = std::getenv("FASTATTN_CPU_PREFETCH");
+  if (env != nullptr && std::strcmp(env, "none") == 0) return Fetch::none;
+  if (env != nullptr && std::strcmp(env, "block") == 0) return Fetch::block;
+  if (env != nullptr && std::strcmp(env, "stream") == 0) return Fetch::stream;
+  return amd_cpu() ? Fetch::none : Fetch::stream;
 }
 
 
@@ -114,13 +136,16 @@ bool widen_blocks(const DecodeParams& p) {
 }
 
 // Rows [0, n) of the block, KV heads [hk0, hk0 + nkv), widened to fp32 as (n, nkv, d) in `dst`.
+// Rows kAheadKeys on are fetched as these are read (ahead: Stream's k_ahead / v_ahead).
 template <typename T>
 void widen_block(const void* const* rows, int64_t n, int64_t hk0, int64_t nkv, int64_t sh, int64_t d, float* dst,
-                 const float** frows) {
+                 const float** frows, int64_t ahead) {
   for (int64_t j = 0; j < n; ++j) {
     frows[j] = dst + j * nkv * d;
     for (int64_t hk = 0; hk < nkv; ++hk) {
-      vec::load_row(static_cast<const T*>(rows[j]) + (hk0 + hk) * sh, 1, dst + (j * nkv + hk) * d, d, 1.f);
+      const T* src = static_cast<const T*>(rows[j]) + (hk0 + hk) * sh;
+      fetch_ahead(&src, 1, ahead, d * static_cast<int64_t>(sizeof(T)));
+      vec::load_row(src, 1, dst + (j * nkv + hk) * d, d, 1.f);
     }
   }
 }
@@ -137,9 +162,9 @@ void add_bias(const DecodeParams& p, const T* row, int64_t j0, int64_t a, int64_
   for (int64_t j = a; j < e; ++j) s[j] += f[j];
 }
 
-// Software prefetch (to L2) of keys [a, e) of a dense cache's KV heads [hk0, hk1), K and V rows. The item computes
-// between its blocks (softmax, P V) with no demand loads, so the hardware stream prefetcher idles there; a block's
-// keys fetched one block ahead read a cold cache 7-17% faster on one thread (fp32 MHA, AMD EPYC Zen 4, 2026-12-04).
+// Software prefetch (to L2) of keys [a, e) of a dense cache's KV heads [hk0, hk1), K and V rows: Fetch::block.
+// (Its first measurement, 7-17% on an AMD EPYC Zen 4, 2026-12-04, was of a build in which these prefetches compiled to
+// nothing: it measured something else, the host's load or that commit's other changes.)
 template <typename T>
 void prefetch_block(const DecodeParams& p, const T* kbase, const T* vbase, int64_t row, int64_t hk0, int64_t hk1,
                     int64_t a, int64_t e) {
@@ -149,8 +174,8 @@ void prefetch_block(const DecodeParams& p, const T* kbase, const T* vbase, int64
     for (int64_t pos = a; pos < e; ++pos) {
       const char* k = reinterpret_cast<const char*>(kbase + row * p.k_sb + pos * p.k_ss + hk * p.k_sh);
       const char* v = reinterpret_cast<const char*>(vbase + row * p.v_sb + pos * p.v_ss + hk * p.v_sh);
-      for (int64_t c = 0; c < kbytes; c += kLine) __builtin_prefetch(k + c, 0, 2);
-      for (int64_t c = 0; c < vbytes; c += kLine) __builtin_prefetch(v + c, 0, 2);
+      for (int64_t c = 0; c < kbytes; c += kLine) prefetch_l2(k + c);
+      for (int64_t c = 0; c < vbytes; c += kLine) prefetch_l2(v + c);
     }
   }
 }
@@ -169,6 +194,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
   const bool dp = bf16_dot_products<T>();
   const bool widen = !dp && widen_blocks<T>(p);
   const int64_t nkv = hk1 - hk0;
+  const Stream widened{p.stream.lone, 0, 0};  // widened copies: widen_block fetched the cache ahead
   if (widen) {
     w.Kf.resize(kBlockN * nkv * D);
     w.Vf.resize(kBlockN * nkv * Dv);
@@ -209,19 +235,19 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       w.krows[j] = kbase + kofs;
       w.vrows[j] = vbase + vofs;
     }
-    if (!p.block_table) prefetch_block<T>(p, kbase, vbase, row, hk0, hk1, j0 + n, std::min(end, j0 + n + kBlockN));
+    if (p.fetch_blocks) prefetch_block<T>(p, kbase, vbase, row, hk0, hk1, j0 + n, std::min(end, j0 + n + kBlockN));
     float* S = w.S.data();
     if (widen) {
-      widen_block<T>(w.krows.data(), n, hk0, nkv, p.k_sh, D, w.Kf.data(), w.kfrows.data());
-      widen_block<T>(w.vrows.data(), n, hk0, nkv, p.v_sh, Dv, w.Vf.data(), w.vfrows.data());
+      widen_block<T>(w.krows.data(), n, hk0, nkv, p.k_sh, D, w.Kf.data(), w.kfrows.data(), p.stream.k_ahead);
+      widen_block<T>(w.vrows.data(), n, hk0, nkv, p.v_sh, Dv, w.Vf.data(), w.vfrows.data(), p.stream.v_ahead);
     }
     if (dp) {
-      scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN);
+      scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN, p.stream);
     } else if (widen) {
-      scores<float>(w.Qf.data(), M, D, w.kfrows.data(), w.kfoff.data(), n, S, kBlockN, p.lone_stream);
+      scores<float>(w.Qf.data(), M, D, w.kfrows.data(), w.kfoff.data(), n, S, kBlockN, widened);
     } else {
       scores<T>(w.Qf.data(), M, D, reinterpret_cast<const T* const*>(w.krows.data()), w.koff.data(), n, S, kBlockN,
-                p.lone_stream);
+                p.stream);
     }
     bool any = false;
     const T* last_bias = nullptr;  // the bias row whose block w.bias holds (its [a, e) of the previous row)
@@ -267,10 +293,10 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       any = true;
     }
     if (any && widen) {
-      pv<float>(S, kBlockN, w.live.data(), M, w.vfrows.data(), w.vfoff.data(), n, Dv, w.acc.data(), p.lone_stream);
+      pv<float>(S, kBlockN, w.live.data(), M, w.vfrows.data(), w.vfoff.data(), n, Dv, w.acc.data(), widened);
     } else if (any) {
       pv<T>(S, kBlockN, w.live.data(), M, reinterpret_cast<const T* const*>(w.vrows.data()), w.voff.data(), n, Dv,
-            w.acc.data(), p.lone_stream);
+            w.acc.data(), p.stream);
     }
   }
 
@@ -500,7 +526,13 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
-  p.lone_stream = lone_row_stream();
+  p.stream.lone = lone_row_stream();
+  const Fetch fetch = paged ? Fetch::none : fetch_mode();  // a paged cache's next rows may sit on another page
+  p.fetch_blocks = fetch == Fetch::block;
+  if (fetch == Fetch::stream) {
+    p.stream.k_ahead = kAheadKeys * k_cache.stride(1) * k_cache.element_size();
+    p.stream.v_ahead = kAheadKeys * v_cache.stride(1) * v_cache.element_size();
+  }
   // A window wider than the cache is no window; clamping keeps i + off + window far from overflow.
   std::tie(p.window_left, p.window_right) = decode_checks::check_window(window_left, window_right, capacity + p.Sq);
   std::tie(p.splits, p.head_chunks) = work_heuristic(B, Hkv, capacity, num_splits,

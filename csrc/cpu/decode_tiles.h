@@ -14,6 +14,43 @@
 namespace fastattn::cpu::decode {
 namespace {
 
+// How the block helpers read the cache, set per call (decode.cpp). lone: a row alone on its KV head at head dim
+// <= 64 streams each key's row (scores_avx512_row, 8-lane pv_avx2) instead of taking the 16-lane chunk kernels.
+// k_ahead / v_ahead: the bytes from a key's (value's) row to the row the helpers read kAheadKeys keys later, which
+// they prefetch as they read this one (fetch_ahead; 0: none). Neither changes any result.
+struct Stream {
+  bool lone = false;
+  int64_t k_ahead = 0, v_ahead = 0;
+};
+
+// Prefetch the cache line at a to L2. Inline assembly on x86: GCC 12 emitted no instruction for __builtin_prefetch
+// in decode.cpp (objdump of the built extension: not one prefetch; a one-function file with the same flags and
+// headers kept it; cause not found), which left prefetch_block without effect from its first commit.
+inline void prefetch_l2(const char* a) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm volatile("prefetcht1 %0" : : "m"(*a));
+#else
+  __builtin_prefetch(a, 0, 2);
+#endif
+}
+
+// Prefetch (to L2) `bytes` of each of rows[0, n) `ahead` bytes on. Issued a few rows per step of the helpers'
+// loops, the fetches overlap the arithmetic; the hardware prefetchers alone left one-token steps waiting on memory.
+template <typename T>
+inline void fetch_ahead(const T* const* rows, int64_t n, int64_t ahead, int64_t bytes) {
+  if (ahead == 0) return;
+  for (int64_t u = 0; u < n; ++u) {  // each line of [a, a + bytes), once
+    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead;
+    for (uintptr_t line = a & ~uintptr_t{63}; line < a + bytes; line += 64) {
+      prefetch_l2(reinterpret_cast<const char*>(line));
+    }
+  }
+}
+
+// Whether row r is the first of a run of rows reading one KV head (off: each row's head offset): the run's first
+// row fetches ahead for all of them.
+inline bool head_first(const int64_t* off, int64_t r) { return r == 0 || off[r] != off[r - 1]; }
+
 // ---------------------------------------------------------------- block helpers, portable versions
 // S[r * ldS + j] = q_r . k_j for the M query rows (fp32, pre-scaled) and the n keys of the block; row r reads
 // its KV head at krows[j] + koff[r]. Key-major order: one key's heads are adjacent in memory.
@@ -74,7 +111,7 @@ inline float dot_tail(const float* q, const T* k, int64_t d, int64_t D) {
 // thread: 0.89-0.96x PyTorch's SDPA chunk by chunk, 1.48x key by key; not measured on an AVX2-only CPU).
 template <typename T>
 FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
-                         int64_t n, float* S, int64_t ldS) {
+                         int64_t n, float* S, int64_t ldS, const Stream& st) {
   const int64_t D8 = D & ~int64_t{7};
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     const int64_t nk = std::min<int64_t>(8, n - j0);
@@ -82,6 +119,7 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
       const float* q = Qf + r * D;
       const T* k[8];
       for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(u, nk - 1)] + koff[r];  // tail: repeat
+      if (head_first(koff, r)) fetch_ahead(k, nk, st.k_ahead, D * sizeof(T));
       __m256 acc[8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
@@ -105,7 +143,7 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
 // block, 32 KB at D = 128, would not stay there). The sum over j runs in pv_scalar's order per element, one FMA each.
 template <typename T>
 FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
-                     const int64_t* voff, int64_t n, int64_t Dv, float* acc) {
+                     const int64_t* voff, int64_t n, int64_t Dv, float* acc, const Stream& st) {
   constexpr int64_t kKeys = 16;
   const int64_t Dv8 = Dv & ~int64_t{7};
   for (int64_t d0 = 0; d0 < Dv8; d0 += 64) {
@@ -120,9 +158,10 @@ FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M
 #pragma GCC unroll 8
         for (int u = 0; u < 8; ++u) c[u] = u < nc ? _mm256_loadu_ps(a + 8 * u) : _mm256_setzero_ps();
         for (int64_t j = j0; j < j1; ++j) {
+          const T* v = vrows[j] + voff[r] + d0;
+          if (head_first(voff, r)) fetch_ahead(&v, 1, st.v_ahead, nc * 8 * sizeof(T));
           if (p[j] == 0.f) continue;
           const __m256 vp = _mm256_set1_ps(p[j]);
-          const T* v = vrows[j] + voff[r] + d0;
 #pragma GCC unroll 8
           for (int u = 0; u < 8; ++u) {
             if (u < nc) c[u] = _mm256_fmadd_ps(vp, vec::load8(v + 8 * u), c[u]);
@@ -180,7 +219,7 @@ FA_AVX512 inline __m512 hsum16x16(const __m512* v) {
 // the same order either way, so the scores are the same bits.
 template <typename T, int C>
 FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
-                               int64_t n, float* S, int64_t ldS) {
+                               int64_t n, float* S, int64_t ldS, const Stream& st) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
@@ -200,6 +239,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
         for (int h = 0; h < 16; h += 8) {  // two passes of 8 keys: 16 key pointers do not fit the general registers
           const T* k[8];
           for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r] + d0;
+          if (d0 == 0 && head_first(koff, r)) fetch_ahead(k, 8, st.k_ahead, D * sizeof(T));
 #pragma GCC unroll 8
           for (int u = 0; u < 8; ++u) {
 #pragma GCC unroll 8
@@ -222,7 +262,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
 // where lone_stream (decode.cpp): on an Intel Xeon the chunk loop is the faster one (see pv_avx512).
 template <typename T>
 FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krows, int64_t koff, int64_t n,
-                                 float* S) {
+                                 float* S, int64_t ahead) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     __m512 acc[16];
@@ -232,6 +272,7 @@ FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krow
     for (int h = 0; h < 16; h += 8) {
       const T* k[8];
       for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff;
+      fetch_ahead(k, 8, ahead, D * sizeof(T));
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u) {
         for (int64_t d = 0; d < D; d += 16) {
@@ -247,25 +288,27 @@ FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krow
 // scores_avx512_c with as few q chunks as the head dim needs (a chunk past D is masked off: zeros).
 template <typename T>
 FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff,
-                             int64_t n, float* S, int64_t ldS, bool lone_stream) {
-  if (M == 1 && D <= 64 && lone_stream) return scores_avx512_row<T>(Qf, D, krows, koff[0], n, S);
-  if (D <= 16) return scores_avx512_c<T, 1>(Qf, M, D, krows, koff, n, S, ldS);
-  if (D <= 32) return scores_avx512_c<T, 2>(Qf, M, D, krows, koff, n, S, ldS);
-  if (D <= 64) return scores_avx512_c<T, 4>(Qf, M, D, krows, koff, n, S, ldS);
-  return scores_avx512_c<T, 8>(Qf, M, D, krows, koff, n, S, ldS);
+                             int64_t n, float* S, int64_t ldS, const Stream& st) {
+  if (M == 1 && D <= 64 && st.lone) return scores_avx512_row<T>(Qf, D, krows, koff[0], n, S, st.k_ahead);
+  if (D <= 16) return scores_avx512_c<T, 1>(Qf, M, D, krows, koff, n, S, ldS, st);
+  if (D <= 32) return scores_avx512_c<T, 2>(Qf, M, D, krows, koff, n, S, ldS, st);
+  if (D <= 64) return scores_avx512_c<T, 4>(Qf, M, D, krows, koff, n, S, ldS, st);
+  return scores_avx512_c<T, 8>(Qf, M, D, krows, koff, n, S, ldS, st);
 }
 
 // Two query rows (q, q + D) that read the same KV head against keys krows[0, nk) (nk <= 16), 8 keys a pass: each
 // key chunk is loaded once for both rows (the loads, not the dot products, were the hot spots with one row). Every
 // score is summed in the order scores_bf16_dp's one-row loop uses, so the results are the same bits.
 FA_AVX512BF16 inline void scores_bf16_dp_pair(const c10::BFloat16* q, int64_t D, const c10::BFloat16* const* krows,
-                                              int64_t koff, int64_t nk, __m512 vscale, float* S, int64_t ldS) {
+                                              int64_t koff, int64_t nk, __m512 vscale, float* S, int64_t ldS,
+                                              int64_t ahead) {
   for (int64_t h = 0; h < nk; h += 8) {
     __m512 acc[16];  // [u]: row 0 with key h + u; [8 + u]: row 1 with it
 #pragma GCC unroll 16
     for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
     const c10::BFloat16* k[8];
     for (int u = 0; u < 8; ++u) k[u] = krows[std::min<int64_t>(h + u, nk - 1)] + koff;
+    fetch_ahead(k, 8, ahead, D * 2);
     for (int64_t d = 0; d < D; d += 32) {
       const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
       const __m512bh q0 = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
@@ -289,13 +332,15 @@ FA_AVX512BF16 inline void scores_bf16_dp_pair(const c10::BFloat16* q, int64_t D,
 // path: 2 shuffle-port uops per 16 elements). Qb: the M query rows in bf16, unscaled (the scale multiplies the sums).
 // bf16 denormals count as zero here (the instruction's rule), well inside bf16's tolerance.
 FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const c10::BFloat16* const* krows,
-                                  const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS) {
+                                  const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS,
+                                  const Stream& st) {
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
       if (r + 1 < M && koff[r + 1] == koff[r]) {  // two rows of one KV head (a GQA group)
-        scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS);
+        scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS,
+                            head_first(koff, r) ? st.k_ahead : 0);
         ++r;
         continue;
       }
@@ -307,6 +352,7 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
       for (int h = 0; h < 16; h += 8) {  // two passes of 8 key pointers, as scores_avx512
         const c10::BFloat16* k[8];
         for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];
+        if (head_first(koff, r)) fetch_ahead(k, 8, st.k_ahead, D * 2);
         for (int64_t d = 0; d < D; d += 32) {
           const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
           const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
@@ -327,7 +373,7 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
 // it was (masked FMA): every row gets the same products and sums in the same order whatever R is.
 template <typename T, int R, int C>
 FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, const T* const* vrows, int64_t voff,
-                              int64_t n, int64_t Dv, float* acc) {
+                              int64_t n, int64_t Dv, float* acc, int64_t ahead) {
   for (int64_t d0 = 0; d0 < Dv; d0 += 16 * C) {
     __mmask16 m[C];
     for (int c = 0; c < C; ++c) m[c] = vec512::tail(std::max<int64_t>(Dv - d0 - 16 * c, 0));
@@ -339,6 +385,7 @@ FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, 
     }
     for (int64_t j = 0; j < n; ++j) {
       const T* v = vrows[j] + voff + d0;
+      fetch_ahead(&v, 1, ahead, std::min<int64_t>(16 * C, Dv - d0) * sizeof(T));
       __m512 vv[C];
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) vv[c] = vec512::load16(v + 16 * c, m[c]);
@@ -368,7 +415,7 @@ FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, 
 template <int R, int C>
 FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* live,
                                    const c10::BFloat16* const* vrows, int64_t voff, int64_t n, int64_t Dv,
-                                   float* acc) {
+                                   float* acc, int64_t ahead) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -397,6 +444,7 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
     }
     for (int64_t j = 0; j < n; ++j) {
       const c10::BFloat16* v = vrows[j] + voff + d0;
+      fetch_ahead(&v, 1, ahead, std::min<int64_t>(32 * C, Dv - d0) * 2);
       __m512 ve[C], vo[C];
 #pragma GCC unroll 4
       for (int g = 0; g < C; ++g) {
@@ -431,11 +479,11 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
 // The R-row kernel of T with V values a pass (64 or 128): pv_bf16_rows for bf16, pv_rows otherwise.
 template <typename T, int R, int V>
 FA_AVX512 inline void pv_kernel(const float* P, int64_t ldP, const uint8_t* live, const T* const* vrows,
-                                int64_t voff, int64_t n, int64_t Dv, float* acc) {
+                                int64_t voff, int64_t n, int64_t Dv, float* acc, int64_t ahead) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    pv_bf16_rows<R, V / 32>(P, ldP, live, vrows, voff, n, Dv, acc);
+    pv_bf16_rows<R, V / 32>(P, ldP, live, vrows, voff, n, Dv, acc, ahead);
   } else {
-    pv_rows<T, R, V / 16>(P, ldP, live, vrows, voff, n, Dv, acc);
+    pv_rows<T, R, V / 16>(P, ldP, live, vrows, voff, n, Dv, acc, ahead);
   }
 }
 
@@ -452,24 +500,25 @@ FA_AVX512 inline void pv_kernel(const float* P, int64_t ldP, const uint8_t* live
 // the same bits.
 template <typename T>
 FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows,
-                         const int64_t* voff, int64_t n, int64_t Dv, float* acc, bool lone_stream) {
+                         const int64_t* voff, int64_t n, int64_t Dv, float* acc, const Stream& st) {
   for (int64_t r = 0; r < M;) {
     int64_t run = 1;
     while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
     const float* p = P + r * ldP;
     float* a = acc + r * Dv;
-    if (run == 1 && Dv <= 64 && lone_stream) {
-      pv_avx2<T>(p, ldP, live + r, 1, vrows, voff + r, n, Dv, a);
+    const int64_t ahead = head_first(voff, r) ? st.v_ahead : 0;
+    if (run == 1 && Dv <= 64 && st.lone) {
+      pv_avx2<T>(p, ldP, live + r, 1, vrows, voff + r, n, Dv, a, st);
     } else if (run == 4) {
-      pv_kernel<T, 4, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      pv_kernel<T, 4, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a, ahead);
     } else if (run >= 2) {
       run = 2;
-      if (Dv > 64) pv_kernel<T, 2, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
-      else pv_kernel<T, 2, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      if (Dv > 64) pv_kernel<T, 2, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a, ahead);
+      else pv_kernel<T, 2, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a, ahead);
     } else if (live[r] && Dv <= 64) {
-      pv_kernel<T, 1, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      pv_kernel<T, 1, 64>(p, ldP, live + r, vrows, voff[r], n, Dv, a, ahead);
     } else if (live[r]) {
-      pv_kernel<T, 1, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a);
+      pv_kernel<T, 1, 128>(p, ldP, live + r, vrows, voff[r], n, Dv, a, ahead);
     }
     r += run;
   }
@@ -478,24 +527,24 @@ FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64
 
 template <typename T>
 void scores(const float* Qf, int64_t M, int64_t D, const T* const* krows, const int64_t* koff, int64_t n, float* S,
-            int64_t ldS, bool lone_stream) {
+            int64_t ldS, const Stream& st) {
 #ifdef FASTATTN_VEC512
-  if (vec512::available()) return scores_avx512<T>(Qf, M, D, krows, koff, n, S, ldS, lone_stream);
+  if (vec512::available()) return scores_avx512<T>(Qf, M, D, krows, koff, n, S, ldS, st);
 #endif
 #ifdef FASTATTN_X86
-  if (vec::use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS);
+  if (vec::use_avx2()) return scores_avx2<T>(Qf, M, D, krows, koff, n, S, ldS, st);
 #endif
   scores_scalar<T>(Qf, M, D, krows, koff, n, S, ldS);
 }
 
 template <typename T>
 void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* const* vrows, const int64_t* voff,
-        int64_t n, int64_t Dv, float* acc, bool lone_stream) {
+        int64_t n, int64_t Dv, float* acc, const Stream& st) {
 #ifdef FASTATTN_VEC512
-  if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc, lone_stream);
+  if (vec512::available()) return pv_avx512<T>(P, ldP, live, M, vrows, voff, n, Dv, acc, st);
 #endif
 #ifdef FASTATTN_X86
-  if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
+  if (vec::use_avx2()) return pv_avx2<T>(P, ldP, live, M, vrows, voff, n, Dv, acc, st);
 #endif
   pv_scalar<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 }
@@ -511,9 +560,9 @@ bool bf16_dot_products() {
 }
 
 inline void scores_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const void* const* krows, const int64_t* koff,
-                      int64_t n, float scale, float* S, int64_t ldS) {
+                      int64_t n, float scale, float* S, int64_t ldS, const Stream& st) {
 #ifdef FASTATTN_VEC512
-  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS);
+  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS, st);
 #endif
 }
 

@@ -28,7 +28,7 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
 # and take any other value as unset: say so instead.
 _SWITCHES = {"FASTATTN_CPU_ISA": ("avx2", "scalar"), "FASTATTN_CPU_MATMUL": ("fp32", "brgemm"),
              "FASTATTN_CPU_FP32_GEMM": ("sgemm", "brgemm"), "FASTATTN_CPU_HEAD_CHUNKS": ("0", "1"),
-             "FASTATTN_CPU_LONE_ROW": ("stream", "chunks")}
+             "FASTATTN_CPU_LONE_ROW": ("stream", "chunks"), "FASTATTN_CPU_PREFETCH": ("block", "stream", "none")}
 
 
 def environment_notes() -> List[str]:
