@@ -241,8 +241,9 @@ def test_export_model_with_dynamic_batch_and_length():
 
 
 def test_export_bf16_step_rule_on_amx_cpus(monkeypatch):
-    """auto's bf16 step rules on CPUs with AMX (one-token and 3-4-token MHA steps go to sdpa) leave a dynamic length
-    alone (simulated here: the rule's flags set as an AMX CPU sets them)."""
+    """auto's bf16 rules on CPUs with AMX (tiny calls on one thread go to sdpa, eagerly; until 2026-12-05 one-token
+    and 3-4-token MHA steps too) leave a dynamic length alone (simulated here: the rule's flags set as an AMX CPU
+    sets them)."""
     cpu = pytest.importorskip("fastattn.backends.cpu")
     if DEV != "cpu" or fastattn.get_backend("cpu").unavailable():
         pytest.skip("the cpu backend's rule")

@@ -234,7 +234,7 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
 
 
 def test_every_auto_rule_runs():
-    """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 decode on AMX)
+    """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 tiny calls on AMX)
     must not fail where it fires (a NameError there once reached only the benchmark)."""
     from fastattn.backends import cpu as cpu_backend
     for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -245,7 +245,7 @@ def test_every_auto_rule_runs():
                 assert ex.chosen in ("cpu", "sdpa"), str(ex)
                 with torch.no_grad():
                     fastattn.scaled_dot_product_attention(q, k, k, is_causal=causal and S == Sk)
-    if cpu_backend._BF16_AMX:  # the bf16 decode rule is for AMX machines (and one thread)
+    if cpu_backend._BF16_AMX:  # the bf16 tiny-call rule is for AMX machines (and one thread)
         q, k = rnd(1, 4, 1, 64).bfloat16(), rnd(1, 4, 300, 64).bfloat16()
         with torch_threads(2):
             assert fastattn.explain(q, k, k).chosen == "cpu"  # the decode kernel splits the keys across threads
@@ -254,13 +254,13 @@ def test_every_auto_rule_runs():
 
 
 def _bf16_one_thread_rules(cpu_backend, q, k):
-    """The bf16 rules on one thread (AMX): MHA decode steps to sdpa, grouped-query ones ours; tiny calls of fewer
-    than 16 batch x heads sdpa."""
-    assert fastattn.explain(q, k, k).chosen == "sdpa"
+    """The bf16 rules on one thread (AMX): decode steps ours, MHA (since the decode kernel fetches ahead) and
+    grouped-query; tiny calls of fewer than 16 batch x heads sdpa."""
+    assert fastattn.explain(q, k, k).chosen == "cpu"
     for Sk in (300, 5000):
         gqa = rnd(1, 1, Sk, 64).bfloat16()
         assert fastattn.explain(q, gqa, gqa, enable_gqa=True).chosen == "cpu"
-        assert fastattn.explain(q, gqa.expand(1, 4, -1, 64), gqa.expand(1, 4, -1, 64)).chosen == "sdpa"  # MHA
+        assert fastattn.explain(q, gqa.expand(1, 4, -1, 64), gqa.expand(1, 4, -1, 64)).chosen == "cpu"  # MHA
     assert fastattn.explain(k, k, k).chosen == "cpu"  # a bf16 prefill is ours
     tiny = rnd(1, 4, 48, 64).bfloat16()
     assert fastattn.explain(tiny, tiny, tiny).chosen == "sdpa"
@@ -274,7 +274,7 @@ def _bf16_one_thread_rules(cpu_backend, q, k):
 
 def test_multi_token_step_rules(intel_rules):
     """Steps of 2-16 query tokens: fp32 ones go to sdpa under auto (both sides of each length boundary); bf16 ones on
-    AMX stay on the cpu kernels but for MHA steps of 3-4 tokens at head dim <= 64; a dense call past 4 query rows
+    AMX stay on the cpu kernels (MHA steps of 3-4 tokens too since 2026-12-05); a dense call past 4 query rows
     per KV head takes the prefill kernel rather than the decode kernel, one-token steps keep the decode kernel."""
     from fastattn.backends import cpu as cpu_backend
 
@@ -290,7 +290,7 @@ def test_multi_token_step_rules(intel_rules):
         if cpu_backend._BF16_AMX:
             bf = torch.bfloat16
             assert chosen(2, dt=bf).chosen == "cpu" and chosen(5, dt=bf).chosen == "cpu"
-            assert chosen(3, dt=bf).chosen == "sdpa" and chosen(4, dt=bf).chosen == "sdpa"
+            assert chosen(3, dt=bf).chosen == "cpu" and chosen(4, dt=bf).chosen == "cpu"
             assert chosen(4, D=128, dt=bf).chosen == "cpu" and chosen(4, Hq=8, Hkv=2, dt=bf).chosen == "cpu"
     with torch_threads(2):  # more than one thread: fp32 steps of 5-16 tokens (13-16 grouped-query), bf16 MHA steps: cpu
         assert chosen(2).chosen == "sdpa" and chosen(4).chosen == "sdpa"
@@ -308,8 +308,8 @@ def test_multi_token_step_rules(intel_rules):
 
 def test_masked_step_rules(intel_rules):
     """Masked inference steps (a bool key-padding mask, 300 keys) fall under the step rules: fp32 steps of 2-16
-    tokens on one thread, 2-4 on more (2-12 grouped-query) go to sdpa, bf16 one-token MHA steps on one thread on
-    AMX; one-token steps otherwise take the split-KV decode kernel with the mask; training and masks sdpa would not
+    tokens on one thread, 2-4 on more (2-12 grouped-query) go to sdpa; one-token steps (bf16 MHA on AMX too,
+    since 2026-12-05) take the split-KV decode kernel with the mask; training and masks sdpa would not
     run fused stay on the cpu kernels."""
     from fastattn.backends import cpu as cpu_backend
 
@@ -332,8 +332,7 @@ def test_masked_step_rules(intel_rules):
             assert chosen(8, Hq=8, Hkv=2) == "sdpa" and chosen(13, Hq=8, Hkv=2) == ("sdpa" if threads == 1 else "cpu")
             assert chosen(4, grad=True) == "cpu" and chosen(4, is_causal=True) == "cpu"  # training; sdpa's own mask
             assert chosen(1, dt=torch.float16) == "cpu" and chosen(4, dt=torch.float16) == "cpu"  # fp16: no rule
-            mha_bf16 = "sdpa" if cpu_backend._BF16_AMX and threads == 1 else "cpu"
-            assert chosen(1, dt=torch.bfloat16) == mha_bf16 and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu"
+            assert chosen(1, dt=torch.bfloat16) == "cpu" and chosen(1, Hq=8, Hkv=2, dt=torch.bfloat16) == "cpu"
             assert chosen(2, dt=torch.bfloat16) == "cpu" and chosen(4, dt=torch.bfloat16) == "cpu"
 
 

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from .. import ops
-from ..params import AttnParams, symbolic
+from ..params import AttnParams
 from .base import Backend, Lean
 from .cpp_decode import CPU_DECODE
 from .sdpa import pytorch_fused as _sdpa_fused
@@ -55,13 +55,7 @@ _AVX2_ONLY = _REPORT.get("avx512") == "0"  # an x86 CPU without AVX-512 (its rul
 # (benchmarks/results/cpu-1thread-20261201-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX, on one thread, for one-token MHA decode steps (the split-KV decode kernel, bound by
-#    reading K/V at short caches, 0.84-0.86x at 512 keys, D=64; grouped-query steps: below), steps of 3-4 tokens
-#    without grouped-query heads at head dim <= 64 (the decode kernel with 3-4 rows per head: 0.81x at 512 keys
-#    through the SDPA surface, where the hand-over read 0.89x; other steps of 2-16 tokens stay here: two tokens
-#    1.25-1.5x, grouped-query steps 1.4-2.9x (torch's kernel is slow on them; 1.8-3.6x since their heads run packed
-#    as rows, csrc/cpu/register.cpp), MHA at 8-16 tokens 0.95-1.14x against
-#    0.88-0.91x for the hand-over) and tiny calls (Sk <= 64 and Sq * Sk <= 4096) of fewer than 16 batch x heads
+#  * bf16 inference on AMX, on one thread, for tiny calls (Sk <= 64 and Sq * Sk <= 4096) of fewer than 16 batch x heads
 #    (0.93-1.01x at B1 H8-12, S = 32; until 2026-12-01 every tiny call, when B8 H12 had read 0.86-0.97x at S = 17,
 #    32, 64 and 1.0-1.26x at S = 24, 48; since then, with the lean path, one thread, 1.10-1.50x from B*H = 16 up:
 #    B8 H12 D64 1.12-2.17x at S = 17-64 (0.93-1.23x at S = 16, torch's scratch faulting or not), B2-4 H8-12 S32
@@ -73,22 +67,25 @@ _AVX2_ONLY = _REPORT.get("avx512") == "0"  # an x86 CPU without AVX-512 (its rul
 #    since the lazy rescaling and the fused mask pass (one thread, Intel Xeon AMX, H=8, S=1024, D=64/128: 1.16-1.20x
 #    non-causal, 1.31-1.47x causal; causal from S=128: 1.05-1.56x), forward+backward 1.5-2.3x.
 _DECODE_ROWS = 16  # query tokens up to which a call is a decode step
-_MHA_STEP_SQ = 4  # bf16 steps of 3 to this many tokens, MHA, head dim <= 64: sdpa
-# One-token bf16 steps with grouped-query heads are the decode kernel's at every length, where it reads each K/V row
-# once for the whole group: 0.97-1.29x torch at 256-3072 keys (one thread, 2026-12-01, after the C++ lean key; B1,
-# Hq/Hkv = 16/4, 32/8 at D=128 and 12/4, 32/8 at D=64; 1.19-1.72x at 4096-16384 keys), where the hand-over read
-# 0.95-0.99x; until then they went to sdpa below 4096 keys (0.91-1.08x). MHA steps stay with sdpa on one thread
-# (0.84-0.86x at 512 keys, D=64).
+# bf16 decode steps are the split-KV decode kernel's on every thread count. Grouped-query ones since 2026-12-01 (it
+# reads each K/V row once for the whole group: 0.97-1.29x torch at 256-3072 keys, one thread). MHA steps of 1 and
+# 3-4 tokens (head dim <= 64) went to sdpa on one thread until 2026-12-05 (0.74-0.86x at 512 keys, the kernel
+# waiting on memory): since its block helpers fetch the rows 64 keys ahead (csrc/cpu/decode_tiles.h, fetch_ahead)
+# it reads 1.06-1.09x / 1.15-1.30x torch at 512 / 4096 keys with every layer's cache from memory (Intel Xeon AMX,
+# one thread), and in transformers' GPT-2 (bf16, 12 layers, benchmarks/bench_hf_decode.py) each new token's
+# attention 0.89-0.93x / 1.01x / 1.07-1.08x / 1.06-1.16x torch's at 128 / 256 / 512 / 2048 prompt tokens, where the
+# hand-over to sdpa read 0.84x / 0.90x / 0.96x (its Python on top of torch's call). On one cache reused call after
+# call (in the L2) the kernel reads 0.65x / 0.87-0.96x at 512 / 4096 keys, the hand-over 0.89x / 0.96x: a
+# microbenchmark's case, not a model's; MHA steps of 4 tokens read 1.00x, the hand-over 0.90x.
 _BF16_TINY_AREA = 4096
 _BF16_TINY_HEADS = 16  # tiny bf16 calls of fewer batch x heads than this: sdpa
 # Not covered: masked inference of two tokens and more past the tiny bounds stays here (key-padding batches, left or
 # right padding up to 1/8 or 1/2 of the keys, B4 H12 D64 / B2 H16 D128, 96-1024 tokens, 2026-12-01 evening, ad-hoc:
 # bf16 0.99-1.80x torch on one thread, 0.95-1.87x on two; fp32 1.06-1.54x / 1.15-1.66x), and
 # flash_attn_with_kvcache's split-KV kernel in bf16 at short caches, which auto does not re-route: against torch on a
-# contiguous (B, H, S, D) cache 0.86x / 1.01x / 1.61x at 512 / 2048 / 8192 keys (GQA 16/4 D=128), 0.65x / 0.86x /
-# 0.94x (MHA 12 D=64); the generic path (torch on views of the flash-attn cache plus a bias) measured 0.2-0.5x, and
-# torch on that same cache layout is slower than this kernel from 2048 keys (0.89x / 2.4x / 2.8x and 0.74x / 1.33x /
-# 1.92x).
+# contiguous (B, H, S, D) cache 0.86x / 1.01x / 1.61x at 512 / 2048 / 8192 keys (GQA 16/4 D=128, 2026-12-01), MHA 12
+# D=64 B1 0.92-1.13x at 1-8k keys, B8 1.36-1.78x (2026-12-05, after the fetch ahead; 0.65-0.94x before); the generic
+# path (torch on views of the flash-attn cache plus a bias) measured 0.2-0.5x.
 
 
 def _auto_rule() -> dict:
@@ -107,9 +104,8 @@ _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_ONLY else set())
                 | {torch.float32})  # the dtypes the rules read
-_BF16_SHORT = ("sdpa is faster for bf16 decode steps of 1 and 3-4 tokens without grouped-query heads (3-4: at head "
-               "dim <= 64) and tiny calls of fewer than 16 batch x heads, on one thread on this CPU (PyTorch's "
-               "flash kernel on AMX; the cpu kernels measured 0.84-0.86x, 0.81x and 0.93-1.01x)")
+_BF16_SHORT = ("sdpa is faster for tiny bf16 calls (Sk <= 64, Sq * Sk <= 4096) of fewer than 16 batch x heads, "
+               "on one thread on this CPU (PyTorch's flash kernel on AMX; the cpu kernels measured 0.93-1.01x)")
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -202,13 +198,15 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
 # kernel takes the mask as a bias (csrc/cpu/decode.cpp), so they run the kernels unmasked steps run. Before it did, a
 # masked one-token step ran as a 64-row tile over every key (0.56-0.97x torch's SDPA with the same mask). Measured
 # since (2026-12-01, Intel Xeon AMX, B1 / B4, 512-4096 keys, 0-1/2 left padding, MHA 12 D=64, GQA 16/4 and 32/8
-# D=128): one token bf16 MHA 0.84-1.04x on one thread (sdpa's, as unmasked), 1.05-1.23x on two; grouped-query
-# 1.12-1.57x / 1.26-2.01x; fp32 0.99-3.53x / 1.05-3.15x. fp32 steps of 2-8 tokens read 0.93-1.09x on one thread and
-# 0.67-1.01x on two (2-4 tokens; 8 with grouped-query heads 0.87-1.00x), where the hand-over read 0.91-1.03x: the
-# fp32 step rule holds for them. bf16 MHA steps of 3-4 tokens, sdpa's unmasked, are ours masked (1.03-1.20x on one
-# thread, where the hand-over read 0.99x).
+# D=128): one token bf16 MHA 0.84-1.04x on one thread (sdpa's until 2026-12-05, as unmasked; since the decode
+# kernel fetches ahead, transformers' GPT-2 bf16 batch 4 left-padded, each new token's attention 0.89-0.92x /
+# 1.06-1.11x torch at 128 / 512 prompt tokens where the hand-over read 0.83x / 0.93x; one cache reused, B4 1024 keys,
+# 0.80-0.88x against 0.95x), 1.05-1.23x on two; grouped-query 1.12-1.57x / 1.26-2.01x; fp32 0.99-3.53x / 1.05-3.15x.
+# fp32 steps of 2-8 tokens read 0.93-1.09x on one thread and 0.67-1.01x on two (2-4 tokens; 8 with grouped-query
+# heads 0.87-1.00x), where the hand-over read 0.91-1.03x: the fp32 step rule holds for them. bf16 MHA steps of 3-4
+# tokens were ours masked before they were unmasked (1.03-1.20x on one thread, where the hand-over read 0.99x).
 def _masked_step(p: AttnParams, dt) -> Optional[str]:
-    """The step rule a masked inference step falls under (_FP32_STEPS; _BF16_SHORT's one-token steps), or None
+    """The step rule a masked inference step falls under (_FP32_STEPS, _AVX2_STEPS), or None
     (eager only, as _masked_tiny: the thread count and lengths would make graphs guard)."""
     if p.requires_grad or torch.compiler.is_compiling() or not _sdpa_fused(p, mask=True):
         return None
@@ -217,8 +215,6 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
         return _fp32_steps_reason() if 2 <= Sq <= _fp32_step_limit(p) else None
     if dt is torch.bfloat16 and _avx2_step(p):
         return _AVX2_STEPS
-    if dt is torch.bfloat16 and _BF16_AMX and _one_thread() and Sq == 1 and p.q.shape[1] == p.k.shape[1]:
-        return _BF16_SHORT
     return None
 
 
@@ -376,17 +372,11 @@ class CpuBackend(Backend):
         elif why is None and dt is torch.bfloat16 and _avx2_step(p, gqa_bf16=True):
             why = _AVX2_STEPS
         elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
-            compiling = torch.compiler.is_compiling()
-            Sq, Sk = _lengths(p)
-            mha = p.q.shape[1] == p.k.shape[1]
-            short = not symbolic(Sq)  # an exported dynamic length is no step: comparing Sq would guard it
-            decode = short and Sq == 1 and mha
-            mha_step = short and 3 <= Sq <= _MHA_STEP_SQ and mha and p.q.shape[3] <= 64
-            tiny = (not compiling and Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA
-                    and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS)
-            # (compiling: the one-thread rule, the thread count not read into the graph)
-            if (decode or mha_step or tiny) and (compiling or _one_thread()):
-                why = _BF16_SHORT
+            # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
+            if not torch.compiler.is_compiling() and _one_thread():
+                Sq, Sk = _lengths(p)
+                if Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS:
+                    why = _BF16_SHORT
         return [why] if why and _sdpa_fused(p) else []
 
     def length_breaks(self, Sq: int):
