@@ -221,19 +221,23 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
 
   for (int64_t j0 = start; j0 < end; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, end - j0);
-    for (int64_t j = 0; j < n; ++j) {  // where each key of the block lives (page table or cache row)
-      const int64_t pos = j0 + j;
-      int64_t kofs, vofs;
-      if (p.block_table) {
+    const void** krows = w.krows.data();  // where each key of the block lives (page table or cache row)
+    const void** vrows = w.vrows.data();
+    if (p.block_table) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = j0 + j;
         const int64_t phys = p.block_table[b * p.bt_sb + pos / p.page], in = pos % p.page;
-        kofs = phys * p.k_sb + in * p.k_ss;
-        vofs = phys * p.v_sb + in * p.v_ss;
-      } else {
-        kofs = row * p.k_sb + pos * p.k_ss;
-        vofs = row * p.v_sb + pos * p.v_ss;
+        krows[j] = kbase + phys * p.k_sb + in * p.k_ss;
+        vrows[j] = vbase + phys * p.v_sb + in * p.v_ss;
       }
-      w.krows[j] = kbase + kofs;
-      w.vrows[j] = vbase + vofs;
+    } else {  // rows a fixed stride apart (the loop held in registers: it had reloaded every field per key)
+      const T* k0 = kbase + row * p.k_sb + j0 * p.k_ss;
+      const T* v0 = vbase + row * p.v_sb + j0 * p.v_ss;
+      const int64_t ks = p.k_ss, vs = p.v_ss;
+      for (int64_t j = 0; j < n; ++j) {
+        krows[j] = k0 + j * ks;
+        vrows[j] = v0 + j * vs;
+      }
     }
     if (p.fetch_blocks) prefetch_block<T>(p, kbase, vbase, row, hk0, hk1, j0 + n, std::min(end, j0 + n + kBlockN));
     float* S = w.S.data();

@@ -39,9 +39,11 @@ inline void prefetch_l2(const char* a) {
 template <typename T>
 inline void fetch_ahead(const T* const* rows, int64_t n, int64_t ahead, int64_t bytes) {
   if (ahead == 0) return;
-  for (int64_t u = 0; u < n; ++u) {  // each line of [a, a + bytes), once
-    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead;
-    for (uintptr_t line = a & ~uintptr_t{63}; line < a + bytes; line += 64) {
+  for (int64_t u = 0; u < n; ++u) {  // each line of [a, a + bytes): the first and last, then any between
+    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead, last = (a + bytes - 1) & ~uintptr_t{63};
+    prefetch_l2(reinterpret_cast<const char*>(a));
+    prefetch_l2(reinterpret_cast<const char*>(last));
+    for (uintptr_t line = (a & ~uintptr_t{63}) + 64; line < last; line += 64) {
       prefetch_l2(reinterpret_cast<const char*>(line));
     }
   }
