@@ -49,9 +49,11 @@ inline void fetch_ahead(const T* const* rows, int64_t n, int64_t ahead, int64_t 
   }
 }
 
-// Whether row r is the first of a run of rows reading one KV head (off: each row's head offset): the run's first
-// row fetches ahead for all of them.
-inline bool head_first(const int64_t* off, int64_t r) { return r == 0 || off[r] != off[r - 1]; }
+// The fetch distance for row r (off: each row's KV head offset): `ahead` for the first row of a run reading one KV
+// head, which fetches for all of them, 0 (no fetch) for the others.
+inline int64_t row_ahead(const int64_t* off, int64_t r, int64_t ahead) {
+  return r == 0 || off[r] != off[r - 1] ? ahead : 0;
+}
 
 // ---------------------------------------------------------------- block helpers, portable versions
 // S[r * ldS + j] = q_r . k_j for the M query rows (fp32, pre-scaled) and the n keys of the block; row r reads
@@ -121,7 +123,7 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
       const float* q = Qf + r * D;
       const T* k[8];
       for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(u, nk - 1)] + koff[r];  // tail: repeat
-      if (head_first(koff, r)) fetch_ahead(k, nk, st.k_ahead, D * sizeof(T));
+      fetch_ahead(k, nk, row_ahead(koff, r, st.k_ahead), D * sizeof(T));
       __m256 acc[8];
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
@@ -156,12 +158,13 @@ FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M
         if (!live[r]) continue;
         const float* p = P + r * ldP;
         float* a = acc + r * Dv + d0;
+        const int64_t ahead = row_ahead(voff, r, st.v_ahead);
         __m256 c[8];
 #pragma GCC unroll 8
         for (int u = 0; u < 8; ++u) c[u] = u < nc ? _mm256_loadu_ps(a + 8 * u) : _mm256_setzero_ps();
         for (int64_t j = j0; j < j1; ++j) {
           const T* v = vrows[j] + voff[r] + d0;
-          if (head_first(voff, r)) fetch_ahead(&v, 1, st.v_ahead, nc * 8 * sizeof(T));
+          fetch_ahead(&v, 1, ahead, nc * 8 * sizeof(T));
           if (p[j] == 0.f) continue;
           const __m256 vp = _mm256_set1_ps(p[j]);
 #pragma GCC unroll 8
@@ -226,6 +229,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
       const float* q = Qf + r * D;
+      const int64_t ahead = row_ahead(koff, r, st.k_ahead);
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
@@ -241,7 +245,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
         for (int h = 0; h < 16; h += 8) {  // two passes of 8 keys: 16 key pointers do not fit the general registers
           const T* k[8];
           for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r] + d0;
-          if (d0 == 0 && head_first(koff, r)) fetch_ahead(k, 8, st.k_ahead, D * sizeof(T));
+          if (d0 == 0) fetch_ahead(k, 8, ahead, D * sizeof(T));
 #pragma GCC unroll 8
           for (int u = 0; u < 8; ++u) {
 #pragma GCC unroll 8
@@ -340,9 +344,9 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
+      const int64_t ahead = row_ahead(koff, r, st.k_ahead);
       if (r + 1 < M && koff[r + 1] == koff[r]) {  // two rows of one KV head (a GQA group)
-        scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS,
-                            head_first(koff, r) ? st.k_ahead : 0);
+        scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS, ahead);
         ++r;
         continue;
       }
@@ -354,7 +358,7 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
       for (int h = 0; h < 16; h += 8) {  // two passes of 8 key pointers, as scores_avx512
         const c10::BFloat16* k[8];
         for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];
-        if (head_first(koff, r)) fetch_ahead(k, 8, st.k_ahead, D * 2);
+        fetch_ahead(k, 8, ahead, D * 2);
         for (int64_t d = 0; d < D; d += 32) {
           const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
           const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
@@ -508,7 +512,7 @@ FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64
     while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
     const float* p = P + r * ldP;
     float* a = acc + r * Dv;
-    const int64_t ahead = head_first(voff, r) ? st.v_ahead : 0;
+    const int64_t ahead = row_ahead(voff, r, st.v_ahead);
     if (run == 1 && Dv <= 64 && st.lone) {
       pv_avx2<T>(p, ldP, live + r, 1, vrows, voff + r, n, Dv, a, st);
     } else if (run == 4) {

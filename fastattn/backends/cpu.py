@@ -104,7 +104,7 @@ _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_ONLY else set())
                 | {torch.float32})  # the dtypes the rules read
-_BF16_SHORT = ("sdpa is faster for tiny bf16 calls (Sk <= 64, Sq * Sk <= 4096) of fewer than 16 batch x heads, "
+_BF16_TINY = ("sdpa is faster for tiny bf16 calls (Sk <= 64, Sq * Sk <= 4096) of fewer than 16 batch x heads, "
                "on one thread on this CPU (PyTorch's flash kernel on AMX; the cpu kernels measured 0.93-1.01x)")
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
@@ -376,7 +376,7 @@ class CpuBackend(Backend):
             if not torch.compiler.is_compiling() and _one_thread():
                 Sq, Sk = _lengths(p)
                 if Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS:
-                    why = _BF16_SHORT
+                    why = _BF16_TINY
         return [why] if why and _sdpa_fused(p) else []
 
     def length_breaks(self, Sq: int):
