@@ -1,5 +1,6 @@
 // The lean paths' C++ (fastattn/lean.py): lean_key, the SDPA surface's lean key (lean.key_py, the reference);
-// cache_key, flash_attn_with_kvcache's (lean.cache_key_py); cache_append, its append of the new keys and values.
+// lean_call, that surface's whole lean path (lean.call_py); cache_key, flash_attn_with_kvcache's
+// (lean.cache_key_py); cache_append, its append of the new keys and values.
 //
 // Why: the key runs between two kernels that stream a KV cache through the L2, so its Python ran cold there:
 // 2.4 us warm and 4-7 us cold a call (one thread, Intel Xeon; 12-head decode steps of 9-130 us), most of auto's
@@ -28,6 +29,9 @@ PyObject* g_env = nullptr;        // dispatch._env_backend () -> str | None
 PyObject* g_auto = nullptr;       // "auto"
 PyObject* g_choices = nullptr;    // "_CHOICES"
 PyObject* g_breaks = nullptr;     // "length_breaks"
+PyObject* g_guards = nullptr;     // lean.call's refusals: a tuple of no-argument callables (a tracer, autocast, ...)
+PyObject* g_fwad = nullptr;       // torch.autograd.forward_ad: a level open (_current_level >= 0) refuses too
+PyObject* g_level = nullptr;      // "_current_level"
 
 bool float_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
@@ -238,6 +242,65 @@ PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
   return out;
 }
 
+// Whether lean_call must leave the call to the Python surface: any guard answers other than None / False (jit
+// tracing, autocast, a torch-function mode, a functorch transform's level), or a forward-AD level is open; -1 on error.
+int refused() {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(g_guards); ++i) {
+    PyObject* r = PyObject_CallNoArgs(PyTuple_GET_ITEM(g_guards, i));
+    if (r == nullptr) return -1;
+    const bool no = r == Py_None || r == Py_False;
+    Py_DECREF(r);
+    if (!no) return 1;
+  }
+  PyObject* level = PyObject_GetAttr(g_fwad, g_level);
+  if (level == nullptr) {  // no level attribute: none was ever opened
+    PyErr_Clear();
+    return 0;
+  }
+  const long long l = PyLong_AsLongLong(level);
+  Py_DECREF(level);
+  if (l == -1 && PyErr_Occurred()) return -1;
+  return l >= 0;
+}
+
+// lean_call(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> Tensor | tuple | None: the
+// SDPA surface's lean path in one call (lean.call_py, the reference). The learnt route's output where the call's key
+// has one; the key where none is learnt yet (the surface learns it after its full path); None where the call cannot
+// take the path (refused, no key) or its key takes the full path. Each Python frame it replaces ran cold between two
+// kernels that stream a cache through the L2 (~1 us each; the surface's hand-over to sdpa read 0.88-0.90x torch on
+// fp32 steps of 125 us, one thread, Intel Xeon, 2026-12-05).
+PyObject* call(PyObject* const* a, Py_ssize_t n) {
+  if (g_guards == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_call: lean_init was not called");
+    return nullptr;
+  }
+  const int no = refused();
+  if (no != 0) return no < 0 ? nullptr : Py_NewRef(Py_None);
+  PyObject* k = nullptr;
+  try {
+    k = key(a, n);
+  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
+    Py_RETURN_NONE;
+  }
+  if (k == nullptr || k == Py_None) return k;
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  PyObject* route = choices && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
+  Py_XINCREF(route);
+  Py_XDECREF(choices);
+  if (route == nullptr) return PyErr_Occurred() ? (Py_DECREF(k), nullptr) : k;  // to learn
+  Py_DECREF(k);
+  // a Lean (name, run) NamedTuple, or False: the key takes the full path
+  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {
+    Py_DECREF(route);
+    Py_RETURN_NONE;
+  }
+  PyObject* mask = n == 8 ? a[7] : Py_None;
+  PyObject* args[4] = {a[0], a[1], a[2], mask};
+  PyObject* out = PyObject_Vectorcall(PyTuple_GET_ITEM(route, 1), args, mask == Py_None ? 3 : 4, nullptr);
+  Py_DECREF(route);
+  return out;
+}
+
 // A key function as a METH_FASTCALL entry: a C++ exception (metadata a tensor does not have, such as strides) is no
 // key, so the call takes the full path, which says why.
 template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
@@ -249,9 +312,21 @@ PyObject* guarded(PyObject*, PyObject* const* a, Py_ssize_t n) {
   }
 }
 
+// lean_call as a METH_FASTCALL entry (the route's own errors are Python exceptions already).
+PyObject* lean_call_entry(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  try {
+    return call(a, n);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef kMethods[] = {
     {"lean_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<key>)), METH_FASTCALL,
      "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's key"},
+    {"lean_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lean_call_entry)), METH_FASTCALL,
+     "lean_call(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's call"},
     {"cache_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<cache_key>)), METH_FASTCALL,
      "cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits, "
      "return_lse, backend): fastattn/lean.py's cache_key"},
@@ -260,9 +335,15 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object cache, pybind11::object ctx,
-               pybind11::object env) {
+               pybind11::object env, pybind11::tuple guards, pybind11::object fwad) {
   TORCH_CHECK(PyContextVar_CheckExact(ctx.ptr()), "lean_init: ctx must be a contextvars.ContextVar");
-  for (PyObject** g : {&g_tag, &g_cache, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks}) Py_CLEAR(*g);
+  for (PyObject** g : {&g_tag, &g_cache, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks, &g_guards,
+                       &g_fwad, &g_level}) {
+    Py_CLEAR(*g);
+  }
+  g_guards = guards.inc_ref().ptr();
+  g_fwad = fwad.inc_ref().ptr();
+  g_level = PyUnicode_InternFromString("_current_level");
   g_tag = tag.inc_ref().ptr();
   g_cache = cache.inc_ref().ptr();
   g_dispatch = dispatch.inc_ref().ptr();
@@ -307,7 +388,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
 void add_lean(pybind11::module_& m) {
   m.def("cache_append", &cache_append, "flash_attn_with_kvcache's lean append: (old k slots, old v slots, lengths)");
   m.def("lean_init", &lean_init,
-        "Binds lean_key and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend and _env_backend");
+        "Binds lean_key, lean_call and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend, _env_backend, "
+        "lean_call's guards and torch.autograd.forward_ad");
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), kMethods) == 0, "fastattn._C: adding lean_key failed");
 }
 

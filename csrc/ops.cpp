@@ -115,6 +115,7 @@ void mask_band_enable(bool on);
 }
 namespace lean {
 void add_lean(pybind11::module_& m);  // lean.cpp: lean_init, lean_key, cache_key, cache_append
+void add_routes(pybind11::module_& m);  // lean_routes.cpp: DecodeRoute, FwdRoute
 }
 }  // namespace fastattn
 
@@ -141,4 +142,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_mask_band_enable", &fastattn::cpu::mask_band_enable,
         "Tests: read full masks' structure (causal bands, -inf edges) in this process while on (the default)");
   fastattn::lean::add_lean(m);
+  fastattn::lean::add_routes(m);
 }

@@ -131,6 +131,8 @@ def _nothing_to_compute(p: AttnParams):
 
 
 _any_autocast = torch._C._is_any_autocast_enabled  # 0.1 us; asked first on every call
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_Tensor = torch.Tensor
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
 
 
@@ -189,25 +191,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         s = (query @ key.transpose(-2, -1)) * scale  (+ mask, causal -> -inf above the diagonal)
         out = torch.softmax(s, -1) @ value
     """
+    lean_key = None
+    if dropout_p == 0.0 and not _is_dynamo_compiling():  # a plain call: the lean path's, one C++ call (fastattn/lean.py)
+        lean_key = lean.call(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
+        if type(lean_key) is _Tensor:
+            return lean_key
     if torch.jit.is_tracing():
         return _jit_traced(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     if isinstance(query, torch.fx.Proxy):  # torch.fx.symbolic_trace: one call of this function in the graph
-        return fx_node(scaled_dot_product_attention, query, locals())
+        return fx_node(scaled_dot_product_attention, query, {k: v for k, v in locals().items() if k != "lean_key"})
     if _any_autocast() and isinstance(query, torch.Tensor):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
-    lean_key = route = None
-    if dropout_p == 0.0 and not tracing():  # a plain call: the lean path's (fastattn/lean.py)
-        lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
-        if lean_key is not None:
-            route = dispatch._CHOICES.get(lean_key)
+        if dropout_p == 0.0 and not tracing():  # the lean path on the cast inputs (lean.call refuses autocast)
+            lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
+            route = None if lean_key is None else dispatch._CHOICES.get(lean_key)
             if route:
                 return route.run(query, key, value) if attn_mask is None else route.run(query, key, value, attn_mask)
+            lean_key = lean_key if route is None else None
     p, out_shape, rank, nothing = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if nothing:
         out = _nothing_to_compute(p)
     else:
         out, _ = dispatch.run(p, backend)
-    if lean_key is not None and route is None:
+    if lean_key is not None:  # no route learnt yet for its key
         lean.learn(lean_key, p, backend)
     if out_shape is None:
         return out

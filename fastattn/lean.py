@@ -29,6 +29,7 @@ import bisect
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from . import dispatch, ops
 from .params import FLOAT_DTYPES, forward_ad, functorch_level
@@ -37,16 +38,19 @@ _Tensor = torch.Tensor
 _is_grad_enabled = torch.is_grad_enabled
 _get_num_threads = torch.get_num_threads
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled
 
 
 def tracing() -> bool:
     """Callers ask this before any key below: True while dynamo traces (key and cache_key are C++, which dynamo
     cannot trace), while a forward-mode AD level is open (a replayed route runs a kernel that carries no tangent;
-    the full path's dispatcher looks for tangents and picks a backend that carries them) and inside any torch.func
-    transform (a route may run an autograd.Function that functorch cannot take). Other tracers (make_fx, non-strict
-    export) run the keys as they are, on FakeTensors that the type tests send down the full path, or on real
-    tensors, where a replay records the same ops as the full path."""
-    return _is_dynamo_compiling() or forward_ad() or functorch_level() is not None
+    the full path's dispatcher looks for tangents and picks a backend that carries them), inside any torch.func
+    transform (a route may run an autograd.Function that functorch cannot take) and while a torch-function mode is
+    active (the C++ routes call the ops below Python's torch.ops, which a TorchFunctionMode sees on the full path).
+    Other tracers (make_fx, non-strict export) run the keys as they are, on FakeTensors that the type tests send
+    down the full path, or on real tensors, where a replay records the same ops as the full path (a dispatch mode
+    sees the C++ routes' calls as it sees torch.ops')."""
+    return (_is_dynamo_compiling() or _function_mode() or forward_ad() or functorch_level() is not None)
 
 
 def fx_node(fn, proxy, arguments: dict):
@@ -192,10 +196,35 @@ def cache_append_py(k_cache, v_cache, k, v, lo: int):
     return old[0], old[1], torch.full((k_cache.shape[0],), lo + snew, dtype=torch.int32)
 
 
-key, cache_key, cache_append = key_py, cache_key_py, cache_append_py
-if ops._C is not None and hasattr(ops._C, "cache_append"):  # an extension built before them keeps the Python ones
-    ops._C.lean_init(dispatch, dispatch.LEAN, _CACHE, _ctx_backend, _env_backend)
-    key, cache_key, cache_append = ops._C.lean_key, ops._C.cache_key, ops._C.cache_append
+# What makes call refuse (besides dynamo, which the caller asks about: it cannot trace the C++ call): torch.jit.trace
+# (the full path records its own graph), autocast (the full path casts the inputs first), a torch-function mode, a
+# functorch transform's level (each answers None or False when the call may go on), and an open forward-AD level.
+_GUARDS = (torch._C._is_tracing, torch._C._is_any_autocast_enabled, _function_mode, functorch_level)
+
+
+def call_py(q, k, v, is_causal, scale, enable_gqa, backend, attn_mask=None):
+    """The SDPA surface's lean path (the caller has checked dropout_p == 0 and that dynamo is not tracing): the
+    learnt route's output where the call's key has one; the key where none is learnt yet (the surface learns it after
+    its full path); None where the call cannot take the path or its key takes the full path. The reference of
+    fastattn._C.lean_call, which `call` is where the extension is built (one C++ call: each Python frame the surface
+    ran before it, ~0.1 us warm, cost ~1 us cold between two kernels that stream a cache)."""
+    if any(g() not in (None, False) for g in _GUARDS) or forward_ad():
+        return None
+    lean_key = key(q, k, v, is_causal, scale, enable_gqa, backend, attn_mask)
+    if lean_key is None:
+        return None
+    route = dispatch._CHOICES.get(lean_key)
+    if route is None:
+        return lean_key
+    if not route:
+        return None
+    return route.run(q, k, v) if attn_mask is None else route.run(q, k, v, attn_mask)
+
+
+key, call, cache_key, cache_append = key_py, call_py, cache_key_py, cache_append_py
+if ops._C is not None and hasattr(ops._C, "lean_call"):  # an extension built before them keeps the Python ones
+    ops._C.lean_init(dispatch, dispatch.LEAN, _CACHE, _ctx_backend, _env_backend, _GUARDS, _fwad)
+    key, call, cache_key, cache_append = ops._C.lean_key, ops._C.lean_call, ops._C.cache_key, ops._C.cache_append
 
 
 def learn_cache(k: tuple, chosen, call) -> None:

@@ -120,6 +120,8 @@ def _fwd_inputs(inputs):
 # autograd.Function, whose setup_context and backward are the registered ones (autograd_pair). While torch.compile
 # traces, the op as registered.
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+# The learnt routes' op calls in C++ (csrc/lean_routes.cpp); an extension built before them keeps the Python ones.
+_ROUTES = _C is not None and hasattr(_C, "DecodeRoute")
 
 
 def eager_function(fwd_op, bwd_op):
@@ -251,17 +253,20 @@ def attention_runner(p: AttnParams):
     if (_BELOW_AUTOGRAD is None or p.cu_seqlens_q is not None or p.alibi_slopes is not None or p.dropout_p > 0
             or p.q_start is not None):
         return None
-    fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
-    if p.attn_bias is None:
-        def run(q, k, v):
+    if _ROUTES and p.k_start is None:  # one C++ call (csrc/lean_routes.cpp: torch.ops parsed ~3 us of arguments)
+        call = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
+                           p.softcap, p.deterministic, p.out_fp32, p.head_start).out
+    else:
+        fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
+
+        def call(q, k, v, bias=None):
             with below():
-                return fwd(q, k, v, None, *rest)[0]
-        return run
+                return fwd(q, k, v, bias, *rest)[0]
+    if p.attn_bias is None:
+        return call
 
     def run_masked(q, k, v, mask):
-        bias = _lean_bias(q, k, mask)
-        with below():
-            return fwd(q, k, v, bias, *rest)[0]
+        return call(q, k, v, _lean_bias(q, k, mask))
     return run_masked
 
 
@@ -304,15 +309,18 @@ def decode_runner(c: DecodeCall):
     clamped window would depend on the length). None for any other c."""
     if not c.kv_bhsd or c.seqlens_k is not None or c.window_left > 0 or c.window_right > 0:
         return None
-    op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)
+    if _ROUTES and c.alibi_slopes is None:  # one C++ call (csrc/lean_routes.cpp)
+        call = _decode_route(c).out
+    else:
+        op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)[:10]  # no tensor held: no mask
+
+        def call(q, k, v, bias=None):
+            return op(q, k, v, *rest, bias)[0]
     if c.attn_bias is None:
-        def run(q, k, v):
-            return op(q, k, v, *rest)[0]
-        return run
-    rest = rest[:-1]  # no tensor held: the mask comes with each call
+        return call
 
     def run_masked(q, k, v, mask):
-        return op(q, k, v, *rest, _lean_bias(q, k, mask))[0]
+        return call(q, k, v, _lean_bias(q, k, mask))
     return run_masked
 
 
@@ -322,8 +330,16 @@ def cache_runner(c: DecodeCall):
     without block_table, cache_batch_idx or alibi. None for any other c."""
     if c.kv_bhsd or c.block_table is not None or c.cache_batch_idx is not None or c.alibi_slopes is not None:
         return None
+    if _ROUTES and c.attn_bias is None:  # one C++ call (csrc/lean_routes.cpp)
+        return _decode_route(c).call
     op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)[3:]  # after seqlens_k, block_table, batch idx
 
     def run(q, k_cache, v_cache, seqlens_k):
         return op(q, k_cache, v_cache, seqlens_k, None, None, *rest)
     return run
+
+
+def _decode_route(c: DecodeCall):
+    """fastattn._C.DecodeRoute with c's fixed arguments (_decode_rest's scalars)."""
+    _, _, _, scale, wl, wr, softcap, _, splits, kv_bhsd = _decode_rest(c)[:10]
+    return _C.DecodeRoute(scale, wl, wr, softcap, splits, kv_bhsd)

@@ -368,5 +368,6 @@ def test_key_keeps_calls_apart():
 def test_planted_key_field_is_caught(monkeypatch):
     """Each field of the lean key but its tag, blanked in turn (planted), lets some call replay another's route."""
     n = len(lean.key(*(torch.randn(1, 1, 1, 8) for _ in range(3)), False, None, False, None))
+    monkeypatch.setattr(lean, "call", lean.call_py)  # the reference, which asks lean.key (the C++ one asks its own)
     missed = unnoticed_fields(monkeypatch, lean, "key", n, 1, _key_mismatches)
     assert missed == [], f"no pair notices lean key field(s) {missed} missing"
