@@ -37,6 +37,13 @@ namespace {
 constexpr int64_t kBlockN = 64;     // keys per online-softmax step
 constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
 constexpr int64_t kAheadKeys = 64;  // how far ahead Fetch::stream fetches rows (~100 ns of memory latency covered)
+// Fetch::stream fetches into the L1 where an item's rows fetched ahead (kAheadKeys keys of its KV heads' keys and
+// values) take at most this, a third of a 48 KB L1, else into the L2. Intel Xeon (AMX), one thread, 2026-12-05, the
+// kernel timed alone in C++ on 12-head caches, L1 against L2: 16 KB ahead (bf16 / fp16 MHA D=64, fp32 D=32, bf16 GQA
+// 16/4 D=64) on one cache reused 0-13% faster (bf16 D=64 12% at 512 keys), from memory level (within +-5%, the
+// spread run to run); 32 KB ahead (fp32 MHA D=64, bf16 D=128) 3-10% slower, bf16 GQA 16/4 D=128 5-10% slower from
+// memory. The same bits either way.
+constexpr int64_t kL1AheadBytes = 16 << 10;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct DecodeParams {
@@ -70,7 +77,8 @@ bool lone_row_stream() {
 }
 
 // How a dense cache's keys and values are fetched ahead of the block helpers (none changes a result):
-//   stream  the helpers fetch each row kAheadKeys keys ahead as they read one (decode_tiles.h, fetch_ahead);
+//   stream  the helpers fetch each row kAheadKeys keys ahead as they read one (decode_tiles.h, fetch_ahead), into
+//           the L1 or the L2 (kL1AheadBytes);
 //   block   prefetch_block: the next block's rows, all at the start of each block;
 //   none    the hardware prefetchers alone.
 // Intel Xeon (AMX), one thread, caches from memory as in generate() (benchmarks/bench_decode_memory.py --switch
@@ -139,7 +147,7 @@ bool widen_blocks(const DecodeParams& p) {
 // Rows kAheadKeys on are fetched as these are read (ahead: Stream's k_ahead / v_ahead).
 template <typename T>
 void widen_block(const void* const* rows, int64_t n, int64_t hk0, int64_t nkv, int64_t sh, int64_t d, float* dst,
-                 const float** frows, int64_t ahead) {
+                 const float** frows, Ahead ahead) {
   for (int64_t j = 0; j < n; ++j) {
     frows[j] = dst + j * nkv * d;
     for (int64_t hk = 0; hk < nkv; ++hk) {
@@ -194,7 +202,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
   const bool dp = bf16_dot_products<T>();
   const bool widen = !dp && widen_blocks<T>(p);
   const int64_t nkv = hk1 - hk0;
-  const Stream widened{p.stream.lone, 0, 0};  // widened copies: widen_block fetched the cache ahead
+  const Stream widened{p.stream.lone, {}, {}};  // widened copies: widen_block fetched the cache ahead
   if (widen) {
     w.Kf.resize(kBlockN * nkv * D);
     w.Vf.resize(kBlockN * nkv * Dv);
@@ -530,17 +538,19 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_sm = out.stride(2);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
+  // A window wider than the cache is no window; clamping keeps i + off + window far from overflow.
+  std::tie(p.window_left, p.window_right) = decode_checks::check_window(window_left, window_right, capacity + p.Sq);
+  const bool head_major = k_cache.stride(2) > k_cache.stride(1);
+  std::tie(p.splits, p.head_chunks) = work_heuristic(B, Hkv, capacity, num_splits, head_major);
   p.stream.lone = lone_row_stream();
   const Fetch fetch = paged ? Fetch::none : fetch_mode();  // a paged cache's next rows may sit on another page
   p.fetch_blocks = fetch == Fetch::block;
   if (fetch == Fetch::stream) {
-    p.stream.k_ahead = kAheadKeys * k_cache.stride(1) * k_cache.element_size();
-    p.stream.v_ahead = kAheadKeys * v_cache.stride(1) * v_cache.element_size();
+    const int64_t item_heads = head_major ? 1 : (Hkv + p.head_chunks - 1) / p.head_chunks;
+    const bool l1 = kAheadKeys * item_heads * (D + Dv) * q.element_size() <= kL1AheadBytes;
+    p.stream.k_ahead = {kAheadKeys * k_cache.stride(1) * k_cache.element_size(), l1};
+    p.stream.v_ahead = {kAheadKeys * v_cache.stride(1) * v_cache.element_size(), l1};
   }
-  // A window wider than the cache is no window; clamping keeps i + off + window far from overflow.
-  std::tie(p.window_left, p.window_right) = decode_checks::check_window(window_left, window_right, capacity + p.Sq);
-  std::tie(p.splits, p.head_chunks) = work_heuristic(B, Hkv, capacity, num_splits,
-                                                               k_cache.stride(2) > k_cache.stride(1));
   at::Tensor out_part, lse_part;
   if (p.splits > 1) {
     out_part = at::empty({p.splits, B, Hq, Sq, Dv}, q.options().dtype(at::kFloat));

@@ -14,13 +14,20 @@
 namespace fastattn::cpu::decode {
 namespace {
 
+// How far ahead of the rows they read the block helpers fetch the cache (fetch_ahead): bytes from a key's (value's)
+// row to the row kAheadKeys keys later (0: none), and into which cache: the L1 (prefetcht0) where the rows fetched
+// ahead of an item fit it beside the block being read, else the L2 (decode.cpp sets both).
+struct Ahead {
+  int64_t bytes = 0;
+  bool l1 = false;
+};
+
 // How the block helpers read the cache, set per call (decode.cpp). lone: a row alone on its KV head at head dim
 // <= 64 streams each key's row (scores_avx512_row, 8-lane pv_avx2) instead of taking the 16-lane chunk kernels.
-// k_ahead / v_ahead: the bytes from a key's (value's) row to the row the helpers read kAheadKeys keys later, which
-// they prefetch as they read this one (fetch_ahead; 0: none). Neither changes any result.
+// k_ahead / v_ahead: the keys' and the values' fetch ahead. Neither changes any result.
 struct Stream {
   bool lone = false;
-  int64_t k_ahead = 0, v_ahead = 0;
+  Ahead k_ahead, v_ahead;
 };
 
 // Prefetch the cache line at a to L2. Inline assembly on x86: GCC 12 emitted no instruction for __builtin_prefetch
@@ -34,25 +41,39 @@ inline void prefetch_l2(const char* a) {
 #endif
 }
 
-// Prefetch (to L2) `bytes` of each of rows[0, n) `ahead` bytes on. Issued a few rows per step of the helpers'
-// loops, the fetches overlap the arithmetic; the hardware prefetchers alone left one-token steps waiting on memory.
+// Prefetch the cache line at a to L1 (and L2), as prefetch_l2.
+inline void prefetch_l1(const char* a) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm volatile("prefetcht0 %0" : : "m"(*a));
+#else
+  __builtin_prefetch(a, 0, 3);
+#endif
+}
+
+inline void prefetch(const char* a, bool l1) {
+  if (l1) prefetch_l1(a);
+  else prefetch_l2(a);
+}
+
+// Prefetch `bytes` of each of rows[0, n) ahead.bytes on. Issued a few rows per step of the helpers' loops, the
+// fetches overlap the arithmetic; the hardware prefetchers alone left one-token steps waiting on memory.
 template <typename T>
-inline void fetch_ahead(const T* const* rows, int64_t n, int64_t ahead, int64_t bytes) {
-  if (ahead == 0) return;
+inline void fetch_ahead(const T* const* rows, int64_t n, Ahead ahead, int64_t bytes) {
+  if (ahead.bytes == 0) return;
   for (int64_t u = 0; u < n; ++u) {  // each line of [a, a + bytes): the first and last, then any between
-    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead, last = (a + bytes - 1) & ~uintptr_t{63};
-    prefetch_l2(reinterpret_cast<const char*>(a));
-    prefetch_l2(reinterpret_cast<const char*>(last));
+    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead.bytes, last = (a + bytes - 1) & ~uintptr_t{63};
+    prefetch(reinterpret_cast<const char*>(a), ahead.l1);
+    prefetch(reinterpret_cast<const char*>(last), ahead.l1);
     for (uintptr_t line = (a & ~uintptr_t{63}) + 64; line < last; line += 64) {
-      prefetch_l2(reinterpret_cast<const char*>(line));
+      prefetch(reinterpret_cast<const char*>(line), ahead.l1);
     }
   }
 }
 
-// The fetch distance for row r (off: each row's KV head offset): `ahead` for the first row of a run reading one KV
-// head, which fetches for all of them, 0 (no fetch) for the others.
-inline int64_t row_ahead(const int64_t* off, int64_t r, int64_t ahead) {
-  return r == 0 || off[r] != off[r - 1] ? ahead : 0;
+// The fetch ahead for row r (off: each row's KV head offset): `ahead` for the first row of a run reading one KV
+// head, which fetches for all of them, none for the others.
+inline Ahead row_ahead(const int64_t* off, int64_t r, Ahead ahead) {
+  return r == 0 || off[r] != off[r - 1] ? ahead : Ahead{};
 }
 
 // ---------------------------------------------------------------- block helpers, portable versions
@@ -158,7 +179,7 @@ FA_AVX2 void pv_avx2(const float* P, int64_t ldP, const uint8_t* live, int64_t M
         if (!live[r]) continue;
         const float* p = P + r * ldP;
         float* a = acc + r * Dv + d0;
-        const int64_t ahead = row_ahead(voff, r, st.v_ahead);
+        const Ahead ahead = row_ahead(voff, r, st.v_ahead);
         __m256 c[8];
 #pragma GCC unroll 8
         for (int u = 0; u < 8; ++u) c[u] = u < nc ? _mm256_loadu_ps(a + 8 * u) : _mm256_setzero_ps();
@@ -229,7 +250,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
       const float* q = Qf + r * D;
-      const int64_t ahead = row_ahead(koff, r, st.k_ahead);
+      const Ahead ahead = row_ahead(koff, r, st.k_ahead);
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
@@ -268,7 +289,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
 // where lone_stream (decode.cpp): on an Intel Xeon the chunk loop is the faster one (see pv_avx512).
 template <typename T>
 FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krows, int64_t koff, int64_t n,
-                                 float* S, int64_t ahead) {
+                                 float* S, Ahead ahead) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     __m512 acc[16];
@@ -307,7 +328,7 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
 // score is summed in the order scores_bf16_dp's one-row loop uses, so the results are the same bits.
 FA_AVX512BF16 inline void scores_bf16_dp_pair(const c10::BFloat16* q, int64_t D, const c10::BFloat16* const* krows,
                                               int64_t koff, int64_t nk, __m512 vscale, float* S, int64_t ldS,
-                                              int64_t ahead) {
+                                              Ahead ahead) {
   for (int64_t h = 0; h < nk; h += 8) {
     __m512 acc[16];  // [u]: row 0 with key h + u; [8 + u]: row 1 with it
 #pragma GCC unroll 16
@@ -344,7 +365,7 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
-      const int64_t ahead = row_ahead(koff, r, st.k_ahead);
+      const Ahead ahead = row_ahead(koff, r, st.k_ahead);
       if (r + 1 < M && koff[r + 1] == koff[r]) {  // two rows of one KV head (a GQA group)
         scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS, ahead);
         ++r;
@@ -379,7 +400,7 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
 // it was (masked FMA): every row gets the same products and sums in the same order whatever R is.
 template <typename T, int R, int C>
 FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, const T* const* vrows, int64_t voff,
-                              int64_t n, int64_t Dv, float* acc, int64_t ahead) {
+                              int64_t n, int64_t Dv, float* acc, Ahead ahead) {
   for (int64_t d0 = 0; d0 < Dv; d0 += 16 * C) {
     __mmask16 m[C];
     for (int c = 0; c < C; ++c) m[c] = vec512::tail(std::max<int64_t>(Dv - d0 - 16 * c, 0));
@@ -421,7 +442,7 @@ FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, 
 template <int R, int C>
 FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* live,
                                    const c10::BFloat16* const* vrows, int64_t voff, int64_t n, int64_t Dv,
-                                   float* acc, int64_t ahead) {
+                                   float* acc, Ahead ahead) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -485,7 +506,7 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
 // The R-row kernel of T with V values a pass (64 or 128): pv_bf16_rows for bf16, pv_rows otherwise.
 template <typename T, int R, int V>
 FA_AVX512 inline void pv_kernel(const float* P, int64_t ldP, const uint8_t* live, const T* const* vrows,
-                                int64_t voff, int64_t n, int64_t Dv, float* acc, int64_t ahead) {
+                                int64_t voff, int64_t n, int64_t Dv, float* acc, Ahead ahead) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     pv_bf16_rows<R, V / 32>(P, ldP, live, vrows, voff, n, Dv, acc, ahead);
   } else {
@@ -512,7 +533,7 @@ FA_AVX512 void pv_avx512(const float* P, int64_t ldP, const uint8_t* live, int64
     while (run < 4 && r + run < M && voff[r + run] == voff[r]) ++run;
     const float* p = P + r * ldP;
     float* a = acc + r * Dv;
-    const int64_t ahead = row_ahead(voff, r, st.v_ahead);
+    const Ahead ahead = row_ahead(voff, r, st.v_ahead);
     if (run == 1 && Dv <= 64 && st.lone) {
       pv_avx2<T>(p, ldP, live + r, 1, vrows, voff + r, n, Dv, a, st);
     } else if (run == 4) {
