@@ -55,12 +55,10 @@ _AVX2_ONLY = _REPORT.get("avx512") == "0"  # an x86 CPU without AVX-512 (its rul
 # (benchmarks/results/cpu-1thread-20261201-xeon-amx: `python -m fastattn.benchmark --preset quick --threads 1` on an
 # Intel Xeon with AMX-BF16; benchmarks/test_auto_rule.py re-checks the rule on the machine at hand):
 #  * a low-precision dtype whose tiles run in fp32 here while torch multiplies it on AMX: 0.24-0.34x;
-#  * bf16 inference on AMX, on one thread, for tiny calls (Sk <= 64 and Sq * Sk <= 4096) of fewer than 16 batch x heads
-#    (0.93-1.01x at B1 H8-12, S = 32; until 2026-12-01 every tiny call, when B8 H12 had read 0.86-0.97x at S = 17,
-#    32, 64 and 1.0-1.26x at S = 24, 48; since then, with the lean path, one thread, 1.10-1.50x from B*H = 16 up:
-#    B8 H12 D64 1.12-2.17x at S = 17-64 (0.93-1.23x at S = 16, torch's scratch faulting or not), B2-4 H8-12 S32
-#    1.05-1.11x, against 0.96-1.01x for the hand-over; on two threads every tiny bf16 call is ours: 1.20-2.03x at
-#    B8 H12, 1.25-1.52x at B1-2 H8-16, where the hand-over read 0.97x). Short
+#  * (history) bf16 inference on AMX, on one thread, tiny calls (Sk <= 64 and Sq * Sk <= 4096): every one until
+#    2026-12-01 (B8 H12 0.86-0.97x at S = 17, 32, 64), then those of fewer than 16 batch x heads until 2026-12-05
+#    (0.93-1.01x at B1 H8-12, S = 32; from B*H = 16 up 1.10-1.50x with the lean path), now none (below,
+#    _BF16_TINY's note; two threads: every tiny bf16 call ours since 2026-12-01, 1.20-2.03x). Short
 #    non-causal calls with head dim > 64 went to sdpa too until the degree-4 exponential and vectorised VNNI packing
 #    (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after; S = 256 1.09x, S = 512 1.05-1.10x), where auto's
 #    hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
@@ -77,8 +75,10 @@ _DECODE_ROWS = 16  # query tokens up to which a call is a decode step
 # hand-over to sdpa read 0.84x / 0.90x / 0.96x (its Python on top of torch's call). On one cache reused call after
 # call (in the L2) the kernel reads 0.65x / 0.87-0.96x at 512 / 4096 keys, the hand-over 0.89x / 0.96x: a
 # microbenchmark's case, not a model's; MHA steps of 4 tokens read 1.00x, the hand-over 0.90x.
-_BF16_TINY_AREA = 4096
-_BF16_TINY_HEADS = 16  # tiny bf16 calls of fewer batch x heads than this: sdpa
+# _BF16_TINY's note: tiny bf16 calls of fewer than 16 batch x heads (Sk <= 64, Sq * Sk <= 4096) went to sdpa on
+# one thread until 2026-12-05 (0.93-1.01x): since the lean path is one C++ call (csrc/lean.cpp lean_call, csrc/lean_routes.cpp; ~3 us
+# less a call) the cpu kernels read 1.12-1.31x torch there (B1-2 H1-12 S16-64, D64 / D128, one thread, Intel Xeon
+# AMX, median of 24 interleaved rounds), where the hand-over read 0.84-0.97x.
 # Not covered: masked inference of two tokens and more past the tiny bounds stays here (key-padding batches, left or
 # right padding up to 1/8 or 1/2 of the keys, B4 H12 D64 / B2 H16 D128, 96-1024 tokens, 2026-12-01 evening, ad-hoc:
 # bf16 0.99-1.80x torch on one thread, 0.95-1.87x on two; fp32 1.06-1.54x / 1.15-1.66x), and
@@ -104,8 +104,6 @@ _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
 _RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_ONLY else set())
                 | {torch.float32})  # the dtypes the rules read
-_BF16_TINY = ("sdpa is faster for tiny bf16 calls (Sk <= 64, Sq * Sk <= 4096) of fewer than 16 batch x heads, "
-               "on one thread on this CPU (PyTorch's flash kernel on AMX; the cpu kernels measured 0.93-1.01x)")
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -258,11 +256,17 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 
 
 _FP32_BRGEMM = _REPORT.get("fp32") == "brgemm"
+# Grouped-query fp32 steps of 2 tokens at head dim <= 64 on one thread are the cpu kernels' since the lean path is one
+# C++ call (2026-12-05, Intel Xeon AMX, median of 24 interleaved rounds): 12/4 and 32/8 at 512 / 2048 keys 1.05-1.29x
+# torch, B4 with key padding 1.20-1.33x, where the hand-over read 0.97-0.99x. Left to sdpa: MHA (1.01x / 0.98x at
+# D64, B4 masked 0.95x, the hand-over 0.97-0.98x), grouped-query at D128 (0.93-1.02x against 0.97-0.99x), and two
+# threads (grouped-query D64 0.95-1.18x, the hand-over 0.88-0.99x: not clear enough).
 _STEP_SQ_PARALLEL_BRGEMM = 8  # more than one thread, MHA, head dim <= 64: sdpa up to 8 tokens
 _FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brgemm tiles: MHA at head dim > 64 "
                       "and grouped-query heads with a mask beyond key padding (2-16 tokens), 2 tokens otherwise "
-                      "(on more than one thread MHA up to 8); measured 0.46-0.97x (masks 0.85-1.14x at 512-1024 "
-                      "keys), the cpu kernels 0.98-1.30x on the rest and tiny calls")
+                      "(not grouped-query heads at head dim <= 64 on one thread; on more than one thread MHA up to "
+                      "8); measured 0.46-0.97x (masks 0.85-1.14x at 512-1024 keys), the cpu kernels 0.98-1.30x on "
+                      "the rest and tiny calls")
 # x86 CPUs without AVX-512 (AMD EPYC Zen 1, AVX2 + FMA, 2026-12-02, one thread, benchmarks/test_auto_rule.py after the
 # AVX2 decode helpers and brgemm there): MHA inference steps of 2-16 query tokens read 0.89-0.94x torch's SDPA in fp32
 # at 4-16 tokens (0.97-1.13x at 2) and 0.80-0.90x in bf16 (masked bf16 4-token steps 0.75-0.82x; masked fp32 ones
@@ -299,7 +303,9 @@ def _fp32_step_limit(p: AttnParams) -> int:
         # mask_kind "dense": a mask beyond key padding, by its dims (what the lean key replays), not its values
         if mha and wide or not mha and p.mask_kind == "dense":
             return _DECODE_ROWS
-        return _STEP_SQ_PARALLEL_BRGEMM if mha and not _one_thread() else 2
+        if mha:
+            return 2 if _one_thread() else _STEP_SQ_PARALLEL_BRGEMM
+        return 1 if not wide and _one_thread() else 2  # grouped-query (measured where _FP32_BRGEMM is set)
     if _one_thread():
         return _DECODE_ROWS
     return _STEP_SQ_PARALLEL if mha else _STEP_SQ_PARALLEL_GQA
@@ -371,18 +377,12 @@ class CpuBackend(Backend):
                     why = _FP32_SMALL_GRAD
         elif why is None and dt is torch.bfloat16 and _avx2_step(p, gqa_bf16=True):
             why = _AVX2_STEPS
-        elif why is None and _BF16_AMX and dt is torch.bfloat16 and not p.requires_grad:
-            # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
-            if not torch.compiler.is_compiling() and _one_thread():
-                Sq, Sk = _lengths(p)
-                if Sk <= _TINY_SK and Sq * Sk <= _BF16_TINY_AREA and p.q.shape[0] * p.q.shape[1] < _BF16_TINY_HEADS:
-                    why = _BF16_TINY
         return [why] if why and _sdpa_fused(p) else []
 
     def length_breaks(self, Sq: int):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
-        return (_TINY_SK, _TINY_AREA // Sq, _BF16_TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq)
+        return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq)
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
