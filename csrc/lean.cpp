@@ -1,6 +1,7 @@
 // The lean paths' C++ (fastattn/lean.py): lean_key, the SDPA surface's lean key (lean.key_py, the reference);
 // lean_call, that surface's whole lean path (lean.call_py); cache_key, flash_attn_with_kvcache's
-// (lean.cache_key_py); cache_append, its append of the new keys and values.
+// (lean.cache_key_py); lean_cache_call, its whole lean path (lean.cache_call_py); cache_append, its append of the new
+// keys and values.
 //
 // Why: the key runs between two kernels that stream a KV cache through the L2, so its Python ran cold there:
 // 2.4 us warm and 4-7 us cold a call (one thread, Intel Xeon; 12-head decode steps of 9-130 us), most of auto's
@@ -18,6 +19,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 namespace fastattn::lean {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                            const at::Tensor& k, const at::Tensor& v, int64_t lo);
 namespace {
 
 // Set once by lean_init (strong references kept for the process's life).
@@ -312,10 +315,120 @@ PyObject* guarded(PyObject*, PyObject* const* a, Py_ssize_t n) {
   }
 }
 
+// route(qt, k_cache, v_cache, seqlens) -> (out, lse) for a learnt cache route, -> nullptr with a Python error set.
+PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, PyObject* vc, const at::Tensor& lens) {
+  PyObject* args[4] = {THPVariable_Wrap(qt), kc, vc, THPVariable_Wrap(lens)};
+  PyObject* res = args[0] && args[3] ? PyObject_Vectorcall(route, args, 4, nullptr) : nullptr;
+  Py_XDECREF(args[0]);
+  Py_XDECREF(args[3]);
+  return res;
+}
+
+// cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+// return_lse, backend) -> out | (out, lse) | key | None: flash_attn_with_kvcache's lean path in one call
+// (lean.cache_call_py, the reference; the caller has checked block_table, cache_batch_idx, rotary_cos, alibi_slopes
+// and cache_leftpad are None and that dynamo is not tracing). The learnt route's result (lean.cache_run's steps:
+// the lengths read and checked against the cache, an append of the new k, v undone if the kernel fails); the key
+// (a 13-tuple) where none is learnt yet; None where the call cannot take the path, its key takes the full path, or
+// its values send it there (lengths outside the cache, appends into rows of different lengths).
+PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
+  if (g_guards == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_cache_call: lean_init was not called");
+    return nullptr;
+  }
+  const int no = refused();
+  if (no != 0) return no < 0 ? nullptr : Py_NewRef(Py_None);
+  PyObject* k = nullptr;
+  try {
+    k = cache_key(a, n);
+  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
+    Py_RETURN_NONE;
+  }
+  if (k == nullptr || k == Py_None) return k;
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  PyObject* route = choices && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
+  Py_XINCREF(route);
+  Py_XDECREF(choices);
+  if (route == nullptr) return PyErr_Occurred() ? (Py_DECREF(k), nullptr) : k;  // to learn
+  Py_DECREF(k);
+  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
+    Py_DECREF(route);
+    Py_RETURN_NONE;
+  }
+  // cache_key accepted the tensors: plain CPU tensors, cache_seqlens an int or an int32 (B,) unit-stride tensor
+  const at::Tensor& q = THPVariable_Unpack(a[0]);
+  const at::Tensor& kc = THPVariable_Unpack(a[1]);
+  const at::Tensor& vc = THPVariable_Unpack(a[2]);
+  PyObject* lens = a[5];
+  int64_t lo = 0, hi = 0;
+  at::Tensor given;
+  if (PyLong_CheckExact(lens)) {
+    lo = hi = PyLong_AsLongLong(lens);
+    if (lo == -1 && PyErr_Occurred()) {
+      Py_DECREF(route);
+      return nullptr;
+    }
+  } else {
+    given = THPVariable_Unpack(lens);
+    const int32_t* L = given.data_ptr<int32_t>();
+    lo = hi = given.size(0) ? L[0] : 0;
+    for (int64_t b = 1; b < given.size(0); ++b) lo = std::min<int64_t>(lo, L[b]), hi = std::max<int64_t>(hi, L[b]);
+  }
+  const bool fresh = a[3] != Py_None;
+  const int64_t snew = fresh ? THPVariable_Unpack(a[3]).size(1) : 0;
+  if (lo < 0 || hi + snew > kc.size(1) || (snew && lo != hi)) {  // the full path: its message, its indexed append
+    Py_DECREF(route);
+    Py_RETURN_NONE;
+  }
+  const at::Tensor qt = q.transpose(1, 2);  // (B, Sq, Hq, D) -> (B, Hq, Sq, D)
+  PyObject* run = PyTuple_GET_ITEM(route, 1);
+  PyObject* res = nullptr;
+  if (!fresh) {
+    const at::Tensor seqlens = given.defined() ? given : at::full({q.size(0)}, lo, q.options().dtype(at::kInt));
+    res = run_cache_route(run, qt, a[1], a[2], seqlens);
+  } else {
+    const at::Tensor &kn = THPVariable_Unpack(a[3]), &vn = THPVariable_Unpack(a[4]);
+    auto [old_k, old_v, seqlens] = cache_append(kc, vc, kn, vn, lo);  // seqlens: lo + snew
+    res = run_cache_route(run, qt, a[1], a[2], seqlens);
+    if (res == nullptr) {  // the caches bit for bit as they were, then the route's error
+      PyObject *type, *value, *trace;
+      PyErr_Fetch(&type, &value, &trace);
+      cache_append(kc, vc, old_k, old_v, lo);
+      PyErr_Restore(type, value, trace);
+    }
+  }
+  Py_DECREF(route);
+  if (res == nullptr) return nullptr;
+  if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2 || !THPVariable_Check(PyTuple_GET_ITEM(res, 0))) {
+    Py_DECREF(res);
+    PyErr_SetString(PyExc_TypeError, "fastattn._C.lean_cache_call: a cache route must return (out, lse)");
+    return nullptr;
+  }
+  PyObject* out = THPVariable_Wrap(THPVariable_Unpack(PyTuple_GET_ITEM(res, 0)).transpose(1, 2));  // -> (B, Sq, Hq, Dv)
+  if (out == nullptr || a[11] != Py_True) {
+    Py_DECREF(res);
+    return out;
+  }
+  PyObject* both = PyTuple_Pack(2, out, PyTuple_GET_ITEM(res, 1));
+  Py_DECREF(out);
+  Py_DECREF(res);
+  return both;
+}
+
 // lean_call as a METH_FASTCALL entry (the route's own errors are Python exceptions already).
 PyObject* lean_call_entry(PyObject*, PyObject* const* a, Py_ssize_t n) {
   try {
     return call(a, n);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// cache_call as a METH_FASTCALL entry: a C++ error (the append's checks, a restore) as a Python RuntimeError.
+PyObject* cache_call_entry(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  try {
+    return cache_call(a, n);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -327,6 +440,9 @@ PyMethodDef kMethods[] = {
      "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's key"},
     {"lean_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lean_call_entry)), METH_FASTCALL,
      "lean_call(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's call"},
+    {"lean_cache_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cache_call_entry)), METH_FASTCALL,
+     "lean_cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, "
+     "num_splits, return_lse, backend): fastattn/lean.py's cache_call"},
     {"cache_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<cache_key>)), METH_FASTCALL,
      "cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits, "
      "return_lse, backend): fastattn/lean.py's cache_key"},

@@ -12,6 +12,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -41,6 +42,17 @@ const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   return op;
 }
 
+// A lean call's 4-D bool or q-dtype mask as the bias the ops take, expanded to (B, Hq, Sq, Sk) (ops._lean_bias, which
+// the Python routes use: 0 where a bool mask is True, -inf where False, the same values as the full path's).
+at::Tensor lean_bias(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask) {
+  const at::Tensor bias =
+      mask.scalar_type() == at::kBool
+          ? at::where(mask, at::zeros({}, q.options()),
+                      at::full({}, -std::numeric_limits<double>::infinity(), q.options()))
+          : mask;
+  return bias.expand({q.size(0), q.size(1), q.size(2), k.size(2)});  // (B|1, Hq|1, Sq|1, Sk|1) -> (B, Hq, Sq, Sk)
+}
+
 // decode_fwd on a dense cache without block_table, cache_batch_idx or alibi (what the lean routes take).
 struct DecodeRoute {
   double scale, softcap;
@@ -50,6 +62,11 @@ struct DecodeRoute {
   // The SDPA surface's route: out of (q, k, v[, bias]) in SDPA's layout, every key visible (seqlens_k None).
   at::Tensor out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& bias) const {
     return std::get<0>(call(q, k, v, std::nullopt, bias));
+  }
+
+  // The same with a lean call's mask (lean_bias).
+  at::Tensor out_masked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) const {
+    return out(q, k, v, lean_bias(q, k, mask));
   }
 
   // flash_attn_with_kvcache's route: (out, lse) of (q, k_cache, v_cache, seqlens_k).
@@ -73,6 +90,10 @@ struct FwdRoute {
                                      c10::SymInt(max_seqlen_k), scale, window_left, window_right, bottom_right,
                                      softcap, std::nullopt, 0.0, c10::SymInt(0), c10::SymInt(0), deterministic,
                                      std::nullopt, std::nullopt, out_fp32, head_start));
+  }
+
+  at::Tensor out_masked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) const {
+    return out(q, k, v, lean_bias(q, k, mask));
   }
 };
 
@@ -100,6 +121,8 @@ void add_routes(pybind11::module_& m) {
            py::arg("num_splits"), py::arg("kv_bhsd"))
       .def("out", &DecodeRoute::out, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_bias") = py::none(),
            py::call_guard<py::gil_scoped_release>(), "out (B, Hq, Sq, Dv) of (q, k, v[, attn_bias]), SDPA's layout")
+      .def("out_masked", &DecodeRoute::out_masked, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
+           py::call_guard<py::gil_scoped_release>(), "out of (q, k, v, a lean call's 4-D bool or q-dtype mask)")
       .def("call", &DecodeRoute::call, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens_k"),
            py::arg("attn_bias") = py::none(), py::call_guard<py::gil_scoped_release>(), "(out, lse)");
   py::class_<FwdRoute>(m, "FwdRoute", "fastattn::fwd with a lean route's fixed arguments bound, below Autograd")
@@ -111,7 +134,9 @@ void add_routes(pybind11::module_& m) {
            py::arg("window_right"), py::arg("bottom_right"), py::arg("softcap"), py::arg("deterministic"),
            py::arg("out_fp32"), py::arg("head_start"))
       .def("out", &FwdRoute::out, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_bias") = py::none(),
-           py::call_guard<py::gil_scoped_release>(), "out (B, H, Sq, Dv) of (q, k, v[, attn_bias])");
+           py::call_guard<py::gil_scoped_release>(), "out (B, H, Sq, Dv) of (q, k, v[, attn_bias])")
+      .def("out_masked", &FwdRoute::out_masked, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
+           py::call_guard<py::gil_scoped_release>(), "out of (q, k, v, a lean call's 4-D bool or q-dtype mask)");
   py::class_<SdpaRoute>(m, "SdpaRoute", "torch's scaled_dot_product_attention with a lean route's flags bound")
       .def(py::init([](bool is_causal, std::optional<double> scale, bool enable_gqa) {
              return SdpaRoute{is_causal, enable_gqa, scale};

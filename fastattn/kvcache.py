@@ -19,10 +19,12 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import dispatch, lean, rotary
-from .lean import fx_node, tracing  # asked before the lean keys
+from .lean import fx_node
 from .params import (AttnParams, DecodeCall, InputTypeError, InputValueError, check_alibi, check_qkv, check_softcap,
                      check_window, clamp_window, default_scale, last_dim_contiguous, no_values)
 
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_Tensor = torch.Tensor
 
 
 def _check_index(name: str, t, B: int, device):
@@ -403,18 +405,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     if isinstance(q, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node (it writes the caches when it runs)
         return fx_node(flash_attn_with_kvcache, q, locals())
-    lean_key = route = None
+    lean_key = None
     if (block_table is None and cache_batch_idx is None and rotary_cos is None and alibi_slopes is None
-            and cache_leftpad is None and not tracing()):  # a dense decode step: the lean path's
-        # (fastattn/lean.py; its key is C++, which dynamo cannot trace)
-        lean_key = lean.cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
-                                  softcap, num_splits, return_softmax_lse, backend)
-        if lean_key is not None:
-            route = dispatch._CHOICES.get(lean_key)
-            if route:
-                res = lean.cache_run(route, q, k_cache, v_cache, k, v, cache_seqlens, return_softmax_lse)
-                if res is not None:
-                    return res
+            and cache_leftpad is None and not _is_dynamo_compiling()):  # a dense decode step: the lean path's
+        # (fastattn/lean.py; one C++ call, which dynamo cannot trace): the result, the key to learn, or None
+        res = lean.cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap,
+                              num_splits, return_softmax_lse, backend)
+        if res is not None:
+            if type(res) is _Tensor or len(res) == 2:  # out, or (out, lse)
+                return res
+            lean_key = res  # (a key: 13 fields)
     plan = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_size,
                      softcap, alibi_slopes, num_splits, rotary_cos, rotary_sin, cache_leftpad)
     if not plan.paged and cache_batch_idx is None and k_cache.shape[0] > plan.B:
@@ -435,7 +435,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         p = _generic_params(plan, q, K, V, scale, softcap, return_softmax_lse)
         if p.q.shape[2] and p.k.shape[2] and plan.B:  # dispatch.run answers empty calls without a backend
             dispatch.select(p, backend)
-    if lean_key is not None and route is None:
+    if lean_key is not None:  # no route learnt yet for its key
         lean.learn_cache(lean_key, chosen, call)
     if not plan.snew:
         res = _run(chosen, call, p, backend)

@@ -254,14 +254,14 @@ def attention_runner(p: AttnParams):
             or p.q_start is not None):
         return None
     if _ROUTES and p.k_start is None:  # one C++ call (csrc/lean_routes.cpp: torch.ops parsed ~3 us of arguments)
-        call = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
-                           p.softcap, p.deterministic, p.out_fp32, p.head_start).out
-    else:
-        fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
+        route = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
+                            p.softcap, p.deterministic, p.out_fp32, p.head_start)
+        return route.out if p.attn_bias is None else route.out_masked  # (the mask's bias made in C++ too)
+    fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
 
-        def call(q, k, v, bias=None):
-            with below():
-                return fwd(q, k, v, bias, *rest)[0]
+    def call(q, k, v, bias=None):
+        with below():
+            return fwd(q, k, v, bias, *rest)[0]
     if p.attn_bias is None:
         return call
 
@@ -309,13 +309,13 @@ def decode_runner(c: DecodeCall):
     clamped window would depend on the length). None for any other c."""
     if not c.kv_bhsd or c.seqlens_k is not None or c.window_left > 0 or c.window_right > 0:
         return None
-    if _ROUTES and c.alibi_slopes is None:  # one C++ call (csrc/lean_routes.cpp)
-        call = _decode_route(c).out
-    else:
-        op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)[:10]  # no tensor held: no mask
+    if _ROUTES and c.alibi_slopes is None:  # one C++ call (csrc/lean_routes.cpp; the mask's bias made there too)
+        route = _decode_route(c)
+        return route.out if c.attn_bias is None else route.out_masked
+    op, rest = torch.ops.fastattn.decode_fwd.default, _decode_rest(c)[:10]  # no tensor held: no mask
 
-        def call(q, k, v, bias=None):
-            return op(q, k, v, *rest, bias)[0]
+    def call(q, k, v, bias=None):
+        return op(q, k, v, *rest, bias)[0]
     if c.attn_bias is None:
         return call
 

@@ -174,5 +174,50 @@ def test_planted_key_field_is_caught(monkeypatch):
     """Each field of the lean key but its tags, blanked in turn (planted), lets some call replay another's route."""
     args, kw = _call()
     n = len(lean.cache_key(*args, kw["cache_seqlens"], None, False, (-1, -1), 0.0, 0, False, None))
+    monkeypatch.setattr(lean, "cache_call", lean.cache_call_py)  # the reference asks lean.cache_key (C++: its own)
     missed = unnoticed_fields(monkeypatch, lean, "cache_key", n, 2, _key_mismatches)
     assert missed == [], f"no pair notices lean cache key field(s) {missed} missing"
+
+
+def test_cache_call_matches_its_reference():
+    """fastattn._C.lean_cache_call against lean.cache_call_py on copies of the same calls (every case above, before
+    and after its route is learnt; lengths past the cache and appends into rows of different lengths, which go the
+    full path), their outputs and the caches after them; and under a refusal (autocast, a forward-AD level)."""
+    if lean.cache_call is lean.cache_call_py:
+        pytest.skip("the extension was built without lean_cache_call")
+    # (learnt from the first, then the second: the same key, values the full path must take)
+    extra = {"past the cache": (dict(lens=100, snew=2), dict(lens=299, snew=2)),
+             "rows of other lengths appending": (dict(B=2, lens=[5, 5], snew=1), dict(B=2, lens=[3, 9], snew=1))}
+
+    def both(call):
+        got = []
+        for f in (lean.cache_call, lean.cache_call_py):
+            (q, kc, vc, k, v), kw = _copy(call)
+            r = f(q, kc, vc, k, v, kw["cache_seqlens"], kw.get("softmax_scale"), kw.get("causal", False),
+                  kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("num_splits", 0),
+                  kw.get("return_softmax_lse", False), None)
+            got.append((r, kc, vc))
+        (a, kca, vca), (b, kcb, vcb) = got
+        assert torch.equal(kca, kcb) and torch.equal(vca, vcb)
+        if isinstance(a, torch.Tensor) or isinstance(a, tuple) and len(a) == 2:
+            assert _same(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,))
+        else:
+            assert a == b
+        return a
+
+    for name, (learn, case) in {**{n: (c, c) for n, c in CASES.items()}, **extra}.items():
+        dispatch._CHOICES.clear()
+        call = _call(**case)
+        first = both(call)
+        assert isinstance(first, tuple) and len(first) == 13, name  # a key to learn
+        _outcome(_call(**learn))  # learns it
+        again = both(call)
+        assert (again is None) == (name in extra), name
+    import torch.autograd.forward_ad as fwad
+    call = _call()
+    _outcome(call)
+    for ctx in (lambda: torch.autocast("cpu"), fwad.dual_level):
+        with ctx():
+            (q, kc, vc, k, v), kw = _copy(call)
+            assert lean.cache_call(q, kc, vc, k, v, kw["cache_seqlens"], None, False, (-1, -1), 0.0, 0, False,
+                                   None) is None

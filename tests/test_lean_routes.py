@@ -176,3 +176,20 @@ def test_call_matches_its_reference():
     torch.func.vmap(lambda q: seen.append(lean.call(q, *args[1:], mask)) or q)(args[0][None])
     torch.jit.trace(lambda q: seen.append(lean.call(q, *args[1:], mask)) or q, (args[0],), check_trace=False)
     assert seen == [None, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_masked_routes_equal_the_python_bias(dtype):
+    """out_masked (the mask's bias made in C++) against the op on ops._lean_bias's bias: bool masks of every
+    broadcast shape the lean key takes, and a mask in q's dtype."""
+    q, k, v = _qkv(2, 4, 2, 3, 70, 32, dtype, 7)
+    qp, kp, vp = _qkv(2, 4, 2, 20, 70, 32, dtype, 8)
+    g = torch.Generator().manual_seed(9)
+    masks = [torch.rand(2, 1, 1, 70, generator=g) > 0.3, torch.rand(1, 4, 3, 70, generator=g) > 0.5,
+             torch.rand(2, 4, 3, 1, generator=g) > 0.2, torch.randn(2, 1, 3, 70, generator=g).to(dtype)]
+    decode = fastattn._C.DecodeRoute(0.2, -1, -1, 0.0, 0, True)
+    fwd = fastattn._C.FwdRoute(20, 70, 0.2, -1, -1, False, 0.0, False, False, 0)
+    for m in masks:
+        assert torch.equal(decode.out_masked(q, k, v, m), decode.out(q, k, v, ops._lean_bias(q, k, m)))
+        mp = m if m.shape[2] == 1 else m[:, :, :1].expand(-1, -1, 20, -1)  # (.., 3|1, ..) -> (.., 20, ..)
+        assert torch.equal(fwd.out_masked(qp, kp, vp, mp), fwd.out(qp, kp, vp, ops._lean_bias(qp, kp, mp)))
