@@ -192,7 +192,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         out = torch.softmax(s, -1) @ value
     """
     lean_key = None
-    if dropout_p == 0.0 and not _is_dynamo_compiling():  # a plain call: the lean path's, one C++ call (fastattn/lean.py)
+    if dropout_p == 0.0 and not _is_dynamo_compiling():  # a plain call: the lean path, one C++ call (fastattn/lean.py)
         lean_key = lean.call(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
         if type(lean_key) is _Tensor:
             return lean_key

@@ -58,7 +58,7 @@ _AVX2_ONLY = _REPORT.get("avx512") == "0"  # an x86 CPU without AVX-512 (its rul
 #  * (history) bf16 inference on AMX, on one thread, tiny calls (Sk <= 64 and Sq * Sk <= 4096): every one until
 #    2026-12-01 (B8 H12 0.86-0.97x at S = 17, 32, 64), then those of fewer than 16 batch x heads until 2026-12-05
 #    (0.93-1.01x at B1 H8-12, S = 32; from B*H = 16 up 1.10-1.50x with the lean path), now none (below,
-#    _BF16_TINY's note; two threads: every tiny bf16 call ours since 2026-12-01, 1.20-2.03x). Short
+#    the tiny-bf16 note; two threads: every tiny bf16 call ours since 2026-12-01, 1.20-2.03x). Short
 #    non-causal calls with head dim > 64 went to sdpa too until the degree-4 exponential and vectorised VNNI packing
 #    (D=128, B4 H8: 0.82-0.88x at S = 128 before, 1.00x after; S = 256 1.09x, S = 512 1.05-1.10x), where auto's
 #    hand-over to sdpa read 0.91-0.97x. Longer bf16 forwards are ours
@@ -74,11 +74,13 @@ _DECODE_ROWS = 16  # query tokens up to which a call is a decode step
 # attention 0.89-0.93x / 1.01x / 1.07-1.08x / 1.06-1.16x torch's at 128 / 256 / 512 / 2048 prompt tokens, where the
 # hand-over to sdpa read 0.84x / 0.90x / 0.96x (its Python on top of torch's call). On one cache reused call after
 # call (in the L2) the kernel reads 0.65x / 0.87-0.96x at 512 / 4096 keys, the hand-over 0.89x / 0.96x: a
-# microbenchmark's case, not a model's; MHA steps of 4 tokens read 1.00x, the hand-over 0.90x.
-# _BF16_TINY's note: tiny bf16 calls of fewer than 16 batch x heads (Sk <= 64, Sq * Sk <= 4096) went to sdpa on
-# one thread until 2026-12-05 (0.93-1.01x): since the lean path is one C++ call (csrc/lean.cpp lean_call, csrc/lean_routes.cpp; ~3 us
-# less a call) the cpu kernels read 1.12-1.31x torch there (B1-2 H1-12 S16-64, D64 / D128, one thread, Intel Xeon
-# AMX, median of 24 interleaved rounds), where the hand-over read 0.84-0.97x.
+# microbenchmark's case, not a model's; MHA steps of 4 tokens read 1.00x, the hand-over 0.90x. Since the lean path is
+# one C++ call and the fetch ahead of a 16 KB window goes to the L1 (same day, later): GPT-2's new-token attention
+# 1.14-1.19x at 128 prompt tokens, 1.21x at 512; one cache reused 0.80x at 512 keys.
+# The tiny-bf16 note: tiny bf16 calls of fewer than 16 batch x heads (Sk <= 64, Sq * Sk <= 4096) went to sdpa on
+# one thread until 2026-12-05 (0.93-1.01x): since the lean path is one C++ call (csrc/lean.cpp lean_call,
+# csrc/lean_routes.cpp; ~3 us less a call) the cpu kernels read 1.12-1.31x torch there (B1-2 H1-12 S16-64, D64 / D128,
+# one thread, Intel Xeon AMX, median of 24 interleaved rounds), where the hand-over read 0.84-0.97x.
 # Not covered: masked inference of two tokens and more past the tiny bounds stays here (key-padding batches, left or
 # right padding up to 1/8 or 1/2 of the keys, B4 H12 D64 / B2 H16 D128, 96-1024 tokens, 2026-12-01 evening, ad-hoc:
 # bf16 0.99-1.80x torch on one thread, 0.95-1.87x on two; fp32 1.06-1.54x / 1.15-1.66x), and
