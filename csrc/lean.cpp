@@ -266,6 +266,50 @@ int refused() {
   return l >= 0;
 }
 
+// The learnt route (a new reference to its Lean (name, run)) for the call a[0, n) whose key Key makes, after the
+// refusals; nullptr where there is none, with *instead what lean_call / cache_call return then: the key (none learnt
+// yet), None (refused, no key, or the key takes the full path: False), or nullptr with a Python error set.
+template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
+PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
+  *instead = nullptr;
+  if (g_guards == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C: lean_init was not called");
+    return nullptr;
+  }
+  const int no = refused();
+  if (no != 0) {
+    if (no > 0) *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  PyObject* k = nullptr;
+  try {
+    k = Key(a, n);
+  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  if (k == nullptr || k == Py_None) {
+    *instead = k;
+    return nullptr;
+  }
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  PyObject* route = choices && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
+  Py_XINCREF(route);
+  Py_XDECREF(choices);
+  if (route == nullptr) {
+    if (PyErr_Occurred()) Py_DECREF(k);
+    else *instead = k;  // to learn
+    return nullptr;
+  }
+  Py_DECREF(k);
+  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
+    Py_DECREF(route);
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  return route;
+}
+
 // lean_call(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> Tensor | tuple | None: the
 // SDPA surface's lean path in one call (lean.call_py, the reference). The learnt route's output where the call's key
 // has one; the key where none is learnt yet (the surface learns it after its full path); None where the call cannot
@@ -273,30 +317,9 @@ int refused() {
 // kernels that stream a cache through the L2 (~1 us each; the surface's hand-over to sdpa read 0.88-0.90x torch on
 // fp32 steps of 125 us, one thread, Intel Xeon, 2026-12-05).
 PyObject* call(PyObject* const* a, Py_ssize_t n) {
-  if (g_guards == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_call: lean_init was not called");
-    return nullptr;
-  }
-  const int no = refused();
-  if (no != 0) return no < 0 ? nullptr : Py_NewRef(Py_None);
-  PyObject* k = nullptr;
-  try {
-    k = key(a, n);
-  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
-    Py_RETURN_NONE;
-  }
-  if (k == nullptr || k == Py_None) return k;
-  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
-  PyObject* route = choices && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
-  Py_XINCREF(route);
-  Py_XDECREF(choices);
-  if (route == nullptr) return PyErr_Occurred() ? (Py_DECREF(k), nullptr) : k;  // to learn
-  Py_DECREF(k);
-  // a Lean (name, run) NamedTuple, or False: the key takes the full path
-  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {
-    Py_DECREF(route);
-    Py_RETURN_NONE;
-  }
+  PyObject* instead = nullptr;
+  PyObject* route = learnt_route<key>(a, n, &instead);
+  if (route == nullptr) return instead;
   PyObject* mask = n == 8 ? a[7] : Py_None;
   PyObject* args[4] = {a[0], a[1], a[2], mask};
   PyObject* out = PyObject_Vectorcall(PyTuple_GET_ITEM(route, 1), args, mask == Py_None ? 3 : 4, nullptr);
@@ -332,29 +355,9 @@ PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, P
 // (a 13-tuple) where none is learnt yet; None where the call cannot take the path, its key takes the full path, or
 // its values send it there (lengths outside the cache, appends into rows of different lengths).
 PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
-  if (g_guards == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_cache_call: lean_init was not called");
-    return nullptr;
-  }
-  const int no = refused();
-  if (no != 0) return no < 0 ? nullptr : Py_NewRef(Py_None);
-  PyObject* k = nullptr;
-  try {
-    k = cache_key(a, n);
-  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
-    Py_RETURN_NONE;
-  }
-  if (k == nullptr || k == Py_None) return k;
-  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
-  PyObject* route = choices && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
-  Py_XINCREF(route);
-  Py_XDECREF(choices);
-  if (route == nullptr) return PyErr_Occurred() ? (Py_DECREF(k), nullptr) : k;  // to learn
-  Py_DECREF(k);
-  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
-    Py_DECREF(route);
-    Py_RETURN_NONE;
-  }
+  PyObject* instead = nullptr;
+  PyObject* route = learnt_route<cache_key>(a, n, &instead);
+  if (route == nullptr) return instead;
   // cache_key accepted the tensors: plain CPU tensors, cache_seqlens an int or an int32 (B,) unit-stride tensor
   const at::Tensor& q = THPVariable_Unpack(a[0]);
   const at::Tensor& kc = THPVariable_Unpack(a[1]);
@@ -415,20 +418,12 @@ PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
   return both;
 }
 
-// lean_call as a METH_FASTCALL entry (the route's own errors are Python exceptions already).
-PyObject* lean_call_entry(PyObject*, PyObject* const* a, Py_ssize_t n) {
+// lean_call / cache_call as a METH_FASTCALL entry: a C++ error (cache_call's append checks, a restore) as a Python
+// RuntimeError (the routes' own errors are Python exceptions already).
+template <PyObject* (*Call)(PyObject* const*, Py_ssize_t)>
+PyObject* raising(PyObject*, PyObject* const* a, Py_ssize_t n) {
   try {
-    return call(a, n);
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-}
-
-// cache_call as a METH_FASTCALL entry: a C++ error (the append's checks, a restore) as a Python RuntimeError.
-PyObject* cache_call_entry(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  try {
-    return cache_call(a, n);
+    return Call(a, n);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -438,9 +433,9 @@ PyObject* cache_call_entry(PyObject*, PyObject* const* a, Py_ssize_t n) {
 PyMethodDef kMethods[] = {
     {"lean_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<key>)), METH_FASTCALL,
      "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's key"},
-    {"lean_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lean_call_entry)), METH_FASTCALL,
+    {"lean_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raising<call>)), METH_FASTCALL,
      "lean_call(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]): fastattn/lean.py's call"},
-    {"lean_cache_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cache_call_entry)), METH_FASTCALL,
+    {"lean_cache_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(raising<cache_call>)), METH_FASTCALL,
      "lean_cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, "
      "num_splits, return_lse, backend): fastattn/lean.py's cache_call"},
     {"cache_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(guarded<cache_key>)), METH_FASTCALL,
