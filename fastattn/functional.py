@@ -203,11 +203,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if _any_autocast() and isinstance(query, torch.Tensor):
         query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
         if dropout_p == 0.0 and not tracing():  # the lean path on the cast inputs (lean.call refuses autocast)
-            lean_key = lean.key(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
-            route = None if lean_key is None else dispatch._CHOICES.get(lean_key)
-            if route:
-                return route.run(query, key, value) if attn_mask is None else route.run(query, key, value, attn_mask)
-            lean_key = lean_key if route is None else None
+            lean_key = lean.replay(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask)
+            if type(lean_key) is _Tensor:
+                return lean_key
     p, out_shape, rank, nothing = _sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if nothing:
         out = _nothing_to_compute(p)

@@ -202,14 +202,23 @@ def cache_append_py(k_cache, v_cache, k, v, lo: int):
 _GUARDS = (torch._C._is_tracing, torch._C._is_any_autocast_enabled, _function_mode, functorch_level)
 
 
+def _refused() -> bool:
+    """Whether call / cache_call leave the call to the full path (_GUARDS, forward AD; csrc/lean.cpp refused)."""
+    return any(g() not in (None, False) for g in _GUARDS) or forward_ad()
+
+
 def call_py(q, k, v, is_causal, scale, enable_gqa, backend, attn_mask=None):
     """The SDPA surface's lean path (the caller has checked dropout_p == 0 and that dynamo is not tracing): the
     learnt route's output where the call's key has one; the key where none is learnt yet (the surface learns it after
     its full path); None where the call cannot take the path or its key takes the full path. The reference of
     fastattn._C.lean_call, which `call` is where the extension is built (one C++ call: each Python frame the surface
     ran before it, ~0.1 us warm, cost ~1 us cold between two kernels that stream a cache)."""
-    if any(g() not in (None, False) for g in _GUARDS) or forward_ad():
-        return None
+    return None if _refused() else replay(q, k, v, is_causal, scale, enable_gqa, backend, attn_mask)
+
+
+def replay(q, k, v, is_causal, scale, enable_gqa, backend, attn_mask=None):
+    """call_py without its refusals: what the surface runs on inputs autocast has cast (lean_call refuses autocast,
+    whose cast the full path makes first)."""
     lean_key = key(q, k, v, is_causal, scale, enable_gqa, backend, attn_mask)
     if lean_key is None:
         return None
@@ -228,7 +237,7 @@ def cache_call_py(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causa
     key where none is learnt yet; None where the call cannot take the path, its key takes the full path or its values
     send it there. The reference of fastattn._C.lean_cache_call, which `cache_call` is where the extension is built
     (the Python around the kernel had cost ~15 us a call cold, GQA 16/4 D=128 bf16 at 1024 keys, one thread)."""
-    if any(g() not in (None, False) for g in _GUARDS) or forward_ad():
+    if _refused():
         return None
     lean_key = cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap,
                          num_splits, return_lse, backend)

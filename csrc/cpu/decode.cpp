@@ -87,7 +87,7 @@ bool lone_row_stream() {
 // GQA 2.24x / 2.41x / 2.83x, fp16 1.56x / 1.61x / 1.78x; one cache reused (in the L2) stream reads as none and block
 // 10-16% slower (its burst of fetches stalls the block it precedes). 64 keys ahead read best of 32-256. Not measured
 // on an AMD CPU, which keeps `none`, what it was measured with (prefetch_block was compiled to nothing until now, see
-// prefetch_l2). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
+// decode_tiles.h, prefetch). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
 enum class Fetch { none, block, stream };
 Fetch fetch_mode() {
   const char* env = std::getenv("FASTATTN_CPU_PREFETCH");
@@ -182,8 +182,8 @@ void prefetch_block(const DecodeParams& p, const T* kbase, const T* vbase, int64
     for (int64_t pos = a; pos < e; ++pos) {
       const char* k = reinterpret_cast<const char*>(kbase + row * p.k_sb + pos * p.k_ss + hk * p.k_sh);
       const char* v = reinterpret_cast<const char*>(vbase + row * p.v_sb + pos * p.v_ss + hk * p.v_sh);
-      for (int64_t c = 0; c < kbytes; c += kLine) prefetch_l2(k + c);
-      for (int64_t c = 0; c < vbytes; c += kLine) prefetch_l2(v + c);
+      for (int64_t c = 0; c < kbytes; c += kLine) prefetch(k + c, false);
+      for (int64_t c = 0; c < vbytes; c += kLine) prefetch(v + c, false);
     }
   }
 }

@@ -30,29 +30,17 @@ struct Stream {
   Ahead k_ahead, v_ahead;
 };
 
-// Prefetch the cache line at a to L2. Inline assembly on x86: GCC 12 emitted no instruction for __builtin_prefetch
-// in decode.cpp (objdump of the built extension: not one prefetch; a one-function file with the same flags and
-// headers kept it; cause not found), which left prefetch_block without effect from its first commit.
-inline void prefetch_l2(const char* a) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  asm volatile("prefetcht1 %0" : : "m"(*a));
-#else
-  __builtin_prefetch(a, 0, 2);
-#endif
-}
-
-// Prefetch the cache line at a to L1 (and L2), as prefetch_l2.
-inline void prefetch_l1(const char* a) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  asm volatile("prefetcht0 %0" : : "m"(*a));
-#else
-  __builtin_prefetch(a, 0, 3);
-#endif
-}
-
+// Prefetch the cache line at a to L1 (and L2) or to L2 only. Inline assembly on x86: GCC 12 emitted no instruction
+// for __builtin_prefetch in decode.cpp (objdump of the built extension: not one prefetch; a one-function file with the
+// same flags and headers kept it; cause not found), which left prefetch_block without effect from its first commit.
 inline void prefetch(const char* a, bool l1) {
-  if (l1) prefetch_l1(a);
-  else prefetch_l2(a);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (l1) asm volatile("prefetcht0 %0" : : "m"(*a));
+  else asm volatile("prefetcht1 %0" : : "m"(*a));
+#else
+  if (l1) __builtin_prefetch(a, 0, 3);
+  else __builtin_prefetch(a, 0, 2);
+#endif
 }
 
 // Prefetch `bytes` of each of rows[0, n) ahead.bytes on. Issued a few rows per step of the helpers' loops, the

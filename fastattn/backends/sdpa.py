@@ -67,17 +67,18 @@ class SdpaBackend(Backend):
         if p.dropout_p > 0 or p.has_window or p.causal and not native_causal(p):
             return None
         is_causal, scale, kw = p.causal, p.scale, {"enable_gqa": True} if p.is_gqa else {}
-        route = ops._C.SdpaRoute(is_causal, scale, p.is_gqa).out if ops._ROUTES else None  # (csrc/lean_routes.cpp)
+        # torch's function itself, called from C++ where the extension has the routes (csrc/lean_routes.cpp)
         if p.attn_bias is None:
-            return Lean(self.name, route or (lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale,
-                                                                        **kw)))
+            if ops._ROUTES:
+                return Lean(self.name, ops._C.SdpaRoute(is_causal, scale, p.is_gqa).out)
+            return Lean(self.name, lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, **kw))
 
         if not p.q.is_cpu or not _zeroes_unseen_rows():
             return None
         # The mask itself (bool, or the inputs' dtype): torch turns a bool mask into the bias forward passes, and
         # zeroes rows that see no key as forward does (probed once). No tensor is made here: any small allocation
         # between calls cost torch's own kernel 10-15 us at 16-32 tokens (its scratch then page-faults).
-        if route is not None:  # (without is_causal, as the lambda below)
+        if ops._ROUTES:
             return Lean(self.name, ops._C.SdpaRoute(False, scale, p.is_gqa).out)
         return Lean(self.name, lambda q, k, v, mask: TORCH_SDPA(q, k, v, attn_mask=mask, scale=scale, **kw))
 
