@@ -13,10 +13,14 @@
 // the key length's class among dispatch.length_breaks(Sq) (with a gradient to record, -1 - the key length), is_causal,
 // scale, the mask's dims but its last or None, whether calls run on one thread).
 #include <ATen/Parallel.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
 
 #include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 namespace fastattn::lean {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -29,12 +33,14 @@ PyObject* g_cache = nullptr;      // lean._CACHE (second field of flash_attn_wit
 PyObject* g_dispatch = nullptr;   // the dispatch module: _CHOICES and length_breaks are read from it per call
 PyObject* g_ctx = nullptr;        // dispatch._ctx_backend (a ContextVar)
 PyObject* g_env = nullptr;        // dispatch._env_backend () -> str | None
+PyObject* g_os = nullptr;         // the os module: os.environ replaced wholesale sends requested() to g_env
+PyObject* g_environ = nullptr;    // os.environ as lean_init saw it
+PyObject* g_env_data = nullptr;   // its encoded mapping (os.environ._data), or nullptr: always ask g_env
+PyObject* g_env_key = nullptr;    // b"FASTATTN_BACKEND", encoded as os.environ encodes keys
+PyObject* g_environ_name = nullptr;  // "environ"
 PyObject* g_auto = nullptr;       // "auto"
 PyObject* g_choices = nullptr;    // "_CHOICES"
 PyObject* g_breaks = nullptr;     // "length_breaks"
-PyObject* g_guards = nullptr;     // lean.call's refusals: a tuple of no-argument callables (a tracer, autocast, ...)
-PyObject* g_fwad = nullptr;       // torch.autograd.forward_ad: a level open (_current_level >= 0) refuses too
-PyObject* g_level = nullptr;      // "_current_level"
 
 bool float_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
@@ -52,6 +58,23 @@ const at::Tensor* plain_cpu(PyObject* o) {
   return t.defined() && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() ? &t : nullptr;
 }
 
+// dispatch._env_backend() (FASTATTN_BACKEND or None), a new reference; nullptr with a Python error set. Read from
+// os.environ's encoded mapping here while os.environ is the object lean_init saw (that function's Python frame ran
+// cold, ~0.5-1 us a call), else by calling it.
+PyObject* env_backend() {
+  if (g_env_data != nullptr) {
+    PyObject* environ = PyObject_GetAttr(g_os, g_environ_name);
+    if (environ == nullptr) return nullptr;
+    Py_DECREF(environ);  // (compared by identity only)
+    if (environ == g_environ) {
+      PyObject* raw = PyDict_GetItemWithError(g_env_data, g_env_key);  // borrowed
+      if (raw == nullptr) return PyErr_Occurred() ? nullptr : Py_NewRef(Py_None);
+      if (PyBytes_Check(raw)) return PyUnicode_DecodeFSDefaultAndSize(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw));
+    }
+  }
+  return PyObject_CallNoArgs(g_env);
+}
+
 // backend or _ctx_backend.get() or _env_backend() or "auto" (dispatch._ambient's order), a new reference.
 PyObject* requested(PyObject* backend) {
   PyObject* v = Py_NewRef(backend);
@@ -65,7 +88,7 @@ PyObject* requested(PyObject* backend) {
     if (step == 0) {
       if (PyContextVar_Get(g_ctx, Py_None, &v) < 0) return nullptr;
     } else if (step == 1) {
-      if ((v = PyObject_CallNoArgs(g_env)) == nullptr) return nullptr;
+      if ((v = env_backend()) == nullptr) return nullptr;
     }
   }
   return Py_NewRef(g_auto);
@@ -245,25 +268,15 @@ PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
   return out;
 }
 
-// Whether lean_call must leave the call to the Python surface: any guard answers other than None / False (jit
-// tracing, autocast, a torch-function mode, a functorch transform's level), or a forward-AD level is open; -1 on error.
-int refused() {
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(g_guards); ++i) {
-    PyObject* r = PyObject_CallNoArgs(PyTuple_GET_ITEM(g_guards, i));
-    if (r == nullptr) return -1;
-    const bool no = r == Py_None || r == Py_False;
-    Py_DECREF(r);
-    if (!no) return 1;
-  }
-  PyObject* level = PyObject_GetAttr(g_fwad, g_level);
-  if (level == nullptr) {  // no level attribute: none was ever opened
-    PyErr_Clear();
-    return 0;
-  }
-  const long long l = PyLong_AsLongLong(level);
-  Py_DECREF(level);
-  if (l == -1 && PyErr_Occurred()) return -1;
-  return l >= 0;
+// Whether lean_call must leave the call to the Python surface (lean._refused, the reference): jit tracing, autocast
+// on any device, a torch-function mode, a functorch transform's level, or an open forward-AD level. Read from torch's
+// thread-local state, as the Python callables behind lean._GUARDS read it (each of those calls ran cold, ~0.3-0.5 us).
+bool refused() {
+  // (functorch includes its front-mode key while any transform's level is on its stack)
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  return torch::jit::tracer::isTracing() || !tls.excluded_.isSupersetOf(c10::autocast_dispatch_keyset) ||
+         at::impl::torch_function_mode_enabled() || tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
 }
 
 // The learnt route (a new reference to its Lean (name, run)) for the call a[0, n) whose key Key makes, after the
@@ -272,13 +285,12 @@ int refused() {
 template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
 PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
   *instead = nullptr;
-  if (g_guards == nullptr) {
+  if (g_tag == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "fastattn._C: lean_init was not called");
     return nullptr;
   }
-  const int no = refused();
-  if (no != 0) {
-    if (no > 0) *instead = Py_NewRef(Py_None);
+  if (refused()) {
+    *instead = Py_NewRef(Py_None);
     return nullptr;
   }
   PyObject* k = nullptr;
@@ -446,20 +458,27 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object cache, pybind11::object ctx,
-               pybind11::object env, pybind11::tuple guards, pybind11::object fwad) {
+               pybind11::object env, pybind11::object os_module, pybind11::object environ, pybind11::object env_data,
+               pybind11::object env_key) {
   TORCH_CHECK(PyContextVar_CheckExact(ctx.ptr()), "lean_init: ctx must be a contextvars.ContextVar");
-  for (PyObject** g : {&g_tag, &g_cache, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks, &g_guards,
-                       &g_fwad, &g_level}) {
+  TORCH_CHECK(env_data.is_none() || (PyDict_CheckExact(env_data.ptr()) && PyBytes_CheckExact(env_key.ptr())),
+              "lean_init: env_data must be os.environ's dict of bytes (or None), env_key bytes");
+  for (PyObject** g : {&g_tag, &g_cache, &g_dispatch, &g_ctx, &g_env, &g_auto, &g_choices, &g_breaks, &g_os,
+                       &g_environ, &g_env_data, &g_env_key, &g_environ_name}) {
     Py_CLEAR(*g);
   }
-  g_guards = guards.inc_ref().ptr();
-  g_fwad = fwad.inc_ref().ptr();
-  g_level = PyUnicode_InternFromString("_current_level");
   g_tag = tag.inc_ref().ptr();
   g_cache = cache.inc_ref().ptr();
   g_dispatch = dispatch.inc_ref().ptr();
   g_ctx = ctx.inc_ref().ptr();
   g_env = env.inc_ref().ptr();
+  g_os = os_module.inc_ref().ptr();
+  g_environ = environ.inc_ref().ptr();
+  if (!env_data.is_none()) {
+    g_env_data = env_data.inc_ref().ptr();
+    g_env_key = env_key.inc_ref().ptr();
+  }
+  g_environ_name = PyUnicode_InternFromString("environ");
   g_auto = PyUnicode_InternFromString("auto");
   g_choices = PyUnicode_InternFromString("_CHOICES");
   g_breaks = PyUnicode_InternFromString("length_breaks");
@@ -499,8 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
 void add_lean(pybind11::module_& m) {
   m.def("cache_append", &cache_append, "flash_attn_with_kvcache's lean append: (old k slots, old v slots, lengths)");
   m.def("lean_init", &lean_init,
-        "Binds lean_key, lean_call and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend, _env_backend, "
-        "lean_call's guards and torch.autograd.forward_ad");
+        "Binds lean_key, lean_call and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend, _env_backend "
+        "and os.environ (its module, the object, its encoded mapping and FASTATTN_BACKEND's encoded key)");
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), kMethods) == 0, "fastattn._C: adding lean_key failed");
 }
 

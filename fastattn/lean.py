@@ -26,6 +26,7 @@ shapes passed them once; the key length matches v's or the call takes the full p
 from __future__ import annotations
 
 import bisect
+import os
 from typing import Optional
 
 import torch
@@ -252,7 +253,10 @@ def cache_call_py(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causa
 key, call, cache_key, cache_append = key_py, call_py, cache_key_py, cache_append_py
 cache_call = cache_call_py
 if ops._C is not None and hasattr(ops._C, "lean_cache_call"):  # an extension built before them keeps the Python ones
-    ops._C.lean_init(dispatch, dispatch.LEAN, _CACHE, _ctx_backend, _env_backend, _GUARDS, _fwad)
+    _environ = os.environ  # its encoded mapping is read in C++ while os.environ is this object (dispatch._env_reader)
+    _env_data, _env_key = ((_environ._data, _environ.encodekey("FASTATTN_BACKEND"))
+                           if isinstance(getattr(_environ, "_data", None), dict) else (None, None))
+    ops._C.lean_init(dispatch, dispatch.LEAN, _CACHE, _ctx_backend, _env_backend, os, _environ, _env_data, _env_key)
     key, call, cache_key, cache_append = ops._C.lean_key, ops._C.lean_call, ops._C.cache_key, ops._C.cache_append
     cache_call = ops._C.lean_cache_call
 

@@ -2,6 +2,8 @@
 flash_attn_with_kvcache in C++, against their references fastattn.lean.key_py and cache_key_py: the same key, or the
 same refusal (None), on a matrix of calls that covers every field and every refusal; and the matrix notices any one
 field of the key gone wrong (planted); and cache_append (its append of new keys and values) against cache_append_py."""
+import os
+
 import pytest
 import torch
 
@@ -148,6 +150,9 @@ def test_ambient_backend(monkeypatch):
     with dispatch.use_backend("sdpa"):
         assert lean.key(*args, None)[1] == "sdpa" == lean.key_py(*args, None)[1]
         assert lean.key(*args, "cpu")[1] == "cpu"
+    # os.environ replaced wholesale: the C++ key reads its encoded mapping only while it is the object lean saw
+    monkeypatch.setattr(os, "environ", {**os.environ, "FASTATTN_BACKEND": "sdpa"})
+    assert lean.key(*args, None)[1] == "sdpa" == lean.key_py(*args, None)[1]
 
 
 def test_length_classes_follow_replaced_choices(monkeypatch):
