@@ -22,6 +22,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include "lean_memo.h"
+
 namespace fastattn::lean {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                                             const at::Tensor& k, const at::Tensor& v, int64_t lo);
@@ -94,8 +96,9 @@ PyObject* requested(PyObject* backend) {
   return Py_NewRef(g_auto);
 }
 
-// bisect_left(dispatch.length_breaks(Sq), Sk) with length_breaks' memo (_CHOICES[(LEAN, Sq)]) read here; -1 on error.
-int64_t length_class(int64_t Sq, int64_t Sk) {
+// bisect_left(dispatch.length_breaks(Sq), Sk) with length_breaks' memo (_CHOICES[(LEAN, Sq)]) read here (the breaks
+// into *out where given); -1 on error.
+int64_t length_class(int64_t Sq, int64_t Sk, std::vector<int64_t>* out = nullptr) {
   PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
   if (choices == nullptr) return -1;
   PyObject* memo = Py_BuildValue("(OL)", g_tag, static_cast<long long>(Sq));
@@ -120,12 +123,73 @@ int64_t length_class(int64_t Sq, int64_t Sk) {
         break;
       }
       cls += b < Sk;
+      if (out) out->push_back(b);
     }
   } else {
     PyErr_SetString(PyExc_TypeError, "fastattn.lean: dispatch.length_breaks must return a tuple");
   }
   Py_DECREF(breaks);
   return cls;
+}
+
+// The facts of lean_key's call a[0, n) (query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) into
+// f: 1; 0 where the call has no key (it takes the full path); -1 with a Python error set. Throws where a tensor lacks
+// the metadata (strides).
+int read_facts(PyObject* const* a, Py_ssize_t n, Facts& f) {
+  PyObject *causal = a[3], *scale = a[4], *gqa = a[5], *mask = n == 8 ? a[7] : Py_None;
+  if (!PyBool_Check(causal) || !PyBool_Check(gqa) || !(scale == Py_None || PyFloat_CheckExact(scale))) return 0;
+  const at::Tensor *q = plain_cpu(a[0]), *k = plain_cpu(a[1]), *v = plain_cpu(a[2]);
+  if (!q || !k || !v) return 0;
+  // check_tensors' common case (a call that fails it takes the full path, for its message)
+  const at::ScalarType dt = q->scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if (!float_dtype(dt) || k->scalar_type() != dt || v->scalar_type() != dt) return 0;
+  const auto qs = q->sizes(), ks = k->sizes(), vs = v->sizes();
+  if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4) return 0;
+  const bool heads_ok = qs[1] == ks[1] || (gqa == Py_True && ks[1] > 0 && qs[1] % ks[1] == 0);
+  if (!(qs[0] == ks[0] && ks[0] == vs[0] && ks[1] == vs[1] && heads_ok && qs[3] == ks[3] && ks[2] == vs[2] &&
+        q->stride(3) == 1 && k->stride(3) == 1 && v->stride(3) == 1)) {
+    return 0;
+  }
+  f.masked = mask != Py_None;
+  if (f.masked) {  // a plain 4-D mask, bool or in q's dtype, last dim Sk or 1 (checked per call)
+    const at::Tensor* m = plain_cpu(mask);
+    if (m == nullptr || m->dim() != 4) return 0;
+    const at::ScalarType mdt = m->scalar_type();
+    if (!(mdt == at::kBool || (mdt == dt && !(grad && m->requires_grad()))) ||
+        !(m->size(3) == ks[2] || m->size(3) == 1)) {
+      return 0;
+    }
+    for (int i = 0; i < 3; ++i) f.mdims[i] = m->size(i);  // checked against q's dims by the call that learnt the route
+  }
+  // a gradient to record: lean.learn keeps only a hand-over to PyTorch's SDPA for such calls
+  f.records = grad && (q->requires_grad() || k->requires_grad() || v->requires_grad());
+  f.dt = dt;
+  std::copy(qs.begin(), qs.end(), f.q);
+  f.kh = ks[1], f.vd = vs[3], f.sk = ks[2];
+  f.causal = causal == Py_True;
+  f.scale = scale;
+  f.one_thread = at::get_num_threads() == 1;  // auto's step rules depend on it
+  f.req = requested(a[6]);
+  return f.req == nullptr ? -1 : 1;
+}
+
+// The lean key of facts f (the length breaks of its class into *breaks where given), or nullptr with a Python error.
+PyObject* make_key(const Facts& f, std::vector<int64_t>* breaks = nullptr) {
+  // the key length itself when recording (auto's rule for small training calls bounds B * Hq * Sq * Sk * D)
+  const int64_t cls = f.records ? -1 - f.sk : length_class(f.q[2], f.sk, breaks);
+  if (!f.records && cls < 0) return nullptr;
+  PyObject* mask_dims = f.masked ? Py_BuildValue("(LLL)", static_cast<long long>(f.mdims[0]),
+                                                  static_cast<long long>(f.mdims[1]),
+                                                  static_cast<long long>(f.mdims[2]))
+                                 : Py_NewRef(Py_None);
+  if (mask_dims == nullptr) return nullptr;
+  PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(f.dt));  // borrowed (a static object)
+  // "O" takes a new reference, "N" steals one (mask_dims)
+  return Py_BuildValue("(OOO(LLLL)LLLOONO)", g_tag, f.req, dtype, static_cast<long long>(f.q[0]),
+                       static_cast<long long>(f.q[1]), static_cast<long long>(f.q[2]), static_cast<long long>(f.q[3]),
+                       static_cast<long long>(f.kh), static_cast<long long>(f.vd), static_cast<long long>(cls),
+                       f.causal ? Py_True : Py_False, f.scale, mask_dims, f.one_thread ? Py_True : Py_False);
 }
 
 // lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> tuple | None
@@ -138,56 +202,10 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
     PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_key: lean_init was not called");
     return nullptr;
   }
-  PyObject *causal = a[3], *scale = a[4], *gqa = a[5], *mask = n == 8 ? a[7] : Py_None;
-  if (!PyBool_Check(causal) || !PyBool_Check(gqa) || !(scale == Py_None || PyFloat_CheckExact(scale))) Py_RETURN_NONE;
-  const at::Tensor *q = plain_cpu(a[0]), *k = plain_cpu(a[1]), *v = plain_cpu(a[2]);
-  if (!q || !k || !v) Py_RETURN_NONE;
-  // check_tensors' common case (a call that fails it takes the full path, for its message)
-  const at::ScalarType dt = q->scalar_type();
-  const bool grad = at::GradMode::is_enabled();
-  if (!float_dtype(dt) || k->scalar_type() != dt || v->scalar_type() != dt) Py_RETURN_NONE;
-  // a gradient to record: lean.learn keeps only a hand-over to PyTorch's SDPA for such calls
-  const bool records = grad && (q->requires_grad() || k->requires_grad() || v->requires_grad());
-  const auto qs = q->sizes(), ks = k->sizes(), vs = v->sizes();
-  if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4) Py_RETURN_NONE;
-  const bool heads_ok = qs[1] == ks[1] || (gqa == Py_True && ks[1] > 0 && qs[1] % ks[1] == 0);
-  if (!(qs[0] == ks[0] && ks[0] == vs[0] && ks[1] == vs[1] && heads_ok && qs[3] == ks[3] && ks[2] == vs[2] &&
-        q->stride(3) == 1 && k->stride(3) == 1 && v->stride(3) == 1)) {
-    Py_RETURN_NONE;
-  }
-  int64_t mdims[3] = {0, 0, 0};
-  const bool masked = mask != Py_None;
-  if (masked) {  // a plain 4-D mask, bool or in q's dtype, last dim Sk or 1 (checked per call)
-    const at::Tensor* m = plain_cpu(mask);
-    if (m == nullptr || m->dim() != 4) Py_RETURN_NONE;
-    const at::ScalarType mdt = m->scalar_type();
-    if (!(mdt == at::kBool || (mdt == dt && !(grad && m->requires_grad()))) ||
-        !(m->size(3) == ks[2] || m->size(3) == 1)) {
-      Py_RETURN_NONE;
-    }
-    for (int i = 0; i < 3; ++i) mdims[i] = m->size(i);  // checked against q's dims by the call that learnt the route
-  }
-  // the key length itself when recording (auto's rule for small training calls bounds B * Hq * Sq * Sk * D)
-  const int64_t cls = records ? -1 - ks[2] : length_class(qs[2], ks[2]);
-  if (!records && cls < 0) return nullptr;
-  PyObject* req = requested(a[6]);
-  if (req == nullptr) return nullptr;
-  PyObject* mask_dims = masked ? Py_BuildValue("(LLL)", static_cast<long long>(mdims[0]),
-                                                static_cast<long long>(mdims[1]), static_cast<long long>(mdims[2]))
-                               : Py_NewRef(Py_None);
-  if (mask_dims == nullptr) {
-    Py_DECREF(req);
-    return nullptr;
-  }
-  PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
-  // "O" takes a new reference, "N" steals one (req, mask_dims)
-  PyObject* one_thread = at::get_num_threads() == 1 ? Py_True : Py_False;  // auto's step rules depend on it
-  return Py_BuildValue("(ONO(LLLL)LLLOONO)", g_tag, req, dtype, static_cast<long long>(qs[0]),
-                       static_cast<long long>(qs[1]), static_cast<long long>(qs[2]), static_cast<long long>(qs[3]),
-                       static_cast<long long>(ks[1]), static_cast<long long>(vs[3]), static_cast<long long>(cls),
-                       causal, scale, mask_dims, one_thread);
+  Facts f;
+  const int read = read_facts(a, n, f);
+  return read > 0 ? make_key(f) : read < 0 ? nullptr : Py_NewRef(Py_None);
 }
-
 
 // A tensor's shape as a tuple of ints (equal to, and hashing as, its torch.Size).
 PyObject* shape(const at::Tensor& t) {
@@ -279,9 +297,26 @@ bool refused() {
          torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
 }
 
-// The learnt route (a new reference to its Lean (name, run)) for the call a[0, n) whose key Key makes, after the
-// refusals; nullptr where there is none, with *instead what lean_call / cache_call return then: the key (none learnt
-// yet), None (refused, no key, or the key takes the full path: False), or nullptr with a Python error set.
+// The route learnt for key k (a new reference to its Lean (name, run)) in choices (dispatch._CHOICES); nullptr where
+// there is none, with *instead what lean_call / cache_call return then: k (none learnt yet), None (the key takes the
+// full path: False), or nullptr with a Python error set. Steals k.
+PyObject* lookup(PyObject* choices, PyObject* k, PyObject** instead) {
+  PyObject* route = PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
+  if (route == nullptr) {
+    if (PyErr_Occurred()) Py_DECREF(k);
+    else *instead = k;  // to learn
+    return nullptr;
+  }
+  Py_DECREF(k);
+  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  return Py_NewRef(route);
+}
+
+// The learnt route for the call a[0, n) whose key Key makes, after the refusals (lookup's answers; also None where
+// the call is refused or has no key).
 template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
 PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
   *instead = nullptr;
@@ -305,20 +340,51 @@ PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
     return nullptr;
   }
   PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
-  PyObject* route = choices && PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
-  Py_XINCREF(route);
-  Py_XDECREF(choices);
-  if (route == nullptr) {
-    if (PyErr_Occurred()) Py_DECREF(k);
-    else *instead = k;  // to learn
+  if (choices == nullptr) {
+    Py_DECREF(k);
     return nullptr;
   }
-  Py_DECREF(k);
-  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
-    Py_DECREF(route);
+  PyObject* route = lookup(choices, k, instead);
+  Py_DECREF(choices);
+  return route;
+}
+
+Memo& memo() {
+  static Memo* m = new Memo();  // never destroyed (lean_memo.h)
+  return *m;
+}
+
+// lean_call's route: learnt_route<key>'s answer, from the memo where the call's facts have an entry (no key made),
+// else through its key, remembered in the memo where a route was learnt for it.
+PyObject* sdpa_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
+  if (!FASTATTN_LEAN_MEMO || n < 7 || n > 8 || g_tag == nullptr) return learnt_route<key>(a, n, instead);
+  *instead = nullptr;
+  if (refused()) {
     *instead = Py_NewRef(Py_None);
     return nullptr;
   }
+  Facts f;
+  int read = 0;
+  try {
+    read = read_facts(a, n, f);
+  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
+  }
+  if (read <= 0) {
+    if (read == 0) *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  if (choices == nullptr) return nullptr;
+  PyObject* route = memo().find(choices, f);
+  if (route != nullptr) {
+    Py_DECREF(choices);
+    return Py_NewRef(route);
+  }
+  std::vector<int64_t> breaks;
+  PyObject* k = make_key(f, &breaks);
+  route = k ? lookup(choices, k, instead) : nullptr;
+  if (route != nullptr) memo().fill(choices, f, std::move(breaks), route);  // (at the version after any learning)
+  Py_DECREF(choices);
   return route;
 }
 
@@ -330,7 +396,7 @@ PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
 // fp32 steps of 125 us, one thread, Intel Xeon, 2026-12-05).
 PyObject* call(PyObject* const* a, Py_ssize_t n) {
   PyObject* instead = nullptr;
-  PyObject* route = learnt_route<key>(a, n, &instead);
+  PyObject* route = sdpa_route(a, n, &instead);
   if (route == nullptr) return instead;
   PyObject* mask = n == 8 ? a[7] : Py_None;
   PyObject* args[4] = {a[0], a[1], a[2], mask};
@@ -521,6 +587,7 @@ void add_lean(pybind11::module_& m) {
         "Binds lean_key, lean_call and cache_key to dispatch (its LEAN tag), lean._CACHE, _ctx_backend, _env_backend "
         "and os.environ (its module, the object, its encoded mapping and FASTATTN_BACKEND's encoded key)");
   TORCH_CHECK(PyModule_AddFunctions(m.ptr(), kMethods) == 0, "fastattn._C: adding lean_key failed");
+  m.attr("LEAN_MEMO") = static_cast<bool>(FASTATTN_LEAN_MEMO);  // lean_call's memo compiled in (lean_memo.h)
 }
 
 }  // namespace fastattn::lean

@@ -2,6 +2,8 @@
 torch.ops calls they replace, and the same dispatcher path: a TorchDispatchMode and the profiler see the ops, the
 decode op's Autograd fallback still refuses a backward, and a TorchFunctionMode keeps the lean path off (it sees
 the ops through torch.ops on the full path)."""
+import sys
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -9,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import dispatch, lean, ops
+from fastattn.backends.base import Lean
+from support import torch_threads
 
 pytestmark = pytest.mark.skipif(not ops._ROUTES, reason="needs the C++ extension with its lean routes (fastattn._C)")
 
@@ -176,6 +180,45 @@ def test_call_matches_its_reference():
     torch.func.vmap(lambda q: seen.append(lean.call(q, *args[1:], mask)) or q)(args[0][None])
     torch.jit.trace(lambda q: seen.append(lean.call(q, *args[1:], mask)) or q, (args[0],), check_trace=False)
     assert seen == [None, None]
+
+
+def test_call_memo_follows_the_choices(monkeypatch):
+    """lean_call's memo (csrc/lean_memo.h) replays an entry only while dispatch._CHOICES is unchanged and the call's
+    facts equal the entry's: a route replaced in place, a table replaced or cleared, another key length class, another
+    requested backend, masked or not, another thread count each take effect on the next call."""
+    if lean.call is lean.call_py:
+        pytest.skip("the extension was built without lean_call")
+    assert ops._C.LEAN_MEMO == (sys.version_info < (3, 13))  # CPython 3.11-3.12 (dict versions); off past them
+    q, k, v = _qkv(1, 4, 4, 1, 64, 32, torch.float32, 0)
+    args = (q, k, v, False, None, False, None)
+    fastattn.scaled_dot_product_attention(q, k, v)  # learns the key's route
+    key = lean.key(*args)
+    assert type(lean.call(*args)) is torch.Tensor and type(lean.call(*args)) is torch.Tensor  # (the memo's entry)
+    ran = []
+    spy = Lean("spy", lambda *t: ran.append(len(t)) or t[0])
+    dispatch._CHOICES[key] = spy  # in place: the dict's version moves
+    assert lean.call(*args) is q and ran == [3]
+    monkeypatch.setitem(dispatch._CHOICES, key, False)  # the key takes the full path now
+    assert lean.call(*args) is None
+    dispatch._CHOICES[key] = spy
+    lean.call(*args)
+    assert ran == [3, 3]
+    dispatch._CHOICES.clear()
+    assert lean.call(*args) == key  # nothing learnt: the key, to learn
+    dispatch._CHOICES[key] = spy
+    assert lean.call(*args) is q and ran == [3, 3, 3]
+    monkeypatch.setattr(dispatch, "_CHOICES", {})  # another table
+    assert lean.call(*args) == key
+    dispatch._CHOICES[key] = spy
+    assert lean.call(*args) is q and ran == [3] * 4  # the memo's entry for this table; each call below differs
+    # another class of key length (past every break: a class of its own), a requested backend, a mask, threads
+    longer = _qkv(1, 4, 4, 1, 64 + max(dispatch.length_breaks(1)) + 1, 32, torch.float32, 1)
+    assert lean.call(*longer, False, None, False, None) == lean.key(*longer, False, None, False, None) != key
+    assert lean.call(q, k, v, False, None, False, "reference")[1] == "reference"
+    assert type(lean.call(*args, torch.ones(1, 1, 1, 64, dtype=torch.bool))) is tuple
+    with torch_threads(1 if torch.get_num_threads() > 1 else 2):
+        assert type(lean.call(*args)) is tuple
+    assert lean.call(*args) is q and ran == [3] * 5
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
