@@ -125,12 +125,14 @@ def test_auto_not_slower_than_torch_small_training(request, causal, B_small, Hq,
     """Small fp32 training calls (forward+backward, B1-8 H1-12 S16-384): where the small-training rule hands them to
     sdpa (the cpu kernels' fixed cost per call) and where the cpu kernels take over."""
     q = torch.empty(B_small, Hq, S_small, D, requires_grad=True)
-    if fastattn.explain(q, q, q, is_causal=causal).chosen == "sdpa":
+    # Intel Xeon AMX, 2026-12-05, since lean_call's memo and the few-head bounds: every case 0.97x or more on one and
+    # two threads (the hand-over 0.97-0.99x); the marks below are the AMD EPYC's.
+    if cpu_backend._AMD and fastattn.explain(q, q, q, is_causal=causal).chosen == "sdpa":
         request.applymarker(pytest.mark.xfail(
             reason="handed to torch's own call through the lean path (~3 us over it); torch's fp32 forward+backward "
                    "at these sizes varies ~10-25% from one batch of calls to the next (B1 H12 S16: 183-253 us in one "
                    "process, AMD EPYC, 2026-12-02), so the ratio here reads 0.79-1.12x around 1", strict=False))
-    elif B_small * Hq * S_small * S_small * D <= 1 << 22:
+    elif cpu_backend._AMD and B_small * Hq * S_small * S_small * D <= 1 << 22:
         request.applymarker(pytest.mark.xfail(
             reason="known gap near the line (AMD EPYC, 2026-12-02, one thread): B1 H4 S96 D64, just past the rule's "
                    "2^21, the cpu kernels 0.93-1.15x torch run to run (0.94-0.98x median of 21 interleaved rounds), "
@@ -253,40 +255,24 @@ def _check_inference(impls, chosen: str, what: str):
                          ids=["mha-d64", "mha-d128", "gqa16/4-d128", "gqa12/4-d64"])
 @pytest.mark.parametrize("Sq", [2, 4, 8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_not_slower_than_torch_steps(request, dtype, Sq, heads, D):
+def test_auto_not_slower_than_torch_steps(dtype, Sq, heads, D):
     """Multi-token inference steps (speculative decoding, chunked prompts: B=1, Sq = 2-16 query tokens against 512
     keys, SDPA surface): where the decode kernel, the prefill kernel and torch's kernel trade places."""
-    Hq, Hkv = heads
-    fp32_gap = THREADS == 1 or Sq <= 8 or Hq == Hkv and D == 128
-    if dtype == torch.float32 and fp32_gap or (THREADS == 1 and Sq in (4, 8) and Hq == Hkv and D == 64):
-        request.applymarker(pytest.mark.xfail(
-            reason="known gap (Intel Xeon AMX, 2026-12-01, the lean key in C++): one thread, fp32 steps 0.92-1.00x "
-                   "through the hand-over to sdpa (the cpu kernels 0.91-1.11x), bf16 MHA D=64 at 4 / 8 tokens "
-                   "0.96-0.97x (hand-over) and 1.04-1.20x (cpu kernels); two threads, fp32 steps of 2-4 tokens "
-                   "0.90-0.98x (hand-over; the cpu kernels 0.72-0.89x without grouped-query heads), grouped-query "
-                   "steps of 8 tokens 0.94-0.99x (hand-over; the cpu kernels 0.87-0.93x at D=128, 1.02-1.07x at "
-                   "D=64 but 0.79-0.90x at 2048 keys) and MHA D=128 at 8 tokens 0.94-1.03x on either route; MHA "
-                   "D=64 at 8 tokens (2026-12-02, handed to sdpa since) 0.95-0.97x through the hand-over, 0.86x on "
-                   "the cpu kernels; MHA D=128 at 16 tokens (2026-12-05) 0.92-0.94x through the hand-over, 0.84x on "
-                   "the cpu kernels",
-            strict=False))
+    # Marked until 2026-12-05 (fp32 steps through the hand-over 0.90-0.98x, the cpu kernels 0.72-1.11x; bf16 MHA D=64
+    # at 4 / 8 tokens 0.96-0.97x): since lean_call's memo every case reads 0.96x or more on one and two threads (Intel
+    # Xeon AMX; the hand-over 0.96-0.99x).
     _check_step(dtype, Sq, heads, D, 512, "step")
 
 
 @pytest.mark.parametrize("B,Hq,S", [(8, 12, 16), (8, 12, 32), (8, 12, 48), (1, 12, 32), (2, 8, 32), (1, 16, 64)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_not_slower_than_torch_tiny(request, dtype, B, Hq, S):
+def test_auto_not_slower_than_torch_tiny(dtype, B, Hq, S):
     """Tiny inference calls (S <= 64, D=64, no mask; a BERT batch of short sentences, a short prompt), SDPA surface:
     the tiny rule hands fp32 ones to sdpa where the fp32 tiles run on sgemm (training ones on more than one thread
     on brgemm); bf16 ones are the cpu kernels' (those of fewer than 16 batch x heads since 2026-12-05)."""
-    if dtype == torch.float32 and S <= 32 or THREADS == 1 and S == 16:
-        request.applymarker(pytest.mark.xfail(
-            reason="known gap (Intel Xeon AMX, 2026-12-01): fp32, one and two threads, both routes under 0.95x at "
-                   "times, the hand-over 0.91-0.98x (~1 us of Python on a 10-150 us call), the cpu kernels "
-                   "0.86-1.01x; bf16 B8 H12 S16 on one thread 0.91-1.09x on the cpu kernels (torch's scratch "
-                   "faulting or not; 2026-12-05), 0.96-1.08x on two threads",
-            strict=False))
+    # Marked until 2026-12-05 (fp32 both routes at times under 0.95x, the hand-over 0.91-0.98x; bf16 B8 H12 S16 on one
+    # thread 0.91-1.09x): since then 1.05-2.00x on one and two threads (Intel Xeon AMX).
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, Hq, S, 64, generator=g).to(dtype) for _ in range(3))
     _check_sdpa(q, k, v, f"{str(dtype)[6:]} tiny B={B} H={Hq} S={S} D=64")
@@ -294,17 +280,12 @@ def test_auto_not_slower_than_torch_tiny(request, dtype, B, Hq, S):
 
 @pytest.mark.parametrize("S_mask", [16, 32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_not_slower_than_torch_masked(request, dtype, S_mask):
+def test_auto_not_slower_than_torch_masked(dtype, S_mask):
     """Short inference calls with a bool key-padding mask (B=8, H=12, D=64, the last quarter of half the rows
     padding; a BERT batch), SDPA surface: where the tiny-masked rule hands them to sdpa (the mask passed as it is)
     and where the cpu kernels, which skip the padding, take over."""
-    if S_mask <= 32 or THREADS > 1 and S_mask == 64:
-        request.applymarker(pytest.mark.xfail(
-            reason="known gap (Intel Xeon AMX, 2026-12-01): fp32 at 16-32 tokens, the hand-over to sdpa reads "
-                   "0.94-0.99x on one or two threads (the cpu kernels 0.72-0.93x); on two threads at 64 tokens both "
-                   "routes 0.92-0.99x (the cpu kernels 0.85-1.01x run to run), bf16 at 16-32 the hand-over 0.94-1.01x "
-                   "(the cpu kernels 0.77-0.89x; 2026-12-05 at 32 on one thread 0.94x); around the 0.95 line",
-            strict=False))
+    # Marked until 2026-12-05 (the hand-over 0.94-1.01x around the 0.95 line): since lean_call's memo 0.99-1.57x on
+    # one and two threads (Intel Xeon AMX; the hand-over 0.99-1.01x).
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(8, 12, S_mask, 64, generator=g).to(dtype) for _ in range(3))
     pad = torch.ones(8, 1, 1, S_mask, dtype=torch.bool)
@@ -363,16 +344,13 @@ def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
 @pytest.mark.parametrize("heads,D", [((16, 4), 128), ((12, 4), 64)], ids=["gqa16/4-d128", "gqa12/4-d64"])
 @pytest.mark.parametrize("Sq", [4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_auto_not_slower_than_torch_row_masked_gqa_steps(request, dtype, Sq, heads, D, kind):
+def test_auto_not_slower_than_torch_row_masked_gqa_steps(dtype, Sq, heads, D, kind):
     """Grouped-query inference steps with a mask that differs by query (B=1, 512 keys, a bool (1, 1, Sq, Sk) mask,
     SDPA surface): transformers' bottom-right causal mask of a speculative or chunked step, which the cpu kernels
     read as a band, and a random tree-attention mask (a fifth of the keys hidden). Their query heads run packed as
-    rows (csrc/cpu/register.cpp, pack_gqa); fp32 ones go to sdpa (the fp32 step rule), bf16 ones stay ours."""
-    if dtype == torch.float32:
-        request.applymarker(pytest.mark.xfail(
-            reason="known gap (Intel Xeon AMX, 2026-12-03, one thread): the hand-over to sdpa 0.94-0.98x, the cpu "
-                   "kernels 0.83-1.07x at 512 keys (1.07-1.61x with the causal mask, 0.90-1.39x with the tree mask "
-                   "in an ad-hoc run over 512 and 2048 keys); as the other fp32 steps", strict=False))
+    rows (csrc/cpu/register.cpp, pack_gqa); the rules keep them ours from 4 tokens (fp32 at 2-3 go to sdpa)."""
+    # fp32 ones were sdpa's and marked until 2026-12-05 (the hand-over 0.94-0.98x): since then the cpu kernels' from 4
+    # tokens (_STEP_SQ_MASKED_GQA), 1.02-1.42x on one and two threads (Intel Xeon AMX).
     Hq, Hkv = heads
     Sk = 512
     g = torch.Generator().manual_seed(0)

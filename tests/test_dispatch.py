@@ -198,8 +198,8 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
     """auto hands small unmasked fp32 training calls to sdpa (W = B * Hq * Sq * Sk * D up to 2^21 on one thread, 2^17
     on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
     inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
-    kernels. One head without a causal band takes 3 * 2^22 on an Intel CPU; on more threads Intel CPUs keep 2^21
-    (one head 2^22 with a causal band). (CPUs with AVX-512; without it 2^21 on more threads too:
+    kernels. One head without a causal band takes 3 * 2^22 on an Intel CPU, as do 2 heads on one thread of it (3-4
+    heads 2^22); on more threads Intel CPUs keep 2^21 (one head 2^22 with a causal band). (CPUs with AVX-512; without it 2^21 on more threads too:
     test_avx2_only_rules.)"""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
@@ -215,10 +215,13 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
         ex = explain(1, 2, 128)  # W = 2^21
         assert ex.chosen == "sdpa" and "small fp32 training" in str(ex), str(ex)
         assert chosen(1, 2, 128, is_causal=True) == "sdpa" and chosen(1, 1, 256) == "sdpa"  # one head: 2^22
-        assert chosen(1, 4, 128) == "cpu" and chosen(1, 1, 272, is_causal=True) == "cpu"
+        assert chosen(1, 8, 96) == "cpu" and chosen(1, 1, 272, is_causal=True) == "cpu"
         assert chosen(1, 1, 384) == "sdpa" and chosen(1, 1, 448) == "cpu"  # one head, no causal band: 3 * 2^22
+        assert chosen(1, 4, 128) == "sdpa" and chosen(1, 4, 144) == "cpu"  # up to 4 heads: 2^22
+        assert chosen(1, 2, 256) == "sdpa" and chosen(1, 2, 256, is_causal=True) == "cpu"  # 2 unbanded: 3 * 2^22
         monkeypatch.setattr(cpu_backend, "_AMD", True)
         assert chosen(1, 1, 272) == "cpu" and chosen(1, 1, 256) == "sdpa"  # not on AMD CPUs
+        assert chosen(1, 4, 128) == "cpu"  # (nor the few-head bounds)
         monkeypatch.setattr(cpu_backend, "_AMD", False)
         assert chosen(1, 2, 128, grad=False) == "cpu"  # inference
         assert chosen(1, 2, 128, dropout_p=0.1) == "cpu"  # dropout keeps the Philox stream
@@ -338,7 +341,7 @@ def test_masked_step_rules(intel_rules):
 def test_intel_brgemm_fp32_rules(monkeypatch):
     """On an Intel CPU whose fp32 tiles run on brgemm (measured on the Xeon): fp32 steps go to sdpa at 2 tokens (not
     grouped-query ones at head dim <= 64 on one thread), MHA at head dim > 64 at 2-16; on more than one thread MHA up
-    to 8 (16 at head dim > 64), grouped-query steps (their heads packed as rows) still at 2 only, but at 2-16 with a
+    to 8 (16 at head dim > 64), grouped-query steps (their heads packed as rows) still at 2 only, but at 2-3 with a
     mask beyond key padding; tiny calls stay on the cpu kernels, tiny masked and tiny training ones on one thread
     only."""
     from fastattn.backends import cpu as cpu_backend
@@ -364,8 +367,10 @@ def test_intel_brgemm_fp32_rules(monkeypatch):
         assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, attn_mask=pad) == "cpu"  # tiny, tiny masked
         assert chosen(4, attn_mask=torch.ones(2, 1, 1, 300, dtype=torch.bool)) == "cpu"  # masked steps: the same
         rows = torch.ones(4, 300, dtype=torch.bool).tril(296)  # (Sq, Sk): a causal step's mask
-        assert chosen(4, Hq=8, Hkv=2, attn_mask=rows) == "sdpa" and chosen(4, attn_mask=rows) == "cpu"
-        assert chosen(16, Hq=8, Hkv=2, attn_mask=torch.ones(2, 8, 1, 300, dtype=torch.bool)) == "sdpa"  # per head
+        assert chosen(4, Hq=8, Hkv=2, attn_mask=rows) == "cpu" and chosen(4, attn_mask=rows) == "cpu"
+        assert chosen(3, Hq=8, Hkv=2, attn_mask=rows[1:]) == "sdpa"  # masked grouped-query: 2-3 tokens
+        assert chosen(3, Hq=8, Hkv=2, attn_mask=torch.ones(2, 8, 1, 300, dtype=torch.bool)) == "sdpa"  # per head
+        assert chosen(4, Hq=8, Hkv=2, attn_mask=torch.ones(2, 8, 1, 300, dtype=torch.bool)) == "cpu"
         assert chosen(16, Hq=8, Hkv=2, attn_mask=torch.zeros(1, 300)) == "cpu"  # key padding: one row for all
         tiny_grad = rnd(8, 12, 32, 64).requires_grad_()  # (past the small training calls' bound)
         assert fastattn.explain(tiny_grad, tiny_grad, tiny_grad).chosen == "cpu"
@@ -373,8 +378,8 @@ def test_intel_brgemm_fp32_rules(monkeypatch):
         assert chosen(8) == "sdpa" and chosen(9) == "cpu" and chosen(16, D=128) == "sdpa"
         assert chosen(2, Hq=8, Hkv=2) == "sdpa" and chosen(3, Hq=8, Hkv=2) == "cpu"
         assert chosen(2, Hq=8, Hkv=2, D=128) == "sdpa" and chosen(3, Hq=8, Hkv=2, D=128) == "cpu"
-        assert chosen(16, Hq=8, Hkv=2, attn_mask=torch.ones(16, 300, dtype=torch.bool)) == "sdpa"
-        assert chosen(17, Hq=8, Hkv=2, attn_mask=torch.ones(17, 300, dtype=torch.bool)) == "cpu"
+        assert chosen(3, Hq=8, Hkv=2, attn_mask=torch.ones(3, 300, dtype=torch.bool)) == "sdpa"
+        assert chosen(4, Hq=8, Hkv=2, attn_mask=torch.ones(4, 300, dtype=torch.bool)) == "cpu"
         assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, attn_mask=pad) == "sdpa"
         assert fastattn.explain(tiny_grad, tiny_grad, tiny_grad).chosen == "sdpa"  # tiny training calls
 

@@ -146,12 +146,18 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # band on two threads (Intel Xeon AMX, 2026-12-03, median of 48 interleaved rounds): S = 256 at D=128 0.74x, S = 320
 # at D=64 0.87x, S = 384 at D=64 0.96-1.04x (hand-over 0.97-0.99x), from S = 448 at D=64 1.21-1.28x: the one-thread
 # bound 3 * 2^22 holds there too (S = 320 at D=128, just past it, read 0.86x; S = 384 1.06x).
+# Few heads on one thread of an Intel CPU (Intel Xeon AMX, 2026-12-05, after lean_call's memo: the hand-over read
+# 0.97-1.00x; median of 15 interleaved rounds, D=64/128, S=64-256, causal or not): B*H = 2 and 4 read as one head does,
+# the cpu kernels 0.72-0.98x up to W = 2^22 (2 heads without a causal band: 0.87-0.98x up to 2^23.2, 1.04x at 2^24),
+# 0.98-1.18x past it; B*H = 12 1.02-1.08x from W = 2^21.6. On two threads the line stays at 2^21 (B*H = 2 and 4 at D=64
+# 1.03-1.20x from 2^21, at D=128 0.82-0.99x up to 2^22.2: mixed).
 _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
 _GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, no causal band or window
+_GRAD_FEW_HEADS = 4  # Intel, one thread: B * Hq up to this takes the one-head bounds (up to 2 the unbanded one)
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21; 2^17 on more "
                     "than one thread of an AMD CPU; 2^22 for one head, 3 * 2^22 without a causal band on an Intel "
-                    "CPU): the cpu kernels' fixed cost per forward+backward, ~70 us over PyTorch's, outweighs "
-                    "their tiles; measured 0.36-0.95x)")
+                    "CPU, as for up to 4 heads (2 without a band) on one thread of it): the cpu kernels' fixed cost "
+                    "per forward+backward, ~70 us over PyTorch's, outweighs their tiles; measured 0.36-0.98x)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -159,9 +165,9 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     q = p.q
     heads = q.shape[0] * q.shape[1]
     work = heads * Sq * Sk * q.shape[3]
-    if heads == 1:
+    if heads == 1 or heads <= _GRAD_FEW_HEADS and not _AMD and _one_thread():
         unbanded = p.window_left < 0 and p.window_right < 0
-        bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD else _GRAD_WORK_ONE_HEAD
+        bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD and heads <= 2 else _GRAD_WORK_ONE_HEAD
         if work <= bound:
             return True
     return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY or not _AMD else _GRAD_WORK_PARALLEL)
@@ -246,8 +252,9 @@ _AMD = _REPORT.get("vendor") == "AuthenticAMD"
 # steps go to sdpa at 2 tokens only, on any thread count. With a mask that differs by query (2026-12-03, the same
 # shapes, 4-16 tokens (3-16 at 1024 keys), one thread, the packing of banded and masked calls off and on in one run):
 # transformers' causal mask (read as a band) 0.69-1.11x before, 1.07-1.61x packed; a random mask (tree attention)
-# 0.72-1.14x before, 0.85-1.39x packed (0.85-1.14x at 512-1024 keys): steps with a mask beyond key padding go to
-# sdpa up to 16 tokens, as the rule cannot tell the two apart without reading the mask.
+# 0.72-1.14x before, 0.85-1.39x packed (0.85-1.14x at 512-1024 keys): steps with a mask beyond key padding went to
+# sdpa up to 16 tokens (until 2026-12-05: _STEP_SQ_MASKED_GQA below), as the rule cannot tell the two apart without
+# reading the mask.
 # One-token fp32 MHA steps on the AMD EPYC with AVX-512 (Zen 4): from 2026-12-03 to 2026-12-05 those at head dim <= 64
 # against 1024 keys or more went to sdpa on one thread (the decode kernel read 0.80-0.93x torch with the cache coming
 # from memory, as in a model's generate(): its work items walked every head's rows at once, and its key dot products
@@ -264,11 +271,18 @@ _FP32_BRGEMM = _REPORT.get("fp32") == "brgemm"
 # D64, B4 masked 0.95x, the hand-over 0.97-0.98x), grouped-query at D128 (0.93-1.02x against 0.97-0.99x), and two
 # threads (grouped-query D64 0.95-1.18x, the hand-over 0.88-0.99x: not clear enough).
 _STEP_SQ_PARALLEL_BRGEMM = 8  # more than one thread, MHA, head dim <= 64: sdpa up to 8 tokens
+# Grouped-query steps with a mask beyond key padding went to sdpa up to 16 tokens until 2026-12-05; measured since the
+# lean path's memo (Intel Xeon AMX, B1, GQA 16/4 and 32/8 at D=128, 12/4 at D=64, 300-2048 keys, transformers'
+# bottom-right causal mask and a random tree mask, median of 15 interleaved rounds), the cpu kernels read from 4 tokens
+# 0.97-1.37x torch on one thread and 1.00-1.75x on two (0.97-0.99x only at D=128 16/4 against 300-512 keys), at 2-3
+# tokens 0.79-1.40x and 0.82-1.40x (under the hand-over's 0.97-1.03x at D=128 up to 1024 keys), the hand-over
+# 0.97-1.10x: sdpa keeps them up to 3 tokens.
+_STEP_SQ_MASKED_GQA = 3
 _FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brgemm tiles: MHA at head dim > 64 "
-                      "and grouped-query heads with a mask beyond key padding (2-16 tokens), 2 tokens otherwise "
-                      "(not grouped-query heads at head dim <= 64 on one thread; on more than one thread MHA up to "
-                      "8); measured 0.46-0.97x (masks 0.85-1.14x at 512-1024 keys), the cpu kernels 0.98-1.30x on "
-                      "the rest and tiny calls")
+                      "(2-16 tokens), grouped-query heads with a mask beyond key padding (2-3 tokens), 2 tokens "
+                      "otherwise (not grouped-query heads at head dim <= 64 on one thread; on more than one thread "
+                      "MHA up to 8); measured 0.46-0.97x (masks 0.79-1.40x at 2-3 tokens), the cpu kernels "
+                      "0.97-1.75x on the rest and tiny calls")
 # x86 CPUs without AVX-512 (AMD EPYC Zen 1, AVX2 + FMA, 2026-12-02, one thread, benchmarks/test_auto_rule.py after the
 # AVX2 decode helpers and brgemm there): MHA inference steps of 2-16 query tokens read 0.89-0.94x torch's SDPA in fp32
 # at 4-16 tokens (0.97-1.13x at 2) and 0.80-0.90x in bf16 (masked bf16 4-token steps 0.75-0.82x; masked fp32 ones
@@ -302,9 +316,11 @@ def _fp32_step_limit(p: AttnParams) -> int:
         return 1
     mha, wide = p.q.shape[1] == p.k.shape[1], p.q.shape[3] > 64
     if _FP32_BRGEMM:  # _FP32_BRGEMM_STEPS
-        # mask_kind "dense": a mask beyond key padding, by its dims (what the lean key replays), not its values
-        if mha and wide or not mha and p.mask_kind == "dense":
+        if mha and wide:
             return _DECODE_ROWS
+        # mask_kind "dense": a mask beyond key padding, by its dims (what the lean key replays), not its values
+        if not mha and p.mask_kind == "dense":
+            return _STEP_SQ_MASKED_GQA
         if mha:
             return 2 if _one_thread() else _STEP_SQ_PARALLEL_BRGEMM
         return 1 if not wide and _one_thread() else 2  # grouped-query (measured where _FP32_BRGEMM is set)
