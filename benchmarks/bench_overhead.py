@@ -5,18 +5,20 @@ For each call it times, interleaved round by round:
   fastattn  the fastattn public function
   op        the backend entry point fastattn ends in for this call (the decode kernel's run(DecodeCall) or the
             backend's forward(AttnParams)), on arguments prepared once, so it holds no fastattn Python work
-and reports fastattn / sdpa and the Python overhead = fastattn - op. Targets (issue 13): fastattn <= 1.3x SDPA,
-overhead <= 10 us. Small calls are what this measures: the kernels themselves take a few microseconds.
-A kernel's own time varies from call to call by more than that overhead (a 200 us kernel by +-10 us here), so the
-last column, `python`, times fastattn and op once more with the kernels (the C++ ops torch.ops.fastattn.fwd /
-decode_fwd, and PyTorch's SDPA as the sdpa backend calls it) answering from a stub that returns the real outputs of
-the first call: the difference is the Python work alone.
+and reports fastattn / sdpa and the overhead = fastattn - op (the lean path's C++ routes skip op's Python, so this can
+read below 0). Targets (issue 13): fastattn <= 1.3x SDPA, overhead <= 10 us. Small calls are what this measures: the
+kernels themselves take a few microseconds. A kernel's own time varies from call to call by more than that overhead
+(a 200 us kernel by +-10 us here), so the `python` column times fastattn once more with every kernel it reaches (the
+ops torch.ops.fastattn.fwd / decode_fwd, PyTorch's SDPA as the sdpa backend calls it, and the lean path's C++ routes,
+ops._C.DecodeRoute / FwdRoute / SdpaRoute) answering from a stub that returns the real outputs of the first call:
+fastattn's own work (Python and C++) plus one call of the stub, a Python method returning a tensor (~0.1-0.2 us).
+(Until 2026-12-05 it was that time less op's with the same stubs, which the C++ routes made meaningless.)
 
---cold adds a `cold` column: the same stubbed difference with the L2 cache evicted before each call (a 2 MiB
-buffer written), as in a model where the layers between two attention calls stream their weights through the
-cache; each round times the calls with their evictions against the evictions alone, and the column is the median
-of the paired differences. Cold, every Python function, dict and object the call touches is a cache miss: the
-Python work costs several times its warm figure, while PyTorch's SDPA, one C++ call, pays little more.
+--cold adds a `cold` column: the same stubbed call with the L2 cache evicted before each call (a 2 MiB buffer
+written), as in a model where the layers between two attention calls stream their weights through the cache; each
+round times the calls with their evictions against the evictions alone, and the column is the median of the paired
+differences. Cold, every Python function, dict and object the call touches is a cache miss: the Python work costs
+several times its warm figure, while PyTorch's SDPA, one C++ call, pays little more.
 
 Times are this thread's CPU time (time.thread_time; torch runs on this one thread), the fastest of the rounds: on a
 shared, loaded machine wall time also counts the time slices other processes take, and a round's time only ever
@@ -34,13 +36,14 @@ import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastattn
 import fastattn  # noqa: E402
-from fastattn import dispatch  # noqa: E402
+from fastattn import dispatch, ops  # noqa: E402
 from fastattn.backends import sdpa as sdpa_backend  # noqa: E402
 from fastattn.functional import _sdpa_params  # noqa: E402
 from fastattn.params import DecodeCall  # noqa: E402
@@ -118,13 +121,28 @@ class _Stub:
         return self.out
 
 
+class _RouteStub:
+    """Stands in for a C++ route class (ops._C.DecodeRoute, FwdRoute, SdpaRoute): the routes it makes answer each of
+    their methods from a _Stub of the real route's."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __call__(self, *args, **kw):
+        real = self.cls(*args, **kw)
+        return types.SimpleNamespace(**{m: _Stub(getattr(real, m)) for m in ("out", "out_masked", "call")
+                                        if hasattr(real, m)})
+
+
 @contextlib.contextmanager
 def _kernels_stubbed():
     ns = torch.ops.fastattn
     real = {(ns, n): getattr(ns, n) for n in ("fwd", "decode_fwd")}
     real[(sdpa_backend, "TORCH_SDPA")] = sdpa_backend.TORCH_SDPA
+    if ops._ROUTES:
+        real.update({(ops._C, n): getattr(ops._C, n) for n in ("DecodeRoute", "FwdRoute", "SdpaRoute")})
     for (owner, n), op in real.items():
-        setattr(owner, n, _Stub(op))
+        setattr(owner, n, _RouteStub(op) if owner is ops._C else _Stub(op))
     dispatch._CHOICES.clear()  # the lean path's routes hold the ops they call: learnt again with the stubs
     try:
         yield
@@ -188,25 +206,23 @@ def main():
         fns = {"sdpa": sdpa, "ours": ours}
         if op is not None:
             fns["op"] = op
-        samples = {k: [] for k in list(fns) + ["ours_py", "op_py"]}
+        samples = {k: [] for k in list(fns) + ["ours_py"]}
         for stub in (False, True):
             with _kernels_stubbed() if stub else contextlib.nullcontext():
-                run = {k + "_py": fns[k] for k in ("ours", "op") if k in fns} if stub else fns
+                run = {"ours_py": ours} if stub else fns
                 for f in run.values():  # warm-up: caches, first-call work
                     for _ in range(5):
                         f()
                 for _ in range(rounds):  # interleaved, so drift hits every column alike
                     for k, f in run.items():
                         samples[k].append(_per_call_us(f, inner, clock))
-                if stub and args.cold and "op_py" in run:
-                    cold = {k: _cold_us(run[k], 20, 4 * rounds, clock) for k in ("ours_py", "op_py")}
+                if stub and args.cold:
+                    cold = _cold_us(ours, 20, 4 * rounds, clock)
         us = {k: pick(v) for k, v in samples.items() if v}
         op_us = us.get("op")
         print(f"{name:<38} {us['sdpa']:8.1f} {us['ours']:9.1f} {us['ours'] / us['sdpa']:5.2f}x "
-              + (f"{op_us:8.1f} {us['ours'] - op_us:9.1f} {us['ours_py'] - us['op_py']:7.1f}" if op_us is not None
-                 else f"{'-':>8} {'-':>9} {'-':>7}")
-              + (f" {cold['ours_py'] - cold['op_py']:6.1f}" if args.cold and op_us is not None else "")
-              + f"  {op_label}")
+              + (f"{op_us:8.1f} {us['ours'] - op_us:9.1f}" if op_us is not None else f"{'-':>8} {'-':>9}")
+              + f" {us['ours_py']:7.1f}" + (f" {cold:6.1f}" if args.cold else "") + f"  {op_label}")
 
 
 if __name__ == "__main__":

@@ -323,9 +323,9 @@ def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
     Hq, Hkv = heads
     if dtype == torch.bfloat16 and Sq == 1 and Hq == Hkv:
         request.applymarker(pytest.mark.xfail(
-            reason="known gap (Intel Xeon AMX, 2026-12-05): two threads, the kernel 0.94-1.03x, the hand-over to sdpa "
-                   "0.94x in the same run (1.00x on the kernel since it fetches ahead); one thread, since bf16 MHA steps "
-                   "are the kernel's, "
+            reason="known gap (Intel Xeon AMX, 2026-12-05): two threads, the kernel 0.94-1.03x, the hand-over to "
+                   "sdpa 0.94x in the same run (1.00x on the kernel since it fetches ahead); one thread, since bf16 MHA "
+                   "steps are the kernel's, "
                    "0.80-0.88x on these caches reused call after call, where transformers' GPT-2 batch 4 left-padded "
                    "(benchmarks/bench_hf_decode.py --batch 4) read each new token's attention 0.89x / 1.06x torch at "
                    "128 / 512 prompt tokens on the kernel, 0.83x / 0.93x through the hand-over", strict=False))

@@ -293,7 +293,8 @@ bool refused() {
   // (functorch includes its front-mode key while any transform's level is on its stack)
   const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
   return torch::jit::tracer::isTracing() || !tls.excluded_.isSupersetOf(c10::autocast_dispatch_keyset) ||
-         at::impl::torch_function_mode_enabled() || tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         at::impl::torch_function_mode_enabled() ||
+         tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
          torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
 }
 

@@ -199,8 +199,8 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
     on more, 2^22 for one head: the cpu kernels' fixed cost per forward+backward outweighs their tiles there), while
     inference calls of the same shapes, bigger training calls and calls sdpa would not run fused stay on the cpu
     kernels. One head without a causal band takes 3 * 2^22 on an Intel CPU, as do 2 heads on one thread of it (3-4
-    heads 2^22); on more threads Intel CPUs keep 2^21 (one head 2^22 with a causal band). (CPUs with AVX-512; without it 2^21 on more threads too:
-    test_avx2_only_rules.)"""
+    heads 2^22); on more threads Intel CPUs keep 2^21 (one head 2^22 with a causal band). (CPUs with AVX-512; without
+    it 2^21 on more threads too: test_avx2_only_rules.)"""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     monkeypatch.setattr(cpu_backend, "_AMD", False)
