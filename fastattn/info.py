@@ -7,7 +7,7 @@ import sys
 import torch
 
 import fastattn
-from fastattn import ops
+from fastattn import lean, ops
 from fastattn.backends import BACKENDS, FEATURES
 from fastattn.backends.cpu import environment_notes
 
@@ -39,6 +39,7 @@ def collect() -> dict:
     info["cpp_kernels"] = {k: ops.has_kernel(k) for k in ("CPU", "CUDA")}
     info["cuda_compiled"] = ops.cuda_built()
     info["cpu_matmul"] = ops.cpu_matmul()
+    info["lean_path"] = lean.describe()
     info["environment"] = environment_notes()
     info["backends"] = {}
     for name, b in BACKENDS.items():
@@ -93,6 +94,7 @@ def main() -> None:
     print(f"{'C++ kernels':<{w}} " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["cpp_kernels"].items())
           + f"; CUDA compiled into _C: {'yes' if info['cuda_compiled'] else 'no'}")
     print(f"{'CPU kernels':<{w}} " + f"\n{'':<{w}} ".join(info["cpu_matmul"].split("; ")))
+    print(f"{'lean path':<{w}} {info['lean_path']}")
     for note in info["environment"]:
         print(f"{'WARNING':<{w}} {note}")
     print("\nbackends:")

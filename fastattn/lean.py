@@ -261,6 +261,15 @@ if ops._C is not None and hasattr(ops._C, "lean_cache_call"):  # an extension bu
     cache_call = ops._C.lean_cache_call
 
 
+def describe() -> str:
+    """How the lean paths run in this build, for `python -m fastattn.info`."""
+    if call is call_py:
+        return "Python references (fastattn._C without lean_call: rebuild the extension for the C++ paths)"
+    memo = ("on (the last 4 calls' facts and routes)" if getattr(ops._C, "LEAN_MEMO", False)
+            else "off (CPython 3.13+ gives dicts no version tag)")
+    return f"one C++ call each (fastattn._C.lean_call, lean_cache_call); lean_call's memo {memo}"
+
+
 def learn_cache(k: tuple, chosen, call) -> None:
     """Remembers the kernel flash_attn_with_kvcache chose for calls with lean key k: chosen's split-KV kernel as a
     cache runner, or False (the generic path, or an empty call: take the full path)."""

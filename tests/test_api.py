@@ -215,7 +215,7 @@ def test_info_runs_and_reports_backends():
     assert r.returncode == 0, r.stderr
     for name in fastattn.BACKENDS:
         assert name in r.stdout
-    assert "torch" in r.stdout and "C++ ops" in r.stdout
+    assert "torch" in r.stdout and "C++ ops" in r.stdout and "lean path" in r.stdout
 
 
 # ---------------------------------------------------------------- kv cache (generic path)
