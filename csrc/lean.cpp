@@ -1,7 +1,6 @@
-// The lean paths' C++ (fastattn/lean.py): lean_key, the SDPA surface's lean key (lean.key_py, the reference);
-// lean_call, that surface's whole lean path (lean.call_py); cache_key, flash_attn_with_kvcache's
-// (lean.cache_key_py); lean_cache_call, its whole lean path (lean.cache_call_py); cache_append, its append of the new
-// keys and values.
+// The SDPA surface's lean path in C++ (fastattn/lean.py): lean_key, its key (lean.key_py, the reference); lean_call,
+// the whole path (lean.call_py), with its memo (lean_memo.h); lean_init, which binds both lean paths to the Python
+// state they read; the module's entries for both (flash_attn_with_kvcache's: lean_cache.cpp).
 //
 // Why: the key runs between two kernels that stream a KV cache through the L2, so its Python ran cold there:
 // 2.4 us warm and 4-7 us cold a call (one thread, Intel Xeon; 12-head decode steps of 9-130 us), most of auto's
@@ -22,17 +21,17 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include "lean_common.h"
 #include "lean_memo.h"
 
 namespace fastattn::lean {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                                            const at::Tensor& k, const at::Tensor& v, int64_t lo);
-namespace {
 
-// Set once by lean_init (strong references kept for the process's life).
+// Set once by lean_init (strong references kept for the process's life); lean_common.h shares the first four.
 PyObject* g_tag = nullptr;        // dispatch.LEAN
 PyObject* g_cache = nullptr;      // lean._CACHE (second field of flash_attn_with_kvcache's keys)
 PyObject* g_dispatch = nullptr;   // the dispatch module: _CHOICES and length_breaks are read from it per call
+PyObject* g_choices = nullptr;    // "_CHOICES"
+namespace {
 PyObject* g_ctx = nullptr;        // dispatch._ctx_backend (a ContextVar)
 PyObject* g_env = nullptr;        // dispatch._env_backend () -> str | None
 PyObject* g_os = nullptr;         // the os module: os.environ replaced wholesale sends requested() to g_env
@@ -41,8 +40,8 @@ PyObject* g_env_data = nullptr;   // its encoded mapping (os.environ._data), or 
 PyObject* g_env_key = nullptr;    // b"FASTATTN_BACKEND", encoded as os.environ encodes keys
 PyObject* g_environ_name = nullptr;  // "environ"
 PyObject* g_auto = nullptr;       // "auto"
-PyObject* g_choices = nullptr;    // "_CHOICES"
 PyObject* g_breaks = nullptr;     // "length_breaks"
+}  // namespace
 
 bool float_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
@@ -60,6 +59,8 @@ const at::Tensor* plain_cpu(PyObject* o) {
   return t.defined() && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() ? &t : nullptr;
 }
 
+namespace {
+
 // dispatch._env_backend() (FASTATTN_BACKEND or None), a new reference; nullptr with a Python error set. Read from
 // os.environ's encoded mapping here while os.environ is the object lean_init saw (that function's Python frame ran
 // cold, ~0.5-1 us a call), else by calling it.
@@ -76,6 +77,8 @@ PyObject* env_backend() {
   }
   return PyObject_CallNoArgs(g_env);
 }
+
+}  // namespace
 
 // backend or _ctx_backend.get() or _env_backend() or "auto" (dispatch._ambient's order), a new reference.
 PyObject* requested(PyObject* backend) {
@@ -95,6 +98,38 @@ PyObject* requested(PyObject* backend) {
   }
   return Py_NewRef(g_auto);
 }
+
+// Whether lean_call must leave the call to the Python surface (lean._refused, the reference): jit tracing, autocast
+// on any device, a torch-function mode, a functorch transform's level, or an open forward-AD level. Read from torch's
+// thread-local state, as the Python callables behind lean._GUARDS read it (each of those calls ran cold, ~0.3-0.5 us).
+bool refused() {
+  // (functorch includes its front-mode key while any transform's level is on its stack)
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  return torch::jit::tracer::isTracing() || !tls.excluded_.isSupersetOf(c10::autocast_dispatch_keyset) ||
+         at::impl::torch_function_mode_enabled() ||
+         tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
+}
+
+// The route learnt for key k (a new reference to its Lean (name, run)) in choices (dispatch._CHOICES); nullptr where
+// there is none, with *instead what lean_call / cache_call return then: k (none learnt yet), None (the key takes the
+// full path: False), or nullptr with a Python error set. Steals k.
+PyObject* lookup(PyObject* choices, PyObject* k, PyObject** instead) {
+  PyObject* route = PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
+  if (route == nullptr) {
+    if (PyErr_Occurred()) Py_DECREF(k);
+    else *instead = k;  // to learn
+    return nullptr;
+  }
+  Py_DECREF(k);
+  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  return Py_NewRef(route);
+}
+
+namespace {
 
 // bisect_left(dispatch.length_breaks(Sq), Sk) with length_breaks' memo (_CHOICES[(LEAN, Sq)]) read here (the breaks
 // into *out where given); -1 on error.
@@ -207,149 +242,6 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
   return read > 0 ? make_key(f) : read < 0 ? nullptr : Py_NewRef(Py_None);
 }
 
-// A tensor's shape as a tuple of ints (equal to, and hashing as, its torch.Size).
-PyObject* shape(const at::Tensor& t) {
-  const auto s = t.sizes();
-  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(s.size()));
-  for (size_t i = 0; out && i < s.size(); ++i) {
-    PyObject* d = PyLong_FromLongLong(s[i]);
-    if (d == nullptr) {
-      Py_CLEAR(out);
-      break;
-    }
-    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
-  }
-  return out;
-}
-
-
-// cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
-// return_lse, backend) -> tuple | None: lean.cache_key_py's key (flash_attn_with_kvcache's lean path).
-PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
-  if (n != 13) {
-    PyErr_SetString(PyExc_TypeError, "cache_key takes 13 arguments");
-    return nullptr;
-  }
-  if (g_tag == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.cache_key: lean_init was not called");
-    return nullptr;
-  }
-  PyObject *kn = a[3], *vn = a[4], *lens = a[5], *scale = a[6], *causal = a[7], *window = a[8], *softcap = a[9];
-  PyObject *splits = a[10], *lse = a[11];
-  const bool has_new = kn != Py_None || vn != Py_None;
-  if (!(PyBool_Check(causal) && PyBool_Check(lse) && PyLong_CheckExact(splits) && PyFloat_CheckExact(softcap) &&
-        (scale == Py_None || PyFloat_CheckExact(scale)) && PyTuple_CheckExact(window) &&
-        PyTuple_GET_SIZE(window) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(window, 0)) &&
-        PyLong_CheckExact(PyTuple_GET_ITEM(window, 1)) && (!has_new || (plain_type(kn) && plain_type(vn))))) {
-    Py_RETURN_NONE;
-  }
-  const at::Tensor *q = plain_cpu(a[0]), *kc = plain_cpu(a[1]), *vc = plain_cpu(a[2]);
-  if (!q || !kc || !vc) Py_RETURN_NONE;
-  const at::ScalarType dt = q->scalar_type();
-  const bool grad = at::GradMode::is_enabled();
-  if (!float_dtype(dt) || kc->scalar_type() != dt || vc->scalar_type() != dt || q->dim() == 0 || kc->dim() == 0 ||
-      vc->dim() == 0 || q->stride(-1) != 1 || kc->stride(-1) != 1 || vc->stride(-1) != 1 ||
-      (grad && (q->requires_grad() || kc->requires_grad() || vc->requires_grad()))) {
-    Py_RETURN_NONE;
-  }
-  if (!PyLong_CheckExact(lens)) {  // else an int32 (B,) unit-stride CPU tensor, B = q's batch
-    if (!plain_type(lens)) Py_RETURN_NONE;
-    const at::Tensor& L = THPVariable_Unpack(lens);
-    if (!(L.scalar_type() == at::kInt && L.is_cpu() && L.layout() == at::kStrided && !L.is_nested() &&
-          q->dim() == 4 && L.dim() == 1 && L.size(0) == q->size(0) && L.stride(0) == 1)) {
-      Py_RETURN_NONE;
-    }
-  }
-  PyObject* shapes[5] = {shape(*q), shape(*kc), shape(*vc), nullptr, nullptr};
-  PyObject* out = nullptr;
-  if (has_new) {
-    const at::Tensor *k = plain_cpu(kn), *v = plain_cpu(vn);
-    if (!(k && v && k->scalar_type() == dt && v->scalar_type() == dt && !(grad && (k->requires_grad() ||
-                                                                                  v->requires_grad())))) {
-      for (PyObject* o : shapes) Py_XDECREF(o);
-      Py_RETURN_NONE;
-    }
-    shapes[3] = shape(*k);
-    shapes[4] = shape(*v);
-  }
-  PyObject* req = requested(a[12]);
-  if (req && shapes[0] && shapes[1] && shapes[2] && (!has_new || (shapes[3] && shapes[4]))) {
-    PyObject* fresh = has_new ? Py_BuildValue("(OO)", shapes[3], shapes[4]) : Py_NewRef(Py_None);
-    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
-    if (fresh) {
-      out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, req, dtype, shapes[0], shapes[1], shapes[2], fresh,
-                          causal, window, softcap, scale, splits);
-    }
-  }
-  Py_XDECREF(req);
-  for (PyObject* o : shapes) Py_XDECREF(o);
-  return out;
-}
-
-// Whether lean_call must leave the call to the Python surface (lean._refused, the reference): jit tracing, autocast
-// on any device, a torch-function mode, a functorch transform's level, or an open forward-AD level. Read from torch's
-// thread-local state, as the Python callables behind lean._GUARDS read it (each of those calls ran cold, ~0.3-0.5 us).
-bool refused() {
-  // (functorch includes its front-mode key while any transform's level is on its stack)
-  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
-  return torch::jit::tracer::isTracing() || !tls.excluded_.isSupersetOf(c10::autocast_dispatch_keyset) ||
-         at::impl::torch_function_mode_enabled() ||
-         tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
-}
-
-// The route learnt for key k (a new reference to its Lean (name, run)) in choices (dispatch._CHOICES); nullptr where
-// there is none, with *instead what lean_call / cache_call return then: k (none learnt yet), None (the key takes the
-// full path: False), or nullptr with a Python error set. Steals k.
-PyObject* lookup(PyObject* choices, PyObject* k, PyObject** instead) {
-  PyObject* route = PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
-  if (route == nullptr) {
-    if (PyErr_Occurred()) Py_DECREF(k);
-    else *instead = k;  // to learn
-    return nullptr;
-  }
-  Py_DECREF(k);
-  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
-    *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  return Py_NewRef(route);
-}
-
-// The learnt route for the call a[0, n) whose key Key makes, after the refusals (lookup's answers; also None where
-// the call is refused or has no key).
-template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
-PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
-  *instead = nullptr;
-  if (g_tag == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fastattn._C: lean_init was not called");
-    return nullptr;
-  }
-  if (refused()) {
-    *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  PyObject* k = nullptr;
-  try {
-    k = Key(a, n);
-  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
-    *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  if (k == nullptr || k == Py_None) {
-    *instead = k;
-    return nullptr;
-  }
-  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
-  if (choices == nullptr) {
-    Py_DECREF(k);
-    return nullptr;
-  }
-  PyObject* route = lookup(choices, k, instead);
-  Py_DECREF(choices);
-  return route;
-}
-
 Memo& memo() {
   static Memo* m = new Memo();  // never destroyed (lean_memo.h)
   return *m;
@@ -417,86 +309,6 @@ PyObject* guarded(PyObject*, PyObject* const* a, Py_ssize_t n) {
   }
 }
 
-// route(qt, k_cache, v_cache, seqlens) -> (out, lse) for a learnt cache route, -> nullptr with a Python error set.
-PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, PyObject* vc, const at::Tensor& lens) {
-  PyObject* args[4] = {THPVariable_Wrap(qt), kc, vc, THPVariable_Wrap(lens)};
-  PyObject* res = args[0] && args[3] ? PyObject_Vectorcall(route, args, 4, nullptr) : nullptr;
-  Py_XDECREF(args[0]);
-  Py_XDECREF(args[3]);
-  return res;
-}
-
-// cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
-// return_lse, backend) -> out | (out, lse) | key | None: flash_attn_with_kvcache's lean path in one call
-// (lean.cache_call_py, the reference; the caller has checked block_table, cache_batch_idx, rotary_cos, alibi_slopes
-// and cache_leftpad are None and that dynamo is not tracing). The learnt route's result (lean.cache_run's steps:
-// the lengths read and checked against the cache, an append of the new k, v undone if the kernel fails); the key
-// (a 13-tuple) where none is learnt yet; None where the call cannot take the path, its key takes the full path, or
-// its values send it there (lengths outside the cache, appends into rows of different lengths).
-PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
-  PyObject* instead = nullptr;
-  PyObject* route = learnt_route<cache_key>(a, n, &instead);
-  if (route == nullptr) return instead;
-  // cache_key accepted the tensors: plain CPU tensors, cache_seqlens an int or an int32 (B,) unit-stride tensor
-  const at::Tensor& q = THPVariable_Unpack(a[0]);
-  const at::Tensor& kc = THPVariable_Unpack(a[1]);
-  const at::Tensor& vc = THPVariable_Unpack(a[2]);
-  PyObject* lens = a[5];
-  int64_t lo = 0, hi = 0;
-  at::Tensor given;
-  if (PyLong_CheckExact(lens)) {
-    lo = hi = PyLong_AsLongLong(lens);
-    if (lo == -1 && PyErr_Occurred()) {
-      Py_DECREF(route);
-      return nullptr;
-    }
-  } else {
-    given = THPVariable_Unpack(lens);
-    const int32_t* L = given.data_ptr<int32_t>();
-    lo = hi = given.size(0) ? L[0] : 0;
-    for (int64_t b = 1; b < given.size(0); ++b) lo = std::min<int64_t>(lo, L[b]), hi = std::max<int64_t>(hi, L[b]);
-  }
-  const bool fresh = a[3] != Py_None;
-  const int64_t snew = fresh ? THPVariable_Unpack(a[3]).size(1) : 0;
-  if (lo < 0 || hi + snew > kc.size(1) || (snew && lo != hi)) {  // the full path: its message, its indexed append
-    Py_DECREF(route);
-    Py_RETURN_NONE;
-  }
-  const at::Tensor qt = q.transpose(1, 2);  // (B, Sq, Hq, D) -> (B, Hq, Sq, D)
-  PyObject* run = PyTuple_GET_ITEM(route, 1);
-  PyObject* res = nullptr;
-  if (!fresh) {
-    const at::Tensor seqlens = given.defined() ? given : at::full({q.size(0)}, lo, q.options().dtype(at::kInt));
-    res = run_cache_route(run, qt, a[1], a[2], seqlens);
-  } else {
-    const at::Tensor &kn = THPVariable_Unpack(a[3]), &vn = THPVariable_Unpack(a[4]);
-    auto [old_k, old_v, seqlens] = cache_append(kc, vc, kn, vn, lo);  // seqlens: lo + snew
-    res = run_cache_route(run, qt, a[1], a[2], seqlens);
-    if (res == nullptr) {  // the caches bit for bit as they were, then the route's error
-      PyObject *type, *value, *trace;
-      PyErr_Fetch(&type, &value, &trace);
-      cache_append(kc, vc, old_k, old_v, lo);
-      PyErr_Restore(type, value, trace);
-    }
-  }
-  Py_DECREF(route);
-  if (res == nullptr) return nullptr;
-  if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2 || !THPVariable_Check(PyTuple_GET_ITEM(res, 0))) {
-    Py_DECREF(res);
-    PyErr_SetString(PyExc_TypeError, "fastattn._C.lean_cache_call: a cache route must return (out, lse)");
-    return nullptr;
-  }
-  PyObject* out = THPVariable_Wrap(THPVariable_Unpack(PyTuple_GET_ITEM(res, 0)).transpose(1, 2));  // -> (B, Sq, Hq, Dv)
-  if (out == nullptr || a[11] != Py_True) {
-    Py_DECREF(res);
-    return out;
-  }
-  PyObject* both = PyTuple_Pack(2, out, PyTuple_GET_ITEM(res, 1));
-  Py_DECREF(out);
-  Py_DECREF(res);
-  return both;
-}
-
 // lean_call / cache_call as a METH_FASTCALL entry: a C++ error (cache_call's append checks, a restore) as a Python
 // RuntimeError (the routes' own errors are Python exceptions already).
 template <PyObject* (*Call)(PyObject* const*, Py_ssize_t)>
@@ -549,37 +361,6 @@ void lean_init(pybind11::object dispatch, pybind11::object tag, pybind11::object
   g_auto = PyUnicode_InternFromString("auto");
   g_choices = PyUnicode_InternFromString("_CHOICES");
   g_breaks = PyUnicode_InternFromString("length_breaks");
-}
-
-// flash_attn_with_kvcache's lean append: slots [lo, lo + Snew) of every batch row of the caches (B, S, Hkv, D|Dv)
-// take k, v (B, Snew, Hkv, D|Dv); returns what they held (to restore the caches bit for bit if the kernel fails)
-// and the int32 (B,) lengths after the append. One call for the seven tensor ops the Python made (~1.5 us each).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                                            const at::Tensor& k, const at::Tensor& v, int64_t lo) {
-  const int64_t snew = k.size(1);
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && lo >= 0 && lo + snew <= k_cache.size(1) &&
-                  v.size(1) == snew && lo + snew <= v_cache.size(1),
-              "cache_append: slots [", lo, ", ", lo + snew, ") outside caches ", k_cache.sizes(), " / ",
-              v_cache.sizes());
-  at::Tensor ks = k_cache.narrow(1, lo, snew), vs = v_cache.narrow(1, lo, snew);  // (B, Snew, Hkv, D|Dv) views
-  // Everything copy_ could refuse halfway (after k's slots were written) or take silently (broadcast, a dtype
-  // conversion), checked before the first write.
-  for (const auto& [t, slots, name] : {std::tuple{&k, &ks, "k"}, std::tuple{&v, &vs, "v"}}) {
-    TORCH_CHECK(t->sizes() == slots->sizes() && t->scalar_type() == slots->scalar_type() &&
-                    t->device() == slots->device(),
-                "cache_append: ", name, " must be ", slots->scalar_type(), " ", slots->sizes(), " on ",
-                slots->device(), " (the slots it fills), got ", t->scalar_type(), " ", t->sizes(), " on ",
-                t->device());
-  }
-  at::Tensor old_k = ks.clone(), old_v = vs.clone();
-  ks.copy_(k);
-  try {  // what the checks cannot see (e.g. an inference-mode v_cache outside inference mode) refuses v's write
-    vs.copy_(v);
-  } catch (...) {
-    ks.copy_(old_k);  // k's slots as they were: a failing call leaves both caches untouched
-    throw;
-  }
-  return {old_k, old_v, at::full({k_cache.size(0)}, lo + snew, k_cache.options().dtype(at::kInt))};
 }
 
 void add_lean(pybind11::module_& m) {

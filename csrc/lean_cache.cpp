@@ -1,0 +1,207 @@
+// flash_attn_with_kvcache's lean path in C++ (fastattn/lean.py's cache_key_py, cache_call_py and cache_append_py are
+// the references, checked against these in tests/test_lean_key.py and tests/test_lean_cache.py): cache_key, its key;
+// cache_call, the whole path; cache_append, the append of the new keys and values. As Python, the path around the
+// kernel cost ~15 us a call cold (GQA 16/4 D=128 bf16 at 1024 keys, one thread, Intel Xeon).
+#include <torch/extension.h>
+
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include "lean_common.h"
+
+namespace fastattn::lean {
+namespace {
+
+// A tensor's shape as a tuple of ints (equal to, and hashing as, its torch.Size).
+PyObject* shape(const at::Tensor& t) {
+  const auto s = t.sizes();
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(s.size()));
+  for (size_t i = 0; out && i < s.size(); ++i) {
+    PyObject* d = PyLong_FromLongLong(s[i]);
+    if (d == nullptr) {
+      Py_CLEAR(out);
+      break;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
+  }
+  return out;
+}
+
+
+// route(qt, k_cache, v_cache, seqlens) -> (out, lse) for a learnt cache route, -> nullptr with a Python error set.
+PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, PyObject* vc, const at::Tensor& lens) {
+  PyObject* args[4] = {THPVariable_Wrap(qt), kc, vc, THPVariable_Wrap(lens)};
+  PyObject* res = args[0] && args[3] ? PyObject_Vectorcall(route, args, 4, nullptr) : nullptr;
+  Py_XDECREF(args[0]);
+  Py_XDECREF(args[3]);
+  return res;
+}
+
+}  // namespace
+
+// cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+// return_lse, backend) -> tuple | None: lean.cache_key_py's key (flash_attn_with_kvcache's lean path).
+PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
+  if (n != 13) {
+    PyErr_SetString(PyExc_TypeError, "cache_key takes 13 arguments");
+    return nullptr;
+  }
+  if (g_tag == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.cache_key: lean_init was not called");
+    return nullptr;
+  }
+  PyObject *kn = a[3], *vn = a[4], *lens = a[5], *scale = a[6], *causal = a[7], *window = a[8], *softcap = a[9];
+  PyObject *splits = a[10], *lse = a[11];
+  const bool has_new = kn != Py_None || vn != Py_None;
+  if (!(PyBool_Check(causal) && PyBool_Check(lse) && PyLong_CheckExact(splits) && PyFloat_CheckExact(softcap) &&
+        (scale == Py_None || PyFloat_CheckExact(scale)) && PyTuple_CheckExact(window) &&
+        PyTuple_GET_SIZE(window) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(window, 0)) &&
+        PyLong_CheckExact(PyTuple_GET_ITEM(window, 1)) && (!has_new || (plain_type(kn) && plain_type(vn))))) {
+    Py_RETURN_NONE;
+  }
+  const at::Tensor *q = plain_cpu(a[0]), *kc = plain_cpu(a[1]), *vc = plain_cpu(a[2]);
+  if (!q || !kc || !vc) Py_RETURN_NONE;
+  const at::ScalarType dt = q->scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if (!float_dtype(dt) || kc->scalar_type() != dt || vc->scalar_type() != dt || q->dim() == 0 || kc->dim() == 0 ||
+      vc->dim() == 0 || q->stride(-1) != 1 || kc->stride(-1) != 1 || vc->stride(-1) != 1 ||
+      (grad && (q->requires_grad() || kc->requires_grad() || vc->requires_grad()))) {
+    Py_RETURN_NONE;
+  }
+  if (!PyLong_CheckExact(lens)) {  // else an int32 (B,) unit-stride CPU tensor, B = q's batch
+    if (!plain_type(lens)) Py_RETURN_NONE;
+    const at::Tensor& L = THPVariable_Unpack(lens);
+    if (!(L.scalar_type() == at::kInt && L.is_cpu() && L.layout() == at::kStrided && !L.is_nested() &&
+          q->dim() == 4 && L.dim() == 1 && L.size(0) == q->size(0) && L.stride(0) == 1)) {
+      Py_RETURN_NONE;
+    }
+  }
+  PyObject* shapes[5] = {shape(*q), shape(*kc), shape(*vc), nullptr, nullptr};
+  PyObject* out = nullptr;
+  if (has_new) {
+    const at::Tensor *k = plain_cpu(kn), *v = plain_cpu(vn);
+    if (!(k && v && k->scalar_type() == dt && v->scalar_type() == dt && !(grad && (k->requires_grad() ||
+                                                                                  v->requires_grad())))) {
+      for (PyObject* o : shapes) Py_XDECREF(o);
+      Py_RETURN_NONE;
+    }
+    shapes[3] = shape(*k);
+    shapes[4] = shape(*v);
+  }
+  PyObject* req = requested(a[12]);
+  if (req && shapes[0] && shapes[1] && shapes[2] && (!has_new || (shapes[3] && shapes[4]))) {
+    PyObject* fresh = has_new ? Py_BuildValue("(OO)", shapes[3], shapes[4]) : Py_NewRef(Py_None);
+    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
+    if (fresh) {
+      out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, req, dtype, shapes[0], shapes[1], shapes[2], fresh,
+                          causal, window, softcap, scale, splits);
+    }
+  }
+  Py_XDECREF(req);
+  for (PyObject* o : shapes) Py_XDECREF(o);
+  return out;
+}
+
+// cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
+// return_lse, backend) -> out | (out, lse) | key | None: flash_attn_with_kvcache's lean path in one call
+// (lean.cache_call_py, the reference; the caller has checked block_table, cache_batch_idx, rotary_cos, alibi_slopes
+// and cache_leftpad are None and that dynamo is not tracing). The learnt route's result (lean.cache_run's steps:
+// the lengths read and checked against the cache, an append of the new k, v undone if the kernel fails); the key
+// (a 13-tuple) where none is learnt yet; None where the call cannot take the path, its key takes the full path, or
+// its values send it there (lengths outside the cache, appends into rows of different lengths).
+PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
+  PyObject* instead = nullptr;
+  PyObject* route = learnt_route<cache_key>(a, n, &instead);
+  if (route == nullptr) return instead;
+  // cache_key accepted the tensors: plain CPU tensors, cache_seqlens an int or an int32 (B,) unit-stride tensor
+  const at::Tensor& q = THPVariable_Unpack(a[0]);
+  const at::Tensor& kc = THPVariable_Unpack(a[1]);
+  const at::Tensor& vc = THPVariable_Unpack(a[2]);
+  PyObject* lens = a[5];
+  int64_t lo = 0, hi = 0;
+  at::Tensor given;
+  if (PyLong_CheckExact(lens)) {
+    lo = hi = PyLong_AsLongLong(lens);
+    if (lo == -1 && PyErr_Occurred()) {
+      Py_DECREF(route);
+      return nullptr;
+    }
+  } else {
+    given = THPVariable_Unpack(lens);
+    const int32_t* L = given.data_ptr<int32_t>();
+    lo = hi = given.size(0) ? L[0] : 0;
+    for (int64_t b = 1; b < given.size(0); ++b) lo = std::min<int64_t>(lo, L[b]), hi = std::max<int64_t>(hi, L[b]);
+  }
+  const bool fresh = a[3] != Py_None;
+  const int64_t snew = fresh ? THPVariable_Unpack(a[3]).size(1) : 0;
+  if (lo < 0 || hi + snew > kc.size(1) || (snew && lo != hi)) {  // the full path: its message, its indexed append
+    Py_DECREF(route);
+    Py_RETURN_NONE;
+  }
+  const at::Tensor qt = q.transpose(1, 2);  // (B, Sq, Hq, D) -> (B, Hq, Sq, D)
+  PyObject* run = PyTuple_GET_ITEM(route, 1);
+  PyObject* res = nullptr;
+  if (!fresh) {
+    const at::Tensor seqlens = given.defined() ? given : at::full({q.size(0)}, lo, q.options().dtype(at::kInt));
+    res = run_cache_route(run, qt, a[1], a[2], seqlens);
+  } else {
+    const at::Tensor &kn = THPVariable_Unpack(a[3]), &vn = THPVariable_Unpack(a[4]);
+    auto [old_k, old_v, seqlens] = cache_append(kc, vc, kn, vn, lo);  // seqlens: lo + snew
+    res = run_cache_route(run, qt, a[1], a[2], seqlens);
+    if (res == nullptr) {  // the caches bit for bit as they were, then the route's error
+      PyObject *type, *value, *trace;
+      PyErr_Fetch(&type, &value, &trace);
+      cache_append(kc, vc, old_k, old_v, lo);
+      PyErr_Restore(type, value, trace);
+    }
+  }
+  Py_DECREF(route);
+  if (res == nullptr) return nullptr;
+  if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2 || !THPVariable_Check(PyTuple_GET_ITEM(res, 0))) {
+    Py_DECREF(res);
+    PyErr_SetString(PyExc_TypeError, "fastattn._C.lean_cache_call: a cache route must return (out, lse)");
+    return nullptr;
+  }
+  PyObject* out = THPVariable_Wrap(THPVariable_Unpack(PyTuple_GET_ITEM(res, 0)).transpose(1, 2));  // -> (B, Sq, Hq, Dv)
+  if (out == nullptr || a[11] != Py_True) {
+    Py_DECREF(res);
+    return out;
+  }
+  PyObject* both = PyTuple_Pack(2, out, PyTuple_GET_ITEM(res, 1));
+  Py_DECREF(out);
+  Py_DECREF(res);
+  return both;
+}
+
+// flash_attn_with_kvcache's lean append: slots [lo, lo + Snew) of every batch row of the caches (B, S, Hkv, D|Dv)
+// take k, v (B, Snew, Hkv, D|Dv); returns what they held (to restore the caches bit for bit if the kernel fails)
+// and the int32 (B,) lengths after the append. One call for the seven tensor ops the Python made (~1.5 us each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                            const at::Tensor& k, const at::Tensor& v, int64_t lo) {
+  const int64_t snew = k.size(1);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && lo >= 0 && lo + snew <= k_cache.size(1) &&
+                  v.size(1) == snew && lo + snew <= v_cache.size(1),
+              "cache_append: slots [", lo, ", ", lo + snew, ") outside caches ", k_cache.sizes(), " / ",
+              v_cache.sizes());
+  at::Tensor ks = k_cache.narrow(1, lo, snew), vs = v_cache.narrow(1, lo, snew);  // (B, Snew, Hkv, D|Dv) views
+  // Everything copy_ could refuse halfway (after k's slots were written) or take silently (broadcast, a dtype
+  // conversion), checked before the first write.
+  for (const auto& [t, slots, name] : {std::tuple{&k, &ks, "k"}, std::tuple{&v, &vs, "v"}}) {
+    TORCH_CHECK(t->sizes() == slots->sizes() && t->scalar_type() == slots->scalar_type() &&
+                    t->device() == slots->device(),
+                "cache_append: ", name, " must be ", slots->scalar_type(), " ", slots->sizes(), " on ",
+                slots->device(), " (the slots it fills), got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
+  }
+  at::Tensor old_k = ks.clone(), old_v = vs.clone();
+  ks.copy_(k);
+  try {  // what the checks cannot see (e.g. an inference-mode v_cache outside inference mode) refuses v's write
+    vs.copy_(v);
+  } catch (...) {
+    ks.copy_(old_k);  // k's slots as they were: a failing call leaves both caches untouched
+    throw;
+  }
+  return {old_k, old_v, at::full({k_cache.size(0)}, lo + snew, k_cache.options().dtype(at::kInt))};
+}
+
+}  // namespace fastattn::lean

@@ -1,0 +1,69 @@
+// What the lean paths' two files share (csrc/lean.cpp: the SDPA surface's lean path, lean_init and the module's
+// entries; csrc/lean_cache.cpp: flash_attn_with_kvcache's): lean_init's references, the tensor tests, the requested
+// backend, the refusals and the route lookup. Every function here runs with the GIL held.
+#pragma once
+
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+
+#include <exception>
+#include <tuple>
+
+namespace fastattn::lean {
+
+extern PyObject* g_tag;       // dispatch.LEAN (first field of every lean key)
+extern PyObject* g_cache;     // lean._CACHE (second field of flash_attn_with_kvcache's keys)
+extern PyObject* g_dispatch;  // the dispatch module (its _CHOICES read per call)
+extern PyObject* g_choices;   // "_CHOICES"
+
+bool float_dtype(at::ScalarType t);
+// A plain dense CPU tensor (not a subclass: FakeTensor, Parameter and others take the full path).
+bool plain_type(PyObject* o);
+const at::Tensor* plain_cpu(PyObject* o);
+// backend or _ctx_backend.get() or _env_backend() or "auto" (dispatch._ambient's order), a new reference.
+PyObject* requested(PyObject* backend);
+bool refused();
+PyObject* lookup(PyObject* choices, PyObject* k, PyObject** instead);
+
+// The learnt route for the call a[0, n) whose key Key makes, after the refusals (lookup's answers; also None where
+// the call is refused or has no key).
+template <PyObject* (*Key)(PyObject* const*, Py_ssize_t)>
+PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
+  *instead = nullptr;
+  if (g_tag == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "fastattn._C: lean_init was not called");
+    return nullptr;
+  }
+  if (refused()) {
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  PyObject* k = nullptr;
+  try {
+    k = Key(a, n);
+  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  if (k == nullptr || k == Py_None) {
+    *instead = k;
+    return nullptr;
+  }
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  if (choices == nullptr) {
+    Py_DECREF(k);
+    return nullptr;
+  }
+  PyObject* route = lookup(choices, k, instead);
+  Py_DECREF(choices);
+  return route;
+}
+
+// flash_attn_with_kvcache's lean path (csrc/lean_cache.cpp).
+PyObject* cache_key(PyObject* const* a, Py_ssize_t n);
+PyObject* cache_call(PyObject* const* a, Py_ssize_t n);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                            const at::Tensor& k, const at::Tensor& v, int64_t lo);
+
+}  // namespace fastattn::lean
