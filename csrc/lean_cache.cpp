@@ -4,29 +4,17 @@
 // kernel cost ~15 us a call cold (GQA 16/4 D=128 bf16 at 1024 keys, one thread, Intel Xeon).
 #include <torch/extension.h>
 
+#include <array>
+#include <vector>
+
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include "lean_common.h"
+#include "lean_memo.h"
 
 namespace fastattn::lean {
 namespace {
-
-// A tensor's shape as a tuple of ints (equal to, and hashing as, its torch.Size).
-PyObject* shape(const at::Tensor& t) {
-  const auto s = t.sizes();
-  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(s.size()));
-  for (size_t i = 0; out && i < s.size(); ++i) {
-    PyObject* d = PyLong_FromLongLong(s[i]);
-    if (d == nullptr) {
-      Py_CLEAR(out);
-      break;
-    }
-    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
-  }
-  return out;
-}
-
 
 // route(qt, k_cache, v_cache, seqlens) -> (out, lse) for a learnt cache route, -> nullptr with a Python error set.
 PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, PyObject* vc, const at::Tensor& lens) {
@@ -35,6 +23,199 @@ PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, P
   Py_XDECREF(args[0]);
   Py_XDECREF(args[3]);
   return res;
+}
+
+// The facts of a cache_key call: what its key is made of, as values.
+struct CacheFacts {
+  PyObject* req = nullptr;  // the requested backend (a strong reference)
+  at::ScalarType dt = at::kFloat;
+  std::vector<int64_t> dims;  // q's, k_cache's, v_cache's (and the new k's and v's) shapes, each after its rank
+  int64_t wl = 0, wr = 0, splits = 0;
+  double softcap = 0, scale = 0;
+  bool has_new = false, causal = false, has_scale = false;
+  bool values = true;  // the ints fit int64 (else no memo: the key still holds the call's objects)
+
+  CacheFacts() = default;
+  CacheFacts(const CacheFacts&) = delete;
+  CacheFacts& operator=(const CacheFacts&) = delete;
+  ~CacheFacts() { Py_XDECREF(req); }
+
+  void add_shape(const at::Tensor& t) {
+    dims.push_back(t.dim());
+    dims.insert(dims.end(), t.sizes().begin(), t.sizes().end());
+  }
+  bool same(const CacheFacts& o) const {  // (softcap and scale as the key's floats compare: a NaN never equal)
+    return values && o.values && dt == o.dt && dims == o.dims && wl == o.wl && wr == o.wr && splits == o.splits &&
+           softcap == o.softcap && has_scale == o.has_scale && (!has_scale || scale == o.scale) &&
+           has_new == o.has_new && causal == o.causal && same_backend(req, o.req);
+  }
+};
+
+// The facts of cache_key's call a[0, 13) into f: 1; 0 where the call has no key (it takes the full path); -1 with a
+// Python error set. Throws where a tensor lacks the metadata (strides).
+int read_cache_facts(PyObject* const* a, CacheFacts& f) {
+  PyObject *kn = a[3], *vn = a[4], *lens = a[5], *scale = a[6], *causal = a[7], *window = a[8], *softcap = a[9];
+  PyObject *splits = a[10], *lse = a[11];
+  const bool has_new = kn != Py_None || vn != Py_None;
+  if (!(PyBool_Check(causal) && PyBool_Check(lse) && PyLong_CheckExact(splits) && PyFloat_CheckExact(softcap) &&
+        (scale == Py_None || PyFloat_CheckExact(scale)) && PyTuple_CheckExact(window) &&
+        PyTuple_GET_SIZE(window) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(window, 0)) &&
+        PyLong_CheckExact(PyTuple_GET_ITEM(window, 1)) && (!has_new || (plain_type(kn) && plain_type(vn))))) {
+    return 0;
+  }
+  const at::Tensor *q = plain_cpu(a[0]), *kc = plain_cpu(a[1]), *vc = plain_cpu(a[2]);
+  if (!q || !kc || !vc) return 0;
+  const at::ScalarType dt = q->scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if (!float_dtype(dt) || kc->scalar_type() != dt || vc->scalar_type() != dt || q->dim() == 0 || kc->dim() == 0 ||
+      vc->dim() == 0 || q->stride(-1) != 1 || kc->stride(-1) != 1 || vc->stride(-1) != 1 ||
+      (grad && (q->requires_grad() || kc->requires_grad() || vc->requires_grad()))) {
+    return 0;
+  }
+  if (!PyLong_CheckExact(lens)) {  // else an int32 (B,) unit-stride CPU tensor, B = q's batch
+    if (!plain_type(lens)) return 0;
+    const at::Tensor& L = THPVariable_Unpack(lens);
+    if (!(L.scalar_type() == at::kInt && L.is_cpu() && L.layout() == at::kStrided && !L.is_nested() &&
+          q->dim() == 4 && L.dim() == 1 && L.size(0) == q->size(0) && L.stride(0) == 1)) {
+      return 0;
+    }
+  }
+  f.dt = dt;
+  f.add_shape(*q);
+  f.add_shape(*kc);
+  f.add_shape(*vc);
+  f.has_new = has_new;
+  if (has_new) {
+    const at::Tensor *k = plain_cpu(kn), *v = plain_cpu(vn);
+    if (!(k && v && k->scalar_type() == dt && v->scalar_type() == dt && !(grad && (k->requires_grad() ||
+                                                                                  v->requires_grad())))) {
+      return 0;
+    }
+    f.add_shape(*k);
+    f.add_shape(*v);
+  }
+  int overflow = 0;
+  f.wl = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(window, 0), &overflow);
+  f.values = overflow == 0;
+  f.wr = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(window, 1), &overflow);
+  f.values = f.values && overflow == 0;
+  f.splits = PyLong_AsLongLongAndOverflow(splits, &overflow);
+  f.values = f.values && overflow == 0;
+  f.softcap = PyFloat_AS_DOUBLE(softcap);
+  f.has_scale = scale != Py_None;
+  f.scale = f.has_scale ? PyFloat_AS_DOUBLE(scale) : 0.0;
+  f.causal = causal == Py_True;
+  f.req = requested(a[12]);
+  return f.req == nullptr ? -1 : 1;
+}
+
+// A tuple of ints from dims[at + 1, at + 1 + dims[at]) (a shape, equal to and hashing as its torch.Size); at moves past.
+PyObject* shape_at(const std::vector<int64_t>& dims, size_t& at) {
+  const auto rank = static_cast<Py_ssize_t>(dims[at++]);
+  PyObject* out = PyTuple_New(rank);
+  for (Py_ssize_t i = 0; out && i < rank; ++i) {
+    PyObject* d = PyLong_FromLongLong(dims[at + i]);
+    if (d == nullptr) {
+      Py_CLEAR(out);
+      break;
+    }
+    PyTuple_SET_ITEM(out, i, d);
+  }
+  at += rank;
+  return out;
+}
+
+// The key of cache_key's call a[0, 13) with facts f, or nullptr with a Python error set.
+PyObject* make_cache_key(PyObject* const* a, const CacheFacts& f) {
+  size_t at = 0;
+  PyObject* shapes[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  const int count = f.has_new ? 5 : 3;
+  bool ok = true;
+  for (int i = 0; i < count; ++i) ok = ok && (shapes[i] = shape_at(f.dims, at)) != nullptr;
+  PyObject* out = nullptr;
+  PyObject* fresh = !ok ? nullptr : f.has_new ? Py_BuildValue("(OO)", shapes[3], shapes[4]) : Py_NewRef(Py_None);
+  if (fresh) {
+    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(f.dt));  // borrowed (a static object)
+    // "O" takes a new reference, "N" steals one (fresh); the call's own objects for the scalars
+    out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, f.req, dtype, shapes[0], shapes[1], shapes[2], fresh,
+                        a[7], a[8], a[9], a[6], a[10]);
+  }
+  for (PyObject* o : shapes) Py_XDECREF(o);
+  return out;
+}
+
+// flash_attn_with_kvcache's memo, as lean_call's (lean_memo.h): the facts and routes of the last four calls.
+class CacheMemo {
+ public:
+  PyObject* find(PyObject* choices, const CacheFacts& f) const {  // the route (borrowed) or nullptr
+    const TableStamp now = TableStamp::of(choices);
+    if (!now.valid() || !f.values || !PyUnicode_CheckExact(f.req)) return nullptr;
+    for (const Entry& e : entries_) {
+      if (e.route != nullptr && e.stamp == now && e.facts.same(f)) return e.route;
+    }
+    return nullptr;
+  }
+  void fill(PyObject* choices, const CacheFacts& f, PyObject* route) {
+    const TableStamp now = TableStamp::of(choices);
+    if (!now.valid() || !f.values || !PyUnicode_CheckExact(f.req)) return;
+    Entry& e = entries_[next_];
+    next_ = (next_ + 1) % entries_.size();
+    Py_XSETREF(e.route, Py_NewRef(route));
+    Py_XSETREF(e.facts.req, Py_NewRef(f.req));
+    e.stamp = now;
+    e.facts.dt = f.dt;
+    e.facts.dims = f.dims;
+    e.facts.wl = f.wl, e.facts.wr = f.wr, e.facts.splits = f.splits;
+    e.facts.softcap = f.softcap, e.facts.scale = f.scale;
+    e.facts.has_new = f.has_new, e.facts.causal = f.causal, e.facts.has_scale = f.has_scale;
+    e.facts.values = true;
+  }
+
+ private:
+  struct Entry {
+    CacheFacts facts;
+    PyObject* route = nullptr;  // a strong reference
+    TableStamp stamp;
+  };
+  std::array<Entry, 4> entries_;
+  size_t next_ = 0;
+};
+
+CacheMemo& cache_memo() {
+  static CacheMemo* m = new CacheMemo();  // never destroyed (lean_memo.h)
+  return *m;
+}
+
+// lean_cache_call's route: learnt_route<cache_key>'s answer, from the memo where the call's facts have an entry.
+PyObject* cache_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
+  if (!FASTATTN_LEAN_MEMO || n != 13 || g_tag == nullptr) return learnt_route<cache_key>(a, n, instead);
+  *instead = nullptr;
+  if (refused()) {
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  CacheFacts f;
+  int read = 0;
+  try {
+    read = read_cache_facts(a, f);
+  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
+  }
+  if (read <= 0) {
+    if (read == 0) *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  if (choices == nullptr) return nullptr;
+  PyObject* route = cache_memo().find(choices, f);
+  if (route != nullptr) {
+    Py_DECREF(choices);
+    return Py_NewRef(route);
+  }
+  PyObject* k = make_cache_key(a, f);
+  route = k ? lookup(choices, k, instead) : nullptr;
+  if (route != nullptr) cache_memo().fill(choices, f, route);
+  Py_DECREF(choices);
+  return route;
 }
 
 }  // namespace
@@ -50,56 +231,9 @@ PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
     PyErr_SetString(PyExc_RuntimeError, "fastattn._C.cache_key: lean_init was not called");
     return nullptr;
   }
-  PyObject *kn = a[3], *vn = a[4], *lens = a[5], *scale = a[6], *causal = a[7], *window = a[8], *softcap = a[9];
-  PyObject *splits = a[10], *lse = a[11];
-  const bool has_new = kn != Py_None || vn != Py_None;
-  if (!(PyBool_Check(causal) && PyBool_Check(lse) && PyLong_CheckExact(splits) && PyFloat_CheckExact(softcap) &&
-        (scale == Py_None || PyFloat_CheckExact(scale)) && PyTuple_CheckExact(window) &&
-        PyTuple_GET_SIZE(window) == 2 && PyLong_CheckExact(PyTuple_GET_ITEM(window, 0)) &&
-        PyLong_CheckExact(PyTuple_GET_ITEM(window, 1)) && (!has_new || (plain_type(kn) && plain_type(vn))))) {
-    Py_RETURN_NONE;
-  }
-  const at::Tensor *q = plain_cpu(a[0]), *kc = plain_cpu(a[1]), *vc = plain_cpu(a[2]);
-  if (!q || !kc || !vc) Py_RETURN_NONE;
-  const at::ScalarType dt = q->scalar_type();
-  const bool grad = at::GradMode::is_enabled();
-  if (!float_dtype(dt) || kc->scalar_type() != dt || vc->scalar_type() != dt || q->dim() == 0 || kc->dim() == 0 ||
-      vc->dim() == 0 || q->stride(-1) != 1 || kc->stride(-1) != 1 || vc->stride(-1) != 1 ||
-      (grad && (q->requires_grad() || kc->requires_grad() || vc->requires_grad()))) {
-    Py_RETURN_NONE;
-  }
-  if (!PyLong_CheckExact(lens)) {  // else an int32 (B,) unit-stride CPU tensor, B = q's batch
-    if (!plain_type(lens)) Py_RETURN_NONE;
-    const at::Tensor& L = THPVariable_Unpack(lens);
-    if (!(L.scalar_type() == at::kInt && L.is_cpu() && L.layout() == at::kStrided && !L.is_nested() &&
-          q->dim() == 4 && L.dim() == 1 && L.size(0) == q->size(0) && L.stride(0) == 1)) {
-      Py_RETURN_NONE;
-    }
-  }
-  PyObject* shapes[5] = {shape(*q), shape(*kc), shape(*vc), nullptr, nullptr};
-  PyObject* out = nullptr;
-  if (has_new) {
-    const at::Tensor *k = plain_cpu(kn), *v = plain_cpu(vn);
-    if (!(k && v && k->scalar_type() == dt && v->scalar_type() == dt && !(grad && (k->requires_grad() ||
-                                                                                  v->requires_grad())))) {
-      for (PyObject* o : shapes) Py_XDECREF(o);
-      Py_RETURN_NONE;
-    }
-    shapes[3] = shape(*k);
-    shapes[4] = shape(*v);
-  }
-  PyObject* req = requested(a[12]);
-  if (req && shapes[0] && shapes[1] && shapes[2] && (!has_new || (shapes[3] && shapes[4]))) {
-    PyObject* fresh = has_new ? Py_BuildValue("(OO)", shapes[3], shapes[4]) : Py_NewRef(Py_None);
-    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(dt));  // borrowed (a static object)
-    if (fresh) {
-      out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, req, dtype, shapes[0], shapes[1], shapes[2], fresh,
-                          causal, window, softcap, scale, splits);
-    }
-  }
-  Py_XDECREF(req);
-  for (PyObject* o : shapes) Py_XDECREF(o);
-  return out;
+  CacheFacts f;
+  const int read = read_cache_facts(a, f);
+  return read > 0 ? make_cache_key(a, f) : read < 0 ? nullptr : Py_NewRef(Py_None);
 }
 
 // cache_call(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
@@ -111,7 +245,7 @@ PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
 // its values send it there (lengths outside the cache, appends into rows of different lengths).
 PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
   PyObject* instead = nullptr;
-  PyObject* route = learnt_route<cache_key>(a, n, &instead);
+  PyObject* route = cache_route(a, n, &instead);
   if (route == nullptr) return instead;
   // cache_key accepted the tensors: plain CPU tensors, cache_seqlens an int or an int32 (B,) unit-stride tensor
   const at::Tensor& q = THPVariable_Unpack(a[0]);

@@ -53,35 +53,58 @@ inline bool same_scale(PyObject* a, PyObject* b) {
   return PyFloat_AS_DOUBLE(a) == PyFloat_AS_DOUBLE(b);  // as the key's float compares (a NaN never equal)
 }
 
+// Where an entry was learnt: dispatch._CHOICES by identity, and its version then (PEP 509's tag: never a freed
+// dict's successor's, never the same after a change).
+struct TableStamp {
+  const PyObject* choices = nullptr;  // nullptr: matches nothing (the memo off, or no plain dict)
+  uint64_t version = 0;
+
+  static TableStamp of(PyObject* choices) {
+#if FASTATTN_LEAN_MEMO
+    if (PyDict_CheckExact(choices)) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+      return {choices, reinterpret_cast<PyDictObject*>(choices)->ma_version_tag};
+#pragma GCC diagnostic pop
+    }
+#else
+    (void)choices;
+#endif
+    return {};
+  }
+  bool valid() const { return choices != nullptr; }
+  bool operator==(const TableStamp& o) const { return choices == o.choices && version == o.version; }
+};
+
+// Two requested backends (exact str: what a memo keeps) equal.
+inline bool same_backend(PyObject* a, PyObject* b) {
+  return a == b || (PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b) && PyUnicode_Compare(a, b) == 0);
+}
+
 // One per process (lean.cpp's memo(), never destroyed: no teardown after the interpreter is gone); the GIL guards it.
 class Memo {
  public:
   // The route (borrowed) of the entry whose facts equal f, filled from `choices` at its present version; nullptr
   // where none is.
   PyObject* find(PyObject* choices, const Facts& f) const {
-#if FASTATTN_LEAN_MEMO
-    if (!PyDict_CheckExact(choices) || !PyUnicode_CheckExact(f.req)) return nullptr;
-    const uint64_t version = dict_version(choices);
+    const TableStamp now = TableStamp::of(choices);
+    if (!now.valid() || !PyUnicode_CheckExact(f.req)) return nullptr;
     for (const Entry& e : entries_) {
-      if (e.route != nullptr && e.choices == choices && e.version == version && same(e, f)) return e.route;
+      if (e.route != nullptr && e.stamp == now && same(e, f)) return e.route;
     }
-#else
-    (void)choices, (void)f;
-#endif
     return nullptr;
   }
 
   // Remembers route (a Lean tuple) for facts f, learnt in `choices` under the length breaks `breaks` (Sq's).
   void fill(PyObject* choices, const Facts& f, std::vector<int64_t> breaks, PyObject* route) {
-#if FASTATTN_LEAN_MEMO
-    if (!PyDict_CheckExact(choices) || !PyUnicode_CheckExact(f.req)) return;
+    const TableStamp now = TableStamp::of(choices);
+    if (!now.valid() || !PyUnicode_CheckExact(f.req)) return;
     Entry& e = entries_[next_];
     next_ = (next_ + 1) % entries_.size();
     Py_XSETREF(e.req, Py_NewRef(f.req));
     Py_XSETREF(e.scale, Py_NewRef(f.scale));
     Py_XSETREF(e.route, Py_NewRef(route));
-    e.choices = choices;
-    e.version = dict_version(choices);
+    e.stamp = now;
     e.dt = f.dt;
     std::copy(f.q, f.q + 4, e.q);
     std::copy(f.mdims, f.mdims + 3, e.mdims);
@@ -89,30 +112,17 @@ class Memo {
     e.masked = f.masked, e.causal = f.causal, e.records = f.records, e.one_thread = f.one_thread;
     e.cls = f.records ? -1 - f.sk : length_class_of(breaks, f.sk);
     e.breaks = std::move(breaks);
-#else
-    (void)choices, (void)f, (void)breaks, (void)route;
-#endif
   }
 
  private:
   struct Entry {
     PyObject *req = nullptr, *scale = nullptr, *route = nullptr;  // strong references
-    const PyObject* choices = nullptr;  // identity only (with the version: never a freed dict's successor)
-    uint64_t version = 0;
+    TableStamp stamp;
     c10::ScalarType dt = c10::ScalarType::Float;
     int64_t q[4] = {0, 0, 0, 0}, kh = 0, vd = 0, sk = 0, mdims[3] = {0, 0, 0}, cls = 0;
     bool masked = false, causal = false, records = false, one_thread = false;
     std::vector<int64_t> breaks;  // length_breaks(q[2]) when filled: the class of another key length
   };
-
-#if FASTATTN_LEAN_MEMO
-  static uint64_t dict_version(PyObject* d) {
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    return reinterpret_cast<PyDictObject*>(d)->ma_version_tag;
-#pragma GCC diagnostic pop
-  }
-#endif
 
   static bool same(const Entry& e, const Facts& f) {
     if (!(e.dt == f.dt && std::equal(f.q, f.q + 4, e.q) && e.kh == f.kh && e.vd == f.vd && e.masked == f.masked &&
@@ -121,7 +131,7 @@ class Memo {
       return false;
     }
     if (f.records ? e.sk != f.sk : e.cls != length_class_of(e.breaks, f.sk)) return false;
-    return e.req == f.req || PyUnicode_Compare(e.req, f.req) == 0;  // (both exact str: no error)
+    return same_backend(e.req, f.req);
   }
 
   std::array<Entry, 4> entries_;  // a model's few kinds of call (a step's layers share one)

@@ -221,3 +221,48 @@ def test_cache_call_matches_its_reference():
             (q, kc, vc, k, v), kw = _copy(call)
             assert lean.cache_call(q, kc, vc, k, v, kw["cache_seqlens"], None, False, (-1, -1), 0.0, 0, False,
                                    None) is None
+
+
+def test_cache_call_memo_follows_the_choices(monkeypatch):
+    """lean_cache_call's memo (csrc/lean_cache.cpp) replays an entry only while dispatch._CHOICES is unchanged and
+    the call's facts equal the entry's: a route replaced in place, a table cleared or replaced, and a call differing
+    in any one key field (a shape, the window, softcap, scale, num_splits, the new tokens, the backend) each take
+    effect on the next call."""
+    if lean.cache_call is lean.cache_call_py:
+        pytest.skip("the extension was built without lean_cache_call")
+
+    def args(call):  # lean.cache_call's 13 arguments
+        (q, kc, vc, k, v), kw = call
+        return (q, kc, vc, k, v, kw["cache_seqlens"], kw.get("softmax_scale"), kw.get("causal", False),
+                kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("num_splits", 0), False,
+                kw.get("backend"))
+
+    base = _call(lens=100, softmax_scale=0.25)
+    _outcome(base)  # learns the route
+    a = args(base)
+    key = lean.cache_key(*a)
+    assert type(lean.cache_call(*a)) is torch.Tensor and type(lean.cache_call(*a)) is torch.Tensor  # (the memo's)
+    ran = []
+    real = dispatch._CHOICES[key]
+
+    def spy(qt, kc, vc, lens):
+        ran.append(1)
+        return real.run(qt, kc, vc, lens)
+    dispatch._CHOICES[key] = real._replace(run=spy)  # in place: the dict's version moves
+    lean.cache_call(*a)
+    assert ran == [1]
+    dispatch._CHOICES[key] = False  # the key takes the full path now
+    assert lean.cache_call(*a) is None
+    dispatch._CHOICES.clear()
+    assert lean.cache_call(*a) == key  # nothing learnt: the key, to learn
+    monkeypatch.setattr(dispatch, "_CHOICES", {key: real._replace(run=spy)})  # another table
+    lean.cache_call(*a)
+    assert ran == [1, 1]
+    assert type(lean.cache_call(*a)) is torch.Tensor and ran == [1, 1, 1]  # this table's entry; each call below differs
+    others = [args(_call(lens=100, softmax_scale=0.25, **kw)) for kw in (
+        dict(S=301), dict(window_size=(8, -1)), dict(window_size=(-1, 8)), dict(softcap=5.0), dict(num_splits=2),
+        dict(snew=1), dict(backend="reference"), dict(causal=True))]
+    others += [args(_call(lens=100, softmax_scale=s)) for s in (0.5, None)]
+    for other in others:
+        assert lean.cache_call(*other) == lean.cache_key(*other) != key, other[6:]
+    assert ran == [1, 1, 1]
