@@ -109,7 +109,8 @@ int read_cache_facts(PyObject* const* a, CacheFacts& f) {
   return f.req == nullptr ? -1 : 1;
 }
 
-// A tuple of ints from dims[at + 1, at + 1 + dims[at]) (a shape, equal to and hashing as its torch.Size); at moves past.
+// A tuple of ints from dims[at + 1, at + 1 + dims[at]) (a shape, equal to and hashing as its torch.Size); `at`
+// moves past it.
 PyObject* shape_at(const std::vector<int64_t>& dims, size_t& at) {
   const auto rank = static_cast<Py_ssize_t>(dims[at++]);
   PyObject* out = PyTuple_New(rank);
