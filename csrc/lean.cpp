@@ -251,34 +251,16 @@ Memo& memo() {
 // else through its key, remembered in the memo where a route was learnt for it.
 PyObject* sdpa_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
   if (!FASTATTN_LEAN_MEMO || n < 7 || n > 8 || g_tag == nullptr) return learnt_route<key>(a, n, instead);
-  *instead = nullptr;
-  if (refused()) {
-    *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  Facts f;
-  int read = 0;
-  try {
-    read = read_facts(a, n, f);
-  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
-  }
-  if (read <= 0) {
-    if (read == 0) *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
-  if (choices == nullptr) return nullptr;
-  PyObject* route = memo().find(choices, f);
-  if (route != nullptr) {
-    Py_DECREF(choices);
-    return Py_NewRef(route);
-  }
-  std::vector<int64_t> breaks;
-  PyObject* k = make_key(f, &breaks);
-  route = k ? lookup(choices, k, instead) : nullptr;
-  if (route != nullptr) memo().fill(choices, f, std::move(breaks), route);  // (at the version after any learning)
-  Py_DECREF(choices);
-  return route;
+  return memo_first<Facts>(
+      instead, [&](Facts& f) { return read_facts(a, n, f); },
+      [](PyObject* choices, const Facts& f) { return memo().find(choices, f); },
+      [](PyObject* choices, const Facts& f, PyObject** inst) {
+        std::vector<int64_t> breaks;
+        PyObject* k = make_key(f, &breaks);
+        PyObject* route = k ? lookup(choices, k, inst) : nullptr;
+        if (route != nullptr) memo().fill(choices, f, std::move(breaks), route);  // (the version after any learning)
+        return route;
+      });
 }
 
 // lean_call(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> Tensor | tuple | None: the

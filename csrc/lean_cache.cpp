@@ -190,33 +190,15 @@ CacheMemo& cache_memo() {
 // lean_cache_call's route: learnt_route<cache_key>'s answer, from the memo where the call's facts have an entry.
 PyObject* cache_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
   if (!FASTATTN_LEAN_MEMO || n != 13 || g_tag == nullptr) return learnt_route<cache_key>(a, n, instead);
-  *instead = nullptr;
-  if (refused()) {
-    *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  CacheFacts f;
-  int read = 0;
-  try {
-    read = read_cache_facts(a, f);
-  } catch (const std::exception&) {  // metadata a tensor lacks (as guarded): no key
-  }
-  if (read <= 0) {
-    if (read == 0) *instead = Py_NewRef(Py_None);
-    return nullptr;
-  }
-  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
-  if (choices == nullptr) return nullptr;
-  PyObject* route = cache_memo().find(choices, f);
-  if (route != nullptr) {
-    Py_DECREF(choices);
-    return Py_NewRef(route);
-  }
-  PyObject* k = make_cache_key(a, f);
-  route = k ? lookup(choices, k, instead) : nullptr;
-  if (route != nullptr) cache_memo().fill(choices, f, route);
-  Py_DECREF(choices);
-  return route;
+  return memo_first<CacheFacts>(
+      instead, [&](CacheFacts& f) { return read_cache_facts(a, f); },
+      [](PyObject* choices, const CacheFacts& f) { return cache_memo().find(choices, f); },
+      [&](PyObject* choices, const CacheFacts& f, PyObject** inst) {
+        PyObject* k = make_cache_key(a, f);
+        PyObject* route = k ? lookup(choices, k, inst) : nullptr;
+        if (route != nullptr) cache_memo().fill(choices, f, route);
+        return route;
+      });
 }
 
 }  // namespace

@@ -60,6 +60,35 @@ PyObject* learnt_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
   return route;
 }
 
+// The route both lean paths look up in their memo first (lean.cpp's sdpa_route, lean_cache.cpp's cache_route),
+// with learnt_route's answers: after the refusals, read(f) fills the call's facts (1; 0: no key, the full path; -1: a
+// Python error; a C++ exception, metadata a tensor lacks: no key); find(choices, f) is the memo's route (borrowed) or
+// nullptr; else learn(choices, f, instead) makes the key, looks it up and remembers the route it finds.
+template <typename Facts, typename Read, typename Find, typename Learn>
+PyObject* memo_first(PyObject** instead, Read read, Find find, Learn learn) {
+  *instead = nullptr;
+  if (refused()) {
+    *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  Facts f;
+  int got = 0;
+  try {
+    got = read(f);
+  } catch (const std::exception&) {
+  }
+  if (got <= 0) {
+    if (got == 0) *instead = Py_NewRef(Py_None);
+    return nullptr;
+  }
+  PyObject* choices = PyObject_GetAttr(g_dispatch, g_choices);
+  if (choices == nullptr) return nullptr;
+  PyObject* route = find(choices, f);
+  route = route != nullptr ? Py_NewRef(route) : learn(choices, f, instead);
+  Py_DECREF(choices);
+  return route;
+}
+
 // flash_attn_with_kvcache's lean path (csrc/lean_cache.cpp).
 PyObject* cache_key(PyObject* const* a, Py_ssize_t n);
 PyObject* cache_call(PyObject* const* a, Py_ssize_t n);
