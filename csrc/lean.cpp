@@ -203,10 +203,10 @@ int read_facts(PyObject* const* a, Py_ssize_t n, Facts& f) {
   std::copy(qs.begin(), qs.end(), f.q);
   f.kh = ks[1], f.vd = vs[3], f.sk = ks[2];
   f.causal = causal == Py_True;
-  f.scale = scale;
+  f.scale = pybind11::reinterpret_borrow<pybind11::object>(scale);
   f.one_thread = at::get_num_threads() == 1;  // auto's step rules depend on it
-  f.req = requested(a[6]);
-  return f.req == nullptr ? -1 : 1;
+  f.req = pybind11::reinterpret_steal<pybind11::object>(requested(a[6]));
+  return f.req ? 1 : -1;
 }
 
 // The lean key of facts f (the length breaks of its class into *breaks where given), or nullptr with a Python error.
@@ -221,10 +221,10 @@ PyObject* make_key(const Facts& f, std::vector<int64_t>* breaks = nullptr) {
   if (mask_dims == nullptr) return nullptr;
   PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(f.dt));  // borrowed (a static object)
   // "O" takes a new reference, "N" steals one (mask_dims)
-  return Py_BuildValue("(OOO(LLLL)LLLOONO)", g_tag, f.req, dtype, static_cast<long long>(f.q[0]),
+  return Py_BuildValue("(OOO(LLLL)LLLOONO)", g_tag, f.req.ptr(), dtype, static_cast<long long>(f.q[0]),
                        static_cast<long long>(f.q[1]), static_cast<long long>(f.q[2]), static_cast<long long>(f.q[3]),
                        static_cast<long long>(f.kh), static_cast<long long>(f.vd), static_cast<long long>(cls),
-                       f.causal ? Py_True : Py_False, f.scale, mask_dims, f.one_thread ? Py_True : Py_False);
+                       f.causal ? Py_True : Py_False, f.scale.ptr(), mask_dims, f.one_thread ? Py_True : Py_False);
 }
 
 // lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> tuple | None
@@ -242,8 +242,8 @@ PyObject* key(PyObject* const* a, Py_ssize_t n) {
   return read > 0 ? make_key(f) : read < 0 ? nullptr : Py_NewRef(Py_None);
 }
 
-Memo& memo() {
-  static Memo* m = new Memo();  // never destroyed (lean_memo.h)
+RouteMemo<Facts>& memo() {
+  static auto* m = new RouteMemo<Facts>();  // never destroyed (lean_memo.h)
   return *m;
 }
 
@@ -258,7 +258,12 @@ PyObject* sdpa_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
         std::vector<int64_t> breaks;
         PyObject* k = make_key(f, &breaks);
         PyObject* route = k ? lookup(choices, k, inst) : nullptr;
-        if (route != nullptr) memo().fill(choices, f, std::move(breaks), route);  // (the version after any learning)
+        if (route != nullptr) {
+          Facts kept = f;  // the memo's copy: its class and the breaks it was found among
+          kept.cls = f.records ? -1 - f.sk : length_class_of(breaks, f.sk);
+          kept.breaks = std::move(breaks);
+          memo().fill(choices, std::move(kept), route);
+        }
         return route;
       });
 }

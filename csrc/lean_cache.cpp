@@ -27,7 +27,7 @@ PyObject* run_cache_route(PyObject* route, const at::Tensor& qt, PyObject* kc, P
 
 // The facts of a cache_key call: what its key is made of, as values.
 struct CacheFacts {
-  PyObject* req = nullptr;  // the requested backend (a strong reference)
+  pybind11::object req;  // the requested backend
   at::ScalarType dt = at::kFloat;
   std::vector<int64_t> dims;  // q's, k_cache's, v_cache's (and the new k's and v's) shapes, each after its rank
   int64_t wl = 0, wr = 0, splits = 0;
@@ -35,19 +35,14 @@ struct CacheFacts {
   bool has_new = false, causal = false, has_scale = false;
   bool values = true;  // the ints fit int64 (else no memo: the key still holds the call's objects)
 
-  CacheFacts() = default;
-  CacheFacts(const CacheFacts&) = delete;
-  CacheFacts& operator=(const CacheFacts&) = delete;
-  ~CacheFacts() { Py_XDECREF(req); }
-
   void add_shape(const at::Tensor& t) {
     dims.push_back(t.dim());
     dims.insert(dims.end(), t.sizes().begin(), t.sizes().end());
   }
-  bool same(const CacheFacts& o) const {  // (softcap and scale as the key's floats compare: a NaN never equal)
+  bool matches(const CacheFacts& o) const {  // (softcap and scale as the key's floats compare: a NaN never equal)
     return values && o.values && dt == o.dt && dims == o.dims && wl == o.wl && wr == o.wr && splits == o.splits &&
            softcap == o.softcap && has_scale == o.has_scale && (!has_scale || scale == o.scale) &&
-           has_new == o.has_new && causal == o.causal && same_backend(req, o.req);
+           has_new == o.has_new && causal == o.causal && same_backend(req.ptr(), o.req.ptr());
   }
 };
 
@@ -105,8 +100,8 @@ int read_cache_facts(PyObject* const* a, CacheFacts& f) {
   f.has_scale = scale != Py_None;
   f.scale = f.has_scale ? PyFloat_AS_DOUBLE(scale) : 0.0;
   f.causal = causal == Py_True;
-  f.req = requested(a[12]);
-  return f.req == nullptr ? -1 : 1;
+  f.req = pybind11::reinterpret_steal<pybind11::object>(requested(a[12]));
+  return f.req ? 1 : -1;
 }
 
 // A tuple of ints from dims[at + 1, at + 1 + dims[at]) (a shape, equal to and hashing as its torch.Size); `at`
@@ -138,52 +133,15 @@ PyObject* make_cache_key(PyObject* const* a, const CacheFacts& f) {
   if (fresh) {
     PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(f.dt));  // borrowed (a static object)
     // "O" takes a new reference, "N" steals one (fresh); the call's own objects for the scalars
-    out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, f.req, dtype, shapes[0], shapes[1], shapes[2], fresh,
+    out = Py_BuildValue("(OOOOOOONOOOOO)", g_tag, g_cache, f.req.ptr(), dtype, shapes[0], shapes[1], shapes[2], fresh,
                         a[7], a[8], a[9], a[6], a[10]);
   }
   for (PyObject* o : shapes) Py_XDECREF(o);
   return out;
 }
 
-// flash_attn_with_kvcache's memo, as lean_call's (lean_memo.h): the facts and routes of the last four calls.
-class CacheMemo {
- public:
-  PyObject* find(PyObject* choices, const CacheFacts& f) const {  // the route (borrowed) or nullptr
-    const TableStamp now = TableStamp::of(choices);
-    if (!now.valid() || !f.values || !PyUnicode_CheckExact(f.req)) return nullptr;
-    for (const Entry& e : entries_) {
-      if (e.route != nullptr && e.stamp == now && e.facts.same(f)) return e.route;
-    }
-    return nullptr;
-  }
-  void fill(PyObject* choices, const CacheFacts& f, PyObject* route) {
-    const TableStamp now = TableStamp::of(choices);
-    if (!now.valid() || !f.values || !PyUnicode_CheckExact(f.req)) return;
-    Entry& e = entries_[next_];
-    next_ = (next_ + 1) % entries_.size();
-    Py_XSETREF(e.route, Py_NewRef(route));
-    Py_XSETREF(e.facts.req, Py_NewRef(f.req));
-    e.stamp = now;
-    e.facts.dt = f.dt;
-    e.facts.dims = f.dims;
-    e.facts.wl = f.wl, e.facts.wr = f.wr, e.facts.splits = f.splits;
-    e.facts.softcap = f.softcap, e.facts.scale = f.scale;
-    e.facts.has_new = f.has_new, e.facts.causal = f.causal, e.facts.has_scale = f.has_scale;
-    e.facts.values = true;
-  }
-
- private:
-  struct Entry {
-    CacheFacts facts;
-    PyObject* route = nullptr;  // a strong reference
-    TableStamp stamp;
-  };
-  std::array<Entry, 4> entries_;
-  size_t next_ = 0;
-};
-
-CacheMemo& cache_memo() {
-  static CacheMemo* m = new CacheMemo();  // never destroyed (lean_memo.h)
+RouteMemo<CacheFacts>& cache_memo() {  // flash_attn_with_kvcache's memo, as lean_call's (lean_memo.h)
+  static auto* m = new RouteMemo<CacheFacts>();  // never destroyed
   return *m;
 }
 
@@ -196,7 +154,7 @@ PyObject* cache_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
       [&](PyObject* choices, const CacheFacts& f, PyObject** inst) {
         PyObject* k = make_cache_key(a, f);
         PyObject* route = k ? lookup(choices, k, inst) : nullptr;
-        if (route != nullptr) cache_memo().fill(choices, f, route);
+        if (route != nullptr && f.values) cache_memo().fill(choices, f, route);
         return route;
       });
 }

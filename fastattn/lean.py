@@ -30,7 +30,6 @@ import os
 from typing import Optional
 
 import torch
-from torch.autograd import forward_ad as _fwad
 
 from . import dispatch, ops
 from .params import FLOAT_DTYPES, forward_ad, functorch_level
