@@ -263,7 +263,7 @@ def test_cpu_kernel_cache_layouts_same_bits(dtype, lone_row, monkeypatch):
     """SDPA's head-major cache (B, Hkv, S, D) gives each KV head its own work item, flash-attn's key-major one
     (B, S, Hkv, D) puts a chunk of heads in one (csrc/cpu/decode.cpp, work_heuristic): with the key splits fixed, the
     two layouts give the same bits, on one thread and on two (head chunks change no result), whichever way a row
-    alone on its KV head runs (FASTATTN_CPU_LONE_ROW)."""
+    alone on its KV head runs (FASTATTN_CPU_LONE_ROW), and so does a paged cache holding the same keys."""
     monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", lone_row)
     g = torch.Generator().manual_seed(7)
     threads = torch.get_num_threads()
@@ -280,6 +280,16 @@ def test_cpu_kernel_cache_layouts_same_bits(dtype, lone_row, monkeypatch):
                     km = torch.ops.fastattn.decode_fwd(q, kk, vk, None, None, None, 0.125, -1, -1, 0.0, None,
                                                        splits)
                     assert torch.equal(hm[0], km[0]) and torch.equal(hm[1], km[1]), (Hq, Hkv, Sq, D, n, splits)
+                    # a paged cache (pages in reverse order) reads each key through the block table where the dense
+                    # layouts take its address from its index (bf16 rows alone on a head: scores_bf16_dp_strided)
+                    pages = -(-S // 16)
+                    kp, vp = (torch.zeros(pages * 16, Hkv, D, dtype=dtype) for _ in range(2))
+                    kp[:S], vp[:S] = kk[0], vk[0]
+                    kp, vp = (t.view(pages, 16, Hkv, D).flip(0).contiguous() for t in (kp, vp))  # (P*16,..)->(P,16,..)
+                    table = torch.arange(pages - 1, -1, -1, dtype=torch.int32)[None]
+                    pg = torch.ops.fastattn.decode_fwd(q, kp, vp, torch.tensor([S], dtype=torch.int32), table, None,
+                                                       0.125, -1, -1, 0.0, None, splits)
+                    assert torch.equal(hm[0], pg[0]) and torch.equal(hm[1], pg[1]), (Hq, Hkv, Sq, D, n, splits)
     finally:
         torch.set_num_threads(threads)
 

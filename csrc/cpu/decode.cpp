@@ -28,7 +28,7 @@
 #include "decode_checks.h"
 
 #include "tile.h"          // amd_cpu
-#include "decode_tiles.h"  // scores, pv, scores_dp: the block helpers
+#include "decode_bf16.h"   // scores, pv (decode_tiles.h); scores_dp, pv_dp: the block helpers
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
 
 namespace fastattn::cpu::decode {
@@ -231,6 +231,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
     const int64_t n = std::min(kBlockN, end - j0);
     const void** krows = w.krows.data();  // where each key of the block lives (page table or cache row)
     const void** vrows = w.vrows.data();
+    int64_t kstride = 0;  // keys a fixed stride apart (elements; 0: read the table)
     if (p.block_table) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = j0 + j;
@@ -242,6 +243,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       const T* k0 = kbase + row * p.k_sb + j0 * p.k_ss;
       const T* v0 = vbase + row * p.v_sb + j0 * p.v_ss;
       const int64_t ks = p.k_ss, vs = p.v_ss;
+      kstride = ks;
       for (int64_t j = 0; j < n; ++j) {
         krows[j] = k0 + j * ks;
         vrows[j] = v0 + j * vs;
@@ -254,7 +256,7 @@ void split_item(const DecodeParams& p, int64_t b, int64_t hk0, int64_t hk1, int6
       widen_block<T>(w.vrows.data(), n, hk0, nkv, p.v_sh, Dv, w.Vf.data(), w.vfrows.data(), p.stream.v_ahead);
     }
     if (dp) {
-      scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN, p.stream);
+      scores_dp(w.Qb.data(), M, D, w.krows.data(), w.koff.data(), n, p.scale, S, kBlockN, p.stream, kstride);
     } else if (widen) {
       scores<float>(w.Qf.data(), M, D, w.kfrows.data(), w.kfoff.data(), n, S, kBlockN, widened);
     } else {

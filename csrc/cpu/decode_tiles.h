@@ -1,6 +1,6 @@
 // Block helpers of the CPU decode kernel (decode.cpp): the scores S = q . k and the update acc += P V of one block
 // of keys for the M query rows of a work item, each row reading its KV head's slice of every key (krows[j] + koff[r]).
-// Portable, AVX2 and AVX-512 versions (bf16 keys on AVX512-BF16 dot products); scores / pv / scores_dp pick one.
+// Portable, AVX2 and AVX-512 versions; scores / pv pick one (bf16 caches on AVX512-BF16: decode_bf16.h).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -55,6 +55,17 @@ inline void fetch_ahead(const T* const* rows, int64_t n, Ahead ahead, int64_t by
     for (uintptr_t line = (a & ~uintptr_t{63}) + 64; line < last; line += 64) {
       prefetch(reinterpret_cast<const char*>(line), ahead.l1);
     }
+  }
+}
+
+// fetch_ahead for nk rows a fixed stride apart (bytes): the lines of each row from its address, no table.
+inline void fetch_ahead_strided(const char* row0, int64_t nk, int64_t stride, Ahead ahead, int64_t bytes) {
+  if (ahead.bytes == 0) return;
+  const char* a = row0 + ahead.bytes;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(a) | stride | bytes) & 63) == 0;
+  for (int64_t u = 0; u < nk; ++u, a += stride) {
+    for (int64_t c = 0; c < bytes; c += 64) prefetch(a + c, ahead.l1);
+    if (!aligned) prefetch(a + bytes - 1, ahead.l1);
   }
 }
 
@@ -311,77 +322,6 @@ FA_AVX512 void scores_avx512(const float* Qf, int64_t M, int64_t D, const T* con
   return scores_avx512_c<T, 8>(Qf, M, D, krows, koff, n, S, ldS, st);
 }
 
-// Two query rows (q, q + D) that read the same KV head against keys krows[0, nk) (nk <= 16), 8 keys a pass: each
-// key chunk is loaded once for both rows (the loads, not the dot products, were the hot spots with one row). Every
-// score is summed in the order scores_bf16_dp's one-row loop uses, so the results are the same bits.
-FA_AVX512BF16 inline void scores_bf16_dp_pair(const c10::BFloat16* q, int64_t D, const c10::BFloat16* const* krows,
-                                              int64_t koff, int64_t nk, __m512 vscale, float* S, int64_t ldS,
-                                              Ahead ahead) {
-  for (int64_t h = 0; h < nk; h += 8) {
-    __m512 acc[16];  // [u]: row 0 with key h + u; [8 + u]: row 1 with it
-#pragma GCC unroll 16
-    for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
-    const c10::BFloat16* k[8];
-    for (int u = 0; u < 8; ++u) k[u] = krows[std::min<int64_t>(h + u, nk - 1)] + koff;
-    fetch_ahead(k, 8, ahead, D * 2);
-    for (int64_t d = 0; d < D; d += 32) {
-      const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
-      const __m512bh q0 = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
-      const __m512bh q1 = (__m512bh)_mm512_maskz_loadu_epi16(m, q + D + d);
-#pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u) {
-        const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(m, k[u] + d);
-        acc[u] = _mm512_dpbf16_ps(acc[u], q0, kv);
-        acc[8 + u] = _mm512_dpbf16_ps(acc[8 + u], q1, kv);
-      }
-    }
-    const __m512 s = _mm512_mul_ps(hsum16x16(acc), vscale);
-    const __mmask16 w = vec512::tail(std::min<int64_t>(8, nk - h));
-    _mm512_mask_storeu_ps(S + h, w, s);                         // lanes 0-7: row 0
-    _mm512_mask_storeu_ps(S + ldS + h - 8, __mmask16(w << 8), s);  // lanes 8-15: row 1
-  }
-}
-
-// bf16 scores on AVX512-BF16's dot products: vdpbf16ps multiplies 32 bf16 pairs and adds them pairwise into 16 fp32
-// lanes, so keys are read as bf16 with no conversion to fp32 (the conversions, not the products, bound the AVX-512
-// path: 2 shuffle-port uops per 16 elements). Qb: the M query rows in bf16, unscaled (the scale multiplies the sums).
-// bf16 denormals count as zero here (the instruction's rule), well inside bf16's tolerance.
-FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const c10::BFloat16* const* krows,
-                                  const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS,
-                                  const Stream& st) {
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t nk = std::min<int64_t>(16, n - j0);
-    for (int64_t r = 0; r < M; ++r) {
-      const Ahead ahead = row_ahead(koff, r, st.k_ahead);
-      if (r + 1 < M && koff[r + 1] == koff[r]) {  // two rows of one KV head (a GQA group)
-        scores_bf16_dp_pair(Qb + r * D, D, krows + j0, koff[r], nk, vscale, S + r * ldS + j0, ldS, ahead);
-        ++r;
-        continue;
-      }
-      const c10::BFloat16* q = Qb + r * D;
-      __m512 acc[16];
-#pragma GCC unroll 16
-      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-      for (int h = 0; h < 16; h += 8) {  // two passes of 8 key pointers, as scores_avx512
-        const c10::BFloat16* k[8];
-        for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(h + u, nk - 1)] + koff[r];
-        fetch_ahead(k, 8, ahead, D * 2);
-        for (int64_t d = 0; d < D; d += 32) {
-          const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
-          const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
-#pragma GCC unroll 8
-          for (int u = 0; u < 8; ++u) {
-            acc[h + u] = _mm512_dpbf16_ps(acc[h + u], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, k[u] + d));
-          }
-        }
-      }
-      _mm512_mask_storeu_ps(S + r * ldS + j0, vec512::tail(nk), _mm512_mul_ps(hsum16x16(acc), vscale));
-    }
-  }
-}
-
 // acc_r += sum_j P[r, j] v_j for R rows of one KV head (voff) at a time over C chunks of 16 values: each value
 // load is shared by the R rows and R * C accumulators (8 or 16) are independent FMA chains (one row of 64 values
 // had 4 chains waiting on each other's latency). A key whose P is 0, or a row not live, leaves the accumulator as
@@ -564,22 +504,6 @@ void pv(const float* P, int64_t ldP, const uint8_t* live, int64_t M, const T* co
   pv_scalar<T>(P, ldP, live, M, vrows, voff, n, Dv, acc);
 }
 
-
-// bf16 caches take scores_bf16_dp where the CPU has AVX512-BF16.
-template <typename T>
-bool bf16_dot_products() {
-#ifdef FASTATTN_VEC512
-  if constexpr (std::is_same_v<T, c10::BFloat16>) return vec512::available() && vec512::native_bf16();
-#endif
-  return false;
-}
-
-inline void scores_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const void* const* krows, const int64_t* koff,
-                      int64_t n, float scale, float* S, int64_t ldS, const Stream& st) {
-#ifdef FASTATTN_VEC512
-  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS, st);
-#endif
-}
 
 }  // namespace
 }  // namespace fastattn::cpu::decode
