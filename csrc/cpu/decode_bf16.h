@@ -86,10 +86,10 @@ FA_AVX512BF16 inline void scores_bf16_dp_strided(const c10::BFloat16* q, int64_t
 // bf16 denormals count as zero here (the instruction's rule), well inside bf16's tolerance.
 FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const c10::BFloat16* const* krows,
                                   const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS,
-                                  const Stream& st, int64_t ks) {
+                                  const Stream& st) {
   const __m512 vscale = _mm512_set1_ps(scale);
-  if (M == 1 && ks != 0) {
-    return scores_bf16_dp_strided(Qb, D, krows[0] + koff[0], ks, n, vscale, S, st.k_ahead);
+  if (M == 1 && st.k_stride != 0) {
+    return scores_bf16_dp_strided(Qb, D, krows[0] + koff[0], st.k_stride, n, vscale, S, st.k_ahead);
   }
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
@@ -135,9 +135,9 @@ bool bf16_dot_products() {
 }
 
 inline void scores_dp(const c10::BFloat16* Qb, int64_t M, int64_t D, const void* const* krows, const int64_t* koff,
-                      int64_t n, float scale, float* S, int64_t ldS, const Stream& st, int64_t ks) {
+                      int64_t n, float scale, float* S, int64_t ldS, const Stream& st) {
 #ifdef FASTATTN_VEC512
-  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS, st, ks);
+  scores_bf16_dp(Qb, M, D, reinterpret_cast<const c10::BFloat16* const*>(krows), koff, n, scale, S, ldS, st);
 #endif
 }
 
