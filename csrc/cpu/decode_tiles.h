@@ -377,6 +377,58 @@ FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, 
 // (Stream's v_stride, a dense cache): key j's values at key 0's + j * vs, fetched ahead row by row without the
 // table (with scores_bf16_dp_strided, bf16 MHA D=64 one-token steps on one 512-key cache, one thread, Intel Xeon
 // AMX: 0.86-0.89x -> 0.92-0.94x PyTorch's SDPA).
+// Whether every key counts in rows [0, R) of a block (n keys): each row live, no P zero (NaN counts, as p != 0).
+template <int R>
+FA_AVX512 inline bool all_count(const float* P, int64_t ldP, const uint8_t* live, int64_t n) {
+  for (int i = 0; i < R; ++i) {
+    if (!live[i]) return false;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 t = vec512::tail(n - j);
+      if (_mm512_mask_cmp_ps_mask(t, _mm512_maskz_loadu_ps(t, P + i * ldP + j), _mm512_setzero_ps(), _CMP_NEQ_UQ) != t) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// The key loop of pv_bf16_rows at one column chunk (voff: the rows' offset plus the chunk's first column; w: the C
+// chunks' lane masks): E, O += P[., j] times key j's even and odd values. Every: each key counts (all_count), no
+// key's mask to test.
+template <int R, int C, bool Every>
+FA_AVX512 __attribute__((always_inline)) inline void pv_bf16_keys(const float* P, int64_t ldP, const uint8_t* live,
+                                                                  const c10::BFloat16* const* vrows, int64_t voff,
+                                                                  int64_t vs, int64_t n, const __mmask32* w,
+                                                                  Ahead ahead, __m512 (&E)[R][C], __m512 (&O)[R][C]) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const c10::BFloat16* v0 = vrows[0] + voff;  // key 0's values where they are vs apart (vs != 0)
+  int64_t bytes = 0;
+  for (int g = 0; g < C; ++g) bytes += 2 * __builtin_popcount(w[g]);
+  for (int64_t j = 0; j < n; ++j) {
+    const c10::BFloat16* v = vs != 0 ? v0 + j * vs : vrows[j] + voff;
+    if (vs != 0) fetch_ahead_strided(reinterpret_cast<const char*>(v), 1, 0, ahead, bytes);
+    else fetch_ahead(&v, 1, ahead, bytes);
+    __m512 ve[C], vo[C];
+#pragma GCC unroll 4
+    for (int g = 0; g < C; ++g) {
+      const __m512i x = _mm512_maskz_loadu_epi16(w[g], v + 32 * g);
+      ve[g] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      vo[g] = _mm512_castsi512_ps(_mm512_and_si512(x, high_half));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const float p = P[i * ldP + j];
+      const __mmask16 k = Every || (live[i] && p != 0.f) ? __mmask16(0xffff) : __mmask16(0);
+      const __m512 vp = _mm512_set1_ps(p);
+#pragma GCC unroll 4
+      for (int g = 0; g < C; ++g) {
+        E[i][g] = _mm512_mask3_fmadd_ps(vp, ve[g], E[i][g], k);
+        O[i][g] = _mm512_mask3_fmadd_ps(vp, vo[g], O[i][g], k);
+      }
+    }
+  }
+}
+
 template <int R, int C>
 FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* live,
                                    const c10::BFloat16* const* vrows, int64_t voff, int64_t n, int64_t Dv,
@@ -385,7 +437,7 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const bool every = all_count<R>(P, ldP, live, n);
   for (int64_t d0 = 0; d0 < Dv; d0 += 32 * C) {
     __mmask16 m[2 * C];
     __mmask32 w[C];
@@ -407,31 +459,8 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
         O[i][g] = _mm512_permutex2var_ps(n0, odd, n1);
       }
     }
-    const c10::BFloat16* v0 = vrows[0] + voff + d0;  // key 0's values where they are vs apart (vs != 0)
-    const int64_t bytes = std::min<int64_t>(32 * C, Dv - d0) * 2;
-    for (int64_t j = 0; j < n; ++j) {
-      const c10::BFloat16* v = vs != 0 ? v0 + j * vs : vrows[j] + voff + d0;
-      if (vs != 0) fetch_ahead_strided(reinterpret_cast<const char*>(v), 1, 0, ahead, bytes);
-      else fetch_ahead(&v, 1, ahead, bytes);
-      __m512 ve[C], vo[C];
-#pragma GCC unroll 4
-      for (int g = 0; g < C; ++g) {
-        const __m512i x = _mm512_maskz_loadu_epi16(w[g], v + 32 * g);
-        ve[g] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-        vo[g] = _mm512_castsi512_ps(_mm512_and_si512(x, high_half));
-      }
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const float p = P[i * ldP + j];
-        const __mmask16 k = live[i] && p != 0.f ? __mmask16(0xffff) : __mmask16(0);
-        const __m512 vp = _mm512_set1_ps(p);
-#pragma GCC unroll 4
-        for (int g = 0; g < C; ++g) {
-          E[i][g] = _mm512_mask3_fmadd_ps(vp, ve[g], E[i][g], k);
-          O[i][g] = _mm512_mask3_fmadd_ps(vp, vo[g], O[i][g], k);
-        }
-      }
-    }
+    if (every) pv_bf16_keys<R, C, true>(P, ldP, live, vrows, voff + d0, vs, n, w, ahead, E, O);
+    else pv_bf16_keys<R, C, false>(P, ldP, live, vrows, voff + d0, vs, n, w, ahead, E, O);
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
       float* a = acc + i * Dv + d0;
