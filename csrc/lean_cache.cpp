@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cstring>
 #include <vector>
 
 #include <torch/csrc/DynamicTypes.h>
@@ -248,6 +249,42 @@ PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
   return both;
 }
 
+namespace {
+
+// Whether cache_append may move bytes with memcpy where copy_ would do the same and nothing else: CPU tensors of one
+// dtype that autograd does not track (no requires_grad), caches that are not inference tensors (copy_ refuses those
+// outside inference mode) whose (S, H, D) rows lie back to back, contiguous new k, v that share no storage with a
+// cache. Anything else takes copy_ and its checks.
+bool raw_append(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&kc, &vc, &k, &v}) {
+    if (!t->device().is_cpu() || t->layout() != at::kStrided || !t->has_storage() || t->requires_grad() ||
+        t->is_inference() || t->scalar_type() != kc.scalar_type()) {
+      return false;
+    }
+  }
+  for (const at::Tensor* c : {&kc, &vc}) {
+    if (c->stride(3) != 1 || c->stride(2) != c->size(3) || c->stride(1) != c->size(2) * c->size(3)) return false;
+  }
+  const auto apart = [](const at::Tensor& a, const at::Tensor& b) { return !a.storage().is_alias_of(b.storage()); };
+  return k.is_contiguous() && v.is_contiguous() && apart(k, kc) && apart(k, vc) && apart(v, kc) && apart(v, vc);
+}
+
+// Slots [lo, lo + Snew) of each batch row of cache (B, S, H, D) into old (B, Snew, H, D), then fresh's into them
+// (raw_append's layouts: each row's slots one run of bytes); the cache's version bumped as copy_ bumps it.
+void move_slots(const at::Tensor& cache, const at::Tensor& fresh, const at::Tensor& old, int64_t lo) {
+  const int64_t es = cache.element_size(), run = fresh.size(1) * cache.stride(1) * es;
+  char* c = static_cast<char*>(cache.data_ptr()) + lo * cache.stride(1) * es;
+  const char* f = static_cast<const char*>(fresh.data_ptr());
+  char* o = static_cast<char*>(old.data_ptr());
+  for (int64_t b = 0; b < cache.size(0); ++b, c += cache.stride(0) * es, f += run, o += run) {
+    std::memcpy(o, c, run);
+    std::memcpy(c, f, run);
+  }
+  cache.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
 // flash_attn_with_kvcache's lean append: slots [lo, lo + Snew) of every batch row of the caches (B, S, Hkv, D|Dv)
 // take k, v (B, Snew, Hkv, D|Dv); returns what they held (to restore the caches bit for bit if the kernel fails)
 // and the int32 (B,) lengths after the append. One call for the seven tensor ops the Python made (~1.5 us each).
@@ -268,6 +305,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
                 slots->device(), " (the slots it fills), got ", t->scalar_type(), " ", t->sizes(), " on ",
                 t->device());
   }
+  at::Tensor lens = at::empty({k_cache.size(0)}, k_cache.options().dtype(at::kInt));
+  std::fill_n(lens.data_ptr<int32_t>(), lens.numel(), static_cast<int32_t>(lo + snew));
+  if (raw_append(k_cache, v_cache, k, v)) {  // bytes moved directly: ~4 us less than the tensor ops below
+    at::Tensor old_k = at::empty(ks.sizes(), ks.options()), old_v = at::empty(vs.sizes(), vs.options());
+    move_slots(k_cache, k, old_k, lo);
+    move_slots(v_cache, v, old_v, lo);
+    return {old_k, old_v, lens};
+  }
   at::Tensor old_k = ks.clone(), old_v = vs.clone();
   ks.copy_(k);
   try {  // what the checks cannot see (e.g. an inference-mode v_cache outside inference mode) refuses v's write
@@ -276,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
     ks.copy_(old_k);  // k's slots as they were: a failing call leaves both caches untouched
     throw;
   }
-  return {old_k, old_v, at::full({k_cache.size(0)}, lo + snew, k_cache.options().dtype(at::kInt))};
+  return {old_k, old_v, lens};
 }
 
 }  // namespace fastattn::lean

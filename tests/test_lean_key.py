@@ -205,18 +205,26 @@ def test_planted_cache_refusal_is_caught():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,snew,lo", [(1, 1, 0), (2, 1, 63), (3, 4, 10), (2, 2, 0)])
 def test_cpp_cache_append_equals_reference(dtype, B, snew, lo):
-    """cache_append (C++) and cache_append_py write the same slots, return the same old slots and lengths; a cache
-    in SDPA's head-major layout read through a transposed view (strided slots) included."""
+    """cache_append (C++) and cache_append_py write the same slots, return the same old slots and lengths and bump
+    the caches' versions alike; caches whose rows lie back to back (moved with memcpy: the contiguous layout, and
+    batch rows a padded stride apart) and a cache in SDPA's head-major layout read through a transposed view (strided
+    slots: copy_), and new keys that are not contiguous (copy_) included."""
     g = torch.Generator().manual_seed(B * 100 + snew * 10 + lo)
-    for layout in ("bshd", "bhsd view"):
-        caches = [torch.randn(B, 64, 2, d, generator=g).to(dtype) for d in (16, 8)]
+    for layout in ("bshd", "bshd padded rows", "bhsd view", "strided new"):
+        caches = [torch.randn(B, 70 if layout == "bshd padded rows" else 64, 2, d, generator=g).to(dtype)[:, :64]
+                  for d in (16, 8)]
         if layout == "bhsd view":  # (B, H, S, D) storage seen as (B, S, H, D)
             caches = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in caches]
         k, v = (torch.randn(B, snew, 2, d, generator=g).to(dtype) for d in (16, 8))
+        if layout == "strided new":
+            k = torch.randn(B, 2, snew, 16, generator=g).to(dtype).transpose(1, 2)  # (B, H, Snew, D) -> (B, Snew, H, D)
         ref = [c.clone() for c in caches]
+        versions = [c._version for c in caches + ref]
         got = lean.cache_append(*caches, k, v, lo)
         want = lean.cache_append_py(*ref, k, v, lo)
         assert all(torch.equal(a, b) for a, b in zip(caches + list(got), ref + list(want))), layout
+        bumped = [c._version - v0 for c, v0 in zip(caches + ref, versions)]
+        assert bumped[:2] == bumped[2:] and min(bumped) > 0, (layout, bumped)
         assert got[2].dtype == torch.int32 and got[2].tolist() == [lo + snew] * B
         lean.cache_append(*caches, got[0], got[1], lo)  # the restore
         lean.cache_append_py(*ref, want[0], want[1], lo)
