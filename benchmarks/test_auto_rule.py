@@ -167,7 +167,8 @@ def _check_class(dtype, grad, causal, D, B, S, Hq=H):
 # same class masked, B4 at 1024 keys: 0.82-1.32x); bf16 every class 6.9-31x (torch multiplies bf16 without AMX there).
 # Since 2026-12-05 bf16 MHA steps are the kernel's on one thread too (its helpers fetch the cache ahead: from memory,
 # below, 1.06-1.16x, where the hand-over read 0.96-0.97x): on this one cache, in the L2, it reads 0.66x / 0.87x at 512 /
-# 4096 keys (Intel Xeon AMX; the hand-over read 0.89x / 0.96x), the price of the rule that serves models.
+# 4096 keys (Intel Xeon AMX; the hand-over read 0.89x / 0.96x), the price of the rule that serves models. Since the
+# dense-cache helpers (2026-12-05 night: rows addressed by index, no per-key zero test) 0.93-0.96x / 0.95-0.99x.
 _SHORT_DECODE = pytest.mark.xfail(reason="known gap: Python dispatch on a step no faster than torch's (see above)",
                                   strict=False)
 
