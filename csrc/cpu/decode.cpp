@@ -28,7 +28,7 @@
 #include "decode_checks.h"
 
 #include "tile.h"          // amd_cpu
-#include "decode_bf16.h"   // scores, pv (decode_tiles.h); scores_dp, pv_dp: the block helpers
+#include "decode_bf16.h"   // the block helpers: scores, pv (decode_tiles.h), scores_dp (bf16 dot products)
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
 
 namespace fastattn::cpu::decode {
