@@ -368,15 +368,6 @@ FA_AVX512 inline void pv_rows(const float* P, int64_t ldP, const uint8_t* live, 
   }
 }
 
-// pv_rows for bf16 values, R query rows of one KV head at a time (a GQA group shares each value load and its
-// widening) over C chunks of 32 values: 2 * R * C independent accumulators (8 or 16), where one row of 64 had 4 FMA
-// chains waiting on each other's latency. 32 values a load, split into their even and odd elements (a bf16 is the
-// high half of an fp32: even = word << 16, odd = word & 0xffff0000); the accumulators hold even/odd order inside the
-// key loop and natural order outside it. A key whose P is 0 (or a row not live) leaves the accumulator untouched
-// (masked FMA), so each row gets pv_rows' products and sums in its order: the results are the same bits. vs != 0
-// (Stream's v_stride, a dense cache): key j's values at key 0's + j * vs, fetched ahead row by row without the
-// table (with scores_bf16_dp_strided, bf16 MHA D=64 one-token steps on one 512-key cache, one thread, Intel Xeon
-// AMX: 0.86-0.89x -> 0.92-0.94x PyTorch's SDPA).
 // Whether every key counts in rows [0, R) of a block (n keys): each row live, no P zero (NaN counts, as p != 0).
 template <int R>
 FA_AVX512 inline bool all_count(const float* P, int64_t ldP, const uint8_t* live, int64_t n) {
@@ -384,9 +375,8 @@ FA_AVX512 inline bool all_count(const float* P, int64_t ldP, const uint8_t* live
     if (!live[i]) return false;
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 t = vec512::tail(n - j);
-      if (_mm512_mask_cmp_ps_mask(t, _mm512_maskz_loadu_ps(t, P + i * ldP + j), _mm512_setzero_ps(), _CMP_NEQ_UQ) != t) {
-        return false;
-      }
+      const __m512 p = _mm512_maskz_loadu_ps(t, P + i * ldP + j);
+      if (_mm512_mask_cmp_ps_mask(t, p, _mm512_setzero_ps(), _CMP_NEQ_UQ) != t) return false;
     }
   }
   return true;
@@ -429,6 +419,15 @@ FA_AVX512 __attribute__((always_inline)) inline void pv_bf16_keys(const float* P
   }
 }
 
+// pv_rows for bf16 values, R query rows of one KV head at a time (a GQA group shares each value load and its
+// widening) over C chunks of 32 values: 2 * R * C independent accumulators (8 or 16), where one row of 64 had 4 FMA
+// chains waiting on each other's latency. 32 values a load, split into their even and odd elements (a bf16 is the
+// high half of an fp32: even = word << 16, odd = word & 0xffff0000); the accumulators hold even/odd order inside the
+// key loop and natural order outside it. A key whose P is 0 (or a row not live) leaves the accumulator untouched
+// (masked FMA), so each row gets pv_rows' products and sums in its order: the results are the same bits. vs != 0
+// (Stream's v_stride, a dense cache): key j's values at key 0's + j * vs, fetched ahead row by row without the
+// table (with scores_bf16_dp_strided, bf16 MHA D=64 one-token steps on one 512-key cache, one thread, Intel Xeon
+// AMX: 0.86-0.89x -> 0.92-0.94x PyTorch's SDPA).
 template <int R, int C>
 FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* live,
                                    const c10::BFloat16* const* vrows, int64_t voff, int64_t n, int64_t Dv,
