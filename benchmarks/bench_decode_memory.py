@@ -1,6 +1,8 @@
 """One-token decode steps as a model's generate() makes them: each call on the next of L layers' caches (SDPA's
-layout (1, Hkv, Sk, D), ~96 MB in all, past the L3), so every cache comes from memory. Columns, interleaved round by
-round (each round takes the implementations in a rotated order, so background load hits every column alike):
+layout (1, Hkv, Sk, D), ~96 MB in all by default, --mb: past the 32 MB L3 of the AMD EPYC it was written on, so
+every cache comes from memory there; an Intel Xeon with a 480 MB L3 holds them all, and --mb 1024 reaches DRAM).
+Columns, interleaved round by round (each round takes the implementations in a rotated order, so background load hits
+every column alike):
   cpu   fastattn.scaled_dot_product_attention(..., backend="cpu"): the split-KV decode kernel (csrc/cpu/decode.cpp)
   auto  fastattn.scaled_dot_product_attention(...): whatever auto picks (printed)
   cpu[v] with --switch NAME=v1,v2,...: the cpu column once per value v of an environment switch the CPU kernels read

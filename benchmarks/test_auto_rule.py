@@ -195,8 +195,8 @@ def test_auto_not_slower_than_torch_decode(dtype, heads, D, Sk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_auto_not_slower_than_torch_decode_from_memory(dtype, Sk, heads, D):
     """One-token decode steps as a model's generate() makes them: each call on the next of L layers' caches (B=1,
-    contiguous (1, Hkv, Sk, D), ~96 MB in all, past the L3), so every cache comes from memory, as it does when a
-    layer's weights and the other layers' caches pass between two steps of one layer. The steps above reuse one
+    contiguous (1, Hkv, Sk, D), ~96 MB in all: past a 32 MB L3, inside a 480 MB one), so no cache is in the L2, as
+    when a layer's weights and the other layers' caches pass between two steps of one layer. The steps above reuse one
     cache, which can stay in the L3: there the decode kernel read 1.2-1.4x torch where from memory it read 0.80-0.93x
     from 1024 keys (fp32 MHA D=64, one thread, AMD EPYC Zen 4, until 2026-12-05: its items walked every head at
     once and its dot products read 8 keys' rows chunk by chunk; since then 1.02-1.17x, and 1.36-1.52x with P·V in
