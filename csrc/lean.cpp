@@ -229,12 +229,8 @@ PyObject* make_key(const Facts& f, std::vector<int64_t>* breaks = nullptr) {
 
 // lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, attn_mask]) -> tuple | None
 PyObject* key(PyObject* const* a, Py_ssize_t n) {
-  if (n < 7 || n > 8) {
-    PyErr_SetString(PyExc_TypeError, "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, mask])");
-    return nullptr;
-  }
-  if (g_tag == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.lean_key: lean_init was not called");
+  if (!key_entry_ready("lean_key", n, 7, 8,
+                       "lean_key(query, key, value, is_causal, scale, enable_gqa, backend[, mask])")) {
     return nullptr;
   }
   Facts f;

@@ -165,14 +165,7 @@ PyObject* cache_route(PyObject* const* a, Py_ssize_t n, PyObject** instead) {
 // cache_key(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, softcap, num_splits,
 // return_lse, backend) -> tuple | None: lean.cache_key_py's key (flash_attn_with_kvcache's lean path).
 PyObject* cache_key(PyObject* const* a, Py_ssize_t n) {
-  if (n != 13) {
-    PyErr_SetString(PyExc_TypeError, "cache_key takes 13 arguments");
-    return nullptr;
-  }
-  if (g_tag == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "fastattn._C.cache_key: lean_init was not called");
-    return nullptr;
-  }
+  if (!key_entry_ready("cache_key", n, 13, 13, "cache_key takes 13 arguments")) return nullptr;
   CacheFacts f;
   const int read = read_cache_facts(a, f);
   return read > 0 ? make_cache_key(a, f) : read < 0 ? nullptr : Py_NewRef(Py_None);
@@ -218,7 +211,7 @@ PyObject* cache_call(PyObject* const* a, Py_ssize_t n) {
   PyObject* run = PyTuple_GET_ITEM(route, 1);
   PyObject* res = nullptr;
   if (!fresh) {
-    const at::Tensor seqlens = given.defined() ? given : at::full({q.size(0)}, lo, q.options().dtype(at::kInt));
+    const at::Tensor seqlens = given.defined() ? given : lengths(q.size(0), lo, q.options());
     res = run_cache_route(run, qt, a[1], a[2], seqlens);
   } else {
     const at::Tensor &kn = THPVariable_Unpack(a[3]), &vn = THPVariable_Unpack(a[4]);
@@ -285,6 +278,14 @@ void move_slots(const at::Tensor& cache, const at::Tensor& fresh, const at::Tens
 
 }  // namespace
 
+at::Tensor lengths(int64_t B, int64_t value, const at::TensorOptions& on) {
+  const at::TensorOptions opts = on.dtype(at::kInt);
+  if (!opts.device().is_cpu()) return at::full({B}, value, opts);
+  at::Tensor t = at::empty({B}, opts);
+  std::fill_n(t.data_ptr<int32_t>(), B, static_cast<int32_t>(value));
+  return t;
+}
+
 // flash_attn_with_kvcache's lean append: slots [lo, lo + Snew) of every batch row of the caches (B, S, Hkv, D|Dv)
 // take k, v (B, Snew, Hkv, D|Dv); returns what they held (to restore the caches bit for bit if the kernel fails)
 // and the int32 (B,) lengths after the append. One call for the seven tensor ops the Python made (~1.5 us each).
@@ -305,8 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cache_append(const at::Tensor& k_
                 slots->device(), " (the slots it fills), got ", t->scalar_type(), " ", t->sizes(), " on ",
                 t->device());
   }
-  at::Tensor lens = at::empty({k_cache.size(0)}, k_cache.options().dtype(at::kInt));  // at::full: +0.3 us
-  std::fill_n(lens.data_ptr<int32_t>(), lens.numel(), static_cast<int32_t>(lo + snew));
+  at::Tensor lens = lengths(k_cache.size(0), lo + snew, k_cache.options());
   if (raw_append(k_cache, v_cache, k, v)) {  // bytes moved directly: the append 4.1 -> 2.9 us (B1 H12 D64, one token)
     at::Tensor old_k = at::empty(ks.sizes(), ks.options()), old_v = at::empty(vs.sizes(), vs.options());
     move_slots(k_cache, k, old_k, lo);

@@ -43,45 +43,32 @@ FA_AVX512BF16 inline void scores_bf16_dp_pair(const c10::BFloat16* q, int64_t D,
   }
 }
 
-// scores_bf16_dp for one row against n keys a fixed stride ks apart (a dense cache; k0: key 0 at the row's KV head):
-// the same sums in the same order (the same bits) with each key's address from its index, not a table. Its memory
-// order is scores_bf16_dp's (two passes of 8 keys, each fetching its rows ahead first): one pass over 16 keys, their
-// 32 lines fetched at once, read caches from the L3 3-8% slower (bf16 MHA D=64, one thread, Intel Xeon AMX).
+// scores_bf16_dp for one row against n keys (a multiple of 16) a fixed stride ks apart (a dense cache; k0: key 0 at
+// the row's KV head): the same sums in the same order (the same bits) with each key's address from its index, not a
+// table. Its memory order is scores_bf16_dp's (two passes of 8 keys, each fetching its rows ahead first): one pass
+// over 16 keys, their 32 lines fetched at once, read caches from the L3 3-8% slower (bf16 MHA D=64, one thread,
+// Intel Xeon AMX).
 FA_AVX512BF16 inline void scores_bf16_dp_strided(const c10::BFloat16* q, int64_t D, const c10::BFloat16* k0, int64_t ks,
                                                  int64_t n, __m512 vscale, float* S, Ahead ahead) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t nk = std::min<int64_t>(16, n - j0);
     const c10::BFloat16* kb = k0 + j0 * ks;
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
-    if (nk == 16) {
 #pragma GCC unroll 2
-      for (int h = 0; h < 16; h += 8) {  // two passes of 8 keys, each fetching its rows ahead: scores_bf16_dp's order
-        const c10::BFloat16* kh = kb + h * ks;
-        fetch_ahead_strided(reinterpret_cast<const char*>(kh), 8, ks * 2, ahead, D * 2);
-        for (int64_t d = 0; d < D; d += 32) {
-          const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
-          const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
-#pragma GCC unroll 8
-          for (int u = 0; u < 8; ++u) {
-            acc[h + u] = _mm512_dpbf16_ps(acc[h + u], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, kh + u * ks + d));
-          }
-        }
-      }
-    } else {
-      fetch_ahead_strided(reinterpret_cast<const char*>(kb), nk, ks * 2, ahead, D * 2);
+    for (int h = 0; h < 16; h += 8) {
+      const c10::BFloat16* kh = kb + h * ks;
+      fetch_ahead_strided(reinterpret_cast<const char*>(kh), 8, ks * 2, ahead, D * 2);
       for (int64_t d = 0; d < D; d += 32) {
         const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - d)) - 1);
         const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + d);
-#pragma GCC unroll 16
-        for (int u = 0; u < 16; ++u) {
-          const __mmask32 mu = u < nk ? m : __mmask32(0);
-          acc[u] = _mm512_dpbf16_ps(acc[u], qv, (__m512bh)_mm512_maskz_loadu_epi16(mu, kb + u * ks + d));
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; ++u) {
+          acc[h + u] = _mm512_dpbf16_ps(acc[h + u], qv, (__m512bh)_mm512_maskz_loadu_epi16(m, kh + u * ks + d));
         }
       }
     }
-    _mm512_mask_storeu_ps(S + j0, vec512::tail(nk), _mm512_mul_ps(hsum16x16(acc), vscale));
+    _mm512_storeu_ps(S + j0, _mm512_mul_ps(hsum16x16(acc), vscale));
   }
 }
 
@@ -93,10 +80,12 @@ FA_AVX512BF16 void scores_bf16_dp(const c10::BFloat16* Qb, int64_t M, int64_t D,
                                   const int64_t* koff, int64_t n, float scale, float* S, int64_t ldS,
                                   const Stream& st) {
   const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t whole = 0;  // keys already scored: a dense cache's whole groups of 16 for a lone row
   if (M == 1 && st.k_stride != 0) {
-    return scores_bf16_dp_strided(Qb, D, krows[0] + koff[0], st.k_stride, n, vscale, S, st.k_ahead);
+    whole = n & ~int64_t{15};
+    scores_bf16_dp_strided(Qb, D, krows[0] + koff[0], st.k_stride, whole, vscale, S, st.k_ahead);
   }
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+  for (int64_t j0 = whole; j0 < n; j0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < M; ++r) {
       const Ahead ahead = row_ahead(koff, r, st.k_ahead);

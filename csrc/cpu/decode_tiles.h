@@ -383,17 +383,16 @@ FA_AVX512 inline bool all_count(const float* P, int64_t ldP, const uint8_t* live
 }
 
 // The key loop of pv_bf16_rows at one column chunk (voff: the rows' offset plus the chunk's first column; w: the C
-// chunks' lane masks): E, O += P[., j] times key j's even and odd values. Every: each key counts (all_count), no
-// key's mask to test.
+// chunks' lane masks; bytes: of each value row it reads): E, O += P[., j] times key j's even and odd values. Every:
+// each key counts (all_count), no key's mask to test.
 template <int R, int C, bool Every>
 FA_AVX512 __attribute__((always_inline)) inline void pv_bf16_keys(const float* P, int64_t ldP, const uint8_t* live,
                                                                   const c10::BFloat16* const* vrows, int64_t voff,
                                                                   int64_t vs, int64_t n, const __mmask32* w,
-                                                                  Ahead ahead, __m512 (&E)[R][C], __m512 (&O)[R][C]) {
+                                                                  int64_t bytes, Ahead ahead, __m512 (&E)[R][C],
+                                                                  __m512 (&O)[R][C]) {
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const c10::BFloat16* v0 = vrows[0] + voff;  // key 0's values where they are vs apart (vs != 0)
-  int64_t bytes = 0;
-  for (int g = 0; g < C; ++g) bytes += 2 * __builtin_popcount(w[g]);
   for (int64_t j = 0; j < n; ++j) {
     const c10::BFloat16* v = vs != 0 ? v0 + j * vs : vrows[j] + voff;
     if (vs != 0) fetch_ahead_strided(reinterpret_cast<const char*>(v), 1, 0, ahead, bytes);
@@ -458,8 +457,9 @@ FA_AVX512 inline void pv_bf16_rows(const float* P, int64_t ldP, const uint8_t* l
         O[i][g] = _mm512_permutex2var_ps(n0, odd, n1);
       }
     }
-    if (every) pv_bf16_keys<R, C, true>(P, ldP, live, vrows, voff + d0, vs, n, w, ahead, E, O);
-    else pv_bf16_keys<R, C, false>(P, ldP, live, vrows, voff + d0, vs, n, w, ahead, E, O);
+    const int64_t bytes = std::min<int64_t>(32 * C, Dv - d0) * 2;  // of each value row this pass reads
+    if (every) pv_bf16_keys<R, C, true>(P, ldP, live, vrows, voff + d0, vs, n, w, bytes, ahead, E, O);
+    else pv_bf16_keys<R, C, false>(P, ldP, live, vrows, voff + d0, vs, n, w, bytes, ahead, E, O);
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) {
       float* a = acc + i * Dv + d0;
