@@ -35,6 +35,16 @@ def on_matrix_units(dtype) -> bool:
     return f"{name}: matrix units" in REPORT
 
 
+def fp16_pairs() -> bool:
+    """fp16's forward runs on bf16 matrix units as exact pairs here (`fp16 forward: matrix units as exact bf16
+    pairs`), its backward on fp16's own path."""
+    return ops.cpu_matmul_report().get("fp16_forward") == "bf16_pairs"
+
+
+def forward_on_matrix_units(dtype) -> bool:
+    return on_matrix_units(dtype) or (dtype == torch.float16 and fp16_pairs())
+
+
 CELLS = [c for c in matrix() if c[0] == "cpu" and c[2] in LOWP]
 
 
@@ -47,7 +57,7 @@ def fp32_tiles():
 
 @pytest.mark.parametrize("cell", CELLS, ids=["fp32tiles-" + cell_id(c) for c in CELLS])
 def test_matrix_on_fp32_fallback(cell, fp32_tiles):
-    if not on_matrix_units(cell[2]):
+    if not forward_on_matrix_units(cell[2]):
         pytest.skip(f"this CPU has no matrix-unit path for {cell[2]}, so test_matrix already ran the fp32 tiles "
                     f"({REPORT})")
     results = run_case(*cell)
@@ -118,11 +128,12 @@ def test_without_amx_the_path_is_timed():
 
 
 _PLANT = r"""
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, "tests")
 from support.cases import matrix, run_case
 MATRIX = matrix()
-cells = [c for c in MATRIX if c[0] == "cpu" and c[2] == torch.bfloat16 and c[1].name in
+dtype = getattr(torch, os.environ.get("PLANT_DTYPE", "bfloat16"))
+cells = [c for c in MATRIX if c[0] == "cpu" and c[2] == dtype and c[1].name in
          ("basic", "causal_square_257", "gqa", "flash_window_left", "varlen_causal", "hd80")]
 bad = sum(not all(ok for ok, _ in run_case(*c)) for c in cells)
 from fastattn import ops
@@ -178,7 +189,8 @@ def test_softmax_exponential_accuracy(dtype, forced):
     if forced:
         ops._C.cpu_matmul_force_fp32(True)
     try:
-        path = "matrix units" if dtype != torch.float32 and on_matrix_units(dtype) and not forced else "fp32 tiles"
+        on_units = dtype != torch.float32 and forward_on_matrix_units(dtype) and not forced
+        path = "matrix units" if on_units else "fp32 tiles"
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randint(-2, 3, (2, 3, s, 64), generator=g).to(dtype) for s in (77, 600, 600))
         with torch.no_grad():
@@ -191,3 +203,49 @@ def test_softmax_exponential_accuracy(dtype, forced):
     err = ((lse.double() - exact).abs() - 2.0**-24 * exact.abs()).max().item()
     print(f"{dtype} on {path}: max |lse error| beyond half an ulp {err:.2e} (bound {bound:.0e})")
     assert err <= bound, f"{dtype} on {path}: lse off by {err:.2e} > {bound:.0e} beyond half an fp32 ulp"
+
+
+def test_fp16_pairs_where_bf16_has_amx_and_fp16_not():
+    """fp16's forward takes bf16 matrix units as exact pairs exactly where bf16 multiplies on AMX and fp16 itself
+    has no matrix-unit path (Intel Sapphire / Emerald Rapids); FASTATTN_CPU_FP16_PAIRS=0 turns them off."""
+    if os.environ.get("FASTATTN_CPU_MATMUL") or os.environ.get("FASTATTN_CPU_FP16_PAIRS"):
+        pytest.skip("a switch forces a path in this run")
+    data = ops.cpu_matmul_report()
+    want = data["bf16"] == "brgemm" and data["fp16"] == "fp32" and data["amx_bf16_usable"] == "1"
+    print(data["fp16_forward"], REPORT)
+    assert data["fp16_forward"] == ("bf16_pairs" if want else data["fp16"] if data["fp16"] == "brgemm" else "fp32")
+    assert ("fp16 forward: matrix units as exact bf16 pairs" in REPORT) == want, REPORT
+    if not want:
+        return
+    code = "from fastattn import ops; print(ops.cpu_matmul_report()['fp16_forward']); print(ops.cpu_matmul())"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FASTATTN_CPU_FP16_PAIRS="0"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[0] == "fp32" and "turned off by FASTATTN_CPU_FP16_PAIRS=0" in r.stdout, r.stdout
+
+
+def _run_fp16_pair_cells(**env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_FP16_PAIRS="1", PLANT_DTYPE="float16", **env_extra)
+    env.pop("FASTATTN_CPU_MATMUL", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fp16 forward: matrix units as exact bf16 pairs" in r.stdout, r.stdout  # the cells ran on pairs
+    return r.stdout
+
+
+def test_fp16_pairs_hold_the_rule_even_where_not_chosen():
+    """FASTATTN_CPU_FP16_PAIRS=1: the pairs stay correct where bf16 takes brgemm but AMX is missing (AVX512-BF16
+    dot products), where the default leaves fp16 on the fp32 tiles (and test_matrix runs only those)."""
+    if not _brgemm_exact() or on_matrix_units(torch.float16):
+        pytest.skip(f"no bf16 brgemm to pair on, or fp16 multiplies on the matrix units itself ({REPORT})")
+    assert "0 of 6 cells failed" in _run_fp16_pair_cells()
+
+
+def test_planted_pairs_bug_fails_the_matrix():
+    """Every pair's lo dropped (fp16 operands cut to bf16's 8 bits): the fp16 cells' tolerance must catch it."""
+    if not _brgemm_exact() or on_matrix_units(torch.float16):
+        pytest.skip(f"no bf16 brgemm to pair on, or fp16 multiplies on the matrix units itself ({REPORT})")
+    assert "6 of 6 cells failed" in _run_fp16_pair_cells(FASTATTN_CPU_PLANT="pairs_lo")

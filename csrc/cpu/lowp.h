@@ -2,6 +2,8 @@
 // fwd_lowp.cpp, bwd_lowp.cpp): per-thread VNNI packs of a head's K and V, and the score tile
 // S = Q K^T (raw products; the scale is folded into the softmax unless softcap/alibi/bias need scaled scores).
 #pragma once
+#include <memory>
+
 #include "mm.h"
 #include "tile.h"
 #include "vec512.h"
@@ -15,41 +17,59 @@ constexpr int64_t KBLOCK = 512;
 
 // VNNI blocks of one (sequence, kv head)'s keys on the global grid of KBLOCK keys, kept across the tasks of a
 // thread (consecutive tasks share the head) and packed on first use:
-//   kt block kb: K^T of keys [kb*KBLOCK, +bk) as a (D x bk) right operand, ldb KBLOCK  (S = Q K^T)
+//   kt block kb: K^T of keys [kb*KBLOCK, +bk) as a (Dk x bk) right operand, ldb KBLOCK  (S = Q K^T)
 //   v  block kb: V of those keys as a (bk x Dv) right operand, ldb Dv                    (O += P V)
 //   vt block kb (backward only): V^T as a (Dv x bk) right operand, ldb KBLOCK            (dP = dO V^T)
 //   k  block kb (backward only): K as a (bk x D) right operand, ldb D                      (dQ += dS K)
+// Pairs (the fp16 forward on bf16 matrix units, mm::fp16_pairs; T = bf16, fp16 sources): each fp16 value is the
+// exact sum hi + lo of two bf16 (vec512::split_bf16_row), and a product of two is hi hi + hi0 lo + lo hi0 (lo lo,
+// under 2^-18 of it, dropped; hi0: hi with its infs as 0, so that only hi hi meets an inf): the kt block is
+// [Kh; Kl; Kh0]^T (Dk = 3 Dp, against query rows [Qh | Qh0 | Ql]), and each v block (Vh) is followed by Vl and Vh0.
 template <typename T>
 struct KVBlocks {
-  int64_t Dp, Dvp, nkb;
-  bool bwd;
+  int64_t Dp, Dvp, Dk, nkb;
+  bool bwd, pairs;
   at::Tensor buf;
   T *kt, *v = nullptr, *vt = nullptr, *k = nullptr;
   std::vector<char> done;
+  std::unique_ptr<T[]> split;           // pairs: one block's split rows, hi, lo and hi0 (each bk x max(D, Dv))
+  std::unique_ptr<c10::Half[]> row;     // pairs: a strided source row gathered
+  int64_t split_n = 0;
   int64_t head = -1;
 
-  // bwd = false: kt and v blocks (forward); bwd = true: kt, vt and k blocks (backward).
-  KVBlocks(const CpuParams& p, int64_t max_sk, bool bwd_)
-      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), nkb((max_sk + KBLOCK - 1) / KBLOCK), bwd(bwd_) {
-    const int64_t per = KBLOCK * (Dp + (bwd ? Dvp + p.D : p.Dv));
+  // bwd = false: kt and v blocks (forward); bwd = true: kt, vt and k blocks (backward); pairs: forward only.
+  KVBlocks(const CpuParams& p, int64_t max_sk, bool bwd_, bool pairs_ = false)
+      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), Dk(pairs_ ? 3 * Dp : Dp), nkb((max_sk + KBLOCK - 1) / KBLOCK),
+        bwd(bwd_), pairs(pairs_) {
+    TORCH_CHECK(!(bwd && pairs), "fastattn: KVBlocks pairs are forward-only");
+    const int64_t per = KBLOCK * (Dk + (bwd ? Dvp + p.D : (pairs ? 3 : 1) * p.Dv));
     buf = at::empty({std::max<int64_t>(nkb * per, 1) * int64_t(sizeof(T))}, at::kByte);
     kt = reinterpret_cast<T*>(buf.data_ptr());
     if (bwd) {
-      vt = kt + nkb * KBLOCK * Dp;
+      vt = kt + nkb * KBLOCK * Dk;
       k = vt + nkb * KBLOCK * Dvp;
     } else {
-      v = kt + nkb * KBLOCK * Dp;
+      v = kt + nkb * KBLOCK * Dk;
+    }
+    if (pairs) {
+      split_n = std::min(KBLOCK, mm::even(max_sk)) * std::max(p.D, p.Dv);
+      split.reset(new T[3 * split_n]);  // uninitialised: every row read is written first
+      row.reset(new c10::Half[std::max(p.D, p.Dv)]);
     }
     done.assign(nkb, 0);
   }
 
-  T* kt_block(int64_t kb) const { return kt + kb * KBLOCK * Dp; }
-  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * KBLOCK * Dv; }
+  T* kt_block(int64_t kb) const { return kt + kb * KBLOCK * Dk; }
+  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * KBLOCK * Dv * (pairs ? 3 : 1); }
+  T* vl_block(int64_t kb, int64_t Dv) const { return v_block(kb, Dv) + KBLOCK * Dv; }       // pairs: Vl
+  T* vh0_block(int64_t kb, int64_t Dv) const { return v_block(kb, Dv) + 2 * KBLOCK * Dv; }  // pairs: Vh0
   T* vt_block(int64_t kb) const { return vt + kb * KBLOCK * Dvp; }
   T* k_block(int64_t kb, int64_t D) const { return k + kb * KBLOCK * D; }
 
-  // Packs blocks [kb0, kb1) of head `head_id` (k_src, v_src at the sequence's first key) when not yet packed.
-  void ensure(const CpuParams& p, const SeqInfo& s, int64_t head_id, const T* k_src, const T* v_src, int64_t kb0,
+  // Packs blocks [kb0, kb1) of head `head_id` (k_src, v_src at the sequence's first key; S: T, or fp16 for
+  // pairs) when not yet packed.
+  template <typename S>
+  void ensure(const CpuParams& p, const SeqInfo& s, int64_t head_id, const S* k_src, const S* v_src, int64_t kb0,
               int64_t kb1) {
     if (head_id != head) {
       std::fill(done.begin(), done.end(), 0);
@@ -62,28 +82,62 @@ struct KVBlocks {
       const int64_t j0 = kb * KBLOCK, bk = std::min(KBLOCK, end - j0);
       done[kb] = 1;
       if (bk <= 0) continue;  // all skipped padding (the backward asks for every block)
-      const T* kr = k_src + j0 * p.k_st.s;
-      const T* vr = v_src + j0 * p.v_st.s;
-      mm::pack_transposed<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, KBLOCK, kt_block(kb));
-      if (bwd) {
-        mm::pack_transposed<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, KBLOCK, vt_block(kb));
-        mm::pack_rows<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, p.D, k_block(kb, p.D));
+      const S* kr = k_src + j0 * p.k_st.s;
+      const S* vr = v_src + j0 * p.v_st.s;
+      if constexpr (std::is_same_v<S, T>) {
+        mm::pack_transposed<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, KBLOCK, kt_block(kb));
+        if (bwd) {
+          mm::pack_transposed<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, KBLOCK, vt_block(kb));
+          mm::pack_rows<T>(kr, p.k_st.s, p.k_st.d, bk, p.D, p.D, k_block(kb, p.D));
+        } else {
+          mm::pack_rows<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
+        }
       } else {
-        mm::pack_rows<T>(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
+        pack_pairs(p, kr, vr, kb, bk);
       }
+    }
+  }
+
+  // Rows [0, rows) of fp16 src (row stride ss, column stride sd) split into h, l and h0 (rows x cols_pad, ld ldd).
+  void split_rows(const c10::Half* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad,
+                  int64_t ldd, T* h, T* l, T* h0) {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "pairs are bf16");
+    const bool zero_lo = mm::plant_pairs_lo();
+    for (int64_t r = 0; r < rows; ++r) {
+      const c10::Half* x = src + r * ss;
+      if (sd != 1) {
+        for (int64_t c = 0; c < cols; ++c) row[c] = x[c * sd];
+        x = row.get();
+      }
+      vec512::split_bf16_row(x, cols, cols_pad, h + r * ldd, l + r * ldd, h0 + r * ldd, zero_lo);
+    }
+  }
+
+ private:
+  void pack_pairs(const CpuParams& p, const c10::Half* kr, const c10::Half* vr, int64_t kb, int64_t bk) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      T *kt0 = kt_block(kb), *hi = split.get(), *lo = hi + split_n, *hi0 = lo + split_n;
+      split_rows(kr, p.k_st.s, p.k_st.d, bk, p.D, p.D, p.D, hi, lo, hi0);
+      mm::pack_transposed<T>(hi, p.D, 1, bk, p.D, KBLOCK, kt0);                     // rows [0, Dp): Kh
+      mm::pack_transposed<T>(lo, p.D, 1, bk, p.D, KBLOCK, kt0 + Dp * KBLOCK);       // [Dp, 2 Dp): Kl
+      mm::pack_transposed<T>(hi0, p.D, 1, bk, p.D, KBLOCK, kt0 + 2 * Dp * KBLOCK);  // [2 Dp, 3 Dp): Kh0
+      split_rows(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, p.Dv, hi, lo, hi0);
+      mm::pack_rows<T>(hi, p.Dv, 1, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
+      mm::pack_rows<T>(lo, p.Dv, 1, bk, p.Dv, p.Dv, vl_block(kb, p.Dv));
+      mm::pack_rows<T>(hi0, p.Dv, 1, bk, p.Dv, p.Dv, vh0_block(kb, p.Dv));
     }
   }
 };
 
-// Score tile of query rows [i0, +bq) (qa: (bq x Dp) T, ld lda) against keys [kb * KBLOCK + c0, +bk) of key block
-// kb: S (bq x bk, ld KBLOCK) ready for the softmax, which multiplies it by the returned factor (the scale when it
-// could be deferred, else 1). defer_bias (a bias-only context on a fully visible tile): the raw products alone; the
-// softmax adds the bias. Empty-row NaN detection stays with the caller.
-template <typename T>
-float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<T>& kv, const T* qa, int64_t lda, int64_t i0, int64_t bq,
+// Score tile of query rows [i0, +bq) (qa: (bq x Dk) U, ld lda; U = bf16 for pairs) against keys
+// [kb * KBLOCK + c0, +bk) of key block kb: S (bq x bk, ld KBLOCK) ready for the softmax, which multiplies it by the
+// returned factor (the scale when it could be deferred, else 1). defer_bias (a bias-only context on a fully visible
+// tile): the raw products alone; the softmax adds the bias. Empty-row NaN detection stays with the caller.
+template <typename T, typename U = T>
+float lowp_scores(const ScoreCtx<T>& ctx, const KVBlocks<U>& kv, const U* qa, int64_t lda, int64_t i0, int64_t bq,
                   int64_t kb, int64_t c0, int64_t bk, float* S, float* tanh_out, bool defer_bias = false) {
   const int64_t j0 = kb * KBLOCK + c0;
-  mm::mm_vnni<T>(bq, bk, kv.Dp, qa, lda, kv.kt_block(kb) + 2 * c0, KBLOCK, S, KBLOCK, false);  // column c0: + 2 c0
+  mm::mm_vnni<U>(bq, bk, kv.Dk, qa, lda, kv.kt_block(kb) + 2 * c0, KBLOCK, S, KBLOCK, false);  // column c0: + 2 c0
   float eff = ctx.p.scale;
   if (defer_bias) return eff;
   if (ctx.bias_only()) {  // the scale rides the bias pass

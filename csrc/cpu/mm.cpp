@@ -213,6 +213,39 @@ const Decision& decision(at::ScalarType dt) {
 
 std::atomic<bool> g_force_fp32{false};
 
+// mm.h fp16_pairs, decided once; `why` says so for describe().
+struct Pairs {
+  bool on = false;
+  std::string why;
+};
+
+Pairs decide_pairs() {
+  Pairs d;
+  const char* env = std::getenv("FASTATTN_CPU_FP16_PAIRS");
+  const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+  // fp16 on the matrix units itself, or bf16 not there either (its own line says why): nothing to add
+  if (decision(at::kHalf).path == Path::kBrgemm || decision(at::kBFloat16).path != Path::kBrgemm) return d;
+  if (env != nullptr && std::strcmp(env, "0") == 0) {
+    d.why = "fp32 tiles (bf16 pairs turned off by FASTATTN_CPU_FP16_PAIRS=0)";
+    return d;
+  }
+#ifdef FASTATTN_HAS_BRGEMM
+  const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  const bool amx = false;
+#endif
+  d.on = amx || forced;
+  d.why = amx      ? "matrix units as exact bf16 pairs (AMX tiles, three products a tile; the backward on fp16's path)"
+          : forced ? "matrix units as exact bf16 pairs (forced by FASTATTN_CPU_FP16_PAIRS=1)"
+                   : "fp32 tiles (no AMX for bf16 pairs: three dot-product passes cost more than one in fp32)";
+  return d;
+}
+
+const Pairs& pairs_decision() {
+  static const Pairs d = decide_pairs();
+  return d;
+}
+
 // FASTATTN_CPU_PLANT=vnni_swap (tests only, read once): swaps the two halves of every VNNI pair that pack_rows
 // writes, a packing bug the correctness checks must catch (tests/test_cpu_paths.py).
 bool plant_vnni_swap() {
@@ -228,6 +261,16 @@ bool plant_vnni_swap() {
 Path path(at::ScalarType dt) { return g_force_fp32.load(std::memory_order_relaxed) ? Path::kFp32 : decision(dt).path; }
 
 void force_fp32(bool on) { g_force_fp32.store(on); }
+
+bool fp16_pairs() { return !g_force_fp32.load(std::memory_order_relaxed) && pairs_decision().on; }
+
+bool plant_pairs_lo() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTATTN_CPU_PLANT");
+    return e != nullptr && std::strcmp(e, "pairs_lo") == 0;
+  }();
+  return on;
+}
 
 std::map<std::string, std::string> report() {
   const Isa& i = isa();
@@ -245,6 +288,7 @@ std::map<std::string, std::string> report() {
           {"fp32", fp32_gemm_brgemm() ? "brgemm" : "sgemm"},
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
+          {"fp16_forward", path(at::kHalf) == Path::kBrgemm ? "brgemm" : fp16_pairs() ? "bf16_pairs" : "fp32"},
           // oneDNN's view: AMX it will use (torch's flash kernel multiplies bf16/fp16 on AMX only then)
           {"amx_bf16_usable", flag(amx_bf16_usable)},
           {"amx_fp16_usable", flag(amx_fp16_usable)},
@@ -293,7 +337,9 @@ double tile_gflops(const std::string& dtype) {
     return path(at::kBFloat16) == Path::kBrgemm ? tile_gflops_as<c10::BFloat16>() : tile_gflops_as<float>();
   }
   if (dtype == "float16") {
-    return path(at::kHalf) == Path::kBrgemm ? tile_gflops_as<c10::Half>() : tile_gflops_as<float>();
+    if (path(at::kHalf) == Path::kBrgemm) return tile_gflops_as<c10::Half>();
+    // pairs: three bf16 products for each fp16 one (the forward's; the backward runs the fp32 tiles)
+    return fp16_pairs() ? tile_gflops_as<c10::BFloat16>() / 3 : tile_gflops_as<float>();
   }
   TORCH_CHECK(false, "fastattn: tile_gflops takes 'float32', 'bfloat16' or 'float16', got '", dtype, "'");
 }
@@ -314,6 +360,7 @@ std::string describe() {
     s += std::string("; ") + name + ": " +
          (d.path == Path::kBrgemm ? "matrix units (oneDNN brgemm, " + d.why + ")" : "fp32 tiles (" + d.why + ")");
   }
+  if (!pairs_decision().why.empty()) s += "; fp16 forward: " + pairs_decision().why;
   s += "; fp32: " + fp32_gemm_describe();
   if (packed_kt_available()) s += ", key tiles packed once per head";
   return s;

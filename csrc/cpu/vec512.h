@@ -392,6 +392,43 @@ FA_AVX512 inline void round_row(const float* x, int64_t n, int64_t n_pad, T* p) 
   for (int64_t j = n; j < n_pad; ++j) p[j] = T(0.f);
 }
 
+// The upper 16-bit halves of a's 32-bit lanes, then b's: 32 bf16 from two vectors of bf16-exact fp32 values.
+FA_AVX512 __attribute__((always_inline)) inline __m512i upper_halves(__m512 a, __m512 b) {
+  const __m512i idx = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), idx, _mm512_castps_si512(b));
+}
+
+// hi[0, n) = bf16(x), lo[0, n) = bf16(x - hi) for fp16 x; zeros in [n, n_pad). Exact: hi keeps the top 8 of fp16's
+// 11 significant bits (truncated), so x - hi has at most 3 and bf16 holds it. A NaN stays NaN in both (F16C quiets
+// it, so its top half is a NaN too). hi0 (nullptr: x has no +-inf, as P): hi with +-inf as 0, and lo 0 there (x - hi
+// is NaN): the operand of the cross products, so that only hi hi carries an inf and 0 * inf arises only where
+// IEEE's product would give it. zero_lo: lo all zeros (the tests' planted bug, mm::plant_pairs_lo). 32 columns a step.
+FA_AVX512 inline void split_bf16_row(const c10::Half* x, int64_t n, int64_t n_pad, c10::BFloat16* hi,
+                                     c10::BFloat16* lo, c10::BFloat16* hi0, bool zero_lo = false) {
+  const __m512i top = _mm512_set1_epi32(int32_t(0xffff0000u));
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask16 t0 = tail(n - j), t1 = tail_hi(n, j);
+    const __m512 v0 = load16<c10::Half>(x + j, t0), v1 = load16<c10::Half>(x + j + 16, t1);
+    const __m512 h0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v0), top));
+    const __m512 h1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v1), top));
+    const __mmask32 t = __mmask32(t0) | (__mmask32(t1) << 16);
+    __mmask16 f0 = 0xffff, f1 = 0xffff;  // finite lanes
+    if (hi0 != nullptr) {
+      f0 = __mmask16(~_mm512_fpclass_ps_mask(v0, 0x18));  // 0x18: +inf, -inf
+      f1 = __mmask16(~_mm512_fpclass_ps_mask(v1, 0x18));
+      _mm512_mask_storeu_epi16(hi0 + j, t, upper_halves(_mm512_maskz_mov_ps(f0, h0), _mm512_maskz_mov_ps(f1, h1)));
+    }
+    if (zero_lo) f0 = f1 = 0;
+    _mm512_mask_storeu_epi16(hi + j, t, upper_halves(h0, h1));
+    _mm512_mask_storeu_epi16(lo + j, t, upper_halves(_mm512_maskz_sub_ps(f0, v0, h0), _mm512_maskz_sub_ps(f1, v1, h1)));
+  }
+  for (int64_t j = n; j < n_pad; ++j) {
+    hi[j] = lo[j] = c10::BFloat16(0.f);
+    if (hi0 != nullptr) hi0[j] = c10::BFloat16(0.f);
+  }
+}
+
 // x[0, n) *= a.
 FA_AVX512 inline void scale_row(float* x, int64_t n, float a) {
   const __m512 va = _mm512_set1_ps(a);

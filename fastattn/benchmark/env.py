@@ -64,7 +64,8 @@ def collect(device: str) -> dict:
         "available_backends": fastattn.available_backends(device.split(":")[0]),
         # Settings that change which CPU paths run (oneDNN's and MKL's ISA caps, the forced tile path), when set.
         "cpu_isa_env": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-                                                   "FASTATTN_CPU_MATMUL") if k in os.environ},
+                                                   "FASTATTN_CPU_MATMUL", "FASTATTN_CPU_FP16_PAIRS")
+                        if k in os.environ},
     }
     try:
         import triton
