@@ -255,7 +255,7 @@ def _check_inference(impls, chosen: str, what: str):
 @pytest.mark.parametrize("heads,D", [((12, 12), 64), ((8, 8), 128), ((16, 4), 128), ((12, 4), 64)],
                          ids=["mha-d64", "mha-d128", "gqa16/4-d128", "gqa12/4-d64"])
 @pytest.mark.parametrize("Sq", [2, 4, 8, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_auto_not_slower_than_torch_steps(dtype, Sq, heads, D, request):
     """Multi-token inference steps (speculative decoding, chunked prompts: B=1, Sq = 2-16 query tokens against 512
     keys, SDPA surface): where the decode kernel, the prefill kernel and torch's kernel trade places."""

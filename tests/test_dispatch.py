@@ -444,3 +444,32 @@ def test_avx2_only_rules(monkeypatch):
             assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "sdpa"  # tiny
             # small training calls: 2^21 on every thread count
             assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == "sdpa" and chosen(128, Sk=128, grad=True) == "cpu"
+
+
+def test_fp16_step_rule(monkeypatch):
+    """Where fp16's tiles run in fp32 and torch's fp16 SDPA has AVX512-FP16 (Intel Xeon AMX without AMX-FP16), fp16
+    inference steps of 5-32 tokens over more than 64 keys with up to 2 query heads a KV head go to sdpa; wider groups,
+    one-token and short steps (the decode kernel), tiny calls, training, masked steps and longer calls stay ours, as
+    everything does on AMD CPUs."""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_FP16_FP32_TILES", True)
+    monkeypatch.setattr(cpu_backend, "_AMD", False)
+    monkeypatch.setattr(cpu_backend, "_RULE_DTYPES", cpu_backend._RULE_DTYPES | {torch.float16})
+    pad = torch.ones(1, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
+
+    def chosen(Sq, Hq=8, Hkv=8, Sk=300, grad=False, mask=None):
+        q, k = rnd(1, Hq, Sq, 64).half().requires_grad_(grad), rnd(1, Hkv, Sk, 64).half()
+        return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, attn_mask=mask).chosen
+
+    for threads in (1, 2):
+        with torch_threads(threads):
+            for Sq in (5, 8, 16, 32):
+                assert chosen(Sq) == "sdpa" and chosen(Sq, Hq=8, Hkv=4) == "sdpa", (threads, Sq)
+                assert chosen(Sq, Hq=16, Hkv=4) == "cpu" and chosen(Sq, Hq=12, Hkv=4) == "cpu", (threads, Sq)
+                assert chosen(Sq, Sk=64) == "cpu" and chosen(Sq, grad=True) == "cpu", (threads, Sq)
+                assert chosen(Sq, mask=pad) == "cpu", (threads, Sq)
+            for Sq in (1, 4, 33, 300):
+                assert chosen(Sq) == "cpu", (threads, Sq)
+    assert "fp16 inference steps of 5-32" in str(fastattn.explain(*(rnd(1, 8, s, 64).half() for s in (8, 300, 300))))
+    monkeypatch.setattr(cpu_backend, "_AMD", True)
+    assert chosen(8) == "cpu"

@@ -24,9 +24,10 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
                 [] if ops.has_kernel("CPU") else ["no CPU kernel registered for fastattn::fwd in this build"])
 
 
-# The C++ kernels read these switches (the ISA, matmul and fp32-gemm ones once, at import; the others on every call)
-# and take any other value as unset: say so instead.
+# The C++ kernels read these switches (the ISA, matmul, fp16-pairs and fp32-gemm ones once, at import; the others on
+# every call) and take any other value as unset: say so instead.
 _SWITCHES = {"FASTATTN_CPU_ISA": ("avx2", "scalar"), "FASTATTN_CPU_MATMUL": ("fp32", "brgemm"),
+             "FASTATTN_CPU_FP16_PAIRS": ("0", "1"),
              "FASTATTN_CPU_FP32_GEMM": ("sgemm", "brgemm"), "FASTATTN_CPU_HEAD_CHUNKS": ("0", "1"),
              "FASTATTN_CPU_LONE_ROW": ("stream", "chunks"), "FASTATTN_CPU_PREFETCH": ("block", "stream", "none")}
 
@@ -104,8 +105,33 @@ def _auto_rule() -> dict:
 
 _AUTO_RULE = _auto_rule()
 _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") == "1"
+# fp16 inference steps where fp16's tiles run in fp32 here and torch's fp16 SDPA has AVX512-FP16 (Intel Xeon AMX
+# without AMX-FP16, 2026-12-05, B1, MHA 12 D=64 and 8 D=128, GQA 8/4 and 16/4 D=128, 128 / 512 / 2048 keys, 5-48 query
+# tokens; the cpu kernels and the hand-over to sdpa against torch, median of 7 interleaved rounds). One thread: MHA
+# steps of 5-32 tokens 0.44-1.16x (0.44-0.79x at 2048 keys, D=128: the prefill kernel widens every key per call for
+# few rows), 8/4 0.73-1.50x (0.73x / 0.92x at 5 / 8 tokens, 2048 keys), 16/4 1.13-2.04x; 48 tokens 1.04-2.10x
+# everywhere (64 rows a KV head and more take the bf16 pairs, csrc/cpu/mm.h fp16_pairs). Two threads: MHA 0.47-0.99x
+# at 512-2048 keys, 8/4 0.69-0.99x at 2048 keys (0.77x at 32 tokens, 512 keys), 16/4 0.80-0.90x at 24-32 tokens and
+# 2048 keys (1.08-1.40x at 128-512; 1.26-1.38x at 5-16 tokens). The hand-over read 0.91-1.09x throughout; steps of
+# up to 4 tokens (the decode kernel) 1.01-4.13x; calls of up to 64 keys (B8 H12 S32) 1.20x. So steps of 5-32 tokens
+# with up to 2 query heads a KV head go to sdpa; wider groups stay ours (a known gap: 16/4 at 24-32 tokens against
+# 2048 keys on two threads). Not measured: masked fp16 steps (they stay ours).
+_FP16_STEPS = ("sdpa is faster for fp16 inference steps of 5-32 query tokens over more than 64 keys with up to 2 "
+               "query heads a KV head on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on AVX512-FP16): "
+               "the cpu kernels measured 0.44-0.99x")
+_FP16_STEP_SQ = (5, 32)
+_FP16_FP32_TILES = _REPORT.get("fp16") == "fp32" and _REPORT.get("avx512_fp16") == "1"
 _RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_ONLY else set())
-                | {torch.float32})  # the dtypes the rules read
+                | ({torch.float16} if _FP16_FP32_TILES else set()) | {torch.float32})  # the dtypes the rules read
+
+
+def _fp16_step(p: AttnParams) -> bool:
+    """An inference step of _FP16_STEPS (eager only: the lengths and thread count would make graphs guard)."""
+    if not _FP16_FP32_TILES or _AMD or p.requires_grad or torch.compiler.is_compiling():
+        return False
+    Sq, Sk = _lengths(p)
+    group = p.q.shape[1] // max(p.k.shape[1], 1)
+    return _FP16_STEP_SQ[0] <= Sq <= _FP16_STEP_SQ[1] and Sk > _TINY_SK and group <= 2
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -395,6 +421,8 @@ class CpuBackend(Backend):
                     why = _FP32_SMALL_GRAD
         elif why is None and dt is torch.bfloat16 and _avx2_step(p, gqa_bf16=True):
             why = _AVX2_STEPS
+        elif why is None and dt is torch.float16 and _fp16_step(p):
+            why = _FP16_STEPS
         return [why] if why and _sdpa_fused(p) else []
 
     def length_breaks(self, Sq: int):
