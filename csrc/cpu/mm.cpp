@@ -215,7 +215,7 @@ std::atomic<bool> g_force_fp32{false};
 
 // mm.h fp16_pairs, decided once; `why` says so for describe().
 struct Pairs {
-  bool on = false;
+  bool on = false, forced = false;
   std::string why;
 };
 
@@ -235,8 +235,9 @@ Pairs decide_pairs() {
   const bool amx = false;
 #endif
   d.on = amx || forced;
+  d.forced = forced;
   d.why = amx      ? "matrix units as exact bf16 pairs (AMX tiles, three products a tile; the backward on fp16's path)"
-          : forced ? "matrix units as exact bf16 pairs (forced by FASTATTN_CPU_FP16_PAIRS=1)"
+          : forced ? "matrix units as exact bf16 pairs (forced by FASTATTN_CPU_FP16_PAIRS=1, every fp16 forward)"
                    : "fp32 tiles (no AMX for bf16 pairs: three dot-product passes cost more than one in fp32)";
   return d;
 }
@@ -263,6 +264,8 @@ Path path(at::ScalarType dt) { return g_force_fp32.load(std::memory_order_relaxe
 void force_fp32(bool on) { g_force_fp32.store(on); }
 
 bool fp16_pairs() { return !g_force_fp32.load(std::memory_order_relaxed) && pairs_decision().on; }
+
+bool fp16_pairs_forced() { return pairs_decision().forced; }
 
 bool plant_pairs_lo() {
   static const bool on = [] {

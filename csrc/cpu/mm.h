@@ -25,8 +25,10 @@ Path path(at::ScalarType dt);
 // products a tile): where fp16 itself has no matrix-unit path here but bf16 has AMX (Intel Sapphire / Emerald
 // Rapids), whose bf16 rate is ~7x the fp32 FMAs'. Without AMX (AVX512-BF16 dot products at ~2x fp32) three products
 // cost more than the fp32 tiles' one. FASTATTN_CPU_FP16_PAIRS=0 never takes them, =1 wherever bf16 takes brgemm
-// exactly (tests); FASTATTN_CPU_MATMUL=fp32 and force_fp32 turn them off. The backward keeps fp16's own path.
+// exactly, for every fp16 forward (tests: fp16_pairs_forced); FASTATTN_CPU_MATMUL=fp32 and force_fp32 turn them off.
+// The backward keeps fp16's own path.
 bool fp16_pairs();
+bool fp16_pairs_forced();  // FASTATTN_CPU_FP16_PAIRS=1: whatever the call's size (kernels.h fp16_pairs_pay)
 // FASTATTN_CPU_PLANT=pairs_lo (tests only): every pair's lo is zero, a bug the fp16 checks must catch.
 bool plant_pairs_lo();
 // Tests: force the fp32 tiles for every dtype in this process (FASTATTN_CPU_MATMUL=fp32 does it at start-up).
