@@ -148,14 +148,18 @@ def _brgemm_exact() -> bool:
     return on_matrix_units(torch.bfloat16) or float(ops.cpu_matmul_report().get("bf16_brgemm_gflops", 0)) > 0
 
 
-def _run_cells(**env_extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_MATMUL="brgemm", **env_extra)
+def _run_cells(ran_on="bf16: matrix units", unset=(), **env_extra):
+    """_PLANT in a fresh process on one thread with env_extra (bf16 on brgemm unless told otherwise; `unset`: variables
+    to drop); its output, whose report must name `ran_on` (the path the cells ran)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **({"FASTATTN_CPU_MATMUL": "brgemm"} | env_extra))
+    for k in unset:
+        env.pop(k, None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "bf16: matrix units" in r.stdout, r.stdout  # the cells ran on brgemm
+    assert ran_on in r.stdout, r.stdout
     return r.stdout
 
 
@@ -226,15 +230,8 @@ def test_fp16_pairs_where_bf16_has_amx_and_fp16_not():
 
 
 def _run_fp16_pair_cells(**env_extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_FP16_PAIRS="1", PLANT_DTYPE="float16", **env_extra)
-    env.pop("FASTATTN_CPU_MATMUL", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
-                       timeout=600)
-    print(r.stdout, r.stderr[-2000:])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "fp16 forward: matrix units as exact bf16 pairs" in r.stdout, r.stdout  # the cells ran on pairs
-    return r.stdout
+    return _run_cells("fp16 forward: matrix units as exact bf16 pairs", unset=("FASTATTN_CPU_MATMUL",),
+                      FASTATTN_CPU_FP16_PAIRS="1", PLANT_DTYPE="float16", **env_extra)
 
 
 def test_fp16_pairs_hold_the_rule_on_every_cell():
