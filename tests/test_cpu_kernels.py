@@ -335,6 +335,11 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
     report = fastattn.ops.cpu_matmul_report()
     exact = "brgemm" in (report[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]],
                          report["fp32"])
+    # fp16 on bf16 pairs by default takes them from 64 rows a KV head: a packed call of G * Sq rows may take them where
+    # the repeated one (Sq rows a head) keeps the fp32 tiles. With FASTATTN_CPU_FP16_PAIRS=1 (every fp16 forward on
+    # pairs; test_packed_gqa_rows_on_forced_fp16_pairs) both take them and the same bits hold.
+    if dtype == torch.float16 and report.get("fp16_forward") == "bf16_pairs":
+        exact = os.environ.get("FASTATTN_CPU_FP16_PAIRS") == "1"
     for B, Hkv, G, Sq, Sk, D, Dv, bshd, kind, (wl, wr, br), softcap, out_fp32 in _PACKED_GQA:
         Hq = Hkv * G
         q = torch.randn(B, Sq, Hq, D).to(dtype).transpose(1, 2) if bshd else torch.randn(B, Hq, Sq, D).to(dtype)
@@ -354,6 +359,21 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
         kw = dict(scale=D ** -0.5, mask=bias, softcap=softcap, window=(wl, wr), bottom_right=br)
         assert_rule("out", out.to(dtype), oracle_attention(q, k, v, **kw),
                     oracle_attention(q, k, v, dtype=dtype, **kw), dtype)
+
+
+def test_packed_gqa_rows_on_forced_fp16_pairs():
+    """The packed-rows check in fp16 with every fp16 forward on bf16 pairs (FASTATTN_CPU_FP16_PAIRS=1, a fresh
+    process): a packed row's products and sums are its own head's there too, the same bits as the repeated call."""
+    report = fastattn.ops.cpu_matmul_report()
+    if not (report.get("bf16") == "brgemm" and report.get("fp16") == "fp32"):
+        pytest.skip(f"no bf16 matrix units to pair fp16 on here, or fp16 has its own ({report})")
+    test = "tests/test_cpu_kernels.py::test_packed_gqa_rows_are_their_own_heads[fp16]"
+    env = dict(os.environ, FASTATTN_CPU_FP16_PAIRS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test], env=env,
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    print(r.stdout[-3000:], r.stderr[-2000:])
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
 
 
 @pytest.mark.parametrize("level", [1e4, 1e10], ids=["1e4", "1e10"])

@@ -236,7 +236,7 @@ Pairs decide_pairs() {
 #endif
   d.on = amx || forced;
   d.forced = forced;
-  d.why = amx      ? "matrix units as exact bf16 pairs (AMX tiles, three products a tile; the backward on fp16's path)"
+  d.why = amx      ? "matrix units as exact bf16 pairs (AMX tiles, three products a tile, the backward on fp16's path)"
           : forced ? "matrix units as exact bf16 pairs (forced by FASTATTN_CPU_FP16_PAIRS=1, every fp16 forward)"
                    : "fp32 tiles (no AMX for bf16 pairs: three dot-product passes cost more than one in fp32)";
   return d;
