@@ -7,8 +7,8 @@ The batch pads its sequences as the benchmark suite's padded cases do (valid len
 --seq, a 0/1 attention_mask). Reports the milliseconds of one forward and the part spent in the attention function
 transformers calls (timed around the AttentionInterface entry: the kernels with the Python around them), the
 fastest of --rounds interleaved rounds (CPU time; wall time with --threads > 1), and the largest difference between
-the two models' outputs at the valid tokens (fp32 near 1e-6; bf16 a few rounding steps of the hidden states'
-magnitude). Speed is never asserted."""
+the two models' outputs at the valid tokens (fp32 near 1e-6; bf16 and fp16 a few rounding steps of the hidden
+states' magnitude). Speed is never asserted."""
 from __future__ import annotations
 
 import argparse

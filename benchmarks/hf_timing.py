@@ -10,7 +10,7 @@ import torch
 
 import fastattn.integrations.transformers as fa_hf  # registers "fastattn"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _clock = time.process_time
 
 
