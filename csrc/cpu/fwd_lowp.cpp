@@ -184,7 +184,9 @@ void fwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
 // 64 rows 1.03-1.18x, 128 rows 1.20-1.50x; GQA 16/4 (4 query heads a kv head): 32 rows a kv head 0.89-1.00x, 64 rows
 // 1.01-1.25x, 128 and more 1.08-1.85x; short calls (B8 H12, S = 16 / 32; B1 H12 S64) 0.48-0.93x (four brgemm calls a
 // tile for few products), B4 H8 S128 1.15x; S=2048 (B1 H8) 1.50-1.74x.
-bool fp16_pairs_pay(int64_t rows_per_kv_head, int64_t max_sk) { return rows_per_kv_head >= 64 && max_sk >= 128; }
+bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk) {
+  return mm::fp16_pairs() && (mm::fp16_pairs_forced() || (rows_per_kv_head >= 64 && max_sk >= 128));
+}
 
 template <typename T>
 void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {

@@ -106,7 +106,7 @@ struct KVBlocks {
     for (int64_t r = 0; r < rows; ++r) {
       const c10::Half* x = src + r * ss;
       if (sd != 1) {
-        for (int64_t c = 0; c < cols; ++c) row[c] = x[c * sd];
+        mm::copy_rows<c10::Half>(x, ss, sd, 1, cols, cols, cols, row.get());
         x = row.get();
       }
       vec512::split_bf16_row(x, cols, cols_pad, h + r * ldd, l + r * ldd, h0 + r * ldd, zero_lo);

@@ -28,7 +28,7 @@ Path path(at::ScalarType dt);
 // exactly, for every fp16 forward (tests: fp16_pairs_forced); FASTATTN_CPU_MATMUL=fp32 and force_fp32 turn them off.
 // The backward keeps fp16's own path.
 bool fp16_pairs();
-bool fp16_pairs_forced();  // FASTATTN_CPU_FP16_PAIRS=1: whatever the call's size (kernels.h fp16_pairs_pay)
+bool fp16_pairs_forced();  // FASTATTN_CPU_FP16_PAIRS=1: whatever the call's size (kernels.h fp16_on_pairs)
 // FASTATTN_CPU_PLANT=pairs_lo (tests only): every pair's lo is zero, a bug the fp16 checks must catch.
 bool plant_pairs_lo();
 // Tests: force the fp32 tiles for every dtype in this process (FASTATTN_CPU_MATMUL=fp32 does it at start-up).

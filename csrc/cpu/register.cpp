@@ -293,8 +293,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   // bf16/fp16 tiles go to the matrix units where mm::path found them usable (fp16 also as bf16 pairs, where they
   // pay), else through fp32 tiles.
   const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm ||
-                    (q.scalar_type() == at::kHalf && mm::fp16_pairs() &&
-                     (mm::fp16_pairs_forced() || fp16_pairs_pay(sq * p.group(), mk)));
+                    (q.scalar_type() == at::kHalf && fp16_on_pairs(sq * p.group(), mk));
   switch (q.scalar_type()) {
     case at::kFloat: fwd_kernel<float>(p, sq, mk); break;
     case at::kBFloat16: lowp ? fwd_lowp_kernel<c10::BFloat16>(p, sq, mk) : fwd_kernel<c10::BFloat16>(p, sq, mk); break;
