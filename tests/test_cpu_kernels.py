@@ -295,7 +295,10 @@ _PACKED_GQA = [(1, 2, 4, 1, 300, 64, 64, True, None, (-1, -1, False), 0.0, False
                (2, 2, 3, 5, 200, 64, 32, True, "heads", (-1, -1, False), 0.0, False),
                (1, 2, 8, 9, 700, 128, 128, False, "head_pad", (-1, -1, False), 0.0, False),
                (2, 1, 6, 11, 700, 64, 64, True, "runs", (-1, -1, False), 0.0, False),
-               (1, 2, 2, 17, 200, 64, 64, False, None, (-1, 0, True), 0.0, False)]  # past the bound: not packed
+               (1, 2, 4, 40, 600, 64, 64, True, "causal", (-1, -1, False), 0.0, False),  # 160 rows: three tiles
+               (2, 1, 3, 63, 130, 128, 96, False, "heads", (-1, -1, False), 0.0, False),  # 63 tokens, the bound
+               (1, 2, 2, 33, 300, 64, 64, False, None, (64, 0, True), 0.0, True),
+               (1, 2, 2, 64, 200, 64, 64, False, None, (-1, 0, True), 0.0, False)]  # past the bound: not packed
 
 
 def _packed_gqa_mask(kind, B, Hq, Sq, Sk, dtype):
@@ -320,7 +323,7 @@ def _packed_gqa_mask(kind, B, Hq, Sq, Sk, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_packed_gqa_rows_are_their_own_heads(dtype):
-    """Calls of at most 16 query tokens with grouped-query heads run each KV head's G query heads as one head of
+    """Calls of fewer than 64 query tokens with grouped-query heads run each KV head's G query heads as one head of
     G * Sq rows (register.cpp, pack_gqa; a row's band is its token's, params.h Visibility): in place for (B, H, S,
     D) queries and outputs, through copies for (B, S, H, D) ones. Each row's products and sums are its own head's,
     so out and lse must be the same bits, in the same layout, as the call with K and V repeated per query head
@@ -338,8 +341,10 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
     # fp16 on bf16 pairs by default takes them from 64 rows a KV head: a packed call of G * Sq rows may take them where
     # the repeated one (Sq rows a head) keeps the fp32 tiles. With FASTATTN_CPU_FP16_PAIRS=1 (every fp16 forward on
     # pairs; test_packed_gqa_rows_on_forced_fp16_pairs) both take them and the same bits hold.
+    pairs_differ = False  # one call on pairs, the other on the fp32 tiles
     if dtype == torch.float16 and report.get("fp16_forward") == "bf16_pairs":
-        exact = os.environ.get("FASTATTN_CPU_FP16_PAIRS") == "1"
+        pairs_differ = os.environ.get("FASTATTN_CPU_FP16_PAIRS") != "1"
+        exact = not pairs_differ
     for B, Hkv, G, Sq, Sk, D, Dv, bshd, kind, (wl, wr, br), softcap, out_fp32 in _PACKED_GQA:
         Hq = Hkv * G
         q = torch.randn(B, Sq, Hq, D).to(dtype).transpose(1, 2) if bshd else torch.randn(B, Hq, Sq, D).to(dtype)
@@ -352,7 +357,9 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
         out_mha, lse_mha = torch.ops.fastattn.fwd(q, kr, vr, bias, *rest)
         case = (B, Hkv, G, Sq, Sk, D, Dv, bshd, kind, (wl, wr, br), softcap, out_fp32)
         assert out.stride() == out_mha.stride(), case
-        if not exact or kind in ("head_pad", "runs"):  # (runs: the rows share tiles from the first key any sees)
+        if pairs_differ:  # pairs drop lo * lo (under 2^-18 of each product): scores, and lse, differ by ~1e-4
+            torch.testing.assert_close(lse, lse_mha, rtol=0, atol=1e-3, msg=str(case))
+        elif not exact or kind in ("head_pad", "runs"):  # (runs: the rows share tiles from the first key any sees)
             torch.testing.assert_close(lse, lse_mha, msg=str(case))
         else:
             assert torch.equal(out, out_mha) and torch.equal(lse, lse_mha), case

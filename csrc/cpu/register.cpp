@@ -203,18 +203,22 @@ at::Tensor alloc_out(const at::Tensor& q, int64_t dv, bool out_fp32) {
   return alloc_output({B, H, S, dv}, opts);
 }
 
-// Packed grouped-query heads (FlashAttention-3's PackGQA): a call of at most kPackGqaTokens query tokens runs the
-// G = Hq / Hkv query heads of each KV head as one head of G * Sq rows (row g * Sq + i: query head hk * G + g, token
-// i; CpuParams::q_period), so the query tiles fill and each K/V tile is read once per group instead of G times.
+// Packed grouped-query heads (FlashAttention-3's PackGQA): a call of fewer than 64 query tokens (one query tile)
+// runs the G = Hq / Hkv query heads of each KV head as one head of G * Sq rows (row g * Sq + i: query head hk * G + g,
+// token i; CpuParams::q_period), so the query tiles fill and each K/V tile is read once per group instead of G times.
 // A row's band is its token's (params.h Visibility) and its bias row its own head's and token's (row_offset), so
 // causal steps, windows and any mask pack; not alibi or dropout (their terms follow the head), varlen or block
 // coordinates, and only where each thread still gets a KV head. Measured (Intel Xeon AMX, B1, GQA 16/4 and 32/8 at
 // D=128, 12/4 at D=64, 512 / 2048 keys, steps of 2-16 tokens, one thread, README): bf16 1.32-2.31x torch's SDPA
 // before, 1.76-3.62x after, with transformers' causal mask 1.10-2.01x before, 1.46-2.66x after; fp32 0.72-1.23x
-// before, 0.90-1.41x after, causal 0.55-1.11x, 1.01-1.61x; at 32 tokens and more, no gain. Each row's products and
-// sums are those of its own head's rows, so the output is the same bits either way (but where a mask's -inf edges
-// differ by head: a tile starts at the first key any of its rows sees).
-constexpr int64_t kPackGqaTokens = 16;
+// before, 0.90-1.41x after, causal 0.55-1.11x, 1.01-1.61x. From 17 to 63 tokens (the bound had been 16; 2026-12-05,
+// GQA 16/4 and 8/2 at D=128, 12/4 at D=64, 512 / 2048 keys, packed against not, median of 7): one thread fp16
+// 0.91-1.44x, bf16 0.94-1.26x, fp32 0.99-1.20x; two threads fp16 1.08-1.71x, bf16 0.89-1.50x (fp16 16/4 at 24 tokens
+// and 2048 keys had read 0.80x torch's on two threads, four 24-row tiles a KV head where one of 96 rows now runs).
+// Each row's products and sums are those of its own head's rows, so the output is the same bits either way (but
+// where a mask's -inf edges differ by head: a tile starts at the first key any of its rows sees; and in fp16 where
+// only the packed call reaches bf16 pairs, fwd_lowp.cpp fp16_on_pairs).
+constexpr int64_t kPackGqaTokens = 63;
 
 bool packs_gqa(const CpuParams& p) {
   return p.group() > 1 && p.Sq <= kPackGqaTokens && p.cu_q == nullptr && p.q_start == nullptr &&

@@ -114,8 +114,9 @@ _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") =
 # at 512-2048 keys, 8/4 0.69-0.99x at 2048 keys (0.77x at 32 tokens, 512 keys), 16/4 0.80-0.90x at 24-32 tokens and
 # 2048 keys (1.08-1.40x at 128-512; 1.26-1.38x at 5-16 tokens). The hand-over read 0.91-1.09x throughout; steps of
 # up to 4 tokens (the decode kernel) 1.01-4.13x; calls of up to 64 keys (B8 H12 S32) 1.20x. So steps of 5-32 tokens
-# with up to 2 query heads a KV head go to sdpa; wider groups stay ours (a known gap: 16/4 at 24-32 tokens against
-# 2048 keys on two threads). Not measured: masked fp16 steps (they stay ours).
+# with up to 2 query heads a KV head go to sdpa; wider groups stay ours (16/4 at 24-32 tokens against 2048 keys on
+# two threads, 0.80-0.90x then, read 1.34-1.46x once grouped-query heads packed as rows up to 63 tokens, where groups
+# of 2 still read 0.67-1.07x at D=128 and 2048 keys). Not measured: masked fp16 steps (they stay ours).
 _FP16_STEPS = ("sdpa is faster for fp16 inference steps of 5-32 query tokens over more than 64 keys with up to 2 "
                "query heads a KV head on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on AVX512-FP16): "
                "the cpu kernels measured 0.44-0.99x")

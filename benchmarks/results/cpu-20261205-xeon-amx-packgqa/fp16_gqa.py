@@ -1,0 +1,20 @@
+import sys, time, torch, statistics, os
+torch.set_num_threads(int(sys.argv[1]))
+import fastattn
+F=torch.nn.functional.scaled_dot_product_attention
+for (H,Hk,D) in [(16,4,128),(32,8,128),(16,4,64)]:
+  for Sk in (512,2048):
+    for Sq in (16,24,32,48):
+      g=torch.Generator().manual_seed(0)
+      q=torch.randn(1,H,Sq,D,generator=g).half(); k,v=(torch.randn(1,Hk,Sk,D,generator=g).half() for _ in range(2))
+      cols={"torch":lambda: F(q,k,v,enable_gqa=True),"cpu":lambda: fastattn.scaled_dot_product_attention(q,k,v,enable_gqa=True,backend="cpu")}
+      res={c:[] for c in cols}
+      n=max(2,int(3e6/(H*Sq*Sk*D)*10))
+      with torch.no_grad():
+        for r in range(7):
+          for c,f in cols.items():
+            f(); t=time.perf_counter()
+            for _ in range(n): f()
+            res[c].append((time.perf_counter()-t)/n)
+      m={c:statistics.median(res[c]) for c in cols}
+      print(f"H{H}/{Hk} D{D} Sk{Sk} Sq{Sq}: cpu {m['torch']/m['cpu']:.2f}x (torch {m['torch']*1e3:.3f} ms, cpu {m['cpu']*1e3:.3f})", flush=True)
