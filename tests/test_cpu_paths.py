@@ -37,8 +37,8 @@ def on_matrix_units(dtype) -> bool:
 
 
 def fp16_pairs() -> bool:
-    """fp16's forward runs on bf16 matrix units as exact pairs here (`fp16 forward: matrix units as exact bf16
-    pairs`), its backward on fp16's own path."""
+    """fp16's forward and backward run on bf16 matrix units as exact pairs here (`fp16 forward and backward: matrix
+    units as exact bf16 pairs`), from 64 / 128 query rows a KV head."""
     return ops.cpu_matmul_report().get("fp16_forward") == "bf16_pairs"
 
 
@@ -218,8 +218,9 @@ def test_fp16_pairs_where_bf16_has_amx_and_fp16_not():
     data = ops.cpu_matmul_report()
     want = data["bf16"] == "brgemm" and data["fp16"] == "fp32" and data["amx_bf16_usable"] == "1"
     print(data["fp16_forward"], REPORT)
-    assert data["fp16_forward"] == ("bf16_pairs" if want else data["fp16"] if data["fp16"] == "brgemm" else "fp32")
-    assert ("fp16 forward: matrix units as exact bf16 pairs" in REPORT) == want, REPORT
+    for key in ("fp16_forward", "fp16_backward"):
+        assert data[key] == ("bf16_pairs" if want else data["fp16"] if data["fp16"] == "brgemm" else "fp32"), data
+    assert ("fp16 forward and backward: matrix units as exact bf16 pairs" in REPORT) == want, REPORT
     if not want:
         return
     code = "from fastattn import ops; print(ops.cpu_matmul_report()['fp16_forward']); print(ops.cpu_matmul())"
@@ -230,14 +231,15 @@ def test_fp16_pairs_where_bf16_has_amx_and_fp16_not():
 
 
 def _run_fp16_pair_cells(**env_extra):
-    return _run_cells("fp16 forward: matrix units as exact bf16 pairs", unset=("FASTATTN_CPU_MATMUL",),
+    return _run_cells("fp16 forward and backward: matrix units as exact bf16 pairs", unset=("FASTATTN_CPU_MATMUL",),
                       FASTATTN_CPU_FP16_PAIRS="1", PLANT_DTYPE="float16", **env_extra)
 
 
 def test_fp16_pairs_hold_the_rule_on_every_cell():
-    """FASTATTN_CPU_FP16_PAIRS=1: every fp16 cell of the matrix with its forward on pairs, whatever its size (by
-    default only forwards of 64 query rows a KV head and more take them, so test_matrix runs few cells there), and
-    where bf16 takes brgemm without AMX (AVX512-BF16 dot products), where the default leaves fp16 on the fp32 tiles."""
+    """FASTATTN_CPU_FP16_PAIRS=1: every fp16 cell of the matrix with its forward and backward on pairs, whatever its
+    size (by default only calls of 64 query rows a KV head and more take them forward, 128 backward, so test_matrix
+    runs few cells there), and where bf16 takes brgemm without AMX (AVX512-BF16 dot products), where the default
+    leaves fp16 on the fp32 tiles."""
     if not _brgemm_exact() or on_matrix_units(torch.float16):
         pytest.skip(f"no bf16 brgemm to pair on, or fp16 multiplies on the matrix units itself ({REPORT})")
     out = _run_fp16_pair_cells(PLANT_CELLS="all")
@@ -249,3 +251,11 @@ def test_planted_pairs_bug_fails_the_matrix():
     if not _brgemm_exact() or on_matrix_units(torch.float16):
         pytest.skip(f"no bf16 brgemm to pair on, or fp16 multiplies on the matrix units itself ({REPORT})")
     assert "6 of 6 cells failed" in _run_fp16_pair_cells(FASTATTN_CPU_PLANT="pairs_lo")
+
+
+def test_planted_backward_pairs_bug_fails_the_matrix():
+    """Every lo dropped in the backward's pairs alone (its K, V, Q, dO, P and dS cut to bf16's 8 bits; the forward
+    exact): the gradients' checks by themselves must catch it."""
+    if not _brgemm_exact() or on_matrix_units(torch.float16):
+        pytest.skip(f"no bf16 brgemm to pair on, or fp16 multiplies on the matrix units itself ({REPORT})")
+    assert "6 of 6 cells failed" in _run_fp16_pair_cells(FASTATTN_CPU_PLANT="pairs_lo_bwd")

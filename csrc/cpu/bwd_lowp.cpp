@@ -13,6 +13,11 @@
 // One task per (sequence, kv head), like bwd.cpp's per-head schedule: every output element is reduced by one
 // task in a fixed order, so the results are bitwise identical for any thread count. Heads are packed once per
 // task: K^T, V^T, K blocks (KVBlocks) and, per query head of the group, Q, Q^T, dO, dO^T blocks (QBlocks).
+//
+// fp16 where only bf16 has matrix units (mm::fp16_pairs): every operand as exact bf16 pairs (lowp.h KVBlocks), P
+// and dS rounded to fp16 first, then split; each product is three (hi hi + hi0 lo + lo hi0), run as one product of
+// a three times longer inner dimension where both operands are packed here (S, dP, dV^T, dK^T) and as three where
+// the right one is a key block read from column c0 (dQ).
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
@@ -24,36 +29,51 @@ namespace fastattn::cpu {
 namespace {
 
 // Query-side operands of one (sequence, query head), on the global grid of QBLOCK rows; row counts padded to
-// even with zeros where they are a product's inner dimension.
-template <typename T>
+// even with zeros where they are a product's inner dimension. T: the input dtype; U: the products' (T, or bf16
+// pairs of fp16: Q rows [Qh | Qh0 | Ql], dO rows [dOh | dOh0 | dOl], Q^T and dO^T with the three parts side by
+// side at columns 0, bq_pad and 2 bq_pad, against P and dS stacked [hi; lo; hi0]).
+template <typename T, typename U = T>
 struct QBlocks {
-  int64_t Dp, Dvp, nqb;
+  static constexpr int64_t kParts = std::is_same_v<T, U> ? 1 : 3;
+  int64_t Dp, Dvp, nqb, ldq, ldo, ldt;  // ldq, ldo: Q's and dO's rows; ldt: Q^T's and dO^T's
   at::Tensor buf;
-  T *qa, *qt, *da, *dt;  // Q (bq x Dp), Q^T (D x QBLOCK), dO (bq x Dvp), dO^T (Dv x QBLOCK) per block
+  U *qa, *qt, *da, *dt;  // Q (bq x ldq), Q^T (D x ldt), dO (bq x ldo), dO^T (Dv x ldt) per block
 
-  QBlocks(const CpuParams& p, int64_t max_sq) : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)),
-                                                 nqb((max_sq + QBLOCK - 1) / QBLOCK) {
-    const int64_t per = QBLOCK * (Dp + p.D + Dvp + p.Dv);
-    buf = at::empty({std::max<int64_t>(nqb * per, 1) * int64_t(sizeof(T))}, at::kByte);
-    qa = reinterpret_cast<T*>(buf.data_ptr());
-    qt = qa + nqb * QBLOCK * Dp;
-    da = qt + nqb * QBLOCK * p.D;
-    dt = da + nqb * QBLOCK * Dvp;
+  QBlocks(const CpuParams& p, int64_t max_sq)
+      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), nqb((max_sq + QBLOCK - 1) / QBLOCK), ldq(kParts * Dp),
+        ldo(kParts * Dvp), ldt(kParts * QBLOCK) {
+    const int64_t per = QBLOCK * kParts * (Dp + p.D + Dvp + p.Dv);
+    buf = at::empty({std::max<int64_t>(nqb * per, 1) * int64_t(sizeof(U))}, at::kByte);
+    qa = reinterpret_cast<U*>(buf.data_ptr());
+    qt = qa + nqb * QBLOCK * ldq;
+    da = qt + nqb * p.D * ldt;
+    dt = da + nqb * QBLOCK * ldo;
   }
-  T* qa_block(int64_t qb) const { return qa + qb * QBLOCK * Dp; }
-  T* qt_block(int64_t qb, int64_t D) const { return qt + qb * QBLOCK * D; }
-  T* da_block(int64_t qb) const { return da + qb * QBLOCK * Dvp; }
-  T* dt_block(int64_t qb, int64_t Dv) const { return dt + qb * QBLOCK * Dv; }
+  U* qa_block(int64_t qb) const { return qa + qb * QBLOCK * ldq; }
+  U* qt_block(int64_t qb, int64_t D) const { return qt + qb * D * ldt; }
+  U* da_block(int64_t qb) const { return da + qb * QBLOCK * ldo; }
+  U* dt_block(int64_t qb, int64_t Dv) const { return dt + qb * Dv * ldt; }
 
-  void pack(const CpuParams& p, int64_t sq, const T* q, const T* dO) {
+  void pack(const CpuParams& p, int64_t sq, const T* q, const T* dO, KVBlocks<U>& kv) {
     for (int64_t qb = 0; qb * QBLOCK < sq; ++qb) {
       const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, sq - i0);
       const T* qr = q + i0 * p.q_st.s;
       const T* dr = dO + i0 * p.do_st.s;
-      mm::copy_rows<T>(qr, p.q_st.s, p.q_st.d, bq, p.D, Dp, Dp, qa_block(qb));
-      mm::copy_rows<T>(dr, p.do_st.s, p.do_st.d, bq, p.Dv, Dvp, Dvp, da_block(qb));
-      mm::transpose<T>(qr, p.q_st.s, p.q_st.d, bq, p.D, QBLOCK, qt_block(qb, p.D));  // (D, bq)
-      mm::transpose<T>(dr, p.do_st.s, p.do_st.d, bq, p.Dv, QBLOCK, dt_block(qb, p.Dv));  // (Dv, bq)
+      if constexpr (kParts == 3) {
+        U *qa_b = qa_block(qb), *da_b = da_block(qb);
+        kv.split_rows(qr, p.q_st.s, p.q_st.d, bq, p.D, Dp, ldq, qa_b, qa_b + 2 * Dp, qa_b + Dp);
+        kv.split_rows(dr, p.do_st.s, p.do_st.d, bq, p.Dv, Dvp, ldo, da_b, da_b + 2 * Dvp, da_b + Dvp);
+        for (int64_t part = 0; part < 3; ++part) {  // (bq, D) part of the rows -> (D, bq) at column part * bq_pad
+          const int64_t col = part * mm::even(bq);
+          mm::transpose<U>(qa_b + part * Dp, ldq, 1, bq, p.D, ldt, qt_block(qb, p.D) + col);
+          mm::transpose<U>(da_b + part * Dvp, ldo, 1, bq, p.Dv, ldt, dt_block(qb, p.Dv) + col);
+        }
+      } else {
+        mm::copy_rows<T>(qr, p.q_st.s, p.q_st.d, bq, p.D, Dp, Dp, qa_block(qb));
+        mm::copy_rows<T>(dr, p.do_st.s, p.do_st.d, bq, p.Dv, Dvp, Dvp, da_block(qb));
+        mm::transpose<T>(qr, p.q_st.s, p.q_st.d, bq, p.D, QBLOCK, qt_block(qb, p.D));  // (D, bq)
+        mm::transpose<T>(dr, p.do_st.s, p.do_st.d, bq, p.Dv, QBLOCK, dt_block(qb, p.Dv));  // (Dv, bq)
+      }
     }
   }
 };
@@ -61,8 +81,11 @@ struct QBlocks {
 struct TileBuffers {
   float *S, *dP, *Pd, *tanh;
   void *Pv, *dSv, *dSa;  // T tiles: P and dS as VNNI row pairs (QBLOCK/2 x KBLOCK x 2), dS rows (ld KBLOCK)
-  static int64_t size() { return 4 * Scratch::round(QBLOCK * KBLOCK) + 3 * Scratch::round(QBLOCK * KBLOCK / 2); }
-  explicit TileBuffers(Scratch& b) {
+  void *Ps = nullptr, *dSs = nullptr, *dSas = nullptr;  // pairs: the three as bf16 [hi; lo; hi0], three tiles each
+  static int64_t size(bool pairs) {
+    return 4 * Scratch::round(QBLOCK * KBLOCK) + (pairs ? 12 : 3) * Scratch::round(QBLOCK * KBLOCK / 2);
+  }
+  TileBuffers(Scratch& b, bool pairs) {
     b.used = 0;
     S = b.take(QBLOCK * KBLOCK);
     dP = b.take(QBLOCK * KBLOCK);
@@ -71,8 +94,23 @@ struct TileBuffers {
     Pv = b.take(QBLOCK * KBLOCK / 2);
     dSv = b.take(QBLOCK * KBLOCK / 2);
     dSa = b.take(QBLOCK * KBLOCK / 2);
+    if (pairs) {
+      Ps = b.take(3 * QBLOCK * KBLOCK / 2);
+      dSs = b.take(3 * QBLOCK * KBLOCK / 2);
+      dSas = b.take(3 * QBLOCK * KBLOCK / 2);
+    }
   }
 };
+
+// Rows [0, rows) of an fp16 tile (row r at src + r * ld, its first n values) as exact bf16 pairs: hi at
+// dst + r * ld, lo at dst + part + r * ld, hi0 at dst + 2 * part + r * ld (vec512::split_bf16_row).
+inline void split_tile(const c10::Half* src, int64_t ld, int64_t rows, int64_t n, int64_t part, c10::BFloat16* dst) {
+  const bool zero_lo = mm::plant_pairs_lo(true);
+  for (int64_t r = 0; r < rows; ++r) {
+    c10::BFloat16* h = dst + r * ld;
+    vec512::split_bf16_row(src + r * ld, n, n, h, h + part, h + 2 * part, zero_lo);
+  }
+}
 
 // Fills P (into S) and dS (into dP) for rows [0, bq) of a tile; returns the P that multiplies dO (Pd with
 // dropout, else S).
@@ -140,15 +178,16 @@ inline void zero_keys(float* t, int64_t C, int64_t sk) {
   }
 }
 
-template <typename T>
-void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all, Scratch& buf, KVBlocks<T>& kv,
-               QBlocks<T>& qblk, float* dkt, float* dvt, float* dq) {
+template <typename T, typename U>
+void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all, Scratch& buf, KVBlocks<U>& kv,
+               QBlocks<T, U>& qblk, float* dkt, float* dvt, float* dq) {
+  constexpr bool kPairs = !std::is_same_v<T, U>;
   const SeqInfo s = seq_info(p, n);
   if (s.sk == 0 && s.sq == 0) return;
   const int64_t D = p.D, Dv = p.Dv, G = p.group();
   const int64_t nkb = (s.sk + KBLOCK - 1) / KBLOCK;
   const Visibility vis(p, s);
-  TileBuffers B(buf);
+  TileBuffers B(buf, kPairs);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
   kv.ensure(p, s, n * p.Hkv + hk, k, v, 0, nkb);
@@ -165,7 +204,7 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
     const int64_t lrow = s.b * p.lse_sb + h * p.lse_sh + s.q0;
     const float* lse = p.lse + lrow;
     const float* delta = delta_all + lrow;
-    qblk.pack(p, s.sq, q, dO);
+    qblk.pack(p, s.sq, q, dO, kv);
     std::fill(dq, dq + s.sq * D, 0.f);
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
@@ -182,9 +221,9 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         const int64_t key_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
         const int64_t bk = std::min(bk_block - c0, mm::even(key_hi - t0)), bk_pad = mm::even(bk);
         if (bk <= 0) continue;
-        const float eff = lowp_scores<T>(ctx, kv, qblk.qa_block(qb), qblk.Dp, i0, bq, kb, c0, bk, B.S,
-                                         p.softcap > 0.f ? B.tanh : nullptr);
-        mm::mm_vnni<T>(bq, bk, qblk.Dvp, qblk.da_block(qb), qblk.Dvp, kv.vt_block(kb) + 2 * c0, KBLOCK, B.dP, KBLOCK,
+        const float eff = lowp_scores<T, U>(ctx, kv, qblk.qa_block(qb), qblk.ldq, i0, bq, kb, c0, bk, B.S,
+                                            p.softcap > 0.f ? B.tanh : nullptr);
+        mm::mm_vnni<U>(bq, bk, kv.Dvk, qblk.da_block(qb), qblk.ldo, kv.vt_block(kb) + 2 * c0, KBLOCK, B.dP, KBLOCK,
                        false);  // dP = dO V^T (V^T from column c0)
         T* Pv = static_cast<T*>(B.Pv);
         T* dSv = static_cast<T*>(B.dSv);
@@ -207,10 +246,23 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         }
         float* dvt_b = dvt + kb * Dv * KBLOCK + c0;  // the tile's columns of the block's dV^T, dK^T
         float* dkt_b = dkt + kb * D * KBLOCK + c0;
-        mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
-        mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
-        // dQ += dS K, K's rows from key c0 of the block (VNNI pairs of rows: + c0 D)
-        mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq + i0 * D, D, true);
+        // dV^T += dO^T P, dK^T += Q^T dS; dQ += dS K, K's rows from key c0 of the block (VNNI pairs of rows: + c0 D)
+        if constexpr (kPairs) {  // P and dS stacked [hi; lo; hi0] against [hi | hi0 | lo] columns: 3 bq_pad deep
+          U *Ps = static_cast<U*>(B.Ps), *dSs = static_cast<U*>(B.dSs), *dSas = static_cast<U*>(B.dSas);
+          split_tile(Pv, 2 * KBLOCK, bq_pad / 2, 2 * bk, bq_pad * KBLOCK, Ps);  // VNNI row pairs: 2 bk values
+          split_tile(dSv, 2 * KBLOCK, bq_pad / 2, 2 * bk, bq_pad * KBLOCK, dSs);
+          split_tile(dSa, KBLOCK, bq, bk_pad, QBLOCK * KBLOCK, dSas);
+          mm::mm_vnni<U>(Dv, bk, 3 * bq_pad, qblk.dt_block(qb, Dv), qblk.ldt, Ps, KBLOCK, dvt_b, KBLOCK, true);
+          mm::mm_vnni<U>(D, bk, 3 * bq_pad, qblk.qt_block(qb, D), qblk.ldt, dSs, KBLOCK, dkt_b, KBLOCK, true);
+          const int64_t lo = QBLOCK * KBLOCK, c = c0 * D;  // dSh Kh + dSh0 Kl + dSl Kh0
+          mm::mm_vnni<U>(bq, D, bk_pad, dSas, KBLOCK, kv.k_block(kb, D) + c, D, dq + i0 * D, D, true);
+          mm::mm_vnni<U>(bq, D, bk_pad, dSas + 2 * lo, KBLOCK, kv.kl_block(kb, D) + c, D, dq + i0 * D, D, true);
+          mm::mm_vnni<U>(bq, D, bk_pad, dSas + lo, KBLOCK, kv.kh0_block(kb, D) + c, D, dq + i0 * D, D, true);
+        } else {
+          mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
+          mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
+          mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq + i0 * D, D, true);
+        }
       }
     }
     const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
@@ -227,29 +279,38 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   }
 }
 
-}  // namespace
-
-template <typename T>
-void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
+template <typename T, typename U>
+void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
+  constexpr bool kPairs = !std::is_same_v<T, U>;
   at::Tensor delta_t = at::empty({p.B * p.Hq * p.Sq}, at::kFloat);
   float* delta = delta_t.data_ptr<float>();
   compute_delta<T>(p, delta);
   const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK;
-  const std::vector<int64_t> pairs = dealt_units(p.nseq * p.Hkv);  // (sequence, kv head), dealt to the threads
+  const std::vector<int64_t> units = dealt_units(p.nseq * p.Hkv);  // (sequence, kv head), dealt to the threads
   at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    Scratch buf(TileBuffers::size());
-    KVBlocks<T> kv(p, max_sk, true);
-    QBlocks<T> qblk(p, max_sq);
+    Scratch buf(TileBuffers::size(kPairs));
+    KVBlocks<U> kv(p, max_sk, true, kPairs);
+    QBlocks<T, U> qblk(p, max_sq);
     // fp32 accumulators: dK^T, dV^T per key block (D|Dv x KBLOCK), dQ of one query head (max_sq x D).
     at::Tensor acc = at::empty({std::max<int64_t>(nkb * KBLOCK * (p.D + p.Dv) + max_sq * p.D, 1)}, at::kFloat);
     float* dkt = acc.data_ptr<float>();
     float* dvt = dkt + nkb * KBLOCK * p.D;
     float* dq = dvt + nkb * KBLOCK * p.Dv;
     for (int64_t t = begin; t < end; ++t) {
-      head_task<T>(p, pairs[t] / p.Hkv, pairs[t] % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
+      head_task<T, U>(p, units[t] / p.Hkv, units[t] % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
     }
     mm::release();
   });
+}
+
+}  // namespace
+
+template <typename T>
+void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (mm::path(at::kHalf) != mm::Path::kBrgemm) return bwd_lowp_run<c10::Half, c10::BFloat16>(p, max_sq, max_sk);
+  }
+  bwd_lowp_run<T, T>(p, max_sq, max_sk);
 }
 
 template void bwd_lowp_kernel<c10::BFloat16>(const CpuParams&, int64_t, int64_t);

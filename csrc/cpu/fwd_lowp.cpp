@@ -132,7 +132,7 @@ void fwd_task(const CpuParams& p, int64_t n, int64_t h, int64_t qb, Scratch& buf
         if (alpha != 1.f && !first) vec512::scale_row(acc + r * Dv, Dv, alpha);
         if constexpr (kPairs) {  // P rounded to fp16 (as on the fp32 tiles), then split exactly
           vec512::split_bf16_row(P + r * KBLOCK, bk_pad, bk_pad, Ph + r * KBLOCK, Pl + r * KBLOCK, nullptr,
-                                 mm::plant_pairs_lo());
+                                 mm::plant_pairs_lo(false));
         }
       }
       // acc (+)= P V, V's rows from key c0 of the block (VNNI pairs of rows: + c0 Dv)
@@ -184,8 +184,15 @@ void fwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
 // 64 rows 1.03-1.18x, 128 rows 1.20-1.50x; GQA 16/4 (4 query heads a kv head): 32 rows a kv head 0.89-1.00x, 64 rows
 // 1.01-1.25x, 128 and more 1.08-1.85x; short calls (B8 H12, S = 16 / 32; B1 H12 S64) 0.48-0.93x (four brgemm calls a
 // tile for few products), B4 H8 S128 1.15x; S=2048 (B1 H8) 1.50-1.74x.
-bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk) {
-  return mm::fp16_pairs() && (mm::fp16_pairs_forced() || (rows_per_kv_head >= 64 && max_sk >= 128));
+// The backward's pairs pack three bf16 blocks of K^T, V^T and K per kv head and split P and dS per tile: they pay
+// from 128 query rows per kv head (twice the forward's line). Measured one thread, Intel Xeon (AMX-BF16, no
+// AMX-FP16), fp16 backward alone (autograd.grad), pairs against the fp32 tiles, median of 9: MHA 8 heads, D=64 / 128:
+// 16-48 rows 0.52-0.84x, 64 rows 0.91-0.93x (at 64 and 2048 keys), 96 rows 0.89-1.00x, 128 rows 0.94-1.37x (1.06x
+// and up on a rerun), 160-192 rows 1.09-1.38x, causal 128-256 rows 1.17-1.74x, 512 rows 1.25-1.31x; GQA 16/4 32 rows
+// a kv head 0.61-0.85x, 64 rows 0.91-1.02x, 128-192 rows 1.10-1.27x; B8 H12 S32 0.63-0.73x.
+bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk, bool backward) {
+  const int64_t min_rows = backward ? 128 : 64;
+  return mm::fp16_pairs() && (mm::fp16_pairs_forced() || (rows_per_kv_head >= min_rows && max_sk >= 128));
 }
 
 template <typename T>

@@ -15,13 +15,13 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 int64_t fwd_chunk_heads(const CpuParams& p, int64_t nqb, int64_t kv_bytes, int64_t bias_bytes);
 
 // The matrix-unit path (fwd_lowp.cpp, bwd_lowp.cpp): T is BFloat16 or Half; call only where mm::path(T) is kBrgemm,
-// or (the forward, Half) where fp16_on_pairs.
+// or (Half) where fp16_on_pairs.
 template <typename T>
 void fwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
-// Whether an fp16 forward runs on bf16 pairs (fwd_lowp.cpp): where mm::fp16_pairs() and they pay (or are forced);
-// rows_per_kv_head query rows read each kv head's keys (Sq, times the group where its heads share the packed K/V),
-// max_sk the longest key sequence.
-bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk);
+// Whether an fp16 forward (backward) runs on bf16 pairs (fwd_lowp.cpp): where mm::fp16_pairs() and they pay (or are
+// forced); rows_per_kv_head query rows read each kv head's keys (Sq, times the group where its heads share the
+// packed K/V), max_sk the longest key sequence.
+bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk, bool backward);
 template <typename T>
 void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 

@@ -21,13 +21,14 @@ constexpr int64_t KBLOCK = 512;
 //   v  block kb: V of those keys as a (bk x Dv) right operand, ldb Dv                    (O += P V)
 //   vt block kb (backward only): V^T as a (Dv x bk) right operand, ldb KBLOCK            (dP = dO V^T)
 //   k  block kb (backward only): K as a (bk x D) right operand, ldb D                      (dQ += dS K)
-// Pairs (the fp16 forward on bf16 matrix units, mm::fp16_pairs; T = bf16, fp16 sources): each fp16 value is the
-// exact sum hi + lo of two bf16 (vec512::split_bf16_row), and a product of two is hi hi + hi0 lo + lo hi0 (lo lo,
-// under 2^-18 of it, dropped; hi0: hi with its infs as 0, so that only hi hi meets an inf): the kt block is
-// [Kh; Kl; Kh0]^T (Dk = 3 Dp, against query rows [Qh | Qh0 | Ql]), and each v block (Vh) is followed by Vl and Vh0.
+// Pairs (fp16 on bf16 matrix units, mm::fp16_pairs; T = bf16, fp16 sources): each fp16 value is the exact sum
+// hi + lo of two bf16 (vec512::split_bf16_row), and a product of two is hi hi + hi0 lo + lo hi0 (lo lo, under 2^-18
+// of it, dropped; hi0: hi with its infs as 0, so that only hi hi meets an inf): the kt block is [Kh; Kl; Kh0]^T
+// (Dk = 3 Dp, against query rows [Qh | Qh0 | Ql]), the vt block [Vh; Vl; Vh0]^T (Dvk = 3 Dvp, against dO rows
+// [dOh | dOh0 | dOl]), and each v block (Vh) and k block (Kh) is followed by its lo and hi0 blocks (three products).
 template <typename T>
 struct KVBlocks {
-  int64_t Dp, Dvp, Dk, nkb;
+  int64_t Dp, Dvp, parts, Dk, Dvk, nkb;  // parts: 3 for pairs (hi, lo, hi0), else 1
   bool bwd, pairs;
   at::Tensor buf;
   T *kt, *v = nullptr, *vt = nullptr, *k = nullptr;
@@ -37,17 +38,16 @@ struct KVBlocks {
   int64_t split_n = 0;
   int64_t head = -1;
 
-  // bwd = false: kt and v blocks (forward); bwd = true: kt, vt and k blocks (backward); pairs: forward only.
+  // bwd = false: kt and v blocks (forward); bwd = true: kt, vt and k blocks (backward); pairs: T = bf16 of fp16.
   KVBlocks(const CpuParams& p, int64_t max_sk, bool bwd_, bool pairs_ = false)
-      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), Dk(pairs_ ? 3 * Dp : Dp), nkb((max_sk + KBLOCK - 1) / KBLOCK),
-        bwd(bwd_), pairs(pairs_) {
-    TORCH_CHECK(!(bwd && pairs), "fastattn: KVBlocks pairs are forward-only");
-    const int64_t per = KBLOCK * (Dk + (bwd ? Dvp + p.D : (pairs ? 3 : 1) * p.Dv));
+      : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), parts(pairs_ ? 3 : 1), Dk(parts * Dp), Dvk(parts * Dvp),
+        nkb((max_sk + KBLOCK - 1) / KBLOCK), bwd(bwd_), pairs(pairs_) {
+    const int64_t per = KBLOCK * (Dk + parts * (bwd ? Dvp + p.D : p.Dv));
     buf = at::empty({std::max<int64_t>(nkb * per, 1) * int64_t(sizeof(T))}, at::kByte);
     kt = reinterpret_cast<T*>(buf.data_ptr());
     if (bwd) {
       vt = kt + nkb * KBLOCK * Dk;
-      k = vt + nkb * KBLOCK * Dvp;
+      k = vt + nkb * KBLOCK * Dvk;
     } else {
       v = kt + nkb * KBLOCK * Dk;
     }
@@ -60,11 +60,13 @@ struct KVBlocks {
   }
 
   T* kt_block(int64_t kb) const { return kt + kb * KBLOCK * Dk; }
-  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * KBLOCK * Dv * (pairs ? 3 : 1); }
+  T* v_block(int64_t kb, int64_t Dv) const { return v + kb * KBLOCK * Dv * parts; }
   T* vl_block(int64_t kb, int64_t Dv) const { return v_block(kb, Dv) + KBLOCK * Dv; }       // pairs: Vl
   T* vh0_block(int64_t kb, int64_t Dv) const { return v_block(kb, Dv) + 2 * KBLOCK * Dv; }  // pairs: Vh0
-  T* vt_block(int64_t kb) const { return vt + kb * KBLOCK * Dvp; }
-  T* k_block(int64_t kb, int64_t D) const { return k + kb * KBLOCK * D; }
+  T* vt_block(int64_t kb) const { return vt + kb * KBLOCK * Dvk; }
+  T* k_block(int64_t kb, int64_t D) const { return k + kb * KBLOCK * D * parts; }
+  T* kl_block(int64_t kb, int64_t D) const { return k_block(kb, D) + KBLOCK * D; }       // pairs: Kl
+  T* kh0_block(int64_t kb, int64_t D) const { return k_block(kb, D) + 2 * KBLOCK * D; }  // pairs: Kh0
 
   // Packs blocks [kb0, kb1) of head `head_id` (k_src, v_src at the sequence's first key; S: T, or fp16 for
   // pairs) when not yet packed.
@@ -102,7 +104,7 @@ struct KVBlocks {
   void split_rows(const c10::Half* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, int64_t cols_pad,
                   int64_t ldd, T* h, T* l, T* h0) {
     static_assert(std::is_same_v<T, c10::BFloat16>, "pairs are bf16");
-    const bool zero_lo = mm::plant_pairs_lo();
+    const bool zero_lo = mm::plant_pairs_lo(bwd);
     for (int64_t r = 0; r < rows; ++r) {
       const c10::Half* x = src + r * ss;
       if (sd != 1) {
@@ -121,10 +123,22 @@ struct KVBlocks {
       mm::pack_transposed<T>(hi, p.D, 1, bk, p.D, KBLOCK, kt0);                     // rows [0, Dp): Kh
       mm::pack_transposed<T>(lo, p.D, 1, bk, p.D, KBLOCK, kt0 + Dp * KBLOCK);       // [Dp, 2 Dp): Kl
       mm::pack_transposed<T>(hi0, p.D, 1, bk, p.D, KBLOCK, kt0 + 2 * Dp * KBLOCK);  // [2 Dp, 3 Dp): Kh0
+      if (bwd) {
+        mm::pack_rows<T>(hi, p.D, 1, bk, p.D, p.D, k_block(kb, p.D));
+        mm::pack_rows<T>(lo, p.D, 1, bk, p.D, p.D, kl_block(kb, p.D));
+        mm::pack_rows<T>(hi0, p.D, 1, bk, p.D, p.D, kh0_block(kb, p.D));
+      }
       split_rows(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, p.Dv, hi, lo, hi0);
-      mm::pack_rows<T>(hi, p.Dv, 1, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
-      mm::pack_rows<T>(lo, p.Dv, 1, bk, p.Dv, p.Dv, vl_block(kb, p.Dv));
-      mm::pack_rows<T>(hi0, p.Dv, 1, bk, p.Dv, p.Dv, vh0_block(kb, p.Dv));
+      if (bwd) {
+        T* vt0 = vt_block(kb);
+        mm::pack_transposed<T>(hi, p.Dv, 1, bk, p.Dv, KBLOCK, vt0);                      // rows [0, Dvp): Vh
+        mm::pack_transposed<T>(lo, p.Dv, 1, bk, p.Dv, KBLOCK, vt0 + Dvp * KBLOCK);       // [Dvp, 2 Dvp): Vl
+        mm::pack_transposed<T>(hi0, p.Dv, 1, bk, p.Dv, KBLOCK, vt0 + 2 * Dvp * KBLOCK);  // [2 Dvp, 3 Dvp): Vh0
+      } else {
+        mm::pack_rows<T>(hi, p.Dv, 1, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
+        mm::pack_rows<T>(lo, p.Dv, 1, bk, p.Dv, p.Dv, vl_block(kb, p.Dv));
+        mm::pack_rows<T>(hi0, p.Dv, 1, bk, p.Dv, p.Dv, vh0_block(kb, p.Dv));
+      }
     }
   }
 };

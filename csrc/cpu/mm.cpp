@@ -236,8 +236,9 @@ Pairs decide_pairs() {
 #endif
   d.on = amx || forced;
   d.forced = forced;
-  d.why = amx      ? "matrix units as exact bf16 pairs (AMX tiles, three products a tile, the backward on fp16's path)"
-          : forced ? "matrix units as exact bf16 pairs (forced by FASTATTN_CPU_FP16_PAIRS=1, every fp16 forward)"
+  d.why = amx      ? "matrix units as exact bf16 pairs (AMX tiles, three products a tile, from 64 query rows a KV "
+                     "head forward and 128 backward)"
+          : forced ? "matrix units as exact bf16 pairs (forced by FASTATTN_CPU_FP16_PAIRS=1, every fp16 call)"
                    : "fp32 tiles (no AMX for bf16 pairs: three dot-product passes cost more than one in fp32)";
   return d;
 }
@@ -267,12 +268,12 @@ bool fp16_pairs() { return !g_force_fp32.load(std::memory_order_relaxed) && pair
 
 bool fp16_pairs_forced() { return pairs_decision().forced; }
 
-bool plant_pairs_lo() {
-  static const bool on = [] {
+bool plant_pairs_lo(bool backward) {
+  static const int where = [] {  // 1: everywhere, 2: the backward's pairs only
     const char* e = std::getenv("FASTATTN_CPU_PLANT");
-    return e != nullptr && std::strcmp(e, "pairs_lo") == 0;
+    return e == nullptr ? 0 : std::strcmp(e, "pairs_lo") == 0 ? 1 : std::strcmp(e, "pairs_lo_bwd") == 0 ? 2 : 0;
   }();
-  return on;
+  return where == 1 || (where == 2 && backward);
 }
 
 std::map<std::string, std::string> report() {
@@ -292,6 +293,7 @@ std::map<std::string, std::string> report() {
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16_forward", path(at::kHalf) == Path::kBrgemm ? "brgemm" : fp16_pairs() ? "bf16_pairs" : "fp32"},
+          {"fp16_backward", path(at::kHalf) == Path::kBrgemm ? "brgemm" : fp16_pairs() ? "bf16_pairs" : "fp32"},
           // oneDNN's view: AMX it will use (torch's flash kernel multiplies bf16/fp16 on AMX only then)
           {"amx_bf16_usable", flag(amx_bf16_usable)},
           {"amx_fp16_usable", flag(amx_fp16_usable)},
@@ -363,7 +365,7 @@ std::string describe() {
     s += std::string("; ") + name + ": " +
          (d.path == Path::kBrgemm ? "matrix units (oneDNN brgemm, " + d.why + ")" : "fp32 tiles (" + d.why + ")");
   }
-  if (!pairs_decision().why.empty()) s += "; fp16 forward: " + pairs_decision().why;
+  if (!pairs_decision().why.empty()) s += "; fp16 forward and backward: " + pairs_decision().why;
   s += "; fp32: " + fp32_gemm_describe();
   if (packed_kt_available()) s += ", key tiles packed once per head";
   return s;

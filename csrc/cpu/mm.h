@@ -21,24 +21,25 @@ namespace fastattn::cpu::mm {
 enum class Path { kFp32 = 0, kBrgemm = 1 };
 
 Path path(at::ScalarType dt);
-// The fp16 forward on bf16 matrix units as exact pairs (lowp.h KVBlocks: each fp16 value the sum of two bf16, three
-// products a tile): where fp16 itself has no matrix-unit path here but bf16 has AMX (Intel Sapphire / Emerald
-// Rapids), whose bf16 rate is ~7x the fp32 FMAs'. Without AMX (AVX512-BF16 dot products at ~2x fp32) three products
-// cost more than the fp32 tiles' one. FASTATTN_CPU_FP16_PAIRS=0 never takes them, =1 wherever bf16 takes brgemm
-// exactly, for every fp16 forward (tests: fp16_pairs_forced); FASTATTN_CPU_MATMUL=fp32 and force_fp32 turn them off.
-// The backward keeps fp16's own path.
+// fp16's forward and backward on bf16 matrix units as exact pairs (lowp.h KVBlocks: each fp16 value the sum of two
+// bf16, three products a tile): where fp16 itself has no matrix-unit path here but bf16 has AMX (Intel Sapphire /
+// Emerald Rapids), whose bf16 rate is ~7x the fp32 FMAs'. Without AMX (AVX512-BF16 dot products at ~2x fp32) three
+// products cost more than the fp32 tiles' one. FASTATTN_CPU_FP16_PAIRS=0 never takes them, =1 wherever bf16 takes
+// brgemm exactly, for every fp16 call (tests: fp16_pairs_forced); FASTATTN_CPU_MATMUL=fp32 and force_fp32 turn them
+// off. Where they pay: kernels.h fp16_on_pairs.
 bool fp16_pairs();
-bool fp16_pairs_forced();  // FASTATTN_CPU_FP16_PAIRS=1: whatever the call's size (kernels.h fp16_on_pairs)
-// FASTATTN_CPU_PLANT=pairs_lo (tests only): every pair's lo is zero, a bug the fp16 checks must catch.
-bool plant_pairs_lo();
+bool fp16_pairs_forced();  // FASTATTN_CPU_FP16_PAIRS=1: whatever the call's size
+// FASTATTN_CPU_PLANT=pairs_lo (tests only): every pair's lo is zero, a bug the fp16 checks must catch;
+// =pairs_lo_bwd: in the backward's pairs only (its gradients' checks must catch it alone).
+bool plant_pairs_lo(bool backward);
 // Tests: force the fp32 tiles for every dtype in this process (FASTATTN_CPU_MATMUL=fp32 does it at start-up).
 void force_fp32(bool on);
 // One line for `python -m fastattn.info`: CPU model, ISA found, and the path of each dtype with its reason.
 std::string describe();
 // The same as data: {"cpu" (model), "vendor" (cpuid: "GenuineIntel", "AuthenticAMD", ...), "fp32": "sgemm"|"brgemm"
-// (the fp32 engine), "bf16"/"fp16": "brgemm"|"fp32", "fp16_forward": "brgemm"|"bf16_pairs"|"fp32" (fp16_pairs), ISA
-// flags "amx_bf16", ... : "1"|"0" (cpuid), "amx_bf16_usable"/"amx_fp16_usable": "1"|"0" (oneDNN's view),
-// "bf16_brgemm_gflops", "bf16_fp32_gflops", ...: the timed tile rates ("0" where not timed)}.
+// (the fp32 engine), "bf16"/"fp16": "brgemm"|"fp32", "fp16_forward", "fp16_backward": "brgemm"|"bf16_pairs"|"fp32"
+// (fp16_pairs), ISA flags "amx_bf16", ... : "1"|"0" (cpuid), "amx_bf16_usable"/"amx_fp16_usable": "1"|"0"
+// (oneDNN's view), "bf16_brgemm_gflops", "bf16_fp32_gflops", ...: the timed tile rates ("0" where not timed)}.
 std::map<std::string, std::string> report();
 
 // GFLOP/s of the kernels' own tile product for dtype ('float32', 'bfloat16', 'float16'): the forward's score tile

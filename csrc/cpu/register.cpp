@@ -217,7 +217,7 @@ at::Tensor alloc_out(const at::Tensor& q, int64_t dv, bool out_fp32) {
 // and 2048 keys had read 0.80x torch's on two threads, four 24-row tiles a KV head where one of 96 rows now runs).
 // Each row's products and sums are those of its own head's rows, so the output is the same bits either way (but
 // where a mask's -inf edges differ by head: a tile starts at the first key any of its rows sees; and in fp16 where
-// only the packed call reaches bf16 pairs, fwd_lowp.cpp fp16_on_pairs).
+// only the packed call reaches bf16 pairs, kernels.h fp16_on_pairs).
 constexpr int64_t kPackGqaTokens = 63;
 
 bool packs_gqa(const CpuParams& p) {
@@ -297,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   // bf16/fp16 tiles go to the matrix units where mm::path found them usable (fp16 also as bf16 pairs, where they
   // pay), else through fp32 tiles.
   const bool lowp = mm::path(q.scalar_type()) == mm::Path::kBrgemm ||
-                    (q.scalar_type() == at::kHalf && fp16_on_pairs(sq * p.group(), mk));
+                    (q.scalar_type() == at::kHalf && fp16_on_pairs(sq * p.group(), mk, false));
   switch (q.scalar_type()) {
     case at::kFloat: fwd_kernel<float>(p, sq, mk); break;
     case at::kBFloat16: lowp ? fwd_lowp_kernel<c10::BFloat16>(p, sq, mk) : fwd_kernel<c10::BFloat16>(p, sq, mk); break;
@@ -371,7 +371,8 @@ void bwd_launch(BwdCall& c, at::ScalarType dt, const at::Tensor& dq, const at::T
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
   const int64_t mq = c.mq, mk = c.mk;
-  const bool lowp = mm::path(dt) == mm::Path::kBrgemm;
+  const bool lowp = mm::path(dt) == mm::Path::kBrgemm ||
+                    (dt == at::kHalf && fp16_on_pairs(mq * p.group(), mk, true));
   switch (dt) {
     case at::kFloat: bwd_kernel<float>(p, mq, mk); break;
     case at::kBFloat16: lowp ? bwd_lowp_kernel<c10::BFloat16>(p, mq, mk) : bwd_kernel<c10::BFloat16>(p, mq, mk); break;
