@@ -322,13 +322,18 @@ def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
     _check_sdpa(q, k, v, f"{str(dtype)[6:]} {kind} mask B={Bm} H={Hm} S={Sm} D=64", attn_mask=mask)
 
 
+_DT_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_MASKED_STEPS = [(torch.float32, 1), (torch.float32, 4), (torch.bfloat16, 1), (torch.bfloat16, 4),
+                 (torch.float16, 1), (torch.float16, 4), (torch.float16, 8), (torch.float16, 16)]
+
+
 @pytest.mark.parametrize("heads,D", [((12, 12), 64), ((16, 4), 128)], ids=["mha-d64", "gqa16/4-d128"])
-@pytest.mark.parametrize("Sq", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,Sq", _MASKED_STEPS, ids=[f"{_DT_NAME[d]}-{s}" for d, s in _MASKED_STEPS])
 def test_auto_not_slower_than_torch_masked_steps(request, dtype, Sq, heads, D):
     """Masked inference steps (B=4 sequences left-padded to 1024 keys, 0 / 1/8 / 1/4 / 1/2 of them padding, a bool
-    (B, 1, 1, Sk) mask; a batched generate() step of one or four tokens), SDPA surface: one-token steps run on the
-    split-KV decode kernel with the mask, the step rules hand fp32 steps of four tokens to sdpa (on Intel CPUs)."""
+    (B, 1, 1, Sk) mask; a batched generate() step of one or four tokens, and in fp16 of 8 and 16), SDPA surface:
+    one-token steps run on the split-KV decode kernel with the mask, the step rules hand fp32 steps of four tokens to
+    sdpa (on Intel CPUs), and fp16 MHA steps of 5-8 tokens where fp16's tiles run in fp32."""
     Hq, Hkv = heads
     if dtype == torch.bfloat16 and Sq == 1 and Hq == Hkv:
         request.applymarker(pytest.mark.xfail(

@@ -449,8 +449,8 @@ def test_avx2_only_rules(monkeypatch):
 def test_fp16_step_rule(monkeypatch):
     """Where fp16's tiles run in fp32 and torch's fp16 SDPA has AVX512-FP16 (Intel Xeon AMX without AMX-FP16), fp16
     inference steps of 5-32 tokens over more than 64 keys with up to 2 query heads a KV head go to sdpa; wider groups,
-    one-token and short steps (the decode kernel), tiny calls, training, masked steps and longer calls stay ours, as
-    everything does on AMD CPUs."""
+    one-token and short steps (the decode kernel), tiny calls, training and longer calls stay ours, as everything does
+    on AMD CPUs. Masked steps go to sdpa at 5-8 tokens without grouped-query heads only."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_FP16_FP32_TILES", True)
     monkeypatch.setattr(cpu_backend, "_AMD", False)
@@ -467,9 +467,13 @@ def test_fp16_step_rule(monkeypatch):
                 assert chosen(Sq) == "sdpa" and chosen(Sq, Hq=8, Hkv=4) == "sdpa", (threads, Sq)
                 assert chosen(Sq, Hq=16, Hkv=4) == "cpu" and chosen(Sq, Hq=12, Hkv=4) == "cpu", (threads, Sq)
                 assert chosen(Sq, Sk=64) == "cpu" and chosen(Sq, grad=True) == "cpu", (threads, Sq)
-                assert chosen(Sq, mask=pad) == "cpu", (threads, Sq)
+                masked_sdpa = Sq <= 8  # (MHA; grouped-query masked steps stay ours)
+                assert chosen(Sq, mask=pad) == ("sdpa" if masked_sdpa else "cpu"), (threads, Sq)
+                assert chosen(Sq, Hq=8, Hkv=4, mask=pad) == "cpu", (threads, Sq)
             for Sq in (1, 4, 33, 300):
-                assert chosen(Sq) == "cpu", (threads, Sq)
+                assert chosen(Sq) == "cpu" and chosen(Sq, mask=pad) == "cpu", (threads, Sq)
     assert "fp16 inference steps of 5-32" in str(fastattn.explain(*(rnd(1, 8, s, 64).half() for s in (8, 300, 300))))
+    q, k = rnd(1, 8, 8, 64).half(), rnd(1, 8, 300, 64).half()
+    assert "masked fp16 inference steps of 5-8" in str(fastattn.explain(q, k, k, attn_mask=pad))
     monkeypatch.setattr(cpu_backend, "_AMD", True)
-    assert chosen(8) == "cpu"
+    assert chosen(8) == "cpu" and chosen(8, mask=pad) == "cpu"

@@ -217,8 +217,9 @@ struct QueryBlock {
       pack->ensure<T>(p, n * p.Hkv + hk, k, v, j0, kv_end);
       kt = {pack->k + j0 * D, D};
       vt = {pack->v + j0 * Dv, Dv};
-    } else {
-      kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, bk, D, bufs.k);
+    } else {  // (K as far as a packed tile reads: kt_cache packs it from here)
+      const int64_t k_rows = kt_cache ? std::max(bk, std::min(t.k, key_end - j0)) : bk;
+      kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, k_rows, D, bufs.k);
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, bufs.v);
     }
     const KtCache::Tile kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end,
@@ -311,6 +312,11 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // fp32 K/V with unit last stride are used in place; anything else goes through a per-thread KVPack.
   const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&
                       p.v_st.d == 1 && p.v_st.s >= p.Dv && p.v_st.s <= kMaxLd;
+  // ... but where no other task of the thread reads the same K/V (one query block a head, no grouped heads), each
+  // key tile is converted as it is reached into the scratch's tile buffers: a KVPack of the whole head outgrew the L2
+  // at 2048 keys (D=128: 2 MB of fp32 K and V a head), where fp16 MHA steps of 5-32 tokens (Intel Xeon AMX, one
+  // thread, 2026-12-05) ran 1.16-1.42x faster converted per tile (0.45-0.82x torch before, 0.64-0.95x after).
+  const bool per_tile = nqb == 1 && p.group() == 1;
   // Packed key tiles pay for 128 x 512 tiles when a head has >= 4 query blocks (measured, one thread, Intel Xeon:
   // +3-7% at S = 512-2048); the window's 64 x 256 tiles and fewer query blocks measured no gain or a loss. brgemm's
   // pack (a transposed copy, which its product needs anyway) pays from one query block without a band: B8 H4 S128
@@ -330,7 +336,7 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     std::vector<std::unique_ptr<KVPack>> packs(order.slots);
     std::vector<std::unique_ptr<KtCache>> kt_caches(order.slots);
     for (int64_t slot = 0; slot < order.slots; ++slot) {
-      if (!direct) packs[slot] = std::make_unique<KVPack>(max_sk, p);
+      if (!direct && !per_tile) packs[slot] = std::make_unique<KVPack>(max_sk, p);
       if (pack_keys) kt_caches[slot] = std::make_unique<KtCache>();
     }
     std::array<KVPack*, kMaxChunkHeads> head_packs{};
