@@ -534,3 +534,22 @@ def test_model_level_follows_backends_and_dtype(tmp_path, monkeypatch):
     rc = cli.main(_SMALL + ["--backends", "cpu", "--dtype", "bf16", "--model", "on", "--out", str(tmp_path)])
     assert rc == 0
     assert sorted({b for _, b, _ in seen}) == ["cpu", "reference", "sdpa"] and {d for *_, d in seen} == {"bf16"}
+
+
+def test_bench_steps_runs_every_path_and_mask():
+    """benchmarks/bench_steps.py (inference steps against torch's SDPA) at a tiny size: one line per case, a ratio
+    per path, the mask named; step_mask builds transformers' bottom-right causal mask and a left-padding mask."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_steps.py")
+    spec = importlib.util.spec_from_file_location("bench_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    causal = mod.step_mask("causal", 3, 5, torch.float32)
+    assert causal.shape == (1, 1, 3, 5) and torch.isinf(causal).sum() == 3 and causal[0, 0, 2].isfinite().all()
+    pad = mod.step_mask("pad", 3, 16, torch.float32)
+    assert pad.shape == (1, 1, 1, 16) and pad.sum() == 14
+    for kind in ("none", "causal", "pad"):
+        line = mod.run_case(4, 2, 16, 40, 5, torch.float16, kind, ["cpu", "sdpa", "auto"], rounds=1)
+        assert line.startswith("H4/2 D16 Sk40 Sq5") and line.count("x ") == 3 and "torch" in line, line
+        assert (kind in line) == (kind != "none"), line

@@ -448,9 +448,9 @@ def test_avx2_only_rules(monkeypatch):
 
 def test_fp16_step_rule(monkeypatch):
     """Where fp16's tiles run in fp32 and torch's fp16 SDPA has AVX512-FP16 (Intel Xeon AMX without AMX-FP16), fp16
-    inference steps of 5-32 tokens over more than 64 keys with up to 2 query heads a KV head go to sdpa; wider groups,
-    one-token and short steps (the decode kernel), tiny calls, training and longer calls stay ours, as everything does
-    on AMD CPUs. Masked steps go to sdpa at 5-8 tokens without grouped-query heads only."""
+    inference steps of 5-32 tokens over more than 64 keys without grouped-query heads go to sdpa (masked: 5-8
+    tokens); grouped-query steps, one-token and short steps (the decode kernel), tiny calls, training and longer calls
+    stay ours, as everything does on AMD CPUs."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_FP16_FP32_TILES", True)
     monkeypatch.setattr(cpu_backend, "_AMD", False)
@@ -464,7 +464,7 @@ def test_fp16_step_rule(monkeypatch):
     for threads in (1, 2):
         with torch_threads(threads):
             for Sq in (5, 8, 16, 32):
-                assert chosen(Sq) == "sdpa" and chosen(Sq, Hq=8, Hkv=4) == "sdpa", (threads, Sq)
+                assert chosen(Sq) == "sdpa" and chosen(Sq, Hq=8, Hkv=4) == "cpu", (threads, Sq)
                 assert chosen(Sq, Hq=16, Hkv=4) == "cpu" and chosen(Sq, Hq=12, Hkv=4) == "cpu", (threads, Sq)
                 assert chosen(Sq, Sk=64) == "cpu" and chosen(Sq, grad=True) == "cpu", (threads, Sq)
                 masked_sdpa = Sq <= 8  # (MHA; grouped-query masked steps stay ours)

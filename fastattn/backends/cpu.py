@@ -120,10 +120,13 @@ _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") =
 # read 0.70-1.05x, 8/4 0.98-1.24x on one thread, 0.76-1.13x on two, where the hand-over read 0.78-1.03x).
 # Masked (2026-12-05, late, after per_tile; transformers' bottom-right causal mask and a key-padding mask, the same
 # MHA and GQA shapes at 512 / 2048 keys, one thread): MHA steps of 5-8 tokens 0.75-1.06x, 10-12 tokens 0.96-1.13x,
-# 16-32 tokens 0.97-1.22x; grouped-query 0.93-2.11x. So masked MHA steps of 5-8 tokens go to sdpa too.
-_FP16_STEPS = ("sdpa is faster for fp16 inference steps of 5-32 query tokens over more than 64 keys with up to 2 "
-               "query heads a KV head on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on AVX512-FP16): "
-               "the cpu kernels measured 0.44-0.99x")
+# 16-32 tokens 0.97-1.22x; grouped-query 0.93-2.11x. So masked MHA steps of 5-8 tokens go to sdpa too. And groups of
+# 2, re-measured after per_tile (benchmarks/bench_steps.py, 8/4 D=128 and 8/4, 12/6 D=64 at 128-2048 keys, 5-32
+# tokens, 9-15 interleaved rounds): one thread 1.00-1.49x, two 0.88-1.50x (34 of 36 cells >= 0.99x), the hand-over
+# 0.87-1.03x: since then only MHA steps (one query head a KV head) go to sdpa.
+_FP16_STEPS = ("sdpa is faster for fp16 inference steps of 5-32 query tokens over more than 64 keys without "
+               "grouped-query heads on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on AVX512-FP16): "
+               "the cpu kernels measured 0.70-1.05x")
 _FP16_STEP_SQ = (5, 32)
 _FP16_MASKED_STEPS = ("sdpa is faster for masked fp16 inference steps of 5-8 query tokens over more than 64 keys "
                       "without grouped-query heads on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on "
@@ -134,14 +137,13 @@ _RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_
                 | ({torch.float16} if _FP16_FP32_TILES else set()) | {torch.float32})  # the dtypes the rules read
 
 
-def _fp16_step(p: AttnParams, sq=_FP16_STEP_SQ, max_group=2) -> bool:
-    """An inference step of _FP16_STEPS (or, with _FP16_MASKED_STEP_SQ and max_group 1, _FP16_MASKED_STEPS); eager
-    only: the lengths and thread count would make graphs guard."""
+def _fp16_step(p: AttnParams, sq=_FP16_STEP_SQ) -> bool:
+    """An inference step of _FP16_STEPS (with _FP16_MASKED_STEP_SQ: of _FP16_MASKED_STEPS); eager only: the lengths
+    and thread count would make graphs guard."""
     if not _FP16_FP32_TILES or _AMD or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
-    group = p.q.shape[1] // max(p.k.shape[1], 1)
-    return sq[0] <= Sq <= sq[1] and Sk > _TINY_SK and group <= max_group
+    return sq[0] <= Sq <= sq[1] and Sk > _TINY_SK and p.q.shape[1] == p.k.shape[1]  # (MHA)
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -257,7 +259,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
         return _fp32_steps_reason() if 2 <= Sq <= _fp32_step_limit(p) else None
     if dt is torch.bfloat16 and _avx2_step(p):
         return _AVX2_STEPS
-    if dt is torch.float16 and _fp16_step(p, _FP16_MASKED_STEP_SQ, 1):
+    if dt is torch.float16 and _fp16_step(p, _FP16_MASKED_STEP_SQ):
         return _FP16_MASKED_STEPS
     return None
 
