@@ -102,16 +102,6 @@ struct TileBuffers {
   }
 };
 
-// Rows [0, rows) of an fp16 tile (row r at src + r * ld, its first n values) as exact bf16 pairs: hi at
-// dst + r * ld, lo at dst + part + r * ld, hi0 at dst + 2 * part + r * ld (vec512::split_bf16_row).
-inline void split_tile(const c10::Half* src, int64_t ld, int64_t rows, int64_t n, int64_t part, c10::BFloat16* dst) {
-  const bool zero_lo = mm::plant_pairs_lo(true);
-  for (int64_t r = 0; r < rows; ++r) {
-    c10::BFloat16* h = dst + r * ld;
-    vec512::split_bf16_row(src + r * ld, n, n, h, h + part, h + 2 * part, zero_lo);
-  }
-}
-
 // Fills P (into S) and dS (into dP) for rows [0, bq) of a tile; returns the P that multiplies dO (Pd with
 // dropout, else S).
 template <typename T>
@@ -249,12 +239,14 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
         // dV^T += dO^T P, dK^T += Q^T dS; dQ += dS K, K's rows from key c0 of the block (VNNI pairs of rows: + c0 D)
         if constexpr (kPairs) {  // P and dS stacked [hi; lo; hi0] against [hi | hi0 | lo] columns: 3 bq_pad deep
           U *Ps = static_cast<U*>(B.Ps), *dSs = static_cast<U*>(B.dSs), *dSas = static_cast<U*>(B.dSas);
-          split_tile(Pv, 2 * KBLOCK, bq_pad / 2, 2 * bk, bq_pad * KBLOCK, Ps);  // VNNI row pairs: 2 bk values
-          split_tile(dSv, 2 * KBLOCK, bq_pad / 2, 2 * bk, bq_pad * KBLOCK, dSs);
-          split_tile(dSa, KBLOCK, bq, bk_pad, QBLOCK * KBLOCK, dSas);
+          const int64_t vp = bq_pad * KBLOCK, lo = QBLOCK * KBLOCK;  // where a stacked VNNI tile's lo and hi0 start
+          // VNNI row pairs (2 bk values each, 2 KBLOCK apart) and dS rows, split into hi, lo, hi0
+          kv.split_rows(Pv, 2 * KBLOCK, 1, bq_pad / 2, 2 * bk, 2 * bk, 2 * KBLOCK, Ps, Ps + vp, Ps + 2 * vp);
+          kv.split_rows(dSv, 2 * KBLOCK, 1, bq_pad / 2, 2 * bk, 2 * bk, 2 * KBLOCK, dSs, dSs + vp, dSs + 2 * vp);
+          kv.split_rows(dSa, KBLOCK, 1, bq, bk_pad, bk_pad, KBLOCK, dSas, dSas + lo, dSas + 2 * lo);
           mm::mm_vnni<U>(Dv, bk, 3 * bq_pad, qblk.dt_block(qb, Dv), qblk.ldt, Ps, KBLOCK, dvt_b, KBLOCK, true);
           mm::mm_vnni<U>(D, bk, 3 * bq_pad, qblk.qt_block(qb, D), qblk.ldt, dSs, KBLOCK, dkt_b, KBLOCK, true);
-          const int64_t lo = QBLOCK * KBLOCK, c = c0 * D;  // dSh Kh + dSh0 Kl + dSl Kh0
+          const int64_t c = c0 * D;  // dSh Kh + dSh0 Kl + dSl Kh0
           mm::mm_vnni<U>(bq, D, bk_pad, dSas, KBLOCK, kv.k_block(kb, D) + c, D, dq + i0 * D, D, true);
           mm::mm_vnni<U>(bq, D, bk_pad, dSas + 2 * lo, KBLOCK, kv.kl_block(kb, D) + c, D, dq + i0 * D, D, true);
           mm::mm_vnni<U>(bq, D, bk_pad, dSas + lo, KBLOCK, kv.kh0_block(kb, D) + c, D, dq + i0 * D, D, true);

@@ -116,28 +116,30 @@ struct KVBlocks {
   }
 
  private:
+  // The three parts (hi, lo, hi0: rows x cols each, row-major) as one right operand of their transposes stacked,
+  // rows [0, cols_pad) hi^T, then lo^T, then hi0^T (ldb KBLOCK) ...
+  static void pack_parts_transposed(const T* const part[3], int64_t rows, int64_t cols, int64_t cols_pad, T* dst) {
+    for (int64_t i = 0; i < 3; ++i) {
+      mm::pack_transposed<T>(part[i], cols, 1, rows, cols, KBLOCK, dst + i * cols_pad * KBLOCK);
+    }
+  }
+  // ... or as three right operands of rows (ldb cols), KBLOCK x cols apart.
+  static void pack_parts_rows(const T* const part[3], int64_t rows, int64_t cols, T* dst) {
+    for (int64_t i = 0; i < 3; ++i) mm::pack_rows<T>(part[i], cols, 1, rows, cols, cols, dst + i * KBLOCK * cols);
+  }
+
   void pack_pairs(const CpuParams& p, const c10::Half* kr, const c10::Half* vr, int64_t kb, int64_t bk) {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      T *kt0 = kt_block(kb), *hi = split.get(), *lo = hi + split_n, *hi0 = lo + split_n;
+      T *hi = split.get(), *lo = hi + split_n, *hi0 = lo + split_n;
+      const T* const split_parts[3] = {hi, lo, hi0};
       split_rows(kr, p.k_st.s, p.k_st.d, bk, p.D, p.D, p.D, hi, lo, hi0);
-      mm::pack_transposed<T>(hi, p.D, 1, bk, p.D, KBLOCK, kt0);                     // rows [0, Dp): Kh
-      mm::pack_transposed<T>(lo, p.D, 1, bk, p.D, KBLOCK, kt0 + Dp * KBLOCK);       // [Dp, 2 Dp): Kl
-      mm::pack_transposed<T>(hi0, p.D, 1, bk, p.D, KBLOCK, kt0 + 2 * Dp * KBLOCK);  // [2 Dp, 3 Dp): Kh0
-      if (bwd) {
-        mm::pack_rows<T>(hi, p.D, 1, bk, p.D, p.D, k_block(kb, p.D));
-        mm::pack_rows<T>(lo, p.D, 1, bk, p.D, p.D, kl_block(kb, p.D));
-        mm::pack_rows<T>(hi0, p.D, 1, bk, p.D, p.D, kh0_block(kb, p.D));
-      }
+      pack_parts_transposed(split_parts, bk, p.D, Dp, kt_block(kb));  // [Kh; Kl; Kh0]^T
+      if (bwd) pack_parts_rows(split_parts, bk, p.D, k_block(kb, p.D));  // Kh, Kl, Kh0
       split_rows(vr, p.v_st.s, p.v_st.d, bk, p.Dv, p.Dv, p.Dv, hi, lo, hi0);
       if (bwd) {
-        T* vt0 = vt_block(kb);
-        mm::pack_transposed<T>(hi, p.Dv, 1, bk, p.Dv, KBLOCK, vt0);                      // rows [0, Dvp): Vh
-        mm::pack_transposed<T>(lo, p.Dv, 1, bk, p.Dv, KBLOCK, vt0 + Dvp * KBLOCK);       // [Dvp, 2 Dvp): Vl
-        mm::pack_transposed<T>(hi0, p.Dv, 1, bk, p.Dv, KBLOCK, vt0 + 2 * Dvp * KBLOCK);  // [2 Dvp, 3 Dvp): Vh0
+        pack_parts_transposed(split_parts, bk, p.Dv, Dvp, vt_block(kb));  // [Vh; Vl; Vh0]^T
       } else {
-        mm::pack_rows<T>(hi, p.Dv, 1, bk, p.Dv, p.Dv, v_block(kb, p.Dv));
-        mm::pack_rows<T>(lo, p.Dv, 1, bk, p.Dv, p.Dv, vl_block(kb, p.Dv));
-        mm::pack_rows<T>(hi0, p.Dv, 1, bk, p.Dv, p.Dv, vh0_block(kb, p.Dv));
+        pack_parts_rows(split_parts, bk, p.Dv, v_block(kb, p.Dv));  // Vh, Vl, Vh0
       }
     }
   }

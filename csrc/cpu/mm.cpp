@@ -281,6 +281,7 @@ std::map<std::string, std::string> report() {
   auto flag = [](bool b) { return std::string(b ? "1" : "0"); };
   auto rate = [](double g) { return std::to_string(static_cast<int64_t>(g + 0.5)); };
   const Decision &bf16 = decision(at::kBFloat16), &fp16 = decision(at::kHalf);
+  const std::string fp16_lowp = path(at::kHalf) == Path::kBrgemm ? "brgemm" : fp16_pairs() ? "bf16_pairs" : "fp32";
 #ifdef FASTATTN_HAS_BRGEMM
   const bool amx_bf16_usable = at::native::cpublas::could_pack(at::kBFloat16);
   const bool amx_fp16_usable = at::native::cpublas::could_pack(at::kHalf);
@@ -292,8 +293,8 @@ std::map<std::string, std::string> report() {
           {"fp32", fp32_gemm_brgemm() ? "brgemm" : "sgemm"},
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
-          {"fp16_forward", path(at::kHalf) == Path::kBrgemm ? "brgemm" : fp16_pairs() ? "bf16_pairs" : "fp32"},
-          {"fp16_backward", path(at::kHalf) == Path::kBrgemm ? "brgemm" : fp16_pairs() ? "bf16_pairs" : "fp32"},
+          {"fp16_forward", fp16_lowp},
+          {"fp16_backward", fp16_lowp},  // (one decision for both passes; their row lines differ, kernels.h)
           // oneDNN's view: AMX it will use (torch's flash kernel multiplies bf16/fp16 on AMX only then)
           {"amx_bf16_usable", flag(amx_bf16_usable)},
           {"amx_fp16_usable", flag(amx_fp16_usable)},
