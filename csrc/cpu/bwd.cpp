@@ -292,14 +292,14 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const std::vector<int64_t> dealt = dealt_units(pairs);  // (sequence, kv head) pairs, dealt to the threads
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
+    WorkspaceScope workspace;  // everything below takes its buffers from it
     Scratch buf(scratch);
     BwdBuffers B(buf, p);
-    at::Tensor own_t = chunks > 1 || in_place ? at::Tensor() : at::empty({part}, at::kFloat);
+    float* own = chunks > 1 || in_place ? nullptr : workspace_take<float>(part);
     // Two MKL-packed tiles (K and V of the current key block); MKL sizes each ~8 MB of address space, of which
     // only BLOCK_K * D floats are written.
     const int64_t pack_floats = packed_kt_available() ? packed_kt_floats(BLOCK_K, std::max(p.D, p.Dv)) : 0;
-    at::Tensor pack_t = pack_floats ? at::empty({2 * pack_floats}, at::kFloat) : at::Tensor();
-    float* pack_base = pack_floats ? pack_t.data_ptr<float>() : nullptr;
+    float* pack_base = pack_floats ? workspace_take<float>(2 * pack_floats) : nullptr;
     const PackBuffers pack_buf = pack_floats ? PackBuffers{pack_base, pack_base + pack_floats} : PackBuffers{};
     for (int64_t t = begin; t < end; ++t) {
       // t = u * chunks + c, pair dealt[u] = n * Hkv + hk; dQ partials stay at (pair * chunks + c)
@@ -314,7 +314,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
         float* dq0 = static_cast<float*>(p.dq) + s.b * p.dq_st.b + hk * G * p.dq_st.h + s.q0 * p.dq_st.s;
         dq = {dq0, p.dq_st.h, p.dq_st.s};
       } else {
-        dq = {own_t.data_ptr<float>(), s.sq * p.D, p.D};
+        dq = {own, s.sq * p.D, p.D};
       }
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < s.sq; ++i) std::fill(dq.row(g, i), dq.row(g, i) + p.D, 0.f);

@@ -36,15 +36,13 @@ template <typename T, typename U = T>
 struct QBlocks {
   static constexpr int64_t kParts = std::is_same_v<T, U> ? 1 : 3;
   int64_t Dp, Dvp, nqb, ldq, ldo, ldt;  // ldq, ldo: Q's and dO's rows; ldt: Q^T's and dO^T's
-  at::Tensor buf;
-  U *qa, *qt, *da, *dt;  // Q (bq x ldq), Q^T (D x ldt), dO (bq x ldo), dO^T (Dv x ldt) per block
+  U *qa, *qt, *da, *dt;  // Q (bq x ldq), Q^T (D x ldt), dO (bq x ldo), dO^T (Dv x ldt) per block; workspace
 
   QBlocks(const CpuParams& p, int64_t max_sq)
       : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), nqb((max_sq + QBLOCK - 1) / QBLOCK), ldq(kParts * Dp),
         ldo(kParts * Dvp), ldt(kParts * QBLOCK) {
     const int64_t per = QBLOCK * kParts * (Dp + p.D + Dvp + p.Dv);
-    buf = at::empty({std::max<int64_t>(nqb * per, 1) * int64_t(sizeof(U))}, at::kByte);
-    qa = reinterpret_cast<U*>(buf.data_ptr());
+    qa = workspace_take<U>(nqb * per);
     qt = qa + nqb * QBLOCK * ldq;
     da = qt + nqb * p.D * ldt;
     dt = da + nqb * QBLOCK * ldo;
@@ -280,12 +278,12 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK;
   const std::vector<int64_t> units = dealt_units(p.nseq * p.Hkv);  // (sequence, kv head), dealt to the threads
   at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    WorkspaceScope workspace;  // everything below takes its buffers from it
     Scratch buf(TileBuffers::size(kPairs));
     KVBlocks<U> kv(p, max_sk, true, kPairs);
     QBlocks<T, U> qblk(p, max_sq);
     // fp32 accumulators: dK^T, dV^T per key block (D|Dv x KBLOCK), dQ of one query head (max_sq x D).
-    at::Tensor acc = at::empty({std::max<int64_t>(nkb * KBLOCK * (p.D + p.Dv) + max_sq * p.D, 1)}, at::kFloat);
-    float* dkt = acc.data_ptr<float>();
+    float* dkt = workspace_take<float>(nkb * KBLOCK * (p.D + p.Dv) + max_sq * p.D);
     float* dvt = dkt + nkb * KBLOCK * p.D;
     float* dq = dvt + nkb * KBLOCK * p.Dv;
     for (int64_t t = begin; t < end; ++t) {

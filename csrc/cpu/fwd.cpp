@@ -81,13 +81,11 @@ inline float online_softmax_row(float* S_r, int64_t bk, float& m_i, float& l_i, 
 // are query blocks of the same head), so low-precision K/V are converted once per thread instead of once per
 // query block. Holds the contiguous row range [lo, hi). Memory: max_sk * (D + Dv) floats per thread.
 struct KVPack {
-  at::Tensor kt, vt;
-  float *k = nullptr, *v = nullptr;
+  float *k = nullptr, *v = nullptr;  // from the thread's workspace
   int64_t head = -1, lo = 0, hi = 0;
 
   KVPack(int64_t rows, const CpuParams& p)
-      : kt(at::empty({rows * p.D}, at::kFloat)), vt(at::empty({rows * p.Dv}, at::kFloat)),
-        k(kt.data_ptr<float>()), v(vt.data_ptr<float>()) {}
+      : k(workspace_take<float>(rows * p.D)), v(workspace_take<float>(rows * p.Dv)) {}
 
   template <typename T>
   void ensure(const CpuParams& p, int64_t head_id, const T* k_src, const T* v_src, int64_t a, int64_t b) {
@@ -118,7 +116,7 @@ struct KVPack {
 // which only the tile's bk * D floats are written), so calls with more than kMaxTiles key tiles do not pack.
 struct KtCache {
   static constexpr int64_t kMaxTiles = 64;
-  std::vector<at::Tensor> slot;
+  std::vector<float*> slot;  // from the thread's workspace
   std::vector<int64_t> rows;  // width packed in each slot; -1: empty
   int64_t head = -1, floats = 0;
 
@@ -138,11 +136,11 @@ struct KtCache {
     if (idx >= static_cast<int64_t>(slot.size())) {
       if (floats == 0) floats = packed_kt_floats(t.k, p.D);
       while (static_cast<int64_t>(slot.size()) <= idx) {
-        slot.push_back(at::empty({floats}, at::kFloat));
+        slot.push_back(workspace_take<float>(floats));
         rows.push_back(-1);
       }
     }
-    float* dst = slot[idx].data_ptr<float>();
+    float* dst = slot[idx];
     if (rows[idx] != width) {
       pack_kt(k_tile.ptr, k_tile.ld, width, p.D, dst, alpha);
       rows[idx] = width;
@@ -332,6 +330,7 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const FwdOrder order(p, nqb, fwd_chunk_heads(p, nqb, kv_bytes, int64_t(sizeof(T)) * max_sq * max_sk));
   at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
+    WorkspaceScope workspace;  // everything below takes its buffers from it
     Scratch buf(scratch + (order.heads - 1) * per_head);
     std::vector<std::unique_ptr<KVPack>> packs(order.slots);
     std::vector<std::unique_ptr<KtCache>> kt_caches(order.slots);

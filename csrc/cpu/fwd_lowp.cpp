@@ -162,6 +162,7 @@ void fwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t kv_bytes = int64_t(sizeof(U)) * max_sk * (Dk + (kPairs ? 3 : 1) * p.Dv);
   const FwdOrder order(p, nqb, fwd_chunk_heads(p, nqb, kv_bytes, int64_t(sizeof(T)) * max_sq * max_sk));
   at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
+    WorkspaceScope workspace;  // everything below takes its buffers from it
     Scratch buf(scratch);
     std::vector<std::unique_ptr<KVBlocks<U>>> kv(order.slots);
     for (auto& slot : kv) slot = std::make_unique<KVBlocks<U>>(p, max_sk, false, kPairs);

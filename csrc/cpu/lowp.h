@@ -30,8 +30,7 @@ template <typename T>
 struct KVBlocks {
   int64_t Dp, Dvp, parts, Dk, Dvk, nkb;  // parts: 3 for pairs (hi, lo, hi0), else 1
   bool bwd, pairs;
-  at::Tensor buf;
-  T *kt, *v = nullptr, *vt = nullptr, *k = nullptr;
+  T *kt, *v = nullptr, *vt = nullptr, *k = nullptr;  // from the thread's workspace
   std::vector<char> done;
   std::unique_ptr<T[]> split;           // pairs: one block's split rows, hi, lo and hi0 (each bk x max(D, Dv))
   std::unique_ptr<c10::Half[]> row;     // pairs: a strided source row gathered
@@ -43,8 +42,7 @@ struct KVBlocks {
       : Dp(mm::even(p.D)), Dvp(mm::even(p.Dv)), parts(pairs_ ? 3 : 1), Dk(parts * Dp), Dvk(parts * Dvp),
         nkb((max_sk + KBLOCK - 1) / KBLOCK), bwd(bwd_), pairs(pairs_) {
     const int64_t per = KBLOCK * (Dk + parts * (bwd ? Dvp + p.D : p.Dv));
-    buf = at::empty({std::max<int64_t>(nkb * per, 1) * int64_t(sizeof(T))}, at::kByte);
-    kt = reinterpret_cast<T*>(buf.data_ptr());
+    kt = workspace_take<T>(nkb * per);
     if (bwd) {
       vt = kt + nkb * KBLOCK * Dk;
       k = vt + nkb * KBLOCK * Dvk;

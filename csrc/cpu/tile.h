@@ -8,6 +8,7 @@
 
 #include "params.h"
 #include "vec.h"
+#include "workspace.h"
 
 namespace fastattn::cpu {
 
@@ -254,17 +255,16 @@ inline void grad_row(const CpuParams& p, void* base, int64_t at, int64_t stride,
   }
 }
 
-// Thread-local fp32 scratch (64-byte aligned through ATen's allocator).
+// A thread's fp32 scratch, from its workspace (64-byte aligned; inside a WorkspaceScope).
 struct Scratch {
-  at::Tensor t;
   float* base = nullptr;
-  int64_t used = 0;
-  explicit Scratch(int64_t n) : t(at::empty({n}, at::kFloat)), base(t.data_ptr<float>()) {}
+  int64_t size = 0, used = 0;
+  explicit Scratch(int64_t n) : base(workspace_take<float>(n)), size(n) {}
   // Carves n floats rounded up to 16 so every piece stays 64-byte aligned.
   float* take(int64_t n) {
     float* r = base + used;
     used += (n + 15) / 16 * 16;
-    TORCH_INTERNAL_ASSERT(used <= t.numel());
+    TORCH_INTERNAL_ASSERT(used <= size);
     return r;
   }
   static int64_t round(int64_t n) { return (n + 15) / 16 * 16; }

@@ -1,0 +1,42 @@
+// A thread's working memory for the CPU kernels (tile buffers, packed K/V), kept across calls.
+//
+// Why: a kernel's ~1 MB of per-thread buffers allocated afresh in every parallel region sent an OpenMP worker's
+// glibc arena, in some heap states, through a new 64 MB heap per call (mmap, a page fault, munmap and its TLB
+// shootdown): perf counted 28K such heaps in one two-thread rule check, all from these buffers, and the short calls
+// in those stretches ran 0.5-0.9x torch instead of 1.0-1.6x (Intel Xeon, 2026-12-06). PyTorch's CPU flash kernel
+// dodges it by allocating in the calling thread; a kept workspace also skips the allocator altogether.
+//
+// A bump arena per thread: WorkspaceScope opens at the top of a thread's share of a parallel region, workspace_take
+// carves 64-byte aligned pieces that stay put until that scope closes; scopes nest (a kernel called inside
+// another's region). When the outermost scope closes, the blocks it needed are merged into one for the next call;
+// a thread keeps at most kWorkspaceKeptBytes between calls (larger calls allocate per call, where it costs little).
+// Under AddressSanitizer every piece is an allocation of its own, so overruns still meet a redzone.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace fastattn::cpu {
+
+constexpr size_t kWorkspaceKeptBytes = size_t(16) << 20;
+
+class WorkspaceScope {
+ public:
+  WorkspaceScope();
+  ~WorkspaceScope();
+  WorkspaceScope(const WorkspaceScope&) = delete;
+  WorkspaceScope& operator=(const WorkspaceScope&) = delete;
+
+ private:
+  size_t block_, offset_, blocks_;  // where the thread's next piece went when the scope opened; its block count
+};
+
+// `bytes` from the calling thread's workspace, 64-byte aligned, uninitialised (NaN under FASTATTN_POISON_OUTPUTS=1,
+// so a read before a write shows); valid until the innermost open WorkspaceScope of this thread closes.
+void* workspace_take(size_t bytes);
+
+template <typename T>
+T* workspace_take(int64_t n) {
+  return static_cast<T*>(workspace_take(static_cast<size_t>(n) * sizeof(T)));
+}
+
+}  // namespace fastattn::cpu
