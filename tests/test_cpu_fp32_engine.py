@@ -80,17 +80,19 @@ import sys, torch
 sys.path.insert(0, "tests")
 from support.cases import Case, run_case
 from fastattn import ops
-cells = [Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64), Case("packed_1k", B=1, Hq=1, Hkv=1, Sq=1000,
-         Sk=1000, D=32, grad=False)]
-bad = sum(not all(ok for ok, _ in run_case("cpu", c, torch.float32, "cpu")) for c in cells)
+cells = [(Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64), torch.float32),
+         (Case("packed_1k", B=1, Hq=1, Hkv=1, Sq=1000, Sk=1000, D=32, grad=False), torch.float32),
+         # one query block a head: fp16 K packed from its own rows (csrc/cpu/fwd.cpp, pack_kt_rows)
+         (Case("step_rows", B=1, Hq=2, Hkv=2, Sq=8, Sk=600, D=64, grad=False), torch.float16)]
+bad = sum(not all(ok for ok, _ in run_case("cpu", c, dt, "cpu")) for c, dt in cells)
 print(ops.cpu_matmul_report()["fp32"], f"{bad} of {len(cells)} cells failed")
 """
 
 
 @pytest.mark.parametrize("plant", ["", "kt_swap"], ids=["clean", "planted"])
 def test_planted_key_packing_bug_fails_on_brgemm(plant):
-    """brgemm's packed key tiles with neighbouring keys swapped (FASTATTN_CPU_PLANT=kt_swap) fail every cell; the same
-    cells pass clean."""
+    """brgemm's packed key tiles with neighbouring keys swapped (FASTATTN_CPU_PLANT=kt_swap) fail every cell, the fp16
+    step whose key tiles pack from the fp16 rows too; the same cells pass clean."""
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_FP32_GEMM="brgemm", FASTATTN_CPU_PLANT=plant)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
@@ -98,7 +100,7 @@ def test_planted_key_packing_bug_fails_on_brgemm(plant):
     assert r.returncode == 0, r.stderr[-2000:]
     if not r.stdout.startswith("brgemm"):
         pytest.skip(f"this torch has no fp32 brgemm ({r.stdout.strip()})")
-    assert ("2 of 2" if plant else "0 of 2") + " cells failed" in r.stdout, r.stdout
+    assert ("3 of 3" if plant else "0 of 3") + " cells failed" in r.stdout, r.stdout
 
 
 # Large logits (D=256, scale 1.33: scores up to ~80, where an fp32 ulp is 7.6e-6) with the forward's tiles unpacked

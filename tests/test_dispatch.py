@@ -448,32 +448,36 @@ def test_avx2_only_rules(monkeypatch):
 
 def test_fp16_step_rule(monkeypatch):
     """Where fp16's tiles run in fp32 and torch's fp16 SDPA has AVX512-FP16 (Intel Xeon AMX without AMX-FP16), fp16
-    inference steps of 5-32 tokens over more than 64 keys without grouped-query heads go to sdpa (masked: 5-8
-    tokens); grouped-query steps, one-token and short steps (the decode kernel), tiny calls, training and longer calls
-    stay ours, as everything does on AMD CPUs."""
+    inference steps of 5-32 tokens without grouped-query heads go to sdpa at head dim > 64 from 200 keys a query token;
+    masked ones at 5-16 tokens, and at 17-32 with head dim > 64. Grouped-query steps, one-token and short steps (the
+    decode kernel), tiny calls, training and longer calls stay ours, as everything does on AMD CPUs."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_FP16_FP32_TILES", True)
     monkeypatch.setattr(cpu_backend, "_AMD", False)
     monkeypatch.setattr(cpu_backend, "_RULE_DTYPES", cpu_backend._RULE_DTYPES | {torch.float16})
-    pad = torch.ones(1, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
 
-    def chosen(Sq, Hq=8, Hkv=8, Sk=300, grad=False, mask=None):
-        q, k = rnd(1, Hq, Sq, 64).half().requires_grad_(grad), rnd(1, Hkv, Sk, 64).half()
-        return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, attn_mask=mask).chosen
+    def chosen(Sq, Hq=8, Hkv=8, Sk=300, D=64, grad=False, mask=False):
+        q, k = rnd(1, Hq, Sq, D).half().requires_grad_(grad), rnd(1, Hkv, Sk, D).half()
+        pad = torch.ones(1, 1, 1, Sk, dtype=torch.bool) if mask else None  # (B, 1, 1, Sk)
+        return fastattn.explain(q, k, k, enable_gqa=Hq != Hkv, attn_mask=pad).chosen
 
     for threads in (1, 2):
         with torch_threads(threads):
-            for Sq in (5, 8, 16, 32):
-                assert chosen(Sq) == "sdpa" and chosen(Sq, Hq=8, Hkv=4) == "cpu", (threads, Sq)
-                assert chosen(Sq, Hq=16, Hkv=4) == "cpu" and chosen(Sq, Hq=12, Hkv=4) == "cpu", (threads, Sq)
-                assert chosen(Sq, Sk=64) == "cpu" and chosen(Sq, grad=True) == "cpu", (threads, Sq)
-                masked_sdpa = Sq <= 8  # (MHA; grouped-query masked steps stay ours)
-                assert chosen(Sq, mask=pad) == ("sdpa" if masked_sdpa else "cpu"), (threads, Sq)
-                assert chosen(Sq, Hq=8, Hkv=4, mask=pad) == "cpu", (threads, Sq)
+            for Sq in (5, 8, 16, 17, 32):
+                # unmasked: head dim > 64 and at least 200 keys a token (the line itself, and one key short of it)
+                assert chosen(Sq, D=128, Sk=200 * Sq) == "sdpa", (threads, Sq)
+                assert chosen(Sq, D=128, Sk=200 * Sq - 1) == "cpu" and chosen(Sq, Sk=4096) == "cpu", (threads, Sq)
+                assert chosen(Sq, Hq=8, Hkv=4, D=128, Sk=4096) == "cpu", (threads, Sq)
+                assert chosen(Sq, Hq=16, Hkv=4, D=128, Sk=4096) == "cpu", (threads, Sq)
+                assert chosen(Sq, D=128, Sk=64) == "cpu" and chosen(Sq, D=128, Sk=4096, grad=True) == "cpu"
+                # masked: 5-16 tokens, 17-32 at head dim > 64 (MHA; grouped-query masked steps stay ours)
+                assert chosen(Sq, mask=True) == ("sdpa" if Sq <= 16 else "cpu"), (threads, Sq)
+                assert chosen(Sq, D=128, mask=True) == "sdpa", (threads, Sq)
+                assert chosen(Sq, Hq=8, Hkv=4, mask=True) == "cpu", (threads, Sq)
             for Sq in (1, 4, 33, 300):
-                assert chosen(Sq) == "cpu" and chosen(Sq, mask=pad) == "cpu", (threads, Sq)
-    assert "fp16 inference steps of 5-32" in str(fastattn.explain(*(rnd(1, 8, s, 64).half() for s in (8, 300, 300))))
-    q, k = rnd(1, 8, 8, 64).half(), rnd(1, 8, 300, 64).half()
-    assert "masked fp16 inference steps of 5-8" in str(fastattn.explain(q, k, k, attn_mask=pad))
+                assert chosen(Sq, D=128, Sk=8192) == "cpu" and chosen(Sq, D=128, mask=True) == "cpu", (threads, Sq)
+    q, k = rnd(1, 8, 8, 128).half(), rnd(1, 8, 2048, 128).half()
+    assert "fp16 inference steps of 5-32" in str(fastattn.explain(q, k, k))
+    assert "masked fp16 inference steps of 5-16" in str(fastattn.explain(q, k, k, attn_mask=torch.ones(2048) > 0))
     monkeypatch.setattr(cpu_backend, "_AMD", True)
-    assert chosen(8) == "cpu" and chosen(8, mask=pad) == "cpu"
+    assert chosen(8, D=128, Sk=4096) == "cpu" and chosen(8, mask=True) == "cpu"

@@ -293,15 +293,20 @@ int64_t packed_kt_floats(int64_t bk, int64_t D) {
   return static_cast<int64_t>((packed_api().size(&id, &m, &n, &k) + sizeof(float) - 1) / sizeof(float));
 }
 
-void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
-  if (fp32_gemm_brgemm()) {
-    if (!plant_kt_swap()) return vec::transpose<float>(k, ldk, 1, bk, D, dst, bk, alpha);
-    for (int64_t j = 0; j < bk; ++j) {
-      const int64_t src = (j ^ 1) < bk ? j ^ 1 : j;
-      for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = alpha * k[src * ldk + d];
-    }
-    return;
+template <typename T>
+void pack_kt_rows(const T* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
+  TORCH_INTERNAL_ASSERT(fp32_gemm_brgemm(), "pack_kt_rows: brgemm's layout only");
+  if (!plant_kt_swap()) return vec::transpose<T>(k, ldk, 1, bk, D, dst, bk, alpha);
+  for (int64_t j = 0; j < bk; ++j) {
+    const int64_t src = (j ^ 1) < bk ? j ^ 1 : j;
+    for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = alpha * static_cast<float>(k[src * ldk + d]);
   }
+}
+template void pack_kt_rows<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int64_t, float*, float);
+template void pack_kt_rows<c10::Half>(const c10::Half*, int64_t, int64_t, int64_t, float*, float);
+
+void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha) {
+  if (fp32_gemm_brgemm()) return pack_kt_rows<float>(k, ldk, bk, D, dst, alpha);
   const char id = 'A', trans = 'T';
   const int m = static_cast<int>(bk), n = 1, kk = static_cast<int>(D), ld = static_cast<int>(std::max<int64_t>(ldk, 1));
   packed_api().pack(&id, &trans, &m, &n, &kk, &alpha, k, &ld, dst);

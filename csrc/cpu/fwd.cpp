@@ -124,9 +124,10 @@ struct KtCache {
     const float* ptr;  // nullptr: take the plain product
     int64_t ld;        // the packed tile's row length (its width)
   };
-  // The packed tile holding keys [j0, j0 + bk) of head `head_id` (its K rows at k_tile, stride ldk).
-  Tile get(const CpuParams& p, Tiles t, int64_t head_id, Operand k_tile, int64_t j0, int64_t bk, int64_t key_end,
-           float alpha) {
+  // The packed tile holding keys [j0, j0 + bk) of head `head_id`, packed where it is not yet by pack(width, dst)
+  // (pack_kt of the tile's first `width` K rows).
+  template <typename Pack>
+  Tile get(const CpuParams& p, Tiles t, int64_t head_id, int64_t j0, int64_t bk, int64_t key_end, Pack&& pack) {
     const int64_t idx = j0 / t.k, width = std::min(t.k, key_end - j0);
     if (j0 % t.k != 0 || idx >= kMaxTiles || bk > width || (bk != width && !fp32_gemm_brgemm())) return {nullptr, 0};
     if (head_id != head) {
@@ -142,7 +143,7 @@ struct KtCache {
     }
     float* dst = slot[idx];
     if (rows[idx] != width) {
-      pack_kt(k_tile.ptr, k_tile.ld, width, p.D, dst, alpha);
+      pack(width, dst);
       rows[idx] = width;
     }
     return {dst, width};
@@ -208,21 +209,34 @@ struct QueryBlock {
 
   // Keys [j0, min(j0 + t.k, j_hi)).
   void step(int64_t j0) {
-    const int64_t bk = std::min(t.k, j_hi - j0), D = p.D, Dv = p.Dv;
-    Operand kt, vt;
+    const int64_t bk = std::min(t.k, j_hi - j0), D = p.D, Dv = p.Dv, head = n * p.Hkv + hk;
+    const float alpha = qk_alpha<T>(p.scale);
+    Operand kt{nullptr, 0}, vt;
+    KtCache::Tile kt_packed{nullptr, 0};
     if (pack) {  // converted as far as a packed tile reads (later query blocks need those keys too)
       const int64_t kv_end = kt_cache ? std::max(j0 + bk, std::min(j0 + t.k, key_end)) : j0 + bk;
-      pack->ensure<T>(p, n * p.Hkv + hk, k, v, j0, kv_end);
+      pack->ensure<T>(p, head, k, v, j0, kv_end);
       kt = {pack->k + j0 * D, D};
       vt = {pack->v + j0 * Dv, Dv};
-    } else {  // (K as far as a packed tile reads: kt_cache packs it from here)
-      const int64_t k_rows = kt_cache ? std::max(bk, std::min(t.k, key_end - j0)) : bk;
-      kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, k_rows, D, bufs.k);
+    } else {
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, bufs.v);
+      // fp16 / bf16 K on brgemm packs from its own rows, converted and transposed in one pass: the fp32 copy first
+      // and its transposition had been ~18% of an fp16 8-token step (Intel Xeon, one thread).
+      if (kt_cache && !std::is_same_v<T, float> && p.k_st.d == 1 && fp32_gemm_brgemm()) {
+        const T* k_rows = k + j0 * p.k_st.s;
+        kt_packed = kt_cache->get(p, t, head, j0, bk, key_end, [&](int64_t width, float* dst) {
+          pack_kt_rows<T>(k_rows, p.k_st.s, width, D, dst, alpha);
+        });
+      }
+      if (!kt_packed.ptr) {  // (K as far as a packed tile reads: kt_cache packs it from here)
+        const int64_t k_rows = kt_cache ? std::max(bk, std::min(t.k, key_end - j0)) : bk;
+        kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, k_rows, D, bufs.k);
+      }
     }
-    const KtCache::Tile kt_packed = kt_cache ? kt_cache->get(p, t, n * p.Hkv + hk, kt, j0, bk, key_end,
-                                                             qk_alpha<T>(p.scale))
-                                             : KtCache::Tile{nullptr, 0};
+    if (kt_cache && !kt_packed.ptr) {
+      kt_packed = kt_cache->get(p, t, head, j0, bk, key_end,
+                                [&](int64_t width, float* dst) { pack_kt(kt.ptr, kt.ld, width, D, dst, alpha); });
+    }
     float *S = bufs.S, *P = bufs.P;
     const bool fused = fuse_bias && vis.full(i0, i0 + bq, j0, j0 + bk);
     if (kt_packed.ptr) {

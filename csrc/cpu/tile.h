@@ -32,6 +32,10 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
 bool packed_kt_available();
 int64_t packed_kt_floats(int64_t bk, int64_t D);
 void pack_kt(const float* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha = 1.f);
+// pack_kt on brgemm (only) from K rows of the input dtype (unit last stride), converted in the same pass: the same
+// bits as converting the rows to fp32 first and packing those.
+template <typename T>
+void pack_kt_rows(const T* k, int64_t ldk, int64_t bk, int64_t D, float* dst, float alpha);
 // On brgemm a packed tile may be wider than the bk keys used (ldp: its row length; 0 = bk): a causal diagonal tile
 // packed whole once serves the query blocks that see part of it. MKL's packed format takes ldp = 0 only.
 void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs, int64_t ldq, int64_t bq, float* S,

@@ -157,6 +157,7 @@ inline float exp_sum_row(float* x, int64_t n, float m) {
 template <typename T>
 inline void load_row(const T* src, int64_t stride, float* dst, int64_t n, float mul) {
 #ifdef FASTATTN_X86
+  if (stride == 1 && vec512::available()) return vec512::load_row<T>(src, dst, n, mul);
   if (stride == 1 && use_avx2()) return load_row_avx2<T>(src, dst, n, mul);
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]) * mul;

@@ -124,26 +124,39 @@ _BF16_AMX = _REPORT.get("bf16") == "brgemm" and _REPORT.get("amx_bf16_usable") =
 # 2, re-measured after per_tile (benchmarks/bench_steps.py, 8/4 D=128 and 8/4, 12/6 D=64 at 128-2048 keys, 5-32
 # tokens, 9-15 interleaved rounds): one thread 1.00-1.49x, two 0.88-1.50x (34 of 36 cells >= 0.99x), the hand-over
 # 0.87-1.03x: since then only MHA steps (one query head a KV head) go to sdpa.
-_FP16_STEPS = ("sdpa is faster for fp16 inference steps of 5-32 query tokens over more than 64 keys without "
-               "grouped-query heads on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on AVX512-FP16): "
-               "the cpu kernels measured 0.70-1.05x")
+# 2026-12-06 (benchmarks/bench_steps.py, 25 rounds; results/cpu-20261206-xeon-amx-fp16rows): since fp16 K packs from
+# its own rows and rows widen 16 at a time (csrc/cpu/fwd.cpp, pack_kt_rows), MHA steps of 5-32 tokens read at head dim
+# 64 0.99-1.49x (one thread; two 0.98-1.68x) at 128-4096 keys, at head dim 128 (8 and 32 heads) 1.00-1.44x where the
+# keys number fewer than 200 a query token, 0.68-0.97x from 200 (one thread; two 0.73-1.02x): those go to sdpa.
+# Masked (transformers' bottom-right causal mask, a key-padding mask) MHA steps read 0.69-1.08x at 5-16 tokens (the
+# masked tiles do not pack the keys: a band), at 17-32 tokens 0.99-1.15x at head dim 64 and 0.90-1.05x at 128.
+_FP16_STEPS = ("sdpa is faster for fp16 inference steps of 5-32 query tokens with head dim > 64 over at least 200 "
+               "keys a query token without grouped-query heads on this CPU (its fp16 tiles run in fp32, torch's fp16 "
+               "SDPA on AVX512-FP16): the cpu kernels measured 0.68-1.02x")
 _FP16_STEP_SQ = (5, 32)
-_FP16_MASKED_STEPS = ("sdpa is faster for masked fp16 inference steps of 5-8 query tokens over more than 64 keys "
-                      "without grouped-query heads on this CPU (its fp16 tiles run in fp32, torch's fp16 SDPA on "
-                      "AVX512-FP16): the cpu kernels measured 0.75-1.06x")
-_FP16_MASKED_STEP_SQ = (5, 8)
+_FP16_KEYS_PER_TOKEN = 200  # ... from this many keys a query token (at head dim > 64)
+_FP16_MASKED_STEPS = ("sdpa is faster for masked fp16 inference steps of 5-16 query tokens (5-32 with head dim > 64) "
+                      "over more than 64 keys without grouped-query heads on this CPU (its fp16 tiles run in fp32, "
+                      "torch's fp16 SDPA on AVX512-FP16): the cpu kernels measured 0.69-1.08x")
+_FP16_MASKED_STEP_SQ = (5, 16)
 _FP16_FP32_TILES = _REPORT.get("fp16") == "fp32" and _REPORT.get("avx512_fp16") == "1"
 _RULE_DTYPES = (frozenset(_AUTO_RULE) | ({torch.bfloat16} if _BF16_AMX or _AVX2_ONLY else set())
                 | ({torch.float16} if _FP16_FP32_TILES else set()) | {torch.float32})  # the dtypes the rules read
 
 
-def _fp16_step(p: AttnParams, sq=_FP16_STEP_SQ) -> bool:
-    """An inference step of _FP16_STEPS (with _FP16_MASKED_STEP_SQ: of _FP16_MASKED_STEPS); eager only: the lengths
-    and thread count would make graphs guard."""
+def _fp16_step(p: AttnParams, masked: bool = False) -> bool:
+    """An inference step of _FP16_STEPS (masked: of _FP16_MASKED_STEPS); eager only: the lengths and thread count
+    would make graphs guard."""
     if not _FP16_FP32_TILES or _AMD or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
-    return sq[0] <= Sq <= sq[1] and Sk > _TINY_SK and p.q.shape[1] == p.k.shape[1]  # (MHA)
+    mha = p.q.shape[1] == p.k.shape[1]
+    if not (mha and _FP16_STEP_SQ[0] <= Sq <= _FP16_STEP_SQ[1] and Sk > _TINY_SK):
+        return False
+    wide = p.q.shape[-1] > 64
+    if masked:
+        return Sq <= _FP16_MASKED_STEP_SQ[1] or wide
+    return wide and Sk >= _FP16_KEYS_PER_TOKEN * Sq
 # Multi-token fp32 steps (2-16 query tokens, inference): the cpu kernels measured 0.71-1.09x of torch's SDPA (one
 # thread, Intel Xeon AMX, MHA 12 D=64 and GQA 16/4, 32/4 D=128 at 128-2048 keys, ops timed alone), 0.72-0.95x
 # through the SDPA surface at 512 keys, where the hand-over read 0.81-0.94x (Python dispatch on a 50-300 us call).
@@ -259,7 +272,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
         return _fp32_steps_reason() if 2 <= Sq <= _fp32_step_limit(p) else None
     if dt is torch.bfloat16 and _avx2_step(p):
         return _AVX2_STEPS
-    if dt is torch.float16 and _fp16_step(p, _FP16_MASKED_STEP_SQ):
+    if dt is torch.float16 and _fp16_step(p, masked=True):
         return _FP16_MASKED_STEPS
     return None
 
@@ -442,7 +455,7 @@ class CpuBackend(Backend):
     def length_breaks(self, Sq: int):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
-        return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq)
+        return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq, _FP16_KEYS_PER_TOKEN * Sq - 1)
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
