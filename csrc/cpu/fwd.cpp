@@ -211,8 +211,11 @@ struct QueryBlock {
   void step(int64_t j0) {
     const int64_t bk = std::min(t.k, j_hi - j0), D = p.D, Dv = p.Dv, head = n * p.Hkv + hk;
     const float alpha = qk_alpha<T>(p.scale);
+    const T* k_tile = k + j0 * p.k_st.s;
+    // fp16 / bf16 K on brgemm packs from its own rows, converted and transposed in one pass: the fp32 copy first
+    // and its transposition had been ~18% of an fp16 8-token step (Intel Xeon, one thread).
+    const bool from_rows = !pack && kt_cache && !std::is_same_v<T, float> && p.k_st.d == 1 && fp32_gemm_brgemm();
     Operand kt{nullptr, 0}, vt;
-    KtCache::Tile kt_packed{nullptr, 0};
     if (pack) {  // converted as far as a packed tile reads (later query blocks need those keys too)
       const int64_t kv_end = kt_cache ? std::max(j0 + bk, std::min(j0 + t.k, key_end)) : j0 + bk;
       pack->ensure<T>(p, head, k, v, j0, kv_end);
@@ -220,23 +223,19 @@ struct QueryBlock {
       vt = {pack->v + j0 * Dv, Dv};
     } else {
       vt = operand<T>(v + j0 * p.v_st.s, p.v_st.s, p.v_st.d, bk, Dv, bufs.v);
-      // fp16 / bf16 K on brgemm packs from its own rows, converted and transposed in one pass: the fp32 copy first
-      // and its transposition had been ~18% of an fp16 8-token step (Intel Xeon, one thread).
-      if (kt_cache && !std::is_same_v<T, float> && p.k_st.d == 1 && fp32_gemm_brgemm()) {
-        const T* k_rows = k + j0 * p.k_st.s;
-        kt_packed = kt_cache->get(p, t, head, j0, bk, key_end, [&](int64_t width, float* dst) {
-          pack_kt_rows<T>(k_rows, p.k_st.s, width, D, dst, alpha);
-        });
-      }
-      if (!kt_packed.ptr) {  // (K as far as a packed tile reads: kt_cache packs it from here)
+      if (!from_rows) {  // (K as far as a packed tile reads: kt_cache packs it from here)
         const int64_t k_rows = kt_cache ? std::max(bk, std::min(t.k, key_end - j0)) : bk;
-        kt = operand<T>(k + j0 * p.k_st.s, p.k_st.s, p.k_st.d, k_rows, D, bufs.k);
+        kt = operand<T>(k_tile, p.k_st.s, p.k_st.d, k_rows, D, bufs.k);
       }
     }
-    if (kt_cache && !kt_packed.ptr) {
-      kt_packed = kt_cache->get(p, t, head, j0, bk, key_end,
-                                [&](int64_t width, float* dst) { pack_kt(kt.ptr, kt.ld, width, D, dst, alpha); });
+    KtCache::Tile kt_packed{nullptr, 0};
+    if (kt_cache) {
+      kt_packed = kt_cache->get(p, t, head, j0, bk, key_end, [&](int64_t width, float* dst) {
+        if (from_rows) return pack_kt_rows<T>(k_tile, p.k_st.s, width, D, dst, alpha);
+        pack_kt(kt.ptr, kt.ld, width, D, dst, alpha);
+      });
     }
+    if (from_rows && !kt_packed.ptr) kt = operand<T>(k_tile, p.k_st.s, p.k_st.d, bk, D, bufs.k);  // not packable
     float *S = bufs.S, *P = bufs.P;
     const bool fused = fuse_bias && vis.full(i0, i0 + bq, j0, j0 + bk);
     if (kt_packed.ptr) {

@@ -52,7 +52,7 @@ struct Arena {
 
   size_t in_use() const {
     size_t n = offset;
-    for (size_t b = 0; b < block && b < blocks.size(); ++b) n += blocks[b].size;
+    for (size_t b = 0; b < block; ++b) n += blocks[b].size;  // (block <= blocks.size())
     return n;
   }
   void add_block(size_t bytes) {

@@ -19,8 +19,8 @@ namespace fastattn::cpu {
 
 // What a thread keeps at most (the largest need so far below it): by the buffers' sizes a short call needs ~1 MiB (a
 // 16-token fp32 step against 512 keys, D=128), a grouped-query fp16 step against 2048 keys ~4 MiB (K/V widened to
-// fp32 once for the group, packed key tiles); every thread of the pool holds its own, so not more. Calls that need more run long enough that
-// allocating per call costs them little.
+// fp32 once for the group, packed key tiles); every thread of the pool holds its own, so not more. Calls that need
+// more run long enough that allocating per call costs them little.
 constexpr size_t kWorkspaceKeptBytes = size_t(8) << 20;
 
 class WorkspaceScope {
