@@ -111,9 +111,9 @@ bool refused() {
          torch::autograd::ForwardADLevel::try_get_by_idx(0) != nullptr;
 }
 
-// The route learnt for key k (a new reference to its Lean (name, run)) in choices (dispatch._CHOICES); nullptr where
-// there is none, with *instead what lean_call / cache_call return then: k (none learnt yet), None (the key takes the
-// full path: False), or nullptr with a Python error set. Steals k.
+// The route learnt for key k (a new reference to its Lean (name, run, records_grad)) in choices (dispatch._CHOICES);
+// nullptr where there is none, with *instead what lean_call / cache_call return then: k (none learnt yet), None (the
+// key takes the full path: False), or nullptr with a Python error set. Steals k.
 PyObject* lookup(PyObject* choices, PyObject* k, PyObject** instead) {
   PyObject* route = PyDict_Check(choices) ? PyDict_GetItemWithError(choices, k) : nullptr;  // borrowed
   if (route == nullptr) {
@@ -122,7 +122,7 @@ PyObject* lookup(PyObject* choices, PyObject* k, PyObject** instead) {
     return nullptr;
   }
   Py_DECREF(k);
-  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2) {  // False: the key takes the full path
+  if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) < 2) {  // False: the key takes the full path
     *instead = Py_NewRef(Py_None);
     return nullptr;
   }
@@ -182,8 +182,9 @@ int read_facts(PyObject* const* a, Py_ssize_t n, Facts& f) {
   const auto qs = q->sizes(), ks = k->sizes(), vs = v->sizes();
   if (qs.size() != 4 || ks.size() != 4 || vs.size() != 4) return 0;
   const bool heads_ok = qs[1] == ks[1] || (gqa == Py_True && ks[1] > 0 && qs[1] % ks[1] == 0);
-  if (!(qs[0] == ks[0] && ks[0] == vs[0] && ks[1] == vs[1] && heads_ok && qs[3] == ks[3] && ks[2] == vs[2] &&
-        q->stride(3) == 1 && k->stride(3) == 1 && v->stride(3) == 1)) {
+  // (head dim 0: the full path pads it to 1, functional._sdpa_call, so the route it learns cannot replay the call)
+  if (!(qs[0] == ks[0] && ks[0] == vs[0] && ks[1] == vs[1] && heads_ok && qs[3] == ks[3] && qs[3] > 0 &&
+        ks[2] == vs[2] && q->stride(3) == 1 && k->stride(3) == 1 && v->stride(3) == 1)) {
     return 0;
   }
   f.masked = mask != Py_None;
@@ -197,7 +198,7 @@ int read_facts(PyObject* const* a, Py_ssize_t n, Facts& f) {
     }
     for (int i = 0; i < 3; ++i) f.mdims[i] = m->size(i);  // checked against q's dims by the call that learnt the route
   }
-  // a gradient to record: lean.learn keeps only a hand-over to PyTorch's SDPA for such calls
+  // a gradient to record: lean.learn keeps only a route that records it for such calls (Lean.records_grad)
   f.records = grad && (q->requires_grad() || k->requires_grad() || v->requires_grad());
   f.dt = dt;
   std::copy(qs.begin(), qs.end(), f.q);

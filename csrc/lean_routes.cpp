@@ -10,8 +10,11 @@
 // torch.ops also consults torch-function modes; the lean keys refuse calls while one is active (fastattn/lean.py), so
 // such a mode keeps seeing the ops through the full path.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -31,6 +34,11 @@ using FwdSig = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, con
                     const OptTensor&, double, c10::SymInt, c10::SymInt, bool, const OptTensor&, const OptTensor&,
                     bool, int64_t);
 
+using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, const OptTensor&, const OptTensor&, c10::SymInt, c10::SymInt, double, int64_t, int64_t, bool,
+    double, const OptTensor&, double, c10::SymInt, c10::SymInt, bool, const OptTensor&, const OptTensor&, int64_t);
+
 const c10::TypedOperatorHandle<DecodeSig>& decode_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::decode_fwd", "").typed<DecodeSig>();
@@ -39,6 +47,11 @@ const c10::TypedOperatorHandle<DecodeSig>& decode_op() {
 
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::fwd", "").typed<FwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::bwd", "").typed<BwdSig>();
   return op;
 }
 
@@ -77,25 +90,101 @@ struct DecodeRoute {
   }
 };
 
-// fwd on a plain inference call (no varlen, alibi, dropout or block offsets), below the Autograd key as
-// ops.cpp_attention runs calls that record no gradient.
+// fwd on a plain call (no varlen, alibi, dropout or block offsets), below the Autograd key as ops.cpp_attention runs
+// it. With `grad` set, a call whose q, k or v records a gradient runs through FwdGrad (below), the C++ twin of
+// ops.eager_function's autograd.Function: the same saved tensors, the same bwd call, once differentiable.
 struct FwdRoute {
   int64_t max_seqlen_q, max_seqlen_k, window_left, window_right, head_start;
   double scale, softcap;
-  bool bottom_right, deterministic, out_fp32;
+  bool bottom_right, deterministic, out_fp32, grad;
+
+  Pair call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& bias) const {
+    at::AutoDispatchBelowAutograd below;
+    return fwd_op().call(q, k, v, bias, std::nullopt, std::nullopt, c10::SymInt(max_seqlen_q),
+                         c10::SymInt(max_seqlen_k), scale, window_left, window_right, bottom_right, softcap,
+                         std::nullopt, 0.0, c10::SymInt(0), c10::SymInt(0), deterministic, std::nullopt, std::nullopt,
+                         out_fp32, head_start);
+  }
+
+  // (out, lse); lse records no gradient (as ops.autograd_pair marks it).
+  Pair pair(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& bias) const;
 
   at::Tensor out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& bias) const {
-    at::AutoDispatchBelowAutograd below;
-    return std::get<0>(fwd_op().call(q, k, v, bias, std::nullopt, std::nullopt, c10::SymInt(max_seqlen_q),
-                                     c10::SymInt(max_seqlen_k), scale, window_left, window_right, bottom_right,
-                                     softcap, std::nullopt, 0.0, c10::SymInt(0), c10::SymInt(0), deterministic,
-                                     std::nullopt, std::nullopt, out_fp32, head_start));
+    return std::get<0>(pair(q, k, v, bias));
   }
 
   at::Tensor out_masked(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) const {
     return out(q, k, v, lean_bias(q, k, mask));
   }
 };
+
+// The autograd node of a FwdRoute call that records a gradient. Why in C++: the Python autograd.Function's apply,
+// setup_context and backward cost ~60 us a forward+backward over PyTorch's own SDPA's (one thread, Intel Xeon), which
+// made small fp32 training calls slower on the cpu kernels than on torch's. The route's fields ride in saved_data.
+struct FwdGrad : torch::autograd::Function<FwdGrad> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v, const OptTensor& bias,
+                                                const FwdRoute& route) {
+    auto [out, lse] = route.call(q, k, v, bias);
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // lse's gradient stays undefined, not a tensor of zeros
+    ctx->save_for_backward({q, k, v, out, lse, bias.value_or(at::Tensor())});
+    ctx->saved_data["i"] = std::vector<int64_t>{route.max_seqlen_q, route.max_seqlen_k, route.window_left,
+                                                route.window_right, route.head_start, route.bottom_right,
+                                                route.deterministic};
+    ctx->saved_data["f"] = std::vector<double>{route.scale, route.softcap};
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();  // q, k, v, out, lse, bias (undefined: none)
+    const auto i = ctx->saved_data["i"].toIntVector();
+    const auto f = ctx->saved_data["f"].toDoubleVector();
+    const at::Tensor& q = saved[0];
+    const OptTensor bias = saved[5].defined() ? OptTensor(saved[5]) : std::nullopt;
+    const bool record = at::GradMode::is_enabled() && grads[0].requires_grad();  // a double backward's graph
+    at::Tensor dq, dk, dv;
+    {
+      at::AutoGradMode no_grad(false);
+      at::AutoDispatchBelowAutograd below;
+      std::tie(dq, dk, dv) = bwd_op().call(
+          grads[0].to(q.scalar_type()), q, saved[1], saved[2], saved[3], saved[4], bias, std::nullopt, std::nullopt,
+          c10::SymInt(i[0]), c10::SymInt(i[1]), f[0], i[2], i[3], i[5] != 0, f[1], std::nullopt, 0.0, c10::SymInt(0),
+          c10::SymInt(0), i[6] != 0, std::nullopt, std::nullopt, i[4]);
+    }
+    if (record) {  // as torch.autograd.function.once_differentiable: differentiating these raises
+      auto error = std::make_shared<torch::autograd::DelayedError>(
+          "trying to differentiate twice a function that was marked with @once_differentiable", 3);
+      auto wrapped = (*error)({dq.detach().requires_grad_(true), dk.detach().requires_grad_(true),
+                               dv.detach().requires_grad_(true)});
+      dq = wrapped[0];
+      dk = wrapped[1];
+      dv = wrapped[2];
+    }
+    if (plant_grad_swap() && dk.sizes() == dv.sizes()) std::swap(dk, dv);
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  }
+
+  // FASTATTN_CPU_PLANT=grad_swap (tests only, read once): backward returns dK as dV and dV as dK, a bug the
+  // correctness matrix must catch on every cell this node records (tests/test_eager_autograd.py).
+  static bool plant_grad_swap() {
+    static const bool on = [] {
+      const char* e = std::getenv("FASTATTN_CPU_PLANT");
+      return e != nullptr && std::strcmp(e, "grad_swap") == 0;
+    }();
+    return on;
+  }
+};
+
+Pair FwdRoute::pair(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& bias) const {
+  if (grad && at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    auto outs = FwdGrad::apply(q, k, v, bias, *this);
+    return {outs[0], outs[1]};
+  }
+  return call(q, k, v, bias);
+}
 
 // PyTorch's own SDPA (the hand-over routes, fastattn/backends/sdpa.py): what torch.nn.functional's binding calls
 // after parsing its arguments, without the parsing or the Python lambda around it.
@@ -125,18 +214,24 @@ void add_routes(pybind11::module_& m) {
            py::call_guard<py::gil_scoped_release>(), "out of (q, k, v, a lean call's 4-D bool or q-dtype mask)")
       .def("call", &DecodeRoute::call, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens_k"),
            py::arg("attn_bias") = py::none(), py::call_guard<py::gil_scoped_release>(), "(out, lse)");
-  py::class_<FwdRoute>(m, "FwdRoute", "fastattn::fwd with a lean route's fixed arguments bound, below Autograd")
+  py::class_<FwdRoute>(m, "FwdRoute",
+                      "fastattn::fwd with a lean route's fixed arguments bound, below Autograd (grad: a call that "
+                      "records a gradient runs through a C++ autograd node whose backward is fastattn::bwd)")
       .def(py::init([](int64_t max_q, int64_t max_k, double scale, int64_t wl, int64_t wr, bool bottom_right,
-                       double softcap, bool deterministic, bool out_fp32, int64_t head_start) {
-             return FwdRoute{max_q, max_k, wl, wr, head_start, scale, softcap, bottom_right, deterministic, out_fp32};
+                       double softcap, bool deterministic, bool out_fp32, int64_t head_start, bool grad) {
+             TORCH_CHECK(!(grad && out_fp32), "fastattn: FwdRoute records no gradient of an fp32 output");
+             return FwdRoute{max_q, max_k, wl, wr, head_start, scale, softcap, bottom_right, deterministic, out_fp32,
+                             grad};
            }),
            py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("window_left"),
            py::arg("window_right"), py::arg("bottom_right"), py::arg("softcap"), py::arg("deterministic"),
-           py::arg("out_fp32"), py::arg("head_start"))
+           py::arg("out_fp32"), py::arg("head_start"), py::arg("grad") = false)
       .def("out", &FwdRoute::out, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_bias") = py::none(),
            py::call_guard<py::gil_scoped_release>(), "out (B, H, Sq, Dv) of (q, k, v[, attn_bias])")
       .def("out_masked", &FwdRoute::out_masked, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_mask"),
-           py::call_guard<py::gil_scoped_release>(), "out of (q, k, v, a lean call's 4-D bool or q-dtype mask)");
+           py::call_guard<py::gil_scoped_release>(), "out of (q, k, v, a lean call's 4-D bool or q-dtype mask)")
+      .def("pair", &FwdRoute::pair, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("attn_bias") = py::none(),
+           py::call_guard<py::gil_scoped_release>(), "(out, lse) of (q, k, v[, attn_bias]); lse records no gradient");
   py::class_<SdpaRoute>(m, "SdpaRoute", "torch's scaled_dot_product_attention with a lean route's flags bound")
       .def(py::init([](bool is_causal, std::optional<double> scale, bool enable_gqa) {
              return SdpaRoute{is_causal, enable_gqa, scale};

@@ -8,8 +8,9 @@ more than PyTorch's own SDPA (one C++ call), so auto's hand-over to `sdpa` read 
 (benchmarks/test_auto_rule.py). This path costs a few microseconds.
 
 Plain: q, k, v plain 4-D torch.Tensors on the CPU with nothing to broadcast (SDPA's common case), stride 1 along the
-head dim, no dropout, eager; no autograd, except where the route is a hand-over to PyTorch's SDPA (`learn`: small
-training calls, whose full path cost ~25 us over torch's own call); no attn_mask, or a plain 4-D one, bool or in q's
+head dim (and not 0, which the full path pads), no dropout, eager; no autograd, except where the route records the
+gradient (`learn`: the hand-over to PyTorch's SDPA of small training calls, whose full path cost ~25 us over torch's
+own call; the cpu kernels' C++ autograd node); no attn_mask, or a plain 4-D one, bool or in q's
 dtype (padding masks: the full path's Python for a masked call ran ~30 us cold, ~10% of a 250 us padded call).
 Anything else takes the full path, as does every call the lean path has not seen the facts of. The facts (`key`):
 the requested backend, dtype, q's shape, k's and v's but the key length, whose class stands in for it
@@ -83,9 +84,9 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
     grad = _is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     qs, ks, vs = query.shape, key.shape, value.shape
     if not (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]
-            and (qs[1] == ks[1] or enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0) and qs[3] == ks[3]
+            and (qs[1] == ks[1] or enable_gqa and ks[1] > 0 and qs[1] % ks[1] == 0) and qs[3] == ks[3] and qs[3] > 0
             and ks[2] == vs[2] and query.stride()[-1] == 1 and key.stride()[-1] == 1 and value.stride()[-1] == 1):
-        return None
+        return None  # (head dim 0: the full path pads it to 1, so the route it learns cannot replay the call)
     mask = None
     if attn_mask is not None:
         if type(attn_mask) is not _Tensor or not attn_mask.is_cpu or attn_mask.is_nested:
@@ -111,13 +112,13 @@ def key_py(query, key, value, is_causal, scale, enable_gqa, backend, attn_mask=N
 def learn(k: tuple, p, backend) -> None:
     """Remembers the route run(p, backend) took for calls with lean key k (False: none, take the full path; so for
     empty calls, which run answers itself). A call that records a gradient (its key's length field is negative)
-    keeps only a hand-over to PyTorch's SDPA, whose own autograd records it; the other routes run their ops below
-    the Autograd key."""
+    keeps only a route that records it (Lean.records_grad: the hand-over to PyTorch's SDPA, whose own autograd
+    does; the cpu kernels' C++ route, csrc/lean_routes.cpp FwdGrad); the others run their ops below Autograd."""
     if len(dispatch._CHOICES) >= dispatch._CACHE_LIMIT:
         dispatch._CHOICES.clear()
     empty = 0 in p.q.shape or 0 in p.k.shape or p.v.shape[3] == 0
     route = not empty and dispatch.lean_route(p, backend) or False
-    dispatch._CHOICES[k] = route if route and (route.name == "sdpa" or not p.requires_grad) else False
+    dispatch._CHOICES[k] = route if route and (route.records_grad or not p.requires_grad) else False
 
 
 # flash_attn_func's lean path: the SDPA surface's, on the (B, H, S, D) views of its (B, S, H, D) tensors, under keys of

@@ -240,22 +240,37 @@ def _fwd_rest(p: AttnParams, seed: int, offset: int) -> tuple:
 
 
 def cpp_attention(p: AttnParams):
-    """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32)."""
+    """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32). An eager
+    plain call that records a gradient (no varlen, alibi, dropout, block offsets or fp32 output; no mask that
+    records one) runs through the C++ route's autograd node (csrc/lean_routes.cpp FwdGrad: the saved tensors and
+    the bwd call of eager_function's, without its Python: ~40 us less a forward+backward, one thread, Intel Xeon);
+    not while a torch-function mode is active, which sees the op through torch.ops here."""
+    bias = p.attn_bias
+    if (_ROUTES and p.requires_grad and p.cu_seqlens_q is None and p.alibi_slopes is None and p.dropout_p == 0
+            and p.q_start is None and p.k_start is None and not p.out_fp32
+            and (bias is None or not bias.requires_grad)
+            and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
+        route = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
+                            p.softcap, p.deterministic, False, p.head_start, True)
+        return route.pair(p.q, p.k, p.v, bias)
     return call_fwd(torch.ops.fastattn.fwd.default, _EagerFwd, (p.q, p.k, p.v) + _fwd_rest(p, *dropout_seed(p)))
 
 
 def attention_runner(p: AttnParams):
-    """cpp_attention(p)'s output as a function of (q, k, v) for inference calls whose other arguments are p's (the
+    """cpp_attention(p)'s output as a function of (q, k, v) for calls whose other arguments are p's (the
     SDPA surface's lean path, fastattn/lean.py): plain calls (no varlen, alibi, dropout, block), below Autograd as
     cpp_attention runs them. With a mask (p from a 4-D bool or q-dtype attn_mask), a function of (q, k, v, mask)
     that turns the mask into its bias as the full path does (params._mask_4d). None for any other p, or where torch
-    lacks that guard."""
+    lacks that guard. For a p that records a gradient: the C++ route, whose autograd node saves and calls what
+    eager_function's does (csrc/lean_routes.cpp FwdGrad), or None where the extension lacks it."""
     if (_BELOW_AUTOGRAD is None or p.cu_seqlens_q is not None or p.alibi_slopes is not None or p.dropout_p > 0
             or p.q_start is not None):
         return None
+    if p.requires_grad and not (_ROUTES and p.k_start is None and not p.out_fp32):
+        return None  # the Python runners below run the op below Autograd: no gradient recorded
     if _ROUTES and p.k_start is None:  # one C++ call (csrc/lean_routes.cpp: torch.ops parsed ~3 us of arguments)
         route = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
-                            p.softcap, p.deterministic, p.out_fp32, p.head_start)
+                            p.softcap, p.deterministic, p.out_fp32, p.head_start, p.requires_grad)
         return route.out if p.attn_bias is None else route.out_masked  # (the mask's bias made in C++ too)
     fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
 

@@ -1,12 +1,17 @@
-"""The eager autograd path of the forward ops (fastattn/ops.py, eager_function and call_fwd): eager calls that record
+"""The eager autograd path of the forward ops (fastattn/ops.py, eager_function and call_fwd; the cpu backend's plain calls
+through the C++ route's node, cpp_attention): eager calls that record
 a gradient go through an autograd.Function instead of the Python autograd kernel that torch.library.register_autograd
 installs (whose forward rebuilt the op's 22 arguments from the schema, ~120 us a call). It must build the same graph:
 the same outputs and gradients, bit for bit, as the op as registered, on every backend that uses it."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fastattn
-from fastattn import ops
+from fastattn import lean, ops
 
 BACKENDS = [name for name in ("cpu", "triton")
             if not fastattn.BACKENDS[name].unavailable() and "cpu" in fastattn.BACKENDS[name].devices]
@@ -43,8 +48,12 @@ def test_eager_path_matches_registered_op(monkeypatch, backend, kw):
     do = torch.randn(2, 4, 37, 16, generator=g)
     torch.manual_seed(0)  # the dropout seed comes from torch's generator
     out, grads, node = _run(backend, q, k, v, do, **kw)
-    assert node == "EagerFwdBackward", f"{backend}: eager call with grad recorded {node}, not the eager Function"
+    # the cpu backend's plain calls (no dropout) go through the C++ route's node (ops.cpp_attention)
+    expect = "CppFunction" if backend == "cpu" and ops._ROUTES and "dropout_p" not in kw else "EagerFwdBackward"
+    assert node == expect, f"{backend}: eager call with grad recorded {node}, not {expect}"
     monkeypatch.setattr(_module_of(backend), "call_fwd", _registered)
+    monkeypatch.setattr(ops, "_ROUTES", False)  # cpp_attention through call_fwd, and no learnt route replayed
+    monkeypatch.setattr(lean, "call", lambda *a: None)
     torch.manual_seed(0)
     ref_out, ref_grads, ref_node = _run(backend, q, k, v, do, **kw)
     assert ref_node != node, "the stand-in did not take the registered op"
@@ -64,3 +73,30 @@ def test_eager_path_inference_and_double_backward(backend):
     # and differentiates its gradient as a constant.
     with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
         dq.sum().backward()
+
+
+_PLANT = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from support.cases import matrix, run_case
+names = ("basic", "causal_square_257", "gqa", "hd80", "varlen_causal")
+cells = [c for c in matrix() if c[0] == "cpu" and c[2] == torch.float32 and c[1].name in names]
+failed = sorted(c[1].name for c in cells if not all(ok for ok, _ in run_case(*c)))
+print(f"{len(failed)} of {len(cells)} cells failed: {failed}")
+"""
+
+
+@pytest.mark.parametrize("plant", ["", "grad_swap"])
+def test_planted_grad_node_bug_fails_the_matrix(plant):
+    """The cpu backend's C++ autograd node (csrc/lean_routes.cpp FwdGrad) with dK and dV swapped in its backward
+    (FASTATTN_CPU_PLANT=grad_swap) fails the matrix on each cell it records; the varlen cell, which the node does not
+    take (eager_function's Function records it), passes."""
+    if not ops._ROUTES:
+        pytest.skip("the extension was built without the C++ routes")
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_PLANT=plant)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = ("4 of 5 cells failed: ['basic', 'causal_square_257', 'gqa', 'hd80']" if plant
+            else "0 of 5 cells failed")
+    assert want in r.stdout, r.stdout

@@ -156,13 +156,13 @@ def test_calls_off_the_lean_path():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_training_calls_replay_only_a_hand_over_to_sdpa(monkeypatch, causal):
-    """A call that records a gradient replays its route only when it is PyTorch's own SDPA (auto's rule for small
-    fp32 training calls), whose autograd records it: the same outputs and gradients, bit for bit, as torch's call
-    and as the full path's. On the cpu kernels (bigger calls, or backend="cpu") it keeps taking the full path, whose
-    op records the gradient."""
+def test_training_calls_replay_routes_that_record_the_gradient(monkeypatch, causal):
+    """A call that records a gradient replays its route where the route records it (Lean.records_grad): PyTorch's
+    own SDPA (auto's rule for small fp32 training calls of one head), whose autograd records it, and the cpu kernels'
+    C++ route (csrc/lean_routes.cpp FwdGrad): the same outputs and gradients, bit for bit, as the full path's, and
+    the hand-over's as torch's call."""
     g = torch.Generator().manual_seed(3)
-    small = [torch.randn(1, 2, 40, 16, generator=g) for _ in range(4)]  # W = B * Hq * Sq * Sk * D < 2^21: sdpa
+    small = [torch.randn(1, 1, 40, 16, generator=g) for _ in range(4)]  # W = B * Hq * Sq * Sk * D < 2^21: sdpa
     big = [torch.randn(1, 8, 300, 64, generator=g) for _ in range(4)]  # the cpu kernels
 
     def call(tensors, **kw):
@@ -173,22 +173,20 @@ def test_training_calls_replay_only_a_hand_over_to_sdpa(monkeypatch, causal):
 
     with torch_threads(1):
         dispatch._CHOICES.clear()
-        first = call(small)
-        route = dispatch._CHOICES[first[-1]]
-        assert route and route.name == "sdpa"
-        with monkeypatch.context() as m:
-            m.setattr(dispatch, "run", None)  # a replay never reaches the dispatcher
-            replayed = call(small)
+        for tensors, kw, name in ((small, {}, "sdpa"), (big, {}, "cpu"), (small, dict(backend="cpu"), "cpu")):
+            first = call(tensors, **kw)
+            route = dispatch._CHOICES[first[-1]]
+            assert route and route.name == name and route.records_grad, (kw, route)
+            with monkeypatch.context() as m:
+                m.setattr(dispatch, "run", None)  # a replay never reaches the dispatcher
+                replayed = call(tensors, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(first[:4], replayed[:4])), (name, kw)
         q, k, v = (t.clone().requires_grad_() for t in small[:3])
         out = sdpa_backend.TORCH_SDPA(q, k, v, is_causal=causal)
         out.backward(small[3])
-        for a, b, c in zip(first[:4], replayed[:4], (out.detach(), q.grad, k.grad, v.grad)):
-            assert torch.equal(a, c) and torch.equal(b, c)
-        for tensors, kw in ((big, {}), (small, dict(backend="cpu"))):
-            done = call(tensors, **kw)
-            assert dispatch._CHOICES[done[-1]] is False, kw
-            again = call(tensors, **kw)  # the full path again: the op's autograd
-            assert all(torch.equal(a, b) for a, b in zip(done[:4], again[:4]))
+        first = call(small)
+        for a, b in zip(first[:4], (out.detach(), q.grad, k.grad, v.grad)):
+            assert torch.equal(a, b)
 
 
 def _masks(B, H, Sq, Sk, dtype, g):

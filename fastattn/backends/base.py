@@ -59,6 +59,8 @@ class Lean(NamedTuple):
     return (out, lse)."""
     name: str  # the backend or decode kernel, as explain() names it
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    records_grad: bool = False  # run records the gradient of a call whose inputs require one (calls that record one
+    # replay only such routes)
 
 
 def _dtype_name(dt: torch.dtype) -> str:

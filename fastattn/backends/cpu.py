@@ -180,11 +180,20 @@ _STEP_SQ_PARALLEL_GQA = 12
 # SDPA forward and forward+backward at S = 16-32 (one thread, Intel Xeon AMX), level from S = 48 (0.95-1.1x).
 _TINY_SK, _TINY_AREA = 64, 1024
 _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: per-tile costs dominate the cpu "
-              "kernels; measured 0.5-0.8x; not on AMD CPUs; with the fp32 tiles on brgemm only training calls on "
-              "more than one thread, 0.91-0.96x there)")
-# Small fp32 training calls (a gradient to record): forward+backward through the cpu kernels costs a fixed ~70 us
-# more than PyTorch's (two op calls with 22-24 arguments, the autograd Function, the backward's buffers), which
-# outweighs their faster tiles below a few million multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
+              "kernels; measured 0.5-0.8x; not on AMD CPUs, nor with the fp32 tiles on brgemm)")
+# Small fp32 training calls (a gradient to record). Since 2026-12-06 an eager plain call records its gradient on a C++
+# autograd node (ops.cpp_attention; the SDPA surface replays it, lean.learn), and the fixed cost below is gone: B1 H1
+# S16 D8 forward+backward 47 us against torch's 49 (125 us before). Measured then (Intel Xeon AMX, one thread CPU time
+# and two threads wall time, median of 9 interleaved rounds, fp32 brgemm tiles, D=64/128, causal or not, S = 16-384,
+# benchmarks/bench_small_grad.py; results/cpu-20261206-xeon-amx-cppgrad): every class of 2 heads or more 1.09-1.68x
+# on one thread and 1.03-1.82x on two (tiny ones included: B8 H12 S16 1.03-1.35x); one head at D=128 0.93-1.08x /
+# 0.85-1.02x up to W = 2^23 and 1.04-1.33x past it, at D=64 0.97-1.03x / 1.00-1.09x at S = 16-32 and 1.01-1.36x from
+# S = 64 (the rule check's one-head cells, D=64 S=128-256, 1.03-1.14x against the hand-over's 0.95-0.99x). So on Intel
+# CPUs with AVX-512 only one head keeps the hand-over: at head dim > 64 within its old bounds, at 64 or less up to
+# W = 2^16; AMD EPYCs and CPUs without AVX-512 keep the rules measured before, not re-measured since.
+# Before: forward+backward through the cpu kernels cost a fixed ~70 us more than PyTorch's (two op calls with 22-24
+# arguments, the autograd Function, the backward's buffers), which outweighed their faster tiles below a few million
+# multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
 # eager autograd path, one thread, fp32 D=64/128, causal or not, W = B * Hq * Sq * Sk * D): B*H = 1-96 at S = 16-128
 # 0.36-0.95x up to W = 2^21 (B*H = 12: 0.72-0.93x at S = 16-32, D=64), 0.98-1.45x above it, except one head (B*H =
 # 1), 0.70-0.95x up to W = 2^22 (S = 192) and 1.03-1.55x from S = 256; on two threads (wall time) one head read
@@ -205,10 +214,12 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
 _GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, no causal band or window
 _GRAD_FEW_HEADS = 4  # Intel, one thread: B * Hq up to this takes the one-head bounds (up to 2 the unbanded one)
-_FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (B * Hq * Sq * Sk * D <= 2^21; 2^17 on more "
-                    "than one thread of an AMD CPU; 2^22 for one head, 3 * 2^22 without a causal band on an Intel "
-                    "CPU, as for up to 4 heads (2 without a band) on one thread of it): the cpu kernels' fixed cost "
-                    "per forward+backward, ~70 us over PyTorch's, outweighs their tiles; measured 0.36-0.98x)")
+_GRAD_WORK_ONE_HEAD_NARROW = 1 << 16  # Intel with AVX-512, since the C++ autograd node: one head at head dim <= 64
+_FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * Sq * Sk * D; on an Intel CPU with "
+                    "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
+                    "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without AVX-512 W <= 2^21, 2^17 on more than one thread "
+                    "of an AMD CPU, 2^22 for one head: measured 0.36-0.98x when the cpu kernels cost ~70 us more a "
+                    "call, not re-measured since)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -216,6 +227,13 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     q = p.q
     heads = q.shape[0] * q.shape[1]
     work = heads * Sq * Sk * q.shape[3]
+    if not _AMD and not _AVX2_ONLY:  # (measured since the C++ autograd node)
+        if heads != 1:
+            return False
+        if q.shape[3] <= 64:
+            return work <= _GRAD_WORK_ONE_HEAD_NARROW
+        unbanded = p.window_left < 0 and p.window_right < 0
+        return work <= (_GRAD_WORK_ONE_HEAD_FULL if unbanded else _GRAD_WORK_ONE_HEAD)
     if heads == 1 or heads <= _GRAD_FEW_HEADS and not _AMD and _one_thread():
         unbanded = p.window_left < 0 and p.window_right < 0
         bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD and heads <= 2 else _GRAD_WORK_ONE_HEAD
@@ -389,7 +407,8 @@ def _fp32_steps_reason() -> str:
 
 def _fp32_tiny_rule(masked_or_grad: bool = False) -> bool:
     """Whether the tiny fp32 rules (_FP32_TINY; _MASKED_TINY) hold here: not on AMD; with the fp32 tiles on brgemm
-    only for masked or training calls on more than one thread (_FP32_BRGEMM_STEPS)."""
+    only for masked_or_grad calls on more than one thread (_FP32_BRGEMM_STEPS; auto_reasons asks it so for training
+    calls only on CPUs without AVX-512, not measured since the C++ autograd node)."""
     if _AMD:
         return False
     return not _FP32_BRGEMM or masked_or_grad and not _one_thread()
@@ -438,7 +457,7 @@ class CpuBackend(Backend):
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
             if not torch.compiler.is_compiling():  # (compared first: no guard on the symbolic lengths)
                 Sq, Sk = _lengths(p)
-                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule(p.requires_grad):
+                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule(p.requires_grad and _AVX2_ONLY):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _fp32_steps_reason()
@@ -462,7 +481,7 @@ class CpuBackend(Backend):
 
     def lean(self, p: AttnParams):
         run = ops.attention_runner(p)
-        return None if run is None else Lean(self.name, run)
+        return None if run is None else Lean(self.name, run, p.requires_grad)
 
     def block_backward(self, p: AttnParams, dout, out, lse, dq_acc, dk_acc, dv_acc) -> None:
         ops.cpp_block_backward(p, dout, out, lse, dq_acc, dk_acc, dv_acc)

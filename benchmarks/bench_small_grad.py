@@ -1,0 +1,96 @@
+"""Small training calls (forward+backward) on the CPU: the `cpu` kernels and `auto` against PyTorch's SDPA, side by
+side in one process, for auto's small-training rules (fastattn/backends/cpu.py, _small_grad and the tiny fp32 rule).
+
+Each case times torch.nn.functional.scaled_dot_product_attention, fastattn with backend="cpu" and fastattn's auto
+in interleaved rounds (each round one batch of calls per path, the paths' order rotating), and prints the median over
+the rounds of each round's ratio (torch's time over the path's), with W = B * Hq * Sq * Sk * D, the work the rules
+bound. One thread: CPU time; more: wall time.
+
+    python benchmarks/bench_small_grad.py --threads 1
+    python benchmarks/bench_small_grad.py --threads 2 --heads 1x1 1x4 1x12 4x12 --seq 16 32 64 128 --dim 64
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+
+import fastattn
+from fastattn import ops
+from fastattn.backends.sdpa import TORCH_SDPA
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _runner(f, q, k, v, do, causal):
+    def run():
+        out = f(q, k, v, is_causal=causal)
+        out.backward(do)
+        q.grad = k.grad = v.grad = None
+    return run
+
+
+def ratios(impls, clock, rounds, batch_s=0.02):
+    """torch's time over each path's: the median over rounds of the ratio within a round."""
+    for f in impls.values():
+        f()
+        f()
+    t0 = clock()
+    for _ in range(3):
+        impls["torch"]()
+    n = max(1, int(batch_s / max((clock() - t0) / 3, 1e-6)))
+    orders = list(itertools.permutations(impls))
+    per = {name: [] for name in impls}
+    for r in range(rounds):
+        for name in orders[r % len(orders)]:
+            f = impls[name]
+            t0 = clock()
+            for _ in range(n):
+                f()
+            per[name].append((clock() - t0) / n)
+    return ({name: statistics.median(a / b for a, b in zip(per["torch"], per[name])) for name in impls},
+            statistics.median(per["torch"]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--heads", nargs="+", default=["1x1", "1x2", "1x4", "1x12", "4x12", "8x12"],
+                    help="BxH: batch x heads")
+    ap.add_argument("--seq", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--dim", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--max-work", type=float, default=2 ** 25, help="skip cases with W above this")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    dt = DTYPES[args.dtype]
+    print(f"{ops.cpu_matmul()}; torch {torch.__version__}, {args.threads} thread(s), {args.dtype}, "
+          f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds")
+    print(f"{'B':>2} {'H':>3} {'S':>4} {'D':>4} {'causal':>6} {'log2 W':>6} {'torch us':>9} {'cpu':>6} {'auto':>6}  chosen")
+    g = torch.Generator().manual_seed(0)
+    for hb, S, D, causal in itertools.product(args.heads, args.seq, args.dim, args.causal):
+        B, H = map(int, hb.split("x"))
+        causal = bool(causal)
+        work = B * H * S * S * D
+        if work > args.max_work:
+            continue
+        q, k, v = (torch.randn(B, H, S, D, generator=g).to(dt).requires_grad_(True) for _ in range(3))
+        do = torch.randn(B, H, S, D, generator=g).to(dt)
+        impls = {"torch": _runner(TORCH_SDPA, q, k, v, do, causal),
+                 "cpu": _runner(lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw),
+                                q, k, v, do, causal),
+                 "auto": _runner(fastattn.scaled_dot_product_attention, q, k, v, do, causal)}
+        x, t_torch = ratios(impls, clock, args.rounds)
+        chosen = fastattn.explain(q, k, v, is_causal=causal).chosen
+        print(f"{B:>2} {H:>3} {S:>4} {D:>4} {int(causal):>6} {work.bit_length() - 1:>6} {t_torch * 1e6:>9.0f} "
+              f"{x['cpu']:>5.2f}x {x['auto']:>5.2f}x  {chosen}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
