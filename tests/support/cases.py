@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 import fastattn
-from .oracle import base_factor, base_fp32_rel, check_rule, oracle_attention
+from .oracle import base_factor, base_fp32_rel, check_rule, delta_error, oracle_attention
 
 LOW = (torch.float16, torch.bfloat16)
 TESTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -295,9 +295,14 @@ def run_case(backend, case, dtype, device):
         grads = torch.autograd.grad(out, leaves, dout.to(dtype).to(device))
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
         base_grads = (torch.autograd.grad(base, base_leaves, dout.to(dtype)) if dtype in LOW else ref_grads)
-        for name, a, r, bb in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        # The error the backend's own O forces on dQ/dK through delta = rowsum(dO * O), as test_fuzz adds: a row that
+        # sees 2 keys had its dQ err at 4.5x the naive backward's (Triton, bf16, FASTATTN_TEST_SEED=544).
+        ident = lambda t: t  # noqa: E731 (the leaves are the views the call sees)
+        inherent = delta_error(lambda q_, k_, v_: run_oracle(case, q_, k_, v_, g)[0], leaves[0], leaves[1], ident,
+                               ident, dout.to(dtype), out, ref, g["scale"]) + (0.0,)
+        for name, a, r, bb, e in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads, inherent):
             results.append(check_rule(name, a, r, bb, dtype, factor=base_factor(backend, device, dtype, name),
-                                      fp32_rel=base_fp32_rel(backend, device, name)))
+                                      fp32_rel=base_fp32_rel(backend, device, name), inherent=e))
     return results
 
 
