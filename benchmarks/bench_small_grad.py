@@ -25,9 +25,9 @@ from fastattn.backends.sdpa import TORCH_SDPA
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _runner(f, q, k, v, do, causal):
+def _runner(f, q, k, v, do, causal, mask):
     def run():
-        out = f(q, k, v, is_causal=causal)
+        out = f(q, k, v, attn_mask=mask, is_causal=causal)
         out.backward(do)
         q.grad = k.grad = v.grad = None
     return run
@@ -64,6 +64,8 @@ def main():
     ap.add_argument("--seq", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--dim", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--mask", choices=["none", "pad"], default="none",
+                    help="pad: a bool key-padding mask (B, 1, 1, S), the last quarter of every other row's keys off")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--max-work", type=float, default=2 ** 25, help="skip cases with W above this")
     args = ap.parse_args()
@@ -71,23 +73,29 @@ def main():
     clock = time.process_time if args.threads == 1 else time.perf_counter
     dt = DTYPES[args.dtype]
     print(f"{ops.cpu_matmul()}; torch {torch.__version__}, {args.threads} thread(s), {args.dtype}, "
-          f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds")
+          f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds, mask {args.mask}")
     print(f"{'B':>2} {'H':>3} {'S':>4} {'D':>4} {'causal':>6} {'log2 W':>6} {'torch us':>9} {'cpu':>6} {'auto':>6}  chosen")
     g = torch.Generator().manual_seed(0)
     for hb, S, D, causal in itertools.product(args.heads, args.seq, args.dim, args.causal):
         B, H = map(int, hb.split("x"))
         causal = bool(causal)
+        if causal and args.mask == "pad":
+            continue  # (SDPA takes a mask or is_causal)
         work = B * H * S * S * D
         if work > args.max_work:
             continue
         q, k, v = (torch.randn(B, H, S, D, generator=g).to(dt).requires_grad_(True) for _ in range(3))
         do = torch.randn(B, H, S, D, generator=g).to(dt)
-        impls = {"torch": _runner(TORCH_SDPA, q, k, v, do, causal),
+        mask = None
+        if args.mask == "pad":
+            mask = torch.ones(B, 1, 1, S, dtype=torch.bool)  # (B, 1, 1, Sk): True = attend
+            mask[::2, ..., S - S // 4:] = False
+        impls = {"torch": _runner(TORCH_SDPA, q, k, v, do, causal, mask),
                  "cpu": _runner(lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw),
-                                q, k, v, do, causal),
-                 "auto": _runner(fastattn.scaled_dot_product_attention, q, k, v, do, causal)}
+                                q, k, v, do, causal, mask),
+                 "auto": _runner(fastattn.scaled_dot_product_attention, q, k, v, do, causal, mask)}
         x, t_torch = ratios(impls, clock, args.rounds)
-        chosen = fastattn.explain(q, k, v, is_causal=causal).chosen
+        chosen = fastattn.explain(q, k, v, attn_mask=mask, is_causal=causal).chosen
         print(f"{B:>2} {H:>3} {S:>4} {D:>4} {int(causal):>6} {work.bit_length() - 1:>6} {t_torch * 1e6:>9.0f} "
               f"{x['cpu']:>5.2f}x {x['auto']:>5.2f}x  {chosen}", flush=True)
 

@@ -169,11 +169,15 @@ def test_training_calls_replay_routes_that_record_the_gradient(monkeypatch, caus
         q, k, v = (t.clone().requires_grad_() for t in tensors[:3])
         out = sdpa(q, k, v, is_causal=causal, **kw)
         out.backward(tensors[3])
-        return out.detach(), q.grad, k.grad, v.grad, lean.key(q, k, v, causal, None, False, kw.get("backend"))
+        return out.detach(), q.grad, k.grad, v.grad, lean.key(q, k, v, causal, None, False, kw.get("backend"),
+                                                              kw.get("attn_mask"))
 
     with torch_threads(1):
         dispatch._CHOICES.clear()
-        for tensors, kw, name in ((small, {}, "sdpa"), (big, {}, "cpu"), (small, dict(backend="cpu"), "cpu")):
+        pad = torch.ones(1, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk) key padding
+        pad[..., 250:] = False
+        for tensors, kw, name in ((small, {}, "sdpa"), (big, {}, "cpu"), (small, dict(backend="cpu"), "cpu"),
+                                  (big, dict(attn_mask=pad), "cpu")):
             first = call(tensors, **kw)
             route = dispatch._CHOICES[first[-1]]
             assert route and route.name == name and route.records_grad, (kw, route)
