@@ -19,7 +19,7 @@ import time
 import torch
 
 import fastattn
-from fastattn import ops
+from fastattn import lean, ops
 from fastattn.backends.sdpa import TORCH_SDPA
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,6 +31,19 @@ def _runner(f, q, k, v, do, causal, mask):
         out.backward(do)
         q.grad = k.grad = v.grad = None
     return run
+
+
+def _python_autograd(run):
+    """run with the cpu kernels' gradient recorded as before 2026-12-06: the Python autograd.Function on the full
+    path (no C++ node, no lean replay), switched on for this call only."""
+    def before():
+        routes, call = ops._ROUTES, lean.call
+        ops._ROUTES, lean.call = False, lambda *a: None
+        try:
+            run()
+        finally:
+            ops._ROUTES, lean.call = routes, call
+    return before
 
 
 def ratios(impls, clock, rounds, batch_s=0.02):
@@ -66,6 +79,9 @@ def main():
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--mask", choices=["none", "pad"], default="none",
                     help="pad: a bool key-padding mask (B, 1, 1, S), the last quarter of every other row's keys off")
+    ap.add_argument("--before", action="store_true",
+                    help="add a `before` column: the cpu kernels through the Python autograd.Function, as before the "
+                         "C++ autograd node")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--max-work", type=float, default=2 ** 25, help="skip cases with W above this")
     args = ap.parse_args()
@@ -94,10 +110,15 @@ def main():
                  "cpu": _runner(lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw),
                                 q, k, v, do, causal, mask),
                  "auto": _runner(fastattn.scaled_dot_product_attention, q, k, v, do, causal, mask)}
+        if args.before:
+            impls["before"] = _python_autograd(_runner(
+                lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw), q, k, v, do, causal,
+                mask))
         x, t_torch = ratios(impls, clock, args.rounds)
         chosen = fastattn.explain(q, k, v, attn_mask=mask, is_causal=causal).chosen
         print(f"{B:>2} {H:>3} {S:>4} {D:>4} {int(causal):>6} {work.bit_length() - 1:>6} {t_torch * 1e6:>9.0f} "
-              f"{x['cpu']:>5.2f}x {x['auto']:>5.2f}x  {chosen}", flush=True)
+              f"{x['cpu']:>5.2f}x {x['auto']:>5.2f}x  {chosen}" + (f"  before {x['before']:.2f}x" if args.before else ""),
+              flush=True)
 
 
 if __name__ == "__main__":
