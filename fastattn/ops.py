@@ -244,10 +244,11 @@ def cpp_attention(p: AttnParams):
     plain call that records a gradient (no varlen, alibi, dropout, block offsets or fp32 output; no mask that
     records one) runs through the C++ route's autograd node (csrc/lean_routes.cpp FwdGrad: the saved tensors and
     the bwd call of eager_function's, without its Python: ~40 us less a forward+backward, one thread, Intel Xeon);
-    not while a torch-function mode is active, which sees the op through torch.ops here."""
+    not while a torch-function mode is active, which sees the op through torch.ops here. CPU tensors only: the CUDA
+    backend keeps the Python Function until the node is measured and tested on a GPU."""
     bias = p.attn_bias
-    if (_ROUTES and p.requires_grad and p.cu_seqlens_q is None and p.alibi_slopes is None and p.dropout_p == 0
-            and p.q_start is None and p.k_start is None and not p.out_fp32
+    if (_ROUTES and p.requires_grad and p.q.is_cpu and p.cu_seqlens_q is None and p.alibi_slopes is None
+            and p.dropout_p == 0 and p.q_start is None and p.k_start is None and not p.out_fp32
             and (bias is None or not bias.requires_grad)
             and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
         route = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,

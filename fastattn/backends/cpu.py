@@ -183,7 +183,7 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
               "kernels; measured 0.5-0.8x; not on AMD CPUs, nor with the fp32 tiles on brgemm)")
 # Small fp32 training calls (a gradient to record). Since 2026-12-06 an eager plain call records its gradient on a C++
 # autograd node (ops.cpp_attention; the SDPA surface replays it, lean.learn), and the fixed cost below is gone: B1 H1
-# S16 D8 forward+backward 47 us against torch's 49 (125 us before). Measured then (Intel Xeon AMX, one thread CPU time
+# S4 D8 forward+backward 47 us against torch's 49 (125 us before). Measured then (Intel Xeon AMX, one thread CPU time
 # and two threads wall time, median of 9 interleaved rounds, fp32 brgemm tiles, D=64/128, causal or not, S = 16-384,
 # benchmarks/bench_small_grad.py; results/cpu-20261206-xeon-amx-cppgrad): every class of 2 heads or more 1.09-1.68x
 # on one thread and 1.03-1.82x on two (tiny ones included: B8 H12 S16 1.03-1.35x); one head at D=128 0.93-1.08x /
