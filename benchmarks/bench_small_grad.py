@@ -21,6 +21,7 @@ import torch
 import fastattn
 from fastattn import lean, ops
 from fastattn.backends.sdpa import TORCH_SDPA
+from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,25 +48,9 @@ def _python_autograd(run):
 
 
 def ratios(impls, clock, rounds, batch_s=0.02):
-    """torch's time over each path's: the median over rounds of the ratio within a round."""
-    for f in impls.values():
-        f()
-        f()
-    t0 = clock()
-    for _ in range(3):
-        impls["torch"]()
-    n = max(1, int(batch_s / max((clock() - t0) / 3, 1e-6)))
-    orders = list(itertools.permutations(impls))
-    per = {name: [] for name in impls}
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            f = impls[name]
-            t0 = clock()
-            for _ in range(n):
-                f()
-            per[name].append((clock() - t0) / n)
-    return ({name: statistics.median(a / b for a, b in zip(per["torch"], per[name])) for name in impls},
-            statistics.median(per["torch"]))
+    """(torch's time over each path's, the median over rounds of the ratio within a round; torch's median time)."""
+    per = rounds_of(impls, clock, rounds, calls_per_batch(impls, clock, batch_s))
+    return ratios_to(per), statistics.median(per["torch"])
 
 
 def main():
@@ -89,8 +74,10 @@ def main():
     clock = time.process_time if args.threads == 1 else time.perf_counter
     dt = DTYPES[args.dtype]
     print(f"{ops.cpu_matmul()}; torch {torch.__version__}, {args.threads} thread(s), {args.dtype}, "
-          f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds, mask {args.mask}")
-    print(f"{'B':>2} {'H':>3} {'S':>4} {'D':>4} {'causal':>6} {'log2 W':>6} {'torch us':>9} {'cpu':>6} {'auto':>6}  chosen")
+          f"{'CPU' if args.threads == 1 else 'wall'} time, median of {args.rounds} interleaved rounds, "
+          f"mask {args.mask}")
+    print(f"{'B':>2} {'H':>3} {'S':>4} {'D':>4} {'causal':>6} {'log2 W':>6} {'torch us':>9} {'cpu':>6} {'auto':>6}  "
+          "chosen")
     g = torch.Generator().manual_seed(0)
     for hb, S, D, causal in itertools.product(args.heads, args.seq, args.dim, args.causal):
         B, H = map(int, hb.split("x"))
@@ -117,8 +104,8 @@ def main():
         x, t_torch = ratios(impls, clock, args.rounds)
         chosen = fastattn.explain(q, k, v, attn_mask=mask, is_causal=causal).chosen
         print(f"{B:>2} {H:>3} {S:>4} {D:>4} {int(causal):>6} {work.bit_length() - 1:>6} {t_torch * 1e6:>9.0f} "
-              f"{x['cpu']:>5.2f}x {x['auto']:>5.2f}x  {chosen}" + (f"  before {x['before']:.2f}x" if args.before else ""),
-              flush=True)
+              f"{x['cpu']:>5.2f}x {x['auto']:>5.2f}x  {chosen}"
+              + (f"  before {x['before']:.2f}x" if args.before else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ took, and asserts that `auto` is within 5% of PyTorch or faster. A failure means
 either `cpu` is slower for a class the rule leaves to it (add the class, with the measurement), or the rule gives
 `sdpa` a class where `cpu` is faster. Timing-based, so it lives with the benchmarks, not in the CI suite; run it on
 a quiet machine."""
-import itertools
 import os
-import statistics
 import time
 
 import pytest
@@ -25,6 +23,7 @@ import fastattn
 from fastattn import ops
 from fastattn.backends import cpu as cpu_backend
 from fastattn.backends.sdpa import TORCH_SDPA
+from interleave import calls_per_batch, ratios_to, rounds_of  # pytest puts benchmarks/ (no __init__.py) on sys.path
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
@@ -37,24 +36,6 @@ _CLOCK = time.process_time if THREADS == 1 else time.perf_counter
 ROUNDS = 15  # interleaved rounds a class's implementations are timed in
 
 
-def _calls_per_batch(impls, batch_s=0.02):
-    """Back-to-back calls of each implementation that fill about batch_s at torch's speed, after two warm-up calls
-    of each. A batch's mean, not one call: PyTorch's CPU flash kernel allocates its scratch on every call and
-    page-faults on it or not depending on the heap's state (~46 faults per call on average at B4 H8 S128 D128 bf16,
-    perf stat), so the fastest single call of torch or of auto's hand-over to it differed by ~40 us while their means
-    over 2000 calls differed by 4 us. The same count for all: what a switch between implementations costs (caches,
-    the heap) then weighs alike on each (counted from each one's first call, auto's hand-over got half torch's
-    count at 1 ms a call, its first call learning the route, and read 0.91-0.94x torch, 0.97-0.98x with equal
-    counts)."""
-    for f in impls.values():
-        f()
-        f()
-    t0 = _CLOCK()
-    for _ in range(3):
-        impls["torch"]()
-    return max(1, int(batch_s / max((_CLOCK() - t0) / 3, 1e-6)))
-
-
 def _ratios(impls, rounds=ROUNDS):
     """torch's time over each implementation's: the median over `rounds` rounds of the ratio within a round, each
     round one batch per implementation, the rounds taking the implementations' orders in turn (so each follows each
@@ -64,18 +45,7 @@ def _ratios(impls, rounds=ROUNDS):
     Within a round both sides of a ratio meet the same load; the median drops the rounds a spell split. With one
     order rotated, the same implementation always ran just before auto (the cpu kernels): bf16 masked steps handed to
     sdpa read 0.89-0.94x torch in five of six runs, 0.96-1.01x with every order."""
-    names = list(impls)
-    orders = list(itertools.permutations(names))
-    n = _calls_per_batch(impls)
-    per = {name: [] for name in names}
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            f = impls[name]
-            t0 = _CLOCK()
-            for _ in range(n):
-                f()
-            per[name].append((_CLOCK() - t0) / n)
-    return {name: statistics.median(a / b for a, b in zip(per["torch"], per[name])) for name in names}
+    return ratios_to(rounds_of(impls, _CLOCK, rounds, calls_per_batch(impls, _CLOCK)))
 
 
 def _call(impl, q, k, v, causal, grad, do):

@@ -1,0 +1,48 @@
+"""Interleaved timing for side-by-side ratios (benchmarks/test_auto_rule.py, bench_small_grad.py): on a shared host a
+load spell lasts seconds, so each implementation is timed in short batches, round after round, and ratios are taken
+within a round, where both sides met the same load."""
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Callable, Dict, List
+
+
+def calls_per_batch(impls: Dict[str, Callable[[], object]], clock: Callable[[], float], batch_s: float = 0.02,
+                    base: str = "torch") -> int:
+    """Back-to-back calls of each implementation that fill about batch_s at base's (torch's) speed, after two warm-up
+    calls of each. A batch's mean, not one call: PyTorch's CPU flash kernel allocates its scratch on every call and
+    page-faults on it or not depending on the heap's state (~46 faults per call on average at B4 H8 S128 D128 bf16,
+    perf stat), so the fastest single call of torch or of auto's hand-over to it differed by ~40 us while their means
+    over 2000 calls differed by 4 us. The same count for all: what a switch between implementations costs (caches,
+    the heap) then weighs alike on each (counted from each one's first call, auto's hand-over got half torch's
+    count at 1 ms a call, its first call learning the route, and read 0.91-0.94x torch, 0.97-0.98x with equal
+    counts)."""
+    for f in impls.values():
+        f()
+        f()
+    t0 = clock()
+    for _ in range(3):
+        impls[base]()
+    return max(1, int(batch_s / max((clock() - t0) / 3, 1e-6)))
+
+
+def rounds_of(impls: Dict[str, Callable[[], object]], clock: Callable[[], float], rounds: int,
+              calls: int) -> Dict[str, List[float]]:
+    """name -> per-call seconds in each of `rounds` rounds, each round one batch of `calls` calls per implementation,
+    the rounds taking the implementations' orders in turn (so each follows each other as often)."""
+    orders = list(itertools.permutations(impls))
+    per = {name: [] for name in impls}
+    for r in range(rounds):
+        for name in orders[r % len(orders)]:
+            f = impls[name]
+            t0 = clock()
+            for _ in range(calls):
+                f()
+            per[name].append((clock() - t0) / calls)
+    return per
+
+
+def ratios_to(per: Dict[str, List[float]], base: str = "torch") -> Dict[str, float]:
+    """base's time over each implementation's: the median over the rounds of the ratio within a round."""
+    return {name: statistics.median(a / b for a, b in zip(per[base], per[name])) for name in per}
