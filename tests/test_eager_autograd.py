@@ -100,3 +100,43 @@ def test_planted_grad_node_bug_fails_the_matrix(plant):
     want = ("4 of 5 cells failed: ['basic', 'causal_square_257', 'gqa', 'hd80']" if plant
             else "0 of 5 cells failed")
     assert want in r.stdout, r.stdout
+
+
+def _cpu_node_call(q, k, v):
+    """A plain cpu call that records its gradient on the C++ node (asserted)."""
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="cpu")
+    assert type(out.grad_fn).__name__ == "CppFunction", type(out.grad_fn).__name__
+    return out
+
+
+def test_cpu_node_keeps_autograd_contracts():
+    """The C++ node honours what the Python Function did: saved-tensor hooks see its saved tensors (activation
+    offloading), non-reentrant checkpointing recomputes it to the same gradients, and an in-place change of an input
+    it saved makes the backward raise instead of reading the new values."""
+    if not ops._ROUTES or fastattn.BACKENDS["cpu"].unavailable():
+        pytest.skip("the extension was built without the C++ routes")
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 19, 16, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, 19, 16, generator=g)
+    want = torch.autograd.grad(_cpu_node_call(q, k, v), (q, k, v), do)
+
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _cpu_node_call(q, k, v)
+    assert len(packed) >= 5, packed  # q, k, v, out, lse
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (q, k, v), do), want))
+
+    from torch.utils.checkpoint import checkpoint
+    out = checkpoint(_cpu_node_call, q, k, v, use_reentrant=False)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (q, k, v), do), want))
+
+    q2 = q.detach().clone().requires_grad_()
+    x = q2 * 1  # a non-leaf input, changed in place after the forward saved it
+    out = _cpu_node_call(x, k, v)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(do)
