@@ -267,8 +267,7 @@ def describe() -> str:
         return "Python references (fastattn._C without lean_call: rebuild the extension for the C++ paths)"
     memo = ("on (the last 4 calls' facts and routes)" if getattr(ops._C, "LEAN_MEMO", False)
             else "off (CPython 3.13+ gives dicts no version tag)")
-    grad = ("; cpu training calls record their gradient on a C++ autograd node" if getattr(ops, "_ROUTES", False)
-            else "")
+    grad = "; cpu training calls record their gradient on a C++ autograd node" if ops._ROUTES else ""
     return f"one C++ call each (fastattn._C.lean_call, lean_cache_call); lean_call's memo {memo}{grad}"
 
 

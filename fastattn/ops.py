@@ -241,20 +241,28 @@ def _fwd_rest(p: AttnParams, seed: int, offset: int) -> tuple:
 
 def cpp_attention(p: AttnParams):
     """Runs torch.ops.fastattn.fwd on p (differentiable). Returns (out (B,H,Sq,Dv), lse (B,H,Sq) fp32). An eager
-    plain call that records a gradient (no varlen, alibi, dropout, block offsets or fp32 output; no mask that
-    records one) runs through the C++ route's autograd node (csrc/lean_routes.cpp FwdGrad: the saved tensors and
-    the bwd call of eager_function's, without its Python: ~40 us less a forward+backward, one thread, Intel Xeon);
-    not while a torch-function mode is active, which sees the op through torch.ops here. CPU tensors only: the CUDA
-    backend keeps the Python Function until the node is measured and tested on a GPU."""
-    bias = p.attn_bias
-    if (_ROUTES and p.requires_grad and p.q.is_cpu and p.cu_seqlens_q is None and p.alibi_slopes is None
-            and p.dropout_p == 0 and p.q_start is None and p.k_start is None and not p.out_fp32
-            and (bias is None or not bias.requires_grad)
+    plain call on CPU tensors that records a gradient (_fwd_route's; no mask that records one) runs through the C++
+    route's autograd node (csrc/lean_routes.cpp FwdGrad: the saved tensors and the bwd call of eager_function's,
+    without its Python: ~40 us less a forward+backward, one thread, Intel Xeon); not while a torch-function mode is
+    active, which sees the op through torch.ops here. The CUDA backend keeps the Python Function until the node is
+    measured and tested on a GPU."""
+    if (p.requires_grad and p.q.is_cpu and (p.attn_bias is None or not p.attn_bias.requires_grad)
             and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
-        route = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
-                            p.softcap, p.deterministic, False, p.head_start, True)
-        return route.pair(p.q, p.k, p.v, bias)
+        route = _fwd_route(p, True)
+        if route is not None:
+            return route.pair(p.q, p.k, p.v, p.attn_bias)
     return call_fwd(torch.ops.fastattn.fwd.default, _EagerFwd, (p.q, p.k, p.v) + _fwd_rest(p, *dropout_seed(p)))
+
+
+def _fwd_route(p: AttnParams, grad: bool):
+    """fastattn._C.FwdRoute with p's fixed arguments for a plain p (no varlen, alibi, dropout or block offsets; with
+    grad, no fp32 output either: the route then records the gradient of a call that has one to record), or None
+    (another p, or an extension without the C++ routes)."""
+    if (not _ROUTES or p.cu_seqlens_q is not None or p.alibi_slopes is not None or p.dropout_p > 0
+            or p.q_start is not None or p.k_start is not None or grad and p.out_fp32):
+        return None
+    return _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
+                       p.softcap, p.deterministic, p.out_fp32, p.head_start, grad)
 
 
 def attention_runner(p: AttnParams):
@@ -267,12 +275,11 @@ def attention_runner(p: AttnParams):
     if (_BELOW_AUTOGRAD is None or p.cu_seqlens_q is not None or p.alibi_slopes is not None or p.dropout_p > 0
             or p.q_start is not None):
         return None
-    if p.requires_grad and not (_ROUTES and p.k_start is None and not p.out_fp32):
-        return None  # the Python runners below run the op below Autograd: no gradient recorded
-    if _ROUTES and p.k_start is None:  # one C++ call (csrc/lean_routes.cpp: torch.ops parsed ~3 us of arguments)
-        route = _C.FwdRoute(p.max_seqlen_q, p.max_seqlen_k, p.scale, p.window_left, p.window_right, p.bottom_right,
-                            p.softcap, p.deterministic, p.out_fp32, p.head_start, p.requires_grad)
+    route = _fwd_route(p, p.requires_grad)  # one C++ call (csrc/lean_routes.cpp: torch.ops parsed ~3 us of arguments)
+    if route is not None:
         return route.out if p.attn_bias is None else route.out_masked  # (the mask's bias made in C++ too)
+    if p.requires_grad:
+        return None  # the Python runners below run the op below Autograd: no gradient recorded
     fwd, below, rest = torch.ops.fastattn.fwd.default, _BELOW_AUTOGRAD, _fwd_rest(p, 0, 0)[1:]  # no tensor held
 
     def call(q, k, v, bias=None):

@@ -302,7 +302,6 @@ void pack_kt_rows(const T* k, int64_t ldk, int64_t bk, int64_t D, float* dst, fl
     for (int64_t d = 0; d < D; ++d) dst[d * bk + j] = alpha * static_cast<float>(k[src * ldk + d]);
   }
 }
-template void pack_kt_rows<float>(const float*, int64_t, int64_t, int64_t, float*, float);
 template void pack_kt_rows<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int64_t, float*, float);
 template void pack_kt_rows<c10::Half>(const c10::Half*, int64_t, int64_t, int64_t, float*, float);
 

@@ -217,9 +217,9 @@ _GRAD_FEW_HEADS = 4  # Intel, one thread: B * Hq up to this takes the one-head b
 _GRAD_WORK_ONE_HEAD_NARROW = 1 << 16  # Intel with AVX-512, since the C++ autograd node: one head at head dim <= 64
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * Sq * Sk * D; on an Intel CPU with "
                     "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
-                    "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without AVX-512 W <= 2^21, 2^17 on more than one thread "
-                    "of an AMD CPU, 2^22 for one head: measured 0.36-0.98x when the cpu kernels cost ~70 us more a "
-                    "call, not re-measured since)")
+                    "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without "
+                    "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head: measured "
+                    "0.36-0.98x when the cpu kernels cost ~70 us more a call, not re-measured since)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -260,7 +260,7 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard, and
     the fp32 rule reads the thread count, which a graph cannot)."""
     if (p.requires_grad or torch.compiler.is_compiling()
-            or not (dt is torch.float32 and (_fp32_tiny_rule(masked_or_grad=True) or _AVX2_ONLY)
+            or not (dt is torch.float32 and (_fp32_tiny_rule(masked=True) or _AVX2_ONLY)
                     or dt is torch.bfloat16 and _BF16_AMX)
             or not _sdpa_fused(p, mask=True)):
         return False
@@ -405,13 +405,13 @@ def _fp32_steps_reason() -> str:
     return _FP32_BRGEMM_STEPS if _FP32_BRGEMM else _FP32_STEPS
 
 
-def _fp32_tiny_rule(masked_or_grad: bool = False) -> bool:
+def _fp32_tiny_rule(masked: bool = False, grad: bool = False) -> bool:
     """Whether the tiny fp32 rules (_FP32_TINY; _MASKED_TINY) hold here: not on AMD; with the fp32 tiles on brgemm
-    only for masked_or_grad calls on more than one thread (_FP32_BRGEMM_STEPS; auto_reasons asks it so for training
-    calls only on CPUs without AVX-512, not measured since the C++ autograd node)."""
+    only for masked calls on more than one thread (_FP32_BRGEMM_STEPS), and training calls there on CPUs without
+    AVX-512 (not measured since the C++ autograd node; with AVX-512 they read 1.03-1.35x on the kernels since)."""
     if _AMD:
         return False
-    return not _FP32_BRGEMM or masked_or_grad and not _one_thread()
+    return not _FP32_BRGEMM or (masked or grad and _AVX2_ONLY) and not _one_thread()
 
 
 def _one_thread() -> bool:
@@ -457,7 +457,7 @@ class CpuBackend(Backend):
             # Not while compiling: a length threshold would make dynamic-shape graphs guard and recompile across it.
             if not torch.compiler.is_compiling():  # (compared first: no guard on the symbolic lengths)
                 Sq, Sk = _lengths(p)
-                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule(p.requires_grad and _AVX2_ONLY):
+                if Sk <= _TINY_SK and Sq * Sk <= _TINY_AREA and _fp32_tiny_rule(grad=p.requires_grad):
                     why = _FP32_TINY
                 elif 2 <= Sq <= _fp32_step_limit(p) and not p.requires_grad:
                     why = _fp32_steps_reason()

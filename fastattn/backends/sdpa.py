@@ -70,8 +70,9 @@ class SdpaBackend(Backend):
         # torch's function itself, called from C++ where the extension has the routes (csrc/lean_routes.cpp)
         if p.attn_bias is None:
             if ops._ROUTES:
-                return Lean(self.name, ops._C.SdpaRoute(is_causal, scale, p.is_gqa).out, True)
-            return Lean(self.name, lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, **kw), True)
+                return Lean(self.name, ops._C.SdpaRoute(is_causal, scale, p.is_gqa).out, records_grad=True)
+            return Lean(self.name, lambda q, k, v: TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, **kw),
+                        records_grad=True)
 
         if not p.q.is_cpu or not _zeroes_unseen_rows():
             return None
@@ -79,8 +80,9 @@ class SdpaBackend(Backend):
         # zeroes rows that see no key as forward does (probed once). No tensor is made here: any small allocation
         # between calls cost torch's own kernel 10-15 us at 16-32 tokens (its scratch then page-faults).
         if ops._ROUTES:
-            return Lean(self.name, ops._C.SdpaRoute(False, scale, p.is_gqa).out, True)
-        return Lean(self.name, lambda q, k, v, mask: TORCH_SDPA(q, k, v, attn_mask=mask, scale=scale, **kw), True)
+            return Lean(self.name, ops._C.SdpaRoute(False, scale, p.is_gqa).out, records_grad=True)
+        return Lean(self.name, lambda q, k, v, mask: TORCH_SDPA(q, k, v, attn_mask=mask, scale=scale, **kw),
+                    records_grad=True)
 
     def forward(self, p: AttnParams):
         q, k, v = p.q, p.k, p.v
