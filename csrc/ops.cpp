@@ -109,6 +109,7 @@ double tile_gflops(const std::string& dtype);
 }
 namespace cpu {
 void fp32_gemm_force(int engine);
+void fwd_l2_force(int64_t bytes);
 std::string mask_band(const at::Tensor& bias);
 at::Tensor mask_rows(const at::Tensor& bias);
 void mask_band_enable(bool on);
@@ -133,6 +134,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Tests: multiply bf16/fp16 tiles in fp32 (the fallback path) in this process while on");
   m.def("cpu_fp32_gemm_force", &fastattn::cpu::fp32_gemm_force,
         "Tests: the fp32 products' engine in this process (0: as timed at start-up, 1: sgemm, 2: oneDNN brgemm)");
+  m.def("cpu_fwd_l2_force", &fastattn::cpu::fwd_l2_force,
+        "Tests: the L2 bytes the forward's unwindowed tiles are sized to fit in this process (0: this CPU's L2)");
   m.def("cpu_mask_band", &fastattn::cpu::mask_band,
         "Tests: the band the CPU kernels read a (B, H, Sq, Sk) float mask as ('causal', 'causal bottom-right', "
         "'key padding', or '' for none), from its values alone");

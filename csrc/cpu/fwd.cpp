@@ -4,10 +4,13 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <optional>
 #include <tuple>
+
+#include <unistd.h>
 
 #include "kernels.h"
 #include "rng.h"
@@ -17,12 +20,13 @@ namespace fastattn::cpu {
 
 namespace {
 
-// Tile shape (query rows x keys). Calls without a window take 128 x 512 tiles: fewer, larger sgemm calls amortise
-// MKL's per-call packing of K (measured +5-8% at S = 128-2048, one thread, Intel Xeon). Windowed calls (causal is
-// window_right = 0 here) keep BLOCK_Q x BLOCK_K: larger tiles compute more masked scores on the diagonal.
-// Chosen from the call alone (not the thread count), so results do not depend on the number of threads.
+// Tile shape (query rows x keys). Calls without a window take 128-row tiles of 512 keys: fewer, larger products
+// amortise the per-call packing of K (measured +5-8% at S = 128-2048, one thread, Intel Xeon). Windowed calls (causal
+// is window_right = 0 here) keep BLOCK_Q x BLOCK_K: larger tiles compute more masked scores on the diagonal.
+// Chosen from the call and the CPU alone (not the thread count), so results do not depend on the number of threads.
 struct Tiles {
   int64_t q, k;
+  bool full;  // the unwindowed 128-row tiles
 };
 
 // Whether rows try the lazy softmax (AVX-512 only; it needs P apart from S).
@@ -34,11 +38,39 @@ inline bool lazy_softmax() {
 #endif
 }
 
+std::atomic<int64_t> g_l2_force{0};  // tests: > 0 the L2 bytes fwd_full_keys fits tiles in (0: this CPU's)
+
+// One core's L2 in bytes (0: unknown).
+inline int64_t l2_bytes() {
+  if (const int64_t forced = g_l2_force.load(std::memory_order_relaxed); forced > 0) return forced;
+  static const int64_t bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? int64_t(b) : int64_t(0);
+#else
+    return int64_t(0);
+#endif
+  }();
+  return bytes;
+}
+
+// The unwindowed tiles halve their keys (down to 128) while a tile's fp32 K, V, S, Q and accumulator outgrow the
+// core's L2: on an AMD EPYC Zen 3 (512 KB L2, AVX2; one thread, 15 interleaved rounds, 2026-12-06) 128 x 256 ran the
+// fp32 forward 6-15% faster than 128 x 512 at D = 128 (B1 H8 S1024-4096, B4 S512), level at D = 64 and 96, and
+// 128 x 128 25% faster at D = 256. The Xeon's 2 MB and Zen 4's 1 MB L2 keep 128 x 512 up to D = 256 / 128.
+inline int64_t fwd_full_keys(const CpuParams& p) {
+  constexpr int64_t q = 128;
+  int64_t k = 512;
+  const int64_t l2 = l2_bytes();
+  while (k > 128 && l2 > 0 && 4 * (k * (p.D + p.Dv) + q * k + q * (p.D + p.Dv)) > l2) k /= 2;
+  return k;
+}
+
 inline Tiles fwd_tiles(const CpuParams& p) {
   // A full mask's -inf edges bound each query block's keys like a window: the smaller tiles waste less past them.
   const bool windowed = p.window_left >= 0 || p.window_right >= 0 ||
                         (p.mask_keys != nullptr && (p.mask_keys_ss != 0 || p.mask_keys_sg != 0));
-  return windowed ? Tiles{BLOCK_Q, BLOCK_K} : Tiles{128, 512};
+  return windowed ? Tiles{BLOCK_Q, BLOCK_K, false} : Tiles{128, fwd_full_keys(p), true};
 }
 
 // Online-softmax update of one row with the new score row S_r (bk keys): the probabilities go to P_r (which may
@@ -315,6 +347,8 @@ int64_t fwd_chunk_heads(const CpuParams& p, int64_t nqb, int64_t kv_bytes, int64
   return 1;
 }
 
+void fwd_l2_force(int64_t bytes) { g_l2_force.store(bytes, std::memory_order_relaxed); }
+
 template <typename T>
 void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const Tiles t = fwd_tiles(p);
@@ -330,7 +364,7 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // at 2048 keys (D=128: 2 MB of fp32 K and V a head), where fp16 MHA steps of 5-32 tokens (Intel Xeon AMX, one
   // thread, 2026-12-05) ran 1.16-1.42x faster converted per tile (0.45-0.82x torch before, 0.64-0.95x after).
   const bool per_tile = nqb == 1 && p.group() == 1;
-  // Packed key tiles pay for 128 x 512 tiles when a head has >= 4 query blocks (measured, one thread, Intel Xeon:
+  // Packed key tiles pay for the unwindowed tiles when a head has >= 4 query blocks (measured, one thread, Intel Xeon:
   // +3-7% at S = 512-2048); the window's 64 x 256 tiles and fewer query blocks measured no gain or a loss. brgemm's
   // pack (a transposed copy, which its product needs anyway) pays from one query block without a band: B8 H4 S128
   // fp32 forward 4-10% faster on the AMD EPYC, but 7% slower causal (the whole tile packed for rows seeing half).
@@ -344,7 +378,7 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // the fp32 copy it saves is the work. fp16 MHA steps of 5-16 tokens at 512 / 2048 keys with transformers' causal
   // mask (a band, 64 x 256 tiles) 1.04-1.17x faster on one thread, 1.02-1.38x on two; with a left-padding mask
   // 0.98-1.05x / 0.94-1.06x (Intel Xeon AMX, switched per round in one process, 21 rounds).
-  const bool pack_keys = packed_kt_available() && ((t.k == 512 ? nqb >= min_qb : fp32_gemm_brgemm() && nqb >= 2) ||
+  const bool pack_keys = packed_kt_available() && ((t.full ? nqb >= min_qb : fp32_gemm_brgemm() && nqb >= 2) ||
                                                    (per_tile && !std::is_same_v<T, float> && fp32_gemm_brgemm()));
   const int64_t kv_bytes = 4 * max_sk * (p.D + p.Dv);  // fp32 tiles
   const FwdOrder order(p, nqb, fwd_chunk_heads(p, nqb, kv_bytes, int64_t(sizeof(T)) * max_sq * max_sk));
