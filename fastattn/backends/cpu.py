@@ -190,7 +190,10 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # 0.85-1.02x up to W = 2^23 and 1.04-1.33x past it, at D=64 0.97-1.03x / 1.00-1.09x at S = 16-32 and 1.01-1.36x from
 # S = 64 (the rule check's one-head cells, D=64 S=128-256, 1.03-1.14x against the hand-over's 0.95-0.99x). So on Intel
 # CPUs with AVX-512 only one head keeps the hand-over: at head dim > 64 within its old bounds, at 64 or less up to
-# W = 2^16; AMD EPYCs and CPUs without AVX-512 keep the rules measured before, not re-measured since.
+# W = 2^16; AMD EPYCs keep the rules measured before, not re-measured since. Without AVX-512 they hold as measured
+# since (AMD EPYC Zen 3, AVX2, one thread, 2026-12-06, the same sweep; results/cpu-20261206-zen3-avx2): the kernels
+# 0.84-1.13x up to W = 2^21 (one head 0.89-1.06x up to 2^22), 0.90-1.43x past it (B4 H12 S32 D64 0.90-0.93x the
+# lowest; every class of 12 heads or more from S = 64 1.06-1.43x).
 # Before: forward+backward through the cpu kernels cost a fixed ~70 us more than PyTorch's (two op calls with 22-24
 # arguments, the autograd Function, the backward's buffers), which outweighed their faster tiles below a few million
 # multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
@@ -219,7 +222,8 @@ _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * 
                     "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
                     "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without "
                     "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head: measured "
-                    "0.36-0.98x when the cpu kernels cost ~70 us more a call, not re-measured since)")
+                    "0.36-0.98x when the cpu kernels cost ~70 us more a call, since then 0.84-1.13x without "
+                    "AVX-512 on an AMD EPYC Zen 3)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -267,6 +271,25 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     Sq, Sk = _lengths(p)
     area = _MASKED_TINY_AREA_BF16_PARALLEL if dt is torch.bfloat16 and not _one_thread() else _TINY_AREA
     return Sk <= _TINY_SK and Sq * Sk <= area
+
+
+# Small masked fp32 training calls on CPUs without AVX-512 (AMD EPYC Zen 3, one thread, 2026-12-06, a bool
+# key-padding mask on every other row, bench_small_grad.py --mask pad, median of 9 interleaved rounds; B1-8, H4-12,
+# D=64/128): the cpu kernels 0.66-0.98x torch's SDPA at S = 16-64 and 0.89-0.98x at 80, 0.92-1.07x at 96-112 and
+# 1.06-1.22x from 128, where their forward and backward pay the mask's pass per tile on AVX2 against few products.
+# (With AVX-512: 1.09-1.72x from S = 16 on the Intel Xeon.)
+_AVX2_MASKED_GRAD_SK = 80
+_AVX2_MASKED_GRAD = ("sdpa is faster for small masked fp32 training calls on CPUs without AVX-512 (Sk <= 80: the cpu "
+                     "kernels measured 0.66-0.98x with a key-padding mask on an AMD EPYC Zen 3)")
+
+
+def _masked_grad(p: AttnParams, dt) -> bool:
+    """A small fp32 training call whose only feature is its mask on a CPU without AVX-512 (_AVX2_MASKED_GRAD; eager
+    only, as _masked_tiny)."""
+    if (dt is not torch.float32 or not _AVX2_ONLY or not p.requires_grad or torch.compiler.is_compiling()
+            or not _sdpa_fused(p, mask=True)):
+        return False
+    return _lengths(p)[1] <= _AVX2_MASKED_GRAD_SK
 
 
 # Masked inference steps (a mask the only feature, e.g. a batched generate() step with padding): the split-KV decode
@@ -450,7 +473,8 @@ class CpuBackend(Backend):
         if dt not in _RULE_DTYPES or p.q_start is not None:  # sdpa, the faster path the rules point to, cannot
             return []                                          # take block calls
         if p.attn_bias is not None:
-            why = _MASKED_TINY if _masked_tiny(p, dt) else _masked_step(p, dt)
+            why = (_MASKED_TINY if _masked_tiny(p, dt) else _AVX2_MASKED_GRAD if _masked_grad(p, dt)
+                   else _masked_step(p, dt))
             return [why] if why else []
         why = _AUTO_RULE.get(dt)
         if why is None and dt is torch.float32:
@@ -474,7 +498,8 @@ class CpuBackend(Backend):
     def length_breaks(self, Sq: int):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
-        return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq, _FP16_KEYS_PER_TOKEN * Sq - 1)
+        return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq, _FP16_KEYS_PER_TOKEN * Sq - 1,
+                _AVX2_MASKED_GRAD_SK)
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
