@@ -531,7 +531,10 @@ def test_model_level_follows_backends_and_dtype(tmp_path, monkeypatch):
         return f
     monkeypatch.setattr(model, "bert_train", fake("bert_train"))
     monkeypatch.setattr(model, "gpt2_generate", fake("gpt2_generate"))
-    rc = cli.main(_SMALL + ["--backends", "cpu", "--dtype", "bf16", "--model", "on", "--out", str(tmp_path)])
+    # No time budget: past _SMALL's 30 s the model level is skipped (the op level took longer than that on an AMD
+    # EPYC Zen 3, whose bf16 runs on the fp32 tiles, beside another test process).
+    rc = cli.main(_SMALL + ["--backends", "cpu", "--dtype", "bf16", "--model", "on", "--out", str(tmp_path),
+                            "--max-seconds", "0"])
     assert rc == 0
     assert sorted({b for _, b, _ in seen}) == ["cpu", "reference", "sdpa"] and {d for *_, d in seen} == {"bf16"}
 

@@ -26,9 +26,11 @@ from fastattn.params import AttnParams, DecodeCall
 
 @pytest.fixture(autouse=True)
 def no_tiny_rule(monkeypatch):
-    """The pairs below are small fp32 calls that pin the declarations' decisions; the cpu backend's speed rule for
-    tiny fp32 calls (tests/test_dispatch.py) would hand many of them to sdpa and blur what each pair changes."""
+    """The pairs below are small fp32 calls that pin the declarations' decisions; the cpu backend's speed rules for
+    tiny fp32 calls (tests/test_dispatch.py) and small masked ones would hand many of them to sdpa and blur what each
+    pair changes."""
     monkeypatch.setattr(cpu_backend, "_TINY_AREA", 0)
+    monkeypatch.setattr(cpu_backend, "_AVX2_MASKED_GRAD_SK", 0)  # (CPUs without AVX-512: small masked fp32 training)
     monkeypatch.setattr(dispatch, "_CHOICES", {})  # no route learnt under this rule outlives the test (lean.py)
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")
