@@ -1,9 +1,9 @@
 """The CPU forward's unwindowed tile shapes against each other and against PyTorch's SDPA, side by side in one process.
 
 The kernels size their unwindowed tiles to the core's L2 (csrc/cpu/fwd.cpp, fwd_full_keys: 128 query rows, keys halved
-from 512 down to 128 while a tile's fp32 K, V, scores, Q and accumulator outgrow it). Here each column forces the L2
-size the rule sees (ops._C.cpu_fwd_l2_force), so every shape runs on any machine: 4 MB gives 128 x 512 up to D = 256,
-512 KB gives 128 x 256 at D = 64-128 and 128 x 128 at D = 256; `cpu` is this CPU's own L2. Interleaved rounds (each
+from 512 down to 128 while a key tile's fp32 K and V rows and scores outgrow it). Here each column forces the L2 size
+the rule sees (ops._C.cpu_fwd_l2_force), so every shape runs on any machine: 4 MB gives 128 x 512 up to D = 256, 512 KB
+128 x 512 at D = 64, 128 x 256 at D = 96-128 and 128 x 128 at D = 256; `cpu` is this CPU's own L2. Interleaved rounds (each
 round one batch of calls per path, orders rotating), median of each round's ratio torch / path. One thread: CPU time.
 
     python benchmarks/bench_fwd_tiles.py

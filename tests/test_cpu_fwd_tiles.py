@@ -1,6 +1,6 @@
 """The CPU forward's unwindowed tiles take 128 query rows and 512 keys, halved down to 128 keys while a tile's fp32
-K, V, scores, Q and accumulator outgrow the core's L2 (csrc/cpu/fwd.cpp, fwd_full_keys): an AMD EPYC Zen 3 with 512 KB
-runs 128 x 256 at D = 64-128 and 128 x 128 at D = 256, an Intel Xeon with 2 MB 128 x 512 throughout. So that every
+K and V rows and scores outgrow the core's L2 (csrc/cpu/fwd.cpp, fwd_full_keys): an AMD EPYC Zen 3 with 512 KB runs
+128 x 512 at D = 64, 128 x 256 at D = 96-128 and 128 x 128 at D = 256, an Intel Xeon with 2 MB 128 x 512 throughout. So that every
 machine tests each shape, these cells run with the L2 forced small and large (ops._C.cpu_fwd_l2_force)."""
 import pytest
 import torch
@@ -11,7 +11,7 @@ from support.cases import Case, run_case
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
-# Sized L2 -> keys per tile at D = 64 / 128 / 256 (fwd_full_keys): 512 KB -> 256 / 256 / 128; 4 MB -> 512 throughout.
+# Sized L2 -> keys per tile at D = 64 / 96 / 128 / 256 (fwd_full_keys): 512 KB -> 512 / 256 / 256 / 128; 4 MB -> 512.
 L2 = {"l2_512k": 1 << 19, "l2_4m": 1 << 22}
 # Keys past one and two tiles of either width, partial last tiles, grouped-query heads, a float key-padding mask
 # (unwindowed: its -inf edges only trail), Dv != D and strided inputs.

@@ -54,15 +54,17 @@ inline int64_t l2_bytes() {
   return bytes;
 }
 
-// The unwindowed tiles halve their keys (down to 128) while a tile's fp32 K, V, S, Q and accumulator outgrow the
-// core's L2: on an AMD EPYC Zen 3 (512 KB L2, AVX2; one thread, 15 interleaved rounds, 2026-12-06) 128 x 256 ran the
-// fp32 forward 6-15% faster than 128 x 512 at D = 128 (B1 H8 S1024-4096, B4 S512), level at D = 64 and 96, and
-// 128 x 128 25% faster at D = 256. The Xeon's 2 MB and Zen 4's 1 MB L2 keep 128 x 512 up to D = 256 / 128.
+// The unwindowed tiles halve their keys (down to 128) while what each key tile streams, its fp32 K and V rows and
+// the 128 x k scores, outgrows the core's L2. On an AMD EPYC Zen 3 (512 KB L2, AVX2; one thread, 15 interleaved
+// rounds, 2026-12-06, benchmarks/bench_fwd_tiles.py) 128 x 256 ran the fp32 forward 7-12% faster than 128 x 512 at
+// D = 128 (B1 H8 S1024-2048, B4 S512), level at D = 96, and 128 x 128 23% faster at D = 256; at D = 64, where
+// 128 x 512 just fits, 128 x 256 read 0-3% slower. The Xeon's 2 MB and Zen 4's 1 MB L2 keep 128 x 512 up to D = 256
+// and 128.
 inline int64_t fwd_full_keys(const CpuParams& p) {
   constexpr int64_t q = 128;
   int64_t k = 512;
   const int64_t l2 = l2_bytes();
-  while (k > 128 && l2 > 0 && 4 * (k * (p.D + p.Dv) + q * k + q * (p.D + p.Dv)) > l2) k /= 2;
+  while (k > 128 && l2 > 0 && 4 * k * (p.D + p.Dv + q) > l2) k /= 2;
   return k;
 }
 
