@@ -31,6 +31,7 @@ def no_tiny_rule(monkeypatch):
     pair changes."""
     monkeypatch.setattr(cpu_backend, "_TINY_AREA", 0)
     monkeypatch.setattr(cpu_backend, "_AVX2_MASKED_GRAD_SK", 0)  # (CPUs without AVX-512: small masked fp32 training)
+    monkeypatch.setattr(cpu_backend, "_AVX2_MASKED_GRAD_SK_NARROW", 0)
     monkeypatch.setattr(dispatch, "_CHOICES", {})  # no route learnt under this rule outlives the test (lean.py)
 
 pytestmark = pytest.mark.skipif(BACKENDS["cpu"].unavailable() != [], reason="needs the C++ extension (cpu backend)")

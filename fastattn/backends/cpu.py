@@ -277,19 +277,25 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
 # key-padding mask on every other row, bench_small_grad.py --mask pad, median of 9 interleaved rounds; B1-8, H4-12,
 # D=64/128): the cpu kernels 0.66-0.98x torch's SDPA at S = 16-64 and 0.89-0.98x at 80, 0.92-1.07x at 96-112 and
 # 1.06-1.22x from 128, where their forward and backward pay the mask's pass per tile on AVX2 against few products.
-# (With AVX-512: 1.09-1.72x from S = 16 on the Intel Xeon.)
-_AVX2_MASKED_GRAD_SK = 80
-_AVX2_MASKED_GRAD = ("sdpa is faster for small masked fp32 training calls on CPUs without AVX-512 (Sk <= 80: the cpu "
-                     "kernels measured 0.66-0.98x with a key-padding mask on an AMD EPYC Zen 3)")
+# (With AVX-512: 1.09-1.72x from S = 16 on the Intel Xeon.) On two threads (wall time, the same sweep up to 80 keys)
+# head dim 64 read 0.91-1.19x (median 1.09x; the hand-over ~0.99x) and 128 0.75-1.08x (median 0.95x): there only
+# head dims above 64 go. At head dim 64 on one thread 64 keys are mixed (B8 H12 0.95-1.26x in four runs, the
+# hand-over 0.92-1.00x; B1-4 0.90-0.98x): there the bound is 48.
+_AVX2_MASKED_GRAD_SK, _AVX2_MASKED_GRAD_SK_NARROW = 80, 48
+_AVX2_MASKED_GRAD = ("sdpa is faster for small masked fp32 training calls on CPUs without AVX-512 (Sk <= 80, at head "
+                     "dim <= 64 Sk <= 48 and on one thread only: the cpu kernels measured 0.66-0.98x with a "
+                     "key-padding mask on one thread of an AMD EPYC Zen 3, 0.75-1.08x on two)")
 
 
 def _masked_grad(p: AttnParams, dt) -> bool:
-    """A small fp32 training call whose only feature is its mask on a CPU without AVX-512 (_AVX2_MASKED_GRAD; eager
-    only, as _masked_tiny)."""
+    """A small fp32 training call whose only feature is its mask on a CPU without AVX-512; at head dim <= 64 on one
+    thread only and to 48 keys (_AVX2_MASKED_GRAD; eager only, as _masked_tiny)."""
     if (dt is not torch.float32 or not _AVX2_ONLY or not p.requires_grad or torch.compiler.is_compiling()
             or not _sdpa_fused(p, mask=True)):
         return False
-    return _lengths(p)[1] <= _AVX2_MASKED_GRAD_SK
+    if p.q.shape[3] > 64:
+        return _lengths(p)[1] <= _AVX2_MASKED_GRAD_SK
+    return _one_thread() and _lengths(p)[1] <= _AVX2_MASKED_GRAD_SK_NARROW
 
 
 # Masked inference steps (a mask the only feature, e.g. a batched generate() step with padding): the split-KV decode
@@ -499,7 +505,7 @@ class CpuBackend(Backend):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
         return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq, _FP16_KEYS_PER_TOKEN * Sq - 1,
-                _AVX2_MASKED_GRAD_SK)
+                _AVX2_MASKED_GRAD_SK, _AVX2_MASKED_GRAD_SK_NARROW)
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
