@@ -20,13 +20,15 @@ namespace fastattn::cpu {
 
 namespace {
 
-// Tile shape (query rows x keys). Calls without a window take 128-row tiles of 512 keys: fewer, larger products
-// amortise the per-call packing of K (measured +5-8% at S = 128-2048, one thread, Intel Xeon). Windowed calls (causal
-// is window_right = 0 here) keep BLOCK_Q x BLOCK_K: larger tiles compute more masked scores on the diagonal.
-// Chosen from the call and the CPU alone (not the thread count), so results do not depend on the number of threads.
+// Tile shape (query rows x keys). Calls without a window take kFullRows-row tiles of up to 512 keys (fwd_full_keys):
+// fewer, larger products amortise the per-call packing of K (measured +5-8% at S = 128-2048, one thread, Intel Xeon).
+// Windowed calls (causal is window_right = 0 here) keep BLOCK_Q x BLOCK_K: larger tiles compute more masked scores on
+// the diagonal. Chosen from the call and the CPU alone (not the thread count), so results do not depend on the number
+// of threads.
+constexpr int64_t kFullRows = 128;
 struct Tiles {
   int64_t q, k;
-  bool full;  // the unwindowed 128-row tiles
+  bool full;  // the unwindowed kFullRows-row tiles
 };
 
 // Whether rows try the lazy softmax (AVX-512 only; it needs P apart from S).
@@ -61,10 +63,9 @@ inline int64_t l2_bytes() {
 // 128 x 512 just fits, 128 x 256 read 0-3% slower. The Xeon's 2 MB and Zen 4's 1 MB L2 keep 128 x 512 up to D = 256
 // and 128.
 inline int64_t fwd_full_keys(const CpuParams& p) {
-  constexpr int64_t q = 128;
   int64_t k = 512;
   const int64_t l2 = l2_bytes();
-  while (k > 128 && l2 > 0 && 4 * k * (p.D + p.Dv + q) > l2) k /= 2;
+  while (k > 128 && l2 > 0 && 4 * k * (p.D + p.Dv + kFullRows) > l2) k /= 2;
   return k;
 }
 
@@ -72,7 +73,7 @@ inline Tiles fwd_tiles(const CpuParams& p) {
   // A full mask's -inf edges bound each query block's keys like a window: the smaller tiles waste less past them.
   const bool windowed = p.window_left >= 0 || p.window_right >= 0 ||
                         (p.mask_keys != nullptr && (p.mask_keys_ss != 0 || p.mask_keys_sg != 0));
-  return windowed ? Tiles{BLOCK_Q, BLOCK_K, false} : Tiles{128, fwd_full_keys(p), true};
+  return windowed ? Tiles{BLOCK_Q, BLOCK_K, false} : Tiles{kFullRows, fwd_full_keys(p), true};
 }
 
 // Online-softmax update of one row with the new score row S_r (bk keys): the probabilities go to P_r (which may
