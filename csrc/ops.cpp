@@ -110,6 +110,7 @@ double tile_gflops(const std::string& dtype);
 namespace cpu {
 void fp32_gemm_force(int engine);
 void fwd_l2_force(int64_t bytes);
+void bwd_form_force(int form);
 std::string mask_band(const at::Tensor& bias);
 at::Tensor mask_rows(const at::Tensor& bias);
 void mask_band_enable(bool on);
@@ -136,6 +137,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Tests: the fp32 products' engine in this process (0: as timed at start-up, 1: sgemm, 2: oneDNN brgemm)");
   m.def("cpu_fwd_l2_force", &fastattn::cpu::fwd_l2_force,
         "Tests: the L2 bytes the forward's unwindowed tiles are sized to fit in this process (0: this CPU's L2)");
+  m.def("cpu_bwd_form_force", &fastattn::cpu::bwd_form_force,
+        "Tests: the form of the fp32 backward's packed key blocks on brgemm in this process (0: as this CPU takes it, "
+        "1: plain, dV/dK/dQ on sgemm; 2: transposed, all on brgemm)");
   m.def("cpu_mask_band", &fastattn::cpu::mask_band,
         "Tests: the band the CPU kernels read a (B, H, Sq, Sk) float mask as ('causal', 'causal bottom-right', "
         "'key padding', or '' for none), from its values alone");

@@ -1,7 +1,8 @@
 """The CPU kernels' two engines for fp32 products: MKL's sgemm or oneDNN's fp32 batch-reduce GEMM (brgemm), timed
 once at start-up (csrc/cpu/blas.cpp). test_matrix runs the engine this machine chose; here the fp32 cells run on each
-engine forced, with cells long enough for the packed key tiles (four query blocks and more), and a planted packing
-bug must fail them."""
+engine forced, brgemm with each of the backward's two forms for its packed key blocks (csrc/cpu/bwd.cpp: transposed
+on CPUs with AVX-512, plain without), with cells long enough for the packed key tiles (four query blocks and more),
+and a planted packing bug must fail them."""
 import os
 import re
 import subprocess
@@ -19,9 +20,11 @@ from support.oracle import oracle_attention
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
 ENGINES = {1: "sgemm", 2: "brgemm"}
+# (engine, the backward's form on brgemm: 1 plain, 2 transposed; cpu_bwd_form_force)
+SETTINGS = {"sgemm": (1, 0), "brgemm_plain": (2, 1), "brgemm_transposed": (2, 2)}
 # Long enough for MKL's packed key tiles (>= 4 query blocks of 64 rows meet a key block, over the group's heads),
-# forward and backward; on brgemm (which packs from one block) they carry each feature through the backward's
-# transposed form (csrc/cpu/bwd.cpp).
+# forward and backward; on brgemm (which packs from one block) they carry each feature through both of the backward's
+# forms (csrc/cpu/bwd.cpp).
 LONG = [Case("packed_600", B=1, Hq=2, Hkv=2, Sq=600, Sk=600, D=64),
         Case("packed_gqa_hd40", B=2, Hq=4, Hkv=2, Sq=530, Sk=700, D=40, mask="float_kpad"),
         Case("packed_cap_alibi_causal", surface="flash", B=1, Hq=2, Hkv=1, Sq=300, Sk=300, D=48, causal=True,
@@ -34,16 +37,19 @@ CELLS = [c for c in matrix() if c[0] == "cpu" and c[2] == torch.float32] + \
         [("cpu", c, dt, "cpu") for c in LONG for dt in (torch.float32, torch.float16)]
 
 
-@pytest.fixture(params=sorted(ENGINES), ids=lambda e: ENGINES[e])
+@pytest.fixture(params=sorted(SETTINGS))
 def engine(request):
-    ops._C.cpu_fp32_gemm_force(request.param)
+    engine, form = SETTINGS[request.param]
+    ops._C.cpu_fp32_gemm_force(engine)
+    ops._C.cpu_bwd_form_force(form)
     try:
         got = ops.cpu_matmul_report().get("fp32")
-        if got != ENGINES[request.param]:
+        if got != ENGINES[engine]:
             pytest.skip(f"this torch has no fp32 brgemm: the engine stays {got} ({ops.cpu_matmul()})")
-        yield ENGINES[request.param]
+        yield request.param
     finally:
         ops._C.cpu_fp32_gemm_force(0)
+        ops._C.cpu_bwd_form_force(0)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[cell_id(c) for c in CELLS])
@@ -54,7 +60,7 @@ def test_matrix_on_each_fp32_engine(cell, engine):
 
 
 def test_dropout_on_each_fp32_engine(engine):
-    """The backward regenerates the forward's dropout mask in packed key blocks too (the transposed form on brgemm)."""
+    """The backward regenerates the forward's dropout mask in packed key blocks too (either form on brgemm)."""
     check_dropout_backward_uses_forward_mask("cpu", "cpu", torch.float32, Sq=200)
 
 

@@ -12,12 +12,16 @@
 // never on the thread count, so the bits never do either.
 //
 // On the brgemm fp32 engine (blas.cpp), which multiplies row-major operands without transposes or an alpha, every
-// key block is packed (K^T, V^T) and takes bwd_lowp.cpp's form: dV^T += dO^T Pd and dK^T += Q^T dS', with the
-// tile's Q and dO transposed (64 x D each, fewer elements than P and dS' at 64 x 256) and dS' = scale dS, so that dK
-// and dQ need no alpha (V packed times the scale gives dP' = scale dP; delta' = scale delta). AMD EPYC (Zen 4), one
-// thread: fp32 forward+backward at S = 2048 6-13% faster than with dV, dK, dQ on sgemm. On sgemm the plain form
-// stays.
+// key block is packed (K^T, V^T). On CPUs with AVX-512 it then takes bwd_lowp.cpp's transposed form: dV^T += dO^T Pd
+// and dK^T += Q^T dS', with the tile's Q and dO transposed (64 x D each, fewer elements than P and dS' at 64 x 256)
+// and dS' = scale dS, so that dK and dQ need no alpha (V packed times the scale gives dP' = scale dP; delta' = scale
+// delta). AMD EPYC (Zen 4), one thread: fp32 forward+backward at S = 2048 6-13% faster than with dV, dK, dQ on sgemm.
+// Without AVX-512 the plain form is faster: S and dP on the packed tiles (brgemm, the forward's scores), dV, dK, dQ
+// on sgemm (AMD EPYC Zen 3, AVX2, one thread, B1 H4-8 S512-1024: forward+backward 2-6% faster at D = 64-256;
+// benchmarks/bench_bwd_form.py). On sgemm the plain form stays.
 #include <ATen/Parallel.h>
+
+#include <atomic>
 
 #include "kernels.h"
 #include "rng.h"
@@ -28,6 +32,18 @@ namespace fastattn::cpu {
 namespace {
 
 constexpr int64_t kMinTasks = 8;
+
+std::atomic<int> g_form_force{0};  // tests: 0 as this CPU takes it, 1 the plain form, 2 the transposed form
+
+// Whether packed key blocks on brgemm take the transposed form (the header above).
+inline bool transposed_form() {
+  const int forced = g_form_force.load(std::memory_order_relaxed);
+#ifdef FASTATTN_VEC512
+  return forced != 0 ? forced == 2 : vec512::available();
+#else
+  return forced == 2;
+#endif
+}
 constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before MKL packs its K and V
 
 // K and V of a key block packed for MKL (pack_kt), as the forward packs K: S = Qs K^T and dP = dO V^T have the
@@ -158,7 +174,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   // (a transposed copy) and the transposed form it allows pay from one: B8 H4 S128 fp32 forward+backward 1-11% faster.
   const int64_t min_blocks = fp32_gemm_brgemm() ? 1 : kMinPackedBlocks;
   const bool pack = pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= min_blocks;
-  const bool tr = pack && fp32_gemm_brgemm();
+  const bool tr = pack && fp32_gemm_brgemm() && transposed_form();
   const float ds_mul = tr ? p.scale : 1.f;
   PackedKV packed;
   if (pack) {
@@ -267,6 +283,8 @@ void compute_delta(const CpuParams& p, float* delta) {
 template void compute_delta<float>(const CpuParams&, float*);
 template void compute_delta<c10::BFloat16>(const CpuParams&, float*);
 template void compute_delta<c10::Half>(const CpuParams&, float*);
+
+void bwd_form_force(int form) { g_form_force.store(form, std::memory_order_relaxed); }
 
 template <typename T>
 void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
