@@ -81,6 +81,21 @@ def test_report_names_the_fp32_engine():
             assert chosen == ("sgemm" if mkl >= 1.25 * dnnl else "brgemm"), report
 
 
+def test_report_names_the_backward_form():
+    """On brgemm info names the form the fp32 backward's packed key blocks take, and the test switch moves it."""
+    ops._C.cpu_fp32_gemm_force(2)
+    try:
+        if ops.cpu_matmul_report().get("fp32") != "brgemm":
+            pytest.skip(f"this torch has no fp32 brgemm ({ops.cpu_matmul()})")
+        assert re.search(r"backward key blocks (plain|transposed)", ops.cpu_matmul()), ops.cpu_matmul()
+        for form, name in ((1, "plain"), (2, "transposed")):
+            ops._C.cpu_bwd_form_force(form)
+            assert f"backward key blocks {name}" in ops.cpu_matmul(), ops.cpu_matmul()
+    finally:
+        ops._C.cpu_bwd_form_force(0)
+        ops._C.cpu_fp32_gemm_force(0)
+
+
 _PLANT = r"""
 import sys, torch
 sys.path.insert(0, "tests")

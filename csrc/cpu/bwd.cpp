@@ -35,8 +35,10 @@ constexpr int64_t kMinTasks = 8;
 
 std::atomic<int> g_form_force{0};  // tests: 0 as this CPU takes it, 1 the plain form, 2 the transposed form
 
-// Whether packed key blocks on brgemm take the transposed form (the header above).
-inline bool transposed_form() {
+}  // namespace
+
+// Whether packed key blocks on brgemm take the transposed form (the header above; tile.h).
+bool bwd_transposed_form() {
   const int forced = g_form_force.load(std::memory_order_relaxed);
 #ifdef FASTATTN_VEC512
   return forced != 0 ? forced == 2 : vec512::available();
@@ -44,6 +46,8 @@ inline bool transposed_form() {
   return forced == 2;
 #endif
 }
+
+namespace {
 constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before MKL packs its K and V
 
 // K and V of a key block packed for MKL (pack_kt), as the forward packs K: S = Qs K^T and dP = dO V^T have the
@@ -174,7 +178,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   // (a transposed copy) and the transposed form it allows pay from one: B8 H4 S128 fp32 forward+backward 1-11% faster.
   const int64_t min_blocks = fp32_gemm_brgemm() ? 1 : kMinPackedBlocks;
   const bool pack = pack_buf.k && p.group() * ((i_hi - i_lo + BLOCK_Q - 1) / BLOCK_Q) >= min_blocks;
-  const bool tr = pack && fp32_gemm_brgemm() && transposed_form();
+  const bool tr = pack && fp32_gemm_brgemm() && bwd_transposed_form();
   const float ds_mul = tr ? p.scale : 1.f;
   PackedKV packed;
   if (pack) {

@@ -59,6 +59,9 @@ std::string cpu_vendor();
 bool amd_cpu();  // cpu_vendor() == "AuthenticAMD", asked once: the kernel paths measured per vendor
 bool fp32_gemm_brgemm();
 void fp32_gemm_force(int engine);
+// Whether the fp32 backward's packed key blocks on brgemm take the transposed form (all five products on brgemm; CPUs
+// with AVX-512) rather than the plain one (dV, dK, dQ on sgemm); bwd.cpp, which tests force (bwd_form_force).
+bool bwd_transposed_form();
 // Seconds per call of f: the best of five batches of four after a warm-up call (the engines' start-up timings).
 double best_seconds(const std::function<void()>& f);
 
