@@ -5,8 +5,9 @@ On the brgemm engine every key block of the backward is packed (csrc/cpu/bwd.cpp
 transposed form (dV^T += dO^T Pd, dK^T += Q^T dS', all five products on brgemm); CPUs without it take the plain form
 (S and dP on the packed tiles, dV, dK and dQ on sgemm). Each column forces one form (ops._C.cpu_bwd_form_force);
 `cpu` is this CPU's own choice. Forward and backward are timed together, with a random dO. bf16 and fp16 inputs take
-these forms too where their tiles widen to fp32 (CPUs without AVX512-BF16 / AVX512-FP16: `python -m fastattn.info`). Interleaved rounds (each
-round one batch of calls per path, orders rotating), median of each round's ratio torch / path. One thread: CPU time.
+these forms too where their tiles widen to fp32 (CPUs without AVX512-BF16 / AVX512-FP16: `python -m fastattn.info`).
+Interleaved rounds (each round one batch of calls per path, orders rotating), median of each round's ratio
+torch / path. One thread: CPU time.
 
     python benchmarks/bench_bwd_form.py
     python benchmarks/bench_bwd_form.py --causal --shapes 1x8x2048x128 --rounds 21
@@ -21,7 +22,7 @@ import torch
 
 import fastattn
 from fastattn import ops
-from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
+from interleave import calls_per_batch, ratios_to, rounds_of, switched  # (benchmarks/, the script's folder)
 
 FORMS = {"plain": 1, "transposed": 2, "cpu": 0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,16 +32,6 @@ def _training_call(sdpa, q, k, v, causal, g):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(q.dtype)
     return lambda: torch.autograd.grad(sdpa(q, k, v, is_causal=causal), (q, k, v), dout)
-
-
-def _forced(form: int, call):
-    def run():
-        ops._C.cpu_bwd_form_force(form)
-        try:
-            return call()
-        finally:
-            ops._C.cpu_bwd_form_force(0)
-    return run
 
 
 def main():
@@ -69,7 +60,7 @@ def main():
         impls = {"torch": _training_call(sdpa, q, k, v, a.causal, g)}
         ours = _training_call(lambda *t, **kw: fastattn.scaled_dot_product_attention(*t, backend="cpu", **kw),
                               q, k, v, a.causal, g)
-        impls.update({name: _forced(form, ours) for name, form in FORMS.items()})
+        impls.update({name: switched(ops._C.cpu_bwd_form_force, form, ours) for name, form in FORMS.items()})
         per = rounds_of(impls, clock, a.rounds, calls_per_batch(impls, clock, batch_s=0.2))
         x = ratios_to(per)
         torch_ms = sorted(per["torch"])[len(per["torch"]) // 2] * 1e3

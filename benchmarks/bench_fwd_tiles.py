@@ -18,20 +18,10 @@ import torch
 
 import fastattn
 from fastattn import ops
-from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
+from interleave import calls_per_batch, ratios_to, rounds_of, switched  # (benchmarks/, the script's folder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 L2 = {"l2=4M": 1 << 22, "l2=1M": 1 << 20, "l2=512K": 1 << 19, "cpu": 0}
-
-
-def _forced(l2_bytes: int, q, k, v):
-    def run():
-        ops._C.cpu_fwd_l2_force(l2_bytes)
-        try:
-            return fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
-        finally:
-            ops._C.cpu_fwd_l2_force(0)
-    return run
 
 
 def main():
@@ -52,7 +42,8 @@ def main():
         B, H, S, D = (int(x) for x in shape.split("x"))
         q, k, v = (torch.randn(B, H, S, D, generator=g).to(DTYPES[a.dtype]) for _ in range(3))
         impls = {"torch": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)}
-        impls.update({name: _forced(bytes_, q, k, v) for name, bytes_ in L2.items()})
+        ours = lambda: fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
+        impls.update({name: switched(ops._C.cpu_fwd_l2_force, bytes_, ours) for name, bytes_ in L2.items()})
         per = rounds_of(impls, clock, a.rounds, calls_per_batch(impls, clock, batch_s=0.2))
         x = ratios_to(per)
         torch_ms = sorted(per["torch"])[len(per["torch"]) // 2] * 1e3

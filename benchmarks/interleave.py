@@ -46,3 +46,15 @@ def rounds_of(impls: Dict[str, Callable[[], object]], clock: Callable[[], float]
 def ratios_to(per: Dict[str, List[float]], base: str = "torch") -> Dict[str, float]:
     """base's time over each implementation's: the median over the rounds of the ratio within a round."""
     return {name: statistics.median(a / b for a, b in zip(per[base], per[name])) for name in per}
+
+
+def switched(force: Callable[[int], None], value: int, call: Callable[[], object]) -> Callable[[], object]:
+    """call() with a test switch of the kernels (force, e.g. ops._C.cpu_fwd_l2_force) at value, reset to 0 (this
+    CPU's own choice) after each call, so that the paths of one interleaved run each take their own setting."""
+    def run():
+        force(value)
+        try:
+            return call()
+        finally:
+            force(0)
+    return run
