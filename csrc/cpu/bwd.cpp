@@ -32,23 +32,8 @@ namespace fastattn::cpu {
 namespace {
 
 constexpr int64_t kMinTasks = 8;
-
-std::atomic<int> g_form_force{0};  // tests: 0 as this CPU takes it, 1 the plain form, 2 the transposed form
-
-}  // namespace
-
-// Whether packed key blocks on brgemm take the transposed form (the header above; tile.h).
-bool bwd_transposed_form() {
-  const int forced = g_form_force.load(std::memory_order_relaxed);
-#ifdef FASTATTN_VEC512
-  return forced != 0 ? forced == 2 : vec512::available();
-#else
-  return forced == 2;
-#endif
-}
-
-namespace {
 constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before MKL packs its K and V
+std::atomic<int> g_form_force{0};  // tests: 0 as this CPU takes it, 1 the plain form, 2 the transposed form
 
 // K and V of a key block packed for MKL (pack_kt), as the forward packs K: S = Qs K^T and dP = dO V^T have the
 // same form, and every query block of the key block reuses the packs. Null: the plain products (as buffers: no
@@ -287,6 +272,16 @@ void compute_delta(const CpuParams& p, float* delta) {
 template void compute_delta<float>(const CpuParams&, float*);
 template void compute_delta<c10::BFloat16>(const CpuParams&, float*);
 template void compute_delta<c10::Half>(const CpuParams&, float*);
+
+// Whether packed key blocks on brgemm take the transposed form (the header above; tile.h).
+bool bwd_transposed_form() {
+  const int forced = g_form_force.load(std::memory_order_relaxed);
+#ifdef FASTATTN_VEC512
+  return forced != 0 ? forced == 2 : vec512::available();
+#else
+  return forced == 2;
+#endif
+}
 
 void bwd_form_force(int form) { g_form_force.store(form, std::memory_order_relaxed); }
 
