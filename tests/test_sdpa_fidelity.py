@@ -340,7 +340,7 @@ _PADDED = {  # what sits in the padded keys of batch 1 (the cpu kernels may skip
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("what", list(_PADDED))
 def test_padded_keys_propagate_nan_like_torch(what, dtype):
     """A key-padding mask whose batch 1 ends at key 40 of 96: the cpu kernels skip those keys only where every term

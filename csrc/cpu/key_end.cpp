@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "kernels.h"
-#include "vec512.h"
+#include "vec.h"
 
 namespace fastattn::cpu {
 
@@ -28,21 +28,17 @@ template <typename T>
 float max_abs(const void* base, const Strides4& st, int64_t b, int64_t H, int64_t r0, int64_t r1, int64_t C) {
   float m = 0.f;
   for (int64_t h = 0; h < H; ++h) {
-#ifdef FASTATTN_VEC512
-    if (st.d == 1 && st.s == C && vec512::available()) {  // the head's rows [r0, r1) are one run: one pass
-      const T* run = static_cast<const T*>(base) + b * st.b + h * st.h + r0 * C;
-      m = nan_max(m, vec512::max_abs_row<T>(run, (r1 - r0) * C));
+    const T* head = static_cast<const T*>(base) + b * st.b + h * st.h;
+    if (st.d == 1 && st.s == C) {  // the head's rows [r0, r1) are one run: one pass
+      m = nan_max(m, vec::max_abs_row<T>(head + r0 * C, (r1 - r0) * C));
       continue;
     }
-#endif
     for (int64_t r = r0; r < r1; ++r) {
-      const T* row = static_cast<const T*>(base) + b * st.b + h * st.h + r * st.s;
-#ifdef FASTATTN_VEC512
-      if (st.d == 1 && vec512::available()) {
-        m = nan_max(m, vec512::max_abs_row<T>(row, C));
+      const T* row = head + r * st.s;
+      if (st.d == 1) {
+        m = nan_max(m, vec::max_abs_row<T>(row, C));
         continue;
       }
-#endif
       for (int64_t c = 0; c < C; ++c) m = nan_max(m, std::abs(static_cast<float>(row[c * st.d])));
     }
   }

@@ -152,17 +152,15 @@ struct ScoreCtx {
   // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
   bool transforms() const { return p.softcap > 0.f || p.alibi != nullptr || bias_row0 != nullptr; }
 
-  // S = S * mul + bias[i0:i0+bq, j0:j0+bk]: one fused AVX-512 pass per row, else converted to fp32 a chunk at a
-  // time (a bias broadcast over query rows, i.e. key padding, once per chunk). A scalar bf16 loop here cost ~30% of a
-  // masked bf16 forward.
+  // S = S * mul + bias[i0:i0+bq, j0:j0+bk]: one fused pass per row (AVX-512 or AVX2), else converted to fp32 a
+  // chunk at a time (a bias broadcast over query rows, i.e. key padding, once per chunk). A scalar bf16 loop here
+  // cost ~30% of a masked bf16 forward.
   void add_bias(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float mul) const {
     const int64_t sd = p.bias_st.d;
-#ifdef FASTATTN_VEC512
-    if (sd == 1 && vec512::available()) {
-      for (int64_t r = 0; r < bq; ++r) vec512::fma_row<T>(S + r * ldS, bias_row(i0 + r) + j0, bk, mul);
+    if (sd == 1) {
+      for (int64_t r = 0; r < bq; ++r) vec::fma_row<T>(S + r * ldS, bias_row(i0 + r) + j0, bk, mul);
       return;
     }
-#endif
     constexpr int64_t kChunk = 256;
     alignas(64) float b[kChunk];
     for (int64_t c0 = 0; c0 < bk; c0 += kChunk) {
@@ -172,8 +170,7 @@ struct ScoreCtx {
         const T* row = bias_row(i0 + r);
         if (row != loaded) vec::load_row<T>(row + (j0 + c0) * sd, sd, b, w, 1.f);
         loaded = row;
-        float* Sr = S + r * ldS + c0;
-        for (int64_t j = 0; j < w; ++j) Sr[j] = Sr[j] * mul + b[j];
+        vec::fma_row<float>(S + r * ldS + c0, b, w, mul);
       }
     }
   }
