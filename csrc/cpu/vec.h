@@ -228,6 +228,43 @@ FA_AVX2 inline float add_max_row_avx2(float* x, const T* b, int64_t n) {
   return r;
 }
 
+// dst (8 x 8, ld ldd) = mul * src (8 x 8, rows ss apart, unit stride) transposed, in registers.
+template <typename T>
+FA_AVX2 inline void transpose8(const T* src, int64_t ss, float* dst, int64_t ldd, __m256 vmul) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_mul_ps(load8(src + i * ss), vmul);
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then quads: each 128-bit lane holds a 4 x 4 block's column
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {  // rows 0-3 and 4-7's halves joined
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// transpose() with unit-stride rows: 8 x 8 blocks in registers, the edges element by element. Packing K^T for
+// brgemm took 2.6% of the fp32 forward's samples with the scalar loop, 2.1% with this (AMD EPYC Zen 3, B2 H2 S512
+// D128, one thread): what is left is mostly the first read of the K rows from memory.
+template <typename T>
+FA_AVX2 inline void transpose_avx2(const T* src, int64_t ss, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+                                   float mul) {
+  const __m256 vmul = _mm256_set1_ps(mul);
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < r8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) transpose8<T>(src + r0 * ss + c0, ss, dst + c0 * ldd + r0, ldd, vmul);
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // the edges: columns past c8 of every row, rows past r8 of the rest
+    for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) dst[c * ldd + r] = static_cast<float>(src[r * ss + c]) * mul;
+  }
+}
+
 template <typename T>
 FA_AVX2 inline void load_row_avx2(const T* src, float* dst, int64_t n, float mul) {
   const __m256 vmul = _mm256_set1_ps(mul);
@@ -312,10 +349,13 @@ inline void load_row(const T* src, int64_t stride, float* dst, int64_t n, float 
 }
 
 // dst (cols x rows, ld ldd; fp32) = mul * src (rows x cols; row r at r * ss, column c at c * sd) transposed and
-// converted, 16 x 16 blocks at a time (AVX-512 registers for rows with unit stride).
+// converted, 16 x 16 blocks at a time (AVX-512 registers for rows with unit stride; AVX2: transpose_avx2).
 template <typename T>
 inline void transpose(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                       float mul = 1.f) {
+#ifdef FASTATTN_X86
+  if (sd == 1 && !vec512::available() && use_avx2()) return transpose_avx2<T>(src, ss, rows, cols, dst, ldd, mul);
+#endif
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       const int64_t nr = std::min<int64_t>(16, rows - r0), nc = std::min<int64_t>(16, cols - c0);
