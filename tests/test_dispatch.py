@@ -413,10 +413,10 @@ def test_amd_fp32_rules(monkeypatch):
 
 
 def test_avx2_only_rules(monkeypatch):
-    """On CPUs without AVX-512 (measured on an AMD EPYC Zen 1) MHA inference steps of 2-16 tokens go to sdpa in fp32
-    and bf16 (masked: bf16 only), and tiny fp32 calls with a mask; grouped-query steps, one-token steps, training,
-    fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count; bf16 grouped-query steps of 2-8 tokens
-    at head dim 64 go to sdpa on more than one thread."""
+    """On CPUs without AVX-512 (measured on AMD EPYC Zen 1 and Zen 3) MHA inference steps of 4-16 tokens in fp32 and
+    2-16 in bf16 go to sdpa (masked: bf16 only), and tiny fp32 calls with a mask; fp32 steps of 2-3 tokens,
+    grouped-query steps, one-token steps, training, fp16 and unmasked tiny calls stay on the cpu kernels, at any
+    thread count; bf16 grouped-query steps of 2-8 tokens at head dim 64 go to sdpa on more than one thread."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
@@ -431,8 +431,9 @@ def test_avx2_only_rules(monkeypatch):
 
     for threads in (1, 2):
         with torch_threads(threads):
-            for Sq in (2, 4, 8, 16):
-                assert chosen(Sq) == "sdpa" and chosen(Sq, dt=torch.bfloat16) == "sdpa", Sq  # MHA steps
+            for Sq in (2, 3, 4, 8, 16):
+                assert chosen(Sq) == ("cpu" if Sq < 4 else "sdpa"), Sq  # fp32 MHA steps (both sides of 4)
+                assert chosen(Sq, dt=torch.bfloat16) == "sdpa", Sq
                 assert chosen(Sq, mask=pad) == "cpu" and chosen(Sq, mask=pad, dt=torch.bfloat16) == "sdpa", Sq
                 assert chosen(Sq, Hq=8, Hkv=2) == "cpu", Sq  # fp32 GQA steps
                 gqa_bf16 = "sdpa" if threads > 1 and Sq <= 8 else "cpu"  # (head dim 64)

@@ -392,22 +392,30 @@ _FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brg
 # sdpa's; the rest stays ours. On two threads (wall time, the same day) bf16 grouped-query steps read 0.82-0.92x too at
 # 2 tokens and at 4-8 tokens with head dim 64 (GQA 12/4; 16/4 at D = 128 1.05-1.12x from 4 tokens), and small fp32
 # training calls past the parallel bound 0.76-0.94x (B1 H12 S16-32): there they take those rules as well.
-_AVX2_STEPS = ("sdpa is faster for fp32 and bf16 inference steps of 2-16 query tokens without grouped-query heads on "
-               "CPUs without AVX-512 (bf16 with them too on more than one thread at 2 tokens, or 4-8 at head dim <= "
-               "64; measured 0.80-0.94x on an AMD EPYC Zen 1)")
+# AMD EPYC Zen 3 (AVX2, 2026-12-06, after the decode kernel's AVX2 scores came to share each key load among up to four
+# rows of a KV head; B1, MHA 12 D=64, 8 and 32 D=128, 512 / 2048 keys, the cpu kernels against torch's SDPA through
+# the SDPA surface, 15 interleaved rounds): fp32 MHA steps of 2-3 tokens read 1.11-1.83x on one thread and
+# 1.45-1.80x on two (Zen 1 had read 0.97-1.13x at 2 tokens before that change), 4 tokens 0.82-1.49x / 1.02-1.42x,
+# 8-16 tokens 0.79-1.05x (one thread); bf16 2-3 tokens 0.95-1.22x, 4-16 tokens 0.80-0.99x. So fp32 MHA steps of 2-3
+# tokens are the kernels' on these CPUs; the rest of the class stays sdpa's.
+_AVX2_FP32_STEP_SQ = 4  # fp32 steps from this many tokens fall under _AVX2_STEPS
+_AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens and bf16 ones of 2-16 without "
+               "grouped-query heads on CPUs without AVX-512 (bf16 with them too on more than one thread at 2 tokens, "
+               "or 4-8 at head dim <= 64; measured 0.80-0.94x on an AMD EPYC Zen 1, 0.79-1.05x on a Zen 3)")
 
 
 def _avx2_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
-    """An inference step of 2-16 query tokens against more than 64 keys (a tiny call is no step: B8 H12 S16 fp32
-    read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS); gqa_bf16: with them too on more
-    than one thread, at 2 tokens or at up to 8 with head dim <= 64."""
+    """An inference step of 2-16 query tokens (4-16 in fp32) against more than 64 keys (a tiny call is no step: B8
+    H12 S16 fp32 read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS); gqa_bf16: with them
+    too on more than one thread, at 2 tokens or at up to 8 with head dim <= 64."""
     if not _AVX2_ONLY or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
     if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread()
                                              and (Sq == 2 or Sq <= 8 and p.q.shape[3] <= 64)):
         return False
-    return 2 <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
+    first = _AVX2_FP32_STEP_SQ if p.q.dtype is torch.float32 else 2
+    return first <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
 
 
 def _fp32_step_limit(p: AttnParams) -> int:
