@@ -152,9 +152,9 @@ struct ScoreCtx {
   // True when the scores need more than the visibility mask (so they must be scaled before `finish`).
   bool transforms() const { return p.softcap > 0.f || p.alibi != nullptr || bias_row0 != nullptr; }
 
-  // S = S * mul + bias[i0:i0+bq, j0:j0+bk]: one fused pass per row (AVX-512 or AVX2), else converted to fp32 a
-  // chunk at a time (a bias broadcast over query rows, i.e. key padding, once per chunk). A scalar bf16 loop here
-  // cost ~30% of a masked bf16 forward.
+  // S = S * mul + bias[i0:i0+bq, j0:j0+bk]: one pass per row where the bias's keys are adjacent (vec::fma_row),
+  // else converted to fp32 a chunk at a time (a bias broadcast over query rows, i.e. key padding, once per chunk). A
+  // scalar bf16 loop here cost ~30% of a masked bf16 forward.
   void add_bias(int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S, int64_t ldS, float mul) const {
     const int64_t sd = p.bias_st.d;
     if (sd == 1) {
