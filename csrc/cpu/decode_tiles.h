@@ -154,7 +154,9 @@ FA_AVX2 inline void scores_rows_avx2(const float* q, int64_t D, const T* const* 
       for (int64_t d = 0; d < D8; d += 8) {
         const __m256 kv = vec::load8(k[u] + d);
 #pragma GCC unroll 4
-        for (int i = 0; i < R; ++i) acc[i * U + u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), kv, acc[i * U + u]);
+        for (int i = 0; i < R; ++i) {
+          acc[i * U + u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * D + d), kv, acc[i * U + u]);
+        }
       }
     }
     alignas(32) float t[8];
