@@ -186,8 +186,8 @@ FA_AVX2 void scores_avx2(const float* Qf, int64_t M, int64_t D, const T* const* 
     for (int64_t r = 0; r < M;) {
       int64_t run = 1;  // rows from r on that read r's KV head (at most 4)
       while (run < 4 && r + run < M && koff[r + run] == koff[r]) ++run;
-      const T* k[8];
-      for (int u = 0; u < 8; ++u) k[u] = krows[j0 + std::min<int64_t>(u, nk - 1)] + koff[r];
+      const T* k[8];  // (for the fetch ahead: scores_rows_avx2 addresses the keys itself)
+      for (int u = 0; u < nk; ++u) k[u] = krows[j0 + u] + koff[r];
       fetch_ahead(k, nk, row_ahead(koff, r, st.k_ahead), D * sizeof(T));
       const float* q = Qf + r * D;
       float* s = S + r * ldS + j0;

@@ -134,9 +134,6 @@ FA_AVX2 inline __m256 load8(const T* p) {
   }
 }
 
-// max |x[0, n)| as fp32, NaN when any element is NaN, on the bits as vec512::max_abs_row: |x| as an int32 (a bf16's
-// as a uint16) orders like the magnitude and a NaN's lies above +inf's. Four running maxima; the scalar loop it
-// replaced was ~4% of a padded fp32 forward (the bound pass of key_end.cpp; AMD EPYC Zen 3, B2 H2 S512 D128).
 FA_AVX2 inline __m256i abs_bits16_bf16(const c10::BFloat16* x) {  // 16 bf16 magnitudes as uint16
   return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), _mm256_set1_epi16(0x7fff));
 }
@@ -146,6 +143,9 @@ FA_AVX2 inline __m256i abs_bits8(const T* x) {  // 8 magnitudes as fp32 bits
   return _mm256_and_si256(_mm256_castps_si256(load8(x)), _mm256_set1_epi32(0x7fffffff));
 }
 
+// max |x[0, n)| as fp32, NaN when any element is NaN, on the bits as vec512::max_abs_row: |x| as an int32 (a bf16's
+// as a uint16) orders like the magnitude and a NaN's lies above +inf's. Four running maxima; the scalar loop it
+// replaced was ~4% of a padded fp32 forward (the bound pass of key_end.cpp; AMD EPYC Zen 3, B2 H2 S512 D128).
 template <typename T>
 FA_AVX2 inline float max_abs_row_avx2(const T* x, int64_t n) {
   __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
@@ -182,9 +182,9 @@ FA_AVX2 inline float max_abs_row_avx2(const T* x, int64_t n) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(w), m);
     top = *std::max_element(w, w + 8);
     for (; j < n; ++j) {
-      const float f = std::abs(static_cast<float>(x[j]));
+      const float f = static_cast<float>(x[j]);
       int32_t b;
-      std::memcpy(&b, &f, sizeof(b));
+      std::memcpy(&b, &f, sizeof(b));  // (the mask below drops the sign)
       top = std::max(top, b & 0x7fffffff);
     }
   }
