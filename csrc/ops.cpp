@@ -111,6 +111,8 @@ namespace cpu {
 void fp32_gemm_force(int engine);
 void fwd_l2_force(int64_t bytes);
 void bwd_form_force(int form);
+bool scores_on_rows(int64_t sq, int64_t sk, int64_t D);
+void scores_on_rows_force(int mode);
 std::string mask_band(const at::Tensor& bias);
 at::Tensor mask_rows(const at::Tensor& bias);
 void mask_band_enable(bool on);
@@ -140,6 +142,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bwd_form_force", &fastattn::cpu::bwd_form_force,
         "Tests: the form of the fp32 backward's packed key blocks on brgemm in this process (0: as this CPU takes it, "
         "1: plain, dV/dK/dQ on sgemm; 2: transposed, all on brgemm)");
+  m.def("cpu_scores_on_rows", &fastattn::cpu::scores_on_rows,
+        "Whether the fp32 score tiles of a sequence of (sq, sk, head dim) take sgemm on K's rows as given rather than "
+        "brgemm's transposed K (csrc/cpu/blas.cpp), in the forward and the backward alike");
+  m.def("cpu_scores_on_rows_force", &fastattn::cpu::scores_on_rows_force,
+        "Tests: cpu_scores_on_rows in this process (0: its rule, 1: never, 2: always)");
   m.def("cpu_mask_band", &fastattn::cpu::mask_band,
         "Tests: the band the CPU kernels read a (B, H, Sq, Sk) float mask as ('causal', 'causal bottom-right', "
         "'key padding', or '' for none), from its values alone");

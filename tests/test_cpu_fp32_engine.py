@@ -1,8 +1,9 @@
 """The CPU kernels' two engines for fp32 products: MKL's sgemm or oneDNN's fp32 batch-reduce GEMM (brgemm), timed
 once at start-up (csrc/cpu/blas.cpp). test_matrix runs the engine this machine chose; here the fp32 cells run on each
 engine forced, brgemm with each of the backward's two forms for its packed key blocks (csrc/cpu/bwd.cpp: transposed
-on CPUs with AVX-512, plain without), with cells long enough for the packed key tiles (four query blocks and more),
-and a planted packing bug must fail them."""
+on CPUs with AVX-512, plain without) and with every sequence's score tiles on K's rows (scores_on_rows, which CPUs
+without AVX-512 take for short query runs), with cells long enough for the packed key tiles (four query blocks and
+more), and planted packing and scaling bugs must fail them."""
 import os
 import re
 import subprocess
@@ -20,8 +21,9 @@ from support.oracle import oracle_attention
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
 
 ENGINES = {1: "sgemm", 2: "brgemm"}
-# (engine, the backward's form on brgemm: 1 plain, 2 transposed; cpu_bwd_form_force)
-SETTINGS = {"sgemm": (1, 0), "brgemm_plain": (2, 1), "brgemm_transposed": (2, 2)}
+# (engine, the backward's form on brgemm: 1 plain, 2 transposed (cpu_bwd_form_force); score tiles on K's rows: 1 never,
+# 2 always (cpu_scores_on_rows_force))
+SETTINGS = {"sgemm": (1, 0, 0), "brgemm_plain": (2, 1, 1), "brgemm_transposed": (2, 2, 1), "brgemm_rows": (2, 0, 2)}
 # Long enough for MKL's packed key tiles (>= 4 query blocks of 64 rows meet a key block, over the group's heads),
 # forward and backward; on brgemm (which packs from one block) they carry each feature through both of the backward's
 # forms (csrc/cpu/bwd.cpp).
@@ -39,9 +41,10 @@ CELLS = [c for c in matrix() if c[0] == "cpu" and c[2] == torch.float32] + \
 
 @pytest.fixture(params=sorted(SETTINGS))
 def engine(request):
-    engine, form = SETTINGS[request.param]
+    engine, form, rows = SETTINGS[request.param]
     ops._C.cpu_fp32_gemm_force(engine)
     ops._C.cpu_bwd_form_force(form)
+    ops._C.cpu_scores_on_rows_force(rows)
     try:
         got = ops.cpu_matmul_report().get("fp32")
         if got != ENGINES[engine]:
@@ -50,6 +53,7 @@ def engine(request):
     finally:
         ops._C.cpu_fp32_gemm_force(0)
         ops._C.cpu_bwd_form_force(0)
+        ops._C.cpu_scores_on_rows_force(0)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[cell_id(c) for c in CELLS])
@@ -121,6 +125,37 @@ def test_planted_key_packing_bug_fails_on_brgemm(plant):
     assert r.returncode == 0, r.stderr[-2000:]
     if not r.stdout.startswith("brgemm"):
         pytest.skip(f"this torch has no fp32 brgemm ({r.stdout.strip()})")
+    assert ("3 of 3" if plant else "0 of 3") + " cells failed" in r.stdout, r.stdout
+
+
+_PLANT_ROWS = r"""
+import sys, torch
+sys.path.insert(0, "tests")
+from support.cases import Case, run_case
+from fastattn import ops
+ops._C.cpu_scores_on_rows_force(int(sys.argv[1]))
+cells = [Case("rows_step", B=1, Hq=2, Hkv=2, Sq=8, Sk=600, D=64),
+         Case("rows_gqa_kpad", B=2, Hq=4, Hkv=2, Sq=20, Sk=300, D=40, mask="float_kpad"),
+         Case("rows_causal", surface="flash", B=1, Hq=2, Hkv=2, Sq=32, Sk=256, D=64, causal=True)]
+bad = sum(not all(ok for ok, _ in run_case("cpu", c, torch.float32, "cpu")) for c in cells)
+print(ops.cpu_matmul_report()["fp32"], ops._C.cpu_scores_on_rows(8, 600, 64), f"{bad} of {len(cells)} cells failed")
+"""
+
+
+@pytest.mark.parametrize("plant,rows", [("", 0), ("", 2), ("rows_scale", 2)], ids=["rule", "clean", "planted"])
+def test_planted_rows_scale_bug_fails_on_rows(plant, rows):
+    """Score tiles on K's rows (scores_on_rows forced on) that drop the score scale (FASTATTN_CPU_PLANT=rows_scale)
+    fail every cell, forward and backward; the same cells pass clean, forced on and as this CPU's rule takes them."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTATTN_CPU_FP32_GEMM="brgemm", FASTATTN_CPU_PLANT=plant)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _PLANT_ROWS, str(rows)], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0, r.stderr[-2000:]
+    if not r.stdout.startswith("brgemm"):
+        pytest.skip(f"this torch has no fp32 brgemm ({r.stdout.strip()})")
+    if rows == 2:
+        assert r.stdout.split()[1] == "True", r.stdout
     assert ("3 of 3" if plant else "0 of 3") + " cells failed" in r.stdout, r.stdout
 
 

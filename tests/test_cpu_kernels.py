@@ -358,9 +358,12 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
         out_mha, lse_mha = torch.ops.fastattn.fwd(q, kr, vr, bias, *rest)
         case = (B, Hkv, G, Sq, Sk, D, Dv, bshd, kind, (wl, wr, br), softcap, out_fp32)
         assert out.stride() == out_mha.stride(), case
+        # fp32 score tiles of short query runs take sgemm on K's rows on some CPUs (csrc/cpu/blas.cpp,
+        # scores_on_rows), decided by each call's rows per head: G * Sq packed, Sq repeated.
+        rows = dtype == torch.float32 and any(fastattn.ops._C.cpu_scores_on_rows(n, Sk, D) for n in (Sq, G * Sq))
         if pairs_differ:  # pairs drop lo * lo (under 2^-18 of each product): scores, and lse, differ by ~1e-4
             torch.testing.assert_close(lse, lse_mha, rtol=0, atol=1e-3, msg=str(case))
-        elif not exact or kind in ("head_pad", "runs"):  # (runs: the rows share tiles from the first key any sees)
+        elif not exact or rows or kind in ("head_pad", "runs"):  # (runs: the rows share tiles from the first key any sees)
             torch.testing.assert_close(lse, lse_mha, msg=str(case))
         else:
             assert torch.equal(out, out_mha) and torch.equal(lse, lse_mha), case

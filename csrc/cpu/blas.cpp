@@ -216,7 +216,18 @@ bool plant_kt_swap() {
   return on;
 }
 
+// FASTATTN_CPU_PLANT=rows_scale (tests only, read once): scores_on_rows tiles lose their scale, a bug the correctness
+// checks must catch (tests/test_cpu_fp32_engine.py).
+bool plant_rows_scale() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTATTN_CPU_PLANT");
+    return e != nullptr && std::strcmp(e, "rows_scale") == 0;
+  }();
+  return on;
+}
+
 std::atomic<int> g_fp32_gemm_force{0};  // tests: 0 the decided engine, 1 sgemm, 2 brgemm
+std::atomic<int> g_rows_force{0};       // tests: 0 scores_on_rows's rule, 1 never, 2 always
 
 }  // namespace
 
@@ -341,11 +352,24 @@ void scores_brgemm(int64_t bq, int64_t bk, int64_t D, const float* qs, int64_t l
 }  // namespace
 #endif
 
+// One-thread A/B of the two forms on an AMD EPYC Zen 3 (AVX2, 2026-12-06; fp32 MHA 12 D = 64 through the cpu backend,
+// B1, torch's SDPA as the yardstick, 12 interleaved rounds): 8-32 query rows at 512-2048 keys 1.04-1.16x torch on
+// rows against 0.84-1.01x transposed (two threads 1.35-1.36x against 1.01-1.24x), at 256 keys 1.02-1.03x against
+// 0.97-1.01x; at 128 keys or fewer, 64 query rows and more, or head dim 128 from memory the transposed form led by
+// 2-15%. Grouped-query heads (12/4, 8-16 rows) level or 10% faster on rows.
+bool scores_on_rows(int64_t sq, int64_t sk, int64_t D) {
+  const int f = g_rows_force.load(std::memory_order_relaxed);
+  return f == 2 || (f == 0 && sq <= 32 && sk >= 256 && D <= 64 && fp32_gemm_brgemm() && !vec512::available());
+}
+
+void scores_on_rows_force(int mode) { g_rows_force.store(mode, std::memory_order_relaxed); }
+
 void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs, int64_t ldq, const float* k,
-                 int64_t ldk, float* S, int64_t ldS) {
+                 int64_t ldk, float* S, int64_t ldS, bool on_rows) {
   if (bq == 0 || bk == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (fp32_gemm_brgemm()) {
+  if (on_rows && plant_rows_scale()) alpha = 1.f;
+  if (fp32_gemm_brgemm() && !on_rows) {
     thread_local std::vector<float> kt;  // this tile's keys packed as pack_kt packs them
     kt.resize(bk * D);
     pack_kt(k, ldk, bk, D, kt.data(), alpha);

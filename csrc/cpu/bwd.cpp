@@ -55,9 +55,12 @@ const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, 
   const bool capped = p.softcap > 0.f;
   if (packed.k) {
     ctx.scores_packed(qs.ptr, qs.ld, packed.k, i0, bq, j0, bk, S, BLOCK_K, capped ? tanh_buf : nullptr);
-    gemm_packed_kt(packed.v, bk, p.Dv, dO.ptr, dO.ld, bq, dP, BLOCK_K);  // dP' = dO (ds_mul V)^T  (bq, bk)
   } else {
     ctx.scores(qs.ptr, qs.ld, kt, i0, bq, j0, bk, S, BLOCK_K, capped ? tanh_buf : nullptr);
+  }
+  if (packed.v) {
+    gemm_packed_kt(packed.v, bk, p.Dv, dO.ptr, dO.ld, bq, dP, BLOCK_K);  // dP' = dO (ds_mul V)^T  (bq, bk)
+  } else {
     gemm_rm(false, true, bq, bk, p.Dv, ds_mul, dO.ptr, dO.ld, vt.ptr, vt.ld, 0.f, dP, BLOCK_K);  // dP' = ds_mul dO V^T
   }
   for (int64_t r = 0; r < bq; ++r) {
@@ -166,10 +169,11 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   const bool tr = pack && fp32_gemm_brgemm() && bwd_transposed_form();
   const float ds_mul = tr ? p.scale : 1.f;
   PackedKV packed;
-  if (pack) {
-    pack_kt(kt.ptr, kt.ld, bk, D, pack_buf.k, qk_alpha<T>(p.scale));
+  if (pack) {  // (K unpacked where the forward's scores were: ScoreCtx::on_rows)
+    const bool k_rows = std::is_same_v<T, float> && scores_on_rows(s.sq, s.sk, D);
+    if (!k_rows) pack_kt(kt.ptr, kt.ld, bk, D, pack_buf.k, qk_alpha<T>(p.scale));
     pack_kt(vt.ptr, vt.ld, bk, Dv, pack_buf.v, ds_mul);
-    packed = {pack_buf.k, pack_buf.v};
+    packed = {k_rows ? nullptr : pack_buf.k, pack_buf.v};
   }
   if (tr) {  // the columns of keys [0, bk_out) only: a whole (D, BLOCK_K) fill was 9% of a 16-key backward
     for (int64_t d = 0; d < D; ++d) std::fill(B.dkt + d * BLOCK_K, B.dkt + d * BLOCK_K + bk_out, 0.f);

@@ -265,7 +265,7 @@ struct QueryBlock {
       }
     }
     KtCache::Tile kt_packed{nullptr, 0};
-    if (kt_cache) {
+    if (kt_cache && !ctx.on_rows) {
       kt_packed = kt_cache->get(p, t, head, j0, bk, key_end, [&](int64_t width, float* dst) {
         if constexpr (!std::is_same_v<T, float>) {  // (fp32 K never packs from its rows: pack_kt reads them)
           if (from_rows) return pack_kt_rows<T>(k_tile, p.k_st.s, width, D, dst, alpha);

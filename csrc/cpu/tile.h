@@ -45,8 +45,15 @@ void gemm_packed_kt(const float* packed, int64_t bk, int64_t D, const float* qs,
 // it, so a tile's scores have the same bits whether its keys were packed once or not (the backward recomputes the
 // forward's scores, and P = exp(S - lse) must see the same S: a last-bit difference between the two showed in the
 // context-parallel tests' large-magnitude fp32 cases); on sgemm, gemm_rm with the transposed K.
+// on_rows: sgemm on K's rows as given on either engine (scores_on_rows).
 void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs, int64_t ldq, const float* k,
-                 int64_t ldk, float* S, int64_t ldS);
+                 int64_t ldk, float* S, int64_t ldS, bool on_rows = false);
+// Whether the fp32 score tiles of a sequence of sq query rows and sk keys take gemm_scores' on_rows form, unpacked,
+// instead of brgemm's transposed K. The shape alone decides, so the backward recomputes the forward's scores bit for
+// bit. On brgemm CPUs without AVX-512: up to 32 query rows, 256 keys or more, head dim <= 64, where transposing
+// each key tile for so few rows cost more than brgemm saves (blas.cpp has the measurements).
+bool scores_on_rows(int64_t sq, int64_t sk, int64_t D);
+void scores_on_rows_force(int mode);  // tests: 0 the rule, 1 never, 2 always
 
 // The fp32 engine (blas.cpp): "sgemm (...)" or "brgemm (...)" with the timing that chose it, for `info`; whether
 // gemm_rm's plain products and the packed key tiles run on oneDNN's brgemm; tests force one (0: as decided, 1:
@@ -118,6 +125,7 @@ struct ScoreCtx {
   int64_t h;
   float slope;        // alibi slope of this (sequence, head); 0 without alibi
   const T* bias_row0; // bias at (b, h, q0, k0): row i at bias_row(i), key j at + j * bias_st.d; nullptr without
+  bool on_rows;       // scores_on_rows: every score tile of the sequence unpacked (callers then skip scores_packed)
 
   ScoreCtx(const CpuParams& p_, const SeqInfo& s_, const Visibility& vis_, int64_t h_)
       : p(p_), s(s_), vis(vis_), h(h_) {
@@ -125,6 +133,7 @@ struct ScoreCtx {
     bias_row0 = p.bias ? static_cast<const T*>(p.bias) + s.b * p.bias_st.b + h * p.bias_st.h +
                              s.q0 * p.bias_st.s + s.k0 * p.bias_st.d
                        : nullptr;
+    on_rows = std::is_same_v<T, float> && scores_on_rows(s.sq, s.sk, p.D);
   }
 
   // S (bq, bk; ld ldS) = scale Q K^T for query rows [i0, i0+bq) and keys [j0, j0+bk) (qs: Q times q_mul<T>, the
@@ -134,7 +143,7 @@ struct ScoreCtx {
   // visible tile (nothing else left to finish).
   void scores(const float* qs, int64_t ldq, Operand kt, int64_t i0, int64_t bq, int64_t j0, int64_t bk, float* S,
               int64_t ldS, float* tanh_out, bool product_only = false) const {
-    gemm_scores(bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, S, ldS);
+    gemm_scores(bq, bk, p.D, qk_alpha<T>(p.scale), qs, ldq, kt.ptr, kt.ld, S, ldS, on_rows);
     if (!product_only) finish(i0, bq, j0, bk, S, ldS, tanh_out);
   }
 
