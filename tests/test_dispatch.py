@@ -413,10 +413,11 @@ def test_amd_fp32_rules(monkeypatch):
 
 
 def test_avx2_only_rules(monkeypatch):
-    """On CPUs without AVX-512 (measured on AMD EPYC Zen 1 and Zen 3) MHA inference steps of 4-16 tokens in fp32 and
-    2-16 in bf16 go to sdpa (masked: bf16 only), and tiny fp32 calls with a mask; fp32 steps of 2-3 tokens,
-    grouped-query steps, one-token steps, training, fp16 and unmasked tiny calls stay on the cpu kernels, at any
-    thread count; bf16 grouped-query steps of 2-8 tokens at head dim 64 go to sdpa on more than one thread."""
+    """On CPUs without AVX-512 (measured on AMD EPYC Zen 1 and Zen 3) MHA inference steps of 4-16 tokens in fp32 (5-16
+    only at head dim > 64 or under 512 keys) and 2-16 in bf16 go to sdpa (masked: bf16 only), and tiny fp32 calls with
+    a mask; fp32 steps of 2-3 tokens, of 5-16 at head dim 64 from 512 keys, grouped-query steps, one-token steps,
+    training, fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count; bf16 grouped-query steps of
+    2-8 tokens at head dim 64 go to sdpa on more than one thread."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
@@ -425,14 +426,17 @@ def test_avx2_only_rules(monkeypatch):
     pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
     pad[1, ..., :100] = False
 
-    def chosen(Sq, Hq=4, Hkv=4, Sk=300, mask=None, dt=torch.float32, grad=False):
-        q, k = rnd(2, Hq, Sq, 64).to(dt).requires_grad_(grad), rnd(2, Hkv, Sk, 64).to(dt)
+    def chosen(Sq, Hq=4, Hkv=4, Sk=300, mask=None, dt=torch.float32, grad=False, D=64):
+        q, k = rnd(2, Hq, Sq, D).to(dt).requires_grad_(grad), rnd(2, Hkv, Sk, D).to(dt)
         return fastattn.explain(q, k, k, attn_mask=None if mask is None else mask, enable_gqa=Hq != Hkv).chosen
 
     for threads in (1, 2):
         with torch_threads(threads):
             for Sq in (2, 3, 4, 8, 16):
                 assert chosen(Sq) == ("cpu" if Sq < 4 else "sdpa"), Sq  # fp32 MHA steps (both sides of 4)
+                # from 512 keys at head dim <= 64, steps past 4 tokens are the kernels' (score tiles on K's rows)
+                assert chosen(Sq, Sk=512) == ("sdpa" if Sq == 4 else "cpu"), Sq
+                assert chosen(Sq, Sk=511) == chosen(Sq, Sk=512, D=72) == chosen(Sq), Sq
                 assert chosen(Sq, dt=torch.bfloat16) == "sdpa", Sq
                 assert chosen(Sq, mask=pad) == "cpu" and chosen(Sq, mask=pad, dt=torch.bfloat16) == "sdpa", Sq
                 assert chosen(Sq, Hq=8, Hkv=2) == "cpu", Sq  # fp32 GQA steps

@@ -398,24 +398,34 @@ _FP32_BRGEMM_STEPS = ("sdpa is faster for fp32 inference steps on this CPU's brg
 # 1.45-1.80x on two (Zen 1 had read 0.97-1.13x at 2 tokens before that change), 4 tokens 0.82-1.49x / 1.02-1.42x,
 # 8-16 tokens 0.79-1.05x (one thread); bf16 2-3 tokens 0.95-1.22x, 4-16 tokens 0.80-0.99x. So fp32 MHA steps of 2-3
 # tokens are the kernels' on these CPUs; the rest of the class stays sdpa's.
-_AVX2_FP32_STEP_SQ = 4  # fp32 steps from this many tokens fall under _AVX2_STEPS
-_AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens and bf16 ones of 2-16 without "
-               "grouped-query heads on CPUs without AVX-512 (bf16 with them too on more than one thread at 2 tokens, "
-               "or 4-8 at head dim <= 64; measured 0.80-0.94x on an AMD EPYC Zen 1, 0.79-1.05x on a Zen 3)")
+# Then (the same CPU, later that day) fp32 score tiles of up to 32 query rows at head dim <= 64 came to take sgemm on
+# K's rows instead of brgemm's transposed K (csrc/cpu/blas.cpp, scores_on_rows): MHA 12 and 16 D=64 steps of 5-16
+# tokens read 1.01-1.30x at 512 and 2048 keys on one thread (0.90-1.20x at 256), 4 tokens (the decode kernel)
+# still 0.90x at 512 keys. So those steps from 512 keys are the kernels' too.
+_AVX2_FP32_STEP_SQ = 4  # fp32 steps from this many tokens fall under _AVX2_STEPS ...
+_AVX2_FP32_ROWS_SK = 512  # ... but past it, at head dim <= 64 from this many keys
+_AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens (5-16 at head dim > 64 or under 512 "
+               "keys) and bf16 ones of 2-16 without grouped-query heads on CPUs without AVX-512 (bf16 with them too "
+               "on more than one thread at 2 tokens, or 4-8 at head dim <= 64; measured 0.80-0.94x on an AMD EPYC "
+               "Zen 1, 0.79-1.05x on a Zen 3)")
 
 
 def _avx2_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
-    """An inference step of 2-16 query tokens (4-16 in fp32) against more than 64 keys (a tiny call is no step: B8
-    H12 S16 fp32 read 1.14x) without grouped-query heads on a CPU without AVX-512 (_AVX2_STEPS); gqa_bf16: with them
-    too on more than one thread, at 2 tokens or at up to 8 with head dim <= 64."""
+    """An inference step of 2-16 query tokens (in fp32 4, and 5-16 at head dim > 64 or under 512 keys) against more
+    than 64 keys (a tiny call is no step: B8 H12 S16 fp32 read 1.14x) without grouped-query heads on a CPU without
+    AVX-512 (_AVX2_STEPS); gqa_bf16: with them too on more than one thread, at 2 tokens or at up to 8 with head dim
+    <= 64."""
     if not _AVX2_ONLY or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
     if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread()
                                              and (Sq == 2 or Sq <= 8 and p.q.shape[3] <= 64)):
         return False
-    first = _AVX2_FP32_STEP_SQ if p.q.dtype is torch.float32 else 2
-    return first <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
+    if p.q.dtype is not torch.float32:
+        return 2 <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
+    if Sq > _AVX2_FP32_STEP_SQ and Sk >= _AVX2_FP32_ROWS_SK and p.q.shape[3] <= 64:
+        return False  # (the kernels' score tiles on K's rows)
+    return _AVX2_FP32_STEP_SQ <= Sq <= _DECODE_ROWS and Sk > _TINY_SK
 
 
 def _fp32_step_limit(p: AttnParams) -> int:
@@ -513,7 +523,7 @@ class CpuBackend(Backend):
         """auto_reasons' length thresholds (Sk <= x at each; empty queries never reach them)."""
         Sq = max(Sq, 1)
         return (_TINY_SK, _TINY_AREA // Sq, _MASKED_TINY_AREA_BF16_PARALLEL // Sq, _FP16_KEYS_PER_TOKEN * Sq - 1,
-                _AVX2_MASKED_GRAD_SK, _AVX2_MASKED_GRAD_SK_NARROW)
+                _AVX2_MASKED_GRAD_SK, _AVX2_MASKED_GRAD_SK_NARROW, _AVX2_FP32_ROWS_SK - 1)
 
     def forward(self, p: AttnParams):
         return ops.cpp_attention(p)
