@@ -417,7 +417,9 @@ def test_avx2_only_rules(monkeypatch):
     only at head dim > 64 or under 512 keys) and 2-16 in bf16 go to sdpa (masked: bf16 only), and tiny fp32 calls with
     a mask; fp32 steps of 2-3 tokens, of 5-16 at head dim 64 from 512 keys, grouped-query steps, one-token steps,
     training, fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count; bf16 grouped-query steps of
-    2-8 tokens at head dim 64 go to sdpa on more than one thread."""
+    2-8 tokens at head dim 64 go to sdpa on more than one thread. On more than one thread of AMD's family 25 and
+    later (Zen 3) those, tiny masked fp32 calls and small fp32 training calls past 2^17 stay ours
+    (_AVX2_PARALLEL_AS_ZEN1 false)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
@@ -430,7 +432,9 @@ def test_avx2_only_rules(monkeypatch):
         q, k = rnd(2, Hq, Sq, D).to(dt).requires_grad_(grad), rnd(2, Hkv, Sk, D).to(dt)
         return fastattn.explain(q, k, k, attn_mask=None if mask is None else mask, enable_gqa=Hq != Hkv).chosen
 
-    for threads in (1, 2):
+    for threads, zen1 in ((1, True), (2, True), (1, False), (2, False)):
+        monkeypatch.setattr(cpu_backend, "_AVX2_PARALLEL_AS_ZEN1", zen1)
+        zen1_parallel = zen1 and threads > 1
         with torch_threads(threads):
             for Sq in (2, 3, 4, 8, 16):
                 assert chosen(Sq) == ("cpu" if Sq < 4 else "sdpa"), Sq  # fp32 MHA steps (both sides of 4)
@@ -440,14 +444,17 @@ def test_avx2_only_rules(monkeypatch):
                 assert chosen(Sq, dt=torch.bfloat16) == "sdpa", Sq
                 assert chosen(Sq, mask=pad) == "cpu" and chosen(Sq, mask=pad, dt=torch.bfloat16) == "sdpa", Sq
                 assert chosen(Sq, Hq=8, Hkv=2) == "cpu", Sq  # fp32 GQA steps
-                gqa_bf16 = "sdpa" if threads > 1 and Sq <= 8 else "cpu"  # (head dim 64)
+                gqa_bf16 = "sdpa" if zen1_parallel and Sq <= 8 else "cpu"  # (head dim 64)
                 assert chosen(Sq, Hq=8, Hkv=2, dt=torch.bfloat16) == gqa_bf16, (threads, Sq)
                 assert chosen(Sq, dt=torch.float16) == "cpu", Sq
                 assert chosen(Sq, Hq=16, Hkv=16, Sk=2048, grad=True) == "cpu", Sq  # (past the small-training rule)
             assert chosen(1) == "cpu" and chosen(1, dt=torch.bfloat16) == "cpu" and chosen(17) == "cpu"
-            assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == "sdpa"  # tiny
-            # small training calls: 2^21 on every thread count
-            assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == "sdpa" and chosen(128, Sk=128, grad=True) == "cpu"
+            tiny_masked = "cpu" if threads > 1 and not zen1 else "sdpa"
+            assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == tiny_masked  # tiny
+            # small training calls: 2^21 (2^17 on more than one thread of a Zen 3), 2^22 for one head
+            small_grad = "cpu" if threads > 1 and not zen1 else "sdpa"
+            assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == small_grad and chosen(128, Sk=128, grad=True) == "cpu"
+            assert chosen(16, Hq=12, Hkv=12, Sk=16, grad=True) == small_grad
 
 
 def test_fp16_step_rule(monkeypatch):

@@ -244,6 +244,17 @@ std::string cpu_vendor() {
   return "unknown";
 }
 
+int cpu_family() {
+#ifdef FASTATTN_X86_CPUID
+  unsigned a, b, c, d;
+  if (__get_cpuid(1, &a, &b, &c, &d)) {
+    const unsigned base = (a >> 8) & 0xf;  // the extended family adds on where the base reads 15 (AMD from K8 on)
+    return static_cast<int>(base == 0xf ? base + ((a >> 20) & 0xff) : base);
+  }
+#endif
+  return 0;
+}
+
 bool amd_cpu() {
   static const bool amd = cpu_vendor() == "AuthenticAMD";
   return amd;

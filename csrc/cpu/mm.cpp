@@ -290,6 +290,7 @@ std::map<std::string, std::string> report() {
 #endif
   return {{"cpu", cpu_model()},
           {"vendor", cpu_vendor()},
+          {"family", std::to_string(cpu_family())},
           {"fp32", fp32_gemm_brgemm() ? "brgemm" : "sgemm"},
           {"bf16", path(at::kBFloat16) == Path::kBrgemm ? "brgemm" : "fp32"},
           {"fp16", path(at::kHalf) == Path::kBrgemm ? "brgemm" : "fp32"},
@@ -352,7 +353,7 @@ double tile_gflops(const std::string& dtype) {
 
 std::string describe() {
   const Isa& i = isa();
-  std::string s = "CPU: " + cpu_model() + "; ISA:";
+  std::string s = "CPU: " + cpu_model() + " (family " + std::to_string(cpu_family()) + "); ISA:";
   if (i.amx_bf16) s += " AMX-BF16";
   if (i.amx_fp16) s += " AMX-FP16";
   if (i.avx512_fp16) s += " AVX512-FP16";

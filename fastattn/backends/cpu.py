@@ -221,7 +221,8 @@ _GRAD_WORK_ONE_HEAD_NARROW = 1 << 16  # Intel with AVX-512, since the C++ autogr
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * Sq * Sk * D; on an Intel CPU with "
                     "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
                     "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without "
-                    "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head: measured "
+                    "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU (without AVX-512 from family "
+                    "25 on), 2^22 for one head: measured "
                     "0.36-0.98x when the cpu kernels cost ~70 us more a call, since then 0.84-1.13x without "
                     "AVX-512 on an AMD EPYC Zen 3)")
 
@@ -243,15 +244,15 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
         bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD and heads <= 2 else _GRAD_WORK_ONE_HEAD
         if work <= bound:
             return True
-    return work <= (_GRAD_WORK if _one_thread() or _AVX2_ONLY or not _AMD else _GRAD_WORK_PARALLEL)
+    return work <= (_GRAD_WORK if _one_thread() or _AVX2_PARALLEL_AS_ZEN1 or not _AMD else _GRAD_WORK_PARALLEL)
 
 
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
 # cpu kernels with a key-padding mask measured 0.79-0.80x / 0.92x torch's SDPA (fp32, S = 16 / 32) and 0.88-0.94x /
 # 0.92-0.93x (bf16), B8 H12 D64, one thread, Intel Xeon AMX; level or ahead from S = 64 (1.08-1.15x).
 _MASKED_TINY = ("sdpa is faster for tiny masked inference calls (Sk <= 64, Sq * Sk <= 1024; bf16 on more than one "
-                "thread Sq * Sk <= 256; fp32 not on AMD CPUs with AVX-512: the cpu kernels measured 0.75-0.94x "
-                "with a key-padding mask)")
+                "thread Sq * Sk <= 256; fp32 not on AMD CPUs with AVX-512, nor on more than one thread of AMD's "
+                "family 25 and later without it: the cpu kernels measured 0.75-0.94x with a key-padding mask)")
 # bf16 on more than one thread (2026-12-01 evening, two threads, B2-16 H8-12 D64, a quarter of half the rows'
 # keys padding): the cpu kernels 0.75-0.78x at 16 tokens, 1.03-1.48x at 24-32 (the hand-over 0.93-1.02x); on one
 # thread 0.75-0.87x at 16 and 0.87-1.03x at 32 (torch's kernel is at its best at 32 and 64 keys; 1.06-1.63x at
@@ -264,7 +265,8 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     PyTorch's own call at its own size (eager only: the length bounds would make dynamic-shape graphs guard, and
     the fp32 rule reads the thread count, which a graph cannot)."""
     if (p.requires_grad or torch.compiler.is_compiling()
-            or not (dt is torch.float32 and (_fp32_tiny_rule(masked=True) or _AVX2_ONLY)
+            or not (dt is torch.float32 and (_fp32_tiny_rule(masked=True)
+                                             or _AVX2_ONLY and (_one_thread() or _AVX2_PARALLEL_AS_ZEN1))
                     or dt is torch.bfloat16 and _BF16_AMX)
             or not _sdpa_fused(p, mask=True)):
         return False
@@ -406,19 +408,28 @@ _AVX2_FP32_STEP_SQ = 4  # fp32 steps from this many tokens fall under _AVX2_STEP
 _AVX2_FP32_ROWS_SK = 512  # ... but past it, at head dim <= 64 from this many keys
 _AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens (5-16 at head dim > 64 or under 512 "
                "keys) and bf16 ones of 2-16 without grouped-query heads on CPUs without AVX-512 (bf16 with them too "
-               "on more than one thread at 2 tokens, or 4-8 at head dim <= 64; measured 0.80-0.94x on an AMD EPYC "
-               "Zen 1, 0.79-1.05x on a Zen 3)")
+               "on more than one thread at 2 tokens, or 4-8 at head dim <= 64, but not on AMD's family 25 and "
+               "later; measured 0.80-0.94x on an AMD EPYC Zen 1, 0.79-1.05x on a Zen 3)")
+
+
+# Two threads of the AMD EPYC Zen 3 (two cores; 2026-12-06, benchmarks/test_auto_rule.py with FASTATTN_BENCH_THREADS=2)
+# read the classes that the Zen 1's two threads had sent to sdpa the other way: bf16 grouped-query steps of 2-8 tokens
+# 1.51-2.94x torch's SDPA on the kernels (Zen 1: 0.82-0.92x), small fp32 training calls B1-4 H12 S16-32 1.34-1.82x
+# (0.76-0.94x), tiny fp32 inference calls with a key-padding mask 1.52-1.84x (0.88x on one thread of the Zen 3 at
+# S = 16). So those two-thread rules hold on CPUs without AVX-512 other than AMD's family 25 and later (the Zen 1 is
+# family 23, as the Zen 2, not measured, which keeps them; whether the Zen 1's two vCPUs shared a core is not known).
+_AVX2_PARALLEL_AS_ZEN1 = _AVX2_ONLY and not (_AMD and int(_REPORT.get("family", "0")) >= 25)
 
 
 def _avx2_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
     """An inference step of 2-16 query tokens (in fp32 4, and 5-16 at head dim > 64 or under 512 keys) against more
     than 64 keys (a tiny call is no step: B8 H12 S16 fp32 read 1.14x) without grouped-query heads on a CPU without
     AVX-512 (_AVX2_STEPS); gqa_bf16: with them too on more than one thread, at 2 tokens or at up to 8 with head dim
-    <= 64."""
+    <= 64 (not on AMD's family 25 and later: _AVX2_PARALLEL_AS_ZEN1)."""
     if not _AVX2_ONLY or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
-    if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread()
+    if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread() and _AVX2_PARALLEL_AS_ZEN1
                                              and (Sq == 2 or Sq <= 8 and p.q.shape[3] <= 64)):
         return False
     if p.q.dtype is not torch.float32:
