@@ -363,7 +363,8 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
         rows = dtype == torch.float32 and any(fastattn.ops._C.cpu_scores_on_rows(n, Sk, D) for n in (Sq, G * Sq))
         if pairs_differ:  # pairs drop lo * lo (under 2^-18 of each product): scores, and lse, differ by ~1e-4
             torch.testing.assert_close(lse, lse_mha, rtol=0, atol=1e-3, msg=str(case))
-        elif not exact or rows or kind in ("head_pad", "runs"):  # (runs: the rows share tiles from the first key any sees)
+        # (runs: the rows share tiles from the first key any sees)
+        elif not exact or rows or kind in ("head_pad", "runs"):
             torch.testing.assert_close(lse, lse_mha, msg=str(case))
         else:
             assert torch.equal(out, out_mha) and torch.equal(lse, lse_mha), case

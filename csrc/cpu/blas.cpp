@@ -368,9 +368,22 @@ void scores_brgemm(int64_t bq, int64_t bk, int64_t D, const float* qs, int64_t l
 // rows against 0.84-1.01x transposed (two threads 1.35-1.36x against 1.01-1.24x), at 256 keys 1.02-1.03x against
 // 0.97-1.01x; at 128 keys or fewer, 64 query rows and more, or head dim 128 from memory the transposed form led by
 // 2-15%. Grouped-query heads (12/4, 8-16 rows) level or 10% faster on rows.
+namespace {
+constexpr int64_t kRowsMaxSq = 32, kRowsMinSk = 256, kRowsMaxD = 64;  // scores_on_rows's line
+bool rows_cpu() { return fp32_gemm_brgemm() && !vec512::available(); }
+}  // namespace
+
 bool scores_on_rows(int64_t sq, int64_t sk, int64_t D) {
   const int f = g_rows_force.load(std::memory_order_relaxed);
-  return f == 2 || (f == 0 && sq <= 32 && sk >= 256 && D <= 64 && fp32_gemm_brgemm() && !vec512::available());
+  return f == 2 || (f == 0 && sq <= kRowsMaxSq && sk >= kRowsMinSk && D <= kRowsMaxD && rows_cpu());
+}
+
+std::string scores_on_rows_describe() {
+  const int f = g_rows_force.load(std::memory_order_relaxed);
+  if (f == 1 || (f == 0 && !rows_cpu())) return "";
+  if (f == 2) return "every sequence's score tiles on K's rows (forced)";
+  return "sequences of <= " + std::to_string(kRowsMaxSq) + " query rows from " + std::to_string(kRowsMinSk) +
+         " keys at head dim <= " + std::to_string(kRowsMaxD) + ": on K's rows";
 }
 
 void scores_on_rows_force(int mode) { g_rows_force.store(mode, std::memory_order_relaxed); }

@@ -1,6 +1,6 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
-#include "tile.h"  // packed_kt_available, scores_on_rows, fp32_gemm_describe, bwd_transposed_form, best_seconds
+#include "tile.h"  // packed_kt_available, scores_on_rows_describe, fp32_gemm_describe, bwd_transposed_form, best_seconds
 #include "vec512.h"
 
 #include <ATen/Parallel.h>
@@ -370,7 +370,7 @@ std::string describe() {
   if (!pairs_decision().why.empty()) s += "; fp16 forward and backward: " + pairs_decision().why;
   s += "; fp32: " + fp32_gemm_describe();
   if (packed_kt_available()) s += ", key tiles packed once per head";
-  if (scores_on_rows(1, 256, 64)) s += " (sequences of <= 32 query rows from 256 keys at head dim <= 64: on K's rows)";
+  if (const std::string rows = scores_on_rows_describe(); !rows.empty()) s += " (" + rows + ")";
   if (fp32_gemm_brgemm()) {
     s += bwd_transposed_form() ? ", backward key blocks transposed (all products on brgemm)"
                                : ", backward key blocks plain (dV, dK, dQ on sgemm)";

@@ -54,6 +54,7 @@ void gemm_scores(int64_t bq, int64_t bk, int64_t D, float alpha, const float* qs
 // each key tile for so few rows cost more than brgemm saves (blas.cpp has the measurements).
 bool scores_on_rows(int64_t sq, int64_t sk, int64_t D);
 void scores_on_rows_force(int mode);  // tests: 0 the rule, 1 never, 2 always
+std::string scores_on_rows_describe();  // the rule where this CPU takes it, for `info` ("" where it does not)
 
 // The fp32 engine (blas.cpp): "sgemm (...)" or "brgemm (...)" with the timing that chose it, for `info`; whether
 // gemm_rm's plain products and the packed key tiles run on oneDNN's brgemm; tests force one (0: as decided, 1:
