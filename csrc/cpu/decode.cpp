@@ -202,8 +202,8 @@ void prefetch_block(const DecodeParams& p, const T* kbase, const T* vbase, int64
     for (int64_t pos = a; pos < e; ++pos) {
       const char* k = reinterpret_cast<const char*>(kbase + row * p.k_sb + pos * p.k_ss + hk * p.k_sh);
       const char* v = reinterpret_cast<const char*>(vbase + row * p.v_sb + pos * p.v_ss + hk * p.v_sh);
-      for (int64_t c = 0; c < kbytes; c += kLine) prefetch(k + c, false);
-      for (int64_t c = 0; c < vbytes; c += kLine) prefetch(v + c, false);
+      for (int64_t c = 0; c < kbytes; c += kLine) vec::prefetch(k + c, false);
+      for (int64_t c = 0; c < vbytes; c += kLine) vec::prefetch(v + c, false);
     }
   }
 }

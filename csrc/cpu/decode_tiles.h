@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "vec.h"     // use_avx2, hsum8, load8: the same vector helpers as the prefill kernels
+#include "vec.h"     // use_avx2, hsum8, load8, prefetch: the same vector helpers as the prefill kernels
 #include "vec512.h"  // load16, tail, available, native_bf16: AVX-512 where the CPU has it
 
 namespace fastattn::cpu::decode {
@@ -33,19 +33,6 @@ struct Stream {
   int64_t k_stride = 0, v_stride = 0;
 };
 
-// Prefetch the cache line at a to L1 (and L2) or to L2 only. Inline assembly on x86: GCC 12 emitted no instruction
-// for __builtin_prefetch in decode.cpp (objdump of the built extension: not one prefetch; a one-function file with the
-// same flags and headers kept it; cause not found), which left prefetch_block without effect from its first commit.
-inline void prefetch(const char* a, bool l1) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (l1) asm volatile("prefetcht0 %0" : : "m"(*a));
-  else asm volatile("prefetcht1 %0" : : "m"(*a));
-#else
-  if (l1) __builtin_prefetch(a, 0, 3);
-  else __builtin_prefetch(a, 0, 2);
-#endif
-}
-
 // Prefetch `bytes` of each of rows[0, n) ahead.bytes on. Issued a few rows per step of the helpers' loops, the
 // fetches overlap the arithmetic; the hardware prefetchers alone left one-token steps waiting on memory.
 template <typename T>
@@ -53,10 +40,10 @@ inline void fetch_ahead(const T* const* rows, int64_t n, Ahead ahead, int64_t by
   if (ahead.bytes == 0) return;
   for (int64_t u = 0; u < n; ++u) {  // each line of [a, a + bytes): the first and last, then any between
     const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead.bytes, last = (a + bytes - 1) & ~uintptr_t{63};
-    prefetch(reinterpret_cast<const char*>(a), ahead.l1);
-    prefetch(reinterpret_cast<const char*>(last), ahead.l1);
+    vec::prefetch(reinterpret_cast<const char*>(a), ahead.l1);
+    vec::prefetch(reinterpret_cast<const char*>(last), ahead.l1);
     for (uintptr_t line = (a & ~uintptr_t{63}) + 64; line < last; line += 64) {
-      prefetch(reinterpret_cast<const char*>(line), ahead.l1);
+      vec::prefetch(reinterpret_cast<const char*>(line), ahead.l1);
     }
   }
 }
@@ -67,12 +54,12 @@ inline void fetch_ahead_strided(const char* row0, int64_t nk, int64_t stride, Ah
   const char* a = row0 + ahead.bytes;
   const bool aligned = ((reinterpret_cast<uintptr_t>(a) | stride | bytes) & 63) == 0;
   if (aligned && stride == bytes) {  // rows back to back: one run of lines
-    for (int64_t c = 0; c < nk * bytes; c += 64) prefetch(a + c, ahead.l1);
+    for (int64_t c = 0; c < nk * bytes; c += 64) vec::prefetch(a + c, ahead.l1);
     return;
   }
   for (int64_t u = 0; u < nk; ++u, a += stride) {
-    for (int64_t c = 0; c < bytes; c += 64) prefetch(a + c, ahead.l1);
-    if (!aligned) prefetch(a + bytes - 1, ahead.l1);
+    for (int64_t c = 0; c < bytes; c += 64) vec::prefetch(a + c, ahead.l1);
+    if (!aligned) vec::prefetch(a + bytes - 1, ahead.l1);
   }
 }
 

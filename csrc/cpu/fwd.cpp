@@ -284,7 +284,10 @@ struct QueryBlock {
     for (int64_t r = 0; r < bq; ++r) {
       float* P_r = P + r * t.k;
       const float* bias_r = nullptr;
-      if constexpr (std::is_same_v<T, float>) bias_r = fused ? ctx.bias_row(i0 + r) + j0 : nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        if (fused) ctx.prefetch_bias(i0, r, bq, j0, bk);
+        bias_r = fused ? ctx.bias_row(i0 + r) + j0 : nullptr;
+      }
       const float alpha = online_softmax_row(S + r * t.k, bk, m[r], l[r], P_r, bias_r);
       if (alpha != 1.f && !first) vec::scale_row(acc + r * Dv, Dv, alpha);
       // l_i sums the undropped probabilities; dropout applies to what multiplies V.

@@ -22,6 +22,29 @@
 
 namespace fastattn::cpu::vec {
 
+// Prefetch the cache line at a to L1 (and L2) or to L2 only. Inline assembly on x86: GCC 12 emitted no instruction
+// for __builtin_prefetch in decode.cpp (objdump of the built extension: not one prefetch; a one-function file with the
+// same flags and headers kept it; cause not found), which left decode's prefetch_block without effect from its first
+// commit.
+inline void prefetch(const char* a, bool l1) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (l1) asm volatile("prefetcht0 %0" : : "m"(*a));
+  else asm volatile("prefetcht1 %0" : : "m"(*a));
+#else
+  if (l1) __builtin_prefetch(a, 0, 3);
+  else __builtin_prefetch(a, 0, 2);
+#endif
+}
+
+// Prefetch the first `n` elements of a row into L1, a row or more before a pass reads it: a float mask's rows lie a
+// whole row of the mask apart (4 KB at 1024 keys), and a tile reads a 2 KB piece of each, too short for the hardware
+// prefetchers to run ahead of the pass.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* a = reinterpret_cast<const char*>(row);
+  for (int64_t c = 0; c < n * int64_t(sizeof(T)); c += 64) prefetch(a + c, true);
+}
+
 inline bool use_avx2() {
 #ifdef FASTATTN_X86
   static const bool on = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
