@@ -6,7 +6,7 @@
 
 For each class of call (dtype x forward / forward+backward x causal x head dim, at B1 H8 S1024; short forward
 calls at B4 H8 S128 / S512; small fp32 training calls; one-token decode steps, on one cache and on many in turn;
-steps of 2-16 query tokens) it times PyTorch's SDPA, the `cpu` kernels and `auto` side by side in one process (one
+steps of 2-16 query tokens; masks with structure and dense float masks) it times PyTorch's SDPA, the `cpu` kernels and `auto` side by side in one process (one
 thread and CPU time, or FASTATTN_BENCH_THREADS threads and wall time; a batch of calls of each in turn, in 15 rounds,
 and the median over the rounds of each round's ratio), prints the ratios with the CPU model and the path each dtype
 took, and asserts that `auto` is within 5% of PyTorch or faster. A failure means the rule is wrong for this CPU:
@@ -333,6 +333,37 @@ def test_auto_not_slower_than_torch_structured_masks(dtype, kind):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(Bm, Hm, Sm, 64, generator=g).to(dtype) for _ in range(3))
     _check_sdpa(q, k, v, f"{str(dtype)[6:]} {kind} mask B={Bm} H={Hm} S={Sm} D=64", attn_mask=mask)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_not_slower_than_torch_dense_float_mask(dtype, grad, per_head):
+    """A dense float mask with no -inf (an additive bias, as T5's relative positions or ALiBi given as a mask), B1 H8
+    S1024 D64: one (1, 1, S, S) bias that every head shares, or a (B, H, S, S) one. Nothing to skip: every tile is
+    computed and the bias read in full, by the forward and by the backward's recomputed scores."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, 64, generator=g).to(dtype).requires_grad_(grad) for _ in range(3))
+    bias = torch.randn((B, H, S, S) if per_head else (1, 1, S, S), generator=g).to(dtype)
+    do = torch.randn(B, H, S, 64, generator=g).to(dtype)
+    what = f"{str(dtype)[6:]} {'fwd+bwd' if grad else 'fwd'} dense {'per-head' if per_head else 'shared'} float mask"
+    what += f" B={B} H={H} S={S} D=64"
+    if not grad:
+        _check_sdpa(q, k, v, what, attn_mask=bias)
+        return
+
+    def run(f, **kw):
+        def call():
+            f(q, k, v, attn_mask=bias, **kw).backward(do)
+            q.grad = k.grad = v.grad = None
+        return call
+    impls = {"torch": run(TORCH_SDPA), "cpu": run(fastattn.scaled_dot_product_attention, backend="cpu"),
+             "auto": run(fastattn.scaled_dot_product_attention)}
+    x = _ratios(impls)
+    chosen = fastattn.explain(q, k, v, attn_mask=bias).chosen
+    print(f"{what}: cpu {x['cpu']:.2f}x torch, auto ({chosen}) {x['auto']:.2f}x torch")
+    assert x["auto"] >= 0.95, (
+        f"auto ({chosen}) is {x['auto']:.2f}x torch for {what}; cpu is {x['cpu']:.2f}x: fix the auto rule")
 
 
 _DT_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
