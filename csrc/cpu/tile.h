@@ -89,9 +89,9 @@ constexpr int64_t kMaxLd = std::numeric_limits<int>::max();
 // stride shares a large power-of-two factor g with 4 KB start on 4 KB / g set offsets only, and rows of fewer than g
 // bytes leave the sets between unused: a tile of them evicts itself from a fraction of the L1. transformers' (B, S,
 // H, D) layout puts rows H * D floats apart: 4 KB at H8 D128 and H16 D64 (1/8 and 1/16 of the sets), 3 KB at H12
-// D64 (1/4). AMD EPYC Zen 3, one thread, fp32, such inputs read in place against copied (K, V a head at a time,
-// Q, dO a tile): forward 0.71-0.79x torch -> 1.04-1.06x at B1 S1024 on 4 KB rows, 0.94-0.98x -> 0.98-1.03x on
-// 3 KB / 6 KB rows; forward+backward 0.93-0.97x -> 1.02-1.05x / 1.01x -> 1.08x.
+// D64 (1/4). AMD EPYC Zen 3, one thread, fp32 B1 S1024, such inputs read in place against copied (K, V a head at a
+// time, Q, dO a tile): forward 0.71-0.79x torch -> 1.00-1.06x on 4 KB rows, 0.94-0.98x -> 0.98-1.04x on 3 KB / 6 KB
+// rows; forward+backward 0.93-0.97x -> 0.99-1.05x (benchmarks/test_auto_rule.py, transformers_layout).
 inline bool rows_in_place(int64_t ld, int64_t cols) {
   if (ld == cols) return true;
   const int64_t offset = (ld * int64_t(sizeof(float))) % 4096;
