@@ -144,15 +144,19 @@ def test_strided_last_dim_and_varlen_bias():
                             None, torch.float32)
 
 
-@pytest.mark.parametrize("H,D,S", [(16, 64, 300), (8, 128, 300), (12, 64, 300), (16, 64, 100), (2, 64, 300)],
-                         ids=["4KB-rows", "4KB-rows-d128", "3KB-rows", "4KB-rows-one-block", "512B-rows-in-place"])
-def test_rows_far_apart_in_transformers_layout(H, D, S):
+@pytest.mark.parametrize("H,Hkv,D,S", [(16, 16, 64, 300), (8, 8, 128, 300), (12, 12, 64, 300), (16, 16, 64, 100),
+                                       (16, 4, 64, 300), (2, 2, 64, 300)],
+                         ids=["4KB-rows", "4KB-rows-d128", "3KB-rows", "4KB-rows-one-block", "4KB-rows-gqa",
+                              "512B-rows-in-place"])
+def test_rows_far_apart_in_transformers_layout(H, Hkv, D, S):
     """fp32 inputs in transformers' (B, S, H, D) layout: rows H * D floats apart. Rows a multiple of 4 KB apart (and
     3 KB) are copied before the products (csrc/cpu/tile.h, rows_in_place: K and V a head at a time over several query
-    blocks, a tile at a time with one, Q and dO a tile at a time in the backward); 512-byte rows are read in place."""
-    q, k, v = (torch.randn(2, S, H, D).transpose(1, 2).requires_grad_() for _ in range(3))  # (B, H, S, D) views
+    blocks, a tile at a time with one; in the backward Q and dO a kv head's group at a time, bwd.cpp's DenseRows);
+    512-byte rows are read in place."""
+    q = torch.randn(2, S, H, D).transpose(1, 2).requires_grad_()  # (B, H, S, D) view
+    k, v = (torch.randn(2, S, Hkv, D).transpose(1, 2).requires_grad_() for _ in range(2))
     assert q.stride(2) == H * D
-    out = fastattn.scaled_dot_product_attention(q, k, v, backend="cpu")
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend="cpu", enable_gqa=H != Hkv)
     _assert_fwd_bwd_rule(out, q, k, v, torch.float32, scale=D ** -0.5)
 
 

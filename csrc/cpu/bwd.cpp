@@ -130,8 +130,10 @@ struct DqRows {
 template <typename T>
 struct HeadRows {
   const T *q, *dO;
+  int64_t q_ss, q_sd, do_ss, do_sd;  // element strides from row to row and within a row
   const float *lse, *delta;
-  HeadRows(const CpuParams& p, const SeqInfo& s, int64_t h, const float* delta_all) {
+  HeadRows(const CpuParams& p, const SeqInfo& s, int64_t h, const float* delta_all)
+      : q_ss(p.q_st.s), q_sd(p.q_st.d), do_ss(p.do_st.s), do_sd(p.do_st.d) {
     q = static_cast<const T*>(p.q) + s.b * p.q_st.b + h * p.q_st.h + s.q0 * p.q_st.s;
     dO = static_cast<const T*>(p.dout) + s.b * p.do_st.b + h * p.do_st.h + s.q0 * p.do_st.s;
     const int64_t lrow = s.b * p.lse_sb + h * p.lse_sh + s.q0;
@@ -140,11 +142,41 @@ struct HeadRows {
   }
 };
 
+// fp32 Q and dO rows that lie badly in the L1 (rows_in_place), copied back to back once per task for the group's
+// heads: (G, sq, D) then (G, sq, Dv). operand would copy them a tile at a time, once per key block, each time from the
+// far-apart rows (perf, AMD EPYC Zen 3, B1 H8 S1024 D128 in transformers' (B, S, H, D) layout: 6.9% of a
+// forward+backward's samples); in-process A/B there, one thread: forward+backward 1.5-6.7% faster at B1 S1024 and
+// B4 S512, D64-128, on 4 KB rows.
+struct DenseRows {
+  const float* base = nullptr;  // nullptr: read the inputs' rows
+  int64_t sq = 0;
+};
+
+template <typename T>
+DenseRows copy_dense_rows(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* delta_all, float* buf) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return {};
+  } else {
+    const int64_t G = p.group();
+    for (int64_t g = 0; g < G; ++g) {
+      const HeadRows<T> r(p, s, hk * G + g, delta_all);
+      float* q = buf + g * s.sq * p.D;
+      float* dO = buf + (G * p.D + g * p.Dv) * s.sq;
+      for (int64_t i = 0; i < s.sq; ++i) {
+        std::copy(r.q + i * r.q_ss, r.q + i * r.q_ss + p.D, q + i * p.D);
+        std::copy(r.dO + i * r.do_ss, r.dO + i * r.do_ss + p.Dv, dO + i * p.Dv);
+      }
+    }
+    return {buf, s.sq};
+  }
+}
+
 // dK, dV of key block [j0, j0+bk) of kv head hk, summed over its query heads and visible query blocks (in the
 // fp32 outputs themselves with `in_place`, else in B.dk/B.dv, then written); also accumulates dQ into dq.
 template <typename T>
 void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int64_t hk, int64_t j0,
-                const float* delta_all, BwdBuffers& B, DqRows dq, PackBuffers pack_buf, bool in_place) {
+                const float* delta_all, BwdBuffers& B, DqRows dq, PackBuffers pack_buf, bool in_place,
+                DenseRows dense) {
   // Rows [0, bk_out) of dK/dV are written; keys [bk, bk_out) are skipped padding (zero gradients) and left out of
   // the products, since without a bias (skip_key_padding) nothing else masks them.
   const int64_t D = p.D, Dv = p.Dv, bk_out = std::min(BLOCK_K, s.sk - j0);
@@ -187,18 +219,25 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   for (int64_t g = 0; g < p.group(); ++g) {
     const int64_t h = hk * p.group() + g;
     const ScoreCtx<T> ctx(p, s, vis, h);
-    const HeadRows<T> rows(p, s, h, delta_all);
+    HeadRows<T> rows(p, s, h, delta_all);
+    if constexpr (std::is_same_v<T, float>) {
+      if (dense.base) {  // (copy_dense_rows)
+        rows.q = dense.base + g * dense.sq * D;
+        rows.dO = dense.base + (p.group() * D + g * Dv) * dense.sq;
+        rows.q_ss = D, rows.do_ss = Dv, rows.q_sd = rows.do_sd = 1;
+      }
+    }
     for (int64_t i0 = i_lo; i0 < i_hi; i0 += BLOCK_Q) {
       const int64_t bq = std::min(BLOCK_Q, i_hi - i0);
       const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
       if (m_hi <= j0 || m_lo >= j0 + bk) continue;  // the bias's -inf edges hide the tile from every row
-      const Operand qs = operand<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qs, q_mul<T>(p.scale));
-      const Operand dO = operand<T>(rows.dO + i0 * p.do_st.s, p.do_st.s, p.do_st.d, bq, Dv, B.dO);
+      const Operand qs = operand<T>(rows.q + i0 * rows.q_ss, rows.q_ss, rows.q_sd, bq, D, B.qs, q_mul<T>(p.scale));
+      const Operand dO = operand<T>(rows.dO + i0 * rows.do_ss, rows.do_ss, rows.do_sd, bq, Dv, B.dO);
       const float* Pd = grad_tile<T>(ctx, p.dropout_p > 0.f ? &drop : nullptr, qs, dO, rows.lse + i0,
                                      rows.delta + i0, kt, vt, packed, i0, bq, j0, bk, ds_mul, B.S, B.dP, B.Pd, B.tanh);
       if (tr) {
         // Q^T from the input itself (qs of other dtypes carries the scale, which dS' has already)
-        vec::transpose<T>(rows.q + i0 * p.q_st.s, p.q_st.s, p.q_st.d, bq, D, B.qt, BLOCK_Q);   // (D, bq)
+        vec::transpose<T>(rows.q + i0 * rows.q_ss, rows.q_ss, rows.q_sd, bq, D, B.qt, BLOCK_Q);  // (D, bq)
         vec::transpose<float>(dO.ptr, dO.ld, 1, bq, Dv, B.dOt, BLOCK_Q);                       // (Dv, bq)
         gemm_rm(false, false, Dv, bk, bq, 1.f, B.dOt, BLOCK_Q, Pd, BLOCK_K, 1.f, B.dvt, BLOCK_K);  // dV^T += dO^T Pd
         gemm_rm(false, false, D, bk, bq, 1.f, B.qt, BLOCK_Q, B.dP, BLOCK_K, 1.f, B.dkt, BLOCK_K);  // dK^T += Q^T dS'
@@ -310,6 +349,8 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   auto lda_ok = [](int64_t ld, int64_t cols) { return ld >= cols && ld <= kMaxLd; };
   const bool in_place = std::is_same_v<T, float> && !p.accumulate && p.dk_st.d == 1 && p.dv_st.d == 1 &&
                         p.dq_st.d == 1 && lda_ok(p.dk_st.s, p.D) && lda_ok(p.dv_st.s, p.Dv) && lda_ok(p.dq_st.s, p.D);
+  const bool dense_rows = std::is_same_v<T, float> && p.q_st.d == 1 && p.do_st.d == 1 &&
+                          (!rows_in_place(p.q_st.s, p.D) || !rows_in_place(p.do_st.s, p.Dv));  // (DenseRows)
   const std::vector<int64_t> dealt = dealt_units(pairs);  // (sequence, kv head) pairs, dealt to the threads
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     BlasSingleThread blas1;
@@ -317,6 +358,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     Scratch buf(scratch);
     BwdBuffers B(buf, p);
     float* own = chunks > 1 || in_place ? nullptr : workspace_take<float>(part);
+    float* dense_buf = dense_rows ? workspace_take<float>(G * max_sq * (p.D + p.Dv)) : nullptr;
     // Two MKL-packed tiles (K and V of the current key block); MKL sizes each ~8 MB of address space, of which
     // only BLOCK_K * D floats are written.
     const int64_t pack_floats = packed_kt_available() ? packed_kt_floats(BLOCK_K, std::max(p.D, p.Dv)) : 0;
@@ -340,9 +382,10 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < s.sq; ++i) std::fill(dq.row(g, i), dq.row(g, i) + p.D, 0.f);
       }
+      const DenseRows dense = dense_rows ? copy_dense_rows<T>(p, s, hk, delta, dense_buf) : DenseRows{};
       const int64_t j_end = std::min(s.sk, (c + 1) * per_chunk * BLOCK_K);
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
-        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq, pack_buf, in_place);
+        dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq, pack_buf, in_place, dense);
       }
       if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1);
     }
