@@ -140,6 +140,11 @@ struct HeadRows {
     lse = p.lse + lrow;
     delta = delta_all + lrow;
   }
+  // Read Q and dO from back-to-back copies of their rows (DenseRows) instead.
+  void use_copies(const T* q_rows, const T* do_rows, int64_t D, int64_t Dv) {
+    q = q_rows, dO = do_rows;
+    q_ss = D, do_ss = Dv, q_sd = do_sd = 1;
+  }
 };
 
 // fp32 Q and dO rows that lie badly in the L1 (rows_in_place), copied back to back once per task for the group's
@@ -148,8 +153,10 @@ struct HeadRows {
 // forward+backward's samples); in-process A/B there, one thread: forward+backward 1.5-6.7% faster at B1 S1024 and
 // B4 S512, D64-128, on 4 KB rows.
 struct DenseRows {
-  const float* base = nullptr;  // nullptr: read the inputs' rows
-  int64_t sq = 0;
+  float* base = nullptr;  // nullptr: read the inputs' rows
+  int64_t sq = 0, G = 0, D = 0, Dv = 0;
+  float* q(int64_t g) const { return base + g * sq * D; }  // (sq, D) rows of group member g
+  float* dO(int64_t g) const { return base + (G * D + g * Dv) * sq; }  // (sq, Dv)
 };
 
 template <typename T>
@@ -157,17 +164,16 @@ DenseRows copy_dense_rows(const CpuParams& p, const SeqInfo& s, int64_t hk, cons
   if constexpr (!std::is_same_v<T, float>) {
     return {};
   } else {
-    const int64_t G = p.group();
-    for (int64_t g = 0; g < G; ++g) {
-      const HeadRows<T> r(p, s, hk * G + g, delta_all);
-      float* q = buf + g * s.sq * p.D;
-      float* dO = buf + (G * p.D + g * p.Dv) * s.sq;
+    const DenseRows dense{buf, s.sq, p.group(), p.D, p.Dv};
+    for (int64_t g = 0; g < dense.G; ++g) {
+      const HeadRows<T> r(p, s, hk * dense.G + g, delta_all);
+      float *q = dense.q(g), *dO = dense.dO(g);
       for (int64_t i = 0; i < s.sq; ++i) {
         std::copy(r.q + i * r.q_ss, r.q + i * r.q_ss + p.D, q + i * p.D);
         std::copy(r.dO + i * r.do_ss, r.dO + i * r.do_ss + p.Dv, dO + i * p.Dv);
       }
     }
-    return {buf, s.sq};
+    return dense;
   }
 }
 
@@ -221,11 +227,7 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
     const ScoreCtx<T> ctx(p, s, vis, h);
     HeadRows<T> rows(p, s, h, delta_all);
     if constexpr (std::is_same_v<T, float>) {
-      if (dense.base) {  // (copy_dense_rows)
-        rows.q = dense.base + g * dense.sq * D;
-        rows.dO = dense.base + (p.group() * D + g * Dv) * dense.sq;
-        rows.q_ss = D, rows.do_ss = Dv, rows.q_sd = rows.do_sd = 1;
-      }
+      if (dense.base) rows.use_copies(dense.q(g), dense.dO(g), D, Dv);  // (copy_dense_rows)
     }
     for (int64_t i0 = i_lo; i0 < i_hi; i0 += BLOCK_Q) {
       const int64_t bq = std::min(BLOCK_Q, i_hi - i0);

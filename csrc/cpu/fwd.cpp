@@ -363,11 +363,9 @@ void fwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t per_head = Scratch::round(t.q * p.D) + Scratch::round(t.q * p.Dv) + 2 * Scratch::round(t.q);
   const int64_t scratch = Scratch::round(t.k * p.D) + Scratch::round(t.k * p.Dv) +
                           (lazy_softmax() ? 2 : 1) * Scratch::round(t.q * t.k) + per_head;
-  // fp32 K/V with unit last stride whose rows lie well in the L1 (rows_in_place) are used in place; anything else
-  // goes through a per-thread KVPack.
-  const bool direct = std::is_same_v<T, float> && p.k_st.d == 1 && p.k_st.s >= p.D && p.k_st.s <= kMaxLd &&
-                      p.v_st.d == 1 && p.v_st.s >= p.Dv && p.v_st.s <= kMaxLd && rows_in_place(p.k_st.s, p.D) &&
-                      rows_in_place(p.v_st.s, p.Dv);
+  // fp32 K/V whose rows operand would use in place (rows_usable) are; anything else goes through a per-thread KVPack.
+  const bool direct = std::is_same_v<T, float> && rows_usable(p.k_st.s, p.k_st.d, p.D) &&
+                      rows_usable(p.v_st.s, p.v_st.d, p.Dv);
   // ... but where no other task of the thread reads the same K/V (one query block a head, no grouped heads), each
   // key tile is converted as it is reached into the scratch's tile buffers: a KVPack of the whole head outgrew the L2
   // at 2048 keys (D=128: 2 MB of fp32 K and V a head), where fp16 MHA steps of 5-32 tokens (Intel Xeon AMX, one

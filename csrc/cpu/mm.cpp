@@ -1,6 +1,7 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
-#include "tile.h"  // packed_kt_available, scores_on_rows_describe, fp32_gemm_describe, bwd_transposed_form, best_seconds
+#include "tile.h"  // packed_kt_available, scores_on_rows_describe, fp32_gemm_describe, bwd_transposed_form,
+                   // best_seconds
 #include "vec512.h"
 
 #include <ATen/Parallel.h>

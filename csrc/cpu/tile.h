@@ -99,8 +99,14 @@ inline bool rows_in_place(int64_t ld, int64_t cols) {
   return 2 * cols * int64_t(sizeof(float)) >= g;
 }
 
-// A (rows, cols) fp32 view: either straight into an fp32 input (unit last stride, row stride >= cols, rows_in_place)
-// or a packed copy in a thread-local buffer (other dtypes, other strides, or when `mul` != 1).
+// Whether fp32 rows `ss` elements apart (unit stride `sd` within a row), `cols` wide, are used in place: BLAS takes
+// its leading dimension as int, and rows_in_place.
+inline bool rows_usable(int64_t ss, int64_t sd, int64_t cols) {
+  return sd == 1 && ss >= cols && ss <= kMaxLd && rows_in_place(ss, cols);
+}
+
+// A (rows, cols) fp32 view: either straight into an fp32 input (rows_usable) or a packed copy in a thread-local
+// buffer (other dtypes, other strides, or when `mul` != 1).
 struct Operand {
   const float* ptr;
   int64_t ld;
@@ -110,8 +116,7 @@ template <typename T>
 inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* buf,
                        float mul = 1.f) {
   if constexpr (std::is_same_v<T, float>) {
-    // BLAS takes its leading dimension as int: rows further apart than that are packed instead.
-    if (sd == 1 && ss >= cols && ss <= kMaxLd && mul == 1.f && rows_in_place(ss, cols)) return {base, ss};
+    if (mul == 1.f && rows_usable(ss, sd, cols)) return {base, ss};
   }
   for (int64_t r = 0; r < rows; ++r) vec::load_row<T>(base + r * ss, sd, buf + r * cols, cols, mul);
   return {buf, cols};
