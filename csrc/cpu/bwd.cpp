@@ -168,10 +168,8 @@ DenseRows copy_dense_rows(const CpuParams& p, const SeqInfo& s, int64_t hk, cons
     for (int64_t g = 0; g < dense.G; ++g) {
       const HeadRows<T> r(p, s, hk * dense.G + g, delta_all);
       float *q = dense.q(g), *dO = dense.dO(g);
-      for (int64_t i = 0; i < s.sq; ++i) {
-        std::copy(r.q + i * r.q_ss, r.q + i * r.q_ss + p.D, q + i * p.D);
-        std::copy(r.dO + i * r.do_ss, r.dO + i * r.do_ss + p.Dv, dO + i * p.Dv);
-      }
+      copy_rows<float>(r.q, r.q_ss, 1, s.sq, p.D, q, p.D, 1.f);
+      copy_rows<float>(r.dO, r.do_ss, 1, s.sq, p.Dv, dO, p.Dv, 1.f);
     }
     return dense;
   }
@@ -291,25 +289,18 @@ void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* con
 // delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv (kernels.h; both backward paths use it).
 template <typename T>
 void compute_delta(const CpuParams& p, float* delta) {
-#ifdef FASTATTN_VEC512
-  const bool vec = vec512::available() && p.o_st.d == 1 && p.do_st.d == 1;
-#endif
+  // Rows of O and dO that are not back to back are fetched kRowsAhead rows ahead (copy_rows).
+  const bool apart = p.o_st.s != p.Dv || p.do_st.s != p.Dv;
   at::parallel_for(0, p.B * p.Hq * p.Sq, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t % p.Sq, bh = t / p.Sq, h = bh % p.Hq, b = bh / p.Hq;
       const T* o = static_cast<const T*>(p.out) + b * p.o_st.b + h * p.o_st.h + i * p.o_st.s;
       const T* d = static_cast<const T*>(p.dout) + b * p.do_st.b + h * p.do_st.h + i * p.do_st.s;
-      float acc = 0.f;
-#ifdef FASTATTN_VEC512
-      if (vec) {
-        delta[b * p.lse_sb + h * p.lse_sh + i] = vec512::dot_row<T>(o, d, p.Dv);
-        continue;
+      if (apart && i + kRowsAhead < p.Sq) {
+        vec::prefetch_row(o + kRowsAhead * p.o_st.s, p.Dv);
+        vec::prefetch_row(d + kRowsAhead * p.do_st.s, p.Dv);
       }
-#endif
-      for (int64_t c = 0; c < p.Dv; ++c) {
-        acc += static_cast<float>(o[c * p.o_st.d]) * static_cast<float>(d[c * p.do_st.d]);
-      }
-      delta[b * p.lse_sb + h * p.lse_sh + i] = acc;
+      delta[b * p.lse_sb + h * p.lse_sh + i] = vec::dot_row<T>(o, p.o_st.d, d, p.do_st.d, p.Dv);
     }
   });
 }

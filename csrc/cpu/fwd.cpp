@@ -126,10 +126,8 @@ struct KVPack {
   template <typename T>
   void ensure(const CpuParams& p, int64_t head_id, const T* k_src, const T* v_src, int64_t a, int64_t b) {
     auto convert = [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        vec::load_row<T>(k_src + r * p.k_st.s, p.k_st.d, k + r * p.D, p.D, 1.f);
-        vec::load_row<T>(v_src + r * p.v_st.s, p.v_st.d, v + r * p.Dv, p.Dv, 1.f);
-      }
+      copy_rows<T>(k_src + r0 * p.k_st.s, p.k_st.s, p.k_st.d, r1 - r0, p.D, k + r0 * p.D, p.D, 1.f);
+      copy_rows<T>(v_src + r0 * p.v_st.s, p.v_st.s, p.v_st.d, r1 - r0, p.Dv, v + r0 * p.Dv, p.Dv, 1.f);
     };
     if (head_id != head || b < lo || a > hi) {  // other head, or disjoint: start over
       head = head_id;

@@ -105,6 +105,27 @@ inline bool rows_usable(int64_t ss, int64_t sd, int64_t cols) {
   return sd == 1 && ss >= cols && ss <= kMaxLd && rows_in_place(ss, cols);
 }
 
+// How many rows ahead a pass over rows that are not back to back fetches them (copy_rows, store_rows). Such rows
+// (transformers' (B, S, H, D) layout: 4 KB apart at H16 D64) each lie on their own page, and the hardware prefetchers
+// stay within a page, so the pass otherwise waits on each row's misses in turn. AMD EPYC Zen 3, one thread, fp32
+// (B, S, H, D) inputs, interleaved with torch in one process, against no prefetch: forward +4-10% at B4 H16 S512
+// D64 / B2 H12 S512 D64 / B1 H8 S1024 D128 (level at B1 H16 S1024 D64), forward+backward +3-5%; 2, 4, 8 and 16 rows
+// ahead read alike within the noise.
+constexpr int64_t kRowsAhead = 4;
+
+// rows x cols elements of rows `ss` apart (unit stride sd within a row) to fp32 rows ldd apart, times mul; rows
+// apart are fetched kRowsAhead rows ahead.
+template <typename T>
+inline void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ldd,
+                      float mul) {
+  const int64_t ahead = sd == 1 && ss != cols ? std::min(rows, kRowsAhead) : 0;
+  for (int64_t r = 0; r < ahead; ++r) vec::prefetch_row(src + r * ss, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (ahead && r + ahead < rows) vec::prefetch_row(src + (r + ahead) * ss, cols);
+    vec::load_row<T>(src + r * ss, sd, dst + r * ldd, cols, mul);
+  }
+}
+
 // A (rows, cols) fp32 view: either straight into an fp32 input (rows_usable) or a packed copy in a thread-local
 // buffer (other dtypes, other strides, or when `mul` != 1).
 struct Operand {
@@ -118,7 +139,7 @@ inline Operand operand(const T* base, int64_t ss, int64_t sd, int64_t rows, int6
   if constexpr (std::is_same_v<T, float>) {
     if (mul == 1.f && rows_usable(ss, sd, cols)) return {base, ss};
   }
-  for (int64_t r = 0; r < rows; ++r) vec::load_row<T>(base + r * ss, sd, buf + r * cols, cols, mul);
+  copy_rows<T>(base, ss, sd, rows, cols, buf, cols, mul);
   return {buf, cols};
 }
 
@@ -285,7 +306,10 @@ void store_rows(const CpuParams& p, const SeqInfo& s, int64_t h, int64_t i0, int
   }
   T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
   float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
+  const int64_t ahead = p.o_st.d == 1 && p.o_st.s != p.Dv ? std::min(bq, kRowsAhead) : 0;
+  for (int64_t r = 0; r < ahead; ++r) vec::prefetch_row(out + r * p.o_st.s, p.Dv);
   for (int64_t r = 0; r < bq; ++r) {
+    if (ahead && r + ahead < bq) vec::prefetch_row(out + (r + ahead) * p.o_st.s, p.Dv);
     const bool empty = l[r] == 0.f;
     vec::store_row<T>(acc + r * p.Dv, out + r * p.o_st.s, p.o_st.d, p.Dv, empty ? 0.f : 1.f / l[r]);
     lse[r] = empty ? kInf : m[r] + std::log(l[r]);

@@ -295,6 +295,17 @@ FA_AVX2 inline void load_row_avx2(const T* src, float* dst, int64_t n, float mul
   for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(load8(src + j), vmul));
   for (; j < n; ++j) dst[j] = static_cast<float>(src[j]) * mul;
 }
+
+// sum_j float(a[j]) * float(b[j]) (delta = rowsum(dO * O)).
+template <typename T>
+FA_AVX2 inline float dot_row_avx2(const T* a, const T* b, int64_t n) {
+  __m256 s = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) s = _mm256_fmadd_ps(load8(a + j), load8(b + j), s);
+  float r = hsum8(s);
+  for (; j < n; ++j) r += static_cast<float>(a[j]) * static_cast<float>(b[j]);
+  return r;
+}
 #endif
 
 inline float max_row(const float* x, int64_t n) {
@@ -359,6 +370,18 @@ inline float max_abs_row(const T* x, int64_t n) {
     m = std::max(m, a);
   }
   return m;
+}
+
+// sum_j float(a[j * sa]) * float(b[j * sb]).
+template <typename T>
+inline float dot_row(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
+#ifdef FASTATTN_X86
+  if (sa == 1 && sb == 1 && vec512::available()) return vec512::dot_row<T>(a, b, n);
+  if (sa == 1 && sb == 1 && use_avx2()) return dot_row_avx2<T>(a, b, n);
+#endif
+  float r = 0.f;
+  for (int64_t j = 0; j < n; ++j) r += static_cast<float>(a[j * sa]) * static_cast<float>(b[j * sb]);
+  return r;
 }
 
 // dst[j] = float(src[j * stride]) * mul.
