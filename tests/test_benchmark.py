@@ -98,6 +98,25 @@ def test_check_flags_a_wrong_output_and_passes_a_right_one():
     assert ok, detail
 
 
+def test_layout_variant_passes_strided_views_and_is_checked():
+    """The (B, S, H, D) variants (Case.bshd) hand every implementation views of (B, S, H, D) memory, and the check
+    runs on them: the skewed implementation still fails, the kernels pass forward and every gradient."""
+    from fastattn.benchmark.cases import generate, preset_for
+    from fastattn.benchmark.inputs import make_inputs
+    quick = [c for c in generate(preset_for("quick", "cpu")) if c.bshd]
+    assert quick and all(c.heads * c.head_dim == 1024 and not c.causal and "bshd" in c.label for c in quick)
+    c = Case("fwd_bwd", "fp32", batch=1, heads=4, heads_kv=4, seqlen_q=64, seqlen_k=64, head_dim=32, bshd=True)
+    inp = make_inputs(c, "cpu")
+    for t in (inp.q, inp.k, inp.v, inp.dout):
+        assert t.shape == (1, 4, 64, 32) and t.stride() == (64 * 4 * 32, 32, 4 * 32, 1)
+    assert all(t.stride() == inp.q.stride() for t in leaves_for(inp, True))
+    ok, detail = small_check(_Skewed(), c, "cpu")
+    assert not ok and "err" in detail, detail
+    for impl in (FastattnImpl("cpu"), FastattnImpl("auto")):
+        ok, detail = small_check(impl, c, "cpu")
+        assert ok, detail
+
+
 class _OffPastRow(Impl):
     """Right on the small case (97 rows) and on most rows, wrong on query rows from 200 on, in the output or only
     in dQ: as a kernel (or a route auto takes only for long calls) that errs only at the timed size."""

@@ -29,6 +29,7 @@ class Case:
     head_dim: int
     causal: bool = False
     padding: bool = False  # key padding: sequence b keeps lengths()[b] tokens, the rest are padding
+    bshd: bool = False     # q, k, v, dout in (B, S, H, D) memory viewed as (B, H, S, D), as transformers passes them
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -48,6 +49,8 @@ class Case:
             parts.append("pad")
         if self.gqa:
             parts.append(f"gqa{self.heads}/{self.heads_kv}")
+        if self.bshd:
+            parts.append("bshd")
         return " ".join(parts)
 
     @property
@@ -109,7 +112,10 @@ class Preset:
     tokens: int                           # batch * seqlen per point of a sweep
     width: int                            # heads * head_dim
     causal: Tuple[bool, ...] = (False, True)
-    extra_seqlens: List[int] = field(default_factory=list)  # where the padding and GQA variants run
+    extra_seqlens: List[int] = field(default_factory=list)  # where the padding, GQA and layout variants run
+    # heads * head_dim of the layout variants (Case.bshd: one sequence, non-causal, a model's width so that rows lie
+    # as far apart as in one: 4 KB of fp32 at 1024); None: no layout variants.
+    bshd_width: Optional[int] = None
     decode_lens: List[int] = field(default_factory=list)
     decode_shape: Tuple[int, int, int, int] = (1, 16, 4, 128)  # batch, heads, heads_kv, head_dim
     gqa_group: int = 4
@@ -206,10 +212,11 @@ PRESETS: Dict[str, Dict[str, Preset]] = {
         "quick": Preset(seqlens=[128, 512, 1024], headdims=[64, 128], dtypes=["fp32", "bf16"],
                         modes=["fwd", "fwd_bwd"], tokens=1024, width=256, extra_seqlens=[512],
                         decode_lens=[1024, 4096], decode_shape=(1, 16, 4, 128), target_s=0.2, skip=_CPU_QUICK_SKIP,
-                        train_seqlens=[128, 512], train_headdims=[64], max_seconds=180),
+                        train_seqlens=[128, 512], train_headdims=[64], max_seconds=180, bshd_width=1024),
         "full": Preset(seqlens=[128, 256, 512, 1024, 2048, 4096], headdims=[32, 64, 128, 256],
                        dtypes=["fp32", "bf16"], modes=["fwd", "bwd", "fwd_bwd"], tokens=4096, width=512,
-                       extra_seqlens=[512, 2048], decode_lens=[1024, 2048, 4096, 8192], target_s=0.5, model=True),
+                       extra_seqlens=[512, 2048], decode_lens=[1024, 2048, 4096, 8192], target_s=0.5, model=True,
+                       bshd_width=1024),
     },
     "cuda": {
         "tiny": Preset(dtypes=["bf16"], **_TINY),
@@ -261,4 +268,8 @@ def generate(p: Preset, modes: Optional[List[str]] = None) -> List[Case]:
                         cases.append(sweep_case(p, mode, dtype, S, D, False, padding=True))
                     if True in p.causal:   # GQA is a decoder-style (causal) case
                         cases.append(sweep_case(p, mode, dtype, S, D, True, gqa=True))
+                    if p.bshd_width and False in p.causal:
+                        H = max(1, p.bshd_width // D)
+                        cases.append(Case(mode=mode, dtype=dtype, batch=1, heads=H, heads_kv=H, seqlen_q=S,
+                                          seqlen_k=S, head_dim=D, bshd=True))
     return list(dict.fromkeys(cases))

@@ -12,7 +12,8 @@ from .cases import Case
 
 @dataclass
 class Inputs:
-    """One case's tensors. q/k/v are (B, H, S, D) contiguous (decode: q (B, Hq, 1, D), k/v (B, Hkv, Sk, D))."""
+    """One case's tensors. q/k/v are (B, H, S, D), contiguous or (Case.bshd) views of (B, S, H, D) memory (decode:
+    q (B, Hq, 1, D), k/v (B, Hkv, Sk, D))."""
     case: Case
     q: torch.Tensor
     k: torch.Tensor
@@ -47,8 +48,10 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
     dt = case.torch_dtype
     B, H, Hkv, Sq, Sk, D = case.batch, case.heads, case.heads_kv, case.seqlen_q, case.seqlen_k, case.head_dim
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=dt)
+    def rnd(B, H, S, D):
+        if case.bshd:  # (B, S, H, D) -> (B, H, S, D) view
+            return torch.randn(B, S, H, D, generator=g, device=device, dtype=dt).transpose(1, 2)
+        return torch.randn(B, H, S, D, generator=g, device=device, dtype=dt)
 
     q, k, v, dout = rnd(B, H, Sq, D), rnd(B, Hkv, Sk, D), rnd(B, Hkv, Sk, D), rnd(B, H, Sq, D)
     lengths = torch.tensor(case.lengths(), dtype=torch.int32, device=device)
