@@ -418,8 +418,8 @@ def test_avx2_only_rules(monkeypatch):
     a mask; fp32 steps of 2-3 tokens, of 5-16 at head dim 64 from 512 keys, grouped-query steps, one-token steps,
     training, fp16 and unmasked tiny calls stay on the cpu kernels, at any thread count; bf16 grouped-query steps of
     2-8 tokens at head dim 64 go to sdpa on more than one thread. On more than one thread of AMD's family 25 and
-    later (Zen 3) those, tiny masked fp32 calls and small fp32 training calls past 2^17 stay ours
-    (_AVX2_PARALLEL_AS_ZEN1 false)."""
+    later (Zen 3) those and tiny masked fp32 calls stay ours, and on any thread count there small fp32 training calls
+    of more than one head and small masked ones (_AVX2_AS_ZEN1 false)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
@@ -433,7 +433,7 @@ def test_avx2_only_rules(monkeypatch):
         return fastattn.explain(q, k, k, attn_mask=None if mask is None else mask, enable_gqa=Hq != Hkv).chosen
 
     for threads, zen1 in ((1, True), (2, True), (1, False), (2, False)):
-        monkeypatch.setattr(cpu_backend, "_AVX2_PARALLEL_AS_ZEN1", zen1)
+        monkeypatch.setattr(cpu_backend, "_AVX2_AS_ZEN1", zen1)
         zen1_parallel = zen1 and threads > 1
         with torch_threads(threads):
             for Sq in (2, 3, 4, 8, 16):
@@ -451,10 +451,25 @@ def test_avx2_only_rules(monkeypatch):
             assert chosen(1) == "cpu" and chosen(1, dt=torch.bfloat16) == "cpu" and chosen(17) == "cpu"
             tiny_masked = "cpu" if threads > 1 and not zen1 else "sdpa"
             assert chosen(16, Sk=16) == "cpu" and chosen(16, Sk=16, mask=pad[..., :16]) == tiny_masked  # tiny
-            # small training calls: 2^21 (2^17 on more than one thread of a Zen 3), 2^22 for one head
-            small_grad = "cpu" if threads > 1 and not zen1 else "sdpa"
+            # small training calls: 2^21 (2^17 on more than one thread), 2^22 for one head; the Zen 3 one head only
+            small_grad = "cpu" if not zen1 else "sdpa"
             assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == small_grad and chosen(128, Sk=128, grad=True) == "cpu"
             assert chosen(16, Hq=12, Hkv=12, Sk=16, grad=True) == small_grad
+            # one head: 2^22 (the Zen 3 on more than one thread also Sq * Sk <= 320^2, at any head dim)
+            for S, D in ((256, 64), (257, 64), (320, 64), (321, 64), (320, 128), (321, 128), (128, 256), (129, 256)):
+                one = rnd(1, 1, S, D).requires_grad_()
+                to_sdpa = S * S * D <= 1 << 22 or (threads > 1 and not zen1 and S <= 320)
+                for causal in (False, True):
+                    ex = fastattn.explain(one, one, one, is_causal=causal)
+                    assert ex.chosen == ("sdpa" if to_sdpa else "cpu"), (S, D, causal)
+            one = rnd(1, 1, 64, 64).requires_grad_()  # masked: one head as unmasked (the Zen 1: 48 keys, one thread)
+            ex = fastattn.explain(one, one, one, attn_mask=pad[:1, ..., :64])
+            assert ex.chosen == ("cpu" if zen1 else "sdpa") and (zen1 or "small fp32 training" in str(ex)), str(ex)
+            # small masked training calls (only the Zen 1's: up to 80 keys, 48 at head dim <= 64 on one thread)
+            masked_grad = "sdpa" if zen1 and threads == 1 else "cpu"
+            assert chosen(16, Sk=48, mask=pad[..., :48], grad=True) == masked_grad
+            assert chosen(16, Sk=80, mask=pad[..., :80], grad=True, D=128) == ("sdpa" if zen1 else "cpu")
+            assert chosen(16, Sk=81, mask=pad[..., :81], grad=True, D=128) == "cpu"
 
 
 def test_fp16_step_rule(monkeypatch):

@@ -190,10 +190,16 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # 0.85-1.02x up to W = 2^23 and 1.04-1.33x past it, at D=64 0.97-1.03x / 1.00-1.09x at S = 16-32 and 1.01-1.36x from
 # S = 64 (the rule check's one-head cells, D=64 S=128-256, 1.03-1.14x against the hand-over's 0.95-0.99x). So on Intel
 # CPUs with AVX-512 only one head keeps the hand-over: at head dim > 64 within its old bounds, at 64 or less up to
-# W = 2^16; AMD EPYCs keep the rules measured before, not re-measured since. Without AVX-512 they hold as measured
-# since (AMD EPYC Zen 3, AVX2, one thread, 2026-12-06, the same sweep; results/cpu-20261206-zen3-avx2): the kernels
-# 0.84-1.13x up to W = 2^21 (one head 0.89-1.06x up to 2^22), 0.90-1.43x past it (B4 H12 S32 D64 0.90-0.93x the
-# lowest; every class of 12 heads or more from S = 64 1.06-1.43x).
+# W = 2^16; AMD EPYCs keep the rules measured before, not re-measured since. Without AVX-512 they held as measured
+# before the C++ node too (AMD EPYC Zen 3, AVX2, one thread, 2026-12-06, the same sweep; cpu-20261206-zen3-avx2): the
+# kernels 0.84-1.13x up to W = 2^21 (one head 0.89-1.06x up to 2^22), 0.90-1.43x past it. Re-measured there after
+# it (2026-12-07, results/cpu-20261207-zen3-rules, median of 9 interleaved rounds): more than one head 1.06-1.41x on
+# one thread (B1 H2 S16 causal D64 0.96x the one below 1.0) and 1.17-1.39x on two (W <= 2^17), where the hand-over
+# read 0.84-1.10x; one head 0.91-0.99x up to 2^19 and 1.03-1.12x at 2^20-2^22 on one thread, 0.79-1.19x on two. So
+# on AMD's family 25 and later without AVX-512 only one head keeps the hand-over, to 2^22 (_AVX2_AS_ZEN1 false). On
+# more than one thread there one head reads below the line further up, by its length more than by W (two threads,
+# wall time, 9 rounds, three runs): at S = 256-320 D=128 (2^23-2^23.6) 0.82-0.97x (causal 0.79-1.33x), at D=64 mixed
+# (0.82-1.26x), from S = 384 1.04-1.50x and at S = 512 1.40-1.95x: there Sq * Sk up to 320^2 goes too.
 # Before: forward+backward through the cpu kernels cost a fixed ~70 us more than PyTorch's (two op calls with 22-24
 # arguments, the autograd Function, the backward's buffers), which outweighed their faster tiles below a few million
 # multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
@@ -218,13 +224,15 @@ _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
 _GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, no causal band or window
 _GRAD_FEW_HEADS = 4  # Intel, one thread: B * Hq up to this takes the one-head bounds (up to 2 the unbanded one)
 _GRAD_WORK_ONE_HEAD_NARROW = 1 << 16  # Intel with AVX-512, since the C++ autograd node: one head at head dim <= 64
+_GRAD_AREA_ONE_HEAD_PARALLEL = 320 * 320  # AMD family 25+ without AVX-512, one head on more than one thread: Sq * Sk
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * Sq * Sk * D; on an Intel CPU with "
                     "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
                     "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without "
-                    "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU (without AVX-512 from family "
-                    "25 on), 2^22 for one head: measured "
-                    "0.36-0.98x when the cpu kernels cost ~70 us more a call, since then 0.84-1.13x without "
-                    "AVX-512 on an AMD EPYC Zen 3)")
+                    "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head (AMD's "
+                    "family 25 and later without AVX-512: one head only, to 2^22, on more than one thread also "
+                    "Sq * Sk <= 320^2): measured "
+                    "0.36-0.98x when the cpu kernels cost ~70 us more a call; on an AMD EPYC Zen 3 without "
+                    "AVX-512 0.84-1.13x before the C++ autograd node, one head 0.79-1.19x since)")
 
 
 def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
@@ -232,6 +240,10 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     q = p.q
     heads = q.shape[0] * q.shape[1]
     work = heads * Sq * Sk * q.shape[3]
+    if _AVX2_ONLY and not _AVX2_AS_ZEN1:  # AMD's family 25+ without AVX-512 (measured since the C++ autograd node)
+        if heads != 1:
+            return False
+        return work <= _GRAD_WORK_ONE_HEAD or not _one_thread() and Sq * Sk <= _GRAD_AREA_ONE_HEAD_PARALLEL
     if not _AMD and not _AVX2_ONLY:  # (measured since the C++ autograd node)
         if heads != 1:
             return False
@@ -244,7 +256,7 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
         bound = _GRAD_WORK_ONE_HEAD_FULL if unbanded and not _AMD and heads <= 2 else _GRAD_WORK_ONE_HEAD
         if work <= bound:
             return True
-    return work <= (_GRAD_WORK if _one_thread() or _AVX2_PARALLEL_AS_ZEN1 or not _AMD else _GRAD_WORK_PARALLEL)
+    return work <= (_GRAD_WORK if _one_thread() or _AVX2_AS_ZEN1 or not _AMD else _GRAD_WORK_PARALLEL)
 
 
 # Tiny masked inference calls (a mask the only feature; fp32, or bf16 on AMX), with the tiny fp32 calls' bounds: the
@@ -266,7 +278,7 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     the fp32 rule reads the thread count, which a graph cannot)."""
     if (p.requires_grad or torch.compiler.is_compiling()
             or not (dt is torch.float32 and (_fp32_tiny_rule(masked=True)
-                                             or _AVX2_ONLY and (_one_thread() or _AVX2_PARALLEL_AS_ZEN1))
+                                             or _AVX2_ONLY and (_one_thread() or _AVX2_AS_ZEN1))
                     or dt is torch.bfloat16 and _BF16_AMX)
             or not _sdpa_fused(p, mask=True)):
         return False
@@ -275,29 +287,37 @@ def _masked_tiny(p: AttnParams, dt) -> bool:
     return Sk <= _TINY_SK and Sq * Sk <= area
 
 
-# Small masked fp32 training calls on CPUs without AVX-512 (AMD EPYC Zen 3, one thread, 2026-12-06, a bool
+# Small masked fp32 training calls on CPUs without AVX-512 (AMD EPYC Zen 3, one thread, 2026-12-06, before the C++
+# autograd node; it holds where not re-measured since, _AVX2_AS_ZEN1), a bool
 # key-padding mask on every other row, bench_small_grad.py --mask pad, median of 9 interleaved rounds; B1-8, H4-12,
 # D=64/128): the cpu kernels 0.66-0.98x torch's SDPA at S = 16-64 and 0.89-0.98x at 80, 0.92-1.07x at 96-112 and
 # 1.06-1.22x from 128, where their forward and backward pay the mask's pass per tile on AVX2 against few products.
 # (With AVX-512: 1.09-1.72x from S = 16 on the Intel Xeon.) On two threads (wall time, the same sweep up to 80 keys)
 # head dim 64 read 0.91-1.19x (median 1.09x; the hand-over ~0.99x) and 128 0.75-1.08x (median 0.95x): there only
 # head dims above 64 go. At head dim 64 on one thread 64 keys are mixed (B8 H12 0.95-1.26x in four runs, the
-# hand-over 0.92-1.00x; B1-4 0.90-0.98x): there the bound is 48.
+# hand-over 0.92-1.00x; B1-4 0.90-0.98x): there the bound is 48. Re-measured on the Zen 3 after the C++ autograd node
+# (2026-12-07, the same sweep to 80 keys, results/cpu-20261207-zen3-rules): the kernels 1.01-1.52x on one thread,
+# 1.33-1.84x on two, where the hand-over read 0.87-1.03x; so from AMD's family 25 on no masked training call goes.
 _AVX2_MASKED_GRAD_SK, _AVX2_MASKED_GRAD_SK_NARROW = 80, 48
-_AVX2_MASKED_GRAD = ("sdpa is faster for small masked fp32 training calls on CPUs without AVX-512 (Sk <= 80, at head "
-                     "dim <= 64 Sk <= 48 and on one thread only: the cpu kernels measured 0.66-0.98x with a "
-                     "key-padding mask on one thread of an AMD EPYC Zen 3, 0.75-1.08x on two)")
+_AVX2_MASKED_GRAD = ("sdpa is faster for small masked fp32 training calls on CPUs without AVX-512 other than AMD's "
+                     "family 25 and later (Sk <= 80, at head dim <= 64 Sk <= 48 and on one thread only: the cpu "
+                     "kernels measured 0.66-0.98x with a key-padding mask on one thread of an AMD EPYC Zen 3, "
+                     "0.75-1.08x on two, before the C++ autograd node; not re-measured there since)")
 
 
-def _masked_grad(p: AttnParams, dt) -> bool:
-    """A small fp32 training call whose only feature is its mask on a CPU without AVX-512; at head dim <= 64 on one
-    thread only and to 48 keys (_AVX2_MASKED_GRAD; eager only, as _masked_tiny)."""
+def _masked_grad(p: AttnParams, dt) -> Optional[str]:
+    """The rule a small fp32 training call whose only feature is its mask falls under on a CPU without AVX-512, or
+    None (eager only, as _masked_tiny): _AVX2_MASKED_GRAD, at head dim <= 64 on one thread only and to 48 keys; on
+    AMD's family 25 and later one head as unmasked (_small_grad: the kernels 0.86-0.96x with a mask there)."""
     if (dt is not torch.float32 or not _AVX2_ONLY or not p.requires_grad or torch.compiler.is_compiling()
             or not _sdpa_fused(p, mask=True)):
-        return False
+        return None
+    Sq, Sk = _lengths(p)
+    if not _AVX2_AS_ZEN1:
+        return _FP32_SMALL_GRAD if _small_grad(p, Sq, Sk) else None
     if p.q.shape[3] > 64:
-        return _lengths(p)[1] <= _AVX2_MASKED_GRAD_SK
-    return _one_thread() and _lengths(p)[1] <= _AVX2_MASKED_GRAD_SK_NARROW
+        return _AVX2_MASKED_GRAD if Sk <= _AVX2_MASKED_GRAD_SK else None
+    return _AVX2_MASKED_GRAD if _one_thread() and Sk <= _AVX2_MASKED_GRAD_SK_NARROW else None
 
 
 # Masked inference steps (a mask the only feature, e.g. a batched generate() step with padding): the split-KV decode
@@ -418,18 +438,20 @@ _AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens (5-
 # (0.76-0.94x), tiny fp32 inference calls with a key-padding mask 1.52-1.84x (0.88x on one thread of the Zen 3 at
 # S = 16). So those two-thread rules hold on CPUs without AVX-512 other than AMD's family 25 and later (the Zen 1 is
 # family 23, as the Zen 2, not measured, which keeps them; whether the Zen 1's two vCPUs shared a core is not known).
-_AVX2_PARALLEL_AS_ZEN1 = _AVX2_ONLY and not (_AMD and int(_REPORT.get("family", "0")) >= 25)
+# The same goes for the small-training rules on any thread count (_small_grad, _masked_grad: re-measured on the Zen 3
+# since the C++ autograd node, not on the Zen 1).
+_AVX2_AS_ZEN1 = _AVX2_ONLY and not (_AMD and int(_REPORT.get("family", "0")) >= 25)
 
 
 def _avx2_step(p: AttnParams, gqa_bf16: bool = False) -> bool:
     """An inference step of 2-16 query tokens (in fp32 4, and 5-16 at head dim > 64 or under 512 keys) against more
     than 64 keys (a tiny call is no step: B8 H12 S16 fp32 read 1.14x) without grouped-query heads on a CPU without
     AVX-512 (_AVX2_STEPS); gqa_bf16: with them too on more than one thread, at 2 tokens or at up to 8 with head dim
-    <= 64 (not on AMD's family 25 and later: _AVX2_PARALLEL_AS_ZEN1)."""
+    <= 64 (not on AMD's family 25 and later: _AVX2_AS_ZEN1)."""
     if not _AVX2_ONLY or p.requires_grad or torch.compiler.is_compiling():
         return False
     Sq, Sk = _lengths(p)
-    if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread() and _AVX2_PARALLEL_AS_ZEN1
+    if p.q.shape[1] != p.k.shape[1] and not (gqa_bf16 and not _one_thread() and _AVX2_AS_ZEN1
                                              and (Sq == 2 or Sq <= 8 and p.q.shape[3] <= 64)):
         return False
     if p.q.dtype is not torch.float32:
@@ -508,8 +530,7 @@ class CpuBackend(Backend):
         if dt not in _RULE_DTYPES or p.q_start is not None:  # sdpa, the faster path the rules point to, cannot
             return []                                          # take block calls
         if p.attn_bias is not None:
-            why = (_MASKED_TINY if _masked_tiny(p, dt) else _AVX2_MASKED_GRAD if _masked_grad(p, dt)
-                   else _masked_step(p, dt))
+            why = _MASKED_TINY if _masked_tiny(p, dt) else _masked_grad(p, dt) or _masked_step(p, dt)
             return [why] if why else []
         why = _AUTO_RULE.get(dt)
         if why is None and dt is torch.float32:
