@@ -455,11 +455,13 @@ def test_avx2_only_rules(monkeypatch):
             small_grad = "cpu" if not zen1 else "sdpa"
             assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == small_grad and chosen(128, Sk=128, grad=True) == "cpu"
             assert chosen(16, Hq=12, Hkv=12, Sk=16, grad=True) == small_grad
-            # one head: 2^22 (the Zen 3 on more than one thread also Sq * Sk <= 320^2, at any head dim)
-            for S, D in ((256, 64), (257, 64), (320, 64), (321, 64), (320, 128), (321, 128), (128, 256), (129, 256)):
+            # one head: 2^22 (the Zen 3: causal 2^19 on one thread; on more than one also Sq * Sk <= 320^2)
+            for S, D in ((64, 64), (65, 64), (256, 64), (257, 64), (320, 64), (321, 64), (320, 128), (321, 128),
+                         (128, 256), (129, 256)):
                 one = rnd(1, 1, S, D).requires_grad_()
-                to_sdpa = S * S * D <= 1 << 22 or (threads > 1 and not zen1 and S <= 320)
                 for causal in (False, True):
+                    zen3_bound = 1 << 19 if causal and threads == 1 else 1 << 22
+                    to_sdpa = S * S * D <= (1 << 22 if zen1 else zen3_bound) or (threads > 1 and not zen1 and S <= 320)
                     ex = fastattn.explain(one, one, one, is_causal=causal)
                     assert ex.chosen == ("sdpa" if to_sdpa else "cpu"), (S, D, causal)
             one = rnd(1, 1, 64, 64).requires_grad_()  # masked: one head as unmasked (the Zen 1: 48 keys, one thread)

@@ -199,7 +199,9 @@ _FP32_TINY = ("sdpa is faster for tiny fp32 calls (Sk <= 64, Sq * Sk <= 1024: pe
 # on AMD's family 25 and later without AVX-512 only one head keeps the hand-over, to 2^22 (_AVX2_AS_ZEN1 false). On
 # more than one thread there one head reads below the line further up, by its length more than by W (two threads,
 # wall time, 9 rounds, three runs): at S = 256-320 D=128 (2^23-2^23.6) 0.82-0.97x (causal 0.79-1.33x), at D=64 mixed
-# (0.82-1.26x), from S = 384 1.04-1.50x and at S = 512 1.40-1.95x: there Sq * Sk up to 320^2 goes too.
+# (0.82-1.26x), from S = 384 1.04-1.50x and at S = 512 1.40-1.95x: there Sq * Sk up to 320^2 goes too. On one
+# thread one head with a causal band reads ahead sooner (three runs: D=64 S=128-256 1.04-1.15x, D=128 S=128 1.10x;
+# S = 16-64 0.88-0.97x, the hand-over 0.95-0.99x): there it goes to 2^19.
 # Before: forward+backward through the cpu kernels cost a fixed ~70 us more than PyTorch's (two op calls with 22-24
 # arguments, the autograd Function, the backward's buffers), which outweighed their faster tiles below a few million
 # multiply-adds. Measured (AMD EPYC Zen 4, 2026-12-02, after the
@@ -224,13 +226,14 @@ _GRAD_WORK, _GRAD_WORK_ONE_HEAD, _GRAD_WORK_PARALLEL = 1 << 21, 1 << 22, 1 << 17
 _GRAD_WORK_ONE_HEAD_FULL = 3 << 22  # Intel, no causal band or window
 _GRAD_FEW_HEADS = 4  # Intel, one thread: B * Hq up to this takes the one-head bounds (up to 2 the unbanded one)
 _GRAD_WORK_ONE_HEAD_NARROW = 1 << 16  # Intel with AVX-512, since the C++ autograd node: one head at head dim <= 64
-_GRAD_AREA_ONE_HEAD_PARALLEL = 320 * 320  # AMD family 25+ without AVX-512, one head on more than one thread: Sq * Sk
+# AMD family 25+ without AVX-512, one head: with a causal band or window on one thread (W), on more than one (Sq * Sk)
+_GRAD_WORK_ONE_HEAD_BANDED, _GRAD_AREA_ONE_HEAD_PARALLEL = 1 << 19, 320 * 320
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * Sq * Sk * D; on an Intel CPU with "
                     "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
                     "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs and CPUs without "
                     "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head (AMD's "
-                    "family 25 and later without AVX-512: one head only, to 2^22, on more than one thread also "
-                    "Sq * Sk <= 320^2): measured "
+                    "family 25 and later without AVX-512: one head only, to 2^22, 2^19 with a causal band on one "
+                    "thread, on more than one thread also Sq * Sk <= 320^2): measured "
                     "0.36-0.98x when the cpu kernels cost ~70 us more a call; on an AMD EPYC Zen 3 without "
                     "AVX-512 0.84-1.13x before the C++ autograd node, one head 0.79-1.19x since)")
 
@@ -243,7 +246,10 @@ def _small_grad(p: AttnParams, Sq: int, Sk: int) -> bool:
     if _AVX2_ONLY and not _AVX2_AS_ZEN1:  # AMD's family 25+ without AVX-512 (measured since the C++ autograd node)
         if heads != 1:
             return False
-        return work <= _GRAD_WORK_ONE_HEAD or not _one_thread() and Sq * Sk <= _GRAD_AREA_ONE_HEAD_PARALLEL
+        if _one_thread():
+            unbanded = p.window_left < 0 and p.window_right < 0
+            return work <= (_GRAD_WORK_ONE_HEAD if unbanded else _GRAD_WORK_ONE_HEAD_BANDED)
+        return work <= _GRAD_WORK_ONE_HEAD or Sq * Sk <= _GRAD_AREA_ONE_HEAD_PARALLEL
     if not _AMD and not _AVX2_ONLY:  # (measured since the C++ autograd node)
         if heads != 1:
             return False
