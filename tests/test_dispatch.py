@@ -456,8 +456,8 @@ def test_avx2_only_rules(monkeypatch):
             assert chosen(128, Hq=1, Hkv=1, Sk=128, grad=True) == small_grad and chosen(128, Sk=128, grad=True) == "cpu"
             assert chosen(16, Hq=12, Hkv=12, Sk=16, grad=True) == small_grad
             # one head: 2^22 (the Zen 3: causal 2^19 on one thread; on more than one also Sq * Sk <= 320^2)
-            for S, D in ((64, 64), (65, 64), (256, 64), (257, 64), (320, 64), (321, 64), (320, 128), (321, 128),
-                         (128, 256), (129, 256)):
+            for S, D in ((90, 64), (91, 64), (64, 128), (65, 128), (256, 64), (257, 64), (320, 64), (321, 64),
+                         (320, 128), (321, 128), (128, 256), (129, 256)):
                 one = rnd(1, 1, S, D).requires_grad_()
                 for causal in (False, True):
                     zen3_bound = 1 << 19 if causal and threads == 1 else 1 << 22
