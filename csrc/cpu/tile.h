@@ -109,7 +109,7 @@ inline bool rows_usable(int64_t ss, int64_t sd, int64_t cols) {
 // (transformers' (B, S, H, D) layout: 4 KB apart at H16 D64) each lie on their own page, and the hardware prefetchers
 // stay within a page, so the pass otherwise waits on each row's misses in turn. AMD EPYC Zen 3, one thread, fp32
 // (B, S, H, D) inputs, interleaved with torch in one process, against no prefetch: forward +4-10% at B4 H16 S512
-// D64 / B2 H12 S512 D64 / B1 H8 S1024 D128 (level at B1 H16 S1024 D64), forward+backward +3-5%; 2, 4, 8 and 16 rows
+// D64 / B2 H12 S512 D64 / B1 H8 S1024 D128 (level at B1 H16 S1024 D64), forward+backward 0-5%; 2, 4, 8 and 16 rows
 // ahead read alike within the noise.
 constexpr int64_t kRowsAhead = 4;
 
