@@ -113,15 +113,24 @@ inline bool rows_usable(int64_t ss, int64_t sd, int64_t cols) {
 // ahead read alike within the noise.
 constexpr int64_t kRowsAhead = 4;
 
+// Before row r of a pass over `rows` rows `stride` apart: fetches row r + kRowsAhead (and at r == 0 the first
+// kRowsAhead rows).
+template <typename T>
+inline void fetch_ahead(const T* base, int64_t stride, int64_t r, int64_t rows, int64_t cols) {
+  if (r == 0) {
+    for (int64_t a = 0; a < std::min(rows, kRowsAhead); ++a) vec::prefetch_row(base + a * stride, cols);
+  }
+  if (r + kRowsAhead < rows) vec::prefetch_row(base + (r + kRowsAhead) * stride, cols);
+}
+
 // rows x cols elements of rows `ss` apart (unit stride sd within a row) to fp32 rows ldd apart, times mul; rows
-// apart are fetched kRowsAhead rows ahead.
+// apart are fetched ahead.
 template <typename T>
 inline void copy_rows(const T* src, int64_t ss, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ldd,
                       float mul) {
-  const int64_t ahead = sd == 1 && ss != cols ? std::min(rows, kRowsAhead) : 0;
-  for (int64_t r = 0; r < ahead; ++r) vec::prefetch_row(src + r * ss, cols);
+  const bool apart = sd == 1 && ss != cols;
   for (int64_t r = 0; r < rows; ++r) {
-    if (ahead && r + ahead < rows) vec::prefetch_row(src + (r + ahead) * ss, cols);
+    if (apart) fetch_ahead(src, ss, r, rows, cols);
     vec::load_row<T>(src + r * ss, sd, dst + r * ldd, cols, mul);
   }
 }
@@ -306,10 +315,9 @@ void store_rows(const CpuParams& p, const SeqInfo& s, int64_t h, int64_t i0, int
   }
   T* out = static_cast<T*>(p.out) + s.b * p.o_st.b + h * p.o_st.h + (s.q0 + i0) * p.o_st.s;
   float* lse = p.lse + s.b * p.lse_sb + h * p.lse_sh + s.q0 + i0;
-  const int64_t ahead = p.o_st.d == 1 && p.o_st.s != p.Dv ? std::min(bq, kRowsAhead) : 0;
-  for (int64_t r = 0; r < ahead; ++r) vec::prefetch_row(out + r * p.o_st.s, p.Dv);
+  const bool apart = p.o_st.d == 1 && p.o_st.s != p.Dv;
   for (int64_t r = 0; r < bq; ++r) {
-    if (ahead && r + ahead < bq) vec::prefetch_row(out + (r + ahead) * p.o_st.s, p.Dv);
+    if (apart) fetch_ahead(out, p.o_st.s, r, bq, p.Dv);
     const bool empty = l[r] == 0.f;
     vec::store_row<T>(acc + r * p.Dv, out + r * p.o_st.s, p.o_st.d, p.Dv, empty ? 0.f : 1.f / l[r]);
     lse[r] = empty ? kInf : m[r] + std::log(l[r]);
