@@ -244,7 +244,8 @@ std::string cpu_vendor() {
   return "unknown";
 }
 
-int cpu_family() {
+namespace {
+int read_cpu_family() {
 #ifdef FASTATTN_X86_CPUID
   unsigned a, b, c, d;
   if (__get_cpuid(1, &a, &b, &c, &d)) {
@@ -253,6 +254,13 @@ int cpu_family() {
   }
 #endif
   return 0;
+}
+}  // namespace
+
+// Asked once: under a hypervisor each cpuid traps to it (the decode kernel's fetch_mode asks on every call).
+int cpu_family() {
+  static const int family = read_cpu_family();
+  return family;
 }
 
 bool amd_cpu() {

@@ -27,7 +27,7 @@
 #include "common.h"
 #include "decode_checks.h"
 
-#include "tile.h"          // amd_cpu
+#include "tile.h"          // amd_cpu, cpu_family
 #include "decode_bf16.h"   // the block helpers: scores, pv (decode_tiles.h), scores_dp (bf16 dot products)
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
 
@@ -36,7 +36,13 @@ namespace {
 
 constexpr int64_t kBlockN = 64;     // keys per online-softmax step
 constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
-constexpr int64_t kAheadKeys = 64;  // how far ahead Fetch::stream fetches rows (~100 ns of memory latency covered)
+// How far ahead Fetch::stream fetches rows (~100 ns of memory latency covered): 64 keys on the Intel Xeon (best of
+// 32-256 there), 32 on the AMD EPYC Zen 5, where 64 keys' fetches cost fp32 steps on a cache reused within the L3 more
+// (one thread, 2026-12-07, B1 H12 D=64 / B1 H8 D=128, 512-2048 keys, one token: 0.93-1.07x torch's SDPA at 64 keys
+// ahead, 1.04-1.19x at 32, 1.25-1.36x without fetches) and read no faster from memory (bench_decode_memory.py, 16
+// rounds: fp32 1.41-2.64x at 64, 1.57-2.67x at 32, 1.58-2.74x at 16; bf16 / fp16 13.2-33.4x / 12.6-33.4x /
+// 12.1-26.1x).
+constexpr int64_t kAheadKeys = 64, kAheadKeysAmd = 32;
 // Fetch::stream fetches into the L1 where an item's rows fetched ahead (kAheadKeys keys of its KV heads' keys and
 // values) take at most this, a third of a 48 KB L1, else into the L2. Intel Xeon (AMX), one thread, 2026-12-05, the
 // kernel timed alone in C++ on 12-head caches, L1 against L2: 16 KB ahead (bf16 / fp16 MHA D=64, fp32 D=32, bf16 GQA
@@ -77,24 +83,31 @@ bool lone_row_stream() {
 }
 
 // How a dense cache's keys and values are fetched ahead of the block helpers (none changes a result):
-//   stream  the helpers fetch each row kAheadKeys keys ahead as they read one (decode_tiles.h, fetch_ahead), into
-//           the L1 or the L2 (kL1AheadBytes);
+//   stream  the helpers fetch each row kAheadKeys (kAheadKeysAmd) keys ahead as they read one (decode_tiles.h,
+//           fetch_ahead), into the L1 or the L2 (kL1AheadBytes);
 //   block   prefetch_block: the next block's rows, all at the start of each block;
 //   none    the hardware prefetchers alone.
 // Intel Xeon (AMX), one thread, caches from memory as in generate() (benchmarks/bench_decode_memory.py --switch
 // FASTATTN_CPU_PREFETCH=none,block,stream, 2026-12-05), none / block / stream: bf16 MHA D=64 at 4096 keys 0.83x /
 // 1.06x / 1.29x PyTorch's SDPA, bf16 GQA 16/4 D=128 1.21x / 1.55x / 1.83x, fp32 MHA D=64 1.16x / 1.23x / 1.33x, fp32
 // GQA 2.24x / 2.41x / 2.83x, fp16 1.56x / 1.61x / 1.78x; one cache reused (in the L2) stream reads as none and block
-// 10-16% slower (its burst of fetches stalls the block it precedes). 64 keys ahead read best of 32-256. Not measured
-// on an AMD CPU, which keeps `none`, what it was measured with (prefetch_block was compiled to nothing until now, see
-// decode_tiles.h, prefetch). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
+// 10-16% slower (its burst of fetches stalls the block it precedes). 64 keys ahead read best of 32-256.
+// AMD EPYC Zen 5 (family 26, AVX-512, 1 MB L2, 32 MB L3; 2026-12-07, the same bench, 24 rounds, stream then 64 keys
+// ahead), none / block / stream, one thread: fp32 MHA D=64 at 512 / 4096 keys 1.26x / 1.27x, 1.12x / 1.15x, 1.34x /
+// 1.43x; fp32 MHA D=128 1.28x / 1.57x / 1.59x; fp32 GQA 16/4 and 32/8 D=128 1.09-1.25x / 1.44-1.67x / 1.99-2.41x;
+// bf16 6.2-8.2x / 7.2-13.7x / 13.1-29.3x; fp16 8.1x / 10.7x / 17.3x. Two threads alike: fp32 1.18-1.79x / 1.11-2.32x /
+// 1.22-3.05x, bf16 and fp16 6.7-8.2x / 8.4-13.2x / 14.6-25.4x. fp32 steps of 2-4 tokens on one cache reused, past
+// the L3's reach (B1-4, 1024-4096 keys): 0.78-1.78x none, 1.55-2.92x stream (none had left MHA steps at 0.78-0.87x
+// torch). One cache reused within the L3 reads faster without fetches (kAheadKeysAmd), a cache generate() does not
+// reuse before its other layers have passed through. AMD CPUs before family 26 keep `none`, what their rules were
+// measured with (stream not compared there). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
 enum class Fetch { none, block, stream };
 Fetch fetch_mode() {
   const char* env = std::getenv("FASTATTN_CPU_PREFETCH");
   if (env != nullptr && std::strcmp(env, "none") == 0) return Fetch::none;
   if (env != nullptr && std::strcmp(env, "block") == 0) return Fetch::block;
   if (env != nullptr && std::strcmp(env, "stream") == 0) return Fetch::stream;
-  return amd_cpu() ? Fetch::none : Fetch::stream;
+  return amd_cpu() && cpu_family() < 26 ? Fetch::none : Fetch::stream;
 }
 
 
@@ -164,7 +177,7 @@ bool widen_blocks(const DecodeParams& p) {
 }
 
 // Rows [0, n) of the block, KV heads [hk0, hk0 + nkv), widened to fp32 as (n, nkv, d) in `dst`.
-// Rows kAheadKeys on are fetched as these are read (ahead: Stream's k_ahead / v_ahead).
+// Rows kAheadKeys (kAheadKeysAmd) on are fetched as these are read (ahead: Stream's k_ahead / v_ahead).
 template <typename T>
 void widen_block(const void* const* rows, int64_t n, int64_t hk0, int64_t nkv, int64_t sh, int64_t d, float* dst,
                  const float** frows, Ahead ahead) {
@@ -567,10 +580,11 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   const Fetch fetch = paged ? Fetch::none : fetch_mode();  // a paged cache's next rows may sit on another page
   p.fetch_blocks = fetch == Fetch::block;
   if (fetch == Fetch::stream) {
+    const int64_t keys = amd_cpu() ? kAheadKeysAmd : kAheadKeys;
     const int64_t item_heads = head_major ? 1 : (Hkv + p.head_chunks - 1) / p.head_chunks;
-    const bool l1 = kAheadKeys * item_heads * (D + Dv) * q.element_size() <= kL1AheadBytes;
-    p.stream.k_ahead = {kAheadKeys * k_cache.stride(1) * k_cache.element_size(), l1};
-    p.stream.v_ahead = {kAheadKeys * v_cache.stride(1) * v_cache.element_size(), l1};
+    const bool l1 = keys * item_heads * (D + Dv) * q.element_size() <= kL1AheadBytes;
+    p.stream.k_ahead = {keys * k_cache.stride(1) * k_cache.element_size(), l1};
+    p.stream.v_ahead = {keys * v_cache.stride(1) * v_cache.element_size(), l1};
   }
   at::Tensor out_part, lse_part;
   if (p.splits > 1) {

@@ -65,7 +65,7 @@ std::string fp32_gemm_describe();
 // fp32 SDPA multiplies through MKL too (fastattn/backends/cpu.py).
 std::string cpu_vendor();
 bool amd_cpu();  // cpu_vendor() == "AuthenticAMD", asked once: the kernel paths measured per vendor
-int cpu_family();  // cpuid's display family (AMD: 23 Zen 1-2, 25 Zen 3-4, 26 Zen 5); 0 where unknown
+int cpu_family();  // cpuid's display family (AMD: 23 Zen 1-2, 25 Zen 3-4, 26 Zen 5); 0 where unknown; asked once
 bool fp32_gemm_brgemm();
 void fp32_gemm_force(int engine);
 // Whether the fp32 backward's packed key blocks on brgemm take the transposed form (all five products on brgemm; CPUs
