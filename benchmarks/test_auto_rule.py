@@ -98,9 +98,9 @@ def test_auto_not_slower_than_torch_small_training(request, causal, B_small, Hq,
     q = torch.empty(B_small, Hq, S_small, D, requires_grad=True)
     # Intel Xeon AMX, 2026-12-05, since lean_call's memo and the few-head bounds: every case 0.97x or more on one and
     # two threads (the hand-over 0.97-0.99x). Since 2026-12-06 (the C++ autograd node) only one head is handed over
-    # there, as on AMD's family 25 and later without AVX-512 (re-measured 2026-12-07). The marks below are the AMD
-    # EPYC's (its rule measured before the node; the second not on those).
-    measured_since_node = cpu_backend._AVX2_ONLY and not cpu_backend._AVX2_AS_ZEN1
+    # there, as on AMD's family 25 and later without AVX-512 (re-measured 2026-12-07); none on AMD's family 26. The
+    # marks below are the AMD EPYC's (its rule measured before the node; the second not where re-measured since).
+    measured_since_node = cpu_backend._SMALL_GRAD_SINCE_NODE
     if cpu_backend._AMD and fastattn.explain(q, q, q, is_causal=causal).chosen == "sdpa":
         request.applymarker(pytest.mark.xfail(
             reason="handed to torch's own call through the lean path (~3 us over it); torch's fp32 forward+backward "

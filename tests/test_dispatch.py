@@ -224,6 +224,7 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
             assert chosen(1, 1, 181, D=128, dropout_p=0.1) == "cpu"  # dropout keeps the Philox stream
     with torch_threads(1):
         monkeypatch.setattr(cpu_backend, "_AMD", True)
+        monkeypatch.setattr(cpu_backend, "_AMD_FAMILY", 25)  # the Zen 4 (Zen 5: test_amd_zen5_small_training)
         assert chosen(1, 2, 128) == "sdpa" and chosen(1, 8, 96) == "cpu"  # 2^21
         assert chosen(1, 1, 256) == "sdpa" and chosen(1, 1, 272) == "cpu"  # one head: 2^22
         assert chosen(1, 4, 128) == "cpu"  # (no few-head bounds)
@@ -234,6 +235,30 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
         assert chosen(1, 2, 32) == "sdpa" and chosen(1, 2, 48) == "cpu"  # AMD: 2^17
         assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu" and chosen(1, 1, 384) == "cpu"
 
+
+
+def test_amd_zen5_small_training(monkeypatch):
+    """On AMD's family 26 (the EPYC Zen 5, AVX-512) no small fp32 training call goes to sdpa, at any thread count
+    (the kernels 1.07x torch's SDPA or more from B1 H1 S16), where the Zen 4's family 25 hands unmasked ones over up
+    to its bounds."""
+    from fastattn.backends import cpu as cpu_backend
+    monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
+    monkeypatch.setattr(cpu_backend, "_AMD", True)
+    pad = torch.ones(1, 1, 1, 16, dtype=torch.bool)  # (B, 1, 1, Sk)
+    pad[..., :4] = False
+
+    def chosen(B, H, S, D=64, **kw):
+        q = rnd(B, H, S, D).requires_grad_()
+        return fastattn.explain(q, q, q, **kw).chosen
+
+    for family, small in ((26, "cpu"), (25, "sdpa")):
+        monkeypatch.setattr(cpu_backend, "_AMD_FAMILY", family)
+        for threads in (1, 2):
+            with torch_threads(threads):
+                assert chosen(1, 1, 16) == small and chosen(1, 1, 16, is_causal=True) == small, (family, threads)
+                assert chosen(1, 1, 256) == small and chosen(1, 1, 181, D=128) == small, (family, threads)
+                assert chosen(1, 2, 16) == small, (family, threads)
+                assert chosen(1, 1, 16, attn_mask=pad) == "cpu", (family, threads)  # (masked: AVX2 rules only)
 
 def test_every_auto_rule_runs():
     """Each speed rule's branch on this machine, once: a rule that fires only on some CPUs (bf16 tiny calls on AMX)
@@ -389,6 +414,7 @@ def test_amd_fp32_rules(monkeypatch):
     one thread until the decode kernel's 2026-12-05 changes)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_AMD_FAMILY", 25)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", False)
     pad = torch.ones(2, 1, 1, 300, dtype=torch.bool)  # (B, 1, 1, Sk)
     pad[1, ..., :100] = False
@@ -422,6 +448,7 @@ def test_avx2_only_rules(monkeypatch):
     of more than one head and small masked ones (_AVX2_AS_ZEN1 false)."""
     from fastattn.backends import cpu as cpu_backend
     monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_AMD_FAMILY", 25)  # (the Zen 1 is 23: _AVX2_AS_ZEN1 stands for it)
     monkeypatch.setattr(cpu_backend, "_AVX2_ONLY", True)
     monkeypatch.setattr(cpu_backend, "_BF16_AMX", False)  # (no AVX-512, no AMX: the AMX bf16 rules are not these)
     monkeypatch.setattr(cpu_backend, "_RULE_DTYPES", cpu_backend._RULE_DTYPES | {torch.bfloat16})

@@ -82,6 +82,7 @@ def test_replayed_route_is_a_fresh_decision(threads):
 def _amd_rules(monkeypatch):
     """The AMD EPYC Zen 4's rules (AVX-512, fp32 tiles on brgemm) in place of intel_rules'."""
     monkeypatch.setattr(cpu_backend, "_AMD", True)
+    monkeypatch.setattr(cpu_backend, "_AMD_FAMILY", 25)
     monkeypatch.setattr(cpu_backend, "_FP32_BRGEMM", True)
 
 
