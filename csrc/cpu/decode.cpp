@@ -37,7 +37,8 @@ namespace {
 constexpr int64_t kBlockN = 64;     // keys per online-softmax step
 constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
 // How far ahead Fetch::stream fetches rows (~100 ns of memory latency covered): 64 keys on the Intel Xeon (best of
-// 32-256 there), 32 on the AMD EPYC Zen 5, where 64 keys' fetches cost fp32 steps on a cache reused within the L3 more
+// 32-256 there), 32 on AMD CPUs (measured on the Zen 5, the only one that streams unless FASTATTN_CPU_PREFETCH asks;
+// decode_fwd_cpu), where 64 keys' fetches cost fp32 steps on a cache reused within the L3 more
 // (one thread, 2026-12-07, B1 H12 D=64 / B1 H8 D=128, 512-2048 keys, one token: 0.93-1.07x torch's SDPA at 64 keys
 // ahead, 1.04-1.19x at 32, 1.25-1.36x without fetches) and read no faster from memory (bench_decode_memory.py, 16
 // rounds: fp32 1.41-2.64x at 64, 1.57-2.67x at 32, 1.58-2.74x at 16; bf16 / fp16 13.2-33.4x / 12.6-33.4x /
@@ -96,10 +97,10 @@ bool lone_row_stream() {
 // ahead), none / block / stream, one thread: fp32 MHA D=64 at 512 / 4096 keys 1.26x / 1.27x, 1.12x / 1.15x, 1.34x /
 // 1.43x; fp32 MHA D=128 1.28x / 1.57x / 1.59x; fp32 GQA 16/4 and 32/8 D=128 1.09-1.25x / 1.44-1.67x / 1.99-2.41x;
 // bf16 6.2-8.2x / 7.2-13.7x / 13.1-29.3x; fp16 8.1x / 10.7x / 17.3x. Two threads alike: fp32 1.18-1.79x / 1.11-2.32x /
-// 1.22-3.05x, bf16 and fp16 6.7-8.2x / 8.4-13.2x / 14.6-25.4x. fp32 steps of 2-4 tokens on one cache reused, past
-// the L3's reach (B1-4, 1024-4096 keys): 0.78-1.78x none, 1.55-2.92x stream (none had left MHA steps at 0.78-0.87x
-// torch). One cache reused within the L3 reads faster without fetches (kAheadKeysAmd), a cache generate() does not
-// reuse before its other layers have passed through. AMD CPUs before family 26 keep `none`, what their rules were
+// 1.22-3.05x, bf16 and fp16 6.7-8.2x / 8.4-13.2x / 14.6-25.4x. fp32 steps of 2-4 tokens on one cache of 17-34 MB
+// reused (B1-4, 1024-4096 keys): 0.78-1.78x none, 1.55-2.92x stream (none had left MHA steps at 0.78-0.87x torch).
+// One reused cache of 3-13 MB reads faster without fetches (kAheadKeysAmd), a cache generate() does not reuse before
+// its other layers have passed through. AMD CPUs before family 26 keep `none`, what their rules were
 // measured with (stream not compared there). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
 enum class Fetch { none, block, stream };
 Fetch fetch_mode() {

@@ -450,7 +450,7 @@ _AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens (5-
 # since the C++ autograd node, not on the Zen 1).
 _AVX2_AS_ZEN1 = _AVX2_ONLY and not (_AMD and int(_REPORT.get("family", "0")) >= 25)
 # AMD's family 26 (the EPYC Zen 5: AVX-512, 2026-12-07, bench_small_grad.py, median of 9 interleaved rounds, fp32
-# B1-8 H1-12 S16-256 D=64/128, causal or not): the cpu kernels 1.07-2.58x torch's SDPA on one thread (B1 H1 S16 the
+# B1-8 H1-12 S16-256 D=64/128, causal or not): the cpu kernels 1.07-2.59x torch's SDPA on one thread (B1 H1 S16 the
 # lowest), 1.32x and more on two, with a key-padding mask 1.04x and more on one, 1.21x on two, where the hand-over
 # of the AMD rule below (measured on the Zen 4 before the C++ autograd node) read 0.98-1.03x: no small training call
 # goes to sdpa there. Whether the Zen 4 (family 25 with AVX-512) reads the same was not measured: it keeps that rule.
