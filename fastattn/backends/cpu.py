@@ -230,10 +230,10 @@ _GRAD_WORK_ONE_HEAD_NARROW = 1 << 16  # Intel with AVX-512, since the C++ autogr
 _GRAD_WORK_ONE_HEAD_BANDED, _GRAD_AREA_ONE_HEAD_PARALLEL = 1 << 19, 320 * 320
 _FP32_SMALL_GRAD = ("sdpa is faster for small fp32 training calls (W = B * Hq * Sq * Sk * D; on an Intel CPU with "
                     "AVX-512 one head at head dim > 64 up to W = 2^22, 3 * 2^22 without a causal band, at 64 or "
-                    "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs before family 26 and CPUs without "
-                    "AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head (AMD's "
-                    "family 25 and later without AVX-512: one head only, to 2^22, 2^19 with a causal band on one "
-                    "thread, on more than one thread also Sq * Sk <= 320^2): measured "
+                    "less up to 2^16: the cpu kernels measured 0.85-1.09x there; on AMD CPUs before family 26 and "
+                    "CPUs without AVX-512 W <= 2^21, 2^17 on more than one thread of an AMD CPU, 2^22 for one head "
+                    "(AMD's family 25 and later without AVX-512: one head only, to 2^22, 2^19 with a causal band on "
+                    "one thread, on more than one thread also Sq * Sk <= 320^2): measured "
                     "0.36-0.98x when the cpu kernels cost ~70 us more a call; on an AMD EPYC Zen 3 without "
                     "AVX-512 0.84-1.13x before the C++ autograd node, one head 0.79-1.19x since)")
 
@@ -365,6 +365,7 @@ def _masked_step(p: AttnParams, dt) -> Optional[str]:
 # head dim <= 64 (until 2026-12-05: below). bf16 and fp16 have no short-call rule there either: the cpu kernels
 # measured 1.5-30x torch on every class (torch multiplies them without AMX).
 _AMD = _REPORT.get("vendor") == "AuthenticAMD"
+_AMD_FAMILY = int(_REPORT.get("family", "0")) if _AMD else 0  # cpuid's family: 23 Zen 1-2, 25 Zen 3-4, 26 Zen 5
 # Intel CPUs whose fp32 tiles run on oneDNN's brgemm (csrc/cpu/blas.cpp: a near tie with sgemm keeps it), measured on
 # the Intel Xeon (AMX), 2026-12-02, on the step, tiny and masked classes of benchmarks/test_auto_rule.py (steps: B1, 512
 # keys; the cpu kernels and the hand-over to sdpa against torch, median of 3-5 interleaved rounds). One thread: steps at
@@ -448,13 +449,13 @@ _AVX2_STEPS = ("sdpa is faster for fp32 inference steps of 4-16 query tokens (5-
 # family 23, as the Zen 2, not measured, which keeps them; whether the Zen 1's two vCPUs shared a core is not known).
 # The same goes for the small-training rules on any thread count (_small_grad, _masked_grad: re-measured on the Zen 3
 # since the C++ autograd node, not on the Zen 1).
-_AVX2_AS_ZEN1 = _AVX2_ONLY and not (_AMD and int(_REPORT.get("family", "0")) >= 25)
+_AVX2_AS_ZEN1 = _AVX2_ONLY and _AMD_FAMILY < 25
 # AMD's family 26 (the EPYC Zen 5: AVX-512, 2026-12-07, bench_small_grad.py, median of 9 interleaved rounds, fp32
 # B1-8 H1-12 S16-256 D=64/128, causal or not): the cpu kernels 1.07-2.59x torch's SDPA on one thread (B1 H1 S16 the
 # lowest), 1.32x and more on two, with a key-padding mask 1.04x and more on one, 1.21x on two, where the hand-over
-# of the AMD rule below (measured on the Zen 4 before the C++ autograd node) read 0.98-1.03x: no small training call
-# goes to sdpa there. Whether the Zen 4 (family 25 with AVX-512) reads the same was not measured: it keeps that rule.
-_AMD_FAMILY = int(_REPORT.get("family", "0")) if _AMD else 0  # cpuid's display family (26: Zen 5)
+# of the AMD rule (_small_grad; measured on the Zen 4 before the C++ autograd node) read 0.98-1.03x: no small
+# training call goes to sdpa there. Whether the Zen 4 (family 25 with AVX-512) reads the same was not measured: it
+# keeps that rule.
 # The CPUs whose small-training rules were measured since the C++ autograd node (benchmarks/test_auto_rule.py keys
 # its older marks on this): the Zen 3 (family 25 without AVX-512) and the Zen 5.
 _SMALL_GRAD_SINCE_NODE = _AVX2_ONLY and not _AVX2_AS_ZEN1 or _AMD_FAMILY >= 26
