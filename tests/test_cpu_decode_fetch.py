@@ -63,3 +63,22 @@ def test_fetch_mode_switch_values(monkeypatch):
     for mode in MODES:
         monkeypatch.setenv("FASTATTN_CPU_PREFETCH", mode)
         assert not any("FASTATTN_CPU_PREFETCH" in n for n in cpu_backend.environment_notes())
+
+
+def test_fetch_mode_reported(monkeypatch):
+    """`info` and the benchmarks' CPU line name the fetch the decode kernel takes (ops.cpu_matmul_report's
+    "decode_fetch", read per call as the switch is): each mode as set, and by default the CPU's own (the hardware
+    prefetchers alone on AMD CPUs before family 26, where stream was not compared; else each row 64 keys ahead, 32 on
+    AMD CPUs)."""
+    report = lambda: ops.cpu_matmul_report()["decode_fetch"]  # noqa: E731
+    for mode, words in (("none", "hardware prefetchers"), ("block", "next block"), ("stream", "keys ahead")):
+        monkeypatch.setenv("FASTATTN_CPU_PREFETCH", mode)
+        assert words in report(), (mode, report())
+        assert words in ops.cpu_matmul(), mode
+    monkeypatch.delenv("FASTATTN_CPU_PREFETCH")
+    r = ops.cpu_matmul_report()
+    amd = r["vendor"] == "AuthenticAMD"
+    if amd and int(r["family"]) < 26:
+        assert report() == "the hardware prefetchers alone", report()
+    else:
+        assert report() == f"a dense cache's rows fetched {32 if amd else 64} keys ahead", report()

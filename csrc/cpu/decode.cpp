@@ -27,6 +27,7 @@
 #include "common.h"
 #include "decode_checks.h"
 
+#include "kernels.h"       // fetch_describe
 #include "tile.h"          // amd_cpu, cpu_family
 #include "decode_bf16.h"   // the block helpers: scores, pv (decode_tiles.h), scores_dp (bf16 dot products)
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
@@ -110,6 +111,8 @@ Fetch fetch_mode() {
   if (env != nullptr && std::strcmp(env, "stream") == 0) return Fetch::stream;
   return amd_cpu() && cpu_family() < 26 ? Fetch::none : Fetch::stream;
 }
+
+int64_t ahead_keys() { return amd_cpu() ? kAheadKeysAmd : kAheadKeys; }  // Fetch::stream's distance
 
 
 #ifdef FASTATTN_VEC512
@@ -581,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   const Fetch fetch = paged ? Fetch::none : fetch_mode();  // a paged cache's next rows may sit on another page
   p.fetch_blocks = fetch == Fetch::block;
   if (fetch == Fetch::stream) {
-    const int64_t keys = amd_cpu() ? kAheadKeysAmd : kAheadKeys;
+    const int64_t keys = ahead_keys();
     const int64_t item_heads = head_major ? 1 : (Hkv + p.head_chunks - 1) / p.head_chunks;
     const bool l1 = keys * item_heads * (D + Dv) * q.element_size() <= kL1AheadBytes;
     p.stream.k_ahead = {keys * k_cache.stride(1) * k_cache.element_size(), l1};
@@ -605,6 +608,18 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
 }
 
 }  // namespace
+
+std::string fetch_describe() {
+  switch (fetch_mode()) {
+    case Fetch::stream:
+      return "a dense cache's rows fetched " + std::to_string(ahead_keys()) + " keys ahead";
+    case Fetch::block:
+      return "a dense cache's next block fetched at each block's start";
+    default:
+      return "the hardware prefetchers alone";
+  }
+}
+
 }  // namespace fastattn::cpu::decode
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) { m.impl("decode_fwd", &fastattn::cpu::decode::decode_fwd_cpu); }

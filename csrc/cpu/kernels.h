@@ -1,5 +1,6 @@
 // Entry points of the CPU kernels (fwd.cpp, bwd.cpp), called from register.cpp with a filled CpuParams.
 #pragma once
+#include <string>
 #include <vector>
 
 #include "params.h"
@@ -56,5 +57,11 @@ void skip_key_padding(CpuParams& p, at::ScalarType dtype, bool backward, std::ve
 // Needs p.out, p.lse, p.dout and writes p.dq, p.dk, p.dv. Deterministic: bitwise identical for any thread count.
 template <typename T>
 void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
+
+namespace decode {
+// How the decode kernel fetches the cache ahead of its reads on this CPU and with FASTATTN_CPU_PREFETCH as now set
+// (decode.cpp, fetch_mode): for `info` and the benchmarks' CPU line.
+std::string fetch_describe();
+}  // namespace decode
 
 }  // namespace fastattn::cpu

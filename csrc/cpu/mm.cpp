@@ -1,5 +1,6 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
+#include "kernels.h"  // decode::fetch_describe
 #include "tile.h"  // packed_kt_available, scores_on_rows_describe, fp32_gemm_describe, bwd_transposed_form,
                    // best_seconds
 #include "vec512.h"
@@ -310,7 +311,8 @@ std::map<std::string, std::string> report() {
           {"avx512_bf16", flag(i.avx512_bf16)},
           {"avx512_fp16", flag(i.avx512_fp16)},
           {"avx512", flag(i.avx512)},
-          {"avx2", flag(i.avx2)}};
+          {"avx2", flag(i.avx2)},
+          {"decode_fetch", decode::fetch_describe()}};
 }
 
 namespace {
@@ -376,6 +378,7 @@ std::string describe() {
     s += bwd_transposed_form() ? ", backward key blocks transposed (all products on brgemm)"
                                : ", backward key blocks plain (dV, dK, dQ on sgemm)";
   }
+  s += "; decode steps: " + decode::fetch_describe();
   return s;
 }
 
