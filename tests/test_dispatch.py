@@ -236,7 +236,6 @@ def test_small_fp32_training_calls_go_to_sdpa(monkeypatch):
         assert chosen(1, 1, 256) == "sdpa" and chosen(1, 2, 128) == "cpu" and chosen(1, 1, 384) == "cpu"
 
 
-
 def test_amd_zen5_small_training(monkeypatch):
     """On AMD's family 26 (the EPYC Zen 5, AVX-512) no small fp32 training call goes to sdpa, at any thread count
     (the kernels 1.07x torch's SDPA or more from B1 H1 S16), where the Zen 4's family 25 hands unmasked ones over up
