@@ -12,6 +12,7 @@ from fastattn.backends.reference import ReferenceBackend
 
 from support.cases import CASES, run_case
 from support.checks import check_dropout_backward_uses_forward_mask, check_mask_grad
+from support.oracle import assert_fwd_bwd
 
 CASE = {c.name: c for c in CASES}
 
@@ -118,3 +119,21 @@ def test_planted_mask_grad_is_caught(monkeypatch):
     monkeypatch.setitem(fastattn.BACKENDS, "planted_mask_grad", PlantedMaskGrad())
     with pytest.raises((AssertionError, RuntimeError)):
         check_mask_grad("planted_mask_grad", "cpu", torch.float32, (2, 3, 13, 21), False)
+
+
+@pytest.mark.parametrize("grad", ["dq", "dk"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_assert_fwd_bwd_delta_term_still_catches_a_wrong_gradient(grad, dtype):
+    """assert_fwd_bwd widens dQ's and dK's bound by the share of O's error (delta_error) only: the clean call passes,
+    and the same gradient with 1% of its largest value added everywhere (bf16: 4%, as dk_scaled above) fails."""
+    q, k, v = torch.randn(2, 4, 33, 16).to(dtype), torch.randn(2, 2, 47, 16).to(dtype), torch.randn(2, 2, 47, 16)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fastattn.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True, backend="reference")
+    dout = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+    kw = dict(scale=0.25, window=(-1, 0), bottom_right=False)
+    assert_fwd_bwd("clean", got, q, k, v, dout, dtype, **kw)
+    i = ("dq", "dk").index(grad) + 1
+    got[i] = got[i] + (0.04 if dtype == torch.bfloat16 else 0.01) * got[i].abs().max()
+    with pytest.raises(AssertionError, match=f"planted {grad}: max_err"):
+        assert_fwd_bwd("planted", got, q, k, v, dout, dtype, **kw)

@@ -12,7 +12,7 @@ import torch
 
 import fastattn
 from fastattn import ops
-from support.oracle import assert_rule, lse_reference, oracle_attention
+from support.oracle import assert_fwd_bwd, assert_rule, lse_reference, oracle_attention
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")
@@ -30,18 +30,10 @@ def _qkv(B, Hq, Hkv, Sq, Sk, D, Dv=None, dtype=torch.float32, grad=True):
 
 
 def _assert_fwd_bwd_rule(out, q, k, v, dtype, **oracle_kw):
-    """out and the gradients of q, k, v under a random dout against the float64 oracle, with the oracle run in dtype
-    as the rule's base (oracle_kw: scale, mask, window, ...)."""
+    """out and the gradients of q, k, v under a random dout against the float64 oracle (assert_fwd_bwd; oracle_kw:
+    scale, mask, window, ...)."""
     dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    results = {}
-    for prec in (torch.float64, dtype):
-        leaves = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
-        o = oracle_attention(*leaves, dtype=prec, **oracle_kw)
-        results[prec] = (o, *torch.autograd.grad(o, leaves, dout.to(prec)))
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        got = out if i == 0 else grads[i - 1]
-        assert_rule(name, got, results[torch.float64][i], results[dtype][i], dtype)
+    assert_fwd_bwd("", (out, *torch.autograd.grad(out, (q, k, v), dout)), q, k, v, dout, dtype, **oracle_kw)
 
 
 def test_opcheck_fwd_bwd():

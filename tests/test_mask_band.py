@@ -15,7 +15,7 @@ import torch
 import fastattn
 from fastattn import _C
 from support import torch_threads
-from support.oracle import assert_rule, delta_error, oracle_attention
+from support.oracle import assert_fwd_bwd
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")
@@ -113,24 +113,14 @@ def test_read_band_equals_the_explicit_call(band, Sq, Sk, dtype):
 
 def _assert_fwd_bwd_rule(q, k, v, mask, dtype):
     """fastattn's SDPA (cpu backend) on `mask` against the float64 oracle: out and the three gradients, dQ and dK with
-    the error the rounded O forces on the backward's delta = rowsum(dO * O) (delta_error, as tests/test_fuzz.py):
-    a row that sees two keys of nearly equal weight cancels there (fp16, B1 H1 Sq65 Sk9 D=16: dQ 0.00178 against the
-    naive fp16 backward's 2 * 0.00042 + floor, FASTATTN_TEST_SEED=1019463029)."""
+    the error the rounded O forces on the backward's delta = rowsum(dO * O) (assert_fwd_bwd): a row that sees two
+    keys of nearly equal weight cancels there (fp16, B1 H1 Sq65 Sk9 D=16: dQ 0.00178 against the naive fp16
+    backward's 2 * 0.00042 + floor, FASTATTN_TEST_SEED=1019463029)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fastattn.scaled_dot_product_attention(*leaves, attn_mask=mask, enable_gqa=True, backend="cpu")
     dout = torch.randn_like(out)
     got = (out, *torch.autograd.grad(out, leaves, dout))
-    scale = q.shape[-1] ** -0.5
-    refs = {}
-    for prec in (torch.float64, dtype):
-        x = [t.detach().to(prec).requires_grad_() for t in (q, k, v)]
-        o = oracle_attention(*x, scale=scale, mask=mask, dtype=prec)
-        refs[prec] = (o, *torch.autograd.grad(o, x, dout.to(prec)))
-    same = lambda t: t  # noqa: E731 (the leaves are the views the call sees)
-    attend = lambda q_, k_, v_: oracle_attention(q_, k_, v_, scale=scale, mask=mask, dtype=torch.float64)  # noqa: E731
-    inherent = (0.0, *delta_error(attend, q, k, same, same, dout, out, refs[torch.float64][0], scale), 0.0)
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        assert_rule(name, got[i], refs[torch.float64][i], refs[dtype][i], dtype, inherent=inherent[i])
+    assert_fwd_bwd("", got, q, k, v, dout, dtype, scale=q.shape[-1] ** -0.5, mask=mask)
 
 
 @pytest.mark.parametrize("band,Sq,Sk", [("causal", 77, 77), ("causal", 45, 133), ("causal bottom-right", 45, 133),

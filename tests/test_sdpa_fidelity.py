@@ -16,7 +16,7 @@ from fastattn import params
 from fastattn.backends.sdpa import TORCH_SDPA
 
 from support import torch_older_than
-from support.oracle import assert_rule, oracle_attention
+from support.oracle import assert_rule, delta_error, oracle_attention
 
 BACKENDS = ["auto", "reference", "sdpa"] + ([] if fastattn.get_backend("triton").unavailable() else ["triton"])
 
@@ -37,7 +37,7 @@ def mask_in(kw, dtype):
 
 def check_like_torch(name, qkv, backend, dtype=torch.float32, **kw):
     """fastattn in `dtype` against PyTorch's function in float64 (the reference) and in `dtype` (the base):
-    shape, type, output and every input gradient."""
+    shape, type, output and every input gradient (dQ and dK with the delta term of the rounded O, delta_error)."""
     ins = [t.detach().to(dtype).requires_grad_() for t in qkv]
     ref_ins = [t.detach().double().requires_grad_() for t in qkv]
     base_ins = [t.detach().to(dtype).requires_grad_() for t in qkv]
@@ -49,10 +49,15 @@ def check_like_torch(name, qkv, backend, dtype=torch.float32, **kw):
     assert got.shape == ref.shape, (got.shape, ref.shape)
     assert_rule(f"{name} out", got, ref, base, dtype)
     dout = torch.randn(ref.shape, dtype=torch.float64)
-    for n, g, r, b in zip("qkv", grads(got, ins, dout.to(dtype)), grads(ref, ref_ins, dout),
-                          grads(base, base_ins, dout.to(dtype))):
+    D = qkv[0].shape[-1]
+    scale = kw["scale"] if kw.get("scale") is not None else (D ** -0.5 if D else 1.0)  # D = 0: no scores to scale
+    attend = lambda q_, k_, v_: TORCH_SDPA(q_, k_, v_, **mask_in(kw, torch.float64))  # noqa: E731
+    like_out = lambda q_: q_.expand(*got.shape[:-1], D)  # noqa: E731 (q broadcast over batch or heads, as out is)
+    inherent = (*delta_error(attend, qkv[0], qkv[1], like_out, lambda k_: k_, dout.to(dtype), got, ref, scale), 0.0)
+    for n, g, r, b, e in zip("qkv", grads(got, ins, dout.to(dtype)), grads(ref, ref_ins, dout),
+                             grads(base, base_ins, dout.to(dtype)), inherent):
         assert g is not None and g.shape == r.shape, (n, None if g is None else g.shape, r.shape)
-        assert_rule(f"{name} d{n}", g, r, b, dtype)
+        assert_rule(f"{name} d{n}", g, r, b, dtype, inherent=e)
     return got
 
 

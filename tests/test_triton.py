@@ -10,7 +10,7 @@ import torch
 import fastattn
 from fastattn.backends.triton import TritonBackend
 from fastattn.params import AttnParams
-from support.oracle import assert_rule, oracle_attention
+from support.oracle import assert_fwd_bwd, assert_rule, oracle_attention
 
 triton_ok = not fastattn.get_backend("triton").unavailable()
 pytestmark = pytest.mark.skipif(not triton_ok, reason="triton backend unavailable here: "
@@ -144,15 +144,7 @@ def test_head_dim_padding(D, Dv, dtype):
     dout = torch.randn(out.shape, device=DEV).to(dtype)
     grads = op.launch_bwd(dout, q, k, v, out, lse, None, None, None, 0, 0, scale, -1, 0, True, 0.0, None, 0.0, 0,
                           0, blocks=(32, 16))
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = oracle_attention(*leaves, scale=scale, window=(-1, 0), bottom_right=True)
-    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
-    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    base = oracle_attention(*base_leaves, scale=scale, window=(-1, 0), bottom_right=True, dtype=dtype)
-    base_grads = torch.autograd.grad(base, base_leaves, dout)
-    assert_rule("out", out, ref, base, dtype)
-    for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-        assert_rule(name, g, r, bg, dtype)
+    assert_fwd_bwd("", (out, *grads), q, k, v, dout, dtype, scale=scale, window=(-1, 0), bottom_right=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,15 +259,7 @@ def test_compile_fullgraph_traces_the_op():
 # GPU: realistic sizes through the autotuned kernels
 
 def _check_against_oracle(out, grads, q, k, v, dout, dtype, **kw):
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = oracle_attention(*leaves, **kw)
-    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
-    base_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    base = oracle_attention(*base_leaves, dtype=dtype, **kw)
-    base_grads = torch.autograd.grad(base, base_leaves, dout)
-    assert_rule("out", out, ref, base, dtype)
-    for name, g, r, bg in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
-        assert_rule(name, g, r, bg, dtype)
+    assert_fwd_bwd("", (out, *grads), q, k, v, dout, dtype, **kw)
 
 
 @gpu

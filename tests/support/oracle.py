@@ -213,3 +213,32 @@ def delta_error(attend, q, k, view_q, view_k, dout, out, out_ref, scale):
     dk, = torch.autograd.grad(pk, kl, d * qv.detach())  # sum_i P_ij Delta_i Q_i, summed as dK is
     top = lambda t: float(t.abs().max()) if t.numel() else 0.0  # noqa: E731 (empty: Sq, Sk or a head dim is 0)
     return scale * top(dq), scale * top(dk)
+
+
+def fwd_bwd_inherent(attend, q, k, dout, out, out_ref, scale):
+    """check_rule's inherent for (out, dq, dk, dv): delta_error's terms for dQ and dK, 0 for out and dV. attend, scale:
+    delta_error's; q, k, dout, out laid out as attend takes them (out: the O the backward read)."""
+    same = lambda t: t  # noqa: E731 (the leaves are the views the call sees)
+    return (0.0, *delta_error(attend, q, k, same, same, dout, out, out_ref, scale), 0.0)
+
+
+def oracle_fwd_bwd(q, k, v, dout, dtype, **kw):
+    """(out, dq, dk, dv) of oracle_attention run in `dtype` (kw: its keywords) on q, k, v (B, H, S, D) under dout."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = oracle_attention(*leaves, dtype=dtype, **kw)
+    return (out.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype)))
+
+
+def assert_fwd_bwd(name, got, q, k, v, dout, dtype, **kw):
+    """got = (out, dq, dk, dv) of one call on q, k, v (B, H, S, D) under the upstream gradient dout, out being the O
+    its backward read: each against the float64 oracle (kw: oracle_attention's keywords, scale among them) with the
+    oracle run in `dtype` as the rule's base, dQ and dK with the error the rounded O forces on the backward's delta
+    (delta_error): a row that sees a few keys of nearly equal weight cancels there, past twice the naive error."""
+    ref = oracle_fwd_bwd(q, k, v, dout, torch.float64, **kw)
+    base = oracle_fwd_bwd(q, k, v, dout, dtype, **kw)
+    # delta's error shifts dS_ij by -P_ij Delta_i with P before dropout: the oracle without its dropout mask
+    plain = {n: a for n, a in kw.items() if n not in ("dropout_mask", "dropout_p")}
+    attend = lambda q_, k_, v_: oracle_attention(q_, k_, v_, **plain)  # noqa: E731 (float64)
+    inherent = fwd_bwd_inherent(attend, q, k, dout, got[0], ref[0], kw["scale"])
+    for label, g, r, b, e in zip(("out", "dq", "dk", "dv"), got, ref, base, inherent):
+        assert_rule(f"{name} {label}".lstrip(), g, r, b, dtype, inherent=e)
