@@ -231,3 +231,53 @@ def test_huge_window_means_unlimited(backend):
         ref = want if window[1] != 0 else fastattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
                                                                            backend=backend)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- bad input: a clear error, the cache untouched
+BAD = {
+    "seqlens_beyond_capacity": (dict(cache_seqlens=torch.tensor([39, 2], dtype=torch.int32), snew=2),
+                                ValueError, "capacity"),
+    "negative_seqlens": (dict(cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32), snew=1), ValueError, "capacity"),
+    "seqlens_int64": (dict(cache_seqlens=torch.tensor([1, 2]), snew=1), ValueError, "int32"),
+    "block_table_out_of_range": (dict(paged=True, bt_bad=True, snew=1), ValueError, "block_table"),
+    "block_table_wrong_dtype": (dict(paged=True, bt_long=True, snew=1), ValueError, "block_table"),
+    "new_k_wrong_heads": (dict(k_shape=(2, 1, 3, 16), snew=1), ValueError, "new k"),
+    "new_k_v_length_differ": (dict(v_len=2, snew=1), ValueError, "new k"),
+    "new_k_wrong_dtype": (dict(k_dtype=torch.float64, snew=1), TypeError, "dtype"),
+    "only_k": (dict(only_k=True, snew=1), ValueError, "both k and v"),
+    "append_without_seqlens": (dict(cache_seqlens=None, snew=1), ValueError, "cache_seqlens"),
+    "batch_idx_repeated_on_append": (dict(batch_idx=[1, 1], snew=1), ValueError, "repeats"),
+    "batch_idx_out_of_range": (dict(batch_idx=[0, 4], snew=1), ValueError, "cache_batch_idx"),
+    "batch_idx_with_block_table": (dict(paged=True, batch_idx=[0, 1], snew=1), ValueError, "cache_batch_idx"),
+    "cache_heads_not_dividing": (dict(cache_heads=3, snew=0), ValueError, "multiple"),
+    "num_splits_negative": (dict(num_splits=-1, snew=1), ValueError, "num_splits"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises_before_writing(name):
+    opts, exc, words = BAD[name]
+    B, Hq, D = 2, 4, 16
+    Hkv = opts.get("cache_heads", 2)
+    if opts.get("paged"):
+        kc, vc = rnd(6, 8, Hkv, D), rnd(6, 8, Hkv, D)
+        bt = torch.tensor([[0, 1], [2, 9 if opts.get("bt_bad") else 3]], dtype=torch.int32)
+        kw = {"block_table": bt.long() if opts.get("bt_long") else bt}
+    else:
+        kc, vc = rnd(4 if "batch_idx" in opts else B, 40, Hkv, D), rnd(4 if "batch_idx" in opts else B, 40, Hkv, D)
+        kw = {}
+    if "batch_idx" in opts:
+        kw["cache_batch_idx"] = torch.tensor(opts["batch_idx"], dtype=torch.int32)
+    snew = opts["snew"]
+    k = rnd(*opts.get("k_shape", (B, snew, 2, D))).to(opts.get("k_dtype", torch.float32))
+    v = rnd(B, opts.get("v_len", snew), 2, D)
+    if opts.get("only_k"):
+        v = None
+    if not snew:
+        k = v = None
+    lens = opts.get("cache_seqlens", torch.tensor([1, 2], dtype=torch.int32))
+    kc0, vc0 = kc.clone(), vc.clone()
+    with pytest.raises(exc, match=words):
+        fastattn.flash_attn_with_kvcache(rnd(B, 1, Hq, D), kc, vc, k=k, v=v, cache_seqlens=lens,
+                                         num_splits=opts.get("num_splits", 0), **kw)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "the cache changed although the call was refused"
