@@ -175,7 +175,7 @@ def test_auto_not_slower_than_torch_decode_from_memory(dtype, Sk, heads, D):
     from 1024 keys (fp32 MHA D=64, one thread, AMD EPYC Zen 4, until 2026-12-05: its items walked every head at
     once and its dot products read 8 keys' rows chunk by chunk; since then 1.02-1.17x, and 1.36-1.52x with P·V in
     8-lane vectors at D <= 64). On the Intel Xeon (AMX) those streaming loops read slower than the 16-lane chunk
-    kernels, which it takes (decode.cpp lone_row_stream): fp32 MHA D=64 one thread 0.90-1.05x -> 1.01-1.17x, fp16
+    kernels, which it takes (decode_fetch.h lone_row_stream): fp32 MHA D=64 one thread 0.90-1.05x -> 1.01-1.17x, fp16
     1.31x -> 1.54x, bf16 +1-11% (2026-12-05, the two switched per call in one process); and since the kernel's
     helpers fetch the cache ahead (decode_tiles.h fetch_ahead, the same day) every class here reads 1.05-2.5x there."""
     Hq, Hkv = heads

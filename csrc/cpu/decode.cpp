@@ -27,8 +27,8 @@
 #include "common.h"
 #include "decode_checks.h"
 
+#include "decode_fetch.h"  // how the cache is fetched ahead: fetch_mode, lone_row_stream
 #include "kernels.h"       // fetch_describe
-#include "tile.h"          // amd_cpu, cpu_family
 #include "decode_bf16.h"   // the block helpers: scores, pv (decode_tiles.h), scores_dp (bf16 dot products)
 #include "vec.h"           // exp_sum_row: the same vector helpers as the prefill kernels
 
@@ -37,21 +37,6 @@ namespace {
 
 constexpr int64_t kBlockN = 64;     // keys per online-softmax step
 constexpr int64_t kMinSplitKeys = 256;  // the heuristic never makes splits shorter than this
-// How far ahead Fetch::stream fetches rows (~100 ns of memory latency covered): 64 keys on the Intel Xeon (best of
-// 32-256 there), 32 on AMD CPUs (measured on the Zen 5, the only one that streams unless FASTATTN_CPU_PREFETCH asks;
-// decode_fwd_cpu), where 64 keys' fetches cost fp32 steps on a cache reused within the L3 more
-// (one thread, 2026-12-07, B1 H12 D=64 / B1 H8 D=128, 512-2048 keys, one token: 0.93-1.07x torch's SDPA at 64 keys
-// ahead, 1.04-1.19x at 32, 1.25-1.36x without fetches) and read no faster from memory (bench_decode_memory.py, 16
-// rounds: fp32 1.41-2.64x at 64, 1.57-2.67x at 32, 1.58-2.74x at 16; bf16 / fp16 13.2-33.4x / 12.6-33.4x /
-// 12.1-26.1x).
-constexpr int64_t kAheadKeys = 64, kAheadKeysAmd = 32;
-// Fetch::stream fetches into the L1 where an item's rows fetched ahead (kAheadKeys keys of its KV heads' keys and
-// values) take at most this, a third of a 48 KB L1, else into the L2. Intel Xeon (AMX), one thread, 2026-12-05, the
-// kernel timed alone in C++ on 12-head caches, L1 against L2: 16 KB ahead (bf16 / fp16 MHA D=64, fp32 D=32, bf16 GQA
-// 16/4 D=64) on one cache reused 0-13% faster (bf16 D=64 12% at 512 keys), from memory level (within +-5%, the
-// spread run to run); 32 KB ahead (fp32 MHA D=64, bf16 D=128) 3-10% slower, bf16 GQA 16/4 D=128 5-10% slower from
-// memory. The same bits either way.
-constexpr int64_t kL1AheadBytes = 16 << 10;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct DecodeParams {
@@ -72,48 +57,6 @@ struct DecodeParams {
   Stream stream;  // how the block helpers read the cache (lone_row_stream, fetch_mode)
   bool fetch_blocks;  // prefetch_block each next block (fetch_mode)
 };
-
-// Whether a row alone on its KV head at head dim <= 64 streams each key's row (scores_avx512_row, 8-lane pv_avx2;
-// faster on the AMD EPYC Zen 4) or takes the 16-lane chunk kernels (faster on the Intel Xeon; decode_tiles.h,
-// pv_avx512, has both measurements). Same bits either way. FASTATTN_CPU_LONE_ROW=stream|chunks picks one on any CPU
-// (tests run both); read per call, as the other test switches.
-bool lone_row_stream() {
-  const char* env = std::getenv("FASTATTN_CPU_LONE_ROW");
-  if (env != nullptr && std::strcmp(env, "stream") == 0) return true;
-  if (env != nullptr && std::strcmp(env, "chunks") == 0) return false;
-  return amd_cpu();
-}
-
-// How a dense cache's keys and values are fetched ahead of the block helpers (none changes a result):
-//   stream  the helpers fetch each row kAheadKeys (kAheadKeysAmd) keys ahead as they read one (decode_tiles.h,
-//           fetch_ahead), into the L1 or the L2 (kL1AheadBytes);
-//   block   prefetch_block: the next block's rows, all at the start of each block;
-//   none    the hardware prefetchers alone.
-// Intel Xeon (AMX), one thread, caches from memory as in generate() (benchmarks/bench_decode_memory.py --switch
-// FASTATTN_CPU_PREFETCH=none,block,stream, 2026-12-05), none / block / stream: bf16 MHA D=64 at 4096 keys 0.83x /
-// 1.06x / 1.29x PyTorch's SDPA, bf16 GQA 16/4 D=128 1.21x / 1.55x / 1.83x, fp32 MHA D=64 1.16x / 1.23x / 1.33x, fp32
-// GQA 2.24x / 2.41x / 2.83x, fp16 1.56x / 1.61x / 1.78x; one cache reused (in the L2) stream reads as none and block
-// 10-16% slower (its burst of fetches stalls the block it precedes). 64 keys ahead read best of 32-256.
-// AMD EPYC Zen 5 (family 26, AVX-512, 1 MB L2, 32 MB L3; 2026-12-07, the same bench, 24 rounds, stream then 64 keys
-// ahead), none / block / stream, one thread: fp32 MHA D=64 at 512 / 4096 keys 1.26x / 1.27x, 1.12x / 1.15x, 1.34x /
-// 1.43x; fp32 MHA D=128 1.28x / 1.57x / 1.59x; fp32 GQA 16/4 and 32/8 D=128 1.09-1.25x / 1.44-1.67x / 1.99-2.41x;
-// bf16 6.2-8.2x / 7.2-13.7x / 13.1-29.3x; fp16 8.1x / 10.7x / 17.3x. Two threads alike: fp32 1.18-1.79x / 1.11-2.32x /
-// 1.22-3.05x, bf16 and fp16 6.7-8.2x / 8.4-13.2x / 14.6-25.4x. fp32 steps of 2-4 tokens on one cache of 17-34 MB
-// reused (B1-4, 1024-4096 keys): 0.78-1.78x none, 1.55-2.92x stream (none had left MHA steps at 0.78-0.87x torch).
-// One reused cache of 3-13 MB reads faster without fetches (kAheadKeysAmd), a cache generate() does not reuse before
-// its other layers have passed through. AMD CPUs before family 26 keep `none`, what their rules were
-// measured with (stream not compared there). FASTATTN_CPU_PREFETCH picks one on any CPU (read per call).
-enum class Fetch { none, block, stream };
-Fetch fetch_mode() {
-  const char* env = std::getenv("FASTATTN_CPU_PREFETCH");
-  if (env != nullptr && std::strcmp(env, "none") == 0) return Fetch::none;
-  if (env != nullptr && std::strcmp(env, "block") == 0) return Fetch::block;
-  if (env != nullptr && std::strcmp(env, "stream") == 0) return Fetch::stream;
-  return amd_cpu() && cpu_family() < 26 ? Fetch::none : Fetch::stream;
-}
-
-int64_t ahead_keys() { return amd_cpu() ? kAheadKeysAmd : kAheadKeys; }  // Fetch::stream's distance
-
 
 #ifdef FASTATTN_VEC512
 // row_max in 16 lanes: vmaxps returns its second operand where either is NaN, so with the running maxima second a

@@ -315,7 +315,7 @@ FA_AVX512 void scores_avx512_c(const float* Qf, int64_t M, int64_t D, const T* c
 // d, q reloaded from L1. The unrolled chunk loop with q in registers read such a cache 0.94-0.98x as fast as
 // PyTorch's SDPA, this loop 1.02-1.17x (fp32 MHA D=64, one thread, AMD EPYC Zen 4, 2026-12-05; at D=128 the chunk
 // loop stays ahead, 1.99x against 1.69x); the same bits either way (test_cpu_kernel_head_alone_same_bits). Taken
-// where lone_stream (decode.cpp): on an Intel Xeon the chunk loop is the faster one (see pv_avx512).
+// where lone_stream (decode_fetch.h): on an Intel Xeon the chunk loop is the faster one (see pv_avx512).
 template <typename T>
 FA_AVX512 void scores_avx512_row(const float* q, int64_t D, const T* const* krows, int64_t koff, int64_t n,
                                  float* S, Ahead ahead) {

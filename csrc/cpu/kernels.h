@@ -60,7 +60,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
 namespace decode {
 // How the decode kernel fetches the cache ahead of its reads on this CPU and with FASTATTN_CPU_PREFETCH as now set
-// (decode.cpp, fetch_mode): for `info` and the benchmarks' CPU line.
+// (decode_fetch.h, fetch_mode): for `info` and the benchmarks' CPU line.
 std::string fetch_describe();
 }  // namespace decode
 
