@@ -331,7 +331,7 @@ def _packed_gqa_mask(kind, B, Hq, Sq, Sk, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_packed_gqa_rows_are_their_own_heads(dtype):
+def test_packed_gqa_rows_are_their_own_heads(dtype, monkeypatch):
     """Calls of fewer than 64 query tokens with grouped-query heads run each KV head's G query heads as one head of
     G * Sq rows (register.cpp, pack_gqa; a row's band is its token's, params.h Visibility): in place for (B, H, S,
     D) queries and outputs, through copies for (B, S, H, D) ones. Each row's products and sums are its own head's,
@@ -340,7 +340,9 @@ def test_packed_gqa_rows_are_their_own_heads(dtype):
     (key padding, transformers' causal mask, per row, per head), softcap and an fp32 out; out also against the
     float64 oracle. Masks whose -inf edges differ by head start a packed tile at the group's first visible key
     (mask_key_range), so there the blocks' sums may round differently, as on MKL's sgemm: lse is then compared
-    within rounding."""
+    within rounding. On the prefill kernel throughout (FASTATTN_CPU_FEW_ROWS=prefill): calls of up to 4 rows per KV
+    head otherwise take the decode kernel (tests/test_cpu_few_rows.py), whose row groups round by their size."""
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
     torch.manual_seed(8)
     # MKL's sgemm (the fp32 engine where it timed faster) picks its kernel by shape, so there a 1-row product may
     # round unlike the same row among 4: the same bits hold on oneDNN's brgemm.

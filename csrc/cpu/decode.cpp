@@ -552,6 +552,14 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& bias, double scale,
+                                             int64_t window_left, int64_t window_right, double softcap,
+                                             const std::optional<at::Tensor>& alibi_slopes) {
+  return decode_fwd_cpu(q, k, v, std::nullopt, std::nullopt, std::nullopt, scale, window_left, window_right, softcap,
+                        alibi_slopes, /*num_splits=*/1, /*kv_bhsd=*/true, bias);
+}
+
 std::string fetch_describe() {
   switch (fetch_mode()) {
     case Fetch::stream:

@@ -62,6 +62,14 @@ namespace decode {
 // How the decode kernel fetches the cache ahead of its reads on this CPU and with FASTATTN_CPU_PREFETCH as now set
 // (decode_fetch.h, fetch_mode): for `info` and the benchmarks' CPU line.
 std::string fetch_describe();
+
+// The fwd op's call (q (B, Hq, Sq, D), k / v (B, Hkv, Sk, .), bias (B, Hq, Sq, Sk) in q's dtype or none; windows
+// bottom-right) on the split-KV decode kernel, for calls of few query rows per KV head (register.cpp,
+// few_rows_on_decode). One key split: the same bits for any thread count, as the prefill kernel's.
+std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& bias, double scale,
+                                             int64_t window_left, int64_t window_right, double softcap,
+                                             const std::optional<at::Tensor>& alibi_slopes);
 }  // namespace decode
 
 }  // namespace fastattn::cpu

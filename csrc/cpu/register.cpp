@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "block_checks.h"
 #include "common.h"
@@ -263,6 +265,34 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
   p.lse_sh = p.Sq;  // lse (B, Hq, Sq) contiguous -> (B, Hkv, G * Sq); lse_sb unchanged
 }
 
+// A call of at most this many query rows per KV head (Hq / Hkv x Sq: a training step on 1-4 tokens, a pooling
+// query, grouped-query heads of one token) runs on the split-KV decode kernel (decode.cpp), which reads K's and V's
+// rows where they lie, instead of the prefill kernel, which packs and transposes every key tile for those few rows
+// first. Inference calls of up to 16 rows already reach that kernel through the dispatcher (dense_call); a call that
+// records a gradient did not. AMD EPYC Zen 5 (AVX-512, AVX512-BF16), one thread, 2026-12-07, the two ops timed alone
+// (B1 H12, B2 H1 MHA and B4 GQA 8/2 at D=64 / 128, 128 / 1024 keys; prefill time over decode time): 1-2 rows fp32
+// 1.15-2.92x, bf16 1.28-3.69x; 4 rows fp32 1.02-1.78x, bf16 1.09-1.87x; 8 rows 0.54-1.46x (the prefill kernel's
+// where its tiles fill); fp32 training on 1-2 tokens had read 0.54-0.94x torch's SDPA forward+backward.
+// FASTATTN_CPU_FEW_ROWS=prefill keeps such calls on the prefill kernel (read per call; tests and benchmarks compare).
+constexpr int64_t kDecodeRows = 4;
+
+bool few_rows_on_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& cu_seqlens_q, int64_t window_left, int64_t window_right,
+                        bool bottom_right, double dropout_p, const std::optional<at::Tensor>& q_start,
+                        bool out_fp32, int64_t head_start) {
+  const int64_t Sq = q.size(2), Sk = k.size(2);
+  if (q.size(1) / k.size(1) * Sq > kDecodeRows || Sq == 0 || Sk == 0 || q.size(0) == 0) return false;
+  // what the decode kernel does not take: varlen, dropout, block coordinates, an fp32 output, a head offset (the
+  // dropout counter's), top-left windows of Sq != Sk (it aligns bottom-right, as ALiBi always is), a head dim apart
+  if (cu_seqlens_q || dropout_p > 0 || q_start || out_fp32 || head_start != 0) return false;
+  if ((window_left >= 0 || window_right >= 0) && !bottom_right && Sq != Sk) return false;
+  for (const auto* t : {&q, &k, &v}) {
+    if (t->stride(3) != 1 && t->size(3) != 1) return false;
+  }
+  const char* env = std::getenv("FASTATTN_CPU_FEW_ROWS");
+  return env == nullptr || std::strcmp(env, "prefill") != 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& attn_bias,
                                            const std::optional<at::Tensor>& cu_seqlens_q,
@@ -282,6 +312,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start,
                             head_start);
   const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start);
+  if (few_rows_on_decode(q, k, v, cu_seqlens_q, window_left, window_right, bottom_right, dropout_p, q_start, out_fp32,
+                         head_start)) {  // (after the checks above: the same errors either way)
+    return decode::dense_fwd(q, k, v, attn_bias, scale, window_left, window_right, softcap, alibi_slopes);
+  }
   at::Tensor out = alloc_out(q, p.Dv, out_fp32);
   p.out_fp32 = out_fp32;
   at::Tensor lse = alloc_output({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
