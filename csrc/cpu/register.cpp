@@ -265,23 +265,26 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
   p.lse_sh = p.Sq;  // lse (B, Hq, Sq) contiguous -> (B, Hkv, G * Sq); lse_sb unchanged
 }
 
-// A call of at most this many query rows per KV head (Hq / Hkv x Sq: a training step on 1-4 tokens, a pooling
-// query, grouped-query heads of one token) runs on the split-KV decode kernel (decode.cpp), which reads K's and V's
-// rows where they lie, instead of the prefill kernel, which packs and transposes every key tile for those few rows
-// first. Inference calls of up to 16 rows already reach that kernel through the dispatcher (dense_call); a call that
-// records a gradient did not. AMD EPYC Zen 5 (AVX-512, AVX512-BF16), one thread, 2026-12-07, the two ops timed alone
-// (B1 H12, B2 H1 MHA and B4 GQA 8/2 at D=64 / 128, 128 / 1024 keys; prefill time over decode time): 1-2 rows fp32
-// 1.15-2.92x, bf16 1.28-3.69x; 4 rows fp32 1.02-1.78x, bf16 1.09-1.87x; 8 rows 0.54-1.46x (the prefill kernel's
-// where its tiles fill); fp32 training on 1-2 tokens had read 0.54-0.94x torch's SDPA forward+backward.
+// Calls of at most 2 query rows per KV head (Hq / Hkv x Sq: a training step on 1-2 tokens, a pooling query, one
+// token of 2 grouped-query heads), and of 3-4 against at least 512 keys, run on the split-KV decode kernel
+// (decode.cpp), which reads K's and V's rows where they lie, instead of the prefill kernel, which packs and transposes
+// every key tile for those few rows first. Inference calls reach that kernel through the dispatcher's route
+// (dense_call; its own rule); a call that records a gradient did not. AMD EPYC Zen 5 (AVX-512, AVX512-BF16), one
+// thread, 2026-12-07, the op timed on either kernel in one process (prefill time over decode time; MHA, GQA 2/1 and
+// 4/1, one and two tokens, D=64 / 128, 64-2048 keys): 1-2 rows 0.97-4.85x (fp32 0.97-2.77x); 3-4 rows below 512 keys
+// 0.68-0.94x in fp32 and fp16 (bf16 0.94-1.55x), from 512 keys 1.15-2.05x; 8 rows and more 0.40-1.46x.
 // FASTATTN_CPU_FEW_ROWS=prefill keeps such calls on the prefill kernel (read per call; tests and benchmarks compare).
-constexpr int64_t kDecodeRows = 4;
+constexpr int64_t kDecodeRows = 2, kDecodeRowsLong = 4, kDecodeLongKeys = 512;
 
 bool few_rows_on_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& cu_seqlens_q, int64_t window_left, int64_t window_right,
                         bool bottom_right, double dropout_p, const std::optional<at::Tensor>& q_start,
                         bool out_fp32, int64_t head_start) {
   const int64_t Sq = q.size(2), Sk = k.size(2);
-  if (q.size(1) / k.size(1) * Sq > kDecodeRows || Sq == 0 || Sk == 0 || q.size(0) == 0) return false;
+  const int64_t rows = q.size(1) / k.size(1) * Sq;
+  if (rows > (Sk >= kDecodeLongKeys ? kDecodeRowsLong : kDecodeRows) || Sq == 0 || Sk == 0 || q.size(0) == 0) {
+    return false;
+  }
   // what the decode kernel does not take: varlen, dropout, block coordinates, an fp32 output, a head offset (the
   // dropout counter's), top-left windows of Sq != Sk (it aligns bottom-right, as ALiBi always is), a head dim apart
   if (cu_seqlens_q || dropout_p > 0 || q_start || out_fp32 || head_start != 0) return false;

@@ -1,0 +1,26 @@
+# The fwd op on the prefill kernel against the decode kernel (FASTATTN_CPU_FEW_ROWS switched per call), by query rows per KV head and keys: prefill time over decode time.
+# Run from the repository root: PYTHONPATH=. python benchmarks/results/cpu-20261207-zen5-fewrows/fwd_alone2.py 1 
+import os, sys, time, torch, fastattn, itertools
+torch.set_num_threads(int(sys.argv[1])); clock = time.process_time if sys.argv[1] == "1" else time.perf_counter
+def t(f):
+    for _ in range(3): f()
+    t0 = clock(); f(); one = clock() - t0
+    n = max(5, int(0.02 / max(one, 1e-6))); best = 1e9
+    for r in range(7):
+        t0 = clock()
+        for _ in range(n): f()
+        best = min(best, (clock() - t0) / n)
+    return best * 1e6
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+for dt, (B, H), D in itertools.product(["fp32", "bf16", "fp16"], [(1, 12), (8, 2)], [64, 128]):
+    row = []
+    for Sq, Sk in [(3, 128), (4, 64), (4, 128), (4, 256), (4, 384), (4, 512), (4, 1024), (2, 128), (2, 256)]:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, s, D, generator=g).to(DT[dt]) for s in (Sq, Sk, Sk))
+        sc = D ** -0.5
+        r = {}
+        for mode in ("prefill", "decode") * 2:
+            os.environ["FASTATTN_CPU_FEW_ROWS"] = mode
+            r.setdefault(mode, []).append(t(lambda: torch.ops.fastattn.fwd(q, k, v, None, None, None, 0, 0, sc, -1, -1, False, 0.0, None, 0.0, 0, 0, False)))
+        row.append(f"{Sq}x{Sk} {min(r['prefill'])/min(r['decode']):.2f}")
+    print(f"{dt} B{B} H{H} D{D}: " + "  ".join(row), flush=True)
