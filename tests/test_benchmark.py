@@ -420,26 +420,6 @@ def test_gpu_session_python_scripts_run_on_cpu(script, args, rows):
     assert "failed" not in r.stdout and "WRONG" not in r.stdout, r.stdout
 
 
-def test_random_calls_sweep_runs(tmp_path):
-    """benchmarks/bench_random_calls.py at a tiny budget: each call runs on both sides, the JSON keeps every call with
-    its ratio and what auto chose, within the budget (training: a quarter)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "calls.json"
-    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_random_calls.py"), "--calls", "8",
-                        "--rounds", "1", "--max-work", "65536", "--seed", "5", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root))  # (CI: installed; here: the tree)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    calls = json.loads(out.read_text())["calls"]
-    assert len(calls) == 8 and "8 calls: auto" in r.stdout
-    for c in calls:
-        assert c["x_torch"] > 0 and c["chosen"] and 2 ** c["log2W"] <= 65536 / (4 if c["grad"] else 1) * 1.1, c
-
-
 def test_an_error_in_our_implementation_fails_the_run(tmp_path, monkeypatch, capsys):
     """The quick benchmark is CI's first command: an exception from a fastattn implementation must fail it (a
     NameError in a speed rule once showed only as 'error' rows with exit code 0)."""

@@ -1,0 +1,118 @@
+"""Calls of few query rows per KV head on the CPU: the `fwd` op's two kernels side by side, for the rule that sends
+such calls to the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_decode: at most 2 rows, or 3-4 against
+512 keys or more). FASTATTN_CPU_FEW_ROWS=prefill|decode, read per call, switches the kernel inside one process.
+
+Default: the op alone, prefill time over decode time (> 1: the decode kernel is faster), per shape and key count; each
+the best of 7 batches, the two kernels alternating. --training: forward+backward through the SDPA function (backend
+cpu) against torch's SDPA, interleaved rounds (benchmarks/interleave.py), both kernels as columns (x torch).
+One thread: CPU time; more: wall time.
+
+    python benchmarks/bench_few_rows.py --threads 1
+    python benchmarks/bench_few_rows.py --threads 2 --shapes 1,12,12,4 8,2,2,1 --keys 256 1024 --training
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import time
+
+import torch
+
+import fastattn
+from fastattn import ops
+from fastattn.backends.sdpa import TORCH_SDPA
+from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SWITCH = "FASTATTN_CPU_FEW_ROWS"
+
+
+def on(kernel, f):
+    """f with the fwd op's few-rows kernel set to `kernel` for this call only."""
+    def run():
+        os.environ[SWITCH] = kernel
+        try:
+            return f()
+        finally:
+            os.environ.pop(SWITCH, None)
+    return run
+
+
+def best_time(f, clock, batch_s=0.02, batches=7):
+    f(), f()
+    t0 = clock()
+    f()
+    n = max(3, int(batch_s / max(clock() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(batches):
+        t0 = clock()
+        for _ in range(n):
+            f()
+        best = min(best, (clock() - t0) / n)
+    return best
+
+
+def op_ratio(q, k, v, clock):
+    """Prefill time over decode time of the fwd op on q, k, v (B, H, S, D), no mask."""
+    args = (None, None, None, 0, 0, q.shape[-1] ** -0.5, -1, -1, False, 0.0, None, 0.0, 0, 0, False)
+    call = lambda: torch.ops.fastattn.fwd(q, k, v, *args)  # noqa: E731
+    t = {"prefill": [], "decode": []}
+    for kernel in ("prefill", "decode") * 2:
+        t[kernel].append(best_time(on(kernel, call), clock))
+    return min(t["prefill"]) / min(t["decode"])
+
+
+def training(q, k, v, do, clock, rounds):
+    """(torch's median time, {kernel: x torch}) of forward+backward through the SDPA function."""
+    def runner(f):
+        def run():
+            f(q, k, v, enable_gqa=True).backward(do)
+            q.grad = k.grad = v.grad = None
+        return run
+    cpu = runner(lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw))
+    impls = {"torch": runner(TORCH_SDPA), "prefill": on("prefill", cpu), "decode": on("decode", cpu)}
+    per = rounds_of(impls, clock, rounds, calls_per_batch(impls, clock))
+    return statistics.median(per["torch"]), ratios_to(per)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16", "fp16"])
+    ap.add_argument("--shapes", nargs="+", default=["1,12,12,1", "1,12,12,2", "1,12,12,4", "2,8,4,2", "4,8,2,1"],
+                    help="B,Hq,Hkv,Sq (rows per KV head: Hq / Hkv x Sq)")
+    ap.add_argument("--keys", type=int, nargs="+", default=[64, 128, 256, 384, 512, 1024, 2048])
+    ap.add_argument("--dim", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--training", action="store_true", help="forward+backward through SDPA against torch")
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (--training)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    print(f"{ops.cpu_matmul()}; torch {torch.__version__}, {args.threads} thread(s), "
+          f"{'CPU' if args.threads == 1 else 'wall'} time; "
+          + ("forward+backward x torch, median of interleaved rounds" if args.training
+             else "the fwd op, prefill time over decode time"))
+    gen = torch.Generator().manual_seed(0)
+    for dt, D, shape in itertools.product(args.dtype, args.dim, args.shapes):
+        B, Hq, Hkv, Sq = map(int, shape.split(","))
+        name = f"{dt} D{D} B{B} H{Hq}/{Hkv} Sq{Sq} (rows {Hq // Hkv * Sq})"
+        cells = []
+        for Sk in args.keys:
+            x = (torch.randn(B, h, s, D, generator=gen).to(DTYPES[dt]).requires_grad_(args.training)
+                 for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+            q, k, v = x
+            if args.training:
+                t_torch, r = training(q, k, v, torch.randn(B, Hq, Sq, D, generator=gen).to(DTYPES[dt]), clock,
+                                      args.rounds)
+                print(f"{name} keys {Sk}: torch {t_torch * 1e6:.0f} us, prefill {r['prefill']:.2f}x, "
+                      f"decode {r['decode']:.2f}x", flush=True)
+            else:
+                cells.append(f"{Sk} {op_ratio(q, k, v, clock):.2f}")
+        if cells:
+            print(f"{name}: " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
