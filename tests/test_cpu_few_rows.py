@@ -1,5 +1,6 @@
-"""Calls of at most 2 query rows per KV head (Hq / Hkv x Sq), and of 3-4 against 512 keys or more, run the fwd op on
-the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_decode), also when they record a gradient; FASTATTN_CPU_FEW_ROWS=prefill keeps
+"""Calls of at most 2 query rows per KV head (Hq / Hkv x Sq) at head dims from 48, and of 3-4 against 512 keys or more
+at head dims from 64, run the fwd op on the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_decode), also
+when they record a gradient; FASTATTN_CPU_FEW_ROWS=prefill keeps
 them on the prefill kernel (read per call). Both against the float64 oracle, forward and every gradient; the op's
 bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel."""
 import pytest
@@ -15,8 +16,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
 # B, Hq, Hkv, Sq, Sk, D, Dv: one token, two tokens against few keys, four tokens and grouped-query heads of one and
 # two tokens (4 rows) against 512 keys or more
-SHAPES = [(2, 3, 3, 1, 300, 64, 64), (1, 2, 2, 2, 77, 40, 24), (1, 2, 2, 4, 517, 40, 24), (2, 8, 2, 1, 600, 32, 32),
-          (1, 4, 2, 2, 513, 16, 16)]
+SHAPES = [(2, 3, 3, 1, 300, 64, 64), (1, 2, 2, 2, 77, 48, 80), (1, 2, 2, 4, 517, 96, 64), (2, 8, 2, 1, 600, 64, 64),
+          (1, 4, 2, 2, 513, 64, 72)]
 FEATURES = ["plain", "causal", "window", "bias", "alibi_softcap"]
 
 
@@ -97,13 +98,17 @@ def test_training_calls_on_either_path_follow_the_rule(dtype, feature, mode, mon
         assert_fwd_bwd(f"{shape}", got, q, k, v, dout, dtype, **ref)
 
 
-@pytest.mark.parametrize("case", ["top-left window", "five rows", "four rows, 511 keys", "dropout"])
+CASES = {"top-left window": (2, 40, 64), "five rows": (5, 600, 64), "four rows, 511 keys": (4, 511, 64),
+         "four rows, head dim 48": (4, 600, 48), "one row, head dim 32": (1, 600, 32), "dropout": (2, 40, 64)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_calls_the_decode_kernel_cannot_take_stay_on_the_prefill_kernel(case, monkeypatch):
-    """Top-left windows of Sq != Sk (the decode kernel aligns bottom-right), more than 4 rows per KV head, 3-4 rows
-    against fewer than 512 keys (the prefill kernel is faster there), dropout: the prefill kernel's bits, whatever the
-    switch says."""
-    Sq, Sk = {"five rows": (5, 600), "four rows, 511 keys": (4, 511)}.get(case, (2, 40))
-    shape = (1, 2, 2, Sq, Sk, 16, 16)
+    """Top-left windows of Sq != Sk (the decode kernel aligns bottom-right), more than 4 rows per KV head, dropout,
+    and where the prefill kernel timed faster (3-4 rows against fewer than 512 keys or at head dims below 64; any
+    call at head dims below 48): the prefill kernel's bits, whatever the switch says."""
+    Sq, Sk, D = CASES[case]
+    shape = (1, 2, 2, Sq, Sk, D, D)
     q, k, v, op, ref = _inputs(shape, torch.float32, "causal" if case == "top-left window" else "plain")
     br, p = case != "top-left window", 0.3 if case == "dropout" else 0.0
     out = _fwd(q, k, v, op, br, p)

@@ -65,7 +65,7 @@ std::string fetch_describe();
 
 // The fwd op's call (q (B, Hq, Sq, D), k / v (B, Hkv, Sk, .), bias (B, Hq, Sq, Sk) in q's dtype or none; windows
 // bottom-right) on the split-KV decode kernel, for calls of few query rows per KV head (register.cpp,
-// few_rows_on_decode: up to 2, or 4 against 512 keys or more). One key split: the same bits for any thread count, as the prefill kernel's.
+// few_rows_on_decode: up to 2 at head dims from 48, or 4 against 512 keys or more from 64). One key split: the same bits for any thread count, as the prefill kernel's.
 std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& bias, double scale,
                                              int64_t window_left, int64_t window_right, double softcap,

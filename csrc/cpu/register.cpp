@@ -7,6 +7,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -266,23 +267,28 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
 }
 
 // Calls of at most 2 query rows per KV head (Hq / Hkv x Sq: a training step on 1-2 tokens, a pooling query, one
-// token of 2 grouped-query heads), and of 3-4 against at least 512 keys, run on the split-KV decode kernel
-// (decode.cpp), which reads K's and V's rows where they lie, instead of the prefill kernel, which packs and transposes
-// every key tile for those few rows first. Inference calls reach that kernel through the dispatcher's route
-// (dense_call; its own rule); a call that records a gradient did not. AMD EPYC Zen 5 (AVX-512, AVX512-BF16), one
-// thread, 2026-12-07, the op timed on either kernel in one process (prefill time over decode time; MHA, GQA 2/1 and
-// 4/1, one and two tokens, D=64 / 128, 64-2048 keys): 1-2 rows 0.97-4.85x (fp32 0.97-2.77x); 3-4 rows below 512 keys
-// 0.68-0.94x in fp32 and fp16 (bf16 0.94-1.55x), from 512 keys 1.15-2.05x; 8 rows and more 0.40-1.46x.
+// token of 2 grouped-query heads) at head dims of 48 and more, and of 3-4 rows against at least 512 keys at head dims
+// of 64 and more, run on the split-KV decode kernel (decode.cpp), which reads K's and V's rows where they lie, instead
+// of the prefill kernel, which packs and transposes every key tile for those few rows first. Inference calls reach
+// that kernel through the dispatcher's route (dense_call; its own rule); a call that records a gradient did not. AMD
+// EPYC Zen 5 (AVX-512, AVX512-BF16), one thread, 2026-12-07, the op on either kernel in one process (prefill time
+// over decode time; MHA, groups of 2 and 4, one and two tokens, 64-2048 keys; benchmarks/bench_few_rows.py): at head
+// dims 64-256, 1-2 rows 0.90-5.43x (fp32 0.97-2.77x), 3-4 rows below 512 keys 0.68-0.94x in fp32 and fp16 (bf16
+// 0.94-1.55x), from 512 keys 0.98-2.70x; at 48 1-2 rows 0.95-2.44x, 4 rows 0.90-1.07x; at 16-32 0.46-1.77x (fp32 rows
+// 2 at 32: 0.90-1.01x, rows 4 from 512 keys 0.46-0.85x); 8 rows and more 0.40-1.46x.
 // FASTATTN_CPU_FEW_ROWS=prefill keeps such calls on the prefill kernel (read per call; tests and benchmarks compare).
-constexpr int64_t kDecodeRows = 2, kDecodeRowsLong = 4, kDecodeLongKeys = 512;
+constexpr int64_t kDecodeRows = 2, kDecodeMinDim = 48;  // and against kDecodeLongKeys or more:
+constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong = 64;
 
 bool few_rows_on_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& cu_seqlens_q, int64_t window_left, int64_t window_right,
                         bool bottom_right, double dropout_p, const std::optional<at::Tensor>& q_start,
                         bool out_fp32, int64_t head_start) {
   const int64_t Sq = q.size(2), Sk = k.size(2);
-  const int64_t rows = q.size(1) / k.size(1) * Sq;
-  if (rows > (Sk >= kDecodeLongKeys ? kDecodeRowsLong : kDecodeRows) || Sq == 0 || Sk == 0 || q.size(0) == 0) {
+  const int64_t rows = q.size(1) / k.size(1) * Sq, dim = std::min(q.size(3), v.size(3));
+  const bool long_keys = Sk >= kDecodeLongKeys && dim >= kDecodeMinDimLong;
+  if (rows > (long_keys ? kDecodeRowsLong : kDecodeRows) || dim < kDecodeMinDim || Sq == 0 || Sk == 0 ||
+      q.size(0) == 0) {
     return false;
   }
   // what the decode kernel does not take: varlen, dropout, block coordinates, an fp32 output, a head offset (the
