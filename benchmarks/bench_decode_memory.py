@@ -16,7 +16,6 @@ faster than torch's SDPA). Speed is never asserted here (benchmarks/test_auto_ru
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import torch
 
 import fastattn
 from fastattn import ops
+from interleave import with_env  # (benchmarks/, the script's folder, is on sys.path)
 
 CASES = [  # dtype, Hq, Hkv, D, Sk
     (torch.float32, 12, 12, 64, 512), (torch.float32, 12, 12, 64, 4096), (torch.float32, 8, 8, 128, 2048),
@@ -73,7 +73,7 @@ def main() -> None:
         cpu = layers(lambda *x, **k: fastattn.scaled_dot_product_attention(*x, backend="cpu", **k))
         impls = {"torch": layers(sdpa), "cpu": cpu, "auto": layers(fastattn.scaled_dot_product_attention)}
         for v in values:
-            impls[f"cpu[{v}]"] = _with_env(switch, v, cpu)
+            impls[f"cpu[{v}]"] = with_env(switch, v, cpu)
         with torch.no_grad():
             x = _ratios(impls, a.rounds)
         chosen = fastattn.explain(q, *caches[0], **kw).chosen
@@ -81,21 +81,6 @@ def main() -> None:
         print(f"{str(dtype)[6:]:8} Hq={Hq:2} Hkv={Hkv:2} D={D:3} Sk={Sk:4} ({len(caches):3} layers): torch "
               f"{x['torch_s'] / len(caches) * 1e6:7.1f} us/layer; cpu {x['cpu']:.2f}x, auto ({chosen}) "
               f"{x['auto']:.2f}x{cols}", flush=True)
-
-
-def _with_env(name: str, value: str, f):
-    """f run with the environment variable name set to value (restored after: the plain columns see the caller's)."""
-    def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return f()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return run
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import time
 
@@ -23,21 +22,11 @@ import torch
 import fastattn
 from fastattn import ops
 from fastattn.backends.sdpa import TORCH_SDPA
-from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
+# (benchmarks/, the script's folder, is on sys.path)
+from interleave import calls_per_batch, ratios_to, rounds_of, sdpa_call, with_env
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SWITCH = "FASTATTN_CPU_FEW_ROWS"
-
-
-def on(kernel, f):
-    """f with the fwd op's few-rows kernel set to `kernel` for this call only."""
-    def run():
-        os.environ[SWITCH] = kernel
-        try:
-            return f()
-        finally:
-            os.environ.pop(SWITCH, None)
-    return run
 
 
 def best_time(f, clock, batch_s=0.02, batches=7):
@@ -60,19 +49,15 @@ def op_ratio(q, k, v, clock):
     call = lambda: torch.ops.fastattn.fwd(q, k, v, *args)  # noqa: E731
     t = {"prefill": [], "decode": []}
     for kernel in ("prefill", "decode") * 2:
-        t[kernel].append(best_time(on(kernel, call), clock))
+        t[kernel].append(best_time(with_env(SWITCH, kernel, call), clock))
     return min(t["prefill"]) / min(t["decode"])
 
 
 def training(q, k, v, do, clock, rounds):
     """(torch's median time, {kernel: x torch}) of forward+backward through the SDPA function."""
-    def runner(f):
-        def run():
-            f(q, k, v, enable_gqa=True).backward(do)
-            q.grad = k.grad = v.grad = None
-        return run
-    cpu = runner(lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw))
-    impls = {"torch": runner(TORCH_SDPA), "prefill": on("prefill", cpu), "decode": on("decode", cpu)}
+    cpu = sdpa_call(fastattn.scaled_dot_product_attention, q, k, v, do, enable_gqa=True, backend="cpu")
+    impls = {"torch": sdpa_call(TORCH_SDPA, q, k, v, do, enable_gqa=True),
+             "prefill": with_env(SWITCH, "prefill", cpu), "decode": with_env(SWITCH, "decode", cpu)}
     per = rounds_of(impls, clock, rounds, calls_per_batch(impls, clock))
     return statistics.median(per["torch"]), ratios_to(per)
 

@@ -25,7 +25,8 @@ import torch
 import fastattn
 from fastattn import ops
 from fastattn.backends.sdpa import TORCH_SDPA
-from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
+# (benchmarks/, the script's folder, is on sys.path)
+from interleave import calls_per_batch, ratios_to, rounds_of, sdpa_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIMS = [32, 48, 64, 64, 80, 96, 128, 128, 160, 256]
@@ -75,16 +76,6 @@ def tensors(c: dict, gen: torch.Generator):
     return q, k, v, do, kw
 
 
-def runner(f, q, k, v, do, kw):
-    if do is None:
-        return lambda: f(q, k, v, **kw)
-
-    def run():
-        f(q, k, v, **kw).backward(do)
-        q.grad = k.grad = v.grad = None
-    return run
-
-
 def describe(c: dict) -> str:
     gqa = f" gqa{c['Hq']}/{c['Hkv']}" if c["G"] > 1 else ""
     return (f"{'fwd+bwd' if c['grad'] else 'fwd':<7} {c['dtype']} B{c['B']} H{c['Hq']}{gqa} Sq{c['Sq']} Sk{c['Sk']} "
@@ -111,8 +102,8 @@ def main():
     for i in range(args.calls):
         c = draw(rnd, args.max_work)
         q, k, v, do, kw = tensors(c, gen)
-        impls = {"torch": runner(TORCH_SDPA, q, k, v, do, kw),
-                 "auto": runner(fastattn.scaled_dot_product_attention, q, k, v, do, kw)}
+        impls = {"torch": sdpa_call(TORCH_SDPA, q, k, v, do, **kw),
+                 "auto": sdpa_call(fastattn.scaled_dot_product_attention, q, k, v, do, **kw)}
         per = rounds_of(impls, clock, args.rounds, calls_per_batch(impls, clock))
         c["x_torch"] = round(ratios_to(per)["auto"], 3)
         c["torch_us"] = round(sorted(per["torch"])[len(per["torch"]) // 2] * 1e6, 1)

@@ -21,17 +21,10 @@ import torch
 import fastattn
 from fastattn import lean, ops
 from fastattn.backends.sdpa import TORCH_SDPA
-from interleave import calls_per_batch, ratios_to, rounds_of  # (benchmarks/, the script's folder, is on sys.path)
+# (benchmarks/, the script's folder, is on sys.path)
+from interleave import calls_per_batch, ratios_to, rounds_of, sdpa_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _runner(f, q, k, v, do, causal, mask):
-    def run():
-        out = f(q, k, v, attn_mask=mask, is_causal=causal)
-        out.backward(do)
-        q.grad = k.grad = v.grad = None
-    return run
 
 
 def _python_autograd(run):
@@ -93,14 +86,13 @@ def main():
         if args.mask == "pad":
             mask = torch.ones(B, 1, 1, S, dtype=torch.bool)  # (B, 1, 1, Sk): True = attend
             mask[::2, ..., S - S // 4:] = False
-        impls = {"torch": _runner(TORCH_SDPA, q, k, v, do, causal, mask),
-                 "cpu": _runner(lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw),
-                                q, k, v, do, causal, mask),
-                 "auto": _runner(fastattn.scaled_dot_product_attention, q, k, v, do, causal, mask)}
+        kw = dict(attn_mask=mask, is_causal=causal)
+        impls = {"torch": sdpa_call(TORCH_SDPA, q, k, v, do, **kw),
+                 "cpu": sdpa_call(fastattn.scaled_dot_product_attention, q, k, v, do, backend="cpu", **kw),
+                 "auto": sdpa_call(fastattn.scaled_dot_product_attention, q, k, v, do, **kw)}
         if args.before:
-            impls["before"] = _python_autograd(_runner(
-                lambda *a, **kw: fastattn.scaled_dot_product_attention(*a, backend="cpu", **kw), q, k, v, do, causal,
-                mask))
+            impls["before"] = _python_autograd(sdpa_call(fastattn.scaled_dot_product_attention, q, k, v, do,
+                                                         backend="cpu", **kw))
         x, t_torch = ratios(impls, clock, args.rounds)
         chosen = fastattn.explain(q, k, v, attn_mask=mask, is_causal=causal).chosen
         print(f"{B:>2} {H:>3} {S:>4} {D:>4} {int(causal):>6} {work.bit_length() - 1:>6} {t_torch * 1e6:>9.0f} "

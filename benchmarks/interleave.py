@@ -4,6 +4,7 @@ within a round, where both sides met the same load."""
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
 from typing import Callable, Dict, List
 
@@ -57,4 +58,32 @@ def switched(force: Callable[[int], None], value: int, call: Callable[[], object
             return call()
         finally:
             force(0)
+    return run
+
+
+def with_env(name: str, value: str, call: Callable[[], object]) -> Callable[[], object]:
+    """call() with the environment variable name set to value (a switch the kernels read per call, e.g.
+    FASTATTN_CPU_PREFETCH), restored after, so that the other paths of one interleaved run see the caller's."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return call()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
+def sdpa_call(f: Callable, q, k, v, do=None, **kw) -> Callable[[], object]:
+    """One timed call of an SDPA-like f(q, k, v, **kw): the forward, and with an upstream gradient do the backward
+    too, the inputs' gradients cleared after it."""
+    if do is None:
+        return lambda: f(q, k, v, **kw)
+
+    def run():
+        f(q, k, v, **kw).backward(do)
+        q.grad = k.grad = v.grad = None
     return run

@@ -176,6 +176,13 @@ def positions(lay, base):
     return (torch.stack(qp), torch.stack(kp)) if lay.dense else (torch.cat(qp)[None], torch.cat(kp)[None])
 
 
+def sequences(lay, c):
+    """A varlen layout's sequences: (query rows, key rows, c with that sequence's alibi row) each."""
+    for n in range(lay.n):
+        qs, ks = slice(int(lay.cu_q[n]), int(lay.cu_q[n + 1])), slice(int(lay.cu_k[n]), int(lay.cu_k[n + 1]))
+        yield qs, ks, NS(**{**vars(c), "alibi": None if c.alibi is None else c.alibi[n:n + 1]})
+
+
 def oracle_all(lay, q, k, v, c, base, bias, keep, dout, dtype):
     """(out, lse, dq, dk, dv) of the float64 oracle, or the naive one in `dtype` (varlen: per sequence)."""
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
@@ -183,11 +190,8 @@ def oracle_all(lay, q, k, v, c, base, bias, keep, dout, dtype):
     if lay.dense:
         out, lse = oracle(q, k, v, c, qp, kp, bias, keep, dtype)
     else:
-        res = []
-        for n in range(lay.n):
-            qs, ks = slice(int(lay.cu_q[n]), int(lay.cu_q[n + 1])), slice(int(lay.cu_k[n]), int(lay.cu_k[n + 1]))
-            cn = NS(**{**vars(c), "alibi": None if c.alibi is None else c.alibi[n:n + 1]})
-            res.append(oracle(q[:, :, qs], k[:, :, ks], v[:, :, ks], cn, qp[:, qs], kp[:, ks], None, None, dtype))
+        res = [oracle(q[:, :, qs], k[:, :, ks], v[:, :, ks], cn, qp[:, qs], kp[:, ks], None, None, dtype)
+               for qs, ks, cn in sequences(lay, c)]
         out, lse = (torch.cat(x, 2) for x in zip(*res))
     grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
     return (out.detach(), lse.detach()) + grads
@@ -201,9 +205,7 @@ def delta_terms(lay, q, k, c, base, bias, dout, out, ref_out):
         attend = lambda q_, k_, v_: oracle(q_, k_, v_, c, qp, kp, bias)[0]  # noqa: E731
         return fwd_bwd_inherent(attend, q, k, dout, out, ref_out, c.scale)
     terms = [0.0] * 4
-    for n in range(lay.n):
-        qs, ks = slice(int(lay.cu_q[n]), int(lay.cu_q[n + 1])), slice(int(lay.cu_k[n]), int(lay.cu_k[n + 1]))
-        cn = NS(**{**vars(c), "alibi": None if c.alibi is None else c.alibi[n:n + 1]})
+    for qs, ks, cn in sequences(lay, c):
         attend = lambda q_, k_, v_: oracle(q_, k_, v_, cn, qp[:, qs], kp[:, ks])[0]  # noqa: E731,B023 (called now)
         t = fwd_bwd_inherent(attend, q[:, :, qs], k[:, :, ks], dout[:, :, qs], out[:, :, qs], ref_out[:, :, qs],
                              c.scale)

@@ -3,11 +3,14 @@ at head dims from 64, run the fwd op on the split-KV decode kernel (csrc/cpu/reg
 when they record a gradient; FASTATTN_CPU_FEW_ROWS=prefill keeps
 them on the prefill kernel (read per call). Both against the float64 oracle, forward and every gradient; the op's
 bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel."""
+import math
+
 import pytest
 import torch
 
 import fastattn
 from fastattn import ops
+from support import fwd_args
 from support.oracle import assert_fwd_bwd, assert_rule, oracle_attention
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
@@ -26,7 +29,7 @@ def _inputs(shape, dtype, feature, grad=False):
     q = torch.randn(B, Hq, Sq, D).to(dtype).requires_grad_(grad)
     k = torch.randn(B, Hkv, Sk, D).to(dtype).requires_grad_(grad)
     v = torch.randn(B, Hkv, Sk, Dv).to(dtype).requires_grad_(grad)
-    op = dict(bias=None, wl=-1, wr=-1, softcap=0.0, alibi=None)  # the fwd op's arguments
+    op = dict(bias=None, wl=-1, wr=-1, softcap=0.0, alibi=None)  # the fwd op's arguments (support.fwd_args)
     ref = dict(scale=D ** -0.5)  # oracle_attention's
     if feature == "causal":
         op.update(wr=0)
@@ -44,8 +47,7 @@ def _inputs(shape, dtype, feature, grad=False):
 
 
 def _fwd(q, k, v, op, bottom_right=True, dropout_p=0.0):
-    return torch.ops.fastattn.fwd(q, k, v, op["bias"], None, None, 0, 0, q.shape[-1] ** -0.5, op["wl"], op["wr"],
-                                  bottom_right, op["softcap"], op["alibi"], dropout_p, 0, 0, False)
+    return torch.ops.fastattn.fwd(*fwd_args(q, k, v, br=bottom_right, dropout_p=dropout_p, **op))
 
 
 @pytest.mark.parametrize("feature", FEATURES)
@@ -57,7 +59,7 @@ def test_fwd_op_is_the_decode_kernel_and_the_oracle(dtype, shape, feature, monke
     monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
     br = feature != "alibi_softcap"  # ALiBi aligns bottom-right either way: top-left without a window goes too
     out, lse = _fwd(q, k, v, op, br)
-    dec = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, q.shape[-1] ** -0.5, op["wl"], op["wr"],
+    dec = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 1.0 / math.sqrt(q.shape[-1]), op["wl"], op["wr"],
                                         op["softcap"], op["alibi"], 1, True, op["bias"])
     assert torch.equal(out, dec[0]) and torch.equal(lse, dec[1])
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")

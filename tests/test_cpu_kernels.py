@@ -12,15 +12,11 @@ import torch
 
 import fastattn
 from fastattn import ops
+from support import fwd_args
 from support.oracle import assert_fwd_bwd, assert_rule, lse_reference, oracle_attention
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")
-
-
-def _fwd_args(q, k, v, bias=None, wl=-1, wr=-1, br=False, softcap=0.0, alibi=None, dropout_p=0.0, seed=0, off=0):
-    return (q, k, v, bias, None, None, 0, 0, 1.0 / math.sqrt(q.shape[-1]), wl, wr, br, softcap, alibi, dropout_p,
-            seed, off, False)
 
 
 def _qkv(B, Hq, Hkv, Sq, Sk, D, Dv=None, dtype=torch.float32, grad=True):
@@ -39,11 +35,11 @@ def _assert_fwd_bwd_rule(out, q, k, v, dtype, **oracle_kw):
 def test_opcheck_fwd_bwd():
     q, k, v = _qkv(1, 4, 2, 33, 47, 16, 24)
     bias = torch.randn(1, 1, 33, 47).expand(1, 4, 33, 47)
-    for args in (_fwd_args(q, k, v), _fwd_args(q, k, v, bias=bias, wl=5, wr=0, br=True, softcap=3.0),
-                 _fwd_args(q, k, v, dropout_p=0.2, seed=7, off=3)):
+    for args in (fwd_args(q, k, v), fwd_args(q, k, v, bias=bias, wl=5, wr=0, br=True, softcap=3.0),
+                 fwd_args(q, k, v, dropout_p=0.2, seed=7, off=3)):
         torch.library.opcheck(torch.ops.fastattn.fwd.default, args)
     with torch.no_grad():
-        out, lse = torch.ops.fastattn.fwd(*_fwd_args(q, k, v, wr=0))
+        out, lse = torch.ops.fastattn.fwd(*fwd_args(q, k, v, wr=0))
     dout = torch.randn_like(out)
     bwd_args = (dout, q.detach(), k.detach(), v.detach(), out, lse, None, None, None, 0, 0, 0.25, -1, 0, False, 0.0,
                 None, 0.0, 0, 0, True)
@@ -105,7 +101,7 @@ def test_strided_last_dim_and_varlen_bias():
     k = torch.randn(1, 3, 61, 48)[..., ::2].requires_grad_()
     v = torch.randn(1, 3, 61, 40)[..., ::2].requires_grad_()  # Dv = 20
     assert q.stride(-1) == 2 and k.stride(-1) == 2
-    out, lse = torch.ops.fastattn.fwd(*_fwd_args(q, k, v, wl=7, wr=3, br=True))
+    out, lse = torch.ops.fastattn.fwd(*fwd_args(q, k, v, wl=7, wr=3, br=True))
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = oracle_attention(*leaves, scale=24 ** -0.5, window=(7, 3), bottom_right=True)
     assert_rule("out", out, ref, None, torch.float32)

@@ -258,10 +258,6 @@ def test_compile_fullgraph_traces_the_op():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: realistic sizes through the autotuned kernels
 
-def _check_against_oracle(out, grads, q, k, v, dout, dtype, **kw):
-    assert_fwd_bwd("", (out, *grads), q, k, v, dout, dtype, **kw)
-
-
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -275,8 +271,8 @@ def test_gpu_realistic(dtype, D, causal):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     t = lambda x: x.transpose(1, 2)  # noqa: E731  (B, S, H, D) -> (B, H, S, D)
-    _check_against_oracle(t(out), [t(g) for g in grads], t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5,
-                          window=(-1, 0 if causal else -1), bottom_right=True)
+    assert_fwd_bwd("", (t(out), *map(t, grads)), t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5,
+                   window=(-1, 0 if causal else -1), bottom_right=True)
 
 
 @gpu
@@ -294,7 +290,7 @@ def test_gpu_varlen_bert_batch_and_bucketing():
     for n, L in enumerate(lens[:4]):
         sl = slice(int(cu[n]), int(cu[n + 1]))
         t = lambda x: x[sl].transpose(0, 1).unsqueeze(0)  # noqa: E731  (L, H, D) -> (1, H, L, D)
-        _check_against_oracle(t(out), [t(g) for g in grads], t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5)
+        assert_fwd_bwd("", (t(out), *map(t, grads)), t(q), t(k), t(v), t(dout), dtype, scale=D ** -0.5)
     # a new max length in the same power-of-two bucket reuses the tuned config (no new autotune entry)
     n_cached = len(op._fwd_tuned.cache)
     from fastattn.backends.triton.kernels.configs import bucket

@@ -280,24 +280,18 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
 constexpr int64_t kDecodeRows = 2, kDecodeMinDim = 48;  // and against kDecodeLongKeys or more:
 constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong = 64;
 
-bool few_rows_on_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& cu_seqlens_q, int64_t window_left, int64_t window_right,
-                        bool bottom_right, double dropout_p, const std::optional<at::Tensor>& q_start,
-                        bool out_fp32, int64_t head_start) {
-  const int64_t Sq = q.size(2), Sk = k.size(2);
-  const int64_t rows = q.size(1) / k.size(1) * Sq, dim = std::min(q.size(3), v.size(3));
-  const bool long_keys = Sk >= kDecodeLongKeys && dim >= kDecodeMinDimLong;
-  if (rows > (long_keys ? kDecodeRowsLong : kDecodeRows) || dim < kDecodeMinDim || Sq == 0 || Sk == 0 ||
-      q.size(0) == 0) {
+bool few_rows_on_decode(const CpuParams& p, bool out_fp32) {
+  const int64_t rows = p.group() * p.Sq, dim = std::min(p.D, p.Dv);
+  const bool long_keys = p.Sk >= kDecodeLongKeys && dim >= kDecodeMinDimLong;
+  if (rows > (long_keys ? kDecodeRowsLong : kDecodeRows) || dim < kDecodeMinDim || p.Sq == 0 || p.Sk == 0 ||
+      p.B == 0) {
     return false;
   }
   // what the decode kernel does not take: varlen, dropout, block coordinates, an fp32 output, a head offset (the
   // dropout counter's), top-left windows of Sq != Sk (it aligns bottom-right, as ALiBi always is), a head dim apart
-  if (cu_seqlens_q || dropout_p > 0 || q_start || out_fp32 || head_start != 0) return false;
-  if ((window_left >= 0 || window_right >= 0) && !bottom_right && Sq != Sk) return false;
-  for (const auto* t : {&q, &k, &v}) {
-    if (t->stride(3) != 1 && t->size(3) != 1) return false;
-  }
+  if (p.cu_q || p.dropout_p > 0 || p.q_start || out_fp32 || p.head_start != 0) return false;
+  if ((p.window_left >= 0 || p.window_right >= 0) && !p.bottom_right && p.Sq != p.Sk) return false;
+  if ((p.q_st.d != 1 && p.D != 1) || (p.k_st.d != 1 && p.D != 1) || (p.v_st.d != 1 && p.Dv != 1)) return false;
   const char* env = std::getenv("FASTATTN_CPU_FEW_ROWS");
   return env == nullptr || std::strcmp(env, "prefill") != 0;
 }
@@ -321,8 +315,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                             bottom_right, softcap, alibi_slopes, dropout_p, seed, offset, q_start, k_start,
                             head_start);
   const auto [mq, mk] = max_lengths(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_start, k_start);
-  if (few_rows_on_decode(q, k, v, cu_seqlens_q, window_left, window_right, bottom_right, dropout_p, q_start, out_fp32,
-                         head_start)) {  // (after the checks above: the same errors either way)
+  if (few_rows_on_decode(p, out_fp32)) {  // (after the checks above: the same errors either way)
     return decode::dense_fwd(q, k, v, attn_bias, scale, window_left, window_right, softcap, alibi_slopes);
   }
   at::Tensor out = alloc_out(q, p.Dv, out_fp32);

@@ -2,6 +2,7 @@
 (cases.py), the CUDA toolchain and SASS readers (toolchain.py). Test modules import from here, never from each
 other."""
 import contextlib
+import math
 
 import torch
 
@@ -20,3 +21,9 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(was)
+
+
+def fwd_args(q, k, v, bias=None, wl=-1, wr=-1, br=False, softcap=0.0, alibi=None, dropout_p=0.0, seed=0, off=0):
+    """torch.ops.fastattn.fwd's arguments for a dense call on q, k, v (B, H, S, D) at scale 1/sqrt(D)."""
+    return (q, k, v, bias, None, None, 0, 0, 1.0 / math.sqrt(q.shape[-1]), wl, wr, br, softcap, alibi, dropout_p,
+            seed, off, False)

@@ -5,18 +5,12 @@ decode kernel (default) and on the prefill kernel (FASTATTN_CPU_FEW_ROWS=prefill
 import os, sys, time, itertools
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))  # benchmarks/
 import torch, fastattn
-from bench_random_calls import tensors, runner
+from bench_random_calls import tensors
 from fastattn.backends.sdpa import TORCH_SDPA
 from fastattn import ops
-from interleave import calls_per_batch, ratios_to, rounds_of
+from interleave import calls_per_batch, ratios_to, rounds_of, sdpa_call, with_env
 threads = int(sys.argv[1]); torch.set_num_threads(threads)
 clock = time.process_time if threads == 1 else time.perf_counter
-def env(mode, f):
-    def run():
-        os.environ["FASTATTN_CPU_FEW_ROWS"] = mode
-        try: return f()
-        finally: os.environ.pop("FASTATTN_CPU_FEW_ROWS", None)
-    return run
 print(f"{ops.cpu_matmul()}; torch {torch.__version__}, {threads} thread(s), {'CPU' if threads == 1 else 'wall'} time, median of 9 interleaved rounds; x torch")
 print(f"{'call':<44} {'torch us':>9} {'prefill':>8} {'decode':>8}")
 gen = torch.Generator().manual_seed(0)
@@ -26,13 +20,12 @@ for dt, (B, Hkv, G), Sq, Sk, D, mask in itertools.chain(
         itertools.product(["fp32", "bf16"], [(4, 2, 4), (2, 4, 2)], [1], [1024], [64, 128], ["none"]),
         itertools.product(["fp32"], [(2, 4, 1)], [2], [1024], [64], ["causal", "pad", "float_b"])):
     c = dict(dtype=dt, grad=True, B=B, Hkv=Hkv, G=G, Hq=Hkv * G, D=D, mask=mask, bshd=False, Sq=Sq, Sk=Sk)
-    if mask == "causal":
-        pass
     q, k, v, do, kw = tensors(c, gen)
     if mask == "causal":  # bottom-right: a step's tokens at the end (transformers' form, as a window on the cpu op)
         kw.pop("is_causal", None); kw["attn_mask"] = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
-    impls = {"torch": runner(TORCH_SDPA, q, k, v, do, kw), "prefill": env("prefill", runner(cpu, q, k, v, do, kw)),
-             "decode": env("decode", runner(cpu, q, k, v, do, kw))}
+    impls = {"torch": sdpa_call(TORCH_SDPA, q, k, v, do, **kw),
+             "prefill": with_env("FASTATTN_CPU_FEW_ROWS", "prefill", sdpa_call(cpu, q, k, v, do, **kw)),
+             "decode": with_env("FASTATTN_CPU_FEW_ROWS", "decode", sdpa_call(cpu, q, k, v, do, **kw))}
     per = rounds_of(impls, clock, 9, calls_per_batch(impls, clock))
     x = ratios_to(per)
     name = f"{dt} B{B} H{Hkv*G}{'/'+str(Hkv) if G > 1 else ''} Sq{Sq} Sk{Sk} D{D} {mask}"
