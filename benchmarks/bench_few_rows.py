@@ -4,7 +4,9 @@ such calls to the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_dec
 
 Default: the op alone, prefill time over decode time (> 1: the decode kernel is faster), per shape and key count; each
 the best of 7 batches, the two kernels alternating. --training: forward+backward through the SDPA function (backend
-cpu) against torch's SDPA, interleaved rounds (benchmarks/interleave.py), both kernels as columns (x torch).
+cpu) against torch's SDPA, interleaved rounds (benchmarks/interleave.py), both kernels as columns (x torch): "prefill"
+the tile kernels forward and backward, "decode" the decode kernel's forward and the one-pass backward
+(csrc/cpu/bwd_rows.cpp), which the rule takes together.
 One thread: CPU time; more: wall time.
 
     python benchmarks/bench_few_rows.py --threads 1

@@ -1,9 +1,14 @@
 """Calls of at most 2 query rows per KV head (Hq / Hkv x Sq) at head dims from 48, and of 3-4 against 512 keys or more
 at head dims from 64, run the fwd op on the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_decode), also
-when they record a gradient; FASTATTN_CPU_FEW_ROWS=prefill keeps
-them on the prefill kernel (read per call). Both against the float64 oracle, forward and every gradient; the op's
-bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel."""
+when they record a gradient, and their backward in one pass over the keys (csrc/cpu/bwd_rows.cpp);
+FASTATTN_CPU_FEW_ROWS=prefill keeps both on the tile kernels (read per call). Both against the float64 oracle, forward
+and every gradient; the op's bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel;
+the one-pass backward in strided layouts, over skipped key padding, with the same bits for any thread count, NaN where
+the tile backward has it, and a planted bug that the checks catch."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,10 +22,10 @@ pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not buil
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
-# B, Hq, Hkv, Sq, Sk, D, Dv: one token, two tokens against few keys, four tokens and grouped-query heads of one and
-# two tokens (4 rows) against 512 keys or more
+# B, Hq, Hkv, Sq, Sk, D, Dv: one token, two tokens against few keys, three and four tokens and grouped-query heads of
+# one and two tokens (4 rows) against 512 keys or more
 SHAPES = [(2, 3, 3, 1, 300, 64, 64), (1, 2, 2, 2, 77, 48, 80), (1, 2, 2, 4, 517, 96, 64), (2, 8, 2, 1, 600, 64, 64),
-          (1, 4, 2, 2, 513, 64, 72)]
+          (1, 4, 2, 2, 513, 64, 72), (1, 1, 1, 3, 530, 80, 64)]
 FEATURES = ["plain", "causal", "window", "bias", "alibi_softcap"]
 
 
@@ -119,3 +124,119 @@ def test_calls_the_decode_kernel_cannot_take_stay_on_the_prefill_kernel(case, mo
     if case == "top-left window":
         assert_rule("top-left causal", out[0], oracle_attention(q, k, v, scale=ref["scale"], window=(-1, 0)), None,
                     torch.float32)
+
+
+def _bwd(dout, q, k, v, out, lse, op, bottom_right=True):
+    a = fwd_args(q, k, v, br=bottom_right, **op)
+    return torch.ops.fastattn.bwd(dout, *a[:3], out, lse, *a[3:])
+
+
+def _fwd_bwd(q, k, v, op, dout, bottom_right=True):
+    out, lse = _fwd(q, k, v, op, bottom_right)
+    return (out, *_bwd(dout, q, k, v, out, lse, op, bottom_right))
+
+
+@pytest.mark.parametrize("feature", FEATURES + ["key_padding"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"Hq{s[1]}-Hkv{s[2]}-Sq{s[3]}" for s in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_bwd_op_in_one_pass_follows_the_rule(dtype, shape, feature, monkeypatch):
+    """The bwd op of each feature the fwd op's rule takes (and a key-padding mask whose padding the kernels skip):
+    every gradient against the oracle, and in fp32 not the tile backward's bits (so the one-pass kernel ran)."""
+    monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
+    q, k, v, op, ref = _inputs(shape, dtype, "plain" if feature == "key_padding" else feature)
+    if feature == "key_padding":  # the last 40% of each batch's keys hidden: keys past key_end get zero gradients
+        B, Sk = q.shape[0], k.shape[2]
+        pad = torch.zeros(B, 1, 1, Sk)
+        pad[..., Sk - 2 * Sk // 5:] = float("-inf")
+        op["bias"] = pad.to(dtype).expand(B, q.shape[1], q.shape[2], Sk)
+        ref["mask"] = op["bias"]
+    br = feature != "alibi_softcap"
+    dout = torch.randn(*q.shape[:3], v.shape[-1]).to(dtype)
+    got = _fwd_bwd(q, k, v, op, dout, br)
+    assert_fwd_bwd(f"{shape} {feature}", got, q, k, v, dout, dtype, **ref)
+    if feature == "key_padding":
+        assert not got[2][:, :, -(2 * k.shape[2] // 5):].any() and not got[3][:, :, -(2 * k.shape[2] // 5):].any()
+    if dtype == torch.float32:  # (fp16/bf16 gradients may round to the same bits)
+        monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
+        tile = _bwd(dout, q, k, v, got[0], _fwd(q, k, v, op, br)[1], op, br)
+        assert not all(torch.equal(a, b) for a, b in zip(got[1:], tile))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_bwd_op_in_one_pass_takes_strided_layouts(dtype):
+    """q, k, v in (B, S, H, D) memory and a dout with a gap between rows: the gradients keep the inputs'
+    strides (fp32 dK, dV written in place, the others row by row) and match the contiguous call's bits."""
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 1, 700, 64
+    q, k, v = (torch.randn(B, S, H, D).to(dtype).transpose(1, 2) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
+    dout = torch.randn(B, Hq, Sq, D + 8).to(dtype)[..., :D]
+    op = dict(bias=None, wl=-1, wr=0, softcap=0.0, alibi=None)
+    got = _fwd_bwd(q, k, v, op, dout)
+    assert got[2].stride() == k.stride() and got[3].stride() == v.stride()
+    dense = _fwd_bwd(q.contiguous(), k.contiguous(), v.contiguous(), op, dout.contiguous())
+    for a, b in zip(got, dense):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bwd_op_in_one_pass_has_the_same_bits_for_any_thread_count(dtype):
+    """One (sequence, kv head) cut into key chunks (fewer pairs than 8), and many pairs: the same bits on 1, 2 and 3
+    threads."""
+    prev = torch.get_num_threads()
+    try:
+        for B, H, Sk in ((1, 1, 1500), (3, 5, 300)):
+            q, k, v = torch.randn(B, H, 1, 64).to(dtype), *(torch.randn(B, H, Sk, 64).to(dtype) for _ in range(2))
+            dout = torch.randn_like(q)
+            op = dict(bias=None, wl=-1, wr=-1, softcap=0.0, alibi=None)
+            runs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                runs.append(_fwd_bwd(q, k, v, op, dout))
+            for run in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
+def test_bwd_op_in_one_pass_puts_nan_where_the_tile_backward_does(where, monkeypatch):
+    """A NaN in one row of q, k, v or dout: the one-pass backward's NaN in the same gradient elements as the tile
+    backward's."""
+    B, Hq, Hkv, Sq, Sk, D = 1, 4, 2, 1, 300, 64
+    t = dict(q=torch.randn(B, Hq, Sq, D), k=torch.randn(B, Hkv, Sk, D), v=torch.randn(B, Hkv, Sk, D))
+    t["dout"] = torch.randn(B, Hq, Sq, D)
+    t[where][0, 1, -1, 3] = float("nan")
+    op = dict(bias=None, wl=-1, wr=-1, softcap=0.0, alibi=None)
+    args = (t["q"], t["k"], t["v"], op, t["dout"])
+    got = _fwd_bwd(*args)
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
+    tile = _fwd_bwd(*args)
+    assert any(g.isnan().any() for g in got[1:])
+    for a, b in zip(got[1:], tile[1:]):
+        assert torch.equal(a.isnan(), b.isnan())
+
+
+_PLANT = r"""
+import torch
+from support.oracle import assert_fwd_bwd
+import test_cpu_few_rows as t
+torch.manual_seed(0)
+q, k, v, op, ref = t._inputs((2, 8, 2, 1, 600, 64, 64), torch.float32, "plain")
+dout = torch.randn_like(q)
+assert_fwd_bwd("planted", t._fwd_bwd(q, k, v, op, dout), q, k, v, dout, torch.float32, **ref)
+"""
+
+
+def test_a_planted_one_pass_bug_fails_the_check():
+    """FASTATTN_CPU_PLANT=rows_dk (bwd_rows.cpp: the last row's share of dK halved) fails the dK check above; the
+    same script passes without it."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    paths = [root, os.path.dirname(root), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
+    env.pop("FASTATTN_CPU_FEW_ROWS", None)
+    clean = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=300)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    env["FASTATTN_CPU_PLANT"] = "rows_dk"
+    bad = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "dk" in bad.stderr, bad.stderr[-2000:]

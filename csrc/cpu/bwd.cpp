@@ -67,24 +67,18 @@ const float* grad_tile(const ScoreCtx<T>& ctx, const Dropout* drop, Operand qs, 
     float* P_r = S + r * BLOCK_K;
     float* dS_r = dP + r * BLOCK_K;
     const float d = ds_mul * delta[r];
-#ifdef FASTATTN_VEC512
-    if (!drop && !capped && vec512::available()) {  // P and dS in one pass
-      vec512::grad_row<float>(P_r, dS_r, bk, 1.f, lse[r], d);
+    const float* t = capped ? tanh_buf + r * BLOCK_K : nullptr;
+    if (!drop) {
+      grad_scores_row(P_r, dS_r, bk, lse[r], d, t);
       continue;
     }
-#endif
     vec::exp_sum_row(P_r, bk, lse[r]);  // lse = +inf (no visible key) gives P = 0
-    if (drop) {
-      // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
-      float* Pd_r = Pd_buf + r * BLOCK_K;
-      std::copy(P_r, P_r + bk, Pd_r);
-      drop->apply_row(Pd_r, ctx.s.n, ctx.h, ctx.s.qpos0 + i0 + r, ctx.s.kpos0 + j0, bk);
-      for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
-    } else {
-      for (int64_t j = 0; j < bk; ++j) dS_r[j] = P_r[j] * (dS_r[j] - d);
-    }
-    if (capped) {
-      const float* t = tanh_buf + r * BLOCK_K;
+    // Pd = P * keep / (1 - p); dS = P * (dP * keep / (1 - p) - delta) = Pd * dP - P * delta
+    float* Pd_r = Pd_buf + r * BLOCK_K;
+    std::copy(P_r, P_r + bk, Pd_r);
+    drop->apply_row(Pd_r, ctx.s.n, ctx.h, ctx.s.qpos0 + i0 + r, ctx.s.kpos0 + j0, bk);
+    for (int64_t j = 0; j < bk; ++j) dS_r[j] = Pd_r[j] * dS_r[j] - P_r[j] * d;
+    if (t) {
       for (int64_t j = 0; j < bk; ++j) dS_r[j] *= 1.f - t[j] * t[j];
     }
   }

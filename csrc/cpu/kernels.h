@@ -26,6 +26,11 @@ bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk, bool backward);
 template <typename T>
 void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
+// The backward of the calls few_rows_on_decode (register.cpp) sends to the decode kernel, in one pass over each KV
+// head's keys (bwd_rows.cpp): no varlen, block coordinates, dropout or accumulators. Deterministic, as bwd_kernel.
+template <typename T>
+void bwd_rows_kernel(const CpuParams& p);
+
 // delta (B, Hq, Sq) fp32, laid out like lse: rowsum(dO * O) over Dv, the backward's preprocess.
 template <typename T>
 void compute_delta(const CpuParams& p, float* delta);

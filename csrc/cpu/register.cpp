@@ -276,7 +276,10 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
 // dims 64-256, 1-2 rows 0.90-5.43x (fp32 0.97-2.77x), 3-4 rows below 512 keys 0.68-0.94x in fp32 and fp16 (bf16
 // 0.94-1.55x), from 512 keys 0.98-2.70x; at 48 1-2 rows 0.95-2.44x, 4 rows 0.90-1.07x; at 16-32 0.46-1.77x (fp32 rows
 // 2 at 32: 0.90-1.01x, rows 4 from 512 keys 0.46-0.85x); 8 rows and more 0.40-1.46x.
-// FASTATTN_CPU_FEW_ROWS=prefill keeps such calls on the prefill kernel (read per call; tests and benchmarks compare).
+// Their backward runs in one pass over the keys (bwd_rows.cpp; BwdCall::rows), not on the tile backward, which packs
+// and transposes every key block for those rows as well (measurements there).
+// FASTATTN_CPU_FEW_ROWS=prefill keeps such calls on the tile kernels, forward and backward (read per call; tests and
+// benchmarks compare).
 constexpr int64_t kDecodeRows = 2, kDecodeMinDim = 48;  // and against kDecodeLongKeys or more:
 constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong = 64;
 
@@ -353,6 +356,7 @@ at::Tensor empty_like_poisoned(const at::Tensor& t) {
 struct BwdCall {
   CpuParams p;
   int64_t mq = 0, mk = 0;
+  bool rows = false;  // few_rows_on_decode: the backward in one pass over the keys (bwd_rows.cpp)
   at::Tensor lse_c;  // keeps a contiguous copy of lse alive
   MaskStore mask;  // p.mask_keys and p.key_end point here
 };
@@ -391,6 +395,7 @@ BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   p.lse = const_cast<float*>(c.lse_c.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.do_st = strides_of(dout);
+  c.rows = few_rows_on_decode(p, false);  // (the forward's rule, before read_mask changes p)
   read_mask(p, q.scalar_type(), true, c.mask);
   return c;
 }
@@ -407,6 +412,13 @@ void bwd_launch(BwdCall& c, at::ScalarType dt, const at::Tensor& dq, const at::T
   p.dk_st = strides_of(dk);
   p.dv_st = strides_of(dv);
   const int64_t mq = c.mq, mk = c.mk;
+  if (c.rows && !accumulate) {
+    switch (dt) {
+      case at::kFloat: return bwd_rows_kernel<float>(p);
+      case at::kBFloat16: return bwd_rows_kernel<c10::BFloat16>(p);
+      default: return bwd_rows_kernel<c10::Half>(p);
+    }
+  }
   const bool lowp = mm::path(dt) == mm::Path::kBrgemm ||
                     (dt == at::kHalf && fp16_on_pairs(mq * p.group(), mk, true));
   switch (dt) {

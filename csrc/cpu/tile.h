@@ -292,6 +292,20 @@ struct ScoreCtx {
   }
 };
 
+// One backward row without dropout (bwd.cpp's tiles, bwd_rows.cpp): P = exp(S - lse) into S (lse = +inf, a row
+// with no visible key, gives P = 0), dS = P (dP - d) into dP, times 1 - t^2 with softcap (t: the row's tanh, else
+// null). AVX-512 CPUs take P and dS in one pass.
+inline void grad_scores_row(float* S, float* dP, int64_t n, float lse, float d, const float* t) {
+#ifdef FASTATTN_VEC512
+  if (t == nullptr && vec512::available()) return vec512::grad_row<float>(S, dP, n, 1.f, lse, d);
+#endif
+  vec::exp_sum_row(S, n, lse);
+  for (int64_t j = 0; j < n; ++j) dP[j] = S[j] * (dP[j] - d);
+  if (t) {
+    for (int64_t j = 0; j < n; ++j) dP[j] *= 1.f - t[j] * t[j];
+  }
+}
+
 // How far (log2 units) a block's scores may rise above the running max m before the row is rescaled: P stays
 // below 2^8, far inside bf16/fp16 and fp32 range, and m need not be the exact max (out = acc / l and
 // lse = m + log l hold for any reference m), so most blocks skip their max pass (FlashAttention-4's lazy rescaling).

@@ -29,7 +29,8 @@ _UNAVAILABLE = ([f"C++ extension fastattn._C not loaded ({ops.LOAD_ERROR})"] if 
 _SWITCHES = {"FASTATTN_CPU_ISA": ("avx2", "scalar"), "FASTATTN_CPU_MATMUL": ("fp32", "brgemm"),
              "FASTATTN_CPU_FP16_PAIRS": ("0", "1"),
              "FASTATTN_CPU_FP32_GEMM": ("sgemm", "brgemm"), "FASTATTN_CPU_HEAD_CHUNKS": ("0", "1"),
-             "FASTATTN_CPU_LONE_ROW": ("stream", "chunks"), "FASTATTN_CPU_PREFETCH": ("block", "stream", "none")}
+             "FASTATTN_CPU_LONE_ROW": ("stream", "chunks"), "FASTATTN_CPU_PREFETCH": ("block", "stream", "none"),
+             "FASTATTN_CPU_FEW_ROWS": ("prefill", "decode")}
 
 
 def environment_notes() -> List[str]:
