@@ -197,6 +197,25 @@ def test_bwd_op_in_one_pass_has_the_same_bits_for_any_thread_count(dtype):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_bwd_op_in_one_pass_reads_alike_under_every_read_policy(dtype, monkeypatch):
+    """Rows fetched ahead and a lone row streamed (what calls of 16 MB of K and V or more take; the switches force it at
+    any size) give the plain reads' bits: one row at head dim 64 (the lone-row loops), 2 and 4 rows of a KV head; K and
+    V with different strides between keys."""
+    op = dict(bias=None, wl=-1, wr=0, softcap=0.0, alibi=None)
+    for B, Hq, Hkv, Sq, D in ((2, 2, 2, 1, 64), (1, 4, 2, 1, 96), (1, 2, 2, 4, 128)):
+        q, k = torch.randn(B, Hq, Sq, D).to(dtype), torch.randn(B, Hkv, 700, D).to(dtype)
+        v = torch.randn(B, 700, Hkv, D).to(dtype).transpose(1, 2)  # keys Hkv * D apart in v, D in k
+        dout = torch.randn_like(q)
+        runs = []
+        for fetch, lone in (("none", "chunks"), ("stream", "stream"), ("block", "chunks")):
+            monkeypatch.setenv("FASTATTN_CPU_PREFETCH", fetch)
+            monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", lone)
+            runs.append(_fwd_bwd(q, k, v, op, dout))
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v", "dout"])
 def test_bwd_op_in_one_pass_puts_nan_where_the_tile_backward_does(where, monkeypatch):
     """A NaN in one row of q, k, v or dout: the one-pass backward's NaN in the same gradient elements as the tile

@@ -9,7 +9,8 @@
 // its query heads in an fp32 buffer (5 gemms per tile, like FA2's atomics-free single-pass form). A head is cut into
 // chunks only when there are fewer than kMinTasks (sequence, kv head) pairs, so that a long single head still keeps
 // every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape alone,
-// never on the thread count, so the bits never do either.
+// never on the thread count, so the bits never do either. Calls of a few query rows per KV head take bwd_rows.cpp's
+// one pass over the keys instead (register.cpp, BwdCall::rows).
 //
 // On the brgemm fp32 engine (blas.cpp), which multiplies row-major operands without transposes or an alpha, every
 // key block is packed (K^T, V^T). On CPUs with AVX-512 it then takes bwd_lowp.cpp's transposed form: dV^T += dO^T Pd

@@ -15,16 +15,17 @@
 // AMD EPYC Zen 5 (AVX-512, AVX512-BF16), 2026-12-07, training calls of the rule through the SDPA function, forward
 // and backward, interleaved with torch's SDPA (benchmarks/bench_few_rows.py --training; MHA B2 H1, B1 H12, B8 H2 and
 // GQA 8/2, 4/2, 1-4 rows, 64-4096 keys, D = 64 and 128), this path over the tile kernels, one thread: fp32 median
-// 1.49x (0.90-2.78x), bf16 1.48x (1.09-2.83x), fp16 1.72x (1.17-2.68x); two threads fp32 1.38x, bf16 1.44x. The
-// fp32 calls read 1.73x torch (median; the tile backward 1.10x), one-token fp32 calls of 1-2 heads, which had read
-// 0.54-0.88x, 1.01-1.53x. The lows of either column are calls whose fresh dK and dV fault in pages, which whichever
-// side of an interleaved pair meets glibc's trimmed heap pays (B2 H1 4096 keys D = 64: 0.49-0.79x interleaved, 2x
-// torch run alone).
+// 1.61x (0.96-3.74x), bf16 1.55x (1.11-2.94x), fp16 1.71x (1.18-2.55x); two threads fp32 1.51x, bf16 1.52x. The fp32
+// calls read 1.94x torch (median; the tile kernels 1.15x); one-token fp32 calls of 1-2 heads, which had read
+// 0.54-0.88x, 1.00-2.49x. The lows of either column are calls whose fresh dK and dV fault in pages, which whichever
+// side of an interleaved pair meets glibc's trimmed heap pays (B2 H1 4096 keys D = 64: 0.57x interleaved, 2x torch
+// run alone).
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
 #include <cstring>
 
+#include "decode_fetch.h"  // how the decode kernel reads its rows on this CPU: fetch_mode, lone_row_stream
 #include "decode_tiles.h"  // decode::scores, decode::pv: the decode kernel's block helpers
 #include "kernels.h"
 #include "tile.h"
@@ -131,10 +132,41 @@ struct RowsBuffers {
   }
 };
 
+// How the block helpers read K and V, rows a fixed stride apart. on_k: S = Qs K^T and dQ += dS K (K in both the keys'
+// and the values' place); on_v: dP = dO V^T. Calls whose K and V take kStreamBytes or more read them as the decode
+// kernel reads a dense cache on this CPU (decode_fetch.h: rows fetched ahead, a lone row streamed), smaller ones with
+// the plain loops (no fetches, the chunk kernels); FASTATTN_CPU_PREFETCH or FASTATTN_CPU_LONE_ROW, when set, rule at
+// any size (read per call; tests compare). None changes a result's bits. AMD EPYC Zen 5 (32 MB L3), 2026-12-07, the
+// bwd op on its inputs call after call, glibc keeping its heap (no page faults), plain time over fetched-and-streamed
+// time (results/cpu-20261207-zen5-bwdrows/bwd_rows_reads.py; MHA B2 H1, B1 H12, B8 H2, GQA 8/2 B4, 1-2 rows,
+// 256-4096 keys, D = 64 / 128). One thread: K and V of 16.8-67 MB 1.06-1.65x, 12.6 MB 1.11x (fp32) and 1.30x (bf16),
+// 8.4 MB 0.90-1.09x, 0.5-6.3 MB 0.80-1.02x. Two threads: 16.8-67 MB 1.00-1.52x, 12.6 MB 0.91x / 0.99x, below
+// 0.81-1.02x.
+constexpr int64_t kStreamBytes = 16 << 20;
+
+struct RowsStreams {
+  decode::Stream on_k, on_v;
+  explicit RowsStreams(const CpuParams& p, int64_t elem) {
+    const int64_t ks = p.k_st.s, vs = p.v_st.s;
+    on_k = {false, {}, {}, ks, ks};
+    on_v = {false, {}, {}, vs, 0};
+    const bool asked =
+        std::getenv("FASTATTN_CPU_PREFETCH") != nullptr || std::getenv("FASTATTN_CPU_LONE_ROW") != nullptr;
+    if (!asked && p.B * p.Hkv * p.Sk * (p.D + p.Dv) * elem < kStreamBytes) return;
+    on_k.lone = on_v.lone = decode::lone_row_stream();
+    if (decode::fetch_mode() == decode::Fetch::stream) {
+      const int64_t keys = decode::ahead_keys();
+      const bool l1 = keys * (p.D + p.Dv) * elem <= decode::kL1AheadBytes;
+      on_k.k_ahead = on_k.v_ahead = {keys * ks * elem, l1};
+      on_v.k_ahead = {keys * vs * elem, l1};
+    }
+  }
+};
+
 // Keys [c0, c1) of kv head hk of sequence s: dK, dV of those keys, and their share of dQ in B.acc (unscaled).
 template <typename T>
 void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, int64_t c1, const float* delta_all,
-                RowsBuffers& B) {
+                const RowsStreams& st, RowsBuffers& B) {
   const int64_t G = p.group(), sq = s.sq, R = G * sq, D = p.D, Dv = p.Dv;
   const Visibility vis(p, s);
   for (int64_t g = 0; g < G; ++g) {  // row r = g * sq + i: token i of query head hk * G + g
@@ -158,7 +190,6 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
   const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
   const int64_t kend = std::min(c1, s.kend);
-  const decode::Stream stream;  // the decode helpers' plain reads: no fetch ahead
   for (int64_t j0 = c0; j0 < kend; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, kend - j0);
     for (int64_t j = 0; j < n; ++j) {
@@ -167,8 +198,8 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
     }
     const T* const* krows = reinterpret_cast<const T* const*>(B.krows.data());
     const T* const* vrows = reinterpret_cast<const T* const*>(B.vrows.data());
-    decode::scores<T>(B.qs, R, D, krows, B.off.data(), n, B.S, kBlockN, stream);     // S = Qs K^T  (R, n)
-    decode::scores<T>(B.dO, R, Dv, vrows, B.off.data(), n, B.dP, kBlockN, stream);   // dP = dO V^T  (R, n)
+    decode::scores<T>(B.qs, R, D, krows, B.off.data(), n, B.S, kBlockN, st.on_k);     // S = Qs K^T  (R, n)
+    decode::scores<T>(B.dO, R, Dv, vrows, B.off.data(), n, B.dP, kBlockN, st.on_v);   // dP = dO V^T  (R, n)
     for (int64_t g = 0; g < G; ++g) {
       const ScoreCtx<T> ctx(p, s, vis, hk * G + g);
       const int64_t at = g * sq * kBlockN;
@@ -178,7 +209,7 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
       const int64_t at = r * kBlockN;
       grad_scores_row(B.S + at, B.dP + at, n, B.lse[r], B.delta[r], capped ? B.tanh + at : nullptr);
     }
-    decode::pv<T>(B.dP, kBlockN, B.live.data(), R, krows, B.off.data(), n, D, B.acc, stream);  // dQ += dS K
+    decode::pv<T>(B.dP, kBlockN, B.live.data(), R, krows, B.off.data(), n, D, B.acc, st.on_k);  // dQ += dS K
     if (planted_dk()) {
       for (int64_t j = 0; j < n; ++j) B.dP[(R - 1) * kBlockN + j] *= 0.5f;
     }
@@ -234,6 +265,7 @@ void bwd_rows_kernel(const CpuParams& p) {
   at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * R * p.D}, at::kFloat) : at::Tensor();
   float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
   const std::vector<int64_t> dealt = dealt_units(pairs);
+  const RowsStreams streams(p, static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     WorkspaceScope workspace;
     Scratch buf(RowsBuffers::size(p, R));
@@ -243,7 +275,7 @@ void bwd_rows_kernel(const CpuParams& p) {
       const int64_t c = t % chunks, pair = dealt[t / chunks];
       const SeqInfo s = seq_info(p, pair / p.Hkv);
       const int64_t c0 = c * per_chunk, c1 = std::min(s.sk, c0 + per_chunk);
-      rows_chunk<T>(p, s, pair % p.Hkv, c0, c1, delta, B);
+      rows_chunk<T>(p, s, pair % p.Hkv, c0, c1, delta, streams, B);
       if (chunks == 1) write_dq<T>(p, s, pair % p.Hkv, B.acc, 1, row.data());
       else std::copy(B.acc, B.acc + R * p.D, parts + (pair * chunks + c) * R * p.D);
     }
