@@ -259,3 +259,13 @@ def test_a_planted_one_pass_bug_fails_the_check():
     bad = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and "dk" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_info_names_the_few_rows_rule_and_its_switch(monkeypatch):
+    """`python -m fastattn.info` and the benchmarks' CPU line (ops.cpu_matmul) state the rule and, when
+    FASTATTN_CPU_FEW_ROWS=prefill is set, that the tile kernels take those calls (read per call)."""
+    monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
+    assert ("few query rows: up to 2 query rows per KV head from head dim 48, 4 against 512 keys or more from 64: "
+            "forward on the decode kernel, backward in one pass over the keys") in ops.cpu_matmul()
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
+    assert "few query rows: the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)" in ops.cpu_matmul()

@@ -30,6 +30,8 @@ void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 // head's keys (bwd_rows.cpp): no varlen, block coordinates, dropout or accumulators. Deterministic, as bwd_kernel.
 template <typename T>
 void bwd_rows_kernel(const CpuParams& p);
+// That rule, for `info` and the benchmarks' CPU line (register.cpp; FASTATTN_CPU_FEW_ROWS as now set).
+std::string few_rows_describe();
 
 // delta (B, Hq, Sq) fp32, laid out like lse: rowsum(dO * O) over Dv, the backward's preprocess.
 template <typename T>

@@ -1,6 +1,6 @@
 // The matrix-unit tile product (mm.h): run-time probe, brgemm calls, VNNI packing.
 #include "mm.h"
-#include "kernels.h"  // decode::fetch_describe
+#include "kernels.h"  // decode::fetch_describe, few_rows_describe
 #include "tile.h"  // packed_kt_available, scores_on_rows_describe, fp32_gemm_describe, bwd_transposed_form,
                    // best_seconds
 #include "vec512.h"
@@ -379,6 +379,7 @@ std::string describe() {
                                : ", backward key blocks plain (dV, dK, dQ on sgemm)";
   }
   s += "; decode steps: " + decode::fetch_describe();
+  s += "; few query rows: " + few_rows_describe();
   return s;
 }
 

@@ -462,6 +462,15 @@ void bwd_acc_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
 
 }  // namespace
 
+std::string few_rows_describe() {
+  const char* env = std::getenv("FASTATTN_CPU_FEW_ROWS");
+  if (env != nullptr && std::strcmp(env, "prefill") == 0) return "the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)";
+  return "up to " + std::to_string(kDecodeRows) + " query rows per KV head from head dim " +
+         std::to_string(kDecodeMinDim) + ", " + std::to_string(kDecodeRowsLong) + " against " +
+         std::to_string(kDecodeLongKeys) + " keys or more from " + std::to_string(kDecodeMinDimLong) +
+         ": forward on the decode kernel, backward in one pass over the keys";
+}
+
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("bwd", &bwd_cpu);
