@@ -7,7 +7,7 @@
 //
 // One schedule: a task per (sequence, kv head, chunk of key blocks) computes dK/dV of its keys and accumulates dQ of
 // its query heads in an fp32 buffer (5 gemms per tile, like FA2's atomics-free single-pass form). A head is cut into
-// chunks only when there are fewer than kMinTasks (sequence, kv head) pairs, so that a long single head still keeps
+// chunks only when there are fewer than kMinBwdTasks (sequence, kv head) pairs, so that a long single head still keeps
 // every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape alone,
 // never on the thread count, so the bits never do either. Calls of a few query rows per KV head take bwd_rows.cpp's
 // one pass over the keys instead (register.cpp, BwdCall::rows).
@@ -32,7 +32,6 @@ namespace fastattn::cpu {
 
 namespace {
 
-constexpr int64_t kMinTasks = 8;
 constexpr int64_t kMinPackedBlocks = 4;  // query blocks a key block must meet before MKL packs its K and V
 std::atomic<int> g_form_force{0};  // tests: 0 as this CPU takes it, 1 the plain form, 2 the transposed form
 
@@ -257,28 +256,6 @@ void dkdv_block(const CpuParams& p, const SeqInfo& s, const Visibility& vis, int
   }
 }
 
-// dQ of kv head hk's query heads: the sum of the chunks' (group, sq, D) partials, added in chunk order.
-template <typename T>
-void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks) {
-  std::vector<float> row(chunks > 1 ? p.D : 0);
-  for (int64_t g = 0; g < p.group(); ++g) {
-    const int64_t h = hk * p.group() + g;
-    const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
-    for (int64_t i = 0; i < s.sq; ++i) {
-      const int64_t at = (g * s.sq + i) * p.D;
-      const float* src = parts[0] + at;
-      if (chunks > 1) {
-        std::copy(src, src + p.D, row.begin());
-        for (int64_t c = 1; c < chunks; ++c) {
-          for (int64_t d = 0; d < p.D; ++d) row[d] += parts[c][at + d];
-        }
-        src = row.data();
-      }
-      grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, src, p.D, 1.f);
-    }
-  }
-}
-
 }  // namespace
 
 // delta (B, Hq, Sq) fp32 laid out like lse: rowsum(dO * O) over Dv (kernels.h; both backward paths use it).
@@ -304,6 +281,33 @@ template void compute_delta<float>(const CpuParams&, float*);
 template void compute_delta<c10::BFloat16>(const CpuParams&, float*);
 template void compute_delta<c10::Half>(const CpuParams&, float*);
 
+// (kernels.h)
+template <typename T>
+void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks,
+              float mul) {
+  std::vector<float> row(chunks > 1 ? p.D : 0);
+  for (int64_t g = 0; g < p.group(); ++g) {
+    const int64_t h = hk * p.group() + g;
+    const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
+    for (int64_t i = 0; i < s.sq; ++i) {
+      const int64_t at = (g * s.sq + i) * p.D;
+      const float* src = parts[0] + at;
+      if (chunks > 1) {
+        std::copy(src, src + p.D, row.begin());
+        for (int64_t c = 1; c < chunks; ++c) {
+          for (int64_t d = 0; d < p.D; ++d) row[d] += parts[c][at + d];
+        }
+        src = row.data();
+      }
+      grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, src, p.D, mul);
+    }
+  }
+}
+
+template void write_dq<float>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float);
+template void write_dq<c10::BFloat16>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float);
+template void write_dq<c10::Half>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float);
+
 // Whether packed key blocks on brgemm take the transposed form (the header above; tile.h).
 bool bwd_transposed_form() {
   const int forced = g_form_force.load(std::memory_order_relaxed);
@@ -324,7 +328,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t scratch = BwdBuffers::size(p);
   const int64_t G = p.group(), pairs = p.nseq * p.Hkv;
   const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K;
-  const int64_t chunks = std::clamp<int64_t>((kMinTasks + pairs - 1) / pairs, 1, std::max<int64_t>(nkb, 1));
+  const int64_t chunks = bwd_key_chunks(pairs, nkb);
   const int64_t per_chunk = (nkb + chunks - 1) / chunks;  // key blocks per chunk
   // dQ partials of every (pair, chunk), (group, max_sq, D) each, summed in chunk order below; one chunk writes dQ
   // from its task instead.
@@ -375,7 +379,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
         dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq, pack_buf, in_place, dense);
       }
-      if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1);
+      if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1, 1.f);
     }
   });
   if (chunks == 1) return;
@@ -383,7 +387,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     std::vector<const float*> chunk_parts(chunks);
     for (int64_t pair = begin; pair < end; ++pair) {
       for (int64_t c = 0; c < chunks; ++c) chunk_parts[c] = parts + (pair * chunks + c) * part;
-      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), chunks);
+      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), chunks, 1.f);
     }
   });
 }

@@ -22,9 +22,6 @@
 // run alone).
 #include <ATen/Parallel.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "decode_fetch.h"  // how the decode kernel reads its rows on this CPU: fetch_mode, lone_row_stream
 #include "decode_tiles.h"  // decode::scores, decode::pv: the decode kernel's block helpers
 #include "kernels.h"
@@ -34,9 +31,7 @@ namespace fastattn::cpu {
 
 namespace {
 
-constexpr int64_t kBlockN = 64;      // keys per step: S, dP of R rows stay in L1
-constexpr int64_t kChunkKeys = 256;  // a (sequence, kv head) is cut into chunks of whole multiples of these
-constexpr int64_t kMinTasks = 8;     // ... until there are this many tasks (bwd.cpp's rule)
+constexpr int64_t kBlockN = 64;  // keys per step: S, dP of R rows stay in L1
 
 // out_j = sum_r W[r, j] X_r (r in order) for the n keys of a block: out rows `ldo` apart, W (R, ldW), X (R, cols)
 // back to back. dV = P^T dO and dK = dS^T Qs of a few rows, as R scaled row additions per key instead of a product.
@@ -95,15 +90,6 @@ void outer_rows(const float* W, int64_t ldW, const float* X, int64_t R, int64_t 
   if (vec::use_avx2()) return outer_rows_avx2(W, ldW, X, R, n, cols, out, ldo);
 #endif
   outer_rows_loop(W, ldW, X, R, n, cols, out, ldo);
-}
-
-// FASTATTN_CPU_PLANT=rows_dk (tests only, read once): the last row's share of dK halved, a bug the checks must catch.
-bool planted_dk() {
-  static const bool plant = [] {
-    const char* e = std::getenv("FASTATTN_CPU_PLANT");
-    return e != nullptr && std::strcmp(e, "rows_dk") == 0;
-  }();
-  return plant;
 }
 
 // One task's fp32 rows: Qs (R, D) = scale Q, dO (R, Dv), lse and delta (R), the dQ accumulator (R, D); per block S,
@@ -210,7 +196,7 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
       grad_scores_row(B.S + at, B.dP + at, n, B.lse[r], B.delta[r], capped ? B.tanh + at : nullptr);
     }
     decode::pv<T>(B.dP, kBlockN, B.live.data(), R, krows, B.off.data(), n, D, B.acc, st.on_k);  // dQ += dS K
-    if (planted_dk()) {
+    if (planted("rows_dk")) {  // (tests only: the last row's share of dK halved, a bug the checks must catch)
       for (int64_t j = 0; j < n; ++j) B.dP[(R - 1) * kBlockN + j] *= 0.5f;
     }
     float* dv = in_place ? static_cast<float*>(p.dv) + dv0 + j0 * p.dv_st.s : B.dv;
@@ -232,22 +218,6 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
   }
 }
 
-// dQ of kv head hk's R rows: scale times the sum of the chunks' (R, D) partials, added in chunk order.
-template <typename T>
-void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* parts, int64_t chunks, float* row) {
-  const int64_t G = p.group(), R = G * s.sq, D = p.D;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t h = hk * G + r / s.sq, i = r % s.sq;
-    std::copy(parts + r * D, parts + (r + 1) * D, row);
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* part = parts + (c * R + r) * D;
-      for (int64_t d = 0; d < D; ++d) row[d] += part[d];
-    }
-    const int64_t at = s.b * p.dq_st.b + h * p.dq_st.h + (s.q0 + i) * p.dq_st.s;
-    grad_row<T>(p, p.dq, at, p.dq_st.d, row, D, p.scale);
-  }
-}
-
 }  // namespace
 
 template <typename T>
@@ -258,9 +228,9 @@ void bwd_rows_kernel(const CpuParams& p) {
   float* delta = delta_t.data_ptr<float>();
   compute_delta<T>(p, delta);
   const int64_t R = p.group() * p.Sq, pairs = p.B * p.Hkv;
-  const int64_t units = std::max<int64_t>((p.Sk + kChunkKeys - 1) / kChunkKeys, 1);
-  const int64_t chunks = std::clamp<int64_t>((kMinTasks + pairs - 1) / pairs, 1, units);
-  const int64_t per_chunk = (units + chunks - 1) / chunks * kChunkKeys;  // keys per chunk
+  const int64_t nkb = (p.Sk + BLOCK_K - 1) / BLOCK_K;  // the tile backward's key blocks, and its chunks of them
+  const int64_t chunks = bwd_key_chunks(pairs, nkb);
+  const int64_t per_chunk = (nkb + chunks - 1) / chunks * BLOCK_K;  // keys per chunk
   // dQ partials (pair, chunk, R, D) of cut pairs, summed in chunk order by a second pass; one chunk writes dQ itself
   at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * R * p.D}, at::kFloat) : at::Tensor();
   float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
@@ -270,21 +240,21 @@ void bwd_rows_kernel(const CpuParams& p) {
     WorkspaceScope workspace;
     Scratch buf(RowsBuffers::size(p, R));
     RowsBuffers B(buf, p, R);
-    std::vector<float> row(p.D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t % chunks, pair = dealt[t / chunks];
       const SeqInfo s = seq_info(p, pair / p.Hkv);
       const int64_t c0 = c * per_chunk, c1 = std::min(s.sk, c0 + per_chunk);
       rows_chunk<T>(p, s, pair % p.Hkv, c0, c1, delta, streams, B);
-      if (chunks == 1) write_dq<T>(p, s, pair % p.Hkv, B.acc, 1, row.data());
+      if (chunks == 1) write_dq<T>(p, s, pair % p.Hkv, &B.acc, 1, p.scale);
       else std::copy(B.acc, B.acc + R * p.D, parts + (pair * chunks + c) * R * p.D);
     }
   });
   if (chunks == 1) return;
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(p.D);
+    std::vector<const float*> chunk_parts(chunks);
     for (int64_t pair = begin; pair < end; ++pair) {
-      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, parts + pair * chunks * R * p.D, chunks, row.data());
+      for (int64_t c = 0; c < chunks; ++c) chunk_parts[c] = parts + (pair * chunks + c) * R * p.D;
+      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), chunks, p.scale);
     }
   });
 }

@@ -33,6 +33,15 @@ void bwd_rows_kernel(const CpuParams& p);
 // That rule, for `info` and the benchmarks' CPU line (register.cpp; FASTATTN_CPU_FEW_ROWS as now set).
 std::string few_rows_describe();
 
+// dQ of kv head hk's query heads (sequence s): the sum of the key chunks' (group, sq, D) fp32 partials parts[c],
+// added in chunk order, times mul, written as T (or added into bwd_acc's accumulators; bwd.cpp).
+template <typename T>
+void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul);
+
+// Whether FASTATTN_CPU_PLANT (tests only; read once) names `name`, a planted bug the correctness checks must catch
+// (mask_band.cpp).
+bool planted(const char* name);
+
 // delta (B, Hq, Sq) fp32, laid out like lse: rowsum(dO * O) over Dv, the backward's preprocess.
 template <typename T>
 void compute_delta(const CpuParams& p, float* delta);
@@ -72,7 +81,8 @@ std::string fetch_describe();
 
 // The fwd op's call (q (B, Hq, Sq, D), k / v (B, Hkv, Sk, .), bias (B, Hq, Sq, Sk) in q's dtype or none; windows
 // bottom-right) on the split-KV decode kernel, for calls of few query rows per KV head (register.cpp,
-// few_rows_on_decode: up to 2 at head dims from 48, or 4 against 512 keys or more from 64). One key split: the same bits for any thread count, as the prefill kernel's.
+// few_rows_on_decode: up to 2 at head dims from 48, or 4 against 512 keys or more from 64). One key split: the same
+// bits for any thread count, as the prefill kernel's.
 std::tuple<at::Tensor, at::Tensor> dense_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& bias, double scale,
                                              int64_t window_left, int64_t window_right, double softcap,

@@ -23,15 +23,12 @@ std::atomic<bool> g_enabled{true};
 
 enum class Band { kNone, kCausal, kCausalBottomRight, kKeyPadding };
 
-// FASTATTN_CPU_PLANT (tests only) names this file's planted bug, a bug the correctness checks must catch:
+// FASTATTN_CPU_PLANT (tests only) names this file's planted bugs (planted, below), bugs the correctness checks must
+// catch:
 //   band_rows: rows_match compares only the rows' -inf tails, not their visible part, so a causal mask with holes
 //              is read as plain causal;
 //   mask_keys: neg_inf_run counts a -inf run that ends inside a chunk to the chunk's end, so rows' ranges lose up to
 //              63 visible keys at each edge.
-bool planted(const char* name) {
-  static const char* env = std::getenv("FASTATTN_CPU_PLANT");  // read once
-  return env != nullptr && std::strcmp(env, name) == 0;
-}
 
 // The key-padding row candidate: only 0 and -inf (NaN, +inf or any other value keeps the mask as it is).
 template <typename T>
@@ -225,6 +222,11 @@ void read_mask_band(CpuParams& p, at::ScalarType dtype, bool backward) {
 }
 
 }  // namespace
+
+bool planted(const char* name) {
+  static const char* env = std::getenv("FASTATTN_CPU_PLANT");  // read once
+  return env != nullptr && std::strcmp(env, name) == 0;
+}
 
 void read_mask(CpuParams& p, at::ScalarType dtype, bool backward, MaskStore& store) {
   read_mask_band(p, dtype, backward);

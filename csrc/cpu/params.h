@@ -149,6 +149,14 @@ inline std::vector<int64_t> dealt_units(int64_t units) {
   return order;
 }
 
+// Key chunks per (sequence, kv head) of the backward kernels (bwd.cpp, bwd_rows.cpp), of key_blocks blocks: more than
+// one only when there are fewer than kMinBwdTasks pairs, so that a long single head still keeps every core busy. The
+// shape alone decides, never the thread count, so the bits never depend on it.
+constexpr int64_t kMinBwdTasks = 8;
+inline int64_t bwd_key_chunks(int64_t pairs, int64_t key_blocks) {
+  return std::clamp<int64_t>((kMinBwdTasks + pairs - 1) / pairs, 1, std::max<int64_t>(key_blocks, 1));
+}
+
 // The most query heads a forward task takes (FwdOrder).
 constexpr int64_t kMaxChunkHeads = 8;
 
