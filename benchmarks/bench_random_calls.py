@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--max-work", type=float, default=2 ** 29, help="W budget of a forward (training: a quarter)")
     ap.add_argument("--flag", type=float, default=0.95, help="mark rows where auto reads below this x torch")
     ap.add_argument("--json", help="write every call and its ratio here")
+    ap.add_argument("--only", type=int, nargs="+", help="time these calls of the sequence only (the same draws)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
@@ -102,6 +103,8 @@ def main():
     for i in range(args.calls):
         c = draw(rnd, args.max_work)
         q, k, v, do, kw = tensors(c, gen)
+        if args.only and i not in args.only:
+            continue
         impls = {"torch": sdpa_call(TORCH_SDPA, q, k, v, do, **kw),
                  "auto": sdpa_call(fastattn.scaled_dot_product_attention, q, k, v, do, **kw)}
         per = rounds_of(impls, clock, args.rounds, calls_per_batch(impls, clock))

@@ -1,7 +1,9 @@
 """Calls of at most 2 query rows per KV head (Hq / Hkv x Sq) at head dims from 48, and of 3-4 against 512 keys or more
 at head dims from 64, run the fwd op on the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_decode), also
-when they record a gradient, and their backward in one pass over the keys (csrc/cpu/bwd_rows.cpp);
-FASTATTN_CPU_FEW_ROWS=prefill keeps both on the tile kernels (read per call). Both against the float64 oracle, forward
+when they record a gradient; their backward and that of more calls (few_rows_in_one_pass: up to 2 rows from head dim
+32, 3 from 48, 4 from 64, in fp32 6 from 64 and 8 from 128, one token per query head in groups of up to 8 from 32)
+runs in one pass over the keys (csrc/cpu/bwd_rows.cpp). FASTATTN_CPU_FEW_ROWS=prefill keeps both on the tile kernels,
+=decode puts both on the few-rows kernels at any row count (read per call). Both against the float64 oracle, forward
 and every gradient; the op's bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel;
 the one-pass backward in strided layouts, over skipped key padding, with the same bits for any thread count, NaN where
 the tile backward has it, and a planted bug that the checks catch."""
@@ -261,11 +263,85 @@ def test_a_planted_one_pass_bug_fails_the_check():
     assert bad.returncode != 0 and "dk" in bad.stderr, bad.stderr[-2000:]
 
 
-def test_info_names_the_few_rows_rule_and_its_switch(monkeypatch):
-    """`python -m fastattn.info` and the benchmarks' CPU line (ops.cpu_matmul) state the rule and, when
-    FASTATTN_CPU_FEW_ROWS=prefill is set, that the tile kernels take those calls (read per call)."""
+def test_info_names_the_few_rows_rules_and_their_switch(monkeypatch):
+    """`python -m fastattn.info` and the benchmarks' CPU line (ops.cpu_matmul) state both rules and, when
+    FASTATTN_CPU_FEW_ROWS is set, which kernels it forces (read per call)."""
     monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
-    assert ("few query rows: up to 2 query rows per KV head from head dim 48, 4 against 512 keys or more from 64: "
-            "forward on the decode kernel, backward in one pass over the keys") in ops.cpu_matmul()
+    assert ("few query rows: forward on the decode kernel up to 2 query rows per KV head from head dim 48, 4 against "
+            "512 keys or more from 64; backward in one pass over the keys up to 2 from 32, 3 from 48, 4 from 64 "
+            "(fp32: 6 from 64, 8 from 128), one token per query head in groups of up to 8 from 32") in ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
     assert "few query rows: the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)" in ops.cpu_matmul()
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "decode")
+    assert "at any row count (FASTATTN_CPU_FEW_ROWS=decode)" in ops.cpu_matmul()
+
+
+# B, Hq, Hkv, Sq, Sk, D, Dv and the dtypes: calls the backward rule takes and the forward rule does not
+BWD_ONLY = {"one row, head dim 32": ((2, 2, 2, 1, 100, 32, 40), DTYPES),
+            "three rows, head dim 48": ((1, 2, 2, 3, 200, 48, 48), DTYPES),
+            "four rows, 300 keys": ((1, 2, 2, 4, 300, 64, 64), DTYPES),
+            "group of 8, one token, head dim 32": ((1, 8, 1, 1, 150, 32, 32), DTYPES),
+            "six rows in fp32": ((1, 1, 1, 6, 200, 64, 64), [torch.float32]),
+            "eight rows in fp32 at head dim 128": ((1, 4, 1, 2, 130, 128, 128), [torch.float32])}
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal", "bias"])
+@pytest.mark.parametrize("case", list(BWD_ONLY))
+def test_bwd_rule_reaches_past_the_forward_rule(case, feature, monkeypatch):
+    """Calls whose forward stays on the tile kernels (the prefill kernel's bits) and whose backward runs in one pass:
+    every gradient against the oracle, and in fp32 not the tile backward's bits."""
+    shape, dtypes = BWD_ONLY[case]
+    for dtype in dtypes:
+        monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
+        q, k, v, op, ref = _inputs(shape, dtype, feature)
+        dout = torch.randn(*q.shape[:3], v.shape[-1]).to(dtype)
+        got = _fwd_bwd(q, k, v, op, dout)
+        assert_fwd_bwd(f"{case} {dtype}", got, q, k, v, dout, dtype, **ref)
+        monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
+        out, lse = _fwd(q, k, v, op)
+        assert torch.equal(got[0], out)  # (the forward: the tile kernels either way)
+        if dtype == torch.float32:
+            tile = _bwd(dout, q, k, v, out, lse, op)
+            assert not all(torch.equal(a, b) for a, b in zip(got[1:], tile))
+
+
+# calls the backward rule leaves to the tile backward
+TILE_BWD = {"two rows, head dim 16": ((1, 2, 2, 2, 200, 16, 16), torch.float32),
+            "three rows, head dim 32": ((1, 2, 2, 3, 200, 32, 32), torch.float32),
+            "six rows in bf16": ((1, 1, 1, 6, 200, 64, 64), torch.bfloat16),
+            "two tokens in a group of 4 in bf16": ((1, 4, 1, 2, 200, 64, 64), torch.bfloat16),
+            "one token in a group of 16": ((1, 16, 1, 1, 200, 64, 64), torch.float32),
+            "twelve rows in fp32": ((1, 1, 1, 12, 200, 128, 128), torch.float32)}
+
+
+@pytest.mark.parametrize("case", list(TILE_BWD))
+def test_calls_past_the_bwd_rule_keep_the_tile_backward(case, monkeypatch):
+    """Rows past the bound of their head dim and dtype: the tile backward's bits, whatever the switch says, unless
+    it says decode (then one pass, against the oracle)."""
+    shape, dtype = TILE_BWD[case]
+    monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
+    q, k, v, op, ref = _inputs(shape, dtype, "causal")
+    dout = torch.randn(*q.shape[:3], v.shape[-1]).to(dtype)
+    got = _fwd_bwd(q, k, v, op, dout)
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
+    assert all(torch.equal(a, b) for a, b in zip(got, _fwd_bwd(q, k, v, op, dout)))
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "decode")
+    forced = _fwd_bwd(q, k, v, op, dout)
+    assert_fwd_bwd(f"{case} forced", forced, q, k, v, dout, dtype, **ref)
+    if dtype == torch.float32:
+        assert not all(torch.equal(a, b) for a, b in zip(got[1:], forced[1:]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_decode_switch_takes_any_row_count(dtype, monkeypatch):
+    """FASTATTN_CPU_FEW_ROWS=decode (the benchmarks' measure of both rules): 16 rows and a group of 4 on 3 tokens, the
+    forward the decode op's bits, and forward and every gradient against the oracle."""
+    monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "decode")
+    for shape in ((1, 2, 2, 16, 90, 32, 32), (2, 8, 2, 3, 140, 64, 48)):
+        q, k, v, op, ref = _inputs(shape, dtype, "bias")
+        dout = torch.randn(*q.shape[:3], v.shape[-1]).to(dtype)
+        got = _fwd_bwd(q, k, v, op, dout)
+        dec = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, ref["scale"], -1, -1, 0.0, None, 1, True,
+                                            op["bias"])
+        assert torch.equal(got[0], dec[0])
+        assert_fwd_bwd(f"{shape} forced", got, q, k, v, dout, dtype, **ref)

@@ -1,5 +1,5 @@
-// The backward of calls with few query rows per KV head (the calls whose forward runs on the decode kernel:
-// register.cpp, few_rows_on_decode), in one pass over each KV head's keys. The tile backward (bwd.cpp) packs and
+// The backward of calls with few query rows per KV head (register.cpp, few_rows_in_one_pass: the calls whose forward
+// runs on the decode kernel and more), in one pass over each KV head's keys. The tile backward (bwd.cpp) packs and
 // transposes every key block for five products of those few rows; here each key's and value's row is read once where
 // it lies and its dK and dV rows are written once. Per block of kBlockN keys, for the R = G * sq rows of a
 // (sequence, kv head):

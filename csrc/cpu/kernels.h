@@ -26,11 +26,11 @@ bool fp16_on_pairs(int64_t rows_per_kv_head, int64_t max_sk, bool backward);
 template <typename T>
 void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 
-// The backward of the calls few_rows_on_decode (register.cpp) sends to the decode kernel, in one pass over each KV
+// The backward of calls of few query rows per KV head (register.cpp, few_rows_in_one_pass), in one pass over each KV
 // head's keys (bwd_rows.cpp): no varlen, block coordinates, dropout or accumulators. Deterministic, as bwd_kernel.
 template <typename T>
 void bwd_rows_kernel(const CpuParams& p);
-// That rule, for `info` and the benchmarks' CPU line (register.cpp; FASTATTN_CPU_FEW_ROWS as now set).
+// Those rules (forward and backward), for `info` and the benchmarks' CPU line (register.cpp; FASTATTN_CPU_FEW_ROWS as now set).
 std::string few_rows_describe();
 
 // dQ of kv head hk's query heads (sequence s): the sum of the key chunks' (group, sq, D) fp32 partials parts[c],

@@ -276,27 +276,63 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
 // dims 64-256, 1-2 rows 0.90-5.43x (fp32 0.97-2.77x), 3-4 rows below 512 keys 0.68-0.94x in fp32 and fp16 (bf16
 // 0.94-1.55x), from 512 keys 0.98-2.70x; at 48 1-2 rows 0.95-2.44x, 4 rows 0.90-1.07x; at 16-32 0.46-1.77x (fp32 rows
 // 2 at 32: 0.90-1.01x, rows 4 from 512 keys 0.46-0.85x); 8 rows and more 0.40-1.46x.
-// Their backward runs in one pass over the keys (bwd_rows.cpp; BwdCall::rows), not on the tile backward, which packs
-// and transposes every key block for those rows as well (measurements there).
-// FASTATTN_CPU_FEW_ROWS=prefill keeps such calls on the tile kernels, forward and backward (read per call; tests and
-// benchmarks compare).
 constexpr int64_t kDecodeRows = 2, kDecodeMinDim = 48;  // and against kDecodeLongKeys or more:
 constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong = 64;
 
-bool few_rows_on_decode(const CpuParams& p, bool out_fp32) {
-  const int64_t rows = p.group() * p.Sq, dim = std::min(p.D, p.Dv);
-  const bool long_keys = p.Sk >= kDecodeLongKeys && dim >= kDecodeMinDimLong;
-  if (rows > (long_keys ? kDecodeRowsLong : kDecodeRows) || dim < kDecodeMinDim || p.Sq == 0 || p.Sk == 0 ||
-      p.B == 0) {
+// The backward of few rows runs in one pass over the keys (bwd_rows.cpp; BwdCall::rows) instead of on the tile
+// backward, which packs and transposes every key block for those rows (and does so per query head of a group), by a
+// rule of its own, wider than the forward's: the calls whose forward runs on the decode kernel and more (a forward on
+// the tile kernels leaves the out and lse it reads, as any forward). AMD EPYC Zen 5, one thread, 2026-12-07, the bwd
+// op on either kernel in one process, tile time over one-pass time, 64-2048 keys, no mask (bench_few_rows.py --bwd;
+// benchmarks/results/cpu-20261207-zen5-bwdrule). MHA B1 H8: 1-2 rows from head dim 32 1.04-3.81x (at 16
+// 0.81-1.06x in fp32); 3 from 48 1.01-2.72x (at 32 0.89-1.13x); 4 from 64 0.99-2.53x (at 48 0.90-1.17x); 6 in fp32
+// from 64 0.97-2.43x (bf16 and fp16 0.65-1.45x at 64-256); 8 in fp32 from 128 0.95-2.19x (at 64 0.92-1.54x; other
+// dtypes 0.42-1.26x); 12-16 rows 0.41-1.70x. Groups of 2, 4 and 8 one token per query head: 1.15-3.44x from head
+// dim 32 (48 in groups of 4), the tile backward's per-head rows being single; two tokens: groups of 2 and 4 at 4-8
+// rows 0.68-2.92x, group 8 (16 rows) 0.71-2.19x; three: 0.53-1.94x.
+struct RowsFromDim { int64_t dim, rows; };
+constexpr RowsFromDim kOnePassRows[] = {{32, 2}, {48, 3}, {64, 4}};  // rows per KV head from a head dim, any dtype
+constexpr RowsFromDim kOnePassRowsFp32[] = {{64, 6}, {128, 8}};
+constexpr RowsFromDim kOnePassGroup = {32, 8};  // one token per query head: a group of up to 8 from head dim 32
+
+// FASTATTN_CPU_FEW_ROWS as now set: prefill (both rules off), decode (both on for every call the kernels take,
+// whatever its rows: for measuring the rules) or the rules. Read per call; tests and benchmarks compare.
+enum class FewRows { rule, prefill, decode };
+FewRows few_rows_switch() {
+  const char* env = std::getenv("FASTATTN_CPU_FEW_ROWS");
+  if (env == nullptr) return FewRows::rule;
+  if (std::strcmp(env, "prefill") == 0) return FewRows::prefill;
+  return std::strcmp(env, "decode") == 0 ? FewRows::decode : FewRows::rule;
+}
+
+// What neither the decode kernel nor the one-pass backward takes: varlen, dropout, block coordinates, an fp32
+// output, a head offset (the dropout counter's), top-left windows of Sq != Sk (the decode kernel aligns bottom-right,
+// as ALiBi always is), a head dim apart.
+bool few_rows_takes(const CpuParams& p, bool out_fp32) {
+  if (p.Sq == 0 || p.Sk == 0 || p.B == 0 || p.cu_q || p.dropout_p > 0 || p.q_start || out_fp32 || p.head_start != 0) {
     return false;
   }
-  // what the decode kernel does not take: varlen, dropout, block coordinates, an fp32 output, a head offset (the
-  // dropout counter's), top-left windows of Sq != Sk (it aligns bottom-right, as ALiBi always is), a head dim apart
-  if (p.cu_q || p.dropout_p > 0 || p.q_start || out_fp32 || p.head_start != 0) return false;
   if ((p.window_left >= 0 || p.window_right >= 0) && !p.bottom_right && p.Sq != p.Sk) return false;
-  if ((p.q_st.d != 1 && p.D != 1) || (p.k_st.d != 1 && p.D != 1) || (p.v_st.d != 1 && p.Dv != 1)) return false;
-  const char* env = std::getenv("FASTATTN_CPU_FEW_ROWS");
-  return env == nullptr || std::strcmp(env, "prefill") != 0;
+  return (p.q_st.d == 1 || p.D == 1) && (p.k_st.d == 1 || p.D == 1) && (p.v_st.d == 1 || p.Dv == 1);
+}
+
+bool few_rows_on_decode(const CpuParams& p, bool out_fp32) {
+  const FewRows sw = few_rows_switch();
+  if (sw == FewRows::prefill || !few_rows_takes(p, out_fp32)) return false;
+  const int64_t rows = p.group() * p.Sq, dim = std::min(p.D, p.Dv);
+  const bool long_keys = p.Sk >= kDecodeLongKeys && dim >= kDecodeMinDimLong;
+  return sw == FewRows::decode || (rows <= (long_keys ? kDecodeRowsLong : kDecodeRows) && dim >= kDecodeMinDim);
+}
+
+bool few_rows_in_one_pass(const CpuParams& p, bool fp32) {
+  const FewRows sw = few_rows_switch();
+  if (sw == FewRows::prefill || !few_rows_takes(p, false)) return false;
+  const int64_t rows = p.group() * p.Sq, dim = std::min(p.D, p.Dv);
+  if (sw == FewRows::decode || (p.Sq == 1 && dim >= kOnePassGroup.dim && rows <= kOnePassGroup.rows)) return true;
+  bool on = false;
+  for (const RowsFromDim& r : kOnePassRows) on |= dim >= r.dim && rows <= r.rows;
+  for (const RowsFromDim& r : kOnePassRowsFp32) on |= fp32 && dim >= r.dim && rows <= r.rows;
+  return on;
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -356,7 +392,7 @@ at::Tensor empty_like_poisoned(const at::Tensor& t) {
 struct BwdCall {
   CpuParams p;
   int64_t mq = 0, mk = 0;
-  bool rows = false;  // few_rows_on_decode: the backward in one pass over the keys (bwd_rows.cpp)
+  bool rows = false;  // few_rows_in_one_pass: the backward in one pass over the keys (bwd_rows.cpp)
   at::Tensor lse_c;  // keeps a contiguous copy of lse alive
   MaskStore mask;  // p.mask_keys and p.key_end point here
 };
@@ -395,7 +431,7 @@ BwdCall bwd_prepare(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   p.lse = const_cast<float*>(c.lse_c.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.do_st = strides_of(dout);
-  c.rows = few_rows_on_decode(p, false);  // (the forward's rule, before read_mask changes p)
+  c.rows = few_rows_in_one_pass(p, q.scalar_type() == at::kFloat);  // (before read_mask changes p)
   read_mask(p, q.scalar_type(), true, c.mask);
   return c;
 }
@@ -463,12 +499,22 @@ void bwd_acc_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
 }  // namespace
 
 std::string few_rows_describe() {
-  const char* env = std::getenv("FASTATTN_CPU_FEW_ROWS");
-  if (env != nullptr && std::strcmp(env, "prefill") == 0) return "the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)";
-  return "up to " + std::to_string(kDecodeRows) + " query rows per KV head from head dim " +
+  const FewRows sw = few_rows_switch();
+  if (sw == FewRows::prefill) return "the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)";
+  if (sw == FewRows::decode) {
+    return "forward on the decode kernel, backward in one pass, at any row count (FASTATTN_CPU_FEW_ROWS=decode)";
+  }
+  const auto table = [](const auto& rules) {
+    std::string t;
+    for (const RowsFromDim& r : rules) t += ", " + std::to_string(r.rows) + " from " + std::to_string(r.dim);
+    return t.substr(2);
+  };
+  return "forward on the decode kernel up to " + std::to_string(kDecodeRows) + " query rows per KV head from head dim " +
          std::to_string(kDecodeMinDim) + ", " + std::to_string(kDecodeRowsLong) + " against " +
          std::to_string(kDecodeLongKeys) + " keys or more from " + std::to_string(kDecodeMinDimLong) +
-         ": forward on the decode kernel, backward in one pass over the keys";
+         "; backward in one pass over the keys up to " + table(kOnePassRows) + " (fp32: " + table(kOnePassRowsFp32) +
+         "), one token per query head in groups of up to " + std::to_string(kOnePassGroup.rows) + " from " +
+         std::to_string(kOnePassGroup.dim);
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
