@@ -83,7 +83,8 @@ def main():
     ap.add_argument("--dim", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--bwd", action="store_true", help="the bwd op: tile time over one-pass time")
     ap.add_argument("--training", action="store_true", help="forward+backward through SDPA against torch")
-    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (--training; a multiple of 4 balances the order)")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="interleaved rounds (--training; a multiple of 4 balances the order)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter

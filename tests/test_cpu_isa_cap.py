@@ -4,8 +4,8 @@ The kernels pick AVX-512, AVX2 or scalar code at run time (csrc/cpu/vec.h, vec51
 exercises the paths of the CPU it runs on. FASTATTN_CPU_ISA=avx2 (or =scalar) holds them below what the CPU has
 (`isa_cap` in csrc/cpu/vec512.h); each case here runs a subset of the kernel tests in a subprocess held there: the
 decode kernel's oracle, split and same-bits cases (its block helpers), the forward/backward kernels' masked,
-multi-tile and strided cells against the float64 oracle, and the one-pass backward of few rows. A level the CPU runs by itself is skipped: the main run
-covers it."""
+multi-tile and strided cells against the float64 oracle, and the one-pass backward of few rows (its rule's calls and
+the decode switch's 16 rows too). A level the CPU runs by itself is skipped: the main run covers it."""
 import os
 import subprocess
 import sys
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = {"scalar": 0, "avx2": 1}
 SUBSET = ["tests/test_decode.py", "-k", "matches_oracle or same_bits or splits",
           "tests/test_cpu_kernels.py", "-k", "several_tiles or climb or key_padding_bias or expanded",
-          "tests/test_cpu_few_rows.py", "-k", "one_pass"]
+          "tests/test_cpu_few_rows.py", "-k", "one_pass or bwd_rule or decode_switch"]
 
 
 def _native_level() -> int:

@@ -16,6 +16,7 @@
 #include "common.h"
 #include "kernels.h"
 #include "mm.h"
+#include "vec512.h"  // vec512::available: the fp32 rows of the one-pass rule
 
 namespace fastattn::cpu {
 
@@ -289,10 +290,13 @@ constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong 
 // from 64 0.97-2.43x (bf16 and fp16 0.65-1.45x at 64-256); 8 in fp32 from 128 0.95-2.19x (at 64 0.92-1.54x; other
 // dtypes 0.42-1.26x); 12-16 rows 0.41-1.70x. Groups of 2, 4 and 8 one token per query head: 1.15-3.44x from head
 // dim 32 (48 in groups of 4), the tile backward's per-head rows being single; two tokens: groups of 2 and 4 at 4-8
-// rows 0.68-2.92x, group 8 (16 rows) 0.71-2.19x; three: 0.53-1.94x.
+// rows 0.68-2.92x, group 8 (16 rows) 0.71-2.19x; three: 0.53-1.94x. The same CPU held to AVX2
+// (FASTATTN_CPU_ISA=avx2, which holds the one-pass loops there but not oneDNN's brgemm under the tile backward: a
+// bound from below for an AVX2 CPU): 1-4 rows inside the table 0.96-4.45x, fp32 6 rows 0.76-1.32x; so the fp32 rows
+// past the table are taken on AVX-512 only.
 struct RowsFromDim { int64_t dim, rows; };
 constexpr RowsFromDim kOnePassRows[] = {{32, 2}, {48, 3}, {64, 4}};  // rows per KV head from a head dim, any dtype
-constexpr RowsFromDim kOnePassRowsFp32[] = {{64, 6}, {128, 8}};
+constexpr RowsFromDim kOnePassRowsFp32[] = {{64, 6}, {128, 8}};      // fp32 on AVX-512
 constexpr RowsFromDim kOnePassGroup = {32, 8};  // one token per query head: a group of up to 8 from head dim 32
 
 // FASTATTN_CPU_FEW_ROWS as now set: prefill (both rules off), decode (both on for every call the kernels take,
@@ -324,6 +328,14 @@ bool few_rows_on_decode(const CpuParams& p, bool out_fp32) {
   return sw == FewRows::decode || (rows <= (long_keys ? kDecodeRowsLong : kDecodeRows) && dim >= kDecodeMinDim);
 }
 
+bool wide_vectors() {
+#ifdef FASTATTN_VEC512
+  return vec512::available();
+#else
+  return false;
+#endif
+}
+
 bool few_rows_in_one_pass(const CpuParams& p, bool fp32) {
   const FewRows sw = few_rows_switch();
   if (sw == FewRows::prefill || !few_rows_takes(p, false)) return false;
@@ -331,7 +343,7 @@ bool few_rows_in_one_pass(const CpuParams& p, bool fp32) {
   if (sw == FewRows::decode || (p.Sq == 1 && dim >= kOnePassGroup.dim && rows <= kOnePassGroup.rows)) return true;
   bool on = false;
   for (const RowsFromDim& r : kOnePassRows) on |= dim >= r.dim && rows <= r.rows;
-  for (const RowsFromDim& r : kOnePassRowsFp32) on |= fp32 && dim >= r.dim && rows <= r.rows;
+  for (const RowsFromDim& r : kOnePassRowsFp32) on |= fp32 && wide_vectors() && dim >= r.dim && rows <= r.rows;
   return on;
 }
 
@@ -509,11 +521,13 @@ std::string few_rows_describe() {
     for (const RowsFromDim& r : rules) t += ", " + std::to_string(r.rows) + " from " + std::to_string(r.dim);
     return t.substr(2);
   };
-  return "forward on the decode kernel up to " + std::to_string(kDecodeRows) + " query rows per KV head from head dim " +
-         std::to_string(kDecodeMinDim) + ", " + std::to_string(kDecodeRowsLong) + " against " +
-         std::to_string(kDecodeLongKeys) + " keys or more from " + std::to_string(kDecodeMinDimLong) +
-         "; backward in one pass over the keys up to " + table(kOnePassRows) + " (fp32: " + table(kOnePassRowsFp32) +
-         "), one token per query head in groups of up to " + std::to_string(kOnePassGroup.rows) + " from " +
+  const std::string fp32 = wide_vectors() ? " (fp32: " + table(kOnePassRowsFp32) + ")" : "";
+  return "forward on the decode kernel up to " + std::to_string(kDecodeRows) +
+         " query rows per KV head from head dim " + std::to_string(kDecodeMinDim) + ", " +
+         std::to_string(kDecodeRowsLong) + " against " + std::to_string(kDecodeLongKeys) + " keys or more from " +
+         std::to_string(kDecodeMinDimLong) +
+         "; backward in one pass over the keys up to " + table(kOnePassRows) + fp32 +
+         ", one token per query head in groups of up to " + std::to_string(kOnePassGroup.rows) + " from " +
          std::to_string(kOnePassGroup.dim);
 }
 
