@@ -1,10 +1,10 @@
 """Calls of at most 2 query rows per KV head (Hq / Hkv x Sq) at head dims from 48, and of 3-4 against 512 keys or more
 at head dims from 64, run the fwd op on the split-KV decode kernel (csrc/cpu/register.cpp, few_rows_on_decode), also
 when they record a gradient; their backward and that of more calls (few_rows_in_one_pass: up to 2 rows from head dim
-32, 3 from 48, 4 from 64, in fp32 6 from 64 and 8 from 128, one token per query head in groups of up to 8 from 32)
-runs in one pass over the keys (csrc/cpu/bwd_rows.cpp). FASTATTN_CPU_FEW_ROWS=prefill keeps both on the tile kernels,
-=decode puts both on the few-rows kernels at any row count (read per call). Both against the float64 oracle, forward
-and every gradient; the op's bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel;
+32, 3 from 48, 4 from 64, in fp32 on AVX-512 6 from 64 and 8 from 128 (with groups of query heads 8 and 12), one token
+per query head in groups of up to 8 from 32) runs in one pass over the keys (csrc/cpu/bwd_rows.cpp).
+FASTATTN_CPU_FEW_ROWS=prefill keeps both on the tile kernels, =decode puts both on the few-rows kernels at any row
+count (read per call). Both against the float64 oracle, forward and every gradient; the op's bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel;
 the one-pass backward in strided layouts, over skipped key padding, with the same bits for any thread count, NaN where
 the tile backward has it, and a planted bug that the checks catch."""
 import math
@@ -272,7 +272,7 @@ def test_info_names_the_few_rows_rules_and_their_switch(monkeypatch):
     """`python -m fastattn.info` and the benchmarks' CPU line (ops.cpu_matmul) state both rules and, when
     FASTATTN_CPU_FEW_ROWS is set, which kernels it forces (read per call)."""
     monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
-    fp32 = " (fp32: 6 from 64, 8 from 128)" if _wide() else ""
+    fp32 = " (fp32: 6 from 64, 8 from 128; in groups 8 from 64, 12 from 128)" if _wide() else ""
     assert ("few query rows: forward on the decode kernel up to 2 query rows per KV head from head dim 48, 4 against "
             "512 keys or more from 64; backward in one pass over the keys up to 2 from 32, 3 from 48, 4 from 64"
             + fp32 + ", one token per query head in groups of up to 8 from 32") in ops.cpu_matmul()
@@ -289,7 +289,9 @@ BWD_ONLY = {"one row, head dim 32": ((2, 2, 2, 1, 100, 32, 40), DTYPES),
             "four rows, 300 keys": ((1, 2, 2, 4, 300, 64, 64), DTYPES),
             "group of 8, one token, head dim 32": ((1, 8, 1, 1, 150, 32, 32), DTYPES),
             "six rows in fp32": ((1, 1, 1, 6, 200, 64, 64), [torch.float32]),
-            "eight rows in fp32 at head dim 128": ((1, 4, 1, 2, 130, 128, 128), [torch.float32])}
+            "eight rows in fp32 at head dim 128": ((1, 4, 1, 2, 130, 128, 128), [torch.float32]),
+            "eight rows of a group in fp32 at head dim 64": ((1, 4, 2, 4, 150, 64, 64), [torch.float32]),
+            "twelve rows of a group in fp32 at head dim 128": ((1, 8, 2, 3, 100, 128, 128), [torch.float32])}
 
 
 @pytest.mark.parametrize("feature", ["plain", "causal", "bias"])
@@ -320,7 +322,8 @@ TILE_BWD = {"two rows, head dim 16": ((1, 2, 2, 2, 200, 16, 16), torch.float32),
             "six rows in bf16": ((1, 1, 1, 6, 200, 64, 64), torch.bfloat16),
             "two tokens in a group of 4 in bf16": ((1, 4, 1, 2, 200, 64, 64), torch.bfloat16),
             "one token in a group of 16": ((1, 16, 1, 1, 200, 64, 64), torch.float32),
-            "twelve rows in fp32": ((1, 1, 1, 12, 200, 128, 128), torch.float32)}
+            "twelve rows in fp32": ((1, 1, 1, 12, 200, 128, 128), torch.float32),
+            "twelve rows of a group in fp32 at head dim 64": ((1, 4, 2, 6, 150, 64, 64), torch.float32)}
 
 
 @pytest.mark.parametrize("case", list(TILE_BWD))

@@ -293,10 +293,12 @@ constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong 
 // rows 0.68-2.92x, group 8 (16 rows) 0.71-2.19x; three: 0.53-1.94x. The same CPU held to AVX2
 // (FASTATTN_CPU_ISA=avx2, which holds the one-pass loops there but not oneDNN's brgemm under the tile backward: a
 // bound from below for an AVX2 CPU): 1-4 rows inside the table 0.96-4.45x, fp32 6 rows 0.76-1.32x; so the fp32 rows
-// past the table are taken on AVX-512 only.
+// past the table are taken on AVX-512 only. fp32 in groups of 2 and 4 query heads, 8 rows from head dim 64 and 12
+// from 128: one thread 0.99-1.94x, two 1.04-1.73x (MHA 8 rows at 64 0.92-1.54x, 12 at 128 0.92-1.70x).
 struct RowsFromDim { int64_t dim, rows; };
 constexpr RowsFromDim kOnePassRows[] = {{32, 2}, {48, 3}, {64, 4}};  // rows per KV head from a head dim, any dtype
 constexpr RowsFromDim kOnePassRowsFp32[] = {{64, 6}, {128, 8}};      // fp32 on AVX-512
+constexpr RowsFromDim kOnePassGroupsFp32[] = {{64, 8}, {128, 12}};   // and with groups of query heads
 constexpr RowsFromDim kOnePassGroup = {32, 8};  // one token per query head: a group of up to 8 from head dim 32
 
 // FASTATTN_CPU_FEW_ROWS as now set: prefill (both rules off), decode (both on for every call the kernels take,
@@ -344,6 +346,9 @@ bool few_rows_in_one_pass(const CpuParams& p, bool fp32) {
   bool on = false;
   for (const RowsFromDim& r : kOnePassRows) on |= dim >= r.dim && rows <= r.rows;
   for (const RowsFromDim& r : kOnePassRowsFp32) on |= fp32 && wide_vectors() && dim >= r.dim && rows <= r.rows;
+  for (const RowsFromDim& r : kOnePassGroupsFp32) {
+    on |= fp32 && wide_vectors() && p.group() > 1 && dim >= r.dim && rows <= r.rows;
+  }
   return on;
 }
 
@@ -521,7 +526,8 @@ std::string few_rows_describe() {
     for (const RowsFromDim& r : rules) t += ", " + std::to_string(r.rows) + " from " + std::to_string(r.dim);
     return t.substr(2);
   };
-  const std::string fp32 = wide_vectors() ? " (fp32: " + table(kOnePassRowsFp32) + ")" : "";
+  const std::string fp32 =
+      wide_vectors() ? " (fp32: " + table(kOnePassRowsFp32) + "; in groups " + table(kOnePassGroupsFp32) + ")" : "";
   return "forward on the decode kernel up to " + std::to_string(kDecodeRows) +
          " query rows per KV head from head dim " + std::to_string(kDecodeMinDim) + ", " +
          std::to_string(kDecodeRowsLong) + " against " + std::to_string(kDecodeLongKeys) + " keys or more from " +
