@@ -311,9 +311,9 @@ FewRows few_rows_switch() {
   return std::strcmp(env, "decode") == 0 ? FewRows::decode : FewRows::rule;
 }
 
-// What neither the decode kernel nor the one-pass backward takes: varlen, dropout, block coordinates, an fp32
-// output, a head offset (the dropout counter's), top-left windows of Sq != Sk (the decode kernel aligns bottom-right,
-// as ALiBi always is), a head dim apart.
+// What the decode kernel does not take, and the one-pass backward keeps to (what it was tested and measured on):
+// varlen, dropout, block coordinates, an fp32 output, a head offset (the dropout counter's), top-left windows of
+// Sq != Sk (the decode kernel aligns bottom-right, as ALiBi always is), a head dim apart.
 bool few_rows_takes(const CpuParams& p, bool out_fp32) {
   if (p.Sq == 0 || p.Sk == 0 || p.B == 0 || p.cu_q || p.dropout_p > 0 || p.q_start || out_fp32 || p.head_start != 0) {
     return false;
