@@ -237,12 +237,14 @@ def test_cpu_kernel_head_alone_same_bits(dtype, lone_row, monkeypatch):
     g = torch.Generator().manual_seed(3)
     # (6, 2) with 3 tokens: 9 rows a KV head, run as 4 + 4 + 1 together and 2 + 1 alone; a row alone at D <= 64
     # takes pv_avx2 ("stream") or pv_rows on one row ("chunks") on AVX-512 CPUs (D = 36: pv_avx2's scalar tail too),
-    # the others pv_rows; (7, 7) one token: each item one row, scores_avx512_row ("stream") or the chunk loop
+    # the others pv_rows; (7, 7) one token: each item one row, scores_avx512_row ("stream") or the chunk loop; on
+    # AVX-512 the scores of each run of 4 rows by scores_avx512_rows4 (at D = 128 too: (8, 2)), 301 keys leaving it a
+    # last pass of one key
     other = {"stream": "chunks", "chunks": "stream"}[lone_row]
     for (Hq, Hkv), Sq, D in (((7, 7), 1, 64), ((6, 6), 2, 128), ((8, 4), 1, 128), ((6, 2), 3, 64), ((6, 2), 3, 36),
-                             ((5, 5), 1, 36)):
+                             ((5, 5), 1, 36), ((8, 2), 1, 128)):
         q = torch.randn(1, Hq, Sq, D, generator=g).to(dtype)
-        k, v = (torch.randn(1, Hkv, 300, D, generator=g).to(dtype) for _ in range(2))
+        k, v = (torch.randn(1, Hkv, 301, D, generator=g).to(dtype) for _ in range(2))
         monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", other)
         full_other = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, 0.125, -1, -1, 0.0, None, 2, True)
         monkeypatch.setenv("FASTATTN_CPU_LONE_ROW", lone_row)
