@@ -4,9 +4,10 @@ when they record a gradient; their backward and that of more calls (few_rows_in_
 32, 3 from 48, 4 from 64, in fp32 on AVX-512 6 from 64 and 8 from 128 (with groups of query heads 8 and 12), one token
 per query head in groups of up to 8 from 32) runs in one pass over the keys (csrc/cpu/bwd_rows.cpp).
 FASTATTN_CPU_FEW_ROWS=prefill keeps both on the tile kernels, =decode puts both on the few-rows kernels at any row
-count (read per call). Both against the float64 oracle, forward and every gradient; the op's bits are the decode op's; what the decode kernel cannot take stays on the prefill kernel;
-the one-pass backward in strided layouts, over skipped key padding, with the same bits for any thread count, NaN where
-the tile backward has it, and a planted bug that the checks catch."""
+count (read per call). Both against the float64 oracle, forward and every gradient; the op's bits are the decode op's;
+what the decode kernel cannot take stays on the prefill kernel; the one-pass backward in strided layouts, over skipped
+key padding, with the same bits for any thread count, NaN where the tile backward has it, and a planted bug that the
+checks catch."""
 import math
 import os
 import subprocess

@@ -176,6 +176,7 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
   const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
   const int64_t kend = std::min(c1, s.kend);
+  const bool plant_dk = planted("rows_dk");  // (tests only: the last row's share of dK halved, a bug the checks catch)
   for (int64_t j0 = c0; j0 < kend; j0 += kBlockN) {
     const int64_t n = std::min(kBlockN, kend - j0);
     for (int64_t j = 0; j < n; ++j) {
@@ -196,7 +197,7 @@ void rows_chunk(const CpuParams& p, const SeqInfo& s, int64_t hk, int64_t c0, in
       grad_scores_row(B.S + at, B.dP + at, n, B.lse[r], B.delta[r], capped ? B.tanh + at : nullptr);
     }
     decode::pv<T>(B.dP, kBlockN, B.live.data(), R, krows, B.off.data(), n, D, B.acc, st.on_k);  // dQ += dS K
-    if (planted("rows_dk")) {  // (tests only: the last row's share of dK halved, a bug the checks must catch)
+    if (plant_dk) {
       for (int64_t j = 0; j < n; ++j) B.dP[(R - 1) * kBlockN + j] *= 0.5f;
     }
     float* dv = in_place ? static_cast<float*>(p.dv) + dv0 + j0 * p.dv_st.s : B.dv;

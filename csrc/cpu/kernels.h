@@ -30,7 +30,8 @@ void bwd_lowp_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk);
 // head's keys (bwd_rows.cpp): no varlen, block coordinates, dropout or accumulators. Deterministic, as bwd_kernel.
 template <typename T>
 void bwd_rows_kernel(const CpuParams& p);
-// Those rules (forward and backward), for `info` and the benchmarks' CPU line (register.cpp; FASTATTN_CPU_FEW_ROWS as now set).
+// Those rules (forward and backward), for `info` and the benchmarks' CPU line (register.cpp; FASTATTN_CPU_FEW_ROWS
+// as now set).
 std::string few_rows_describe();
 
 // dQ of kv head hk's query heads (sequence s): the sum of the key chunks' (group, sq, D) fp32 partials parts[c],

@@ -343,13 +343,15 @@ bool few_rows_in_one_pass(const CpuParams& p, bool fp32) {
   if (sw == FewRows::prefill || !few_rows_takes(p, false)) return false;
   const int64_t rows = p.group() * p.Sq, dim = std::min(p.D, p.Dv);
   if (sw == FewRows::decode || (p.Sq == 1 && dim >= kOnePassGroup.dim && rows <= kOnePassGroup.rows)) return true;
-  bool on = false;
-  for (const RowsFromDim& r : kOnePassRows) on |= dim >= r.dim && rows <= r.rows;
-  for (const RowsFromDim& r : kOnePassRowsFp32) on |= fp32 && wide_vectors() && dim >= r.dim && rows <= r.rows;
-  for (const RowsFromDim& r : kOnePassGroupsFp32) {
-    on |= fp32 && wide_vectors() && p.group() > 1 && dim >= r.dim && rows <= r.rows;
-  }
-  return on;
+  const auto within = [&](const auto& rules) {
+    for (const RowsFromDim& r : rules) {
+      if (dim >= r.dim && rows <= r.rows) return true;
+    }
+    return false;
+  };
+  const bool wide_fp32 = fp32 && wide_vectors();
+  return within(kOnePassRows) || (wide_fp32 && within(kOnePassRowsFp32)) ||
+         (wide_fp32 && p.group() > 1 && within(kOnePassGroupsFp32));
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
