@@ -177,7 +177,7 @@ def test_auto_not_slower_than_torch_decode_from_memory(dtype, Sk, heads, D):
     8-lane vectors at D <= 64). On the Intel Xeon (AMX) those streaming loops read slower than the 16-lane chunk
     kernels, which it takes (decode_fetch.h lone_row_stream): fp32 MHA D=64 one thread 0.90-1.05x -> 1.01-1.17x, fp16
     1.31x -> 1.54x, bf16 +1-11% (2026-12-05, the two switched per call in one process); and since the kernel's
-    helpers fetch the cache ahead (decode_tiles.h fetch_ahead, the same day) every class here reads 1.05-2.5x there."""
+    helpers fetch the cache ahead (decode_fetch.h fetch_ahead, the same day) every class here reads 1.05-2.5x there."""
     Hq, Hkv = heads
     g = torch.Generator().manual_seed(0)
     per_layer = 2 * Hkv * Sk * D * torch.finfo(dtype).bits // 8

@@ -1,5 +1,5 @@
 """The CPU decode kernel's ways of fetching the cache ahead (FASTATTN_CPU_PREFETCH=none|block|stream, read per call;
-csrc/cpu/decode_fetch.h fetch_mode, decode_tiles.h fetch_ahead) change no result: every mode gives the bits of `none` on
+csrc/cpu/decode_fetch.h fetch_mode, fetch_ahead there) change no result: every mode gives the bits of `none` on
 each cache layout, dtype and row grouping the block helpers run, and those bits are the oracle's within tolerance."""
 import pytest
 import torch

@@ -6,7 +6,7 @@
 // keys, one thread, Intel Xeon AMX, 2026-12-05): vdpbf16ps on 512 bits issues one every ~2 cycles there against two
 // FMAs a cycle (a loop of 16 independent chains of each), so its 32 products cost what 4 FMAs' 64 do.
 #pragma once
-#include "decode_tiles.h"  // Stream, Ahead, fetch_ahead, row_ahead, hsum16x16
+#include "decode_tiles.h"  // hsum16x16 (and, through it, decode_fetch.h: Stream, Ahead, fetch_ahead, row_ahead)
 
 namespace fastattn::cpu::decode {
 namespace {

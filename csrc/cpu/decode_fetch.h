@@ -1,5 +1,6 @@
 // How the CPU decode kernel (decode.cpp) reads a cache: whether the hardware prefetchers alone or software fetches
-// bring its rows in ahead, how far ahead and into which cache, and how a row alone on its KV head streams. A policy
+// bring its rows in ahead, how far ahead and into which cache (and the fetches themselves, fetch_ahead), and how a row
+// alone on its KV head streams. A policy
 // per CPU, measured (the figures below), switched per call by environment variables so that tests and benchmarks
 // compare every choice in one process. No choice here changes a result's bits.
 #pragma once
@@ -8,7 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tile.h"  // amd_cpu, cpu_family
+#include "tile.h"  // amd_cpu, cpu_family, vec::prefetch
 
 namespace fastattn::cpu::decode {
 
@@ -39,8 +40,8 @@ inline bool lone_row_stream() {
 }
 
 // How a dense cache's keys and values are fetched ahead of the block helpers (none changes a result):
-//   stream  the helpers fetch each row kAheadKeys (kAheadKeysAmd) keys ahead as they read one (decode_tiles.h,
-//           fetch_ahead), into the L1 or the L2 (kL1AheadBytes);
+//   stream  the helpers fetch each row kAheadKeys (kAheadKeysAmd) keys ahead as they read one (fetch_ahead
+//           below), into the L1 or the L2 (kL1AheadBytes);
 //   block   prefetch_block: the next block's rows, all at the start of each block;
 //   none    the hardware prefetchers alone.
 // Intel Xeon (AMX), one thread, caches from memory as in generate() (benchmarks/bench_decode_memory.py --switch
@@ -67,5 +68,60 @@ inline Fetch fetch_mode() {
 }
 
 inline int64_t ahead_keys() { return amd_cpu() ? kAheadKeysAmd : kAheadKeys; }  // Fetch::stream's distance
+
+// How far ahead of the rows they read the block helpers fetch the cache (fetch_ahead): bytes from a key's (value's)
+// row to the row kAheadKeys keys later (0: none), and into which cache: the L1 (prefetcht0) where the rows fetched
+// ahead of an item fit it beside the block being read, else the L2 (decode.cpp sets both).
+struct Ahead {
+  int64_t bytes = 0;
+  bool l1 = false;
+};
+
+// How the block helpers read the cache, set per call (decode.cpp). lone: a row alone on its KV head at head dim
+// <= 64 streams each key's row (scores_avx512_row, 8-lane pv_avx2) instead of taking the 16-lane chunk kernels.
+// k_ahead / v_ahead: the keys' and the values' fetch ahead. k_stride / v_stride: elements from one key's (value's)
+// row to the next where the cache is dense (0: paged, or widened copies), so that helpers which take it address a
+// key by its index instead of the block's row table. None changes any result.
+struct Stream {
+  bool lone = false;
+  Ahead k_ahead, v_ahead;
+  int64_t k_stride = 0, v_stride = 0;
+};
+
+// Prefetch `bytes` of each of rows[0, n) ahead.bytes on. Issued a few rows per step of the helpers' loops, the
+// fetches overlap the arithmetic; the hardware prefetchers alone left one-token steps waiting on memory.
+template <typename T>
+inline void fetch_ahead(const T* const* rows, int64_t n, Ahead ahead, int64_t bytes) {
+  if (ahead.bytes == 0) return;
+  for (int64_t u = 0; u < n; ++u) {  // each line of [a, a + bytes): the first and last, then any between
+    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[u]) + ahead.bytes, last = (a + bytes - 1) & ~uintptr_t{63};
+    vec::prefetch(reinterpret_cast<const char*>(a), ahead.l1);
+    vec::prefetch(reinterpret_cast<const char*>(last), ahead.l1);
+    for (uintptr_t line = (a & ~uintptr_t{63}) + 64; line < last; line += 64) {
+      vec::prefetch(reinterpret_cast<const char*>(line), ahead.l1);
+    }
+  }
+}
+
+// fetch_ahead for nk rows a fixed stride apart (bytes): the lines of each row from its address, no table.
+inline void fetch_ahead_strided(const char* row0, int64_t nk, int64_t stride, Ahead ahead, int64_t bytes) {
+  if (ahead.bytes == 0) return;
+  const char* a = row0 + ahead.bytes;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(a) | stride | bytes) & 63) == 0;
+  if (aligned && stride == bytes) {  // rows back to back: one run of lines
+    for (int64_t c = 0; c < nk * bytes; c += 64) vec::prefetch(a + c, ahead.l1);
+    return;
+  }
+  for (int64_t u = 0; u < nk; ++u, a += stride) {
+    for (int64_t c = 0; c < bytes; c += 64) vec::prefetch(a + c, ahead.l1);
+    if (!aligned) vec::prefetch(a + bytes - 1, ahead.l1);
+  }
+}
+
+// The fetch ahead for row r (off: each row's KV head offset): `ahead` for the first row of a run reading one KV
+// head, which fetches for all of them, none for the others.
+inline Ahead row_ahead(const int64_t* off, int64_t r, Ahead ahead) {
+  return r == 0 || off[r] != off[r - 1] ? ahead : Ahead{};
+}
 
 }  // namespace fastattn::cpu::decode

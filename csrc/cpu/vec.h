@@ -19,6 +19,7 @@
 #endif
 
 #include "vec512.h"
+#include "vec512_grad.h"  // the backward's rows: grad_row, grad_pair, exp_lse_row
 
 namespace fastattn::cpu::vec {
 

@@ -70,7 +70,7 @@ _DECODE_ROWS = 16  # query tokens up to which a call is a decode step
 # bf16 decode steps are the split-KV decode kernel's on every thread count. Grouped-query ones since 2026-12-01 (it
 # reads each K/V row once for the whole group: 0.97-1.29x torch at 256-3072 keys, one thread). MHA steps of 1 and
 # 3-4 tokens (head dim <= 64) went to sdpa on one thread until 2026-12-05 (0.74-0.86x at 512 keys, the kernel
-# waiting on memory): since its block helpers fetch the rows 64 keys ahead (csrc/cpu/decode_tiles.h, fetch_ahead)
+# waiting on memory): since its block helpers fetch the rows 64 keys ahead (csrc/cpu/decode_fetch.h, fetch_ahead)
 # it reads 1.06-1.09x / 1.15-1.30x torch at 512 / 4096 keys with every layer's cache from memory (Intel Xeon AMX,
 # one thread), and in transformers' GPT-2 (bf16, 12 layers, benchmarks/bench_hf_decode.py) each new token's
 # attention 0.89-0.93x / 1.01x / 1.07-1.08x / 1.06-1.16x torch's at 128 / 256 / 512 / 2048 prompt tokens, where the
