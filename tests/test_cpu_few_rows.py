@@ -202,7 +202,7 @@ def test_bwd_op_in_one_pass_has_the_same_bits_for_any_thread_count(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_bwd_op_in_one_pass_reads_alike_under_every_read_policy(dtype, monkeypatch):
-    """Rows fetched ahead and a lone row streamed (what calls of 16 MB of K and V or more take; the switches force it at
+    """Rows fetched ahead and a lone row streamed (what calls of 8 MB of K and V or more take; the switches force it at
     any size) give the plain reads' bits: one row at head dim 64 (the lone-row loops), 2 and 4 rows of a KV head; K and
     V with different strides between keys."""
     op = dict(bias=None, wl=-1, wr=0, softcap=0.0, alibi=None)
@@ -276,7 +276,8 @@ def test_info_names_the_few_rows_rules_and_their_switch(monkeypatch):
     fp32 = " (fp32: 6 from 64, 8 from 128; in groups 8 from 64, 12 from 128)" if _wide() else ""
     assert ("few query rows: forward on the decode kernel up to 2 query rows per KV head from head dim 48, 4 against "
             "512 keys or more from 64; backward in one pass over the keys up to 2 from 32, 3 from 48, 4 from 64"
-            + fp32 + ", one token per query head in groups of up to 8 from 32") in ops.cpu_matmul()
+            + fp32 + ", one token per query head in groups of up to 8 from 32, two in groups of up to "
+            + ("8" if _wide() else "4") + " from 64") in ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
     assert "few query rows: the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)" in ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "decode")
@@ -284,15 +285,17 @@ def test_info_names_the_few_rows_rules_and_their_switch(monkeypatch):
 
 
 # B, Hq, Hkv, Sq, Sk, D, Dv and the dtypes: calls the backward rule takes and the forward rule does not (the fp32 rows
-# past the table on AVX-512 only)
+# past the table and groups of 8 on two tokens: on AVX-512 only)
 BWD_ONLY = {"one row, head dim 32": ((2, 2, 2, 1, 100, 32, 40), DTYPES),
             "three rows, head dim 48": ((1, 2, 2, 3, 200, 48, 48), DTYPES),
             "four rows, 300 keys": ((1, 2, 2, 4, 300, 64, 64), DTYPES),
             "group of 8, one token, head dim 32": ((1, 8, 1, 1, 150, 32, 32), DTYPES),
             "six rows in fp32": ((1, 1, 1, 6, 200, 64, 64), [torch.float32]),
-            "eight rows in fp32 at head dim 128": ((1, 4, 1, 2, 130, 128, 128), [torch.float32]),
+            "eight rows in fp32 at head dim 128": ((1, 2, 2, 8, 130, 128, 128), [torch.float32]),
             "eight rows of a group in fp32 at head dim 64": ((1, 4, 2, 4, 150, 64, 64), [torch.float32]),
-            "twelve rows of a group in fp32 at head dim 128": ((1, 8, 2, 3, 100, 128, 128), [torch.float32])}
+            "twelve rows of a group in fp32 at head dim 128": ((1, 8, 2, 3, 100, 128, 128), [torch.float32]),
+            "two tokens in a group of 4": ((1, 4, 1, 2, 200, 64, 64), DTYPES),
+            "two tokens in a group of 8 on AVX-512": ((2, 16, 2, 2, 170, 96, 80), DTYPES)}
 
 
 @pytest.mark.parametrize("feature", ["plain", "causal", "bias"])
@@ -302,7 +305,7 @@ def test_bwd_rule_reaches_past_the_forward_rule(case, feature, monkeypatch):
     every gradient against the oracle, and in fp32 not the tile backward's bits (held below AVX-512, the fp32 rows
     past the table: the tile backward's bits)."""
     shape, dtypes = BWD_ONLY[case]
-    one_pass = _wide() or "in fp32" not in case
+    one_pass = _wide() or not ("in fp32" in case or "on AVX-512" in case)
     for dtype in dtypes:
         monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
         q, k, v, op, ref = _inputs(shape, dtype, feature)
@@ -321,7 +324,9 @@ def test_bwd_rule_reaches_past_the_forward_rule(case, feature, monkeypatch):
 TILE_BWD = {"two rows, head dim 16": ((1, 2, 2, 2, 200, 16, 16), torch.float32),
             "three rows, head dim 32": ((1, 2, 2, 3, 200, 32, 32), torch.float32),
             "six rows in bf16": ((1, 1, 1, 6, 200, 64, 64), torch.bfloat16),
-            "two tokens in a group of 4 in bf16": ((1, 4, 1, 2, 200, 64, 64), torch.bfloat16),
+            "two tokens in a group of 4 at head dim 48": ((1, 4, 1, 2, 200, 48, 48), torch.bfloat16),
+            "two tokens in a group of 8 at head dim 48": ((1, 8, 1, 2, 200, 48, 48), torch.float32),
+            "three tokens in a group of 4": ((1, 4, 1, 3, 200, 64, 64), torch.bfloat16),
             "one token in a group of 16": ((1, 16, 1, 1, 200, 64, 64), torch.float32),
             "twelve rows in fp32": ((1, 1, 1, 12, 200, 128, 128), torch.float32),
             "twelve rows of a group in fp32 at head dim 64": ((1, 4, 2, 6, 150, 64, 64), torch.float32)}

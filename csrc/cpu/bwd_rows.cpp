@@ -122,13 +122,18 @@ struct RowsBuffers {
 // and the values' place); on_v: dP = dO V^T. Calls whose K and V take kStreamBytes or more read them as the decode
 // kernel reads a dense cache on this CPU (decode_fetch.h: rows fetched ahead, a lone row streamed), smaller ones with
 // the plain loops (no fetches, the chunk kernels); FASTATTN_CPU_PREFETCH or FASTATTN_CPU_LONE_ROW, when set, rule at
-// any size (read per call; tests compare). None changes a result's bits. AMD EPYC Zen 5 (32 MB L3), 2026-12-07, the
-// bwd op on its inputs call after call, glibc keeping its heap (no page faults), plain time over fetched-and-streamed
-// time (results/cpu-20261207-zen5-bwdrows/bwd_rows_reads.py; MHA B2 H1, B1 H12, B8 H2, GQA 8/2 B4, 1-2 rows,
-// 256-4096 keys, D = 64 / 128). One thread: K and V of 16.8-67 MB 1.06-1.65x, 12.6 MB 1.11x (fp32) and 1.30x (bf16),
-// 8.4 MB 0.90-1.09x, 0.5-6.3 MB 0.80-1.02x. Two threads: 16.8-67 MB 1.00-1.52x, 12.6 MB 0.91x / 0.99x, below
-// 0.81-1.02x.
-constexpr int64_t kStreamBytes = 16 << 20;
+// any size (read per call; tests compare). None changes a result's bits. AMD EPYC Zen 5 (32 MB L3 shared with other
+// guests), the bwd op on its inputs call after call, glibc keeping its heap, plain time over fetched-and-streamed
+// time. 2026-12-07, results/cpu-20261207-zen5-bwdrows/bwd_rows_reads.py (MHA B2 H1, B1 H12, B8 H2, GQA 8/2 B4, 1-2
+// rows, 256-4096 keys, D = 64 / 128), one thread: K and V of 16.8-67 MB 1.06-1.65x, 12.6 MB 1.11x (fp32) and 1.30x
+// (bf16), 8.4 MB 0.90-1.09x, 0.5-6.3 MB 0.80-1.02x. Re-measured the next session
+// (results/cpu-20261207-zen5-rowsreads/bwd_rows_stream.py: B1, MHA 8 heads at 1 and 4 rows and GQA 32/8 at 1 row,
+// D = 64 / 128, fp32 and bf16, 4 rounds each way), where the plain loops had turned erratic from 8 MB (the same call
+// 51-111 ns a key from one process to the next; fetched, 39-50): one thread 12 MB 1.13-2.83x, 8 MB 0.90-2.14x (the
+// lowest a lone fp32 row, MHA one token), 1-4 MB 0.83-1.12x (lone fp32 rows 0.83-0.86x, others 0.92-1.12x); two
+// threads 12 MB 0.99-1.53x, 8 MB 0.90-1.21x, 4-6 MB 0.82-1.08x. So 8 MB: the lone fp32 rows' 10% at 8 MB against
+// 1.2-2.1x for the others.
+constexpr int64_t kStreamBytes = 8 << 20;
 
 struct RowsStreams {
   decode::Stream on_k, on_v;

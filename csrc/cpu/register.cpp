@@ -294,12 +294,19 @@ constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong 
 // (FASTATTN_CPU_ISA=avx2, which holds the one-pass loops there but not oneDNN's brgemm under the tile backward: a
 // bound from below for an AVX2 CPU): 1-4 rows inside the table 0.96-4.45x, fp32 6 rows 0.76-1.32x; so the fp32 rows
 // past the table are taken on AVX-512 only. fp32 in groups of 2 and 4 query heads, 8 rows from head dim 64 and 12
-// from 128: one thread 0.99-1.94x, two 1.04-1.73x (MHA 8 rows at 64 0.92-1.54x, 12 at 128 0.92-1.70x).
+// from 128: one thread 0.99-1.94x, two 1.04-1.73x (MHA 8 rows at 64 0.92-1.54x, 12 at 128 0.92-1.70x). Two tokens per
+// query head in groups of up to 8 (16 rows) from head dim 64, any dtype, re-measured the next session after the
+// one-pass side's four-row scores and its reads from 8 MB (bwd_rows.cpp, kStreamBytes;
+// results/cpu-20261207-zen5-rowsreads, groups of 2-8, B1-2, head dims 64-256, 64-4096 keys): one thread 1.18-3.02x,
+// two 1.20-2.84x; held to AVX2 groups of 4 1.03-1.46x, of 8 0.90-1.18x, so groups of 8 on AVX-512 only (at head dim
+// 32-48 0.89-1.43x: left out).
 struct RowsFromDim { int64_t dim, rows; };
 constexpr RowsFromDim kOnePassRows[] = {{32, 2}, {48, 3}, {64, 4}};  // rows per KV head from a head dim, any dtype
 constexpr RowsFromDim kOnePassRowsFp32[] = {{64, 6}, {128, 8}};      // fp32 on AVX-512
 constexpr RowsFromDim kOnePassGroupsFp32[] = {{64, 8}, {128, 12}};   // and with groups of query heads
 constexpr RowsFromDim kOnePassGroup = {32, 8};  // one token per query head: a group of up to 8 from head dim 32
+constexpr RowsFromDim kOnePassPairs = {64, 8};  // two tokens per query head: a group of up to 4 from head dim 64,
+constexpr int64_t kOnePassPairsWide = 16;       // of up to 8 on AVX-512
 
 // FASTATTN_CPU_FEW_ROWS as now set: prefill (both rules off), decode (both on for every call the kernels take,
 // whatever its rows: for measuring the rules) or the rules. Read per call; tests and benchmarks compare.
@@ -349,6 +356,9 @@ bool few_rows_in_one_pass(const CpuParams& p, bool fp32) {
     }
     return false;
   };
+  if (p.Sq == 2 && dim >= kOnePassPairs.dim && rows <= (wide_vectors() ? kOnePassPairsWide : kOnePassPairs.rows)) {
+    return true;
+  }
   const bool wide_fp32 = fp32 && wide_vectors();
   return within(kOnePassRows) || (wide_fp32 && within(kOnePassRowsFp32)) ||
          (wide_fp32 && p.group() > 1 && within(kOnePassGroupsFp32));
@@ -536,7 +546,9 @@ std::string few_rows_describe() {
          std::to_string(kDecodeMinDimLong) +
          "; backward in one pass over the keys up to " + table(kOnePassRows) + fp32 +
          ", one token per query head in groups of up to " + std::to_string(kOnePassGroup.rows) + " from " +
-         std::to_string(kOnePassGroup.dim);
+         std::to_string(kOnePassGroup.dim) + ", two in groups of up to " +
+         std::to_string((wide_vectors() ? kOnePassPairsWide : kOnePassPairs.rows) / 2) + " from " +
+         std::to_string(kOnePassPairs.dim);
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
