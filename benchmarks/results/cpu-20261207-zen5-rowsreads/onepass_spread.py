@@ -1,6 +1,6 @@
 # The run behind onepass_spread.txt: python onepass_spread.py bf16 64 4 4096 (PYTHONPATH=., glibc keeping its heap as in bwd_rows_stream.py)
 import sys, time, torch, os
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # benchmarks/
 from bench_few_rows import best_time
 torch.set_num_threads(1)
 dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[1]]
