@@ -109,14 +109,17 @@ def test_training_calls_on_either_path_follow_the_rule(dtype, feature, mode, mon
 
 
 CASES = {"top-left window": (2, 40, 64), "five rows": (5, 600, 64), "four rows, 511 keys": (4, 511, 64),
-         "four rows, head dim 48": (4, 600, 48), "one row, head dim 32": (1, 600, 32), "dropout": (2, 40, 64)}
+         "four rows, head dim 48": (4, 600, 48), "one row, head dim 32": (1, 600, 32), "dropout": (2, 40, 64),
+         "eight rows, 511 keys, head dim 128": (8, 511, 128), "six rows, head dim 96": (6, 600, 96),
+         "eight rows, head dim 256": (8, 600, 256), "nine rows, head dim 128": (9, 600, 128)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_calls_the_decode_kernel_cannot_take_stay_on_the_prefill_kernel(case, monkeypatch):
-    """Top-left windows of Sq != Sk (the decode kernel aligns bottom-right), more than 4 rows per KV head, dropout,
-    and where the prefill kernel timed faster (3-4 rows against fewer than 512 keys or at head dims below 64; any
-    call at head dims below 48): the prefill kernel's bits, whatever the switch says."""
+    """Top-left windows of Sq != Sk (the decode kernel aligns bottom-right), dropout, and where the prefill kernel
+    timed faster (3-4 rows against fewer than 512 keys or at head dims below 64; 5-8 rows outside head dims 128-160
+    or below 512 keys; more than 8 rows; any call at head dims below 48): the prefill kernel's bits, whatever the
+    switch says."""
     Sq, Sk, D = CASES[case]
     shape = (1, 2, 2, Sq, Sk, D, D)
     q, k, v, op, ref = _inputs(shape, torch.float32, "causal" if case == "top-left window" else "plain")
@@ -275,13 +278,34 @@ def test_info_names_the_few_rows_rules_and_their_switch(monkeypatch):
     monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
     fp32 = " (fp32: 6 from 64, 8 from 128; in groups 8 from 64, 12 from 128)" if _wide() else ""
     assert ("few query rows: forward on the decode kernel up to 2 query rows per KV head from head dim 48, 4 against "
-            "512 keys or more from 64; backward in one pass over the keys up to 2 from 32, 3 from 48, 4 from 64"
+            "512 keys or more from 64 (8 at head dims 128-160); backward in one pass over the keys up to 2 from 32, 3 from 48, 4 from 64"
             + fp32 + ", one token per query head in groups of up to 8 from 32, two in groups of up to "
             + ("8" if _wide() else "4") + " from 64") in ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
     assert "few query rows: the tile kernels (FASTATTN_CPU_FEW_ROWS=prefill)" in ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "decode")
     assert "at any row count (FASTATTN_CPU_FEW_ROWS=decode)" in ops.cpu_matmul()
+
+
+# B, Hq, Hkv, Sq, Sk, D, Dv: 5-8 rows per KV head at head dims 128-160 against 512 keys or more (the forward's rule;
+# the backward's takes some: fp32 on AVX-512, two-token groups)
+MID_DIMS = [(1, 2, 2, 8, 520, 128, 128), (1, 8, 2, 2, 600, 160, 144), (2, 6, 6, 6, 530, 128, 128)]
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("shape", MID_DIMS, ids=[f"Hq{s[1]}-Hkv{s[2]}-Sq{s[3]}-D{s[5]}" for s in MID_DIMS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_rows_at_mid_head_dims_run_forward_on_the_decode_kernel(dtype, shape, feature, monkeypatch):
+    """The fwd op gives the decode op's bits, and forward and every gradient (the backward on whichever kernel its
+    rule picks, reading the decode kernel's out and lse) the oracle's."""
+    monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
+    q, k, v, op, ref = _inputs(shape, dtype, feature)
+    br = feature != "alibi_softcap"
+    dec = torch.ops.fastattn.decode_fwd(q, k, v, None, None, None, ref["scale"], op["wl"], op["wr"], op["softcap"],
+                                        op["alibi"], 1, True, op["bias"])
+    assert all(torch.equal(a, b) for a, b in zip(_fwd(q, k, v, op, br), dec))
+    dout = torch.randn(*q.shape[:3], v.shape[-1]).to(dtype)
+    assert_fwd_bwd(f"{shape} {feature}", _fwd_bwd(q, k, v, op, dout, br), q, k, v, dout, dtype, **ref)
 
 
 # B, Hq, Hkv, Sq, Sk, D, Dv and the dtypes: calls the backward rule takes and the forward rule does not (the fp32 rows

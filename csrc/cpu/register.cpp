@@ -279,6 +279,12 @@ void pack_gqa(CpuParams& p, const at::Tensor& q, const at::Tensor& out, at::Tens
 // 2 at 32: 0.90-1.01x, rows 4 from 512 keys 0.46-0.85x); 8 rows and more 0.40-1.46x.
 constexpr int64_t kDecodeRows = 2, kDecodeMinDim = 48;  // and against kDecodeLongKeys or more:
 constexpr int64_t kDecodeRowsLong = 4, kDecodeLongKeys = 512, kDecodeMinDimLong = 64;
+// ... and 5-8 rows there at head dims 128-160 (Q's and V's both), re-measured after the decode kernel's four-row
+// scores (decode_tiles.h, scores_avx512_rows4; the same CPU, results/cpu-20261207-zen5-rowsreads, MHA 8 heads at 6
+// and 8 tokens, groups of 2 and 4, B1-2): one thread fp32 1.26-1.79x, bf16 1.16-1.79x, fp16 1.43-2.22x; two threads
+// 1.14-2.43x; held to AVX2 1.04-1.59x. Below 512 keys fp32 and fp16 0.65-0.89x (bf16 1.08-1.31x); at head dim 96 bf16
+// 0.90-0.98x below 4096 keys, at 256 fp32 and fp16 0.88-0.99x below 4096; 12-16 rows 0.58-1.08x.
+constexpr int64_t kDecodeRowsMid = 8, kDecodeMidDimLo = 128, kDecodeMidDimHi = 160;
 
 // The backward of few rows runs in one pass over the keys (bwd_rows.cpp; BwdCall::rows) instead of on the tile
 // backward, which packs and transposes every key block for those rows (and does so per query head of a group), by a
@@ -334,7 +340,9 @@ bool few_rows_on_decode(const CpuParams& p, bool out_fp32) {
   if (sw == FewRows::prefill || !few_rows_takes(p, out_fp32)) return false;
   const int64_t rows = p.group() * p.Sq, dim = std::min(p.D, p.Dv);
   const bool long_keys = p.Sk >= kDecodeLongKeys && dim >= kDecodeMinDimLong;
-  return sw == FewRows::decode || (rows <= (long_keys ? kDecodeRowsLong : kDecodeRows) && dim >= kDecodeMinDim);
+  const bool mid_dims = long_keys && dim >= kDecodeMidDimLo && std::max(p.D, p.Dv) <= kDecodeMidDimHi;
+  const int64_t bound = mid_dims ? kDecodeRowsMid : long_keys ? kDecodeRowsLong : kDecodeRows;
+  return sw == FewRows::decode || (rows <= bound && dim >= kDecodeMinDim);
 }
 
 bool wide_vectors() {
@@ -543,7 +551,8 @@ std::string few_rows_describe() {
   return "forward on the decode kernel up to " + std::to_string(kDecodeRows) +
          " query rows per KV head from head dim " + std::to_string(kDecodeMinDim) + ", " +
          std::to_string(kDecodeRowsLong) + " against " + std::to_string(kDecodeLongKeys) + " keys or more from " +
-         std::to_string(kDecodeMinDimLong) +
+         std::to_string(kDecodeMinDimLong) + " (" + std::to_string(kDecodeRowsMid) + " at head dims " +
+         std::to_string(kDecodeMidDimLo) + "-" + std::to_string(kDecodeMidDimHi) + ")" +
          "; backward in one pass over the keys up to " + table(kOnePassRows) + fp32 +
          ", one token per query head in groups of up to " + std::to_string(kOnePassGroup.rows) + " from " +
          std::to_string(kOnePassGroup.dim) + ", two in groups of up to " +
