@@ -278,7 +278,8 @@ def test_info_names_the_few_rows_rules_and_their_switch(monkeypatch):
     monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
     fp32 = " (fp32: 6 from 64, 8 from 128; in groups 8 from 64, 12 from 128)" if _wide() else ""
     assert ("few query rows: forward on the decode kernel up to 2 query rows per KV head from head dim 48, 4 against "
-            "512 keys or more from 64 (8 at head dims 128-160); backward in one pass over the keys up to 2 from 32, 3 from 48, 4 from 64"
+            "512 keys or more from 64 (8 at head dims 128-160); backward in one pass over the keys up to 2 from 32, "
+            "3 from 48, 4 from 64"
             + fp32 + ", one token per query head in groups of up to 8 from 32, two in groups of up to "
             + ("8" if _wide() else "4") + " from 64") in ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_FEW_ROWS", "prefill")
