@@ -17,6 +17,7 @@
 #include "kernels.h"
 #include "mm.h"
 #include "vec512.h"  // vec512::available: the fp32 rows of the one-pass rule
+#include "workspace.h"  // advise_huge_pages: fresh outputs
 
 namespace fastattn::cpu {
 
@@ -198,13 +199,20 @@ std::pair<int64_t, int64_t> max_lengths(const CpuParams& p, const std::optional<
   return r;
 }
 
-// out (B, Hq, Sq, Dv) like alloc_out_like_q (csrc/common.h: q's memory order), in float32 when out_fp32.
+// A fresh output as alloc_output (csrc/common.h), advised to huge pages before anything touches it (workspace.h).
+at::Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  advise_huge_pages(t.data_ptr(), t.nbytes());
+  if (poison_outputs()) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+// out (B, Hq, Sq, Dv) in q's memory order (as alloc_out_like_q, csrc/common.h), in float32 when out_fp32.
 at::Tensor alloc_out(const at::Tensor& q, int64_t dv, bool out_fp32) {
-  if (!out_fp32) return alloc_out_like_q(q, dv);
-  const auto opts = q.options().dtype(at::kFloat);
+  const auto opts = out_fp32 ? q.options().dtype(at::kFloat) : q.options();
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
-  if (q.stride(1) < q.stride(2)) return alloc_output({B, S, H, dv}, opts).transpose(1, 2);  // (B,S,H,Dv)->(B,H,S,Dv)
-  return alloc_output({B, H, S, dv}, opts);
+  if (q.stride(1) < q.stride(2)) return fresh_output({B, S, H, dv}, opts).transpose(1, 2);  // (B,S,H,Dv)->(B,H,S,Dv)
+  return fresh_output({B, H, S, dv}, opts);
 }
 
 // Packed grouped-query heads (FlashAttention-3's PackGQA): a call of fewer than 64 query tokens (one query tile)
@@ -421,6 +429,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
 
 at::Tensor empty_like_poisoned(const at::Tensor& t) {
   at::Tensor r = at::empty_like(t);
+  advise_huge_pages(r.data_ptr(), r.nbytes());
   if (poison_outputs()) r.fill_(std::numeric_limits<float>::quiet_NaN());
   return r;
 }

@@ -12,6 +12,10 @@
 
 #include "../common.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastattn::cpu {
 namespace {
 
@@ -109,6 +113,21 @@ void* workspace_take(size_t bytes) {
   char* p = separate_pieces() ? a.own_block(bytes) : a.bump(bytes);
   if (poison_outputs()) std::memset(p, 0xff, bytes);  // NaN in fp32, bf16 and fp16
   return p;
+}
+
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes < kHugeOutputBytes) return;
+  const char* env = std::getenv("FASTATTN_CPU_HUGE_PAGES");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1), hi = (a + bytes) & ~(kHuge - 1);  // whole 2 MB pages inside
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // refused: the 4 KB pages, as before
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 }  // namespace fastattn::cpu
