@@ -57,25 +57,38 @@ FA_AVX2 void outer_rows_avx2(const float* W, int64_t ldW, const float* X, int64_
 #endif
 
 #ifdef FASTATTN_VEC512
-// outer_rows_loop in 16 lanes, 64 columns a pass with the rows' weights broadcast once per key.
+// Columns [c0, c0 + 16 V) of outer_rows_avx512 for every key of the block: V vectors of 16 columns that hold any
+// column (the last masked), so a head dim short of a whole 64-column pass (32, 48, 80, 96, 160) spends no FMAs on
+// empty vectors; the masks are set once for all the keys.
+template <int V>
+FA_AVX512 void outer_cols(const float* W, int64_t ldW, const float* X, int64_t R, int64_t n, int64_t cols,
+                          int64_t c0, float* out, int64_t ldo) {
+  __mmask16 m[V];
+  for (int u = 0; u < V; ++u) m[u] = vec512::tail(std::max<int64_t>(cols - c0 - 16 * u, 0));
+  for (int64_t j = 0; j < n; ++j) {
+    float* o = out + j * ldo + c0;
+    __m512 acc[V];
+    const __m512 w0 = _mm512_set1_ps(W[j]);
+    for (int u = 0; u < V; ++u) acc[u] = _mm512_mul_ps(w0, _mm512_maskz_loadu_ps(m[u], X + c0 + 16 * u));
+    for (int64_t r = 1; r < R; ++r) {
+      const __m512 w = _mm512_set1_ps(W[r * ldW + j]);
+      const float* x = X + r * cols + c0;
+      for (int u = 0; u < V; ++u) acc[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[u], x + 16 * u), acc[u]);
+    }
+    for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(o + 16 * u, m[u], acc[u]);
+  }
+}
+
+// outer_rows_loop in 16 lanes: up to 64 columns a pass over the block's keys, the rows' weights broadcast once per key
+// and pass.
 FA_AVX512 void outer_rows_avx512(const float* W, int64_t ldW, const float* X, int64_t R, int64_t n, int64_t cols,
                                  float* out, int64_t ldo) {
-  for (int64_t j = 0; j < n; ++j) {
-    float* o = out + j * ldo;
-    for (int64_t c0 = 0; c0 < cols; c0 += 64) {
-      __mmask16 m[4];
-      __m512 acc[4];
-      const __m512 w0 = _mm512_set1_ps(W[j]);
-      for (int u = 0; u < 4; ++u) {
-        m[u] = vec512::tail(std::max<int64_t>(cols - c0 - 16 * u, 0));
-        acc[u] = _mm512_mul_ps(w0, _mm512_maskz_loadu_ps(m[u], X + c0 + 16 * u));
-      }
-      for (int64_t r = 1; r < R; ++r) {
-        const __m512 w = _mm512_set1_ps(W[r * ldW + j]);
-        const float* x = X + r * cols + c0;
-        for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[u], x + 16 * u), acc[u]);
-      }
-      for (int u = 0; u < 4; ++u) _mm512_mask_storeu_ps(o + c0 + 16 * u, m[u], acc[u]);
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    switch (std::min<int64_t>(4, (cols - c0 + 15) / 16)) {
+      case 1: outer_cols<1>(W, ldW, X, R, n, cols, c0, out, ldo); break;
+      case 2: outer_cols<2>(W, ldW, X, R, n, cols, c0, out, ldo); break;
+      case 3: outer_cols<3>(W, ldW, X, R, n, cols, c0, out, ldo); break;
+      default: outer_cols<4>(W, ldW, X, R, n, cols, c0, out, ldo);
     }
   }
 }
