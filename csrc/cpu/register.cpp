@@ -199,9 +199,9 @@ std::pair<int64_t, int64_t> max_lengths(const CpuParams& p, const std::optional<
   return r;
 }
 
-// A fresh output as alloc_output (csrc/common.h), advised to huge pages before anything touches it (workspace.h).
-at::Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
+// A just-allocated output: advised to huge pages before anything touches it (workspace.h), then poisoned as
+// alloc_output (csrc/common.h) poisons.
+at::Tensor fresh_output(at::Tensor t) {
   advise_huge_pages(t.data_ptr(), t.nbytes());
   if (poison_outputs()) t.fill_(std::numeric_limits<float>::quiet_NaN());
   return t;
@@ -211,8 +211,10 @@ at::Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 at::Tensor alloc_out(const at::Tensor& q, int64_t dv, bool out_fp32) {
   const auto opts = out_fp32 ? q.options().dtype(at::kFloat) : q.options();
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2);
-  if (q.stride(1) < q.stride(2)) return fresh_output({B, S, H, dv}, opts).transpose(1, 2);  // (B,S,H,Dv)->(B,H,S,Dv)
-  return fresh_output({B, H, S, dv}, opts);
+  if (q.stride(1) < q.stride(2)) {
+    return fresh_output(at::empty({B, S, H, dv}, opts)).transpose(1, 2);  // (B, S, H, Dv) -> (B, H, S, Dv)
+  }
+  return fresh_output(at::empty({B, H, S, dv}, opts));
 }
 
 // Packed grouped-query heads (FlashAttention-3's PackGQA): a call of fewer than 64 query tokens (one query tile)
@@ -427,13 +429,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   return {out, lse};
 }
 
-at::Tensor empty_like_poisoned(const at::Tensor& t) {
-  at::Tensor r = at::empty_like(t);
-  advise_huge_pages(r.data_ptr(), r.nbytes());
-  if (poison_outputs()) r.fill_(std::numeric_limits<float>::quiet_NaN());
-  return r;
-}
-
 // bwd and bwd_acc: everything but the gradient outputs, checked and filled.
 struct BwdCall {
   CpuParams p;
@@ -521,7 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   BwdCall c = bwd_prepare(dout, q, k, v, out, lse, attn_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           scale, window_left, window_right, bottom_right, softcap, alibi_slopes, dropout_p, seed,
                           offset, q_start, k_start, head_start);
-  at::Tensor dq = empty_like_poisoned(q), dk = empty_like_poisoned(k), dv = empty_like_poisoned(v);
+  at::Tensor dq = fresh_output(at::empty_like(q)), dk = fresh_output(at::empty_like(k));
+  at::Tensor dv = fresh_output(at::empty_like(v));
   bwd_launch(c, q.scalar_type(), dq, dk, dv, false);
   return {dq, dk, dv};
 }
