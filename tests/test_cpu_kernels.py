@@ -47,7 +47,8 @@ def test_opcheck_fwd_bwd():
 
 
 # (B, Hq, Hkv): B*Hkv >= 8 runs one backward task per (sequence, kv head); fewer cut each head's keys into chunks
-# whose dQ partials are summed afterwards (csrc/cpu/bwd.cpp; the fp32-tile backward, bf16 on AMX has its own).
+# whose dQ partials are summed afterwards (csrc/cpu/params.h bwd_key_chunks; 333 keys are two chunks on the fp32
+# tiles, one 512-key block on the matrix units: test_cpu_bwd_chunks.py cuts those).
 @pytest.mark.parametrize("shape", [(2, 8, 4), (1, 4, 1)], ids=["one_chunk", "key_chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic_across_threads(shape, dtype):

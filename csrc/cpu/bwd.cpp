@@ -283,10 +283,10 @@ template void compute_delta<c10::Half>(const CpuParams&, float*);
 
 // (kernels.h)
 template <typename T>
-void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks,
-              float mul) {
+void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul,
+              int64_t g0, int64_t g1) {
   std::vector<float> row(chunks > 1 ? p.D : 0);
-  for (int64_t g = 0; g < p.group(); ++g) {
+  for (int64_t g = g0; g < (g1 < 0 ? p.group() : g1); ++g) {
     const int64_t h = hk * p.group() + g;
     const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
     for (int64_t i = 0; i < s.sq; ++i) {
@@ -304,9 +304,30 @@ void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* con
   }
 }
 
-template void write_dq<float>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float);
-template void write_dq<c10::BFloat16>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float);
-template void write_dq<c10::Half>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float);
+// (kernels.h)
+template <typename T>
+void write_dq_chunks(const CpuParams& p, const float* parts, int64_t part, int64_t chunks, float mul) {
+  const int64_t G = p.group();
+  static const bool plant = planted("chunk_sum");  // (tests only: the last chunk left out, a bug the checks catch)
+  const int64_t summed = plant ? chunks - 1 : chunks;
+  at::parallel_for(0, p.nseq * p.Hkv * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> chunk_parts(chunks);
+    for (int64_t t = begin; t < end; ++t) {  // t = pair * G + g
+      const int64_t pair = t / G, g = t % G;
+      for (int64_t c = 0; c < chunks; ++c) chunk_parts[c] = parts + (pair * chunks + c) * part;
+      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), summed, mul, g, g + 1);
+    }
+  });
+}
+
+#define FASTATTN_WRITE_DQ(T)                                                                                     \
+  template void write_dq<T>(const CpuParams&, const SeqInfo&, int64_t, const float* const*, int64_t, float, int64_t, \
+                            int64_t);                                                                            \
+  template void write_dq_chunks<T>(const CpuParams&, const float*, int64_t, int64_t, float);
+FASTATTN_WRITE_DQ(float)
+FASTATTN_WRITE_DQ(c10::BFloat16)
+FASTATTN_WRITE_DQ(c10::Half)
+#undef FASTATTN_WRITE_DQ
 
 // Whether packed key blocks on brgemm take the transposed form (the header above; tile.h).
 bool bwd_transposed_form() {
@@ -328,13 +349,13 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t scratch = BwdBuffers::size(p);
   const int64_t G = p.group(), pairs = p.nseq * p.Hkv;
   const int64_t nkb = (max_sk + BLOCK_K - 1) / BLOCK_K;
-  const int64_t chunks = bwd_key_chunks(pairs, nkb);
-  const int64_t per_chunk = (nkb + chunks - 1) / chunks;  // key blocks per chunk
   // dQ partials of every (pair, chunk), (group, max_sq, D) each, summed in chunk order below; one chunk writes dQ
   // from its task instead.
   const int64_t part = G * max_sq * p.D;
-  at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * part}, at::kFloat) : at::Tensor();
-  float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
+  const int64_t chunks = bwd_key_chunks(pairs, nkb, part * 4);
+  const int64_t per_chunk = (nkb + chunks - 1) / chunks;  // key blocks per chunk
+  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0);
+  float* parts = parts_buf.as<float>();
 
   // fp32 gradients with unit last stride (rows BLAS can address) accumulate in place: no fp32 buffers to zero and
   // copy out per key block and per head.
@@ -382,14 +403,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1, 1.f);
     }
   });
-  if (chunks == 1) return;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> chunk_parts(chunks);
-    for (int64_t pair = begin; pair < end; ++pair) {
-      for (int64_t c = 0; c < chunks; ++c) chunk_parts[c] = parts + (pair * chunks + c) * part;
-      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), chunks, 1.f);
-    }
-  });
+  if (chunks > 1) write_dq_chunks<T>(p, parts, part, chunks, 1.f);
 }
 
 template void bwd_kernel<float>(const CpuParams&, int64_t, int64_t);

@@ -10,9 +10,11 @@
 // Accumulating dV^T and dK^T (instead of dV, dK) lets P and dS be written once, row-major in pairs, rather
 // than transposed per tile; the head's Q^T and dO^T are transposed once per head instead.
 //
-// One task per (sequence, kv head), like bwd.cpp's per-head schedule: every output element is reduced by one
-// task in a fixed order, so the results are bitwise identical for any thread count. Heads are packed once per
-// task: K^T, V^T, K blocks (KVBlocks) and, per query head of the group, Q, Q^T, dO, dO^T blocks (QBlocks).
+// bwd.cpp's schedule: a task per (sequence, kv head, chunk of key blocks); a head is cut into chunks only when there
+// are fewer than kMinBwdTasks (sequence, kv head) pairs (params.h bwd_key_chunks), and the chunks' dQ partials are
+// summed in chunk order afterwards. Every output element is reduced in a fixed order that the shape alone decides,
+// so the results are bitwise identical for any thread count. A task packs its keys once, K^T, V^T, K blocks
+// (KVBlocks), and per query head of the group the Q, Q^T, dO, dO^T blocks that see them (QBlocks).
 //
 // fp16 where only bf16 has matrix units (mm::fp16_pairs): every operand as exact bf16 pairs (lowp.h KVBlocks), P
 // and dS rounded to fp16 first, then split; each product is three (hi hi + hi0 lo + lo hi0), run as one product of
@@ -52,8 +54,9 @@ struct QBlocks {
   U* da_block(int64_t qb) const { return da + qb * QBLOCK * ldo; }
   U* dt_block(int64_t qb, int64_t Dv) const { return dt + qb * Dv * ldt; }
 
-  void pack(const CpuParams& p, int64_t sq, const T* q, const T* dO, KVBlocks<U>& kv) {
-    for (int64_t qb = 0; qb * QBLOCK < sq; ++qb) {
+  // Blocks [qb0, qb1) of the sq rows.
+  void pack(const CpuParams& p, int64_t sq, int64_t qb0, int64_t qb1, const T* q, const T* dO, KVBlocks<U>& kv) {
+    for (int64_t qb = qb0; qb < qb1 && qb * QBLOCK < sq; ++qb) {
       const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, sq - i0);
       const T* qr = q + i0 * p.q_st.s;
       const T* dr = dO + i0 * p.do_st.s;
@@ -128,11 +131,12 @@ const float* grad_rows(const ScoreCtx<T>& ctx, const Dropout* drop, float eff, c
   return drop ? B.Pd : B.S;
 }
 
-// dk rows [0, sk) = scale * columns of dK^T, dv = columns of dV^T (both blocked by KBLOCK keys); Add: dk += ...
-// 16 keys at a time go through a small row-major buffer, transposed in registers (vec::transpose; scalar, with the
-// query side's transposes, it was 10-20% of a bf16 forward+backward at 128-512 tokens).
+// dk rows [j_lo, j_hi) = scale * columns of dK^T, dv = columns of dV^T (both blocked by KBLOCK keys; j_lo on a
+// block's start); Add: dk += ... 16 keys at a time go through a small row-major buffer, transposed in registers
+// (vec::transpose; scalar, with the query side's transposes, it was 10-20% of a bf16 forward+backward at 128-512
+// tokens).
 template <typename O, bool Add>
-void transpose_out(const CpuParams& p, int64_t sk, const float* dkt, const float* dvt, O* dk, O* dv) {
+void transpose_out(const CpuParams& p, int64_t j_lo, int64_t j_hi, const float* dkt, const float* dvt, O* dk, O* dv) {
   constexpr int64_t J = 16;
   static_assert(KBLOCK % J == 0, "a group of keys must not straddle two key blocks");
   std::vector<float> rows(J * std::max(p.D, p.Dv));
@@ -149,38 +153,67 @@ void transpose_out(const CpuParams& p, int64_t sk, const float* dkt, const float
       }
     }
   };
-  for (int64_t j0 = 0; j0 < sk; j0 += J) {
-    const int64_t w = std::min(J, sk - j0);
+  for (int64_t j0 = j_lo; j0 < j_hi; j0 += J) {
+    const int64_t w = std::min(J, j_hi - j0);
     put(dkt, p.D, j0, w, dk, p.dk_st.s, p.dk_st.d, p.scale);
     put(dvt, p.Dv, j0, w, dv, p.dv_st.s, p.dv_st.d, 1.f);
   }
 }
 
-// Zeroes the columns of keys [0, sk) in dK^T or dV^T blocks (C x KBLOCK each): the tiles add to and transpose_out
-// reads no others, and at 128 keys clearing whole blocks had been 8% of a bf16 forward+backward.
-inline void zero_keys(float* t, int64_t C, int64_t sk) {
-  for (int64_t j0 = 0; j0 < sk; j0 += KBLOCK) {
+// Zeroes the columns of keys [j_lo, j_hi) in dK^T or dV^T blocks (C x KBLOCK each; j_lo on a block's start): the
+// tiles add to and transpose_out reads no others, and at 128 keys clearing whole blocks had been 8% of a bf16
+// forward+backward.
+inline void zero_keys(float* t, int64_t C, int64_t j_lo, int64_t j_hi) {
+  for (int64_t j0 = j_lo; j0 < j_hi; j0 += KBLOCK) {
     float* blk = t + (j0 / KBLOCK) * C * KBLOCK;
-    const int64_t w = std::min(KBLOCK, sk - j0);
+    const int64_t w = std::min(KBLOCK, j_hi - j0);
     for (int64_t c = 0; c < C; ++c) std::fill(blk + c * KBLOCK, blk + c * KBLOCK + w, 0.f);
   }
 }
 
+// The dQ partials of a (sequence, kv head) pair cut into key chunks of per_chunk key blocks: chunk c's (G x sq x D,
+// write_dq's layout) at base + c * part. base null: the pair is one chunk, dQ written here.
+struct ChunkParts {
+  float* base = nullptr;
+  int64_t part = 0, per_chunk = 0;
+};
+
+// One task: key blocks [kb0, kb1) of KV head hk of sequence n (the blocks past its keys none), whole chunks of
+// `parts`. dK and dV of those keys go to the output; dQ of the group's query heads too where the pair is one chunk
+// (dq, max_sq x D, the buffer), else each chunk's into its partial, which the task fills. A run of a pair's chunks
+// on one thread is one task: each head's Q and dO are packed once for all of them, and every partial gets the same
+// products in the same order as from a task of its own chunk.
 template <typename T, typename U>
-void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all, Scratch& buf, KVBlocks<U>& kv,
-               QBlocks<T, U>& qblk, float* dkt, float* dvt, float* dq) {
+void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t kb0, int64_t kb1, const float* delta_all,
+               Scratch& buf, KVBlocks<U>& kv, QBlocks<T, U>& qblk, float* dkt, float* dvt, float* dq,
+               const ChunkParts& parts) {
   constexpr bool kPairs = !std::is_same_v<T, U>;
   const SeqInfo s = seq_info(p, n);
-  if (s.sk == 0 && s.sq == 0) return;
   const int64_t D = p.D, Dv = p.Dv, G = p.group();
-  const int64_t nkb = (s.sk + KBLOCK - 1) / KBLOCK;
+  if (parts.base != nullptr) {  // the chunks' sum reads every row of each
+    for (int64_t c = kb0 / parts.per_chunk; c * parts.per_chunk < kb1; ++c) {
+      std::fill(parts.base + c * parts.part, parts.base + c * parts.part + G * s.sq * D, 0.f);
+    }
+  }
+  kb1 = std::min(kb1, (s.sk + KBLOCK - 1) / KBLOCK);
+  if ((s.sk == 0 && s.sq == 0) || (parts.base != nullptr && kb0 >= kb1)) return;
   const Visibility vis(p, s);
+  // Queries that see a key of the blocks, as the tiles below find them per block: only their Q and dO are packed.
+  int64_t i_min = s.sq, i_max = 0;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t j0 = kb * KBLOCK;
+    if (j0 >= s.kend) break;
+    i_min = std::min(i_min, vis.query_lo(j0));
+    i_max = std::max(i_max, vis.query_hi(std::min(j0 + std::min(KBLOCK, s.sk - j0), s.kend) - 1));
+  }
+  const int64_t qb0 = i_min / QBLOCK, qb1 = (i_max + QBLOCK - 1) / QBLOCK;
   TileBuffers B(buf, kPairs);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  kv.ensure(p, s, n * p.Hkv + hk, k, v, 0, nkb);
-  zero_keys(dkt, D, s.sk);
-  zero_keys(dvt, Dv, s.sk);
+  kv.ensure(p, s, n * p.Hkv + hk, k, v, kb0, kb1);
+  const int64_t j_lo = kb0 * KBLOCK, j_hi = std::min(kb1 * KBLOCK, s.sk);  // the task's keys
+  zero_keys(dkt, D, j_lo, j_hi);
+  zero_keys(dvt, Dv, j_lo, j_hi);
   const Dropout dropout(p.seed, p.offset, p.dropout_p, p.head_start);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
 
@@ -192,9 +225,10 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
     const int64_t lrow = s.b * p.lse_sb + h * p.lse_sh + s.q0;
     const float* lse = p.lse + lrow;
     const float* delta = delta_all + lrow;
-    qblk.pack(p, s.sq, q, dO, kv);
-    std::fill(dq, dq + s.sq * D, 0.f);
-    for (int64_t kb = 0; kb < nkb; ++kb) {
+    qblk.pack(p, s.sq, qb0, qb1, q, dO, kv);
+    if (parts.base == nullptr) std::fill(dq, dq + s.sq * D, 0.f);
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      float* dq_h = parts.base == nullptr ? dq : parts.base + (kb / parts.per_chunk) * parts.part + g * s.sq * D;
       const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
       // Queries that see a key of the block before the skipped padding (none when the block is all padding).
       const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
@@ -245,16 +279,17 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
           mm::mm_vnni<U>(Dv, bk, 3 * bq_pad, qblk.dt_block(qb, Dv), qblk.ldt, Ps, KBLOCK, dvt_b, KBLOCK, true);
           mm::mm_vnni<U>(D, bk, 3 * bq_pad, qblk.qt_block(qb, D), qblk.ldt, dSs, KBLOCK, dkt_b, KBLOCK, true);
           const int64_t c = c0 * D;  // dSh Kh + dSh0 Kl + dSl Kh0
-          mm::mm_vnni<U>(bq, D, bk_pad, dSas, KBLOCK, kv.k_block(kb, D) + c, D, dq + i0 * D, D, true);
-          mm::mm_vnni<U>(bq, D, bk_pad, dSas + 2 * lo, KBLOCK, kv.kl_block(kb, D) + c, D, dq + i0 * D, D, true);
-          mm::mm_vnni<U>(bq, D, bk_pad, dSas + lo, KBLOCK, kv.kh0_block(kb, D) + c, D, dq + i0 * D, D, true);
+          mm::mm_vnni<U>(bq, D, bk_pad, dSas, KBLOCK, kv.k_block(kb, D) + c, D, dq_h + i0 * D, D, true);
+          mm::mm_vnni<U>(bq, D, bk_pad, dSas + 2 * lo, KBLOCK, kv.kl_block(kb, D) + c, D, dq_h + i0 * D, D, true);
+          mm::mm_vnni<U>(bq, D, bk_pad, dSas + lo, KBLOCK, kv.kh0_block(kb, D) + c, D, dq_h + i0 * D, D, true);
         } else {
           mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
           mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
-          mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq + i0 * D, D, true);
+          mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq_h + i0 * D, D, true);
         }
       }
     }
+    if (parts.base != nullptr) continue;  // (write_dq_chunks sums the chunks)
     const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
     for (int64_t i = 0; i < s.sq; ++i) grad_row<T>(p, p.dq, dq0 + i * p.dq_st.s, p.dq_st.d, dq + i * D, D, p.scale);
   }
@@ -263,9 +298,10 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, const float* delta_all
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
   const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
   if (p.accumulate) {
-    transpose_out<float, true>(p, s.sk, dkt, dvt, static_cast<float*>(p.dk) + dk0, static_cast<float*>(p.dv) + dv0);
+    transpose_out<float, true>(p, j_lo, j_hi, dkt, dvt, static_cast<float*>(p.dk) + dk0,
+                               static_cast<float*>(p.dv) + dv0);
   } else {
-    transpose_out<T, false>(p, s.sk, dkt, dvt, static_cast<T*>(p.dk) + dk0, static_cast<T*>(p.dv) + dv0);
+    transpose_out<T, false>(p, j_lo, j_hi, dkt, dvt, static_cast<T*>(p.dk) + dk0, static_cast<T*>(p.dv) + dv0);
   }
 }
 
@@ -275,9 +311,14 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   at::Tensor delta_t = at::empty({p.B * p.Hq * p.Sq}, at::kFloat);
   float* delta = delta_t.data_ptr<float>();
   compute_delta<T>(p, delta);
-  const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK;
-  const std::vector<int64_t> units = dealt_units(p.nseq * p.Hkv);  // (sequence, kv head), dealt to the threads
-  at::parallel_for(0, p.nseq * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK, pairs = p.nseq * p.Hkv;
+  const int64_t part = p.group() * max_sq * p.D;  // a chunk's dQ partial, write_dq's layout
+  const int64_t cut = bwd_key_chunks(pairs, nkb, part * 4), per_chunk = std::max<int64_t>(1, (nkb + cut - 1) / cut);
+  const int64_t chunks = std::max<int64_t>(1, (nkb + per_chunk - 1) / per_chunk);  // of per_chunk blocks, none empty
+  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0);
+  float* parts = parts_buf.as<float>();
+  const std::vector<int64_t> units = dealt_units(pairs);  // (sequence, kv head), dealt to the threads
+  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     WorkspaceScope workspace;  // everything below takes its buffers from it
     Scratch buf(TileBuffers::size(kPairs));
     KVBlocks<U> kv(p, max_sk, true, kPairs);
@@ -286,11 +327,17 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     float* dkt = workspace_take<float>(nkb * KBLOCK * (p.D + p.Dv) + max_sq * p.D);
     float* dvt = dkt + nkb * KBLOCK * p.D;
     float* dq = dvt + nkb * KBLOCK * p.Dv;
-    for (int64_t t = begin; t < end; ++t) {
-      head_task<T, U>(p, units[t] / p.Hkv, units[t] % p.Hkv, delta, buf, kv, qblk, dkt, dvt, dq);
+    for (int64_t t = begin; t < end;) {  // t = u * chunks + c, pair units[u] = n * Hkv + hk
+      const int64_t u = t / chunks, c = t % chunks, run = std::min(end, (u + 1) * chunks) - t;  // u's chunks here
+      const int64_t pair = units[u];
+      const ChunkParts cp{parts != nullptr ? parts + pair * chunks * part : nullptr, part, per_chunk};
+      head_task<T, U>(p, pair / p.Hkv, pair % p.Hkv, c * per_chunk, (c + run) * per_chunk, delta, buf, kv, qblk, dkt,
+                      dvt, dq, cp);
+      t += run;
     }
     mm::release();
   });
+  if (parts != nullptr) write_dq_chunks<T>(p, parts, part, chunks, p.scale);
 }
 
 }  // namespace

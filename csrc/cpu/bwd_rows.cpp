@@ -248,11 +248,11 @@ void bwd_rows_kernel(const CpuParams& p) {
   compute_delta<T>(p, delta);
   const int64_t R = p.group() * p.Sq, pairs = p.B * p.Hkv;
   const int64_t nkb = (p.Sk + BLOCK_K - 1) / BLOCK_K;  // the tile backward's key blocks, and its chunks of them
-  const int64_t chunks = bwd_key_chunks(pairs, nkb);
+  const int64_t chunks = bwd_key_chunks(pairs, nkb, R * p.D * 4);
   const int64_t per_chunk = (nkb + chunks - 1) / chunks * BLOCK_K;  // keys per chunk
   // dQ partials (pair, chunk, R, D) of cut pairs, summed in chunk order by a second pass; one chunk writes dQ itself
-  at::Tensor parts_t = chunks > 1 ? at::empty({pairs * chunks * R * p.D}, at::kFloat) : at::Tensor();
-  float* parts = chunks > 1 ? parts_t.data_ptr<float>() : nullptr;
+  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * R * p.D : 0);
+  float* parts = parts_buf.as<float>();
   const std::vector<int64_t> dealt = dealt_units(pairs);
   const RowsStreams streams(p, static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -268,14 +268,7 @@ void bwd_rows_kernel(const CpuParams& p) {
       else std::copy(B.acc, B.acc + R * p.D, parts + (pair * chunks + c) * R * p.D);
     }
   });
-  if (chunks == 1) return;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> chunk_parts(chunks);
-    for (int64_t pair = begin; pair < end; ++pair) {
-      for (int64_t c = 0; c < chunks; ++c) chunk_parts[c] = parts + (pair * chunks + c) * R * p.D;
-      write_dq<T>(p, seq_info(p, pair / p.Hkv), pair % p.Hkv, chunk_parts.data(), chunks, p.scale);
-    }
-  });
+  if (chunks > 1) write_dq_chunks<T>(p, parts, R * p.D, chunks, p.scale);
 }
 
 template void bwd_rows_kernel<float>(const CpuParams&);

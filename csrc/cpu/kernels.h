@@ -34,10 +34,16 @@ void bwd_rows_kernel(const CpuParams& p);
 // as now set).
 std::string few_rows_describe();
 
-// dQ of kv head hk's query heads (sequence s): the sum of the key chunks' (group, sq, D) fp32 partials parts[c],
-// added in chunk order, times mul, written as T (or added into bwd_acc's accumulators; bwd.cpp).
+// dQ of kv head hk's query heads [g0, g1) of the group (sequence s; g1 = -1: the whole group): the sum of the key
+// chunks' (group, sq, D) fp32 partials parts[c], added in chunk order, times mul, written as T (or added into
+// bwd_acc's accumulators; bwd.cpp).
 template <typename T>
-void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul);
+void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul,
+              int64_t g0 = 0, int64_t g1 = -1);
+// write_dq for every (sequence, kv head) pair cut into key chunks, one task per query head: the partial of pair and
+// chunk c at parts + (pair * chunks + c) * part.
+template <typename T>
+void write_dq_chunks(const CpuParams& p, const float* parts, int64_t part, int64_t chunks, float mul);
 
 // Whether FASTATTN_CPU_PLANT (tests only; read once) names `name`, a planted bug the correctness checks must catch
 // (mask_band.cpp).

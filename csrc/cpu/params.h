@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -149,12 +151,18 @@ inline std::vector<int64_t> dealt_units(int64_t units) {
   return order;
 }
 
-// Key chunks per (sequence, kv head) of the backward kernels (bwd.cpp, bwd_rows.cpp), of key_blocks blocks: more than
-// one only when there are fewer than kMinBwdTasks pairs, so that a long single head still keeps every core busy. The
-// shape alone decides, never the thread count, so the bits never depend on it.
+// Key chunks per (sequence, kv head) of the backward kernels (bwd.cpp, bwd_lowp.cpp, bwd_rows.cpp), of key_blocks
+// blocks: more than one only when there are fewer than kMinBwdTasks pairs, so that a long single head still keeps
+// every core busy, and only as many as keep the chunks' dQ partials (part_bytes a pair and chunk) within
+// kMaxPartialBytes. The shape alone decides, never the thread count, so the bits never depend on it.
+// FASTATTN_CPU_BWD_CHUNKS=0 (read per call) never cuts a head, for comparisons.
 constexpr int64_t kMinBwdTasks = 8;
-inline int64_t bwd_key_chunks(int64_t pairs, int64_t key_blocks) {
-  return std::clamp<int64_t>((kMinBwdTasks + pairs - 1) / pairs, 1, std::max<int64_t>(key_blocks, 1));
+constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+inline int64_t bwd_key_chunks(int64_t pairs, int64_t key_blocks, int64_t part_bytes) {
+  const char* env = std::getenv("FASTATTN_CPU_BWD_CHUNKS");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return 1;
+  const int64_t want = std::clamp<int64_t>((kMinBwdTasks + pairs - 1) / pairs, 1, std::max<int64_t>(key_blocks, 1));
+  return std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
 }
 
 // The most query heads a forward task takes (FwdOrder).

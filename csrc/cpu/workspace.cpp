@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "../common.h"
@@ -113,6 +114,43 @@ void* workspace_take(size_t bytes) {
   char* p = separate_pieces() ? a.own_block(bytes) : a.bump(bytes);
   if (poison_outputs()) std::memset(p, 0xff, bytes);  // NaN in fp32, bf16 and fp16
   return p;
+}
+
+namespace {
+struct Kept {  // the buffer kept between calls (SharedBuffer); never freed: the process keeps it to the end
+  std::mutex mu;
+  void* base = nullptr;
+  size_t size = 0;
+};
+Kept& kept() {
+  static Kept* k = new Kept;
+  return *k;
+}
+}  // namespace
+
+SharedBuffer::SharedBuffer(size_t bytes) {
+  if (bytes == 0) return;
+  Kept& k = kept();
+  if (!separate_pieces()) {
+    std::lock_guard<std::mutex> lock(k.mu);
+    if (k.base != nullptr && k.size >= bytes) std::swap(base_, k.base), std::swap(size_, k.size);
+  }
+  if (base_ == nullptr) {
+    size_ = round_up(bytes, kGrain);
+    base_ = c10::alloc_cpu(size_);
+    advise_huge_pages(base_, size_);
+  }
+  if (poison_outputs()) std::memset(base_, 0xff, bytes);
+}
+
+SharedBuffer::~SharedBuffer() {
+  if (base_ == nullptr) return;
+  Kept& k = kept();
+  if (size_ <= kSharedKeptBytes && !separate_pieces()) {
+    std::lock_guard<std::mutex> lock(k.mu);
+    if (k.size < size_) std::swap(base_, k.base), std::swap(size_, k.size);  // base_: the smaller one, or none
+  }
+  if (base_ != nullptr) c10::free_cpu(base_);
 }
 
 void advise_huge_pages(void* p, size_t bytes) {

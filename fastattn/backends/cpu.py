@@ -30,7 +30,8 @@ _SWITCHES = {"FASTATTN_CPU_ISA": ("avx2", "scalar"), "FASTATTN_CPU_MATMUL": ("fp
              "FASTATTN_CPU_FP16_PAIRS": ("0", "1"),
              "FASTATTN_CPU_FP32_GEMM": ("sgemm", "brgemm"), "FASTATTN_CPU_HEAD_CHUNKS": ("0", "1"),
              "FASTATTN_CPU_LONE_ROW": ("stream", "chunks"), "FASTATTN_CPU_PREFETCH": ("block", "stream", "none"),
-             "FASTATTN_CPU_FEW_ROWS": ("prefill", "decode"), "FASTATTN_CPU_HUGE_PAGES": ("0", "1")}
+             "FASTATTN_CPU_FEW_ROWS": ("prefill", "decode"), "FASTATTN_CPU_HUGE_PAGES": ("0", "1"),
+             "FASTATTN_CPU_BWD_CHUNKS": ("0", "1")}
 
 
 def environment_notes() -> List[str]:

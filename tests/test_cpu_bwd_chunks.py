@@ -1,0 +1,109 @@
+"""The CPU backward of few (sequence, kv head) pairs cut into key chunks (csrc/cpu/params.h bwd_key_chunks): with
+fewer than 8 pairs every backward engine (the fp32 tiles of bwd.cpp, bf16/fp16 on the matrix units in
+bwd_lowp.cpp) gives each chunk of a head's keys a task of its own and sums the chunks' dQ partials afterwards, so
+that one long head keeps every thread busy. Here: every feature through that path against the float64 oracle, the
+bits the same on 1, 2 and 3 threads, and a planted bug in the chunks' sum that the checks must catch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import ops
+from support.cases import Case, cell_id, run_case
+
+pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
+                                reason="fastattn._C without CPU kernels (extension not built)")
+
+# Fewer than 8 (sequence, kv head) pairs and more keys than one key block (256 keys on the fp32 tiles, 512 on the
+# matrix units), so each head runs as 2-8 chunks; "long" has more key blocks than chunks (several blocks a chunk).
+CASES = [
+    Case("plain", B=1, Hq=1, Hkv=1, Sq=300, Sk=1100, D=40),
+    Case("causal", B=2, Hq=1, Hkv=1, Sq=700, Sk=1300, D=64, causal=True),
+    Case("gqa_causal", B=1, Hq=4, Hkv=1, Sq=600, Sk=600, D=32, causal=True),
+    Case("long", B=1, Hq=2, Hkv=1, Sq=70, Sk=4700, D=16),
+    Case("window", surface="flash", B=1, Hq=2, Hkv=2, Sq=900, Sk=1200, D=48, window=(300, 40)),
+    Case("bool_keypad", B=2, Hq=2, Hkv=1, Sq=65, Sk=1100, D=64, mask="bool_kpad"),
+    Case("float_2d", B=1, Hq=2, Hkv=2, Sq=300, Sk=1030, D=32, mask="float_2d"),
+    Case("softcap", surface="flash", B=1, Hq=2, Hkv=1, Sq=200, Sk=1100, D=64, softcap=3.0),
+    Case("alibi", surface="flash", B=1, Hq=2, Hkv=2, Sq=300, Sk=1100, D=32, alibi="h", causal=True),
+    Case("dv_ne_d", B=1, Hq=3, Hkv=1, Sq=129, Sk=1500, D=64, Dv=40),
+    Case("noncontig", B=1, Hq=2, Hkv=2, Sq=257, Sk=1100, D=64, noncontig=True),
+    Case("varlen", surface="varlen", Hq=2, Hkv=1, seqlens=((700, 1300), (40, 900), (0, 600)), D=32, causal=True),
+]
+CELLS = [("cpu", c, dt, "cpu") for c in CASES for dt in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=[cell_id(c) for c in CELLS])
+def test_key_chunks_against_the_oracle(cell):
+    torch.manual_seed(hash(cell_id(cell)) % 2**31)
+    failures = [m for ok, m in run_case(*cell) if not ok]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_key_chunks_bitwise_across_threads(dtype):
+    """One KV head of 4700 keys (5 chunks of 2 key blocks on the matrix units, 8 of 3 on the fp32 tiles) with
+    causal dropout: the same bits on 1, 2 and 3 threads (each thread count hands the chunks to the threads
+    differently, and a thread runs its run of a head's chunks as one task)."""
+    q = torch.randn(1, 4, 300, 24, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, 1, 4700, 24, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, 1, 4700, 24, dtype=dtype, requires_grad=True)
+    dout = torch.randn(1, 4, 300, 24, dtype=dtype)
+    old = torch.get_num_threads()
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(7)
+            out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1, enable_gqa=True,
+                                                        backend="cpu")
+            return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+        finally:
+            torch.set_num_threads(old)
+
+    first = run(1)
+    for threads in (2, 3):
+        for a, b, name in zip(first, run(threads), ("out", "dq", "dk", "dv")):
+            assert torch.equal(a, b), f"{name} differs between 1 and {threads} threads"
+
+
+def test_key_chunks_on_forced_fp16_pairs():
+    """The oracle cells in fp16 with every fp16 call on bf16 pairs (FASTATTN_CPU_FP16_PAIRS=1, a fresh process): the
+    pairs' three products a tile go to the chunks' partials too."""
+    report = ops.cpu_matmul_report()
+    if not (report.get("bf16") == "brgemm" and report.get("fp16") == "fp32"):
+        pytest.skip(f"no bf16 matrix units to pair fp16 on here, or fp16 has its own ({report})")
+    env = dict(os.environ, FASTATTN_CPU_FP16_PAIRS="1", OMP_NUM_THREADS="2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                        "oracle and float16 and not bfloat16", "tests/test_cpu_bwd_chunks.py"], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and f"{len(CASES)} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+_PLANT = r"""
+import torch
+import test_cpu_bwd_chunks as t
+from support.cases import run_case
+torch.manual_seed(0)
+bad = [m for ok, m in run_case("cpu", t.CASES[0], torch.bfloat16, "cpu") if not ok]
+assert not bad, "\n".join(bad)
+"""
+
+
+def test_a_planted_chunk_sum_bug_fails_the_check():
+    """FASTATTN_CPU_PLANT=chunk_sum (bwd.cpp write_dq_chunks: the last chunk's dQ partial left out of the sum) fails
+    the dQ check of a cell above; the same script passes without it."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    paths = [root, os.path.dirname(root), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
+    clean = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=300)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    env["FASTATTN_CPU_PLANT"] = "chunk_sum"
+    bad = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "dq" in bad.stderr, bad.stderr[-2000:]
