@@ -378,8 +378,8 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     float* pack_base = pack_floats ? workspace_take<float>(2 * pack_floats) : nullptr;
     const PackBuffers pack_buf = pack_floats ? PackBuffers{pack_base, pack_base + pack_floats} : PackBuffers{};
     for (int64_t t = begin; t < end; ++t) {
-      // t = u * chunks + c, pair dealt[u] = n * Hkv + hk; dQ partials stay at (pair * chunks + c)
-      const int64_t c = t % chunks, pair = dealt[t / chunks];
+      // t = u * chunks + r, pair dealt[u] = n * Hkv + hk, key chunk c = zigzag(r); dQ partials at (pair * chunks + c)
+      const int64_t c = zigzag(t % chunks, chunks), pair = dealt[t / chunks];
       const SeqInfo s = seq_info(p, pair / p.Hkv);
       const int64_t hk = pair % p.Hkv;
       const Visibility vis(p, s);

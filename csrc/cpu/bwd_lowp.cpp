@@ -171,49 +171,56 @@ inline void zero_keys(float* t, int64_t C, int64_t j_lo, int64_t j_hi) {
   }
 }
 
-// The dQ partials of a (sequence, kv head) pair cut into key chunks of per_chunk key blocks: chunk c's (G x sq x D,
-// write_dq's layout) at base + c * part. base null: the pair is one chunk, dQ written here.
+// A (sequence, kv head) pair's key chunks of per_chunk key blocks; where there are several (base not null), chunk
+// c's dQ partial (G x sq x D, write_dq's layout) at base + c * part; else dQ is written by the task itself.
 struct ChunkParts {
   float* base = nullptr;
-  int64_t part = 0, per_chunk = 0;
+  int64_t part = 0, per_chunk = 0, chunks = 1;
 };
 
-// One task: key blocks [kb0, kb1) of KV head hk of sequence n (the blocks past its keys none), whole chunks of
-// `parts`. dK and dV of those keys go to the output; dQ of the group's query heads too where the pair is one chunk
-// (dq, max_sq x D, the buffer), else each chunk's into its partial, which the task fills. A run of a pair's chunks
-// on one thread is one task: each head's Q and dO are packed once for all of them, and every partial gets the same
-// products in the same order as from a task of its own chunk.
+// One task: KV head hk of sequence n over the key chunks zigzag(r, chunks) for r in [r0, r0 + run) (params.h: a
+// causal band's heavy and light chunks alternate, so a pair split between threads splits evenly). dK and dV of
+// those keys go to the output; dQ of the group's query heads too where the pair is one chunk (dq, max_sq x D, the
+// buffer), else each chunk's into its partial, which the task fills. A run of a pair's chunks on one thread is one
+// task: each head's Q and dO are packed once for all of them, and every partial gets the same products in the same
+// order as from a task of its own chunk.
 template <typename T, typename U>
-void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t kb0, int64_t kb1, const float* delta_all,
+void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t r0, int64_t run, const float* delta_all,
                Scratch& buf, KVBlocks<U>& kv, QBlocks<T, U>& qblk, float* dkt, float* dvt, float* dq,
                const ChunkParts& parts) {
   constexpr bool kPairs = !std::is_same_v<T, U>;
   const SeqInfo s = seq_info(p, n);
-  const int64_t D = p.D, Dv = p.Dv, G = p.group();
-  if (parts.base != nullptr) {  // the chunks' sum reads every row of each
-    for (int64_t c = kb0 / parts.per_chunk; c * parts.per_chunk < kb1; ++c) {
+  const int64_t D = p.D, Dv = p.Dv, G = p.group(), nkb = (s.sk + KBLOCK - 1) / KBLOCK;
+  struct Range {
+    int64_t kb0, kb1, c;  // key blocks [kb0, kb1) of chunk c (none past the sequence's keys)
+  };
+  std::vector<Range> ranges;
+  for (int64_t r = r0; r < r0 + run; ++r) {
+    const int64_t c = zigzag(r, parts.chunks), kb0 = c * parts.per_chunk;
+    if (parts.base != nullptr) {  // the chunks' sum reads every row of each
       std::fill(parts.base + c * parts.part, parts.base + c * parts.part + G * s.sq * D, 0.f);
     }
+    if (kb0 < nkb) ranges.push_back({kb0, std::min(kb0 + parts.per_chunk, nkb), c});
   }
-  kb1 = std::min(kb1, (s.sk + KBLOCK - 1) / KBLOCK);
-  if ((s.sk == 0 && s.sq == 0) || (parts.base != nullptr && kb0 >= kb1)) return;
+  if ((s.sk == 0 && s.sq == 0) || (parts.base != nullptr && ranges.empty())) return;
   const Visibility vis(p, s);
   // Queries that see a key of the blocks, as the tiles below find them per block: only their Q and dO are packed.
   int64_t i_min = s.sq, i_max = 0;
-  for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t j0 = kb * KBLOCK;
-    if (j0 >= s.kend) break;
-    i_min = std::min(i_min, vis.query_lo(j0));
-    i_max = std::max(i_max, vis.query_hi(std::min(j0 + std::min(KBLOCK, s.sk - j0), s.kend) - 1));
+  for (const Range& rg : ranges) {
+    for (int64_t j0 = rg.kb0 * KBLOCK; j0 < rg.kb1 * KBLOCK && j0 < s.kend; j0 += KBLOCK) {
+      i_min = std::min(i_min, vis.query_lo(j0));
+      i_max = std::max(i_max, vis.query_hi(std::min(j0 + std::min(KBLOCK, s.sk - j0), s.kend) - 1));
+    }
   }
   const int64_t qb0 = i_min / QBLOCK, qb1 = (i_max + QBLOCK - 1) / QBLOCK;
   TileBuffers B(buf, kPairs);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  kv.ensure(p, s, n * p.Hkv + hk, k, v, kb0, kb1);
-  const int64_t j_lo = kb0 * KBLOCK, j_hi = std::min(kb1 * KBLOCK, s.sk);  // the task's keys
-  zero_keys(dkt, D, j_lo, j_hi);
-  zero_keys(dvt, Dv, j_lo, j_hi);
+  for (const Range& rg : ranges) {
+    kv.ensure(p, s, n * p.Hkv + hk, k, v, rg.kb0, rg.kb1);
+    zero_keys(dkt, D, rg.kb0 * KBLOCK, std::min(rg.kb1 * KBLOCK, s.sk));
+    zero_keys(dvt, Dv, rg.kb0 * KBLOCK, std::min(rg.kb1 * KBLOCK, s.sk));
+  }
   const Dropout dropout(p.seed, p.offset, p.dropout_p, p.head_start);
   const Dropout* drop = p.dropout_p > 0.f ? &dropout : nullptr;
 
@@ -227,65 +234,67 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t kb0, int64_t k
     const float* delta = delta_all + lrow;
     qblk.pack(p, s.sq, qb0, qb1, q, dO, kv);
     if (parts.base == nullptr) std::fill(dq, dq + s.sq * D, 0.f);
-    for (int64_t kb = kb0; kb < kb1; ++kb) {
-      float* dq_h = parts.base == nullptr ? dq : parts.base + (kb / parts.per_chunk) * parts.part + g * s.sq * D;
-      const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
-      // Queries that see a key of the block before the skipped padding (none when the block is all padding).
-      const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
-      const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk_block, s.kend) - 1) : 0;
-      for (int64_t qb = i_lo / QBLOCK; qb * QBLOCK < i_hi; ++qb) {
-        const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, s.sq - i0), bq_pad = mm::even(bq);
-        // Keys before what the tile's first row sees, or the bias's -inf edges leave to its rows, are invisible to
-        // all of them: the tile starts there, on a multiple of 64 keys in the block (as the forward's), and stops
-        // past what its last row sees. Its keys are [t0, t0 + bk), columns [c0, c0 + bk) of the block.
-        const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
-        const int64_t c0 = std::max<int64_t>(std::max(vis.key_lo(i0), m_lo) - j0, 0) / 64 * 64, t0 = j0 + c0;
-        const int64_t key_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
-        const int64_t bk = std::min(bk_block - c0, mm::even(key_hi - t0)), bk_pad = mm::even(bk);
-        if (bk <= 0) continue;
-        const float eff = lowp_scores<T, U>(ctx, kv, qblk.qa_block(qb), qblk.ldq, i0, bq, kb, c0, bk, B.S,
-                                            p.softcap > 0.f ? B.tanh : nullptr);
-        mm::mm_vnni<U>(bq, bk, kv.Dvk, qblk.da_block(qb), qblk.ldo, kv.vt_block(kb) + 2 * c0, KBLOCK, B.dP, KBLOCK,
-                       false);  // dP = dO V^T (V^T from column c0)
-        T* Pv = static_cast<T*>(B.Pv);
-        T* dSv = static_cast<T*>(B.dSv);
-        T* dSa = static_cast<T*>(B.dSa);
-        if (!drop && p.softcap == 0.f) {  // P and dS straight from the scores into their rounded layouts
-          for (int64_t r = 0; r < bq; r += 2) {
-            const bool two = r + 1 < bq;
-            const int64_t o = r * KBLOCK, o1 = o + KBLOCK;
-            vec512::grad_pair<T>(B.S + o, two ? B.S + o1 : nullptr, B.dP + o, B.dP + o1, bk, bk_pad, eff,
-                                 lse + i0 + r, delta + i0 + r, Pv + o, dSv + o, dSa + o, two ? dSa + o1 : nullptr);
+    for (const Range& rg : ranges) {
+      float* dq_h = parts.base == nullptr ? dq : parts.base + rg.c * parts.part + g * s.sq * D;
+      for (int64_t kb = rg.kb0; kb < rg.kb1; ++kb) {
+        const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
+        // Queries that see a key of the block before the skipped padding (none when the block is all padding).
+        const int64_t i_lo = j0 < s.kend ? vis.query_lo(j0) : 0;
+        const int64_t i_hi = j0 < s.kend ? vis.query_hi(std::min(j0 + bk_block, s.kend) - 1) : 0;
+        for (int64_t qb = i_lo / QBLOCK; qb * QBLOCK < i_hi; ++qb) {
+          const int64_t i0 = qb * QBLOCK, bq = std::min(QBLOCK, s.sq - i0), bq_pad = mm::even(bq);
+          // Keys before what the tile's first row sees, or the bias's -inf edges leave to its rows, are invisible to
+          // all of them: the tile starts there, on a multiple of 64 keys in the block (as the forward's), and stops
+          // past what its last row sees. Its keys are [t0, t0 + bk), columns [c0, c0 + bk) of the block.
+          const auto [m_lo, m_hi] = mask_key_range(p, s, h, i0, i0 + bq);
+          const int64_t c0 = std::max<int64_t>(std::max(vis.key_lo(i0), m_lo) - j0, 0) / 64 * 64, t0 = j0 + c0;
+          const int64_t key_hi = std::min({vis.key_hi(i0 + bq - 1), s.kend, m_hi});
+          const int64_t bk = std::min(bk_block - c0, mm::even(key_hi - t0)), bk_pad = mm::even(bk);
+          if (bk <= 0) continue;
+          const float eff = lowp_scores<T, U>(ctx, kv, qblk.qa_block(qb), qblk.ldq, i0, bq, kb, c0, bk, B.S,
+                                              p.softcap > 0.f ? B.tanh : nullptr);
+          mm::mm_vnni<U>(bq, bk, kv.Dvk, qblk.da_block(qb), qblk.ldo, kv.vt_block(kb) + 2 * c0, KBLOCK, B.dP, KBLOCK,
+                         false);  // dP = dO V^T (V^T from column c0)
+          T* Pv = static_cast<T*>(B.Pv);
+          T* dSv = static_cast<T*>(B.dSv);
+          T* dSa = static_cast<T*>(B.dSa);
+          if (!drop && p.softcap == 0.f) {  // P and dS straight from the scores into their rounded layouts
+            for (int64_t r = 0; r < bq; r += 2) {
+              const bool two = r + 1 < bq;
+              const int64_t o = r * KBLOCK, o1 = o + KBLOCK;
+              vec512::grad_pair<T>(B.S + o, two ? B.S + o1 : nullptr, B.dP + o, B.dP + o1, bk, bk_pad, eff,
+                                   lse + i0 + r, delta + i0 + r, Pv + o, dSv + o, dSa + o, two ? dSa + o1 : nullptr);
+            }
+          } else {
+            const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, t0, bk, B);
+            for (int64_t r = 0; r < bq; r += 2) {
+              const bool two = r + 1 < bq;
+              vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
+              vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK, two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
+            }
+            for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
           }
-        } else {
-          const float* Pd = grad_rows<T>(ctx, drop, eff, lse + i0, delta + i0, i0, bq, t0, bk, B);
-          for (int64_t r = 0; r < bq; r += 2) {
-            const bool two = r + 1 < bq;
-            vec512::store_pair<T>(Pv + r * KBLOCK, Pd + r * KBLOCK, two ? Pd + (r + 1) * KBLOCK : nullptr, bk);
-            vec512::store_pair<T>(dSv + r * KBLOCK, B.dP + r * KBLOCK, two ? B.dP + (r + 1) * KBLOCK : nullptr, bk);
+          float* dvt_b = dvt + kb * Dv * KBLOCK + c0;  // the tile's columns of the block's dV^T, dK^T
+          float* dkt_b = dkt + kb * D * KBLOCK + c0;
+          // dV^T += dO^T P, dK^T += Q^T dS; dQ += dS K, K's rows from key c0 of the block (VNNI pairs of rows: + c0 D)
+          if constexpr (kPairs) {  // P and dS stacked [hi; lo; hi0] against [hi | hi0 | lo] columns: 3 bq_pad deep
+            U *Ps = static_cast<U*>(B.Ps), *dSs = static_cast<U*>(B.dSs), *dSas = static_cast<U*>(B.dSas);
+            const int64_t vp = bq_pad * KBLOCK, lo = QBLOCK * KBLOCK;  // where a stacked VNNI tile's lo and hi0 start
+            // VNNI row pairs (2 bk values each, 2 KBLOCK apart) and dS rows, split into hi, lo, hi0
+            kv.split_rows(Pv, 2 * KBLOCK, 1, bq_pad / 2, 2 * bk, 2 * bk, 2 * KBLOCK, Ps, Ps + vp, Ps + 2 * vp);
+            kv.split_rows(dSv, 2 * KBLOCK, 1, bq_pad / 2, 2 * bk, 2 * bk, 2 * KBLOCK, dSs, dSs + vp, dSs + 2 * vp);
+            kv.split_rows(dSa, KBLOCK, 1, bq, bk_pad, bk_pad, KBLOCK, dSas, dSas + lo, dSas + 2 * lo);
+            mm::mm_vnni<U>(Dv, bk, 3 * bq_pad, qblk.dt_block(qb, Dv), qblk.ldt, Ps, KBLOCK, dvt_b, KBLOCK, true);
+            mm::mm_vnni<U>(D, bk, 3 * bq_pad, qblk.qt_block(qb, D), qblk.ldt, dSs, KBLOCK, dkt_b, KBLOCK, true);
+            const int64_t c = c0 * D;  // dSh Kh + dSh0 Kl + dSl Kh0
+            mm::mm_vnni<U>(bq, D, bk_pad, dSas, KBLOCK, kv.k_block(kb, D) + c, D, dq_h + i0 * D, D, true);
+            mm::mm_vnni<U>(bq, D, bk_pad, dSas + 2 * lo, KBLOCK, kv.kl_block(kb, D) + c, D, dq_h + i0 * D, D, true);
+            mm::mm_vnni<U>(bq, D, bk_pad, dSas + lo, KBLOCK, kv.kh0_block(kb, D) + c, D, dq_h + i0 * D, D, true);
+          } else {
+            mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
+            mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
+            mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq_h + i0 * D, D, true);
           }
-          for (int64_t r = 0; r < bq; ++r) vec512::round_row<T>(B.dP + r * KBLOCK, bk, bk_pad, dSa + r * KBLOCK);
-        }
-        float* dvt_b = dvt + kb * Dv * KBLOCK + c0;  // the tile's columns of the block's dV^T, dK^T
-        float* dkt_b = dkt + kb * D * KBLOCK + c0;
-        // dV^T += dO^T P, dK^T += Q^T dS; dQ += dS K, K's rows from key c0 of the block (VNNI pairs of rows: + c0 D)
-        if constexpr (kPairs) {  // P and dS stacked [hi; lo; hi0] against [hi | hi0 | lo] columns: 3 bq_pad deep
-          U *Ps = static_cast<U*>(B.Ps), *dSs = static_cast<U*>(B.dSs), *dSas = static_cast<U*>(B.dSas);
-          const int64_t vp = bq_pad * KBLOCK, lo = QBLOCK * KBLOCK;  // where a stacked VNNI tile's lo and hi0 start
-          // VNNI row pairs (2 bk values each, 2 KBLOCK apart) and dS rows, split into hi, lo, hi0
-          kv.split_rows(Pv, 2 * KBLOCK, 1, bq_pad / 2, 2 * bk, 2 * bk, 2 * KBLOCK, Ps, Ps + vp, Ps + 2 * vp);
-          kv.split_rows(dSv, 2 * KBLOCK, 1, bq_pad / 2, 2 * bk, 2 * bk, 2 * KBLOCK, dSs, dSs + vp, dSs + 2 * vp);
-          kv.split_rows(dSa, KBLOCK, 1, bq, bk_pad, bk_pad, KBLOCK, dSas, dSas + lo, dSas + 2 * lo);
-          mm::mm_vnni<U>(Dv, bk, 3 * bq_pad, qblk.dt_block(qb, Dv), qblk.ldt, Ps, KBLOCK, dvt_b, KBLOCK, true);
-          mm::mm_vnni<U>(D, bk, 3 * bq_pad, qblk.qt_block(qb, D), qblk.ldt, dSs, KBLOCK, dkt_b, KBLOCK, true);
-          const int64_t c = c0 * D;  // dSh Kh + dSh0 Kl + dSl Kh0
-          mm::mm_vnni<U>(bq, D, bk_pad, dSas, KBLOCK, kv.k_block(kb, D) + c, D, dq_h + i0 * D, D, true);
-          mm::mm_vnni<U>(bq, D, bk_pad, dSas + 2 * lo, KBLOCK, kv.kl_block(kb, D) + c, D, dq_h + i0 * D, D, true);
-          mm::mm_vnni<U>(bq, D, bk_pad, dSas + lo, KBLOCK, kv.kh0_block(kb, D) + c, D, dq_h + i0 * D, D, true);
-        } else {
-          mm::mm_vnni<T>(Dv, bk, bq_pad, qblk.dt_block(qb, Dv), QBLOCK, Pv, KBLOCK, dvt_b, KBLOCK, true);
-          mm::mm_vnni<T>(D, bk, bq_pad, qblk.qt_block(qb, D), QBLOCK, dSv, KBLOCK, dkt_b, KBLOCK, true);
-          mm::mm_vnni<T>(bq, D, bk_pad, dSa, KBLOCK, kv.k_block(kb, D) + c0 * D, D, dq_h + i0 * D, D, true);
         }
       }
     }
@@ -297,11 +306,14 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t kb0, int64_t k
   // dK = scale * (dK^T)^T, dV = (dV^T)^T: written as T, or added to bwd_acc's fp32 accumulators.
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
   const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
-  if (p.accumulate) {
-    transpose_out<float, true>(p, j_lo, j_hi, dkt, dvt, static_cast<float*>(p.dk) + dk0,
-                               static_cast<float*>(p.dv) + dv0);
-  } else {
-    transpose_out<T, false>(p, j_lo, j_hi, dkt, dvt, static_cast<T*>(p.dk) + dk0, static_cast<T*>(p.dv) + dv0);
+  for (const Range& rg : ranges) {
+    const int64_t j_lo = rg.kb0 * KBLOCK, j_hi = std::min(rg.kb1 * KBLOCK, s.sk);
+    if (p.accumulate) {
+      transpose_out<float, true>(p, j_lo, j_hi, dkt, dvt, static_cast<float*>(p.dk) + dk0,
+                                 static_cast<float*>(p.dv) + dv0);
+    } else {
+      transpose_out<T, false>(p, j_lo, j_hi, dkt, dvt, static_cast<T*>(p.dk) + dk0, static_cast<T*>(p.dv) + dv0);
+    }
   }
 }
 
@@ -327,12 +339,11 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
     float* dkt = workspace_take<float>(nkb * KBLOCK * (p.D + p.Dv) + max_sq * p.D);
     float* dvt = dkt + nkb * KBLOCK * p.D;
     float* dq = dvt + nkb * KBLOCK * p.Dv;
-    for (int64_t t = begin; t < end;) {  // t = u * chunks + c, pair units[u] = n * Hkv + hk
-      const int64_t u = t / chunks, c = t % chunks, run = std::min(end, (u + 1) * chunks) - t;  // u's chunks here
+    for (int64_t t = begin; t < end;) {  // t = u * chunks + r, pair units[u] = n * Hkv + hk
+      const int64_t u = t / chunks, run = std::min(end, (u + 1) * chunks) - t;  // u's chunks on this thread
       const int64_t pair = units[u];
-      const ChunkParts cp{parts != nullptr ? parts + pair * chunks * part : nullptr, part, per_chunk};
-      head_task<T, U>(p, pair / p.Hkv, pair % p.Hkv, c * per_chunk, (c + run) * per_chunk, delta, buf, kv, qblk, dkt,
-                      dvt, dq, cp);
+      const ChunkParts cp{parts != nullptr ? parts + pair * chunks * part : nullptr, part, per_chunk, chunks};
+      head_task<T, U>(p, pair / p.Hkv, pair % p.Hkv, t % chunks, run, delta, buf, kv, qblk, dkt, dvt, dq, cp);
       t += run;
     }
     mm::release();

@@ -165,6 +165,11 @@ inline int64_t bwd_key_chunks(int64_t pairs, int64_t key_blocks, int64_t part_by
   return std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
 }
 
+// The r-th of n blocks (query blocks of a forward unit, key chunks of a backward pair) in the order 0, n - 1, 1, n - 2,
+// ...: a causal band's light and heavy blocks alternate, so that a unit which at::parallel_for's contiguous ranges
+// split between threads (one long head) is split into even shares of work, not a quarter and three quarters.
+inline int64_t zigzag(int64_t r, int64_t n) { return r % 2 == 0 ? r / 2 : n - 1 - r / 2; }
+
 // The most query heads a forward task takes (FwdOrder).
 constexpr int64_t kMaxChunkHeads = 8;
 
@@ -185,10 +190,10 @@ struct FwdOrder {
         slots(std::max<int64_t>(1, heads_ / p.group())), units(dealt_units(p.nseq * chunks)) {}
 
   int64_t count() const { return static_cast<int64_t>(units.size()) * nqb; }
-  // task t = u * nqb + qb, unit units[u] = n * chunks + chunk
+  // task t = u * nqb + r, unit units[u] = n * chunks + chunk, query block zigzag(r, nqb)
   Task at(int64_t t) const {
     const int64_t u = units[t / nqb];
-    return {u / chunks, u % chunks * heads, t % nqb};
+    return {u / chunks, u % chunks * heads, zigzag(t % nqb, nqb)};
   }
   // Which of a thread's K/V packs serves query head h.
   int64_t slot(int64_t h) const { return h / group % slots; }
