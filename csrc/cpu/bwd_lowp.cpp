@@ -178,45 +178,57 @@ struct ChunkParts {
   int64_t part = 0, per_chunk = 0, chunks = 1;
 };
 
-// One task: KV head hk of sequence n over the key chunks zigzag(r, chunks) for r in [r0, r0 + run) (params.h: a
-// causal band's heavy and light chunks alternate, so a pair split between threads splits evenly). dK and dV of
-// those keys go to the output; dQ of the group's query heads too where the pair is one chunk (dq, max_sq x D, the
-// buffer), else each chunk's into its partial, which the task fills. A run of a pair's chunks on one thread is one
-// task: each head's Q and dO are packed once for all of them, and every partial gets the same products in the same
-// order as from a task of its own chunk.
+// Key blocks [kb0, kb1) of a pair's chunk c.
+struct ChunkRange {
+  int64_t kb0, kb1, c;
+};
+
+// The chunks at places [r0, r0 + run) of zigzag's order (params.h: a causal band's heavy and light chunks alternate,
+// so a pair split between threads splits evenly), each clipped to the sequence's nkb key blocks (none past them), and
+// each chunk's dQ partial zeroed (rows floats: the chunks' sum reads every row).
+std::vector<ChunkRange> chunk_ranges(const ChunkParts& parts, int64_t r0, int64_t run, int64_t nkb, int64_t rows) {
+  std::vector<ChunkRange> ranges;
+  for (int64_t r = r0; r < r0 + run; ++r) {
+    const int64_t c = zigzag(r, parts.chunks), kb0 = c * parts.per_chunk;
+    if (parts.base != nullptr) std::fill(parts.base + c * parts.part, parts.base + c * parts.part + rows, 0.f);
+    if (kb0 < nkb) ranges.push_back({kb0, std::min(kb0 + parts.per_chunk, nkb), c});
+  }
+  return ranges;
+}
+
+// The query blocks [qb0, qb1) that see a key of the ranges, as the tiles find them per key block.
+std::pair<int64_t, int64_t> query_blocks_seen(const Visibility& vis, const SeqInfo& s,
+                                              const std::vector<ChunkRange>& ranges) {
+  int64_t i_min = s.sq, i_max = 0;
+  for (const ChunkRange& rg : ranges) {
+    for (int64_t j0 = rg.kb0 * KBLOCK; j0 < rg.kb1 * KBLOCK && j0 < s.kend; j0 += KBLOCK) {
+      i_min = std::min(i_min, vis.query_lo(j0));
+      i_max = std::max(i_max, vis.query_hi(std::min(j0 + std::min(KBLOCK, s.sk - j0), s.kend) - 1));
+    }
+  }
+  return {i_min / QBLOCK, (i_max + QBLOCK - 1) / QBLOCK};
+}
+
+// One task: KV head hk of sequence n over the chunks chunk_ranges gives. dK and dV of those keys go to the output;
+// dQ of the group's query heads too where the pair is one chunk (dq, max_sq x D, the buffer), else each chunk's into
+// its partial. A run of a pair's chunks on one thread is one task: each head's Q and dO are packed once for all of
+// them (only the blocks that see its keys), and every partial gets the same products in the same order as from a
+// task of its own chunk.
 template <typename T, typename U>
 void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t r0, int64_t run, const float* delta_all,
                Scratch& buf, KVBlocks<U>& kv, QBlocks<T, U>& qblk, float* dkt, float* dvt, float* dq,
                const ChunkParts& parts) {
   constexpr bool kPairs = !std::is_same_v<T, U>;
   const SeqInfo s = seq_info(p, n);
-  const int64_t D = p.D, Dv = p.Dv, G = p.group(), nkb = (s.sk + KBLOCK - 1) / KBLOCK;
-  struct Range {
-    int64_t kb0, kb1, c;  // key blocks [kb0, kb1) of chunk c (none past the sequence's keys)
-  };
-  std::vector<Range> ranges;
-  for (int64_t r = r0; r < r0 + run; ++r) {
-    const int64_t c = zigzag(r, parts.chunks), kb0 = c * parts.per_chunk;
-    if (parts.base != nullptr) {  // the chunks' sum reads every row of each
-      std::fill(parts.base + c * parts.part, parts.base + c * parts.part + G * s.sq * D, 0.f);
-    }
-    if (kb0 < nkb) ranges.push_back({kb0, std::min(kb0 + parts.per_chunk, nkb), c});
-  }
+  const int64_t D = p.D, Dv = p.Dv, G = p.group();
+  const std::vector<ChunkRange> ranges = chunk_ranges(parts, r0, run, (s.sk + KBLOCK - 1) / KBLOCK, G * s.sq * D);
   if ((s.sk == 0 && s.sq == 0) || (parts.base != nullptr && ranges.empty())) return;
   const Visibility vis(p, s);
-  // Queries that see a key of the blocks, as the tiles below find them per block: only their Q and dO are packed.
-  int64_t i_min = s.sq, i_max = 0;
-  for (const Range& rg : ranges) {
-    for (int64_t j0 = rg.kb0 * KBLOCK; j0 < rg.kb1 * KBLOCK && j0 < s.kend; j0 += KBLOCK) {
-      i_min = std::min(i_min, vis.query_lo(j0));
-      i_max = std::max(i_max, vis.query_hi(std::min(j0 + std::min(KBLOCK, s.sk - j0), s.kend) - 1));
-    }
-  }
-  const int64_t qb0 = i_min / QBLOCK, qb1 = (i_max + QBLOCK - 1) / QBLOCK;
+  const auto [qb0, qb1] = query_blocks_seen(vis, s, ranges);
   TileBuffers B(buf, kPairs);
   const T* k = static_cast<const T*>(p.k) + s.b * p.k_st.b + hk * p.k_st.h + s.k0 * p.k_st.s;
   const T* v = static_cast<const T*>(p.v) + s.b * p.v_st.b + hk * p.v_st.h + s.k0 * p.v_st.s;
-  for (const Range& rg : ranges) {
+  for (const ChunkRange& rg : ranges) {
     kv.ensure(p, s, n * p.Hkv + hk, k, v, rg.kb0, rg.kb1);
     zero_keys(dkt, D, rg.kb0 * KBLOCK, std::min(rg.kb1 * KBLOCK, s.sk));
     zero_keys(dvt, Dv, rg.kb0 * KBLOCK, std::min(rg.kb1 * KBLOCK, s.sk));
@@ -234,7 +246,7 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t r0, int64_t ru
     const float* delta = delta_all + lrow;
     qblk.pack(p, s.sq, qb0, qb1, q, dO, kv);
     if (parts.base == nullptr) std::fill(dq, dq + s.sq * D, 0.f);
-    for (const Range& rg : ranges) {
+    for (const ChunkRange& rg : ranges) {
       float* dq_h = parts.base == nullptr ? dq : parts.base + rg.c * parts.part + g * s.sq * D;
       for (int64_t kb = rg.kb0; kb < rg.kb1; ++kb) {
         const int64_t j0 = kb * KBLOCK, bk_block = std::min(KBLOCK, s.sk - j0);
@@ -306,7 +318,7 @@ void head_task(const CpuParams& p, int64_t n, int64_t hk, int64_t r0, int64_t ru
   // dK = scale * (dK^T)^T, dV = (dV^T)^T: written as T, or added to bwd_acc's fp32 accumulators.
   const int64_t dk0 = s.b * p.dk_st.b + hk * p.dk_st.h + s.k0 * p.dk_st.s;
   const int64_t dv0 = s.b * p.dv_st.b + hk * p.dv_st.h + s.k0 * p.dv_st.s;
-  for (const Range& rg : ranges) {
+  for (const ChunkRange& rg : ranges) {
     const int64_t j_lo = rg.kb0 * KBLOCK, j_hi = std::min(rg.kb1 * KBLOCK, s.sk);
     if (p.accumulate) {
       transpose_out<float, true>(p, j_lo, j_hi, dkt, dvt, static_cast<float*>(p.dk) + dk0,
