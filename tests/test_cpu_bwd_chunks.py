@@ -13,6 +13,7 @@ import torch
 import fastattn
 from fastattn import ops
 from support.cases import Case, cell_id, run_case
+from support.checks import run_planted
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")
@@ -97,13 +98,7 @@ assert not bad, "\n".join(bad)
 def test_a_planted_chunk_sum_bug_fails_the_check():
     """FASTATTN_CPU_PLANT=chunk_sum (bwd.cpp write_dq_chunks: the last chunk's dQ partial left out of the sum) fails
     the dQ check of a cell above; the same script passes without it."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    paths = [root, os.path.dirname(root), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
-    clean = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
-                           timeout=300)
+    clean = run_planted(_PLANT)
     assert clean.returncode == 0, clean.stderr[-2000:]
-    env["FASTATTN_CPU_PLANT"] = "chunk_sum"
-    bad = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    bad = run_planted(_PLANT, "chunk_sum")
     assert bad.returncode != 0 and "dq" in bad.stderr, bad.stderr[-2000:]

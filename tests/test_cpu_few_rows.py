@@ -9,9 +9,6 @@ what the decode kernel cannot take stays on the prefill kernel; the one-pass bac
 key padding, with the same bits for any thread count, NaN where the tile backward has it, and a planted bug that the
 checks catch."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ import torch
 import fastattn
 from fastattn import ops
 from support import fwd_args
+from support.checks import run_planted
 from support.oracle import assert_fwd_bwd, assert_rule, oracle_attention
 
 pytestmark = pytest.mark.skipif(not ops.loaded(), reason="C++ extension not built")
@@ -251,19 +249,13 @@ assert_fwd_bwd("planted", t._fwd_bwd(q, k, v, op, dout), q, k, v, dout, torch.fl
 """
 
 
-def test_a_planted_one_pass_bug_fails_the_check():
+def test_a_planted_one_pass_bug_fails_the_check(monkeypatch):
     """FASTATTN_CPU_PLANT=rows_dk (bwd_rows.cpp: the last row's share of dK halved) fails the dK check above; the
     same script passes without it."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    paths = [root, os.path.dirname(root), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
-    env.pop("FASTATTN_CPU_FEW_ROWS", None)
-    clean = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
-                           timeout=300)
+    monkeypatch.delenv("FASTATTN_CPU_FEW_ROWS", raising=False)
+    clean = run_planted(_PLANT)
     assert clean.returncode == 0, clean.stderr[-2000:]
-    env["FASTATTN_CPU_PLANT"] = "rows_dk"
-    bad = subprocess.run([sys.executable, "-c", _PLANT], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    bad = run_planted(_PLANT, "rows_dk")
     assert bad.returncode != 0 and "dk" in bad.stderr, bad.stderr[-2000:]
 
 

@@ -1,4 +1,9 @@
-"""Checks that both a test module and a planted-bug test (test_checks_catch_bugs.py) run."""
+"""Checks that both a test module and a planted-bug test (test_checks_catch_bugs.py) run, and the fresh process a
+planted bug of the CPU kernels (FASTATTN_CPU_PLANT, read once) needs."""
+import os
+import subprocess
+import sys
+
 import torch
 
 import fastattn
@@ -45,3 +50,16 @@ def check_mask_grad(backend, device, dtype, mask_shape, causal):
     inherent = (*fwd_bwd_inherent(attend, q, k, dout, out, ref, D ** -0.5)[1:], 0.0)
     for name, g, r, bg, e in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads, base_grads, inherent):
         assert_rule(name, g, r, bg, dtype, inherent=e)
+
+
+def run_planted(script: str, plant: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -c script` in a fresh process on one thread, from tests/ with it and the repository on PYTHONPATH, and
+    FASTATTN_CPU_PLANT=plant where plant is given (else unset)."""
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
+    env.pop("FASTATTN_CPU_PLANT", None)
+    if plant:
+        env["FASTATTN_CPU_PLANT"] = plant
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True,
+                          timeout=timeout)
