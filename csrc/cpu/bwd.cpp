@@ -352,8 +352,8 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // dQ partials of every (pair, chunk), (group, max_sq, D) each, summed in chunk order below; one chunk writes dQ
   // from its task instead.
   const int64_t part = G * max_sq * p.D;
-  const int64_t chunks = bwd_key_chunks(pairs, nkb, part * 4);
-  const int64_t per_chunk = (nkb + chunks - 1) / chunks;  // key blocks per chunk
+  const KeyChunks cut = bwd_key_chunks(pairs, nkb, part * 4);
+  const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk;  // key blocks per chunk
   const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0);
   float* parts = parts_buf.as<float>();
 

@@ -337,8 +337,8 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   compute_delta<T>(p, delta);
   const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK, pairs = p.nseq * p.Hkv;
   const int64_t part = p.group() * max_sq * p.D;  // a chunk's dQ partial, write_dq's layout
-  const int64_t cut = bwd_key_chunks(pairs, nkb, part * 4), per_chunk = std::max<int64_t>(1, (nkb + cut - 1) / cut);
-  const int64_t chunks = std::max<int64_t>(1, (nkb + per_chunk - 1) / per_chunk);  // of per_chunk blocks, none empty
+  const KeyChunks cut = bwd_key_chunks(pairs, nkb, part * 4);
+  const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk;  // key blocks per chunk
   const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0);
   float* parts = parts_buf.as<float>();
   const std::vector<int64_t> units = dealt_units(pairs);  // (sequence, kv head), dealt to the threads

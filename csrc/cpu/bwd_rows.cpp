@@ -248,8 +248,8 @@ void bwd_rows_kernel(const CpuParams& p) {
   compute_delta<T>(p, delta);
   const int64_t R = p.group() * p.Sq, pairs = p.B * p.Hkv;
   const int64_t nkb = (p.Sk + BLOCK_K - 1) / BLOCK_K;  // the tile backward's key blocks, and its chunks of them
-  const int64_t chunks = bwd_key_chunks(pairs, nkb, R * p.D * 4);
-  const int64_t per_chunk = (nkb + chunks - 1) / chunks * BLOCK_K;  // keys per chunk
+  const KeyChunks cut = bwd_key_chunks(pairs, nkb, R * p.D * 4);
+  const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk * BLOCK_K;  // keys per chunk
   // dQ partials (pair, chunk, R, D) of cut pairs, summed in chunk order by a second pass; one chunk writes dQ itself
   const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * R * p.D : 0);
   float* parts = parts_buf.as<float>();

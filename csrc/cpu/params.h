@@ -154,15 +154,21 @@ inline std::vector<int64_t> dealt_units(int64_t units) {
 // Key chunks per (sequence, kv head) of the backward kernels (bwd.cpp, bwd_lowp.cpp, bwd_rows.cpp), of key_blocks
 // blocks: more than one only when there are fewer than kMinBwdTasks pairs, so that a long single head still keeps
 // every core busy, and only as many as keep the chunks' dQ partials (part_bytes a pair and chunk) within
-// kMaxPartialBytes. The shape alone decides, never the thread count, so the bits never depend on it.
-// FASTATTN_CPU_BWD_CHUNKS=0 (read per call) never cuts a head, for comparisons.
+// kMaxPartialBytes; per_chunk blocks each, none empty. The shape alone decides, never the thread count, so the bits
+// never depend on it. FASTATTN_CPU_BWD_CHUNKS=0 (read per call) never cuts a head, for comparisons.
 constexpr int64_t kMinBwdTasks = 8;
 constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
-inline int64_t bwd_key_chunks(int64_t pairs, int64_t key_blocks, int64_t part_bytes) {
+struct KeyChunks {
+  int64_t chunks, per_chunk;
+};
+inline KeyChunks bwd_key_chunks(int64_t pairs, int64_t key_blocks, int64_t part_bytes) {
+  key_blocks = std::max<int64_t>(key_blocks, 1);
   const char* env = std::getenv("FASTATTN_CPU_BWD_CHUNKS");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return 1;
-  const int64_t want = std::clamp<int64_t>((kMinBwdTasks + pairs - 1) / pairs, 1, std::max<int64_t>(key_blocks, 1));
-  return std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
+  if (env != nullptr && std::strcmp(env, "0") == 0) return {1, key_blocks};
+  const int64_t want = std::clamp<int64_t>((kMinBwdTasks + pairs - 1) / pairs, 1, key_blocks);
+  const int64_t cut = std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
+  const int64_t per_chunk = (key_blocks + cut - 1) / cut;
+  return {(key_blocks + per_chunk - 1) / per_chunk, per_chunk};
 }
 
 // The r-th of n blocks (query blocks of a forward unit, key chunks of a backward pair) in the order 0, n - 1, 1, n - 2,
