@@ -3,17 +3,12 @@ fewer than 8 pairs every backward engine (the fp32 tiles of bwd.cpp, bf16/fp16 o
 bwd_lowp.cpp) gives each chunk of a head's keys a task of its own and sums the chunks' dQ partials afterwards, so
 that one long head keeps every thread busy. Here: every feature through that path against the float64 oracle, the
 bits the same on 1, 2 and 3 threads, and a planted bug in the chunks' sum that the checks must catch."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import fastattn
-from fastattn import ops
 from support.cases import Case, cell_id, run_case
-from support.checks import run_planted
+from support.checks import run_on_forced_fp16_pairs, run_planted
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
                                 reason="fastattn._C without CPU kernels (extension not built)")
@@ -74,14 +69,8 @@ def test_key_chunks_bitwise_across_threads(dtype):
 def test_key_chunks_on_forced_fp16_pairs():
     """The oracle cells in fp16 with every fp16 call on bf16 pairs (FASTATTN_CPU_FP16_PAIRS=1, a fresh process): the
     pairs' three products a tile go to the chunks' partials too."""
-    report = ops.cpu_matmul_report()
-    if not (report.get("bf16") == "brgemm" and report.get("fp16") == "fp32"):
-        pytest.skip(f"no bf16 matrix units to pair fp16 on here, or fp16 has its own ({report})")
-    env = dict(os.environ, FASTATTN_CPU_FP16_PAIRS="1", OMP_NUM_THREADS="2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                        "oracle and float16 and not bfloat16", "tests/test_cpu_bwd_chunks.py"], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=900)
+    r = run_on_forced_fp16_pairs("-k", "oracle and float16 and not bfloat16", "tests/test_cpu_bwd_chunks.py",
+                                 OMP_NUM_THREADS="2")
     assert r.returncode == 0 and f"{len(CASES)} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 

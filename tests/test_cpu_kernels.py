@@ -13,6 +13,7 @@ import torch
 import fastattn
 from fastattn import ops
 from support import fwd_args
+from support.checks import run_on_forced_fp16_pairs
 from support.oracle import assert_fwd_bwd, assert_rule, lse_reference, oracle_attention
 
 pytestmark = pytest.mark.skipif(fastattn.get_backend("cpu").unavailable() != [],
@@ -383,14 +384,8 @@ def test_packed_gqa_rows_are_their_own_heads(dtype, monkeypatch):
 def test_packed_gqa_rows_on_forced_fp16_pairs():
     """The packed-rows check in fp16 with every fp16 forward on bf16 pairs (FASTATTN_CPU_FP16_PAIRS=1, a fresh
     process): a packed row's products and sums are its own head's there too, the same bits as the repeated call."""
-    report = fastattn.ops.cpu_matmul_report()
-    if not (report.get("bf16") == "brgemm" and report.get("fp16") == "fp32"):
-        pytest.skip(f"no bf16 matrix units to pair fp16 on here, or fp16 has its own ({report})")
-    test = "tests/test_cpu_kernels.py::test_packed_gqa_rows_are_their_own_heads[fp16]"
-    env = dict(os.environ, FASTATTN_CPU_FP16_PAIRS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test], env=env,
-                       cwd=root, capture_output=True, text=True, timeout=600)
+    r = run_on_forced_fp16_pairs("-x", "tests/test_cpu_kernels.py::test_packed_gqa_rows_are_their_own_heads[fp16]",
+                                 timeout=600)
     print(r.stdout[-3000:], r.stderr[-2000:])
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
 

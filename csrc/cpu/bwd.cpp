@@ -286,7 +286,7 @@ template <typename T>
 void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul,
               int64_t g0, int64_t g1) {
   std::vector<float> row(chunks > 1 ? p.D : 0);
-  for (int64_t g = g0; g < (g1 < 0 ? p.group() : g1); ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     const int64_t h = hk * p.group() + g;
     const int64_t dq0 = s.b * p.dq_st.b + h * p.dq_st.h + s.q0 * p.dq_st.s;
     for (int64_t i = 0; i < s.sq; ++i) {
@@ -400,7 +400,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
       for (int64_t j0 = c * per_chunk * BLOCK_K; j0 < j_end; j0 += BLOCK_K) {
         dkdv_block<T>(p, s, vis, hk, j0, delta, B, dq, pack_buf, in_place, dense);
       }
-      if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1, 1.f);
+      if (chunks == 1 && !in_place) write_dq<T>(p, s, hk, &dq.base, 1, 1.f, 0, G);
     }
   });
   if (chunks > 1) write_dq_chunks<T>(p, parts, part, chunks, 1.f);

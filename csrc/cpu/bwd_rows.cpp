@@ -264,7 +264,7 @@ void bwd_rows_kernel(const CpuParams& p) {
       const SeqInfo s = seq_info(p, pair / p.Hkv);
       const int64_t c0 = c * per_chunk, c1 = std::min(s.sk, c0 + per_chunk);
       rows_chunk<T>(p, s, pair % p.Hkv, c0, c1, delta, streams, B);
-      if (chunks == 1) write_dq<T>(p, s, pair % p.Hkv, &B.acc, 1, p.scale);
+      if (chunks == 1) write_dq<T>(p, s, pair % p.Hkv, &B.acc, 1, p.scale, 0, p.group());
       else std::copy(B.acc, B.acc + R * p.D, parts + (pair * chunks + c) * R * p.D);
     }
   });

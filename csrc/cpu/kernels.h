@@ -34,12 +34,11 @@ void bwd_rows_kernel(const CpuParams& p);
 // as now set).
 std::string few_rows_describe();
 
-// dQ of kv head hk's query heads [g0, g1) of the group (sequence s; g1 = -1: the whole group): the sum of the key
-// chunks' (group, sq, D) fp32 partials parts[c], added in chunk order, times mul, written as T (or added into
-// bwd_acc's accumulators; bwd.cpp).
+// dQ of kv head hk's query heads [g0, g1) of the group (sequence s): the sum of the key chunks' (group, sq, D) fp32
+// partials parts[c], added in chunk order, times mul, written as T (or added into bwd_acc's accumulators; bwd.cpp).
 template <typename T>
 void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul,
-              int64_t g0 = 0, int64_t g1 = -1);
+              int64_t g0, int64_t g1);
 // write_dq for every (sequence, kv head) pair cut into key chunks, one task per query head: the partial of pair and
 // chunk c at parts + (pair * chunks + c) * part.
 template <typename T>

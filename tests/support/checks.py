@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastattn
@@ -63,3 +64,16 @@ def run_planted(script: str, plant: str = "", timeout: float = 300) -> subproces
         env["FASTATTN_CPU_PLANT"] = plant
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_on_forced_fp16_pairs(*pytest_args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    """pytest on `pytest_args` (from the repository root) in a fresh process with every fp16 call on bf16 pairs
+    (FASTATTN_CPU_FP16_PAIRS=1, read once per process), env added; skips where bf16 has no matrix units to pair fp16
+    on, or fp16 has its own."""
+    report = fastattn.ops.cpu_matmul_report()
+    if not (report.get("bf16") == "brgemm" and report.get("fp16") == "fp32"):
+        pytest.skip(f"no bf16 matrix units to pair fp16 on here, or fp16 has its own ({report})")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+                          env=dict(os.environ, FASTATTN_CPU_FP16_PAIRS="1", **env), cwd=root, capture_output=True,
+                          text=True, timeout=timeout)
