@@ -46,7 +46,9 @@ def cpu_matmul_report() -> dict:
     """`cpu_matmul()` as data: {"cpu": model, "vendor": cpuid's ("GenuineIntel", "AuthenticAMD"), "bf16"/"fp16":
     "brgemm" | "fp32", ISA flags (cpuid) and "amx_bf16_usable"/"amx_fp16_usable" (oneDNN's view): "1" | "0",
     "bf16_brgemm_gflops", "bf16_fp32_gflops", "fp16_...": the timed tile rates as integer strings ("0": not timed),
-    "decode_fetch": how the decode kernel fetches a dense cache ahead, with FASTATTN_CPU_PREFETCH as set now}."""
+    "decode_fetch": how the decode kernel fetches a dense cache ahead, with FASTATTN_CPU_PREFETCH as set now,
+    "process_cpus": the CPUs this process may run on, "bwd_min_tasks": the tasks the backward cuts its (sequence, KV
+    head) pairs into at least (8, or one per CPU; FASTATTN_CPU_BWD_TASKS as set now)}."""
     if _C is None or not hasattr(_C, "cpu_matmul_report"):
         return {}
     return dict(_C.cpu_matmul_report())

@@ -1,8 +1,12 @@
 """The CPU backward of few (sequence, kv head) pairs cut into key chunks (csrc/cpu/params.h bwd_key_chunks): with
-fewer than 8 pairs every backward engine (the fp32 tiles of bwd.cpp, bf16/fp16 on the matrix units in
-bwd_lowp.cpp) gives each chunk of a head's keys a task of its own and sums the chunks' dQ partials afterwards, so
-that one long head keeps every thread busy. Here: every feature through that path against the float64 oracle, the
-bits the same on 1, 2 and 3 threads, and a planted bug in the chunks' sum that the checks must catch."""
+fewer pairs than bwd_min_tasks (8, or one per CPU of the process where there are more; FASTATTN_CPU_BWD_TASKS sets
+it) every backward engine (the fp32 tiles of bwd.cpp, bf16/fp16 on the matrix units in bwd_lowp.cpp) gives each
+chunk of a head's keys a task of its own and sums the chunks' dQ partials afterwards, so that one long head keeps
+every thread busy. Here: every feature through that path against the float64 oracle, the bits the same on 1, 2 and
+3 threads, the switch's target as a many-core machine's, and a planted bug in the chunks' sum that the checks must
+catch."""
+import os
+
 import pytest
 import torch
 
@@ -30,6 +34,14 @@ CASES = [
     Case("varlen", surface="varlen", Hq=2, Hkv=1, seqlens=((700, 1300), (40, 900), (0, 600)), D=32, causal=True),
 ]
 CELLS = [("cpu", c, dt, "cpu") for c in CASES for dt in (torch.float32, torch.bfloat16, torch.float16)]
+
+# Eight pairs and more: never cut on a machine of 8 CPUs or fewer, cut (2-4 chunks) where a machine has 32, as
+# FASTATTN_CPU_BWD_TASKS=32 has it here.
+MANY = [
+    Case("gqa_8pairs", B=2, Hq=8, Hkv=4, Sq=200, Sk=1100, D=32),
+    Case("mha_9pairs_causal", B=1, Hq=9, Hkv=9, Sq=1300, Sk=1300, D=24, causal=True),
+]
+MANY_CELLS = [("cpu", c, dt, "cpu") for c in MANY for dt in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[cell_id(c) for c in CELLS])
@@ -66,20 +78,78 @@ def test_key_chunks_bitwise_across_threads(dtype):
             assert torch.equal(a, b), f"{name} differs between 1 and {threads} threads"
 
 
+@pytest.mark.parametrize("cell", MANY_CELLS, ids=[cell_id(c) for c in MANY_CELLS])
+def test_a_many_core_target_against_the_oracle(cell, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CPU_BWD_TASKS", "32")  # (read per call)
+    torch.manual_seed(hash(cell_id(cell)) % 2**31)
+    failures = [m for ok, m in run_case(*cell) if not ok]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_many_core_target_bitwise_across_threads(dtype, monkeypatch):
+    """Eight pairs cut for 32 tasks: the same bits on 1, 2 and 3 threads."""
+    monkeypatch.setenv("FASTATTN_CPU_BWD_TASKS", "32")
+    q = torch.randn(2, 8, 130, 40, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 4, 1700, 40, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 4, 1700, 40, dtype=dtype, requires_grad=True)
+    dout = torch.randn(2, 8, 130, 40, dtype=dtype)
+    old = torch.get_num_threads()
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        try:
+            out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
+            return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+        finally:
+            torch.set_num_threads(old)
+
+    first = run(1)
+    for threads in (2, 3):
+        for a, b, name in zip(first, run(threads), ("out", "dq", "dk", "dv")):
+            assert torch.equal(a, b), f"{name} differs between 1 and {threads} threads"
+
+
+def test_the_task_target_is_the_machines(monkeypatch):
+    """The target is 8, or the process's CPUs where more (never torch's thread count), as `info` reports it; the
+    switch sets it and a value it cannot take is named."""
+    report = fastattn.ops.cpu_matmul_report()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert (report["process_cpus"], report["bwd_min_tasks"]) == (str(cpus), str(max(8, cpus)))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert fastattn.ops.cpu_matmul_report()["bwd_min_tasks"] == str(max(8, cpus))
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setenv("FASTATTN_CPU_BWD_TASKS", "32")
+    assert fastattn.ops.cpu_matmul_report()["bwd_min_tasks"] == "32"
+    assert "pairs than 32 tasks cut into key chunks" in fastattn.ops.cpu_matmul()
+    from fastattn.backends import cpu as cpu_backend
+    assert not any("FASTATTN_CPU_BWD_TASKS" in n for n in cpu_backend.environment_notes())
+    for bad in ("0", "-3", "many", "3.5", "\u0663"):
+        monkeypatch.setenv("FASTATTN_CPU_BWD_TASKS", bad)
+        assert fastattn.ops.cpu_matmul_report()["bwd_min_tasks"] == str(max(8, cpus)), bad
+        assert any(f"FASTATTN_CPU_BWD_TASKS={bad!r} is not a whole number from 1" in n
+                   for n in cpu_backend.environment_notes()), bad
+
+
 def test_key_chunks_on_forced_fp16_pairs():
-    """The oracle cells in fp16 with every fp16 call on bf16 pairs (FASTATTN_CPU_FP16_PAIRS=1, a fresh process): the
-    pairs' three products a tile go to the chunks' partials too."""
+    """The oracle cells in fp16 (the many-core target's too) with every fp16 call on bf16 pairs
+    (FASTATTN_CPU_FP16_PAIRS=1, a fresh process): the pairs' three products a tile go to the chunks' partials too."""
     r = run_on_forced_fp16_pairs("-k", "oracle and float16 and not bfloat16", "tests/test_cpu_bwd_chunks.py",
                                  OMP_NUM_THREADS="2")
-    assert r.returncode == 0 and f"{len(CASES)} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and f"{len(CASES) + len(MANY)} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 _PLANT = r"""
-import torch
+import os, sys, torch
 import test_cpu_bwd_chunks as t
 from support.cases import run_case
+os.environ["FASTATTN_CPU_BWD_TASKS"] = sys.argv[1]  # (read per call)
 torch.manual_seed(0)
-bad = [m for ok, m in run_case("cpu", t.CASES[0], torch.bfloat16, "cpu") if not ok]
+case = t.CASES[0] if sys.argv[2] == "one" else t.MANY[0]
+bad = [m for ok, m in run_case("cpu", case, torch.bfloat16, "cpu") if not ok]
 assert not bad, "\n".join(bad)
 """
 
@@ -87,7 +157,16 @@ assert not bad, "\n".join(bad)
 def test_a_planted_chunk_sum_bug_fails_the_check():
     """FASTATTN_CPU_PLANT=chunk_sum (bwd.cpp write_dq_chunks: the last chunk's dQ partial left out of the sum) fails
     the dQ check of a cell above; the same script passes without it."""
-    clean = run_planted(_PLANT)
+    clean = run_planted(_PLANT, args=("8", "one"))
     assert clean.returncode == 0, clean.stderr[-2000:]
-    bad = run_planted(_PLANT, "chunk_sum")
+    bad = run_planted(_PLANT, "chunk_sum", args=("8", "one"))
     assert bad.returncode != 0 and "dq" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_the_switch_decides_the_cut():
+    """The planted sum bug shows where heads are cut: eight pairs under FASTATTN_CPU_BWD_TASKS=32 are (the check
+    fails), one pair under FASTATTN_CPU_BWD_TASKS=1 is not (no sum to plant it in: it passes)."""
+    many = run_planted(_PLANT, "chunk_sum", args=("32", "many"))
+    assert many.returncode != 0 and "dq" in many.stderr, many.stderr[-2000:]
+    uncut = run_planted(_PLANT, "chunk_sum", args=("1", "one"))
+    assert uncut.returncode == 0, uncut.stderr[-2000:]

@@ -8,6 +8,9 @@
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -18,6 +21,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "tile.h"
@@ -266,6 +270,17 @@ int cpu_family() {
 bool amd_cpu() {
   static const bool amd = cpu_vendor() == "AuthenticAMD";
   return amd;
+}
+
+int64_t process_cpus() {
+  static const int64_t cpus = [] {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return int64_t{CPU_COUNT(&set)};
+#endif
+    return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return cpus;
 }
 
 double best_seconds(const std::function<void()>& f) {

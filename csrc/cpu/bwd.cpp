@@ -7,9 +7,9 @@
 //
 // One schedule: a task per (sequence, kv head, chunk of key blocks) computes dK/dV of its keys and accumulates dQ of
 // its query heads in an fp32 buffer (5 gemms per tile, like FA2's atomics-free single-pass form). A head is cut into
-// chunks only when there are fewer than kMinBwdTasks (sequence, kv head) pairs, so that a long single head still keeps
-// every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape alone,
-// never on the thread count, so the bits never do either. Calls of a few query rows per KV head take bwd_rows.cpp's
+// chunks only when there are fewer than bwd_min_tasks() (sequence, kv head) pairs, so that a long single head still
+// keeps every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape
+// and the machine alone, never on the thread count, so the bits never do either. Calls of a few query rows per KV head take bwd_rows.cpp's
 // one pass over the keys instead (register.cpp, BwdCall::rows).
 //
 // On the brgemm fp32 engine (blas.cpp), which multiplies row-major operands without transposes or an alpha, every

@@ -11,9 +11,9 @@
 // than transposed per tile; the head's Q^T and dO^T are transposed once per head instead.
 //
 // bwd.cpp's schedule: a task per (sequence, kv head, chunk of key blocks); a head is cut into chunks only when there
-// are fewer than kMinBwdTasks (sequence, kv head) pairs (params.h bwd_key_chunks), and the chunks' dQ partials are
-// summed in chunk order afterwards. Every output element is reduced in a fixed order that the shape alone decides,
-// so the results are bitwise identical for any thread count. A task packs its keys once, K^T, V^T, K blocks
+// are fewer than bwd_min_tasks() (sequence, kv head) pairs (params.h bwd_key_chunks), and the chunks' dQ partials are
+// summed in chunk order afterwards. Every output element is reduced in a fixed order that the shape (and the
+// machine's CPU count) alone decides, so the results are bitwise identical for any thread count. A task packs its keys once, K^T, V^T, K blocks
 // (KVBlocks), and per query head of the group the Q, Q^T, dO, dO^T blocks that see them (QBlocks).
 //
 // fp16 where only bf16 has matrix units (mm::fp16_pairs): every operand as exact bf16 pairs (lowp.h KVBlocks), P

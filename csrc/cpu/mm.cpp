@@ -312,7 +312,9 @@ std::map<std::string, std::string> report() {
           {"avx512_fp16", flag(i.avx512_fp16)},
           {"avx512", flag(i.avx512)},
           {"avx2", flag(i.avx2)},
-          {"decode_fetch", decode::fetch_describe()}};
+          {"decode_fetch", decode::fetch_describe()},
+          {"process_cpus", std::to_string(process_cpus())},
+          {"bwd_min_tasks", std::to_string(bwd_min_tasks())}};
 }
 
 namespace {
@@ -380,6 +382,10 @@ std::string describe() {
   }
   s += "; decode steps: " + decode::fetch_describe();
   s += "; few query rows: " + few_rows_describe();
+  s += "; backward: fewer (sequence, KV head) pairs than " + std::to_string(bwd_min_tasks()) +
+       " tasks cut into key chunks to make up to " + std::to_string(bwd_min_tasks()) +
+       " (8, or one per CPU of the process's " + std::to_string(process_cpus()) + "; dQ partials within " +
+       std::to_string(kMaxPartialBytes >> 20) + " MB)";
   return s;
 }
 

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "workspace.h"  // kSharedKeptBytes: the partials' cap
+
 namespace fastattn::cpu {
 
 // Strides in elements of a logical (B, H, S, D) tensor.
@@ -151,21 +153,40 @@ inline std::vector<int64_t> dealt_units(int64_t units) {
   return order;
 }
 
-// Key chunks per (sequence, kv head) of the backward kernels (bwd.cpp, bwd_lowp.cpp, bwd_rows.cpp), of key_blocks
-// blocks: more than one only when there are fewer than kMinBwdTasks pairs, so that a long single head still keeps
-// every core busy, and only as many as keep the chunks' dQ partials (part_bytes a pair and chunk) within
-// kMaxPartialBytes; per_chunk blocks each, none empty. The shape alone decides, never the thread count, so the bits
-// never depend on it. FASTATTN_CPU_BWD_CHUNKS=0 (read per call) never cuts a head, for comparisons.
+// The CPUs this process may run on (its affinity mask, which OpenMP also counts for its default thread count;
+// hardware_concurrency where there is none), asked once (blas.cpp): a constant of the machine and the process, not
+// torch.set_num_threads, so that work cut by it keeps the same bits for any thread count.
+int64_t process_cpus();
+
+// How many tasks the backward kernels (bwd.cpp, bwd_lowp.cpp, bwd_rows.cpp) cut their (sequence, kv head) pairs
+// into, at least: kMinBwdTasks, or one per CPU of the process where there are more, so that a batch-1 grouped-query
+// call (8 KV heads under 32 query heads) keeps a 32-core server busy as torch's backward, a task per query head,
+// does. FASTATTN_CPU_BWD_TASKS=N (read per call, N >= 1) sets it on any machine; 1 never cuts a pair.
 constexpr int64_t kMinBwdTasks = 8;
-constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+inline int64_t bwd_min_tasks() {
+  if (const char* env = std::getenv("FASTATTN_CPU_BWD_TASKS"); env != nullptr) {
+    int64_t n = 0;  // digits only (as cpu.py checks), capped far past any machine
+    const char* c = env;
+    for (; *c >= '0' && *c <= '9'; ++c) n = std::min<int64_t>(n * 10 + (*c - '0'), int64_t{1} << 20);
+    if (c != env && *c == '\0' && n >= 1) return n;
+  }
+  return std::max<int64_t>(kMinBwdTasks, process_cpus());
+}
+
+// Key chunks per (sequence, kv head) of the backward kernels, of key_blocks blocks: more than one only when there are
+// fewer than bwd_min_tasks() pairs, so that a long single head still keeps every core busy, and only as many as keep
+// the chunks' dQ partials (part_bytes a pair and chunk) within kMaxPartialBytes; per_chunk blocks each, none empty.
+// The shape and the machine alone decide, never the thread count, so the bits never depend on it. The partials stay
+// within the buffer the process keeps (workspace.h SharedBuffer): past it every call faults in fresh pages, and 256
+// MB of them (GQA 32/8, 4096 keys, D=128, 4 chunks) cost a bf16 backward 1.2-1.7x its time uncut (one thread).
+constexpr int64_t kMaxPartialBytes = static_cast<int64_t>(kSharedKeptBytes);
 struct KeyChunks {
   int64_t chunks, per_chunk;
 };
 inline KeyChunks bwd_key_chunks(int64_t pairs, int64_t key_blocks, int64_t part_bytes) {
   key_blocks = std::max<int64_t>(key_blocks, 1);
-  const char* env = std::getenv("FASTATTN_CPU_BWD_CHUNKS");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return {1, key_blocks};
-  const int64_t want = std::clamp<int64_t>((kMinBwdTasks + pairs - 1) / pairs, 1, key_blocks);
+  pairs = std::max<int64_t>(pairs, 1);
+  const int64_t want = std::clamp<int64_t>((bwd_min_tasks() + pairs - 1) / pairs, 1, key_blocks);
   const int64_t cut = std::clamp<int64_t>(kMaxPartialBytes / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
   const int64_t per_chunk = (key_blocks + cut - 1) / cut;
   return {(key_blocks + per_chunk - 1) / per_chunk, per_chunk};

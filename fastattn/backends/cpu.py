@@ -31,13 +31,19 @@ _SWITCHES = {"FASTATTN_CPU_ISA": ("avx2", "scalar"), "FASTATTN_CPU_MATMUL": ("fp
              "FASTATTN_CPU_FP32_GEMM": ("sgemm", "brgemm"), "FASTATTN_CPU_HEAD_CHUNKS": ("0", "1"),
              "FASTATTN_CPU_LONE_ROW": ("stream", "chunks"), "FASTATTN_CPU_PREFETCH": ("block", "stream", "none"),
              "FASTATTN_CPU_FEW_ROWS": ("prefill", "decode"), "FASTATTN_CPU_HUGE_PAGES": ("0", "1"),
-             "FASTATTN_CPU_BWD_CHUNKS": ("0", "1")}
+             "FASTATTN_CPU_BWD_TASKS": "a whole number from 1"}
+
+
+def _switch_ok(value: str, ok) -> bool:
+    """A switch's value is one of its words, or (ok a description: a count) a whole number from 1, as C++ reads it."""
+    return value.isascii() and value.isdigit() and int(value) >= 1 if isinstance(ok, str) else value in ok
 
 
 def environment_notes() -> List[str]:
     """What is wrong with the CPU kernels' environment switches: unknown values, and the tests' planted-bug switch."""
-    notes = [f"{k}={v!r} is not one of {', '.join(ok)} and is ignored" for k, ok in _SWITCHES.items()
-             if (v := os.environ.get(k)) is not None and v not in ok]
+    notes = [f"{k}={v!r} is not {ok} and is ignored" if isinstance(ok, str) else
+             f"{k}={v!r} is not one of {', '.join(ok)} and is ignored" for k, ok in _SWITCHES.items()
+             if (v := os.environ.get(k)) is not None and not _switch_ok(v, ok)]
     if os.environ.get("FASTATTN_CPU_PLANT"):
         notes.append(f"FASTATTN_CPU_PLANT={os.environ['FASTATTN_CPU_PLANT']!r} is set: a test switch that plants a "
                      f"bug in the CPU kernels, whose results are then wrong on purpose; unset it")

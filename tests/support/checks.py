@@ -53,16 +53,16 @@ def check_mask_grad(backend, device, dtype, mask_shape, causal):
         assert_rule(name, g, r, bg, dtype, inherent=e)
 
 
-def run_planted(script: str, plant: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -c script` in a fresh process on one thread, from tests/ with it and the repository on PYTHONPATH, and
-    FASTATTN_CPU_PLANT=plant where plant is given (else unset)."""
+def run_planted(script: str, plant: str = "", timeout: float = 300, args=()) -> subprocess.CompletedProcess:
+    """`python -c script args...` in a fresh process on one thread, from tests/ with it and the repository on
+    PYTHONPATH, and FASTATTN_CPU_PLANT=plant where plant is given (else unset)."""
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths))
     env.pop("FASTATTN_CPU_PLANT", None)
     if plant:
         env["FASTATTN_CPU_PLANT"] = plant
-    return subprocess.run([sys.executable, "-c", script], env=env, cwd=tests, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=tests, capture_output=True, text=True,
                           timeout=timeout)
 
 

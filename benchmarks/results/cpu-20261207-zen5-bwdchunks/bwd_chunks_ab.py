@@ -1,5 +1,6 @@
 """The CPU backward of few (sequence, kv head) pairs, heads cut into key chunks (the default) against uncut
-(FASTATTN_CPU_BWD_CHUNKS=0, read per call), and the training call against torch's SDPA, interleaved in one process.
+(FASTATTN_CPU_BWD_CHUNKS=0 when measured; now FASTATTN_CPU_BWD_TASKS=1 against 8, read per call), and the training
+call against torch's SDPA, interleaved in one process.
 
     PYTHONPATH=. python benchmarks/results/cpu-20261207-zen5-bwdchunks/bwd_chunks_ab.py --threads 1 --dtype bf16 \
         --shapes 1,1,1,2048,128 1,8,1,1024,64   # B,Hq,Hkv,S,D[,causal]
@@ -47,13 +48,13 @@ for spec in a.shapes:
     def bwd():
         torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
 
-    runs = {"bwd uncut": ("0", bwd), "bwd cut": ("1", bwd), "torch": (None, theirs), "ours uncut": ("0", ours),
-            "ours cut": ("1", ours)}
+    runs = {"bwd uncut": ("1", bwd), "bwd cut": ("8", bwd), "torch": (None, theirs), "ours uncut": ("1", ours),
+            "ours cut": ("8", ours)}
     ts = {n: [] for n in runs}
     for r in range(a.rounds + 1):
         for n, (env, f) in runs.items():
             if env is not None:
-                os.environ["FASTATTN_CPU_BWD_CHUNKS"] = env
+                os.environ["FASTATTN_CPU_BWD_TASKS"] = env
             t0 = clock()
             f()
             if r:
