@@ -382,10 +382,10 @@ std::string describe() {
   }
   s += "; decode steps: " + decode::fetch_describe();
   s += "; few query rows: " + few_rows_describe();
-  s += "; backward: fewer (sequence, KV head) pairs than " + std::to_string(bwd_min_tasks()) +
-       " tasks cut into key chunks to make up to " + std::to_string(bwd_min_tasks()) +
-       " (8, or one per CPU of the process's " + std::to_string(process_cpus()) + "; dQ partials within " +
-       std::to_string(kMaxPartialBytes >> 20) + " MB)";
+  const std::string tasks = std::to_string(bwd_min_tasks());
+  s += "; backward: fewer (sequence, KV head) pairs than " + tasks + " cut into key chunks, up to " + tasks +
+       " tasks (8, or one per CPU of the process's " + std::to_string(process_cpus()) + "), dQ partials within " +
+       std::to_string(kMaxPartialBytes >> 20) + " MB";
   return s;
 }
 
