@@ -111,8 +111,8 @@ def test_a_many_core_target_bitwise_across_threads(dtype, monkeypatch):
 
 
 def test_the_task_target_is_the_machines(monkeypatch):
-    """The target is 8, or the process's CPUs where more (never torch's thread count), as `info` reports it; the
-    switch sets it and a value it cannot take is named."""
+    """The target is 8, or the process's CPUs where more (never torch's thread count), and the partials' cap 8 MB a
+    task of it, as `info` reports them; the switch sets the target and a value it cannot take is named."""
     monkeypatch.delenv("FASTATTN_CPU_BWD_TASKS", raising=False)  # (the suite may run under the switch)
     report = fastattn.ops.cpu_matmul_report()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -123,9 +123,13 @@ def test_the_task_target_is_the_machines(monkeypatch):
         assert fastattn.ops.cpu_matmul_report()["bwd_min_tasks"] == str(max(8, cpus))
     finally:
         torch.set_num_threads(old)
+    mb = min(max(8 * max(8, cpus), 64), 512)  # the partials' cap: 8 MB a task, 64-512 MB
+    assert f"up to {max(8, cpus)} tasks (8, or one per CPU of the process's {cpus}), dQ partials within {mb} MB" \
+        in fastattn.ops.cpu_matmul()
     monkeypatch.setenv("FASTATTN_CPU_BWD_TASKS", "32")
     assert fastattn.ops.cpu_matmul_report()["bwd_min_tasks"] == "32"
     assert "pairs than 32 cut into key chunks, up to 32 tasks" in fastattn.ops.cpu_matmul()
+    assert "dQ partials within 256 MB" in fastattn.ops.cpu_matmul()
     from fastattn.backends import cpu as cpu_backend
     assert not any("FASTATTN_CPU_BWD_TASKS" in n for n in cpu_backend.environment_notes())
     for bad in ("0", "-3", "many", "3.5", "\u0663"):

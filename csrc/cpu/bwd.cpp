@@ -9,8 +9,8 @@
 // its query heads in an fp32 buffer (5 gemms per tile, like FA2's atomics-free single-pass form). A head is cut into
 // chunks only when there are fewer than bwd_min_tasks() (sequence, kv head) pairs, so that a long single head still
 // keeps every core busy; the chunks' dQ partials are then summed in chunk order. The chunking depends on the shape
-// and the machine alone, never on the thread count, so the bits never do either. Calls of a few query rows per KV head take bwd_rows.cpp's
-// one pass over the keys instead (register.cpp, BwdCall::rows).
+// and the machine alone, never on the thread count, so the bits never do either. Calls of a few query rows per KV
+// head take bwd_rows.cpp's one pass over the keys instead (register.cpp, BwdCall::rows).
 //
 // On the brgemm fp32 engine (blas.cpp), which multiplies row-major operands without transposes or an alpha, every
 // key block is packed (K^T, V^T). On CPUs with AVX-512 it then takes bwd_lowp.cpp's transposed form: dV^T += dO^T Pd
@@ -354,7 +354,7 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t part = G * max_sq * p.D;
   const KeyChunks cut = bwd_key_chunks(pairs, nkb, part * 4);
   const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk;  // key blocks per chunk
-  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0);
+  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0, max_partial_bytes());
   float* parts = parts_buf.as<float>();
 
   // fp32 gradients with unit last stride (rows BLAS can address) accumulate in place: no fp32 buffers to zero and

@@ -13,8 +13,9 @@
 // bwd.cpp's schedule: a task per (sequence, kv head, chunk of key blocks); a head is cut into chunks only when there
 // are fewer than bwd_min_tasks() (sequence, kv head) pairs (params.h bwd_key_chunks), and the chunks' dQ partials are
 // summed in chunk order afterwards. Every output element is reduced in a fixed order that the shape (and the
-// machine's CPU count) alone decides, so the results are bitwise identical for any thread count. A task packs its keys once, K^T, V^T, K blocks
-// (KVBlocks), and per query head of the group the Q, Q^T, dO, dO^T blocks that see them (QBlocks).
+// machine's CPU count) alone decides, so the results are bitwise identical for any thread count. A task packs its
+// keys once, K^T, V^T, K blocks (KVBlocks), and per query head of the group the Q, Q^T, dO, dO^T blocks that see them
+// (QBlocks).
 //
 // fp16 where only bf16 has matrix units (mm::fp16_pairs): every operand as exact bf16 pairs (lowp.h KVBlocks), P
 // and dS rounded to fp16 first, then split; each product is three (hi hi + hi0 lo + lo hi0), run as one product of
@@ -339,7 +340,7 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   const int64_t part = p.group() * max_sq * p.D;  // a chunk's dQ partial, write_dq's layout
   const KeyChunks cut = bwd_key_chunks(pairs, nkb, part * 4);
   const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk;  // key blocks per chunk
-  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0);
+  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0, max_partial_bytes());
   float* parts = parts_buf.as<float>();
   const std::vector<int64_t> units = dealt_units(pairs);  // (sequence, kv head), dealt to the threads
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {

@@ -251,7 +251,7 @@ void bwd_rows_kernel(const CpuParams& p) {
   const KeyChunks cut = bwd_key_chunks(pairs, nkb, R * p.D * 4);
   const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk * BLOCK_K;  // keys per chunk
   // dQ partials (pair, chunk, R, D) of cut pairs, summed in chunk order by a second pass; one chunk writes dQ itself
-  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * R * p.D : 0);
+  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * R * p.D : 0, max_partial_bytes());
   float* parts = parts_buf.as<float>();
   const std::vector<int64_t> dealt = dealt_units(pairs);
   const RowsStreams streams(p, static_cast<int64_t>(sizeof(T)));

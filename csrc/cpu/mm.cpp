@@ -385,7 +385,7 @@ std::string describe() {
   const std::string tasks = std::to_string(bwd_min_tasks());
   s += "; backward: fewer (sequence, KV head) pairs than " + tasks + " cut into key chunks, up to " + tasks +
        " tasks (8, or one per CPU of the process's " + std::to_string(process_cpus()) + "), dQ partials within " +
-       std::to_string(kMaxPartialBytes >> 20) + " MB";
+       std::to_string(max_partial_bytes() >> 20) + " MB";
   return s;
 }
 

@@ -128,12 +128,15 @@ Kept& kept() {
 }
 }  // namespace
 
-SharedBuffer::SharedBuffer(size_t bytes) {
+SharedBuffer::SharedBuffer(size_t bytes, size_t keep) : keep_(keep) {
   if (bytes == 0) return;
   Kept& k = kept();
   if (!separate_pieces()) {
     std::lock_guard<std::mutex> lock(k.mu);
-    if (k.base != nullptr && k.size >= bytes) std::swap(base_, k.base), std::swap(size_, k.size);
+    if (k.base != nullptr && k.size >= bytes) {
+      std::swap(base_, k.base), std::swap(size_, k.size);
+      keep_ = std::max(keep_, size_);  // kept under a larger limit: it goes back, whatever this call's limit
+    }
   }
   if (base_ == nullptr) {
     size_ = round_up(bytes, kGrain);
@@ -146,7 +149,7 @@ SharedBuffer::SharedBuffer(size_t bytes) {
 SharedBuffer::~SharedBuffer() {
   if (base_ == nullptr) return;
   Kept& k = kept();
-  if (size_ <= kSharedKeptBytes && !separate_pieces()) {
+  if (size_ <= keep_ && !separate_pieces()) {
     std::lock_guard<std::mutex> lock(k.mu);
     if (k.size < size_) std::swap(base_, k.base), std::swap(size_, k.size);  // base_: the smaller one, or none
   }

@@ -56,14 +56,14 @@ void advise_huge_pages(void* p, size_t bytes);
 
 // Memory that a call's threads share (the backward's dQ partials of heads cut into key chunks, kernels.h), taken
 // from the one buffer the process keeps between calls where that is large enough, else allocated (and advised to
-// huge pages); on destruction kept for the next call if it is the largest so far within kSharedKeptBytes. Why: a
-// fresh 32 MB of partials per call faults in and zeroes its pages on every call (a bf16 backward, GQA 8/2, 2048
-// keys, D=128: cut into chunks 0.90-0.92x the uncut one, 0.94-0.96x in memory already mapped; AMD EPYC Zen 5, one
-// thread, 2026-12-07). Uninitialised (NaN under FASTATTN_POISON_OUTPUTS=1); a concurrent call gets its own.
-constexpr size_t kSharedKeptBytes = size_t(64) << 20;
+// huge pages); on destruction kept for the next call if it is the largest so far within `keep` bytes (params.h
+// max_partial_bytes). Why: a fresh 32 MB of partials per call faults in and zeroes its pages on every call (a bf16
+// backward, GQA 8/2, 2048 keys, D=128: cut into chunks 0.90-0.92x the uncut one, 0.94-0.96x in memory already mapped;
+// AMD EPYC Zen 5, one thread, 2026-12-07). Uninitialised (NaN under FASTATTN_POISON_OUTPUTS=1); a concurrent call
+// gets its own.
 class SharedBuffer {
  public:
-  explicit SharedBuffer(size_t bytes);
+  SharedBuffer(size_t bytes, size_t keep);
   ~SharedBuffer();
   SharedBuffer(const SharedBuffer&) = delete;
   SharedBuffer& operator=(const SharedBuffer&) = delete;
@@ -74,7 +74,7 @@ class SharedBuffer {
 
  private:
   void* base_ = nullptr;
-  size_t size_ = 0;
+  size_t size_ = 0, keep_ = 0;
 };
 
 }  // namespace fastattn::cpu
