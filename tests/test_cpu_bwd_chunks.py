@@ -51,23 +51,21 @@ def test_key_chunks_against_the_oracle(cell):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_key_chunks_bitwise_across_threads(dtype):
-    """One KV head of 4700 keys (5 chunks of 2 key blocks on the matrix units, 8 of 3 on the fp32 tiles) with
-    causal dropout: the same bits on 1, 2 and 3 threads (each thread count hands the chunks to the threads
-    differently, and a thread runs its run of a head's chunks as one task)."""
-    q = torch.randn(1, 4, 300, 24, dtype=dtype, requires_grad=True)
-    k = torch.randn(1, 1, 4700, 24, dtype=dtype, requires_grad=True)
-    v = torch.randn(1, 1, 4700, 24, dtype=dtype, requires_grad=True)
-    dout = torch.randn(1, 4, 300, 24, dtype=dtype)
+def _same_bits_on_1_2_3_threads(dtype, shape, **kw):
+    """The cpu backend's output and gradients at shape (B, Hq, Hkv, Sq, Sk, D) are the same bits on 1, 2 and 3
+    threads (each call after torch.manual_seed(7), for dropout's mask)."""
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q = torch.randn(B, Hq, Sq, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, D, dtype=dtype, requires_grad=True)
+    dout = torch.randn(B, Hq, Sq, D, dtype=dtype)
     old = torch.get_num_threads()
 
     def run(threads):
         torch.set_num_threads(threads)
         try:
             torch.manual_seed(7)
-            out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1, enable_gqa=True,
-                                                        backend="cpu")
+            out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu", **kw)
             return (out,) + torch.autograd.grad(out, (q, k, v), dout)
         finally:
             torch.set_num_threads(old)
@@ -76,6 +74,14 @@ def test_key_chunks_bitwise_across_threads(dtype):
     for threads in (2, 3):
         for a, b, name in zip(first, run(threads), ("out", "dq", "dk", "dv")):
             assert torch.equal(a, b), f"{name} differs between 1 and {threads} threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_key_chunks_bitwise_across_threads(dtype):
+    """One KV head of 4700 keys (5 chunks of 2 key blocks on the matrix units, 8 of 3 on the fp32 tiles) with
+    causal dropout: the same bits on 1, 2 and 3 threads (each thread count hands the chunks to the threads
+    differently, and a thread runs its run of a head's chunks as one task)."""
+    _same_bits_on_1_2_3_threads(dtype, (1, 4, 1, 300, 4700, 24), is_causal=True, dropout_p=0.1)
 
 
 @pytest.mark.parametrize("cell", MANY_CELLS, ids=[cell_id(c) for c in MANY_CELLS])
@@ -90,24 +96,7 @@ def test_a_many_core_target_against_the_oracle(cell, monkeypatch):
 def test_a_many_core_target_bitwise_across_threads(dtype, monkeypatch):
     """Eight pairs cut for 32 tasks: the same bits on 1, 2 and 3 threads."""
     monkeypatch.setenv("FASTATTN_CPU_BWD_TASKS", "32")
-    q = torch.randn(2, 8, 130, 40, dtype=dtype, requires_grad=True)
-    k = torch.randn(2, 4, 1700, 40, dtype=dtype, requires_grad=True)
-    v = torch.randn(2, 4, 1700, 40, dtype=dtype, requires_grad=True)
-    dout = torch.randn(2, 8, 130, 40, dtype=dtype)
-    old = torch.get_num_threads()
-
-    def run(threads):
-        torch.set_num_threads(threads)
-        try:
-            out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
-            return (out,) + torch.autograd.grad(out, (q, k, v), dout)
-        finally:
-            torch.set_num_threads(old)
-
-    first = run(1)
-    for threads in (2, 3):
-        for a, b, name in zip(first, run(threads), ("out", "dq", "dk", "dv")):
-            assert torch.equal(a, b), f"{name} differs between 1 and {threads} threads"
+    _same_bits_on_1_2_3_threads(dtype, (2, 8, 4, 130, 1700, 40))
 
 
 def test_the_task_target_is_the_machines(monkeypatch):
