@@ -352,10 +352,9 @@ void bwd_kernel(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   // dQ partials of every (pair, chunk), (group, max_sq, D) each, summed in chunk order below; one chunk writes dQ
   // from its task instead.
   const int64_t part = G * max_sq * p.D;
-  const KeyChunks cut = bwd_key_chunks(pairs, nkb, part * 4);
-  const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk;  // key blocks per chunk
-  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0, max_partial_bytes());
-  float* parts = parts_buf.as<float>();
+  const DqPartials dq_parts(pairs, nkb, part);
+  const int64_t chunks = dq_parts.cut.chunks, per_chunk = dq_parts.cut.per_chunk;  // key blocks per chunk
+  float* parts = dq_parts.base();
 
   // fp32 gradients with unit last stride (rows BLAS can address) accumulate in place: no fp32 buffers to zero and
   // copy out per key block and per head.

@@ -338,10 +338,9 @@ void bwd_lowp_run(const CpuParams& p, int64_t max_sq, int64_t max_sk) {
   compute_delta<T>(p, delta);
   const int64_t nkb = (max_sk + KBLOCK - 1) / KBLOCK, pairs = p.nseq * p.Hkv;
   const int64_t part = p.group() * max_sq * p.D;  // a chunk's dQ partial, write_dq's layout
-  const KeyChunks cut = bwd_key_chunks(pairs, nkb, part * 4);
-  const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk;  // key blocks per chunk
-  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * part : 0, max_partial_bytes());
-  float* parts = parts_buf.as<float>();
+  const DqPartials dq_parts(pairs, nkb, part);
+  const int64_t chunks = dq_parts.cut.chunks, per_chunk = dq_parts.cut.per_chunk;  // key blocks per chunk
+  float* parts = dq_parts.base();
   const std::vector<int64_t> units = dealt_units(pairs);  // (sequence, kv head), dealt to the threads
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     WorkspaceScope workspace;  // everything below takes its buffers from it

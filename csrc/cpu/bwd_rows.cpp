@@ -248,11 +248,10 @@ void bwd_rows_kernel(const CpuParams& p) {
   compute_delta<T>(p, delta);
   const int64_t R = p.group() * p.Sq, pairs = p.B * p.Hkv;
   const int64_t nkb = (p.Sk + BLOCK_K - 1) / BLOCK_K;  // the tile backward's key blocks, and its chunks of them
-  const KeyChunks cut = bwd_key_chunks(pairs, nkb, R * p.D * 4);
-  const int64_t chunks = cut.chunks, per_chunk = cut.per_chunk * BLOCK_K;  // keys per chunk
   // dQ partials (pair, chunk, R, D) of cut pairs, summed in chunk order by a second pass; one chunk writes dQ itself
-  const SharedBuffer parts_buf(chunks > 1 ? sizeof(float) * pairs * chunks * R * p.D : 0, max_partial_bytes());
-  float* parts = parts_buf.as<float>();
+  const DqPartials dq_parts(pairs, nkb, R * p.D);
+  const int64_t chunks = dq_parts.cut.chunks, per_chunk = dq_parts.cut.per_chunk * BLOCK_K;  // keys per chunk
+  float* parts = dq_parts.base();
   const std::vector<int64_t> dealt = dealt_units(pairs);
   const RowsStreams streams(p, static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {

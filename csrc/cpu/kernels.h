@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "params.h"
+#include "workspace.h"  // SharedBuffer: DqPartials' buffer
 
 namespace fastattn::cpu {
 
@@ -39,6 +40,17 @@ std::string few_rows_describe();
 template <typename T>
 void write_dq(const CpuParams& p, const SeqInfo& s, int64_t hk, const float* const* parts, int64_t chunks, float mul,
               int64_t g0, int64_t g1);
+// A backward's cut into key chunks (params.h bwd_key_chunks) for `pairs` (sequence, kv head) pairs of key_blocks
+// blocks, and where it cuts, the chunks' dQ partials: fp32, `part` floats a pair and chunk, at base() + (pair *
+// chunks + c) * part, from the buffer the process keeps (workspace.h SharedBuffer).
+struct DqPartials {
+  KeyChunks cut;
+  SharedBuffer buf;
+  DqPartials(int64_t pairs, int64_t key_blocks, int64_t part)
+      : cut(bwd_key_chunks(pairs, key_blocks, part * 4)),
+        buf(cut.chunks > 1 ? sizeof(float) * pairs * cut.chunks * part : 0, cut.max_bytes) {}
+  float* base() const { return buf.as<float>(); }
+};
 // write_dq for every (sequence, kv head) pair cut into key chunks, one task per query head: the partial of pair and
 // chunk c at parts + (pair * chunks + c) * part.
 template <typename T>

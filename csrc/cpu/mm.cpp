@@ -382,10 +382,11 @@ std::string describe() {
   }
   s += "; decode steps: " + decode::fetch_describe();
   s += "; few query rows: " + few_rows_describe();
-  const std::string tasks = std::to_string(bwd_min_tasks());
+  const int64_t min_tasks = bwd_min_tasks();
+  const std::string tasks = std::to_string(min_tasks);
   s += "; backward: fewer (sequence, KV head) pairs than " + tasks + " cut into key chunks, up to " + tasks +
        " tasks (8, or one per CPU of the process's " + std::to_string(process_cpus()) + "), dQ partials within " +
-       std::to_string(max_partial_bytes() >> 20) + " MB";
+       std::to_string(max_partial_bytes(min_tasks) >> 20) + " MB";
   return s;
 }
 

@@ -171,30 +171,31 @@ inline int64_t bwd_min_tasks() {
   return std::max<int64_t>(kMinBwdTasks, process_cpus());
 }
 
-// The most the chunks' dQ partials may take, and the buffer the process keeps for them between calls (workspace.h
-// SharedBuffer): 8 MB per task of bwd_min_tasks(), 64-512 MB (64 MB on a machine of 8 CPUs or fewer; 256 MB on 32).
+// The most the chunks' dQ partials may take at a target of `tasks`, and the buffer the process keeps for them between
+// calls (workspace.h SharedBuffer): 8 MB a task, 64-512 MB (64 MB on a machine of 8 CPUs or fewer; 256 MB on 32).
 // Partials past the kept buffer fault in fresh pages on every call: 256 MB of them (B1 GQA 32/8, 4096 keys, D=128,
 // causal, 4 chunks) cost a bf16 backward 1.2-1.7x its time uncut, in a kept buffer 0.97x (one thread, AMD EPYC Zen 5,
 // 2026-12-07; benchmarks/results/cpu-20261207-zen5-bwdtasks).
-inline int64_t max_partial_bytes() {
+inline int64_t max_partial_bytes(int64_t tasks) {
   constexpr int64_t kMB = int64_t(1) << 20;
-  return std::clamp<int64_t>(bwd_min_tasks() * 8 * kMB, 64 * kMB, 512 * kMB);
+  return std::clamp<int64_t>(tasks * 8 * kMB, 64 * kMB, 512 * kMB);
 }
 
 // Key chunks per (sequence, kv head) of the backward kernels, of key_blocks blocks: more than one only when there are
 // fewer than bwd_min_tasks() pairs, so that a long single head still keeps every core busy, and only as many as keep
-// the chunks' dQ partials (part_bytes a pair and chunk) within max_partial_bytes(); per_chunk blocks each, none
-// empty. The shape and the machine alone decide, never the thread count, so the bits never depend on it.
+// the chunks' dQ partials (part_bytes a pair and chunk) within max_bytes = max_partial_bytes(); per_chunk blocks
+// each, none empty. The shape and the machine alone decide, never the thread count, so the bits never depend on it.
 struct KeyChunks {
-  int64_t chunks, per_chunk;
+  int64_t chunks, per_chunk, max_bytes;
 };
 inline KeyChunks bwd_key_chunks(int64_t pairs, int64_t key_blocks, int64_t part_bytes) {
   key_blocks = std::max<int64_t>(key_blocks, 1);
   pairs = std::max<int64_t>(pairs, 1);
-  const int64_t want = std::clamp<int64_t>((bwd_min_tasks() + pairs - 1) / pairs, 1, key_blocks);
-  const int64_t cut = std::clamp<int64_t>(max_partial_bytes() / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
+  const int64_t tasks = bwd_min_tasks(), max_bytes = max_partial_bytes(tasks);
+  const int64_t want = std::clamp<int64_t>((tasks + pairs - 1) / pairs, 1, key_blocks);
+  const int64_t cut = std::clamp<int64_t>(max_bytes / std::max<int64_t>(pairs * part_bytes, 1), 1, want);
   const int64_t per_chunk = (key_blocks + cut - 1) / cut;
-  return {(key_blocks + per_chunk - 1) / per_chunk, per_chunk};
+  return {(key_blocks + per_chunk - 1) / per_chunk, per_chunk, max_bytes};
 }
 
 // The r-th of n blocks (query blocks of a forward unit, key chunks of a backward pair) in the order 0, n - 1, 1, n - 2,
